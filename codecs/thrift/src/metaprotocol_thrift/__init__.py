@@ -1,0 +1,1 @@
+"""Thrift reference codec for the MetaProtocol codec SDK."""

@@ -1,0 +1,65 @@
+"""MetaProtocol codec SDK: typed sans-IO codecs, a conformance kit and a protocol-free proxy."""
+
+from .codec import (
+    DEFAULT_MAX_FRAME_SIZE,
+    NEED_DATA,
+    Capabilities,
+    Codec,
+    Encoded,
+    LocalError,
+    NeedData,
+    buffers_of,
+    join_encoded,
+    take_frame,
+)
+from .enums import ErrorType, MessageType, ResponseStatus, StreamType
+from .errors import (
+    CodecError,
+    CodecLoadError,
+    ConfigError,
+    FramingError,
+    FrameTooLargeError,
+    MetaProtocolError,
+    MutationError,
+    RegistryError,
+    UnknownCodecError,
+    UnsupportedError,
+)
+from .header import HeaderLayout, compile_header
+from .metadata import EMPTY_MUTATION, Attributes, Metadata, Mutation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "EMPTY_MUTATION",
+    "NEED_DATA",
+    "Attributes",
+    "Capabilities",
+    "Codec",
+    "CodecError",
+    "CodecLoadError",
+    "ConfigError",
+    "Encoded",
+    "ErrorType",
+    "FrameTooLargeError",
+    "FramingError",
+    "HeaderLayout",
+    "LocalError",
+    "MessageType",
+    "MetaProtocolError",
+    "Metadata",
+    "Mutation",
+    "MutationError",
+    "NeedData",
+    "RegistryError",
+    "ResponseStatus",
+    "StreamType",
+    "UnknownCodecError",
+    "UnsupportedError",
+    "__version__",
+    "buffers_of",
+    "compile_header",
+    "join_encoded",
+    "take_frame",
+]

@@ -1,0 +1,175 @@
+"""The codec contract: what every protocol implements, and nothing an engine must guess.
+
+A codec is sans-IO (the h11 model): bytes in, :class:`Metadata` out, bytes back. It never
+touches a socket, an event loop or a thread. One instance serves one connection in one
+direction and may keep parse state between calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self, TypeAlias
+
+from .enums import ErrorType
+from .errors import ConfigError, UnsupportedError
+from .metadata import Metadata, Mutation
+
+#: Default ceiling on one frame's size: 8 MiB, Dubbo's default payload limit.
+DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
+
+#: What :meth:`Codec.encode` returns: bytes, or a list of buffers for ``writelines``.
+Encoded: TypeAlias = bytes | list[bytes | memoryview]
+
+
+class NeedData:
+    """Returned by :meth:`Codec.decode` when the buffer holds no complete message yet.
+
+    ``needed`` is the total number of bytes the first frame needs when the codec already knows
+    it (from a length field), else 0. A caller may wait until the buffer holds that many bytes
+    before calling :meth:`Codec.decode` again.
+    """
+
+    __slots__ = ("needed",)
+
+    def __init__(self, needed: int = 0) -> None:
+        self.needed = needed
+
+    def __repr__(self) -> str:
+        return f"NeedData(needed={self.needed})" if self.needed else "NEED_DATA"
+
+
+#: The "need more data" answer when the frame size is not known yet.
+NEED_DATA = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a codec supports, declared so engines and the conformance kit know what to expect."""
+
+    #: Recognises heartbeats and builds replies (:meth:`Codec.heartbeat_reply`).
+    heartbeat: bool = False
+    #: Marks one-way requests as :attr:`MessageType.Oneway` (no response follows).
+    oneway: bool = False
+    #: Carries streaming frames (Stream_Init, Stream_Data, Stream_Close_*).
+    streaming: bool = False
+    #: Writes request mutations into the wire format.
+    mutation: bool = False
+    #: Writes mutations into responses too.
+    response_mutation: bool = False
+    #: Can replace the request id on encode, so an engine may multiplex many downstream
+    #: connections over one upstream connection without id collisions.
+    rewrite_request_id: bool = False
+    #: Builds protocol-level error replies (:meth:`Codec.on_error`).
+    error_reply: bool = True
+
+    def names(self) -> list[str]:
+        """The names of the declared capabilities."""
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalError:
+    """Why the engine answers a request itself (Aeraki's ``Error``)."""
+
+    type: ErrorType
+    message: str = ""
+
+
+class Codec(ABC):
+    """Base class of every codec. Subclass it and implement the three abstract methods.
+
+    Rules (the conformance kit checks each of them):
+
+    * :meth:`decode` consumes exactly one complete message from the front of ``buffer`` and
+      returns its :class:`Metadata`, or consumes nothing and returns a :class:`NeedData`.
+      It never returns a message built from a truncated frame.
+    * Malformed input raises a :class:`~metaprotocol_sdk.errors.CodecError` subclass naming the
+      problem and the byte offset; a length above ``max_frame_size`` raises
+      :class:`~metaprotocol_sdk.errors.FrameTooLargeError` before the body is buffered.
+    * :meth:`encode` with an empty mutation and no new request id returns the original bytes.
+    * :meth:`on_error` returns a non-empty reply carrying the request's id.
+    """
+
+    #: Protocol name, as in Aeraki's ``ApplicationProtocol.protocol`` (``dubbo``, ``thrift``).
+    protocol: ClassVar[str] = ""
+    #: Declared capabilities.
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if max_frame_size <= 0:
+            raise ConfigError(f"must be positive, got {max_frame_size}", field="max_frame_size")
+        self.max_frame_size = max_frame_size
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None) -> Self:
+        """Build a codec from configuration key-values, with a clear error for bad keys."""
+        options = dict(options or {})
+        params = inspect.signature(cls).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        for key in options:
+            if key not in known and not accepts_any:
+                raise ConfigError(
+                    f"unknown option for codec {cls.protocol or cls.__name__}; "
+                    f"accepted: {', '.join(sorted(known)) or 'none'}",
+                    field=key,
+                )
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid codec options: {exc}") from exc
+
+    @abstractmethod
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        """Consume one complete message from the front of ``buffer``, or nothing."""
+
+    @abstractmethod
+    def encode(
+        self,
+        message: Metadata,
+        mutation: Mutation | None = None,
+        *,
+        request_id: int | None = None,
+    ) -> Encoded:
+        """Bytes for ``message`` with ``mutation`` written in and, if given, a new request id.
+
+        With no mutation and no new id this returns ``message.frame`` itself.
+        """
+
+    @abstractmethod
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        """The protocol's own error reply to the request described by ``metadata``."""
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        """The reply to a heartbeat, or ``None`` if this heartbeat needs none (it is a reply)."""
+        raise UnsupportedError(f"codec {self.protocol or type(self).__name__} has no heartbeats")
+
+    def reset(self) -> None:  # noqa: B027 - optional hook with a no-op default
+        """Forget parse state (called by engines before reusing a codec after an error)."""
+
+
+def take_frame(buffer: bytearray, size: int) -> bytes:
+    """Remove the first ``size`` bytes of ``buffer`` and return them as ``bytes`` (one copy)."""
+    if size == len(buffer):
+        frame = bytes(buffer)
+        buffer.clear()
+        return frame
+    with memoryview(buffer) as view:
+        frame = view[:size].tobytes()
+    del buffer[:size]
+    return frame
+
+
+def join_encoded(encoded: Encoded) -> bytes:
+    """Flatten what :meth:`Codec.encode` returned into one ``bytes`` object."""
+    if isinstance(encoded, bytes):
+        return encoded
+    return b"".join(encoded)
+
+
+def buffers_of(encoded: Encoded) -> Sequence[bytes | memoryview]:
+    """What :meth:`Codec.encode` returned, as a sequence of buffers for ``writelines``."""
+    return (encoded,) if isinstance(encoded, bytes) else encoded

@@ -1,0 +1,157 @@
+"""Metadata: what a codec learned from one message, plus the message's original bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
+
+from .enums import MessageType, ResponseStatus, StreamType
+
+#: Key-values to add to or replace in a message (Aeraki's ``Mutation``).
+Mutation = Mapping[str, str]
+
+EMPTY_MUTATION: Mutation = {}
+
+
+class Attributes(MutableMapping[str, str]):
+    """Routable string attributes with case-insensitive keys.
+
+    Keys keep the spelling they were set with (for display), but lookups ignore case, as
+    Aeraki's routing does. :meth:`get_folded` skips the case folding for callers that folded
+    the key once in advance (the engine's route matcher does).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, tuple[str, str]] = {}
+        if items:
+            for key, value in items.items():
+                self[key] = value
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key.lower()][1]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"attribute {key!r} must be a str, got {type(value).__name__}")
+        self._items[key.lower()] = (key, value)
+
+    def __delitem__(self, key: str) -> None:
+        del self._items[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._items
+
+    def get_folded(self, folded_key: str) -> str | None:
+        """Return the value for an already lower-cased key, or ``None``."""
+        item = self._items.get(folded_key)
+        return None if item is None else item[1]
+
+    def to_dict(self) -> dict[str, str]:
+        """A plain ``dict`` with the original key spelling."""
+        return dict(self._items.values())
+
+    def __repr__(self) -> str:
+        return f"Attributes({self.to_dict()!r})"
+
+
+class Metadata:
+    """One decoded message: typed fields, routable attributes and the original frame.
+
+    ``frame`` holds exactly the bytes of the message as they came off the wire; ``view`` gives
+    zero-copy slices of it. ``values`` holds non-routable values (anything a filter may want
+    that is not a string to route on). ``codec_state`` is private to the codec that produced
+    the metadata (offsets it needs to re-encode, the wire variant, ...); nobody else reads it.
+    """
+
+    __slots__ = (
+        "attributes",
+        "body_size",
+        "codec_state",
+        "frame",
+        "header_size",
+        "message_type",
+        "operation_name",
+        "request_id",
+        "response_status",
+        "stream_id",
+        "stream_type",
+        "values",
+    )
+
+    def __init__(
+        self,
+        message_type: MessageType,
+        *,
+        frame: bytes = b"",
+        request_id: int = 0,
+        operation_name: str = "",
+        header_size: int = 0,
+        body_size: int = 0,
+        response_status: ResponseStatus = ResponseStatus.Unknown,
+        stream_type: StreamType = StreamType.Unary,
+        stream_id: int = 0,
+        attributes: Attributes | None = None,
+        values: dict[str, Any] | None = None,
+        codec_state: Any = None,
+    ) -> None:
+        self.message_type = message_type
+        self.frame = frame
+        self.request_id = request_id
+        self.operation_name = operation_name
+        self.header_size = header_size
+        self.body_size = body_size
+        self.response_status = response_status
+        self.stream_type = stream_type
+        self.stream_id = stream_id
+        self.attributes = Attributes() if attributes is None else attributes
+        self.values: dict[str, Any] = {} if values is None else values
+        self.codec_state = codec_state
+
+    @property
+    def size(self) -> int:
+        """Length of the whole frame in bytes."""
+        return len(self.frame)
+
+    def view(self, start: int = 0, end: int | None = None) -> memoryview:
+        """A zero-copy slice of the original frame."""
+        return memoryview(self.frame)[start:end]
+
+    @property
+    def header(self) -> memoryview:
+        """The frame's header bytes (zero-copy)."""
+        return self.view(0, self.header_size)
+
+    @property
+    def body(self) -> memoryview:
+        """The frame's body bytes (zero-copy)."""
+        return self.view(self.header_size, self.header_size + self.body_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what ``metaprotocol decode --json`` prints)."""
+        return {
+            "message_type": self.message_type.name,
+            "request_id": self.request_id,
+            "operation_name": self.operation_name,
+            "stream_type": self.stream_type.name,
+            "stream_id": self.stream_id,
+            "response_status": self.response_status.name,
+            "header_size": self.header_size,
+            "body_size": self.body_size,
+            "size": self.size,
+            "attributes": self.attributes.to_dict(),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Metadata({self.message_type.name}, request_id={self.request_id}, "
+            f"operation={self.operation_name!r}, size={self.size}, "
+            f"attributes={self.attributes.to_dict()!r})"
+        )
