@@ -68,7 +68,7 @@ class HeaderLayout:
             )
             self.size: int | None = _static_size(declaration)
             self.struct: struct.Struct | None = None
-            self.fields = namedtuple("HeaderFields", self.names)  # type: ignore[misc]
+            self.fields: Any = namedtuple("HeaderFields", self.names)  # type: ignore[misc]
             self._parse: Callable[[Readable, int], Any] = self._parse_interpreted
             self._unpack: Callable[[Readable, int], Any] = self._unpack_interpreted
             return

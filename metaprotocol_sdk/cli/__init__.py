@@ -1,0 +1,47 @@
+"""The ``metaprotocol`` command line: codecs, decode, check, proxy, new, demo."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import click
+
+# Subcommands live in their own modules and are imported only when used, so that
+# ``metaprotocol --help`` stays fast and one broken subcommand cannot break the others.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "codecs": ("metaprotocol_sdk.cli.codecs", "List the installed codecs."),
+    "decode": ("metaprotocol_sdk.cli.decode", "Decode a captured byte stream and print metadata."),
+    "check": ("metaprotocol_sdk.cli.check", "Run the conformance kit against a codec."),
+    "proxy": ("metaprotocol_sdk.cli.proxy", "Run the proxy engine."),
+    "new": ("metaprotocol_sdk.cli.new", "Scaffold a new codec package."),
+    "demo": ("metaprotocol_sdk.cli.demo", "Run the demo: real servers, clients and the engine."),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name, (module, _) in _COMMANDS.items() if _exists(module))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = _COMMANDS.get(cmd_name)
+        if entry is None or not _exists(entry[0]):
+            return None
+        command: click.Command = importlib.import_module(entry[0]).command
+        return command
+
+
+def _exists(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="metaprotocol-sdk", prog_name="metaprotocol")
+def main() -> None:
+    """MetaProtocol codec SDK: decode, check and proxy any layer-7 protocol with a codec."""
+
+
+def run(*args: Any) -> None:
+    """Entry point wrapper used by ``python -m metaprotocol_sdk``."""
+    main(*args)

@@ -1,0 +1,126 @@
+"""``metaprotocol decode``: the "tshark for codecs"."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO
+
+import click
+
+from metaprotocol_sdk.codec import Codec, NeedData
+from metaprotocol_sdk.errors import CodecError, ConfigError, RegistryError
+from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.registry import create_codec
+
+from ._output import fail, table
+
+
+def parse_hex(text: str) -> bytes:
+    """Bytes from hex text; whitespace (and an optional ``0x`` per token) is ignored."""
+    tokens = text.split()
+    cleaned = "".join(t[2:] if t.lower().startswith("0x") else t for t in tokens)
+    try:
+        return bytes.fromhex(cleaned)
+    except ValueError as exc:
+        raise click.BadParameter(f"input is not valid hex: {exc}") from None
+
+
+def decode_stream(codec: Codec, data: bytes) -> tuple[list[tuple[int, Metadata]], int]:
+    """Decode every message in ``data``; returns (offset, metadata) pairs and leftover bytes.
+
+    Raises :class:`CodecError` with the offset made absolute within ``data``.
+    """
+    buffer = bytearray(data)
+    messages: list[tuple[int, Metadata]] = []
+    position = 0
+    while buffer:
+        try:
+            result = codec.decode(buffer)
+        except CodecError as exc:
+            exc.offset = position + (exc.offset or 0)
+            exc.args = (f"{exc.reason} at byte {exc.offset} (message {len(messages) + 1})",)
+            raise
+        if isinstance(result, NeedData):
+            break
+        messages.append((position, result))
+        position += result.size
+    return messages, len(buffer)
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, str | int]:
+    options: dict[str, str | int] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
+        options[key] = int(value) if value.isdigit() else value
+    return options
+
+
+@click.command("decode")
+@click.argument("codec_name", metavar="CODEC")
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option("--hex", "as_hex", is_flag=True, help="Input is hex text (whitespace ignored).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@click.option(
+    "-o", "--option", "option_pairs", multiple=True, help="Codec option KEY=VALUE (repeatable)."
+)
+def command(
+    codec_name: str,
+    source: IO[bytes],
+    as_hex: bool,
+    as_json: bool,
+    option_pairs: tuple[str, ...],
+) -> None:
+    """Decode messages of one direction from FILE (or stdin) with CODEC and print metadata.
+
+    CODEC is an installed codec's name or alias (see `metaprotocol codecs`) or a
+    `module:Class` reference. Exits non-zero on malformed input or a truncated last message.
+    """
+    raw = source.read()
+    data = parse_hex(raw.decode("ascii", "replace")) if as_hex else raw
+    try:
+        codec = create_codec(codec_name, _options(option_pairs))
+    except (RegistryError, ConfigError) as exc:
+        fail(exc, 2)
+    error: CodecError | None = None
+    try:
+        messages, leftover = decode_stream(codec, data)
+    except CodecError as exc:
+        error = exc
+        messages, leftover = [], 0
+    _print(messages, as_json)
+    if error is not None:
+        fail(f"malformed input: {error}")
+    if leftover:
+        fail(
+            f"incomplete message: {leftover} trailing bytes at offset {len(data) - leftover} "
+            "do not form a complete message"
+        )
+    if not messages:
+        fail("no messages in input")
+
+
+def _print(messages: list[tuple[int, Metadata]], as_json: bool) -> None:
+    if as_json:
+        for offset, md in messages:
+            click.echo(json.dumps({"offset": offset, **md.to_dict()}, ensure_ascii=False))
+        return
+    rows = [
+        [
+            n,
+            offset,
+            md.message_type.name,
+            md.request_id,
+            md.operation_name or "-",
+            md.header_size,
+            md.body_size,
+            " ".join(f"{k}={v}" for k, v in md.attributes.items()) or "-",
+        ]
+        for n, (offset, md) in enumerate(messages, 1)
+    ]
+    if rows:
+        headers = ["#", "OFFSET", "TYPE", "ID", "OPERATION", "HDR", "BODY", "ATTRIBUTES"]
+        click.echo(table(headers, rows))
+    sys.stdout.flush()
