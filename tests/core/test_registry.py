@@ -70,7 +70,7 @@ def test_codec_that_fails_to_import_names_its_distribution_and_cause(site: Path)
 def test_target_that_is_not_a_codec_is_refused(site: Path) -> None:
     (site / "fake_notcodec.py").write_text("class Thing:\n    pass\n")
     install_fake_distribution(site, "fake-thing", {"thing": "fake_notcodec:Thing"})
-    with pytest.raises(CodecLoadError, match="is not a metaprotocol_sdk.Codec subclass"):
+    with pytest.raises(CodecLoadError, match=r"is not a metaprotocol_sdk\.Codec subclass"):
         load_codec("thing")
 
 
