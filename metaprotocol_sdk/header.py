@@ -54,9 +54,21 @@ class HeaderLayout:
     """A compiled header declaration.
 
     ``size`` is the fixed header size (``None`` for variable-size layouts). ``fields`` is the
-    named-tuple type :meth:`parse` returns; ``names`` its field names. ``compiled`` tells
+    named-tuple type :attr:`parse` returns; ``names`` its field names. ``compiled`` tells
     whether the hot path is a single ``struct.Struct``.
+
+    ``parse(data, offset=0)`` parses the header at ``offset`` into a named tuple, or returns
+    ``None`` when ``data`` is too short ("need more data"); a constant that does not match
+    raises :class:`~metaprotocol_sdk.errors.FramingError` naming the field and byte offset.
+    ``unpack(data, offset=0)`` does the same but returns a plain tuple (the fastest form).
+    Both are generated functions bound as attributes, so a call costs what a hand-written
+    ``struct.unpack_from`` with a length check costs.
     """
+
+    #: Parse into a named tuple, or ``None`` if more data is needed.
+    parse: Callable[..., Any]
+    #: Parse into a plain tuple, or ``None`` if more data is needed.
+    unpack: Callable[..., tuple[Any, ...] | None]
 
     def __init__(self, declaration: cs.Construct) -> None:
         self.declaration = declaration
@@ -69,8 +81,8 @@ class HeaderLayout:
             self.size: int | None = _static_size(declaration)
             self.struct: struct.Struct | None = None
             self.fields: Any = namedtuple("HeaderFields", self.names)  # type: ignore[misc]
-            self._parse: Callable[[Readable, int], Any] = self._parse_interpreted
-            self._unpack: Callable[[Readable, int], Any] = self._unpack_interpreted
+            self.parse = self._parse_interpreted
+            self.unpack = self._unpack_interpreted
             return
         order, items = plan
         self._items = items
@@ -78,21 +90,7 @@ class HeaderLayout:
         self.size = self.struct.size
         self.names = tuple(f.name for f in items if f.name is not None)
         self.fields = namedtuple("HeaderFields", self.names)  # type: ignore[misc]
-        self._parse, self._unpack = _generate(self, items)
-
-    # -- parsing ------------------------------------------------------------------------------
-
-    def parse(self, data: Readable, offset: int = 0) -> Any:
-        """Parse the header at ``offset``: a named tuple, or ``None`` if ``data`` is too short.
-
-        Raises :class:`~metaprotocol_sdk.errors.FramingError` when a constant does not match.
-        """
-        return self._parse(data, offset)
-
-    def unpack(self, data: Readable, offset: int = 0) -> tuple[Any, ...] | None:
-        """Like :meth:`parse` but returns a plain tuple (the fastest form)."""
-        result: tuple[Any, ...] | None = self._unpack(data, offset)
-        return result
+        self.parse, self.unpack = _generate(self, items)
 
     # -- building -----------------------------------------------------------------------------
 
@@ -125,11 +123,11 @@ class HeaderLayout:
 
     # -- interpreted fallback -----------------------------------------------------------------
 
-    def _parse_interpreted(self, data: Readable, offset: int) -> Any:
+    def _parse_interpreted(self, data: Readable, offset: int = 0) -> Any:
         raw = self._unpack_interpreted(data, offset)
         return None if raw is None else self.fields._make(raw)
 
-    def _unpack_interpreted(self, data: Readable, offset: int) -> tuple[Any, ...] | None:
+    def _unpack_interpreted(self, data: Readable, offset: int = 0) -> tuple[Any, ...] | None:
         if self.size is not None and len(data) - offset < self.size:
             return None
         try:
@@ -204,12 +202,13 @@ def _field(name: str | None, sub: cs.Construct) -> _Field | None:
 
 def _generate(
     layout: HeaderLayout, items: list[_Field]
-) -> tuple[Callable[[Readable, int], Any], Callable[[Readable, int], Any]]:
+) -> tuple[Callable[..., Any], Callable[..., tuple[Any, ...] | None]]:
     """Generate straight-line parse functions for a compiled layout (checked, no short values)."""
     assert layout.struct is not None
     env: dict[str, Any] = {
         "_unpack_from": layout.struct.unpack_from,
-        "_make": layout.fields._make,
+        "_tuple_new": tuple.__new__,
+        "_cls": layout.fields,
         "_FramingError": FramingError,
         "_len": len,
     }
@@ -242,19 +241,21 @@ def _generate(
     else:
         result = "v"
     source = f"""
-def _unpack(data, offset=0):
-    if _len(data) - offset < {layout.size}:
+def _unpack(data, offset=0, _len=_len, _unpack_from=_unpack_from, _FramingError=_FramingError):
+    if _len(data) < offset + {layout.size}:
         return None
     v = _unpack_from(data, offset)
 {checks}
     return {result}
 
-def _parse(data, offset=0):
-    if _len(data) - offset < {layout.size}:
+def _parse(
+    data, offset=0, _len=_len, _unpack_from=_unpack_from, _tuple_new=_tuple_new, _cls=_cls
+):
+    if _len(data) < offset + {layout.size}:
         return None
     v = _unpack_from(data, offset)
 {checks}
-    return _make({result})
+    return _tuple_new(_cls, {result})
 """
     exec(compile(source, f"<header layout {', '.join(layout.names)}>", "exec"), env)
     return env["_parse"], env["_unpack"]

@@ -1,0 +1,49 @@
+"""Shared helpers for the benchmarks: best-of-N timing and table printing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+
+def per_call_us(fn: Callable[[], object], *, target_s: float = 0.2, repeat: int = 5) -> float:
+    """Best-of-``repeat`` microseconds per call of ``fn`` (calibrated loop, noise-resistant)."""
+    number = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= target_s / 10 or number >= 1 << 24:
+            break
+        number *= 4
+    number = max(1, int(number * (target_s / 10) / max(elapsed, 1e-9)))
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - start) / number)
+    return best * 1e6
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print an aligned text table with a title."""
+    cells = [[str(h) for h in headers], *([_fmt(c) for c in row] for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    return str(value)
