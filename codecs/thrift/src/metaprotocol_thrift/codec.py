@@ -1,0 +1,491 @@
+"""``ThriftCodec``: Thrift framed, unframed and THeader transports; binary and compact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from metaprotocol_sdk.codec import (
+    DEFAULT_MAX_FRAME_SIZE,
+    NEED_DATA,
+    Capabilities,
+    Codec,
+    Encoded,
+    LocalError,
+    NeedData,
+    take_frame,
+)
+from metaprotocol_sdk.enums import MessageType, ResponseStatus
+from metaprotocol_sdk.errors import (
+    CodecError,
+    ConfigError,
+    FrameTooLargeError,
+    FramingError,
+    MutationError,
+    UnsupportedError,
+)
+from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
+
+from . import binary, compact, theader
+from .detect import AUTO, BINARY, COMPACT, FRAMED, HEADER, UNFRAMED, detect
+from .replies import APPLICATION_EXCEPTION_TYPES, error_text
+from .skip import skip_binary_struct, skip_compact_struct
+from .state import WireState
+from .wire import (
+    CALL,
+    EXCEPTION,
+    I32,
+    ONEWAY,
+    REPLY,
+    THEADER_PROTOCOL_BINARY,
+    THEADER_PROTOCOL_COMPACT,
+    Buffer,
+    Incomplete,
+    check_seqid,
+    write_varint,
+)
+
+_MESSAGE_TYPES = {
+    CALL: MessageType.Request,
+    ONEWAY: MessageType.Oneway,
+    REPLY: MessageType.Response,
+    EXCEPTION: MessageType.Error,
+}
+_unpack_i32 = I32.unpack_from
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+#: Default bound on struct and container nesting while skipping unframed messages.
+DEFAULT_MAX_DEPTH = 64
+
+
+def _choice(field: str, value: object, allowed: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in allowed:
+        raise ConfigError(f"must be one of {', '.join(allowed)}; got {value!r}", field=field)
+    return text
+
+
+def _flag(field: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"must be a boolean (true/false); got {value!r}", field=field)
+
+
+def _positive(field: str, value: object) -> int:
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ConfigError(f"must be an integer; got {value!r}", field=field) from None
+    if isinstance(number, bool) or number <= 0:
+        raise ConfigError(f"must be a positive integer; got {value!r}", field=field)
+    return number
+
+
+class ThriftCodec(Codec):
+    """Apache Thrift codec: framed, unframed (buffered) and THeader; binary and compact.
+
+    Options (all keyword-only; strings are accepted, so configuration maps work directly):
+
+    * ``transport``: ``auto`` (default), ``framed``, ``unframed`` or ``header``.
+    * ``protocol``: ``auto`` (default), ``binary`` or ``compact``.
+    * ``strict``: ``True`` (default) accepts only strict binary (with a version word);
+      ``False`` also accepts non-strict binary (and lets ``auto`` look for it by shape).
+    * ``max_frame_size``: largest frame (or unframed message) accepted, in bytes.
+    * ``max_depth``: deepest struct/container nesting accepted when skipping a message.
+    * ``mutation_without_headers``: what :meth:`encode` does with a mutation for a framed or
+      unframed message, which has no header to carry it: ``skip`` (default: the message goes
+      out unchanged and :attr:`mutations_skipped` counts it) or ``error``
+      (:class:`~metaprotocol_sdk.errors.MutationError`).
+
+    In ``auto`` mode the first message of a connection fixes the transport and protocol for
+    the rest of it (until :meth:`reset`).
+    """
+
+    protocol: ClassVar[str] = "thrift"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        heartbeat=False,
+        oneway=True,
+        streaming=False,
+        mutation=True,
+        response_mutation=True,
+        rewrite_request_id=True,
+        error_reply=True,
+    )
+
+    def __init__(
+        self,
+        *,
+        transport: str = AUTO,
+        protocol: str = AUTO,
+        strict: bool | str = True,
+        max_frame_size: int | str = DEFAULT_MAX_FRAME_SIZE,
+        max_depth: int | str = DEFAULT_MAX_DEPTH,
+        mutation_without_headers: str = "skip",
+    ) -> None:
+        super().__init__(max_frame_size=_positive("max_frame_size", max_frame_size))
+        self.transport = _choice("transport", transport, (AUTO, FRAMED, UNFRAMED, HEADER))
+        self.wire_protocol = _choice("protocol", protocol, (AUTO, BINARY, COMPACT))
+        self.strict = _flag("strict", strict)
+        self.max_depth = _positive("max_depth", max_depth)
+        self.mutation_without_headers = _choice(
+            "mutation_without_headers", mutation_without_headers, ("skip", "error")
+        )
+        #: Mutations not written because the message's transport has no headers.
+        self.mutations_skipped = 0
+        self._transport = self.transport
+        self._protocol = self.wire_protocol
+
+    def reset(self) -> None:
+        """Forget the transport and protocol detected in ``auto`` mode."""
+        self._transport = self.transport
+        self._protocol = self.wire_protocol
+
+    @property
+    def detected(self) -> tuple[str, str]:
+        """``(transport, protocol)`` in use (``auto`` where nothing was detected yet)."""
+        return self._transport, self._protocol
+
+    # -- decode -----------------------------------------------------------------------------
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        """Consume one complete Thrift message from the front of ``buffer``, or nothing."""
+        transport = self._transport
+        if transport == FRAMED:
+            return self._decode_framed(buffer)
+        if transport == AUTO or (self._protocol == AUTO and transport == UNFRAMED):
+            try:
+                transport, protocol = detect(buffer, not self.strict, self.max_frame_size)
+            except Incomplete as more:
+                if more.needed > self.max_frame_size:
+                    raise FrameTooLargeError(more.needed, self.max_frame_size, offset=0) from None
+                return NEED_DATA
+            if self._transport == AUTO:
+                self._transport = transport
+            if self._protocol == AUTO and transport != HEADER:
+                self._protocol = protocol
+            transport = self._transport
+            if transport == FRAMED:
+                return self._decode_framed(buffer)
+        if transport == UNFRAMED:
+            return self._decode_unframed(buffer)
+        return self._decode_header(buffer)
+
+    def _frame_size(self, buffer: bytearray, transport: str) -> int:
+        """Total size of the frame at the front of ``buffer`` (prefix included)."""
+        size: int = _unpack_i32(buffer, 0)[0]
+        if size <= 0:
+            raise FramingError(f"bad frame length {size}", offset=0)
+        if size > self.max_frame_size:
+            raise FrameTooLargeError(
+                size,
+                self.max_frame_size,
+                offset=0,
+                metadata=self._partial(buffer, transport),
+            )
+        return size + 4
+
+    def _reader(self, first: int) -> tuple[str, Callable[..., Any]]:
+        protocol = self._protocol
+        if protocol == AUTO:
+            protocol = COMPACT if first == 0x82 else BINARY
+        if protocol == COMPACT:
+            return COMPACT, compact.read_message_begin
+        return BINARY, self._read_binary
+
+    def _read_binary(self, buf: Buffer, pos: int, end: int) -> binary.MessageBegin:
+        return binary.read_message_begin(buf, pos, end, not self.strict)
+
+    def _decode_framed(self, buffer: bytearray) -> Metadata | NeedData:
+        available = len(buffer)
+        if available < 8:
+            if available >= 4:
+                self._frame_size(buffer, FRAMED)  # refuse a bad length early
+            return NEED_DATA
+        total = self._frame_size(buffer, FRAMED)
+        if available < total:
+            return NeedData(total)
+        protocol, read = self._reader(buffer[4])
+        try:
+            begin = read(buffer, 4, total)
+            field_id = self._reply_field(protocol, begin, buffer, total)
+        except Incomplete:
+            raise FramingError(
+                "message header runs past the frame end", offset=4, frame_size=total
+            ) from None
+        except CodecError as exc:
+            exc.frame_size = total
+            raise
+        frame = take_frame(buffer, total)
+        return self._metadata(frame, begin, FRAMED, protocol, None, field_id)
+
+    def _decode_unframed(self, buffer: bytearray) -> Metadata | NeedData:
+        available = len(buffer)
+        if available == 0:
+            return NEED_DATA
+        protocol, read = self._reader(buffer[0])
+        begin = None
+        try:
+            begin = read(buffer, 0, available)
+            if protocol == COMPACT:
+                end = skip_compact_struct(buffer, begin[5], available, self.max_depth)
+            else:
+                end = skip_binary_struct(buffer, begin[5], available, self.max_depth)
+        except Incomplete as more:
+            needed = max(more.needed, available)
+            if needed > self.max_frame_size:
+                metadata = None
+                if begin is not None:
+                    metadata = self._metadata(b"", begin, UNFRAMED, protocol, None, None)
+                raise FrameTooLargeError(
+                    needed, self.max_frame_size, offset=0, metadata=metadata
+                ) from None
+            return NEED_DATA
+        except CodecError as exc:
+            if begin is not None and exc.metadata is None:
+                exc.metadata = self._metadata(b"", begin, UNFRAMED, protocol, None, None)
+            raise
+        if end > self.max_frame_size:
+            raise FrameTooLargeError(
+                end,
+                self.max_frame_size,
+                offset=0,
+                metadata=self._metadata(b"", begin, UNFRAMED, protocol, None, None),
+            )
+        field_id = self._reply_field(protocol, begin, buffer, end)
+        frame = take_frame(buffer, end)
+        return self._metadata(frame, begin, UNFRAMED, protocol, None, field_id)
+
+    def _decode_header(self, buffer: bytearray) -> Metadata | NeedData:
+        available = len(buffer)
+        if available < 8:
+            if available >= 4:
+                self._frame_size(buffer, HEADER)
+            return NEED_DATA
+        if buffer[4] != 0x0F or buffer[5] != 0xFF:
+            raise FramingError(
+                f"expected the THeader magic 0x0fff, got 0x{buffer[4]:02x}{buffer[5]:02x}",
+                offset=4,
+            )
+        total = self._frame_size(buffer, HEADER)
+        if available < total:
+            return NeedData(total)
+        try:
+            block = theader.read_block(buffer, total)
+            protocol = self._header_protocol(block)
+            if block.transform_count:
+                raise UnsupportedError(
+                    "THeader transforms (zlib, ...) are not supported",
+                    offset=theader.PREFIX_SIZE,
+                    metadata=self._metadata(
+                        b"",
+                        (CALL, "", block.seqid, 0, 0, total, True),
+                        HEADER,
+                        protocol,
+                        block,
+                        None,
+                    ),
+                )
+            if protocol == COMPACT:
+                begin = compact.read_message_begin(buffer, block.payload_offset, total)
+            else:
+                begin = self._read_binary(buffer, block.payload_offset, total)
+            field_id = self._reply_field(protocol, begin, buffer, total)
+        except Incomplete:
+            raise FramingError(
+                "message header runs past the frame end", offset=4, frame_size=total
+            ) from None
+        except CodecError as exc:
+            exc.frame_size = total
+            raise
+        frame = take_frame(buffer, total)
+        return self._metadata(frame, begin, HEADER, protocol, block, field_id)
+
+    def _header_protocol(self, block: theader.THeaderBlock) -> str:
+        if block.protocol_id == THEADER_PROTOCOL_BINARY:
+            protocol = BINARY
+        elif block.protocol_id == THEADER_PROTOCOL_COMPACT:
+            protocol = COMPACT
+        else:
+            raise UnsupportedError(
+                f"THeader payload protocol id {block.protocol_id} (only binary 0 and compact 2)",
+                offset=theader.PREFIX_SIZE,
+            )
+        if self._protocol not in (AUTO, protocol):
+            raise FramingError(
+                f"THeader payload is {protocol} but protocol={self._protocol} is configured",
+                offset=theader.PREFIX_SIZE,
+            )
+        return protocol
+
+    @staticmethod
+    def _reply_field(protocol: str, begin: binary.MessageBegin, buf: Buffer, end: int) -> Any:
+        if begin[0] != REPLY:
+            return None
+        if protocol == COMPACT:
+            return compact.reply_field_id(buf, begin[5], end)
+        return binary.reply_field_id(buf, begin[5], end)
+
+    def _partial(self, buffer: bytearray, transport: str) -> Metadata | None:
+        """Metadata from the message header of an oversized frame, if it is already buffered."""
+        try:
+            if transport == HEADER:
+                fields = theader.PREFIX.unpack(buffer, 0)
+                if fields is None:
+                    return None
+                begin = (CALL, "", fields[3], 0, 0, 0, True)
+                return self._metadata(b"", begin, HEADER, BINARY, None, None)
+            protocol, read = self._reader(buffer[4] if len(buffer) > 4 else 0)
+            begin = read(buffer, 4, len(buffer))
+        except (Incomplete, CodecError):
+            return None
+        return self._metadata(b"", begin, transport, protocol, None, None)
+
+    def _metadata(
+        self,
+        frame: bytes,
+        begin: binary.MessageBegin,
+        transport: str,
+        protocol: str,
+        block: theader.THeaderBlock | None,
+        field_id: int | None,
+    ) -> Metadata:
+        mtype, name, seqid, seqid_offset, seqid_size, body, strict = begin
+        attributes = Attributes()
+        if block is not None and block.info:
+            for key, value in block.info:
+                attributes[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        colon = name.find(":")
+        if colon >= 0:
+            attributes["service"] = name[:colon]
+            method = name[colon + 1 :]
+        else:
+            method = name
+        attributes["method"] = method
+        if mtype == REPLY:
+            status = ResponseStatus.Ok if not field_id else ResponseStatus.Error
+        elif mtype == EXCEPTION:
+            status = ResponseStatus.Error
+        else:
+            status = ResponseStatus.Unknown
+        return Metadata(
+            _MESSAGE_TYPES[mtype],
+            frame=frame,
+            request_id=seqid,
+            operation_name=method,
+            header_size=body,
+            body_size=len(frame) - body if frame else 0,
+            response_status=status,
+            attributes=attributes,
+            codec_state=WireState(
+                transport, protocol, strict, mtype, name, seqid_offset, seqid_size, block
+            ),
+        )
+
+    # -- encode -----------------------------------------------------------------------------
+
+    def encode(
+        self,
+        message: Metadata,
+        mutation: Mutation | None = None,
+        *,
+        request_id: int | None = None,
+    ) -> Encoded:
+        """The frame of ``message`` with ``mutation`` in its THeader and a new seqid if given.
+
+        With no mutation and no new id this returns ``message.frame`` itself. Framed and
+        unframed messages have no headers: see ``mutation_without_headers``.
+        """
+        if not mutation and request_id is None:
+            return message.frame
+        state = message.codec_state
+        if not isinstance(state, WireState):
+            raise UnsupportedError("this metadata was not produced by the thrift codec")
+        frame = message.frame
+        seqid = None if request_id is None else check_seqid(request_id)
+        if state.transport == HEADER and state.header is not None:
+            return self._encode_header(frame, state, state.header, mutation, seqid)
+        if mutation:
+            if self.mutation_without_headers == "error":
+                raise MutationError(
+                    f"a {state.transport} Thrift message has no headers to carry a mutation "
+                    "(only the THeader transport does)"
+                )
+            self.mutations_skipped += 1
+        if seqid is None:
+            return frame
+        new_frame, delta = _rewrite_seqid(frame, state, 0, seqid)
+        if delta and state.transport == FRAMED:
+            new_frame = (len(new_frame) - 4).to_bytes(4, "big") + new_frame[4:]
+        return new_frame
+
+    @staticmethod
+    def _encode_header(
+        frame: bytes,
+        state: WireState,
+        block: theader.THeaderBlock,
+        mutation: Mutation | None,
+        seqid: int | None,
+    ) -> bytes:
+        start = block.payload_offset
+        header_seqid = block.seqid & 0xFFFFFFFF if seqid is None else seqid
+        payload: bytes | memoryview
+        if seqid is None:
+            payload = memoryview(frame)[start:]
+        else:
+            payload, _ = _rewrite_seqid(frame, state, start, seqid)
+            payload = payload[start:]
+        if mutation:
+            header_block = theader.build_block(block, theader.merge_info(block.info, mutation))
+        else:
+            header_block = frame[theader.PREFIX_SIZE : start]
+        return theader.build_frame(block.flags, header_seqid, header_block, payload)
+
+    # -- error replies ----------------------------------------------------------------------
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        """A ``TApplicationException`` reply in the request's transport and protocol."""
+        state = metadata.codec_state
+        if isinstance(state, WireState):
+            transport, protocol, strict = state.transport, state.protocol, state.strict
+            block = state.header
+        else:
+            transport = FRAMED if self._transport == AUTO else self._transport
+            protocol = BINARY if self._protocol == AUTO else self._protocol
+            strict, block = True, None
+        name = metadata.operation_name.encode()
+        seqid = metadata.request_id & 0xFFFFFFFF
+        text = error_text(error.type, error.message).encode()
+        code = APPLICATION_EXCEPTION_TYPES.get(error.type, 0)
+        if protocol == COMPACT:
+            payload = compact.write_message_begin(
+                name, EXCEPTION, seqid
+            ) + compact.write_application_exception(text, code)
+        else:
+            payload = binary.write_message_begin(
+                name, EXCEPTION, seqid, strict
+            ) + binary.write_application_exception(text, code)
+        if transport == UNFRAMED:
+            return payload
+        if transport == HEADER:
+            protocol_id = THEADER_PROTOCOL_COMPACT if protocol == COMPACT else 0
+            header_block = write_varint(protocol_id) + b"\x00"
+            header_block += b"\0" * (-len(header_block) % 4)
+            flags = block.flags if block is not None else 0
+            return theader.build_frame(flags, seqid, header_block, payload)
+        return len(payload).to_bytes(4, "big") + payload
+
+
+def _rewrite_seqid(frame: bytes, state: WireState, start: int, seqid: int) -> tuple[bytes, int]:
+    """``frame`` with the payload seqid replaced, and the change in length."""
+    at = state.seqid_offset
+    if state.protocol == COMPACT:
+        encoded = write_varint(seqid)
+        return frame[:at] + encoded + frame[at + state.seqid_size :], len(encoded) - (
+            state.seqid_size
+        )
+    return frame[:at] + seqid.to_bytes(4, "big") + frame[at + 4 :], 0

@@ -1,0 +1,254 @@
+"""Struct skippers: find where a struct ends without building any Python value.
+
+They walk type tags and lengths only; fixed-size values and fixed-size collections are skipped
+with one addition. Every read checks the end of the available bytes and raises
+:class:`~metaprotocol_thrift.wire.Incomplete` with a lower bound of the bytes needed, so a
+skipper is also the completeness test for unframed messages.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from metaprotocol_sdk.errors import FramingError
+
+from .wire import Buffer, Incomplete
+
+_BINARY_MAP = struct.Struct(">BBi")
+_BINARY_LIST = struct.Struct(">Bi")
+_unpack_i32 = struct.Struct(">i").unpack_from
+
+# Binary type id -> encoded size of a fixed-size value (0: variable size or invalid).
+_BINARY_FIXED = bytes([0, 0, 1, 1, 8, 0, 2, 0, 4, 0, 8, 0, 0, 0, 0, 0, 16] + [0] * 239)
+# Binary type ids with variable size: string, struct, map, set, list.
+_BINARY_VARIABLE = frozenset({11, 12, 13, 14, 15})
+
+# Compact element type id -> encoded size inside a collection (0: variable size or invalid).
+_COMPACT_FIXED = bytes([0, 1, 1, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 16, 0, 0])
+_COMPACT_VARINTS = frozenset({4, 5, 6})
+_COMPACT_VARIABLE = frozenset({4, 5, 6, 8, 9, 10, 11, 12})
+
+
+def _too_deep(pos: int) -> FramingError:
+    return FramingError("structs nested deeper than max_depth", offset=pos)
+
+
+def skip_binary_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
+    """Offset just past the binary struct starting at ``pos``."""
+    if depth <= 0:
+        raise _too_deep(pos)
+    fixed = _BINARY_FIXED
+    while True:
+        if pos >= end:
+            raise Incomplete(pos + 1)
+        ftype = buf[pos]
+        if ftype == 0:
+            return pos + 1
+        pos += 3
+        width = fixed[ftype]
+        if width:
+            pos += width
+        elif ftype == 11:
+            if pos + 4 > end:
+                raise Incomplete(pos + 4)
+            size = _unpack_i32(buf, pos)[0]
+            if size < 0:
+                raise FramingError(f"negative string length {size}", offset=pos)
+            pos += 4 + size
+        else:
+            pos = _skip_binary_value(buf, pos, end, ftype, depth, pos - 3)
+
+
+def _skip_binary_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, at: int) -> int:
+    fixed = _BINARY_FIXED
+    if ftype == 11:
+        if pos + 4 > end:
+            raise Incomplete(pos + 4)
+        size: int = _unpack_i32(buf, pos)[0]
+        if size < 0:
+            raise FramingError(f"negative string length {size}", offset=pos)
+        return pos + 4 + size
+    if ftype == 12:
+        return skip_binary_struct(buf, pos, end, depth - 1)
+    if ftype == 13:
+        if pos + 6 > end:
+            raise Incomplete(pos + 6)
+        ktype: int
+        vtype: int
+        count: int
+        ktype, vtype, count = _BINARY_MAP.unpack_from(buf, pos)
+        pos += 6
+        if count < 0:
+            raise FramingError(f"negative map size {count}", offset=pos - 4)
+        if count == 0:
+            return pos
+        kwidth = fixed[ktype]
+        vwidth = fixed[vtype]
+        _check_binary_type(ktype, kwidth, pos - 6)
+        _check_binary_type(vtype, vwidth, pos - 5)
+        if kwidth and vwidth:
+            return pos + count * (kwidth + vwidth)
+        if depth <= 1:
+            raise _too_deep(pos)
+        for _ in range(count):
+            if kwidth:
+                pos += kwidth
+            else:
+                pos = _skip_binary_value(buf, pos, end, ktype, depth - 1, pos)
+            if vwidth:
+                pos += vwidth
+            else:
+                pos = _skip_binary_value(buf, pos, end, vtype, depth - 1, pos)
+        return pos
+    if ftype == 14 or ftype == 15:
+        if pos + 5 > end:
+            raise Incomplete(pos + 5)
+        etype: int
+        etype, count = _BINARY_LIST.unpack_from(buf, pos)
+        pos += 5
+        if count < 0:
+            raise FramingError(f"negative list size {count}", offset=pos - 4)
+        if count == 0:
+            return pos
+        width = fixed[etype]
+        _check_binary_type(etype, width, pos - 5)
+        if width:
+            return pos + count * width
+        if depth <= 1:
+            raise _too_deep(pos)
+        for _ in range(count):
+            pos = _skip_binary_value(buf, pos, end, etype, depth - 1, pos)
+        return pos
+    raise FramingError(f"unknown binary field type {ftype}", offset=at)
+
+
+def _check_binary_type(ttype: int, width: int, at: int) -> None:
+    if not width and ttype not in _BINARY_VARIABLE:
+        raise FramingError(f"unknown binary element type {ttype}", offset=at)
+
+
+def _skip_varint(buf: Buffer, pos: int, end: int) -> int:
+    limit = pos + 10
+    while True:
+        if pos >= end:
+            raise Incomplete(pos + 1)
+        if buf[pos] < 0x80:
+            return pos + 1
+        pos += 1
+        if pos >= limit:
+            raise FramingError("varint longer than 10 bytes", offset=pos - 1)
+
+
+def _read_varint32(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
+    value = 0
+    shift = 0
+    start = pos
+    while True:
+        if pos >= end:
+            raise Incomplete(pos + 1)
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 35:
+            raise FramingError("size varint longer than 5 bytes", offset=start)
+
+
+def skip_compact_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
+    """Offset just past the compact struct starting at ``pos``."""
+    if depth <= 0:
+        raise _too_deep(pos)
+    while True:
+        if pos >= end:
+            raise Incomplete(pos + 1)
+        head = buf[pos]
+        if head == 0:
+            return pos + 1
+        at = pos
+        pos += 1
+        if head < 0x10:  # long form: zigzag varint field id follows
+            pos = _skip_varint(buf, pos, end)
+        ftype = head & 0x0F
+        if ftype <= 2:
+            if ftype == 0:
+                raise FramingError("compact field of type 0", offset=at)
+            continue  # booleans live in the field header
+        if ftype == 3:
+            pos += 1
+        elif ftype <= 6:
+            pos = _skip_varint(buf, pos, end)
+        elif ftype == 7:
+            pos += 8
+        elif ftype == 8:
+            size, pos = _read_varint32(buf, pos, end)
+            pos += size
+        elif ftype == 13:
+            pos += 16
+        else:
+            pos = _skip_compact_value(buf, pos, end, ftype, depth, at)
+
+
+def _skip_compact_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, at: int) -> int:
+    if ftype == 12:
+        return skip_compact_struct(buf, pos, end, depth - 1)
+    if ftype == 8:
+        size, pos = _read_varint32(buf, pos, end)
+        return pos + size
+    if ftype in _COMPACT_VARINTS:
+        return _skip_varint(buf, pos, end)
+    fixed = _COMPACT_FIXED
+    if ftype == 9 or ftype == 10:
+        if pos >= end:
+            raise Incomplete(pos + 1)
+        head = buf[pos]
+        pos += 1
+        count = head >> 4
+        etype = head & 0x0F
+        if count == 15:
+            count, pos = _read_varint32(buf, pos, end)
+        if count == 0:
+            return pos
+        width = fixed[etype]
+        if not width and etype not in _COMPACT_VARIABLE:
+            raise FramingError(f"unknown compact element type {etype}", offset=at)
+        if width:
+            return pos + count * width
+        if depth <= 1:
+            raise _too_deep(pos)
+        for _ in range(count):
+            pos = _skip_compact_value(buf, pos, end, etype, depth - 1, pos)
+        return pos
+    if ftype == 11:
+        count, pos = _read_varint32(buf, pos, end)
+        if count == 0:
+            return pos
+        if pos >= end:
+            raise Incomplete(pos + 1)
+        kinds = buf[pos]
+        pos += 1
+        ktype = kinds >> 4
+        vtype = kinds & 0x0F
+        kwidth = fixed[ktype]
+        vwidth = fixed[vtype]
+        for ttype, width in ((ktype, kwidth), (vtype, vwidth)):
+            if not width and ttype not in _COMPACT_VARIABLE:
+                raise FramingError(f"unknown compact element type {ttype}", offset=pos - 1)
+        if kwidth and vwidth:
+            return pos + count * (kwidth + vwidth)
+        if depth <= 1:
+            raise _too_deep(pos)
+        for _ in range(count):
+            if kwidth:
+                pos += kwidth
+            else:
+                pos = _skip_compact_value(buf, pos, end, ktype, depth - 1, pos)
+            if vwidth:
+                pos += vwidth
+            else:
+                pos = _skip_compact_value(buf, pos, end, vtype, depth - 1, pos)
+        return pos
+    if fixed[ftype]:
+        return pos + fixed[ftype]
+    raise FramingError(f"unknown compact type {ftype}", offset=at)

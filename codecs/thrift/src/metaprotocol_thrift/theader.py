@@ -1,0 +1,166 @@
+"""THeader transport: the fixed prefix, the variable header block, and rebuilding it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from construct import Const, Int16ub, Int32sb, Int32ub, Struct
+
+from metaprotocol_sdk.errors import FramingError, MutationError
+from metaprotocol_sdk.header import compile_header
+
+from .wire import (
+    THEADER_INFO_KEYVALUE,
+    THEADER_MAGIC,
+    Buffer,
+    Incomplete,
+    read_varint,
+    write_varint,
+)
+
+#: The 14 fixed bytes that open every THeader frame (the frame length included).
+PREFIX = compile_header(
+    Struct(
+        "length" / Int32ub,
+        "magic" / Const(THEADER_MAGIC, Int16ub),
+        "flags" / Int16ub,
+        "seqid" / Int32sb,
+        "header_words" / Int16ub,
+    )
+)
+PREFIX_SIZE = 14
+SEQID_OFFSET = 8
+#: Largest header block the 16-bit word count can describe.
+MAX_HEADER_BLOCK = 0xFFFF * 4
+
+
+class THeaderBlock:
+    """What a THeader frame's header block holds, as raw bytes (so rebuilding is lossless).
+
+    ``protocol_id`` is the payload protocol (0 binary, 2 compact); ``transforms`` the encoded
+    transform list (count and ids, verbatim); ``info`` the key-value info headers in wire order;
+    ``tail`` any info sections of unknown type, kept verbatim; ``payload_offset`` where the
+    payload starts in the frame.
+    """
+
+    __slots__ = ("flags", "info", "payload_offset", "protocol_id", "seqid", "tail", "transforms")
+
+    def __init__(
+        self,
+        flags: int,
+        seqid: int,
+        protocol_id: int,
+        transforms: bytes,
+        info: list[tuple[bytes, bytes]],
+        tail: bytes,
+        payload_offset: int,
+    ) -> None:
+        self.flags = flags
+        self.seqid = seqid
+        self.protocol_id = protocol_id
+        self.transforms = transforms
+        self.info = info
+        self.tail = tail
+        self.payload_offset = payload_offset
+
+    @property
+    def transform_count(self) -> int:
+        """How many transforms (zlib, ...) were applied to the payload."""
+        return self.transforms[0] if self.transforms else 0
+
+
+def read_block(buf: Buffer, end: int) -> THeaderBlock:
+    """Parse the THeader prefix and header block of the complete frame ``buf[:end]``."""
+    fields = PREFIX.unpack(buf, 0)
+    if fields is None or end < PREFIX_SIZE:
+        raise FramingError("THeader frame shorter than its 14-byte prefix", offset=0)
+    _, _, flags, seqid, words = fields
+    block_end = PREFIX_SIZE + words * 4
+    if block_end > end:
+        raise FramingError(
+            f"THeader header block of {words * 4} bytes runs past the frame end", offset=12
+        )
+    pos = PREFIX_SIZE
+    try:
+        protocol_id, pos = read_varint(buf, pos, block_end, 5)
+        transforms_start = pos
+        count, pos = read_varint(buf, pos, block_end, 5)
+        for _ in range(count):
+            _, pos = read_varint(buf, pos, block_end, 5)
+        transforms = bytes(buf[transforms_start:pos])
+        info: list[tuple[bytes, bytes]] = []
+        tail = b""
+        while pos < block_end:
+            section = pos
+            info_id, pos = read_varint(buf, pos, block_end, 5)
+            if info_id == 0:  # padding
+                break
+            if info_id != THEADER_INFO_KEYVALUE:
+                tail = bytes(buf[section:block_end]).rstrip(b"\0")
+                break
+            pairs, pos = read_varint(buf, pos, block_end, 5)
+            for _ in range(pairs):
+                size, pos = read_varint(buf, pos, block_end, 5)
+                key = bytes(buf[pos : pos + size])
+                pos += size
+                size, pos = read_varint(buf, pos, block_end, 5)
+                value = bytes(buf[pos : pos + size])
+                pos += size
+                if pos > block_end:
+                    raise Incomplete(pos)
+                info.append((key, value))
+    except Incomplete:
+        raise FramingError("THeader header block is truncated", offset=pos) from None
+    return THeaderBlock(flags, seqid, protocol_id, transforms, info, tail, block_end)
+
+
+def merge_info(
+    info: list[tuple[bytes, bytes]], mutation: Mapping[str, str]
+) -> list[tuple[bytes, bytes]]:
+    """``info`` with ``mutation`` applied: keys replaced in place (ignoring case), else added."""
+    merged = list(info)
+    index = {key.lower(): n for n, (key, _) in enumerate(merged)}
+    for key, value in mutation.items():
+        raw_key = key.encode()
+        raw_value = value.encode()
+        n = index.get(raw_key.lower())
+        if n is None:
+            index[raw_key.lower()] = len(merged)
+            merged.append((raw_key, raw_value))
+        else:
+            merged[n] = (raw_key, raw_value)
+    return merged
+
+
+def build_block(block: THeaderBlock, info: list[tuple[bytes, bytes]]) -> bytes:
+    """A header block (padded to 4 bytes) with ``info`` as its key-value section."""
+    out = bytearray(write_varint(block.protocol_id))
+    out += block.transforms
+    if info:
+        out += write_varint(THEADER_INFO_KEYVALUE)
+        out += write_varint(len(info))
+        for key, value in info:
+            out += write_varint(len(key))
+            out += key
+            out += write_varint(len(value))
+            out += value
+    out += block.tail
+    out += b"\0" * (-len(out) % 4)
+    if len(out) > MAX_HEADER_BLOCK:
+        raise MutationError(
+            f"THeader header block of {len(out)} bytes exceeds {MAX_HEADER_BLOCK} bytes"
+        )
+    return bytes(out)
+
+
+def build_frame(flags: int, seqid: int, block: bytes, payload: bytes | memoryview) -> bytes:
+    """A complete THeader frame (length prefix included); ``seqid`` is unsigned 32-bit."""
+    return (
+        (10 + len(block) + len(payload)).to_bytes(4, "big")
+        + THEADER_MAGIC.to_bytes(2, "big")
+        + flags.to_bytes(2, "big")
+        + seqid.to_bytes(4, "big")
+        + (len(block) // 4).to_bytes(2, "big")
+        + block
+        + payload
+    )
