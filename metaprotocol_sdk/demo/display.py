@@ -1,0 +1,139 @@
+"""The live view (redrawn in place on a terminal, periodic single lines otherwise) and the
+final summary: observed split against the configured one, per protocol and route."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TextIO
+
+from metaprotocol_sdk.cli._output import table
+
+from .clients import Tally
+from .configs import ROUTES
+
+VERSIONS = ("v1", "v2")
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """Observed traffic on one route of one protocol."""
+
+    protocol: str
+    route: str
+    counts: dict[str, int]
+    configured: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """Requests answered on this route."""
+        return sum(self.counts.values())
+
+    def share(self, version: str) -> float:
+        """Observed fraction served by ``version``."""
+        return self.counts.get(version, 0) / self.total if self.total else 0.0
+
+    def within_bound(self, sigmas: float = 4.5) -> bool:
+        """Whether every version's share is within ``sigmas`` binomial standard deviations
+        (plus half a request) of its configured weight."""
+        if not self.total:
+            return False
+        for version in {*VERSIONS, *self.counts}:
+            p = self.configured.get(version, 0) / 100
+            bound = sigmas * math.sqrt(p * (1 - p) / self.total) + 0.5 / self.total
+            if abs(self.share(version) - p) > bound:
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready view."""
+        return {
+            "protocol": self.protocol,
+            "route": self.route,
+            "total": self.total,
+            "counts": self.counts,
+            "observed": {v: round(self.share(v), 4) for v in sorted({*VERSIONS, *self.counts})},
+            "configured": {v: self.configured.get(v, 0) / 100 for v in VERSIONS},
+            "within_bound": self.within_bound(),
+        }
+
+
+def route_rows(tallies: dict[str, Tally]) -> list[RouteRow]:
+    """One row per protocol and configured route."""
+    rows = []
+    for protocol, tally in tallies.items():
+        for route, configured in ROUTES.items():
+            counts = {v: n for (r, v), n in sorted(tally.counts.items()) if r == route}
+            rows.append(RouteRow(protocol, route, counts, configured))
+    return rows
+
+
+def _cell(row: RouteRow, version: str) -> str:
+    n = row.counts.get(version, 0)
+    return f"{n:>6} {100 * row.share(version):5.1f}% (want {row.configured.get(version, 0)}%)"
+
+
+def render(tallies: dict[str, Tally], elapsed: float) -> str:
+    """The live table."""
+    rows = [
+        [r.protocol, r.route, r.total, *(_cell(r, v) for v in VERSIONS)]
+        for r in route_rows(tallies)
+    ]
+    errors = "  ".join(f"{p} errors: {t.errors}" for p, t in tallies.items())
+    last = "".join(
+        f"\n  last {p} error: {t.last_error[:100]}" for p, t in tallies.items() if t.last_error
+    )
+    header = ["PROTOCOL", "ROUTE", "REQUESTS", *(v.upper() for v in VERSIONS)]
+    return f"{table(header, rows)}\n{elapsed:5.1f}s  {errors}{last}"
+
+
+def one_line(tallies: dict[str, Tally], elapsed: float) -> str:
+    """The non-terminal progress line."""
+    parts = []
+    for r in route_rows(tallies):
+        split = "/".join(f"{v}={r.counts.get(v, 0)}" for v in VERSIONS)
+        parts.append(f"{r.protocol} {r.route} {split}")
+    errors = sum(t.errors for t in tallies.values())
+    return f"[{elapsed:5.1f}s] " + " | ".join(parts) + f" | errors={errors}"
+
+
+class LiveView:
+    """Redraws the table in place on a terminal; prints a line every few seconds otherwise."""
+
+    def __init__(self, out: TextIO, *, tty: bool, line_every: float = 2.0) -> None:
+        self.out = out
+        self.tty = tty
+        self.line_every = line_every
+        self._drawn_lines = 0
+        self._last_line = -math.inf
+
+    def update(self, tallies: dict[str, Tally], elapsed: float) -> None:
+        """Show the current counts."""
+        if self.tty:
+            text = render(tallies, elapsed)
+            # Move to the start of the previous drawing and clear to the end of the screen.
+            prefix = f"\x1b[{self._drawn_lines}F\x1b[J" if self._drawn_lines else ""
+            self.out.write(prefix + text + "\n")
+            self._drawn_lines = text.count("\n") + 1
+        elif elapsed - self._last_line >= self.line_every:
+            self.out.write(one_line(tallies, elapsed) + "\n")
+            self._last_line = elapsed
+        self.out.flush()
+
+
+def summary(tallies: dict[str, Tally], elapsed: float) -> str:
+    """The final table: observed split against configured, per protocol and route."""
+    rows = []
+    for r in route_rows(tallies):
+        observed = " / ".join(f"{100 * r.share(v):.1f}%" for v in VERSIONS)
+        wanted = " / ".join(f"{r.configured.get(v, 0)}%" for v in VERSIONS)
+        verdict = "ok" if r.within_bound() else ("no traffic" if not r.total else "OFF")
+        rows.append([r.protocol, r.route, r.total, observed, wanted, verdict])
+    errors = sum(t.errors for t in tallies.values())
+    total = sum(t.total for t in tallies.values())
+    head = ["PROTOCOL", "ROUTE", "REQUESTS", "OBSERVED v1/v2", "CONFIGURED v1/v2", "SPLIT"]
+    rate = total / elapsed if elapsed > 0 else 0.0
+    return (
+        f"summary after {elapsed:.1f}s: {total} requests ({rate:.0f}/s), {errors} errors\n"
+        + table(head, rows)
+    )
