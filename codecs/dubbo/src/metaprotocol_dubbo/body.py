@@ -1,0 +1,283 @@
+"""Reading and writing the parts of a Hessian 2.0 Dubbo body that a proxy needs.
+
+The common case (ASCII strings in compact form, string-to-string attachments) is read inline
+with byte arithmetic; anything else falls back to the full Hessian decoder in
+:mod:`metaprotocol_dubbo.hessian2`, positioned at the same offset. Strings, booleans, nulls
+and numbers create no Hessian references or class definitions, so handing over to a fresh
+decoder after the inline fast path keeps the reference numbering right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaprotocol_sdk import FramingError
+
+from .hessian2 import Decoder, Encoder
+
+#: Hessian tags read inline.
+TAG_NULL = 0x4E  # 'N'
+TAG_MAP_UNTYPED = 0x48  # 'H'
+TAG_MAP_TYPED = 0x4D  # 'M'
+TAG_END = 0x5A  # 'Z'
+TAG_STRING_FINAL = 0x53  # 'S'
+TAG_STRING_CHUNK = 0x52  # 'R'
+#: Result flags 0..5 written as compact ints (0x90 + n).
+COMPACT_INT_ZERO = 0x90
+
+_PRIMITIVES = frozenset(b"ZBCDFIJS")
+_DESC_CACHE: dict[str, int] = {}
+_DESC_CACHE_MAX = 4096
+
+
+def is_string_tag(tag: int) -> bool:
+    """True when a Hessian value starting with ``tag`` is a string."""
+    return tag < 0x20 or 0x30 <= tag <= 0x33 or tag in (TAG_STRING_FINAL, TAG_STRING_CHUNK)
+
+
+def read_string(frame: bytes, pos: int) -> tuple[str, int]:
+    """Read the Hessian string (or null, as "") at ``pos``; return it and the offset after it.
+
+    Compact ASCII strings are read inline; the rest goes through the Hessian decoder.
+    Raises :class:`~metaprotocol_sdk.FramingError` (a ``HessianError``) when it is not a string.
+    """
+    tag = frame[pos] if pos < len(frame) else -1
+    if tag < 0x20:
+        start = pos + 1
+        stop = start + tag
+    elif 0x30 <= tag <= 0x33:
+        start = pos + 2
+        stop = start + ((tag - 0x30) << 8 | (frame[pos + 1] if start <= len(frame) else 0))
+    else:
+        stop = -1
+    if 0 <= stop <= len(frame):
+        raw = frame[start:stop]
+        if raw.isascii():
+            return raw.decode("ascii"), stop
+    decoder = Decoder(frame, pos)
+    value = decoder.read_string()
+    # A null where a string belongs reads as "" (Dubbo writes null for an absent version).
+    return value or "", decoder.offset
+
+
+def parameter_count(desc: str, offset: int) -> int:
+    """Number of parameters in a JVM method descriptor's parameter list (cached)."""
+    count = _DESC_CACHE.get(desc)
+    if count is not None:
+        return count
+    raw = desc.encode("utf-8", "surrogatepass")
+    count = 0
+    i = 0
+    n = len(raw)
+    while i < n:
+        while i < n and raw[i] == 0x5B:  # '[' array dimensions
+            i += 1
+        if i >= n:
+            raise FramingError(f"parameter descriptor {desc!r} ends inside a type", offset=offset)
+        c = raw[i]
+        if c == 0x4C:  # 'L' class name ';'
+            end = raw.find(b";", i)
+            if end < 0:
+                raise FramingError(
+                    f"parameter descriptor {desc!r}: unterminated class", offset=offset
+                )
+            i = end + 1
+        elif c in _PRIMITIVES:
+            i += 1
+        else:
+            raise FramingError(
+                f"parameter descriptor {desc!r}: bad type code {chr(c)!r}", offset=offset
+            )
+        count += 1
+    if len(_DESC_CACHE) < _DESC_CACHE_MAX:
+        _DESC_CACHE[desc] = count
+    return count
+
+
+def skip_values(frame: bytes, pos: int, count: int) -> tuple[int, Decoder | None]:
+    """Skip ``count`` Hessian values from ``pos``; return the offset after them.
+
+    Also returns the Hessian decoder used once the inline fast path (compact ASCII strings,
+    small ints, null, booleans) gave up, so later reads share its reference state.
+    """
+    end = len(frame)
+    decoder: Decoder | None = None
+    for _ in range(count):
+        if decoder is None and pos < end:
+            tag = frame[pos]
+            if tag < 0x20:
+                stop = pos + 1 + tag
+                if stop <= end and frame[pos + 1 : stop].isascii():
+                    pos = stop
+                    continue
+            elif 0x80 <= tag <= 0xBF or tag in (0x4E, 0x54, 0x46):  # small int, N, T, F
+                pos += 1
+                continue
+            decoder = Decoder(frame, pos)
+        if decoder is None:
+            decoder = Decoder(frame, pos)
+        decoder.skip()
+        pos = decoder.offset
+    return pos, decoder
+
+
+class Attachments:
+    """An attachments map as read from the wire.
+
+    ``strings`` holds the string-to-string entries (the routable ones). ``others`` holds the
+    entries with a non-string key or value, materialised, for filters that want them.
+    ``all_strings`` tells that the map held nothing else, so it can be rewritten from
+    ``strings`` alone.
+    """
+
+    __slots__ = ("all_strings", "end", "others", "start", "strings")
+
+    def __init__(
+        self,
+        strings: dict[str, str],
+        others: dict[Any, Any] | None,
+        start: int,
+        end: int,
+    ) -> None:
+        self.strings = strings
+        self.others = others
+        self.all_strings = not others
+        self.start = start
+        self.end = end
+
+
+def read_attachments(frame: bytes, pos: int, decoder: Decoder | None) -> Attachments:
+    """Read the attachments map at ``pos`` (an untyped or typed Hessian map, or null)."""
+    end = len(frame)
+    if pos >= end:
+        raise FramingError("body ends where the attachments map should start", offset=pos)
+    tag = frame[pos]
+    if tag == TAG_NULL:
+        return Attachments({}, None, pos, pos + 1)
+    if decoder is None and tag == TAG_MAP_UNTYPED:
+        fast = _read_string_map(frame, pos)
+        if fast is not None:
+            return fast
+    # General case: materialise the map with the Hessian decoder.
+    if decoder is None:
+        decoder = Decoder(frame, pos)
+    elif decoder.offset != pos:
+        raise AssertionError("decoder out of step")  # pragma: no cover - internal invariant
+    value = decoder.read()
+    if not isinstance(value, dict):
+        raise FramingError(f"attachments must be a map, got {type(value).__name__}", offset=pos)
+    strings: dict[str, str] = {}
+    others: dict[Any, Any] = {}
+    for key, item in value.items():
+        if isinstance(key, str) and isinstance(item, str):
+            strings[key] = item
+        else:
+            others[key] = item
+    return Attachments(strings, others or None, pos, decoder.offset)
+
+
+def _read_string_map(frame: bytes, pos: int) -> Attachments | None:
+    """Inline reader for an 'H' map of compact ASCII strings; ``None`` means "use the decoder"."""
+    end = len(frame)
+    strings: dict[str, str] = {}
+    i = pos + 1
+    while i < end:
+        tag = frame[i]
+        if tag == TAG_END:
+            return Attachments(strings, None, pos, i + 1)
+        # key
+        if tag < 0x20:
+            start = i + 1
+            i = start + tag
+        elif 0x30 <= tag <= 0x33 and i + 1 < end:
+            start = i + 2
+            i = start + ((tag - 0x30) << 8 | frame[i + 1])
+        else:
+            return None
+        if i >= end:
+            return None
+        raw = frame[start:i]
+        if not raw.isascii():
+            return None
+        key = raw.decode("ascii")
+        # value
+        tag = frame[i]
+        if tag < 0x20:
+            start = i + 1
+            i = start + tag
+        elif 0x30 <= tag <= 0x33 and i + 1 < end:
+            start = i + 2
+            i = start + ((tag - 0x30) << 8 | frame[i + 1])
+        else:
+            return None
+        if i > end:
+            return None
+        raw = frame[start:i]
+        if not raw.isascii():
+            return None
+        strings[key] = raw.decode("ascii")
+    return None
+
+
+def encode_string(value: str) -> bytes:
+    """A Hessian string (inline for short ASCII, the Hessian encoder otherwise)."""
+    if value.isascii():
+        n = len(value)
+        if n < 0x20:
+            return bytes((n,)) + value.encode("ascii")
+        if n < 0x400:
+            return bytes((0x30 + (n >> 8), n & 0xFF)) + value.encode("ascii")
+    encoder = Encoder()
+    encoder.write(value)
+    return encoder.getvalue()
+
+
+def encode_string_map(entries: dict[str, str]) -> bytes:
+    """An untyped Hessian map ('H' ... 'Z') of strings."""
+    parts = [b"H"]
+    for key, value in entries.items():
+        parts.append(encode_string(key))
+        parts.append(encode_string(value))
+    parts.append(b"Z")
+    return b"".join(parts)
+
+
+def rewrite_map(frame: bytes, start: int, end: int, mutation: dict[str, str]) -> bytes:
+    """Re-encode the map at ``frame[start:end]`` with ``mutation`` added or replacing entries.
+
+    Entries the mutation does not touch keep their exact bytes (so non-string values, typed
+    objects and their references survive); replaced entries and new ones are written as
+    strings. Keys match exactly (Dubbo attachments are case-sensitive).
+    """
+    if frame[start] == TAG_NULL:
+        return encode_string_map(mutation)
+    tag = frame[start]
+    if tag == TAG_MAP_TYPED:
+        decoder = Decoder(frame, start + 1)
+        decoder.skip()  # the type name (a string or a type reference)
+    elif tag == TAG_MAP_UNTYPED:
+        decoder = Decoder(frame, start + 1)
+    else:
+        raise FramingError("attachments are not a map", offset=start)
+    remaining = dict(mutation)
+    pos = decoder.offset
+    # The map's own header (tag and type) is kept, so type references stay numbered.
+    parts = [frame[start:pos]]
+    while frame[pos] != TAG_END:
+        key_start = pos
+        key: Any = decoder.read()
+        value_start = decoder.offset
+        decoder.skip()
+        pos = decoder.offset
+        if isinstance(key, str) and key in remaining:
+            parts.append(frame[key_start:value_start])
+            parts.append(encode_string(remaining.pop(key)))
+        else:
+            parts.append(frame[key_start:pos])
+    if pos + 1 != end:
+        raise FramingError("attachments map ends early", offset=pos)
+    for key, value in remaining.items():
+        parts.append(encode_string(key))
+        parts.append(encode_string(value))
+    parts.append(b"Z")
+    return b"".join(parts)

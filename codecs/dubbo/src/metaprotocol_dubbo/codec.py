@@ -1,0 +1,449 @@
+"""The Dubbo codec: Dubbo frames (Hessian 2.0 bodies) to MetaProtocol metadata and back."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from metaprotocol_sdk import (
+    DEFAULT_MAX_FRAME_SIZE,
+    NEED_DATA,
+    Attributes,
+    Capabilities,
+    Codec,
+    CodecError,
+    Encoded,
+    FrameTooLargeError,
+    FramingError,
+    LocalError,
+    MessageType,
+    Metadata,
+    Mutation,
+    NeedData,
+    ResponseStatus,
+    UnsupportedError,
+    take_frame,
+)
+
+from .body import (
+    COMPACT_INT_ZERO,
+    TAG_NULL,
+    Attachments,
+    encode_string,
+    encode_string_map,
+    parameter_count,
+    read_attachments,
+    read_string,
+    rewrite_map,
+    skip_values,
+)
+from .header import (
+    BODY_LENGTH_OFFSET,
+    FLAG_EVENT,
+    FLAG_REQUEST,
+    FLAG_TWOWAY,
+    HEADER,
+    HEADER_SIZE,
+    HESSIAN2,
+    SERIALIZATION_MASK,
+    build_header,
+    serialization_name,
+)
+from .hessian2 import Decoder
+from .status import ResultFlag, Status, error_status
+
+_ID = struct.Struct(">Q")
+_LENGTH = struct.Struct(">i")
+_NULL_BODY = b"N"
+_OK = Status.OK.value
+
+#: Exceptions a malformed body can provoke in inline parsing; turned into FramingError.
+_PARSE_ERRORS = (IndexError, ValueError, TypeError, KeyError, RecursionError, OverflowError)
+
+
+class RequestState:
+    """What :class:`DubboCodec` keeps about a decoded request to re-encode it."""
+
+    __slots__ = ("attachments", "flag")
+
+    def __init__(self, flag: int, attachments: Attachments | None) -> None:
+        self.flag = flag
+        self.attachments = attachments
+
+
+class ResponseState:
+    """What :class:`DubboCodec` keeps about a decoded response to re-encode it.
+
+    ``result_flag`` is ``None`` for error statuses and events, and for the body that
+    dubbo-remoting writes for a null result (a bare Hessian null, no flag). ``value_start`` and
+    ``value_end`` delimit the bytes after the flag up to the attachments (if any).
+    """
+
+    __slots__ = ("attachments", "flag", "result_flag", "status", "value_end", "value_start")
+
+    def __init__(
+        self,
+        flag: int,
+        status: int,
+        result_flag: ResultFlag | None,
+        value_start: int,
+        value_end: int,
+        attachments: Attachments | None,
+    ) -> None:
+        self.flag = flag
+        self.status = status
+        self.result_flag = result_flag
+        self.value_start = value_start
+        self.value_end = value_end
+        self.attachments = attachments
+
+
+def _message_type(flag: int, status: int) -> MessageType:
+    if flag & FLAG_EVENT:
+        return MessageType.Heartbeat
+    if flag & FLAG_REQUEST:
+        return MessageType.Request if flag & FLAG_TWOWAY else MessageType.Oneway
+    return MessageType.Response if status == _OK else MessageType.Error
+
+
+class DubboCodec(Codec):
+    """Dubbo protocol codec (Hessian 2.0 serialization, id 2).
+
+    Requests expose ``interface``, ``method``, ``version``, ``group`` and every string
+    attachment as attributes; responses expose their string attachments. Arguments and
+    results are never materialised: they travel as untouched slices of the original frame.
+    """
+
+    protocol = "dubbo"
+    capabilities = Capabilities(
+        heartbeat=True,
+        oneway=True,
+        mutation=True,
+        response_mutation=True,
+        rewrite_request_id=True,
+        error_reply=True,
+    )
+
+    def __init__(
+        self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, upgrade_result_flag: bool = True
+    ) -> None:
+        """``upgrade_result_flag``: write response mutations into responses with result flags
+        0..2 by switching them to 3..5 (consumers older than Dubbo 2.6.3 and some non-Java
+        clients only know 0..2; set it false for them and such responses pass unchanged)."""
+        super().__init__(max_frame_size=max_frame_size)
+        self.upgrade_result_flag = upgrade_result_flag
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        """Consume one Dubbo frame from the front of ``buffer``, or nothing (need more data)."""
+        fields = HEADER.unpack(buffer)
+        if fields is None:
+            return NEED_DATA
+        _, flag, status, request_id, body_length = fields
+        if body_length < 0:
+            raise FramingError(f"negative body length {body_length}", offset=BODY_LENGTH_OFFSET)
+        size = HEADER_SIZE + body_length
+        if size > self.max_frame_size:
+            partial = Metadata(_message_type(flag, status), request_id=request_id)
+            raise FrameTooLargeError(
+                size, self.max_frame_size, offset=BODY_LENGTH_OFFSET, metadata=partial
+            )
+        if len(buffer) < size:
+            return NeedData(size)
+        frame = take_frame(buffer, size)
+        serialization = flag & SERIALIZATION_MASK
+        try:
+            if serialization != HESSIAN2:
+                raise UnsupportedError(
+                    f"serialization id {serialization} ({serialization_name(serialization)}) "
+                    "is not supported; only Hessian 2.0 (id 2) is",
+                    offset=2,
+                )
+            if flag & FLAG_EVENT:
+                return self._event(frame, flag, status, request_id, body_length)
+            if flag & FLAG_REQUEST:
+                return self._request(frame, flag, request_id, body_length)
+            return self._response(frame, flag, status, request_id, body_length)
+        except CodecError as exc:
+            exc.frame_size = size
+            if exc.metadata is None:
+                exc.metadata = Metadata(_message_type(flag, status), request_id=request_id)
+            raise
+        except _PARSE_ERRORS as exc:
+            raise FramingError(
+                f"malformed Hessian body: {type(exc).__name__}: {exc}",
+                offset=HEADER_SIZE,
+                metadata=Metadata(_message_type(flag, status), request_id=request_id),
+                frame_size=size,
+            ) from None
+
+    def _event(
+        self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
+    ) -> Metadata:
+        # Heartbeats carry a Hessian null; other events (Dubbo's read-only "R") a string.
+        # The body is not interpreted: any event is a Heartbeat for the engine.
+        return Metadata(
+            MessageType.Heartbeat,
+            frame=frame,
+            request_id=request_id,
+            header_size=HEADER_SIZE,
+            body_size=body_length,
+            response_status=(
+                ResponseStatus.Unknown
+                if flag & FLAG_REQUEST
+                else ResponseStatus.Ok
+                if status == _OK
+                else ResponseStatus.Error
+            ),
+            codec_state=ResponseState(flag, status, None, HEADER_SIZE, len(frame), None)
+            if not flag & FLAG_REQUEST
+            else RequestState(flag, None),
+        )
+
+    def _request(self, frame: bytes, flag: int, request_id: int, body_length: int) -> Metadata:
+        pos = HEADER_SIZE
+        dubbo_version, pos = read_string(frame, pos)
+        path, pos = read_string(frame, pos)
+        version, pos = read_string(frame, pos)
+        method, pos = read_string(frame, pos)
+        desc_offset = pos
+        desc, pos = read_string(frame, pos)
+        count = parameter_count(desc, desc_offset) if desc else 0
+        pos, decoder = skip_values(frame, pos, count)
+        if pos == len(frame):
+            # Nothing after the arguments: no attachments map (tolerated, as Dubbo does).
+            attachments = Attachments({}, None, pos, pos)
+        else:
+            attachments = read_attachments(frame, pos, decoder)
+        strings = attachments.strings
+        attributes = Attributes(strings)
+        attributes["interface"] = strings.get("interface") or path
+        attributes["method"] = method
+        version = version or strings.get("version", "")
+        if version:
+            attributes["version"] = version
+        values: dict[str, Any] = {
+            "dubbo_version": dubbo_version,
+            "service_path": path,
+            "parameter_types": desc,
+        }
+        if attachments.others:
+            values["attachments"] = attachments.others
+        return Metadata(
+            MessageType.Request if flag & FLAG_TWOWAY else MessageType.Oneway,
+            frame=frame,
+            request_id=request_id,
+            operation_name=method,
+            header_size=HEADER_SIZE,
+            body_size=body_length,
+            attributes=attributes,
+            values=values,
+            codec_state=RequestState(flag, attachments),
+        )
+
+    def _response(
+        self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
+    ) -> Metadata:
+        values: dict[str, Any] = {"status": status}
+        if status != _OK:
+            # Error statuses carry the error message as a Hessian string.
+            if body_length:
+                message, _ = read_string(frame, HEADER_SIZE)
+                values["error_message"] = message
+            return Metadata(
+                MessageType.Error,
+                frame=frame,
+                request_id=request_id,
+                header_size=HEADER_SIZE,
+                body_size=body_length,
+                response_status=ResponseStatus.Error,
+                values=values,
+                codec_state=ResponseState(flag, status, None, HEADER_SIZE, len(frame), None),
+            )
+        end = len(frame)
+        pos = HEADER_SIZE
+        if pos >= end:
+            raise FramingError("OK response with an empty body", offset=pos)
+        tag = frame[pos]
+        result_flag: ResultFlag | None
+        attachments: Attachments | None = None
+        decoder: Decoder | None = None
+        if tag == TAG_NULL and pos + 1 == end:
+            # dubbo-remoting writes a null result as a bare null, without a result flag.
+            result_flag = None
+            value_start = value_end = pos
+        else:
+            if COMPACT_INT_ZERO <= tag <= COMPACT_INT_ZERO + 5:
+                raw_flag: Any = tag - COMPACT_INT_ZERO
+                value_start = pos + 1
+            else:
+                decoder = Decoder(frame, pos)
+                raw_flag = decoder.read()
+                value_start = decoder.offset
+            if type(raw_flag) is bool or not isinstance(raw_flag, int) or not 0 <= raw_flag <= 5:
+                raise FramingError(f"bad result flag {raw_flag!r}, expected 0..5", offset=pos)
+            result_flag = ResultFlag(raw_flag)
+            value_end = value_start
+            if result_flag.has_value:
+                value_end, decoder = skip_values(frame, value_start, 1)
+            if result_flag.has_attachments:
+                attachments = read_attachments(frame, value_end, decoder)
+            values["result_flag"] = result_flag.value
+        attributes = Attributes(attachments.strings) if attachments else Attributes()
+        if attachments is not None and attachments.others:
+            values["attachments"] = attachments.others
+        ok = result_flag is None or not result_flag.is_exception
+        return Metadata(
+            MessageType.Response,
+            frame=frame,
+            request_id=request_id,
+            header_size=HEADER_SIZE,
+            body_size=body_length,
+            response_status=ResponseStatus.Ok if ok else ResponseStatus.Error,
+            attributes=attributes,
+            values=values,
+            codec_state=ResponseState(
+                flag, status, result_flag, value_start, value_end, attachments
+            ),
+        )
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        message: Metadata,
+        mutation: Mutation | None = None,
+        *,
+        request_id: int | None = None,
+    ) -> Encoded:
+        """The frame with ``mutation`` written into its attachments and, if given, a new id.
+
+        With nothing to change this returns ``message.frame`` itself. Mutations go into the
+        request attachments, or the response attachments (upgrading result flags 0..2 to
+        3..5); error responses and heartbeats have no attachments and are left as they are.
+        """
+        frame = message.frame
+        state = message.codec_state
+        if mutation and state is not None and state.attachments is not None:
+            if isinstance(state, RequestState):
+                return self._mutate_request(frame, state, mutation, request_id)
+            if isinstance(state, ResponseState):
+                return self._mutate_response(frame, state, mutation, request_id)
+        if (
+            mutation
+            and isinstance(state, ResponseState)
+            and state.status == _OK
+            and not state.flag & FLAG_EVENT
+            and self.upgrade_result_flag
+        ):
+            return self._mutate_response(frame, state, mutation, request_id)
+        if request_id is not None and request_id != message.request_id:
+            return frame[:4] + _ID.pack(request_id) + frame[12:]
+        return frame
+
+    def _mutate_request(
+        self,
+        frame: bytes,
+        state: RequestState,
+        mutation: Mutation,
+        request_id: int | None,
+    ) -> Encoded:
+        attachments = state.attachments
+        assert attachments is not None
+        if attachments.start == attachments.end:
+            block = encode_string_map(dict(mutation))
+        elif attachments.all_strings:
+            block = encode_string_map({**attachments.strings, **mutation})
+        else:
+            block = rewrite_map(frame, attachments.start, attachments.end, dict(mutation))
+        view = memoryview(frame)
+        tail = view[attachments.end :]
+        body_length = attachments.start - HEADER_SIZE + len(block) + len(tail)
+        header = self._header(frame, body_length, request_id)
+        # The arguments travel as an untouched slice of the original frame.
+        parts: list[bytes | memoryview] = [header, view[HEADER_SIZE : attachments.start], block]
+        if tail:
+            parts.append(tail)
+        return parts
+
+    def _mutate_response(
+        self,
+        frame: bytes,
+        state: ResponseState,
+        mutation: Mutation,
+        request_id: int | None,
+    ) -> Encoded:
+        view = memoryview(frame)
+        attachments = state.attachments
+        if attachments is not None:
+            if attachments.all_strings:
+                block = encode_string_map({**attachments.strings, **mutation})
+            else:
+                block = rewrite_map(frame, attachments.start, attachments.end, dict(mutation))
+            head: list[bytes | memoryview] = [view[HEADER_SIZE : attachments.start]]
+            tail = view[attachments.end :]
+        else:
+            # Flags 0..2 (or dubbo-remoting's flagless null): switch to the flag that carries
+            # attachments and append the map after the value.
+            result_flag = state.result_flag
+            new_flag = (
+                ResultFlag.RESPONSE_NULL_VALUE_WITH_ATTACHMENTS
+                if result_flag is None
+                else result_flag.with_attachments
+            )
+            block = encode_string_map(dict(mutation))
+            head = [
+                bytes((COMPACT_INT_ZERO + new_flag,)),
+                view[state.value_start : state.value_end],
+            ]
+            tail = view[state.value_end :]
+        body_length = sum(len(p) for p in head) + len(block) + len(tail)
+        parts: list[bytes | memoryview] = [
+            self._header(frame, body_length, request_id),
+            *head,
+            block,
+        ]
+        if tail:
+            parts.append(tail)
+        return parts
+
+    @staticmethod
+    def _header(frame: bytes, body_length: int, request_id: int | None) -> bytes:
+        header = bytearray(frame[:HEADER_SIZE])
+        if request_id is not None:
+            _ID.pack_into(header, 4, request_id)
+        _LENGTH.pack_into(header, BODY_LENGTH_OFFSET, body_length)
+        return bytes(header)
+
+    # -- local replies -------------------------------------------------------------------------
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        """A Dubbo error response (status from :data:`~metaprotocol_dubbo.status.ERROR_STATUS`).
+
+        The body is the message as a Hessian string, which Dubbo consumers raise as a remote
+        exception; the request id is the request's.
+        """
+        status = error_status(error.type)
+        text = f"{error.type.name}: {error.message}" if error.message else error.type.name
+        body = encode_string(text)
+        return build_header(HESSIAN2, status, metadata.request_id, len(body)) + body
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        """The reply to a two-way heartbeat request (event flag, Hessian null body), else None."""
+        state = metadata.codec_state
+        if metadata.message_type is not MessageType.Heartbeat or not isinstance(
+            state, RequestState
+        ):
+            return None
+        if not state.flag & FLAG_TWOWAY:
+            return None  # one-way events (Dubbo's read-only notice) expect no answer
+        flag = FLAG_EVENT | (state.flag & SERIALIZATION_MASK)
+        return build_header(flag, _OK, metadata.request_id, 1) + _NULL_BODY
+
+
+def heartbeat_request(request_id: int) -> bytes:
+    """A two-way heartbeat request frame (what Dubbo consumers and providers send when idle)."""
+    return build_header(FLAG_REQUEST | FLAG_TWOWAY | FLAG_EVENT | HESSIAN2, 0, request_id, 1) + (
+        _NULL_BODY
+    )
