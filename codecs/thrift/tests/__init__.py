@@ -1,0 +1,1 @@
+"""Thrift codec tests (a package so pytest names modules tests.*, not codecs.*)."""
