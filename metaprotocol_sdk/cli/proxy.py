@@ -1,0 +1,71 @@
+"""``metaprotocol proxy``: run the proxy engine from Istio/Aeraki-shaped YAML files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+
+import click
+
+from metaprotocol_sdk.errors import ConfigError
+
+
+async def _serve(files: tuple[str, ...], drain: float | None) -> int:
+    from metaprotocol_sdk.proxy import Engine, load_config
+
+    engine = Engine(load_config(list(files)))
+    try:
+        await engine.start()
+    except OSError as exc:
+        click.echo(f"error: cannot bind: {exc}", err=True)
+        return 1
+    for (host, port), (ip, bound) in engine.listener_addresses.items():
+        click.echo(f"listening {host}:{port} on {ip}:{bound}")
+    if engine.admin_address is not None:
+        click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
+    sys.stdout.flush()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    click.echo("draining", err=True)
+    await engine.stop(drain=drain)
+    return 0
+
+
+@click.command("proxy")
+@click.option(
+    "-c",
+    "--config",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="YAML file (multi-document); repeat for several files.",
+)
+@click.option(
+    "--drain", type=float, default=None, help="Drain deadline in seconds (default: config)."
+)
+@click.option("--no-uvloop", is_flag=True, help="Use the default asyncio event loop.")
+def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool) -> None:
+    """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain."""
+    runner: asyncio.Runner
+    factory = None
+    if not no_uvloop:
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            factory = None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            code = runner.run(_serve(files, drain))
+    except ConfigError as exc:
+        click.echo(f"error: invalid configuration: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)

@@ -1,0 +1,44 @@
+"""Configuration: Istio/Aeraki-shaped YAML documents, validated into :class:`Config`."""
+
+from .durations import parse_duration
+from .loader import load_config, loads_config
+from .models import (
+    AttributeMatch,
+    Config,
+    Destination,
+    DestinationRule,
+    Endpoint,
+    Limits,
+    Listener,
+    LoadBalancer,
+    MetaRouter,
+    Protocol,
+    ProxySettings,
+    Route,
+    Service,
+    ServicePort,
+    Subset,
+    Timeouts,
+)
+
+__all__ = [
+    "AttributeMatch",
+    "Config",
+    "Destination",
+    "DestinationRule",
+    "Endpoint",
+    "Limits",
+    "Listener",
+    "LoadBalancer",
+    "MetaRouter",
+    "Protocol",
+    "ProxySettings",
+    "Route",
+    "Service",
+    "ServicePort",
+    "Subset",
+    "Timeouts",
+    "load_config",
+    "loads_config",
+    "parse_duration",
+]

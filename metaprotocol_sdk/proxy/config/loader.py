@@ -1,0 +1,710 @@
+"""Read multi-document YAML into a validated :class:`Config`, or fail with a precise error.
+
+Every error is a :class:`~metaprotocol_sdk.errors.ConfigError` whose ``source`` names the file,
+the document number and ``kind/name``, and whose ``field`` is the path inside the document
+(``spec.routes[1].match.attributes.method.regex``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, NoReturn, cast
+
+import yaml
+
+from metaprotocol_sdk.errors import ConfigError, RegistryError
+from metaprotocol_sdk.registry import resolve
+
+from .durations import parse_duration
+from .models import (
+    AttributeMatch,
+    Config,
+    Destination,
+    DestinationRule,
+    Endpoint,
+    LbPolicy,
+    Limits,
+    Listener,
+    LoadBalancer,
+    MetaRouter,
+    Protocol,
+    ProxySettings,
+    Route,
+    Service,
+    ServicePort,
+    Subset,
+    Timeouts,
+)
+
+KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
+PORT_PREFIX = "tcp-metaprotocol-"
+_LB_SIMPLE: dict[str, LbPolicy] = {
+    "ROUND_ROBIN": "ROUND_ROBIN",
+    "RANDOM": "RANDOM",
+    "LEAST_REQUEST": "LEAST_REQUEST",
+    "LEAST_CONN": "LEAST_REQUEST",
+}
+_UNSUPPORTED_ROUTE_FIELDS = ("localRateLimit", "globalRateLimit", "mirror", "mirrorPercentage")
+
+
+class _Doc:
+    """One YAML document plus what is needed to report errors inside it."""
+
+    def __init__(self, body: dict[str, Any], file: str, index: int) -> None:
+        self.body = body
+        self.kind = str(body.get("kind", ""))
+        meta = body.get("metadata")
+        self.name = str(meta.get("name", "")) if isinstance(meta, dict) else ""
+        label = f"{self.kind}/{self.name}" if self.name else self.kind or "document"
+        self.source = f"{file} (document {index + 1}, {label})"
+
+    def fail(self, path: str, reason: str) -> NoReturn:
+        raise ConfigError(reason, source=self.source, field=path or None)
+
+    def spec(self) -> dict[str, Any]:
+        return self.mapping(self.body, "spec", "spec")
+
+    # -- typed getters: each names the field path on failure ----------------------------------
+
+    def get(self, obj: Mapping[str, Any], key: str, path: str, required: bool = False) -> Any:
+        if key not in obj or obj[key] is None:
+            if required:
+                self.fail(path, "required field is missing")
+            return None
+        return obj[key]
+
+    def mapping(
+        self, obj: Mapping[str, Any], key: str, path: str, required: bool = True
+    ) -> dict[str, Any]:
+        value = self.get(obj, key, path, required)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, f"must be a mapping, got {type(value).__name__}")
+        return value
+
+    def sequence(
+        self, obj: Mapping[str, Any], key: str, path: str, required: bool = True
+    ) -> list[Any]:
+        value = self.get(obj, key, path, required)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list, got {type(value).__name__}")
+        if required and not value:
+            self.fail(path, "must not be empty")
+        return value
+
+    def string(
+        self, obj: Mapping[str, Any], key: str, path: str, required: bool = True
+    ) -> str | None:
+        value = self.get(obj, key, path, required)
+        if value is None:
+            return None
+        if not isinstance(value, str) or (required and not value):
+            self.fail(path, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def integer(
+        self,
+        obj: Mapping[str, Any],
+        key: str,
+        path: str,
+        required: bool = True,
+        low: int = 0,
+        high: int = 2**63,
+    ) -> int | None:
+        value = self.get(obj, key, path, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(path, f"must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    def duration(self, obj: Mapping[str, Any], key: str, path: str) -> float | None:
+        value = self.get(obj, key, path)
+        if value is None:
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.fail(path, str(exc))
+        if seconds <= 0:
+            self.fail(path, f"duration must be positive, got {value!r}")
+        return seconds
+
+    def labels(self, obj: Mapping[str, Any], key: str, path: str) -> dict[str, str]:
+        raw = self.mapping(obj, key, path, required=False)
+        out = {}
+        for k, v in raw.items():
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                self.fail(f"{path}.{k}", f"label value must be a string, got {v!r}")
+            out[str(k)] = str(v)
+        return out
+
+
+def load_config(paths: Sequence[str | PathLike[str]] | str | PathLike[str]) -> Config:
+    """Load and validate configuration from one or more multi-document YAML files."""
+    if isinstance(paths, (str, PathLike)):
+        paths = [paths]
+    docs: list[_Doc] = []
+    sources: list[str] = []
+    for path in paths:
+        name = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read file: {exc.strerror or exc}", source=name) from exc
+        docs.extend(_parse(text, name))
+        sources.append(name)
+    return _build(docs, tuple(sources))
+
+
+def loads_config(text: str, source: str = "<string>") -> Config:
+    """Load and validate configuration from YAML text (handy in tests)."""
+    return _build(_parse(text, source), (source,))
+
+
+def _parse(text: str, file: str) -> list[_Doc]:
+    try:
+        bodies = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML{where}: {problem}", source=file) from exc
+    docs = []
+    for index, body in enumerate(bodies):
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(
+                f"a document must be a mapping, got {type(body).__name__}",
+                source=f"{file} (document {index + 1})",
+            )
+        doc = _Doc(body, file, index)
+        if not doc.kind:
+            doc.fail("kind", "required field is missing")
+        if doc.kind not in KINDS:
+            doc.fail("kind", f"unknown kind {doc.kind!r}; expected one of {', '.join(KINDS)}")
+        if not doc.name:
+            doc.fail("metadata.name", "required field is missing")
+        docs.append(doc)
+    return docs
+
+
+def _build(docs: list[_Doc], sources: tuple[str, ...]) -> Config:
+    by_kind: dict[str, list[_Doc]] = {k: [] for k in KINDS}
+    for doc in docs:
+        by_kind[doc.kind].append(doc)
+    if len(by_kind["ProxyConfig"]) > 1:
+        by_kind["ProxyConfig"][1].fail("kind", "only one ProxyConfig document is allowed")
+    proxy_doc = by_kind["ProxyConfig"][0] if by_kind["ProxyConfig"] else None
+    codec_options = _codec_options(proxy_doc)
+    protocols = _protocols(by_kind["ApplicationProtocol"], codec_options)
+    services = _services(by_kind["ServiceEntry"], protocols, codec_options)
+    # Protocols named only by a port (no ApplicationProtocol): resolve through the registry.
+    if proxy_doc is not None:
+        for proto in codec_options:
+            if proto not in protocols:
+                proxy_doc.fail(
+                    f"spec.codecOptions.{proto}",
+                    f"no ApplicationProtocol or ServiceEntry port uses protocol {proto!r}",
+                )
+    rules = _destination_rules(by_kind["DestinationRule"], services)
+    routers = _routers(by_kind["MetaRouter"], services, rules, protocols)
+    proxy = _proxy(proxy_doc, services, codec_options)
+    for listener in proxy.listeners:
+        _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
+    return Config(
+        protocols=protocols,
+        services=services,
+        destination_rules=rules,
+        routers=routers,
+        proxy=proxy,
+        documents=tuple(doc.body for doc in docs),
+        sources=sources,
+    )
+
+
+# -- ApplicationProtocol -----------------------------------------------------------------------
+
+
+def _make_protocol(
+    name: str, codec_name: str, options: dict[str, Any], doc: _Doc | None, path: str
+) -> Protocol:
+    try:
+        cls = resolve(codec_name).load()
+    except RegistryError as exc:
+        if doc is None:
+            raise ConfigError(str(exc), field=path) from exc
+        doc.fail(path, str(exc))
+    try:
+        cls.from_options(options)
+    except ConfigError as exc:
+        where = f"spec.codecOptions.{name}" + (f".{exc.field}" if exc.field else "")
+        raise ConfigError(exc.reason, source=exc.source or "ProxyConfig", field=where) from exc
+    return Protocol(name=name, codec_name=codec_name, codec_class=cls, options=options)
+
+
+def _codec_options(doc: _Doc | None) -> dict[str, dict[str, Any]]:
+    if doc is None:
+        return {}
+    raw = doc.mapping(doc.spec(), "codecOptions", "spec.codecOptions", required=False)
+    out = {}
+    for proto, options in raw.items():
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            doc.fail(f"spec.codecOptions.{proto}", "must be a mapping of codec options")
+        out[str(proto)] = options
+    return out
+
+
+def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> dict[str, Protocol]:
+    protocols: dict[str, Protocol] = {}
+    for doc in docs:
+        spec = doc.spec()
+        name = cast(str, doc.string(spec, "protocol", "spec.protocol"))
+        codec = cast(str, doc.string(spec, "codec", "spec.codec"))
+        if name in protocols:
+            doc.fail("spec.protocol", f"protocol {name!r} is already defined")
+        if "-" in name:
+            doc.fail("spec.protocol", f"protocol {name!r} must not contain '-' (port names use it)")
+        options = codec_options.get(name, {})
+        protocols[name] = _make_protocol(name, codec, options, doc, "spec.codec")
+    return protocols
+
+
+# -- ServiceEntry ------------------------------------------------------------------------------
+
+
+def _port_protocol(
+    doc: _Doc, port_name: str, path: str, protocols: dict[str, Protocol], options: dict[str, Any]
+) -> str | None:
+    if not port_name.startswith(PORT_PREFIX):
+        return None
+    proto = port_name[len(PORT_PREFIX) :].split("-", 1)[0]
+    if not proto:
+        doc.fail(
+            path,
+            f"port name {port_name!r} names no protocol; "
+            "expected tcp-metaprotocol-<protocol>-<name>",
+        )
+    if proto not in protocols:
+        # No ApplicationProtocol: accept an installed codec registered under the same name.
+        try:
+            protocols[proto] = _make_protocol(proto, proto, options.get(proto, {}), None, path)
+        except ConfigError:
+            doc.fail(
+                path,
+                f"port name {port_name!r} selects protocol {proto!r}, but there is no "
+                f"ApplicationProtocol for it and no installed codec named {proto!r}",
+            )
+    return proto
+
+
+def _services(
+    docs: list[_Doc], protocols: dict[str, Protocol], options: dict[str, dict[str, Any]]
+) -> dict[str, Service]:
+    services: dict[str, Service] = {}
+    for doc in docs:
+        spec = doc.spec()
+        hosts = doc.sequence(spec, "hosts", "spec.hosts")
+        for i, host in enumerate(hosts):
+            if not isinstance(host, str) or not host:
+                doc.fail(f"spec.hosts[{i}]", f"must be a non-empty string, got {host!r}")
+            if host in services:
+                doc.fail(
+                    f"spec.hosts[{i}]",
+                    f"host {host!r} is already defined by {services[host].source}",
+                )
+        resolution = doc.get(spec, "resolution", "spec.resolution") or "STATIC"
+        if resolution not in ("STATIC", "DNS"):
+            doc.fail(
+                "spec.resolution", f"resolution {resolution!r} is not supported; use STATIC or DNS"
+            )
+        ports: dict[int, ServicePort] = {}
+        names: set[str] = set()
+        for i, raw in enumerate(doc.sequence(spec, "ports", "spec.ports")):
+            path = f"spec.ports[{i}]"
+            if not isinstance(raw, dict):
+                doc.fail(path, "must be a mapping")
+            number = cast(int, doc.integer(raw, "number", f"{path}.number", low=1, high=65535))
+            pname = cast(str, doc.string(raw, "name", f"{path}.name"))
+            target = doc.integer(raw, "targetPort", f"{path}.targetPort", False, 1, 65535)
+            if number in ports:
+                doc.fail(f"{path}.number", f"port {number} is listed twice")
+            if pname in names:
+                doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
+            names.add(pname)
+            proto = _port_protocol(doc, pname, f"{path}.name", protocols, options)
+            ports[number] = ServicePort(number, pname, proto, target)
+        endpoints = []
+        for i, raw in enumerate(doc.sequence(spec, "endpoints", "spec.endpoints", required=False)):
+            path = f"spec.endpoints[{i}]"
+            if not isinstance(raw, dict):
+                doc.fail(path, "must be a mapping")
+            address = cast(str, doc.string(raw, "address", f"{path}.address"))
+            eports = {}
+            for pname, pnum in doc.mapping(raw, "ports", f"{path}.ports", required=False).items():
+                if pname not in names:
+                    doc.fail(f"{path}.ports.{pname}", f"no service port is named {pname!r}")
+                eports[pname] = cast(
+                    int, doc.integer({"p": pnum}, "p", f"{path}.ports.{pname}", low=1, high=65535)
+                )
+            labels = doc.labels(raw, "labels", f"{path}.labels")
+            endpoints.append(Endpoint(address, eports, labels))
+        service = Service(doc.name, tuple(hosts), ports, tuple(endpoints), doc.source)
+        for host in hosts:
+            services[host] = service
+    return services
+
+
+# -- DestinationRule ---------------------------------------------------------------------------
+
+
+def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer | None:
+    lb = doc.mapping(policy, "loadBalancer", f"{path}.loadBalancer", required=False)
+    if not lb:
+        return None
+    simple = doc.get(lb, "simple", f"{path}.loadBalancer.simple")
+    hashing = doc.mapping(lb, "consistentHash", f"{path}.loadBalancer.consistentHash", False)
+    if simple is not None and hashing:
+        doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
+    if hashing:
+        hpath = f"{path}.loadBalancer.consistentHash.httpHeaderName"
+        attribute = doc.string(hashing, "httpHeaderName", hpath)
+        return LoadBalancer("CONSISTENT_HASH", attribute)
+    if simple is None:
+        return None
+    if simple not in _LB_SIMPLE:
+        doc.fail(
+            f"{path}.loadBalancer.simple",
+            f"unknown policy {simple!r}; expected ROUND_ROBIN, RANDOM or LEAST_REQUEST",
+        )
+    return LoadBalancer(_LB_SIMPLE[simple])
+
+
+def _destination_rules(
+    docs: list[_Doc], services: dict[str, Service]
+) -> dict[str, DestinationRule]:
+    rules: dict[str, DestinationRule] = {}
+    for doc in docs:
+        spec = doc.spec()
+        host = cast(str, doc.string(spec, "host", "spec.host"))
+        if host not in services:
+            doc.fail("spec.host", f"no ServiceEntry defines host {host!r}")
+        if host in rules:
+            doc.fail("spec.host", f"host {host!r} already has DestinationRule {rules[host].name!r}")
+        policy = doc.mapping(spec, "trafficPolicy", "spec.trafficPolicy", required=False)
+        lb = _load_balancer(doc, policy, "spec.trafficPolicy") or LoadBalancer()
+        subsets: dict[str, Subset] = {}
+        for i, raw in enumerate(doc.sequence(spec, "subsets", "spec.subsets", required=False)):
+            path = f"spec.subsets[{i}]"
+            if not isinstance(raw, dict):
+                doc.fail(path, "must be a mapping")
+            name = cast(str, doc.string(raw, "name", f"{path}.name"))
+            if name in subsets:
+                doc.fail(f"{path}.name", f"subset {name!r} is defined twice")
+            labels = doc.labels(raw, "labels", f"{path}.labels")
+            sub_policy = doc.mapping(raw, "trafficPolicy", f"{path}.trafficPolicy", False)
+            sub_lb = _load_balancer(doc, sub_policy, f"{path}.trafficPolicy")
+            subsets[name] = Subset(name, labels, sub_lb)
+        rules[host] = DestinationRule(doc.name, host, lb, subsets)
+    return rules
+
+
+# -- MetaRouter --------------------------------------------------------------------------------
+
+
+def _matches(doc: _Doc, route: dict[str, Any], path: str) -> tuple[AttributeMatch, ...]:
+    match = doc.mapping(route, "match", f"{path}.match", required=False)
+    for key in match:
+        if key != "attributes":
+            doc.fail(f"{path}.match.{key}", "unknown match field; only 'attributes' is supported")
+    attrs = doc.mapping(match, "attributes", f"{path}.match.attributes", required=False)
+    out = []
+    for name, cond in attrs.items():
+        cpath = f"{path}.match.attributes.{name}"
+        if cond is None:
+            cond = {}
+        if not isinstance(cond, dict):
+            doc.fail(cpath, "must be a mapping such as {exact: value}")
+        if not cond:
+            out.append(AttributeMatch(str(name), "present"))
+            continue
+        if len(cond) != 1 or next(iter(cond)) not in ("exact", "prefix", "regex"):
+            doc.fail(cpath, f"expected exactly one of exact, prefix, regex; got {sorted(cond)}")
+        kind, value = next(iter(cond.items()))
+        if not isinstance(value, str):
+            doc.fail(f"{cpath}.{kind}", f"must be a string, got {value!r}")
+        if kind == "regex":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                doc.fail(f"{cpath}.regex", f"invalid regular expression {value!r}: {exc}")
+        out.append(AttributeMatch(str(name), kind, value))
+    return tuple(out)
+
+
+def _mutation(doc: _Doc, route: dict[str, Any], key: str, path: str) -> dict[str, str]:
+    out = {}
+    for i, item in enumerate(doc.sequence(route, key, f"{path}.{key}", required=False)):
+        ipath = f"{path}.{key}[{i}]"
+        if not isinstance(item, dict):
+            doc.fail(ipath, "must be a mapping {key: ..., value: ...}")
+        k = cast(str, doc.string(item, "key", f"{ipath}.key"))
+        v = doc.get(item, "value", f"{ipath}.value", required=True)
+        out[k] = str(v)
+    return out
+
+
+def _resolve_port(
+    doc: _Doc, service: Service, port: int | None, protocol: str | None, path: str
+) -> int | None:
+    """The service port a destination uses; ``None`` means "the listener's port" (decided later)."""
+    if port is not None:
+        if port not in service.ports:
+            doc.fail(path, f"service {service.name!r} has no port {port}")
+        if service.ports[port].protocol is None:
+            doc.fail(path, f"port {port} of service {service.name!r} is not a metaprotocol port")
+        return port
+    meta = [p.number for p in service.ports.values() if p.protocol is not None]
+    if not meta:
+        doc.fail(path, f"service {service.name!r} has no tcp-metaprotocol-* port")
+    return meta[0] if len(meta) == 1 else None
+
+
+def _routers(
+    docs: list[_Doc],
+    services: dict[str, Service],
+    rules: dict[str, DestinationRule],
+    protocols: dict[str, Protocol],
+) -> dict[str, MetaRouter]:
+    routers: dict[str, MetaRouter] = {}
+    for doc in docs:
+        spec = doc.spec()
+        hosts = doc.sequence(spec, "hosts", "spec.hosts")
+        for i, host in enumerate(hosts):
+            if host not in services:
+                doc.fail(f"spec.hosts[{i}]", f"no ServiceEntry defines host {host!r}")
+            if host in routers:
+                doc.fail(
+                    f"spec.hosts[{i}]",
+                    f"host {host!r} already has MetaRouter {routers[host].name!r}",
+                )
+        routes = []
+        seen: set[str] = set()
+        for r, raw in enumerate(doc.sequence(spec, "routes", "spec.routes")):
+            path = f"spec.routes[{r}]"
+            if not isinstance(raw, dict):
+                doc.fail(path, "must be a mapping")
+            for key in _UNSUPPORTED_ROUTE_FIELDS:
+                if key in raw:
+                    doc.fail(f"{path}.{key}", "not supported by this engine")
+            name = doc.string(raw, "name", f"{path}.name", required=False) or f"route-{r}"
+            if name in seen:
+                doc.fail(f"{path}.name", f"route name {name!r} is used twice")
+            seen.add(name)
+            dests = []
+            for d, draw in enumerate(doc.sequence(raw, "route", f"{path}.route")):
+                dpath = f"{path}.route[{d}]"
+                if not isinstance(draw, dict):
+                    doc.fail(dpath, "must be a mapping")
+                dest = doc.mapping(draw, "destination", f"{dpath}.destination")
+                host = cast(str, doc.string(dest, "host", f"{dpath}.destination.host"))
+                subset = doc.string(dest, "subset", f"{dpath}.destination.subset", required=False)
+                port_obj = doc.mapping(dest, "port", f"{dpath}.destination.port", required=False)
+                port = doc.integer(
+                    port_obj, "number", f"{dpath}.destination.port.number", False, 1, 65535
+                )
+                weight = doc.integer(draw, "weight", f"{dpath}.weight", required=False, high=100)
+                service = services.get(host)
+                if service is not None:
+                    # An unknown host stays allowed: requests to it get ClusterNotFound.
+                    port = _resolve_port(doc, service, port, None, f"{dpath}.destination.port")
+                    if subset is not None:
+                        rule = rules.get(host)
+                        if rule is None or subset not in rule.subsets:
+                            known = sorted(rule.subsets) if rule else []
+                            doc.fail(
+                                f"{dpath}.destination.subset",
+                                f"unknown subset {subset!r} of host {host!r}; DestinationRule "
+                                f"subsets: {', '.join(known) or 'none'}",
+                            )
+                dests.append(Destination(host, subset, port, 0 if weight is None else weight))
+            if len(dests) > 1:
+                total = sum(dest.weight for dest in dests)
+                if total != 100:
+                    doc.fail(
+                        f"{path}.route",
+                        f"weights of a split must sum to 100, got {total} "
+                        f"({' + '.join(str(dest.weight) for dest in dests)})",
+                    )
+            elif dests[0].weight not in (0, 100):
+                doc.fail(f"{path}.route[0].weight", "a single destination takes weight 100 or none")
+            timeout = doc.duration(raw, "timeout", f"{path}.timeout")
+            routes.append(
+                Route(
+                    name=name,
+                    match=_matches(doc, raw, path),
+                    destinations=tuple(dests),
+                    request_mutation=_mutation(doc, raw, "requestMutation", path),
+                    response_mutation=_mutation(doc, raw, "responseMutation", path),
+                    timeout=timeout,
+                )
+            )
+        router = MetaRouter(doc.name, tuple(hosts), tuple(routes), doc.source)
+        for host in hosts:
+            _check_capabilities(doc, router, services[host], protocols)
+            routers[host] = router
+    return routers
+
+
+def _check_capabilities(
+    doc: _Doc, router: MetaRouter, service: Service, protocols: dict[str, Protocol]
+) -> None:
+    for port in service.ports.values():
+        if port.protocol is None:
+            continue
+        caps = protocols[port.protocol].codec_class.capabilities
+        for r, route in enumerate(router.routes):
+            if route.request_mutation and not caps.mutation:
+                doc.fail(
+                    f"spec.routes[{r}].requestMutation",
+                    f"codec for protocol {port.protocol!r} cannot write request mutations",
+                )
+            if route.response_mutation and not caps.response_mutation:
+                doc.fail(
+                    f"spec.routes[{r}].responseMutation",
+                    f"codec for protocol {port.protocol!r} cannot write response mutations",
+                )
+
+
+def _check_router_ports(
+    router: MetaRouter | None,
+    listener: Listener,
+    services: dict[str, Service],
+    proxy_doc: _Doc | None,
+) -> None:
+    """Destinations must speak the listener's protocol: the engine does not translate."""
+    if router is None or proxy_doc is None:
+        return
+    proto = services[listener.host].ports[listener.port].protocol
+    for route in router.routes:
+        for dest in route.destinations:
+            service = services.get(dest.host)
+            if service is None:
+                continue
+            port = dest.port if dest.port is not None else listener.port
+            if port not in service.ports:
+                raise ConfigError(
+                    f"destination {dest.host!r} of route {route.name!r} has no port "
+                    f"{listener.port} (the listener's port); set destination.port.number",
+                    source=router.source,
+                    field=f"route {route.name}",
+                )
+            if service.ports[port].protocol != proto:
+                raise ConfigError(
+                    f"destination {dest.host}:{port} of route {route.name!r} speaks "
+                    f"{service.ports[port].protocol!r}, the listener speaks {proto!r}",
+                    source=router.source,
+                    field=f"route {route.name}",
+                )
+
+
+# -- ProxyConfig -------------------------------------------------------------------------------
+
+
+def _bind(doc: _Doc, value: Any, path: str) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        doc.fail(path, f"expected 'host:port', got {value!r}")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        doc.fail(path, f"expected 'host:port' with a port in 0-65535, got {value!r}")
+    return host, int(port)
+
+
+_PROXY_FIELDS = {
+    "listeners",
+    "admin",
+    "codecOptions",
+    "limits",
+    "timeouts",
+    "accessLog",
+    "upstream",
+}
+
+
+def _proxy(
+    doc: _Doc | None, services: dict[str, Service], codec_options: dict[str, dict[str, Any]]
+) -> ProxySettings:
+    if doc is None:
+        return ProxySettings()
+    spec = doc.spec()
+    for key in spec:
+        if key not in _PROXY_FIELDS:
+            expected = ", ".join(sorted(_PROXY_FIELDS))
+            doc.fail(f"spec.{key}", f"unknown field; expected one of {expected}")
+    listeners: list[Listener] = []
+    for i, raw in enumerate(doc.sequence(spec, "listeners", "spec.listeners", required=False)):
+        path = f"spec.listeners[{i}]"
+        if not isinstance(raw, dict):
+            doc.fail(path, "must be a mapping")
+        host = cast(str, doc.string(raw, "host", f"{path}.host"))
+        port = cast(int, doc.integer(raw, "port", f"{path}.port", low=1, high=65535))
+        bind = _bind(doc, doc.get(raw, "bind", f"{path}.bind", required=True), f"{path}.bind")
+        service = services.get(host)
+        if service is None:
+            doc.fail(f"{path}.host", f"no ServiceEntry defines host {host!r}")
+        if port not in service.ports:
+            doc.fail(f"{path}.port", f"service {service.name!r} has no port {port}")
+        if service.ports[port].protocol is None:
+            doc.fail(
+                f"{path}.port",
+                f"port {port} ({service.ports[port].name!r}) is not named "
+                "tcp-metaprotocol-<protocol>-<name>",
+            )
+        for other in listeners:
+            if (other.host, other.port) == (host, port):
+                doc.fail(path, f"duplicate listener for {host}:{port}")
+            if bind[1] and (other.bind_host, other.bind_port) == bind:
+                doc.fail(f"{path}.bind", f"address {bind[0]}:{bind[1]} is used by {other.name}")
+        listeners.append(Listener(host, port, bind[0], bind[1]))
+    admin = doc.mapping(spec, "admin", "spec.admin", required=False)
+    admin_bind = _bind(doc, admin["bind"], "spec.admin.bind") if admin.get("bind") else None
+    lim = doc.mapping(spec, "limits", "spec.limits", required=False)
+    limits = Limits(
+        max_connections=doc.integer(lim, "maxConnections", "spec.limits.maxConnections", False, 1)
+        or Limits.max_connections,
+        max_pending_requests=doc.integer(
+            lim, "maxPendingRequests", "spec.limits.maxPendingRequests", False, 1
+        )
+        or Limits.max_pending_requests,
+    )
+    tmo = doc.mapping(spec, "timeouts", "spec.timeouts", required=False)
+    timeouts = Timeouts(
+        connect=doc.duration(tmo, "connect", "spec.timeouts.connect") or Timeouts.connect,
+        route=doc.duration(tmo, "route", "spec.timeouts.route") or Timeouts.route,
+        drain=doc.duration(tmo, "drain", "spec.timeouts.drain") or Timeouts.drain,
+    )
+    log = doc.mapping(spec, "accessLog", "spec.accessLog", required=False)
+    access_log = doc.string(log, "path", "spec.accessLog.path") if log else None
+    up = doc.mapping(spec, "upstream", "spec.upstream", required=False)
+    per_endpoint = doc.integer(
+        up, "connectionsPerEndpoint", "spec.upstream.connectionsPerEndpoint", False, 1, 1024
+    )
+    return ProxySettings(
+        listeners=tuple(listeners),
+        admin_bind=admin_bind,
+        codec_options=codec_options,
+        limits=limits,
+        timeouts=timeouts,
+        access_log=access_log,
+        connections_per_endpoint=per_endpoint or 1,
+    )

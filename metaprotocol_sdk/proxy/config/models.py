@@ -1,0 +1,197 @@
+"""Validated configuration: what the loader builds and the engine reads.
+
+Every object here is already checked: hosts exist, subsets exist, codecs load, durations parse.
+The engine never re-validates; it only compiles these into its runtime structures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from metaprotocol_sdk.codec import Codec
+
+#: Load balancing policies (Istio ``DestinationRule.trafficPolicy.loadBalancer``).
+LbPolicy = Literal["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "CONSISTENT_HASH"]
+#: Attribute match kinds; ``present`` is the empty matcher ``{}``.
+MatchKind = Literal["exact", "prefix", "regex", "present"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An ``ApplicationProtocol``: a protocol name bound to a codec class and its options."""
+
+    name: str
+    codec_name: str
+    codec_class: type[Codec]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def create_codec(self) -> Codec:
+        """A new codec instance (one per connection)."""
+        return self.codec_class.from_options(self.options)
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One ``ServiceEntry`` port. ``protocol`` is the MetaProtocol protocol, or ``None``."""
+
+    number: int
+    name: str
+    protocol: str | None
+    target_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One ``ServiceEntry`` endpoint."""
+
+    address: str
+    ports: dict[str, int]
+    labels: dict[str, str]
+
+    def port_for(self, port: ServicePort) -> int:
+        """The endpoint's port for a service port (named port, targetPort, or the number)."""
+        return self.ports.get(port.name, port.target_port or port.number)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A ``ServiceEntry``: hosts, ports and endpoints."""
+
+    name: str
+    hosts: tuple[str, ...]
+    ports: dict[int, ServicePort]
+    endpoints: tuple[Endpoint, ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    """A load balancing policy; ``hash_attribute`` is set for ``CONSISTENT_HASH``."""
+
+    policy: LbPolicy = "ROUND_ROBIN"
+    hash_attribute: str | None = None
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A ``DestinationRule`` subset: endpoints whose labels include ``labels``."""
+
+    name: str
+    labels: dict[str, str]
+    load_balancer: LoadBalancer | None = None
+
+
+@dataclass(frozen=True)
+class DestinationRule:
+    """A ``DestinationRule`` for one host."""
+
+    name: str
+    host: str
+    load_balancer: LoadBalancer
+    subsets: dict[str, Subset]
+
+
+@dataclass(frozen=True)
+class AttributeMatch:
+    """One attribute condition of a route."""
+
+    attribute: str
+    kind: MatchKind
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A weighted route destination; ``port`` is resolved by the loader when omitted."""
+
+    host: str
+    subset: str | None
+    port: int | None
+    weight: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """One ``MetaRouter`` route. ``timeout`` in seconds (``None``: the engine default)."""
+
+    name: str
+    match: tuple[AttributeMatch, ...]
+    destinations: tuple[Destination, ...]
+    request_mutation: dict[str, str]
+    response_mutation: dict[str, str]
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class MetaRouter:
+    """A ``MetaRouter``: ordered routes for some hosts."""
+
+    name: str
+    hosts: tuple[str, ...]
+    routes: tuple[Route, ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Where one service port listens."""
+
+    host: str
+    port: int
+    bind_host: str
+    bind_port: int
+
+    @property
+    def name(self) -> str:
+        """``host:port``, the listener's name in stats and logs."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Connection and request ceilings."""
+
+    max_connections: int = 10000
+    max_pending_requests: int = 10000
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Timeouts in seconds."""
+
+    connect: float = 5.0
+    route: float = 30.0
+    drain: float = 10.0
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The ``ProxyConfig`` document: the engine's own settings."""
+
+    listeners: tuple[Listener, ...] = ()
+    admin_bind: tuple[str, int] | None = None
+    codec_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    access_log: str | None = None
+    connections_per_endpoint: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, validated configuration."""
+
+    protocols: dict[str, Protocol]
+    services: dict[str, Service]
+    destination_rules: dict[str, DestinationRule]
+    routers: dict[str, MetaRouter]
+    proxy: ProxySettings
+    documents: tuple[dict[str, Any], ...] = ()
+    sources: tuple[str, ...] = ()
+
+    def protocol_of(self, host: str, port: int) -> Protocol:
+        """The protocol served on a service port (validated to exist by the loader)."""
+        name = self.services[host].ports[port].protocol
+        assert name is not None
+        return self.protocols[name]

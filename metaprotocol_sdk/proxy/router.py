@@ -1,0 +1,116 @@
+"""Compiled routes: first matching route wins, then a weighted destination is chosen.
+
+Weighted splits use smooth weighted round robin (nginx's algorithm): deterministic, and over
+any window of ``sum(weights)`` requests each destination gets exactly its share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from metaprotocol_sdk.metadata import Attributes
+
+from .matcher import Matcher
+from .stats import Counter, Stats
+
+if TYPE_CHECKING:
+    from .upstream import Cluster
+
+
+class Target:
+    """One weighted destination of a route, with its stats series."""
+
+    __slots__ = ("_by_status", "_labels", "_stats", "cluster", "name", "weight")
+
+    def __init__(
+        self,
+        name: str,
+        cluster: Cluster | None,
+        weight: int,
+        stats: Stats,
+        listener: str,
+        route: str,
+    ) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.weight = weight
+        self._stats = stats
+        self._labels = {"listener": listener, "route": route, "destination": name}
+        self._by_status: dict[str, Counter] = {}
+
+    def count(self, status: str, metric: str = "metaprotocol_requests_total") -> None:
+        """Count one finished request with ``status``."""
+        key = status if metric == "metaprotocol_requests_total" else f"{metric}|{status}"
+        counter = self._by_status.get(key)
+        if counter is None:
+            counter = self._by_status[key] = self._stats.counter(
+                metric, **self._labels, status=status
+            )
+        counter.value += 1
+
+
+class CompiledRoute:
+    """A route ready for the hot path."""
+
+    __slots__ = (
+        "_current",
+        "_total",
+        "match",
+        "name",
+        "request_mutation",
+        "response_mutation",
+        "single",
+        "targets",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        match: Matcher,
+        targets: Sequence[Target],
+        request_mutation: dict[str, str] | None,
+        response_mutation: dict[str, str] | None,
+        timeout: float,
+    ) -> None:
+        self.name = name
+        self.match = match
+        self.targets = [t for t in targets if t.weight > 0] or list(targets[:1])
+        self.single = self.targets[0] if len(self.targets) == 1 else None
+        self.request_mutation = request_mutation or None
+        self.response_mutation = response_mutation or None
+        self.timeout = timeout
+        self._current = [0] * len(self.targets)
+        self._total = sum(t.weight for t in self.targets)
+
+    def pick(self) -> Target:
+        """The next destination (smooth weighted round robin)."""
+        single = self.single
+        if single is not None:
+            return single
+        current = self._current
+        targets = self.targets
+        best = 0
+        for i, target in enumerate(targets):
+            current[i] += target.weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= self._total
+        return targets[best]
+
+
+class RouteTable:
+    """The ordered routes of one listener."""
+
+    __slots__ = ("routes",)
+
+    def __init__(self, routes: Sequence[CompiledRoute]) -> None:
+        self.routes = tuple(routes)
+
+    def match(self, attributes: Attributes) -> CompiledRoute | None:
+        """The first route whose conditions hold, or ``None``."""
+        for route in self.routes:
+            if route.match(attributes):
+                return route
+        return None

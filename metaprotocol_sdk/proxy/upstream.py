@@ -1,0 +1,331 @@
+"""Upstream side: clusters, hosts, connection pools and the upstream connection protocol.
+
+Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability:
+
+* **shared**: a host's connections (``upstream.connectionsPerEndpoint``, default 1) carry the
+  requests of every downstream connection. Each request gets a fresh id on the upstream
+  connection (``encode(..., request_id=new)``) and the original id is put back on the
+  response, so concurrent clients never collide.
+* **dedicated**: without id rewriting, each downstream connection gets its own upstream
+  connection per host; responses are paired by request id, falling back to arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from metaprotocol_sdk.codec import Codec
+from metaprotocol_sdk.enums import ErrorType, MessageType
+from metaprotocol_sdk.errors import CodecError
+from metaprotocol_sdk.metadata import Metadata, Mutation
+
+from .balancer import Balancer
+from .config.models import Protocol
+from .stats import Counter
+
+if TYPE_CHECKING:
+    from .downstream import Downstream
+    from .engine import Engine
+    from .router import CompiledRoute, Target
+
+_RESPONSE = MessageType.Response
+_ERROR = MessageType.Error
+_HEARTBEAT = MessageType.Heartbeat
+_MAX_ID = 0x7FFFFFFF  # fits every common id field (Thrift's i32 seqid included)
+
+
+class Pending:
+    """A request waiting for its response."""
+
+    __slots__ = (
+        "conn",
+        "done",
+        "downstream",
+        "host",
+        "request",
+        "route",
+        "start",
+        "target",
+        "timer",
+        "wire_id",
+    )
+
+    def __init__(
+        self,
+        downstream: Downstream,
+        request: Metadata,
+        route: CompiledRoute,
+        target: Target,
+        host: UpstreamHost,
+        conn: UpstreamConnection,
+        start: float,
+    ) -> None:
+        self.downstream = downstream
+        self.request = request
+        self.route = route
+        self.target = target
+        self.host = host
+        self.conn = conn
+        self.start = start
+        self.timer: asyncio.TimerHandle | None = None
+        self.wire_id = request.request_id
+        self.done = False
+
+
+class UpstreamHost:
+    """One endpoint of a cluster."""
+
+    __slots__ = ("active", "address", "conns", "key", "next_conn", "port")
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address = address
+        self.port = port
+        self.key = f"{address}:{port}"
+        #: Requests in flight (for LEAST_REQUEST).
+        self.active = 0
+        #: Shared connections (shared mode only).
+        self.conns: list[UpstreamConnection] = []
+        self.next_conn = 0
+
+
+class Cluster:
+    """A destination service port (and optional subset): hosts, balancer, pooling mode."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        protocol: Protocol,
+        hosts: list[UpstreamHost],
+        balancer: Balancer,
+    ) -> None:
+        self.engine = engine
+        self.name = name
+        self.protocol = protocol
+        self.hosts = hosts
+        self.balancer = balancer
+        self.shared = protocol.codec_class.capabilities.rewrite_request_id
+        stats = engine.stats
+        self.connects = stats.counter("metaprotocol_upstream_connections_total", cluster=name)
+        self.active = stats.gauge("metaprotocol_upstream_connections_active", cluster=name)
+        self.connect_errors = stats.counter(
+            "metaprotocol_upstream_connect_errors_total", cluster=name
+        )
+        self.resets = stats.counter("metaprotocol_upstream_resets_total", cluster=name)
+        self.heartbeats = stats.counter(
+            "metaprotocol_heartbeats_total", cluster=name, side="upstream"
+        )
+        self.decode_errors = stats.counter(
+            "metaprotocol_decode_errors_total", cluster=name, side="upstream"
+        )
+
+    def shared_connection(self, host: UpstreamHost) -> UpstreamConnection:
+        """A shared connection to ``host``, opening one while below the per-host count."""
+        conns = host.conns
+        if len(conns) < self.engine.connections_per_endpoint:
+            conn = UpstreamConnection(self, host, None)
+            conns.append(conn)
+            conn.connect()
+            return conn
+        i = host.next_conn
+        if i >= len(conns):
+            i = 0
+        host.next_conn = i + 1
+        return conns[i]
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream host."""
+
+    def __init__(self, cluster: Cluster, host: UpstreamHost, owner: Downstream | None) -> None:
+        self.cluster = cluster
+        self.host = host
+        self.owner = owner
+        self.engine = cluster.engine
+        self.codec: Codec = cluster.protocol.create_codec()
+        self.transport: asyncio.Transport | None = None
+        self.connecting = True
+        self.closed = False
+        self.buffer = bytearray()
+        self.need = 0
+        self.queued: list[bytes | memoryview] = []
+        self.pending: dict[int, Pending] = {}
+        self.fifo: deque[Pending] = deque()
+        self.next_id = 0
+        self.task: asyncio.Task[None] | None = None
+        self._active: Counter = cluster.active
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Start connecting; requests sent meanwhile are queued."""
+        self.engine.upstreams.add(self)
+        self.task = self.engine.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = self.engine.loop
+        host = self.host
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, host.address, host.port),
+                self.engine.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            self.cluster.connect_errors.value += 1
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            self._finish_close(
+                ErrorType.UpstreamConnectFailure,
+                f"cannot connect to {host.key} ({self.cluster.name}): {reason}",
+            )
+        finally:
+            self.task = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.connecting = False
+        self.cluster.connects.value += 1
+        self._active.value += 1
+        if self.closed:  # closed while connecting
+            transport.close()
+            return
+        if self.queued:
+            transport.writelines(self.queued)
+            self.queued = []
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, p: Pending, mutation: Mutation | None) -> None:
+        """Encode and send a request that expects a response."""
+        request = p.request
+        if self.cluster.shared:
+            wire_id = self.next_id + 1
+            pending = self.pending
+            while wire_id > _MAX_ID or wire_id in pending:
+                wire_id = 1 if wire_id > _MAX_ID else wire_id + 1
+            self.next_id = wire_id
+            p.wire_id = wire_id
+            pending[wire_id] = p
+            encoded = self.codec.encode(request, mutation, request_id=wire_id)
+        else:
+            self.fifo.append(p)
+            encoded = self.codec.encode(request, mutation)
+        transport = self.transport
+        if transport is not None and not self.closed:
+            if type(encoded) is bytes:
+                transport.write(encoded)
+            else:
+                transport.writelines(encoded)  # type: ignore[arg-type]
+        elif type(encoded) is bytes:
+            self.queued.append(encoded)
+        else:
+            self.queued.extend(encoded)  # type: ignore[arg-type]
+
+    def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
+        """Encode and send a request that gets no response."""
+        encoded = self.codec.encode(request, mutation)
+        buffers = [encoded] if isinstance(encoded, bytes) else encoded
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(buffers)
+        else:
+            self.queued.extend(buffers)
+
+    def forget(self, p: Pending) -> None:
+        """Stop waiting for ``p`` (timed out): a late response is dropped."""
+        p.done = True
+        if self.cluster.shared:
+            self.pending.pop(p.wire_id, None)
+        # Dedicated mode keeps the entry so a late response still pairs with it in order.
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if len(buffer) < self.need:
+            return
+        codec = self.codec
+        while buffer:
+            try:
+                message = codec.decode(buffer)
+            except CodecError as exc:
+                self.cluster.decode_errors.value += 1
+                self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {exc}")
+                self.close()
+                return
+            if not isinstance(message, Metadata):
+                self.need = message.needed
+                return
+            kind = message.message_type
+            if kind is _RESPONSE or kind is _ERROR:
+                p = self._match(message.request_id)
+                if p is not None:
+                    p.downstream.finish(p, message)
+            elif kind is _HEARTBEAT:
+                self.cluster.heartbeats.value += 1
+                reply = codec.heartbeat_reply(message)
+                if reply and self.transport is not None:
+                    self.transport.write(reply)
+        self.need = 0
+
+    def _match(self, wire_id: int) -> Pending | None:
+        if self.cluster.shared:
+            return self.pending.pop(wire_id, None)
+        fifo = self.fifo
+        if not fifo:
+            return None
+        p = fifo[0]
+        if p.wire_id == wire_id:
+            fifo.popleft()
+        else:
+            for candidate in fifo:
+                if candidate.wire_id == wire_id:
+                    p = candidate
+                    break
+            fifo.remove(p)
+        return None if p.done else p
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._active.value -= 1
+        self.transport = None
+        if self.pending or self.fifo:
+            self.cluster.resets.value += 1
+        reason = f": {exc}" if exc else ""
+        self._finish_close(ErrorType.UpstreamReset, f"upstream {self.host.key} closed{reason}")
+
+    def close(self) -> None:
+        """Close the connection; requests still waiting get ``UpstreamReset``."""
+        if self.closed and self.transport is None:
+            return
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()  # connection_lost finishes the job
+        elif self.task is not None:
+            self.task.cancel()
+            self.task = None
+            self._finish_close(ErrorType.UpstreamReset, "upstream connection closed")
+
+    def _finish_close(self, error: ErrorType, message: str) -> None:
+        self.closed = True
+        self.connecting = False
+        self.queued = []
+        host = self.host
+        if self in host.conns:
+            host.conns.remove(self)
+        if self.owner is not None:
+            self.owner.upstream_closed(self)
+        self.engine.upstreams.discard(self)
+        self._fail_all(error, message)
+        self.engine.upstream_gone()
+
+    def _fail_all(self, error: ErrorType, message: str) -> None:
+        waiting = [p for p in self.pending.values()] + [p for p in self.fifo if not p.done]
+        self.pending = {}
+        self.fifo = deque()
+        for p in waiting:
+            p.done = True
+            p.downstream.fail(p, error, message)

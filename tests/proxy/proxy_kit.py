@@ -1,0 +1,386 @@
+"""Tiny asyncio KV servers and clients, plus config builders, for the engine tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import textwrap
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from metaprotocol_sdk import CodecError, MessageType, Metadata
+from metaprotocol_sdk.examples.kv import (
+    ERROR,
+    HEADER,
+    HEADER_SIZE,
+    ONEWAY,
+    PING,
+    REQUEST,
+    RESPONSE,
+    KVCodec,
+    _decode_headers,
+    build_frame,
+)
+from metaprotocol_sdk.proxy import Engine, loads_config
+
+T = TypeVar("T")
+WAIT = 5.0  # bound on every single wait in the tests
+
+__all__ = ["ERROR", "ONEWAY", "PING", "REQUEST", "RESPONSE", "build_frame"]
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
+    """Run a test coroutine with a hard bound."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+class LenientKVCodec(KVCodec):
+    """KV codec that reports a bad headers block with ``frame_size`` and partial metadata.
+
+    The example codec consumes the frame before parsing headers; this one validates first, so
+    the engine can drop exactly that frame and keep the connection.
+    """
+
+    def decode(self, buffer: bytearray) -> Metadata | Any:
+        fields = HEADER.unpack(buffer)
+        if fields is not None:
+            _, _, _, rid, hlen, _, blen = fields
+            size = HEADER_SIZE + hlen + blen
+            if len(buffer) >= size and size <= self.max_frame_size:
+                try:
+                    _decode_headers(bytes(buffer[:size]), HEADER_SIZE, HEADER_SIZE + hlen)
+                except CodecError as exc:
+                    raise CodecError(
+                        exc.reason,
+                        offset=exc.offset,
+                        metadata=Metadata(MessageType.Request, request_id=rid),
+                        frame_size=size,
+                    ) from exc
+        return super().decode(buffer)
+
+
+class NoRewriteKVCodec(KVCodec):
+    """KV codec that does not declare id rewriting: the engine pairs connections instead."""
+
+    protocol = "kvnr"
+    capabilities = KVCodec.capabilities.__class__(
+        heartbeat=True, oneway=True, mutation=True, response_mutation=True
+    )
+
+
+_mod = types.ModuleType("proxy_test_codecs")
+_mod.LenientKVCodec = LenientKVCodec  # type: ignore[attr-defined]
+_mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]
+sys.modules["proxy_test_codecs"] = _mod
+
+
+class KVServer(asyncio.Protocol):
+    """One connection of a KV test server."""
+
+    def __init__(self, owner: Upstream) -> None:
+        self.owner = owner
+        self.codec = KVCodec()
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.owner.connections.add(self)
+        self.owner.accepted += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            msg = self.codec.decode(self.buffer)
+            if not isinstance(msg, Metadata):
+                return
+            self.owner.on_message(self, msg)
+
+
+class Upstream:
+    """A KV server: answers requests with ``server`` and ``req-*`` headers echoing the request.
+
+    Methods with special behaviour: ``hang`` (never answer), ``close`` (drop the connection),
+    ``slow`` (answer when ``release`` is set), ``fail`` (answer with an ERROR frame).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.received: list[Metadata] = []
+        self.connections: set[KVServer] = set()
+        self.accepted = 0
+        self.release = asyncio.Event()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Upstream:
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: KVServer(self), "127.0.0.1", 0
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for conn in list(self.connections):
+                assert conn.transport is not None
+                conn.transport.abort()
+            await asyncio.wait_for(self.server.wait_closed(), WAIT)
+
+    def on_message(self, conn: KVServer, msg: Metadata) -> None:
+        assert conn.transport is not None
+        if msg.message_type is MessageType.Heartbeat:
+            reply = conn.codec.heartbeat_reply(msg)
+            if reply:
+                conn.transport.write(reply)
+            return
+        self.received.append(msg)
+        for n, fut in list(self._waiters):
+            if len(self.received) >= n and not fut.done():
+                fut.set_result(None)
+        if msg.message_type is not MessageType.Request:
+            return
+        method = msg.operation_name
+        if method == "hang":
+            return
+        if method == "close":
+            conn.transport.close()
+            return
+        headers = {"server": self.name}
+        headers.update({f"req-{k}": v for k, v in msg.attributes.to_dict().items()})
+        frame = build_frame(
+            ERROR if method == "fail" else RESPONSE, msg.request_id, headers, bytes(msg.body)
+        )
+        if method == "slow":
+            transport = conn.transport
+
+            async def later() -> None:
+                await self.release.wait()
+                transport.write(frame)
+
+            asyncio.get_running_loop().create_task(later())
+            return
+        conn.transport.write(frame)
+
+    async def wait_received(self, n: int) -> None:
+        """Wait until ``n`` messages (requests or oneway) have arrived."""
+        if len(self.received) >= n:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        await asyncio.wait_for(fut, WAIT)
+
+    def ping_all(self) -> None:
+        """Send a PING from the server side on every connection."""
+        for conn in self.connections:
+            assert conn.transport is not None
+            conn.transport.write(build_frame(PING, 777))
+
+
+class Client(asyncio.Protocol):
+    """A KV client: pipelines requests and matches replies by id."""
+
+    def __init__(self) -> None:
+        self.codec = KVCodec()
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.waiting: dict[int, asyncio.Future[Metadata]] = {}
+        self.unmatched: list[Metadata] = []
+        self.closed = asyncio.get_event_loop().create_future()
+        self.next_id = 0
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int]) -> Client:
+        _, proto = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(cls, *address), WAIT
+        )
+        return proto
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionResetError("closed"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            msg = self.codec.decode(self.buffer)
+            if not isinstance(msg, Metadata):
+                return
+            fut = self.waiting.pop(msg.request_id, None)
+            if fut is None or fut.done():
+                self.unmatched.append(msg)
+            else:
+                fut.set_result(msg)
+
+    def expect(self, rid: int) -> asyncio.Future[Metadata]:
+        fut: asyncio.Future[Metadata] = asyncio.get_running_loop().create_future()
+        self.waiting[rid] = fut
+        return fut
+
+    def send(self, frame: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(frame)
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def start(
+        self,
+        method: str = "get",
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        rid: int | None = None,
+    ) -> asyncio.Future[Metadata]:
+        """Send a request; the future resolves to the reply."""
+        rid = self.new_id() if rid is None else rid
+        fut = self.expect(rid)
+        self.send(build_frame(REQUEST, rid, {"method": method, **(headers or {})}, body))
+        return fut
+
+    async def call(
+        self,
+        method: str = "get",
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        rid: int | None = None,
+    ) -> Metadata:
+        return await asyncio.wait_for(self.start(method, headers, body, rid), WAIT)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def error_type(msg: Metadata) -> str | None:
+    """The ``error-type`` of a KV error reply, ``None`` for a normal response."""
+    if msg.codec_state != ERROR:
+        return None
+    return msg.attributes.get("error-type")
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def mesh(
+    endpoints: list[tuple[int, str]],
+    router: str | None = None,
+    traffic_policy: str = "{}",
+    proxy: str = "",
+    protocol: str = "kv",
+    codec: str = "metaprotocol_sdk.examples.kv:KVCodec",
+    extra: str = "",
+) -> str:
+    """The YAML of a one-service mesh: ``endpoints`` are ``(port, version)`` pairs."""
+    eps = "\n".join(
+        f"    - {{address: 127.0.0.1, ports: {{tcp-metaprotocol-{protocol}-svc: {port}}}, "
+        f"labels: {{version: {version}}}}}"
+        for port, version in endpoints
+    )
+    parts = [
+        textwrap.dedent(
+            f"""\
+            apiVersion: metaprotocol.aeraki.io/v1alpha1
+            kind: ApplicationProtocol
+            metadata: {{name: {protocol}}}
+            spec: {{protocol: {protocol}, codec: "{codec}"}}
+            ---
+            apiVersion: networking.istio.io/v1beta1
+            kind: ServiceEntry
+            metadata: {{name: svc}}
+            spec:
+              hosts: [svc.test]
+              ports: [{{number: 9000, name: tcp-metaprotocol-{protocol}-svc, protocol: TCP}}]
+              resolution: STATIC
+              endpoints:
+            """
+        )
+        + (eps or "    []"),
+        textwrap.dedent(
+            f"""\
+            apiVersion: networking.istio.io/v1beta1
+            kind: DestinationRule
+            metadata: {{name: svc}}
+            spec:
+              host: svc.test
+              trafficPolicy: {traffic_policy}
+              subsets:
+                - {{name: v1, labels: {{version: v1}}}}
+                - {{name: v2, labels: {{version: v2}}}}
+                - {{name: empty, labels: {{version: none}}}}
+            """
+        ),
+    ]
+    if router is not None:
+        parts.append(
+            "apiVersion: metaprotocol.aeraki.io/v1alpha1\nkind: MetaRouter\n"
+            "metadata: {name: svc}\nspec:\n  hosts: [svc.test]\n  routes:\n"
+            + textwrap.indent(textwrap.dedent(router), "    ")
+        )
+    parts.append(
+        "apiVersion: proxy.metaprotocol.io/v1alpha1\nkind: ProxyConfig\nmetadata: {name: engine}\n"
+        "spec:\n  listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'}]\n"
+        "  admin: {bind: '127.0.0.1:0'}\n" + textwrap.indent(textwrap.dedent(proxy), "  ")
+    )
+    if extra:
+        parts.append(textwrap.dedent(extra))
+    return "\n---\n".join(parts) + "\n"
+
+
+@contextlib.asynccontextmanager
+async def engine_for(text: str) -> AsyncIterator[Engine]:
+    """A started engine for ``text``; stopped (briefly drained) on exit."""
+    engine = Engine(loads_config(text, "test.yaml"))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop(drain=1.0)
+        assert not engine.downstreams and not engine.upstreams
+
+
+def address(engine: Engine) -> tuple[str, int]:
+    """The bound address of the only listener."""
+    return engine.listener_addresses[("svc.test", 9000)]
+
+
+async def http_get(addr: tuple[str, int], path: str) -> tuple[int, str]:
+    """GET ``path`` from the admin endpoint: ``(status, body)``."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr), WAIT)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), WAIT)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def stats_json(body: str) -> dict[str, int]:
+    return dict(json.loads(body))
+
+
+async def gather(*aws: Awaitable[T]) -> list[T]:
+    return list(await asyncio.wait_for(asyncio.gather(*aws), WAIT))
+
+
+Factory = Callable[[], Awaitable[Upstream]]
