@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import click
@@ -13,10 +14,12 @@ from ._output import fail
 
 
 def _runner() -> asyncio.Runner:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+    # The demo's load is small, so the standard loop is the default;
+    # METAPROTOCOL_DEMO_LOOP=uvloop runs the in-process engine on uvloop instead.
+    if os.environ.get("METAPROTOCOL_DEMO_LOOP") != "uvloop":
         return asyncio.Runner()
+    import uvloop
+
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 

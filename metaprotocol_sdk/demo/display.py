@@ -4,6 +4,7 @@ final summary: observed split against the configured one, per protocol and route
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -121,17 +122,43 @@ class LiveView:
         self.out.flush()
 
 
-def summary(tallies: dict[str, Tally], elapsed: float) -> str:
-    """The final table: observed split against configured, per protocol and route."""
+_SERIES = re.compile(r'^metaprotocol_requests_total\{listener="([^"]*)",route="([^"]*)".*\} (\d+)$')
+
+
+def proxy_counts(prometheus: str, protocols: dict[str, str]) -> dict[tuple[str, str], int]:
+    """Requests per (protocol, route) as the engine's ``/stats`` counts them.
+
+    ``protocols`` maps a service host to its protocol; the listener label starts with it.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for line in prometheus.splitlines():
+        match = _SERIES.match(line)
+        if not match:
+            continue
+        listener, route, value = match.groups()
+        protocol = protocols.get(listener.rpartition(":")[0], listener)
+        counts[protocol, route] = counts.get((protocol, route), 0) + int(value)
+    return counts
+
+
+def summary(
+    tallies: dict[str, Tally],
+    elapsed: float,
+    proxy: dict[tuple[str, str], int] | None = None,
+) -> str:
+    """The final table: observed split against configured, per protocol and route, with the
+    engine's own request count per route (from ``/stats``) when given."""
     rows = []
     for r in route_rows(tallies):
         observed = " / ".join(f"{100 * r.share(v):.1f}%" for v in VERSIONS)
         wanted = " / ".join(f"{r.configured.get(v, 0)}%" for v in VERSIONS)
         verdict = "ok" if r.within_bound() else ("no traffic" if not r.total else "OFF")
-        rows.append([r.protocol, r.route, r.total, observed, wanted, verdict])
+        seen = "-" if proxy is None else proxy.get((r.protocol, r.route), 0)
+        rows.append([r.protocol, r.route, r.total, seen, observed, wanted, verdict])
     errors = sum(t.errors for t in tallies.values())
     total = sum(t.total for t in tallies.values())
-    head = ["PROTOCOL", "ROUTE", "REQUESTS", "OBSERVED v1/v2", "CONFIGURED v1/v2", "SPLIT"]
+    head = ["PROTOCOL", "ROUTE", "ANSWERED", "PROXY /stats", "OBSERVED v1/v2", "CONFIGURED v1/v2"]
+    head.append("SPLIT")
     rate = total / elapsed if elapsed > 0 else 0.0
     return (
         f"summary after {elapsed:.1f}s: {total} requests ({rate:.0f}/s), {errors} errors\n"

@@ -50,7 +50,8 @@ class Child:
         )
         with _LIVE_LOCK:
             _LIVE.add(self)
-        threading.Thread(target=self._read_stdout, name=f"{name}-out", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_stdout, name=f"{name}-out", daemon=True)
+        self._reader.start()
         threading.Thread(target=self._read_stderr, name=f"{name}-err", daemon=True).start()
 
     @property
@@ -121,6 +122,7 @@ class Child:
         # Reap anything the child left in its group (it is gone if this raises).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self._reader.join(timeout=2)
         with _LIVE_LOCK:
             _LIVE.discard(self)
 

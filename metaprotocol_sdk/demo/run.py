@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 
 from . import configs
 from .clients import DubboLoad, Tally, ThriftLoad
-from .display import LiveView, RouteRow, route_rows, summary
+from .display import LiveView, RouteRow, proxy_counts, route_rows, summary
 from .procs import Child, node_child, python_child, stop_all
 
 PROTOCOLS = ("thrift", "dubbo")
@@ -40,6 +40,8 @@ class DemoResult:
     config_path: str = ""
     rows: list[RouteRow] = field(default_factory=list)
     interrupted: bool = False
+    proxy_stats: str = ""
+    hosts: dict[str, str] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:
@@ -115,11 +117,13 @@ async def run_demo(
             services.append(configs.thrift_service(ports["thrift"]))
         if "dubbo" in ports:
             services.append(configs.dubbo_service(ports["dubbo"]))
+        result.hosts = {svc.host: svc.protocol for svc in services}
         path = workdir / "demo.yaml"
         path.write_text(configs.demo_yaml(services))
         result.config_path = str(path)
         engine = Engine(load_config([str(path)]))
         await engine.start()
+        assert engine.admin_address is not None, "the demo config enables the admin endpoint"
         admin_host, admin_port = engine.admin_address
         result.stats_url = f"http://{admin_host}:{admin_port}/stats"
         out.write(f"config   {path}\n")
@@ -166,8 +170,10 @@ async def run_demo(
             result.tallies = {load.protocol: load.snapshot() for load in loads}
             result.elapsed = time.monotonic() - started
         if engine is not None:
+            with contextlib.suppress(OSError):
+                result.proxy_stats = await asyncio.to_thread(fetch_text, result.stats_url)
             with contextlib.suppress(Exception):
-                await engine.stop(drain=False)
+                await engine.stop(drain=0.5)
         await asyncio.to_thread(stop_all)
     result.rows = route_rows(result.tallies)
     return result
@@ -175,7 +181,8 @@ async def run_demo(
 
 def print_summary(result: DemoResult, out: TextIO) -> None:
     """The final table."""
-    out.write("\n" + summary(result.tallies, result.elapsed) + "\n")
+    proxy = proxy_counts(result.proxy_stats, result.hosts) if result.proxy_stats else None
+    out.write("\n" + summary(result.tallies, result.elapsed, proxy) + "\n")
     for protocol, tally in result.tallies.items():
         if tally.last_error:
             out.write(f"last {protocol} error: {tally.last_error}\n")

@@ -31,10 +31,13 @@ const SERVICE_VERSION = '1.0.0';
 const quiet = { info() {}, warn() {}, debug() {}, error() {} };
 const loggerFor = verbose => (verbose ? console : quiet);
 
-function exitOnStdinEnd(onLine) {
+function exitOnStdinEnd(onLine, onClose) {
   const rl = readline.createInterface({ input: process.stdin });
   rl.on('line', line => { if (onLine) onLine(line); });
-  rl.on('close', () => process.exit(0));
+  rl.on('close', () => {
+    if (onClose) onClose();
+    process.exit(0);
+  });
 }
 
 class ContextServer extends RpcServer {
@@ -126,10 +129,9 @@ async function load(target, rate) {
   // Every fifth call is sayHello; the rest exercise the weighted split.
   const tick = () => { one(n++ % 5 === 0 ? 'sayHello' : 'ping'); };
   setInterval(tick, Math.max(1, Math.round(1000 / rate)));
-  setInterval(() => {
-    process.stdout.write(JSON.stringify({ counts, errors, lastError }) + '\n');
-  }, 200);
-  exitOnStdinEnd();
+  const report = () => process.stdout.write(JSON.stringify({ counts, errors, lastError }) + '\n');
+  setInterval(report, 200);
+  exitOnStdinEnd(null, report);
 }
 
 const [mode, arg1, arg2] = process.argv.slice(2);
