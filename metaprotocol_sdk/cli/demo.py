@@ -81,5 +81,7 @@ def command(duration: float | None, rate: float, protocols: tuple[str, ...], as_
         click.echo(task_result.to_json())
     else:
         print_summary(task_result, out)
-    if task_result.errors or not all(r.total for r in task_result.rows):
+    if not task_result.interrupted and (
+        task_result.errors or not all(r.total for r in task_result.rows)
+    ):
         raise SystemExit(1)

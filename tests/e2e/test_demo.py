@@ -1,0 +1,115 @@
+"""The demo end to end: `metaprotocol demo` with real servers, clients and the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of live processes whose environment carries ``tag`` (the demo's children inherit
+    the environment, so this finds any of them however they were detached)."""
+    needle = f"METAPROTOCOL_DEMO_TAG={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def assert_no_leftovers(tag: str) -> None:
+    """Every process the demo started is gone (bounded wait for the kernel to reap them)."""
+    deadline = time.monotonic() + 5
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"demo left processes behind: {left}"
+
+
+def demo(tag: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "METAPROTOCOL_DEMO_TAG": tag}
+    return subprocess.Popen(
+        [sys.executable, "-m", "metaprotocol_sdk", "demo", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def test_demo_duration_summary_matches_configured_split() -> None:
+    tag = uuid.uuid4().hex
+    proc = demo(tag, "--duration", "3", "--rate", "150", "--json")
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["errors"] == 0
+    routes = {(r["protocol"], r["route"]): r for r in summary["routes"]}
+    assert set(routes) == {
+        (p, r) for p in ("thrift", "dubbo") for r in ("sayhello-to-v2", "split-20-80")
+    }
+    for key, route in routes.items():
+        assert route["total"] >= 40, key
+        # within_bound: 4.5 binomial standard deviations around the configured weight.
+        assert route["within_bound"], route
+    assert routes["thrift", "sayhello-to-v2"]["observed"]["v1"] == 0
+    assert routes["dubbo", "sayhello-to-v2"]["observed"]["v1"] == 0
+    assert "/stats" in summary["stats_url"]
+    assert "summary" not in err  # the table goes to stdout only without --json
+    assert_no_leftovers(tag)
+
+
+def test_demo_ctrl_c_stops_everything() -> None:
+    tag = uuid.uuid4().hex
+    proc = demo(tag)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # not a TTY: periodic single progress lines
+            if line.startswith("["):
+                break
+        else:
+            pytest.fail(f"demo ended before showing progress: {proc.stderr.read()}")  # type: ignore[union-attr]
+        assert tagged_processes(tag), "the demo's servers should be running"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped (Ctrl-C)" in out
+    assert "summary after" in out
+    assert_no_leftovers(tag)
+
+
+def test_demo_parent_killed_leaves_nothing() -> None:
+    """Even SIGKILL of the demo (no cleanup code runs) leaves no servers: children exit when
+    their stdin pipe closes."""
+    tag = uuid.uuid4().hex
+    proc = demo(tag)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("["):
+                break
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    assert_no_leftovers(tag)
