@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -15,7 +16,7 @@ from metaprotocol_sdk.codec import (
     NeedData,
     take_frame,
 )
-from metaprotocol_sdk.enums import MessageType, ResponseStatus
+from metaprotocol_sdk.enums import MessageType, ResponseStatus, StreamType
 from metaprotocol_sdk.errors import (
     CodecError,
     ConfigError,
@@ -26,12 +27,14 @@ from metaprotocol_sdk.errors import (
 )
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
-from . import binary, compact, theader
+from . import binary, compact, fastmeta, theader
 from .detect import AUTO, BINARY, COMPACT, FRAMED, HEADER, UNFRAMED, detect
 from .replies import APPLICATION_EXCEPTION_TYPES, error_text
 from .skip import skip_binary_struct, skip_compact_struct
 from .state import WireState
 from .wire import (
+    BINARY_VERSION_1,
+    BINARY_VERSION_MASK,
     CALL,
     EXCEPTION,
     I32,
@@ -52,6 +55,19 @@ _MESSAGE_TYPES = {
     EXCEPTION: MessageType.Error,
 }
 _unpack_i32 = I32.unpack_from
+_FRAMED_STRICT_HEAD = struct.Struct(">iIi")  # frame length, version | type, name length
+_new_state = tuple.__new__
+_new_metadata = Metadata.__new__
+_new_attributes = Attributes.__new__
+_UNARY = StreamType.Unary
+#: Response status by Thrift message type (a reply may still turn out to be an Error).
+_STATUSES = (
+    ResponseStatus.Unknown,
+    ResponseStatus.Unknown,
+    ResponseStatus.Ok,
+    ResponseStatus.Error,
+    ResponseStatus.Unknown,
+)  # WireState without the NamedTuple keyword machinery
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 #: Default bound on struct and container nesting while skipping unframed messages.
@@ -157,7 +173,7 @@ class ThriftCodec(Codec):
         transport = self._transport
         if transport == FRAMED:
             return self._decode_framed(buffer)
-        if transport == AUTO or (self._protocol == AUTO and transport == UNFRAMED):
+        if transport == AUTO:
             try:
                 transport, protocol = detect(buffer, not self.strict, self.max_frame_size)
             except Incomplete as more:
@@ -202,10 +218,77 @@ class ThriftCodec(Codec):
 
     def _decode_framed(self, buffer: bytearray) -> Metadata | NeedData:
         available = len(buffer)
-        if available < 8:
+        if available < 12:
             if available >= 4:
                 self._frame_size(buffer, FRAMED)  # refuse a bad length early
-            return NEED_DATA
+            if available < 8:
+                return NEED_DATA
+        size, word, name_len = (
+            _FRAMED_STRICT_HEAD.unpack_from(buffer, 0) if available >= 12 else (0, 0, 0)
+        )
+        # Fast path: framed strict binary whose message header lies inside the frame.
+        if (
+            0 < size <= self.max_frame_size
+            and word & BINARY_VERSION_MASK == BINARY_VERSION_1
+            and name_len >= 0
+            and self._protocol != COMPACT
+        ):
+            total = size + 4
+            if available < total:
+                return NeedData(total)
+            name_end = 12 + name_len
+            body = name_end + 4
+            mtype = word & 0xFF
+            if body <= total and 1 <= mtype <= 4:
+                try:
+                    name = str(buffer[12:name_end], "utf-8")
+                except UnicodeDecodeError:
+                    pass  # the general path reports it
+                else:
+                    status = _STATUSES[mtype]
+                    if mtype == REPLY:
+                        if body >= total:
+                            raise FramingError(
+                                "reply struct runs past the frame end",
+                                offset=body,
+                                frame_size=total,
+                            )
+                        if buffer[body] and (buffer[body + 1] or buffer[body + 2]):
+                            status = ResponseStatus.Error  # a declared exception
+                    seqid = _unpack_i32(buffer, name_end)[0]
+                    if total == available:
+                        frame = bytes(buffer)
+                        buffer.clear()
+                    else:
+                        frame = take_frame(buffer, total)
+                    if not fastmeta.FAST or ":" in name:
+                        return self._metadata(
+                            frame,
+                            (mtype, name, seqid, name_end, 4, body, True),
+                            FRAMED,
+                            BINARY,
+                            None,
+                            0 if status is not ResponseStatus.Error else 1,
+                        )
+                    # Inlined fastmeta.metadata() for the hottest case (see fastmeta.py).
+                    attributes = _new_attributes(Attributes)
+                    attributes._items = {"method": ("method", name)}
+                    message = _new_metadata(Metadata)
+                    message.message_type = _MESSAGE_TYPES[mtype]
+                    message.frame = frame
+                    message.request_id = seqid
+                    message.operation_name = name
+                    message.header_size = body
+                    message.body_size = total - body
+                    message.response_status = status
+                    message.stream_type = _UNARY
+                    message.stream_id = 0
+                    message.attributes = attributes
+                    message.values = {}
+                    message.codec_state = _new_state(
+                        WireState, (FRAMED, BINARY, True, mtype, name, name_end, 4, None)
+                    )
+                    return message
         total = self._frame_size(buffer, FRAMED)
         if available < total:
             return NeedData(total)
@@ -355,34 +438,38 @@ class ThriftCodec(Codec):
         field_id: int | None,
     ) -> Metadata:
         mtype, name, seqid, seqid_offset, seqid_size, body, strict = begin
-        attributes = Attributes()
-        if block is not None and block.info:
-            for key, value in block.info:
-                attributes[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        colon = name.find(":")
-        if colon >= 0:
-            attributes["service"] = name[:colon]
-            method = name[colon + 1 :]
+        if ":" in name:
+            service, _, method = name.partition(":")
+            items = {"service": ("service", service), "method": ("method", method)}
         else:
             method = name
-        attributes["method"] = method
+            items = {"method": ("method", method)}
+        if block is not None and block.info:
+            # Info headers first, so the protocol's own facts win on a name clash.
+            headers: dict[str, tuple[str, str]] = {}
+            for raw_key, raw_value in block.info:
+                key = raw_key.decode("utf-8", "replace")
+                headers[key.lower()] = (key, raw_value.decode("utf-8", "replace"))
+            headers.update(items)
+            items = headers
         if mtype == REPLY:
             status = ResponseStatus.Ok if not field_id else ResponseStatus.Error
         elif mtype == EXCEPTION:
             status = ResponseStatus.Error
         else:
             status = ResponseStatus.Unknown
-        return Metadata(
+        return fastmeta.metadata(
             _MESSAGE_TYPES[mtype],
-            frame=frame,
-            request_id=seqid,
-            operation_name=method,
-            header_size=body,
-            body_size=len(frame) - body if frame else 0,
-            response_status=status,
-            attributes=attributes,
-            codec_state=WireState(
-                transport, protocol, strict, mtype, name, seqid_offset, seqid_size, block
+            frame,
+            seqid,
+            method,
+            body,
+            len(frame) - body if frame else 0,
+            status,
+            fastmeta.attributes_of(items),
+            _new_state(
+                WireState,
+                (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, block),
             ),
         )
 

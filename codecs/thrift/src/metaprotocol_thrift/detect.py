@@ -61,8 +61,7 @@ def detect(buf: Buffer, allow_non_strict: bool, max_frame_size: int) -> tuple[st
             "strict=False)",
             offset=0,
         )
-    if size > max_frame_size:
-        raise FrameTooLargeError(size, max_frame_size, offset=0)
+    # An oversized length is refused by the framed decoder, which can attach the request id.
     return (HEADER, BINARY) if protocol == HEADER else (FRAMED, protocol)
 
 
@@ -73,12 +72,10 @@ def _detect_non_strict(buf: Buffer, size: int, max_frame_size: int) -> tuple[str
     if name_len >= 0 and 4 + name_len + 5 <= size:
         type_at = 8 + name_len
         if n <= type_at:
-            if size > max_frame_size:
-                raise FrameTooLargeError(size, max_frame_size, offset=0)
+            if size > max_frame_size:  # would be refused as framed, whatever follows
+                return FRAMED, BINARY
             raise Incomplete(type_at + 1)
         if 1 <= buf[type_at] <= 4:
-            if size > max_frame_size:
-                raise FrameTooLargeError(size, max_frame_size, offset=0)
             return FRAMED, BINARY
     # Unframed: [name length][name][type][seqid].
     type_at = 4 + size
