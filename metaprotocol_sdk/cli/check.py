@@ -1,0 +1,75 @@
+"""``metaprotocol check``: run the conformance kit against an installed codec."""
+
+from __future__ import annotations
+
+import click
+
+from metaprotocol_sdk.errors import ConfigError, RegistryError
+
+from ._output import fail
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, str | int] | None:
+    if not pairs:
+        return None
+    options: dict[str, str | int] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
+        options[key] = int(value) if value.isdigit() else value
+    return options
+
+
+@click.command("check")
+@click.argument("codec_name", metavar="CODEC")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
+@click.option("--golden", type=click.Path(exists=True, dir_okay=False), help="Golden YAML file.")
+@click.option(
+    "--known-failures",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Known-failures YAML file (default: the one the codec ships).",
+)
+@click.option("--only", "only", multiple=True, metavar="CHECK", help="Run only CHECK (repeatable).")
+@click.option(
+    "-o", "--option", "option_pairs", multiple=True, help="Codec option KEY=VALUE (repeatable)."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Show every reason in full.")
+def command(
+    codec_name: str,
+    as_json: bool,
+    golden: str | None,
+    known_failures: str | None,
+    only: tuple[str, ...],
+    option_pairs: tuple[str, ...],
+    verbose: bool,
+) -> None:
+    """Run every conformance check against CODEC and print a report.
+
+    CODEC is an installed codec's name or alias or a `module:Class` reference. The codec's
+    shipped conformance package (golden vectors, message strategy, known failures) is used;
+    a codec that ships none gets the generic checks and a note of what was not covered.
+    Exits 1 when any check fails, 2 when the codec cannot be loaded.
+    """
+    try:
+        from metaprotocol_sdk.testing import CodecTarget, check_names, load_known_failures, run_kit
+    except ImportError as exc:  # hypothesis is a test-time dependency
+        fail(f"the conformance kit needs hypothesis ({exc}); pip install hypothesis", 2)
+    unknown = sorted(set(only) - set(check_names()))
+    if unknown:
+        raise click.BadParameter(
+            f"unknown checks {unknown}; known: {', '.join(check_names())}", param_hint="--only"
+        )
+    try:
+        target = CodecTarget.discover(
+            codec_name,
+            options=_options(option_pairs),
+            golden=golden,
+            known_failures=load_known_failures(known_failures) if known_failures else None,
+        )
+    except (RegistryError, ConfigError) as exc:
+        fail(exc, 2)
+    report = run_kit(target, only or None)
+    click.echo(report.to_json() if as_json else report.format_text(verbose=verbose))
+    if not report.passed:
+        raise SystemExit(1)

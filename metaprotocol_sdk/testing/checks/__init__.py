@@ -1,0 +1,20 @@
+"""Every conformance check, registered by name in :data:`REGISTRY` (in run order)."""
+
+from __future__ import annotations
+
+from . import bad_input, framing, perf, replies, roundtrip, state
+from .base import REGISTRY, Check, CheckContext, CheckFailed, CheckSkipped
+
+__all__ = [
+    "REGISTRY",
+    "Check",
+    "CheckContext",
+    "CheckFailed",
+    "CheckSkipped",
+    "bad_input",
+    "framing",
+    "perf",
+    "replies",
+    "roundtrip",
+    "state",
+]

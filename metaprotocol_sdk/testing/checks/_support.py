@@ -1,0 +1,263 @@
+"""Helpers shared by the checks: guarded decode calls, sample iteration, hypothesis runs."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metaprotocol_sdk.codec import Codec, Encoded, NeedData, join_encoded
+from metaprotocol_sdk.errors import CodecError
+from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.testing.golden import Sample, mismatches
+from metaprotocol_sdk.testing.hexdump import compare, hexdump
+
+from .base import CheckContext, CheckFailed, CheckSkipped
+
+T = TypeVar("T")
+
+
+def fail(message: str) -> NoReturn:
+    """Raise :class:`CheckFailed`."""
+    raise CheckFailed(message)
+
+
+class DecodeTimeout(BaseException):
+    """A codec call ran past the kit's time limit (BaseException so codecs cannot swallow it)."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the block after ``seconds`` (main thread, POSIX); elsewhere measure only."""
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        start = time.perf_counter()
+        yield
+        if seconds is not None and time.perf_counter() - start > seconds:
+            raise DecodeTimeout
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise DecodeTimeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds or 0.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def call_decode(
+    codec: Codec, buffer: bytearray, *, limit: float | None = None
+) -> Metadata | NeedData:
+    """``codec.decode(buffer)`` with the contract's invariants enforced.
+
+    A :class:`CodecError` propagates. Any other exception, a timeout, a wrong return type, a
+    ``NeedData`` that changed the buffer or that cannot be satisfied within
+    ``max_frame_size``, or a message that is not exactly the bytes consumed, fails the check.
+    """
+    before = bytes(buffer)
+    try:
+        with time_limit(limit):
+            result = codec.decode(buffer)
+    except CodecError:
+        # The contract leaves the buffer undefined after an error (the stream is out of sync
+        # unless the error's frame_size says how much to drop), so it is not checked here.
+        raise
+    except DecodeTimeout:
+        fail(f"decode took longer than {limit}s on input:\n{hexdump(before)}")
+    except Exception as exc:
+        fail(
+            f"decode raised {type(exc).__name__}: {exc} (only CodecError subclasses may "
+            f"escape decode) on input:\n{hexdump(before)}"
+        )
+    if isinstance(result, NeedData):
+        if bytes(buffer) != before:
+            fail(
+                "decode returned NeedData but changed the buffer (it must consume nothing; "
+                "partial data stays for the next call)\n"
+                f"input:\n{hexdump(before)}\nbuffer after:\n{hexdump(buffer)}"
+            )
+        limit_size = codec.max_frame_size
+        if result.needed > limit_size:
+            fail(
+                f"decode returned NeedData(needed={result.needed}) above max_frame_size="
+                f"{limit_size}: it is buffering an oversized length instead of raising "
+                f"FrameTooLargeError\ninput:\n{hexdump(before)}"
+            )
+        if len(before) >= limit_size:
+            fail(
+                f"decode returned NeedData with {len(before)} bytes buffered, at or above "
+                f"max_frame_size={limit_size}: no frame within the limit can still be "
+                f"incomplete, so this is unbounded buffering\ninput:\n{hexdump(before)}"
+            )
+        if result.needed and result.needed <= len(before):
+            fail(
+                f"decode returned NeedData(needed={result.needed}) but the buffer already "
+                f"holds {len(before)} bytes\ninput:\n{hexdump(before)}"
+            )
+        return result
+    if not isinstance(result, Metadata):
+        fail(f"decode returned {type(result).__name__}, not Metadata or NeedData")
+    consumed = len(before) - len(buffer)
+    if result.frame != before[:consumed] or bytes(buffer) != before[consumed:]:
+        fail(
+            f"decode must consume exactly the message it returns: it consumed {consumed} "
+            f"bytes but metadata.frame holds {len(result.frame)}\ninput:\n{hexdump(before)}\n"
+            f"metadata.frame:\n{hexdump(result.frame)}"
+        )
+    if (
+        result.header_size < 0
+        or result.body_size < 0
+        or (result.header_size + result.body_size > result.size)
+    ):
+        fail(
+            f"header_size={result.header_size} + body_size={result.body_size} do not fit in "
+            f"the {result.size}-byte frame\nframe:\n{hexdump(result.frame)}"
+        )
+    return result
+
+
+def decode_whole(codec: Codec, data: bytes, what: str = "a complete message") -> Metadata:
+    """Decode ``data`` that must be exactly one message; fail otherwise."""
+    buffer = bytearray(data)
+    try:
+        result = call_decode(codec, buffer)
+    except CodecError as exc:
+        fail(
+            f"decode raised {type(exc).__name__}: {exc} on {what}:\n"
+            + hexdump(data, mark=exc.offset)
+        )
+    if isinstance(result, NeedData):
+        fail(f"decode returned {result!r} for {what} of {len(data)} bytes:\n{hexdump(data)}")
+    if buffer:
+        fail(
+            f"decode consumed {result.size} of the {len(data)} bytes of {what}; "
+            f"{len(buffer)} bytes were left:\n{hexdump(data, mark=result.size)}"
+        )
+    return result
+
+
+def encode_bytes(codec: Codec, call: Callable[[], Encoded], what: str) -> bytes:
+    """Run an encode call and flatten its result; non-CodecError exceptions fail the check."""
+    try:
+        return join_encoded(call())
+    except CodecError:
+        raise
+    except Exception as exc:
+        fail(f"{what} raised {type(exc).__name__}: {exc}")
+
+
+def same_metadata(expected: Metadata, actual: Metadata, *, ignore: tuple[str, ...] = ()) -> str:
+    """Empty when both decode to the same summary, else the differing fields."""
+    a, b = expected.to_dict(), actual.to_dict()
+    diffs = [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k not in ignore and a[k] != b.get(k)]
+    return "; ".join(diffs)
+
+
+def labelled(sample: Sample, prop: Callable[[Sample], None]) -> None:
+    """Run ``prop`` on ``sample``, adding the sample's name and bytes to a failure."""
+    try:
+        prop(sample)
+    except CheckFailed as exc:
+        raise CheckFailed(f"{sample.label}: {exc}\nmessage:\n{hexdump(sample.frame)}") from None
+
+
+def run_property(
+    ctx: CheckContext, strategy: st.SearchStrategy[T], test: Callable[[T], None], examples: int
+) -> None:
+    """Run ``test`` over hypothesis examples with the kit's deterministic settings."""
+    conf = ctx.target.settings
+
+    @settings(
+        max_examples=examples,
+        derandomize=conf.derandomize,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=False,
+    )
+    @given(strategy)
+    def run(value: T) -> None:
+        test(value)
+
+    run()
+
+
+def no_messages() -> NoReturn:
+    """Skip: there is nothing valid to drive the codec with."""
+    raise CheckSkipped(
+        "no valid messages: the codec ships no golden vectors and no message strategy"
+    )
+
+
+def for_each_sample(ctx: CheckContext, prop: Callable[[Sample], None]) -> None:
+    """Run ``prop`` on every golden vector, then on generated messages."""
+    target = ctx.target
+    if not target.samples and target.messages is None:
+        no_messages()
+    for sample in target.samples:
+        labelled(sample, prop)
+    if target.messages is not None:
+        run_property(ctx, target.messages, lambda s: labelled(s, prop), target.settings.examples)
+
+
+def collect(ctx: CheckContext, count: int) -> list[Sample]:
+    """Golden samples plus ``count`` generated ones (deterministic under derandomize)."""
+    found = list(ctx.target.samples)
+    if ctx.target.messages is not None:
+        run_property(ctx, ctx.target.messages, found.append, count)
+    return found
+
+
+def split_points(size: int, most: int) -> list[int]:
+    """Split offsets 1..size-1, sampled (head, tail and a stride) for long frames."""
+    if size - 1 <= most:
+        return list(range(1, size))
+    edge = most // 4
+    stride = max(1, (size - 2 * edge) // (most // 2))
+    middle = range(edge, size - edge, stride)
+    return sorted({*range(1, edge), *middle, *range(size - edge, size)})
+
+
+def reference(ctx: CheckContext, sample: Sample) -> Metadata:
+    """The sample decoded whole by a fresh codec."""
+    return decode_whole(ctx.target.new_codec(sample.options), sample.frame)
+
+
+def check_expectations(metadata: Metadata, sample: Sample) -> None:
+    """Fail when ``metadata`` does not match the sample's ``expect``."""
+    problems = mismatches(metadata, sample.expect)
+    if problems:
+        fail("decoded metadata does not match expect: " + "; ".join(problems))
+
+
+__all__ = [
+    "call_decode",
+    "check_expectations",
+    "collect",
+    "compare",
+    "decode_whole",
+    "encode_bytes",
+    "fail",
+    "for_each_sample",
+    "labelled",
+    "reference",
+    "run_property",
+    "same_metadata",
+    "split_points",
+    "time_limit",
+]

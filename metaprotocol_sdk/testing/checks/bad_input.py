@@ -1,0 +1,254 @@
+"""Bad input: truncation, frame limits, oversized and negative lengths, garbage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from hypothesis import strategies as st
+
+from metaprotocol_sdk.codec import Codec, NeedData
+from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError
+from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.testing.golden import Sample
+from metaprotocol_sdk.testing.hexdump import hexdump
+
+from ._support import (
+    call_decode,
+    decode_whole,
+    fail,
+    for_each_sample,
+    no_messages,
+    reference,
+    run_property,
+    split_points,
+)
+from .base import CheckContext, CheckSkipped, check
+
+#: A random-bytes case: data, max_frame_size, codec options.
+Case = tuple[bytes, int, dict[str, object]]
+Order = Literal["big", "little"]
+
+#: How many leading bytes of a frame the corruption sweep and the length-field search visit.
+HEAD = 64
+
+
+@check("bad_input_truncated", "bad_input")
+def bad_input_truncated(ctx: CheckContext) -> None:
+    """Every strict prefix of a valid message gives NeedData, never a (short) message."""
+    limit = ctx.target.settings.time_limit
+
+    def prop(sample: Sample) -> None:
+        frame = sample.frame
+        for k in split_points(len(frame), ctx.target.settings.max_split_points):
+            buffer = bytearray(frame[:k])
+            try:
+                result = call_decode(ctx.target.new_codec(sample.options), buffer, limit=limit)
+            except CodecError as exc:
+                fail(
+                    f"the first {k} of {len(frame)} bytes raised {type(exc).__name__}: {exc}; "
+                    "a prefix of a valid message must give NeedData (the rest may still "
+                    f"arrive)\n{hexdump(frame, mark=k)}"
+                )
+            if isinstance(result, Metadata):
+                fail(
+                    f"decode returned a {result.size}-byte message from the first {k} of "
+                    f"{len(frame)} bytes (a short value from a truncated frame)\n"
+                    f"{hexdump(frame, mark=k)}"
+                )
+
+    for_each_sample(ctx, prop)
+
+
+def _limited(ctx: CheckContext, sample: Sample, limit: int) -> Codec | None:
+    try:
+        return ctx.target.new_codec(sample.options, max_frame_size=limit)
+    except ConfigError:
+        return None
+
+
+@check("bad_input_frame_limit", "bad_input")
+def bad_input_frame_limit(ctx: CheckContext) -> None:
+    """With max_frame_size at size+1 and size a message decodes; at size-1 it is refused."""
+
+    def prop(sample: Sample) -> None:
+        size = len(sample.frame)
+        for limit in (size + 1, size):
+            codec = _limited(ctx, sample, limit)
+            if codec is not None:
+                decode_whole(
+                    codec, sample.frame, f"a {size}-byte message with max_frame_size={limit}"
+                )
+        codec = _limited(ctx, sample, size - 1) if size > 1 else None
+        if codec is None:
+            return
+        buffer = bytearray(sample.frame)
+        try:
+            result = call_decode(codec, buffer, limit=ctx.target.settings.time_limit)
+        except FrameTooLargeError:
+            return
+        except CodecError as exc:
+            fail(
+                f"a {size}-byte message with max_frame_size={size - 1} raised "
+                f"{type(exc).__name__}: {exc}; expected FrameTooLargeError"
+            )
+        fail(
+            f"a {size}-byte message with max_frame_size={size - 1} gave {result!r}; "
+            "expected FrameTooLargeError"
+        )
+
+    for_each_sample(ctx, prop)
+
+
+def length_fields(frame: bytes, metadata: Metadata) -> list[tuple[int, int, Order]]:
+    """Likely length fields: (offset, width, byte order) of integers in the head of ``frame``
+    equal to the body size, the frame size or the bytes that follow the field."""
+    size = len(frame)
+    found = []
+    orders: tuple[Order, Order] = ("big", "little")
+    for width in (4, 2, 8):
+        for order in orders:
+            for offset in range(min(size, HEAD) - width + 1):
+                value = int.from_bytes(frame[offset : offset + width], order)
+                targets = {size, size - offset - width, metadata.body_size}
+                if value >= 2 and value in targets:
+                    found.append((offset, width, order))
+    return found
+
+
+def _patches(frame: bytes, field: tuple[int, int, Order]) -> list[tuple[str, bytes]]:
+    offset, width, order = field
+    bits = 8 * width
+    value = int.from_bytes(frame[offset : offset + width], order)
+    wanted = {
+        "all ones (huge, or -1 signed)": (1 << bits) - 1,
+        "most negative signed": 1 << (bits - 1),
+        "largest positive signed": (1 << (bits - 1)) - 1,
+        "one byte over the limit": value + 1,
+    }
+    patches = []
+    for name, new in wanted.items():
+        if new < (1 << bits) and new != value:
+            raw = new.to_bytes(width, order)
+            patches.append((name, frame[:offset] + raw + frame[offset + width :]))
+    return patches
+
+
+@check("bad_input_oversized_length", "bad_input")
+def bad_input_oversized_length(ctx: CheckContext) -> None:
+    """Length fields set huge, negative or one over max_frame_size raise a CodecError at once."""
+    fields_seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal fields_seen
+        frame = sample.frame
+        original = reference(ctx, sample)
+        codec_limit = len(frame)
+        for field in length_fields(frame, original):
+            for name, data in _patches(frame, field):
+                codec = _limited(ctx, sample, codec_limit)
+                if codec is None:
+                    return
+                fields_seen += 1
+                buffer = bytearray(data)
+                try:
+                    call_decode(codec, buffer, limit=ctx.target.settings.time_limit)
+                except CodecError:
+                    continue
+                except AssertionError as exc:
+                    offset, width, order = field
+                    raise type(exc)(
+                        f"length field candidate at offset {offset} ({width} bytes, {order} "
+                        f"endian) set to {name}, max_frame_size={codec_limit}: {exc}"
+                    ) from None
+
+    for_each_sample(ctx, prop)
+    if fields_seen == 0:
+        raise CheckSkipped(
+            "no length field found: no integer in the first bytes of any message equals its "
+            "body size or remaining length (bad_input_frame_limit still covers the limit)"
+        )
+
+
+def _drive(ctx: CheckContext, data: bytes, limit: int, options: object = None) -> None:
+    """Decode ``data`` until NeedData or a CodecError; anything else fails the check."""
+    sample_options = options if isinstance(options, dict) else {}
+    try:
+        codec = ctx.target.new_codec(sample_options, max_frame_size=limit)
+    except ConfigError:
+        codec = ctx.target.new_codec(sample_options)
+    buffer = bytearray(data)
+    for _ in range(len(data) + 1):
+        try:
+            result = call_decode(codec, buffer, limit=ctx.target.settings.time_limit)
+        except CodecError:
+            return
+        if isinstance(result, NeedData):
+            return
+        if result.size == 0:
+            fail(f"decode returned an empty message (no progress) on:\n{hexdump(data)}")
+
+
+def _corruptions(frame: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    for pos in range(min(len(frame), HEAD)):
+        for value in {0x00, 0xFF, 0x80, 0x7F, frame[pos] ^ 0x01} - {frame[pos]}:
+            out.append((pos, frame[:pos] + bytes((value,)) + frame[pos + 1 :]))
+    return out
+
+
+@check("bad_input_corrupted", "bad_input")
+def bad_input_corrupted(ctx: CheckContext) -> None:
+    """Each of the first 64 bytes set to 00/ff/80/7f/flipped: NeedData or CodecError only."""
+
+    def prop(sample: Sample) -> None:
+        limit = 2 * len(sample.frame) + ctx.target.settings.small_limit
+        for pos, data in _corruptions(sample.frame):
+            try:
+                _drive(ctx, data, limit, dict(sample.options))
+            except AssertionError as exc:
+                raise type(exc)(f"byte {pos} corrupted: {exc}") from None
+
+    for_each_sample(ctx, prop)
+
+
+@check("bad_input_random_bytes", "bad_input")
+def bad_input_random_bytes(ctx: CheckContext) -> None:
+    """Random bytes and randomly edited messages: NeedData or CodecError, bounded and fast."""
+    conf = ctx.target.settings
+    small = conf.small_limit
+    random: st.SearchStrategy[tuple[bytes, int, dict[str, object]]] = st.binary(
+        max_size=3 * small
+    ).map(lambda b: (b, small, {}))
+    strategies = [random]
+    if ctx.target.messages is not None or ctx.target.samples:
+        pool = ctx.target.messages
+        if ctx.target.samples:
+            golden = st.sampled_from(ctx.target.samples)
+            pool = golden if pool is None else st.one_of(golden, pool)
+        assert pool is not None
+
+        def edit(
+            args: tuple[Sample, list[tuple[int, int]], int],
+        ) -> tuple[bytes, int, dict[str, object]]:
+            sample, edits, cut = args
+            data = bytearray(sample.frame)
+            for pos, value in edits:
+                data[pos % len(data)] = value
+            end = len(data) - cut % (len(data) + 1) if cut >= 0 else len(data)
+            return bytes(data[:end]), 2 * len(data) + small, dict(sample.options)
+
+        edits = st.lists(
+            st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=4
+        )
+        strategies.append(st.tuples(pool, edits, st.integers(-8, 64)).map(edit))
+
+    def prop(case: tuple[bytes, int, dict[str, object]]) -> None:
+        data, limit, options = case
+        _drive(ctx, data, limit, options)
+
+    run_property(ctx, st.one_of(*strategies), prop, conf.random_examples)
+    if ctx.target.messages is None and not ctx.target.samples:
+        ctx.details["note"] = "random bytes only: no valid messages to edit"
+
+
+__all__ = ["length_fields", "no_messages"]

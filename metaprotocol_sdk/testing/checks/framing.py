@@ -1,0 +1,234 @@
+"""Framing: every message decodes whole, at every split point, and several per read."""
+
+from __future__ import annotations
+
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from metaprotocol_sdk.codec import NeedData
+from metaprotocol_sdk.errors import CodecError
+from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.testing.golden import Sample, mismatches
+from metaprotocol_sdk.testing.hexdump import compare, hexdump
+
+from ._support import (
+    call_decode,
+    check_expectations,
+    decode_whole,
+    fail,
+    for_each_sample,
+    labelled,
+    no_messages,
+    reference,
+    run_property,
+    same_metadata,
+    split_points,
+)
+from .base import CheckContext, CheckSkipped, check
+
+
+@check("golden_vectors", "golden")
+def golden_vectors(ctx: CheckContext) -> None:
+    """Every golden vector decodes whole to its expected metadata (or expected error)."""
+    vectors = ctx.target.golden
+    if not vectors:
+        raise CheckSkipped("the codec ships no golden vectors (conformance/golden.yaml)")
+    problems = []
+    for vector in vectors:
+        codec = ctx.target.new_codec(vector.options)
+        where = f"golden vector {vector.name!r}"
+        if vector.is_bad_input:
+            wanted = str(vector.expect["error"])
+            try:
+                result = call_decode(codec, bytearray(vector.frame))
+            except CodecError as exc:
+                names = [cls.__name__ for cls in type(exc).__mro__]
+                if wanted not in names:
+                    problems.append(f"{where}: raised {type(exc).__name__}, expected {wanted}")
+                continue
+            problems.append(f"{where}: expected {wanted}, decode returned {result!r}")
+            continue
+        try:
+            metadata = decode_whole(codec, vector.frame, where)
+        except AssertionError as exc:
+            problems.append(str(exc))
+            continue
+        wrong = mismatches(metadata, vector.expect)
+        if wrong:
+            problems.append(
+                f"{where}: " + "; ".join(wrong) + f"\nmessage:\n{hexdump(vector.frame)}"
+            )
+    ctx.details["vectors"] = len(vectors)
+    if problems:
+        fail(f"{len(problems)} of {len(vectors)} golden vectors fail:\n" + "\n".join(problems))
+
+
+@check("framing_whole", "framing")
+def framing_whole(ctx: CheckContext) -> None:
+    """A complete message decodes to exactly its bytes; generated ``expect`` keys match."""
+
+    def prop(sample: Sample) -> None:
+        metadata = decode_whole(ctx.target.new_codec(sample.options), sample.frame)
+        if sample.name == "":
+            check_expectations(metadata, sample)
+        codec = ctx.target.new_codec(sample.options)
+        empty = bytearray()
+        result = call_decode(codec, empty)
+        if not isinstance(result, NeedData):
+            fail(f"decode of an empty buffer returned {result!r}, expected NeedData")
+
+    for_each_sample(ctx, prop)
+
+
+def _split_prop(ctx: CheckContext, sample: Sample) -> None:
+    frame = sample.frame
+    whole = reference(ctx, sample)
+    for k in split_points(len(frame), ctx.target.settings.max_split_points):
+        codec = ctx.target.new_codec(sample.options)
+        buffer = bytearray(frame[:k])
+        try:
+            first = call_decode(codec, buffer)
+        except CodecError as exc:
+            fail(
+                f"split at byte {k}: decode raised {type(exc).__name__}: {exc} on the first "
+                f"{k} of {len(frame)} bytes of a valid message:\n{hexdump(frame, mark=k)}"
+            )
+        if isinstance(first, Metadata):
+            fail(
+                f"split at byte {k}: decode returned a message from the first {k} of "
+                f"{len(frame)} bytes:\n{hexdump(frame, mark=k)}"
+            )
+        buffer += frame[k:]
+        second = call_decode(codec, buffer)
+        if not isinstance(second, Metadata) or buffer:
+            fail(
+                f"split at byte {k}: after the rest arrived decode returned {second!r} with "
+                f"{len(buffer)} bytes left, expected the whole {len(frame)}-byte message:\n"
+                f"{hexdump(frame, mark=k)}"
+            )
+        diff = same_metadata(whole, second)
+        if diff:
+            fail(f"split at byte {k}: metadata differs from a whole decode: {diff}")
+    # Byte by byte through one codec instance: parse state carried across calls.
+    codec = ctx.target.new_codec(sample.options)
+    buffer = bytearray()
+    for i, byte in enumerate(frame):
+        buffer.append(byte)
+        result = call_decode(codec, buffer)
+        if i < len(frame) - 1 and not isinstance(result, NeedData):
+            fail(f"fed byte by byte, decode returned {result!r} after {i + 1} bytes")
+        if i == len(frame) - 1:
+            if not isinstance(result, Metadata) or buffer:
+                fail(f"fed byte by byte, decode returned {result!r} after the last byte")
+            diff = same_metadata(whole, result)
+            if diff:
+                fail(f"fed byte by byte, metadata differs from a whole decode: {diff}")
+
+
+@check("framing_split_points", "framing")
+def framing_split_points(ctx: CheckContext) -> None:
+    """Split at every offset (and fed byte by byte), a message decodes the same as whole."""
+    for_each_sample(ctx, lambda s: _split_prop(ctx, s))
+
+
+def _concat_prop(ctx: CheckContext, samples: list[Sample]) -> None:
+    options = samples[0].options
+    codec = ctx.target.new_codec(options)
+    data = b"".join(s.frame for s in samples)
+    buffer = bytearray(data)
+    offset = 0
+    for index, sample in enumerate(samples):
+        try:
+            result = call_decode(codec, buffer)
+        except CodecError as exc:
+            fail(
+                f"message {index + 1} of {len(samples)} in one read raised "
+                f"{type(exc).__name__}: {exc}\nstream:\n{hexdump(data, mark=offset)}"
+            )
+        if not isinstance(result, Metadata):
+            fail(
+                f"message {index + 1} of {len(samples)} in one read: decode returned {result!r}"
+                f"\nstream:\n{hexdump(data, mark=offset)}"
+            )
+        if result.frame != sample.frame:
+            fail(
+                f"message {index + 1} of {len(samples)} in one read (offset {offset}): "
+                + compare(sample.frame, result.frame, what="frames")
+            )
+        offset += len(sample.frame)
+    if buffer:
+        fail(f"{len(buffer)} bytes left after decoding every message:\n{hexdump(buffer)}")
+
+
+@check("framing_concatenated", "framing")
+def framing_concatenated(ctx: CheckContext) -> None:
+    """Several messages in one read decode one per call, in order, each exactly."""
+    target = ctx.target
+    if not target.samples and target.messages is None:
+        no_messages()
+    groups: dict[str, list[Sample]] = {}
+    for sample in target.samples:
+        groups.setdefault(repr(sorted(sample.options.items())), []).append(sample)
+    for group in groups.values():
+        for sample in group:
+            labelled(sample, lambda s: _concat_prop(ctx, [s, s, s]))
+        if len(group) > 1:
+            _concat_prop(ctx, group)
+    if target.messages is not None:
+
+        def prop(samples: list[Sample]) -> None:
+            assume(all(s.options == samples[0].options for s in samples))
+            _concat_prop(ctx, samples)
+
+        run_property(
+            ctx, st.lists(target.messages, min_size=2, max_size=4), prop, target.settings.examples
+        )
+
+
+def _trailing_prop(ctx: CheckContext, first: Sample, second: Sample, cut: float) -> None:
+    if first.options != second.options:
+        return
+    k = min(len(second.frame) - 1, max(1, int(len(second.frame) * cut)))
+    partial = second.frame[:k]
+    codec = ctx.target.new_codec(first.options)
+    buffer = bytearray(first.frame + partial)
+    result = call_decode(codec, buffer)
+    if not isinstance(result, Metadata) or result.frame != first.frame:
+        fail(
+            f"with {k} bytes of a second message behind it, the first message did not decode "
+            f"exactly (got {result!r})\nstream:\n"
+            + hexdump(first.frame + partial, mark=len(first.frame))
+        )
+    if bytes(buffer) != partial:
+        fail(
+            "the trailing partial message was not left in the buffer:\n" + compare(partial, buffer)
+        )
+    try:
+        again = call_decode(codec, buffer)
+    except CodecError as exc:
+        fail(f"the trailing {k}-byte partial message raised {type(exc).__name__}: {exc}")
+    if not isinstance(again, NeedData):
+        fail(f"the trailing {k}-byte partial message gave {again!r}, expected NeedData")
+    buffer += second.frame[k:]
+    last = call_decode(codec, buffer)
+    if not isinstance(last, Metadata) or last.frame != second.frame or buffer:
+        fail(f"after the rest of the second message arrived decode returned {last!r}")
+
+
+@check("framing_trailing_partial", "framing")
+def framing_trailing_partial(ctx: CheckContext) -> None:
+    """A message followed by part of the next: the part stays in the buffer for later."""
+    target = ctx.target
+    if not target.samples and target.messages is None:
+        no_messages()
+    for sample in target.samples:
+        if len(sample.frame) > 1:
+            for cut in (0.0, 0.5, 1.0):
+                labelled(sample, lambda s, c=cut: _trailing_prop(ctx, s, s, c))  # type: ignore[misc]
+    if target.messages is not None:
+        run_property(
+            ctx,
+            st.tuples(target.messages, target.messages, st.floats(0, 1)),
+            lambda t: _trailing_prop(ctx, *t) if len(t[1].frame) > 1 else None,
+            target.settings.examples,
+        )

@@ -1,0 +1,153 @@
+"""Replies the codec builds itself: error replies, heartbeat replies; oneway and streams."""
+
+from __future__ import annotations
+
+from metaprotocol_sdk.codec import LocalError
+from metaprotocol_sdk.enums import ErrorType, MessageType, StreamType
+from metaprotocol_sdk.errors import CodecError
+from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.testing.golden import Sample
+from metaprotocol_sdk.testing.hexdump import hexdump
+
+from ._support import decode_whole, fail, for_each_sample, reference
+from .base import CheckContext, CheckSkipped, check
+
+_REPLY_TYPES = (MessageType.Response, MessageType.Error)
+_STREAM_TYPES = (
+    MessageType.Stream_Init,
+    MessageType.Stream_Data,
+    MessageType.Stream_Close_One_Way,
+    MessageType.Stream_Close_Two_Way,
+)
+
+
+def _needs_reply(metadata: Metadata) -> bool:
+    return metadata.message_type in (MessageType.Request, MessageType.Stream_Init)
+
+
+def _error_reply(ctx: CheckContext, sample: Sample, request: Metadata, kind: ErrorType) -> bytes:
+    codec = ctx.target.new_codec(sample.options)
+    error = LocalError(kind, f"conformance kit: {kind.name}")
+    try:
+        reply = codec.on_error(request, error)
+    except Exception as exc:
+        fail(f"on_error({kind.name}) raised {type(exc).__name__}: {exc}")
+    if not isinstance(reply, bytes | bytearray | memoryview):
+        fail(f"on_error({kind.name}) returned {type(reply).__name__}, expected bytes")
+    return bytes(reply)
+
+
+def _error_replies(ctx: CheckContext, check_id: bool) -> None:
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        request = reference(ctx, sample)
+        if not _needs_reply(request):
+            return
+        seen += 1
+        for kind in ErrorType:
+            reply = _error_reply(ctx, sample, request, kind)
+            if not reply:
+                fail(f"on_error({kind.name}) returned an empty reply")
+            decoded = decode_whole(
+                ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
+            )
+            if decoded.message_type not in _REPLY_TYPES:
+                fail(
+                    f"the {kind.name} error reply decodes as {decoded.message_type.name}, "
+                    f"expected Response or Error\nreply:\n{hexdump(reply)}"
+                )
+            if check_id and decoded.request_id != request.request_id:
+                fail(
+                    f"the {kind.name} error reply carries request id {decoded.request_id}, the "
+                    f"request had {request.request_id}\nreply:\n{hexdump(reply)}"
+                )
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped("no request among golden vectors or generated messages")
+
+
+@check("error_reply_nonempty", "errors", requires="error_reply")
+def error_reply_nonempty(ctx: CheckContext) -> None:
+    """on_error() for every ErrorType is a non-empty reply that decodes as Response or Error."""
+    _error_replies(ctx, check_id=False)
+
+
+@check("error_reply_request_id", "errors", requires="error_reply")
+def error_reply_request_id(ctx: CheckContext) -> None:
+    """Every error reply carries the request's id."""
+    _error_replies(ctx, check_id=True)
+
+
+@check("heartbeat_reply", "errors", requires="heartbeat")
+def heartbeat_reply(ctx: CheckContext) -> None:
+    """A heartbeat gets a heartbeat reply with the same id (or None when it is a reply)."""
+    seen = replied = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen, replied
+        beat = reference(ctx, sample)
+        if beat.message_type is not MessageType.Heartbeat:
+            return
+        seen += 1
+        codec = ctx.target.new_codec(sample.options)
+        try:
+            reply = codec.heartbeat_reply(beat)
+        except CodecError as exc:
+            fail(f"heartbeat_reply raised {type(exc).__name__}: {exc}")
+        if reply is None:
+            return
+        replied += 1
+        decoded = decode_whole(ctx.target.new_codec(sample.options), bytes(reply), "the reply")
+        if decoded.message_type is not MessageType.Heartbeat:
+            fail(f"the heartbeat reply decodes as {decoded.message_type.name}")
+        if decoded.request_id != beat.request_id:
+            fail(
+                f"the heartbeat reply carries id {decoded.request_id}, the heartbeat had "
+                f"{beat.request_id}\nreply:\n{hexdump(reply)}"
+            )
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped(
+            "no heartbeat among golden vectors or generated messages; add one to check replies"
+        )
+    ctx.details.update(heartbeats=seen, replied=replied)
+
+
+def _expected_types(ctx: CheckContext, wanted: tuple[MessageType, ...], what: str) -> None:
+    matched = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal matched
+        name = sample.expect.get("message_type")
+        if name is None or MessageType[name] not in wanted:
+            return
+        matched += 1
+        decoded = reference(ctx, sample)
+        if decoded.message_type is not MessageType[name]:
+            fail(f"expected a {name} message, the codec decoded {decoded.message_type.name}")
+        if what == "streaming" and decoded.stream_type is StreamType.Unary:
+            fail(f"a {name} message has stream_type Unary")
+
+    for_each_sample(ctx, prop)
+    if matched == 0:
+        kinds = ", ".join(t.name for t in wanted)
+        raise CheckSkipped(
+            f"no golden vector or generated message expects message_type {kinds}; "
+            f"{what} marking is unverified"
+        )
+
+
+@check("oneway_marked", "errors", requires="oneway")
+def oneway_marked(ctx: CheckContext) -> None:
+    """Messages expected to be oneway decode as MessageType.Oneway."""
+    _expected_types(ctx, (MessageType.Oneway,), "oneway")
+
+
+@check("streaming_marked", "errors", requires="streaming")
+def streaming_marked(ctx: CheckContext) -> None:
+    """Messages expected to be stream frames decode as such, with a non-unary stream type."""
+    _expected_types(ctx, _STREAM_TYPES, "streaming")

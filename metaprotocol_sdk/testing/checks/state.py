@@ -1,0 +1,155 @@
+"""State: instances never share parse state; a codec recovers after an error and reset()."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from metaprotocol_sdk.codec import Codec, NeedData
+from metaprotocol_sdk.errors import CodecError
+from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.testing.golden import Sample
+from metaprotocol_sdk.testing.hexdump import hexdump
+
+from ._support import (
+    call_decode,
+    decode_whole,
+    fail,
+    for_each_sample,
+    no_messages,
+    reference,
+    run_property,
+    same_metadata,
+)
+from .base import CheckContext, CheckSkipped, check
+
+_MUTABLE = (dict, list, set, bytearray)
+
+
+def _class_state(codec: type[Codec]) -> dict[str, Any]:
+    """Snapshot of mutable class-level attributes (the classic shared-state bug)."""
+    state = {}
+    for klass in codec.__mro__:
+        for name, value in vars(klass).items():
+            if isinstance(value, _MUTABLE) and not name.startswith("__"):
+                state[f"{klass.__name__}.{name}"] = copy.deepcopy(value)
+    return state
+
+
+def _pair_prop(ctx: CheckContext, a: Sample, b: Sample) -> None:
+    codec_type = ctx.target.codec
+    before = _class_state(codec_type)
+    expected_a, expected_b = reference(ctx, a), reference(ctx, b)
+    first = ctx.target.new_codec(a.options)
+    second = ctx.target.new_codec(b.options)
+    for name, value in vars(first).items():
+        if isinstance(value, _MUTABLE) and vars(second).get(name) is value:
+            fail(f"two instances share the mutable object self.{name}")
+    half = max(1, len(a.frame) // 2)
+    buffer = bytearray(a.frame[:half])
+    try:
+        pending = call_decode(first, buffer)
+    except CodecError as exc:
+        fail(f"the first {half} bytes of a valid message raised {type(exc).__name__}: {exc}")
+    if not isinstance(pending, NeedData):
+        fail(f"the first {half} of {len(a.frame)} bytes gave {pending!r}, expected NeedData")
+    got_b = decode_whole(second, b.frame, "message B on instance 2 while instance 1 waits")
+    diff = same_metadata(expected_b, got_b)
+    if diff:
+        fail(
+            f"instance 2 decoded message B differently while instance 1 held part of message "
+            f"A: {diff}\nmessage A:\n{hexdump(a.frame, mark=half)}\nmessage B:\n{hexdump(b.frame)}"
+        )
+    buffer += a.frame[half:]
+    got_a = call_decode(first, buffer)
+    if not isinstance(got_a, Metadata) or got_a.frame != a.frame or buffer:
+        fail(
+            f"instance 1 did not finish message A after instance 2 decoded B: got {got_a!r}\n"
+            f"message A:\n{hexdump(a.frame, mark=half)}\nmessage B:\n{hexdump(b.frame)}"
+        )
+    diff = same_metadata(expected_a, got_a)
+    if diff:
+        fail(f"instance 1 decoded message A differently after instance 2 ran: {diff}")
+    after = _class_state(codec_type)
+    changed = sorted(k for k in after if before.get(k) != after[k])
+    if changed:
+        fail(f"decoding changed class-level state shared by every instance: {', '.join(changed)}")
+
+
+@check("state_independent_instances", "state")
+def state_independent_instances(ctx: CheckContext) -> None:
+    """Two instances interleaved (one mid-message) decode exactly as each would alone."""
+    target = ctx.target
+    if not target.samples and target.messages is None:
+        no_messages()
+    samples = [s for s in target.samples if len(s.frame) > 1]
+    for a in samples:
+        for b in samples[:4]:
+            _pair_prop(ctx, a, b)
+    if target.messages is not None:
+
+        def prop(pair: tuple[Sample, Sample]) -> None:
+            assume(len(pair[0].frame) > 1)
+            _pair_prop(ctx, *pair)
+
+        run_property(
+            ctx, st.tuples(target.messages, target.messages), prop, target.settings.examples
+        )
+
+
+_GARBAGE = (b"\xff" * 64, b"\x00" * 64, bytes(range(256)), b"\x80" + b"\x7f" * 63)
+
+
+def _rejected(ctx: CheckContext, sample: Sample) -> tuple[bytes, CodecError] | None:
+    candidates = list(_GARBAGE)
+    frame = sample.frame
+    candidates += [bytes((b ^ 0xFF,)) + frame[1:] for b in frame[:1]]
+    candidates += [
+        frame[:i] + b"\xff\xff" + frame[i + 2 :] for i in range(0, min(len(frame), 32), 2)
+    ]
+    for data in candidates:
+        codec = ctx.target.new_codec(sample.options)
+        try:
+            result = codec.decode(bytearray(data))
+        except CodecError as exc:
+            return data, exc
+        except Exception:
+            continue
+        del result
+    return None
+
+
+@check("state_reset_after_error", "state")
+def state_reset_after_error(ctx: CheckContext) -> None:
+    """After a CodecError and reset(), the same instance decodes a valid message."""
+    found = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal found
+        rejected = _rejected(ctx, sample)
+        if rejected is None:
+            return
+        garbage, _ = rejected
+        found += 1
+        codec = ctx.target.new_codec(sample.options)
+        with contextlib.suppress(CodecError):
+            codec.decode(bytearray(garbage))
+        try:
+            codec.reset()
+        except Exception as exc:
+            fail(f"reset() raised {type(exc).__name__}: {exc}")
+        again = decode_whole(codec, sample.frame, "a valid message after an error and reset()")
+        diff = same_metadata(reference(ctx, sample), again)
+        if diff:
+            fail(
+                f"after an error on\n{hexdump(garbage)}\nand reset(), a valid message decodes "
+                f"differently: {diff}"
+            )
+
+    for_each_sample(ctx, prop)
+    if found == 0:
+        raise CheckSkipped("found no input this codec rejects with a CodecError")

@@ -1,0 +1,87 @@
+"""Run checks against a target and turn what happened into :class:`CheckResult` values.
+
+Both front ends use this: the pytest suite runs one check per test, ``metaprotocol check``
+runs them all. Known failures are applied here, so both report the same outcomes.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Iterable
+
+from .checks import REGISTRY, Check, CheckContext, CheckFailed, CheckSkipped
+from .report import CheckResult, Outcome, Report
+from .target import CodecTarget
+
+GROUP_ORDER = ("golden", "framing", "roundtrip", "errors", "bad_input", "state", "perf")
+
+
+def all_checks() -> list[Check]:
+    """Every registered check, in run order (by group, then registration)."""
+    checks = list(REGISTRY.values())
+    return sorted(checks, key=lambda c: GROUP_ORDER.index(c.group))
+
+
+def check_names() -> list[str]:
+    """The names of every check, in run order."""
+    return [c.name for c in all_checks()]
+
+
+def _raw_result(target: CodecTarget, check: Check) -> CheckResult:
+    if check.requires and not getattr(target.codec.capabilities, check.requires):
+        return CheckResult(
+            check.name,
+            Outcome.skipped,
+            f"codec does not declare the {check.requires!r} capability "
+            f"(Capabilities.{check.requires}=False)",
+        )
+    ctx = CheckContext(target)
+    try:
+        check.func(ctx)
+    except CheckSkipped as exc:
+        return CheckResult(check.name, Outcome.skipped, str(exc), details=ctx.details)
+    except CheckFailed as exc:
+        return CheckResult(check.name, Outcome.failed, str(exc), details=ctx.details)
+    except Exception as exc:
+        trace = "".join(traceback.format_exception(exc, limit=-6))
+        return CheckResult(
+            check.name,
+            Outcome.failed,
+            f"unexpected {type(exc).__name__}: {exc}\n{trace}",
+            details=ctx.details,
+        )
+    return CheckResult(
+        check.name, Outcome.passed, str(ctx.details.get("summary", "")), details=ctx.details
+    )
+
+
+def run_check(target: CodecTarget, name: str) -> CheckResult:
+    """Run the named check and apply the target's known failures."""
+    check = REGISTRY[name]
+    start = time.perf_counter()
+    result = _raw_result(target, check)
+    result.duration = time.perf_counter() - start
+    known = target.known_failures.get(name)
+    if known is None:
+        return result
+    if result.outcome is Outcome.failed:
+        result.outcome = Outcome.xfailed
+        result.reason = f"known failure: {known}\n{result.reason}"
+    elif result.outcome is Outcome.passed:
+        result.outcome = Outcome.fixed
+        result.reason = (
+            f"{name} now passes, remove it from known failures (listed because: {known})"
+        )
+    return result
+
+
+def run_kit(target: CodecTarget, names: Iterable[str] | None = None) -> Report:
+    """Run every check (or the named ones) and return the report."""
+    report = Report(codec=target.name, notes=list(target.notes))
+    unknown = sorted(set(target.known_failures) - set(REGISTRY))
+    if unknown:
+        report.notes.append(f"known failures name unknown checks: {', '.join(unknown)}")
+    for name in names if names is not None else check_names():
+        report.results.append(run_check(target, name))
+    return report
