@@ -121,6 +121,8 @@ class Upstream:
         self.connections: set[KVServer] = set()
         self.accepted = 0
         self.release = asyncio.Event()
+        self.pongs: list[Metadata] = []
+        self.pong = asyncio.Event()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -146,6 +148,9 @@ class Upstream:
             reply = conn.codec.heartbeat_reply(msg)
             if reply:
                 conn.transport.write(reply)
+            else:
+                self.pongs.append(msg)
+                self.pong.set()
             return
         self.received.append(msg)
         for n, fut in list(self._waiters):

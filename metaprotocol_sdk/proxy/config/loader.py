@@ -459,6 +459,8 @@ def _mutation(doc: _Doc, route: dict[str, Any], key: str, path: str) -> dict[str
             doc.fail(ipath, "must be a mapping {key: ..., value: ...}")
         k = cast(str, doc.string(item, "key", f"{ipath}.key"))
         v = doc.get(item, "value", f"{ipath}.value", required=True)
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            doc.fail(f"{ipath}.value", f"must be a string (quote it in YAML), got {v!r}")
         out[k] = str(v)
     return out
 

@@ -1,0 +1,79 @@
+"""Admin endpoint and access log: readiness, config dump, Prometheus stats, JSON lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from proxy_kit import Client, Upstream, address, engine_for, http_get, mesh, run
+
+
+def test_admin_ready_config_dump_and_stats() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        router = """\
+        - name: main
+          match: {attributes: {method: {exact: get}}}
+          route: [{destination: {host: svc.test, subset: v1}}]
+        """
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            admin = engine.admin_address
+            assert admin is not None
+            assert await http_get(admin, "/ready") == (200, "LIVE\n")
+            status, body = await http_get(admin, "/config_dump")
+            dump = json.loads(body)
+            assert status == 200
+            assert dump["listeners"][0]["routes"][0]["name"] == "main"
+            assert dump["clusters"][0]["name"] == "outbound|9000|v1|svc.test"
+            assert dump["clusters"][0]["pooling"] == "shared"
+
+            c = await Client.connect(address(engine))
+            for _ in range(3):
+                await c.call("get")
+            await c.call("nothing")
+            _, text = await http_get(admin, "/stats")
+            ok = (
+                'metaprotocol_requests_total{listener="svc.test:9000",route="main",'
+                'destination="outbound|9000|v1|svc.test",status="Ok"} 3'
+            )
+            assert ok in text
+            assert (
+                'metaprotocol_local_replies_total{listener="svc.test:9000",type="RouteNotFound"} 1'
+                in text
+            )
+            assert 'metaprotocol_downstream_connections_active{listener="svc.test:9000"} 1' in text
+            assert (
+                'metaprotocol_upstream_connections_active{cluster="outbound|9000|v1|svc.test"} 1'
+                in text
+            )
+            assert "# TYPE metaprotocol_requests_total counter" in text
+            assert "# TYPE metaprotocol_downstream_connections_active gauge" in text
+            _, js = await http_get(admin, "/stats?format=json")
+            assert json.loads(js)["metaprotocol_requests_pending"] == 0
+            assert (await http_get(admin, "/nope"))[0] == 404
+            c.close()
+            await c.closed
+        await up.close()
+
+    run(main())
+
+
+def test_access_log_one_json_line_per_request(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{log}'}}\n")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            await c.call(rid=5)
+            await c.call("fail", rid=6)
+            c.close()
+        await up.close()
+
+    run(main())
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["request_id"], r["status"]) for r in records] == [(5, "Ok"), (6, "Error")]
+    first = records[0]
+    assert first["route"] == "default" and first["destination"] == "outbound|9000||svc.test"
+    assert first["listener"] == "svc.test:9000" and first["duration_ms"] >= 0

@@ -1,0 +1,335 @@
+"""Configuration: the documented example loads; every kind of mistake names doc, field, reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from proxy_kit import mesh
+
+from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.proxy import load_config, loads_config
+from metaprotocol_sdk.proxy.config import parse_duration
+
+EXAMPLE = """\
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: ApplicationProtocol
+metadata: {name: kv, namespace: istio-system}
+spec: {protocol: kv, codec: metaprotocol_sdk.examples.kv:KVCodec}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: greeter}
+spec:
+  hosts: [greeter.example]
+  ports: [{number: 9000, name: tcp-metaprotocol-kv-greeter, protocol: TCP}]
+  resolution: STATIC
+  endpoints:
+    - {address: 127.0.0.1, ports: {tcp-metaprotocol-kv-greeter: 19001}, labels: {version: v1}}
+    - {address: 127.0.0.1, ports: {tcp-metaprotocol-kv-greeter: 19002}, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: greeter}
+spec:
+  host: greeter.example
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - name: v2
+      labels: {version: v2}
+      trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: user}}}
+---
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: MetaRouter
+metadata: {name: greeter}
+spec:
+  hosts: [greeter.example]
+  routes:
+    - name: v2-for-sayHello
+      match: {attributes: {method: {exact: sayHello}}}
+      route: [{destination: {host: greeter.example, subset: v2}}]
+      requestMutation: [{key: x-route, value: v2}]
+      responseMutation: [{key: x-proxy, value: metaprotocol}]
+      timeout: 2s
+    - name: split
+      route:
+        - {destination: {host: greeter.example, subset: v1}, weight: 20}
+        - {destination: {host: greeter.example, subset: v2}, weight: 80}
+---
+apiVersion: proxy.metaprotocol.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: engine}
+spec:
+  listeners:
+    - {host: greeter.example, port: 9000, bind: "127.0.0.1:0"}
+  admin: {bind: "127.0.0.1:0"}
+  codecOptions: {kv: {max_frame_size: 1048576}}
+  limits: {maxConnections: 10000, maxPendingRequests: 10000}
+  timeouts: {connect: 5s, route: 30s, drain: 10s}
+"""
+
+
+def test_documented_example_loads() -> None:
+    config = loads_config(EXAMPLE, "example.yaml")
+    assert config.protocols["kv"].options == {"max_frame_size": 1048576}
+    assert config.services["greeter.example"].ports[9000].protocol == "kv"
+    rule = config.destination_rules["greeter.example"]
+    sub_lb = rule.subsets["v2"].load_balancer
+    assert sub_lb is not None and sub_lb.hash_attribute == "user"
+    routes = config.routers["greeter.example"].routes
+    assert routes[0].timeout == 2.0 and routes[0].match[0].kind == "exact"
+    assert [d.weight for d in routes[1].destinations] == [20, 80]
+    assert config.proxy.timeouts.drain == 10.0
+    assert config.proxy.listeners[0].name == "greeter.example:9000"
+
+
+def test_documents_split_over_files(tmp_path: Path) -> None:
+    first, rest = EXAMPLE.split("---\n", 1)
+    (tmp_path / "a.yaml").write_text(first)
+    (tmp_path / "b.yaml").write_text(rest)
+    config = load_config([tmp_path / "a.yaml", str(tmp_path / "b.yaml")])
+    assert set(config.routers) == {"greeter.example"}
+
+
+def test_no_proxy_config_and_no_router_is_fine() -> None:
+    text = "\n---\n".join(EXAMPLE.split("---\n")[:3])
+    config = loads_config(text)
+    assert config.proxy.listeners == ()
+
+
+def test_durations() -> None:
+    assert parse_duration("1m30s") == 90.0
+    assert parse_duration("250ms") == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        parse_duration("10")
+
+
+def _error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        loads_config(text, "mesh.yaml")
+    return info.value
+
+
+def _edit(old: str, new: str, count: int = 1) -> str:
+    assert old in EXAMPLE, old
+    return EXAMPLE.replace(old, new, count)
+
+
+MISTAKES = [
+    # (edited config, expected source part, expected field, expected reason part)
+    pytest.param(
+        _edit("kind: DestinationRule", "kind: DestRule"),
+        "document 3, DestRule/greeter",
+        "kind",
+        "unknown kind 'DestRule'",
+        id="unknown-kind",
+    ),
+    pytest.param(
+        _edit("  hosts: [greeter.example]\n  ports", "  ports"),
+        "ServiceEntry/greeter",
+        "spec.hosts",
+        "required field is missing",
+        id="missing-field",
+    ),
+    pytest.param(
+        _edit("metadata: {name: engine}", "metadata: {}"),
+        "document 5",
+        "metadata.name",
+        "required",
+        id="missing-name",
+    ),
+    pytest.param(
+        EXAMPLE.replace("tcp-metaprotocol-kv-greeter", "tcp-metaprotocol-nosuch-greeter"),
+        "ServiceEntry/greeter",
+        "spec.ports[0].name",
+        "no ApplicationProtocol",
+        id="bad-port-name",
+    ),
+    pytest.param(
+        "---\n".join(EXAMPLE.split("---\n")[i] for i in (0, 1, 4)).replace(
+            "tcp-metaprotocol-kv-greeter", "tcp-greeter"
+        ),
+        "ProxyConfig/engine",
+        "spec.listeners[0].port",
+        "tcp-metaprotocol-",
+        id="listener-not-meta",
+    ),
+    pytest.param(
+        _edit("codec: metaprotocol_sdk.examples.kv:KVCodec", "codec: nosuchcodec"),
+        "ApplicationProtocol/kv",
+        "spec.codec",
+        "no codec named 'nosuchcodec'",
+        id="unknown-codec",
+    ),
+    pytest.param(
+        _edit("codec: metaprotocol_sdk.examples.kv:KVCodec", "codec: os:path"),
+        "ApplicationProtocol/kv",
+        "spec.codec",
+        "not a metaprotocol_sdk.Codec",
+        id="not-a-codec",
+    ),
+    pytest.param(
+        _edit("  hosts: [greeter.example]\n  routes", "  hosts: [other.example]\n  routes"),
+        "MetaRouter/greeter",
+        "spec.hosts[0]",
+        "no ServiceEntry defines host 'other.example'",
+        id="router-host-without-serviceentry",
+    ),
+    pytest.param(
+        _edit("subset: v2}}]", "subset: v3}}]"),
+        "MetaRouter/greeter",
+        "spec.routes[0].route[0].destination.subset",
+        "unknown subset 'v3'",
+        id="unknown-subset",
+    ),
+    pytest.param(
+        _edit("weight: 80", "weight: 30"),
+        "MetaRouter/greeter",
+        "spec.routes[1].route",
+        "must sum to 100, got 50 (20 + 30)",
+        id="weights",
+    ),
+    pytest.param(
+        _edit("weight: 80", "weight: -80"),
+        "MetaRouter/greeter",
+        "spec.routes[1].route[1].weight",
+        "integer in [0, 100]",
+        id="negative-weight",
+    ),
+    pytest.param(
+        _edit("{exact: sayHello}", '{regex: "say(Hello"}'),
+        "MetaRouter/greeter",
+        "spec.routes[0].match.attributes.method.regex",
+        "invalid regular expression",
+        id="bad-regex",
+    ),
+    pytest.param(
+        _edit("{exact: sayHello}", "{exact: a, prefix: b}"),
+        "MetaRouter/greeter",
+        "spec.routes[0].match.attributes.method",
+        "exactly one of",
+        id="two-matchers",
+    ),
+    pytest.param(
+        _edit("timeout: 2s", "timeout: soon"),
+        "MetaRouter/greeter",
+        "spec.routes[0].timeout",
+        "invalid duration 'soon'",
+        id="bad-duration",
+    ),
+    pytest.param(
+        _edit("connect: 5s", "connect: 5"),
+        "ProxyConfig/engine",
+        "spec.timeouts.connect",
+        "invalid duration",
+        id="bare-number-duration",
+    ),
+    pytest.param(
+        _edit(
+            '    - {host: greeter.example, port: 9000, bind: "127.0.0.1:0"}\n',
+            '    - {host: greeter.example, port: 9000, bind: "127.0.0.1:0"}\n'
+            '    - {host: greeter.example, port: 9000, bind: "127.0.0.1:0"}\n',
+        ),
+        "ProxyConfig/engine",
+        "spec.listeners[1]",
+        "duplicate listener",
+        id="duplicate-listener",
+    ),
+    pytest.param(
+        _edit('bind: "127.0.0.1:0"}', 'bind: "localhost"}'),
+        "ProxyConfig/engine",
+        "spec.listeners[0].bind",
+        "host:port",
+        id="bad-bind",
+    ),
+    pytest.param(
+        _edit("  host: greeter.example\n  trafficPolicy", "  host: nope.example\n  trafficPolicy"),
+        "DestinationRule/greeter",
+        "spec.host",
+        "no ServiceEntry",
+        id="rule-unknown-host",
+    ),
+    pytest.param(
+        _edit("{simple: ROUND_ROBIN}", "{simple: FASTEST}"),
+        "DestinationRule/greeter",
+        "spec.trafficPolicy.loadBalancer.simple",
+        "unknown policy",
+        id="bad-lb",
+    ),
+    pytest.param(
+        _edit("max_frame_size: 1048576", "max_frame: 1"),
+        "ProxyConfig",
+        "spec.codecOptions.kv.max_frame",
+        "unknown option",
+        id="bad-codec-option",
+    ),
+    pytest.param(
+        _edit("  limits:", "  limit:"),
+        "ProxyConfig/engine",
+        "spec.limit",
+        "unknown field",
+        id="unknown-proxy-field",
+    ),
+    pytest.param(
+        EXAMPLE + "---\n" + EXAMPLE.split("---\n")[-1],
+        "document 6, ProxyConfig/engine",
+        "kind",
+        "only one ProxyConfig",
+        id="two-proxyconfigs",
+    ),
+    pytest.param(
+        _edit("      timeout: 2s", "      localRateLimit: {}"),
+        "MetaRouter/greeter",
+        "spec.routes[0].localRateLimit",
+        "not supported",
+        id="unsupported",
+    ),
+    pytest.param(
+        _edit("value: metaprotocol", "value: yes"),
+        "MetaRouter/greeter",
+        "spec.routes[0].responseMutation[0].value",
+        "quote it",
+        id="yaml-bool-in-mutation",
+    ),
+    pytest.param(
+        EXAMPLE + "---\n" + EXAMPLE.split("---\n")[3],
+        "document 6, MetaRouter/greeter",
+        "spec.hosts[0]",
+        "already has MetaRouter",
+        id="two-routers-one-host",
+    ),
+    pytest.param(
+        _edit("spec: {protocol: kv, ", "spec: {protocol: k-v, "),
+        "ApplicationProtocol/kv",
+        "spec.protocol",
+        "must not contain '-'",
+        id="bad-protocol-name",
+    ),
+    pytest.param(
+        "kind: [unclosed\n",
+        "mesh.yaml",
+        None,
+        "invalid YAML (line",
+        id="invalid-yaml",
+    ),
+    pytest.param("- a\n- b\n", "document 1", None, "must be a mapping", id="not-a-mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "source", "field", "reason"), MISTAKES)
+def test_config_mistakes(text: str, source: str, field: str | None, reason: str) -> None:
+    error = _error(text)
+    assert error.source is not None and source in error.source
+    assert error.field == field
+    assert reason in error.reason, error.reason
+    assert str(error).startswith(error.source)
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read file"):
+        load_config([tmp_path / "nope.yaml"])
+
+
+def test_mesh_helper_is_valid() -> None:
+    loads_config(mesh([(1, "v1")], router="- route: [{destination: {host: svc.test}}]\n"))

@@ -1,0 +1,174 @@
+"""Startup, graceful shutdown, connection limits, the CLI, and no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from proxy_kit import Client, Upstream, address, engine_for, error_type, http_get, mesh, run
+
+from metaprotocol_sdk.proxy import Engine, loads_config
+
+
+def test_drain_finishes_in_flight_then_closes() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        engine = Engine(loads_config(mesh([(up.port, "v1")]), "t.yaml"))
+        await engine.start()
+        c = await Client.connect(address(engine))
+        slow = c.start("slow", rid=1)
+        await up.wait_received(1)
+        stopping = asyncio.ensure_future(engine.stop(drain=5.0))
+        await asyncio.sleep(0)  # let stop() start: it only yields to the loop, no timing
+        assert engine.draining and not engine.ready
+        late = await c.call(rid=2)  # open connection, new request: refused politely
+        assert (late.request_id, error_type(late)) == (2, "ShuttingDown")
+        with pytest.raises(OSError):  # no longer accepting
+            await Client.connect(address(engine))
+        assert not stopping.done()
+        up.release.set()
+        reply = await asyncio.wait_for(slow, 5)
+        assert reply.request_id == 1 and error_type(reply) is None
+        await asyncio.wait_for(stopping, 5)
+        await asyncio.wait_for(c.closed, 5)
+        assert not engine.downstreams and not engine.upstreams
+        await up.close()
+
+    run(main())
+
+
+def test_drain_deadline_closes_stuck_connections() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        engine = Engine(loads_config(mesh([(up.port, "v1")]), "t.yaml"))
+        await engine.start()
+        c = await Client.connect(address(engine))
+        hung = c.start("hang", rid=1)
+        await up.wait_received(1)
+        await asyncio.wait_for(engine.stop(drain=0.2), 5)
+        await asyncio.wait_for(c.closed, 5)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(hung, 5)
+        assert not engine.downstreams and not engine.upstreams and engine.pending == 0
+        await up.close()
+
+    run(main())
+
+
+def test_idle_connections_close_at_once_on_stop() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        engine = Engine(loads_config(mesh([(up.port, "v1")]), "t.yaml"))
+        await engine.start()
+        clients = [await Client.connect(address(engine)) for _ in range(3)]
+        await clients[0].call()
+        await asyncio.wait_for(engine.stop(drain=30.0), 5)  # nothing in flight: no waiting
+        for c in clients:
+            await asyncio.wait_for(c.closed, 5)
+        await up.close()
+
+    run(main())
+
+
+def test_max_connections() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy="limits: {maxConnections: 1}\n")
+        async with engine_for(text) as engine:
+            first = await Client.connect(address(engine))
+            await first.call()
+            second = await Client.connect(address(engine))
+            await asyncio.wait_for(second.closed, 5)
+            assert (await first.call()).attributes["server"] == "a"
+            assert engine.stats.total("metaprotocol_downstream_connections_rejected_total") == 1
+            first.close()
+        await up.close()
+
+    run(main())
+
+
+def test_bind_failure_leaves_nothing_open() -> None:
+    async def main() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            text = mesh([(1, "v1")]).replace(
+                "bind: '127.0.0.1:0'}]", f"bind: '127.0.0.1:{port}'}}]"
+            )
+            engine = Engine(loads_config(text, "t.yaml"))
+            with pytest.raises(OSError):
+                await engine.start()
+            assert not engine.ready
+            assert engine.admin_address is None
+
+    run(main())
+
+
+def test_upstream_connections_closed_with_downstream_in_dedicated_mode() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], protocol="kvnr", codec="proxy_test_codecs:NoRewriteKVCodec")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            await c.call()
+            assert len(engine.upstreams) == 1
+            c.close()
+            await asyncio.wait_for(c.closed, 5)
+            for _ in range(100):  # connection_lost callbacks run on the next loop turns
+                if not engine.upstreams:
+                    break
+                await asyncio.sleep(0)
+            assert not engine.upstreams
+        await up.close()
+
+    run(main())
+
+
+def test_cli_prints_addresses_and_drains_on_sigterm(tmp_path: Path) -> None:
+    config = tmp_path / "mesh.yaml"
+    config.write_text(mesh([(1, "v1")]))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        listening = proc.stdout.readline()
+        admin = proc.stdout.readline()
+        assert listening.startswith("listening svc.test:9000 on 127.0.0.1:")
+        assert admin.startswith("admin on 127.0.0.1:")
+        host, port = admin.split()[-1].rsplit(":", 1)
+        status, body = asyncio.run(http_get((host, int(port)), "/config_dump"))
+        assert status == 200 and json.loads(body)["listeners"][0]["name"] == "svc.test:9000"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_cli_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(mesh([(1, "v1")]).replace("kind: DestinationRule", "kind: DestRule"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "DestRule" in lines[0] and "bad.yaml" in lines[0]

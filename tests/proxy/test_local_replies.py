@@ -1,0 +1,212 @@
+"""Every local reply reaches the client as the codec's error reply, with the request's id."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from proxy_kit import (
+    REQUEST,
+    Client,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+)
+
+
+def free_port() -> int:
+    """A port with nothing listening on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_route_not_found() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        router = (
+            "- match: {attributes: {method: {exact: only}}}\n"
+            "  route: [{destination: {host: svc.test}}]\n"
+        )
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            reply = await c.call("other", rid=11)
+            assert (reply.request_id, error_type(reply)) == (11, "RouteNotFound")
+            assert (
+                engine.stats.get(
+                    "metaprotocol_local_replies_total",
+                    listener="svc.test:9000",
+                    type="RouteNotFound",
+                )
+                == 1
+            )
+            assert up.received == []
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_cluster_not_found() -> None:
+    async def main() -> None:
+        router = "- route: [{destination: {host: ghost.test}}]\n"
+        async with engine_for(mesh([(free_port(), "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            reply = await c.call(rid=12)
+            assert (reply.request_id, error_type(reply)) == (12, "ClusterNotFound")
+            c.close()
+
+    run(main())
+
+
+def test_no_healthy_upstream_for_empty_subset() -> None:
+    async def main() -> None:
+        router = "- route: [{destination: {host: svc.test, subset: empty}}]\n"
+        async with engine_for(mesh([(free_port(), "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            reply = await c.call(rid=13)
+            assert (reply.request_id, error_type(reply)) == (13, "NoHealthyUpstream")
+            c.close()
+
+    run(main())
+
+
+def test_upstream_connect_failure() -> None:
+    async def main() -> None:
+        async with engine_for(mesh([(free_port(), "v1")])) as engine:
+            c = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(
+                asyncio.gather(c.start(rid=14), c.start(rid=15)), 5
+            )  # both queued on the same connecting upstream connection
+            assert [(r.request_id, error_type(r)) for r in replies] == [
+                (14, "UpstreamConnectFailure"),
+                (15, "UpstreamConnectFailure"),
+            ]
+            assert engine.stats.total("metaprotocol_upstream_connect_errors_total") == 1
+            c.close()
+
+    run(main())
+
+
+def test_upstream_reset_mid_request_then_recovery() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            c = await Client.connect(address(engine))
+            hanging = c.start("hang", rid=20)
+            await up.wait_received(1)
+            reply = await c.call("close", rid=21)  # the server drops the connection
+            assert (reply.request_id, error_type(reply)) == (21, "UpstreamReset")
+            other = await asyncio.wait_for(hanging, 5)
+            assert (other.request_id, error_type(other)) == (20, "UpstreamReset")
+            ok = await c.call(rid=22)  # a new upstream connection is opened
+            assert ok.attributes["server"] == "a" and ok.request_id == 22
+            assert up.accepted == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_route_timeout() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        router = "- route: [{destination: {host: svc.test}}]\n  timeout: 100ms\n"
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            reply = await c.call("hang", rid=30)
+            assert (reply.request_id, error_type(reply)) == (30, "Timeout")
+            assert engine.pending == 0
+            assert (await c.call(rid=31)).attributes["server"] == "a"  # connection still fine
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_upstream_error_reply_passes_through() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            c = await Client.connect(address(engine))
+            reply = await c.call("fail", rid=33)
+            assert reply.request_id == 33 and reply.attributes["server"] == "a"
+            assert engine.stats.total("metaprotocol_requests_total", status="Error") == 1
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_over_limit_pending_requests() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        proxy = "limits: {maxPendingRequests: 1}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            slow = c.start("slow", rid=40)
+            reply = await c.call(rid=41)
+            assert (reply.request_id, error_type(reply)) == (41, "OverLimit")
+            up.release.set()
+            first = await asyncio.wait_for(slow, 5)
+            assert first.request_id == 40 and error_type(first) is None
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_oversized_frame_gets_overlimit_then_close() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        proxy = "codecOptions: {kv: {max_frame_size: 256}}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            reply_fut = c.expect(50)
+            c.send(build_frame(REQUEST, 50, {"method": "get"}, b"x" * 1000))
+            reply = await asyncio.wait_for(reply_fut, 5)
+            assert (reply.request_id, error_type(reply)) == (50, "OverLimit")
+            await asyncio.wait_for(c.closed, 5)
+            assert up.received == []
+
+    run(main())
+
+
+def test_malformed_request_among_good_ones() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], codec="proxy_test_codecs:LenientKVCodec")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            slow = c.start("slow", rid=60)  # in flight while the bad frame arrives
+            good = build_frame(REQUEST, 61, {"method": "get"})
+            bad = bytearray(build_frame(REQUEST, 62, {"method": "get"}))
+            bad[16] = 200  # key length runs past the headers block
+            futs = [c.expect(61), c.expect(62), c.expect(63)]
+            c.send(good + bytes(bad) + build_frame(REQUEST, 63, {"method": "get"}))
+            r61, r62, r63 = await asyncio.wait_for(asyncio.gather(*futs), 5)
+            assert error_type(r61) is None and error_type(r63) is None
+            assert (r62.request_id, error_type(r62)) == (62, "BadRequest")
+            up.release.set()
+            assert (await asyncio.wait_for(slow, 5)).request_id == 60
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_unframeable_bytes_close_the_connection() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            c = await Client.connect(address(engine))
+            c.send(b"XX" + bytes(30))  # bad magic: no id, no way to resync
+            await asyncio.wait_for(c.closed, 5)
+            assert engine.stats.total("metaprotocol_decode_errors_total", side="downstream") == 1
+        await up.close()
+
+    run(main())
