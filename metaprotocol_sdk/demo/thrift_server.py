@@ -32,6 +32,8 @@ class HelloHandler:
         self.requests = 0
         self.events: list[str] = []
         self._notified = threading.Condition()
+        #: Set when a ``sleep`` call starts (tests act on a request in flight with it).
+        self.sleeping = threading.Event()
 
     def sayHello(self, name: str) -> str:
         self.requests += 1
@@ -43,6 +45,7 @@ class HelloHandler:
 
     def sleep(self, ms: int) -> str:
         self.requests += 1
+        self.sleeping.set()
         time.sleep(ms / 1000)
         return f"{self.version}: slept {ms}"
 
