@@ -146,7 +146,9 @@ class Attachments:
         self.end = end
 
 
-def read_attachments(frame: bytes, pos: int, decoder: Decoder | None) -> Attachments:
+def read_attachments(
+    frame: bytes, pos: int, decoder: Decoder | None, text: str | None = None
+) -> Attachments:
     """Read the attachments map at ``pos`` (an untyped or typed Hessian map, or null)."""
     end = len(frame)
     if pos >= end:
@@ -155,7 +157,7 @@ def read_attachments(frame: bytes, pos: int, decoder: Decoder | None) -> Attachm
     if tag == TAG_NULL:
         return Attachments({}, None, pos, pos + 1)
     if decoder is None and tag == TAG_MAP_UNTYPED:
-        fast = _read_string_map(frame, pos)
+        fast = _read_string_map(frame, pos, text)
         if fast is not None:
             return fast
     # General case: materialise the map with the Hessian decoder.
@@ -176,47 +178,88 @@ def read_attachments(frame: bytes, pos: int, decoder: Decoder | None) -> Attachm
     return Attachments(strings, others or None, pos, decoder.offset)
 
 
-def _read_string_map(frame: bytes, pos: int) -> Attachments | None:
+def _read_string_map(frame: bytes, pos: int, text: str | None = None) -> Attachments | None:
     """Inline reader for an 'H' map of compact ASCII strings; ``None`` means "use the decoder"."""
-    end = len(frame)
-    strings: dict[str, str] = {}
-    i = pos + 1
-    while i < end:
-        tag = frame[i]
-        if tag == TAG_END:
-            return Attachments(strings, None, pos, i + 1)
-        # key
-        if tag < 0x20:
-            start = i + 1
-            i = start + tag
-        elif 0x30 <= tag <= 0x33 and i + 1 < end:
-            start = i + 2
-            i = start + ((tag - 0x30) << 8 | frame[i + 1])
-        else:
-            return None
-        if i >= end:
-            return None
-        raw = frame[start:i]
-        if not raw.isascii():
-            return None
-        key = raw.decode("ascii")
-        # value
-        tag = frame[i]
-        if tag < 0x20:
-            start = i + 1
-            i = start + tag
-        elif 0x30 <= tag <= 0x33 and i + 1 < end:
-            start = i + 2
-            i = start + ((tag - 0x30) << 8 | frame[i + 1])
-        else:
-            return None
-        if i > end:
-            return None
-        raw = frame[start:i]
-        if not raw.isascii():
-            return None
-        strings[key] = raw.decode("ascii")
-    return None
+    if text is None:
+        text = frame.decode("latin-1")
+    items: list[str] = []
+    stop = scan_map_strings(frame, text, pos + 1, items)
+    if stop < 0 or not text[pos:stop].isascii():
+        return None
+    it = iter(items)
+    return Attachments(dict(zip(it, it, strict=True)), None, pos, stop)
+
+
+def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) -> int:
+    """Append ``count`` compact strings read from ``pos`` to ``out``; return the end, or -1.
+
+    ``text`` is ``frame`` decoded as latin-1 (one byte-to-char copy), so each string is a str
+    slice. -1 means something other than a compact string turned up (the caller then uses
+    the full decoder). The caller checks ``text[pos:end].isascii()``: the span holds only
+    string tags (all below 0x80) and string bytes, so that one check covers every string.
+    """
+    append = out.append
+    try:
+        while count:
+            tag = frame[pos]
+            if tag < 0x20:
+                stop = pos + 1 + tag
+                append(text[pos + 1 : stop])
+            elif 0x30 <= tag <= 0x33:
+                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+                append(text[pos + 2 : stop])
+            else:
+                return -1
+            pos = stop
+            count -= 1
+    except IndexError:
+        return -1
+    return pos if pos <= len(frame) else -1
+
+
+def skip_compact_strings(frame: bytes, pos: int, count: int) -> int:
+    """Skip ``count`` compact strings from ``pos``; the end, or -1 at anything else.
+
+    Their characters are counted as bytes, which the caller validates with one ASCII check
+    over the span (for ASCII, UTF-16 units and bytes are the same count).
+    """
+    try:
+        while count:
+            tag = frame[pos]
+            if tag < 0x20:
+                pos += 1 + tag
+            elif 0x30 <= tag <= 0x33:
+                pos += 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+            else:
+                return -1
+            count -= 1
+    except IndexError:
+        return -1
+    return pos if pos <= len(frame) else -1
+
+
+def scan_map_strings(frame: bytes, text: str, pos: int, out: list[str]) -> int:
+    """Like :func:`scan_strings` up to a map's end tag; returns the offset after it, or -1."""
+    append = out.append
+    try:
+        while True:
+            tag = frame[pos]
+            if tag < 0x20:
+                stop = pos + 1 + tag
+                append(text[pos + 1 : stop])
+            elif tag == TAG_END:
+                break
+            elif 0x30 <= tag <= 0x33:
+                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+                append(text[pos + 2 : stop])
+            else:
+                return -1
+            pos = stop
+    except IndexError:
+        return -1
+    if len(out) & 1:
+        return -1
+    return pos + 1
 
 
 def encode_string(value: str) -> bytes:
@@ -242,21 +285,36 @@ def encode_string_map(entries: dict[str, str]) -> bytes:
     return b"".join(parts)
 
 
-def rewrite_map(frame: bytes, start: int, end: int, mutation: dict[str, str]) -> bytes:
+def rewrite_map(
+    frame: bytes,
+    start: int,
+    end: int,
+    mutation: dict[str, str],
+    replay: tuple[int, int] = (0, 0),
+) -> bytes:
     """Re-encode the map at ``frame[start:end]`` with ``mutation`` added or replacing entries.
 
     Entries the mutation does not touch keep their exact bytes (so non-string values, typed
     objects and their references survive); replaced entries and new ones are written as
-    strings. Keys match exactly (Dubbo attachments are case-sensitive).
+    strings. Keys match exactly (Dubbo attachments are case-sensitive). ``replay`` is the
+    offset and count of the values written before the map in the same Hessian stream.
     """
     if frame[start] == TAG_NULL:
         return encode_string_map(mutation)
+    # Replay the values before the map (skipping them) so that class definitions, type names
+    # and reference numbers they introduced resolve inside the map.
+    values_start, values_count = replay
+    decoder = Decoder(frame, values_start if values_count else start)
+    for _ in range(values_count):
+        decoder.skip()
     tag = frame[start]
+    if decoder.offset != start:
+        raise FramingError("attachments do not follow the values", offset=start)
     if tag == TAG_MAP_TYPED:
-        decoder = Decoder(frame, start + 1)
+        decoder.offset = start + 1
         decoder.skip()  # the type name (a string or a type reference)
     elif tag == TAG_MAP_UNTYPED:
-        decoder = Decoder(frame, start + 1)
+        decoder.offset = start + 1
     else:
         raise FramingError("attachments are not a map", offset=start)
     remaining = dict(mutation)

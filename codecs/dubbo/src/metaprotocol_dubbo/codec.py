@@ -25,6 +25,7 @@ from metaprotocol_sdk import (
     take_frame,
 )
 
+from ._attributes import make_attributes
 from .body import (
     COMPACT_INT_ZERO,
     TAG_NULL,
@@ -35,6 +36,8 @@ from .body import (
     read_attachments,
     read_string,
     rewrite_map,
+    scan_strings,
+    skip_compact_strings,
     skip_values,
 )
 from .header import (
@@ -64,11 +67,15 @@ _PARSE_ERRORS = (IndexError, ValueError, TypeError, KeyError, RecursionError, Ov
 class RequestState:
     """What :class:`DubboCodec` keeps about a decoded request to re-encode it."""
 
-    __slots__ = ("attachments", "flag")
+    __slots__ = ("args", "attachments", "flag")
 
-    def __init__(self, flag: int, attachments: Attachments | None) -> None:
+    def __init__(
+        self, flag: int, attachments: Attachments | None, args: tuple[int, int] = (0, 0)
+    ) -> None:
         self.flag = flag
         self.attachments = attachments
+        #: (offset, count) of the arguments, replayed when non-string attachments are rewritten.
+        self.args = args
 
 
 class ResponseState:
@@ -202,27 +209,46 @@ class DubboCodec(Codec):
         )
 
     def _request(self, frame: bytes, flag: int, request_id: int, body_length: int) -> Metadata:
-        pos = HEADER_SIZE
-        dubbo_version, pos = read_string(frame, pos)
-        path, pos = read_string(frame, pos)
-        version, pos = read_string(frame, pos)
-        method, pos = read_string(frame, pos)
-        desc_offset = pos
-        desc, pos = read_string(frame, pos)
-        count = parameter_count(desc, desc_offset) if desc else 0
-        pos, decoder = skip_values(frame, pos, count)
+        text = frame.decode("latin-1")  # shared by the inline string scanners
+        head: list[str] = []
+        pos = scan_strings(frame, text, HEADER_SIZE, 5, head)
+        decoder: Decoder | None = None
+        if pos >= 0:
+            dubbo_version, path, version, method, desc = head
+            count = parameter_count(desc, pos) if desc else 0
+            args_start = pos
+            # Fast path: every argument is a compact string and everything so far is ASCII.
+            args_end = skip_compact_strings(frame, pos, count)
+            if args_end >= 0 and text[HEADER_SIZE:args_end].isascii():
+                pos = args_end
+            elif text[HEADER_SIZE:pos].isascii():
+                pos, decoder = skip_values(frame, pos, count)
+            else:
+                pos = -1
+        if pos < 0:
+            pos = HEADER_SIZE
+            dubbo_version, pos = read_string(frame, pos)
+            path, pos = read_string(frame, pos)
+            version, pos = read_string(frame, pos)
+            method, pos = read_string(frame, pos)
+            desc_offset = pos
+            desc, pos = read_string(frame, pos)
+            count = parameter_count(desc, desc_offset) if desc else 0
+            args_start = pos
+            pos, decoder = skip_values(frame, pos, count)
         if pos == len(frame):
             # Nothing after the arguments: no attachments map (tolerated, as Dubbo does).
             attachments = Attachments({}, None, pos, pos)
         else:
-            attachments = read_attachments(frame, pos, decoder)
+            attachments = read_attachments(frame, pos, decoder, text)
         strings = attachments.strings
-        attributes = Attributes(strings)
-        attributes["interface"] = strings.get("interface") or path
-        attributes["method"] = method
+        routable = dict(strings)
+        routable["interface"] = strings.get("interface") or path
+        routable["method"] = method
         version = version or strings.get("version", "")
         if version:
-            attributes["version"] = version
+            routable["version"] = version
+        attributes = make_attributes(routable)
         values: dict[str, Any] = {
             "dubbo_version": dubbo_version,
             "service_path": path,
@@ -239,7 +265,7 @@ class DubboCodec(Codec):
             body_size=body_length,
             attributes=attributes,
             values=values,
-            codec_state=RequestState(flag, attachments),
+            codec_state=RequestState(flag, attachments, (args_start, count)),
         )
 
     def _response(
@@ -290,7 +316,7 @@ class DubboCodec(Codec):
             if result_flag.has_attachments:
                 attachments = read_attachments(frame, value_end, decoder)
             values["result_flag"] = result_flag.value
-        attributes = Attributes(attachments.strings) if attachments else Attributes()
+        attributes = make_attributes(attachments.strings) if attachments else Attributes()
         if attachments is not None and attachments.others:
             values["attachments"] = attachments.others
         ok = result_flag is None or not result_flag.is_exception
@@ -356,7 +382,9 @@ class DubboCodec(Codec):
         elif attachments.all_strings:
             block = encode_string_map({**attachments.strings, **mutation})
         else:
-            block = rewrite_map(frame, attachments.start, attachments.end, dict(mutation))
+            block = rewrite_map(
+                frame, attachments.start, attachments.end, dict(mutation), state.args
+            )
         view = memoryview(frame)
         tail = view[attachments.end :]
         body_length = attachments.start - HEADER_SIZE + len(block) + len(tail)
@@ -380,7 +408,10 @@ class DubboCodec(Codec):
             if attachments.all_strings:
                 block = encode_string_map({**attachments.strings, **mutation})
             else:
-                block = rewrite_map(frame, attachments.start, attachments.end, dict(mutation))
+                replay = (state.value_start, 1 if state.value_start < attachments.start else 0)
+                block = rewrite_map(
+                    frame, attachments.start, attachments.end, dict(mutation), replay
+                )
             head: list[bytes | memoryview] = [view[HEADER_SIZE : attachments.start]]
             tail = view[attachments.end :]
         else:

@@ -1,0 +1,498 @@
+"""Unit tests of the Dubbo codec on frames built in-process (real-peer tests live elsewhere)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from metaprotocol_dubbo import ERROR_STATUS, DubboCodec, ResultFlag, Status, heartbeat_request
+from metaprotocol_dubbo.frames import build_request, build_response
+from metaprotocol_dubbo.header import HEADER, build_header
+from metaprotocol_dubbo.hessian2 import Decoder, JavaObject, dumps, loads
+
+from metaprotocol_sdk import (
+    DEFAULT_MAX_FRAME_SIZE,
+    CodecError,
+    ErrorType,
+    FrameTooLargeError,
+    FramingError,
+    LocalError,
+    MessageType,
+    Metadata,
+    NeedData,
+    ResponseStatus,
+    UnsupportedError,
+    join_encoded,
+)
+from metaprotocol_sdk.registry import create_codec
+
+PATH = "com.example.DemoService"
+ATTACHMENTS = {"k1": "v1", "k2": "v2", "group": "blue", "timeout": "3000", "x-trace": "abc"}
+
+
+def decode_one(frame: bytes, codec: DubboCodec | None = None) -> Metadata:
+    codec = codec or DubboCodec()
+    buffer = bytearray(frame)
+    result = codec.decode(buffer)
+    assert isinstance(result, Metadata), result
+    assert not buffer, "decode must consume exactly one frame"
+    return result
+
+
+def typical_request(**kw: object) -> bytes:
+    args = kw.pop("args", ["alice", "bob", "carol"])
+    attachments = kw.pop("attachments", ATTACHMENTS)
+    return build_request(
+        PATH,
+        "sayHello",
+        args,
+        version="1.0.0",
+        attachments=attachments,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# -- registry and capabilities ------------------------------------------------------------------
+
+
+def test_registered_under_aeraki_name_and_alias() -> None:
+    assert isinstance(create_codec("dubbo"), DubboCodec)
+    assert isinstance(create_codec("aeraki.meta_protocol.codec.dubbo"), DubboCodec)
+
+
+def test_capabilities() -> None:
+    caps = DubboCodec.capabilities
+    assert caps.heartbeat and caps.oneway and caps.mutation and caps.response_mutation
+    assert caps.rewrite_request_id and caps.error_reply and not caps.streaming
+    assert DubboCodec().max_frame_size == DEFAULT_MAX_FRAME_SIZE
+
+
+# -- header -------------------------------------------------------------------------------------
+
+
+def test_header_layout_is_compiled_struct() -> None:
+    assert HEADER.compiled and HEADER.size == 16
+    raw = build_header(0xC2, 0, 0x0102030405060708, 9)
+    assert raw == b"\xda\xbb\xc2\x00" + struct.pack(">QI", 0x0102030405060708, 9)
+
+
+def test_need_data_until_the_whole_frame_is_buffered() -> None:
+    frame = typical_request(request_id=42)
+    codec = DubboCodec()
+    for cut in range(len(frame)):
+        buffer = bytearray(frame[:cut])
+        result = codec.decode(buffer)
+        assert isinstance(result, NeedData)
+        assert len(buffer) == cut, "nothing consumed on NeedData"
+        if cut >= 16:
+            assert result.needed == len(frame)
+    assert decode_one(frame).request_id == 42
+
+
+def test_two_frames_in_one_buffer_decode_one_at_a_time() -> None:
+    a, b = typical_request(request_id=1), typical_request(request_id=2)
+    buffer = bytearray(a + b)
+    codec = DubboCodec()
+    first, second = codec.decode(buffer), codec.decode(buffer)
+    assert isinstance(first, Metadata) and isinstance(second, Metadata)
+    assert (first.request_id, second.request_id) == (1, 2)
+    assert first.frame == a and second.frame == b and not buffer
+
+
+def test_bad_magic_is_a_framing_error_at_offset_0() -> None:
+    with pytest.raises(FramingError) as info:
+        DubboCodec().decode(bytearray(b"\xca\xfe" + typical_request()[2:]))
+    assert info.value.offset == 0
+
+
+def test_negative_body_length_is_a_framing_error() -> None:
+    with pytest.raises(FramingError, match="negative body length"):
+        DubboCodec().decode(bytearray(b"\xda\xbb\xc2\x00" + bytes(8) + b"\xff\xff\xff\xff"))
+
+
+@pytest.mark.parametrize("sid,name", [(6, "fastjson"), (8, "kryo"), (3, "java"), (31, "unknown")])
+def test_non_hessian2_serialization_is_unsupported_and_names_the_id(sid: int, name: str) -> None:
+    frame = bytearray(typical_request(request_id=5))
+    frame[2] = (frame[2] & 0xE0) | sid
+    with pytest.raises(UnsupportedError) as info:
+        DubboCodec().decode(bytearray(frame))
+    exc = info.value
+    assert f"serialization id {sid}" in str(exc) and name in str(exc)
+    assert exc.frame_size == len(frame), "the engine can drop exactly this frame"
+    assert exc.metadata is not None and exc.metadata.request_id == 5
+
+
+def test_frame_above_max_is_refused_from_the_header_alone() -> None:
+    codec = DubboCodec(max_frame_size=1024)
+    header = build_header(0xC2, 0, 77, 5000)  # 16 bytes only: nothing of the body buffered
+    with pytest.raises(FrameTooLargeError) as info:
+        codec.decode(bytearray(header))
+    exc = info.value
+    assert exc.size == 5016 and exc.limit == 1024 and exc.offset == 12
+    assert exc.metadata is not None
+    assert exc.metadata.request_id == 77 and exc.metadata.message_type is MessageType.Request
+
+
+def test_default_limit_is_8_mib() -> None:
+    header = build_header(0x02, 20, 9, DEFAULT_MAX_FRAME_SIZE)  # 16 + 8 MiB > 8 MiB
+    with pytest.raises(FrameTooLargeError) as info:
+        DubboCodec().decode(bytearray(header))
+    assert info.value.metadata is not None
+    assert info.value.metadata.message_type is MessageType.Response
+    ok = build_header(0x02, 20, 9, DEFAULT_MAX_FRAME_SIZE - 16)
+    assert isinstance(DubboCodec().decode(bytearray(ok)), NeedData)
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+def test_request_metadata() -> None:
+    md = decode_one(typical_request(request_id=7))
+    assert md.message_type is MessageType.Request
+    assert md.request_id == 7 and md.operation_name == "sayHello"
+    assert md.attributes.to_dict() == {
+        **ATTACHMENTS,
+        "interface": PATH,
+        "method": "sayHello",
+        "version": "1.0.0",
+    }
+    assert md.attributes["GROUP"] == "blue", "attribute lookups ignore case"
+    assert md.values["dubbo_version"] == "2.0.2"
+    assert md.values["parameter_types"] == "Ljava/lang/String;" * 3
+    assert md.header_size == 16 and md.body_size == len(md.frame) - 16
+
+
+def test_oneway_when_not_two_way() -> None:
+    md = decode_one(typical_request(two_way=False))
+    assert md.message_type is MessageType.Oneway
+
+
+def test_interface_attachment_wins_over_path_and_version_falls_back() -> None:
+    frame = build_request(
+        "com.example.Impl", "m", [], attachments={"interface": "com.example.Api", "version": "2.0"}
+    )
+    md = decode_one(frame)
+    assert md.attributes["interface"] == "com.example.Api"
+    assert md.attributes["version"] == "2.0"
+    assert md.values["service_path"] == "com.example.Impl"
+
+
+def test_method_from_body_wins_over_an_attachment_named_method() -> None:
+    md = decode_one(build_request(PATH, "real", [], attachments={"method": "fake"}))
+    assert md.attributes["method"] == "real" and md.operation_name == "real"
+
+
+def test_non_string_attachments_are_values_not_attributes() -> None:
+    attachments = {"a": "b", "n": 5, "flag": True, "none": None, "list": ["x"]}
+    md = decode_one(build_request(PATH, "m", ["x"], attachments=attachments))
+    assert "n" not in md.attributes and "flag" not in md.attributes and "list" not in md.attributes
+    assert md.attributes["a"] == "b"
+    assert md.values["attachments"] == {"n": 5, "flag": True, "none": None, "list": ["x"]}
+
+
+def test_unicode_strings_use_the_hessian_decoder() -> None:
+    frame = build_request(PATH, "grüß", ["日本", "😀"], attachments={"ключ": "значение"})
+    md = decode_one(frame)
+    assert md.operation_name == "grüß"
+    assert md.attributes["ключ"] == "значение"
+
+
+def test_arguments_are_skipped_not_materialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    obj = JavaObject("com.example.User", {"name": "n", "tags": ["a", "b"], "age": 3})
+    frame = build_request(
+        PATH,
+        "save",
+        [obj, [1, 2, 3], {"m": 1}],
+        descriptor="Lcom/example/User;Ljava/util/List;Ljava/util/Map;",
+        attachments={"k": "v"},
+    )
+
+    reads: list[int] = []
+    original = Decoder.read
+
+    def spy(self: Decoder) -> object:
+        reads.append(self.offset)
+        return original(self)
+
+    monkeypatch.setattr(Decoder, "read", spy)
+    md = decode_one(frame)
+    assert md.attributes["k"] == "v" and md.operation_name == "save"
+    # Only the attachments map (after the arguments) was materialised.
+    assert reads and min(reads) == md.codec_state.attachments.start
+
+
+def test_arguments_sharing_class_definitions_with_attachments() -> None:
+    # An attachment value reusing the class definition written by an argument: skipping the
+    # arguments must keep the class numbering so the attachments still decode.
+    user = JavaObject("com.example.User", {"name": "a"})
+    frame = build_request(
+        PATH, "m", [user], descriptor="Lcom/example/User;", attachments={"who": user, "k": "v"}
+    )
+    md = decode_one(frame)
+    assert md.attributes["k"] == "v"
+    assert md.values["attachments"]["who"]["name"] == "a"
+
+
+def test_no_attachments_map_is_tolerated() -> None:
+    frame = typical_request()
+    body = frame[16:]
+    end = len(body) - len(dumps(ATTACHMENTS))
+    trimmed = build_header(0xC2, 0, 3, end) + body[:end]
+    md = decode_one(trimmed)
+    assert md.operation_name == "sayHello" and md.attributes["interface"] == PATH
+
+
+@pytest.mark.parametrize("desc", ["Q", "Ljava/lang/String", "[", "[[L;X"])
+def test_bad_parameter_descriptor(desc: str) -> None:
+    frame = build_request(PATH, "m", [], descriptor=desc)
+    with pytest.raises(FramingError, match="descriptor") as info:
+        DubboCodec().decode(bytearray(frame))
+    assert info.value.frame_size == len(frame) and info.value.offset is not None
+
+
+def test_fewer_arguments_than_the_descriptor_says() -> None:
+    frame = build_request(PATH, "m", ["a"], descriptor="Ljava/lang/String;II", attachments={})
+    with pytest.raises(CodecError) as info:
+        DubboCodec().decode(bytearray(frame))
+    exc = info.value
+    assert exc.frame_size == len(frame) and exc.offset is not None
+    assert exc.metadata is not None and exc.metadata.request_id == 1
+
+
+def test_truncated_body_inside_a_complete_frame() -> None:
+    frame = typical_request(request_id=11)
+    short = build_header(0xC2, 0, 11, 20) + frame[16:36]
+    with pytest.raises(CodecError) as info:
+        DubboCodec().decode(bytearray(short))
+    assert info.value.frame_size == 36 and info.value.offset is not None
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [s for s in Status if s is not Status.OK])
+def test_error_status_is_an_error_message(status: Status) -> None:
+    md = decode_one(build_response(status=status, error_message="it broke", request_id=9))
+    assert md.message_type is MessageType.Error
+    assert md.response_status is ResponseStatus.Error
+    assert md.values == {"status": int(status), "error_message": "it broke"}
+
+
+@pytest.mark.parametrize("flag", list(ResultFlag))
+def test_result_flags(flag: ResultFlag) -> None:
+    value = None if not flag.has_value else "value"
+    attachments = {"r": "1", "n": 2} if flag.has_attachments else None
+    md = decode_one(build_response(value, result_flag=flag, attachments=attachments))
+    assert md.message_type is MessageType.Response
+    assert md.values["result_flag"] == flag
+    expected = ResponseStatus.Error if flag.is_exception else ResponseStatus.Ok
+    assert md.response_status is expected
+    if flag.has_attachments:
+        assert md.attributes.to_dict() == {"r": "1"}
+        assert md.values["attachments"] == {"n": 2}
+    else:
+        assert len(md.attributes) == 0
+
+
+def test_exception_result_with_a_java_exception_object() -> None:
+    exc = JavaObject("java.lang.RuntimeException", {"detailMessage": "x", "cause": None})
+    md = decode_one(build_response(exc, result_flag=ResultFlag.RESPONSE_WITH_EXCEPTION))
+    assert md.message_type is MessageType.Response
+    assert md.response_status is ResponseStatus.Error
+
+
+@pytest.mark.parametrize("flag", [7, -1])
+def test_bad_result_flag(flag: int) -> None:
+    body = dumps(flag) + dumps("x")
+    frame = build_header(0x02, 20, 1, len(body)) + body
+    with pytest.raises(FramingError, match="result flag") as info:
+        DubboCodec().decode(bytearray(frame))
+    assert info.value.frame_size == len(frame)
+
+
+def test_dubbo_remoting_flagless_null_result() -> None:
+    frame = build_header(0x02, 20, 4, 1) + b"N"
+    md = decode_one(frame)
+    assert md.message_type is MessageType.Response and md.response_status is ResponseStatus.Ok
+    out = decode_one(join_encoded(DubboCodec().encode(md, {"k": "v"})))
+    assert out.values["result_flag"] == ResultFlag.RESPONSE_NULL_VALUE_WITH_ATTACHMENTS
+    assert out.attributes["k"] == "v"
+
+
+# -- heartbeats ---------------------------------------------------------------------------------
+
+
+def test_heartbeat_request_and_reply() -> None:
+    codec = DubboCodec()
+    request = decode_one(heartbeat_request(31))
+    assert request.message_type is MessageType.Heartbeat and request.request_id == 31
+    reply = codec.heartbeat_reply(request)
+    assert reply == b"\xda\xbb\x22\x14" + struct.pack(">QI", 31, 1) + b"N"
+    reply_md = decode_one(reply)
+    assert reply_md.message_type is MessageType.Heartbeat
+    assert reply_md.response_status is ResponseStatus.Ok
+    assert codec.heartbeat_reply(reply_md) is None
+
+
+def test_oneway_event_needs_no_reply() -> None:
+    readonly = build_header(0xA2, 0, 5, 2) + dumps("R")  # Dubbo's read-only event, one-way
+    md = decode_one(readonly)
+    assert md.message_type is MessageType.Heartbeat
+    assert DubboCodec().heartbeat_reply(md) is None
+
+
+def test_heartbeat_reply_is_none_for_non_heartbeats() -> None:
+    assert DubboCodec().heartbeat_reply(decode_one(typical_request())) is None
+
+
+# -- mutation and request ids -------------------------------------------------------------------
+
+
+def test_empty_mutation_returns_the_frame_itself() -> None:
+    codec = DubboCodec()
+    for frame in (typical_request(), build_response("x"), heartbeat_request(3)):
+        md = decode_one(frame)
+        assert codec.encode(md) is md.frame
+        assert codec.encode(md, {}) is md.frame
+        assert codec.encode(md, None, request_id=md.request_id) is md.frame
+
+
+def test_request_mutation_adds_and_replaces_attachments() -> None:
+    codec = DubboCodec()
+    md = decode_one(typical_request(request_id=8))
+    out = codec.encode(md, {"k1": "changed", "x-new": "added"})
+    assert isinstance(out, list)
+    # The arguments travel as a zero-copy slice of the original frame, byte for byte.
+    args = out[1]
+    assert isinstance(args, memoryview) and args.obj is md.frame
+    att_start = md.codec_state.attachments.start
+    assert bytes(args) == md.frame[16:att_start]
+    data = join_encoded(out)
+    assert struct.unpack(">i", data[12:16])[0] == len(data) - 16, "body length fixed"
+    again = decode_one(data)
+    assert again.request_id == 8
+    assert again.attributes["k1"] == "changed" and again.attributes["x-new"] == "added"
+    assert again.attributes["k2"] == "v2" and again.operation_name == "sayHello"
+    assert loads(data[att_start:]) == {**ATTACHMENTS, "k1": "changed", "x-new": "added"}
+
+
+def test_mutation_keeps_non_string_attachments_byte_identical() -> None:
+    user = JavaObject("com.example.User", {"name": "a"})
+    frame = build_request(
+        PATH,
+        "m",
+        [user],
+        descriptor="Lcom/example/User;",
+        attachments={"who": user, "n": 7, "k": "v"},
+    )
+    md = decode_one(frame)
+    data = join_encoded(DubboCodec().encode(md, {"k": "w", "added": "1"}))
+    again = decode_one(data)
+    assert again.attributes["k"] == "w" and again.attributes["added"] == "1"
+    assert again.values["attachments"] == md.values["attachments"]
+
+
+def test_mutation_on_a_request_without_attachments() -> None:
+    frame = typical_request()
+    end = len(frame) - 16 - len(dumps(ATTACHMENTS))
+    trimmed = build_header(0xC2, 0, 3, end) + frame[16 : 16 + end]
+    data = join_encoded(DubboCodec().encode(decode_one(trimmed), {"a": "b"}))
+    assert decode_one(data).attributes["a"] == "b"
+
+
+def test_request_id_rewrite() -> None:
+    codec = DubboCodec()
+    md = decode_one(typical_request(request_id=1))
+    data = join_encoded(codec.encode(md, request_id=2**40 + 5))
+    assert data[12:] == md.frame[12:] and data[:4] == md.frame[:4]
+    assert decode_one(data).request_id == 2**40 + 5
+    both = decode_one(join_encoded(codec.encode(md, {"a": "b"}, request_id=99)))
+    assert both.request_id == 99 and both.attributes["a"] == "b"
+
+
+@pytest.mark.parametrize("flag", list(ResultFlag))
+def test_response_mutation(flag: ResultFlag) -> None:
+    value = None if not flag.has_value else {"nested": ["v"]}
+    attachments = {"r": "1"} if flag.has_attachments else None
+    md = decode_one(build_response(value, result_flag=flag, attachments=attachments, request_id=6))
+    data = join_encoded(DubboCodec().encode(md, {"served-by": "relay"}, request_id=60))
+    out = decode_one(data)
+    assert out.request_id == 60
+    assert out.values["result_flag"] == flag.with_attachments
+    assert out.attributes["served-by"] == "relay"
+    if flag.has_attachments:
+        assert out.attributes["r"] == "1"
+    # the value bytes are unchanged
+    decoder = Decoder(data, 16)
+    assert decoder.read() == flag.with_attachments
+    if flag.has_value:
+        assert decoder.read() == value
+
+
+def test_response_mutation_without_upgrade_leaves_flags_0_to_2_alone() -> None:
+    codec = DubboCodec(upgrade_result_flag=False)
+    md = decode_one(build_response("v"))
+    assert codec.encode(md, {"a": "b"}) is md.frame
+    with_att = decode_one(build_response("v", attachments={"x": "y"}))
+    assert decode_one(join_encoded(codec.encode(with_att, {"a": "b"}))).attributes["a"] == "b"
+
+
+def test_error_responses_and_heartbeats_ignore_mutations_but_take_new_ids() -> None:
+    codec = DubboCodec()
+    for frame in (build_response(status=Status.SERVER_ERROR), heartbeat_request(4)):
+        md = decode_one(frame)
+        assert codec.encode(md, {"a": "b"}) is md.frame
+        assert (
+            decode_one(join_encoded(codec.encode(md, {"a": "b"}, request_id=12))).request_id == 12
+        )
+
+
+def test_from_options() -> None:
+    codec = DubboCodec.from_options({"max_frame_size": 100, "upgrade_result_flag": False})
+    assert codec.max_frame_size == 100 and codec.upgrade_result_flag is False
+
+
+# -- error replies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error_type", list(ErrorType))
+def test_on_error_builds_a_dubbo_error_response(error_type: ErrorType) -> None:
+    codec = DubboCodec()
+    request = decode_one(typical_request(request_id=123456789))
+    reply = codec.on_error(request, LocalError(error_type, "no route for sayHello"))
+    assert reply, "an empty reply is a bug"
+    md = decode_one(reply)
+    assert md.message_type is MessageType.Error and md.request_id == 123456789
+    assert md.values["status"] == ERROR_STATUS[error_type]
+    assert md.values["error_message"] == f"{error_type.name}: no route for sayHello"
+    assert reply[2] == 0x02, "response, Hessian 2, not an event"
+    assert loads(reply[16:]) == md.values["error_message"]
+
+
+@pytest.mark.parametrize(
+    "error_type,status",
+    [
+        (ErrorType.RouteNotFound, Status.SERVICE_NOT_FOUND),
+        (ErrorType.ClusterNotFound, Status.SERVICE_NOT_FOUND),
+        (ErrorType.NoHealthyUpstream, Status.SERVICE_ERROR),
+        (ErrorType.UpstreamConnectFailure, Status.SERVICE_ERROR),
+        (ErrorType.UpstreamReset, Status.SERVER_ERROR),
+        (ErrorType.Timeout, Status.SERVER_TIMEOUT),
+        (ErrorType.OverLimit, Status.SERVER_THREADPOOL_EXHAUSTED_ERROR),
+        (ErrorType.BadRequest, Status.BAD_REQUEST),
+        (ErrorType.BadResponse, Status.BAD_RESPONSE),
+    ],
+)
+def test_error_status_mapping(error_type: ErrorType, status: Status) -> None:
+    assert ERROR_STATUS[error_type] is status
+
+
+def test_on_error_without_message_and_for_partial_metadata() -> None:
+    codec = DubboCodec(max_frame_size=64)
+    with pytest.raises(FrameTooLargeError) as info:
+        codec.decode(bytearray(build_header(0xC2, 0, 55, 1000)))
+    assert info.value.metadata is not None
+    reply = codec.on_error(info.value.metadata, LocalError(ErrorType.BadRequest))
+    md = decode_one(reply)
+    assert md.request_id == 55 and md.values["error_message"] == "BadRequest"
+    assert md.values["status"] == Status.BAD_REQUEST
