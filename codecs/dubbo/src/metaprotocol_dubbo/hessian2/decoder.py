@@ -16,7 +16,7 @@ from typing import Any, Final
 from . import tags as T
 from .errors import HessianError
 from .strings import decode_units, join_pairs, units_end
-from .types import JavaObject, TypedList, TypedMap
+from .types import JavaLong, JavaObject, TypedList, TypedMap
 
 #: Default bound on nesting (lists, maps, objects inside each other).
 DEFAULT_MAX_DEPTH: Final = 128
@@ -62,7 +62,9 @@ class Decoder:
     ``max_depth`` bounds the nesting of containers; ``max_length`` (at least 1024) bounds every
     declared length (string units, binary bytes, list items). Independently of both, a length
     larger than the data left is an error, so nothing large is allocated for a short input.
-    After a :class:`HessianError` the decoder's state is undefined.
+    With ``java_longs=True`` Hessian longs are returned as :class:`JavaLong` (an ``int``), so
+    that writing the value again keeps them longs. After a :class:`HessianError` the decoder's
+    state is undefined.
     """
 
     __slots__ = (
@@ -72,6 +74,7 @@ class Decoder:
         "_depth",
         "_end",
         "_pos",
+        "_readers",
         "_refs",
         "_types",
         "max_depth",
@@ -85,6 +88,7 @@ class Decoder:
         *,
         max_depth: int = DEFAULT_MAX_DEPTH,
         max_length: int = DEFAULT_MAX_LENGTH,
+        java_longs: bool = False,
     ) -> None:
         if offset < 0:
             raise ValueError("offset must not be negative")
@@ -110,6 +114,7 @@ class Decoder:
         self._depth = 0
         self.max_depth = max_depth
         self.max_length = max_length
+        self._readers = _READERS_JAVA_LONGS if java_longs else _READERS
 
     # -- position -------------------------------------------------------------------------
 
@@ -153,7 +158,7 @@ class Decoder:
         if pos >= self._end:
             raise self._error("truncated: expected a value", pos)
         tag = self._data[pos]
-        return _READERS[tag](self, tag, pos + 1)
+        return self._readers[tag](self, tag, pos + 1)
 
     def read_string(self) -> str | None:
         """Decode the next value, which must be a string (or null, returned as ``None``).
@@ -184,7 +189,7 @@ class Decoder:
             raise self._error("truncated: expected an int", pos)
         tag = self._data[pos]
         if _IS_INT[tag]:
-            return _READERS[tag](self, tag, pos + 1)  # type: ignore[no-any-return]
+            return self._readers[tag](self, tag, pos + 1)  # type: ignore[no-any-return]
         raise self._error(f"expected an int, found tag 0x{tag:02x}", pos)
 
     def skip(self) -> None:
@@ -260,6 +265,7 @@ class Decoder:
         sub._depth = self._depth
         sub.max_depth = self.max_depth
         sub.max_length = self.max_length
+        sub._readers = self._readers
         value = sub.read()
         refs = self._refs
         for j in range(idx, min(len(sub._refs), len(refs))):
@@ -696,7 +702,7 @@ def _r_class_def(d: Decoder, tag: int, pos: int) -> Any:
             raise d._error("truncated: expected an object after its class definition", pos)
         tag = data[pos]
         if tag != T.CLASS_DEF:
-            return _READERS[tag](d, tag, pos + 1)
+            return d._readers[tag](d, tag, pos + 1)
         read_class_def(d, pos + 1)
 
 
@@ -798,5 +804,17 @@ def _table() -> tuple[list[Reader], list[bool], list[bool]]:
 
 
 _READERS, _IS_INT, _IS_STRING = _table()
+
+
+def _java_long(fn: Reader) -> Reader:
+    def read(d: Decoder, tag: int, pos: int) -> JavaLong:
+        return JavaLong(fn(d, tag, pos))
+
+    return read
+
+
+_READERS_JAVA_LONGS = list(_READERS)
+for _t in (*range(0x38, 0x40), T.LONG, T.LONG_INT, *range(0xD8, 0x100)):
+    _READERS_JAVA_LONGS[_t] = _java_long(_READERS[_t])
 
 from .skip import SKIPPERS as _SKIPPERS  # noqa: E402  (skip.py needs the names above)
