@@ -14,11 +14,14 @@ from ._output import fail
 
 
 def _runner() -> asyncio.Runner:
-    # The demo's load is small, so the standard loop is the default;
-    # METAPROTOCOL_DEMO_LOOP=uvloop runs the in-process engine on uvloop instead.
-    if os.environ.get("METAPROTOCOL_DEMO_LOOP") != "uvloop":
+    # The in-process engine runs on uvloop, as `metaprotocol proxy` does;
+    # METAPROTOCOL_DEMO_LOOP=asyncio selects the standard loop instead.
+    if os.environ.get("METAPROTOCOL_DEMO_LOOP") == "asyncio":
         return asyncio.Runner()
-    import uvloop
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.Runner()
 
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
