@@ -219,6 +219,8 @@ class Relay:
     request_hook: RequestHook = lambda md: None
     response_mutation: Mutation | None = None
     seen: list[Seen] = field(default_factory=list)
+    #: (direction, bytes) of every frame the relay wrote: "up" to the provider, "down" back.
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -238,6 +240,7 @@ class Relay:
         self.request_hook = lambda md: None
         self.response_mutation = None
         self.seen.clear()
+        self.sent.clear()
         self.errors.clear()
         while not self._events.empty():
             self._events.get_nowait()
@@ -325,14 +328,18 @@ class Relay:
                     continue
                 action = self.request_hook(md)
                 if isinstance(action, LocalError):
+                    reply = codec.on_error(md, action)
+                    self.sent.append(("down", reply))
                     with locks[0]:
-                        down.sendall(codec.on_error(md, action))
+                        down.sendall(reply)
                     continue
                 new_id = next(self._ids) if self.rewrite_ids else md.request_id
                 pending[new_id] = md.request_id
                 out = codec.encode(md, action, request_id=new_id if self.rewrite_ids else None)
+                data = join_encoded(out)
+                self.sent.append(("up", data))
                 with locks[1]:
-                    up.sendall(join_encoded(out))
+                    up.sendall(data)
         except BaseException as exc:  # recorded for the test to assert on
             self.errors.append(exc)
 
@@ -359,8 +366,10 @@ class Relay:
                     self.response_mutation,
                     request_id=original if self.rewrite_ids else None,
                 )
+                data = join_encoded(out)
+                self.sent.append(("down", data))
                 with locks[0]:
-                    down.sendall(join_encoded(out))
+                    down.sendall(data)
         except BaseException as exc:
             self.errors.append(exc)
 
