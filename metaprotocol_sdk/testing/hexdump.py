@@ -8,18 +8,19 @@ WIDTH = 16
 MAX_DUMP = 256
 
 
-def _line(data: bytes, start: int, mark: int | None) -> str:
+def _line(data: bytes, start: int, mark: int | None) -> list[str]:
     chunk = data[start : start + WIDTH]
-    cells = []
-    for i, byte in enumerate(chunk):
-        cell = f"{byte:02x}"
-        cells.append(f"[{cell}]" if mark == start + i else f" {cell} ")
+    cells = " ".join(f"{byte:02x}" for byte in chunk)
     text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-    return f"  {start:08x} {''.join(cells):<{WIDTH * 4}} |{text}|"
+    lines = [f"  {start:08x}  {cells:<{WIDTH * 3 - 1}}  |{text}|"]
+    if mark is not None and start <= mark < start + WIDTH:
+        column = 12 + 3 * (mark - start)
+        lines.append(" " * column + f"^^ offset {mark}")
+    return lines
 
 
 def hexdump(data: bytes | bytearray | memoryview, *, mark: int | None = None) -> str:
-    """Render ``data`` as offset-prefixed hex lines; ``mark`` brackets the byte at that offset.
+    """Render ``data`` as offset-prefixed hex lines; ``mark`` points at the byte at that offset.
 
     Data longer than :data:`MAX_DUMP` shows its first and last lines and the lines around
     ``mark``.
@@ -39,7 +40,7 @@ def hexdump(data: bytes | bytearray | memoryview, *, mark: int | None = None) ->
     for start in starts:
         if start != previous + WIDTH:
             lines.append("  ...")
-        lines.append(_line(raw, start, mark))
+        lines += _line(raw, start, mark)
         previous = start
     return "\n".join(lines)
 

@@ -77,7 +77,8 @@ class CodecTarget:
     @property
     def name(self) -> str:
         """The codec's display name."""
-        return self.codec.protocol or f"{self.codec.__module__}:{self.codec.__qualname__}"
+        where = f"{self.codec.__module__}:{self.codec.__qualname__}"
+        return f"{self.codec.protocol} ({where})" if self.codec.protocol else where
 
     @property
     def samples(self) -> tuple[Sample, ...]:

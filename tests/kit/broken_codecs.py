@@ -1,0 +1,201 @@
+"""Deliberately broken codecs: the working KV example codec with exactly ONE fault each.
+
+Each class names the check that must catch it in ``catches``. They point the kit at the KV
+example's conformance package through the ``conformance`` class attribute, so they are driven
+with the same golden vectors and messages as the working codec.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, ClassVar
+
+from metaprotocol_sdk import (
+    NEED_DATA,
+    Attributes,
+    Encoded,
+    FrameTooLargeError,
+    LocalError,
+    MessageType,
+    Metadata,
+    Mutation,
+    NeedData,
+    ResponseStatus,
+    take_frame,
+)
+from metaprotocol_sdk.examples import kv
+from metaprotocol_sdk.examples.kv import HEADER, HEADER_SIZE, KVCodec, build_frame
+
+
+class _Broken(KVCodec):
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+    #: The check that must fail for this codec.
+    catches: ClassVar[str] = ""
+
+
+def _message(frame: bytes, kind: int, request_id: int, headers_length: int) -> Metadata:
+    """The metadata KVCodec.decode builds for a complete frame."""
+    headers = kv._decode_headers(frame, HEADER_SIZE, HEADER_SIZE + headers_length)
+    return Metadata(
+        kv._KIND_TO_TYPE[kind],
+        frame=frame,
+        request_id=request_id,
+        operation_name=headers.get("method", ""),
+        header_size=HEADER_SIZE + headers_length,
+        body_size=len(frame) - HEADER_SIZE - headers_length,
+        response_status=ResponseStatus.Ok if kind == kv.RESPONSE else ResponseStatus.Unknown,
+        attributes=Attributes(headers),
+        codec_state=kind,
+    )
+
+
+class IgnoresPartialFrames(_Broken):
+    """Throws a partial frame away instead of keeping it for the next call."""
+
+    catches = "framing_split_points"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = HEADER.unpack(buffer)
+        if fields is not None and len(buffer) >= HEADER_SIZE + fields[4] + fields[6]:
+            return super().decode(buffer)
+        buffer.clear()  # the fault
+        return NEED_DATA
+
+
+class ShortValueOnTruncation(_Broken):
+    """Returns a message built from whatever bytes arrived when the body is truncated."""
+
+    catches = "bad_input_truncated"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = HEADER.unpack(buffer)
+        if fields is None:
+            return NEED_DATA
+        _, _, kind, request_id, headers_length, _, body_length = fields
+        size = HEADER_SIZE + headers_length + body_length
+        if len(buffer) >= size or len(buffer) < HEADER_SIZE + headers_length:
+            return super().decode(buffer)
+        frame = take_frame(buffer, len(buffer))  # the fault: a short value
+        return _message(frame, kind, request_id, headers_length)
+
+
+class DropsRequestIdInErrorReply(_Broken):
+    """Builds error replies with request id 0."""
+
+    catches = "error_reply_request_id"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        return build_frame(kv.ERROR, 0, {"error-type": error.type.name})
+
+
+class EmptyErrorReply(_Broken):
+    """Returns an empty error reply."""
+
+    catches = "error_reply_nonempty"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        return b""
+
+
+class CorruptsBodyOnMutation(_Broken):
+    """Flips the body's first byte when writing a mutation."""
+
+    catches = "mutation_body_unchanged"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        encoded = super().encode(message, mutation, request_id=request_id)
+        if not mutation or isinstance(encoded, bytes) or not message.body_size:
+            return encoded
+        body = bytearray(encoded[-1])
+        body[0] ^= 0xFF  # the fault
+        return [*encoded[:-1], bytes(body)]
+
+
+class ForgetsLengthAfterMutation(_Broken):
+    """Writes the mutated headers but leaves the old headers length in place."""
+
+    catches = "mutation_length_fields"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        encoded = super().encode(message, mutation, request_id=request_id)
+        if not mutation or isinstance(encoded, bytes):
+            return encoded
+        fixed = bytearray(encoded[0])
+        old_length = message.header_size - HEADER_SIZE
+        struct.pack_into(">H", fixed, 8, old_length)  # the fault: the stale length
+        return [bytes(fixed), *encoded[1:]]
+
+
+_KINDS = [kv._KIND_TO_TYPE[k] for k in range(6)]
+
+
+class IndexErrorOnGarbage(_Broken):
+    """Looks the message kind up in a list, so an unknown kind raises IndexError."""
+
+    catches = "bad_input_corrupted"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = HEADER.unpack(buffer)
+        if fields is not None:
+            _KINDS[fields[2]]  # the fault: IndexError for kind >= 6 instead of FramingError
+        return super().decode(buffer)
+
+
+class BuffersOversizedLength(_Broken):
+    """Never compares the announced size with max_frame_size: waits for any length."""
+
+    catches = "bad_input_oversized_length"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = HEADER.unpack(buffer)
+        if fields is None:
+            return NEED_DATA
+        size = HEADER_SIZE + fields[4] + fields[6]
+        if len(buffer) < size:
+            return NeedData(size)  # the fault: no FrameTooLargeError
+        saved, self.max_frame_size = self.max_frame_size, max(self.max_frame_size, size)
+        try:
+            return super().decode(buffer)
+        finally:
+            self.max_frame_size = saved
+
+
+class SharesStateBetweenInstances(_Broken):
+    """Caches a partly received header at class level, so every instance sees it."""
+
+    catches = "state_independent_instances"
+    _pending: ClassVar[dict[str, Any]] = {}  # the fault: one dict for all instances
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = self._pending.get("header") or HEADER.unpack(buffer)
+        if fields is None:
+            return NEED_DATA
+        _, _, kind, request_id, headers_length, _, body_length = fields
+        size = HEADER_SIZE + headers_length + body_length
+        if size > self.max_frame_size:
+            raise FrameTooLargeError(size, self.max_frame_size, offset=12)
+        if len(buffer) < size:
+            self._pending["header"] = fields
+            return NeedData(size)
+        self._pending.clear()
+        frame = take_frame(buffer, size)
+        return _message(frame, kind, request_id, headers_length)
+
+
+BROKEN: list[type[_Broken]] = [
+    IgnoresPartialFrames,
+    ShortValueOnTruncation,
+    DropsRequestIdInErrorReply,
+    EmptyErrorReply,
+    CorruptsBodyOnMutation,
+    ForgetsLengthAfterMutation,
+    IndexErrorOnGarbage,
+    BuffersOversizedLength,
+    SharesStateBetweenInstances,
+]
+
+__all__ = ["BROKEN", "MessageType"]

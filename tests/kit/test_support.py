@@ -1,0 +1,79 @@
+"""Building blocks of the checks: guarded decode, time bound, length-field search, hex dumps."""
+
+from __future__ import annotations
+
+import pytest
+
+from metaprotocol_sdk import NEED_DATA, Metadata, NeedData
+from metaprotocol_sdk.examples.kv import REQUEST, KVCodec, build_frame
+from metaprotocol_sdk.testing import CodecTarget, KitSettings, Outcome, run_check
+from metaprotocol_sdk.testing.checks import CheckFailed
+from metaprotocol_sdk.testing.checks._support import call_decode, split_points
+from metaprotocol_sdk.testing.checks.bad_input import length_fields
+from metaprotocol_sdk.testing.hexdump import compare, hexdump
+
+FRAME = build_frame(REQUEST, 9, {"method": "get"}, b"0123456789")
+
+
+class HangsOnGarbage(KVCodec):
+    """Spins forever when the magic is wrong (a parser loop that never advances)."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        if len(buffer) >= 2 and buffer[:2] != b"KV":
+            while True:
+                pass
+        return super().decode(buffer)
+
+
+class AsksForTooMuch(KVCodec):
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        return NeedData(self.max_frame_size + 1)
+
+
+class AlwaysNeedsData(KVCodec):
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        return NEED_DATA
+
+
+class NibblesOnNeedData(KVCodec):
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        del buffer[:1]
+        return NEED_DATA
+
+
+def test_a_decode_that_never_returns_is_stopped_and_reported() -> None:
+    settings = KitSettings(time_limit=0.05, examples=3, random_examples=5)
+    target = CodecTarget.discover(HangsOnGarbage, settings=settings)
+    result = run_check(target, "bad_input_corrupted")
+    assert result.outcome is Outcome.failed
+    assert "decode took longer than 0.05s" in result.reason
+
+
+def test_call_decode_enforces_the_need_data_rules() -> None:
+    with pytest.raises(CheckFailed, match="buffering an oversized length"):
+        call_decode(AsksForTooMuch(max_frame_size=100), bytearray(b"KV"))
+    with pytest.raises(CheckFailed, match="changed the buffer"):
+        call_decode(NibblesOnNeedData(), bytearray(b"KV"))
+    with pytest.raises(CheckFailed, match="at or above max_frame_size"):
+        call_decode(AlwaysNeedsData(max_frame_size=4), bytearray(FRAME[:4]))
+    assert isinstance(call_decode(KVCodec(), bytearray(FRAME[:20])), NeedData)
+
+
+def test_length_field_search_finds_the_kv_body_length() -> None:
+    metadata = KVCodec().decode(bytearray(FRAME))
+    assert isinstance(metadata, Metadata)
+    assert (12, 4, "big") in length_fields(FRAME, metadata)
+
+
+def test_split_points_cover_short_frames_fully_and_sample_long_ones() -> None:
+    assert split_points(5, 600) == [1, 2, 3, 4]
+    points = split_points(10_000, 600)
+    assert len(points) < 700 and points[0] == 1 and points[-1] == 9_999
+
+
+def test_hexdump_shows_offsets_and_marks_the_byte() -> None:
+    dump = hexdump(bytes(range(20)), mark=17)
+    assert "00000010  10 11 12 13" in dump and "^^ offset 17" in dump
+    assert "differ at offset 2" in compare(b"abc", b"abd")

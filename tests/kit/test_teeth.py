@@ -1,0 +1,37 @@
+"""The kit has teeth: each broken codec fails the check that targets its one fault,
+and the working KV example codec passes everything."""
+
+from __future__ import annotations
+
+import pytest
+from broken_codecs import BROKEN
+
+from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.testing import CodecTarget, Outcome, check_names, run_check, run_kit
+
+
+def test_working_kv_codec_passes_every_check() -> None:
+    report = run_kit(CodecTarget.discover(KVCodec))
+    assert report.passed, report.format_text()
+    outcomes = {r.check: r.outcome for r in report.results}
+    assert set(outcomes) == set(check_names())
+    # Only streaming is undeclared by KV, and its skip says why.
+    skipped = [r for r in report.results if r.outcome is Outcome.skipped]
+    assert [r.check for r in skipped] == ["streaming_marked"]
+    assert "'streaming' capability" in skipped[0].reason
+    assert report.notes == []
+
+
+@pytest.mark.parametrize("codec", BROKEN, ids=lambda c: c.__name__)
+def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
+    target = CodecTarget.discover(codec)
+    result = run_check(target, codec.catches)  # type: ignore[attr-defined]
+    assert result.outcome is Outcome.failed, result.reason
+    # Failure messages show the bytes as an offset-prefixed hex dump.
+    assert "00000000  " in result.reason, result.reason
+
+
+def test_every_broken_codec_targets_a_distinct_real_check() -> None:
+    targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
+    assert len(set(targeted)) == len(targeted) == 9
+    assert set(targeted) <= set(check_names())
