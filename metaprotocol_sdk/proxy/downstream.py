@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from metaprotocol_sdk.codec import Codec, LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType
@@ -80,8 +80,8 @@ class Downstream(asyncio.Protocol):
     # -- connection events ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
+        self.transport = transport = cast(asyncio.Transport, transport)
         engine = self.engine
         listener = self.listener
         if engine.draining or len(engine.downstreams) >= engine.max_connections:
@@ -193,10 +193,9 @@ class Downstream(asyncio.Protocol):
             return
         assert isinstance(host, UpstreamHost)
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
-        loop = engine.loop
-        now = loop.time()
+        now = engine.loop.time()
         p = Pending(self, message, route, target, host, conn, now)
-        p.timer = loop.call_at(now + route.timeout, self._timeout, p)
+        engine.deadlines.add(p, now, route.timeout)
         engine.pending += 1
         host.active += 1
         self.inflight += 1
@@ -237,12 +236,11 @@ class Downstream(asyncio.Protocol):
     # -- completion ----------------------------------------------------------------------------
 
     def _settle(self, p: Pending) -> None:
-        timer = p.timer
-        if timer is not None:
-            timer.cancel()
+        p.done = True
+        engine = self.engine
+        engine.deadlines.settle(p)
         p.host.active -= 1
         self.inflight -= 1
-        engine = self.engine
         engine.pending -= 1
         if engine.draining and engine.pending == 0:
             engine.requests_drained()
@@ -287,8 +285,8 @@ class Downstream(asyncio.Protocol):
         if self.draining and self.inflight == 0:
             self.close()
 
-    def _timeout(self, p: Pending) -> None:
-        p.timer = None
+    def timeout(self, p: Pending) -> None:
+        """``p`` got no response within its route's timeout."""
         p.conn.forget(p)
         self.fail(p, ErrorType.Timeout, f"no response within {p.route.timeout:g}s")
 

@@ -9,6 +9,7 @@ from typing import Any
 from .accesslog import AccessLog
 from .balancer import make_balancer
 from .config.models import Config, Destination, Listener, LoadBalancer
+from .deadlines import Deadlines
 from .downstream import Downstream, ListenerRuntime
 from .matcher import compile_match
 from .router import CompiledRoute, RouteTable, Target
@@ -51,6 +52,8 @@ class Engine:
         self._drained: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._pending_gauge = self.stats.gauge("metaprotocol_requests_pending")
+        #: Request timeouts (created by :meth:`start`, on the running loop).
+        self.deadlines: Deadlines
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -141,6 +144,7 @@ class Engine:
         from .admin import start_admin
 
         self._loop = asyncio.get_running_loop()
+        self.deadlines = Deadlines(self._loop, lambda p: p.downstream.timeout(p))
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
         settings = self.config.proxy
@@ -221,6 +225,7 @@ class Engine:
             if not self.downstreams and not self.upstreams:
                 break
             await asyncio.sleep(0)
+        self.deadlines.close()
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.enums import ErrorType, MessageType
@@ -23,6 +23,7 @@ from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .balancer import Balancer
 from .config.models import Protocol
+from .deadlines import TimeoutQueue
 from .stats import Counter
 
 if TYPE_CHECKING:
@@ -41,14 +42,15 @@ class Pending:
 
     __slots__ = (
         "conn",
+        "deadline",
         "done",
         "downstream",
         "host",
+        "queue",
         "request",
         "route",
         "start",
         "target",
-        "timer",
         "wire_id",
     )
 
@@ -69,9 +71,10 @@ class Pending:
         self.host = host
         self.conn = conn
         self.start = start
-        self.timer: asyncio.TimerHandle | None = None
         self.wire_id = request.request_id
         self.done = False
+        self.deadline = 0.0
+        self.queue: TimeoutQueue | None = None
 
 
 class UpstreamHost:
@@ -183,8 +186,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.task = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
+        self.transport = transport = cast(asyncio.Transport, transport)
         self.connecting = False
         self.cluster.connects.value += 1
         self._active.value += 1

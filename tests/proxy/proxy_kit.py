@@ -9,7 +9,9 @@ import sys
 import textwrap
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+import uvloop
 
 from metaprotocol_sdk import CodecError, MessageType, Metadata
 from metaprotocol_sdk.examples.kv import (
@@ -32,13 +34,15 @@ WAIT = 5.0  # bound on every single wait in the tests
 __all__ = ["ERROR", "ONEWAY", "PING", "REQUEST", "RESPONSE", "build_frame"]
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
-    """Run a test coroutine with a hard bound."""
+def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0, loop: str = "uvloop") -> T:
+    """Run a test coroutine with a hard bound, on uvloop (as the CLI does) or ``asyncio``."""
 
     async def bounded() -> T:
         return await asyncio.wait_for(coro, timeout)
 
-    return asyncio.run(bounded())
+    factory = uvloop.new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(bounded())
 
 
 class LenientKVCodec(KVCodec):
@@ -91,8 +95,8 @@ class KVServer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
         self.owner.connections.add(self)
         self.owner.accepted += 1
 
@@ -204,7 +208,7 @@ class Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiting: dict[int, asyncio.Future[Metadata]] = {}
         self.unmatched: list[Metadata] = []
-        self.closed = asyncio.get_event_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
         self.next_id = 0
 
     @classmethod
@@ -215,8 +219,8 @@ class Client(asyncio.Protocol):
         return proto
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from proxy_kit import Client, Upstream, address, engine_for, gather, mesh, run
 
 
-def test_many_clients_same_ids_never_cross() -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_many_clients_same_ids_never_cross(loop: str) -> None:
     async def main() -> None:
         ups = [await Upstream(f"u{i}").start() for i in range(2)]
         async with engine_for(mesh([(u.port, "v1") for u in ups])) as engine:
@@ -29,7 +31,7 @@ def test_many_clients_same_ids_never_cross() -> None:
         for up in ups:
             await up.close()
 
-    run(main())
+    run(main(), loop=loop)
 
 
 def test_connections_per_endpoint() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
 from proxy_kit import (
     ONEWAY,
     PING,
@@ -40,7 +41,8 @@ ROUTES = """\
 """
 
 
-def test_attribute_matchers_select_routes() -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_attribute_matchers_select_routes(loop: str) -> None:
     async def main() -> None:
         v1, v2 = await Upstream("v1").start(), await Upstream("v2").start()
         text = mesh([(v1.port, "v1"), (v2.port, "v2")], router=ROUTES)
@@ -63,7 +65,7 @@ def test_attribute_matchers_select_routes() -> None:
         await v1.close()
         await v2.close()
 
-    run(main())
+    run(main(), loop=loop)
 
 
 def test_weighted_split_is_exact_over_each_window() -> None:
