@@ -17,7 +17,6 @@ def main() -> int:
     mode = script.stat().st_mode
     script.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     print(
-        f"created {root}\n"
         "next steps:\n"
         f"  cd {root}\n"
         "  pip install -e '.[dev]'              # into an environment that has metaprotocol-sdk\n"

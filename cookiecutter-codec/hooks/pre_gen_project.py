@@ -13,8 +13,9 @@ import re
 import sys
 from importlib.metadata import entry_points
 
-# The answers, as JSON in a raw string ("'" is escaped so no answer can end the string).
-ANSWERS = r'''{{ cookiecutter | jsonify | replace("'", "\\u0027") }}'''
+# The answers, as JSON in a raw string: "'" is escaped, so no answer can end the string, and
+# the quotes stay single because the JSON is full of double quotes.
+ANSWERS = r'''{{ cookiecutter | jsonify | replace("'", "\\u0027") }}'''  # fmt: skip
 
 #: Protocol names that the SDK and its reference codecs already register.
 RESERVED_PROTOCOLS = frozenset({"dubbo", "thrift", "kv", "metaprotocol", "codec", "test", "tests"})
@@ -35,6 +36,8 @@ RESERVED_PACKAGES = frozenset(
 RESERVED_DISTRIBUTIONS = frozenset(
     {"metaprotocol-sdk", "metaprotocol-codec-dubbo", "metaprotocol-codec-thrift"}
 )
+#: Longest accepted answers (generated lines stay within the 100-column lint limit).
+LONGEST = {"protocol_name": 24, "package_name": 40, "project_slug": 60, "description": 72}
 LICENSES = ("Apache-2.0", "MIT", "BSD-3-Clause", "Proprietary")
 AERAKI_PREFIX = "aeraki.meta_protocol.codec."
 
@@ -75,7 +78,13 @@ def validate(answers: dict[str, object], installed: dict[str, str]) -> list[str]
     package = _text(answers, "package_name", problems)
     slug = _text(answers, "project_slug", problems)
     for key in ("description", "author", "author_email", "version", "license"):
-        _text(answers, key, problems)
+        value = _text(answers, key, problems)
+        if value and ('"' in value or "\\" in value):
+            problems.append(f"{key}: {value!r} must not contain '\"' or '\\'")
+    for key, most in LONGEST.items():
+        value = answers.get(key)
+        if isinstance(value, str) and len(value) > most:
+            problems.append(f"{key}: at most {most} characters, got {len(value)}")
 
     if protocol and not PROTOCOL_RE.match(protocol):
         problems.append(
@@ -90,8 +99,8 @@ def validate(answers: dict[str, object], installed: dict[str, str]) -> list[str]
             f"protocol_name: {protocol!r} is reserved (the SDK or its reference codecs use it); "
             "choose another name"
         )
-    elif protocol and protocol in installed and (
-        _normalise(installed[protocol]) != _normalise(slug)
+    elif (
+        protocol and protocol in installed and (_normalise(installed[protocol]) != _normalise(slug))
     ):
         problems.append(
             f"protocol_name: a codec named {protocol!r} is already installed by "
