@@ -1,0 +1,161 @@
+"""Configurations for the proxy benchmark: the engine's (Aeraki/Istio resources) and Envoy's.
+
+Both route the same way: method ``sayHello`` to subset v2, everything else split 20/80
+between v1 and v2. v1 and v2 are the same canned upstream, so the split costs routing work
+without changing the upstream's load. The engine also applies a request mutation on the split
+route (for Thrift framed binary, which has no headers, the codec skips it; Dubbo writes an
+attachment) and keeps its stats; Envoy's thrift_proxy and dubbo_proxy have no mutation.
+"""
+
+from __future__ import annotations
+
+from wire import DUBBO_HOST, DUBBO_INTERFACE, THRIFT_HOST
+
+SERVICE = {"thrift": (THRIFT_HOST, 9090), "dubbo": (DUBBO_HOST, 20880)}
+
+
+def engine_yaml(protocol: str, upstream_port: int) -> str:
+    """The engine's configuration for ``protocol`` in front of the canned upstream."""
+    host, port = SERVICE[protocol]
+    port_name = f"tcp-metaprotocol-{protocol}-bench"
+    dest = f"{{host: {host}, port: {{number: {port}}}, subset: %s}}"
+    return f"""\
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: ApplicationProtocol
+metadata: {{name: {protocol}}}
+spec: {{protocol: {protocol}, codec: aeraki.meta_protocol.codec.{protocol}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: bench}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: {port}, name: {port_name}, protocol: TCP}}]
+  resolution: STATIC
+  endpoints:
+    - {{address: 127.0.0.1, ports: {{{port_name}: {upstream_port}}}, labels: {{version: v1}}}}
+    - {{address: 127.0.0.1, ports: {{{port_name}: {upstream_port}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: bench}}
+spec:
+  host: {host}
+  subsets:
+    - {{name: v1, labels: {{version: v1}}}}
+    - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: MetaRouter
+metadata: {{name: bench}}
+spec:
+  hosts: [{host}]
+  routes:
+    - name: sayhello-to-v2
+      match: {{attributes: {{method: {{exact: sayHello}}}}}}
+      route: [{{destination: {dest % "v2"}}}]
+    - name: split-20-80
+      requestMutation: [{{key: x-bench, value: metaprotocol}}]
+      route:
+        - {{destination: {dest % "v1"}, weight: 20}}
+        - {{destination: {dest % "v2"}, weight: 80}}
+---
+apiVersion: proxy.metaprotocol.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: bench}}
+spec:
+  listeners: [{{host: {host}, port: {port}, bind: "127.0.0.1:0"}}]
+  admin: {{bind: "127.0.0.1:0"}}
+  limits: {{maxConnections: 100000}}
+"""
+
+
+_T = "type.googleapis.com/envoy.extensions.filters.network"
+
+
+def _cluster(name: str, upstream_port: int, options: str) -> str:
+    address = f"{{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}"
+    return f"""
+  - name: {name}
+    connect_timeout: 1s
+    type: STATIC
+    circuit_breakers:
+      thresholds: [{{max_connections: 100000, max_pending_requests: 100000, max_requests: 100000}}]
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {address}}}{options}"""
+
+
+_THRIFT_OPTIONS = f"""
+    typed_extension_protocol_options:
+      envoy.filters.network.thrift_proxy:
+        "@type": {_T}.thrift_proxy.v3.ThriftProtocolOptions
+        transport: FRAMED
+        protocol: BINARY"""
+
+_FILTERS = {
+    "thrift": f"""
+      - name: envoy.filters.network.thrift_proxy
+        typed_config:
+          "@type": {_T}.thrift_proxy.v3.ThriftProxy
+          stat_prefix: thrift
+          transport: FRAMED
+          protocol: BINARY
+          route_config:
+            name: bench
+            routes:
+            - match: {{method_name: sayHello}}
+              route: {{cluster: v2}}
+            - match: {{method_name: ""}}
+              route:
+                weighted_clusters:
+                  clusters: [{{name: v1, weight: 20}}, {{name: v2, weight: 80}}]
+          thrift_filters:
+          - name: envoy.filters.thrift.router
+            typed_config:
+              "@type": {_T}.thrift_proxy.router.v3.Router""",
+    "dubbo": f"""
+      - name: envoy.filters.network.dubbo_proxy
+        typed_config:
+          "@type": {_T}.dubbo_proxy.v3.DubboProxy
+          stat_prefix: dubbo
+          protocol_type: Dubbo
+          serialization_type: Hessian2
+          route_config:
+          - name: bench
+            interface: {DUBBO_INTERFACE}
+            routes:
+            - match: {{method: {{name: {{exact: sayHello}}}}}}
+              route: {{cluster: v2}}
+            - match: {{method: {{name: {{safe_regex: {{regex: ".*"}}}}}}}}
+              route:
+                weighted_clusters:
+                  clusters: [{{name: v1, weight: 20}}, {{name: v2, weight: 80}}]
+          dubbo_filters:
+          - name: envoy.filters.dubbo.router""",
+    "tcp": f"""
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": {_T}.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: v1""",
+}
+
+
+def envoy_yaml(kind: str, upstream_port: int) -> str:
+    """Envoy with one listener: ``thrift`` (thrift_proxy), ``dubbo`` (dubbo_proxy) or ``tcp``."""
+    options = _THRIFT_OPTIONS if kind == "thrift" else ""
+    clusters = "".join(_cluster(n, upstream_port, options) for n in ("v1", "v2"))
+    return f"""\
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:{_FILTERS[kind]}
+  clusters:{clusters}
+"""

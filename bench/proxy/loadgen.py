@@ -1,0 +1,181 @@
+"""Load generator: N connections, K requests in flight on each, fixed request frames.
+
+    python bench/proxy/loadgen.py PROTOCOL HOST:PORT --connections N --inflight K
+        --payload BYTES --warmup S --duration S [--idle N]
+
+Prints ``MEASURE`` when the measured window starts and a JSON result line at its end
+(requests, req/s, p50/p99 latency in microseconds, errors). ``--idle N`` instead opens N
+connections, sends one request on each, prints ``IDLE`` and holds them until stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from wire import REQUESTS, WIRES, Wire
+
+
+class Stats:
+    """Shared counters; latencies are recorded only inside the measured window."""
+
+    def __init__(self) -> None:
+        self.measuring = False
+        self.done = 0
+        self.latencies: list[int] = []
+        self.errors = 0
+
+
+class Client(asyncio.Protocol):
+    """One connection keeping ``inflight`` requests outstanding."""
+
+    def __init__(self, wire: Wire, request: bytes, inflight: int, stats: Stats) -> None:
+        self.wire = wire
+        id_at, id_size = wire.id_offset(request)
+        self.head, self.tail, self.id_size = request[:id_at], request[id_at + id_size :], id_size
+        self.inflight = inflight
+        self.stats = stats
+        self.sent: dict[int, int] = {}
+        self.next_id = 1
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.stop = False
+
+    def _requests(self, n: int) -> bytes:
+        now = time.perf_counter_ns()
+        parts = []
+        for _ in range(n):
+            rid = self.next_id
+            self.next_id = rid + 1 if rid < 0x7FFFFFF0 else 1
+            self.sent[rid] = now
+            parts += (self.head, rid.to_bytes(self.id_size, "big"), self.tail)
+        return b"".join(parts)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's own class
+        transport.write(self._requests(self.inflight))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        wire, header = self.wire, self.wire.header_size
+        stats = self.stats
+        now = time.perf_counter_ns()
+        pos, end, got = 0, len(buf), 0
+        while end - pos >= header:
+            size = wire.frame_size(buf, pos)
+            if end - pos < size:
+                break
+            id_at, id_size = wire.id_offset(buf, pos)
+            sent = self.sent.pop(int.from_bytes(buf[id_at : id_at + id_size], "big"), None)
+            if sent is None:
+                stats.errors += 1
+            elif stats.measuring:
+                stats.done += 1
+                stats.latencies.append(now - sent)
+            got += 1
+            pos += size
+        if pos:
+            del buf[:pos]
+        if got and not self.stop and self.transport is not None:
+            self.transport.write(self._requests(got))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.stop:
+            self.stats.errors += 1
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def connect(host: str, port: int, factory: object) -> Client:
+    """Open one connection (retrying briefly on a full accept queue)."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(50):
+        try:
+            _, proto = await loop.create_connection(factory, host, port)  # type: ignore[arg-type]
+            return proto  # type: ignore[return-value]
+        except OSError:
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.02)
+    raise AssertionError("unreachable")
+
+
+def percentile(values: list[int], q: float) -> float:
+    """The ``q`` quantile in microseconds."""
+    if not values:
+        return 0.0
+    values.sort()
+    return values[min(len(values) - 1, int(q * len(values)))] / 1000
+
+
+async def run(args: argparse.Namespace) -> None:
+    """Drive the load and print the result."""
+    host, _, port_text = args.target.rpartition(":")
+    port = int(port_text)
+    wire = WIRES[args.protocol]
+    request = REQUESTS[args.protocol](args.payload)
+    stats = Stats()
+    if args.idle:
+        clients = [
+            await connect(host, port, lambda: Client(wire, request, 1, stats))
+            for _ in range(args.idle)
+        ]
+        for client in clients:
+            client.stop = True
+        print("IDLE", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        return
+    clients = await asyncio.gather(
+        *(
+            connect(host, port, lambda: Client(wire, request, args.inflight, stats))
+            for _ in range(args.connections)
+        )
+    )
+    await asyncio.sleep(args.warmup)
+    stats.measuring = True
+    print("MEASURE", flush=True)
+    start = time.perf_counter()
+    await asyncio.sleep(args.duration)
+    stats.measuring = False
+    elapsed = time.perf_counter() - start
+    for client in clients:
+        client.stop = True
+    result = {
+        "requests": stats.done,
+        "rps": stats.done / elapsed,
+        "p50_us": percentile(stats.latencies, 0.50),
+        "p99_us": percentile(stats.latencies, 0.99),
+        "errors": stats.errors,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    for client in clients:
+        if client.transport is not None:
+            client.transport.close()
+
+
+def main() -> None:
+    """Entry point."""
+    import uvloop
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("protocol", choices=sorted(WIRES))
+    parser.add_argument("target")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--inflight", type=int, default=1)
+    parser.add_argument("--payload", type=int, default=16)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--idle", type=int, default=0)
+    uvloop.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
