@@ -9,14 +9,16 @@ module ``<codec module>_conformance``, or whatever the codec class names in a
 * ``messages``: a hypothesis strategy of frame ``bytes`` or :class:`Sample`, or a function
   returning one, in the package itself or its ``strategies`` module,
 * ``known_failures.yaml``: checks that do not pass yet, with reasons,
-* ``MUTATION``: the ``{key: value}`` mutation the round-trip checks write.
+* ``MUTATION``: the ``{key: value}`` mutation the round-trip checks write,
+* ``payload(metadata)``: the bytes a mutation must leave unchanged (default: the body), for
+  codecs whose mutable attachments live inside the body.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
 from types import ModuleType
@@ -27,6 +29,7 @@ from hypothesis import strategies as st
 
 from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.metadata import Metadata
 
 from .golden import Sample, load_golden_text
 from .known_failures import parse_known_failures
@@ -44,6 +47,7 @@ class Shipped:
     messages: st.SearchStrategy[Any] | None = None
     known_failures: Mapping[str, str] = field(default_factory=dict)
     mutation: Mapping[str, str] | None = None
+    payload: Callable[[Metadata], bytes | memoryview] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -123,6 +127,11 @@ def find_shipped(codec: type[Codec], explicit: str | None = None) -> Shipped:
                 yaml.safe_load(known.read_text(encoding="utf-8")), source=source
             )
     shipped.messages = _strategy(module)
+    payload = getattr(module, "payload", None)
+    if payload is not None:
+        if not callable(payload):
+            raise ConfigError(f"{module.__name__}.payload must be a function of Metadata")
+        shipped.payload = payload
     mutation = getattr(module, "MUTATION", None)
     if mutation is not None:
         shipped.mutation = dict(mutation)

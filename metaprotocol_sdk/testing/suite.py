@@ -22,6 +22,7 @@ import pytest
 from hypothesis import strategies as st
 
 from metaprotocol_sdk.codec import Codec
+from metaprotocol_sdk.metadata import Metadata
 
 from .known_failures import load_known_failures
 from .report import CheckResult, Outcome
@@ -51,6 +52,8 @@ class CodecConformance:
     known_failures: ClassVar[Mapping[str, str] | str | Path | None] = None
     #: The mutation the round-trip checks write.
     mutation: ClassVar[Mapping[str, str] | None] = None
+    #: The bytes a mutation must leave unchanged (default: the body).
+    payload: ClassVar[Callable[[Metadata], bytes | memoryview] | None] = None
     #: How hard the kit pushes (example counts, time limits).
     settings: ClassVar[KitSettings | None] = None
     #: The conformance package to load instead of the discovered one.
@@ -78,6 +81,7 @@ class CodecConformance:
                 messages=cls.messages(),
                 known_failures=known,
                 mutation=cls.mutation,
+                payload=cls.payload,
                 settings=cls.settings,
                 conformance=cls.conformance,
             )

@@ -8,7 +8,7 @@ whatever the caller does not pass from the codec's shipped conformance package.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.registry import load_codec
 
 from .discovery import Shipped, find_shipped
@@ -70,6 +71,9 @@ class CodecTarget:
     messages: st.SearchStrategy[Sample] | None = None
     known_failures: Mapping[str, str] = field(default_factory=dict)
     mutation: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MUTATION))
+    #: The bytes a mutation must never change (default: ``metadata.body``). Codecs whose
+    #: mutable attachments live inside the body (Dubbo) ship one that leaves them out.
+    payload: Callable[[Metadata], bytes | memoryview] | None = None
     settings: KitSettings = field(default_factory=KitSettings)
     #: What this target cannot cover (no golden vectors, no strategy, ...).
     notes: list[str] = field(default_factory=list)
@@ -99,6 +103,7 @@ class CodecTarget:
         messages: st.SearchStrategy[Any] | None = None,
         known_failures: Mapping[str, str] | None = None,
         mutation: Mapping[str, str] | None = None,
+        payload: Callable[[Metadata], bytes | memoryview] | None = None,
         settings: KitSettings | None = None,
         conformance: str | None = None,
     ) -> CodecTarget:
@@ -132,9 +137,8 @@ class CodecTarget:
             notes.append(
                 "no message strategy: property checks run on golden vectors only"
                 if vectors
-                else "no message strategy and no golden vectors: only the generic checks "
-                "(random bytes, error replies of no message) run; every check that needs a "
-                "valid message is skipped"
+                else "no message strategy and no golden vectors: only the generic random-bytes "
+                "check runs; every check that needs a valid message is skipped"
             )
         return cls(
             codec=codec_cls,
@@ -145,6 +149,7 @@ class CodecTarget:
                 known_failures if known_failures is not None else shipped.known_failures
             ),
             mutation=dict(mutation or shipped.mutation or DEFAULT_MUTATION),
+            payload=payload or shipped.payload,
             settings=settings or KitSettings(),
             notes=notes,
         )

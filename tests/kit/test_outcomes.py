@@ -63,7 +63,7 @@ def test_codec_shipping_nothing_gets_generic_checks_and_says_what_was_not_covere
     report = run_kit(target)
     assert report.passed, report.format_text()
     assert any("ships no conformance package" in note for note in report.notes)
-    assert any("only the generic checks" in note for note in report.notes)
+    assert any("only the generic random-bytes" in note for note in report.notes)
     outcomes = {r.check: r.outcome for r in report.results}
     assert outcomes["bad_input_random_bytes"] is Outcome.passed
     assert outcomes["framing_split_points"] is Outcome.skipped
@@ -79,3 +79,13 @@ def test_report_lists_every_check_in_text_and_json() -> None:
     perf = report.result("perf_throughput")
     assert perf.details["decode_msgs_per_s"] > 0 and "msg/s" in perf.reason
     assert set(check_names()) >= {r["check"] for r in document["results"]}
+
+
+def test_payload_hook_narrows_what_a_mutation_must_leave_unchanged() -> None:
+    from broken_codecs import CorruptsBodyOnMutation
+
+    strict = CodecTarget.discover(CorruptsBodyOnMutation)
+    assert run_check(strict, "mutation_body_unchanged").outcome is Outcome.failed
+    # A codec whose first body byte were a mutable attachment would ship this hook.
+    narrowed = CodecTarget.discover(CorruptsBodyOnMutation, payload=lambda md: md.body[1:])
+    assert run_check(narrowed, "mutation_body_unchanged").outcome is Outcome.passed
