@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from dubbo_harness import LineProcess, Relay, Seen, start_node_consumer
-
 from metaprotocol_dubbo import ERROR_STATUS, DubboCodec, ResultFlag, Status
+
 from metaprotocol_sdk import ErrorType, LocalError, MessageType, Metadata, ResponseStatus
 
 INTERFACE = "com.example.DemoService"

@@ -213,18 +213,18 @@ class DubboCodec(Codec):
         head: list[str] = []
         pos = scan_strings(frame, text, HEADER_SIZE, 5, head)
         decoder: Decoder | None = None
-        if pos >= 0:
+        if pos >= 0 and text[HEADER_SIZE:pos].isascii():
             dubbo_version, path, version, method, desc = head
             count = parameter_count(desc, pos) if desc else 0
             args_start = pos
-            # Fast path: every argument is a compact string and everything so far is ASCII.
+            # Fast path: every argument is a compact ASCII string.
             args_end = skip_compact_strings(frame, pos, count)
-            if args_end >= 0 and text[HEADER_SIZE:args_end].isascii():
+            if args_end >= 0 and text[pos:args_end].isascii():
                 pos = args_end
-            elif text[HEADER_SIZE:pos].isascii():
-                pos, decoder = skip_values(frame, pos, count)
             else:
-                pos = -1
+                pos, decoder = skip_values(frame, pos, count)
+        else:
+            pos = -1
         if pos < 0:
             pos = HEADER_SIZE
             dubbo_version, pos = read_string(frame, pos)

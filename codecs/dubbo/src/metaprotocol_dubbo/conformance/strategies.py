@@ -1,0 +1,75 @@
+"""Hypothesis strategies of Dubbo frames: requests, responses and heartbeats (Hessian 2.0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from ..codec import heartbeat_request
+from ..frames import build_request, build_response
+from ..status import ResultFlag, Status
+
+_names = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40)
+_ascii_names = st.from_regex(r"[a-zA-Z][a-zA-Z0-9_.$-]{0,30}", fullmatch=True)
+_keys = st.one_of(_ascii_names, _names)
+_strings = st.one_of(_ascii_names, st.text(max_size=60))
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    _strings,
+)
+_values: st.SearchStrategy[Any] = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(_ascii_names, inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    """A request (two-way or one-way) with mixed arguments and mostly-string attachments."""
+    args = draw(st.lists(st.one_of(_strings, _values), max_size=4))
+    attachments = draw(st.dictionaries(_keys, _strings, max_size=6))
+    if draw(st.booleans()):
+        attachments.update(draw(st.dictionaries(_ascii_names, _values, max_size=2)))
+    return build_request(
+        draw(_ascii_names),
+        draw(_names),
+        args,
+        request_id=draw(st.integers(min_value=0, max_value=2**64 - 1)),
+        version=draw(st.one_of(st.just(""), _ascii_names)),
+        attachments=attachments,
+        two_way=draw(st.booleans()),
+    )
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> bytes:
+    """A response: any status, any result flag, with or without attachments."""
+    request_id = draw(st.integers(min_value=0, max_value=2**64 - 1))
+    status = draw(st.sampled_from(list(Status)))
+    if status is not Status.OK:
+        return build_response(status=status, error_message=draw(_strings), request_id=request_id)
+    flag = draw(st.sampled_from(list(ResultFlag)))
+    value = draw(_values) if flag.has_value else None
+    attachments = draw(st.dictionaries(_keys, _strings, max_size=4))
+    return build_response(
+        value,
+        result_flag=flag,
+        attachments=attachments if flag.has_attachments else None,
+        request_id=request_id,
+    )
+
+
+def messages() -> st.SearchStrategy[bytes]:
+    """Any Dubbo frame this codec handles (what the conformance kit draws from)."""
+    return st.one_of(
+        requests(),
+        responses(),
+        st.integers(min_value=0, max_value=2**63).map(heartbeat_request),
+    )
