@@ -41,6 +41,7 @@ def run(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     expect: int | None = 0,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; fail with its output when the exit status is not ``expect``."""
     proc = subprocess.run(
@@ -50,6 +51,7 @@ def run(
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input,
     )
     if expect is not None and proc.returncode != expect:
         raise AssertionError(

@@ -1,7 +1,7 @@
-"""Example {{ cookiecutter.protocol_name }} client (asyncio): sends requests, prints each reply as JSON.
+"""Example {{ cookiecutter.protocol_name }} client (asyncio): sends requests, prints replies.
 
-    python -m {{ cookiecutter.package_name }}.example_client --port 9000 --header tenant=blue
-    python -m {{ cookiecutter.package_name }}.example_client --golden   # the golden vectors
+    python -m {{ cookiecutter.package_name }}.example_client --port 9000 --header a=b
+    python -m {{ cookiecutter.package_name }}.example_client --golden  # golden vectors
 
 Each reply is printed as one JSON line (request id, message type, key-values, body). The
 exit status is 0 when every request got a successful response, 1 otherwise.

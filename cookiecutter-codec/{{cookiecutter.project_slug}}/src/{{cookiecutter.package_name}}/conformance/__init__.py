@@ -1,8 +1,8 @@
 """Conformance material the SDK's kit finds next to the codec (``<package>.conformance``).
 
 * ``golden.yaml``: golden vectors, real frames with the metadata they must decode to. For the
-  example protocol they are what ``python -m {{ cookiecutter.package_name }}.example_client --golden``
-  prints; for your protocol, capture them from real clients and servers.
+  example protocol they are what the example client prints with ``--golden``; for your
+  protocol, capture them from real clients and servers.
 * :func:`messages`: a hypothesis strategy of valid frames, each with its expected metadata,
   so every check also runs on generated messages.
 
