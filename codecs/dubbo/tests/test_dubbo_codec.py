@@ -19,6 +19,7 @@ from metaprotocol_sdk import (
     LocalError,
     MessageType,
     Metadata,
+    MutationError,
     NeedData,
     ResponseStatus,
     UnsupportedError,
@@ -429,22 +430,28 @@ def test_response_mutation(flag: ResultFlag) -> None:
         assert decoder.read() == value
 
 
-def test_response_mutation_without_upgrade_leaves_flags_0_to_2_alone() -> None:
+def test_response_mutation_without_upgrade_refuses_flags_0_to_2() -> None:
     codec = DubboCodec(upgrade_result_flag=False)
     md = decode_one(build_response("v"))
-    assert codec.encode(md, {"a": "b"}) is md.frame
+    with pytest.raises(MutationError, match="upgrade_result_flag"):
+        codec.encode(md, {"a": "b"})
+    assert codec.encode(md, {}) is md.frame
     with_att = decode_one(build_response("v", attachments={"x": "y"}))
     assert decode_one(join_encoded(codec.encode(with_att, {"a": "b"}))).attributes["a"] == "b"
 
 
-def test_error_responses_and_heartbeats_ignore_mutations_but_take_new_ids() -> None:
+def test_error_responses_and_heartbeats_refuse_mutations_but_take_new_ids() -> None:
     codec = DubboCodec()
-    for frame in (build_response(status=Status.SERVER_ERROR), heartbeat_request(4)):
+    for frame in (
+        build_response(status=Status.SERVER_ERROR),
+        heartbeat_request(4),
+        build_header(0x22, 20, 4, 1) + b"N",
+    ):
         md = decode_one(frame)
-        assert codec.encode(md, {"a": "b"}) is md.frame
-        assert (
-            decode_one(join_encoded(codec.encode(md, {"a": "b"}, request_id=12))).request_id == 12
-        )
+        with pytest.raises(MutationError, match="no attachments"):
+            codec.encode(md, {"a": "b"})
+        renumbered = join_encoded(codec.encode(md, request_id=12))
+        assert decode_one(renumbered).request_id == 12
 
 
 def test_from_options() -> None:

@@ -19,6 +19,7 @@ from metaprotocol_sdk import (
     MessageType,
     Metadata,
     Mutation,
+    MutationError,
     NeedData,
     ResponseStatus,
     UnsupportedError,
@@ -347,26 +348,42 @@ class DubboCodec(Codec):
 
         With nothing to change this returns ``message.frame`` itself. Mutations go into the
         request attachments, or the response attachments (upgrading result flags 0..2 to
-        3..5); error responses and heartbeats have no attachments and are left as they are.
+        3..5). Error responses and heartbeats have no attachments: a non-empty mutation on
+        them raises :class:`~metaprotocol_sdk.MutationError`.
         """
         frame = message.frame
         state = message.codec_state
-        if mutation and state is not None and state.attachments is not None:
-            if isinstance(state, RequestState):
+        if mutation:
+            if isinstance(state, RequestState) and state.attachments is not None:
                 return self._mutate_request(frame, state, mutation, request_id)
-            if isinstance(state, ResponseState):
+            if isinstance(state, ResponseState) and self._can_carry(state):
                 return self._mutate_response(frame, state, mutation, request_id)
-        if (
-            mutation
-            and isinstance(state, ResponseState)
-            and state.status == _OK
-            and not state.flag & FLAG_EVENT
-            and self.upgrade_result_flag
-        ):
-            return self._mutate_response(frame, state, mutation, request_id)
+            raise MutationError(self._why_not(message))
         if request_id is not None and request_id != message.request_id:
             return frame[:4] + _ID.pack(request_id) + frame[12:]
         return frame
+
+    def _can_carry(self, state: ResponseState) -> bool:
+        if state.flag & FLAG_EVENT or state.status != _OK:
+            return False
+        return state.attachments is not None or self.upgrade_result_flag
+
+    @staticmethod
+    def _why_not(message: Metadata) -> str:
+        state = message.codec_state
+        if message.message_type is MessageType.Heartbeat:
+            return "a Dubbo heartbeat (event) carries no attachments to mutate"
+        if isinstance(state, ResponseState) and state.status != _OK:
+            return (
+                f"a Dubbo error response (status {state.status}) carries only a message, "
+                "no attachments to mutate"
+            )
+        if isinstance(state, ResponseState):
+            return (
+                f"result flag {state.result_flag} carries no attachments and "
+                "upgrade_result_flag is off"
+            )
+        return "this message was not decoded by DubboCodec; nothing to mutate"
 
     def _mutate_request(
         self,

@@ -6,8 +6,11 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from metaprotocol_sdk.testing.golden import Sample
+
 from ..codec import heartbeat_request
 from ..frames import build_request, build_response
+from ..header import FLAG_EVENT, FLAG_REQUEST, FLAG_TWOWAY
 from ..status import ResultFlag, Status
 
 _names = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40)
@@ -66,10 +69,31 @@ def responses(draw: st.DrawFn) -> bytes:
     )
 
 
-def messages() -> st.SearchStrategy[bytes]:
-    """Any Dubbo frame this codec handles (what the conformance kit draws from)."""
+def frames() -> st.SearchStrategy[bytes]:
+    """Any Dubbo frame this codec handles, as bytes."""
     return st.one_of(
         requests(),
         responses(),
         st.integers(min_value=0, max_value=2**63).map(heartbeat_request),
     )
+
+
+def _sample(frame: bytes) -> Sample:
+    # The expectation comes from the header bits the generator set, not from the codec.
+    flag, status = frame[2], frame[3]
+    if flag & FLAG_EVENT:
+        kind = "Heartbeat"
+    elif flag & FLAG_REQUEST:
+        kind = "Request" if flag & FLAG_TWOWAY else "Oneway"
+    else:
+        kind = "Response" if status == Status.OK else "Error"
+    request_id = int.from_bytes(frame[4:12], "big")
+    return Sample(
+        frame=frame,
+        expect={"message_type": kind, "request_id": request_id, "size": len(frame)},
+    )
+
+
+def messages() -> st.SearchStrategy[Sample]:
+    """Generated frames with their expected message type and id (what the kit draws from)."""
+    return frames().map(_sample)
