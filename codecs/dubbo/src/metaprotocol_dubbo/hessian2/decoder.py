@@ -35,19 +35,10 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 Reader = Callable[["Decoder", int, int], Any]
 
 
-class Skipped:
-    """Stands in the reference table for a container that :meth:`Decoder.skip` passed over.
-
-    Records where the container starts and how many class definitions and type names were
-    known there, so a later reference to it can decode it on demand.
-    """
-
-    __slots__ = ("n_classes", "n_types", "pos")
-
-    def __init__(self, pos: int, n_classes: int, n_types: int) -> None:
-        self.pos = pos
-        self.n_classes = n_classes
-        self.n_types = n_types
+#: What stands in the reference table for a container that :meth:`Decoder.skip` passed over:
+#: ``(position of its tag, class definitions known there, type names known there)``, so a
+#: later reference to it can decode it on demand. Decoded values are never tuples.
+Skipped = tuple[int, int, int]
 
 
 class Decoder:
@@ -157,7 +148,15 @@ class Decoder:
         pos = self._pos
         if pos >= self._end:
             raise self._error("truncated: expected a value", pos)
-        tag = self._data[pos]
+        data = self._data
+        tag = data[pos]
+        if tag <= 0x1F:  # compact string: the most common value; ASCII needs no UTF-8 walk
+            end = pos + 1 + tag
+            if end <= self._end:
+                raw = data[pos + 1 : end]
+                if raw.isascii():
+                    self._pos = end
+                    return raw.decode()
         return self._readers[tag](self, tag, pos + 1)
 
     def read_string(self) -> str | None:
@@ -200,9 +199,23 @@ class Decoder:
         reference to a skipped container decodes it then. String bytes are not validated.
         """
         pos = self._pos
-        if pos >= self._end:
+        end = self._end
+        if pos >= end:
             raise self._error("truncated: expected a value", pos)
-        tag = self._data[pos]
+        data = self._data
+        tag = data[pos]
+        width = _WIDTH[tag]
+        if width:  # fixed-width value: skip by arithmetic
+            pos += width
+            if pos > end:
+                raise self._error("truncated value", self._pos)
+            self._pos = pos
+            return
+        if tag <= 0x1F:  # compact ASCII string
+            stop = pos + 1 + tag
+            if stop <= end and data[pos + 1 : stop].isascii():
+                self._pos = stop
+                return
         _SKIPPERS[tag](self, tag, pos + 1)
 
     # -- helpers --------------------------------------------------------------------------
@@ -211,7 +224,9 @@ class Decoder:
         return HessianError(reason, offset=self._base + pos)
 
     def _enter(self, pos: int) -> None:
-        self._depth += 1
+        """Count one more level of nesting (callers may inline the increment)."""
+        if self._depth <= self.max_depth:
+            self._depth += 1
         if self._depth > self.max_depth:
             raise self._error(f"nesting deeper than max_depth={self.max_depth}", pos)
 
@@ -253,15 +268,15 @@ class Decoder:
 
     def _resolve(self, idx: int) -> Any:
         """Decode a skipped container on demand, when a reference points at it."""
-        mark: Skipped = self._refs[idx]
+        pos, n_classes, n_types = self._refs[idx]
         sub = Decoder.__new__(Decoder)
         sub._data = self._data
         sub._base = self._base
         sub._end = self._end
-        sub._pos = mark.pos
+        sub._pos = pos
         sub._refs = self._refs[:idx]
-        sub._classes = self._classes[: mark.n_classes]
-        sub._types = self._types[: mark.n_types]
+        sub._classes = self._classes[:n_classes]
+        sub._types = self._types[:n_types]
         sub._depth = self._depth
         sub.max_depth = self.max_depth
         sub.max_length = self.max_length
@@ -269,7 +284,7 @@ class Decoder:
         value = sub.read()
         refs = self._refs
         for j in range(idx, min(len(sub._refs), len(refs))):
-            if type(refs[j]) is Skipped:
+            if type(refs[j]) is tuple:
                 refs[j] = sub._refs[j]
         return value
 
@@ -568,9 +583,12 @@ def _r_bin_chunked(d: Decoder, tag: int, pos: int) -> bytes:
 
 
 def _fill_fixed(d: Decoder, lst: list[Any], n: int, tag_pos: int) -> list[Any]:
-    d._length(n, "list", tag_pos)
+    if n > d._end - d._pos or n > d.max_length or n < 0:
+        d._length(n, "list", tag_pos)
     d._refs.append(lst)
-    d._enter(tag_pos)
+    d._depth += 1
+    if d._depth > d.max_depth:
+        d._enter(tag_pos)
     read = d.read
     append = lst.append
     for _ in range(n):
@@ -638,7 +656,9 @@ def _r_list_variable(d: Decoder, tag: int, pos: int) -> list[Any]:
 
 def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
     d._refs.append(m)
-    d._enter(tag_pos)
+    d._depth += 1
+    if d._depth > d.max_depth:
+        d._enter(tag_pos)
     read = d.read
     data = d._data
     end = d._end
@@ -674,8 +694,33 @@ def _r_map(d: Decoder, tag: int, pos: int) -> dict[Any, Any]:
 # class definitions and objects
 
 
+#: Class definitions seen before, by the bytes of their name: ``[(definition bytes, entry)]``.
+#: A stream re-sends its definitions in every message, so most are found here and checked
+#: with one ``startswith`` instead of being parsed field name by field name.
+_CLASS_DEFS: dict[bytes, list[tuple[bytes, tuple[str, tuple[str, ...]]]]] = {}
+_CLASS_DEFS_MAX = 1024
+
+
 def read_class_def(d: Decoder, pos: int) -> None:
     """Read one class definition whose body starts at ``pos`` and record it."""
+    data = d._data
+    key = data[pos : pos + 1 + data[pos]] if pos < d._end and data[pos] <= 0x1F else None
+    if key is not None:
+        for raw, entry in _CLASS_DEFS.get(key, ()):
+            if data.startswith(raw, pos):
+                d._classes.append(entry)
+                d._pos = pos + len(raw)
+                return
+    _parse_class_def(d, pos)
+    if key is not None:
+        if len(_CLASS_DEFS) >= _CLASS_DEFS_MAX:
+            _CLASS_DEFS.clear()
+        known = _CLASS_DEFS.setdefault(key, [])
+        if len(known) < 8:
+            known.append((data[pos : d._pos], d._classes[-1]))
+
+
+def _parse_class_def(d: Decoder, pos: int) -> None:
     tag_pos = pos - 1
     d._pos = pos
     name = d.read_string()
@@ -713,7 +758,9 @@ def _object(d: Decoder, idx: int, tag_pos: int) -> JavaObject:
         raise d._error(f"bad class reference {idx}", tag_pos) from None
     obj = JavaObject(name)
     d._refs.append(obj)
-    d._enter(tag_pos)
+    d._depth += 1
+    if d._depth > d.max_depth:
+        d._enter(tag_pos)
     read = d.read
     for field in fields:
         obj[field] = read()
@@ -741,7 +788,7 @@ def _r_ref(d: Decoder, tag: int, pos: int) -> Any:
     if not 0 <= idx < len(refs):
         raise d._error(f"bad reference {idx}: {len(refs)} containers so far", pos - 1)
     value = refs[idx]
-    if type(value) is Skipped:
+    if type(value) is tuple:
         return d._resolve(idx)
     return value
 
@@ -804,6 +851,26 @@ def _table() -> tuple[list[Reader], list[bool], list[bool]]:
 
 
 _READERS, _IS_INT, _IS_STRING = _table()
+
+
+def _widths() -> list[int]:
+    """Total size in bytes of each fixed-width value by tag (0: variable or not a value)."""
+    w = [0] * 256
+    for lo, hi, n in (
+        (0x80, 0xBF, 1), (0xC0, 0xCF, 2), (0xD0, 0xD7, 3), (0xD8, 0xEF, 1), (0xF0, 0xFF, 2),
+        (0x38, 0x3F, 3), (T.INT, T.INT, 5), (T.LONG, T.LONG, 9), (T.LONG_INT, T.LONG_INT, 5),
+        (T.DOUBLE, T.DOUBLE, 9), (T.DOUBLE_ZERO, T.DOUBLE_ONE, 1),
+        (T.DOUBLE_BYTE, T.DOUBLE_BYTE, 2), (T.DOUBLE_SHORT, T.DOUBLE_SHORT, 3),
+        (T.DOUBLE_MILL, T.DOUBLE_MILL, 5),
+        (T.DATE, T.DATE, 9), (T.DATE_MINUTE, T.DATE_MINUTE, 5), (T.NULL, T.NULL, 1),
+        (T.TRUE, T.TRUE, 1), (T.FALSE, T.FALSE, 1), (0x20, 0x20, 1),
+    ):  # fmt: skip
+        for t in range(lo, hi + 1):
+            w[t] = n
+    return w
+
+
+_WIDTH = _widths()
 
 
 def _java_long(fn: Reader) -> Reader:

@@ -269,7 +269,30 @@ def _str_header(buf: bytearray, n: int) -> None:
         buf += _pack_bH(T.STRING, n)
 
 
+#: Encoded bytes (header included) of short strings written before. RPC streams repeat the
+#: same names, keys and values, and one dict lookup beats encoding them again.
+_STR_CACHE: dict[str, bytes] = {}
+_STR_CACHE_MAX = 4096
+_STR_CACHE_LEN = 64
+
+
 def _w_str(e: Encoder, s: str) -> None:
+    cached = _STR_CACHE.get(s)
+    if cached is not None:
+        e._buf += cached
+        return
+    n = len(s)
+    if n <= _STR_CACHE_LEN:
+        start = len(e._buf)
+        _w_str_uncached(e, s)
+        if len(_STR_CACHE) >= _STR_CACHE_MAX:
+            _STR_CACHE.clear()
+        _STR_CACHE[s] = bytes(e._buf[start:])
+        return
+    _w_str_uncached(e, s)
+
+
+def _w_str_uncached(e: Encoder, s: str) -> None:
     buf = e._buf
     n = len(s)
     if s.isascii():
@@ -407,16 +430,11 @@ def _w_object(e: Encoder, value: JavaObject) -> None:
     key = (value.type, tuple(value))
     idx = e._classes.get(key)
     if idx is None:
-        if not value.type:
-            raise HessianError("a Java class name must not be empty")
         idx = e._classes[key] = len(e._classes)
-        buf.append(T.CLASS_DEF)
-        _w_str(e, value.type)
-        _w_int(e, len(key[1]))
-        for name in key[1]:
-            if type(name) is not str:
-                raise HessianError(f"field name {name!r} of {value.type} is not a str")
-            _w_str(e, name)
+        definition = _CLASS_DEFS.get(key)
+        if definition is None:
+            definition = _class_def(key)
+        buf += definition
     if idx <= T.OBJECT_DIRECT_MAX:
         buf.append(T.OBJECT_DIRECT + idx)
     else:
@@ -425,6 +443,30 @@ def _w_object(e: Encoder, value: JavaObject) -> None:
     write = e._write
     for v in value.values():
         write(v)
+
+
+#: Encoded class definitions by (class name, field names): the same in every stream.
+_CLASS_DEFS: dict[tuple[str, tuple[str, ...]], bytes] = {}
+_CLASS_DEFS_MAX = 1024
+
+
+def _class_def(key: tuple[str, tuple[str, ...]]) -> bytes:
+    name, fields = key
+    if not name:
+        raise HessianError("a Java class name must not be empty")
+    e = Encoder()
+    e._buf.append(T.CLASS_DEF)
+    _w_str_uncached(e, name)
+    _w_int(e, len(fields))
+    for field in fields:
+        if type(field) is not str:
+            raise HessianError(f"field name {field!r} of {name} is not a str")
+        _w_str_uncached(e, field)
+    definition = bytes(e._buf)
+    if len(_CLASS_DEFS) >= _CLASS_DEFS_MAX:
+        _CLASS_DEFS.clear()
+    _CLASS_DEFS[key] = definition
+    return definition
 
 
 _WRITERS: dict[type, Writer] = {

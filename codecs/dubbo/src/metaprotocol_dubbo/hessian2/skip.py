@@ -3,7 +3,7 @@
 A skipper advances the decoder over one value. Fixed-width values are skipped by arithmetic,
 strings by counting UTF-8 lead bytes a slice at a time, containers item by item. Class
 definitions and type names are still recorded, and every skipped list, map and object takes
-its reference number (a :class:`~.decoder.Skipped` marker), so values after a skipped one
+its reference number (a ``Skipped`` marker tuple), so values after a skipped one
 decode exactly as if it had been read.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import tags as T
-from .decoder import _READERS, Skipped, read_class_def
+from .decoder import _READERS, read_class_def
 from .strings import units_end
 
 if TYPE_CHECKING:
@@ -118,8 +118,10 @@ def _s_bin_short(d: Decoder, tag: int, pos: int) -> None:
 
 
 def _mark(d: Decoder, tag_pos: int) -> None:
-    d._refs.append(Skipped(tag_pos, len(d._classes), len(d._types)))
-    d._enter(tag_pos)
+    d._refs.append((tag_pos, len(d._classes), len(d._types)))  # a Skipped marker
+    d._depth += 1
+    if d._depth > d.max_depth:
+        d._enter(tag_pos)
 
 
 def _skip_n(d: Decoder, n: int, tag_pos: int) -> None:

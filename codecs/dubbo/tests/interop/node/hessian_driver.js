@@ -6,7 +6,8 @@
 //   node hessian_driver.js decode   reads "name<TAB>count<TAB>hex" lines on stdin, decodes count
 //                                   values with DecoderV2 (withType) and prints
 //                                   "name<TAB>OK<TAB>desc" or "name<TAB>ERR<TAB>message"
-//   node hessian_driver.js bench HEX N   decodes and re-encodes HEX N times; prints
+//   node hessian_driver.js bench HEX N [COUNT]   decodes the COUNT (default 1) values in HEX
+//                                   and re-encodes them, N times each; prints
 //                                   "decode_us<TAB>encode_us" per operation
 //
 // "desc" is a canonical description (see describe()); the Python tests predict it.
@@ -171,14 +172,21 @@ function main() {
   } else if (mode === 'bench') {
     const buf = Buffer.from(process.argv[3], 'hex');
     const n = Number(process.argv[4]);
-    let value;
-    for (let i = 0; i < Math.min(n, 2000); i++) value = new hessian.DecoderV2(buf).read();
+    const count = Number(process.argv[5] || 1);
+    const decodeAll = () => {
+      const dec = new hessian.DecoderV2(buf);
+      const out = [];
+      for (let j = 0; j < count; j++) out.push(dec.read());
+      return out;
+    };
+    let values;
+    for (let i = 0; i < Math.min(n, 2000); i++) values = decodeAll();
     let t0 = process.hrtime.bigint();
-    for (let i = 0; i < n; i++) value = new hessian.DecoderV2(buf).read();
+    for (let i = 0; i < n; i++) values = decodeAll();
     const dec = Number(process.hrtime.bigint() - t0) / 1000 / n;
-    for (let i = 0; i < Math.min(n, 2000); i++) encodeAll([value]);
+    for (let i = 0; i < Math.min(n, 2000); i++) encodeAll(values);
     t0 = process.hrtime.bigint();
-    for (let i = 0; i < n; i++) encodeAll([value]);
+    for (let i = 0; i < n; i++) encodeAll(values);
     const enc = Number(process.hrtime.bigint() - t0) / 1000 / n;
     process.stdout.write(dec.toFixed(3) + '\t' + enc.toFixed(3) + '\n');
   } else {
