@@ -115,8 +115,9 @@ class DubboLoad:
         self.child: Child | None = None
 
     def start(self) -> None:
-        """Start the consumer process."""
+        """Start the consumer process and wait until it is connected."""
         self.child = node_child("dubbo-consumer", "load", f"127.0.0.1:{self.port}", str(self.rate))
+        self.child.wait_ready()
 
     def snapshot(self) -> Tally:
         """The counts from the consumer's latest report."""

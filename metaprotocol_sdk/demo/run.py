@@ -146,8 +146,9 @@ async def run_demo(
             out.write("press Ctrl-C to stop\n")
         out.write("\n")
         out.flush()
-        for load in loads:
-            load.start()
+        # The node consumer needs a moment to connect, so it starts first; then the clock.
+        for load in sorted(loads, key=lambda load: load.protocol != "dubbo"):
+            await asyncio.to_thread(load.start)
         view = LiveView(out, tty=tty)
         started = time.monotonic()
         while True:

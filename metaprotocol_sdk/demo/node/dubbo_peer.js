@@ -111,6 +111,7 @@ async function consumer(target) {
 async function load(target, rate) {
   const { consumer } = makeConsumer(target, 3000);
   await consumer.ready();
+  process.stdout.write('READY 0\n');
   const counts = { sayHello: {}, ping: {} };
   let errors = 0;
   let lastError = '';
