@@ -14,10 +14,17 @@ from metaprotocol_sdk import Attributes
 _BULK = "_items" in getattr(Attributes, "__slots__", ()) and not hasattr(Attributes, "from_dict")
 
 
-def make_attributes(items: dict[str, str]) -> Attributes:
-    """Attributes holding ``items`` (every key and value must be a ``str``)."""
+def make_attributes(items: dict[str, str], extra: dict[str, str] | None = None) -> Attributes:
+    """Attributes holding ``items`` then ``extra`` (every key and value must be a ``str``)."""
     if not _BULK:
-        return Attributes(items)
+        attributes = Attributes(items)
+        if extra:
+            attributes.update(extra)
+        return attributes
+    table = {key.lower(): (key, value) for key, value in items.items()}
+    if extra:
+        for key, value in extra.items():
+            table[key.lower()] = (key, value)
     attributes = Attributes.__new__(Attributes)
-    attributes._items = {key.lower(): (key, value) for key, value in items.items()}
+    attributes._items = table
     return attributes

@@ -217,6 +217,76 @@ def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) 
     return pos if pos <= len(frame) else -1
 
 
+def scan_request(
+    frame: bytes, text: str, start: int
+) -> tuple[list[str], dict[str, str], int, int, int] | None:
+    """The whole request body in one pass, when it holds only compact ASCII strings.
+
+    Returns ``(head, attachments, args_start, arg_count, attachments_start)``: ``head`` holds
+    the five leading strings (dubbo version, path, version, method, descriptor); the
+    attachments map ends at the end of the frame. ``None`` means "not that shape" (the caller
+    takes the general path, which reports any error).
+    """
+    out: list[str] = []
+    append = out.append
+    pos = start
+    try:
+        for _ in range(5):
+            tag = frame[pos]
+            if tag < 0x20:
+                stop = pos + 1 + tag
+                append(text[pos + 1 : stop])
+            elif 0x30 <= tag <= 0x33:
+                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+                append(text[pos + 2 : stop])
+            else:
+                return None
+            pos = stop
+        desc = out[4]
+        count = _DESC_CACHE.get(desc)
+        if count is None:
+            if not desc:
+                count = 0
+            elif pos > len(frame) or not text[start:pos].isascii():
+                return None
+            else:
+                count = parameter_count(desc, pos)
+        args_start = pos
+        for _ in range(count):
+            tag = frame[pos]
+            if tag < 0x20:
+                pos += 1 + tag
+            elif 0x30 <= tag <= 0x33:
+                pos += 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+            else:
+                return None
+        map_start = pos
+        if frame[pos] != TAG_MAP_UNTYPED:
+            return None
+        pos += 1
+        kv: list[str] = []
+        append = kv.append
+        while True:
+            tag = frame[pos]
+            if tag < 0x20:
+                stop = pos + 1 + tag
+                append(text[pos + 1 : stop])
+            elif tag == TAG_END:
+                break
+            elif 0x30 <= tag <= 0x33:
+                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+                append(text[pos + 2 : stop])
+            else:
+                return None
+            pos = stop
+    except IndexError:
+        return None
+    if pos + 1 != len(frame) or len(kv) & 1 or not text[start:pos].isascii():
+        return None
+    it = iter(kv)
+    return out, dict(zip(it, it)), args_start, count, map_start  # noqa: B905 - even length
+
+
 def skip_compact_strings(frame: bytes, pos: int, count: int) -> int:
     """Skip ``count`` compact strings from ``pos``; the end, or -1 at anything else.
 

@@ -37,6 +37,7 @@ from .body import (
     read_attachments,
     read_string,
     rewrite_map,
+    scan_request,
     scan_strings,
     skip_compact_strings,
     skip_values,
@@ -211,6 +212,45 @@ class DubboCodec(Codec):
 
     def _request(self, frame: bytes, flag: int, request_id: int, body_length: int) -> Metadata:
         text = frame.decode("latin-1")  # shared by the inline string scanners
+        fast = scan_request(frame, text, HEADER_SIZE)
+        if fast is not None:
+            # The common shape: compact ASCII strings throughout, string attachments.
+            head, strings, args_start, count, map_start = fast
+            dubbo_version, path, version, method, desc = head
+            attachments = Attachments(strings, None, map_start, len(frame))
+        else:
+            attachments, args_start, count, fields = self._request_general(frame, text)
+            dubbo_version, path, version, method, desc = fields
+            strings = attachments.strings
+        extra = {"interface": strings.get("interface") or path, "method": method}
+        version = version or strings.get("version", "")
+        if version:
+            extra["version"] = version
+        attributes = make_attributes(strings, extra)
+        values: dict[str, Any] = {
+            "dubbo_version": dubbo_version,
+            "service_path": path,
+            "parameter_types": desc,
+        }
+        if attachments.others:
+            values["attachments"] = attachments.others
+        return Metadata(
+            MessageType.Request if flag & FLAG_TWOWAY else MessageType.Oneway,
+            frame=frame,
+            request_id=request_id,
+            operation_name=method,
+            header_size=HEADER_SIZE,
+            body_size=body_length,
+            attributes=attributes,
+            values=values,
+            codec_state=RequestState(flag, attachments, (args_start, count)),
+        )
+
+    @staticmethod
+    def _request_general(
+        frame: bytes, text: str
+    ) -> tuple[Attachments, int, int, tuple[str, str, str, str, str]]:
+        """Any request body: inline reads where possible, the Hessian decoder otherwise."""
         head: list[str] = []
         pos = scan_strings(frame, text, HEADER_SIZE, 5, head)
         decoder: Decoder | None = None
@@ -242,32 +282,7 @@ class DubboCodec(Codec):
             attachments = Attachments({}, None, pos, pos)
         else:
             attachments = read_attachments(frame, pos, decoder, text)
-        strings = attachments.strings
-        routable = dict(strings)
-        routable["interface"] = strings.get("interface") or path
-        routable["method"] = method
-        version = version or strings.get("version", "")
-        if version:
-            routable["version"] = version
-        attributes = make_attributes(routable)
-        values: dict[str, Any] = {
-            "dubbo_version": dubbo_version,
-            "service_path": path,
-            "parameter_types": desc,
-        }
-        if attachments.others:
-            values["attachments"] = attachments.others
-        return Metadata(
-            MessageType.Request if flag & FLAG_TWOWAY else MessageType.Oneway,
-            frame=frame,
-            request_id=request_id,
-            operation_name=method,
-            header_size=HEADER_SIZE,
-            body_size=body_length,
-            attributes=attributes,
-            values=values,
-            codec_state=RequestState(flag, attachments, (args_start, count)),
-        )
+        return attachments, args_start, count, (dubbo_version, path, version, method, desc)
 
     def _response(
         self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
