@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import per_call_us, print_table
-
 from metaprotocol_dubbo import DubboCodec, heartbeat_request
 from metaprotocol_dubbo.frames import build_request, build_response
+
 from metaprotocol_sdk import ErrorType, FramingError, LocalError, Metadata
 
 GOAL_US = 10.0
