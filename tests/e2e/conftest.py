@@ -28,7 +28,9 @@ class RunningEngine:
     """An :class:`Engine` on its own event loop thread, driven from synchronous tests."""
 
     def __init__(self, yaml_text: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        import uvloop  # the loop `metaprotocol proxy` runs on
+
+        self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine", daemon=True)
         self.thread.start()
         self.engine = Engine(loads_config(yaml_text))

@@ -341,3 +341,38 @@ def test_engine_stops_without_leftover_tasks(harness: ModuleType, apache_hello: 
     finally:
         client.close()
         server.close()
+
+
+@pytest.mark.parametrize("transport", ["framed", "buffered"])
+def test_compact_protocol_and_unframed_transport(harness: ModuleType, transport: str) -> None:
+    """thriftpy2's compact protocol, framed and unframed, through a separate engine."""
+    server = HelloServer("compact", transport=transport, protocol="compact").start()
+    yaml = "".join(
+        [
+            harness.application_protocol_yaml("thrift"),
+            harness.service_yaml("compact", "thrift", *MAIN, {"v1": server.port}),
+            router("compact", MAIN, route("all", dest(MAIN))),
+            harness.proxy_yaml([MAIN]),
+        ]
+    )
+    engine = harness.RunningEngine(yaml)
+    tt, tp = untyped("thriftpy2.transport"), untyped("thriftpy2.protocol")
+    factory = (
+        tt.TFramedTransportFactory() if transport == "framed" else tt.TBufferedTransportFactory()
+    )
+    client = untyped("thriftpy2.rpc").make_client(
+        hello().Hello,
+        "127.0.0.1",
+        engine.port(*MAIN),
+        proto_factory=tp.TCompactProtocolFactory(),
+        trans_factory=factory,
+        timeout=3000,
+    )
+    try:
+        assert [client.sayHello(f"k{i}") for i in range(5)] == [
+            f"compact: hello k{i}" for i in range(5)
+        ]
+    finally:
+        client.close()
+        assert engine.close() == []
+        server.close()
