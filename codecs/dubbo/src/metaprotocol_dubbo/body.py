@@ -110,6 +110,11 @@ def skip_values(frame: bytes, pos: int, count: int) -> tuple[int, Decoder | None
                 if stop <= end and frame[pos + 1 : stop].isascii():
                     pos = stop
                     continue
+            elif 0x30 <= tag <= 0x33 and pos + 1 < end:
+                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+                if stop <= end and frame[pos + 2 : stop].isascii():
+                    pos = stop
+                    continue
             elif 0x80 <= tag <= 0xBF or tag in (0x4E, 0x54, 0x46):  # small int, N, T, F
                 pos += 1
                 continue
