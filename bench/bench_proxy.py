@@ -140,7 +140,11 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
     if kind == "direct":
         yield upstream, 0
         return
-    if kind == "engine":
+    if kind == "uvloop passthrough":
+        argv = [PY, str(HERE / "proxy" / "passthrough.py"), protocol, str(upstream)]
+        proc = Proc(argv, PROXY_CORE)
+        port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
+    elif kind == "engine":
         path = workdir / f"engine-{protocol}.yaml"
         path.write_text(configs.engine_yaml(protocol, upstream))
         proc = Proc([str(METAPROTOCOL), "proxy", "-c", str(path)], PROXY_CORE)
@@ -298,7 +302,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
         for protocol in args.protocol or ["thrift", "dubbo"]:
-            kinds = ["direct", "envoy tcp_proxy", f"envoy {protocol}_proxy", "engine"]
+            kinds = ["direct", "envoy tcp_proxy", f"envoy {protocol}_proxy"]
+            kinds += ["uvloop passthrough", "engine"]
             results: dict[tuple[str, str], Result] = {}
             for kind in kinds:
                 rss = baseline_rss(kind, protocol, workdir)

@@ -1,0 +1,91 @@
+"""The floor for a Python proxy: a bare uvloop pass-through that frames messages and nothing
+else (one upstream connection per downstream connection, no routing, ids untouched).
+
+    python bench/proxy/passthrough.py {thrift|dubbo} UPSTREAM_PORT
+
+Prints ``listening ... on 127.0.0.1:PORT`` and runs until stdin closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from wire import WIRES, Wire
+
+
+class Framer(asyncio.Protocol):
+    """Forwards whole frames to ``peer``."""
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self.buf = bytearray()
+        self.peer: Framer | None = None
+        self.transport: asyncio.Transport | None = None
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        wire, header = self.wire, self.wire.header_size
+        pos, end = 0, len(buf)
+        while end - pos >= header:
+            size = wire.frame_size(buf, pos)
+            if end - pos < size:
+                break
+            pos += size
+        if pos:
+            frames = bytes(buf[:pos])
+            del buf[:pos]
+            peer = self.peer
+            if peer is not None and peer.transport is not None:
+                peer.transport.write(frames)
+            else:
+                self.early.append(frames)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
+async def serve(protocol: str, upstream_port: int) -> None:
+    """Accept downstream connections and pair each with an upstream connection."""
+    loop = asyncio.get_running_loop()
+    wire = WIRES[protocol]
+    tasks: set[asyncio.Task[None]] = set()
+
+    def downstream() -> Framer:
+        down = Framer(wire)
+
+        async def connect() -> None:
+            _, up = await loop.create_connection(lambda: Framer(wire), "127.0.0.1", upstream_port)
+            up.peer, down.peer = down, up  # type: ignore[attr-defined]
+            for frames in down.early:
+                up.transport.write(frames)  # type: ignore[attr-defined]
+            down.early.clear()
+
+        task = loop.create_task(connect())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return down
+
+    server = await loop.create_server(downstream, "127.0.0.1", 0, backlog=4096)
+    print(f"listening bench on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+
+
+def main() -> None:
+    """Entry point."""
+    import uvloop
+
+    uvloop.run(serve(sys.argv[1], int(sys.argv[2])))
+
+
+if __name__ == "__main__":
+    main()
