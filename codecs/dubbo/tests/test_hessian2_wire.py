@@ -552,3 +552,21 @@ def test_deep_values_fail_cleanly_when_encoding() -> None:
         v = [v]
     with pytest.raises(HessianError, match="nested too deeply"):
         dumps(v)
+
+
+def test_definition_caches_keep_same_named_classes_apart() -> None:
+    # one class name, different field lists, in separate streams and in one stream
+    long_name = "com.example.service.dto." + "X" * 40
+    for name in ("A", long_name):
+        one = JavaObject(name, {"x": 1})
+        two = JavaObject(name, {"y": "2", "z": None})
+        assert loads(dumps(one)) == one
+        assert loads(dumps(two)) == two
+        assert loads(dumps([one, two, one])) == [one, two, one]
+        assert loads(dumps(one)) == one
+
+
+def test_string_cache_does_not_leak_between_encodings() -> None:
+    assert dumps(["ab", "ab"]) == H("7a02616202 6162".replace(" ", ""))
+    assert dumps("x" * 64) == H("3040") + b"x" * 64
+    assert dumps("é" * 10) == dumps("é" * 10) == H("0a") + "é".encode() * 10

@@ -704,7 +704,13 @@ _CLASS_DEFS_MAX = 1024
 def read_class_def(d: Decoder, pos: int) -> None:
     """Read one class definition whose body starts at ``pos`` and record it."""
     data = d._data
-    key = data[pos : pos + 1 + data[pos]] if pos < d._end and data[pos] <= 0x1F else None
+    key = None
+    if pos + 1 < d._end:
+        tag = data[pos]
+        if tag <= 0x1F:
+            key = data[pos : pos + 1 + tag]
+        elif 0x30 <= tag <= 0x33:
+            key = data[pos : pos + 2 + ((tag - 0x30) << 8) + data[pos + 1]]
     if key is not None:
         for raw, entry in _CLASS_DEFS.get(key, ()):
             if data.startswith(raw, pos):
