@@ -137,8 +137,9 @@ class DubboCodec(Codec):
         self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, upgrade_result_flag: bool = True
     ) -> None:
         """``upgrade_result_flag``: write response mutations into responses with result flags
-        0..2 by switching them to 3..5 (consumers older than Dubbo 2.6.3 and some non-Java
-        clients only know 0..2; set it false for them and such responses pass unchanged)."""
+        0..2 by switching them to 3..5. Consumers older than Dubbo 2.6.3 and some non-Java
+        clients only know 0..2: set it false for them, and a mutation of such a response
+        raises :class:`~metaprotocol_sdk.MutationError` instead."""
         super().__init__(max_frame_size=max_frame_size)
         self.upgrade_result_flag = upgrade_result_flag
 
