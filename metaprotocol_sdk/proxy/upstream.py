@@ -215,13 +215,11 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.fifo.append(p)
             encoded = self.codec.encode(request, mutation)
-        transport = self.transport
-        if transport is not None and not self.closed:
-            if type(encoded) is bytes:
-                transport.write(encoded)
-            else:
-                transport.writelines(encoded)  # type: ignore[arg-type]
-        elif type(encoded) is bytes:
+        # Writes are corked until the loop has delivered everything it read: one syscall for
+        # all the requests that arrived together from many downstream connections.
+        if not self.queued and self.transport is not None and not self.closed:
+            self.engine.loop.call_soon(self._flush)
+        if type(encoded) is bytes:
             self.queued.append(encoded)
         else:
             self.queued.extend(encoded)  # type: ignore[arg-type]
@@ -229,11 +227,18 @@ class UpstreamConnection(asyncio.Protocol):
     def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
         """Encode and send a request that gets no response."""
         encoded = self.codec.encode(request, mutation)
-        buffers = [encoded] if isinstance(encoded, bytes) else encoded
-        if self.transport is not None and not self.closed:
-            self.transport.writelines(buffers)
+        if not self.queued and self.transport is not None and not self.closed:
+            self.engine.loop.call_soon(self._flush)
+        if type(encoded) is bytes:
+            self.queued.append(encoded)
         else:
-            self.queued.extend(buffers)
+            self.queued.extend(encoded)  # type: ignore[arg-type]
+
+    def _flush(self) -> None:
+        queued = self.queued
+        if queued and self.transport is not None and not self.closed:
+            self.queued = []
+            self.transport.writelines(queued)
 
     def forget(self, p: Pending) -> None:
         """Stop waiting for ``p`` (timed out): a late response is dropped."""

@@ -66,6 +66,7 @@ async def main(n: int) -> None:
 
     def one() -> None:
         down.data_received(request)
+        up._flush()  # normally run by the loop once it has delivered all it read
         wire_id = struct.unpack_from(">I", up_t.out[0], 4)[0]
         up_t.out.clear()
         up.data_received(responses[wire_id])
