@@ -45,6 +45,10 @@ def detect(buf: Buffer, allow_non_strict: bool, max_frame_size: int) -> tuple[st
     if first & 0x80:
         raise FramingError(f"not a Thrift message: first byte 0x{first:02x}", offset=0)
     if n < 8:
+        # Whatever follows, a first word above the limit is too big (as a frame length, and
+        # as a non-strict name length too): refuse it now, before anything is buffered.
+        if n >= 4 and _unpack_i32(buf, 0)[0] > max_frame_size:
+            raise FrameTooLargeError(_unpack_i32(buf, 0)[0], max_frame_size, offset=0)
         raise Incomplete(8)
     size = _unpack_i32(buf, 0)[0]
     if buf[4] == 0x0F and buf[5] == 0xFF:

@@ -1,0 +1,504 @@
+"""Unit tests of ThriftCodec on frames written by the real libraries (in memory)."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from metaprotocol_thrift import ThriftCodec, fastmeta, theader
+from metaprotocol_thrift.replies import APPLICATION_EXCEPTION_TYPES
+from thriftpy2.protocol import TBinaryProtocol, TCompactProtocol
+from thriftpy2.thrift import TApplicationException, TMessageType
+from thriftpy2.transport import TMemoryBuffer
+
+from metaprotocol_sdk import (
+    Attributes,
+    Capabilities,
+    CodecError,
+    ConfigError,
+    ErrorType,
+    FrameTooLargeError,
+    FramingError,
+    LocalError,
+    MessageType,
+    Metadata,
+    MutationError,
+    NeedData,
+    ResponseStatus,
+    UnsupportedError,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import thrift_frames as tf
+from thrift_peers import apache_fixture, calc_tp  # noqa: F401 - fixture
+
+VARIANTS = [(t, p) for t in tf.TRANSPORTS for p in tf.PROTOCOLS]
+
+
+def decode_one(data: bytes, **options: Any) -> tuple[Metadata, ThriftCodec]:
+    codec = ThriftCodec(**options)
+    buffer = bytearray(data)
+    result = codec.decode(buffer)
+    assert isinstance(result, Metadata), result
+    assert not buffer
+    return result, codec
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_options_accept_strings_and_reject_bad_values() -> None:
+    codec = ThriftCodec.from_options(
+        {"transport": "Framed", "protocol": "binary", "strict": "false", "max_frame_size": "1024"}
+    )
+    assert (codec.transport, codec.wire_protocol, codec.strict, codec.max_frame_size) == (
+        "framed",
+        "binary",
+        False,
+        1024,
+    )
+    assert ThriftCodec.from_options({"max_depth": 8, "strict": 1}).max_depth == 8
+    for bad in (
+        {"transport": "http"},
+        {"protocol": "json"},
+        {"strict": "maybe"},
+        {"max_frame_size": "0"},
+        {"max_frame_size": "big"},
+        {"mutation_without_headers": "ignore"},
+        {"nope": 1},
+    ):
+        with pytest.raises(ConfigError):
+            ThriftCodec.from_options(bad)
+
+
+def test_capabilities() -> None:
+    assert ThriftCodec.capabilities == Capabilities(
+        heartbeat=False,
+        oneway=True,
+        mutation=True,
+        response_mutation=True,
+        rewrite_request_id=True,
+        error_reply=True,
+    )
+    with pytest.raises(UnsupportedError):
+        ThriftCodec().heartbeat_reply(Metadata(MessageType.Request))
+
+
+# -- detection and decoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("transport", "protocol"), VARIANTS)
+def test_auto_detects_every_variant(transport: str, protocol: str) -> None:
+    data = tf.sample(transport, protocol, headers={b"k": b"v"})
+    message, codec = decode_one(data, **tf.options_for(transport, protocol))
+    assert message.message_type is MessageType.Request
+    assert (message.request_id, message.operation_name) == (7, "add")
+    assert message.frame == data
+    assert message.header_size + message.body_size == len(data)
+    assert codec.detected[0] == transport
+    assert message.codec_state.protocol == ("compact" if protocol == "compact" else "binary")
+    assert message.codec_state.strict is (protocol != "nonstrict")
+    if transport == "header":
+        assert message.attributes.to_dict() == {"k": "v", "method": "add"}
+    else:
+        assert message.attributes.to_dict() == {"method": "add"}
+
+
+@pytest.mark.parametrize(("transport", "protocol"), VARIANTS)
+def test_forced_options_decode_and_need_data_at_every_prefix(transport: str, protocol: str) -> None:
+    data = tf.sample(transport, protocol) * 2
+    options = {
+        "transport": transport,
+        "protocol": "compact" if protocol == "compact" else "binary",
+        "strict": protocol != "nonstrict",
+    }
+    one = len(data) // 2
+    for cut in range(one):
+        buffer = bytearray(data[:cut])
+        assert isinstance(ThriftCodec(**options).decode(buffer), NeedData)
+        assert len(buffer) == cut  # nothing consumed
+    codec = ThriftCodec(**options)
+    buffer = bytearray(data)
+    first, second = codec.decode(buffer), codec.decode(buffer)
+    assert isinstance(first, Metadata) and isinstance(second, Metadata)
+    assert first.frame == second.frame == data[:one]
+
+
+def test_framed_need_data_reports_the_frame_size() -> None:
+    data = tf.sample("framed", "binary")
+    result = ThriftCodec().decode(bytearray(data[:10]))
+    assert isinstance(result, NeedData) and result.needed == len(data)
+
+
+def test_non_strict_is_refused_when_strict() -> None:
+    data = tf.sample("framed", "nonstrict")
+    with pytest.raises(FramingError, match="strict"):
+        ThriftCodec().decode(bytearray(data))
+    with pytest.raises(FramingError, match="strict"):
+        ThriftCodec(transport="framed").decode(bytearray(data))
+    with pytest.raises(FramingError):
+        ThriftCodec(transport="unframed", protocol="binary").decode(
+            bytearray(tf.sample("unframed", "nonstrict"))
+        )
+
+
+def test_auto_locks_the_variant_until_reset() -> None:
+    codec = ThriftCodec()
+    assert isinstance(codec.decode(bytearray(tf.sample("framed", "compact"))), Metadata)
+    assert codec.detected == ("framed", "compact")
+    with pytest.raises(CodecError):
+        codec.decode(bytearray(tf.sample("unframed", "binary")))
+    codec.reset()
+    assert codec.detected == ("auto", "auto")
+    assert isinstance(codec.decode(bytearray(tf.sample("unframed", "binary"))), Metadata)
+
+
+def test_forced_transport_refuses_other_transports() -> None:
+    with pytest.raises(FramingError, match="THeader magic"):
+        ThriftCodec(transport="header").decode(bytearray(tf.sample("framed", "binary")))
+    with pytest.raises(FramingError):
+        ThriftCodec(transport="framed").decode(bytearray(tf.sample("unframed", "binary")))
+    with pytest.raises(FramingError):
+        ThriftCodec(protocol="binary").decode(bytearray(tf.sample("framed", "compact")))
+    with pytest.raises(FramingError):
+        ThriftCodec(protocol="binary").decode(bytearray(tf.sample("header", "compact")))
+
+
+@pytest.mark.parametrize(("transport", "protocol"), VARIANTS)
+def test_message_types_and_statuses(transport: str, protocol: str) -> None:
+    opts = tf.options_for(transport, protocol)
+
+    def decode(mtype: int, args: Any, name: str = "divide") -> Metadata:
+        return decode_one(tf.sample(transport, protocol, name, mtype, 9, args), **opts)[0]
+
+    result = calc_tp.Calculator.divide_result
+    ok = decode(TMessageType.REPLY, result(success=3))
+    assert (ok.message_type, ok.response_status) == (MessageType.Response, ResponseStatus.Ok)
+    declared = decode(TMessageType.REPLY, result(err=calc_tp.CalcError(code=1, reason="x")))
+    assert declared.message_type is MessageType.Response
+    assert declared.response_status is ResponseStatus.Error
+    void = decode(TMessageType.REPLY, calc_tp.Calculator.ping_result(), "ping")
+    assert void.response_status is ResponseStatus.Ok
+    exc = decode(TMessageType.EXCEPTION, TApplicationException(1, "boom"))
+    assert (exc.message_type, exc.response_status) == (MessageType.Error, ResponseStatus.Error)
+    oneway = decode(TMessageType.ONEWAY, calc_tp.Calculator.notify_args(event="e"), "notify")
+    assert oneway.message_type is MessageType.Oneway
+
+
+def test_multiplexed_name() -> None:
+    message, _ = decode_one(tf.sample("framed", "binary", name="calc:add"))
+    assert message.attributes.to_dict() == {"service": "calc", "method": "add"}
+    assert message.operation_name == "add"
+    assert message.codec_state.wire_name == "calc:add"
+
+
+# -- errors and limits -----------------------------------------------------------------------
+
+
+def test_oversized_frame_is_refused_from_its_length_with_the_request_id() -> None:
+    data = tf.sample("framed", "binary", seqid=42)
+    huge = (10_000_000).to_bytes(4, "big") + data[4:]
+    with pytest.raises(FrameTooLargeError) as raised:
+        ThriftCodec(max_frame_size=1 << 20).decode(bytearray(huge[:30]))
+    assert raised.value.size == 10_000_000 and raised.value.offset == 0
+    assert raised.value.metadata is not None and raised.value.metadata.request_id == 42
+    assert raised.value.metadata.operation_name == "add"
+    # Only the length is there yet: still refused at once.
+    with pytest.raises(FrameTooLargeError):
+        ThriftCodec(max_frame_size=1 << 20).decode(bytearray(huge[:4]))
+    header = tf.sample("header", "binary", seqid=43)
+    with pytest.raises(FrameTooLargeError) as raised:
+        ThriftCodec(max_frame_size=16).decode(bytearray(header))
+    assert raised.value.metadata is not None and raised.value.metadata.request_id == 43
+
+
+@pytest.mark.parametrize(
+    ("data", "offset"),
+    [
+        (b"\xff\xff\xff\xff\x00\x00\x00\x00", 0),
+        (b"\x80\x02\x00\x01", 0),
+        (b"\x00\x00\x00\x00\x80\x01\x00\x01", 0),
+        (b"GET / HTTP/1.1\r\n\r\n", 0),
+    ],
+)
+def test_garbage_is_a_codec_error_with_offset(data: bytes, offset: int) -> None:
+    with pytest.raises(CodecError) as raised:
+        ThriftCodec().decode(bytearray(data))
+    assert raised.value.offset == offset
+
+
+def test_bad_message_in_a_complete_frame_keeps_the_stream_in_sync() -> None:
+    good = tf.sample("framed", "binary")
+    bad = bytearray(good)
+    bad[7] = 9  # message type 9
+    buffer = bytearray(bytes(bad) + good)
+    codec = ThriftCodec(transport="framed")
+    with pytest.raises(FramingError) as raised:
+        codec.decode(buffer)
+    assert raised.value.frame_size == len(good)
+    assert len(buffer) == 2 * len(good)  # nothing consumed
+    del buffer[: raised.value.frame_size]
+    assert isinstance(codec.decode(buffer), Metadata)
+
+
+@pytest.mark.parametrize("protocol", tf.PROTOCOLS)
+def test_unframed_is_bounded_before_buffering(protocol: str) -> None:
+    item = tf.sample_item()
+    item.name = "x" * 5000
+    data = tf.sample(
+        "unframed", protocol, "roundtrip", 1, 5, calc_tp.Calculator.roundtrip_args(item=item)
+    )
+    opts = {**tf.options_for("unframed", protocol), "max_frame_size": 1024}
+    # The string length alone tells the message is too big: refused with 100 bytes buffered.
+    with pytest.raises(FrameTooLargeError) as raised:
+        ThriftCodec(**opts).decode(bytearray(data[:100]))
+    assert raised.value.metadata is not None and raised.value.metadata.request_id == 5
+    # A message that never ends is refused once more than max_frame_size bytes are buffered.
+    endless = tf.message(protocol, "add", 1, 6, tf.add_call())[:-1]
+    field = b"\x08\x00\x01\x00\x00\x00\x01" if protocol != "compact" else b"\x15\x02"
+    buffer = bytearray(endless)
+    codec = ThriftCodec(**opts)
+    while len(buffer) <= 1024:
+        assert isinstance(codec.decode(buffer), NeedData)
+        buffer += field * 50
+    with pytest.raises(FrameTooLargeError):
+        codec.decode(buffer)
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_nesting_depth_is_bounded(protocol: str) -> None:
+    depth = 100
+    head = tf.message(protocol, "x", 1, 3, calc_tp.Calculator.ping_args())[:-1]
+    if protocol == "binary":
+        body = b"\x0c\x00\x01" * depth + b"\x00" * (depth + 1)
+    else:
+        body = b"\x1c" * depth + b"\x00" * (depth + 1)
+    data = head + body
+    with pytest.raises(FramingError, match="nested") as raised:
+        ThriftCodec(transport="unframed").decode(bytearray(data))
+    assert raised.value.metadata is not None and raised.value.metadata.request_id == 3
+    message, _ = decode_one(data, transport="unframed", max_depth=depth + 1)
+    assert message.size == len(data)
+
+
+def test_unframed_garbage_after_the_header_carries_the_request_id() -> None:
+    data = tf.message("binary", "add", 1, 11, tf.add_call())
+    bad = data[: -1 - 14] + b"\x63" + data[-14:]  # an unknown field type
+    with pytest.raises(FramingError) as raised:
+        ThriftCodec().decode(bytearray(bad))
+    assert raised.value.metadata is not None and raised.value.metadata.request_id == 11
+
+
+def test_theader_transforms_and_unknown_protocols_are_unsupported() -> None:
+    payload = tf.message("binary", "add", 1, 4, tf.add_call())
+    block = theader.THeaderBlock(0, 4, 0, b"\x01\x01", [], b"", 0)  # zlib transform
+    data = theader.build_frame(0, 4, theader.build_block(block, []), payload)
+    with pytest.raises(UnsupportedError, match="transforms") as raised:
+        ThriftCodec().decode(bytearray(data))
+    assert raised.value.frame_size == len(data)
+    assert raised.value.metadata is not None and raised.value.metadata.request_id == 4
+    block = theader.THeaderBlock(0, 4, 1, b"\x00", [], b"", 0)  # JSON
+    data = theader.build_frame(0, 4, theader.build_block(block, []), payload)
+    with pytest.raises(UnsupportedError, match="protocol id 1"):
+        ThriftCodec().decode(bytearray(data))
+
+
+# -- encode: identity, request ids, mutation -------------------------------------------------
+
+
+@pytest.mark.parametrize(("transport", "protocol"), VARIANTS)
+def test_empty_encode_returns_the_frame_itself(transport: str, protocol: str) -> None:
+    message, codec = decode_one(
+        tf.sample(transport, protocol), **tf.options_for(transport, protocol)
+    )
+    assert codec.encode(message) is message.frame
+    assert codec.encode(message, {}) is message.frame
+
+
+@pytest.mark.parametrize(("transport", "protocol"), VARIANTS)
+@pytest.mark.parametrize("new_id", [0, 1, 127, 128, 300, 2**31 - 1, -1, 2**32 - 1])
+def test_request_id_rewrite(transport: str, protocol: str, new_id: int) -> None:
+    item = tf.sample_item()
+    args = calc_tp.Calculator.roundtrip_args(item=item)
+    data = tf.sample(transport, protocol, "roundtrip", 1, 5, args, {b"a": b"b"})
+    opts = tf.options_for(transport, protocol)
+    message, codec = decode_one(data, **opts)
+    out = codec.encode(message, request_id=new_id)
+    assert isinstance(out, bytes)
+    again, _ = decode_one(out, **opts)
+    expected = new_id - 2**32 if new_id >= 2**31 else new_id
+    assert again.request_id == expected
+    assert again.operation_name == "roundtrip"
+    assert again.attributes.to_dict() == message.attributes.to_dict()
+    assert bytes(again.body) == bytes(message.body)  # the args struct is untouched
+    if transport == "header":
+        assert again.codec_state.header.seqid == expected
+    # The real library still reads the rewritten message.
+    payload = out[again.codec_state.header.payload_offset :] if transport == "header" else out
+    if transport == "framed":
+        payload = out[4:]
+    mem = TMemoryBuffer(payload)
+    proto: Any = (
+        TCompactProtocol(mem) if protocol == "compact" else TBinaryProtocol(mem, strict_read=False)
+    )
+    name, _, seqid = proto.read_message_begin()
+    back = calc_tp.Calculator.roundtrip_args()
+    proto.read_struct(back)
+    assert (name, seqid & 0xFFFFFFFF, back.item.id) == ("roundtrip", new_id & 0xFFFFFFFF, item.id)
+    with pytest.raises(ValueError):
+        codec.encode(message, request_id=2**32)
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_theader_mutation_adds_and_replaces(protocol: str, apache: Any) -> None:
+    data = tf.sample("header", protocol, seqid=8, headers={b"Trace": b"1", b"user": b"u"})
+    message, codec = decode_one(data)
+    out = codec.encode(message, {"trace": "2", "x-new": "ä" * 3})
+    assert isinstance(out, bytes)
+    again, _ = decode_one(out)
+    assert again.attributes.to_dict() == {
+        "trace": "2",
+        "user": "u",
+        "x-new": "äää",
+        "method": "add",
+    }
+    assert again.codec_state.header.info == [
+        (b"trace", b"2"),
+        (b"user", b"u"),
+        (b"x-new", "äää".encode()),
+    ]
+    # Payload bytes unchanged, lengths fixed.
+    start, new_start = (
+        message.codec_state.header.payload_offset,
+        again.codec_state.header.payload_offset,
+    )
+    assert out[new_start:] == data[start:]
+    assert int.from_bytes(out[:4], "big") == len(out) - 4
+    # Apache's THeaderTransport reads the mutated frame.
+    from thrift.transport.THeaderTransport import THeaderClientType, THeaderTransport
+    from thrift.transport.TTransport import TMemoryBuffer as ApMemory
+
+    reader = THeaderTransport(ApMemory(out), [THeaderClientType.HEADERS])
+    reader.readFrame(0)
+    assert reader.get_headers() == {b"trace": b"2", b"user": b"u", b"x-new": "äää".encode()}
+    # Mutation plus a new request id.
+    both, _ = decode_one(codec.encode(message, {"a": "b"}, request_id=1000))
+    assert both.request_id == 1000 and both.attributes["a"] == "b"
+
+
+@pytest.mark.parametrize(("transport", "protocol"), [v for v in VARIANTS if v[0] != "header"])
+def test_mutation_without_headers_is_skipped_and_counted_or_refused(
+    transport: str, protocol: str
+) -> None:
+    data = tf.sample(transport, protocol)
+    message, codec = decode_one(data, **tf.options_for(transport, protocol))
+    assert codec.encode(message, {"k": "v"}) is message.frame
+    assert codec.mutations_skipped == 1
+    rewritten, _ = decode_one(
+        codec.encode(message, {"k": "v"}, request_id=77), **tf.options_for(transport, protocol)
+    )
+    assert rewritten.request_id == 77 and codec.mutations_skipped == 2
+    strict = ThriftCodec(mutation_without_headers="error", **tf.options_for(transport, protocol))
+    with pytest.raises(MutationError, match="no headers"):
+        strict.encode(message, {"k": "v"})
+    assert strict.mutations_skipped == 0
+
+
+def test_encode_refuses_foreign_metadata() -> None:
+    with pytest.raises(UnsupportedError):
+        ThriftCodec().encode(Metadata(MessageType.Request, frame=b"x"), {"a": "b"})
+
+
+# -- error replies ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("transport", "protocol"), VARIANTS)
+def test_error_reply_matches_the_request(transport: str, protocol: str) -> None:
+    seqid = 5 if protocol == "compact" else -5  # thriftpy2's compact writer loops on negatives
+    data = tf.sample(transport, protocol, name="calc:add", seqid=seqid)
+    opts = tf.options_for(transport, protocol)
+    request, codec = decode_one(data, **opts)
+    reply_bytes = codec.on_error(request, LocalError(ErrorType.RouteNotFound, "no route"))
+    reply, reply_codec = decode_one(reply_bytes, **opts)
+    assert reply_codec.detected[0] == transport
+    assert reply.message_type is MessageType.Error
+    assert (reply.request_id, reply.operation_name) == (seqid, "add")
+    assert reply.codec_state.strict == request.codec_state.strict
+    assert reply.codec_state.protocol == request.codec_state.protocol
+    payload = reply_bytes
+    if transport == "framed":
+        payload = reply_bytes[4:]
+    elif transport == "header":
+        payload = reply_bytes[reply.codec_state.header.payload_offset :]
+        assert reply.codec_state.header.seqid == seqid
+    mem = TMemoryBuffer(payload)
+    proto: Any = (
+        TCompactProtocol(mem) if protocol == "compact" else TBinaryProtocol(mem, strict_read=False)
+    )
+    name, mtype, seqid_read = proto.read_message_begin()
+    exc = TApplicationException()
+    proto.read_struct(exc)
+    assert (name, mtype, seqid_read) == ("add", TMessageType.EXCEPTION, seqid)
+    assert exc.type == TApplicationException.UNKNOWN_METHOD
+    assert exc.message == "RouteNotFound: no route"
+
+
+def test_every_error_type_maps_to_an_application_exception_code() -> None:
+    message, codec = decode_one(tf.sample("framed", "binary"))
+    for error_type in ErrorType:
+        assert error_type in APPLICATION_EXCEPTION_TYPES
+        reply = codec.on_error(message, LocalError(error_type))
+        assert reply and error_type.name.encode() in reply
+
+
+def test_error_reply_without_codec_state_uses_the_configured_variant() -> None:
+    bare = Metadata(MessageType.Request, request_id=3, operation_name="add")
+    reply, codec = decode_one(
+        ThriftCodec(transport="unframed", protocol="compact").on_error(
+            bare, LocalError(ErrorType.Timeout)
+        )
+    )
+    assert codec.detected == ("unframed", "compact") and reply.request_id == 3
+
+
+# -- fast metadata construction --------------------------------------------------------------
+
+
+def test_fastmeta_matches_the_public_constructors() -> None:
+    assert fastmeta.FAST  # the SDK in this checkout has the slots fastmeta expects
+    attrs = fastmeta.attributes_of({"method": ("Method", "add"), "x": ("X", "y")})
+    public = Attributes({"Method": "add", "X": "y"})
+    assert attrs.to_dict() == public.to_dict() and attrs["method"] == "add"
+    fast = fastmeta.metadata(
+        MessageType.Response, b"abc", 5, "add", 1, 2, ResponseStatus.Ok, attrs, ("s",)
+    )
+    slow = Metadata(
+        MessageType.Response,
+        frame=b"abc",
+        request_id=5,
+        operation_name="add",
+        header_size=1,
+        body_size=2,
+        response_status=ResponseStatus.Ok,
+        attributes=attrs,
+        codec_state=("s",),
+    )
+    for slot in Metadata.__slots__:
+        assert getattr(fast, slot) == getattr(slow, slot), slot
+    # The inlined framed fast path gives the same metadata as the general path.
+    data = tf.sample("framed", "binary", "add", 2, 3, calc_tp.Calculator.add_result(success=3))
+    quick, _ = decode_one(data)
+    general = ThriftCodec(strict=False, transport="framed")._metadata(
+        data, (2, "add", 3, 15, 4, 19, True), "framed", "binary", None, 0
+    )
+    for slot in Metadata.__slots__:
+        assert getattr(quick, slot) == getattr(general, slot), slot
+
+
+def test_header_prefix_uses_the_sdk_header_dsl() -> None:
+    fields = theader.PREFIX.parse(tf.sample("header", "binary", seqid=9))
+    assert (fields.magic, fields.seqid) == (0x0FFF, 9)
+    assert struct.calcsize(">iHHiH") == theader.PREFIX_SIZE
