@@ -503,3 +503,34 @@ def test_on_error_without_message_and_for_partial_metadata() -> None:
     md = decode_one(reply)
     assert md.request_id == 55 and md.values["error_message"] == "BadRequest"
     assert md.values["status"] == Status.BAD_REQUEST
+
+
+def test_long_chunked_strings_in_arguments_and_attachments() -> None:
+    big = "x" * 70_000  # Hessian writes it in chunks ('R' ... 'S')
+    frame = build_request(PATH, "m", [big, "small"], attachments={"big": big, "k": "v"})
+    md = decode_one(frame)
+    assert md.attributes["big"] == big and md.attributes["k"] == "v"
+    data = join_encoded(DubboCodec().encode(md, {"k": "w"}))
+    again = decode_one(data)
+    assert again.attributes["big"] == big and again.attributes["k"] == "w"
+
+
+def test_typed_attachments_map() -> None:
+    from metaprotocol_dubbo.hessian2 import TypedMap
+
+    attachments = TypedMap("java.util.HashMap", {"k": "v", "group": "g"})
+    frame = build_request(PATH, "m", ["a"], attachments=attachments)
+    assert frame[-len(dumps(attachments)) :][:1] == b"M"
+    md = decode_one(frame)
+    assert md.attributes["k"] == "v" and md.attributes["group"] == "g"
+    again = decode_one(join_encoded(DubboCodec().encode(md, {"k": "w", "n": "1"})))
+    assert again.attributes.to_dict() == {**md.attributes.to_dict(), "k": "w", "n": "1"}
+
+
+def test_null_attachments_and_null_version() -> None:
+    body = b"".join(dumps(v) for v in ("2.0.2", PATH, None, "m", "")) + b"N"
+    frame = build_header(0xC2, 0, 1, len(body)) + body
+    md = decode_one(frame)
+    assert md.operation_name == "m" and "version" not in md.attributes
+    again = decode_one(join_encoded(DubboCodec().encode(md, {"a": "b"})))
+    assert again.attributes["a"] == "b"

@@ -49,7 +49,8 @@ def build_request(
         encoder.write(text)
     for arg in args:
         encoder.write(arg)
-    encoder.write(dict(attachments or {}))
+    # A dict (or TypedMap) is written as given; other mappings as a plain map.
+    encoder.write(attachments if isinstance(attachments, dict) else dict(attachments or {}))
     body = encoder.getvalue()
     flag = FLAG_REQUEST | HESSIAN2 | (FLAG_TWOWAY if two_way else 0)
     return build_header(flag, 0, request_id, len(body)) + body
