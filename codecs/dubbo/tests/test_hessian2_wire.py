@@ -570,3 +570,26 @@ def test_string_cache_does_not_leak_between_encodings() -> None:
     assert dumps(["ab", "ab"]) == H("7a02616202 6162".replace(" ", ""))
     assert dumps("x" * 64) == H("3040") + b"x" * 64
     assert dumps("é" * 10) == dumps("é" * 10) == H("0a") + "é".encode() * 10
+
+
+def test_reference_to_a_skipped_typed_list_reads_its_type_names_again() -> None:
+    # found by hypothesis: the skipped list's own type name must not be counted twice
+    inner = TypedList(
+        "[int", [TypedMap("java.util.TreeMap", {}), TypedMap("java.util.TreeMap", {})]
+    )
+    for outer in (inner, TypedList("[int", range(9)), TypedList("x", [1], variable=True)):
+        e = Encoder()
+        for v in ([], outer, outer):
+            e.write(v)
+        d = Decoder(e.getvalue())
+        d.skip()
+        d.skip()
+        assert d.read() == outer
+        assert d.at_end
+    m = TypedMap("java.util.TreeMap", {"a": TypedMap("java.util.TreeMap", {})})
+    e = Encoder()
+    e.write(m)
+    e.write(m)
+    d = Decoder(e.getvalue())
+    d.skip()
+    assert d.read() == m

@@ -117,25 +117,32 @@ def _s_bin_short(d: Decoder, tag: int, pos: int) -> None:
     d._pos = end
 
 
-def _mark(d: Decoder, tag_pos: int) -> None:
-    d._refs.append((tag_pos, len(d._classes), len(d._types)))  # a Skipped marker
+def _mark(d: Decoder, tag_pos: int, n_types: int = -1) -> None:
+    """Number the skipped container and count its depth.
+
+    ``n_types`` is how many type names were known at its tag, when its own type name was
+    already read (re-decoding from the tag reads that name again).
+    """
+    if n_types < 0:
+        n_types = len(d._types)
+    d._refs.append((tag_pos, len(d._classes), n_types))  # a Skipped marker
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
 
 
-def _skip_n(d: Decoder, n: int, tag_pos: int) -> None:
+def _skip_n(d: Decoder, n: int, tag_pos: int, n_types: int = -1) -> None:
     d._length(n, "list", tag_pos)
-    _mark(d, tag_pos)
+    _mark(d, tag_pos, n_types)
     skip = d.skip
     for _ in range(n):
         skip()
     d._depth -= 1
 
 
-def _skip_until_end(d: Decoder, tag_pos: int, pairs: bool) -> None:
+def _skip_until_end(d: Decoder, tag_pos: int, pairs: bool, n_types: int = -1) -> None:
     """Skip values (map: key-value pairs) up to and over 'Z'."""
-    _mark(d, tag_pos)
+    _mark(d, tag_pos, n_types)
     skip = d.skip
     data = d._data
     end = d._end
@@ -161,8 +168,9 @@ def _s_list_direct_untyped(d: Decoder, tag: int, pos: int) -> None:
 
 def _s_list_direct(d: Decoder, tag: int, pos: int) -> None:
     d._pos = pos
+    n_types = len(d._types)
     d._read_type()
-    _skip_n(d, tag - T.LIST_DIRECT, pos - 1)
+    _skip_n(d, tag - T.LIST_DIRECT, pos - 1, n_types)
 
 
 def _s_list_fixed_untyped(d: Decoder, tag: int, pos: int) -> None:
@@ -172,8 +180,9 @@ def _s_list_fixed_untyped(d: Decoder, tag: int, pos: int) -> None:
 
 def _s_list_fixed(d: Decoder, tag: int, pos: int) -> None:
     d._pos = pos
+    n_types = len(d._types)
     d._read_type()
-    _skip_n(d, d._read_length("a list length"), pos - 1)
+    _skip_n(d, d._read_length("a list length"), pos - 1, n_types)
 
 
 def _s_variable_untyped(d: Decoder, tag: int, pos: int) -> None:
@@ -185,8 +194,9 @@ def _s_variable_untyped(d: Decoder, tag: int, pos: int) -> None:
 def _s_variable_typed(d: Decoder, tag: int, pos: int) -> None:
     """'U' list or 'M' map."""
     d._pos = pos
+    n_types = len(d._types)
     d._read_type()
-    _skip_until_end(d, pos - 1, tag == T.MAP)
+    _skip_until_end(d, pos - 1, tag == T.MAP, n_types)
 
 
 def _s_class_def(d: Decoder, tag: int, pos: int) -> None:
