@@ -203,7 +203,7 @@ def test_oversized_frame_is_refused_from_its_length_with_the_request_id() -> Non
     huge = (10_000_000).to_bytes(4, "big") + data[4:]
     with pytest.raises(FrameTooLargeError) as raised:
         ThriftCodec(max_frame_size=1 << 20).decode(bytearray(huge[:30]))
-    assert raised.value.size == 10_000_000 and raised.value.offset == 0
+    assert raised.value.size == 10_000_004 and raised.value.offset == 0
     assert raised.value.metadata is not None and raised.value.metadata.request_id == 42
     assert raised.value.metadata.operation_name == "add"
     # Only the length is there yet: still refused at once.

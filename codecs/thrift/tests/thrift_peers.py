@@ -64,6 +64,17 @@ class Handler:
     def __init__(self, error_cls: Any) -> None:
         self.error_cls = error_cls
         self.events: queue.Queue[str] = queue.Queue()
+        #: THeader servers: the info headers of every request, recorded while handling it
+        #: (so before the reply is written and the client can go on).
+        self.seen_headers: list[dict[bytes, bytes]] = []
+        self.current = threading.local()
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in {"add", "echo", "roundtrip", "divide", "notify", "ping"}:
+            protocol = getattr(object.__getattribute__(self, "current"), "protocol", None)
+            if protocol is not None:
+                object.__getattribute__(self, "seen_headers").append(dict(protocol.get_headers()))
+        return object.__getattribute__(self, name)
 
     def add(self, a: int, b: int) -> int:
         return a + b
@@ -189,7 +200,6 @@ class Apache:
         kind: str,
         handler: Handler,
         multiplexed: str | None = None,
-        seen_headers: list[dict[bytes, bytes]] | None = None,
     ) -> Server:
         """``kind``: ``{binary,compact}-{buffered,framed}`` or ``header-any`` (THeader server
         that also accepts framed/unframed binary and compact clients)."""
@@ -217,12 +227,11 @@ class Apache:
                     THeaderClientType.UNFRAMED_COMPACT,
                 ]
                 protocol: Any = THeaderProtocol(sock, allowed)
+                handler.current.protocol = protocol
             else:
                 protocol = self._protocol(kind, sock, TTransport)
             while True:
                 processor.process(protocol, protocol)
-                if seen_headers is not None and kind == "header-any":
-                    seen_headers.append(dict(protocol.get_headers()))
 
         return Server(serve)
 

@@ -111,7 +111,8 @@ class ThriftCodec(Codec):
     * ``protocol``: ``auto`` (default), ``binary`` or ``compact``.
     * ``strict``: ``True`` (default) accepts only strict binary (with a version word);
       ``False`` also accepts non-strict binary (and lets ``auto`` look for it by shape).
-    * ``max_frame_size``: largest frame (or unframed message) accepted, in bytes.
+    * ``max_frame_size``: largest frame accepted, in bytes, counting the whole frame (the
+      4-byte length prefix included; for unframed messages, the whole message).
     * ``max_depth``: deepest struct/container nesting accepted when skipping a message.
     * ``mutation_without_headers``: what :meth:`encode` does with a mutation for a framed or
       unframed message, which has no header to carry it: ``skip`` (default: the message goes
@@ -196,9 +197,9 @@ class ThriftCodec(Codec):
         size: int = _unpack_i32(buffer, 0)[0]
         if size <= 0:
             raise FramingError(f"bad frame length {size}", offset=0)
-        if size > self.max_frame_size:
+        if size + 4 > self.max_frame_size:  # the limit bounds the whole frame, prefix included
             raise FrameTooLargeError(
-                size,
+                size + 4,
                 self.max_frame_size,
                 offset=0,
                 metadata=self._partial(buffer, transport),
@@ -228,7 +229,7 @@ class ThriftCodec(Codec):
         )
         # Fast path: framed strict binary whose message header lies inside the frame.
         if (
-            0 < size <= self.max_frame_size
+            0 < size <= self.max_frame_size - 4
             and word & BINARY_VERSION_MASK == BINARY_VERSION_1
             and name_len >= 0
             and self._protocol != COMPACT

@@ -47,8 +47,8 @@ def detect(buf: Buffer, allow_non_strict: bool, max_frame_size: int) -> tuple[st
     if n < 8:
         # Whatever follows, a first word above the limit is too big (as a frame length, and
         # as a non-strict name length too): refuse it now, before anything is buffered.
-        if n >= 4 and _unpack_i32(buf, 0)[0] > max_frame_size:
-            raise FrameTooLargeError(_unpack_i32(buf, 0)[0], max_frame_size, offset=0)
+        if n >= 4 and _unpack_i32(buf, 0)[0] + 4 > max_frame_size:
+            raise FrameTooLargeError(_unpack_i32(buf, 0)[0] + 4, max_frame_size, offset=0)
         raise Incomplete(8)
     size = _unpack_i32(buf, 0)[0]
     if buf[4] == 0x0F and buf[5] == 0xFF:
@@ -76,7 +76,7 @@ def _detect_non_strict(buf: Buffer, size: int, max_frame_size: int) -> tuple[str
     if name_len >= 0 and 4 + name_len + 5 <= size:
         type_at = 8 + name_len
         if n <= type_at:
-            if size > max_frame_size:  # would be refused as framed, whatever follows
+            if size + 4 > max_frame_size:  # would be refused as framed, whatever follows
                 return FRAMED, BINARY
             raise Incomplete(type_at + 1)
         if 1 <= buf[type_at] <= 4:
