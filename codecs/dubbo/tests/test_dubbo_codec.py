@@ -534,3 +534,20 @@ def test_null_attachments_and_null_version() -> None:
     assert md.operation_name == "m" and "version" not in md.attributes
     again = decode_one(join_encoded(DubboCodec().encode(md, {"a": "b"})))
     assert again.attributes["a"] == "b"
+
+
+def test_bulk_attributes_match_the_public_constructor() -> None:
+    from metaprotocol_dubbo._attributes import make_attributes
+
+    from metaprotocol_sdk import Attributes
+
+    items = {"Group": "g", "x-Trace": "t", "k": "v"}
+    extra = {"interface": "i", "GROUP": "override"}
+    fast = make_attributes(items, extra)
+    slow = Attributes(items)
+    slow.update(extra)
+    assert fast.to_dict() == slow.to_dict()
+    assert fast["group"] == slow["group"] == "override"
+    assert fast.get_folded("x-trace") == "t" and len(fast) == len(slow) and list(fast) == list(slow)
+    fast["new"] = "n"
+    assert fast["NEW"] == "n"
