@@ -3,14 +3,19 @@
 ``golden.yaml`` holds frames captured from real Dubbo peers (sofa-rpc-node with
 dubbo-remoting, dubbo-ssl-python) and what the codec must decode from them;
 :mod:`.strategies` generates requests and responses; :data:`MUTATION` is what the kit's
-round-trip checks write; :func:`payload` names the bytes a mutation must not touch.
+round-trip checks write; :func:`payload` names the bytes a mutation must not touch;
+:func:`messages` adds expectations to the generated frames.
 """
 
 from __future__ import annotations
 
+from hypothesis import strategies as st
+
 from metaprotocol_sdk import Metadata
+from metaprotocol_sdk.testing import Sample
 
 from ..codec import RequestState, ResponseState
+from . import strategies
 
 #: The mutation the kit writes in its round-trip checks (attachments added and replaced).
 MUTATION: dict[str, str] = {"x-conformance": "1", "group": "conformance"}
@@ -30,3 +35,21 @@ def payload(metadata: Metadata) -> bytes | memoryview:
     if isinstance(state, ResponseState) and state.result_flag is not None:
         return frame[state.value_start : state.value_end]
     return metadata.body
+
+
+def _expect(frame: bytes) -> Sample:
+    """A generated frame with the message type and id its header announces (Dubbo's spec)."""
+    flag = frame[2]
+    if flag & 0x20:
+        kind = "Heartbeat"
+    elif flag & 0x80:
+        kind = "Request" if flag & 0x40 else "Oneway"
+    else:
+        kind = "Response" if frame[3] == 20 else "Error"
+    request_id = int.from_bytes(frame[4:12], "big")
+    return Sample(frame, expect={"message_type": kind, "request_id": request_id})
+
+
+def messages() -> st.SearchStrategy[Sample]:
+    """:func:`.strategies.messages`, each frame with its expected type and id."""
+    return strategies.messages().map(_expect)
