@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import random
-import zlib
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol as TypingProtocol
 
@@ -80,11 +80,16 @@ class LeastRequest(Balancer):
         return a if a.active <= b.active else b
 
 
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
 class ConsistentHash(Balancer):
     """A hash ring over one attribute's value; requests without it go round robin.
 
-    The ring uses CRC32 (stable across processes, unlike ``hash``) with 100 points per host,
-    so adding or removing a host moves only about ``1/n`` of the keys.
+    The ring uses 64-bit BLAKE2b (stable across processes, unlike ``hash``; CRC32 is too linear
+    to spread similar keys) with 100 points per host, so adding or removing a host moves only
+    about ``1/n`` of the keys.
     """
 
     POINTS = 100
@@ -93,7 +98,7 @@ class ConsistentHash(Balancer):
         super().__init__(hosts)
         self._key = attribute.lower()
         ring = sorted(
-            (zlib.crc32(f"{host.key}#{i}".encode()), n)
+            (_hash(f"{host.key}#{i}".encode()), n)
             for n, host in enumerate(self.hosts)
             for i in range(self.POINTS)
         )
@@ -105,7 +110,7 @@ class ConsistentHash(Balancer):
         value = metadata.attributes.get_folded(self._key)
         if value is None or not self._points:
             return self._fallback.pick(metadata)
-        i = bisect.bisect(self._points, zlib.crc32(value.encode()))
+        i = bisect.bisect(self._points, _hash(value.encode()))
         return self._owners[i if i < len(self._owners) else 0]
 
 

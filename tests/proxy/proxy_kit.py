@@ -365,7 +365,14 @@ async def engine_for(text: str) -> AsyncIterator[Engine]:
         yield engine
     finally:
         await engine.stop(drain=1.0)
-        assert not engine.downstreams and not engine.upstreams
+        assert not engine.downstreams and not engine.upstreams and engine.pending == 0
+        me = asyncio.current_task()
+        left = [
+            t
+            for t in asyncio.all_tasks()
+            if t is not me and not t.done() and "bounded" not in repr(t.get_coro())
+        ]
+        assert left == [], left
 
 
 def address(engine: Engine) -> tuple[str, int]:
