@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import bisect
-import random
 import hashlib
+import random
 from collections.abc import Sequence
 from typing import Protocol as TypingProtocol
 
