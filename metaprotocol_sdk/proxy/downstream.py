@@ -76,6 +76,8 @@ class Downstream(asyncio.Protocol):
         self.closed = False
         self.draining = False
         self.dedicated: dict[tuple[str, str], UpstreamConnection] = {}
+        #: Responses decoded but not yet written (see :meth:`finish`).
+        self.out: list[bytes | memoryview] = []
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -245,24 +247,33 @@ class Downstream(asyncio.Protocol):
         if engine.draining and engine.pending == 0:
             engine.requests_drained()
 
-    def finish(self, p: Pending, response: Metadata) -> None:
-        """Deliver the response to ``p`` (response mutation and original id applied)."""
+    def finish(self, p: Pending, response: Metadata, batch: list[Downstream]) -> None:
+        """Queue the response to ``p`` (response mutation and original id applied).
+
+        The bytes wait in ``self.out``; this connection is added to ``batch`` and the caller
+        flushes every connection of the batch once it has decoded all it read, so pipelined
+        responses leave in one write.
+        """
         self._settle(p)
         route = p.route
         status = _STATUS_NAMES[response.response_status]
         p.target.count(status)
-        transport = self.transport
-        if transport is not None:
+        if self.transport is not None:
             if p.conn.cluster.shared:
                 encoded = self.codec.encode(
                     response, route.response_mutation, request_id=p.request.request_id
                 )
             else:
                 encoded = self.codec.encode(response, route.response_mutation)
+            out = self.out
+            if not out:
+                batch.append(self)
             if type(encoded) is bytes:
-                transport.write(encoded)
+                out.append(encoded)
             else:
-                transport.writelines(encoded)  # type: ignore[arg-type]
+                out.extend(encoded)  # type: ignore[arg-type]
+        elif self.draining and self.inflight == 0:
+            self.close()
         log = self.engine.access_log
         if log is not None:
             log.log(
@@ -275,6 +286,17 @@ class Downstream(asyncio.Protocol):
                 p.request.message_type.name,
                 p.host.key,
             )
+
+    def flush(self) -> None:
+        """Write the queued responses (and close if draining and idle)."""
+        out = self.out
+        self.out = []
+        transport = self.transport
+        if transport is not None:
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)
         if self.draining and self.inflight == 0:
             self.close()
 

@@ -255,28 +255,35 @@ class UpstreamConnection(asyncio.Protocol):
         if len(buffer) < self.need:
             return
         codec = self.codec
+        batch: list[Downstream] = []
+        failed: CodecError | None = None
         while buffer:
             try:
                 message = codec.decode(buffer)
             except CodecError as exc:
-                self.cluster.decode_errors.value += 1
-                self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {exc}")
-                self.close()
-                return
+                failed = exc
+                break
             if not isinstance(message, Metadata):
                 self.need = message.needed
-                return
+                break
             kind = message.message_type
             if kind is _RESPONSE or kind is _ERROR:
                 p = self._match(message.request_id)
                 if p is not None:
-                    p.downstream.finish(p, message)
+                    p.downstream.finish(p, message, batch)
             elif kind is _HEARTBEAT:
                 self.cluster.heartbeats.value += 1
                 reply = codec.heartbeat_reply(message)
                 if reply and self.transport is not None:
                     self.transport.write(reply)
-        self.need = 0
+        else:
+            self.need = 0
+        for downstream in batch:
+            downstream.flush()
+        if failed is not None:
+            self.cluster.decode_errors.value += 1
+            self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {failed}")
+            self.close()
 
     def _match(self, wire_id: int) -> Pending | None:
         if self.cluster.shared:
