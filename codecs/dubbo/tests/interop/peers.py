@@ -33,6 +33,8 @@ JAVA_SRC = HERE / "java" / "HessianDriver.java"
 NODE_DRIVER = HERE / "node" / "hessian_driver.js"
 HESSIAN_JAR = Path(os.environ.get("HESSIAN_JAR", "/usr/share/java/hessian.jar"))
 NODE_MODULES = Path(os.environ.get("NODE_MODULES", REPO / "peers" / "node" / "node_modules"))
+#: Short-lived JVMs start faster with the C1 compiler only and the serial collector.
+JVM_FAST = ["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]
 JAVA_OPENS = [
     "--add-opens",
     "java.base/java.lang=ALL-UNNAMED",
@@ -81,7 +83,16 @@ def java_classpath() -> str:
     out = tempfile.mkdtemp(prefix="hessian-driver-")
     atexit.register(shutil.rmtree, out, True)
     proc = subprocess.run(
-        [javac, "-nowarn", "-d", out, "-cp", str(HESSIAN_JAR), str(JAVA_SRC)],
+        [
+            javac,
+            *(f"-J{o}" for o in JVM_FAST),
+            "-nowarn",
+            "-d",
+            out,
+            "-cp",
+            str(HESSIAN_JAR),
+            str(JAVA_SRC),
+        ],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -102,7 +113,8 @@ def _run(cmd: list[str], stdin: str = "", env: dict[str, str] | None = None) -> 
 
 def _java(mode: str, stdin: str = "") -> list[str]:
     java = _need("java", "install OpenJDK 17 (apt-get install -y openjdk-17-jdk-headless)")
-    return _run([java, *JAVA_OPENS, "-cp", java_classpath(), "HessianDriver", mode], stdin)
+    cmd = [java, *JVM_FAST, *JAVA_OPENS, "-cp", java_classpath(), "HessianDriver", mode]
+    return _run(cmd, stdin)
 
 
 def _node(mode: str, stdin: str = "", *args: str) -> list[str]:

@@ -207,16 +207,30 @@ public class HessianDriver {
     return s;
   }
 
+  static final char[] HEX = "0123456789abcdef".toCharArray();
+
   static String hex(byte[] b) {
-    StringBuilder sb = new StringBuilder(b.length * 2);
-    for (byte x : b) sb.append(String.format("%02x", x & 0xff));
-    return sb.toString();
+    char[] out = new char[b.length * 2];
+    for (int i = 0; i < b.length; i++) {
+      out[2 * i] = HEX[(b[i] >> 4) & 0xf];
+      out[2 * i + 1] = HEX[b[i] & 0xf];
+    }
+    return new String(out);
+  }
+
+  static String units(String s) {
+    char[] out = new char[s.length() * 4];
+    for (int i = 0; i < s.length(); i++) {
+      char c = s.charAt(i);
+      for (int k = 0; k < 4; k++) out[4 * i + k] = HEX[(c >> (12 - 4 * k)) & 0xf];
+    }
+    return new String(out);
   }
 
   static byte[] unhex(String s) {
     byte[] b = new byte[s.length() / 2];
     for (int i = 0; i < b.length; i++) {
-      b[i] = (byte) Integer.parseInt(s.substring(2 * i, 2 * i + 2), 16);
+      b[i] = (byte) ((Character.digit(s.charAt(2 * i), 16) << 4) | Character.digit(s.charAt(2 * i + 1), 16));
     }
     return b;
   }
@@ -244,12 +258,7 @@ public class HessianDriver {
       return "float:" + String.format("%08x", Float.floatToRawIntBits((Float) o));
     }
     if (o instanceof Character) return "char:" + String.format("%04x", (int) (Character) o);
-    if (o instanceof String) {
-      String s = (String) o;
-      StringBuilder sb = new StringBuilder("str:");
-      for (int i = 0; i < s.length(); i++) sb.append(String.format("%04x", (int) s.charAt(i)));
-      return sb.toString();
-    }
+    if (o instanceof String) return "str:" + units((String) o);
     if (o instanceof byte[]) return "bin:" + hex((byte[]) o);
     if (o instanceof Date) return "date:" + ((Date) o).getTime();
     if (o instanceof Enum) return "enum(" + o.getClass().getName() + ")" + ((Enum<?>) o).name();
