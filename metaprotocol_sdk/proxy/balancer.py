@@ -6,6 +6,7 @@ import bisect
 import hashlib
 import random
 from collections.abc import Sequence
+from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
 from metaprotocol_sdk.metadata import Metadata
@@ -22,25 +23,28 @@ class Host(TypingProtocol):
     def key(self) -> str: ...
 
 
-class Balancer:
+H = TypeVar("H", bound=Host)
+
+
+class Balancer(Generic[H]):
     """Base class: ``pick`` returns a host, or ``None`` when the cluster has none."""
 
-    def __init__(self, hosts: Sequence[Host]) -> None:
+    def __init__(self, hosts: Sequence[H]) -> None:
         self.hosts = list(hosts)
 
-    def pick(self, metadata: Metadata) -> Host | None:
+    def pick(self, metadata: Metadata) -> H | None:
         """The host for this request."""
         raise NotImplementedError
 
 
-class RoundRobin(Balancer):
+class RoundRobin(Balancer[H]):
     """Each host in turn."""
 
-    def __init__(self, hosts: Sequence[Host]) -> None:
+    def __init__(self, hosts: Sequence[H]) -> None:
         super().__init__(hosts)
         self._next = 0
 
-    def pick(self, metadata: Metadata) -> Host | None:
+    def pick(self, metadata: Metadata) -> H | None:
         hosts = self.hosts
         if not hosts:
             return None
@@ -51,25 +55,25 @@ class RoundRobin(Balancer):
         return hosts[i]
 
 
-class Random(Balancer):
+class Random(Balancer[H]):
     """A uniformly random host (seedable for tests)."""
 
-    def __init__(self, hosts: Sequence[Host], seed: int | None = None) -> None:
+    def __init__(self, hosts: Sequence[H], seed: int | None = None) -> None:
         super().__init__(hosts)
         self._choice = random.Random(seed).choice
 
-    def pick(self, metadata: Metadata) -> Host | None:
+    def pick(self, metadata: Metadata) -> H | None:
         return self._choice(self.hosts) if self.hosts else None
 
 
-class LeastRequest(Balancer):
+class LeastRequest(Balancer[H]):
     """Power of two choices on in-flight requests (Envoy's default for LEAST_REQUEST)."""
 
-    def __init__(self, hosts: Sequence[Host], seed: int | None = None) -> None:
+    def __init__(self, hosts: Sequence[H], seed: int | None = None) -> None:
         super().__init__(hosts)
         self._rand = random.Random(seed)
 
-    def pick(self, metadata: Metadata) -> Host | None:
+    def pick(self, metadata: Metadata) -> H | None:
         hosts = self.hosts
         n = len(hosts)
         if n <= 2:
@@ -84,7 +88,7 @@ def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-class ConsistentHash(Balancer):
+class ConsistentHash(Balancer[H]):
     """A hash ring over one attribute's value; requests without it go round robin.
 
     The ring uses 64-bit BLAKE2b (stable across processes, unlike ``hash``; CRC32 is too linear
@@ -94,7 +98,7 @@ class ConsistentHash(Balancer):
 
     POINTS = 100
 
-    def __init__(self, hosts: Sequence[Host], attribute: str) -> None:
+    def __init__(self, hosts: Sequence[H], attribute: str) -> None:
         super().__init__(hosts)
         self._key = attribute.lower()
         ring = sorted(
@@ -104,9 +108,9 @@ class ConsistentHash(Balancer):
         )
         self._points = [p for p, _ in ring]
         self._owners = [self.hosts[n] for _, n in ring]
-        self._fallback = RoundRobin(hosts)
+        self._fallback: RoundRobin[H] = RoundRobin(hosts)
 
-    def pick(self, metadata: Metadata) -> Host | None:
+    def pick(self, metadata: Metadata) -> H | None:
         value = metadata.attributes.get_folded(self._key)
         if value is None or not self._points:
             return self._fallback.pick(metadata)
@@ -114,7 +118,7 @@ class ConsistentHash(Balancer):
         return self._owners[i if i < len(self._owners) else 0]
 
 
-def make_balancer(policy: LoadBalancer, hosts: Sequence[Host]) -> Balancer:
+def make_balancer(policy: LoadBalancer, hosts: Sequence[H]) -> Balancer[H]:
     """The balancer for a policy."""
     if policy.policy == "RANDOM":
         return Random(hosts)

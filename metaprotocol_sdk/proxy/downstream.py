@@ -193,7 +193,6 @@ class Downstream(asyncio.Protocol):
                 message, ErrorType.OverLimit, "too many pending requests", route, target
             )
             return
-        assert isinstance(host, UpstreamHost)
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         now = engine.loop.time()
         p = Pending(self, message, route, target, host, conn, now)
@@ -216,7 +215,6 @@ class Downstream(asyncio.Protocol):
             status = ErrorType.ClusterNotFound if cluster is None else ErrorType.NoHealthyUpstream
             target.count(status.name, "metaprotocol_oneway_total")
             return
-        assert isinstance(host, UpstreamHost)
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         conn.send_oneway(message, route.request_mutation)
         target.count("Forwarded", "metaprotocol_oneway_total")

@@ -102,7 +102,7 @@ class Cluster:
         name: str,
         protocol: Protocol,
         hosts: list[UpstreamHost],
-        balancer: Balancer,
+        balancer: Balancer[UpstreamHost],
     ) -> None:
         self.engine = engine
         self.name = name
