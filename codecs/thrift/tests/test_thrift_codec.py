@@ -145,15 +145,21 @@ def test_non_strict_is_refused_when_strict() -> None:
         )
 
 
-def test_auto_locks_the_variant_until_reset() -> None:
+def test_auto_detects_per_message() -> None:
     codec = ThriftCodec()
-    assert isinstance(codec.decode(bytearray(tf.sample("framed", "compact"))), Metadata)
-    assert codec.detected == ("framed", "compact")
-    with pytest.raises(CodecError):
-        codec.decode(bytearray(tf.sample("unframed", "binary")))
+    stream = bytearray(
+        tf.sample("framed", "compact")
+        + tf.sample("unframed", "binary")
+        + tf.sample("header", "compact")
+    )
+    seen = []
+    while stream:
+        message = codec.decode(stream)
+        assert isinstance(message, Metadata)
+        seen.append(codec.detected)
+    assert seen == [("framed", "compact"), ("unframed", "binary"), ("header", "auto")]
     codec.reset()
     assert codec.detected == ("auto", "auto")
-    assert isinstance(codec.decode(bytearray(tf.sample("unframed", "binary"))), Metadata)
 
 
 def test_forced_transport_refuses_other_transports() -> None:
@@ -394,16 +400,17 @@ def test_mutation_without_headers_is_skipped_and_counted_or_refused(
     transport: str, protocol: str
 ) -> None:
     data = tf.sample(transport, protocol)
-    message, codec = decode_one(data, **tf.options_for(transport, protocol))
+    options = tf.options_for(transport, protocol)
+    message, codec = decode_one(data, mutation_without_headers="skip", **options)
     assert codec.encode(message, {"k": "v"}) is message.frame
     assert codec.mutations_skipped == 1
-    rewritten, _ = decode_one(
-        codec.encode(message, {"k": "v"}, request_id=77), **tf.options_for(transport, protocol)
-    )
+    rewritten, _ = decode_one(codec.encode(message, {"k": "v"}, request_id=77), **options)
     assert rewritten.request_id == 77 and codec.mutations_skipped == 2
-    strict = ThriftCodec(mutation_without_headers="error", **tf.options_for(transport, protocol))
+    strict = ThriftCodec(**options)  # the default refuses
     with pytest.raises(MutationError, match="no headers"):
         strict.encode(message, {"k": "v"})
+    with pytest.raises(MutationError):
+        strict.encode(message, {"k": "v"}, request_id=77)
     assert strict.mutations_skipped == 0
 
 

@@ -94,12 +94,17 @@ def check_seen(relay: peers.Relay, rewritten: bool = False) -> None:
 
 
 def tp_setup(
-    kind: str, closing: list[Any], multiplexed: str | None = None, **relay_args: Any
+    kind: str,
+    closing: list[Any],
+    multiplexed: str | None = None,
+    extra_options: dict[str, Any] | None = None,
+    **relay_args: Any,
 ) -> tuple[Any, peers.Handler, peers.Relay]:
     handler = peers.Handler(peers.calc_tp.CalcError)
     server = peers.thriftpy2_server(kind, handler, multiplexed)
     closing.append(server)
     options = {"strict": "false"} if kind.startswith("nonstrict") else {}
+    options.update(extra_options or {})
     relay = peers.Relay(server.port, options=options, **relay_args)
     closing.append(relay)
     client = peers.thriftpy2_client(kind, relay.port, multiplexed)
@@ -117,7 +122,13 @@ def test_thriftpy2_through_relay(kind: str, closing: list[Any]) -> None:
 
 @pytest.mark.parametrize("kind", TP_KINDS)
 def test_thriftpy2_rewritten_ids_and_skipped_mutation(kind: str, closing: list[Any]) -> None:
-    client, handler, relay = tp_setup(kind, closing, rewrite_ids=True, mutation={"x-env": "a"})
+    client, handler, relay = tp_setup(
+        kind,
+        closing,
+        rewrite_ids=True,
+        mutation={"x-env": "a"},
+        extra_options={"mutation_without_headers": "skip"},
+    )
     exercise(client, peers.calc_tp, handler)
     check_seen(relay, rewritten=True)
     # No headers in framed/unframed transports: every mutation was refused and counted.

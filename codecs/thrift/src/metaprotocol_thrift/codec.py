@@ -115,12 +115,11 @@ class ThriftCodec(Codec):
       4-byte length prefix included; for unframed messages, the whole message).
     * ``max_depth``: deepest struct/container nesting accepted when skipping a message.
     * ``mutation_without_headers``: what :meth:`encode` does with a mutation for a framed or
-      unframed message, which has no header to carry it: ``skip`` (default: the message goes
-      out unchanged and :attr:`mutations_skipped` counts it) or ``error``
-      (:class:`~metaprotocol_sdk.errors.MutationError`).
+      unframed message, which has no header to carry it: ``error`` (default:
+      :class:`~metaprotocol_sdk.errors.MutationError`) or ``skip`` (the message goes out
+      unchanged, and :attr:`mutations_skipped` counts it).
 
-    In ``auto`` mode the first message of a connection fixes the transport and protocol for
-    the rest of it (until :meth:`reset`).
+    In ``auto`` mode the transport and protocol are detected for every message.
     """
 
     protocol: ClassVar[str] = "thrift"
@@ -142,7 +141,7 @@ class ThriftCodec(Codec):
         strict: bool | str = True,
         max_frame_size: int | str = DEFAULT_MAX_FRAME_SIZE,
         max_depth: int | str = DEFAULT_MAX_DEPTH,
-        mutation_without_headers: str = "skip",
+        mutation_without_headers: str = "error",
     ) -> None:
         super().__init__(max_frame_size=_positive("max_frame_size", max_frame_size))
         self.transport = _choice("transport", transport, (AUTO, FRAMED, UNFRAMED, HEADER))
@@ -154,38 +153,46 @@ class ThriftCodec(Codec):
         )
         #: Mutations not written because the message's transport has no headers.
         self.mutations_skipped = 0
-        self._transport = self.transport
         self._protocol = self.wire_protocol
+        self._detected = (self.transport, self.wire_protocol)
 
     def reset(self) -> None:
-        """Forget the transport and protocol detected in ``auto`` mode."""
-        self._transport = self.transport
+        """Forget what ``auto`` detected last (detection is per message, so nothing else)."""
         self._protocol = self.wire_protocol
+        self._detected = (self.transport, self.wire_protocol)
 
     @property
     def detected(self) -> tuple[str, str]:
-        """``(transport, protocol)`` in use (``auto`` where nothing was detected yet)."""
-        return self._transport, self._protocol
+        """``(transport, protocol)`` of the last message (``auto`` where not known)."""
+        return self._detected
 
     # -- decode -----------------------------------------------------------------------------
 
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         """Consume one complete Thrift message from the front of ``buffer``, or nothing."""
-        transport = self._transport
+        transport = self.transport
         if transport == FRAMED:
             return self._decode_framed(buffer)
         if transport == AUTO:
-            try:
-                transport, protocol = detect(buffer, not self.strict, self.max_frame_size)
-            except Incomplete as more:
-                if more.needed > self.max_frame_size:
-                    raise FrameTooLargeError(more.needed, self.max_frame_size, offset=0) from None
-                return NEED_DATA
-            if self._transport == AUTO:
-                self._transport = transport
-            if self._protocol == AUTO and transport != HEADER:
+            # Detected per message, as Apache's THeader server does: a connection keeps one
+            # variant, but a codec fed captured frames of several variants still works.
+            if len(buffer) >= 12 and buffer[4] == 0x80 and buffer[0] < 0x80:
+                transport, protocol = FRAMED, BINARY  # the common case, without detect()
+            else:
+                try:
+                    transport, protocol = detect(buffer, not self.strict, self.max_frame_size)
+                except Incomplete as more:
+                    if more.needed > self.max_frame_size:
+                        raise FrameTooLargeError(
+                            more.needed, self.max_frame_size, offset=0
+                        ) from None
+                    return NEED_DATA
+            if transport == HEADER:
+                protocol = self.wire_protocol  # the THeader block names the payload protocol
                 self._protocol = protocol
-            transport = self._transport
+            elif self.wire_protocol == AUTO:
+                self._protocol = protocol
+            self._detected = (transport, protocol)
             if transport == FRAMED:
                 return self._decode_framed(buffer)
         if transport == UNFRAMED:
@@ -542,8 +549,10 @@ class ThriftCodec(Codec):
             transport, protocol, strict = state.transport, state.protocol, state.strict
             block = state.header
         else:
-            transport = FRAMED if self._transport == AUTO else self._transport
-            protocol = BINARY if self._protocol == AUTO else self._protocol
+            # Not our metadata: answer in the configured (or last detected) variant.
+            transport, protocol = self._detected
+            transport = FRAMED if transport == AUTO else transport
+            protocol = BINARY if protocol == AUTO else protocol
             strict, block = True, None
         name = metadata.operation_name.encode()
         seqid = metadata.request_id & 0xFFFFFFFF

@@ -34,3 +34,9 @@ service Calculator {
   oneway void notify(1: string event),
   void ping(),
 }
+
+// A newer client's view: `multiply` is unknown to servers of `Calculator`, which answer
+// with a TApplicationException (an EXCEPTION message) - used to capture one.
+service CalculatorV2 extends Calculator {
+  i32 multiply(1: i32 a, 2: i32 b),
+}
