@@ -31,6 +31,7 @@ _i = struct.Struct(">i").unpack_from
 _q = struct.Struct(">q").unpack_from
 _d = struct.Struct(">d").unpack_from
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_new_object = dict.__new__  # a JavaObject without running __init__ (its type is set after)
 
 Reader = Callable[["Decoder", int, int], Any]
 
@@ -157,6 +158,9 @@ class Decoder:
                 if raw.isascii():
                     self._pos = end
                     return raw.decode()
+        elif 0x80 <= tag <= 0xBF:  # compact int
+            self._pos = pos + 1
+            return tag - 0x90
         return self._readers[tag](self, tag, pos + 1)
 
     def read_string(self) -> str | None:
@@ -591,8 +595,25 @@ def _fill_fixed(d: Decoder, lst: list[Any], n: int, tag_pos: int) -> list[Any]:
         d._enter(tag_pos)
     read = d.read
     append = lst.append
+    data = d._data
+    end = d._end
+    pos = d._pos
     for _ in range(n):
+        # compact ASCII strings inline (the common item); anything else through read()
+        if pos < end:
+            tag = data[pos]
+            if tag <= 0x1F:
+                stop = pos + 1 + tag
+                if stop <= end:
+                    raw = data[pos + 1 : stop]
+                    if raw.isascii():
+                        append(raw.decode())
+                        pos = stop
+                        continue
+        d._pos = pos
         append(read())
+        pos = d._pos
+    d._pos = pos
     d._depth -= 1
     return lst
 
@@ -662,20 +683,44 @@ def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
     read = d.read
     data = d._data
     end = d._end
+    pos = d._pos
     while True:
-        pos = d._pos
         if pos >= end:
             raise d._error("truncated map: missing 'Z'", tag_pos)
-        if data[pos] == T.END:
+        tag = data[pos]
+        if tag == T.END:
             d._pos = pos + 1
             break
-        key = read()
-        value = read()
+        entry = pos
+        # compact ASCII strings inline (string-to-string maps dominate); else read()
+        if (
+            tag <= 0x1F
+            and (stop := pos + 1 + tag) <= end
+            and (raw := data[pos + 1 : stop]).isascii()
+        ):
+            key: Any = raw.decode()
+            pos = stop
+        else:
+            d._pos = pos
+            key = read()
+            pos = d._pos
+        if (
+            pos < end
+            and (tag := data[pos]) <= 0x1F
+            and (stop := pos + 1 + tag) <= end
+            and (raw := data[pos + 1 : stop]).isascii()
+        ):
+            value: Any = raw.decode()
+            pos = stop
+        else:
+            d._pos = pos
+            value = read()
+            pos = d._pos
         try:
             m[key] = value
         except TypeError:
             raise d._error(
-                f"map key of type {type(key).__name__} is not hashable in Python", pos
+                f"map key of type {type(key).__name__} is not hashable in Python", entry
             ) from None
     d._depth -= 1
     return m
@@ -762,14 +807,32 @@ def _object(d: Decoder, idx: int, tag_pos: int) -> JavaObject:
         name, fields = d._classes[idx]
     except IndexError:
         raise d._error(f"bad class reference {idx}", tag_pos) from None
-    obj = JavaObject(name)
+    obj = _new_object(JavaObject)
+    obj.type = name
     d._refs.append(obj)
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
     read = d.read
+    data = d._data
+    end = d._end
+    pos = d._pos
     for field in fields:
+        # compact ASCII strings inline; anything else through read()
+        if pos < end:
+            tag = data[pos]
+            if tag <= 0x1F:
+                stop = pos + 1 + tag
+                if stop <= end:
+                    raw = data[pos + 1 : stop]
+                    if raw.isascii():
+                        obj[field] = raw.decode()
+                        pos = stop
+                        continue
+        d._pos = pos
         obj[field] = read()
+        pos = d._pos
+    d._pos = pos
     d._depth -= 1
     return obj
 
