@@ -301,6 +301,9 @@ class Downstream(asyncio.Protocol):
     def fail(self, p: Pending, error: ErrorType, message: str) -> None:
         """Answer ``p`` locally (upstream reset, connect failure, timeout)."""
         self._settle(p)
+        if self.transport is None:  # the client left first: nothing to answer, not an error
+            p.target.count("DownstreamClosed")
+            return
         self.local_reply(p.request, error, message, p.route, p.target, p.start, p.host.key)
         if self.draining and self.inflight == 0:
             self.close()

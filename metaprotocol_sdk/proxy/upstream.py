@@ -307,7 +307,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._active.value -= 1
         self.transport = None
-        if self.pending or self.fifo:
+        if not self.closed and (self.pending or self.fifo):  # not closed by us
             self.cluster.resets.value += 1
         reason = f": {exc}" if exc else ""
         self._finish_close(ErrorType.UpstreamReset, f"upstream {self.host.key} closed{reason}")

@@ -168,6 +168,9 @@ class Upstream:
         if method == "close":
             conn.transport.close()
             return
+        if method == "garbage":
+            conn.transport.write(b"XX" + bytes(30))
+            return
         headers = {"server": self.name}
         headers.update({f"req-{k}": v for k, v in msg.attributes.to_dict().items()})
         frame = build_frame(

@@ -210,3 +210,46 @@ def test_unframeable_bytes_close_the_connection() -> None:
         await up.close()
 
     run(main())
+
+
+def test_bad_response_from_upstream() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            c = await Client.connect(address(engine))
+            hanging = c.start("hang", rid=70)
+            await up.wait_received(1)
+            reply = await c.call("garbage", rid=71)
+            other = await asyncio.wait_for(hanging, 5)
+            assert {(r.request_id, error_type(r)) for r in (reply, other)} == {
+                (70, "BadResponse"),
+                (71, "BadResponse"),
+            }
+            assert engine.stats.total("metaprotocol_decode_errors_total", side="upstream") == 1
+            assert (await c.call(rid=72)).attributes["server"] == "a"  # fresh connection
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_client_leaving_is_not_an_upstream_error() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], protocol="kvnr", codec="proxy_test_codecs:NoRewriteKVCodec")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            c.start("hang", rid=90)
+            await up.wait_received(1)
+            c.close()
+            await asyncio.wait_for(c.closed, 5)
+            for _ in range(100):  # connection_lost callbacks run on the next loop turns
+                if engine.pending == 0:
+                    break
+                await asyncio.sleep(0)
+            assert engine.pending == 0
+            assert engine.stats.total("metaprotocol_requests_total", status="DownstreamClosed") == 1
+            assert engine.stats.total("metaprotocol_upstream_resets_total") == 0
+            assert engine.stats.total("metaprotocol_local_replies_total") == 0
+
+    run(main())
