@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import tags as T
-from .decoder import _READERS, read_class_def
+from .decoder import _READERS, _WIDTH, read_class_def
 from .strings import units_end
 
 if TYPE_CHECKING:
@@ -131,12 +131,36 @@ def _mark(d: Decoder, tag_pos: int, n_types: int = -1) -> None:
         d._enter(tag_pos)
 
 
+def _skip_items(d: Decoder, count: int) -> None:
+    """Skip ``count`` values; fixed-width values and compact ASCII strings inline."""
+    data = d._data
+    end = d._end
+    width = _WIDTH
+    skip = d.skip
+    pos = d._pos
+    for _ in range(count):
+        if pos < end:
+            tag = data[pos]
+            w = width[tag]
+            if w:
+                if pos + w <= end:
+                    pos += w
+                    continue
+            elif tag <= 0x1F:
+                stop = pos + 1 + tag
+                if stop <= end and data[pos + 1 : stop].isascii():
+                    pos = stop
+                    continue
+        d._pos = pos
+        skip()  # everything else, and every error, goes through the full skipper
+        pos = d._pos
+    d._pos = pos
+
+
 def _skip_n(d: Decoder, n: int, tag_pos: int, n_types: int = -1) -> None:
     d._length(n, "list", tag_pos)
     _mark(d, tag_pos, n_types)
-    skip = d.skip
-    for _ in range(n):
-        skip()
+    _skip_items(d, n)
     d._depth -= 1
 
 
@@ -146,18 +170,32 @@ def _skip_until_end(d: Decoder, tag_pos: int, pairs: bool, n_types: int = -1) ->
     skip = d.skip
     data = d._data
     end = d._end
+    width = _WIDTH
     count = 0
+    pos = d._pos
     while True:
-        pos = d._pos
         if pos >= end:
             raise d._error("truncated container: missing 'Z'", tag_pos)
-        if data[pos] == T.END:
+        tag = data[pos]
+        if tag == T.END:
             if pairs and count & 1:
                 raise d._error("map entry without a value before 'Z'", pos)
             d._pos = pos + 1
             break
-        skip()
         count += 1
+        w = width[tag]
+        if w:
+            if pos + w <= end:
+                pos += w
+                continue
+        elif tag <= 0x1F:
+            stop = pos + 1 + tag
+            if stop <= end and data[pos + 1 : stop].isascii():
+                pos = stop
+                continue
+        d._pos = pos
+        skip()
+        pos = d._pos
     d._depth -= 1
 
 
@@ -208,9 +246,7 @@ def _skip_object(d: Decoder, idx: int, tag_pos: int) -> None:
     if not 0 <= idx < len(d._classes):
         raise d._error(f"bad class reference {idx}", tag_pos)
     _mark(d, tag_pos)
-    skip = d.skip
-    for _ in range(len(d._classes[idx][1])):
-        skip()
+    _skip_items(d, len(d._classes[idx][1]))
     d._depth -= 1
 
 
