@@ -77,3 +77,15 @@ def test_hexdump_shows_offsets_and_marks_the_byte() -> None:
     dump = hexdump(bytes(range(20)), mark=17)
     assert "00000010  10 11 12 13" in dump and "^^ offset 17" in dump
     assert "differ at offset 2" in compare(b"abc", b"abd")
+
+
+def test_the_pytest_plugin_imports_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, metaprotocol_sdk.testing.plugin; "
+        "print('hypothesis' in sys.modules, 'metaprotocol_sdk.testing.checks' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

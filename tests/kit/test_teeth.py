@@ -35,3 +35,11 @@ def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
     assert len(set(targeted)) == len(targeted) == 9
     assert set(targeted) <= set(check_names())
+
+
+def test_random_bytes_check_finds_the_garbage_fault_too() -> None:
+    from broken_codecs import IndexErrorOnGarbage
+
+    result = run_check(CodecTarget.discover(IndexErrorOnGarbage), "bad_input_random_bytes")
+    assert result.outcome is Outcome.failed
+    assert "decode raised IndexError" in result.reason

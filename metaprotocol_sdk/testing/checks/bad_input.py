@@ -237,9 +237,10 @@ def bad_input_random_bytes(ctx: CheckContext) -> None:
             end = len(data) - cut % (len(data) + 1) if cut >= 0 else len(data)
             return bytes(data[:end]), 2 * len(data) + small, dict(sample.options)
 
-        edits = st.lists(
-            st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=4
-        )
+        # Headers are where parsers branch, so most edits land in the first 16 bytes.
+        positions = st.one_of(st.integers(0, 15), st.integers(0, 4096))
+        values = st.one_of(st.sampled_from([0x00, 0x01, 0x7F, 0x80, 0xFF]), st.integers(0, 255))
+        edits = st.lists(st.tuples(positions, values), min_size=1, max_size=4)
         strategies.append(st.tuples(pool, edits, st.integers(-8, 64)).map(edit))
 
     def prop(case: tuple[bytes, int, dict[str, object]]) -> None:
