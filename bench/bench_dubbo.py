@@ -5,12 +5,18 @@ Goal: decoding a typical request (3 string arguments, 5 attachments) takes <= 10
 
 Every decode below includes making the ``bytearray`` the codec consumes (an engine's read
 buffer); that copy is also timed on its own so it can be subtracted.
+
+Two clocks: wall time (``perf_counter``, best of 5) and CPU time of this process
+(``process_time``, best of 7). The development machine is shared (2 cores, other builds and
+test runs), so wall time swings 2-3x with the load while CPU time stays put; the goal is
+judged on CPU time and both are printed.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +59,17 @@ def hand_written_header(data: bytearray) -> tuple[object, ...] | None:
     return v
 
 
+def cpu_us(fn: Callable[[], object], *, number: int = 20_000, repeat: int = 7) -> float:
+    """Best-of-``repeat`` CPU microseconds per call (process time: immune to other processes)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.process_time() - start) / number)
+    return best * 1e6
+
+
 def _decoded(frame: bytes) -> Metadata:
     md = DubboCodec().decode(bytearray(frame))
     assert isinstance(md, Metadata)
@@ -63,8 +80,10 @@ def main() -> None:
     codec = DubboCodec()
     decode, encode = codec.decode, codec.encode
     request, response, heartbeat = _decoded(REQUEST), _decoded(RESPONSE), _decoded(HEARTBEAT)
-    floor = per_call_us(lambda: hand_written_header(bytearray(REQUEST)))
-    copy = per_call_us(lambda: bytearray(REQUEST))
+    floor_fn = lambda: hand_written_header(bytearray(REQUEST))  # noqa: E731
+    copy_fn = lambda: bytearray(REQUEST)  # noqa: E731
+    floor, floor_cpu = per_call_us(floor_fn), cpu_us(floor_fn)
+    copy, copy_cpu = per_call_us(copy_fn), cpu_us(copy_fn)
     cases: list[tuple[str, str, Callable[[], object]]] = [
         ("request", "decode", lambda: decode(bytearray(REQUEST))),
         ("request", "encode, 2-key mutation", lambda: encode(request, MUTATION)),
@@ -78,24 +97,37 @@ def main() -> None:
         ("heartbeat", "heartbeat_reply", lambda: codec.heartbeat_reply(heartbeat)),
     ]
     rows: list[tuple[object, ...]] = [
-        ("-", f"floor: hand-written struct header parse ({len(REQUEST)}-byte request)", floor, 1.0),
-        ("-", "bytearray copy of the request (included in decodes)", copy, copy / floor),
+        (
+            "-",
+            f"floor: hand-written struct header parse ({len(REQUEST)}-byte request)",
+            floor,
+            floor_cpu,
+            1.0,
+        ),
+        (
+            "-",
+            "bytearray copy of the frame (included in decodes)",
+            copy,
+            copy_cpu,
+            copy_cpu / floor_cpu,
+        ),
     ]
     results: dict[tuple[str, str], float] = {}
     for message, operation, fn in cases:
-        us = per_call_us(fn)
-        results[(message, operation)] = us
-        rows.append((message, operation, us, us / floor))
+        us, cpu = per_call_us(fn), cpu_us(fn)
+        results[(message, operation)] = cpu
+        rows.append((message, operation, us, cpu, cpu / floor_cpu))
     print_table(
-        "Dubbo codec (us per call; ratio to the hand-written struct header parse)",
-        ["message", "operation", "us/call", "x floor"],
+        "Dubbo codec (us per call, wall and CPU; ratio of CPU time to the hand-written floor)",
+        ["message", "operation", "wall us", "cpu us", "x floor"],
         rows,
     )
     decode_us = results[("request", "decode")]
     verdict = "met" if decode_us <= GOAL_US else "MISSED"
     print(
-        f"\ngoal: typical request decode (3 string args, 5 attachments) <= {GOAL_US:.0f} us: "
-        f"{decode_us:.2f} us ({decode_us - copy:.2f} us without the buffer copy) -> {verdict}"
+        f"\ngoal: typical request decode (3 string args, 5 attachments) <= {GOAL_US:.0f} us "
+        f"(CPU time): {decode_us:.2f} us ({decode_us - copy_cpu:.2f} us without the buffer "
+        f"copy; {decode_us / floor_cpu:.1f}x the header-only floor) -> {verdict}"
     )
     empty = results[("request", "encode, empty mutation")]
     print(f"empty-mutation encode returns the original frame: {empty:.3f} us")

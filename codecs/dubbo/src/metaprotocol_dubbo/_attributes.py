@@ -28,3 +28,14 @@ def make_attributes(items: dict[str, str], extra: dict[str, str] | None = None) 
     attributes = Attributes.__new__(Attributes)
     attributes._items = table
     return attributes
+
+
+def attributes_from_folded(folded: dict[str, tuple[str, str]], extra: dict[str, str]) -> Attributes:
+    """Attributes from a ``{lower-cased key: (key, value)}`` table (taken over) and ``extra``."""
+    for key, value in extra.items():
+        folded[key.lower()] = (key, value)
+    if not _BULK:
+        return Attributes(dict(folded.values()))
+    attributes = Attributes.__new__(Attributes)
+    attributes._items = folded
+    return attributes

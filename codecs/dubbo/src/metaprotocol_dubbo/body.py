@@ -224,13 +224,15 @@ def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) 
 
 def scan_request(
     frame: bytes, text: str, start: int
-) -> tuple[list[str], dict[str, str], int, int, int] | None:
+) -> tuple[list[str], dict[str, str], dict[str, tuple[str, str]], int, int, int] | None:
     """The whole request body in one pass, when it holds only compact ASCII strings.
 
-    Returns ``(head, attachments, args_start, arg_count, attachments_start)``: ``head`` holds
-    the five leading strings (dubbo version, path, version, method, descriptor); the
-    attachments map ends at the end of the frame. ``None`` means "not that shape" (the caller
-    takes the general path, which reports any error).
+    Returns ``(head, attachments, folded, args_start, arg_count, attachments_start)``:
+    ``head`` holds the five leading strings (dubbo version, path, version, method,
+    descriptor); ``folded`` maps each lower-cased attachment key to ``(key, value)`` (the
+    shape attributes are stored in); the attachments map ends at the end of the frame.
+    ``None`` means "not that shape" (the caller takes the general path, which reports any
+    error).
     """
     out: list[str] = []
     append = out.append
@@ -269,27 +271,38 @@ def scan_request(
         if frame[pos] != TAG_MAP_UNTYPED:
             return None
         pos += 1
-        kv: list[str] = []
-        append = kv.append
+        strings: dict[str, str] = {}
+        folded: dict[str, tuple[str, str]] = {}
         while True:
             tag = frame[pos]
             if tag < 0x20:
                 stop = pos + 1 + tag
-                append(text[pos + 1 : stop])
+                key = text[pos + 1 : stop]
             elif tag == TAG_END:
                 break
             elif 0x30 <= tag <= 0x33:
                 stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
-                append(text[pos + 2 : stop])
+                key = text[pos + 2 : stop]
             else:
                 return None
             pos = stop
+            tag = frame[pos]
+            if tag < 0x20:
+                stop = pos + 1 + tag
+                value = text[pos + 1 : stop]
+            elif 0x30 <= tag <= 0x33:
+                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+                value = text[pos + 2 : stop]
+            else:
+                return None
+            pos = stop
+            strings[key] = value
+            folded[key.lower()] = (key, value)
     except IndexError:
         return None
-    if pos + 1 != len(frame) or len(kv) & 1 or not text[start:pos].isascii():
+    if pos + 1 != len(frame) or not text[start:pos].isascii():
         return None
-    it = iter(kv)
-    return out, dict(zip(it, it)), args_start, count, map_start  # noqa: B905 - even length
+    return out, strings, folded, args_start, count, map_start
 
 
 def skip_compact_strings(frame: bytes, pos: int, count: int) -> int:

@@ -26,7 +26,7 @@ from metaprotocol_sdk import (
     take_frame,
 )
 
-from ._attributes import make_attributes
+from ._attributes import attributes_from_folded, make_attributes
 from .body import (
     COMPACT_INT_ZERO,
     TAG_NULL,
@@ -105,6 +105,18 @@ class ResponseState:
         self.value_start = value_start
         self.value_end = value_end
         self.attachments = attachments
+
+
+#: result flag -> (flag, has a value, has attachments, response status).
+_FLAG_INFO: dict[int, tuple[ResultFlag, bool, bool, ResponseStatus]] = {
+    int(f): (
+        f,
+        f.has_value,
+        f.has_attachments,
+        ResponseStatus.Error if f.is_exception else ResponseStatus.Ok,
+    )
+    for f in ResultFlag
+}
 
 
 def _message_type(flag: int, status: int) -> MessageType:
@@ -216,18 +228,19 @@ class DubboCodec(Codec):
         fast = scan_request(frame, text, HEADER_SIZE)
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
-            head, strings, args_start, count, map_start = fast
+            head, strings, folded, args_start, count, map_start = fast
             dubbo_version, path, version, method, desc = head
             attachments = Attachments(strings, None, map_start, len(frame))
         else:
             attachments, args_start, count, fields = self._request_general(frame, text)
             dubbo_version, path, version, method, desc = fields
             strings = attachments.strings
+            folded = {key.lower(): (key, value) for key, value in strings.items()}
         extra = {"interface": strings.get("interface") or path, "method": method}
         version = version or strings.get("version", "")
         if version:
             extra["version"] = version
-        attributes = make_attributes(strings, extra)
+        attributes = attributes_from_folded(folded, extra)
         values: dict[str, Any] = {
             "dubbo_version": dubbo_version,
             "service_path": path,
@@ -326,24 +339,26 @@ class DubboCodec(Codec):
                 value_start = decoder.offset
             if type(raw_flag) is bool or not isinstance(raw_flag, int) or not 0 <= raw_flag <= 5:
                 raise FramingError(f"bad result flag {raw_flag!r}, expected 0..5", offset=pos)
-            result_flag = ResultFlag(raw_flag)
+            # Precomputed per flag: enum member and properties are slow to evaluate per call.
+            result_flag, has_value, has_attachments, response_status = _FLAG_INFO[raw_flag]
             value_end = value_start
-            if result_flag.has_value:
+            if has_value:
                 value_end, decoder = skip_values(frame, value_start, 1)
-            if result_flag.has_attachments:
+            if has_attachments:
                 attachments = read_attachments(frame, value_end, decoder)
-            values["result_flag"] = result_flag.value
+            values["result_flag"] = raw_flag
+        if result_flag is None:
+            response_status = ResponseStatus.Ok
         attributes = make_attributes(attachments.strings) if attachments else Attributes()
         if attachments is not None and attachments.others:
             values["attachments"] = attachments.others
-        ok = result_flag is None or not result_flag.is_exception
         return Metadata(
             MessageType.Response,
             frame=frame,
             request_id=request_id,
             header_size=HEADER_SIZE,
             body_size=body_length,
-            response_status=ResponseStatus.Ok if ok else ResponseStatus.Error,
+            response_status=response_status,
             attributes=attributes,
             values=values,
             codec_state=ResponseState(
