@@ -202,3 +202,10 @@ def test_error_reasons_are_codec_errors_with_offsets() -> None:
     err = fails(H("7a9140"), "unknown tag")
     assert err.offset == 2
     assert str(err) == "unknown tag 0x40 at byte 2"
+
+
+def test_a_max_depth_beyond_the_python_stack_still_gives_a_hessian_error() -> None:
+    deep = b"\x79" * 5000 + b"\x90"
+    fails(deep, "too deep for the Python stack", max_depth=100000)
+    obj = b"\x43\x01A\x91\x01v" + b"\x60" * 5000 + b"\x90"
+    fails(obj, "too deep for the Python stack", max_depth=100000)

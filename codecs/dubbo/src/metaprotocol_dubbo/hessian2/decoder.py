@@ -35,6 +35,8 @@ _new_object = dict.__new__  # a JavaObject without running __init__ (its type is
 
 Reader = Callable[["Decoder", int, int], Any]
 
+_TOO_DEEP = "nesting too deep for the Python stack (lower max_depth)"
+
 
 #: What stands in the reference table for a container that :meth:`Decoder.skip` passed over:
 #: ``(position of its tag, class definitions known there, type names known there)``, so a
@@ -146,6 +148,12 @@ class Decoder:
 
     def read(self) -> Any:
         """Decode the next value and return it (see the module docs for the type mapping)."""
+        try:
+            return self._read()
+        except RecursionError:
+            raise self._error(_TOO_DEEP, self._pos) from None
+
+    def _read(self) -> Any:
         pos = self._pos
         if pos >= self._end:
             raise self._error("truncated: expected a value", pos)
@@ -202,6 +210,12 @@ class Decoder:
         map and object takes its reference number, so later values decode correctly; a later
         reference to a skipped container decodes it then. String bytes are not validated.
         """
+        try:
+            self._skip()
+        except RecursionError:
+            raise self._error(_TOO_DEEP, self._pos) from None
+
+    def _skip(self) -> None:
         pos = self._pos
         end = self._end
         if pos >= end:
@@ -285,7 +299,7 @@ class Decoder:
         sub.max_depth = self.max_depth
         sub.max_length = self.max_length
         sub._readers = self._readers
-        value = sub.read()
+        value = sub._read()
         refs = self._refs
         for j in range(idx, min(len(sub._refs), len(refs))):
             if type(refs[j]) is tuple:
@@ -593,7 +607,7 @@ def _fill_fixed(d: Decoder, lst: list[Any], n: int, tag_pos: int) -> list[Any]:
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
-    read = d.read
+    read = d._read
     append = lst.append
     data = d._data
     end = d._end
@@ -621,7 +635,7 @@ def _fill_fixed(d: Decoder, lst: list[Any], n: int, tag_pos: int) -> list[Any]:
 def _fill_variable(d: Decoder, lst: list[Any], tag_pos: int) -> list[Any]:
     d._refs.append(lst)
     d._enter(tag_pos)
-    read = d.read
+    read = d._read
     append = lst.append
     data = d._data
     end = d._end
@@ -680,7 +694,7 @@ def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
-    read = d.read
+    read = d._read
     data = d._data
     end = d._end
     pos = d._pos
@@ -813,7 +827,7 @@ def _object(d: Decoder, idx: int, tag_pos: int) -> JavaObject:
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
-    read = d.read
+    read = d._read
     data = d._data
     end = d._end
     pos = d._pos

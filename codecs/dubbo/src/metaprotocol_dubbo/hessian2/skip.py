@@ -136,7 +136,7 @@ def _skip_items(d: Decoder, count: int) -> None:
     data = d._data
     end = d._end
     width = _WIDTH
-    skip = d.skip
+    skip = d._skip
     pos = d._pos
     for _ in range(count):
         if pos < end:
@@ -167,7 +167,7 @@ def _skip_n(d: Decoder, n: int, tag_pos: int, n_types: int = -1) -> None:
 def _skip_until_end(d: Decoder, tag_pos: int, pairs: bool, n_types: int = -1) -> None:
     """Skip values (map: key-value pairs) up to and over 'Z'."""
     _mark(d, tag_pos, n_types)
-    skip = d.skip
+    skip = d._skip
     data = d._data
     end = d._end
     width = _WIDTH
@@ -239,7 +239,7 @@ def _s_variable_typed(d: Decoder, tag: int, pos: int) -> None:
 
 def _s_class_def(d: Decoder, tag: int, pos: int) -> None:
     read_class_def(d, pos)
-    d.skip()  # the object that follows its definition
+    d._skip()  # the object that follows its definition
 
 
 def _skip_object(d: Decoder, idx: int, tag_pos: int) -> None:
