@@ -75,6 +75,11 @@ class Downstream(asyncio.Protocol):
         self.inflight = 0
         self.closed = False
         self.draining = False
+        # Flow control: reading stops while the client does not read its responses
+        # (``write_paused``) or while an upstream connection it sent to is full (``blocked``).
+        self.write_paused = False
+        self.blocked = 0
+        self.reading_paused = False
         self.dedicated: dict[tuple[str, str], UpstreamConnection] = {}
         #: Responses decoded but not yet written (see :meth:`finish`).
         self.out: list[bytes | memoryview] = []
@@ -105,6 +110,36 @@ class Downstream(asyncio.Protocol):
             conn.close()
         self.dedicated.clear()
         self.engine.downstream_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._maybe_resume_reading()
+
+    def block_on(self, conn: UpstreamConnection) -> None:
+        """Stop reading until ``conn`` can take more (it calls :meth:`unblock`)."""
+        if conn.add_blocked(self):
+            self.blocked += 1
+            self._pause_reading()
+
+    def unblock(self) -> None:
+        """An upstream connection this one waited for drained or closed."""
+        self.blocked -= 1
+        self._maybe_resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if self.reading_paused and not self.write_paused and not self.blocked:
+            self.reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def close(self) -> None:
         """Close after writing what is buffered."""
@@ -201,6 +236,8 @@ class Downstream(asyncio.Protocol):
         host.active += 1
         self.inflight += 1
         conn.send(p, route.request_mutation)
+        if conn.write_paused:
+            self.block_on(conn)
 
     def _oneway(self, message: Metadata) -> None:
         listener = self.listener
@@ -217,6 +254,8 @@ class Downstream(asyncio.Protocol):
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         conn.send_oneway(message, route.request_mutation)
+        if conn.write_paused:
+            self.block_on(conn)
         target.count("Forwarded", "metaprotocol_oneway_total")
 
     def _dedicated(self, cluster: Cluster, host: UpstreamHost) -> UpstreamConnection:

@@ -151,6 +151,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.connecting = True
         self.closed = False
+        self.write_paused = False
+        self._blocked: set[Downstream] = set()
         self.buffer = bytearray()
         self.need = 0
         self.queued: list[bytes | memoryview] = []
@@ -304,6 +306,28 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- closing -------------------------------------------------------------------------------
 
+    # -- flow control --------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._release_blocked()
+
+    def add_blocked(self, downstream: Downstream) -> bool:
+        """Remember a downstream connection that waits for this one; ``False`` if known."""
+        if downstream in self._blocked:
+            return False
+        self._blocked.add(downstream)
+        return True
+
+    def _release_blocked(self) -> None:
+        blocked = self._blocked
+        self._blocked = set()
+        for downstream in blocked:
+            downstream.unblock()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._active.value -= 1
         self.transport = None
@@ -334,6 +358,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.owner is not None:
             self.owner.upstream_closed(self)
         self.engine.upstreams.discard(self)
+        self.write_paused = False
+        self._release_blocked()
         self._fail_all(error, message)
         self.engine.upstream_gone()
 

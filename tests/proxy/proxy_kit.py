@@ -99,6 +99,8 @@ class KVServer(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.owner.connections.add(self)
         self.owner.accepted += 1
+        if self.owner.reading_paused:  # uvloop starts reading after connection_made returns
+            asyncio.get_running_loop().call_soon(self.transport.pause_reading)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.connections.discard(self)
@@ -126,6 +128,7 @@ class Upstream:
         self.accepted = 0
         self.release = asyncio.Event()
         self.pongs: list[Metadata] = []
+        self.reading_paused = False
         self.pong = asyncio.Event()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.server: asyncio.Server | None = None
@@ -195,6 +198,13 @@ class Upstream:
         self._waiters.append((n, fut))
         await asyncio.wait_for(fut, WAIT)
 
+    def resume_reading(self) -> None:
+        """Start reading after ``reading_paused`` was set before connections came."""
+        self.reading_paused = False
+        for conn in self.connections:
+            assert conn.transport is not None
+            conn.transport.resume_reading()
+
     def ping_all(self) -> None:
         """Send a PING from the server side on every connection."""
         for conn in self.connections:
@@ -212,6 +222,7 @@ class Client(asyncio.Protocol):
         self.waiting: dict[int, asyncio.Future[Metadata]] = {}
         self.unmatched: list[Metadata] = []
         self.closed = asyncio.get_running_loop().create_future()
+        self.write_paused = asyncio.Event()
         self.next_id = 0
 
     @classmethod
@@ -224,6 +235,9 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
+
+    def pause_writing(self) -> None:
+        self.write_paused.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
