@@ -372,6 +372,12 @@ def python_cases() -> dict[str, list[Any]]:
         "py:cycle_in_object": [me],
         "py:many_classes": [[JavaObject(f"HessianDriver$K{i}", {"v": i}) for i in range(17)] * 2],
         "py:stream": ["2.0.2", "svc", person("x", 1, 1), person("y", 2, 2), {"k": "v"}],
+        # classes Java does not have: objects and typed maps become HashMaps, typed lists
+        # ArrayLists; fields the class lacks are ignored
+        "py:unknown_class": [JavaObject("com.example.Nope", {"a": 1, "b": "x"})],
+        "py:unknown_list_type": [TypedList("com.example.NopeList", [1])],
+        "py:unknown_map_type": [TypedMap("com.example.NopeMap", {"a": 1})],
+        "py:extra_field": [JavaObject("HessianDriver$Box", {"nothere": 1, "value": 2})],
     }
     cases.update(extra)
     rng = random.Random(20251124)
@@ -383,7 +389,17 @@ def python_cases() -> dict[str, list[Any]]:
 PY_CASES = python_cases()
 
 
+PY_DESC_OVERRIDES = {
+    "py:unknown_class": "map(java.util.HashMap){str:0061=int:1,str:0062=str:0078}",
+    "py:unknown_list_type": "list(java.util.ArrayList)[int:1]",
+    "py:unknown_map_type": "map(java.util.HashMap){str:0061=int:1}",
+    "py:extra_field": "obj(HessianDriver$Box){value=int:2}",
+}
+
+
 def predicted(name: str, values: list[Any]) -> str:
+    if name in PY_DESC_OVERRIDES:
+        return PY_DESC_OVERRIDES[name]
     if name.removeprefix("java:") in JAVA_DESC_OVERRIDES:
         return JAVA_DESC_OVERRIDES[name.removeprefix("java:")]
     return "|".join(peers.java_describe(v) for v in values)
