@@ -231,11 +231,17 @@ class Downstream(asyncio.Protocol):
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         now = engine.loop.time()
         p = Pending(self, message, route, target, host, conn, now)
+        try:
+            conn.send(p, route.request_mutation)
+        except Exception as exc:  # the codec cannot write this request (e.g. a mutation)
+            self.local_reply(
+                message, ErrorType.BadRequest, f"cannot encode request: {exc}", route, target
+            )
+            return
         engine.deadlines.add(p, now, route.timeout)
         engine.pending += 1
         host.active += 1
         self.inflight += 1
-        conn.send(p, route.request_mutation)
         if conn.write_paused:
             self.block_on(conn)
 
@@ -253,7 +259,11 @@ class Downstream(asyncio.Protocol):
             target.count(status.name, "metaprotocol_oneway_total")
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
-        conn.send_oneway(message, route.request_mutation)
+        try:
+            conn.send_oneway(message, route.request_mutation)
+        except Exception:  # the codec cannot write this request: nobody to tell
+            target.count(ErrorType.BadRequest.name, "metaprotocol_oneway_total")
+            return
         if conn.write_paused:
             self.block_on(conn)
         target.count("Forwarded", "metaprotocol_oneway_total")
@@ -296,12 +306,18 @@ class Downstream(asyncio.Protocol):
         status = _STATUS_NAMES[response.response_status]
         p.target.count(status)
         if self.transport is not None:
-            if p.conn.cluster.shared:
-                encoded = self.codec.encode(
-                    response, route.response_mutation, request_id=p.request.request_id
+            try:
+                if p.conn.cluster.shared:
+                    encoded = self.codec.encode(
+                        response, route.response_mutation, request_id=p.request.request_id
+                    )
+                else:
+                    encoded = self.codec.encode(response, route.response_mutation)
+            except Exception as exc:  # the codec cannot write this response
+                encoded = self.codec.on_error(
+                    p.request, LocalError(ErrorType.BadResponse, f"cannot encode response: {exc}")
                 )
-            else:
-                encoded = self.codec.encode(response, route.response_mutation)
+                self.listener.count_local(ErrorType.BadResponse)
             out = self.out
             if not out:
                 batch.append(self)

@@ -203,20 +203,23 @@ class UpstreamConnection(asyncio.Protocol):
     # -- sending -------------------------------------------------------------------------------
 
     def send(self, p: Pending, mutation: Mutation | None) -> None:
-        """Encode and send a request that expects a response."""
+        """Encode and send a request that expects a response.
+
+        A codec error from ``encode`` propagates with nothing registered or queued.
+        """
         request = p.request
         if self.cluster.shared:
             wire_id = self.next_id + 1
             pending = self.pending
             while wire_id > _MAX_ID or wire_id in pending:
                 wire_id = 1 if wire_id > _MAX_ID else wire_id + 1
+            encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id
             pending[wire_id] = p
-            encoded = self.codec.encode(request, mutation, request_id=wire_id)
         else:
-            self.fifo.append(p)
             encoded = self.codec.encode(request, mutation)
+            self.fifo.append(p)
         # Writes are corked until the loop has delivered everything it read: one syscall for
         # all the requests that arrived together from many downstream connections.
         if not self.queued and self.transport is not None and not self.closed:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar, cast
 
 import uvloop
 
-from metaprotocol_sdk import CodecError, MessageType, Metadata
+from metaprotocol_sdk import CodecError, MessageType, Metadata, MutationError
 from metaprotocol_sdk.examples.kv import (
     ERROR,
     HEADER,
@@ -79,7 +79,19 @@ class NoRewriteKVCodec(KVCodec):
     )
 
 
+class PickyKVCodec(KVCodec):
+    """KV codec that refuses to write the mutation key ``x-bad`` (a MutationError)."""
+
+    def encode(
+        self, message: Metadata, mutation: Any = None, *, request_id: int | None = None
+    ) -> Any:
+        if mutation and "x-bad" in mutation:
+            raise MutationError("no room for x-bad")
+        return super().encode(message, mutation, request_id=request_id)
+
+
 _mod = types.ModuleType("proxy_test_codecs")
+_mod.PickyKVCodec = PickyKVCodec  # type: ignore[attr-defined]
 _mod.LenientKVCodec = LenientKVCodec  # type: ignore[attr-defined]
 _mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]
 sys.modules["proxy_test_codecs"] = _mod

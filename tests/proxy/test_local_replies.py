@@ -253,3 +253,30 @@ def test_client_leaving_is_not_an_upstream_error() -> None:
             assert engine.stats.total("metaprotocol_local_replies_total") == 0
 
     run(main())
+
+
+def test_codec_refusing_a_mutation() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        router = """\
+        - name: bad-request
+          match: {attributes: {method: {exact: req}}}
+          route: [{destination: {host: svc.test}}]
+          requestMutation: [{key: x-bad, value: "1"}]
+        - name: bad-response
+          route: [{destination: {host: svc.test}}]
+          responseMutation: [{key: x-bad, value: "1"}]
+        """
+        text = mesh([(up.port, "v1")], router=router, codec="proxy_test_codecs:PickyKVCodec")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            reply = await c.call("req", rid=95)
+            assert (reply.request_id, error_type(reply)) == (95, "BadRequest")
+            assert up.received == []
+            reply = await c.call("resp", rid=96)
+            assert (reply.request_id, error_type(reply)) == (96, "BadResponse")
+            assert engine.pending == 0
+            c.close()
+        await up.close()
+
+    run(main())
