@@ -363,14 +363,33 @@ def encode_string(value: str) -> bytes:
     return encoder.getvalue()
 
 
+#: Hessian length prefixes of compact strings (n < 1024) as latin-1 text.
+_PREFIX: list[str] = [
+    chr(n) if n < 0x20 else chr(0x30 + (n >> 8)) + chr(n & 0xFF) for n in range(0x400)
+]
+
+
+def _string_text(value: str) -> str:
+    """:func:`encode_string` as latin-1 text (bytes 0..255 as characters 0..255)."""
+    return encode_string(value).decode("latin-1")
+
+
 def encode_string_map(entries: dict[str, str]) -> bytes:
-    """An untyped Hessian map ('H' ... 'Z') of strings."""
-    parts = [b"H"]
+    """An untyped Hessian map ('H' ... 'Z') of strings.
+
+    Compact ASCII strings are assembled as latin-1 text (prefix characters plus the string)
+    and encoded once, instead of one small ``bytes`` per string.
+    """
+    parts: list[str] = ["H"]
+    append = parts.append
+    prefix = _PREFIX
     for key, value in entries.items():
-        parts.append(encode_string(key))
-        parts.append(encode_string(value))
-    parts.append(b"Z")
-    return b"".join(parts)
+        n = len(key)
+        append(prefix[n] + key if n < 0x400 and key.isascii() else _string_text(key))
+        n = len(value)
+        append(prefix[n] + value if n < 0x400 and value.isascii() else _string_text(value))
+    append("Z")
+    return "".join(parts).encode("latin-1")
 
 
 def rewrite_map(
