@@ -37,6 +37,22 @@ async def _serve(files: tuple[str, ...], drain: float | None) -> int:
     return 0
 
 
+def _check(files: tuple[str, ...]) -> None:
+    from metaprotocol_sdk.proxy import load_config
+
+    try:
+        config = load_config(list(files))
+    except ConfigError as exc:
+        click.echo(f"error: invalid configuration: {exc}", err=True)
+        sys.exit(2)
+    routes = sum(len(r.routes) for r in {id(r): r for r in config.routers.values()}.values())
+    click.echo(
+        f"configuration OK: {len(config.proxy.listeners)} listener(s), "
+        f"{len({id(s) for s in config.services.values()})} service(s), {routes} route(s), "
+        f"protocols: {', '.join(sorted(config.protocols)) or 'none'}"
+    )
+
+
 @click.command("proxy")
 @click.option(
     "-c",
@@ -51,8 +67,12 @@ async def _serve(files: tuple[str, ...], drain: float | None) -> int:
     "--drain", type=float, default=None, help="Drain deadline in seconds (default: config)."
 )
 @click.option("--no-uvloop", is_flag=True, help="Use the default asyncio event loop.")
-def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool) -> None:
+@click.option("--check", is_flag=True, help="Validate the configuration, print a summary, exit.")
+def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool, check: bool) -> None:
     """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain."""
+    if check:
+        _check(files)
+        return
     runner: asyncio.Runner
     factory = None
     if not no_uvloop:

@@ -172,3 +172,16 @@ def test_cli_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "DestRule" in lines[0] and "bad.yaml" in lines[0]
+
+
+def test_cli_check(tmp_path: Path) -> None:
+    config = tmp_path / "mesh.yaml"
+    config.write_text(mesh([(1, "v1")], router="- route: [{destination: {host: svc.test}}]\n"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "--check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("configuration OK: 1 listener(s), 1 service(s), 1 route(s)")
