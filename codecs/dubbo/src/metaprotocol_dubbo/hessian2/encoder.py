@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -148,12 +148,13 @@ class Encoder:
 
     def _ref(self, value: Any) -> bool:
         """Write a reference if ``value`` was written before; else number it and say False."""
-        idx = self._refs.get(id(value))
+        key = id(value)
+        idx = self._refs.get(key)
         if idx is not None:
             self._buf.append(T.REF)
             _w_int(self, idx)
             return True
-        self._refs[id(value)] = self._next_ref
+        self._refs[key] = self._next_ref
         self._next_ref += 1
         self._keep.append(value)
         return False
@@ -359,8 +360,20 @@ def _w_list(e: Encoder, value: list[Any] | tuple[Any, ...]) -> None:
     else:
         e._buf.append(T.LIST_FIXED_UNTYPED)
         _w_int(e, n)
+    _w_items(e, value)
+
+
+def _w_items(e: Encoder, items: Iterable[Any]) -> None:
+    """Write values in sequence; short strings written before come from the cache inline."""
     write = e._write
-    for item in value:
+    buf = e._buf
+    cache = _STR_CACHE
+    for item in items:
+        if type(item) is str:
+            cached = cache.get(item)
+            if cached is not None:
+                buf += cached
+                continue
         write(item)
 
 
@@ -388,9 +401,7 @@ def _w_typed_list(e: Encoder, value: TypedList) -> None:
         buf.append(T.LIST_FIXED)
         e._type(value.type)
         _w_int(e, n)
-    write = e._write
-    for item in value:
-        write(item)
+    _w_items(e, value)
     if value.variable:
         buf.append(T.END)
 
@@ -400,11 +411,26 @@ def _w_map(e: Encoder, value: dict[Any, Any]) -> None:
         return
     buf = e._buf
     buf.append(T.MAP_UNTYPED)
-    write = e._write
-    for k, v in value.items():
-        write(k)
-        write(v)
+    _w_entries(e, value)
     buf.append(T.END)
+
+
+def _w_entries(e: Encoder, value: dict[Any, Any]) -> None:
+    """Write map entries; short strings written before come from the cache inline."""
+    write = e._write
+    buf = e._buf
+    cache = _STR_CACHE
+    for k, v in value.items():
+        cached = cache.get(k) if type(k) is str else None
+        if cached is not None:
+            buf += cached
+        else:
+            write(k)
+        cached = cache.get(v) if type(v) is str else None
+        if cached is not None:
+            buf += cached
+        else:
+            write(v)
 
 
 def _w_typed_map(e: Encoder, value: TypedMap) -> None:
@@ -416,10 +442,7 @@ def _w_typed_map(e: Encoder, value: TypedMap) -> None:
     else:
         buf.append(T.MAP)
         e._type(value.type)
-    write = e._write
-    for k, v in value.items():
-        write(k)
-        write(v)
+    _w_entries(e, value)
     buf.append(T.END)
 
 
@@ -440,9 +463,7 @@ def _w_object(e: Encoder, value: JavaObject) -> None:
     else:
         buf.append(T.OBJECT)
         _w_int(e, idx)
-    write = e._write
-    for v in value.values():
-        write(v)
+    _w_items(e, value.values())
 
 
 #: Encoded class definitions by (class name, field names): the same in every stream.
