@@ -93,6 +93,7 @@ def test_int_forms(value: int, wire: str) -> None:
 def test_long_forms(value: int, wire: str) -> None:
     rt(JavaLong(value), wire)
     assert type(Decoder(H(wire), java_longs=True).read()) is JavaLong
+    assert type(loads(H(wire), java_longs=True)) is JavaLong
 
 
 def test_plain_int_beyond_32_bits_is_a_long() -> None:

@@ -312,9 +312,13 @@ def loads(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_length: int = DEFAULT_MAX_LENGTH,
+    java_longs: bool = False,
 ) -> Any:
-    """Decode exactly one value that fills ``data``; trailing bytes are an error."""
-    d = Decoder(data, max_depth=max_depth, max_length=max_length)
+    """Decode exactly one value that fills ``data``; trailing bytes are an error.
+
+    The options are those of :class:`Decoder`.
+    """
+    d = Decoder(data, max_depth=max_depth, max_length=max_length, java_longs=java_longs)
     value = d.read()
     if not d.at_end:
         raise HessianError("trailing bytes after the value", offset=d.offset)
