@@ -93,13 +93,16 @@ class Engine:
         self.clusters[name] = cluster
         return cluster
 
-    def _target(self, dest: Destination, listener: Listener, route: str) -> Target:
+    def _target(
+        self, dest: Destination, listener: Listener, route: str, weight: int | None = None
+    ) -> Target:
         port = dest.port if dest.port is not None else listener.port
         cluster = None
         if dest.host in self.config.services:
             cluster = self._cluster(dest.host, port, dest.subset)
         name = cluster_name(dest.host, port, dest.subset)
-        return Target(name, cluster, dest.weight or 100, self.stats, listener.name, route)
+        weight = dest.weight if weight is None else weight
+        return Target(name, cluster, weight, self.stats, listener.name, route)
 
     def _build_listener(self, listener: Listener) -> ListenerRuntime:
         config = self.config
@@ -121,7 +124,10 @@ class Engine:
             )
         else:
             for route in router.routes:
-                targets = [self._target(d, listener, route.name) for d in route.destinations]
+                single = 100 if len(route.destinations) == 1 else None
+                targets = [
+                    self._target(d, listener, route.name, single) for d in route.destinations
+                ]
                 routes.append(
                     CompiledRoute(
                         route.name,

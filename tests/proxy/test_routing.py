@@ -89,6 +89,25 @@ def test_weighted_split_is_exact_over_each_window() -> None:
     run(main())
 
 
+def test_zero_weight_destination_gets_nothing() -> None:
+    async def main() -> None:
+        v1, v2 = await Upstream("v1").start(), await Upstream("v2").start()
+        router = """\
+        - route:
+            - {destination: {host: svc.test, subset: v1}, weight: 0}
+            - {destination: {host: svc.test, subset: v2}, weight: 100}
+        """
+        async with engine_for(mesh([(v1.port, "v1"), (v2.port, "v2")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            replies = await gather(*(c.start() for _ in range(10)))
+            assert {r.attributes["server"] for r in replies} == {"v2"}
+            c.close()
+        await v1.close()
+        await v2.close()
+
+    run(main())
+
+
 def test_subset_and_round_robin_within_it() -> None:
     async def main() -> None:
         ups = [await Upstream(f"s{i}").start() for i in range(4)]
