@@ -52,14 +52,10 @@ class Engine:
         self._drained: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._pending_gauge = self.stats.gauge("metaprotocol_requests_pending")
+        #: The event loop the engine runs on (set by :meth:`start`).
+        self.loop: asyncio.AbstractEventLoop
         #: Request timeouts (created by :meth:`start`, on the running loop).
         self.deadlines: Deadlines
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop the engine runs on (set by :meth:`start`)."""
-        assert self._loop is not None, "engine not started"
-        return self._loop
 
     @property
     def ready(self) -> bool:
@@ -149,7 +145,9 @@ class Engine:
         """Bind every listener and the admin endpoint; on any failure nothing stays open."""
         from .admin import start_admin
 
-        self._loop = asyncio.get_running_loop()
+        if self._loop is not None:
+            raise RuntimeError("an Engine starts once; create a new one")
+        self._loop = self.loop = asyncio.get_running_loop()
         self.deadlines = Deadlines(self._loop, lambda p: p.downstream.timeout(p))
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
