@@ -543,8 +543,14 @@ def test_unsupported_values_are_refused() -> None:
             dumps(bad)
     with pytest.raises(HessianError, match="type name"):
         dumps(TypedList("", [1]))
+    with pytest.raises(HessianError, match="type name"):
+        dumps(TypedMap(5, {1: 2}))  # type: ignore[arg-type]
     with pytest.raises(HessianError, match="class name"):
         dumps(JavaObject("", {"a": 1}))
+    with pytest.raises(HessianError, match="class name"):
+        dumps(JavaObject(None, {"a": 1}))  # type: ignore[arg-type]
+    with pytest.raises(HessianError, match="field name"):
+        dumps(JavaObject("A", {1: 1}))  # type: ignore[dict-item]
 
 
 def test_deep_values_fail_cleanly_when_encoding() -> None:

@@ -160,8 +160,8 @@ class Encoder:
         return False
 
     def _type(self, name: str) -> None:
-        if not name:
-            raise HessianError("a Java type name must not be empty")
+        if type(name) is not str or not name:
+            raise HessianError(f"a Java type name must be a non-empty str, not {name!r}")
         idx = self._types.get(name)
         if idx is None:
             self._types[name] = len(self._types)
@@ -473,8 +473,8 @@ _CLASS_DEFS_MAX = 1024
 
 def _class_def(key: tuple[str, tuple[str, ...]]) -> bytes:
     name, fields = key
-    if not name:
-        raise HessianError("a Java class name must not be empty")
+    if type(name) is not str or not name:
+        raise HessianError(f"a Java class name must be a non-empty str, not {name!r}")
     e = Encoder()
     e._buf.append(T.CLASS_DEF)
     _w_str_uncached(e, name)
