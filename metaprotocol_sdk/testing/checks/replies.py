@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from metaprotocol_sdk.codec import LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType, StreamType
-from metaprotocol_sdk.errors import CodecError
+from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import hexdump
@@ -79,6 +79,57 @@ def error_reply_nonempty(ctx: CheckContext) -> None:
 def error_reply_request_id(ctx: CheckContext) -> None:
     """Every error reply carries the request's id."""
     _error_replies(ctx, check_id=True)
+
+
+@check("error_reply_after_decode_error", "errors", requires="error_reply")
+def error_reply_after_decode_error(ctx: CheckContext) -> None:
+    """A request refused as too large still gets an error reply with its id.
+
+    ``FrameTooLargeError.metadata`` (what the codec read before refusing) is what an engine
+    passes to ``on_error``; the reply must be non-empty and carry the request's id.
+    """
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        request = reference(ctx, sample)
+        if not _needs_reply(request) or len(sample.frame) < 2:
+            return
+        try:
+            codec = ctx.target.new_codec(sample.options, max_frame_size=len(sample.frame) - 1)
+        except ConfigError:
+            return
+        try:
+            codec.decode(bytearray(sample.frame))
+        except FrameTooLargeError as exc:
+            partial = exc.metadata
+        except CodecError:
+            return
+        else:
+            return  # bad_input_frame_limit reports this
+        if partial is None:
+            return
+        seen += 1
+        for kind in (ErrorType.OverLimit, ErrorType.BadRequest):
+            reply = _error_reply(ctx, sample, partial, kind)
+            if not reply:
+                fail(f"on_error({kind.name}) for a too-large request returned an empty reply")
+            decoded = decode_whole(
+                ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
+            )
+            if decoded.request_id != request.request_id:
+                fail(
+                    f"the {kind.name} reply to a too-large request carries id "
+                    f"{decoded.request_id}, the request had {request.request_id}\n"
+                    f"reply:\n{hexdump(reply)}"
+                )
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped(
+            "no FrameTooLargeError carried metadata (the codec cannot say which request a "
+            "refused frame was), so no error reply could be sent for it"
+        )
 
 
 @check("heartbeat_reply", "errors", requires="heartbeat")
