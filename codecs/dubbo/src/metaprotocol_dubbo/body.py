@@ -223,7 +223,7 @@ def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) 
 
 
 def scan_request(
-    frame: bytes, text: str, start: int
+    frame: bytes, text: str, start: int, known: tuple[list[str], int, int] | None = None
 ) -> tuple[list[str], dict[str, str], dict[str, tuple[str, str]], int, int, int] | None:
     """The whole request body in one pass, when it holds only compact ASCII strings.
 
@@ -232,13 +232,17 @@ def scan_request(
     descriptor); ``folded`` maps each lower-cased attachment key to ``(key, value)`` (the
     shape attributes are stored in); the attachments map ends at the end of the frame.
     ``None`` means "not that shape" (the caller takes the general path, which reports any
-    error).
+    error). ``known`` is ``(head, arg_count, head_length)`` when the caller already knows
+    that the frame starts with the bytes of a head parsed before.
     """
     out: list[str] = []
     append = out.append
     pos = start
     try:
-        for _ in range(5):
+        if known is not None:
+            out, count, length = known
+            pos += length
+        for _ in range(5 if known is None else 0):
             tag = frame[pos]
             if tag < 0x20:
                 stop = pos + 1 + tag
@@ -249,10 +253,12 @@ def scan_request(
             else:
                 return None
             pos = stop
-        desc = out[4]
-        count = _DESC_CACHE.get(desc)
-        if count is None:
-            if not desc:
+        if known is None:
+            desc = out[4]
+            cached = _DESC_CACHE.get(desc)
+            if cached is not None:
+                count = cached
+            elif not desc:
                 count = 0
             elif pos > len(frame) or not text[start:pos].isascii():
                 return None

@@ -58,6 +58,8 @@ from .hessian2 import Decoder
 from .status import ResultFlag, Status, error_status
 
 _ID = struct.Struct(">Q")
+#: How many distinct request heads (service + method) a codec recognises without re-parsing.
+_HEAD_CACHE_SIZE = 8
 _LENGTH = struct.Struct(">i")
 _NULL_BODY = b"N"
 _OK = Status.OK.value
@@ -154,6 +156,11 @@ class DubboCodec(Codec):
         raises :class:`~metaprotocol_sdk.MutationError` instead."""
         super().__init__(max_frame_size=max_frame_size)
         self.upgrade_result_flag = upgrade_result_flag
+        self._heads: list[tuple[bytes, tuple[list[str], int, int]]] = []
+
+    def reset(self) -> None:
+        """Forget the recently seen request heads (the codec keeps no other state)."""
+        self._heads.clear()
 
     # -- decoding ------------------------------------------------------------------------------
 
@@ -225,10 +232,22 @@ class DubboCodec(Codec):
 
     def _request(self, frame: bytes, flag: int, request_id: int, body_length: int) -> Metadata:
         text = frame.decode("latin-1")  # shared by the inline string scanners
-        fast = scan_request(frame, text, HEADER_SIZE)
+        # A connection calls few methods: their heads (dubbo version, path, version, method,
+        # descriptor) repeat byte for byte, so recent ones are recognised by one comparison.
+        known = None
+        for raw, info in self._heads:
+            if frame.startswith(raw, HEADER_SIZE):
+                known = info
+                break
+        fast = scan_request(frame, text, HEADER_SIZE, known)
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
             head, strings, folded, args_start, count, map_start = fast
+            if known is None:
+                self._heads.insert(
+                    0, (frame[HEADER_SIZE:args_start], (head, count, args_start - HEADER_SIZE))
+                )
+                del self._heads[_HEAD_CACHE_SIZE:]
             dubbo_version, path, version, method, desc = head
             attachments = Attachments(strings, None, map_start, len(frame))
         else:
