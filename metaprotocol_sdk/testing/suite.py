@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.metadata import Metadata
 
+from .checks import REGISTRY
 from .known_failures import load_known_failures
 from .report import CheckResult, Outcome
 from .runner import check_names, run_check
@@ -109,6 +110,7 @@ def _make_test(name: str) -> Callable[[CodecConformance, pytest.FixtureRequest],
         report_outcome(result)
 
     test.__name__ = test.__qualname__ = f"test_{name}"
+    test.__doc__ = REGISTRY[name].doc
     return test
 
 
