@@ -30,10 +30,8 @@ def make_attributes(items: dict[str, str], extra: dict[str, str] | None = None) 
     return attributes
 
 
-def attributes_from_folded(folded: dict[str, tuple[str, str]], extra: dict[str, str]) -> Attributes:
-    """Attributes from a ``{lower-cased key: (key, value)}`` table (taken over) and ``extra``."""
-    for key, value in extra.items():
-        folded[key.lower()] = (key, value)
+def attributes_from_folded(folded: dict[str, tuple[str, str]]) -> Attributes:
+    """Attributes from a ``{lower-cased key: (key, value)}`` table, which they take over."""
     if not _BULK:
         return Attributes(dict(folded.values()))
     attributes = Attributes.__new__(Attributes)

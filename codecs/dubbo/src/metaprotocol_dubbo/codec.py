@@ -255,11 +255,13 @@ class DubboCodec(Codec):
             dubbo_version, path, version, method, desc = fields
             strings = attachments.strings
             folded = {key.lower(): (key, value) for key, value in strings.items()}
-        extra = {"interface": strings.get("interface") or path, "method": method}
+        # Body fields win over attachments of the same (case-folded) name.
+        folded["interface"] = ("interface", strings.get("interface") or path)
+        folded["method"] = ("method", method)
         version = version or strings.get("version", "")
         if version:
-            extra["version"] = version
-        attributes = attributes_from_folded(folded, extra)
+            folded["version"] = ("version", version)
+        attributes = attributes_from_folded(folded)
         values: dict[str, Any] = {
             "dubbo_version": dubbo_version,
             "service_path": path,
