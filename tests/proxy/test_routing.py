@@ -258,3 +258,43 @@ def test_dedicated_pairing_without_id_rewriting() -> None:
         await up.close()
 
     run(main())
+
+
+def test_route_to_another_service_and_two_listeners() -> None:
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        other = f"""\
+        apiVersion: networking.istio.io/v1beta1
+        kind: ServiceEntry
+        metadata: {{name: other}}
+        spec:
+          hosts: [other.test]
+          ports:
+            - {{number: 7000, name: http-admin, protocol: HTTP}}
+            - {{number: 9100, name: tcp-metaprotocol-kv-other, protocol: TCP, targetPort: {b.port}}}
+          endpoints: [{{address: 127.0.0.1}}]
+        """
+        router = """\
+        - name: to-other
+          match: {attributes: {service: {exact: other}}}
+          route: [{destination: {host: other.test}}]
+        - name: local
+          route: [{destination: {host: svc.test}}]
+        """
+        text = mesh([(a.port, "v1")], router=router, extra=other).replace(
+            "listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'}]",
+            "listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'}, "
+            "{host: other.test, port: 9100, bind: '127.0.0.1:0'}]",
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            assert (await c.call("get", {"service": "other"})).attributes["server"] == "b"
+            assert (await c.call("get")).attributes["server"] == "a"
+            direct = await Client.connect(engine.listener_addresses[("other.test", 9100)])
+            assert (await direct.call()).attributes["server"] == "b"  # default route
+            c.close()
+            direct.close()
+        await a.close()
+        await b.close()
+
+    run(main())
