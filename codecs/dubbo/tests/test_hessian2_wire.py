@@ -600,3 +600,22 @@ def test_reference_to_a_skipped_typed_list_reads_its_type_names_again() -> None:
     d = Decoder(e.getvalue())
     d.skip()
     assert d.read() == m
+
+
+def test_java_types_copy_and_pickle() -> None:
+    import copy
+    import pickle
+
+    values = [
+        TypedList("[int", [1, 2], variable=True),
+        TypedMap("x.M", {1: 2}),
+        JavaObject("A", {"f": [1]}),
+        JavaLong(5),
+        JavaInt(3),
+        JavaFloat(1.1),
+        JavaDouble(2.0),
+    ]
+    for v in values:
+        for clone in (copy.copy(v), copy.deepcopy(v), pickle.loads(pickle.dumps(v))):
+            assert type(clone) is type(v) and clone == v
+            assert dumps(clone) == dumps(v)
