@@ -40,7 +40,7 @@ def encode_units(units: str) -> bytes:
 
 def join_pairs(s: str) -> str:
     """Join surrogate pairs in ``s`` into the characters they stand for (lone ones stay)."""
-    if _SURROGATE.search(s) is None:
+    if s.isascii() or _SURROGATE.search(s) is None:
         return s
     return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
 
