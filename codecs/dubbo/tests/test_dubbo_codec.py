@@ -551,3 +551,21 @@ def test_bulk_attributes_match_the_public_constructor() -> None:
     assert fast.get_folded("x-trace") == "t" and len(fast) == len(slow) and list(fast) == list(slow)
     fast["new"] = "n"
     assert fast["NEW"] == "n"
+
+
+def test_recent_heads_are_recognised_without_mixing_requests() -> None:
+    codec = DubboCodec()
+    a1 = build_request(PATH, "a", ["x"], attachments={"k": "1"}, request_id=1)
+    b = build_request(PATH, "b", ["x", "y"], attachments={"k": "2"}, request_id=2)
+    a2 = build_request(PATH, "a", ["other"], attachments={"k": "3", "n": 4}, request_id=3)
+    a3 = build_request(PATH, "a", [JavaObject("T", {"f": 1})], descriptor="Ljava/lang/String;")
+    seen = [decode_one(f, codec) for f in (a1, b, a2, a1, b, a3)]
+    assert [md.operation_name for md in seen] == ["a", "b", "a", "a", "b", "a"]
+    assert [md.attributes.get("k") for md in seen[:5]] == ["1", "2", "3", "1", "2"]
+    assert seen[2].values["attachments"] == {"n": 4}
+    assert seen[5].request_id == 1 and len(codec._heads) == 2
+    for fresh, cached in zip(seen, (decode_one(f) for f in (a1, b, a2, a1, b, a3)), strict=True):
+        assert fresh.attributes.to_dict() == cached.attributes.to_dict()
+        assert fresh.values == cached.values
+    codec.reset()
+    assert not codec._heads
