@@ -509,3 +509,17 @@ def test_header_prefix_uses_the_sdk_header_dsl() -> None:
     fields = theader.PREFIX.parse(tf.sample("header", "binary", seqid=9))
     assert (fields.magic, fields.seqid) == (0x0FFF, 9)
     assert struct.calcsize(">iHHiH") == theader.PREFIX_SIZE
+
+
+def test_error_reply_to_an_oversized_theader_compact_frame_keeps_its_protocol() -> None:
+    data = tf.sample("header", "compact", seqid=12)
+    codec = ThriftCodec(protocol="compact", max_frame_size=20)
+    with pytest.raises(FrameTooLargeError) as raised:
+        codec.decode(bytearray(data))
+    partial = raised.value.metadata
+    assert partial is not None and partial.request_id == 12 and partial.operation_name == "add"
+    reply, reply_codec = decode_one(
+        codec.on_error(partial, LocalError(ErrorType.BadRequest)), protocol="compact"
+    )
+    assert reply.message_type is MessageType.Error and reply.request_id == 12
+    assert reply_codec.detected[0] == "header" and reply.codec_state.protocol == "compact"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -425,16 +426,30 @@ class ThriftCodec(Codec):
         """Metadata from the message header of an oversized frame, if it is already buffered."""
         try:
             if transport == HEADER:
-                fields = theader.PREFIX.unpack(buffer, 0)
-                if fields is None:
-                    return None
-                begin = (CALL, "", fields[3], 0, 0, 0, True)
-                return self._metadata(b"", begin, HEADER, BINARY, None, None)
+                return self._partial_header(buffer)
             protocol, read = self._reader(buffer[4] if len(buffer) > 4 else 0)
             begin = read(buffer, 4, len(buffer))
         except (Incomplete, CodecError):
             return None
         return self._metadata(b"", begin, transport, protocol, None, None)
+
+    def _partial_header(self, buffer: bytearray) -> Metadata | None:
+        """What the buffered start of an oversized THeader frame tells (id, protocol, name)."""
+        fields = theader.PREFIX.unpack(buffer, 0)
+        if fields is None:
+            return None
+        _, _, flags, seqid, words = fields
+        protocol_id = buffer[14] if len(buffer) > 14 else THEADER_PROTOCOL_BINARY
+        protocol = COMPACT if protocol_id == THEADER_PROTOCOL_COMPACT else BINARY
+        payload = theader.PREFIX_SIZE + words * 4
+        block = theader.THeaderBlock(flags, seqid, protocol_id, b"\x00", [], b"", payload)
+        begin: binary.MessageBegin = (CALL, "", seqid, 0, 0, 0, True)
+        with contextlib.suppress(Incomplete, CodecError):
+            if protocol == COMPACT:
+                begin = compact.read_message_begin(buffer, payload, len(buffer))
+            else:
+                begin = self._read_binary(buffer, payload, len(buffer))
+        return self._metadata(b"", begin, HEADER, protocol, block, None)
 
     def _metadata(
         self,

@@ -34,13 +34,20 @@ def _too_deep(pos: int) -> FramingError:
 
 
 def skip_binary_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
-    """Offset just past the binary struct starting at ``pos``."""
+    """Offset just past the binary struct starting at ``pos`` (``end`` must be ``len(buf)``)."""
+    try:
+        return _binary_struct(buf, pos, end, depth)
+    except (IndexError, struct.error):
+        # A read ran off the end of the bytes (the hot loops let indexing check the bounds).
+        raise Incomplete(end + 1) from None
+
+
+def _binary_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
     if depth <= 0:
         raise _too_deep(pos)
     fixed = _BINARY_FIXED
+    unpack = _unpack_i32
     while True:
-        if pos >= end:
-            raise Incomplete(pos + 1)
         ftype = buf[pos]
         if ftype == 0:
             return pos + 1
@@ -49,30 +56,35 @@ def skip_binary_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
         if width:
             pos += width
         elif ftype == 11:
-            if pos + 4 > end:
-                raise Incomplete(pos + 4)
-            size = _unpack_i32(buf, pos)[0]
+            size = unpack(buf, pos)[0]
             if size < 0:
                 raise FramingError(f"negative string length {size}", offset=pos)
             pos += 4 + size
+            if pos > end:
+                raise Incomplete(pos)
+        elif ftype == 12:
+            pos = _binary_struct(buf, pos, end, depth - 1)
         else:
-            pos = _skip_binary_value(buf, pos, end, ftype, depth, pos - 3)
+            pos = _binary_value(buf, pos, end, ftype, depth, pos - 3)
 
 
-def _skip_binary_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, at: int) -> int:
+def _binary_string(buf: Buffer, pos: int, end: int) -> int:
+    size: int = _unpack_i32(buf, pos)[0]
+    if size < 0:
+        raise FramingError(f"negative string length {size}", offset=pos)
+    pos += 4 + size
+    if pos > end:
+        raise Incomplete(pos)
+    return pos
+
+
+def _binary_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, at: int) -> int:
     fixed = _BINARY_FIXED
     if ftype == 11:
-        if pos + 4 > end:
-            raise Incomplete(pos + 4)
-        size: int = _unpack_i32(buf, pos)[0]
-        if size < 0:
-            raise FramingError(f"negative string length {size}", offset=pos)
-        return pos + 4 + size
+        return _binary_string(buf, pos, end)
     if ftype == 12:
-        return skip_binary_struct(buf, pos, end, depth - 1)
+        return _binary_struct(buf, pos, end, depth - 1)
     if ftype == 13:
-        if pos + 6 > end:
-            raise Incomplete(pos + 6)
         ktype: int
         vtype: int
         count: int
@@ -87,22 +99,49 @@ def _skip_binary_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, 
         _check_binary_type(ktype, kwidth, pos - 6)
         _check_binary_type(vtype, vwidth, pos - 5)
         if kwidth and vwidth:
-            return pos + count * (kwidth + vwidth)
+            pos += count * (kwidth + vwidth)
+            if pos > end:
+                raise Incomplete(pos)
+            return pos
         if depth <= 1:
             raise _too_deep(pos)
+        unpack = _unpack_i32
+        if ktype == 11 and vtype == 11:  # map<string, string>: the common attachment shape
+            for _ in range(count):
+                size = unpack(buf, pos)[0]
+                pos += 4 + size
+                size2 = unpack(buf, pos)[0]
+                pos += 4 + size2
+                if size < 0 or size2 < 0:
+                    raise FramingError("negative string length in a map", offset=pos)
+            if pos > end:
+                raise Incomplete(pos)
+            return pos
         for _ in range(count):
             if kwidth:
                 pos += kwidth
+            elif ktype == 11:
+                size = unpack(buf, pos)[0]
+                if size < 0:
+                    raise FramingError(f"negative string length {size}", offset=pos)
+                pos += 4 + size
             else:
-                pos = _skip_binary_value(buf, pos, end, ktype, depth - 1, pos)
+                pos = _binary_value(buf, pos, end, ktype, depth - 1, pos)
             if vwidth:
                 pos += vwidth
+            elif vtype == 11:
+                size = unpack(buf, pos)[0]
+                if size < 0:
+                    raise FramingError(f"negative string length {size}", offset=pos)
+                pos += 4 + size
+            elif vtype == 12:
+                pos = _binary_struct(buf, pos, end, depth - 2)
             else:
-                pos = _skip_binary_value(buf, pos, end, vtype, depth - 1, pos)
+                pos = _binary_value(buf, pos, end, vtype, depth - 1, pos)
+            if pos > end:
+                raise Incomplete(pos)
         return pos
     if ftype == 14 or ftype == 15:
-        if pos + 5 > end:
-            raise Incomplete(pos + 5)
         etype: int
         etype, count = _BINARY_LIST.unpack_from(buf, pos)
         pos += 5
@@ -113,11 +152,50 @@ def _skip_binary_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, 
         width = fixed[etype]
         _check_binary_type(etype, width, pos - 5)
         if width:
-            return pos + count * width
+            pos += count * width
+            if pos > end:
+                raise Incomplete(pos)
+            return pos
         if depth <= 1:
             raise _too_deep(pos)
-        for _ in range(count):
-            pos = _skip_binary_value(buf, pos, end, etype, depth - 1, pos)
+        if etype == 11:  # strings, inline (the most common variable-size element)
+            unpack = _unpack_i32
+            for _ in range(count):
+                size = unpack(buf, pos)[0]
+                if size < 0:
+                    raise FramingError(f"negative string length {size}", offset=pos)
+                pos += 4 + size
+                if pos > end:
+                    raise Incomplete(pos)
+        elif etype == 12:
+            # Structs, with the field loop inlined (one call per element is most of the cost).
+            if depth <= 2:
+                raise _too_deep(pos)
+            unpack = _unpack_i32
+            for _ in range(count):
+                while True:
+                    ftype = buf[pos]
+                    if ftype == 0:
+                        pos += 1
+                        break
+                    pos += 3
+                    width = fixed[ftype]
+                    if width:
+                        pos += width
+                    elif ftype == 11:
+                        size = unpack(buf, pos)[0]
+                        if size < 0:
+                            raise FramingError(f"negative string length {size}", offset=pos)
+                        pos += 4 + size
+                    elif ftype == 12:
+                        pos = _binary_struct(buf, pos, end, depth - 3)
+                    else:
+                        pos = _binary_value(buf, pos, end, ftype, depth - 2, pos - 3)
+                if pos > end:
+                    raise Incomplete(pos)
+        else:
+            for _ in range(count):
+                pos = _binary_value(buf, pos, end, etype, depth - 1, pos)
         return pos
     raise FramingError(f"unknown binary field type {ftype}", offset=at)
 
@@ -178,12 +256,20 @@ def skip_compact_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
         if ftype == 3:
             pos += 1
         elif ftype <= 6:
-            pos = _skip_varint(buf, pos, end)
+            if pos < end and buf[pos] < 0x80:
+                pos += 1
+            else:
+                pos = _skip_varint(buf, pos, end)
         elif ftype == 7:
             pos += 8
         elif ftype == 8:
-            size, pos = _read_varint32(buf, pos, end)
-            pos += size
+            if pos < end and buf[pos] < 0x80:
+                pos += 1 + buf[pos]
+            else:
+                size, pos = _read_varint32(buf, pos, end)
+                pos += size
+        elif ftype == 12:
+            pos = skip_compact_struct(buf, pos, end, depth - 1)
         elif ftype == 13:
             pos += 16
         else:
@@ -217,8 +303,22 @@ def _skip_compact_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int,
             return pos + count * width
         if depth <= 1:
             raise _too_deep(pos)
-        for _ in range(count):
-            pos = _skip_compact_value(buf, pos, end, etype, depth - 1, pos)
+        if etype == 8:  # strings, inline
+            for _ in range(count):
+                if pos < end and buf[pos] < 0x80:
+                    pos += 1 + buf[pos]
+                else:
+                    size, pos = _read_varint32(buf, pos, end)
+                    pos += size
+        elif etype == 12:
+            for _ in range(count):
+                pos = skip_compact_struct(buf, pos, end, depth - 2)
+        elif etype in _COMPACT_VARINTS:
+            for _ in range(count):
+                pos = _skip_varint(buf, pos, end)
+        else:
+            for _ in range(count):
+                pos = _skip_compact_value(buf, pos, end, etype, depth - 1, pos)
         return pos
     if ftype == 11:
         count, pos = _read_varint32(buf, pos, end)

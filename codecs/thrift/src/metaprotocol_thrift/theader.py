@@ -82,28 +82,46 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
         )
     pos = PREFIX_SIZE
     try:
-        protocol_id, pos = read_varint(buf, pos, block_end, 5)
+        # Varints here are almost always one byte: read those inline, others with read_varint.
+        if pos < block_end and buf[pos] < 0x80:
+            protocol_id = buf[pos]
+            pos += 1
+        else:
+            protocol_id, pos = read_varint(buf, pos, block_end, 5)
         transforms_start = pos
-        count, pos = read_varint(buf, pos, block_end, 5)
-        for _ in range(count):
-            _, pos = read_varint(buf, pos, block_end, 5)
-        transforms = bytes(buf[transforms_start:pos])
+        if pos < block_end and buf[pos] == 0:
+            pos += 1
+            transforms = b"\x00"
+        else:
+            count, pos = read_varint(buf, pos, block_end, 5)
+            for _ in range(count):
+                _, pos = read_varint(buf, pos, block_end, 5)
+            transforms = bytes(buf[transforms_start:pos])
         info: list[tuple[bytes, bytes]] = []
         tail = b""
         while pos < block_end:
             section = pos
-            info_id, pos = read_varint(buf, pos, block_end, 5)
+            info_id = buf[pos]
             if info_id == 0:  # padding
                 break
             if info_id != THEADER_INFO_KEYVALUE:
                 tail = bytes(buf[section:block_end]).rstrip(b"\0")
                 break
+            pos += 1
             pairs, pos = read_varint(buf, pos, block_end, 5)
             for _ in range(pairs):
-                size, pos = read_varint(buf, pos, block_end, 5)
+                if pos < block_end and buf[pos] < 0x80:
+                    size = buf[pos]
+                    pos += 1
+                else:
+                    size, pos = read_varint(buf, pos, block_end, 5)
                 key = bytes(buf[pos : pos + size])
                 pos += size
-                size, pos = read_varint(buf, pos, block_end, 5)
+                if pos < block_end and buf[pos] < 0x80:
+                    size = buf[pos]
+                    pos += 1
+                else:
+                    size, pos = read_varint(buf, pos, block_end, 5)
                 value = bytes(buf[pos : pos + size])
                 pos += size
                 if pos > block_end:
