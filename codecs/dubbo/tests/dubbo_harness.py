@@ -28,7 +28,16 @@ from typing import Any
 
 from metaprotocol_dubbo import DubboCodec, heartbeat_request
 
-from metaprotocol_sdk import LocalError, MessageType, Metadata, Mutation, NeedData, join_encoded
+from metaprotocol_sdk import (
+    CodecError,
+    ErrorType,
+    LocalError,
+    MessageType,
+    Metadata,
+    Mutation,
+    NeedData,
+    join_encoded,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parents[2]
@@ -214,6 +223,7 @@ class Relay:
     """
 
     upstream_port: int
+    codec_options: dict[str, Any] = field(default_factory=dict)
     rewrite_ids: bool = True
     id_base: int = 1_000_000
     request_hook: RequestHook = lambda md: None
@@ -293,7 +303,7 @@ class Relay:
         self._events.put(item)
 
     def _messages(self, sock: socket.socket) -> Any:
-        codec = DubboCodec()
+        codec = DubboCodec(**self.codec_options)
         buffer = bytearray()
         while True:
             try:
@@ -340,6 +350,17 @@ class Relay:
                 self.sent.append(("up", data))
                 with locks[1]:
                     up.sendall(data)
+        except CodecError as exc:
+            # What an engine does: answer the request the bad frame belongs to (the partial
+            # metadata carries its id), then stop reading this connection.
+            self.errors.append(exc)
+            if exc.metadata is not None and exc.metadata.message_type.is_request_side:
+                reply = DubboCodec().on_error(
+                    exc.metadata, LocalError(ErrorType.BadRequest, exc.reason)
+                )
+                self.sent.append(("down", reply))
+                with locks[0]:
+                    down.sendall(reply)
         except BaseException as exc:  # recorded for the test to assert on
             self.errors.append(exc)
 

@@ -13,7 +13,14 @@ import json
 from dubbo_harness import LineProcess, Relay, Seen, start_node_consumer
 from metaprotocol_dubbo import ERROR_STATUS, DubboCodec, ResultFlag, Status
 
-from metaprotocol_sdk import ErrorType, LocalError, MessageType, Metadata, ResponseStatus
+from metaprotocol_sdk import (
+    ErrorType,
+    FrameTooLargeError,
+    LocalError,
+    MessageType,
+    Metadata,
+    ResponseStatus,
+)
 
 INTERFACE = "com.example.DemoService"
 
@@ -212,3 +219,19 @@ def test_direct_heartbeat_between_real_peers(provider: tuple[LineProcess, int]) 
     assert request.message_type is answer.message_type is MessageType.Heartbeat
     assert answer.request_id == request.request_id
     assert DubboCodec().heartbeat_reply(request) == answer.frame
+
+
+def test_oversized_request_gets_an_error_reply_not_a_stall(
+    provider: tuple[LineProcess, int],
+) -> None:
+    relay = Relay(provider[1], codec_options={"max_frame_size": 1024})
+    consumer = start_node_consumer(relay.port)
+    try:
+        reply = consumer.call(method="sayHello", args=["x" * 5000])
+    finally:
+        consumer.close()
+        relay.close()
+    assert "BadRequest: frame of" in str(reply.get("error")), reply
+    (error,) = relay.errors
+    assert isinstance(error, FrameTooLargeError) and error.limit == 1024
+    assert not [d for d, _ in relay.sent if d == "up"], "nothing forwarded"
