@@ -32,6 +32,9 @@ async def _serve(files: tuple[str, ...], drain: float | None) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once (default action)
+        with contextlib.suppress(NotImplementedError):
+            loop.remove_signal_handler(sig)
     click.echo("draining", err=True)
     await engine.stop(drain=drain)
     return 0
