@@ -569,3 +569,13 @@ def test_recent_heads_are_recognised_without_mixing_requests() -> None:
         assert fresh.values == cached.values
     codec.reset()
     assert not codec._heads
+
+
+def test_public_attributes_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metaprotocol_dubbo import _attributes
+
+    fast = decode_one(typical_request())
+    monkeypatch.setattr(_attributes, "_BULK", False)
+    slow = decode_one(typical_request())
+    assert fast.attributes.to_dict() == slow.attributes.to_dict()
+    assert type(slow.attributes) is type(fast.attributes)
