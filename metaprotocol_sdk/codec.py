@@ -89,8 +89,14 @@ class Codec(ABC):
     * Malformed input raises a :class:`~metaprotocol_sdk.errors.CodecError` subclass naming the
       problem and the byte offset; a length above ``max_frame_size`` raises
       :class:`~metaprotocol_sdk.errors.FrameTooLargeError` before the body is buffered.
+    * ``max_frame_size`` bounds the whole frame, as :attr:`Metadata.size` measures it.
     * :meth:`encode` with an empty mutation and no new request id returns the original bytes.
+      A mutation the message cannot carry raises
+      :class:`~metaprotocol_sdk.errors.MutationError` (never a silent drop). ``encode`` works
+      on any instance of the codec, not only the one that decoded the message.
     * :meth:`on_error` returns a non-empty reply carrying the request's id.
+    * After a ``CodecError`` the buffer's content is unspecified unless the error carries
+      ``frame_size``; call :meth:`reset` before reusing the codec on a new stream.
     """
 
     #: Protocol name, as in Aeraki's ``ApplicationProtocol.protocol`` (``dubbo``, ``thrift``).
