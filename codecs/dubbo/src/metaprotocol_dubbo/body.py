@@ -20,19 +20,12 @@ TAG_NULL = 0x4E  # 'N'
 TAG_MAP_UNTYPED = 0x48  # 'H'
 TAG_MAP_TYPED = 0x4D  # 'M'
 TAG_END = 0x5A  # 'Z'
-TAG_STRING_FINAL = 0x53  # 'S'
-TAG_STRING_CHUNK = 0x52  # 'R'
 #: Result flags 0..5 written as compact ints (0x90 + n).
 COMPACT_INT_ZERO = 0x90
 
 _PRIMITIVES = frozenset(b"ZBCDFIJS")
 _DESC_CACHE: dict[str, int] = {}
 _DESC_CACHE_MAX = 4096
-
-
-def is_string_tag(tag: int) -> bool:
-    """True when a Hessian value starting with ``tag`` is a string."""
-    return tag < 0x20 or 0x30 <= tag <= 0x33 or tag in (TAG_STRING_FINAL, TAG_STRING_CHUNK)
 
 
 def read_string(frame: bytes, pos: int) -> tuple[str, int]:
