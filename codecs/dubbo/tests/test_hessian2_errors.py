@@ -3,6 +3,8 @@ a huge allocation, a crash of another kind, or unbounded recursion."""
 
 from __future__ import annotations
 
+import encodings
+import sys
 from typing import Any
 
 import pytest
@@ -18,6 +20,11 @@ from metaprotocol_dubbo.hessian2 import (
 )
 
 H = bytes.fromhex
+
+# pytest's importlib mode can register this repository's codecs/ folder as the module
+# "codecs", which breaks encodings loaded later (unicode_escape for test ids); put the
+# standard library module back (see interop/peers.py).
+sys.modules["codecs"] = encodings.codecs
 
 
 def fails(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import encodings
 import re
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +45,11 @@ keys = st.one_of(st.text(max_size=6), st.integers(-1000, 1000))
 type_names = st.sampled_from(["[int", "[object", "java.util.HashSet", "com.x.Y"])
 class_names = st.sampled_from(["com.x.A", "com.x.B", "C"])
 field_names = st.text(alphabet="abcdefgh", min_size=1, max_size=4)
+
+# pytest's importlib mode can register this repository's codecs/ folder as the module
+# "codecs", which breaks encodings loaded later (unicode_escape for test ids); put the
+# standard library module back (see interop/peers.py).
+sys.modules["codecs"] = encodings.codecs
 
 
 def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import encodings
 import math
 import struct
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -26,6 +28,11 @@ from metaprotocol_dubbo.hessian2 import (
 from metaprotocol_sdk.errors import CodecError, FramingError
 
 H = bytes.fromhex
+
+# pytest's importlib mode can register this repository's codecs/ folder as the module
+# "codecs", which breaks encodings loaded later (unicode_escape for test ids); put the
+# standard library module back (see interop/peers.py).
+sys.modules["codecs"] = encodings.codecs
 
 
 def rt(value: Any, wire: str) -> None:

@@ -15,6 +15,7 @@ CONTINUATION: Final = bytes(range(0x80, 0xC0))
 
 _NON_BMP: Final = re.compile("[\U00010000-\U0010ffff]")
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_PAIR: Final = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _FOUR_BYTE_LEAD: Final = re.compile(b"[\xf0-\xff]")
 
 
@@ -38,11 +39,20 @@ def encode_units(units: str) -> bytes:
     return units.encode("utf-8", "surrogatepass")
 
 
+def _join_pair(m: re.Match[str]) -> str:
+    pair = m.group()
+    return chr(0x10000 + ((ord(pair[0]) - 0xD800) << 10) + (ord(pair[1]) - 0xDC00))
+
+
 def join_pairs(s: str) -> str:
-    """Join surrogate pairs in ``s`` into the characters they stand for (lone ones stay)."""
+    """Join surrogate pairs in ``s`` into the characters they stand for (lone ones stay).
+
+    Done with a regular expression rather than a UTF-16 round trip, so that no codec module
+    has to be imported lazily on a hot path.
+    """
     if s.isascii() or _SURROGATE.search(s) is None:
         return s
-    return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return _PAIR.sub(_join_pair, s)
 
 
 def units_end(data: bytes, pos: int, n: int, end: int) -> int:
