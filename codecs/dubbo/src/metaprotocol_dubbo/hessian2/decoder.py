@@ -31,7 +31,17 @@ _i = struct.Struct(">i").unpack_from
 _q = struct.Struct(">q").unpack_from
 _d = struct.Struct(">d").unpack_from
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_new_object = dict.__new__  # a JavaObject without running __init__ (its type is set after)
+# Typed containers built without running their __init__ (attributes are set after)
+_new_object = _new_dict = dict.__new__
+_new_list = list.__new__
+
+
+def _typed_list(type_name: str, variable: bool) -> TypedList:
+    lst = _new_list(TypedList)
+    lst.type = type_name
+    lst.variable = variable
+    return lst
+
 
 Reader = Callable[["Decoder", int, int], Any]
 
@@ -662,7 +672,7 @@ def _r_list_direct_untyped(d: Decoder, tag: int, pos: int) -> list[Any]:
 
 def _r_list_direct(d: Decoder, tag: int, pos: int) -> list[Any]:
     d._pos = pos
-    lst = TypedList(d._read_type())
+    lst = _typed_list(d._read_type(), False)
     return _fill_fixed(d, lst, tag - T.LIST_DIRECT, pos - 1)
 
 
@@ -674,7 +684,7 @@ def _r_list_fixed_untyped(d: Decoder, tag: int, pos: int) -> list[Any]:
 
 def _r_list_fixed(d: Decoder, tag: int, pos: int) -> list[Any]:
     d._pos = pos
-    lst = TypedList(d._read_type())
+    lst = _typed_list(d._read_type(), False)
     n = d._read_length("a list length")
     return _fill_fixed(d, lst, n, pos - 1)
 
@@ -686,7 +696,7 @@ def _r_list_variable_untyped(d: Decoder, tag: int, pos: int) -> list[Any]:
 
 def _r_list_variable(d: Decoder, tag: int, pos: int) -> list[Any]:
     d._pos = pos
-    lst = TypedList(d._read_type(), variable=True)
+    lst = _typed_list(d._read_type(), True)
     return _fill_variable(d, lst, pos - 1)
 
 
@@ -751,7 +761,9 @@ def _r_map_untyped(d: Decoder, tag: int, pos: int) -> dict[Any, Any]:
 
 def _r_map(d: Decoder, tag: int, pos: int) -> dict[Any, Any]:
     d._pos = pos
-    return _fill_map(d, TypedMap(d._read_type()), pos - 1)
+    m = _new_dict(TypedMap)
+    m.type = d._read_type()
+    return _fill_map(d, m, pos - 1)
 
 
 # class definitions and objects
