@@ -22,32 +22,47 @@ class Framer(asyncio.Protocol):
 
     def __init__(self, wire: Wire) -> None:
         self.wire = wire
-        self.buf = bytearray()
         self.peer: Framer | None = None
         self.transport: asyncio.Transport | None = None
         self.early: list[bytes] = []
+        # A large frame is gathered as a list of chunks and joined once, instead of growing
+        # a bytearray chunk by chunk (which copies the frame over and over).
+        self.chunks: list[bytes] = []
+        self.have = 0
+        self.need = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+        if self.have + len(data) < self.need:
+            self.chunks.append(data)
+            self.have += len(data)
+            return
+        if self.chunks:
+            data = b"".join([*self.chunks, data])  # one copy for a whole large frame
+            self.chunks.clear()
         wire, header = self.wire, self.wire.header_size
-        pos, end = 0, len(buf)
+        pos, end = 0, len(data)
         while end - pos >= header:
-            size = wire.frame_size(buf, pos)
+            size = wire.frame_size(data, pos)
             if end - pos < size:
                 break
             pos += size
         if pos:
-            frames = bytes(buf[:pos])
-            del buf[:pos]
+            frames = data if pos == end else memoryview(data)[:pos]
             peer = self.peer
             if peer is not None and peer.transport is not None:
                 peer.transport.write(frames)
             else:
-                self.early.append(frames)
+                self.early.append(bytes(frames))
+        if pos < end:
+            rest = data[pos:] if pos else data
+            self.chunks.append(rest)
+            self.have = len(rest)
+            self.need = wire.frame_size(rest, 0) if len(rest) >= header else header
+        else:
+            self.have = self.need = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.peer.transport is not None:
