@@ -81,6 +81,7 @@ class Downstream(asyncio.Protocol):
         self.blocked = 0
         self.reading_paused = False
         self.dedicated: dict[tuple[str, str], UpstreamConnection] = {}
+        self._route = listener.table.match
         #: Responses decoded but not yet written (see :meth:`finish`).
         self.out: list[bytes | memoryview] = []
 
@@ -200,10 +201,10 @@ class Downstream(asyncio.Protocol):
         if self.draining:
             self.local_reply(message, ErrorType.ShuttingDown, "proxy is shutting down")
             return
-        listener = self.listener
-        route = listener.table.match(message.attributes)
+        route = self._route(message.attributes)
         if route is None:
-            self.local_reply(message, ErrorType.RouteNotFound, f"no route on {listener.name}")
+            name = self.listener.name
+            self.local_reply(message, ErrorType.RouteNotFound, f"no route on {name}")
             return
         target = route.pick()
         cluster = target.cluster
@@ -246,27 +247,26 @@ class Downstream(asyncio.Protocol):
             self.block_on(conn)
 
     def _oneway(self, message: Metadata) -> None:
-        listener = self.listener
-        route = listener.table.match(message.attributes)
+        route = self._route(message.attributes)
         if route is None:
-            listener._unrouted.count(ErrorType.RouteNotFound.name, "metaprotocol_oneway_total")
+            self.listener._unrouted.count_oneway(ErrorType.RouteNotFound.name)
             return
         target = route.pick()
         cluster = target.cluster
         host = None if cluster is None else cluster.balancer.pick(message)
         if cluster is None or host is None:
             status = ErrorType.ClusterNotFound if cluster is None else ErrorType.NoHealthyUpstream
-            target.count(status.name, "metaprotocol_oneway_total")
+            target.count_oneway(status.name)
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         try:
             conn.send_oneway(message, route.request_mutation)
         except Exception:  # the codec cannot write this request: nobody to tell
-            target.count(ErrorType.BadRequest.name, "metaprotocol_oneway_total")
+            target.count_oneway(ErrorType.BadRequest.name)
             return
         if conn.write_paused:
             self.block_on(conn)
-        target.count("Forwarded", "metaprotocol_oneway_total")
+        target.count_oneway("Forwarded")
 
     def _dedicated(self, cluster: Cluster, host: UpstreamHost) -> UpstreamConnection:
         key = (cluster.name, host.key)
@@ -307,7 +307,7 @@ class Downstream(asyncio.Protocol):
         p.target.count(status)
         if self.transport is not None:
             try:
-                if p.conn.cluster.shared:
+                if p.conn.shared:
                     encoded = self.codec.encode(
                         response, route.response_mutation, request_id=p.request.request_id
                     )

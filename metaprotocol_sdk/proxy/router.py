@@ -39,13 +39,22 @@ class Target:
         self._labels = {"listener": listener, "route": route, "destination": name}
         self._by_status: dict[str, Counter] = {}
 
-    def count(self, status: str, metric: str = "metaprotocol_requests_total") -> None:
+    def count(self, status: str) -> None:
         """Count one finished request with ``status``."""
-        key = status if metric == "metaprotocol_requests_total" else f"{metric}|{status}"
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._stats.counter(
+                "metaprotocol_requests_total", **self._labels, status=status
+            )
+        counter.value += 1
+
+    def count_oneway(self, status: str) -> None:
+        """Count one one-way request with ``status`` (``Forwarded`` or why it was dropped)."""
+        key = "oneway|" + status
         counter = self._by_status.get(key)
         if counter is None:
             counter = self._by_status[key] = self._stats.counter(
-                metric, **self._labels, status=status
+                "metaprotocol_oneway_total", **self._labels, status=status
             )
         counter.value += 1
 

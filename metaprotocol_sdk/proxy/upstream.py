@@ -147,6 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.host = host
         self.owner = owner
         self.engine = cluster.engine
+        self.shared = cluster.shared
         self.codec: Codec = cluster.protocol.create_codec()
         self.transport: asyncio.Transport | None = None
         self.connecting = True
@@ -208,7 +209,7 @@ class UpstreamConnection(asyncio.Protocol):
         A codec error from ``encode`` propagates with nothing registered or queued.
         """
         request = p.request
-        if self.cluster.shared:
+        if self.shared:
             wire_id = self.next_id + 1
             pending = self.pending
             while wire_id > _MAX_ID or wire_id in pending:
@@ -248,7 +249,7 @@ class UpstreamConnection(asyncio.Protocol):
     def forget(self, p: Pending) -> None:
         """Stop waiting for ``p`` (timed out): a late response is dropped."""
         p.done = True
-        if self.cluster.shared:
+        if self.shared:
             self.pending.pop(p.wire_id, None)
         # Dedicated mode keeps the entry so a late response still pairs with it in order.
 
@@ -291,7 +292,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def _match(self, wire_id: int) -> Pending | None:
-        if self.cluster.shared:
+        if self.shared:
             return self.pending.pop(wire_id, None)
         fifo = self.fifo
         if not fifo:
