@@ -65,6 +65,24 @@ class ListenerRuntime:
 class Downstream(asyncio.Protocol):
     """One client connection."""
 
+    __slots__ = (
+        "_route",
+        "blocked",
+        "buffer",
+        "closed",
+        "codec",
+        "dedicated",
+        "draining",
+        "engine",
+        "inflight",
+        "listener",
+        "need",
+        "out",
+        "reading_paused",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(self, listener: ListenerRuntime) -> None:
         self.listener = listener
         self.engine = listener.engine

@@ -142,6 +142,28 @@ class Cluster:
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream host."""
 
+    __slots__ = (
+        "_active",
+        "_blocked",
+        "buffer",
+        "closed",
+        "cluster",
+        "codec",
+        "connecting",
+        "engine",
+        "fifo",
+        "host",
+        "need",
+        "next_id",
+        "owner",
+        "pending",
+        "queued",
+        "shared",
+        "task",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(self, cluster: Cluster, host: UpstreamHost, owner: Downstream | None) -> None:
         self.cluster = cluster
         self.host = host
