@@ -523,3 +523,38 @@ def test_error_reply_to_an_oversized_theader_compact_frame_keeps_its_protocol() 
     )
     assert reply.message_type is MessageType.Error and reply.request_id == 12
     assert reply_codec.detected[0] == "header" and reply.codec_state.protocol == "compact"
+
+
+@pytest.mark.parametrize(("transport", "protocol"), VARIANTS)
+@pytest.mark.parametrize("mtype", [1, 2, 3, 4])
+def test_fast_paths_agree_with_the_general_readers(
+    transport: str, protocol: str, mtype: int
+) -> None:
+    from metaprotocol_thrift import binary, compact
+
+    args: Any = {
+        1: tf.add_call(),
+        2: calc_tp.Calculator.divide_result(err=calc_tp.CalcError(code=1)),
+        3: TApplicationException(1, "x"),
+        4: calc_tp.Calculator.notify_args(event="e"),
+    }[mtype]
+    data = tf.sample(transport, protocol, "divide", mtype, 9, args)
+    message, _ = decode_one(data, **tf.options_for(transport, protocol))
+    start = {"framed": 4, "unframed": 0}.get(transport)
+    if start is None:
+        start = message.codec_state.header.payload_offset
+    if protocol == "compact":
+        begin = compact.read_message_begin(data, start, len(data))
+    else:
+        begin = binary.read_message_begin(data, start, len(data), True)
+    mt, name, seqid, seqid_offset, seqid_size, body, strict = begin
+    state = message.codec_state
+    assert (state.message_type, state.wire_name, message.request_id) == (mt, name, seqid)
+    assert (state.seqid_offset, state.seqid_size, message.header_size) == (
+        seqid_offset,
+        seqid_size,
+        body,
+    )
+    assert state.strict is strict
+    expected_status = {1: "Unknown", 2: "Error", 3: "Error", 4: "Unknown"}[mtype]
+    assert message.response_status.name == expected_status

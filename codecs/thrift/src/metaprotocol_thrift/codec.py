@@ -57,6 +57,7 @@ _MESSAGE_TYPES = {
 }
 _unpack_i32 = I32.unpack_from
 _FRAMED_STRICT_HEAD = struct.Struct(">iIi")  # frame length, version | type, name length
+_UNFRAMED_STRICT_HEAD = struct.Struct(">Ii")  # version | type, name length
 _new_state = tuple.__new__
 _new_metadata = Metadata.__new__
 _new_attributes = Attributes.__new__
@@ -301,6 +302,37 @@ class ThriftCodec(Codec):
         total = self._frame_size(buffer, FRAMED)
         if available < total:
             return NeedData(total)
+        if buffer[4] == 0x82 and self._protocol != BINARY and total > 9:
+            # Fast path: framed compact with a one-byte seqid and name length.
+            second = buffer[5]
+            mtype = second >> 5
+            name_end = 8 + buffer[7]
+            if (
+                second & 0x1F == 1
+                and 1 <= mtype <= 4
+                and buffer[6] < 0x80
+                and buffer[7] < 0x80
+                and name_end + 1 < total
+            ):
+                head = buffer[name_end]
+                # A reply's first field: short form = id delta (>0: a declared exception);
+                # long form with zigzag 0 = field 0 (success); empty struct = void success.
+                declared = mtype == REPLY and head != 0 and bool(head >> 4 or buffer[name_end + 1])
+                try:
+                    name = str(buffer[8:name_end], "utf-8")
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    frame = bytes(buffer) if total == available else take_frame(buffer, total)
+                    if total == available:
+                        buffer.clear()
+                    return self._fast(
+                        frame,
+                        (mtype, name, frame[6], 6, 1, name_end, True),
+                        FRAMED,
+                        COMPACT,
+                        declared,
+                    )
         protocol, read = self._reader(buffer[4])
         try:
             begin = read(buffer, 4, total)
@@ -319,6 +351,45 @@ class ThriftCodec(Codec):
         available = len(buffer)
         if available == 0:
             return NEED_DATA
+        if available >= 12 and buffer[0] == 0x80 and self._protocol != COMPACT:
+            # Fast path: unframed strict binary; anything unusual takes the general path.
+            word, name_len = _UNFRAMED_STRICT_HEAD.unpack_from(buffer, 0)
+            name_end = 8 + name_len
+            body = name_end + 4
+            mtype = word & 0xFF
+            if (
+                word & BINARY_VERSION_MASK == BINARY_VERSION_1
+                and name_len >= 0
+                and body < available
+                and 1 <= mtype <= 4
+                and body <= self.max_frame_size
+            ):
+                try:
+                    name = str(buffer[8:name_end], "utf-8")
+                    end = skip_binary_struct(buffer, body, available, self.max_depth)
+                except Incomplete as more:
+                    if more.needed <= self.max_frame_size and available <= self.max_frame_size:
+                        return NEED_DATA
+                    end = -1  # too large: the general path raises with the metadata
+                except (UnicodeDecodeError, CodecError):
+                    end = -1  # the general path raises the precise error
+                if 0 < end <= self.max_frame_size:
+                    declared = mtype == REPLY and bool(
+                        buffer[body] and (buffer[body + 1] or buffer[body + 2])
+                    )
+                    seqid = _unpack_i32(buffer, name_end)[0]
+                    if end == available:
+                        frame = bytes(buffer)
+                        buffer.clear()
+                    else:
+                        frame = take_frame(buffer, end)
+                    return self._fast(
+                        frame,
+                        (mtype, name, seqid, name_end, 4, body, True),
+                        UNFRAMED,
+                        BINARY,
+                        declared,
+                    )
         protocol, read = self._reader(buffer[0])
         begin = None
         try:
@@ -432,6 +503,37 @@ class ThriftCodec(Codec):
         except (Incomplete, CodecError):
             return None
         return self._metadata(b"", begin, transport, protocol, None, None)
+
+    def _fast(
+        self,
+        frame: bytes,
+        begin: binary.MessageBegin,
+        transport: str,
+        protocol: str,
+        declared_error: bool,
+    ) -> Metadata:
+        """Metadata for a message without THeader block, built as in the framed fast path."""
+        mtype, name, seqid, seqid_offset, seqid_size, body, strict = begin
+        if not fastmeta.FAST or ":" in name:
+            return self._metadata(frame, begin, transport, protocol, None, int(declared_error))
+        attributes = _new_attributes(Attributes)
+        attributes._items = {"method": ("method", name)}
+        message = _new_metadata(Metadata)
+        message.message_type = _MESSAGE_TYPES[mtype]
+        message.frame = frame
+        message.request_id = seqid
+        message.operation_name = name
+        message.header_size = body
+        message.body_size = len(frame) - body
+        message.response_status = ResponseStatus.Error if declared_error else _STATUSES[mtype]
+        message.stream_type = _UNARY
+        message.stream_id = 0
+        message.attributes = attributes
+        message.values = {}
+        message.codec_state = _new_state(
+            WireState, (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, None)
+        )
+        return message
 
     def _partial_header(self, buffer: bytearray) -> Metadata | None:
         """What the buffered start of an oversized THeader frame tells (id, protocol, name)."""
