@@ -212,7 +212,7 @@ def test_consistent_hash_is_sticky(peers: Peers) -> None:
         ("fail", ["x"], "RouteNotFound"),
         ("ping", [], "NoHealthyUpstream"),
         ("attachments", [], "UpstreamConnectFailure"),
-        ("sleep", [3000], "Timeout"),
+        ("sleep", [1000], "Timeout"),
     ],
     ids=["no-route", "no-healthy-upstream", "connect-failure", "timeout"],
 )

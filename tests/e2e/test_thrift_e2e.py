@@ -247,7 +247,7 @@ def test_oneway_is_delivered(peers: Peers) -> None:
         (lambda c: c.headers(), "RouteNotFound"),
         (lambda c: c.ping(), "NoHealthyUpstream"),
         (lambda c: c.notified(), "UpstreamConnectFailure"),
-        (lambda c: c.sleep(3000), "Timeout"),
+        (lambda c: c.sleep(1000), "Timeout"),
     ],
     ids=["no-route", "no-healthy-upstream", "connect-failure", "timeout"],
 )
