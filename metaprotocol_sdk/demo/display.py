@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -70,21 +71,26 @@ def route_rows(tallies: dict[str, Tally]) -> list[RouteRow]:
 
 
 def _cell(row: RouteRow, version: str) -> str:
-    n = row.counts.get(version, 0)
-    return f"{n:>6} {100 * row.share(version):5.1f}% (want {row.configured.get(version, 0)}%)"
+    return f"{row.counts.get(version, 0):>6} {100 * row.share(version):5.1f}%"
 
 
 def render(tallies: dict[str, Tally], elapsed: float) -> str:
     """The live table."""
     rows = [
-        [r.protocol, r.route, r.total, *(_cell(r, v) for v in VERSIONS)]
+        [
+            r.protocol,
+            r.route,
+            r.total,
+            *(_cell(r, v) for v in VERSIONS),
+            " / ".join(f"{r.configured.get(v, 0)}%" for v in VERSIONS),
+        ]
         for r in route_rows(tallies)
     ]
     errors = "  ".join(f"{p} errors: {t.errors}" for p, t in tallies.items())
     last = "".join(
         f"\n  last {p} error: {t.last_error[:100]}" for p, t in tallies.items() if t.last_error
     )
-    header = ["PROTOCOL", "ROUTE", "REQUESTS", *(v.upper() for v in VERSIONS)]
+    header = ["PROTOCOL", "ROUTE", "REQUESTS", *(v.upper() for v in VERSIONS), "WANTED v1/v2"]
     return f"{table(header, rows)}\n{elapsed:5.1f}s  {errors}{last}"
 
 
@@ -111,7 +117,10 @@ class LiveView:
     def update(self, tallies: dict[str, Tally], elapsed: float) -> None:
         """Show the current counts."""
         if self.tty:
-            text = render(tallies, elapsed)
+            # Lines are cut to the terminal width so that none wraps: the redraw moves the
+            # cursor up by the number of lines written.
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            text = "\n".join(line[:width] for line in render(tallies, elapsed).splitlines())
             # Move to the start of the previous drawing and clear to the end of the screen.
             prefix = f"\x1b[{self._drawn_lines}F\x1b[J" if self._drawn_lines else ""
             self.out.write(prefix + text + "\n")
