@@ -13,6 +13,7 @@ binary, unframed compact) it prints the best-of-5 time per operation, in microse
 * ``enc+id``: ``encode`` with a new request id (seqid rewritten, lengths fixed).
 * ``enc+mut2``: ``encode`` with a 2-key mutation (THeader only; other transports have no
   headers and refuse it).
+* ``skip``: unframed only, the struct skipper alone (how the end of the message is found).
 * ``cybin``: thriftpy2's Cython binary protocol reading the same message in strict binary
   (``read_message_begin`` + ``read_struct``), the full decode a Python Thrift server does.
 * ``dec/cybin``: decode time over cybin time (below 1 means we are faster).
@@ -28,6 +29,7 @@ from typing import Any
 
 import thriftpy2
 from metaprotocol_thrift import ThriftCodec, theader
+from metaprotocol_thrift.skip import skip_binary_struct, skip_compact_struct
 from thriftpy2.protocol import TCompactProtocol
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.transport import TMemoryBuffer
@@ -154,7 +156,7 @@ def main() -> None:
     number = 2000 if "--quick" in sys.argv else 20000
     header = (
         f"{'message':<10} {'variant':<17} {'bytes':>5} {'decode':>7} {'enc=':>6} "
-        f"{'enc+id':>7} {'enc+mut2':>8} {'cybin':>7} {'dec/cybin':>9}"
+        f"{'enc+id':>7} {'enc+mut2':>8} {'skip':>6} {'cybin':>7} {'dec/cybin':>9}"
     )
     print(f"CPU microseconds per operation, best of 5 runs of {number} (thriftpy2 cybin = 1)")
     print(header)
@@ -177,9 +179,15 @@ def main() -> None:
                 if transport == "header"
                 else f"{'-':>8}"
             )
+            skip = f"{'-':>6}"
+            if transport == "unframed":
+                state = message.codec_state
+                body = message.header_size
+                skipper = skip_compact_struct if state.protocol == "compact" else skip_binary_struct
+                skip = f"{_time_call(lambda f=frame, b=body, k=skipper: k(f, b, len(f), 64), number):6.2f}"
             print(
                 f"{label:<10} {transport + '-' + protocol:<17} {len(frame):>5} {decode:7.2f} "
-                f"{empty:6.2f} {new_id:7.2f} {mut} {cybin:7.2f} {decode / cybin:9.2f}"
+                f"{empty:6.2f} {new_id:7.2f} {mut} {skip} {cybin:7.2f} {decode / cybin:9.2f}"
             )
 
 
