@@ -184,7 +184,8 @@ def main() -> None:
                 state = message.codec_state
                 body = message.header_size
                 skipper = skip_compact_struct if state.protocol == "compact" else skip_binary_struct
-                skip = f"{_time_call(lambda f=frame, b=body, k=skipper: k(f, b, len(f), 64), number):6.2f}"
+                took = _time_call(lambda f=frame, b=body, k=skipper: k(f, b, len(f), 64), number)
+                skip = f"{took:6.2f}"
             print(
                 f"{label:<10} {transport + '-' + protocol:<17} {len(frame):>5} {decode:7.2f} "
                 f"{empty:6.2f} {new_id:7.2f} {mut} {skip} {cybin:7.2f} {decode / cybin:9.2f}"
