@@ -178,8 +178,10 @@ class ThriftCodec(Codec):
         if transport == AUTO:
             # Detected per message, as Apache's THeader server does: a connection keeps one
             # variant, but a codec fed captured frames of several variants still works.
-            if len(buffer) >= 12 and buffer[4] == 0x80 and buffer[0] < 0x80:
-                transport, protocol = FRAMED, BINARY  # the common case, without detect()
+            if len(buffer) >= 12 and buffer[0] < 0x80 and buffer[4] == 0x80:
+                transport, protocol = FRAMED, BINARY  # the common cases, without detect()
+            elif len(buffer) >= 12 and buffer[0] < 0x80 and buffer[4] == 0x0F and buffer[5] == 0xFF:
+                transport, protocol = HEADER, AUTO
             else:
                 try:
                     transport, protocol = detect(buffer, not self.strict, self.max_frame_size)
@@ -569,12 +571,9 @@ class ThriftCodec(Codec):
         else:
             method = name
             items = {"method": ("method", method)}
-        if block is not None and block.info:
+        if block is not None and block.items:
             # Info headers first, so the protocol's own facts win on a name clash.
-            headers: dict[str, tuple[str, str]] = {}
-            for raw_key, raw_value in block.info:
-                key = raw_key.decode("utf-8", "replace")
-                headers[key.lower()] = (key, raw_value.decode("utf-8", "replace"))
+            headers = dict(block.items)
             headers.update(items)
             items = headers
         if mtype == REPLY:

@@ -40,10 +40,24 @@ class THeaderBlock:
     ``protocol_id`` is the payload protocol (0 binary, 2 compact); ``transforms`` the encoded
     transform list (count and ids, verbatim); ``info`` the key-value info headers in wire order;
     ``tail`` any info sections of unknown type, kept verbatim; ``payload_offset`` where the
-    payload starts in the frame.
+    payload starts in the frame; ``items`` the info headers as attribute items
+    (``{key.lower(): (key, value)}``, decoded as UTF-8).
+
+    :func:`read_block` fills ``items`` and keeps the info section's raw bytes; ``info`` and
+    ``tail`` are parsed from them only when asked for (a mutation needs them, routing does not).
     """
 
-    __slots__ = ("flags", "info", "payload_offset", "protocol_id", "seqid", "tail", "transforms")
+    __slots__ = (
+        "_info",
+        "_raw",
+        "_tail",
+        "flags",
+        "items",
+        "payload_offset",
+        "protocol_id",
+        "seqid",
+        "transforms",
+    )
 
     def __init__(
         self,
@@ -51,22 +65,65 @@ class THeaderBlock:
         seqid: int,
         protocol_id: int,
         transforms: bytes,
-        info: list[tuple[bytes, bytes]],
+        info: list[tuple[bytes, bytes]] | None,
         tail: bytes,
         payload_offset: int,
+        items: dict[str, tuple[str, str]] | None = None,
+        raw: bytes = b"",
     ) -> None:
         self.flags = flags
         self.seqid = seqid
         self.protocol_id = protocol_id
         self.transforms = transforms
-        self.info = info
-        self.tail = tail
+        self._info = info
+        self._tail = tail
+        self._raw = raw
         self.payload_offset = payload_offset
+        if items is None:
+            items = {}
+            for key, value in info or ():
+                text = key.decode("utf-8", "replace")
+                items[text.lower()] = (text, value.decode("utf-8", "replace"))
+        self.items = items
+
+    @property
+    def info(self) -> list[tuple[bytes, bytes]]:
+        """The key-value info headers, raw, in wire order."""
+        if self._info is None:
+            self._info, self._tail = _parse_info(self._raw)
+        return self._info
+
+    @property
+    def tail(self) -> bytes:
+        """Info sections of unknown type, verbatim (padding removed)."""
+        if self._info is None:
+            self._info, self._tail = _parse_info(self._raw)
+        return self._tail
 
     @property
     def transform_count(self) -> int:
         """How many transforms (zlib, ...) were applied to the payload."""
         return self.transforms[0] if self.transforms else 0
+
+
+def _parse_info(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Key-value pairs and unknown tail of an info section already validated by read_block."""
+    info: list[tuple[bytes, bytes]] = []
+    pos = 0
+    end = len(raw)
+    while pos < end:
+        if raw[pos] == 0:
+            break
+        if raw[pos] != THEADER_INFO_KEYVALUE:
+            return info, raw[pos:].rstrip(b"\0")
+        pairs, pos = read_varint(raw, pos + 1, end, 5)
+        for _ in range(pairs):
+            size, pos = read_varint(raw, pos, end, 5)
+            key = raw[pos : pos + size]
+            size, pos = read_varint(raw, pos + size, end, 5)
+            info.append((key, raw[pos : pos + size]))
+            pos += size
+    return info, b""
 
 
 def read_block(buf: Buffer, end: int) -> THeaderBlock:
@@ -97,15 +154,11 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
             for _ in range(count):
                 _, pos = read_varint(buf, pos, block_end, 5)
             transforms = bytes(buf[transforms_start:pos])
-        info: list[tuple[bytes, bytes]] = []
-        tail = b""
+        info_start = pos
+        items: dict[str, tuple[str, str]] = {}
         while pos < block_end:
-            section = pos
             info_id = buf[pos]
-            if info_id == 0:  # padding
-                break
-            if info_id != THEADER_INFO_KEYVALUE:
-                tail = bytes(buf[section:block_end]).rstrip(b"\0")
+            if info_id != THEADER_INFO_KEYVALUE:  # padding, or a section kept verbatim
                 break
             pos += 1
             pairs, pos = read_varint(buf, pos, block_end, 5)
@@ -115,21 +168,22 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
                     pos += 1
                 else:
                     size, pos = read_varint(buf, pos, block_end, 5)
-                key = bytes(buf[pos : pos + size])
+                key = str(buf[pos : pos + size], "utf-8", "replace")
                 pos += size
                 if pos < block_end and buf[pos] < 0x80:
                     size = buf[pos]
                     pos += 1
                 else:
                     size, pos = read_varint(buf, pos, block_end, 5)
-                value = bytes(buf[pos : pos + size])
+                value = str(buf[pos : pos + size], "utf-8", "replace")
                 pos += size
                 if pos > block_end:
                     raise Incomplete(pos)
-                info.append((key, value))
+                items[key.lower()] = (key, value)
     except Incomplete:
         raise FramingError("THeader header block is truncated", offset=pos) from None
-    return THeaderBlock(flags, seqid, protocol_id, transforms, info, tail, block_end)
+    raw = bytes(buf[info_start:block_end]) if items or pos < block_end else b""
+    return THeaderBlock(flags, seqid, protocol_id, transforms, None, b"", block_end, items, raw)
 
 
 def merge_info(
