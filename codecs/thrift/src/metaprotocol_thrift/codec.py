@@ -39,7 +39,6 @@ from .wire import (
     CALL,
     EXCEPTION,
     I32,
-    ONEWAY,
     REPLY,
     THEADER_PROTOCOL_BINARY,
     THEADER_PROTOCOL_COMPACT,
@@ -49,12 +48,15 @@ from .wire import (
     write_varint,
 )
 
-_MESSAGE_TYPES = {
-    CALL: MessageType.Request,
-    ONEWAY: MessageType.Oneway,
-    REPLY: MessageType.Response,
-    EXCEPTION: MessageType.Error,
-}
+#: MessageType by Thrift message type code (CALL 1, REPLY 2, EXCEPTION 3, ONEWAY 4).
+_MESSAGE_TYPES = (
+    MessageType.Error,  # 0 is not a valid code; never looked up
+    MessageType.Request,
+    MessageType.Response,
+    MessageType.Error,
+    MessageType.Oneway,
+)
+_FRAMED_BINARY = (FRAMED, BINARY)
 _unpack_i32 = I32.unpack_from
 _FRAMED_STRICT_HEAD = struct.Struct(">iIi")  # frame length, version | type, name length
 _UNFRAMED_STRICT_HEAD = struct.Struct(">Ii")  # version | type, name length
@@ -179,8 +181,12 @@ class ThriftCodec(Codec):
             # Detected per message, as Apache's THeader server does: a connection keeps one
             # variant, but a codec fed captured frames of several variants still works.
             if len(buffer) >= 12 and buffer[0] < 0x80 and buffer[4] == 0x80:
-                transport, protocol = FRAMED, BINARY  # the common cases, without detect()
-            elif len(buffer) >= 12 and buffer[0] < 0x80 and buffer[4] == 0x0F and buffer[5] == 0xFF:
+                # The most common case, without detect() or allocations.
+                if self.wire_protocol != COMPACT:
+                    self._protocol = BINARY
+                self._detected = _FRAMED_BINARY
+                return self._decode_framed(buffer)
+            if len(buffer) >= 12 and buffer[0] < 0x80 and buffer[4] == 0x0F and buffer[5] == 0xFF:
                 transport, protocol = HEADER, AUTO
             else:
                 try:
