@@ -188,6 +188,8 @@ class ThriftCodec(Codec):
                 return self._decode_framed(buffer)
             if len(buffer) >= 12 and buffer[0] < 0x80 and buffer[4] == 0x0F and buffer[5] == 0xFF:
                 transport, protocol = HEADER, AUTO
+            elif len(buffer) >= 2 and buffer[0] == 0x80 and buffer[1] == 0x01:
+                transport, protocol = UNFRAMED, BINARY
             else:
                 try:
                     transport, protocol = detect(buffer, not self.strict, self.max_frame_size)
