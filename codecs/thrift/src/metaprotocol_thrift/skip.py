@@ -205,25 +205,22 @@ def _check_binary_type(ttype: int, width: int, at: int) -> None:
         raise FramingError(f"unknown binary element type {ttype}", offset=at)
 
 
-def _skip_varint(buf: Buffer, pos: int, end: int) -> int:
+def _varint_end(buf: Buffer, pos: int) -> int:
+    """Offset just past the varint at ``pos`` (IndexError when it runs off the bytes)."""
     limit = pos + 10
-    while True:
-        if pos >= end:
-            raise Incomplete(pos + 1)
-        if buf[pos] < 0x80:
-            return pos + 1
+    while buf[pos] >= 0x80:
         pos += 1
         if pos >= limit:
             raise FramingError("varint longer than 10 bytes", offset=pos - 1)
+    return pos + 1
 
 
-def _read_varint32(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
+def _varint32(buf: Buffer, pos: int) -> tuple[int, int]:
+    """A size varint at ``pos``: ``(value, next offset)``."""
     value = 0
     shift = 0
     start = pos
     while True:
-        if pos >= end:
-            raise Incomplete(pos + 1)
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -235,19 +232,24 @@ def _read_varint32(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
 
 
 def skip_compact_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
-    """Offset just past the compact struct starting at ``pos``."""
+    """Offset just past the compact struct starting at ``pos`` (``end`` must be ``len(buf)``)."""
+    try:
+        return _compact_struct(buf, pos, end, depth)
+    except IndexError:
+        raise Incomplete(end + 1) from None
+
+
+def _compact_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
     if depth <= 0:
         raise _too_deep(pos)
     while True:
-        if pos >= end:
-            raise Incomplete(pos + 1)
         head = buf[pos]
         if head == 0:
             return pos + 1
         at = pos
         pos += 1
         if head < 0x10:  # long form: zigzag varint field id follows
-            pos = _skip_varint(buf, pos, end)
+            pos = _varint_end(buf, pos)
         ftype = head & 0x0F
         if ftype <= 2:
             if ftype == 0:
@@ -256,76 +258,78 @@ def skip_compact_struct(buf: Buffer, pos: int, end: int, depth: int) -> int:
         if ftype == 3:
             pos += 1
         elif ftype <= 6:
-            if pos < end and buf[pos] < 0x80:
-                pos += 1
-            else:
-                pos = _skip_varint(buf, pos, end)
+            pos = pos + 1 if buf[pos] < 0x80 else _varint_end(buf, pos)
         elif ftype == 7:
             pos += 8
         elif ftype == 8:
-            if pos < end and buf[pos] < 0x80:
-                pos += 1 + buf[pos]
+            size = buf[pos]
+            if size < 0x80:
+                pos += 1 + size
             else:
-                size, pos = _read_varint32(buf, pos, end)
+                size, pos = _varint32(buf, pos)
                 pos += size
+            if pos > end:
+                raise Incomplete(pos)
         elif ftype == 12:
-            pos = skip_compact_struct(buf, pos, end, depth - 1)
+            pos = _compact_struct(buf, pos, end, depth - 1)
         elif ftype == 13:
             pos += 16
         else:
-            pos = _skip_compact_value(buf, pos, end, ftype, depth, at)
+            pos = _compact_value(buf, pos, end, ftype, depth, at)
 
 
-def _skip_compact_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, at: int) -> int:
+def _compact_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int, at: int) -> int:
     if ftype == 12:
-        return skip_compact_struct(buf, pos, end, depth - 1)
+        return _compact_struct(buf, pos, end, depth - 1)
     if ftype == 8:
-        size, pos = _read_varint32(buf, pos, end)
-        return pos + size
+        size, pos = _varint32(buf, pos)
+        pos += size
+        if pos > end:
+            raise Incomplete(pos)
+        return pos
     if ftype in _COMPACT_VARINTS:
-        return _skip_varint(buf, pos, end)
+        return _varint_end(buf, pos)
     fixed = _COMPACT_FIXED
     if ftype == 9 or ftype == 10:
-        if pos >= end:
-            raise Incomplete(pos + 1)
         head = buf[pos]
         pos += 1
         count = head >> 4
         etype = head & 0x0F
         if count == 15:
-            count, pos = _read_varint32(buf, pos, end)
+            count, pos = _varint32(buf, pos)
         if count == 0:
             return pos
         width = fixed[etype]
         if not width and etype not in _COMPACT_VARIABLE:
             raise FramingError(f"unknown compact element type {etype}", offset=at)
         if width:
-            return pos + count * width
-        if depth <= 1:
+            pos += count * width
+        elif depth <= 1:
             raise _too_deep(pos)
-        if etype == 8:  # strings, inline
+        elif etype == 8:  # strings, inline
             for _ in range(count):
-                if pos < end and buf[pos] < 0x80:
-                    pos += 1 + buf[pos]
+                size = buf[pos]
+                if size < 0x80:
+                    pos += 1 + size
                 else:
-                    size, pos = _read_varint32(buf, pos, end)
+                    size, pos = _varint32(buf, pos)
                     pos += size
         elif etype == 12:
             for _ in range(count):
-                pos = skip_compact_struct(buf, pos, end, depth - 2)
+                pos = _compact_struct(buf, pos, end, depth - 2)
         elif etype in _COMPACT_VARINTS:
             for _ in range(count):
-                pos = _skip_varint(buf, pos, end)
+                pos = pos + 1 if buf[pos] < 0x80 else _varint_end(buf, pos)
         else:
             for _ in range(count):
-                pos = _skip_compact_value(buf, pos, end, etype, depth - 1, pos)
+                pos = _compact_value(buf, pos, end, etype, depth - 1, pos)
+        if pos > end:
+            raise Incomplete(pos)
         return pos
     if ftype == 11:
-        count, pos = _read_varint32(buf, pos, end)
+        count, pos = _varint32(buf, pos)
         if count == 0:
             return pos
-        if pos >= end:
-            raise Incomplete(pos + 1)
         kinds = buf[pos]
         pos += 1
         ktype = kinds >> 4
@@ -336,18 +340,29 @@ def _skip_compact_value(buf: Buffer, pos: int, end: int, ftype: int, depth: int,
             if not width and ttype not in _COMPACT_VARIABLE:
                 raise FramingError(f"unknown compact element type {ttype}", offset=pos - 1)
         if kwidth and vwidth:
-            return pos + count * (kwidth + vwidth)
-        if depth <= 1:
+            pos += count * (kwidth + vwidth)
+        elif depth <= 1:
             raise _too_deep(pos)
-        for _ in range(count):
-            if kwidth:
-                pos += kwidth
-            else:
-                pos = _skip_compact_value(buf, pos, end, ktype, depth - 1, pos)
-            if vwidth:
-                pos += vwidth
-            else:
-                pos = _skip_compact_value(buf, pos, end, vtype, depth - 1, pos)
+        else:
+            for _ in range(count):
+                if kwidth:
+                    pos += kwidth
+                elif ktype == 8 and buf[pos] < 0x80:
+                    pos += 1 + buf[pos]
+                else:
+                    pos = _compact_value(buf, pos, end, ktype, depth - 1, pos)
+                if vwidth:
+                    pos += vwidth
+                elif vtype == 8 and buf[pos] < 0x80:
+                    pos += 1 + buf[pos]
+                elif vtype == 12:
+                    pos = _compact_struct(buf, pos, end, depth - 2)
+                else:
+                    pos = _compact_value(buf, pos, end, vtype, depth - 1, pos)
+                if pos > end:
+                    raise Incomplete(pos)
+        if pos > end:
+            raise Incomplete(pos)
         return pos
     if fixed[ftype]:
         return pos + fixed[ftype]
