@@ -20,7 +20,6 @@ from metaprotocol_sdk.codec import (
 from metaprotocol_sdk.enums import MessageType, ResponseStatus, StreamType
 from metaprotocol_sdk.errors import (
     CodecError,
-    ConfigError,
     FrameTooLargeError,
     FramingError,
     MutationError,
@@ -30,6 +29,7 @@ from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from . import binary, compact, fastmeta, theader
 from .detect import AUTO, BINARY, COMPACT, FRAMED, HEADER, UNFRAMED, detect
+from .options import choice, flag, positive
 from .replies import APPLICATION_EXCEPTION_TYPES, error_text
 from .skip import skip_binary_struct, skip_compact_struct
 from .state import WireState
@@ -60,7 +60,7 @@ _FRAMED_BINARY = (FRAMED, BINARY)
 _unpack_i32 = I32.unpack_from
 _FRAMED_STRICT_HEAD = struct.Struct(">iIi")  # frame length, version | type, name length
 _UNFRAMED_STRICT_HEAD = struct.Struct(">Ii")  # version | type, name length
-_new_state = tuple.__new__
+_new_state = tuple.__new__  # WireState without the NamedTuple keyword machinery
 _new_metadata = Metadata.__new__
 _new_attributes = Attributes.__new__
 _UNARY = StreamType.Unary
@@ -71,39 +71,9 @@ _STATUSES = (
     ResponseStatus.Ok,
     ResponseStatus.Error,
     ResponseStatus.Unknown,
-)  # WireState without the NamedTuple keyword machinery
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+)
 #: Default bound on struct and container nesting while skipping unframed messages.
 DEFAULT_MAX_DEPTH = 64
-
-
-def _choice(field: str, value: object, allowed: tuple[str, ...]) -> str:
-    text = str(value).strip().lower()
-    if text not in allowed:
-        raise ConfigError(f"must be one of {', '.join(allowed)}; got {value!r}", field=field)
-    return text
-
-
-def _flag(field: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(f"must be a boolean (true/false); got {value!r}", field=field)
-
-
-def _positive(field: str, value: object) -> int:
-    try:
-        number = int(str(value).strip()) if not isinstance(value, int) else value
-    except ValueError:
-        raise ConfigError(f"must be an integer; got {value!r}", field=field) from None
-    if isinstance(number, bool) or number <= 0:
-        raise ConfigError(f"must be a positive integer; got {value!r}", field=field)
-    return number
 
 
 class ThriftCodec(Codec):
@@ -147,12 +117,12 @@ class ThriftCodec(Codec):
         max_depth: int | str = DEFAULT_MAX_DEPTH,
         mutation_without_headers: str = "error",
     ) -> None:
-        super().__init__(max_frame_size=_positive("max_frame_size", max_frame_size))
-        self.transport = _choice("transport", transport, (AUTO, FRAMED, UNFRAMED, HEADER))
-        self.wire_protocol = _choice("protocol", protocol, (AUTO, BINARY, COMPACT))
-        self.strict = _flag("strict", strict)
-        self.max_depth = _positive("max_depth", max_depth)
-        self.mutation_without_headers = _choice(
+        super().__init__(max_frame_size=positive("max_frame_size", max_frame_size))
+        self.transport = choice("transport", transport, (AUTO, FRAMED, UNFRAMED, HEADER))
+        self.wire_protocol = choice("protocol", protocol, (AUTO, BINARY, COMPACT))
+        self.strict = flag("strict", strict)
+        self.max_depth = positive("max_depth", max_depth)
+        self.mutation_without_headers = choice(
             "mutation_without_headers", mutation_without_headers, ("skip", "error")
         )
         #: Mutations not written because the message's transport has no headers.
