@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,21 +172,18 @@ def main() -> None:
             assert isinstance(message, Metadata) and message.frame == frame
             encode = ThriftCodec().encode
             decode = _time_decode(frame, number)
-            empty = _time_call(lambda m=message, e=encode: e(m), number)
-            new_id = _time_call(lambda m=message, e=encode: e(m, request_id=1000), number)
+            empty = _time_call(partial(encode, message), number)
+            new_id = _time_call(partial(encode, message, request_id=1000), number)
             mutation = {"x-route": "blue", "user": "bob"}
-            mut = (
-                f"{_time_call(lambda m=message, e=encode, x=mutation: e(m, x), number):8.2f}"
-                if transport == "header"
-                else f"{'-':>8}"
-            )
+            mut = f"{'-':>8}"
+            if transport == "header":
+                mut = f"{_time_call(partial(encode, message, mutation), number):8.2f}"
             skip = f"{'-':>6}"
             if transport == "unframed":
                 state = message.codec_state
-                body = message.header_size
                 skipper = skip_compact_struct if state.protocol == "compact" else skip_binary_struct
-                took = _time_call(lambda f=frame, b=body, k=skipper: k(f, b, len(f), 64), number)
-                skip = f"{took:6.2f}"
+                call = partial(skipper, frame, message.header_size, len(frame), 64)
+                skip = f"{_time_call(call, number):6.2f}"
             print(
                 f"{label:<10} {transport + '-' + protocol:<17} {len(frame):>5} {decode:7.2f} "
                 f"{empty:6.2f} {new_id:7.2f} {mut} {skip} {cybin:7.2f} {decode / cybin:9.2f}"
