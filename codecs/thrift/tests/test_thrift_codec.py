@@ -300,9 +300,9 @@ def test_unframed_garbage_after_the_header_carries_the_request_id() -> None:
 
 def test_theader_transforms_and_unknown_protocols_are_unsupported() -> None:
     payload = tf.message("binary", "add", 1, 4, tf.add_call())
-    block = theader.THeaderBlock(0, 4, 0, b"\x01\x01", [], b"", 0)  # zlib transform
+    block = theader.THeaderBlock(0, 4, 0, b"\x01\x07", [], b"", 0)  # an unknown transform
     data = theader.build_frame(0, 4, theader.build_block(block, []), payload)
-    with pytest.raises(UnsupportedError, match="transforms") as raised:
+    with pytest.raises(UnsupportedError, match="transform 7") as raised:
         ThriftCodec().decode(bytearray(data))
     assert raised.value.frame_size == len(data)
     assert raised.value.metadata is not None and raised.value.metadata.request_id == 4
@@ -558,3 +558,49 @@ def test_fast_paths_agree_with_the_general_readers(
     assert state.strict is strict
     expected_status = {1: "Unknown", 2: "Error", 3: "Error", 4: "Unknown"}[mtype]
     assert message.response_status.name == expected_status
+
+
+def apache_zlib_frame(apache: Any, seqid: int, headers: dict[bytes, bytes]) -> bytes:
+    """A THeader call with the zlib transform, written by Apache's THeaderProtocol."""
+    from thrift.protocol.THeaderProtocol import THeaderProtocol
+    from thrift.transport.THeaderTransport import THeaderClientType, THeaderTransformID
+    from thrift.transport.TTransport import TMemoryBuffer as ApMemory
+
+    memory = ApMemory()
+    proto = THeaderProtocol(memory, [THeaderClientType.HEADERS])
+    proto.add_transform(THeaderTransformID.ZLIB)
+    for key, value in headers.items():
+        proto.set_header(key, value)
+    proto.writeMessageBegin("roundtrip", 1, seqid)
+    item = apache.ttypes.Item(id=5, name="z" * 300, values=list(range(50)))
+    apache.service.roundtrip_args(item=item).write(proto)
+    proto.writeMessageEnd()
+    proto.trans.flush()
+    return bytes(memory.getvalue())
+
+
+def test_theader_zlib_decode_mutate_and_rewrite(apache: Any) -> None:
+    from thrift.protocol.THeaderProtocol import THeaderProtocol
+    from thrift.transport.THeaderTransport import THeaderClientType
+    from thrift.transport.TTransport import TMemoryBuffer as ApMemory
+
+    data = apache_zlib_frame(apache, 21, {b"user": b"u"})
+    message, codec = decode_one(data)
+    assert (message.operation_name, message.request_id) == ("roundtrip", 21)
+    assert message.attributes.to_dict() == {"user": "u", "method": "roundtrip"}
+    assert message.header_size + message.body_size == len(data)
+    out = codec.encode(message, {"x-k": "v"}, request_id=99)
+    assert isinstance(out, bytes)
+    again, _ = decode_one(out)
+    assert again.request_id == 99 and again.attributes["x-k"] == "v"
+    # Apache reads the mutated, recompressed frame.
+    reader = THeaderProtocol(ApMemory(out), [THeaderClientType.HEADERS])
+    name, _, seqid = reader.readMessageBegin()
+    args = apache.service.roundtrip_args()
+    args.read(reader)
+    assert (name, seqid, args.item.name) == ("roundtrip", 99, "z" * 300)
+    assert reader.get_headers() == {b"user": b"u", b"x-k": b"v"}
+    # A decompression bomb is refused within max_frame_size.
+    with pytest.raises(FrameTooLargeError) as raised:
+        ThriftCodec(max_frame_size=len(data) + 10).decode(bytearray(data))
+    assert raised.value.metadata is not None and raised.value.metadata.request_id == 21

@@ -263,3 +263,19 @@ def test_thriftpy2_multiplexed_error_reply(closing: list[Any]) -> None:
     exercise_no_echo = client.add(1, 2)
     assert exercise_no_echo == 3
     assert relay.requests[0].attributes["service"] == "calc"
+
+
+def test_theader_zlib_client_through_relay(apache: peers.Apache, closing: list[Any]) -> None:
+    from thrift.transport.THeaderTransport import THeaderTransformID
+
+    client, protocol, handler, relay = ap_setup(
+        apache, "header-binary", "header-any", closing, mutation={"x-route": "z"}, rewrite_ids=True
+    )
+    protocol.add_transform(THeaderTransformID.ZLIB)
+    protocol.set_header(b"user", b"u1")
+    assert client.echo("compressed " * 50) == "compressed " * 50
+    assert handler.seen_headers[0] == {b"user": b"u1", b"x-route": b"z"}
+    assert relay.requests[0].codec_state.header.transform_count == 1
+    assert relay.requests[0].attributes["user"] == "u1"
+    exercise(client, apache.ttypes, handler)
+    check_seen(relay, rewritten=True)

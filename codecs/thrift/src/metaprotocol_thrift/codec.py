@@ -420,24 +420,30 @@ class ThriftCodec(Codec):
         try:
             block = theader.read_block(buffer, total)
             protocol = self._header_protocol(block)
+            data: Buffer = buffer
+            start, end = block.payload_offset, total
             if block.transform_count:
-                raise UnsupportedError(
-                    "THeader transforms (zlib, ...) are not supported",
-                    offset=theader.PREFIX_SIZE,
-                    metadata=self._metadata(
+                # Compressed payload: inflate it (bounded) to read the message header.
+                try:
+                    data = theader.untransform(
+                        bytes(buffer[start:total]), block, self.max_frame_size
+                    )
+                except CodecError as exc:
+                    exc.metadata = self._metadata(
                         b"",
                         (CALL, "", block.seqid, 0, 0, total, True),
                         HEADER,
                         protocol,
                         block,
                         None,
-                    ),
-                )
+                    )
+                    raise
+                start, end = 0, len(data)
             if protocol == COMPACT:
-                begin = compact.read_message_begin(buffer, block.payload_offset, total)
+                begin = compact.read_message_begin(data, start, end)
             else:
-                begin = self._read_binary(buffer, block.payload_offset, total)
-            field_id = self._reply_field(protocol, begin, buffer, total)
+                begin = self._read_binary(data, start, end)
+            field_id = self._reply_field(protocol, begin, data, end)
         except Incomplete:
             raise FramingError(
                 "message header runs past the frame end", offset=4, frame_size=total
@@ -446,7 +452,11 @@ class ThriftCodec(Codec):
             exc.frame_size = total
             raise
         frame = take_frame(buffer, total)
-        return self._metadata(frame, begin, HEADER, protocol, block, field_id)
+        message = self._metadata(frame, begin, HEADER, protocol, block, field_id)
+        if block.transform_count:  # offsets in codec_state refer to the inflated payload
+            message.header_size = block.payload_offset
+            message.body_size = total - block.payload_offset
+        return message
 
     def _header_protocol(self, block: theader.THeaderBlock) -> str:
         if block.protocol_id == THEADER_PROTOCOL_BINARY:
@@ -612,8 +622,8 @@ class ThriftCodec(Codec):
             new_frame = (len(new_frame) - 4).to_bytes(4, "big") + new_frame[4:]
         return new_frame
 
-    @staticmethod
     def _encode_header(
+        self,
         frame: bytes,
         state: WireState,
         block: theader.THeaderBlock,
@@ -625,6 +635,9 @@ class ThriftCodec(Codec):
         payload: bytes | memoryview
         if seqid is None:
             payload = memoryview(frame)[start:]
+        elif block.transform_count:
+            plain = theader.untransform(frame[start:], block, self.max_frame_size)
+            payload = theader.transform(_rewrite_seqid(plain, state, 0, seqid)[0], block)
         else:
             payload, _ = _rewrite_seqid(frame, state, start, seqid)
             payload = payload[start:]

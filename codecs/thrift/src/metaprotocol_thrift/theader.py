@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 
 from construct import Const, Int16ub, Int32sb, Int32ub, Struct
 
-from metaprotocol_sdk.errors import FramingError, MutationError
+from metaprotocol_sdk.errors import (
+    FrameTooLargeError,
+    FramingError,
+    MutationError,
+    UnsupportedError,
+)
 from metaprotocol_sdk.header import compile_header
 
 from .wire import (
@@ -30,6 +36,8 @@ PREFIX = compile_header(
 )
 PREFIX_SIZE = 14
 SEQID_OFFSET = 8
+#: THeader transform id of zlib compression (the only transform Apache's libraries define).
+TRANSFORM_ZLIB = 1
 #: Largest header block the 16-bit word count can describe.
 MAX_HEADER_BLOCK = 0xFFFF * 4
 
@@ -236,3 +244,43 @@ def build_frame(flags: int, seqid: int, block: bytes, payload: bytes | memoryvie
         + block
         + payload
     )
+
+
+def transform_ids(block: THeaderBlock) -> list[int]:
+    """The transform ids of ``block``, in the order the sender applied them."""
+    count, pos = read_varint(block.transforms, 0, len(block.transforms), 5)
+    ids = []
+    for _ in range(count):
+        transform_id, pos = read_varint(block.transforms, pos, len(block.transforms), 5)
+        ids.append(transform_id)
+    return ids
+
+
+def untransform(payload: bytes, block: THeaderBlock, limit: int) -> bytes:
+    """The payload with the block's transforms undone; at most ``limit`` bytes come out."""
+    for transform_id in reversed(transform_ids(block)):
+        if transform_id != TRANSFORM_ZLIB:
+            raise UnsupportedError(
+                f"THeader transform {transform_id} (only zlib, 1, is supported)",
+                offset=PREFIX_SIZE,
+            )
+        inflater = zlib.decompressobj()
+        try:
+            plain = inflater.decompress(payload, limit)
+        except zlib.error as exc:
+            raise FramingError(f"bad zlib payload: {exc}", offset=block.payload_offset) from None
+        if inflater.unconsumed_tail:
+            raise FrameTooLargeError(limit + 1, limit, offset=block.payload_offset)
+        if not inflater.eof:
+            raise FramingError("truncated zlib payload", offset=block.payload_offset)
+        payload = plain
+    return payload
+
+
+def transform(payload: bytes, block: THeaderBlock) -> bytes:
+    """``payload`` with the block's transforms applied again (zlib only)."""
+    for transform_id in transform_ids(block):
+        if transform_id != TRANSFORM_ZLIB:
+            raise UnsupportedError(f"THeader transform {transform_id} is not supported")
+        payload = zlib.compress(payload)
+    return payload
