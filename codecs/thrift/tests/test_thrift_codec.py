@@ -600,7 +600,20 @@ def test_theader_zlib_decode_mutate_and_rewrite(apache: Any) -> None:
     args.read(reader)
     assert (name, seqid, args.item.name) == ("roundtrip", 99, "z" * 300)
     assert reader.get_headers() == {b"user": b"u", b"x-k": b"v"}
-    # A decompression bomb is refused within max_frame_size.
-    with pytest.raises(FrameTooLargeError) as raised:
-        ThriftCodec(max_frame_size=len(data) + 10).decode(bytearray(data))
-    assert raised.value.metadata is not None and raised.value.metadata.request_id == 21
+    # max_frame_size bounds the frame on the wire, not the inflated payload.
+    small, _ = decode_one(data, max_frame_size=len(data))
+    assert small.request_id == 21
+
+
+def test_theader_zlib_bomb_is_only_peeked_at() -> None:
+    import zlib
+
+    payload = tf.message("binary", "add", 1, 8, tf.add_call())
+    bomb = zlib.compress(payload[:-1] + b"\x00" * (4 * 1024 * 1024))  # 4 MiB of zeros
+    block = theader.THeaderBlock(0, 8, 0, b"\x01\x01", [], b"", 0)
+    data = theader.build_frame(0, 8, theader.build_block(block, []), bomb)
+    message, codec = decode_one(data, max_inflated_size="1048576")
+    assert (message.operation_name, message.request_id) == ("add", 8)
+    with pytest.raises(FrameTooLargeError):
+        codec.encode(message, request_id=9)  # a rewrite must inflate it all: refused
+    assert isinstance(codec.encode(message, {"k": "v"}), bytes)  # a mutation does not

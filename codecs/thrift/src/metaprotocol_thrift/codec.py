@@ -88,6 +88,8 @@ class ThriftCodec(Codec):
     * ``max_frame_size``: largest frame accepted, in bytes, counting the whole frame (the
       4-byte length prefix included; for unframed messages, the whole message).
     * ``max_depth``: deepest struct/container nesting accepted when skipping a message.
+    * ``max_inflated_size``: largest zlib-inflated THeader payload accepted when a request id
+      must be rewritten inside it (decoding only inflates the first 64 KiB).
     * ``mutation_without_headers``: what :meth:`encode` does with a mutation for a framed or
       unframed message, which has no header to carry it: ``error`` (default:
       :class:`~metaprotocol_sdk.errors.MutationError`) or ``skip`` (the message goes out
@@ -116,12 +118,14 @@ class ThriftCodec(Codec):
         max_frame_size: int | str = DEFAULT_MAX_FRAME_SIZE,
         max_depth: int | str = DEFAULT_MAX_DEPTH,
         mutation_without_headers: str = "error",
+        max_inflated_size: int | str = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
         super().__init__(max_frame_size=positive("max_frame_size", max_frame_size))
         self.transport = choice("transport", transport, (AUTO, FRAMED, UNFRAMED, HEADER))
         self.wire_protocol = choice("protocol", protocol, (AUTO, BINARY, COMPACT))
         self.strict = flag("strict", strict)
         self.max_depth = positive("max_depth", max_depth)
+        self.max_inflated_size = positive("max_inflated_size", max_inflated_size)
         self.mutation_without_headers = choice(
             "mutation_without_headers", mutation_without_headers, ("skip", "error")
         )
@@ -426,7 +430,7 @@ class ThriftCodec(Codec):
                 # Compressed payload: inflate it (bounded) to read the message header.
                 try:
                     data = theader.untransform(
-                        bytes(buffer[start:total]), block, self.max_frame_size
+                        bytes(buffer[start:total]), block, theader.HEADER_PEEK, whole=False
                     )
                 except CodecError as exc:
                     exc.metadata = self._metadata(
@@ -636,7 +640,7 @@ class ThriftCodec(Codec):
         if seqid is None:
             payload = memoryview(frame)[start:]
         elif block.transform_count:
-            plain = theader.untransform(frame[start:], block, self.max_frame_size)
+            plain = theader.untransform(frame[start:], block, self.max_inflated_size)
             payload = theader.transform(_rewrite_seqid(plain, state, 0, seqid)[0], block)
         else:
             payload, _ = _rewrite_seqid(frame, state, start, seqid)

@@ -38,6 +38,8 @@ PREFIX_SIZE = 14
 SEQID_OFFSET = 8
 #: THeader transform id of zlib compression (the only transform Apache's libraries define).
 TRANSFORM_ZLIB = 1
+#: How much of a compressed payload is inflated to read its message header.
+HEADER_PEEK = 64 * 1024
 #: Largest header block the 16-bit word count can describe.
 MAX_HEADER_BLOCK = 0xFFFF * 4
 
@@ -256,8 +258,13 @@ def transform_ids(block: THeaderBlock) -> list[int]:
     return ids
 
 
-def untransform(payload: bytes, block: THeaderBlock, limit: int) -> bytes:
-    """The payload with the block's transforms undone; at most ``limit`` bytes come out."""
+def untransform(payload: bytes, block: THeaderBlock, limit: int, *, whole: bool = True) -> bytes:
+    """The payload with the block's transforms undone.
+
+    With ``whole`` it must inflate completely within ``limit`` bytes (else
+    ``FrameTooLargeError``); without, only the first ``limit`` bytes are produced (enough to
+    read a message header, and never a decompression bomb).
+    """
     for transform_id in reversed(transform_ids(block)):
         if transform_id != TRANSFORM_ZLIB:
             raise UnsupportedError(
@@ -269,9 +276,9 @@ def untransform(payload: bytes, block: THeaderBlock, limit: int) -> bytes:
             plain = inflater.decompress(payload, limit)
         except zlib.error as exc:
             raise FramingError(f"bad zlib payload: {exc}", offset=block.payload_offset) from None
-        if inflater.unconsumed_tail:
+        if whole and inflater.unconsumed_tail:
             raise FrameTooLargeError(limit + 1, limit, offset=block.payload_offset)
-        if not inflater.eof:
+        if whole and not inflater.eof:
             raise FramingError("truncated zlib payload", offset=block.payload_offset)
         payload = plain
     return payload
