@@ -235,7 +235,7 @@ class ThriftCodec(Codec):
             mtype = word & 0xFF
             if body <= total and 1 <= mtype <= 4:
                 try:
-                    name = str(buffer[12:name_end], "utf-8")
+                    name = buffer[12:name_end].decode()
                 except UnicodeDecodeError:
                     pass  # the general path reports it
                 else:
@@ -303,7 +303,7 @@ class ThriftCodec(Codec):
                 # long form with zigzag 0 = field 0 (success); empty struct = void success.
                 declared = mtype == REPLY and head != 0 and bool(head >> 4 or buffer[name_end + 1])
                 try:
-                    name = str(buffer[8:name_end], "utf-8")
+                    name = buffer[8:name_end].decode()
                 except UnicodeDecodeError:
                     pass
                 else:
@@ -349,7 +349,7 @@ class ThriftCodec(Codec):
                 and body <= self.max_frame_size
             ):
                 try:
-                    name = str(buffer[8:name_end], "utf-8")
+                    name = buffer[8:name_end].decode()
                     end = skip_binary_struct(buffer, body, available, self.max_depth)
                 except Incomplete as more:
                     if more.needed <= self.max_frame_size and available <= self.max_frame_size:
