@@ -113,3 +113,38 @@ def test_demo_parent_killed_leaves_nothing() -> None:
     finally:
         proc.kill()
     assert_no_leftovers(tag)
+
+
+def test_live_view_redraws_in_place_on_a_terminal() -> None:
+    import io
+    from collections import Counter
+
+    from metaprotocol_sdk.demo.clients import Tally
+    from metaprotocol_sdk.demo.display import LiveView
+
+    out = io.StringIO()
+    view = LiveView(out, tty=True)
+    tally = Tally(Counter({("split-20-80", "v1"): 2, ("split-20-80", "v2"): 8}))
+    view.update({"thrift": tally}, 0.25)
+    first = out.getvalue()
+    assert "\x1b[" not in first  # nothing to erase yet
+    view.update({"thrift": tally}, 0.5)
+    second = out.getvalue()[len(first) :]
+    # The second frame moves up over exactly the lines of the first, clears, and redraws.
+    assert second.startswith(f"\x1b[{first.count(chr(10))}F\x1b[J")
+    assert second.count("\n") == first.count("\n")
+
+
+def test_live_view_prints_single_lines_without_a_terminal() -> None:
+    import io
+
+    from metaprotocol_sdk.demo.clients import Tally
+    from metaprotocol_sdk.demo.display import LiveView
+
+    out = io.StringIO()
+    view = LiveView(out, tty=False, line_every=2.0)
+    for tick in range(20):  # 5 seconds of updates, four a second
+        view.update({"dubbo": Tally()}, tick * 0.25)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3  # at 0 s, 2 s and 4 s
+    assert all(line.startswith("[") and "\x1b" not in line for line in lines)
