@@ -29,6 +29,23 @@ class Attributes(MutableMapping[str, str]):
             for key, value in items.items():
                 self[key] = value
 
+    @classmethod
+    def from_strings(cls, items: Mapping[str, str]) -> Attributes:
+        """Attributes from a mapping whose keys and values are all ``str`` (not re-checked).
+
+        The fast path for codecs: one comprehension instead of a ``__setitem__`` call per item.
+        """
+        attributes = cls.__new__(cls)
+        attributes._items = {key.lower(): (key, value) for key, value in items.items()}
+        return attributes
+
+    @classmethod
+    def from_folded(cls, table: dict[str, tuple[str, str]]) -> Attributes:
+        """Attributes that take over a ``{key.lower(): (key, value)}`` table built by a codec."""
+        attributes = cls.__new__(cls)
+        attributes._items = table
+        return attributes
+
     def __getitem__(self, key: str) -> str:
         return self._items[key.lower()][1]
 
@@ -89,19 +106,20 @@ class Metadata:
     def __init__(
         self,
         message_type: MessageType,
-        *,
         frame: bytes = b"",
         request_id: int = 0,
         operation_name: str = "",
         header_size: int = 0,
         body_size: int = 0,
         response_status: ResponseStatus = ResponseStatus.Unknown,
+        attributes: Attributes | None = None,
+        codec_state: Any = None,
         stream_type: StreamType = StreamType.Unary,
         stream_id: int = 0,
-        attributes: Attributes | None = None,
         values: dict[str, Any] | None = None,
-        codec_state: Any = None,
     ) -> None:
+        # Positional calls in this order are the hot-path form for codecs (about half the cost
+        # of keyword calls); keywords read better everywhere else.
         self.message_type = message_type
         self.frame = frame
         self.request_id = request_id
@@ -109,11 +127,11 @@ class Metadata:
         self.header_size = header_size
         self.body_size = body_size
         self.response_status = response_status
+        self.attributes = Attributes() if attributes is None else attributes
+        self.codec_state = codec_state
         self.stream_type = stream_type
         self.stream_id = stream_id
-        self.attributes = Attributes() if attributes is None else attributes
         self.values: dict[str, Any] = {} if values is None else values
-        self.codec_state = codec_state
 
     @property
     def size(self) -> int:

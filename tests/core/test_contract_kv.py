@@ -208,3 +208,34 @@ def test_from_options_rejects_unknown_keys_with_the_accepted_list() -> None:
         KVCodec.from_options({"transport": "framed"})
     with pytest.raises(Exception, match="must be positive"):
         KVCodec.from_options({"max_frame_size": 0})
+
+
+def test_bulk_attribute_constructors_match_the_public_mapping() -> None:
+    from metaprotocol_sdk import Attributes
+
+    public = Attributes({"Method": "add", "X-Env": "canary"})
+    strings = Attributes.from_strings({"Method": "add", "X-Env": "canary"})
+    folded = Attributes.from_folded({"method": ("Method", "add"), "x-env": ("X-Env", "canary")})
+    for attributes in (strings, folded):
+        assert attributes.to_dict() == public.to_dict()
+        assert attributes["METHOD"] == "add" and attributes.get_folded("x-env") == "canary"
+
+
+def test_positional_metadata_constructor_is_the_keyword_one() -> None:
+    from metaprotocol_sdk import Attributes, ResponseStatus
+
+    attrs = Attributes({"method": "add"})
+    positional = Metadata(MessageType.Response, b"abc", 5, "add", 1, 2, ResponseStatus.Ok, attrs, 7)
+    keyword = Metadata(
+        MessageType.Response,
+        frame=b"abc",
+        request_id=5,
+        operation_name="add",
+        header_size=1,
+        body_size=2,
+        response_status=ResponseStatus.Ok,
+        attributes=attrs,
+        codec_state=7,
+    )
+    for slot in Metadata.__slots__:
+        assert getattr(positional, slot) == getattr(keyword, slot), slot

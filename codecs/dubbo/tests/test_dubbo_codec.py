@@ -536,23 +536,6 @@ def test_null_attachments_and_null_version() -> None:
     assert again.attributes["a"] == "b"
 
 
-def test_bulk_attributes_match_the_public_constructor() -> None:
-    from metaprotocol_dubbo._attributes import make_attributes
-
-    from metaprotocol_sdk import Attributes
-
-    items = {"Group": "g", "x-Trace": "t", "k": "v"}
-    extra = {"interface": "i", "GROUP": "override"}
-    fast = make_attributes(items, extra)
-    slow = Attributes(items)
-    slow.update(extra)
-    assert fast.to_dict() == slow.to_dict()
-    assert fast["group"] == slow["group"] == "override"
-    assert fast.get_folded("x-trace") == "t" and len(fast) == len(slow) and list(fast) == list(slow)
-    fast["new"] = "n"
-    assert fast["NEW"] == "n"
-
-
 def test_recent_heads_are_recognised_without_mixing_requests() -> None:
     codec = DubboCodec()
     a1 = build_request(PATH, "a", ["x"], attachments={"k": "1"}, request_id=1)
@@ -569,13 +552,3 @@ def test_recent_heads_are_recognised_without_mixing_requests() -> None:
         assert fresh.values == cached.values
     codec.reset()
     assert not codec._heads
-
-
-def test_public_attributes_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from metaprotocol_dubbo import _attributes
-
-    fast = decode_one(typical_request())
-    monkeypatch.setattr(_attributes, "_BULK", False)
-    slow = decode_one(typical_request())
-    assert fast.attributes.to_dict() == slow.attributes.to_dict()
-    assert type(slow.attributes) is type(fast.attributes)

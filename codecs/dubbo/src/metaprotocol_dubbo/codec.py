@@ -26,7 +26,6 @@ from metaprotocol_sdk import (
     take_frame,
 )
 
-from ._attributes import attributes_from_folded, make_attributes
 from .body import (
     COMPACT_INT_ZERO,
     TAG_NULL,
@@ -261,7 +260,7 @@ class DubboCodec(Codec):
         version = version or strings.get("version", "")
         if version:
             folded["version"] = ("version", version)
-        attributes = attributes_from_folded(folded)
+        attributes = Attributes.from_folded(folded)
         values: dict[str, Any] = {
             "dubbo_version": dubbo_version,
             "service_path": path,
@@ -370,7 +369,7 @@ class DubboCodec(Codec):
             values["result_flag"] = raw_flag
         if result_flag is None:
             response_status = ResponseStatus.Ok
-        attributes = make_attributes(attachments.strings) if attachments else Attributes()
+        attributes = Attributes.from_strings(attachments.strings) if attachments else Attributes()
         if attachments is not None and attachments.others:
             values["attachments"] = attachments.others
         return Metadata(

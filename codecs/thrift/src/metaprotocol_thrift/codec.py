@@ -17,7 +17,7 @@ from metaprotocol_sdk.codec import (
     NeedData,
     take_frame,
 )
-from metaprotocol_sdk.enums import MessageType, ResponseStatus, StreamType
+from metaprotocol_sdk.enums import MessageType, ResponseStatus
 from metaprotocol_sdk.errors import (
     CodecError,
     FrameTooLargeError,
@@ -27,7 +27,7 @@ from metaprotocol_sdk.errors import (
 )
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
-from . import binary, compact, fastmeta, theader
+from . import binary, compact, theader
 from .detect import AUTO, BINARY, COMPACT, FRAMED, HEADER, UNFRAMED, detect
 from .options import choice, flag, positive
 from .replies import APPLICATION_EXCEPTION_TYPES, error_text
@@ -61,9 +61,6 @@ _unpack_i32 = I32.unpack_from
 _FRAMED_STRICT_HEAD = struct.Struct(">iIi")  # frame length, version | type, name length
 _UNFRAMED_STRICT_HEAD = struct.Struct(">Ii")  # version | type, name length
 _new_state = tuple.__new__  # WireState without the NamedTuple keyword machinery
-_new_metadata = Metadata.__new__
-_new_attributes = Attributes.__new__
-_UNARY = StreamType.Unary
 #: Response status by Thrift message type (a reply may still turn out to be an Error).
 _STATUSES = (
     ResponseStatus.Unknown,
@@ -255,7 +252,7 @@ class ThriftCodec(Codec):
                         buffer.clear()
                     else:
                         frame = take_frame(buffer, total)
-                    if not fastmeta.FAST or ":" in name:
+                    if ":" in name:
                         return self._metadata(
                             frame,
                             (mtype, name, seqid, name_end, 4, body, True),
@@ -264,25 +261,19 @@ class ThriftCodec(Codec):
                             None,
                             0 if status is not ResponseStatus.Error else 1,
                         )
-                    # Inlined fastmeta.metadata() for the hottest case (see fastmeta.py).
-                    attributes = _new_attributes(Attributes)
-                    attributes._items = {"method": ("method", name)}
-                    message = _new_metadata(Metadata)
-                    message.message_type = _MESSAGE_TYPES[mtype]
-                    message.frame = frame
-                    message.request_id = seqid
-                    message.operation_name = name
-                    message.header_size = body
-                    message.body_size = total - body
-                    message.response_status = status
-                    message.stream_type = _UNARY
-                    message.stream_id = 0
-                    message.attributes = attributes
-                    message.values = {}
-                    message.codec_state = _new_state(
-                        WireState, (FRAMED, BINARY, True, mtype, name, name_end, 4, None)
+                    return Metadata(
+                        _MESSAGE_TYPES[mtype],
+                        frame,
+                        seqid,
+                        name,
+                        body,
+                        total - body,
+                        status,
+                        Attributes.from_folded({"method": ("method", name)}),
+                        _new_state(
+                            WireState, (FRAMED, BINARY, True, mtype, name, name_end, 4, None)
+                        ),
                     )
-                    return message
         total = self._frame_size(buffer, FRAMED)
         if available < total:
             return NeedData(total)
@@ -508,26 +499,22 @@ class ThriftCodec(Codec):
     ) -> Metadata:
         """Metadata for a message without THeader block, built as in the framed fast path."""
         mtype, name, seqid, seqid_offset, seqid_size, body, strict = begin
-        if not fastmeta.FAST or ":" in name:
+        if ":" in name:
             return self._metadata(frame, begin, transport, protocol, None, int(declared_error))
-        attributes = _new_attributes(Attributes)
-        attributes._items = {"method": ("method", name)}
-        message = _new_metadata(Metadata)
-        message.message_type = _MESSAGE_TYPES[mtype]
-        message.frame = frame
-        message.request_id = seqid
-        message.operation_name = name
-        message.header_size = body
-        message.body_size = len(frame) - body
-        message.response_status = ResponseStatus.Error if declared_error else _STATUSES[mtype]
-        message.stream_type = _UNARY
-        message.stream_id = 0
-        message.attributes = attributes
-        message.values = {}
-        message.codec_state = _new_state(
-            WireState, (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, None)
+        return Metadata(
+            _MESSAGE_TYPES[mtype],
+            frame,
+            seqid,
+            name,
+            body,
+            len(frame) - body,
+            ResponseStatus.Error if declared_error else _STATUSES[mtype],
+            Attributes.from_folded({"method": ("method", name)}),
+            _new_state(
+                WireState,
+                (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, None),
+            ),
         )
-        return message
 
     def _partial_header(self, buffer: bytearray) -> Metadata | None:
         """What the buffered start of an oversized THeader frame tells (id, protocol, name)."""
@@ -574,7 +561,7 @@ class ThriftCodec(Codec):
             status = ResponseStatus.Error
         else:
             status = ResponseStatus.Unknown
-        return fastmeta.metadata(
+        return Metadata(
             _MESSAGE_TYPES[mtype],
             frame,
             seqid,
@@ -582,7 +569,7 @@ class ThriftCodec(Codec):
             body,
             len(frame) - body if frame else 0,
             status,
-            fastmeta.attributes_of(items),
+            Attributes.from_folded(items),
             _new_state(
                 WireState,
                 (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, block),
