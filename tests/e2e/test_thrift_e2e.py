@@ -376,3 +376,17 @@ def test_compact_protocol_and_unframed_transport(harness: ModuleType, transport:
         client.close()
         assert engine.close() == []
         server.close()
+
+
+def test_local_reply_to_a_theader_client(peers: Peers) -> None:
+    """Apache Thrift's THeader client gets the engine's reply in THeader framing."""
+    from thrift.Thrift import TApplicationException
+
+    client, trans = peers.header_client(ERR)
+    try:
+        for _ in range(2):  # the connection survives a local reply
+            with pytest.raises(TApplicationException) as info:
+                client.headers()  # no route on this listener
+            assert "RouteNotFound" in str(info.value.message)
+    finally:
+        trans.close()
