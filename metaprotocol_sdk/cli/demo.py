@@ -39,6 +39,7 @@ def _runner() -> asyncio.Runner:
     type=click.FloatRange(min=1),
     default=100.0,
     show_default=True,
+    metavar="N",
     help="Requests per second per protocol.",
 )
 @click.option(
