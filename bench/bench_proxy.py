@@ -183,6 +183,17 @@ def _envoy_listener_port(admin_path: Path, proc: Proc) -> int:
     raise TimeoutError("envoy did not start")
 
 
+def validate_envoy_configs(protocols: list[str], workdir: Path) -> None:
+    """``envoy --mode validate`` on every Envoy configuration this run will use."""
+    for kind in ["tcp", *protocols]:
+        path = workdir / f"validate-{kind}.yaml"
+        path.write_text(configs.envoy_yaml(kind, 1))
+        argv = [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise SystemExit(f"envoy rejects the {kind} configuration:\n{done.stdout[-3000:]}")
+
+
 def run_one(
     kind: str, protocol: str, scenario: Scenario, workdir: Path, warmup: float, duration: float
 ) -> Result:
@@ -301,6 +312,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
+        validate_envoy_configs(args.protocol or ["thrift", "dubbo"], workdir)
         for protocol in args.protocol or ["thrift", "dubbo"]:
             kinds = ["direct", "envoy tcp_proxy", f"envoy {protocol}_proxy"]
             kinds += ["uvloop passthrough", "engine"]
