@@ -6,16 +6,20 @@ import asyncio
 import contextlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from metaprotocol_sdk.errors import ConfigError
 
+if TYPE_CHECKING:
+    from metaprotocol_sdk.proxy import Config
 
-async def _serve(files: tuple[str, ...], drain: float | None) -> int:
-    from metaprotocol_sdk.proxy import Engine, load_config
 
-    engine = Engine(load_config(list(files)))
+async def _serve(config: Config, drain: float | None) -> int:
+    from metaprotocol_sdk.proxy import Engine
+
+    engine = Engine(config)
     try:
         await engine.start()
     except OSError as exc:
@@ -40,14 +44,19 @@ async def _serve(files: tuple[str, ...], drain: float | None) -> int:
     return 0
 
 
-def _check(files: tuple[str, ...]) -> None:
+def _load(files: tuple[str, ...]) -> Config:
+    """The validated configuration, or exit 2 with one line on stderr."""
     from metaprotocol_sdk.proxy import load_config
 
     try:
-        config = load_config(list(files))
+        return load_config(list(files))
     except ConfigError as exc:
         click.echo(f"error: invalid configuration: {exc}", err=True)
         sys.exit(2)
+
+
+def _check(files: tuple[str, ...]) -> None:
+    config = _load(files)
     routes = sum(len(r.routes) for r in {id(r): r for r in config.routers.values()}.values())
     click.echo(
         f"configuration OK: {len(config.proxy.listeners)} listener(s), "
@@ -85,10 +94,7 @@ def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool, check:
             factory = uvloop.new_event_loop
         except ImportError:
             factory = None
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            code = runner.run(_serve(files, drain))
-    except ConfigError as exc:
-        click.echo(f"error: invalid configuration: {exc}", err=True)
-        sys.exit(2)
+    config = _load(files)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        code = runner.run(_serve(config, drain))
     sys.exit(code)

@@ -136,28 +136,28 @@ def test_cli_prints_addresses_and_drains_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "mesh.yaml"
     config.write_text(mesh([(1, "v1")]))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
         env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        listening = proc.stdout.readline()
-        admin = proc.stdout.readline()
-        assert listening.startswith("listening svc.test:9000 on 127.0.0.1:")
-        assert admin.startswith("admin on 127.0.0.1:")
-        host, port = admin.split()[-1].rsplit(":", 1)
-        status, body = asyncio.run(http_get((host, int(port)), "/config_dump"))
-        assert status == 200 and json.loads(body)["listeners"][0]["name"] == "svc.test:9000"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            listening = proc.stdout.readline()
+            admin = proc.stdout.readline()
+            assert listening.startswith("listening svc.test:9000 on 127.0.0.1:")
+            assert admin.startswith("admin on 127.0.0.1:")
+            host, port = admin.split()[-1].rsplit(":", 1)
+            status, body = asyncio.run(http_get((host, int(port)), "/config_dump"))
+            assert status == 200 and json.loads(body)["listeners"][0]["name"] == "svc.test:9000"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
 
 
 def test_cli_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:

@@ -172,6 +172,7 @@ def test_oversized_frame_gets_overlimit_then_close() -> None:
             assert (reply.request_id, error_type(reply)) == (50, "OverLimit")
             await asyncio.wait_for(c.closed, 5)
             assert up.received == []
+        await up.close()
 
     run(main())
 
@@ -251,6 +252,7 @@ def test_client_leaving_is_not_an_upstream_error() -> None:
             assert engine.stats.total("metaprotocol_requests_total", status="DownstreamClosed") == 1
             assert engine.stats.total("metaprotocol_upstream_resets_total") == 0
             assert engine.stats.total("metaprotocol_local_replies_total") == 0
+        await up.close()
 
     run(main())
 
