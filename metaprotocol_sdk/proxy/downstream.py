@@ -131,10 +131,12 @@ class Downstream(asyncio.Protocol):
         self.engine.downstream_gone()
 
     def pause_writing(self) -> None:
+        """The transport's write buffer is full (asyncio flow control)."""
         self.write_paused = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
+        """The transport's write buffer drained (asyncio flow control)."""
         self.write_paused = False
         self._maybe_resume_reading()
 

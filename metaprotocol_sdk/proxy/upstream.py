@@ -335,9 +335,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- flow control --------------------------------------------------------------------------
 
     def pause_writing(self) -> None:
+        """The transport's write buffer is full (asyncio flow control)."""
         self.write_paused = True
 
     def resume_writing(self) -> None:
+        """The transport's write buffer drained (asyncio flow control)."""
         self.write_paused = False
         self._release_blocked()
 

@@ -28,6 +28,8 @@ def test_drain_finishes_in_flight_then_closes() -> None:
         stopping = asyncio.ensure_future(engine.stop(drain=5.0))
         await asyncio.sleep(0)  # let stop() start: it only yields to the loop, no timing
         assert engine.draining and not engine.ready
+        assert engine.admin_address is not None
+        assert await http_get(engine.admin_address, "/ready") == (503, "DRAINING\n")
         late = await c.call(rid=2)  # open connection, new request: refused politely
         assert (late.request_id, error_type(late)) == (2, "ShuttingDown")
         with pytest.raises(OSError):  # no longer accepting

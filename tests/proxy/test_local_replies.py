@@ -7,6 +7,7 @@ import socket
 
 from proxy_kit import (
     REQUEST,
+    RESPONSE,
     Client,
     Upstream,
     address,
@@ -278,6 +279,23 @@ def test_codec_refusing_a_mutation() -> None:
             reply = await c.call("resp", rid=96)
             assert (reply.request_id, error_type(reply)) == (96, "BadResponse")
             assert engine.pending == 0
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_responses_from_clients_are_refused() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            c = await Client.connect(address(engine))
+            fut = c.expect(99)
+            c.send(build_frame(RESPONSE, 99, {"method": "get"}))
+            reply = await asyncio.wait_for(fut, 5)
+            assert (reply.request_id, error_type(reply)) == (99, "BadRequest")
+            assert (await c.call(rid=100)).attributes["server"] == "a"
+            assert up.received[0].request_id != 99 and len(up.received) == 1
             c.close()
         await up.close()
 
