@@ -85,7 +85,6 @@ def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool, check:
     if check:
         _check(files)
         return
-    runner: asyncio.Runner
     factory = None
     if not no_uvloop:
         try:
