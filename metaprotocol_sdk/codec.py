@@ -81,6 +81,10 @@ class LocalError:
 class Codec(ABC):
     """Base class of every codec. Subclass it and implement the three abstract methods.
 
+    An instance decodes one direction of one connection and may keep parse state for it;
+    ``encode``, ``on_error`` and ``heartbeat_reply`` depend only on their arguments, so an
+    engine may call them on whichever instance serves the connection the bytes go out on.
+
     Rules (the conformance kit checks each of them):
 
     * :meth:`decode` consumes exactly one complete message from the front of ``buffer`` and
@@ -95,14 +99,19 @@ class Codec(ABC):
       :class:`~metaprotocol_sdk.errors.MutationError` (never a silent drop). ``encode`` works
       on any instance of the codec, not only the one that decoded the message.
     * :meth:`on_error` returns a non-empty reply carrying the request's id.
-    * After a ``CodecError`` the buffer's content is unspecified unless the error carries
-      ``frame_size``; call :meth:`reset` before reusing the codec on a new stream.
+    * A ``CodecError`` is raised before anything is consumed, so ``frame_size`` (when set)
+      counts from the front of the buffer as it was passed in. Without ``frame_size`` the
+      stream cannot be re-synchronised; call :meth:`reset` before reusing the codec.
     """
 
     #: Protocol name, as in Aeraki's ``ApplicationProtocol.protocol`` (``dubbo``, ``thrift``).
     protocol: ClassVar[str] = ""
     #: Declared capabilities.
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Largest request id the wire format can carry; engines that rewrite ids
+    #: (``rewrite_request_id``) allocate ids in ``1..max_request_id``. The default fits a
+    #: signed 32-bit field; codecs with wider id fields may raise it.
+    max_request_id: ClassVar[int] = 0x7FFFFFFF
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         if max_frame_size <= 0:

@@ -21,8 +21,9 @@ class CodecError(MetaProtocolError):
 
     ``metadata`` is what the codec could read before the problem (at least the request id
     when the header was readable), so an engine can still send the protocol's error reply.
-    ``frame_size`` is set when the bad frame's extent is known: dropping that many bytes from
-    the front of the buffer leaves the stream in sync, so other messages can go on.
+    ``frame_size`` is set when the bad frame's extent is known: codecs raise before consuming
+    anything, so dropping that many bytes from the front of the buffer leaves the stream in
+    sync and the other messages of the connection can go on.
     """
 
     def __init__(

@@ -99,7 +99,7 @@ def build_frame(
     )
 
 
-def _decode_headers(frame: bytes, start: int, end: int) -> dict[str, str]:
+def _decode_headers(frame: bytes | bytearray, start: int, end: int) -> dict[str, str]:
     headers: dict[str, str] = {}
     pos = start
     try:
@@ -132,6 +132,7 @@ class KVCodec(Codec):
         rewrite_request_id=True,
         error_reply=True,
     )
+    max_request_id = 0xFFFFFFFF  # unsigned 32-bit id field
 
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         fields = HEADER.unpack(buffer)
@@ -148,9 +149,15 @@ class KVCodec(Codec):
             raise FrameTooLargeError(size, self.max_frame_size, offset=12, metadata=partial)
         if len(buffer) < size:
             return NeedData(size)
-        frame = take_frame(buffer, size)
-        headers = _decode_headers(frame, HEADER_SIZE, HEADER_SIZE + headers_length)
         message_type = _KIND_TO_TYPE[kind]
+        try:
+            # Validate before consuming, so a bad frame can be dropped and the stream goes on.
+            headers = _decode_headers(buffer, HEADER_SIZE, HEADER_SIZE + headers_length)
+        except FramingError as exc:
+            exc.frame_size = size
+            exc.metadata = Metadata(message_type, request_id=request_id)
+            raise
+        frame = take_frame(buffer, size)
         status = ResponseStatus.Unknown
         if kind == RESPONSE:
             status = ResponseStatus.Ok

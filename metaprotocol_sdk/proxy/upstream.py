@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 _RESPONSE = MessageType.Response
 _ERROR = MessageType.Error
 _HEARTBEAT = MessageType.Heartbeat
-_MAX_ID = 0x7FFFFFFF  # fits every common id field (Thrift's i32 seqid included)
 
 
 class Pending:
@@ -234,8 +233,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.shared:
             wire_id = self.next_id + 1
             pending = self.pending
-            while wire_id > _MAX_ID or wire_id in pending:
-                wire_id = 1 if wire_id > _MAX_ID else wire_id + 1
+            max_id = self.codec.max_request_id
+            while wire_id > max_id or wire_id in pending:
+                wire_id = 1 if wire_id > max_id else wire_id + 1
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id

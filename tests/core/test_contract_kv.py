@@ -239,3 +239,28 @@ def test_positional_metadata_constructor_is_the_keyword_one() -> None:
     )
     for slot in Metadata.__slots__:
         assert getattr(positional, slot) == getattr(keyword, slot), slot
+
+
+def test_bad_frame_with_known_extent_is_dropped_and_the_stream_goes_on() -> None:
+    good = kv(REQUEST, 8, {"method": "ok"})
+    bad = bytearray(kv(REQUEST, 9, {"method": "x"}))
+    bad[17:18] = b"\xff"  # the first key is no longer UTF-8
+    buffer = bytearray(bytes(bad) + good)
+    codec = KVCodec()
+    with pytest.raises(FramingError) as info:
+        codec.decode(buffer)
+    assert bytes(buffer) == bytes(bad) + good  # nothing consumed
+    assert info.value.frame_size == len(bad)
+    assert info.value.metadata is not None and info.value.metadata.request_id == 9
+    del buffer[: info.value.frame_size]
+    after = codec.decode(buffer)
+    assert isinstance(after, Metadata) and after.request_id == 8 and not buffer
+
+
+def test_max_request_id_is_what_the_wire_can_carry() -> None:
+    codec = KVCodec()
+    md = codec.decode(bytearray(REQ))
+    assert isinstance(md, Metadata)
+    top = join_encoded(codec.encode(md, request_id=KVCodec.max_request_id))
+    again = codec.decode(bytearray(top))
+    assert isinstance(again, Metadata) and again.request_id == KVCodec.max_request_id

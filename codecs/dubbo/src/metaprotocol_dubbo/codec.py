@@ -145,6 +145,7 @@ class DubboCodec(Codec):
         rewrite_request_id=True,
         error_reply=True,
     )
+    max_request_id = 0x7FFFFFFFFFFFFFFF  # Java long: Dubbo's 64-bit id is signed
 
     def __init__(
         self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, upgrade_result_flag: bool = True
