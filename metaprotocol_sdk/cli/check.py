@@ -6,19 +6,8 @@ import click
 
 from metaprotocol_sdk.errors import ConfigError, RegistryError
 
+from ._options import codec_options
 from ._output import fail
-
-
-def _options(pairs: tuple[str, ...]) -> dict[str, str | int] | None:
-    if not pairs:
-        return None
-    options: dict[str, str | int] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
-        options[key] = int(value) if value.isdigit() else value
-    return options
 
 
 @click.command("check")
@@ -63,7 +52,7 @@ def command(
     try:
         target = CodecTarget.discover(
             codec_name,
-            options=_options(option_pairs),
+            options=(codec_options(option_pairs) or None),
             golden=golden,
             known_failures=load_known_failures(known_failures) if known_failures else None,
         )

@@ -13,6 +13,7 @@ from metaprotocol_sdk.errors import CodecError, ConfigError, RegistryError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.registry import create_codec
 
+from ._options import codec_options
 from ._output import fail, table
 
 
@@ -48,16 +49,6 @@ def decode_stream(codec: Codec, data: bytes) -> tuple[list[tuple[int, Metadata]]
     return messages, len(buffer)
 
 
-def _options(pairs: tuple[str, ...]) -> dict[str, str | int]:
-    options: dict[str, str | int] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
-        options[key] = int(value) if value.isdigit() else value
-    return options
-
-
 @click.command("decode")
 @click.argument("codec_name", metavar="CODEC")
 @click.argument("source", type=click.File("rb"), default="-")
@@ -81,7 +72,7 @@ def command(
     raw = source.read()
     data = parse_hex(raw.decode("ascii", "replace")) if as_hex else raw
     try:
-        codec = create_codec(codec_name, _options(option_pairs))
+        codec = create_codec(codec_name, codec_options(option_pairs))
     except (RegistryError, ConfigError) as exc:
         fail(exc, 2)
     error: CodecError | None = None
