@@ -67,6 +67,8 @@ spec:
   listeners: [{{host: {host}, port: {port}, bind: "127.0.0.1:0"}}]
   admin: {{bind: "127.0.0.1:0"}}
   limits: {{maxConnections: 100000}}
+  codecOptions:
+    thrift: {{mutation_without_headers: skip}}  # framed binary has no headers to carry it
 """
 
 

@@ -75,7 +75,7 @@ class Client(asyncio.Protocol):
                 break
             id_at, id_size = wire.id_offset(buf, pos)
             sent = self.sent.pop(int.from_bytes(buf[id_at : id_at + id_size], "big"), None)
-            if sent is None:
+            if sent is None or wire.is_error(buf, pos):
                 stats.errors += 1
             elif stats.measuring:
                 stats.done += 1

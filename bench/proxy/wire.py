@@ -27,6 +27,12 @@ class Wire:
             return 4 + int.from_bytes(buf[pos : pos + 4], "big")
         return 16 + int.from_bytes(buf[pos + 12 : pos + 16], "big")
 
+    def is_error(self, buf: bytes | bytearray, pos: int) -> bool:
+        """Whether the reply at ``pos`` is an error (a proxy's local reply, for instance)."""
+        if self.name == "thrift":
+            return buf[pos + 7] != 2  # message type: 2 REPLY, 3 EXCEPTION
+        return buf[pos + 3] != 20  # Dubbo status 20 OK
+
     def id_offset(self, frame: bytes | bytearray, pos: int = 0) -> tuple[int, int]:
         """(offset, size) of the request id within the frame at ``pos``."""
         if self.name == "thrift":
