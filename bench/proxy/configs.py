@@ -14,6 +14,13 @@ from wire import DUBBO_HOST, DUBBO_INTERFACE, THRIFT_HOST
 SERVICE = {"thrift": (THRIFT_HOST, 9090), "dubbo": (DUBBO_HOST, 20880)}
 
 
+# Framed binary has no headers to carry a mutation: the Thrift codec is told to skip it
+# (its default refuses the request).
+_THRIFT_CODEC_OPTIONS = """
+  codecOptions:
+    thrift: {mutation_without_headers: skip}"""
+
+
 def engine_yaml(protocol: str, upstream_port: int) -> str:
     """The engine's configuration for ``protocol`` in front of the canned upstream."""
     host, port = SERVICE[protocol]
@@ -66,9 +73,7 @@ metadata: {{name: bench}}
 spec:
   listeners: [{{host: {host}, port: {port}, bind: "127.0.0.1:0"}}]
   admin: {{bind: "127.0.0.1:0"}}
-  limits: {{maxConnections: 100000}}
-  codecOptions:
-    thrift: {{mutation_without_headers: skip}}  # framed binary has no headers to carry it
+  limits: {{maxConnections: 100000}}{_THRIFT_CODEC_OPTIONS if protocol == "thrift" else ""}
 """
 
 
