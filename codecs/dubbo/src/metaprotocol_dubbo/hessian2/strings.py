@@ -71,7 +71,8 @@ def units_end(data: bytes, pos: int, n: int, end: int) -> int:
             return -1
         # The slice holds `need` bytes; its continuation bytes are units still missing.
         chunk = data[stop:nxt]
-        need = len(chunk) - len(chunk.translate(None, cont))
+        # ASCII (the common case) has none; isascii is ~20x cheaper than translate.
+        need = 0 if chunk.isascii() else len(chunk) - len(chunk.translate(None, cont))
         stop = nxt
     if n:
         lead = data[stop - 1]
