@@ -362,11 +362,16 @@ class DubboCodec(Codec):
                 raise FramingError(f"bad result flag {raw_flag!r}, expected 0..5", offset=pos)
             # Precomputed per flag: enum member and properties are slow to evaluate per call.
             result_flag, has_value, has_attachments, response_status = _FLAG_INFO[raw_flag]
-            value_end = value_start
-            if has_value:
-                value_end, decoder = skip_values(frame, value_start, 1)
             if has_attachments:
+                # The attachments follow the value: only then is the value walked over.
+                value_end = value_start
+                if has_value:
+                    value_end, decoder = skip_values(frame, value_start, 1)
                 attachments = read_attachments(frame, value_end, decoder)
+            else:
+                # Nothing follows the value (if any): it runs to the end of the body, and a
+                # proxy has no reason to parse it.
+                value_end = end
             values["result_flag"] = raw_flag
         if result_flag is None:
             response_status = ResponseStatus.Ok
