@@ -552,3 +552,14 @@ def test_recent_heads_are_recognised_without_mixing_requests() -> None:
         assert fresh.values == cached.values
     codec.reset()
     assert not codec._heads
+
+
+def test_large_request_is_read_without_inline_text_and_mutates_the_same() -> None:
+    # Above the inline-scan limit the head is read by the decoder and only the tail is scanned.
+    big = build_request(PATH, "echo", ["x" * 100_000], attachments={"k": "v", "Env": "canary"})
+    small = build_request(PATH, "echo", ["x"], attachments={"k": "v", "Env": "canary"})
+    large_md, small_md = decode_one(big), decode_one(small)
+    assert large_md.attributes.to_dict() == small_md.attributes.to_dict()
+    again = decode_one(join_encoded(DubboCodec().encode(large_md, {"x-route": "v2"})))
+    assert again.attributes["x-route"] == "v2" and again.attributes["env"] == "canary"
+    assert bytes(again.frame).count(b"x" * 100_000) == 1

@@ -178,14 +178,17 @@ def read_attachments(
 
 def _read_string_map(frame: bytes, pos: int, text: str | None = None) -> Attachments | None:
     """Inline reader for an 'H' map of compact ASCII strings; ``None`` means "use the decoder"."""
+    base = 0
     if text is None:
-        text = frame.decode("latin-1")
+        # Scan only the tail: the map is the last thing in the body, after the arguments.
+        base, frame = pos, frame[pos:]
+        text, pos = frame.decode("latin-1"), 0
     items: list[str] = []
     stop = scan_map_strings(frame, text, pos + 1, items)
     if stop < 0 or not text[pos:stop].isascii():
         return None
     it = iter(items)
-    return Attachments(dict(zip(it, it, strict=True)), None, pos, stop)
+    return Attachments(dict(zip(it, it, strict=True)), None, base + pos, base + stop)
 
 
 def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) -> int:

@@ -128,6 +128,10 @@ def _message_type(flag: int, status: int) -> MessageType:
     return MessageType.Response if status == _OK else MessageType.Error
 
 
+#: Frames up to this size are scanned inline as latin-1 text; larger ones are not copied.
+_INLINE_SCAN_LIMIT = 64 * 1024
+
+
 class DubboCodec(Codec):
     """Dubbo protocol codec (Hessian 2.0 serialization, id 2).
 
@@ -231,7 +235,10 @@ class DubboCodec(Codec):
         )
 
     def _request(self, frame: bytes, flag: int, request_id: int, body_length: int) -> Metadata:
-        text = frame.decode("latin-1")  # shared by the inline string scanners
+        # Latin-1 text of the frame, shared by the inline string scanners. Above the limit the
+        # arguments dominate the frame: the decoder reads the head and only the tail after the
+        # arguments is scanned, so a large argument is never copied into a str.
+        text = frame.decode("latin-1") if len(frame) <= _INLINE_SCAN_LIMIT else None
         # A connection calls few methods: their heads (dubbo version, path, version, method,
         # descriptor) repeat byte for byte, so recent ones are recognised by one comparison.
         known = None
@@ -239,7 +246,7 @@ class DubboCodec(Codec):
             if frame.startswith(raw, HEADER_SIZE):
                 known = info
                 break
-        fast = scan_request(frame, text, HEADER_SIZE, known)
+        fast = scan_request(frame, text, HEADER_SIZE, known) if text is not None else None
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
             head, strings, folded, args_start, count, map_start = fast
@@ -283,13 +290,13 @@ class DubboCodec(Codec):
 
     @staticmethod
     def _request_general(
-        frame: bytes, text: str
+        frame: bytes, text: str | None
     ) -> tuple[Attachments, int, int, tuple[str, str, str, str, str]]:
         """Any request body: inline reads where possible, the Hessian decoder otherwise."""
         head: list[str] = []
-        pos = scan_strings(frame, text, HEADER_SIZE, 5, head)
+        pos = scan_strings(frame, text, HEADER_SIZE, 5, head) if text is not None else -1
         decoder: Decoder | None = None
-        if pos >= 0 and text[HEADER_SIZE:pos].isascii():
+        if text is not None and pos >= 0 and text[HEADER_SIZE:pos].isascii():
             dubbo_version, path, version, method, desc = head
             count = parameter_count(desc, pos) if desc else 0
             args_start = pos
