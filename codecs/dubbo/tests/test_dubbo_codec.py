@@ -562,4 +562,6 @@ def test_large_request_is_read_without_inline_text_and_mutates_the_same() -> Non
     assert large_md.attributes.to_dict() == small_md.attributes.to_dict()
     again = decode_one(join_encoded(DubboCodec().encode(large_md, {"x-route": "v2"})))
     assert again.attributes["x-route"] == "v2" and again.attributes["env"] == "canary"
-    assert bytes(again.frame).count(b"x" * 100_000) == 1
+    # Everything before the attachments map (head and the chunked argument) is byte-identical.
+    map_start = big.rindex(b"H")
+    assert again.frame[16:map_start] == big[16:map_start]
