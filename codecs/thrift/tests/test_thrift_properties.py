@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metaprotocol_sdk import CodecError, Metadata, NeedData
+from metaprotocol_sdk import CodecError, Metadata, NeedData, join_encoded
 
 sys.path.insert(0, str(Path(__file__).parent))
 import thrift_frames as tf
@@ -149,8 +149,7 @@ def test_request_id_and_mutation_round_trip(data: st.DataObject, new_id: int) ->
     mutation = data.draw(st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True), text))
     if transport != "header":
         mutation = {}
-    out = codec.encode(message, mutation, request_id=new_id)
-    assert isinstance(out, bytes)
+    out = join_encoded(codec.encode(message, mutation, request_id=new_id))
     again = ThriftCodec(**options).decode(bytearray(out))
     assert isinstance(again, Metadata)
     assert again.request_id == (new_id - 2**32 if new_id >= 2**31 else new_id)

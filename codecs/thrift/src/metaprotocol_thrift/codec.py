@@ -608,10 +608,14 @@ class ThriftCodec(Codec):
             self.mutations_skipped += 1
         if seqid is None:
             return frame
-        new_frame, delta = _rewrite_seqid(frame, state, 0, seqid)
-        if delta and state.transport == FRAMED:
-            new_frame = (len(new_frame) - 4).to_bytes(4, "big") + new_frame[4:]
-        return new_frame
+        # Head, new seqid, and the rest of the frame as an untouched slice (no copy of the body).
+        at = state.seqid_offset
+        size = 4 if state.protocol != COMPACT else state.seqid_size
+        encoded = seqid.to_bytes(4, "big") if state.protocol != COMPACT else write_varint(seqid)
+        head = frame[:at]
+        if len(encoded) != size and state.transport == FRAMED:
+            head = (len(frame) - 4 + len(encoded) - size).to_bytes(4, "big") + head[4:]
+        return [head, encoded, memoryview(frame)[at + size :]]
 
     def _encode_header(
         self,
