@@ -565,3 +565,21 @@ def test_large_request_is_read_without_inline_text_and_mutates_the_same() -> Non
     # Everything before the attachments map (head and the chunked argument) is byte-identical.
     map_start = big.rindex(b"H")
     assert again.frame[16:map_start] == big[16:map_start]
+
+
+def test_new_attachment_keys_are_spliced_before_the_map_end() -> None:
+    frame = build_request(PATH, "m", ["a", "b"], attachments={"k": "v", "Env": "prod"})
+    md = decode_one(frame)
+    spliced = DubboCodec().encode(md, {"x-route": "v2"})
+    assert isinstance(spliced, list)
+    body = spliced[1]
+    # Arguments and the existing attachments travel as one slice of the original frame.
+    assert isinstance(body, memoryview) and body.obj is md.frame
+    assert bytes(body) == frame[16:-1]
+    again = decode_one(join_encoded(spliced))
+    assert again.attributes["x-route"] == "v2" and again.attributes["env"] == "prod"
+    assert again.body_size == len(join_encoded(spliced)) - 16
+    # Replacing an existing key re-encodes the map instead; the result decodes the same way.
+    replaced = DubboCodec().encode(md, {"Env": "canary", "x-route": "v2"})
+    assert isinstance(replaced, list) and bytes(replaced[1]) != frame[16:-1]
+    assert decode_one(join_encoded(replaced)).attributes["env"] == "canary"

@@ -128,6 +128,9 @@ def _message_type(flag: int, status: int) -> MessageType:
     return MessageType.Response if status == _OK else MessageType.Error
 
 
+_TAG_MAP_UNTYPED = 0x48  # 'H'
+_TAG_END = 0x5A  # 'Z'
+
 #: Frames up to this size are scanned inline as latin-1 text; larger ones are not copied.
 _INLINE_SCAN_LIMIT = 64 * 1024
 
@@ -458,20 +461,35 @@ class DubboCodec(Codec):
     ) -> Encoded:
         attachments = state.attachments
         assert attachments is not None
-        if attachments.start == attachments.end:
-            block = encode_string_map(dict(mutation))
-        elif attachments.all_strings:
-            block = encode_string_map({**attachments.strings, **mutation})
-        else:
-            block = rewrite_map(
-                frame, attachments.start, attachments.end, dict(mutation), state.args
-            )
+        start, end = attachments.start, attachments.end
         view = memoryview(frame)
-        tail = view[attachments.end :]
-        body_length = attachments.start - HEADER_SIZE + len(block) + len(tail)
-        header = self._header(frame, body_length, request_id)
-        # The arguments travel as an untouched slice of the original frame.
-        parts: list[bytes | memoryview] = [header, view[HEADER_SIZE : attachments.start], block]
+        tail = view[end:]
+        if (
+            attachments.all_strings
+            and end - start >= 2
+            and frame[start] == _TAG_MAP_UNTYPED
+            and frame[end - 1] == _TAG_END
+            and not any(key in attachments.strings for key in mutation)
+        ):
+            # Only new keys: splice their pairs in before the map's end marker, so the whole
+            # body up to there (arguments and existing attachments) stays an untouched slice.
+            added = encode_string_map(dict(mutation))[1:]  # pairs + 'Z', without the 'H'
+            body_length = end - 1 - HEADER_SIZE + len(added) + len(tail)
+            parts: list[bytes | memoryview] = [
+                self._header(frame, body_length, request_id),
+                view[HEADER_SIZE : end - 1],
+                added,
+            ]
+        else:
+            if start == end:
+                block = encode_string_map(dict(mutation))
+            elif attachments.all_strings:
+                block = encode_string_map({**attachments.strings, **mutation})
+            else:
+                block = rewrite_map(frame, start, end, dict(mutation), state.args)
+            body_length = start - HEADER_SIZE + len(block) + len(tail)
+            # The arguments travel as an untouched slice of the original frame.
+            parts = [self._header(frame, body_length, request_id), view[HEADER_SIZE:start], block]
         if tail:
             parts.append(tail)
         return parts
