@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import struct
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import per_call_us, print_table
+from _timing import cpu_us, per_call_us, print_table
 from metaprotocol_dubbo import DubboCodec, heartbeat_request
 from metaprotocol_dubbo.frames import build_request, build_response
 
@@ -59,17 +58,6 @@ def hand_written_header(data: bytearray) -> tuple[object, ...] | None:
     if v[0] != b"\xda\xbb":
         raise FramingError("bad magic", offset=0)
     return v
-
-
-def cpu_us(fn: Callable[[], object], *, number: int = 20_000, repeat: int = 7) -> float:
-    """Best-of-``repeat`` CPU microseconds per call (process time: immune to other processes)."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.process_time()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.process_time() - start) / number)
-    return best * 1e6
 
 
 def _decoded(frame: bytes) -> Metadata:

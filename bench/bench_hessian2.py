@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import print_table
+from _timing import cpu_us, print_table
 from metaprotocol_dubbo.hessian2 import (
     Decoder,
     Encoder,
@@ -36,27 +34,6 @@ from metaprotocol_dubbo.hessian2 import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def per_call_us(fn: Callable[[], object], *, window_s: float = 0.02, windows: int = 15) -> float:
-    """Best-of-``windows`` CPU microseconds per call of ``fn`` (calibrated loop)."""
-    number = 1
-    while True:
-        start = time.process_time()
-        for _ in range(number):
-            fn()
-        elapsed = time.process_time() - start
-        if elapsed >= window_s / 4 or number >= 1 << 22:
-            break
-        number *= 4
-    number = max(1, int(number * window_s / max(elapsed, 1e-9)))
-    best = float("inf")
-    for _ in range(windows):
-        start = time.process_time()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.process_time() - start) / number)
-    return best * 1e6
 
 
 def _peers() -> Any:
@@ -200,39 +177,39 @@ def main() -> None:
     node_dec, node_enc = peers.node_bench(data, 20000)
     node_body_dec, _ = peers.node_bench(body, 20000, count)
 
-    per_call_us(lambda: loads(data), windows=3)  # warm-up
-    ours_dec = per_call_us(lambda: loads(data))
-    ph_dec = per_call_us(pyhessian_reader(data))
+    cpu_us(lambda: loads(data), repeat=3)  # warm-up
+    ours_dec = cpu_us(lambda: loads(data))
+    ph_dec = cpu_us(pyhessian_reader(data))
     row(f"decode nested object ({len(data)} B)", ours_dec, ph_dec, node_dec)
 
-    ours_enc = per_call_us(lambda: dumps(value))
-    ph_enc = per_call_us(pyhessian_v1_encoder(to_pyhessian(value)))
+    ours_enc = cpu_us(lambda: dumps(value))
+    ph_enc = cpu_us(pyhessian_v1_encoder(to_pyhessian(value)))
     row("encode nested object (py-hessian: v1)", ours_enc, ph_enc, node_enc)
 
     def skip() -> None:
         Decoder(data).skip()
 
-    row("skip nested object", per_call_us(skip), None, None)
+    row("skip nested object", cpu_us(skip), None, None)
 
     typical, tcount = typical_body()
     node_typ_dec, _ = peers.node_bench(typical, 20000, tcount)
-    ours_req = per_call_us(lambda: decode_request(typical))
+    ours_req = cpu_us(lambda: decode_request(typical))
     row(
         f"typical Dubbo request ({len(typical)} B): ours skips args",
         ours_req,
-        per_call_us(pyhessian_reader(typical, tcount)),
+        cpu_us(pyhessian_reader(typical, tcount)),
         node_typ_dec,
     )
-    ph_req = per_call_us(pyhessian_reader(body, count))
+    ph_req = cpu_us(pyhessian_reader(body, count))
     row(
         f"large Dubbo request ({len(body)} B): ours skips args",
-        per_call_us(lambda: decode_request(body)),
+        cpu_us(lambda: decode_request(body)),
         ph_req,
         node_body_dec,
     )
     row(
         "large Dubbo request: read all 8 values",
-        per_call_us(lambda: _read_all(body, count)),
+        cpu_us(lambda: _read_all(body, count)),
         ph_req,
         node_body_dec,
     )
