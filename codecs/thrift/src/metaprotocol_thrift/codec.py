@@ -247,11 +247,7 @@ class ThriftCodec(Codec):
                         if buffer[body] and (buffer[body + 1] or buffer[body + 2]):
                             status = ResponseStatus.Error  # a declared exception
                     seqid = _unpack_i32(buffer, name_end)[0]
-                    if total == available:
-                        frame = bytes(buffer)
-                        buffer.clear()
-                    else:
-                        frame = take_frame(buffer, total)
+                    frame = take_frame(buffer, total)
                     if ":" in name:
                         return self._metadata(
                             frame,
@@ -298,9 +294,7 @@ class ThriftCodec(Codec):
                 except UnicodeDecodeError:
                     pass
                 else:
-                    frame = bytes(buffer) if total == available else take_frame(buffer, total)
-                    if total == available:
-                        buffer.clear()
+                    frame = take_frame(buffer, total)
                     return self._fast(
                         frame,
                         (mtype, name, frame[6], 6, 1, name_end, True),
@@ -353,11 +347,7 @@ class ThriftCodec(Codec):
                         buffer[body] and (buffer[body + 1] or buffer[body + 2])
                     )
                     seqid = _unpack_i32(buffer, name_end)[0]
-                    if end == available:
-                        frame = bytes(buffer)
-                        buffer.clear()
-                    else:
-                        frame = take_frame(buffer, end)
+                    frame = take_frame(buffer, end)
                     return self._fast(
                         frame,
                         (mtype, name, seqid, name_end, 4, body, True),
