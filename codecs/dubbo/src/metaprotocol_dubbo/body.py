@@ -232,43 +232,28 @@ def scan_request(
     that the frame starts with the bytes of a head parsed before.
     """
     out: list[str] = []
-    append = out.append
-    pos = start
+    if known is not None:
+        out, count, length = known
+        pos = start + length
+    else:
+        pos = scan_strings(frame, text, start, 5, out)
+        if pos < 0:
+            return None
+        desc = out[4]
+        cached = _DESC_CACHE.get(desc)
+        if cached is not None:
+            count = cached
+        elif not desc:
+            count = 0
+        elif not text[start:pos].isascii():
+            return None
+        else:
+            count = parameter_count(desc, pos)
+    args_start = pos
+    pos = skip_compact_strings(frame, pos, count)
+    if pos < 0:
+        return None
     try:
-        if known is not None:
-            out, count, length = known
-            pos += length
-        for _ in range(5 if known is None else 0):
-            tag = frame[pos]
-            if tag < 0x20:
-                stop = pos + 1 + tag
-                append(text[pos + 1 : stop])
-            elif 0x30 <= tag <= 0x33:
-                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
-                append(text[pos + 2 : stop])
-            else:
-                return None
-            pos = stop
-        if known is None:
-            desc = out[4]
-            cached = _DESC_CACHE.get(desc)
-            if cached is not None:
-                count = cached
-            elif not desc:
-                count = 0
-            elif pos > len(frame) or not text[start:pos].isascii():
-                return None
-            else:
-                count = parameter_count(desc, pos)
-        args_start = pos
-        for _ in range(count):
-            tag = frame[pos]
-            if tag < 0x20:
-                pos += 1 + tag
-            elif 0x30 <= tag <= 0x33:
-                pos += 2 + ((tag - 0x30) << 8 | frame[pos + 1])
-            else:
-                return None
         map_start = pos
         if frame[pos] != TAG_MAP_UNTYPED:
             return None
