@@ -8,33 +8,15 @@ agree (after mapping its types to ours: tuples for lists, naive datetimes, objec
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from datetime import UTC, datetime
 from io import BytesIO
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from interop import peers
 from metaprotocol_dubbo.hessian2 import Decoder, Encoder, JavaObject
 
-
-def _load_peers() -> ModuleType:
-    name = "hessian2_interop_peers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parent / "interop" / "peers.py"
-        )
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-peers = _load_peers()
 peers.restore_stdlib_codecs()
 
 try:
