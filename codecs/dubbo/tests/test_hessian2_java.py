@@ -31,8 +31,6 @@ from metaprotocol_dubbo.hessian2 import (
     loads,
 )
 
-peers.restore_stdlib_codecs()
-
 PERSON = "HessianDriver$Person"
 COLOR = "HessianDriver$Color"
 

@@ -24,8 +24,6 @@ from metaprotocol_dubbo.hessian2 import (
     TypedMap,
 )
 
-peers.restore_stdlib_codecs()
-
 
 def utc(ms: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)

@@ -17,8 +17,6 @@ import pytest
 from interop import peers
 from metaprotocol_dubbo.hessian2 import Decoder, Encoder, JavaObject
 
-peers.restore_stdlib_codecs()
-
 try:
     from pyhessian.parser import Parser
 except ImportError as exc:  # pragma: no cover - the dev install provides it

@@ -18,7 +18,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -42,25 +41,6 @@ JAVA_OPENS = [
     "java.base/java.util=ALL-UNNAMED",
 ]
 TIMEOUT = 120
-
-
-def restore_stdlib_codecs() -> None:
-    """Undo pytest's importlib mode registering the repo's ``codecs/`` folder as ``codecs``.
-
-    pytest (``--import-mode=importlib``) imports parents of test modules by path, and the
-    stdlib ``codecs`` module has no ``__path__``, so it is replaced in ``sys.modules`` by a
-    namespace package for this repository's ``codecs/`` directory. Any encoding looked up for
-    the first time afterwards (``unicode_escape`` for test ids, ``utf-16-le`` in the string
-    code) then fails with "module 'codecs' has no attribute 'Codec'". Put the real module back
-    and load the encodings the tests use while it is in place.
-    """
-    import encodings
-
-    real = encodings.codecs
-    if sys.modules.get("codecs") is not real:
-        sys.modules["codecs"] = real
-    for name in ("unicode_escape", "utf-16-le", "utf-16-be", "utf-16", "latin-1", "ascii"):
-        real.lookup(name)
 
 
 class PeerMissing(RuntimeError):
