@@ -491,6 +491,23 @@ def test_framed_fast_path_matches_the_general_path() -> None:
         assert getattr(quick, slot) == getattr(general, slot), slot
 
 
+def test_framed_fast_path_shares_per_method_facts_within_a_bound() -> None:
+    # The fast path keeps what all messages of one type and method share in a bounded table,
+    # since method names come off the wire; names past the bound still decode the same.
+    from metaprotocol_thrift import codec as codec_module
+
+    codec = ThriftCodec()
+    names = [f"m{'x' * (i % 7)}{i}" for i in range(codec_module._MAX_SHAPES + 100)]
+    for seqid, name in enumerate(names * 2):
+        message = codec.decode(bytearray(tf.sample("framed", "binary", name, 1, seqid)))
+        assert isinstance(message, Metadata)
+        assert (message.operation_name, message.request_id) == (name, seqid)
+        assert message.attributes.to_dict() == {"method": name}
+        assert message.codec_state.seqid_offset == 12 + len(name)
+        message.attributes["user"] = "changed"  # each message owns its attributes
+    assert len(codec_module._FRAMED_SHAPES[1]) <= codec_module._MAX_SHAPES
+
+
 def test_header_prefix_uses_the_sdk_header_dsl() -> None:
     fields = theader.PREFIX.parse(tf.sample("header", "binary", seqid=9))
     assert (fields.magic, fields.seqid) == (0x0FFF, 9)

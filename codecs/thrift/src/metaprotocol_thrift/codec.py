@@ -58,9 +58,11 @@ _MESSAGE_TYPES = (
 )
 _FRAMED_BINARY = (FRAMED, BINARY)
 _unpack_i32 = I32.unpack_from
-_FRAMED_STRICT_HEAD = struct.Struct(">iIi")  # frame length, version | type, name length
+# Frame length, strict binary version (0x8001), message type, name length.
+_FRAMED_STRICT_HEAD = struct.Struct(">iHxBi")
 _UNFRAMED_STRICT_HEAD = struct.Struct(">Ii")  # version | type, name length
 _new_state = tuple.__new__  # WireState without the NamedTuple keyword machinery
+_folded = Attributes.from_folded  # bound once: the hot paths skip the class attribute lookup
 #: Response status by Thrift message type (a reply may still turn out to be an Error).
 _STATUSES = (
     ResponseStatus.Unknown,
@@ -71,6 +73,25 @@ _STATUSES = (
 )
 #: Default bound on struct and container nesting while skipping unframed messages.
 DEFAULT_MAX_DEPTH = 64
+
+#: What every framed strict-binary message of one type and method shares (all but the frame
+#: and the seqid): its MessageType, ResponseStatus, WireState (None when the name is
+#: multiplexed, which takes the general path) and ``method`` attribute entry.
+_Shape = tuple[MessageType, ResponseStatus, WireState | None, tuple[str, str]]
+#: Shapes by method name, per Thrift message type code; bounded, as names come off the wire.
+_FRAMED_SHAPES: tuple[dict[str, _Shape], ...] = ({}, {}, {}, {}, {})
+_MAX_SHAPES = 512
+
+
+def _framed_shape(mtype: int, name: str, name_end: int) -> _Shape:
+    state = None
+    if ":" not in name:
+        state = WireState(FRAMED, BINARY, True, mtype, name, name_end, 4, None)
+    shape = (_MESSAGE_TYPES[mtype], _STATUSES[mtype], state, ("method", name))
+    shapes = _FRAMED_SHAPES[mtype]
+    if len(shapes) < _MAX_SHAPES:
+        shapes[name] = shape
+    return shape
 
 
 class ThriftCodec(Codec):
@@ -130,6 +151,11 @@ class ThriftCodec(Codec):
         self.mutations_skipped = 0
         self._protocol = self.wire_protocol
         self._detected = (self.transport, self.wire_protocol)
+        # Whether decode tries the framed strict-binary fast path first: AUTO (and then records
+        # the detection), FRAMED, or None when the configuration rules it out.
+        self._fast_framed: str | None = None
+        if self.wire_protocol != COMPACT and self.transport in (AUTO, FRAMED):
+            self._fast_framed = AUTO if self.transport == AUTO else FRAMED
 
     def reset(self) -> None:
         """Forget what ``auto`` detected last (detection is per message, so nothing else)."""
@@ -145,6 +171,66 @@ class ThriftCodec(Codec):
 
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         """Consume one complete Thrift message from the front of ``buffer``, or nothing."""
+        fast = self._fast_framed
+        available = len(buffer)
+        if fast and available >= 12:
+            # Fast path: framed strict binary (the common case) whose message header lies
+            # inside the frame; anything else takes the general paths below.
+            size, version, mtype, name_len = _FRAMED_STRICT_HEAD.unpack_from(buffer, 0)
+            if 0 < size <= self.max_frame_size - 4 and version == 0x8001 and name_len >= 0:
+                if fast == AUTO and self._detected is not _FRAMED_BINARY:
+                    self._protocol = BINARY  # set together with _detected everywhere
+                    self._detected = _FRAMED_BINARY
+                total = size + 4
+                if available < total:
+                    return NeedData(total)
+                name_end = 12 + name_len
+                body = name_end + 4
+                if body <= total and 1 <= mtype <= 4:
+                    try:
+                        name = buffer[12:name_end].decode()
+                    except UnicodeDecodeError:
+                        pass  # the general path reports it
+                    else:
+                        message_type, status, state, method = _FRAMED_SHAPES[mtype].get(
+                            name
+                        ) or _framed_shape(mtype, name, name_end)
+                        if mtype == REPLY:
+                            if body >= total:
+                                raise FramingError(
+                                    "reply struct runs past the frame end",
+                                    offset=body,
+                                    frame_size=total,
+                                )
+                            if buffer[body] and (buffer[body + 1] or buffer[body + 2]):
+                                status = ResponseStatus.Error  # a declared exception
+                        seqid = _unpack_i32(buffer, name_end)[0]
+                        if available == total:  # take_frame's common case, without a call
+                            frame = bytes(buffer)
+                            buffer.clear()
+                        else:
+                            frame = take_frame(buffer, total)
+                        if state is None:  # multiplexed: service and method attributes
+                            return self._metadata(
+                                frame,
+                                (mtype, name, seqid, name_end, 4, body, True),
+                                FRAMED,
+                                BINARY,
+                                None,
+                                0 if status is not ResponseStatus.Error else 1,
+                            )
+                        return Metadata(
+                            message_type,
+                            frame,
+                            seqid,
+                            name,
+                            body,
+                            total - body,
+                            status,
+                            _folded({"method": method}),
+                            state,
+                        )
+                return self._decode_framed(buffer)
         transport = self.transport
         if transport == FRAMED:
             return self._decode_framed(buffer)
@@ -214,62 +300,6 @@ class ThriftCodec(Codec):
                 self._frame_size(buffer, FRAMED)  # refuse a bad length early
             if available < 8:
                 return NEED_DATA
-        size, word, name_len = (
-            _FRAMED_STRICT_HEAD.unpack_from(buffer, 0) if available >= 12 else (0, 0, 0)
-        )
-        # Fast path: framed strict binary whose message header lies inside the frame.
-        if (
-            0 < size <= self.max_frame_size - 4
-            and word & BINARY_VERSION_MASK == BINARY_VERSION_1
-            and name_len >= 0
-            and self._protocol != COMPACT
-        ):
-            total = size + 4
-            if available < total:
-                return NeedData(total)
-            name_end = 12 + name_len
-            body = name_end + 4
-            mtype = word & 0xFF
-            if body <= total and 1 <= mtype <= 4:
-                try:
-                    name = buffer[12:name_end].decode()
-                except UnicodeDecodeError:
-                    pass  # the general path reports it
-                else:
-                    status = _STATUSES[mtype]
-                    if mtype == REPLY:
-                        if body >= total:
-                            raise FramingError(
-                                "reply struct runs past the frame end",
-                                offset=body,
-                                frame_size=total,
-                            )
-                        if buffer[body] and (buffer[body + 1] or buffer[body + 2]):
-                            status = ResponseStatus.Error  # a declared exception
-                    seqid = _unpack_i32(buffer, name_end)[0]
-                    frame = take_frame(buffer, total)
-                    if ":" in name:
-                        return self._metadata(
-                            frame,
-                            (mtype, name, seqid, name_end, 4, body, True),
-                            FRAMED,
-                            BINARY,
-                            None,
-                            0 if status is not ResponseStatus.Error else 1,
-                        )
-                    return Metadata(
-                        _MESSAGE_TYPES[mtype],
-                        frame,
-                        seqid,
-                        name,
-                        body,
-                        total - body,
-                        status,
-                        Attributes.from_folded({"method": ("method", name)}),
-                        _new_state(
-                            WireState, (FRAMED, BINARY, True, mtype, name, name_end, 4, None)
-                        ),
-                    )
         total = self._frame_size(buffer, FRAMED)
         if available < total:
             return NeedData(total)
@@ -499,7 +529,7 @@ class ThriftCodec(Codec):
             body,
             len(frame) - body,
             ResponseStatus.Error if declared_error else _STATUSES[mtype],
-            Attributes.from_folded({"method": ("method", name)}),
+            _folded({"method": ("method", name)}),
             _new_state(
                 WireState,
                 (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, None),
@@ -559,7 +589,7 @@ class ThriftCodec(Codec):
             body,
             len(frame) - body if frame else 0,
             status,
-            Attributes.from_folded(items),
+            _folded(items),
             _new_state(
                 WireState,
                 (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, block),

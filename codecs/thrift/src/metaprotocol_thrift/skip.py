@@ -35,16 +35,27 @@ _BINARY_VARIABLE = frozenset({11, 12, 13, 14, 15})
 _COMPACT_FIXED = bytes([0, 1, 1, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 16, 0, 0])
 _COMPACT_VARINTS = frozenset({4, 5, 6})
 _COMPACT_VARIABLE = frozenset({4, 5, 6, 8, 9, 10, 11, 12})
-# Compact short-form field header (id delta << 4 | type) -> size of the whole field when the
-# value has a fixed size (booleans live in the header), else 0.
+# Compact short-form field header (id delta << 4 | type) -> how to skip the field: 1..17, the
+# size of a whole fixed-size field (booleans live in the header); _VARINT (i16, i32, i64),
+# _STRING, _LIST (list or set), _STRUCT; 0 for anything else (long form, stop, map, invalid).
+_VARINT, _STRING, _LIST, _STRUCT = 0x20, 0x21, 0x22, 0x23
 _COMPACT_FIELD = bytes(
-    (0 if head < 0x10 else {1: 1, 2: 1, 3: 2, 7: 9, 13: 17}.get(head & 0x0F, 0))
-    for head in range(256)
-)
-# Compact short-form field header -> 1: the value is a varint (i16, i32, i64); 2: a string;
-# 3: a list or set; 4: a struct; 0: anything else (long form, stop, map, invalid).
-_COMPACT_FIELD_KIND = bytes(
-    0 if head < 0x10 else {4: 1, 5: 1, 6: 1, 8: 2, 9: 3, 10: 3, 12: 4}.get(head & 0x0F, 0)
+    0
+    if head < 0x10
+    else {
+        1: 1,
+        2: 1,
+        3: 2,
+        7: 9,
+        13: 17,
+        4: _VARINT,
+        5: _VARINT,
+        6: _VARINT,
+        8: _STRING,
+        9: _LIST,
+        10: _LIST,
+        12: _STRUCT,
+    }.get(head & 0x0F, 0)
     for head in range(256)
 )
 
@@ -270,28 +281,30 @@ def _compact_struct(buf: Bytes, pos: int, end: int, depth: int) -> int:
     if depth <= 0:
         raise _too_deep(pos)
     fields = _COMPACT_FIELD
-    kinds = _COMPACT_FIELD_KIND
     while True:
         head = buf[pos]
-        step = fields[head]
-        if step:  # a short-form fixed-size field (booleans, bytes, doubles)
-            pos += step
-            continue
-        kind = kinds[head]
-        if kind == 1:  # a short-form integer field, one byte for small values
+        how = fields[head]
+        if how < _VARINT:
+            if how:  # a short-form fixed-size field (booleans, bytes, doubles)
+                pos += how
+            elif head == 0:
+                return pos + 1
+            else:
+                pos = _compact_field(buf, pos, end, head, depth)
+        elif how == _VARINT:  # a short-form integer field, one byte for small values
             pos = pos + 2 if buf[pos + 1] < 0x80 else _varint_end(buf, pos + 1)
-        elif kind == 2 and buf[pos + 1] < 0x80:  # a short-form string under 128 bytes
-            pos += 2 + buf[pos + 1]
-            if pos > end:
-                raise Incomplete(pos)
-        elif kind == 3:
+        elif how == _STRING:
+            size = buf[pos + 1]
+            if size < 0x80:  # under 128 bytes: a one-byte length
+                pos += 2 + size
+                if pos > end:
+                    raise Incomplete(pos)
+            else:
+                pos = _compact_field(buf, pos, end, head, depth)
+        elif how == _LIST:
             pos = _compact_list(buf, pos + 1, end, depth, pos)
-        elif kind == 4:
-            pos = _compact_struct(buf, pos + 1, end, depth - 1)
-        elif head == 0:
-            return pos + 1
         else:
-            pos = _compact_field(buf, pos, end, head, depth)
+            pos = _compact_struct(buf, pos + 1, end, depth - 1)
 
 
 def _compact_field(buf: Bytes, pos: int, end: int, head: int, depth: int) -> int:
@@ -331,9 +344,6 @@ def _compact_field(buf: Bytes, pos: int, end: int, head: int, depth: int) -> int
 
 def _skip_varints(buf: Bytes, pos: int, count: int) -> int:
     """Offset just past ``count`` varints starting at ``pos``."""
-    stop = pos + count
-    if buf[pos:stop].isascii():  # all one-byte values (or cut short: the caller checks the end)
-        return stop
     for _ in range(count):
         pos = pos + 1 if buf[pos] < 0x80 else _varint_end(buf, pos)
     return pos
@@ -353,8 +363,12 @@ def _compact_list(buf: Bytes, pos: int, end: int, depth: int, at: int) -> int:
     pos += 1
     count = head >> 4
     etype = head & 0x0F
-    if count == 15:
-        count, pos = _varint32(buf, pos)
+    if count == 15:  # the long form: a size varint follows
+        count = buf[pos]
+        if count < 0x80:
+            pos += 1
+        else:
+            count, pos = _varint32(buf, pos)
     if count == 0:
         return pos
     width = _COMPACT_FIXED[etype]
@@ -373,28 +387,30 @@ def _compact_list(buf: Bytes, pos: int, end: int, depth: int, at: int) -> int:
                 size, pos = _varint32(buf, pos)
                 pos += size
     elif etype in _COMPACT_VARINTS:
-        pos = _skip_varints(buf, pos, count)
+        stop = pos + count
+        # All one-byte values (or cut short: checked below): one C-level scan.
+        pos = stop if buf[pos:stop].isascii() else _skip_varints(buf, pos, count)
     elif etype == 12:
         # Structs, with the field loop inlined (one call per element is most of the cost).
         if depth <= 2:
             raise _too_deep(pos)
         fields = _COMPACT_FIELD
-        kinds = _COMPACT_FIELD_KIND
         for _ in range(count):
             while True:
                 head = buf[pos]
-                step = fields[head]
-                if step:
-                    pos += step
-                    continue
-                kind = kinds[head]
-                if kind == 1:
+                how = fields[head]
+                if how < _VARINT:
+                    if how:
+                        pos += how
+                    elif head == 0:
+                        pos += 1
+                        break
+                    else:
+                        pos = _compact_field(buf, pos, end, head, depth - 2)
+                elif how == _VARINT:
                     pos = pos + 2 if buf[pos + 1] < 0x80 else _varint_end(buf, pos + 1)
-                elif kind == 2 and buf[pos + 1] < 0x80:
+                elif how == _STRING and buf[pos + 1] < 0x80:
                     pos += 2 + buf[pos + 1]
-                elif head == 0:
-                    pos += 1
-                    break
                 else:
                     pos = _compact_field(buf, pos, end, head, depth - 2)
             if pos > end:
@@ -412,7 +428,11 @@ def _compact_list(buf: Bytes, pos: int, end: int, depth: int, at: int) -> int:
 
 def _compact_map(buf: Bytes, pos: int, end: int, depth: int) -> int:
     """A map whose header starts at ``pos``, inside a struct at ``depth``."""
-    count, pos = _varint32(buf, pos)
+    count = buf[pos]
+    if count < 0x80:
+        pos += 1
+    else:
+        count, pos = _varint32(buf, pos)
     if count == 0:
         return pos
     kinds = buf[pos]
@@ -422,9 +442,10 @@ def _compact_map(buf: Bytes, pos: int, end: int, depth: int) -> int:
     fixed = _COMPACT_FIXED
     kwidth = fixed[ktype]
     vwidth = fixed[vtype]
-    for ttype, width in ((ktype, kwidth), (vtype, vwidth)):
-        if not width and ttype not in _COMPACT_VARIABLE:
-            raise FramingError(f"unknown compact element type {ttype}", offset=pos - 1)
+    if not kwidth and ktype not in _COMPACT_VARIABLE:
+        raise FramingError(f"unknown compact element type {ktype}", offset=pos - 1)
+    if not vwidth and vtype not in _COMPACT_VARIABLE:
+        raise FramingError(f"unknown compact element type {vtype}", offset=pos - 1)
     if kwidth and vwidth:
         pos += count * (kwidth + vwidth)
         if pos > end:
@@ -432,6 +453,23 @@ def _compact_map(buf: Bytes, pos: int, end: int, depth: int) -> int:
         return pos
     if depth <= 1:
         raise _too_deep(pos)
+    if ktype == 8 and vtype == 8:  # map<string, string>: the common attachment shape
+        for _ in range(count):
+            size = buf[pos]
+            if size < 0x80:
+                pos += 1 + size
+            else:
+                size, pos = _varint32(buf, pos)
+                pos += size
+            size = buf[pos]
+            if size < 0x80:
+                pos += 1 + size
+            else:
+                size, pos = _varint32(buf, pos)
+                pos += size
+        if pos > end:
+            raise Incomplete(pos)
+        return pos
     kvarint = ktype in _COMPACT_VARINTS
     vvarint = vtype in _COMPACT_VARINTS
     for _ in range(count):
