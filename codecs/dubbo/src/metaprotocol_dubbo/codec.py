@@ -22,6 +22,7 @@ from metaprotocol_sdk import (
     MutationError,
     NeedData,
     ResponseStatus,
+    StreamType,
     UnsupportedError,
     take_frame,
 )
@@ -57,6 +58,7 @@ from .hessian2 import Decoder
 from .status import ResultFlag, Status, error_status
 
 _ID = struct.Struct(">Q")
+_ID_LENGTH = struct.Struct(">Qi")  # the header's request id and body length, packed together
 #: How many distinct request heads (service + method) a codec recognises without re-parsing.
 _HEAD_CACHE_SIZE = 8
 _LENGTH = struct.Struct(">i")
@@ -127,6 +129,13 @@ def _message_type(flag: int, status: int) -> MessageType:
         return MessageType.Request if flag & FLAG_TWOWAY else MessageType.Oneway
     return MessageType.Response if status == _OK else MessageType.Error
 
+
+_REQUEST = MessageType.Request
+_ONEWAY = MessageType.Oneway
+_RESPONSE = MessageType.Response
+_UNKNOWN = ResponseStatus.Unknown
+_UNARY = StreamType.Unary
+_folded = Attributes.from_folded  # bound once: the hot paths skip the class attribute lookup
 
 _TAG_MAP_UNTYPED = 0x48  # 'H'
 _TAG_END = 0x5A  # 'Z'
@@ -271,7 +280,7 @@ class DubboCodec(Codec):
         version = version or strings.get("version", "")
         if version:
             folded["version"] = ("version", version)
-        attributes = Attributes.from_folded(folded)
+        attributes = _folded(folded)
         values: dict[str, Any] = {
             "dubbo_version": dubbo_version,
             "service_path": path,
@@ -279,16 +288,19 @@ class DubboCodec(Codec):
         }
         if attachments.others:
             values["attachments"] = attachments.others
-        return Metadata(
-            MessageType.Request if flag & FLAG_TWOWAY else MessageType.Oneway,
-            frame=frame,
-            request_id=request_id,
-            operation_name=method,
-            header_size=HEADER_SIZE,
-            body_size=body_length,
-            attributes=attributes,
-            values=values,
-            codec_state=RequestState(flag, attachments, (args_start, count)),
+        return Metadata(  # positional: the hot-path form (see Metadata)
+            _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
+            frame,
+            request_id,
+            method,
+            HEADER_SIZE,
+            body_length,
+            _UNKNOWN,
+            attributes,
+            RequestState(flag, attachments, (args_start, count)),
+            _UNARY,
+            0,
+            values,
         )
 
     @staticmethod
@@ -385,21 +397,25 @@ class DubboCodec(Codec):
             values["result_flag"] = raw_flag
         if result_flag is None:
             response_status = ResponseStatus.Ok
-        attributes = Attributes.from_strings(attachments.strings) if attachments else Attributes()
-        if attachments is not None and attachments.others:
-            values["attachments"] = attachments.others
-        return Metadata(
-            MessageType.Response,
-            frame=frame,
-            request_id=request_id,
-            header_size=HEADER_SIZE,
-            body_size=body_length,
-            response_status=response_status,
-            attributes=attributes,
-            values=values,
-            codec_state=ResponseState(
-                flag, status, result_flag, value_start, value_end, attachments
-            ),
+        if attachments is None:
+            attributes = _folded({})
+        else:
+            attributes = Attributes.from_strings(attachments.strings)
+            if attachments.others:
+                values["attachments"] = attachments.others
+        return Metadata(  # positional: the hot-path form (see Metadata)
+            _RESPONSE,
+            frame,
+            request_id,
+            "",
+            HEADER_SIZE,
+            body_length,
+            response_status,
+            attributes,
+            ResponseState(flag, status, result_flag, value_start, value_end, attachments),
+            _UNARY,
+            0,
+            values,
         )
 
     # -- encoding ------------------------------------------------------------------------------
@@ -469,7 +485,7 @@ class DubboCodec(Codec):
             and end - start >= 2
             and frame[start] == _TAG_MAP_UNTYPED
             and frame[end - 1] == _TAG_END
-            and not any(key in attachments.strings for key in mutation)
+            and attachments.strings.keys().isdisjoint(mutation)
         ):
             # Only new keys: splice their pairs in before the map's end marker, so the whole
             # body up to there (arguments and existing attachments) stays an untouched slice.
@@ -540,11 +556,9 @@ class DubboCodec(Codec):
 
     @staticmethod
     def _header(frame: bytes, body_length: int, request_id: int | None) -> bytes:
-        header = bytearray(frame[:HEADER_SIZE])
-        if request_id is not None:
-            _ID.pack_into(header, 4, request_id)
-        _LENGTH.pack_into(header, BODY_LENGTH_OFFSET, body_length)
-        return bytes(header)
+        if request_id is None:
+            return frame[:BODY_LENGTH_OFFSET] + _LENGTH.pack(body_length)
+        return frame[:4] + _ID_LENGTH.pack(request_id, body_length)
 
     # -- local replies -------------------------------------------------------------------------
 
