@@ -7,7 +7,9 @@ L4 floor), Envoy's protocol proxy, and this engine (``metaprotocol proxy`` under
 routing, a request mutation and stats on. The proxy runs on core 0; the canned upstream and the
 load generator (separate processes) on core 1. Reported per run: requests/s, p50/p99 latency,
 the proxy's CPU microseconds per request (utime+stime from /proc/PID/stat over the measured
-window) and its peak RSS (VmHWM), with ratios to Envoy's protocol proxy.
+window) and its peak RSS (VmHWM), with ratios to Envoy's protocol proxy. With ``--repeat N``
+the targets run in N interleaved rounds; the table shows each target's median run, and the CPU
+ratio is the median of the per-round ratios (each from runs made back to back).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Result:
     rss_kib: int | None = None
     errors: int = 0
     note: str = ""
+    #: CPU per request over the anchor's (Envoy's protocol proxy) in the same round, median
+    #: over rounds: each ratio compares runs made back to back under the same conditions.
+    cpu_ratio: float | None = None
 
 
 def _pin(cores: set[int]) -> Callable[[], None]:
@@ -280,10 +285,13 @@ def table(protocol: str, kinds: list[str], results: dict[tuple[str, str], Result
                 continue
             rss = None if r.rss_kib is None else r.rss_kib / 1024
             base_rss = None if base is None or base.rss_kib is None else base.rss_kib / 1024
+            cpu_vs = _ratio(r.cpu_us, base.cpu_us if base else None)
+            if r.cpu_ratio is not None:
+                cpu_vs = f"{r.cpu_ratio:.2f}x"
             lines.append(
                 f"| {name} | {kind} | {_fmt(r.rps or None, '.0f')} | {_fmt(r.p50 or None, '.0f')}"
                 f" | {_fmt(r.p99 or None, '.0f')} | {_fmt(r.cpu_us, '.1f')}"
-                f" | {_ratio(r.cpu_us, base.cpu_us if base else None)}"
+                f" | {cpu_vs}"
                 f" | {_fmt(rss, '.1f')} | {_ratio(rss, base_rss)} |"
                 + (f" errors: {r.errors}" if r.errors else "")
             )
@@ -321,18 +329,36 @@ def main() -> int:
                 rss = baseline_rss(kind, protocol, workdir)
                 if rss is not None:
                     results[kind, "baseline (idle, just started)"] = Result(rss_kib=rss)
+            anchor = f"envoy {protocol}_proxy"
             for scenario in scenarios:
-                for kind in kinds:
-                    print(f"  {protocol}: {scenario.name}: {kind} ...", file=sys.stderr, flush=True)
-                    runs = []
-                    for _ in range(1 if scenario.idle else args.repeat):
+                # Rounds: every target once per round, so the runs compared in a ratio are
+                # minutes (not a whole benchmark) apart on this shared machine.
+                rounds: list[dict[str, Result]] = []
+                for n in range(1 if scenario.idle else args.repeat):
+                    done: dict[str, Result] = {}
+                    for kind in kinds:
+                        print(
+                            f"  {protocol}: {scenario.name}: {kind} (round {n + 1}) ...",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         try:
-                            runs.append(
-                                run_one(kind, protocol, scenario, workdir, warmup, duration)
+                            done[kind] = run_one(
+                                kind, protocol, scenario, workdir, warmup, duration
                             )
                         except Exception as exc:  # a failed run is reported, not fatal
                             print(f"    failed: {exc}", file=sys.stderr)
-                    results[kind, scenario.name] = median(runs)
+                    rounds.append(done)
+                for kind in kinds:
+                    result = median([r[kind] for r in rounds if kind in r])
+                    ratios = sorted(
+                        r[kind].cpu_us / r[anchor].cpu_us  # type: ignore[operator]
+                        for r in rounds
+                        if kind in r and anchor in r and r[kind].cpu_us and r[anchor].cpu_us
+                    )
+                    if ratios:
+                        result.cpu_ratio = ratios[len(ratios) // 2]
+                    results[kind, scenario.name] = result
             print(f"\n## {protocol}\n\n{table(protocol, kinds, results)}\n", flush=True)
     return 0
 

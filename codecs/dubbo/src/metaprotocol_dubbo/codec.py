@@ -144,6 +144,26 @@ _TAG_END = 0x5A  # 'Z'
 _INLINE_SCAN_LIMIT = 64 * 1024
 
 
+#: Encoded pairs by mutation items: a route applies the same mutation to every request.
+_ADDED_PAIRS: dict[tuple[tuple[str, str], ...], bytes] = {}
+_ADDED_PAIRS_SIZE = 64
+
+
+def _added_pairs(mutation: Mutation) -> bytes:
+    """``mutation`` as Hessian string pairs plus the map end 'Z' (to splice into a map)."""
+    try:
+        key = tuple(mutation.items())
+        pairs = _ADDED_PAIRS.get(key)
+    except TypeError:  # an unhashable value: encode_string_map reports it
+        return encode_string_map(dict(mutation))[1:]
+    if pairs is None:
+        pairs = encode_string_map(dict(mutation))[1:]  # without the map's 'H'
+        if len(_ADDED_PAIRS) >= _ADDED_PAIRS_SIZE:
+            _ADDED_PAIRS.clear()
+        _ADDED_PAIRS[key] = pairs
+    return pairs
+
+
 class DubboCodec(Codec):
     """Dubbo protocol codec (Hessian 2.0 serialization, id 2).
 
@@ -489,7 +509,7 @@ class DubboCodec(Codec):
         ):
             # Only new keys: splice their pairs in before the map's end marker, so the whole
             # body up to there (arguments and existing attachments) stays an untouched slice.
-            added = encode_string_map(dict(mutation))[1:]  # pairs + 'Z', without the 'H'
+            added = _added_pairs(mutation)
             body_length = end - 1 - HEADER_SIZE + len(added) + len(tail)
             parts: list[bytes | memoryview] = [
                 self._header(frame, body_length, request_id),
