@@ -554,6 +554,52 @@ def test_recent_heads_are_recognised_without_mixing_requests() -> None:
     assert not codec._heads
 
 
+def same_metadata(a: Metadata, b: Metadata) -> None:
+    assert a.to_dict() == b.to_dict()
+    assert a.attributes.to_dict() == b.attributes.to_dict() and a.values == b.values
+    sa, sb = a.codec_state, b.codec_state
+    assert (sa.flag, sa.args) == (sb.flag, sb.args)
+    assert (sa.attachments.start, sa.attachments.end) == (sb.attachments.start, sb.attachments.end)
+    assert sa.attachments.strings == sb.attachments.strings
+
+
+def test_repeated_attachment_maps_are_recognised_per_message() -> None:
+    # Same head and map, arguments of different lengths: the map starts elsewhere each time.
+    codec = DubboCodec()
+    attachments = {"path": PATH, "interface": PATH, "Env": "canary", "version": "2.0"}
+    frames = [
+        build_request(PATH, "a", [arg], attachments=attachments, request_id=i)
+        for i, arg in enumerate(["x", "yy" * 40, "", "é" * 3, "x"], 1)
+    ]
+    seen = [decode_one(f, codec) for f in frames * 2]
+    ((_, head),) = codec._heads
+    assert head.maps is not None and len(head.maps) == 1  # parsed once, recognised after
+    for md, frame in zip(seen, frames * 2, strict=True):
+        same_metadata(md, decode_one(frame))
+        assert join_encoded(codec.encode(md, {"n": "1"}, request_id=99)) == join_encoded(
+            DubboCodec().encode(decode_one(frame), {"n": "1"}, request_id=99)
+        )
+    # Each message owns its attributes and values, though they came from one parsed map.
+    for md in seen[1], seen[5]:
+        md.attributes["env"] = "changed"
+        md.values["service_path"] = "changed"
+    assert seen[4].attributes["ENV"] == "canary" and seen[6].values["service_path"] == PATH
+    again = decode_one(frames[0], codec)
+    assert again.attributes["env"] == "canary" and again.values["service_path"] == PATH
+
+
+def test_attachment_maps_that_never_repeat_stop_being_looked_up() -> None:
+    codec = DubboCodec()
+    for i in range(100):
+        frame = build_request(PATH, "a", ["x"], attachments={"trace": f"t{i}"}, request_id=i)
+        md = decode_one(frame, codec)
+        same_metadata(md, decode_one(frame))
+    ((_, head),) = codec._heads
+    assert head.maps is None  # 64 misses in a row: lookups stopped, decoding goes on the same
+    frame = build_request(PATH, "a", ["x"], attachments={"trace": "t1"}, request_id=7)
+    same_metadata(decode_one(frame, codec), decode_one(frame))
+
+
 def test_large_request_is_read_without_inline_text_and_mutates_the_same() -> None:
     # Above the inline-scan limit the head is read by the decoder and only the tail is scanned.
     big = build_request(PATH, "echo", ["x" * 100_000], attachments={"k": "v", "Env": "canary"})

@@ -61,6 +61,35 @@ _ID = struct.Struct(">Q")
 _ID_LENGTH = struct.Struct(">Qi")  # the header's request id and body length, packed together
 #: How many distinct request heads (service + method) a codec recognises without re-parsing.
 _HEAD_CACHE_SIZE = 8
+#: How many distinct attachment maps per head are recognised by their bytes.
+_MAP_CACHE_SIZE = 16
+#: Misses in a row after which a head stops looking its maps up: a map with a per-request
+#: value (a trace id, say) never repeats, and then the lookup would only cost time.
+_MAP_MISSES_LIMIT = 64
+#: A parsed attachments map: string attachments (shared, read-only), the attribute table
+#: and the ``values`` of the request (both copied into each message).
+_Parsed = tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, Any]]
+
+
+class _Head:
+    """A request head seen recently, and the attachment maps seen after it."""
+
+    __slots__ = ("info", "maps", "misses")
+
+    def __init__(self, info: tuple[list[str], int, int]) -> None:
+        #: (head strings, argument count, head length in bytes), as scan_request takes it.
+        self.info = info
+        #: Parsed maps by their bytes; None once lookups stopped paying off.
+        self.maps: dict[bytes, _Parsed] | None = {}
+        self.misses = 0
+
+    def miss(self) -> None:
+        """A map was not in the table."""
+        self.misses += 1
+        if self.misses >= _MAP_MISSES_LIMIT:
+            self.maps = None
+
+
 _LENGTH = struct.Struct(">i")
 _NULL_BODY = b"N"
 _OK = Status.OK.value
@@ -192,10 +221,11 @@ class DubboCodec(Codec):
         raises :class:`~metaprotocol_sdk.MutationError` instead."""
         super().__init__(max_frame_size=max_frame_size)
         self.upgrade_result_flag = upgrade_result_flag
-        self._heads: list[tuple[bytes, tuple[list[str], int, int]]] = []
+        #: Recently seen request heads, most recent first: (head bytes, what it parsed to).
+        self._heads: list[tuple[bytes, _Head]] = []
 
     def reset(self) -> None:
-        """Forget the recently seen request heads (the codec keeps no other state)."""
+        """Forget the recently seen request heads and attachment maps (nothing else is kept)."""
         self._heads.clear()
 
     # -- decoding ------------------------------------------------------------------------------
@@ -274,18 +304,51 @@ class DubboCodec(Codec):
         # A connection calls few methods: their heads (dubbo version, path, version, method,
         # descriptor) repeat byte for byte, so recent ones are recognised by one comparison.
         known = None
-        for raw, info in self._heads:
+        seen: _Head | None = None
+        for raw, seen in self._heads:
             if frame.startswith(raw, HEADER_SIZE):
-                known = info
+                known = seen.info
                 break
+        else:
+            seen = None
+        if seen is not None and seen.maps is not None and text is not None:
+            # The attachments usually repeat too (path, interface, version, group, ...): a map
+            # seen after this head before is recognised by its bytes, not parsed again.
+            _, count, length = seen.info
+            args_start = HEADER_SIZE + length
+            map_start = skip_compact_strings(frame, args_start, count)
+            if map_start >= 0 and text[args_start:map_start].isascii():
+                parsed = seen.maps.get(frame[map_start:])
+                if parsed is None:
+                    seen.miss()
+                else:
+                    seen.misses = 0
+                    strings, folded, head_values = parsed
+                    return Metadata(  # positional: the hot-path form (see Metadata)
+                        _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
+                        frame,
+                        request_id,
+                        seen.info[0][3],
+                        HEADER_SIZE,
+                        body_length,
+                        _UNKNOWN,
+                        _folded(folded.copy()),
+                        RequestState(
+                            flag,
+                            Attachments(strings, None, map_start, len(frame)),
+                            (args_start, count),
+                        ),
+                        _UNARY,
+                        0,
+                        head_values.copy(),
+                    )
         fast = scan_request(frame, text, HEADER_SIZE, known) if text is not None else None
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
             head, strings, folded, args_start, count, map_start = fast
-            if known is None:
-                self._heads.insert(
-                    0, (frame[HEADER_SIZE:args_start], (head, count, args_start - HEADER_SIZE))
-                )
+            if seen is None:
+                seen = _Head((head, count, args_start - HEADER_SIZE))
+                self._heads.insert(0, (frame[HEADER_SIZE:args_start], seen))
                 del self._heads[_HEAD_CACHE_SIZE:]
             dubbo_version, path, version, method, desc = head
             attachments = Attachments(strings, None, map_start, len(frame))
@@ -308,6 +371,9 @@ class DubboCodec(Codec):
         }
         if attachments.others:
             values["attachments"] = attachments.others
+        elif seen is not None and seen.maps is not None and len(seen.maps) < _MAP_CACHE_SIZE:
+            # Remember this map for the head (copies: the message's own dicts are its own).
+            seen.maps[frame[attachments.start :]] = (strings, dict(folded), dict(values))
         return Metadata(  # positional: the hot-path form (see Metadata)
             _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
             frame,
