@@ -12,7 +12,7 @@ from metaprotocol_sdk.metadata import Metadata
 
 from .router import CompiledRoute, RouteTable, Target
 from .stats import Counter
-from .upstream import Cluster, Pending, UpstreamConnection, UpstreamHost
+from .upstream import JOIN_LIMIT, Cluster, Pending, UpstreamConnection, UpstreamHost
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -343,6 +343,8 @@ class Downstream(asyncio.Protocol):
                 batch.append(self)
             if type(encoded) is bytes:
                 out.append(encoded)
+            elif len(response.frame) <= JOIN_LIMIT:
+                out.append(b"".join(encoded))  # type: ignore[arg-type]
             else:
                 out.extend(encoded)  # type: ignore[arg-type]
         elif self.draining and self.inflight == 0:
