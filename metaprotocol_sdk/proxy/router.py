@@ -6,6 +6,7 @@ any window of ``sum(weights)`` requests each destination gets exactly its share.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,9 @@ from .stats import Counter, Stats
 
 if TYPE_CHECKING:
     from .upstream import Cluster
+
+#: Longest weighted-round-robin cycle precomputed (weights 20/80 cycle every 5 picks).
+SCHEDULE_LIMIT = 1000
 
 
 class Target:
@@ -64,6 +68,8 @@ class CompiledRoute:
 
     __slots__ = (
         "_current",
+        "_next",
+        "_schedule",
         "_total",
         "match",
         "name",
@@ -92,12 +98,28 @@ class CompiledRoute:
         self.timeout = timeout
         self._current = [0] * len(self.targets)
         self._total = sum(t.weight for t in self.targets)
+        # The smooth weighted round robin repeats every sum(weights) / gcd(weights) picks:
+        # when that cycle is short, it is computed once and the hot path only walks it.
+        self._schedule: tuple[Target, ...] = ()
+        self._next = 0
+        if self.single is None:
+            cycle = self._total // math.gcd(*(t.weight for t in self.targets))
+            if cycle <= SCHEDULE_LIMIT:
+                self._schedule = tuple(self._smooth_pick() for _ in range(cycle))
 
     def pick(self) -> Target:
         """The next destination (smooth weighted round robin)."""
         single = self.single
         if single is not None:
             return single
+        schedule = self._schedule
+        if schedule:
+            i = self._next
+            self._next = i + 1 if i + 1 < len(schedule) else 0
+            return schedule[i]
+        return self._smooth_pick()
+
+    def _smooth_pick(self) -> Target:
         current = self._current
         targets = self.targets
         best = 0

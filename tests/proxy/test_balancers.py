@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 
+import pytest
+
 from metaprotocol_sdk import Attributes, MessageType, Metadata
 from metaprotocol_sdk.proxy.balancer import (
     ConsistentHash,
@@ -16,7 +18,7 @@ from metaprotocol_sdk.proxy.balancer import (
 )
 from metaprotocol_sdk.proxy.config import LoadBalancer
 from metaprotocol_sdk.proxy.matcher import compile_match
-from metaprotocol_sdk.proxy.router import CompiledRoute, Target
+from metaprotocol_sdk.proxy.router import SCHEDULE_LIMIT, CompiledRoute, Target
 from metaprotocol_sdk.proxy.stats import Stats
 
 
@@ -89,3 +91,20 @@ def test_smooth_weighted_round_robin() -> None:
         assert Counter(picks[start : start + 100]) == {"a": 50, "b": 30, "c": 20}
     longest = max(len(list(run)) for _, run in groupby(picks))
     assert longest <= 2  # smooth: no bursts to one destination
+
+
+@pytest.mark.parametrize("weights", [(20, 80), (50, 30, 20), (999, 1000), (1, 0, 3), (7,)])
+def test_precomputed_schedule_picks_as_the_algorithm_does(weights: tuple[int, ...]) -> None:
+    # Short cycles are precomputed; long ones (999 + 1000 = 1999 picks) use the algorithm.
+    stats = Stats()
+
+    def route() -> CompiledRoute:
+        targets = [Target(f"t{i}", None, w, stats, "l", "r") for i, w in enumerate(weights)]
+        return CompiledRoute("r", compile_match(()), targets, None, None, 1.0)
+
+    scheduled, computed = route(), route()
+    n = sum(weights) * 3
+    expected = [computed._smooth_pick().name for _ in range(n)] if len(weights) > 1 else None
+    picks = [scheduled.pick().name for _ in range(n)]
+    assert picks == (expected or ["t0"] * n)
+    assert bool(scheduled._schedule) == (len(weights) > 1 and sum(weights) <= SCHEDULE_LIMIT)
