@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -14,6 +15,20 @@ from metaprotocol_sdk.errors import ConfigError
 
 if TYPE_CHECKING:
     from metaprotocol_sdk.proxy import Config
+
+
+#: Young-generation threshold of the cyclic garbage collector while serving (CPython's default
+#: is 700): the request path allocates many short-lived containers that die by reference
+#: counting, and collecting every 700 of them cost about 2 % of the CPU under load.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Set the collector up for serving: startup objects out of the way, fewer young passes."""
+    gc.collect()
+    gc.freeze()  # configuration, codecs, routes: permanent, never scanned again
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 async def _serve(config: Config, drain: float | None) -> int:
@@ -30,6 +45,7 @@ async def _serve(config: Config, drain: float | None) -> int:
     if engine.admin_address is not None:
         click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
     sys.stdout.flush()
+    _tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

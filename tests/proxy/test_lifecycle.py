@@ -187,3 +187,15 @@ def test_cli_check(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("configuration OK: 1 listener(s), 1 service(s), 1 route(s)")
+
+
+def test_cli_sets_the_collector_up_for_serving() -> None:
+    # Run in a child: the tuning is process-wide, as it is for `metaprotocol proxy`.
+    code = (
+        "import gc; from metaprotocol_sdk.cli.proxy import GC_YOUNG_THRESHOLD, _tune_gc; "
+        "default = gc.get_threshold(); _tune_gc(); "
+        "print(gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, gc.get_threshold()[1:] == default[1:], "
+        "gc.get_freeze_count() > 1000)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True", "True", "True"], done.stderr
