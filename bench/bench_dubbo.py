@@ -2,8 +2,9 @@
 
 Run: ``.venv/bin/python bench/bench_dubbo.py`` (or ``./dev bench dubbo``).
 Goal: decoding a typical request (3 string arguments, 5 attachments) takes <= 10 us. The codec
-recognises a connection's recent request heads (service, method, descriptor); the steady-state
-row is judged, and a "head not cached" row shows a method's first call.
+recognises a connection's recent request heads (service, method, descriptor) and the attachment
+maps seen after them; the steady-state row is judged, a "head not cached" row shows a method's
+first call, and a "never repeat" row requests whose attachments differ every time.
 
 Every decode below includes making the ``bytearray`` the codec consumes (an engine's read
 buffer); that copy is also timed on its own so it can be subtracted.
@@ -16,6 +17,7 @@ judged on CPU time and both are printed.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import sys
 from collections.abc import Callable
@@ -29,19 +31,17 @@ from metaprotocol_dubbo.frames import build_request, build_response
 from metaprotocol_sdk import ErrorType, FramingError, LocalError, Metadata
 
 GOAL_US = 10.0
+SERVICE = "org.apache.dubbo.samples.basic.api.DemoService"
+ARGS = ["alice", "bob@example.com", "a third string argument"]
+ATTACHMENTS = {
+    "path": SERVICE,
+    "interface": SERVICE,
+    "version": "1.0.0",
+    "group": "production",
+    "timeout": "3000",
+}
 REQUEST = build_request(
-    "org.apache.dubbo.samples.basic.api.DemoService",
-    "sayHello",
-    ["alice", "bob@example.com", "a third string argument"],
-    request_id=4242,
-    version="1.0.0",
-    attachments={
-        "path": "org.apache.dubbo.samples.basic.api.DemoService",
-        "interface": "org.apache.dubbo.samples.basic.api.DemoService",
-        "version": "1.0.0",
-        "group": "production",
-        "timeout": "3000",
-    },
+    SERVICE, "sayHello", ARGS, request_id=4242, version="1.0.0", attachments=ATTACHMENTS
 )
 RESPONSE = build_response("Hello alice, this is the provider speaking", request_id=4242)
 HEARTBEAT = heartbeat_request(4243)
@@ -60,6 +60,13 @@ def hand_written_header(data: bytearray) -> tuple[object, ...] | None:
     return v
 
 
+def _traced(i: int) -> bytes:
+    attachments = {**ATTACHMENTS, "traceid": f"{i:032x}"}
+    return build_request(
+        SERVICE, "sayHello", ARGS, request_id=4242, version="1.0.0", attachments=attachments
+    )
+
+
 def _decoded(frame: bytes) -> Metadata:
     md = DubboCodec().decode(bytearray(frame))
     assert isinstance(md, Metadata)
@@ -76,6 +83,15 @@ def main() -> None:
         cold_codec.reset()  # forget the recent request heads: a first call of this method
         return cold_codec.decode(buffer)
 
+    # Requests whose attachments carry a per-request trace id: no attachments map repeats, so
+    # the codec stops looking maps up (after 64 misses) and scans each one.
+    traced_frames = [_traced(i) for i in range(1024)]
+    traced_codec = DubboCodec()
+    ids = itertools.cycle(range(len(traced_frames)))
+
+    def traced(i: int) -> object:
+        return traced_codec.decode(bytearray(traced_frames[i]))
+
     floor_fn = lambda: hand_written_header(bytearray(REQUEST))  # noqa: E731
     copy_fn = lambda: bytearray(REQUEST)  # noqa: E731
     floor, floor_cpu = per_call_us(floor_fn), cpu_us(floor_fn)
@@ -83,6 +99,7 @@ def main() -> None:
     cases: list[tuple[str, str, Callable[[], object]]] = [
         ("request", "decode", lambda: decode(bytearray(REQUEST))),
         ("request", "decode, head not cached (reset() first)", lambda: cold(bytearray(REQUEST))),
+        ("request", "decode, attachments never repeat (trace id)", lambda: traced(next(ids))),
         ("request", "encode, 2-key mutation", lambda: encode(request, MUTATION)),
         ("request", "encode, empty mutation", lambda: encode(request, {})),
         ("request", "encode, new request id", lambda: encode(request, request_id=7)),
