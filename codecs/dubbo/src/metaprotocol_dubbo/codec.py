@@ -171,6 +171,9 @@ _TAG_END = 0x5A  # 'Z'
 
 #: Frames up to this size are scanned inline as latin-1 text; larger ones are not copied.
 _INLINE_SCAN_LIMIT = 64 * 1024
+#: Mutated requests up to this size are written as one new frame; larger ones as buffers
+#: whose arguments are a zero-copy slice of the original.
+_COPY_LIMIT = 16 * 1024
 
 
 #: Encoded pairs by mutation items: a route applies the same mutation to every request.
@@ -564,8 +567,6 @@ class DubboCodec(Codec):
         attachments = state.attachments
         assert attachments is not None
         start, end = attachments.start, attachments.end
-        view = memoryview(frame)
-        tail = view[end:]
         if (
             attachments.all_strings
             and end - start >= 2
@@ -576,6 +577,19 @@ class DubboCodec(Codec):
             # Only new keys: splice their pairs in before the map's end marker, so the whole
             # body up to there (arguments and existing attachments) stays an untouched slice.
             added = _added_pairs(mutation)
+            if len(frame) <= _COPY_LIMIT:
+                # Small: one new frame costs less than views and a list of buffers.
+                body_length = len(frame) - HEADER_SIZE + len(added) - 1
+                return b"".join(
+                    (
+                        self._header(frame, body_length, request_id),
+                        frame[HEADER_SIZE : end - 1],
+                        added,
+                        frame[end:],
+                    )
+                )
+            view = memoryview(frame)
+            tail = view[end:]
             body_length = end - 1 - HEADER_SIZE + len(added) + len(tail)
             parts: list[bytes | memoryview] = [
                 self._header(frame, body_length, request_id),
@@ -583,6 +597,8 @@ class DubboCodec(Codec):
                 added,
             ]
         else:
+            view = memoryview(frame)
+            tail = view[end:]
             if start == end:
                 block = encode_string_map(dict(mutation))
             elif attachments.all_strings:
