@@ -75,6 +75,8 @@ class Result:
     #: CPU per request over the anchor's (Envoy's protocol proxy) in the same round, median
     #: over rounds: each ratio compares runs made back to back under the same conditions.
     cpu_ratio: float | None = None
+    #: Every per-round CPU ratio, lowest first (the spread behind ``cpu_ratio``).
+    cpu_ratios: tuple[float, ...] = ()
 
 
 def _pin(cores: set[int]) -> Callable[[], None]:
@@ -295,6 +297,13 @@ def table(protocol: str, kinds: list[str], results: dict[tuple[str, str], Result
                 f" | {_fmt(rss, '.1f')} | {_ratio(rss, base_rss)} |"
                 + (f" errors: {r.errors}" if r.errors else "")
             )
+    spreads = [
+        f"{name}: {' '.join(f'{x:.2f}' for x in r.cpu_ratios)}"
+        for name in names
+        if (r := results.get(("engine", name))) is not None and len(r.cpu_ratios) > 1
+    ]
+    if spreads:
+        lines += ["", "Engine CPU vs Envoy in each round: " + "; ".join(spreads)]
     return "\n".join(lines)
 
 
@@ -358,6 +367,7 @@ def main() -> int:
                     )
                     if ratios:
                         result.cpu_ratio = ratios[len(ratios) // 2]
+                        result.cpu_ratios = tuple(ratios)
                     results[kind, scenario.name] = result
             print(f"\n## {protocol}\n\n{table(protocol, kinds, results)}\n", flush=True)
     return 0
