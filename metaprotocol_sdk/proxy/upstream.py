@@ -156,6 +156,7 @@ class UpstreamConnection(asyncio.Protocol):
         "engine",
         "fifo",
         "host",
+        "max_id",
         "need",
         "next_id",
         "owner",
@@ -174,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.engine = cluster.engine
         self.shared = cluster.shared
         self.codec: Codec = cluster.protocol.create_codec()
+        self.max_id = self.codec.max_request_id
         self.transport: asyncio.Transport | None = None
         self.connecting = True
         self.closed = False
@@ -237,7 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.shared:
             wire_id = self.next_id + 1
             pending = self.pending
-            max_id = self.codec.max_request_id
+            max_id = self.max_id
             while wire_id > max_id or wire_id in pending:
                 wire_id = 1 if wire_id > max_id else wire_id + 1
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
@@ -291,6 +293,8 @@ class UpstreamConnection(asyncio.Protocol):
         if len(buffer) < self.need:
             return
         codec = self.codec
+        shared = self.shared
+        pending = self.pending
         batch: list[Downstream] = []
         failed: CodecError | None = None
         while buffer:
@@ -304,7 +308,10 @@ class UpstreamConnection(asyncio.Protocol):
                 break
             kind = message.message_type
             if kind is _RESPONSE or kind is _ERROR:
-                p = self._match(message.request_id)
+                if shared:
+                    p = pending.pop(message.request_id, None)
+                else:
+                    p = self._match(message.request_id)
                 if p is not None:
                     p.downstream.finish(p, message, batch)
             elif kind is _HEARTBEAT:
