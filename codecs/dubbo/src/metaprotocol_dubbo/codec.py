@@ -462,15 +462,19 @@ class DubboCodec(Codec):
             result_flag = None
             value_start = value_end = pos
         else:
-            if COMPACT_INT_ZERO <= tag <= COMPACT_INT_ZERO + 5:
+            if COMPACT_INT_ZERO <= tag <= COMPACT_INT_ZERO + 5:  # the usual one-byte flag
                 raw_flag: Any = tag - COMPACT_INT_ZERO
                 value_start = pos + 1
             else:
                 decoder = Decoder(frame, pos)
                 raw_flag = decoder.read()
                 value_start = decoder.offset
-            if type(raw_flag) is bool or not isinstance(raw_flag, int) or not 0 <= raw_flag <= 5:
-                raise FramingError(f"bad result flag {raw_flag!r}, expected 0..5", offset=pos)
+                if (
+                    type(raw_flag) is bool
+                    or not isinstance(raw_flag, int)
+                    or not 0 <= raw_flag <= 5
+                ):
+                    raise FramingError(f"bad result flag {raw_flag!r}, expected 0..5", offset=pos)
             # Precomputed per flag: enum member and properties are slow to evaluate per call.
             result_flag, has_value, has_attachments, response_status = _FLAG_INFO[raw_flag]
             if has_attachments:
