@@ -11,18 +11,15 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from proxy_kit import mesh
+from proxy_kit import mesh, wire_fakes
 
 from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
-from metaprotocol_sdk.proxy.downstream import Downstream
-from metaprotocol_sdk.proxy.upstream import UpstreamConnection
 
 ROUTER = """\
 - name: hello
@@ -31,46 +28,20 @@ ROUTER = """\
 """
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.out: list[Any] = []
-
-    def write(self, data: Any) -> None:
-        self.out.append(data)
-
-    def writelines(self, data: Any) -> None:
-        self.out.extend(data)
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
 async def main(n: int) -> None:
     engine = Engine(loads_config(mesh([(1, "v1")], router=ROUTER)))
     await engine.start()
-    listener = next(iter(engine.listeners.values()))
-    cluster = next(iter(engine.clusters.values()))
-    host = cluster.hosts[0]
-    up = UpstreamConnection(cluster, host, None)
-    up_t = FakeTransport()
-    up.connection_made(up_t)  # type: ignore[arg-type]
-    host.conns.append(up)
-    down = Downstream(listener)
-    down_t = FakeTransport()
-    down.connection_made(down_t)  # type: ignore[arg-type]
+    down, down_t, up, up_t = wire_fakes(engine)
     request = build_frame(REQUEST, 7, {"method": "sayHello", "interface": "greeter"}, b"x" * 64)
     responses = [build_frame(RESPONSE, i, {"s": "1"}, b"ok") for i in range(n + 2001)]
 
     def one() -> None:
         down.data_received(request)
         up._flush()  # normally run by the loop once it has delivered all it read
-        wire_id = struct.unpack_from(">I", up_t.out[0], 4)[0]
-        up_t.out.clear()
+        wire_id = struct.unpack_from(">I", up_t.calls[0][0], 4)[0]
+        up_t.calls.clear()
         up.data_received(responses[wire_id])
-        down_t.out.clear()
+        down_t.calls.clear()
 
     for _ in range(2000):
         one()

@@ -429,3 +429,48 @@ async def gather(*aws: Awaitable[T]) -> list[T]:
 
 
 Factory = Callable[[], Awaitable[Upstream]]
+
+
+class FakeTransport:
+    """Stands in for a socket transport: records what the engine hands it, call by call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+
+    def write(self, data: Any) -> None:
+        self.calls.append([data])
+
+    def writelines(self, data: Any) -> None:
+        self.calls.append(list(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def wire_fakes(engine: Engine) -> tuple[Any, FakeTransport, Any, FakeTransport]:
+    """A downstream connection and one shared upstream connection on fake transports.
+
+    For a started engine with one listener and one cluster; returns ``(downstream, its
+    transport, upstream connection, its transport)``. Nothing touches a socket, so the engine's
+    Python work can be driven (and timed) call by call.
+    """
+    from metaprotocol_sdk.proxy.downstream import Downstream
+    from metaprotocol_sdk.proxy.upstream import UpstreamConnection
+
+    listener = next(iter(engine.listeners.values()))
+    cluster = next(iter(engine.clusters.values()))
+    host = cluster.hosts[0]
+    up = UpstreamConnection(cluster, host, None)
+    up_t = FakeTransport()
+    up.connection_made(up_t)  # type: ignore[arg-type]
+    host.conns.append(up)
+    down = Downstream(listener)
+    down_t = FakeTransport()
+    down.connection_made(down_t)  # type: ignore[arg-type]
+    return down, down_t, up, up_t

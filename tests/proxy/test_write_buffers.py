@@ -7,13 +7,12 @@ import struct
 from typing import Any
 
 import uvloop
-from proxy_kit import mesh
+from proxy_kit import mesh, wire_fakes
 
 from metaprotocol_sdk import join_encoded
 from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, KVCodec, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
-from metaprotocol_sdk.proxy.downstream import Downstream
-from metaprotocol_sdk.proxy.upstream import JOIN_LIMIT, UpstreamConnection
+from metaprotocol_sdk.proxy.upstream import JOIN_LIMIT
 
 ROUTER = """\
 - name: all
@@ -23,25 +22,6 @@ ROUTER = """\
 """
 
 
-class FakeTransport:
-    """Records what the engine hands to a transport, call by call."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[Any]] = []
-
-    def write(self, data: Any) -> None:
-        self.calls.append([data])
-
-    def writelines(self, data: Any) -> None:
-        self.calls.append(list(data))
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
 def exchange(body_size: int) -> tuple[list[list[Any]], list[list[Any]], bytes, bytes]:
     """One request and its response through the engine; what each transport was given."""
     result: list[Any] = []
@@ -49,15 +29,7 @@ def exchange(body_size: int) -> tuple[list[list[Any]], list[list[Any]], bytes, b
     async def main() -> None:
         engine = Engine(loads_config(mesh([(1, "v1")], router=ROUTER)))
         await engine.start()
-        listener = next(iter(engine.listeners.values()))
-        host = next(iter(engine.clusters.values())).hosts[0]
-        up = UpstreamConnection(next(iter(engine.clusters.values())), host, None)
-        up_t = FakeTransport()
-        up.connection_made(up_t)  # type: ignore[arg-type]
-        host.conns.append(up)
-        down = Downstream(listener)
-        down_t = FakeTransport()
-        down.connection_made(down_t)  # type: ignore[arg-type]
+        down, down_t, up, up_t = wire_fakes(engine)
         request = build_frame(REQUEST, 7, {"method": "m"}, b"q" * body_size)
         down.data_received(request)
         up._flush()  # normally run by the loop once it has delivered all it read
