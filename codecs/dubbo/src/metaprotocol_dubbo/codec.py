@@ -300,10 +300,10 @@ class DubboCodec(Codec):
         )
 
     def _request(self, frame: bytes, flag: int, request_id: int, body_length: int) -> Metadata:
-        # Latin-1 text of the frame, shared by the inline string scanners. Above the limit the
-        # arguments dominate the frame: the decoder reads the head and only the tail after the
-        # arguments is scanned, so a large argument is never copied into a str.
-        text = frame.decode("latin-1") if len(frame) <= _INLINE_SCAN_LIMIT else None
+        # Up to the limit, the frame is scanned inline (as latin-1 text when a scan is needed).
+        # Above it the arguments dominate the frame: the decoder reads the head and only the
+        # tail after the arguments is scanned, so a large argument is never copied into a str.
+        small = len(frame) <= _INLINE_SCAN_LIMIT
         # A connection calls few methods: their heads (dubbo version, path, version, method,
         # descriptor) repeat byte for byte, so recent ones are recognised by one comparison.
         known = None
@@ -314,13 +314,13 @@ class DubboCodec(Codec):
                 break
         else:
             seen = None
-        if seen is not None and seen.maps is not None and text is not None:
+        if seen is not None and seen.maps is not None and small:
             # The attachments usually repeat too (path, interface, version, group, ...): a map
             # seen after this head before is recognised by its bytes, not parsed again.
             _, count, length = seen.info
             args_start = HEADER_SIZE + length
             map_start = skip_compact_strings(frame, args_start, count)
-            if map_start >= 0 and text[args_start:map_start].isascii():
+            if map_start >= 0 and frame[args_start:map_start].isascii():
                 parsed = seen.maps.get(frame[map_start:])
                 if parsed is None:
                     seen.miss()
@@ -345,6 +345,7 @@ class DubboCodec(Codec):
                         0,
                         head_values.copy(),
                     )
+        text = frame.decode("latin-1") if small else None
         fast = scan_request(frame, text, HEADER_SIZE, known) if text is not None else None
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
