@@ -247,9 +247,14 @@ class DubboCodec(Codec):
             raise FrameTooLargeError(
                 size, self.max_frame_size, offset=BODY_LENGTH_OFFSET, metadata=partial
             )
-        if len(buffer) < size:
+        available = len(buffer)
+        if available < size:
             return NeedData(size)
-        frame = take_frame(buffer, size)
+        if available == size:  # take_frame's common case, without a call
+            frame = bytes(buffer)
+            buffer.clear()
+        else:
+            frame = take_frame(buffer, size)
         serialization = flag & SERIALIZATION_MASK
         try:
             if serialization != HESSIAN2:
