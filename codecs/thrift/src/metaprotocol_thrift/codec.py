@@ -60,6 +60,7 @@ _FRAMED_BINARY = (FRAMED, BINARY)
 _unpack_i32 = I32.unpack_from
 # Frame length, strict binary version (0x8001), message type, name length.
 _FRAMED_STRICT_HEAD = struct.Struct(">iHxBi")
+_VERSION_1 = BINARY_VERSION_1 >> 16
 _UNFRAMED_STRICT_HEAD = struct.Struct(">Ii")  # version | type, name length
 _new_state = tuple.__new__  # WireState without the NamedTuple keyword machinery
 _folded = Attributes.from_folded  # bound once: the hot paths skip the class attribute lookup
@@ -177,7 +178,7 @@ class ThriftCodec(Codec):
             # Fast path: framed strict binary (the common case) whose message header lies
             # inside the frame; anything else takes the general paths below.
             size, version, mtype, name_len = _FRAMED_STRICT_HEAD.unpack_from(buffer, 0)
-            if 0 < size <= self.max_frame_size - 4 and version == 0x8001 and name_len >= 0:
+            if 0 < size <= self.max_frame_size - 4 and version == _VERSION_1 and name_len >= 0:
                 if fast == AUTO and self._detected is not _FRAMED_BINARY:
                     self._protocol = BINARY  # set together with _detected everywhere
                     self._detected = _FRAMED_BINARY
