@@ -96,11 +96,21 @@ def start_engine() -> Iterator[Callable[[str], RunningEngine]]:
             engine.close()
 
 
+#: Sockets held bound (never listening) for the whole session by :func:`closed_port`.
+_HELD: list[socket.socket] = []
+
+
 def closed_port() -> int:
-    """A loopback port with nothing listening (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port that refuses connections, and that nothing else can take.
+
+    The socket stays bound without listening until the session ends: connecting gets
+    ECONNREFUSED. (Binding and releasing it would let a later bind to port 0 - an engine's own
+    listener, say - get the same port, and the "dead" endpoint would answer.)
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
     return port
 
 

@@ -18,12 +18,16 @@ from proxy_kit import (
     run,
 )
 
+_HELD: list[socket.socket] = []
+
 
 def free_port() -> int:
-    """A port with nothing listening on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that refuses connections: bound (never listening) until the tests end, so no
+    later bind to port 0 - the engine's own listener, say - can get it and answer."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return int(s.getsockname()[1])
 
 
 def test_route_not_found() -> None:
