@@ -69,6 +69,9 @@ _MAP_MISSES_LIMIT = 64
 #: A parsed attachments map: string attachments (shared, read-only), the attribute table
 #: and the ``values`` of the request (both copied into each message).
 _Parsed = tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, Any]]
+#: What _request builds a request's Metadata from: attachments, argument offset and count,
+#: method, attributes and values.
+_Request = tuple[Attachments, int, int, str, Attributes, dict[str, Any]]
 
 
 class _Head:
@@ -247,14 +250,9 @@ class DubboCodec(Codec):
             raise FrameTooLargeError(
                 size, self.max_frame_size, offset=BODY_LENGTH_OFFSET, metadata=partial
             )
-        available = len(buffer)
-        if available < size:
+        if len(buffer) < size:
             return NeedData(size)
-        if available == size:  # take_frame's common case, without a call
-            frame = bytes(buffer)
-            buffer.clear()
-        else:
-            frame = take_frame(buffer, size)
+        frame = take_frame(buffer, size)
         serialization = flag & SERIALIZATION_MASK
         try:
             if serialization != HESSIAN2:
@@ -311,46 +309,59 @@ class DubboCodec(Codec):
         small = len(frame) <= _INLINE_SCAN_LIMIT
         # A connection calls few methods: their heads (dubbo version, path, version, method,
         # descriptor) repeat byte for byte, so recent ones are recognised by one comparison.
-        known = None
         seen: _Head | None = None
-        for raw, seen in self._heads:
+        for raw, head in self._heads:
             if frame.startswith(raw, HEADER_SIZE):
-                known = seen.info
+                seen = head
                 break
-        else:
-            seen = None
-        if seen is not None and seen.maps is not None and small:
-            # The attachments usually repeat too (path, interface, version, group, ...): a map
-            # seen after this head before is recognised by its bytes, not parsed again.
-            _, count, length = seen.info
-            args_start = HEADER_SIZE + length
-            map_start = skip_compact_strings(frame, args_start, count)
-            if map_start >= 0 and frame[args_start:map_start].isascii():
-                parsed = seen.maps.get(frame[map_start:])
-                if parsed is None:
-                    seen.miss()
-                else:
-                    seen.misses = 0
-                    strings, folded, head_values = parsed
-                    return Metadata(  # positional: the hot-path form (see Metadata)
-                        _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
-                        frame,
-                        request_id,
-                        seen.info[0][3],
-                        HEADER_SIZE,
-                        body_length,
-                        _UNKNOWN,
-                        _folded(folded.copy()),
-                        RequestState(
-                            flag,
-                            Attachments(strings, None, map_start, len(frame)),
-                            (args_start, count),
-                        ),
-                        _UNARY,
-                        0,
-                        head_values.copy(),
-                    )
+        found = self._recognised_map(frame, seen) if seen is not None and small else None
+        if found is None:
+            found = self._scan_request(frame, small, seen)
+        attachments, args_start, count, method, attributes, values = found
+        return Metadata(  # positional: the hot-path form (see Metadata)
+            _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
+            frame,
+            request_id,
+            method,
+            HEADER_SIZE,
+            body_length,
+            _UNKNOWN,
+            attributes,
+            RequestState(flag, attachments, (args_start, count)),
+            _UNARY,
+            0,
+            values,
+        )
+
+    @staticmethod
+    def _recognised_map(frame: bytes, seen: _Head) -> _Request | None:
+        """The request after a known head, when its attachments map was parsed before.
+
+        The attachments usually repeat too (path, interface, version, group, ...): a map seen
+        after this head before is recognised by its bytes, not parsed again. ``None`` when the
+        map is new (or lookups stopped paying off).
+        """
+        maps = seen.maps
+        if maps is None:
+            return None
+        head, count, length = seen.info
+        args_start = HEADER_SIZE + length
+        map_start = skip_compact_strings(frame, args_start, count)
+        if map_start < 0 or not frame[args_start:map_start].isascii():
+            return None
+        parsed = maps.get(frame[map_start:])
+        if parsed is None:
+            seen.miss()
+            return None
+        seen.misses = 0
+        strings, folded, values = parsed  # the message gets its own table and values
+        attachments = Attachments(strings, None, map_start, len(frame))
+        return attachments, args_start, count, head[3], _folded(folded.copy()), values.copy()
+
+    def _scan_request(self, frame: bytes, small: bool, seen: _Head | None) -> _Request:
+        """Read a request body (inline scan where it can, the Hessian decoder otherwise)."""
         text = frame.decode("latin-1") if small else None
+        known = seen.info if seen is not None else None
         fast = scan_request(frame, text, HEADER_SIZE, known) if text is not None else None
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
@@ -372,7 +383,6 @@ class DubboCodec(Codec):
         version = version or strings.get("version", "")
         if version:
             folded["version"] = ("version", version)
-        attributes = _folded(folded)
         values: dict[str, Any] = {
             "dubbo_version": dubbo_version,
             "service_path": path,
@@ -383,20 +393,7 @@ class DubboCodec(Codec):
         elif seen is not None and seen.maps is not None and len(seen.maps) < _MAP_CACHE_SIZE:
             # Remember this map for the head (copies: the message's own dicts are its own).
             seen.maps[frame[attachments.start :]] = (strings, dict(folded), dict(values))
-        return Metadata(  # positional: the hot-path form (see Metadata)
-            _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
-            frame,
-            request_id,
-            method,
-            HEADER_SIZE,
-            body_length,
-            _UNKNOWN,
-            attributes,
-            RequestState(flag, attachments, (args_start, count)),
-            _UNARY,
-            0,
-            values,
-        )
+        return attachments, args_start, count, method, _folded(folded), values
 
     @staticmethod
     def _request_general(

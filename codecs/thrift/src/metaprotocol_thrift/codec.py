@@ -156,7 +156,7 @@ class ThriftCodec(Codec):
         # the detection), FRAMED, or None when the configuration rules it out.
         self._fast_framed: str | None = None
         if self.wire_protocol != COMPACT and self.transport in (AUTO, FRAMED):
-            self._fast_framed = AUTO if self.transport == AUTO else FRAMED
+            self._fast_framed = self.transport
 
     def reset(self) -> None:
         """Forget what ``auto`` detected last (detection is per message, so nothing else)."""
