@@ -12,7 +12,7 @@ from metaprotocol_sdk.metadata import Metadata
 
 from .router import CompiledRoute, RouteTable, Target
 from .stats import Counter
-from .upstream import JOIN_LIMIT, Cluster, Pending, UpstreamConnection, UpstreamHost
+from .upstream import Cluster, Pending, UpstreamConnection, UpstreamHost, append_encoded
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -338,15 +338,9 @@ class Downstream(asyncio.Protocol):
                     p.request, LocalError(ErrorType.BadResponse, f"cannot encode response: {exc}")
                 )
                 self.listener.count_local(ErrorType.BadResponse)
-            out = self.out
-            if not out:
+            if not self.out:
                 batch.append(self)
-            if type(encoded) is bytes:
-                out.append(encoded)
-            elif len(response.frame) <= JOIN_LIMIT:
-                out.append(b"".join(encoded))  # type: ignore[arg-type]
-            else:
-                out.extend(encoded)  # type: ignore[arg-type]
+            append_encoded(self.out, encoded, len(response.frame))
         elif self.draining and self.inflight == 0:
             self.close()
         log = self.engine.access_log

@@ -16,7 +16,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
-from metaprotocol_sdk.codec import Codec
+from metaprotocol_sdk.codec import Codec, Encoded
 from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
@@ -37,6 +37,18 @@ _ERROR = MessageType.Error
 #: queueing: a copy of a few KiB costs less than the transport's per-buffer work. Larger ones
 #: keep the codec's zero-copy slices.
 JOIN_LIMIT = 16 * 1024
+
+
+def append_encoded(out: list[bytes | memoryview], encoded: Encoded, size: int) -> None:
+    """Queue what ``encode`` returned for a message of ``size`` bytes (see ``JOIN_LIMIT``)."""
+    if type(encoded) is bytes:
+        out.append(encoded)
+    elif size <= JOIN_LIMIT:
+        out.append(b"".join(encoded))  # type: ignore[arg-type]
+    else:
+        out.extend(encoded)  # type: ignore[arg-type]
+
+
 _HEARTBEAT = MessageType.Heartbeat
 
 
@@ -249,28 +261,18 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             encoded = self.codec.encode(request, mutation)
             self.fifo.append(p)
+        self._queue(encoded, len(request.frame))
+
+    def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
+        """Encode and send a request that gets no response."""
+        self._queue(self.codec.encode(request, mutation), len(request.frame))
+
+    def _queue(self, encoded: Encoded, size: int) -> None:
         # Writes are corked until the loop has delivered everything it read: one syscall for
         # all the requests that arrived together from many downstream connections.
         if not self.queued and self.transport is not None and not self.closed:
             self.engine.loop.call_soon(self._flush)
-        if type(encoded) is bytes:
-            self.queued.append(encoded)
-        elif len(request.frame) <= JOIN_LIMIT:
-            self.queued.append(b"".join(encoded))  # type: ignore[arg-type]
-        else:
-            self.queued.extend(encoded)  # type: ignore[arg-type]
-
-    def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
-        """Encode and send a request that gets no response."""
-        encoded = self.codec.encode(request, mutation)
-        if not self.queued and self.transport is not None and not self.closed:
-            self.engine.loop.call_soon(self._flush)
-        if type(encoded) is bytes:
-            self.queued.append(encoded)
-        elif len(request.frame) <= JOIN_LIMIT:
-            self.queued.append(b"".join(encoded))  # type: ignore[arg-type]
-        else:
-            self.queued.extend(encoded)  # type: ignore[arg-type]
+        append_encoded(self.queued, encoded, size)
 
     def _flush(self) -> None:
         queued = self.queued
