@@ -3,8 +3,13 @@
 A loop timer per request costs about 10 us with uvloop (a libuv handle each), a third of the
 engine's budget. Routes have fixed timeouts, so requests sharing a timeout expire in the order
 they started: one FIFO queue per timeout value and a single loop timer armed for the earliest
-head are enough. Finished requests are marked and skipped (lazy deletion); a queue is
-compacted when most of it is finished, so memory stays proportional to what is in flight.
+head are enough.
+
+Finishing a request costs nothing here: the caller sets ``item.done`` and the queue forgets the
+item lazily. Finished items are dropped from the head of their queue whenever one is added
+(requests mostly finish in the order they started), and a queue whose length passes twice its
+unfinished items is compacted. A finished request is therefore not kept alive (with its frame)
+for long behind a slow one.
 """
 
 from __future__ import annotations
@@ -14,22 +19,33 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+#: A queue is never compacted below this length (compaction is a pass over the queue).
+COMPACT_MIN = 64
+
 
 class TimeoutQueue:
-    """Requests sharing one timeout value, oldest first."""
+    """Items sharing one timeout value, oldest first (finished ones dropped lazily)."""
 
-    __slots__ = ("items", "live", "timeout")
+    __slots__ = ("items", "limit", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.items: deque[Any] = deque()
-        self.live = 0
+        #: Length past which the queue is compacted.
+        self.limit = COMPACT_MIN
+
+    def compact(self) -> None:
+        """Drop every finished item; the next compaction waits until the length doubles."""
+        self.items = deque(i for i in self.items if not i.done)
+        self.limit = max(COMPACT_MIN, 2 * len(self.items))
 
 
 class Deadlines:
-    """Tracks deadlines of objects with ``deadline``, ``queue`` and ``done`` attributes."""
+    """Tracks deadlines of objects with ``deadline`` and ``done`` attributes.
 
-    COMPACT_MIN = 256
+    ``add`` starts an item's clock; setting ``item.done = True`` stops it (no call needed).
+    ``expire(item)`` is called for every item still not done at its deadline.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, expire: Callable[[Any], None]) -> None:
         self._loop = loop
@@ -45,22 +61,14 @@ class Deadlines:
             queue = self._queues[timeout] = TimeoutQueue(timeout)
         deadline = now + timeout
         item.deadline = deadline
-        item.queue = queue
-        queue.items.append(item)
-        queue.live += 1
+        items = queue.items
+        while items and items[0].done:
+            items.popleft()
+        items.append(item)
+        if len(items) > queue.limit:
+            queue.compact()
         if self._timer is None or deadline < self._armed_at:
             self._arm(deadline)
-
-    def settle(self, item: Any) -> None:
-        """``item`` finished (``item.done`` is already set); forget it lazily."""
-        queue: TimeoutQueue | None = item.queue
-        if queue is None:
-            return
-        item.queue = None
-        queue.live -= 1
-        items = queue.items
-        if len(items) > self.COMPACT_MIN and queue.live * 2 < len(items):
-            queue.items = deque(i for i in items if not i.done)
 
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:
@@ -81,8 +89,6 @@ class Deadlines:
                     items.popleft()
                 elif head.deadline <= now:
                     items.popleft()
-                    head.queue = None
-                    queue.live -= 1
                     expired.append(head)
                 else:
                     if earliest is None or head.deadline < earliest:

@@ -305,9 +305,8 @@ class Downstream(asyncio.Protocol):
     # -- completion ----------------------------------------------------------------------------
 
     def _settle(self, p: Pending) -> None:
-        p.done = True
+        p.done = True  # also stops its deadline
         engine = self.engine
-        engine.deadlines.settle(p)
         p.host.active -= 1
         self.inflight -= 1
         engine.pending -= 1
@@ -323,8 +322,11 @@ class Downstream(asyncio.Protocol):
         """
         self._settle(p)
         route = p.route
-        status = _STATUS_NAMES[response.response_status]
-        p.target.count(status)
+        status = response.response_status
+        counter = p.target.responses[status]
+        if counter is None:
+            counter = p.target.response_counter(status)
+        counter.value += 1
         if self.transport is not None:
             try:
                 if p.conn.shared:
@@ -349,7 +351,7 @@ class Downstream(asyncio.Protocol):
                 self.listener.name,
                 route.name,
                 p.target.name,
-                status,
+                _STATUS_NAMES[status],
                 self.engine.loop.time() - p.start,
                 p.request.request_id,
                 p.request.message_type.name,

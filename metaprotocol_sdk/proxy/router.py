@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from metaprotocol_sdk.enums import ResponseStatus
 from metaprotocol_sdk.metadata import Attributes
 
 from .matcher import Matcher
@@ -25,7 +26,7 @@ SCHEDULE_LIMIT = 1000
 class Target:
     """One weighted destination of a route, with its stats series."""
 
-    __slots__ = ("_by_status", "_labels", "_stats", "cluster", "name", "weight")
+    __slots__ = ("_by_status", "_labels", "_stats", "cluster", "name", "responses", "weight")
 
     def __init__(
         self,
@@ -42,15 +43,28 @@ class Target:
         self._stats = stats
         self._labels = {"listener": listener, "route": route, "destination": name}
         self._by_status: dict[str, Counter] = {}
+        #: Counters of answered requests by ``ResponseStatus`` value, made on first use
+        #: (:meth:`response_counter`): the hot path indexes this list.
+        self.responses: list[Counter | None] = [None] * len(ResponseStatus)
 
-    def count(self, status: str) -> None:
-        """Count one finished request with ``status``."""
+    def response_counter(self, status: ResponseStatus) -> Counter:
+        """The counter of requests answered by the upstream with ``status``."""
+        counter = self.responses[status]
+        if counter is None:
+            counter = self.responses[status] = self._counter(status.name)
+        return counter
+
+    def _counter(self, status: str) -> Counter:
         counter = self._by_status.get(status)
         if counter is None:
             counter = self._by_status[status] = self._stats.counter(
                 "metaprotocol_requests_total", **self._labels, status=status
             )
-        counter.value += 1
+        return counter
+
+    def count(self, status: str) -> None:
+        """Count one finished request with ``status``."""
+        self._counter(status).value += 1
 
     def count_oneway(self, status: str) -> None:
         """Count one one-way request with ``status`` (``Forwarded`` or why it was dropped)."""

@@ -23,7 +23,6 @@ from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .balancer import Balancer
 from .config.models import Protocol
-from .deadlines import TimeoutQueue
 from .stats import Counter
 
 if TYPE_CHECKING:
@@ -61,7 +60,6 @@ class Pending:
         "done",
         "downstream",
         "host",
-        "queue",
         "request",
         "route",
         "start",
@@ -89,7 +87,6 @@ class Pending:
         self.wire_id = request.request_id
         self.done = False
         self.deadline = 0.0
-        self.queue: TimeoutQueue | None = None
 
 
 class UpstreamHost:

@@ -6,14 +6,52 @@ import asyncio
 
 from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run
 
-from metaprotocol_sdk.proxy.deadlines import Deadlines
+from metaprotocol_sdk.proxy.deadlines import COMPACT_MIN, Deadlines
 
 
 class Item:
     def __init__(self) -> None:
         self.done = False
         self.deadline = 0.0
-        self.queue = None
+
+
+def queued(deadlines: Deadlines) -> int:
+    return sum(len(q.items) for q in deadlines._queues.values())
+
+
+def test_finished_items_are_not_kept() -> None:
+    """Finished requests (which hold their frames) are dropped, in order or not."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(loop, lambda item: None)
+        now = loop.time()
+        # In order: each add drops the finished head, so the queue holds what is in flight.
+        for _ in range(1000):
+            item = Item()
+            deadlines.add(item, now, 30.0)
+            assert queued(deadlines) == 1
+            item.done = True
+        # Out of order: a slow request at the head; the rest finish behind it.
+        slow = Item()
+        deadlines.add(slow, now, 30.0)
+        longest = 0
+        for _ in range(10_000):
+            item = Item()
+            deadlines.add(item, now, 30.0)
+            item.done = True
+            longest = max(longest, queued(deadlines))
+        assert longest <= COMPACT_MIN + 1
+        # Many in flight at once: compaction keeps the queue within twice that many.
+        live = [Item() for _ in range(500)]
+        for i, item in enumerate(live):
+            deadlines.add(item, now, 30.0)
+            if i % 2:
+                item.done = True
+        assert queued(deadlines) <= 2 * (250 + 1) + 1
+        deadlines.close()
+
+    run(main())
 
 
 def test_expiry_and_compaction() -> None:
@@ -27,15 +65,9 @@ def test_expiry_and_compaction() -> None:
             fired.set()
 
         deadlines = Deadlines(loop, expire)
-        now = loop.time()
-        finished = [Item() for _ in range(1000)]
-        for item in finished:
-            deadlines.add(item, now, 30.0)
-        for item in finished:  # all finish: the queue is compacted, not left to grow
-            item.done = True
-            deadlines.settle(item)
-        queue = next(iter(deadlines._queues.values()))
-        assert queue.live == 0 and len(queue.items) <= Deadlines.COMPACT_MIN + 1
+        finished = Item()
+        deadlines.add(finished, loop.time(), 0.01)
+        finished.done = True  # finished in time: never expired
         slow, fast = Item(), Item()
         deadlines.add(slow, loop.time(), 0.2)
         deadlines.add(fast, loop.time(), 0.05)  # earlier deadline re-arms the timer
