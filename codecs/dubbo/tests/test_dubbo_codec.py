@@ -6,8 +6,9 @@ import struct
 
 import pytest
 from metaprotocol_dubbo import ERROR_STATUS, DubboCodec, ResultFlag, Status, heartbeat_request
+from metaprotocol_dubbo.body import encode_string_map
 from metaprotocol_dubbo.frames import build_request, build_response
-from metaprotocol_dubbo.header import HEADER, build_header
+from metaprotocol_dubbo.header import HEADER, HEADER_SIZE, build_header
 from metaprotocol_dubbo.hessian2 import Decoder, JavaObject, dumps, loads
 
 from metaprotocol_sdk import (
@@ -315,9 +316,26 @@ def test_dubbo_remoting_flagless_null_result() -> None:
     frame = build_header(0x02, 20, 4, 1) + b"N"
     md = decode_one(frame)
     assert md.message_type is MessageType.Response and md.response_status is ResponseStatus.Ok
-    out = decode_one(join_encoded(DubboCodec().encode(md, {"k": "v"})))
+    mutated = join_encoded(DubboCodec().encode(md, {"k": "v"}))
+    out = decode_one(mutated)
     assert out.values["result_flag"] == ResultFlag.RESPONSE_NULL_VALUE_WITH_ATTACHMENTS
     assert out.attributes["k"] == "v"
+    # Flag 5 carries no value: the body is the flag and the map, the bare null is not kept.
+    assert mutated[HEADER_SIZE:] == b"\x95" + encode_string_map({"k": "v"})
+
+
+def test_plain_responses_share_their_state() -> None:
+    """Flags 0..2 responses share one state per header flag; re-encoding still works."""
+    small = decode_one(build_response("a", result_flag=ResultFlag.RESPONSE_VALUE))
+    large = decode_one(build_response("b" * 300, result_flag=ResultFlag.RESPONSE_VALUE))
+    assert small.codec_state is large.codec_state
+    assert small.values == {"status": 20, "result_flag": 1} and small.values is not large.values
+    assert small.attributes is not large.attributes
+    for md, value in ((small, "a"), (large, "b" * 300)):
+        out = decode_one(join_encoded(DubboCodec().encode(md, {"k": "v"}, request_id=9)))
+        assert out.request_id == 9 and out.attributes["k"] == "v"
+        assert out.values["result_flag"] == ResultFlag.RESPONSE_VALUE_WITH_ATTACHMENTS
+        assert loads(out.frame[HEADER_SIZE + 1 : out.codec_state.attachments.start]) == value
 
 
 # -- heartbeats ---------------------------------------------------------------------------------

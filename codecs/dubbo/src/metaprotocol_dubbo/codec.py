@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 from typing import Any
 
 from metaprotocol_sdk import (
@@ -49,7 +50,9 @@ from .header import (
     FLAG_TWOWAY,
     HEADER,
     HEADER_SIZE,
+    HEADER_STRUCT,
     HESSIAN2,
+    MAGIC,
     SERIALIZATION_MASK,
     build_header,
     serialization_name,
@@ -94,6 +97,7 @@ class _Head:
 
 
 _LENGTH = struct.Struct(">i")
+_HEADER_FIELDS = HEADER_STRUCT.unpack_from  # checked by hand: magic, then lengths
 _NULL_BODY = b"N"
 _OK = Status.OK.value
 
@@ -120,7 +124,9 @@ class ResponseState:
 
     ``result_flag`` is ``None`` for error statuses and events, and for the body that
     dubbo-remoting writes for a null result (a bare Hessian null, no flag). ``value_start`` and
-    ``value_end`` delimit the bytes after the flag up to the attachments (if any).
+    ``value_end`` delimit the bytes after the flag up to the attachments (if any);
+    ``value_end`` is :data:`TO_END` when the value runs to the end of the frame, so that a state
+    does not depend on the frame's length and can be shared.
     """
 
     __slots__ = ("attachments", "flag", "result_flag", "status", "value_end", "value_start")
@@ -142,6 +148,9 @@ class ResponseState:
         self.attachments = attachments
 
 
+#: ``value_end`` of a value that runs to the end of the frame (slices clamp it).
+TO_END = sys.maxsize
+
 #: result flag -> (flag, has a value, has attachments, response status).
 _FLAG_INFO: dict[int, tuple[ResultFlag, bool, bool, ResponseStatus]] = {
     int(f): (
@@ -152,6 +161,24 @@ _FLAG_INFO: dict[int, tuple[ResultFlag, bool, bool, ResponseStatus]] = {
     )
     for f in ResultFlag
 }
+
+
+class _PlainStates(dict[tuple[int, int], tuple[ResponseState, ResponseStatus, int] | None]):
+    """(header flag, first body byte) -> the shared state of an OK response whose body is a
+    one-byte result flag 0..2 and a value to the end; ``None`` for any other first byte."""
+
+    def __missing__(self, key: tuple[int, int]) -> tuple[ResponseState, ResponseStatus, int] | None:
+        flag, tag = key
+        raw_flag = tag - COMPACT_INT_ZERO
+        if not 0 <= raw_flag <= 2:  # not one of the flags without attachments
+            return None
+        result_flag, _, _, response_status = _FLAG_INFO[raw_flag]
+        state = ResponseState(flag, _OK, result_flag, HEADER_SIZE + 1, TO_END, None)
+        plain = self[key] = (state, response_status, raw_flag)  # at most 256 flags x 3
+        return plain
+
+
+_PLAIN = _PlainStates()
 
 
 def _message_type(flag: int, status: int) -> MessageType:
@@ -238,10 +265,11 @@ class DubboCodec(Codec):
 
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         """Consume one Dubbo frame from the front of ``buffer``, or nothing (need more data)."""
-        fields = HEADER.unpack(buffer)
-        if fields is None:
+        if len(buffer) < HEADER_SIZE:
             return NEED_DATA
-        _, flag, status, request_id, body_length = fields
+        magic, flag, status, request_id, body_length = _HEADER_FIELDS(buffer)
+        if magic != MAGIC:
+            HEADER.unpack(buffer)  # raises the header layout's error for the bad magic
         if body_length < 0:
             raise FramingError(f"negative body length {body_length}", offset=BODY_LENGTH_OFFSET)
         size = HEADER_SIZE + body_length
@@ -250,9 +278,14 @@ class DubboCodec(Codec):
             raise FrameTooLargeError(
                 size, self.max_frame_size, offset=BODY_LENGTH_OFFSET, metadata=partial
             )
-        if len(buffer) < size:
+        have = len(buffer)
+        if have < size:
             return NeedData(size)
-        frame = take_frame(buffer, size)
+        if have == size:  # the usual case: the buffer holds just this frame
+            frame = bytes(buffer)
+            buffer.clear()
+        else:
+            frame = take_frame(buffer, size)
         serialization = flag & SERIALIZATION_MASK
         try:
             if serialization != HESSIAN2:
@@ -436,6 +469,26 @@ class DubboCodec(Codec):
     def _response(
         self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
     ) -> Metadata:
+        if status == _OK and body_length:
+            plain = _PLAIN[flag, frame[HEADER_SIZE]]
+            if plain is not None:
+                # The usual shape: a one-byte flag 0..2, then the value up to the end. Nothing
+                # in the state depends on the frame, so one shared state serves them all.
+                state, response_status, raw_flag = plain
+                return Metadata(  # positional: the hot-path form (see Metadata)
+                    _RESPONSE,
+                    frame,
+                    request_id,
+                    "",
+                    HEADER_SIZE,
+                    body_length,
+                    response_status,
+                    _folded({}),
+                    state,
+                    _UNARY,
+                    0,
+                    {"status": status, "result_flag": raw_flag},
+                )
         values: dict[str, Any] = {"status": status}
         if status != _OK:
             # Error statuses carry the error message as a Hessian string.
@@ -461,9 +514,10 @@ class DubboCodec(Codec):
         attachments: Attachments | None = None
         decoder: Decoder | None = None
         if tag == TAG_NULL and pos + 1 == end:
-            # dubbo-remoting writes a null result as a bare null, without a result flag.
+            # dubbo-remoting writes a null result as a bare null, without a result flag: no
+            # value to keep when a mutation rewrites it with flag 5 (null value, attachments).
             result_flag = None
-            value_start = value_end = pos
+            value_start = value_end = end
         else:
             if COMPACT_INT_ZERO <= tag <= COMPACT_INT_ZERO + 5:  # the usual one-byte flag
                 raw_flag: Any = tag - COMPACT_INT_ZERO
@@ -489,7 +543,7 @@ class DubboCodec(Codec):
             else:
                 # Nothing follows the value (if any): it runs to the end of the body, and a
                 # proxy has no reason to parse it.
-                value_end = end
+                value_end = TO_END
             values["result_flag"] = raw_flag
         if result_flag is None:
             response_status = ResponseStatus.Ok

@@ -65,11 +65,12 @@ def serialization_name(sid: int) -> str:
     return SERIALIZATIONS.get(sid, "unknown")
 
 
-_PACK = HEADER.struct.pack if HEADER.struct is not None else None
+if HEADER.struct is None:  # pragma: no cover - every field above is fixed-size
+    raise ImportError("the Dubbo header layout did not compile to a struct")
+#: The compiled layout's struct, for the hot paths (no keyword handling, no magic check).
+HEADER_STRUCT = HEADER.struct
 
 
 def build_header(flag: int, status: int, request_id: int, body_length: int) -> bytes:
     """Serialise one header (magic filled in)."""
-    if _PACK is not None:  # the compiled layout's struct, without keyword handling
-        return _PACK(MAGIC, flag, status, request_id, body_length)
-    return HEADER.build(flag=flag, status=status, request_id=request_id, body_length=body_length)
+    return HEADER_STRUCT.pack(MAGIC, flag, status, request_id, body_length)
