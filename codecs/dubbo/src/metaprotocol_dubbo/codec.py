@@ -474,7 +474,7 @@ class DubboCodec(Codec):
             if plain is not None:
                 # The usual shape: a one-byte flag 0..2, then the value up to the end. Nothing
                 # in the state depends on the frame, so one shared state serves them all.
-                state, response_status, raw_flag = plain
+                state, response_status, plain_flag = plain
                 return Metadata(  # positional: the hot-path form (see Metadata)
                     _RESPONSE,
                     frame,
@@ -487,7 +487,7 @@ class DubboCodec(Codec):
                     state,
                     _UNARY,
                     0,
-                    {"status": status, "result_flag": raw_flag},
+                    {"status": status, "result_flag": plain_flag},
                 )
         values: dict[str, Any] = {"status": status}
         if status != _OK:
