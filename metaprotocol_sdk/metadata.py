@@ -20,13 +20,15 @@ class Attributes(MutableMapping[str, str]):
 
     Keys keep the spelling they were set with (for display), but lookups ignore case, as
     Aeraki's routing does. :meth:`get_folded` skips the case folding for callers that folded
-    the key once in advance (the engine's route matcher does).
+    the key once in advance. ``folded_items`` is the table behind it all,
+    ``{key.lower(): (key, value)}``: hot paths may read it directly (the engine's route
+    matcher does); writes go through the mapping methods, which check the values.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("folded_items",)
 
     def __init__(self, items: Mapping[str, str] | None = None) -> None:
-        self._items: dict[str, tuple[str, str]] = {}
+        self.folded_items: dict[str, tuple[str, str]] = {}
         if items:
             for key, value in items.items():
                 self[key] = value
@@ -38,44 +40,44 @@ class Attributes(MutableMapping[str, str]):
         The fast path for codecs: one comprehension instead of a ``__setitem__`` call per item.
         """
         attributes = _new_object(cls)
-        attributes._items = {key.lower(): (key, value) for key, value in items.items()}
+        attributes.folded_items = {key.lower(): (key, value) for key, value in items.items()}
         return attributes
 
     @classmethod
     def from_folded(cls, table: dict[str, tuple[str, str]]) -> Attributes:
         """Attributes that take over a ``{key.lower(): (key, value)}`` table built by a codec."""
         attributes = _new_object(cls)
-        attributes._items = table
+        attributes.folded_items = table
         return attributes
 
     def __getitem__(self, key: str) -> str:
-        return self._items[key.lower()][1]
+        return self.folded_items[key.lower()][1]
 
     def __setitem__(self, key: str, value: str) -> None:
         if not isinstance(value, str):
             raise TypeError(f"attribute {key!r} must be a str, got {type(value).__name__}")
-        self._items[key.lower()] = (key, value)
+        self.folded_items[key.lower()] = (key, value)
 
     def __delitem__(self, key: str) -> None:
-        del self._items[key.lower()]
+        del self.folded_items[key.lower()]
 
     def __iter__(self) -> Iterator[str]:
-        return (key for key, _ in self._items.values())
+        return (key for key, _ in self.folded_items.values())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.folded_items)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._items
+        return isinstance(key, str) and key.lower() in self.folded_items
 
     def get_folded(self, folded_key: str) -> str | None:
         """Return the value for an already lower-cased key, or ``None``."""
-        item = self._items.get(folded_key)
+        item = self.folded_items.get(folded_key)
         return None if item is None else item[1]
 
     def to_dict(self) -> dict[str, str]:
         """A plain ``dict`` with the original key spelling."""
-        return dict(self._items.values())
+        return dict(self.folded_items.values())
 
     def __repr__(self) -> str:
         return f"Attributes({self.to_dict()!r})"

@@ -226,7 +226,7 @@ class Downstream(asyncio.Protocol):
             name = self.listener.name
             self.local_reply(message, ErrorType.RouteNotFound, f"no route on {name}")
             return
-        target = route.pick()
+        target = route.single or route.pick()
         cluster = target.cluster
         if cluster is None:
             self.local_reply(
@@ -340,9 +340,13 @@ class Downstream(asyncio.Protocol):
                     p.request, LocalError(ErrorType.BadResponse, f"cannot encode response: {exc}")
                 )
                 self.listener.count_local(ErrorType.BadResponse)
-            if not self.out:
+            out = self.out
+            if not out:
                 batch.append(self)
-            append_encoded(self.out, encoded, len(response.frame))
+            if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
+                out.append(encoded)
+            else:
+                append_encoded(out, encoded, len(response.frame))
         elif self.draining and self.inflight == 0:
             self.close()
         log = self.engine.access_log

@@ -13,15 +13,20 @@ from .config.models import AttributeMatch
 Matcher = Callable[[Attributes], bool]
 
 
+_ABSENT = ("", None)  # what a missing key reads as: its value is None
+
+
 def _one(cond: AttributeMatch) -> Matcher:
+    # Each test reads the attributes' folded table directly (one dict lookup, no method
+    # call): ``folded_items`` maps a lower-cased key to (key as set, value).
     key = cond.attribute.lower()
     value = cond.value
     if cond.kind == "exact":
-        return lambda attrs: attrs.get_folded(key) == value
+        return lambda attrs: attrs.folded_items.get(key, _ABSENT)[1] == value
     if cond.kind == "prefix":
 
         def prefix(attrs: Attributes) -> bool:
-            got = attrs.get_folded(key)
+            got = attrs.folded_items.get(key, _ABSENT)[1]
             return got is not None and got.startswith(value)
 
         return prefix
@@ -30,11 +35,11 @@ def _one(cond: AttributeMatch) -> Matcher:
         full = re.compile(value).fullmatch
 
         def regex(attrs: Attributes) -> bool:
-            got = attrs.get_folded(key)
+            got = attrs.folded_items.get(key, _ABSENT)[1]
             return got is not None and full(got) is not None
 
         return regex
-    return lambda attrs: attrs.get_folded(key) is not None
+    return lambda attrs: key in attrs.folded_items
 
 
 def _always(attrs: Attributes) -> bool:

@@ -258,7 +258,11 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             encoded = self.codec.encode(request, mutation)
             self.fifo.append(p)
-        self._queue(encoded, len(request.frame))
+        queued = self.queued
+        if type(encoded) is bytes and queued:  # the usual case of _queue, without the call
+            queued.append(encoded)
+        else:
+            self._queue(encoded, len(request.frame))
 
     def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
         """Encode and send a request that gets no response."""

@@ -98,6 +98,7 @@ class _Head:
 
 _LENGTH = struct.Struct(">i")
 _HEADER_FIELDS = HEADER_STRUCT.unpack_from  # checked by hand: magic, then lengths
+_PACK_HEADER = HEADER_STRUCT.pack
 _NULL_BODY = b"N"
 _OK = Status.OK.value
 
@@ -641,14 +642,13 @@ class DubboCodec(Codec):
             if len(frame) <= _COPY_LIMIT:
                 # Small: one new frame costs less than views and a list of buffers.
                 body_length = len(frame) - HEADER_SIZE + len(added) - 1
-                return b"".join(
-                    (
-                        self._header(frame, body_length, request_id),
-                        frame[HEADER_SIZE : end - 1],
-                        added,
-                        frame[end:],
-                    )
-                )
+                if request_id is None:
+                    header = frame[:BODY_LENGTH_OFFSET] + _LENGTH.pack(body_length)
+                else:
+                    header = _PACK_HEADER(MAGIC, frame[2], frame[3], request_id, body_length)
+                if end == len(frame):  # the map ends the frame, as it usually does
+                    return b"".join((header, frame[HEADER_SIZE : end - 1], added))
+                return b"".join((header, frame[HEADER_SIZE : end - 1], added, frame[end:]))
             view = memoryview(frame)
             tail = view[end:]
             body_length = end - 1 - HEADER_SIZE + len(added) + len(tail)
