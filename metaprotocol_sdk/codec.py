@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self, TypeAlias
 
-from .enums import ErrorType
+from .enums import ErrorType, ResponseStatus
 from .errors import ConfigError, UnsupportedError
 from .metadata import Metadata, Mutation
 
@@ -22,6 +22,10 @@ DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
 
 #: What :meth:`Codec.encode` returns: bytes, or a list of buffers for ``writelines``.
 Encoded: TypeAlias = bytes | list[bytes | memoryview]
+
+#: What :meth:`Codec.peek_reply` returns: the reply's request id, its frame size in bytes and
+#: its response status.
+ReplyHead: TypeAlias = tuple[int, int, ResponseStatus]
 
 
 class NeedData:
@@ -64,6 +68,11 @@ class Capabilities:
     rewrite_request_id: bool = False
     #: Builds protocol-level error replies (:meth:`Codec.on_error`).
     error_reply: bool = True
+    #: Tells a reply's request id, size and status without decoding it
+    #: (:meth:`Codec.peek_reply`) and, with ``rewrite_request_id``, rewrites its id in the
+    #: frame (:meth:`Codec.relabel`): an engine forwards replies that need no mutation
+    #: without building their :class:`Metadata`.
+    peek_reply: bool = False
 
     def names(self) -> list[str]:
         """The names of the declared capabilities."""
@@ -157,6 +166,27 @@ class Codec(ABC):
     @abstractmethod
     def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
         """The protocol's own error reply to the request described by ``metadata``."""
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        """``(request_id, size, response_status)`` of the reply at the front of ``buffer``.
+
+        Only for codecs declaring the ``peek_reply`` capability; consumes nothing. When the
+        buffer starts with a complete Response or Error message that :meth:`decode` would
+        accept, this returns what ``decode`` would report for it: its request id, the frame's
+        size (``Metadata.size``) and its response status. In every other case (anything but a
+        reply, an incomplete frame, a frame ``decode`` might refuse, or simply not sure) it
+        returns ``None`` and the engine calls :meth:`decode`. The conformance kit checks that
+        the two agree.
+        """
+        return None
+
+    def relabel(self, frame: bytes, request_id: int) -> bytes:
+        """A reply ``frame`` that :meth:`peek_reply` sized, with ``request_id`` as its id.
+
+        Needed with both ``peek_reply`` and ``rewrite_request_id``; the bytes must equal what
+        ``encode(decode(frame), request_id=request_id)`` gives.
+        """
+        raise UnsupportedError(f"codec {self.protocol or type(self).__name__} cannot relabel")
 
     def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
         """The reply to a heartbeat, or ``None`` if this heartbeat needs none (it is a reply)."""

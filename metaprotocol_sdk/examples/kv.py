@@ -38,6 +38,7 @@ from metaprotocol_sdk import (
     Metadata,
     Mutation,
     NeedData,
+    ReplyHead,
     ResponseStatus,
     UnsupportedError,
     compile_header,
@@ -131,6 +132,7 @@ class KVCodec(Codec):
         response_mutation=True,
         rewrite_request_id=True,
         error_reply=True,
+        peek_reply=True,
     )
     max_request_id = 0xFFFFFFFF  # unsigned 32-bit id field
 
@@ -194,8 +196,31 @@ class KVCodec(Codec):
             # The body travels as an untouched slice of the original frame.
             return [bytes(fixed), block, message.body]
         if request_id is not None and request_id != message.request_id:
-            return frame[:4] + _ID.pack(request_id) + frame[8:]
+            return self.relabel(frame, request_id)
         return frame
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        # Only a complete, well-formed response or error; anything else is left to decode.
+        try:
+            fields = HEADER.unpack(buffer)
+        except FramingError:
+            return None
+        if fields is None:
+            return None
+        _, version, kind, request_id, headers_length, _, body_length = fields
+        size = HEADER_SIZE + headers_length + body_length
+        if version != 1 or kind not in (RESPONSE, ERROR):
+            return None
+        if size > len(buffer) or size > self.max_frame_size:
+            return None
+        try:
+            _decode_headers(buffer, HEADER_SIZE, HEADER_SIZE + headers_length)
+        except FramingError:
+            return None
+        return request_id, size, ResponseStatus.Ok if kind == RESPONSE else ResponseStatus.Error
+
+    def relabel(self, frame: bytes, request_id: int) -> bytes:
+        return frame[:4] + _ID.pack(request_id) + frame[8:]
 
     def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
         return build_frame(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from metaprotocol_sdk.codec import Codec, LocalError
-from metaprotocol_sdk.enums import ErrorType, MessageType
+from metaprotocol_sdk.codec import Codec, Encoded, LocalError
+from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus
 from metaprotocol_sdk.errors import CodecError, FrameTooLargeError
 from metaprotocol_sdk.metadata import Metadata
 
@@ -320,40 +320,67 @@ class Downstream(asyncio.Protocol):
         flushes every connection of the batch once it has decoded all it read, so pipelined
         responses leave in one write.
         """
-        self._settle(p)
-        route = p.route
-        status = response.response_status
-        counter = p.target.responses[status]
-        if counter is None:
-            counter = p.target.response_counter(status)
-        counter.value += 1
+        encoded: Encoded | None = None
         if self.transport is not None:
             try:
                 if p.conn.shared:
                     encoded = self.codec.encode(
-                        response, route.response_mutation, request_id=p.request.request_id
+                        response, p.route.response_mutation, request_id=p.request.request_id
                     )
                 else:
-                    encoded = self.codec.encode(response, route.response_mutation)
+                    encoded = self.codec.encode(response, p.route.response_mutation)
             except Exception as exc:  # the codec cannot write this response
-                encoded = self.codec.on_error(
-                    p.request, LocalError(ErrorType.BadResponse, f"cannot encode response: {exc}")
+                encoded = self._bad_response(p, f"cannot encode response: {exc}")
+        self._reply(p, encoded, len(response.frame), response.response_status, batch)
+
+    def forward(
+        self, p: Pending, frame: bytes, status: ResponseStatus, batch: list[Downstream]
+    ) -> None:
+        """Queue a reply to ``p`` that the codec peeked at: no response mutation applies, so
+        only the id is put back (shared connections). Batched as :meth:`finish` does."""
+        encoded: bytes | None = None
+        if self.transport is not None:
+            try:
+                encoded = (
+                    self.codec.relabel(frame, p.request.request_id) if p.conn.shared else frame
                 )
-                self.listener.count_local(ErrorType.BadResponse)
+            except Exception as exc:  # the codec cannot write this response
+                encoded = self._bad_response(p, f"cannot relabel response: {exc}")
+        self._reply(p, encoded, len(frame), status, batch)
+
+    def _bad_response(self, p: Pending, message: str) -> bytes:
+        self.listener.count_local(ErrorType.BadResponse)
+        return self.codec.on_error(p.request, LocalError(ErrorType.BadResponse, message))
+
+    def _reply(
+        self,
+        p: Pending,
+        encoded: Encoded | None,
+        size: int,
+        status: ResponseStatus,
+        batch: list[Downstream],
+    ) -> None:
+        """Settle ``p``, count its status and queue ``encoded`` (``None``: the client left)."""
+        self._settle(p)
+        counter = p.target.responses[status]
+        if counter is None:
+            counter = p.target.response_counter(status)
+        counter.value += 1
+        if encoded is not None:
             out = self.out
             if not out:
                 batch.append(self)
             if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
                 out.append(encoded)
             else:
-                append_encoded(out, encoded, len(response.frame))
+                append_encoded(out, encoded, size)
         elif self.draining and self.inflight == 0:
             self.close()
         log = self.engine.access_log
         if log is not None:
             log.log(
                 self.listener.name,
-                route.name,
+                p.route.name,
                 p.target.name,
                 _STATUS_NAMES[status],
                 self.engine.loop.time() - p.start,

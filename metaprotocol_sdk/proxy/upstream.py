@@ -16,7 +16,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
-from metaprotocol_sdk.codec import Codec, Encoded
+from metaprotocol_sdk.codec import Codec, Encoded, ReplyHead, take_frame
 from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
@@ -169,6 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
         "need",
         "next_id",
         "owner",
+        "peek",
         "pending",
         "queued",
         "shared",
@@ -183,8 +184,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self.engine = cluster.engine
         self.shared = cluster.shared
-        self.codec: Codec = cluster.protocol.create_codec()
-        self.max_id = self.codec.max_request_id
+        codec = cluster.protocol.create_codec()
+        self.codec: Codec = codec
+        self.max_id = codec.max_request_id
+        #: The codec's peek_reply when it declares the capability (see _forward).
+        self.peek = codec.peek_reply if codec.capabilities.peek_reply else None
         self.transport: asyncio.Transport | None = None
         self.connecting = True
         self.closed = False
@@ -298,9 +302,14 @@ class UpstreamConnection(asyncio.Protocol):
         codec = self.codec
         shared = self.shared
         pending = self.pending
+        peek = self.peek
         batch: list[Downstream] = []
         failed: CodecError | None = None
         while buffer:
+            if peek is not None:
+                head = peek(buffer)
+                if head is not None and self._forward(head, batch):
+                    continue
             try:
                 message = codec.decode(buffer)
             except CodecError as exc:
@@ -330,6 +339,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.cluster.decode_errors.value += 1
             self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {failed}")
             self.close()
+
+    def _forward(self, head: ReplyHead, batch: list[Downstream]) -> bool:
+        """Pass on the reply at the front of the buffer without decoding it, when no response
+        mutation applies (the codec peeked at it: ``head``). ``False``: decode it instead."""
+        wire_id, size, status = head
+        if self.shared:
+            p = self.pending.get(wire_id)
+        else:
+            p = next((c for c in self.fifo if c.wire_id == wire_id), None)
+        if p is not None and p.route.response_mutation is not None:
+            return False
+        frame = take_frame(self.buffer, size)
+        p = self._match(wire_id)
+        if p is not None:  # else a reply nobody waits for (any more): dropped
+            p.downstream.forward(p, frame, status, batch)
+        return True
 
     def _match(self, wire_id: int) -> Pending | None:
         if self.shared:

@@ -90,7 +90,34 @@ class PickyKVCodec(KVCodec):
         return super().encode(message, mutation, request_id=request_id)
 
 
+class CountingKVCodec(KVCodec):
+    """KV codec counting the replies it decodes (``peek_reply`` lets the engine skip that)."""
+
+    protocol = "kvc"
+    reply_decodes = 0
+
+    def decode(self, buffer: bytearray) -> Metadata | Any:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata) and message.message_type in (
+            MessageType.Response,
+            MessageType.Error,
+        ):
+            CountingKVCodec.reply_decodes += 1
+        return message
+
+
+class CountingDedicatedKVCodec(CountingKVCodec):
+    """The counting codec without id rewriting: peeked replies pair by arrival order."""
+
+    protocol = "kvcd"
+    capabilities = KVCodec.capabilities.__class__(
+        heartbeat=True, oneway=True, mutation=True, response_mutation=True, peek_reply=True
+    )
+
+
 _mod = types.ModuleType("proxy_test_codecs")
+_mod.CountingKVCodec = CountingKVCodec  # type: ignore[attr-defined]
+_mod.CountingDedicatedKVCodec = CountingDedicatedKVCodec  # type: ignore[attr-defined]
 _mod.PickyKVCodec = PickyKVCodec  # type: ignore[attr-defined]
 _mod.LenientKVCodec = LenientKVCodec  # type: ignore[attr-defined]
 _mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]

@@ -89,7 +89,10 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
     assert outcomes["mutation_visible"] == "passed"
     assert outcomes["heartbeat_reply"] == "passed"
     assert outcomes["rewrite_request_id"] == "passed"
-    assert {c for c, o in outcomes.items() if o != "passed"} == {"streaming_marked"}
+    # Skipped: the capabilities the scaffold leaves undeclared (streams, and peek_reply, the
+    # optional forwarding shortcut).
+    skipped = {"streaming_marked", "peek_reply_agrees"}
+    assert {c for c, o in outcomes.items() if o != "passed"} == skipped
 
     # 6. Run it in the engine: example server <- engine <- example client.
     run_in_engine(python, project, tmp_path, env)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from metaprotocol_sdk.codec import LocalError
+import contextlib
+
+from metaprotocol_sdk.codec import Codec, LocalError, ReplyHead
 from metaprotocol_sdk.enums import ErrorType, MessageType, StreamType
 from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import hexdump
 
-from ._support import decode_whole, fail, for_each_sample, reference
+from ._support import (
+    compare,
+    decode_whole,
+    encode_bytes,
+    fail,
+    for_each_sample,
+    reference,
+    split_points,
+)
 from .base import CheckContext, CheckSkipped, check
 
 _REPLY_TYPES = (MessageType.Response, MessageType.Error)
@@ -202,3 +212,73 @@ def oneway_marked(ctx: CheckContext) -> None:
 def streaming_marked(ctx: CheckContext) -> None:
     """Messages expected to be stream frames decode as such, with a non-unary stream type."""
     _expected_types(ctx, _STREAM_TYPES, "streaming")
+
+
+def _peek(codec: Codec, data: bytes, what: str) -> ReplyHead | None:
+    buffer = bytearray(data)
+    try:
+        head = codec.peek_reply(buffer)
+    except Exception as exc:
+        fail(f"peek_reply raised {type(exc).__name__}: {exc} on {what}")
+    if buffer != data:
+        fail(f"peek_reply changed the buffer it was given ({what}); it must consume nothing")
+    return head
+
+
+@check("peek_reply_agrees", "errors", requires="peek_reply")
+def peek_reply_agrees(ctx: CheckContext) -> None:
+    """peek_reply() agrees with decode() on replies, consumes nothing, is None otherwise.
+
+    Where it gives a head, it is decode's (request id, size, response status) and it is the
+    same with more bytes after the frame; for every truncation, for a frame above
+    ``max_frame_size`` and for anything but a Response or Error it is ``None``. With
+    ``rewrite_request_id``, ``relabel(frame, id)`` equals ``encode(decoded, request_id=id)``.
+    """
+    replies = peeked = 0
+    rewrites = ctx.target.codec.capabilities.rewrite_request_id
+
+    def prop(sample: Sample) -> None:
+        nonlocal replies, peeked
+        decoded = reference(ctx, sample)
+        frame = sample.frame
+        codec = ctx.target.new_codec(sample.options)
+        head = _peek(codec, frame, "a whole frame")
+        if decoded.message_type in _REPLY_TYPES:
+            replies += 1
+        if head is None:
+            return
+        peeked += 1
+        if decoded.message_type not in _REPLY_TYPES:
+            fail(f"peek_reply gave {head} for a {decoded.message_type.name} message")
+        expected = (decoded.request_id, decoded.size, decoded.response_status)
+        if tuple(head) != expected:
+            fail(f"peek_reply gave {head}; decode gives (id, size, status) {expected}")
+        if _peek(codec, frame + frame, "a frame followed by another") != head:
+            fail("peek_reply gives another head when more bytes follow the frame")
+        for cut in split_points(len(frame), ctx.target.settings.max_split_points):
+            if _peek(codec, frame[:cut], f"the first {cut} bytes") is not None:
+                fail(f"peek_reply gave a head for the first {cut} of {len(frame)} bytes")
+        if len(frame) > 1:
+            with contextlib.suppress(ConfigError):
+                small = ctx.target.new_codec(sample.options, max_frame_size=len(frame) - 1)
+                if _peek(small, frame, "a frame above max_frame_size") is not None:
+                    fail("peek_reply gave a head for a frame above max_frame_size")
+        if rewrites:
+            new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
+            try:
+                relabelled = bytes(codec.relabel(frame, new_id))
+            except Exception as exc:
+                fail(f"relabel raised {type(exc).__name__}: {exc}")
+            wanted = encode_bytes(
+                codec, lambda: codec.encode(decoded, request_id=new_id), "encode(request_id=)"
+            )
+            if relabelled != wanted:
+                fail(
+                    f"relabel(frame, {new_id}) differs from encode(request_id={new_id}): "
+                    + compare(wanted, relabelled)
+                )
+
+    for_each_sample(ctx, prop)
+    if replies == 0:
+        raise CheckSkipped("no Response or Error among golden vectors or generated messages")
+    ctx.details.update(replies=replies, peeked=peeked)

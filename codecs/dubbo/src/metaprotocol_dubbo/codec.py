@@ -22,6 +22,7 @@ from metaprotocol_sdk import (
     Mutation,
     MutationError,
     NeedData,
+    ReplyHead,
     ResponseStatus,
     StreamType,
     UnsupportedError,
@@ -243,6 +244,7 @@ class DubboCodec(Codec):
         response_mutation=True,
         rewrite_request_id=True,
         error_reply=True,
+        peek_reply=True,
     )
     max_request_id = 0x7FFFFFFFFFFFFFFF  # Java long: Dubbo's 64-bit id is signed
 
@@ -568,6 +570,30 @@ class DubboCodec(Codec):
             0,
             values,
         )
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        """The id, size and status of an OK response whose body is a result flag 0..2 and a
+        value (what :meth:`decode` reads without parsing the value); ``None`` for the rest."""
+        if len(buffer) < HEADER_SIZE + 1:
+            return None
+        magic, flag, status, request_id, body_length = _HEADER_FIELDS(buffer)
+        size = HEADER_SIZE + body_length
+        if (
+            magic != MAGIC
+            or status != _OK
+            or body_length <= 0
+            or size > len(buffer)
+            or size > self.max_frame_size
+            or flag & (FLAG_REQUEST | FLAG_EVENT)
+            or flag & SERIALIZATION_MASK != HESSIAN2
+        ):
+            return None
+        plain = _PLAIN[flag, buffer[HEADER_SIZE]]
+        return None if plain is None else (request_id, size, plain[1])
+
+    def relabel(self, frame: bytes, request_id: int) -> bytes:
+        """``frame`` with ``request_id`` written over its own."""
+        return frame[:4] + _ID.pack(request_id) + frame[12:]
 
     # -- encoding ------------------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""Replies a codec can peek at are forwarded without being decoded, unless a mutation applies."""
+
+from __future__ import annotations
+
+import pytest
+from proxy_kit import (
+    ERROR,
+    PING,
+    REQUEST,
+    RESPONSE,
+    Client,
+    CountingKVCodec,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    gather,
+    mesh,
+    run,
+)
+
+from metaprotocol_sdk import MessageType, ResponseStatus, join_encoded
+from metaprotocol_sdk.examples.kv import KVCodec
+
+ROUTER = """\
+- name: mutated
+  match: {attributes: {method: {exact: mutate}}}
+  route: [{destination: {host: svc.test}}]
+  responseMutation: [{key: x-proxy, value: metaprotocol}]
+- name: plain
+  route: [{destination: {host: svc.test}}]
+"""
+METHODS = ["get", "mutate", "fail", "get", "mutate"]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "codec"), [("kvc", "CountingKVCodec"), ("kvcd", "CountingDedicatedKVCodec")]
+)
+def test_only_mutated_replies_are_decoded(protocol: str, codec: str) -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh(
+            [(up.port, "v1")], router=ROUTER, protocol=protocol, codec=f"proxy_test_codecs:{codec}"
+        )
+        CountingKVCodec.reply_decodes = 0
+        async with engine_for(text) as engine:
+            clients = [await Client.connect(address(engine)) for _ in range(3)]
+            # Every client uses the same ids: the replies must still find their way back.
+            sent = [(rid, m, i) for rid, m in enumerate(METHODS, 1) for i in range(3)]
+            replies = await gather(
+                *(clients[i].start(m, {"who": f"{i}-{m}"}, m.encode(), rid) for rid, m, i in sent)
+            )
+            for reply, (rid, method, i) in zip(replies, sent, strict=True):
+                assert reply.request_id == rid
+                assert reply.attributes["req-who"] == f"{i}-{method}"
+                assert bytes(reply.body) == method.encode()
+                assert ("x-proxy" in reply.attributes) == (method == "mutate")
+                assert (reply.message_type is MessageType.Error) == (method == "fail")
+            # The engine decoded only the replies a response mutation had to be written into.
+            assert CountingKVCodec.reply_decodes == 2 * 3
+            total = engine.stats.total
+            assert total("metaprotocol_requests_total", route="plain", status="Ok") == 6
+            assert total("metaprotocol_requests_total", route="plain", status="Error") == 3
+            assert total("metaprotocol_requests_total", route="mutated", status="Ok") == 6
+            for c in clients:
+                assert c.unmatched == []
+                c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_peek_reply_leaves_anything_else_to_decode() -> None:
+    codec = KVCodec()
+    reply = build_frame(RESPONSE, 7, {"k": "v"}, b"body")
+    assert codec.peek_reply(bytearray(reply)) == (7, len(reply), ResponseStatus.Ok)
+    assert codec.peek_reply(bytearray(reply + reply)) == (7, len(reply), ResponseStatus.Ok)
+    error = build_frame(ERROR, 8, {"error-type": "x"})
+    assert codec.peek_reply(bytearray(error)) == (8, len(error), ResponseStatus.Error)
+    for other in (build_frame(REQUEST, 1), build_frame(PING, 2), reply[:-1], b"XX" + reply[2:]):
+        assert codec.peek_reply(bytearray(other)) is None
+    assert KVCodec(max_frame_size=len(reply) - 1).peek_reply(bytearray(reply)) is None
+    decoded = codec.decode(bytearray(reply))
+    assert codec.relabel(reply, 99) == join_encoded(codec.encode(decoded, request_id=99))  # type: ignore[arg-type]
