@@ -6,7 +6,9 @@
 The same workload goes through each target: direct to a canned upstream, Envoy tcp_proxy (the
 L4 floor), Envoy's protocol proxy, a bare uvloop pass-through (the Python floor), and this
 engine (``metaprotocol proxy`` under uvloop) with routing, a request mutation and stats on.
-The proxies run on core 0; the canned upstream and the load generator (separate processes) on
+When the machine also has the distribution's CPython of the same minor version (a PGO+LTO
+build; see :func:`distro_python`), the engine is measured under it too. The proxies run on
+core 0; the canned upstream and the load generator (separate processes) on
 core 1.
 
 Every target of a scenario runs at once and the load generator takes turns: each target is
@@ -23,9 +25,11 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -139,6 +143,33 @@ def status_kib(pid: int, key: str) -> int:
     return 0
 
 
+#: Runs the engine's CLI under another interpreter with this venv's packages (same minor
+#: version, so compiled extensions such as uvloop load): ``.pth`` files included.
+_LAUNCH = (
+    "import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'metaprotocol'; "
+    "from metaprotocol_sdk.cli import main; main()"
+)
+
+
+def distro_python() -> str | None:
+    """The distribution's CPython of this venv's minor version, when it is another binary.
+
+    The engine's Python work depends on how the interpreter was built: distribution packages
+    and the official Docker images are built with PGO and LTO and link libpython statically,
+    while a pyenv build (``--enable-shared``, no ``--enable-optimizations``) runs the same code
+    markedly slower. When the machine has both, the engine is measured under each.
+    """
+    candidate = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if not candidate.exists() or candidate.resolve() == Path(sys.executable).resolve():
+        return None
+    return str(candidate)
+
+
+def engine_kind(python: str) -> str:
+    """The target name of the engine run under ``python``."""
+    return f"engine on {python}"
+
+
 @contextlib.contextmanager
 def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[tuple[int, int]]:
     """Start a proxy; yields (listen port, pid). ``direct`` yields the upstream itself."""
@@ -149,10 +180,13 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
         argv = [PY, str(HERE / "proxy" / "passthrough.py"), protocol, str(upstream)]
         proc = Proc(argv, PROXY_CORE)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
-    elif kind == "engine":
+    elif kind == "engine" or kind.startswith("engine on "):
         path = workdir / f"engine-{protocol}.yaml"
         path.write_text(configs.engine_yaml(protocol, upstream))
-        proc = Proc([str(METAPROTOCOL), "proxy", "-c", str(path)], PROXY_CORE)
+        argv = [str(METAPROTOCOL)]
+        if kind != "engine":
+            argv = [kind.removeprefix("engine on "), "-c", _LAUNCH, sysconfig.get_path("purelib")]
+        proc = Proc([*argv, "proxy", "-c", str(path)], PROXY_CORE)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
         proc.expect(r"admin on")
     else:
@@ -322,13 +356,14 @@ def table(protocol: str, kinds: list[str], results: dict[tuple[str, str], Result
                 f" | {_fmt(rss, '.1f')} | {_ratio(rss, base_rss)} |"
                 + (f" errors: {r.errors}" if r.errors else "")
             )
-    spreads = [
-        f"- {name}: {_spread(r.cpu_ratios)}"
-        for name in names
-        if (r := results.get(("engine", name))) is not None and len(r.cpu_ratios) > 1
-    ]
-    if spreads:
-        lines += ["", "Engine CPU per request / Envoy's, slice by slice:", *spreads]
+    for kind in (k for k in kinds if k.startswith("engine")):
+        spreads = [
+            f"- {name}: {_spread(r.cpu_ratios)}"
+            for name in names
+            if (r := results.get((kind, name))) is not None and len(r.cpu_ratios) > 1
+        ]
+        if spreads:
+            lines += ["", f"{kind}: CPU per request / Envoy's, slice by slice:", *spreads]
     return "\n".join(lines)
 
 
@@ -360,7 +395,7 @@ def main() -> int:
     print(
         f"# proxy on core(s) {sorted(PROXY_CORE)}, upstream + load generator on "
         f"{sorted(LOAD_CORE)}; warmup {warmup}s, then {slices} turns of {slice_seconds}s "
-        "per target",
+        f"per target; engine: {sys.executable} (Python {platform.python_version()})",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
@@ -369,6 +404,8 @@ def main() -> int:
         for protocol in args.protocol or ["thrift", "dubbo"]:
             kinds = ["direct", "envoy tcp_proxy", f"envoy {protocol}_proxy"]
             kinds += ["uvloop passthrough", "engine"]
+            if (other := distro_python()) is not None:
+                kinds.append(engine_kind(other))
             results: dict[tuple[str, str], Result] = {}
             for kind in kinds:
                 rss = baseline_rss(kind, protocol, workdir)
