@@ -40,6 +40,9 @@ async def _serve(config: Config, drain: float | None) -> int:
     except OSError as exc:
         click.echo(f"error: cannot bind: {exc}", err=True)
         return 1
+    except ConfigError as exc:
+        click.echo(f"error: invalid configuration: {exc}", err=True)
+        return 2
     for (host, port), (ip, bound) in engine.listener_addresses.items():
         click.echo(f"listening {host}:{port} on {ip}:{bound}")
     if engine.admin_address is not None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from typing import Any
+
+from metaprotocol_sdk.errors import ConfigError
 
 from .accesslog import AccessLog
 from .balancer import make_balancer
@@ -167,6 +170,7 @@ class Engine:
                 self._servers.append(server)
                 sockname = server.sockets[0].getsockname()
                 self.listener_addresses[(listener.host, listener.port)] = (sockname[0], sockname[1])
+            self._refuse_own_listeners()
             if settings.admin_bind is not None:
                 self._admin = await start_admin(self, *settings.admin_bind)
                 sockname = self._admin.sockets[0].getsockname()
@@ -176,6 +180,28 @@ class Engine:
         except BaseException:
             await self._close_servers()
             raise
+
+    def _refuse_own_listeners(self) -> None:
+        """Refuse an endpoint that is one of this engine's own listeners (once bound).
+
+        Requests sent there would come back in and be routed out again until a limit stops
+        them; Envoy has no such check, and the loop is easy to build with ephemeral ports.
+        """
+        bound: dict[int, tuple[str, str]] = {}
+        for (host, port), (ip, bound_port) in self.listener_addresses.items():
+            bound[bound_port] = (f"{host}:{port}", ip)
+        for cluster in self.clusters.values():
+            for upstream in cluster.hosts:
+                own = bound.get(upstream.port)
+                if own is None:
+                    continue
+                listener, ip = own
+                if upstream.address == ip or (_is_wildcard(ip) and _is_loopback(upstream.address)):
+                    raise ConfigError(
+                        f"endpoint {upstream.key} is this engine's own listener for {listener} "
+                        f"(bound on {ip}:{upstream.port}): requests would loop back into it",
+                        source=f"cluster {cluster.name}",
+                    )
 
     async def _close_servers(self) -> None:
         servers = [*self._servers, *([self._admin] if self._admin else [])]
@@ -307,3 +333,16 @@ class Engine:
             },
             "documents": list(self.config.documents),
         }
+
+
+def _is_wildcard(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::")
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from proxy_kit import Client, Upstream, address, engine_for, error_type, http_get, mesh, run
 
+from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import Engine, loads_config
 
 
@@ -199,3 +200,26 @@ def test_cli_sets_the_collector_up_for_serving() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["True", "True", "True"], done.stderr
+
+
+def test_an_endpoint_that_is_the_engine_itself_is_refused() -> None:
+    """Routing to the engine's own listener would loop: start refuses it, nothing stays open."""
+    # Held (not listening, SO_REUSEADDR) so the engine can bind it and nothing else takes it.
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    text = mesh([(port, "v1")]).replace("bind: '127.0.0.1:0'}]", f"bind: '127.0.0.1:{port}'}}]")
+
+    async def main() -> None:
+        engine = Engine(loads_config(text, "test.yaml"))
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is this engine's own listener"):
+            await engine.start()
+        assert not engine.ready and engine.admin_address is None
+        with socket.create_server(("127.0.0.1", port)) as again:
+            assert again.getsockname()[1] == port  # the listener was closed again
+
+    try:
+        run(main())
+    finally:
+        holder.close()
