@@ -7,6 +7,7 @@ import struct
 import pytest
 from metaprotocol_dubbo import ERROR_STATUS, DubboCodec, ResultFlag, Status, heartbeat_request
 from metaprotocol_dubbo.body import encode_string_map
+from metaprotocol_dubbo.codec import KnownRequest, RequestState
 from metaprotocol_dubbo.frames import build_request, build_response
 from metaprotocol_dubbo.header import HEADER, HEADER_SIZE, build_header
 from metaprotocol_dubbo.hessian2 import Decoder, JavaObject, dumps, loads
@@ -572,10 +573,16 @@ def test_recent_heads_are_recognised_without_mixing_requests() -> None:
     assert not codec._heads
 
 
+def request_state(md: Metadata) -> RequestState:
+    """The request's full codec state (a recognised request shares a KnownRequest)."""
+    state = md.codec_state
+    return state.state(md.frame) if isinstance(state, KnownRequest) else state
+
+
 def same_metadata(a: Metadata, b: Metadata) -> None:
     assert a.to_dict() == b.to_dict()
     assert a.attributes.to_dict() == b.attributes.to_dict() and a.values == b.values
-    sa, sb = a.codec_state, b.codec_state
+    sa, sb = request_state(a), request_state(b)
     assert (sa.flag, sa.args) == (sb.flag, sb.args)
     assert (sa.attachments.start, sa.attachments.end) == (sb.attachments.start, sb.attachments.end)
     assert sa.attachments.strings == sb.attachments.strings
@@ -592,6 +599,13 @@ def test_repeated_attachment_maps_are_recognised_per_message() -> None:
     seen = [decode_one(f, codec) for f in frames * 2]
     ((_, head),) = codec._heads
     assert head.maps is not None and len(head.maps) == 1  # parsed once, recognised after
+    # After the first, every request shares one state (nothing in it depends on the frame),
+    # except the one whose argument is not ASCII: it is read in full each time.
+    assert isinstance(seen[0].codec_state, RequestState)
+    shared = seen[1].codec_state
+    assert isinstance(shared, KnownRequest)
+    for md in seen[1:]:
+        assert md.codec_state is shared or "é" in md.frame.decode("utf-8", "replace")
     for md, frame in zip(seen, frames * 2, strict=True):
         same_metadata(md, decode_one(frame))
         assert join_encoded(codec.encode(md, {"n": "1"}, request_id=99)) == join_encoded(

@@ -70,9 +70,6 @@ _MAP_CACHE_SIZE = 16
 #: Misses in a row after which a head stops looking its maps up: a map with a per-request
 #: value (a trace id, say) never repeats, and then the lookup would only cost time.
 _MAP_MISSES_LIMIT = 64
-#: A parsed attachments map: string attachments (shared, read-only), the attribute table
-#: and the ``values`` of the request (both copied into each message).
-_Parsed = tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, Any]]
 #: What _request builds a request's Metadata from: attachments, argument offset and count,
 #: method, attributes and values.
 _Request = tuple[Attachments, int, int, str, Attributes, dict[str, Any]]
@@ -87,7 +84,7 @@ class _Head:
         #: (head strings, argument count, head length in bytes), as scan_request takes it.
         self.info = info
         #: Parsed maps by their bytes; None once lookups stopped paying off.
-        self.maps: dict[bytes, _Parsed] | None = {}
+        self.maps: dict[bytes, KnownRequest] | None = {}
         self.misses = 0
 
     def miss(self) -> None:
@@ -119,6 +116,40 @@ class RequestState:
         self.attachments = attachments
         #: (offset, count) of the arguments, replayed when non-string attachments are rewritten.
         self.args = args
+
+
+class KnownRequest:
+    """The state of every request whose head and attachments map were both seen before.
+
+    Nothing in it depends on the frame, so one instance serves all such requests: the map (an
+    untyped Hessian map of strings) ends the frame and is ``map_size`` bytes long, the
+    arguments are ``args`` (offset, count). ``folded`` and ``values`` are the templates each
+    message copies. :meth:`state` gives the :class:`RequestState` of one frame.
+    """
+
+    __slots__ = ("args", "folded", "map_size", "method", "strings", "values")
+
+    def __init__(
+        self,
+        method: str,
+        strings: dict[str, str],
+        folded: dict[str, tuple[str, str]],
+        values: dict[str, Any],
+        args: tuple[int, int],
+        map_size: int,
+    ) -> None:
+        self.method = method
+        self.strings = strings
+        self.folded = folded
+        self.values = values
+        self.args = args
+        self.map_size = map_size
+
+    def state(self, frame: bytes) -> RequestState:
+        """The full state of ``frame``, a request this state was shared with."""
+        end = len(frame)
+        attachments = Attachments(self.strings, None, end - self.map_size, end)
+        return RequestState(frame[2], attachments, self.args)
 
 
 class ResponseState:
@@ -350,10 +381,17 @@ class DubboCodec(Codec):
             if frame.startswith(raw, HEADER_SIZE):
                 seen = head
                 break
-        found = self._recognised_map(frame, seen) if seen is not None and small else None
-        if found is None:
-            found = self._scan_request(frame, small, seen)
-        attachments, args_start, count, method, attributes, values = found
+        known = self._known(frame, seen) if seen is not None and small else None
+        state: KnownRequest | RequestState
+        if known is not None:
+            # The message gets its own attribute table and values; the state is shared.
+            method, state = known.method, known
+            attributes, values = _folded(known.folded.copy()), known.values.copy()
+        else:
+            attachments, args_start, count, method, attributes, values = self._scan_request(
+                frame, small, seen
+            )
+            state = RequestState(flag, attachments, (args_start, count))
         return Metadata(  # positional: the hot-path form (see Metadata)
             _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
             frame,
@@ -363,15 +401,15 @@ class DubboCodec(Codec):
             body_length,
             _UNKNOWN,
             attributes,
-            RequestState(flag, attachments, (args_start, count)),
+            state,
             _UNARY,
             0,
             values,
         )
 
     @staticmethod
-    def _recognised_map(frame: bytes, seen: _Head) -> _Request | None:
-        """The request after a known head, when its attachments map was parsed before.
+    def _known(frame: bytes, seen: _Head) -> KnownRequest | None:
+        """The shared state of a request after a known head whose map was parsed before.
 
         The attachments usually repeat too (path, interface, version, group, ...): a map seen
         after this head before is recognised by its bytes, not parsed again. ``None`` when the
@@ -380,19 +418,17 @@ class DubboCodec(Codec):
         maps = seen.maps
         if maps is None:
             return None
-        head, count, length = seen.info
+        _, count, length = seen.info
         args_start = HEADER_SIZE + length
         map_start = skip_compact_strings(frame, args_start, count)
         if map_start < 0 or not frame[args_start:map_start].isascii():
             return None
-        parsed = maps.get(frame[map_start:])
-        if parsed is None:
+        known = maps.get(frame[map_start:])
+        if known is None:
             seen.miss()
-            return None
-        seen.misses = 0
-        strings, folded, values = parsed  # the message gets its own table and values
-        attachments = Attachments(strings, None, map_start, len(frame))
-        return attachments, args_start, count, head[3], _folded(folded.copy()), values.copy()
+        elif seen.misses:
+            seen.misses = 0
+        return known
 
     def _scan_request(self, frame: bytes, small: bool, seen: _Head | None) -> _Request:
         """Read a request body (inline scan where it can, the Hessian decoder otherwise)."""
@@ -426,9 +462,25 @@ class DubboCodec(Codec):
         }
         if attachments.others:
             values["attachments"] = attachments.others
-        elif seen is not None and seen.maps is not None and len(seen.maps) < _MAP_CACHE_SIZE:
+        elif (
+            seen is not None
+            and seen.maps is not None
+            and len(seen.maps) < _MAP_CACHE_SIZE
+            and frame[attachments.start] == _TAG_MAP_UNTYPED
+            and frame[-1] == _TAG_END
+        ):
             # Remember this map for the head (copies: the message's own dicts are its own).
-            seen.maps[frame[attachments.start :]] = (strings, dict(folded), dict(values))
+            seen.maps.setdefault(
+                frame[attachments.start :],
+                KnownRequest(
+                    method,
+                    strings,
+                    dict(folded),
+                    dict(values),
+                    (args_start, count),
+                    len(frame) - attachments.start,
+                ),
+            )
         return attachments, args_start, count, method, _folded(folded), values
 
     @staticmethod
@@ -614,6 +666,10 @@ class DubboCodec(Codec):
         frame = message.frame
         state = message.codec_state
         if mutation:
+            if type(state) is KnownRequest:
+                if len(frame) <= _COPY_LIMIT and state.strings.keys().isdisjoint(mutation):
+                    return self._splice(frame, len(frame), _added_pairs(mutation), request_id)
+                state = state.state(frame)
             if isinstance(state, RequestState) and state.attachments is not None:
                 return self._mutate_request(frame, state, mutation, request_id)
             if isinstance(state, ResponseState) and self._can_carry(state):
@@ -666,15 +722,7 @@ class DubboCodec(Codec):
             # body up to there (arguments and existing attachments) stays an untouched slice.
             added = _added_pairs(mutation)
             if len(frame) <= _COPY_LIMIT:
-                # Small: one new frame costs less than views and a list of buffers.
-                body_length = len(frame) - HEADER_SIZE + len(added) - 1
-                if request_id is None:
-                    header = frame[:BODY_LENGTH_OFFSET] + _LENGTH.pack(body_length)
-                else:
-                    header = _PACK_HEADER(MAGIC, frame[2], frame[3], request_id, body_length)
-                if end == len(frame):  # the map ends the frame, as it usually does
-                    return b"".join((header, frame[HEADER_SIZE : end - 1], added))
-                return b"".join((header, frame[HEADER_SIZE : end - 1], added, frame[end:]))
+                return self._splice(frame, end, added, request_id)
             view = memoryview(frame)
             tail = view[end:]
             body_length = end - 1 - HEADER_SIZE + len(added) + len(tail)
@@ -698,6 +746,19 @@ class DubboCodec(Codec):
         if tail:
             parts.append(tail)
         return parts
+
+    @staticmethod
+    def _splice(frame: bytes, end: int, added: bytes, request_id: int | None) -> bytes:
+        """A small request with ``added`` (pairs and 'Z') in place of its map's end at
+        ``end - 1``: one new frame costs less than views and a list of buffers."""
+        body_length = len(frame) - HEADER_SIZE + len(added) - 1
+        if request_id is None:
+            header = frame[:BODY_LENGTH_OFFSET] + _LENGTH.pack(body_length)
+        else:
+            header = _PACK_HEADER(MAGIC, frame[2], frame[3], request_id, body_length)
+        if end == len(frame):  # the map ends the frame, as it usually does
+            return b"".join((header, frame[HEADER_SIZE : end - 1], added))
+        return b"".join((header, frame[HEADER_SIZE : end - 1], added, frame[end:]))
 
     def _mutate_response(
         self,
