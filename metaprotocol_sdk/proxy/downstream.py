@@ -361,7 +361,7 @@ class Downstream(asyncio.Protocol):
         batch: list[Downstream],
     ) -> None:
         """Settle ``p``, count its status and queue ``encoded`` (``None``: the client left)."""
-        self._settle(p)
+        self._settle(p)  # first: a draining connection closes once nothing is in flight
         counter = p.target.responses[status]
         if counter is None:
             counter = p.target.response_counter(status)

@@ -345,13 +345,16 @@ class UpstreamConnection(asyncio.Protocol):
         mutation applies (the codec peeked at it: ``head``). ``False``: decode it instead."""
         wire_id, size, status = head
         if self.shared:
-            p = self.pending.get(wire_id)
+            p = self.pending.pop(wire_id, None)
+            if p is not None and p.route.response_mutation is not None:
+                self.pending[wire_id] = p  # put back for the decode path to find
+                return False
         else:
             p = next((c for c in self.fifo if c.wire_id == wire_id), None)
-        if p is not None and p.route.response_mutation is not None:
-            return False
+            if p is not None and p.route.response_mutation is not None:
+                return False
+            p = self._match(wire_id)
         frame = take_frame(self.buffer, size)
-        p = self._match(wire_id)
         if p is not None:  # else a reply nobody waits for (any more): dropped
             p.downstream.forward(p, frame, status, batch)
         return True
