@@ -82,6 +82,7 @@ def test_capabilities() -> None:
         response_mutation=True,
         rewrite_request_id=True,
         error_reply=True,
+        peek_reply=True,
     )
     with pytest.raises(UnsupportedError):
         ThriftCodec().heartbeat_reply(Metadata(MessageType.Request))
@@ -620,3 +621,37 @@ def test_theader_zlib_bomb_is_only_peeked_at() -> None:
     with pytest.raises(FrameTooLargeError):
         codec.encode(message, request_id=9)  # a rewrite must inflate it all: refused
     assert isinstance(codec.encode(message, {"k": "v"}), bytes)  # a mutation does not
+
+
+def test_peek_reply_reads_framed_binary_replies_only() -> None:
+    # A reply's seqid, size and status without decoding it: what decode reports, or None.
+    codec = ThriftCodec()
+    ok = tf.sample("framed", "binary", "add", 2, 7, calc_tp.Calculator.add_result(success=3))
+    declared = tf.sample(
+        "framed",
+        "binary",
+        "divide",
+        2,
+        -8,
+        calc_tp.Calculator.divide_result(err=calc_tp.CalcError(code=1, reason="by zero")),
+    )
+    raised = tf.sample("framed", "binary", "add", 3, 9, TApplicationException(1, "boom"))
+    for data, status in ((ok, ResponseStatus.Ok), (declared, ResponseStatus.Error)):
+        decoded, _ = decode_one(data)
+        assert decoded.response_status is status
+        head = (decoded.request_id, len(data), status)
+        assert codec.peek_reply(bytearray(data)) == head
+        assert codec.peek_reply(bytearray(data + ok)) == head
+        assert codec.relabel(data, 41) == join_encoded(codec.encode(decoded, request_id=41))
+    assert codec.peek_reply(bytearray(raised)) == (9, len(raised), ResponseStatus.Error)
+    not_replies = [
+        tf.sample("framed", "binary", "add", 1, 1, tf.add_call()),  # a call
+        tf.sample("framed", "binary", "Calc:add", 2, 1, calc_tp.Calculator.add_result(3)),
+        tf.sample("framed", "compact", "add", 2, 1, calc_tp.Calculator.add_result(3)),
+        tf.sample("header", "binary", "add", 2, 1, calc_tp.Calculator.add_result(3)),
+        tf.sample("unframed", "binary", "add", 2, 1, calc_tp.Calculator.add_result(3)),
+        ok[:-1],
+    ]
+    for data in not_replies:
+        assert codec.peek_reply(bytearray(data)) is None
+    assert ThriftCodec(transport="unframed").peek_reply(bytearray(ok)) is None

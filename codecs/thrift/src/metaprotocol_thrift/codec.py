@@ -15,6 +15,7 @@ from metaprotocol_sdk.codec import (
     Encoded,
     LocalError,
     NeedData,
+    ReplyHead,
     take_frame,
 )
 from metaprotocol_sdk.enums import MessageType, ResponseStatus
@@ -126,6 +127,7 @@ class ThriftCodec(Codec):
         response_mutation=True,
         rewrite_request_id=True,
         error_reply=True,
+        peek_reply=True,
     )
 
     def __init__(
@@ -596,6 +598,44 @@ class ThriftCodec(Codec):
                 (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, block),
             ),
         )
+
+    # -- replies forwarded undecoded --------------------------------------------------------
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        """The seqid, size and status of a framed strict-binary reply, read from its message
+        header as :meth:`decode`'s fast path reads it; ``None`` for anything else (other
+        variants, calls, multiplexed names, incomplete frames)."""
+        if not self._fast_framed or len(buffer) < 12:
+            return None
+        size, version, mtype, name_len = _FRAMED_STRICT_HEAD.unpack_from(buffer, 0)
+        total = size + 4
+        name_end = 12 + name_len
+        body = name_end + 4
+        if (
+            version != _VERSION_1
+            or not 0 < size <= self.max_frame_size - 4
+            or name_len < 0
+            or total > len(buffer)
+            or body >= total
+            or (mtype != REPLY and mtype != EXCEPTION)
+        ):
+            return None
+        try:
+            name = buffer[12:name_end].decode()
+        except UnicodeDecodeError:
+            return None
+        if ":" in name:  # multiplexed: decode reads the service name too
+            return None
+        status = _STATUSES[mtype]
+        if mtype == REPLY and buffer[body] and (buffer[body + 1] or buffer[body + 2]):
+            status = ResponseStatus.Error  # a declared exception (field id other than 0)
+        seqid: int = _unpack_i32(buffer, name_end)[0]
+        return seqid, total, status
+
+    def relabel(self, frame: bytes, request_id: int) -> bytes:
+        """A framed strict-binary reply with ``request_id`` as its seqid."""
+        at = 12 + _unpack_i32(frame, 8)[0]
+        return frame[:at] + check_seqid(request_id).to_bytes(4, "big") + frame[at + 4 :]
 
     # -- encode -----------------------------------------------------------------------------
 
