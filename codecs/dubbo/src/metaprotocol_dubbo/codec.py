@@ -524,29 +524,9 @@ class DubboCodec(Codec):
     def _response(
         self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
     ) -> Metadata:
-        if status == _OK and body_length:
-            plain = _PLAIN[flag, frame[HEADER_SIZE]]
-            if plain is not None:
-                # The usual shape: a one-byte flag 0..2, then the value up to the end. Nothing
-                # in the state depends on the frame, so one shared state serves them all.
-                state, response_status, plain_flag = plain
-                return Metadata(  # positional: the hot-path form (see Metadata)
-                    _RESPONSE,
-                    frame,
-                    request_id,
-                    "",
-                    HEADER_SIZE,
-                    body_length,
-                    response_status,
-                    _folded({}),
-                    state,
-                    _UNARY,
-                    0,
-                    {"status": status, "result_flag": plain_flag},
-                )
-        values: dict[str, Any] = {"status": status}
         if status != _OK:
             # Error statuses carry the error message as a Hessian string.
+            values: dict[str, Any] = {"status": status}
             if body_length:
                 message, _ = read_string(frame, HEADER_SIZE)
                 values["error_message"] = message
@@ -560,6 +540,36 @@ class DubboCodec(Codec):
                 values=values,
                 codec_state=ResponseState(flag, status, None, HEADER_SIZE, len(frame), None),
             )
+        plain = _PLAIN[flag, frame[HEADER_SIZE]] if body_length else None
+        if plain is not None:
+            # The usual shape: a one-byte flag 0..2, then the value up to the end. Nothing in
+            # the state depends on the frame, so one shared state serves them all.
+            state, response_status, plain_flag = plain
+            attributes = _folded({})
+            values = {"status": status, "result_flag": plain_flag}
+        else:
+            response_status, attributes, state, values = self._ok_body(frame, flag, status)
+        return Metadata(  # positional: the hot-path form (see Metadata)
+            _RESPONSE,
+            frame,
+            request_id,
+            "",
+            HEADER_SIZE,
+            body_length,
+            response_status,
+            attributes,
+            state,
+            _UNARY,
+            0,
+            values,
+        )
+
+    def _ok_body(
+        self, frame: bytes, flag: int, status: int
+    ) -> tuple[ResponseStatus, Attributes, ResponseState, dict[str, Any]]:
+        """Any OK response body: result flag, value (walked over only when attachments
+        follow it) and attachments."""
+        values: dict[str, Any] = {"status": status}
         end = len(frame)
         pos = HEADER_SIZE
         if pos >= end:
@@ -608,20 +618,8 @@ class DubboCodec(Codec):
             attributes = Attributes.from_strings(attachments.strings)
             if attachments.others:
                 values["attachments"] = attachments.others
-        return Metadata(  # positional: the hot-path form (see Metadata)
-            _RESPONSE,
-            frame,
-            request_id,
-            "",
-            HEADER_SIZE,
-            body_length,
-            response_status,
-            attributes,
-            ResponseState(flag, status, result_flag, value_start, value_end, attachments),
-            _UNARY,
-            0,
-            values,
-        )
+        state = ResponseState(flag, status, result_flag, value_start, value_end, attachments)
+        return response_status, attributes, state, values
 
     def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
         """The id, size and status of an OK response whose body is a result flag 0..2 and a
