@@ -350,7 +350,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pending[wire_id] = p  # put back for the decode path to find
                 return False
         else:
-            p = next((c for c in self.fifo if c.wire_id == wire_id), None)
+            # The entry _match would take: the first with this id, else the oldest.
+            fifo = self.fifo
+            p = next((c for c in fifo if c.wire_id == wire_id), fifo[0] if fifo else None)
             if p is not None and p.route.response_mutation is not None:
                 return False
             p = self._match(wire_id)

@@ -157,7 +157,8 @@ class Upstream:
     """A KV server: answers requests with ``server`` and ``req-*`` headers echoing the request.
 
     Methods with special behaviour: ``hang`` (never answer), ``close`` (drop the connection),
-    ``slow`` (answer when ``release`` is set), ``fail`` (answer with an ERROR frame).
+    ``slow`` (answer when ``release`` is set), ``fail`` (answer with an ERROR frame),
+    ``renumber`` (answer with the request id plus 1000).
     """
 
     def __init__(self, name: str) -> None:
@@ -215,9 +216,8 @@ class Upstream:
             return
         headers = {"server": self.name}
         headers.update({f"req-{k}": v for k, v in msg.attributes.to_dict().items()})
-        frame = build_frame(
-            ERROR if method == "fail" else RESPONSE, msg.request_id, headers, bytes(msg.body)
-        )
+        rid = msg.request_id + 1000 if method == "renumber" else msg.request_id
+        frame = build_frame(ERROR if method == "fail" else RESPONSE, rid, headers, bytes(msg.body))
         if method == "slow":
             transport = conn.transport
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from proxy_kit import (
     ERROR,
@@ -24,7 +26,7 @@ from metaprotocol_sdk.examples.kv import KVCodec
 
 ROUTER = """\
 - name: mutated
-  match: {attributes: {method: {exact: mutate}}}
+  match: {attributes: {method: {regex: "mutate|renumber"}}}
   route: [{destination: {host: svc.test}}]
   responseMutation: [{key: x-proxy, value: metaprotocol}]
 - name: plain
@@ -65,6 +67,31 @@ def test_only_mutated_replies_are_decoded(protocol: str, codec: str) -> None:
             for c in clients:
                 assert c.unmatched == []
                 c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_reply_paired_by_arrival_order_still_gets_its_mutation() -> None:
+    # Without id rewriting, a reply whose id matches no request pairs with the oldest one:
+    # the engine must take that request's route (with a response mutation) into account.
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh(
+            [(up.port, "v1")],
+            router=ROUTER,
+            protocol="kvcd",
+            codec="proxy_test_codecs:CountingDedicatedKVCodec",
+        )
+        CountingKVCodec.reply_decodes = 0
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            reply = c.expect(1007)
+            c.send(build_frame(REQUEST, 7, {"method": "renumber"}))
+            got = await asyncio.wait_for(reply, 5)
+            assert got.attributes["x-proxy"] == "metaprotocol"
+            assert CountingKVCodec.reply_decodes == 1
+            c.close()
         await up.close()
 
     run(main())
