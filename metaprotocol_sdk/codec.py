@@ -180,10 +180,11 @@ class Codec(ABC):
         """
         return None
 
-    def relabel(self, frame: bytes, request_id: int) -> bytes:
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
         """A reply ``frame`` that :meth:`peek_reply` sized, with ``request_id`` as its id.
 
-        Needed with both ``peek_reply`` and ``rewrite_request_id``; the bytes must equal what
+        Needed with both ``peek_reply`` and ``rewrite_request_id``. Like :meth:`encode` it may
+        return buffers (a large frame's body as a view, say); joined, they must equal what
         ``encode(decode(frame), request_id=request_id)`` gives.
         """
         raise UnsupportedError(f"codec {self.protocol or type(self).__name__} cannot relabel")

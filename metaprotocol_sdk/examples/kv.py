@@ -219,7 +219,7 @@ class KVCodec(Codec):
             return None
         return request_id, size, ResponseStatus.Ok if kind == RESPONSE else ResponseStatus.Error
 
-    def relabel(self, frame: bytes, request_id: int) -> bytes:
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
         return frame[:4] + _ID.pack(request_id) + frame[8:]
 
     def on_error(self, metadata: Metadata, error: LocalError) -> bytes:

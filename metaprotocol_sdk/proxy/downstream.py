@@ -338,7 +338,7 @@ class Downstream(asyncio.Protocol):
     ) -> None:
         """Queue a reply to ``p`` that the codec peeked at: no response mutation applies, so
         only the id is put back (shared connections). Batched as :meth:`finish` does."""
-        encoded: bytes | None = None
+        encoded: Encoded | None = None
         if self.transport is not None:
             try:
                 encoded = (

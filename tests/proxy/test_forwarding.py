@@ -108,4 +108,5 @@ def test_peek_reply_leaves_anything_else_to_decode() -> None:
         assert codec.peek_reply(bytearray(other)) is None
     assert KVCodec(max_frame_size=len(reply) - 1).peek_reply(bytearray(reply)) is None
     decoded = codec.decode(bytearray(reply))
-    assert codec.relabel(reply, 99) == join_encoded(codec.encode(decoded, request_id=99))  # type: ignore[arg-type]
+    relabelled = join_encoded(codec.relabel(reply, 99))
+    assert relabelled == join_encoded(codec.encode(decoded, request_id=99))  # type: ignore[arg-type]

@@ -667,3 +667,18 @@ def test_new_attachment_keys_are_spliced_before_the_map_end(arg_size: int) -> No
     replaced = DubboCodec().encode(md, {"Env": "canary", "x-route": "v2"})
     assert isinstance(replaced, list) and bytes(replaced[1]) != frame[16:-1]
     assert decode_one(join_encoded(replaced)).attributes["env"] == "canary"
+
+
+@pytest.mark.parametrize("size", [10, 100_000])
+def test_peek_reply_and_relabel(size: int) -> None:
+    codec = DubboCodec()
+    frame = build_response("v" * size, request_id=5, result_flag=ResultFlag.RESPONSE_VALUE)
+    assert codec.peek_reply(bytearray(frame)) == (5, len(frame), ResponseStatus.Ok)
+    relabelled = codec.relabel(frame, 77)
+    # Large frames keep their body as a view instead of a copy.
+    assert isinstance(relabelled, bytes) == (len(frame) <= 16 * 1024)
+    expected = join_encoded(codec.encode(decode_one(frame), request_id=77))
+    assert join_encoded(relabelled) == expected
+    assert decode_one(expected).request_id == 77
+    with_attachments = build_response("v", attachments={"k": "v"})
+    assert codec.peek_reply(bytearray(with_attachments)) is None  # decode reads the map

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from metaprotocol_sdk.codec import Codec, LocalError, ReplyHead
+from metaprotocol_sdk.codec import Codec, LocalError, ReplyHead, join_encoded
 from metaprotocol_sdk.enums import ErrorType, MessageType, StreamType
 from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError
 from metaprotocol_sdk.metadata import Metadata
@@ -266,7 +266,7 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
         if rewrites:
             new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
             try:
-                relabelled = bytes(codec.relabel(frame, new_id))
+                relabelled = join_encoded(codec.relabel(frame, new_id))
             except Exception as exc:
                 fail(f"relabel raised {type(exc).__name__}: {exc}")
             wanted = encode_bytes(

@@ -641,9 +641,13 @@ class DubboCodec(Codec):
         plain = _PLAIN[flag, buffer[HEADER_SIZE]]
         return None if plain is None else (request_id, size, plain[1])
 
-    def relabel(self, frame: bytes, request_id: int) -> bytes:
-        """``frame`` with ``request_id`` written over its own."""
-        return frame[:4] + _ID.pack(request_id) + frame[12:]
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
+        """``frame`` with ``request_id`` written over its own (above 16 KiB, the rest of the
+        frame follows the new header as a view, not a copy)."""
+        head = frame[:4] + _ID.pack(request_id)
+        if len(frame) <= _COPY_LIMIT:
+            return head + frame[12:]
+        return [head, memoryview(frame)[12:]]
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -674,7 +678,7 @@ class DubboCodec(Codec):
                 return self._mutate_response(frame, state, mutation, request_id)
             raise MutationError(self._why_not(message))
         if request_id is not None and request_id != message.request_id:
-            return frame[:4] + _ID.pack(request_id) + frame[12:]
+            return self.relabel(frame, request_id)
         return frame
 
     def _can_carry(self, state: ResponseState) -> bool:

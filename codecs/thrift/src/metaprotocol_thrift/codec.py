@@ -83,6 +83,8 @@ _Shape = tuple[MessageType, ResponseStatus, WireState | None, tuple[str, str]]
 #: Shapes by method name, per Thrift message type code; bounded, as names come off the wire.
 _FRAMED_SHAPES: tuple[dict[str, _Shape], ...] = ({}, {}, {}, {}, {})
 _MAX_SHAPES = 512
+#: Replies up to this size are relabelled into one new frame; larger ones keep a view.
+_RELABEL_COPY_LIMIT = 16 * 1024
 
 
 def _framed_shape(mtype: int, name: str, name_end: int) -> _Shape:
@@ -632,10 +634,14 @@ class ThriftCodec(Codec):
         seqid: int = _unpack_i32(buffer, name_end)[0]
         return seqid, total, status
 
-    def relabel(self, frame: bytes, request_id: int) -> bytes:
-        """A framed strict-binary reply with ``request_id`` as its seqid."""
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
+        """A framed strict-binary reply with ``request_id`` as its seqid (the rest of a large
+        frame as a view, not a copy)."""
         at = 12 + _unpack_i32(frame, 8)[0]
-        return frame[:at] + check_seqid(request_id).to_bytes(4, "big") + frame[at + 4 :]
+        head = frame[:at] + check_seqid(request_id).to_bytes(4, "big")
+        if len(frame) <= _RELABEL_COPY_LIMIT:
+            return head + frame[at + 4 :]
+        return [head, memoryview(frame)[at + 4 :]]
 
     # -- encode -----------------------------------------------------------------------------
 
