@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import signal
 import sys
@@ -21,6 +22,30 @@ if TYPE_CHECKING:
 #: is 700): the request path allocates many short-lived containers that die by reference
 #: counting, and collecting every 700 of them cost about 2 % of the CPU under load.
 GC_YOUNG_THRESHOLD = 20_000
+
+
+#: glibc ``mallopt`` parameters: frames up to this size are allocated from the heap, not
+#: with a fresh ``mmap`` each (whose pages fault in one by one, then go back on ``free``).
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper bound for the setting
+#: Free memory at the top of the heap kept for reuse rather than returned to the system.
+TRIM_THRESHOLD = 64 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _tune_malloc() -> bool:
+    """Keep large frames' memory for reuse (glibc only; elsewhere nothing changes).
+
+    By default glibc maps each allocation above 128 KiB (rising dynamically) separately and
+    unmaps it on free, so every large frame costs page faults for each of its pages: with
+    1 MiB messages that was most of the engine's time outside the kernel's own copies.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def _tune_gc() -> None:
@@ -49,6 +74,7 @@ async def _serve(config: Config, drain: float | None) -> int:
         click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
     sys.stdout.flush()
     _tune_gc()
+    _tune_malloc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

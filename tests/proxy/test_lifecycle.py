@@ -223,3 +223,24 @@ def test_an_endpoint_that_is_the_engine_itself_is_refused() -> None:
         run(main())
     finally:
         holder.close()
+
+
+def test_cli_keeps_large_frames_on_the_heap() -> None:
+    # glibc maps each large allocation on its own (page faults, then unmapped on free); the
+    # CLI raises that threshold. Seen through mallinfo2's count of mapped chunks in use.
+    code = """
+import ctypes
+from metaprotocol_sdk.cli.proxy import _tune_malloc
+names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+def mapped(size):
+    before = libc.mallinfo2().hblks
+    block = bytearray(size)
+    return libc.mallinfo2().hblks - before
+print(mapped(4 << 20), _tune_malloc(), mapped(8 << 20))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["1", "True", "0"], done.stdout + done.stderr
