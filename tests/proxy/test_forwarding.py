@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import pytest
+import uvloop
 from proxy_kit import (
     ERROR,
     PING,
@@ -19,10 +21,12 @@ from proxy_kit import (
     gather,
     mesh,
     run,
+    wire_fakes,
 )
 
 from metaprotocol_sdk import MessageType, ResponseStatus, join_encoded
 from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.proxy import Engine, loads_config
 
 ROUTER = """\
 - name: mutated
@@ -110,3 +114,42 @@ def test_peek_reply_leaves_anything_else_to_decode() -> None:
     decoded = codec.decode(bytearray(reply))
     relabelled = join_encoded(codec.relabel(reply, 99))
     assert relabelled == join_encoded(codec.encode(decoded, request_id=99))  # type: ignore[arg-type]
+
+
+def test_peeked_replies_split_across_reads_or_sharing_one() -> None:
+    # Replies reach the engine in arbitrary pieces: a reply is forwarded once it is complete,
+    # several in one read each go out, and none of them is decoded.
+
+    async def main() -> None:
+        text = mesh(
+            [(1, "v1")], router=ROUTER, protocol="kvc", codec="proxy_test_codecs:CountingKVCodec"
+        )
+        engine = Engine(loads_config(text))
+        await engine.start()
+        down, down_t, up, up_t = wire_fakes(engine)
+        CountingKVCodec.reply_decodes = 0
+        for rid in (11, 12, 13):
+            down.data_received(build_frame(REQUEST, rid, {"method": "get"}, b"x"))
+        up._flush()
+        sent = b"".join(bytes(b) for call in up_t.calls for b in call)
+        wire_ids = [
+            struct.unpack_from(">I", sent, at + 4)[0] for at in range(0, len(sent), len(sent) // 3)
+        ]
+        replies = b"".join(build_frame(RESPONSE, w, {"n": str(w)}, b"reply") for w in wire_ids)
+        one = len(replies) // 3
+        for byte in replies[:one]:  # the first reply byte by byte
+            up.data_received(bytes([byte]))
+        up.data_received(replies[one : one + one + 5])  # the second and part of the third
+        up.data_received(replies[one + one + 5 :])
+        got = b"".join(bytes(b) for call in down_t.calls for b in call)
+        kv = KVCodec()
+        buffer = bytearray(got)
+        ids = []
+        while buffer:
+            message = kv.decode(buffer)
+            ids.append(message.request_id)  # type: ignore[union-attr]
+        assert ids == [11, 12, 13]
+        assert CountingKVCodec.reply_decodes == 0
+        await engine.stop(drain=0.1)
+
+    uvloop.run(main())
