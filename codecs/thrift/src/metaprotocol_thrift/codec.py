@@ -87,6 +87,12 @@ _MAX_SHAPES = 512
 _RELABEL_COPY_LIMIT = 16 * 1024
 
 
+def _declares_exception(buffer: bytearray, body: int) -> bool:
+    """Whether the binary reply struct at ``body`` starts with a declared exception: its first
+    field is not the ``success`` field 0 (a field type, then an i16 id other than 0)."""
+    return bool(buffer[body] and (buffer[body + 1] or buffer[body + 2]))
+
+
 def _framed_shape(mtype: int, name: str, name_end: int) -> _Shape:
     state = None
     if ":" not in name:
@@ -207,8 +213,8 @@ class ThriftCodec(Codec):
                                     offset=body,
                                     frame_size=total,
                                 )
-                            if buffer[body] and (buffer[body + 1] or buffer[body + 2]):
-                                status = ResponseStatus.Error  # a declared exception
+                            if _declares_exception(buffer, body):
+                                status = ResponseStatus.Error
                         seqid = _unpack_i32(buffer, name_end)[0]
                         if available == total:  # take_frame's common case, without a call
                             frame = bytes(buffer)
@@ -378,9 +384,7 @@ class ThriftCodec(Codec):
                 except (UnicodeDecodeError, CodecError):
                     end = -1  # the general path raises the precise error
                 if 0 < end <= self.max_frame_size:
-                    declared = mtype == REPLY and bool(
-                        buffer[body] and (buffer[body + 1] or buffer[body + 2])
-                    )
+                    declared = mtype == REPLY and _declares_exception(buffer, body)
                     seqid = _unpack_i32(buffer, name_end)[0]
                     frame = take_frame(buffer, end)
                     return self._fast(
@@ -629,8 +633,8 @@ class ThriftCodec(Codec):
         if ":" in name:  # multiplexed: decode reads the service name too
             return None
         status = _STATUSES[mtype]
-        if mtype == REPLY and buffer[body] and (buffer[body + 1] or buffer[body + 2]):
-            status = ResponseStatus.Error  # a declared exception (field id other than 0)
+        if mtype == REPLY and _declares_exception(buffer, body):
+            status = ResponseStatus.Error
         seqid: int = _unpack_i32(buffer, name_end)[0]
         return seqid, total, status
 
