@@ -1,7 +1,8 @@
 """``metaprotocol new``: scaffold a codec package from the cookiecutter template.
 
-The template (``cookiecutter-codec/`` in the SDK's source tree) generates a pip-installable
-codec package that passes the conformance kit and routes traffic in the engine on first run.
+The template (``codec_template/`` next to this module, shipped in the SDK's wheel) generates
+a pip-installable codec package that passes the conformance kit and routes traffic in the
+engine on first run.
 Its hooks validate the answers; a rejected answer leaves no output behind.
 """
 
@@ -16,18 +17,17 @@ import click
 
 from ._output import fail
 
-#: Environment variable naming the template when it is not next to the SDK's source.
+#: Environment variable naming another template (a path or a git URL).
 TEMPLATE_ENV = "METAPROTOCOL_TEMPLATE"
 LICENSES = ("Apache-2.0", "MIT", "BSD-3-Clause", "Proprietary")
 
 
-def default_template() -> Path | None:
-    """The template shipped in the SDK's source tree, or ``$METAPROTOCOL_TEMPLATE``."""
+def default_template() -> Path:
+    """``$METAPROTOCOL_TEMPLATE`` if set, else the template shipped inside the SDK."""
     configured = os.environ.get(TEMPLATE_ENV)
     if configured:
         return Path(configured)
-    candidate = Path(__file__).resolve().parents[2] / "cookiecutter-codec"
-    return candidate if (candidate / "cookiecutter.json").is_file() else None
+    return Path(__file__).resolve().parent / "codec_template"
 
 
 def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -76,7 +76,7 @@ def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--template",
-    help=f"Template path or URL (default: the SDK's cookiecutter-codec, or ${TEMPLATE_ENV}).",
+    help=f"Template path or git URL (default: ${TEMPLATE_ENV}, else the SDK's own template).",
 )
 def command(
     protocol: str | None,
@@ -123,13 +123,11 @@ def command(
         if value is not None:
             context[key] = value
     context.update(_extra(extra))
-    source = template or default_template()
-    if source is None:
-        fail(
-            "cannot find the codec template: pass --template PATH (the SDK's "
-            f"cookiecutter-codec directory, a git URL) or set ${TEMPLATE_ENV}",
-            2,
-        )
+    source = template or str(default_template())
+    remote = "://" in source or source.startswith(("git@", "gh:", "gl:", "bb:"))
+    local_dir = not remote and not source.endswith(".zip")
+    if local_dir and not (Path(source) / "cookiecutter.json").is_file():
+        fail(f"--template {source}: not a template directory (no cookiecutter.json in it)", 2)
     try:
         created = cookiecutter(
             str(source),

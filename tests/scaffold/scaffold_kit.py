@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "cookiecutter-codec"
+TEMPLATE = REPO / "metaprotocol_sdk" / "cli" / "codec_template"
 #: The interpreter running the tests: the checkout's venv, where the SDK is installed.
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent

@@ -82,9 +82,9 @@ def validate(answers: dict[str, object], installed: dict[str, str]) -> list[str]
         if value and ('"' in value or "\\" in value):
             problems.append(f"{key}: {value!r} must not contain '\"' or '\\'")
     for key, most in LONGEST.items():
-        value = answers.get(key)
-        if isinstance(value, str) and len(value) > most:
-            problems.append(f"{key}: at most {most} characters, got {len(value)}")
+        given = answers.get(key)
+        if isinstance(given, str) and len(given) > most:
+            problems.append(f"{key}: at most {most} characters, got {len(given)}")
 
     if protocol and not PROTOCOL_RE.match(protocol):
         problems.append(
