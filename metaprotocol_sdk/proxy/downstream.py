@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, cast
 
 from metaprotocol_sdk.codec import Codec, Encoded, LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus
-from metaprotocol_sdk.errors import CodecError, FrameTooLargeError
+from metaprotocol_sdk.errors import CodecError, FrameTooLargeError, MutationError
 from metaprotocol_sdk.metadata import Metadata
 
 from .router import CompiledRoute, RouteTable, Target
@@ -21,6 +21,16 @@ _REQUEST = MessageType.Request
 _ONEWAY = MessageType.Oneway
 _HEARTBEAT = MessageType.Heartbeat
 _STATUS_NAMES = ("Unknown", "Ok", "Error")
+
+#: Why a new connection is refused (closed at once, cleanly).
+REJECT_REASONS = ("max_connections", "overload", "draining")
+#: Why the engine closes an open client connection (``..._closed_total{reason}``):
+#: ``idle`` nothing in flight nor received for ``timeouts.idle``; ``frame_timeout`` a frame
+#: not complete within ``timeouts.frame``; ``write_timeout`` unsent replies above
+#: ``limits.connectionBufferBytes`` for ``timeouts.write``; ``write_overflow`` a reply would
+#: take them past ``limits.connectionBufferMaxBytes``; ``overload`` a partial frame growing
+#: past ``limits.connectionBufferBytes`` while the process is over its buffer budget.
+CLOSE_REASONS = ("idle", "frame_timeout", "write_timeout", "write_overflow", "overload")
 
 
 class ListenerRuntime:
@@ -41,9 +51,18 @@ class ListenerRuntime:
         self.table = table
         stats = engine.stats
         self.accepted = stats.counter("metaprotocol_downstream_connections_total", listener=name)
-        self.rejected = stats.counter(
-            "metaprotocol_downstream_connections_rejected_total", listener=name
-        )
+        self.rejected = {
+            reason: stats.counter(
+                "metaprotocol_downstream_connections_rejected_total", listener=name, reason=reason
+            )
+            for reason in REJECT_REASONS
+        }
+        self.closed_by = {
+            reason: stats.counter(
+                "metaprotocol_downstream_connections_closed_total", listener=name, reason=reason
+            )
+            for reason in CLOSE_REASONS
+        }
         self.active = stats.gauge("metaprotocol_downstream_connections_active", listener=name)
         self.heartbeats = stats.counter(
             "metaprotocol_heartbeats_total", listener=name, side="downstream"
@@ -56,6 +75,16 @@ class ListenerRuntime:
             for t in ErrorType
         }
         self._unrouted = Target("", None, 0, stats, name, "")
+        self._skipped: dict[str, Counter] = {}
+
+    def count_skipped_mutation(self, route: str) -> None:
+        """Count one reply forwarded without the response mutation it cannot carry."""
+        counter = self._skipped.get(route)
+        if counter is None:
+            counter = self._skipped[route] = self.engine.stats.counter(
+                "metaprotocol_mutations_skipped_total", listener=self.name, route=route
+            )
+        counter.value += 1
 
     def count_local(self, error: ErrorType) -> None:
         """Count one local reply."""
@@ -63,7 +92,15 @@ class ListenerRuntime:
 
 
 class Downstream(asyncio.Protocol):
-    """One client connection."""
+    """One client connection.
+
+    Bounded by the engine's settings (see the Limits page): unsent replies pause reading above
+    ``connectionBufferBytes`` and close the client past ``connectionBufferMaxBytes`` or after
+    ``timeouts.write``; a partial frame must complete within ``timeouts.frame``; an idle
+    connection closes after ``timeouts.idle``. Once the client half-closes or sends bytes the
+    codec cannot resynchronise on, nothing more is read, but replies to the requests already
+    forwarded are still delivered before the connection closes.
+    """
 
     __slots__ = (
         "_route",
@@ -74,12 +111,21 @@ class Downstream(asyncio.Protocol):
         "dedicated",
         "draining",
         "engine",
+        "held",
         "inflight",
+        "inflight_bytes",
+        "last_seen",
         "listener",
         "need",
         "out",
+        "out_size",
+        "partial_since",
+        "paused_since",
+        "read_done",
         "reading_paused",
+        "seen",
         "transport",
+        "unsent",
         "write_paused",
     )
 
@@ -91,8 +137,15 @@ class Downstream(asyncio.Protocol):
         self.buffer = bytearray()
         self.need = 0
         self.inflight = 0
+        #: Bytes of the requests in flight (their frames are kept for local replies).
+        self.inflight_bytes = 0
+        #: Set once the engine closed (or aborted) the transport: late replies are not sent.
         self.closed = False
+        #: No new requests: a shutdown drain, a half-closed client or an unrecoverable frame.
+        #: The connection closes as soon as nothing is in flight.
         self.draining = False
+        #: Nothing more is read (half-close or an unrecoverable frame).
+        self.read_done = False
         # Flow control: reading stops while the client does not read its responses
         # (``write_paused``) or while an upstream connection it sent to is full (``blocked``).
         self.write_paused = False
@@ -100,8 +153,18 @@ class Downstream(asyncio.Protocol):
         self.reading_paused = False
         self.dedicated: dict[tuple[str, str], UpstreamConnection] = {}
         self._route = listener.table.match
-        #: Responses decoded but not yet written (see :meth:`finish`).
+        #: Responses decoded but not yet written (see :meth:`finish`), and their size.
         self.out: list[bytes | memoryview] = []
+        self.out_size = 0
+        # Buffer accounting (the engine's overload budget): bytes of a partial frame held in
+        # ``buffer`` and bytes the transport had not sent at the last look.
+        self.held = 0
+        self.unsent = 0
+        # Clocks read by the engine's housekeeping sweep (no timer per connection).
+        self.seen = False
+        self.last_seen = 0.0
+        self.partial_since = 0.0
+        self.paused_since = 0.0
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -110,34 +173,54 @@ class Downstream(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         engine = self.engine
         listener = self.listener
-        if engine.draining or len(engine.downstreams) >= engine.max_connections:
-            listener.rejected.value += 1
+        reason = engine.refuse_connection()
+        if reason is not None:
+            listener.rejected[reason].value += 1
             self.closed = True
-            transport.abort()
+            transport.close()  # a clean close (FIN), not a reset
             return
+        transport.set_write_buffer_limits(
+            high=engine.connection_buffer, low=engine.connection_buffer // 4
+        )
         engine.downstreams.add(self)
         listener.accepted.value += 1
         listener.active.value += 1
+        self.last_seen = engine.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.engine.downstreams:
+        engine = self.engine
+        if self in engine.downstreams:
             self.listener.active.value -= 1
-            self.engine.downstreams.discard(self)
+            engine.downstreams.discard(self)
+        engine.buffered -= self.held + self.unsent
+        self.held = self.unsent = 0
+        self.buffer = bytearray()
+        self.out = []
         self.closed = True
         self.transport = None
         for conn in list(self.dedicated.values()):
             conn.close()
         self.dedicated.clear()
-        self.engine.downstream_gone()
+        engine.downstream_gone()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: read nothing more, but answer what is in flight."""
+        self._stop_reading()
+        if self.inflight:
+            self.draining = True
+            return True  # keep the transport open for the replies
+        return None  # nothing to answer: the transport closes itself
 
     def pause_writing(self) -> None:
         """The transport's write buffer is full (asyncio flow control)."""
         self.write_paused = True
+        self.paused_since = self.engine.loop.time()
         self._pause_reading()
 
     def resume_writing(self) -> None:
         """The transport's write buffer drained (asyncio flow control)."""
         self.write_paused = False
+        self._account_unsent()
         self._maybe_resume_reading()
 
     def block_on(self, conn: UpstreamConnection) -> None:
@@ -158,13 +241,39 @@ class Downstream(asyncio.Protocol):
 
     def _maybe_resume_reading(self) -> None:
         if self.reading_paused and not self.write_paused and not self.blocked:
+            if self.read_done:
+                return
             self.reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
 
+    def _stop_reading(self) -> None:
+        """Read nothing more; a partial frame in the buffer is dropped."""
+        self.read_done = True
+        self._pause_reading()
+        self.buffer.clear()
+        self.need = 0
+        self._account_held(0)
+
     def close(self) -> None:
         """Close after writing what is buffered."""
+        self.closed = True
         if self.transport is not None:
+            self.transport.close()
+
+    def shut(self, reason: str) -> None:
+        """Close because of a limit (counted by ``reason``, see ``CLOSE_REASONS``).
+
+        Limits on a client that does not read abort (its unsent bytes are dropped at once);
+        the others close cleanly.
+        """
+        if self.closed or self.transport is None:
+            return
+        self.listener.closed_by[reason].value += 1
+        self.closed = True
+        if reason in ("write_timeout", "write_overflow", "overload"):
+            self.transport.abort()
+        else:
             self.transport.close()
 
     def start_drain(self) -> None:
@@ -173,13 +282,63 @@ class Downstream(asyncio.Protocol):
         if self.inflight == 0:
             self.close()
 
+    # -- buffer accounting ---------------------------------------------------------------------
+
+    def _account_held(self, held: int) -> None:
+        engine = self.engine
+        engine.buffered += held - self.held
+        self.held = held
+
+    def _account_unsent(self) -> None:
+        transport = self.transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        if unsent != self.unsent:
+            self.engine.buffered += unsent - self.unsent
+            self.unsent = unsent
+
+    def _partial(self, consumed: bool) -> None:
+        """After a read that leaves (or left) a partial frame in the buffer."""
+        held = len(self.buffer)
+        self._account_held(held)
+        if not held:
+            self.partial_since = 0.0
+            return
+        engine = self.engine
+        if consumed or not self.partial_since:
+            self.partial_since = engine.loop.time()  # a new frame started in this read
+        if held > engine.connection_buffer and engine.buffered > engine.max_buffered:
+            # Over the process budget, the connection asking for more memory gives way.
+            self.shut("overload")
+
+    def sweep(self, now: float) -> int:
+        """Housekeeping (called by the engine about once a second): enforce the idle, frame
+        and write timeouts, and return the bytes this connection holds."""
+        engine = self.engine
+        if self.seen or self.inflight:
+            self.seen = False
+            self.last_seen = now
+        if not self.closed:
+            if self.write_paused and now - self.paused_since > engine.write_timeout:
+                self.shut("write_timeout")
+            elif self.partial_since and now - self.partial_since > engine.frame_timeout:
+                self.shut("frame_timeout")
+            elif not self.held and now - self.last_seen > engine.idle_timeout:
+                self.shut("idle")
+        self._account_unsent()
+        return self.held + self.unsent + self.inflight_bytes
+
     # -- the hot path --------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.seen = True
+        if self.read_done:
+            return
         buffer = self.buffer
         buffer += data
         if len(buffer) < self.need:
+            self._partial(False)
             return
+        start = len(buffer)
         codec = self.codec
         while buffer:
             try:
@@ -188,7 +347,7 @@ class Downstream(asyncio.Protocol):
                 self._refuse(exc, ErrorType.OverLimit, close=True)
                 return
             except CodecError as exc:
-                if exc.frame_size is None:
+                if exc.frame_size is None or not 0 < exc.frame_size <= len(buffer):
                     self._refuse(exc, ErrorType.BadRequest, close=True)
                     return
                 del buffer[: exc.frame_size]
@@ -196,6 +355,7 @@ class Downstream(asyncio.Protocol):
                 continue
             if not isinstance(message, Metadata):
                 self.need = message.needed
+                self._partial(len(buffer) != start)
                 return
             kind = message.message_type
             if kind is _REQUEST:
@@ -213,9 +373,11 @@ class Downstream(asyncio.Protocol):
                     ErrorType.BadRequest,
                     f"{kind.name} messages are not accepted from clients by this engine",
                 )
-            if self.closed:
+            if self.read_done:
                 return
         self.need = 0
+        if self.held:
+            self._partial(True)
 
     def _request(self, message: Metadata) -> None:
         if self.draining:
@@ -244,10 +406,13 @@ class Downstream(asyncio.Protocol):
             )
             return
         engine = self.engine
-        if engine.pending >= engine.max_pending:
-            self.local_reply(
-                message, ErrorType.OverLimit, "too many pending requests", route, target
-            )
+        if (
+            engine.pending >= engine.max_pending
+            or self.inflight >= engine.max_pending_per_connection
+            or engine.buffered > engine.max_buffered
+            or engine.rss_over
+        ):
+            self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route, target)
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         now = engine.loop.time()
@@ -263,8 +428,23 @@ class Downstream(asyncio.Protocol):
         engine.pending += 1
         host.active += 1
         self.inflight += 1
+        size = p.size
+        self.inflight_bytes += size
+        engine.buffered += size
         if conn.write_paused:
             self.block_on(conn)
+
+    def _over_limit(self) -> str:
+        """Why a request is refused with ``OverLimit`` (off the hot path)."""
+        engine = self.engine
+        if engine.pending >= engine.max_pending:
+            return f"too many pending requests ({engine.max_pending})"
+        if self.inflight >= engine.max_pending_per_connection:
+            limit = engine.max_pending_per_connection
+            return f"too many pending requests on this connection ({limit})"
+        if engine.rss_over:
+            return "proxy overloaded: resident memory above overload.maxRssBytes"
+        return f"proxy overloaded: {engine.buffered} bytes buffered (limit {engine.max_buffered})"
 
     def _oneway(self, message: Metadata) -> None:
         route = self._route(message.attributes)
@@ -277,6 +457,10 @@ class Downstream(asyncio.Protocol):
         if cluster is None or host is None:
             status = ErrorType.ClusterNotFound if cluster is None else ErrorType.NoHealthyUpstream
             target.count_oneway(status.name)
+            return
+        engine = self.engine
+        if engine.buffered > engine.max_buffered or engine.rss_over:
+            target.count_oneway(ErrorType.OverLimit.name)
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         try:
@@ -309,6 +493,8 @@ class Downstream(asyncio.Protocol):
         engine = self.engine
         p.host.active -= 1
         self.inflight -= 1
+        self.inflight_bytes -= p.size
+        engine.buffered -= p.size
         engine.pending -= 1
         if engine.draining and engine.pending == 0:
             engine.requests_drained()
@@ -319,18 +505,29 @@ class Downstream(asyncio.Protocol):
         The bytes wait in ``self.out``; this connection is added to ``batch`` and the caller
         flushes every connection of the batch once it has decoded all it read, so pipelined
         responses leave in one write.
+
+        A reply that cannot carry the route's response mutation (the codec raises
+        :class:`MutationError`: an error reply without headers, a header-less transport) is
+        forwarded unchanged and counted in ``metaprotocol_mutations_skipped_total``: a real
+        reply is never replaced by a local error because of a mutation.
         """
-        encoded: Encoded | None = None
-        if self.transport is not None:
+        if self.closed:
+            self._reply(p, None, 0, response.response_status, batch)
+            return
+        codec = self.codec
+        request_id = p.request.request_id if p.conn.shared else None
+        mutation = p.route.response_mutation
+        try:
             try:
-                if p.conn.shared:
-                    encoded = self.codec.encode(
-                        response, p.route.response_mutation, request_id=p.request.request_id
-                    )
-                else:
-                    encoded = self.codec.encode(response, p.route.response_mutation)
-            except Exception as exc:  # the codec cannot write this response
-                encoded = self._bad_response(p, f"cannot encode response: {exc}")
+                encoded: Encoded = codec.encode(response, mutation, request_id=request_id)
+            except MutationError:
+                if mutation is None:
+                    raise
+                encoded = codec.encode(response, None, request_id=request_id)
+                self.listener.count_skipped_mutation(p.route.name)
+        except Exception as exc:  # the codec cannot write this response
+            self._bad_response(p, f"cannot encode response: {exc}", batch)
+            return
         self._reply(p, encoded, len(response.frame), response.response_status, batch)
 
     def forward(
@@ -338,43 +535,62 @@ class Downstream(asyncio.Protocol):
     ) -> None:
         """Queue a reply to ``p`` that the codec peeked at: no response mutation applies, so
         only the id is put back (shared connections). Batched as :meth:`finish` does."""
-        encoded: Encoded | None = None
-        if self.transport is not None:
-            try:
-                encoded = (
-                    self.codec.relabel(frame, p.request.request_id) if p.conn.shared else frame
-                )
-            except Exception as exc:  # the codec cannot write this response
-                encoded = self._bad_response(p, f"cannot relabel response: {exc}")
+        if self.closed:
+            self._reply(p, None, 0, status, batch)
+            return
+        try:
+            encoded = self.codec.relabel(frame, p.request.request_id) if p.conn.shared else frame
+        except Exception as exc:  # the codec cannot write this response
+            self._bad_response(p, f"cannot relabel response: {exc}", batch)
+            return
         self._reply(p, encoded, len(frame), status, batch)
 
-    def _bad_response(self, p: Pending, message: str) -> bytes:
+    def _bad_response(self, p: Pending, message: str, batch: list[Downstream]) -> None:
+        """Answer ``p`` with a local ``BadResponse``: counted as that, not as the reply's
+        status."""
         self.listener.count_local(ErrorType.BadResponse)
-        return self.codec.on_error(p.request, LocalError(ErrorType.BadResponse, message))
+        reply = self.codec.on_error(p.request, LocalError(ErrorType.BadResponse, message))
+        self._reply(p, reply, len(reply), None, batch)
 
     def _reply(
         self,
         p: Pending,
         encoded: Encoded | None,
         size: int,
-        status: ResponseStatus,
+        status: ResponseStatus | None,
         batch: list[Downstream],
     ) -> None:
-        """Settle ``p``, count its status and queue ``encoded`` (``None``: the client left)."""
+        """Settle ``p``, count it and queue ``encoded``.
+
+        ``encoded`` ``None``: the client left (counted ``DownstreamClosed``); ``status``
+        ``None``: a local ``BadResponse`` replaced the reply.
+        """
         self._settle(p)  # first: a draining connection closes once nothing is in flight
-        counter = p.target.responses[status]
-        if counter is None:
-            counter = p.target.response_counter(status)
-        counter.value += 1
-        if encoded is not None:
-            out = self.out
-            if not out:
-                batch.append(self)
-            if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
-                out.append(encoded)
+        if encoded is None:
+            p.target.count("DownstreamClosed")
+            status_name = "DownstreamClosed"
+        else:
+            if status is None:
+                p.target.count(ErrorType.BadResponse.name)
+                status_name = ErrorType.BadResponse.name
             else:
-                append_encoded(out, encoded, size)
-        elif self.draining and self.inflight == 0:
+                counter = p.target.responses[status]
+                if counter is None:
+                    counter = p.target.response_counter(status)
+                counter.value += 1
+                status_name = _STATUS_NAMES[status]
+            if self.write_paused and self._overflows(size):
+                self.shut("write_overflow")
+            else:
+                out = self.out
+                if not out:
+                    batch.append(self)
+                self.out_size += size
+                if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
+                    out.append(encoded)
+                else:
+                    append_encoded(out, encoded, size)
+        if encoded is None and self.draining and self.inflight == 0:
             self.close()
         log = self.engine.access_log
         if log is not None:
@@ -382,31 +598,40 @@ class Downstream(asyncio.Protocol):
                 self.listener.name,
                 p.route.name,
                 p.target.name,
-                _STATUS_NAMES[status],
+                status_name,
                 self.engine.loop.time() - p.start,
                 p.request.request_id,
                 p.request.message_type.name,
                 p.host.key,
             )
 
+    def _overflows(self, size: int) -> bool:
+        """Would a reply of ``size`` take a client that does not read past the ceiling?"""
+        self._account_unsent()
+        return self.unsent + self.out_size + size > self.engine.connection_buffer_max
+
     def flush(self) -> None:
         """Write the queued responses (and close if draining and idle)."""
         out = self.out
         self.out = []
+        self.out_size = 0
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not self.closed and out:
             if len(out) == 1:
                 transport.write(out[0])
             else:
                 transport.writelines(out)
+            self._account_unsent()
         if self.draining and self.inflight == 0:
             self.close()
 
     def fail(self, p: Pending, error: ErrorType, message: str) -> None:
         """Answer ``p`` locally (upstream reset, connect failure, timeout)."""
         self._settle(p)
-        if self.transport is None:  # the client left first: nothing to answer, not an error
+        if self.closed:  # the client left first, or was closed: nothing to answer
             p.target.count("DownstreamClosed")
+            if self.draining and self.inflight == 0:
+                self.close()
             return
         self.local_reply(p.request, error, message, p.route, p.target, p.start, p.host.key)
         if self.draining and self.inflight == 0:
@@ -414,8 +639,8 @@ class Downstream(asyncio.Protocol):
 
     def timeout(self, p: Pending) -> None:
         """``p`` got no response within its route's timeout."""
-        p.conn.forget(p)
         self.fail(p, ErrorType.Timeout, f"no response within {p.route.timeout:g}s")
+        p.conn.forget(p)  # after the local reply, which needs the request
 
     def local_reply(
         self,
@@ -429,11 +654,13 @@ class Downstream(asyncio.Protocol):
     ) -> None:
         """Send the codec's error reply for ``request`` and count it."""
         listener = self.listener
+        transport = self.transport
+        if transport is None or self.closed:
+            (target or listener._unrouted).count("DownstreamClosed")
+            return
         listener.count_local(error)
         (target or listener._unrouted).count(error.name)
-        transport = self.transport
-        if transport is not None:
-            transport.write(self.codec.on_error(request, LocalError(error, message)))
+        transport.write(self.codec.on_error(request, LocalError(error, message)))
         log = self.engine.access_log
         if log is not None:
             log.log(
@@ -448,6 +675,9 @@ class Downstream(asyncio.Protocol):
             )
 
     def _refuse(self, exc: CodecError, error: ErrorType, close: bool) -> None:
+        """A frame the codec refused: answer it when it has an id; without a way to
+        resynchronise (``close``), read nothing more and close once the requests already
+        forwarded are answered."""
         listener = self.listener
         listener.decode_errors.value += 1
         if exc.metadata is not None:
@@ -455,7 +685,8 @@ class Downstream(asyncio.Protocol):
         else:
             listener.count_local(error)
         if close:
-            self.closed = True
-            self.buffer.clear()
-            if self.transport is not None:
-                self.transport.close()
+            self._stop_reading()
+            if self.inflight:
+                self.draining = True
+            else:
+                self.close()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
+import os
+import resource
 from typing import Any
 
 from metaprotocol_sdk.errors import ConfigError
@@ -18,6 +21,36 @@ from .matcher import compile_match
 from .router import CompiledRoute, RouteTable, Target
 from .stats import Stats
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
+
+log = logging.getLogger("metaprotocol.proxy")
+
+#: Descriptors kept free for what is not a connection (listeners, admin, log files, stdio,
+#: the event loop's own) when ``limits.maxConnections`` defaults from ``RLIMIT_NOFILE``.
+FD_RESERVE = 64
+#: Longest interval of the housekeeping sweep (idle, frame and write timeouts; overload).
+SWEEP_MAX = 1.0
+
+
+def connections_from_rlimit(shared_upstreams: int, dedicated: bool) -> int:
+    """The default ``maxConnections``: what ``RLIMIT_NOFILE`` leaves for client connections.
+
+    Shared upstream connections and ``FD_RESERVE`` come first; with dedicated pooling every
+    client connection may need one upstream connection of its own.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    free = soft - FD_RESERVE - shared_upstreams
+    return max(1, free // (2 if dedicated else 1))
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size (Linux ``/proc``; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def cluster_name(host: str, port: int, subset: str | None) -> str:
@@ -36,9 +69,28 @@ class Engine:
         self.config = config
         settings = config.proxy
         self.stats = Stats()
-        self.max_connections = settings.limits.max_connections
-        self.max_pending = settings.limits.max_pending_requests
-        self.connect_timeout = settings.timeouts.connect
+        limits = settings.limits
+        timeouts = settings.timeouts
+        #: ``limits.maxConnections`` (when unset, computed from ``RLIMIT_NOFILE`` by start()).
+        self.max_connections = limits.max_connections or 1
+        self.max_pending = limits.max_pending_requests
+        self.max_pending_per_connection = limits.max_pending_requests_per_connection
+        self.connection_buffer = limits.connection_buffer_bytes
+        self.connection_buffer_max = limits.connection_buffer_max_bytes
+        self.max_buffered = settings.overload.max_buffered_bytes
+        self.max_rss = settings.overload.max_rss_bytes
+        self.idle_timeout = timeouts.idle
+        self.frame_timeout = timeouts.frame
+        self.write_timeout = timeouts.write
+        #: Bytes held in buffers now (partial frames, requests in flight, unsent replies): an
+        #: upper bound kept by the data path and made exact by every housekeeping sweep.
+        self.buffered = 0
+        #: The resident set size was above ``overload.maxRssBytes`` at the last sweep.
+        self.rss_over = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._buffered_gauge = self.stats.gauge("metaprotocol_buffered_bytes")
+        self._overloaded_gauge = self.stats.gauge("metaprotocol_overloaded")
+        self.connect_timeout = timeouts.connect
         self.connections_per_endpoint = settings.connections_per_endpoint
         self.pending = 0
         self.draining = False
@@ -157,6 +209,20 @@ class Engine:
         settings = self.config.proxy
         for listener in settings.listeners:
             self.listeners[(listener.host, listener.port)] = self._build_listener(listener)
+        shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
+        fd_bound = connections_from_rlimit(
+            shared * self.connections_per_endpoint,
+            any(not c.shared for c in self.clusters.values()),
+        )
+        if settings.limits.max_connections is None:
+            self.max_connections = fd_bound
+        elif self.max_connections > fd_bound:
+            log.warning(
+                "limits.maxConnections %d is above what RLIMIT_NOFILE leaves for client "
+                "connections (%d): upstream connects may fail with 'Too many open files'",
+                self.max_connections,
+                fd_bound,
+            )
         try:
             for listener in settings.listeners:
                 runtime = self.listeners[(listener.host, listener.port)]
@@ -180,6 +246,41 @@ class Engine:
         except BaseException:
             await self._close_servers()
             raise
+        self._schedule_sweep()
+
+    # -- limits --------------------------------------------------------------------------------
+
+    def refuse_connection(self) -> str | None:
+        """Why a new downstream connection must be refused now (``None``: accept it)."""
+        if self.draining:
+            return "draining"
+        if len(self.downstreams) >= self.max_connections:
+            return "max_connections"
+        if self.buffered > self.max_buffered or self.rss_over:
+            return "overload"
+        return None
+
+    def _schedule_sweep(self) -> None:
+        t = self.config.proxy.timeouts
+        interval = min(SWEEP_MAX, max(0.02, min(t.idle, t.frame, t.write) / 4))
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Enforce the per-connection timeouts and recount the buffered bytes exactly."""
+        now = self.loop.time()
+        buffered = 0
+        for downstream in list(self.downstreams):
+            buffered += downstream.sweep(now)
+        for upstream in self.upstreams:
+            buffered += upstream.held
+        self.buffered = buffered
+        if self.max_rss is not None:
+            self.rss_over = _rss_bytes() > self.max_rss
+        self._schedule_sweep()
+
+    def overloaded(self) -> bool:
+        """True while new requests and connections are refused for overload."""
+        return self.buffered > self.max_buffered or self.rss_over
 
     def _refuse_own_listeners(self) -> None:
         """Refuse an endpoint that is one of this engine's own listeners (once bound).
@@ -256,6 +357,9 @@ class Engine:
                 break
             await asyncio.sleep(0)
         self.deadlines.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None
@@ -269,14 +373,19 @@ class Engine:
 
     # -- introspection -------------------------------------------------------------------------
 
+    def _refresh_gauges(self) -> None:
+        self._pending_gauge.value = self.pending
+        self._buffered_gauge.value = self.buffered
+        self._overloaded_gauge.value = int(self.overloaded())
+
     def stats_snapshot(self) -> dict[str, int]:
         """Every stats series as ``{'name{labels}': value}`` (gauges refreshed)."""
-        self._pending_gauge.value = self.pending
+        self._refresh_gauges()
         return self.stats.snapshot()
 
     def prometheus(self) -> str:
         """Stats in Prometheus text format (gauges refreshed)."""
-        self._pending_gauge.value = self.pending
+        self._refresh_gauges()
         return self.stats.prometheus()
 
     def config_dump(self) -> dict[str, Any]:
@@ -326,7 +435,8 @@ class Engine:
                 for p in self.config.protocols.values()
             },
             "settings": {
-                "limits": vars(settings.limits),
+                "limits": {**vars(settings.limits), "max_connections": self.max_connections},
+                "overload": vars(settings.overload),
                 "timeouts": vars(settings.timeouts),
                 "accessLog": settings.access_log,
                 "connectionsPerEndpoint": settings.connections_per_endpoint,

@@ -14,15 +14,20 @@ HELP = {
     "metaprotocol_heartbeats_total": "Heartbeats answered locally, by listener/cluster and side.",
     "metaprotocol_decode_errors_total": "Frames the codec refused, by listener/cluster and side.",
     "metaprotocol_downstream_connections_total": "Downstream connections accepted.",
-    "metaprotocol_downstream_connections_rejected_total": "Connections refused over the limit.",
+    "metaprotocol_downstream_connections_rejected_total": "Connections refused, by reason.",
+    "metaprotocol_downstream_connections_closed_total": "Connections closed by a limit, by reason.",
     "metaprotocol_downstream_connections_active": "Open downstream connections.",
     "metaprotocol_upstream_connections_total": "Upstream connections opened, by cluster.",
     "metaprotocol_upstream_connections_active": "Open upstream connections, by cluster.",
     "metaprotocol_upstream_connect_errors_total": "Failed upstream connects, by cluster.",
     "metaprotocol_upstream_resets_total": "Upstream connections lost with requests in flight.",
     "metaprotocol_requests_pending": "Requests waiting for an upstream response.",
+    "metaprotocol_mutations_skipped_total": "Replies forwarded without a response mutation "
+    "they cannot carry, by listener and route.",
+    "metaprotocol_buffered_bytes": "Bytes held in buffers (the overload budget's measure).",
+    "metaprotocol_overloaded": "1 while new requests and connections are refused for overload.",
 }
-GAUGES = frozenset(n for n in HELP if n.endswith(("_active", "_pending")))
+GAUGES = frozenset(n for n in HELP if n.endswith(("_active", "_pending", "_bytes", "_overloaded")))
 
 Labels = tuple[tuple[str, str], ...]
 

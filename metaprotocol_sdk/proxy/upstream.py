@@ -13,7 +13,7 @@ Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability:
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, cast
 
 from metaprotocol_sdk.codec import Codec, Encoded, ReplyHead, take_frame
@@ -49,6 +49,13 @@ def append_encoded(out: list[bytes | memoryview], encoded: Encoded, size: int) -
 
 
 _HEARTBEAT = MessageType.Heartbeat
+#: What a timed-out request on a dedicated connection keeps instead of its frame.
+_FORGOTTEN = Metadata(MessageType.Request)
+
+
+#: Timed-out requests a dedicated connection remembers (so that their late replies are not
+#: paired with later requests) before it is closed and replaced.
+STALE_LIMIT = 64
 
 
 class Pending:
@@ -62,6 +69,8 @@ class Pending:
         "host",
         "request",
         "route",
+        "seq",
+        "size",
         "start",
         "target",
         "wire_id",
@@ -85,8 +94,11 @@ class Pending:
         self.conn = conn
         self.start = start
         self.wire_id = request.request_id
+        self.size = len(request.frame)
         self.done = False
         self.deadline = 0.0
+        #: Position on a dedicated connection (arrival order).
+        self.seq = 0
 
 
 class UpstreamHost:
@@ -158,21 +170,25 @@ class UpstreamConnection(asyncio.Protocol):
         "_active",
         "_blocked",
         "buffer",
+        "by_id",
         "closed",
         "cluster",
         "codec",
         "connecting",
         "engine",
-        "fifo",
+        "held",
         "host",
         "max_id",
         "need",
         "next_id",
+        "next_seq",
+        "order",
         "owner",
         "peek",
         "pending",
         "queued",
         "shared",
+        "stale",
         "task",
         "transport",
         "write_paused",
@@ -197,8 +213,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.need = 0
         self.queued: list[bytes | memoryview] = []
+        #: Shared mode: requests in flight by wire id.
         self.pending: dict[int, Pending] = {}
-        self.fifo: deque[Pending] = deque()
+        # Dedicated mode: requests in flight in arrival order and by request id, so that a
+        # reply pairs in O(1) with the first request of its id, else with the oldest.
+        self.order: OrderedDict[int, Pending] = OrderedDict()
+        self.by_id: dict[int, deque[Pending]] = {}
+        self.next_seq = 0
+        #: Timed-out requests still holding their place in ``order`` (see :meth:`forget`).
+        self.stale = 0
+        #: Bytes of a partial reply held in ``buffer`` (the engine's buffer accounting).
+        self.held = 0
         self.next_id = 0
         self.task: asyncio.Task[None] | None = None
         self._active: Counter = cluster.active
@@ -261,7 +286,13 @@ class UpstreamConnection(asyncio.Protocol):
             pending[wire_id] = p
         else:
             encoded = self.codec.encode(request, mutation)
-            self.fifo.append(p)
+            self.next_seq = p.seq = self.next_seq + 1
+            self.order[p.seq] = p
+            same = self.by_id.get(p.wire_id)
+            if same is None:
+                self.by_id[p.wire_id] = deque((p,))
+            else:
+                same.append(p)
         queued = self.queued
         if type(encoded) is bytes and queued:  # the usual case of _queue, without the call
             queued.append(encoded)
@@ -286,11 +317,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.writelines(queued)
 
     def forget(self, p: Pending) -> None:
-        """Stop waiting for ``p`` (timed out): a late response is dropped."""
+        """Stop waiting for ``p`` (timed out, already answered locally): a late response is
+        dropped.
+
+        Dedicated mode keeps its place, so that a late reply paired by arrival order is not
+        given to a later request, but drops its frame; past ``STALE_LIMIT`` such places the
+        connection is closed (its other requests get ``UpstreamReset``) and the next request
+        opens a fresh one.
+        """
         p.done = True
         if self.shared:
             self.pending.pop(p.wire_id, None)
-        # Dedicated mode keeps the entry so a late response still pairs with it in order.
+            return
+        if p.seq in self.order:
+            p.request = _FORGOTTEN
+            self.stale += 1
+            if self.stale > STALE_LIMIT:
+                self.close()
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -298,6 +341,7 @@ class UpstreamConnection(asyncio.Protocol):
         buffer = self.buffer
         buffer += data
         if len(buffer) < self.need:
+            self._account_held()
             return
         codec = self.codec
         shared = self.shared
@@ -333,12 +377,19 @@ class UpstreamConnection(asyncio.Protocol):
                     self.transport.write(reply)
         else:
             self.need = 0
+        if buffer or self.held:
+            self._account_held()
         for downstream in batch:
             downstream.flush()
         if failed is not None:
             self.cluster.decode_errors.value += 1
             self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {failed}")
             self.close()
+
+    def _account_held(self) -> None:
+        held = len(self.buffer)
+        self.engine.buffered += held - self.held
+        self.held = held
 
     def _forward(self, head: ReplyHead, batch: list[Downstream]) -> bool:
         """Pass on the reply at the front of the buffer without decoding it, when no response
@@ -350,10 +401,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pending[wire_id] = p  # put back for the decode path to find
                 return False
         else:
-            # The entry _match would take: the first with this id, else the oldest.
-            fifo = self.fifo
-            p = next((c for c in fifo if c.wire_id == wire_id), fifo[0] if fifo else None)
-            if p is not None and p.route.response_mutation is not None:
+            p = self._candidate(wire_id)
+            if p is not None and not p.done and p.route.response_mutation is not None:
                 return False
             p = self._match(wire_id)
         frame = take_frame(self.buffer, size)
@@ -361,22 +410,35 @@ class UpstreamConnection(asyncio.Protocol):
             p.downstream.forward(p, frame, status, batch)
         return True
 
+    def _candidate(self, wire_id: int) -> Pending | None:
+        """Dedicated mode: the request a reply with ``wire_id`` pairs with (the first with
+        this id, else the oldest), left in place."""
+        same = self.by_id.get(wire_id)
+        if same:
+            return same[0]
+        order = self.order
+        return next(iter(order.values())) if order else None
+
     def _match(self, wire_id: int) -> Pending | None:
+        """Take the request a reply with ``wire_id`` answers; ``None`` when nobody waits for
+        it any more (timed out) or at all."""
         if self.shared:
             return self.pending.pop(wire_id, None)
-        fifo = self.fifo
-        if not fifo:
+        p = self._candidate(wire_id)
+        if p is None:
             return None
-        p = fifo[0]
-        if p.wire_id == wire_id:
-            fifo.popleft()
+        del self.order[p.seq]
+        same = self.by_id[p.wire_id]
+        if same[0] is p:
+            same.popleft()
         else:
-            for candidate in fifo:
-                if candidate.wire_id == wire_id:
-                    p = candidate
-                    break
-            fifo.remove(p)
-        return None if p.done else p
+            same.remove(p)  # only requests that reused one id: rare and short
+        if not same:
+            del self.by_id[p.wire_id]
+        if p.done:
+            self.stale -= 1
+            return None
+        return p
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -407,7 +469,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._active.value -= 1
         self.transport = None
-        if not self.closed and (self.pending or self.fifo):  # not closed by us
+        if not self.closed and (self.pending or self.order):  # not closed by us
             self.cluster.resets.value += 1
         reason = f": {exc}" if exc else ""
         self._finish_close(ErrorType.UpstreamReset, f"upstream {self.host.key} closed{reason}")
@@ -428,6 +490,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.connecting = False
         self.queued = []
+        self.buffer = bytearray()
+        self.engine.buffered -= self.held
+        self.held = 0
         host = self.host
         if self in host.conns:
             host.conns.remove(self)
@@ -440,9 +505,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.engine.upstream_gone()
 
     def _fail_all(self, error: ErrorType, message: str) -> None:
-        waiting = [p for p in self.pending.values()] + [p for p in self.fifo if not p.done]
+        waiting = [*self.pending.values(), *(p for p in self.order.values() if not p.done)]
         self.pending = {}
-        self.fifo = deque()
+        self.order = OrderedDict()
+        self.by_id = {}
+        self.stale = 0
         for p in waiting:
             p.done = True
             p.downstream.fail(p, error, message)

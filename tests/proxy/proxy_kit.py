@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import struct
 import sys
 import textwrap
 import types
@@ -336,6 +338,13 @@ class Client(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def reset(self) -> None:
+        """Close with a TCP reset (``SO_LINGER`` 0), as a crashing client does."""
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
 
 def error_type(msg: Metadata) -> str | None:
     """The ``error-type`` of a KV error reply, ``None`` for a normal response."""
@@ -472,6 +481,12 @@ class FakeTransport:
 
     def is_closing(self) -> bool:
         return False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass

@@ -30,6 +30,7 @@ from .models import (
     Listener,
     LoadBalancer,
     MetaRouter,
+    Overload,
     Protocol,
     ProxySettings,
     Route,
@@ -637,6 +638,7 @@ _PROXY_FIELDS = {
     "admin",
     "codecOptions",
     "limits",
+    "overload",
     "timeouts",
     "accessLog",
     "upstream",
@@ -680,21 +682,9 @@ def _proxy(
         listeners.append(Listener(host, port, bind[0], bind[1]))
     admin = doc.mapping(spec, "admin", "spec.admin", required=False)
     admin_bind = _bind(doc, admin["bind"], "spec.admin.bind") if admin.get("bind") else None
-    lim = doc.mapping(spec, "limits", "spec.limits", required=False)
-    limits = Limits(
-        max_connections=doc.integer(lim, "maxConnections", "spec.limits.maxConnections", False, 1)
-        or Limits.max_connections,
-        max_pending_requests=doc.integer(
-            lim, "maxPendingRequests", "spec.limits.maxPendingRequests", False, 1
-        )
-        or Limits.max_pending_requests,
-    )
-    tmo = doc.mapping(spec, "timeouts", "spec.timeouts", required=False)
-    timeouts = Timeouts(
-        connect=doc.duration(tmo, "connect", "spec.timeouts.connect") or Timeouts.connect,
-        route=doc.duration(tmo, "route", "spec.timeouts.route") or Timeouts.route,
-        drain=doc.duration(tmo, "drain", "spec.timeouts.drain") or Timeouts.drain,
-    )
+    limits = _limits(doc, spec)
+    overload = _overload(doc, spec)
+    timeouts = _timeouts(doc, spec)
     log = doc.mapping(spec, "accessLog", "spec.accessLog", required=False)
     access_log = doc.string(log, "path", "spec.accessLog.path") if log else None
     up = doc.mapping(spec, "upstream", "spec.upstream", required=False)
@@ -706,7 +696,68 @@ def _proxy(
         admin_bind=admin_bind,
         codec_options=codec_options,
         limits=limits,
+        overload=overload,
         timeouts=timeouts,
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
     )
+
+
+def _known_fields(doc: _Doc, obj: Mapping[str, Any], path: str, known: Sequence[str]) -> None:
+    for key in obj:
+        if key not in known:
+            doc.fail(f"{path}.{key}", f"unknown field; expected one of {', '.join(sorted(known))}")
+
+
+_LIMIT_FIELDS = {
+    # field: (model attribute, lowest accepted value)
+    "maxConnections": ("max_connections", 1),
+    "maxPendingRequests": ("max_pending_requests", 1),
+    "maxPendingRequestsPerConnection": ("max_pending_requests_per_connection", 1),
+    "connectionBufferBytes": ("connection_buffer_bytes", 1024),
+    "connectionBufferMaxBytes": ("connection_buffer_max_bytes", 1024),
+}
+
+
+def _limits(doc: _Doc, spec: Mapping[str, Any]) -> Limits:
+    raw = doc.mapping(spec, "limits", "spec.limits", required=False)
+    _known_fields(doc, raw, "spec.limits", list(_LIMIT_FIELDS))
+    values: dict[str, Any] = {}
+    for key, (attr, low) in _LIMIT_FIELDS.items():
+        value = doc.integer(raw, key, f"spec.limits.{key}", False, low)
+        if value is not None:
+            values[attr] = value
+    limits = Limits(**values)
+    if limits.connection_buffer_max_bytes < limits.connection_buffer_bytes:
+        doc.fail(
+            "spec.limits.connectionBufferMaxBytes",
+            f"must be at least connectionBufferBytes ({limits.connection_buffer_bytes})",
+        )
+    return limits
+
+
+def _overload(doc: _Doc, spec: Mapping[str, Any]) -> Overload:
+    raw = doc.mapping(spec, "overload", "spec.overload", required=False)
+    _known_fields(doc, raw, "spec.overload", ("maxBufferedBytes", "maxRssBytes"))
+    buffered = doc.integer(
+        raw, "maxBufferedBytes", "spec.overload.maxBufferedBytes", False, 1 << 20
+    )
+    rss = doc.integer(raw, "maxRssBytes", "spec.overload.maxRssBytes", False, 16 << 20)
+    return Overload(
+        max_buffered_bytes=Overload.max_buffered_bytes if buffered is None else buffered,
+        max_rss_bytes=rss,
+    )
+
+
+_TIMEOUT_FIELDS = ("connect", "route", "drain", "idle", "frame", "write")
+
+
+def _timeouts(doc: _Doc, spec: Mapping[str, Any]) -> Timeouts:
+    raw = doc.mapping(spec, "timeouts", "spec.timeouts", required=False)
+    _known_fields(doc, raw, "spec.timeouts", _TIMEOUT_FIELDS)
+    values: dict[str, float] = {}
+    for key in _TIMEOUT_FIELDS:
+        seconds = doc.duration(raw, key, f"spec.timeouts.{key}")
+        if seconds is not None:
+            values[key] = seconds
+    return Timeouts(**values)

@@ -148,12 +148,36 @@ class Listener:
         return f"{self.host}:{self.port}"
 
 
+MiB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Connection and request ceilings."""
+    """Connection, request and buffer ceilings (see the Limits page of the docs).
 
-    max_connections: int = 10000
+    ``max_connections`` ``None`` means "from ``RLIMIT_NOFILE``": the engine keeps enough
+    descriptors free for its upstream connections, listeners and admin endpoint.
+    """
+
+    max_connections: int | None = None
     max_pending_requests: int = 10000
+    max_pending_requests_per_connection: int = 1000
+    #: Per-connection high-water mark of unsent replies: above it the engine stops reading
+    #: the client's requests (Envoy's ``per_connection_buffer_limit_bytes``).
+    connection_buffer_bytes: int = 1 * MiB
+    #: Per-connection ceiling of unsent replies: a reply that would take a client that is
+    #: already above ``connection_buffer_bytes`` past it closes the client instead.
+    connection_buffer_max_bytes: int = 16 * MiB
+
+
+@dataclass(frozen=True)
+class Overload:
+    """Process-wide ceilings beyond which new work is refused (Envoy's overload manager)."""
+
+    #: Bytes held in buffers (partial frames read, requests awaiting replies, unsent bytes).
+    max_buffered_bytes: int = 512 * MiB
+    #: Resident set size; ``None``: not watched.
+    max_rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,12 @@ class Timeouts:
     connect: float = 5.0
     route: float = 30.0
     drain: float = 10.0
+    #: A client connection with nothing in flight and nothing received for this long closes.
+    idle: float = 3600.0
+    #: A frame that started arriving must be complete within this long.
+    frame: float = 10.0
+    #: A client whose unsent replies stay above ``connection_buffer_bytes`` this long closes.
+    write: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +203,7 @@ class ProxySettings:
     admin_bind: tuple[str, int] | None = None
     codec_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     limits: Limits = Limits()
+    overload: Overload = Overload()
     timeouts: Timeouts = Timeouts()
     access_log: str | None = None
     connections_per_endpoint: int = 1
