@@ -146,6 +146,13 @@ class Codec(ABC):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid codec options: {exc}") from exc
 
+    @property
+    def active_capabilities(self) -> Capabilities:
+        """What this instance, as configured, can do: :attr:`capabilities` unless its options
+        switch something off (a forced transport with no room for headers cannot carry
+        mutations, say). Engines check a configuration's routes against this."""
+        return self.capabilities
+
     @abstractmethod
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         """Consume one complete message from the front of ``buffer``, or nothing."""

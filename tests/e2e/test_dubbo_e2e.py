@@ -126,6 +126,12 @@ class Peers:
                     + route("refused", dest(DEAD), "method: {exact: attachments}")
                     + route(
                         "slow", dest(ERR, "v1"), "method: {exact: sleep}", "\n      timeout: 300ms"
+                    )
+                    + route(
+                        "mutated-error",
+                        dest(ERR, "v1"),
+                        "method: {exact: fail}, x-mutate: {exact: 'yes'}",
+                        "\n      responseMutation: [{key: x-mesh, value: metaprotocol}]",
                     ),
                 ),
                 router("kill", KILL, route("all", dest(KILL))),
@@ -225,6 +231,23 @@ def test_local_replies_are_remote_errors(
     assert not reply["ok"]
     assert error_type in reply["error"], reply
     assert version_of(peers.err.call("sayHello", ["after"])) == "v1"
+
+
+def test_exception_reply_survives_a_response_mutation(peers: Peers) -> None:
+    """The provider's exception cannot carry the route's response mutation: it reaches the
+    consumer unchanged (its own message, not a local BadResponse) and the skip is counted."""
+    engine = peers.engine
+    skipped = engine.stat("metaprotocol_mutations_skipped_total")
+    bad = engine.stat('metaprotocol_local_replies_total{listener="errors.dubbo.e2e:20882",type="B')
+    reply = peers.err.call("fail", ["boom from node"], **{"x-mutate": "yes"})
+    assert not reply["ok"]
+    assert "boom from node" in reply["error"], reply
+    assert "BadResponse" not in reply["error"], reply
+    assert engine.stat("metaprotocol_mutations_skipped_total") == skipped + 1
+    assert (
+        engine.stat('metaprotocol_local_replies_total{listener="errors.dubbo.e2e:20882",type="B')
+        == bad
+    )
 
 
 def test_upstream_killed_mid_request(peers: Peers) -> None:

@@ -574,17 +574,20 @@ def _check_capabilities(
     for port in service.ports.values():
         if port.protocol is None:
             continue
-        caps = protocols[port.protocol].codec_class.capabilities
+        # As configured: codec options may rule mutations out (a forced header-less transport).
+        caps = protocols[port.protocol].create_codec().active_capabilities
         for r, route in enumerate(router.routes):
             if route.request_mutation and not caps.mutation:
                 doc.fail(
                     f"spec.routes[{r}].requestMutation",
-                    f"codec for protocol {port.protocol!r} cannot write request mutations",
+                    f"codec for protocol {port.protocol!r} cannot write request mutations"
+                    " (as configured: see its capabilities and codecOptions)",
                 )
             if route.response_mutation and not caps.response_mutation:
                 doc.fail(
                     f"spec.routes[{r}].responseMutation",
-                    f"codec for protocol {port.protocol!r} cannot write response mutations",
+                    f"codec for protocol {port.protocol!r} cannot write response mutations"
+                    " (as configured: see its capabilities and codecOptions)",
                 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from metaprotocol_sdk.codec import (
@@ -167,6 +168,14 @@ class ThriftCodec(Codec):
         self._fast_framed: str | None = None
         if self.wire_protocol != COMPACT and self.transport in (AUTO, FRAMED):
             self._fast_framed = self.transport
+
+    @property
+    def active_capabilities(self) -> Capabilities:
+        """No mutations when the options force a transport without headers (framed or
+        unframed): only THeader carries them."""
+        if self.transport in (FRAMED, UNFRAMED):
+            return replace(self.capabilities, mutation=False, response_mutation=False)
+        return self.capabilities
 
     def reset(self) -> None:
         """Forget what ``auto`` detected last (detection is per message, so nothing else)."""
