@@ -52,6 +52,8 @@ class CodecInfo:
 
 
 def _load_target(target: str, distribution: str) -> type[Codec]:
+    # A 'module:Class' reference given by hand comes from no distribution (distribution "").
+    origin = f" from distribution {distribution!r}" if distribution else ""
     module_name, _, attr = target.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -59,13 +61,11 @@ def _load_target(target: str, distribution: str) -> type[Codec]:
             obj = getattr(obj, part)
     except Exception as exc:
         raise CodecLoadError(
-            f"codec {target!r} from distribution {distribution!r} failed to load: "
-            f"{type(exc).__name__}: {exc}"
+            f"codec {target!r}{origin} failed to load: {type(exc).__name__}: {exc}"
         ) from exc
     if not (isinstance(obj, type) and issubclass(obj, Codec)):
         raise CodecLoadError(
-            f"{target!r} from distribution {distribution!r} is not a metaprotocol_sdk.Codec "
-            f"subclass (got {obj!r})"
+            f"{target!r}{origin} is not a metaprotocol_sdk.Codec subclass (got {obj!r})"
         )
     return obj
 
@@ -102,8 +102,7 @@ def resolve(name: str) -> CodecInfo:
         if name in info.names:
             return info
     if ":" in name:
-        module = name.partition(":")[0]
-        return CodecInfo(name=name, aliases=(), target=name, distribution=module, version="")
+        return CodecInfo(name=name, aliases=(), target=name, distribution="", version="")
     installed = ", ".join(n for info in infos for n in info.names) or "none"
     raise UnknownCodecError(
         f"no codec named {name!r} is installed; installed codecs: {installed}. "

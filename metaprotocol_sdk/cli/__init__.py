@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from typing import Any
 
 import click
@@ -30,6 +32,51 @@ class _LazyGroup(click.Group):
             return None
         command: click.Command = importlib.import_module(entry[0]).command
         return command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run, turning every usage error into one ``error:`` line and exit status 2.
+
+        A user's mistake never shows a traceback. Anything else that escapes a command is a
+        bug: it is reported in one line too, with the way to see the traceback.
+        """
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            sys.exit(_usage_error(exc))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            click.echo(
+                f"error: internal error ({type(exc).__name__}: {_one_line(str(exc))}); "
+                f"this is a bug, please report it ({TRACEBACK_ENV}=1 shows the traceback)",
+                err=True,
+            )
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+#: Set to show the traceback of an internal error.
+TRACEBACK_ENV = "METAPROTOCOL_TRACEBACK"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _usage_error(exc: click.ClickException) -> int:
+    """Print a click usage error as one line; the exit status is 2 for every one of them."""
+    message = _one_line(exc.format_message())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message = f"{ctx.command_path}: {message} (see '{ctx.command_path} --help')"
+    click.echo(f"error: {message}", err=True)
+    return 2
 
 
 def _exists(module: str) -> bool:

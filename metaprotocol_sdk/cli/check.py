@@ -56,6 +56,7 @@ def command(
             golden=golden,
             known_failures=load_known_failures(known_failures) if known_failures else None,
         )
+        target.new_codec()  # bad -o options: one message now, not one failure per check
     except (RegistryError, ConfigError) as exc:
         fail(exc, 2)
     report = run_kit(target, only or None)

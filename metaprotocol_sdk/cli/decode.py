@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO
 
 import click
 
@@ -12,19 +11,32 @@ from metaprotocol_sdk.codec import Codec, NeedData
 from metaprotocol_sdk.errors import CodecError, ConfigError, RegistryError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.registry import create_codec
+from metaprotocol_sdk.textfiles import decode_text, parse_hex_text, read_bytes
 
 from ._options import codec_options
 from ._output import fail, table
 
+#: Largest input read (a capture of many messages is still far below this).
+MAX_INPUT_BYTES = 64 * 1024 * 1024
 
-def parse_hex(text: str) -> bytes:
-    """Bytes from hex text; whitespace (and an optional ``0x`` per token) is ignored."""
-    tokens = text.split()
-    cleaned = "".join(t[2:] if t.lower().startswith("0x") else t for t in tokens)
+
+def read_input(source: str, as_hex: bool) -> bytes:
+    """The bytes to decode from the file ``source`` (``-``: stdin), bounded in size."""
+    if source == "-":
+        data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        if len(data) > MAX_INPUT_BYTES:
+            raise ConfigError(f"larger than the limit of {MAX_INPUT_BYTES} bytes", source="stdin")
+    else:
+        data = read_bytes(source, max_bytes=MAX_INPUT_BYTES)
+    name = "stdin" if source == "-" else source
+    if not (data.strip() if as_hex else data):
+        raise ConfigError("empty input: nothing to decode", source=name)
+    if not as_hex:
+        return data
     try:
-        return bytes.fromhex(cleaned)
+        return parse_hex_text(decode_text(data, source=name))
     except ValueError as exc:
-        raise click.BadParameter(f"input is not valid hex: {exc}") from None
+        raise ConfigError(f"not valid hex: {exc}", source=name) from None
 
 
 def decode_stream(codec: Codec, data: bytes) -> tuple[list[tuple[int, Metadata]], int]:
@@ -51,7 +63,7 @@ def decode_stream(codec: Codec, data: bytes) -> tuple[list[tuple[int, Metadata]]
 
 @click.command("decode")
 @click.argument("codec_name", metavar="CODEC")
-@click.argument("source", type=click.File("rb"), default="-")
+@click.argument("source", metavar="[FILE]", default="-")
 @click.option("--hex", "as_hex", is_flag=True, help="Input is hex text (whitespace ignored).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
 @click.option(
@@ -59,7 +71,7 @@ def decode_stream(codec: Codec, data: bytes) -> tuple[list[tuple[int, Metadata]]
 )
 def command(
     codec_name: str,
-    source: IO[bytes],
+    source: str,
     as_hex: bool,
     as_json: bool,
     option_pairs: tuple[str, ...],
@@ -69,10 +81,9 @@ def command(
     CODEC is an installed codec's name or alias (see `metaprotocol codecs`) or a
     `module:Class` reference. Exits non-zero on malformed input or a truncated last message.
     """
-    raw = source.read()
-    data = parse_hex(raw.decode("ascii", "replace")) if as_hex else raw
     try:
         codec = create_codec(codec_name, codec_options(option_pairs))
+        data = read_input(source, as_hex)
     except (RegistryError, ConfigError) as exc:
         fail(exc, 2)
     error: CodecError | None = None

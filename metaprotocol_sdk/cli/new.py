@@ -137,7 +137,7 @@ def command(
         )
     except FailedHookException:
         # The hook already printed every problem with the answers.
-        fail("the answers were rejected; nothing was generated")
+        fail("the answers were rejected; nothing was generated", 2)
     except (CookiecutterException, ValueError) as exc:
-        fail(f"{type(exc).__name__}: {exc}")
+        fail(f"{type(exc).__name__}: {exc}", 2)
     click.echo(f"created {created}")

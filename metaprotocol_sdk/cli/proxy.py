@@ -90,14 +90,46 @@ async def _serve(config: Config, drain: float | None) -> int:
 
 
 def _load(files: tuple[str, ...]) -> Config:
-    """The validated configuration, or exit 2 with one line on stderr."""
+    """The validated configuration, or exit 2 with one line on stderr.
+
+    A configuration that serves nothing (no listeners) is refused here too, with what is
+    missing: started anyway, it would sit silent forever.
+    """
     from metaprotocol_sdk.proxy import load_config
 
     try:
-        return load_config(list(files))
+        config = load_config(list(files))
     except ConfigError as exc:
         click.echo(f"error: invalid configuration: {exc}", err=True)
         sys.exit(2)
+    if not config.proxy.listeners:
+        click.echo(f"error: invalid configuration: {_nothing_to_serve(config, files)}", err=True)
+        sys.exit(2)
+    return config
+
+
+def _nothing_to_serve(config: Config, files: tuple[str, ...]) -> str:
+    """Why a configuration without listeners serves nothing, and what to add."""
+    named = ", ".join(files)
+    if not (config.services or config.routers or config.protocols):
+        return (
+            f"{named}: no resources: expected mesh resources (ApplicationProtocol, ServiceEntry, "
+            "DestinationRule, MetaRouter) and a ProxyConfig whose spec.listeners says which "
+            "service ports to serve"
+        )
+    services = {id(s): s for s in config.services.values()}.values()
+    example = next(
+        (
+            f" (e.g. {{host: {s.hosts[0]}, port: {p}, bind: '127.0.0.1:{p}'}})"
+            for s in services
+            for p in s.ports
+        ),
+        "",
+    )
+    return (
+        f"{named}: no listeners, so nothing would be served: add a ProxyConfig document "
+        f"(kind: ProxyConfig) with spec.listeners, one per service port to serve{example}"
+    )
 
 
 def _check(files: tuple[str, ...]) -> None:

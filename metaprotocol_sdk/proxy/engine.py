@@ -202,6 +202,8 @@ class Engine:
 
         if self._loop is not None:
             raise RuntimeError("an Engine starts once; create a new one")
+        if not self.config.proxy.listeners:  # it would serve nothing, silently, forever
+            raise ConfigError("no listeners: add a ProxyConfig with spec.listeners")
         self._loop = self.loop = asyncio.get_running_loop()
         self.deadlines = Deadlines(self._loop, lambda p: p.downstream.timeout(p))
         self._drained = asyncio.Event()

@@ -21,15 +21,16 @@ import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
+from importlib.resources.abc import Traversable
 from types import ModuleType
 from typing import Any
 
-import yaml
 from hypothesis import strategies as st
 
 from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.textfiles import MAX_TEXT_BYTES, decode_text, load_yaml
 
 from .golden import Sample, load_golden_text
 from .known_failures import parse_known_failures
@@ -102,6 +103,15 @@ def _strategy(module: ModuleType) -> st.SearchStrategy[Any] | None:
     return found
 
 
+def _text(entry: Traversable, source: str) -> str:
+    """A shipped file's text, bounded and checked like a user's file."""
+    with entry.open("rb") as file:
+        data = file.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ConfigError(f"larger than the limit of {MAX_TEXT_BYTES} bytes", source=source)
+    return decode_text(data, source=source)
+
+
 def find_shipped(codec: type[Codec], explicit: str | None = None) -> Shipped:
     """Load everything the codec's conformance package ships."""
     module = conformance_module(codec, explicit)
@@ -114,9 +124,8 @@ def find_shipped(codec: type[Codec], explicit: str | None = None) -> Shipped:
         vectors: list[Sample] = []
         for entry in sorted(root.iterdir(), key=lambda e: e.name):
             if entry.name.startswith("golden") and entry.name.endswith((".yaml", ".yml")):
-                golden = load_golden_text(
-                    entry.read_text(encoding="utf-8"), source=f"{module.__name__}/{entry.name}"
-                )
+                source = f"{module.__name__}/{entry.name}"
+                golden = load_golden_text(_text(entry, source), source=source)
                 vectors += golden.vectors
                 shipped.options = {**golden.options, **shipped.options}
         shipped.vectors = tuple(vectors)
@@ -124,7 +133,7 @@ def find_shipped(codec: type[Codec], explicit: str | None = None) -> Shipped:
         if known.is_file():
             source = f"{module.__name__}/known_failures.yaml"
             shipped.known_failures = parse_known_failures(
-                yaml.safe_load(known.read_text(encoding="utf-8")), source=source
+                load_yaml(_text(known, source), source=source), source=source
             )
     shipped.messages = _strategy(module)
     payload = getattr(module, "payload", None)

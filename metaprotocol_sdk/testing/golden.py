@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from metaprotocol_sdk.enums import MessageType, ResponseStatus, StreamType
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.textfiles import load_yaml, parse_hex_text, read_text
 
 _ENUMS: dict[str, Any] = {
     "message_type": MessageType,
@@ -84,7 +83,7 @@ def _parse_hex(text: Any, where: str) -> bytes:
     if not isinstance(text, str):
         raise ConfigError("hex must be a string", source=where, field="hex")
     try:
-        return bytes.fromhex("".join(text.split()))
+        return parse_hex_text(text)
     except ValueError as exc:
         raise ConfigError(f"not valid hex: {exc}", source=where, field="hex") from None
 
@@ -150,18 +149,13 @@ def parse_golden(document: Any, *, source: str = "<golden>") -> GoldenFile:
 
 
 def load_golden(path: str | Path) -> GoldenFile:
-    """Load and validate a golden-vector YAML file."""
-    text = Path(path).read_text(encoding="utf-8")
-    return load_golden_text(text, source=str(path))
+    """Load and validate a golden-vector YAML file (size, encoding and nesting bounded)."""
+    return load_golden_text(read_text(path), source=str(path))
 
 
 def load_golden_text(text: str, *, source: str = "<golden>") -> GoldenFile:
     """Load and validate golden vectors from YAML text."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
-    return parse_golden(document, source=source)
+    return parse_golden(load_yaml(text, source=source), source=source)
 
 
 def mismatches(metadata: Metadata, expect: Mapping[str, Any]) -> list[str]:

@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.textfiles import load_yaml_file
 
 
 def parse_known_failures(document: Any, *, source: str = "<known failures>") -> dict[str, str]:
@@ -49,8 +48,4 @@ def parse_known_failures(document: Any, *, source: str = "<known failures>") -> 
 
 def load_known_failures(path: str | Path) -> dict[str, str]:
     """``{check: reason}`` from a known-failures YAML file."""
-    try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
-    return parse_known_failures(document, source=str(path))
+    return parse_known_failures(load_yaml_file(path), source=str(path))

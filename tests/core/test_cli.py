@@ -105,3 +105,186 @@ def test_console_entry_point_runs(module: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
+
+
+# --- every command, bad input: one line naming the problem, exit 2, never a traceback -------
+
+KV_PROXY_MESH = """\
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: ApplicationProtocol
+metadata: {name: kv, namespace: istio-system}
+spec: {protocol: kv, codec: metaprotocol_sdk.examples.kv:KVCodec}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.test]
+  ports: [{number: 9000, name: tcp-metaprotocol-kv-svc, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, ports: {tcp-metaprotocol-kv-svc: 1}}]
+"""
+
+#: What each named file holds (written fresh for every row); ``huge`` is sparse, 65 MiB.
+FILES: dict[str, bytes] = {
+    "non-utf8": b"codec: kv\nvectors: []\n# caf\xe9\n",
+    "binary": b"\x7fELF\x02\x01\x01\x00\x00\x00\x00",
+    "empty": b"",
+    "nested": b"[" * 5000,
+    "bad-hex": b"codec: kv\nvectors: [{name: v, hex: 'abc', expect: {}}]\n",
+    "mesh-only": KV_PROXY_MESH.encode(),
+    "hex-odd": b"0a0b0",
+    "hex-letters": b"0a zz",
+}
+HUGE = 65 * 1024 * 1024
+
+# (command line with {name} placeholders for files, what the error line must contain)
+BAD_INPUT: dict[str, tuple[list[str], str]] = {
+    # decode
+    "decode: missing file": (["decode", KV, "{missing}"], "no such file"),
+    "decode: a directory": (["decode", KV, "{dir}"], "is a directory"),
+    "decode: unreadable path": (["decode", KV, "{notadir}"], "cannot be read"),
+    "decode: empty file": (["decode", KV, "{empty}"], "empty input"),
+    "decode: huge file": (["decode", KV, "{huge}"], "larger than the limit"),
+    "decode --hex: non-UTF-8": (["decode", KV, "--hex", "{non-utf8}"], "not UTF-8 text"),
+    "decode --hex: binary": (["decode", KV, "--hex", "{binary}"], "binary data"),
+    "decode --hex: odd length": (["decode", KV, "--hex", "{hex-odd}"], "odd number of hex"),
+    "decode --hex: not hex": (["decode", KV, "--hex", "{hex-letters}"], "not hex: 'z'"),
+    "decode: unknown codec": (["decode", "nosuch", "{hex-odd}"], "no codec named 'nosuch'"),
+    "decode: not a codec": (["decode", "os:path", "{hex-odd}"], "'os:path' is not a"),
+    "decode: unknown option": (["decode", KV, "-o", "bogus=1", "{hex-odd}"], "bogus: unknown"),
+    "decode: option syntax": (["decode", KV, "-o", "bogus", "{hex-odd}"], "expected KEY=VALUE"),
+    "decode: unknown flag": (["decode", KV, "--bogus"], "No such option '--bogus'"),
+    "decode: no codec": (["decode"], "Missing argument 'CODEC'"),
+    # check
+    "check: missing golden": (["check", KV, "--golden", "{missing}"], "does not exist"),
+    "check: golden is a directory": (["check", KV, "--golden", "{dir}"], "is a directory"),
+    "check: golden non-UTF-8": (["check", KV, "--golden", "{non-utf8}"], "not UTF-8 text"),
+    "check: golden binary": (["check", KV, "--golden", "{binary}"], "binary data"),
+    "check: golden empty": (["check", KV, "--golden", "{empty}"], "a golden file is a mapping"),
+    "check: golden nested": (["check", KV, "--golden", "{nested}"], "nested deeper than"),
+    "check: golden huge": (["check", KV, "--golden", "{huge}"], "larger than the limit"),
+    "check: golden bad hex": (["check", KV, "--golden", "{bad-hex}"], "odd number of hex"),
+    "check: known failures non-UTF-8": (
+        ["check", KV, "--known-failures", "{non-utf8}"],
+        "not UTF-8 text",
+    ),
+    "check: known failures nested": (
+        ["check", KV, "--known-failures", "{nested}"],
+        "nested deeper than",
+    ),
+    "check: known failures binary": (["check", KV, "--known-failures", "{binary}"], "binary"),
+    "check: unknown codec": (["check", "nosuch"], "no codec named 'nosuch'"),
+    "check: unknown option": (["check", KV, "-o", "bogus=1"], "bogus: unknown option"),
+    "check: unknown check": (["check", KV, "--only", "bogus"], "unknown checks ['bogus']"),
+    # proxy (the file rows depend on the configuration loader's own checks)
+    "proxy: missing file": (["proxy", "-c", "{missing}"], "{missing}"),
+    "proxy: a directory": (["proxy", "-c", "{dir}"], "is a directory"),
+    "proxy: non-UTF-8": (["proxy", "-c", "{non-utf8}"], "UTF-8"),
+    "proxy: binary": (["proxy", "-c", "{binary}"], "binary"),
+    "proxy: nested": (["proxy", "-c", "{nested}"], "nested"),
+    "proxy: huge": (["proxy", "-c", "{huge}"], "larger than"),
+    "proxy: empty file": (["proxy", "-c", "{empty}"], "no resources"),
+    "proxy --check: empty file": (["proxy", "--check", "-c", "{empty}"], "no resources"),
+    "proxy: no ProxyConfig": (["proxy", "-c", "{mesh-only}"], "no listeners"),
+    "proxy --check: no ProxyConfig": (["proxy", "--check", "-c", "{mesh-only}"], "no listeners"),
+    "proxy: no file": (["proxy"], "Missing option '-c' / '--config'"),
+    # new
+    "new: template missing": (["new", "acme", "--template", "{missing}"], "not a template"),
+    "new: bad -x": (["new", "acme", "--no-input", "-x", "nokey"], "expected KEY=VALUE"),
+    "new: bad licence": (["new", "acme", "--license", "GPL"], "'GPL' is not one of"),
+    "new: output is a file": (["new", "acme", "--no-input", "-o", "{empty}"], "is a file"),
+    "new: bad answer": (
+        ["new", "class", "--no-input", "-o", "{out}"],
+        "the answers were rejected",
+    ),
+    # codecs, demo, the group itself
+    "codecs: unknown flag": (["codecs", "--bogus"], "No such option '--bogus'"),
+    "demo: unknown protocol": (["demo", "--protocol", "smtp"], "'smtp' is not one of"),
+    "demo: zero duration": (["demo", "--duration", "0"], "0"),
+    "unknown command": (["frobnicate"], "No such command 'frobnicate'"),
+}
+
+
+def _files(tmp_path: Path) -> dict[str, str]:
+    paths = {"missing": str(tmp_path / "missing.yaml"), "dir": str(tmp_path)}
+    for name, content in FILES.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_bytes(content)
+        paths[name] = str(path)
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as file:
+        file.truncate(HUGE)  # sparse: no disk, still read as zeros
+    paths["huge"] = str(huge)
+    paths["notadir"] = str(tmp_path / "empty.yaml" / "child")
+    out = tmp_path / "out"
+    out.mkdir()
+    paths["out"] = str(out)
+    return paths
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_gives_one_line_and_exit_2(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template, expected = BAD_INPUT[case]
+    paths = _files(tmp_path)
+    args = [a.format(**paths) for a in template]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COOKIECUTTER_CONFIG", str(_cookiecutter_config(tmp_path)))
+    result = CliRunner().invoke(main, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert result.exit_code == 2, output
+    (line,) = result.stderr.splitlines() or [""]  # exactly one line
+    assert line.startswith("error: "), result.stderr
+    assert expected.format(**paths) in line, result.stderr
+
+
+def _cookiecutter_config(tmp_path: Path) -> Path:
+    config = tmp_path / "cookiecutter-config.yaml"
+    config.write_text(
+        f"cookiecutters_dir: {tmp_path / 'cc'}\nreplay_dir: {tmp_path / 'replay'}\n", "utf-8"
+    )
+    return config
+
+
+def test_an_internal_error_is_one_line_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("planted\nbug")
+
+    monkeypatch.setattr("metaprotocol_sdk.cli.codecs.available", broken)
+    result = CliRunner().invoke(main, ["codecs"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "error: internal error (RuntimeError: planted bug); this is a bug, please report it "
+        "(METAPROTOCOL_TRACEBACK=1 shows the traceback)"
+    ]
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    nested = tmp_path / "nested.yaml"
+    nested.write_bytes(b"[" * 5000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "check", KV, "--golden", str(nested)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: {nested}: nested deeper than 64 levels (line 1)"
+    ], proc.stderr
+
+
+def test_engine_refuses_a_configuration_without_listeners() -> None:
+    import asyncio
+
+    from metaprotocol_sdk.errors import ConfigError
+    from metaprotocol_sdk.proxy import Engine, loads_config
+
+    engine = Engine(loads_config(KV_PROXY_MESH, "mesh.yaml"))
+    with pytest.raises(ConfigError, match="no listeners"):
+        asyncio.run(engine.start())

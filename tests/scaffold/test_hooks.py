@@ -61,7 +61,7 @@ def test_every_problem_is_reported_at_once_by_metaprotocol_new(tmp_path: Path) -
             *("--package", "json", "--author", ""),
         ],
         env=isolated_env(tmp_path),
-        expect=1,
+        expect=2,
     )
     for message in ("'class' is a Python keyword", "'json' would shadow", "author: must not"):
         assert message in proc.stderr
@@ -95,7 +95,7 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     run(command, env=env)
     marker = tmp_path / "metaprotocol-codec-acme" / "README.md"
     marker.write_text("mine", encoding="utf-8")
-    proc = run(command, env=env, expect=1)
+    proc = run(command, env=env, expect=2)
     assert "already exists" in proc.stderr
     assert marker.read_text(encoding="utf-8") == "mine"
 
