@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from metaprotocol_sdk import Attributes
 from metaprotocol_sdk.proxy.config.models import AttributeMatch
-from metaprotocol_sdk.proxy.matcher import compile_match
+from metaprotocol_sdk.proxy.matcher import Matcher, compile_match, compile_regex
 
 ATTRS = Attributes({"Method": "sayHello", "x-tag": "", "version": "v2.1"})
 
@@ -43,3 +46,52 @@ def test_conditions_combine_with_and() -> None:
     assert both(ATTRS)
     assert not both(Attributes({"method": "sayHello", "version": "v1"}))
     assert compile_match([])(Attributes())  # no conditions match everything
+
+
+#: The issue's pattern: with a backtracking engine, ``a`` x 27 + ``!`` took seconds.
+HOSTILE_PATTERN = r"([a-z0-9]+-?)*[a-z0-9]+\.prod"
+
+
+def _cost(match: Matcher, value: str, rounds: int = 20) -> float:
+    attrs = Attributes({"host": value})
+    start = time.perf_counter()
+    for _ in range(rounds):
+        assert not match(attrs)
+    return time.perf_counter() - start
+
+
+def test_regex_is_linear_on_a_backtracking_bomb() -> None:
+    match = compile_match([AttributeMatch("host", "regex", HOSTILE_PATTERN)])
+    assert match(Attributes({"host": "api-v2.prod"}))
+    # Backtracking doubles the time with each byte (28 bytes took 8 s with Python's re):
+    # 4 bytes more must not cost 16x. Best of 3 against the machine's noise.
+    short, longer = (min(_cost(match, "a" * n + "!") for _ in range(3)) for n in (15, 19))
+    assert longer < 2.5 * short + 1e-3, (short, longer)
+    assert _cost(match, "a" * 27 + "!", rounds=1) < 0.5
+    # Linear: doubling the input at most about doubles the time.
+    base, double, quadruple = (
+        min(_cost(match, "a" * n + "!") for _ in range(3)) for n in (2000, 4000, 8000)
+    )
+    assert double < 2.5 * base + 1e-3, (base, double)
+    assert quadruple < 2.5 * double + 1e-3, (double, quadruple)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("say(Hello", "missing )"),
+        (r"(?<=a)b", "invalid perl operator"),  # no look-behind in RE2 (nor in Istio)
+        (r"(a)\1", "invalid escape sequence"),  # no back-references
+        ("[a-z]{1,64}", "program size 131 is above the limit of 100"),
+    ],
+)
+def test_patterns_re2_refuses(pattern: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        compile_regex(pattern)
+
+
+def test_re2_syntax_istio_accepts() -> None:
+    assert compile_regex(r"\p{Greek}+")("αβγ")
+    assert compile_regex(r"(?i)sayhello")("SayHello")
+    assert compile_regex(r"é+")("éé")  # UTF-8, not bytes
+    assert not compile_regex(r"a.c")("a\nc")  # "." does not match a newline, as in Go

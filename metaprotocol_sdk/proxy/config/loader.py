@@ -7,7 +7,6 @@ the document number and ``kind/name``, and whose ``field`` is the path inside th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from metaprotocol_sdk.errors import ConfigError, RegistryError
 from metaprotocol_sdk.registry import resolve
 
+from ..matcher import compile_regex
 from .durations import parse_duration
 from .models import (
     AttributeMatch,
@@ -445,8 +445,8 @@ def _matches(doc: _Doc, route: dict[str, Any], path: str) -> tuple[AttributeMatc
             doc.fail(f"{cpath}.{kind}", f"must be a string, got {value!r}")
         if kind == "regex":
             try:
-                re.compile(value)
-            except re.error as exc:
+                compile_regex(value)
+            except ValueError as exc:
                 doc.fail(f"{cpath}.regex", f"invalid regular expression {value!r}: {exc}")
         out.append(AttributeMatch(str(name), kind, value))
     return tuple(out)
