@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -11,8 +12,11 @@ import sys
 import sysconfig
 import threading
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "metaprotocol_sdk" / "cli" / "codec_template"
@@ -153,3 +157,109 @@ class Service:
         self._reader.join(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def run_in_engine(
+    python: Path, project: Path, package: str, tmp_path: Path, env: dict[str, str]
+) -> dict[str, str]:
+    """Route a request from the example client through the engine to the example server.
+
+    The example configs are used as generated except for addresses: the server and the
+    engine bind port 0 (a free port) and the ServiceEntry endpoint points at the server.
+    """
+    services: list[Service] = []
+    try:
+        server = Service(
+            [python, "-m", f"{package}.example_server", "--port", "0"], cwd=project, env=env
+        )
+        services.append(server)
+        server_port = int(server.wait_for(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
+
+        docs = list(yaml.safe_load_all((project / "deploy" / "mesh.yaml").read_text("utf-8")))
+        (entry,) = [d for d in docs if d["kind"] == "ServiceEntry"]
+        (endpoint,) = entry["spec"]["endpoints"]
+        (port_name,) = endpoint["ports"]
+        endpoint["ports"][port_name] = server_port
+        mesh = tmp_path / "mesh.yaml"
+        mesh.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+        settings = yaml.safe_load((project / "deploy" / "proxy.yaml").read_text("utf-8"))
+        for listener in settings["spec"]["listeners"]:
+            listener["bind"] = "127.0.0.1:0"
+        settings["spec"]["admin"]["bind"] = "127.0.0.1:0"
+        proxy_yaml = tmp_path / "proxy.yaml"
+        proxy_yaml.write_text(yaml.safe_dump(settings), encoding="utf-8")
+
+        engine = Service(
+            [python, "-m", "metaprotocol_sdk", "proxy", "-c", mesh, "-c", proxy_yaml],
+            cwd=project,
+            env=env,
+        )
+        services.append(engine)
+        listening = engine.wait_for(r"^listening (\S+):9000 on 127\.0\.0\.1:(\d+)$")
+        assert listening.group(1) == entry["spec"]["hosts"][0]
+        proxy_port = listening.group(2)
+
+        admin = engine.wait_for(r"^admin on 127\.0\.0\.1:(\d+)$").group(1)
+        check_admin_paths(project, int(admin))
+        # First exactly the tutorial's client command (its output is compared with the page).
+        first = run(
+            [
+                *(python, "-m", f"{package}.example_client", "--port", proxy_port),
+                *("--header", "tenant=blue"),
+            ],
+            cwd=project,
+            timeout=30,
+        )
+        outputs = {
+            "server": server.lines[0],
+            "server-received": server.wait_for(r'^\{"request_id"').string,
+            "engine": "\n".join(engine.lines),
+            "client": first.stdout,
+            "ports": f"{server_port} {proxy_port} {admin}",
+        }
+        client = run(
+            [
+                *(python, "-m", f"{package}.example_client", "--port", proxy_port),
+                *("--header", "tenant=blue", "--ping", "--count", "2"),
+            ],
+            cwd=project,
+            timeout=30,
+        )
+        replies = [json.loads(line) for line in client.stdout.splitlines()]
+        beats = [r for r in replies if r["message_type"] == "Heartbeat"]
+        responses = sorted(
+            (r for r in replies if r["message_type"] == "Response"), key=lambda r: r["request_id"]
+        )
+        assert len(beats) == 1, replies  # answered by the engine itself
+        assert [r["request_id"] for r in responses] == [1, 2], replies
+        for reply in responses:
+            assert reply["status"] == "Ok"
+            assert reply["body"] == "hello"
+            # Echoed by the server: the request arrived with the route's request mutation.
+            assert reply["attributes"]["x-routed-by"] == "metaprotocol-engine"
+            assert reply["attributes"]["tenant"] == "blue"
+            assert reply["attributes"]["served-by"] == "example_server"
+            # Added by the engine to the response.
+            assert reply["attributes"]["x-route"] == "say-hello"
+
+        # The server saw the mutation itself (it prints what it received).
+        for _ in range(2):
+            seen = json.loads(server.wait_for(r'^\{"request_id"').string)
+            assert seen["method"] == "sayHello"
+            assert seen["attributes"]["x-routed-by"] == "metaprotocol-engine"
+    finally:
+        for service in reversed(services):
+            service.stop()
+    return outputs
+
+
+def check_admin_paths(project: Path, admin_port: int) -> None:
+    """Every admin path that ``deploy/proxy.yaml``'s comment names answers 200."""
+    text = (project / "deploy" / "proxy.yaml").read_text("utf-8")
+    comment = " ".join(line for line in text.splitlines() if line.startswith("#"))
+    paths = re.findall(r"(?<![\w.])(/[a-z_]+)", comment)
+    assert paths, comment
+    for path in paths:
+        url = f"http://127.0.0.1:{admin_port}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200, (path, response.status)

@@ -3,7 +3,9 @@ golden vectors, run the kit, run the codec in the engine.
 
 The generated package is installed with pip into a fresh virtual environment (see
 ``scaffold_kit.fresh_venv``): the SDK comes from this checkout, the codec is found only
-through the entry points of that install, and every command runs in that venv.
+through the entry points of that install, and every command runs in that venv. Every output
+the page shows is compared with what the command printed here (``doc_output``), so the page
+cannot drift. (``tests/packaging`` runs the same first hour from the built wheels.)
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import json
 from pathlib import Path
 
 import yaml
-from scaffold_kit import PYTHON, Service, fresh_venv, isolated_env, pip_install, run
+from doc_output import DOCS, assert_shown
+from scaffold_kit import PYTHON, fresh_venv, isolated_env, pip_install, run, run_in_engine
 
 PROTOCOL = "acme_rpc"
 SLUG = "acme-rpc-codec"  # a distribution and directory name with dashes
 PACKAGE = "metaprotocol_acme_rpc"
+PAGE = "tutorial.md"
 AUTHOR = "Zoë Ångström-Łukasiewicz"
 NEW_MAGIC = 'MAGIC = b"\\xac\\x01"'
 
@@ -35,6 +39,7 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
     )
     project = tmp_path / SLUG
     assert f"created {project}" in made.stdout
+    assert_shown(PAGE, "new", made.stdout.replace(str(tmp_path), "/home/you"))
     pyproject = (project / "pyproject.toml").read_text(encoding="utf-8")
     assert f'name = "{AUTHOR}"' in pyproject
     assert 'license = "MIT"' in pyproject
@@ -47,6 +52,8 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
     assert len(mine) == 1, listed
     assert mine[0]["name"] == f"aeraki.meta_protocol.codec.{PROTOCOL}"
     assert mine[0]["aliases"] == [PROTOCOL]
+    shown = run([python, "-m", "metaprotocol_sdk", "codecs"]).stdout
+    assert_shown(PAGE, "codecs", shown)
     # ... and only there: the checkout's own environment does not see it.
     theirs = json.loads(run([PYTHON, "-m", "metaprotocol_sdk", "codecs", "--json"]).stdout)
     assert SLUG not in {c["distribution"] for c in theirs["codecs"]}
@@ -63,6 +70,12 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
         expect=1,
     )
     (result,) = json.loads(stale.stdout)["results"]
+    stale_text = run(
+        [python, "-m", "metaprotocol_sdk", "check", PROTOCOL, "--only", "golden_vectors"],
+        cwd=project,
+        expect=1,
+    )
+    assert_shown(PAGE, "check-stale", stale_text.stdout)
     assert result["check"] == "golden_vectors"
     assert result["outcome"] == "failed"
     assert "FramingError" in result["reason"]
@@ -72,6 +85,11 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
     vectors = yaml.safe_load(golden)["vectors"]
     assert all(v["hex"].startswith("ac01") for v in vectors if "error" not in v["expect"])
     (project / "src" / PACKAGE / "conformance" / "golden.yaml").write_text(golden, "utf-8")
+    assert_shown(PAGE, "golden", golden)
+    request = next(v["hex"] for v in vectors if v["name"] == "request sayHello")
+    assert f"$ echo {request} " in (DOCS / PAGE).read_text("utf-8")  # the page decodes it
+    decoded = run([python, "-m", "metaprotocol_sdk", "decode", PROTOCOL, "--hex"], input=request)
+    assert_shown(PAGE, "decode", decoded.stdout)
 
     # 5. Run the kit: the package's CI script runs ruff, mypy --strict, its own tests (the
     #    kit's pytest suite among them) and `metaprotocol check`.
@@ -82,6 +100,7 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
         assert f"== {gate}" in ci.stdout
     # The last gate, `metaprotocol check acme_rpc`, ends with its verdict.
     assert ci.stdout.rstrip().splitlines()[-1].startswith("PASSED (")
+    assert_shown(PAGE, "ci", ci.stdout)
     results = json.loads(report.read_text(encoding="utf-8"))
     assert results["passed"] is True
     outcomes = {r["check"]: r["outcome"] for r in results["results"]}
@@ -95,77 +114,11 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
     assert {c for c, o in outcomes.items() if o != "passed"} == skipped
 
     # 6. Run it in the engine: example server <- engine <- example client.
-    run_in_engine(python, project, tmp_path, env)
-
-
-def run_in_engine(python: Path, project: Path, tmp_path: Path, env: dict[str, str]) -> None:
-    """Route a request from the example client through the engine to the example server.
-
-    The example configs are used as generated except for addresses: the server and the
-    engine bind port 0 (a free port) and the ServiceEntry endpoint points at the server.
-    """
-    services: list[Service] = []
-    try:
-        server = Service(
-            [python, "-m", f"{PACKAGE}.example_server", "--port", "0"], cwd=project, env=env
-        )
-        services.append(server)
-        server_port = int(server.wait_for(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
-
-        docs = list(yaml.safe_load_all((project / "deploy" / "mesh.yaml").read_text("utf-8")))
-        (entry,) = [d for d in docs if d["kind"] == "ServiceEntry"]
-        (endpoint,) = entry["spec"]["endpoints"]
-        (port_name,) = endpoint["ports"]
-        endpoint["ports"][port_name] = server_port
-        mesh = tmp_path / "mesh.yaml"
-        mesh.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
-        settings = yaml.safe_load((project / "deploy" / "proxy.yaml").read_text("utf-8"))
-        for listener in settings["spec"]["listeners"]:
-            listener["bind"] = "127.0.0.1:0"
-        settings["spec"]["admin"]["bind"] = "127.0.0.1:0"
-        proxy_yaml = tmp_path / "proxy.yaml"
-        proxy_yaml.write_text(yaml.safe_dump(settings), encoding="utf-8")
-
-        engine = Service(
-            [python, "-m", "metaprotocol_sdk", "proxy", "-c", mesh, "-c", proxy_yaml],
-            cwd=project,
-            env=env,
-        )
-        services.append(engine)
-        listening = engine.wait_for(r"^listening (\S+):9000 on 127\.0\.0\.1:(\d+)$")
-        assert listening.group(1) == entry["spec"]["hosts"][0]
-        proxy_port = listening.group(2)
-
-        client = run(
-            [
-                *(python, "-m", f"{PACKAGE}.example_client", "--port", proxy_port),
-                *("--header", "tenant=blue", "--ping", "--count", "2"),
-            ],
-            cwd=project,
-            timeout=30,
-        )
-        replies = [json.loads(line) for line in client.stdout.splitlines()]
-        beats = [r for r in replies if r["message_type"] == "Heartbeat"]
-        responses = sorted(
-            (r for r in replies if r["message_type"] == "Response"), key=lambda r: r["request_id"]
-        )
-        assert len(beats) == 1, replies  # answered by the engine itself
-        assert [r["request_id"] for r in responses] == [1, 2], replies
-        for reply in responses:
-            assert reply["status"] == "Ok"
-            assert reply["body"] == "hello"
-            # Echoed by the server: the request arrived with the route's request mutation.
-            assert reply["attributes"]["x-routed-by"] == "metaprotocol-engine"
-            assert reply["attributes"]["tenant"] == "blue"
-            assert reply["attributes"]["served-by"] == "example_server"
-            # Added by the engine to the response.
-            assert reply["attributes"]["x-route"] == "say-hello"
-
-        # The server saw the mutation itself (it prints what it received).
-        for _ in range(2):
-            seen = json.loads(server.wait_for(r'^\{"request_id"').string)
-            assert seen["method"] == "sayHello"
-            assert seen["attributes"]["x-routed-by"] == "metaprotocol-engine"
-    finally:
-        for service in reversed(services):
-            service.stop()
+    outputs = run_in_engine(python, project, PACKAGE, tmp_path, env)
+    # The page shows the configured ports; the test bound free ones.
+    server_port, proxy_port, admin_port = outputs["ports"].split()
+    for name in ("server", "engine", "client", "server-received"):
+        text = outputs[name]
+        for real, shown in ((server_port, "9100"), (proxy_port, "9000"), (admin_port, "9901")):
+            text = text.replace(f"127.0.0.1:{real}", f"127.0.0.1:{shown}")
+        assert_shown(PAGE, name, text)
