@@ -322,8 +322,8 @@ class UpstreamConnection(asyncio.Protocol):
 
         Dedicated mode keeps its place, so that a late reply paired by arrival order is not
         given to a later request, but drops its frame; past ``STALE_LIMIT`` such places the
-        connection is closed (its other requests get ``UpstreamReset``) and the next request
-        opens a fresh one.
+        connection takes no new requests (the next one opens a fresh connection) and closes
+        once the requests still live on it are answered.
         """
         p.done = True
         if self.shared:
@@ -332,8 +332,14 @@ class UpstreamConnection(asyncio.Protocol):
         if p.seq in self.order:
             p.request = _FORGOTTEN
             self.stale += 1
-            if self.stale > STALE_LIMIT:
-                self.close()
+            if self.stale > STALE_LIMIT and self.owner is not None:
+                self.owner.upstream_closed(self)  # the next request opens a fresh connection
+            self._retire_if_done()
+
+    def _retire_if_done(self) -> None:
+        """Close a dedicated connection past ``STALE_LIMIT`` once nothing live is left on it."""
+        if self.stale > STALE_LIMIT and len(self.order) == self.stale:
+            self.close()
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -438,6 +444,8 @@ class UpstreamConnection(asyncio.Protocol):
         if p.done:
             self.stale -= 1
             return None
+        if self.stale > STALE_LIMIT:
+            self._retire_if_done()
         return p
 
     # -- closing -------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ class Upstream:
 
     Methods with special behaviour: ``hang`` (never answer), ``close`` (drop the connection),
     ``slow`` (answer when ``release`` is set), ``fail`` (answer with an ERROR frame),
-    ``renumber`` (answer with the request id plus 1000).
+    ``renumber`` (answer with the request id plus 1000), ``big`` (a body of ``size`` bytes).
     """
 
     def __init__(self, name: str) -> None:
@@ -219,7 +219,10 @@ class Upstream:
         headers = {"server": self.name}
         headers.update({f"req-{k}": v for k, v in msg.attributes.to_dict().items()})
         rid = msg.request_id + 1000 if method == "renumber" else msg.request_id
-        frame = build_frame(ERROR if method == "fail" else RESPONSE, rid, headers, bytes(msg.body))
+        body = bytes(msg.body)
+        if method == "big":  # a reply body of the requested size
+            body = bytes(int(msg.attributes.get("size") or 0))
+        frame = build_frame(ERROR if method == "fail" else RESPONSE, rid, headers, body)
         if method == "slow":
             transport = conn.transport
 
