@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 from proxy_kit import mesh
 
 from metaprotocol_sdk.errors import ConfigError
-from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy import load_config, loads_config
+from metaprotocol_sdk.proxy.config.documents import (
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    parse_documents,
+)
 
 
 def _router(pattern: str) -> str:
@@ -41,3 +52,128 @@ def test_a_regex_re2_refuses_names_its_field(pattern: str, reason: str) -> None:
 
 def test_istio_regex_syntax_loads() -> None:
     loads_config(_router(r"([a-z0-9]+-?)*[a-z0-9]+\.prod"))
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" in a ServiceEntry's annotations (a field the engine ignores): under
+    1 KB of YAML that expands to 10 ** levels strings."""
+    lines = ["  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        refs = ", ".join([f"*l{i - 1}"] * 10)
+        lines.append(f"  l{i}: &l{i} [{refs}]")
+    annotations = "\n".join("  " + line for line in lines)
+    return mesh([(1, "v1")]).replace(
+        "metadata: {name: svc}\n", f"metadata:\n  name: svc\n  annotations:\n{annotations}\n", 1
+    )
+
+
+def test_an_alias_bomb_is_refused_at_load() -> None:
+    text = alias_bomb()
+    assert len(text.split("---")[1]) < 1500
+    with pytest.raises(ConfigError) as info:
+        loads_config(text, "bomb.yaml")
+    assert info.value.source == "bomb.yaml"
+    assert "aliases expand this node to" in info.value.reason
+    assert "more than 100000" in info.value.reason
+
+
+def test_aliases_that_share_a_little_still_load() -> None:
+    text = mesh([(1, "v1")]).replace(
+        "subsets:\n",
+        "x-common: &labels {version: v1}\n  subsets:\n    - {name: shared, labels: *labels}\n",
+        1,
+    )
+    config = loads_config(text)
+    assert config.destination_rules["svc.test"].subsets["shared"].labels == {"version": "v1"}
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("a: &a [1, *a]\n", "recursive alias *a: a node cannot contain itself (line 1"),
+        ("a: 2001-13-01\n", "cannot read this timestamp: month must be in 1..12"),
+        ("a: " + "1" * 5000 + "\n", "cannot read this int: Exceeds the limit"),
+        ("a: !!float nope\n", "cannot read this float"),
+        ("a: *nowhere\n", "found undefined alias"),
+    ],
+)
+def test_yaml_pyyaml_would_crash_on_is_a_config_error(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_documents(text, "odd.yaml")
+    assert info.value.source == "odd.yaml"
+    assert reason in info.value.reason
+
+
+def test_nesting_is_bounded_not_a_recursion_error() -> None:
+    assert parse_documents("[" * MAX_CONFIG_DEPTH + "]" * MAX_CONFIG_DEPTH, "ok.yaml")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: nested deeper than 64 levels \(line 1"):
+        parse_documents("[" * (MAX_CONFIG_DEPTH + 1) + "]" * (MAX_CONFIG_DEPTH + 1), "deep.yaml")
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        parse_documents("[" * 5000, "deep.yaml")
+    block = "".join(f"{'  ' * i}k{i}:\n" for i in range(200))
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        parse_documents(block + "  " * 200 + "end\n", "block.yaml")
+
+
+def _files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Bad configuration files: (path, what the error says after the path)."""
+    nested = tmp_path / "nested.yaml"
+    nested.write_bytes(b"[" * 5000)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(mesh([(1, "v1")]).encode() + b"# caf\xe9\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00")
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as file:
+        file.truncate(64 * 1024 * 1024)  # sparse: costs no disk; only 4 MiB + 1 are read
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    return {
+        "nested": (nested, "nested deeper than 64 levels (line 1, column 65)"),
+        "non-utf8": (latin1, "not UTF-8 text (byte 0xe9 at offset"),
+        "binary": (binary, "binary data (a NUL byte at offset 7)"),
+        "huge": (huge, f"larger than the limit of {MAX_CONFIG_BYTES} bytes"),
+        "directory": (tmp_path, "is a directory"),
+        "missing": (tmp_path / "nope.yaml", "no such file"),
+        "under a file": (nested / "child.yaml", "cannot be read: Not a directory"),
+        "alias bomb": (bomb, "YAML aliases expand this node to"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nested", "non-utf8", "binary", "huge", "directory", "missing", "under a file", "alias bomb"],
+)
+def test_a_bad_file_is_a_config_error_naming_it(case: str, tmp_path: Path) -> None:
+    path, reason = _files(tmp_path)[case]
+    with pytest.raises(ConfigError) as info:
+        load_config([path])
+    assert info.value.source == str(path)
+    assert reason in info.value.reason, info.value.reason
+
+
+def _run_measured(args: list[str]) -> tuple[int, str, int]:
+    """``metaprotocol ARGS`` in a real process: exit code, stderr, its own peak RSS in KiB."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "metaprotocol_sdk", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, err.read(), usage.ru_maxrss
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_proxy_cli_refuses_bad_files_in_one_line(check: bool, tmp_path: Path) -> None:
+    for path, reason in _files(tmp_path).values():
+        code, err, peak_kib = _run_measured(
+            ["proxy", *(["--check"] if check else []), "-c", str(path)]
+        )
+        assert code == 2, err
+        (line,) = err.splitlines()
+        assert line.startswith("error: ") and str(path) in line, err  # click checks -c dirs
+        assert reason in line, err
+        assert peak_kib < 200 * 1024, (path, peak_kib)  # the interpreter alone is ~60 MiB

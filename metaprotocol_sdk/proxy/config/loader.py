@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from os import PathLike
-from pathlib import Path
 from typing import Any, NoReturn, cast
-
-import yaml
 
 from metaprotocol_sdk.errors import ConfigError, RegistryError
 from metaprotocol_sdk.registry import resolve
 
 from ..matcher import compile_regex
+from .documents import parse_documents, read_documents
 from .durations import parse_duration
 from .models import (
     AttributeMatch,
@@ -155,28 +153,17 @@ def load_config(paths: Sequence[str | PathLike[str]] | str | PathLike[str]) -> C
     sources: list[str] = []
     for path in paths:
         name = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read file: {exc.strerror or exc}", source=name) from exc
-        docs.extend(_parse(text, name))
+        docs.extend(_docs(read_documents(path), name))
         sources.append(name)
     return _build(docs, tuple(sources))
 
 
 def loads_config(text: str, source: str = "<string>") -> Config:
     """Load and validate configuration from YAML text (handy in tests)."""
-    return _build(_parse(text, source), (source,))
+    return _build(_docs(parse_documents(text, source), source), (source,))
 
 
-def _parse(text: str, file: str) -> list[_Doc]:
-    try:
-        bodies = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML{where}: {problem}", source=file) from exc
+def _docs(bodies: list[Any], file: str) -> list[_Doc]:
     docs = []
     for index, body in enumerate(bodies):
         if body is None:
