@@ -579,13 +579,17 @@ class Downstream(asyncio.Protocol):
                     counter = p.target.response_counter(status)
                 counter.value += 1
                 status_name = _STATUS_NAMES[status]
-            if self.write_paused and self._overflows(size):
-                self.shut("write_overflow")
+            engine = self.engine
+            if (self.write_paused or engine.buffered > engine.max_buffered) and (
+                reason := self._overflows(size)
+            ):
+                self.shut(reason)
             else:
                 out = self.out
                 if not out:
                     batch.append(self)
                 self.out_size += size
+                engine.buffered += size  # until flush() measures what the transport kept
                 if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
                     out.append(encoded)
                 else:
@@ -605,15 +609,29 @@ class Downstream(asyncio.Protocol):
                 p.host.key,
             )
 
-    def _overflows(self, size: int) -> bool:
-        """Would a reply of ``size`` take a client that does not read past the ceiling?"""
+    def _overflows(self, size: int) -> str | None:
+        """Why a reply of ``size`` must close this client instead of being queued: it would
+        take its unsent bytes past ``connectionBufferMaxBytes`` (``write_overflow``), or the
+        process is over its buffer budget and the client, already behind, would go past
+        ``connectionBufferBytes`` (``overload``). ``None``: queue it."""
         self._account_unsent()
-        return self.unsent + self.out_size + size > self.engine.connection_buffer_max
+        engine = self.engine
+        behind = self.unsent + self.out_size
+        if behind + size > engine.connection_buffer_max:
+            return "write_overflow"
+        if (
+            behind
+            and behind + size > engine.connection_buffer
+            and engine.buffered > engine.max_buffered
+        ):
+            return "overload"
+        return None
 
     def flush(self) -> None:
         """Write the queued responses (and close if draining and idle)."""
         out = self.out
         self.out = []
+        self.engine.buffered -= self.out_size
         self.out_size = 0
         transport = self.transport
         if transport is not None and not self.closed and out:

@@ -175,6 +175,51 @@ def test_client_that_never_reads_is_closed_with_memory_bounded(tmp_path: Path) -
     run(main(), timeout=60)
 
 
+def test_many_clients_that_never_read_are_bounded_by_the_overload_budget(tmp_path: Path) -> None:
+    """10 clients, 20 requests each for 1 MiB replies, reading nothing, under a per-connection
+    ceiling (64 MiB) that alone would let them hold 200 MiB: past the 8 MiB process budget a
+    client that is behind is closed at its next reply instead."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        proxy = (
+            "limits: {connectionBufferBytes: 262144, connectionBufferMaxBytes: 67108864}\n"
+            "overload: {maxBufferedBytes: 8388608}\n"
+        )
+        engine = EngineProcess(tmp_path, mesh([(up.port, "v1")], proxy=proxy))
+        loop = asyncio.get_running_loop()
+        attackers = []
+        try:
+            base = peak = engine.rss()
+            for _ in range(10):
+                attacker = socket.socket()
+                attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                attacker.setblocking(False)
+                await loop.sock_connect(attacker, engine.address)
+                attackers.append(attacker)
+            frames = b"".join(request(i, "big", size=str(MiB)) for i in range(1, 21))
+            for attacker in attackers:
+                await loop.sock_sendall(attacker, frames)
+
+            async def settled() -> bool:
+                nonlocal peak
+                peak = max(peak, engine.rss())
+                return await engine.stat("metaprotocol_requests_total") >= 200
+
+            await until(settled, "every request to be settled", 30)
+            assert peak - base < 64 * MiB, f"RSS grew by {(peak - base) / MiB:.0f} MiB"
+            stats = await engine.stats()
+            closed = 'metaprotocol_downstream_connections_closed_total{listener="svc.test:9000",'
+            assert stats[closed + 'reason="overload"}'] >= 1
+        finally:
+            for attacker in attackers:
+                attacker.close()
+            engine.stop()
+            await up.close()
+
+    run(main(), timeout=60)
+
+
 def test_incomplete_large_frames_are_bounded_by_the_overload_budget(tmp_path: Path) -> None:
     """20 connections each holding 3 MiB of an 8 MiB frame would hold 60 MiB; with a 16 MiB
     budget the connections growing past it are closed and memory stays near the budget."""
