@@ -76,6 +76,12 @@ class Peers:
                     "main",
                     MAIN,
                     route("sayhello", dest(MAIN, "v2"), method="sayHello")
+                    + route(
+                        "tagged",
+                        dest(MAIN, "v1"),
+                        method="fail",
+                        extra="\n      responseMutation: [{key: x-proxied-by, value: sdk}]",
+                    )
                     + route("split", dest(MAIN, "v1", 20) + dest(MAIN, "v2", 80)),
                 ),
                 router(
@@ -210,6 +216,27 @@ def test_request_and_response_mutation(peers: Peers) -> None:
     assert seen["x-mesh"] == "metaprotocol"  # written by the engine into the request
     assert seen["x-client"] == "e2e"  # and the client's own header kept
     assert response_headers[b"x-proxied-by"] == b"metaprotocol-sdk"
+
+
+def test_framed_reply_survives_a_response_mutation(peers: Peers) -> None:
+    """A framed binary reply has no room for the route's response mutation: the server's
+    declared exception reaches the client unchanged (not a local BadResponse after the server
+    ran the call) and the skip is counted; stats record what the client saw."""
+    engine = peers.engine
+    skipped = engine.stat("metaprotocol_mutations_skipped_total")
+    bad = engine.stat('metaprotocol_local_replies_total{listener="hello.thrift.e2e:9090",type="B')
+    client = peers.client(MAIN)
+    try:
+        with pytest.raises(hello().HelloError) as raised:
+            client.fail("boom from thrift")
+    finally:
+        client.close()
+    assert "boom from thrift" in str(raised.value)
+    assert engine.stat("metaprotocol_mutations_skipped_total") == skipped + 1
+    assert (
+        engine.stat('metaprotocol_local_replies_total{listener="hello.thrift.e2e:9090",type="B')
+        == bad
+    )
 
 
 def test_consistent_hash_is_sticky(peers: Peers) -> None:
