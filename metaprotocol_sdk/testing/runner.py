@@ -29,13 +29,13 @@ def check_names() -> list[str]:
 
 
 def _raw_result(target: CodecTarget, check: Check) -> CheckResult:
-    if check.requires and not getattr(target.codec.capabilities, check.requires):
-        return CheckResult(
-            check.name,
-            Outcome.skipped,
-            f"codec does not declare the {check.requires!r} capability "
-            f"(Capabilities.{check.requires}=False)",
-        )
+    for needed in check.requires:
+        if not getattr(target.codec.capabilities, needed):
+            return CheckResult(
+                check.name,
+                Outcome.skipped,
+                f"codec does not declare the {needed!r} capability (Capabilities.{needed}=False)",
+            )
     ctx = CheckContext(target)
     try:
         check.func(ctx)

@@ -25,6 +25,7 @@ from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.metadata import Metadata
 
 from .checks import REGISTRY
+from .hooks import Grown
 from .known_failures import load_known_failures
 from .report import CheckResult, Outcome
 from .runner import check_names, run_check
@@ -59,10 +60,18 @@ class CodecConformance:
     settings: ClassVar[KitSettings | None] = None
     #: The conformance package to load instead of the discovered one.
     conformance: ClassVar[str | None] = None
+    #: ``grown(n)``: named valid frames whose size grows with ``n`` (for ``perf_linear``).
+    grown: ClassVar[Grown | None] = None
 
     @classmethod
     def messages(cls) -> st.SearchStrategy[Any] | None:
         """Override to supply a strategy of valid frame ``bytes`` or ``Sample`` values."""
+        return None
+
+    @classmethod
+    def unusual_messages(cls) -> st.SearchStrategy[Any] | None:
+        """Override to supply valid frames with unusual but legal content (reserved bits set,
+        duplicate keys, non-canonical encodings) that ``encode`` must keep byte for byte."""
         return None
 
     @classmethod
@@ -85,6 +94,8 @@ class CodecConformance:
                 payload=cls.payload,
                 settings=cls.settings,
                 conformance=cls.conformance,
+                unusual=cls.unusual_messages(),
+                grown=cls.grown,
             )
             _TARGETS[cls] = target
         return target

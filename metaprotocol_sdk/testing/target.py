@@ -22,6 +22,7 @@ from metaprotocol_sdk.registry import load_codec
 
 from .discovery import Shipped, find_shipped
 from .golden import GoldenFile, Sample, load_golden
+from .hooks import Grown, find_hooks
 
 #: Mutation the round-trip checks write when the author names none.
 DEFAULT_MUTATION: Mapping[str, str] = {"x-mp-conformance": "mutated", "x-mp-kit": "2"}
@@ -59,6 +60,11 @@ class KitSettings:
     max_split_points: int = 600
     #: Seconds spent measuring each of decode and encode throughput.
     perf_seconds: float = 0.2
+    #: Most four times the input may cost over the original in ``perf_linear`` (linear is 4,
+    #: quadratic 16; the margin absorbs cache effects and a busy machine).
+    linear_limit: float = 8.0
+    #: The smaller size ``perf_linear`` measures: ``grown(n)``, ``n`` mutation keys.
+    linear_scale: int = 256
 
 
 @dataclass
@@ -75,6 +81,10 @@ class CodecTarget:
     #: mutable attachments live inside the body (Dubbo) ship one that leaves them out.
     payload: Callable[[Metadata], bytes | memoryview] | None = None
     settings: KitSettings = field(default_factory=KitSettings)
+    #: Valid frames with unusual but legal content that ``encode`` must keep byte for byte.
+    unusual: st.SearchStrategy[Sample] | None = None
+    #: ``grown(n)``: named valid frames whose size grows in proportion to ``n``.
+    grown: Grown | None = None
     #: What this target cannot cover (no golden vectors, no strategy, ...).
     notes: list[str] = field(default_factory=list)
 
@@ -106,15 +116,21 @@ class CodecTarget:
         payload: Callable[[Metadata], bytes | memoryview] | None = None,
         settings: KitSettings | None = None,
         conformance: str | None = None,
+        unusual: st.SearchStrategy[Any] | None = None,
+        grown: Grown | None = None,
     ) -> CodecTarget:
         """Build a target; anything not given comes from the codec's conformance package.
 
         ``codec`` is a class, an installed codec name or a ``module:Class`` reference.
         ``messages`` is a strategy of frame ``bytes`` or of :class:`Sample`.
         ``conformance`` names the package to load instead of the discovered one.
+        ``unusual`` (a strategy of unusual but legal frames) and ``grown`` (see
+        :mod:`~metaprotocol_sdk.testing.hooks`) default to the package's hooks.
         """
         codec_cls = load_codec(codec) if isinstance(codec, str) else codec
         shipped = find_shipped(codec_cls, conformance)
+        hooks = find_hooks(codec_cls, conformance)
+        unusual = unusual if unusual is not None else hooks.unusual
         notes = list(shipped.notes)
         golden_file_options: Mapping[str, Any] = {}
         vectors: tuple[Sample, ...]
@@ -151,6 +167,8 @@ class CodecTarget:
             mutation=dict(mutation or shipped.mutation or DEFAULT_MUTATION),
             payload=payload or shipped.payload,
             settings=settings or KitSettings(),
+            unusual=None if unusual is None else as_samples(unusual),
+            grown=grown or hooks.grown,
             notes=notes,
         )
 

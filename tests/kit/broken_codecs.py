@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from metaprotocol_sdk import (
     NEED_DATA,
     Attributes,
+    CodecError,
     Encoded,
     FrameTooLargeError,
     LocalError,
@@ -186,6 +187,99 @@ class SharesStateBetweenInstances(_Broken):
         return _message(frame, kind, request_id, headers_length)
 
 
+class KeepsOldIdWithMutation(_Broken):
+    """Writes the mutation but drops the new request id when both are given."""
+
+    catches = "mutation_with_request_id"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            request_id = None  # the fault: the engine's shared-connection path loses its id
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class AsksOneByteTooMany(_Broken):
+    """Reports one byte more than the frame needs in NeedData."""
+
+    catches = "framing_needed_exact"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, NeedData) and result.needed:
+            # The fault (capped at the limit, which a later byte would be refused by anyway).
+            return NeedData(min(result.needed + 1, self.max_frame_size))
+        return result
+
+
+class KeepsExistingKeys(_Broken):
+    """Puts the mutation's entries in front of the existing headers instead of replacing them,
+    so a key the message already has keeps its old value (the decoder keeps the last one)."""
+
+    catches = "mutation_replaces_key"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return super().encode(message, mutation, request_id=request_id)
+        frame = message.frame
+        block = kv.encode_headers(dict(mutation)) + bytes(frame[HEADER_SIZE : message.header_size])
+        fixed = bytearray(frame[:HEADER_SIZE])
+        struct.pack_into(">H", fixed, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", fixed, 4, request_id)
+        return [bytes(fixed), block, message.body]
+
+
+class RebuildsFrameOnEncode(_Broken):
+    """Builds a fresh frame from the decoded fields instead of returning the original bytes:
+    a canonical frame comes back the same, an unusual one (reserved bits, duplicate keys)
+    does not."""
+
+    catches = "roundtrip_identity_unusual"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation or request_id is not None:
+            return super().encode(message, mutation, request_id=request_id)
+        headers = kv._decode_headers(message.frame, HEADER_SIZE, message.header_size)
+        return build_frame(message.codec_state, message.request_id, headers, bytes(message.body))
+
+
+class ConsumesBeforeRaising(_Broken):
+    """Takes a frame with bad headers off the buffer, then raises (Dubbo's bug in issue 13)."""
+
+    catches = "bad_input_consumes_nothing"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            if exc.frame_size:
+                del buffer[: exc.frame_size]  # the fault: the engine drops frame_size again
+            raise
+
+
+class QuadraticHeaders(_Broken):
+    """Compares each header with every header before it: quadratic in the number of headers."""
+
+    catches = "perf_linear"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata):
+            keys: list[str] = []
+            for key, _ in result.attributes.items():
+                for earlier in keys:  # the fault: an O(n) scan per header
+                    if earlier == key:
+                        break
+                keys.append(key)
+        return result
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -196,6 +290,12 @@ BROKEN: list[type[_Broken]] = [
     IndexErrorOnGarbage,
     BuffersOversizedLength,
     SharesStateBetweenInstances,
+    KeepsOldIdWithMutation,
+    AsksOneByteTooMany,
+    KeepsExistingKeys,
+    RebuildsFrameOnEncode,
+    ConsumesBeforeRaising,
+    QuadraticHeaders,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

@@ -2,14 +2,25 @@
 
 Found by the kit's naming convention (``<codec module>_conformance`` next to
 ``metaprotocol_sdk.examples.kv``). ``golden.yaml`` holds captured frames; :func:`messages` is
-the hypothesis strategy of valid messages the property checks draw from.
+the hypothesis strategy of valid messages the property checks draw from;
+:func:`unusual_messages` gives legal frames a re-serialising codec would change, and
+:func:`grown` requests that grow with ``n`` for the linear-time check.
 """
 
 from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from metaprotocol_sdk.examples.kv import ERROR, ONEWAY, PING, PONG, REQUEST, RESPONSE, build_frame
+from metaprotocol_sdk.examples.kv import (
+    ERROR,
+    HEADER,
+    ONEWAY,
+    PING,
+    PONG,
+    REQUEST,
+    RESPONSE,
+    build_frame,
+)
 from metaprotocol_sdk.testing import Sample
 
 _TYPES = {
@@ -42,3 +53,50 @@ def _message(draw: st.DrawFn) -> Sample:
 def messages() -> st.SearchStrategy[Sample]:
     """Valid KV messages of every kind, with their expected metadata."""
     return _message()
+
+
+def encode_pairs(pairs: list[tuple[str, str]]) -> bytes:
+    """A headers block from (key, value) pairs, duplicates and all."""
+    out = bytearray()
+    for key, value in pairs:
+        k, v = key.encode(), value.encode()
+        out += bytes((len(k),)) + k + len(v).to_bytes(2, "big") + v
+    return bytes(out)
+
+
+@st.composite
+def _unusual(draw: st.DrawFn) -> Sample:
+    """A legal frame a codec that rebuilt frames from their metadata would change."""
+    kind = draw(st.sampled_from([REQUEST, RESPONSE, ONEWAY, ERROR]))
+    request_id = draw(st.integers(0, 2**32 - 1))
+    key = draw(_keys).lower()
+    pairs = [(key, draw(_values)), (key, draw(_values))]  # a duplicate key: the last one wins
+    pairs.append((key.upper() + "X", draw(_values)))  # upper case: attributes fold case
+    pairs.append(("", draw(_values)))  # an empty key is legal
+    pairs = draw(st.permutations(pairs))
+    block = encode_pairs(pairs)
+    body = draw(st.binary(max_size=32))
+    reserved = draw(st.integers(1, 0xFFFF))  # reserved, ignored by decode, kept by encode
+    header = HEADER.build(
+        version=1,
+        kind=kind,
+        request_id=request_id,
+        headers_length=len(block),
+        reserved=reserved,
+        body_length=len(body),
+    )
+    return Sample(header + block + body, expect={"message_type": _TYPES[kind]})
+
+
+def unusual_messages() -> st.SearchStrategy[Sample]:
+    """Valid KV frames with a non-zero reserved field, duplicate, upper-case and empty keys."""
+    return _unusual()
+
+
+def grown(n: int) -> dict[str, bytes]:
+    """Requests whose size grows with ``n``: the body, the number of headers, one value."""
+    return {
+        "body": build_frame(REQUEST, 1, {"method": "put"}, b"b" * (64 * n)),
+        "headers": build_frame(REQUEST, 2, {f"h{i}": "v" for i in range(n)}),
+        "one header value": build_frame(REQUEST, 3, {"key": "v" * (32 * n)}),
+    }

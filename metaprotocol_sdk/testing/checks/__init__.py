@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import bad_input, framing, perf, replies, roundtrip, state
+from . import bad_input, combined, framing, linear, perf, replies, roundtrip, state
 from .base import REGISTRY, Check, CheckContext, CheckFailed, CheckSkipped
 
 __all__ = [
@@ -12,7 +12,9 @@ __all__ = [
     "CheckFailed",
     "CheckSkipped",
     "bad_input",
+    "combined",
     "framing",
+    "linear",
     "perf",
     "replies",
     "roundtrip",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 from hypothesis import strategies as st
@@ -211,14 +212,10 @@ def bad_input_corrupted(ctx: CheckContext) -> None:
     for_each_sample(ctx, prop)
 
 
-@check("bad_input_random_bytes", "bad_input")
-def bad_input_random_bytes(ctx: CheckContext) -> None:
-    """Random bytes and randomly edited messages: NeedData or CodecError, bounded and fast."""
-    conf = ctx.target.settings
-    small = conf.small_limit
-    random: st.SearchStrategy[tuple[bytes, int, dict[str, object]]] = st.binary(
-        max_size=3 * small
-    ).map(lambda b: (b, small, {}))
+def _random_cases(ctx: CheckContext) -> st.SearchStrategy[Case]:
+    """Random bytes (small limit) and randomly edited valid messages."""
+    small = ctx.target.settings.small_limit
+    random: st.SearchStrategy[Case] = st.binary(max_size=3 * small).map(lambda b: (b, small, {}))
     strategies = [random]
     if ctx.target.messages is not None or ctx.target.samples:
         pool = ctx.target.messages
@@ -227,9 +224,7 @@ def bad_input_random_bytes(ctx: CheckContext) -> None:
             pool = golden if pool is None else st.one_of(golden, pool)
         assert pool is not None
 
-        def edit(
-            args: tuple[Sample, list[tuple[int, int]], int],
-        ) -> tuple[bytes, int, dict[str, object]]:
+        def edit(args: tuple[Sample, list[tuple[int, int]], int]) -> Case:
             sample, edits, cut = args
             data = bytearray(sample.frame)
             for pos, value in edits:
@@ -242,14 +237,117 @@ def bad_input_random_bytes(ctx: CheckContext) -> None:
         values = st.one_of(st.sampled_from([0x00, 0x01, 0x7F, 0x80, 0xFF]), st.integers(0, 255))
         edits = st.lists(st.tuples(positions, values), min_size=1, max_size=4)
         strategies.append(st.tuples(pool, edits, st.integers(-8, 64)).map(edit))
+    return st.one_of(*strategies)
 
-    def prop(case: tuple[bytes, int, dict[str, object]]) -> None:
+
+@check("bad_input_random_bytes", "bad_input")
+def bad_input_random_bytes(ctx: CheckContext) -> None:
+    """Random bytes and randomly edited messages: NeedData or CodecError, bounded and fast."""
+
+    def prop(case: Case) -> None:
         data, limit, options = case
         _drive(ctx, data, limit, options)
 
-    run_property(ctx, st.one_of(*strategies), prop, conf.random_examples)
+    run_property(ctx, _random_cases(ctx), prop, ctx.target.settings.random_examples)
     if ctx.target.messages is None and not ctx.target.samples:
         ctx.details["note"] = "random bytes only: no valid messages to edit"
+
+
+#: Fixed garbage every codec should refuse or wait on.
+_GARBAGE = (b"\xff" * 64, b"\x00" * 64, bytes(range(256)), b"\x80" + b"\x7f" * 63)
+
+
+class _Untouched:
+    """Decodes inputs and fails when a decode error leaves the buffer changed."""
+
+    def __init__(self, ctx: CheckContext) -> None:
+        self.ctx = ctx
+        self.errors = 0
+
+    def run(self, data: bytes, what: str, options: object = None, limit: int | None = None) -> None:
+        sample_options = options if isinstance(options, dict) else {}
+        codec = self.ctx.target.new_codec(sample_options)
+        if limit is not None:
+            with contextlib.suppress(ConfigError):
+                codec = self.ctx.target.new_codec(sample_options, max_frame_size=limit)
+        buffer = bytearray(data)
+        for _ in range(len(data) + 1):
+            before = bytes(buffer)
+            try:
+                result = call_decode(codec, buffer, limit=self.ctx.target.settings.time_limit)
+            except CodecError as exc:
+                self.errors += 1
+                self._check(exc, before, buffer, what)
+                return
+            if isinstance(result, NeedData) or result.size == 0:
+                return
+
+    def _check(self, exc: CodecError, before: bytes, buffer: bytearray, what: str) -> None:
+        consumed = len(before) - len(buffer)
+        if bytes(buffer) != before:
+            how = (
+                f"consumed {consumed} bytes"
+                if consumed > 0 and bytes(buffer) == before[consumed:]
+                else "changed it"
+            )
+            fail(
+                f"{what}: decode raised {type(exc).__name__}: {exc} and {how}; a decode error "
+                "must leave the buffer as it was (an engine then drops the error's frame_size "
+                "bytes and goes on with the next message, or closes the connection)\n"
+                f"buffer before:\n{hexdump(before, mark=exc.offset)}\nbuffer after:\n"
+                f"{hexdump(buffer)}"
+            )
+        if exc.frame_size is not None and not 0 < exc.frame_size <= len(before):
+            fail(
+                f"{what}: decode raised {type(exc).__name__} with frame_size={exc.frame_size}, "
+                f"but the buffer holds {len(before)} bytes (frame_size must count bytes that "
+                f"are there to drop)\n{hexdump(before, mark=exc.offset)}"
+            )
+
+
+@check("bad_input_consumes_nothing", "bad_input")
+def bad_input_consumes_nothing(ctx: CheckContext) -> None:
+    """Every decode error the kit provokes leaves the buffer byte-for-byte unchanged.
+
+    Inputs: bad-input golden vectors, fixed garbage, each message corrupted in its first 64
+    bytes or with a length set huge (each followed by the intact message, as a bad request
+    and a good one arrive in one read), over ``max_frame_size``, and random edits.
+    """
+    untouched = _Untouched(ctx)
+    for vector in ctx.target.golden:
+        if vector.is_bad_input:
+            untouched.run(vector.frame, f"golden vector {vector.name!r}", dict(vector.options))
+    for garbage in _GARBAGE:
+        untouched.run(garbage, "garbage")
+
+    def prop(sample: Sample) -> None:
+        frame = sample.frame
+        options = dict(sample.options)
+        untouched.run(
+            frame,
+            f"a {len(frame)}-byte message over max_frame_size",
+            options,
+            limit=max(1, len(frame) - 1),
+        )
+        roomy = 4 * len(frame) + ctx.target.settings.small_limit
+        for pos, data in _corruptions(frame):
+            untouched.run(data + frame, f"byte {pos} corrupted", options, limit=roomy)
+        original = reference(ctx, sample)
+        for field in length_fields(frame, original):
+            for name, data in _patches(frame, field):
+                what = f"length candidate at offset {field[0]} set to {name}"
+                untouched.run(data + frame, what, options, limit=len(frame))
+
+    for_each_sample(ctx, prop)
+
+    def random_prop(case: Case) -> None:
+        data, limit, options = case
+        untouched.run(data, "randomly edited input", options, limit=limit)
+
+    run_property(ctx, _random_cases(ctx), random_prop, ctx.target.settings.random_examples)
+    if untouched.errors == 0:
+        raise CheckSkipped("no input the kit tried made decode raise a CodecError")
+    ctx.details["errors"] = untouched.errors
 
 
 __all__ = ["length_fields", "no_messages"]

@@ -35,8 +35,8 @@ class Check:
     name: str
     group: str
     func: CheckFunction
-    #: Capability (a :class:`~metaprotocol_sdk.Capabilities` field) the check needs.
-    requires: str | None = None
+    #: Capabilities (:class:`~metaprotocol_sdk.Capabilities` fields) the check needs, all of them.
+    requires: tuple[str, ...] = ()
 
     @property
     def doc(self) -> str:
@@ -49,14 +49,15 @@ REGISTRY: dict[str, Check] = {}
 
 
 def check(
-    name: str, group: str, *, requires: str | None = None
+    name: str, group: str, *, requires: str | tuple[str, ...] = ()
 ) -> Callable[[CheckFunction], CheckFunction]:
-    """Register a check function under ``name``."""
+    """Register a check function under ``name``; it needs every capability in ``requires``."""
+    needs = (requires,) if isinstance(requires, str) else tuple(requires)
 
     def register(func: CheckFunction) -> CheckFunction:
         if name in REGISTRY:
             raise ValueError(f"check {name!r} is registered twice")
-        REGISTRY[name] = Check(name=name, group=group, func=func, requires=requires)
+        REGISTRY[name] = Check(name=name, group=group, func=func, requires=needs)
         return func
 
     return register

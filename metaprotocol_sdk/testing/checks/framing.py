@@ -229,3 +229,54 @@ def framing_trailing_partial(ctx: CheckContext) -> None:
             lambda t: _trailing_prop(ctx, *t) if len(t[1].frame) > 1 else None,
             target.settings.examples,
         )
+
+
+#: Prefixes ``framing_needed_exact`` starts from, per message (sampled like split points).
+_NEEDED_PREFIXES = 64
+
+
+def _needed_prop(ctx: CheckContext, sample: Sample) -> None:
+    frame = sample.frame
+    for k in split_points(len(frame), _NEEDED_PREFIXES):
+        codec = ctx.target.new_codec(sample.options)
+        buffer = bytearray(frame[:k])
+        steps = [k]
+        while True:
+            try:
+                result = call_decode(codec, buffer)
+            except CodecError as exc:
+                fail(
+                    f"after {len(buffer)} of {len(frame)} bytes (fed as {steps}) decode raised "
+                    f"{type(exc).__name__}: {exc}\n{hexdump(frame, mark=len(buffer))}"
+                )
+            if isinstance(result, Metadata):
+                if result.frame != frame or buffer:
+                    fail(
+                        f"fed as {steps} bytes, decode returned a {result.size}-byte message "
+                        f"with {len(buffer)} bytes left; expected the {len(frame)}-byte message"
+                    )
+                break
+            # An engine waits for `needed` bytes before it calls decode again; 0 promises
+            # nothing, so the rest arrives (byte-by-byte feeding is framing_split_points').
+            want = result.needed or len(frame)
+            if len(buffer) >= len(frame):
+                fail(f"decode returned {result!r} with the whole {len(frame)}-byte message")
+            if want > len(frame):
+                fail(
+                    f"after {len(buffer)} of {len(frame)} bytes decode returned {result!r}: it "
+                    f"asks for more bytes than the message holds, so an engine that waits for "
+                    f"them never decodes a message whose sender then waits for the reply\n"
+                    f"{hexdump(frame, mark=len(buffer))}"
+                )
+            buffer += frame[len(buffer) : want]
+            steps.append(want)
+
+
+@check("framing_needed_exact", "framing")
+def framing_needed_exact(ctx: CheckContext) -> None:
+    """NeedData.needed is exact: from any prefix, fed exactly `needed` bytes, the frame decodes.
+
+    An engine does not call decode again until the buffer holds ``needed`` bytes; a codec that
+    asks for even one byte more than the frame holds leaves that request undecoded forever.
+    """
+    for_each_sample(ctx, lambda s: _needed_prop(ctx, s))

@@ -17,39 +17,63 @@ from ._support import (
     encode_bytes,
     fail,
     for_each_sample,
+    labelled,
     reference,
+    run_property,
     same_metadata,
 )
 from .base import CheckContext, CheckSkipped, check
 
 
+def _identity_prop(ctx: CheckContext, sample: Sample) -> None:
+    original = reference(ctx, sample)
+    encoder = ctx.target.new_codec(sample.options)
+    calls = {
+        "encode(message)": lambda: encoder.encode(original),
+        "encode(message, {})": lambda: encoder.encode(original, EMPTY_MUTATION),
+        "encode(message, None, request_id=None)": lambda: encoder.encode(
+            original, None, request_id=None
+        ),
+    }
+    for what, call in calls.items():
+        try:
+            data = encode_bytes(encoder, call, what)
+        except CodecError as exc:
+            fail(f"{what} raised {type(exc).__name__}: {exc}")
+        if data != sample.frame:
+            fail(f"{what} changed the message: " + compare(sample.frame, data))
+        again = decode_whole(ctx.target.new_codec(sample.options), data, f"{what} output")
+        diff = same_metadata(original, again)
+        if diff:
+            fail(f"{what} output decodes differently: {diff}")
+
+
 @check("roundtrip_identity", "roundtrip")
 def roundtrip_identity(ctx: CheckContext) -> None:
     """encode() with no or an empty mutation returns the original bytes, which decode the same."""
+    for_each_sample(ctx, lambda sample: _identity_prop(ctx, sample))
 
-    def prop(sample: Sample) -> None:
-        original = reference(ctx, sample)
-        encoder = ctx.target.new_codec(sample.options)
-        calls = {
-            "encode(message)": lambda: encoder.encode(original),
-            "encode(message, {})": lambda: encoder.encode(original, EMPTY_MUTATION),
-            "encode(message, None, request_id=None)": lambda: encoder.encode(
-                original, None, request_id=None
-            ),
-        }
-        for what, call in calls.items():
-            try:
-                data = encode_bytes(encoder, call, what)
-            except CodecError as exc:
-                fail(f"{what} raised {type(exc).__name__}: {exc}")
-            if data != sample.frame:
-                fail(f"{what} changed the message: " + compare(sample.frame, data))
-            again = decode_whole(ctx.target.new_codec(sample.options), data, f"{what} output")
-            diff = same_metadata(original, again)
-            if diff:
-                fail(f"{what} output decodes differently: {diff}")
 
-    for_each_sample(ctx, prop)
+@check("roundtrip_identity_unusual", "roundtrip")
+def roundtrip_identity_unusual(ctx: CheckContext) -> None:
+    """Unusual but legal frames (reserved bits, duplicate keys, ...) also encode byte for byte.
+
+    The frames come from the codec's ``unusual_messages`` strategy: content a codec that
+    rebuilds the frame from what it decoded, instead of copying it, would change.
+    """
+    unusual = ctx.target.unusual
+    if unusual is None:
+        raise CheckSkipped(
+            "the codec ships no unusual_messages strategy (valid frames with reserved bits "
+            "set, duplicate keys or non-canonical encodings), so identity is only checked on "
+            "the golden vectors and ordinary messages"
+        )
+    run_property(
+        ctx,
+        unusual,
+        lambda sample: labelled(sample, lambda s: _identity_prop(ctx, s)),
+        ctx.target.settings.examples,
+    )
 
 
 @dataclass
