@@ -1,8 +1,15 @@
-"""The admin endpoint: a tiny HTTP/1.1 server (GET only) for readiness, config and stats.
+"""The admin endpoint: HTTP/1.1 parsed by h11 (GET only) for readiness, config and stats.
 
 * ``/ready``: ``200 LIVE`` while serving, ``503 DRAINING`` during shutdown.
-* ``/config_dump``: the configuration and the runtime built from it, as JSON.
+* ``/config_dump``: the validated configuration and the runtime built from it, as JSON.
 * ``/stats``: Prometheus text; ``/stats?format=json``: ``{"name{labels}": value}``.
+
+It shares the event loop with the data path, so every cost is bounded: a request (line and
+headers) of at most :data:`MAX_REQUEST_BYTES`, ``admin.maxConnections`` open connections,
+``admin.requestTimeout`` for a whole exchange, one request per connection, and a
+``/config_dump`` built once (the configuration never changes under an engine) with the
+documents capped at :data:`DUMP_DOCUMENTS_BYTES`. A client's mistake is an HTTP error, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -10,65 +17,187 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
+
+import h11
 
 if TYPE_CHECKING:
+    from .config.models import Admin
     from .engine import Engine
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+log = logging.getLogger("metaprotocol.proxy.admin")
+
+#: Largest request line plus headers (h11's ``max_incomplete_event_size``); more is ``431``.
+MAX_REQUEST_BYTES = 16 * 1024
+#: Cap on the JSON of the documents in ``/config_dump`` (the validated model is not capped).
+DUMP_DOCUMENTS_BYTES = 1024 * 1024
+#: What replaces whatever did not fit under :data:`DUMP_DOCUMENTS_BYTES`.
+TRUNCATED = "...truncated: /config_dump shows the documents up to {cap} bytes"
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
 
 
-def _response(status: int, body: str, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    data = body.encode()
+def _response(
+    status: int, body: str | bytes, content_type: str = "text/plain; charset=utf-8"
+) -> bytes:
+    data = body.encode() if isinstance(body, str) else body
+    allow = "Allow: GET\r\n" if status == 405 else ""
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
-        f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n{allow}"
         "Connection: close\r\n\r\n"
     )
     return head.encode() + data
 
 
-def handle(engine: Engine, method: str, target: str) -> bytes:
-    """The full HTTP response for one request line."""
-    if method != "GET":
-        return _response(405, "only GET is supported\n")
-    path, _, query = target.partition("?")
-    if path == "/ready":
-        return _response(200, "LIVE\n") if engine.ready else _response(503, "DRAINING\n")
-    if path == "/config_dump":
-        body = json.dumps(engine.config_dump(), indent=2, default=str)
-        return _response(200, body + "\n", "application/json")
-    if path == "/stats":
-        if "format=json" in query:
-            body = json.dumps(engine.stats_snapshot(), indent=2, sort_keys=True)
-            return _response(200, body + "\n", "application/json")
-        return _response(200, engine.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
-    if path == "/":
-        return _response(200, "/ready\n/config_dump\n/stats\n/stats?format=json\n")
-    return _response(404, f"unknown path {path}\n")
+_BUSY = _response(503, "too many admin connections\n")
+_TIMEOUT = _response(408, "request not received in time\n")
 
 
-async def start_admin(engine: Engine, host: str, port: int) -> asyncio.Server:
-    """Start the admin server."""
+def bounded_copy(value: Any, cap: int) -> tuple[Any, bool]:
+    """A JSON-ready copy of ``value`` whose JSON is about ``cap`` bytes at most.
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
-            while True:  # skip the headers
-                header = await asyncio.wait_for(reader.readline(), 5.0)
-                if header in (b"\r\n", b"\n", b""):
+    Shared references (YAML aliases) are walked as often as they occur, but the walk stops
+    once the budget is spent, so its cost is bounded by ``cap`` whatever the sharing. Returns
+    the copy and whether anything was cut (each cut is marked with :data:`TRUNCATED`).
+    """
+    budget = cap
+    cut = False
+    marker = TRUNCATED.format(cap=cap)
+
+    def walk(item: Any) -> Any:
+        nonlocal budget, cut
+        if budget <= 0:
+            cut = True
+            return marker
+        if isinstance(item, dict):
+            out: dict[str, Any] = {}
+            for key, sub in item.items():
+                if budget <= 0:
+                    out["..."] = marker
+                    cut = True
                     break
-            parts = line.decode("latin-1").split()
-            if len(parts) < 2:
-                writer.write(_response(405, "bad request line\n"))
-            else:
-                writer.write(handle(engine, parts[0], parts[1]))
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                name = str(key)
+                budget -= len(name) + 4
+                out[name] = walk(sub)
+            return out
+        if isinstance(item, (list, tuple)):
+            seq: list[Any] = []
+            for sub in item:
+                if budget <= 0:
+                    seq.append(marker)
+                    cut = True
+                    break
+                seq.append(walk(sub))
+            return seq
+        if item is None or isinstance(item, (bool, int, float)):
+            budget -= 8
+            return item
+        text = item if isinstance(item, str) else str(item)  # dates, bytes: as text
+        if len(text) > budget:
+            cut = True
+            text = text[: max(budget, 0)] + marker
+        budget -= len(text) + 2
+        return text
 
-    return await asyncio.start_server(serve, host, port)
+    return walk(value), cut
+
+
+class _AdminServer:
+    """One engine's admin endpoint: the connection count and the cached config dump."""
+
+    def __init__(self, engine: Engine, settings: Admin) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.active = 0
+        self._dump: bytes | None = None
+        self._rejected = engine.stats.counter("metaprotocol_admin_connections_rejected_total")
+
+    def _count(self, status: int) -> None:
+        self.engine.stats.counter("metaprotocol_admin_requests_total", code=str(status)).value += 1
+
+    def handle(self, method: str, target: str) -> bytes:
+        """The full HTTP response for one request."""
+        engine = self.engine
+        if method != "GET":
+            return _response(405, "only GET is supported\n")
+        path, _, query = target.partition("?")
+        if path == "/ready":
+            return _response(200, "LIVE\n") if engine.ready else _response(503, "DRAINING\n")
+        if path == "/config_dump":
+            if self._dump is None:  # the configuration never changes under an engine
+                text = json.dumps(engine.config_dump(), indent=2, default=str) + "\n"
+                self._dump = _response(200, text, "application/json")
+            return self._dump
+        if path == "/stats":
+            if "format=json" in query:
+                body = json.dumps(engine.stats_snapshot(), indent=2, sort_keys=True)
+                return _response(200, body + "\n", "application/json")
+            return _response(200, engine.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/":
+            return _response(200, "/ready\n/config_dump\n/stats\n/stats?format=json\n")
+        return _response(404, f"unknown path {path[:200]}\n")
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: at most one request, the whole exchange within the timeout."""
+        if self.active >= self.settings.max_connections:
+            self._rejected.value += 1
+            writer.write(_BUSY)
+            writer.close()
+            return
+        self.active += 1
+        answered = False
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                answered = await self._exchange(reader, writer)
+        except TimeoutError:
+            if not answered:
+                self._count(408)
+                with contextlib.suppress(Exception):
+                    writer.write(_TIMEOUT)
+        except (ConnectionError, OSError):
+            pass
+        except Exception as exc:  # a bug here must not print a traceback per request
+            log.error("admin: %s: %s", type(exc).__name__, exc)
+        finally:
+            self.active -= 1
+            writer.close()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint  # 400, or 431 for a request over the bound
+                self._count(status)
+                writer.write(_response(status, f"{exc}\n"))
+                await writer.drain()
+                return True
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(8192))
+                continue
+            if isinstance(event, h11.Request):
+                target = event.target.decode("ascii", "replace")
+                response = self.handle(event.method.decode("ascii", "replace"), target)
+                self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
+                writer.write(response)
+                await writer.drain()
+                return True
+            return False  # the client closed (or paused) before a request
+
+
+async def start_admin(engine: Engine, settings: Admin) -> asyncio.Server:
+    """Start the admin server on ``settings.bind``."""
+    server = _AdminServer(engine, settings)
+    host, port = settings.bind
+    return await asyncio.start_server(server.serve, host, port, limit=MAX_REQUEST_BYTES)

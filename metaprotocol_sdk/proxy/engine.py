@@ -239,10 +239,17 @@ class Engine:
                 sockname = server.sockets[0].getsockname()
                 self.listener_addresses[(listener.host, listener.port)] = (sockname[0], sockname[1])
             self._refuse_own_listeners()
-            if settings.admin_bind is not None:
-                self._admin = await start_admin(self, *settings.admin_bind)
+            if settings.admin is not None:
+                self._admin = await start_admin(self, settings.admin)
                 sockname = self._admin.sockets[0].getsockname()
                 self.admin_address = (sockname[0], sockname[1])
+                if settings.admin.allow_remote and not _is_loopback(settings.admin.bind[0]):
+                    log.warning(
+                        "admin endpoint on %s:%d is reachable from other hosts "
+                        "(admin.allowRemote): it has no authentication and shows the whole "
+                        "configuration",
+                        *self.admin_address,
+                    )
             if settings.access_log:
                 self.access_log = AccessLog(settings.access_log)
         except BaseException:
@@ -391,8 +398,25 @@ class Engine:
         return self.stats.prometheus()
 
     def config_dump(self) -> dict[str, Any]:
-        """A JSON-ready view of the configuration and the runtime built from it."""
+        """A JSON-ready view of the validated configuration and the runtime built from it.
+
+        The documents as parsed come last, capped (``admin.DUMP_DOCUMENTS_BYTES``, a marker
+        where cut): YAML aliases are shared references there, and expanding them unbounded
+        is how a 1 KB file became a 378 MB response.
+        """
+        from .admin import DUMP_DOCUMENTS_BYTES, bounded_copy
+
         settings = self.config.proxy
+        matches = {  # route conditions as validated, by (MetaRouter host, route name)
+            (host, route.name): [
+                {"attribute": m.attribute, m.kind: m.value if m.kind != "present" else True}
+                for m in route.match
+            ]
+            for host, router in self.config.routers.items()
+            for route in router.routes
+        }
+        documents, truncated = bounded_copy(list(self.config.documents), DUMP_DOCUMENTS_BYTES)
+        admin = settings.admin
         return {
             "sources": list(self.config.sources),
             "listeners": [
@@ -406,6 +430,7 @@ class Engine:
                     "routes": [
                         {
                             "name": route.name,
+                            "match": matches.get((listener.host, route.name), []),
                             "timeout": route.timeout,
                             "destinations": [
                                 {"name": t.name, "weight": t.weight, "known": t.cluster is not None}
@@ -433,7 +458,10 @@ class Engine:
                 for c in self.clusters.values()
             ],
             "protocols": {
-                p.name: {"codec": p.codec_name, "options": p.options}
+                p.name: {
+                    "codec": p.codec_name,
+                    "options": bounded_copy(p.options, DUMP_DOCUMENTS_BYTES)[0],
+                }
                 for p in self.config.protocols.values()
             },
             "settings": {
@@ -442,8 +470,17 @@ class Engine:
                 "timeouts": vars(settings.timeouts),
                 "accessLog": settings.access_log,
                 "connectionsPerEndpoint": settings.connections_per_endpoint,
+                "admin": None
+                if admin is None
+                else {
+                    "bind": f"{admin.bind[0]}:{admin.bind[1]}",
+                    "allowRemote": admin.allow_remote,
+                    "maxConnections": admin.max_connections,
+                    "requestTimeout": admin.request_timeout,
+                },
             },
-            "documents": list(self.config.documents),
+            "documents": documents,
+            "documentsTruncated": truncated,
         }
 
 

@@ -24,6 +24,8 @@ HELP = {
     "metaprotocol_requests_pending": "Requests waiting for an upstream response.",
     "metaprotocol_mutations_skipped_total": "Replies forwarded without a response mutation "
     "they cannot carry, by listener and route.",
+    "metaprotocol_admin_requests_total": "Admin endpoint replies, by HTTP status code.",
+    "metaprotocol_admin_connections_rejected_total": "Admin connections over the limit (503).",
     "metaprotocol_buffered_bytes": "Bytes held in buffers (the overload budget's measure).",
     "metaprotocol_overloaded": "1 while new requests and connections are refused for overload.",
 }

@@ -7,6 +7,7 @@ the document number and ``kind/name``, and whose ``field`` is the path inside th
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, NoReturn, cast
@@ -18,6 +19,7 @@ from ..matcher import compile_regex
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
 from .models import (
+    Admin,
     AttributeMatch,
     Config,
     Destination,
@@ -670,8 +672,7 @@ def _proxy(
             if bind[1] and (other.bind_host, other.bind_port) == bind:
                 doc.fail(f"{path}.bind", f"address {bind[0]}:{bind[1]} is used by {other.name}")
         listeners.append(Listener(host, port, bind[0], bind[1]))
-    admin = doc.mapping(spec, "admin", "spec.admin", required=False)
-    admin_bind = _bind(doc, admin["bind"], "spec.admin.bind") if admin.get("bind") else None
+    admin = _admin(doc, spec)
     limits = _limits(doc, spec)
     overload = _overload(doc, spec)
     timeouts = _timeouts(doc, spec)
@@ -683,7 +684,7 @@ def _proxy(
     )
     return ProxySettings(
         listeners=tuple(listeners),
-        admin_bind=admin_bind,
+        admin=admin,
         codec_options=codec_options,
         limits=limits,
         overload=overload,
@@ -691,6 +692,45 @@ def _proxy(
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
     )
+
+
+_ADMIN_FIELDS = ("bind", "allowRemote", "maxConnections", "requestTimeout")
+
+
+def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:
+    raw = doc.mapping(spec, "admin", "spec.admin", required=False)
+    if not raw:
+        return None
+    _known_fields(doc, raw, "spec.admin", _ADMIN_FIELDS)
+    bind = _bind(doc, doc.get(raw, "bind", "spec.admin.bind", required=True), "spec.admin.bind")
+    allow_remote = doc.get(raw, "allowRemote", "spec.admin.allowRemote")
+    if allow_remote is not None and not isinstance(allow_remote, bool):
+        doc.fail("spec.admin.allowRemote", f"must be true or false, got {allow_remote!r}")
+    if not allow_remote and not is_loopback(bind[0]):
+        doc.fail(
+            "spec.admin.bind",
+            f"{bind[0]} is not a loopback address: the admin endpoint has no authentication and "
+            "shows the whole configuration; bind 127.0.0.1 or ::1, or set "
+            "admin.allowRemote: true to serve it to other hosts",
+        )
+    connections = doc.integer(raw, "maxConnections", "spec.admin.maxConnections", False, 1, 1024)
+    timeout = doc.duration(raw, "requestTimeout", "spec.admin.requestTimeout")
+    return Admin(
+        bind=bind,
+        allow_remote=bool(allow_remote),
+        max_connections=Admin.max_connections if connections is None else connections,
+        request_timeout=Admin.request_timeout if timeout is None else timeout,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (``127.0.0.0/8``, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _known_fields(doc: _Doc, obj: Mapping[str, Any], path: str, known: Sequence[str]) -> None:

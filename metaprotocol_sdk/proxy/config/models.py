@@ -196,11 +196,25 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Admin:
+    """The admin HTTP endpoint (``ProxyConfig.spec.admin``)."""
+
+    bind: tuple[str, int]
+    #: A bind address other than loopback must be asked for: the endpoint has no
+    #: authentication and shows the whole configuration.
+    allow_remote: bool = False
+    #: Open admin connections; more are answered ``503`` and closed.
+    max_connections: int = 16
+    #: Time for a whole exchange (request received, response written), in seconds.
+    request_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """The ``ProxyConfig`` document: the engine's own settings."""
 
     listeners: tuple[Listener, ...] = ()
-    admin_bind: tuple[str, int] | None = None
+    admin: Admin | None = None
     codec_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     limits: Limits = Limits()
     overload: Overload = Overload()
