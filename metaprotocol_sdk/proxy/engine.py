@@ -13,6 +13,7 @@ from typing import Any
 from metaprotocol_sdk.errors import ConfigError
 
 from .accesslog import AccessLog
+from .addresses import reaches, resolve_all
 from .balancer import make_balancer
 from .config.models import Config, Destination, Listener, LoadBalancer
 from .deadlines import Deadlines
@@ -238,7 +239,7 @@ class Engine:
                 self._servers.append(server)
                 sockname = server.sockets[0].getsockname()
                 self.listener_addresses[(listener.host, listener.port)] = (sockname[0], sockname[1])
-            self._refuse_own_listeners()
+            await self._refuse_own_listeners()
             if settings.admin is not None:
                 self._admin = await start_admin(self, settings.admin)
                 sockname = self._admin.sockets[0].getsockname()
@@ -291,25 +292,36 @@ class Engine:
         """True while new requests and connections are refused for overload."""
         return self.buffered > self.max_buffered or self.rss_over
 
-    def _refuse_own_listeners(self) -> None:
+    async def _refuse_own_listeners(self) -> None:
         """Refuse an endpoint that is one of this engine's own listeners (once bound).
 
         Requests sent there would come back in and be routed out again until a limit stops
         them; Envoy has no such check, and the loop is easy to build with ephemeral ports.
+        Endpoint names (``localhost``, a ``DNS`` service's hosts) are resolved here, once and
+        bounded in time (``addresses.RESOLVE_TIMEOUT``); what a name resolves to later, at
+        connect time, is not checked again.
         """
-        bound: dict[int, tuple[str, str]] = {}
+        bound: dict[int, list[tuple[str, str]]] = {}
         for (host, port), (ip, bound_port) in self.listener_addresses.items():
-            bound[bound_port] = (f"{host}:{port}", ip)
-        for cluster in self.clusters.values():
-            for upstream in cluster.hosts:
-                own = bound.get(upstream.port)
-                if own is None:
-                    continue
-                listener, ip = own
-                if upstream.address == ip or (_is_wildcard(ip) and _is_loopback(upstream.address)):
+            bound.setdefault(bound_port, []).append((f"{host}:{port}", ip))
+        suspects = [
+            (cluster, upstream)
+            for cluster in self.clusters.values()
+            for upstream in cluster.hosts
+            if upstream.port in bound  # only these can be a listener: resolve nothing else
+        ]
+        if not suspects:
+            return
+        resolved = await resolve_all(self.loop, (u.address for _, u in suspects))
+        for cluster, upstream in suspects:
+            for listener, ip in bound[upstream.port]:
+                for address in sorted(resolved[upstream.address]):
+                    if not reaches(address, ip):
+                        continue
+                    via = "" if address == upstream.address else f", {address} for its name"
                     raise ConfigError(
                         f"endpoint {upstream.key} is this engine's own listener for {listener} "
-                        f"(bound on {ip}:{upstream.port}): requests would loop back into it",
+                        f"(bound on {ip}:{upstream.port}{via}): requests would loop back into it",
                         source=f"cluster {cluster.name}",
                     )
 
@@ -482,10 +494,6 @@ class Engine:
             "documents": documents,
             "documentsTruncated": truncated,
         }
-
-
-def _is_wildcard(ip: str) -> bool:
-    return ip in ("0.0.0.0", "::")
 
 
 def _is_loopback(address: str) -> bool:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from proxy_kit import mesh
+from proxy_kit import mesh, run
 
 from metaprotocol_sdk.errors import ConfigError
-from metaprotocol_sdk.proxy import load_config, loads_config
+from metaprotocol_sdk.proxy import Engine, addresses, load_config, loads_config
+from metaprotocol_sdk.proxy.addresses import RESOLVE_TIMEOUT
 from metaprotocol_sdk.proxy.config.documents import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
@@ -177,3 +182,106 @@ def test_proxy_cli_refuses_bad_files_in_one_line(check: bool, tmp_path: Path) ->
         assert line.startswith("error: ") and str(path) in line, err  # click checks -c dirs
         assert reason in line, err
         assert peak_kib < 200 * 1024, (path, peak_kib)  # the interpreter alone is ~60 MiB
+
+
+# -- the self-route check resolves names ------------------------------------------------------
+
+
+def _self_routed(endpoint: str, bind: str) -> tuple[str, socket.socket]:
+    """A mesh whose endpoint ``endpoint`` has the port the listener binds on ``bind``."""
+    # Held (not listening, SO_REUSEADDR) so the engine can bind it and nothing else takes it.
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("0.0.0.0" if bind == "0.0.0.0" else "127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    text = (
+        mesh([(port, "v1")])
+        .replace("address: 127.0.0.1,", f"address: {endpoint},")
+        .replace("bind: '127.0.0.1:0'}]", f"bind: '{bind}:{port}'}}]")
+    )
+    return text, holder
+
+
+def _start(text: str) -> None:
+    async def main() -> None:
+        engine = Engine(loads_config(text, "test.yaml"))
+        try:
+            await engine.start()
+        finally:
+            await engine.stop(drain=0.1)
+
+    run(main())
+
+
+def _own_ip() -> str | None:
+    """An address of this machine other than loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent by a UDP connect
+        except OSError:
+            return None
+        ip = str(probe.getsockname()[0])
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "bind", "via"),
+    [
+        ("localhost", "127.0.0.1", ", 127.0.0.1 for its name"),  # looped until OverLimit
+        ("127.0.0.1", "127.0.0.1", ""),
+        ("127.0.0.2", "0.0.0.0", ""),  # all of 127/8 is local
+        ("localhost", "0.0.0.0", ", 127.0.0.1 for its name"),
+        ("own-ip", "0.0.0.0", ""),  # the machine's own address behind a wildcard bind
+    ],
+)
+def test_an_endpoint_that_resolves_to_a_listener_is_refused(
+    endpoint: str, bind: str, via: str
+) -> None:
+    if endpoint == "own-ip":
+        own = _own_ip()
+        if own is None:
+            pytest.skip("this machine has no address other than loopback")
+        endpoint = own
+    text, holder = _self_routed(endpoint, bind)
+    port = holder.getsockname()[1]
+    try:
+        with pytest.raises(ConfigError) as info:
+            _start(text)
+    finally:
+        holder.close()
+    assert f"endpoint {endpoint}:{port} is this engine's own listener" in info.value.reason
+    assert f"(bound on {bind}:{port}{via})" in info.value.reason
+
+
+def test_a_name_that_does_not_resolve_does_not_stop_the_engine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    text, holder = _self_routed("nowhere.invalid", "127.0.0.1")
+    start = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
+            _start(text)
+    finally:
+        holder.close()
+    assert time.monotonic() - start < RESOLVE_TIMEOUT + 5.0  # bounded, however DNS behaves
+    assert any("nowhere.invalid" in r.getMessage() for r in caplog.records)
+
+
+def test_only_endpoints_on_a_listener_port_are_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    looked_up: list[str] = []
+    real = addresses._lookup
+
+    async def spy(loop: asyncio.AbstractEventLoop, name: str) -> set[str]:
+        looked_up.append(name)
+        return await real(loop, name)
+
+    monkeypatch.setattr(addresses, "_lookup", spy)
+    _start(mesh([(1, "v1")]).replace("address: 127.0.0.1,", "address: localhost,"))
+    assert looked_up == []  # port 1 is no listener's: nothing to resolve, start stays fast
+    text, holder = _self_routed("localhost", "127.0.0.1")
+    try:
+        with pytest.raises(ConfigError):
+            _start(text)
+    finally:
+        holder.close()
+    assert looked_up == ["localhost"]
