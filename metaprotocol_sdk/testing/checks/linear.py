@@ -4,14 +4,20 @@ Costs are compared as a ratio of CPU time (this thread only) between an input of
 and one of size ``4n``, each the best of several interleaved rounds, so the check holds on a
 busy shared machine: noise slows both sizes alike, and a quadratic codec's ratio (towards 16)
 stays above the allowed ``linear_limit`` (8 by default: twice what linear costs).
+
+Every timed call gets an input it has not seen (built, untimed, just before), because a hostile
+client sends new frames: a codec that caches what it parsed must not look linear only because
+the same frame was decoded again.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from metaprotocol_sdk.codec import Codec, NeedData, join_encoded
 from metaprotocol_sdk.enums import MessageType
@@ -26,11 +32,13 @@ from .base import CheckContext, CheckSkipped, check
 
 #: How much larger the big input is than the small one.
 SCALE = 4
-#: Each timing repeats its operation until it has used this much CPU, to rise above the
-#: clock's resolution and the cost of one call's setup.
-MIN_SECONDS = 0.002
+#: Each timing runs its operation on enough inputs to use about this much CPU, to rise above
+#: the clock's resolution.
+MIN_SECONDS = 0.001
+#: The most inputs one timing builds.
+MAX_BATCH = 32
 #: Interleaved small/large rounds per measurement; the best of each is compared.
-ROUNDS = 5
+ROUNDS = 3
 #: A measurement over the limit is repeated this often before the check fails: a noisy
 #: machine exceeds it now and then, a quadratic codec every time.
 ATTEMPTS = 3
@@ -45,104 +53,122 @@ _clock = time.thread_time if hasattr(time, "thread_time") else time.perf_counter
 
 
 @dataclass(frozen=True)
+class Sized:
+    """One size of a growth dimension: a first frame and a source of new ones like it."""
+
+    sample: Sample
+    #: A new frame of the same size and shape each call (or the same one when the kit has
+    #: no way to vary it).
+    fresh: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
 class Pair:
     """One growth dimension: the same kind of message at size ``n`` and ``4n``."""
 
     name: str
-    small: Sample
-    large: Sample
+    small: Sized
+    large: Sized
 
 
-def _cost(op: Callable[[], object]) -> float:
-    """CPU seconds per call of ``op``, averaged over enough calls to span MIN_SECONDS."""
-    calls = 0
+@dataclass(frozen=True)
+class Op:
+    """An operation to time: ``run(prepare(frame))``, only ``run`` timed."""
+
+    prepare: Callable[[bytes], Any]
+    run: Callable[[Any], object]
+
+
+def _cost(op: Op, fresh: Callable[[], bytes], batch: int) -> float:
+    """CPU seconds per call of ``op`` over ``batch`` new inputs."""
+    inputs = [op.prepare(fresh()) for _ in range(batch)]
     start = _clock()
-    while True:
-        op()
-        calls += 1
-        elapsed = _clock() - start
-        if elapsed >= MIN_SECONDS:
-            return elapsed / calls
+    for value in inputs:
+        op.run(value)
+    return (_clock() - start) / batch
 
 
-def _ratio(small: Callable[[], object], large: Callable[[], object]) -> tuple[float, float, float]:
-    """(large/small, small, large) from the best of ROUNDS interleaved rounds."""
-    gc.collect()
+def _batch(once: float) -> int:
+    return max(1, min(MAX_BATCH, int(MIN_SECONDS / max(once, 1e-7)) + 1))
+
+
+def _ratio(
+    op: str, pair: Pair, ops: Mapping[str, tuple[Op, Op, float, float]]
+) -> tuple[float, float, float]:
+    """(large/small, small, large) per-call costs, each the best of ROUNDS interleaved rounds."""
+    small_op, large_op, small_once, large_once = ops[op]
+    small_batch, large_batch = _batch(small_once), _batch(large_once)
     enabled = gc.isenabled()
     gc.disable()  # a collection landing in one timing but not the other is noise
     try:
         best_small = best_large = float("inf")
         for _ in range(ROUNDS):
-            best_small = min(best_small, _cost(small))
-            best_large = min(best_large, _cost(large))
+            best_small = min(best_small, _cost(small_op, pair.small.fresh, small_batch))
+            best_large = min(best_large, _cost(large_op, pair.large.fresh, large_batch))
     finally:
         if enabled:
             gc.enable()
     return best_large / best_small, best_small, best_large
 
 
-def _decode_op(codec: Codec, frame: bytes) -> Callable[[], object]:
-    return lambda: codec.decode(bytearray(frame))
-
-
-def _reads_op(codec: Codec, frame: bytes) -> Callable[[], object]:
+def _reads(codec: Codec, frame: bytes) -> object:
     """Deliver ``frame`` in READ_SIZE reads, calling decode as an engine does (once the buffer
     holds what the last ``NeedData.needed`` asked for)."""
-
-    def run() -> object:
-        buffer = bytearray()
-        need = 0
-        for start in range(0, len(frame), READ_SIZE):
-            buffer += frame[start : start + READ_SIZE]
-            # The last read always decodes: whether `needed` is exact is framing_needed_exact's.
-            if len(buffer) < need and len(buffer) < len(frame):
-                continue
-            result = codec.decode(buffer)
-            if not isinstance(result, NeedData):
-                return result
-            need = result.needed
-        return None
-
-    return run
+    buffer = bytearray()
+    need = 0
+    for start in range(0, len(frame), READ_SIZE):
+        buffer += frame[start : start + READ_SIZE]
+        # The last read always decodes: whether `needed` is exact is framing_needed_exact's.
+        if len(buffer) < need and len(buffer) < len(frame):
+            continue
+        result = codec.decode(buffer)
+        if not isinstance(result, NeedData):
+            return result
+        need = result.needed
+    return None
 
 
-def _encode_op(
-    codec: Codec, message: Metadata, mutation: dict[str, str] | None, request_id: int | None
-) -> Callable[[], object]:
-    return lambda: join_encoded(codec.encode(message, mutation, request_id=request_id))
-
-
-Ops = dict[str, tuple[Callable[[], object], float]]
-
-
-def _ops(ctx: CheckContext, pair: str, sample: Sample) -> Ops:
+def _ops(ctx: CheckContext, pair: str, sized: Sized) -> dict[str, tuple[Op, float]]:
     """Every operation the engine runs on a message of this kind, tried once: (op, seconds)."""
+    sample = sized.sample
     frame = sample.frame
-    codec = ctx.target.new_codec(sample.options, max_frame_size=max(2 * len(frame), 1 << 20))
-    message = decode_whole(codec, frame, "a grown message")
+    limit = max(2 * len(frame), 1 << 20)
+    codec = ctx.target.new_codec(sample.options, max_frame_size=limit)
+    reader = ctx.target.new_codec(sample.options, max_frame_size=limit)
+    message = decode_whole(reader, frame, f"the grown message {pair!r}")
     caps = ctx.target.codec.capabilities
-    ops: dict[str, Callable[[], object]] = {
-        "decode": _decode_op(codec, frame),
-        f"decode in {READ_SIZE}-byte reads": _reads_op(codec, frame),
-        "encode": _encode_op(codec, message, None, None),
+
+    def decoded(data: bytes) -> Metadata:
+        result = reader.decode(bytearray(data))
+        assert isinstance(result, Metadata)
+        return result
+
+    def encoding(mutation: Mapping[str, str] | None, new_id: int | None) -> Op:
+        return Op(decoded, lambda m: join_encoded(codec.encode(m, mutation, request_id=new_id)))
+
+    ops: dict[str, Op] = {
+        "decode": Op(bytearray, codec.decode),
+        f"decode in {READ_SIZE}-byte reads": Op(bytes, lambda data: _reads(codec, data)),
+        "encode": encoding(None, None),
     }
     if caps.rewrite_request_id and message.message_type is not MessageType.Heartbeat:
         new_id = message.request_id - 1 if message.request_id > 0 else message.request_id + 1
-        ops["encode(request_id=)"] = _encode_op(codec, message, None, new_id)
+        ops["encode(request_id=)"] = encoding(None, new_id)
     if caps.mutation:
         mutation = dict(ctx.target.mutation)
         try:
-            _encode_op(codec, message, mutation, None)()
+            codec.encode(message, mutation)
         except MutationError:
             pass
         else:
-            ops["encode(mutation)"] = _encode_op(codec, message, mutation, None)
-    tried: Ops = {}
+            ops["encode(mutation)"] = encoding(mutation, None)
+    tried: dict[str, tuple[Op, float]] = {}
     for name, op in ops.items():
         what = f"{name} of {pair} ({len(frame)} bytes)"
+        value = op.prepare(frame)
         start = _clock()
         try:
-            result = op()
+            result = op.run(value)
         except CodecError as exc:
             fail(f"{what} raised {type(exc).__name__}: {exc}")
         tried[name] = op, _clock() - start
@@ -165,6 +191,20 @@ _SHAPES: dict[str, Callable[[int], dict[str, str]]] = {
 }
 
 
+def _mutated(
+    ctx: CheckContext, sample: Sample, original: Metadata, mutation: dict[str, str]
+) -> Sized:
+    """Frames of ``original`` with ``mutation`` written, each new one with another counter."""
+    encoder = ctx.target.new_codec(sample.options)
+    counter = itertools.count()
+
+    def fresh() -> bytes:
+        unique = {**mutation, "x-mp-linear-n": str(next(counter))}
+        return join_encoded(encoder.encode(original, unique))
+
+    return Sized(Sample(fresh(), options=sample.options), fresh)
+
+
 def _mutation_pairs(ctx: CheckContext, n: int) -> list[Pair]:
     """Grow a message the codec mutates: n keys, then one value of 32n bytes (x4 each)."""
     if not ctx.target.codec.capabilities.mutation:
@@ -175,27 +215,36 @@ def _mutation_pairs(ctx: CheckContext, n: int) -> list[Pair]:
         kind = original.message_type
         if kind is MessageType.Heartbeat or (not kind.is_request_side and not response_ok):
             continue
-        encoder = ctx.target.new_codec(sample.options)
         pairs = []
         for name, make in _SHAPES.items():
             try:
-                small, large = (
-                    join_encoded(encoder.encode(original, make(size))) for size in (n, SCALE * n)
-                )
+                small = _mutated(ctx, sample, original, make(n))
+                large = _mutated(ctx, sample, original, make(SCALE * n))
             except MutationError:
                 continue
             except CodecError as exc:
                 fail(f"encode with {name} raised {type(exc).__name__}: {exc}")
-            pairs.append(
-                Pair(
-                    f"{kind.name} with {name}",
-                    Sample(small, options=sample.options),
-                    Sample(large, options=sample.options),
-                )
-            )
+            pairs.append(Pair(f"{kind.name} with {name}", small, large))
         if pairs:
             return pairs
     return []
+
+
+def _relabelled(ctx: CheckContext, sample: Sample) -> Sized:
+    """The author's frame, with a new request id each call when the codec can rewrite ids."""
+    codec = ctx.target.new_codec(sample.options, max_frame_size=max(2 * len(sample.frame), 1 << 20))
+    message = decode_whole(codec, sample.frame, "a frame grown(n) returned")
+    caps = ctx.target.codec.capabilities
+    if not caps.rewrite_request_id or message.message_type is MessageType.Heartbeat:
+        return Sized(sample, lambda: sample.frame)
+    ids = itertools.count(1)
+    top = ctx.target.codec.max_request_id
+
+    def fresh() -> bytes:
+        new_id = next(ids) % top or 1
+        return join_encoded(codec.encode(message, request_id=new_id))
+
+    return Sized(sample, fresh)
 
 
 def _grown_pairs(ctx: CheckContext, n: int) -> list[Pair]:
@@ -203,7 +252,11 @@ def _grown_pairs(ctx: CheckContext, n: int) -> list[Pair]:
     if grown is None:
         return []
     small, large = grown_samples(grown, n), grown_samples(grown, SCALE * n)
-    return [Pair(name, small[name], large[name]) for name in small if name in large]
+    return [
+        Pair(name, _relabelled(ctx, small[name]), _relabelled(ctx, large[name]))
+        for name in small
+        if name in large
+    ]
 
 
 @check("perf_linear", "perf")
@@ -224,27 +277,30 @@ def perf_linear(ctx: CheckContext) -> None:
     for pair in pairs:
         small_ops = _ops(ctx, pair.name, pair.small)
         large_ops = _ops(ctx, pair.name, pair.large)
-        for op_name, (large_op, once) in large_ops.items():
-            if op_name not in small_ops or once < FLOOR_SECONDS:
-                continue
+        ops = {
+            name: (small_ops[name][0], op, small_ops[name][1], once)
+            for name, (op, once) in large_ops.items()
+            if name in small_ops and once >= FLOOR_SECONDS
+        }
+        for op_name in ops:
             tries = 0
             while True:
                 tries += 1
-                ratio, small_cost, large_cost = _ratio(small_ops[op_name][0], large_op)
+                ratio, small_cost, large_cost = _ratio(op_name, pair, ops)
                 if ratio <= limit or tries == ATTEMPTS or large_cost < FLOOR_SECONDS:
                     break
-            what = f"{op_name} of {pair.name}"
             if large_cost < FLOOR_SECONDS:
                 continue
+            what = f"{op_name} of {pair.name}"
             measured.append(f"{what}: x{ratio:.1f}")
             worst = max(worst, ratio)
             if ratio > limit:
+                small_size, large_size = len(pair.small.sample.frame), len(pair.large.sample.frame)
                 fail(
-                    f"{what} is not linear: {len(pair.large.frame)} bytes cost "
-                    f"{large_cost * 1e6:.0f} us, {ratio:.1f}x the {small_cost * 1e6:.0f} us of "
-                    f"{len(pair.small.frame)} bytes (allowed {limit:g}x for {SCALE}x the input; "
-                    f"{tries} measurements, best of {ROUNDS} rounds each)\nthe larger input:\n"
-                    + hexdump(pair.large.frame)
+                    f"{what} is not linear: {large_size} bytes cost {large_cost * 1e6:.0f} us, "
+                    f"{ratio:.1f}x the {small_cost * 1e6:.0f} us of {small_size} bytes (allowed "
+                    f"{limit:g}x for {SCALE}x the input; {tries} measurements, best of {ROUNDS} "
+                    f"rounds each)\nthe larger input:\n" + hexdump(pair.large.sample.frame)
                 )
     ctx.details["ratios"] = measured
     ctx.details["summary"] = (
