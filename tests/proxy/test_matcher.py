@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run
 
 from metaprotocol_sdk import Attributes
 from metaprotocol_sdk.proxy.config.models import AttributeMatch
@@ -95,3 +96,39 @@ def test_re2_syntax_istio_accepts() -> None:
     assert compile_regex(r"(?i)sayhello")("SayHello")
     assert compile_regex(r"é+")("éé")  # UTF-8, not bytes
     assert not compile_regex(r"a.c")("a\nc")  # "." does not match a newline, as in Go
+
+
+def test_a_hostile_attribute_through_the_engine_costs_linear_time() -> None:
+    """Over a real socket: the client picks the attribute, the engine must not stall on it."""
+    router = f"""\
+    - name: prod
+      match: {{attributes: {{host: {{regex: '{HOSTILE_PATTERN}'}}}}}}
+      route: [{{destination: {{host: svc.test, subset: v1}}}}]
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call(headers={"host": "api-v2.prod"})) is None
+
+            async def cost(n: int) -> float:
+                start = time.perf_counter()
+                for _ in range(10):
+                    reply = await client.call(headers={"host": "a" * n + "!"})
+                    assert error_type(reply) == "RouteNotFound"
+                return time.perf_counter() - start
+
+            # Backtracking: 4 bytes more cost 16x (28 bytes stalled every client for 8 s).
+            short = min([await cost(15) for _ in range(3)])
+            longer = min([await cost(19) for _ in range(3)])
+            assert longer < 2.5 * short + 5e-3, (short, longer)
+            await cost(27)  # the issue's 28 bytes: each call within the 5 s wait
+            base = min([await cost(4000) for _ in range(3)])
+            double = min([await cost(8000) for _ in range(3)])
+            assert double < 2.5 * base + 5e-3, (base, double)
+            client.close()
+            await client.closed
+        await up.close()
+
+    run(main())
