@@ -9,6 +9,7 @@ an unrelated pytest run; the checks themselves live in :mod:`metaprotocol_sdk.te
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,27 @@ class ConformanceCollector:
             text = json.dumps(document, indent=2, ensure_ascii=False)
             Path(path).write_text(text, encoding="utf-8")
             tr.write_line(f"conformance report written to {path}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Place a conformance check's skip at the user's suite class, not inside the kit.
+
+    ``pytest.skip`` records where it was raised, which for every check is the kit's own
+    ``suite.py``; ``-rs`` would then point every skip there. The user's class (file and line)
+    is where the codec is named, so the reason reads as being about their codec.
+    """
+    report = yield
+    if report.skipped and report.when == "call" and isinstance(report.longrepr, tuple):
+        recorded = any(key == RESULT_PROPERTY for key, _ in item.user_properties)
+        suite = item.getparent(pytest.Class)
+        if recorded and suite is not None:
+            path, line, _ = suite.reportinfo()
+            if line is not None:
+                report.longrepr = (str(path), line + 1, report.longrepr[2])
+    return report
 
 
 def pytest_configure(config: pytest.Config) -> None:

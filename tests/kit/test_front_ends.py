@@ -42,6 +42,33 @@ def test_pytest_suite_subclass_runs_every_check_as_a_named_test(pytester: pytest
     assert len(document["results"]) == len(REGISTRY)
 
 
+def test_pytest_skips_point_at_the_users_suite_class_with_the_reason(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_user_suite="""
+        from metaprotocol_sdk.examples.kv import KVCodec
+        from metaprotocol_sdk.testing import CodecConformance
+
+
+        class TestMyKV(CodecConformance):
+            codec = KVCodec
+        """
+    )
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-rs", "-k", "streaming_marked or golden_vectors"
+    )
+    result.assert_outcomes(passed=1, skipped=1)
+    # The class statement is line 5 of the user's file; the kit's suite.py is not named.
+    result.stdout.fnmatch_lines(
+        [
+            "SKIPPED [[]1[]] test_user_suite.py:5: codec does not declare the 'streaming' "
+            "capability (Capabilities.streaming=False)"
+        ]
+    )
+    assert "metaprotocol_sdk/testing" not in result.stdout.str()
+
+
 def test_pytest_suite_reports_failures_xfails_and_fixed_known_failures(
     pytester: pytest.Pytester,
 ) -> None:
