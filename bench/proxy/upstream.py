@@ -1,9 +1,10 @@
 """A canned-response upstream: frames each request and answers with a pre-built reply that
 carries the request's id. Nothing else, so the proxy under test dominates the cost.
 
-    python bench/proxy/upstream.py {thrift|dubbo} REPLY_BYTES
+    python bench/proxy/upstream.py {thrift|dubbo} REPLY_BYTES [DELAY_SECONDS]
 
-Binds 127.0.0.1 on an ephemeral port, prints ``READY <port>``, exits when stdin closes.
+Binds 127.0.0.1 on an ephemeral port, prints ``READY <port>``, exits when stdin closes. With
+``DELAY_SECONDS`` (the soak's slow upstream) each reply is written that long after its request.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from wire import REPLIES, WIRES, Wire
 class CannedProtocol(asyncio.Protocol):
     """Answers every complete request frame with the canned reply."""
 
-    def __init__(self, wire: Wire, reply: bytes) -> None:
+    def __init__(self, wire: Wire, reply: bytes, delay: float = 0.0) -> None:
         self.wire = wire
+        self.delay = delay
         id_at, id_size = wire.id_offset(reply)
         self.head, self.tail = reply[:id_at], reply[id_at + id_size :]
         self.id_size = id_size
@@ -48,15 +50,23 @@ class CannedProtocol(asyncio.Protocol):
         if pos:
             del buf[:pos]
         if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+            if self.delay:
+                loop = asyncio.get_running_loop()
+                loop.call_later(self.delay, self._write, b"".join(out))
+            else:
+                self.transport.write(b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
 
-async def serve(protocol: str, reply_bytes: int) -> None:
+async def serve(protocol: str, reply_bytes: int, delay: float = 0.0) -> None:
     """Serve until stdin closes."""
     loop = asyncio.get_running_loop()
     reply = REPLIES[protocol](reply_bytes)
     server = await loop.create_server(
-        lambda: CannedProtocol(WIRES[protocol], reply), "127.0.0.1", 0, backlog=4096
+        lambda: CannedProtocol(WIRES[protocol], reply, delay), "127.0.0.1", 0, backlog=4096
     )
     port = server.sockets[0].getsockname()[1]
     print(f"READY {port}", flush=True)
@@ -68,7 +78,8 @@ def main() -> None:
     """Entry point."""
     import uvloop
 
-    uvloop.run(serve(sys.argv[1], int(sys.argv[2])))
+    delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    uvloop.run(serve(sys.argv[1], int(sys.argv[2]), delay))
 
 
 if __name__ == "__main__":

@@ -94,13 +94,13 @@ def _dubbo_frame(flags: int, status: int, request_id: int, body: bytes) -> bytes
     return struct.pack(">HBBqI", 0xDABB, flags, status, request_id, len(body)) + body
 
 
-def dubbo_request(payload: int, request_id: int = 1) -> bytes:
-    """A two-way Hessian2 invocation of ``ping(String)`` with a ``payload``-byte argument."""
+def dubbo_request(payload: int, request_id: int = 1, method: str = METHOD) -> bytes:
+    """A two-way Hessian2 invocation of ``method(String)`` with a ``payload``-byte argument."""
     body = (
         _h2_string("2.0.2")
         + _h2_string(DUBBO_INTERFACE)
         + _h2_string("1.0.0")
-        + _h2_string(METHOD)
+        + _h2_string(method)
         + _h2_string("Ljava/lang/String;")
         + _h2_string("x" * payload)
         + b"H"

@@ -1,0 +1,364 @@
+"""Soak: steady well-behaved Dubbo traffic through ``metaprotocol proxy``, then the same with
+every attacker of issue 12 at once; the engine's RSS and CPU and the clients' latency, as tables.
+
+    .venv/bin/python bench/bench_soak.py [--duration S] [--engine-tree PATH] [--scale X]
+    ./dev bench soak
+
+Two phases of ``--duration`` seconds each (default 120) against one engine process with the
+default limits (the configuration is printed): first the well-behaved clients alone, then the
+same clients while the attackers of ``bench/proxy/soakload.py`` run (a client asking for 1 MiB
+replies that never reads, slowloris connections at one byte a second, connections holding
+incomplete 8 MiB frames, one connection pipelining 5000 requests to a slow upstream, an idle
+connection flood). Attackers are bounded in connections and time and stop by themselves;
+everything is on 127.0.0.1. The engine runs on core 0; upstreams, clients and attackers on
+core 1 (a 2-core machine shared with other work: compare the phases, not absolute numbers).
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_proxy import (  # noqa: E402
+    _LAUNCH_TREE,
+    CORES,
+    LOAD_CORE,
+    METAPROTOCOL,
+    PROXY_CORE,
+    PY,
+    Proc,
+    check_tree,
+    cpu_model,
+    status_kib,
+    tree_env,
+)
+
+SOAKLOAD = HERE / "proxy" / "soakload.py"
+UPSTREAM = HERE / "proxy" / "upstream.py"
+ATTACKS = ["nonreader", "slowloris", "large-frames", "pipeliner", "idle-flood"]
+HOST = "org.apache.dubbo.samples.basic.api.demoservice"
+MiB = 1 << 20
+
+
+def engine_yaml(ports: Mapping[str, int]) -> str:
+    """Dubbo: method ``big`` to the 1 MiB upstream, ``slow`` to the slow one, the rest to the
+    small one. No limits, overload or timeouts section: the engine's defaults."""
+    name = "tcp-metaprotocol-dubbo-soak"
+    endpoints = "".join(
+        f"\n    - {{address: 127.0.0.1, ports: {{{name}: {port}}}, labels: {{version: {v}}}}}"
+        for v, port in ports.items()
+    )
+    subsets = "".join(f"\n    - {{name: {v}, labels: {{version: {v}}}}}" for v in ports)
+    routes = "".join(
+        f"\n    - name: {v}\n      match: {{attributes: {{method: {{exact: {v}}}}}}}\n"
+        f"      route: [{{destination: {{host: {HOST}, port: {{number: 20880}}, subset: {v}}}}}]"
+        for v in ("big", "slow")
+    )
+    return f"""\
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: ApplicationProtocol
+metadata: {{name: dubbo}}
+spec: {{protocol: dubbo, codec: aeraki.meta_protocol.codec.dubbo}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: soak}}
+spec:
+  hosts: [{HOST}]
+  ports: [{{number: 20880, name: {name}, protocol: TCP}}]
+  resolution: STATIC
+  endpoints:{endpoints}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: soak}}
+spec:
+  host: {HOST}
+  subsets:{subsets}
+---
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: MetaRouter
+metadata: {{name: soak}}
+spec:
+  hosts: [{HOST}]
+  routes:{routes}
+    - name: rest
+      requestMutation: [{{key: x-soak, value: metaprotocol}}]
+      route: [{{destination: {{host: {HOST}, port: {{number: 20880}}, subset: small}}}}]
+---
+apiVersion: proxy.metaprotocol.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: soak}}
+spec:
+  listeners: [{{host: {HOST}, port: 20880, bind: "127.0.0.1:0"}}]
+  admin: {{bind: "127.0.0.1:0"}}
+"""
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in nanoseconds."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # the thread just exited
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+class RssSampler:
+    """Samples the engine's VmRSS four times a second in a thread; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, status_kib(self.pid, "VmRSS"))
+
+    def __enter__(self) -> RssSampler:
+        self.peak = status_kib(self.pid, "VmRSS")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Drain:
+    """Reads a child's pipe in a thread (so a chatty engine never blocks on a full pipe);
+    counts the lines and keeps the first few."""
+
+    def __init__(self, pipe: IO[str] | None, keep: int = 20) -> None:
+        self.lines = 0
+        self.first: list[str] = []
+        self._pipe, self._keep = pipe, keep
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        if self._pipe is None:
+            return
+        for line in self._pipe:
+            self.lines += 1
+            if len(self.first) < self._keep:
+                self.first.append(line.rstrip())
+
+
+@dataclass
+class Phase:
+    """What one phase measured."""
+
+    name: str
+    clients: dict[str, float] = field(default_factory=dict)
+    attackers: dict[str, dict[str, int]] = field(default_factory=dict)
+    rss_start: int = 0
+    rss_peak: int = 0
+    rss_end: int = 0
+    cpu_s: float = 0.0
+    seconds: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+def fetch_json(admin: str, path: str) -> dict[str, object]:
+    """GET a JSON admin path."""
+    with urllib.request.urlopen(f"http://{admin}{path}", timeout=10) as response:
+        data: dict[str, object] = json.load(response)
+        return data
+
+
+def counters(admin: str) -> dict[str, float]:
+    """The engine's counters that say how it treated traffic (limits, local replies, results)."""
+    keep = (
+        "metaprotocol_downstream_connections_closed_total",
+        "metaprotocol_downstream_connections_rejected_total",
+        "metaprotocol_downstream_connections_total",
+        "metaprotocol_local_replies_total",
+        "metaprotocol_requests_total",
+    )
+    snapshot = fetch_json(admin, "/stats?format=json")
+    return {k: float(v) for k, v in snapshot.items() if k.startswith(keep)}  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def upstream(reply: int, delay: float) -> Iterator[int]:
+    """A canned Dubbo upstream (``reply``-byte replies, ``delay`` seconds late); its port."""
+    proc = Proc([PY, str(UPSTREAM), "dubbo", str(reply), str(delay)], LOAD_CORE)
+    try:
+        yield int(proc.expect(r"READY (\d+)").group(1))
+    finally:
+        proc.stop()
+
+
+def run_phase(
+    name: str, pid: int, target: str, admin: str, args: argparse.Namespace, attacks: list[str]
+) -> Phase:
+    """Run the clients (and ``attacks``) for ``args.duration`` seconds; measure the engine."""
+    phase = Phase(name)
+    before = counters(admin)
+    cpu0, t0 = cpu_ns(pid), time.monotonic()
+    with RssSampler(pid) as rss, contextlib.ExitStack() as stack:
+        phase.rss_start = rss.peak
+        attackers = {}
+        for kind in attacks:
+            argv = [PY, str(SOAKLOAD), "attack", kind, target]
+            argv += ["--duration", str(args.duration + 2), "--scale", str(args.scale)]
+            attackers[kind] = stack.enter_context(contextlib.closing(_Closing(argv)))
+        argv = [PY, str(SOAKLOAD), "clients", target, "--duration", str(args.duration)]
+        clients = Proc(argv, LOAD_CORE)
+        try:
+            phase.clients = json.loads(
+                clients.expect(r"RESULT (.*)", timeout=args.duration + 60).group(1)
+            )
+        finally:
+            clients.stop()
+        for kind, proc in attackers.items():
+            with contextlib.suppress(Exception):  # a failed attacker is reported as missing
+                phase.attackers[kind] = json.loads(proc.expect(r"RESULT (.*)", 60).group(1))
+        phase.rss_peak = rss.peak
+    phase.cpu_s = (cpu_ns(pid) - cpu0) / 1e9
+    phase.seconds = time.monotonic() - t0
+    phase.rss_end = status_kib(pid, "VmRSS")
+    after = counters(admin)
+    phase.counters = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return phase
+
+
+class _Closing(Proc):
+    """A pinned attacker process with a ``close`` for ``contextlib.closing``."""
+
+    def __init__(self, argv: list[str]) -> None:
+        super().__init__(argv, LOAD_CORE)
+
+    def close(self) -> None:
+        self.stop()
+
+
+def report(phases: list[Phase]) -> str:
+    """The phases as Markdown tables."""
+    head = (
+        "| phase | good req/s | p50 us | p99 us | max us | good errors | engine CPU "
+        "(% of a core) | RSS start MiB | RSS peak MiB | RSS end MiB |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for p in phases:
+        c = p.clients
+        errors = int(c["error_replies"] + c["timeouts"] + c["lost"] + c["connect_failed"])
+        detail = ", ".join(
+            f"{k} {int(c[k])}"
+            for k in ("error_replies", "timeouts", "lost", "connect_failed")
+            if c[k]
+        )
+        lines.append(
+            f"| {p.name} | {c['rps']:.0f} | {c['p50_us']:.0f} | {c['p99_us']:.0f} "
+            f"| {c['max_us']:.0f} | {errors}{f' ({detail})' if detail else ''} "
+            f"| {100 * p.cpu_s / p.seconds:.0f} | {p.rss_start / 1024:.1f} "
+            f"| {p.rss_peak / 1024:.1f} | {p.rss_end / 1024:.1f} |"
+        )
+    for p in phases:
+        if p.attackers:
+            lines += ["", f"Attackers ({p.name}):", ""]
+            lines.append(
+                "| attacker | opened | closed by the engine | given up | connect failed "
+                "| max open | sent MiB | replies ok | error replies |"
+            )
+            lines.append("|" + "---|" * 9)
+            for kind, a in p.attackers.items():
+                lines.append(
+                    f"| {kind} | {a['opened']} | {a['closed_by_engine']} | {a['recycled']} "
+                    f"| {a['connect_failed']} | {a['max_open']} | {a['sent_bytes'] / MiB:.1f} "
+                    f"| {a['replies_ok']} | {a['replies_error']} |"
+                )
+        changed = {k: v for k, v in p.counters.items() if v}
+        if changed:
+            lines += ["", f"Engine counters during {p.name} (increase):", ""]
+            lines += [f"- `{k}` {v:.0f}" for k, v in sorted(changed.items())]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Run the soak and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds per phase")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies attacker counts")
+    parser.add_argument(
+        "--engine-tree", metavar="PATH", help="run the engine of this source tree instead"
+    )
+    args = parser.parse_args()
+    tree = Path(args.engine_tree).resolve() if args.engine_tree else None
+    print(
+        f"# soak: {args.duration:.0f} s per phase, attacker scale {args.scale}; engine on core(s) "
+        f"{sorted(PROXY_CORE)}, upstreams, clients and attackers on {sorted(LOAD_CORE)}; "
+        f"{cpu_model()}, {CORES} cores",
+        flush=True,
+    )
+    if tree is not None:
+        print(f"# engine tree {tree}, imports " + ", ".join(check_tree(tree)), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, contextlib.ExitStack() as stack:
+        ports = {}
+        for name, reply, delay in (("small", 16, 0.0), ("big", MiB, 0.0), ("slow", 16, 5.0)):
+            ports[name] = stack.enter_context(upstream(reply, delay))
+        path = Path(tmp) / "soak.yaml"
+        path.write_text(engine_yaml(ports))
+        argv = [str(METAPROTOCOL), "proxy", "-c", str(path)]
+        env = None
+        if tree is not None:
+            argv, env = [PY, "-P", "-c", _LAUNCH_TREE, "proxy", "-c", str(path)], tree_env(tree)
+        engine = Proc(argv, PROXY_CORE, env=env)
+        stack.callback(engine.stop)
+        port = int(engine.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
+        admin = engine.expect(r"admin on (\S+)").group(1)
+        out, err = Drain(engine.p.stdout), Drain(engine.p.stderr)
+        dump = fetch_json(admin, "/config_dump")
+        settings = {k: v for k, v in _find_settings(dump).items() if k in _SETTINGS}
+        print(f"# engine configuration ({path.name}):\n{path.read_text()}", flush=True)
+        print("# effective limits (/config_dump): " + json.dumps(settings), flush=True)
+        target = f"127.0.0.1:{port}"
+        pid = engine.p.pid
+        phases = []
+        for name, attacks in (("without attackers", []), ("with every attacker", ATTACKS)):
+            print(f"  phase: {name} ({args.duration:.0f} s) ...", file=sys.stderr, flush=True)
+            phases.append(run_phase(name, pid, target, admin, args, attacks))
+        print("\n" + report(phases), flush=True)
+        print(f"\nEngine output during the soak: {out.lines} stdout, {err.lines} stderr lines")
+        for line in out.first + err.first:
+            print(f"    {line}")
+    return 0
+
+
+_SETTINGS = ("limits", "overload", "timeouts")
+
+
+def _find_settings(dump: object) -> dict[str, object]:
+    """The mapping of ``/config_dump`` that holds ``limits`` (the engine's settings)."""
+    if isinstance(dump, dict):
+        if "limits" in dump:
+            return dump
+        for value in dump.values():
+            if found := _find_settings(value):
+                return found
+    if isinstance(dump, list):
+        for value in dump:
+            if found := _find_settings(value):
+                return found
+    return {}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
