@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -50,7 +51,20 @@ def _runner() -> asyncio.Runner:
     help="Run only these protocols (repeatable; default: all).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(duration: float | None, rate: float, protocols: tuple[str, ...], as_json: bool) -> None:
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Write the demo's configuration here (default: a new temporary folder, kept).",
+)
+def command(
+    duration: float | None,
+    rate: float,
+    protocols: tuple[str, ...],
+    as_json: bool,
+    workdir: Path | None,
+) -> None:
     """Run two versions of a Thrift and a Dubbo service behind the engine, with Aeraki's
     two classic MetaRouters (method sayHello -> v2; the rest split 20/80 between v1 and v2),
     and show live counts per protocol, route and version.
@@ -67,6 +81,7 @@ def command(duration: float | None, rate: float, protocols: tuple[str, ...], as_
         tty=out.isatty(),
         rate=rate,
         protocols=protocols or PROTOCOLS,
+        workdir=workdir,
     )
     try:
         with _runner() as runner:

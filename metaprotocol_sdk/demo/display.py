@@ -94,18 +94,26 @@ def render(tallies: dict[str, Tally], elapsed: float) -> str:
     return f"{table(header, rows)}\n{elapsed:5.1f}s  {errors}{last}"
 
 
-def one_line(tallies: dict[str, Tally], elapsed: float) -> str:
-    """The non-terminal progress line."""
-    parts = []
-    for r in route_rows(tallies):
-        split = "/".join(f"{v}={r.counts.get(v, 0)}" for v in VERSIONS)
-        parts.append(f"{r.protocol} {r.route} {split}")
-    errors = sum(t.errors for t in tallies.values())
-    return f"[{elapsed:5.1f}s] " + " | ".join(parts) + f" | errors={errors}"
+#: Printed once before the progress lines, which say counts without naming them.
+PROGRESS_LEGEND = "progress: requests per route, as v1/v2"
+
+
+def progress_lines(tallies: dict[str, Tally], elapsed: float) -> str:
+    """The non-terminal progress: one short line per protocol with each route's requests as
+    v1/v2 counts (:data:`PROGRESS_LEGEND`), within 80 columns."""
+    lines = []
+    for protocol, tally in tallies.items():
+        rows = route_rows({protocol: tally})
+        routes = "  ".join(
+            f"{r.route} " + "/".join(str(r.counts.get(v, 0)) for v in VERSIONS) for r in rows
+        )
+        lines.append(f"[{elapsed:5.1f}s] {protocol:<6} {routes}  errors {tally.errors}")
+    return "\n".join(lines)
 
 
 class LiveView:
-    """Redraws the table in place on a terminal; prints a line every few seconds otherwise."""
+    """Redraws the table in place on a terminal; otherwise prints short progress lines (one per
+    protocol) every few seconds, which read well in a log."""
 
     def __init__(self, out: TextIO, *, tty: bool, line_every: float = 2.0) -> None:
         self.out = out
@@ -126,7 +134,7 @@ class LiveView:
             self.out.write(prefix + text + "\n")
             self._drawn_lines = text.count("\n") + 1
         elif elapsed - self._last_line >= self.line_every:
-            self.out.write(one_line(tallies, elapsed) + "\n")
+            self.out.write(progress_lines(tallies, elapsed) + "\n")
             self._last_line = elapsed
         self.out.flush()
 

@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 
 from . import configs
 from .clients import DubboLoad, Tally, ThriftLoad
-from .display import LiveView, RouteRow, proxy_counts, route_rows, summary
+from .display import PROGRESS_LEGEND, LiveView, RouteRow, proxy_counts, route_rows, summary
 from .procs import Child, node_child, python_child, stop_all
 
 PROTOCOLS = ("thrift", "dubbo")
@@ -108,6 +108,7 @@ async def run_demo(
     result = DemoResult(0.0, {p: Tally() for p in protocols})
     # The configuration stays on disk after the run, so it can be read and reused.
     workdir = workdir or Path(tempfile.mkdtemp(prefix="metaprotocol-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
         out.write(f"starting servers v1 and v2 for {', '.join(protocols)} ...\n")
         out.flush()
@@ -144,6 +145,8 @@ async def run_demo(
         )
         if duration is None:
             out.write("press Ctrl-C to stop\n")
+        if not tty:
+            out.write(f"{PROGRESS_LEGEND}\n")
         out.write("\n")
         out.flush()
         # The node consumer needs a moment to connect, so it starts first; then the clock.

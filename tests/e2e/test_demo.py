@@ -40,10 +40,12 @@ def assert_no_leftovers(tag: str) -> None:
     assert not left, f"demo left processes behind: {left}"
 
 
-def demo(tag: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+def demo(tag: str, workdir: Path, *args: str, **kwargs: object) -> subprocess.Popen[str]:
+    """``metaprotocol demo`` writing its configuration into ``workdir`` (a test's tmp_path,
+    so no ``metaprotocol-demo-*`` folder is left in the system's temp directory)."""
     env = {**os.environ, "METAPROTOCOL_DEMO_TAG": tag}
     return subprocess.Popen(
-        [sys.executable, "-m", "metaprotocol_sdk", "demo", *args],
+        [sys.executable, "-m", "metaprotocol_sdk", "demo", "--workdir", str(workdir), *args],
         env=env,
         text=True,
         stdout=subprocess.PIPE,
@@ -52,9 +54,9 @@ def demo(tag: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
     )
 
 
-def test_demo_duration_summary_matches_configured_split() -> None:
+def test_demo_duration_summary_matches_configured_split(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
-    proc = demo(tag, "--duration", "3", "--rate", "150", "--json")
+    proc = demo(tag, tmp_path, "--duration", "3", "--rate", "150", "--json")
     try:
         out, err = proc.communicate(timeout=90)
     finally:
@@ -73,13 +75,18 @@ def test_demo_duration_summary_matches_configured_split() -> None:
     assert routes["thrift", "sayhello-to-v2"]["observed"]["v1"] == 0
     assert routes["dubbo", "sayhello-to-v2"]["observed"]["v1"] == 0
     assert "/stats" in summary["stats_url"]
-    assert "summary" not in err  # the table goes to stdout only without --json
+    assert "summary after" not in err  # the table goes to stdout only without --json
+    assert summary["config"] == str(tmp_path / "demo.yaml")
+    # Not a terminal: short progress lines, one per protocol, after a legend.
+    assert "progress: requests per route, as v1/v2" in err
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert progress and all(len(line) <= 80 for line in progress), progress
     assert_no_leftovers(tag)
 
 
-def test_demo_ctrl_c_stops_everything() -> None:
+def test_demo_ctrl_c_stops_everything(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
-    proc = demo(tag)
+    proc = demo(tag, tmp_path)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # not a TTY: periodic single progress lines
@@ -98,11 +105,11 @@ def test_demo_ctrl_c_stops_everything() -> None:
     assert_no_leftovers(tag)
 
 
-def test_demo_parent_killed_leaves_nothing() -> None:
+def test_demo_parent_killed_leaves_nothing(tmp_path: Path) -> None:
     """Even SIGKILL of the demo (no cleanup code runs) leaves no servers: children exit when
     their stdin pipe closes."""
     tag = uuid.uuid4().hex
-    proc = demo(tag)
+    proc = demo(tag, tmp_path)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -135,16 +142,24 @@ def test_live_view_redraws_in_place_on_a_terminal() -> None:
     assert second.count("\n") == first.count("\n")
 
 
-def test_live_view_prints_single_lines_without_a_terminal() -> None:
+def test_live_view_prints_short_lines_without_a_terminal() -> None:
     import io
+    from collections import Counter
 
     from metaprotocol_sdk.demo.clients import Tally
     from metaprotocol_sdk.demo.display import LiveView
 
     out = io.StringIO()
     view = LiveView(out, tty=False, line_every=2.0)
+    # Counts of a long run (17 minutes at 100 requests a second per protocol) still fit.
+    routes = ("sayhello-to-v2", "split-20-80")
+    busy = Counter({(r, v): 99_999 for r in routes for v in ("v1", "v2")})
     for tick in range(20):  # 5 seconds of updates, four a second
-        view.update({"dubbo": Tally()}, tick * 0.25)
+        view.update({"thrift": Tally(busy, errors=99), "dubbo": Tally()}, tick * 0.25)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3  # at 0 s, 2 s and 4 s
+    assert len(lines) == 6  # at 0 s, 2 s and 4 s, one line per protocol
     assert all(line.startswith("[") and "\x1b" not in line for line in lines)
+    assert max(len(line) for line in lines) <= 80, lines
+    assert lines[0] == (
+        "[  0.0s] thrift sayhello-to-v2 99999/99999  split-20-80 99999/99999  errors 99"
+    )
