@@ -1,0 +1,89 @@
+"""The generated package's README, comments and scripts name only paths and commands that
+exist: every file path, every ``python -m`` module and every ``metaprotocol`` subcommand.
+
+(That the named commands also *work* is shown end to end by ``test_first_codec.py``, which
+runs them as the README says, and ``tests/packaging``, which does so from the wheels.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+from scaffold_kit import PYTHON, isolated_env, run
+
+from metaprotocol_sdk.cli import _COMMANDS
+
+PACKAGE = "metaprotocol_acme"
+PATH = re.compile(
+    r"(?:(?<=\./)|(?<![\w/.-]))((?:src|deploy|tests|\.github)/[\w./-]*[\w/]|[\w-]+\.(?:py|yaml|toml|sh|yml))\b"
+)
+MODULE = re.compile(r"python -m ([\w.<>]+)")
+SUBCOMMAND = re.compile(r"(?<![\w-])metaprotocol ([a-z]+)\b")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A package from ``metaprotocol new`` and what the command printed (its next steps)."""
+    tmp = tmp_path_factory.mktemp("render")
+    made = run(
+        [PYTHON, "-m", "metaprotocol_sdk", "new", "acme", "--no-input", "-o", tmp],
+        env=isolated_env(tmp),
+    )
+    return tmp / "metaprotocol-codec-acme", made.stdout
+
+
+def texts(rendered: tuple[Path, str]) -> dict[str, str]:
+    """Every generated file's text, and the printed next steps."""
+    project, printed = rendered
+    found = {
+        str(p.relative_to(project)): p.read_text("utf-8")
+        for p in sorted(project.rglob("*"))
+        if p.is_file() and p.suffix != ".pyc"
+    }
+    return {**found, "(printed by metaprotocol new)": printed}
+
+
+def test_the_checks_see_what_is_named(rendered: tuple[Path, str]) -> None:
+    """The patterns find the names the README and the next steps use (so they check them)."""
+    everything = "\n".join(texts(rendered).values())
+    assert {"deploy/mesh.yaml", "deploy/proxy.yaml", "ci.sh"} <= set(PATH.findall(everything))
+    assert f"{PACKAGE}.example_server" in MODULE.findall(everything)
+    assert {"check", "proxy", "new"} <= set(SUBCOMMAND.findall(everything))
+
+
+def test_named_paths_exist(rendered: tuple[Path, str]) -> None:
+    project = rendered[0]
+    names = {p.name for p in project.rglob("*")}
+    missing = []
+    for where, text in texts(rendered).items():
+        for path in PATH.findall(text):
+            found = (project / path).exists() if "/" in path else path in names
+            if not found:
+                missing.append(f"{where}: {path}")
+    assert not missing, missing
+
+
+def test_named_modules_exist(rendered: tuple[Path, str]) -> None:
+    project = rendered[0]
+    missing = []
+    for where, text in texts(rendered).items():
+        for module in MODULE.findall(text):
+            module = module.rstrip(".").replace("<package>", PACKAGE)
+            local = project / "src" / Path(*module.split("."))
+            generated = local.with_suffix(".py").is_file() or (local / "__init__.py").is_file()
+            if not generated and importlib.util.find_spec(module.split(".")[0]) is None:
+                missing.append(f"{where}: python -m {module}")
+    assert not missing, missing
+
+
+def test_named_metaprotocol_subcommands_exist(rendered: tuple[Path, str]) -> None:
+    unknown = [
+        f"{where}: metaprotocol {word}"
+        for where, text in texts(rendered).items()
+        for word in SUBCOMMAND.findall(text)
+        if word not in _COMMANDS
+    ]
+    assert not unknown, unknown
