@@ -3,7 +3,8 @@
     .venv/bin/python -m fuzz.seeds
 
 Sources: the codecs' golden vectors (captured from real peers over 127.0.0.1 by the codecs'
-``tests/capture_golden.py``), the Dubbo stream captures (``codecs/dubbo/tests/captures``),
+``tests/capture_golden.py``), the Dubbo stream captures (``codecs/dubbo/tests/captures``), the
+Thrift session captures (``fuzz/captures/thrift``, written by :mod:`fuzz.capture_thrift`),
 the Hessian bodies of those Dubbo frames plus a few values written by our encoder (objects,
 references, typed containers, which the captured calls do not use), and the configuration
 examples of the docs, the demo and the config tests. Each seed is named for where it came
@@ -35,6 +36,7 @@ GOLDEN = {
     "kv": ROOT / "metaprotocol_sdk/examples/kv_conformance/golden.yaml",
 }
 DUBBO_CAPTURES = ROOT / "codecs/dubbo/tests/captures"
+THRIFT_CAPTURES = Path(__file__).resolve().parent / "captures" / "thrift"
 DUBBO_HEADER = 16
 
 Seed = tuple[str, bytes]
@@ -54,8 +56,9 @@ def _golden(codec: str) -> Iterator[Seed]:
         yield "golden-pair", a + b
 
 
-def _dubbo_captures() -> Iterator[Seed]:
-    for path in sorted(DUBBO_CAPTURES.glob("*.hex")):
+def _captures(folder: Path) -> Iterator[Seed]:
+    """Whole one-direction streams (one frame per line) and each of their frames."""
+    for path in sorted(folder.glob("*.hex")):
         frames = [bytes.fromhex(line) for line in path.read_text().split()]
         yield f"capture-{_slug(path.stem)}", b"".join(frames)
         for frame in frames:
@@ -63,7 +66,7 @@ def _dubbo_captures() -> Iterator[Seed]:
 
 
 def _hessian() -> Iterator[Seed]:
-    for name, frame in [*_golden("dubbo"), *_dubbo_captures()]:
+    for name, frame in [*_golden("dubbo"), *_captures(DUBBO_CAPTURES)]:
         if name != "golden-pair" and not name.endswith("-provider-to-consumer"):
             body = frame[DUBBO_HEADER:]
             if body and len(frame) == DUBBO_HEADER + int.from_bytes(frame[12:16], "big"):
@@ -100,9 +103,9 @@ def _config() -> Iterator[Seed]:
 
 def seeds() -> dict[str, list[Seed]]:
     """Every target's seeds."""
-    thrift = list(_golden("thrift"))
+    thrift = [*_golden("thrift"), *_captures(THRIFT_CAPTURES)]
     return {
-        "dubbo": [*_golden("dubbo"), *_dubbo_captures()],
+        "dubbo": [*_golden("dubbo"), *_captures(DUBBO_CAPTURES)],
         "thrift-auto": thrift,
         "thrift-framed": thrift,
         "thrift-unframed": thrift,
