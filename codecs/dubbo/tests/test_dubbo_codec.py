@@ -125,6 +125,33 @@ def test_non_hessian2_serialization_is_unsupported_and_names_the_id(sid: int, na
     assert exc.metadata is not None and exc.metadata.request_id == 5
 
 
+@pytest.mark.parametrize("bad", ["serialization", "descriptor", "truncated body"])
+def test_a_bad_frame_consumes_nothing_and_the_good_ones_after_it_decode(bad: str) -> None:
+    """Bad, good, good in one buffer: the error leaves the buffer as it was, so dropping
+    frame_size bytes (the contract) leaves exactly the two good requests."""
+    if bad == "serialization":
+        frame = bytearray(typical_request(request_id=1))
+        frame[2] = (frame[2] & 0xE0) | 6
+    elif bad == "descriptor":
+        frame = bytearray(build_request(PATH, "m", [], descriptor="Q", request_id=1))
+    else:
+        frame = bytearray(build_header(0xC2, 0, 1, 20) + typical_request()[16:36])
+    stream = bytes(frame) + typical_request(request_id=2) + typical_request(request_id=3)
+    buffer = bytearray(stream)
+    codec = DubboCodec()
+    with pytest.raises(CodecError) as info:
+        codec.decode(buffer)
+    assert buffer == stream, "an error consumes nothing"
+    assert info.value.frame_size == len(frame)
+    del buffer[: info.value.frame_size]
+    ids = []
+    while buffer:
+        md = codec.decode(buffer)
+        assert isinstance(md, Metadata)
+        ids.append(md.request_id)
+    assert ids == [2, 3]
+
+
 def test_frame_above_max_is_refused_from_the_header_alone() -> None:
     codec = DubboCodec(max_frame_size=1024)
     header = build_header(0xC2, 0, 77, 5000)  # 16 bytes only: nothing of the body buffered

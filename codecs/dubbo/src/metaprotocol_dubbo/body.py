@@ -9,6 +9,7 @@ decoder after the inline fast path keeps the reference numbering right.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from metaprotocol_sdk import FramingError
@@ -23,9 +24,10 @@ TAG_END = 0x5A  # 'Z'
 #: Result flags 0..5 written as compact ints (0x90 + n).
 COMPACT_INT_ZERO = 0x90
 
-_PRIMITIVES = frozenset(b"ZBCDFIJS")
-_DESC_CACHE: dict[str, int] = {}
-_DESC_CACHE_MAX = 4096
+#: One parameter of a JVM descriptor (array dimensions, then a class or a primitive), and a
+#: whole parameter list. The alternatives start with different characters: no backtracking.
+_PARAMETER = re.compile(r"\[*(?:L[^;]*;|[ZBCDFIJS])")
+_PARAMETERS = re.compile(r"(?:\[*(?:L[^;]*;|[ZBCDFIJS]))*")
 
 
 def read_string(frame: bytes, pos: int) -> tuple[str, int]:
@@ -54,37 +56,27 @@ def read_string(frame: bytes, pos: int) -> tuple[str, int]:
 
 
 def parameter_count(desc: str, offset: int) -> int:
-    """Number of parameters in a JVM method descriptor's parameter list (cached)."""
-    count = _DESC_CACHE.get(desc)
-    if count is not None:
-        return count
-    raw = desc.encode("utf-8", "surrogatepass")
-    count = 0
-    i = 0
-    n = len(raw)
-    while i < n:
-        while i < n and raw[i] == 0x5B:  # '[' array dimensions
-            i += 1
-        if i >= n:
-            raise FramingError(f"parameter descriptor {desc!r} ends inside a type", offset=offset)
-        c = raw[i]
-        if c == 0x4C:  # 'L' class name ';'
-            end = raw.find(b";", i)
-            if end < 0:
-                raise FramingError(
-                    f"parameter descriptor {desc!r}: unterminated class", offset=offset
-                )
-            i = end + 1
-        elif c in _PRIMITIVES:
-            i += 1
-        else:
-            raise FramingError(
-                f"parameter descriptor {desc!r}: bad type code {chr(c)!r}", offset=offset
-            )
-        count += 1
-    if len(_DESC_CACHE) < _DESC_CACHE_MAX:
-        _DESC_CACHE[desc] = count
-    return count
+    """Number of parameters in a JVM method descriptor's parameter list.
+
+    Two C-level regular-expression passes (validate, count); not cached: a codec remembers
+    the heads of recent requests, descriptor included.
+    """
+    if _PARAMETERS.fullmatch(desc) is None:
+        raise FramingError(_descriptor_error(desc), offset=offset)
+    return len(_PARAMETER.findall(desc))
+
+
+def _descriptor_error(desc: str) -> str:
+    """What is wrong with a descriptor that does not parse (quoting at most 80 characters)."""
+    valid = _PARAMETERS.match(desc)
+    rest = desc[valid.end() if valid is not None else 0 :]
+    quoted = repr(desc) if len(desc) <= 80 else f"{desc[:80]!r}... ({len(desc)} characters)"
+    kind = rest.lstrip("[")
+    if not kind:
+        return f"parameter descriptor {quoted} ends inside a type"
+    if kind[0] == "L":
+        return f"parameter descriptor {quoted}: unterminated class"
+    return f"parameter descriptor {quoted}: bad type code {kind[0]!r}"
 
 
 def skip_values(frame: bytes, pos: int, count: int) -> tuple[int, Decoder | None]:
@@ -240,10 +232,7 @@ def scan_request(
         if pos < 0:
             return None
         desc = out[4]
-        cached = _DESC_CACHE.get(desc)
-        if cached is not None:
-            count = cached
-        elif not desc:
+        if not desc:
             count = 0
         elif not text[start:pos].isascii():
             return None

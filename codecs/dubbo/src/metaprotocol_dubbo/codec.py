@@ -26,7 +26,6 @@ from metaprotocol_sdk import (
     ResponseStatus,
     StreamType,
     UnsupportedError,
-    take_frame,
 )
 
 from .body import (
@@ -63,10 +62,15 @@ from .status import ResultFlag, Status, error_status
 
 _ID = struct.Struct(">Q")
 _ID_LENGTH = struct.Struct(">Qi")  # the header's request id and body length, packed together
-#: How many distinct request heads (service + method) a codec recognises without re-parsing.
+#: How many distinct request heads (service + method) a codec recognises without re-parsing,
+#: and the longest head (five strings, in bytes) it remembers.
 _HEAD_CACHE_SIZE = 8
-#: How many distinct attachment maps per head are recognised by their bytes.
-_MAP_CACHE_SIZE = 16
+_HEAD_BYTES_MAX = 512
+#: How many distinct attachment maps per head are recognised by their bytes, and the longest
+#: map remembered. With the head bounds: at most 8 x (512 + 8 x 1024) = 68 KiB of wire bytes
+#: per codec (one connection), plus their parsed entries.
+_MAP_CACHE_SIZE = 8
+_MAP_BYTES_MAX = 1024
 #: Misses in a row after which a head stops looking its maps up: a map with a per-request
 #: value (a trace id, say) never repeats, and then the lookup would only cost time.
 _MAP_MISSES_LIMIT = 64
@@ -214,6 +218,14 @@ class _PlainStates(dict[tuple[int, int], tuple[ResponseState, ResponseStatus, in
 _PLAIN = _PlainStates()
 
 
+def _front(buffer: bytearray, size: int) -> bytes:
+    """A copy of the first ``size`` bytes of ``buffer``, which keeps them (one copy)."""
+    if size == len(buffer):  # the usual case: the buffer holds just this frame
+        return bytes(buffer)
+    with memoryview(buffer) as view:
+        return view[:size].tobytes()
+
+
 def _message_type(flag: int, status: int) -> MessageType:
     if flag & FLAG_EVENT:
         return MessageType.Heartbeat
@@ -312,14 +324,10 @@ class DubboCodec(Codec):
             raise FrameTooLargeError(
                 size, self.max_frame_size, offset=BODY_LENGTH_OFFSET, metadata=partial
             )
-        have = len(buffer)
-        if have < size:
+        if len(buffer) < size:
             return NeedData(size)
-        if have == size:  # the usual case: the buffer holds just this frame
-            frame = bytes(buffer)
-            buffer.clear()
-        else:
-            frame = take_frame(buffer, size)
+        # Parsed from a copy, and consumed only once parsed: an error consumes nothing.
+        frame = _front(buffer, size)
         serialization = flag & SERIALIZATION_MASK
         try:
             if serialization != HESSIAN2:
@@ -329,10 +337,11 @@ class DubboCodec(Codec):
                     offset=2,
                 )
             if flag & FLAG_EVENT:
-                return self._event(frame, flag, status, request_id, body_length)
-            if flag & FLAG_REQUEST:
-                return self._request(frame, flag, request_id, body_length)
-            return self._response(frame, flag, status, request_id, body_length)
+                message = self._event(frame, flag, status, request_id, body_length)
+            elif flag & FLAG_REQUEST:
+                message = self._request(frame, flag, request_id, body_length)
+            else:
+                message = self._response(frame, flag, status, request_id, body_length)
         except CodecError as exc:
             exc.frame_size = size
             if exc.metadata is None:
@@ -345,6 +354,8 @@ class DubboCodec(Codec):
                 metadata=Metadata(_message_type(flag, status), request_id=request_id),
                 frame_size=size,
             ) from None
+        del buffer[:size]
+        return message
 
     def _event(
         self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
@@ -438,7 +449,7 @@ class DubboCodec(Codec):
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
             head, strings, folded, args_start, count, map_start = fast
-            if seen is None:
+            if seen is None and args_start - HEADER_SIZE <= _HEAD_BYTES_MAX:
                 seen = _Head((head, count, args_start - HEADER_SIZE))
                 self._heads.insert(0, (frame[HEADER_SIZE:args_start], seen))
                 del self._heads[_HEAD_CACHE_SIZE:]
@@ -466,6 +477,7 @@ class DubboCodec(Codec):
             seen is not None
             and seen.maps is not None
             and len(seen.maps) < _MAP_CACHE_SIZE
+            and len(frame) - attachments.start <= _MAP_BYTES_MAX
             and frame[attachments.start] == _TAG_MAP_UNTYPED
             and frame[-1] == _TAG_END
         ):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from . import tags as T
 from .errors import HessianError
@@ -24,6 +24,12 @@ DEFAULT_MAX_DEPTH: Final = 128
 DEFAULT_MAX_LENGTH: Final = 8 * 1024 * 1024
 #: ``max_length`` may not be set below this: compact forms hold lengths up to 1023.
 MIN_MAX_LENGTH: Final = 1024
+#: Default bound on the lists, maps and objects (reference targets) of one stream. Each costs
+#: about 100 bytes of bookkeeping even when skipped, and takes as little as one byte of input.
+DEFAULT_MAX_REFS: Final = 128 * 1024
+#: Default bound on the class definitions of one stream (a Java stream defines each class it
+#: writes once; Dubbo bodies hold a few dozen).
+DEFAULT_MAX_CLASSES: Final = 4096
 
 _H = struct.Struct(">H").unpack_from
 _h = struct.Struct(">h").unpack_from
@@ -44,14 +50,60 @@ def _typed_list(type_name: str, variable: bool) -> TypedList:
 
 
 Reader = Callable[["Decoder", int, int], Any]
+#: A class definition: ``(class name, field names)``.
+ClassDef = tuple[str, tuple[str, ...]]
 
 _TOO_DEEP = "nesting too deep for the Python stack (lower max_depth)"
 
 
 #: What stands in the reference table for a container that :meth:`Decoder.skip` passed over:
-#: ``(position of its tag, class definitions known there, type names known there)``, so a
-#: later reference to it can decode it on demand. Decoded values are never tuples.
-Skipped = tuple[int, int, int]
+#: ``(position of its tag, class definitions known there, type names known there, reference
+#: number of the skipped container around it or -1)``, so a later reference to it can decode
+#: it on demand. Decoded values are never tuples.
+Skipped = tuple[int, int, int, int]
+
+_T = TypeVar("_T")
+
+
+class _Table(Protocol[_T]):
+    """What the decoder needs of its reference, class and type tables (a list, or a replay)."""
+
+    def append(self, item: _T, /) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> _T: ...
+
+
+class _Replay(Generic[_T]):
+    """A table as it stood at an earlier point of the stream: the first ``size`` entries.
+
+    Decoding a skipped container again (when a reference needs its value) meets the same
+    containers, class definitions and type names the skip recorded, in the same order, so
+    appending here moves ``size`` on instead of adding entries; with ``fill``, a Skipped
+    marker at that place is replaced by the value just built.
+    """
+
+    __slots__ = ("entries", "fill", "size")
+
+    def __init__(self, entries: list[_T], size: int, fill: bool = False) -> None:
+        self.entries = entries
+        self.size = size
+        self.fill = fill
+
+    def append(self, item: _T, /) -> None:
+        at = self.size
+        if self.fill and at < len(self.entries) and type(self.entries[at]) is tuple:
+            self.entries[at] = item
+        self.size = at + 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int, /) -> _T:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return self.entries[index]
 
 
 class Decoder:
@@ -64,25 +116,32 @@ class Decoder:
     ``data``; error offsets use the same scale.
 
     ``max_depth`` bounds the nesting of containers; ``max_length`` (at least 1024) bounds every
-    declared length (string units, binary bytes, list items). Independently of both, a length
-    larger than the data left is an error, so nothing large is allocated for a short input.
+    declared length (string units, binary bytes, list items); ``max_refs`` bounds the lists,
+    maps and objects of the stream (read or skipped) and ``max_classes`` its class definitions.
+    Independently of all, a length larger than the data left is an error, so nothing large is
+    allocated for a short input. Reading and skipping are linear in the bytes read: a
+    reference to a skipped container decodes it once (see :meth:`skip`).
     With ``java_longs=True`` Hessian longs are returned as :class:`JavaLong` (an ``int``), so
     that writing the value again keeps them longs. After a :class:`HessianError` the decoder's
     state is undefined.
     """
 
     __slots__ = (
+        "_all",
         "_base",
         "_classes",
         "_data",
         "_depth",
         "_end",
+        "_open",
         "_pos",
         "_readers",
         "_refs",
         "_types",
+        "max_classes",
         "max_depth",
         "max_length",
+        "max_refs",
     )
 
     def __init__(
@@ -92,6 +151,8 @@ class Decoder:
         *,
         max_depth: int = DEFAULT_MAX_DEPTH,
         max_length: int = DEFAULT_MAX_LENGTH,
+        max_refs: int = DEFAULT_MAX_REFS,
+        max_classes: int = DEFAULT_MAX_CLASSES,
         java_longs: bool = False,
     ) -> None:
         if offset < 0:
@@ -112,12 +173,21 @@ class Decoder:
         self._end = len(self._data)
         if self._pos > self._end:
             raise ValueError("offset is beyond the data")
-        self._refs: list[Any] = []
-        self._classes: list[tuple[str, tuple[str, ...]]] = []
-        self._types: list[str] = []
+        refs: list[Any] = []
+        classes: list[ClassDef] = []
+        types: list[str] = []
+        #: The tables themselves; a decoder replaying a skipped container sees prefixes of them.
+        self._all = (refs, classes, types)
+        self._refs: _Table[Any] = refs
+        self._classes: _Table[ClassDef] = classes
+        self._types: _Table[str] = types
+        #: Reference number of the innermost container being skipped (-1: none).
+        self._open = -1
         self._depth = 0
         self.max_depth = max_depth
         self.max_length = max_length
+        self.max_refs = max_refs
+        self.max_classes = max_classes
         self._readers = _READERS_JAVA_LONGS if java_longs else _READERS
 
     # -- position -------------------------------------------------------------------------
@@ -145,14 +215,14 @@ class Decoder:
         return len(self._refs)
 
     @property
-    def class_defs(self) -> list[tuple[str, tuple[str, ...]]]:
+    def class_defs(self) -> list[ClassDef]:
         """The class definitions read so far: ``(class name, field names)``, in order."""
-        return list(self._classes)
+        return [self._classes[i] for i in range(len(self._classes))]
 
     @property
     def type_names(self) -> list[str]:
         """The type names (of typed lists and maps) read so far, in order."""
-        return list(self._types)
+        return [self._types[i] for i in range(len(self._types))]
 
     # -- reading --------------------------------------------------------------------------
 
@@ -294,26 +364,43 @@ class Decoder:
             return self._types[idx]
         raise self._error(f"expected a type name or reference, found tag 0x{tag:02x}", pos)
 
+    def _too_many_refs(self, pos: int) -> HessianError:
+        return self._error(
+            f"more than max_refs={self.max_refs} lists, maps and objects in one stream", pos
+        )
+
     def _resolve(self, idx: int) -> Any:
-        """Decode a skipped container on demand, when a reference points at it."""
-        pos, n_classes, n_types = self._refs[idx]
+        """The value of skipped container ``idx``, decoded now that a reference needs it.
+
+        The outermost skipped container around it is decoded, which gives every container
+        inside it its value in the same pass: each skipped byte is decoded at most once, however
+        many references point into it and in whatever order.
+        """
+        refs, classes, types = self._all
+        top = idx
+        while (parent := refs[top][3]) >= 0 and type(refs[parent]) is tuple:
+            top = parent
+        pos, n_classes, n_types, _ = refs[top]
         sub = Decoder.__new__(Decoder)
         sub._data = self._data
         sub._base = self._base
         sub._end = self._end
         sub._pos = pos
-        sub._refs = self._refs[:idx]
-        sub._classes = self._classes[:n_classes]
-        sub._types = self._types[:n_types]
+        sub._all = self._all
+        sub._refs = _Replay(refs, top, fill=True)
+        sub._classes = _Replay(classes, n_classes)
+        sub._types = _Replay(types, n_types)
+        sub._open = -1
         sub._depth = self._depth
         sub.max_depth = self.max_depth
         sub.max_length = self.max_length
+        sub.max_refs = self.max_refs
+        sub.max_classes = self.max_classes
         sub._readers = self._readers
-        value = sub._read()
-        refs = self._refs
-        for j in range(idx, min(len(sub._refs), len(refs))):
-            if type(refs[j]) is tuple:
-                refs[j] = sub._refs[j]
+        sub._read()
+        value = refs[idx]
+        if type(value) is tuple:  # pragma: no cover - the replay meets what the skip met
+            raise self._error(f"reference {idx} could not be decoded", pos)
         return value
 
 
@@ -617,7 +704,10 @@ def _r_bin_chunked(d: Decoder, tag: int, pos: int) -> bytes:
 def _fill_fixed(d: Decoder, lst: list[Any], n: int, tag_pos: int) -> list[Any]:
     if n > d._end - d._pos or n > d.max_length or n < 0:
         d._length(n, "list", tag_pos)
-    d._refs.append(lst)
+    refs = d._refs
+    if len(refs) >= d.max_refs:
+        raise d._too_many_refs(tag_pos)
+    refs.append(lst)
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
@@ -647,7 +737,10 @@ def _fill_fixed(d: Decoder, lst: list[Any], n: int, tag_pos: int) -> list[Any]:
 
 
 def _fill_variable(d: Decoder, lst: list[Any], tag_pos: int) -> list[Any]:
-    d._refs.append(lst)
+    refs = d._refs
+    if len(refs) >= d.max_refs:
+        raise d._too_many_refs(tag_pos)
+    refs.append(lst)
     d._enter(tag_pos)
     read = d._read
     append = lst.append
@@ -704,7 +797,10 @@ def _r_list_variable(d: Decoder, tag: int, pos: int) -> list[Any]:
 
 
 def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
-    d._refs.append(m)
+    refs = d._refs
+    if len(refs) >= d.max_refs:
+        raise d._too_many_refs(tag_pos)
+    refs.append(m)
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
@@ -769,52 +865,53 @@ def _r_map(d: Decoder, tag: int, pos: int) -> dict[Any, Any]:
 # class definitions and objects
 
 
-#: Class definitions seen before, by the bytes of their name: ``[(definition bytes, entry)]``.
-#: A stream re-sends its definitions in every message, so most are found here and checked
-#: with one ``startswith`` instead of being parsed field name by field name.
-_CLASS_DEFS: dict[bytes, list[tuple[bytes, tuple[str, tuple[str, ...]]]]] = {}
-_CLASS_DEFS_MAX = 1024
-
-
 def read_class_def(d: Decoder, pos: int) -> None:
-    """Read one class definition whose body starts at ``pos`` and record it."""
-    data = d._data
-    key = None
-    if pos + 1 < d._end:
-        tag = data[pos]
-        if tag <= 0x1F:
-            key = data[pos : pos + 1 + tag]
-        elif 0x30 <= tag <= 0x33:
-            key = data[pos : pos + 2 + ((tag - 0x30) << 8) + data[pos + 1]]
-    if key is not None:
-        for raw, entry in _CLASS_DEFS.get(key, ()):
-            if data.startswith(raw, pos):
-                d._classes.append(entry)
-                d._pos = pos + len(raw)
-                return
-    _parse_class_def(d, pos)
-    if key is not None:
-        if len(_CLASS_DEFS) >= _CLASS_DEFS_MAX:
-            _CLASS_DEFS.clear()
-        known = _CLASS_DEFS.setdefault(key, [])
-        if len(known) < 8:
-            known.append((data[pos : d._pos], d._classes[-1]))
+    """Read one class definition whose body starts at ``pos`` and record it.
 
-
-def _parse_class_def(d: Decoder, pos: int) -> None:
+    Parsed every time: a cache of definitions by their bytes saved about 1 us per definition,
+    not worth bytes kept from the wire. The usual form (compact ASCII names, a compact field
+    count) is read inline.
+    """
     tag_pos = pos - 1
-    d._pos = pos
-    name = d.read_string()
-    if name is None:
-        raise d._error("class definition without a class name", tag_pos)
-    n = d._read_length("a field count")
-    d._length(n, "field list", tag_pos)
-    fields = []
+    if len(d._classes) >= d.max_classes:
+        raise d._error(f"more than max_classes={d.max_classes} class definitions", tag_pos)
+    data = d._data
+    end = d._end
+    if (
+        pos < end
+        and (tag := data[pos]) <= 0x1F
+        and (stop := pos + 1 + tag) < end
+        and (raw := data[pos + 1 : stop]).isascii()
+        and 0x90 <= (count := data[stop]) <= 0xBF
+    ):
+        name = raw.decode()
+        n = count - 0x90
+        pos = stop + 1
+    else:
+        d._pos = pos
+        read = d.read_string()
+        if read is None:
+            raise d._error("class definition without a class name", tag_pos)
+        name = read
+        n = d._read_length("a field count")
+        d._length(n, "field list", tag_pos)
+        pos = d._pos
+    fields: list[str] = []
+    append = fields.append
     for _ in range(n):
+        if pos < end and (tag := data[pos]) <= 0x1F:
+            stop = pos + 1 + tag
+            if stop <= end and (raw := data[pos + 1 : stop]).isascii():
+                append(raw.decode())
+                pos = stop
+                continue
+        d._pos = pos
         field = d.read_string()
         if field is None:
             raise d._error("class definition with a null field name", tag_pos)
-        fields.append(field)
+        append(field)
+        pos = d._pos
+    d._pos = pos
     d._classes.append((name, tuple(fields)))
 
 
@@ -837,9 +934,12 @@ def _object(d: Decoder, idx: int, tag_pos: int) -> JavaObject:
         name, fields = d._classes[idx]
     except IndexError:
         raise d._error(f"bad class reference {idx}", tag_pos) from None
+    refs = d._refs
+    if len(refs) >= d.max_refs:
+        raise d._too_many_refs(tag_pos)
     obj = _new_object(JavaObject)
     obj.type = name
-    d._refs.append(obj)
+    refs.append(obj)
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)

@@ -69,11 +69,11 @@ class Encoder:
         the decoded bytes (for example, rewritten Dubbo attachments after the arguments).
         """
         e = cls()
-        for i, key in enumerate(decoder._classes):
+        for i, key in enumerate(decoder.class_defs):
             e._classes.setdefault(key, i)
-        for i, name in enumerate(decoder._types):
+        for i, name in enumerate(decoder.type_names):
             e._types.setdefault(name, i)
-        e._next_ref = len(decoder._refs)
+        e._next_ref = decoder.ref_count
         return e
 
     def getvalue(self) -> bytes:
@@ -454,21 +454,13 @@ def _w_object(e: Encoder, value: JavaObject) -> None:
     idx = e._classes.get(key)
     if idx is None:
         idx = e._classes[key] = len(e._classes)
-        definition = _CLASS_DEFS.get(key)
-        if definition is None:
-            definition = _class_def(key)
-        buf += definition
+        buf += _class_def(key)
     if idx <= T.OBJECT_DIRECT_MAX:
         buf.append(T.OBJECT_DIRECT + idx)
     else:
         buf.append(T.OBJECT)
         _w_int(e, idx)
     _w_items(e, value.values())
-
-
-#: Encoded class definitions by (class name, field names): the same in every stream.
-_CLASS_DEFS: dict[tuple[str, tuple[str, ...]], bytes] = {}
-_CLASS_DEFS_MAX = 1024
 
 
 def _class_def(key: tuple[str, tuple[str, ...]]) -> bytes:
@@ -483,11 +475,7 @@ def _class_def(key: tuple[str, tuple[str, ...]]) -> bytes:
         if type(field) is not str:
             raise HessianError(f"field name {field!r} of {name} is not a str")
         _w_str_uncached(e, field)
-    definition = bytes(e._buf)
-    if len(_CLASS_DEFS) >= _CLASS_DEFS_MAX:
-        _CLASS_DEFS.clear()
-    _CLASS_DEFS[key] = definition
-    return definition
+    return bytes(e._buf)
 
 
 _WRITERS: dict[type, Writer] = {

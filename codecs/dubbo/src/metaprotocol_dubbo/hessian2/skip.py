@@ -117,18 +117,25 @@ def _s_bin_short(d: Decoder, tag: int, pos: int) -> None:
     d._pos = end
 
 
-def _mark(d: Decoder, tag_pos: int, n_types: int = -1) -> None:
-    """Number the skipped container and count its depth.
+def _mark(d: Decoder, tag_pos: int, n_types: int = -1) -> int:
+    """Number the skipped container, count its depth and make it the innermost open one.
 
     ``n_types`` is how many type names were known at its tag, when its own type name was
-    already read (re-decoding from the tag reads that name again).
+    already read (re-decoding from the tag reads that name again). Returns the container that
+    was open before, which the caller restores when this one ends.
     """
     if n_types < 0:
         n_types = len(d._types)
-    d._refs.append((tag_pos, len(d._classes), n_types))  # a Skipped marker
+    refs = d._refs
+    if len(refs) >= d.max_refs:
+        raise d._too_many_refs(tag_pos)
+    outer = d._open
+    d._open = len(refs)
+    refs.append((tag_pos, len(d._classes), n_types, outer))  # a Skipped marker
     d._depth += 1
     if d._depth > d.max_depth:
         d._enter(tag_pos)
+    return outer
 
 
 def _skip_items(d: Decoder, count: int) -> None:
@@ -159,14 +166,15 @@ def _skip_items(d: Decoder, count: int) -> None:
 
 def _skip_n(d: Decoder, n: int, tag_pos: int, n_types: int = -1) -> None:
     d._length(n, "list", tag_pos)
-    _mark(d, tag_pos, n_types)
+    outer = _mark(d, tag_pos, n_types)
     _skip_items(d, n)
     d._depth -= 1
+    d._open = outer
 
 
 def _skip_until_end(d: Decoder, tag_pos: int, pairs: bool, n_types: int = -1) -> None:
     """Skip values (map: key-value pairs) up to and over 'Z'."""
-    _mark(d, tag_pos, n_types)
+    outer = _mark(d, tag_pos, n_types)
     skip = d._skip
     data = d._data
     end = d._end
@@ -197,6 +205,7 @@ def _skip_until_end(d: Decoder, tag_pos: int, pairs: bool, n_types: int = -1) ->
         skip()
         pos = d._pos
     d._depth -= 1
+    d._open = outer
 
 
 def _s_list_direct_untyped(d: Decoder, tag: int, pos: int) -> None:
@@ -245,9 +254,10 @@ def _s_class_def(d: Decoder, tag: int, pos: int) -> None:
 def _skip_object(d: Decoder, idx: int, tag_pos: int) -> None:
     if not 0 <= idx < len(d._classes):
         raise d._error(f"bad class reference {idx}", tag_pos)
-    _mark(d, tag_pos)
+    outer = _mark(d, tag_pos)
     _skip_items(d, len(d._classes[idx][1]))
     d._depth -= 1
+    d._open = outer
 
 
 def _s_object_direct(d: Decoder, tag: int, pos: int) -> None:

@@ -1,0 +1,128 @@
+"""Hostile Hessian streams cost time linear in their size and memory bounded by the limits.
+
+References to skipped containers are decoded once (issue 13: each reference used to copy the
+reference table, so a 894 KB Dubbo request took 37 s); every stream has a bound on its lists,
+maps and objects (``max_refs``) and on its class definitions (``max_classes``).
+"""
+
+from __future__ import annotations
+
+import encodings
+import itertools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from metaprotocol_dubbo import DubboCodec
+from metaprotocol_dubbo.frames import build_request
+from metaprotocol_dubbo.header import HEADER_SIZE, build_header
+from metaprotocol_dubbo.hessian2 import Decoder, HessianError, JavaObject, dumps, loads
+from metaprotocol_dubbo.hessian2 import decoder as decoder_module
+
+from metaprotocol_sdk import CodecError
+
+sys.modules["codecs"] = encodings.codecs  # see test_hessian2_errors.py
+
+
+def _int(n: int) -> bytes:
+    """A Hessian int in its three-byte compact form (up to 2^18)."""
+    return bytes((0xD4 + (n >> 16), (n >> 8) & 0xFF, n & 0xFF))
+
+
+def _fixed_list(items: list[bytes]) -> bytes:
+    return b"\x58" + _int(len(items)) + b"".join(items)
+
+
+def _refs_to_skipped(n: int) -> bytes:
+    """A list of ``n`` empty lists (skipped), then a list of ``n`` references to them."""
+    return _fixed_list([b"\x78"] * n) + _fixed_list([b"\x51" + _int(i + 1) for i in range(n)])
+
+
+def _cpu(work: Callable[[], Any]) -> float:
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def _skip_then_read(data: bytes) -> Any:
+    decoder = Decoder(data)
+    decoder.skip()
+    return decoder.read()
+
+
+def test_references_to_skipped_containers_cost_linear_time() -> None:
+    small, large = _refs_to_skipped(10_000), _refs_to_skipped(20_000)
+    assert len(_skip_then_read(large)) == 20_000
+    ratio = _cpu(lambda: _skip_then_read(large)) / _cpu(lambda: _skip_then_read(small))
+    # Linear: about 2 for twice the input (it was about 4: quadratic).
+    assert ratio < 2.6, f"twice the references cost {ratio:.1f}x the time"
+
+
+def _nested(depth: int) -> bytes:
+    """``depth`` lists nested in each other (each holds a string and the next), skipped, then
+    references to them from the innermost out."""
+    inner = b"\x78"
+    for _ in range(depth):
+        inner = b"\x7a\x05hello" + inner
+    refs = [b"\x51" + _int(i) for i in range(depth, 0, -1)]
+    return _fixed_list([inner]) + _fixed_list(refs)
+
+
+def test_nested_skipped_containers_are_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    depth = 100
+    filled = 0
+    fill = decoder_module._fill_fixed
+
+    def counting(*args: Any) -> Any:
+        nonlocal filled
+        filled += 1
+        return fill(*args)
+
+    monkeypatch.setattr(decoder_module, "_fill_fixed", counting)
+    values = _skip_then_read(_nested(depth))
+    # Each skipped list (depth + 1 nested ones and the one around them) is built once, and so
+    # is the list of references (it was about depth^2 / 2: each reference rebuilt its subtree).
+    assert filled == depth + 3
+    outer = values[-1]
+    assert outer[0] == "hello"
+    # Every reference resolves to the very list found inside its parent.
+    for inner, parent in itertools.pairwise(values):
+        assert parent[1] is inner
+
+
+def test_max_refs_bounds_skipped_and_read_containers() -> None:
+    data = _fixed_list([b"\x78"] * 10)  # eleven containers
+    for action in (Decoder.skip, Decoder.read):
+        with pytest.raises(HessianError, match=r"more than max_refs=10 lists") as info:
+            action(Decoder(data, max_refs=10))
+        assert info.value.offset == len(data) - 1  # the eleventh container's tag
+        action(Decoder(data, max_refs=11))
+
+
+def test_max_classes_bounds_class_definitions() -> None:
+    objects = [JavaObject(f"com.example.C{i}", {"f": i}) for i in range(5)]
+    data = dumps(objects)
+    for action in (Decoder.skip, Decoder.read):
+        with pytest.raises(HessianError, match=r"more than max_classes=4 class definitions"):
+            action(Decoder(data, max_classes=4))
+    assert loads(data) == objects
+
+
+def test_dubbo_request_with_too_many_containers_is_a_codec_error() -> None:
+    """The default bound: a request whose argument holds more lists than max_refs is refused
+    with a typed error, not bookkept at ~100 bytes per one-byte container."""
+    n = decoder_module.DEFAULT_MAX_REFS + 1
+    frame = build_request("com.example.S", "m", ["x"], descriptor="Ljava/util/List;")
+    # Replace the argument with a list of n empty lists.
+    head = frame[: frame.index(b"\x01x")]
+    body = head[HEADER_SIZE:] + _fixed_list([b"\x78"] * n) + b"HZ"
+    frame = build_header(frame[2], 0, 1, len(body)) + body
+    buffer = bytearray(frame)
+    with pytest.raises(CodecError, match="max_refs"):
+        DubboCodec().decode(buffer)
+    assert buffer == frame
