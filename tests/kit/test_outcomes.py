@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from broken_codecs import DropsRequestIdInErrorReply
 
-from metaprotocol_sdk import Capabilities
+from metaprotocol_sdk import Capabilities, ConfigError
 from metaprotocol_sdk.examples.kv import KVCodec
 from metaprotocol_sdk.testing import CodecTarget, Outcome, check_names, run_check, run_kit
 
@@ -89,3 +91,46 @@ def test_payload_hook_narrows_what_a_mutation_must_leave_unchanged() -> None:
     # A codec whose first body byte were a mutable attachment would ship this hook.
     narrowed = CodecTarget.discover(CorruptsBodyOnMutation, payload=lambda md: md.body[1:])
     assert run_check(narrowed, "mutation_body_unchanged").outcome is Outcome.passed
+
+
+def test_unusual_frames_and_grown_inputs_come_from_the_package_or_the_caller() -> None:
+    from broken_codecs import QuadraticHeaders, RebuildsFrameOnEncode
+    from hypothesis import strategies as st
+
+    from metaprotocol_sdk.examples.kv import REQUEST, build_frame
+
+    class Bare(RebuildsFrameOnEncode):
+        conformance = None
+
+    class BareQuadratic(QuadraticHeaders):
+        conformance = None
+
+    # Without unusual frames the check skips and says what is missing.
+    bare = CodecTarget.discover(Bare)
+    result = run_check(bare, "roundtrip_identity_unusual")
+    assert result.outcome is Outcome.skipped
+    assert "ships no unusual_messages" in result.reason
+    # The caller's strategy is used instead of the package's (here: only canonical frames).
+    canonical = st.just(build_frame(REQUEST, 5, {"a": "b"}, b"body"))
+    target = CodecTarget.discover(RebuildsFrameOnEncode, unusual=canonical)
+    assert run_check(target, "roundtrip_identity_unusual").outcome is Outcome.passed
+
+    # grown(n) given by the caller: the only input, and the quadratic dimension is named.
+    def grown(n: int) -> dict[str, bytes]:
+        return {"many headers": build_frame(REQUEST, 1, {f"h{i}": "v" for i in range(n)})}
+
+    quadratic = CodecTarget.discover(BareQuadratic, grown=grown)
+    result = run_check(quadratic, "perf_linear")
+    assert result.outcome is Outcome.failed
+    assert "decode of many headers is not linear" in result.reason
+
+
+def test_bad_hooks_are_config_errors_naming_the_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "bad_hooks_conformance"
+    package.mkdir()
+    (package / "__init__.py").write_text("unusual_messages = 42\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"bad_hooks_conformance\.unusual_messages must be"):
+        CodecTarget.discover(KVCodec, conformance="bad_hooks_conformance")

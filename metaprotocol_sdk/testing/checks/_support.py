@@ -73,8 +73,8 @@ def call_decode(
         with time_limit(limit):
             result = codec.decode(buffer)
     except CodecError:
-        # The contract leaves the buffer undefined after an error (the stream is out of sync
-        # unless the error's frame_size says how much to drop), so it is not checked here.
+        # Errors consume nothing too, but bad_input_consumes_nothing alone checks that, so a
+        # codec with that one fault fails that one check, not every check that provokes errors.
         raise
     except DecodeTimeout:
         fail(f"decode took longer than {limit}s on input:\n{hexdump(before)}")
