@@ -5,8 +5,9 @@
 Sources: the codecs' golden vectors (captured from real peers over 127.0.0.1 by the codecs'
 ``tests/capture_golden.py``), the Dubbo stream captures (``codecs/dubbo/tests/captures``), the
 Thrift session captures (``fuzz/captures/thrift``, written by :mod:`fuzz.capture_thrift`),
-the Hessian bodies of those Dubbo frames plus a few values written by our encoder (objects,
-references, typed containers, which the captured calls do not use), and the configuration
+the Hessian bodies of those Dubbo frames, Hessian values written by Java and hessian.js
+(``fuzz/captures/hessian``, written by :mod:`fuzz.capture_hessian`) plus a few streams written
+by our encoder (values sharing class definitions and references), and the configuration
 examples of the docs, the demo and the config tests. Each seed is named for where it came
 from; re-running rewrites the folder, so a seed never drifts from its source.
 """
@@ -37,6 +38,7 @@ GOLDEN = {
 }
 DUBBO_CAPTURES = ROOT / "codecs/dubbo/tests/captures"
 THRIFT_CAPTURES = Path(__file__).resolve().parent / "captures" / "thrift"
+HESSIAN_CAPTURES = Path(__file__).resolve().parent / "captures" / "hessian"
 DUBBO_HEADER = 16
 
 Seed = tuple[str, bytes]
@@ -71,6 +73,10 @@ def _hessian() -> Iterator[Seed]:
             body = frame[DUBBO_HEADER:]
             if body and len(frame) == DUBBO_HEADER + int.from_bytes(frame[12:16], "big"):
                 yield f"dubbo-body-{name}", body
+    for path in sorted(HESSIAN_CAPTURES.glob("*.tsv")):
+        for line in path.read_text().splitlines():
+            name, hexed = line.split("\t")
+            yield f"{path.stem}-{_slug(name)}", bytes.fromhex(hexed)
     shared = [1, "two"]
     obj = JavaObject("com.example.User", {"name": "ann", "age": 7, "tags": shared})
     values: list[tuple[str, object]] = [
