@@ -709,3 +709,15 @@ def test_peek_reply_and_relabel(size: int) -> None:
     assert decode_one(expected).request_id == 77
     with_attachments = build_response("v", attachments={"k": "v"})
     assert codec.peek_reply(bytearray(with_attachments)) is None  # decode reads the map
+
+
+def test_request_with_an_empty_body_is_refused() -> None:
+    """Fuzz find: a request with body length 0 decoded as a request with empty strings (a
+    missing byte read as a zero-length string), and a mutation then wrote a frame that does
+    not decode."""
+    frame = bytes.fromhex("dabbc200000000000000000000000000")
+    buffer = bytearray(frame)
+    with pytest.raises(FramingError, match="body ends where a string should start") as info:
+        DubboCodec().decode(buffer)
+    assert info.value.frame_size == len(frame) and info.value.offset == HEADER_SIZE
+    assert buffer == frame

@@ -656,3 +656,16 @@ def test_peek_reply_reads_framed_binary_replies_only() -> None:
     for data in not_replies:
         assert codec.peek_reply(bytearray(data)) is None
     assert ThriftCodec(transport="unframed").peek_reply(bytearray(ok)) is None
+
+
+def test_reply_whose_first_field_header_runs_past_its_frame() -> None:
+    """Fuzz find: a framed binary REPLY whose one-byte body starts a field. decode raised
+    IndexError alone, and with another frame after it read the field id from that frame."""
+    frame = bytes.fromhex("000000118001000200000004706767676767676767")
+    for stream in (frame, frame + frame):
+        buffer = bytearray(stream)
+        with pytest.raises(FramingError, match="runs past the frame end") as info:
+            ThriftCodec().decode(buffer)
+        assert info.value.frame_size == len(frame)
+        assert buffer == stream
+        assert ThriftCodec().peek_reply(bytearray(stream)) is None

@@ -36,7 +36,9 @@ def read_string(frame: bytes, pos: int) -> tuple[str, int]:
     Compact ASCII strings are read inline; the rest goes through the Hessian decoder.
     Raises :class:`~metaprotocol_sdk.FramingError` (a ``HessianError``) when it is not a string.
     """
-    tag = frame[pos] if pos < len(frame) else -1
+    if pos >= len(frame):
+        raise FramingError("body ends where a string should start", offset=pos)
+    tag = frame[pos]
     if tag < 0x20:
         start = pos + 1
         stop = start + tag

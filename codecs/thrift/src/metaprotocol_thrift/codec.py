@@ -88,10 +88,18 @@ _MAX_SHAPES = 512
 _RELABEL_COPY_LIMIT = 16 * 1024
 
 
-def _declares_exception(buffer: bytearray, body: int) -> bool:
+def _declares_exception(buffer: bytearray, body: int, end: int) -> bool:
     """Whether the binary reply struct at ``body`` starts with a declared exception: its first
-    field is not the ``success`` field 0 (a field type, then an i16 id other than 0)."""
-    return bool(buffer[body] and (buffer[body + 1] or buffer[body + 2]))
+    field is not the ``success`` field 0 (a field type, then an i16 id other than 0).
+
+    The struct must lie before ``end``, the end of its frame: a ``FramingError`` (with
+    ``frame_size=end``) when its first field's header does not.
+    """
+    if body < end and not buffer[body]:
+        return False  # an empty struct: a void success
+    if body + 3 > end:
+        raise FramingError("reply struct runs past the frame end", offset=body, frame_size=end)
+    return bool(buffer[body + 1] or buffer[body + 2])
 
 
 def _framed_shape(mtype: int, name: str, name_end: int) -> _Shape:
@@ -215,15 +223,8 @@ class ThriftCodec(Codec):
                         message_type, status, state, method = _FRAMED_SHAPES[mtype].get(
                             name
                         ) or _framed_shape(mtype, name, name_end)
-                        if mtype == REPLY:
-                            if body >= total:
-                                raise FramingError(
-                                    "reply struct runs past the frame end",
-                                    offset=body,
-                                    frame_size=total,
-                                )
-                            if _declares_exception(buffer, body):
-                                status = ResponseStatus.Error
+                        if mtype == REPLY and _declares_exception(buffer, body, total):
+                            status = ResponseStatus.Error
                         seqid = _unpack_i32(buffer, name_end)[0]
                         if available == total:  # take_frame's common case, without a call
                             frame = bytes(buffer)
@@ -393,7 +394,7 @@ class ThriftCodec(Codec):
                 except (UnicodeDecodeError, CodecError):
                     end = -1  # the general path raises the precise error
                 if 0 < end <= self.max_frame_size:
-                    declared = mtype == REPLY and _declares_exception(buffer, body)
+                    declared = mtype == REPLY and _declares_exception(buffer, body, end)
                     seqid = _unpack_i32(buffer, name_end)[0]
                     frame = take_frame(buffer, end)
                     return self._fast(
@@ -642,8 +643,12 @@ class ThriftCodec(Codec):
         if ":" in name:  # multiplexed: decode reads the service name too
             return None
         status = _STATUSES[mtype]
-        if mtype == REPLY and _declares_exception(buffer, body):
-            status = ResponseStatus.Error
+        if mtype == REPLY:
+            try:
+                if _declares_exception(buffer, body, total):
+                    status = ResponseStatus.Error
+            except FramingError:
+                return None  # decode refuses it
         seqid: int = _unpack_i32(buffer, name_end)[0]
         return seqid, total, status
 
