@@ -4,7 +4,8 @@
 
 Sources: the codecs' golden vectors (captured from real peers over 127.0.0.1 by the codecs'
 ``tests/capture_golden.py``), the Dubbo stream captures (``codecs/dubbo/tests/captures``), the
-Thrift session captures (``fuzz/captures/thrift``, written by :mod:`fuzz.capture_thrift`),
+Dubbo and Thrift session captures (``fuzz/captures/{dubbo,thrift}``, written by
+:mod:`fuzz.capture_dubbo` and :mod:`fuzz.capture_thrift`),
 the Hessian bodies of those Dubbo frames, Hessian values written by Java and hessian.js
 (``fuzz/captures/hessian``, written by :mod:`fuzz.capture_hessian`) plus a few streams written
 by our encoder (values sharing class definitions and references), and the configuration
@@ -39,6 +40,7 @@ GOLDEN = {
 DUBBO_CAPTURES = ROOT / "codecs/dubbo/tests/captures"
 THRIFT_CAPTURES = Path(__file__).resolve().parent / "captures" / "thrift"
 HESSIAN_CAPTURES = Path(__file__).resolve().parent / "captures" / "hessian"
+DUBBO_SESSIONS = Path(__file__).resolve().parent / "captures" / "dubbo"
 DUBBO_HEADER = 16
 
 Seed = tuple[str, bytes]
@@ -67,8 +69,14 @@ def _captures(folder: Path) -> Iterator[Seed]:
             yield f"capture-{_slug(path.stem)}-frame", frame
 
 
+def _dubbo() -> Iterator[Seed]:
+    yield from _golden("dubbo")
+    yield from _captures(DUBBO_CAPTURES)
+    yield from _captures(DUBBO_SESSIONS)
+
+
 def _hessian() -> Iterator[Seed]:
-    for name, frame in [*_golden("dubbo"), *_captures(DUBBO_CAPTURES)]:
+    for name, frame in _dubbo():
         if name != "golden-pair" and not name.endswith("-provider-to-consumer"):
             body = frame[DUBBO_HEADER:]
             if body and len(frame) == DUBBO_HEADER + int.from_bytes(frame[12:16], "big"):
@@ -111,7 +119,7 @@ def seeds() -> dict[str, list[Seed]]:
     """Every target's seeds."""
     thrift = [*_golden("thrift"), *_captures(THRIFT_CAPTURES)]
     return {
-        "dubbo": [*_golden("dubbo"), *_captures(DUBBO_CAPTURES)],
+        "dubbo": list(_dubbo()),
         "thrift-auto": thrift,
         "thrift-framed": thrift,
         "thrift-unframed": thrift,
