@@ -291,7 +291,7 @@ def _check_prefixes(factory: Callable[[], Codec], data: bytes, md: Metadata) -> 
                 f"a {size}-byte message decodes whole, but its first {cut} bytes raise "
                 f"{type(exc).__name__}: {exc}",
             ) from None
-        if not isinstance(result, NeedData) or len(buffer) != cut:
+        if not isinstance(result, NeedData) or buffer != data[:cut]:
             raise Violation(
                 "prefix-not-need",
                 f"the first {cut} bytes of a {size}-byte message gave {result!r}",
