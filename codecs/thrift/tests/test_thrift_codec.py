@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from metaprotocol_thrift import ThriftCodec, theader
 from metaprotocol_thrift.replies import APPLICATION_EXCEPTION_TYPES
+from metaprotocol_thrift.wire import write_varint
 from thriftpy2.protocol import TBinaryProtocol, TCompactProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
@@ -506,7 +507,19 @@ def test_framed_fast_path_shares_per_method_facts_within_a_bound() -> None:
         assert message.attributes.to_dict() == {"method": name}
         assert message.codec_state.seqid_offset == 12 + len(name)
         message.attributes["user"] = "changed"  # each message owns its attributes
-    assert len(codec_module._FRAMED_SHAPES[1]) <= codec_module._MAX_SHAPES
+    assert len(codec._shapes[1]) <= codec_module._MAX_SHAPES
+
+
+def test_method_shapes_are_kept_per_codec_within_a_byte_bound() -> None:
+    """Method names come off the wire: what the fast path remembers of them dies with the
+    codec (its connection) and never holds a long name."""
+    long_name = "m" * 100_000
+    codec = ThriftCodec()
+    for name in (long_name, "add"):
+        message = codec.decode(bytearray(tf.sample("framed", "binary", name, 1, 1)))
+        assert isinstance(message, Metadata) and message.operation_name == name
+    assert list(codec._shapes[1]) == ["add"]
+    assert ThriftCodec()._shapes[1] == {}
 
 
 def test_header_prefix_uses_the_sdk_header_dsl() -> None:
@@ -669,3 +682,22 @@ def test_reply_whose_first_field_header_runs_past_its_frame() -> None:
         assert info.value.frame_size == len(frame)
         assert buffer == stream
         assert ThriftCodec().peek_reply(bytearray(stream)) is None
+
+
+@pytest.mark.parametrize("count", [2, theader.MAX_TRANSFORMS + 1, 5000])
+def test_theader_transform_list_is_bounded(count: int) -> None:
+    """Issue 13: a frame listing 5000 zlib transforms cost 2.9 s per re-encode (every layer
+    inflated and recompressed). Each transform id may appear once, at most MAX_TRANSFORMS."""
+    import zlib
+
+    payload = tf.message("binary", "add", 1, 8, tf.add_call())
+    for _ in range(min(count, 50)):
+        payload = zlib.compress(payload)
+    transforms = write_varint(count) + b"\x01" * count
+    block = theader.THeaderBlock(0, 8, 0, transforms, [], b"", 0)
+    data = theader.build_frame(0, 8, theader.build_block(block, []), payload)
+    buffer = bytearray(data)
+    match = "listed twice" if count <= theader.MAX_TRANSFORMS else f"lists {count} transforms"
+    with pytest.raises(FramingError, match=match) as raised:
+        ThriftCodec().decode(buffer)
+    assert raised.value.frame_size == len(data) and buffer == data

@@ -81,9 +81,10 @@ DEFAULT_MAX_DEPTH = 64
 #: and the seqid): its MessageType, ResponseStatus, WireState (None when the name is
 #: multiplexed, which takes the general path) and ``method`` attribute entry.
 _Shape = tuple[MessageType, ResponseStatus, WireState | None, tuple[str, str]]
-#: Shapes by method name, per Thrift message type code; bounded, as names come off the wire.
-_FRAMED_SHAPES: tuple[dict[str, _Shape], ...] = ({}, {}, {}, {}, {})
-_MAX_SHAPES = 512
+#: Each codec (one connection) remembers the shapes of up to this many method names per Thrift
+#: message type, names of up to _SHAPE_NAME_MAX bytes: at most 5 x 64 x 128 = 40 KiB of names.
+_MAX_SHAPES = 64
+_SHAPE_NAME_MAX = 128
 #: Replies up to this size are relabelled into one new frame; larger ones keep a view.
 _RELABEL_COPY_LIMIT = 16 * 1024
 
@@ -102,13 +103,13 @@ def _declares_exception(buffer: bytearray, body: int, end: int) -> bool:
     return bool(buffer[body + 1] or buffer[body + 2])
 
 
-def _framed_shape(mtype: int, name: str, name_end: int) -> _Shape:
+def _framed_shape(shapes: dict[str, _Shape], mtype: int, name: str, name_end: int) -> _Shape:
+    """The shape of a framed strict-binary message, remembered in ``shapes`` within bounds."""
     state = None
     if ":" not in name:
         state = WireState(FRAMED, BINARY, True, mtype, name, name_end, 4, None)
     shape = (_MESSAGE_TYPES[mtype], _STATUSES[mtype], state, ("method", name))
-    shapes = _FRAMED_SHAPES[mtype]
-    if len(shapes) < _MAX_SHAPES:
+    if len(shapes) < _MAX_SHAPES and name_end - 12 <= _SHAPE_NAME_MAX:
         shapes[name] = shape
     return shape
 
@@ -169,6 +170,8 @@ class ThriftCodec(Codec):
         )
         #: Mutations not written because the message's transport has no headers.
         self.mutations_skipped = 0
+        #: Shapes of framed strict-binary messages by method name, per message type code.
+        self._shapes: tuple[dict[str, _Shape], ...] = ({}, {}, {}, {}, {})
         self._protocol = self.wire_protocol
         self._detected = (self.transport, self.wire_protocol)
         # Whether decode tries the framed strict-binary fast path first: AUTO (and then records
@@ -220,9 +223,10 @@ class ThriftCodec(Codec):
                     except UnicodeDecodeError:
                         pass  # the general path reports it
                     else:
-                        message_type, status, state, method = _FRAMED_SHAPES[mtype].get(
-                            name
-                        ) or _framed_shape(mtype, name, name_end)
+                        shapes = self._shapes[mtype]
+                        message_type, status, state, method = shapes.get(name) or _framed_shape(
+                            shapes, mtype, name, name_end
+                        )
                         if mtype == REPLY and _declares_exception(buffer, body, total):
                             status = ResponseStatus.Error
                         seqid = _unpack_i32(buffer, name_end)[0]

@@ -38,6 +38,10 @@ PREFIX_SIZE = 14
 SEQID_OFFSET = 8
 #: THeader transform id of zlib compression (the only transform Apache's libraries define).
 TRANSFORM_ZLIB = 1
+#: Most transforms one frame may list. Each id may appear once (applying the same transform
+#: twice gains nothing), and the ids Thrift implementations define (zlib, hmac, snappy, qlz,
+#: zstd) are fewer; so undoing and redoing them costs a bounded number of passes.
+MAX_TRANSFORMS = 8
 #: How much of a compressed payload is inflated to read its message header.
 HEADER_PEEK = 64 * 1024
 #: Largest header block the 16-bit word count can describe.
@@ -161,8 +165,20 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
             transforms = b"\x00"
         else:
             count, pos = read_varint(buf, pos, block_end, 5)
+            if count > MAX_TRANSFORMS:
+                raise FramingError(
+                    f"THeader frame lists {count} transforms (at most {MAX_TRANSFORMS})",
+                    offset=transforms_start,
+                )
+            seen: set[int] = set()
             for _ in range(count):
-                _, pos = read_varint(buf, pos, block_end, 5)
+                at = pos
+                transform_id, pos = read_varint(buf, pos, block_end, 5)
+                if transform_id in seen:
+                    raise FramingError(
+                        f"THeader transform {transform_id} is listed twice", offset=at
+                    )
+                seen.add(transform_id)
             transforms = bytes(buf[transforms_start:pos])
         info_start = pos
         items: dict[str, tuple[str, str]] = {}
