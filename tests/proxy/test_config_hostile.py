@@ -134,7 +134,7 @@ def _files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(alias_bomb())
     return {
-        "nested": (nested, "nested deeper than 64 levels (line 1, column 65)"),
+        "nested": (nested, "nested deeper than 64 levels (line 1, column "),
         "non-utf8": (latin1, "not UTF-8 text (byte 0xe9 at offset"),
         "binary": (binary, "binary data (a NUL byte at offset 7)"),
         "huge": (huge, f"larger than the limit of {MAX_CONFIG_BYTES} bytes"),
