@@ -70,6 +70,14 @@ async def resolve_all(
     return out
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (``127.0.0.0/8``, ``::1``)."""
+    literal = _literal(host)
+    if literal is None:
+        return host == "localhost"
+    return ipaddress.ip_address(literal).is_loopback
+
+
 def is_local(address: str) -> bool:
     """True when ``address`` (an IP literal) belongs to this machine.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import resource
@@ -13,7 +12,7 @@ from typing import Any
 from metaprotocol_sdk.errors import ConfigError
 
 from .accesslog import AccessLog
-from .addresses import reaches, resolve_all
+from .addresses import is_loopback, reaches, resolve_all
 from .balancer import make_balancer
 from .config.models import Config, Destination, Listener, LoadBalancer
 from .deadlines import Deadlines
@@ -244,7 +243,7 @@ class Engine:
                 self._admin = await start_admin(self, settings.admin)
                 sockname = self._admin.sockets[0].getsockname()
                 self.admin_address = (sockname[0], sockname[1])
-                if settings.admin.allow_remote and not _is_loopback(settings.admin.bind[0]):
+                if settings.admin.allow_remote and not is_loopback(settings.admin.bind[0]):
                     log.warning(
                         "admin endpoint on %s:%d is reachable from other hosts "
                         "(admin.allowRemote): it has no authentication and shows the whole "
@@ -494,12 +493,3 @@ class Engine:
             "documents": documents,
             "documentsTruncated": truncated,
         }
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False

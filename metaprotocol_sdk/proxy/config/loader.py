@@ -7,7 +7,6 @@ the document number and ``kind/name``, and whose ``field`` is the path inside th
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, NoReturn, cast
@@ -15,6 +14,7 @@ from typing import Any, NoReturn, cast
 from metaprotocol_sdk.errors import ConfigError, RegistryError
 from metaprotocol_sdk.registry import resolve
 
+from ..addresses import is_loopback
 from ..matcher import compile_regex
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
@@ -721,16 +721,6 @@ def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:
         max_connections=Admin.max_connections if connections is None else connections,
         request_timeout=Admin.request_timeout if timeout is None else timeout,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (``127.0.0.0/8``, ``::1``)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _known_fields(doc: _Doc, obj: Mapping[str, Any], path: str, known: Sequence[str]) -> None:
