@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metaprotocol_sdk import NEED_DATA, Metadata, NeedData
+from metaprotocol_sdk import NEED_DATA, CodecError, Metadata, NeedData
 from metaprotocol_sdk.examples.kv import REQUEST, KVCodec, build_frame
 from metaprotocol_sdk.testing import CodecTarget, KitSettings, Outcome, run_check
 from metaprotocol_sdk.testing.checks import CheckFailed
@@ -89,3 +89,22 @@ def test_the_pytest_plugin_imports_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+class ClaimsTooLargeFrameSize(KVCodec):
+    """Raises with a frame_size beyond the buffer: an engine would drop bytes not yet read."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            exc.frame_size = len(buffer) + 5
+            raise
+
+
+def test_consumes_nothing_also_bounds_an_errors_frame_size() -> None:
+    result = run_check(CodecTarget.discover(ClaimsTooLargeFrameSize), "bad_input_consumes_nothing")
+    assert result.outcome is Outcome.failed
+    assert "frame_size must count bytes that are there" in result.reason
