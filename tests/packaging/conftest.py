@@ -8,6 +8,7 @@ The scaffold tests' helpers (``scaffold_kit``, ``doc_output``) are shared.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,10 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(given)
     out = tmp_path_factory.mktemp("dist")
     for source in PROJECTS.values():
+        # A stale SOURCES.txt from an earlier build would add files the configuration no
+        # longer lists to the sdist (and so to the wheel built from it).
+        for stale in [*source.glob("*.egg-info"), *source.glob("src/*.egg-info")]:
+            shutil.rmtree(stale, ignore_errors=True)
         # The wheel is built from the sdist, so a file missing from the sdist shows up here.
         proc = subprocess.run(
             [sys.executable, "-m", "build", "-q", "-o", str(out), str(source)],
