@@ -254,9 +254,9 @@ def report(phases: list[Phase]) -> str:
     """The phases as Markdown tables."""
     head = (
         "| phase | good req/s | p50 us | p99 us | max us | good errors | engine CPU "
-        "(% of a core) | RSS start MiB | RSS peak MiB | RSS end MiB |"
+        "(% of a core) | RSS start MiB | RSS peak MiB | RSS end MiB | clients' own CPU s |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for p in phases:
         c = p.clients
         errors = int(c["error_replies"] + c["timeouts"] + c["lost"] + c["connect_failed"])
@@ -269,21 +269,21 @@ def report(phases: list[Phase]) -> str:
             f"| {p.name} | {c['rps']:.0f} | {c['p50_us']:.0f} | {c['p99_us']:.0f} "
             f"| {c['max_us']:.0f} | {errors}{f' ({detail})' if detail else ''} "
             f"| {100 * p.cpu_s / p.seconds:.0f} | {p.rss_start / 1024:.1f} "
-            f"| {p.rss_peak / 1024:.1f} | {p.rss_end / 1024:.1f} |"
+            f"| {p.rss_peak / 1024:.1f} | {p.rss_end / 1024:.1f} | {c['cpu_s']:.1f} |"
         )
     for p in phases:
         if p.attackers:
             lines += ["", f"Attackers ({p.name}):", ""]
             lines.append(
                 "| attacker | opened | closed by the engine | given up | connect failed "
-                "| max open | sent MiB | replies ok | error replies |"
+                "| max open | sent MiB | replies ok | error replies | own CPU s |"
             )
-            lines.append("|" + "---|" * 9)
+            lines.append("|" + "---|" * 10)
             for kind, a in p.attackers.items():
                 lines.append(
                     f"| {kind} | {a['opened']} | {a['closed_by_engine']} | {a['recycled']} "
                     f"| {a['connect_failed']} | {a['max_open']} | {a['sent_bytes'] / MiB:.1f} "
-                    f"| {a['replies_ok']} | {a['replies_error']} |"
+                    f"| {a['replies_ok']} | {a['replies_error']} | {a['cpu_s']:.1f} |"
                 )
         changed = {k: v for k, v in p.counters.items() if v}
         if changed:

@@ -7,13 +7,13 @@
 ``clients``: ``--clients`` closed-loop connections (``--medium`` of them with a 16 KiB argument,
 the rest 16 B), each waiting ``--pause`` milliseconds between a reply and its next request.
 Prints ``RESULT {json}``: requests answered, p50/p99/max latency (microseconds, send to reply),
-errors by kind (error replies, timeouts, connections lost, failed connects).
+errors by kind (error replies, timeouts, connections lost, failed connects), own CPU seconds.
 
 ``attack KIND`` (see :data:`ATTACKS`): opens its connections, keeps them doing the one thing it
 does, reopens a connection the engine closed, and stops by itself after ``--duration`` seconds
 or when it has opened its bounded number of connections, whichever comes first. Prints
 ``RESULT {json}``: connections opened, closed by the engine, failed to connect, bytes sent,
-replies read. Every address is 127.0.0.1.
+replies read, own CPU seconds. Every address is 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ async def run_clients(args: argparse.Namespace) -> None:
         "p50_us": percentile_us(lat, 0.50),
         "p99_us": percentile_us(lat, 0.99),
         "max_us": lat[-1] / 1000 if lat else 0.0,
+        "cpu_s": time.process_time(),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -433,7 +434,7 @@ def main() -> None:
         uvloop.run(run_clients(args))
         return
     stats = ATTACKS[args.kind](host, int(port), args.scale).run(args.duration)
-    print("RESULT " + json.dumps(asdict(stats)), flush=True)
+    print("RESULT " + json.dumps({**asdict(stats), "cpu_s": time.process_time()}), flush=True)
 
 
 if __name__ == "__main__":
