@@ -42,6 +42,7 @@ _REASONS = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -61,6 +62,7 @@ def _response(
 
 _BUSY = _response(503, "too many admin connections\n")
 _TIMEOUT = _response(408, "request not received in time\n")
+_INTERNAL = _response(500, "internal error (logged by the engine)\n")
 
 
 def bounded_copy(value: Any, cap: int) -> tuple[Any, bool]:
@@ -168,6 +170,10 @@ class _AdminServer:
             pass
         except Exception as exc:  # a bug here must not print a traceback per request
             log.error("admin: %s: %s", type(exc).__name__, exc)
+            if not answered:
+                self._count(500)
+                with contextlib.suppress(Exception):
+                    writer.write(_INTERNAL)
         finally:
             self.active -= 1
             writer.close()

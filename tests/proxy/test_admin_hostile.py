@@ -288,3 +288,25 @@ def test_a_real_engine_answers_hostile_admin_clients_without_a_traceback(tmp_pat
         _, err = proc.communicate(timeout=30)
     assert "Traceback" not in err, err
     assert err.splitlines() == ["draining"], err
+
+
+def test_a_bug_behind_an_admin_path_is_a_500_and_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with engine_for(admin_mesh()) as engine:
+            assert engine.admin_address is not None
+
+            def broken() -> None:
+                raise RuntimeError("planted")
+
+            engine.config_dump = broken  # type: ignore[assignment,method-assign]
+            status, body = await http_get(engine.admin_address, "/config_dump")
+            assert (status, body) == (500, "internal error (logged by the engine)\n")
+            assert await http_get(engine.admin_address, "/ready") == (200, "LIVE\n")
+
+    with caplog.at_level(logging.ERROR):
+        run(main())
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == "admin: RuntimeError: planted"
+    assert record.exc_info is None  # no traceback
