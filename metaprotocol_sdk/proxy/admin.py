@@ -65,22 +65,37 @@ _TIMEOUT = _response(408, "request not received in time\n")
 _INTERNAL = _response(500, "internal error (logged by the engine)\n")
 
 
-def bounded_copy(value: Any, cap: int) -> tuple[Any, bool]:
+def _pointer_part(key: object) -> str:
+    """One JSON Pointer (RFC 6901) reference token."""
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def bounded_copy(value: Any, cap: int, root: str = "") -> tuple[Any, bool]:
     """A JSON-ready copy of ``value`` whose JSON is about ``cap`` bytes at most.
 
-    Shared references (YAML aliases) are walked as often as they occur, but the walk stops
-    once the budget is spent, so its cost is bounded by ``cap`` whatever the sharing. Returns
-    the copy and whether anything was cut (each cut is marked with :data:`TRUNCATED`).
+    A mapping or list met a second time (a YAML alias: PyYAML shares the object) is written
+    once; later occurrences become ``{"$ref": "<JSON Pointer to the first>"}``, so aliases are
+    never expanded. Scalars are copied, and the walk stops once the budget is spent, so its
+    cost is bounded by ``cap`` whatever the input. Returns the copy and whether anything was
+    cut (each cut is marked with :data:`TRUNCATED`). ``root`` is the pointer of ``value``
+    itself in the document it will be part of.
     """
     budget = cap
     cut = False
     marker = TRUNCATED.format(cap=cap)
+    seen: dict[int, str] = {}  # id of a container already written -> its pointer
 
-    def walk(item: Any) -> Any:
+    def walk(item: Any, pointer: str) -> Any:
         nonlocal budget, cut
         if budget <= 0:
             cut = True
             return marker
+        if isinstance(item, (dict, list, tuple)):
+            first = seen.get(id(item))
+            if first is not None:
+                budget -= len(first) + 12
+                return {"$ref": first}
+            seen[id(item)] = pointer
         if isinstance(item, dict):
             out: dict[str, Any] = {}
             for key, sub in item.items():
@@ -90,16 +105,16 @@ def bounded_copy(value: Any, cap: int) -> tuple[Any, bool]:
                     break
                 name = str(key)
                 budget -= len(name) + 4
-                out[name] = walk(sub)
+                out[name] = walk(sub, f"{pointer}/{_pointer_part(name)}")
             return out
         if isinstance(item, (list, tuple)):
             seq: list[Any] = []
-            for sub in item:
+            for index, sub in enumerate(item):
                 if budget <= 0:
                     seq.append(marker)
                     cut = True
                     break
-                seq.append(walk(sub))
+                seq.append(walk(sub, f"{pointer}/{index}"))
             return seq
         if item is None or isinstance(item, (bool, int, float)):
             budget -= 8
@@ -111,7 +126,7 @@ def bounded_copy(value: Any, cap: int) -> tuple[Any, bool]:
         budget -= len(text) + 2
         return text
 
-    return walk(value), cut
+    return walk(value, root), cut
 
 
 class _AdminServer:

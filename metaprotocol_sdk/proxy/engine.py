@@ -426,7 +426,9 @@ class Engine:
             for host, router in self.config.routers.items()
             for route in router.routes
         }
-        documents, truncated = bounded_copy(list(self.config.documents), DUMP_DOCUMENTS_BYTES)
+        documents, truncated = bounded_copy(
+            list(self.config.documents), DUMP_DOCUMENTS_BYTES, "/documents"
+        )
         admin = settings.admin
         return {
             "sources": list(self.config.sources),
@@ -471,7 +473,9 @@ class Engine:
             "protocols": {
                 p.name: {
                     "codec": p.codec_name,
-                    "options": bounded_copy(p.options, DUMP_DOCUMENTS_BYTES)[0],
+                    "options": bounded_copy(
+                        p.options, DUMP_DOCUMENTS_BYTES, f"/protocols/{p.name}/options"
+                    )[0],
                 }
                 for p in self.config.protocols.values()
             },

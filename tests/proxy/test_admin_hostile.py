@@ -310,3 +310,28 @@ def test_a_bug_behind_an_admin_path_is_a_500_and_one_log_line(
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.getMessage() == "admin: RuntimeError: planted"
     assert record.exc_info is None  # no traceback
+
+
+def test_config_dump_never_expands_an_alias() -> None:
+    """An alias is one object shared by PyYAML: written once, then pointed to."""
+    annotations = (
+        "  annotations:\n"
+        "    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        "    l1: &l1 [*l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0]\n"
+        "    l2: [*l1, *l1, *l1, *l1, *l1, *l1, *l1, *l1, *l1, *l1]\n"
+    )
+
+    async def main() -> None:
+        async with engine_for(admin_mesh(extra=annotations)) as engine:
+            assert engine.admin_address is not None
+            status, body = await http_get(engine.admin_address, "/config_dump")
+            assert status == 200
+            dump = json.loads(body)
+            meta = dump["documents"][1]["metadata"]["annotations"]
+            assert meta["l0"] == ["lol"] * 10
+            assert meta["l1"][0] == {"$ref": "/documents/1/metadata/annotations/l0"}
+            assert meta["l2"] == [{"$ref": "/documents/1/metadata/annotations/l1"}] * 10
+            assert body.count("lol") == 10  # 1000 when expanded
+            assert dump["documentsTruncated"] is False
+
+    run(main())
