@@ -60,3 +60,20 @@ def assert_shown(page: str, name: str, actual: str) -> None:
             f"docs/{page}, block {name!r} no longer matches the real output.\n"
             f"--- shown on the page\n{blocks[name]}\n--- real output\n{normalised}"
         )
+
+
+def shown_tree(page: str, name: str) -> list[str]:
+    """The file paths of the indented listing marked ``<!-- files: name -->`` in ``docs/<page>``
+    (directories end in ``/``; four spaces per level; ``#`` starts a comment)."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    match = re.search(rf"<!-- files: {name} -->\n```\n(.*?)^```", text, re.S | re.M)
+    assert match, f"docs/{page} has no listing marked '<!-- files: {name} -->'"
+    stack: list[str] = []
+    files = []
+    for line in match.group(1).splitlines()[1:]:  # the first line is the root
+        entry = line.split("#", 1)[0].strip()
+        depth = (len(line) - len(line.lstrip())) // 4 - 1
+        stack[depth:] = [entry]
+        if not entry.endswith("/"):
+            files.append("".join(stack))
+    return files
