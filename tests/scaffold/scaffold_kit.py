@@ -190,7 +190,7 @@ def run_in_engine(
         proxy_yaml.write_text(yaml.safe_dump(settings), encoding="utf-8")
 
         engine = Service(
-            [python, "-m", "metaprotocol_sdk", "proxy", "-c", mesh, "-c", proxy_yaml],
+            [*metaprotocol_command(python), "proxy", "-c", mesh, "-c", proxy_yaml],
             cwd=project,
             env=env,
         )
@@ -251,6 +251,12 @@ def run_in_engine(
         for service in reversed(services):
             service.stop()
     return outputs
+
+
+def metaprotocol_command(python: Path) -> list[str | Path]:
+    """The venv's ``metaprotocol`` console script where pip installed one, else ``-m``."""
+    script = python.parent / "metaprotocol"
+    return [script] if script.is_file() else [python, "-m", "metaprotocol_sdk"]
 
 
 def check_admin_paths(project: Path, admin_port: int) -> None:
