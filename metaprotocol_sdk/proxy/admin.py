@@ -32,6 +32,9 @@ log = logging.getLogger("metaprotocol.proxy.admin")
 MAX_REQUEST_BYTES = 16 * 1024
 #: Cap on the JSON of the documents in ``/config_dump`` (the validated model is not capped).
 DUMP_DOCUMENTS_BYTES = 1024 * 1024
+#: After an error reply, how long and how much the client's unread input is drained for.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 256 * 1024
 #: What replaces whatever did not fit under :data:`DUMP_DOCUMENTS_BYTES`.
 TRUNCATED = "...truncated: /config_dump shows the documents up to {cap} bytes"
 
@@ -175,7 +178,9 @@ class _AdminServer:
         answered = False
         try:
             async with asyncio.timeout(self.settings.request_timeout):
-                answered = await self._exchange(reader, writer)
+                answered, unread = await self._exchange(reader, writer)
+                if unread:
+                    await _linger(reader, writer)
         except TimeoutError:
             if not answered:
                 self._count(408)
@@ -193,7 +198,10 @@ class _AdminServer:
             self.active -= 1
             writer.close()
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[bool, bool]:
+        """Read one request and answer it: (answered, the client may still be sending)."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         while True:
             try:
@@ -203,7 +211,7 @@ class _AdminServer:
                 self._count(status)
                 writer.write(_response(status, f"{exc}\n"))
                 await writer.drain()
-                return True
+                return True, True
             if event is h11.NEED_DATA:
                 conn.receive_data(await reader.read(8192))
                 continue
@@ -213,8 +221,29 @@ class _AdminServer:
                 self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
                 writer.write(response)
                 await writer.drain()
-                return True
-            return False  # the client closed (or paused) before a request
+                has_body = any(
+                    name in (b"content-length", b"transfer-encoding") for name, _ in event.headers
+                )
+                return True, has_body
+            return False, False  # the client closed (or paused) before a request
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then discard what the client is still sending (briefly, a bounded amount).
+
+    Closing a socket with unread input sends a reset, which can destroy the response before
+    the client reads it (a 431 to a 64 KiB request line, a 405 to a POST with a body).
+    """
+    if writer.can_write_eof():
+        writer.write_eof()
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            left = LINGER_BYTES
+            while left > 0:
+                data = await reader.read(min(left, 65536))
+                if not data:
+                    return
+                left -= len(data)
 
 
 async def start_admin(engine: Engine, settings: Admin) -> asyncio.Server:
