@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from metaprotocol_thrift.resumable import ResumableSkip
 from metaprotocol_thrift.skip import skip_binary_struct, skip_compact_struct
 from metaprotocol_thrift.wire import Incomplete
 from thrift.protocol.TBinaryProtocol import TBinaryProtocol
@@ -207,23 +208,23 @@ def test_every_truncation_is_incomplete(
         assert cut < raised.value.needed <= len(whole)
 
 
-@pytest.mark.parametrize(
-    ("protocol", "data", "message"),
-    [
-        ("binary", b"\x63\x00\x01", "unknown binary field type 99"),
-        ("binary", b"\x0b\x00\x01\xff\xff\xff\xfe", "negative string length"),
-        ("binary", b"\x0f\x00\x01\x08\xff\xff\xff\xff", "negative list size"),
-        ("binary", b"\x0d\x00\x01\x0b\x0b\x80\x00\x00\x00", "negative map size"),
-        ("binary", b"\x0f\x00\x01\x63\x00\x00\x00\x01", "unknown binary element type 99"),
-        ("binary", b"\x0d\x00\x01\x63\x08\x00\x00\x00\x01", "unknown binary element type 99"),
-        ("compact", b"\x10", "compact field of type 0"),
-        ("compact", b"\x1e", "unknown compact type 14"),
-        ("compact", b"\x19\x1e", "unknown compact element type 14"),
-        ("compact", b"\x1b\x01\x8e", "unknown compact element type 14"),
-        ("compact", b"\x15" + b"\x80" * 11, "varint longer than 10 bytes"),
-        ("compact", b"\x18\xff\xff\xff\xff\xff\x01", "size varint longer than 5 bytes"),
-    ],
-)
+MALFORMED = [
+    ("binary", b"\x63\x00\x01", "unknown binary field type 99"),
+    ("binary", b"\x0b\x00\x01\xff\xff\xff\xfe", "negative string length"),
+    ("binary", b"\x0f\x00\x01\x08\xff\xff\xff\xff", "negative list size"),
+    ("binary", b"\x0d\x00\x01\x0b\x0b\x80\x00\x00\x00", "negative map size"),
+    ("binary", b"\x0f\x00\x01\x63\x00\x00\x00\x01", "unknown binary element type 99"),
+    ("binary", b"\x0d\x00\x01\x63\x08\x00\x00\x00\x01", "unknown binary element type 99"),
+    ("compact", b"\x10", "compact field of type 0"),
+    ("compact", b"\x1e", "unknown compact type 14"),
+    ("compact", b"\x19\x1e", "unknown compact element type 14"),
+    ("compact", b"\x1b\x01\x8e", "unknown compact element type 14"),
+    ("compact", b"\x15" + b"\x80" * 11, "varint longer than 10 bytes"),
+    ("compact", b"\x18\xff\xff\xff\xff\xff\x01", "size varint longer than 5 bytes"),
+]
+
+
+@pytest.mark.parametrize(("protocol", "data", "message"), MALFORMED)
 def test_malformed_structs_are_framing_errors(protocol: str, data: bytes, message: str) -> None:
     buf = bytearray(data + b"\x00" * 16)
     with pytest.raises(FramingError, match=message):
@@ -232,18 +233,63 @@ def test_malformed_structs_are_framing_errors(protocol: str, data: bytes, messag
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
 @pytest.mark.parametrize("container", ["struct", "list", "map"])
-def test_nesting_past_max_depth_is_refused(protocol: str, container: str) -> None:
+def nested(protocol: str, container: str, levels: int) -> bytearray:
+    """A struct holding ``levels`` containers of one kind nested in each other."""
     inner: tuple[Any, ...] = (TType.I32,)
     value: Any = 1
-    for _ in range(10):
+    for _ in range(levels):
         if container == "struct":
             inner, value = (TType.STRUCT, [(1, inner)]), (value,)
         elif container == "list":
             inner, value = (TType.LIST, inner), [value]
         else:
             inner, value = (TType.MAP, (TType.I32,), inner), [(0, value)]
-    data = bytearray(encoded(protocol, (TType.STRUCT, [(1, inner)]), (value,)))
+    return bytearray(encoded(protocol, (TType.STRUCT, [(1, inner)]), (value,)))
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("container", ["struct", "list", "map"])
+def test_nesting_past_max_depth_is_refused(protocol: str, container: str) -> None:
+    data = nested(protocol, container, 10)
     skip = PROTOCOLS[protocol][1]
     assert skip(data, 0, len(data), 64) == len(data)
     with pytest.raises(FramingError, match="nested deeper than max_depth"):
         skip(data, 0, len(data), 5)
+
+
+# -- the resumable walk (unframed messages arriving in pieces) -------------------------------
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@SETTINGS
+@given(drawn=structs(), data=st.data())
+def test_resumable_walk_ends_where_apache_skip_ends(
+    protocol: str, drawn: tuple[Any, ...], data: st.DataObject
+) -> None:
+    """Fed in pieces cut anywhere, the resumable walk needs more until the struct is complete
+    (asking for no more than its end) and then ends exactly where Apache's skip does."""
+    whole = encoded(protocol, *drawn)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(whole) - 1), max_size=8)))
+    walk = ResumableSkip(b"", protocol, 0, 64)
+    for cut in cuts:
+        done, needed = walk.feed(whole[:cut])
+        assert not done and cut < needed <= len(whole)
+    assert walk.feed(whole + b"\x00\x01") == (True, apache_skip_end(protocol, whole))
+
+
+@pytest.mark.parametrize(
+    ("protocol", "data"),
+    [(protocol, data) for protocol, data, _ in MALFORMED],
+)
+def test_resumable_walk_refuses_malformed_structs(protocol: str, data: bytes) -> None:
+    with pytest.raises(FramingError):
+        ResumableSkip(b"", protocol, 0, 64).feed(data + b"\x00" * 16)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("container", ["struct", "list", "map"])
+def test_resumable_walk_refuses_nesting_past_max_depth(protocol: str, container: str) -> None:
+    data = nested(protocol, container, 10)
+    assert ResumableSkip(b"", protocol, 0, 64).feed(data) == (True, len(data))
+    with pytest.raises(FramingError, match="nested deeper than max_depth"):
+        ResumableSkip(b"", protocol, 0, 5).feed(data)

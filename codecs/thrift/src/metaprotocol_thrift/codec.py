@@ -33,6 +33,7 @@ from . import binary, compact, theader
 from .detect import AUTO, BINARY, COMPACT, FRAMED, HEADER, UNFRAMED, detect
 from .options import choice, flag, positive
 from .replies import APPLICATION_EXCEPTION_TYPES, error_text
+from .resumable import ResumableSkip
 from .skip import skip_binary_struct, skip_compact_struct
 from .state import WireState
 from .wire import (
@@ -114,6 +115,19 @@ def _framed_shape(shapes: dict[str, _Shape], mtype: int, name: str, name_end: in
     return shape
 
 
+class _Pending:
+    """An unframed message not complete yet: its walk, its header, and how many bytes of the
+    buffer the walk has seen (a shorter buffer cannot hold the same message)."""
+
+    __slots__ = ("begin", "protocol", "seen", "walk")
+
+    def __init__(self, walk: ResumableSkip, begin: binary.MessageBegin, protocol: str) -> None:
+        self.walk = walk
+        self.begin = begin
+        self.protocol = protocol
+        self.seen = 0
+
+
 class ThriftCodec(Codec):
     """Apache Thrift codec: framed, unframed (buffered) and THeader; binary and compact.
 
@@ -170,6 +184,8 @@ class ThriftCodec(Codec):
         )
         #: Mutations not written because the message's transport has no headers.
         self.mutations_skipped = 0
+        #: The unframed message being walked across reads, if one is incomplete.
+        self._pending: _Pending | None = None
         #: Shapes of framed strict-binary messages by method name, per message type code.
         self._shapes: tuple[dict[str, _Shape], ...] = ({}, {}, {}, {}, {})
         self._protocol = self.wire_protocol
@@ -192,6 +208,7 @@ class ThriftCodec(Codec):
         """Forget what ``auto`` detected last (detection is per message, so nothing else)."""
         self._protocol = self.wire_protocol
         self._detected = (self.transport, self.wire_protocol)
+        self._pending = None
 
     @property
     def detected(self) -> tuple[str, str]:
@@ -375,8 +392,14 @@ class ThriftCodec(Codec):
         available = len(buffer)
         if available == 0:
             return NEED_DATA
+        pending = self._pending
+        if pending is not None:
+            if available >= pending.seen and buffer.startswith(pending.walk.head):
+                return self._resume(buffer, pending)
+            self._pending = None  # not the message the walk started on: start over
         if available >= 12 and buffer[0] == 0x80 and self._protocol != COMPACT:
-            # Fast path: unframed strict binary; anything unusual takes the general path.
+            # Fast path: unframed strict binary, complete in the buffer; anything else
+            # (incomplete, unusual or wrong) takes the general path.
             word, name_len = _UNFRAMED_STRICT_HEAD.unpack_from(buffer, 0)
             name_end = 8 + name_len
             body = name_end + 4
@@ -391,10 +414,10 @@ class ThriftCodec(Codec):
                 try:
                     name = buffer[8:name_end].decode()
                     end = skip_binary_struct(buffer, body, available, self.max_depth)
-                except Incomplete as more:
-                    if more.needed <= self.max_frame_size and available <= self.max_frame_size:
-                        return NEED_DATA
-                    end = -1  # too large: the general path raises with the metadata
+                except Incomplete:
+                    seqid = _unpack_i32(buffer, name_end)[0]
+                    begin = (mtype, name, seqid, name_end, 4, body, True)
+                    return self._walk(buffer, begin, BINARY)
                 except (UnicodeDecodeError, CodecError):
                     end = -1  # the general path raises the precise error
                 if 0 < end <= self.max_frame_size:
@@ -409,27 +432,57 @@ class ThriftCodec(Codec):
                         declared,
                     )
         protocol, read = self._reader(buffer[0])
-        begin = None
         try:
             begin = read(buffer, 0, available)
-            if protocol == COMPACT:
-                end = skip_compact_struct(buffer, begin[5], available, self.max_depth)
-            else:
-                end = skip_binary_struct(buffer, begin[5], available, self.max_depth)
         except Incomplete as more:
             needed = max(more.needed, available)
             if needed > self.max_frame_size:
-                metadata = None
-                if begin is not None:
-                    metadata = self._metadata(b"", begin, UNFRAMED, protocol, None, None)
-                raise FrameTooLargeError(
-                    needed, self.max_frame_size, offset=0, metadata=metadata
-                ) from None
+                raise FrameTooLargeError(needed, self.max_frame_size, offset=0) from None
             return NEED_DATA
+        body = begin[5]
+        skip = skip_compact_struct if protocol == COMPACT else skip_binary_struct
+        try:
+            end = skip(buffer, body, available, self.max_depth)
+        except Incomplete:
+            return self._walk(buffer, begin, protocol)
         except CodecError as exc:
-            if begin is not None and exc.metadata is None:
+            if exc.metadata is None:
                 exc.metadata = self._metadata(b"", begin, UNFRAMED, protocol, None, None)
             raise
+        return self._unframed_message(buffer, end, begin, protocol)
+
+    def _walk(
+        self, buffer: bytearray, begin: binary.MessageBegin, protocol: str
+    ) -> Metadata | NeedData:
+        """Start walking an unframed message that is not all here yet, resumably: later reads
+        continue where this one stops instead of starting over."""
+        body = begin[5]
+        walk = ResumableSkip(bytes(buffer[:body]), protocol, body, self.max_depth)
+        return self._resume(buffer, _Pending(walk, begin, protocol))
+
+    def _resume(self, buffer: bytearray, pending: _Pending) -> Metadata | NeedData:
+        """Walk the pending unframed message over the bytes that arrived since."""
+        self._pending = None
+        try:
+            done, at = pending.walk.feed(buffer)
+            if not done and at > self.max_frame_size:
+                raise FrameTooLargeError(at, self.max_frame_size, offset=0)
+        except CodecError as exc:
+            if exc.metadata is None:
+                exc.metadata = self._metadata(
+                    b"", pending.begin, UNFRAMED, pending.protocol, None, None
+                )
+            raise
+        if not done:
+            pending.seen = len(buffer)
+            self._pending = pending
+            return NEED_DATA
+        return self._unframed_message(buffer, at, pending.begin, pending.protocol)
+
+    def _unframed_message(
+        self, buffer: bytearray, end: int, begin: binary.MessageBegin, protocol: str
+    ) -> Metadata:
+        """Take the complete unframed message of ``end`` bytes off the buffer."""
         if end > self.max_frame_size:
             raise FrameTooLargeError(
                 end,
