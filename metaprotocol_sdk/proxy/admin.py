@@ -175,11 +175,10 @@ class _AdminServer:
             writer.close()
             return
         self.active += 1
-        answered = False
+        answered: list[bool] = []  # set once a response starts: nothing else may follow it
         try:
             async with asyncio.timeout(self.settings.request_timeout):
-                answered, unread = await self._exchange(reader, writer)
-                if unread:
+                if await self._exchange(reader, writer, answered):
                     await _linger(reader, writer)
         except TimeoutError:
             if not answered:
@@ -199,9 +198,9 @@ class _AdminServer:
             writer.close()
 
     async def _exchange(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[bool, bool]:
-        """Read one request and answer it: (answered, the client may still be sending)."""
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answered: list[bool]
+    ) -> bool:
+        """Read one request and answer it; True when the client may still be sending."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         while True:
             try:
@@ -209,9 +208,10 @@ class _AdminServer:
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint  # 400, or 431 for a request over the bound
                 self._count(status)
+                answered.append(True)
                 writer.write(_response(status, f"{exc}\n"))
                 await writer.drain()
-                return True, True
+                return True
             if event is h11.NEED_DATA:
                 conn.receive_data(await reader.read(8192))
                 continue
@@ -219,13 +219,14 @@ class _AdminServer:
                 target = event.target.decode("ascii", "replace")
                 response = self.handle(event.method.decode("ascii", "replace"), target)
                 self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
+                answered.append(True)
                 writer.write(response)
                 await writer.drain()
                 has_body = any(
                     name in (b"content-length", b"transfer-encoding") for name, _ in event.headers
                 )
-                return True, has_body
-            return False, False  # the client closed (or paused) before a request
+                return has_body
+            return False  # the client closed (or paused) before a request
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
