@@ -69,6 +69,11 @@ def test_regex_is_linear_on_a_backtracking_bomb() -> None:
     short, longer = (min(_cost(match, "a" * n + "!") for _ in range(3)) for n in (15, 19))
     assert longer < 2.5 * short + 1e-3, (short, longer)
     assert _cost(match, "a" * 27 + "!", rounds=1) < 0.5
+    # The 28 bytes, then 2x and 4x: each doubling at most about doubles the time.
+    t28, t56, t112 = (
+        min(_cost(match, "a" * (n - 1) + "!") for _ in range(3)) for n in (28, 56, 112)
+    )
+    assert t56 < 2.5 * t28 + 1e-3 and t112 < 2.5 * t56 + 1e-3, (t28, t56, t112)
     # Linear: doubling the input at most about doubles the time.
     base, double, quadruple = (
         min(_cost(match, "a" * n + "!") for _ in range(3)) for n in (2000, 4000, 8000)
