@@ -77,3 +77,10 @@ def shown_tree(page: str, name: str) -> list[str]:
         if not entry.endswith("/"):
             files.append("".join(stack))
     return files
+
+
+def shown_excerpts(page: str) -> list[tuple[str, str]]:
+    """``(path, text)`` of every block marked ``<!-- excerpt: path -->`` in ``docs/<page>``."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    found = re.findall(r"<!-- excerpt: (\S+) -->\n```[\w-]*\n(.*?)^```", text, re.S | re.M)
+    return [(path, body) for path, body in found]

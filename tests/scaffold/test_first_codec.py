@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import yaml
-from doc_output import DOCS, assert_shown, shown_tree
+from doc_output import DOCS, assert_shown, shown_excerpts, shown_tree
 from scaffold_kit import PYTHON, fresh_venv, isolated_env, pip_install, run, run_in_engine
 
 PROTOCOL = "acme_rpc"
@@ -42,6 +42,10 @@ def test_first_codec_from_scaffold_to_engine(tmp_path: Path) -> None:
     assert_shown(PAGE, "new", made.stdout.replace(str(tmp_path), "/home/you"))
     generated = {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file()}
     assert sorted(shown_tree(PAGE, "tree")) == sorted(generated)
+    excerpts = shown_excerpts(PAGE)
+    assert len(excerpts) == 4
+    for path, excerpt in excerpts:
+        assert excerpt in (project / path).read_text("utf-8"), f"{path} no longer has:\n{excerpt}"
     pyproject = (project / "pyproject.toml").read_text(encoding="utf-8")
     assert f'name = "{AUTHOR}"' in pyproject
     assert 'license = "MIT"' in pyproject
