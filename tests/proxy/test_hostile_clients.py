@@ -157,7 +157,9 @@ def test_client_that_never_reads_is_closed_with_memory_bounded(tmp_path: Path) -
 
             await until(attacker_settled, "every attacker request to be settled", 30)
             assert peak - base < 64 * MiB, f"RSS grew by {(peak - base) / MiB:.0f} MiB"
-            assert slowest < 2.0, f"a well-behaved call took {slowest:.2f}s during the attack"
+            # Generous (a shared 2-core machine moves 200 MB through here meanwhile); an engine
+            # that stalled on the attacker would take far longer.
+            assert slowest < 5.0, f"a well-behaved call took {slowest:.2f}s during the attack"
             stats = await engine.stats()
             closed = 'metaprotocol_downstream_connections_closed_total{listener="svc.test:9000",'
             assert stats[closed + 'reason="write_overflow"}'] == 1
