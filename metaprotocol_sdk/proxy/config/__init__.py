@@ -3,6 +3,7 @@
 from .durations import parse_duration
 from .loader import load_config, loads_config
 from .models import (
+    Admin,
     AttributeMatch,
     Config,
     Destination,
@@ -22,6 +23,7 @@ from .models import (
 )
 
 __all__ = [
+    "Admin",
     "AttributeMatch",
     "Config",
     "Destination",
