@@ -207,9 +207,27 @@ def test_interface_attachment_wins_over_path_and_version_falls_back() -> None:
     assert md.values["service_path"] == "com.example.Impl"
 
 
+def test_version_attachment_wins_over_the_body_version_and_a_mutation_of_it_shows() -> None:
+    """Java's DecodeableRpcInvocation puts the wire attachments over the body's version, so
+    the provider sees the attachment; routing must see the same, and a replaced version."""
+    codec = DubboCodec()
+    frame = build_request(PATH, "m", ["x"], version="1.0.0", attachments={"version": "2.0"})
+    md = decode_one(frame, codec)
+    assert md.attributes["version"] == "2.0"
+    mutated = decode_one(join_encoded(codec.encode(md, {"version": "3.0"})), codec)
+    assert mutated.attributes["version"] == "3.0"
+    plain = decode_one(build_request(PATH, "m", ["x"], version="1.0.0"), codec)
+    replaced = decode_one(join_encoded(codec.encode(plain, {"version": "3.0"})), codec)
+    assert replaced.attributes["version"] == "3.0"
+
+
 def test_method_from_body_wins_over_an_attachment_named_method() -> None:
     md = decode_one(build_request(PATH, "real", [], attachments={"method": "fake"}))
     assert md.attributes["method"] == "real" and md.operation_name == "real"
+    # So a mutation of it would change nothing: refused, not silently dropped.
+    for key in ("method", "Method"):
+        with pytest.raises(MutationError, match="method of a Dubbo request is in its body"):
+            DubboCodec().encode(md, {key: "other", "k": "v"})
 
 
 def test_non_string_attachments_are_values_not_attributes() -> None:

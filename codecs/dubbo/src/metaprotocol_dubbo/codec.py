@@ -271,6 +271,17 @@ def _added_pairs(mutation: Mutation) -> bytes:
     return pairs
 
 
+def _refuse_method(mutation: Mutation) -> None:
+    """A request's method is in its body: an attachment named ``method`` would not change it
+    (Dubbo and routing both read the body's), so such a mutation is refused, not dropped."""
+    for key in mutation:
+        if key.lower() == "method":
+            raise MutationError(
+                "the method of a Dubbo request is in its body; a 'method' attachment would "
+                "not change it"
+            )
+
+
 class DubboCodec(Codec):
     """Dubbo protocol codec (Hessian 2.0 serialization, id 2).
 
@@ -460,10 +471,12 @@ class DubboCodec(Codec):
             dubbo_version, path, version, method, desc = fields
             strings = attachments.strings
             folded = {key.lower(): (key, value) for key, value in strings.items()}
-        # Body fields win over attachments of the same (case-folded) name.
+        # As in Java's DecodeableRpcInvocation, non-empty `interface` and `version` attachments
+        # win over the body's path and version (so a mutation of them is what routing sees);
+        # the method is the body's.
         folded["interface"] = ("interface", strings.get("interface") or path)
         folded["method"] = ("method", method)
-        version = version or strings.get("version", "")
+        version = strings.get("version") or version
         if version:
             folded["version"] = ("version", version)
         values: dict[str, Any] = {
@@ -680,6 +693,8 @@ class DubboCodec(Codec):
         frame = message.frame
         state = message.codec_state
         if mutation:
+            if type(state) is KnownRequest or type(state) is RequestState:
+                _refuse_method(mutation)
             if type(state) is KnownRequest:
                 if len(frame) <= _COPY_LIMIT and state.strings.keys().isdisjoint(mutation):
                     return self._splice(frame, len(frame), _added_pairs(mutation), request_id)
