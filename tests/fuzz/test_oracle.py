@@ -15,6 +15,7 @@ from metaprotocol_dubbo.hessian2 import Decoder, Encoder
 from fuzz import config_oracle
 from fuzz.bounds import Bounds, bounded
 from fuzz.hessian_oracle import check_hessian
+from fuzz.minimize import kind_of, minimize
 from fuzz.oracle import Violation, check_codec
 from metaprotocol_sdk.codec import NEED_DATA, Codec, Encoded, NeedData
 from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, KVCodec, build_frame
@@ -168,3 +169,14 @@ def test_config_errors_other_than_config_error_are_crashes(
     with pytest.raises(Violation) as caught:
         config_oracle.check_config(b"kind: [")
     assert caught.value.rule == "crash"
+
+
+def test_minimize_keeps_the_kind_and_drops_the_rest() -> None:
+    def check(data: bytes) -> None:
+        check_codec(ConsumesOnError, data)
+
+    big = BAD_VERSION + b"x" * 200
+    small = minimize(check, big)
+    # 16 bytes the planted bug drops, then 16 that fail the magic check: nothing shorter works.
+    assert len(small) == 32
+    assert kind_of(check, small) == kind_of(check, big) == "buffer-changed:FramingError"
