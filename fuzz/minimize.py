@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     target = TARGETS[args.target]
     tracemalloc.start()
     data = args.file.read_bytes()
-    small = minimize(lambda d: bounded(target.check, d, target.bounds), data)
+    try:
+        small = minimize(lambda d: bounded(target.check, d, target.bounds), data)
+    except ValueError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
     out = args.out or args.file.with_name(args.file.name + ".min")
     out.write_bytes(small)
     print(f"{len(data)} -> {len(small)} bytes: {out}")
