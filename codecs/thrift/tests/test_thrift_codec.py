@@ -701,3 +701,15 @@ def test_theader_transform_list_is_bounded(count: int) -> None:
     with pytest.raises(FramingError, match=match) as raised:
         ThriftCodec().decode(buffer)
     assert raised.value.frame_size == len(data) and buffer == data
+
+
+def test_theader_mutation_of_the_message_name_is_refused() -> None:
+    """method (and service of a multiplexed name) come from the message name, which wins over
+    info headers: a mutation of them would be silently lost, so encode refuses it."""
+    plain, codec = decode_one(tf.sample("header", "binary", "add", 1, 3))
+    multiplexed, _ = decode_one(tf.sample("header", "binary", "Calc:add", 1, 4))
+    for message, key in ((plain, "method"), (plain, "Method"), (multiplexed, "service")):
+        with pytest.raises(MutationError, match="message name"):
+            codec.encode(message, {key: "other"})
+    mutated, _ = decode_one(join_encoded(codec.encode(plain, {"service": "s"})))
+    assert mutated.attributes["service"] == "s"  # not multiplexed: an info header like others

@@ -136,3 +136,24 @@ def test_a_collection_that_cannot_fit_is_refused_at_once(message: bytes) -> None
         assert buffer == message
         assert raised.value.metadata is not None
         assert raised.value.metadata.operation_name == "echo"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x0f\x00\x01" + struct.pack(">Bi", 0, 0) + b"\x00",  # binary list<type 0>, empty
+        b"\x0d\x00\x01" + struct.pack(">BBi", 0, 0, 0) + b"\x00",  # binary map, empty
+    ],
+)
+def test_every_prefix_of_a_decodable_message_needs_data(body: bytes) -> None:
+    """Fuzz find: an empty collection of element type 0 decodes whole (its element type is
+    never looked at), but a prefix ending after its header was refused by the resumable walk;
+    whole and piecewise decoding must agree."""
+    message = _BINARY_HEAD + body
+    whole = ThriftCodec(transport="unframed").decode(bytearray(message))
+    assert isinstance(whole, Metadata) and whole.frame == message
+    for cut in range(1, len(message)):
+        codec = ThriftCodec(transport="unframed")
+        assert isinstance(codec.decode(bytearray(message[:cut])), NeedData)
+        resumed = codec.decode(bytearray(message))
+        assert isinstance(resumed, Metadata) and resumed.frame == message

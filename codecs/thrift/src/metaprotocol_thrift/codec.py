@@ -767,6 +767,8 @@ class ThriftCodec(Codec):
         mutation: Mutation | None,
         seqid: int | None,
     ) -> bytes:
+        if mutation:
+            _refuse_name_keys(mutation, state.wire_name)
         start = block.payload_offset
         header_seqid = block.seqid & 0xFFFFFFFF if seqid is None else seqid
         payload: bytes | memoryview
@@ -819,6 +821,18 @@ class ThriftCodec(Codec):
             flags = block.flags if block is not None else 0
             return theader.build_frame(flags, seqid, header_block, payload)
         return len(payload).to_bytes(4, "big") + payload
+
+
+def _refuse_name_keys(mutation: Mutation, wire_name: str) -> None:
+    """``method`` (and ``service`` of a multiplexed name) come from the message name, which
+    wins over info headers: such a mutation would change nothing, so it is refused."""
+    for key in mutation:
+        folded = key.lower()
+        if folded == "method" or (folded == "service" and ":" in wire_name):
+            raise MutationError(
+                f"{key!r} of a Thrift message is its message name; an info header would not "
+                "change it"
+            )
 
 
 def _rewrite_seqid(frame: bytes, state: WireState, start: int, seqid: int) -> tuple[bytes, int]:

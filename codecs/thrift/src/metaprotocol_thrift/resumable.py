@@ -110,21 +110,22 @@ def _binary_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
 
 def _binary_items(feed: _Feed, pos: int, count: int, types: tuple[int, ...], depth: int) -> Walk:
     """``count`` list elements (one type) or map entries (two types) starting at ``pos``."""
-    if count < 0:
-        raise FramingError(f"negative collection size {count}", offset=pos - 4)
+    if count <= 0:
+        if count:
+            raise FramingError(f"negative collection size {count}", offset=pos - 4)
+        return pos  # an empty collection's element types are not looked at (as skip.py does)
     least = 0
     for vtype in types:
         if not _BINARY_LEAST[vtype]:
             raise FramingError(f"unknown binary element type {vtype}", offset=pos)
         least += _BINARY_LEAST[vtype]
-    if count:
-        if depth <= 0:
-            raise _too_deep(pos)
-        # The fewest bytes these elements take: all of them when they are fixed-size.
-        if pos + count * least > feed.end:
-            yield from _wait(feed, pos + count * least)
-        if all(_BINARY_FIXED[vtype] for vtype in types):
-            return pos + count * least
+    if depth <= 0:
+        raise _too_deep(pos)
+    # The fewest bytes these elements take: all of them when they are fixed-size.
+    if pos + count * least > feed.end:
+        yield from _wait(feed, pos + count * least)
+    if all(_BINARY_FIXED[vtype] for vtype in types):
+        return pos + count * least
     for _ in range(count):
         for vtype in types:
             pos = yield from _binary_value(feed, pos, vtype, depth)
@@ -216,15 +217,16 @@ def _compact_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
 
 
 def _compact_items(feed: _Feed, pos: int, count: int, types: tuple[int, ...], depth: int) -> Walk:
+    if not count:
+        return pos  # an empty collection's element types are not looked at (as skip.py does)
     for vtype in types:
         if not _COMPACT_FIXED[vtype] and vtype not in _COMPACT_VARIABLE:
             raise FramingError(f"unknown compact element type {vtype}", offset=pos)
-    if count:
-        if depth <= 0:
-            raise _too_deep(pos)
-        # Every element takes at least one byte.
-        if pos + count * len(types) > feed.end:
-            yield from _wait(feed, pos + count * len(types))
+    if depth <= 0:
+        raise _too_deep(pos)
+    # Every element takes at least one byte.
+    if pos + count * len(types) > feed.end:
+        yield from _wait(feed, pos + count * len(types))
     for _ in range(count):
         for vtype in types:
             pos = yield from _compact_value(feed, pos, vtype, depth)
