@@ -159,7 +159,7 @@ def _check_message(
     kind = md.message_type
     if caps.rewrite_request_id and kind is not MessageType.Heartbeat:
         new_id = 2 if md.request_id == 1 else 1
-        relabelled = _reencode(factory, md, "request_id", new_id)
+        relabelled = _reencode(factory, md, "request_id", new_id, {})
         if head is not None and caps.peek_reply and relabelled is not None:
             try:
                 out: bytes | None = join_encoded(codec.relabel(md.frame, new_id))
@@ -174,7 +174,14 @@ def _check_message(
         or (caps.response_mutation and kind in (MessageType.Response, MessageType.Error))
     )
     if mutable:
-        _reencode(factory, md, "mutation", 0)
+        # Add a key and replace the first existing one; then replace the last one alone (often
+        # a field the codec derives from the message, like ``method``): a silent drop of any
+        # is the bug, refusing with MutationError is allowed.
+        keys = [k for k in md.attributes if k.lower() != MUTATION_KEY]
+        added = {MUTATION_KEY: "1", **dict.fromkeys(keys[:1], "fuzz")}
+        _reencode(factory, md, "mutation", 0, added)
+        if len(keys) > 1:
+            _reencode(factory, md, "mutation", 0, {keys[-1]: "fuzz"})
     try:
         if kind is MessageType.Request:
             reply = codec.on_error(md, _LOCAL_ERROR)
@@ -188,14 +195,16 @@ def _check_message(
         raise crash("on_error/heartbeat_reply", exc) from None
 
 
-def _reencode(factory: Callable[[], Codec], md: Metadata, what: str, new_id: int) -> bytes | None:
+def _reencode(
+    factory: Callable[[], Codec], md: Metadata, what: str, new_id: int, mutation: dict[str, str]
+) -> bytes | None:
     """Encode ``md`` with a new id or a mutation; the result must decode to what was asked."""
     codec = factory()
     try:
         if what == "request_id":
             encoded = codec.encode(md, request_id=new_id)
         else:
-            encoded = codec.encode(md, {MUTATION_KEY: "1"})
+            encoded = codec.encode(md, mutation)
     except CodecError:
         return None  # refusing a change (MutationError) is allowed
     except Exception as exc:
@@ -234,8 +243,14 @@ def _reencode(factory: Callable[[], Codec], md: Metadata, what: str, new_id: int
             "reencode-lost-id",
             f"asked for request id {new_id}, the frame carries {again.request_id}",
         )
-    if what == "mutation" and not lenient and again.attributes.get(MUTATION_KEY) != "1":
-        raise Violation("reencode-lost-mutation", f"{MUTATION_KEY} did not survive encoding")
+    if what == "mutation" and not lenient:
+        lost = [k for k, v in mutation.items() if again.attributes.get(k) != v]
+        if lost:
+            raise Violation(
+                "reencode-lost-mutation",
+                f"encoding {mutation} into a {md.message_type.name}: {lost} read back "
+                f"as {[again.attributes.get(k) for k in lost]}",
+            )
     return frame
 
 

@@ -71,6 +71,14 @@ class DropsMutation(KVCodec):
         return super().encode(message, None, request_id=request_id)
 
 
+class KeepsExistingKeys(KVCodec):
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        new = {k: v for k, v in (mutation or {}).items() if k not in message.attributes}
+        return super().encode(message, new, request_id=request_id)
+
+
 class Reserialises(KVCodec):
     def encode(
         self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
@@ -118,6 +126,7 @@ def rule_of(codec: Callable[[], Codec], data: bytes, bounds: Bounds | None = Non
         (BuffersForever, b"JUNK" * 8, "unbounded-buffering"),
         (KeepsOldId, GET, "reencode-lost-id"),
         (DropsMutation, GET, "reencode-lost-mutation"),
+        (KeepsExistingKeys, GET, "reencode-lost-mutation"),
         (Reserialises, GET, "encode-not-identity"),
         (PeekOffByOne, REPLY, "peek-disagrees"),
     ],
