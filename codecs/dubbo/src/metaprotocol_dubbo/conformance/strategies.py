@@ -80,3 +80,23 @@ def messages() -> st.SearchStrategy[bytes]:
 
 #: Alias used by this codec's own property tests.
 frames = messages
+
+
+def grown(n: int) -> dict[str, bytes]:
+    """Requests whose size grows in proportion to ``n``, for the kit's linear-time check.
+
+    Among them the shape of issue 13's quadratic decode: attachments that refer to lists
+    inside the (skipped) arguments, 16 per unit of ``n``.
+    """
+    lists = [[i] for i in range(16 * n)]
+    path = "com.example.Service"
+    return {
+        "attachments": build_request(
+            path, "m", ["x"], attachments={f"k{i}": "v" for i in range(n)}
+        ),
+        "argument bytes": build_request(path, "m", ["x" * (64 * n)]),
+        "arguments": build_request(path, "m", [f"a{i}" for i in range(n)]),
+        "attachments referring to skipped arguments": build_request(
+            path, "m", [lists], attachments={f"k{i}": item for i, item in enumerate(lists)}
+        ),
+    }

@@ -122,3 +122,37 @@ def _message(draw: st.DrawFn) -> Sample:
 def messages() -> st.SearchStrategy[Sample]:
     """Valid Thrift messages across protocols and transports, with expected metadata."""
     return _message()
+
+
+def _call(fields: bytes, protocol: str = "binary") -> bytes:
+    if protocol == "compact":
+        return compact.write_message_begin(b"grown", 1, 7) + fields + b"\x00"
+    return binary.write_message_begin(b"grown", 1, 7, True) + fields + b"\x00"
+
+
+def grown(n: int) -> dict[str, Sample]:
+    """Messages whose size grows in proportion to ``n``, for the kit's linear-time check.
+
+    Among them issue 13's shape: unframed messages (no length: decode walks the struct to find
+    the end), which the kit also delivers in 256-byte reads.
+    """
+    unframed = {"transport": "unframed"}
+    strings = b"".join(struct.pack(">bhi", 11, i + 1, 16) + b"s" * 16 for i in range(n))
+    ints = struct.pack(">bhbi", 15, 1, 8, 8 * n) + b"\x00\x00\x00\x01" * (8 * n)
+    structs = struct.pack(">bhbi", 15, 1, 12, n) + (b"\x08\x00\x01\x00\x00\x00\x07\x00" * n)
+    compact_strings = b"".join(b"\x18\x10" + b"s" * 16 for _ in range(n))
+    framed = _call(ints)
+    info = [(f"key{i}".encode(), b"v" * 8) for i in range(n)]
+    block = theader.THeaderBlock(0, 7, 0, b"\x00", info, b"", 0)
+    return {
+        "unframed string fields": Sample(_call(strings), options=unframed),
+        "unframed list of i32": Sample(_call(ints), options=unframed),
+        "unframed list of structs": Sample(_call(structs), options=unframed),
+        "unframed compact string fields": Sample(
+            _call(compact_strings, "compact"), options=unframed
+        ),
+        "framed list of i32": Sample(len(framed).to_bytes(4, "big") + framed),
+        "THeader info headers": Sample(
+            theader.build_frame(0, 7, theader.build_block(block, info), _call(strings))
+        ),
+    }
