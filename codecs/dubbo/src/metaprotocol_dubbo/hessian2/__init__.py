@@ -24,14 +24,23 @@ bits, else a long; ``float`` is a double; ``tuple`` is a list; naive ``datetime`
 :class:`JavaInt`, :class:`JavaLong`, :class:`JavaFloat`, :class:`JavaDouble` force a Java type.
 """
 
-from .decoder import DEFAULT_MAX_DEPTH, DEFAULT_MAX_LENGTH, Decoder, loads
+from .decoder import (
+    DEFAULT_MAX_CLASSES,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_REFS,
+    Decoder,
+    loads,
+)
 from .encoder import Encoder, dumps
 from .errors import HessianError
 from .types import JavaDouble, JavaFloat, JavaInt, JavaLong, JavaObject, TypedList, TypedMap
 
 __all__ = [
+    "DEFAULT_MAX_CLASSES",
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_LENGTH",
+    "DEFAULT_MAX_REFS",
     "Decoder",
     "Encoder",
     "HessianError",

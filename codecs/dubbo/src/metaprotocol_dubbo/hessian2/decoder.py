@@ -409,13 +409,22 @@ def loads(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_length: int = DEFAULT_MAX_LENGTH,
+    max_refs: int = DEFAULT_MAX_REFS,
+    max_classes: int = DEFAULT_MAX_CLASSES,
     java_longs: bool = False,
 ) -> Any:
     """Decode exactly one value that fills ``data``; trailing bytes are an error.
 
     The options are those of :class:`Decoder`.
     """
-    d = Decoder(data, max_depth=max_depth, max_length=max_length, java_longs=java_longs)
+    d = Decoder(
+        data,
+        max_depth=max_depth,
+        max_length=max_length,
+        max_refs=max_refs,
+        max_classes=max_classes,
+        java_longs=java_longs,
+    )
     value = d.read()
     if not d.at_end:
         raise HessianError("trailing bytes after the value", offset=d.offset)
