@@ -5,8 +5,11 @@ every attacker of issue 12 at once; the engine's RSS and CPU and the clients' la
     ./dev bench soak
 
 Two phases of ``--duration`` seconds each (default 120) against one engine process with the
-default limits (the configuration is printed): first the well-behaved clients alone, then the
-same clients while the attackers of ``bench/proxy/soakload.py`` run (a client asking for 1 MiB
+default limits (the configuration is printed): the well-behaved clients alone, and the same
+clients while the attackers of ``bench/proxy/soakload.py`` run. Each phase is cut into
+``--rounds`` windows (default 4) and the windows alternate (without, with; then with, without;
+...), so a change in the load other tenants put on the machine weighs on both phases alike; the
+clients' latency is compared round by round. The attackers (a client asking for 1 MiB
 replies that never reads, slowloris connections at one byte a second, connections holding
 incomplete 8 MiB frames, one connection pipelining 5000 requests to a slow upstream, an idle
 connection flood). Attackers are bounded in connections and time and stop by themselves;
@@ -173,6 +176,7 @@ class Phase:
     rss_end: int = 0
     cpu_s: float = 0.0
     seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
     counters: dict[str, float] = field(default_factory=dict)
 
 
@@ -207,9 +211,9 @@ def upstream(reply: int, delay: float) -> Iterator[int]:
 
 
 def run_phase(
-    name: str, pid: int, target: str, admin: str, args: argparse.Namespace, attacks: list[str]
+    name: str, pid: int, target: str, admin: str, seconds: float, scale: float, attacks: list[str]
 ) -> Phase:
-    """Run the clients (and ``attacks``) for ``args.duration`` seconds; measure the engine."""
+    """Run the clients (and ``attacks``) for ``seconds``; measure the engine."""
     phase = Phase(name)
     before = counters(admin)
     cpu0, t0 = cpu_ns(pid), time.monotonic()
@@ -218,13 +222,13 @@ def run_phase(
         attackers = {}
         for kind in attacks:
             argv = [PY, str(SOAKLOAD), "attack", kind, target]
-            argv += ["--duration", str(args.duration + 2), "--scale", str(args.scale)]
+            argv += ["--duration", str(seconds + 2), "--scale", str(scale)]
             attackers[kind] = stack.enter_context(contextlib.closing(_Closing(argv)))
-        argv = [PY, str(SOAKLOAD), "clients", target, "--duration", str(args.duration)]
+        argv = [PY, str(SOAKLOAD), "clients", target, "--duration", str(seconds)]
         clients = Proc(argv, LOAD_CORE)
         try:
             phase.clients = json.loads(
-                clients.expect(r"RESULT (.*)", timeout=args.duration + 60).group(1)
+                clients.expect(r"RESULT (.*)", timeout=seconds + 60).group(1)
             )
         finally:
             clients.stop()
@@ -250,52 +254,108 @@ class _Closing(Proc):
         self.stop()
 
 
-def report(phases: list[Phase]) -> str:
-    """The phases as Markdown tables."""
+_ERRORS = ("error_replies", "timeouts", "lost", "connect_failed")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
+
+
+def _row(label: str, windows: list[Phase], rss: bool = True) -> str:
+    """One table row summing ``windows`` (latency: median over windows of each window's);
+    with ``rss``, the RSS at the first window's start, the peak, and at the last one's end."""
+    seconds = sum(w.seconds for w in windows)
+    ok = sum(w.clients["ok"] for w in windows)
+    errors = {k: int(sum(w.clients[k] for w in windows)) for k in _ERRORS}
+    detail = ", ".join(f"{k} {v}" for k, v in errors.items() if v)
+    total = sum(errors.values())
+    return (
+        f"| {label} | {ok / seconds:.0f} | {_median([w.clients['p50_us'] for w in windows]):.0f} "
+        f"| {_median([w.clients['p99_us'] for w in windows]):.0f} "
+        f"| {max(w.clients['max_us'] for w in windows):.0f} "
+        f"| {total}{f' ({detail})' if detail else ''} "
+        f"| {100 * sum(w.cpu_s for w in windows) / seconds:.0f} "
+        + (f"| {windows[0].rss_start / 1024:.1f} " if rss else "")
+        + f"| {max(w.rss_peak for w in windows) / 1024:.1f} "
+        + (f"| {windows[-1].rss_end / 1024:.1f} " if rss else "")
+        + f"| {sum(w.clients['cpu_s'] for w in windows):.1f} |"
+    )
+
+
+def report(rounds: list[tuple[Phase, Phase]]) -> str:
+    """Markdown tables: each window, each phase summed, per-round ratios, attackers, counters."""
     head = (
-        "| phase | good req/s | p50 us | p99 us | max us | good errors | engine CPU "
+        "| window | good req/s | p50 us | p99 us | max us | good errors | engine CPU "
         "(% of a core) | RSS start MiB | RSS peak MiB | RSS end MiB | clients' own CPU s |"
     )
     lines = [head, "|" + "---|" * 11]
-    for p in phases:
-        c = p.clients
-        errors = int(c["error_replies"] + c["timeouts"] + c["lost"] + c["connect_failed"])
-        detail = ", ".join(
-            f"{k} {int(c[k])}"
-            for k in ("error_replies", "timeouts", "lost", "connect_failed")
-            if c[k]
-        )
-        lines.append(
-            f"| {p.name} | {c['rps']:.0f} | {c['p50_us']:.0f} | {c['p99_us']:.0f} "
-            f"| {c['max_us']:.0f} | {errors}{f' ({detail})' if detail else ''} "
-            f"| {100 * p.cpu_s / p.seconds:.0f} | {p.rss_start / 1024:.1f} "
-            f"| {p.rss_peak / 1024:.1f} | {p.rss_end / 1024:.1f} | {c['cpu_s']:.1f} |"
-        )
-    for p in phases:
-        if p.attackers:
-            lines += ["", f"Attackers ({p.name}):", ""]
+    ordered = sorted((w for pair in rounds for w in pair), key=lambda w: w.started)
+    for w in ordered:
+        lines.append(_row(w.name, [w]))
+    quiet = [q for q, _ in rounds]
+    loud = [a for _, a in rounds]
+    lines += ["", "Summed over the rounds (latency: median of the windows' figures):", ""]
+    summary = head.replace("| window |", "| phase |").replace(" RSS start MiB |", "")
+    lines += [summary.replace(" RSS end MiB |", ""), "|" + "---|" * 9]
+    lines.append(_row("without attackers", quiet, rss=False))
+    lines.append(_row("with every attacker", loud, rss=False))
+    lines.append(
+        f"\nEngine RSS: {ordered[0].rss_start / 1024:.1f} MiB at the start, "
+        f"{max(w.rss_peak for w in ordered) / 1024:.1f} MiB at the peak, "
+        f"{ordered[-1].rss_end / 1024:.1f} MiB at the end"
+    )
+    for q in ("p50_us", "p99_us"):
+        ratios = sorted(a.clients[q] / w.clients[q] for w, a in rounds if w.clients[q])
+        if ratios:
             lines.append(
-                "| attacker | opened | closed by the engine | given up | connect failed "
-                "| max open | sent MiB | replies ok | error replies | own CPU s |"
+                f"\nGood clients' {q[:3]}, with / without attackers, round by round: median "
+                f"{_median(ratios):.2f}, range {ratios[0]:.2f} - {ratios[-1]:.2f}"
             )
-            lines.append("|" + "---|" * 10)
-            for kind, a in p.attackers.items():
-                lines.append(
-                    f"| {kind} | {a['opened']} | {a['closed_by_engine']} | {a['recycled']} "
-                    f"| {a['connect_failed']} | {a['max_open']} | {a['sent_bytes'] / MiB:.1f} "
-                    f"| {a['replies_ok']} | {a['replies_error']} | {a['cpu_s']:.1f} |"
+    attackers: dict[str, dict[str, float]] = {}
+    for w in loud:
+        for kind, a in w.attackers.items():
+            into = attackers.setdefault(kind, {})
+            for key, value in a.items():
+                into[key] = (
+                    max(into.get(key, 0), value)
+                    if key == "max_open"
+                    else (into.get(key, 0) + value)
                 )
-        changed = {k: v for k, v in p.counters.items() if v}
-        if changed:
-            lines += ["", f"Engine counters during {p.name} (increase):", ""]
-            lines += [f"- `{k}` {v:.0f}" for k, v in sorted(changed.items())]
+    if attackers:
+        lines += ["", "Attackers (all windows with attackers):", ""]
+        lines.append(
+            "| attacker | opened | closed by the engine | given up | connect failed "
+            "| max open | sent MiB | replies ok | error replies | own CPU s |"
+        )
+        lines.append("|" + "---|" * 10)
+        for kind, a in attackers.items():
+            lines.append(
+                f"| {kind} | {a['opened']:.0f} | {a['closed_by_engine']:.0f} | {a['recycled']:.0f} "
+                f"| {a['connect_failed']:.0f} | {a['max_open']:.0f} "
+                f"| {a['sent_bytes'] / MiB:.1f} | {a['replies_ok']:.0f} "
+                f"| {a['replies_error']:.0f} | {a['cpu_s']:.1f} |"
+            )
+    for name, windows in (("without attackers", quiet), ("with every attacker", loud)):
+        changed: dict[str, float] = {}
+        for w in windows:
+            for key, value in w.counters.items():
+                changed[key] = changed.get(key, 0.0) + value
+        if any(changed.values()):
+            lines += ["", f"Engine counters, windows {name} (increase):", ""]
+            lines += [f"- `{k}` {v:.0f}" for k, v in sorted(changed.items()) if v]
     return "\n".join(lines)
 
 
 def main() -> int:
     """Run the soak and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=120.0, help="seconds per phase")
+    parser.add_argument(
+        "--duration", type=float, default=120.0, help="seconds per phase (with, without attackers)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="each phase is cut into this many alternating windows"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies attacker counts")
     parser.add_argument(
         "--engine-tree", metavar="PATH", help="run the engine of this source tree instead"
@@ -303,7 +363,8 @@ def main() -> int:
     args = parser.parse_args()
     tree = Path(args.engine_tree).resolve() if args.engine_tree else None
     print(
-        f"# soak: {args.duration:.0f} s per phase, attacker scale {args.scale}; engine on core(s) "
+        f"# soak: {args.duration:.0f} s per phase in {args.rounds} windows each, alternating; "
+        f"attacker scale {args.scale}; engine on core(s) "
         f"{sorted(PROXY_CORE)}, upstreams, clients and attackers on {sorted(LOAD_CORE)}; "
         f"{cpu_model()}, {CORES} cores",
         flush=True,
@@ -331,11 +392,18 @@ def main() -> int:
         print("# effective limits (/config_dump): " + json.dumps(settings), flush=True)
         target = f"127.0.0.1:{port}"
         pid = engine.p.pid
-        phases = []
-        for name, attacks in (("without attackers", []), ("with every attacker", ATTACKS)):
-            print(f"  phase: {name} ({args.duration:.0f} s) ...", file=sys.stderr, flush=True)
-            phases.append(run_phase(name, pid, target, admin, args, attacks))
-        print("\n" + report(phases), flush=True)
+        window = args.duration / args.rounds
+        rounds = []
+        for r in range(args.rounds):
+            # Alternate which phase goes first, so a drift in the machine's load weighs on both.
+            pair = {}
+            for on in (False, True) if r % 2 == 0 else (True, False):
+                name = f"round {r + 1}, {'with' if on else 'without'} attackers"
+                print(f"  {name} ({window:.0f} s) ...", file=sys.stderr, flush=True)
+                attacks = ATTACKS if on else []
+                pair[on] = run_phase(name, pid, target, admin, window, args.scale, attacks)
+            rounds.append((pair[False], pair[True]))
+        print("\n" + report(rounds), flush=True)
         print(f"\nEngine output during the soak: {out.lines} stdout, {err.lines} stderr lines")
         for line in out.first + err.first:
             print(f"    {line}")
