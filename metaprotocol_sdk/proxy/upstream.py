@@ -67,12 +67,14 @@ class Pending:
         "done",
         "downstream",
         "host",
+        "mutation",
         "request",
         "route",
         "seq",
         "size",
         "start",
         "target",
+        "tries",
         "wire_id",
     )
 
@@ -99,6 +101,13 @@ class Pending:
         self.deadline = 0.0
         #: Position on a dedicated connection (arrival order).
         self.seq = 0
+        #: Retries before this try, and the mutation it was sent with (routes with retries).
+        self.tries = 0
+        self.mutation: Mutation | None = None
+
+    def expire(self) -> None:
+        """The deadline passed (called by the engine's deadlines)."""
+        self.downstream.timeout(self)
 
 
 class UpstreamHost:
@@ -403,12 +412,12 @@ class UpstreamConnection(asyncio.Protocol):
         wire_id, size, status = head
         if self.shared:
             p = self.pending.pop(wire_id, None)
-            if p is not None and p.route.response_mutation is not None:
+            if p is not None and p.route.decode_replies:
                 self.pending[wire_id] = p  # put back for the decode path to find
                 return False
         else:
             p = self._candidate(wire_id)
-            if p is not None and not p.done and p.route.response_mutation is not None:
+            if p is not None and not p.done and p.route.decode_replies:
                 return False
             p = self._match(wire_id)
         frame = take_frame(self.buffer, size)

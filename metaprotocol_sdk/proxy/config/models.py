@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from metaprotocol_sdk.codec import Codec
+from metaprotocol_sdk.enums import ErrorType
+from metaprotocol_sdk.filters import Filter
 
 #: Load balancing policies (Istio ``DestinationRule.trafficPolicy.loadBalancer``).
 LbPolicy = Literal["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "CONSISTENT_HASH"]
@@ -112,6 +114,66 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Fault:
+    """A route's ``fault`` (Istio's VirtualService fault, with a MetaProtocol error type):
+    delay a share of requests, abort a share with a local reply. Percentages in 0-100."""
+
+    delay_percent: float = 0.0
+    delay: float = 0.0
+    abort_percent: float = 0.0
+    abort_error: ErrorType = ErrorType.Unspecified
+
+
+@dataclass(frozen=True)
+class TokenBucket:
+    """Aeraki's ``tokenBucket``: ``max_tokens`` at most, ``tokens_per_fill`` added every
+    ``fill_interval`` seconds."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: float
+
+
+@dataclass(frozen=True)
+class RateLimitCondition:
+    """A ``localRateLimit.conditions`` entry: requests matching ``match`` use ``bucket``."""
+
+    match: tuple[AttributeMatch, ...]
+    bucket: TokenBucket
+
+
+@dataclass(frozen=True)
+class LocalRateLimit:
+    """A MetaRouter's ``localRateLimit``: the first matching condition's bucket, else the
+    default ``bucket``, else no limit."""
+
+    bucket: TokenBucket | None
+    conditions: tuple[RateLimitCondition, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A route's ``mirror`` and ``mirrorPercentage`` (0-100; absent means 100)."""
+
+    destination: Destination
+    percent: float = 100.0
+
+
+#: ``retryOn`` conditions: the first three never reach a server that could have executed the
+#: request twice only for ``reset`` (the connection broke after the request was written).
+RETRY_ON = ("connect-failure", "reset", "unavailable", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Retries:
+    """A route's ``retries`` (Istio's shape): up to ``attempts`` more tries."""
+
+    attempts: int
+    per_try_timeout: float | None = None
+    retry_on: frozenset[str] = frozenset(("connect-failure", "reset", "unavailable"))
+
+
+@dataclass(frozen=True)
 class Route:
     """One ``MetaRouter`` route. ``timeout`` in seconds (``None``: the engine default)."""
 
@@ -121,6 +183,9 @@ class Route:
     request_mutation: dict[str, str]
     response_mutation: dict[str, str]
     timeout: float | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    retries: Retries | None = None
 
 
 @dataclass(frozen=True)
@@ -131,16 +196,31 @@ class MetaRouter:
     hosts: tuple[str, ...]
     routes: tuple[Route, ...]
     source: str = ""
+    local_rate_limit: LocalRateLimit | None = None
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """A filter in a listener's chain: its name, class and configuration."""
+
+    name: str
+    filter_class: type[Filter]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def create(self) -> Filter:
+        """A new instance (one per listener)."""
+        return self.filter_class.from_config(self.config)
 
 
 @dataclass(frozen=True)
 class Listener:
-    """Where one service port listens."""
+    """Where one service port listens, and its filter chain (the router comes last)."""
 
     host: str
     port: int
     bind_host: str
     bind_port: int
+    filters: tuple[FilterSpec, ...] = ()
 
     @property
     def name(self) -> str:
