@@ -468,7 +468,14 @@ class Downstream(asyncio.Protocol):
         ):
             self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route, target)
             return
+        if cluster.pool is not None and (why := cluster.over_pool_limits(host)) is not None:
+            self.local_reply(message, ErrorType.OverLimit, why, route, target)
+            return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        if conn is None:
+            why = cluster.overflow("maxConnections")
+            self.local_reply(message, ErrorType.OverLimit, why, route, target)
+            return
         now = engine.loop.time()
         p = Pending(self, message, route, target, host, conn, now)
         try:
@@ -484,6 +491,7 @@ class Downstream(asyncio.Protocol):
             p.tries = tries
             if tries:
                 p.start = started
+                cluster.retrying += 1
             timeout = self._try_timeout(route, p.start, now)
         engine.deadlines.add(p, now, timeout)
         engine.pending += 1
@@ -614,7 +622,7 @@ class Downstream(asyncio.Protocol):
             sink.count(target, "Dropped")
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
-        if conn.write_paused:
+        if conn is None or conn.write_paused:
             sink.count(target, "Dropped")
             return
         now = engine.loop.time()
@@ -655,6 +663,12 @@ class Downstream(asyncio.Protocol):
 
     def _retry_pending(self, p: Pending, condition: str) -> bool:
         """Send ``p`` again (a new try) instead of answering it; ``False``: answer it."""
+        pool = p.target.cluster.pool if p.target.cluster is not None else None
+        if pool is not None and pool.max_retries is not None:
+            assert p.target.cluster is not None
+            if p.target.cluster.retrying >= pool.max_retries:
+                p.target.cluster.overflow("maxRetries")
+                return False
         if not self._retry(p.route, condition, p.tries, p.start):
             return False
         request = p.request
@@ -691,6 +705,9 @@ class Downstream(asyncio.Protocol):
             target.count_oneway(ErrorType.OverLimit.name)
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        if conn is None:
+            target.count_oneway(ErrorType.OverLimit.name)
+            return
         try:
             conn.send_oneway(message, route.request_mutation)
         except Exception:  # the codec cannot write this request: nobody to tell
@@ -700,10 +717,12 @@ class Downstream(asyncio.Protocol):
             self.block_on(conn)
         target.count_oneway("Forwarded")
 
-    def _dedicated(self, cluster: Cluster, host: UpstreamHost) -> UpstreamConnection:
+    def _dedicated(self, cluster: Cluster, host: UpstreamHost) -> UpstreamConnection | None:
         key = (cluster.name, host.key)
         conn = self.dedicated.get(key)
         if conn is None or conn.closed:
+            if not cluster.may_open():
+                return None
             conn = self.dedicated[key] = UpstreamConnection(cluster, host, self)
             conn.connect()
         return conn
@@ -720,6 +739,8 @@ class Downstream(asyncio.Protocol):
         p.done = True  # also stops its deadline
         engine = self.engine
         p.host.active -= 1
+        if p.tries:
+            p.target.cluster.retrying -= 1  # type: ignore[union-attr]
         self.inflight -= 1
         self.inflight_bytes -= p.size
         engine.buffered -= p.size
@@ -839,6 +860,9 @@ class Downstream(asyncio.Protocol):
                     append_encoded(out, encoded, size)
         if encoded is None and self.draining and self.inflight == 0:
             self.close()
+        outlier = p.host.outlier
+        if outlier is not None and status is not None:
+            outlier.observe(p.host, status)
         route = p.route
         if route.response_filters:
             self._respond(
@@ -898,6 +922,8 @@ class Downstream(asyncio.Protocol):
     def fail(self, p: Pending, error: ErrorType, message: str) -> None:
         """Answer ``p`` locally (upstream reset, connect failure, timeout), or try again when
         its route retries on that failure."""
+        if p.host.outlier is not None and error in _RETRY_CONDITIONS:
+            p.host.outlier.gateway_error(p.host)
         if p.route.retries is not None and not self.closed:
             condition = _RETRY_CONDITIONS.get(error)
             if condition is not None and self._retry_pending(p, condition):

@@ -15,8 +15,7 @@ from metaprotocol_sdk.filters import Filter
 
 from .accesslog import AccessLog
 from .addresses import reaches, resolve_all
-from .balancer import make_balancer
-from .config.models import Config, Destination, Listener, LoadBalancer, Route
+from .config.models import Config, Destination, Listener, LoadBalancer, Route, TrafficPolicy
 from .deadlines import Deadlines
 from .downstream import Downstream, ListenerRuntime
 from .matcher import compile_match
@@ -135,18 +134,28 @@ class Engine:
         sport = service.ports[port]
         rule = config.destination_rules.get(host)
         policy = rule.load_balancer if rule else LoadBalancer()
+        traffic = rule.policy if rule else TrafficPolicy()
         labels: dict[str, str] = {}
         if subset is not None and rule is not None:
             sub = rule.subsets[subset]
             labels = sub.labels
             policy = sub.load_balancer or policy
+            traffic = sub.policy
         hosts = [
             UpstreamHost(ep.address, ep.port_for(sport))
             for ep in service.endpoints
             if labels.items() <= ep.labels.items()
         ]
         protocol = config.protocol_of(host, port)
-        cluster = Cluster(self, name, protocol, hosts, make_balancer(policy, hosts))
+        cluster = Cluster(
+            self,
+            name,
+            protocol,
+            hosts,
+            policy,
+            traffic.connection_pool,
+            traffic.outlier_detection,
+        )
         self.clusters[name] = cluster
         return cluster
 
@@ -313,7 +322,11 @@ class Engine:
 
     def _schedule_sweep(self) -> None:
         t = self.config.proxy.timeouts
-        interval = min(SWEEP_MAX, max(0.02, min(t.idle, t.frame, t.write) / 4))
+        shortest = min(t.idle, t.frame, t.write)
+        for cluster in self.clusters.values():
+            if cluster.pool is not None and cluster.pool.idle_timeout is not None:
+                shortest = min(shortest, cluster.pool.idle_timeout)
+        interval = min(SWEEP_MAX, max(0.02, shortest / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
@@ -322,8 +335,11 @@ class Engine:
         buffered = 0
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
-        for upstream in self.upstreams:
+        for upstream in list(self.upstreams):
             buffered += upstream.held
+            pool = upstream.cluster.pool
+            if pool is not None and pool.idle_timeout is not None:
+                upstream.idle_sweep(now, pool.idle_timeout)
         self.buffered = buffered
         if self.max_rss is not None:
             self.rss_over = _rss_bytes() > self.max_rss

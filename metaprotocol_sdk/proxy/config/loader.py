@@ -24,6 +24,7 @@ from .models import (
     Admin,
     AttributeMatch,
     Config,
+    ConnectionPool,
     Destination,
     DestinationRule,
     Endpoint,
@@ -36,6 +37,7 @@ from .models import (
     LocalRateLimit,
     MetaRouter,
     Mirror,
+    OutlierDetection,
     Overload,
     Protocol,
     ProxySettings,
@@ -45,8 +47,10 @@ from .models import (
     Service,
     ServicePort,
     Subset,
+    TcpKeepalive,
     Timeouts,
     TokenBucket,
+    TrafficPolicy,
 )
 
 KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
@@ -388,6 +392,109 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     return LoadBalancer(_LB_SIMPLE[simple])
 
 
+def _traffic_policy(doc: _Doc, policy: Mapping[str, Any], path: str) -> TrafficPolicy:
+    return TrafficPolicy(
+        _load_balancer(doc, dict(policy), path),
+        _connection_pool(doc, policy, path),
+        _outlier_detection(doc, policy, path),
+    )
+
+
+def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> ConnectionPool | None:
+    raw = doc.mapping(policy, "connectionPool", f"{path}.connectionPool", required=False)
+    if not raw:
+        return None
+    path = f"{path}.connectionPool"
+    _known(doc, raw, path, ("tcp", "http"))
+    tcp = doc.mapping(raw, "tcp", f"{path}.tcp", required=False)
+    _known(doc, tcp, f"{path}.tcp", ("maxConnections", "connectTimeout", "tcpKeepalive"))
+    http = doc.mapping(raw, "http", f"{path}.http", required=False)
+    _known(
+        doc,
+        http,
+        f"{path}.http",
+        (
+            "http1MaxPendingRequests",
+            "http2MaxRequests",
+            "maxRequestsPerConnection",
+            "idleTimeout",
+            "maxRetries",
+        ),
+    )
+    keepalive = None
+    alive = doc.mapping(tcp, "tcpKeepalive", f"{path}.tcp.tcpKeepalive", required=False)
+    if alive:
+        kpath = f"{path}.tcp.tcpKeepalive"
+        _known(doc, alive, kpath, ("probes", "time", "interval"))
+        keepalive = TcpKeepalive(
+            doc.integer(alive, "probes", f"{kpath}.probes", False, 1, 127),
+            doc.duration(alive, "time", f"{kpath}.time"),
+            doc.duration(alive, "interval", f"{kpath}.interval"),
+        )
+
+    def count(obj: Mapping[str, Any], key: str, where: str) -> int | None:
+        return doc.integer(obj, key, f"{path}.{where}.{key}", False, 1, 2**31)
+
+    return ConnectionPool(
+        max_connections=count(tcp, "maxConnections", "tcp"),
+        connect_timeout=doc.duration(tcp, "connectTimeout", f"{path}.tcp.connectTimeout"),
+        keepalive=keepalive,
+        max_pending_requests=count(http, "http1MaxPendingRequests", "http"),
+        max_requests=count(http, "http2MaxRequests", "http"),
+        max_requests_per_connection=count(http, "maxRequestsPerConnection", "http"),
+        idle_timeout=doc.duration(http, "idleTimeout", f"{path}.http.idleTimeout"),
+        max_retries=count(http, "maxRetries", "http"),
+    )
+
+
+_OUTLIER_FIELDS = (
+    "consecutiveGatewayErrors",
+    "consecutive5xxErrors",
+    "interval",
+    "baseEjectionTime",
+    "maxEjectionPercent",
+    "minHealthPercent",
+)
+
+
+def _outlier_detection(doc: _Doc, policy: Mapping[str, Any], path: str) -> OutlierDetection | None:
+    raw = doc.mapping(policy, "outlierDetection", f"{path}.outlierDetection", required=False)
+    if not raw:
+        return None
+    path = f"{path}.outlierDetection"
+    if "consecutiveErrors" in raw:
+        doc.fail(f"{path}.consecutiveErrors", "deprecated in Istio; use consecutive5xxErrors")
+    _known(doc, raw, path, _OUTLIER_FIELDS)
+    default = OutlierDetection()
+
+    def errors(key: str) -> int | None:
+        # Istio: 0 disables the check; absent keeps the default (5 for 5xx, off for gateway).
+        value = doc.integer(raw, key, f"{path}.{key}", False, 0, 2**31)
+        return None if value == 0 else value
+
+    gateway = errors("consecutiveGatewayErrors")
+    five = errors("consecutive5xxErrors") if "consecutive5xxErrors" in raw else 5
+    return OutlierDetection(
+        consecutive_gateway_errors=gateway,
+        consecutive_errors=five,
+        interval=doc.duration(raw, "interval", f"{path}.interval") or default.interval,
+        base_ejection_time=doc.duration(raw, "baseEjectionTime", f"{path}.baseEjectionTime")
+        or default.base_ejection_time,
+        max_ejection_percent=_int_or(
+            doc.integer(raw, "maxEjectionPercent", f"{path}.maxEjectionPercent", False, 0, 100),
+            default.max_ejection_percent,
+        ),
+        min_health_percent=_int_or(
+            doc.integer(raw, "minHealthPercent", f"{path}.minHealthPercent", False, 0, 100),
+            default.min_health_percent,
+        ),
+    )
+
+
+def _int_or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _destination_rules(
     docs: list[_Doc], services: dict[str, Service]
 ) -> dict[str, DestinationRule]:
@@ -401,6 +508,7 @@ def _destination_rules(
             doc.fail("spec.host", f"host {host!r} already has DestinationRule {rules[host].name!r}")
         policy = doc.mapping(spec, "trafficPolicy", "spec.trafficPolicy", required=False)
         lb = _load_balancer(doc, policy, "spec.trafficPolicy") or LoadBalancer()
+        top = _traffic_policy(doc, policy, "spec.trafficPolicy")
         subsets: dict[str, Subset] = {}
         for i, raw in enumerate(doc.sequence(spec, "subsets", "spec.subsets", required=False)):
             path = f"spec.subsets[{i}]"
@@ -412,8 +520,9 @@ def _destination_rules(
             labels = doc.labels(raw, "labels", f"{path}.labels")
             sub_policy = doc.mapping(raw, "trafficPolicy", f"{path}.trafficPolicy", False)
             sub_lb = _load_balancer(doc, sub_policy, f"{path}.trafficPolicy")
-            subsets[name] = Subset(name, labels, sub_lb)
-        rules[host] = DestinationRule(doc.name, host, lb, subsets)
+            own = _traffic_policy(doc, sub_policy, f"{path}.trafficPolicy")
+            subsets[name] = Subset(name, labels, sub_lb, own.over(top))
+        rules[host] = DestinationRule(doc.name, host, lb, subsets, top)
     return rules
 
 

@@ -76,12 +76,80 @@ class LoadBalancer:
 
 
 @dataclass(frozen=True)
+class TcpKeepalive:
+    """Istio's ``connectionPool.tcp.tcpKeepalive`` (``None``: the system's setting)."""
+
+    probes: int | None = None
+    time: float | None = None
+    interval: float | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionPool:
+    """Istio's ``trafficPolicy.connectionPool``: circuit-breaker limits of a cluster.
+
+    ``tcp``: ``max_connections``, ``connect_timeout``, ``keepalive``. The request pool reuses
+    Istio's ``http`` field names where they mean the same here: ``http1MaxPendingRequests``
+    (requests waiting for an upstream connection to open), ``http2MaxRequests`` (requests in
+    flight), ``maxRequestsPerConnection``, ``idleTimeout``, ``maxRetries`` (retries in flight).
+    ``None``: no limit (the engine's own limits still apply).
+    """
+
+    max_connections: int | None = None
+    connect_timeout: float | None = None
+    keepalive: TcpKeepalive | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    idle_timeout: float | None = None
+    max_retries: int | None = None
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Istio's ``trafficPolicy.outlierDetection`` (consecutive-error detection).
+
+    ``consecutive_gateway_errors``: connect failures, resets and timeouts in a row;
+    ``consecutive_errors`` (``consecutive5xxErrors``): those plus upstream ``Error`` replies.
+    An ejected endpoint is skipped by every load balancer for ``base_ejection_time`` times the
+    number of times it was ejected; at most ``max_ejection_percent`` of a cluster (at least one
+    endpoint) is ejected; below ``min_health_percent`` healthy endpoints, or with none, the
+    cluster balances over all of them (Envoy's panic mode).
+    """
+
+    consecutive_gateway_errors: int | None = None
+    consecutive_errors: int | None = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+    min_health_percent: int = 0
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """What a ``trafficPolicy`` sets (a subset's policy overrides the rule's, per field)."""
+
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+
+    def over(self, base: TrafficPolicy) -> TrafficPolicy:
+        """This policy where it sets something, else ``base``."""
+        return TrafficPolicy(
+            self.load_balancer or base.load_balancer,
+            self.connection_pool or base.connection_pool,
+            self.outlier_detection or base.outlier_detection,
+        )
+
+
+@dataclass(frozen=True)
 class Subset:
     """A ``DestinationRule`` subset: endpoints whose labels include ``labels``."""
 
     name: str
     labels: dict[str, str]
     load_balancer: LoadBalancer | None = None
+    policy: TrafficPolicy = TrafficPolicy()
 
 
 @dataclass(frozen=True)
@@ -92,6 +160,7 @@ class DestinationRule:
     host: str
     load_balancer: LoadBalancer
     subsets: dict[str, Subset]
+    policy: TrafficPolicy = TrafficPolicy()
 
 
 @dataclass(frozen=True)
