@@ -1,4 +1,5 @@
-"""Find codecs by name through the ``metaprotocol.codecs`` entry-point group.
+"""Find codecs and filters by name through the ``metaprotocol.codecs`` and
+``metaprotocol.filters`` entry-point groups.
 
 A codec distribution registers its class under the name Aeraki's ``ApplicationProtocol.codec``
 uses and a short alias::
@@ -9,7 +10,11 @@ uses and a short alias::
 
 Entry points that point at the same object are one codec with several names. A
 ``module:Class`` reference is accepted too, for codecs that are not installed as a
-distribution yet.
+distribution yet. Filters register the same way, under Aeraki-style names::
+
+    [project.entry-points."metaprotocol.filters"]
+    "aeraki.meta_protocol.filters.audit" = "acme_audit:AuditFilter"
+    audit = "acme_audit:AuditFilter"
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, cast
 
 from .codec import Codec
 from .errors import CodecLoadError, UnknownCodecError
+from .filters import Filter
 
 GROUP = "metaprotocol.codecs"
 AERAKI_PREFIX = "aeraki.meta_protocol.codec."
+FILTER_GROUP = "metaprotocol.filters"
+AERAKI_FILTER_PREFIX = "aeraki.meta_protocol.filters."
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ class CodecInfo:
 
 
 def _load_target(target: str, distribution: str) -> type[Codec]:
+    return cast("type[Codec]", _load_plugin(target, distribution, Codec, "codec"))
+
+
+def _load_plugin(target: str, distribution: str, base: type, kind: str) -> Any:
     # A 'module:Class' reference given by hand comes from no distribution (distribution "").
     origin = f" from distribution {distribution!r}" if distribution else ""
     module_name, _, attr = target.partition(":")
@@ -61,11 +73,11 @@ def _load_target(target: str, distribution: str) -> type[Codec]:
             obj = getattr(obj, part)
     except Exception as exc:
         raise CodecLoadError(
-            f"codec {target!r}{origin} failed to load: {type(exc).__name__}: {exc}"
+            f"{kind} {target!r}{origin} failed to load: {type(exc).__name__}: {exc}"
         ) from exc
-    if not (isinstance(obj, type) and issubclass(obj, Codec)):
+    if not (isinstance(obj, type) and issubclass(obj, base)):
         raise CodecLoadError(
-            f"{target!r}{origin} is not a metaprotocol_sdk.Codec subclass (got {obj!r})"
+            f"{target!r}{origin} is not a metaprotocol_sdk.{base.__name__} subclass (got {obj!r})"
         )
     return obj
 
@@ -119,3 +131,58 @@ def load_codec(name: str) -> type[Codec]:
 def create_codec(name: str, options: Mapping[str, Any] | None = None) -> Codec:
     """A new instance of the codec registered under ``name``."""
     return resolve(name).create(options)
+
+
+# -- filters -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterInfo:
+    """One installed filter: its names and where it lives."""
+
+    name: str
+    aliases: tuple[str, ...]
+    target: str
+    distribution: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The primary name followed by the aliases."""
+        return (self.name, *self.aliases)
+
+    def load(self) -> type[Filter]:
+        """Import the filter class, with an error naming the distribution on failure."""
+        return cast("type[Filter]", _load_plugin(self.target, self.distribution, Filter, "filter"))
+
+
+def available_filters() -> list[FilterInfo]:
+    """Every installed filter, one entry per target, sorted by primary name."""
+    by_target: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=FILTER_GROUP):
+        by_target.setdefault(ep.value, []).append(ep)
+    infos = []
+    for target, eps in by_target.items():
+        names = sorted(
+            {ep.name for ep in eps}, key=lambda n: (not n.startswith(AERAKI_FILTER_PREFIX), n)
+        )
+        dist = eps[0].dist
+        infos.append(
+            FilterInfo(names[0], tuple(names[1:]), target, dist.name if dist else "unknown")
+        )
+    return sorted(infos, key=lambda info: info.name)
+
+
+def resolve_filter(name: str) -> FilterInfo:
+    """The filter registered under ``name`` (primary name, alias or ``module:Class``)."""
+    infos = available_filters()
+    for info in infos:
+        if name in info.names:
+            return info
+    if ":" in name:
+        return FilterInfo(name=name, aliases=(), target=name, distribution="")
+    installed = ", ".join(n for info in infos for n in info.names) or "none"
+    raise UnknownCodecError(
+        f"no filter named {name!r} is installed; installed filters: {installed}. "
+        f"A filter registers itself in the {FILTER_GROUP!r} entry-point group; a "
+        "'module:Class' reference also works."
+    )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+import random
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, cast
 
 from metaprotocol_sdk.codec import Codec, Encoded, LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus
 from metaprotocol_sdk.errors import CodecError, FrameTooLargeError, MutationError
-from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
+from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from .router import CompiledRoute, RouteTable, Target
 from .stats import Counter
@@ -21,6 +24,13 @@ _REQUEST = MessageType.Request
 _ONEWAY = MessageType.Oneway
 _HEARTBEAT = MessageType.Heartbeat
 _STATUS_NAMES = ("Unknown", "Ok", "Error")
+_ERROR_STATUS = ResponseStatus.Error
+#: Local failures a route's ``retries.retryOn`` may name.
+_RETRY_CONDITIONS = {
+    ErrorType.UpstreamConnectFailure: "connect-failure",
+    ErrorType.UpstreamReset: "reset",
+    ErrorType.Timeout: "timeout",
+}
 
 #: Why a new connection is refused (closed at once, cleanly).
 REJECT_REASONS = ("max_connections", "overload", "draining")
@@ -76,6 +86,27 @@ class ListenerRuntime:
         }
         self._unrouted = Target("", None, 0, stats, name, "")
         self._skipped: dict[str, Counter] = {}
+        self._filter_errors: dict[str, Counter] = {}
+        self._retries: dict[tuple[str, str], Counter] = {}
+
+    def count_filter_error(self, f: Filter) -> None:
+        """Count one exception raised by a filter (its request was answered locally)."""
+        name = f.name or type(f).__name__
+        counter = self._filter_errors.get(name)
+        if counter is None:
+            counter = self._filter_errors[name] = self.engine.stats.counter(
+                "metaprotocol_filter_errors_total", listener=self.name, filter=name
+            )
+        counter.value += 1
+
+    def count_retry(self, route: str, condition: str) -> None:
+        """Count one retry of a request on ``route`` after ``condition``."""
+        counter = self._retries.get((route, condition))
+        if counter is None:
+            counter = self._retries[route, condition] = self.engine.stats.counter(
+                "metaprotocol_retries_total", listener=self.name, route=route, reason=condition
+            )
+        counter.value += 1
 
     def count_skipped_mutation(self, route: str) -> None:
         """Count one reply forwarded without the response mutation it cannot carry."""
@@ -388,6 +419,24 @@ class Downstream(asyncio.Protocol):
             name = self.listener.name
             self.local_reply(message, ErrorType.RouteNotFound, f"no route on {name}")
             return
+        if route.request_filters:
+            self._filter(message, route, 0, None)
+            return
+        self._dispatch(message, route, route.request_mutation)
+
+    def _dispatch(
+        self,
+        message: Metadata,
+        route: CompiledRoute,
+        mutation: Mutation | None,
+        tries: int = 0,
+        started: float = 0.0,
+        avoid: UpstreamHost | None = None,
+    ) -> None:
+        """The router, the chain's last step: destination, endpoint, limits, send.
+
+        ``tries`` counts the retries before this one (``started`` is the first try's start,
+        ``avoid`` the endpoint that just failed: a retry prefers another)."""
         target = route.single or route.pick()
         cluster = target.cluster
         if cluster is None:
@@ -396,7 +445,12 @@ class Downstream(asyncio.Protocol):
             )
             return
         host = cluster.balancer.pick(message)
+        if avoid is not None and host is avoid and len(cluster.hosts) > 1:
+            host = cluster.balancer.pick(message)
         if host is None:
+            if self._retry(route, "unavailable", tries, started):
+                self._dispatch(message, route, mutation, tries + 1, started)
+                return
             self.local_reply(
                 message,
                 ErrorType.NoHealthyUpstream,
@@ -414,17 +468,32 @@ class Downstream(asyncio.Protocol):
         ):
             self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route, target)
             return
+        if cluster.pool is not None and (why := cluster.over_pool_limits(host)) is not None:
+            self.local_reply(message, ErrorType.OverLimit, why, route, target)
+            return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        if conn is None:
+            why = cluster.overflow("maxConnections")
+            self.local_reply(message, ErrorType.OverLimit, why, route, target)
+            return
         now = engine.loop.time()
         p = Pending(self, message, route, target, host, conn, now)
         try:
-            conn.send(p, route.request_mutation)
+            conn.send(p, mutation)
         except Exception as exc:  # the codec cannot write this request (e.g. a mutation)
             self.local_reply(
                 message, ErrorType.BadRequest, f"cannot encode request: {exc}", route, target
             )
             return
-        engine.deadlines.add(p, now, route.timeout)
+        timeout = route.timeout
+        if route.retries is not None:
+            p.mutation = mutation
+            p.tries = tries
+            if tries:
+                p.start = started
+                cluster.retrying += 1
+            timeout = self._try_timeout(route, p.start, now)
+        engine.deadlines.add(p, now, timeout)
         engine.pending += 1
         host.active += 1
         self.inflight += 1
@@ -433,6 +502,179 @@ class Downstream(asyncio.Protocol):
         engine.buffered += size
         if conn.write_paused:
             self.block_on(conn)
+        if route.mirror is not None and not tries:
+            self._mirror(message, route, mutation)
+
+    # -- filters -------------------------------------------------------------------------------
+
+    def _filter(
+        self,
+        message: Metadata,
+        route: CompiledRoute,
+        first: int,
+        context: RequestContext | None,
+    ) -> None:
+        """Run the route's request filters from ``first`` on, then the router."""
+        if context is None:
+            context = RequestContext(message, route.name, self.listener.name)
+        filters = route.request_filters
+        for i in range(first, len(filters)):
+            f = filters[i]
+            try:
+                waiting = f.on_request(context)
+            except Exception as exc:  # a filter's bug answers its request, nothing else
+                self.listener.count_filter_error(f)
+                self.local_reply(
+                    message,
+                    ErrorType.Unspecified,
+                    f"filter {f.name or type(f).__name__} failed: {type(exc).__name__}",
+                    route,
+                )
+                return
+            if context.reply is not None:
+                reply = context.reply
+                self.local_reply(message, reply.error, reply.message or f.name, route)
+                return
+            if waiting is not None:
+                self._hold(message, route, context, i + 1, waiting)
+                return
+        mutation = route.request_mutation
+        if context.mutation:
+            mutation = {**mutation, **context.mutation} if mutation else context.mutation
+        self._dispatch(message, route, mutation)
+
+    def _hold(
+        self,
+        message: Metadata,
+        route: CompiledRoute,
+        context: RequestContext,
+        resume_at: int,
+        waiting: Awaitable[None],
+    ) -> None:
+        """A filter holds the request until ``waiting`` completes (bounded by the route's
+        timeout); meanwhile it counts as pending, against every pending limit."""
+        engine = self.engine
+        if (
+            engine.pending >= engine.max_pending
+            or self.inflight >= engine.max_pending_per_connection
+            or engine.buffered > engine.max_buffered
+            or engine.rss_over
+        ):
+            _discard(waiting)
+            self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route)
+            return
+        hold = Hold(self, message, route, context, resume_at, asyncio.ensure_future(waiting))
+        engine.pending += 1
+        self.inflight += 1
+        self.inflight_bytes += hold.size
+        engine.buffered += hold.size
+        engine.deadlines.add(hold, engine.loop.time(), route.timeout)
+        hold.future.add_done_callback(hold.resume)
+
+    def release(self, hold: Hold) -> None:
+        """Stop counting a held request as pending."""
+        hold.done = True
+        engine = self.engine
+        engine.pending -= 1
+        self.inflight -= 1
+        self.inflight_bytes -= hold.size
+        engine.buffered -= hold.size
+
+    def _respond(
+        self,
+        route: CompiledRoute,
+        request: Metadata,
+        status: ResponseStatus,
+        attributes: Attributes | None,
+        local_error: ErrorType | None,
+    ) -> None:
+        """Show an answer to the route's response filters (their errors are counted only)."""
+        context = ResponseContext(
+            request, route.name, self.listener.name, status, attributes, local_error
+        )
+        for f in route.response_filters:
+            try:
+                f.on_response(context)
+            except Exception:
+                self.listener.count_filter_error(f)
+
+    # -- mirroring and retries -----------------------------------------------------------------
+
+    def _mirror(self, message: Metadata, route: CompiledRoute, mutation: Mutation | None) -> None:
+        """Send a copy of ``message`` to the route's mirror; its reply is dropped. Never
+        delays or fails the primary request: a copy that cannot go at once is dropped."""
+        mirror = route.mirror
+        assert mirror is not None
+        if mirror.percent < 100 and random.random() * 100 >= mirror.percent:
+            return
+        target = mirror.target
+        cluster = target.cluster
+        engine = self.engine
+        sink = engine.mirror_sink
+        if cluster is None:
+            sink.count(target, "ClusterNotFound")
+            return
+        host = cluster.balancer.pick(message)
+        if host is None:
+            sink.count(target, "NoHealthyUpstream")
+            return
+        if sink.inflight >= sink.limit or engine.buffered > engine.max_buffered:
+            sink.count(target, "Dropped")
+            return
+        conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        if conn is None or conn.write_paused:
+            sink.count(target, "Dropped")
+            return
+        now = engine.loop.time()
+        p = Pending(sink, message, route, target, host, conn, now)  # type: ignore[arg-type]
+        try:
+            conn.send(p, mutation)
+        except Exception:
+            sink.count(target, "BadRequest")
+            return
+        sink.inflight += 1
+        host.active += 1
+        engine.deadlines.add(p, now, route.timeout)
+
+    def _retry(self, route: CompiledRoute, condition: str, tries: int, started: float) -> bool:
+        """Whether a request that failed with ``condition`` gets another try."""
+        retries = route.retries
+        if (
+            retries is None
+            or tries >= retries.attempts
+            or condition not in retries.retry_on
+            or self.closed
+        ):
+            return False
+        if tries and self.engine.loop.time() - started >= route.timeout:
+            return False
+        self.listener.count_retry(route.name, condition)
+        return True
+
+    def _try_timeout(self, route: CompiledRoute, started: float, now: float) -> float:
+        """This try's timeout: ``perTryTimeout``, within what is left of the route's."""
+        retries = route.retries
+        assert retries is not None
+        left = route.timeout - (now - started)
+        per_try = retries.per_try_timeout
+        if per_try is None or per_try >= left:
+            return max(left, 0.001)
+        return per_try
+
+    def _retry_pending(self, p: Pending, condition: str) -> bool:
+        """Send ``p`` again (a new try) instead of answering it; ``False``: answer it."""
+        pool = p.target.cluster.pool if p.target.cluster is not None else None
+        if pool is not None and pool.max_retries is not None:
+            assert p.target.cluster is not None
+            if p.target.cluster.retrying >= pool.max_retries:
+                p.target.cluster.overflow("maxRetries")
+                return False
+        if not self._retry(p.route, condition, p.tries, p.start):
+            return False
+        request = p.request
+        self._settle(p)
+        self._dispatch(request, p.route, p.mutation, p.tries + 1, p.start, p.host)
+        return True
 
     def _over_limit(self) -> str:
         """Why a request is refused with ``OverLimit`` (off the hot path)."""
@@ -463,6 +705,9 @@ class Downstream(asyncio.Protocol):
             target.count_oneway(ErrorType.OverLimit.name)
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        if conn is None:
+            target.count_oneway(ErrorType.OverLimit.name)
+            return
         try:
             conn.send_oneway(message, route.request_mutation)
         except Exception:  # the codec cannot write this request: nobody to tell
@@ -472,10 +717,12 @@ class Downstream(asyncio.Protocol):
             self.block_on(conn)
         target.count_oneway("Forwarded")
 
-    def _dedicated(self, cluster: Cluster, host: UpstreamHost) -> UpstreamConnection:
+    def _dedicated(self, cluster: Cluster, host: UpstreamHost) -> UpstreamConnection | None:
         key = (cluster.name, host.key)
         conn = self.dedicated.get(key)
         if conn is None or conn.closed:
+            if not cluster.may_open():
+                return None
             conn = self.dedicated[key] = UpstreamConnection(cluster, host, self)
             conn.connect()
         return conn
@@ -492,6 +739,8 @@ class Downstream(asyncio.Protocol):
         p.done = True  # also stops its deadline
         engine = self.engine
         p.host.active -= 1
+        if p.tries:
+            p.target.cluster.retrying -= 1  # type: ignore[union-attr]
         self.inflight -= 1
         self.inflight_bytes -= p.size
         engine.buffered -= p.size
@@ -514,6 +763,12 @@ class Downstream(asyncio.Protocol):
         if self.closed:
             self._reply(p, None, 0, response.response_status, batch)
             return
+        if (
+            p.route.retries is not None
+            and response.response_status is _ERROR_STATUS
+            and self._retry_pending(p, "error")
+        ):
+            return
         codec = self.codec
         request_id = p.request.request_id if p.conn.shared else None
         mutation = p.route.response_mutation
@@ -528,7 +783,9 @@ class Downstream(asyncio.Protocol):
         except Exception as exc:  # the codec cannot write this response
             self._bad_response(p, f"cannot encode response: {exc}", batch)
             return
-        self._reply(p, encoded, len(response.frame), response.response_status, batch)
+        self._reply(
+            p, encoded, len(response.frame), response.response_status, batch, response.attributes
+        )
 
     def forward(
         self, p: Pending, frame: bytes, status: ResponseStatus, batch: list[Downstream]
@@ -537,6 +794,12 @@ class Downstream(asyncio.Protocol):
         only the id is put back (shared connections). Batched as :meth:`finish` does."""
         if self.closed:
             self._reply(p, None, 0, status, batch)
+            return
+        if (
+            p.route.retries is not None
+            and status is _ERROR_STATUS
+            and self._retry_pending(p, "error")
+        ):
             return
         try:
             encoded = self.codec.relabel(frame, p.request.request_id) if p.conn.shared else frame
@@ -559,6 +822,7 @@ class Downstream(asyncio.Protocol):
         size: int,
         status: ResponseStatus | None,
         batch: list[Downstream],
+        attributes: Attributes | None = None,
     ) -> None:
         """Settle ``p``, count it and queue ``encoded``.
 
@@ -596,6 +860,18 @@ class Downstream(asyncio.Protocol):
                     append_encoded(out, encoded, size)
         if encoded is None and self.draining and self.inflight == 0:
             self.close()
+        outlier = p.host.outlier
+        if outlier is not None and status is not None:
+            outlier.observe(p.host, status)
+        route = p.route
+        if route.response_filters:
+            self._respond(
+                route,
+                p.request,
+                ResponseStatus.Error if status is None else status,
+                attributes if route.decode_replies else None,
+                ErrorType.BadResponse if status is None else None,
+            )
         log = self.engine.access_log
         if log is not None:
             log.log(
@@ -644,7 +920,14 @@ class Downstream(asyncio.Protocol):
             self.close()
 
     def fail(self, p: Pending, error: ErrorType, message: str) -> None:
-        """Answer ``p`` locally (upstream reset, connect failure, timeout)."""
+        """Answer ``p`` locally (upstream reset, connect failure, timeout), or try again when
+        its route retries on that failure."""
+        if p.host.outlier is not None and error in _RETRY_CONDITIONS:
+            p.host.outlier.gateway_error(p.host)
+        if p.route.retries is not None and not self.closed:
+            condition = _RETRY_CONDITIONS.get(error)
+            if condition is not None and self._retry_pending(p, condition):
+                return
         self._settle(p)
         if self.closed:  # the client left first, or was closed: nothing to answer
             p.target.count("DownstreamClosed")
@@ -656,9 +939,10 @@ class Downstream(asyncio.Protocol):
             self.close()
 
     def timeout(self, p: Pending) -> None:
-        """``p`` got no response within its route's timeout."""
+        """``p`` got no response within its route's timeout (or its try's)."""
+        conn = p.conn
         self.fail(p, ErrorType.Timeout, f"no response within {p.route.timeout:g}s")
-        p.conn.forget(p)  # after the local reply, which needs the request
+        conn.forget(p)  # after the local reply or the retry, which need the request
 
     def local_reply(
         self,
@@ -672,13 +956,17 @@ class Downstream(asyncio.Protocol):
     ) -> None:
         """Send the codec's error reply for ``request`` and count it."""
         listener = self.listener
+        if target is None:
+            target = listener._unrouted if route is None else route.local
         transport = self.transport
         if transport is None or self.closed:
-            (target or listener._unrouted).count("DownstreamClosed")
+            target.count("DownstreamClosed")
             return
         listener.count_local(error)
-        (target or listener._unrouted).count(error.name)
+        target.count(error.name)
         transport.write(self.codec.on_error(request, LocalError(error, message)))
+        if route is not None and route.response_filters:
+            self._respond(route, request, ResponseStatus.Error, None, error)
         log = self.engine.access_log
         if log is not None:
             log.log(
@@ -708,3 +996,72 @@ class Downstream(asyncio.Protocol):
                 self.draining = True
             else:
                 self.close()
+
+
+def _discard(waiting: Awaitable[None]) -> None:
+    """Drop an awaitable a filter returned for a request that will not wait after all."""
+    if isinstance(waiting, asyncio.Future):
+        waiting.cancel()
+    elif asyncio.iscoroutine(waiting):
+        waiting.close()
+
+
+class Hold:
+    """A request a filter holds (``on_request`` returned an awaitable)."""
+
+    __slots__ = (
+        "context",
+        "deadline",
+        "done",
+        "downstream",
+        "future",
+        "request",
+        "resume_at",
+        "route",
+        "size",
+    )
+
+    def __init__(
+        self,
+        downstream: Downstream,
+        request: Metadata,
+        route: CompiledRoute,
+        context: RequestContext,
+        resume_at: int,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.downstream = downstream
+        self.request = request
+        self.route = route
+        self.context = context
+        self.resume_at = resume_at
+        self.future = future
+        self.size = len(request.frame)
+        self.done = False
+        self.deadline = 0.0
+
+    def resume(self, future: asyncio.Future[Any]) -> None:
+        """The awaitable completed: go on with the chain (or answer, if it failed)."""
+        if self.done:  # timed out first
+            return
+        downstream = self.downstream
+        downstream.release(self)
+        route = self.route
+        if downstream.closed:
+            route.local.count("DownstreamClosed")
+            return
+        if future.cancelled() or future.exception() is not None:
+            downstream.local_reply(
+                self.request, ErrorType.Unspecified, "a filter's wait failed", route
+            )
+            return
+        downstream._filter(self.request, route, self.resume_at, self.context)
+
+    def expire(self) -> None:
+        """The route's timeout passed while held: ``Timeout``."""
+        if self.done:
+            return
+        self.downstream.release(self)
+        self.future.cancel()
+        message = f"held by a filter for longer than {self.route.timeout:g}s"
+        self.downstream.local_reply(self.request, ErrorType.Timeout, message, self.route)

@@ -10,16 +10,18 @@ import resource
 from typing import Any
 
 from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.filters import Filter
 
 from .accesslog import AccessLog
 from .addresses import is_loopback, reaches, resolve_all
-from .balancer import make_balancer
-from .config.models import Config, Destination, Listener, LoadBalancer
+from .config.models import Config, Destination, Listener, LoadBalancer, Route, TrafficPolicy
 from .deadlines import Deadlines
 from .downstream import Downstream, ListenerRuntime
 from .matcher import compile_match
-from .router import CompiledRoute, RouteTable, Target
-from .stats import Stats
+from .mirror import MirrorSink
+from .policies import FaultAbort, FaultDelay, LocalRateLimiter
+from .router import CompiledRoute, MirrorTarget, RouteTable, Target
+from .stats import Counter, Stats
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 
 log = logging.getLogger("metaprotocol.proxy")
@@ -107,6 +109,8 @@ class Engine:
         self._drained: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._pending_gauge = self.stats.gauge("metaprotocol_requests_pending")
+        #: Where mirrored requests' replies go (counted, dropped).
+        self.mirror_sink = MirrorSink(self.stats)
         #: The event loop the engine runs on (set by :meth:`start`).
         self.loop: asyncio.AbstractEventLoop
         #: Request timeouts (created by :meth:`start`, on the running loop).
@@ -129,18 +133,28 @@ class Engine:
         sport = service.ports[port]
         rule = config.destination_rules.get(host)
         policy = rule.load_balancer if rule else LoadBalancer()
+        traffic = rule.policy if rule else TrafficPolicy()
         labels: dict[str, str] = {}
         if subset is not None and rule is not None:
             sub = rule.subsets[subset]
             labels = sub.labels
             policy = sub.load_balancer or policy
+            traffic = sub.policy
         hosts = [
             UpstreamHost(ep.address, ep.port_for(sport))
             for ep in service.endpoints
             if labels.items() <= ep.labels.items()
         ]
         protocol = config.protocol_of(host, port)
-        cluster = Cluster(self, name, protocol, hosts, make_balancer(policy, hosts))
+        cluster = Cluster(
+            self,
+            name,
+            protocol,
+            hosts,
+            policy,
+            traffic.connection_pool,
+            traffic.outlier_detection,
+        )
         self.clusters[name] = cluster
         return cluster
 
@@ -159,20 +173,21 @@ class Engine:
         config = self.config
         timeout = config.proxy.timeouts.route
         router = config.routers.get(listener.host)
+        # The chain of every route: the MetaRouter's rate limit, the route's fault injection,
+        # then the listener's own filters; the router comes last (Downstream._dispatch).
+        chain = [spec.create() for spec in listener.filters]
+        limiter: Filter | None = None
+        if router is not None and router.local_rate_limit is not None:
+            limiter = LocalRateLimiter(
+                router.local_rate_limit, self.loop.time, self.stats, listener.name
+            )
         routes: list[CompiledRoute] = []
         if router is None:
             # No MetaRouter: everything goes to the service itself, as in Aeraki.
             dest = Destination(listener.host, None, listener.port, 100)
-            routes.append(
-                CompiledRoute(
-                    "default",
-                    compile_match(()),
-                    [self._target(dest, listener, "default")],
-                    None,
-                    None,
-                    timeout,
-                )
-            )
+            default = Route("default", (), (dest,), {}, {})
+            target = self._target(dest, listener, "default")
+            routes.append(self._compile_route(default, listener, [target], timeout, chain, None))
         else:
             for route in router.routes:
                 single = 100 if len(route.destinations) == 1 else None
@@ -180,19 +195,54 @@ class Engine:
                     self._target(d, listener, route.name, single) for d in route.destinations
                 ]
                 routes.append(
-                    CompiledRoute(
-                        route.name,
-                        compile_match(route.match),
-                        targets,
-                        route.request_mutation,
-                        route.response_mutation,
-                        route.timeout or timeout,
-                    )
+                    self._compile_route(route, listener, targets, timeout, chain, limiter)
                 )
         protocol = config.protocol_of(listener.host, listener.port)
         return ListenerRuntime(
             self, listener.name, protocol.codec_class, RouteTable(routes), dict(protocol.options)
         )
+
+    def _compile_route(
+        self,
+        route: Route,
+        listener: Listener,
+        targets: list[Target],
+        default_timeout: float,
+        chain: list[Filter],
+        limiter: Filter | None,
+    ) -> CompiledRoute:
+        request_filters: list[Filter] = [limiter] if limiter is not None else []
+        fault = route.fault
+        if fault is not None:
+
+            def counter(kind: str) -> Counter:
+                return self.stats.counter(
+                    "metaprotocol_faults_total", listener=listener.name, route=route.name, type=kind
+                )
+
+            if fault.delay_percent > 0:
+                request_filters.append(FaultDelay(fault, self.loop, counter("delay")))
+            if fault.abort_percent > 0:
+                request_filters.append(FaultAbort(fault, counter("abort")))
+        request_filters += [f for f in chain if f.handles_requests]
+        mirror = None
+        if route.mirror is not None:
+            mirror_target = self._target(route.mirror.destination, listener, route.name, 100)
+            mirror = MirrorTarget(mirror_target, route.mirror.percent)
+        compiled = CompiledRoute(
+            route.name,
+            compile_match(route.match),
+            targets,
+            route.request_mutation,
+            route.response_mutation,
+            route.timeout or default_timeout,
+            request_filters=request_filters,
+            response_filters=[f for f in chain if f.handles_responses],
+            mirror=mirror,
+            retries=route.retries,
+        )
+        compiled.local = Target("", None, 0, self.stats, listener.name, route.name)
+        return compiled
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -205,7 +255,7 @@ class Engine:
         if not self.config.proxy.listeners:  # it would serve nothing, silently, forever
             raise ConfigError("no listeners: add a ProxyConfig with spec.listeners")
         self._loop = self.loop = asyncio.get_running_loop()
-        self.deadlines = Deadlines(self._loop, lambda p: p.downstream.timeout(p))
+        self.deadlines = Deadlines(self._loop, _expire)
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
         settings = self.config.proxy
@@ -271,7 +321,11 @@ class Engine:
 
     def _schedule_sweep(self) -> None:
         t = self.config.proxy.timeouts
-        interval = min(SWEEP_MAX, max(0.02, min(t.idle, t.frame, t.write) / 4))
+        shortest = min(t.idle, t.frame, t.write)
+        for cluster in self.clusters.values():
+            if cluster.pool is not None and cluster.pool.idle_timeout is not None:
+                shortest = min(shortest, cluster.pool.idle_timeout)
+        interval = min(SWEEP_MAX, max(0.02, shortest / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
@@ -280,8 +334,11 @@ class Engine:
         buffered = 0
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
-        for upstream in self.upstreams:
+        for upstream in list(self.upstreams):
             buffered += upstream.held
+            pool = upstream.cluster.pool
+            if pool is not None and pool.idle_timeout is not None:
+                upstream.idle_sweep(now, pool.idle_timeout)
         self.buffered = buffered
         if self.max_rss is not None:
             self.rss_over = _rss_bytes() > self.max_rss
@@ -497,3 +554,8 @@ class Engine:
             "documents": documents,
             "documentsTruncated": truncated,
         }
+
+
+def _expire(item: Any) -> None:
+    """A deadline passed: a request in flight or one a filter holds (both have ``expire``)."""
+    item.expire()

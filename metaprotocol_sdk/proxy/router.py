@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from metaprotocol_sdk.enums import ResponseStatus
+from metaprotocol_sdk.filters import Filter
 from metaprotocol_sdk.metadata import Attributes
 
+from .config.models import Retries
 from .matcher import Matcher
 from .stats import Counter, Stats
 
@@ -47,6 +49,11 @@ class Target:
         #: (:meth:`response_counter`): the hot path indexes this list.
         self.responses: list[Counter | None] = [None] * len(ResponseStatus)
 
+    @property
+    def labels(self) -> dict[str, str]:
+        """The target's stats labels: listener, route, destination."""
+        return self._labels
+
     def response_counter(self, status: ResponseStatus) -> Counter:
         """The counter of requests answered by the upstream with ``status``."""
         counter = self.responses[status]
@@ -77,18 +84,40 @@ class Target:
         counter.value += 1
 
 
+class MirrorTarget:
+    """Where a route mirrors its requests: the destination and the share of requests."""
+
+    __slots__ = ("percent", "target")
+
+    def __init__(self, target: Target, percent: float) -> None:
+        self.target = target
+        self.percent = percent
+
+
 class CompiledRoute:
-    """A route ready for the hot path."""
+    """A route ready for the hot path.
+
+    ``request_filters`` and ``response_filters`` are the route's chain (empty when nothing is
+    configured: the hot path then tests one attribute); ``decode_replies`` is true when a reply
+    must be decoded on its way back (a response mutation, or a response filter that reads the
+    reply's attributes), false when a peeked reply can go out untouched.
+    """
 
     __slots__ = (
         "_current",
         "_next",
         "_schedule",
         "_total",
+        "decode_replies",
+        "local",
         "match",
+        "mirror",
         "name",
+        "request_filters",
         "request_mutation",
+        "response_filters",
         "response_mutation",
+        "retries",
         "single",
         "targets",
         "timeout",
@@ -102,13 +131,28 @@ class CompiledRoute:
         request_mutation: dict[str, str] | None,
         response_mutation: dict[str, str] | None,
         timeout: float,
+        *,
+        request_filters: Sequence[Filter] = (),
+        response_filters: Sequence[Filter] = (),
+        mirror: MirrorTarget | None = None,
+        retries: Retries | None = None,
     ) -> None:
         self.name = name
         self.match = match
+        #: Counts this route's requests answered before a destination was chosen (a filter's
+        #: local reply, say); the engine replaces it with a counting target.
+        self.local = Target("", None, 0, Stats(), "", name)
+        self.request_filters = tuple(request_filters)
+        self.response_filters = tuple(response_filters)
+        self.mirror = mirror
+        self.retries = retries if retries is not None and retries.attempts > 0 else None
         self.targets = [t for t in targets if t.weight > 0] or list(targets[:1])
         self.single = self.targets[0] if len(self.targets) == 1 else None
         self.request_mutation = request_mutation or None
         self.response_mutation = response_mutation or None
+        self.decode_replies = self.response_mutation is not None or any(
+            f.response_attributes for f in self.response_filters
+        )
         self.timeout = timeout
         self._current = [0] * len(self.targets)
         self._total = sum(t.weight for t in self.targets)

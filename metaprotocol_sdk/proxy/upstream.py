@@ -13,6 +13,7 @@ Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability:
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, cast
 
@@ -21,8 +22,9 @@ from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
-from .balancer import Balancer
-from .config.models import Protocol
+from .balancer import Balancer, make_balancer
+from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
+from .outlier import OutlierDetector
 from .stats import Counter
 
 if TYPE_CHECKING:
@@ -67,12 +69,14 @@ class Pending:
         "done",
         "downstream",
         "host",
+        "mutation",
         "request",
         "route",
         "seq",
         "size",
         "start",
         "target",
+        "tries",
         "wire_id",
     )
 
@@ -99,12 +103,31 @@ class Pending:
         self.deadline = 0.0
         #: Position on a dedicated connection (arrival order).
         self.seq = 0
+        #: Retries before this try, and the mutation it was sent with (routes with retries).
+        self.tries = 0
+        self.mutation: Mutation | None = None
+
+    def expire(self) -> None:
+        """The deadline passed (called by the engine's deadlines)."""
+        self.downstream.timeout(self)
 
 
 class UpstreamHost:
     """One endpoint of a cluster."""
 
-    __slots__ = ("active", "address", "conns", "key", "next_conn", "port")
+    __slots__ = (
+        "active",
+        "address",
+        "conns",
+        "ejected",
+        "ejections",
+        "errors",
+        "gateway_errors",
+        "key",
+        "next_conn",
+        "outlier",
+        "port",
+    )
 
     def __init__(self, address: str, port: int) -> None:
         self.address = address
@@ -115,6 +138,12 @@ class UpstreamHost:
         #: Shared connections (shared mode only).
         self.conns: list[UpstreamConnection] = []
         self.next_conn = 0
+        #: The cluster's outlier detector, when it has one (see outlier.py).
+        self.outlier: OutlierDetector | None = None
+        self.errors = 0
+        self.gateway_errors = 0
+        self.ejected = False
+        self.ejections = 0
 
 
 class Cluster:
@@ -126,14 +155,32 @@ class Cluster:
         name: str,
         protocol: Protocol,
         hosts: list[UpstreamHost],
-        balancer: Balancer[UpstreamHost],
+        policy: LoadBalancer,
+        pool: ConnectionPool | None = None,
+        outlier: OutlierDetection | None = None,
     ) -> None:
         self.engine = engine
         self.name = name
         self.protocol = protocol
         self.hosts = hosts
-        self.balancer = balancer
+        self.policy = policy
+        self.balancer: Balancer[UpstreamHost] = make_balancer(policy, hosts)
         self.shared = protocol.codec_class.capabilities.rewrite_request_id
+        #: Circuit-breaker limits (``trafficPolicy.connectionPool``), ``None``: none.
+        self.pool = pool
+        self.connect_timeout = engine.connect_timeout
+        if pool is not None and pool.connect_timeout is not None:
+            self.connect_timeout = pool.connect_timeout
+        #: Open or opening upstream connections, and those still opening.
+        self.connections = 0
+        self.opening: set[UpstreamConnection] = set()
+        #: Retries in flight (``connectionPool.http.maxRetries``).
+        self.retrying = 0
+        self.outlier: OutlierDetector | None = None
+        if outlier is not None:
+            self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
+            for host in hosts:
+                host.outlier = self.outlier
         stats = engine.stats
         self.connects = stats.counter("metaprotocol_upstream_connections_total", cluster=name)
         self.active = stats.gauge("metaprotocol_upstream_connections_active", cluster=name)
@@ -147,15 +194,57 @@ class Cluster:
         self.decode_errors = stats.counter(
             "metaprotocol_decode_errors_total", cluster=name, side="upstream"
         )
+        self._overflows: dict[str, Counter] = {}
 
-    def shared_connection(self, host: UpstreamHost) -> UpstreamConnection:
-        """A shared connection to ``host``, opening one while below the per-host count."""
+    def rebalance(self) -> None:
+        """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
+        hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
+        self.balancer = make_balancer(self.policy, hosts)
+
+    def overflow(self, limit: str) -> str:
+        """Count a request refused by the circuit breaker ``limit``; the reply's message."""
+        counter = self._overflows.get(limit)
+        if counter is None:
+            counter = self._overflows[limit] = self.engine.stats.counter(
+                "metaprotocol_upstream_overflow_total", cluster=self.name, limit=limit
+            )
+        counter.value += 1
+        return f"circuit breaker {limit} of {self.name} is open"
+
+    def over_pool_limits(self, host: UpstreamHost) -> str | None:
+        """Which request limit of ``connectionPool`` a new request to ``host`` would break."""
+        pool = self.pool
+        assert pool is not None
+        max_requests = pool.max_requests
+        if max_requests is not None and sum(h.active for h in self.hosts) >= max_requests:
+            return self.overflow("http2MaxRequests")
+        if pool.max_pending_requests is not None and self.opening:
+            waiting = sum(len(c.pending) + len(c.order) for c in self.opening)
+            if waiting >= pool.max_pending_requests:
+                return self.overflow("http1MaxPendingRequests")
+        return None
+
+    def may_open(self) -> bool:
+        """Whether ``connectionPool.tcp.maxConnections`` allows one more connection."""
+        pool = self.pool
+        return (
+            pool is None
+            or pool.max_connections is None
+            or (self.connections < pool.max_connections)
+        )
+
+    def shared_connection(self, host: UpstreamHost) -> UpstreamConnection | None:
+        """A shared connection to ``host``, opening one while below the per-host count (and
+        the cluster's ``maxConnections``); ``None`` when the breaker leaves it none."""
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
-            conn = UpstreamConnection(self, host, None)
-            conns.append(conn)
-            conn.connect()
-            return conn
+            if self.may_open():
+                conn = UpstreamConnection(self, host, None)
+                conns.append(conn)
+                conn.connect()
+                return conn
+            if not conns:
+                return None
         i = host.next_conn
         if i >= len(conns):
             i = 0
@@ -178,6 +267,8 @@ class UpstreamConnection(asyncio.Protocol):
         "engine",
         "held",
         "host",
+        "idle_since",
+        "limit_requests",
         "max_id",
         "need",
         "next_id",
@@ -187,6 +278,8 @@ class UpstreamConnection(asyncio.Protocol):
         "peek",
         "pending",
         "queued",
+        "retiring",
+        "sent",
         "shared",
         "stale",
         "task",
@@ -227,12 +320,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.next_id = 0
         self.task: asyncio.Task[None] | None = None
         self._active: Counter = cluster.active
+        pool = cluster.pool
+        #: ``maxRequestsPerConnection`` (0: no limit) and the requests sent so far.
+        self.limit_requests = (pool.max_requests_per_connection or 0) if pool else 0
+        self.sent = 0
+        #: Taking no new requests; closes once nothing is in flight.
+        self.retiring = False
+        #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
+        self.idle_since = 0.0
 
     # -- connecting ----------------------------------------------------------------------------
 
     def connect(self) -> None:
         """Start connecting; requests sent meanwhile are queued."""
         self.engine.upstreams.add(self)
+        self.cluster.connections += 1
+        self.cluster.opening.add(self)
         self.task = self.engine.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -241,7 +344,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: self, host.address, host.port),
-                self.engine.connect_timeout,
+                self.cluster.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
             self.cluster.connect_errors.value += 1
@@ -257,7 +360,13 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
         self.transport = transport = cast(asyncio.Transport, transport)
         self.connecting = False
+        self.cluster.opening.discard(self)
         self.cluster.connects.value += 1
+        pool = self.cluster.pool
+        if pool is not None and pool.keepalive is not None:
+            _keepalive(
+                transport, pool.keepalive.probes, pool.keepalive.time, pool.keepalive.interval
+            )
         self._active.value += 1
         if self.closed:  # closed while connecting
             transport.close()
@@ -298,6 +407,37 @@ class UpstreamConnection(asyncio.Protocol):
             queued.append(encoded)
         else:
             self._queue(encoded, len(request.frame))
+        if self.limit_requests:
+            self.sent += 1
+            if self.sent >= self.limit_requests:
+                self.retire()
+
+    def retire(self) -> None:
+        """Take no new requests (the next one opens a fresh connection); close once the
+        requests in flight are answered."""
+        if self.retiring:
+            return
+        self.retiring = True
+        host = self.host
+        if self in host.conns:
+            host.conns.remove(self)
+        if self.owner is not None:
+            self.owner.upstream_closed(self)
+        self._close_if_idle()
+
+    def idle_sweep(self, now: float, idle_timeout: float) -> None:
+        """Close the connection after ``idleTimeout`` with nothing in flight (engine sweep)."""
+        if self.pending or len(self.order) > self.stale or self.connecting:
+            self.idle_since = 0.0
+        elif not self.idle_since:
+            self.idle_since = now
+        elif now - self.idle_since >= idle_timeout:
+            self.retire()
+            self.close()
+
+    def _close_if_idle(self) -> None:
+        if self.retiring and not self.pending and len(self.order) == self.stale:
+            self.close()
 
     def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
         """Encode and send a request that gets no response."""
@@ -332,14 +472,9 @@ class UpstreamConnection(asyncio.Protocol):
         if p.seq in self.order:
             p.request = _FORGOTTEN
             self.stale += 1
-            if self.stale > STALE_LIMIT and self.owner is not None:
-                self.owner.upstream_closed(self)  # the next request opens a fresh connection
-            self._retire_if_done()
-
-    def _retire_if_done(self) -> None:
-        """Close a dedicated connection past ``STALE_LIMIT`` once nothing live is left on it."""
-        if self.stale > STALE_LIMIT and len(self.order) == self.stale:
-            self.close()
+            if self.stale > STALE_LIMIT:
+                self.retire()
+        self._close_if_idle()
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -387,6 +522,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._account_held()
         for downstream in batch:
             downstream.flush()
+        if self.retiring:
+            self._close_if_idle()
         if failed is not None:
             self.cluster.decode_errors.value += 1
             self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {failed}")
@@ -403,12 +540,12 @@ class UpstreamConnection(asyncio.Protocol):
         wire_id, size, status = head
         if self.shared:
             p = self.pending.pop(wire_id, None)
-            if p is not None and p.route.response_mutation is not None:
+            if p is not None and p.route.decode_replies:
                 self.pending[wire_id] = p  # put back for the decode path to find
                 return False
         else:
             p = self._candidate(wire_id)
-            if p is not None and not p.done and p.route.response_mutation is not None:
+            if p is not None and not p.done and p.route.decode_replies:
                 return False
             p = self._match(wire_id)
         frame = take_frame(self.buffer, size)
@@ -444,8 +581,6 @@ class UpstreamConnection(asyncio.Protocol):
         if p.done:
             self.stale -= 1
             return None
-        if self.stale > STALE_LIMIT:
-            self._retire_if_done()
         return p
 
     # -- closing -------------------------------------------------------------------------------
@@ -495,6 +630,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish_close(ErrorType.UpstreamReset, "upstream connection closed")
 
     def _finish_close(self, error: ErrorType, message: str) -> None:
+        if self in self.engine.upstreams:
+            self.cluster.connections -= 1
+        self.cluster.opening.discard(self)
         self.closed = True
         self.connecting = False
         self.queued = []
@@ -521,3 +659,21 @@ class UpstreamConnection(asyncio.Protocol):
         for p in waiting:
             p.done = True
             p.downstream.fail(p, error, message)
+
+
+def _keepalive(
+    transport: asyncio.Transport, probes: int | None, idle: float | None, interval: float | None
+) -> None:
+    """TCP keepalive on an upstream socket (``connectionPool.tcp.tcpKeepalive``)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    options = (
+        (getattr(socket, "TCP_KEEPCNT", None), probes),
+        (getattr(socket, "TCP_KEEPIDLE", None), idle),
+        (getattr(socket, "TCP_KEEPINTVL", None), interval),
+    )
+    for option, value in options:
+        if option is not None and value is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(value)))

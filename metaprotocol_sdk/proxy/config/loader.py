@@ -11,33 +11,46 @@ from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, NoReturn, cast
 
+from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError, RegistryError
-from metaprotocol_sdk.registry import resolve
+from metaprotocol_sdk.registry import resolve, resolve_filter
 
 from ..addresses import is_loopback
 from ..matcher import compile_regex
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
 from .models import (
+    RETRY_ON,
     Admin,
     AttributeMatch,
     Config,
+    ConnectionPool,
     Destination,
     DestinationRule,
     Endpoint,
+    Fault,
+    FilterSpec,
     LbPolicy,
     Limits,
     Listener,
     LoadBalancer,
+    LocalRateLimit,
     MetaRouter,
+    Mirror,
+    OutlierDetection,
     Overload,
     Protocol,
     ProxySettings,
+    RateLimitCondition,
+    Retries,
     Route,
     Service,
     ServicePort,
     Subset,
+    TcpKeepalive,
     Timeouts,
+    TokenBucket,
+    TrafficPolicy,
 )
 
 KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
@@ -48,7 +61,7 @@ _LB_SIMPLE: dict[str, LbPolicy] = {
     "LEAST_REQUEST": "LEAST_REQUEST",
     "LEAST_CONN": "LEAST_REQUEST",
 }
-_UNSUPPORTED_ROUTE_FIELDS = ("localRateLimit", "globalRateLimit", "mirror", "mirrorPercentage")
+_UNSUPPORTED_ROUTE_FIELDS = ("localRateLimit", "globalRateLimit")
 
 
 class _Doc:
@@ -379,6 +392,109 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     return LoadBalancer(_LB_SIMPLE[simple])
 
 
+def _traffic_policy(doc: _Doc, policy: Mapping[str, Any], path: str) -> TrafficPolicy:
+    return TrafficPolicy(
+        _load_balancer(doc, dict(policy), path),
+        _connection_pool(doc, policy, path),
+        _outlier_detection(doc, policy, path),
+    )
+
+
+def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> ConnectionPool | None:
+    raw = doc.mapping(policy, "connectionPool", f"{path}.connectionPool", required=False)
+    if not raw:
+        return None
+    path = f"{path}.connectionPool"
+    _known(doc, raw, path, ("tcp", "http"))
+    tcp = doc.mapping(raw, "tcp", f"{path}.tcp", required=False)
+    _known(doc, tcp, f"{path}.tcp", ("maxConnections", "connectTimeout", "tcpKeepalive"))
+    http = doc.mapping(raw, "http", f"{path}.http", required=False)
+    _known(
+        doc,
+        http,
+        f"{path}.http",
+        (
+            "http1MaxPendingRequests",
+            "http2MaxRequests",
+            "maxRequestsPerConnection",
+            "idleTimeout",
+            "maxRetries",
+        ),
+    )
+    keepalive = None
+    alive = doc.mapping(tcp, "tcpKeepalive", f"{path}.tcp.tcpKeepalive", required=False)
+    if alive:
+        kpath = f"{path}.tcp.tcpKeepalive"
+        _known(doc, alive, kpath, ("probes", "time", "interval"))
+        keepalive = TcpKeepalive(
+            doc.integer(alive, "probes", f"{kpath}.probes", False, 1, 127),
+            doc.duration(alive, "time", f"{kpath}.time"),
+            doc.duration(alive, "interval", f"{kpath}.interval"),
+        )
+
+    def count(obj: Mapping[str, Any], key: str, where: str) -> int | None:
+        return doc.integer(obj, key, f"{path}.{where}.{key}", False, 1, 2**31)
+
+    return ConnectionPool(
+        max_connections=count(tcp, "maxConnections", "tcp"),
+        connect_timeout=doc.duration(tcp, "connectTimeout", f"{path}.tcp.connectTimeout"),
+        keepalive=keepalive,
+        max_pending_requests=count(http, "http1MaxPendingRequests", "http"),
+        max_requests=count(http, "http2MaxRequests", "http"),
+        max_requests_per_connection=count(http, "maxRequestsPerConnection", "http"),
+        idle_timeout=doc.duration(http, "idleTimeout", f"{path}.http.idleTimeout"),
+        max_retries=count(http, "maxRetries", "http"),
+    )
+
+
+_OUTLIER_FIELDS = (
+    "consecutiveGatewayErrors",
+    "consecutive5xxErrors",
+    "interval",
+    "baseEjectionTime",
+    "maxEjectionPercent",
+    "minHealthPercent",
+)
+
+
+def _outlier_detection(doc: _Doc, policy: Mapping[str, Any], path: str) -> OutlierDetection | None:
+    raw = doc.mapping(policy, "outlierDetection", f"{path}.outlierDetection", required=False)
+    if not raw:
+        return None
+    path = f"{path}.outlierDetection"
+    if "consecutiveErrors" in raw:
+        doc.fail(f"{path}.consecutiveErrors", "deprecated in Istio; use consecutive5xxErrors")
+    _known(doc, raw, path, _OUTLIER_FIELDS)
+    default = OutlierDetection()
+
+    def errors(key: str) -> int | None:
+        # Istio: 0 disables the check; absent keeps the default (5 for 5xx, off for gateway).
+        value = doc.integer(raw, key, f"{path}.{key}", False, 0, 2**31)
+        return None if value == 0 else value
+
+    gateway = errors("consecutiveGatewayErrors")
+    five = errors("consecutive5xxErrors") if "consecutive5xxErrors" in raw else 5
+    return OutlierDetection(
+        consecutive_gateway_errors=gateway,
+        consecutive_errors=five,
+        interval=doc.duration(raw, "interval", f"{path}.interval") or default.interval,
+        base_ejection_time=doc.duration(raw, "baseEjectionTime", f"{path}.baseEjectionTime")
+        or default.base_ejection_time,
+        max_ejection_percent=_int_or(
+            doc.integer(raw, "maxEjectionPercent", f"{path}.maxEjectionPercent", False, 0, 100),
+            default.max_ejection_percent,
+        ),
+        min_health_percent=_int_or(
+            doc.integer(raw, "minHealthPercent", f"{path}.minHealthPercent", False, 0, 100),
+            default.min_health_percent,
+        ),
+    )
+
+
+def _int_or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def _destination_rules(
     docs: list[_Doc], services: dict[str, Service]
 ) -> dict[str, DestinationRule]:
@@ -392,6 +508,7 @@ def _destination_rules(
             doc.fail("spec.host", f"host {host!r} already has DestinationRule {rules[host].name!r}")
         policy = doc.mapping(spec, "trafficPolicy", "spec.trafficPolicy", required=False)
         lb = _load_balancer(doc, policy, "spec.trafficPolicy") or LoadBalancer()
+        top = _traffic_policy(doc, policy, "spec.trafficPolicy")
         subsets: dict[str, Subset] = {}
         for i, raw in enumerate(doc.sequence(spec, "subsets", "spec.subsets", required=False)):
             path = f"spec.subsets[{i}]"
@@ -403,8 +520,9 @@ def _destination_rules(
             labels = doc.labels(raw, "labels", f"{path}.labels")
             sub_policy = doc.mapping(raw, "trafficPolicy", f"{path}.trafficPolicy", False)
             sub_lb = _load_balancer(doc, sub_policy, f"{path}.trafficPolicy")
-            subsets[name] = Subset(name, labels, sub_lb)
-        rules[host] = DestinationRule(doc.name, host, lb, subsets)
+            own = _traffic_policy(doc, sub_policy, f"{path}.trafficPolicy")
+            subsets[name] = Subset(name, labels, sub_lb, own.over(top))
+        rules[host] = DestinationRule(doc.name, host, lb, subsets, top)
     return rules
 
 
@@ -439,6 +557,187 @@ def _matches(doc: _Doc, route: dict[str, Any], path: str) -> tuple[AttributeMatc
                 doc.fail(f"{cpath}.regex", f"invalid regular expression {value!r}: {exc}")
         out.append(AttributeMatch(str(name), kind, value))
     return tuple(out)
+
+
+def _destination(
+    doc: _Doc,
+    dest: Mapping[str, Any],
+    path: str,
+    services: dict[str, Service],
+    rules: dict[str, DestinationRule],
+    weight: int,
+) -> Destination:
+    """A route or mirror ``destination``: ``host``, optional ``subset`` and ``port.number``."""
+    host = cast(str, doc.string(dest, "host", f"{path}.host"))
+    subset = doc.string(dest, "subset", f"{path}.subset", required=False)
+    port_obj = doc.mapping(dest, "port", f"{path}.port", required=False)
+    port = doc.integer(port_obj, "number", f"{path}.port.number", False, 1, 65535)
+    service = services.get(host)
+    if service is not None:
+        # An unknown host stays allowed: requests to it get ClusterNotFound.
+        port = _resolve_port(doc, service, port, None, f"{path}.port")
+        if subset is not None:
+            rule = rules.get(host)
+            if rule is None or subset not in rule.subsets:
+                known = sorted(rule.subsets) if rule else []
+                doc.fail(
+                    f"{path}.subset",
+                    f"unknown subset {subset!r} of host {host!r}; DestinationRule "
+                    f"subsets: {', '.join(known) or 'none'}",
+                )
+    return Destination(host, subset, port, weight)
+
+
+def _known(doc: _Doc, obj: Mapping[str, Any], path: str, known: Sequence[str]) -> None:
+    for key in obj:
+        if key not in known:
+            doc.fail(f"{path}.{key}", f"unknown field; expected one of {', '.join(sorted(known))}")
+
+
+def _percent(doc: _Doc, obj: Mapping[str, Any], key: str, path: str) -> float | None:
+    """Istio's ``Percent``: ``{value: <double in 0-100>}``."""
+    raw = doc.mapping(obj, key, path, required=False)
+    if not raw:
+        return None
+    _known(doc, raw, path, ("value",))
+    value = doc.get(raw, "value", f"{path}.value", required=True)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        doc.fail(f"{path}.value", f"must be a number in [0, 100], got {value!r}")
+    return float(value)
+
+
+def _fault(doc: _Doc, route: Mapping[str, Any], path: str) -> Fault | None:
+    raw = doc.mapping(route, "fault", f"{path}.fault", required=False)
+    if not raw:
+        return None
+    path = f"{path}.fault"
+    _known(doc, raw, path, ("delay", "abort"))
+    delay = doc.mapping(raw, "delay", f"{path}.delay", required=False)
+    abort = doc.mapping(raw, "abort", f"{path}.abort", required=False)
+    if not delay and not abort:
+        doc.fail(path, "needs a delay, an abort or both")
+    fault = Fault()
+    if delay:
+        _known(doc, delay, f"{path}.delay", ("percentage", "fixedDelay"))
+        fixed = doc.duration(delay, "fixedDelay", f"{path}.delay.fixedDelay")
+        if fixed is None:
+            doc.fail(f"{path}.delay.fixedDelay", "required field is missing")
+        share = _percent(doc, delay, "percentage", f"{path}.delay.percentage")
+        fault = Fault(delay_percent=100.0 if share is None else share, delay=fixed)
+    if abort:
+        _known(doc, abort, f"{path}.abort", ("percentage", "errorType"))
+        name = cast(str, doc.string(abort, "errorType", f"{path}.abort.errorType"))
+        if name not in ErrorType.__members__:
+            doc.fail(
+                f"{path}.abort.errorType",
+                f"unknown error type {name!r}; expected one of {', '.join(ErrorType.__members__)}",
+            )
+        share = _percent(doc, abort, "percentage", f"{path}.abort.percentage")
+        fault = Fault(
+            fault.delay_percent,
+            fault.delay,
+            100.0 if share is None else share,
+            ErrorType[name],
+        )
+    return fault
+
+
+def _mirror(
+    doc: _Doc,
+    route: Mapping[str, Any],
+    path: str,
+    services: dict[str, Service],
+    rules: dict[str, DestinationRule],
+) -> Mirror | None:
+    raw = doc.mapping(route, "mirror", f"{path}.mirror", required=False)
+    share = _percent(doc, route, "mirrorPercentage", f"{path}.mirrorPercentage")
+    if not raw:
+        if share is not None:
+            doc.fail(f"{path}.mirrorPercentage", "needs a mirror")
+        return None
+    _known(doc, raw, f"{path}.mirror", ("host", "subset", "port"))
+    dest = _destination(doc, raw, f"{path}.mirror", services, rules, 100)
+    return Mirror(dest, 100.0 if share is None else share)
+
+
+def _retries(doc: _Doc, route: Mapping[str, Any], path: str) -> Retries | None:
+    raw = doc.mapping(route, "retries", f"{path}.retries", required=False)
+    if not raw:
+        return None
+    path = f"{path}.retries"
+    _known(doc, raw, path, ("attempts", "perTryTimeout", "retryOn"))
+    attempts = cast(int, doc.integer(raw, "attempts", f"{path}.attempts", low=0, high=10))
+    per_try = doc.duration(raw, "perTryTimeout", f"{path}.perTryTimeout")
+    on = doc.string(raw, "retryOn", f"{path}.retryOn", required=False)
+    conditions = Retries.retry_on
+    if on is not None:
+        conditions = frozenset(c.strip() for c in on.split(",") if c.strip())
+        for c in sorted(conditions):
+            if c not in RETRY_ON:
+                doc.fail(
+                    f"{path}.retryOn",
+                    f"unknown retry condition {c!r}; expected some of {', '.join(RETRY_ON)}",
+                )
+    return Retries(attempts, per_try, conditions)
+
+
+def _bucket(doc: _Doc, obj: Mapping[str, Any], path: str) -> TokenBucket | None:
+    raw = doc.mapping(obj, "tokenBucket", path, required=False)
+    if not raw:
+        return None
+    _known(doc, raw, path, ("maxTokens", "tokensPerFill", "fillInterval"))
+    most = cast(int, doc.integer(raw, "maxTokens", f"{path}.maxTokens", low=1))
+    fill = doc.integer(raw, "tokensPerFill", f"{path}.tokensPerFill", False, 1)
+    interval = doc.duration(raw, "fillInterval", f"{path}.fillInterval")
+    if interval is None:
+        doc.fail(f"{path}.fillInterval", "required field is missing")
+    return TokenBucket(most, fill or 1, interval)
+
+
+def _local_rate_limit(doc: _Doc, spec: Mapping[str, Any]) -> LocalRateLimit | None:
+    raw = doc.mapping(spec, "localRateLimit", "spec.localRateLimit", required=False)
+    if not raw:
+        return None
+    path = "spec.localRateLimit"
+    _known(doc, raw, path, ("tokenBucket", "conditions"))
+    conditions = []
+    for i, cond in enumerate(doc.sequence(raw, "conditions", f"{path}.conditions", False)):
+        cpath = f"{path}.conditions[{i}]"
+        if not isinstance(cond, dict):
+            doc.fail(cpath, "must be a mapping")
+        _known(doc, cond, cpath, ("match", "tokenBucket"))
+        bucket = _bucket(doc, cond, f"{cpath}.tokenBucket")
+        if bucket is None:
+            doc.fail(f"{cpath}.tokenBucket", "required field is missing")
+        conditions.append(RateLimitCondition(_matches(doc, cond, cpath), bucket))
+    default = _bucket(doc, raw, f"{path}.tokenBucket")
+    if default is None and not conditions:
+        doc.fail(path, "needs a tokenBucket, conditions or both")
+    return LocalRateLimit(default, tuple(conditions))
+
+
+def _filters(doc: _Doc, raw: Mapping[str, Any], path: str) -> tuple[FilterSpec, ...]:
+    """A listener's ``filters``: ``[{name: <registry name or module:Class>, config: {...}}]``."""
+    specs = []
+    for i, item in enumerate(doc.sequence(raw, "filters", f"{path}.filters", required=False)):
+        fpath = f"{path}.filters[{i}]"
+        if not isinstance(item, dict):
+            doc.fail(fpath, "must be a mapping such as {name: audit, config: {}}")
+        _known(doc, item, fpath, ("name", "config"))
+        name = cast(str, doc.string(item, "name", f"{fpath}.name"))
+        config = doc.mapping(item, "config", f"{fpath}.config", required=False)
+        try:
+            cls = resolve_filter(name).load()
+        except RegistryError as exc:
+            doc.fail(f"{fpath}.name", str(exc))
+        spec = FilterSpec(name, cls, dict(config))
+        try:
+            spec.create()  # validate the settings now, not on the first request
+        except ConfigError as exc:
+            where = f"{fpath}.config.{exc.field}" if exc.field else f"{fpath}.config"
+            doc.fail(where, exc.reason)
+        specs.append(spec)
+    return tuple(specs)
 
 
 def _mutation(doc: _Doc, route: dict[str, Any], key: str, path: str) -> dict[str, str]:
@@ -508,27 +807,10 @@ def _routers(
                 if not isinstance(draw, dict):
                     doc.fail(dpath, "must be a mapping")
                 dest = doc.mapping(draw, "destination", f"{dpath}.destination")
-                host = cast(str, doc.string(dest, "host", f"{dpath}.destination.host"))
-                subset = doc.string(dest, "subset", f"{dpath}.destination.subset", required=False)
-                port_obj = doc.mapping(dest, "port", f"{dpath}.destination.port", required=False)
-                port = doc.integer(
-                    port_obj, "number", f"{dpath}.destination.port.number", False, 1, 65535
-                )
                 weight = doc.integer(draw, "weight", f"{dpath}.weight", required=False, high=100)
-                service = services.get(host)
-                if service is not None:
-                    # An unknown host stays allowed: requests to it get ClusterNotFound.
-                    port = _resolve_port(doc, service, port, None, f"{dpath}.destination.port")
-                    if subset is not None:
-                        rule = rules.get(host)
-                        if rule is None or subset not in rule.subsets:
-                            known = sorted(rule.subsets) if rule else []
-                            doc.fail(
-                                f"{dpath}.destination.subset",
-                                f"unknown subset {subset!r} of host {host!r}; DestinationRule "
-                                f"subsets: {', '.join(known) or 'none'}",
-                            )
-                dests.append(Destination(host, subset, port, 0 if weight is None else weight))
+                dests.append(
+                    _destination(doc, dest, f"{dpath}.destination", services, rules, weight or 0)
+                )
             if len(dests) > 1:
                 total = sum(dest.weight for dest in dests)
                 if total != 100:
@@ -548,9 +830,14 @@ def _routers(
                     request_mutation=_mutation(doc, raw, "requestMutation", path),
                     response_mutation=_mutation(doc, raw, "responseMutation", path),
                     timeout=timeout,
+                    fault=_fault(doc, raw, path),
+                    mirror=_mirror(doc, raw, path, services, rules),
+                    retries=_retries(doc, raw, path),
                 )
             )
-        router = MetaRouter(doc.name, tuple(hosts), tuple(routes), doc.source)
+        router = MetaRouter(
+            doc.name, tuple(hosts), tuple(routes), doc.source, _local_rate_limit(doc, spec)
+        )
         for host in hosts:
             _check_capabilities(doc, router, services[host], protocols)
             routers[host] = router
@@ -671,7 +958,7 @@ def _proxy(
                 doc.fail(path, f"duplicate listener for {host}:{port}")
             if bind[1] and (other.bind_host, other.bind_port) == bind:
                 doc.fail(f"{path}.bind", f"address {bind[0]}:{bind[1]} is used by {other.name}")
-        listeners.append(Listener(host, port, bind[0], bind[1]))
+        listeners.append(Listener(host, port, bind[0], bind[1], _filters(doc, raw, path)))
     admin = _admin(doc, spec)
     limits = _limits(doc, spec)
     overload = _overload(doc, spec)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from metaprotocol_sdk.codec import Codec
+from metaprotocol_sdk.enums import ErrorType
+from metaprotocol_sdk.filters import Filter
 
 #: Load balancing policies (Istio ``DestinationRule.trafficPolicy.loadBalancer``).
 LbPolicy = Literal["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "CONSISTENT_HASH"]
@@ -74,12 +76,80 @@ class LoadBalancer:
 
 
 @dataclass(frozen=True)
+class TcpKeepalive:
+    """Istio's ``connectionPool.tcp.tcpKeepalive`` (``None``: the system's setting)."""
+
+    probes: int | None = None
+    time: float | None = None
+    interval: float | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionPool:
+    """Istio's ``trafficPolicy.connectionPool``: circuit-breaker limits of a cluster.
+
+    ``tcp``: ``max_connections``, ``connect_timeout``, ``keepalive``. The request pool reuses
+    Istio's ``http`` field names where they mean the same here: ``http1MaxPendingRequests``
+    (requests waiting for an upstream connection to open), ``http2MaxRequests`` (requests in
+    flight), ``maxRequestsPerConnection``, ``idleTimeout``, ``maxRetries`` (retries in flight).
+    ``None``: no limit (the engine's own limits still apply).
+    """
+
+    max_connections: int | None = None
+    connect_timeout: float | None = None
+    keepalive: TcpKeepalive | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    idle_timeout: float | None = None
+    max_retries: int | None = None
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Istio's ``trafficPolicy.outlierDetection`` (consecutive-error detection).
+
+    ``consecutive_gateway_errors``: connect failures, resets and timeouts in a row;
+    ``consecutive_errors`` (``consecutive5xxErrors``): those plus upstream ``Error`` replies.
+    An ejected endpoint is skipped by every load balancer for ``base_ejection_time`` times the
+    number of times it was ejected; at most ``max_ejection_percent`` of a cluster (at least one
+    endpoint) is ejected; below ``min_health_percent`` healthy endpoints, or with none, the
+    cluster balances over all of them (Envoy's panic mode).
+    """
+
+    consecutive_gateway_errors: int | None = None
+    consecutive_errors: int | None = 5
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+    min_health_percent: int = 0
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """What a ``trafficPolicy`` sets (a subset's policy overrides the rule's, per field)."""
+
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+
+    def over(self, base: TrafficPolicy) -> TrafficPolicy:
+        """This policy where it sets something, else ``base``."""
+        return TrafficPolicy(
+            self.load_balancer or base.load_balancer,
+            self.connection_pool or base.connection_pool,
+            self.outlier_detection or base.outlier_detection,
+        )
+
+
+@dataclass(frozen=True)
 class Subset:
     """A ``DestinationRule`` subset: endpoints whose labels include ``labels``."""
 
     name: str
     labels: dict[str, str]
     load_balancer: LoadBalancer | None = None
+    policy: TrafficPolicy = TrafficPolicy()
 
 
 @dataclass(frozen=True)
@@ -90,6 +160,7 @@ class DestinationRule:
     host: str
     load_balancer: LoadBalancer
     subsets: dict[str, Subset]
+    policy: TrafficPolicy = TrafficPolicy()
 
 
 @dataclass(frozen=True)
@@ -112,6 +183,66 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Fault:
+    """A route's ``fault`` (Istio's VirtualService fault, with a MetaProtocol error type):
+    delay a share of requests, abort a share with a local reply. Percentages in 0-100."""
+
+    delay_percent: float = 0.0
+    delay: float = 0.0
+    abort_percent: float = 0.0
+    abort_error: ErrorType = ErrorType.Unspecified
+
+
+@dataclass(frozen=True)
+class TokenBucket:
+    """Aeraki's ``tokenBucket``: ``max_tokens`` at most, ``tokens_per_fill`` added every
+    ``fill_interval`` seconds."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: float
+
+
+@dataclass(frozen=True)
+class RateLimitCondition:
+    """A ``localRateLimit.conditions`` entry: requests matching ``match`` use ``bucket``."""
+
+    match: tuple[AttributeMatch, ...]
+    bucket: TokenBucket
+
+
+@dataclass(frozen=True)
+class LocalRateLimit:
+    """A MetaRouter's ``localRateLimit``: the first matching condition's bucket, else the
+    default ``bucket``, else no limit."""
+
+    bucket: TokenBucket | None
+    conditions: tuple[RateLimitCondition, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A route's ``mirror`` and ``mirrorPercentage`` (0-100; absent means 100)."""
+
+    destination: Destination
+    percent: float = 100.0
+
+
+#: ``retryOn`` conditions: the first three never reach a server that could have executed the
+#: request twice only for ``reset`` (the connection broke after the request was written).
+RETRY_ON = ("connect-failure", "reset", "unavailable", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Retries:
+    """A route's ``retries`` (Istio's shape): up to ``attempts`` more tries."""
+
+    attempts: int
+    per_try_timeout: float | None = None
+    retry_on: frozenset[str] = frozenset(("connect-failure", "reset", "unavailable"))
+
+
+@dataclass(frozen=True)
 class Route:
     """One ``MetaRouter`` route. ``timeout`` in seconds (``None``: the engine default)."""
 
@@ -121,6 +252,9 @@ class Route:
     request_mutation: dict[str, str]
     response_mutation: dict[str, str]
     timeout: float | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    retries: Retries | None = None
 
 
 @dataclass(frozen=True)
@@ -131,16 +265,31 @@ class MetaRouter:
     hosts: tuple[str, ...]
     routes: tuple[Route, ...]
     source: str = ""
+    local_rate_limit: LocalRateLimit | None = None
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """A filter in a listener's chain: its name, class and configuration."""
+
+    name: str
+    filter_class: type[Filter]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def create(self) -> Filter:
+        """A new instance (one per listener)."""
+        return self.filter_class.from_config(self.config)
 
 
 @dataclass(frozen=True)
 class Listener:
-    """Where one service port listens."""
+    """Where one service port listens, and its filter chain (the router comes last)."""
 
     host: str
     port: int
     bind_host: str
     bind_port: int
+    filters: tuple[FilterSpec, ...] = ()
 
     @property
     def name(self) -> str:

@@ -1,0 +1,224 @@
+"""DestinationRule circuit breaking (connectionPool) and outlier detection, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+import pytest
+from proxy_kit import (
+    ERROR,
+    Client,
+    KVServer,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+)
+
+from metaprotocol_sdk import ConfigError, Metadata
+from metaprotocol_sdk.proxy import Engine, loads_config
+
+_HELD: list[socket.socket] = []
+
+
+def dead_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return int(s.getsockname()[1])
+
+
+def full_backlog_port() -> int:
+    """A port whose accept queue is full: connecting to it hangs (SYNs are dropped)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(0)
+    filler = socket.create_connection(s.getsockname())
+    _HELD.extend((s, filler))
+    return int(s.getsockname()[1])
+
+
+class Failing(Upstream):
+    """Answers every request with an Error reply."""
+
+    def on_message(self, conn: KVServer, msg: Metadata) -> None:
+        assert conn.transport is not None
+        self.received.append(msg)
+        conn.transport.write(build_frame(ERROR, msg.request_id, {"server": self.name}))
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def policy(pool: str = "", outlier: str = "") -> str:
+    parts = []
+    if pool:
+        parts.append(f"connectionPool: {pool}")
+    if outlier:
+        parts.append(f"outlierDetection: {outlier}")
+    return "{" + ", ".join(parts) + "}"
+
+
+NO_REWRITE = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+
+
+def test_max_connections_and_max_requests() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh(
+            [(up.port, "v1")],
+            traffic_policy=policy("{tcp: {maxConnections: 2}, http: {http2MaxRequests: 5}}"),
+            **NO_REWRITE,  # a connection per client: three clients want three
+        )
+        async with engine_for(text) as engine:
+            clients = [await Client.connect(address(engine)) for _ in range(3)]
+            first = [error_type(await c.call()) for c in clients]
+            assert first == [None, None, "OverLimit"]
+            hung = [clients[0].start("hang") for _ in range(8)]
+            refused = await asyncio.wait_for(asyncio.gather(*hung[5:]), 5)
+            assert {error_type(r) for r in refused} == {"OverLimit"}
+            assert "http2MaxRequests" in refused[0].attributes["error-message"]
+            stats = engine.stats
+            name = "metaprotocol_upstream_overflow_total"
+            assert stats.total(name, limit="maxConnections") == 1
+            assert stats.total(name, limit="http2MaxRequests") == 3
+            for c in clients:
+                c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_max_requests_per_connection_and_idle_timeout() -> None:
+    async def main() -> None:
+        up = await Upstream("a").start()
+        pool = "{http: {maxRequestsPerConnection: 3, idleTimeout: 100ms}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy(pool))) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(7):
+                assert error_type(await c.call()) is None
+            assert up.accepted == 3  # 3 + 3 + 1 requests
+            # nothing in flight: the last connection closes after the idle timeout
+            await until(lambda: not engine.upstreams)
+            assert error_type(await c.call()) is None  # and a new one opens on demand
+            assert up.accepted == 4
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_connect_timeout_pending_limit_and_keepalive() -> None:
+    async def main() -> None:
+        hanging = full_backlog_port()
+        pool = "{tcp: {connectTimeout: 200ms}, http: {http1MaxPendingRequests: 2}}"
+        async with engine_for(mesh([(hanging, "v1")], traffic_policy=policy(pool))) as engine:
+            c = await Client.connect(address(engine))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            replies = await asyncio.wait_for(asyncio.gather(*(c.start() for _ in range(4))), 5)
+            assert [error_type(r) for r in replies] == [
+                "UpstreamConnectFailure",
+                "UpstreamConnectFailure",
+                "OverLimit",
+                "OverLimit",
+            ]
+            assert "timed out" in replies[0].attributes["error-message"]
+            assert loop.time() - started < 2  # the cluster's 200ms, not the engine's 5s
+            c.close()
+        up = await Upstream("a").start()
+        pool = "{tcp: {tcpKeepalive: {time: 30s, interval: 5s, probes: 3}}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy(pool))) as engine:
+            c = await Client.connect(address(engine))
+            await c.call()
+            (conn,) = engine.upstreams
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def ejected(engine: Engine) -> int:
+    return engine.stats.total("metaprotocol_outlier_ejections_active")
+
+
+def test_gateway_errors_eject_then_readmit() -> None:
+    async def main() -> None:
+        good = await Upstream("good").start()
+        outlier = "{consecutiveGatewayErrors: 2, baseEjectionTime: 300ms, maxEjectionPercent: 50}"
+        text = mesh([(dead_port(), "v1"), (good.port, "v1")], traffic_policy=policy("", outlier))
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            results = [error_type(await c.call()) for _ in range(4)]  # alternating at first
+            assert results.count("UpstreamConnectFailure") == 2
+            assert ejected(engine) == 1
+            after = [error_type(await c.call()) for _ in range(10)]
+            assert after == [None] * 10  # the dead endpoint is skipped while ejected
+            await until(lambda: ejected(engine) == 0)  # readmitted after baseEjectionTime
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 1
+            c.close()
+        await good.close()
+
+    run(main())
+
+
+def test_error_replies_eject_and_too_few_healthy_is_panic() -> None:
+    async def main() -> None:
+        good, bad = await Upstream("good").start(), await Failing("bad").start()
+        outlier = "{consecutive5xxErrors: 3, baseEjectionTime: 1h, maxEjectionPercent: 100}"
+        text = mesh([(bad.port, "v1"), (good.port, "v1")], traffic_policy=policy("", outlier))
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(6):
+                await c.call()
+            assert ejected(engine) == 1
+            servers = {(await c.call()).attributes["server"] for _ in range(6)}
+            assert servers == {"good"}
+            c.close()
+        # minHealthPercent above what is left healthy: balance over every endpoint (panic)
+        panic = "{consecutive5xxErrors: 3, baseEjectionTime: 1h, minHealthPercent: 60}"
+        text = mesh([(bad.port, "v1"), (good.port, "v1")], traffic_policy=policy("", panic))
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(6):
+                await c.call()
+            assert ejected(engine) == 1
+            servers = {(await c.call()).attributes["server"] for _ in range(6)}
+            assert servers == {"good", "bad"}
+            c.close()
+        await good.close()
+        await bad.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("traffic", "field"),
+    [
+        ("{connectionPool: {tcp: {maxConnections: 0}}}", "tcp.maxConnections"),
+        ("{connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}", "http.h2UpgradePolicy"),
+        ("{connectionPool: {tcp: {connectTimeout: soon}}}", "tcp.connectTimeout"),
+        ("{outlierDetection: {consecutiveErrors: 5}}", "outlierDetection.consecutiveErrors"),
+        ("{outlierDetection: {maxEjectionPercent: 101}}", "maxEjectionPercent"),
+        ("{outlierDetection: {splitExternalLocalOriginErrors: true}}", "splitExternal"),
+    ],
+)
+def test_bad_traffic_policy(traffic: str, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        loads_config(mesh([(1, "v1")], traffic_policy=traffic))
+    assert field in str(caught.value)
