@@ -50,6 +50,8 @@ class ClientStats:
     timeouts: int = 0
     lost: int = 0
     connect_failed: int = 0
+    #: The slowest reply: its latency (ns) and when it came (perf_counter_ns).
+    slowest: tuple[int, int] = (0, 0)
 
 
 class GoodClient(asyncio.Protocol):
@@ -86,7 +88,10 @@ class GoodClient(asyncio.Protocol):
                 self.stats.error_replies += 1
             else:
                 self.stats.ok += 1
-                self.lat.append(time.perf_counter_ns() - self.sent_at)
+                now = time.perf_counter_ns()
+                self.lat.append(now - self.sent_at)
+                if now - self.sent_at > self.stats.slowest[0]:
+                    self.stats.slowest = (now - self.sent_at, now)
             self.sent_at = 0
             del buf[:size]
             asyncio.get_running_loop().call_later(self.pause, self.send)
@@ -146,7 +151,7 @@ async def run_clients(args: argparse.Namespace) -> None:
     stats, lat = ClientStats(), []
     small, medium = dubbo_request(16), dubbo_request(16 << 10)
     deadline = time.monotonic() + args.duration
-    start = time.perf_counter()
+    start = time.perf_counter_ns() / 1e9  # the clock of ClientStats.slowest
     await asyncio.gather(
         *(
             keep_client(
@@ -155,13 +160,15 @@ async def run_clients(args: argparse.Namespace) -> None:
             for i in range(args.clients)
         )
     )
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter_ns() / 1e9 - start
     result = {
-        **asdict(stats),
+        **{k: v for k, v in asdict(stats).items() if k != "slowest"},
         "rps": stats.ok / elapsed,
         "p50_us": percentile_us(lat, 0.50),
         "p99_us": percentile_us(lat, 0.99),
         "max_us": lat[-1] / 1000 if lat else 0.0,
+        # seconds from the start of the window to the end of the slowest request
+        "max_at_s": (stats.slowest[1] / 1e9 - start) if stats.slowest[1] else 0.0,
         "cpu_s": time.process_time(),
     }
     print("RESULT " + json.dumps(result), flush=True)
