@@ -25,11 +25,11 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "proxy"))
 
-from proxy_kit import mesh, wire_fakes  # noqa: E402
+from proxy_kit import mesh, wire_fakes
 
-from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, build_frame  # noqa: E402
-from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext  # noqa: E402
-from metaprotocol_sdk.proxy import Engine, loads_config  # noqa: E402
+from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, build_frame
+from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
+from metaprotocol_sdk.proxy import Engine, loads_config
 
 
 class NoopRequestFilter(Filter):
