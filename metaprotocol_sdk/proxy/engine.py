@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import logging
 import os
 import resource
@@ -483,6 +485,11 @@ class Engine:
             for host, router in self.config.routers.items()
             for route in router.routes
         }
+        policies = {  # route policies as validated, by (MetaRouter host, route name)
+            (host, route.name): _route_policies(route)
+            for host, router in self.config.routers.items()
+            for route in router.routes
+        }
         documents, truncated = bounded_copy(
             list(self.config.documents), DUMP_DOCUMENTS_BYTES, "/documents"
         )
@@ -497,6 +504,10 @@ class Engine:
                         map(str, self.listener_addresses.get((listener.host, listener.port), ()))
                     ),
                     "protocol": self.config.protocol_of(listener.host, listener.port).name,
+                    "filters": [spec.name for spec in listener.filters],
+                    "localRateLimit": _plain(
+                        getattr(self.config.routers.get(listener.host), "local_rate_limit", None)
+                    ),
                     "routes": [
                         {
                             "name": route.name,
@@ -508,6 +519,8 @@ class Engine:
                             ],
                             "requestMutation": route.request_mutation or {},
                             "responseMutation": route.response_mutation or {},
+                            "chain": [f.name or type(f).__name__ for f in route.request_filters],
+                            **policies.get((listener.host, route.name), {}),
                         }
                         for route in self.listeners[(listener.host, listener.port)].table.routes
                     ]
@@ -524,6 +537,9 @@ class Engine:
                     "pooling": "shared" if c.shared else "dedicated",
                     "loadBalancer": type(c.balancer).__name__,
                     "endpoints": [h.key for h in c.hosts],
+                    "connectionPool": _plain(c.pool),
+                    "outlierDetection": None if c.outlier is None else _plain(c.outlier.spec),
+                    "ejected": [h.key for h in c.hosts if h.ejected],
                 }
                 for c in self.clusters.values()
             ],
@@ -554,6 +570,34 @@ class Engine:
             "documents": documents,
             "documentsTruncated": truncated,
         }
+
+
+def _plain(value: Any) -> Any:
+    """A validated model object as JSON-ready data (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    return value
+
+
+def _route_policies(route: Route) -> dict[str, Any]:
+    """A route's fault, mirror and retries for ``/config_dump`` (only those it has)."""
+    out: dict[str, Any] = {}
+    for key, value in (
+        ("fault", route.fault),
+        ("mirror", route.mirror),
+        ("retries", route.retries),
+    ):
+        if value is not None:
+            out[key] = _plain(value)
+    return out
 
 
 def _expire(item: Any) -> None:

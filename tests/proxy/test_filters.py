@@ -4,6 +4,7 @@ fault injection, local rate limit, mirroring, retries. Real sockets on 127.0.0.1
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 import types
@@ -392,5 +393,49 @@ def test_retry_lands_on_the_healthy_endpoint() -> None:
             assert sorted(once, key=str) == [None, "UpstreamConnectFailure"]
             c.close()
         await good.close()
+
+    run(main())
+
+
+def test_config_dump_shows_the_chain_and_the_policies() -> None:
+    router = """\
+    - name: all
+      route: [{destination: {host: svc.test, subset: v1}}]
+      fault: {abort: {errorType: Unspecified, percentage: {value: 1}}}
+      mirror: {host: svc.test, subset: v2}
+      mirrorPercentage: {value: 10}
+      retries: {attempts: 2, perTryTimeout: 1s, retryOn: "reset,timeout"}
+    """
+    traffic = (
+        "{connectionPool: {tcp: {maxConnections: 7}}, "
+        "outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1m}}"
+    )
+
+    async def main() -> None:
+        text = with_filter(1, router=router, traffic_policy=traffic)
+        text = text.replace(
+            "  routes:\n",
+            "  localRateLimit: {tokenBucket: {maxTokens: 9, tokensPerFill: 1, fillInterval: 1s}}"
+            "\n  routes:\n",
+            1,
+        )
+        async with engine_for(text) as engine:
+            dump = json.loads(json.dumps(engine.config_dump()))
+            (listener,) = dump["listeners"]
+            assert listener["filters"] == ["filter_test_filters:AuditFilter"]
+            assert listener["localRateLimit"]["bucket"]["max_tokens"] == 9
+            (route,) = listener["routes"]
+            assert route["chain"] == ["local_rate_limit", "fault.abort", "audit"]
+            assert route["fault"]["abort_error"] == "Unspecified"
+            assert route["mirror"]["percent"] == 10.0
+            assert route["retries"] == {
+                "attempts": 2,
+                "per_try_timeout": 1.0,
+                "retry_on": ["reset", "timeout"],
+            }
+            v1 = next(c for c in dump["clusters"] if c["name"] == "outbound|9000|v1|svc.test")
+            assert v1["connectionPool"]["max_connections"] == 7
+            assert v1["outlierDetection"]["consecutive_errors"] == 3
+            assert v1["ejected"] == []
 
     run(main())
