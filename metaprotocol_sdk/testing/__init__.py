@@ -1,5 +1,8 @@
 """The conformance kit: every rule of the codec contract as a named, reusable check.
 
+Filters have their harness here too (:mod:`.filters`: :class:`FilterHarness`,
+:func:`check_filter`).
+
 Two front ends share one set of checks: the pytest suite (:class:`CodecConformance`) and
 ``metaprotocol check CODEC``. Both build a :class:`CodecTarget` and call the runner.
 
@@ -15,6 +18,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .filters import (
+        FilterCheckError,
+        FilterHarness,
+        RequestOutcome,
+        check_filter,
+        check_ordinary_traffic,
+        check_refuses_unknown_config,
+    )
     from .golden import GoldenFile, Sample, load_golden, load_golden_text
     from .known_failures import load_known_failures
     from .report import CheckResult, Outcome, Report
@@ -23,6 +34,12 @@ if TYPE_CHECKING:
     from .target import CodecTarget, KitSettings
 
 _WHERE = {
+    "FilterCheckError": "filters",
+    "FilterHarness": "filters",
+    "RequestOutcome": "filters",
+    "check_filter": "filters",
+    "check_ordinary_traffic": "filters",
+    "check_refuses_unknown_config": "filters",
     "GoldenFile": "golden",
     "Sample": "golden",
     "load_golden": "golden",
@@ -51,12 +68,18 @@ __all__ = [
     "CheckResult",
     "CodecConformance",
     "CodecTarget",
+    "FilterCheckError",
+    "FilterHarness",
     "GoldenFile",
     "KitSettings",
     "Outcome",
     "Report",
+    "RequestOutcome",
     "Sample",
+    "check_filter",
     "check_names",
+    "check_ordinary_traffic",
+    "check_refuses_unknown_config",
     "load_golden",
     "load_golden_text",
     "load_known_failures",
