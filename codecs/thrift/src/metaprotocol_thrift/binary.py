@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from metaprotocol_sdk.errors import FramingError
 
 from .wire import BINARY_VERSION_1, I32, Buffer, Incomplete
 
-#: ``(message type, wire name, seqid, seqid offset, seqid size, body offset, strict)``.
-MessageBegin = tuple[int, str, int, int, int, int, bool]
+
+class MessageBegin(NamedTuple):
+    """A Thrift message header, as read from the wire."""
+
+    #: Thrift message type code (1 call, 2 reply, 3 exception, 4 oneway).
+    message_type: int
+    #: The method name exactly as on the wire (``service:method`` when multiplexed).
+    name: str
+    seqid: int
+    #: Where the seqid is in the buffer read, and its encoded size (4, or a varint's).
+    seqid_offset: int
+    seqid_size: int
+    #: Where the argument (or result) struct starts.
+    body: int
+    #: Binary only: the message had a version word.
+    strict: bool
+
+
+#: Builds a MessageBegin from a tuple without NamedTuple's keyword handling (hot paths).
+new_begin = tuple.__new__
 
 _VERSION_WORD = struct.Struct(">Ii")  # version | type, name length
 _STRICT_HEAD = struct.Struct(">Hxbi")  # version, type, name length
@@ -58,7 +77,8 @@ def read_message_begin(buf: Buffer, pos: int, end: int, allow_non_strict: bool) 
         name = str(buf[name_start:name_end], "utf-8")
     except UnicodeDecodeError:
         raise FramingError("method name is not UTF-8", offset=name_start) from None
-    return mtype, name, _unpack_i32(buf, seqid_pos)[0], seqid_pos, 4, body, strict
+    seqid = _unpack_i32(buf, seqid_pos)[0]
+    return new_begin(MessageBegin, (mtype, name, seqid, seqid_pos, 4, body, strict))
 
 
 def reply_field_id(buf: Buffer, pos: int, end: int) -> int | None:

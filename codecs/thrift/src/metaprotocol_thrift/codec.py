@@ -66,6 +66,10 @@ _FRAMED_STRICT_HEAD = struct.Struct(">iHxBi")
 _VERSION_1 = BINARY_VERSION_1 >> 16
 _UNFRAMED_STRICT_HEAD = struct.Struct(">Ii")  # version | type, name length
 _new_state = tuple.__new__  # WireState without the NamedTuple keyword machinery
+#: A MessageBegin's fields in order: the fast paths pass plain tuples, not MessageBegin.
+_BeginFields = tuple[int, str, int, int, int, int, bool]
+
+
 _folded = Attributes.from_folded  # bound once: the hot paths skip the class attribute lookup
 #: Response status by Thrift message type (a reply may still turn out to be an Error).
 _STATUSES = (
@@ -247,20 +251,11 @@ class ThriftCodec(Codec):
                         if mtype == REPLY and _declares_exception(buffer, body, total):
                             status = ResponseStatus.Error
                         seqid = _unpack_i32(buffer, name_end)[0]
-                        if available == total:  # take_frame's common case, without a call
-                            frame = bytes(buffer)
-                            buffer.clear()
-                        else:
-                            frame = take_frame(buffer, total)
+                        frame = take_frame(buffer, total)
                         if state is None:  # multiplexed: service and method attributes
-                            return self._metadata(
-                                frame,
-                                (mtype, name, seqid, name_end, 4, body, True),
-                                FRAMED,
-                                BINARY,
-                                None,
-                                0 if status is not ResponseStatus.Error else 1,
-                            )
+                            begin = (mtype, name, seqid, name_end, 4, body, True)
+                            declared = status is ResponseStatus.Error and mtype == REPLY
+                            return self._metadata(frame, begin, FRAMED, BINARY, None, declared)
                         return Metadata(
                             message_type,
                             frame,
@@ -367,17 +362,12 @@ class ThriftCodec(Codec):
                     pass
                 else:
                     frame = take_frame(buffer, total)
-                    return self._fast(
-                        frame,
-                        (mtype, name, frame[6], 6, 1, name_end, True),
-                        FRAMED,
-                        COMPACT,
-                        declared,
-                    )
+                    begin = (mtype, name, frame[6], 6, 1, name_end, True)
+                    return self._metadata(frame, begin, FRAMED, COMPACT, None, declared)
         protocol, read = self._reader(buffer[4])
         try:
             begin = read(buffer, 4, total)
-            field_id = self._reply_field(protocol, begin, buffer, total)
+            declared = self._declares_exception(protocol, begin, buffer, total)
         except Incomplete:
             raise FramingError(
                 "message header runs past the frame end", offset=4, frame_size=total
@@ -386,7 +376,7 @@ class ThriftCodec(Codec):
             exc.frame_size = total
             raise
         frame = take_frame(buffer, total)
-        return self._metadata(frame, begin, FRAMED, protocol, None, field_id)
+        return self._metadata(frame, begin, FRAMED, protocol, None, declared)
 
     def _decode_unframed(self, buffer: bytearray) -> Metadata | NeedData:
         available = len(buffer)
@@ -416,7 +406,7 @@ class ThriftCodec(Codec):
                     end = skip_binary_struct(buffer, body, available, self.max_depth)
                 except Incomplete:
                     seqid = _unpack_i32(buffer, name_end)[0]
-                    begin = (mtype, name, seqid, name_end, 4, body, True)
+                    begin = binary.MessageBegin(mtype, name, seqid, name_end, 4, body, True)
                     return self._walk(buffer, begin, BINARY)
                 except (UnicodeDecodeError, CodecError):
                     end = -1  # the general path raises the precise error
@@ -424,13 +414,8 @@ class ThriftCodec(Codec):
                     declared = mtype == REPLY and _declares_exception(buffer, body, end)
                     seqid = _unpack_i32(buffer, name_end)[0]
                     frame = take_frame(buffer, end)
-                    return self._fast(
-                        frame,
-                        (mtype, name, seqid, name_end, 4, body, True),
-                        UNFRAMED,
-                        BINARY,
-                        declared,
-                    )
+                    fields = (mtype, name, seqid, name_end, 4, body, True)
+                    return self._metadata(frame, fields, UNFRAMED, BINARY, None, declared)
         protocol, read = self._reader(buffer[0])
         try:
             begin = read(buffer, 0, available)
@@ -439,7 +424,7 @@ class ThriftCodec(Codec):
             if needed > self.max_frame_size:
                 raise FrameTooLargeError(needed, self.max_frame_size, offset=0) from None
             return NEED_DATA
-        body = begin[5]
+        body = begin.body
         skip = skip_compact_struct if protocol == COMPACT else skip_binary_struct
         try:
             end = skip(buffer, body, available, self.max_depth)
@@ -447,7 +432,7 @@ class ThriftCodec(Codec):
             return self._walk(buffer, begin, protocol)
         except CodecError as exc:
             if exc.metadata is None:
-                exc.metadata = self._metadata(b"", begin, UNFRAMED, protocol, None, None)
+                exc.metadata = self._metadata(b"", begin, UNFRAMED, protocol, None, False)
             raise
         return self._unframed_message(buffer, end, begin, protocol)
 
@@ -456,7 +441,7 @@ class ThriftCodec(Codec):
     ) -> Metadata | NeedData:
         """Start walking an unframed message that is not all here yet, resumably: later reads
         continue where this one stops instead of starting over."""
-        body = begin[5]
+        body = begin.body
         walk = ResumableSkip(bytes(buffer[:body]), protocol, body, self.max_depth)
         return self._resume(buffer, _Pending(walk, begin, protocol))
 
@@ -470,7 +455,7 @@ class ThriftCodec(Codec):
         except CodecError as exc:
             if exc.metadata is None:
                 exc.metadata = self._metadata(
-                    b"", pending.begin, UNFRAMED, pending.protocol, None, None
+                    b"", pending.begin, UNFRAMED, pending.protocol, None, False
                 )
             raise
         if not done:
@@ -488,11 +473,11 @@ class ThriftCodec(Codec):
                 end,
                 self.max_frame_size,
                 offset=0,
-                metadata=self._metadata(b"", begin, UNFRAMED, protocol, None, None),
+                metadata=self._metadata(b"", begin, UNFRAMED, protocol, None, False),
             )
-        field_id = self._reply_field(protocol, begin, buffer, end)
+        declared = self._declares_exception(protocol, begin, buffer, end)
         frame = take_frame(buffer, end)
-        return self._metadata(frame, begin, UNFRAMED, protocol, None, field_id)
+        return self._metadata(frame, begin, UNFRAMED, protocol, None, declared)
 
     def _decode_header(self, buffer: bytearray) -> Metadata | NeedData:
         available = len(buffer)
@@ -520,21 +505,15 @@ class ThriftCodec(Codec):
                         bytes(buffer[start:total]), block, theader.HEADER_PEEK, whole=False
                     )
                 except CodecError as exc:
-                    exc.metadata = self._metadata(
-                        b"",
-                        (CALL, "", block.seqid, 0, 0, total, True),
-                        HEADER,
-                        protocol,
-                        block,
-                        None,
-                    )
+                    begin = (CALL, "", block.seqid, 0, 0, total, True)
+                    exc.metadata = self._metadata(b"", begin, HEADER, protocol, block, False)
                     raise
                 start, end = 0, len(data)
             if protocol == COMPACT:
                 begin = compact.read_message_begin(data, start, end)
             else:
                 begin = self._read_binary(data, start, end)
-            field_id = self._reply_field(protocol, begin, data, end)
+            declared = self._declares_exception(protocol, begin, data, end)
         except Incomplete:
             raise FramingError(
                 "message header runs past the frame end", offset=4, frame_size=total
@@ -543,7 +522,7 @@ class ThriftCodec(Codec):
             exc.frame_size = total
             raise
         frame = take_frame(buffer, total)
-        message = self._metadata(frame, begin, HEADER, protocol, block, field_id)
+        message = self._metadata(frame, begin, HEADER, protocol, block, declared)
         if block.transform_count:  # offsets in codec_state refer to the inflated payload
             message.header_size = block.payload_offset
             message.body_size = total - block.payload_offset
@@ -567,12 +546,15 @@ class ThriftCodec(Codec):
         return protocol
 
     @staticmethod
-    def _reply_field(protocol: str, begin: binary.MessageBegin, buf: Buffer, end: int) -> Any:
-        if begin[0] != REPLY:
-            return None
-        if protocol == COMPACT:
-            return compact.reply_field_id(buf, begin[5], end)
-        return binary.reply_field_id(buf, begin[5], end)
+    def _declares_exception(
+        protocol: str, begin: binary.MessageBegin, buf: Buffer, end: int
+    ) -> bool:
+        """Whether a reply's struct starts with a declared exception (a field other than the
+        ``success`` field 0); False for other message types."""
+        if begin.message_type != REPLY:
+            return False
+        read = compact.reply_field_id if protocol == COMPACT else binary.reply_field_id
+        return bool(read(buf, begin.body, end))
 
     def _partial(self, buffer: bytearray, transport: str) -> Metadata | None:
         """Metadata from the message header of an oversized frame, if it is already buffered."""
@@ -583,34 +565,7 @@ class ThriftCodec(Codec):
             begin = read(buffer, 4, len(buffer))
         except (Incomplete, CodecError):
             return None
-        return self._metadata(b"", begin, transport, protocol, None, None)
-
-    def _fast(
-        self,
-        frame: bytes,
-        begin: binary.MessageBegin,
-        transport: str,
-        protocol: str,
-        declared_error: bool,
-    ) -> Metadata:
-        """Metadata for a message without THeader block, built as in the framed fast path."""
-        mtype, name, seqid, seqid_offset, seqid_size, body, strict = begin
-        if ":" in name:
-            return self._metadata(frame, begin, transport, protocol, None, int(declared_error))
-        return Metadata(
-            _MESSAGE_TYPES[mtype],
-            frame,
-            seqid,
-            name,
-            body,
-            len(frame) - body,
-            ResponseStatus.Error if declared_error else _STATUSES[mtype],
-            _folded({"method": ("method", name)}),
-            _new_state(
-                WireState,
-                (transport, protocol, strict, mtype, name, seqid_offset, seqid_size, None),
-            ),
-        )
+        return self._metadata(b"", begin, transport, protocol, None, False)
 
     def _partial_header(self, buffer: bytearray) -> Metadata | None:
         """What the buffered start of an oversized THeader frame tells (id, protocol, name)."""
@@ -622,23 +577,27 @@ class ThriftCodec(Codec):
         protocol = COMPACT if protocol_id == THEADER_PROTOCOL_COMPACT else BINARY
         payload = theader.PREFIX_SIZE + words * 4
         block = theader.THeaderBlock(flags, seqid, protocol_id, b"\x00", [], b"", payload)
-        begin: binary.MessageBegin = (CALL, "", seqid, 0, 0, 0, True)
+        begin = (CALL, "", seqid, 0, 0, 0, True)
         with contextlib.suppress(Incomplete, CodecError):
             if protocol == COMPACT:
                 begin = compact.read_message_begin(buffer, payload, len(buffer))
             else:
                 begin = self._read_binary(buffer, payload, len(buffer))
-        return self._metadata(b"", begin, HEADER, protocol, block, None)
+        return self._metadata(b"", begin, HEADER, protocol, block, False)
 
     def _metadata(
         self,
         frame: bytes,
-        begin: binary.MessageBegin,
+        begin: _BeginFields,
         transport: str,
         protocol: str,
         block: theader.THeaderBlock | None,
-        field_id: int | None,
+        declared_exception: bool,
     ) -> Metadata:
+        """The one general place a message's Metadata is built (the framed strict-binary fast
+        path builds the same from its per-method shapes). ``frame`` is empty for the partial
+        metadata of an error; ``declared_exception``: a reply whose struct holds a declared
+        exception (an Error status)."""
         mtype, name, seqid, seqid_offset, seqid_size, body, strict = begin
         if ":" in name:
             service, _, method = name.partition(":")
@@ -651,12 +610,7 @@ class ThriftCodec(Codec):
             headers = dict(block.items)
             headers.update(items)
             items = headers
-        if mtype == REPLY:
-            status = ResponseStatus.Ok if not field_id else ResponseStatus.Error
-        elif mtype == EXCEPTION:
-            status = ResponseStatus.Error
-        else:
-            status = ResponseStatus.Unknown
+        status = ResponseStatus.Error if declared_exception else _STATUSES[mtype]
         return Metadata(
             _MESSAGE_TYPES[mtype],
             frame,

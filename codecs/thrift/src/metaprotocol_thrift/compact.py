@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from metaprotocol_sdk.errors import FramingError
 
-from .binary import MessageBegin
+from .binary import MessageBegin, new_begin
 from .wire import (
     COMPACT_PROTOCOL_ID,
     COMPACT_VERSION,
@@ -48,7 +48,9 @@ def read_message_begin(buf: Buffer, pos: int, end: int) -> MessageBegin:
         name = str(buf[name_start:name_end], "utf-8")
     except UnicodeDecodeError:
         raise FramingError("method name is not UTF-8", offset=name_start) from None
-    return mtype, name, to_i32(seqid), seqid_pos, seqid_len, name_end, True
+    return new_begin(
+        MessageBegin, (mtype, name, to_i32(seqid), seqid_pos, seqid_len, name_end, True)
+    )
 
 
 def reply_field_id(buf: Buffer, pos: int, end: int) -> int | None:
