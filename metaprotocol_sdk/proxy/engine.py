@@ -342,8 +342,7 @@ class Engine:
             if pool is not None and pool.idle_timeout is not None:
                 upstream.idle_sweep(now, pool.idle_timeout)
         self.buffered = buffered
-        if self.max_rss is not None:
-            self.rss_over = _rss_bytes() > self.max_rss
+        self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._schedule_sweep()
 
     def overloaded(self) -> bool:

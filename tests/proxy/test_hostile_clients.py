@@ -463,3 +463,40 @@ def test_half_closed_client_gets_its_replies() -> None:
         await up.close()
 
     run(main())
+
+
+def test_over_the_rss_ceiling_new_work_is_refused_cleanly() -> None:
+    """``overload.maxRssBytes`` below what the process holds: once the sweep has read the RSS,
+    requests on open connections get ``OverLimit`` and new connections are closed cleanly
+    (counted as refused for overload); below it again, everything is served."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        proxy = "overload: {maxRssBytes: 16777216}\ntimeouts: {frame: 200ms}\n"  # fast sweeps
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+
+            async def overloaded() -> bool:
+                return engine.rss_over
+
+            await until(overloaded, "the sweep to read the RSS")
+            reply = await c.call()
+            assert error_type(reply) == "OverLimit"
+            assert "maxRssBytes" in reply.attributes["error-message"]
+            reader, writer = await asyncio.open_connection(*address(engine))
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""  # EOF, not a reset
+            name = "metaprotocol_downstream_connections_rejected_total"
+            assert engine.stats.total(name, reason="overload") == 1
+            assert engine.stats_snapshot()["metaprotocol_overloaded"] == 1
+            engine.max_rss = None  # the ceiling lifted: the next sweep clears the state
+
+            async def recovered() -> bool:
+                return not engine.rss_over
+
+            await until(recovered, "the next sweep")
+            assert error_type(await c.call()) is None
+            writer.close()
+            c.close()
+        await up.close()
+
+    run(main())
