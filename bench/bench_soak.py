@@ -1,5 +1,6 @@
-"""Soak: steady well-behaved Dubbo traffic through ``metaprotocol proxy``, then the same with
-every attacker of issue 12 at once; the engine's RSS and CPU and the clients' latency, as tables.
+"""Soak: steady Dubbo traffic through the engine, alone and alongside the attackers of issue 12.
+
+The engine's RSS and CPU and the well-behaved clients' latency and errors, as tables.
 
     .venv/bin/python bench/bench_soak.py [--duration S] [--engine-tree PATH] [--scale X]
     ./dev bench soak
