@@ -22,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.filters import Filter, LocalReply, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes, Metadata
+
+if TYPE_CHECKING:  # hypothesis is needed by the checks only, imported when they run
+    from hypothesis.strategies import SearchStrategy
 
 __all__ = [
     "DEFAULT_LISTENER",
@@ -276,7 +279,7 @@ class FilterHarness:
 
     def response(
         self,
-        status: ResponseStatus = ResponseStatus.Ok,
+        status: ResponseStatus | None = None,
         attributes: Mapping[str, str] | None = None,
         *,
         local_error: ErrorType | None = None,
@@ -286,11 +289,12 @@ class FilterHarness:
     ) -> ResponseContext:
         """Show an answer to the response filters; returns the context they saw.
 
-        ``attributes`` reach the filters only when one of them declares
-        ``response_attributes`` (otherwise the engine forwards replies undecoded and they see
-        ``None``). A local reply is ``status=ResponseStatus.Error`` with ``local_error`` set.
-        ``request`` is the outcome of :meth:`request` (its request and route are used) or the
-        attributes of the request this answers.
+        An upstream reply has a ``status`` (default ``Ok``) and maybe ``attributes``; these
+        reach the filters only when one of them declares ``response_attributes`` (otherwise
+        the engine forwards replies undecoded and they see ``None``). A local reply is
+        ``local_error`` alone: as in the engine its status is ``Error`` and it has no
+        attributes. ``request`` is the outcome of :meth:`request` (its request and route are
+        used) or the attributes of the request this answers.
         """
         return self._run(
             self.response_async(
@@ -305,7 +309,7 @@ class FilterHarness:
 
     async def response_async(
         self,
-        status: ResponseStatus = ResponseStatus.Ok,
+        status: ResponseStatus | None = None,
         attributes: Mapping[str, str] | None = None,
         *,
         local_error: ErrorType | None = None,
@@ -314,12 +318,19 @@ class FilterHarness:
         listener: str = DEFAULT_LISTENER,
     ) -> ResponseContext:
         """:meth:`response` on the running event loop."""
+        if local_error is not None:
+            if attributes is not None or status not in (None, ResponseStatus.Error):
+                raise ValueError("a local reply has status Error and no attributes")
+            status = ResponseStatus.Error
+        elif status is None:
+            status = ResponseStatus.Ok
         if isinstance(request, RequestOutcome):
             message = request.context.request
             route, listener = request.context.route, request.context.listener
         else:
             message = Metadata(MessageType.Request, request_id=1, attributes=Attributes(request))
-        seen = Attributes(attributes) if self.decode_replies and attributes is not None else None
+        # A decoded upstream reply always has attributes (maybe none); a local reply has none.
+        seen = Attributes(attributes) if self.decode_replies and local_error is None else None
         context = ResponseContext(message, route, listener, status, seen, local_error)
         for f in self.response_filters:
             f.on_response(context)  # the engine counts these errors; a test should see them
@@ -409,9 +420,28 @@ def check_refuses_unknown_config(
 _COMMON_KEYS = ("method", "interface", "service", "version", "group", "x-user", "x-tenant")
 
 
-def _traffic() -> Any:
-    """Hypothesis strategy of ``(request attributes, route, status, reply attributes,
-    local error)``: what a codec may decode, including empty and odd strings."""
+#: An answer: ``(status, reply attributes, local error)``.
+_Answer = tuple[ResponseStatus, dict[str, str] | None, ErrorType | None]
+_Example = tuple[dict[str, str], str, _Answer]
+
+#: Tried first, in this order: the ordinary cases a failure is easiest to read from.
+_ORDINARY: tuple[_Example, ...] = (
+    ({}, "default", (ResponseStatus.Ok, {}, None)),
+    (
+        {"interface": "com.example.Greeter", "method": "sayHello", "version": "1.0.0"},
+        "default",
+        (ResponseStatus.Ok, {"server": "a"}, None),
+    ),
+    ({"method": "sayHello"}, "route-a", (ResponseStatus.Error, {}, None)),
+    ({"method": "sayHello"}, "route-a", (ResponseStatus.Error, None, ErrorType.OverLimit)),
+    ({"method": ""}, "", (ResponseStatus.Unknown, {}, None)),
+)
+
+
+def _traffic() -> SearchStrategy[_Example]:
+    """Hypothesis strategy of ``(request attributes, route, answer)``: what a codec may
+    decode, including empty and odd strings; an answer is an upstream reply (any status) or
+    a local reply (any error type)."""
     from hypothesis import strategies as st
 
     key = st.one_of(
@@ -419,13 +449,9 @@ def _traffic() -> Any:
         st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCXYZ0123456789-_.", min_size=1, max_size=16),
     )
     attributes = st.dictionaries(key, st.text(max_size=64), max_size=8)
-    return st.tuples(
-        attributes,
-        st.sampled_from(("default", "route-a", "")),
-        st.sampled_from(tuple(ResponseStatus)),
-        attributes,
-        st.one_of(st.none(), st.sampled_from(tuple(ErrorType))),
-    )
+    upstream = st.tuples(st.sampled_from(tuple(ResponseStatus)), attributes, st.none())
+    local = st.tuples(st.just(ResponseStatus.Error), st.none(), st.sampled_from(tuple(ErrorType)))
+    return st.tuples(attributes, st.sampled_from(("default", "route-a", "")), upstream | local)
 
 
 def check_ordinary_traffic(
@@ -435,12 +461,13 @@ def check_ordinary_traffic(
     max_examples: int = 200,
     derandomize: bool = True,
 ) -> None:
-    """``on_request`` and ``on_response`` raise nothing for generated requests and answers,
-    and ``on_request`` returns what the contract allows: ``None`` or an awaitable, a local
-    reply with an ``ErrorType``, a mutation of strings. Holds are checked to be awaitable but
-    not awaited (a filter's delay would slow the check down). One instance serves every
-    example, as one serves every request of a listener."""
-    from hypothesis import HealthCheck, given, settings
+    """``on_request`` and ``on_response`` raise nothing for ordinary requests and answers
+    (a few typical ones first, then generated ones), and ``on_request`` returns what the
+    contract allows: ``None`` or an awaitable, a local reply with an ``ErrorType``, a mutation
+    of strings. Holds are checked to be awaitable but not awaited (a filter's delay would slow
+    the check down). One instance serves every example, as one serves every request of a
+    listener."""
+    from hypothesis import HealthCheck, example, given, settings
 
     name = _name(filter_class)
     instance = filter_class.from_config(config)
@@ -449,18 +476,8 @@ def check_ordinary_traffic(
     def fail(hook: str, inputs: str, why: str) -> FilterCheckError:
         return FilterCheckError(f"{name}.{hook} {why}\n  input: {inputs}")
 
-    @settings(
-        max_examples=max_examples,
-        derandomize=derandomize,
-        database=None,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        report_multiple_bugs=False,
-        print_blob=False,
-    )
-    @given(_traffic())
-    def run(example: tuple[dict[str, str], str, ResponseStatus, dict[str, str], Any]) -> None:
-        attrs, route, status, reply_attrs, local_error = example
+    def run(case: _Example) -> None:
+        attrs, route, (status, reply_attrs, local_error) = case
         inputs = f"attributes={attrs!r}, route={route!r}"
         try:
             outcome = harness.request(attrs, route=route)
@@ -470,17 +487,33 @@ def check_ordinary_traffic(
         if outcome.held is not None:
             harness._holds.remove(outcome)
             _discard(outcome.held)
-        inputs = (
-            f"status={status.name}, attributes={reply_attrs!r}, local_error={local_error!r}, "
-            f"request attributes={attrs!r}, route={route!r}"
-        )
+        if local_error is None:
+            inputs = f"status={status.name}, reply attributes={reply_attrs!r}"
+        else:
+            inputs = f"local reply {local_error.name}"
+        inputs += f", request attributes={attrs!r}, route={route!r}"
         try:
-            harness.response(status, reply_attrs, local_error=local_error, request=outcome)
+            if local_error is None:
+                harness.response(status, reply_attrs, request=outcome)
+            else:
+                harness.response(local_error=local_error, request=outcome)
         except Exception as exc:
             raise fail("on_response", inputs, f"raised {type(exc).__name__}: {exc}") from None
 
+    test = given(_traffic())(run)
+    for case in reversed(_ORDINARY):  # decorators apply bottom-up; run them in order
+        test = example(case)(test)
+    test = settings(
+        max_examples=max_examples,
+        derandomize=derandomize,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=False,
+    )(test)
     try:
-        run()
+        test()
     finally:
         harness.close()
 
