@@ -293,3 +293,34 @@ def test_resumable_walk_refuses_nesting_past_max_depth(protocol: str, container:
     assert ResumableSkip(b"", protocol, 0, 64).feed(data) == (True, len(data))
     with pytest.raises(FramingError, match="nested deeper than max_depth"):
         ResumableSkip(b"", protocol, 0, 5).feed(data)
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("container", ["struct", "list", "map"])
+def test_resumable_walk_and_skip_agree_on_depth(protocol: str, container: str) -> None:
+    """Whole (skip) and in pieces (the walk), a message is accepted or refused alike at every
+    nesting and max_depth: their depth accounting is the same."""
+    skip = PROTOCOLS[protocol][1]
+    for levels in range(1, 10):
+        data = bytes(nested(protocol, container, levels))
+        for depth in range(1, 14):
+            try:
+                whole: int | str = skip(bytearray(data), 0, len(data), depth)
+            except FramingError:
+                whole = "refused"
+            try:
+                walked: int | str = ResumableSkip(b"", protocol, 0, depth).feed(data)[1]
+            except FramingError:
+                walked = "refused"
+            assert whole == walked, (levels, depth)
+
+
+def test_resumable_walk_reads_long_field_ids_as_skip_does() -> None:
+    """Fuzz find: a compact long-form field id written in 4 varint bytes was accepted whole
+    and refused in pieces ("varint longer than 3 bytes")."""
+    data = b"\x05" + b"\x82\x80\x80\x00" + b"\x01" + b"\x00"  # i32 field, long-form id
+    assert skip_compact_struct(bytearray(data), 0, len(data), 64) == len(data)
+    walk = ResumableSkip(b"", "compact", 0, 64)
+    for cut in range(len(data)):
+        assert walk.feed(data[:cut])[0] is False
+    assert walk.feed(data) == (True, len(data))

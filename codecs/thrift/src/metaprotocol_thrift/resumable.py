@@ -72,11 +72,12 @@ def _binary_struct(feed: _Feed, pos: int, depth: int) -> Walk:
         if ftype == 0:
             return pos + 1
         pos += 3  # type and field id
-        pos = yield from _binary_value(feed, pos, ftype, depth)
+        pos = yield from _binary_value(feed, pos, ftype, depth - 1, depth)
 
 
-def _binary_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
-    """A value of type ``vtype`` at ``pos``, inside a container at ``depth``."""
+def _binary_value(feed: _Feed, pos: int, vtype: int, inner: int, depth: int) -> Walk:
+    """A value of type ``vtype`` at ``pos``: a struct is walked at depth ``inner``, a
+    collection at ``depth`` (the accounting of :mod:`.skip`, so both refuse the same)."""
     width = _BINARY_FIXED[vtype]
     if width:
         pos += width
@@ -94,17 +95,17 @@ def _binary_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
             yield from _wait(feed, pos)
         return pos
     if vtype == 12:
-        return (yield from _binary_struct(feed, pos, depth - 1))
+        return (yield from _binary_struct(feed, pos, inner))
     if vtype == 14 or vtype == 15:
         if pos + 5 > feed.end:
             yield from _wait(feed, pos + 5)
         etype, count = _BINARY_LIST.unpack_from(feed.buf, pos)
-        return (yield from _binary_items(feed, pos + 5, count, (etype,), depth - 1))
+        return (yield from _binary_items(feed, pos + 5, count, (etype,), depth))
     if vtype == 13:
         if pos + 6 > feed.end:
             yield from _wait(feed, pos + 6)
         ktype, etype, count = _BINARY_MAP.unpack_from(feed.buf, pos)
-        return (yield from _binary_items(feed, pos + 6, count, (ktype, etype), depth - 1))
+        return (yield from _binary_items(feed, pos + 6, count, (ktype, etype), depth))
     raise FramingError(f"unknown binary type {vtype}", offset=pos)
 
 
@@ -119,16 +120,16 @@ def _binary_items(feed: _Feed, pos: int, count: int, types: tuple[int, ...], dep
         if not _BINARY_LEAST[vtype]:
             raise FramingError(f"unknown binary element type {vtype}", offset=pos)
         least += _BINARY_LEAST[vtype]
-    if depth <= 0:
-        raise _too_deep(pos)
     # The fewest bytes these elements take: all of them when they are fixed-size.
     if pos + count * least > feed.end:
         yield from _wait(feed, pos + count * least)
     if all(_BINARY_FIXED[vtype] for vtype in types):
         return pos + count * least
+    if depth <= 1:
+        raise _too_deep(pos)
     for _ in range(count):
         for vtype in types:
-            pos = yield from _binary_value(feed, pos, vtype, depth)
+            pos = yield from _binary_value(feed, pos, vtype, depth - 2, depth - 1)
     return pos
 
 
@@ -169,13 +170,14 @@ def _compact_struct(feed: _Feed, pos: int, depth: int) -> Walk:
         if head >> 4:
             pos += 1
         else:  # long form: the field id follows as a zigzag varint
-            pos = yield from _varint(feed, pos + 1, 3)
+            pos = yield from _varint(feed, pos + 1, 10)  # as skip.py reads it
         if ftype == 1 or ftype == 2:  # booleans live in the field header
             continue
-        pos = yield from _compact_value(feed, pos, ftype, depth)
+        pos = yield from _compact_value(feed, pos, ftype, depth - 1, depth)
 
 
-def _compact_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
+def _compact_value(feed: _Feed, pos: int, vtype: int, inner: int, depth: int) -> Walk:
+    """As :func:`_binary_value`, for the compact protocol."""
     width = _COMPACT_FIXED[vtype]
     if width:
         pos += width
@@ -191,7 +193,7 @@ def _compact_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
             yield from _wait(feed, pos)
         return pos
     if vtype == 12:
-        return (yield from _compact_struct(feed, pos, depth - 1))
+        return (yield from _compact_struct(feed, pos, inner))
     if vtype == 9 or vtype == 10:
         if pos >= feed.end:
             yield from _wait(feed, pos + 1)
@@ -201,7 +203,7 @@ def _compact_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
         if count == 15:  # the long form: a size varint follows
             stop = yield from _varint(feed, pos, 5)
             count, pos = _value(feed.buf, pos, stop), stop
-        return (yield from _compact_items(feed, pos, count, (head & 0x0F,), depth - 1))
+        return (yield from _compact_items(feed, pos, count, (head & 0x0F,), depth))
     if vtype == 11:
         stop = yield from _varint(feed, pos, 5)
         count, pos = _value(feed.buf, pos, stop), stop
@@ -210,9 +212,7 @@ def _compact_value(feed: _Feed, pos: int, vtype: int, depth: int) -> Walk:
         if pos >= feed.end:
             yield from _wait(feed, pos + 1)
         kinds = feed.buf[pos]
-        return (
-            yield from _compact_items(feed, pos + 1, count, (kinds >> 4, kinds & 0x0F), depth - 1)
-        )
+        return (yield from _compact_items(feed, pos + 1, count, (kinds >> 4, kinds & 0x0F), depth))
     raise FramingError(f"unknown compact type {vtype}", offset=pos)
 
 
@@ -222,14 +222,16 @@ def _compact_items(feed: _Feed, pos: int, count: int, types: tuple[int, ...], de
     for vtype in types:
         if not _COMPACT_FIXED[vtype] and vtype not in _COMPACT_VARIABLE:
             raise FramingError(f"unknown compact element type {vtype}", offset=pos)
-    if depth <= 0:
-        raise _too_deep(pos)
     # Every element takes at least one byte.
     if pos + count * len(types) > feed.end:
         yield from _wait(feed, pos + count * len(types))
+    if all(_COMPACT_FIXED[vtype] for vtype in types):
+        return pos + count * sum(_COMPACT_FIXED[vtype] for vtype in types)
+    if depth <= 1:
+        raise _too_deep(pos)
     for _ in range(count):
         for vtype in types:
-            pos = yield from _compact_value(feed, pos, vtype, depth)
+            pos = yield from _compact_value(feed, pos, vtype, depth - 2, depth - 1)
     return pos
 
 
