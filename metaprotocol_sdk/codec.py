@@ -7,7 +7,6 @@ direction and may keep parse state between calls.
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -15,6 +14,7 @@ from typing import Any, ClassVar, Self, TypeAlias
 
 from .enums import ErrorType, ResponseStatus
 from .errors import ConfigError, UnsupportedError
+from .keywords import from_keywords
 from .metadata import Metadata, Mutation
 
 #: Default ceiling on one frame's size: 8 MiB, Dubbo's default payload limit.
@@ -130,21 +130,7 @@ class Codec(ABC):
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> Self:
         """Build a codec from configuration key-values, with a clear error for bad keys."""
-        options = dict(options or {})
-        params = inspect.signature(cls).parameters
-        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        for key in options:
-            if key not in known and not accepts_any:
-                raise ConfigError(
-                    f"unknown option for codec {cls.protocol or cls.__name__}; "
-                    f"accepted: {', '.join(sorted(known)) or 'none'}",
-                    field=key,
-                )
-        try:
-            return cls(**options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid codec options: {exc}") from exc
+        return from_keywords(cls, options, "codec", cls.protocol or cls.__name__, "option")
 
     @property
     def active_capabilities(self) -> Capabilities:

@@ -23,12 +23,11 @@ listener: keep per-request state in the context, not in the filter.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Mapping
 from typing import Any, ClassVar, Self
 
 from .enums import ErrorType, ResponseStatus
-from .errors import ConfigError
+from .keywords import from_keywords
 from .metadata import Attributes, Metadata
 
 __all__ = ["Filter", "LocalReply", "RequestContext", "ResponseContext"]
@@ -124,21 +123,7 @@ class Filter:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None) -> Self:
         """Build the filter from its configuration mapping."""
-        config = dict(config or {})
-        params = inspect.signature(cls).parameters
-        known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            for key in config:
-                if key not in known:
-                    raise ConfigError(
-                        f"unknown setting for filter {cls.name or cls.__name__}; "
-                        f"accepted: {', '.join(sorted(known)) or 'none'}",
-                        field=key,
-                    )
-        try:
-            return cls(**config)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid filter settings: {exc}") from exc
+        return from_keywords(cls, config, "filter", cls.name or cls.__name__, "setting")
 
     def on_request(self, context: RequestContext) -> Awaitable[None] | None:
         """Look at (or act on) a request. Return ``None`` to go on, or an awaitable to hold

@@ -86,15 +86,27 @@ def _entry_points() -> list[EntryPoint]:
     return list(entry_points(group=GROUP))
 
 
+def _by_target(eps: list[EntryPoint], prefix: str) -> list[tuple[list[str], str, EntryPoint]]:
+    """Entry points grouped by what they point at: (names, Aeraki-style name first; target;
+    one of the entry points, for its distribution)."""
+    by_target: dict[str, list[EntryPoint]] = {}
+    for ep in eps:
+        by_target.setdefault(ep.value, []).append(ep)
+    return [
+        (
+            sorted({ep.name for ep in group}, key=lambda n: (not n.startswith(prefix), n)),
+            t,
+            group[0],
+        )
+        for t, group in by_target.items()
+    ]
+
+
 def available() -> list[CodecInfo]:
     """Every installed codec, one entry per target, sorted by primary name."""
-    by_target: dict[str, list[EntryPoint]] = {}
-    for ep in _entry_points():
-        by_target.setdefault(ep.value, []).append(ep)
     infos = []
-    for target, eps in by_target.items():
-        names = sorted({ep.name for ep in eps}, key=lambda n: (not n.startswith(AERAKI_PREFIX), n))
-        dist = eps[0].dist
+    for names, target, ep in _by_target(_entry_points(), AERAKI_PREFIX):
+        dist = ep.dist
         infos.append(
             CodecInfo(
                 name=names[0],
@@ -157,18 +169,12 @@ class FilterInfo:
 
 def available_filters() -> list[FilterInfo]:
     """Every installed filter, one entry per target, sorted by primary name."""
-    by_target: dict[str, list[EntryPoint]] = {}
-    for ep in entry_points(group=FILTER_GROUP):
-        by_target.setdefault(ep.value, []).append(ep)
-    infos = []
-    for target, eps in by_target.items():
-        names = sorted(
-            {ep.name for ep in eps}, key=lambda n: (not n.startswith(AERAKI_FILTER_PREFIX), n)
+    infos = [
+        FilterInfo(names[0], tuple(names[1:]), target, ep.dist.name if ep.dist else "unknown")
+        for names, target, ep in _by_target(
+            list(entry_points(group=FILTER_GROUP)), AERAKI_FILTER_PREFIX
         )
-        dist = eps[0].dist
-        infos.append(
-            FilterInfo(names[0], tuple(names[1:]), target, dist.name if dist else "unknown")
-        )
+    ]
     return sorted(infos, key=lambda info: info.name)
 
 

@@ -460,12 +460,7 @@ class Downstream(asyncio.Protocol):
             )
             return
         engine = self.engine
-        if (
-            engine.pending >= engine.max_pending
-            or self.inflight >= engine.max_pending_per_connection
-            or engine.buffered > engine.max_buffered
-            or engine.rss_over
-        ):
+        if self.at_limit():
             self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route, target)
             return
         if cluster.pool is not None and (why := cluster.over_pool_limits(host)) is not None:
@@ -554,12 +549,7 @@ class Downstream(asyncio.Protocol):
         """A filter holds the request until ``waiting`` completes (bounded by the route's
         timeout); meanwhile it counts as pending, against every pending limit."""
         engine = self.engine
-        if (
-            engine.pending >= engine.max_pending
-            or self.inflight >= engine.max_pending_per_connection
-            or engine.buffered > engine.max_buffered
-            or engine.rss_over
-        ):
+        if self.at_limit():
             _discard(waiting)
             self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route)
             return
@@ -675,6 +665,18 @@ class Downstream(asyncio.Protocol):
         self._settle(p)
         self._dispatch(request, p.route, p.mutation, p.tries + 1, p.start, p.host)
         return True
+
+    def at_limit(self) -> bool:
+        """Whether a new request must be refused: a pending limit (process or connection) or
+        the overload budget (buffered bytes or RSS) is reached. :meth:`_over_limit` says
+        which."""
+        engine = self.engine
+        return (
+            engine.pending >= engine.max_pending
+            or self.inflight >= engine.max_pending_per_connection
+            or engine.buffered > engine.max_buffered
+            or engine.rss_over
+        )
 
     def _over_limit(self) -> str:
         """Why a request is refused with ``OverLimit`` (off the hot path)."""

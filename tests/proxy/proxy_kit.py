@@ -349,6 +349,18 @@ class Client(asyncio.Protocol):
             self.transport.abort()
 
 
+_HELD: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A port that refuses connections: bound (never listening) until the tests end, so no
+    later bind to port 0 - the engine's own listener, say - can get it and answer."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return int(s.getsockname()[1])
+
+
 def error_type(msg: Metadata) -> str | None:
     """The ``error-type`` of a KV error reply, ``None`` for a normal response."""
     if msg.codec_state != ERROR:

@@ -17,20 +17,14 @@ from proxy_kit import (
     engine_for,
     error_type,
     mesh,
+    refusing_port,
     run,
 )
 
 from metaprotocol_sdk import ConfigError, Metadata
 from metaprotocol_sdk.proxy import Engine, loads_config
 
-_HELD: list[socket.socket] = []
-
-
-def dead_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    _HELD.append(s)
-    return int(s.getsockname()[1])
+_BACKLOG: list[socket.socket] = []
 
 
 def full_backlog_port() -> int:
@@ -39,7 +33,7 @@ def full_backlog_port() -> int:
     s.bind(("127.0.0.1", 0))
     s.listen(0)
     filler = socket.create_connection(s.getsockname())
-    _HELD.extend((s, filler))
+    _BACKLOG.extend((s, filler))
     return int(s.getsockname()[1])
 
 
@@ -161,7 +155,9 @@ def test_gateway_errors_eject_then_readmit() -> None:
     async def main() -> None:
         good = await Upstream("good").start()
         outlier = "{consecutiveGatewayErrors: 2, baseEjectionTime: 300ms, maxEjectionPercent: 50}"
-        text = mesh([(dead_port(), "v1"), (good.port, "v1")], traffic_policy=policy("", outlier))
+        text = mesh(
+            [(refusing_port(), "v1"), (good.port, "v1")], traffic_policy=policy("", outlier)
+        )
         async with engine_for(text) as engine:
             c = await Client.connect(address(engine))
             results = [error_type(await c.call()) for _ in range(4)]  # alternating at first

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import types
 from collections.abc import Awaitable
@@ -21,23 +20,13 @@ from proxy_kit import (
     engine_for,
     error_type,
     mesh,
+    refusing_port,
     run,
 )
 
 from metaprotocol_sdk import ConfigError, ErrorType
 from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.proxy import loads_config
-
-_HELD: list[socket.socket] = []
-
-
-def dead_port() -> int:
-    """A port that refuses connections (bound, never listening, until the tests end)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    _HELD.append(s)
-    return int(s.getsockname()[1])
-
 
 # -- user filters ------------------------------------------------------------------------------
 
@@ -338,7 +327,7 @@ def test_dead_or_slow_mirror_changes_nothing_for_the_client() -> None:
 
     async def main() -> None:
         primary = await Upstream("primary").start()
-        text = mesh([(primary.port, "v1"), (dead_port(), "v2")], router=router)
+        text = mesh([(primary.port, "v1"), (refusing_port(), "v2")], router=router)
         async with engine_for(text) as engine:
             c = await Client.connect(address(engine))
             replies = await asyncio.gather(*(c.start("get") for _ in range(10)))
@@ -372,7 +361,7 @@ def test_retry_lands_on_the_healthy_endpoint() -> None:
 
     async def main() -> None:
         good = await Upstream("good").start()
-        text = mesh([(dead_port(), "v1"), (good.port, "v1"), (good.port, "v2")], router=router)
+        text = mesh([(refusing_port(), "v1"), (good.port, "v1"), (good.port, "v2")], router=router)
         async with engine_for(text) as engine:
             c = await Client.connect(address(engine))
             replies = await asyncio.gather(*(c.start("get") for _ in range(10)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from proxy_kit import (
     REQUEST,
@@ -15,19 +14,9 @@ from proxy_kit import (
     engine_for,
     error_type,
     mesh,
+    refusing_port,
     run,
 )
-
-_HELD: list[socket.socket] = []
-
-
-def free_port() -> int:
-    """A port that refuses connections: bound (never listening) until the tests end, so no
-    later bind to port 0 - the engine's own listener, say - can get it and answer."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    _HELD.append(s)
-    return int(s.getsockname()[1])
 
 
 def test_route_not_found() -> None:
@@ -59,7 +48,7 @@ def test_route_not_found() -> None:
 def test_cluster_not_found() -> None:
     async def main() -> None:
         router = "- route: [{destination: {host: ghost.test}}]\n"
-        async with engine_for(mesh([(free_port(), "v1")], router=router)) as engine:
+        async with engine_for(mesh([(refusing_port(), "v1")], router=router)) as engine:
             c = await Client.connect(address(engine))
             reply = await c.call(rid=12)
             assert (reply.request_id, error_type(reply)) == (12, "ClusterNotFound")
@@ -71,7 +60,7 @@ def test_cluster_not_found() -> None:
 def test_no_healthy_upstream_for_empty_subset() -> None:
     async def main() -> None:
         router = "- route: [{destination: {host: svc.test, subset: empty}}]\n"
-        async with engine_for(mesh([(free_port(), "v1")], router=router)) as engine:
+        async with engine_for(mesh([(refusing_port(), "v1")], router=router)) as engine:
             c = await Client.connect(address(engine))
             reply = await c.call(rid=13)
             assert (reply.request_id, error_type(reply)) == (13, "NoHealthyUpstream")
@@ -82,7 +71,7 @@ def test_no_healthy_upstream_for_empty_subset() -> None:
 
 def test_upstream_connect_failure() -> None:
     async def main() -> None:
-        async with engine_for(mesh([(free_port(), "v1")])) as engine:
+        async with engine_for(mesh([(refusing_port(), "v1")])) as engine:
             c = await Client.connect(address(engine))
             replies = await asyncio.wait_for(
                 asyncio.gather(c.start(rid=14), c.start(rid=15)), 5
