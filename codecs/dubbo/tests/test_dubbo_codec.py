@@ -739,3 +739,24 @@ def test_request_with_an_empty_body_is_refused() -> None:
         DubboCodec().decode(buffer)
     assert info.value.frame_size == len(frame) and info.value.offset == HEADER_SIZE
     assert buffer == frame
+
+
+def test_response_mutation_refuses_a_value_that_does_not_end_the_frame() -> None:
+    """Fuzz find: upgrading flag 0..2 appends the map after the value, unparsed; with a broken
+    value (a string length off) re-decoding read "attachments" from inside the old body. The
+    value must end exactly at the frame end."""
+    good = build_response(
+        JavaObject("java.lang.RuntimeException", {"detailMessage": "boom"}),
+        result_flag=ResultFlag.RESPONSE_WITH_EXCEPTION,
+    )
+    at = good.index(b"\x04boom")
+    broken = good[:at] + b"\x02boom"  # the string claims 2 characters: the value ends early
+    broken = build_header(0x02, 20, 1, len(broken) - HEADER_SIZE) + broken[HEADER_SIZE:]
+    null_with_junk = build_header(0x02, 20, 1, 2) + b"\x92\x91"  # flag 2, then a stray byte
+    codec = DubboCodec()
+    for frame in (broken, null_with_junk):
+        md = decode_one(frame)
+        with pytest.raises(MutationError, match="response value"):
+            codec.encode(md, {"k": "v"})
+    again = decode_one(join_encoded(codec.encode(decode_one(good), {"k": "v"})))
+    assert again.attributes["k"] == "v" and again.values["result_flag"] == 3

@@ -271,6 +271,25 @@ def _added_pairs(mutation: Mutation) -> bytes:
     return pairs
 
 
+def _check_value_ends_frame(frame: bytes, state: ResponseState) -> None:
+    """Refuse (MutationError) to append attachments to a response whose value (one Hessian
+    value after a flag 0 or 1, nothing after flag 2) does not end exactly at the frame end.
+
+    Walked only for such mutations: a plain forward never parses the value."""
+    start = min(state.value_start, len(frame))
+    result_flag = state.result_flag
+    try:
+        end = start if result_flag is None or not result_flag.has_value else None
+        if end is None:
+            end, _ = skip_values(frame, start, 1)
+    except CodecError as exc:
+        raise MutationError(f"the response value is malformed ({exc.reason})") from None
+    if end != len(frame):
+        raise MutationError(
+            f"the response value ends at byte {end}, not at the frame end ({len(frame)})"
+        )
+
+
 def _refuse_method(mutation: Mutation) -> None:
     """A request's method is in its body: an attachment named ``method`` would not change it
     (Dubbo and routing both read the body's), so such a mutation is refused, not dropped."""
@@ -810,7 +829,9 @@ class DubboCodec(Codec):
             tail = view[attachments.end :]
         else:
             # Flags 0..2 (or dubbo-remoting's flagless null): switch to the flag that carries
-            # attachments and append the map after the value.
+            # attachments and append the map after the value, which must end the frame (else a
+            # decoder would read the map from inside a broken value).
+            _check_value_ends_frame(frame, state)
             result_flag = state.result_flag
             new_flag = (
                 ResultFlag.RESPONSE_NULL_VALUE_WITH_ATTACHMENTS
