@@ -1,0 +1,90 @@
+"""Every YAML block of docs/filters.md loads, with a small mesh around it, so the page cannot
+drift from what the loader accepts."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from metaprotocol_sdk.proxy import loads_config
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "filters.md"
+BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.S | re.M)
+
+# What the page's snippets refer to: greeter.example (subsets v1, v2) speaking the KV example
+# protocol on port 9000, with a listener. A snippet's document replaces the one of the same
+# kind and name.
+MESH = textwrap.dedent(
+    """\
+    apiVersion: metaprotocol.aeraki.io/v1alpha1
+    kind: ApplicationProtocol
+    metadata: {name: kv}
+    spec: {protocol: kv, codec: "metaprotocol_sdk.examples.kv:KVCodec"}
+    ---
+    apiVersion: networking.istio.io/v1beta1
+    kind: ServiceEntry
+    metadata: {name: greeter}
+    spec:
+      hosts: [greeter.example]
+      ports: [{number: 9000, name: tcp-metaprotocol-kv-greeter, protocol: TCP}]
+      resolution: STATIC
+      endpoints:
+        - {address: 127.0.0.1, ports: {tcp-metaprotocol-kv-greeter: 19001}, labels: {version: v1}}
+        - {address: 127.0.0.1, ports: {tcp-metaprotocol-kv-greeter: 19002}, labels: {version: v2}}
+    ---
+    apiVersion: networking.istio.io/v1beta1
+    kind: DestinationRule
+    metadata: {name: greeter}
+    spec:
+      host: greeter.example
+      subsets:
+        - {name: v1, labels: {version: v1}}
+        - {name: v2, labels: {version: v2}}
+    ---
+    apiVersion: proxy.metaprotocol.io/v1alpha1
+    kind: ProxyConfig
+    metadata: {name: engine}
+    spec:
+      listeners: [{host: greeter.example, port: 9000, bind: "127.0.0.1:0"}]
+    """
+)
+
+
+def _key(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def blocks() -> list[str]:
+    return BLOCK.findall(PAGE.read_text(encoding="utf-8"))
+
+
+def test_the_page_has_its_yaml_blocks() -> None:
+    # Configure it, rate limit, fault, mirror, retries, connection pool, outlier detection.
+    assert len(blocks()) >= 7
+
+
+@pytest.mark.parametrize("block", blocks(), ids=lambda b: b.splitlines()[1][6:] + "…")
+def test_block_loads_with_a_mesh(block: str) -> None:
+    own = [d for d in yaml.safe_load_all(block) if d]
+    assert own and all("kind" in d for d in own), "each snippet is whole documents"
+    replaced = {_key(d) for d in own}
+    base = [d for d in yaml.safe_load_all(MESH) if _key(d) not in replaced]
+    text = yaml.safe_dump_all(base + own, sort_keys=False)
+    config = loads_config(text, source="docs/filters.md")
+    # Something of the snippet is in force, not dropped on the way.
+    kinds = {d["kind"] for d in own}
+    if "MetaRouter" in kinds:
+        router = config.routers["greeter.example"]
+        assert router.local_rate_limit or any(
+            r.fault or r.mirror or r.retries for r in router.routes
+        )
+    if "DestinationRule" in kinds:
+        policy = config.destination_rules["greeter.example"].policy
+        assert policy.connection_pool or policy.outlier_detection
+    if "ProxyConfig" in kinds:
+        assert config.proxy.listeners[0].filters
