@@ -70,7 +70,7 @@ TARGETS: dict[str, Target] = {
             "loads_config on any text",
             check_config,
             Bounds(memory_per_byte=4096, seconds_per_byte=200e-6),
-            quick_runs=100,
+            quick_runs=500,
         ),
     )
 }
