@@ -69,7 +69,7 @@ class RequestOutcome:
         context: RequestContext,
         filter: Filter | None = None,
         reply: LocalReply | None = None,
-        held: Awaitable[None] | None = None,
+        held: Awaitable[Any] | None = None,
         resume_at: int = 0,
         exception: BaseException | None = None,
     ) -> None:

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 
-from metaprotocol_sdk import ErrorType, ResponseStatus
+from metaprotocol_sdk import Attributes, ErrorType, ResponseStatus
 from metaprotocol_sdk.examples.audit_filter import AuditFilter
 from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.testing import FilterHarness
@@ -55,8 +55,11 @@ class HoldOnCoroutine(Filter):
     def __init__(self) -> None:
         self.gate = asyncio.Event()
 
+    async def _wait(self) -> None:
+        await self.gate.wait()
+
     def on_request(self, context: RequestContext) -> Awaitable[None] | None:
-        return self.gate.wait()
+        return self._wait()
 
 
 class Explode(Filter):
@@ -70,7 +73,7 @@ class SeeReplies(Filter):
     """Records the attributes it is shown."""
 
     name = "see"
-    seen: list[object]
+    seen: list[Attributes | None]
 
     def __init__(self) -> None:
         self.seen = []
@@ -199,6 +202,7 @@ def test_a_local_reply_has_status_error_and_no_attributes() -> None:
         local = harness.response(local_error=ErrorType.Timeout)
         assert (local.status, local.attributes) == (ResponseStatus.Error, None)
         remote = harness.response()  # an upstream reply decoded for the reader: no attributes
-        assert remote.status is ResponseStatus.Ok and remote.attributes == {}
+        assert remote.status is ResponseStatus.Ok
+        assert remote.attributes is not None and len(remote.attributes) == 0
         with pytest.raises(ValueError, match="no attributes"):
             harness.response(ResponseStatus.Ok, local_error=ErrorType.Timeout)
