@@ -3,10 +3,16 @@
 Every error is a :class:`~metaprotocol_sdk.errors.ConfigError` whose ``source`` names the file,
 the document number and ``kind/name``, and whose ``field`` is the path inside the document
 (``spec.routes[1].match.attributes.method.regex``).
+
+Every key of every mapping read is honoured, refused, or (when it cannot change this engine's
+traffic) accepted with one warning per field and document on the ``metaprotocol.config``
+logger: see :mod:`.fields`.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, NoReturn, cast
@@ -17,6 +23,7 @@ from metaprotocol_sdk.registry import resolve, resolve_filter
 
 from ..addresses import is_loopback
 from ..matcher import compile_regex
+from . import fields as schema
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
 from .models import (
@@ -61,7 +68,8 @@ _LB_SIMPLE: dict[str, LbPolicy] = {
     "LEAST_REQUEST": "LEAST_REQUEST",
     "LEAST_CONN": "LEAST_REQUEST",
 }
-_UNSUPPORTED_ROUTE_FIELDS = ("localRateLimit", "globalRateLimit")
+_log = logging.getLogger("metaprotocol.config")
+_INDEX = re.compile(r"\[\d+\]")
 
 
 class _Doc:
@@ -74,9 +82,35 @@ class _Doc:
         self.name = str(meta.get("name", "")) if isinstance(meta, dict) else ""
         label = f"{self.kind}/{self.name}" if self.name else self.kind or "document"
         self.source = f"{file} (document {index + 1}, {label})"
+        self._warned: set[str] = set()
 
     def fail(self, path: str, reason: str) -> NoReturn:
         raise ConfigError(reason, source=self.source, field=path or None)
+
+    def check(self, obj: Mapping[str, Any], path: str, table: schema.Fields) -> None:
+        """Refuse the unknown and unsupported keys of ``obj``; log the ignored ones once."""
+        for key in obj:
+            where = f"{path}.{key}" if path else str(key)
+            if key in table.honoured:
+                continue
+            if key in table.refused:
+                if obj[key] is not None:  # `key:` with no value sets nothing
+                    self.fail(where, f"not supported by this engine: {table.refused[key]}")
+            elif key in table.warned:
+                if obj[key] is not None:
+                    self.warn(where, table.warned[key])
+            elif isinstance(key, str) and key.startswith(schema.EXTENSION_PREFIX):
+                self.warn(where, schema.EXTENSION)
+            else:
+                expected = ", ".join(sorted(table.honoured))
+                self.fail(where, f"unknown field; expected one of {expected}")
+
+    def warn(self, path: str, why: str) -> None:
+        """Log that ``path`` is ignored, once per field (list indices aside) of this document."""
+        key = _INDEX.sub("[]", path)
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning("%s: %s: accepted and ignored: %s", self.source, path, why)
 
     def spec(self) -> dict[str, Any]:
         return self.mapping(self.body, "spec", "spec")
@@ -195,6 +229,15 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
             doc.fail("kind", f"unknown kind {doc.kind!r}; expected one of {', '.join(KINDS)}")
         if not doc.name:
             doc.fail("metadata.name", "required field is missing")
+        doc.check(body, "", schema.DOCUMENT)
+        doc.check(body["metadata"], "metadata", schema.METADATA)
+        version = body.get("apiVersion")
+        if version is not None and version not in schema.API_VERSIONS[doc.kind]:
+            doc.fail(
+                "apiVersion",
+                f"{doc.kind} is published as {' or '.join(schema.API_VERSIONS[doc.kind])}, "
+                f"not {version!r}",
+            )
         docs.append(doc)
     return docs
 
@@ -271,6 +314,7 @@ def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> di
     protocols: dict[str, Protocol] = {}
     for doc in docs:
         spec = doc.spec()
+        doc.check(spec, "spec", schema.APPLICATION_PROTOCOL)
         name = cast(str, doc.string(spec, "protocol", "spec.protocol"))
         codec = cast(str, doc.string(spec, "codec", "spec.codec"))
         if name in protocols:
@@ -316,6 +360,7 @@ def _services(
     services: dict[str, Service] = {}
     for doc in docs:
         spec = doc.spec()
+        doc.check(spec, "spec", schema.SERVICE_ENTRY)
         hosts = doc.sequence(spec, "hosts", "spec.hosts")
         for i, host in enumerate(hosts):
             if not isinstance(host, str) or not host:
@@ -326,16 +371,20 @@ def _services(
                     f"host {host!r} is already defined by {services[host].source}",
                 )
         resolution = doc.get(spec, "resolution", "spec.resolution") or "STATIC"
-        if resolution not in ("STATIC", "DNS"):
+        if resolution not in schema.RESOLUTIONS:
             doc.fail(
                 "spec.resolution", f"resolution {resolution!r} is not supported; use STATIC or DNS"
             )
+        location = doc.get(spec, "location", "spec.location")
+        if location is not None and location not in schema.LOCATIONS:
+            doc.fail("spec.location", f"expected MESH_EXTERNAL or MESH_INTERNAL, got {location!r}")
         ports: dict[int, ServicePort] = {}
         names: set[str] = set()
         for i, raw in enumerate(doc.sequence(spec, "ports", "spec.ports")):
             path = f"spec.ports[{i}]"
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
+            doc.check(raw, path, schema.SERVICE_PORT)
             number = cast(int, doc.integer(raw, "number", f"{path}.number", low=1, high=65535))
             pname = cast(str, doc.string(raw, "name", f"{path}.name"))
             target = doc.integer(raw, "targetPort", f"{path}.targetPort", False, 1, 65535)
@@ -345,12 +394,20 @@ def _services(
                 doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
             names.add(pname)
             proto = _port_protocol(doc, pname, f"{path}.name", protocols, options)
+            transport = doc.string(raw, "protocol", f"{path}.protocol", required=False)
+            if proto is not None and transport is not None and transport.upper() != "TCP":
+                # Istio reads a port's protocol before its name: this port would not be TCP.
+                doc.fail(
+                    f"{path}.protocol",
+                    f"a tcp-metaprotocol-* port carries TCP, got {transport!r}",
+                )
             ports[number] = ServicePort(number, pname, proto, target)
         endpoints = []
         for i, raw in enumerate(doc.sequence(spec, "endpoints", "spec.endpoints", required=False)):
             path = f"spec.endpoints[{i}]"
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
+            doc.check(raw, path, schema.ENDPOINT)
             address = cast(str, doc.string(raw, "address", f"{path}.address"))
             eports = {}
             for pname, pnum in doc.mapping(raw, "ports", f"{path}.ports", required=False).items():
@@ -361,6 +418,14 @@ def _services(
                 )
             labels = doc.labels(raw, "labels", f"{path}.labels")
             endpoints.append(Endpoint(address, eports, labels))
+        if resolution == "DNS" and not endpoints:
+            # Istio would resolve the hosts themselves; this engine takes addresses from
+            # endpoints only, and would answer every request NoHealthyUpstream.
+            doc.fail(
+                "spec.endpoints",
+                "resolution DNS without endpoints (resolving spec.hosts) is not supported by "
+                "this engine; list the addresses in spec.endpoints",
+            )
         service = Service(doc.name, tuple(hosts), ports, tuple(endpoints), doc.source)
         for host in hosts:
             services[host] = service
@@ -374,11 +439,13 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     lb = doc.mapping(policy, "loadBalancer", f"{path}.loadBalancer", required=False)
     if not lb:
         return None
+    doc.check(lb, f"{path}.loadBalancer", schema.LOAD_BALANCER)
     simple = doc.get(lb, "simple", f"{path}.loadBalancer.simple")
     hashing = doc.mapping(lb, "consistentHash", f"{path}.loadBalancer.consistentHash", False)
     if simple is not None and hashing:
         doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
     if hashing:
+        doc.check(hashing, f"{path}.loadBalancer.consistentHash", schema.CONSISTENT_HASH)
         hpath = f"{path}.loadBalancer.consistentHash.httpHeaderName"
         attribute = doc.string(hashing, "httpHeaderName", hpath)
         return LoadBalancer("CONSISTENT_HASH", attribute)
@@ -393,6 +460,17 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
 
 
 def _traffic_policy(doc: _Doc, policy: Mapping[str, Any], path: str) -> TrafficPolicy:
+    doc.check(policy, path, schema.TRAFFIC_POLICY)
+    tls = doc.mapping(policy, "tls", f"{path}.tls", required=False)
+    if tls:
+        doc.check(tls, f"{path}.tls", schema.TLS)
+        mode = doc.get(tls, "mode", f"{path}.tls.mode")
+        if mode not in (None, "DISABLE"):
+            doc.fail(
+                f"{path}.tls.mode",
+                f"not supported by this engine: TLS mode {mode!r} (upstream connections are "
+                "plain TCP; only DISABLE is accepted)",
+            )
     return TrafficPolicy(
         _load_balancer(doc, dict(policy), path),
         _connection_pool(doc, policy, path),
@@ -405,27 +483,16 @@ def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> Connect
     if not raw:
         return None
     path = f"{path}.connectionPool"
-    _known(doc, raw, path, ("tcp", "http"))
+    doc.check(raw, path, schema.CONNECTION_POOL)
     tcp = doc.mapping(raw, "tcp", f"{path}.tcp", required=False)
-    _known(doc, tcp, f"{path}.tcp", ("maxConnections", "connectTimeout", "tcpKeepalive"))
+    doc.check(tcp, f"{path}.tcp", schema.TCP_POOL)
     http = doc.mapping(raw, "http", f"{path}.http", required=False)
-    _known(
-        doc,
-        http,
-        f"{path}.http",
-        (
-            "http1MaxPendingRequests",
-            "http2MaxRequests",
-            "maxRequestsPerConnection",
-            "idleTimeout",
-            "maxRetries",
-        ),
-    )
+    doc.check(http, f"{path}.http", schema.HTTP_POOL)
     keepalive = None
     alive = doc.mapping(tcp, "tcpKeepalive", f"{path}.tcp.tcpKeepalive", required=False)
     if alive:
         kpath = f"{path}.tcp.tcpKeepalive"
-        _known(doc, alive, kpath, ("probes", "time", "interval"))
+        doc.check(alive, kpath, schema.TCP_KEEPALIVE)
         keepalive = TcpKeepalive(
             doc.integer(alive, "probes", f"{kpath}.probes", False, 1, 127),
             doc.duration(alive, "time", f"{kpath}.time"),
@@ -447,24 +514,12 @@ def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> Connect
     )
 
 
-_OUTLIER_FIELDS = (
-    "consecutiveGatewayErrors",
-    "consecutive5xxErrors",
-    "interval",
-    "baseEjectionTime",
-    "maxEjectionPercent",
-    "minHealthPercent",
-)
-
-
 def _outlier_detection(doc: _Doc, policy: Mapping[str, Any], path: str) -> OutlierDetection | None:
     raw = doc.mapping(policy, "outlierDetection", f"{path}.outlierDetection", required=False)
     if not raw:
         return None
     path = f"{path}.outlierDetection"
-    if "consecutiveErrors" in raw:
-        doc.fail(f"{path}.consecutiveErrors", "deprecated in Istio; use consecutive5xxErrors")
-    _known(doc, raw, path, _OUTLIER_FIELDS)
+    doc.check(raw, path, schema.OUTLIER_DETECTION)
     default = OutlierDetection()
 
     def errors(key: str) -> int | None:
@@ -501,6 +556,7 @@ def _destination_rules(
     rules: dict[str, DestinationRule] = {}
     for doc in docs:
         spec = doc.spec()
+        doc.check(spec, "spec", schema.DESTINATION_RULE)
         host = cast(str, doc.string(spec, "host", "spec.host"))
         if host not in services:
             doc.fail("spec.host", f"no ServiceEntry defines host {host!r}")
@@ -514,6 +570,7 @@ def _destination_rules(
             path = f"spec.subsets[{i}]"
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
+            doc.check(raw, path, schema.SUBSET)
             name = cast(str, doc.string(raw, "name", f"{path}.name"))
             if name in subsets:
                 doc.fail(f"{path}.name", f"subset {name!r} is defined twice")
@@ -531,9 +588,7 @@ def _destination_rules(
 
 def _matches(doc: _Doc, route: dict[str, Any], path: str) -> tuple[AttributeMatch, ...]:
     match = doc.mapping(route, "match", f"{path}.match", required=False)
-    for key in match:
-        if key != "attributes":
-            doc.fail(f"{path}.match.{key}", "unknown match field; only 'attributes' is supported")
+    doc.check(match, f"{path}.match", schema.MATCH)
     attrs = doc.mapping(match, "attributes", f"{path}.match.attributes", required=False)
     out = []
     for name, cond in attrs.items():
@@ -568,9 +623,11 @@ def _destination(
     weight: int,
 ) -> Destination:
     """A route or mirror ``destination``: ``host``, optional ``subset`` and ``port.number``."""
+    doc.check(dest, path, schema.DESTINATION)
     host = cast(str, doc.string(dest, "host", f"{path}.host"))
     subset = doc.string(dest, "subset", f"{path}.subset", required=False)
     port_obj = doc.mapping(dest, "port", f"{path}.port", required=False)
+    doc.check(port_obj, f"{path}.port", schema.PORT_SELECTOR)
     port = doc.integer(port_obj, "number", f"{path}.port.number", False, 1, 65535)
     service = services.get(host)
     if service is not None:
@@ -588,18 +645,12 @@ def _destination(
     return Destination(host, subset, port, weight)
 
 
-def _known(doc: _Doc, obj: Mapping[str, Any], path: str, known: Sequence[str]) -> None:
-    for key in obj:
-        if key not in known:
-            doc.fail(f"{path}.{key}", f"unknown field; expected one of {', '.join(sorted(known))}")
-
-
 def _percent(doc: _Doc, obj: Mapping[str, Any], key: str, path: str) -> float | None:
     """Istio's ``Percent``: ``{value: <double in 0-100>}``."""
     raw = doc.mapping(obj, key, path, required=False)
     if not raw:
         return None
-    _known(doc, raw, path, ("value",))
+    doc.check(raw, path, schema.PERCENT)
     value = doc.get(raw, "value", f"{path}.value", required=True)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
         doc.fail(f"{path}.value", f"must be a number in [0, 100], got {value!r}")
@@ -611,21 +662,21 @@ def _fault(doc: _Doc, route: Mapping[str, Any], path: str) -> Fault | None:
     if not raw:
         return None
     path = f"{path}.fault"
-    _known(doc, raw, path, ("delay", "abort"))
+    doc.check(raw, path, schema.FAULT)
     delay = doc.mapping(raw, "delay", f"{path}.delay", required=False)
     abort = doc.mapping(raw, "abort", f"{path}.abort", required=False)
     if not delay and not abort:
         doc.fail(path, "needs a delay, an abort or both")
     fault = Fault()
     if delay:
-        _known(doc, delay, f"{path}.delay", ("percentage", "fixedDelay"))
+        doc.check(delay, f"{path}.delay", schema.DELAY)
         fixed = doc.duration(delay, "fixedDelay", f"{path}.delay.fixedDelay")
         if fixed is None:
             doc.fail(f"{path}.delay.fixedDelay", "required field is missing")
         share = _percent(doc, delay, "percentage", f"{path}.delay.percentage")
         fault = Fault(delay_percent=100.0 if share is None else share, delay=fixed)
     if abort:
-        _known(doc, abort, f"{path}.abort", ("percentage", "errorType"))
+        doc.check(abort, f"{path}.abort", schema.ABORT)
         name = cast(str, doc.string(abort, "errorType", f"{path}.abort.errorType"))
         if name not in ErrorType.__members__:
             doc.fail(
@@ -655,7 +706,6 @@ def _mirror(
         if share is not None:
             doc.fail(f"{path}.mirrorPercentage", "needs a mirror")
         return None
-    _known(doc, raw, f"{path}.mirror", ("host", "subset", "port"))
     dest = _destination(doc, raw, f"{path}.mirror", services, rules, 100)
     return Mirror(dest, 100.0 if share is None else share)
 
@@ -665,7 +715,7 @@ def _retries(doc: _Doc, route: Mapping[str, Any], path: str) -> Retries | None:
     if not raw:
         return None
     path = f"{path}.retries"
-    _known(doc, raw, path, ("attempts", "perTryTimeout", "retryOn"))
+    doc.check(raw, path, schema.RETRIES)
     attempts = cast(int, doc.integer(raw, "attempts", f"{path}.attempts", low=0, high=10))
     per_try = doc.duration(raw, "perTryTimeout", f"{path}.perTryTimeout")
     on = doc.string(raw, "retryOn", f"{path}.retryOn", required=False)
@@ -685,7 +735,7 @@ def _bucket(doc: _Doc, obj: Mapping[str, Any], path: str) -> TokenBucket | None:
     raw = doc.mapping(obj, "tokenBucket", path, required=False)
     if not raw:
         return None
-    _known(doc, raw, path, ("maxTokens", "tokensPerFill", "fillInterval"))
+    doc.check(raw, path, schema.TOKEN_BUCKET)
     most = cast(int, doc.integer(raw, "maxTokens", f"{path}.maxTokens", low=1))
     fill = doc.integer(raw, "tokensPerFill", f"{path}.tokensPerFill", False, 1)
     interval = doc.duration(raw, "fillInterval", f"{path}.fillInterval")
@@ -699,13 +749,13 @@ def _local_rate_limit(doc: _Doc, spec: Mapping[str, Any]) -> LocalRateLimit | No
     if not raw:
         return None
     path = "spec.localRateLimit"
-    _known(doc, raw, path, ("tokenBucket", "conditions"))
+    doc.check(raw, path, schema.LOCAL_RATE_LIMIT)
     conditions = []
     for i, cond in enumerate(doc.sequence(raw, "conditions", f"{path}.conditions", False)):
         cpath = f"{path}.conditions[{i}]"
         if not isinstance(cond, dict):
             doc.fail(cpath, "must be a mapping")
-        _known(doc, cond, cpath, ("match", "tokenBucket"))
+        doc.check(cond, cpath, schema.RATE_LIMIT_CONDITION)
         bucket = _bucket(doc, cond, f"{cpath}.tokenBucket")
         if bucket is None:
             doc.fail(f"{cpath}.tokenBucket", "required field is missing")
@@ -723,7 +773,7 @@ def _filters(doc: _Doc, raw: Mapping[str, Any], path: str) -> tuple[FilterSpec, 
         fpath = f"{path}.filters[{i}]"
         if not isinstance(item, dict):
             doc.fail(fpath, "must be a mapping such as {name: audit, config: {}}")
-        _known(doc, item, fpath, ("name", "config"))
+        doc.check(item, fpath, schema.FILTER)
         name = cast(str, doc.string(item, "name", f"{fpath}.name"))
         config = doc.mapping(item, "config", f"{fpath}.config", required=False)
         try:
@@ -746,6 +796,7 @@ def _mutation(doc: _Doc, route: dict[str, Any], key: str, path: str) -> dict[str
         ipath = f"{path}.{key}[{i}]"
         if not isinstance(item, dict):
             doc.fail(ipath, "must be a mapping {key: ..., value: ...}")
+        doc.check(item, ipath, schema.KEY_VALUE)
         k = cast(str, doc.string(item, "key", f"{ipath}.key"))
         v = doc.get(item, "value", f"{ipath}.value", required=True)
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
@@ -779,6 +830,16 @@ def _routers(
     routers: dict[str, MetaRouter] = {}
     for doc in docs:
         spec = doc.spec()
+        doc.check(spec, "spec", schema.META_ROUTER)
+        gateways = doc.sequence(spec, "gateways", "spec.gateways", required=False)
+        for i, gateway in enumerate(gateways):
+            if gateway != schema.MESH_GATEWAY:
+                doc.fail(
+                    f"spec.gateways[{i}]",
+                    f"not supported by this engine: gateway {gateway!r} (the routes apply to "
+                    f"this engine's traffic, Istio's {schema.MESH_GATEWAY!r}; omit gateways or "
+                    f"list only {schema.MESH_GATEWAY!r})",
+                )
         hosts = doc.sequence(spec, "hosts", "spec.hosts")
         for i, host in enumerate(hosts):
             if host not in services:
@@ -794,9 +855,7 @@ def _routers(
             path = f"spec.routes[{r}]"
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
-            for key in _UNSUPPORTED_ROUTE_FIELDS:
-                if key in raw:
-                    doc.fail(f"{path}.{key}", "not supported by this engine")
+            doc.check(raw, path, schema.ROUTE)
             name = doc.string(raw, "name", f"{path}.name", required=False) or f"route-{r}"
             if name in seen:
                 doc.fail(f"{path}.name", f"route name {name!r} is used twice")
@@ -806,6 +865,7 @@ def _routers(
                 dpath = f"{path}.route[{d}]"
                 if not isinstance(draw, dict):
                     doc.fail(dpath, "must be a mapping")
+                doc.check(draw, dpath, schema.ROUTE_DESTINATION)
                 dest = doc.mapping(draw, "destination", f"{dpath}.destination")
                 weight = doc.integer(draw, "weight", f"{dpath}.weight", required=False, high=100)
                 dests.append(
@@ -912,33 +972,19 @@ def _bind(doc: _Doc, value: Any, path: str) -> tuple[str, int]:
     return host, int(port)
 
 
-_PROXY_FIELDS = {
-    "listeners",
-    "admin",
-    "codecOptions",
-    "limits",
-    "overload",
-    "timeouts",
-    "accessLog",
-    "upstream",
-}
-
-
 def _proxy(
     doc: _Doc | None, services: dict[str, Service], codec_options: dict[str, dict[str, Any]]
 ) -> ProxySettings:
     if doc is None:
         return ProxySettings()
     spec = doc.spec()
-    for key in spec:
-        if key not in _PROXY_FIELDS:
-            expected = ", ".join(sorted(_PROXY_FIELDS))
-            doc.fail(f"spec.{key}", f"unknown field; expected one of {expected}")
+    doc.check(spec, "spec", schema.PROXY_CONFIG)
     listeners: list[Listener] = []
     for i, raw in enumerate(doc.sequence(spec, "listeners", "spec.listeners", required=False)):
         path = f"spec.listeners[{i}]"
         if not isinstance(raw, dict):
             doc.fail(path, "must be a mapping")
+        doc.check(raw, path, schema.LISTENER)
         host = cast(str, doc.string(raw, "host", f"{path}.host"))
         port = cast(int, doc.integer(raw, "port", f"{path}.port", low=1, high=65535))
         bind = _bind(doc, doc.get(raw, "bind", f"{path}.bind", required=True), f"{path}.bind")
@@ -964,8 +1010,10 @@ def _proxy(
     overload = _overload(doc, spec)
     timeouts = _timeouts(doc, spec)
     log = doc.mapping(spec, "accessLog", "spec.accessLog", required=False)
+    doc.check(log, "spec.accessLog", schema.ACCESS_LOG)
     access_log = doc.string(log, "path", "spec.accessLog.path") if log else None
     up = doc.mapping(spec, "upstream", "spec.upstream", required=False)
+    doc.check(up, "spec.upstream", schema.UPSTREAM)
     per_endpoint = doc.integer(
         up, "connectionsPerEndpoint", "spec.upstream.connectionsPerEndpoint", False, 1, 1024
     )
@@ -981,14 +1029,11 @@ def _proxy(
     )
 
 
-_ADMIN_FIELDS = ("bind", "allowRemote", "maxConnections", "requestTimeout")
-
-
 def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:
     raw = doc.mapping(spec, "admin", "spec.admin", required=False)
     if not raw:
         return None
-    _known_fields(doc, raw, "spec.admin", _ADMIN_FIELDS)
+    doc.check(raw, "spec.admin", schema.ADMIN)
     bind = _bind(doc, doc.get(raw, "bind", "spec.admin.bind", required=True), "spec.admin.bind")
     allow_remote = doc.get(raw, "allowRemote", "spec.admin.allowRemote")
     if allow_remote is not None and not isinstance(allow_remote, bool):
@@ -1010,12 +1055,6 @@ def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:
     )
 
 
-def _known_fields(doc: _Doc, obj: Mapping[str, Any], path: str, known: Sequence[str]) -> None:
-    for key in obj:
-        if key not in known:
-            doc.fail(f"{path}.{key}", f"unknown field; expected one of {', '.join(sorted(known))}")
-
-
 _LIMIT_FIELDS = {
     # field: (model attribute, lowest accepted value)
     "maxConnections": ("max_connections", 1),
@@ -1028,7 +1067,7 @@ _LIMIT_FIELDS = {
 
 def _limits(doc: _Doc, spec: Mapping[str, Any]) -> Limits:
     raw = doc.mapping(spec, "limits", "spec.limits", required=False)
-    _known_fields(doc, raw, "spec.limits", list(_LIMIT_FIELDS))
+    doc.check(raw, "spec.limits", schema.fields(*_LIMIT_FIELDS))
     values: dict[str, Any] = {}
     for key, (attr, low) in _LIMIT_FIELDS.items():
         value = doc.integer(raw, key, f"spec.limits.{key}", False, low)
@@ -1045,7 +1084,7 @@ def _limits(doc: _Doc, spec: Mapping[str, Any]) -> Limits:
 
 def _overload(doc: _Doc, spec: Mapping[str, Any]) -> Overload:
     raw = doc.mapping(spec, "overload", "spec.overload", required=False)
-    _known_fields(doc, raw, "spec.overload", ("maxBufferedBytes", "maxRssBytes"))
+    doc.check(raw, "spec.overload", schema.OVERLOAD)
     buffered = doc.integer(
         raw, "maxBufferedBytes", "spec.overload.maxBufferedBytes", False, 1 << 20
     )
@@ -1056,14 +1095,11 @@ def _overload(doc: _Doc, spec: Mapping[str, Any]) -> Overload:
     )
 
 
-_TIMEOUT_FIELDS = ("connect", "route", "drain", "idle", "frame", "write")
-
-
 def _timeouts(doc: _Doc, spec: Mapping[str, Any]) -> Timeouts:
     raw = doc.mapping(spec, "timeouts", "spec.timeouts", required=False)
-    _known_fields(doc, raw, "spec.timeouts", _TIMEOUT_FIELDS)
+    doc.check(raw, "spec.timeouts", schema.TIMEOUTS)
     values: dict[str, float] = {}
-    for key in _TIMEOUT_FIELDS:
+    for key in sorted(schema.TIMEOUTS.honoured):
         seconds = doc.duration(raw, key, f"spec.timeouts.{key}")
         if seconds is not None:
             values[key] = seconds

@@ -1,0 +1,293 @@
+"""What the engine does with every field of the documents it reads.
+
+Each mapping the loader reads has a :class:`Fields` table: the keys it honours, the keys it
+refuses (they would change traffic in Istio or Aeraki, and this engine does not implement
+them), and the keys it accepts with a logged warning (they cannot change this engine's
+traffic). Any other key is refused as unknown, so a typo or a field from a newer API never
+passes unnoticed. ``docs/proxy.md`` carries the same tables for users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+#: Why a TLS setting is refused: the engine's upstream connections are plain TCP.
+_NO_TLS = "TLS origination (upstream connections are plain TCP)"
+_NOT_HTTP = "an HTTP setting (MetaProtocol upstream connections are not HTTP)"
+_NAMESPACES = "namespace visibility: this engine has no namespaces and applies every document"
+_IDENTITY = (
+    "an identity checked by mutual TLS; this engine's upstream connections are plain TCP "
+    "(a DestinationRule tls mode other than DISABLE is refused)"
+)
+_K8S = "Kubernetes object metadata: it does not change traffic"
+
+
+#: Keys starting with it hold YAML anchors to share (as in Compose files): no API uses it.
+EXTENSION_PREFIX = "x-"
+EXTENSION = "an x- key is a place for YAML anchors; nothing reads it"
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The treatment of each key of one mapping: honoured, refused (why) or warned (why)."""
+
+    honoured: frozenset[str]
+    #: Refused with "not supported by this engine: <why>".
+    refused: Mapping[str, str] = field(default_factory=dict)
+    #: Accepted, and logged once per document as ignored, with why it cannot change traffic.
+    warned: Mapping[str, str] = field(default_factory=dict)
+
+
+def fields(*honoured: str, refused: Mapping[str, str] | None = None, **warned: str) -> Fields:
+    """A :class:`Fields` table (``warned`` as keyword arguments: field=why)."""
+    return Fields(frozenset(honoured), dict(refused or {}), warned)
+
+
+# -- every document ----------------------------------------------------------------------------
+
+DOCUMENT = fields(
+    "apiVersion",
+    "kind",
+    "metadata",
+    "spec",
+    status="written by the Kubernetes API server; nothing here reads it",
+)
+METADATA = fields(
+    "name",
+    namespace="this engine matches hosts as written (fully qualified), not relative to a namespace",
+    labels=_K8S,
+    annotations=_K8S,
+    uid=_K8S,
+    resourceVersion=_K8S,
+    generation=_K8S,
+    creationTimestamp=_K8S,
+    managedFields=_K8S,
+    ownerReferences=_K8S,
+    finalizers=_K8S,
+)
+#: The API groups each kind is published in (``apiVersion`` is optional; when set, checked).
+API_VERSIONS = {
+    "ApplicationProtocol": ("metaprotocol.aeraki.io/v1alpha1",),
+    "MetaRouter": ("metaprotocol.aeraki.io/v1alpha1",),
+    "ServiceEntry": (
+        "networking.istio.io/v1",
+        "networking.istio.io/v1beta1",
+        "networking.istio.io/v1alpha3",
+    ),
+    "DestinationRule": (
+        "networking.istio.io/v1",
+        "networking.istio.io/v1beta1",
+        "networking.istio.io/v1alpha3",
+    ),
+    "ProxyConfig": ("proxy.metaprotocol.io/v1alpha1",),
+}
+
+# -- ApplicationProtocol (Aeraki) --------------------------------------------------------------
+
+APPLICATION_PROTOCOL = fields("protocol", "codec")
+
+# -- ServiceEntry (Istio) ----------------------------------------------------------------------
+
+SERVICE_ENTRY = fields(
+    "hosts",
+    "ports",
+    "resolution",
+    "endpoints",
+    refused={
+        "workloadSelector": "it selects Kubernetes pods or WorkloadEntries as endpoints; "
+        "list them in spec.endpoints",
+    },
+    addresses="virtual IPs a sidecar captures traffic for; this engine serves the addresses "
+    "its ProxyConfig listeners bind",
+    exportTo=_NAMESPACES,
+    subjectAltNames=_IDENTITY,
+    location="whether Istio treats the endpoints as mesh workloads (mutual TLS, telemetry); "
+    "this engine's upstream connections are plain TCP either way",
+)
+SERVICE_PORT = fields("number", "name", "protocol", "targetPort")
+ENDPOINT = fields(
+    "address",
+    "ports",
+    "labels",
+    refused={
+        "network": "an endpoint on another network is reached through that network's gateway "
+        "in Istio; this engine connects to every address directly",
+        "locality": "locality-aware load balancing",
+        "weight": "weighted endpoints (the load balancers treat endpoints alike)",
+    },
+    serviceAccount=_IDENTITY,
+)
+#: ``resolution`` values and ``location`` values the engine accepts.
+RESOLUTIONS = ("STATIC", "DNS")
+LOCATIONS = ("MESH_EXTERNAL", "MESH_INTERNAL")
+
+# -- DestinationRule (Istio) -------------------------------------------------------------------
+
+DESTINATION_RULE = fields(
+    "host",
+    "trafficPolicy",
+    "subsets",
+    refused={
+        "workloadSelector": "it limits the rule to the selected workloads' proxies, and this "
+        "engine would apply it to all of its traffic",
+    },
+    exportTo=_NAMESPACES,
+)
+SUBSET = fields("name", "labels", "trafficPolicy")
+TRAFFIC_POLICY = fields(
+    "loadBalancer",
+    "connectionPool",
+    "outlierDetection",
+    "tls",
+    refused={
+        "portLevelSettings": "per-port policies (a rule's policy applies to all of the host's "
+        "ports)",
+        "tunnel": "tunnelling upstream connections",
+        "proxyProtocol": "the PROXY protocol header",
+        "retryBudget": "retry budgets (connectionPool.http.maxRetries bounds retries in flight)",
+    },
+)
+TLS = fields(
+    "mode",
+    refused={
+        key: _NO_TLS
+        for key in (
+            "clientCertificate",
+            "privateKey",
+            "caCertificates",
+            "credentialName",
+            "subjectAltNames",
+            "sni",
+            "insecureSkipVerify",
+            "caCrl",
+        )
+    },
+)
+LOAD_BALANCER = fields(
+    "simple",
+    "consistentHash",
+    refused={
+        "localityLbSetting": "locality-aware load balancing",
+        "zoneAwareLbSetting": "zone-aware load balancing",
+        "warmupDurationSecs": "slow start (warm-up)",
+        "warmup": "slow start (warm-up)",
+    },
+)
+_HASHING = "a hash key other than a metadata attribute (named by httpHeaderName)"
+CONSISTENT_HASH = fields(
+    "httpHeaderName",
+    refused={
+        "httpCookie": _HASHING,
+        "useSourceIp": _HASHING,
+        "httpQueryParameterName": _HASHING,
+        "ringHash": "sizing the ring (it has 100 points per host)",
+        "maglev": "Maglev hashing (the engine uses a hash ring)",
+        "minimumRingSize": "sizing the ring (it has 100 points per host)",
+    },
+)
+CONNECTION_POOL = fields("tcp", "http")
+TCP_POOL = fields(
+    "maxConnections",
+    "connectTimeout",
+    "tcpKeepalive",
+    refused={
+        "maxConnectionDuration": "a maximum connection lifetime",
+        "idleTimeout": "a TCP idle timeout (connectionPool.http.idleTimeout closes idle "
+        "upstream connections)",
+    },
+)
+TCP_KEEPALIVE = fields("probes", "time", "interval")
+HTTP_POOL = fields(
+    "http1MaxPendingRequests",
+    "http2MaxRequests",
+    "maxRequestsPerConnection",
+    "idleTimeout",
+    "maxRetries",
+    refused={
+        "maxConcurrentStreams": "a limit of requests in flight per upstream connection "
+        "(http2MaxRequests limits them per cluster)",
+        "h2UpgradePolicy": _NOT_HTTP,
+        "useClientProtocol": _NOT_HTTP,
+        "http2KeepAlive": _NOT_HTTP + " (tcp.tcpKeepalive keeps connections alive)",
+    },
+)
+OUTLIER_DETECTION = fields(
+    "consecutiveGatewayErrors",
+    "consecutive5xxErrors",
+    "interval",
+    "baseEjectionTime",
+    "maxEjectionPercent",
+    "minHealthPercent",
+    refused={
+        "consecutiveErrors": "deprecated in Istio; use consecutive5xxErrors",
+        "splitExternalLocalOriginErrors": "counting local-origin errors apart (connect "
+        "failures, resets and timeouts are gateway errors)",
+        "consecutiveLocalOriginFailures": "counting local-origin errors apart (connect "
+        "failures, resets and timeouts are gateway errors)",
+        "outlierDetectionHttpErrorCodes": "HTTP status codes (MetaProtocol replies have none; "
+        "consecutive5xxErrors counts upstream Error replies)",
+    },
+)
+
+# -- MetaRouter (Aeraki, with this engine's timeout, fault and retries) ------------------------
+
+META_ROUTER = fields(
+    "hosts",
+    "routes",
+    "localRateLimit",
+    "gateways",
+    refused={"globalRateLimit": "global rate limiting"},
+    exportTo=_NAMESPACES,
+)
+#: The one ``gateways`` entry that means "this engine": Istio's name for the sidecars.
+MESH_GATEWAY = "mesh"
+ROUTE = fields(
+    "name",
+    "match",
+    "route",
+    "requestMutation",
+    "responseMutation",
+    "mirror",
+    "mirrorPercentage",
+    "timeout",
+    "fault",
+    "retries",
+    refused={
+        "localRateLimit": "a rate limit per route (set localRateLimit at spec level, as in Aeraki)",
+        "globalRateLimit": "global rate limiting",
+    },
+)
+ROUTE_DESTINATION = fields("destination", "weight")
+DESTINATION = fields("host", "subset", "port")
+PORT_SELECTOR = fields("number")
+MATCH = fields("attributes")
+KEY_VALUE = fields("key", "value")
+PERCENT = fields("value")
+FAULT = fields("delay", "abort")
+DELAY = fields("percentage", "fixedDelay")
+ABORT = fields("percentage", "errorType")
+RETRIES = fields("attempts", "perTryTimeout", "retryOn")
+LOCAL_RATE_LIMIT = fields("tokenBucket", "conditions")
+RATE_LIMIT_CONDITION = fields("match", "tokenBucket")
+TOKEN_BUCKET = fields("maxTokens", "tokensPerFill", "fillInterval")
+
+# -- ProxyConfig (this engine) -----------------------------------------------------------------
+
+PROXY_CONFIG = fields(
+    "listeners",
+    "admin",
+    "codecOptions",
+    "limits",
+    "overload",
+    "timeouts",
+    "accessLog",
+    "upstream",
+)
+LISTENER = fields("host", "port", "bind", "filters")
+FILTER = fields("name", "config")
+ADMIN = fields("bind", "allowRemote", "maxConnections", "requestTimeout")
+OVERLOAD = fields("maxBufferedBytes", "maxRssBytes")
+TIMEOUTS = fields("connect", "route", "drain", "idle", "frame", "write")
+ACCESS_LOG = fields("path")
+UPSTREAM = fields("connectionsPerEndpoint")
