@@ -1,7 +1,7 @@
 """The conformance kit: every rule of the codec contract as a named, reusable check.
 
 Filters have their harness here too (:mod:`.filters`: :class:`FilterHarness`,
-:func:`check_filter`).
+:func:`check_filter`, :class:`FilterConformance`).
 
 Two front ends share one set of checks: the pytest suite (:class:`CodecConformance`) and
 ``metaprotocol check CODEC``. Both build a :class:`CodecTarget` and call the runner.
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .filters import (
         FilterCheckError,
+        FilterConformance,
         FilterHarness,
         RequestOutcome,
         check_filter,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "FilterCheckError": "filters",
+    "FilterConformance": "filters",
     "FilterHarness": "filters",
     "RequestOutcome": "filters",
     "check_filter": "filters",
@@ -69,6 +71,7 @@ __all__ = [
     "CodecConformance",
     "CodecTarget",
     "FilterCheckError",
+    "FilterConformance",
     "FilterHarness",
     "GoldenFile",
     "KitSettings",

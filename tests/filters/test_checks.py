@@ -12,6 +12,7 @@ from metaprotocol_sdk.examples.audit_filter import AuditFilter
 from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.testing import (
     FilterCheckError,
+    FilterConformance,
     check_filter,
     check_ordinary_traffic,
     check_refuses_unknown_config,
@@ -191,3 +192,35 @@ def test_error_type_members_are_accepted() -> None:
             return None
 
     check_ordinary_traffic(Limits, max_examples=10)
+
+
+# -- the pytest front end ----------------------------------------------------------------------
+
+
+class TestAuditConformance(FilterConformance):
+    """What a filter author writes: the checks become tests of this class."""
+
+    filter = "metaprotocol_sdk.examples.audit_filter:AuditFilter"
+    config = {"required": ["method"]}
+    max_examples = EXAMPLES
+
+
+class SwallowingSuite(FilterConformance):
+    filter = SwallowsSettings
+
+
+class AssumingSuite(FilterConformance):
+    filter = AssumesMethod
+    max_examples = EXAMPLES
+
+
+def test_the_front_end_runs_each_check_on_its_filter() -> None:
+    assert TestAuditConformance.filter_class() is AuditFilter
+    with pytest.raises(FilterCheckError, match="accepted the unknown setting"):
+        SwallowingSuite().test_refuses_unknown_config()
+    SwallowingSuite().test_ordinary_traffic()  # nothing wrong with its traffic
+    AssumingSuite().test_refuses_unknown_config()
+    with pytest.raises(FilterCheckError, match="on_request raised KeyError"):
+        AssumingSuite().test_ordinary_traffic()
+    with pytest.raises(TypeError, match="set the class attribute 'filter'"):
+        FilterConformance.filter_class()

@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.testing import FilterConformance
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "filters.md"
 BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.S | re.M)
-PYTHON = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+PYTHON = re.compile(r"^ *```python\n(.*?)^ *```", re.S | re.M)
 
 # What the page's snippets refer to: greeter.example (subsets v1, v2) speaking the KV example
 # protocol on port 9000, with a listener. A snippet's document replaces the one of the same
@@ -91,12 +92,22 @@ def test_block_loads_with_a_mesh(block: str) -> None:
         assert config.proxy.listeners[0].filters
 
 
-def test_the_python_example_on_the_page_passes() -> None:
+def test_the_python_examples_on_the_page_pass() -> None:
     # The "Write a filter" block is the example module itself (a snippet include).
-    (code,) = [b for b in PYTHON.findall(PAGE.read_text("utf-8")) if "--8<--" not in b]
-    namespace: dict[str, Any] = {}
-    exec(compile(code, "docs/filters.md", "exec"), namespace)
-    tests = [f for name, f in namespace.items() if name.startswith("test_")]
-    assert len(tests) == 2
-    for test in tests:
-        test()
+    codes = [textwrap.dedent(b) for b in PYTHON.findall(PAGE.read_text("utf-8"))]
+    codes = [c for c in codes if "--8<--" not in c]
+    assert len(codes) == 2
+    ran = 0
+    for code in codes:
+        namespace: dict[str, Any] = {}
+        exec(compile(code, "docs/filters.md", "exec"), namespace)
+        for name, value in namespace.items():
+            if name.startswith("test_"):
+                value()
+                ran += 1
+            elif name.startswith("Test") and issubclass(value, FilterConformance):
+                suite = value()
+                suite.test_refuses_unknown_config()
+                suite.test_ordinary_traffic()
+                ran += 2
+    assert ran == 4
