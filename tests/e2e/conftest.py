@@ -140,8 +140,10 @@ def service_yaml(
     *,
     subsets: tuple[str, ...] = ("v1", "v2"),
     hash_header: str | None = None,
+    traffic_policy: str = "",
 ) -> str:
-    """ServiceEntry + DestinationRule for a service whose endpoints are labelled by version."""
+    """ServiceEntry + DestinationRule for a service whose endpoints are labelled by version;
+    ``traffic_policy`` is YAML flow mapping text for the rule's ``trafficPolicy``."""
     port_name = f"tcp-metaprotocol-{protocol}-{name}"
     eps = "".join(
         f"""
@@ -162,7 +164,7 @@ def service_yaml(
     loadBalancer:
       consistentHash: {{httpHeaderName: {hash_header}}}"""
         if hash_header
-        else ""
+        else (f"\n  trafficPolicy: {traffic_policy}" if traffic_policy else "")
     )
     return f"""
 apiVersion: networking.istio.io/v1beta1
@@ -234,6 +236,8 @@ class ApacheHeaderServer:
             trans, allowed_client_types=(THeaderClientType.HEADERS, THeaderClientType.FRAMED_BINARY)
         )
         self._processor = gen.Processor(self)
+        #: The info headers of every request served, in order (a mirror test reads them).
+        self.seen: list[dict[str, str]] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._conns: list[socket.socket] = []
@@ -274,6 +278,8 @@ class ApacheHeaderServer:
         try:
             while True:
                 self._processor.process(protocol, protocol)
+                read = protocol.trans.get_headers()
+                self.seen.append({k.decode(): v.decode() for k, v in read.items()})
         except Exception:  # the client went away
             pass
         finally:

@@ -1,0 +1,320 @@
+"""Traffic policies end to end with Thrift peers: thriftpy2 and Apache Thrift (THeader)
+clients and servers through the engine on 127.0.0.1 (fault injection, mirroring, local rate
+limit, retries, outlier detection)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from metaprotocol_sdk.demo.idl import hello, untyped
+from metaprotocol_sdk.demo.thrift_server import HelloServer
+
+FAULT, MIRROR, DEADM, RATE, REFILL, RETRY, OUTLIER = (
+    ("fault.thrift.pol", 9190),
+    ("mirror.thrift.pol", 9191),
+    ("deadmirror.thrift.pol", 9192),
+    ("rate.thrift.pol", 9193),
+    ("refill.thrift.pol", 9194),
+    ("retry.thrift.pol", 9195),
+    ("outlier.thrift.pol", 9196),
+)
+DELAY = 0.3  # the fault's fixedDelay, seconds
+TApplicationException = untyped("thriftpy2.thrift").TApplicationException
+
+
+def dest(svc: tuple[str, int], subset: str | None = None) -> str:
+    sub = f", subset: {subset}" if subset else ""
+    return f"\n        - destination: {{host: {svc[0]}, port: {{number: {svc[1]}}}{sub}}}"
+
+
+def route(name: str, dests: str, *, method: str | None = None, extra: str = "") -> str:
+    match = f"\n      match: {{attributes: {{method: {{exact: {method}}}}}}}" if method else ""
+    return f"\n    - name: {name}{match}{extra}\n      route:{dests}"
+
+
+def router(name: str, svc: tuple[str, int], routes: str, spec: str = "") -> str:
+    return f"""
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: MetaRouter
+metadata: {{name: {name}}}
+spec:
+  hosts: [{svc[0]}]{spec}
+  routes:{routes}
+---"""
+
+
+def broken_ping() -> str:
+    """A ``ping`` that fails: the server answers a Thrift exception (an Error status)."""
+    raise TApplicationException(TApplicationException.INTERNAL_ERROR, "broken on purpose")
+
+
+class Peers:
+    """The module's servers and the engine in front of them."""
+
+    def __init__(self, harness: ModuleType, apache: ModuleType, start_engine: Any) -> None:
+        self.harness = harness
+        self.apache = apache
+        self.v1 = HelloServer("v1").start()
+        self.primary = harness.ApacheHeaderServer(apache, "primary")
+        self.mirror = harness.ApacheHeaderServer(apache, "mirror")
+        self.a, self.b = HelloServer("a").start(), HelloServer("b").start()
+        self.good, self.flaky = HelloServer("good").start(), HelloServer("flaky").start()
+        svc = harness.service_yaml
+        one = {"v1": self.v1.port}
+        outlier = (
+            "{outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1s,"
+            " maxEjectionPercent: 100}}"
+        )
+        yaml = "".join(
+            [
+                harness.application_protocol_yaml("thrift"),
+                svc("fault", "thrift", *FAULT, one),
+                svc("mirror", "thrift", *MIRROR, {"v1": self.primary.port, "v2": self.mirror.port}),
+                svc("deadm", "thrift", *DEADM, {"v1": harness.closed_port()}),
+                svc("rate", "thrift", *RATE, one),
+                svc("refill", "thrift", *REFILL, one),
+                svc("retry", "thrift", *RETRY, {"a": self.a.port, "b": self.b.port}),
+                svc(
+                    "outlier",
+                    "thrift",
+                    *OUTLIER,
+                    {"good": self.good.port, "flaky": self.flaky.port},
+                    traffic_policy=outlier,
+                ),
+                router(
+                    "fault",
+                    FAULT,
+                    route(
+                        "abort",
+                        dest(FAULT),
+                        method="sayHello",
+                        extra="\n      fault: {abort: {errorType: OverLimit}}",
+                    )
+                    + route(
+                        "delay",
+                        dest(FAULT),
+                        method="ping",
+                        extra=f"\n      fault: {{delay: {{fixedDelay: {int(DELAY * 1000)}ms}}}}",
+                    )
+                    + route("rest", dest(FAULT)),
+                ),
+                router(
+                    "mirror",
+                    MIRROR,
+                    route(
+                        "to-dead-mirror",
+                        dest(MIRROR, "v1"),
+                        method="ping",
+                        extra=f"\n      mirror: {{host: {DEADM[0]}, port: {{number: {DEADM[1]}}}}}",
+                    )
+                    + route(
+                        "mirrored",
+                        dest(MIRROR, "v1"),
+                        extra="\n      requestMutation: [{key: x-mesh, value: metaprotocol}]"
+                        f"\n      mirror: {{host: {MIRROR[0]}, subset: v2,"
+                        f" port: {{number: {MIRROR[1]}}}}}",
+                    ),
+                ),
+                router(
+                    "rate",
+                    RATE,
+                    route("all", dest(RATE)),
+                    spec="\n  localRateLimit:"
+                    "\n    tokenBucket: {maxTokens: 5, tokensPerFill: 5, fillInterval: 1h}"
+                    "\n    conditions:"
+                    "\n      - match: {attributes: {method: {exact: sayHello}}}"
+                    "\n        tokenBucket: {maxTokens: 3, tokensPerFill: 3, fillInterval: 1h}",
+                ),
+                router(
+                    "refill",
+                    REFILL,
+                    route("all", dest(REFILL)),
+                    spec="\n  localRateLimit:"
+                    "\n    tokenBucket: {maxTokens: 1, tokensPerFill: 1, fillInterval: 100ms}",
+                ),
+                router(
+                    "retry",
+                    RETRY,
+                    route(
+                        "all",
+                        dest(RETRY),
+                        extra="\n      retries: {attempts: 2, retryOn: 'connect-failure,reset'}",
+                    ),
+                ),
+                router("outlier", OUTLIER, route("all", dest(OUTLIER))),
+                harness.proxy_yaml([FAULT, MIRROR, RATE, REFILL, RETRY, OUTLIER]),
+            ]
+        )
+        self.engine = start_engine(yaml)
+
+    def client(self, svc: tuple[str, int]) -> Any:
+        """A thriftpy2 client (framed, strict binary) to the engine's listener for ``svc``."""
+        return untyped("thriftpy2.rpc").make_client(
+            hello().Hello,
+            "127.0.0.1",
+            self.engine.port(*svc),
+            trans_factory=untyped("thriftpy2.transport").TFramedTransportFactory(),
+            timeout=5000,
+        )
+
+    def header_client(self, svc: tuple[str, int]) -> tuple[Any, Any]:
+        """An Apache Thrift THeader client and its transport (for info headers)."""
+        from thrift.protocol.THeaderProtocol import THeaderProtocol
+        from thrift.transport.THeaderTransport import THeaderClientType
+        from thrift.transport.TSocket import TSocket
+
+        sock = TSocket("127.0.0.1", self.engine.port(*svc))
+        sock.setTimeout(5000)
+        proto = THeaderProtocol(sock, allowed_client_types=(THeaderClientType.HEADERS,))
+        proto.trans.open()
+        return self.apache.Client(proto), proto.trans
+
+    def close(self) -> None:
+        for server in (self.v1, self.primary, self.mirror, self.a, self.b, self.good, self.flaky):
+            server.close()
+
+
+@pytest.fixture(scope="module")
+def peers(harness: ModuleType, apache_hello: ModuleType, start_engine: Any) -> Iterator[Peers]:
+    p = Peers(harness, apache_hello, start_engine)
+    yield p
+    p.close()
+
+
+def outcome(call: Any) -> str:
+    """The reply's version tag, or ``"error: <message>"`` for an application exception."""
+    try:
+        return str(call()).split(":", 1)[0]
+    except TApplicationException as exc:
+        return f"error: {exc.message}"
+
+
+def test_fault_abort_is_an_application_exception(peers: Peers) -> None:
+    client = peers.client(FAULT)
+    try:
+        for _ in range(3):  # every request of the route, and the connection survives
+            with pytest.raises(TApplicationException) as info:
+                client.sayHello("x")
+            assert "OverLimit" in info.value.message
+            assert "fault injected" in info.value.message
+        assert client.headers() == "{}"  # another route of the listener is served
+    finally:
+        client.close()
+    assert peers.v1.handler.requests == 1  # the aborted requests never reached the server
+    assert peers.engine.stat('metaprotocol_faults_total{listener="fault.thrift.pol:9190"') == 3
+
+
+def test_fault_delay_holds_each_call(peers: Peers) -> None:
+    client = peers.client(FAULT)
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            assert client.ping() == "v1: pong"
+            assert time.monotonic() - started >= DELAY
+    finally:
+        client.close()
+
+
+def test_mirror_receives_copies_with_the_mutation(peers: Peers) -> None:
+    engine = peers.engine
+    client, trans = peers.header_client(MIRROR)
+    try:
+        replies = []
+        for i in range(20):
+            trans.set_header(b"x-client", b"e2e")
+            replies.append(client.sayHello(f"m{i}"))
+    finally:
+        trans.close()
+    assert replies == [f"primary: hello m{i}" for i in range(20)]  # only the primary's replies
+    engine.wait_for(lambda: len(peers.mirror.seen) >= 20)
+    copies = peers.mirror.seen
+    assert len(copies) == 20
+    assert all(h.get("x-mesh") == "metaprotocol" and h.get("x-client") == "e2e" for h in copies)
+    assert all(h.get("x-mesh") == "metaprotocol" for h in peers.primary.seen)
+    ok = 'metaprotocol_mirror_total{listener="mirror.thrift.pol:9191",route="mirrored"'
+    engine.wait_for(lambda: engine.stat(ok) == 20)
+
+
+def test_dead_mirror_changes_nothing_for_the_client(peers: Peers) -> None:
+    engine = peers.engine
+    attempts = 'metaprotocol_mirror_total{listener="mirror.thrift.pol:9191",route="to-dead-mirror"'
+    client, trans = peers.header_client(MIRROR)
+    try:
+        for _ in range(10):
+            started = time.monotonic()
+            assert client.ping() == "primary: pong"
+            assert time.monotonic() - started < 1.0  # the connect timeout is 1 s
+    finally:
+        trans.close()
+    engine.wait_for(lambda: engine.stat(attempts) == 10)  # the copies were tried, and failed
+    snapshot = engine.loop_call(engine.engine.stats_snapshot)
+    statuses = {k.rsplit("status=", 1)[1] for k in snapshot if k.startswith(attempts)}
+    assert statuses <= {'"UpstreamConnectFailure"}', '"Dropped"}'}, statuses
+
+
+def test_local_rate_limit_lets_exactly_max_tokens_through(peers: Peers) -> None:
+    client = peers.client(RATE)
+    try:
+        pings = [outcome(client.ping) for _ in range(12)]
+        hellos = [outcome(lambda: client.sayHello("x")) for _ in range(8)]
+    finally:
+        client.close()
+    limited = "error: OverLimit"
+    assert [p for p in pings if not p.startswith(limited)] == ["v1"] * 5, pings
+    assert [h for h in hellos if not h.startswith(limited)] == ["v1"] * 3, hellos
+    assert len(pings) == 12 and len(hellos) == 8
+
+
+def test_local_rate_limit_refill_rate(peers: Peers) -> None:
+    """One token per 100 ms: over about a second of back-to-back calls, the calls let through
+    stay within the bucket's bound (at most 1 + elapsed/0.1) and near it."""
+    client = peers.client(REFILL)
+    allowed = 0
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:
+            allowed += outcome(client.ping) == "v1"
+        elapsed = time.monotonic() - started
+    finally:
+        client.close()
+    assert allowed <= 1 + elapsed / 0.1 + 1
+    assert allowed >= 0.5 * elapsed / 0.1
+
+
+def test_retry_lands_on_the_healthy_endpoint(peers: Peers) -> None:
+    client = peers.client(RETRY)
+    try:
+        assert {client.ping().split(":")[0] for _ in range(6)} == {"a", "b"}  # both in use
+        peers.a.close()  # kills endpoint a: its connection resets, new ones are refused
+        replies = [client.ping() for _ in range(20)]
+    finally:
+        client.close()
+    assert replies == ["b: pong"] * 20
+    assert peers.engine.stat('metaprotocol_retries_total{listener="retry.thrift.pol:9195"') >= 1
+
+
+def test_outlier_ejected_then_readmitted(peers: Peers) -> None:
+    engine = peers.engine
+    active = "metaprotocol_outlier_ejections_active"
+    client = peers.client(OUTLIER)
+    try:
+        assert {outcome(client.ping) for _ in range(4)} == {"good", "flaky"}
+        peers.flaky.handler.ping = broken_ping  # type: ignore[method-assign]
+        seen = [outcome(client.ping) for _ in range(6)]  # 3 errors in a row on flaky
+        ejected_at = time.monotonic()
+        assert seen.count("good") == 3, seen
+        assert engine.stat(active) == 1
+        assert [outcome(client.ping) for _ in range(20)] == ["good"] * 20  # flaky is skipped
+        del peers.flaky.handler.ping  # healthy again, but still ejected until readmitted
+        engine.wait_for(lambda: engine.stat(active) == 0, timeout=10)
+        assert time.monotonic() - ejected_at >= 0.9  # baseEjectionTime 1 s
+        after = [outcome(client.ping) for _ in range(10)]
+    finally:
+        client.close()
+    assert set(after) == {"good", "flaky"}, after  # readmitted
+    assert engine.stat("metaprotocol_outlier_ejections_total") == 1
