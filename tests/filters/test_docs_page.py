@@ -111,3 +111,27 @@ def test_the_python_examples_on_the_page_pass() -> None:
                 suite.test_ordinary_traffic()
                 ran += 2
     assert ran == 4
+
+
+def test_the_page_names_every_policy_field_the_loader_knows() -> None:
+    # A field added to (or refused by) the loader's tables must be described on the page.
+    from metaprotocol_sdk.proxy.config import fields as f
+
+    text = PAGE.read_text("utf-8")
+    tables = {
+        "localRateLimit": (f.LOCAL_RATE_LIMIT, f.RATE_LIMIT_CONDITION, f.TOKEN_BUCKET),
+        "fault": (f.FAULT, f.DELAY, f.ABORT),
+        "retries": (f.RETRIES,),
+        "connectionPool": (f.TCP_POOL, f.HTTP_POOL, f.TCP_KEEPALIVE),
+        "outlierDetection": (f.OUTLIER_DETECTION,),
+        "listener": (f.LISTENER, f.FILTER),
+    }
+    missing = [
+        f"{where}: {key}"
+        for where, group in tables.items()
+        for table in group
+        for key in sorted(table.honoured | set(table.refused))
+        if f"`{key}" not in text and f".{key}`" not in text and f"{key}:" not in text
+    ]
+    assert not missing, f"docs/filters.md does not mention: {missing}"
+    assert "mirrorPercentage" in text and "mirror:" in text
