@@ -1,9 +1,10 @@
-"""``metaprotocol new``: scaffold a codec package from the cookiecutter template.
+"""``metaprotocol new``: scaffold a codec (or, with ``--filter``, a filter) package.
 
-The template (``codec_template/`` next to this module, shipped in the SDK's wheel) generates
-a pip-installable codec package that passes the conformance kit and routes traffic in the
-engine on first run.
-Its hooks validate the answers; a rejected answer leaves no output behind.
+The templates (``codec_template/`` and ``filter_template/`` next to this module, shipped in the
+SDK's wheel) are cookiecutter templates. The codec package passes the conformance kit and
+routes traffic in the engine on first run; the filter package passes its own tests on the
+filter harness and runs in the engine by its entry-point name.
+Their hooks validate the answers; a rejected answer leaves no output behind.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ import click
 
 from ._output import fail
 
-#: Environment variable naming another template (a path or a git URL).
+#: Environment variable naming another codec template (a path or a git URL).
 TEMPLATE_ENV = "METAPROTOCOL_TEMPLATE"
+#: Environment variable naming another filter template (a path or a git URL).
+FILTER_TEMPLATE_ENV = "METAPROTOCOL_FILTER_TEMPLATE"
 LICENSES = ("Apache-2.0", "MIT", "BSD-3-Clause", "Proprietary")
 
 
-def default_template() -> Path:
-    """``$METAPROTOCOL_TEMPLATE`` if set, else the template shipped inside the SDK."""
-    configured = os.environ.get(TEMPLATE_ENV)
+def default_template(filter: bool = False) -> Path:
+    """``$METAPROTOCOL_TEMPLATE`` (``$METAPROTOCOL_FILTER_TEMPLATE`` for a filter) if set,
+    else the template shipped inside the SDK."""
+    configured = os.environ.get(FILTER_TEMPLATE_ENV if filter else TEMPLATE_ENV)
     if configured:
         return Path(configured)
-    return Path(__file__).resolve().parent / "codec_template"
+    return Path(__file__).resolve().parent / ("filter_template" if filter else "codec_template")
 
 
 def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -41,21 +45,31 @@ def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command("new")
-@click.argument("protocol", required=False)
+@click.argument("name", metavar="[NAME]", required=False)
+@click.option(
+    "--filter",
+    "is_filter",
+    is_flag=True,
+    help="Scaffold a filter package (NAME is the filter's name) instead of a codec.",
+)
 @click.option("--author", help="Author name.")
 @click.option("--email", "author_email", help="Author e-mail.")
 @click.option("--license", "licence", type=click.Choice(LICENSES), help="Licence.")
 @click.option(
-    "--package", "package_name", help="Python package (default: metaprotocol_<protocol>)."
+    "--package",
+    "package_name",
+    help="Python package (default: metaprotocol_<NAME>, or metaprotocol_filter_<NAME>).",
 )
 @click.option(
-    "--heartbeat/--no-heartbeat", default=None, help="Declare heartbeats (ping/pong frames)."
+    "--heartbeat/--no-heartbeat",
+    default=None,
+    help="Codec: declare heartbeats (ping/pong frames).",
 )
-@click.option("--oneway/--no-oneway", default=None, help="Declare one-way requests.")
+@click.option("--oneway/--no-oneway", default=None, help="Codec: declare one-way requests.")
 @click.option(
     "--rewrite-request-id/--no-rewrite-request-id",
     default=None,
-    help="Declare request-id rewriting (the engine multiplexes upstream connections).",
+    help="Codec: declare request-id rewriting (the engine multiplexes upstream connections).",
 )
 @click.option(
     "-x",
@@ -76,10 +90,14 @@ def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--template",
-    help=f"Template path or git URL (default: ${TEMPLATE_ENV}, else the SDK's own template).",
+    help=(
+        f"Template path or git URL (default: ${TEMPLATE_ENV}, or ${FILTER_TEMPLATE_ENV} with "
+        "--filter, else the SDK's own template)."
+    ),
 )
 def command(
-    protocol: str | None,
+    name: str | None,
+    is_filter: bool,
     author: str | None,
     author_email: str | None,
     licence: str | None,
@@ -92,12 +110,22 @@ def command(
     output_dir: Path,
     template: str | None,
 ) -> None:
-    """Scaffold a codec package for PROTOCOL (prompted for when not given).
+    """Scaffold a codec package for the protocol NAME, or with --filter a filter package for
+    the filter NAME (prompted for when not given).
 
     Without --no-input every answer is prompted for, with the given options as defaults.
-    The package passes the conformance kit and runs in the engine as generated; its README
-    says what to change first.
+    A codec package passes the conformance kit and runs in the engine as generated; a filter
+    package passes its tests on the filter harness and runs in the engine by its entry-point
+    name. Its README says what to change first.
     """
+    if is_filter:
+        for option, flag in (
+            ("--heartbeat/--no-heartbeat", heartbeat),
+            ("--oneway/--no-oneway", oneway),
+            ("--rewrite-request-id/--no-rewrite-request-id", rewrite_request_id),
+        ):
+            if flag is not None:
+                fail(f"{option} declares a codec capability; a filter package has none", 2)
     # cookiecutter ships no type information (and is imported only when this command runs).
     from cookiecutter.exceptions import (  # type: ignore[import-untyped]
         CookiecutterException,
@@ -111,7 +139,7 @@ def command(
 
     context: dict[str, Any] = {}
     for key, value in (
-        ("protocol_name", protocol),
+        ("filter_name" if is_filter else "protocol_name", name),
         ("author", author),
         ("author_email", author_email),
         ("license", licence),
@@ -123,7 +151,7 @@ def command(
         if value is not None:
             context[key] = value
     context.update(_extra(extra))
-    source = template or str(default_template())
+    source = template or str(default_template(is_filter))
     remote = "://" in source or source.startswith(("git@", "gh:", "gl:", "bb:"))
     local_dir = not remote and not source.endswith(".zip")
     if local_dir and not (Path(source) / "cookiecutter.json").is_file():
