@@ -1,0 +1,639 @@
+"""No configuration field is silently ignored (issue 15).
+
+Every known field of the five kinds is set, one at a time, on a small valid mesh, and the
+outcome checked against this table: honoured (loads, no warning, and where the model shows it,
+the value arrived), refused (a ConfigError naming the field and saying why) or warned (loads,
+one warning on ``metaprotocol.config`` naming the field). An unknown key in each kind and in
+each nested mapping the engine reads is refused, naming its path.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy.config import Config
+
+KV = "metaprotocol_sdk.examples.kv:KVCodec"
+AUDIT = "metaprotocol_sdk.examples.audit_filter:AuditFilter"
+PORT = "tcp-metaprotocol-kv-svc"
+
+
+def base() -> dict[str, dict[str, Any]]:
+    """A small valid mesh, one document per kind."""
+    return {
+        "ApplicationProtocol": {
+            "kind": "ApplicationProtocol",
+            "metadata": {"name": "kv"},
+            "spec": {"protocol": "kv", "codec": KV},
+        },
+        "ServiceEntry": {
+            "kind": "ServiceEntry",
+            "metadata": {"name": "svc"},
+            "spec": {
+                "hosts": ["svc.test"],
+                "ports": [{"number": 9000, "name": PORT, "protocol": "TCP"}],
+                "resolution": "STATIC",
+                "endpoints": [
+                    {"address": "127.0.0.1", "ports": {PORT: 19001}, "labels": {"version": "v1"}}
+                ],
+            },
+        },
+        "DestinationRule": {
+            "kind": "DestinationRule",
+            "metadata": {"name": "svc"},
+            "spec": {
+                "host": "svc.test",
+                "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}},
+                "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+            },
+        },
+        "MetaRouter": {
+            "kind": "MetaRouter",
+            "metadata": {"name": "svc"},
+            "spec": {
+                "hosts": ["svc.test"],
+                "routes": [
+                    {
+                        "name": "r0",
+                        "match": {"attributes": {"method": {"exact": "get"}}},
+                        "route": [
+                            {
+                                "destination": {
+                                    "host": "svc.test",
+                                    "subset": "v1",
+                                    "port": {"number": 9000},
+                                },
+                                "weight": 100,
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+        "ProxyConfig": {
+            "kind": "ProxyConfig",
+            "metadata": {"name": "engine"},
+            "spec": {"listeners": [{"host": "svc.test", "port": 9000, "bind": "127.0.0.1:0"}]},
+        },
+    }
+
+
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def with_fields(kind: str, *assignments: tuple[str, Any]) -> str:
+    """The base mesh as YAML, with each ``(path, value)`` (``spec.a[0].b``) of ``kind`` set."""
+    docs = base()
+    for path, value in assignments:
+        node: Any = docs[kind]
+        steps = [(name, int(index) if index else None) for name, index in _STEP.findall(path)]
+        for n, (name, index) in enumerate(steps):
+            key: Any = name if index is None else index
+            if n == len(steps) - 1:
+                node[key] = copy.deepcopy(value)
+            else:
+                node = node.setdefault(key, {}) if index is None else node[key]
+    return yaml.safe_dump_all(docs.values(), sort_keys=False)
+
+
+ROUTE = "spec.routes[0]"
+DEST = f"{ROUTE}.route[0].destination"
+POLICY = "spec.trafficPolicy"
+SUB_POLICY = "spec.subsets[0].trafficPolicy"
+BUCKET = {"maxTokens": 10, "tokensPerFill": 5, "fillInterval": "1s"}
+MIRROR = {"host": "svc.test", "subset": "v1", "port": {"number": 9000}}
+FAULT = {"delay": {"percentage": {"value": 50}, "fixedDelay": "1s"}}
+
+
+def _route(config: Config) -> Any:
+    return config.routers["svc.test"].routes[0]
+
+
+def _rule(config: Config) -> Any:
+    return config.destination_rules["svc.test"]
+
+
+def _endpoint(config: Config) -> Any:
+    return config.services["svc.test"].endpoints[0]
+
+
+Probe = Callable[[Config], object]
+
+#: (kind, field path, sample value, probe: what the model must then hold).
+HONOURED: list[tuple[str, str, Any, Probe | None]] = [
+    ("ApplicationProtocol", "apiVersion", "metaprotocol.aeraki.io/v1alpha1", None),
+    ("ApplicationProtocol", "spec.codec", KV, lambda c: c.protocols["kv"].codec_name == KV),
+    ("ApplicationProtocol", "spec.protocol", "kv", lambda c: "kv" in c.protocols),
+    ("ServiceEntry", "apiVersion", "networking.istio.io/v1", None),
+    (
+        "ServiceEntry",
+        "spec.hosts",
+        ["svc.test", "alias.test"],
+        lambda c: "alias.test" in c.services,
+    ),
+    ("ServiceEntry", "spec.resolution", "DNS", None),
+    ("ServiceEntry", "spec.ports[0].number", 9000, lambda c: 9000 in c.services["svc.test"].ports),
+    ("ServiceEntry", "spec.ports[0].name", PORT, None),
+    ("ServiceEntry", "spec.ports[0].protocol", "tcp", None),
+    (
+        "ServiceEntry",
+        "spec.ports[0].targetPort",
+        19009,
+        lambda c: c.services["svc.test"].ports[9000].target_port == 19009,
+    ),
+    ("ServiceEntry", "spec.endpoints[0].address", "::1", lambda c: _endpoint(c).address == "::1"),
+    ("ServiceEntry", "spec.endpoints[0].ports", {PORT: 19002}, lambda c: _endpoint(c).ports[PORT]),
+    ("ServiceEntry", "spec.endpoints[0].labels", {"version": "v1", "zone": "a"}, None),
+    ("DestinationRule", "apiVersion", "networking.istio.io/v1beta1", None),
+    ("DestinationRule", "spec.host", "svc.test", lambda c: "svc.test" in c.destination_rules),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.simple",
+        "RANDOM",
+        lambda c: _rule(c).load_balancer.policy == "RANDOM",
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer",
+        {"consistentHash": {"httpHeaderName": "user"}},
+        lambda c: _rule(c).load_balancer.hash_attribute == "user",
+    ),
+    *(
+        (
+            "DestinationRule",
+            f"{POLICY}.connectionPool.{path}",
+            value,
+            lambda c, attr=attr: getattr(_rule(c).policy.connection_pool, attr) is not None,
+        )
+        for path, value, attr in [
+            ("tcp.maxConnections", 10, "max_connections"),
+            ("tcp.connectTimeout", "2s", "connect_timeout"),
+            ("tcp.tcpKeepalive", {"probes": 3, "time": "60s", "interval": "5s"}, "keepalive"),
+            ("http.http1MaxPendingRequests", 10, "max_pending_requests"),
+            ("http.http2MaxRequests", 10, "max_requests"),
+            ("http.maxRequestsPerConnection", 10, "max_requests_per_connection"),
+            ("http.idleTimeout", "30s", "idle_timeout"),
+            ("http.maxRetries", 3, "max_retries"),
+        ]
+    ),
+    *(
+        (
+            "DestinationRule",
+            f"{POLICY}.outlierDetection.{key}",
+            value,
+            lambda c, attr=attr, want=want: (
+                getattr(_rule(c).policy.outlier_detection, attr) == want
+            ),
+        )
+        for key, value, attr, want in [
+            ("consecutiveGatewayErrors", 3, "consecutive_gateway_errors", 3),
+            ("consecutive5xxErrors", 4, "consecutive_errors", 4),
+            ("interval", "2s", "interval", 2.0),
+            ("baseEjectionTime", "7s", "base_ejection_time", 7.0),
+            ("maxEjectionPercent", 50, "max_ejection_percent", 50),
+            ("minHealthPercent", 20, "min_health_percent", 20),
+        ]
+    ),
+    ("DestinationRule", f"{POLICY}.tls", {"mode": "DISABLE"}, None),
+    ("DestinationRule", "spec.subsets[0].name", "v1", lambda c: "v1" in _rule(c).subsets),
+    ("DestinationRule", "spec.subsets[0].labels", {"version": "v1"}, None),
+    (
+        "DestinationRule",
+        f"{SUB_POLICY}.loadBalancer.simple",
+        "LEAST_REQUEST",
+        lambda c: _rule(c).subsets["v1"].policy.load_balancer.policy == "LEAST_REQUEST",
+    ),
+    (
+        "DestinationRule",
+        f"{SUB_POLICY}.outlierDetection.consecutive5xxErrors",
+        2,
+        lambda c: _rule(c).subsets["v1"].policy.outlier_detection.consecutive_errors == 2,
+    ),
+    ("MetaRouter", "apiVersion", "metaprotocol.aeraki.io/v1alpha1", None),
+    ("MetaRouter", "spec.hosts", ["svc.test"], None),
+    ("MetaRouter", "spec.gateways", ["mesh"], None),
+    (
+        "MetaRouter",
+        "spec.localRateLimit",
+        {
+            "tokenBucket": BUCKET,
+            "conditions": [{"match": {"attributes": {"a": {}}}, "tokenBucket": BUCKET}],
+        },
+        lambda c: c.routers["svc.test"].local_rate_limit.conditions[0].bucket.max_tokens == 10,
+    ),
+    ("MetaRouter", f"{ROUTE}.name", "named", lambda c: _route(c).name == "named"),
+    (
+        "MetaRouter",
+        f"{ROUTE}.match",
+        {"attributes": {"m": {"prefix": "g"}}},
+        lambda c: _route(c).match[0].kind == "prefix",
+    ),
+    ("MetaRouter", f"{ROUTE}.route[0].weight", 100, None),
+    (
+        "MetaRouter",
+        f"{DEST}.host",
+        "svc.test",
+        lambda c: _route(c).destinations[0].host == "svc.test",
+    ),
+    ("MetaRouter", f"{DEST}.subset", "v1", lambda c: _route(c).destinations[0].subset == "v1"),
+    ("MetaRouter", f"{DEST}.port.number", 9000, lambda c: _route(c).destinations[0].port == 9000),
+    (
+        "MetaRouter",
+        f"{ROUTE}.requestMutation",
+        [{"key": "k", "value": "v"}],
+        lambda c: _route(c).request_mutation == {"k": "v"},
+    ),
+    (
+        "MetaRouter",
+        f"{ROUTE}.responseMutation",
+        [{"key": "k", "value": "v"}],
+        lambda c: _route(c).response_mutation == {"k": "v"},
+    ),
+    ("MetaRouter", f"{ROUTE}.mirror", MIRROR, lambda c: _route(c).mirror.percent == 100.0),
+    (
+        "MetaRouter",
+        f"{ROUTE}.mirrorPercentage",
+        {"value": 5},
+        lambda c: _route(c).mirror.percent == 5.0,
+    ),
+    ("MetaRouter", f"{ROUTE}.timeout", "2s", lambda c: _route(c).timeout == 2.0),
+    ("MetaRouter", f"{ROUTE}.fault", FAULT, lambda c: _route(c).fault.delay == 1.0),
+    (
+        "MetaRouter",
+        f"{ROUTE}.fault",
+        {"abort": {"percentage": {"value": 10}, "errorType": "OverLimit"}},
+        lambda c: _route(c).fault.abort_percent == 10.0,
+    ),
+    (
+        "MetaRouter",
+        f"{ROUTE}.retries",
+        {"attempts": 2, "perTryTimeout": "1s", "retryOn": "reset,timeout"},
+        lambda c: _route(c).retries.retry_on == {"reset", "timeout"},
+    ),
+    ("ProxyConfig", "apiVersion", "proxy.metaprotocol.io/v1alpha1", None),
+    (
+        "ProxyConfig",
+        "spec.listeners[0].filters",
+        [{"name": AUDIT, "config": {"auditor": "me"}}],
+        lambda c: c.proxy.listeners[0].filters[0].config == {"auditor": "me"},
+    ),
+    (
+        "ProxyConfig",
+        "spec.admin",
+        {"bind": "127.0.0.1:0", "allowRemote": False, "maxConnections": 3, "requestTimeout": "2s"},
+        lambda c: c.proxy.admin.max_connections == 3,
+    ),
+    (
+        "ProxyConfig",
+        "spec.codecOptions",
+        {"kv": {"max_frame_size": 4096}},
+        lambda c: c.protocols["kv"].options == {"max_frame_size": 4096},
+    ),
+    (
+        "ProxyConfig",
+        "spec.limits",
+        {
+            "maxConnections": 5,
+            "maxPendingRequests": 6,
+            "maxPendingRequestsPerConnection": 7,
+            "connectionBufferBytes": 2048,
+            "connectionBufferMaxBytes": 4096,
+        },
+        lambda c: c.proxy.limits.max_pending_requests_per_connection == 7,
+    ),
+    (
+        "ProxyConfig",
+        "spec.overload",
+        {"maxBufferedBytes": 2 << 20, "maxRssBytes": 64 << 20},
+        lambda c: c.proxy.overload.max_rss_bytes == 64 << 20,
+    ),
+    (
+        "ProxyConfig",
+        "spec.timeouts",
+        {"connect": "1s", "route": "2s", "drain": "3s", "idle": "4s", "frame": "5s", "write": "6s"},
+        lambda c: c.proxy.timeouts.write == 6.0,
+    ),
+    ("ProxyConfig", "spec.accessLog", {"path": "-"}, lambda c: c.proxy.access_log == "-"),
+    (
+        "ProxyConfig",
+        "spec.upstream",
+        {"connectionsPerEndpoint": 2},
+        lambda c: c.proxy.connections_per_endpoint == 2,
+    ),
+]
+
+#: (kind, field path, sample value): refused as "not supported by this engine", naming the path.
+REFUSED: list[tuple[str, str, Any]] = [
+    ("ServiceEntry", "spec.workloadSelector", {"labels": {"app": "svc"}}),
+    ("ServiceEntry", "spec.endpoints[0].network", "net-2"),
+    ("ServiceEntry", "spec.endpoints[0].locality", "us-east/a"),
+    ("ServiceEntry", "spec.endpoints[0].weight", 3),
+    ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
+    ("DestinationRule", f"{POLICY}.portLevelSettings", [{"port": {"number": 9000}}]),
+    ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
+    ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
+    ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
+    ("DestinationRule", f"{SUB_POLICY}.portLevelSettings", [{"port": {"number": 9000}}]),
+    *(
+        ("DestinationRule", f"{POLICY}.tls.{key}", value)
+        for key, value in [
+            ("clientCertificate", "/c.pem"),
+            ("privateKey", "/k.pem"),
+            ("caCertificates", "/ca.pem"),
+            ("credentialName", "cred"),
+            ("subjectAltNames", ["svc"]),
+            ("sni", "svc.test"),
+            ("insecureSkipVerify", True),
+            ("caCrl", "/crl.pem"),
+        ]
+    ),
+    *(
+        ("DestinationRule", f"{POLICY}.loadBalancer.{key}", value)
+        for key, value in [
+            ("localityLbSetting", {"enabled": True}),
+            ("zoneAwareLbSetting", {"enabled": True}),
+            ("warmupDurationSecs", "60s"),
+            ("warmup", {"duration": "60s"}),
+        ]
+    ),
+    *(
+        ("DestinationRule", f"{POLICY}.loadBalancer.consistentHash.{key}", value)
+        for key, value in [
+            ("httpCookie", {"name": "c", "ttl": "0s"}),
+            ("useSourceIp", True),
+            ("httpQueryParameterName", "q"),
+            ("ringHash", {"minimumRingSize": 1024}),
+            ("maglev", {"tableSize": 1021}),
+            ("minimumRingSize", 1024),
+        ]
+    ),
+    ("DestinationRule", f"{POLICY}.connectionPool.tcp.maxConnectionDuration", "1h"),
+    ("DestinationRule", f"{POLICY}.connectionPool.tcp.idleTimeout", "1h"),
+    ("DestinationRule", f"{POLICY}.connectionPool.http.maxConcurrentStreams", 10),
+    ("DestinationRule", f"{POLICY}.connectionPool.http.h2UpgradePolicy", "UPGRADE"),
+    ("DestinationRule", f"{POLICY}.connectionPool.http.useClientProtocol", True),
+    ("DestinationRule", f"{POLICY}.connectionPool.http.http2KeepAlive", {"interval": "5s"}),
+    ("DestinationRule", f"{POLICY}.outlierDetection.consecutiveErrors", 5),
+    ("DestinationRule", f"{POLICY}.outlierDetection.splitExternalLocalOriginErrors", True),
+    ("DestinationRule", f"{POLICY}.outlierDetection.consecutiveLocalOriginFailures", 3),
+    ("DestinationRule", f"{POLICY}.outlierDetection.outlierDetectionHttpErrorCodes", [503]),
+    ("MetaRouter", "spec.globalRateLimit", {"domain": "d", "rateLimitService": "rls"}),
+    ("MetaRouter", f"{ROUTE}.localRateLimit", {"tokenBucket": BUCKET}),
+    ("MetaRouter", f"{ROUTE}.globalRateLimit", {"domain": "d"}),
+]
+
+#: Refused values of honoured fields: (kind, field path, value, error field, words of the reason).
+REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
+    (
+        "DestinationRule",
+        f"{POLICY}.tls.mode",
+        "ISTIO_MUTUAL",
+        f"{POLICY}.tls.mode",
+        "not supported",
+    ),
+    (
+        "DestinationRule",
+        f"{SUB_POLICY}.tls.mode",
+        "SIMPLE",
+        f"{SUB_POLICY}.tls.mode",
+        "only DISABLE",
+    ),
+    ("MetaRouter", "spec.gateways", ["istio-system/gw"], "spec.gateways[0]", "not supported"),
+    ("ServiceEntry", "spec.resolution", "NONE", "spec.resolution", "not supported"),
+    ("ServiceEntry", "spec.resolution", "DNS_ROUND_ROBIN", "spec.resolution", "not supported"),
+    ("ServiceEntry", "spec.location", "ELSEWHERE", "spec.location", "MESH_EXTERNAL or"),
+    ("ServiceEntry", "spec.ports[0].protocol", "HTTP", "spec.ports[0].protocol", "carries TCP"),
+    ("ServiceEntry", "spec.endpoints", [], "spec.endpoints", "resolution DNS without endpoints"),
+    ("ServiceEntry", "apiVersion", "networking.istio.io/v2", "apiVersion", "published as"),
+    ("MetaRouter", "apiVersion", "networking.istio.io/v1", "apiVersion", "published as"),
+]
+
+#: (kind, field path, sample value): accepted, and one warning names the path.
+WARNED: list[tuple[str, str, Any]] = [
+    *(
+        (kind, f"metadata.{key}", value)
+        for kind in (
+            "ApplicationProtocol",
+            "ServiceEntry",
+            "DestinationRule",
+            "MetaRouter",
+            "ProxyConfig",
+        )
+        for key, value in [
+            ("namespace", "istio-system"),
+            ("labels", {"app": "svc"}),
+            ("annotations", {"note": "x"}),
+        ]
+    ),
+    *(
+        ("ServiceEntry", f"metadata.{key}", value)
+        for key, value in [
+            ("uid", "1234"),
+            ("resourceVersion", "7"),
+            ("generation", 2),
+            ("creationTimestamp", "2026-01-01T00:00:00Z"),
+            ("managedFields", [{"manager": "kubectl"}]),
+            ("ownerReferences", [{"kind": "X", "name": "y"}]),
+            ("finalizers", ["f"]),
+        ]
+    ),
+    ("MetaRouter", "status", {"conditions": []}),
+    ("ServiceEntry", "spec.exportTo", ["."]),
+    ("ServiceEntry", "spec.addresses", ["10.0.0.1"]),
+    ("ServiceEntry", "spec.location", "MESH_INTERNAL"),
+    ("ServiceEntry", "spec.subjectAltNames", ["spiffe://cluster.local/ns/a/sa/b"]),
+    ("ServiceEntry", "spec.endpoints[0].serviceAccount", "svc"),
+    ("DestinationRule", "spec.exportTo", ["*"]),
+    ("MetaRouter", "spec.exportTo", ["."]),
+    ("DestinationRule", "spec.x-shared", {"version": "v1"}),
+]
+
+KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
+LRL = "spec.localRateLimit"
+CONDITIONS = {"conditions": [{"match": {}, "tokenBucket": BUCKET}]}
+
+#: (kind, path of a mapping, what to set first so that it exists and is valid, or None): the
+#: mapping with an unknown key is refused, naming the key's path.
+MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
+    *((kind, "", None) for kind in KINDS),
+    *((kind, "metadata", None) for kind in KINDS),
+    *((kind, "spec", None) for kind in KINDS),
+    ("ServiceEntry", "spec.ports[0]", None),
+    ("ServiceEntry", "spec.endpoints[0]", None),
+    ("DestinationRule", POLICY, None),
+    ("DestinationRule", f"{POLICY}.loadBalancer", None),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.consistentHash",
+        (f"{POLICY}.loadBalancer", {"consistentHash": {"httpHeaderName": "u"}}),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.connectionPool.tcp.tcpKeepalive",
+        (f"{POLICY}.connectionPool", {"tcp": {"tcpKeepalive": {"probes": 1}}}),
+    ),
+    ("DestinationRule", f"{POLICY}.connectionPool", (f"{POLICY}.connectionPool", {})),
+    ("DestinationRule", f"{POLICY}.connectionPool.tcp", (f"{POLICY}.connectionPool", {"tcp": {}})),
+    (
+        "DestinationRule",
+        f"{POLICY}.connectionPool.http",
+        (f"{POLICY}.connectionPool", {"http": {}}),
+    ),
+    ("DestinationRule", f"{POLICY}.outlierDetection", (f"{POLICY}.outlierDetection", {})),
+    ("DestinationRule", f"{POLICY}.tls", (f"{POLICY}.tls", {"mode": "DISABLE"})),
+    ("DestinationRule", "spec.subsets[0]", None),
+    ("DestinationRule", SUB_POLICY, (SUB_POLICY, {})),
+    ("DestinationRule", f"{SUB_POLICY}.loadBalancer", (SUB_POLICY, {"loadBalancer": {}})),
+    ("DestinationRule", f"{SUB_POLICY}.outlierDetection", (SUB_POLICY, {"outlierDetection": {}})),
+    ("MetaRouter", ROUTE, None),
+    ("MetaRouter", f"{ROUTE}.match", None),
+    ("MetaRouter", f"{ROUTE}.route[0]", None),
+    ("MetaRouter", DEST, None),
+    ("MetaRouter", f"{DEST}.port", None),
+    (
+        "MetaRouter",
+        f"{ROUTE}.requestMutation[0]",
+        (f"{ROUTE}.requestMutation", [{"key": "k", "value": "v"}]),
+    ),
+    (
+        "MetaRouter",
+        f"{ROUTE}.responseMutation[0]",
+        (f"{ROUTE}.responseMutation", [{"key": "k", "value": "v"}]),
+    ),
+    ("MetaRouter", f"{ROUTE}.mirror", (f"{ROUTE}.mirror", MIRROR)),
+    ("MetaRouter", f"{ROUTE}.mirror.port", (f"{ROUTE}.mirror", MIRROR)),
+    ("MetaRouter", f"{ROUTE}.mirrorPercentage", (f"{ROUTE}.mirror", MIRROR)),
+    ("MetaRouter", f"{ROUTE}.fault", (f"{ROUTE}.fault", FAULT)),
+    ("MetaRouter", f"{ROUTE}.fault.delay", (f"{ROUTE}.fault", FAULT)),
+    ("MetaRouter", f"{ROUTE}.fault.delay.percentage", (f"{ROUTE}.fault", FAULT)),
+    (
+        "MetaRouter",
+        f"{ROUTE}.fault.abort",
+        (f"{ROUTE}.fault", {"abort": {"errorType": "OverLimit"}}),
+    ),
+    ("MetaRouter", f"{ROUTE}.retries", (f"{ROUTE}.retries", {"attempts": 1})),
+    ("MetaRouter", LRL, (LRL, {"tokenBucket": BUCKET})),
+    ("MetaRouter", f"{LRL}.tokenBucket", (LRL, {"tokenBucket": BUCKET})),
+    ("MetaRouter", f"{LRL}.conditions[0]", (LRL, CONDITIONS)),
+    ("MetaRouter", f"{LRL}.conditions[0].match", (LRL, CONDITIONS)),
+    ("MetaRouter", f"{LRL}.conditions[0].tokenBucket", (LRL, CONDITIONS)),
+    ("ProxyConfig", "spec.listeners[0]", None),
+    (
+        "ProxyConfig",
+        "spec.listeners[0].filters[0]",
+        ("spec.listeners[0].filters", [{"name": AUDIT}]),
+    ),
+    ("ProxyConfig", "spec.admin", ("spec.admin", {"bind": "127.0.0.1:0"})),
+    ("ProxyConfig", "spec.limits", ("spec.limits", {})),
+    ("ProxyConfig", "spec.overload", ("spec.overload", {})),
+    ("ProxyConfig", "spec.timeouts", ("spec.timeouts", {})),
+    ("ProxyConfig", "spec.accessLog", ("spec.accessLog", {"path": "-"})),
+    ("ProxyConfig", "spec.upstream", ("spec.upstream", {})),
+]
+
+HASHING = f"{POLICY}.loadBalancer.consistentHash"
+#: Fields that need another one set first (a path prefix, what to set).
+NEEDS = {
+    f"{ROUTE}.mirrorPercentage": (f"{ROUTE}.mirror", MIRROR),
+    f"{HASHING}.": (f"{POLICY}.loadBalancer", {"consistentHash": {"httpHeaderName": "u"}}),
+}
+
+
+def load(kind: str, path: str, value: Any) -> Config:
+    setup = [needs for prefix, needs in NEEDS.items() if path.startswith(prefix)]
+    return loads_config(with_fields(kind, *setup, (path, value)), "fields.yaml")
+
+
+def config_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "metaprotocol.config"]
+
+
+def test_the_base_mesh_loads_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(with_fields("ProxyConfig"), "fields.yaml")
+    assert config_warnings(caplog) == []
+
+
+@pytest.mark.parametrize(("kind", "path", "value", "probe"), HONOURED, ids=lambda v: str(v)[:60])
+def test_honoured_field(
+    kind: str, path: str, value: Any, probe: Probe | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        config = load(kind, path, value)
+    assert config_warnings(caplog) == []
+    if probe is not None:
+        assert probe(config), f"{kind} {path}: the value did not reach the model"
+
+
+@pytest.mark.parametrize(("kind", "path", "value"), REFUSED, ids=lambda v: str(v)[:60])
+def test_refused_field(kind: str, path: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(kind, path, value)
+    assert caught.value.field == path
+    assert caught.value.reason.startswith("not supported by this engine: "), caught.value.reason
+    assert f", {kind}/" in (caught.value.source or "")
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "field", "words"), REFUSED_VALUES, ids=lambda v: str(v)[:60]
+)
+def test_refused_value(kind: str, path: str, value: Any, field: str, words: str) -> None:
+    setup = [("spec.resolution", "DNS")] if path == "spec.endpoints" else []
+    with pytest.raises(ConfigError) as caught:
+        loads_config(with_fields(kind, *setup, (path, value)), "fields.yaml")
+    assert caught.value.field == field
+    assert words in caught.value.reason
+
+
+@pytest.mark.parametrize(("kind", "path", "value"), WARNED, ids=lambda v: str(v)[:60])
+def test_warned_field(kind: str, path: str, value: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        load(kind, path, value)
+    (warning,) = config_warnings(caplog)
+    assert f", {kind}/" in warning
+    assert f": {path}: accepted and ignored: " in warning
+
+
+@pytest.mark.parametrize(("kind", "path", "setup"), MAPPINGS, ids=lambda v: str(v)[:60])
+def test_unknown_field_is_refused(kind: str, path: str, setup: tuple[str, Any] | None) -> None:
+    field = f"{path}.bogusField" if path else "bogusField"
+    with pytest.raises(ConfigError) as caught:
+        loads_config(with_fields(kind, *([setup] if setup else []), (field, 1)), "fields.yaml")
+    assert caught.value.field == field
+    assert caught.value.reason.startswith("unknown field; expected one of "), caught.value.reason
+
+
+def test_a_warning_is_logged_once_per_field_and_document(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    endpoint = {"address": "127.0.0.1", "serviceAccount": "sa", "labels": {"version": "v1"}}
+    text = (
+        with_fields(
+            "ServiceEntry",
+            ("spec.endpoints", [endpoint, endpoint, endpoint]),
+            ("metadata.namespace", "a"),
+        )
+        + "---\n"
+        + yaml.safe_dump(
+            {
+                **base()["ApplicationProtocol"],
+                "metadata": {"name": "kv2", "namespace": "a"},
+                "spec": {"protocol": "kv2", "codec": KV},
+            }
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(text, "fields.yaml")
+    warnings = config_warnings(caplog)
+    assert len(warnings) == 3, warnings
+    assert sum("spec.endpoints[0].serviceAccount" in w for w in warnings) == 1
+    assert sum("metadata.namespace" in w for w in warnings) == 2  # one in each document
