@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from bisect import bisect_left
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -14,7 +15,8 @@ from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from .router import CompiledRoute, RouteTable, Target
-from .stats import Counter
+from .stats import DURATION_BUCKETS_MS, Counter
+from .telemetry import RESPONSE_FLAGS
 from .upstream import Cluster, Pending, UpstreamConnection, UpstreamHost, append_encoded
 
 if TYPE_CHECKING:
@@ -528,7 +530,9 @@ class Downstream(asyncio.Protocol):
                 return
             if context.reply is not None:
                 reply = context.reply
-                self.local_reply(message, reply.error, reply.message or f.name, route)
+                flags = RESPONSE_FLAGS.get(f.name)
+                text = reply.message or f.name
+                self.local_reply(message, reply.error, text, route, None, None, None, flags)
                 return
             if waiting is not None:
                 self._hold(message, route, context, i + 1, waiting)
@@ -874,18 +878,49 @@ class Downstream(asyncio.Protocol):
                 attributes if route.decode_replies else None,
                 ErrorType.BadResponse if status is None else None,
             )
+        elapsed = self.engine.loop.time() - p.start
+        ms = elapsed * 1000.0
+        slot = bisect_left(DURATION_BUCKETS_MS, ms)  # once, for both duration histograms
+        target = p.target
+        durations = target.duration or target.durations()
+        durations.counts[slot] += 1
+        durations.sum += ms
+        telemetry = target.telemetry
+        if telemetry is not None:
+            series = telemetry.ok.get(p.host) if status_name == "Ok" else None
+            if series is None:
+                series = telemetry.series(p.host, p.host.labels, status_name)
+            series.record_at(slot, ms, p.size, size)
         log = self.engine.access_log
         if log is not None:
             log.log(
                 self.listener.name,
                 p.route.name,
-                p.target.name,
+                target.name,
                 status_name,
-                self.engine.loop.time() - p.start,
+                elapsed,
                 p.request.request_id,
                 p.request.message_type.name,
                 p.host.key,
             )
+
+    def _observe_local(
+        self,
+        target: Target,
+        outcome: str,
+        elapsed: float,
+        request: Metadata,
+        reply_size: int,
+        flags: str | None,
+        host: UpstreamHost | None,
+    ) -> None:
+        """Durations and Istio's series for an answer the engine gave (or could not give)."""
+        target.observe(elapsed * 1000.0)
+        telemetry = target.telemetry
+        if telemetry is not None:
+            labels = None if host is None else host.labels
+            series = telemetry.series(host, labels, outcome, flags)
+            series.record(elapsed * 1000.0, len(request.frame), reply_size)
 
     def _overflows(self, size: int) -> str | None:
         """Why a reply of ``size`` must close this client instead of being queued: it would
@@ -933,10 +968,12 @@ class Downstream(asyncio.Protocol):
         self._settle(p)
         if self.closed:  # the client left first, or was closed: nothing to answer
             p.target.count("DownstreamClosed")
+            elapsed = self.engine.loop.time() - p.start
+            self._observe_local(p.target, "DownstreamClosed", elapsed, p.request, 0, None, p.host)
             if self.draining and self.inflight == 0:
                 self.close()
             return
-        self.local_reply(p.request, error, message, p.route, p.target, p.start, p.host.key)
+        self.local_reply(p.request, error, message, p.route, p.target, p.start, p.host)
         if self.draining and self.inflight == 0:
             self.close()
 
@@ -954,19 +991,25 @@ class Downstream(asyncio.Protocol):
         route: CompiledRoute | None = None,
         target: Target | None = None,
         start: float | None = None,
-        upstream: str = "",
+        host: UpstreamHost | None = None,
+        flags: str | None = None,
     ) -> None:
-        """Send the codec's error reply for ``request`` and count it."""
+        """Send the codec's error reply for ``request`` and count it (``flags``: Istio's
+        ``response_flags`` when not the error type's own, e.g. a rate limit's ``RL``)."""
         listener = self.listener
         if target is None:
             target = listener._unrouted if route is None else route.local
         transport = self.transport
+        elapsed = 0.0 if start is None else self.engine.loop.time() - start
         if transport is None or self.closed:
             target.count("DownstreamClosed")
+            self._observe_local(target, "DownstreamClosed", elapsed, request, 0, None, host)
             return
         listener.count_local(error)
         target.count(error.name)
-        transport.write(self.codec.on_error(request, LocalError(error, message)))
+        reply = self.codec.on_error(request, LocalError(error, message))
+        transport.write(reply)
+        self._observe_local(target, error.name, elapsed, request, len(reply), flags, host)
         if route is not None and route.response_filters:
             self._respond(route, request, ResponseStatus.Error, None, error)
         log = self.engine.access_log
@@ -976,10 +1019,10 @@ class Downstream(asyncio.Protocol):
                 route.name if route else "",
                 target.name if target else "",
                 error.name,
-                0.0 if start is None else self.engine.loop.time() - start,
+                elapsed,
                 request.request_id,
                 request.message_type.name,
-                upstream,
+                "" if host is None else host.key,
             )
 
     def _refuse(self, exc: CodecError, error: ErrorType, close: bool) -> None:

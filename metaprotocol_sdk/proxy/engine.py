@@ -24,6 +24,7 @@ from .mirror import MirrorSink
 from .policies import FaultAbort, FaultDelay, LocalRateLimiter
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .stats import Counter, Stats
+from .telemetry import IstioTelemetry, TargetTelemetry
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 
 log = logging.getLogger("metaprotocol.proxy")
@@ -113,6 +114,13 @@ class Engine:
         self._pending_gauge = self.stats.gauge("metaprotocol_requests_pending")
         #: Where mirrored requests' replies go (counted, dropped).
         self.mirror_sink = MirrorSink(self.stats)
+        telemetry = settings.telemetry
+        #: Istio's standard metrics (``None`` when ``telemetry.istioMetrics`` is false).
+        self.istio = (
+            IstioTelemetry(self.stats, telemetry.workload, telemetry.reporter)
+            if telemetry.istio_metrics
+            else None
+        )
         #: The event loop the engine runs on (set by :meth:`start`).
         self.loop: asyncio.AbstractEventLoop
         #: Request timeouts (created by :meth:`start`, on the running loop).
@@ -143,7 +151,7 @@ class Engine:
             policy = sub.load_balancer or policy
             traffic = sub.policy
         hosts = [
-            UpstreamHost(ep.address, ep.port_for(sport))
+            UpstreamHost(ep.address, ep.port_for(sport), ep.labels)
             for ep in service.endpoints
             if labels.items() <= ep.labels.items()
         ]
@@ -169,7 +177,19 @@ class Engine:
             cluster = self._cluster(dest.host, port, dest.subset)
         name = cluster_name(dest.host, port, dest.subset)
         weight = dest.weight if weight is None else weight
-        return Target(name, cluster, weight, self.stats, listener.name, route)
+        target = Target(name, cluster, weight, self.stats, listener.name, route)
+        target.telemetry = self.target_telemetry(dest.host, listener)
+        return target
+
+    def target_telemetry(self, host: str, listener: Listener) -> TargetTelemetry | None:
+        """Istio's series for requests to ``host`` through ``listener`` (``None``: off)."""
+        if self.istio is None:
+            return None
+        service = self.config.services.get(host)
+        protocol = self.config.protocol_of(listener.host, listener.port).name
+        return TargetTelemetry(
+            self.istio, protocol, host, service.namespace if service else "unknown"
+        )
 
     def _build_listener(self, listener: Listener) -> ListenerRuntime:
         config = self.config
@@ -200,9 +220,11 @@ class Engine:
                     self._compile_route(route, listener, targets, timeout, chain, limiter)
                 )
         protocol = config.protocol_of(listener.host, listener.port)
-        return ListenerRuntime(
+        runtime = ListenerRuntime(
             self, listener.name, protocol.codec_class, RouteTable(routes), dict(protocol.options)
         )
+        runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener)
+        return runtime
 
     def _compile_route(
         self,
@@ -244,6 +266,8 @@ class Engine:
             retries=route.retries,
         )
         compiled.local = Target("", None, 0, self.stats, listener.name, route.name)
+        first = route.destinations[0].host if route.destinations else listener.host
+        compiled.local.telemetry = self.target_telemetry(first, listener)
         return compiled
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -456,7 +480,7 @@ class Engine:
         self._buffered_gauge.value = self.buffered
         self._overloaded_gauge.value = int(self.overloaded())
 
-    def stats_snapshot(self) -> dict[str, int]:
+    def stats_snapshot(self) -> dict[str, float]:
         """Every stats series as ``{'name{labels}': value}`` (gauges refreshed)."""
         self._refresh_gauges()
         return self.stats.snapshot()

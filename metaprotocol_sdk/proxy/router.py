@@ -16,7 +16,8 @@ from metaprotocol_sdk.metadata import Attributes
 
 from .config.models import Retries
 from .matcher import Matcher
-from .stats import Counter, Stats
+from .stats import DURATION_BUCKETS_MS, Counter, Histogram, Stats
+from .telemetry import TargetTelemetry
 
 if TYPE_CHECKING:
     from .upstream import Cluster
@@ -28,7 +29,17 @@ SCHEDULE_LIMIT = 1000
 class Target:
     """One weighted destination of a route, with its stats series."""
 
-    __slots__ = ("_by_status", "_labels", "_stats", "cluster", "name", "responses", "weight")
+    __slots__ = (
+        "_by_status",
+        "_labels",
+        "_stats",
+        "cluster",
+        "duration",
+        "name",
+        "responses",
+        "telemetry",
+        "weight",
+    )
 
     def __init__(
         self,
@@ -48,6 +59,23 @@ class Target:
         #: Counters of answered requests by ``ResponseStatus`` value, made on first use
         #: (:meth:`response_counter`): the hot path indexes this list.
         self.responses: list[Counter | None] = [None] * len(ResponseStatus)
+        #: ``metaprotocol_request_duration_milliseconds`` of this destination (first use).
+        self.duration: Histogram | None = None
+        #: Istio's standard series of this destination (``None``: Istio metrics are off).
+        self.telemetry: TargetTelemetry | None = None
+
+    def observe(self, milliseconds: float) -> None:
+        """Count one request's duration."""
+        self.durations().observe(milliseconds)
+
+    def durations(self) -> Histogram:
+        """``metaprotocol_request_duration_milliseconds`` of this destination."""
+        duration = self.duration
+        if duration is None:
+            duration = self.duration = self._stats.histogram(
+                "metaprotocol_request_duration_milliseconds", DURATION_BUCKETS_MS, **self._labels
+            )
+        return duration
 
     @property
     def labels(self) -> dict[str, str]:

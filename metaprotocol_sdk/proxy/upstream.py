@@ -124,15 +124,18 @@ class UpstreamHost:
         "errors",
         "gateway_errors",
         "key",
+        "labels",
         "next_conn",
         "outlier",
         "port",
     )
 
-    def __init__(self, address: str, port: int) -> None:
+    def __init__(self, address: str, port: int, labels: dict[str, str] | None = None) -> None:
         self.address = address
         self.port = port
         self.key = f"{address}:{port}"
+        #: The ServiceEntry endpoint's labels (Istio's destination labels).
+        self.labels = labels or {}
         #: Requests in flight (for LEAST_REQUEST).
         self.active = 0
         #: Shared connections (shared mode only).
