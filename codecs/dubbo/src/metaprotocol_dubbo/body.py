@@ -113,6 +113,18 @@ def skip_values(frame: bytes, pos: int, count: int) -> tuple[int, Decoder | None
     return pos, decoder
 
 
+class KnownHead:
+    """A request head parsed before: its five strings (dubbo version, path, version, method,
+    descriptor), the argument count and its length in bytes."""
+
+    __slots__ = ("arg_count", "length", "strings")
+
+    def __init__(self, strings: list[str], arg_count: int, length: int) -> None:
+        self.strings = strings
+        self.arg_count = arg_count
+        self.length = length
+
+
 class Attachments:
     """An attachments map as read from the wire.
 
@@ -213,7 +225,7 @@ def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) 
 
 
 def scan_request(
-    frame: bytes, text: str, start: int, known: tuple[list[str], int, int] | None = None
+    frame: bytes, text: str, start: int, known: KnownHead | None = None
 ) -> tuple[list[str], dict[str, str], dict[str, tuple[str, str]], int, int, int] | None:
     """The whole request body in one pass, when it holds only compact ASCII strings.
 
@@ -222,12 +234,12 @@ def scan_request(
     descriptor); ``folded`` maps each lower-cased attachment key to ``(key, value)`` (the
     shape attributes are stored in); the attachments map ends at the end of the frame.
     ``None`` means "not that shape" (the caller takes the general path, which reports any
-    error). ``known`` is ``(head, arg_count, head_length)`` when the caller already knows
+    error). ``known`` is the head's :class:`KnownHead` when the caller already knows
     that the frame starts with the bytes of a head parsed before.
     """
     out: list[str] = []
     if known is not None:
-        out, count, length = known
+        out, count, length = known.strings, known.arg_count, known.length
         pos = start + length
     else:
         pos = scan_strings(frame, text, start, 5, out)

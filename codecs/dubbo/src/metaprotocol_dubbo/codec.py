@@ -32,6 +32,7 @@ from .body import (
     COMPACT_INT_ZERO,
     TAG_NULL,
     Attachments,
+    KnownHead,
     encode_string,
     encode_string_map,
     parameter_count,
@@ -79,14 +80,15 @@ _MAP_MISSES_LIMIT = 64
 _Request = tuple[Attachments, int, int, str, Attributes, dict[str, Any]]
 
 
-class _Head:
+class _Head(KnownHead):
     """A request head seen recently, and the attachment maps seen after it."""
 
-    __slots__ = ("info", "maps", "misses")
+    __slots__ = ("maps", "misses")
 
-    def __init__(self, info: tuple[list[str], int, int]) -> None:
-        #: (head strings, argument count, head length in bytes), as scan_request takes it.
-        self.info = info
+    def __init__(self, strings: list[str], arg_count: int, length: int) -> None:
+        self.strings = strings  # as KnownHead.__init__ does, without the call
+        self.arg_count = arg_count
+        self.length = length
         #: Parsed maps by their bytes; None once lookups stopped paying off.
         self.maps: dict[bytes, KnownRequest] | None = {}
         self.misses = 0
@@ -200,11 +202,16 @@ _FLAG_INFO: dict[int, tuple[ResultFlag, bool, bool, ResponseStatus]] = {
 }
 
 
-class _PlainStates(dict[tuple[int, int], tuple[ResponseState, ResponseStatus, int] | None]):
+#: What every OK response with one header flag and result flag 0..2 shares: its state,
+#: response status and result flag (a plain tuple: unpacking a NamedTuple costs more).
+_Plain = tuple[ResponseState, ResponseStatus, int]
+
+
+class _PlainStates(dict[tuple[int, int], _Plain | None]):
     """(header flag, first body byte) -> the shared state of an OK response whose body is a
     one-byte result flag 0..2 and a value to the end; ``None`` for any other first byte."""
 
-    def __missing__(self, key: tuple[int, int]) -> tuple[ResponseState, ResponseStatus, int] | None:
+    def __missing__(self, key: tuple[int, int]) -> _Plain | None:
         flag, tag = key
         raw_flag = tag - COMPACT_INT_ZERO
         if not 0 <= raw_flag <= 2:  # not one of the flags without attachments
@@ -224,6 +231,23 @@ def _front(buffer: bytearray, size: int) -> bytes:
         return bytes(buffer)
     with memoryview(buffer) as view:
         return view[:size].tobytes()
+
+
+#: What _event, _request and _response give decode to build a Metadata from: message type,
+#: operation name, response status, attributes, codec state and values.
+_Parts = tuple[
+    MessageType,
+    str,
+    ResponseStatus,
+    Attributes,
+    "RequestState | ResponseState | KnownRequest",
+    dict[str, Any],
+]
+
+
+def _partial(flag: int, status: int, request_id: int) -> Metadata:
+    """What an error can tell of its frame from the header alone: message type and id."""
+    return Metadata(_message_type(flag, status), request_id=request_id)
 
 
 def _message_type(flag: int, status: int) -> MessageType:
@@ -350,9 +374,11 @@ class DubboCodec(Codec):
             raise FramingError(f"negative body length {body_length}", offset=BODY_LENGTH_OFFSET)
         size = HEADER_SIZE + body_length
         if size > self.max_frame_size:
-            partial = Metadata(_message_type(flag, status), request_id=request_id)
             raise FrameTooLargeError(
-                size, self.max_frame_size, offset=BODY_LENGTH_OFFSET, metadata=partial
+                size,
+                self.max_frame_size,
+                offset=BODY_LENGTH_OFFSET,
+                metadata=_partial(flag, status, request_id),
             )
         if len(buffer) < size:
             return NeedData(size)
@@ -367,50 +393,54 @@ class DubboCodec(Codec):
                     offset=2,
                 )
             if flag & FLAG_EVENT:
-                message = self._event(frame, flag, status, request_id, body_length)
+                parts = self._event(frame, flag, status)
             elif flag & FLAG_REQUEST:
-                message = self._request(frame, flag, request_id, body_length)
+                parts = self._request(frame, flag)
             else:
-                message = self._response(frame, flag, status, request_id, body_length)
+                parts = self._response(frame, flag, status, body_length)
         except CodecError as exc:
             exc.frame_size = size
             if exc.metadata is None:
-                exc.metadata = Metadata(_message_type(flag, status), request_id=request_id)
+                exc.metadata = _partial(flag, status, request_id)
             raise
         except _PARSE_ERRORS as exc:
             raise FramingError(
                 f"malformed Hessian body: {type(exc).__name__}: {exc}",
                 offset=HEADER_SIZE,
-                metadata=Metadata(_message_type(flag, status), request_id=request_id),
+                metadata=_partial(flag, status, request_id),
                 frame_size=size,
             ) from None
         del buffer[:size]
-        return message
-
-    def _event(
-        self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
-    ) -> Metadata:
-        # Heartbeats carry a Hessian null; other events (Dubbo's read-only "R") a string.
-        # The body is not interpreted: any event is a Heartbeat for the engine.
+        # The one place a decoded message's Metadata is built (positional: the hot-path form).
+        message_type, operation, response_status, attributes, state, values = parts
         return Metadata(
-            MessageType.Heartbeat,
-            frame=frame,
-            request_id=request_id,
-            header_size=HEADER_SIZE,
-            body_size=body_length,
-            response_status=(
-                ResponseStatus.Unknown
-                if flag & FLAG_REQUEST
-                else ResponseStatus.Ok
-                if status == _OK
-                else ResponseStatus.Error
-            ),
-            codec_state=ResponseState(flag, status, None, HEADER_SIZE, len(frame), None)
-            if not flag & FLAG_REQUEST
-            else RequestState(flag, None),
+            message_type,
+            frame,
+            request_id,
+            operation,
+            HEADER_SIZE,
+            body_length,
+            response_status,
+            attributes,
+            state,
+            _UNARY,
+            0,
+            values,
         )
 
-    def _request(self, frame: bytes, flag: int, request_id: int, body_length: int) -> Metadata:
+    def _event(self, frame: bytes, flag: int, status: int) -> _Parts:
+        # Heartbeats carry a Hessian null; other events (Dubbo's read-only "R") a string.
+        # The body is not interpreted: any event is a Heartbeat for the engine.
+        state: RequestState | ResponseState
+        if flag & FLAG_REQUEST:
+            response_status = _UNKNOWN
+            state = RequestState(flag, None)
+        else:
+            response_status = ResponseStatus.Ok if status == _OK else ResponseStatus.Error
+            state = ResponseState(flag, status, None, HEADER_SIZE, len(frame), None)
+        return (MessageType.Heartbeat, "", response_status, _folded({}), state, {})
+
+    def _request(self, frame: bytes, flag: int) -> _Parts:
         # Up to the limit, the frame is scanned inline (as latin-1 text when a scan is needed).
         # Above it the arguments dominate the frame: the decoder reads the head and only the
         # tail after the arguments is scanned, so a large argument is never copied into a str.
@@ -433,20 +463,8 @@ class DubboCodec(Codec):
                 frame, small, seen
             )
             state = RequestState(flag, attachments, (args_start, count))
-        return Metadata(  # positional: the hot-path form (see Metadata)
-            _REQUEST if flag & FLAG_TWOWAY else _ONEWAY,
-            frame,
-            request_id,
-            method,
-            HEADER_SIZE,
-            body_length,
-            _UNKNOWN,
-            attributes,
-            state,
-            _UNARY,
-            0,
-            values,
-        )
+        message_type = _REQUEST if flag & FLAG_TWOWAY else _ONEWAY
+        return (message_type, method, _UNKNOWN, attributes, state, values)
 
     @staticmethod
     def _known(frame: bytes, seen: _Head) -> KnownRequest | None:
@@ -459,7 +477,7 @@ class DubboCodec(Codec):
         maps = seen.maps
         if maps is None:
             return None
-        _, count, length = seen.info
+        count, length = seen.arg_count, seen.length
         args_start = HEADER_SIZE + length
         map_start = skip_compact_strings(frame, args_start, count)
         if map_start < 0 or not frame[args_start:map_start].isascii():
@@ -474,13 +492,12 @@ class DubboCodec(Codec):
     def _scan_request(self, frame: bytes, small: bool, seen: _Head | None) -> _Request:
         """Read a request body (inline scan where it can, the Hessian decoder otherwise)."""
         text = frame.decode("latin-1") if small else None
-        known = seen.info if seen is not None else None
-        fast = scan_request(frame, text, HEADER_SIZE, known) if text is not None else None
+        fast = scan_request(frame, text, HEADER_SIZE, seen) if text is not None else None
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
             head, strings, folded, args_start, count, map_start = fast
             if seen is None and args_start - HEADER_SIZE <= _HEAD_BYTES_MAX:
-                seen = _Head((head, count, args_start - HEADER_SIZE))
+                seen = _Head(head, count, args_start - HEADER_SIZE)
                 self._heads.insert(0, (frame[HEADER_SIZE:args_start], seen))
                 del self._heads[_HEAD_CACHE_SIZE:]
             dubbo_version, path, version, method, desc = head
@@ -565,25 +582,15 @@ class DubboCodec(Codec):
             attachments = read_attachments(frame, pos, decoder, text)
         return attachments, args_start, count, (dubbo_version, path, version, method, desc)
 
-    def _response(
-        self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
-    ) -> Metadata:
+    def _response(self, frame: bytes, flag: int, status: int, body_length: int) -> _Parts:
         if status != _OK:
             # Error statuses carry the error message as a Hessian string.
             values: dict[str, Any] = {"status": status}
             if body_length:
                 message, _ = read_string(frame, HEADER_SIZE)
                 values["error_message"] = message
-            return Metadata(
-                MessageType.Error,
-                frame=frame,
-                request_id=request_id,
-                header_size=HEADER_SIZE,
-                body_size=body_length,
-                response_status=ResponseStatus.Error,
-                values=values,
-                codec_state=ResponseState(flag, status, None, HEADER_SIZE, len(frame), None),
-            )
+            state = ResponseState(flag, status, None, HEADER_SIZE, len(frame), None)
+            return (MessageType.Error, "", ResponseStatus.Error, _folded({}), state, values)
         plain = _PLAIN[flag, frame[HEADER_SIZE]] if body_length else None
         if plain is not None:
             # The usual shape: a one-byte flag 0..2, then the value up to the end. Nothing in
@@ -593,20 +600,7 @@ class DubboCodec(Codec):
             values = {"status": status, "result_flag": plain_flag}
         else:
             response_status, attributes, state, values = self._ok_body(frame, flag, status)
-        return Metadata(  # positional: the hot-path form (see Metadata)
-            _RESPONSE,
-            frame,
-            request_id,
-            "",
-            HEADER_SIZE,
-            body_length,
-            response_status,
-            attributes,
-            state,
-            _UNARY,
-            0,
-            values,
-        )
+        return (_RESPONSE, "", response_status, attributes, state, values)
 
     def _ok_body(
         self, frame: bytes, flag: int, status: int
@@ -683,7 +677,10 @@ class DubboCodec(Codec):
         ):
             return None
         plain = _PLAIN[flag, buffer[HEADER_SIZE]]
-        return None if plain is None else (request_id, size, plain[1])
+        if plain is None:
+            return None
+        _, response_status, _ = plain
+        return request_id, size, response_status
 
     def relabel(self, frame: bytes, request_id: int) -> Encoded:
         """``frame`` with ``request_id`` written over its own (above 16 KiB, the rest of the
