@@ -95,12 +95,11 @@ def validate(answers: dict[str, object], installed: dict[str, str]) -> list[str]
         value = _text(answers, key, problems)
         if value and ('"' in value or "\\" in value):
             problems.append(f"{key}: {value!r} must not contain '\"' or '\\'")
-    for key, most in LONGEST.items():
-        given = answers.get(key)
-        if isinstance(given, str) and len(given) > most:
-            problems.append(f"{key}: at most {most} characters, got {len(given)}")
-
-    if name and not NAME_RE.match(name):
+    name_problems = len(problems)
+    most = LONGEST["filter_name"]
+    if len(name) > most:
+        problems.append(f"filter_name: at most {most} characters, got {len(name)}")
+    elif name and not NAME_RE.match(name):
         problems.append(
             f"filter_name: {name!r} is not a valid filter name; use lowercase letters, digits "
             "and '_', starting with a letter, e.g. 'tenant_guard'"
@@ -118,6 +117,19 @@ def validate(answers: dict[str, object], installed: dict[str, str]) -> list[str]
             f"{installed[name]!r}; two filters cannot share a name in the "
             "'metaprotocol.filters' entry-point group"
         )
+    name_ok = len(problems) == name_problems
+    if not name_ok:
+        # Names derived from a rejected filter name are wrong for the same reason: one line
+        # about the name says it all (names the user typed differently are still checked).
+        stem = name.replace("_", "-").lower()
+        if name in package:
+            package = ""
+        if stem in slug.lower():
+            slug = ""
+    for key, most in LONGEST.items():
+        given = {"package_name": package, "project_slug": slug}.get(key, answers.get(key))
+        if key != "filter_name" and isinstance(given, str) and len(given) > most:
+            problems.append(f"{key}: at most {most} characters, got {len(given)}")
 
     if package and not PACKAGE_RE.match(package):
         problems.append(
@@ -142,7 +154,7 @@ def validate(answers: dict[str, object], installed: dict[str, str]) -> list[str]
         problems.append(f"project_slug: {slug!r} is reserved; choose another name")
 
     filter_class = answers.get("__filter_class")
-    if name and isinstance(filter_class, str) and not filter_class.isidentifier():
+    if name_ok and isinstance(filter_class, str) and not filter_class.isidentifier():
         problems.append(f"filter class name {filter_class!r} is not a Python identifier")
 
     email = answers.get("author_email")
