@@ -4,6 +4,7 @@ limit, retries, outlier detection)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -14,7 +15,7 @@ import pytest
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
 
-FAULT, MIRROR, DEADM, RATE, REFILL, RETRY, OUTLIER = (
+FAULT, MIRROR, DEADM, RATE, REFILL, RETRY, OUTLIER, RESET = (
     ("fault.thrift.pol", 9190),
     ("mirror.thrift.pol", 9191),
     ("deadmirror.thrift.pol", 9192),
@@ -22,6 +23,7 @@ FAULT, MIRROR, DEADM, RATE, REFILL, RETRY, OUTLIER = (
     ("refill.thrift.pol", 9194),
     ("retry.thrift.pol", 9195),
     ("outlier.thrift.pol", 9196),
+    ("reset.thrift.pol", 9197),
 )
 DELAY = 0.3  # the fault's fixedDelay, seconds
 TApplicationException = untyped("thriftpy2.thrift").TApplicationException
@@ -64,6 +66,7 @@ class Peers:
         self.mirror = harness.ApacheHeaderServer(apache, "mirror")
         self.a, self.b = HelloServer("a").start(), HelloServer("b").start()
         self.good, self.flaky = HelloServer("good").start(), HelloServer("flaky").start()
+        self.x, self.y = HelloServer("x").start(), HelloServer("y").start()
         svc = harness.service_yaml
         one = {"v1": self.v1.port}
         outlier = (
@@ -147,7 +150,15 @@ class Peers:
                     ),
                 ),
                 router("outlier", OUTLIER, route("all", dest(OUTLIER))),
-                harness.proxy_yaml([FAULT, MIRROR, RATE, REFILL, RETRY, OUTLIER]),
+                svc("reset", "thrift", *RESET, {"x": self.x.port, "y": self.y.port}),
+                router(
+                    "reset",
+                    RESET,
+                    route(
+                        "all", dest(RESET), extra="\n      retries: {attempts: 1, retryOn: reset}"
+                    ),
+                ),
+                harness.proxy_yaml([FAULT, MIRROR, RATE, REFILL, RETRY, OUTLIER, RESET]),
             ]
         )
         self.engine = start_engine(yaml)
@@ -175,7 +186,8 @@ class Peers:
         return self.apache.Client(proto), proto.trans
 
     def close(self) -> None:
-        for server in (self.v1, self.primary, self.mirror, self.a, self.b, self.good, self.flaky):
+        servers = (self.v1, self.primary, self.mirror, self.a, self.b, self.good, self.flaky)
+        for server in (*servers, self.x, self.y):
             server.close()
 
 
@@ -296,6 +308,41 @@ def test_retry_lands_on_the_healthy_endpoint(peers: Peers) -> None:
         client.close()
     assert replies == ["b: pong"] * 20
     assert peers.engine.stat('metaprotocol_retries_total{listener="retry.thrift.pol:9195"') >= 1
+
+
+def test_retry_after_reset_of_a_request_in_flight(peers: Peers) -> None:
+    """The server holding the request dies: the engine retries it (retryOn reset) on the
+    other endpoint, and the client gets that endpoint's reply, not an error."""
+    client = peers.client(RESET)
+    peers.y.handler.sleep = lambda ms: f"y: slept {ms}"  # type: ignore[method-assign]
+    replies: list[Any] = []
+
+    def call() -> None:
+        try:
+            replies.append(client.sleep(4000))
+        except Exception as exc:  # what the client saw, for the assertion below
+            replies.append(exc)
+
+    try:
+        for _ in range(2):  # round robin: one of two calls holds x
+            replies.clear()
+            caller = threading.Thread(target=call)
+            caller.start()
+            deadline = time.monotonic() + 5
+            while caller.is_alive() and not peers.x.handler.sleeping.is_set():
+                assert time.monotonic() < deadline, "the call reached neither server"
+                time.sleep(0.005)  # polling two conditions (a thread and an event)
+            if peers.x.handler.sleeping.is_set():
+                peers.x.close()  # drops the engine's connection with the request in flight
+                caller.join(timeout=5)
+                break
+            caller.join()
+    finally:
+        client.close()
+    assert peers.x.handler.sleeping.is_set()
+    assert replies == ["y: slept 4000"]
+    reset = 'metaprotocol_retries_total{listener="reset.thrift.pol:9197",route="all",reason="'
+    assert peers.engine.stat(reset + 'reset"}') == 1
 
 
 def test_outlier_ejected_then_readmitted(peers: Peers) -> None:
