@@ -21,7 +21,7 @@ from metaprotocol_dubbo.header import HEADER_SIZE, build_header
 from metaprotocol_dubbo.hessian2 import Decoder, HessianError, JavaObject, dumps, loads
 from metaprotocol_dubbo.hessian2 import decoder as decoder_module
 
-from metaprotocol_sdk import CodecError
+from metaprotocol_sdk import CodecError, ConfigError, Metadata
 
 sys.modules["codecs"] = encodings.codecs  # see test_hessian2_errors.py
 
@@ -126,3 +126,23 @@ def test_dubbo_request_with_too_many_containers_is_a_codec_error() -> None:
     with pytest.raises(CodecError, match="max_refs"):
         DubboCodec().decode(buffer)
     assert buffer == frame
+
+
+def test_dubbo_codec_options_set_the_hessian_limits() -> None:
+    """max_hessian_refs and max_hessian_classes reach every Hessian decoder of the codec:
+    arguments skipped, attachments read, response values and re-encoded attachments."""
+    lists = [[i] for i in range(20)]
+    request = build_request("com.example.S", "m", [lists], attachments={"k": lists[3]})
+    objects = [JavaObject(f"com.example.C{i}", {"f": i}) for i in range(5)]
+    classes = build_request("com.example.S", "m", [objects])
+    for frame, options, match in (
+        (request, {"max_hessian_refs": "20"}, "max_refs=20"),
+        (classes, {"max_hessian_classes": 4}, "max_classes=4"),
+    ):
+        assert isinstance(DubboCodec().decode(bytearray(frame)), Metadata)
+        buffer = bytearray(frame)
+        with pytest.raises(CodecError, match=match):
+            DubboCodec.from_options(options).decode(buffer)
+        assert buffer == frame
+    with pytest.raises(ConfigError, match="positive integer"):
+        DubboCodec.from_options({"max_hessian_refs": "0"})

@@ -10,11 +10,15 @@ decoder after the inline fast path keeps the reference numbering right.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from metaprotocol_sdk import FramingError
 
 from .hessian2 import Decoder, Encoder
+
+#: Makes the Hessian decoder of a body at an offset (``Decoder``, or one with a codec's limits).
+NewDecoder = Callable[[bytes, int], Decoder]
 
 #: Hessian tags read inline.
 TAG_NULL = 0x4E  # 'N'
@@ -81,11 +85,14 @@ def _descriptor_error(desc: str) -> str:
     return f"parameter descriptor {quoted}: bad type code {kind[0]!r}"
 
 
-def skip_values(frame: bytes, pos: int, count: int) -> tuple[int, Decoder | None]:
+def skip_values(
+    frame: bytes, pos: int, count: int, new_decoder: NewDecoder = Decoder
+) -> tuple[int, Decoder | None]:
     """Skip ``count`` Hessian values from ``pos``; return the offset after them.
 
     Also returns the Hessian decoder used once the inline fast path (compact ASCII strings,
     small ints, null, booleans) gave up, so later reads share its reference state.
+    ``new_decoder(frame, pos)`` makes that decoder (a codec's limits).
     """
     end = len(frame)
     decoder: Decoder | None = None
@@ -105,9 +112,9 @@ def skip_values(frame: bytes, pos: int, count: int) -> tuple[int, Decoder | None
             elif 0x80 <= tag <= 0xBF or tag in (0x4E, 0x54, 0x46):  # small int, N, T, F
                 pos += 1
                 continue
-            decoder = Decoder(frame, pos)
+            decoder = new_decoder(frame, pos)
         if decoder is None:
-            decoder = Decoder(frame, pos)
+            decoder = new_decoder(frame, pos)
         decoder.skip()
         pos = decoder.offset
     return pos, decoder
@@ -151,7 +158,11 @@ class Attachments:
 
 
 def read_attachments(
-    frame: bytes, pos: int, decoder: Decoder | None, text: str | None = None
+    frame: bytes,
+    pos: int,
+    decoder: Decoder | None,
+    text: str | None = None,
+    new_decoder: NewDecoder = Decoder,
 ) -> Attachments:
     """Read the attachments map at ``pos`` (an untyped or typed Hessian map, or null)."""
     end = len(frame)
@@ -166,7 +177,7 @@ def read_attachments(
             return fast
     # General case: materialise the map with the Hessian decoder.
     if decoder is None:
-        decoder = Decoder(frame, pos)
+        decoder = new_decoder(frame, pos)
     elif decoder.offset != pos:
         raise AssertionError("decoder out of step")  # pragma: no cover - internal invariant
     value = decoder.read()
@@ -388,6 +399,7 @@ def rewrite_map(
     end: int,
     mutation: dict[str, str],
     replay: tuple[int, int] = (0, 0),
+    new_decoder: NewDecoder = Decoder,
 ) -> bytes:
     """Re-encode the map at ``frame[start:end]`` with ``mutation`` added or replacing entries.
 
@@ -401,7 +413,7 @@ def rewrite_map(
     # Replay the values before the map (skipping them) so that class definitions, type names
     # and reference numbers they introduced resolve inside the map.
     values_start, values_count = replay
-    decoder = Decoder(frame, values_start if values_count else start)
+    decoder = new_decoder(frame, values_start if values_count else start)
     for _ in range(values_count):
         decoder.skip()
     tag = frame[start]

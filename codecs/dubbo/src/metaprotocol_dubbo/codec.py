@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from functools import partial
 from typing import Any
 
 from metaprotocol_sdk import (
@@ -13,6 +14,7 @@ from metaprotocol_sdk import (
     Capabilities,
     Codec,
     CodecError,
+    ConfigError,
     Encoded,
     FrameTooLargeError,
     FramingError,
@@ -33,6 +35,7 @@ from .body import (
     TAG_NULL,
     Attachments,
     KnownHead,
+    NewDecoder,
     encode_string,
     encode_string_map,
     parameter_count,
@@ -58,7 +61,7 @@ from .header import (
     build_header,
     serialization_name,
 )
-from .hessian2 import Decoder
+from .hessian2 import DEFAULT_MAX_CLASSES, DEFAULT_MAX_REFS, Decoder
 from .status import ResultFlag, Status, error_status
 
 _ID = struct.Struct(">Q")
@@ -295,7 +298,18 @@ def _added_pairs(mutation: Mutation) -> bytes:
     return pairs
 
 
-def _check_value_ends_frame(frame: bytes, state: ResponseState) -> None:
+def _positive(name: str, value: object) -> int:
+    """An option that must be a positive integer (config values may be strings)."""
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        number = 0
+    if isinstance(number, bool) or number <= 0:
+        raise ConfigError(f"must be a positive integer; got {value!r}", field=name)
+    return number
+
+
+def _check_value_ends_frame(frame: bytes, state: ResponseState, new_decoder: NewDecoder) -> None:
     """Refuse (MutationError) to append attachments to a response whose value (one Hessian
     value after a flag 0 or 1, nothing after flag 2) does not end exactly at the frame end.
 
@@ -305,7 +319,7 @@ def _check_value_ends_frame(frame: bytes, state: ResponseState) -> None:
     try:
         end = start if result_flag is None or not result_flag.has_value else None
         if end is None:
-            end, _ = skip_values(frame, start, 1)
+            end, _ = skip_values(frame, start, 1, new_decoder)
     except CodecError as exc:
         raise MutationError(f"the response value is malformed ({exc.reason})") from None
     if end != len(frame):
@@ -346,14 +360,27 @@ class DubboCodec(Codec):
     max_request_id = 0x7FFFFFFFFFFFFFFF  # Java long: Dubbo's 64-bit id is signed
 
     def __init__(
-        self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, upgrade_result_flag: bool = True
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        upgrade_result_flag: bool = True,
+        max_hessian_refs: int = DEFAULT_MAX_REFS,
+        max_hessian_classes: int = DEFAULT_MAX_CLASSES,
     ) -> None:
         """``upgrade_result_flag``: write response mutations into responses with result flags
         0..2 by switching them to 3..5. Consumers older than Dubbo 2.6.3 and some non-Java
         clients only know 0..2: set it false for them, and a mutation of such a response
-        raises :class:`~metaprotocol_sdk.MutationError` instead."""
+        raises :class:`~metaprotocol_sdk.MutationError` instead. ``max_hessian_refs`` and
+        ``max_hessian_classes`` bound the lists, maps and objects and the class definitions
+        of one body (see :class:`~metaprotocol_dubbo.hessian2.Decoder`)."""
         super().__init__(max_frame_size=max_frame_size)
         self.upgrade_result_flag = upgrade_result_flag
+        self.max_hessian_refs = _positive("max_hessian_refs", max_hessian_refs)
+        self.max_hessian_classes = _positive("max_hessian_classes", max_hessian_classes)
+        #: Makes the Hessian decoder of a body, with this codec's limits.
+        self._new_decoder: NewDecoder = partial(
+            Decoder, max_refs=self.max_hessian_refs, max_classes=self.max_hessian_classes
+        )
         #: Recently seen request heads, most recent first: (head bytes, what it parsed to).
         self._heads: list[tuple[bytes, _Head]] = []
 
@@ -544,11 +571,11 @@ class DubboCodec(Codec):
             )
         return attachments, args_start, count, method, _folded(folded), values
 
-    @staticmethod
     def _request_general(
-        frame: bytes, text: str | None
+        self, frame: bytes, text: str | None
     ) -> tuple[Attachments, int, int, tuple[str, str, str, str, str]]:
         """Any request body: inline reads where possible, the Hessian decoder otherwise."""
+        new_decoder = self._new_decoder
         head: list[str] = []
         pos = scan_strings(frame, text, HEADER_SIZE, 5, head) if text is not None else -1
         decoder: Decoder | None = None
@@ -561,7 +588,7 @@ class DubboCodec(Codec):
             if args_end >= 0 and text[pos:args_end].isascii():
                 pos = args_end
             else:
-                pos, decoder = skip_values(frame, pos, count)
+                pos, decoder = skip_values(frame, pos, count, new_decoder)
         else:
             pos = -1
         if pos < 0:
@@ -574,12 +601,12 @@ class DubboCodec(Codec):
             desc, pos = read_string(frame, pos)
             count = parameter_count(desc, desc_offset) if desc else 0
             args_start = pos
-            pos, decoder = skip_values(frame, pos, count)
+            pos, decoder = skip_values(frame, pos, count, new_decoder)
         if pos == len(frame):
             # Nothing after the arguments: no attachments map (tolerated, as Dubbo does).
             attachments = Attachments({}, None, pos, pos)
         else:
-            attachments = read_attachments(frame, pos, decoder, text)
+            attachments = read_attachments(frame, pos, decoder, text, new_decoder)
         return attachments, args_start, count, (dubbo_version, path, version, method, desc)
 
     def _response(self, frame: bytes, flag: int, status: int, body_length: int) -> _Parts:
@@ -626,7 +653,7 @@ class DubboCodec(Codec):
                 raw_flag: Any = tag - COMPACT_INT_ZERO
                 value_start = pos + 1
             else:
-                decoder = Decoder(frame, pos)
+                decoder = self._new_decoder(frame, pos)
                 raw_flag = decoder.read()
                 value_start = decoder.offset
                 if (
@@ -641,8 +668,8 @@ class DubboCodec(Codec):
                 # The attachments follow the value: only then is the value walked over.
                 value_end = value_start
                 if has_value:
-                    value_end, decoder = skip_values(frame, value_start, 1)
-                attachments = read_attachments(frame, value_end, decoder)
+                    value_end, decoder = skip_values(frame, value_start, 1, self._new_decoder)
+                attachments = read_attachments(frame, value_end, decoder, None, self._new_decoder)
             else:
                 # Nothing follows the value (if any): it runs to the end of the body, and a
                 # proxy has no reason to parse it.
@@ -784,7 +811,9 @@ class DubboCodec(Codec):
             elif attachments.all_strings:
                 block = encode_string_map({**attachments.strings, **mutation})
             else:
-                block = rewrite_map(frame, start, end, dict(mutation), state.args)
+                block = rewrite_map(
+                    frame, start, end, dict(mutation), state.args, self._new_decoder
+                )
             body_length = start - HEADER_SIZE + len(block) + len(tail)
             # The arguments travel as an untouched slice of the original frame.
             parts = [self._header(frame, body_length, request_id), view[HEADER_SIZE:start], block]
@@ -820,7 +849,12 @@ class DubboCodec(Codec):
             else:
                 replay = (state.value_start, 1 if state.value_start < attachments.start else 0)
                 block = rewrite_map(
-                    frame, attachments.start, attachments.end, dict(mutation), replay
+                    frame,
+                    attachments.start,
+                    attachments.end,
+                    dict(mutation),
+                    replay,
+                    self._new_decoder,
                 )
             head: list[bytes | memoryview] = [view[HEADER_SIZE : attachments.start]]
             tail = view[attachments.end :]
@@ -828,7 +862,7 @@ class DubboCodec(Codec):
             # Flags 0..2 (or dubbo-remoting's flagless null): switch to the flag that carries
             # attachments and append the map after the value, which must end the frame (else a
             # decoder would read the map from inside a broken value).
-            _check_value_ends_frame(frame, state)
+            _check_value_ends_frame(frame, state, self._new_decoder)
             result_flag = state.result_flag
             new_flag = (
                 ResultFlag.RESPONSE_NULL_VALUE_WITH_ATTACHMENTS
