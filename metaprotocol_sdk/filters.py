@@ -125,7 +125,7 @@ class Filter:
         """Build the filter from its configuration mapping."""
         return from_keywords(cls, config, "filter", cls.name or cls.__name__, "setting")
 
-    def on_request(self, context: RequestContext) -> Awaitable[None] | None:
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
         """Look at (or act on) a request. Return ``None`` to go on, or an awaitable to hold
         the request until it completes."""
         return None

@@ -450,7 +450,7 @@ class Downstream(asyncio.Protocol):
         if avoid is not None and host is avoid and len(cluster.hosts) > 1:
             host = cluster.balancer.pick(message)
         if host is None:
-            if self._retry(route, "unavailable", tries, started):
+            if self._retry(route, "unavailable", tries, started, cluster):
                 self._dispatch(message, route, mutation, tries + 1, started)
                 return
             self.local_reply(
@@ -521,18 +521,16 @@ class Downstream(asyncio.Protocol):
                 waiting = f.on_request(context)
             except Exception as exc:  # a filter's bug answers its request, nothing else
                 self.listener.count_filter_error(f)
-                self.local_reply(
-                    message,
-                    ErrorType.Unspecified,
-                    f"filter {f.name or type(f).__name__} failed: {type(exc).__name__}",
-                    route,
-                )
+                name = f.name or type(f).__name__
+                why = f"filter {name} failed: {type(exc).__name__}"
+                self.refuse(message, ErrorType.Unspecified, why, route)
                 return
             if context.reply is not None:
+                if waiting is not None:
+                    _discard(waiting)
                 reply = context.reply
                 flags = RESPONSE_FLAGS.get(f.name)
-                text = reply.message or f.name
-                self.local_reply(message, reply.error, text, route, None, None, None, flags)
+                self.refuse(message, reply.error, reply.message or f.name, route, flags)
                 return
             if waiting is not None:
                 self._hold(message, route, context, i + 1, waiting)
@@ -540,7 +538,25 @@ class Downstream(asyncio.Protocol):
         mutation = route.request_mutation
         if context.mutation:
             mutation = {**mutation, **context.mutation} if mutation else context.mutation
-        self._dispatch(message, route, mutation)
+        if message.message_type is _ONEWAY:
+            self._send_oneway(message, route, mutation)
+        else:
+            self._dispatch(message, route, mutation)
+
+    def refuse(
+        self,
+        message: Metadata,
+        error: ErrorType,
+        text: str,
+        route: CompiledRoute,
+        flags: str | None = None,
+    ) -> None:
+        """Answer a request before the router (a filter's decision): a local reply, or for
+        a one-way message, which gets no reply, only its count."""
+        if message.message_type is _ONEWAY:
+            route.local.count_oneway(error.name)
+        else:
+            self.local_reply(message, error, text, route, None, None, None, flags)
 
     def _hold(
         self,
@@ -548,14 +564,14 @@ class Downstream(asyncio.Protocol):
         route: CompiledRoute,
         context: RequestContext,
         resume_at: int,
-        waiting: Awaitable[None],
+        waiting: Awaitable[object],
     ) -> None:
         """A filter holds the request until ``waiting`` completes (bounded by the route's
         timeout); meanwhile it counts as pending, against every pending limit."""
         engine = self.engine
         if self.at_limit():
             _discard(waiting)
-            self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route)
+            self.refuse(message, ErrorType.OverLimit, self._over_limit(), route)
             return
         hold = Hold(self, message, route, context, resume_at, asyncio.ensure_future(waiting))
         engine.pending += 1
@@ -612,6 +628,9 @@ class Downstream(asyncio.Protocol):
         if host is None:
             sink.count(target, "NoHealthyUpstream")
             return
+        if cluster.pool is not None and cluster.over_pool_limits(host) is not None:
+            sink.count(target, "Dropped")  # the mirror cluster's circuit breaker is open
+            return
         if sink.inflight >= sink.limit or engine.buffered > engine.max_buffered:
             sink.count(target, "Dropped")
             return
@@ -630,8 +649,17 @@ class Downstream(asyncio.Protocol):
         host.active += 1
         engine.deadlines.add(p, now, route.timeout)
 
-    def _retry(self, route: CompiledRoute, condition: str, tries: int, started: float) -> bool:
-        """Whether a request that failed with ``condition`` gets another try."""
+    def _retry(
+        self,
+        route: CompiledRoute,
+        condition: str,
+        tries: int,
+        started: float,
+        cluster: Cluster | None,
+    ) -> bool:
+        """Whether a request that failed with ``condition`` (on ``cluster``) gets another
+        try: the route retries on it, tries are left, time is left, and the cluster's
+        ``maxRetries`` circuit breaker is closed."""
         retries = route.retries
         if (
             retries is None
@@ -640,6 +668,12 @@ class Downstream(asyncio.Protocol):
             or self.closed
         ):
             return False
+        pool = None if cluster is None else cluster.pool
+        if pool is not None and pool.max_retries is not None:
+            assert cluster is not None
+            if cluster.retrying >= pool.max_retries:
+                cluster.overflow("maxRetries")
+                return False
         if tries and self.engine.loop.time() - started >= route.timeout:
             return False
         self.listener.count_retry(route.name, condition)
@@ -657,13 +691,7 @@ class Downstream(asyncio.Protocol):
 
     def _retry_pending(self, p: Pending, condition: str) -> bool:
         """Send ``p`` again (a new try) instead of answering it; ``False``: answer it."""
-        pool = p.target.cluster.pool if p.target.cluster is not None else None
-        if pool is not None and pool.max_retries is not None:
-            assert p.target.cluster is not None
-            if p.target.cluster.retrying >= pool.max_retries:
-                p.target.cluster.overflow("maxRetries")
-                return False
-        if not self._retry(p.route, condition, p.tries, p.start):
+        if not self._retry(p.route, condition, p.tries, p.start, p.target.cluster):
             return False
         request = p.request
         self._settle(p)
@@ -699,6 +727,15 @@ class Downstream(asyncio.Protocol):
         if route is None:
             self.listener._unrouted.count_oneway(ErrorType.RouteNotFound.name)
             return
+        if route.request_filters:  # one-way messages pass the chain too (rate limit, ...)
+            self._filter(message, route, 0, None)
+            return
+        self._send_oneway(message, route, route.request_mutation)
+
+    def _send_oneway(
+        self, message: Metadata, route: CompiledRoute, mutation: Mutation | None
+    ) -> None:
+        """The router for a one-way message: forwarded, never retried, counted."""
         target = route.pick()
         cluster = target.cluster
         host = None if cluster is None else cluster.balancer.pick(message)
@@ -715,7 +752,7 @@ class Downstream(asyncio.Protocol):
             target.count_oneway(ErrorType.OverLimit.name)
             return
         try:
-            conn.send_oneway(message, route.request_mutation)
+            conn.send_oneway(message, mutation)
         except Exception:  # the codec cannot write this request: nobody to tell
             target.count_oneway(ErrorType.BadRequest.name)
             return
@@ -1043,7 +1080,7 @@ class Downstream(asyncio.Protocol):
                 self.close()
 
 
-def _discard(waiting: Awaitable[None]) -> None:
+def _discard(waiting: Awaitable[object]) -> None:
     """Drop an awaitable a filter returned for a request that will not wait after all."""
     if isinstance(waiting, asyncio.Future):
         waiting.cancel()
@@ -1096,9 +1133,7 @@ class Hold:
             route.local.count("DownstreamClosed")
             return
         if future.cancelled() or future.exception() is not None:
-            downstream.local_reply(
-                self.request, ErrorType.Unspecified, "a filter's wait failed", route
-            )
+            downstream.refuse(self.request, ErrorType.Unspecified, "a filter's wait failed", route)
             return
         downstream._filter(self.request, route, self.resume_at, self.context)
 
@@ -1109,4 +1144,4 @@ class Hold:
         self.downstream.release(self)
         self.future.cancel()
         message = f"held by a filter for longer than {self.route.timeout:g}s"
-        self.downstream.local_reply(self.request, ErrorType.Timeout, message, self.route)
+        self.downstream.refuse(self.request, ErrorType.Timeout, message, self.route)

@@ -47,7 +47,7 @@ class FaultDelay(Filter):
         self._hit = _sampler(fault.delay_percent, draw)
         self._counter = counter
 
-    def on_request(self, context: RequestContext) -> Awaitable[None] | None:
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
         if not self._hit():
             return None
         self._counter.value += 1
@@ -73,7 +73,7 @@ class FaultAbort(Filter):
         self._hit = _sampler(fault.abort_percent, draw)
         self._counter = counter
 
-    def on_request(self, context: RequestContext) -> Awaitable[None] | None:
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
         if self._hit():
             self._counter.value += 1
             context.local_reply(self._error, "fault injected by the proxy")
@@ -143,7 +143,7 @@ class LocalRateLimiter(Filter):
                 return bucket
         return self._default
 
-    def on_request(self, context: RequestContext) -> Awaitable[None] | None:
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
         bucket = self._bucket_for(context.request.attributes)
         if bucket is not None and not bucket.take(self._clock()):
             context.local_reply(ErrorType.OverLimit, "rate limited by the proxy")

@@ -329,6 +329,35 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         {"connectionsPerEndpoint": 2},
         lambda c: c.proxy.connections_per_endpoint == 2,
     ),
+    (
+        "ProxyConfig",
+        "spec.telemetry",
+        {
+            "istioMetrics": True,
+            "reporter": "destination",
+            "workload": {
+                "name": "w",
+                "namespace": "n",
+                "app": "a",
+                "version": "v",
+                "canonicalService": "cs",
+                "canonicalRevision": "cr",
+                "cluster": "c",
+                "principal": "p",
+            },
+        },
+        lambda c: (
+            c.proxy.telemetry.istio_metrics
+            and c.proxy.telemetry.reporter == "destination"
+            and c.proxy.telemetry.workload.principal == "p"
+        ),
+    ),
+    (
+        "ServiceEntry",
+        "metadata.namespace",
+        "shop",
+        lambda c: c.services["svc.test"].namespace == "shop",
+    ),
 ]
 
 #: (kind, field path, sample value): refused as "not supported by this engine", naming the path.
@@ -423,7 +452,6 @@ WARNED: list[tuple[str, str, Any]] = [
         (kind, f"metadata.{key}", value)
         for kind in (
             "ApplicationProtocol",
-            "ServiceEntry",
             "DestinationRule",
             "MetaRouter",
             "ProxyConfig",
@@ -538,6 +566,8 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ("ProxyConfig", "spec.timeouts", ("spec.timeouts", {})),
     ("ProxyConfig", "spec.accessLog", ("spec.accessLog", {"path": "-"})),
     ("ProxyConfig", "spec.upstream", ("spec.upstream", {})),
+    ("ProxyConfig", "spec.telemetry", ("spec.telemetry", {})),
+    ("ProxyConfig", "spec.telemetry.workload", ("spec.telemetry.workload", {})),
 ]
 
 HASHING = f"{POLICY}.loadBalancer.consistentHash"
@@ -616,12 +646,13 @@ def test_a_warning_is_logged_once_per_field_and_document(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     endpoint = {"address": "127.0.0.1", "serviceAccount": "sa", "labels": {"version": "v1"}}
+    docs = yaml.safe_load_all(
+        with_fields("ServiceEntry", ("spec.endpoints", [endpoint, endpoint, endpoint]))
+    )
+    mesh = {doc["kind"]: doc for doc in docs}
+    mesh["DestinationRule"]["metadata"]["namespace"] = "a"
     text = (
-        with_fields(
-            "ServiceEntry",
-            ("spec.endpoints", [endpoint, endpoint, endpoint]),
-            ("metadata.namespace", "a"),
-        )
+        yaml.safe_dump_all(mesh.values(), sort_keys=False)
         + "---\n"
         + yaml.safe_dump(
             {

@@ -66,6 +66,13 @@ METADATA = fields(
     ownerReferences=_K8S,
     finalizers=_K8S,
 )
+#: A ServiceEntry's namespace is Istio's ``destination_service_namespace`` (telemetry).
+SERVICE_ENTRY_METADATA = Fields(
+    METADATA.honoured | {"namespace"},
+    METADATA.refused,
+    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
+)
+METADATA_BY_KIND = {"ServiceEntry": SERVICE_ENTRY_METADATA}
 #: The API groups each kind is published in (``apiVersion`` is optional; when set, checked).
 API_VERSIONS = {
     "ApplicationProtocol": ("metaprotocol.aeraki.io/v1alpha1",),
@@ -283,6 +290,18 @@ PROXY_CONFIG = fields(
     "timeouts",
     "accessLog",
     "upstream",
+    "telemetry",
+)
+TELEMETRY = fields("istioMetrics", "reporter", "workload")
+WORKLOAD = fields(
+    "name",
+    "namespace",
+    "app",
+    "version",
+    "canonicalService",
+    "canonicalRevision",
+    "cluster",
+    "principal",
 )
 LISTENER = fields("host", "port", "bind", "filters")
 FILTER = fields("name", "config")

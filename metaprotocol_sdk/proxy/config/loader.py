@@ -11,6 +11,7 @@ logger: see :mod:`.fields`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from metaprotocol_sdk.registry import resolve, resolve_filter
 
 from ..addresses import is_loopback
 from ..matcher import compile_regex
+from ..telemetry import workload_from_environment
 from . import fields as schema
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
@@ -55,6 +57,7 @@ from .models import (
     ServicePort,
     Subset,
     TcpKeepalive,
+    Telemetry,
     Timeouts,
     TokenBucket,
     TrafficPolicy,
@@ -230,7 +233,9 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
         if not doc.name:
             doc.fail("metadata.name", "required field is missing")
         doc.check(body, "", schema.DOCUMENT)
-        doc.check(body["metadata"], "metadata", schema.METADATA)
+        doc.check(
+            body["metadata"], "metadata", schema.METADATA_BY_KIND.get(doc.kind, schema.METADATA)
+        )
         version = body.get("apiVersion")
         if version is not None and version not in schema.API_VERSIONS[doc.kind]:
             doc.fail(
@@ -426,7 +431,10 @@ def _services(
                 "resolution DNS without endpoints (resolving spec.hosts) is not supported by "
                 "this engine; list the addresses in spec.endpoints",
             )
-        service = Service(doc.name, tuple(hosts), ports, tuple(endpoints), doc.source)
+        namespace = doc.string(doc.body["metadata"], "namespace", "metadata.namespace", False)
+        service = Service(
+            doc.name, tuple(hosts), ports, tuple(endpoints), doc.source, namespace or "default"
+        )
         for host in hosts:
             services[host] = service
     return services
@@ -1026,6 +1034,44 @@ def _proxy(
         timeouts=timeouts,
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
+        telemetry=_telemetry(doc, spec),
+    )
+
+
+_WORKLOAD_FIELDS = {
+    "name": "name",
+    "namespace": "namespace",
+    "app": "app",
+    "version": "version",
+    "canonicalService": "canonical_service",
+    "canonicalRevision": "canonical_revision",
+    "cluster": "cluster",
+    "principal": "principal",
+}
+
+
+def _telemetry(doc: _Doc, spec: Mapping[str, Any]) -> Telemetry:
+    """``spec.telemetry``: ``istioMetrics`` (default false), ``reporter`` (``source`` or
+    ``destination``), ``workload`` (each field defaults from the sidecar's environment)."""
+    raw = doc.mapping(spec, "telemetry", "spec.telemetry", required=False)
+    doc.check(raw, "spec.telemetry", schema.TELEMETRY)
+    enabled = doc.get(raw, "istioMetrics", "spec.telemetry.istioMetrics")
+    if enabled is not None and not isinstance(enabled, bool):
+        doc.fail("spec.telemetry.istioMetrics", f"must be true or false, got {enabled!r}")
+    reporter = doc.string(raw, "reporter", "spec.telemetry.reporter", required=False)
+    if reporter is not None and reporter not in ("source", "destination"):
+        doc.fail("spec.telemetry.reporter", f"must be source or destination, got {reporter!r}")
+    given = doc.mapping(raw, "workload", "spec.telemetry.workload", required=False)
+    doc.check(given, "spec.telemetry.workload", schema.WORKLOAD)
+    values = {}
+    for key, attr in _WORKLOAD_FIELDS.items():
+        value = doc.string(given, key, f"spec.telemetry.workload.{key}", required=False)
+        if value is not None:
+            values[attr] = value
+    return Telemetry(
+        istio_metrics=bool(enabled),
+        reporter=reporter or "source",
+        workload=dataclasses.replace(workload_from_environment(), **values),
     )
 
 
