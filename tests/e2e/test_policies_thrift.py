@@ -4,6 +4,8 @@ limit, retries, outlier detection)."""
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +106,13 @@ class Peers:
                         method="ping",
                         extra=f"\n      fault: {{delay: {{fixedDelay: {int(DELAY * 1000)}ms}}}}",
                     )
+                    + route(
+                        "sampled-abort",
+                        dest(FAULT),
+                        method="notified",
+                        extra="\n      fault:"
+                        "\n        abort: {percentage: {value: 30}, errorType: Unspecified}",
+                    )
                     + route("rest", dest(FAULT)),
                 ),
                 router(
@@ -114,6 +123,14 @@ class Peers:
                         dest(MIRROR, "v1"),
                         method="ping",
                         extra=f"\n      mirror: {{host: {DEADM[0]}, port: {{number: {DEADM[1]}}}}}",
+                    )
+                    + route(
+                        "sampled-mirror",
+                        dest(MIRROR, "v1"),
+                        method="headers",
+                        extra=f"\n      mirror: {{host: {MIRROR[0]}, subset: v2,"
+                        f" port: {{number: {MIRROR[1]}}}}}"
+                        "\n      mirrorPercentage: {value: 25}",
                     )
                     + route(
                         "mirrored",
@@ -234,6 +251,7 @@ def test_fault_delay_holds_each_call(peers: Peers) -> None:
 
 def test_mirror_receives_copies_with_the_mutation(peers: Peers) -> None:
     engine = peers.engine
+    before, primary_before = len(peers.mirror.seen), len(peers.primary.seen)
     client, trans = peers.header_client(MIRROR)
     try:
         replies = []
@@ -243,11 +261,11 @@ def test_mirror_receives_copies_with_the_mutation(peers: Peers) -> None:
     finally:
         trans.close()
     assert replies == [f"primary: hello m{i}" for i in range(20)]  # only the primary's replies
-    engine.wait_for(lambda: len(peers.mirror.seen) >= 20)
-    copies = peers.mirror.seen
+    engine.wait_for(lambda: len(peers.mirror.seen) >= before + 20)
+    copies = peers.mirror.seen[before:]
     assert len(copies) == 20
     assert all(h.get("x-mesh") == "metaprotocol" and h.get("x-client") == "e2e" for h in copies)
-    assert all(h.get("x-mesh") == "metaprotocol" for h in peers.primary.seen)
+    assert all(h.get("x-mesh") == "metaprotocol" for h in peers.primary.seen[primary_before:])
     ok = 'metaprotocol_mirror_total{listener="mirror.thrift.pol:9191",route="mirrored"'
     engine.wait_for(lambda: engine.stat(ok) == 20)
 
@@ -267,6 +285,37 @@ def test_dead_mirror_changes_nothing_for_the_client(peers: Peers) -> None:
     snapshot = engine.loop_call(engine.engine.stats_snapshot)
     statuses = {k.rsplit("status=", 1)[1] for k in snapshot if k.startswith(attempts)}
     assert statuses <= {'"UpstreamConnectFailure"}', '"Dropped"}'}, statuses
+
+
+def within(observed: int, n: int, p: float, sigmas: float = 4.5) -> bool:
+    return abs(observed / n - p) <= sigmas * math.sqrt(p * (1 - p) / n) + 0.5 / n
+
+
+def test_fault_abort_percentage_within_bound(peers: Peers) -> None:
+    client = peers.client(FAULT)
+    try:
+        seen = [outcome(client.notified) for _ in range(400)]
+    finally:
+        client.close()
+    aborted = sum(s.startswith("error: Unspecified") for s in seen)
+    assert aborted + seen.count("0") == 400, set(seen)  # others reach the server (0 events)
+    assert within(aborted, 400, 0.3), aborted
+
+
+def test_mirror_percentage_within_bound(peers: Peers) -> None:
+    engine = peers.engine
+    sampled = 'metaprotocol_mirror_total{listener="mirror.thrift.pol:9191",route="sampled-mirror"'
+    before = len(peers.mirror.seen)
+    client, trans = peers.header_client(MIRROR)
+    try:
+        replies = [json.loads(client.headers())["version"] for _ in range(400)]
+    finally:
+        trans.close()
+    assert replies == ["primary"] * 400
+    # Every copy sent is counted once its reply is in; wait for the mirror to have served them.
+    engine.wait_for(lambda: len(peers.mirror.seen) - before == engine.stat(sampled))
+    copies = engine.stat(sampled)
+    assert within(copies, 400, 0.25), copies
 
 
 def test_local_rate_limit_lets_exactly_max_tokens_through(peers: Peers) -> None:
