@@ -8,16 +8,18 @@ that venv, and the engine runs there. Nothing is left in the checkout's own envi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import tomllib
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
-from scaffold_kit import PYTHON, Service, fresh_venv, isolated_env, run
+from scaffold_kit import PYTHON, REPO, Service, fresh_venv, isolated_env, run
 
 FILTER = "tenant_guard"
 SLUG = "metaprotocol-filter-tenant-guard"
@@ -251,3 +253,56 @@ def test_longest_names_generate_a_clean_package(tmp_path: Path) -> None:
     run([PYTHON, "-m", "ruff", "format", "--check", "--no-cache", "."], cwd=project)
     assert (project / "src" / package / "py.typed").is_file()
     assert 'license = "LicenseRef-Proprietary"' in (project / "pyproject.toml").read_text("utf-8")
+
+
+def test_metaprotocol_new_filter_prompts_by_default(tmp_path: Path) -> None:
+    # Answers in prompt order; an empty line keeps the default shown in the prompt.
+    answers = ["rate_tag", "", "", "", "José Núñez", "jose@example.com", "2", ""]
+    proc = run(
+        [PYTHON, "-m", "metaprotocol_sdk", "new", "--filter", "-o", tmp_path / "out"],
+        env=isolated_env(tmp_path),
+        input="\n".join(answers) + "\n",
+    )
+    project = tmp_path / "out" / "metaprotocol-filter-rate-tag"
+    assert f"created {project}" in proc.stdout
+    assert "Filter name" in proc.stdout
+    pyproject = (project / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'authors = [{ name = "José Núñez", email = "jose@example.com" }]' in pyproject
+    assert 'license = "MIT"' in pyproject
+    source = (project / "src" / "metaprotocol_filter_rate_tag" / "filter.py").read_text("utf-8")
+    assert "class RateTagFilter(Filter):" in source
+    assert 'name = "rate_tag"' in source
+
+
+def _hook() -> ModuleType:
+    path = REPO / "metaprotocol_sdk/cli/filter_template/hooks/pre_gen_project.py"
+    spec = importlib.util.spec_from_file_location("filter_pre_gen", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_name_of_another_installed_filter_is_rejected() -> None:
+    hook = _hook()
+    answers = {
+        "filter_name": "tag",
+        "project_slug": "acme-tag-filter",
+        "package_name": "acme_tag_filter",
+        "description": "d",
+        "author": "a",
+        "author_email": "a@example.com",
+        "version": "0.1.0",
+        "license": "MIT",
+        "__filter_class": "TagFilter",
+    }
+    assert hook.validate(answers, {}) == []
+    # Re-generating over one's own installed filter is fine; another distribution's is not.
+    assert hook.validate(answers, {"tag": "acme_tag_filter"}) == []
+    (problem,) = hook.validate(answers, {"tag": "other-tag"})
+    assert "a filter named 'tag' is already installed by 'other-tag'" in problem
+    # A bad name is reported once, not again for the package and directory derived from it.
+    bad = {**answers, "filter_name": "Tag-X", "package_name": "metaprotocol_filter_Tag-X"}
+    bad["project_slug"] = "metaprotocol-filter-tag-x"
+    (problem,) = hook.validate(bad, {})
+    assert problem.startswith("filter_name: 'Tag-X' is not a valid filter name")
