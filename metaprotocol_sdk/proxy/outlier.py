@@ -3,8 +3,9 @@
 Istio's ``outlierDetection`` (consecutive-error detection, as Envoy's ``consecutive_5xx`` and
 ``consecutive_gateway_failure``): an upstream ``Error`` reply counts as an error, a connect
 failure, a reset or a timeout as a gateway error (and an error); any other answer resets both
-counts. An endpoint reaching a threshold is ejected for ``baseEjectionTime`` times the number
-of times it has been ejected (at most ``MAX_EJECTION_TIME``), then readmitted; at most
+counts. An endpoint reaching a threshold is ejected at once, for ``baseEjectionTime`` times the
+number of times it has been ejected (at most ``MAX_EJECTION_TIME``), and readmitted at the first
+tick of the detection ``interval`` after that (as Envoy's interval timer does); at most
 ``maxEjectionPercent`` of the cluster, and always at least one endpoint, can be out at once.
 Ejected endpoints are skipped by every load balancer: the cluster rebuilds its balancer over
 the healthy ones. With none healthy, or fewer than ``minHealthPercent``, it balances over all of
@@ -14,6 +15,7 @@ them (Envoy's panic mode).
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING
 
 from metaprotocol_sdk.enums import ResponseStatus
@@ -83,7 +85,9 @@ class OutlierDetector:
         self._ejections.value += 1
         self._out.value = self.ejected
         duration = min(MAX_EJECTION_TIME, self.spec.base_ejection_time * host.ejections)
-        self._loop.call_later(duration, self.readmit, host)
+        interval = self.spec.interval
+        ticks = math.ceil(duration / interval - 1e-9)  # readmission waits for an interval tick
+        self._loop.call_later(ticks * interval, self.readmit, host)
         self.cluster.rebalance()
 
     def readmit(self, host: UpstreamHost) -> None:

@@ -154,18 +154,24 @@ def ejected(engine: Engine) -> int:
 def test_gateway_errors_eject_then_readmit() -> None:
     async def main() -> None:
         good = await Upstream("good").start()
-        outlier = "{consecutiveGatewayErrors: 2, baseEjectionTime: 300ms, maxEjectionPercent: 50}"
+        outlier = (
+            "{consecutiveGatewayErrors: 2, baseEjectionTime: 250ms, interval: 200ms,"
+            " maxEjectionPercent: 50}"
+        )
         text = mesh(
             [(refusing_port(), "v1"), (good.port, "v1")], traffic_policy=policy("", outlier)
         )
         async with engine_for(text) as engine:
             c = await Client.connect(address(engine))
+            loop = asyncio.get_running_loop()
+            started = loop.time()  # before the ejection: a lower bound for its readmission
             results = [error_type(await c.call()) for _ in range(4)]  # alternating at first
             assert results.count("UpstreamConnectFailure") == 2
             assert ejected(engine) == 1
             after = [error_type(await c.call()) for _ in range(10)]
             assert after == [None] * 10  # the dead endpoint is skipped while ejected
-            await until(lambda: ejected(engine) == 0)  # readmitted after baseEjectionTime
+            await until(lambda: ejected(engine) == 0)  # readmitted at the interval tick after
+            assert loop.time() - started >= 0.39  # 250 ms rounded up to 2 ticks of 200 ms
             assert engine.stats.total("metaprotocol_outlier_ejections_total") == 1
             c.close()
         await good.close()
