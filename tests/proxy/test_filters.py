@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 from proxy_kit import (
     ERROR,
+    ONEWAY,
     Client,
     CountingKVCodec,
     Upstream,
     address,
+    build_frame,
     engine_for,
     error_type,
     mesh,
@@ -426,5 +428,28 @@ def test_config_dump_shows_the_chain_and_the_policies() -> None:
             assert v1["connectionPool"]["max_connections"] == 7
             assert v1["outlierDetection"]["consecutive_errors"] == 3
             assert v1["ejected"] == []
+
+    run(main())
+
+
+def test_oneway_messages_pass_the_chain() -> None:
+    """A rate limit (and any refusing filter) stops one-way messages too; they get no reply,
+    the refusal is counted."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        limit = "{tokenBucket: {maxTokens: 2, tokensPerFill: 1, fillInterval: 1h}}"
+        async with engine_for(rate_limited(up.port, limit)) as engine:
+            c = await Client.connect(address(engine))
+            for i in range(5):
+                c.send(build_frame(ONEWAY, 100 + i, {"method": "notify"}))
+            assert error_type(await c.call()) == "OverLimit"  # the bucket is empty now
+            await up.wait_received(2)
+            assert len(up.received) == 2  # the other three were dropped, not forwarded
+            stats = engine.stats
+            assert stats.total("metaprotocol_oneway_total", status="Forwarded") == 2
+            assert stats.total("metaprotocol_oneway_total", status="OverLimit") == 3
+            c.close()
+        await up.close()
 
     run(main())
