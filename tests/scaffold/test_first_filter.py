@@ -82,11 +82,16 @@ def test_first_filter_from_scaffold_to_engine(tmp_path: Path) -> None:
             text = path.read_text("utf-8")
             assert "{{" not in text and "{%" not in text, f"unrendered Jinja in {path}"
     # The README names exactly the commands run below, and the next steps printed agree.
-    develop, engine_block = _sh_commands((project / "README.md").read_text("utf-8"))
+    readme = (project / "README.md").read_text("utf-8")
+    develop, engine_block = _sh_commands(readme)
     assert develop == ["pip install -e '.[dev]'", "./ci.sh"]
     assert engine_block == README_RUN
     for command in README_RUN[:3]:
         assert command in made.stdout
+    # ... and every file or directory it names is there.
+    named = re.findall(r"`([\w./{}-]+(?:/|\.(?:py|yaml|toml|sh)|LICENSE))`", readme)
+    assert "deploy/proxy.yaml" in named and f"src/{PACKAGE}/filter.py" in named, named
+    assert [n for n in named if not (project / n).exists()] == []
 
     # 2. Install it (a real install, not editable) into a throwaway venv: only there is it
     #    an installed filter.
