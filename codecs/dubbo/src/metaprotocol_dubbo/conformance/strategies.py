@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from ..codec import heartbeat_request
 from ..frames import build_request, build_response
+from ..header import build_header
 from ..status import ResultFlag, Status
 
 _names = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=24)
@@ -100,3 +101,39 @@ def grown(n: int) -> dict[str, bytes]:
             path, "m", [lists], attachments={f"k{i}": item for i, item in enumerate(lists)}
         ),
     }
+
+
+def _long_string(text: str) -> bytes:
+    """``text`` (ASCII) in the 'S' form, which Java uses only from 1024 units on."""
+    return b"S" + len(text).to_bytes(2, "big") + text.encode()
+
+
+def _unusual_request(request_id: int, value: str, variant: int) -> bytes:
+    """A legal request in a form our encoder never writes (see :func:`unusual_messages`)."""
+    strings = [_long_string(s) for s in ("2.0.2", "com.example.Service", "1.0.0", "call")]
+    descriptor = "Ljava/util/List;I" if variant == 2 else "Ljava/lang/String;I"
+    head = b"".join(strings) + _long_string(descriptor)
+    if variant == 0:  # the int argument in its 5-byte form, the string argument in 'S' form
+        args = _long_string(value) + b"I\x00\x00\x00\x07"
+        attachments = b"H\x05group\x01a\x05group\x01bZ"  # a duplicate key (the last wins)
+    elif variant == 1:  # a chunked string argument; attachments as a typed map
+        args = b"R\x00\x01x" + _long_string(value) + b"\x91"
+        attachments = b"M\x0djava.util.Map\x03env\x04prodZ"
+    else:  # a variable-length list ('W'), an int in 3-byte form where one byte fits
+        args = b"W" + _long_string(value) + b"Z" + b"\xd4\x00\x01"
+        attachments = b"H\x04path\x13com.example.ServiceZ"
+    body = head + args + attachments
+    return build_header(0xC2, 0, request_id, len(body)) + body
+
+
+def unusual_messages() -> st.SearchStrategy[bytes]:
+    """Legal requests our encoder never writes: long string forms where compact ones fit, ints
+    in longer forms, chunked strings, variable-length lists, typed attachment maps, duplicate
+    attachment keys.
+    A codec that re-serialised them would change their bytes."""
+    return st.builds(
+        _unusual_request,
+        st.integers(1, 2**62),
+        st.text(alphabet=string.ascii_letters, max_size=12),
+        st.integers(0, 2),
+    )

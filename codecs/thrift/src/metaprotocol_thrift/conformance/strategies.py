@@ -156,3 +156,36 @@ def grown(n: int) -> dict[str, Sample]:
             theader.build_frame(0, 7, theader.build_block(block, info), _call(strings))
         ),
     }
+
+
+def _unusual(seqid: int, name: str, variant: int) -> Sample:
+    """A legal message in a form our codec and Apache's libraries do not write."""
+    raw = name.encode()
+    call = binary.write_message_begin(raw, CALL, seqid, True) + b"\x08\x00\x01\x00\x00\x00\x07\x00"
+    if variant == 0:  # non-strict binary (no version word), framed
+        payload = binary.write_message_begin(raw, CALL, seqid, False) + b"\x00"
+        frame = len(payload).to_bytes(4, "big") + payload
+        options = {"transport": "framed", "protocol": "binary", "strict": "false"}
+        return Sample(frame, expect={"request_id": seqid}, options=options)
+    if variant == 1:  # compact, every field header in the long form (a delta would fit)
+        body = b"\x05\x02\x0e" + b"\x08\x04\x04abcd" + b"\x00"
+        payload = compact.write_message_begin(raw, CALL, seqid) + body
+        frame = len(payload).to_bytes(4, "big") + payload
+        return Sample(frame, expect={"request_id": seqid}, options={"transport": "framed"})
+    # THeader: duplicate info headers, an unknown info section kept verbatim, extra padding
+    info = (
+        b"\x01\x02"  # a key-value section of two pairs with the same key
+        + b"\x03env\x04prod\x03env\x03dev"
+        + b"\x07\x01\x02xy"  # an info section of an unknown type (7)
+    )
+    block = b"\x00\x00" + info
+    block += b"\x00" * (-len(block) % 4 + 4)  # one more padding word than needed
+    frame = theader.build_frame(0, seqid, block, call)
+    return Sample(frame, expect={"request_id": seqid}, options={"transport": "header"})
+
+
+def unusual_messages() -> st.SearchStrategy[Sample]:
+    """Legal messages in forms no writer we know produces: non-strict binary, compact long-form
+    field headers, THeader duplicate info headers, unknown info sections and extra padding.
+    A codec that re-serialised them would change their bytes."""
+    return st.builds(_unusual, st.integers(1, 2**31 - 1), _names, st.integers(0, 2))
