@@ -17,7 +17,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "decode": ("metaprotocol_sdk.cli.decode", "Decode a captured byte stream and print metadata."),
     "check": ("metaprotocol_sdk.cli.check", "Run the conformance kit against a codec."),
     "proxy": ("metaprotocol_sdk.cli.proxy", "Run the proxy engine."),
-    "new": ("metaprotocol_sdk.cli.new", "Scaffold a new codec package."),
+    "new": ("metaprotocol_sdk.cli.new", "Scaffold a new codec (or --filter) package."),
     "demo": ("metaprotocol_sdk.cli.demo", "Run the demo: real servers, clients and the engine."),
 }
 
