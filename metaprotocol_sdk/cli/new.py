@@ -110,9 +110,9 @@ def command(
     output_dir: Path,
     template: str | None,
 ) -> None:
-    """Scaffold a codec package for the protocol NAME, or with --filter a filter package for
-    the filter NAME (prompted for when not given).
+    """Scaffold a codec package, or with --filter a filter package.
 
+    NAME is the codec's protocol or the filter's name (prompted for when not given).
     Without --no-input every answer is prompted for, with the given options as defaults.
     A codec package passes the conformance kit and runs in the engine as generated; a filter
     package passes its tests on the filter harness and runs in the engine by its entry-point
