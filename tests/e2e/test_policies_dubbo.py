@@ -25,12 +25,13 @@ import pytest
 
 from metaprotocol_sdk.demo.procs import Child, node_child
 
-POLICY, DEADM, RATE, RETRY, OUTLIER = (
+POLICY, DEADM, RATE, RETRY, OUTLIER, PANIC = (
     ("policy.dubbo.pol", 20990),
     ("deadmirror.dubbo.pol", 20991),
     ("rate.dubbo.pol", 20992),
     ("retry.dubbo.pol", 20993),
     ("outlier.dubbo.pol", 20994),
+    ("panic.dubbo.pol", 20995),
 )
 DELAY = 0.3  # the fault's fixedDelay, seconds
 
@@ -165,7 +166,7 @@ class Peers:
         svc = harness.service_yaml
         outlier = (
             "{outlierDetection: {consecutiveGatewayErrors: 2, baseEjectionTime: 1s,"
-            " maxEjectionPercent: 100}}"
+            " interval: 250ms, maxEjectionPercent: 100}}"
         )
         yaml = "".join(
             [
@@ -228,14 +229,23 @@ class Peers:
                     ),
                 ),
                 router("outlier", OUTLIER, route("all", dest(OUTLIER))),
-                harness.proxy_yaml([POLICY, RATE, RETRY, OUTLIER]),
+                svc(
+                    "panic",
+                    "dubbo",
+                    *PANIC,
+                    {"p1": ports[self.v1], "p2": ports[self.flaky]},
+                    traffic_policy="{outlierDetection: {consecutive5xxErrors: 1,"
+                    " baseEjectionTime: 30s, maxEjectionPercent: 100}}",
+                ),
+                router("panic", PANIC, route("all", dest(PANIC))),
+                harness.proxy_yaml([POLICY, RATE, RETRY, OUTLIER, PANIC]),
             ]
         )
         self.engine = start_engine(yaml)
-        self.policy, self.rate, self.retry, self.outlier = (
-            self._consumer(s) for s in (POLICY, RATE, RETRY, OUTLIER)
+        self.policy, self.rate, self.retry, self.outlier, self.panic = (
+            self._consumer(s) for s in (POLICY, RATE, RETRY, OUTLIER, PANIC)
         )
-        for consumer in (self.policy, self.rate, self.retry, self.outlier):
+        for consumer in (self.policy, self.rate, self.retry, self.outlier, self.panic):
             consumer.child.wait_ready()
 
     def _child(self, name: str, *args: str) -> Child:
@@ -336,3 +346,17 @@ def test_outlier_ejected_then_readmitted(peers: Peers) -> None:
     after = Counter(consumer.outcome() for _ in range(10))
     assert set(after) == {"v1", "flaky"}, after  # readmitted
     assert engine.stat("metaprotocol_outlier_ejections_total") == 1
+
+
+def test_every_endpoint_ejected_still_gets_traffic(peers: Peers) -> None:
+    """Both providers answer errors and both are ejected: the cluster then balances over all
+    of them (Envoy's panic threshold), so the consumer still gets the providers' own answers
+    rather than NoHealthyUpstream."""
+    engine, consumer = peers.engine, peers.panic
+    active = 'metaprotocol_outlier_ejections_active{cluster="outbound|20995||panic.dubbo.pol"}'
+    first = [consumer.call("fail", ["boom from node"]) for _ in range(2)]
+    assert all(not r["ok"] and "boom from node" in r["error"] for r in first), first
+    assert engine.stat(active) == 2, engine.loop_call(engine.engine.stats_snapshot)
+    after = [consumer.call("fail", ["again"]) for _ in range(2)]
+    assert all("again" in r["error"] and "NoHealthyUpstream" not in r["error"] for r in after)
+    assert {consumer.outcome() for _ in range(4)} == {"v1", "flaky"}

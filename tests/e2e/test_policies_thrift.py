@@ -72,7 +72,7 @@ class Peers:
         svc = harness.service_yaml
         one = {"v1": self.v1.port}
         outlier = (
-            "{outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1s,"
+            "{outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1s, interval: 250ms,"
             " maxEjectionPercent: 100}}"
         )
         yaml = "".join(
