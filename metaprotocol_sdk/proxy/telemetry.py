@@ -136,6 +136,18 @@ class IstioSeries:
         sizes.sum += response_bytes
 
 
+class TcpSeries:
+    """Istio's TCP series of one upstream endpoint: connections and bytes."""
+
+    __slots__ = ("closed", "opened", "received", "sent")
+
+    def __init__(self, stats: Stats, labels: dict[str, str]) -> None:
+        self.opened = stats.counter("istio_tcp_connections_opened_total", **labels)
+        self.closed = stats.counter("istio_tcp_connections_closed_total", **labels)
+        self.sent = stats.counter("istio_tcp_sent_bytes_total", **labels)
+        self.received = stats.counter("istio_tcp_received_bytes_total", **labels)
+
+
 class IstioTelemetry:
     """Builds and caches the Istio series of an engine (one label set per destination
     endpoint, response code and flags)."""
@@ -143,6 +155,7 @@ class IstioTelemetry:
     def __init__(self, stats: Stats, workload: Workload, reporter: str) -> None:
         self._stats = stats
         self._series: dict[tuple[object, ...], IstioSeries] = {}
+        self._tcp: dict[tuple[object, ...], TcpSeries] = {}
         self._source = {
             "reporter": reporter,
             "source_workload": workload.name,
@@ -173,27 +186,10 @@ class IstioTelemetry:
         found = self._series.get(key)
         if found is not None:
             return found
-        labels = endpoint or {}
-        app = labels.get("app", "unknown")
-        version = labels.get("version", "unknown")
         found = self._series[key] = IstioSeries(
             self._stats,
             {
-                **self._source,
-                "destination_workload": labels.get("workload", app),
-                "destination_workload_namespace": namespace,
-                "destination_principal": "unknown",
-                "destination_app": app,
-                "destination_version": version,
-                "destination_service": service,
-                "destination_service_name": service.split(".", 1)[0] or "unknown",
-                "destination_service_namespace": namespace,
-                "destination_canonical_service": labels.get("service.istio.io/canonical-name", app),
-                "destination_canonical_revision": labels.get(
-                    "service.istio.io/canonical-revision",
-                    version if version != "unknown" else "latest",
-                ),
-                "destination_cluster": self._source["source_cluster"],
+                **self._peers(service, namespace, endpoint),
                 "request_protocol": protocol,
                 "response_code": RESPONSE_CODES.get(outcome, "500"),
                 "grpc_response_status": "",
@@ -202,6 +198,47 @@ class IstioTelemetry:
             },
         )
         return found
+
+    def tcp(self, service: str, namespace: str, endpoint: Mapping[str, str]) -> TcpSeries:
+        """The TCP series of upstream connections to an endpoint of ``service``."""
+        key = (service, namespace, tuple(sorted(endpoint.items())))
+        found = self._tcp.get(key)
+        if found is None:
+            found = self._tcp[key] = TcpSeries(
+                self._stats,
+                {
+                    **self._peers(service, namespace, endpoint),
+                    "request_protocol": "tcp",
+                    "response_flags": "-",
+                    "connection_security_policy": "none",
+                },
+            )
+        return found
+
+    def _peers(
+        self, service: str, namespace: str, endpoint: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """The source and destination labels."""
+        labels = endpoint or {}
+        app = labels.get("app", "unknown")
+        version = labels.get("version", "unknown")
+        return {
+            **self._source,
+            "destination_workload": labels.get("workload", app),
+            "destination_workload_namespace": namespace,
+            "destination_principal": "unknown",
+            "destination_app": app,
+            "destination_version": version,
+            "destination_service": service,
+            "destination_service_name": service.split(".", 1)[0] or "unknown",
+            "destination_service_namespace": namespace,
+            "destination_canonical_service": labels.get("service.istio.io/canonical-name", app),
+            "destination_canonical_revision": labels.get(
+                "service.istio.io/canonical-revision",
+                version if version != "unknown" else "latest",
+            ),
+            "destination_cluster": self._source["source_cluster"],
+        }
 
 
 class TargetTelemetry:

@@ -171,6 +171,10 @@ class Cluster:
         self.shared = protocol.codec_class.capabilities.rewrite_request_id
         #: Circuit-breaker limits (``trafficPolicy.connectionPool``), ``None``: none.
         self.pool = pool
+        #: The destination service (host) and its namespace, for Istio's labels.
+        self.service = name.rsplit("|", 1)[-1]
+        service = engine.config.services.get(self.service)
+        self.namespace = service.namespace if service is not None else "unknown"
         self.connect_timeout = engine.connect_timeout
         if pool is not None and pool.connect_timeout is not None:
             self.connect_timeout = pool.connect_timeout
@@ -286,6 +290,7 @@ class UpstreamConnection(asyncio.Protocol):
         "shared",
         "stale",
         "task",
+        "tcp",
         "transport",
         "write_paused",
     )
@@ -331,6 +336,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.retiring = False
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
+        istio = self.engine.istio
+        #: Istio's TCP series for this endpoint (``None``: Istio metrics are off).
+        self.tcp = (
+            None if istio is None else istio.tcp(cluster.service, cluster.namespace, host.labels)
+        )
 
     # -- connecting ----------------------------------------------------------------------------
 
@@ -365,6 +375,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.connecting = False
         self.cluster.opening.discard(self)
         self.cluster.connects.value += 1
+        if self.tcp is not None:
+            self.tcp.opened.value += 1
         pool = self.cluster.pool
         if pool is not None and pool.keepalive is not None:
             _keepalive(
@@ -410,6 +422,8 @@ class UpstreamConnection(asyncio.Protocol):
             queued.append(encoded)
         else:
             self._queue(encoded, len(request.frame))
+        if self.tcp is not None:
+            self.tcp.sent.value += p.size  # the frame's size (a mutation may change it a little)
         if self.limit_requests:
             self.sent += 1
             if self.sent >= self.limit_requests:
@@ -445,6 +459,8 @@ class UpstreamConnection(asyncio.Protocol):
     def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
         """Encode and send a request that gets no response."""
         self._queue(self.codec.encode(request, mutation), len(request.frame))
+        if self.tcp is not None:
+            self.tcp.sent.value += len(request.frame)
 
     def _queue(self, encoded: Encoded, size: int) -> None:
         # Writes are corked until the loop has delivered everything it read: one syscall for
@@ -484,6 +500,8 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
+        if self.tcp is not None:
+            self.tcp.received.value += len(data)
         if len(buffer) < self.need:
             self._account_held()
             return
@@ -614,6 +632,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._active.value -= 1
+        if self.tcp is not None:
+            self.tcp.closed.value += 1
         self.transport = None
         if not self.closed and (self.pending or self.order):  # not closed by us
             self.cluster.resets.value += 1

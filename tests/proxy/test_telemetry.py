@@ -121,6 +121,16 @@ def test_istio_metrics_carry_every_kiali_label_with_meaningful_values() -> None:
                 if k.startswith("istio_request_duration_milliseconds_count")
             )
             assert istio_count == 7
+            # TCP series of the upstream connections (to the v1 endpoint and the refusing v2)
+            tcp = {
+                k: v
+                for k, v in snapshot.items()
+                if k.startswith("istio_tcp_") and 'destination_version="v1"' in k
+            }
+            opened = next(v for k, v in tcp.items() if "connections_opened" in k)
+            sent = next(v for k, v in tcp.items() if "sent_bytes" in k)
+            received = next(v for k, v in tcp.items() if "received_bytes" in k)
+            assert opened == 1 and sent > 0 and received > 0
             c.close()
         finally:
             await engine.stop(drain=0.5)
