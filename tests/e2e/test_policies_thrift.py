@@ -475,3 +475,18 @@ def test_outlier_ejected_then_readmitted(peers: Peers) -> None:
         client.close()
     assert set(after) == {"good", "flaky"}, after  # readmitted
     assert engine.stat("metaprotocol_outlier_ejections_total") == 1
+
+
+def test_engine_stops_with_mirror_copies_in_flight(peers: Peers) -> None:
+    """Copies waiting on the hung mirror when the engine stops leave no task behind (this
+    test stops the module's engine, so it runs last)."""
+    before = peers.hole.data().count(b"ping")
+    client, trans = peers.header_client(MIRROR)
+    try:
+        for _ in range(5):
+            trans.set_header(b"x-mirror", b"hang")
+            assert client.ping() == "primary: pong"
+    finally:
+        trans.close()
+    peers.engine.wait_for(lambda: peers.hole.data().count(b"ping") == before + 5)
+    assert peers.engine.close() == []  # the copies had up to 5 s (route timeout) to go
