@@ -80,7 +80,16 @@ class RequestContext:
 class ResponseContext:
     """What a response filter sees about one answer."""
 
-    __slots__ = ("attributes", "listener", "local_error", "request", "route", "status")
+    __slots__ = (
+        "attributes",
+        "destination",
+        "listener",
+        "local_error",
+        "request",
+        "route",
+        "status",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -90,6 +99,8 @@ class ResponseContext:
         status: ResponseStatus,
         attributes: Attributes | None,
         local_error: ErrorType | None,
+        destination: str = "",
+        upstream: str = "",
     ) -> None:
         #: The request this answers.
         self.request = request
@@ -104,6 +115,10 @@ class ResponseContext:
         self.attributes = attributes
         #: The error type when the engine answered locally (a filter, a timeout, ...).
         self.local_error = local_error
+        #: The destination (Envoy-style cluster name) the request went to, ``""`` if none.
+        self.destination = destination
+        #: The upstream endpoint (``address:port``) that answered or failed, ``""`` if none.
+        self.upstream = upstream
 
 
 class Filter:

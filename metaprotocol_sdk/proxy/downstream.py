@@ -597,10 +597,19 @@ class Downstream(asyncio.Protocol):
         status: ResponseStatus,
         attributes: Attributes | None,
         local_error: ErrorType | None,
+        target: Target | None = None,
+        host: UpstreamHost | None = None,
     ) -> None:
         """Show an answer to the route's response filters (their errors are counted only)."""
         context = ResponseContext(
-            request, route.name, self.listener.name, status, attributes, local_error
+            request,
+            route.name,
+            self.listener.name,
+            status,
+            attributes,
+            local_error,
+            "" if target is None else target.name,
+            "" if host is None else host.key,
         )
         for f in route.response_filters:
             try:
@@ -914,6 +923,8 @@ class Downstream(asyncio.Protocol):
                 ResponseStatus.Error if status is None else status,
                 attributes if route.decode_replies else None,
                 ErrorType.BadResponse if status is None else None,
+                p.target,
+                p.host,
             )
         elapsed = self.engine.loop.time() - p.start
         ms = elapsed * 1000.0
@@ -1048,7 +1059,7 @@ class Downstream(asyncio.Protocol):
         transport.write(reply)
         self._observe_local(target, error.name, elapsed, request, len(reply), flags, host)
         if route is not None and route.response_filters:
-            self._respond(route, request, ResponseStatus.Error, None, error)
+            self._respond(route, request, ResponseStatus.Error, None, error, target, host)
         log = self.engine.access_log
         if log is not None:
             log.log(
