@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
 
-FAULT, MIRROR, DEADM, RATE, REFILL, RETRY, OUTLIER, RESET, HANG = (
+FAULT, MIRROR, DEADM, RATE, REFILL, RETRY, OUTLIER, RESET, HANG, SLOW = (
     ("fault.thrift.pol", 9190),
     ("mirror.thrift.pol", 9191),
     ("deadmirror.thrift.pol", 9192),
@@ -29,6 +30,7 @@ FAULT, MIRROR, DEADM, RATE, REFILL, RETRY, OUTLIER, RESET, HANG = (
     ("outlier.thrift.pol", 9196),
     ("reset.thrift.pol", 9197),
     ("hang.thrift.pol", 9198),
+    ("slow.thrift.pol", 9199),
 )
 DELAY = 0.3  # the fault's fixedDelay, seconds
 TApplicationException = untyped("thriftpy2.thrift").TApplicationException
@@ -108,6 +110,7 @@ class Peers:
         self.good, self.flaky = HelloServer("good").start(), HelloServer("flaky").start()
         self.x, self.y = HelloServer("x").start(), HelloServer("y").start()
         self.hole = BlackHole()
+        self.slow, self.fast = HelloServer("slow").start(), HelloServer("fast").start()
         svc = harness.service_yaml
         one = {"v1": self.v1.port}
         outlier = (
@@ -221,7 +224,18 @@ class Peers:
                         "all", dest(RESET), extra="\n      retries: {attempts: 1, retryOn: reset}"
                     ),
                 ),
-                harness.proxy_yaml([FAULT, MIRROR, RATE, REFILL, RETRY, OUTLIER, RESET]),
+                svc("slow", "thrift", *SLOW, {"s": self.slow.port, "f": self.fast.port}),
+                router(
+                    "slow",
+                    SLOW,
+                    route(
+                        "all",
+                        dest(SLOW),
+                        extra="\n      retries:"
+                        "\n        {attempts: 1, perTryTimeout: 300ms, retryOn: timeout}",
+                    ),
+                ),
+                harness.proxy_yaml([FAULT, MIRROR, RATE, REFILL, RETRY, OUTLIER, RESET, SLOW]),
             ]
         )
         self.engine = start_engine(yaml)
@@ -250,7 +264,7 @@ class Peers:
 
     def close(self) -> None:
         servers = (self.v1, self.primary, self.mirror, self.a, self.b, self.good, self.flaky)
-        for server in (*servers, self.x, self.y, self.hole):
+        for server in (*servers, self.x, self.y, self.hole, self.slow, self.fast):
             server.close()
 
 
@@ -293,6 +307,26 @@ def test_fault_delay_holds_each_call(peers: Peers) -> None:
             assert time.monotonic() - started >= DELAY
     finally:
         client.close()
+
+
+def test_fault_delays_do_not_hold_each_other(peers: Peers) -> None:
+    """16 clients at once on the delayed route: the holds overlap (the loop is not blocked),
+    so all of them finish in far less than 16 delays."""
+
+    def one(_: int) -> float:
+        client = peers.client(FAULT)
+        try:
+            started = time.monotonic()
+            assert client.ping() == "v1: pong"
+            return time.monotonic() - started
+        finally:
+            client.close()
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        each = list(pool.map(one, range(16)))
+    assert min(each) >= DELAY
+    assert time.monotonic() - started < 16 * DELAY / 3
 
 
 def test_mirror_receives_copies_with_the_mutation(peers: Peers) -> None:
@@ -453,6 +487,22 @@ def test_retry_after_reset_of_a_request_in_flight(peers: Peers) -> None:
     assert replies == ["y: slept 4000"]
     reset = 'metaprotocol_retries_total{listener="reset.thrift.pol:9197",route="all",reason="'
     assert peers.engine.stat(reset + 'reset"}') == 1
+
+
+def test_retry_after_a_try_times_out(peers: Peers) -> None:
+    """perTryTimeout 300 ms with retryOn timeout: a try stuck on the slow server is retried
+    on the other endpoint, and the client gets that reply well before the slow one's."""
+    peers.slow.handler.sleep = lambda ms: time.sleep(3) or f"slow: slept {ms}"  # type: ignore[method-assign]
+    client = peers.client(SLOW)
+    try:
+        for _ in range(4):  # round robin: half of the first tries go to the slow server
+            started = time.monotonic()
+            assert client.sleep(0) == "fast: slept 0"
+            assert time.monotonic() - started < 2.5
+    finally:
+        client.close()
+    timeouts = 'metaprotocol_retries_total{listener="slow.thrift.pol:9199",route="all",reason="'
+    assert peers.engine.stat(timeouts + 'timeout"}') >= 1
 
 
 def test_outlier_ejected_then_readmitted(peers: Peers) -> None:
