@@ -25,13 +25,14 @@ import pytest
 
 from metaprotocol_sdk.demo.procs import Child, node_child
 
-POLICY, DEADM, RATE, RETRY, OUTLIER, PANIC = (
+POLICY, DEADM, RATE, RETRY, OUTLIER, PANIC, INFLIGHT = (
     ("policy.dubbo.pol", 20990),
     ("deadmirror.dubbo.pol", 20991),
     ("rate.dubbo.pol", 20992),
     ("retry.dubbo.pol", 20993),
     ("outlier.dubbo.pol", 20994),
     ("panic.dubbo.pol", 20995),
+    ("inflight.dubbo.pol", 20996),
 )
 DELAY = 0.3  # the fault's fixedDelay, seconds
 
@@ -152,14 +153,14 @@ spec:
 
 
 class Peers:
-    """Providers v1, mirror, a (the victim) and flaky, relays, the engine, and consumers."""
+    """Providers v1, mirror, a and c (victims) and flaky, relays, the engine, consumers."""
 
     def __init__(self, harness: ModuleType, start_engine: Any) -> None:
         self.children: list[Child] = []
-        self.v1, self.mirror, self.a, self.flaky = (
-            self._child(f"provider-{v}", "provider", v) for v in ("v1", "mirror", "a", "flaky")
+        self.v1, self.mirror, self.a, self.c, self.flaky = (
+            self._child(f"provider-{v}", "provider", v) for v in ("v1", "mirror", "a", "c", "flaky")
         )
-        ports = {c: c.wait_ready() for c in (self.v1, self.mirror, self.a, self.flaky)}
+        ports = {c: c.wait_ready() for c in (self.v1, self.mirror, self.a, self.c, self.flaky)}
         self.tap = Relay(ports[self.mirror])
         self.tap.open()
         self.gate = Relay(ports[self.flaky])  # refuses connections until opened
@@ -175,6 +176,7 @@ class Peers:
                 svc("deadm", "dubbo", *DEADM, {"v1": harness.closed_port()}),
                 svc("rate", "dubbo", *RATE, {"v1": ports[self.v1]}),
                 svc("retry", "dubbo", *RETRY, {"a": ports[self.a], "b": ports[self.v1]}),
+                svc("inflight", "dubbo", *INFLIGHT, {"c": ports[self.c], "d": ports[self.v1]}),
                 svc(
                     "outlier",
                     "dubbo",
@@ -223,6 +225,12 @@ class Peers:
                     "retry",
                     RETRY,
                     route(
+                        "in-flight",
+                        dest(INFLIGHT),
+                        "sleep",
+                        "\n      retries: {attempts: 1, retryOn: reset}",
+                    )
+                    + route(
                         "all",
                         dest(RETRY),
                         extra="\n      retries: {attempts: 2, retryOn: 'connect-failure,reset'}",
@@ -331,6 +339,28 @@ def test_retry_lands_on_the_healthy_endpoint(peers: Peers) -> None:
     peers.a.stop()  # kills provider a: its connection resets, new ones are refused
     assert [consumer.outcome() for _ in range(20)] == ["v1"] * 20
     assert peers.engine.stat('metaprotocol_retries_total{listener="retry.dubbo.pol:20993"') >= 1
+
+
+def test_retry_after_the_provider_dies_with_the_request(peers: Peers) -> None:
+    """Provider c is killed while it holds a request: the engine retries it (retryOn reset)
+    on the other endpoint and the consumer gets that provider's reply."""
+    consumer = peers.retry
+    counts = {p: count(p) for p in (peers.c, peers.v1)}
+    reply: dict[str, Any] = {}
+    for _ in range(2):  # round robin: one of two calls is held by c
+        call_id = consumer.send("sleep", [1000])
+        deadline = time.monotonic() + 5
+        while (served := {p for p in counts if count(p) > counts[p]}) == set():
+            assert time.monotonic() < deadline, "the call reached no provider"
+        if peers.c in served:
+            peers.c.stop()  # the process exits with the request in flight
+            reply = consumer.results([call_id])[call_id]
+            break
+        counts[peers.v1] += 1
+        consumer.results([call_id])  # v1 got this one: wait for it, then try again
+    assert reply["ok"] and reply["result"] == "v1: slept 1000", reply
+    reset = 'metaprotocol_retries_total{listener="retry.dubbo.pol:20993",route="in-flight",reason="'
+    assert peers.engine.stat(reset + 'reset"}') == 1
 
 
 def test_outlier_ejected_then_readmitted(peers: Peers) -> None:
