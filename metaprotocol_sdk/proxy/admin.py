@@ -3,6 +3,8 @@
 * ``/ready``: ``200 LIVE`` while serving, ``503 DRAINING`` during shutdown.
 * ``/config_dump``: the validated configuration and the runtime built from it, as JSON.
 * ``/stats``: Prometheus text; ``/stats?format=json``: ``{"name{labels}": value}``.
+* ``/``: the live page (:mod:`.admin_page`), which polls ``/stats/live`` (its JSON) every
+  second; ``/paths`` lists the paths.
 
 It shares the event loop with the data path, so every cost is bounded: a request (line and
 headers) of at most :data:`MAX_REQUEST_BYTES`, ``admin.maxConnections`` open connections,
@@ -21,6 +23,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import h11
+
+from .admin_page import History, live_data, page_html, start_sampler
 
 if TYPE_CHECKING:
     from .config.models import Admin
@@ -140,6 +144,9 @@ class _AdminServer:
         self.settings = settings
         self.active = 0
         self._dump: bytes | None = None
+        self._page: bytes | None = None
+        #: Recent totals for the live page, sampled by a timer (:func:`start_sampler`).
+        self.history = History()
         self._rejected = engine.stats.counter("metaprotocol_admin_connections_rejected_total")
 
     def _count(self, status: int) -> None:
@@ -163,8 +170,17 @@ class _AdminServer:
                 body = json.dumps(engine.stats_snapshot(), indent=2, sort_keys=True)
                 return _response(200, body + "\n", "application/json")
             return _response(200, engine.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/stats/live":
+            body = json.dumps(live_data(engine, self.history), default=str)
+            return _response(200, body + "\n", "application/json")
         if path == "/":
-            return _response(200, "/ready\n/config_dump\n/stats\n/stats?format=json\n")
+            if self._page is None:
+                self._page = _response(200, page_html(), "text/html; charset=utf-8")
+            return self._page
+        if path == "/paths":
+            return _response(
+                200, "/\n/paths\n/ready\n/config_dump\n/stats\n/stats?format=json\n/stats/live\n"
+            )
         return _response(404, f"unknown path {path[:200]}\n")
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -251,4 +267,6 @@ async def start_admin(engine: Engine, settings: Admin) -> asyncio.Server:
     """Start the admin server on ``settings.bind``."""
     server = _AdminServer(engine, settings)
     host, port = settings.bind
-    return await asyncio.start_server(server.serve, host, port, limit=MAX_REQUEST_BYTES)
+    listening = await asyncio.start_server(server.serve, host, port, limit=MAX_REQUEST_BYTES)
+    start_sampler(listening, engine.stats, server.history)
+    return listening

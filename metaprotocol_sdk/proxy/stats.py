@@ -178,6 +178,10 @@ class Stats:
 
     gauge = counter
 
+    def counters(self, name: str) -> list[Counter]:
+        """Every series of the counter or gauge ``name``."""
+        return [s for (n, _), s in self._series.items() if n == name]
+
     def get(self, name: str, **labels: str) -> int:
         """Current value (0 when the series does not exist)."""
         series = self._series.get((name, tuple(labels.items())))

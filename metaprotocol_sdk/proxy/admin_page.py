@@ -1,0 +1,221 @@
+"""The admin endpoint's live page (``/``) and the JSON it polls (``/stats/live``).
+
+The page (``admin_page.html``, shipped with the package) is self-contained: no external script,
+style or font, so it works on an air-gapped host. It fetches :func:`live_data` every second.
+
+:func:`live_data` reads the engine's stats only when asked, so the data path pays nothing for
+it. The recent history (requests, errors and local replies per interval) is a ring of
+:data:`HISTORY_SIZE` totals sampled every :data:`HISTORY_INTERVAL` seconds by a timer on the
+event loop: bounded memory (the ring holds three integers per sample), and a sample costs one
+walk over three counter families, whatever the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from importlib import resources
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .stats import DURATION_BUCKETS_MS, Histogram, Stats
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+#: Seconds between two samples of the history ring.
+HISTORY_INTERVAL = 5.0
+#: Samples kept: five minutes at the default interval.
+HISTORY_SIZE = 60
+#: The percentiles shown per destination and per route.
+QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+DURATION = "metaprotocol_request_duration_milliseconds"
+
+
+def page_html() -> bytes:
+    """The page's HTML (read once from the package; cached by the caller)."""
+    return (
+        resources.files(__package__ or "metaprotocol_sdk.proxy")
+        .joinpath("admin_page.html")
+        .read_bytes()
+    )
+
+
+class Totals(NamedTuple):
+    """Engine-wide counts at one instant."""
+
+    requests: int
+    errors: int
+    local_replies: int
+
+
+def totals(stats: Stats) -> Totals:
+    """Requests (every status), errors (status other than ``Ok``) and local replies so far."""
+    requests = errors = 0
+    for series in stats.counters("metaprotocol_requests_total"):
+        requests += series.value
+        if ("status", "Ok") not in series.labels:
+            errors += series.value
+    local = sum(s.value for s in stats.counters("metaprotocol_local_replies_total"))
+    return Totals(requests, errors, local)
+
+
+class History:
+    """A bounded ring of :class:`Totals` samples with their times."""
+
+    def __init__(self, size: int = HISTORY_SIZE) -> None:
+        self.samples: deque[tuple[float, Totals]] = deque(maxlen=size)
+
+    def sample(self, now: float, values: Totals) -> None:
+        """Record ``values`` as of ``now`` (the oldest sample goes once the ring is full)."""
+        self.samples.append((now, values))
+
+    def points(self) -> list[dict[str, float]]:
+        """Per interval between consecutive samples: its end time and the counts in it."""
+        out: list[dict[str, float]] = []
+        for (_, before), (t, after) in pairwise(self.samples):
+            out.append(
+                {
+                    "time": round(t, 3),
+                    "requests": after.requests - before.requests,
+                    "errors": after.errors - before.errors,
+                    "local_replies": after.local_replies - before.local_replies,
+                }
+            )
+        return out
+
+
+def start_sampler(
+    server: asyncio.Server, stats: Stats, history: History, interval: float = HISTORY_INTERVAL
+) -> None:
+    """Sample ``stats`` into ``history`` now and every ``interval`` s while ``server`` serves."""
+    loop = asyncio.get_running_loop()
+
+    def tick() -> None:
+        if not server.is_serving():  # the engine closed its admin endpoint: stop sampling
+            return
+        history.sample(time.time(), totals(stats))
+        loop.call_later(interval, tick)
+
+    tick()
+
+
+def _quantiles(histogram: Histogram | None) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, q in QUANTILES:
+        value = None if histogram is None else histogram.quantile(q)
+        out[name] = None if value is None else round(value, 3)
+    return out
+
+
+def _merged(histograms: list[Histogram]) -> Histogram | None:
+    """One histogram counting every observation of ``histograms`` (same bounds)."""
+    if not histograms:
+        return None
+    merged = Histogram(DURATION, (), DURATION_BUCKETS_MS)
+    for h in histograms:
+        if h.bounds == merged.bounds:
+            merged.counts = [a + b for a, b in zip(merged.counts, h.counts, strict=True)]
+            merged.sum += h.sum
+    return merged
+
+
+def _weights(engine: Engine) -> dict[tuple[str, str, str], int]:
+    """The configured weight of every (listener, route, destination)."""
+    out: dict[tuple[str, str, str], int] = {}
+    for runtime in engine.listeners.values():
+        for route in runtime.table.routes:
+            for target in route.targets:
+                out[(runtime.name, route.name, target.name)] = target.weight
+    return out
+
+
+def live_data(engine: Engine, history: History) -> dict[str, Any]:
+    """What the page shows, as JSON-ready data.
+
+    ``routes``: per listener and route, the requests and per destination the requests, their
+    split (``share``: percent of the route's requests; ``weight``: percent configured), the
+    errors and the p50/p95/p99 of ``metaprotocol_request_duration_milliseconds`` (estimated
+    from the histogram's buckets, as Prometheus's ``histogram_quantile``). ``local_replies``:
+    totals by error type. ``history``: the counts per sampled interval, oldest first.
+    """
+    stats = engine.stats
+    weights = _weights(engine)
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def row(listener: str, route: str, destination: str) -> dict[str, Any]:
+        key = (listener, route, destination)
+        found = rows.get(key)
+        if found is None:
+            found = rows[key] = {
+                "destination": destination,
+                "weight": weights.get(key),
+                "requests": 0,
+                "errors": 0,
+                "statuses": {},
+                "histogram": None,
+            }
+        return found
+
+    for key in weights:
+        row(*key)
+    for series in stats.counters("metaprotocol_requests_total"):
+        labels = dict(series.labels)
+        r = row(labels["listener"], labels["route"], labels["destination"])
+        status = labels.get("status", "")
+        r["requests"] += series.value
+        r["statuses"][status] = r["statuses"].get(status, 0) + series.value
+        if status != "Ok":
+            r["errors"] += series.value
+    for histogram in stats.histograms(DURATION):
+        labels = dict(histogram.labels)
+        row(labels["listener"], labels["route"], labels["destination"])["histogram"] = histogram
+
+    routes: dict[tuple[str, str], dict[str, Any]] = {}
+    for (listener, route, _), r in sorted(rows.items()):
+        group = routes.setdefault(
+            (listener, route),
+            {"listener": listener, "route": route, "requests": 0, "errors": 0, "destinations": []},
+        )
+        group["requests"] += r["requests"]
+        group["errors"] += r["errors"]
+        group["destinations"].append(r)
+    out_routes = []
+    for group in routes.values():
+        dests = group["destinations"]
+        configured = sum(d["weight"] or 0 for d in dests)
+        histograms = []
+        for d in dests:
+            histogram = d.pop("histogram")
+            if histogram is not None:
+                histograms.append(histogram)
+            d.update(_quantiles(histogram))
+            d["share"] = (
+                round(100 * d["requests"] / group["requests"], 1) if group["requests"] else 0
+            )
+            weight = d["weight"]
+            d["weight"] = round(100 * weight / configured, 1) if weight and configured else None
+        group.update(_quantiles(_merged(histograms)))
+        out_routes.append(group)
+
+    local: dict[str, int] = {}
+    for series in stats.counters("metaprotocol_local_replies_total"):
+        kind = dict(series.labels).get("type", "")
+        local[kind] = local.get(kind, 0) + series.value
+    now = totals(stats)
+    return {
+        "time": round(time.time(), 3),
+        "totals": now._asdict(),
+        "routes": out_routes,
+        "local_replies": dict(sorted(local.items())),
+        "upstream_connect_errors": sum(
+            s.value for s in stats.counters("metaprotocol_upstream_connect_errors_total")
+        ),
+        "connections": sum(
+            s.value for s in stats.counters("metaprotocol_downstream_connections_active")
+        ),
+        "pending": stats.get("metaprotocol_requests_pending"),
+        "history_interval": HISTORY_INTERVAL,
+        "history": history.points(),
+    }
