@@ -138,7 +138,8 @@ def live_data(engine: Engine, history: History) -> dict[str, Any]:
     split (``share``: percent of the route's requests; ``weight``: percent configured), the
     errors and the p50/p95/p99 of ``metaprotocol_request_duration_milliseconds`` (estimated
     from the histogram's buckets, as Prometheus's ``histogram_quantile``). ``local_replies``:
-    totals by error type. ``history``: the counts per sampled interval, oldest first.
+    totals by error type (the types seen). ``history``: the counts per sampled interval, oldest
+    first.
     """
     stats = engine.stats
     weights = _weights(engine)
@@ -173,7 +174,7 @@ def live_data(engine: Engine, history: History) -> dict[str, Any]:
         row(labels["listener"], labels["route"], labels["destination"])["histogram"] = histogram
 
     routes: dict[tuple[str, str], dict[str, Any]] = {}
-    for (listener, route, _), r in sorted(rows.items()):
+    for (listener, route, _), r in rows.items():  # configured order, then the rest
         group = routes.setdefault(
             (listener, route),
             {"listener": listener, "route": route, "requests": 0, "errors": 0, "destinations": []},
@@ -204,6 +205,7 @@ def live_data(engine: Engine, history: History) -> dict[str, Any]:
         kind = dict(series.labels).get("type", "")
         local[kind] = local.get(kind, 0) + series.value
     now = totals(stats)
+    local = {kind: n for kind, n in local.items() if n}  # every type's series starts at 0
     return {
         "time": round(time.time(), 3),
         "totals": now._asdict(),
