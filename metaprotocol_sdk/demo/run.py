@@ -139,6 +139,7 @@ async def run_demo(
             )
             loads.append(load)
         out.write(f"stats    {result.stats_url}\n")
+        out.write(f"page     http://{admin_host}:{admin_port}/  (live, open in a browser)\n")
         out.write(
             "routes   sayhello-to-v2: method sayHello -> v2;  "
             "split-20-80: everything else -> v1 20% / v2 80%\n"
