@@ -760,3 +760,19 @@ def test_response_mutation_refuses_a_value_that_does_not_end_the_frame() -> None
             codec.encode(md, {"k": "v"})
     again = decode_one(join_encoded(codec.encode(decode_one(good), {"k": "v"})))
     assert again.attributes["k"] == "v" and again.values["result_flag"] == 3
+
+
+def test_replacing_a_duplicated_attachment_key_in_a_map_with_other_keys() -> None:
+    """Fuzz find: a map holding a key twice and a non-string key is rewritten entry by entry;
+    only the first occurrence was replaced while decode reads the last, so the mutation was
+    lost. Every occurrence is replaced."""
+    head = build_request(PATH, "m", ["x"])
+    body = head[HEADER_SIZE : head.index(b"H", HEADER_SIZE + 40)]
+    attachments = b"H\x05dubbo\x05first\x91\x01x\x05dubbo\x06secondZ"  # 'dubbo' twice, key 1
+    frame = build_header(0xC2, 0, 1, len(body) + len(attachments)) + body + attachments
+    codec = DubboCodec()
+    md = decode_one(frame, codec)
+    assert md.attributes["dubbo"] == "second" and md.values["attachments"] == {1: "x"}
+    again = decode_one(join_encoded(codec.encode(md, {"dubbo": "fuzz", "k": "v"})), codec)
+    assert again.attributes["dubbo"] == "fuzz" and again.attributes["k"] == "v"
+    assert again.values["attachments"] == {1: "x"}

@@ -426,25 +426,28 @@ def rewrite_map(
         decoder.offset = start + 1
     else:
         raise FramingError("attachments are not a map", offset=start)
-    remaining = dict(mutation)
     pos = decoder.offset
     # The map's own header (tag and type) is kept, so type references stay numbered.
     parts = [frame[start:pos]]
+    replaced: set[str] = set()
     while frame[pos] != TAG_END:
         key_start = pos
         key: Any = decoder.read()
         value_start = decoder.offset
         decoder.skip()
         pos = decoder.offset
-        if isinstance(key, str) and key in remaining:
+        if isinstance(key, str) and key in mutation:
+            # Every occurrence of a duplicated key (decode reads the last one).
             parts.append(frame[key_start:value_start])
-            parts.append(encode_string(remaining.pop(key)))
+            parts.append(encode_string(mutation[key]))
+            replaced.add(key)
         else:
             parts.append(frame[key_start:pos])
     if pos + 1 != end:
         raise FramingError("attachments map ends early", offset=pos)
-    for key, value in remaining.items():
-        parts.append(encode_string(key))
-        parts.append(encode_string(value))
+    for key, value in mutation.items():
+        if key not in replaced:
+            parts.append(encode_string(key))
+            parts.append(encode_string(value))
     parts.append(b"Z")
     return b"".join(parts)
