@@ -235,7 +235,14 @@ class Engine:
         chain: list[Filter],
         limiter: Filter | None,
     ) -> CompiledRoute:
-        request_filters: list[Filter] = [limiter] if limiter is not None else []
+        # Tracing heads every chain (its span covers the policies' local replies too); when it
+        # is not configured nothing of it is imported or run.
+        head: list[Filter] = []
+        if self.config.proxy.tracing is not None:
+            from .tracing import tracing_filter
+
+            head.append(tracing_filter(self))
+        request_filters: list[Filter] = head + ([limiter] if limiter is not None else [])
         fault = route.fault
         if fault is not None:
 
@@ -261,7 +268,7 @@ class Engine:
             route.response_mutation,
             route.timeout or default_timeout,
             request_filters=request_filters,
-            response_filters=[f for f in chain if f.handles_responses],
+            response_filters=head + [f for f in chain if f.handles_responses],
             mirror=mirror,
             retries=route.retries,
         )

@@ -291,7 +291,9 @@ PROXY_CONFIG = fields(
     "accessLog",
     "upstream",
     "telemetry",
+    "tracing",
 )
+TRACING = fields("endpoint", "randomSampling", "serviceName", "operation")
 TELEMETRY = fields("istioMetrics", "reporter", "workload")
 WORKLOAD = fields(
     "name",

@@ -60,6 +60,7 @@ from .models import (
     Telemetry,
     Timeouts,
     TokenBucket,
+    Tracing,
     TrafficPolicy,
 )
 
@@ -1035,6 +1036,42 @@ def _proxy(
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
         telemetry=_telemetry(doc, spec),
+        tracing=_tracing(doc, spec),
+    )
+
+
+def _tracing(doc: _Doc, spec: Mapping[str, Any]) -> Tracing | None:
+    """``spec.tracing``: ``endpoint`` (required), ``randomSampling`` (a percentage, as a
+    number or Aeraki's ``{value: N}``; default 100), ``serviceName``, ``operation``."""
+    raw = doc.mapping(spec, "tracing", "spec.tracing", required=False)
+    if not raw:
+        return None
+    doc.check(raw, "spec.tracing", schema.TRACING)
+    endpoint = cast(str, doc.string(raw, "endpoint", "spec.tracing.endpoint"))
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        doc.fail("spec.tracing.endpoint", f"must be host:port (OTLP over gRPC), got {endpoint!r}")
+    path = "spec.tracing.randomSampling"
+    sampling = doc.get(raw, "randomSampling", path)
+    if isinstance(sampling, dict):
+        sampling = _percent(doc, raw, "randomSampling", path)
+    elif sampling is not None and (
+        isinstance(sampling, bool)
+        or not isinstance(sampling, (int, float))
+        or not 0 <= sampling <= 100
+    ):
+        doc.fail(path, f"must be a percentage in [0, 100], got {sampling!r}")
+    name = doc.string(raw, "serviceName", "spec.tracing.serviceName", required=False)
+    if name is not None and not name:
+        doc.fail("spec.tracing.serviceName", "must not be empty")
+    operation = doc.string(raw, "operation", "spec.tracing.operation", required=False)
+    if operation is not None and operation not in ("ingress", "egress"):
+        doc.fail("spec.tracing.operation", f"must be ingress or egress, got {operation!r}")
+    return Tracing(
+        endpoint=endpoint,
+        random_sampling=100.0 if sampling is None else float(sampling),
+        service_name=name or "metaprotocol-proxy",
+        operation=operation or "egress",
     )
 
 

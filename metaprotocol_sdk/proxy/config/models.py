@@ -388,6 +388,21 @@ class Telemetry:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """``ProxyConfig.spec.tracing``: a span per request, exported with OTLP over gRPC."""
+
+    #: The OTLP/gRPC collector, ``host:port`` (plain text, as on a node-local collector).
+    endpoint: str
+    #: Percent of new traces sampled (Aeraki's ``random_sampling``); a request that carries a
+    #: ``traceparent`` follows its sampled flag instead.
+    random_sampling: float = 100.0
+    #: The ``service.name`` resource attribute of the spans.
+    service_name: str = "metaprotocol-proxy"
+    #: ``ingress`` or ``egress``: the first word of every span's name.
+    operation: str = "egress"
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """The ``ProxyConfig`` document: the engine's own settings."""
 
@@ -400,6 +415,8 @@ class ProxySettings:
     access_log: str | None = None
     connections_per_endpoint: int = 1
     telemetry: Telemetry = Telemetry()
+    #: Tracing (``None``: off, and nothing of it in the data path).
+    tracing: Tracing | None = None
 
 
 @dataclass(frozen=True)

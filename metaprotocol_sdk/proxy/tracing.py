@@ -1,0 +1,244 @@
+"""Tracing with OpenTelemetry: a span per request, the W3C trace context carried upstream.
+
+A built-in filter, first in every route's chain when ``ProxyConfig.spec.tracing`` is set (and
+absent otherwise: no cost at all). As in Aeraki's MetaProtocol proxy:
+
+* the span is named ``<ingress|egress> <operation>`` (the request's operation name);
+* the trace context comes from the request's ``traceparent`` / ``tracestate`` attributes
+  (case-insensitive, W3C Trace Context); the child context goes upstream as a
+  ``traceparent`` mutation, so it works for every codec that carries mutations (Dubbo
+  attachments, THeader headers, ...); ``tracestate`` travels upstream untouched;
+* sampling is Aeraki's ``random_sampling`` percentage for requests that start a trace; a
+  request with a valid ``traceparent`` follows its sampled flag, so a trace is kept or dropped
+  whole along the chain of proxies.
+
+Unsampled requests never touch OpenTelemetry: with an incoming context they cost a parse, and
+without one the filter writes a fresh unsampled ``traceparent`` (so the proxies after this one
+make the same decision). Spans leave through a ``BatchSpanProcessor`` (bounded queue, export in
+its own thread: never on the event loop) to an OTLP/gRPC collector.
+
+Needs the ``tracing`` extra (``opentelemetry-sdk``, ``opentelemetry-exporter-otlp-proto-grpc``);
+this module is imported only when tracing is configured.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from metaprotocol_sdk.enums import MessageType, ResponseStatus
+from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
+from metaprotocol_sdk.metadata import Attributes
+
+from .config.models import Tracing
+
+try:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+    from opentelemetry.trace import (
+        NonRecordingSpan,
+        Span,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        Tracer,
+        TraceState,
+        set_span_in_context,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ConfigError(
+        "spec.tracing needs OpenTelemetry: pip install 'metaprotocol-sdk[tracing]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["TracingFilter", "exporter_factory", "parse_traceparent", "shutdown", "tracing_filter"]
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+#: The longest ``tracestate`` read into a span (W3C: 32 members; 512 characters is the size
+#: every vendor must propagate). A longer one still goes upstream untouched, as bytes.
+MAX_TRACESTATE = 512
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+#: Where the span waits for the answer, in the request's ``values``.
+_SPAN = "metaprotocol.tracing.span"
+#: An empty context: a new trace never picks up whatever span the event loop's context holds.
+_ROOT = Context()
+
+
+def parse_traceparent(value: str) -> tuple[int, int, int] | None:
+    """``(trace id, parent span id, flags)`` of a W3C ``traceparent``; ``None`` if invalid.
+
+    Version ``00`` is exactly 55 characters; a later version may append ``-...`` (ignored);
+    version ``ff`` and all-zero ids are invalid. Reads at most the first 56 characters.
+    """
+    if len(value) < 55 or (len(value) > 55 and value[55] != "-"):
+        return None
+    match = _TRACEPARENT.fullmatch(value, 0, 55)
+    if match is None:
+        return None
+    version, trace, span, flags = match.groups()
+    if version == "ff" or (version == "00" and len(value) != 55):
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, int(flags, 16)
+
+
+def _key(attributes: Attributes, folded: str) -> str:
+    """The request's own spelling of a key, so a mutation replaces it instead of adding a
+    second one that differs only in case."""
+    item = attributes.folded_items.get(folded)
+    return folded if item is None else item[0]
+
+
+class TracingFilter(Filter):
+    """Starts a span per request, carries its context upstream, ends it with the answer."""
+
+    name = "tracing"
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        settings: Tracing,
+        rand: Callable[[], float] = random.random,
+        bits: Callable[[int], int] = random.getrandbits,
+    ) -> None:
+        self.tracer = tracer
+        self.percent = settings.random_sampling
+        self.operation = settings.operation
+        self.kind = SpanKind.CLIENT if settings.operation == "egress" else SpanKind.SERVER
+        self._rand = rand
+        self._bits = bits
+
+    def on_request(self, context: RequestContext) -> None:
+        request = context.request
+        attributes = request.attributes
+        raw = attributes.folded_items.get(TRACEPARENT)
+        parent = None if raw is None else parse_traceparent(raw[1])
+        if parent is not None:
+            sampled = bool(parent[2] & 1)
+        else:
+            sampled = self.percent > 0 and self._rand() * 100 < self.percent
+        if not sampled:
+            if parent is None:  # decide for the proxies after this one too
+                trace_id = self._bits(128) or 1
+                span_id = self._bits(64) or 1
+                context.add_mutation(
+                    _key(attributes, TRACEPARENT), f"00-{trace_id:032x}-{span_id:016x}-00"
+                )
+            return None
+        if parent is None:
+            parent_context = _ROOT
+        else:
+            state = attributes.get_folded(TRACESTATE)
+            remote = SpanContext(
+                parent[0],
+                parent[1],
+                is_remote=True,
+                trace_flags=TraceFlags(parent[2]),
+                trace_state=(
+                    TraceState.from_header([state])
+                    if state and len(state) <= MAX_TRACESTATE
+                    else None
+                ),
+            )
+            parent_context = set_span_in_context(NonRecordingSpan(remote), _ROOT)
+        operation = request.operation_name
+        span = self.tracer.start_span(
+            f"{self.operation} {operation}" if operation else self.operation,
+            parent_context,
+            self.kind,
+            {
+                "component": "proxy",
+                "metaprotocol.listener": context.listener,
+                "metaprotocol.route": context.route,
+                "request_size": request.header_size + request.body_size,
+            },
+        )
+        mine = span.get_span_context()
+        context.add_mutation(
+            _key(attributes, TRACEPARENT), f"00-{mine.trace_id:032x}-{mine.span_id:016x}-01"
+        )
+        if request.message_type is MessageType.Oneway:  # no answer will come to end it
+            span.set_attribute("metaprotocol.oneway", True)
+            span.end()
+            return None
+        # A new dict: a codec may share one ``values`` between the messages it decodes.
+        request.values = {**(request.values or {}), _SPAN: span}
+        return None
+
+    def on_response(self, context: ResponseContext) -> None:
+        values = context.request.values
+        span: Span | None = values.pop(_SPAN, None) if values else None
+        if span is None:
+            return
+        attributes: dict[str, Any] = {
+            "metaprotocol.route": context.route,
+            "metaprotocol.status": context.status.name,
+            "upstream_cluster": context.destination,
+            "upstream_address": context.upstream,
+        }
+        error = context.local_error
+        if error is not None:
+            attributes["error.type"] = error.name
+        if error is not None or context.status is ResponseStatus.Error:
+            attributes["error"] = True
+            span.set_status(Status(StatusCode.ERROR, error.name if error else "Error"))
+        span.set_attributes(attributes)
+        span.end()
+
+
+def _otlp_exporter(settings: Tracing) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=settings.endpoint, insecure=True)
+
+
+#: Builds the span exporter of an engine (replace it to export elsewhere, e.g. in benchmarks).
+exporter_factory: Callable[[Tracing], SpanExporter] = _otlp_exporter
+
+_FILTERS: weakref.WeakKeyDictionary[Engine, tuple[TracingFilter, TracerProvider]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def tracing_filter(engine: Engine) -> TracingFilter:
+    """The engine's tracing filter (one per engine, with its own tracer provider)."""
+    found = _FILTERS.get(engine)
+    if found is None:
+        settings = engine.config.proxy.tracing
+        assert settings is not None
+        provider = TracerProvider(
+            sampler=ALWAYS_ON,  # the filter has decided already
+            resource=Resource.create({"service.name": settings.service_name}),
+            shutdown_on_exit=True,
+        )
+        provider.add_span_processor(BatchSpanProcessor(exporter_factory(settings)))
+        tracer = provider.get_tracer("metaprotocol_sdk.proxy")
+        found = _FILTERS[engine] = (TracingFilter(tracer, settings), provider)
+    return found[0]
+
+
+def provider_of(engine: Engine) -> TracerProvider | None:
+    """The engine's tracer provider (``None`` without tracing)."""
+    found = _FILTERS.get(engine)
+    return None if found is None else found[1]
+
+
+def shutdown(engine: Engine) -> None:
+    """Export what is queued and stop the exporter thread (blocking: call off the loop)."""
+    found = _FILTERS.pop(engine, None)
+    if found is not None:
+        found[1].shutdown()
