@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
-from .admin_page import History, live_data, page_html, start_sampler
+from .admin_page import History, Sampler, live_data, page_html
 
 if TYPE_CHECKING:
     from .config.models import Admin
@@ -145,7 +145,7 @@ class _AdminServer:
         self.active = 0
         self._dump: bytes | None = None
         self._page: bytes | None = None
-        #: Recent totals for the live page, sampled by a timer (:func:`start_sampler`).
+        #: Recent totals for the live page, sampled by a timer (:class:`.admin_page.Sampler`).
         self.history = History()
         self._rejected = engine.stats.counter("metaprotocol_admin_connections_rejected_total")
 
@@ -268,5 +268,5 @@ async def start_admin(engine: Engine, settings: Admin) -> asyncio.Server:
     server = _AdminServer(engine, settings)
     host, port = settings.bind
     listening = await asyncio.start_server(server.serve, host, port, limit=MAX_REQUEST_BYTES)
-    start_sampler(listening, engine.stats, server.history)
+    Sampler(listening, engine.stats, server.history)  # stops when the engine closes it
     return listening

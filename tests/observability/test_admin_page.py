@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "proxy"))  # proxy_kit, as te
 
 from proxy_kit import Client, Upstream, engine_for, http_get, mesh, run
 
-from metaprotocol_sdk.proxy.admin_page import History, Totals
+from metaprotocol_sdk.proxy.admin_page import History, Sampler, Totals
+from metaprotocol_sdk.proxy.stats import Stats
 
 ROUTER = """\
 - name: main
@@ -117,25 +118,25 @@ def test_history_is_a_bounded_ring_of_interval_counts() -> None:
 
 
 def test_history_is_sampled_by_a_timer_while_admin_serves() -> None:
-    from metaprotocol_sdk.proxy.admin_page import start_sampler
-    from metaprotocol_sdk.proxy.stats import Stats
-
     async def main() -> None:
         server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
         stats = Stats()
         ring = History(size=3)
-        start_sampler(server, stats, ring, interval=0.01)
-        assert len(ring.samples) == 1  # a baseline at once
+        sampler = Sampler(server, stats, ring, interval=3600.0)
+        assert len(ring.samples) == 1 and ring.samples[0][1] == Totals(0, 0, 0)  # a baseline
+        assert sampler.handle is not None and not sampler.handle.cancelled()  # the next tick
         stats.counter("metaprotocol_requests_total", status="Ok").value += 7
-        while len(ring.samples) < 3:
-            await asyncio.sleep(0.01)
-        assert ring.samples[-1][1] == Totals(7, 0, 0)
+        stats.counter("metaprotocol_requests_total", status="Error").value += 2
+        stats.counter("metaprotocol_local_replies_total", type="Timeout").value += 1
+        first = sampler.handle
+        sampler.tick()  # what the timer runs
+        assert first.cancelled() and sampler.handle is not first  # one timer at a time
+        assert ring.samples[-1][1] == Totals(9, 2, 1)
+        assert ring.points()[-1]["requests"] == 9
         server.close()
         await server.wait_closed()
-        await asyncio.sleep(0.05)  # the next ticks see a closed server and stop
-        count = ring.samples[-1][0]
-        await asyncio.sleep(0.05)
-        assert ring.samples[-1][0] == count
+        sampler.tick()  # the engine closed the admin endpoint: no sample, no next tick
+        assert len(ring.samples) == 2 and sampler.handle is None
 
     run(main())
 
