@@ -37,6 +37,8 @@ DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "metaprotocol-das
 RATE_INTERVAL = "15s"
 #: Scrapes that must exist (all up) before the panels are evaluated: enough for every rate().
 SCRAPES = 6
+INSTANCE = 'instance=~"$instance"'
+QUERY_LABELS = "metaprotocol_requests_total"  # the series the engine variable lists
 DEADLINE = 40.0  # bound on waiting for Prometheus (start, scrapes)
 
 ROUTER = """\
@@ -72,6 +74,10 @@ def test_dashboard_is_a_valid_datasource_independent_grafana_dashboard() -> None
     assert variables["datasource"]["query"] == "prometheus"
     # Every panel and target reads the chosen Prometheus, never a uid of one installation.
     portable = {"type": "prometheus", "uid": "${datasource}"}
+    engines = variables["instance"]
+    assert engines["datasource"] == portable and engines["includeAll"] and engines["multi"]
+    assert engines["allValue"] == ".*"
+    assert engines["query"]["query"] == "label_values(metaprotocol_requests_total, instance)"
     panels = dashboard["panels"]
     assert len(panels) >= 5
     assert len({p["id"] for p in panels}) == len(panels)
@@ -90,6 +96,10 @@ def test_dashboard_is_a_valid_datasource_independent_grafana_dashboard() -> None
         for metric in re.findall(r"\b((?:metaprotocol|istio)_[a-z_]+)", expr):
             base = re.sub(r"_(bucket|sum|count)$", "", metric)
             assert base in names, (title, metric)
+    # ... and every selector keeps to the engines chosen in the dashboard.
+    for title, expr in targets(dashboard):
+        selectors = re.findall(r"\b(?:metaprotocol|istio)_[a-z_]+(\{[^}]*\})?", expr)
+        assert selectors and all(INSTANCE in sel for sel in selectors), (title, expr)
     # What issue 16 asks the dashboard to show.
     exprs = " ".join(expr for _, expr in targets(dashboard))
     for needed in (
@@ -218,11 +228,21 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: Path) -
             traffic = asyncio.create_task(drive(client, stop))
             with prometheus(engine.admin_address, tmp_path) as base:
                 await asyncio.to_thread(wait_for_scrapes, base, tmp_path)
-                results = {}
+                # The engine variable's choices (Grafana's label_values) include this engine.
+                instance = "{}:{}".format(*engine.admin_address)
+                choices = await asyncio.to_thread(
+                    api, base, "/api/v1/label/instance/values", **{"match[]": QUERY_LABELS}
+                )
+                assert choices == [instance], choices
+                results, elsewhere = {}, {}
                 for title, expr in targets(dashboard):
                     query = expr.replace("$__rate_interval", RATE_INTERVAL)
-                    data = await asyncio.to_thread(api, base, "/api/v1/query", query=query)
-                    results[f"{title}: {expr}"] = data["result"]
+                    for chosen, out in ((instance, results), ("elsewhere:1", elsewhere)):
+                        q = query.replace("$instance", chosen)
+                        data = await asyncio.to_thread(api, base, "/api/v1/query", query=q)
+                        out[f"{title}: {expr}"] = data["result"]
+                # Another engine chosen: nothing of this one shows.
+                assert not any(elsewhere.values()), elsewhere
             stop.set()
             seen = await asyncio.wait_for(traffic, 5)
             # The traffic had every outcome the panels show.
