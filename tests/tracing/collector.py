@@ -48,7 +48,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         self.address = f"127.0.0.1:{port}"
         self.server.start()
 
-    def Export(  # noqa: N802 - the gRPC method's name
+    def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         received = []

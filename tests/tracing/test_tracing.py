@@ -61,6 +61,8 @@ def traceparent(msg: Metadata) -> tuple[int, int, int]:
     """The one ``traceparent`` a request carried upstream (any case), parsed."""
     values = [v for k, v in msg.attributes.to_dict().items() if k.lower() == "traceparent"]
     assert len(values) == 1, msg.attributes.to_dict()
+    # One key on the wire too: a mutation replaces the key in the request's own spelling.
+    assert bytes(msg.frame).lower().count(b"traceparent") == 1, bytes(msg.frame)
     parsed = parse_traceparent(values[0])
     assert parsed is not None, values[0]
     return parsed
