@@ -31,7 +31,12 @@ ROUTER = """\
 - name: broken
   match: {attributes: {method: {exact: fail}}}
   route: [{destination: {host: svc.test, subset: v1}}]
+- name: "<b class=injected>x</b>"
+  match: {attributes: {method: {exact: never}}}
+  route: [{destination: {host: svc.test, subset: v2}}]
 """
+#: A route name that would be markup if the page used innerHTML: shown as text.
+MARKUP = "<b class=injected>x</b>"
 V1 = "outbound|9000|v1|svc.test"
 V2 = "outbound|9000|v2|svc.test"
 LISTENER = "svc.test:9000"
@@ -266,4 +271,6 @@ def test_page_in_headless_chromium_shows_the_engine_numbers(tmp_path: Path) -> N
     assert page.local["RouteNotFound"]["count"] == "2"
     assert page.ids["total-requests"] == "55" and page.ids["total-errors"] == "5"
     assert page.ids["total-local"] == "2"
+    assert rows[(MARKUP, V2)]["requests"] == "0"  # the name is text, not an element
+    assert "<b class=" not in dom and "&lt;b class=injected&gt;" in dom
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
