@@ -930,7 +930,7 @@ class Downstream(asyncio.Protocol):
         ms = elapsed * 1000.0
         slot = bisect_left(DURATION_BUCKETS_MS, ms)  # once, for both duration histograms
         target = p.target
-        durations = target.duration or target.durations()
+        durations = target.duration
         durations.counts[slot] += 1
         durations.sum += ms
         telemetry = target.telemetry

@@ -59,23 +59,16 @@ class Target:
         #: Counters of answered requests by ``ResponseStatus`` value, made on first use
         #: (:meth:`response_counter`): the hot path indexes this list.
         self.responses: list[Counter | None] = [None] * len(ResponseStatus)
-        #: ``metaprotocol_request_duration_milliseconds`` of this destination (first use).
-        self.duration: Histogram | None = None
+        #: ``metaprotocol_request_duration_milliseconds`` of this destination.
+        self.duration: Histogram = stats.histogram(
+            "metaprotocol_request_duration_milliseconds", DURATION_BUCKETS_MS, **self._labels
+        )
         #: Istio's standard series of this destination (``None``: Istio metrics are off).
         self.telemetry: TargetTelemetry | None = None
 
     def observe(self, milliseconds: float) -> None:
         """Count one request's duration."""
-        self.durations().observe(milliseconds)
-
-    def durations(self) -> Histogram:
-        """``metaprotocol_request_duration_milliseconds`` of this destination."""
-        duration = self.duration
-        if duration is None:
-            duration = self.duration = self._stats.histogram(
-                "metaprotocol_request_duration_milliseconds", DURATION_BUCKETS_MS, **self._labels
-            )
-        return duration
+        self.duration.observe(milliseconds)
 
     @property
     def labels(self) -> dict[str, str]:

@@ -101,11 +101,11 @@ class Pending:
         self.size = len(request.frame)
         self.done = False
         self.deadline = 0.0
-        #: Position on a dedicated connection (arrival order).
-        self.seq = 0
-        #: Retries before this try, and the mutation it was sent with (routes with retries).
+        #: Retries before this try. ``seq`` (the position on a dedicated connection) is set
+        #: when sent there, ``mutation`` (what it was sent with) on routes with retries.
         self.tries = 0
-        self.mutation: Mutation | None = None
+        self.seq: int
+        self.mutation: Mutation | None
 
     def expire(self) -> None:
         """The deadline passed (called by the engine's deadlines)."""
