@@ -77,6 +77,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "connectionPool (http2MaxRequests)": {
         "policy": "{connectionPool: {http: {http2MaxRequests: 1000000}}}"
     },
+    # Spans go to a no-op exporter through the real BatchSpanProcessor (its thread's CPU counts).
+    "tracing (1 % sampled)": {"tracing": "1"},
+    "tracing (100 % sampled)": {"tracing": "100"},
 }
 
 
@@ -85,6 +88,11 @@ def config(variant: dict[str, str]) -> str:
         [(1, "v1")],
         router=ROUTE + variant.get("route", ""),
         traffic_policy=variant.get("policy", "{}"),
+        proxy=(
+            f"tracing: {{endpoint: '127.0.0.1:4317', randomSampling: {variant['tracing']}}}\n"
+            if "tracing" in variant
+            else ""
+        ),
     )
     if "limit" in variant:
         text = text.replace("  routes:\n", f"  localRateLimit: {variant['limit']}\n  routes:\n", 1)
@@ -125,7 +133,21 @@ async def driver(text: str) -> tuple[Engine, Callable[[], None]]:
     return engine, one
 
 
+def export_nowhere() -> None:
+    """Spans of the tracing variants go to a no-op exporter instead of a collector."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from metaprotocol_sdk.proxy import tracing
+
+    class Nowhere(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracing.exporter_factory = lambda settings: Nowhere()
+
+
 async def main(rounds: int, window: int) -> None:
+    export_nowhere()
     drivers = {name: await driver(config(v)) for name, v in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in drivers}
     ratios: dict[str, list[float]] = {name: [] for name in drivers}

@@ -156,23 +156,25 @@ class TracingFilter(Filter):
             )
             parent_context = set_span_in_context(NonRecordingSpan(remote), _ROOT)
         operation = request.operation_name
+        # The attributes are set once, at the end: each call validates every value again.
         span = self.tracer.start_span(
             f"{self.operation} {operation}" if operation else self.operation,
             parent_context,
             self.kind,
-            {
-                "component": "proxy",
-                "metaprotocol.listener": context.listener,
-                "metaprotocol.route": context.route,
-                "request_size": request.header_size + request.body_size,
-            },
         )
         mine = span.get_span_context()
         context.add_mutation(
             _key(attributes, TRACEPARENT), f"00-{mine.trace_id:032x}-{mine.span_id:016x}-01"
         )
         if request.message_type is MessageType.Oneway:  # no answer will come to end it
-            span.set_attribute("metaprotocol.oneway", True)
+            span.set_attributes(
+                {
+                    "metaprotocol.listener": context.listener,
+                    "metaprotocol.route": context.route,
+                    "metaprotocol.oneway": True,
+                    "request_size": request.header_size + request.body_size,
+                }
+            )
             span.end()
             return None
         # A new dict: a codec may share one ``values`` between the messages it decodes.
@@ -184,8 +186,11 @@ class TracingFilter(Filter):
         span: Span | None = values.pop(_SPAN, None) if values else None
         if span is None:
             return
+        request = context.request
         attributes: dict[str, Any] = {
+            "metaprotocol.listener": context.listener,
             "metaprotocol.route": context.route,
+            "request_size": request.header_size + request.body_size,
             "metaprotocol.status": context.status.name,
             "upstream_cluster": context.destination,
             "upstream_address": context.upstream,
