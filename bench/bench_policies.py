@@ -80,6 +80,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     # Spans go to a no-op exporter through the real BatchSpanProcessor (its thread's CPU counts).
     "tracing (1 % sampled)": {"tracing": "1"},
     "tracing (100 % sampled)": {"tracing": "100"},
+    "tracing (client sent unsampled ctx)": {"tracing": "1", "traceparent": "00"},
 }
 
 
@@ -105,12 +106,16 @@ def config(variant: dict[str, str]) -> str:
     return text
 
 
-async def driver(text: str) -> tuple[Engine, Callable[[], None]]:
-    """A started engine and a function that runs one request and its reply through it."""
+async def driver(text: str, flags: str | None = None) -> tuple[Engine, Callable[[], None]]:
+    """A started engine and a function that runs one request and its reply through it
+    (``flags``: the request carries a W3C ``traceparent`` with these flags)."""
     engine = Engine(loads_config(text))
     await engine.start()
     down, down_t, up, up_t = wire_fakes(engine)
-    request = build_frame(REQUEST, 7, {"method": "sayHello", "interface": "greeter"}, b"x" * 64)
+    headers = {"method": "sayHello", "interface": "greeter"}
+    if flags is not None:
+        headers["traceparent"] = f"00-{'ab' * 16}-{'cd' * 8}-{flags}"
+    request = build_frame(REQUEST, 7, headers, b"x" * 64)
     replies: dict[int, bytes] = {}
 
     def reply(wire_id: int) -> bytes:
@@ -148,7 +153,7 @@ def export_nowhere() -> None:
 
 async def main(rounds: int, window: int) -> None:
     export_nowhere()
-    drivers = {name: await driver(config(v)) for name, v in VARIANTS.items()}
+    drivers = {name: await driver(config(v), v.get("traceparent")) for name, v in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in drivers}
     ratios: dict[str, list[float]] = {name: [] for name in drivers}
     names = list(drivers)
