@@ -146,3 +146,36 @@ def test_dubbo_codec_options_set_the_hessian_limits() -> None:
         assert buffer == frame
     with pytest.raises(ConfigError, match="positive integer"):
         DubboCodec.from_options({"max_hessian_refs": "0"})
+
+
+def test_attachments_of_many_small_entries_are_bounded_in_memory() -> None:
+    """A map of one-byte int entries costs two bytes each on the wire and ~100 bytes each as
+    a Python dict: 300k entries in 0.6 MB would have built ~30 MB of objects. The items
+    budget refuses it with a typed error long before, and a raised budget decodes it."""
+    import tracemalloc
+
+    entries = 300_000
+    attachments = {i: i & 0x3F for i in range(entries)}  # compact ints: small on the wire
+    frame = build_request("com.example.S", "m", ["x"], attachments=attachments)
+    codec = DubboCodec(max_frame_size=16 << 20)
+    buffer = bytearray(frame)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="max_items=65536"):
+            codec.decode(buffer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert buffer == frame  # nothing consumed
+    assert peak < 12 * len(frame), f"peak {peak} bytes for a {len(frame)}-byte frame"
+    roomy = DubboCodec(max_frame_size=16 << 20, max_hessian_items=1 << 20)
+    message = roomy.decode(bytearray(frame))
+    assert isinstance(message, Metadata)
+
+
+def test_the_items_budget_counts_lists_and_maps_of_the_stream() -> None:
+    assert loads(dumps([[1, 2], {"a": 1}]), max_items=5) == [[1, 2], {"a": 1}]
+    with pytest.raises(HessianError, match="max_items=4"):
+        loads(dumps([[1, 2], {"a": 1}]), max_items=4)
+    with pytest.raises(ConfigError):
+        DubboCodec.from_options({"max_hessian_items": 0})

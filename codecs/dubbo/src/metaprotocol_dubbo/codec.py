@@ -64,6 +64,10 @@ from .header import (
 from .hessian2 import DEFAULT_MAX_CLASSES, DEFAULT_MAX_REFS, Decoder
 from .status import ResultFlag, Status, error_status
 
+#: Default ``max_hessian_items``: far more attachments than any real request carries, and at
+#: most a few MB of Python objects however the 8 MiB of a frame are spent.
+DEFAULT_MAX_HESSIAN_ITEMS = 65536
+
 _ID = struct.Struct(">Q")
 _ID_LENGTH = struct.Struct(">Qi")  # the header's request id and body length, packed together
 #: How many distinct request heads (service + method) a codec recognises without re-parsing,
@@ -366,20 +370,27 @@ class DubboCodec(Codec):
         upgrade_result_flag: bool = True,
         max_hessian_refs: int = DEFAULT_MAX_REFS,
         max_hessian_classes: int = DEFAULT_MAX_CLASSES,
+        max_hessian_items: int = DEFAULT_MAX_HESSIAN_ITEMS,
     ) -> None:
         """``upgrade_result_flag``: write response mutations into responses with result flags
         0..2 by switching them to 3..5. Consumers older than Dubbo 2.6.3 and some non-Java
         clients only know 0..2: set it false for them, and a mutation of such a response
         raises :class:`~metaprotocol_sdk.MutationError` instead. ``max_hessian_refs`` and
         ``max_hessian_classes`` bound the lists, maps and objects and the class definitions
-        of one body (see :class:`~metaprotocol_dubbo.hessian2.Decoder`)."""
+        of one body, ``max_hessian_items`` the list items and map entries it materialises (the
+        attachments; arguments are skipped, not built), which bounds memory: a one-byte entry
+        becomes a Python object (see :class:`~metaprotocol_dubbo.hessian2.Decoder`)."""
         super().__init__(max_frame_size=max_frame_size)
         self.upgrade_result_flag = upgrade_result_flag
         self.max_hessian_refs = _positive("max_hessian_refs", max_hessian_refs)
         self.max_hessian_classes = _positive("max_hessian_classes", max_hessian_classes)
+        self.max_hessian_items = _positive("max_hessian_items", max_hessian_items)
         #: Makes the Hessian decoder of a body, with this codec's limits.
         self._new_decoder: NewDecoder = partial(
-            Decoder, max_refs=self.max_hessian_refs, max_classes=self.max_hessian_classes
+            Decoder,
+            max_refs=self.max_hessian_refs,
+            max_classes=self.max_hessian_classes,
+            max_items=self.max_hessian_items,
         )
         #: Recently seen request heads, most recent first: (head bytes, what it parsed to).
         self._heads: list[tuple[bytes, _Head]] = []

@@ -27,6 +27,7 @@ bits, else a long; ``float`` is a double; ``tuple`` is a list; naive ``datetime`
 from .decoder import (
     DEFAULT_MAX_CLASSES,
     DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ITEMS,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_REFS,
     Decoder,
@@ -39,6 +40,7 @@ from .types import JavaDouble, JavaFloat, JavaInt, JavaLong, JavaObject, TypedLi
 __all__ = [
     "DEFAULT_MAX_CLASSES",
     "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_ITEMS",
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_MAX_REFS",
     "Decoder",

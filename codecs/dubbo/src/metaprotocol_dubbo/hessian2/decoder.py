@@ -30,6 +30,9 @@ DEFAULT_MAX_REFS: Final = 128 * 1024
 #: Default bound on the class definitions of one stream (a Java stream defines each class it
 #: writes once; Dubbo bodies hold a few dozen).
 DEFAULT_MAX_CLASSES: Final = 4096
+#: Default ceiling on the list items and map entries a stream materialises: a one-byte item
+#: becomes a Python object of tens of bytes, so this bounds memory, not the input's size.
+DEFAULT_MAX_ITEMS: Final = 1 << 20
 
 _H = struct.Struct(">H").unpack_from
 _h = struct.Struct(">h").unpack_from
@@ -117,7 +120,9 @@ class Decoder:
 
     ``max_depth`` bounds the nesting of containers; ``max_length`` (at least 1024) bounds every
     declared length (string units, binary bytes, list items); ``max_refs`` bounds the lists,
-    maps and objects of the stream (read or skipped) and ``max_classes`` its class definitions.
+    maps and objects of the stream (read or skipped) and ``max_classes`` its class definitions;
+    ``max_items`` bounds the list items and map entries it builds (memory, since a one-byte
+    item becomes a Python object).
     Independently of all, a length larger than the data left is an error, so nothing large is
     allocated for a short input. Reading and skipping are linear in the bytes read: a
     reference to a skipped container decodes it once (see :meth:`skip`).
@@ -133,6 +138,7 @@ class Decoder:
         "_data",
         "_depth",
         "_end",
+        "_items",
         "_open",
         "_pos",
         "_readers",
@@ -140,6 +146,7 @@ class Decoder:
         "_types",
         "max_classes",
         "max_depth",
+        "max_items",
         "max_length",
         "max_refs",
     )
@@ -153,6 +160,7 @@ class Decoder:
         max_length: int = DEFAULT_MAX_LENGTH,
         max_refs: int = DEFAULT_MAX_REFS,
         max_classes: int = DEFAULT_MAX_CLASSES,
+        max_items: int = DEFAULT_MAX_ITEMS,
         java_longs: bool = False,
     ) -> None:
         if offset < 0:
@@ -188,6 +196,9 @@ class Decoder:
         self.max_length = max_length
         self.max_refs = max_refs
         self.max_classes = max_classes
+        self.max_items = max_items
+        #: Items left to build before ``max_items`` is reached.
+        self._items = max_items
         self._readers = _READERS_JAVA_LONGS if java_longs else _READERS
 
     # -- position -------------------------------------------------------------------------
@@ -364,6 +375,11 @@ class Decoder:
             return self._types[idx]
         raise self._error(f"expected a type name or reference, found tag 0x{tag:02x}", pos)
 
+    def _too_many_items(self, pos: int) -> HessianError:
+        return self._error(
+            f"more than max_items={self.max_items} list items and map entries in one stream", pos
+        )
+
     def _too_many_refs(self, pos: int) -> HessianError:
         return self._error(
             f"more than max_refs={self.max_refs} lists, maps and objects in one stream", pos
@@ -396,8 +412,11 @@ class Decoder:
         sub.max_length = self.max_length
         sub.max_refs = self.max_refs
         sub.max_classes = self.max_classes
+        sub.max_items = self.max_items
+        sub._items = self._items
         sub._readers = self._readers
         sub._read()
+        self._items = sub._items
         value = refs[idx]
         if type(value) is tuple:  # pragma: no cover - the replay meets what the skip met
             raise self._error(f"reference {idx} could not be decoded", pos)
@@ -411,6 +430,7 @@ def loads(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_refs: int = DEFAULT_MAX_REFS,
     max_classes: int = DEFAULT_MAX_CLASSES,
+    max_items: int = DEFAULT_MAX_ITEMS,
     java_longs: bool = False,
 ) -> Any:
     """Decode exactly one value that fills ``data``; trailing bytes are an error.
@@ -423,6 +443,7 @@ def loads(
         max_length=max_length,
         max_refs=max_refs,
         max_classes=max_classes,
+        max_items=max_items,
         java_longs=java_longs,
     )
     value = d.read()
@@ -713,6 +734,9 @@ def _r_bin_chunked(d: Decoder, tag: int, pos: int) -> bytes:
 def _fill_fixed(d: Decoder, lst: list[Any], n: int, tag_pos: int) -> list[Any]:
     if n > d._end - d._pos or n > d.max_length or n < 0:
         d._length(n, "list", tag_pos)
+    d._items -= n
+    if d._items < 0:
+        raise d._too_many_items(tag_pos)
     refs = d._refs
     if len(refs) >= d.max_refs:
         raise d._too_many_refs(tag_pos)
@@ -762,6 +786,9 @@ def _fill_variable(d: Decoder, lst: list[Any], tag_pos: int) -> list[Any]:
         if data[pos] == T.END:
             d._pos = pos + 1
             break
+        d._items -= 1
+        if d._items < 0:
+            raise d._too_many_items(tag_pos)
         append(read())
     d._depth -= 1
     return lst
@@ -824,6 +851,9 @@ def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
         if tag == T.END:
             d._pos = pos + 1
             break
+        d._items -= 1
+        if d._items < 0:
+            raise d._too_many_items(tag_pos)
         entry = pos
         # compact ASCII strings inline (string-to-string maps dominate); else read()
         if (
