@@ -462,7 +462,12 @@ class Downstream(asyncio.Protocol):
             )
             return
         engine = self.engine
-        if self.at_limit():
+        if (  # at_limit(), inline: this runs for every request
+            engine.pending >= engine.max_pending
+            or self.inflight >= engine.max_pending_per_connection
+            or engine.buffered > engine.max_buffered
+            or engine.rss_over
+        ):
             self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route, target)
             return
         if cluster.pool is not None and (why := cluster.over_pool_limits(host)) is not None:
