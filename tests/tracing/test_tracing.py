@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from collector import Collector, ReceivedSpan
-from proxy_kit import Client, Upstream, address, engine_for, mesh, run
+from proxy_kit import ONEWAY, Client, Upstream, address, build_frame, engine_for, mesh, run
 
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.proxy import Engine
@@ -193,5 +193,39 @@ def test_sampling_at_0_percent_emits_nothing_and_tells_the_next_hops(
         unsampled = [traceparent(m) for m in upstream.received[:20]]
         assert all(flags == 0 for _, _, flags in unsampled)
         assert len({trace_id for trace_id, _, _ in unsampled}) == 20
+
+    run(main())
+
+
+def test_policy_local_replies_are_traced_and_oneway_spans_end(collector: Collector) -> None:
+    """Tracing heads the chain: the rate limit's local reply has a span; a one-way message's
+    span ends when it goes on (no answer will come)."""
+    limited = mesh(
+        [(0, "v1")],
+        router=ROUTES,
+        proxy=f"tracing: {{endpoint: '{collector.address}', serviceName: engine}}\n",
+    ).replace(
+        "  routes:\n",
+        "  localRateLimit: {tokenBucket: {maxTokens: 1, tokensPerFill: 1, fillInterval: 1h}}\n"
+        "  routes:\n",
+        1,
+    )
+
+    async def main() -> None:
+        upstream = await Upstream("kv").start()
+        text = limited.replace("svc: 0}", f"svc: {upstream.port}}}")
+        async with traced(text) as engine:
+            client = await Client.connect(address(engine))
+            client.send(build_frame(ONEWAY, 0, {"method": "notify"}))
+            await upstream.wait_received(1)
+            await client.call("sayHello")  # the bucket's only token went to the one-way
+            client.close()
+        await upstream.close()
+        spans = {s.name: s for s in collector.spans}
+        assert spans["egress notify"].attributes["metaprotocol.oneway"] is True
+        assert traceparent(upstream.received[0])[1] == spans["egress notify"].span_id
+        limited_span = spans["egress sayHello"]
+        assert limited_span.attributes["error.type"] == "OverLimit"
+        assert limited_span.attributes["upstream_address"] == ""
 
     run(main())
