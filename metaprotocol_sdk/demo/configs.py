@@ -143,6 +143,10 @@ metadata: {{name: demo}}
 spec:
   listeners:{listeners}{admin_part}
   timeouts: {{connect: 1s, route: 5s, drain: 1s}}
+  # Istio's standard metrics too, so Kiali and the Grafana dashboard's Istio panels fill.
+  telemetry:
+    istioMetrics: true
+    workload: {{name: demo-client, namespace: demo, app: demo-client, version: v1}}
 """
 
 
