@@ -62,7 +62,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["TracingFilter", "exporter_factory", "parse_traceparent", "shutdown", "tracing_filter"]
+__all__ = [
+    "TracingFilter",
+    "exporter_factory",
+    "parse_traceparent",
+    "parse_tracestate",
+    "shutdown",
+    "tracing_filter",
+]
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -70,6 +77,11 @@ TRACESTATE = "tracestate"
 #: every vendor must propagate). A longer one still goes upstream untouched, as bytes.
 MAX_TRACESTATE = 512
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+#: A ``tracestate`` list member (W3C grammar, as OpenTelemetry checks it).
+_MEMBER = re.compile(
+    r"([a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=([\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e])"
+)
 #: Where the span waits for the answer, in the request's ``values``.
 _SPAN = "metaprotocol.tracing.span"
 #: An empty context: a new trace never picks up whatever span the event loop's context holds.
@@ -94,6 +106,24 @@ def parse_traceparent(value: str) -> tuple[int, int, int] | None:
     if not trace_id or not span_id:
         return None
     return trace_id, span_id, int(flags, 16)
+
+
+def parse_tracestate(value: str) -> TraceState | None:
+    """The ``tracestate`` members, or ``None`` when the value is too long or not valid W3C
+    (checked here, quietly: OpenTelemetry's own parser logs a warning per bad value, which a
+    hostile client could turn into a flood of log lines)."""
+    if len(value) > MAX_TRACESTATE:
+        return None
+    pairs: dict[str, str] = {}
+    for member in value.split(","):
+        member = member.strip(" \t")
+        if not member:
+            continue
+        match = _MEMBER.fullmatch(member)
+        if match is None or match[1] in pairs or len(pairs) == 32:
+            return None
+        pairs[match[1]] = match[2]
+    return TraceState(list(pairs.items()))
 
 
 def _key(attributes: Attributes, folded: str) -> str:
@@ -148,11 +178,7 @@ class TracingFilter(Filter):
                 parent[1],
                 is_remote=True,
                 trace_flags=TraceFlags(parent[2]),
-                trace_state=(
-                    TraceState.from_header([state])
-                    if state and len(state) <= MAX_TRACESTATE
-                    else None
-                ),
+                trace_state=parse_tracestate(state) if state else None,
             )
             parent_context = set_span_in_context(NonRecordingSpan(remote), _ROOT)
         operation = request.operation_name

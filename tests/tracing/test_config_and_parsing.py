@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -10,9 +11,13 @@ from pathlib import Path
 import pytest
 from proxy_kit import mesh
 
+from metaprotocol_sdk.enums import MessageType, ResponseStatus
 from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.filters import RequestContext, ResponseContext
+from metaprotocol_sdk.metadata import Attributes, Metadata
 from metaprotocol_sdk.proxy import loads_config
-from metaprotocol_sdk.proxy.tracing import parse_traceparent
+from metaprotocol_sdk.proxy.config.models import Tracing
+from metaprotocol_sdk.proxy.tracing import TracingFilter, parse_traceparent, parse_tracestate
 
 GOOD = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -131,3 +136,44 @@ except Exception as exc:
     )
     assert done.returncode == 0, done.stderr
     assert "ConfigError" in done.stdout and "metaprotocol-sdk[tracing]" in done.stdout
+
+
+def sampled_span(tracestate: str) -> tuple[object, list[logging.LogRecord]]:
+    """Run one sampled request with ``tracestate`` through the filter; its span and logs."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    f = TracingFilter(provider.get_tracer("t"), Tracing("c:1"))
+    request = Metadata(
+        MessageType.Request,
+        operation_name="op",
+        attributes=Attributes({"traceparent": GOOD, "tracestate": tracestate}),
+    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    try:
+        f.on_request(RequestContext(request, "r", "l"))
+        f.on_response(ResponseContext(request, "r", "l", ResponseStatus.Ok, None, None))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    [span] = exporter.get_finished_spans()
+    return span, records
+
+
+def test_tracestate_reaches_the_span_and_bad_ones_log_nothing() -> None:
+    span, records = sampled_span("congo=t61rcWkgMzE, rojo@vendor=00f067aa0ba902b7")
+    assert dict(span.parent.trace_state) == {  # type: ignore[attr-defined]
+        "congo": "t61rcWkgMzE",
+        "rojo@vendor": "00f067aa0ba902b7",
+    }
+    for bad in ("UPPER=1", "a=1,a=2", "k=" + "v" * 600, ",".join(f"k{i}=v" for i in range(40))):
+        span, records = sampled_span(bad)
+        assert dict(span.parent.trace_state) == {}, bad  # type: ignore[attr-defined]
+        assert records == [], bad
+    assert parse_tracestate("a=1, b=2 ,,") is not None
