@@ -32,6 +32,8 @@ log = logging.getLogger("metaprotocol.proxy")
 #: Descriptors kept free for what is not a connection (listeners, admin, log files, stdio,
 #: the event loop's own) when ``limits.maxConnections`` defaults from ``RLIMIT_NOFILE``.
 FD_RESERVE = 64
+#: How long :meth:`Engine.stop` waits for queued spans to be exported.
+TRACING_FLUSH = 2.0
 #: Longest interval of the housekeeping sweep (idle, frame and write timeouts; overload).
 SWEEP_MAX = 1.0
 
@@ -469,6 +471,13 @@ class Engine:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self.config.proxy.tracing is not None:
+            # Export the spans still queued, off the loop, for a bounded time (a dead
+            # collector must not hold the shutdown; the exporter gives up on its own later).
+            from .tracing import shutdown
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(shutdown, self), TRACING_FLUSH)
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None

@@ -229,3 +229,19 @@ def test_policy_local_replies_are_traced_and_oneway_spans_end(collector: Collect
         assert limited_span.attributes["upstream_address"] == ""
 
     run(main())
+
+
+def test_stop_exports_the_spans_still_queued(collector: Collector) -> None:
+    """No flush by hand: stopping the engine exports what the batch processor holds."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(config(up.port, collector, "stopper")) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(3):
+                await c.call("get")
+            c.close()
+        await up.close()
+
+    run(main())
+    assert len(collector.spans) == 3
