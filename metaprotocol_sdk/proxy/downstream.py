@@ -1023,6 +1023,9 @@ class Downstream(asyncio.Protocol):
             p.target.count("DownstreamClosed")
             elapsed = self.engine.loop.time() - p.start
             self._observe_local(p.target, "DownstreamClosed", elapsed, p.request, 0, None, p.host)
+            if p.route.response_filters:  # nothing answered: status Unknown, no local error
+                unknown = ResponseStatus.Unknown
+                self._respond(p.route, p.request, unknown, None, None, p.target, p.host)
             if self.draining and self.inflight == 0:
                 self.close()
             return
@@ -1057,6 +1060,9 @@ class Downstream(asyncio.Protocol):
         if transport is None or self.closed:
             target.count("DownstreamClosed")
             self._observe_local(target, "DownstreamClosed", elapsed, request, 0, None, host)
+            if route is not None and route.response_filters:
+                unknown = ResponseStatus.Unknown
+                self._respond(route, request, unknown, None, None, target, host)
             return
         listener.count_local(error)
         target.count(error.name)

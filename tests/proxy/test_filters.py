@@ -453,3 +453,31 @@ def test_oneway_messages_pass_the_chain() -> None:
         await up.close()
 
     run(main())
+
+
+def test_response_filters_see_requests_whose_client_left() -> None:
+    """A request still in flight when its client resets is shown to the response filters
+    (status Unknown, no local error) once it ends, so a tracing or audit filter sees it."""
+    router = """\
+    - name: slow
+      route: [{destination: {host: svc.test}}]
+      timeout: 50ms
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        AuditFilter.seen = []
+        async with engine_for(with_filter(up.port, router=router)) as engine:
+            c = await Client.connect(address(engine))
+            c.start("hang")
+            await up.wait_received(1)
+            c.reset()
+            for _ in range(200):  # the route's 50 ms timeout ends it
+                if AuditFilter.seen:
+                    break
+                await asyncio.sleep(0.01)
+            assert AuditFilter.seen == [("slow", "Unknown", None, None)]
+            assert engine.stats.total("metaprotocol_requests_total", status="DownstreamClosed") == 1
+        await up.close()
+
+    run(main())
