@@ -13,6 +13,7 @@ from .codec import (
     join_encoded,
     take_frame,
 )
+from .compilation import compiled
 from .enums import ErrorType, MessageType, ResponseStatus, StreamType
 from .errors import (
     CodecError,
@@ -62,6 +63,7 @@ __all__ = [
     "__version__",
     "buffers_of",
     "compile_header",
+    "compiled",
     "join_encoded",
     "take_frame",
 ]

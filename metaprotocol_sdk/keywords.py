@@ -23,8 +23,13 @@ def from_keywords(
     ``setting`` word the errors: ``unknown option for codec dubbo``, ``invalid filter
     settings: ...``."""
     options = dict(options or {})
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    try:
+        params = inspect.signature(cls).parameters
+    except ValueError:  # a class compiled with mypyc has none: its ``__init__`` checks the keys
+        params = None
+    if params is not None and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    ):
         known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         for key in options:
             if key not in known:

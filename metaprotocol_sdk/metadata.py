@@ -12,8 +12,6 @@ Mutation = Mapping[str, str]
 
 EMPTY_MUTATION: Mutation = {}
 
-_new_object = object.__new__  # the fast constructors skip the ``__new__`` lookup on the ABC
-
 
 class Attributes(MutableMapping[str, str]):
     """Routable string attributes with case-insensitive keys.
@@ -39,14 +37,14 @@ class Attributes(MutableMapping[str, str]):
 
         The fast path for codecs: one comprehension instead of a ``__setitem__`` call per item.
         """
-        attributes = _new_object(cls)
+        attributes = cls()  # (``object.__new__`` is refused on a compiled class)
         attributes.folded_items = {key.lower(): (key, value) for key, value in items.items()}
         return attributes
 
     @classmethod
     def from_folded(cls, table: dict[str, tuple[str, str]]) -> Attributes:
         """Attributes that take over a ``{key.lower(): (key, value)}`` table built by a codec."""
-        attributes = _new_object(cls)
+        attributes = cls()
         attributes.folded_items = table
         return attributes
 

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from metaprotocol_sdk import compilation
 from metaprotocol_sdk.errors import RegistryError
 from metaprotocol_sdk.registry import available
 
@@ -15,11 +16,17 @@ from ._output import table
 @click.command("codecs")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def command(as_json: bool) -> None:
-    """List installed codecs: names, aliases, distribution, version and capabilities."""
+    """List installed codecs: names, aliases, distribution, version and capabilities.
+
+    With ``--json``, also the modules of each codec and of the SDK that run compiled (mypyc).
+    """
     rows = []
     for info in available():
+        compiled: list[str] = []
         try:
-            capabilities: list[str] | str = info.load().capabilities.names()
+            codec = info.load()
+            capabilities: list[str] | str = codec.capabilities.names()
+            compiled = list(compilation.compiled(codec.__module__.partition(".")[0]))
         except RegistryError as exc:
             capabilities = f"error: {exc}"
         rows.append(
@@ -30,10 +37,12 @@ def command(as_json: bool) -> None:
                 "version": info.version,
                 "target": info.target,
                 "capabilities": capabilities,
+                "compiled": compiled,
             }
         )
     if as_json:
-        click.echo(json.dumps({"codecs": rows}, indent=2))
+        sdk = list(compilation.compiled())
+        click.echo(json.dumps({"codecs": rows, "sdk": {"compiled": sdk}}, indent=2))
         return
     if not rows:
         click.echo("no codecs installed (entry-point group 'metaprotocol.codecs')")

@@ -11,6 +11,7 @@ import os
 import resource
 from typing import Any
 
+from metaprotocol_sdk.compilation import compiled
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.filters import Filter
 
@@ -590,6 +591,16 @@ class Engine:
                     )[0],
                 }
                 for p in self.config.protocols.values()
+            },
+            "compiled": {  # modules running compiled (mypyc), by package
+                package: list(compiled(package))
+                for package in sorted(
+                    {"metaprotocol_sdk"}
+                    | {
+                        p.codec_class.__module__.partition(".")[0]
+                        for p in self.config.protocols.values()
+                    }
+                )
             },
             "settings": {
                 "limits": {**vars(settings.limits), "max_connections": self.max_connections},

@@ -487,7 +487,7 @@ def test_framed_fast_path_matches_the_general_path() -> None:
     data = tf.sample("framed", "binary", "add", 2, 3, calc_tp.Calculator.add_result(success=3))
     quick, _ = decode_one(data)
     general = ThriftCodec(strict=False, transport="framed")._metadata(
-        data, (2, "add", 3, 15, 4, 19, True), "framed", "binary", None, 0
+        data, (2, "add", 3, 15, 4, 19, True), "framed", "binary", None, False
     )
     for slot in Metadata.__slots__:
         assert getattr(quick, slot) == getattr(general, slot), slot

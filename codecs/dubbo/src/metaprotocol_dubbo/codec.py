@@ -368,9 +368,9 @@ class DubboCodec(Codec):
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         upgrade_result_flag: bool = True,
-        max_hessian_refs: int = DEFAULT_MAX_REFS,
-        max_hessian_classes: int = DEFAULT_MAX_CLASSES,
-        max_hessian_items: int = DEFAULT_MAX_HESSIAN_ITEMS,
+        max_hessian_refs: int | str = DEFAULT_MAX_REFS,
+        max_hessian_classes: int | str = DEFAULT_MAX_CLASSES,
+        max_hessian_items: int | str = DEFAULT_MAX_HESSIAN_ITEMS,
     ) -> None:
         """``upgrade_result_flag``: write response mutations into responses with result flags
         0..2 by switching them to 3..5. Consumers older than Dubbo 2.6.3 and some non-Java

@@ -171,7 +171,7 @@ class ThriftCodec(Codec):
         *,
         transport: str = AUTO,
         protocol: str = AUTO,
-        strict: bool | str = True,
+        strict: bool | int | str = True,
         max_frame_size: int | str = DEFAULT_MAX_FRAME_SIZE,
         max_depth: int | str = DEFAULT_MAX_DEPTH,
         mutation_without_headers: str = "error",

@@ -397,8 +397,7 @@ class Decoder:
         while (parent := refs[top][3]) >= 0 and type(refs[parent]) is tuple:
             top = parent
         pos, n_classes, n_types, _ = refs[top]
-        sub = Decoder.__new__(Decoder)
-        sub._data = self._data
+        sub = Decoder(self._data)  # then given this decoder's state, as a replay of it
         sub._base = self._base
         sub._end = self._end
         sub._pos = pos

@@ -313,7 +313,7 @@ def _w_str_uncached(e: Encoder, s: str) -> None:
     while n - off > T.CHUNK_SIZE:
         sub = T.CHUNK_SIZE
         # As Java: a chunk never ends on a high surrogate.
-        if "\ud800" <= units[off + sub - 1] <= "\udbff":
+        if 0xD800 <= ord(units[off + sub - 1]) <= 0xDBFF:
             sub -= 1
         buf += _pack_bH(T.STRING_CHUNK, sub)
         buf += encode_units(units[off : off + sub])

@@ -14,8 +14,9 @@ from typing import Final
 CONTINUATION: Final = bytes(range(0x80, 0xC0))
 
 _NON_BMP: Final = re.compile("[\U00010000-\U0010ffff]")
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
-_PAIR: Final = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+# Raw patterns: ``re`` reads the escapes (a compiled module cannot hold lone surrogates).
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
+_PAIR: Final = re.compile(r"[\ud800-\udbff][\udc00-\udfff]")
 _FOUR_BYTE_LEAD: Final = re.compile(b"[\xf0-\xff]")
 
 
