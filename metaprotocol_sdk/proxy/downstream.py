@@ -653,7 +653,7 @@ class Downstream(asyncio.Protocol):
             sink.count(target, "Dropped")
             return
         now = engine.loop.time()
-        p = Pending(sink, message, route, target, host, conn, now)  # type: ignore[arg-type]
+        p = Pending(sink, message, route, target, host, conn, now)
         try:
             conn.send(p, mutation)
         except Exception:

@@ -16,6 +16,7 @@ from metaprotocol_sdk.metadata import Metadata
 from .stats import Counter, Stats
 
 if TYPE_CHECKING:
+    from .downstream import Downstream
     from .router import Target
     from .upstream import Pending
 
@@ -55,13 +56,13 @@ class MirrorSink:
         p.host.active -= 1
         self.inflight -= 1
 
-    def finish(self, p: Pending, response: Metadata, batch: list[object]) -> None:
+    def finish(self, p: Pending, response: Metadata, batch: list[Downstream]) -> None:
         """A decoded reply to a copy: dropped, counted by status."""
         self._settle(p)
         self.count(p.target, _STATUS_NAMES[response.response_status])
 
     def forward(
-        self, p: Pending, frame: bytes, status: ResponseStatus, batch: list[object]
+        self, p: Pending, frame: bytes, status: ResponseStatus, batch: list[Downstream]
     ) -> None:
         """A peeked reply to a copy: dropped, counted by status."""
         self._settle(p)

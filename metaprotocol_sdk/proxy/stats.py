@@ -176,7 +176,9 @@ class Stats:
             series = self._series[key] = Counter(name, key[1])
         return series
 
-    gauge = counter
+    def gauge(self, name: str, **labels: str) -> Counter:
+        """The gauge series for ``name`` and ``labels`` (a counter that is set, not added to)."""
+        return self.counter(name, **labels)
 
     def counters(self, name: str) -> list[Counter]:
         """Every series of the counter or gauge ``name``."""

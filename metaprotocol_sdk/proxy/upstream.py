@@ -30,6 +30,7 @@ from .stats import Counter
 if TYPE_CHECKING:
     from .downstream import Downstream
     from .engine import Engine
+    from .mirror import MirrorSink
     from .router import CompiledRoute, Target
 
 _RESPONSE = MessageType.Response
@@ -82,7 +83,7 @@ class Pending:
 
     def __init__(
         self,
-        downstream: Downstream,
+        downstream: Downstream | MirrorSink,
         request: Metadata,
         route: CompiledRoute,
         target: Target,
