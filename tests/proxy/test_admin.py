@@ -7,6 +7,8 @@ from pathlib import Path
 
 from proxy_kit import Client, Upstream, address, engine_for, http_get, mesh, run
 
+from metaprotocol_sdk import compiled
+
 
 def test_admin_ready_config_dump_and_stats() -> None:
     async def main() -> None:
@@ -26,6 +28,8 @@ def test_admin_ready_config_dump_and_stats() -> None:
             assert dump["listeners"][0]["routes"][0]["name"] == "main"
             assert dump["clusters"][0]["name"] == "outbound|9000|v1|svc.test"
             assert dump["clusters"][0]["pooling"] == "shared"
+            # Which modules run compiled (mypyc): none in a pure install.
+            assert dump["compiled"]["metaprotocol_sdk"] == list(compiled())
 
             c = await Client.connect(address(engine))
             for _ in range(3):

@@ -1,0 +1,97 @@
+"""The compiled (mypyc) build and the pure one: which is installed, and that both say so.
+
+``./dev test`` runs this file in the pure venv and, with ``METAPROTOCOL_EXPECT_COMPILED=1``, in
+the venv of the compiled wheels (.venv-compiled): there every module each ``setup.py`` lists
+must be the compiled one, so that the tests run there test compiled code.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+import metaprotocol_dubbo
+import metaprotocol_thrift
+import pytest
+from click.testing import CliRunner
+from metaprotocol_dubbo import DubboCodec
+from metaprotocol_thrift import ThriftCodec
+
+from metaprotocol_sdk import ConfigError, compiled
+from metaprotocol_sdk.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPECT_COMPILED = os.environ.get("METAPROTOCOL_EXPECT_COMPILED") == "1"
+
+
+def _listed(setup: Path, source_root: str, package: str) -> tuple[str, ...]:
+    """The module names a ``setup.py``'s ``COMPILED`` list names."""
+    tree = ast.parse(setup.read_text())
+    paths = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        and getattr(node, "targets", [getattr(node, "target", None)])[0].id == "COMPILED"
+    )
+    names = [p.removeprefix(source_root).removesuffix(".py").replace("/", ".") for p in paths]
+    assert all(n.startswith(package + ".") for n in names)
+    return tuple(sorted(names))
+
+
+def test_compiled_lists_the_extension_modules_of_a_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "fake_compiled_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "plain.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / f"fast{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    (package / "sub" / f"faster{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert compiled("fake_compiled_pkg") == (
+        "fake_compiled_pkg.fast",
+        "fake_compiled_pkg.sub.faster",
+    )
+    assert compiled("no_such_package_here") == ()
+    sys.modules.pop("fake_compiled_pkg", None)
+
+
+def test_the_installed_build_is_the_expected_one() -> None:
+    expected = {
+        "metaprotocol_sdk": _listed(ROOT / "setup.py", "", "metaprotocol_sdk"),
+        "metaprotocol_dubbo": _listed(ROOT / "codecs/dubbo/setup.py", "src/", "metaprotocol_dubbo"),
+        "metaprotocol_thrift": _listed(
+            ROOT / "codecs/thrift/setup.py", "src/", "metaprotocol_thrift"
+        ),
+    }
+    found = {
+        "metaprotocol_sdk": compiled(),
+        "metaprotocol_dubbo": metaprotocol_dubbo.COMPILED,
+        "metaprotocol_thrift": metaprotocol_thrift.COMPILED,
+    }
+    if EXPECT_COMPILED:
+        assert found == expected
+    else:
+        assert found == dict.fromkeys(expected, ())
+
+
+def test_codecs_json_shows_what_is_compiled() -> None:
+    result = CliRunner().invoke(main, ["codecs", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert listed["sdk"]["compiled"] == list(compiled())
+    rows = {name: row for row in listed["codecs"] for name in [row["name"], *row["aliases"]]}
+    assert rows["dubbo"]["compiled"] == list(metaprotocol_dubbo.COMPILED)
+    assert rows["thrift"]["compiled"] == list(metaprotocol_thrift.COMPILED)
+
+
+@pytest.mark.parametrize("codec", [DubboCodec, ThriftCodec])
+def test_an_unknown_option_is_a_config_error_in_either_build(codec: type[DubboCodec]) -> None:
+    # A compiled class has no signature to check the keys against: its __init__ refuses them.
+    with pytest.raises(ConfigError, match="nope"):
+        codec.from_options({"nope": 1})
