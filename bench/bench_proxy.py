@@ -28,6 +28,11 @@ the header names the CPU model, and the direct closed-loop req/s indicates the s
 source tree (``git archive COMMIT | tar -x -C PATH``), run by this venv's interpreter with that
 tree first on ``PYTHONPATH`` (checked before the run). With two or more trees, each later tree's
 CPU per request is compared slice by slice with the first's: a before/after from one run.
+
+``engine, compiled`` is the same engine installed from the mypyc-compiled wheels
+(docs/compiled.md) in another venv: ``.venv-compiled`` of this checkout (``./dev test`` builds
+it) or ``--compiled-venv PATH``, checked before the run to import compiled modules; its CPU per
+request is compared slice by slice with the pure engine's. ``--no-compiled`` leaves it out.
 """
 
 from __future__ import annotations
@@ -183,6 +188,30 @@ def engine_kind(python: str) -> str:
     return f"engine on {python}"
 
 
+#: The target run by another venv's ``metaprotocol``: the engine installed compiled.
+COMPILED_KIND = "engine, compiled"
+#: The venv of the compiled install (``--compiled-venv``; default ``.venv-compiled``).
+COMPILED_VENVS: dict[str, Path] = {}
+_COMPILED_CHECK = (
+    "import metaprotocol_sdk as s, metaprotocol_dubbo as d, metaprotocol_thrift as t; "
+    "print(len(s.compiled()), len(d.COMPILED), len(t.COMPILED))"
+)
+
+
+def check_compiled_venv(venv: Path) -> str:
+    """How many modules of the SDK and each codec run compiled in ``venv``; exits if none."""
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-P", "-c", _COMPILED_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    counts = done.stdout.split()
+    if done.returncode != 0 or len(counts) != 3 or "0" in counts:
+        raise SystemExit(f"{venv}: not a compiled install ({done.stdout} {done.stderr[-2000:]})")
+    return "compiled modules: SDK {}, Dubbo {}, Thrift {}".format(*counts)
+
+
 #: Source trees given with ``--engine-tree``: target name (``engine @LABEL``) -> tree root.
 TREES: dict[str, Path] = {}
 
@@ -230,7 +259,7 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
         argv = [PY, str(HERE / "proxy" / "passthrough.py"), protocol, str(upstream)]
         proc = Proc(argv, PROXY_CORE)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
-    elif kind == "engine" or kind.startswith(("engine on ", "engine @")):
+    elif kind == "engine" or kind.startswith(("engine on ", "engine @", COMPILED_KIND)):
         path = workdir / f"engine-{protocol}.yaml"
         path.write_text(configs.engine_yaml(protocol, upstream))
         argv = [str(METAPROTOCOL)]
@@ -239,6 +268,8 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
         env: Mapping[str, str] | None = None
         if kind in TREES:
             argv, env = [PY, "-P", "-c", _LAUNCH_TREE], tree_env(TREES[kind])
+        elif kind == COMPILED_KIND:
+            argv = [str(COMPILED_VENVS[kind] / "bin" / "metaprotocol")]
         proc = Proc([*argv, "proxy", "-c", str(path)], PROXY_CORE, env=env)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
         proc.expect(r"admin on")
@@ -503,15 +534,18 @@ def floor_lines(
 
 
 def tree_lines(results: dict[tuple[str, str], Result]) -> list[str]:
-    """Each later ``--engine-tree`` target's CPU per request over the first's, slice by slice."""
+    """Each later ``--engine-tree`` target's CPU per request over the first's, and the compiled
+    engine's over the pure one's, slice by slice."""
     trees = list(TREES)
+    pairs = [(kind, trees[0]) for kind in trees[1:]]
+    pairs += [(kind, "engine") for kind in COMPILED_VENVS]
     lines = []
-    for kind in trees[1:]:
+    for kind, base in pairs:
         for scenario in SCENARIOS:
-            ratios = _paired(results, kind, trees[0], scenario.name, "/")
+            ratios = _paired(results, kind, base, scenario.name, "/")
             if len(ratios) > 1:
-                lines.append(f"- {kind} / {trees[0]}, {scenario.name}: {_spread(ratios)}")
-    return ["", "Engine trees, CPU per request slice by slice:", *lines] if lines else []
+                lines.append(f"- {kind} / {base}, {scenario.name}: {_spread(ratios)}")
+    return ["", "Engine builds and trees, CPU per request slice by slice:", *lines] if lines else []
 
 
 def main() -> int:
@@ -533,6 +567,13 @@ def main() -> int:
         action="store_true",
         help="no engine from this checkout: only the --engine-tree ones (others may be editing it)",
     )
+    parser.add_argument(
+        "--compiled-venv",
+        type=Path,
+        default=HERE.parent / ".venv-compiled",
+        help="venv of the mypyc-compiled install (default: .venv-compiled of this checkout)",
+    )
+    parser.add_argument("--no-compiled", action="store_true", help="no compiled engine row")
     args = parser.parse_args()
     warmup, slice_seconds, slices = (0.5, 0.25, 6) if args.quick else (1.0, 0.5, 8)
     slices = args.slices or slices
@@ -555,6 +596,10 @@ def main() -> int:
     )
     for kind, root in TREES.items():
         print(f"# {kind}: {root}, imports " + ", ".join(check_tree(root)), flush=True)
+    if not args.no_compiled and (args.compiled_venv / "bin" / "metaprotocol").exists():
+        COMPILED_VENVS[COMPILED_KIND] = args.compiled_venv.resolve()
+        found = check_compiled_venv(args.compiled_venv)
+        print(f"# {COMPILED_KIND}: {args.compiled_venv}, {found}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
         validate_envoy_configs(args.protocol or ["thrift", "dubbo"], workdir)
@@ -565,6 +610,7 @@ def main() -> int:
                 kinds.append("engine")
                 if (other := distro_python()) is not None:
                     kinds.append(engine_kind(other))
+            kinds += list(COMPILED_VENVS)
             kinds += list(TREES)
             results: dict[tuple[str, str], Result] = {}
             for kind in kinds:
