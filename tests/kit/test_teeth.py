@@ -79,3 +79,25 @@ def test_random_bytes_check_finds_the_garbage_fault_too() -> None:
     result = run_check(CodecTarget.discover(IndexErrorOnGarbage), "bad_input_random_bytes")
     assert result.outcome is Outcome.failed
     assert "decode raised IndexError" in result.reason
+
+
+_SHARED: list[bytes] = []
+
+
+class SharesASlotBetweenInstances(KVCodec):
+    """Keeps its parse state in a slot (as a compiled codec keeps all of its state, where
+    ``vars()`` does not show it), and every instance gets the same list."""
+
+    __slots__ = ("_parts",)
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def __init__(self, **options: int) -> None:
+        super().__init__(**options)
+        self._parts = _SHARED  # the fault: one list for all instances
+
+
+def test_state_check_sees_attributes_that_vars_does_not_show() -> None:
+    target = CodecTarget.discover(SharesASlotBetweenInstances)
+    result = run_check(target, "state_independent_instances")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "self._parts" in result.reason

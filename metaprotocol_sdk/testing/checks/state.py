@@ -40,14 +40,27 @@ def _class_state(codec: type[Codec]) -> dict[str, Any]:
     return state
 
 
+def _attributes(codec: object) -> dict[str, Any]:
+    """The instance's attributes: ``vars()`` and the slots, where a class with ``__slots__``
+    and a class compiled with mypyc (``__mypyc_attrs__``) keep attributes ``vars()`` misses."""
+    names = set(getattr(codec, "__dict__", ()))
+    for klass in type(codec).__mro__:
+        for declared in ("__slots__", "__mypyc_attrs__"):
+            slots = vars(klass).get(declared, ())
+            names.update([slots] if isinstance(slots, str) else slots)
+    names -= {"__dict__", "__weakref__"}
+    return {name: getattr(codec, name) for name in sorted(names) if hasattr(codec, name)}
+
+
 def _pair_prop(ctx: CheckContext, a: Sample, b: Sample) -> None:
     codec_type = ctx.target.codec
     before = _class_state(codec_type)
     expected_a, expected_b = reference(ctx, a), reference(ctx, b)
     first = ctx.target.new_codec(a.options)
     second = ctx.target.new_codec(b.options)
-    for name, value in vars(first).items():
-        if isinstance(value, _MUTABLE) and vars(second).get(name) is value:
+    theirs = _attributes(second)
+    for name, value in _attributes(first).items():
+        if isinstance(value, _MUTABLE) and theirs.get(name) is value:
             fail(f"two instances share the mutable object self.{name}")
     half = max(1, len(a.frame) // 2)
     buffer = bytearray(a.frame[:half])
