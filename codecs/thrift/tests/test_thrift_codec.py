@@ -489,7 +489,9 @@ def test_framed_fast_path_matches_the_general_path() -> None:
     general = ThriftCodec(strict=False, transport="framed")._metadata(
         data, (2, "add", 3, 15, 4, 19, True), "framed", "binary", None, False
     )
-    for slot in Metadata.__slots__:
+    # A compiled Metadata lists its attributes in __mypyc_attrs__, not __slots__.
+    attributes = vars(Metadata).get("__slots__") or vars(Metadata)["__mypyc_attrs__"]
+    for slot in attributes:
         assert getattr(quick, slot) == getattr(general, slot), slot
 
 
