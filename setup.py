@@ -25,7 +25,7 @@ COMPILED = [
     "metaprotocol_sdk/proxy/stats.py",
     "metaprotocol_sdk/proxy/upstream.py",
 ]
-#: mypyc ships with mypy; the pins are the dev extra's (tests/packaging checks they agree).
+#: mypyc ships with mypy; the pins are the dev extra's (tests/core/test_compiled.py).
 MYPYC_REQUIRES = ["mypy==2.4.1", "types-PyYAML==6.0.12.20261113"]
 WANTED = os.environ.get("METAPROTOCOL_MYPYC", "") not in ("", "0")
 

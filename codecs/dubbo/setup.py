@@ -1,16 +1,21 @@
-"""Build hook: with METAPROTOCOL_MYPYC=1 the codec and Hessian 2.0 are compiled with mypyc.
+"""Build hook: ``METAPROTOCOL_MYPYC=1`` compiles the codec and Hessian 2.0 with mypyc.
 
-Everything else lives in pyproject.toml. Without the variable the wheel is pure Python.
+Everything else is in pyproject.toml; without the variable the wheel is pure Python. The
+compiled build's requirements are ``setup_requires``, which setuptools hands to the build
+front end (pip, ``python -m build``) as build requirements of that build only.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import tomllib
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 #: The decode/encode path. Not compiled: ``hessian2/types.py`` (its values subclass ``int``,
-#: ``float``, ``list`` and ``dict``, which mypyc cannot compile) and ``conformance/`` (tests).
+#: ``float``, ``list`` and ``dict``, which mypyc cannot compile), ``hessian2/errors.py`` (users
+#: catch and subclass exceptions) and ``conformance/`` (tests).
 COMPILED = [
     "src/metaprotocol_dubbo/body.py",
     "src/metaprotocol_dubbo/codec.py",
@@ -23,14 +28,29 @@ COMPILED = [
     "src/metaprotocol_dubbo/hessian2/strings.py",
     "src/metaprotocol_dubbo/hessian2/tags.py",
 ]
+#: mypyc ships with mypy; the pin is the SDK's dev extra's (tests/core/test_compiled.py).
+MYPYC_REQUIRES = ["mypy==2.4.1"]
+WANTED = os.environ.get("METAPROTOCOL_MYPYC", "") not in ("", "0")
 
 
-def ext_modules() -> list[object]:
-    if os.environ.get("METAPROTOCOL_MYPYC", "") in ("", "0"):
-        return []
-    from mypyc.build import mypycify
+def build_requires() -> list[str]:
+    """mypy, and the SDK the compiled code imports (mypyc type-checks it first)."""
+    with open("pyproject.toml", "rb") as file:
+        dependencies: list[str] = tomllib.load(file)["project"]["dependencies"]
+    return [*MYPYC_REQUIRES, *dependencies]
 
-    return list(mypycify(COMPILED, opt_level="3"))
+
+def ext_modules() -> list[Extension]:
+    try:
+        from mypyc.build import mypycify
+    except ModuleNotFoundError:
+        if "egg_info" in sys.argv:  # the front end asks for the build requirements first
+            return []
+        raise SystemExit(f"METAPROTOCOL_MYPYC=1 needs {MYPYC_REQUIRES[0]} to build") from None
+    return mypycify(COMPILED, opt_level="3")
 
 
-setup(ext_modules=ext_modules())
+setup(
+    setup_requires=build_requires() if WANTED else [],
+    ext_modules=ext_modules() if WANTED else [],
+)

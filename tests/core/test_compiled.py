@@ -11,6 +11,7 @@ import ast
 import json
 import os
 import sys
+import tomllib
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
@@ -28,15 +29,19 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECT_COMPILED = os.environ.get("METAPROTOCOL_EXPECT_COMPILED") == "1"
 
 
-def _listed(setup: Path, source_root: str, package: str) -> tuple[str, ...]:
-    """The module names a ``setup.py``'s ``COMPILED`` list names."""
+def _assigned(setup: Path, name: str) -> list[str]:
+    """The list a ``setup.py`` assigns to ``name``."""
     tree = ast.parse(setup.read_text())
-    paths = next(
+    return next(
         ast.literal_eval(node.value)
         for node in tree.body
-        if isinstance(node, ast.Assign | ast.AnnAssign)
-        and getattr(node, "targets", [getattr(node, "target", None)])[0].id == "COMPILED"
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name
     )
+
+
+def _listed(setup: Path, source_root: str, package: str) -> tuple[str, ...]:
+    """The module names a ``setup.py``'s ``COMPILED`` list names."""
+    paths = _assigned(setup, "COMPILED")
     names = [p.removeprefix(source_root).removesuffix(".py").replace("/", ".") for p in paths]
     assert all(n.startswith(package + ".") for n in names)
     return tuple(sorted(names))
@@ -95,3 +100,11 @@ def test_an_unknown_option_is_a_config_error_in_either_build(codec: type[DubboCo
     # A compiled class has no signature to check the keys against: its __init__ refuses them.
     with pytest.raises(ConfigError, match="nope"):
         codec.from_options({"nope": 1})
+
+
+def test_the_compiled_builds_pin_mypy_as_the_dev_extra_does() -> None:
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        dev = tomllib.load(file)["project"]["optional-dependencies"]["dev"]
+    for setup in [ROOT / "setup.py", *ROOT.glob("codecs/*/setup.py")]:
+        for pin in _assigned(setup, "MYPYC_REQUIRES"):
+            assert pin in dev, f"{setup}: {pin} is not the dev extra's pin"
