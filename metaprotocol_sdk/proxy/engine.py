@@ -11,7 +11,7 @@ import os
 import resource
 from typing import Any
 
-from metaprotocol_sdk.compilation import compiled
+from metaprotocol_sdk import compilation
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.filters import Filter
 
@@ -844,7 +844,7 @@ class Engine:
                 for p in self.config.protocols.values()
             },
             "compiled": {  # modules running compiled (mypyc), by package
-                package: list(compiled(package))
+                package: list(compilation.compiled(package))
                 for package in sorted(
                     {"metaprotocol_sdk"}
                     | {
