@@ -16,6 +16,7 @@ from metaprotocol_sdk.errors import ConfigError
 
 if TYPE_CHECKING:
     from metaprotocol_sdk.proxy import Config
+    from metaprotocol_sdk.proxy.workers import WorkerSpec
 
 
 #: Young-generation threshold of the cyclic garbage collector while serving (CPython's default
@@ -56,10 +57,10 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def _serve(config: Config, drain: float | None) -> int:
+async def _serve(config: Config, drain: float | None, worker: WorkerSpec | None = None) -> int:
     from metaprotocol_sdk.proxy import Engine
 
-    engine = Engine(config)
+    engine = Engine(config, reuse_port=worker is not None)
     try:
         await engine.start()
     except OSError as exc:
@@ -68,15 +69,19 @@ async def _serve(config: Config, drain: float | None) -> int:
     except ConfigError as exc:
         click.echo(f"error: invalid configuration: {exc}", err=True)
         return 2
-    for (host, port), (ip, bound) in engine.listener_addresses.items():
-        click.echo(f"listening {host}:{port} on {ip}:{bound}")
-    if engine.admin_address is not None:
-        click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
+    stop = asyncio.Event()
+    if worker is not None:  # one of --workers N: its supervisor prints the addresses
+        worker.announce(engine)
+        await worker.watch_supervisor(stop.set)
+    else:
+        for (host, port), (ip, bound) in engine.listener_addresses.items():
+            click.echo(f"listening {host}:{port} on {ip}:{bound}")
+        if engine.admin_address is not None:
+            click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
     sys.stdout.flush()
     _tune_gc()
     _tune_malloc()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
@@ -157,11 +162,40 @@ def _check(files: tuple[str, ...]) -> None:
 )
 @click.option("--no-uvloop", is_flag=True, help="Use the default asyncio event loop.")
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary, exit.")
-def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool, check: bool) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Serving processes sharing the listeners (SO_REUSEPORT) under one supervisor.",
+)
+@click.option("--worker", "worker_of", hidden=True, help="Internal: run as one of --workers.")
+def command(
+    files: tuple[str, ...],
+    drain: float | None,
+    no_uvloop: bool,
+    check: bool,
+    workers: int,
+    worker_of: str | None,
+) -> None:
     """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain."""
     if check:
         _check(files)
         return
+    spec = None
+    if workers > 1 or worker_of is not None:
+        from metaprotocol_sdk.proxy import workers as several
+
+        if worker_of is None:
+            refused = several.reuse_port_unavailable()
+            if refused:
+                click.echo(
+                    f"error: --workers {workers} needs shared listeners: {refused}", err=True
+                )
+                sys.exit(2)
+            argv = several.worker_command(files, drain, no_uvloop)
+            sys.exit(several.supervise(_load(files), argv, workers, drain))
+        spec = several.WorkerSpec.from_json(worker_of)
     factory = None
     if not no_uvloop:
         try:
@@ -171,6 +205,8 @@ def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool, check:
         except ImportError:
             factory = None
     config = _load(files)
+    if spec is not None:
+        config = spec.apply(config)
     with asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config, drain))
+        code = runner.run(_serve(config, drain, spec))
     sys.exit(code)

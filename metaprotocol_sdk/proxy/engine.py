@@ -72,8 +72,12 @@ class Engine:
     then maps ``(host, port)`` to the bound ``(ip, port)``. ``await stop()`` drains.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
+        #: Bind the listeners with ``SO_REUSEPORT``, so several engine processes (the workers
+        #: of ``metaprotocol proxy --workers N``) share each port and the kernel spreads the
+        #: connections over them.
+        self.reuse_port = reuse_port
         settings = config.proxy
         self.stats = Stats()
         limits = settings.limits
@@ -314,10 +318,11 @@ class Engine:
             for listener in settings.listeners:
                 runtime = self.listeners[(listener.host, listener.port)]
                 server = await self._loop.create_server(
-                    lambda rt=runtime: Downstream(rt),  # type: ignore[misc]
+                    lambda rt=runtime: Downstream(rt),
                     listener.bind_host,
                     listener.bind_port,
                     reuse_address=True,
+                    reuse_port=self.reuse_port or None,
                     backlog=1024,
                 )
                 self._servers.append(server)
