@@ -388,7 +388,11 @@ class Supervisor:
         if waits:
             done: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
             killed: asyncio.Future[Any] = asyncio.ensure_future(self._kill.wait())
-            await asyncio.wait([done, killed], timeout=self.drain + STOP_GRACE)
+            await asyncio.wait(
+                [done, killed],
+                timeout=self.drain + STOP_GRACE,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             killed.cancel()
             if not done.done():
                 self.forward(signal.SIGKILL)
