@@ -62,6 +62,8 @@ STOP_GRACE = 5.0
 WORKER_TIMEOUT = 1.0
 #: Largest admin answer read from a worker.
 WORKER_REPLY_BYTES = 64 * 1024 * 1024
+#: Access log paths that mean standard error (``accesslog.AccessLog``), shared as it is.
+STDERR_NAMES = ("-", "stderr", "/dev/stderr")
 #: Series of the workers' own admin endpoints, which only the supervisor queries: the
 #: supervisor's replace them.
 _ADMIN_SERIES = ("metaprotocol_admin_",)
@@ -72,8 +74,9 @@ def reuse_port_unavailable() -> str | None:
     option = getattr(socket, "SO_REUSEPORT", None)
     if option is None:
         return "this platform has no SO_REUSEPORT"
-    if not sys.platform.startswith(("linux", "freebsd", "dragonfly")):
-        # macOS and others accept the option but hand every connection to one socket.
+    if not sys.platform.startswith("linux"):
+        # macOS and the BSDs accept the option but do not spread connections with it
+        # (FreeBSD's balancing option is another one, SO_REUSEPORT_LB).
         return f"SO_REUSEPORT does not spread connections over processes on {sys.platform}"
     try:
         with socket.socket() as probe:
@@ -141,7 +144,9 @@ class WorkerSpec:
         return cls(int(data["index"]), {str(k): int(v) for k, v in data["ports"].items()})
 
     def apply(self, config: Config) -> Config:
-        """``config`` as this worker serves it: the shared ports, a private admin endpoint."""
+        """``config`` as this worker serves it: the shared ports, a private admin endpoint,
+        and an access log file of its own (``PATH.workerN``: buffered lines written by
+        several processes to one file could interleave mid-line; stderr is line-buffered)."""
         settings = config.proxy
         listeners = tuple(
             replace(lsn, bind_port=self.ports.get(lsn.name, lsn.bind_port))
@@ -149,7 +154,13 @@ class WorkerSpec:
         )
         shown = settings.admin or Admin(("127.0.0.1", 0))
         admin = replace(shown, bind=("127.0.0.1", 0), allow_remote=False)
-        return replace(config, proxy=replace(settings, listeners=listeners, admin=admin))
+        access_log = settings.access_log
+        if access_log is not None and access_log not in STDERR_NAMES:
+            access_log = f"{access_log}.worker{self.index}"
+        return replace(
+            config,
+            proxy=replace(settings, listeners=listeners, admin=admin, access_log=access_log),
+        )
 
     def announce(self, engine: Engine) -> None:
         """Tell the supervisor (one line on standard output) that this worker serves."""

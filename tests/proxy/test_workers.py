@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from proxy_kit import WAIT, Client, Upstream, http_get, mesh, run
 
-from metaprotocol_sdk.proxy import workers
+from metaprotocol_sdk.proxy import loads_config, workers
 from metaprotocol_sdk.proxy.stats_merge import MergedStats
 
 CONNECTIONS = 64  # P(all on one of two workers) = 2**-63 with SO_REUSEPORT's hash
@@ -306,3 +306,15 @@ def test_merged_stats_sum_counters_and_histograms_and_label_gauges() -> None:
     assert snap['h_bucket{le="+Inf"}'] == 4 and snap["h_sum"] == 5.0 and snap["h_count"] == 4
     text = merged.prometheus()
     assert "# TYPE h histogram" in text and 'g_active{worker="1"} 4' in text
+
+
+def test_a_worker_serves_the_shared_ports_a_private_admin_and_its_own_access_log() -> None:
+    text = mesh([(1, "v1")], proxy="accessLog: {path: /var/log/mp.log}\n")
+    config = workers.WorkerSpec(1, {"svc.test:9000": 41000}).apply(loads_config(text, "t.yaml"))
+    assert [(lsn.bind_host, lsn.bind_port) for lsn in config.proxy.listeners] == [
+        ("127.0.0.1", 41000)
+    ]
+    assert config.proxy.admin is not None and config.proxy.admin.bind == ("127.0.0.1", 0)
+    assert config.proxy.access_log == "/var/log/mp.log.worker1"
+    on_stderr = loads_config(mesh([(1, "v1")], proxy="accessLog: {path: '-'}\n"), "t.yaml")
+    assert workers.WorkerSpec(0, {}).apply(on_stderr).proxy.access_log == "-"
