@@ -318,3 +318,34 @@ def test_a_worker_serves_the_shared_ports_a_private_admin_and_its_own_access_log
     assert config.proxy.access_log == "/var/log/mp.log.worker1"
     on_stderr = loads_config(mesh([(1, "v1")], proxy="accessLog: {path: '-'}\n"), "t.yaml")
     assert workers.WorkerSpec(0, {}).apply(on_stderr).proxy.access_log == "-"
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        pids = [w["pid"] for w in await sup.workers()]
+        try:
+            sup.proc.kill()  # no drain, no forwarding: the workers see their stdin close
+
+            async def gone() -> bool:
+                return not any(_alive(pid) for pid in pids)
+
+            await until(gone, "the workers to exit after the supervisor")
+        finally:
+            for pid in pids:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            sup.proc.wait(timeout=10)
+            await up.close()
+
+    run(main(), timeout=60)
