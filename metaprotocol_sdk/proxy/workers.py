@@ -275,7 +275,8 @@ class Supervisor:
         if self._admin is not None:
             host, port = self._admin.sockets[0].getsockname()[:2]
             print(f"admin on {host}:{port}")
-        print(f"workers: {len(self.workers)}", file=sys.stderr)
+        pids = ", ".join(str(w.process.pid) for w in self.workers if w.process is not None)
+        print(f"{len(self.workers)} workers (pids {pids})", file=sys.stderr)
         sys.stdout.flush()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
