@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import hashlib
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -15,7 +17,9 @@ import click
 from metaprotocol_sdk.errors import ConfigError
 
 if TYPE_CHECKING:
-    from metaprotocol_sdk.proxy import Config
+    from collections.abc import Callable
+
+    from metaprotocol_sdk.proxy import Config, Engine
     from metaprotocol_sdk.proxy.workers import WorkerSpec
 
 
@@ -57,7 +61,99 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def _serve(config: Config, drain: float | None, worker: WorkerSpec | None = None) -> int:
+#: ``--watch``: changes closer together than this are one change (an editor's save is often
+#: several writes and a rename).
+WATCH_DEBOUNCE_MS = 300
+
+
+class Reloader:
+    """Reloads the files given with ``-c`` on request (``SIGHUP``, ``--watch``), one at a time,
+    writing one line per reload; a refused reload leaves the engine serving as it was."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        files: tuple[str, ...],
+        prepare: Callable[[Config], Config] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.files = files
+        #: What a worker of ``--workers N`` changes in each configuration it loads.
+        self.prepare = prepare
+        self._wanted = asyncio.Event()
+        self._source = "sighup"
+        #: Content hash of the files at the last reload (or start): ``--watch`` skips events
+        #: that changed nothing in them (a touched file, a neighbour in the same directory).
+        self.seen: str | None = self.digest()
+
+    def digest(self) -> str | None:
+        """A hash of the files' bytes (``None``: one cannot be read now)."""
+        h = hashlib.sha256()
+        try:
+            for name in self.files:
+                with open(name, "rb") as f:
+                    h.update(f.read())
+                h.update(b"\0")
+        except OSError:
+            return None
+        return h.hexdigest()
+
+    def request(self, source: str) -> None:
+        """Ask for a reload (requests made while one runs make one more, not several)."""
+        self._source = source
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Serve reload requests until cancelled."""
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            await self.reload(self._source)
+
+    async def reload(self, source: str) -> bool:
+        """Load the files, apply them; one line on stderr either way. ``True``: applied."""
+        from metaprotocol_sdk.proxy import load_config
+
+        digest = self.digest()
+        if source == "watch" and digest is not None and digest == self.seen:
+            return False  # the files' contents did not change
+        self.seen = digest
+        try:
+            # Off the loop: parsing a large file must not stall the requests being served.
+            config = await asyncio.to_thread(load_config, list(self.files))
+            if self.prepare is not None:
+                config = self.prepare(config)
+        except (ConfigError, OSError) as exc:
+            self.engine.refused(source, str(exc))
+            click.echo(f"reload refused ({source}): {exc}", err=True)
+            return False
+        try:
+            await self.engine.apply(config, source=source)
+        except ConfigError as exc:
+            click.echo(f"reload refused ({source}): {exc}", err=True)
+            return False
+        click.echo(f"reload ok ({source}): version {self.engine.config_version}", err=True)
+        return True
+
+
+async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event) -> None:
+    """Ask for a reload whenever something changes in the files' directories (the reloader
+    skips changes that leave the files' contents as they were). Directories, not the files,
+    are watched: editors and Kubernetes ConfigMaps replace a file by a rename."""
+    from watchfiles import awatch
+
+    directories = sorted({os.path.dirname(os.path.abspath(f)) for f in files})
+    async for _ in awatch(*directories, debounce=WATCH_DEBOUNCE_MS, step=50, stop_event=stop):
+        reloader.request("watch")
+
+
+async def _serve(
+    config: Config,
+    drain: float | None,
+    files: tuple[str, ...] = (),
+    watch: bool = False,
+    worker: WorkerSpec | None = None,
+) -> int:
     from metaprotocol_sdk.proxy import Engine
 
     engine = Engine(config, reuse_port=worker is not None)
@@ -69,6 +165,10 @@ async def _serve(config: Config, drain: float | None, worker: WorkerSpec | None 
     except ConfigError as exc:
         click.echo(f"error: invalid configuration: {exc}", err=True)
         return 2
+    loop = asyncio.get_running_loop()
+    reloader = Reloader(engine, files, worker.apply if worker is not None else None)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
     stop = asyncio.Event()
     if worker is not None:  # one of --workers N: its supervisor prints the addresses
         worker.announce(engine)
@@ -81,14 +181,21 @@ async def _serve(config: Config, drain: float | None, worker: WorkerSpec | None 
     sys.stdout.flush()
     _tune_gc()
     _tune_malloc()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.ensure_future(reloader.run())]
+    if watch:
+        tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once (default action)
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(sig)
+    with contextlib.suppress(NotImplementedError):
+        loop.remove_signal_handler(signal.SIGHUP)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     click.echo("draining", err=True)
     await engine.stop(drain=drain)
     return 0
@@ -163,6 +270,11 @@ def _check(files: tuple[str, ...]) -> None:
 @click.option("--no-uvloop", is_flag=True, help="Use the default asyncio event loop.")
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary, exit.")
 @click.option(
+    "--watch",
+    is_flag=True,
+    help="Reload when a configuration file changes (as on SIGHUP; see docs/reload.md).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 1024),
     default=1,
@@ -175,10 +287,14 @@ def command(
     drain: float | None,
     no_uvloop: bool,
     check: bool,
+    watch: bool,
     workers: int,
     worker_of: str | None,
 ) -> None:
-    """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain."""
+    """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain.
+
+    SIGHUP reloads the files (a bad configuration is refused and the old one keeps serving).
+    """
     if check:
         _check(files)
         return
@@ -193,7 +309,7 @@ def command(
                     f"error: --workers {workers} needs shared listeners: {refused}", err=True
                 )
                 sys.exit(2)
-            argv = several.worker_command(files, drain, no_uvloop)
+            argv = several.worker_command(files, drain, no_uvloop, watch)
             sys.exit(several.supervise(_load(files), argv, workers, drain))
         spec = several.WorkerSpec.from_json(worker_of)
     factory = None
@@ -208,5 +324,5 @@ def command(
     if spec is not None:
         config = spec.apply(config)
     with asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config, drain, spec))
+        code = runner.run(_serve(config, drain, files, watch, spec))
     sys.exit(code)

@@ -269,6 +269,10 @@ class Supervisor:
             await self._stop_workers()
             self._close()
             return code
+        loop = asyncio.get_running_loop()  # handlers first: the lines below invite signals
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
         first = self.workers[0]
         for listener in first.listeners:
             print(f"listening {listener['name']} on {listener['ip']}:{listener['port']}")
@@ -278,10 +282,6 @@ class Supervisor:
         pids = ", ".join(str(w.process.pid) for w in self.workers if w.process is not None)
         print(f"{len(self.workers)} workers (pids {pids})", file=sys.stderr)
         sys.stdout.flush()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal)
-        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
         for worker in self.workers:
             self._spawn_task(self._keep(worker))
         await self._stop.wait()
@@ -304,8 +304,11 @@ class Supervisor:
         self._stop.set()
 
     def forward(self, sig: int) -> None:
-        """Send ``sig`` to every running worker."""
+        """Send ``sig`` to every running worker (``SIGHUP`` only to those serving: one still
+        starting reads the files anyway, and has no handler for it yet)."""
         for worker in self.workers:
+            if sig == signal.SIGHUP and worker.admin is None:
+                continue
             if worker.running and worker.process is not None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(sig)
@@ -504,11 +507,19 @@ class Supervisor:
             }
             if dump is None:
                 entry["error"] = answer if isinstance(answer, str) else "unreadable answer"
-            elif shown is not None and dump != shown:
-                entry["config"] = dump  # this worker serves something else (a reload failed?)
+            else:  # each worker reloads itself: its version and last reload are its own
+                entry["version"] = dump.get("version")
+                entry["lastReload"] = dump.get("lastReload")
+                if shown is not None and _served(dump) != _served(shown):
+                    entry["config"] = dump  # it serves something else (a refused reload?)
             workers.append(entry)
         out["workers"] = workers
         return out
+
+
+def _served(dump: dict[str, Any]) -> dict[str, Any]:
+    """What a worker serves, from its ``/config_dump`` (the reload record's time aside)."""
+    return {k: v for k, v in dump.items() if k != "lastReload"}
 
 
 async def _copy_output(stream: asyncio.StreamReader) -> None:
@@ -564,8 +575,11 @@ class WorkersAdmin(_AdminServer):
         return _response(404, f"unknown path {path[:200]}\n")
 
 
-def worker_command(files: Sequence[str], drain: float | None, no_uvloop: bool) -> list[str]:
-    """How a worker starts: this interpreter running ``metaprotocol proxy`` on ``files``."""
+def worker_command(
+    files: Sequence[str], drain: float | None, no_uvloop: bool, watch: bool = False
+) -> list[str]:
+    """How a worker starts: this interpreter running ``metaprotocol proxy`` on ``files``
+    (with ``--watch``, each worker watches the files and reloads itself)."""
     command = [sys.executable, "-m", "metaprotocol_sdk", "proxy"]
     for name in files:
         command += ["-c", os.path.abspath(name)]
@@ -573,6 +587,8 @@ def worker_command(files: Sequence[str], drain: float | None, no_uvloop: bool) -
         command += ["--drain", repr(drain)]
     if no_uvloop:
         command.append("--no-uvloop")
+    if watch:
+        command.append("--watch")
     return command
 
 

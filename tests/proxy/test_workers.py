@@ -349,3 +349,50 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
             await up.close()
 
     run(main(), timeout=60)
+
+
+def _to(subset: str) -> str:
+    return f"- name: all\n  route: [{{destination: {{host: svc.test, subset: {subset}}}}}]\n"
+
+
+def test_sighup_reaches_every_worker_and_each_reloads(tmp_path: Path) -> None:
+    async def main() -> None:
+        one, two = await Upstream("one").start(), await Upstream("two").start()
+        endpoints = [(one.port, "v1"), (two.port, "v2")]
+        sup = Supervisor(tmp_path, mesh(endpoints, router=_to("v1")))
+        try:
+            (tmp_path / "mesh.yaml").write_text(mesh(endpoints, router=_to("v2")))
+            sup.proc.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                stats = await sup.stats()
+                ok = total(stats, "metaprotocol_reloads_total", 'source="sighup"', 'result="ok"')
+                return ok == 2  # one reload per worker
+
+            await until(reloaded, "both workers to reload")
+            states = await sup.workers()
+            assert [w["restarts"] for w in states] == [0, 0]  # reloaded, not restarted
+            assert all("config" not in w for w in states)  # both serve the same version
+
+            async def served_by_two() -> None:
+                client = await Client.connect(sup.address)
+                try:
+                    assert (await client.call()).attributes.get("server") == "two"
+                finally:
+                    client.close()
+
+            await asyncio.wait_for(
+                asyncio.gather(*(served_by_two() for _ in range(CONNECTIONS))), 4 * WAIT
+            )
+            accepted = [
+                total(await sup.worker_stats(w), "metaprotocol_downstream_connections_total")
+                for w in states
+            ]
+            assert all(n > 0 for n in accepted), accepted  # both workers took the new route
+        finally:
+            code, _ = sup.stop()
+            await one.close()
+            await two.close()
+        assert code == 0
+
+    run(main(), timeout=90)
