@@ -144,6 +144,9 @@ def test_connections_spread_over_both_workers_and_stats_are_summed(tmp_path: Pat
                 assert "config" not in worker  # same configuration, same shared port
                 own = await sup.worker_stats(worker)
                 accepted.append(total(own, "metaprotocol_downstream_connections_total"))
+                host, port = worker["admin"].rsplit(":", 1)
+                status, text = await http_get((host, int(port)), "/stats/prometheus")
+                assert status == 200 and "# TYPE metaprotocol_requests_total counter" in text
             assert all(n > 0 for n in accepted), accepted  # both workers served
             assert sum(accepted) == CONNECTIONS
             prometheus = (await http_get(sup.admin, "/stats/prometheus"))[1]
