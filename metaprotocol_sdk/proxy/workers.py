@@ -87,8 +87,9 @@ def reuse_port_unavailable() -> str | None:
 
 
 def restart_delay(failures: int) -> float:
-    """Seconds before starting a worker again after ``failures`` quick exits in a row."""
-    return float(min(RESTART_MAX, RESTART_MIN * 2 ** min(failures, 32)))
+    """Seconds before starting a worker again after ``failures`` earlier quick exits in a row
+    (0: the first, or the first after a stable run)."""
+    return float(min(RESTART_MAX, RESTART_MIN * 2 ** min(max(failures, 0), 32)))
 
 
 def hold_ports(config: Config) -> tuple[list[socket.socket], dict[str, int]]:
@@ -380,7 +381,7 @@ class Supervisor:
             ran = loop.time() - worker.started
             worker.failures = 0 if ran >= STABLE_AFTER and worker.admin else worker.failures + 1
             worker.restarts += 1
-            delay = restart_delay(worker.failures - 1)
+            delay = restart_delay(max(0, worker.failures - 1))
             log.warning(
                 "worker %d (pid %d) stopped (%s) after %.1f s; starting it again in %.1f s",
                 worker.index,

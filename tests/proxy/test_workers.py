@@ -285,6 +285,7 @@ def test_workers_are_refused_without_reuse_port(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_restart_delay_grows_and_is_capped() -> None:
+    assert workers.restart_delay(-1) == workers.RESTART_MIN  # never below the minimum
     delays = [workers.restart_delay(n) for n in range(40)]
     assert delays[0] == workers.RESTART_MIN
     assert delays == sorted(delays) and delays[-1] == workers.RESTART_MAX
