@@ -400,3 +400,35 @@ def test_sighup_reaches_every_worker_and_each_reloads(tmp_path: Path) -> None:
         assert code == 0
 
     run(main(), timeout=90)
+
+
+def test_a_crash_loop_backs_off_and_the_other_worker_serves(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        text = mesh([(up.port, "v1")])
+        sup = Supervisor(tmp_path, text)
+        try:
+            first = await sup.workers()
+            (tmp_path / "mesh.yaml").write_text("kind: [\n")  # a restarted worker cannot start
+            os.kill(first[0]["pid"], signal.SIGKILL)
+
+            async def looping() -> bool:
+                return bool((await sup.workers())[0]["restarts"] >= 4)
+
+            await until(looping, "worker 0 to fail to start a few times")
+            await one_request_each(sup.address, 16)  # worker 1 serves every connection
+            (tmp_path / "mesh.yaml").write_text(text)
+
+            async def back() -> bool:
+                w = (await sup.workers())[0]
+                return bool(w["up"] and w["pid"] != first[0]["pid"])
+
+            await until(back, "worker 0 to serve again once its file is valid")
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0
+        delays = [line.rsplit(" in ", 1)[1] for line in err.splitlines() if "again in" in line]
+        assert delays[:4] == ["0.1 s", "0.2 s", "0.4 s", "0.8 s"], err  # doubling, not spinning
+
+    run(main(), timeout=90)
