@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.type.matcher.v3 import regex_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
@@ -116,7 +118,7 @@ def _headers(values: dict[str, str]) -> list[base_pb2.HeaderValueOption]:
 
 
 def cluster(name: str, *, lb: int = cluster_pb2.Cluster.ROUND_ROBIN) -> cluster_pb2.Cluster:
-    """An outbound EDS cluster as istiod writes it (mutual-TLS matches included)."""
+    """An outbound EDS cluster as istiod writes it (its transport-socket match included)."""
     _, port, subset, host = name.split("|")
     c = cluster_pb2.Cluster(
         name=name,
@@ -151,10 +153,12 @@ def cluster(name: str, *, lb: int = cluster_pb2.Cluster.ROUND_ROBIN) -> cluster_
         }
     )
     c.metadata.filter_metadata["istio"].CopyFrom(services)
-    match = struct_pb2.Struct()
-    match.update({"tlsMode": "istio"})
+    # istiod's plain-text match for endpoints without an Istio sidecar (the mutual-TLS match,
+    # tlsMode-istio, needs SDS certificates that no control plane here can issue).
+    raw = base_pb2.TransportSocket(name="envoy.transport_sockets.raw_buffer")
+    raw.typed_config.Pack(raw_buffer_pb2.RawBuffer())
     c.transport_socket_matches.append(
-        cluster_pb2.Cluster.TransportSocketMatch(name="tlsMode-istio", match=match)
+        cluster_pb2.Cluster.TransportSocketMatch(name="tlsMode-disabled", transport_socket=raw)
     )
     return c
 
@@ -186,3 +190,58 @@ def load_assignment(name: str, endpoints: Sequence[tuple[str, int]]) -> endpoint
             )
         ],
     )
+
+
+HOST, PORT = "hello.svc", 9090
+RDS_NAME = f"{HOST}_{PORT}"
+ALL, V1, V2 = (f"outbound|{PORT}|{s}|{HOST}" for s in ("", "v1", "v2"))
+
+
+def hello_snapshots(
+    v1: Sequence[tuple[str, int]], v2: Sequence[tuple[str, int]]
+) -> list[tuple[str, dict[str, list[Any]]]]:
+    """The versions a test walks through, as Aeraki and istiod would send them.
+
+    ``1``: sayHello goes to subset v1; ``2``: a route change sends it to v2; ``3``: a weight
+    change splits it 50/50; ``4``: the first v1 endpoint is removed (EDS only).
+    """
+
+    def snapshot(routes: list[MetaRoute], v1_eps: Sequence[tuple[str, int]]) -> dict[str, list[Any]]:
+        return {
+            CLUSTER_TYPE: [cluster(ALL), cluster(V1), cluster(V2)],
+            ENDPOINT_TYPE: [
+                load_assignment(ALL, [*v1_eps, *v2]),
+                load_assignment(V1, v1_eps),
+                load_assignment(V2, v2),
+            ],
+            ROUTE_TYPE: [route_configuration(RDS_NAME, routes)],
+        }
+
+    rest = MetaRoute("rest", [(V1, 100)])
+    return [
+        ("1", snapshot([MetaRoute("hello", [(V1, 100)], exact={"method": "sayHello"}), rest], v1)),
+        ("2", snapshot([MetaRoute("hello", [(V2, 100)], exact={"method": "sayHello"}), rest], v1)),
+        (
+            "3",
+            snapshot(
+                [MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"},
+                           request_mutation={"x-via": "xds"}), rest],
+                v1,
+            ),
+        ),
+        (
+            "4",
+            snapshot(
+                [MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"},
+                           request_mutation={"x-via": "xds"}), rest],
+                v1[1:],
+            ),
+        ),
+    ]
+
+
+def refused_route(version: str) -> route_pb2.RouteConfiguration:
+    """Valid xDS that Envoy accepts and this engine refuses: a route with a retry policy."""
+    rc_ = route_configuration(RDS_NAME, [MetaRoute("hello", [(V2, 100)])])
+    rc_.virtual_hosts[0].routes[0].route.retry_policy.num_retries.value = 3
+    return rc_

@@ -1,0 +1,348 @@
+"""An ADS client (state of the world, gRPC): routes, clusters and endpoints from a control plane.
+
+It introduces itself like an Istio sidecar (node id ``sidecar~IP~POD.NS~NS.svc.cluster.local``,
+metadata with ``CLUSTER_ID``, ``NAMESPACE``, ``ISTIO_VERSION``), subscribes to every cluster
+(CDS), to the endpoints of the EDS clusters among them, and to the route configuration of
+each listener (RDS, Aeraki's ``<host>_<port>``). Each response is translated with the file
+configuration into a whole new :class:`~metaprotocol_sdk.proxy.config.models.Config` and
+handed to the engine's ``apply``: what it accepts is ACKed (the response's version and nonce),
+what it refuses is NACKed (the last accepted version, the same nonce and an ``error_detail``),
+and the engine keeps serving the last good configuration. A broken stream is reopened after a
+capped exponential backoff with jitter, asking for the versions already held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
+
+from metaprotocol_sdk.errors import ConfigError
+
+from ..config.models import Config, Xds
+from .translate import Resources, XdsRefused, eds_names, route_config_names, translate
+
+log = logging.getLogger("metaprotocol.xds")
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+#: Short names in ``/config_dump`` and logs.
+SHORT = {CLUSTER_TYPE: "cds", ENDPOINT_TYPE: "eds", ROUTE_TYPE: "rds"}
+_MESSAGES: dict[str, type[Message]] = {
+    CLUSTER_TYPE: cluster_pb2.Cluster,
+    ENDPOINT_TYPE: endpoint_pb2.ClusterLoadAssignment,
+    ROUTE_TYPE: route_pb2.RouteConfiguration,
+}
+#: ``google.rpc.Code.INVALID_ARGUMENT``: the code of every NACK's ``error_detail``.
+INVALID_ARGUMENT = 3
+#: Longest ``error_detail`` message sent (and kept for ``/config_dump``).
+MAX_ERROR_DETAIL = 4096
+
+
+class Applier(Protocol):
+    """What the client needs of the engine: ``Engine.apply``."""
+
+    def apply(self, config: Config, *, source: str = ...) -> Awaitable[Any]:
+        """Validate and swap in ``config``; raise ConfigError and change nothing on refusal."""
+        ...
+
+
+@dataclass
+class TypeState:
+    """One resource type's subscription: what was asked, accepted and last refused."""
+
+    type_url: str
+    names: list[str]
+    #: The last accepted response's version (``""``: none yet).
+    version: str = ""
+    #: The last response's nonce (echoed in the next request of this type).
+    nonce: str = ""
+    resources: dict[str, Message] = field(default_factory=dict)
+    acks: int = 0
+    nacks: int = 0
+    last_error: str | None = None
+    #: Wall-clock time of the last accepted update.
+    updated: float | None = None
+
+    def dump(self) -> dict[str, Any]:
+        """This subscription as JSON-ready data (``/config_dump``)."""
+        return {
+            "version": self.version,
+            "nonce": self.nonce,
+            "subscribed": self.names or "*",
+            "resources": sorted(self.resources),
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "lastError": self.last_error,
+            "lastUpdate": self.updated,
+        }
+
+
+def node_message(settings: Xds) -> base_pb2.Node:
+    """The ``Node`` sent in the first request of every stream."""
+    metadata = struct_pb2.Struct()
+    metadata.update(dict(settings.node.metadata))
+    return base_pb2.Node(
+        id=settings.node.id,
+        cluster=settings.node.cluster,
+        metadata=metadata,
+        user_agent_name="metaprotocol-sdk",
+    )
+
+
+class XdsClient:
+    """The ADS client of one engine. ``start()`` runs it in a task; ``stop()`` ends it."""
+
+    def __init__(
+        self,
+        engine: Applier,
+        base: Config,
+        *,
+        random_fraction: Callable[[], float] = random.random,
+    ) -> None:
+        settings = base.proxy.xds
+        if settings is None:
+            raise ValueError("the configuration has no spec.xds")
+        self.engine = engine
+        #: The file configuration: listeners, codecs and the engine's own settings.
+        self.base = base
+        self.settings = settings
+        self._random = random_fraction
+        self.types = {
+            CLUSTER_TYPE: TypeState(CLUSTER_TYPE, []),
+            ENDPOINT_TYPE: TypeState(ENDPOINT_TYPE, []),
+            ROUTE_TYPE: TypeState(ROUTE_TYPE, route_config_names(base)),
+        }
+        #: A stream is open and the server has answered on it.
+        self.connected = False
+        #: Streams opened after the first (reconnections).
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self._changed = asyncio.Condition()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._call: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the client in a task on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="xds-client")
+
+    async def stop(self) -> None:
+        """End the stream and the task."""
+        self._stopping.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def run(self) -> None:
+        """Keep a stream open until stopped; back off between attempts."""
+        failures = 0
+        while not self._stopping.is_set():
+            answered = False
+            try:
+                answered = await self._session()
+                error = "the control plane closed the stream"
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+            self._call = None
+            await self._set(connected=False, last_error=error)
+            if self._stopping.is_set():
+                return
+            failures = 1 if answered else failures + 1
+            cap = self.settings.backoff_max
+            delay = min(cap, self.settings.backoff_initial * 2 ** (failures - 1))
+            delay *= 0.5 + 0.5 * self._random()  # jitter: replicas do not reconnect in step
+            log.warning("xDS stream to %s ended (%s); retrying in %.2f s", self.settings.address,
+                        error, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            self.reconnects += 1
+
+    async def _session(self) -> bool:
+        """One stream: subscribe, then handle responses until it ends. True if any came."""
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+        ]
+        answered = False
+        async with grpc.aio.insecure_channel(self.settings.address, options=options) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources()
+            self._call = call
+            first = True
+            for type_url in (CLUSTER_TYPE, ROUTE_TYPE, ENDPOINT_TYPE):
+                state = self.types[type_url]
+                if type_url == ENDPOINT_TYPE and not state.names:
+                    continue  # asked for once CDS names EDS clusters
+                state.nonce = ""  # nonces belong to a stream
+                await call.write(self._request(state, node=first))
+                first = False
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return answered
+                if not answered:
+                    answered = True
+                    await self._set(connected=True, last_error=None)
+                await self._handle(call, response)
+
+    # -- requests and responses ------------------------------------------------------------------
+
+    def _request(
+        self, state: TypeState, *, node: bool = False, error: str | None = None
+    ) -> discovery_pb2.DiscoveryRequest:
+        req = discovery_pb2.DiscoveryRequest(
+            version_info=state.version,
+            resource_names=state.names,
+            type_url=state.type_url,
+            response_nonce=state.nonce,
+        )
+        if node:
+            req.node.CopyFrom(node_message(self.settings))
+        if error is not None:
+            req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
+        return req
+
+    async def _handle(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
+        state = self.types.get(response.type_url)
+        if state is None:
+            log.warning("xDS: ignored a response of unsubscribed type %s", response.type_url)
+            return
+        state.nonce = response.nonce
+        try:
+            resources = _decode(response)
+            candidate = self._candidate(state, resources)
+            config = translate(self.base, candidate)
+            await self.engine.apply(config, source="xds")
+        except (XdsRefused, ConfigError) as exc:
+            detail = str(exc)[:MAX_ERROR_DETAIL]
+            state.nacks += 1
+            state.last_error = detail
+            log.error("xDS: refused %s version %s: %s", SHORT[state.type_url],
+                      response.version_info, detail)
+            await call.write(self._request(state, error=detail))
+            await self._notify()
+            return
+        state.resources = dict(_pick(candidate, state.type_url))
+        state.version = response.version_info
+        state.acks += 1
+        state.last_error = None
+        state.updated = time.time()
+        if state.type_url == CLUSTER_TYPE:
+            self._prune_endpoints()
+        await call.write(self._request(state))
+        if state.type_url == CLUSTER_TYPE:
+            wanted = eds_names(state.resources.values())
+            eds = self.types[ENDPOINT_TYPE]
+            if wanted != eds.names:
+                eds.names = wanted
+                await call.write(self._request(eds))
+        await self._notify()
+
+    def _candidate(self, state: TypeState, received: dict[str, Message]) -> Resources:
+        """The resources as they would be if this response were accepted.
+
+        CDS responses carry the whole state of the world; RDS and EDS responses update the
+        resources they name (and only subscribed names are kept).
+        """
+        current = {url: dict(s.resources) for url, s in self.types.items()}
+        if state.type_url == CLUSTER_TYPE:
+            current[CLUSTER_TYPE] = received
+            wanted = set(eds_names(received.values()))
+            current[ENDPOINT_TYPE] = {
+                k: v for k, v in current[ENDPOINT_TYPE].items() if k in wanted
+            }
+        else:
+            merged = current[state.type_url]
+            merged.update(received)
+            if state.names:
+                merged = {k: v for k, v in merged.items() if k in state.names}
+            current[state.type_url] = merged
+        return Resources(
+            routes=current[ROUTE_TYPE], clusters=current[CLUSTER_TYPE],
+            endpoints=current[ENDPOINT_TYPE],
+        )
+
+    def _prune_endpoints(self) -> None:
+        wanted = set(eds_names(self.types[CLUSTER_TYPE].resources.values()))
+        eds = self.types[ENDPOINT_TYPE]
+        eds.resources = {k: v for k, v in eds.resources.items() if k in wanted}
+
+    # -- observation ---------------------------------------------------------------------------
+
+    async def _set(self, *, connected: bool, last_error: str | None) -> None:
+        self.connected = connected
+        if last_error is not None or connected:
+            self.last_error = last_error
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[XdsClient], bool], timeout: float) -> None:
+        """Wait until ``predicate(self)`` holds (checked after every change)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self)), timeout)
+
+    def status(self) -> dict[str, Any]:
+        """The client's state as JSON-ready data (``/config_dump``'s ``xds``)."""
+        return {
+            "address": self.settings.address,
+            "node": {"id": self.settings.node.id, "cluster": self.settings.node.cluster},
+            "connected": self.connected,
+            "reconnects": self.reconnects,
+            "lastError": self.last_error,
+            **{SHORT[url]: state.dump() for url, state in self.types.items()},
+        }
+
+
+def _pick(resources: Resources, type_url: str) -> dict[str, Message]:
+    if type_url == CLUSTER_TYPE:
+        return dict(resources.clusters)
+    if type_url == ENDPOINT_TYPE:
+        return dict(resources.endpoints)
+    return dict(resources.routes)
+
+
+def _decode(response: discovery_pb2.DiscoveryResponse) -> dict[str, Message]:
+    """The response's resources by name; a resource of another type or undecodable is refused."""
+    cls = _MESSAGES[response.type_url]
+    out: dict[str, Message] = {}
+    for i, packed in enumerate(response.resources):
+        where = f"{SHORT[response.type_url].upper()} response resources[{i}]"
+        if packed.type_url != response.type_url:
+            raise XdsRefused(where, "", f"type {packed.type_url!r} in a {response.type_url} response")
+        message = cls()
+        try:
+            message.ParseFromString(packed.value)
+        except DecodeError as exc:
+            raise XdsRefused(where, "", f"cannot be decoded: {exc}") from None
+        name = message.cluster_name if response.type_url == ENDPOINT_TYPE else message.name  # type: ignore[attr-defined]
+        if not name:
+            raise XdsRefused(where, "", "has no name")
+        if name in out:
+            raise XdsRefused(where, "", f"{name!r} is listed twice")
+        out[name] = message
+    return out
