@@ -86,7 +86,7 @@ class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, server: ControlPlane) -> None:
         self.server = server
 
-    async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+    async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> Any:
         server = self.server
         stream = _Stream(next(server.stream_ids), server)
         server.streams.add(stream)
@@ -99,8 +99,13 @@ class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 error = req.error_detail.message if req.HasField("error_detail") else None
                 server.record(
                     Request(
-                        stream.ident, stream.node_id, req.type_url, req.version_info,
-                        req.response_nonce, names, error,
+                        stream.ident,
+                        stream.node_id,
+                        req.type_url,
+                        req.version_info,
+                        req.response_nonce,
+                        names,
+                        error,
                     )
                 )
                 changed = stream.subscribed.get(req.type_url) != names
@@ -169,7 +174,7 @@ class ControlPlane:
     def set_snapshot(self, version: str, resources: dict[str, Sequence[Message]]) -> None:
         """Serve ``resources`` (by type) as ``version``, pushed to every stream now."""
         by_name = {
-            url: {getattr(r, "cluster_name", "") or getattr(r, "name"): r for r in items}
+            url: {getattr(r, "cluster_name", "") or r.name: r for r in items}
             for url, items in resources.items()
         }
 
@@ -195,7 +200,10 @@ class ControlPlane:
     def acked(self, type_url: str, version: str, node: str | None = None) -> bool:
         """A client ACKed ``version`` of ``type_url`` (its request echoes it, no error)."""
         return any(
-            r.type_url == type_url and r.version == version and r.nonce and r.error is None
+            r.type_url == type_url
+            and r.version == version
+            and r.nonce
+            and r.error is None
             and (node is None or r.node_id == node)
             for r in self.requests
         )

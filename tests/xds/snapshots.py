@@ -163,7 +163,9 @@ def cluster(name: str, *, lb: int = cluster_pb2.Cluster.ROUND_ROBIN) -> cluster_
     return c
 
 
-def load_assignment(name: str, endpoints: Sequence[tuple[str, int]]) -> endpoint_pb2.ClusterLoadAssignment:
+def load_assignment(
+    name: str, endpoints: Sequence[tuple[str, int]]
+) -> endpoint_pb2.ClusterLoadAssignment:
     """A ClusterLoadAssignment as istiod writes it (one locality, HEALTHY, weight 1)."""
     lbs = []
     for address, port in endpoints:
@@ -206,7 +208,9 @@ def hello_snapshots(
     change splits it 50/50; ``4``: the first v1 endpoint is removed (EDS only).
     """
 
-    def snapshot(routes: list[MetaRoute], v1_eps: Sequence[tuple[str, int]]) -> dict[str, list[Any]]:
+    def snapshot(
+        routes: list[MetaRoute], v1_eps: Sequence[tuple[str, int]]
+    ) -> dict[str, list[Any]]:
         return {
             CLUSTER_TYPE: [cluster(ALL), cluster(V1), cluster(V2)],
             ENDPOINT_TYPE: [
@@ -224,16 +228,30 @@ def hello_snapshots(
         (
             "3",
             snapshot(
-                [MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"},
-                           request_mutation={"x-via": "xds"}), rest],
+                [
+                    MetaRoute(
+                        "hello",
+                        [(V1, 50), (V2, 50)],
+                        exact={"method": "sayHello"},
+                        request_mutation={"x-via": "xds"},
+                    ),
+                    rest,
+                ],
                 v1,
             ),
         ),
         (
             "4",
             snapshot(
-                [MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"},
-                           request_mutation={"x-via": "xds"}), rest],
+                [
+                    MetaRoute(
+                        "hello",
+                        [(V1, 50), (V2, 50)],
+                        exact={"method": "sayHello"},
+                        request_mutation={"x-via": "xds"},
+                    ),
+                    rest,
+                ],
                 v1[1:],
             ),
         ),

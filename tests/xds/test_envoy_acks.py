@@ -18,10 +18,20 @@ from pathlib import Path
 
 import pytest
 from control_plane import ControlPlane
-from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, RDS_NAME, ROUTE_TYPE, hello_snapshots, refused_route
+from snapshots import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    RDS_NAME,
+    ROUTE_TYPE,
+    hello_snapshots,
+    refused_route,
+)
 
-ENVOY = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / (
-    "site-packages/envoy/_bin/envoy"
+ENVOY = (
+    Path(sys.prefix)
+    / "lib"
+    / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    / ("site-packages/envoy/_bin/envoy")
 )
 NODE = "sidecar~127.0.0.1~envoy.default~default.svc.cluster.local"
 
@@ -54,7 +64,8 @@ static_resources:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          "@type": "type.googleapis.com/envoy.extensions.filters.network.\\
+            http_connection_manager.v3.HttpConnectionManager"
           stat_prefix: hello
           rds: {{route_config_name: {rds}, config_source: {{ads: {{}}, resource_api_version: V3}}}}
           http_filters:
@@ -81,9 +92,20 @@ def envoy(control_plane: ControlPlane, tmp_path: Path) -> Iterator[str]:
     admin = tmp_path / "admin.txt"
     log = (tmp_path / "envoy.log").open("w")
     proc = subprocess.Popen(
-        [str(ENVOY), "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
-         "--admin-address-path", str(admin), "-l", "warning"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(ENVOY),
+            "-c",
+            str(config),
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "--admin-address-path",
+            str(admin),
+            "-l",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         # Envoy's first request (CDS) proves it is up and connected.
@@ -102,7 +124,9 @@ def _dump(admin: str, resource: str) -> dict:  # type: ignore[type-arg]
 
 
 def test_envoy_acks_every_version(control_plane: ControlPlane, envoy: str) -> None:
-    snapshots = hello_snapshots([("127.0.0.1", 20001), ("127.0.0.1", 20002)], [("127.0.0.1", 20003)])
+    snapshots = hello_snapshots(
+        [("127.0.0.1", 20001), ("127.0.0.1", 20002)], [("127.0.0.1", 20003)]
+    )
     for version, resources in snapshots:
         control_plane.set_snapshot(version, resources)
         for type_url in (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE):
@@ -115,14 +139,19 @@ def test_envoy_acks_every_version(control_plane: ControlPlane, envoy: str) -> No
     assert vh["name"] == "dummy"
     weights = vh["routes"][0]["route"]["weighted_clusters"]["clusters"]
     assert [(w["name"], w["weight"]) for w in weights] == [
-        ("outbound|9090|v1|hello.svc", 50), ("outbound|9090|v2|hello.svc", 50)
+        ("outbound|9090|v1|hello.svc", 50),
+        ("outbound|9090|v2|hello.svc", 50),
     ]
     clusters = _dump(envoy, "dynamic_active_clusters")["configs"]
     assert sorted(c["cluster"]["name"] for c in clusters) == [
-        "outbound|9090|v1|hello.svc", "outbound|9090|v2|hello.svc", "outbound|9090||hello.svc"
+        "outbound|9090|v1|hello.svc",
+        "outbound|9090|v2|hello.svc",
+        "outbound|9090||hello.svc",
     ]
     endpoints = _dump(envoy, "dynamic_endpoint_configs&include_eds")["configs"]
-    v1 = next(e for e in endpoints if e["endpoint_config"]["cluster_name"].endswith("|v1|hello.svc"))
+    v1 = next(
+        e for e in endpoints if e["endpoint_config"]["cluster_name"].endswith("|v1|hello.svc")
+    )
     ports = [
         ep["endpoint"]["address"]["socket_address"]["port_value"]
         for group in v1["endpoint_config"]["endpoints"]

@@ -173,8 +173,12 @@ class XdsClient:
             cap = self.settings.backoff_max
             delay = min(cap, self.settings.backoff_initial * 2 ** (failures - 1))
             delay *= 0.5 + 0.5 * self._random()  # jitter: replicas do not reconnect in step
-            log.warning("xDS stream to %s ended (%s); retrying in %.2f s", self.settings.address,
-                        error, delay)
+            log.warning(
+                "xDS stream to %s ended (%s); retrying in %.2f s",
+                self.settings.address,
+                error,
+                delay,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             self.reconnects += 1
@@ -239,8 +243,12 @@ class XdsClient:
             detail = str(exc)[:MAX_ERROR_DETAIL]
             state.nacks += 1
             state.last_error = detail
-            log.error("xDS: refused %s version %s: %s", SHORT[state.type_url],
-                      response.version_info, detail)
+            log.error(
+                "xDS: refused %s version %s: %s",
+                SHORT[state.type_url],
+                response.version_info,
+                detail,
+            )
             await call.write(self._request(state, error=detail))
             await self._notify()
             return
@@ -280,7 +288,8 @@ class XdsClient:
                 merged = {k: v for k, v in merged.items() if k in state.names}
             current[state.type_url] = merged
         return Resources(
-            routes=current[ROUTE_TYPE], clusters=current[CLUSTER_TYPE],
+            routes=current[ROUTE_TYPE],
+            clusters=current[CLUSTER_TYPE],
             endpoints=current[ENDPOINT_TYPE],
         )
 
@@ -333,13 +342,15 @@ def _decode(response: discovery_pb2.DiscoveryResponse) -> dict[str, Message]:
     for i, packed in enumerate(response.resources):
         where = f"{SHORT[response.type_url].upper()} response resources[{i}]"
         if packed.type_url != response.type_url:
-            raise XdsRefused(where, "", f"type {packed.type_url!r} in a {response.type_url} response")
+            raise XdsRefused(
+                where, "", f"type {packed.type_url!r} in a {response.type_url} response"
+            )
         message = cls()
         try:
             message.ParseFromString(packed.value)
         except DecodeError as exc:
             raise XdsRefused(where, "", f"cannot be decoded: {exc}") from None
-        name = message.cluster_name if response.type_url == ENDPOINT_TYPE else message.name  # type: ignore[attr-defined]
+        name = message.cluster_name if response.type_url == ENDPOINT_TYPE else message.name
         if not name:
             raise XdsRefused(where, "", "has no name")
         if name in out:

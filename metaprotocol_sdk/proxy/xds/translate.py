@@ -80,8 +80,10 @@ IGNORED: dict[str, dict[str, str]] = {
         "load_balancing_weight": "equal weights only (checked); the balancers treat endpoints "
         "alike",
     },
-    "Endpoint": {"hostname": "the address is connected to", "health_check_config": "no health "
-                 "checks; outlier detection ejects failing endpoints"},
+    "Endpoint": {
+        "hostname": "the address is connected to",
+        "health_check_config": "no health checks; outlier detection ejects failing endpoints",
+    },
     "SocketAddress": {"protocol": "TCP is the only protocol", "ipv4_compat": "an IPv6 detail"},
     "Thresholds": {"track_remaining": "Envoy's own statistics", "priority": "checked: DEFAULT"},
 }
@@ -151,11 +153,11 @@ def eds_names(clusters: Iterable[Message]) -> list[str]:
     """The EDS names to subscribe to for these CDS clusters (outbound, type EDS)."""
     names = []
     for cluster in clusters:
-        if parse_cluster_name(cluster.name) is None:  # type: ignore[attr-defined]
+        if parse_cluster_name(cluster.name) is None:
             continue
-        if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == 3:  # type: ignore[attr-defined]
-            service = cluster.eds_cluster_config.service_name  # type: ignore[attr-defined]
-            names.append(service or cluster.name)  # type: ignore[attr-defined]
+        if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == 3:
+            service = cluster.eds_cluster_config.service_name
+            names.append(service or cluster.name)
     return sorted(set(names))
 
 
@@ -173,7 +175,7 @@ def _check(resource: str, msg: Message, path: str, kind: str, honoured: set[str]
 
 
 def _seconds(d: Duration) -> float:
-    return d.seconds + d.nanos / 1e9
+    return float(d.seconds + d.nanos / 1e9)
 
 
 def _duration(d: Duration) -> str:
@@ -200,7 +202,14 @@ def _header_match(res: str, m: Any, path: str) -> dict[str, str] | None:
         m,
         path,
         "HeaderMatcher",
-        {"name", "exact_match", "prefix_match", "safe_regex_match", "present_match", "string_match"},
+        {
+            "name",
+            "exact_match",
+            "prefix_match",
+            "safe_regex_match",
+            "present_match",
+            "string_match",
+        },
     )
     which = m.WhichOneof("header_match_specifier")
     if which == "exact_match":
@@ -259,8 +268,11 @@ def _destination(res: str, name: str, path: str) -> dict[str, Any]:
 def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     path = f"virtual_hosts[0].routes[{i}]"
     _check(
-        res, r, path, "Route", {"name", "match", "route", "request_headers_to_add",
-                                "response_headers_to_add"}
+        res,
+        r,
+        path,
+        "Route",
+        {"name", "match", "route", "request_headers_to_add", "response_headers_to_add"},
     )
     if r.WhichOneof("action") != "route":
         raise XdsRefused(res, path, "only a route action (to clusters) is supported")
@@ -279,7 +291,10 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     action = r.route
     apath = f"{path}.route"
     _check(
-        res, action, apath, "RouteAction",
+        res,
+        action,
+        apath,
+        "RouteAction",
         {"cluster", "weighted_clusters", "request_mirror_policies", "hash_policy", "timeout"},
     )
     targets: list[str] = []
@@ -289,19 +304,25 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
         targets.append(action.cluster)
     elif which == "weighted_clusters":
         wc = action.weighted_clusters
-        _check(res, wc, f"{apath}.weighted_clusters", "WeightedCluster", {"clusters", "total_weight"})
+        _check(
+            res, wc, f"{apath}.weighted_clusters", "WeightedCluster", {"clusters", "total_weight"}
+        )
         dests = []
         for c, cw in enumerate(wc.clusters):
             cpath = f"{apath}.weighted_clusters.clusters[{c}]"
             _check(res, cw, cpath, "ClusterWeight", {"name", "weight"})
             dests.append(
-                {"destination": _destination(res, cw.name, f"{cpath}.name"), "weight": cw.weight.value}
+                {
+                    "destination": _destination(res, cw.name, f"{cpath}.name"),
+                    "weight": cw.weight.value,
+                }
             )
             targets.append(cw.name)
         total = sum(d["weight"] for d in dests)
         if wc.HasField("total_weight") and wc.total_weight.value != total:
             raise XdsRefused(
-                res, f"{apath}.weighted_clusters.total_weight",
+                res,
+                f"{apath}.weighted_clusters.total_weight",
                 f"is {wc.total_weight.value}, the weights add up to {total}",
             )
         if len(dests) == 1:
@@ -324,7 +345,9 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
         table.clusters.add(mp.cluster)
         if mp.HasField("runtime_fraction"):
             rf = mp.runtime_fraction
-            _check(res, rf, f"{mpath}.runtime_fraction", "RuntimeFractionalPercent", {"default_value"})
+            _check(
+                res, rf, f"{mpath}.runtime_fraction", "RuntimeFractionalPercent", {"default_value"}
+            )
             per = {0: 100, 1: 10_000, 2: 1_000_000}[rf.default_value.denominator]
             share = min(rf.default_value.numerator / per, 1.0) * 100
             route["mirrorPercentage"] = {"value": share}
@@ -355,7 +378,9 @@ def _route_table(name: str, rc: Any, listeners: Mapping[str, tuple[str, int]]) -
     host, port = listeners[name]
     if len(rc.virtual_hosts) != 1:
         raise XdsRefused(
-            res, "virtual_hosts", f"expected one virtual host (MetaRDS), got {len(rc.virtual_hosts)}"
+            res,
+            "virtual_hosts",
+            f"expected one virtual host (MetaRDS), got {len(rc.virtual_hosts)}",
         )
     vh = rc.virtual_hosts[0]
     _check(res, vh, "virtual_hosts[0]", "VirtualHost", {"name", "routes"})
@@ -387,9 +412,21 @@ _LB = {0: "ROUND_ROBIN", 1: "LEAST_REQUEST", 3: "RANDOM"}
 
 def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
     _check(
-        res, c, "", "Cluster",
-        {"name", "type", "lb_policy", "connect_timeout", "circuit_breakers", "outlier_detection",
-         "load_assignment", "max_requests_per_connection", "common_http_protocol_options"},
+        res,
+        c,
+        "",
+        "Cluster",
+        {
+            "name",
+            "type",
+            "lb_policy",
+            "connect_timeout",
+            "circuit_breakers",
+            "outlier_detection",
+            "load_assignment",
+            "max_requests_per_connection",
+            "common_http_protocol_options",
+        },
     )
     policy: dict[str, Any] = {}
     ring = c.lb_policy in (2, 5)
@@ -410,8 +447,13 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             http["idleTimeout"] = _duration(opts.idle_timeout)
     for t, th in enumerate(c.circuit_breakers.thresholds):
         tpath = f"circuit_breakers.thresholds[{t}]"
-        _check(res, th, tpath, "Thresholds",
-               {"max_connections", "max_pending_requests", "max_requests", "max_retries"})
+        _check(
+            res,
+            th,
+            tpath,
+            "Thresholds",
+            {"max_connections", "max_pending_requests", "max_requests", "max_retries"},
+        )
         if th.priority != 0:
             continue  # HIGH priority: routes here have no priority, so DEFAULT applies
         for key, out, into in (
@@ -428,22 +470,40 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
         policy["connectionPool"] = pool
     if c.HasField("outlier_detection"):
         od = c.outlier_detection
-        _check(res, od, "outlier_detection", "OutlierDetection",
-               {"consecutive_5xx", "consecutive_gateway_failure", "interval", "base_ejection_time",
-                "max_ejection_percent", "enforcing_consecutive_5xx",
-                "enforcing_consecutive_gateway_failure"})
-        out: dict[str, Any] = {}
-        if od.HasField("consecutive_5xx") and od.enforcing_consecutive_5xx.value != 0:
-            out["consecutive5xxErrors"] = od.consecutive_5xx.value
-        if od.HasField("consecutive_gateway_failure"):
-            out["consecutiveGatewayErrors"] = od.consecutive_gateway_failure.value
+        _check(
+            res,
+            od,
+            "outlier_detection",
+            "OutlierDetection",
+            {
+                "consecutive_5xx",
+                "consecutive_gateway_failure",
+                "interval",
+                "base_ejection_time",
+                "max_ejection_percent",
+                "enforcing_consecutive_5xx",
+                "enforcing_consecutive_gateway_failure",
+            },
+        )
+        detection: dict[str, Any] = {}
+        # Envoy enforces consecutive 5xx by default (100 %) and gateway failures only when
+        # asked (0 %); istiod sets both enforcing fields to say which Istio field was given.
+        enforce_5xx = od.enforcing_consecutive_5xx
+        if od.HasField("consecutive_5xx") and (
+            not od.HasField("enforcing_consecutive_5xx") or enforce_5xx.value > 0
+        ):
+            detection["consecutive5xxErrors"] = od.consecutive_5xx.value
+        if od.HasField("consecutive_gateway_failure") and (
+            od.enforcing_consecutive_gateway_failure.value > 0
+        ):
+            detection["consecutiveGatewayErrors"] = od.consecutive_gateway_failure.value
         if od.HasField("interval"):
-            out["interval"] = _duration(od.interval)
+            detection["interval"] = _duration(od.interval)
         if od.HasField("base_ejection_time"):
-            out["baseEjectionTime"] = _duration(od.base_ejection_time)
+            detection["baseEjectionTime"] = _duration(od.base_ejection_time)
         if od.HasField("max_ejection_percent"):
-            out["maxEjectionPercent"] = od.max_ejection_percent.value
-        policy["outlierDetection"] = out
+            detection["maxEjectionPercent"] = od.max_ejection_percent.value
+        policy["outlierDetection"] = detection
     return policy, ring
 
 
@@ -468,8 +528,13 @@ def _endpoints(res: str, cla: Any) -> list[tuple[str, int]]:
             if ep.address.WhichOneof("address") != "socket_address":
                 raise XdsRefused(res, f"{lpath}.endpoint.address", "needs a socket_address")
             sa = ep.address.socket_address
-            _check(res, sa, f"{lpath}.endpoint.address.socket_address", "SocketAddress",
-                   {"address", "port_value"})
+            _check(
+                res,
+                sa,
+                f"{lpath}.endpoint.address.socket_address",
+                "SocketAddress",
+                {"address", "port_value"},
+            )
             if not sa.address or not 0 < sa.port_value < 65536:
                 raise XdsRefused(
                     res, f"{lpath}.endpoint.address.socket_address", "needs an address and a port"
@@ -524,7 +589,9 @@ def translate(base: Config, resources: Resources) -> Config:
     :class:`~metaprotocol_sdk.errors.ConfigError` for a resource the loader refuses (both
     name the resource; the message is the NACK's ``error_detail``).
     """
-    listeners = {route_config_name(li.host, li.port): (li.host, li.port) for li in base.proxy.listeners}
+    listeners = {
+        route_config_name(li.host, li.port): (li.host, li.port) for li in base.proxy.listeners
+    }
     tables: dict[str, _RouteTable] = {}
     for name, rc in sorted(resources.routes.items()):
         if name not in listeners:
@@ -532,8 +599,11 @@ def translate(base: Config, resources: Resources) -> Config:
         table = _route_table(name, rc, listeners)
         if table.host in tables:
             raise XdsRefused(
-                f"RDS {name}", "", f"host {table.host!r} already has route configuration "
-                f"{route_config_name(table.host, tables[table.host].port)}: one route table per host"
+                f"RDS {name}",
+                "",
+                f"host {table.host!r} already has route configuration "
+                f"{route_config_name(table.host, tables[table.host].port)} "
+                "(one route table per host)",
             )
         tables[table.host] = table
     protocol_of_listener = {
@@ -547,7 +617,8 @@ def translate(base: Config, resources: Resources) -> Config:
             known = protocols.setdefault(cname, proto)
             if known != proto:
                 raise XdsRefused(
-                    f"RDS {route_config_name(table.host, table.port)}", "",
+                    f"RDS {route_config_name(table.host, table.port)}",
+                    "",
                     f"cluster {cname!r} is routed to from {known!r} and {proto!r} listeners",
                 )
     hashes: dict[str, str] = {}
@@ -598,8 +669,12 @@ def _host_documents(
             ports[number] = file_ports[number][0]
             continue
         proto = next(
-            (protocols[str(c.name)] for c in clusters if c.name.port == number
-             and str(c.name) in protocols), None
+            (
+                protocols[str(c.name)]
+                for c in clusters
+                if c.name.port == number and str(c.name) in protocols
+            ),
+            None,
         )
         ports[number] = f"{PORT_PREFIX}{proto}-xds-{number}" if proto else f"tcp-xds-{number}"
     multi = len(ports) > 1
@@ -612,8 +687,10 @@ def _host_documents(
             key = address if multi else (address, port)
             if multi and (address in seen):
                 raise XdsRefused(
-                    f"EDS {hp.name}", "", f"address {address} is listed twice; on a host with "
-                    "several ports every address must be one endpoint"
+                    f"EDS {hp.name}",
+                    "",
+                    f"address {address} is listed twice; on a host with "
+                    "several ports every address must be one endpoint",
                 )
             seen.add(address)
             entry = entries.setdefault(key, {"address": address, "ports": {}, "labels": {}})
@@ -627,8 +704,10 @@ def _host_documents(
                 owner = plain.get(hp.name.port)
                 if owner is not None and (address, port) not in owner.endpoints:
                     raise XdsRefused(
-                        f"EDS {hp.name}", "", f"endpoint {address}:{port} is in the subset but "
-                        f"not in {owner.name}: subsets must be parts of the host's endpoints"
+                        f"EDS {hp.name}",
+                        "",
+                        f"endpoint {address}:{port} is in the subset but "
+                        f"not in {owner.name}: subsets must be parts of the host's endpoints",
                     )
     service = {
         "kind": "ServiceEntry",
@@ -653,8 +732,10 @@ def _host_documents(
         if hp.name.subset is None:
             if top and top != policy:
                 raise XdsRefused(
-                    res, "", f"{hp.name} has another policy than the host's other ports "
-                    "(per-port policies are not supported)"
+                    res,
+                    "",
+                    f"{hp.name} has another policy than the host's other ports "
+                    "(per-port policies are not supported)",
                 )
             top = policy
         else:
