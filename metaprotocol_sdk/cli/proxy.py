@@ -68,6 +68,13 @@ async def _serve(config: Config, drain: float | None) -> int:
     except ConfigError as exc:
         click.echo(f"error: invalid configuration: {exc}", err=True)
         return 2
+    control_plane = None
+    if config.proxy.xds is not None:  # imported only here: an engine without xDS needs no gRPC
+        from metaprotocol_sdk.proxy.xds.client import XdsClient
+
+        control_plane = XdsClient(engine, config)
+        control_plane.start()
+        click.echo(f"xds from {config.proxy.xds.address} as {config.proxy.xds.node.id}")
     for (host, port), (ip, bound) in engine.listener_addresses.items():
         click.echo(f"listening {host}:{port} on {ip}:{bound}")
     if engine.admin_address is not None:
@@ -85,6 +92,8 @@ async def _serve(config: Config, drain: float | None) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(sig)
     click.echo("draining", err=True)
+    if control_plane is not None:
+        await control_plane.stop()
     await engine.stop(drain=drain)
     return 0
 

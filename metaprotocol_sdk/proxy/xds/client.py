@@ -94,6 +94,14 @@ class TypeState:
         }
 
 
+def backoff_delay(failures: int, settings: Xds, fraction: float) -> float:
+    """Seconds to wait after ``failures`` failed streams in a row: doubling from
+    ``backoff.initial``, capped at ``backoff.max``, then scaled by a random 50-100 % (jitter,
+    so that replicas cut off together do not all come back in the same instant)."""
+    delay = min(settings.backoff_max, settings.backoff_initial * 2 ** min(failures - 1, 32))
+    return delay * (0.5 + 0.5 * fraction)
+
+
 def node_message(settings: Xds) -> base_pb2.Node:
     """The ``Node`` sent in the first request of every stream."""
     metadata = struct_pb2.Struct()
@@ -142,7 +150,10 @@ class XdsClient:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the client in a task on the running loop."""
+        """Run the client in a task on the running loop (its state in ``/config_dump``)."""
+        sections = getattr(self.engine, "dump_sections", None)
+        if isinstance(sections, dict):
+            sections["xds"] = self.status
         self._task = asyncio.get_running_loop().create_task(self.run(), name="xds-client")
 
     async def stop(self) -> None:
@@ -170,9 +181,7 @@ class XdsClient:
             if self._stopping.is_set():
                 return
             failures = 1 if answered else failures + 1
-            cap = self.settings.backoff_max
-            delay = min(cap, self.settings.backoff_initial * 2 ** (failures - 1))
-            delay *= 0.5 + 0.5 * self._random()  # jitter: replicas do not reconnect in step
+            delay = backoff_delay(failures, self.settings, self._random())
             log.warning(
                 "xDS stream to %s ended (%s); retrying in %.2f s",
                 self.settings.address,
