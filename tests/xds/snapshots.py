@@ -229,12 +229,7 @@ def hello_snapshots(
             "3",
             snapshot(
                 [
-                    MetaRoute(
-                        "hello",
-                        [(V1, 50), (V2, 50)],
-                        exact={"method": "sayHello"},
-                        request_mutation={"x-via": "xds"},
-                    ),
+                    MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"}),
                     rest,
                 ],
                 v1,
@@ -244,12 +239,7 @@ def hello_snapshots(
             "4",
             snapshot(
                 [
-                    MetaRoute(
-                        "hello",
-                        [(V1, 50), (V2, 50)],
-                        exact={"method": "sayHello"},
-                        request_mutation={"x-via": "xds"},
-                    ),
+                    MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"}),
                     rest,
                 ],
                 v1[1:],
