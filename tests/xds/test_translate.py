@@ -350,3 +350,18 @@ spec:
     with pytest.raises(ConfigError, match="routes and clusters come from the control plane"):
         loads_config(BASE + router)
     loads_config(BASE.replace('  xds: {address: "127.0.0.1:15010"}\n', "") + router)
+
+
+def test_every_ignored_field_is_documented() -> None:
+    from pathlib import Path
+
+    from metaprotocol_sdk.proxy.xds.translate import IGNORED
+
+    text = (Path(__file__).parents[2] / "docs" / "xds.md").read_text()
+    missing = [
+        f"{kind}.{name}"
+        for kind, names in IGNORED.items()
+        for name in names
+        if f"`{name}`" not in text
+    ]
+    assert not missing
