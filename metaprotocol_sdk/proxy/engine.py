@@ -23,6 +23,7 @@ from .downstream import Downstream, ListenerRuntime
 from .matcher import compile_match
 from .mirror import MirrorSink
 from .policies import FaultAbort, FaultDelay, LocalRateLimiter
+from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .stats import Counter, Stats
 from .telemetry import IstioTelemetry, TargetTelemetry
@@ -64,6 +65,29 @@ def _rss_bytes() -> int:
 def cluster_name(host: str, port: int, subset: str | None) -> str:
     """Envoy-style cluster name: ``outbound|9000|v2|greeter.example``."""
     return f"outbound|{port}|{subset or ''}|{host}"
+
+
+@dataclasses.dataclass
+class _Build:
+    """One build of the runtime structures: the configuration read, the clusters made (or
+    kept from the serving runtime, when unchanged) so far, and what each was made from."""
+
+    config: Config
+    clusters: dict[str, Cluster] = dataclasses.field(default_factory=dict)
+    specs: dict[str, ClusterSpec] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Staged:
+    """A validated new configuration, built in full and ready to swap in."""
+
+    config: Config
+    version: str
+    build: _Build
+    runtimes: dict[tuple[str, int], ListenerRuntime]
+    #: Servers of the listeners added (bound, not yet accepting), and their addresses.
+    servers: dict[tuple[str, int], asyncio.Server]
+    addresses: dict[tuple[str, int], tuple[str, int]]
 
 
 class Engine:
@@ -108,8 +132,17 @@ class Engine:
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
         self.clusters: dict[str, Cluster] = {}
+        #: What each serving cluster was built from (a reload keeps the unchanged ones).
+        self._cluster_specs: dict[str, ClusterSpec] = {}
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
-        self._servers: list[asyncio.Server] = []
+        self._servers: dict[tuple[str, int], asyncio.Server] = {}
+        #: The serving configuration's version (a content hash, or what :meth:`apply` got).
+        self.config_version = config_version(config)
+        #: The last :meth:`apply` (``None``: none yet), shown in ``/config_dump``.
+        self.last_reload: ReloadRecord | None = None
+        self._reloading: asyncio.Lock | None = None
+        #: Deadlines of the drains reloads started (cancelled by :meth:`stop`).
+        self._drain_timers: set[asyncio.TimerHandle] = set()
         self._admin: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drained: asyncio.Event | None = None
@@ -138,12 +171,12 @@ class Engine:
 
     # -- building ------------------------------------------------------------------------------
 
-    def _cluster(self, host: str, port: int, subset: str | None) -> Cluster:
+    def _cluster(self, build: _Build, host: str, port: int, subset: str | None) -> Cluster:
         name = cluster_name(host, port, subset)
-        cluster = self.clusters.get(name)
+        cluster = build.clusters.get(name)
         if cluster is not None:
             return cluster
-        config = self.config
+        config = build.config
         service = config.services[host]
         sport = service.ports[port]
         rule = config.destination_rules.get(host)
@@ -155,49 +188,72 @@ class Engine:
             labels = sub.labels
             policy = sub.load_balancer or policy
             traffic = sub.policy
-        hosts = [
-            UpstreamHost(ep.address, ep.port_for(sport), ep.labels)
-            for ep in service.endpoints
-            if labels.items() <= ep.labels.items()
-        ]
+        endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]
         protocol = config.protocol_of(host, port)
-        cluster = Cluster(
-            self,
-            name,
+        spec = ClusterSpec(
             protocol,
-            hosts,
+            tuple(
+                (ep.address, ep.port_for(sport), tuple(sorted(ep.labels.items())))
+                for ep in endpoints
+            ),
             policy,
             traffic.connection_pool,
             traffic.outlier_detection,
+            service.namespace,
         )
-        self.clusters[name] = cluster
+        serving = self.clusters.get(name)
+        if serving is not None and self._cluster_specs.get(name) == spec:
+            cluster = serving  # unchanged: keep its connections and outlier state
+        else:
+            hosts = [UpstreamHost(ep.address, ep.port_for(sport), ep.labels) for ep in endpoints]
+            cluster = Cluster(
+                self,
+                name,
+                protocol,
+                hosts,
+                policy,
+                traffic.connection_pool,
+                traffic.outlier_detection,
+            )
+            cluster.namespace = service.namespace  # of the configuration being built
+        build.clusters[name] = cluster
+        build.specs[name] = spec
         return cluster
 
     def _target(
-        self, dest: Destination, listener: Listener, route: str, weight: int | None = None
+        self,
+        build: _Build,
+        dest: Destination,
+        listener: Listener,
+        route: str,
+        weight: int | None = None,
     ) -> Target:
         port = dest.port if dest.port is not None else listener.port
         cluster = None
-        if dest.host in self.config.services:
-            cluster = self._cluster(dest.host, port, dest.subset)
+        if dest.host in build.config.services:
+            cluster = self._cluster(build, dest.host, port, dest.subset)
         name = cluster_name(dest.host, port, dest.subset)
         weight = dest.weight if weight is None else weight
         target = Target(name, cluster, weight, self.stats, listener.name, route)
-        target.telemetry = self.target_telemetry(dest.host, listener)
+        target.telemetry = self.target_telemetry(dest.host, listener, build.config)
         return target
 
-    def target_telemetry(self, host: str, listener: Listener) -> TargetTelemetry | None:
-        """Istio's series for requests to ``host`` through ``listener`` (``None``: off)."""
+    def target_telemetry(
+        self, host: str, listener: Listener, config: Config | None = None
+    ) -> TargetTelemetry | None:
+        """Istio's series for requests to ``host`` through ``listener`` (``None``: off), as
+        ``config`` (default: the serving one) describes them."""
         if self.istio is None:
             return None
-        service = self.config.services.get(host)
-        protocol = self.config.protocol_of(listener.host, listener.port).name
+        config = config or self.config
+        service = config.services.get(host)
+        protocol = config.protocol_of(listener.host, listener.port).name
         return TargetTelemetry(
             self.istio, protocol, host, service.namespace if service else "unknown"
         )
 
-    def _build_listener(self, listener: Listener) -> ListenerRuntime:
-        config = self.config
+    def _build_listener(self, build: _Build, listener: Listener) -> ListenerRuntime:
+        config = build.config
         timeout = config.proxy.timeouts.route
         router = config.routers.get(listener.host)
         # The chain of every route: the MetaRouter's rate limit, the route's fault injection,
@@ -213,26 +269,29 @@ class Engine:
             # No MetaRouter: everything goes to the service itself, as in Aeraki.
             dest = Destination(listener.host, None, listener.port, 100)
             default = Route("default", (), (dest,), {}, {})
-            target = self._target(dest, listener, "default")
-            routes.append(self._compile_route(default, listener, [target], timeout, chain, None))
+            target = self._target(build, dest, listener, "default")
+            routes.append(
+                self._compile_route(build, default, listener, [target], timeout, chain, None)
+            )
         else:
             for route in router.routes:
                 single = 100 if len(route.destinations) == 1 else None
                 targets = [
-                    self._target(d, listener, route.name, single) for d in route.destinations
+                    self._target(build, d, listener, route.name, single) for d in route.destinations
                 ]
                 routes.append(
-                    self._compile_route(route, listener, targets, timeout, chain, limiter)
+                    self._compile_route(build, route, listener, targets, timeout, chain, limiter)
                 )
         protocol = config.protocol_of(listener.host, listener.port)
         runtime = ListenerRuntime(
             self, listener.name, protocol.codec_class, RouteTable(routes), dict(protocol.options)
         )
-        runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener)
+        runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
         return runtime
 
     def _compile_route(
         self,
+        build: _Build,
         route: Route,
         listener: Listener,
         targets: list[Target],
@@ -263,7 +322,7 @@ class Engine:
         request_filters += [f for f in chain if f.handles_requests]
         mirror = None
         if route.mirror is not None:
-            mirror_target = self._target(route.mirror.destination, listener, route.name, 100)
+            mirror_target = self._target(build, route.mirror.destination, listener, route.name, 100)
             mirror = MirrorTarget(mirror_target, route.mirror.percent)
         compiled = CompiledRoute(
             route.name,
@@ -279,7 +338,7 @@ class Engine:
         )
         compiled.local = Target("", None, 0, self.stats, listener.name, route.name)
         first = route.destinations[0].host if route.destinations else listener.host
-        compiled.local.telemetry = self.target_telemetry(first, listener)
+        compiled.local.telemetry = self.target_telemetry(first, listener, build.config)
         return compiled
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -297,8 +356,10 @@ class Engine:
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
         settings = self.config.proxy
+        build = _Build(self.config)
         for listener in settings.listeners:
-            self.listeners[(listener.host, listener.port)] = self._build_listener(listener)
+            self.listeners[(listener.host, listener.port)] = self._build_listener(build, listener)
+        self.clusters, self._cluster_specs = build.clusters, build.specs
         shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
         fd_bound = connections_from_rlimit(
             shared * self.connections_per_endpoint,
@@ -315,18 +376,12 @@ class Engine:
             )
         try:
             for listener in settings.listeners:
-                runtime = self.listeners[(listener.host, listener.port)]
-                server = await self._loop.create_server(
-                    lambda rt=runtime: Downstream(rt),  # type: ignore[misc]
-                    listener.bind_host,
-                    listener.bind_port,
-                    reuse_address=True,
-                    backlog=1024,
-                )
-                self._servers.append(server)
+                key = (listener.host, listener.port)
+                server = await self._listen(listener, self.listeners[key], start=True)
+                self._servers[key] = server
                 sockname = server.sockets[0].getsockname()
-                self.listener_addresses[(listener.host, listener.port)] = (sockname[0], sockname[1])
-            await self._refuse_own_listeners()
+                self.listener_addresses[key] = (sockname[0], sockname[1])
+            await self._refuse_own_listeners(self.listener_addresses, self.clusters)
             if settings.admin is not None:
                 self._admin = await start_admin(self, settings.admin)
                 sockname = self._admin.sockets[0].getsockname()
@@ -344,6 +399,195 @@ class Engine:
             await self._close_servers()
             raise
         self._schedule_sweep()
+
+    async def _listen(
+        self, listener: Listener, runtime: ListenerRuntime, start: bool
+    ) -> asyncio.Server:
+        """Bind ``listener``'s address; it accepts connections once ``start`` or, later,
+        ``start_serving``."""
+        assert self._loop is not None
+        return await self._loop.create_server(
+            lambda: Downstream(runtime),
+            listener.bind_host,
+            listener.bind_port,
+            reuse_address=True,
+            backlog=1024,
+            start_serving=start,
+        )
+
+    # -- reloading -----------------------------------------------------------------------------
+
+    async def apply(
+        self, config: Config, *, source: str = "file", version: str | None = None
+    ) -> None:
+        """Serve ``config`` from now on, or raise :class:`ConfigError` and change nothing.
+
+        Every runtime structure of ``config`` is built first (route tables, clusters, filter
+        chains, codecs from their options, the new listeners' binds); only when all of that
+        succeeded is it swapped in, at once, between requests. Requests in flight finish on
+        the route they were given; new requests, on new and open connections alike, use the
+        new routes. Clusters whose definition changed or that are gone drain: their
+        connections take no new requests and close once idle (at the latest after
+        ``timeouts.drain``). Listeners added start accepting; listeners removed stop
+        accepting and their connections drain. Codec options apply to new connections;
+        open connections keep their codec (those whose listener changed codec class drain).
+        Settings read only at start (``reload.RESTART_NEEDED``) must not change.
+
+        ``source`` labels ``metaprotocol_reloads_total{source, result}`` and the
+        ``lastReload`` of ``/config_dump``; ``version`` replaces the content hash as
+        :attr:`config_version`.
+        """
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        async with self._reloading:  # one reload at a time, each against the serving state
+            new_version = version or config_version(config)
+            try:
+                staged = await self._stage(config, new_version)
+            except ConfigError as exc:
+                self._record(ReloadRecord.now(source, "refused", str(exc), new_version))
+                raise
+            self._commit(staged)
+            self._record(ReloadRecord.now(source, "ok", None, new_version))
+        for key, server in staged.servers.items():
+            with contextlib.suppress(RuntimeError):  # stopped meanwhile: nothing to serve
+                if self._servers.get(key) is server:
+                    await server.start_serving()
+
+    def refused(self, source: str, error: str, version: str = "") -> None:
+        """Record a reload refused before it reached :meth:`apply` (say, a file that did not
+        parse): counted and shown in ``/config_dump`` like the refusals of ``apply``."""
+        self._record(ReloadRecord.now(source, "refused", error, version))
+
+    def _record(self, record: ReloadRecord) -> None:
+        self.last_reload = record
+        self.stats.counter(
+            "metaprotocol_reloads_total", source=record.source, result=record.result
+        ).value += 1
+        if record.result == "ok":
+            log.info("reload ok (%s): version %s", record.source, record.version)
+        else:
+            log.warning("reload refused (%s): %s", record.source, record.error)
+
+    async def _stage(self, config: Config, version: str) -> _Staged:
+        """Build (and bind) everything ``config`` needs next to the serving runtime."""
+        if self._loop is None or self.draining:
+            raise ConfigError("the engine is not serving (not started, or stopping)")
+        if not config.proxy.listeners:
+            raise ConfigError("no listeners: add a ProxyConfig with spec.listeners")
+        why = restart_needed(self.config.proxy, config.proxy)
+        if why is not None:
+            raise ConfigError(why)
+        build = _Build(config)
+        runtimes: dict[tuple[str, int], ListenerRuntime] = {}
+        for listener in config.proxy.listeners:
+            try:
+                runtime = self._build_listener(build, listener)
+                runtime.codec_class.from_options(runtime.options)  # the codec accepts them
+            except ConfigError as exc:
+                raise ConfigError(str(exc), source=f"listener {listener.name}") from exc
+            except Exception as exc:  # a filter's or codec's own check: refuse, say which
+                raise ConfigError(
+                    f"{type(exc).__name__}: {exc}", source=f"listener {listener.name}"
+                ) from exc
+            runtimes[(listener.host, listener.port)] = runtime
+        serving = {(lst.host, lst.port): lst for lst in self.config.proxy.listeners}
+        addresses = {
+            key: self.listener_addresses[key]
+            for key, listener in serving.items()
+            if key in runtimes and _same_bind(listener, runtimes, config)
+        }
+        servers: dict[tuple[str, int], asyncio.Server] = {}
+        try:
+            for listener in config.proxy.listeners:
+                key = (listener.host, listener.port)
+                if key in addresses:
+                    continue
+                try:
+                    server = await self._listen(listener, runtimes[key], start=False)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot bind {listener.bind_host}:{listener.bind_port}: "
+                        f"{exc.strerror or exc}",
+                        source=f"listener {listener.name}",
+                    ) from exc
+                servers[key] = server
+                sockname = server.sockets[0].getsockname()
+                addresses[key] = (sockname[0], sockname[1])
+            await self._refuse_own_listeners(addresses, build.clusters)
+            if self.draining:
+                raise ConfigError("the engine began stopping during the reload")
+        except BaseException:
+            for server in servers.values():
+                server.close()
+            raise
+        return _Staged(config, version, build, runtimes, servers, addresses)
+
+    def _commit(self, staged: _Staged) -> None:
+        """Swap ``staged`` in (no await: nothing runs between its first and last line)."""
+        retired = [
+            c for name, c in self.clusters.items() if staged.build.clusters.get(name) is not c
+        ]
+        draining: list[Downstream] = []
+        listeners: dict[tuple[str, int], ListenerRuntime] = {}
+        for key, runtime in staged.runtimes.items():
+            current = self.listeners.get(key)
+            if current is None or key in staged.servers:
+                listeners[key] = runtime
+                continue
+            same_codec = current.codec_class is runtime.codec_class
+            # The listener's runtime object stays (the server's factory and every connection
+            # hold it): its routes and codec settings are replaced in place.
+            current.table = runtime.table
+            current.codec_class = runtime.codec_class
+            current.options = runtime.options
+            current._unrouted = runtime._unrouted
+            match = runtime.table.match
+            for conn in self.downstreams:
+                if conn.listener is current:
+                    if same_codec:
+                        conn._route = match
+                    else:  # its codec cannot feed the new protocol's routes
+                        draining.append(conn)
+            listeners[key] = current
+        for key, current in self.listeners.items():
+            if key in listeners and listeners[key] is current:
+                continue
+            server = self._servers.pop(key, None)
+            if server is not None:
+                server.close()
+            draining.extend(c for c in self.downstreams if c.listener is current)
+        self.config = staged.config
+        self.config_version = staged.version
+        self.clusters = staged.build.clusters
+        self._cluster_specs = staged.build.specs
+        self.listeners = listeners
+        self._servers.update(staged.servers)
+        self.listener_addresses = dict(staged.addresses)
+        for conn in draining:
+            conn.start_drain()
+        if retired:
+            gone = set(retired)
+            for upstream in list(self.upstreams):
+                if upstream.cluster in gone:
+                    upstream.retire()  # no new requests; closes once its replies are in
+        if retired or draining:
+
+            def deadline() -> None:
+                self._drain_timers.discard(timer)
+                self._end_drain(retired, draining)
+
+            timer = self.loop.call_later(self.config.proxy.timeouts.drain, deadline)
+            self._drain_timers.add(timer)
+
+    def _end_drain(self, clusters: list[Cluster], downstreams: list[Downstream]) -> None:
+        """A reload's drain deadline: close what is still open of what it retired."""
+        gone = set(clusters)
+        for upstream in list(self.upstreams):
+            if upstream.cluster in gone:
+                upstream.close()
+        for conn in downstreams:
+            if conn.transport is not None:
+                conn.transport.abort()
 
     # -- limits --------------------------------------------------------------------------------
 
@@ -385,7 +629,11 @@ class Engine:
         """True while new requests and connections are refused for overload."""
         return self.buffered > self.max_buffered or self.rss_over
 
-    async def _refuse_own_listeners(self) -> None:
+    async def _refuse_own_listeners(
+        self,
+        addresses: dict[tuple[str, int], tuple[str, int]],
+        clusters: dict[str, Cluster],
+    ) -> None:
         """Refuse an endpoint that is one of this engine's own listeners (once bound).
 
         Requests sent there would come back in and be routed out again until a limit stops
@@ -395,11 +643,11 @@ class Engine:
         connect time, is not checked again.
         """
         bound: dict[int, list[tuple[str, str]]] = {}
-        for (host, port), (ip, bound_port) in self.listener_addresses.items():
+        for (host, port), (ip, bound_port) in addresses.items():
             bound.setdefault(bound_port, []).append((f"{host}:{port}", ip))
         suspects = [
             (cluster, upstream)
-            for cluster in self.clusters.values()
+            for cluster in clusters.values()
             for upstream in cluster.hosts
             if upstream.port in bound  # only these can be a listener: resolve nothing else
         ]
@@ -419,8 +667,8 @@ class Engine:
                     )
 
     async def _close_servers(self) -> None:
-        servers = [*self._servers, *([self._admin] if self._admin else [])]
-        self._servers = []
+        servers = [*self._servers.values(), *([self._admin] if self._admin else [])]
+        self._servers = {}
         self._admin = None
         for server in servers:
             server.close()
@@ -451,7 +699,10 @@ class Engine:
             drain = self.config.proxy.timeouts.drain
         self.draining = True
         assert self._drained is not None
-        for server in self._servers:
+        for timer in self._drain_timers:
+            timer.cancel()
+        self._drain_timers.clear()
+        for server in self._servers.values():
             server.close()
         for conn in list(self.downstreams):
             conn.start_drain()
@@ -537,6 +788,8 @@ class Engine:
         )
         admin = settings.admin
         return {
+            "version": self.config_version,
+            "lastReload": None if self.last_reload is None else self.last_reload.as_dict(),
             "sources": list(self.config.sources),
             "listeners": [
                 {
@@ -613,6 +866,19 @@ class Engine:
             "documentsTruncated": truncated,
             **{key: section() for key, section in self.dump_sections.items()},
         }
+
+
+def _same_bind(
+    serving: Listener, runtimes: dict[tuple[str, int], ListenerRuntime], config: Config
+) -> bool:
+    """Whether ``config`` keeps ``serving``'s bind address (then its socket stays)."""
+    for listener in config.proxy.listeners:
+        if (listener.host, listener.port) == (serving.host, serving.port):
+            return (listener.bind_host, listener.bind_port) == (
+                serving.bind_host,
+                serving.bind_port,
+            )
+    return False
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,116 @@
+"""Configuration reloads: what may change while serving, versions, and the reload record.
+
+The engine (:meth:`Engine.apply <metaprotocol_sdk.proxy.engine.Engine.apply>`) builds every
+runtime structure of a new configuration next to the serving one, and swaps only when all
+of it succeeded. This module holds the rules it checks first and the values it reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config.models import (
+    Config,
+    ConnectionPool,
+    LoadBalancer,
+    OutlierDetection,
+    Protocol,
+    ProxySettings,
+)
+from .stats import HELP
+
+HELP.setdefault(
+    "metaprotocol_reloads_total", "Configuration reloads, by source and result (ok, refused)."
+)
+
+#: Reload results counted in ``metaprotocol_reloads_total{result}``.
+RESULTS = ("ok", "refused")
+
+#: ``ProxyConfig`` settings that a reload cannot change (the engine reads them once, at
+#: start): a reload that changes one is refused and names it; restart the process instead.
+RESTART_NEEDED = {
+    "admin": "spec.admin",
+    "limits": "spec.limits",
+    "overload": "spec.overload",
+    "timeouts": "spec.timeouts",
+    "access_log": "spec.accessLog",
+    "connections_per_endpoint": "spec.connectionsPerEndpoint",
+    "telemetry": "spec.telemetry",
+    "tracing": "spec.tracing",
+}
+
+#: Bytes of the documents hashed into a version (beyond, a marker: see ``bounded_copy``).
+VERSION_DOCUMENT_BYTES = 4 * 1024 * 1024
+
+
+def restart_needed(serving: ProxySettings, new: ProxySettings) -> str | None:
+    """Why ``new`` cannot replace ``serving`` while serving (``None``: it can)."""
+    changed = [
+        field
+        for attr, field in RESTART_NEEDED.items()
+        if getattr(serving, attr) != getattr(new, attr)
+    ]
+    if not changed:
+        return None
+    return (
+        f"{', '.join(changed)} changed: these settings apply at start only (restart needed); "
+        "nothing was changed"
+    )
+
+
+def config_version(config: Config) -> str:
+    """A short content hash of the configuration's documents (12 hex digits of sha256).
+
+    The documents are copied with the dump's bound first: YAML aliases are shared
+    references, and expanding them unbounded is how a 1 KB file becomes hundreds of MB.
+    """
+    from .admin import bounded_copy
+
+    documents, _ = bounded_copy(list(config.documents), VERSION_DOCUMENT_BYTES, "/documents")
+    text = json.dumps(documents, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What a cluster is built from: a reload keeps a cluster (its connections, its outlier
+    state) when its spec is unchanged, and drains it otherwise."""
+
+    protocol: Protocol
+    endpoints: tuple[tuple[str, int, tuple[tuple[str, str], ...]], ...]
+    policy: LoadBalancer
+    pool: ConnectionPool | None
+    outlier: OutlierDetection | None
+    namespace: str
+
+
+@dataclass(frozen=True)
+class ReloadRecord:
+    """The last reload: where it came from, ``ok`` or ``refused``, why, and when."""
+
+    source: str
+    result: str
+    error: str | None
+    #: Unix time of the reload.
+    time: float
+    #: The version the reload would have served (``ok``: the one serving now).
+    version: str
+
+    @classmethod
+    def now(cls, source: str, result: str, error: str | None, version: str) -> ReloadRecord:
+        """A record stamped with the current time."""
+        return cls(source, result, error, time.time(), version)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for ``/config_dump``'s ``lastReload``."""
+        return {
+            "source": self.source,
+            "result": self.result,
+            "error": self.error,
+            "time": self.time,
+            "version": self.version,
+        }
