@@ -144,6 +144,7 @@ class _AdminServer:
         self.settings = settings
         self.active = 0
         self._dump: bytes | None = None
+        self._dump_key: tuple[int, int] = (0, 0)
         self._page: bytes | None = None
         #: Recent totals for the live page, sampled by a timer (:class:`.admin_page.Sampler`).
         self.history = History()
@@ -161,9 +162,11 @@ class _AdminServer:
         if path == "/ready":
             return _response(200, "LIVE\n") if engine.ready else _response(503, "DRAINING\n")
         if path == "/config_dump":
-            if self._dump is None:  # the configuration never changes under an engine
+            # Built again only when a reload or an xDS update (dump_sections) changed it.
+            key = (id(engine.config), id(engine.last_reload))
+            if self._dump is None or self._dump_key != key or engine.dump_sections:
                 text = json.dumps(engine.config_dump(), indent=2, default=str) + "\n"
-                self._dump = _response(200, text, "application/json")
+                self._dump, self._dump_key = _response(200, text, "application/json"), key
             return self._dump
         if path == "/stats":
             if "format=json" in query:

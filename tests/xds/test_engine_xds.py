@@ -10,7 +10,9 @@ reconnects and the next update applies.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -134,9 +136,10 @@ class Caller:
                 self._cond.notify_all()
 
     def next(self, count: int) -> Counter[str]:
-        """The servers that answered the next ``count`` calls."""
+        """The servers that answered the next ``count`` calls (after the one in flight now,
+        which may have been routed before the last update and keeps its route)."""
         with self._cond:
-            start = len(self.replies)
+            start = len(self.replies) + 1
             assert self._cond.wait_for(
                 lambda: len(self.replies) >= start + count or self.errors, 20
             ), "calls stalled"
@@ -147,6 +150,18 @@ class Caller:
         self._stop.set()
         self._thread.join(20)
         self.client.close()
+
+
+def admin_dump(harness: Harness) -> dict[str, Any]:
+    """``/config_dump`` over HTTP from the engine's admin endpoint."""
+    assert harness.engine.admin_address is not None
+    host, port = harness.engine.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/config_dump", timeout=10) as reply:
+        return json.load(reply)  # type: ignore[no-any-return]
+
+
+async def _stats(engine: Engine) -> dict[str, float]:
+    return engine.stats_snapshot()
 
 
 @pytest.fixture
@@ -202,7 +217,15 @@ def test_updates_take_effect_without_a_failed_request(
             assert nack.version == "4" and nack.nonce
             assert nack.error is not None and "retry_policy: not supported" in nack.error
             assert set(caller.next(60)) == {"v1b", "v2"}  # nothing changed
-            dump = harness.dump()["xds"]
+            whole = harness.dump()
+            assert whole["version"] == "cds:5 eds:5 rds:4"  # what serves, by xDS type
+            assert (whole["lastReload"]["source"], whole["lastReload"]["result"]) == (
+                "xds",
+                "refused",
+            )
+            refused = 'metaprotocol_reloads_total{source="xds",result="refused"}'
+            assert harness.call(_stats(harness.engine))[refused] == 1
+            dump = whole["xds"]
             assert dump["connected"] is True
             assert dump["rds"]["version"] == "4" and "retry_policy" in dump["rds"]["lastError"]
             assert (dump["cds"]["version"], dump["eds"]["version"]) == ("5", "5")
@@ -222,18 +245,24 @@ def test_reconnects_after_the_control_plane_restarts(
 ) -> None:
     versions = snapshots(servers)
     control_plane.set_snapshot(*versions[0])
-    harness = Harness(config_yaml(control_plane.port))
+    admin = '\n  admin: {bind: "127.0.0.1:0"}'
+    harness = Harness(config_yaml(control_plane.port, admin))
     try:
         harness.wait(acked("1"))
+        assert admin_dump(harness)["xds"]["connected"] is True
         caller = Caller(harness.port)
         try:
             control_plane.stop()
             harness.wait(lambda c: not c.connected)
+            shown = admin_dump(harness)["xds"]  # the admin endpoint shows it as it is now
+            assert shown["connected"] is False and shown["lastError"]
             assert set(caller.next(20)) == {"v1a", "v1b"}  # the last good version serves
             control_plane.set_snapshot(*versions[1])
             control_plane.start()
             harness.wait(lambda c: c.connected and acked("2")(c))
             assert caller.next(20) == {"v2": 20}
+            shown = admin_dump(harness)["xds"]
+            assert shown["connected"] is True and shown["rds"]["version"] == "2"
             assert harness.client.reconnects >= 1
         finally:
             caller.close()

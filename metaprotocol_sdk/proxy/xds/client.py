@@ -58,8 +58,14 @@ MAX_ERROR_DETAIL = 4096
 class Applier(Protocol):
     """What the client needs of the engine: ``Engine.apply``."""
 
-    def apply(self, config: Config, *, source: str = ...) -> Awaitable[Any]:
+    def apply(
+        self, config: Config, *, source: str = ..., version: str | None = ...
+    ) -> Awaitable[Any]:
         """Validate and swap in ``config``; raise ConfigError and change nothing on refusal."""
+        ...
+
+    def refused(self, source: str, error: str, version: str = ...) -> None:
+        """Record an update refused before it reached ``apply`` (counted, shown)."""
         ...
 
 
@@ -98,7 +104,7 @@ def backoff_delay(failures: int, settings: Xds, fraction: float) -> float:
     """Seconds to wait after ``failures`` failed streams in a row: doubling from
     ``backoff.initial``, capped at ``backoff.max``, then scaled by a random 50-100 % (jitter,
     so that replicas cut off together do not all come back in the same instant)."""
-    delay = min(settings.backoff_max, settings.backoff_initial * 2 ** min(failures - 1, 32))
+    delay = min(settings.backoff_max, settings.backoff_initial * float(2 ** min(failures - 1, 32)))
     return delay * (0.5 + 0.5 * fraction)
 
 
@@ -243,11 +249,16 @@ class XdsClient:
             log.warning("xDS: ignored a response of unsubscribed type %s", response.type_url)
             return
         state.nonce = response.nonce
+        version = self._version(state, response)
         try:
-            resources = _decode(response)
-            candidate = self._candidate(state, resources)
-            config = translate(self.base, candidate)
-            await self.engine.apply(config, source="xds")
+            try:
+                resources = _decode(response)
+                candidate = self._candidate(state, resources)
+                config = translate(self.base, candidate)
+            except (XdsRefused, ConfigError) as exc:  # apply() records its own refusals
+                self.engine.refused("xds", str(exc)[:MAX_ERROR_DETAIL], version)
+                raise
+            await self.engine.apply(config, source="xds", version=version)
         except (XdsRefused, ConfigError) as exc:
             detail = str(exc)[:MAX_ERROR_DETAIL]
             state.nacks += 1
@@ -276,6 +287,12 @@ class XdsClient:
                 eds.names = wanted
                 await call.write(self._request(eds))
         await self._notify()
+
+    def _version(self, state: TypeState, response: discovery_pb2.DiscoveryResponse) -> str:
+        """The engine's configuration version: the xDS versions it is built from."""
+        versions = {url: s.version for url, s in self.types.items()}
+        versions[state.type_url] = response.version_info
+        return " ".join(f"{SHORT[url]}:{v or '-'}" for url, v in versions.items())
 
     def _candidate(self, state: TypeState, received: dict[str, Message]) -> Resources:
         """The resources as they would be if this response were accepted.
