@@ -34,6 +34,7 @@ from snapshots import (
 
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
+from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.config.models import Xds, XdsNode
 from metaprotocol_sdk.proxy.xds.client import XdsClient, backoff_delay
@@ -301,3 +302,43 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
     assert [backoff_delay(n, settings, 1.0) for n in range(1, 7)] == [0.5, 1, 2, 4, 4, 4]
     assert backoff_delay(3, settings, 0.0) == 1.0  # jitter takes up to half off
     assert backoff_delay(10_000, settings, 1.0) == 4.0
+
+
+OTHER_SERVICE = """
+kind: ServiceEntry
+metadata: {name: other}
+spec:
+  hosts: [other.svc]
+  ports: [{number: 9091, name: tcp-metaprotocol-thrift-other}]
+---"""
+
+
+def test_a_file_reload_keeps_the_routes_of_the_control_plane(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[1])  # sayHello to v2
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("2"))
+        caller = Caller(harness.port)
+        try:
+            listeners = f'[{{host: {HOST}, port: {PORT}, bind: "127.0.0.1:0"}}]'
+            both = listeners[:-1] + ', {host: other.svc, port: 9091, bind: "127.0.0.1:0"}]'
+            other = OTHER_SERVICE + config_yaml(control_plane.port).replace(listeners, both)
+            harness.call(harness.client.rebase(loads_config(other)))
+            assert caller.next(20) == {"v2": 20}  # the xDS routes still serve
+            # The new listener's route table is subscribed to on the open stream.
+            control_plane.wait(
+                lambda reqs: any(
+                    r.type_url == ROUTE_TYPE and "other.svc_9091" in r.names for r in reqs
+                )
+            )
+            moved = loads_config(config_yaml(control_plane.port + 1))
+            with pytest.raises(ConfigError, match=r"spec\.xds changed"):
+                harness.call(harness.client.rebase(moved))
+        finally:
+            caller.close()
+        assert not caller.errors
+    finally:
+        harness.close()

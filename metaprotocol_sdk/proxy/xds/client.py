@@ -149,6 +149,7 @@ class XdsClient:
         self.reconnects = 0
         self.last_error: str | None = None
         self._changed = asyncio.Condition()
+        self._updating = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._call: Any = None
@@ -243,7 +244,46 @@ class XdsClient:
             req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
         return req
 
+    async def rebase(self, base: Config) -> None:
+        """Serve a reloaded file configuration with the xDS resources held.
+
+        The files' listeners, codecs and settings change; routes, clusters and endpoints stay
+        those of the control plane (re-translated against the new files, so a listener added
+        gets its route table subscribed). Raises :class:`ConfigError` and changes nothing if
+        the result is refused or ``spec.xds`` itself changed (that needs a restart).
+        """
+        if base.proxy.xds != self.settings:
+            raise ConfigError(
+                "spec.xds changed: the control plane connection is set at start only "
+                "(restart needed); nothing was changed",
+                source="ProxyConfig",
+                field="spec.xds",
+            )
+        async with self._updating:
+            held = Resources(
+                routes=self.types[ROUTE_TYPE].resources,
+                clusters=self.types[CLUSTER_TYPE].resources,
+                endpoints=self.types[ENDPOINT_TYPE].resources,
+            )
+            try:
+                config = translate(base, held)
+            except XdsRefused as exc:
+                raise ConfigError(str(exc), source="xDS resources held") from exc
+            await self.engine.apply(config, source="file")
+            self.base = base
+            rds = self.types[ROUTE_TYPE]
+            names = route_config_names(base)
+            if names != rds.names:
+                rds.names = names
+                rds.resources = {k: v for k, v in rds.resources.items() if k in names}
+                if self._call is not None:
+                    await self._call.write(self._request(rds))
+
     async def _handle(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
+        async with self._updating:  # one update at a time (responses, file reloads)
+            await self._update(call, response)
+
+    async def _update(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
         state = self.types.get(response.type_url)
         if state is None:
             log.warning("xDS: ignored a response of unsubscribed type %s", response.type_url)
