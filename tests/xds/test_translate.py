@@ -7,6 +7,9 @@ from typing import Any
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from snapshots import (
     ALL,
     CLUSTER_TYPE,
@@ -57,7 +60,7 @@ def base() -> Config:
 
 def resources(snapshot: dict[str, list[Any]]) -> Resources:
     def named(items: list[Any]) -> dict[str, Any]:
-        return {getattr(i, "cluster_name", "") or i.name: i for i in items}
+        return {i.cluster_name if hasattr(i, "cluster_name") else i.name: i for i in items}
 
     return Resources(
         routes=named(snapshot.get(ROUTE_TYPE, [])),
@@ -365,3 +368,33 @@ def test_every_ignored_field_is_documented() -> None:
         if f"`{name}`" not in text
     ]
     assert not missing
+
+
+def test_unknown_enum_values_are_refused_not_crashed_on() -> None:
+    res = with_routes(MetaRoute("m", [(V1, 100)], mirror=(V2, 10)))
+    policy = res.routes[RDS_NAME].virtual_hosts[0].routes[0].route.request_mirror_policies[0]
+    policy.runtime_fraction.default_value.denominator = 7  # proto3 keeps unknown enum values
+    assert "unknown denominator 7" in refusal(res)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_corrupted_resources_are_refused_or_applied_never_crash(data: st.DataObject) -> None:
+    """Hostile control plane: any decodable mutation of a real snapshot either translates or
+    is refused with a readable detail (XdsRefused or ConfigError), nothing else."""
+    snap = snapshot()
+    kind = data.draw(st.sampled_from([ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE]))
+    index = data.draw(st.integers(0, len(snap[kind]) - 1))
+    wire = bytearray(snap[kind][index].SerializeToString())
+    for _ in range(data.draw(st.integers(1, 4))):
+        wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
+    message = type(snap[kind][index])()
+    try:
+        message.ParseFromString(bytes(wire))
+    except DecodeError:
+        return  # the client refuses undecodable resources before translating
+    snap[kind][index] = message
+    try:
+        translate(base(), resources(snap))
+    except (XdsRefused, ConfigError) as exc:
+        assert str(exc)

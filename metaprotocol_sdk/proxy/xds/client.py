@@ -183,6 +183,11 @@ class XdsClient:
                 error = "the control plane closed the stream"
             except grpc.aio.AioRpcError as exc:
                 error = f"{exc.code().name}: {exc.details()}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the client die: log, back off, reconnect
+                log.exception("xDS stream to %s failed", self.settings.address)
+                error = f"{type(exc).__name__}: {exc}"
             self._call = None
             await self._set(connected=False, last_error=error)
             if self._stopping.is_set():

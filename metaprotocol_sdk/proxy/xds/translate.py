@@ -265,6 +265,10 @@ def _destination(res: str, name: str, path: str) -> dict[str, Any]:
     return dest
 
 
+#: ``FractionalPercent.DenominatorType``: HUNDRED, TEN_THOUSAND, MILLION.
+_DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
+
+
 def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     path = f"virtual_hosts[0].routes[{i}]"
     _check(
@@ -348,7 +352,13 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
             _check(
                 res, rf, f"{mpath}.runtime_fraction", "RuntimeFractionalPercent", {"default_value"}
             )
-            per = {0: 100, 1: 10_000, 2: 1_000_000}[rf.default_value.denominator]
+            per = _DENOMINATORS.get(rf.default_value.denominator)
+            if per is None:
+                raise XdsRefused(
+                    res,
+                    f"{mpath}.runtime_fraction.default_value.denominator",
+                    f"unknown denominator {rf.default_value.denominator}",
+                )
             share = min(rf.default_value.numerator / per, 1.0) * 100
             route["mirrorPercentage"] = {"value": share}
     for h, hp in enumerate(action.hash_policy):
