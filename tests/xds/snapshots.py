@@ -8,7 +8,8 @@ hash policies on headers, mutations as ``request_headers_to_add`` / ``response_h
 
 istiod: outbound clusters ``outbound|<port>|<subset>|<host>`` of type EDS with an ADS
 ``eds_cluster_config`` naming the cluster, a connect timeout, DEFAULT circuit-breaker
-thresholds, Istio service metadata and ``transport_socket_matches`` for mutual TLS; endpoints
+thresholds, Istio service metadata and ``transport_socket_matches`` (here only istiod's
+plain-text ``tlsMode-disabled`` match: the mutual-TLS one needs SDS certificates); endpoints
 as a ``ClusterLoadAssignment`` per cluster, grouped by locality, each endpoint HEALTHY with
 weight 1 and Istio's workload metadata.
 """
