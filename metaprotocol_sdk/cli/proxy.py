@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import hashlib
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -15,7 +17,8 @@ import click
 from metaprotocol_sdk.errors import ConfigError
 
 if TYPE_CHECKING:
-    from metaprotocol_sdk.proxy import Config
+    from metaprotocol_sdk.proxy import Config, Engine
+    from metaprotocol_sdk.proxy.xds.client import XdsClient
 
 
 #: Young-generation threshold of the cyclic garbage collector while serving (CPython's default
@@ -56,7 +59,91 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def _serve(config: Config, drain: float | None) -> int:
+#: ``--watch``: changes closer together than this are one change (an editor's save is often
+#: several writes and a rename).
+WATCH_DEBOUNCE_MS = 300
+
+
+class Reloader:
+    """Reloads the files given with ``-c`` on request (``SIGHUP``, ``--watch``), one at a time,
+    writing one line per reload; a refused reload leaves the engine serving as it was."""
+
+    def __init__(self, engine: Engine, files: tuple[str, ...]) -> None:
+        self.engine = engine
+        self.files = files
+        self._wanted = asyncio.Event()
+        self._source = "sighup"
+        #: Content hash of the files at the last reload (or start): ``--watch`` skips events
+        #: that changed nothing in them (a touched file, a neighbour in the same directory).
+        self.seen: str | None = self.digest()
+        #: With ``spec.xds``: reloads go through it, keeping the control plane's routes.
+        self.control_plane: XdsClient | None = None
+
+    def digest(self) -> str | None:
+        """A hash of the files' bytes (``None``: one cannot be read now)."""
+        h = hashlib.sha256()
+        try:
+            for name in self.files:
+                with open(name, "rb") as f:
+                    h.update(f.read())
+                h.update(b"\0")
+        except OSError:
+            return None
+        return h.hexdigest()
+
+    def request(self, source: str) -> None:
+        """Ask for a reload (requests made while one runs make one more, not several)."""
+        self._source = source
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Serve reload requests until cancelled."""
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            await self.reload(self._source)
+
+    async def reload(self, source: str) -> bool:
+        """Load the files, apply them; one line on stderr either way. ``True``: applied."""
+        from metaprotocol_sdk.proxy import load_config
+
+        digest = self.digest()
+        if source == "watch" and digest is not None and digest == self.seen:
+            return False  # the files' contents did not change
+        self.seen = digest
+        try:
+            # Off the loop: parsing a large file must not stall the requests being served.
+            config = await asyncio.to_thread(load_config, list(self.files))
+        except (ConfigError, OSError) as exc:
+            self.engine.refused(source, str(exc))
+            click.echo(f"reload refused ({source}): {exc}", err=True)
+            return False
+        try:
+            if self.control_plane is not None:
+                await self.control_plane.rebase(config, source=source)
+            else:
+                await self.engine.apply(config, source=source)
+        except ConfigError as exc:
+            click.echo(f"reload refused ({source}): {exc}", err=True)
+            return False
+        click.echo(f"reload ok ({source}): version {self.engine.config_version}", err=True)
+        return True
+
+
+async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event) -> None:
+    """Ask for a reload whenever something changes in the files' directories (the reloader
+    skips changes that leave the files' contents as they were). Directories, not the files,
+    are watched: editors and Kubernetes ConfigMaps replace a file by a rename."""
+    from watchfiles import awatch
+
+    directories = sorted({os.path.dirname(os.path.abspath(f)) for f in files})
+    async for _ in awatch(*directories, debounce=WATCH_DEBOUNCE_MS, step=50, stop_event=stop):
+        reloader.request("watch")
+
+
+async def _serve(
+    config: Config, drain: float | None, files: tuple[str, ...] = (), watch: bool = False
+) -> int:
     from metaprotocol_sdk.proxy import Engine
 
     engine = Engine(config)
@@ -68,12 +155,17 @@ async def _serve(config: Config, drain: float | None) -> int:
     except ConfigError as exc:
         click.echo(f"error: invalid configuration: {exc}", err=True)
         return 2
+    loop = asyncio.get_running_loop()
+    reloader = Reloader(engine, files)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
     control_plane = None
     if config.proxy.xds is not None:  # imported only here: an engine without xDS needs no gRPC
         from metaprotocol_sdk.proxy.xds.client import XdsClient
 
         control_plane = XdsClient(engine, config)
         control_plane.start()
+        reloader.control_plane = control_plane  # file reloads keep the routes received
         click.echo(f"xds from {config.proxy.xds.address} as {config.proxy.xds.node.id}")
     for (host, port), (ip, bound) in engine.listener_addresses.items():
         click.echo(f"listening {host}:{port} on {ip}:{bound}")
@@ -82,15 +174,22 @@ async def _serve(config: Config, drain: float | None) -> int:
     sys.stdout.flush()
     _tune_gc()
     _tune_malloc()
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.ensure_future(reloader.run())]
+    if watch:
+        tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once (default action)
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(sig)
+    with contextlib.suppress(NotImplementedError):
+        loop.remove_signal_handler(signal.SIGHUP)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     click.echo("draining", err=True)
     if control_plane is not None:
         await control_plane.stop()
@@ -166,8 +265,18 @@ def _check(files: tuple[str, ...]) -> None:
 )
 @click.option("--no-uvloop", is_flag=True, help="Use the default asyncio event loop.")
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary, exit.")
-def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool, check: bool) -> None:
-    """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain."""
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Reload when a configuration file changes (as on SIGHUP; see docs/reload.md).",
+)
+def command(
+    files: tuple[str, ...], drain: float | None, no_uvloop: bool, check: bool, watch: bool
+) -> None:
+    """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain.
+
+    SIGHUP reloads the files (a bad configuration is refused and the old one keeps serving).
+    """
     if check:
         _check(files)
         return
@@ -181,5 +290,5 @@ def command(files: tuple[str, ...], drain: float | None, no_uvloop: bool, check:
             factory = None
     config = _load(files)
     with asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config, drain))
+        code = runner.run(_serve(config, drain, files, watch))
     sys.exit(code)

@@ -9,7 +9,7 @@
 It shares the event loop with the data path, so every cost is bounded: a request (line and
 headers) of at most :data:`MAX_REQUEST_BYTES`, ``admin.maxConnections`` open connections,
 ``admin.requestTimeout`` for a whole exchange, one request per connection, and a
-``/config_dump`` built once (the configuration never changes under an engine) with the
+``/config_dump`` built once per configuration (again after each reload) with the
 documents capped at :data:`DUMP_DOCUMENTS_BYTES`. A client's mistake is an HTTP error, never a
 traceback.
 """
@@ -144,7 +144,8 @@ class _AdminServer:
         self.settings = settings
         self.active = 0
         self._dump: bytes | None = None
-        self._dump_key: tuple[int, int] = (0, 0)
+        #: The reload ``_dump`` was built after (``None``: the configuration at start).
+        self._dump_of: object = None
         self._page: bytes | None = None
         #: Recent totals for the live page, sampled by a timer (:class:`.admin_page.Sampler`).
         self.history = History()
@@ -162,11 +163,16 @@ class _AdminServer:
         if path == "/ready":
             return _response(200, "LIVE\n") if engine.ready else _response(503, "DRAINING\n")
         if path == "/config_dump":
-            # Built again only when a reload or an xDS update (dump_sections) changed it.
-            key = (id(engine.config), id(engine.last_reload))
-            if self._dump is None or self._dump_key != key or engine.dump_sections:
+            # Built once per configuration: a reload (applied or refused) builds it again, and
+            # so does every request while a section changes by itself (the xDS client's state).
+            if (
+                self._dump is None
+                or self._dump_of is not engine.last_reload
+                or engine.dump_sections
+            ):
                 text = json.dumps(engine.config_dump(), indent=2, default=str) + "\n"
-                self._dump, self._dump_key = _response(200, text, "application/json"), key
+                self._dump = _response(200, text, "application/json")
+                self._dump_of = engine.last_reload
             return self._dump
         if path == "/stats":
             if "format=json" in query:

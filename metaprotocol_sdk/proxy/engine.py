@@ -463,10 +463,8 @@ class Engine:
         self.stats.counter(
             "metaprotocol_reloads_total", source=record.source, result=record.result
         ).value += 1
-        if record.result == "ok":
-            log.info("reload ok (%s): version %s", record.source, record.version)
-        else:
-            log.warning("reload refused (%s): %s", record.source, record.error)
+        # Debug only: the caller (the CLI, an xDS client) writes its own line for each.
+        log.debug("reload %s (%s): %s", record.result, record.source, record.error or "")
 
     async def _stage(self, config: Config, version: str) -> _Staged:
         """Build (and bind) everything ``config`` needs next to the serving runtime."""

@@ -61,6 +61,7 @@ def test_route_change_reaches_open_connections_and_in_flight_keeps_its_route() -
             slow = c.start("slow")  # in flight on route "all" -> v1 during the swap
             await a.wait_received(2)
             before = engine.config_version
+            assert (await dump(engine))["version"] == before
             await engine.apply(loads_config(mesh(endpoints, router=TO_V2), "t2.yaml"))
             assert engine.config_version != before
             # The same connection, a new request: the new route.

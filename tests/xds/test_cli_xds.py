@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from control_plane import ControlPlane
-from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, hello_snapshots
-from test_engine_xds import NODE, config_yaml
+from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, HOST, PORT, ROUTE_TYPE, hello_snapshots
+from test_engine_xds import NODE, OTHER_SERVICE, config_yaml
 
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
@@ -48,6 +48,17 @@ def test_the_cli_serves_routes_from_the_control_plane(tmp_path: Path) -> None:
                 )
                 try:
                     assert client.sayHello("cli") == "v2: hello cli"
+                    # SIGHUP with a listener added: the files change, the xDS routes stay.
+                    listeners = f'[{{host: {HOST}, port: {PORT}, bind: "127.0.0.1:0"}}]'
+                    both = listeners[:-1] + ', {host: other.svc, port: 9091, bind: "127.0.0.1:0"}]'
+                    config.write_text(OTHER_SERVICE + config_yaml(cp.port).replace(listeners, both))
+                    proc.send_signal(signal.SIGHUP)
+                    cp.wait(
+                        lambda reqs: any(
+                            r.type_url == ROUTE_TYPE and "other.svc_9091" in r.names for r in reqs
+                        )
+                    )
+                    assert client.sayHello("again") == "v2: hello again"
                 finally:
                     client.close()
                 proc.send_signal(signal.SIGTERM)

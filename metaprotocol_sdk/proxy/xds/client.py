@@ -249,7 +249,7 @@ class XdsClient:
             req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
         return req
 
-    async def rebase(self, base: Config) -> None:
+    async def rebase(self, base: Config, *, source: str = "file") -> None:
         """Serve a reloaded file configuration with the xDS resources held.
 
         The files' listeners, codecs and settings change; routes, clusters and endpoints stay
@@ -257,13 +257,6 @@ class XdsClient:
         gets its route table subscribed). Raises :class:`ConfigError` and changes nothing if
         the result is refused or ``spec.xds`` itself changed (that needs a restart).
         """
-        if base.proxy.xds != self.settings:
-            raise ConfigError(
-                "spec.xds changed: the control plane connection is set at start only "
-                "(restart needed); nothing was changed",
-                source="ProxyConfig",
-                field="spec.xds",
-            )
         async with self._updating:
             held = Resources(
                 routes=self.types[ROUTE_TYPE].resources,
@@ -271,10 +264,22 @@ class XdsClient:
                 endpoints=self.types[ENDPOINT_TYPE].resources,
             )
             try:
-                config = translate(base, held)
-            except XdsRefused as exc:
-                raise ConfigError(str(exc), source="xDS resources held") from exc
-            await self.engine.apply(config, source="file")
+                if base.proxy.xds != self.settings:
+                    raise ConfigError(
+                        "spec.xds changed: the control plane connection is set at start only "
+                        "(restart needed); nothing was changed",
+                        source="ProxyConfig",
+                        field="spec.xds",
+                    )
+                try:
+                    config = translate(base, held)
+                except XdsRefused as exc:
+                    raise ConfigError(str(exc), source="xDS resources held") from exc
+            except ConfigError as exc:  # apply() records its own refusals
+                self.engine.refused(source, str(exc))
+                raise
+            versions = " ".join(f"{SHORT[u]}:{t.version or '-'}" for u, t in self.types.items())
+            await self.engine.apply(config, source=source, version=versions)
             self.base = base
             rds = self.types[ROUTE_TYPE]
             names = route_config_names(base)

@@ -1,0 +1,220 @@
+"""``metaprotocol proxy`` reloading its files on SIGHUP and with ``--watch``: a real process,
+real thriftpy2 servers and clients on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metaprotocol_sdk.demo.idl import hello, untyped
+from metaprotocol_sdk.demo.thrift_server import HelloServer
+
+WAIT = 15.0  # bound on every single wait
+
+
+def mesh(v1: int, v2: int, subset: str, *, drain: str = "10s") -> str:
+    """Thrift service ``hello.test:9090`` with two versions; every request goes to ``subset``."""
+    return f"""\
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: ApplicationProtocol
+metadata: {{name: thrift}}
+spec: {{protocol: thrift, codec: aeraki.meta_protocol.codec.thrift}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: hello}}
+spec:
+  hosts: [hello.test]
+  ports: [{{number: 9090, name: tcp-metaprotocol-thrift-hello, protocol: TCP}}]
+  resolution: STATIC
+  endpoints:
+    - {{address: 127.0.0.1, ports: {{tcp-metaprotocol-thrift-hello: {v1}}},
+       labels: {{version: v1}}}}
+    - {{address: 127.0.0.1, ports: {{tcp-metaprotocol-thrift-hello: {v2}}},
+       labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: hello}}
+spec:
+  host: hello.test
+  subsets:
+    - {{name: v1, labels: {{version: v1}}}}
+    - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: MetaRouter
+metadata: {{name: hello}}
+spec:
+  hosts: [hello.test]
+  routes:
+    - name: all
+      route: [{{destination: {{host: hello.test, subset: {subset}}}}}]
+---
+apiVersion: proxy.metaprotocol.io/v1alpha1
+kind: ProxyConfig
+metadata: {{name: engine}}
+spec:
+  listeners: [{{host: hello.test, port: 9090, bind: "127.0.0.1:0"}}]
+  admin: {{bind: "127.0.0.1:0"}}
+  timeouts: {{drain: {drain}}}
+"""
+
+
+class Proxy:
+    """A ``metaprotocol proxy`` process; its stderr lines are collected by a thread."""
+
+    def __init__(self, config: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.proc.stdout is not None
+        listening = self.proc.stdout.readline()
+        admin = self.proc.stdout.readline()
+        assert listening.startswith("listening hello.test:9090 on 127.0.0.1:"), listening
+        self.port = int(listening.rsplit(":", 1)[1])
+        self.admin = admin.split()[-1]
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line.rstrip("\n"))
+
+    def next_reload(self) -> str:
+        """The next ``reload ...`` line on stderr (waits for it)."""
+        while True:
+            line = self.lines.get(timeout=WAIT)
+            if line.startswith("reload "):
+                return line
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=WAIT) as reply:
+            return json.loads(reply.read())
+
+    def client(self) -> Any:
+        return untyped("thriftpy2.rpc").make_client(
+            hello().Hello,
+            "127.0.0.1",
+            self.port,
+            trans_factory=untyped("thriftpy2.transport").TFramedTransportFactory(),
+            timeout=int(WAIT * 1000),
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[HelloServer, HelloServer]]:
+    v1, v2 = HelloServer("v1").start(), HelloServer("v2").start()
+    yield v1, v2
+    v1.close()
+    v2.close()
+
+
+def test_sighup_swaps_routes_for_open_connections_and_refuses_a_bad_file(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    v1, v2 = servers
+    config = tmp_path / "mesh.yaml"
+    config.write_text(mesh(v1.port, v2.port, "v1"))
+    proxy = Proxy(config)
+    pool = ThreadPoolExecutor(1)
+    try:
+        first, second = proxy.client(), proxy.client()
+        assert first.sayHello("a") == "v1: hello a"
+        serving = proxy.get("/config_dump")["version"]
+        # A request in flight on the old route while the routes change (v1 answers it after
+        # 2 s; the reload completes well within that, which the test checks).
+        slow: Future[str] = pool.submit(second.sleep, 2000)
+        assert v1.handler.sleeping.wait(WAIT)
+        config.write_text(mesh(v1.port, v2.port, "v2"))
+        proxy.proc.send_signal(signal.SIGHUP)
+        line = proxy.next_reload()
+        assert re.fullmatch(r"reload ok \(sighup\): version [0-9a-f]{12}", line), line
+        assert not slow.done(), "the reload did not finish while the request was in flight"
+        assert first.sayHello("b") == "v2: hello b"  # the same connection, the new route
+        assert slow.result(WAIT) == "v1: slept 2000"  # finished on the route it was given
+        dump = proxy.get("/config_dump")
+        assert dump["version"] != serving and dump["lastReload"]["result"] == "ok"
+        serving = dump["version"]
+
+        # A bad file: refused, one line, the process and the routes stay as they were.
+        config.write_text(mesh(v1.port, v2.port, "v9"))  # no such subset
+        proxy.proc.send_signal(signal.SIGHUP)
+        line = proxy.next_reload()
+        assert line.startswith("reload refused (sighup): ") and "v9" in line, line
+        assert proxy.proc.poll() is None
+        assert first.sayHello("c") == "v2: hello c"
+        dump = proxy.get("/config_dump")
+        assert dump["version"] == serving
+        last = dump["lastReload"]
+        assert last["result"] == "refused" and "v9" in last["error"]
+        stats = proxy.get("/stats?format=json")
+        assert stats['metaprotocol_reloads_total{source="sighup",result="ok"}'] == 1
+        assert stats['metaprotocol_reloads_total{source="sighup",result="refused"}'] == 1
+        first.close()
+        second.close()
+    finally:
+        pool.shutdown(wait=False)
+        proxy.stop()
+    assert proxy.proc.returncode == 0
+
+
+def test_watch_applies_a_changed_file_and_skips_a_half_written_one(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    v1, v2 = servers
+    config = tmp_path / "mesh.yaml"
+    config.write_text(mesh(v1.port, v2.port, "v1"))
+    proxy = Proxy(config, "--watch")
+    try:
+        client = proxy.client()
+        assert client.sayHello("a") == "v1: hello a"
+        whole = mesh(v1.port, v2.port, "v2")
+        # Half of the new file, as a writer caught mid-write leaves it: refused, not applied.
+        config.write_text(whole[: whole.index("kind: MetaRouter") + 30])
+        line = proxy.next_reload()
+        assert line.startswith("reload refused (watch): "), line
+        assert client.sayHello("b") == "v1: hello b"
+        # The write completes: the next change applies.
+        config.write_text(whole)
+        line = proxy.next_reload()
+        assert line.startswith("reload ok (watch): version "), line
+        assert client.sayHello("c") == "v2: hello c"  # the same connection
+        # An editor's save: a new file renamed over the old one.
+        fresh = tmp_path / ".mesh.yaml.swp"
+        fresh.write_text(mesh(v1.port, v2.port, "v1"))
+        fresh.replace(config)
+        line = proxy.next_reload()
+        assert line.startswith("reload ok (watch): "), line
+        assert client.sayHello("d") == "v1: hello d"
+        client.close()
+    finally:
+        proxy.stop()
+    assert proxy.proc.returncode == 0
