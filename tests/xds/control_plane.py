@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE
 
@@ -95,6 +96,7 @@ class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             async for req in request_iterator:
                 if req.node.id:
                     stream.node_id = req.node.id
+                    server.nodes.append(MessageToDict(req.node))
                 names = tuple(req.resource_names)
                 error = req.error_detail.message if req.HasField("error_detail") else None
                 server.record(
@@ -133,6 +135,8 @@ class ControlPlane:
     def __init__(self, port: int = 0) -> None:
         self.snapshot = Snapshot("")
         self.requests: list[Request] = []
+        #: The ``Node`` of each stream's first request, as JSON-like data.
+        self.nodes: list[dict[str, Any]] = []
         self.streams: set[_Stream] = set()
         self.nonces = itertools.count(1)
         self.stream_ids = itertools.count(1)

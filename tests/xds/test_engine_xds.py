@@ -239,6 +239,9 @@ def test_updates_take_effect_without_a_failed_request(
         assert not control_plane.nacks(type_url)
     first = next(r for r in control_plane.requests if r.node_id)
     assert first.node_id == NODE
+    node = control_plane.nodes[0]  # an Istio sidecar's identity, as istiod reads it
+    assert node["id"] == NODE and node["cluster"].endswith(".default")
+    assert {"CLUSTER_ID", "NAMESPACE", "ISTIO_VERSION", "INSTANCE_IPS"} <= set(node["metadata"])
 
 
 def test_reconnects_after_the_control_plane_restarts(

@@ -377,7 +377,7 @@ def test_unknown_enum_values_are_refused_not_crashed_on() -> None:
     assert "unknown denominator 7" in refusal(res)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_corrupted_resources_are_refused_or_applied_never_crash(data: st.DataObject) -> None:
     """Hostile control plane: any decodable mutation of a real snapshot either translates or
