@@ -294,7 +294,7 @@ PROXY_CONFIG = fields(
     "tracing",
     "xds",
 )
-XDS = fields("address", "node", "maxMessageBytes", "backoff")
+XDS = fields("address", "rdsAddress", "node", "maxMessageBytes", "backoff")
 XDS_NODE = fields("id", "cluster", "metadata")
 XDS_BACKOFF = fields("initial", "max")
 #: Kinds a file may not hold when ``spec.xds`` is set: the control plane sends them.

@@ -1071,17 +1071,22 @@ def _proxy(
 
 
 def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
-    """``spec.xds``: ``address`` (``host:port``, required), ``node`` (``id``, ``cluster``,
-    ``metadata``; defaults like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and
-    ``POD_NAMESPACE``), ``maxMessageBytes``, ``backoff`` (``initial``, ``max``)."""
+    """``spec.xds``: ``address`` (``host:port``, required), ``rdsAddress`` (Aeraki's RDS
+    server, when not the ADS one), ``node`` (``id``, ``cluster``, ``metadata``; defaults
+    like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and ``POD_NAMESPACE``),
+    ``maxMessageBytes``, ``backoff`` (``initial``, ``max``)."""
     raw = doc.mapping(spec, "xds", "spec.xds", required=False)
     if "xds" not in spec:
         return None
     doc.check(raw, "spec.xds", schema.XDS)
     address = cast(str, doc.string(raw, "address", "spec.xds.address"))
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        doc.fail("spec.xds.address", f"must be host:port (ADS over gRPC), got {address!r}")
+    rds = doc.string(raw, "rdsAddress", "spec.xds.rdsAddress", required=False)
+    for key, value in (("address", address), ("rdsAddress", rds)):
+        host, sep, port = (value or "").rpartition(":")
+        if value is not None and (
+            not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+        ):
+            doc.fail(f"spec.xds.{key}", f"must be host:port (xDS over gRPC), got {value!r}")
     node = doc.mapping(raw, "node", "spec.xds.node", required=False)
     doc.check(node, "spec.xds.node", schema.XDS_NODE)
     ip = os.environ.get("INSTANCE_IP", "127.0.0.1")
@@ -1110,6 +1115,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
         doc.fail("spec.xds.backoff.max", f"must be at least backoff.initial ({initial} s)")
     return Xds(
         address=address,
+        rds_address=rds,
         node=XdsNode(
             id=node_id or f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local",
             cluster=cluster or f"{pod}.{namespace}",

@@ -421,6 +421,9 @@ class Xds:
     #: The ADS server, ``host:port`` (plain-text gRPC, as istiod's port 15010).
     address: str
     node: XdsNode
+    #: Where routes come from when not over the ADS stream: Aeraki's RouteDiscoveryService
+    #: (``host:port``; ``None``: RDS on the ADS stream too).
+    rds_address: str | None = None
     #: Largest discovery response accepted (gRPC's maximum receive message length).
     max_message_bytes: int = 4 * MiB
     #: Reconnect backoff: the first wait and the cap, in seconds (doubling, with jitter).

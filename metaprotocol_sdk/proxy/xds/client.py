@@ -28,6 +28,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.route.v3 import rds_pb2_grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
@@ -120,8 +121,39 @@ def node_message(settings: Xds) -> base_pb2.Node:
     )
 
 
+@dataclass
+class Stream:
+    """One gRPC stream to a control plane and the resource types it carries."""
+
+    #: ``ads`` (istiod's aggregated stream) or ``rds`` (Aeraki's RouteDiscoveryService).
+    kind: str
+    address: str
+    types: tuple[str, ...]
+    #: The stream is open and the server has answered on it.
+    connected: bool = False
+    #: Streams opened after the first (reconnections).
+    reconnects: int = 0
+    last_error: str | None = None
+    call: Any = None
+
+    def dump(self) -> dict[str, Any]:
+        """This stream as JSON-ready data (``/config_dump``)."""
+        return {
+            "address": self.address,
+            "types": [SHORT[t] for t in self.types],
+            "connected": self.connected,
+            "reconnects": self.reconnects,
+            "lastError": self.last_error,
+        }
+
+
 class XdsClient:
-    """The ADS client of one engine. ``start()`` runs it in a task; ``stop()`` ends it."""
+    """The xDS client of one engine. ``start()`` runs it in a task; ``stop()`` ends it.
+
+    One ADS stream carries CDS, EDS and RDS; with ``spec.xds.rdsAddress`` (Aeraki serves its
+    MetaRDS on a RouteDiscoveryService of its own, istiod the clusters over ADS) RDS has a
+    stream of its own to that address.
+    """
 
     def __init__(
         self,
@@ -143,80 +175,104 @@ class XdsClient:
             ENDPOINT_TYPE: TypeState(ENDPOINT_TYPE, []),
             ROUTE_TYPE: TypeState(ROUTE_TYPE, route_config_names(base)),
         }
-        #: A stream is open and the server has answered on it.
-        self.connected = False
-        #: Streams opened after the first (reconnections).
-        self.reconnects = 0
-        self.last_error: str | None = None
+        if settings.rds_address is None:
+            self.streams = [
+                Stream("ads", settings.address, (CLUSTER_TYPE, ROUTE_TYPE, ENDPOINT_TYPE))
+            ]
+        else:
+            self.streams = [
+                Stream("ads", settings.address, (CLUSTER_TYPE, ENDPOINT_TYPE)),
+                Stream("rds", settings.rds_address, (ROUTE_TYPE,)),
+            ]
+        self._carrier = {t: st for st in self.streams for t in st.types}
         self._changed = asyncio.Condition()
         self._updating = asyncio.Lock()
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._call: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        """Every stream is open and answered."""
+        return all(st.connected for st in self.streams)
+
+    @property
+    def reconnects(self) -> int:
+        """Streams reopened, over all of them."""
+        return sum(st.reconnects for st in self.streams)
+
+    @property
+    def last_error(self) -> str | None:
+        """The last error of a stream that is not connected now (``None``: all are)."""
+        return next((st.last_error for st in self.streams if st.last_error), None)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the client in a task on the running loop (its state in ``/config_dump``)."""
+        """Run the streams in tasks on the running loop (their state in ``/config_dump``)."""
         sections = getattr(self.engine, "dump_sections", None)
         if isinstance(sections, dict):
             sections["xds"] = self.status
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="xds-client")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.run(st), name=f"xds-{st.kind}") for st in self.streams]
 
     async def stop(self) -> None:
-        """End the stream and the task."""
+        """End the streams and their tasks."""
         self._stopping.set()
-        if self._call is not None:
-            self._call.cancel()
-        if self._task is not None:
-            self._task.cancel()
+        for st in self.streams:
+            if st.call is not None:
+                st.call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
-    async def run(self) -> None:
-        """Keep a stream open until stopped; back off between attempts."""
+    async def run(self, stream: Stream) -> None:
+        """Keep ``stream`` open until stopped; back off between attempts."""
         failures = 0
         while not self._stopping.is_set():
             answered = False
             try:
-                answered = await self._session()
+                answered = await self._session(stream)
                 error = "the control plane closed the stream"
             except grpc.aio.AioRpcError as exc:
                 error = f"{exc.code().name}: {exc.details()}"
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the client die: log, back off, reconnect
-                log.exception("xDS stream to %s failed", self.settings.address)
+                log.exception("xDS stream to %s failed", stream.address)
                 error = f"{type(exc).__name__}: {exc}"
-            self._call = None
-            await self._set(connected=False, last_error=error)
+            stream.call = None
+            stream.connected, stream.last_error = False, error
+            await self._notify()
             if self._stopping.is_set():
                 return
             failures = 1 if answered else failures + 1
             delay = backoff_delay(failures, self.settings, self._random())
             log.warning(
-                "xDS stream to %s ended (%s); retrying in %.2f s",
-                self.settings.address,
-                error,
-                delay,
+                "xDS stream to %s ended (%s); retrying in %.2f s", stream.address, error, delay
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            self.reconnects += 1
+            stream.reconnects += 1
 
-    async def _session(self) -> bool:
+    async def _session(self, stream: Stream) -> bool:
         """One stream: subscribe, then handle responses until it ends. True if any came."""
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
         ]
         answered = False
-        async with grpc.aio.insecure_channel(self.settings.address, options=options) as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.StreamAggregatedResources()
-            self._call = call
+        async with grpc.aio.insecure_channel(stream.address, options=options) as channel:
+            if stream.kind == "ads":
+                call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(
+                    channel
+                ).StreamAggregatedResources()
+            else:
+                call = rds_pb2_grpc.RouteDiscoveryServiceStub(channel).StreamRoutes()
+            stream.call = call
             first = True
-            for type_url in (CLUSTER_TYPE, ROUTE_TYPE, ENDPOINT_TYPE):
+            for type_url in stream.types:
                 state = self.types[type_url]
                 if type_url == ENDPOINT_TYPE and not state.names:
                     continue  # asked for once CDS names EDS clusters
@@ -229,7 +285,11 @@ class XdsClient:
                     return answered
                 if not answered:
                     answered = True
-                    await self._set(connected=True, last_error=None)
+                    stream.connected, stream.last_error = True, None
+                    await self._notify()
+                if response.type_url not in stream.types:
+                    log.warning("xDS: ignored %s on the %s stream", response.type_url, stream.kind)
+                    continue
                 await self._handle(call, response)
 
     # -- requests and responses ------------------------------------------------------------------
@@ -286,8 +346,9 @@ class XdsClient:
             if names != rds.names:
                 rds.names = names
                 rds.resources = {k: v for k, v in rds.resources.items() if k in names}
-                if self._call is not None:
-                    await self._call.write(self._request(rds))
+                call = self._carrier[ROUTE_TYPE].call
+                if call is not None:
+                    await call.write(self._request(rds))
 
     async def _handle(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
         async with self._updating:  # one update at a time (responses, file reloads)
@@ -376,12 +437,6 @@ class XdsClient:
 
     # -- observation ---------------------------------------------------------------------------
 
-    async def _set(self, *, connected: bool, last_error: str | None) -> None:
-        self.connected = connected
-        if last_error is not None or connected:
-            self.last_error = last_error
-        await self._notify()
-
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
@@ -399,6 +454,7 @@ class XdsClient:
             "connected": self.connected,
             "reconnects": self.reconnects,
             "lastError": self.last_error,
+            "streams": {st.kind: st.dump() for st in self.streams},
             **{SHORT[url]: state.dump() for url, state in self.types.items()},
         }
 
