@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.route.v3 import rds_pb2_grpc
 from google.protobuf import any_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -83,9 +84,16 @@ class _Stream:
         )
 
 
-class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class _Servicer(
+    ads_pb2_grpc.AggregatedDiscoveryServiceServicer, rds_pb2_grpc.RouteDiscoveryServiceServicer
+):
     def __init__(self, server: ControlPlane) -> None:
         self.server = server
+
+    async def StreamRoutes(self, request_iterator: Any, context: Any) -> Any:
+        """Aeraki's service: RDS alone, the same protocol as the aggregated stream."""
+        async for response in self.StreamAggregatedResources(request_iterator, context):
+            yield response
 
     async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> Any:
         server = self.server
@@ -132,7 +140,10 @@ class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 class ControlPlane:
     """The ADS server, started on 127.0.0.1 in a background thread."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, *, service: str = "ads") -> None:
+        #: ``ads`` (istiod's AggregatedDiscoveryService) or ``rds`` (Aeraki's
+        #: RouteDiscoveryService, the only one Aeraki registers).
+        self.service = service
         self.snapshot = Snapshot("")
         self.requests: list[Request] = []
         #: The ``Node`` of each stream's first request, as JSON-like data.
@@ -156,7 +167,12 @@ class ControlPlane:
 
     async def _start(self) -> None:
         self._server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), self._server)
+        if self.service == "ads":
+            ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+                _Servicer(self), self._server
+            )
+        else:
+            rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(_Servicer(self), self._server)
         self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port or self._port}")
         await self._server.start()
 

@@ -345,3 +345,47 @@ def test_a_file_reload_keeps_the_routes_of_the_control_plane(
         assert not caller.errors
     finally:
         harness.close()
+
+
+def split(resources: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """istiod's part (clusters, endpoints) and Aeraki's part (routes) of a snapshot."""
+    istiod = {t: r for t, r in resources.items() if t != ROUTE_TYPE}
+    return istiod, {ROUTE_TYPE: resources[ROUTE_TYPE]}
+
+
+def test_routes_from_aeraki_and_clusters_from_istiod(servers: dict[str, HelloServer]) -> None:
+    """The mesh's real shape: Aeraki serves MetaRDS on its own RouteDiscoveryService,
+    istiod serves clusters and endpoints over ADS; the engine holds a stream to each."""
+    versions = snapshots(servers)
+    istiod, aeraki = ControlPlane().start(), ControlPlane(service="rds").start()
+    try:
+        clusters, routes = split(versions[0][1])
+        istiod.set_snapshot("1", clusters)
+        aeraki.set_snapshot("1", routes)
+        extra = f'\n    rdsAddress: "127.0.0.1:{aeraki.port}"'
+        harness = Harness(config_yaml(istiod.port, extra))
+        try:
+            harness.wait(acked("1"))
+            caller = Caller(harness.port)
+            try:
+                assert set(caller.next(20)) == {"v1a", "v1b"}
+                aeraki.set_snapshot("2", split(versions[2][1])[1])  # Aeraki: 50/50
+                harness.wait(lambda c: c.types[ROUTE_TYPE].version == "2")
+                assert set(caller.next(60)) == {"v1a", "v1b", "v2"}
+                istiod.set_snapshot("2", split(versions[3][1])[0])  # istiod: v1a removed
+                harness.wait(acked("2"))
+                assert set(caller.next(60)) == {"v1b", "v2"}
+                streams = harness.dump()["xds"]["streams"]
+                assert streams["rds"]["address"] == f"127.0.0.1:{aeraki.port}"
+                assert streams["rds"]["types"] == ["rds"] and streams["ads"]["connected"]
+            finally:
+                caller.close()
+            assert not caller.errors
+        finally:
+            harness.close()
+        assert {r.type_url for r in aeraki.requests} == {ROUTE_TYPE}
+        assert {r.type_url for r in istiod.requests} == {CLUSTER_TYPE, ENDPOINT_TYPE}
+        assert aeraki.acked(ROUTE_TYPE, "2", NODE) and istiod.acked(ENDPOINT_TYPE, "2", NODE)
+    finally:
+        istiod.close()
+        aeraki.close()

