@@ -330,12 +330,14 @@ def test_xds_settings_given() -> None:
     text = BASE.replace(
         'xds: {address: "127.0.0.1:15010"}',
         'xds: {address: "istiod:15010", node: {id: n1, cluster: c1, metadata: {CLUSTER_ID: k2}},'
-        " maxMessageBytes: 65536, backoff: {initial: 100ms, max: 2s}}",
+        " maxMessageBytes: 65536, backoff: {initial: 100ms, max: 2s},"
+        ' rdsAddress: "aeraki:15010"}',
     )
     xds = loads_config(text).proxy.xds
     assert xds is not None
     assert (xds.node.id, xds.node.cluster, xds.node.metadata["CLUSTER_ID"]) == ("n1", "c1", "k2")
     assert (xds.max_message_bytes, xds.backoff_initial, xds.backoff_max) == (65536, 0.1, 2.0)
+    assert xds.rds_address == "aeraki:15010" and base().proxy.xds.rds_address is None  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -346,6 +348,7 @@ def test_xds_settings_given() -> None:
         ('{address: "a:1", maxMessageBytes: 10}', "spec.xds.maxMessageBytes"),
         ('{address: "a:1", backoff: {initial: 2s, max: 1s}}', "spec.xds.backoff.max"),
         ('{address: "a:1", watch: true}', "spec.xds"),
+        ('{address: "a:1", rdsAddress: aeraki}', "spec.xds.rdsAddress: must be host:port"),
     ],
 )
 def test_xds_settings_refused(xds: str, detail: str) -> None:
