@@ -1,4 +1,7 @@
-"""An ADS client (state of the world, gRPC): routes, clusters and endpoints from a control plane.
+"""An xDS client (state of the world, gRPC): routes, clusters and endpoints from a control plane.
+
+One ADS stream (istiod) carries clusters, endpoints and routes; with ``spec.xds.rdsAddress``
+routes come over a RouteDiscoveryService stream of their own (Aeraki's server).
 
 It introduces itself like an Istio sidecar (node id ``sidecar~IP~POD.NS~NS.svc.cluster.local``,
 metadata with ``CLUSTER_ID``, ``NAMESPACE``, ``ISTIO_VERSION``), subscribes to every cluster
