@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from metaprotocol_sdk.proxy import Config, Engine
     from metaprotocol_sdk.proxy.workers import WorkerSpec
+    from metaprotocol_sdk.proxy.xds.client import XdsClient
 
 
 #: Young-generation threshold of the cyclic garbage collector while serving (CPython's default
@@ -85,6 +86,8 @@ class Reloader:
         #: Content hash of the files at the last reload (or start): ``--watch`` skips events
         #: that changed nothing in them (a touched file, a neighbour in the same directory).
         self.seen: str | None = self.digest()
+        #: With ``spec.xds``: reloads go through it, keeping the control plane's routes.
+        self.control_plane: XdsClient | None = None
 
     def digest(self) -> str | None:
         """A hash of the files' bytes (``None``: one cannot be read now)."""
@@ -128,7 +131,10 @@ class Reloader:
             click.echo(f"reload refused ({source}): {exc}", err=True)
             return False
         try:
-            await self.engine.apply(config, source=source)
+            if self.control_plane is not None:
+                await self.control_plane.rebase(config, source=source)
+            else:
+                await self.engine.apply(config, source=source)
         except ConfigError as exc:
             click.echo(f"reload refused ({source}): {exc}", err=True)
             return False
@@ -169,11 +175,21 @@ async def _serve(
     reloader = Reloader(engine, files, worker.apply if worker is not None else None)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
+    control_plane = None
+    if config.proxy.xds is not None:  # imported only here: an engine without xDS needs no gRPC
+        from metaprotocol_sdk.proxy.xds.client import XdsClient
+
+        # Each worker of --workers N holds its own stream to the control plane.
+        control_plane = XdsClient(engine, config)
+        control_plane.start()
+        reloader.control_plane = control_plane  # file reloads keep the routes received
     stop = asyncio.Event()
     if worker is not None:  # one of --workers N: its supervisor prints the addresses
         worker.announce(engine)
         await worker.watch_supervisor(stop.set)
     else:
+        if config.proxy.xds is not None:
+            click.echo(f"xds from {config.proxy.xds.address} as {config.proxy.xds.node.id}")
         for (host, port), (ip, bound) in engine.listener_addresses.items():
             click.echo(f"listening {host}:{port} on {ip}:{bound}")
         if engine.admin_address is not None:
@@ -197,6 +213,8 @@ async def _serve(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     click.echo("draining", err=True)
+    if control_plane is not None:
+        await control_plane.stop()
     await engine.stop(drain=drain)
     return 0
 

@@ -177,8 +177,13 @@ class _AdminServer:
         if path == "/ready":
             return _response(200, "LIVE\n") if engine.ready else _response(503, "DRAINING\n")
         if path == "/config_dump":
-            # Built once per configuration: a reload (applied or refused) builds it again.
-            if self._dump is None or self._dump_of is not engine.last_reload:
+            # Built once per configuration: a reload (applied or refused) builds it again, and
+            # so does every request while a section changes by itself (the xDS client's state).
+            if (
+                self._dump is None
+                or self._dump_of is not engine.last_reload
+                or engine.dump_sections
+            ):
                 text = json.dumps(engine.config_dump(), indent=2, default=str) + "\n"
                 self._dump = _response(200, text, "application/json")
                 self._dump_of = engine.last_reload

@@ -9,6 +9,7 @@ import enum
 import logging
 import os
 import resource
+from collections.abc import Callable
 from typing import Any
 
 from metaprotocol_sdk.errors import ConfigError
@@ -160,6 +161,8 @@ class Engine:
             if telemetry.istio_metrics
             else None
         )
+        #: Extra ``/config_dump`` sections, by key, computed on each dump (the xDS client's).
+        self.dump_sections: dict[str, Callable[[], Any]] = {}
         #: The event loop the engine runs on (set by :meth:`start`).
         self.loop: asyncio.AbstractEventLoop
         #: Request timeouts (created by :meth:`start`, on the running loop).
@@ -864,6 +867,7 @@ class Engine:
             },
             "documents": documents,
             "documentsTruncated": truncated,
+            **{key: section() for key, section in self.dump_sections.items()},
         }
 
 
