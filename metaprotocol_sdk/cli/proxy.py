@@ -149,8 +149,11 @@ async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event
     from watchfiles import awatch
 
     directories = sorted({os.path.dirname(os.path.abspath(f)) for f in files})
-    async for _ in awatch(*directories, debounce=WATCH_DEBOUNCE_MS, step=50, stop_event=stop):
-        reloader.request("watch")
+    try:
+        async for _ in awatch(*directories, debounce=WATCH_DEBOUNCE_MS, step=50, stop_event=stop):
+            reloader.request("watch")
+    except Exception as exc:  # a directory removed, a watch limit reached: say so, keep serving
+        click.echo(f"watch stopped: {exc}; SIGHUP still reloads", err=True)
 
 
 async def _serve(

@@ -38,7 +38,7 @@ RESTART_NEEDED = {
     "overload": "spec.overload",
     "timeouts": "spec.timeouts",
     "access_log": "spec.accessLog",
-    "connections_per_endpoint": "spec.connectionsPerEndpoint",
+    "connections_per_endpoint": "spec.upstream.connectionsPerEndpoint",
     "telemetry": "spec.telemetry",
     "tracing": "spec.tracing",
 }
