@@ -64,6 +64,11 @@ WORKER_TIMEOUT = 1.0
 WORKER_REPLY_BYTES = 64 * 1024 * 1024
 #: Access log paths that mean standard error (``accesslog.AccessLog``), shared as it is.
 STDERR_NAMES = ("-", "stderr", "/dev/stderr")
+#: ``Node.metadata`` field naming the worker of an xDS stream. Every worker sends the
+#: configured node id unchanged: istiod parses it (``type~ip~pod.namespace~domain``) and tells
+#: streams apart by a connection id of its own, and Aeraki's snapshot cache answers every
+#: stream of a node id; this field lets a control plane's logs say which worker is which.
+WORKER_METADATA = "METAPROTOCOL_WORKER"
 #: Series of the workers' own admin endpoints, which only the supervisor queries: the
 #: supervisor's replace them.
 _ADMIN_SERIES = ("metaprotocol_admin_",)
@@ -158,9 +163,15 @@ class WorkerSpec:
         access_log = settings.access_log
         if access_log is not None and access_log not in STDERR_NAMES:
             access_log = f"{access_log}.worker{self.index}"
+        xds = settings.xds
+        if xds is not None:  # the same node id (see docs/workers.md); its streams told apart
+            metadata = {**xds.node.metadata, WORKER_METADATA: str(self.index)}
+            xds = replace(xds, node=replace(xds.node, metadata=metadata))
         return replace(
             config,
-            proxy=replace(settings, listeners=listeners, admin=admin, access_log=access_log),
+            proxy=replace(
+                settings, listeners=listeners, admin=admin, access_log=access_log, xds=xds
+            ),
         )
 
     def announce(self, engine: Engine) -> None:
@@ -274,6 +285,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
+        xds = self.config.proxy.xds
+        if xds is not None:  # each worker holds its own stream, as the same node
+            print(f"xds from {xds.address} as {xds.node.id}")
         first = self.workers[0]
         for listener in first.listeners:
             print(f"listening {listener['name']} on {listener['ip']}:{listener['port']}")
@@ -511,6 +525,8 @@ class Supervisor:
             else:  # each worker reloads itself: its version and last reload are its own
                 entry["version"] = dump.get("version")
                 entry["lastReload"] = dump.get("lastReload")
+                if "xds" in dump:  # and its own stream: versions, nonces, ACKs, errors
+                    entry["xds"] = dump["xds"]
                 if shown is not None and _served(dump) != _served(shown):
                     entry["config"] = dump  # it serves something else (a refused reload?)
             workers.append(entry)
@@ -519,8 +535,10 @@ class Supervisor:
 
 
 def _served(dump: dict[str, Any]) -> dict[str, Any]:
-    """What a worker serves, from its ``/config_dump`` (the reload record's time aside)."""
-    return {k: v for k, v in dump.items() if k != "lastReload"}
+    """What a worker serves, from its ``/config_dump``: neither the reload record (its time)
+    nor the state of its own xDS stream (nonces, times; the versions it applied are in
+    ``version``)."""
+    return {k: v for k, v in dump.items() if k not in ("lastReload", "xds")}
 
 
 async def _copy_output(stream: asyncio.StreamReader) -> None:

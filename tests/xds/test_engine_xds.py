@@ -14,7 +14,7 @@ import json
 import threading
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -163,21 +163,6 @@ def admin_dump(harness: Harness) -> dict[str, Any]:
 
 async def _stats(engine: Engine) -> dict[str, float]:
     return engine.stats_snapshot()
-
-
-@pytest.fixture
-def servers() -> Iterator[dict[str, HelloServer]]:
-    started = {name: HelloServer(name).start() for name in ("v1a", "v1b", "v2")}
-    yield started
-    for server in started.values():
-        server.close()
-
-
-@pytest.fixture
-def control_plane() -> Iterator[ControlPlane]:
-    cp = ControlPlane().start()
-    yield cp
-    cp.close()
 
 
 def acked(version: str) -> Callable[[XdsClient], bool]:

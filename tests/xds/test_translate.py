@@ -29,6 +29,7 @@ from snapshots import (
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy.config import loads_config
 from metaprotocol_sdk.proxy.config.models import AttributeMatch, Config
+from metaprotocol_sdk.proxy.workers import WorkerSpec
 from metaprotocol_sdk.proxy.xds.translate import (
     Resources,
     XdsRefused,
@@ -118,6 +119,17 @@ def test_istiod_clusters_and_endpoints() -> None:
     assert rule.policy.connection_pool.connect_timeout == 10.0
     # istiod's "unlimited" thresholds (2^32 - 1) set no limit.
     assert rule.policy.connection_pool.max_connections is None
+
+
+def test_the_engine_settings_stay_those_given_not_those_of_the_documents() -> None:
+    # A worker of --workers N serves the files with the shared ports, a private admin
+    # endpoint and its own node metadata; an update must not rebind it to the files' ":0".
+    given = WorkerSpec(1, {"hello.svc:9090": 41000}).apply(base())
+    config = translate(given, resources(snapshot(1)))
+    assert config.proxy == given.proxy
+    assert [lsn.bind_port for lsn in config.proxy.listeners] == [41000]
+    assert config.proxy.xds is not None
+    assert config.proxy.xds.node.metadata["METAPROTOCOL_WORKER"] == "1"
 
 
 def test_aeraki_routes() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -675,9 +675,13 @@ def translate(base: Config, resources: Resources) -> Config:
         files.append(body)
     groups.insert(0, (", ".join(base.sources) or "<files>", files))
     try:
-        return build_config(groups, control_plane=True)
+        config = build_config(groups, control_plane=True)
     except ConfigError as exc:
         raise ConfigError(exc.reason, source=f"xDS {exc.source}", field=exc.field) from exc
+    # The engine's own settings stay ``base``'s as given, not as its documents read: a worker
+    # of --workers N serves them with the shared ports and a private admin endpoint, and
+    # rebinding its listeners to the files' ``:0`` would take it out of the shared group.
+    return replace(config, proxy=base.proxy)
 
 
 def _placeholder_subsets(rule: dict[str, Any], wanted: set[str]) -> None:
