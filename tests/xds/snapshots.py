@@ -199,54 +199,82 @@ HOST, PORT = "hello.svc", 9090
 RDS_NAME = f"{HOST}_{PORT}"
 ALL, V1, V2 = (f"outbound|{PORT}|{s}|{HOST}" for s in ("", "v1", "v2"))
 
+#: Aeraki's Dubbo sample: the service host (the interface, lowercased, as Aeraki's
+#: dubbo2istio registers it), its port and the interface its requests name.
+DUBBO_HOST, DUBBO_PORT = "org.apache.dubbo.samples.basic.api.demoservice", 20880
+DUBBO_INTERFACE = "org.apache.dubbo.samples.basic.api.DemoService"
+DUBBO_RDS_NAME = f"{DUBBO_HOST}_{DUBBO_PORT}"
+
 
 def hello_snapshots(
-    v1: Sequence[tuple[str, int]], v2: Sequence[tuple[str, int]]
+    v1: Sequence[tuple[str, int]],
+    v2: Sequence[tuple[str, int]],
+    *,
+    host: str = HOST,
+    port: int = PORT,
+    match: dict[str, str] | None = None,
+    rest_match: dict[str, str] | None = None,
+    extra: Sequence[MetaRoute] = (),
 ) -> list[tuple[str, dict[str, list[Any]]]]:
     """The versions a test walks through, as Aeraki and istiod would send them.
 
-    ``1``: sayHello goes to subset v1; ``2``: a route change sends it to v2; ``3``: a weight
-    change splits it 50/50; ``4``: the first v1 endpoint is removed (EDS only).
+    ``1``: the route ``hello`` (``match``: sayHello by default) goes to subset v1; ``2``: a
+    route change sends it to v2; ``3``: a weight change splits it 50/50; ``4``: the first v1
+    endpoint is removed (EDS only). ``extra`` routes come next, then ``rest`` (``rest_match``,
+    else everything) to v1. ``host`` and ``port`` name the service.
     """
+    every, sub1, sub2 = (f"outbound|{port}|{s}|{host}" for s in ("", "v1", "v2"))
+    hello = {"method": "sayHello"} if match is None else match
 
     def snapshot(
-        routes: list[MetaRoute], v1_eps: Sequence[tuple[str, int]]
+        clusters: Sequence[tuple[str, int]], v1_eps: Sequence[tuple[str, int]]
     ) -> dict[str, list[Any]]:
+        routes = [
+            MetaRoute("hello", clusters, exact=hello),
+            *extra,
+            MetaRoute("rest", [(sub1, 100)], exact=rest_match or {}),
+        ]
         return {
-            CLUSTER_TYPE: [cluster(ALL), cluster(V1), cluster(V2)],
+            CLUSTER_TYPE: [cluster(every), cluster(sub1), cluster(sub2)],
             ENDPOINT_TYPE: [
-                load_assignment(ALL, [*v1_eps, *v2]),
-                load_assignment(V1, v1_eps),
-                load_assignment(V2, v2),
+                load_assignment(every, [*v1_eps, *v2]),
+                load_assignment(sub1, v1_eps),
+                load_assignment(sub2, v2),
             ],
-            ROUTE_TYPE: [route_configuration(RDS_NAME, routes)],
+            ROUTE_TYPE: [route_configuration(f"{host}_{port}", routes)],
         }
 
-    rest = MetaRoute("rest", [(V1, 100)])
+    split = [(sub1, 50), (sub2, 50)]
     return [
-        ("1", snapshot([MetaRoute("hello", [(V1, 100)], exact={"method": "sayHello"}), rest], v1)),
-        ("2", snapshot([MetaRoute("hello", [(V2, 100)], exact={"method": "sayHello"}), rest], v1)),
-        (
-            "3",
-            snapshot(
-                [
-                    MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"}),
-                    rest,
-                ],
-                v1,
-            ),
-        ),
-        (
-            "4",
-            snapshot(
-                [
-                    MetaRoute("hello", [(V1, 50), (V2, 50)], exact={"method": "sayHello"}),
-                    rest,
-                ],
-                v1[1:],
-            ),
-        ),
+        ("1", snapshot([(sub1, 100)], v1)),
+        ("2", snapshot([(sub2, 100)], v1)),
+        ("3", snapshot(split, v1)),
+        ("4", snapshot(split, v1[1:])),
     ]
+
+
+def dubbo_snapshots(
+    v1: Sequence[tuple[str, int]], v2: Sequence[tuple[str, int]]
+) -> list[tuple[str, dict[str, list[Any]]]]:
+    """:func:`hello_snapshots` for Aeraki's Dubbo sample, as its MetaRouter reads: routes
+    matching the ``interface`` and ``method`` attributes, and a request mutation (a Dubbo
+    attachment) on the ``attachments`` method's route."""
+    sub2 = f"outbound|{DUBBO_PORT}|v2|{DUBBO_HOST}"
+    mutated = MetaRoute(
+        "mutated",
+        [(sub2, 100)],
+        exact={"interface": DUBBO_INTERFACE, "method": "attachments"},
+        request_mutation={"x-mesh": "xds"},
+    )
+    return hello_snapshots(
+        v1,
+        v2,
+        host=DUBBO_HOST,
+        port=DUBBO_PORT,
+        match={"interface": DUBBO_INTERFACE, "method": "sayHello"},
+        rest_match={"interface": DUBBO_INTERFACE},
+        extra=[mutated],
+    )
 
 
 def refused_route(version: str) -> route_pb2.RouteConfiguration:

