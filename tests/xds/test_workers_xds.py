@@ -55,6 +55,12 @@ class Supervisor:
             text=True,
             env=dict(os.environ),
         )
+        self.config = config
+        #: Standard error so far (the supervisor's and its workers' lines).
+        self.errors: list[str] = []
+        self._errors_changed = threading.Condition()
+        self._error_reader = threading.Thread(target=self._read_errors, daemon=True)
+        self._error_reader.start()
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, args=(lines,), daemon=True).start()
         #: What it printed before serving, up to its admin line.
@@ -76,6 +82,20 @@ class Supervisor:
             lines.put(line)
         lines.put("(end of output)")
 
+    def _read_errors(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._errors_changed:
+                self.errors.append(line)
+                self._errors_changed.notify_all()
+
+    def wait_errors(self, text: str, count: int) -> None:
+        """Wait until ``count`` lines of standard error contain ``text``."""
+        with self._errors_changed:
+            assert self._errors_changed.wait_for(
+                lambda: sum(text in line for line in self.errors) >= count, WAIT
+            ), self.errors
+
     def get(self, path: str, admin: str | None = None) -> Any:
         url = f"http://{admin or self.admin}{path}"
         with urllib.request.urlopen(url, timeout=WAIT) as reply:
@@ -86,15 +106,16 @@ class Supervisor:
         return dict(self.get("/stats?format=json", worker["admin"]))
 
     def stop(self) -> tuple[int, str]:
-        """SIGTERM, then the exit status and stderr."""
+        """SIGTERM, then the exit status and standard error."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=WAIT)
+            self.proc.wait(timeout=WAIT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate(timeout=5)
-        return self.proc.returncode, err
+            self.proc.wait(timeout=5)
+        self._error_reader.join(WAIT)
+        return self.proc.returncode, "".join(self.errors)
 
 
 class Rounds:
@@ -221,6 +242,12 @@ def test_xds_updates_reach_every_worker(
                 old = by_destination(before[worker["worker"]])
                 assert after[V2] > old[V2] == 0, (old, after)
 
+            # SIGHUP: each worker reloads its files; the routes received stay, and so do the
+            # shared listener ports (a worker that rebound its own would take no connection).
+            sup.proc.send_signal(signal.SIGHUP)
+            sup.wait_errors("reload ok (sighup): version cds:2 eds:2 rds:2", 2)
+            assert rounds.next() == ["v2"] * CONNECTIONS
+
             control_plane.set_snapshot(*versions[3])  # 50/50, and v1a removed from EDS
             acked_by_both(control_plane, "4")
             seen = rounds.next() + rounds.next()
@@ -229,6 +256,15 @@ def test_xds_updates_reach_every_worker(
             assert now == accepted  # no connection dropped and reopened
         finally:
             rounds.close()
+        # New connections still reach both workers on the shared port, after every update
+        # and the reload.
+        fresh = Rounds(sup.port)
+        try:
+            assert set(fresh.next()) == {"v1b", "v2"}
+        finally:
+            fresh.close()
+        later = [total(sup.worker_stats(w), CONNECTIONS_TOTAL) for w in dump["workers"]]
+        assert all(b > a for a, b in zip(accepted, later, strict=True)), (accepted, later)
         assert not rounds.errors
     finally:
         code, err = sup.stop()
