@@ -593,7 +593,8 @@ def _file_ports(base: Config, host: str) -> dict[int, tuple[str, str]]:
 
 
 def translate(base: Config, resources: Resources) -> Config:
-    """The file configuration ``base`` with routes, clusters and endpoints from ``resources``.
+    """The file configuration ``base`` with routes, clusters and endpoints from ``resources``
+    (its engine settings, ``base.proxy``, kept exactly as given).
 
     Raises :class:`XdsRefused` for a field this engine does not implement, and
     :class:`~metaprotocol_sdk.errors.ConfigError` for a resource the loader refuses (both
