@@ -17,7 +17,11 @@ import click
 from metaprotocol_sdk.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from metaprotocol_sdk.proxy import Config, Engine
+    from metaprotocol_sdk.proxy.workers import WorkerSpec
+    from metaprotocol_sdk.proxy.xds.client import XdsClient
 
 
 #: Young-generation threshold of the cyclic garbage collector while serving (CPython's default
@@ -67,14 +71,23 @@ class Reloader:
     """Reloads the files given with ``-c`` on request (``SIGHUP``, ``--watch``), one at a time,
     writing one line per reload; a refused reload leaves the engine serving as it was."""
 
-    def __init__(self, engine: Engine, files: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        files: tuple[str, ...],
+        prepare: Callable[[Config], Config] | None = None,
+    ) -> None:
         self.engine = engine
         self.files = files
+        #: What a worker of ``--workers N`` changes in each configuration it loads.
+        self.prepare = prepare
         self._wanted = asyncio.Event()
         self._source = "sighup"
         #: Content hash of the files at the last reload (or start): ``--watch`` skips events
         #: that changed nothing in them (a touched file, a neighbour in the same directory).
         self.seen: str | None = self.digest()
+        #: With ``spec.xds``: reloads go through it, keeping the control plane's routes.
+        self.control_plane: XdsClient | None = None
 
     def digest(self) -> str | None:
         """A hash of the files' bytes (``None``: one cannot be read now)."""
@@ -111,12 +124,17 @@ class Reloader:
         try:
             # Off the loop: parsing a large file must not stall the requests being served.
             config = await asyncio.to_thread(load_config, list(self.files))
+            if self.prepare is not None:
+                config = self.prepare(config)
         except (ConfigError, OSError) as exc:
             self.engine.refused(source, str(exc))
             click.echo(f"reload refused ({source}): {exc}", err=True)
             return False
         try:
-            await self.engine.apply(config, source=source)
+            if self.control_plane is not None:
+                await self.control_plane.rebase(config, source=source)
+            else:
+                await self.engine.apply(config, source=source)
         except ConfigError as exc:
             click.echo(f"reload refused ({source}): {exc}", err=True)
             return False
@@ -139,11 +157,15 @@ async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event
 
 
 async def _serve(
-    config: Config, drain: float | None, files: tuple[str, ...] = (), watch: bool = False
+    config: Config,
+    drain: float | None,
+    files: tuple[str, ...] = (),
+    watch: bool = False,
+    worker: WorkerSpec | None = None,
 ) -> int:
     from metaprotocol_sdk.proxy import Engine
 
-    engine = Engine(config)
+    engine = Engine(config, reuse_port=worker is not None)
     try:
         await engine.start()
     except OSError as exc:
@@ -153,17 +175,31 @@ async def _serve(
         click.echo(f"error: invalid configuration: {exc}", err=True)
         return 2
     loop = asyncio.get_running_loop()
-    reloader = Reloader(engine, files)
+    reloader = Reloader(engine, files, worker.apply if worker is not None else None)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
-    for (host, port), (ip, bound) in engine.listener_addresses.items():
-        click.echo(f"listening {host}:{port} on {ip}:{bound}")
-    if engine.admin_address is not None:
-        click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
+    control_plane = None
+    if config.proxy.xds is not None:  # imported only here: an engine without xDS needs no gRPC
+        from metaprotocol_sdk.proxy.xds.client import XdsClient
+
+        # Each worker of --workers N holds its own stream to the control plane.
+        control_plane = XdsClient(engine, config)
+        control_plane.start()
+        reloader.control_plane = control_plane  # file reloads keep the routes received
+    stop = asyncio.Event()
+    if worker is not None:  # one of --workers N: its supervisor prints the addresses
+        worker.announce(engine)
+        await worker.watch_supervisor(stop.set)
+    else:
+        if config.proxy.xds is not None:
+            click.echo(f"xds from {config.proxy.xds.address} as {config.proxy.xds.node.id}")
+        for (host, port), (ip, bound) in engine.listener_addresses.items():
+            click.echo(f"listening {host}:{port} on {ip}:{bound}")
+        if engine.admin_address is not None:
+            click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
     sys.stdout.flush()
     _tune_gc()
     _tune_malloc()
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
@@ -180,6 +216,8 @@ async def _serve(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     click.echo("draining", err=True)
+    if control_plane is not None:
+        await control_plane.stop()
     await engine.stop(drain=drain)
     return 0
 
@@ -257,8 +295,22 @@ def _check(files: tuple[str, ...]) -> None:
     is_flag=True,
     help="Reload when a configuration file changes (as on SIGHUP; see docs/reload.md).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Serving processes sharing the listeners (SO_REUSEPORT) under one supervisor.",
+)
+@click.option("--worker", "worker_of", hidden=True, help="Internal: run as one of --workers.")
 def command(
-    files: tuple[str, ...], drain: float | None, no_uvloop: bool, check: bool, watch: bool
+    files: tuple[str, ...],
+    drain: float | None,
+    no_uvloop: bool,
+    check: bool,
+    watch: bool,
+    workers: int,
+    worker_of: str | None,
 ) -> None:
     """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain.
 
@@ -267,6 +319,20 @@ def command(
     if check:
         _check(files)
         return
+    spec = None
+    if workers > 1 or worker_of is not None:
+        from metaprotocol_sdk.proxy import workers as several
+
+        if worker_of is None:
+            refused = several.reuse_port_unavailable()
+            if refused:
+                click.echo(
+                    f"error: --workers {workers} needs shared listeners: {refused}", err=True
+                )
+                sys.exit(2)
+            argv = several.worker_command(files, drain, no_uvloop, watch)
+            sys.exit(several.supervise(_load(files), argv, workers, drain))
+        spec = several.WorkerSpec.from_json(worker_of)
     factory = None
     if not no_uvloop:
         try:
@@ -276,6 +342,8 @@ def command(
         except ImportError:
             factory = None
     config = _load(files)
+    if spec is not None:
+        config = spec.apply(config)
     with asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config, drain, files, watch))
+        code = runner.run(_serve(config, drain, files, watch, spec))
     sys.exit(code)

@@ -2,7 +2,8 @@
 
 * ``/ready``: ``200 LIVE`` while serving, ``503 DRAINING`` during shutdown.
 * ``/config_dump``: the validated configuration and the runtime built from it, as JSON.
-* ``/stats``: Prometheus text; ``/stats?format=json``: ``{"name{labels}": value}``.
+* ``/stats`` (or ``/stats/prometheus``): Prometheus text; ``/stats?format=json``:
+  ``{"name{labels}": value}``.
 * ``/``: the live page (:mod:`.admin_page`), which polls ``/stats/live`` (its JSON) every
   second; ``/paths`` lists the paths.
 
@@ -137,10 +138,15 @@ def bounded_copy(value: Any, cap: int, root: str = "") -> tuple[Any, bool]:
 
 
 class _AdminServer:
-    """One engine's admin endpoint: the connection count and the cached config dump."""
+    """One engine's admin endpoint: the connection count and the cached config dump.
+
+    The supervisor of ``--workers N`` (:class:`.workers.WorkersAdmin`) reuses the bounded
+    serving (:meth:`serve`) with its own :meth:`respond`.
+    """
 
     def __init__(self, engine: Engine, settings: Admin) -> None:
         self.engine = engine
+        self.stats = engine.stats
         self.settings = settings
         self.active = 0
         self._dump: bytes | None = None
@@ -152,7 +158,15 @@ class _AdminServer:
         self._rejected = engine.stats.counter("metaprotocol_admin_connections_rejected_total")
 
     def _count(self, status: int) -> None:
-        self.engine.stats.counter("metaprotocol_admin_requests_total", code=str(status)).value += 1
+        self.stats.counter("metaprotocol_admin_requests_total", code=str(status)).value += 1
+
+    async def respond(self, method: str, target: str) -> bytes:
+        """The full HTTP response for one request (within ``admin.requestTimeout``)."""
+        return self.handle(method, target)
+
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        """Serve on ``host:port``."""
+        return await asyncio.start_server(self.serve, host, port, limit=MAX_REQUEST_BYTES)
 
     def handle(self, method: str, target: str) -> bytes:
         """The full HTTP response for one request."""
@@ -163,13 +177,18 @@ class _AdminServer:
         if path == "/ready":
             return _response(200, "LIVE\n") if engine.ready else _response(503, "DRAINING\n")
         if path == "/config_dump":
-            # Built once per configuration: a reload (applied or refused) builds it again.
-            if self._dump is None or self._dump_of is not engine.last_reload:
+            # Built once per configuration: a reload (applied or refused) builds it again, and
+            # so does every request while a section changes by itself (the xDS client's state).
+            if (
+                self._dump is None
+                or self._dump_of is not engine.last_reload
+                or engine.dump_sections
+            ):
                 text = json.dumps(engine.config_dump(), indent=2, default=str) + "\n"
                 self._dump = _response(200, text, "application/json")
                 self._dump_of = engine.last_reload
             return self._dump
-        if path == "/stats":
+        if path in ("/stats", "/stats/prometheus"):
             if "format=json" in query:
                 body = json.dumps(engine.stats_snapshot(), indent=2, sort_keys=True)
                 return _response(200, body + "\n", "application/json")
@@ -183,7 +202,9 @@ class _AdminServer:
             return self._page
         if path == "/paths":
             return _response(
-                200, "/\n/paths\n/ready\n/config_dump\n/stats\n/stats?format=json\n/stats/live\n"
+                200,
+                "/\n/paths\n/ready\n/config_dump\n/stats\n/stats?format=json\n/stats/prometheus\n"
+                "/stats/live\n",
             )
         return _response(404, f"unknown path {path[:200]}\n")
 
@@ -237,7 +258,7 @@ class _AdminServer:
                 continue
             if isinstance(event, h11.Request):
                 target = event.target.decode("ascii", "replace")
-                response = self.handle(event.method.decode("ascii", "replace"), target)
+                response = await self.respond(event.method.decode("ascii", "replace"), target)
                 self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
                 answered.append(True)
                 writer.write(response)
@@ -270,7 +291,6 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 async def start_admin(engine: Engine, settings: Admin) -> asyncio.Server:
     """Start the admin server on ``settings.bind``."""
     server = _AdminServer(engine, settings)
-    host, port = settings.bind
-    listening = await asyncio.start_server(server.serve, host, port, limit=MAX_REQUEST_BYTES)
+    listening = await server.listen(*settings.bind)
     Sampler(listening, engine.stats, server.history)  # stops when the engine closes it
     return listening

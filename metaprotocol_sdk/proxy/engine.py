@@ -9,6 +9,7 @@ import enum
 import logging
 import os
 import resource
+from collections.abc import Callable
 from typing import Any
 
 from metaprotocol_sdk import compilation
@@ -97,8 +98,12 @@ class Engine:
     then maps ``(host, port)`` to the bound ``(ip, port)``. ``await stop()`` drains.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
+        #: Bind the listeners with ``SO_REUSEPORT``, so several engine processes (the workers
+        #: of ``metaprotocol proxy --workers N``) share each port and the kernel spreads the
+        #: connections over them.
+        self.reuse_port = reuse_port
         settings = config.proxy
         self.stats = Stats()
         limits = settings.limits
@@ -157,6 +162,8 @@ class Engine:
             if telemetry.istio_metrics
             else None
         )
+        #: Extra ``/config_dump`` sections, by key, computed on each dump (the xDS client's).
+        self.dump_sections: dict[str, Callable[[], Any]] = {}
         #: The event loop the engine runs on (set by :meth:`start`).
         self.loop: asyncio.AbstractEventLoop
         #: Request timeouts (created by :meth:`start`, on the running loop).
@@ -409,6 +416,7 @@ class Engine:
             listener.bind_host,
             listener.bind_port,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
             backlog=1024,
             start_serving=start,
         )
@@ -870,6 +878,7 @@ class Engine:
             },
             "documents": documents,
             "documentsTruncated": truncated,
+            **{key: section() for key, section in self.dump_sections.items()},
         }
 
 

@@ -61,23 +61,28 @@ def _feed(message: bytes, chunk: int) -> Metadata:
     return result
 
 
-def _cpu(message: bytes) -> float:
-    best = float("inf")
+def _cpu(small: bytes, large: bytes) -> tuple[float, float]:
+    """Best CPU time of feeding each message in 4 KiB writes, the two measured in turns (so a
+    busy spell of the machine weighs on both)."""
+    best = [float("inf"), float("inf")]
     for _ in range(3):
-        start = time.process_time()
-        _feed(message, 4096)
-        best = min(best, time.process_time() - start)
-    return best
+        for i, message in enumerate((small, large)):
+            start = time.process_time()
+            _feed(message, 4096)
+            best[i] = min(best[i], time.process_time() - start)
+    return best[0], best[1]
 
 
 @pytest.mark.parametrize(
-    ("build", "n"), [(_binary_list_of_structs, 25_000), (_compact_list_of_structs, 25_000)]
+    ("build", "n"), [(_binary_list_of_structs, 20_000), (_compact_list_of_structs, 20_000)]
 )
 def test_a_message_in_4k_writes_costs_linear_time(build: Any, n: int) -> None:
-    small, large = build(n), build(2 * n)
-    ratio = _cpu(large) / _cpu(small)
-    # Linear: about 2 for twice the bytes (re-parsing from the start on every read: about 4).
-    assert ratio < 2.6, f"twice the message cost {ratio:.1f}x the time"
+    small, large = _cpu(build(n), build(4 * n))
+    ratio = large / small
+    # Four times the bytes: about 4 when linear, about 16 when every read re-parses the
+    # message from its start. The bound sits between them (their geometric mean), so load on
+    # the machine does not decide it.
+    assert ratio < 8, f"four times the message cost {ratio:.1f}x the time"
 
 
 @pytest.mark.parametrize("protocol", ["binary", "compact"])

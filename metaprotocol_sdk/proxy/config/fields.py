@@ -292,7 +292,13 @@ PROXY_CONFIG = fields(
     "upstream",
     "telemetry",
     "tracing",
+    "xds",
 )
+XDS = fields("address", "rdsAddress", "node", "maxMessageBytes", "backoff")
+XDS_NODE = fields("id", "cluster", "metadata")
+XDS_BACKOFF = fields("initial", "max")
+#: Kinds a file may not hold when ``spec.xds`` is set: the control plane sends them.
+XDS_KINDS = ("MetaRouter", "DestinationRule")
 TRACING = fields("endpoint", "randomSampling", "serviceName", "operation")
 TELEMETRY = fields("istioMetrics", "reporter", "workload")
 WORKLOAD = fields(

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, NoReturn, cast
@@ -62,10 +64,15 @@ from .models import (
     TokenBucket,
     Tracing,
     TrafficPolicy,
+    Xds,
+    XdsNode,
 )
 
 KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
 PORT_PREFIX = "tcp-metaprotocol-"
+#: ``ISTIO_VERSION`` in the node metadata sent to the control plane (istiod reads it to pick
+#: features; this is the Istio release whose xDS output the tests' snapshots follow).
+XDS_ISTIO_VERSION = "1.24.0"
 _LB_SIMPLE: dict[str, LbPolicy] = {
     "ROUND_ROBIN": "ROUND_ROBIN",
     "RANDOM": "RANDOM",
@@ -248,13 +255,35 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
     return docs
 
 
-def _build(docs: list[_Doc], sources: tuple[str, ...]) -> Config:
+def build_config(
+    groups: Sequence[tuple[str, Sequence[Any]]], *, control_plane: bool = False
+) -> Config:
+    """Validate parsed documents, ``(source, bodies)`` per group, into a :class:`Config`.
+
+    ``control_plane``: the MetaRouters and DestinationRules came from the control plane
+    (``spec.xds``), so a ProxyConfig with ``spec.xds`` does not refuse them.
+    """
+    docs: list[_Doc] = []
+    for source, bodies in groups:
+        docs.extend(_docs(list(bodies), source))
+    return _build(docs, tuple(source for source, _ in groups), control_plane)
+
+
+def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = False) -> Config:
     by_kind: dict[str, list[_Doc]] = {k: [] for k in KINDS}
     for doc in docs:
         by_kind[doc.kind].append(doc)
     if len(by_kind["ProxyConfig"]) > 1:
         by_kind["ProxyConfig"][1].fail("kind", "only one ProxyConfig document is allowed")
     proxy_doc = by_kind["ProxyConfig"][0] if by_kind["ProxyConfig"] else None
+    if proxy_doc is not None and not control_plane and "xds" in proxy_doc.spec():
+        for kind in schema.XDS_KINDS:
+            if by_kind[kind]:
+                by_kind[kind][0].fail(
+                    "kind",
+                    f"a {kind} cannot be given in a file when the ProxyConfig sets spec.xds: "
+                    "routes and clusters come from the control plane",
+                )
     codec_options = _codec_options(proxy_doc)
     protocols = _protocols(by_kind["ApplicationProtocol"], codec_options)
     services = _services(by_kind["ServiceEntry"], protocols, codec_options)
@@ -1037,6 +1066,64 @@ def _proxy(
         connections_per_endpoint=per_endpoint or 1,
         telemetry=_telemetry(doc, spec),
         tracing=_tracing(doc, spec),
+        xds=_xds(doc, spec),
+    )
+
+
+def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
+    """``spec.xds``: ``address`` (``host:port``, required), ``rdsAddress`` (Aeraki's RDS
+    server, when not the ADS one), ``node`` (``id``, ``cluster``, ``metadata``; defaults
+    like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and ``POD_NAMESPACE``),
+    ``maxMessageBytes``, ``backoff`` (``initial``, ``max``)."""
+    raw = doc.mapping(spec, "xds", "spec.xds", required=False)
+    if "xds" not in spec:
+        return None
+    doc.check(raw, "spec.xds", schema.XDS)
+    address = cast(str, doc.string(raw, "address", "spec.xds.address"))
+    rds = doc.string(raw, "rdsAddress", "spec.xds.rdsAddress", required=False)
+    for key, value in (("address", address), ("rdsAddress", rds)):
+        host, sep, port = (value or "").rpartition(":")
+        if value is not None and (
+            not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+        ):
+            doc.fail(f"spec.xds.{key}", f"must be host:port (xDS over gRPC), got {value!r}")
+    node = doc.mapping(raw, "node", "spec.xds.node", required=False)
+    doc.check(node, "spec.xds.node", schema.XDS_NODE)
+    ip = os.environ.get("INSTANCE_IP", "127.0.0.1")
+    pod = os.environ.get("POD_NAME") or socket.gethostname() or "metaprotocol-proxy"
+    namespace = os.environ.get("POD_NAMESPACE", "default")
+    metadata = {
+        "CLUSTER_ID": "Kubernetes",
+        "NAMESPACE": namespace,
+        "NAME": pod,
+        "INSTANCE_IPS": ip,
+        "ISTIO_VERSION": XDS_ISTIO_VERSION,
+    }
+    metadata.update(doc.labels(node, "metadata", "spec.xds.node.metadata"))
+    node_id = doc.string(node, "id", "spec.xds.node.id", required=False)
+    cluster = doc.string(node, "cluster", "spec.xds.node.cluster", required=False)
+    most = doc.integer(raw, "maxMessageBytes", "spec.xds.maxMessageBytes", False, 1024, 1 << 30)
+    backoff = doc.mapping(raw, "backoff", "spec.xds.backoff", required=False)
+    doc.check(backoff, "spec.xds.backoff", schema.XDS_BACKOFF)
+    initial = doc.duration(backoff, "initial", "spec.xds.backoff.initial")
+    cap = doc.duration(backoff, "max", "spec.xds.backoff.max")
+    if initial is not None and initial <= 0:
+        doc.fail("spec.xds.backoff.initial", "must be above zero")
+    initial = 0.5 if initial is None else initial
+    cap = max(30.0, initial) if cap is None else cap
+    if cap < initial:
+        doc.fail("spec.xds.backoff.max", f"must be at least backoff.initial ({initial} s)")
+    return Xds(
+        address=address,
+        rds_address=rds,
+        node=XdsNode(
+            id=node_id or f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local",
+            cluster=cluster or f"{pod}.{namespace}",
+            metadata=metadata,
+        ),
+        max_message_bytes=most or Xds.max_message_bytes,
+        backoff_initial=initial,
+        backoff_max=cap,
     )
 
 

@@ -403,6 +403,35 @@ class Tracing:
 
 
 @dataclass(frozen=True)
+class XdsNode:
+    """The proxy's identity towards the control plane (an Istio sidecar's ``Node``)."""
+
+    #: ``sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local``, Istio's node id form.
+    id: str
+    #: ``Node.cluster`` (Istio sets the workload's ``<app>.<namespace>``).
+    cluster: str
+    #: ``Node.metadata`` string fields (``CLUSTER_ID``, ``NAMESPACE``, ``ISTIO_VERSION``...).
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Xds:
+    """``ProxyConfig.spec.xds``: routes, clusters and endpoints from a control plane (ADS)."""
+
+    #: The ADS server, ``host:port`` (plain-text gRPC, as istiod's port 15010).
+    address: str
+    node: XdsNode
+    #: Where routes come from when not over the ADS stream: Aeraki's RouteDiscoveryService
+    #: (``host:port``; ``None``: RDS on the ADS stream too).
+    rds_address: str | None = None
+    #: Largest discovery response accepted (gRPC's maximum receive message length).
+    max_message_bytes: int = 4 * MiB
+    #: Reconnect backoff: the first wait and the cap, in seconds (doubling, with jitter).
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """The ``ProxyConfig`` document: the engine's own settings."""
 
@@ -417,6 +446,8 @@ class ProxySettings:
     telemetry: Telemetry = Telemetry()
     #: Tracing (``None``: off, and nothing of it in the data path).
     tracing: Tracing | None = None
+    #: The control plane (``None``: routes, clusters and endpoints come from the files).
+    xds: Xds | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,616 @@
+"""Several serving processes: the supervisor behind ``metaprotocol proxy --workers N``.
+
+The supervisor serves no traffic. It binds every listener's port first (``SO_REUSEPORT``,
+never listening, so the kernel gives it no connection), which fixes the port of a ``:0``
+listener for every worker and keeps it across worker restarts. It then starts N workers,
+each a fresh interpreter running ``metaprotocol proxy`` with the hidden ``--worker`` option
+(no fork of a process that has threads or an event loop): an ordinary engine whose listeners
+bind the same ports with ``SO_REUSEPORT``, so the kernel spreads new connections over them,
+and whose admin endpoint listens on ``127.0.0.1:0`` for the supervisor only.
+
+* The configured admin endpoint is the supervisor's (:class:`WorkersAdmin`): ``/stats`` sums
+  the workers' counters and histograms, shows gauges per worker and summed, and adds
+  ``metaprotocol_worker_restarts_total`` and ``metaprotocol_worker_up``; ``/config_dump`` is a
+  worker's, plus a ``workers`` list. Each worker is asked with a bounded timeout, so a stuck
+  worker costs one timeout, not the endpoint.
+* ``SIGTERM``/``SIGINT`` drain: forwarded once to every worker, which drains as a single
+  engine does; a worker still running after the drain deadline (plus :data:`STOP_GRACE`) is
+  killed. A second signal kills them at once. ``SIGHUP`` is forwarded: each worker reloads
+  its own configuration.
+* A worker that exits is started again after a capped exponential delay
+  (:func:`restart_delay`) and counted. A worker watches its standard input, a pipe from the
+  supervisor: when the supervisor is gone (even killed with ``SIGKILL``), the worker drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .admin import _AdminServer, _response
+from .config.models import Admin
+from .stats import Stats
+from .stats_merge import WORKER_LABEL, MergedStats
+
+if TYPE_CHECKING:
+    from .config.models import Config
+    from .engine import Engine
+
+log = logging.getLogger("metaprotocol.proxy.workers")
+
+#: What a worker prints on its standard output, then one line of JSON, once it serves.
+READY = "metaprotocol-worker-ready "
+#: How long a worker may take to start serving before it is killed (and started again).
+START_TIMEOUT = 60.0
+#: First and largest delay before a worker that exited is started again, in seconds.
+RESTART_MIN = 0.1
+RESTART_MAX = 10.0
+#: A worker that served this long before exiting restarts after :data:`RESTART_MIN` again.
+STABLE_AFTER = 30.0
+#: Beyond the drain deadline: time a worker gets to finish stopping before it is killed.
+STOP_GRACE = 5.0
+#: Longest wait for one worker's admin answer (at most half of ``admin.requestTimeout``).
+WORKER_TIMEOUT = 1.0
+#: Largest admin answer read from a worker.
+WORKER_REPLY_BYTES = 64 * 1024 * 1024
+#: Access log paths that mean standard error (``accesslog.AccessLog``), shared as it is.
+STDERR_NAMES = ("-", "stderr", "/dev/stderr")
+#: ``Node.metadata`` field naming the worker of an xDS stream. Every worker sends the
+#: configured node id unchanged: istiod parses it (``type~ip~pod.namespace~domain``) and tells
+#: streams apart by a connection id of its own, and Aeraki's snapshot cache answers every
+#: stream of a node id; this field lets a control plane's logs say which worker is which.
+WORKER_METADATA = "METAPROTOCOL_WORKER"
+#: Series of the workers' own admin endpoints, which only the supervisor queries: the
+#: supervisor's replace them.
+_ADMIN_SERIES = ("metaprotocol_admin_",)
+
+
+def reuse_port_unavailable() -> str | None:
+    """Why listeners cannot be shared by several processes here (``None``: they can)."""
+    option = getattr(socket, "SO_REUSEPORT", None)
+    if option is None:
+        return "this platform has no SO_REUSEPORT"
+    if not sys.platform.startswith("linux"):
+        # macOS and the BSDs accept the option but do not spread connections with it
+        # (FreeBSD's balancing option is another one, SO_REUSEPORT_LB).
+        return f"SO_REUSEPORT does not spread connections over processes on {sys.platform}"
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, option, 1)
+    except OSError as exc:
+        return f"SO_REUSEPORT is refused here: {exc}"
+    return None
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before starting a worker again after ``failures`` earlier quick exits in a row
+    (0: the first, or the first after a stable run)."""
+    return float(min(RESTART_MAX, RESTART_MIN * 2 ** min(max(failures, 0), 32)))
+
+
+def hold_ports(config: Config) -> tuple[list[socket.socket], dict[str, int]]:
+    """Bind (never listen on) every listener's address with ``SO_REUSEPORT``.
+
+    Returns the sockets, to keep open while the workers serve, and each listener's port by
+    listener name (a ``:0`` listener's port as chosen here, shared by every worker).
+    """
+    held: list[socket.socket] = []
+    ports: dict[str, int] = {}
+    try:
+        for listener in config.proxy.listeners:
+            port = listener.bind_port
+            infos = socket.getaddrinfo(
+                listener.bind_host or None,
+                port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], port, *address[2:]))
+                port = sock.getsockname()[1]
+            ports[listener.name] = port
+    except OSError:
+        for sock in held:
+            sock.close()
+        raise
+    return held, ports
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor tells one worker (the hidden ``--worker`` option, as JSON)."""
+
+    index: int
+    #: Each listener's port by listener name (``host:port``).
+    ports: dict[str, int]
+
+    def to_json(self) -> str:
+        """The option's value."""
+        return json.dumps({"index": self.index, "ports": self.ports})
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        """Read the option's value."""
+        data = json.loads(text)
+        return cls(int(data["index"]), {str(k): int(v) for k, v in data["ports"].items()})
+
+    def apply(self, config: Config) -> Config:
+        """``config`` as this worker serves it: the shared ports, a private admin endpoint,
+        and an access log file of its own (``PATH.workerN``: buffered lines written by
+        several processes to one file could interleave mid-line; stderr is line-buffered)."""
+        settings = config.proxy
+        listeners = tuple(
+            replace(lsn, bind_port=self.ports.get(lsn.name, lsn.bind_port))
+            for lsn in settings.listeners
+        )
+        shown = settings.admin or Admin(("127.0.0.1", 0))
+        admin = replace(shown, bind=("127.0.0.1", 0), allow_remote=False)
+        access_log = settings.access_log
+        if access_log is not None and access_log not in STDERR_NAMES:
+            access_log = f"{access_log}.worker{self.index}"
+        xds = settings.xds
+        if xds is not None:  # the same node id (see docs/workers.md); its streams told apart
+            metadata = {**xds.node.metadata, WORKER_METADATA: str(self.index)}
+            xds = replace(xds, node=replace(xds.node, metadata=metadata))
+        return replace(
+            config,
+            proxy=replace(
+                settings, listeners=listeners, admin=admin, access_log=access_log, xds=xds
+            ),
+        )
+
+    def announce(self, engine: Engine) -> None:
+        """Tell the supervisor (one line on standard output) that this worker serves."""
+        listeners = [
+            {"name": f"{host}:{port}", "ip": ip, "port": bound}
+            for (host, port), (ip, bound) in engine.listener_addresses.items()
+        ]
+        ready = {"pid": os.getpid(), "listeners": listeners, "admin": engine.admin_address}
+        sys.stdout.write(READY + json.dumps(ready) + "\n")
+        sys.stdout.flush()
+
+    @staticmethod
+    async def watch_supervisor(gone: Callable[[], None]) -> None:
+        """Call ``gone`` when standard input (the supervisor's pipe) closes."""
+
+        class _Watch(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                gone()
+
+        await asyncio.get_running_loop().connect_read_pipe(_Watch, sys.stdin)
+
+
+@dataclass
+class Worker:
+    """The supervisor's record of one worker slot."""
+
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    #: The running worker's admin endpoint (``None`` until it serves).
+    admin: tuple[str, int] | None = None
+    #: Its listeners as it announced them: ``{"name", "ip", "port"}``.
+    listeners: list[dict[str, Any]] = field(default_factory=list)
+    started: float = 0.0
+    restarts: int = 0
+    #: Quick exits in a row (the restart delay grows with them).
+    failures: int = 0
+
+    @property
+    def running(self) -> bool:
+        """True while its process has not exited."""
+        return self.process is not None and self.process.returncode is None
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+async def admin_get(address: tuple[str, int], path: str, timeout: float) -> tuple[int, bytes]:
+    """GET ``path`` from a worker's admin endpoint: ``(status, body)``, within ``timeout``."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
+            data = bytearray()
+            while chunk := await reader.read(65536):
+                data += chunk
+                if len(data) > WORKER_REPLY_BYTES:
+                    raise ValueError(f"answer over {WORKER_REPLY_BYTES} bytes")
+        finally:
+            writer.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the workers; serves the combined admin endpoint.
+
+    ``command`` is how a worker starts, before its ``--worker`` option (``metaprotocol
+    proxy`` with the same configuration files and options).
+    """
+
+    def __init__(
+        self, config: Config, command: Sequence[str], count: int, drain: float | None
+    ) -> None:
+        self.config = config
+        self.command = list(command)
+        self.workers = [Worker(i) for i in range(count)]
+        self.drain = config.proxy.timeouts.drain if drain is None else drain
+        self.stats = Stats()
+        self.ports: dict[str, int] = {}
+        self.stopping = False
+        self._held: list[socket.socket] = []
+        self._admin: asyncio.Server | None = None
+        self._stop = asyncio.Event()
+        self._kill = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until ``SIGTERM``/``SIGINT``, then drain; the exit status."""
+        try:
+            self._held, self.ports = hold_ports(self.config)
+            admin = self.config.proxy.admin
+            if admin is not None:
+                self._admin = await WorkersAdmin(self, admin).listen(*admin.bind)
+        except OSError as exc:
+            self._close()
+            print(f"error: cannot bind: {exc}", file=sys.stderr)
+            return 1
+        code = await self._start_all()
+        if code:
+            await self._stop_workers()
+            self._close()
+            return code
+        loop = asyncio.get_running_loop()  # handlers first: the lines below invite signals
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
+        xds = self.config.proxy.xds
+        if xds is not None:  # each worker holds its own stream, as the same node
+            print(f"xds from {xds.address} as {xds.node.id}")
+        first = self.workers[0]
+        for listener in first.listeners:
+            print(f"listening {listener['name']} on {listener['ip']}:{listener['port']}")
+        if self._admin is not None:
+            host, port = self._admin.sockets[0].getsockname()[:2]
+            print(f"admin on {host}:{port}")
+        pids = ", ".join(str(w.process.pid) for w in self.workers if w.process is not None)
+        print(f"{len(self.workers)} workers (pids {pids})", file=sys.stderr)
+        sys.stdout.flush()
+        for worker in self.workers:
+            self._spawn_task(self._keep(worker))
+        await self._stop.wait()
+        print("draining", file=sys.stderr)
+        await self._stop_workers()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        self._close()
+        return 0
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_stop_signal(self) -> None:
+        if self._stop.is_set():
+            self._kill.set()  # a second signal: no more waiting
+        self.stopping = True
+        self._stop.set()
+
+    def forward(self, sig: int) -> None:
+        """Send ``sig`` to every running worker (``SIGHUP`` only to those serving: one still
+        starting reads the files anyway, and has no handler for it yet)."""
+        for worker in self.workers:
+            if sig == signal.SIGHUP and worker.admin is None:
+                continue
+            if worker.running and worker.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(sig)
+
+    async def _start_all(self) -> int:
+        """Start the first worker, then the others: 0, or the exit status of one that failed.
+
+        The first goes alone so that a configuration its engine refuses at start is
+        reported once, not once per worker.
+        """
+        if not await self._start(self.workers[0]):
+            return await self._failed(self.workers[0])
+        rest = self.workers[1:]
+        started = await asyncio.gather(*(self._start(w) for w in rest))
+        for worker, ok in zip(rest, started, strict=True):
+            if not ok:
+                return await self._failed(worker)
+        return 0
+
+    async def _failed(self, worker: Worker) -> int:
+        assert worker.process is not None
+        code = await worker.process.wait()
+        return code if code > 0 else 1
+
+    async def _start(self, worker: Worker) -> bool:
+        """Start ``worker``'s process and wait until it serves; False if it did not."""
+        spec = WorkerSpec(worker.index, self.ports)
+        worker.admin = None
+        worker.process = process = await asyncio.create_subprocess_exec(
+            *self.command,
+            "--worker",
+            spec.to_json(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a terminal's ^C reaches the supervisor only
+            limit=1024 * 1024,
+        )
+        worker.started = asyncio.get_running_loop().time()
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while line := await process.stdout.readline():
+                    text = line.decode("utf-8", "replace")
+                    if text.startswith(READY):
+                        ready = json.loads(text[len(READY) :])
+                        worker.listeners = ready["listeners"]
+                        host, port = ready["admin"]
+                        worker.admin = (str(host), int(port))
+                        break
+                    sys.stdout.write(text)  # a codec's or filter's own output
+        except (TimeoutError, ValueError, KeyError, TypeError) as exc:
+            log.warning("worker %d did not start: %s", worker.index, exc or "timed out")
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        if worker.admin is None:
+            await process.wait()
+            return False
+        self._spawn_task(_copy_output(process.stdout))
+        return True
+
+    async def _keep(self, worker: Worker) -> None:
+        """Start ``worker`` again each time it exits, until the supervisor stops."""
+        loop = asyncio.get_running_loop()
+        while True:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            if self.stopping:
+                return
+            ran = loop.time() - worker.started
+            worker.failures = 0 if ran >= STABLE_AFTER and worker.admin else worker.failures + 1
+            worker.restarts += 1
+            delay = restart_delay(max(0, worker.failures - 1))
+            log.warning(
+                "worker %d (pid %d) stopped (%s) after %.1f s; starting it again in %.1f s",
+                worker.index,
+                worker.process.pid,
+                _exit_text(code),
+                ran,
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self.stopping:
+                return
+            await self._start(worker)
+
+    async def _stop_workers(self) -> None:
+        """Drain every worker: forward ``SIGTERM``, wait up to the deadline, kill the rest."""
+        self.stopping = True
+        self.forward(signal.SIGTERM)
+        waits = [w.process.wait() for w in self.workers if w.process is not None]
+        if waits:
+            done: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
+            killed: asyncio.Future[Any] = asyncio.ensure_future(self._kill.wait())
+            await asyncio.wait(
+                [done, killed],
+                timeout=self.drain + STOP_GRACE,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            killed.cancel()
+            if not done.done():
+                self.forward(signal.SIGKILL)
+                await done
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        for sock in self._held:
+            sock.close()
+        self._held = []
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True while not stopping and at least one worker serves."""
+        return not self.stopping and any(w.running and w.admin for w in self.workers)
+
+    def worker_timeout(self, settings: Admin) -> float:
+        """The bound on one worker's admin answer."""
+        return min(WORKER_TIMEOUT, settings.request_timeout / 2)
+
+    async def ask(self, path: str, timeout: float) -> list[bytes | str]:
+        """Every worker's answer to ``path`` (the body), or why there is none (a string)."""
+
+        async def one(worker: Worker) -> bytes | str:
+            if not worker.running or worker.admin is None:
+                return "not running"
+            try:
+                status, body = await admin_get(worker.admin, path, timeout)
+            except TimeoutError:
+                return f"no answer within {timeout:g} s"
+            except (OSError, ValueError, IndexError) as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return body if status == 200 else f"status {status}"
+
+        return list(await asyncio.gather(*(one(w) for w in self.workers)))
+
+    async def merged_stats(self, timeout: float) -> MergedStats:
+        """The workers' stats combined, with the supervisor's own series."""
+        answers = await self.ask("/stats", timeout)
+        merged = MergedStats()
+        for worker, answer in zip(self.workers, answers, strict=True):
+            if isinstance(answer, bytes):
+                merged.add(answer.decode("utf-8", "replace"), str(worker.index), _ADMIN_SERIES)
+        up = merged.family(
+            "metaprotocol_worker_up", "gauge", "1 when the worker answered this scrape."
+        )
+        restarts = merged.family(
+            "metaprotocol_worker_restarts_total",
+            "counter",
+            "Workers started again after they exited, by worker.",
+        )
+        for worker, answer in zip(self.workers, answers, strict=True):
+            label = f'{{{WORKER_LABEL}="{worker.index}"}}'
+            up.samples[f"metaprotocol_worker_up{label}"] = float(isinstance(answer, bytes))
+            restarts.samples[f"metaprotocol_worker_restarts_total{label}"] = float(worker.restarts)
+        merged.add(self.stats.prometheus())  # the supervisor's admin counters
+        return merged
+
+    async def config_dump(self, timeout: float) -> dict[str, Any]:
+        """The first answering worker's ``/config_dump``, and every worker's state."""
+        answers = await self.ask("/config_dump", timeout)
+        dumps: list[dict[str, Any] | None] = []
+        for answer in answers:
+            try:
+                dumps.append(json.loads(answer) if isinstance(answer, bytes) else None)
+            except ValueError:
+                dumps.append(None)
+        shown = next((d for d in dumps if d is not None), None)
+        out: dict[str, Any] = dict(shown) if shown is not None else {}
+        admin = self.config.proxy.admin
+        if "settings" in out and admin is not None and self._admin is not None:
+            host, port = self._admin.sockets[0].getsockname()[:2]
+            out["settings"] = {**out["settings"]}
+            out["settings"]["admin"] = {
+                "bind": f"{host}:{port}",
+                "allowRemote": admin.allow_remote,
+                "maxConnections": admin.max_connections,
+                "requestTimeout": admin.request_timeout,
+            }
+        workers = []
+        for worker, answer, dump in zip(self.workers, answers, dumps, strict=True):
+            entry: dict[str, Any] = {
+                "worker": worker.index,
+                "pid": worker.process.pid if worker.running and worker.process else None,
+                "up": dump is not None,
+                "restarts": worker.restarts,
+                "admin": None if worker.admin is None else "{}:{}".format(*worker.admin),
+            }
+            if dump is None:
+                entry["error"] = answer if isinstance(answer, str) else "unreadable answer"
+            else:  # each worker reloads itself: its version and last reload are its own
+                entry["version"] = dump.get("version")
+                entry["lastReload"] = dump.get("lastReload")
+                if "xds" in dump:  # and its own stream: versions, nonces, ACKs, errors
+                    entry["xds"] = dump["xds"]
+                if shown is not None and _served(dump) != _served(shown):
+                    entry["config"] = dump  # it serves something else (a refused reload?)
+            workers.append(entry)
+        out["workers"] = workers
+        return out
+
+
+def _served(dump: dict[str, Any]) -> dict[str, Any]:
+    """What a worker serves, from its ``/config_dump``: neither the reload record (its time)
+    nor the state of its own xDS stream (nonces, times; the versions it applied are in
+    ``version``)."""
+    return {k: v for k, v in dump.items() if k not in ("lastReload", "xds")}
+
+
+async def _copy_output(stream: asyncio.StreamReader) -> None:
+    """Pass a worker's later standard output (a codec's or filter's prints) through."""
+    while chunk := await stream.read(65536):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+
+
+_PATHS = "/paths\n/ready\n/config_dump\n/stats\n/stats?format=json\n/stats/prometheus\n"
+
+
+class WorkersAdmin(_AdminServer):
+    """The supervisor's admin endpoint: the workers' state, combined.
+
+    It shares the engine's bounded serving (one request per connection; the size, connection
+    and time limits of ``admin``) and answers with :meth:`respond`; it has no engine.
+    """
+
+    def __init__(self, supervisor: Supervisor, settings: Admin) -> None:
+        self.supervisor = supervisor
+        self.stats = supervisor.stats
+        self.settings = settings
+        self.active = 0
+        self._rejected = self.stats.counter("metaprotocol_admin_connections_rejected_total")
+
+    async def respond(self, method: str, target: str) -> bytes:
+        """The full HTTP response for one request (workers asked with a bounded wait)."""
+        supervisor = self.supervisor
+        if method != "GET":
+            return _response(405, "only GET is supported\n")
+        path, _, query = target.partition("?")
+        timeout = supervisor.worker_timeout(self.settings)
+        if path == "/ready":
+            return _response(200, "LIVE\n") if supervisor.ready else _response(503, "DRAINING\n")
+        if path == "/config_dump":
+            text = json.dumps(await supervisor.config_dump(timeout), indent=2, default=str)
+            return _response(200, text + "\n", "application/json")
+        if path in ("/stats", "/stats/prometheus"):
+            merged = await supervisor.merged_stats(timeout)
+            if "format=json" in query:
+                body = json.dumps(merged.snapshot(), indent=2, sort_keys=True)
+                return _response(200, body + "\n", "application/json")
+            return _response(200, merged.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/paths":
+            return _response(200, _PATHS)
+        if path in ("/", "/stats/live"):
+            return _response(
+                404,
+                "the live page is served by each worker's admin endpoint (listed under "
+                '"workers" in /config_dump), not by the supervisor of --workers\n',
+            )
+        return _response(404, f"unknown path {path[:200]}\n")
+
+
+def worker_command(
+    files: Sequence[str], drain: float | None, no_uvloop: bool, watch: bool = False
+) -> list[str]:
+    """How a worker starts: this interpreter running ``metaprotocol proxy`` on ``files``
+    (with ``--watch``, each worker watches the files and reloads itself)."""
+    command = [sys.executable, "-m", "metaprotocol_sdk", "proxy"]
+    for name in files:
+        command += ["-c", os.path.abspath(name)]
+    if drain is not None:
+        command += ["--drain", repr(drain)]
+    if no_uvloop:
+        command.append("--no-uvloop")
+    if watch:
+        command.append("--watch")
+    return command
+
+
+def supervise(config: Config, command: Sequence[str], count: int, drain: float | None) -> int:
+    """Run the supervisor of ``count`` workers until it is stopped; the exit status."""
+    return asyncio.run(Supervisor(config, command, count, drain).run())

@@ -1,0 +1,494 @@
+"""An xDS client (state of the world, gRPC): routes, clusters and endpoints from a control plane.
+
+One ADS stream (istiod) carries clusters, endpoints and routes; with ``spec.xds.rdsAddress``
+routes come over a RouteDiscoveryService stream of their own (Aeraki's server).
+
+It introduces itself like an Istio sidecar (node id ``sidecar~IP~POD.NS~NS.svc.cluster.local``,
+metadata with ``CLUSTER_ID``, ``NAMESPACE``, ``ISTIO_VERSION``), subscribes to every cluster
+(CDS), to the endpoints of the EDS clusters among them, and to the route configuration of
+each listener (RDS, Aeraki's ``<host>_<port>``). Each response is translated with the file
+configuration into a whole new :class:`~metaprotocol_sdk.proxy.config.models.Config` and
+handed to the engine's ``apply``: what it accepts is ACKed (the response's version and nonce),
+what it refuses is NACKed (the last accepted version, the same nonce and an ``error_detail``),
+and the engine keeps serving the last good configuration. A broken stream is reopened after a
+capped exponential backoff with jitter, asking for the versions already held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.route.v3 import rds_pb2_grpc
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
+
+from metaprotocol_sdk.errors import ConfigError
+
+from ..config.models import Config, Xds
+from .translate import Resources, XdsRefused, eds_names, route_config_names, translate
+
+log = logging.getLogger("metaprotocol.xds")
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+#: Short names in ``/config_dump`` and logs.
+SHORT = {CLUSTER_TYPE: "cds", ENDPOINT_TYPE: "eds", ROUTE_TYPE: "rds"}
+_MESSAGES: dict[str, type[Message]] = {
+    CLUSTER_TYPE: cluster_pb2.Cluster,
+    ENDPOINT_TYPE: endpoint_pb2.ClusterLoadAssignment,
+    ROUTE_TYPE: route_pb2.RouteConfiguration,
+}
+#: ``google.rpc.Code.INVALID_ARGUMENT``: the code of every NACK's ``error_detail``.
+INVALID_ARGUMENT = 3
+#: Longest ``error_detail`` message sent (and kept for ``/config_dump``).
+MAX_ERROR_DETAIL = 4096
+
+
+class Applier(Protocol):
+    """What the client needs of the engine: ``Engine.apply``."""
+
+    def apply(
+        self, config: Config, *, source: str = ..., version: str | None = ...
+    ) -> Awaitable[Any]:
+        """Validate and swap in ``config``; raise ConfigError and change nothing on refusal."""
+        ...
+
+    def refused(self, source: str, error: str, version: str = ...) -> None:
+        """Record an update refused before it reached ``apply`` (counted, shown)."""
+        ...
+
+
+@dataclass
+class TypeState:
+    """One resource type's subscription: what was asked, accepted and last refused."""
+
+    type_url: str
+    names: list[str]
+    #: The last accepted response's version (``""``: none yet).
+    version: str = ""
+    #: The last response's nonce (echoed in the next request of this type).
+    nonce: str = ""
+    resources: dict[str, Message] = field(default_factory=dict)
+    acks: int = 0
+    nacks: int = 0
+    last_error: str | None = None
+    #: Wall-clock time of the last accepted update.
+    updated: float | None = None
+
+    def dump(self) -> dict[str, Any]:
+        """This subscription as JSON-ready data (``/config_dump``)."""
+        return {
+            "version": self.version,
+            "nonce": self.nonce,
+            "subscribed": self.names or "*",
+            "resources": sorted(self.resources),
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "lastError": self.last_error,
+            "lastUpdate": self.updated,
+        }
+
+
+def backoff_delay(failures: int, settings: Xds, fraction: float) -> float:
+    """Seconds to wait after ``failures`` failed streams in a row: doubling from
+    ``backoff.initial``, capped at ``backoff.max``, then scaled by a random 50-100 % (jitter,
+    so that replicas cut off together do not all come back in the same instant)."""
+    delay = min(settings.backoff_max, settings.backoff_initial * float(2 ** min(failures - 1, 32)))
+    return delay * (0.5 + 0.5 * fraction)
+
+
+def node_message(settings: Xds) -> base_pb2.Node:
+    """The ``Node`` sent in the first request of every stream."""
+    metadata = struct_pb2.Struct()
+    metadata.update(dict(settings.node.metadata))
+    return base_pb2.Node(
+        id=settings.node.id,
+        cluster=settings.node.cluster,
+        metadata=metadata,
+        user_agent_name="metaprotocol-sdk",
+    )
+
+
+@dataclass
+class Stream:
+    """One gRPC stream to a control plane and the resource types it carries."""
+
+    #: ``ads`` (istiod's aggregated stream) or ``rds`` (Aeraki's RouteDiscoveryService).
+    kind: str
+    address: str
+    types: tuple[str, ...]
+    #: The stream is open and the server has answered on it.
+    connected: bool = False
+    #: Streams opened after the first (reconnections).
+    reconnects: int = 0
+    last_error: str | None = None
+    call: Any = None
+
+    def dump(self) -> dict[str, Any]:
+        """This stream as JSON-ready data (``/config_dump``)."""
+        return {
+            "address": self.address,
+            "types": [SHORT[t] for t in self.types],
+            "connected": self.connected,
+            "reconnects": self.reconnects,
+            "lastError": self.last_error,
+        }
+
+
+class XdsClient:
+    """The xDS client of one engine. ``start()`` runs it in a task; ``stop()`` ends it.
+
+    One ADS stream carries CDS, EDS and RDS; with ``spec.xds.rdsAddress`` (Aeraki serves its
+    MetaRDS on a RouteDiscoveryService of its own, istiod the clusters over ADS) RDS has a
+    stream of its own to that address.
+    """
+
+    def __init__(
+        self,
+        engine: Applier,
+        base: Config,
+        *,
+        random_fraction: Callable[[], float] = random.random,
+    ) -> None:
+        settings = base.proxy.xds
+        if settings is None:
+            raise ValueError("the configuration has no spec.xds")
+        self.engine = engine
+        #: The file configuration: listeners, codecs and the engine's own settings.
+        self.base = base
+        self.settings = settings
+        self._random = random_fraction
+        self.types = {
+            CLUSTER_TYPE: TypeState(CLUSTER_TYPE, []),
+            ENDPOINT_TYPE: TypeState(ENDPOINT_TYPE, []),
+            ROUTE_TYPE: TypeState(ROUTE_TYPE, route_config_names(base)),
+        }
+        if settings.rds_address is None:
+            self.streams = [
+                Stream("ads", settings.address, (CLUSTER_TYPE, ROUTE_TYPE, ENDPOINT_TYPE))
+            ]
+        else:
+            self.streams = [
+                Stream("ads", settings.address, (CLUSTER_TYPE, ENDPOINT_TYPE)),
+                Stream("rds", settings.rds_address, (ROUTE_TYPE,)),
+            ]
+        self._carrier = {t: st for st in self.streams for t in st.types}
+        self._changed = asyncio.Condition()
+        self._updating = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        """Every stream is open and answered."""
+        return all(st.connected for st in self.streams)
+
+    @property
+    def reconnects(self) -> int:
+        """Streams reopened, over all of them."""
+        return sum(st.reconnects for st in self.streams)
+
+    @property
+    def last_error(self) -> str | None:
+        """The last error of a stream that is not connected now (``None``: all are)."""
+        return next((st.last_error for st in self.streams if st.last_error), None)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the streams in tasks on the running loop (their state in ``/config_dump``)."""
+        sections = getattr(self.engine, "dump_sections", None)
+        if isinstance(sections, dict):
+            sections["xds"] = self.status
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.run(st), name=f"xds-{st.kind}") for st in self.streams]
+
+    async def stop(self) -> None:
+        """End the streams and their tasks."""
+        self._stopping.set()
+        for st in self.streams:
+            if st.call is not None:
+                st.call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run(self, stream: Stream) -> None:
+        """Keep ``stream`` open until stopped; back off between attempts."""
+        failures = 0
+        while not self._stopping.is_set():
+            answered = False
+            try:
+                answered = await self._session(stream)
+                error = "the control plane closed the stream"
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the client die: log, back off, reconnect
+                log.exception("xDS stream to %s failed", stream.address)
+                error = f"{type(exc).__name__}: {exc}"
+            stream.call = None
+            stream.connected, stream.last_error = False, error
+            await self._notify()
+            if self._stopping.is_set():
+                return
+            failures = 1 if answered else failures + 1
+            delay = backoff_delay(failures, self.settings, self._random())
+            log.warning(
+                "xDS stream to %s ended (%s); retrying in %.2f s", stream.address, error, delay
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            stream.reconnects += 1
+
+    async def _session(self, stream: Stream) -> bool:
+        """One stream: subscribe, then handle responses until it ends. True if any came."""
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+        ]
+        answered = False
+        async with grpc.aio.insecure_channel(stream.address, options=options) as channel:
+            if stream.kind == "ads":
+                call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(
+                    channel
+                ).StreamAggregatedResources()
+            else:
+                call = rds_pb2_grpc.RouteDiscoveryServiceStub(channel).StreamRoutes()
+            stream.call = call
+            first = True
+            for type_url in stream.types:
+                state = self.types[type_url]
+                if type_url == ENDPOINT_TYPE and not state.names:
+                    continue  # asked for once CDS names EDS clusters
+                state.nonce = ""  # nonces belong to a stream
+                await call.write(self._request(state, node=first))
+                first = False
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return answered
+                if not answered:
+                    answered = True
+                    stream.connected, stream.last_error = True, None
+                    await self._notify()
+                if response.type_url not in stream.types:
+                    log.warning("xDS: ignored %s on the %s stream", response.type_url, stream.kind)
+                    continue
+                await self._handle(call, response)
+
+    # -- requests and responses ------------------------------------------------------------------
+
+    def _request(
+        self, state: TypeState, *, node: bool = False, error: str | None = None
+    ) -> discovery_pb2.DiscoveryRequest:
+        req = discovery_pb2.DiscoveryRequest(
+            version_info=state.version,
+            resource_names=state.names,
+            type_url=state.type_url,
+            response_nonce=state.nonce,
+        )
+        if node:
+            req.node.CopyFrom(node_message(self.settings))
+        if error is not None:
+            req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
+        return req
+
+    async def rebase(self, base: Config, *, source: str = "file") -> None:
+        """Serve a reloaded file configuration with the xDS resources held.
+
+        The files' listeners, codecs and settings change; routes, clusters and endpoints stay
+        those of the control plane (re-translated against the new files, so a listener added
+        gets its route table subscribed). Raises :class:`ConfigError` and changes nothing if
+        the result is refused or ``spec.xds`` itself changed (that needs a restart).
+        """
+        async with self._updating:
+            held = Resources(
+                routes=self.types[ROUTE_TYPE].resources,
+                clusters=self.types[CLUSTER_TYPE].resources,
+                endpoints=self.types[ENDPOINT_TYPE].resources,
+            )
+            try:
+                if base.proxy.xds != self.settings:
+                    raise ConfigError(
+                        "spec.xds changed: the control plane connection is set at start only "
+                        "(restart needed); nothing was changed",
+                        source="ProxyConfig",
+                        field="spec.xds",
+                    )
+                try:
+                    config = translate(base, held)
+                except XdsRefused as exc:
+                    raise ConfigError(str(exc), source="xDS resources held") from exc
+            except ConfigError as exc:  # apply() records its own refusals
+                self.engine.refused(source, str(exc))
+                raise
+            versions = " ".join(f"{SHORT[u]}:{t.version or '-'}" for u, t in self.types.items())
+            await self.engine.apply(config, source=source, version=versions)
+            self.base = base
+            rds = self.types[ROUTE_TYPE]
+            names = route_config_names(base)
+            if names != rds.names:
+                rds.names = names
+                rds.resources = {k: v for k, v in rds.resources.items() if k in names}
+                call = self._carrier[ROUTE_TYPE].call
+                if call is not None:
+                    await call.write(self._request(rds))
+
+    async def _handle(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
+        async with self._updating:  # one update at a time (responses, file reloads)
+            await self._update(call, response)
+
+    async def _update(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
+        state = self.types.get(response.type_url)
+        if state is None:
+            log.warning("xDS: ignored a response of unsubscribed type %s", response.type_url)
+            return
+        state.nonce = response.nonce
+        version = self._version(state, response)
+        try:
+            try:
+                resources = _decode(response)
+                candidate = self._candidate(state, resources)
+                config = translate(self.base, candidate)
+            except (XdsRefused, ConfigError) as exc:  # apply() records its own refusals
+                self.engine.refused("xds", str(exc)[:MAX_ERROR_DETAIL], version)
+                raise
+            await self.engine.apply(config, source="xds", version=version)
+        except (XdsRefused, ConfigError) as exc:
+            detail = str(exc)[:MAX_ERROR_DETAIL]
+            state.nacks += 1
+            state.last_error = detail
+            log.error(
+                "xDS: refused %s version %s: %s",
+                SHORT[state.type_url],
+                response.version_info,
+                detail,
+            )
+            await call.write(self._request(state, error=detail))
+            await self._notify()
+            return
+        state.resources = dict(_pick(candidate, state.type_url))
+        state.version = response.version_info
+        state.acks += 1
+        state.last_error = None
+        state.updated = time.time()
+        if state.type_url == CLUSTER_TYPE:
+            self._prune_endpoints()
+        await call.write(self._request(state))
+        if state.type_url == CLUSTER_TYPE:
+            wanted = eds_names(state.resources.values())
+            eds = self.types[ENDPOINT_TYPE]
+            if wanted != eds.names:
+                eds.names = wanted
+                await call.write(self._request(eds))
+        await self._notify()
+
+    def _version(self, state: TypeState, response: discovery_pb2.DiscoveryResponse) -> str:
+        """The engine's configuration version: the xDS versions it is built from."""
+        versions = {url: s.version for url, s in self.types.items()}
+        versions[state.type_url] = response.version_info
+        return " ".join(f"{SHORT[url]}:{v or '-'}" for url, v in versions.items())
+
+    def _candidate(self, state: TypeState, received: dict[str, Message]) -> Resources:
+        """The resources as they would be if this response were accepted.
+
+        CDS responses carry the whole state of the world; RDS and EDS responses update the
+        resources they name (and only subscribed names are kept).
+        """
+        current = {url: dict(s.resources) for url, s in self.types.items()}
+        if state.type_url == CLUSTER_TYPE:
+            current[CLUSTER_TYPE] = received
+            wanted = set(eds_names(received.values()))
+            current[ENDPOINT_TYPE] = {
+                k: v for k, v in current[ENDPOINT_TYPE].items() if k in wanted
+            }
+        else:
+            merged = current[state.type_url]
+            merged.update(received)
+            if state.names:
+                merged = {k: v for k, v in merged.items() if k in state.names}
+            current[state.type_url] = merged
+        return Resources(
+            routes=current[ROUTE_TYPE],
+            clusters=current[CLUSTER_TYPE],
+            endpoints=current[ENDPOINT_TYPE],
+        )
+
+    def _prune_endpoints(self) -> None:
+        wanted = set(eds_names(self.types[CLUSTER_TYPE].resources.values()))
+        eds = self.types[ENDPOINT_TYPE]
+        eds.resources = {k: v for k, v in eds.resources.items() if k in wanted}
+
+    # -- observation ---------------------------------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[XdsClient], bool], timeout: float) -> None:
+        """Wait until ``predicate(self)`` holds (checked after every change)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self)), timeout)
+
+    def status(self) -> dict[str, Any]:
+        """The client's state as JSON-ready data (``/config_dump``'s ``xds``)."""
+        return {
+            "address": self.settings.address,
+            "node": {"id": self.settings.node.id, "cluster": self.settings.node.cluster},
+            "connected": self.connected,
+            "reconnects": self.reconnects,
+            "lastError": self.last_error,
+            "streams": {st.kind: st.dump() for st in self.streams},
+            **{SHORT[url]: state.dump() for url, state in self.types.items()},
+        }
+
+
+def _pick(resources: Resources, type_url: str) -> dict[str, Message]:
+    if type_url == CLUSTER_TYPE:
+        return dict(resources.clusters)
+    if type_url == ENDPOINT_TYPE:
+        return dict(resources.endpoints)
+    return dict(resources.routes)
+
+
+def _decode(response: discovery_pb2.DiscoveryResponse) -> dict[str, Message]:
+    """The response's resources by name; a resource of another type or undecodable is refused."""
+    cls = _MESSAGES[response.type_url]
+    out: dict[str, Message] = {}
+    for i, packed in enumerate(response.resources):
+        where = f"{SHORT[response.type_url].upper()} response resources[{i}]"
+        if packed.type_url != response.type_url:
+            raise XdsRefused(
+                where, "", f"type {packed.type_url!r} in a {response.type_url} response"
+            )
+        message = cls()
+        try:
+            message.ParseFromString(packed.value)
+        except DecodeError as exc:
+            raise XdsRefused(where, "", f"cannot be decoded: {exc}") from None
+        name = message.cluster_name if response.type_url == ENDPOINT_TYPE else message.name
+        if not name:
+            raise XdsRefused(where, "", "has no name")
+        if name in out:
+            raise XdsRefused(where, "", f"{name!r} is listed twice")
+        out[name] = message
+    return out

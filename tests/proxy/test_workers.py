@@ -1,0 +1,434 @@
+"""``metaprotocol proxy --workers 2``: real processes, real sockets, KV clients and upstream.
+
+Each test runs the supervisor as a child process; the KV upstream and the clients run in the
+test's event loop. Waits poll the supervisor's admin endpoint with a deadline, never sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from proxy_kit import WAIT, Client, Upstream, http_get, mesh, run
+
+from metaprotocol_sdk.proxy import loads_config, workers
+from metaprotocol_sdk.proxy.stats_merge import MergedStats
+
+CONNECTIONS = 64  # P(all on one of two workers) = 2**-63 with SO_REUSEPORT's hash
+
+
+class Supervisor:
+    """``metaprotocol proxy --workers N`` in a child process."""
+
+    def __init__(self, tmp_path: Path, text: str, count: int = 2, *extra: str) -> None:
+        config = tmp_path / "mesh.yaml"
+        config.write_text(text)
+        path = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)),
+                *("--workers", str(count), *extra),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        listening = self.proc.stdout.readline().split()
+        admin = self.proc.stdout.readline().split()
+        assert listening[:2] == ["listening", "svc.test:9000"], (listening, self.stop())
+        host, port = listening[-1].rsplit(":", 1)
+        self.address = (host, int(port))
+        assert admin[:2] == ["admin", "on"], admin
+        host, port = admin[-1].rsplit(":", 1)
+        self.admin = (host, int(port))
+
+    async def get(self, path: str, admin: tuple[str, int] | None = None) -> Any:
+        status, body = await http_get(admin or self.admin, path)
+        assert status == 200, (path, status, body)
+        return json.loads(body)
+
+    async def stats(self) -> dict[str, float]:
+        return dict(await self.get("/stats?format=json"))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return list((await self.get("/config_dump"))["workers"])
+
+    async def worker_stats(self, worker: dict[str, Any]) -> dict[str, float]:
+        host, port = worker["admin"].rsplit(":", 1)
+        return dict(await self.get("/stats?format=json", (host, int(port))))
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, then the exit status and stderr (which must hold no traceback)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=5)
+        assert "Traceback" not in err, err
+        return self.proc.returncode, err
+
+
+def total(stats: dict[str, float], name: str, *parts: str) -> float:
+    """Sum of the series of ``name`` whose labels contain every one of ``parts``."""
+    return sum(
+        v
+        for k, v in stats.items()
+        if (k == name or k.startswith(name + "{")) and all(p in k for p in parts)
+    )
+
+
+async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 15.0) -> Any:
+    """Poll ``check`` until it returns a true value (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def one_request_each(address: tuple[str, int], n: int, method: str = "get") -> None:
+    """``n`` connections, one request each, all answered by the upstream."""
+
+    async def one() -> None:
+        client = await Client.connect(address)
+        try:
+            reply = await client.call(method)
+            assert reply.attributes.get("server") == "up"
+        finally:
+            client.close()
+
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), 4 * WAIT)
+
+
+def test_connections_spread_over_both_workers_and_stats_are_summed(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        try:
+            await one_request_each(sup.address, CONNECTIONS)
+
+            async def counted() -> dict[str, float] | None:
+                stats = await sup.stats()
+                done = total(stats, "metaprotocol_requests_total") == CONNECTIONS
+                return stats if done else None
+
+            stats = await until(counted, "the supervisor to count every request")
+            assert total(stats, "metaprotocol_requests_total", 'status="Ok"') == CONNECTIONS
+            assert total(stats, "metaprotocol_downstream_connections_total") == CONNECTIONS
+            duration = "metaprotocol_request_duration_milliseconds_count"
+            assert total(stats, duration, 'route="default"') == CONNECTIONS  # histograms merged
+            assert stats['metaprotocol_worker_up{worker="0"}'] == 1
+            assert stats['metaprotocol_worker_up{worker="1"}'] == 1
+            assert 'metaprotocol_requests_pending{worker="1"}' in stats  # gauges per worker
+            assert "metaprotocol_requests_pending" in stats  # and summed
+            accepted = []
+            for worker in await sup.workers():
+                assert "config" not in worker  # same configuration, same shared port
+                own = await sup.worker_stats(worker)
+                accepted.append(total(own, "metaprotocol_downstream_connections_total"))
+                host, port = worker["admin"].rsplit(":", 1)
+                status, text = await http_get((host, int(port)), "/stats/prometheus")
+                assert status == 200 and "# TYPE metaprotocol_requests_total counter" in text
+            assert all(n > 0 for n in accepted), accepted  # both workers served
+            assert sum(accepted) == CONNECTIONS
+            prometheus = (await http_get(sup.admin, "/stats/prometheus"))[1]
+            assert "# TYPE metaprotocol_requests_pending gauge" in prometheus
+            assert 'metaprotocol_requests_total{listener="svc.test:9000"' in prometheus
+        finally:
+            code, _ = sup.stop()
+            await up.close()
+        assert code == 0
+
+    run(main(), timeout=90)
+
+
+def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        clients: list[Client] = []
+        try:
+            for _ in range(16):
+                clients.append(await Client.connect(sup.address))
+            replies = [c.start("slow") for c in clients]
+            await up.wait_received(len(clients))
+
+            async def both_pending() -> bool:
+                s = await sup.stats()
+                return all(s[f'metaprotocol_requests_pending{{worker="{i}"}}'] > 0 for i in (0, 1))
+
+            await until(both_pending, "requests in flight on both workers")
+            admins = [w["admin"] for w in await sup.workers()]
+            sup.proc.send_signal(signal.SIGTERM)
+
+            async def draining() -> bool:
+                for admin in admins:
+                    host, port = admin.rsplit(":", 1)
+                    status, _ = await http_get((host, int(port)), "/ready")
+                    if status != 503:
+                        return False
+                return True
+
+            await until(draining, "both workers to drain")
+            up.release.set()  # the in-flight requests complete during the drain
+            for reply in await asyncio.wait_for(asyncio.gather(*replies), WAIT):
+                assert reply.attributes.get("server") == "up"
+            assert await asyncio.to_thread(sup.proc.wait, 30) == 0
+        finally:
+            for c in clients:
+                c.close()
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0
+        assert err.count("draining") == 3, err  # the supervisor and each worker
+
+    run(main(), timeout=90)
+
+
+def test_a_killed_worker_is_restarted_and_counted(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        try:
+            first = await sup.workers()
+            os.kill(first[0]["pid"], signal.SIGKILL)
+
+            async def restarted() -> list[dict[str, Any]] | None:
+                now = await sup.workers()
+                w = now[0]
+                fresh = w["up"] and w["pid"] not in (None, first[0]["pid"])
+                return now if fresh and w["restarts"] == 1 else None
+
+            now = await until(restarted, "worker 0 to be started again")
+            assert now[1]["pid"] == first[1]["pid"] and now[1]["restarts"] == 0
+            stats = await sup.stats()
+            assert stats['metaprotocol_worker_restarts_total{worker="0"}'] == 1
+            assert stats['metaprotocol_worker_restarts_total{worker="1"}'] == 0
+            await one_request_each(sup.address, CONNECTIONS)  # service continues on both
+            accepted = [
+                total(await sup.worker_stats(w), "metaprotocol_downstream_connections_total")
+                for w in now
+            ]
+            assert all(n > 0 for n in accepted), accepted
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0
+        assert "worker 0 (pid" in err and "killed by SIGKILL" in err, err
+
+    run(main(), timeout=90)
+
+
+def test_a_stuck_worker_does_not_hang_the_admin_endpoint(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        stuck = (await sup.workers())[1]["pid"]
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            stats = await sup.stats()  # within http_get's WAIT despite the stopped worker
+            assert stats['metaprotocol_worker_up{worker="0"}'] == 1
+            assert stats['metaprotocol_worker_up{worker="1"}'] == 0
+            entry = (await sup.workers())[1]
+            assert not entry["up"] and "no answer within" in entry["error"]
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+            code, _ = sup.stop()
+            await up.close()
+        assert code == 0
+
+    run(main(), timeout=90)
+
+
+def test_a_configuration_refused_at_start_is_reported_once(tmp_path: Path) -> None:
+    # The endpoint is the listener itself (a fixed port): every worker's engine refuses it at
+    # start; the supervisor starts one worker first, so the error shows once.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    holder.close()
+    text = mesh([(port, "v1")]).replace("bind: '127.0.0.1:0'}]", f"bind: '127.0.0.1:{port}'}}]")
+    config = tmp_path / "loop.yaml"
+    config.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("this engine's own listener") == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_workers_are_refused_without_reuse_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(workers.socket, "SO_REUSEPORT")
+    assert workers.reuse_port_unavailable() == "this platform has no SO_REUSEPORT"
+
+
+def test_restart_delay_grows_and_is_capped() -> None:
+    assert workers.restart_delay(-1) == workers.RESTART_MIN  # never below the minimum
+    delays = [workers.restart_delay(n) for n in range(40)]
+    assert delays[0] == workers.RESTART_MIN
+    assert delays == sorted(delays) and delays[-1] == workers.RESTART_MAX
+    assert delays[1] == 2 * delays[0]
+
+
+def test_merged_stats_sum_counters_and_histograms_and_label_gauges() -> None:
+    one = (
+        '# HELP c_total C.\n# TYPE c_total counter\nc_total{a="x"} 2\n'
+        "# HELP g_active G.\n# TYPE g_active gauge\ng_active 3\n"
+        '# HELP h H.\n# TYPE h histogram\nh_bucket{le="1"} 1\nh_bucket{le="+Inf"} 2\n'
+        "h_sum 2.5\nh_count 2\n"
+    )
+    two = one.replace("} 2\n# HELP g", "} 5\n# HELP g").replace("g_active 3", "g_active 4")
+    merged = MergedStats()
+    merged.add(one, "0")
+    merged.add(two, "1")
+    snap = merged.snapshot()
+    assert snap['c_total{a="x"}'] == 7
+    assert snap["g_active"] == 7
+    assert snap['g_active{worker="0"}'] == 3 and snap['g_active{worker="1"}'] == 4
+    assert snap['h_bucket{le="+Inf"}'] == 4 and snap["h_sum"] == 5.0 and snap["h_count"] == 4
+    text = merged.prometheus()
+    assert "# TYPE h histogram" in text and 'g_active{worker="1"} 4' in text
+
+
+def test_a_worker_serves_the_shared_ports_a_private_admin_and_its_own_access_log() -> None:
+    text = mesh([(1, "v1")], proxy="accessLog: {path: /var/log/mp.log}\n")
+    config = workers.WorkerSpec(1, {"svc.test:9000": 41000}).apply(loads_config(text, "t.yaml"))
+    assert [(lsn.bind_host, lsn.bind_port) for lsn in config.proxy.listeners] == [
+        ("127.0.0.1", 41000)
+    ]
+    assert config.proxy.admin is not None and config.proxy.admin.bind == ("127.0.0.1", 0)
+    assert config.proxy.access_log == "/var/log/mp.log.worker1"
+    on_stderr = loads_config(mesh([(1, "v1")], proxy="accessLog: {path: '-'}\n"), "t.yaml")
+    assert workers.WorkerSpec(0, {}).apply(on_stderr).proxy.access_log == "-"
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        pids = [w["pid"] for w in await sup.workers()]
+        try:
+            sup.proc.kill()  # no drain, no forwarding: the workers see their stdin close
+
+            async def gone() -> bool:
+                return not any(_alive(pid) for pid in pids)
+
+            await until(gone, "the workers to exit after the supervisor")
+        finally:
+            for pid in pids:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            sup.proc.wait(timeout=10)
+            await up.close()
+
+    run(main(), timeout=60)
+
+
+def _to(subset: str) -> str:
+    return f"- name: all\n  route: [{{destination: {{host: svc.test, subset: {subset}}}}}]\n"
+
+
+def test_sighup_reaches_every_worker_and_each_reloads(tmp_path: Path) -> None:
+    async def main() -> None:
+        one, two = await Upstream("one").start(), await Upstream("two").start()
+        endpoints = [(one.port, "v1"), (two.port, "v2")]
+        sup = Supervisor(tmp_path, mesh(endpoints, router=_to("v1")))
+        try:
+            (tmp_path / "mesh.yaml").write_text(mesh(endpoints, router=_to("v2")))
+            sup.proc.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                stats = await sup.stats()
+                ok = total(stats, "metaprotocol_reloads_total", 'source="sighup"', 'result="ok"')
+                return ok == 2  # one reload per worker
+
+            await until(reloaded, "both workers to reload")
+            states = await sup.workers()
+            assert [w["restarts"] for w in states] == [0, 0]  # reloaded, not restarted
+            assert all("config" not in w for w in states)  # both serve the same version
+
+            async def served_by_two() -> None:
+                client = await Client.connect(sup.address)
+                try:
+                    assert (await client.call()).attributes.get("server") == "two"
+                finally:
+                    client.close()
+
+            await asyncio.wait_for(
+                asyncio.gather(*(served_by_two() for _ in range(CONNECTIONS))), 4 * WAIT
+            )
+            accepted = [
+                total(await sup.worker_stats(w), "metaprotocol_downstream_connections_total")
+                for w in states
+            ]
+            assert all(n > 0 for n in accepted), accepted  # both workers took the new route
+        finally:
+            code, _ = sup.stop()
+            await one.close()
+            await two.close()
+        assert code == 0
+
+    run(main(), timeout=90)
+
+
+def test_a_crash_loop_backs_off_and_the_other_worker_serves(tmp_path: Path) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        text = mesh([(up.port, "v1")])
+        sup = Supervisor(tmp_path, text)
+        try:
+            first = await sup.workers()
+            (tmp_path / "mesh.yaml").write_text("kind: [\n")  # a restarted worker cannot start
+            os.kill(first[0]["pid"], signal.SIGKILL)
+
+            async def looping() -> bool:
+                return bool((await sup.workers())[0]["restarts"] >= 4)
+
+            await until(looping, "worker 0 to fail to start a few times")
+            await one_request_each(sup.address, 16)  # worker 1 serves every connection
+            (tmp_path / "mesh.yaml").write_text(text)
+
+            async def back() -> bool:
+                w = (await sup.workers())[0]
+                return bool(w["up"] and w["pid"] != first[0]["pid"])
+
+            await until(back, "worker 0 to serve again once its file is valid")
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0
+        delays = [line.rsplit(" in ", 1)[1] for line in err.splitlines() if "again in" in line]
+        assert delays[:4] == ["0.1 s", "0.2 s", "0.4 s", "0.8 s"], err  # doubling, not spinning
+
+    run(main(), timeout=90)

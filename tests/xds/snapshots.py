@@ -1,0 +1,284 @@
+"""xDS resources shaped like Aeraki's MetaRDS and istiod's CDS/EDS output.
+
+Aeraki (``internal/xds/utils.go``): one ``RouteConfiguration`` per MetaProtocol service port,
+named ``<host>_<port>``, one virtual host ``dummy`` with domains ``*``, each route matching
+prefix ``/`` plus header matchers for the attributes, a ``cluster`` or ``weighted_clusters``
+action, mirrors as ``request_mirror_policies`` with a ``runtime_fraction`` in millionths,
+hash policies on headers, mutations as ``request_headers_to_add`` / ``response_headers_to_add``.
+
+istiod: outbound clusters ``outbound|<port>|<subset>|<host>`` of type EDS with an ADS
+``eds_cluster_config`` naming the cluster, a connect timeout, DEFAULT circuit-breaker
+thresholds, Istio service metadata and ``transport_socket_matches`` (here only istiod's
+plain-text ``tlsMode-disabled`` match: the mutual-TLS one needs SDS certificates); endpoints
+as a ``ClusterLoadAssignment`` per cluster, grouped by locality, each endpoint HEALTHY with
+weight 1 and Istio's workload metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
+from envoy.type.matcher.v3 import regex_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
+
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+
+@dataclass
+class MetaRoute:
+    """One Aeraki MetaRoute: attribute matches, weighted clusters, mutations, mirror."""
+
+    name: str
+    clusters: Sequence[tuple[str, int]]
+    exact: dict[str, str] = field(default_factory=dict)
+    prefix: dict[str, str] = field(default_factory=dict)
+    regex: dict[str, str] = field(default_factory=dict)
+    present: Sequence[str] = ()
+    request_mutation: dict[str, str] = field(default_factory=dict)
+    response_mutation: dict[str, str] = field(default_factory=dict)
+    mirror: tuple[str, float] | None = None
+    hash_header: str | None = None
+
+
+def route_configuration(name: str, routes: Sequence[MetaRoute]) -> route_pb2.RouteConfiguration:
+    """A RouteConfiguration as Aeraki's metaProtocolRoute2HttpRoute writes it."""
+    vh = rc.VirtualHost(name="dummy", domains=["*"])
+    for r in routes:
+        headers = [rc.HeaderMatcher(name=k, exact_match=v) for k, v in r.exact.items()]
+        headers += [rc.HeaderMatcher(name=k, prefix_match=v) for k, v in r.prefix.items()]
+        headers += [
+            rc.HeaderMatcher(
+                name=k,
+                safe_regex_match=regex_pb2.RegexMatcher(
+                    google_re2=regex_pb2.RegexMatcher.GoogleRE2(), regex=v
+                ),
+            )
+            for k, v in r.regex.items()
+        ]
+        headers += [rc.HeaderMatcher(name=k, present_match=True) for k in r.present]
+        action = rc.RouteAction()
+        if len(r.clusters) == 1:
+            action.cluster = r.clusters[0][0]
+        else:
+            action.weighted_clusters.CopyFrom(
+                rc.WeightedCluster(
+                    clusters=[
+                        rc.WeightedCluster.ClusterWeight(
+                            name=c, weight=wrappers_pb2.UInt32Value(value=w)
+                        )
+                        for c, w in r.clusters
+                    ]
+                )
+            )
+        if r.mirror is not None:
+            action.request_mirror_policies.append(
+                rc.RouteAction.RequestMirrorPolicy(
+                    cluster=r.mirror[0],
+                    runtime_fraction=base_pb2.RuntimeFractionalPercent(
+                        default_value=percent_pb2.FractionalPercent(
+                            numerator=int(r.mirror[1] * 10000),
+                            denominator=percent_pb2.FractionalPercent.MILLION,
+                        )
+                    ),
+                )
+            )
+        if r.hash_header:
+            action.hash_policy.append(
+                rc.RouteAction.HashPolicy(
+                    header=rc.RouteAction.HashPolicy.Header(header_name=r.hash_header)
+                )
+            )
+        vh.routes.append(
+            rc.Route(
+                name=r.name,
+                match=rc.RouteMatch(prefix="/", headers=headers),
+                route=action,
+                request_headers_to_add=_headers(r.request_mutation),
+                response_headers_to_add=_headers(r.response_mutation),
+            )
+        )
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vh])
+
+
+def _headers(values: dict[str, str]) -> list[base_pb2.HeaderValueOption]:
+    return [
+        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+        for k, v in values.items()
+    ]
+
+
+def cluster(name: str, *, lb: int = cluster_pb2.Cluster.ROUND_ROBIN) -> cluster_pb2.Cluster:
+    """An outbound EDS cluster as istiod writes it (its transport-socket match included)."""
+    _, port, subset, host = name.split("|")
+    c = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            eds_config=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.V3,
+            ),
+            service_name=name,
+        ),
+        connect_timeout=duration_pb2.Duration(seconds=10),
+        lb_policy=lb,
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(
+            thresholds=[
+                circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                    max_connections=wrappers_pb2.UInt32Value(value=4294967295),
+                    max_pending_requests=wrappers_pb2.UInt32Value(value=4294967295),
+                    max_requests=wrappers_pb2.UInt32Value(value=4294967295),
+                    max_retries=wrappers_pb2.UInt32Value(value=4294967295),
+                    track_remaining=True,
+                )
+            ]
+        ),
+    )
+    services = struct_pb2.Struct()
+    services.update(
+        {
+            "services": [{"host": host, "name": host.split(".")[0], "namespace": "default"}],
+            "default_original_port": int(port),
+            **({"subset": subset} if subset else {}),
+        }
+    )
+    c.metadata.filter_metadata["istio"].CopyFrom(services)
+    # istiod's plain-text match for endpoints without an Istio sidecar (the mutual-TLS match,
+    # tlsMode-istio, needs SDS certificates that no control plane here can issue).
+    raw = base_pb2.TransportSocket(name="envoy.transport_sockets.raw_buffer")
+    raw.typed_config.Pack(raw_buffer_pb2.RawBuffer())
+    c.transport_socket_matches.append(
+        cluster_pb2.Cluster.TransportSocketMatch(name="tlsMode-disabled", transport_socket=raw)
+    )
+    return c
+
+
+def load_assignment(
+    name: str, endpoints: Sequence[tuple[str, int]]
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """A ClusterLoadAssignment as istiod writes it (one locality, HEALTHY, weight 1)."""
+    lbs = []
+    for address, port in endpoints:
+        meta = struct_pb2.Struct()
+        meta.update({"workload": "server;default;server;v1;Kubernetes"})
+        lb = endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address=address, port_value=port)
+                )
+            ),
+            health_status=health_check_pb2.HEALTHY,
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+        )
+        lb.metadata.filter_metadata["istio"].CopyFrom(meta)
+        lbs.append(lb)
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(region="local"),
+                lb_endpoints=lbs,
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=len(lbs) or 1),
+            )
+        ],
+    )
+
+
+HOST, PORT = "hello.svc", 9090
+RDS_NAME = f"{HOST}_{PORT}"
+ALL, V1, V2 = (f"outbound|{PORT}|{s}|{HOST}" for s in ("", "v1", "v2"))
+
+#: Aeraki's Dubbo sample: the service host (the interface, lowercased, as Aeraki's
+#: dubbo2istio registers it), its port and the interface its requests name.
+DUBBO_HOST, DUBBO_PORT = "org.apache.dubbo.samples.basic.api.demoservice", 20880
+DUBBO_INTERFACE = "org.apache.dubbo.samples.basic.api.DemoService"
+DUBBO_RDS_NAME = f"{DUBBO_HOST}_{DUBBO_PORT}"
+
+
+def hello_snapshots(
+    v1: Sequence[tuple[str, int]],
+    v2: Sequence[tuple[str, int]],
+    *,
+    host: str = HOST,
+    port: int = PORT,
+    match: dict[str, str] | None = None,
+    rest_match: dict[str, str] | None = None,
+    extra: Sequence[MetaRoute] = (),
+) -> list[tuple[str, dict[str, list[Any]]]]:
+    """The versions a test walks through, as Aeraki and istiod would send them.
+
+    ``1``: the route ``hello`` (``match``: sayHello by default) goes to subset v1; ``2``: a
+    route change sends it to v2; ``3``: a weight change splits it 50/50; ``4``: the first v1
+    endpoint is removed (EDS only). ``extra`` routes come next, then ``rest`` (``rest_match``,
+    else everything) to v1. ``host`` and ``port`` name the service.
+    """
+    every, sub1, sub2 = (f"outbound|{port}|{s}|{host}" for s in ("", "v1", "v2"))
+    hello = {"method": "sayHello"} if match is None else match
+
+    def snapshot(
+        clusters: Sequence[tuple[str, int]], v1_eps: Sequence[tuple[str, int]]
+    ) -> dict[str, list[Any]]:
+        routes = [
+            MetaRoute("hello", clusters, exact=hello),
+            *extra,
+            MetaRoute("rest", [(sub1, 100)], exact=rest_match or {}),
+        ]
+        return {
+            CLUSTER_TYPE: [cluster(every), cluster(sub1), cluster(sub2)],
+            ENDPOINT_TYPE: [
+                load_assignment(every, [*v1_eps, *v2]),
+                load_assignment(sub1, v1_eps),
+                load_assignment(sub2, v2),
+            ],
+            ROUTE_TYPE: [route_configuration(f"{host}_{port}", routes)],
+        }
+
+    split = [(sub1, 50), (sub2, 50)]
+    return [
+        ("1", snapshot([(sub1, 100)], v1)),
+        ("2", snapshot([(sub2, 100)], v1)),
+        ("3", snapshot(split, v1)),
+        ("4", snapshot(split, v1[1:])),
+    ]
+
+
+def dubbo_snapshots(
+    v1: Sequence[tuple[str, int]], v2: Sequence[tuple[str, int]]
+) -> list[tuple[str, dict[str, list[Any]]]]:
+    """:func:`hello_snapshots` for Aeraki's Dubbo sample, as its MetaRouter reads: routes
+    matching the ``interface`` and ``method`` attributes, and a request mutation (a Dubbo
+    attachment) on the ``attachments`` method's route."""
+    sub2 = f"outbound|{DUBBO_PORT}|v2|{DUBBO_HOST}"
+    mutated = MetaRoute(
+        "mutated",
+        [(sub2, 100)],
+        exact={"interface": DUBBO_INTERFACE, "method": "attachments"},
+        request_mutation={"x-mesh": "xds"},
+    )
+    return hello_snapshots(
+        v1,
+        v2,
+        host=DUBBO_HOST,
+        port=DUBBO_PORT,
+        match={"interface": DUBBO_INTERFACE, "method": "sayHello"},
+        rest_match={"interface": DUBBO_INTERFACE},
+        extra=[mutated],
+    )
+
+
+def refused_route(version: str) -> route_pb2.RouteConfiguration:
+    """Valid xDS that Envoy accepts and this engine refuses: a route with a retry policy."""
+    rc_ = route_configuration(RDS_NAME, [MetaRoute("hello", [(V2, 100)])])
+    rc_.virtual_hosts[0].routes[0].route.retry_policy.num_retries.value = 3
+    return rc_

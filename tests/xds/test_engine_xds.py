@@ -1,0 +1,376 @@
+"""The engine under a control plane: real thriftpy2 clients and servers, the test ADS server.
+
+One client connection stays open through every update while a second thread keeps calling:
+a route change, a weight change and an endpoint removal take effect over xDS with no failed
+request and no dropped connection; a snapshot the engine refuses is NACKed with an
+``error_detail`` and changes nothing; after the control plane restarts the client
+reconnects and the next update applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from control_plane import ControlPlane
+from snapshots import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    HOST,
+    PORT,
+    RDS_NAME,
+    ROUTE_TYPE,
+    MetaRoute,
+    hello_snapshots,
+    refused_route,
+    route_configuration,
+)
+
+from metaprotocol_sdk.demo.idl import hello, untyped
+from metaprotocol_sdk.demo.thrift_server import HelloServer
+from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy.config.models import Xds, XdsNode
+from metaprotocol_sdk.proxy.xds.client import XdsClient, backoff_delay
+
+T = TypeVar("T")
+NODE = "sidecar~127.0.0.1~engine.default~default.svc.cluster.local"
+TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE)
+
+
+def config_yaml(xds_port: int, extra: str = "") -> str:
+    return f"""
+kind: ServiceEntry
+metadata: {{name: hello}}
+spec:
+  hosts: [{HOST}]
+  ports: [{{number: {PORT}, name: tcp-metaprotocol-thrift-hello}}]
+---
+kind: ProxyConfig
+metadata: {{name: proxy}}
+spec:
+  listeners: [{{host: {HOST}, port: {PORT}, bind: "127.0.0.1:0"}}]
+  xds:
+    address: "127.0.0.1:{xds_port}"
+    node: {{id: "{NODE}"}}
+    backoff: {{initial: 20ms, max: 200ms}}{extra}
+"""
+
+
+class Harness:
+    """The engine and its xDS client on an event loop in a background thread."""
+
+    def __init__(self, yaml_text: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        config = loads_config(yaml_text)
+        self.engine = Engine(config)
+        self.call(self.engine.start())
+        self.client = XdsClient(self.engine, config)
+
+        async def start() -> None:
+            self.client.start()
+
+        self.call(start())
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait(self, predicate: Callable[[XdsClient], bool], timeout: float = 20) -> None:
+        self.call(self.client.wait_for(predicate, timeout), timeout + 5)
+
+    def dump(self) -> dict[str, Any]:
+        async def dump() -> dict[str, Any]:
+            return self.engine.config_dump()
+
+        return self.call(dump())
+
+    @property
+    def port(self) -> int:
+        return self.engine.listener_addresses[HOST, PORT][1]
+
+    def close(self) -> None:
+        self.call(self.client.stop())
+        self.call(self.engine.stop(drain=0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Caller:
+    """A thriftpy2 client on one connection, calling sayHello in a loop from its own thread."""
+
+    def __init__(self, port: int) -> None:
+        tt = untyped("thriftpy2.transport")
+        rpc = untyped("thriftpy2.rpc")
+        self.client = rpc.make_client(
+            hello().Hello,
+            "127.0.0.1",
+            port,
+            trans_factory=tt.TFramedTransportFactory(),
+            timeout=10_000,
+        )
+        self.replies: list[str] = []
+        self.errors: list[BaseException] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = self.client.sayHello("xds")
+            except Exception as exc:  # a failed request is what the test looks for
+                with self._cond:
+                    self.errors.append(exc)
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.replies.append(reply.split(":")[0])
+                self._cond.notify_all()
+
+    def next(self, count: int) -> Counter[str]:
+        """The servers that answered the next ``count`` calls (after the one in flight now,
+        which may have been routed before the last update and keeps its route)."""
+        with self._cond:
+            start = len(self.replies) + 1
+            assert self._cond.wait_for(
+                lambda: len(self.replies) >= start + count or self.errors, 20
+            ), "calls stalled"
+            assert not self.errors, self.errors
+            return Counter(self.replies[start : start + count])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(20)
+        self.client.close()
+
+
+def admin_dump(harness: Harness) -> dict[str, Any]:
+    """``/config_dump`` over HTTP from the engine's admin endpoint."""
+    assert harness.engine.admin_address is not None
+    host, port = harness.engine.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/config_dump", timeout=10) as reply:
+        return json.load(reply)  # type: ignore[no-any-return]
+
+
+async def _stats(engine: Engine) -> dict[str, float]:
+    return engine.stats_snapshot()
+
+
+def acked(version: str) -> Callable[[XdsClient], bool]:
+    return lambda c: all(state.version == version for state in c.types.values())
+
+
+def snapshots(servers: dict[str, HelloServer]) -> list[tuple[str, dict[str, list[Any]]]]:
+    v1 = [("127.0.0.1", servers["v1a"].port), ("127.0.0.1", servers["v1b"].port)]
+    return hello_snapshots(v1, [("127.0.0.1", servers["v2"].port)])
+
+
+def test_updates_take_effect_without_a_failed_request(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        caller = Caller(harness.port)
+        try:
+            assert set(caller.next(20)) == {"v1a", "v1b"}  # 1: sayHello to subset v1
+            control_plane.set_snapshot(*versions[1])
+            harness.wait(acked("2"))
+            assert caller.next(20) == {"v2": 20}  # 2: the route changed to v2
+            control_plane.set_snapshot(*versions[2])
+            harness.wait(acked("3"))
+            assert set(caller.next(60)) == {"v1a", "v1b", "v2"}  # 3: 50/50 between subsets
+            control_plane.set_snapshot(*versions[3])
+            harness.wait(acked("4"))
+            assert set(caller.next(60)) == {"v1b", "v2"}  # 4: v1a is gone from EDS
+            # A snapshot the engine refuses: NACKed, with the last good version, same nonce.
+            bad = {**versions[3][1], ROUTE_TYPE: [refused_route("5")]}
+            control_plane.set_snapshot("5", bad)
+            harness.wait(lambda c: c.types[ROUTE_TYPE].nacks == 1)
+            control_plane.wait(lambda _r: bool(control_plane.nacks(ROUTE_TYPE)))
+            (nack,) = control_plane.nacks(ROUTE_TYPE)
+            assert nack.version == "4" and nack.nonce
+            assert nack.error is not None and "retry_policy: not supported" in nack.error
+            assert set(caller.next(60)) == {"v1b", "v2"}  # nothing changed
+            whole = harness.dump()
+            assert whole["version"] == "cds:5 eds:5 rds:4"  # what serves, by xDS type
+            assert (whole["lastReload"]["source"], whole["lastReload"]["result"]) == (
+                "xds",
+                "refused",
+            )
+            refused = 'metaprotocol_reloads_total{source="xds",result="refused"}'
+            assert harness.call(_stats(harness.engine))[refused] == 1
+            dump = whole["xds"]
+            assert dump["connected"] is True
+            assert dump["rds"]["version"] == "4" and "retry_policy" in dump["rds"]["lastError"]
+            assert (dump["cds"]["version"], dump["eds"]["version"]) == ("5", "5")
+        finally:
+            caller.close()
+        assert not caller.errors
+    finally:
+        harness.close()
+    for type_url in (CLUSTER_TYPE, ENDPOINT_TYPE):
+        assert not control_plane.nacks(type_url)
+    first = next(r for r in control_plane.requests if r.node_id)
+    assert first.node_id == NODE
+    node = control_plane.nodes[0]  # an Istio sidecar's identity, as istiod reads it
+    assert node["id"] == NODE and node["cluster"].endswith(".default")
+    assert {"CLUSTER_ID", "NAMESPACE", "ISTIO_VERSION", "INSTANCE_IPS"} <= set(node["metadata"])
+
+
+def test_reconnects_after_the_control_plane_restarts(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    admin = '\n  admin: {bind: "127.0.0.1:0"}'
+    harness = Harness(config_yaml(control_plane.port, admin))
+    try:
+        harness.wait(acked("1"))
+        assert admin_dump(harness)["xds"]["connected"] is True
+        caller = Caller(harness.port)
+        try:
+            control_plane.stop()
+            harness.wait(lambda c: not c.connected)
+            shown = admin_dump(harness)["xds"]  # the admin endpoint shows it as it is now
+            assert shown["connected"] is False and shown["lastError"]
+            assert set(caller.next(20)) == {"v1a", "v1b"}  # the last good version serves
+            control_plane.set_snapshot(*versions[1])
+            control_plane.start()
+            harness.wait(lambda c: c.connected and acked("2")(c))
+            assert caller.next(20) == {"v2": 20}
+            shown = admin_dump(harness)["xds"]
+            assert shown["connected"] is True and shown["rds"]["version"] == "2"
+            assert harness.client.reconnects >= 1
+        finally:
+            caller.close()
+        assert not caller.errors
+    finally:
+        harness.close()
+    # The new stream asked for what the client held: version 1, no nonce.
+    resumed = [r for r in control_plane.requests if r.version == "1" and not r.nonce]
+    assert {r.type_url for r in resumed} >= {CLUSTER_TYPE, ROUTE_TYPE}
+
+
+def test_a_response_above_the_size_limit_is_refused_and_the_last_version_serves(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    harness = Harness(config_yaml(control_plane.port, "\n    maxMessageBytes: 4096"))
+    try:
+        harness.wait(acked("1"))
+        many = [MetaRoute(f"r{i}", [(f"outbound|{PORT}|v2|{HOST}", 100)]) for i in range(200)]
+        huge = {**versions[1][1], ROUTE_TYPE: [route_configuration(RDS_NAME, many)]}
+        control_plane.set_snapshot("2", huge)
+        harness.wait(lambda c: "RESOURCE_EXHAUSTED" in (c.last_error or ""))
+        caller = Caller(harness.port)
+        try:
+            assert set(caller.next(10)) == {"v1a", "v1b"}  # routes of version 1 still serve
+            assert harness.client.types[ROUTE_TYPE].version == "1"
+        finally:
+            caller.close()
+    finally:
+        harness.close()
+
+
+def test_backoff_doubles_to_the_cap_with_jitter() -> None:
+    settings = Xds("a:1", XdsNode("n", "c"), backoff_initial=0.5, backoff_max=4.0)
+    assert [backoff_delay(n, settings, 1.0) for n in range(1, 7)] == [0.5, 1, 2, 4, 4, 4]
+    assert backoff_delay(3, settings, 0.0) == 1.0  # jitter takes up to half off
+    assert backoff_delay(10_000, settings, 1.0) == 4.0
+
+
+OTHER_SERVICE = """
+kind: ServiceEntry
+metadata: {name: other}
+spec:
+  hosts: [other.svc]
+  ports: [{number: 9091, name: tcp-metaprotocol-thrift-other}]
+---"""
+
+
+def test_a_file_reload_keeps_the_routes_of_the_control_plane(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[1])  # sayHello to v2
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("2"))
+        caller = Caller(harness.port)
+        try:
+            listeners = f'[{{host: {HOST}, port: {PORT}, bind: "127.0.0.1:0"}}]'
+            both = listeners[:-1] + ', {host: other.svc, port: 9091, bind: "127.0.0.1:0"}]'
+            other = OTHER_SERVICE + config_yaml(control_plane.port).replace(listeners, both)
+            harness.call(harness.client.rebase(loads_config(other)))
+            assert caller.next(20) == {"v2": 20}  # the xDS routes still serve
+            # The new listener's route table is subscribed to on the open stream.
+            control_plane.wait(
+                lambda reqs: any(
+                    r.type_url == ROUTE_TYPE and "other.svc_9091" in r.names for r in reqs
+                )
+            )
+            moved = loads_config(config_yaml(control_plane.port + 1))
+            with pytest.raises(ConfigError, match=r"spec\.xds changed"):
+                harness.call(harness.client.rebase(moved))
+        finally:
+            caller.close()
+        assert not caller.errors
+    finally:
+        harness.close()
+
+
+def split(resources: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """istiod's part (clusters, endpoints) and Aeraki's part (routes) of a snapshot."""
+    istiod = {t: r for t, r in resources.items() if t != ROUTE_TYPE}
+    return istiod, {ROUTE_TYPE: resources[ROUTE_TYPE]}
+
+
+def test_routes_from_aeraki_and_clusters_from_istiod(servers: dict[str, HelloServer]) -> None:
+    """The mesh's real shape: Aeraki serves MetaRDS on its own RouteDiscoveryService,
+    istiod serves clusters and endpoints over ADS; the engine holds a stream to each."""
+    versions = snapshots(servers)
+    istiod, aeraki = ControlPlane().start(), ControlPlane(service="rds").start()
+    try:
+        clusters, routes = split(versions[0][1])
+        istiod.set_snapshot("1", clusters)
+        aeraki.set_snapshot("1", routes)
+        extra = f'\n    rdsAddress: "127.0.0.1:{aeraki.port}"'
+        harness = Harness(config_yaml(istiod.port, extra))
+        try:
+            harness.wait(acked("1"))
+            caller = Caller(harness.port)
+            try:
+                assert set(caller.next(20)) == {"v1a", "v1b"}
+                aeraki.set_snapshot("2", split(versions[2][1])[1])  # Aeraki: 50/50
+                harness.wait(lambda c: c.types[ROUTE_TYPE].version == "2")
+                assert set(caller.next(60)) == {"v1a", "v1b", "v2"}
+                istiod.set_snapshot("2", split(versions[3][1])[0])  # istiod: v1a removed
+                harness.wait(acked("2"))
+                assert set(caller.next(60)) == {"v1b", "v2"}
+                streams = harness.dump()["xds"]["streams"]
+                assert streams["rds"]["address"] == f"127.0.0.1:{aeraki.port}"
+                assert streams["rds"]["types"] == ["rds"] and streams["ads"]["connected"]
+            finally:
+                caller.close()
+            assert not caller.errors
+        finally:
+            harness.close()
+        assert {r.type_url for r in aeraki.requests} == {ROUTE_TYPE}
+        assert {r.type_url for r in istiod.requests} == {CLUSTER_TYPE, ENDPOINT_TYPE}
+        assert aeraki.acked(ROUTE_TYPE, "2", NODE) and istiod.acked(ENDPOINT_TYPE, "2", NODE)
+    finally:
+        istiod.close()
+        aeraki.close()
