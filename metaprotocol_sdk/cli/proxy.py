@@ -90,12 +90,21 @@ class Reloader:
         self.control_plane: XdsClient | None = None
 
     def digest(self) -> str | None:
-        """A hash of the files' bytes (``None``: one cannot be read now)."""
+        """A hash of the files' bytes (``None``: one cannot be read now).
+
+        Each file is read in chunks and at most one byte past the loader's limit (a larger
+        file is refused by the loader anyway), so memory stays bounded whatever the file.
+        """
+        from metaprotocol_sdk.proxy.config.documents import MAX_CONFIG_BYTES
+
         h = hashlib.sha256()
         try:
             for name in self.files:
                 with open(name, "rb") as f:
-                    h.update(f.read())
+                    left = MAX_CONFIG_BYTES + 1
+                    while left > 0 and (chunk := f.read(min(left, 1 << 16))):
+                        h.update(chunk)
+                        left -= len(chunk)
                 h.update(b"\0")
         except OSError:
             return None
@@ -117,7 +126,7 @@ class Reloader:
         """Load the files, apply them; one line on stderr either way. ``True``: applied."""
         from metaprotocol_sdk.proxy import load_config
 
-        digest = self.digest()
+        digest = await asyncio.to_thread(self.digest)  # off the loop, like the load
         if source == "watch" and digest is not None and digest == self.seen:
             return False  # the files' contents did not change
         self.seen = digest

@@ -218,3 +218,24 @@ def test_watch_applies_a_changed_file_and_skips_a_half_written_one(
     finally:
         proxy.stop()
     assert proxy.proc.returncode == 0
+
+
+def test_the_watch_digest_reads_a_huge_file_in_bounded_memory(tmp_path: Path) -> None:
+    """``--watch`` hashes the files on every event: a huge one must not be read whole."""
+    import tracemalloc
+
+    from metaprotocol_sdk.cli.proxy import Reloader
+    from metaprotocol_sdk.proxy.config.documents import MAX_CONFIG_BYTES
+
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as file:
+        file.truncate(64 * 1024 * 1024)  # sparse: costs no disk
+    reloader = Reloader.__new__(Reloader)
+    reloader.files = (str(huge),)
+    tracemalloc.start()
+    try:
+        assert reloader.digest() is not None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_CONFIG_BYTES, peak  # chunks of 64 KiB, not the 64 MiB file
