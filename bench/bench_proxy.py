@@ -57,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "proxy"))
 
 import configs  # noqa: E402
+import floors  # noqa: E402
 
 PY = sys.executable
 ENVOY = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -255,9 +256,14 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
     if kind == "direct":
         yield upstream, 0
         return
-    if kind == "uvloop passthrough":
+    if kind == "uvloop passthrough" or kind in FLOORS:
         argv = [PY, str(HERE / "proxy" / "passthrough.py"), protocol, str(upstream)]
-        proc = Proc(argv, PROXY_CORE)
+        env = None
+        if kind in FLOORS:
+            argv = [PY, str(HERE / "proxy" / "floors.py"), FLOORS[kind], protocol, str(upstream)]
+            if FLOORS[kind] == "chains":
+                env = {**os.environ, "GLIBC_TUNABLES": floors.CHAINS_TUNABLES}
+        proc = Proc(argv, PROXY_CORE, env=env)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
     elif kind == "engine" or kind.startswith(("engine on ", "engine @", COMPILED_KIND)):
         path = workdir / f"engine-{protocol}.yaml"
@@ -495,25 +501,39 @@ def _paired(
 #: Largest payload for which the pass-through is a floor (it copies large frames naively).
 FLOOR_PAYLOAD = 64 << 10
 
+#: The large-payload floors (``proxy/floors.py``): target name -> its mode. ``frames`` holds
+#: each frame whole and contiguous, as the engine does, and copies nothing in user space;
+#: ``chains`` holds it whole as the chain of its reads (as Envoy does), with glibc's allocator
+#: tuned; ``stream`` forwards each read as it is, like Envoy's tcp_proxy.
+FLOORS = {
+    "uvloop frame floor": "frames",
+    "uvloop chain floor": "chains",
+    "uvloop stream floor": "stream",
+}
+#: The floor the engine's large-payload figures are measured above.
+FRAME_FLOOR = "uvloop frame floor"
+
 
 def floor_lines(
     protocol: str, kinds: list[str], results: dict[tuple[str, str], Result]
 ) -> list[str]:
-    """CPU per request above each proxy's own L4 floor, per scenario, from the same slices.
+    """CPU per request above each proxy's own floor, per scenario, from the same slices.
 
-    The engine (every engine row) above the uvloop pass-through, Envoy's protocol proxy above
-    Envoy's tcp_proxy; each figure is the median of per-slice differences (quartiles after it).
-    Small payloads only: the pass-through copies large frames naively, so it is no floor there.
+    Envoy's protocol proxy above Envoy's tcp_proxy; the engine (every engine row) above the
+    uvloop pass-through for small payloads, and above the frame floor (``floors.py frames``,
+    which copies nothing in user space) for large ones, where the pass-through's naive copies
+    make it no floor. Each figure is the median of per-slice differences (quartiles after it).
     """
     anchor = f"envoy {protocol}_proxy"
-    pairs = [(k, "uvloop passthrough") for k in kinds if k.startswith("engine")]
-    pairs.append((anchor, "envoy tcp_proxy"))
     lines = []
-    for scenario in (s for s in SCENARIOS if s.payload <= FLOOR_PAYLOAD):
+    for scenario in SCENARIOS:
+        floor = "uvloop passthrough" if scenario.payload <= FLOOR_PAYLOAD else FRAME_FLOOR
+        pairs = [(k, floor) for k in kinds if k.startswith("engine")]
+        pairs.append((anchor, "envoy tcp_proxy"))
         envoy = _paired(results, anchor, "envoy tcp_proxy", scenario.name, "-")
         parts = []
-        for kind, floor in pairs:
-            diffs = _paired(results, kind, floor, scenario.name, "-")
+        for kind, base in pairs:
+            diffs = _paired(results, kind, base, scenario.name, "-")
             if not diffs:
                 continue
             q1, q2, q3 = _quartiles(diffs)
@@ -522,13 +542,13 @@ def floor_lines(
                 part += f" = {q2 / _quartiles(envoy)[1]:.2f}x Envoy's"
             parts.append(part)
         if parts:
-            lines.append(f"- {scenario.name}: " + "; ".join(parts))
+            lines.append(f"- {scenario.name} (engines above {floor}): " + "; ".join(parts))
     if not lines:
         return []
     head = (
-        "CPU us per request above the proxy's own L4 floor (engines above the uvloop "
-        "pass-through, Envoy's protocol proxy above its tcp_proxy; median of per-slice "
-        "differences, quartiles in brackets):"
+        "CPU us per request above the proxy's own floor (engines above a uvloop floor, "
+        "Envoy's protocol proxy above its tcp_proxy; median of per-slice differences, "
+        "quartiles in brackets):"
     )
     return ["", head, *lines]
 
@@ -605,7 +625,7 @@ def main() -> int:
         validate_envoy_configs(args.protocol or ["thrift", "dubbo"], workdir)
         for protocol in args.protocol or ["thrift", "dubbo"]:
             kinds = ["direct", "envoy tcp_proxy", f"envoy {protocol}_proxy"]
-            kinds += ["uvloop passthrough"]
+            kinds += ["uvloop passthrough", *FLOORS]
             if not (args.trees_only and TREES):
                 kinds.append("engine")
                 if (other := distro_python()) is not None:
