@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from passthrough import serve_pairs
 from wire import WIRES, Wire
 
 #: Receive buffer of the ``frames`` floor: room for the largest frame the benchmark sends.
@@ -154,35 +155,12 @@ class StreamFloor(Peer, asyncio.Protocol):
         self.send(data)
 
 
-async def serve(mode: str, protocol: str, upstream_port: int) -> None:
-    """Accept downstream connections and pair each with an upstream connection."""
-    loop = asyncio.get_running_loop()
-    wire = WIRES[protocol]
-    kind: Callable[[Wire], Peer] = {
-        "frames": FrameFloor,
-        "chains": ChainFloor,
-        "stream": StreamFloor,
-    }[mode]
-    tasks: set[asyncio.Task[None]] = set()
-
-    def downstream() -> Peer:
-        down = kind(wire)
-
-        async def connect() -> None:
-            _, up = await loop.create_connection(lambda: kind(wire), "127.0.0.1", upstream_port)
-            up.peer, down.peer = down, up
-            for data in down.early:
-                down.send(data)
-            down.early.clear()
-
-        task = loop.create_task(connect())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return down
-
-    server = await loop.create_server(downstream, "127.0.0.1", 0, backlog=4096)
-    print(f"listening {mode} on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
-    await loop.run_in_executor(None, sys.stdin.read)
+#: The floors by mode.
+KINDS: dict[str, Callable[[Wire], Peer]] = {
+    "frames": FrameFloor,
+    "chains": ChainFloor,
+    "stream": StreamFloor,
+}
 
 
 def main() -> None:
@@ -190,9 +168,10 @@ def main() -> None:
     import uvloop
 
     mode, protocol, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if mode not in ("frames", "chains", "stream"):
-        raise SystemExit(f"mode must be frames, chains or stream, got {mode!r}")
-    uvloop.run(serve(mode, protocol, port))
+    if mode not in KINDS:
+        raise SystemExit(f"mode must be one of {', '.join(KINDS)}, got {mode!r}")
+    kind, wire = KINDS[mode], WIRES[protocol]
+    uvloop.run(serve_pairs(lambda: kind(wire), mode, port))
 
 
 if __name__ == "__main__":

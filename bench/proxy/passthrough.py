@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable
+from typing import Any, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,29 +71,39 @@ class Framer(asyncio.Protocol):
             self.peer.transport.close()
 
 
-async def serve(protocol: str, upstream_port: int) -> None:
-    """Accept downstream connections and pair each with an upstream connection."""
+class Paired(Protocol):
+    """What :func:`serve_pairs` needs of a connection: its transport, its peer, and what it
+    received before the peer existed."""
+
+    peer: Any
+    transport: asyncio.Transport | None
+    early: list[bytes]
+
+
+async def serve_pairs(make: Callable[[], Paired], label: str, upstream_port: int) -> None:
+    """Accept downstream connections and pair each with an upstream connection of its own
+    (both made by ``make``); print ``listening LABEL on 127.0.0.1:PORT``; run until stdin
+    closes."""
     loop = asyncio.get_running_loop()
-    wire = WIRES[protocol]
     tasks: set[asyncio.Task[None]] = set()
 
-    def downstream() -> Framer:
-        down = Framer(wire)
+    def downstream() -> asyncio.BaseProtocol:
+        down = make()
 
         async def connect() -> None:
-            _, up = await loop.create_connection(lambda: Framer(wire), "127.0.0.1", upstream_port)
-            up.peer, down.peer = down, up  # type: ignore[attr-defined]
-            for frames in down.early:
-                up.transport.write(frames)  # type: ignore[attr-defined]
+            up_transport, up = await loop.create_connection(make, "127.0.0.1", upstream_port)  # type: ignore[type-var]
+            up.peer, down.peer = down, up
+            for data in down.early:
+                up_transport.write(data)
             down.early.clear()
 
         task = loop.create_task(connect())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        return down
+        return down  # type: ignore[return-value]
 
     server = await loop.create_server(downstream, "127.0.0.1", 0, backlog=4096)
-    print(f"listening bench on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+    print(f"listening {label} on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)
 
 
@@ -99,7 +111,8 @@ def main() -> None:
     """Entry point."""
     import uvloop
 
-    uvloop.run(serve(sys.argv[1], int(sys.argv[2])))
+    wire = WIRES[sys.argv[1]]
+    uvloop.run(serve_pairs(lambda: Framer(wire), "bench", int(sys.argv[2])))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The benchmark's large-payload floors forward every frame intact (else they measure nothing).
+"""The benchmark's floors forward every frame intact (else they measure nothing).
 
-Each floor of ``bench/proxy/floors.py`` runs between the benchmark's canned upstream and its
-load generator, which checks every reply's id and status; pipelined requests put several
-frames in one read and split frames across reads, the cases the ``chains`` floor cuts.
+Each floor of ``bench/proxy/floors.py``, and the pass-through of ``passthrough.py``, runs
+between the benchmark's canned upstream and its load generator, which checks every reply's id
+and status; pipelined requests put several frames in one read and split frames across reads,
+the cases the ``chains`` floor cuts.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def started(argv: list[str], ready: str, env: dict[str, str] | None = None) -> I
         proc.wait(10)
 
 
-@pytest.mark.parametrize("mode", ["frames", "chains", "stream"])
+@pytest.mark.parametrize("mode", ["frames", "chains", "stream", "passthrough"])
 @pytest.mark.parametrize(
     ("protocol", "payload", "inflight"),
     [("dubbo", 1 << 20, 2), ("thrift", 16, 16), ("dubbo", 70_000, 8)],
@@ -51,6 +52,8 @@ def test_floor_forwards_every_frame(mode: str, protocol: str, payload: int, infl
     upstream = [sys.executable, str(PROXY / "upstream.py"), protocol, str(payload)]
     with started(upstream, "READY") as upstream_port:
         floor = [sys.executable, str(PROXY / "floors.py"), mode, protocol, str(upstream_port)]
+        if mode == "passthrough":  # the small-payload floor, bench/proxy/passthrough.py
+            floor = [sys.executable, str(PROXY / "passthrough.py"), protocol, str(upstream_port)]
         with started(floor, "listening", env) as port:
             load = [sys.executable, str(PROXY / "loadgen.py"), protocol, f"127.0.0.1:{port}"]
             load += ["--payload", str(payload), "--connections", "2"]
