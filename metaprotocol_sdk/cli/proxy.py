@@ -165,6 +165,13 @@ async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event
         click.echo(f"watch stopped: {exc}; SIGHUP still reloads", err=True)
 
 
+def _refuse_while_draining(engine: Engine) -> None:
+    """A ``SIGHUP`` after ``SIGTERM``: nothing to reload into; counted and said, not fatal."""
+    error = "the engine is draining (SIGTERM); nothing was changed"
+    engine.refused("sighup", error)
+    click.echo(f"reload refused (sighup): {error}", err=True)
+
+
 async def _serve(
     config: Config,
     drain: float | None,
@@ -220,7 +227,9 @@ async def _serve(
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(sig)
     with contextlib.suppress(NotImplementedError):
-        loop.remove_signal_handler(signal.SIGHUP)
+        # Not removed: without a handler SIGHUP's default action ends the process, cutting
+        # the drain short and every request in flight with it.
+        loop.add_signal_handler(signal.SIGHUP, _refuse_while_draining, engine)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -186,6 +186,35 @@ def test_sighup_swaps_routes_for_open_connections_and_refuses_a_bad_file(
     assert proxy.proc.returncode == 0
 
 
+def test_a_sighup_during_the_drain_is_refused_and_the_request_in_flight_finishes(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    """The handler stays after SIGTERM: SIGHUP's default action would end the process and
+    cut the drain short (it did: the request in flight lost its connection, status -1)."""
+    v1, v2 = servers
+    config = tmp_path / "mesh.yaml"
+    config.write_text(mesh(v1.port, v2.port, "v1"))
+    proxy = Proxy(config)
+    pool = ThreadPoolExecutor(1)
+    try:
+        client = proxy.client()
+        slow: Future[str] = pool.submit(client.sleep, 3000)
+        assert v1.handler.sleeping.wait(WAIT)
+        proxy.proc.send_signal(signal.SIGTERM)
+        while proxy.lines.get(timeout=WAIT) != "draining":
+            pass
+        proxy.proc.send_signal(signal.SIGHUP)
+        line = proxy.next_reload()
+        assert line.startswith("reload refused (sighup): the engine is draining"), line
+        assert not slow.done(), "the request finished before the SIGHUP: nothing was tested"
+        assert slow.result(WAIT) == "v1: slept 3000"
+        assert proxy.proc.wait(WAIT) == 0
+        client.close()
+    finally:
+        pool.shutdown(wait=False)
+        proxy.stop()
+
+
 def test_watch_applies_a_changed_file_and_skips_a_half_written_one(
     tmp_path: Path, servers: tuple[HelloServer, HelloServer]
 ) -> None:
