@@ -335,7 +335,7 @@ class XdsClient:
                         field="spec.xds",
                     )
                 try:
-                    config = translate(base, held)
+                    config = await asyncio.to_thread(translate, base, held)
                 except XdsRefused as exc:
                     raise ConfigError(str(exc), source="xDS resources held") from exc
             except ConfigError as exc:  # apply() records its own refusals
@@ -368,7 +368,9 @@ class XdsClient:
             try:
                 resources = _decode(response)
                 candidate = self._candidate(state, resources)
-                config = translate(self.base, candidate)
+                # Off the loop, as file reloads are parsed: a large update (tens of thousands
+                # of endpoints) must not stall the requests being served meanwhile.
+                config = await asyncio.to_thread(translate, self.base, candidate)
             except (XdsRefused, ConfigError) as exc:  # apply() records its own refusals
                 self.engine.refused("xds", str(exc)[:MAX_ERROR_DETAIL], version)
                 raise
