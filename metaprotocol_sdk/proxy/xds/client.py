@@ -414,7 +414,8 @@ class XdsClient:
         """The resources as they would be if this response were accepted.
 
         CDS responses carry the whole state of the world; RDS and EDS responses update the
-        resources they name (and only subscribed names are kept).
+        resources they name, and only subscribed names are kept (none while nothing is
+        subscribed): a server sending others cannot grow what is held.
         """
         current = {url: dict(s.resources) for url, s in self.types.items()}
         if state.type_url == CLUSTER_TYPE:
@@ -424,11 +425,10 @@ class XdsClient:
                 k: v for k, v in current[ENDPOINT_TYPE].items() if k in wanted
             }
         else:
+            wanted = set(state.names)
             merged = current[state.type_url]
-            merged.update(received)
-            if state.names:
-                merged = {k: v for k, v in merged.items() if k in state.names}
-            current[state.type_url] = merged
+            merged.update((k, v) for k, v in received.items() if k in wanted)
+            current[state.type_url] = {k: v for k, v in merged.items() if k in wanted}
         return Resources(
             routes=current[ROUTE_TYPE],
             clusters=current[CLUSTER_TYPE],
