@@ -6,6 +6,7 @@ servers and a thriftpy2 client calling without pause.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -109,7 +110,7 @@ def test_a_large_update_does_not_stall_the_requests_being_served(
             caller.close()
         assert not caller.errors, caller.errors
         stamps = [start, *(t for t in caller.stamps if t > start)]
-        longest = max(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+        longest = max(b - a for a, b in itertools.pairwise(stamps))
         # Off the loop, the longest wait between replies is a small part of the update's time;
         # on the loop it was the whole of it.
         assert longest < took / 4, f"no reply for {longest:.2f} s of the {took:.2f} s update"
