@@ -62,9 +62,12 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-#: ``--watch``: changes closer together than this are one change (an editor's save is often
-#: several writes and a rename).
-WATCH_DEBOUNCE_MS = 300
+#: ``--watch``: a change is acted on once the files' directories have been quiet this long, so
+#: changes closer together are one (an editor's save is often several writes and a rename;
+#: a writer that pauses mid-file must not have its first half applied).
+WATCH_QUIET_MS = 300
+#: ``--watch``: the longest a change waits while the directories never stay quiet.
+WATCH_MAX_WAIT_MS = 5000
 
 
 class Reloader:
@@ -154,15 +157,29 @@ class Reloader:
 async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event) -> None:
     """Ask for a reload whenever something changes in the files' directories (the reloader
     skips changes that leave the files' contents as they were). Directories, not the files,
-    are watched: editors and Kubernetes ConfigMaps replace a file by a rename."""
+    are watched: editors and Kubernetes ConfigMaps replace a file by a rename (a ConfigMap
+    swaps its ``..data`` symlink, in the directory itself: subdirectories are not watched)."""
     from watchfiles import awatch
 
     directories = sorted({os.path.dirname(os.path.abspath(f)) for f in files})
     try:
-        async for _ in awatch(*directories, debounce=WATCH_DEBOUNCE_MS, step=50, stop_event=stop):
+        async for _ in awatch(
+            *directories,
+            debounce=WATCH_MAX_WAIT_MS,
+            step=WATCH_QUIET_MS,
+            stop_event=stop,
+            recursive=False,
+        ):
             reloader.request("watch")
     except Exception as exc:  # a directory removed, a watch limit reached: say so, keep serving
         click.echo(f"watch stopped: {exc}; SIGHUP still reloads", err=True)
+
+
+def _refuse_while_draining(engine: Engine) -> None:
+    """A ``SIGHUP`` after ``SIGTERM``: nothing to reload into; counted and said, not fatal."""
+    error = "the engine is draining (SIGTERM); nothing was changed"
+    engine.refused("sighup", error)
+    click.echo(f"reload refused (sighup): {error}", err=True)
 
 
 async def _serve(
@@ -220,7 +237,9 @@ async def _serve(
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(sig)
     with contextlib.suppress(NotImplementedError):
-        loop.remove_signal_handler(signal.SIGHUP)
+        # Not removed: without a handler SIGHUP's default action ends the process, cutting
+        # the drain short and every request in flight with it.
+        loop.add_signal_handler(signal.SIGHUP, _refuse_while_draining, engine)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

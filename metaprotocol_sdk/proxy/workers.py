@@ -304,6 +304,7 @@ class Supervisor:
         await self._stop_workers()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # its default action would end us mid-exit
         self._close()
         return 0
 

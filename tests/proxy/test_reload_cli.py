@@ -7,10 +7,12 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from metaprotocol_sdk.cli.proxy import WATCH_QUIET_MS
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
 
@@ -186,6 +189,35 @@ def test_sighup_swaps_routes_for_open_connections_and_refuses_a_bad_file(
     assert proxy.proc.returncode == 0
 
 
+def test_a_sighup_during_the_drain_is_refused_and_the_request_in_flight_finishes(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    """The handler stays after SIGTERM: SIGHUP's default action would end the process and
+    cut the drain short (it did: the request in flight lost its connection, status -1)."""
+    v1, v2 = servers
+    config = tmp_path / "mesh.yaml"
+    config.write_text(mesh(v1.port, v2.port, "v1"))
+    proxy = Proxy(config)
+    pool = ThreadPoolExecutor(1)
+    try:
+        client = proxy.client()
+        slow: Future[str] = pool.submit(client.sleep, 3000)
+        assert v1.handler.sleeping.wait(WAIT)
+        proxy.proc.send_signal(signal.SIGTERM)
+        while proxy.lines.get(timeout=WAIT) != "draining":
+            pass
+        proxy.proc.send_signal(signal.SIGHUP)
+        line = proxy.next_reload()
+        assert line.startswith("reload refused (sighup): the engine is draining"), line
+        assert not slow.done(), "the request finished before the SIGHUP: nothing was tested"
+        assert slow.result(WAIT) == "v1: slept 3000"
+        assert proxy.proc.wait(WAIT) == 0
+        client.close()
+    finally:
+        pool.shutdown(wait=False)
+        proxy.stop()
+
+
 def test_watch_applies_a_changed_file_and_skips_a_half_written_one(
     tmp_path: Path, servers: tuple[HelloServer, HelloServer]
 ) -> None:
@@ -214,6 +246,76 @@ def test_watch_applies_a_changed_file_and_skips_a_half_written_one(
         line = proxy.next_reload()
         assert line.startswith("reload ok (watch): "), line
         assert client.sayHello("d") == "v1: hello d"
+        client.close()
+    finally:
+        proxy.stop()
+    assert proxy.proc.returncode == 0
+
+
+def test_watch_waits_for_a_writer_that_pauses_mid_file(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    """A file written in two parts with a pause between them is applied once, whole. (Its
+    first part, a valid configuration without the MetaRouter, was applied on its own: for
+    the pause, every request went to every version.)"""
+    from metaprotocol_sdk.proxy import load_config
+    from metaprotocol_sdk.proxy.reload import config_version
+
+    v1, v2 = servers
+
+    def listeners_first(text: str) -> str:
+        docs = text.split("---\n")
+        return "---\n".join([docs[-1], *docs[:-1]])
+
+    config = tmp_path / "mesh.yaml"
+    config.write_text(listeners_first(mesh(v1.port, v2.port, "v2")))
+    proxy = Proxy(config, "--watch")
+    try:
+        client = proxy.client()
+        assert client.sayHello("a") == "v2: hello a"
+        whole = listeners_first(mesh(v1.port, v2.port, "v1"))
+        cut = whole.index("kind: MetaRouter")
+        cut = whole.rindex("---\n", 0, cut) + 4
+        with config.open("w") as file:
+            file.write(whole[:cut])  # valid on its own: every document but the MetaRouter
+            file.flush()
+            # The writer pauses: half the quiet time the watch waits for (the attack's
+            # input, not a synchronisation).
+            time.sleep(WATCH_QUIET_MS / 2000)
+            file.write(whole[cut:])
+        expected = config_version(load_config([config]))
+        assert proxy.next_reload() == f"reload ok (watch): version {expected}"
+        assert client.sayHello("b") == "v1: hello b"
+        client.close()
+    finally:
+        proxy.stop()
+    assert proxy.proc.returncode == 0
+
+
+def test_watch_follows_a_configmap_symlink_swap(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    """Kubernetes updates a ConfigMap volume by writing a new timestamped directory and
+    renaming a ``..data`` symlink over the old one; the file is a symlink through it."""
+    v1, v2 = servers
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "..2026_01").mkdir()
+    (volume / "..2026_01" / "mesh.yaml").write_text(mesh(v1.port, v2.port, "v1"))
+    (volume / "..data").symlink_to("..2026_01")
+    (volume / "mesh.yaml").symlink_to("..data/mesh.yaml")
+    proxy = Proxy(volume / "mesh.yaml", "--watch")
+    try:
+        client = proxy.client()
+        assert client.sayHello("a") == "v1: hello a"
+        (volume / "..2026_02").mkdir()
+        (volume / "..2026_02" / "mesh.yaml").write_text(mesh(v1.port, v2.port, "v2"))
+        (volume / "..data_tmp").symlink_to("..2026_02")
+        os.replace(volume / "..data_tmp", volume / "..data")
+        shutil.rmtree(volume / "..2026_01")
+        line = proxy.next_reload()
+        assert line.startswith("reload ok (watch): "), line
+        assert client.sayHello("b") == "v2: hello b"
         client.close()
     finally:
         proxy.stop()

@@ -188,6 +188,20 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
                 return True
 
             await until(draining, "both workers to drain")
+            # A SIGHUP now reaches the draining workers: each refuses it and drains on (its
+            # default action, once the handler was removed, ended them mid-drain).
+            sup.proc.send_signal(signal.SIGHUP)
+
+            async def refused() -> bool:
+                for admin in admins:
+                    host, port = admin.rsplit(":", 1)
+                    status, body = await http_get((host, int(port)), "/config_dump")
+                    last = json.loads(body)["lastReload"] if status == 200 else None
+                    if not last or last["result"] != "refused" or "draining" not in last["error"]:
+                        return False
+                return True
+
+            await until(refused, "both workers to refuse the reload")
             up.release.set()  # the in-flight requests complete during the drain
             for reply in await asyncio.wait_for(asyncio.gather(*replies), WAIT):
                 assert reply.attributes.get("server") == "up"
@@ -198,7 +212,8 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
             code, err = sup.stop()
             await up.close()
         assert code == 0
-        assert err.count("draining") == 3, err  # the supervisor and each worker
+        assert err.splitlines().count("draining") == 3, err  # the supervisor and each worker
+        assert err.count("reload refused (sighup): the engine is draining") == 2, err
 
     run(main(), timeout=90)
 

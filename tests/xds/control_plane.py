@@ -206,6 +206,16 @@ class ControlPlane:
 
         self._loop.call_soon_threadsafe(apply)
 
+    def send(self, response: discovery_pb2.DiscoveryResponse) -> None:
+        """Send ``response`` as it is on every open stream, asked for or not (a hostile
+        server)."""
+
+        def send() -> None:
+            for stream in self.streams:
+                stream.out.put_nowait(response)
+
+        self._loop.call_soon_threadsafe(send)
+
     def record(self, request: Request) -> None:
         with self._cond:
             self.requests.append(request)

@@ -335,7 +335,7 @@ class XdsClient:
                         field="spec.xds",
                     )
                 try:
-                    config = translate(base, held)
+                    config = await asyncio.to_thread(translate, base, held)
                 except XdsRefused as exc:
                     raise ConfigError(str(exc), source="xDS resources held") from exc
             except ConfigError as exc:  # apply() records its own refusals
@@ -368,7 +368,9 @@ class XdsClient:
             try:
                 resources = _decode(response)
                 candidate = self._candidate(state, resources)
-                config = translate(self.base, candidate)
+                # Off the loop, as file reloads are parsed: a large update (tens of thousands
+                # of endpoints) must not stall the requests being served meanwhile.
+                config = await asyncio.to_thread(translate, self.base, candidate)
             except (XdsRefused, ConfigError) as exc:  # apply() records its own refusals
                 self.engine.refused("xds", str(exc)[:MAX_ERROR_DETAIL], version)
                 raise
@@ -412,7 +414,8 @@ class XdsClient:
         """The resources as they would be if this response were accepted.
 
         CDS responses carry the whole state of the world; RDS and EDS responses update the
-        resources they name (and only subscribed names are kept).
+        resources they name, and only subscribed names are kept (none while nothing is
+        subscribed): a server sending others cannot grow what is held.
         """
         current = {url: dict(s.resources) for url, s in self.types.items()}
         if state.type_url == CLUSTER_TYPE:
@@ -422,11 +425,10 @@ class XdsClient:
                 k: v for k, v in current[ENDPOINT_TYPE].items() if k in wanted
             }
         else:
+            wanted = set(state.names)
             merged = current[state.type_url]
-            merged.update(received)
-            if state.names:
-                merged = {k: v for k, v in merged.items() if k in state.names}
-            current[state.type_url] = merged
+            merged.update((k, v) for k, v in received.items() if k in wanted)
+            current[state.type_url] = {k: v for k, v in merged.items() if k in wanted}
         return Resources(
             routes=current[ROUTE_TYPE],
             clusters=current[CLUSTER_TYPE],

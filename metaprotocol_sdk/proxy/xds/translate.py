@@ -724,6 +724,8 @@ def _host_documents(
         ports[number] = f"{PORT_PREFIX}{proto}-xds-{number}" if proto else f"tcp-xds-{number}"
     multi = len(ports) > 1
     plain = {hp.name.port: hp for hp in clusters if hp.name.subset is None}
+    # Sets, not the lists: a subset's every endpoint is looked up in its service's.
+    owned = {port: set(hp.endpoints) for port, hp in plain.items()}
     # Endpoint identity: (address, port) on a single-port host; the address on a multi-port one.
     entries: dict[Any, dict[str, Any]] = {}
     for hp in clusters:
@@ -747,7 +749,7 @@ def _host_documents(
             if hp.name.subset is not None:
                 entry["labels"][SUBSET_LABEL + hp.name.subset] = "true"
                 owner = plain.get(hp.name.port)
-                if owner is not None and (address, port) not in owner.endpoints:
+                if owner is not None and (address, port) not in owned[hp.name.port]:
                     raise XdsRefused(
                         f"EDS {hp.name}",
                         "",
