@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import gc
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -61,6 +62,8 @@ def _tune_gc() -> None:
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
+
+log = logging.getLogger(__name__)
 
 #: ``--watch``: a change is acted on once the files' directories have been quiet this long, so
 #: changes closer together are one (an editor's save is often several writes and a rename;
@@ -119,11 +122,19 @@ class Reloader:
         self._wanted.set()
 
     async def run(self) -> None:
-        """Serve reload requests until cancelled."""
+        """Serve reload requests until cancelled. A reload that fails unexpectedly (a bug, or
+        a control-plane stream that broke mid-reload) is logged and counted as refused; the
+        next request is served as usual."""
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            await self.reload(self._source)
+            source = self._source
+            try:
+                await self.reload(source)
+            except Exception as exc:  # one failed reload must not end reloading
+                log.debug("reload failed (%s)", source, exc_info=True)  # the trace, on demand
+                self.engine.refused(source, f"reload failed: {type(exc).__name__}: {exc}")
+                click.echo(f"reload failed ({source}): {type(exc).__name__}: {exc}", err=True)
 
     async def reload(self, source: str) -> bool:
         """Load the files, apply them; one line on stderr either way. ``True``: applied."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from proxy_kit import (
@@ -339,6 +340,51 @@ def test_hammering_reloads_loses_no_request() -> None:
             assert len(a.received) + len(b.received) == len(replies)
             assert engine.stats.get("metaprotocol_reloads_total", source="test", result="ok") == 60
             c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_the_reloader_survives_a_reload_that_fails_unexpectedly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that raises something unforeseen (here: a control-plane stream that broke
+    mid-reload, simulated) is reported and counted; later reloads still happen."""
+    from metaprotocol_sdk.cli.proxy import Reloader
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        b = await Upstream("b").start()
+        endpoints = [(a.port, "v1"), (b.port, "v2")]
+        path = tmp_path / "mesh.yaml"
+        path.write_text(mesh(endpoints, router=TO_V2))
+        async with engine_for(mesh(endpoints, router=TO_V1)) as engine:
+            reloader = Reloader(engine, (str(path),))
+            task = asyncio.get_running_loop().create_task(reloader.run())
+            real_apply = engine.apply
+            calls = 0
+
+            async def broken_once(*args: object, **kwargs: object) -> None:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise RuntimeError("stream gone")
+                await real_apply(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(engine, "apply", broken_once)
+            reloader.request("sighup")
+            await until(lambda: engine.last_reload is not None, "the failed reload recorded")
+            assert engine.last_reload is not None
+            assert engine.last_reload.result == "refused"
+            assert "RuntimeError: stream gone" in (engine.last_reload.error or "")
+            assert not task.done()
+            reloader.request("sighup")
+            await until(lambda: calls == 2 and engine.last_reload.result == "ok", "reloaded")
+            c = await Client.connect(address(engine))
+            assert (await c.call()).attributes.get("server") == "b"
+            c.close()
+            task.cancel()
         await a.close()
         await b.close()
 

@@ -351,7 +351,11 @@ class XdsClient:
                 rds.resources = {k: v for k, v in rds.resources.items() if k in names}
                 call = self._carrier[ROUTE_TYPE].call
                 if call is not None:
-                    await call.write(self._request(rds))
+                    try:
+                        await call.write(self._request(rds))
+                    except Exception:  # the stream ended meanwhile
+                        # The reload is applied; the next stream subscribes to these names.
+                        log.debug("xDS: RDS subscription not sent (stream gone)", exc_info=True)
 
     async def _handle(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
         async with self._updating:  # one update at a time (responses, file reloads)
