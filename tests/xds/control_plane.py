@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -166,7 +167,14 @@ class ControlPlane:
         return self
 
     async def _start(self) -> None:
-        self._server = grpc.aio.server()
+        # Pings as often as the keepalive tests send them (istiod allows one per 15 s, gRPC's
+        # default one per 5 minutes; the engine's default interval is above both).
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.http2.min_ping_interval_without_data_ms", 100),
+                ("grpc.http2.max_ping_strikes", 0),
+            ]
+        )
         if self.service == "ads":
             ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
                 _Servicer(self), self._server
@@ -241,3 +249,60 @@ class ControlPlane:
     def nacks(self, type_url: str) -> list[Request]:
         """Requests of ``type_url`` that carried an ``error_detail``."""
         return [r for r in self.requests if r.type_url == type_url and r.error is not None]
+
+
+class BlackHole:
+    """A TCP relay to ``port`` on 127.0.0.1 that can go silent without closing anything, as a
+    control plane does when its node vanishes or a NAT entry expires: :meth:`swallow` makes
+    every connection open now drop what it carries in both directions while staying open;
+    connections made afterwards are relayed as usual."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._live: list[list[bool]] = []  # per connection: [swallowing]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def swallow(self) -> None:
+        """Silence every connection open now."""
+        with self._lock:
+            for flag in self._live:
+                flag[0] = True
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            flag = [False]
+            with self._lock:
+                self._live.append(flag)
+                self._sockets += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b, flag), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, flag: list[bool]) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if not flag[0]:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return

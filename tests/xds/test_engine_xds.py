@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import urllib.request
 from collections import Counter
@@ -18,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from control_plane import ControlPlane
+from control_plane import BlackHole, ControlPlane
 from snapshots import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -261,6 +262,47 @@ def test_reconnects_after_the_control_plane_restarts(
     # The new stream asked for what the client held: version 1, no nonce.
     resumed = [r for r in control_plane.requests if r.version == "1" and not r.nonce]
     assert {r.type_url for r in resumed} >= {CLUSTER_TYPE, ROUTE_TYPE}
+
+
+def test_a_control_plane_gone_silent_is_noticed_by_keepalive_and_the_stream_reopened(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """The connection stays open but nothing comes back (the node vanished, a NAT entry
+    expired): without keepalive the client believes it is connected and serves its last
+    version forever. With it, the unanswered PING ends the stream and a new one gets the
+    next version."""
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    hole = BlackHole(control_plane.port)
+    keepalive = "\n    keepalive: {time: 1s, timeout: 1s}"
+    harness = Harness(config_yaml(hole.port, keepalive))
+    try:
+        harness.wait(acked("1"))
+        assert harness.client.reconnects == 0
+        hole.swallow()
+        control_plane.set_snapshot(*versions[1])  # pushed into the silent connection
+        harness.wait(lambda c: c.connected and acked("2")(c), timeout=30)
+        assert harness.client.reconnects == 1  # the pings cost no reconnect before
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(10) == {"v2": 10}
+        finally:
+            caller.close()
+    finally:
+        harness.close()
+        hole.close()
+
+
+def test_keepalive_settings_are_checked() -> None:
+    for bad, why in [
+        ("{time: 500ms}", "spec.xds.keepalive.time: must be between 1s and 24h"),
+        ("{timeout: 2h}", "spec.xds.keepalive.timeout: must be between 1s and 1h"),
+        ("{every: 1s}", "every"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            loads_config(config_yaml(1, f"\n    keepalive: {bad}"))
+    xds = loads_config(config_yaml(1)).proxy.xds
+    assert xds is not None and (xds.keepalive_time, xds.keepalive_timeout) == (330.0, 20.0)
 
 
 def test_a_response_above_the_size_limit_is_refused_and_the_last_version_serves(

@@ -294,9 +294,10 @@ PROXY_CONFIG = fields(
     "tracing",
     "xds",
 )
-XDS = fields("address", "rdsAddress", "node", "maxMessageBytes", "backoff")
+XDS = fields("address", "rdsAddress", "node", "maxMessageBytes", "backoff", "keepalive")
 XDS_NODE = fields("id", "cluster", "metadata")
 XDS_BACKOFF = fields("initial", "max")
+XDS_KEEPALIVE = fields("time", "timeout")
 #: Kinds a file may not hold when ``spec.xds`` is set: the control plane sends them.
 XDS_KINDS = ("MetaRouter", "DestinationRule")
 TRACING = fields("endpoint", "randomSampling", "serviceName", "operation")

@@ -1074,7 +1074,8 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
     """``spec.xds``: ``address`` (``host:port``, required), ``rdsAddress`` (Aeraki's RDS
     server, when not the ADS one), ``node`` (``id``, ``cluster``, ``metadata``; defaults
     like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and ``POD_NAMESPACE``),
-    ``maxMessageBytes``, ``backoff`` (``initial``, ``max``)."""
+    ``maxMessageBytes``, ``backoff`` (``initial``, ``max``), ``keepalive`` (``time``,
+    ``timeout``)."""
     raw = doc.mapping(spec, "xds", "spec.xds", required=False)
     if "xds" not in spec:
         return None
@@ -1113,6 +1114,14 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
     cap = max(30.0, initial) if cap is None else cap
     if cap < initial:
         doc.fail("spec.xds.backoff.max", f"must be at least backoff.initial ({initial} s)")
+    keepalive = doc.mapping(raw, "keepalive", "spec.xds.keepalive", required=False)
+    doc.check(keepalive, "spec.xds.keepalive", schema.XDS_KEEPALIVE)
+    every = doc.duration(keepalive, "time", "spec.xds.keepalive.time")
+    wait = doc.duration(keepalive, "timeout", "spec.xds.keepalive.timeout")
+    if every is not None and not 1 <= every <= 86400:
+        doc.fail("spec.xds.keepalive.time", "must be between 1s and 24h")
+    if wait is not None and not 1 <= wait <= 3600:
+        doc.fail("spec.xds.keepalive.timeout", "must be between 1s and 1h")
     return Xds(
         address=address,
         rds_address=rds,
@@ -1124,6 +1133,8 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
         max_message_bytes=most or Xds.max_message_bytes,
         backoff_initial=initial,
         backoff_max=cap,
+        keepalive_time=Xds.keepalive_time if every is None else every,
+        keepalive_timeout=Xds.keepalive_timeout if wait is None else wait,
     )
 
 

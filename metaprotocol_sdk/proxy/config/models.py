@@ -429,6 +429,12 @@ class Xds:
     #: Reconnect backoff: the first wait and the cap, in seconds (doubling, with jitter).
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    #: HTTP/2 keepalive on the control-plane connection: a PING after this many seconds
+    #: without one, and the stream is given up (then reopened) when a PING is not answered
+    #: within ``keepalive_timeout``. The default stays above the 5 minutes gRPC
+    #: servers accept by default between PINGs.
+    keepalive_time: float = 330.0
+    keepalive_timeout: float = 20.0
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,27 @@ def backoff_delay(failures: int, settings: Xds, fraction: float) -> float:
     return delay * (0.5 + 0.5 * fraction)
 
 
+def channel_options(settings: Xds) -> list[tuple[str, int]]:
+    """gRPC channel arguments for a control-plane connection: message size bounds, and HTTP/2
+    keepalive so that a control plane that vanished without closing the connection (a node
+    gone, a NAT entry expired) is noticed and the stream reopened, instead of serving its last
+    version forever while believing it connected."""
+    most = settings.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", most),
+        ("grpc.max_send_message_length", most),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        # What ends the stream when the PING goes unanswered (gRPC's own default is a minute).
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        # xDS streams are quiet for long stretches: keep pinging without data frames.
+        ("grpc.http2.max_pings_without_data", 0),
+        # No bandwidth probes (PINGs sent on received data, for bulk transfers): the keepalive
+        # PINGs alone decide when a silent control plane is given up, at a known interval.
+        ("grpc.http2.bdp_probe", 0),
+    ]
+
+
 def node_message(settings: Xds) -> base_pb2.Node:
     """The ``Node`` sent in the first request of every stream."""
     metadata = struct_pb2.Struct()
@@ -261,10 +282,7 @@ class XdsClient:
 
     async def _session(self, stream: Stream) -> bool:
         """One stream: subscribe, then handle responses until it ends. True if any came."""
-        options = [
-            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
-            ("grpc.max_send_message_length", self.settings.max_message_bytes),
-        ]
+        options = channel_options(self.settings)
         answered = False
         async with grpc.aio.insecure_channel(stream.address, options=options) as channel:
             if stream.kind == "ads":
