@@ -209,6 +209,9 @@ def live_data(engine: Engine, history: History) -> dict[str, Any]:
             histogram = d.pop("histogram")
             if histogram is not None:
                 histograms.append(histogram)
+            # Per bucket of DURATION_BUCKETS_MS (and +Inf): what a supervisor of several
+            # workers adds up to give the quantiles of them all (merge_live).
+            d["buckets"] = list(histogram.counts) if histogram is not None else None
             d.update(_quantiles(histogram))
             d["share"] = (
                 round(100 * d["requests"] / group["requests"], 1) if group["requests"] else 0
@@ -239,3 +242,131 @@ def live_data(engine: Engine, history: History) -> dict[str, Any]:
         "history_interval": HISTORY_INTERVAL,
         "history": history.points(),
     }
+
+
+def _histogram(counts: Any) -> Histogram | None:
+    """A duration histogram from a worker's ``buckets`` (``None`` if absent or malformed)."""
+    if not isinstance(counts, list) or len(counts) != len(DURATION_BUCKETS_MS) + 1:
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return None
+    histogram = Histogram(DURATION, (), DURATION_BUCKETS_MS)
+    histogram.counts = list(counts)
+    return histogram
+
+
+def _add_histograms(a: Histogram | None, b: Histogram | None) -> Histogram | None:
+    if a is None or b is None:
+        return a or b
+    return _merged([a, b])
+
+
+def merge_live(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The live data of several workers (each :func:`live_data`) as one engine's.
+
+    Counts are summed; the quantiles come from the summed histograms (``buckets``), so they
+    are those of every request, not an average of the workers'; shares are recomputed and the
+    configured weights taken from the first worker. Each worker samples its history on its
+    own timer: intervals are added newest with newest. An answer without ``routes`` and
+    ``totals`` (a worker that failed to answer in full) is left out; ``workers`` says how
+    many were merged.
+    """
+    totals = {"requests": 0, "errors": 0, "local_replies": 0}
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    dests: dict[tuple[str, str, str], dict[str, Any]] = {}
+    histograms: dict[tuple[str, str, str], Histogram | None] = {}
+    local: dict[str, int] = {}
+    extra = {"upstream_connect_errors": 0, "connections": 0, "pending": 0}
+    histories: list[list[dict[str, Any]]] = []
+    merged_from = 0
+    for answer in answers:
+        try:
+            routes = list(answer["routes"])
+            part_totals = {k: int(answer["totals"][k]) for k in totals}
+        except (KeyError, TypeError, ValueError):
+            continue
+        merged_from += 1
+        for k, v in part_totals.items():
+            totals[k] += v
+        for group in routes:
+            if not isinstance(group, dict):
+                continue
+            gkey = (str(group.get("listener")), str(group.get("route")))
+            g = groups.setdefault(
+                gkey,
+                {"listener": gkey[0], "route": gkey[1], "requests": 0, "errors": 0, "dests": []},
+            )
+            for d in group.get("destinations") or ():
+                if not isinstance(d, dict):
+                    continue
+                dkey = (*gkey, str(d.get("destination")))
+                mine = dests.get(dkey)
+                if mine is None:
+                    mine = dests[dkey] = {
+                        "destination": dkey[2],
+                        "weight": d.get("weight"),
+                        "requests": 0,
+                        "errors": 0,
+                        "statuses": {},
+                    }
+                    g["dests"].append(dkey)
+                    histograms[dkey] = None
+                requests, errors = int(d.get("requests") or 0), int(d.get("errors") or 0)
+                mine["requests"] += requests
+                mine["errors"] += errors
+                g["requests"] += requests
+                g["errors"] += errors
+                for status, n in (d.get("statuses") or {}).items():
+                    mine["statuses"][str(status)] = mine["statuses"].get(str(status), 0) + int(n)
+                histograms[dkey] = _add_histograms(histograms[dkey], _histogram(d.get("buckets")))
+        for kind, n in (answer.get("local_replies") or {}).items():
+            local[str(kind)] = local.get(str(kind), 0) + int(n)
+        for k in extra:
+            extra[k] += int(answer.get(k) or 0)
+        history = answer.get("history")
+        if isinstance(history, list):
+            histories.append(history)
+    out_routes = []
+    for g in groups.values():
+        route_histograms = []
+        destinations = []
+        for dkey in g.pop("dests"):
+            d = dests[dkey]
+            histogram = histograms[dkey]
+            if histogram is not None:
+                route_histograms.append(histogram)
+            d["buckets"] = list(histogram.counts) if histogram is not None else None
+            d.update(_quantiles(histogram))
+            d["share"] = round(100 * d["requests"] / g["requests"], 1) if g["requests"] else 0
+            destinations.append(d)
+        g["destinations"] = destinations
+        g.update(_quantiles(_merged(route_histograms)))
+        out_routes.append(g)
+    return {
+        "time": round(time.time(), 3),
+        "totals": totals,
+        "routes": out_routes,
+        "local_replies": dict(sorted(local.items())),
+        **extra,
+        "history_interval": HISTORY_INTERVAL,
+        "history": _merge_histories(histories),
+        "workers": merged_from,
+    }
+
+
+def _merge_histories(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Interval counts added newest with newest; the times are the first history's."""
+    longest = max((len(h) for h in histories), default=0)
+    out: list[dict[str, Any]] = []
+    for back in range(longest, 0, -1):
+        point: dict[str, Any] = {"time": None, "requests": 0, "errors": 0, "local_replies": 0}
+        for history in histories:
+            if back > len(history) or not isinstance(history[-back], dict):
+                continue
+            item = history[-back]
+            if point["time"] is None:
+                point["time"] = item.get("time")
+            for k in ("requests", "errors", "local_replies"):
+                point[k] += int(item.get(k) or 0)
+        out.append(point)
+    return out

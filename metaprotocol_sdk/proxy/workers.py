@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .admin import _AdminServer, _response
+from .admin_page import merge_live, page_html
 from .config.models import Admin
 from .stats import Stats
 from .stats_merge import WORKER_LABEL, MergedStats
@@ -491,6 +492,17 @@ class Supervisor:
         merged.add(self.stats.prometheus())  # the supervisor's admin counters
         return merged
 
+    async def live(self, timeout: float) -> dict[str, Any]:
+        """The live page's data of every answering worker, combined (:func:`merge_live`)."""
+        answers = await self.ask("/stats/live", timeout)
+        parts = []
+        for answer in answers:
+            with contextlib.suppress(ValueError):
+                data = json.loads(answer) if isinstance(answer, bytes) else None
+                if isinstance(data, dict):
+                    parts.append(data)
+        return merge_live(parts)
+
     async def config_dump(self, timeout: float) -> dict[str, Any]:
         """The first answering worker's ``/config_dump``, and every worker's state."""
         answers = await self.ask("/config_dump", timeout)
@@ -549,7 +561,9 @@ async def _copy_output(stream: asyncio.StreamReader) -> None:
         sys.stdout.flush()
 
 
-_PATHS = "/paths\n/ready\n/config_dump\n/stats\n/stats?format=json\n/stats/prometheus\n"
+_PATHS = (
+    "/\n/paths\n/ready\n/config_dump\n/stats\n/stats?format=json\n/stats/prometheus\n/stats/live\n"
+)
 
 
 class WorkersAdmin(_AdminServer):
@@ -565,6 +579,7 @@ class WorkersAdmin(_AdminServer):
         self.settings = settings
         self.active = 0
         self._rejected = self.stats.counter("metaprotocol_admin_connections_rejected_total")
+        self._page: bytes | None = None
 
     async def respond(self, method: str, target: str) -> bytes:
         """The full HTTP response for one request (workers asked with a bounded wait)."""
@@ -586,12 +601,13 @@ class WorkersAdmin(_AdminServer):
             return _response(200, merged.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/paths":
             return _response(200, _PATHS)
-        if path in ("/", "/stats/live"):
-            return _response(
-                404,
-                "the live page is served by each worker's admin endpoint (listed under "
-                '"workers" in /config_dump), not by the supervisor of --workers\n',
-            )
+        if path == "/":
+            if self._page is None:
+                self._page = _response(200, page_html(), "text/html; charset=utf-8")
+            return self._page
+        if path == "/stats/live":
+            body = json.dumps(await supervisor.live(timeout), default=str)
+            return _response(200, body + "\n", "application/json")
         return _response(404, f"unknown path {path[:200]}\n")
 
 

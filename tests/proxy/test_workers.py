@@ -152,6 +152,15 @@ def test_connections_spread_over_both_workers_and_stats_are_summed(tmp_path: Pat
             prometheus = (await http_get(sup.admin, "/stats/prometheus"))[1]
             assert "# TYPE metaprotocol_requests_pending gauge" in prometheus
             assert 'metaprotocol_requests_total{listener="svc.test:9000"' in prometheus
+            # The live page and its data, for both workers at once.
+            live = await sup.get("/stats/live")
+            assert live["workers"] == 2 and live["totals"]["requests"] == CONNECTIONS
+            (route,) = [r for r in live["routes"] if r["route"] == "default"]
+            (dest,) = [d for d in route["destinations"] if d["destination"]]
+            assert route["requests"] == dest["requests"] == CONNECTIONS and dest["share"] == 100
+            assert sum(dest["buckets"]) == CONNECTIONS and route["p50"] is not None
+            status, page = await http_get(sup.admin, "/")
+            assert status == 200 and "<html" in page.lower()
         finally:
             code, _ = sup.stop()
             await up.close()
