@@ -627,7 +627,23 @@ class Engine:
                 upstream.idle_sweep(now, pool.idle_timeout)
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
+        self._flush_access_log()
         self._schedule_sweep()
+
+    def _flush_access_log(self) -> None:
+        """Write the access log's gathered lines (each sweep: a reader sees a line within a
+        second) and show its failures as counters."""
+        access_log = self.access_log
+        if access_log is None:
+            return
+        access_log.flush()
+        stats = self.stats
+        stats.counter(
+            "metaprotocol_access_log_write_failures_total"
+        ).value = access_log.failed_writes
+        stats.counter(
+            "metaprotocol_access_log_dropped_lines_total"
+        ).value = access_log.dropped_lines
 
     def overloaded(self) -> bool:
         """True while new requests and connections are refused for overload."""
@@ -737,6 +753,7 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.to_thread(shutdown, self), TRACING_FLUSH)
         if self.access_log is not None:
+            self._flush_access_log()
             self.access_log.close()
             self.access_log = None
         assert self._stopped is not None

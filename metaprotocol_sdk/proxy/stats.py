@@ -54,6 +54,9 @@ HELP = {
     "they cannot carry, by listener and route.",
     "metaprotocol_admin_requests_total": "Admin endpoint replies, by HTTP status code.",
     "metaprotocol_admin_connections_rejected_total": "Admin connections over the limit (503).",
+    "metaprotocol_access_log_write_failures_total": "Access log writes that failed (the "
+    "lines they carried were dropped).",
+    "metaprotocol_access_log_dropped_lines_total": "Access log lines lost to failed writes.",
     "metaprotocol_buffered_bytes": "Bytes held in buffers (the overload budget's measure).",
     "metaprotocol_overloaded": "1 while new requests and connections are refused for overload.",
     "metaprotocol_request_duration_milliseconds": "Time from a request's arrival to its answer, "

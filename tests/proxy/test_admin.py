@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
-from proxy_kit import Client, Upstream, address, engine_for, http_get, mesh, run
+import pytest
+from proxy_kit import WAIT, Client, Upstream, address, engine_for, http_get, mesh, run
 
 from metaprotocol_sdk import compiled
 
@@ -81,3 +83,51 @@ def test_access_log_one_json_line_per_request(tmp_path: Path) -> None:
     first = records[0]
     assert first["route"] == "default" and first["destination"] == "outbound|9000||svc.test"
     assert first["listener"] == "svc.test:9000" and first["duration_ms"] >= 0
+
+
+def test_access_log_lines_reach_the_file_within_a_sweep(tmp_path: Path) -> None:
+    """Lines are gathered, but a reader tailing the file sees each one within a second."""
+    log = tmp_path / "access.log"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{log}'}}\n")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            await c.call(rid=7)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while not log.read_text():  # the engine still serves: the sweep wrote it
+                assert loop.time() < deadline, "the line stayed in memory"
+                await asyncio.sleep(0.05)
+            assert json.loads(log.read_text())["request_id"] == 7
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_the_access_log_costs_lines_not_requests() -> None:
+    """Writes to ``/dev/full`` fail with ENOSPC: every request is still answered, and the lost
+    lines are counted (the engine stopped answering after the first failed write)."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy="accessLog: {path: /dev/full}\n")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for i in range(1, 601):  # more than FLUSH_BYTES of lines: writes in the data path
+                reply = await asyncio.wait_for(c.call(rid=i), WAIT)
+                assert reply.request_id == i
+            c.close()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            lost = "metaprotocol_access_log_dropped_lines_total"
+            while engine.stats.get(lost) != 600:  # the last lines go at the next sweep
+                assert loop.time() < deadline, engine.stats.get(lost)
+                await asyncio.sleep(0.05)
+            assert engine.stats.get("metaprotocol_access_log_write_failures_total") >= 2
+        await up.close()
+
+    run(main())
