@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import time
 
@@ -79,13 +80,35 @@ class AccessLog:
             return
         self._lines = []
         self._size = 0
-        data = memoryview("".join(lines).encode("utf-8"))
         try:
-            while data:
-                data = data[os.write(self._fd, data) :]
+            for chunk in self._chunks(lines):
+                data = memoryview(chunk)
+                while data:
+                    data = data[os.write(self._fd, data) :]
         except OSError:
             self.failed_writes += 1
             self.dropped_lines += len(lines)  # some may have been written: counted as lost
+
+    def _chunks(self, lines: list[str]) -> list[bytes]:
+        """The bytes to write, one write each. A file opened in append mode takes any size
+        whole; standard error, shared by every worker of ``--workers`` and often a pipe, gets
+        whole lines in writes of at most ``PIPE_BUF`` bytes, which a pipe never interleaves
+        with another process's writes."""
+        if self._own:
+            return ["".join(lines).encode("utf-8")]
+        out: list[bytes] = []
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            data = line.encode("utf-8")
+            if batch and size + len(data) > select.PIPE_BUF:
+                out.append(b"".join(batch))
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        if batch:
+            out.append(b"".join(batch))
+        return out
 
     def close(self) -> None:
         """Flush, and close the file if this log opened it."""

@@ -131,3 +131,30 @@ def test_a_full_disk_under_the_access_log_costs_lines_not_requests() -> None:
         await up.close()
 
     run(main())
+
+
+def test_access_log_on_stderr_writes_whole_lines_a_pipe_keeps_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers share stderr: each write holds whole lines and at most PIPE_BUF bytes, so lines
+    of two workers never interleave mid-line in a pipe."""
+    import os
+    import select
+
+    from metaprotocol_sdk.proxy.accesslog import AccessLog
+
+    writes: list[bytes] = []
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        writes.append(bytes(data))
+        return len(data)
+
+    log = AccessLog("-")
+    monkeypatch.setattr(os, "write", write)
+    for i in range(500):
+        log.log("listener", "route", "dest", "Ok", 0.001, i, "Request", "127.0.0.1:1")
+    log.flush()
+    assert len(writes) > 1
+    assert all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)
+    ids = [json.loads(line)["request_id"] for w in writes for line in w.splitlines()]
+    assert ids == list(range(500))
