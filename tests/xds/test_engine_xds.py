@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -118,6 +119,8 @@ class Caller:
             timeout=10_000,
         )
         self.replies: list[str] = []
+        #: When each reply came (``time.monotonic()``).
+        self.stamps: list[float] = []
         self.errors: list[BaseException] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -135,6 +138,7 @@ class Caller:
                 return
             with self._cond:
                 self.replies.append(reply.split(":")[0])
+                self.stamps.append(time.monotonic())
                 self._cond.notify_all()
 
     def next(self, count: int) -> Counter[str]:

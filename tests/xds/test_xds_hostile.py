@@ -7,7 +7,6 @@ servers and a thriftpy2 client calling without pause.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,50 +27,15 @@ from snapshots import (
     load_assignment,
     route_configuration,
 )
-from test_engine_xds import Harness, acked, config_yaml, snapshots
+from test_engine_xds import Caller, Harness, acked, config_yaml, snapshots
 from test_translate import base, resources
 
-from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
 from metaprotocol_sdk.proxy.xds.translate import translate
 
 
 def _addresses(n: int) -> list[tuple[str, int]]:
     return [(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 9000) for i in range(n)]
-
-
-class TimedCaller:
-    """One thriftpy2 connection calling sayHello in a loop; the time of every reply."""
-
-    def __init__(self, port: int) -> None:
-        self.client = untyped("thriftpy2.rpc").make_client(
-            hello().Hello,
-            "127.0.0.1",
-            port,
-            trans_factory=untyped("thriftpy2.transport").TFramedTransportFactory(),
-            timeout=60_000,
-        )
-        self.stamps: list[float] = []
-        self.errors: list[BaseException] = []
-        self.first = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.client.sayHello("x")
-            except Exception as exc:  # a failed call is what the test looks for
-                self.errors.append(exc)
-                return
-            self.stamps.append(time.monotonic())
-            self.first.set()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
-        self.client.close()
 
 
 def test_a_large_update_does_not_stall_the_requests_being_served(
@@ -86,9 +50,9 @@ def test_a_large_update_does_not_stall_the_requests_being_served(
     harness = Harness(config_yaml(control_plane.port))
     try:
         harness.wait(acked("1"))
-        caller = TimedCaller(harness.port)
+        caller = Caller(harness.port)
         try:
-            assert caller.first.wait(20)
+            assert caller.next(1), "no first reply"
             # Routes keep going to v1 (real servers); v2 and the whole service grow huge.
             v1 = [("127.0.0.1", servers["v1a"].port)]
             many = _addresses(20_000)
@@ -102,10 +66,7 @@ def test_a_large_update_does_not_stall_the_requests_being_served(
             control_plane.set_snapshot("2", update)
             harness.wait(lambda c: c.types[ENDPOINT_TYPE].version == "2", 300)
             took = time.monotonic() - start
-            done = len(caller.stamps)
-            while len(caller.stamps) < done + 5 and not caller.errors:
-                caller.first.clear()
-                assert caller.first.wait(20), "calls stalled after the update"
+            assert caller.next(5), "calls stalled after the update"
         finally:
             caller.close()
         assert not caller.errors, caller.errors
