@@ -255,12 +255,6 @@ def _histogram(counts: Any) -> Histogram | None:
     return histogram
 
 
-def _add_histograms(a: Histogram | None, b: Histogram | None) -> Histogram | None:
-    if a is None or b is None:
-        return a or b
-    return _merged([a, b])
-
-
 def merge_live(answers: list[dict[str, Any]]) -> dict[str, Any]:
     """The live data of several workers (each :func:`live_data`) as one engine's.
 
@@ -274,7 +268,7 @@ def merge_live(answers: list[dict[str, Any]]) -> dict[str, Any]:
     totals = {"requests": 0, "errors": 0, "local_replies": 0}
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     dests: dict[tuple[str, str, str], dict[str, Any]] = {}
-    histograms: dict[tuple[str, str, str], Histogram | None] = {}
+    histograms: dict[tuple[str, str, str], list[Histogram]] = {}
     local: dict[str, int] = {}
     extra = {"upstream_connect_errors": 0, "connections": 0, "pending": 0}
     histories: list[list[dict[str, Any]]] = []
@@ -310,7 +304,7 @@ def merge_live(answers: list[dict[str, Any]]) -> dict[str, Any]:
                         "statuses": {},
                     }
                     g["dests"].append(dkey)
-                    histograms[dkey] = None
+                    histograms[dkey] = []
                 requests, errors = int(d.get("requests") or 0), int(d.get("errors") or 0)
                 mine["requests"] += requests
                 mine["errors"] += errors
@@ -318,7 +312,9 @@ def merge_live(answers: list[dict[str, Any]]) -> dict[str, Any]:
                 g["errors"] += errors
                 for status, n in (d.get("statuses") or {}).items():
                     mine["statuses"][str(status)] = mine["statuses"].get(str(status), 0) + int(n)
-                histograms[dkey] = _add_histograms(histograms[dkey], _histogram(d.get("buckets")))
+                histogram = _histogram(d.get("buckets"))
+                if histogram is not None:
+                    histograms[dkey].append(histogram)
         for kind, n in (answer.get("local_replies") or {}).items():
             local[str(kind)] = local.get(str(kind), 0) + int(n)
         for k in extra:
@@ -332,7 +328,7 @@ def merge_live(answers: list[dict[str, Any]]) -> dict[str, Any]:
         destinations = []
         for dkey in g.pop("dests"):
             d = dests[dkey]
-            histogram = histograms[dkey]
+            histogram = _merged(histograms[dkey])
             if histogram is not None:
                 route_histograms.append(histogram)
             d["buckets"] = list(histogram.counts) if histogram is not None else None
