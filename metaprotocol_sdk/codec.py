@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self, TypeAlias
 
 from .enums import ErrorType, ResponseStatus
-from .errors import ConfigError, UnsupportedError
+from .errors import ConfigError, FramingError, UnsupportedError
 from .keywords import from_keywords
 from .metadata import Metadata, Mutation
 
@@ -142,6 +142,27 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         """Consume one complete message from the front of ``buffer``, or nothing."""
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        """Decode ``frame``: one whole frame, of exactly the size :attr:`NeedData.needed`
+        announced for it.
+
+        Engines call it instead of :meth:`decode` for a large frame they assembled from many
+        reads, to spare a copy of it. The default copies ``frame`` into a buffer and calls
+        :meth:`decode`; a codec whose ``decode`` copies the frame out of the buffer may override
+        it to parse ``frame`` itself (``Metadata.frame`` may then be ``frame``). It must agree
+        with ``decode``: the same :class:`Metadata`, the same errors (``frame_size``, when set,
+        is ``len(frame)``). The conformance kit checks that.
+        """
+        buffer = bytearray(frame)
+        message = self.decode(buffer)
+        if not isinstance(message, Metadata) or buffer:
+            left = f"left {len(buffer)} bytes" if isinstance(message, Metadata) else "needed more"
+            raise FramingError(
+                f"decode of a whole frame of {len(frame)} bytes (the size NeedData.needed "
+                f"announced) {left}"
+            )
+        return message
 
     @abstractmethod
     def encode(

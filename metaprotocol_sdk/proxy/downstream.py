@@ -14,6 +14,7 @@ from metaprotocol_sdk.errors import CodecError, FrameTooLargeError, MutationErro
 from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
+from .assembly import LARGE_FRAME, join_frame
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS
@@ -156,6 +157,8 @@ class Downstream(asyncio.Protocol):
         "paused_since",
         "read_done",
         "reading_paused",
+        "reads",
+        "reads_size",
         "seen",
         "transport",
         "unsent",
@@ -169,6 +172,9 @@ class Downstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.need = 0
+        #: The reads of a large frame being assembled (see ``assembly``), and their size.
+        self.reads: list[bytes] = []
+        self.reads_size = 0
         self.inflight = 0
         #: Bytes of the requests in flight (their frames are kept for local replies).
         self.inflight_bytes = 0
@@ -228,6 +234,8 @@ class Downstream(asyncio.Protocol):
         engine.buffered -= self.held + self.unsent
         self.held = self.unsent = 0
         self.buffer = bytearray()
+        self.reads = []
+        self.reads_size = 0
         self.out = []
         self.closed = True
         self.transport = None
@@ -285,6 +293,8 @@ class Downstream(asyncio.Protocol):
         self.read_done = True
         self._pause_reading()
         self.buffer.clear()
+        self.reads.clear()
+        self.reads_size = 0
         self.need = 0
         self._account_held(0)
 
@@ -331,7 +341,7 @@ class Downstream(asyncio.Protocol):
 
     def _partial(self, consumed: bool) -> None:
         """After a read that leaves (or left) a partial frame in the buffer."""
-        held = len(self.buffer)
+        held = len(self.buffer) + self.reads_size
         self._account_held(held)
         if not held:
             self.partial_since = 0.0
@@ -366,6 +376,9 @@ class Downstream(asyncio.Protocol):
         self.seen = True
         if self.read_done:
             return
+        if self.need > LARGE_FRAME:
+            self._assemble(data)
+            return
         buffer = self.buffer
         buffer += data
         if len(buffer) < self.need:
@@ -390,27 +403,64 @@ class Downstream(asyncio.Protocol):
                 self.need = message.needed
                 self._partial(len(buffer) != start)
                 return
-            kind = message.message_type
-            if kind is _REQUEST:
+            if message.message_type is _REQUEST:
                 self._request(message)
-            elif kind is _HEARTBEAT:
-                self.listener.heartbeats.value += 1
-                reply = codec.heartbeat_reply(message)
-                if reply and self.transport is not None:
-                    self.transport.write(reply)
-            elif kind is _ONEWAY:
-                self._oneway(message)
             else:
-                self.local_reply(
-                    message,
-                    ErrorType.BadRequest,
-                    f"{kind.name} messages are not accepted from clients by this engine",
-                )
+                self._other(message)
             if self.read_done:
                 return
         self.need = 0
         if self.held:
             self._partial(True)
+
+    def _assemble(self, data: bytes) -> None:
+        """A read of the large frame at the front: kept until the frame is whole, which is
+        then decoded with ``decode_frame`` (the reads joined once); what follows it goes on
+        as usual."""
+        reads = self.reads
+        reads.append(data)
+        self.reads_size += len(data)
+        if len(self.buffer) + self.reads_size < self.need:
+            self._partial(False)
+            return
+        frame, rest = join_frame(self.buffer, reads, self.need)
+        self.buffer = bytearray(rest)
+        reads.clear()
+        self.reads_size = self.need = 0
+        try:
+            message = self.codec.decode_frame(frame)
+        except FrameTooLargeError as exc:
+            self._refuse(exc, ErrorType.OverLimit, close=True)
+            return
+        except CodecError as exc:
+            if exc.frame_size != len(frame):
+                self._refuse(exc, ErrorType.BadRequest, close=True)
+                return
+            self._refuse(exc, ErrorType.BadRequest, close=False)
+        else:
+            if message.message_type is _REQUEST:
+                self._request(message)
+            else:
+                self._other(message)
+        self.partial_since = 0.0  # what follows the frame starts anew
+        self.data_received(b"")  # decodes what followed the frame in its last read
+
+    def _other(self, message: Metadata) -> None:
+        """A message from the client that is not a two-way request."""
+        kind = message.message_type
+        if kind is _HEARTBEAT:
+            self.listener.heartbeats.value += 1
+            reply = self.codec.heartbeat_reply(message)
+            if reply and self.transport is not None:
+                self.transport.write(reply)
+        elif kind is _ONEWAY:
+            self._oneway(message)
+        else:
+            self.local_reply(
+                message,
+                ErrorType.BadRequest,
+                f"{kind.name} messages are not accepted from clients by this engine",
+            )
 
     def _request(self, message: Metadata) -> None:
         if self.draining:

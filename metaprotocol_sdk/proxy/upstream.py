@@ -22,6 +22,7 @@ from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
+from .assembly import LARGE_FRAME, join_frame
 from .balancer import Balancer, make_balancer
 from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
 from .outlier import OutlierDetector
@@ -286,6 +287,8 @@ class UpstreamConnection(asyncio.Protocol):
         "peek",
         "pending",
         "queued",
+        "reads",
+        "reads_size",
         "retiring",
         "sent",
         "shared",
@@ -314,6 +317,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._blocked: set[Downstream] = set()
         self.buffer = bytearray()
         self.need = 0
+        #: The reads of a large reply being assembled (see ``assembly``), and their size.
+        self.reads: list[bytes] = []
+        self.reads_size = 0
         self.queued: list[bytes | memoryview] = []
         #: Shared mode: requests in flight by wire id.
         self.pending: dict[int, Pending] = {}
@@ -499,10 +505,13 @@ class UpstreamConnection(asyncio.Protocol):
     # -- receiving -----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
         if self.tcp is not None:
             self.tcp.received.value += len(data)
+        if self.need > LARGE_FRAME:
+            self._assemble(data)
+            return
+        buffer = self.buffer
+        buffer += data
         if len(buffer) < self.need:
             self._account_held()
             return
@@ -534,14 +543,15 @@ class UpstreamConnection(asyncio.Protocol):
                 if p is not None:
                     p.downstream.finish(p, message, batch)
             elif kind is _HEARTBEAT:
-                self.cluster.heartbeats.value += 1
-                reply = codec.heartbeat_reply(message)
-                if reply and self.transport is not None:
-                    self.transport.write(reply)
+                self._heartbeat(message)
         else:
             self.need = 0
         if buffer or self.held:
             self._account_held()
+        self._after_read(batch, failed)
+
+    def _after_read(self, batch: list[Downstream], failed: CodecError | None) -> None:
+        """Write the replies a read completed; then retire, or give up on a bad reply."""
         for downstream in batch:
             downstream.flush()
         if self.retiring:
@@ -551,8 +561,46 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {failed}")
             self.close()
 
+    def _heartbeat(self, message: Metadata) -> None:
+        self.cluster.heartbeats.value += 1
+        reply = self.codec.heartbeat_reply(message)
+        if reply and self.transport is not None:
+            self.transport.write(reply)
+
+    def _assemble(self, data: bytes) -> None:
+        """A read of the large reply at the front: kept until the reply is whole, which is
+        then decoded with ``decode_frame`` (the reads joined once); what follows it goes on
+        as usual."""
+        reads = self.reads
+        reads.append(data)
+        self.reads_size += len(data)
+        if len(self.buffer) + self.reads_size < self.need:
+            self._account_held()
+            return
+        frame, rest = join_frame(self.buffer, reads, self.need)
+        self.buffer = bytearray(rest)
+        reads.clear()
+        self.reads_size = self.need = 0
+        self._account_held()
+        batch: list[Downstream] = []
+        try:
+            message = self.codec.decode_frame(frame)
+        except CodecError as exc:
+            self._after_read(batch, exc)
+            return
+        kind = message.message_type
+        if kind is _RESPONSE or kind is _ERROR:
+            p = self._match(message.request_id)
+            if p is not None:
+                p.downstream.finish(p, message, batch)
+        elif kind is _HEARTBEAT:
+            self._heartbeat(message)
+        self._after_read(batch, None)
+        if not self.closed:
+            self.data_received(b"")  # decodes what followed the reply in its last read
+
     def _account_held(self) -> None:
-        held = len(self.buffer)
+        held = len(self.buffer) + self.reads_size
         self.engine.buffered += held - self.held
         self.held = held
 
@@ -661,6 +709,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.connecting = False
         self.queued = []
         self.buffer = bytearray()
+        self.reads = []
+        self.reads_size = 0
         self.engine.buffered -= self.held
         self.held = 0
         host = self.host

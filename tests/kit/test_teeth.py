@@ -12,6 +12,7 @@ from broken_codecs import (
     KeepsOldIdWithMutation,
     QuadraticHeaders,
     RebuildsFrameOnEncode,
+    WholeFrameSkipsHeaders,
 )
 
 from metaprotocol_sdk.examples.kv import KVCodec
@@ -48,7 +49,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 15
+    assert len(set(targeted)) == len(targeted) == 16
     assert set(targeted) <= set(check_names())
 
 
@@ -61,6 +62,7 @@ ONLY_ONE = [
     RebuildsFrameOnEncode,
     ConsumesBeforeRaising,
     QuadraticHeaders,
+    WholeFrameSkipsHeaders,
 ]
 
 

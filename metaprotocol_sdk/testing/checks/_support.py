@@ -223,6 +223,20 @@ def collect(ctx: CheckContext, count: int) -> list[Sample]:
     return found
 
 
+#: How many leading bytes of a frame the corruption sweeps and the length-field search visit.
+HEAD = 64
+
+
+def corruptions(frame: bytes) -> list[tuple[int, bytes]]:
+    """``frame`` with each of its first :data:`HEAD` bytes set to 00/ff/80/7f or flipped:
+    ``(offset, corrupted frame)`` pairs."""
+    out = []
+    for pos in range(min(len(frame), HEAD)):
+        for value in {0x00, 0xFF, 0x80, 0x7F, frame[pos] ^ 0x01} - {frame[pos]}:
+            out.append((pos, frame[:pos] + bytes((value,)) + frame[pos + 1 :]))
+    return out
+
+
 def split_points(size: int, most: int) -> list[int]:
     """Split offsets 1..size-1, sampled (head, tail and a stride) for long frames."""
     if size - 1 <= most:

@@ -14,8 +14,10 @@ from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import hexdump
 
 from ._support import (
+    HEAD,
     call_decode,
     collect,
+    corruptions,
     decode_whole,
     fail,
     for_each_sample,
@@ -30,9 +32,6 @@ from .base import CheckContext, CheckSkipped, check
 #: A random-bytes case: data, max_frame_size, codec options.
 Case = tuple[bytes, int, dict[str, object]]
 Order = Literal["big", "little"]
-
-#: How many leading bytes of a frame the corruption sweep and the length-field search visit.
-HEAD = 64
 
 
 @check("bad_input_truncated", "bad_input")
@@ -191,21 +190,13 @@ def _drive(ctx: CheckContext, data: bytes, limit: int, options: object = None) -
             fail(f"decode returned an empty message (no progress) on:\n{hexdump(data)}")
 
 
-def _corruptions(frame: bytes) -> list[tuple[int, bytes]]:
-    out = []
-    for pos in range(min(len(frame), HEAD)):
-        for value in {0x00, 0xFF, 0x80, 0x7F, frame[pos] ^ 0x01} - {frame[pos]}:
-            out.append((pos, frame[:pos] + bytes((value,)) + frame[pos + 1 :]))
-    return out
-
-
 @check("bad_input_corrupted", "bad_input")
 def bad_input_corrupted(ctx: CheckContext) -> None:
     """Each of the first 64 bytes set to 00/ff/80/7f/flipped: NeedData or CodecError only."""
 
     def prop(sample: Sample) -> None:
         limit = 2 * len(sample.frame) + ctx.target.settings.small_limit
-        for pos, data in _corruptions(sample.frame):
+        for pos, data in corruptions(sample.frame):
             try:
                 _drive(ctx, data, limit, dict(sample.options))
             except AssertionError as exc:
@@ -332,7 +323,7 @@ def bad_input_consumes_nothing(ctx: CheckContext) -> None:
             limit=max(1, len(frame) - 1),
         )
         roomy = 4 * len(frame) + ctx.target.settings.small_limit
-        for pos, data in _corruptions(frame):
+        for pos, data in corruptions(frame):
             untouched.run(data + frame, f"byte {pos} corrupted", options, limit=roomy)
         original = reference(ctx, sample)
         for field in length_fields(frame, original):

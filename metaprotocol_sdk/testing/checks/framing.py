@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from metaprotocol_sdk.codec import NeedData
+from metaprotocol_sdk.codec import Codec, NeedData
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample, mismatches
@@ -13,6 +13,7 @@ from metaprotocol_sdk.testing.hexdump import compare, hexdump
 from ._support import (
     call_decode,
     check_expectations,
+    corruptions,
     decode_whole,
     fail,
     for_each_sample,
@@ -280,3 +281,87 @@ def framing_needed_exact(ctx: CheckContext) -> None:
     asks for even one byte more than the frame holds leaves that request undecoded forever.
     """
     for_each_sample(ctx, lambda s: _needed_prop(ctx, s))
+
+
+def _decode_frame(codec: Codec, frame: bytes, what: str) -> Metadata | CodecError:
+    """``codec.decode_frame(frame)``: its message or its CodecError; anything else fails."""
+    try:
+        result = codec.decode_frame(frame)
+    except CodecError as exc:
+        return exc
+    except Exception as exc:
+        fail(
+            f"decode_frame raised {type(exc).__name__}: {exc} (only CodecError subclasses may "
+            f"escape it) on {what}:\n{hexdump(frame)}"
+        )
+    if not isinstance(result, Metadata):
+        fail(f"decode_frame returned {type(result).__name__}, not Metadata, on {what}")
+    return result
+
+
+def _whole_frame_prop(
+    ctx: CheckContext, data: bytes, options: dict[str, object], what: str
+) -> Metadata | CodecError | None:
+    """decode_frame agrees with decode on ``data`` when decode takes it as one whole frame
+    (else an engine never hands it over whole): what both gave, ``None`` if not compared."""
+    buffer = bytearray(data)
+    try:
+        expected: Metadata | NeedData | CodecError = call_decode(
+            ctx.target.new_codec(options), buffer
+        )
+    except CodecError as exc:
+        if exc.frame_size != len(data):
+            return None
+        expected = exc
+    if isinstance(expected, NeedData) or (isinstance(expected, Metadata) and buffer):
+        return None
+    got = _decode_frame(ctx.target.new_codec(options), data, what)
+    if isinstance(expected, CodecError):
+        if not isinstance(got, CodecError):
+            fail(
+                f"{what}: decode raised {type(expected).__name__}: {expected}, but "
+                f"decode_frame returned a message\n{hexdump(data, mark=expected.offset)}"
+            )
+        if type(got) is not type(expected) or got.frame_size != expected.frame_size:
+            fail(
+                f"{what}: decode raised {type(expected).__name__} (frame_size="
+                f"{expected.frame_size}), decode_frame {type(got).__name__} (frame_size="
+                f"{got.frame_size}): {got}\n{hexdump(data, mark=expected.offset)}"
+            )
+        return got
+    if isinstance(got, CodecError):
+        fail(
+            f"{what}: decode_frame raised {type(got).__name__}: {got} on a frame decode "
+            f"accepts\n{hexdump(data, mark=got.offset)}"
+        )
+    if got.frame != data:
+        fail(f"{what}: decode_frame's metadata.frame is not the frame it was given")
+    diff = same_metadata(expected, got)
+    if diff:
+        fail(f"{what}: decode_frame's metadata differs from decode's: {diff}")
+    return got
+
+
+@check("framing_decode_frame", "framing")
+def framing_decode_frame(ctx: CheckContext) -> None:
+    """decode_frame() agrees with decode() on every whole frame: same metadata, same errors.
+
+    Engines hand a large frame they assembled from many reads to ``decode_frame``; a codec
+    that overrides it to spare a copy must not decode differently there. Inputs: every message,
+    and each corrupted in its first 64 bytes, where decode still takes it as one frame.
+    """
+    compared = errors = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal compared, errors
+        options = dict(sample.options)
+        if _whole_frame_prop(ctx, sample.frame, options, "a whole message") is None:
+            fail(f"decode does not take a whole {len(sample.frame)}-byte message as one frame")
+        compared += 1
+        for pos, data in corruptions(sample.frame):
+            got = _whole_frame_prop(ctx, data, options, f"byte {pos} corrupted")
+            compared += got is not None
+            errors += isinstance(got, CodecError)
+
+    for_each_sample(ctx, prop)
+    ctx.details.update(compared=compared, errors=errors)

@@ -421,7 +421,39 @@ class DubboCodec(Codec):
         if len(buffer) < size:
             return NeedData(size)
         # Parsed from a copy, and consumed only once parsed: an error consumes nothing.
-        frame = _front(buffer, size)
+        message = self._parse(_front(buffer, size), flag, status, request_id, body_length)
+        del buffer[:size]
+        return message
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        """Decode ``frame``, one whole frame, as :meth:`decode` would, without copying it."""
+        if len(frame) < HEADER_SIZE:
+            raise FramingError(f"a whole frame of {len(frame)} bytes has no room for a header")
+        magic, flag, status, request_id, body_length = _HEADER_FIELDS(frame)
+        if magic != MAGIC:
+            HEADER.unpack(frame)  # raises the header layout's error for the bad magic
+        if body_length < 0:
+            raise FramingError(f"negative body length {body_length}", offset=BODY_LENGTH_OFFSET)
+        size = HEADER_SIZE + body_length
+        if size > self.max_frame_size:
+            raise FrameTooLargeError(
+                size,
+                self.max_frame_size,
+                offset=BODY_LENGTH_OFFSET,
+                metadata=_partial(flag, status, request_id),
+            )
+        if size != len(frame):
+            raise FramingError(
+                f"body length {body_length} does not fill the whole frame of {len(frame)} bytes",
+                offset=BODY_LENGTH_OFFSET,
+            )
+        return self._parse(frame, flag, status, request_id, body_length)
+
+    def _parse(
+        self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
+    ) -> Metadata:
+        """The one place a decoded message's Metadata is built, from the whole ``frame``."""
+        size = HEADER_SIZE + body_length
         serialization = flag & SERIALIZATION_MASK
         try:
             if serialization != HESSIAN2:
@@ -448,10 +480,8 @@ class DubboCodec(Codec):
                 metadata=_partial(flag, status, request_id),
                 frame_size=size,
             ) from None
-        del buffer[:size]
-        # The one place a decoded message's Metadata is built (positional: the hot-path form).
         message_type, operation, response_status, attributes, state, values = parts
-        return Metadata(
+        return Metadata(  # positional: the hot-path form
             message_type,
             frame,
             request_id,

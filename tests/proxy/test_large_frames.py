@@ -1,0 +1,146 @@
+"""Large frames are assembled from their reads at once and decoded with ``decode_frame``.
+
+Driven call by call on fake transports: the reads a socket would deliver are handed to the
+connections directly, so every split is exact and nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import uvloop
+from proxy_kit import mesh, wire_fakes
+
+from metaprotocol_sdk import Metadata
+from metaprotocol_sdk.examples.kv import ERROR, REQUEST, RESPONSE, KVCodec, build_frame
+from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy.assembly import LARGE_FRAME, join_frame
+
+PIECE = 16 << 10
+BODY = 5 * LARGE_FRAME  # a frame of many reads
+
+
+class WholeFrameKVCodec(KVCodec):
+    """The KV codec, recording the size of every frame it is given whole."""
+
+    protocol = "kvw"
+    whole: list[int] = []
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        WholeFrameKVCodec.whole.append(len(frame))
+        return super().decode_frame(frame)
+
+
+CODEC = f"{__name__}:WholeFrameKVCodec"
+
+
+def pieces(data: bytes, size: int = PIECE) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def frames_in(calls: list[list[Any]]) -> list[Metadata]:
+    """Every KV message the engine handed a fake transport, decoded."""
+    buffer = bytearray(b"".join(bytes(b) for call in calls for b in call))
+    codec, out = KVCodec(), []
+    while buffer:
+        message = codec.decode(buffer)
+        assert isinstance(message, Metadata), f"{len(buffer)} bytes left over"
+        out.append(message)
+    return out
+
+
+def drive(steps: Any) -> None:
+    """Run ``steps(engine, down, down_t, up, up_t)`` on a started engine with fake wires."""
+
+    async def main() -> None:
+        engine = Engine(loads_config(mesh([(1, "v1")], protocol="kvw", codec=CODEC)))
+        await engine.start()
+        try:
+            steps(engine, *wire_fakes(engine))
+        finally:
+            await engine.stop(drain=0.1)
+
+    WholeFrameKVCodec.whole.clear()
+    uvloop.run(main())
+
+
+def test_join_frame_joins_the_frame_and_returns_what_follows_it_in_the_last_read() -> None:
+    head = bytearray(b"ab")
+    assert join_frame(head, [b"cde", b"fgh", b"ijk"], 11) == (b"abcdefghijk", b"")
+    assert join_frame(head, [b"cde", b"fgh", b"ijk"], 9) == (b"abcdefghi", b"jk")
+    assert join_frame(head, [b"cdefgh"], 3) == (b"abc", b"defgh")
+
+
+def test_a_large_request_is_assembled_from_its_reads_and_what_follows_goes_on() -> None:
+    large = build_frame(REQUEST, 7, {"method": "big"}, b"q" * BODY)
+    small = build_frame(REQUEST, 8, {"method": "small"}, b"s")
+    reads = pieces(large)
+    reads[-1] += small + small[:5]  # the next request, and the start of a third, in one read
+
+    def steps(engine: Engine, down: Any, down_t: Any, up: Any, up_t: Any) -> None:
+        fed = 0
+        for data in reads[:-1]:
+            down.data_received(data)
+            fed += len(data)
+            assert down.held == fed  # the reads kept count against the buffer budget
+        assert up_t.calls == [] and WholeFrameKVCodec.whole == []
+        down.data_received(reads[-1])
+        assert WholeFrameKVCodec.whole == [len(large)]  # one whole decode, not one per read
+        assert down.held == 5  # only the third request's start is left
+        up._flush()
+        sent = frames_in(up_t.calls)
+        assert [m.operation_name for m in sent] == ["big", "small"]
+        assert bytes(sent[0].body) == b"q" * BODY and bytes(sent[1].body) == b"s"
+        down.data_received(small[5:])
+        up._flush()
+        assert [m.operation_name for m in frames_in(up_t.calls)] == ["big", "small", "small"]
+
+    drive(steps)
+
+
+def test_a_large_reply_is_assembled_from_its_reads_and_what_follows_goes_on() -> None:
+    def steps(engine: Engine, down: Any, down_t: Any, up: Any, up_t: Any) -> None:
+        down.data_received(build_frame(REQUEST, 7, {"method": "a"}))
+        down.data_received(build_frame(REQUEST, 8, {"method": "b"}))
+        up._flush()
+        first, second = (m.request_id for m in frames_in(up_t.calls))
+        large = build_frame(RESPONSE, first, {"s": "1"}, b"r" * BODY)
+        small = build_frame(RESPONSE, second, {"s": "2"}, b"t")
+        reads = pieces(large)
+        reads[-1] += small
+        fed = 0
+        for data in reads[:-1]:
+            up.data_received(data)
+            fed += len(data)
+            assert up.held == fed
+        up.data_received(reads[-1])
+        assert WholeFrameKVCodec.whole == [len(large)] and up.held == 0
+        replies = frames_in(down_t.calls)
+        assert [(m.request_id, len(m.body)) for m in replies] == [(7, BODY), (8, 1)]
+        assert bytes(replies[0].body) == b"r" * BODY
+
+    drive(steps)
+
+
+def test_a_bad_large_request_gets_its_error_reply_and_the_next_one_is_served() -> None:
+    large = bytearray(build_frame(REQUEST, 9, {"method": "big", "k": "v"}, b"q" * BODY))
+    large[large.index(b"\x01v") + 1] = 0xFF  # the header value is no longer UTF-8
+    small = build_frame(REQUEST, 10, {"method": "small"}, b"s")
+    reads = pieces(bytes(large))
+    reads[-1] += small
+
+    def steps(engine: Engine, down: Any, down_t: Any, up: Any, up_t: Any) -> None:
+        for data in reads:
+            down.data_received(data)
+        assert WholeFrameKVCodec.whole == [len(large)]
+        (reply,) = frames_in(down_t.calls)
+        assert (reply.codec_state, reply.request_id) == (ERROR, 9)
+        assert "UTF-8" in reply.attributes["error-message"], reply.attributes
+        up._flush()
+        (sent,) = frames_in(up_t.calls)
+        assert sent.operation_name == "small"
+        assert struct.unpack_from(">I", sent.frame, 4)[0] == sent.request_id
+        assert not down.closed and down.held == 0
+
+    drive(steps)
