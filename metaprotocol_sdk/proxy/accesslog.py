@@ -1,10 +1,13 @@
 """Structured access log: one JSON object per request, to stderr or a file. Off by default.
 
-Lines are gathered in memory and written at most :data:`FLUSH_BYTES` at a time, and at least
-once a second (the engine's sweep calls :meth:`AccessLog.flush`), so a reader tailing the file
-sees each line within a second. A write that fails (a full disk, a file removed from under a
-read-only mount) drops the lines it carried and is counted; it never reaches the request that
-finished, so the proxy keeps answering whatever happens to its log.
+Lines are gathered in memory and handed to a writer thread once they reach
+:data:`FLUSH_BYTES`, and at least once a second (the engine's sweep calls
+:meth:`AccessLog.flush`), so a reader tailing the file sees each line within a second. The
+thread does the writes, so a log that stops taking them (a pipe nobody reads, a hung network
+mount) never stops the event loop; at most :data:`MAX_PENDING_BYTES` wait for it, and lines
+beyond that are dropped and counted. A write that fails (a full disk, a file removed from under
+a read-only mount) drops the lines it carried and is counted too; neither reaches the request
+that finished, so the proxy keeps answering whatever happens to its log.
 """
 
 from __future__ import annotations
@@ -15,8 +18,16 @@ import select
 import sys
 import time
 
-#: Gathered lines are written once they reach this many bytes (and by every sweep).
+from .writer import BackgroundWriter
+
+#: Gathered lines are handed to the writer once they reach this many bytes (and every sweep).
 FLUSH_BYTES = 64 * 1024
+
+#: Bytes handed to the writer and not yet written, above which new lines are dropped.
+MAX_PENDING_BYTES = 8 << 20
+
+#: How long closing waits for the writer to finish what it holds.
+CLOSE_WAIT = 2.0
 
 #: Paths meaning standard error.
 STDERR_PATHS = ("-", "stderr", "/dev/stderr")
@@ -35,9 +46,19 @@ class AccessLog:
             self._fd = sys.stderr.fileno()
         self._lines: list[str] = []
         self._size = 0
-        #: Writes that failed, and the lines they dropped (the engine shows both as counters).
-        self.failed_writes = 0
-        self.dropped_lines = 0
+        self._writer = BackgroundWriter(self._fd, f"access log {path}", MAX_PENDING_BYTES)
+        #: Lines dropped because the writer was MAX_PENDING_BYTES behind.
+        self.overflow_lines = 0
+
+    @property
+    def failed_writes(self) -> int:
+        """Writes that failed (their lines are dropped)."""
+        return self._writer.failed_writes
+
+    @property
+    def dropped_lines(self) -> int:
+        """Lines never written: the writer too far behind, or a failed write."""
+        return self.overflow_lines + self._writer.failed_items
 
     def log(
         self,
@@ -74,20 +95,15 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        """Write the gathered lines; on failure drop them and count it (never raises)."""
+        """Hand the gathered lines to the writer, or drop and count them when it is
+        :data:`MAX_PENDING_BYTES` behind. Never blocks on the log and never raises."""
         lines = self._lines
         if not lines:
             return
         self._lines = []
         self._size = 0
-        try:
-            for chunk in self._chunks(lines):
-                data = memoryview(chunk)
-                while data:
-                    data = data[os.write(self._fd, data) :]
-        except OSError:
-            self.failed_writes += 1
-            self.dropped_lines += len(lines)  # some may have been written: counted as lost
+        if not self._writer.submit(self._chunks(lines), len(lines)):
+            self.overflow_lines += len(lines)
 
     def _chunks(self, lines: list[str]) -> list[bytes]:
         """The bytes to write, one write each. A file opened in append mode takes any size
@@ -111,8 +127,10 @@ class AccessLog:
         return out
 
     def close(self) -> None:
-        """Flush, and close the file if this log opened it."""
+        """Hand over the last lines, give the writer up to :data:`CLOSE_WAIT` seconds to write
+        them, and close the file if this log opened it (not while the writer may still use it:
+        a writer stuck on a log nobody reads is left to the process's exit)."""
         self.flush()
-        if self._own:
+        if self._writer.close(CLOSE_WAIT) and self._own:
             os.close(self._fd)
             self._own = False

@@ -41,6 +41,7 @@ from .admin_page import merge_live, page_html
 from .config.models import Admin
 from .stats import Stats
 from .stats_merge import WORKER_LABEL, MergedStats
+from .writer import BackgroundWriter
 
 if TYPE_CHECKING:
     from .config.models import Config
@@ -65,6 +66,12 @@ WORKER_TIMEOUT = 1.0
 WORKER_REPLY_BYTES = 64 * 1024 * 1024
 #: Access log paths that mean standard error (``accesslog.AccessLog``), shared as it is.
 STDERR_NAMES = ("-", "stderr", "/dev/stderr")
+
+#: Bytes of the workers' output waiting to be written to ours, above which it is dropped.
+OUTPUT_BACKLOG = 1 << 20
+
+#: How long the supervisor, exiting, waits for the workers' last output to be written.
+OUTPUT_CLOSE_WAIT = 2.0
 #: ``Node.metadata`` field naming the worker of an xDS stream. Every worker sends the
 #: configured node id unchanged: istiod parses it (``type~ip~pod.namespace~domain``) and tells
 #: streams apart by a connection id of its own, and Aeraki's snapshot cache answers every
@@ -263,11 +270,16 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._kill = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Copies the workers' own output to ours (see :meth:`_pass_output`).
+        self._output: BackgroundWriter | None = None
+        self._output_dropped = self.stats.counter("metaprotocol_worker_output_dropped_bytes_total")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Serve until ``SIGTERM``/``SIGINT``, then drain; the exit status."""
+        sys.stdout.flush()
+        self._output = BackgroundWriter(sys.stdout.fileno(), "worker output", OUTPUT_BACKLOG)
         try:
             self._held, self.ports = hold_ports(self.config)
             admin = self.config.proxy.admin
@@ -375,7 +387,7 @@ class Supervisor:
                         host, port = ready["admin"]
                         worker.admin = (str(host), int(port))
                         break
-                    sys.stdout.write(text)  # a codec's or filter's own output
+                    self._pass_output(line)  # a codec's or filter's own output
         except (TimeoutError, ValueError, KeyError, TypeError) as exc:
             log.warning("worker %d did not start: %s", worker.index, exc or "timed out")
             with contextlib.suppress(ProcessLookupError):
@@ -383,7 +395,7 @@ class Supervisor:
         if worker.admin is None:
             await process.wait()
             return False
-        self._spawn_task(_copy_output(process.stdout))
+        self._spawn_task(self._copy_output(process.stdout))
         return True
 
     async def _keep(self, worker: Worker) -> None:
@@ -435,7 +447,22 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def _copy_output(self, stream: asyncio.StreamReader) -> None:
+        """Pass a worker's later standard output (a codec's or filter's prints) through."""
+        while chunk := await stream.read(65536):
+            self._pass_output(chunk)
+
+    def _pass_output(self, data: bytes) -> None:
+        """Hand a worker's output to the writer thread: a standard output nobody reads never
+        stops the supervisor (nor, through its full pipe, the workers' prints). Beyond
+        :data:`OUTPUT_BACKLOG` waiting bytes, the output is dropped and counted."""
+        if self._output is None or not self._output.submit([data], len(data)):
+            self._output_dropped.value += len(data)
+
     def _close(self) -> None:
+        if self._output is not None:
+            self._output.close(OUTPUT_CLOSE_WAIT)
+            self._output = None
         if self._admin is not None:
             self._admin.close()
             self._admin = None
@@ -552,13 +579,6 @@ def _served(dump: dict[str, Any]) -> dict[str, Any]:
     nor the state of its own xDS stream (nonces, times; the versions it applied are in
     ``version``)."""
     return {k: v for k, v in dump.items() if k not in ("lastReload", "xds")}
-
-
-async def _copy_output(stream: asyncio.StreamReader) -> None:
-    """Pass a worker's later standard output (a codec's or filter's prints) through."""
-    while chunk := await stream.read(65536):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
 
 
 _PATHS = (

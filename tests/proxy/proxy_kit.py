@@ -117,6 +117,18 @@ class CountingDedicatedKVCodec(CountingKVCodec):
     )
 
 
+class PrintingKVCodec(KVCodec):
+    """A chatty codec: prints a 1 KiB line for every message it decodes."""
+
+    protocol = "kvp"
+
+    def decode(self, buffer: bytearray) -> Metadata | Any:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata):
+            print("x" * 1023, flush=True)
+        return message
+
+
 _mod = types.ModuleType("proxy_test_codecs")
 _mod.CountingKVCodec = CountingKVCodec  # type: ignore[attr-defined]
 _mod.CountingDedicatedKVCodec = CountingDedicatedKVCodec  # type: ignore[attr-defined]

@@ -133,6 +133,67 @@ def test_a_full_disk_under_the_access_log_costs_lines_not_requests() -> None:
     run(main())
 
 
+def test_a_log_nobody_reads_costs_lines_not_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO whose reader never reads: the log's writes block, and the engine keeps answering;
+    lines beyond the writer's backlog limit are dropped and counted. (The engine used to write
+    on its event loop: once the pipe was full, no request was answered again.)"""
+    import os
+    import threading
+
+    from metaprotocol_sdk.proxy import accesslog
+
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, so the engine's open returns
+    monkeypatch.setattr(accesslog, "MAX_PENDING_BYTES", 64 * 1024)
+    monkeypatch.setattr(accesslog, "CLOSE_WAIT", 0.1)
+    answered = threading.Event()
+    rescued: list[bool] = []
+
+    def rescue() -> None:
+        """Without the writer thread the loop is stuck in a write: read the pipe after a while,
+        so that the test fails instead of hanging."""
+        if answered.wait(20):
+            return
+        rescued.append(True)
+        while not answered.is_set():
+            try:
+                os.read(reader, 1 << 16)
+            except BlockingIOError:
+                answered.wait(0.01)
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{fifo}'}}\n")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for i in range(1, 2001):  # ~500 KB of lines: the pipe and the backlog both fill
+                reply = await asyncio.wait_for(c.call(rid=i), WAIT)
+                assert reply.request_id == i
+            answered.set()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            lost = "metaprotocol_access_log_dropped_lines_total"
+            while not engine.stats.get(lost):  # counted by the next sweep
+                assert loop.time() < deadline, "no line was counted as dropped"
+                await asyncio.sleep(0.05)
+            assert engine.stats.get("metaprotocol_access_log_write_failures_total") == 0
+            c.close()
+        await up.close()
+
+    guard = threading.Thread(target=rescue, daemon=True)
+    guard.start()
+    try:
+        run(main(), timeout=60)
+    finally:
+        answered.set()
+        guard.join()
+        os.close(reader)  # the stuck writer gets EPIPE and ends
+    assert not rescued, "requests were answered only once the log was read"
+
+
 def test_access_log_on_stderr_writes_whole_lines_a_pipe_keeps_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -153,7 +214,7 @@ def test_access_log_on_stderr_writes_whole_lines_a_pipe_keeps_together(
     monkeypatch.setattr(os, "write", write)
     for i in range(500):
         log.log("listener", "route", "dest", "Ok", 0.001, i, "Request", "127.0.0.1:1")
-    log.flush()
+    log.close()  # hands the lines over and waits for the writer thread
     assert len(writes) > 1
     assert all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)
     ids = [json.loads(line)["request_id"] for w in writes for line in w.splitlines()]

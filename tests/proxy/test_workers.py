@@ -456,3 +456,32 @@ def test_a_crash_loop_backs_off_and_the_other_worker_serves(tmp_path: Path) -> N
         assert delays[:4] == ["0.1 s", "0.2 s", "0.4 s", "0.8 s"], err  # doubling, not spinning
 
     run(main(), timeout=90)
+
+
+def test_worker_output_nobody_reads_costs_output_not_requests(tmp_path: Path) -> None:
+    """Every worker prints 1 KiB per request (a chatty codec) and nobody reads the supervisor's
+    standard output (this test reads only its first lines): every request is still answered,
+    and the output beyond the supervisor's backlog is dropped and counted. (The supervisor used
+    to write it on its event loop: once the pipe was full it stopped reading the workers' output,
+    their prints blocked, and no request was answered again.)"""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        text = mesh([(up.port, "v1")], protocol="kvp", codec="proxy_kit:PrintingKVCodec")
+        sup = Supervisor(tmp_path, text)
+        try:
+            client = await Client.connect(sup.address)
+            for _ in range(3000):  # 3 MB printed: the pipes and the 1 MiB backlog all fill
+                reply = await asyncio.wait_for(client.call(), WAIT)
+                assert reply.attributes.get("server") == "up"
+            client.close()
+
+            async def dropped() -> float:
+                return total(await sup.stats(), "metaprotocol_worker_output_dropped_bytes_total")
+
+            assert await until(dropped, "dropped output to be counted") >= 1 << 20
+        finally:
+            sup.stop()
+            await up.close()
+
+    run(main(), timeout=120)
