@@ -15,8 +15,25 @@ from typing import Final
 #: Frames announced above this many bytes are assembled from their reads.
 LARGE_FRAME: Final = 64 << 10
 
+#: Reads smaller than this are gathered into one block of up to :data:`LARGE_FRAME` bytes, so
+#: that a peer sending a large frame a byte at a time costs a list entry per block, not one
+#: (and a ``bytes`` object of 33 bytes' overhead) per byte.
+SMALL_READ: Final = 16 << 10
 
-def join_frame(head: bytearray, reads: list[bytes], size: int) -> tuple[bytes, bytes]:
+
+def add_read(reads: list[bytes | bytearray], data: bytes) -> None:
+    """Keep ``data``, a read of the frame being assembled, at the end of ``reads``."""
+    if len(data) >= SMALL_READ:
+        reads.append(data)
+        return
+    last = reads[-1] if reads else None
+    if type(last) is bytearray and len(last) < LARGE_FRAME:
+        last += data
+    else:
+        reads.append(bytearray(data))
+
+
+def join_frame(head: bytearray, reads: list[bytes | bytearray], size: int) -> tuple[bytes, bytes]:
     """The first ``size`` bytes of ``head`` followed by ``reads`` as one ``bytes`` (one copy),
     and what follows them (part of the last read only: at most one read's worth)."""
     last = reads[-1]
@@ -26,4 +43,4 @@ def join_frame(head: bytearray, reads: list[bytes], size: int) -> tuple[bytes, b
     cut = len(last) - over
     with memoryview(last) as view:
         frame = b"".join([head, *reads[:-1], view[:cut]])
-    return frame, last[cut:]
+    return frame, bytes(last[cut:])

@@ -14,7 +14,7 @@ from metaprotocol_sdk.errors import CodecError, FrameTooLargeError, MutationErro
 from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
-from .assembly import LARGE_FRAME, join_frame
+from .assembly import LARGE_FRAME, add_read, join_frame
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS
@@ -173,7 +173,7 @@ class Downstream(asyncio.Protocol):
         self.buffer = bytearray()
         self.need = 0
         #: The reads of a large frame being assembled (see ``assembly``), and their size.
-        self.reads: list[bytes] = []
+        self.reads: list[bytes | bytearray] = []
         self.reads_size = 0
         self.inflight = 0
         #: Bytes of the requests in flight (their frames are kept for local replies).
@@ -418,7 +418,7 @@ class Downstream(asyncio.Protocol):
         then decoded with ``decode_frame`` (the reads joined once); what follows it goes on
         as usual."""
         reads = self.reads
-        reads.append(data)
+        add_read(reads, data)
         self.reads_size += len(data)
         if len(self.buffer) + self.reads_size < self.need:
             self._partial(False)

@@ -22,7 +22,7 @@ from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
-from .assembly import LARGE_FRAME, join_frame
+from .assembly import LARGE_FRAME, add_read, join_frame
 from .balancer import Balancer, make_balancer
 from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
 from .outlier import OutlierDetector
@@ -318,7 +318,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.need = 0
         #: The reads of a large reply being assembled (see ``assembly``), and their size.
-        self.reads: list[bytes] = []
+        self.reads: list[bytes | bytearray] = []
         self.reads_size = 0
         self.queued: list[bytes | memoryview] = []
         #: Shared mode: requests in flight by wire id.
@@ -572,7 +572,7 @@ class UpstreamConnection(asyncio.Protocol):
         then decoded with ``decode_frame`` (the reads joined once); what follows it goes on
         as usual."""
         reads = self.reads
-        reads.append(data)
+        add_read(reads, data)
         self.reads_size += len(data)
         if len(self.buffer) + self.reads_size < self.need:
             self._account_held()

@@ -123,6 +123,25 @@ def test_a_large_reply_is_assembled_from_its_reads_and_what_follows_goes_on() ->
     drive(steps)
 
 
+def test_a_large_request_sent_a_byte_at_a_time_is_kept_in_blocks_not_per_read() -> None:
+    """A peer trickling a large frame one byte per read: the engine gathers the small reads into
+    blocks (a list entry and a ``bytes`` object per byte would cost 40 times the frame)."""
+    large = build_frame(REQUEST, 7, {"method": "big"}, b"q" * (2 * LARGE_FRAME))
+
+    def steps(engine: Engine, down: Any, down_t: Any, up: Any, up_t: Any) -> None:
+        down.data_received(large[:LARGE_FRAME])
+        for i in range(LARGE_FRAME, len(large) - 1):
+            down.data_received(large[i : i + 1])
+        assert down.held == len(large) - 1
+        assert len(down.reads) <= 2, len(down.reads)
+        down.data_received(large[-1:])
+        up._flush()
+        (sent,) = frames_in(up_t.calls)
+        assert bytes(sent.body) == b"q" * (2 * LARGE_FRAME)
+
+    drive(steps)
+
+
 def test_a_bad_large_request_gets_its_error_reply_and_the_next_one_is_served() -> None:
     large = bytearray(build_frame(REQUEST, 9, {"method": "big", "k": "v"}, b"q" * BODY))
     large[large.index(b"\x01v") + 1] = 0xFF  # the header value is no longer UTF-8
