@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from metaprotocol_sdk.proxy import Config, Engine
+    from metaprotocol_sdk.proxy.output import BackgroundOutput
     from metaprotocol_sdk.proxy.workers import WorkerSpec
     from metaprotocol_sdk.proxy.xds.client import XdsClient
 
@@ -199,10 +200,13 @@ async def _serve(
     files: tuple[str, ...] = (),
     watch: bool = False,
     worker: WorkerSpec | None = None,
+    output: BackgroundOutput | None = None,
 ) -> int:
     from metaprotocol_sdk.proxy import Engine
 
     engine = Engine(config, reuse_port=worker is not None)
+    if output is not None:
+        output.count_into(engine.stats.counter("metaprotocol_output_dropped_bytes_total"))
     try:
         await engine.start()
     except OSError as exc:
@@ -358,6 +362,8 @@ def command(
     if check:
         _check(files)
         return
+    from metaprotocol_sdk.proxy.output import background_output
+
     spec = None
     if workers > 1 or worker_of is not None:
         from metaprotocol_sdk.proxy import workers as several
@@ -370,7 +376,10 @@ def command(
                 )
                 sys.exit(2)
             argv = several.worker_command(files, drain, no_uvloop, watch)
-            sys.exit(several.supervise(_load(files), argv, workers, drain))
+            config = _load(files)
+            with background_output():
+                code = several.supervise(config, argv, workers, drain)
+            sys.exit(code)
         spec = several.WorkerSpec.from_json(worker_of)
     factory = None
     if not no_uvloop:
@@ -383,6 +392,6 @@ def command(
     config = _load(files)
     if spec is not None:
         config = spec.apply(config)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config, drain, files, watch, spec))
+    with background_output() as output, asyncio.Runner(loop_factory=factory) as runner:
+        code = runner.run(_serve(config, drain, files, watch, spec, output))
     sys.exit(code)

@@ -118,15 +118,22 @@ class CountingDedicatedKVCodec(CountingKVCodec):
 
 
 class PrintingKVCodec(KVCodec):
-    """A chatty codec: prints a 1 KiB line for every message it decodes."""
+    """A chatty codec: prints a 1 KiB line on standard output for every message it decodes."""
 
     protocol = "kvp"
+    stream = "stdout"
 
     def decode(self, buffer: bytearray) -> Metadata | Any:
         message = super().decode(buffer)
         if isinstance(message, Metadata):
-            print("x" * 1023, flush=True)
+            print("x" * 1023, file=getattr(sys, self.stream), flush=True)
         return message
+
+
+class StderrPrintingKVCodec(PrintingKVCodec):
+    """The chatty codec on standard error."""
+
+    stream = "stderr"
 
 
 _mod = types.ModuleType("proxy_test_codecs")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from proxy_kit import Client, Upstream, address, engine_for, error_type, http_get, mesh, run
+from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, http_get, mesh, run
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import Engine, loads_config
@@ -161,6 +161,52 @@ def test_cli_prints_addresses_and_drains_on_sigterm(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("codec", ["PrintingKVCodec", "StderrPrintingKVCodec"])
+def test_output_nobody_reads_costs_output_not_requests(tmp_path: Path, codec: str) -> None:
+    """A codec prints 1 KiB per request and nobody reads the proxy's standard output or error
+    (this test reads only the first lines): every request is still answered, and the output
+    beyond the writer's backlog is dropped and counted. (A print used to block the event loop
+    once the pipe was full: no request was answered again.)"""
+    config = tmp_path / "mesh.yaml"
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        config.write_text(mesh([(up.port, "v1")], protocol="kvp", codec=f"proxy_kit:{codec}"))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            host, port = proc.stdout.readline().split()[-1].decode().rsplit(":", 1)
+            admin = proc.stdout.readline().split()[-1].decode().rsplit(":", 1)
+            client = await Client.connect((host, int(port)))
+            for _ in range(3000):  # 3 MB printed: the pipe and the 1 MiB backlog fill
+                reply = await asyncio.wait_for(client.call(), WAIT)
+                assert reply.attributes.get("server") == "up"
+            client.close()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                status, body = await http_get((admin[0], int(admin[1])), "/stats?format=json")
+                assert status == 200, body
+                dropped = json.loads(body).get("metaprotocol_output_dropped_bytes_total", 0)
+                if dropped >= 1 << 20:
+                    break
+                assert loop.time() < deadline, dropped
+                await asyncio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            await up.close()
+        assert proc.returncode == 0 and b"Traceback" not in err
+
+    run(main(), timeout=120)
 
 
 def test_cli_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
