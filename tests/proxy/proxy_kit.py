@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import socket
 import struct
@@ -492,6 +493,22 @@ async def http_get(addr: tuple[str, int], path: str) -> tuple[int, str]:
 
 def stats_json(body: str) -> dict[str, int]:
     return dict(json.loads(body))
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll ``check`` (a function or a coroutine function) until it gives a true value; fail
+    with ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 async def gather(*aws: Awaitable[T]) -> list[T]:

@@ -109,6 +109,20 @@ def test_two_frames_in_one_buffer_decode_one_at_a_time() -> None:
     assert first.frame == a and second.frame == b and not buffer
 
 
+def test_decode_frame_parses_the_whole_frame_it_is_given_without_a_copy() -> None:
+    frame = build_request("svc.Big", "put", ["x" * 200_000], request_id=9, attachments={"k": "v"})
+    codec = DubboCodec()
+    message = codec.decode_frame(frame)
+    assert message.frame is frame  # the engine's large frames are not copied again
+    assert message.request_id == 9 and message.attributes["k"] == "v"
+    expected = codec.decode(bytearray(frame))
+    assert isinstance(expected, Metadata) and message.to_dict() == expected.to_dict()
+    with pytest.raises(FramingError, match="left 1 bytes"):  # not one whole frame: decode's path
+        codec.decode_frame(frame + b"\x00")
+    with pytest.raises(FrameTooLargeError):
+        DubboCodec(max_frame_size=len(frame) - 1).decode_frame(frame)
+
+
 def test_bad_magic_is_a_framing_error_at_offset_0() -> None:
     with pytest.raises(FramingError) as info:
         DubboCodec().decode(bytearray(b"\xca\xfe" + typical_request()[2:]))

@@ -426,28 +426,14 @@ class DubboCodec(Codec):
         return message
 
     def decode_frame(self, frame: bytes) -> Metadata:
-        """Decode ``frame``, one whole frame, as :meth:`decode` would, without copying it."""
-        if len(frame) < HEADER_SIZE:
-            raise FramingError(f"a whole frame of {len(frame)} bytes has no room for a header")
-        magic, flag, status, request_id, body_length = _HEADER_FIELDS(frame)
-        if magic != MAGIC:
-            HEADER.unpack(frame)  # raises the header layout's error for the bad magic
-        if body_length < 0:
-            raise FramingError(f"negative body length {body_length}", offset=BODY_LENGTH_OFFSET)
-        size = HEADER_SIZE + body_length
-        if size > self.max_frame_size:
-            raise FrameTooLargeError(
-                size,
-                self.max_frame_size,
-                offset=BODY_LENGTH_OFFSET,
-                metadata=_partial(flag, status, request_id),
-            )
-        if size != len(frame):
-            raise FramingError(
-                f"body length {body_length} does not fill the whole frame of {len(frame)} bytes",
-                offset=BODY_LENGTH_OFFSET,
-            )
-        return self._parse(frame, flag, status, request_id, body_length)
+        """Decode ``frame``, one whole frame, as :meth:`decode` would, without copying it.
+        Anything but a well-formed header whose length fills ``frame`` takes the default
+        path (``decode`` on a copy), so the errors are decode's own."""
+        if len(frame) >= HEADER_SIZE:
+            magic, flag, status, request_id, body_length = _HEADER_FIELDS(frame)
+            if magic == MAGIC and HEADER_SIZE + body_length == len(frame) <= self.max_frame_size:
+                return self._parse(frame, flag, status, request_id, body_length)
+        return super().decode_frame(frame)
 
     def _parse(
         self, frame: bytes, flag: int, status: int, request_id: int, body_length: int
