@@ -9,6 +9,7 @@ order. Chunks that would take the backlog above its bound are refused (the calle
 from __future__ import annotations
 
 import os
+import select
 import threading
 from collections import deque
 
@@ -70,9 +71,21 @@ class BackgroundWriter:
                 for chunk in chunks:
                     data = memoryview(chunk)
                     while data:
-                        data = data[os.write(self.fd, data) :]
+                        try:
+                            data = data[os.write(self.fd, data) :]
+                        except BlockingIOError:
+                            # O_NONBLOCK, set by whoever shares the open file (a parent's
+                            # pipe): wait for room as a blocking write would.
+                            _wait_writable(self.fd)
             except OSError:
                 self.failed_writes += 1
                 self.failed_items += items  # some may have been written: counted as lost
             with ready:
                 self._pending -= sum(map(len, chunks))
+
+
+def _wait_writable(fd: int) -> None:
+    """Block until ``fd`` takes a write (or reports an error, which the next write raises)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -212,3 +213,55 @@ def test_access_log_on_stderr_writes_whole_lines_a_pipe_keeps_together(
     assert all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)
     ids = [json.loads(line)["request_id"] for w in writes for line in w.splitlines()]
     assert ids == list(range(500))
+
+
+def test_access_log_on_a_non_blocking_stderr_waits_for_the_reader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stderr pipe left non-blocking by whoever shares it (``O_NONBLOCK`` belongs to the open
+    pipe, not to this process): a full pipe makes the write fail with ``EAGAIN`` at once. The
+    writer thread waits until the reader takes more, as it would on a blocking pipe; it used to
+    drop the lines and count a failed write, with its backlog nowhere near full."""
+    import io
+    import os
+    import select
+    import sys
+    import threading
+
+    from metaprotocol_sdk.proxy.accesslog import AccessLog
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:  # the reader is behind: the pipe is full before the log writes
+            filled += os.write(w, b"f" * 4096)
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.FileIO(w, "w", closefd=False)))
+    tried = threading.Event()
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        try:
+            return real_write(fd, data)
+        finally:
+            tried.set()
+
+    monkeypatch.setattr(os, "write", write)
+    log = AccessLog("-")
+    try:
+        for i in range(200):
+            log.log("listener", "route", "dest", "Ok", 0.001, i, "Request", "127.0.0.1:1")
+        log.flush()
+        assert tried.wait(5)  # the writer met the full pipe before anything was read
+        got = bytearray()
+        while got.count(b"\n") < 200:
+            assert select.select([r], [], [], 2.0)[0], f"lines lost: {log.dropped_lines}"
+            got += os.read(r, 1 << 16)
+        log.close()
+        assert (log.failed_writes, log.dropped_lines) == (0, 0)
+        ids = [json.loads(line)["request_id"] for line in got[filled:].splitlines()]
+        assert ids == list(range(200))
+    finally:
+        log.close()
+        os.close(r)
+        os.close(w)
