@@ -4,13 +4,17 @@ Appending each read of a large frame to the connection's ``bytearray`` copies th
 and each time the array outgrows its block the allocator may copy everything again; the codec
 then copies the frame out. Once a codec has announced a frame of more than
 :data:`LARGE_FRAME` bytes (``NeedData.needed``), a connection keeps its further reads as they
-came and, when they complete the frame, joins them once into the frame's ``bytes``, which it
-hands to :meth:`Codec.decode_frame <metaprotocol_sdk.codec.Codec.decode_frame>`.
+came (:class:`Reads`) and, when they complete the frame, joins them once: into the frame's
+``bytes`` for a codec that overrides
+:meth:`Codec.decode_frame <metaprotocol_sdk.codec.Codec.decode_frame>` (it parses them in
+place), else into the connection's new buffer, which ``decode`` reads as usual.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from metaprotocol_sdk.codec import Codec
 
 #: Frames announced above this many bytes are assembled from their reads.
 LARGE_FRAME: Final = 64 << 10
@@ -21,26 +25,53 @@ LARGE_FRAME: Final = 64 << 10
 SMALL_READ: Final = 16 << 10
 
 
-def add_read(reads: list[bytes | bytearray], data: bytes) -> None:
-    """Keep ``data``, a read of the frame being assembled, at the end of ``reads``."""
-    if len(data) >= SMALL_READ:
-        reads.append(data)
-        return
-    last = reads[-1] if reads else None
-    if type(last) is bytearray and len(last) < LARGE_FRAME:
-        last += data
-    else:
-        reads.append(bytearray(data))
+def parses_whole_frames(codec: Codec) -> bool:
+    """Whether ``codec`` overrides ``decode_frame`` (else the engine gives ``decode`` a buffer
+    holding the assembled frame, as it always did)."""
+    return type(codec).decode_frame is not Codec.decode_frame
 
 
-def join_frame(head: bytearray, reads: list[bytes | bytearray], size: int) -> tuple[bytes, bytes]:
-    """The first ``size`` bytes of ``head`` followed by ``reads`` as one ``bytes`` (one copy),
-    and what follows them (part of the last read only: at most one read's worth)."""
-    last = reads[-1]
-    over = len(head) + sum(map(len, reads)) - size
-    if not over:
-        return b"".join([head, *reads]), b""
-    cut = len(last) - over
-    with memoryview(last) as view:
-        frame = b"".join([head, *reads[:-1], view[:cut]])
-    return frame, bytes(last[cut:])
+class Reads:
+    """The reads of the large frame at the front of a connection's buffer."""
+
+    __slots__ = ("blocks", "size")
+
+    def __init__(self) -> None:
+        self.blocks: list[bytes | bytearray] = []
+        #: Bytes kept (counted against the buffer limits like the buffer itself).
+        self.size = 0
+
+    def add(self, data: bytes) -> int:
+        """Keep ``data``; the bytes kept so far."""
+        blocks = self.blocks
+        if len(data) >= SMALL_READ:
+            blocks.append(data)
+        else:
+            last = blocks[-1] if blocks else None
+            if type(last) is bytearray and len(last) < LARGE_FRAME:
+                last += data
+            else:
+                blocks.append(bytearray(data))
+        self.size += len(data)
+        return self.size
+
+    def clear(self) -> None:
+        self.blocks = []
+        self.size = 0
+
+    def join(self, head: bytearray, size: int, whole: bool) -> tuple[bytes | None, bytearray]:
+        """Once ``head`` and the reads hold the ``size``-byte frame: with ``whole``, the frame
+        as ``bytes`` (one copy) and a new buffer with what follows it (part of the last read);
+        else ``None`` and a new buffer holding the frame and what follows it (one copy). The
+        reads are cleared."""
+        blocks = self.blocks
+        self.clear()
+        if not whole:
+            return None, bytearray().join([head, *blocks])
+        last = blocks[-1]
+        cut = size - (len(head) + sum(map(len, blocks)) - len(last))
+        if cut == len(last):
+            return b"".join([head, *blocks]), bytearray()
+        with memoryview(last) as view:
+            frame = b"".join([head, *blocks[:-1], view[:cut]])
+            return frame, bytearray(view[cut:])

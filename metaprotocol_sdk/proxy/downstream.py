@@ -14,7 +14,7 @@ from metaprotocol_sdk.errors import CodecError, FrameTooLargeError, MutationErro
 from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
-from .assembly import LARGE_FRAME, add_read, join_frame
+from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS
@@ -158,10 +158,10 @@ class Downstream(asyncio.Protocol):
         "read_done",
         "reading_paused",
         "reads",
-        "reads_size",
         "seen",
         "transport",
         "unsent",
+        "whole",
         "write_paused",
     )
 
@@ -172,9 +172,10 @@ class Downstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.need = 0
-        #: The reads of a large frame being assembled (see ``assembly``), and their size.
-        self.reads: list[bytes | bytearray] = []
-        self.reads_size = 0
+        #: The reads of a large frame being assembled (see ``assembly``).
+        self.reads = Reads()
+        #: The codec parses an assembled frame itself (``decode_frame``).
+        self.whole = parses_whole_frames(self.codec)
         self.inflight = 0
         #: Bytes of the requests in flight (their frames are kept for local replies).
         self.inflight_bytes = 0
@@ -234,8 +235,7 @@ class Downstream(asyncio.Protocol):
         engine.buffered -= self.held + self.unsent
         self.held = self.unsent = 0
         self.buffer = bytearray()
-        self.reads = []
-        self.reads_size = 0
+        self.reads.clear()
         self.out = []
         self.closed = True
         self.transport = None
@@ -294,7 +294,6 @@ class Downstream(asyncio.Protocol):
         self._pause_reading()
         self.buffer.clear()
         self.reads.clear()
-        self.reads_size = 0
         self.need = 0
         self._account_held(0)
 
@@ -341,7 +340,7 @@ class Downstream(asyncio.Protocol):
 
     def _partial(self, consumed: bool) -> None:
         """After a read that leaves (or left) a partial frame in the buffer."""
-        held = len(self.buffer) + self.reads_size
+        held = len(self.buffer) + self.reads.size
         self._account_held(held)
         if not held:
             self.partial_since = 0.0
@@ -414,36 +413,40 @@ class Downstream(asyncio.Protocol):
             self._partial(True)
 
     def _assemble(self, data: bytes) -> None:
-        """A read of the large frame at the front: kept until the frame is whole, which is
-        then decoded with ``decode_frame`` (the reads joined once); what follows it goes on
-        as usual."""
+        """A read of the large frame at the front: kept until the frame is whole, then
+        decoded (the reads joined once); what follows it goes on as usual."""
         reads = self.reads
-        add_read(reads, data)
-        self.reads_size += len(data)
-        if len(self.buffer) + self.reads_size < self.need:
+        if not reads.size and len(self.buffer) >= self.need:
+            # The codec asked for no more than it had (it fails the kit's needed check):
+            # decode as usual.
+            self.buffer += data
+            self.need = 0
+            self.data_received(b"")
+            return
+        if len(self.buffer) + reads.add(data) < self.need:
             self._partial(False)
             return
-        frame, rest = join_frame(self.buffer, reads, self.need)
-        self.buffer = bytearray(rest)
-        reads.clear()
-        self.reads_size = self.need = 0
+        frame, self.buffer = reads.join(self.buffer, self.need, self.whole)
+        self.need = 0
+        self.partial_since = 0.0  # what follows the frame starts anew
+        if frame is not None:
+            self._decode_frame(frame)
+        self.data_received(b"")  # decodes the buffer: the frame itself, or what followed it
+
+    def _decode_frame(self, frame: bytes) -> None:
+        """An assembled frame, for a codec that parses it whole."""
         try:
             message = self.codec.decode_frame(frame)
         except FrameTooLargeError as exc:
             self._refuse(exc, ErrorType.OverLimit, close=True)
             return
         except CodecError as exc:
-            if exc.frame_size != len(frame):
-                self._refuse(exc, ErrorType.BadRequest, close=True)
-                return
-            self._refuse(exc, ErrorType.BadRequest, close=False)
+            self._refuse(exc, ErrorType.BadRequest, close=exc.frame_size != len(frame))
+            return
+        if message.message_type is _REQUEST:
+            self._request(message)
         else:
-            if message.message_type is _REQUEST:
-                self._request(message)
-            else:
-                self._other(message)
-        self.partial_since = 0.0  # what follows the frame starts anew
-        self.data_received(b"")  # decodes what followed the frame in its last read
+            self._other(message)
 
     def _other(self, message: Metadata) -> None:
         """A message from the client that is not a two-way request."""

@@ -22,7 +22,7 @@ from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
-from .assembly import LARGE_FRAME, add_read, join_frame
+from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, make_balancer
 from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
 from .outlier import OutlierDetector
@@ -288,7 +288,6 @@ class UpstreamConnection(asyncio.Protocol):
         "pending",
         "queued",
         "reads",
-        "reads_size",
         "retiring",
         "sent",
         "shared",
@@ -296,6 +295,7 @@ class UpstreamConnection(asyncio.Protocol):
         "task",
         "tcp",
         "transport",
+        "whole",
         "write_paused",
     )
 
@@ -317,9 +317,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._blocked: set[Downstream] = set()
         self.buffer = bytearray()
         self.need = 0
-        #: The reads of a large reply being assembled (see ``assembly``), and their size.
-        self.reads: list[bytes | bytearray] = []
-        self.reads_size = 0
+        #: The reads of a large reply being assembled (see ``assembly``).
+        self.reads = Reads()
+        #: The codec parses an assembled reply itself (``decode_frame``).
+        self.whole = parses_whole_frames(codec)
         self.queued: list[bytes | memoryview] = []
         #: Shared mode: requests in flight by wire id.
         self.pending: dict[int, Pending] = {}
@@ -568,19 +569,28 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(reply)
 
     def _assemble(self, data: bytes) -> None:
-        """A read of the large reply at the front: kept until the reply is whole, which is
-        then decoded with ``decode_frame`` (the reads joined once); what follows it goes on
-        as usual."""
+        """A read of the large reply at the front: kept until the reply is whole, then
+        decoded (the reads joined once); what follows it goes on as usual."""
         reads = self.reads
-        add_read(reads, data)
-        self.reads_size += len(data)
-        if len(self.buffer) + self.reads_size < self.need:
+        if not reads.size and len(self.buffer) >= self.need:
+            # The codec asked for no more than it had (it fails the kit's needed check):
+            # decode as usual.
+            self.buffer += data
+            self.need = 0
+            self.data_received(b"")
+            return
+        if len(self.buffer) + reads.add(data) < self.need:
             self._account_held()
             return
-        frame, rest = join_frame(self.buffer, reads, self.need)
-        self.buffer = bytearray(rest)
-        reads.clear()
-        self.reads_size = self.need = 0
+        frame, self.buffer = reads.join(self.buffer, self.need, self.whole)
+        self.need = 0
+        if frame is not None:
+            self._decode_frame(frame)
+        if not self.closed:
+            self.data_received(b"")  # decodes the buffer: the reply itself, or what followed
+
+    def _decode_frame(self, frame: bytes) -> None:
+        """An assembled reply, for a codec that parses it whole."""
         self._account_held()
         batch: list[Downstream] = []
         try:
@@ -596,11 +606,9 @@ class UpstreamConnection(asyncio.Protocol):
         elif kind is _HEARTBEAT:
             self._heartbeat(message)
         self._after_read(batch, None)
-        if not self.closed:
-            self.data_received(b"")  # decodes what followed the reply in its last read
 
     def _account_held(self) -> None:
-        held = len(self.buffer) + self.reads_size
+        held = len(self.buffer) + self.reads.size
         self.engine.buffered += held - self.held
         self.held = held
 
@@ -709,8 +717,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.connecting = False
         self.queued = []
         self.buffer = bytearray()
-        self.reads = []
-        self.reads_size = 0
+        self.reads.clear()
         self.engine.buffered -= self.held
         self.held = 0
         host = self.host
