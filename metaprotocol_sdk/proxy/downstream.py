@@ -139,6 +139,7 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "_route",
         "blocked",
+        "blocked_since",
         "buffer",
         "closed",
         "codec",
@@ -190,6 +191,8 @@ class Downstream(asyncio.Protocol):
         # (``write_paused``) or while an upstream connection it sent to is full (``blocked``).
         self.write_paused = False
         self.blocked = 0
+        #: When ``blocked`` last left 0: the frame timeout does not count that wait.
+        self.blocked_since = 0.0
         self.reading_paused = False
         self.dedicated: dict[tuple[str, str], UpstreamConnection] = {}
         self._route = listener.table.match
@@ -267,12 +270,17 @@ class Downstream(asyncio.Protocol):
     def block_on(self, conn: UpstreamConnection) -> None:
         """Stop reading until ``conn`` can take more (it calls :meth:`unblock`)."""
         if conn.add_blocked(self):
+            if not self.blocked:
+                self.blocked_since = self.engine.loop.time()
             self.blocked += 1
             self._pause_reading()
 
     def unblock(self) -> None:
-        """An upstream connection this one waited for drained or closed."""
+        """An upstream connection this one waited for drained or closed. The time spent
+        waiting is not the client's: a partial frame's clock skips it."""
         self.blocked -= 1
+        if not self.blocked and self.partial_since:
+            self.partial_since += self.engine.loop.time() - self.blocked_since
         self._maybe_resume_reading()
 
     def _pause_reading(self) -> None:
@@ -362,7 +370,11 @@ class Downstream(asyncio.Protocol):
         if not self.closed:
             if self.write_paused and now - self.paused_since > engine.write_timeout:
                 self.shut("write_timeout")
-            elif self.partial_since and now - self.partial_since > engine.frame_timeout:
+            elif (
+                self.partial_since
+                and not self.blocked  # the engine stopped reading it, not the client
+                and now - self.partial_since > engine.frame_timeout
+            ):
                 self.shut("frame_timeout")
             elif not self.held and now - self.last_seen > engine.idle_timeout:
                 self.shut("idle")

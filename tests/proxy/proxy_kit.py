@@ -545,6 +545,12 @@ class FakeTransport:
     def abort(self) -> None:
         pass
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
 
 def wire_fakes(engine: Engine) -> tuple[Any, FakeTransport, Any, FakeTransport]:
     """A downstream connection and one shared upstream connection on fake transports.

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy_kit import Client, Upstream, address, engine_for, gather, mesh, run
+import uvloop
+from proxy_kit import Client, Upstream, address, engine_for, gather, mesh, run, wire_fakes
+
+from metaprotocol_sdk.examples.kv import REQUEST, build_frame
+from metaprotocol_sdk.proxy import Engine, loads_config
 
 BODY = b"x" * (256 * 1024)
 
@@ -56,3 +60,34 @@ def test_client_not_reading_stops_its_requests() -> None:
         await up.close()
 
     run(main(), timeout=30)
+
+
+def test_the_frame_timeout_does_not_count_while_the_engine_waits_for_a_full_upstream() -> None:
+    """A client's partial frame waits while the engine stopped reading it because an upstream
+    connection is full: that wait is the engine's, not the client's, and does not close it with
+    ``frame_timeout`` (it used to). Driven on fake wires with the sweep's clock given."""
+
+    async def main() -> None:
+        engine = Engine(loads_config(mesh([(1, "v1")], proxy="timeouts: {frame: 1s}\n")))
+        await engine.start()
+        try:
+            down, _, up, _ = wire_fakes(engine)
+            up.pause_writing()  # the upstream connection is full
+            second = build_frame(REQUEST, 2, {"method": "m"}, b"y" * 100)
+            down.data_received(build_frame(REQUEST, 1, {"method": "m"}) + second[:30])
+            assert down.blocked and down.partial_since  # waits, with half a frame held
+            now = engine.loop.time()
+            down.sweep(now + 10.0)  # ten frame timeouts, all spent waiting for the upstream
+            assert not down.closed
+            up.resume_writing()
+            assert not down.blocked
+            down.sweep(engine.loop.time() + 0.5)  # the client's own clock: within the timeout
+            assert not down.closed
+            down.sweep(engine.loop.time() + 2.0)  # and past it: still enforced
+            assert down.closed
+            name = "metaprotocol_downstream_connections_closed_total"
+            assert engine.stats.total(name, reason="frame_timeout") == 1
+        finally:
+            await engine.stop(drain=0.1)
+
+    uvloop.run(main())
