@@ -292,6 +292,32 @@ class WholeFrameSkipsHeaders(_Broken):
         return message
 
 
+class StaleStateAfterWholeFrame(_Broken):
+    """Remembers the size of the incomplete frame it last answered NeedData for, and answers
+    later calls from it until that frame is there (decode forgets it once the frame decodes).
+    Its own decode_frame, sparing a copy, does not forget it: after a large frame the engine
+    assembled, the next, shorter message waits forever."""
+
+    catches = "framing_decode_frame_state"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._waiting = 0
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        if self._waiting and len(buffer) < self._waiting:
+            return NeedData(self._waiting)
+        result = super().decode(buffer)
+        self._waiting = result.needed if isinstance(result, NeedData) else 0
+        return result
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        buffer = bytearray(frame)
+        result = KVCodec.decode(self, buffer)  # the fault: self._waiting stays as it was
+        assert isinstance(result, Metadata) and not buffer
+        return result
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -309,6 +335,7 @@ BROKEN: list[type[_Broken]] = [
     ConsumesBeforeRaising,
     QuadraticHeaders,
     WholeFrameSkipsHeaders,
+    StaleStateAfterWholeFrame,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

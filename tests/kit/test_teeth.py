@@ -12,6 +12,7 @@ from broken_codecs import (
     KeepsOldIdWithMutation,
     QuadraticHeaders,
     RebuildsFrameOnEncode,
+    StaleStateAfterWholeFrame,
     WholeFrameSkipsHeaders,
 )
 
@@ -49,7 +50,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 16
+    assert len(set(targeted)) == len(targeted) == 17
     assert set(targeted) <= set(check_names())
 
 
@@ -63,6 +64,7 @@ ONLY_ONE = [
     ConsumesBeforeRaising,
     QuadraticHeaders,
     WholeFrameSkipsHeaders,
+    StaleStateAfterWholeFrame,
 ]
 
 

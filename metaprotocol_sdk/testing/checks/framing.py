@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from hypothesis import strategies as st
 
 from metaprotocol_sdk.codec import Codec, NeedData
@@ -13,6 +15,7 @@ from metaprotocol_sdk.testing.hexdump import compare, hexdump
 from ._support import (
     call_decode,
     check_expectations,
+    collect,
     corruptions,
     decode_whole,
     fail,
@@ -342,6 +345,38 @@ def _whole_frame_prop(
     return got
 
 
+def _engine_order_prop(ctx: CheckContext, first: Sample, *, second: Sample) -> None:
+    """One codec instance, called as an engine calls it: ``decode`` on the start of a large
+    frame (NeedData), ``decode_frame`` on the whole frame, then ``decode`` on the next frame,
+    which must give what a fresh codec gives."""
+    options = dict(first.options)
+    frame, after = first.frame, second.frame
+    codec = ctx.target.new_codec(options)
+    start = bytearray(frame[: len(frame) // 2])
+    if not start or not isinstance(call_decode(codec, start), NeedData):
+        return
+    # What decode_frame gives is framing_decode_frame's to judge; here, what it leaves.
+    _decode_frame(codec, frame, "a whole frame after decode saw its first half")
+    buffer = bytearray(after)
+    try:
+        result = call_decode(codec, buffer)
+    except CodecError as exc:
+        fail(
+            f"after decode_frame, decode of the next message raised {type(exc).__name__}: {exc} "
+            f"(a fresh codec decodes it): decode_frame left the codec's state behind\n"
+            + hexdump(after, mark=exc.offset)
+        )
+    if not isinstance(result, Metadata) or buffer:
+        fail(
+            f"after decode_frame, decode of the next {len(after)}-byte message returned "
+            f"{result!r} with {len(buffer)} bytes left (a fresh codec decodes it whole): "
+            "decode_frame left the codec's state behind"
+        )
+    diff = same_metadata(reference(ctx, second), result)
+    if diff:
+        fail(f"after decode_frame, the next message decodes otherwise than fresh: {diff}")
+
+
 @check("framing_decode_frame", "framing")
 def framing_decode_frame(ctx: CheckContext) -> None:
     """decode_frame() agrees with decode() on every whole frame: same metadata, same errors.
@@ -365,3 +400,20 @@ def framing_decode_frame(ctx: CheckContext) -> None:
 
     for_each_sample(ctx, prop)
     ctx.details.update(compared=compared, errors=errors)
+
+
+@check("framing_decode_frame_state", "framing")
+def framing_decode_frame_state(ctx: CheckContext) -> None:
+    """decode_frame() leaves the codec's state as decode() would, in the order an engine calls
+    one codec: decode on a frame's first half (NeedData), decode_frame on the whole frame, then
+    decode on the next message, which must give what a fresh codec gives.
+    """
+    samples = collect(ctx, ctx.target.settings.examples)
+    pairs = 0
+    for first, second in zip(samples, samples[1:] + samples[:1], strict=True):
+        if first.options == second.options:
+            labelled(first, functools.partial(_engine_order_prop, ctx, second=second))
+            pairs += 1
+    if not pairs:
+        no_messages()
+    ctx.details["pairs"] = pairs
