@@ -357,21 +357,8 @@ def _engine_order_prop(ctx: CheckContext, first: Sample, *, second: Sample) -> N
         return
     # What decode_frame gives is framing_decode_frame's to judge; here, what it leaves.
     _decode_frame(codec, frame, "a whole frame after decode saw its first half")
-    buffer = bytearray(after)
-    try:
-        result = call_decode(codec, buffer)
-    except CodecError as exc:
-        fail(
-            f"after decode_frame, decode of the next message raised {type(exc).__name__}: {exc} "
-            f"(a fresh codec decodes it): decode_frame left the codec's state behind\n"
-            + hexdump(after, mark=exc.offset)
-        )
-    if not isinstance(result, Metadata) or buffer:
-        fail(
-            f"after decode_frame, decode of the next {len(after)}-byte message returned "
-            f"{result!r} with {len(buffer)} bytes left (a fresh codec decodes it whole): "
-            "decode_frame left the codec's state behind"
-        )
+    what = "the next message after decode_frame (a fresh codec decodes it: was state left?)"
+    result = decode_whole(codec, after, what)
     diff = same_metadata(reference(ctx, second), result)
     if diff:
         fail(f"after decode_frame, the next message decodes otherwise than fresh: {diff}")
