@@ -33,6 +33,8 @@ CPU per request is compared slice by slice with the first's: a before/after from
 (docs/compiled.md) in another venv: ``.venv-compiled`` of this checkout (``./dev test`` builds
 it) or ``--compiled-venv PATH``, checked before the run to import compiled modules; its CPU per
 request is compared slice by slice with the pure engine's. ``--no-compiled`` leaves it out.
+``--compiled-venv LABEL=PATH`` (repeatable) adds the compiled install of ``PATH`` as
+``engine, compiled @LABEL``: two compiled builds, before and after, in one run.
 """
 
 from __future__ import annotations
@@ -274,7 +276,7 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
         env: Mapping[str, str] | None = None
         if kind in TREES:
             argv, env = [PY, "-P", "-c", _LAUNCH_TREE], tree_env(TREES[kind])
-        elif kind == COMPILED_KIND:
+        elif kind in COMPILED_VENVS:
             argv = [str(COMPILED_VENVS[kind] / "bin" / "metaprotocol")]
         proc = Proc([*argv, "proxy", "-c", str(path)], PROXY_CORE, env=env)
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
@@ -589,9 +591,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--compiled-venv",
-        type=Path,
-        default=HERE.parent / ".venv-compiled",
-        help="venv of the mypyc-compiled install (default: .venv-compiled of this checkout)",
+        action="append",
+        default=[],
+        metavar="[LABEL=]PATH",
+        help="venv of a mypyc-compiled install (default: .venv-compiled of this checkout); "
+        "LABEL=PATH adds another, as 'engine, compiled @LABEL'",
     )
     parser.add_argument("--no-compiled", action="store_true", help="no compiled engine row")
     args = parser.parse_args()
@@ -616,10 +620,14 @@ def main() -> int:
     )
     for kind, root in TREES.items():
         print(f"# {kind}: {root}, imports " + ", ".join(check_tree(root)), flush=True)
-    if not args.no_compiled and (args.compiled_venv / "bin" / "metaprotocol").exists():
-        COMPILED_VENVS[COMPILED_KIND] = args.compiled_venv.resolve()
-        found = check_compiled_venv(args.compiled_venv)
-        print(f"# {COMPILED_KIND}: {args.compiled_venv}, {found}", flush=True)
+    for spec in args.compiled_venv or [str(HERE.parent / ".venv-compiled")]:
+        label, sep, path = spec.rpartition("=")
+        venv = Path(path)
+        if args.no_compiled or not (venv / "bin" / "metaprotocol").exists():
+            continue
+        kind = f"{COMPILED_KIND} @{label}" if sep else COMPILED_KIND
+        COMPILED_VENVS[kind] = venv.resolve()
+        print(f"# {kind}: {venv}, {check_compiled_venv(venv)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
         validate_envoy_configs(args.protocol or ["thrift", "dubbo"], workdir)

@@ -8,8 +8,8 @@ head are enough.
 Finishing a request costs nothing here: the caller sets ``item.done`` and the queue forgets the
 item lazily. Finished items are dropped from the head of their queue whenever one is added
 (requests mostly finish in the order they started), and a queue whose length passes twice its
-unfinished items is compacted. A finished request is therefore not kept alive (with its frame)
-for long behind a slow one.
+unfinished items is compacted. A finished request therefore does not wait long behind a slow
+one, and it has let go of its frame when it finished (``Downstream._settle``).
 """
 
 from __future__ import annotations

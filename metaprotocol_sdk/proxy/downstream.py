@@ -18,7 +18,14 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS
-from .upstream import Cluster, Pending, UpstreamConnection, UpstreamHost, append_encoded
+from .upstream import (
+    RELEASED,
+    Cluster,
+    Pending,
+    UpstreamConnection,
+    UpstreamHost,
+    append_encoded,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -772,8 +779,7 @@ class Downstream(asyncio.Protocol):
         """Send ``p`` again (a new try) instead of answering it; ``False``: answer it."""
         if not self._retry(p.route, condition, p.tries, p.start, p.target.cluster):
             return False
-        request = p.request
-        self._settle(p)
+        request = self._settle(p)
         self._dispatch(request, p.route, p.mutation, p.tries + 1, p.start, p.host)
         return True
 
@@ -857,8 +863,12 @@ class Downstream(asyncio.Protocol):
 
     # -- completion ----------------------------------------------------------------------------
 
-    def _settle(self, p: Pending) -> None:
+    def _settle(self, p: Pending) -> Metadata:
+        """Stop ``p``'s clock and counts; its request, which ``p`` lets go of (see
+        ``upstream.RELEASED``)."""
         p.done = True  # also stops its deadline
+        request = p.request
+        p.request = RELEASED
         engine = self.engine
         p.host.active -= 1
         if p.tries:
@@ -869,6 +879,7 @@ class Downstream(asyncio.Protocol):
         engine.pending -= 1
         if engine.draining and engine.pending == 0:
             engine.requests_drained()
+        return request
 
     def finish(self, p: Pending, response: Metadata, batch: list[Downstream]) -> None:
         """Queue the response to ``p`` (response mutation and original id applied).
@@ -951,7 +962,7 @@ class Downstream(asyncio.Protocol):
         ``encoded`` ``None``: the client left (counted ``DownstreamClosed``); ``status``
         ``None``: a local ``BadResponse`` replaced the reply.
         """
-        self._settle(p)  # first: a draining connection closes once nothing is in flight
+        request = self._settle(p)  # first: a draining connection closes once nothing is in flight
         if encoded is None:
             p.target.count("DownstreamClosed")
             status_name = "DownstreamClosed"
@@ -989,7 +1000,7 @@ class Downstream(asyncio.Protocol):
         if route.response_filters:
             self._respond(
                 route,
-                p.request,
+                request,
                 ResponseStatus.Error if status is None else status,
                 attributes if route.decode_replies else None,
                 ErrorType.BadResponse if status is None else None,
@@ -1017,8 +1028,8 @@ class Downstream(asyncio.Protocol):
                 target.name,
                 status_name,
                 elapsed,
-                p.request.request_id,
-                p.request.message_type.name,
+                request.request_id,
+                request.message_type.name,
                 p.host.key,
             )
 
@@ -1083,18 +1094,18 @@ class Downstream(asyncio.Protocol):
             condition = _RETRY_CONDITIONS.get(error)
             if condition is not None and self._retry_pending(p, condition):
                 return
-        self._settle(p)
+        request = self._settle(p)
         if self.closed:  # the client left first, or was closed: nothing to answer
             p.target.count("DownstreamClosed")
             elapsed = self.engine.loop.time() - p.start
-            self._observe_local(p.target, "DownstreamClosed", elapsed, p.request, 0, None, p.host)
+            self._observe_local(p.target, "DownstreamClosed", elapsed, request, 0, None, p.host)
             if p.route.response_filters:  # nothing answered: status Unknown, no local error
                 unknown = ResponseStatus.Unknown
-                self._respond(p.route, p.request, unknown, None, None, p.target, p.host)
+                self._respond(p.route, request, unknown, None, None, p.target, p.host)
             if self.draining and self.inflight == 0:
                 self.close()
             return
-        self.local_reply(p.request, error, message, p.route, p.target, p.start, p.host)
+        self.local_reply(request, error, message, p.route, p.target, p.start, p.host)
         if self.draining and self.inflight == 0:
             self.close()
 

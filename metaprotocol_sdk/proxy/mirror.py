@@ -14,6 +14,7 @@ from metaprotocol_sdk.enums import ErrorType, ResponseStatus
 from metaprotocol_sdk.metadata import Metadata
 
 from .stats import Counter, Stats
+from .upstream import RELEASED
 
 if TYPE_CHECKING:
     from .downstream import Downstream
@@ -53,6 +54,7 @@ class MirrorSink:
 
     def _settle(self, p: Pending) -> None:
         p.done = True
+        p.request = RELEASED  # a finished copy may wait in its deadline queue: not its frame
         p.host.active -= 1
         self.inflight -= 1
 

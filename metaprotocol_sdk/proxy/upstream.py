@@ -53,8 +53,10 @@ def append_encoded(out: list[bytes | memoryview], encoded: Encoded, size: int) -
 
 
 _HEARTBEAT = MessageType.Heartbeat
-#: What a timed-out request on a dedicated connection keeps instead of its frame.
-_FORGOTTEN = Metadata(MessageType.Request)
+#: What a finished (or timed-out) request keeps instead of its own: it may wait a while in its
+#: deadline queue or, timed out, hold its place on a dedicated connection, and must not keep
+#: its frame alive meanwhile.
+RELEASED = Metadata(MessageType.Request)
 
 
 #: Timed-out requests a dedicated connection remembers (so that their late replies are not
@@ -497,7 +499,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.pending.pop(p.wire_id, None)
             return
         if p.seq in self.order:
-            p.request = _FORGOTTEN
+            p.request = RELEASED
             self.stale += 1
             if self.stale > STALE_LIMIT:
                 self.retire()

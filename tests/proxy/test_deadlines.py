@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run
+from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
 
 from metaprotocol_sdk.proxy.deadlines import COMPACT_MIN, Deadlines
 
@@ -106,5 +106,38 @@ def test_routes_with_different_timeouts() -> None:
             assert engine.stats.total("metaprotocol_requests_total", status="Timeout") == 2
             c.close()
         await up.close()
+
+    run(main())
+
+
+def test_finished_requests_behind_a_slow_one_let_go_of_their_frames() -> None:
+    """Requests answered behind one that is not yet wait in the timeout queue until it is
+    trimmed: they must not keep their frames (up to ``max_frame_size`` each, uncounted) alive
+    meanwhile. Mirrored copies alike."""
+    router = """\
+    - name: mirrored
+      route: [{destination: {host: svc.test, subset: v1}}]
+      mirror: {host: svc.test, subset: v2}
+    """
+
+    async def main() -> None:
+        primary, mirror = await Upstream("primary").start(), await Upstream("mirror").start()
+        text = mesh([(primary.port, "v1"), (mirror.port, "v2")], router=router)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            slow = c.start("hang")  # holds the head of the queue
+            slow.add_done_callback(lambda f: f.exception())  # fails when the client closes
+            body = bytes(200_000)
+            replies = await asyncio.gather(*(c.start("get", body=body) for _ in range(10)))
+            assert all(len(r.body) == len(body) for r in replies)
+            # Every copy answered but the slow request's.
+            await until(lambda: engine.mirror_sink.inflight == 1, "the copies' replies")
+            finished = [p for q in engine.deadlines._queues.values() for p in q.items if p.done]
+            assert len(finished) >= 20  # the primaries and their copies, behind the slow one
+            assert all(len(p.request.frame) == 0 for p in finished)
+            assert not slow.done()
+            c.close()
+        await primary.close()
+        await mirror.close()
 
     run(main())
