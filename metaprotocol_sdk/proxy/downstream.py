@@ -197,8 +197,8 @@ class Downstream(asyncio.Protocol):
         # Flow control: reading stops while the client does not read its responses
         # (``write_paused``) or while an upstream connection it sent to is full (``blocked``).
         self.write_paused = False
-        self.blocked = 0
-        #: When ``blocked`` last left 0: the frame timeout does not count that wait.
+        self.blocked: set[UpstreamConnection] = set()
+        #: When ``blocked`` last became non-empty: the frame timeout does not count that wait.
         self.blocked_since = 0.0
         self.reading_paused = False
         self.dedicated: dict[tuple[str, str], UpstreamConnection] = {}
@@ -249,6 +249,9 @@ class Downstream(asyncio.Protocol):
         self.out = []
         self.closed = True
         self.transport = None
+        for conn in self.blocked:  # a full upstream must not keep a client that left
+            conn.remove_blocked(self)
+        self.blocked = set()
         for conn in list(self.dedicated.values()):
             conn.close()
         self.dedicated.clear()
@@ -279,13 +282,13 @@ class Downstream(asyncio.Protocol):
         if conn.add_blocked(self):
             if not self.blocked:
                 self.blocked_since = self.engine.loop.time()
-            self.blocked += 1
+            self.blocked.add(conn)
             self._pause_reading()
 
-    def unblock(self) -> None:
-        """An upstream connection this one waited for drained or closed. The time spent
-        waiting is not the client's: a partial frame's clock skips it."""
-        self.blocked -= 1
+    def unblock(self, conn: UpstreamConnection) -> None:
+        """``conn``, which this one waited for, drained or closed. The time spent waiting is
+        not the client's: a partial frame's clock skips it."""
+        self.blocked.discard(conn)
         if not self.blocked and self.partial_since:
             self.partial_since += self.engine.loop.time() - self.blocked_since
         self._maybe_resume_reading()

@@ -621,7 +621,7 @@ class Engine:
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
         for upstream in list(self.upstreams):
-            buffered += upstream.held
+            buffered += upstream.held + upstream.account_unsent()
             pool = upstream.cluster.pool
             if pool is not None and pool.idle_timeout is not None:
                 upstream.idle_sweep(now, pool.idle_timeout)

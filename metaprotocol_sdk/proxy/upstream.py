@@ -297,6 +297,7 @@ class UpstreamConnection(asyncio.Protocol):
         "task",
         "tcp",
         "transport",
+        "unsent",
         "whole",
         "write_paused",
     )
@@ -335,6 +336,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.stale = 0
         #: Bytes of a partial reply held in ``buffer`` (the engine's buffer accounting).
         self.held = 0
+        #: Bytes queued or left in the transport for the upstream at the last look (counted
+        #: too: an upstream that reads nothing must not hold memory outside the budget).
+        self.unsent = 0
         self.next_id = 0
         self.task: asyncio.Task[None] | None = None
         self._active: Counter = cluster.active
@@ -399,6 +403,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.queued:
             transport.writelines(self.queued)
             self.queued = []
+            self.account_unsent()
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -430,8 +435,10 @@ class UpstreamConnection(asyncio.Protocol):
         queued = self.queued
         if type(encoded) is bytes and queued:  # the usual case of _queue, without the call
             queued.append(encoded)
+            self.unsent += p.size
+            self.engine.buffered += p.size
         else:
-            self._queue(encoded, len(request.frame))
+            self._queue(encoded, p.size)
         if self.tcp is not None:
             self.tcp.sent.value += p.size  # the frame's size (a mutation may change it a little)
         if self.limit_requests:
@@ -478,12 +485,28 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.queued and self.transport is not None and not self.closed:
             self.engine.loop.call_soon(self._flush)
         append_encoded(self.queued, encoded, size)
+        self.unsent += size  # until _flush measures what the transport kept
+        self.engine.buffered += size
 
     def _flush(self) -> None:
         queued = self.queued
-        if queued and self.transport is not None and not self.closed:
+        transport = self.transport
+        if queued and transport is not None and not self.closed:
             self.queued = []
-            self.transport.writelines(queued)
+            transport.writelines(queued)
+            unsent = transport.get_write_buffer_size()  # account_unsent, inline: hot path
+            self.engine.buffered += unsent - self.unsent
+            self.unsent = unsent
+
+    def account_unsent(self) -> int:
+        """Recount the bytes waiting for the upstream (queued, or in the transport)."""
+        transport = self.transport
+        unsent = sum(len(b) for b in self.queued) if self.queued else 0
+        if transport is not None:
+            unsent += transport.get_write_buffer_size()
+        self.engine.buffered += unsent - self.unsent
+        self.unsent = unsent
+        return unsent
 
     def forget(self, p: Pending) -> None:
         """Stop waiting for ``p`` (timed out, already answered locally): a late response is
@@ -565,10 +588,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def _heartbeat(self, message: Metadata) -> None:
+        """Answer the upstream's heartbeat, unless it does not read what it was sent (its
+        write buffer is full): one reply per ping would then pile up without end."""
         self.cluster.heartbeats.value += 1
+        if self.write_paused:
+            return
         reply = self.codec.heartbeat_reply(message)
         if reply and self.transport is not None:
             self.transport.write(reply)
+            self.account_unsent()
 
     def _assemble(self, data: bytes) -> None:
         """A read of the large reply at the front: kept until the reply is whole, then
@@ -674,6 +702,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         """The transport's write buffer drained (asyncio flow control)."""
         self.write_paused = False
+        self.account_unsent()
         self._release_blocked()
 
     def add_blocked(self, downstream: Downstream) -> bool:
@@ -683,11 +712,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._blocked.add(downstream)
         return True
 
+    def remove_blocked(self, downstream: Downstream) -> None:
+        """Forget a downstream connection that waited for this one and went away."""
+        self._blocked.discard(downstream)
+
     def _release_blocked(self) -> None:
         blocked = self._blocked
         self._blocked = set()
         for downstream in blocked:
-            downstream.unblock()
+            downstream.unblock(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._active.value -= 1
@@ -720,8 +753,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.queued = []
         self.buffer = bytearray()
         self.reads.clear()
-        self.engine.buffered -= self.held
-        self.held = 0
+        self.engine.buffered -= self.held + self.unsent
+        self.held = self.unsent = 0
         host = self.host
         if self in host.conns:
             host.conns.remove(self)
