@@ -734,6 +734,7 @@ class Downstream(asyncio.Protocol):
         except Exception:
             sink.count(target, "BadRequest")
             return
+        p.request = RELEASED  # written: the copy needs nothing of the frame, counted nowhere
         sink.inflight += 1
         host.active += 1
         engine.deadlines.add(p, now, route.timeout)

@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import uvloop
-from proxy_kit import FakeTransport, mesh, wire_fakes
+from proxy_kit import (
+    Client,
+    FakeTransport,
+    Upstream,
+    address,
+    engine_for,
+    gather,
+    mesh,
+    run,
+    until,
+    wire_fakes,
+)
 
 from metaprotocol_sdk.examples.kv import ONEWAY, PING, REQUEST, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
@@ -211,3 +222,35 @@ def test_requests_still_count_while_their_bytes_wait_for_the_upstream() -> None:
             await engine.stop(drain=0.1)
 
     uvloop.run(main())
+
+
+def test_a_mirrored_copy_does_not_keep_its_frame_once_sent() -> None:
+    """A mirrored copy waiting for a mirror that does not answer kept the request's frame
+    alive after the primary's reply (which stops counting it), until the route's timeout:
+    up to 1000 copies (``MIRROR_LIMIT``) x the largest frame, uncounted. Once written, the
+    copy needs nothing of it."""
+    router = """\
+    - name: mirrored
+      route: [{destination: {host: svc.test, subset: v1}}]
+      mirror: {host: svc.test, subset: v2}
+    """
+
+    async def main() -> None:
+        primary, mirror = await Upstream("primary").start(), await Upstream("mirror").start()
+        mirror.on_message = lambda conn, msg: mirror.received.append(msg)  # type: ignore[method-assign]
+        text = mesh([(primary.port, "v1"), (mirror.port, "v2")], router=router)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            body = b"m" * 100_000
+            await gather(*(c.start("put", body=body) for _ in range(20)))
+            await until(lambda: len(mirror.received) == 20, "the copies at the mirror")
+            assert engine.pending == 0 and engine.mirror_sink.inflight == 20
+            copies = [p for conn in engine.upstreams for p in conn.pending.values()]
+            assert len(copies) == 20
+            kept = sum(len(p.request.frame) for p in copies)
+            assert kept <= engine.buffered, kept
+            c.close()
+        await primary.close()
+        await mirror.close()
+
+    run(main())
