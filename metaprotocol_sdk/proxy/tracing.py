@@ -76,6 +76,10 @@ TRACESTATE = "tracestate"
 #: The longest ``tracestate`` read into a span (W3C: 32 members; 512 characters is the size
 #: every vendor must propagate). A longer one still goes upstream untouched, as bytes.
 MAX_TRACESTATE = 512
+#: The most of a request's operation name that goes into its span's name: an ended span waits
+#: in the exporter's queue, outside the engine's buffer budget, and the name comes from the
+#: client (a method name may be as long as a frame).
+MAX_OPERATION = 256
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 #: A ``tracestate`` list member (W3C grammar, as OpenTelemetry checks it).
 _MEMBER = re.compile(
@@ -181,7 +185,7 @@ class TracingFilter(Filter):
                 trace_state=parse_tracestate(state) if state else None,
             )
             parent_context = set_span_in_context(NonRecordingSpan(remote), _ROOT)
-        operation = request.operation_name
+        operation = request.operation_name[:MAX_OPERATION]
         # The attributes are set once, at the end: each call validates every value again.
         span = self.tracer.start_span(
             f"{self.operation} {operation}" if operation else self.operation,

@@ -177,3 +177,29 @@ def test_tracestate_reaches_the_span_and_bad_ones_log_nothing() -> None:
         assert dict(span.parent.trace_state) == {}, bad  # type: ignore[attr-defined]
         assert records == [], bad
     assert parse_tracestate("a=1, b=2 ,,") is not None
+
+
+def test_a_huge_operation_name_does_not_go_into_the_span_whole() -> None:
+    """A span waits in the exporter's queue (2048 spans) after its request is answered, outside
+    the engine's buffer budget, and a client that sends a sampled ``traceparent`` decides that
+    its request is traced: a 1 MB method name made a 1 MB span name, so 2 GB for a queue of
+    them behind a slow collector. The name keeps at most ``MAX_OPERATION`` characters of it."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from metaprotocol_sdk.proxy.tracing import MAX_OPERATION
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    f = TracingFilter(provider.get_tracer("t"), Tracing("c:1"))
+    for name in ("m" * 1_000_000, "sayHello"):
+        request = Metadata(
+            MessageType.Request, operation_name=name, attributes=Attributes({"traceparent": GOOD})
+        )
+        f.on_request(RequestContext(request, "r", "l"))
+        f.on_response(ResponseContext(request, "r", "l", ResponseStatus.Ok, None, None))
+    huge, short = exporter.get_finished_spans()
+    assert huge.name == "egress " + "m" * MAX_OPERATION
+    assert short.name == "egress sayHello"
