@@ -478,6 +478,7 @@ class Downstream(asyncio.Protocol):
             reply = self.codec.heartbeat_reply(message)
             if reply and self.transport is not None:
                 self.transport.write(reply)
+                self._account_unsent()
         elif kind is _ONEWAY:
             self._oneway(message)
         else:
@@ -1148,6 +1149,7 @@ class Downstream(asyncio.Protocol):
         target.count(error.name)
         reply = self.codec.on_error(request, LocalError(error, message))
         transport.write(reply)
+        self._account_unsent()  # a client that reads nothing may get many of them per read
         self._observe_local(target, error.name, elapsed, request, len(reply), flags, host)
         if route is not None and route.response_filters:
             self._respond(route, request, ResponseStatus.Error, None, error, target, host)

@@ -254,3 +254,32 @@ def test_a_mirrored_copy_does_not_keep_its_frame_once_sent() -> None:
         await mirror.close()
 
     run(main())
+
+
+def test_local_and_heartbeat_replies_to_a_client_count_when_written() -> None:
+    """Replies the engine writes itself (local errors, heartbeat answers) went straight to the
+    client's transport and counted only at the next sweep (up to a second later): a client
+    that reads nothing and sends small requests the engine refuses gets about five times what
+    it sends (a 16-byte request, an 80-byte error), uncounted meanwhile."""
+    router = """\
+    - name: only
+      match: {attributes: {method: {exact: only}}}
+      route: [{destination: {host: svc.test, subset: v1}}]
+    """
+
+    async def main() -> None:
+        engine = Engine(loads_config(mesh([(1, "v1")], router=router)))
+        await engine.start()
+        try:
+            listener = next(iter(engine.listeners.values()))
+            down = Downstream(listener)
+            stuck = StuckTransport(down)
+            down.connection_made(stuck)  # type: ignore[arg-type]
+            refused = b"".join(build_frame(REQUEST, i, {"method": "x"}) for i in range(100))
+            down.data_received(refused + build_frame(PING, 1000) * 100)
+            assert stuck.size > 100 * 60
+            assert engine.buffered >= stuck.size
+        finally:
+            await engine.stop(drain=0.1)
+
+    uvloop.run(main())
