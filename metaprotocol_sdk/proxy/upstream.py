@@ -520,6 +520,7 @@ class UpstreamConnection(asyncio.Protocol):
         p.done = True
         if self.shared:
             self.pending.pop(p.wire_id, None)
+            self._close_if_idle()  # a retiring connection's last request may time out
             return
         if p.seq in self.order:
             p.request = RELEASED

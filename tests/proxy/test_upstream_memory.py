@@ -11,6 +11,7 @@ from proxy_kit import (
     Upstream,
     address,
     engine_for,
+    error_type,
     gather,
     mesh,
     run,
@@ -283,3 +284,31 @@ def test_local_and_heartbeat_replies_to_a_client_count_when_written() -> None:
             await engine.stop(drain=0.1)
 
     uvloop.run(main())
+
+
+def test_a_retired_shared_connection_closes_when_its_last_request_times_out() -> None:
+    """With ``maxRequestsPerConnection``, a shared connection that reached it takes no new
+    requests and closes once nothing is in flight; but a request that timed out there never
+    closed it: each N requests to an upstream that does not answer left one more connection
+    open (its socket, codec and buffers), without end (no idleTimeout: nothing else sweeps)."""
+    router = """\
+    - name: all
+      route: [{destination: {host: svc.test, subset: v1}}]
+      timeout: 50ms
+    """
+    traffic = "{connectionPool: {http: {maxRequestsPerConnection: 1}}}"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], router=router, traffic_policy=traffic)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(5):
+                assert error_type(await c.call("hang")) == "Timeout"
+            assert up.accepted == 5
+            await until(lambda: not engine.upstreams, "the retired connections closed")
+            await until(lambda: not up.connections, "the upstream saw them close")
+            c.close()
+        await up.close()
+
+    run(main())
