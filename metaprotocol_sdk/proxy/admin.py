@@ -91,9 +91,19 @@ def bounded_copy(value: Any, cap: int, root: str = "") -> tuple[Any, bool]:
     budget = cap
     cut = False
     marker = TRUNCATED.format(cap=cap)
-    seen: dict[int, str] = {}  # id of a container already written -> its pointer
+    # Where a container was written: ``(its parent's place, its token)``, made a pointer only
+    # when a later occurrence refers to it. Building every node's pointer as a string cost
+    # the length of its path each (a long key above many small items: quadratic).
+    seen: dict[int, tuple[Any, str]] = {}  # id of a container already written -> its place
 
-    def walk(item: Any, pointer: str) -> Any:
+    def pointer(place: tuple[Any, str] | None) -> str:
+        tokens = []
+        while place is not None:
+            place, token = place
+            tokens.append(token)
+        return "/".join(reversed(tokens))
+
+    def walk(item: Any, place: tuple[Any, str]) -> Any:
         nonlocal budget, cut
         if budget <= 0:
             cut = True
@@ -101,9 +111,10 @@ def bounded_copy(value: Any, cap: int, root: str = "") -> tuple[Any, bool]:
         if isinstance(item, (dict, list, tuple)):
             first = seen.get(id(item))
             if first is not None:
-                budget -= len(first) + 12
-                return {"$ref": first}
-            seen[id(item)] = pointer
+                ref = pointer(first)
+                budget -= len(ref) + 12
+                return {"$ref": ref}
+            seen[id(item)] = place
         if isinstance(item, dict):
             out: dict[str, Any] = {}
             for key, sub in item.items():
@@ -113,7 +124,7 @@ def bounded_copy(value: Any, cap: int, root: str = "") -> tuple[Any, bool]:
                     break
                 name = str(key)
                 budget -= len(name) + 4
-                out[name] = walk(sub, f"{pointer}/{_pointer_part(name)}")
+                out[name] = walk(sub, (place, _pointer_part(name)))
             return out
         if isinstance(item, (list, tuple)):
             seq: list[Any] = []
@@ -122,7 +133,7 @@ def bounded_copy(value: Any, cap: int, root: str = "") -> tuple[Any, bool]:
                     seq.append(marker)
                     cut = True
                     break
-                seq.append(walk(sub, f"{pointer}/{index}"))
+                seq.append(walk(sub, (place, str(index))))
             return seq
         if item is None or isinstance(item, (bool, int, float)):
             budget -= 8
@@ -134,7 +145,7 @@ def bounded_copy(value: Any, cap: int, root: str = "") -> tuple[Any, bool]:
         budget -= len(text) + 2
         return text
 
-    return walk(value, root), cut
+    return walk(value, (None, root)), cut
 
 
 class _AdminServer:

@@ -114,7 +114,9 @@ class ConsistentHash(Balancer[H]):
         value = metadata.attributes.get_folded(self._key)
         if value is None or not self._points:
             return self._fallback.pick(metadata)
-        i = bisect.bisect(self._points, _hash(value.encode()))
+        # surrogatepass: a lone surrogate is a valid Java string (Hessian decodes one); strict
+        # UTF-8 raised out of the read that carried the request.
+        i = bisect.bisect(self._points, _hash(value.encode("utf-8", "surrogatepass")))
         return self._owners[i if i < len(self._owners) else 0]
 
 

@@ -10,11 +10,17 @@ item lazily. Finished items are dropped from the head of their queue whenever on
 (requests mostly finish in the order they started), and a queue whose length passes twice its
 unfinished items is compacted. A finished request therefore does not wait long behind a slow
 one, and it has let go of its frame when it finished (``Downstream._settle``).
+
+A deadline of its own (a retry runs until what is left of its route's timeout, a value no
+other request shares) goes into one heap instead, trimmed and compacted alike: a queue per
+such value would be kept for good and walked at every expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +57,10 @@ class Deadlines:
         self._loop = loop
         self._expire = expire
         self._queues: dict[float, TimeoutQueue] = {}
+        #: Items with deadlines of their own: ``(deadline, sequence, item)``.
+        self._heap: list[tuple[float, int, Any]] = []
+        self._heap_limit = COMPACT_MIN
+        self._sequence = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
 
@@ -67,6 +77,21 @@ class Deadlines:
         items.append(item)
         if len(items) > queue.limit:
             queue.compact()
+        if self._timer is None or deadline < self._armed_at:
+            self._arm(deadline)
+
+    def add_at(self, item: Any, deadline: float) -> None:
+        """Start the clock for ``item`` with a deadline of its own (not ``now`` plus a
+        timeout many items share)."""
+        item.deadline = deadline
+        heap = self._heap
+        while heap and heap[0][2].done:
+            heapq.heappop(heap)
+        heapq.heappush(heap, (deadline, next(self._sequence), item))
+        if len(heap) > self._heap_limit:
+            self._heap = heap = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+            self._heap_limit = max(COMPACT_MIN, 2 * len(heap))
         if self._timer is None or deadline < self._armed_at:
             self._arm(deadline)
 
@@ -94,6 +119,18 @@ class Deadlines:
                     if earliest is None or head.deadline < earliest:
                         earliest = head.deadline
                     break
+        heap = self._heap
+        while heap:
+            deadline, _, head = heap[0]
+            if head.done:
+                heapq.heappop(heap)
+            elif deadline <= now:
+                heapq.heappop(heap)
+                expired.append(head)
+            else:
+                if earliest is None or deadline < earliest:
+                    earliest = deadline
+                break
         if earliest is not None:
             self._arm(earliest)
         for item in expired:
@@ -106,3 +143,4 @@ class Deadlines:
             self._timer.cancel()
             self._timer = None
         self._queues.clear()
+        self._heap.clear()

@@ -563,15 +563,21 @@ class Downstream(asyncio.Protocol):
                 message, ErrorType.BadRequest, f"cannot encode request: {exc}", route, target
             )
             return
-        timeout = route.timeout
-        if route.retries is not None:
+        if route.retries is None:
+            engine.deadlines.add(p, now, route.timeout)
+        else:
             p.mutation = mutation
             p.tries = tries
             if tries:
                 p.start = started
                 cluster.retrying += 1
-            timeout = self._try_timeout(route, p.start, now)
-        engine.deadlines.add(p, now, timeout)
+            per_try = self._per_try_timeout(route, p.start, now)
+            if per_try is not None:
+                engine.deadlines.add(p, now, per_try)
+            elif tries:  # the rest of the route's timeout: a deadline no other request has
+                engine.deadlines.add_at(p, max(p.start + route.timeout, now + 0.001))
+            else:
+                engine.deadlines.add(p, now, route.timeout)
         engine.pending += 1
         host.active += 1
         self.inflight += 1
@@ -770,14 +776,14 @@ class Downstream(asyncio.Protocol):
         self.listener.count_retry(route.name, condition)
         return True
 
-    def _try_timeout(self, route: CompiledRoute, started: float, now: float) -> float:
-        """This try's timeout: ``perTryTimeout``, within what is left of the route's."""
+    def _per_try_timeout(self, route: CompiledRoute, started: float, now: float) -> float | None:
+        """This try's ``perTryTimeout``; ``None`` when it has none or the route's own
+        timeout ends first (the try runs until the route's deadline)."""
         retries = route.retries
         assert retries is not None
-        left = route.timeout - (now - started)
         per_try = retries.per_try_timeout
-        if per_try is None or per_try >= left:
-            return max(left, 0.001)
+        if per_try is None or per_try >= route.timeout - (now - started):
+            return None
         return per_try
 
     def _retry_pending(self, p: Pending, condition: str) -> bool:

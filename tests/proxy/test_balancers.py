@@ -73,6 +73,8 @@ def test_consistent_hash_fallback_and_stability() -> None:
     # No attribute: round robin.
     assert [lb.pick(request()) for _ in range(4)] == HOSTS
     assert ConsistentHash([], "user").pick(request(user="x")) is None
+    # A lone surrogate (a Java string may hold one; Hessian decodes it) is hashed too.
+    assert lb.pick(request(user="\ud800")) in HOSTS
 
 
 def test_make_balancer_and_empty_clusters() -> None:

@@ -81,6 +81,44 @@ def test_expiry_and_compaction() -> None:
     run(main())
 
 
+def test_deadlines_of_their_own() -> None:
+    """Items with deadlines of their own (retries) expire, alongside the queues' items;
+    finished ones are dropped, in order or not."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        expired: list[Item] = []
+        fired = asyncio.Event()
+
+        def expire(item: Item) -> None:
+            expired.append(item)
+            fired.set()
+
+        deadlines = Deadlines(loop, expire)
+        now = loop.time()
+        slow = Item()
+        deadlines.add_at(slow, now + 0.15)
+        for i in range(10_000):  # finished behind a slow one, with distinct deadlines
+            item = Item()
+            deadlines.add_at(item, now + 30 + i / 1000)
+            item.done = True
+        assert len(deadlines._heap) <= 2 * COMPACT_MIN + 1
+        late, early, queued_item = Item(), Item(), Item()
+        deadlines.add_at(late, now + 0.1)
+        deadlines.add_at(early, now + 0.05)
+        deadlines.add(queued_item, now, 0.12)
+        while len(expired) < 4:
+            await asyncio.wait_for(fired.wait(), 5)
+            fired.clear()
+        # One expiry takes the queues' items before the heap's: sorted, in case a busy machine
+        # made two deadlines fall in one.
+        assert sorted(expired, key=lambda item: item.deadline) == [early, late, queued_item, slow]
+        assert not deadlines._heap
+        deadlines.close()
+
+    run(main())
+
+
 def test_routes_with_different_timeouts() -> None:
     async def main() -> None:
         up = await Upstream("a").start()
@@ -141,3 +179,28 @@ def test_finished_requests_behind_a_slow_one_let_go_of_their_frames() -> None:
         await mirror.close()
 
     run(main())
+
+
+def test_retries_do_not_add_a_queue_each() -> None:
+    """A retry runs until its route's deadline: a timeout no other request has. Each used to
+    get a queue of its own, kept for good and walked at every expiry: a client whose requests
+    an upstream fails (or that fails them itself, as the upstream) grew the engine's memory
+    and the time of every expiry with each request."""
+    router = """\
+    - name: flaky
+      route: [{destination: {host: svc.test, subset: v1}}]
+      retries: {attempts: 2, retryOn: error}
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(5):
+                await asyncio.gather(*(c.start("fail") for _ in range(40)))
+            assert engine.stats.total("metaprotocol_retries_total", reason="error") == 400
+            assert list(engine.deadlines._queues) == [30.0]  # the routes' timeout only
+            c.close()
+        await up.close()
+
+    run(main(), loop="asyncio")  # its clock is not in whole milliseconds, as uvloop's

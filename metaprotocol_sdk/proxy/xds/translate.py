@@ -705,6 +705,13 @@ def _host_documents(
     res = f"CDS {host}"
     file_ports = _file_ports(base, host)
     namespace = next(iter(file_ports.values()), ("", "default"))[1]
+    # Each port's protocol: that of its first cluster that has one (found in one pass; a
+    # search of every cluster per port was quadratic in a host's ports).
+    port_protocols: dict[int, str] = {}
+    for hp in clusters:
+        proto = protocols.get(str(hp.name))
+        if proto is not None:
+            port_protocols.setdefault(hp.name.port, proto)
     ports: dict[int, str] = {}
     for hp in clusters:
         number = hp.name.port
@@ -713,14 +720,7 @@ def _host_documents(
         if number in file_ports:
             ports[number] = file_ports[number][0]
             continue
-        proto = next(
-            (
-                protocols[str(c.name)]
-                for c in clusters
-                if c.name.port == number and str(c.name) in protocols
-            ),
-            None,
-        )
+        proto = port_protocols.get(number)
         ports[number] = f"{PORT_PREFIX}{proto}-xds-{number}" if proto else f"tcp-xds-{number}"
     multi = len(ports) > 1
     plain = {hp.name.port: hp for hp in clusters if hp.name.subset is None}
