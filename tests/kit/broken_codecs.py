@@ -20,7 +20,9 @@ from metaprotocol_sdk import (
     MessageType,
     Metadata,
     Mutation,
+    MutationError,
     NeedData,
+    ReplyHead,
     ResponseStatus,
     take_frame,
 )
@@ -318,6 +320,113 @@ class StaleStateAfterWholeFrame(_Broken):
         return result
 
 
+class ErrorReplyAsResponse(_Broken):
+    """Builds its error replies as ordinary responses carrying the error in headers: they
+    decode as Response with status Ok, so an engine counts them as successes and never
+    retries them."""
+
+    catches = "error_reply_status"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        headers = {"error-type": error.type.name, "error-message": error.message}
+        return build_frame(kv.RESPONSE, metadata.request_id, headers)  # the fault: not ERROR
+
+
+class PongForPong(_Broken):
+    """Answers every heartbeat with a pong, pongs too: two peers (or a proxy and its
+    upstream) send pongs back and forth forever."""
+
+    catches = "heartbeat_reply"
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        return build_frame(kv.PONG, metadata.request_id)  # the fault: a pong gets one too
+
+
+class PeekSkipsHeaders(_Broken):
+    """peek_reply skips validating the headers block to stay cheap: a reply decode refuses
+    is forwarded to the client unchecked instead of answered with BadResponse."""
+
+    catches = "peek_reply_agrees"
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        if len(buffer) < HEADER_SIZE or buffer[:2] != b"KV":
+            return None
+        _, version, kind, request_id, headers_length, _, body_length = HEADER.unpack(buffer)
+        size = HEADER_SIZE + headers_length + body_length
+        if version != 1 or kind not in (kv.RESPONSE, kv.ERROR):
+            return None
+        if size > len(buffer) or size > self.max_frame_size:
+            return None
+        # The fault: no _decode_headers here.
+        status = ResponseStatus.Ok if kind == kv.RESPONSE else ResponseStatus.Error
+        return request_id, size, status
+
+
+class RecordsWireIdOnMutation(_Broken):
+    """Keeps the message in step with what it wrote: a mutation with a new request id also
+    stores that id in the Metadata. The engine then answers the client with the upstream id."""
+
+    catches = "encode_leaves_message"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        encoded = super().encode(message, mutation, request_id=request_id)
+        if mutation and request_id is not None:
+            message.request_id = request_id  # the fault
+        return encoded
+
+
+class WideMaxRequestId(_Broken):
+    """Declares a 64-bit id range (copied from a protocol with wider ids) on a 32-bit field:
+    an engine sharing a connection allocates ids the field cannot carry."""
+
+    catches = "rewrite_request_id"
+    max_request_id = 2**64 - 1  # the fault
+
+
+class AsciiErrorMessage(_Broken):
+    """Writes the error message as ASCII: a reason quoting non-ASCII text off the wire makes
+    on_error raise, so the engine sends no reply at all."""
+
+    catches = "error_reply_any_message"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        message = error.message.encode("ascii").decode("ascii")  # the fault: UnicodeEncodeError
+        headers = {"error-type": error.type.name, "error-message": message}
+        return build_frame(kv.ERROR, metadata.request_id, headers)
+
+
+class ShortFrameSize(_Broken):
+    """Sets a bad frame's frame_size to the header and headers block, forgetting the body:
+    an engine drops that much and decodes the bad frame's body as the next message."""
+
+    catches = "bad_input_frame_size"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            fields = HEADER.unpack(buffer)
+            if exc.frame_size and fields is not None:
+                exc.frame_size = HEADER_SIZE + fields[4]  # the fault: no + body_length
+            raise
+
+
+class NeverMutates(_Broken):
+    """Declares the mutation capability but refuses every mutation (not written yet): every
+    mutation check skips, and an engine accepts routes with mutations it then drops."""
+
+    catches = "capabilities_honored"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            raise MutationError("mutations are not supported yet")  # the fault
+        return super().encode(message, mutation, request_id=request_id)
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -336,6 +445,14 @@ BROKEN: list[type[_Broken]] = [
     QuadraticHeaders,
     WholeFrameSkipsHeaders,
     StaleStateAfterWholeFrame,
+    ErrorReplyAsResponse,
+    PongForPong,
+    PeekSkipsHeaders,
+    RecordsWireIdOnMutation,
+    WideMaxRequestId,
+    AsciiErrorMessage,
+    ShortFrameSize,
+    NeverMutates,
 ]
 
 __all__ = ["BROKEN", "MessageType"]
