@@ -24,6 +24,7 @@ from metaprotocol_sdk import (
     NeedData,
     ReplyHead,
     ResponseStatus,
+    UnsupportedError,
     take_frame,
 )
 from metaprotocol_sdk.examples import kv
@@ -427,6 +428,34 @@ class NeverMutates(_Broken):
         return super().encode(message, mutation, request_id=request_id)
 
 
+class ErrorRepliesOnlyToRequests(_Broken):
+    """Refuses to build an error reply for anything but a request: the engine answers a
+    client's stray Response, or a refused frame whose error metadata is not a request, and
+    the exception escapes into the connection's read path."""
+
+    catches = "error_reply_any_metadata"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        if not metadata.message_type.is_request_side:  # the fault
+            raise UnsupportedError(f"no error reply to a {metadata.message_type.name}")
+        return super().on_error(metadata, error)
+
+
+class CopiesWholeBuffer(_Broken):
+    """Parses from a bytes copy of the whole buffer (to hand its parser immutable bytes): one
+    message costs what the whole read holds, so a read of many pipelined messages is
+    quadratic."""
+
+    catches = "perf_linear_pipelined"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        copy = bytearray(bytes(buffer))  # the fault: the rest of the buffer, every call
+        result = super().decode(copy)
+        if isinstance(result, Metadata):
+            del buffer[: result.size]
+        return result
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -453,6 +482,8 @@ BROKEN: list[type[_Broken]] = [
     AsciiErrorMessage,
     ShortFrameSize,
     NeverMutates,
+    ErrorRepliesOnlyToRequests,
+    CopiesWholeBuffer,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

@@ -9,6 +9,8 @@ from broken_codecs import (
     AsciiErrorMessage,
     AsksOneByteTooMany,
     ConsumesBeforeRaising,
+    CopiesWholeBuffer,
+    ErrorRepliesOnlyToRequests,
     ErrorReplyAsResponse,
     KeepsExistingKeys,
     KeepsOldIdWithMutation,
@@ -58,7 +60,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 25
+    assert len(set(targeted)) == len(targeted) == 27
     assert set(targeted) <= set(check_names())
 
 
@@ -83,6 +85,8 @@ ONLY_ONE = [
     AsciiErrorMessage,
     ShortFrameSize,
     NeverMutates,
+    ErrorRepliesOnlyToRequests,
+    CopiesWholeBuffer,
 ]
 
 

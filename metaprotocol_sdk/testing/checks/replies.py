@@ -133,6 +133,69 @@ def error_reply_any_message(ctx: CheckContext) -> None:
     _error_replies(ctx, check_id=True, messages=_MESSAGES)
 
 
+def _reply_to(ctx: CheckContext, sample: Sample, metadata: Metadata, what: str) -> None:
+    """on_error(metadata) is one Response or Error carrying metadata's request id."""
+    codec = ctx.target.new_codec(sample.options)
+    try:
+        reply = codec.on_error(metadata, LocalError(ErrorType.BadRequest, "conformance kit"))
+    except Exception as exc:
+        fail(
+            f"on_error for {what} raised {type(exc).__name__}: {exc} (an engine answers any "
+            "message a client should not send, and any frame it refuses, with on_error)"
+        )
+    if not isinstance(reply, bytes | bytearray | memoryview) or not reply:
+        fail(f"on_error for {what} returned {reply!r}, expected a non-empty reply")
+    decoded = decode_whole(ctx.target.new_codec(sample.options), bytes(reply), "the reply")
+    if decoded.message_type not in _REPLY_TYPES or decoded.request_id != metadata.request_id:
+        fail(
+            f"on_error for {what} (request id {metadata.request_id}) decodes as a "
+            f"{decoded.message_type.name} with request id {decoded.request_id}, expected a "
+            f"Response or Error with the same id\nreply:\n{hexdump(bytes(reply))}"
+        )
+
+
+@check("error_reply_any_metadata", "errors", requires="error_reply")
+def error_reply_any_metadata(ctx: CheckContext) -> None:
+    """on_error() answers any metadata an engine passes it: every message type, and what a
+    decode error carries.
+
+    An engine answers a message a client should not send (a Response, an Error, a stream
+    frame) with on_error, and a frame the codec refused with on_error on the error's
+    ``metadata`` (what was readable: often no frame, no attributes). Inputs: every message,
+    and the metadata of each CodecError from corrupting its first 64 bytes.
+    """
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        decoded = reference(ctx, sample)
+        if decoded.message_type is not MessageType.Heartbeat:
+            seen += 1
+            _reply_to(ctx, sample, decoded, f"a {decoded.message_type.name} message")
+        for pos, data in corruptions(sample.frame):
+            codec = ctx.target.new_codec(sample.options)
+            try:
+                codec.decode(bytearray(data + sample.frame))
+            except CodecError as exc:
+                partial, error_name = exc.metadata, type(exc).__name__
+            except Exception:
+                continue  # bad_input_corrupted reports it
+            else:
+                continue
+            if partial is None:
+                continue
+            seen += 1
+            what = (
+                f"the metadata of {error_name} ({partial.message_type.name}) "
+                f"raised on byte {pos} corrupted"
+            )
+            _reply_to(ctx, sample, partial, what)
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped("no message and no decode error's metadata to answer")
+
+
 @check("error_reply_after_decode_error", "errors", requires="error_reply")
 def error_reply_after_decode_error(ctx: CheckContext) -> None:
     """A request refused as too large still gets an error reply with its id.
