@@ -456,6 +456,27 @@ class CopiesWholeBuffer(_Broken):
         return result
 
 
+class ReusesHeaderScratch(_Broken):
+    """Writes a mutated message's fixed header into one scratch buffer it keeps, and returns a
+    view of it (sparing an allocation per message): the next encode overwrites the header of
+    a large message the engine has queued but not yet written."""
+
+    catches = "encode_buffers_kept"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._scratch = bytearray(HEADER_SIZE)
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        encoded = super().encode(message, mutation, request_id=request_id)
+        if not mutation or isinstance(encoded, bytes):
+            return encoded
+        self._scratch[:] = encoded[0]
+        return [memoryview(self._scratch), *encoded[1:]]  # the fault: a view of reused bytes
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -484,6 +505,7 @@ BROKEN: list[type[_Broken]] = [
     NeverMutates,
     ErrorRepliesOnlyToRequests,
     CopiesWholeBuffer,
+    ReusesHeaderScratch,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

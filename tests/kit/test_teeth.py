@@ -20,6 +20,7 @@ from broken_codecs import (
     QuadraticHeaders,
     RebuildsFrameOnEncode,
     RecordsWireIdOnMutation,
+    ReusesHeaderScratch,
     ShortFrameSize,
     StaleStateAfterWholeFrame,
     WholeFrameSkipsHeaders,
@@ -60,7 +61,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 27
+    assert len(set(targeted)) == len(targeted) == 28
     assert set(targeted) <= set(check_names())
 
 
@@ -87,6 +88,7 @@ ONLY_ONE = [
     NeverMutates,
     ErrorRepliesOnlyToRequests,
     CopiesWholeBuffer,
+    ReusesHeaderScratch,
 ]
 
 

@@ -260,6 +260,64 @@ def same_metadata_dicts(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in a if a[k] != b.get(k))
 
 
+@check("encode_buffers_kept", "roundtrip")
+def encode_buffers_kept(ctx: CheckContext) -> None:
+    """What encode returned stays the same after the next encode call on the same codec.
+
+    An engine queues the buffers ``encode`` returns for a large message and writes them when
+    the loop has delivered every read, after encoding more messages: a codec that returns a
+    view of a scratch buffer it reuses overwrites the queued bytes. Each pair of calls:
+    a new request id, then another; a mutation, then another (and both with ids).
+    """
+    caps = ctx.target.codec.capabilities
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        message = reference(ctx, sample)
+        if message.message_type is MessageType.Heartbeat:
+            return
+        codec = ctx.target.new_codec(sample.options)
+        top = type(codec).max_request_id
+        ids = (message.request_id % top + 1, (message.request_id + 1) % top + 1)
+        calls: list[tuple[Mapping[str, str] | None, int | None]] = []
+        if caps.rewrite_request_id:
+            calls += [(None, i) for i in ids]
+        if caps.mutation and _mutable(ctx, message):
+            for n, i in enumerate(ids):
+                mutation = {key: f"{value}-{n}" for key, value in ctx.target.mutation.items()}
+                calls.append((mutation, None))
+                if caps.rewrite_request_id:
+                    calls.append((mutation, i))
+        previous: tuple[str, Encoded, bytes] | None = None
+        for written, request_id in calls:
+            what = f"encode(message, {written!r}, request_id={request_id})"
+            try:
+                raw = codec.encode(message, written, request_id=request_id)
+            except MutationError:
+                continue
+            except Exception as exc:
+                fail(f"{what} raised {type(exc).__name__}: {exc}")
+            seen += 1
+            if previous is not None:
+                before_what, before_raw, before = previous
+                after = join_encoded(before_raw)
+                if after != before:
+                    fail(
+                        f"what {before_what} returned changed when {what} ran on the same "
+                        "codec: it returns a buffer the codec reuses, and an engine writes "
+                        "queued buffers after encoding more messages: " + compare(before, after)
+                    )
+            previous = (what, raw, bytes(join_encoded(raw)))
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped(
+            "nothing encodes two ways: the codec declares neither mutation nor "
+            "rewrite_request_id, or refused every mutation"
+        )
+
+
 @check("capabilities_honored", "roundtrip")
 def capabilities_honored(ctx: CheckContext) -> None:
     """A declared capability is used: ``mutation`` is taken by some request, ``response_mutation``
