@@ -16,6 +16,7 @@ from metaprotocol_sdk import (
     CodecError,
     Encoded,
     FrameTooLargeError,
+    FramingError,
     LocalError,
     MessageType,
     Metadata,
@@ -297,7 +298,8 @@ class WholeFrameSkipsHeaders(_Broken):
 
 class StaleStateAfterWholeFrame(_Broken):
     """Remembers the size of the incomplete frame it last answered NeedData for, and answers
-    later calls from it until that frame is there (decode forgets it once the frame decodes).
+    later calls from it until that frame is there (decode forgets it once the frame decodes or
+    is refused).
     Its own decode_frame, sparing a copy, does not forget it: after a large frame the engine
     assembled, the next, shorter message waits forever."""
 
@@ -310,7 +312,11 @@ class StaleStateAfterWholeFrame(_Broken):
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         if self._waiting and len(buffer) < self._waiting:
             return NeedData(self._waiting)
-        result = super().decode(buffer)
+        try:
+            result = super().decode(buffer)
+        except CodecError:
+            self._waiting = 0  # (a refused frame is forgotten too: only decode_frame is wrong)
+            raise
         self._waiting = result.needed if isinstance(result, NeedData) else 0
         return result
 
@@ -477,6 +483,38 @@ class ReusesHeaderScratch(_Broken):
         return [memoryview(self._scratch), *encoded[1:]]  # the fault: a view of reused bytes
 
 
+class KeepsHeaderAfterError(_Broken):
+    """Remembers the header of a frame that arrived in part (sparing a re-parse when the rest
+    comes) and forgets it when the frame decodes, but not when it is refused with frame_size:
+    the engine drops the bad frame and the same codec reads the next message with its sizes."""
+
+    catches = "state_resync_after_error"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._header: tuple[Any, ...] | None = None
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = self._header or HEADER.unpack(buffer)
+        if fields is None:
+            return NEED_DATA
+        _, version, kind, request_id, headers_length, _, body_length = fields
+        size = HEADER_SIZE + headers_length + body_length
+        if size > self.max_frame_size or version != 1 or kind not in kv._KIND_TO_TYPE:
+            return super().decode(buffer)
+        if len(buffer) < size:
+            self._header = fields
+            return NeedData(size)
+        try:
+            kv._decode_headers(buffer, HEADER_SIZE, HEADER_SIZE + headers_length)
+        except FramingError as exc:  # the fault: self._header stays set
+            exc.frame_size = size
+            exc.metadata = Metadata(kv._KIND_TO_TYPE[kind], request_id=request_id)
+            raise
+        self._header = None
+        return super().decode(buffer)
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -506,6 +544,7 @@ BROKEN: list[type[_Broken]] = [
     ErrorRepliesOnlyToRequests,
     CopiesWholeBuffer,
     ReusesHeaderScratch,
+    KeepsHeaderAfterError,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

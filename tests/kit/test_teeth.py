@@ -13,6 +13,7 @@ from broken_codecs import (
     ErrorRepliesOnlyToRequests,
     ErrorReplyAsResponse,
     KeepsExistingKeys,
+    KeepsHeaderAfterError,
     KeepsOldIdWithMutation,
     NeverMutates,
     PeekSkipsHeaders,
@@ -61,7 +62,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 28
+    assert len(set(targeted)) == len(targeted) == 29
     assert set(targeted) <= set(check_names())
 
 
@@ -89,6 +90,7 @@ ONLY_ONE = [
     ErrorRepliesOnlyToRequests,
     CopiesWholeBuffer,
     ReusesHeaderScratch,
+    KeepsHeaderAfterError,
 ]
 
 
