@@ -16,12 +16,16 @@ from metaprotocol_sdk import (
     CodecError,
     Encoded,
     FrameTooLargeError,
+    FramingError,
     LocalError,
     MessageType,
     Metadata,
     Mutation,
+    MutationError,
     NeedData,
+    ReplyHead,
     ResponseStatus,
+    UnsupportedError,
     take_frame,
 )
 from metaprotocol_sdk.examples import kv
@@ -294,7 +298,8 @@ class WholeFrameSkipsHeaders(_Broken):
 
 class StaleStateAfterWholeFrame(_Broken):
     """Remembers the size of the incomplete frame it last answered NeedData for, and answers
-    later calls from it until that frame is there (decode forgets it once the frame decodes).
+    later calls from it until that frame is there (decode forgets it once the frame decodes or
+    is refused).
     Its own decode_frame, sparing a copy, does not forget it: after a large frame the engine
     assembled, the next, shorter message waits forever."""
 
@@ -307,7 +312,11 @@ class StaleStateAfterWholeFrame(_Broken):
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         if self._waiting and len(buffer) < self._waiting:
             return NeedData(self._waiting)
-        result = super().decode(buffer)
+        try:
+            result = super().decode(buffer)
+        except CodecError:
+            self._waiting = 0  # (a refused frame is forgotten too: only decode_frame is wrong)
+            raise
         self._waiting = result.needed if isinstance(result, NeedData) else 0
         return result
 
@@ -316,6 +325,194 @@ class StaleStateAfterWholeFrame(_Broken):
         result = KVCodec.decode(self, buffer)  # the fault: self._waiting stays as it was
         assert isinstance(result, Metadata) and not buffer
         return result
+
+
+class ErrorReplyAsResponse(_Broken):
+    """Builds its error replies as ordinary responses carrying the error in headers: they
+    decode as Response with status Ok, so an engine counts them as successes and never
+    retries them."""
+
+    catches = "error_reply_status"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        headers = {"error-type": error.type.name, "error-message": error.message}
+        return build_frame(kv.RESPONSE, metadata.request_id, headers)  # the fault: not ERROR
+
+
+class PongForPong(_Broken):
+    """Answers every heartbeat with a pong, pongs too: two peers (or a proxy and its
+    upstream) send pongs back and forth forever."""
+
+    catches = "heartbeat_reply"
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        return build_frame(kv.PONG, metadata.request_id)  # the fault: a pong gets one too
+
+
+class PeekSkipsHeaders(_Broken):
+    """peek_reply skips validating the headers block to stay cheap: a reply decode refuses
+    is forwarded to the client unchecked instead of answered with BadResponse."""
+
+    catches = "peek_reply_agrees"
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        if len(buffer) < HEADER_SIZE or buffer[:2] != b"KV":
+            return None
+        _, version, kind, request_id, headers_length, _, body_length = HEADER.unpack(buffer)
+        size = HEADER_SIZE + headers_length + body_length
+        if version != 1 or kind not in (kv.RESPONSE, kv.ERROR):
+            return None
+        if size > len(buffer) or size > self.max_frame_size:
+            return None
+        # The fault: no _decode_headers here.
+        status = ResponseStatus.Ok if kind == kv.RESPONSE else ResponseStatus.Error
+        return request_id, size, status
+
+
+class RecordsWireIdOnMutation(_Broken):
+    """Keeps the message in step with what it wrote: a mutation with a new request id also
+    stores that id in the Metadata. The engine then answers the client with the upstream id."""
+
+    catches = "encode_leaves_message"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        encoded = super().encode(message, mutation, request_id=request_id)
+        if mutation and request_id is not None:
+            message.request_id = request_id  # the fault
+        return encoded
+
+
+class WideMaxRequestId(_Broken):
+    """Declares a 64-bit id range (copied from a protocol with wider ids) on a 32-bit field:
+    an engine sharing a connection allocates ids the field cannot carry."""
+
+    catches = "rewrite_request_id"
+    max_request_id = 2**64 - 1  # the fault
+
+
+class AsciiErrorMessage(_Broken):
+    """Writes the error message as ASCII: a reason quoting non-ASCII text off the wire makes
+    on_error raise, so the engine sends no reply at all."""
+
+    catches = "error_reply_any_message"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        message = error.message.encode("ascii").decode("ascii")  # the fault: UnicodeEncodeError
+        headers = {"error-type": error.type.name, "error-message": message}
+        return build_frame(kv.ERROR, metadata.request_id, headers)
+
+
+class ShortFrameSize(_Broken):
+    """Sets a bad frame's frame_size to the header and headers block, forgetting the body:
+    an engine drops that much and decodes the bad frame's body as the next message."""
+
+    catches = "bad_input_frame_size"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            fields = HEADER.unpack(buffer)
+            if exc.frame_size and fields is not None:
+                exc.frame_size = HEADER_SIZE + fields[4]  # the fault: no + body_length
+            raise
+
+
+class NeverMutates(_Broken):
+    """Declares the mutation capability but refuses every mutation (not written yet): every
+    mutation check skips, and an engine accepts routes with mutations it then drops."""
+
+    catches = "capabilities_honored"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            raise MutationError("mutations are not supported yet")  # the fault
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class ErrorRepliesOnlyToRequests(_Broken):
+    """Refuses to build an error reply for anything but a request: the engine answers a
+    client's stray Response, or a refused frame whose error metadata is not a request, and
+    the exception escapes into the connection's read path."""
+
+    catches = "error_reply_any_metadata"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        if not metadata.message_type.is_request_side:  # the fault
+            raise UnsupportedError(f"no error reply to a {metadata.message_type.name}")
+        return super().on_error(metadata, error)
+
+
+class CopiesWholeBuffer(_Broken):
+    """Parses from a bytes copy of the whole buffer (to hand its parser immutable bytes): one
+    message costs what the whole read holds, so a read of many pipelined messages is
+    quadratic."""
+
+    catches = "perf_linear_pipelined"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        copy = bytearray(bytes(buffer))  # the fault: the rest of the buffer, every call
+        result = super().decode(copy)
+        if isinstance(result, Metadata):
+            del buffer[: result.size]
+        return result
+
+
+class ReusesHeaderScratch(_Broken):
+    """Writes a mutated message's fixed header into one scratch buffer it keeps, and returns a
+    view of it (sparing an allocation per message): the next encode overwrites the header of
+    a large message the engine has queued but not yet written."""
+
+    catches = "encode_buffers_kept"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._scratch = bytearray(HEADER_SIZE)
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        encoded = super().encode(message, mutation, request_id=request_id)
+        if not mutation or isinstance(encoded, bytes):
+            return encoded
+        self._scratch[:] = encoded[0]
+        return [memoryview(self._scratch), *encoded[1:]]  # the fault: a view of reused bytes
+
+
+class KeepsHeaderAfterError(_Broken):
+    """Remembers the header of a frame that arrived in part (sparing a re-parse when the rest
+    comes) and forgets it when the frame decodes, but not when it is refused with frame_size:
+    the engine drops the bad frame and the same codec reads the next message with its sizes."""
+
+    catches = "state_resync_after_error"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._header: tuple[Any, ...] | None = None
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = self._header or HEADER.unpack(buffer)
+        if fields is None:
+            return NEED_DATA
+        _, version, kind, request_id, headers_length, _, body_length = fields
+        size = HEADER_SIZE + headers_length + body_length
+        if size > self.max_frame_size or version != 1 or kind not in kv._KIND_TO_TYPE:
+            return super().decode(buffer)
+        if len(buffer) < size:
+            self._header = fields
+            return NeedData(size)
+        try:
+            kv._decode_headers(buffer, HEADER_SIZE, HEADER_SIZE + headers_length)
+        except FramingError as exc:  # the fault: self._header stays set
+            exc.frame_size = size
+            exc.metadata = Metadata(kv._KIND_TO_TYPE[kind], request_id=request_id)
+            raise
+        self._header = None
+        return super().decode(buffer)
 
 
 BROKEN: list[type[_Broken]] = [
@@ -336,6 +533,18 @@ BROKEN: list[type[_Broken]] = [
     QuadraticHeaders,
     WholeFrameSkipsHeaders,
     StaleStateAfterWholeFrame,
+    ErrorReplyAsResponse,
+    PongForPong,
+    PeekSkipsHeaders,
+    RecordsWireIdOnMutation,
+    WideMaxRequestId,
+    AsciiErrorMessage,
+    ShortFrameSize,
+    NeverMutates,
+    ErrorRepliesOnlyToRequests,
+    CopiesWholeBuffer,
+    ReusesHeaderScratch,
+    KeepsHeaderAfterError,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Literal
 
 from hypothesis import strategies as st
@@ -253,16 +254,23 @@ _GARBAGE = (b"\xff" * 64, b"\x00" * 64, bytes(range(256)), b"\x80" + b"\x7f" * 6
 class _Untouched:
     """Decodes inputs and fails when a decode error leaves the buffer changed."""
 
-    def __init__(self, ctx: CheckContext) -> None:
+    def __init__(self, ctx: CheckContext, *, extent: bool = False) -> None:
         self.ctx = ctx
         self.errors = 0
+        #: Check the errors' frame_size instead (bad_input_frame_size).
+        self.extent = extent
+        self.sized = 0
+        self._new: Callable[[], Codec] = ctx.target.new_codec
 
     def run(self, data: bytes, what: str, options: object = None, limit: int | None = None) -> None:
         sample_options = options if isinstance(options, dict) else {}
-        codec = self.ctx.target.new_codec(sample_options)
+        target = self.ctx.target
+        self._new = lambda: target.new_codec(sample_options)
         if limit is not None:
             with contextlib.suppress(ConfigError):
-                codec = self.ctx.target.new_codec(sample_options, max_frame_size=limit)
+                target.new_codec(sample_options, max_frame_size=limit)
+                self._new = lambda: target.new_codec(sample_options, max_frame_size=limit)
+        codec = self._new()
         buffer = bytearray(data)
         for _ in range(len(data) + 1):
             before = bytes(buffer)
@@ -276,6 +284,9 @@ class _Untouched:
                 return
 
     def _check(self, exc: CodecError, before: bytes, buffer: bytearray, what: str) -> None:
+        if self.extent:
+            self._check_extent(exc, before, what)
+            return
         consumed = len(before) - len(buffer)
         if bytes(buffer) != before:
             how = (
@@ -297,16 +308,40 @@ class _Untouched:
                 f"are there to drop)\n{hexdump(before, mark=exc.offset)}"
             )
 
+    def _check_extent(self, exc: CodecError, before: bytes, what: str) -> None:
+        """A ``frame_size`` is the bad frame's extent: an engine drops that many bytes and
+        decodes what follows as the next message. The bytes it counts must hold the fault,
+        so decoding exactly them raises the same error with the same ``frame_size`` (or
+        ``NeedData`` of unknown size, when so few bytes cannot tell the frame apart); a
+        message, or ``NeedData`` announcing a longer frame, contradicts it."""
+        size = exc.frame_size
+        if size is None or not 0 < size <= len(before):
+            return  # bad_input_consumes_nothing reports a frame_size past the buffer
+        self.sized += 1
+        head = before[:size]
+        try:
+            result = self._new().decode(bytearray(head))
+        except CodecError as again:
+            if type(again) is type(exc) and again.frame_size == size:
+                return
+            got = f"raises {type(again).__name__} (frame_size={again.frame_size}): {again}"
+        except Exception as again:
+            got = f"raises {type(again).__name__}: {again}"
+        else:
+            if isinstance(result, NeedData) and not result.needed:
+                return  # it cannot tell the frame from so few bytes (a transport to detect)
+            got = f"returns {result!r}"
+        fail(
+            f"{what}: decode raised {type(exc).__name__} with frame_size={size}: {exc}; but "
+            f"the first {size} bytes alone, the frame it names, are not that bad frame: "
+            f"decode {got}. An engine drops frame_size bytes and decodes the rest as the next "
+            "message, so a frame_size short of (or past) the bad frame loses the stream's "
+            f"sync\ninput:\n{hexdump(before, mark=size)}"
+        )
 
-@check("bad_input_consumes_nothing", "bad_input")
-def bad_input_consumes_nothing(ctx: CheckContext) -> None:
-    """Every decode error the kit provokes leaves the buffer byte-for-byte unchanged.
 
-    Inputs: bad-input golden vectors, fixed garbage, each message corrupted in its first 64
-    bytes or with a length set huge (each followed by the intact message, as a bad request
-    and a good one arrive in one read), over ``max_frame_size``, and random edits.
-    """
-    untouched = _Untouched(ctx)
+def _provoke(ctx: CheckContext, untouched: _Untouched) -> None:
+    """Drive ``untouched`` with every input the other checks provoke errors with."""
     for vector in ctx.target.golden:
         if vector.is_bad_input:
             untouched.run(vector.frame, f"golden vector {vector.name!r}", dict(vector.options))
@@ -343,9 +378,37 @@ def bad_input_consumes_nothing(ctx: CheckContext) -> None:
         untouched.run(data, "randomly edited input", options, limit=limit)
 
     run_property(ctx, _random_cases(ctx), random_prop, max(1, conf.random_examples // 6))
+
+
+@check("bad_input_consumes_nothing", "bad_input")
+def bad_input_consumes_nothing(ctx: CheckContext) -> None:
+    """Every decode error the kit provokes leaves the buffer byte-for-byte unchanged.
+
+    Inputs: bad-input golden vectors, fixed garbage, each message corrupted in its first 64
+    bytes or with a length set huge (each followed by the intact message, as a bad request
+    and a good one arrive in one read), over ``max_frame_size``, and random edits.
+    """
+    untouched = _Untouched(ctx)
+    _provoke(ctx, untouched)
     if untouched.errors == 0:
         raise CheckSkipped("no input the kit tried made decode raise a CodecError")
     ctx.details["errors"] = untouched.errors
+
+
+@check("bad_input_frame_size", "bad_input")
+def bad_input_frame_size(ctx: CheckContext) -> None:
+    """A decode error's frame_size spans exactly the bad frame: its bytes alone raise the same.
+
+    The same inputs as ``bad_input_consumes_nothing``. An engine drops ``frame_size`` bytes
+    and decodes the rest as the next message; decoding just those bytes must raise the same
+    error type with the same ``frame_size``, or give ``NeedData`` of unknown size (never a
+    message, nor ``NeedData`` announcing a longer frame).
+    """
+    untouched = _Untouched(ctx, extent=True)
+    _provoke(ctx, untouched)
+    if untouched.sized == 0:
+        raise CheckSkipped("no decode error the kit provoked carried a frame_size")
+    ctx.details["sized"] = untouched.sized
 
 
 __all__ = ["length_fields", "no_messages"]

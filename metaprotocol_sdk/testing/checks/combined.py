@@ -3,15 +3,24 @@ replaces keys the message already carries."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from metaprotocol_sdk.enums import MessageType
+from metaprotocol_sdk.codec import Encoded, LocalError, join_encoded
+from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError, MutationError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import compare, hexdump
 
-from ._support import decode_whole, encode_bytes, fail, for_each_sample, reference, same_metadata
+from ._support import (
+    decode_whole,
+    encode_bytes,
+    fail,
+    for_each_sample,
+    reference,
+    same_metadata,
+)
 from .base import CheckContext, CheckSkipped, check
 from .roundtrip import _Tally
 
@@ -156,3 +165,224 @@ def mutation_replaces_key(ctx: CheckContext) -> None:
     if replaced == 0:
         raise CheckSkipped("no message had a key a mutation could replace")
     ctx.details["replaced"] = replaced
+
+
+def _snapshot(message: Metadata) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+    """What an engine reads from a request or reply after handing it to the codec
+    (``codec_state`` is the codec's own, a cache it may fill)."""
+    return (message.to_dict(), bytes(message.frame), dict(message.values))
+
+
+@check("encode_leaves_message", "roundtrip")
+def encode_leaves_message(ctx: CheckContext) -> None:
+    """encode, on_error and heartbeat_reply leave the Metadata as it was, and encode again
+    gives the same bytes.
+
+    An engine keeps the request after encoding it: it matches the reply by the request's id
+    (an upstream id goes only to the wire), encodes it again for a retry or a mirror, and logs
+    it; replies are encoded once per downstream. Every call an engine makes: ``encode`` with
+    no mutation, a mutation, a new request id and both, ``on_error`` and ``heartbeat_reply``.
+    """
+    caps = ctx.target.codec.capabilities
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        message = reference(ctx, sample)
+        before = _snapshot(message)
+        codec = ctx.target.new_codec(sample.options)
+        new_id = message.request_id - 1 if message.request_id > 0 else message.request_id + 1
+        calls: dict[str, Callable[[], Encoded | None]] = {
+            "encode(message)": lambda: codec.encode(message)
+        }
+        beat = message.message_type is MessageType.Heartbeat
+        if caps.rewrite_request_id and not beat:
+            calls[f"encode(message, request_id={new_id})"] = lambda: codec.encode(
+                message, request_id=new_id
+            )
+        if caps.mutation and _mutable(ctx, message):
+            mutation = ctx.target.mutation
+            calls[f"encode(message, {dict(mutation)!r})"] = lambda: codec.encode(message, mutation)
+            if caps.rewrite_request_id:
+                calls[f"encode(message, {dict(mutation)!r}, request_id={new_id})"] = lambda: (
+                    codec.encode(message, mutation, request_id=new_id)
+                )
+        if caps.error_reply and message.message_type.is_request_side and not beat:
+            error = LocalError(ErrorType.Unspecified, "conformance kit")
+            calls["on_error(message)"] = lambda: codec.on_error(message, error)
+        if caps.heartbeat and beat:
+            calls["heartbeat_reply(message)"] = lambda: codec.heartbeat_reply(message)
+        for what, call in calls.items():
+            outputs = []
+            for _ in range(2):
+                try:
+                    result = call()
+                except MutationError:
+                    break
+                except Exception as exc:
+                    fail(f"{what} raised {type(exc).__name__}: {exc}")
+                outputs.append(None if result is None else join_encoded(result))
+                after = _snapshot(message)
+                if after != before:
+                    changed = [
+                        name
+                        for name, a, b in zip(
+                            ("metadata", "frame", "values"),
+                            before,
+                            after,
+                            strict=True,
+                        )
+                        if a != b
+                    ]
+                    diff = same_metadata_dicts(before[0], after[0])
+                    fail(
+                        f"{what} changed the message it was given ({', '.join(changed)}"
+                        + (f": {diff}" if diff else "")
+                        + "): an engine reads the request after encoding it (the reply is "
+                        "matched by its id and re-labelled with it) and encodes it again for "
+                        f"retries and mirrors\nmessage:\n{hexdump(before[1])}"
+                    )
+            seen += 1
+            if len(outputs) == 2 and outputs[0] != outputs[1]:
+                first, second = outputs
+                fail(
+                    f"{what} called twice on the same message gave different bytes: "
+                    + compare(first or b"", second or b"")
+                )
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped("no message to encode")
+
+
+def same_metadata_dicts(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The fields where two ``Metadata.to_dict()`` summaries differ."""
+    return "; ".join(f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in a if a[k] != b.get(k))
+
+
+@check("encode_buffers_kept", "roundtrip")
+def encode_buffers_kept(ctx: CheckContext) -> None:
+    """What encode returned stays the same after the next encode call on the same codec.
+
+    An engine queues the buffers ``encode`` returns for a large message and writes them when
+    the loop has delivered every read, after encoding more messages: a codec that returns a
+    view of a scratch buffer it reuses overwrites the queued bytes. Each pair of calls:
+    a new request id, then another; a mutation, then another (and both with ids).
+    """
+    caps = ctx.target.codec.capabilities
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        message = reference(ctx, sample)
+        if message.message_type is MessageType.Heartbeat:
+            return
+        codec = ctx.target.new_codec(sample.options)
+        top = type(codec).max_request_id
+        ids = (message.request_id % top + 1, (message.request_id + 1) % top + 1)
+        calls: list[tuple[Mapping[str, str] | None, int | None]] = []
+        if caps.rewrite_request_id:
+            calls += [(None, i) for i in ids]
+        if caps.mutation and _mutable(ctx, message):
+            for n, i in enumerate(ids):
+                mutation = {key: f"{value}-{n}" for key, value in ctx.target.mutation.items()}
+                calls.append((mutation, None))
+                if caps.rewrite_request_id:
+                    calls.append((mutation, i))
+        previous: tuple[str, Encoded, bytes] | None = None
+        for written, request_id in calls:
+            what = f"encode(message, {written!r}, request_id={request_id})"
+            try:
+                raw = codec.encode(message, written, request_id=request_id)
+            except MutationError:
+                continue
+            except Exception as exc:
+                fail(f"{what} raised {type(exc).__name__}: {exc}")
+            seen += 1
+            if previous is not None:
+                before_what, before_raw, before = previous
+                after = join_encoded(before_raw)
+                if after != before:
+                    fail(
+                        f"what {before_what} returned changed when {what} ran on the same "
+                        "codec: it returns a buffer the codec reuses, and an engine writes "
+                        "queued buffers after encoding more messages: " + compare(before, after)
+                    )
+            previous = (what, raw, bytes(join_encoded(raw)))
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped(
+            "nothing encodes two ways: the codec declares neither mutation nor "
+            "rewrite_request_id, or refused every mutation"
+        )
+
+
+@check("capabilities_honored", "roundtrip")
+def capabilities_honored(ctx: CheckContext) -> None:
+    """A declared capability is used: ``mutation`` is taken by some request, ``response_mutation``
+    by some reply, ``peek_reply`` peeks some reply.
+
+    The other checks skip where a codec refuses every mutation (``MutationError``) or peeks
+    nothing; an engine accepts routes by the declared capabilities
+    (``active_capabilities``), so a codec that declares one and never honours it skips every
+    route's mutations silently, or pays for peeking for nothing.
+    """
+    offered = {"mutation": 0, "response_mutation": 0, "peek_reply": 0}
+    honoured = dict.fromkeys(offered, 0)
+    declared: set[str] = set()
+    #: The first message each capability was offered, for the failure message.
+    first: dict[str, bytes] = {}
+
+    def prop(sample: Sample) -> None:
+        message = reference(ctx, sample)
+        codec = ctx.target.new_codec(sample.options)
+        caps = codec.active_capabilities
+        kind = message.message_type
+        if kind is MessageType.Heartbeat:
+            return
+        if kind.is_request_side:
+            name = "mutation"
+        elif kind in (MessageType.Response, MessageType.Error):
+            name = "response_mutation"
+        else:
+            name = ""
+        if name and getattr(caps, name):
+            declared.add(name)
+            offered[name] += 1
+            first.setdefault(name, sample.frame)
+            try:
+                encode_bytes(
+                    codec, lambda: codec.encode(message, ctx.target.mutation), "encode(mutation)"
+                )
+            except MutationError:
+                pass
+            except CodecError as exc:
+                fail(f"encode(message, mutation) raised {type(exc).__name__}: {exc}")
+            else:
+                honoured[name] += 1
+        if caps.peek_reply and kind in (MessageType.Response, MessageType.Error):
+            declared.add("peek_reply")
+            offered["peek_reply"] += 1
+            first.setdefault("peek_reply", sample.frame)
+            buffer = bytearray(sample.frame)
+            try:
+                head = codec.peek_reply(buffer)
+            except Exception as exc:
+                fail(f"peek_reply raised {type(exc).__name__}: {exc}")
+            if head is not None:
+                honoured["peek_reply"] += 1
+
+    for_each_sample(ctx, prop)
+    if not declared:
+        raise CheckSkipped("the codec declares none of mutation, response_mutation, peek_reply")
+    for name in sorted(declared):
+        if offered[name] and not honoured[name]:
+            what = "peeked at none" if name == "peek_reply" else "refused the mutation for all"
+            fail(
+                f"the codec declares {name!r} but {what} of the {offered[name]} "
+                f"{'replies' if name != 'mutation' else 'requests'} the kit tried; declare "
+                "only what the codec does (active_capabilities narrows by options)\n"
+                f"the first of them:\n{hexdump(first[name])}"
+            )
+    ctx.details.update(offered=offered, honoured=honoured)

@@ -12,6 +12,7 @@ the same frame was decoded again.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import time
@@ -27,7 +28,7 @@ from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import hexdump
 from metaprotocol_sdk.testing.hooks import grown_samples
 
-from ._support import collect, decode_whole, fail, reference
+from ._support import collect, decode_whole, fail, no_messages, reference
 from .base import CheckContext, CheckSkipped, check
 
 #: How much larger the big input is than the small one.
@@ -69,6 +70,8 @@ class Pair:
     name: str
     small: Sized
     large: Sized
+    #: The operations to time on it (default: every operation on one message, ``_ops``).
+    ops: Callable[[CheckContext, str, Sized], dict[str, tuple[Op, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -267,24 +270,103 @@ def _grown_pairs(ctx: CheckContext, n: int) -> list[Pair]:
     ]
 
 
+#: Bytes the kit pads a pipelined message to with a mutation, so that a decode copying the
+#: rest of the buffer on every call shows against the cost of decoding one message.
+PIPELINED_PAD = 1024
+
+
+def _drain(codec: Codec, buffer: bytearray) -> int:
+    """Decode every message in ``buffer`` (one read holding many): how many there were."""
+    count = 0
+    while buffer:
+        result = codec.decode(buffer)
+        if not isinstance(result, Metadata):
+            break
+        count += 1
+    return count
+
+
+def _pipelined_ops(ctx: CheckContext, pair: str, sized: Sized) -> dict[str, tuple[Op, float]]:
+    frame = sized.sample.frame
+    codec = _roomy(ctx, sized.sample)
+    op = Op(bytearray, lambda buffer: _drain(codec, buffer))
+    start = _clock()
+    try:
+        left = bytearray(frame)
+        count = op.run(left)
+    except CodecError as exc:
+        fail(f"decode of {pair} raised {type(exc).__name__}: {exc}")
+    once = _clock() - start
+    if left:
+        fail(
+            f"decode of {pair} ({len(frame)} bytes) stopped with {len(left)} bytes left after "
+            f"{count} messages"
+        )
+    return {"decode of every message in one read": (op, once)}
+
+
+def _pipelined_pair(ctx: CheckContext, n: int) -> list[Pair]:
+    """n and 4n messages back to back in one read: each decode must cost what its own message
+    costs, not what the rest of the buffer holds (copying it, or scanning it, per call)."""
+    best: tuple[int, Sample, bytes] | None = None
+    for sample in collect(ctx, 5):
+        message = reference(ctx, sample)
+        frame = sample.frame
+        if ctx.target.codec.capabilities.mutation and message.message_type.is_request_side:
+            encoder = ctx.target.new_codec(sample.options)
+            pad = {"x-mp-linear-pad": "p" * PIPELINED_PAD}
+            with contextlib.suppress(MutationError):
+                frame = join_encoded(encoder.encode(message, pad))
+        if best is None or len(frame) > best[0]:
+            best = (len(frame), sample, frame)
+    if best is None:
+        return []
+    _, sample, frame = best
+
+    def sized(count: int) -> Sized:
+        data = frame * count
+        return Sized(Sample(data, options=sample.options), lambda: data)
+
+    name = f"{n} pipelined messages of {len(frame)} bytes"
+    return [Pair(name, sized(n), sized(SCALE * n), _pipelined_ops)]
+
+
 @check("perf_linear", "perf")
 def perf_linear(ctx: CheckContext) -> None:
     """Decode and encode are linear: 4x the input (more keys, bigger values, the codec's own
     ``grown(n)`` dimensions) costs at most ``linear_limit`` (8) times as much."""
-    settings = ctx.target.settings
-    n = settings.linear_scale
+    n = ctx.target.settings.linear_scale
     pairs = _grown_pairs(ctx, n) + _mutation_pairs(ctx, n)
     if not pairs:
         raise CheckSkipped(
             "nothing to grow: the codec ships no grown(n) hook and takes no mutation the kit "
             "could grow a message with"
         )
+    _judge(ctx, pairs)
+
+
+@check("perf_linear_pipelined", "perf")
+def perf_linear_pipelined(ctx: CheckContext) -> None:
+    """Decoding one read of many messages is linear: 4x the messages back to back (each
+    padded to about 1 KiB with a mutation when the codec takes one) cost at most
+    ``linear_limit`` (8) times as much; a decode that copies or scans the rest of the buffer
+    on every call is quadratic in what one read holds."""
+    pairs = _pipelined_pair(ctx, ctx.target.settings.linear_scale)
+    if not pairs:
+        no_messages()
+    _judge(ctx, pairs)
+
+
+def _judge(ctx: CheckContext, pairs: list[Pair]) -> None:
+    """Time every operation of every pair at both sizes; fail above ``linear_limit``."""
+    settings = ctx.target.settings
     limit = settings.linear_limit
     worst = 0.0
     measured = []
     for pair in pairs:
-        small_ops = _ops(ctx, pair.name, pair.small)
-        large_ops = _ops(ctx, pair.name, pair.large)
+        measure = pair.ops or _ops
+        small_ops = measure(ctx, pair.name, pair.small)
+        large_ops = measure(ctx, pair.name, pair.large)
         ops = {
             name: (small_ops[name][0], op, small_ops[name][1], once)
             for name, (op, once) in large_ops.items()

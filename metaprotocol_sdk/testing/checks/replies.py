@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from metaprotocol_sdk.codec import Codec, LocalError, ReplyHead, join_encoded
-from metaprotocol_sdk.enums import ErrorType, MessageType, StreamType
+from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus, StreamType
 from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample
@@ -13,6 +13,7 @@ from metaprotocol_sdk.testing.hexdump import hexdump
 
 from ._support import (
     compare,
+    corruptions,
     decode_whole,
     encode_bytes,
     fail,
@@ -35,19 +36,33 @@ def _needs_reply(metadata: Metadata) -> bool:
     return metadata.message_type in (MessageType.Request, MessageType.Stream_Init)
 
 
-def _error_reply(ctx: CheckContext, sample: Sample, request: Metadata, kind: ErrorType) -> bytes:
+def _error_reply(
+    ctx: CheckContext, sample: Sample, request: Metadata, kind: ErrorType, message: str = ""
+) -> bytes:
     codec = ctx.target.new_codec(sample.options)
-    error = LocalError(kind, f"conformance kit: {kind.name}")
+    error = LocalError(kind, message or f"conformance kit: {kind.name}")
+    what = f"on_error({kind.name}" + (f", message of {len(message)} chars)" if message else ")")
     try:
         reply = codec.on_error(request, error)
     except Exception as exc:
-        fail(f"on_error({kind.name}) raised {type(exc).__name__}: {exc}")
+        fail(f"{what} raised {type(exc).__name__}: {exc}")
     if not isinstance(reply, bytes | bytearray | memoryview):
-        fail(f"on_error({kind.name}) returned {type(reply).__name__}, expected bytes")
+        fail(f"{what} returned {type(reply).__name__}, expected bytes")
     return bytes(reply)
 
 
-def _error_replies(ctx: CheckContext, check_id: bool) -> None:
+#: Messages an engine may pass to ``on_error``: its reasons quote upstream errors and codec
+#: errors, which quote bytes off the wire (any text, any length).
+_MESSAGES = (
+    "",
+    "kit: non-ASCII \u00e9\u00fc\u4e2d\u0416 \U0001f600, quotes \"'\\ and a\nnewline",
+    "kit: a long reason " + "0123456789" * 100,
+)
+
+
+def _error_replies(
+    ctx: CheckContext, check_id: bool, check_status: bool = False, messages: tuple[str, ...] = ("",)
+) -> None:
     seen = 0
 
     def prop(sample: Sample) -> None:
@@ -57,22 +72,29 @@ def _error_replies(ctx: CheckContext, check_id: bool) -> None:
             return
         seen += 1
         for kind in ErrorType:
-            reply = _error_reply(ctx, sample, request, kind)
-            if not reply:
-                fail(f"on_error({kind.name}) returned an empty reply")
-            decoded = decode_whole(
-                ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
-            )
-            if decoded.message_type not in _REPLY_TYPES:
-                fail(
-                    f"the {kind.name} error reply decodes as {decoded.message_type.name}, "
-                    f"expected Response or Error\nreply:\n{hexdump(reply)}"
+            for message in messages:
+                reply = _error_reply(ctx, sample, request, kind, message)
+                if not reply:
+                    fail(f"on_error({kind.name}) returned an empty reply")
+                decoded = decode_whole(
+                    ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
                 )
-            if check_id and decoded.request_id != request.request_id:
-                fail(
-                    f"the {kind.name} error reply carries request id {decoded.request_id}, the "
-                    f"request had {request.request_id}\nreply:\n{hexdump(reply)}"
-                )
+                if decoded.message_type not in _REPLY_TYPES:
+                    fail(
+                        f"the {kind.name} error reply decodes as {decoded.message_type.name}, "
+                        f"expected Response or Error\nreply:\n{hexdump(reply)}"
+                    )
+                if check_id and decoded.request_id != request.request_id:
+                    fail(
+                        f"the {kind.name} error reply carries request id {decoded.request_id}, "
+                        f"the request had {request.request_id}\nreply:\n{hexdump(reply)}"
+                    )
+                if check_status and decoded.response_status is not ResponseStatus.Error:
+                    fail(
+                        f"the {kind.name} error reply decodes with response_status "
+                        f"{decoded.response_status.name}, expected Error (an engine counts "
+                        f"replies and retries by it)\nreply:\n{hexdump(reply)}"
+                    )
 
     for_each_sample(ctx, prop)
     if seen == 0:
@@ -89,6 +111,89 @@ def error_reply_nonempty(ctx: CheckContext) -> None:
 def error_reply_request_id(ctx: CheckContext) -> None:
     """Every error reply carries the request's id."""
     _error_replies(ctx, check_id=True)
+
+
+@check("error_reply_status", "errors", requires="error_reply")
+def error_reply_status(ctx: CheckContext) -> None:
+    """Every error reply decodes with response_status Error.
+
+    An engine retries a route on an Error reply and counts replies by status; an error reply
+    that decodes as Ok is counted a success and never retried.
+    """
+    _error_replies(ctx, check_id=False, check_status=True)
+
+
+@check("error_reply_any_message", "errors", requires="error_reply")
+def error_reply_any_message(ctx: CheckContext) -> None:
+    """on_error() takes any message text: empty, non-ASCII, quotes, newlines, 1000 chars.
+
+    An engine's reasons quote upstream and codec errors, which quote bytes off the wire; the
+    reply must still be built, decode as one Response or Error and carry the request's id.
+    """
+    _error_replies(ctx, check_id=True, messages=_MESSAGES)
+
+
+def _reply_to(ctx: CheckContext, sample: Sample, metadata: Metadata, what: str) -> None:
+    """on_error(metadata) is one Response or Error carrying metadata's request id."""
+    codec = ctx.target.new_codec(sample.options)
+    try:
+        reply = codec.on_error(metadata, LocalError(ErrorType.BadRequest, "conformance kit"))
+    except Exception as exc:
+        fail(
+            f"on_error for {what} raised {type(exc).__name__}: {exc} (an engine answers any "
+            "message a client should not send, and any frame it refuses, with on_error)"
+        )
+    if not isinstance(reply, bytes | bytearray | memoryview) or not reply:
+        fail(f"on_error for {what} returned {reply!r}, expected a non-empty reply")
+    decoded = decode_whole(ctx.target.new_codec(sample.options), bytes(reply), "the reply")
+    if decoded.message_type not in _REPLY_TYPES or decoded.request_id != metadata.request_id:
+        fail(
+            f"on_error for {what} (request id {metadata.request_id}) decodes as a "
+            f"{decoded.message_type.name} with request id {decoded.request_id}, expected a "
+            f"Response or Error with the same id\nreply:\n{hexdump(bytes(reply))}"
+        )
+
+
+@check("error_reply_any_metadata", "errors", requires="error_reply")
+def error_reply_any_metadata(ctx: CheckContext) -> None:
+    """on_error() answers any metadata an engine passes it: every message type, and what a
+    decode error carries.
+
+    An engine answers a message a client should not send (a Response, an Error, a stream
+    frame) with on_error, and a frame the codec refused with on_error on the error's
+    ``metadata`` (what was readable: often no frame, no attributes). Inputs: every message,
+    and the metadata of each CodecError from corrupting its first 64 bytes.
+    """
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        decoded = reference(ctx, sample)
+        if decoded.message_type is not MessageType.Heartbeat:
+            seen += 1
+            _reply_to(ctx, sample, decoded, f"a {decoded.message_type.name} message")
+        for pos, data in corruptions(sample.frame):
+            codec = ctx.target.new_codec(sample.options)
+            try:
+                codec.decode(bytearray(data + sample.frame))
+            except CodecError as exc:
+                partial, error_name = exc.metadata, type(exc).__name__
+            except Exception:
+                continue  # bad_input_corrupted reports it
+            else:
+                continue
+            if partial is None:
+                continue
+            seen += 1
+            what = (
+                f"the metadata of {error_name} ({partial.message_type.name}) "
+                f"raised on byte {pos} corrupted"
+            )
+            _reply_to(ctx, sample, partial, what)
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped("no message and no decode error's metadata to answer")
 
 
 @check("error_reply_after_decode_error", "errors", requires="error_reply")
@@ -144,7 +249,10 @@ def error_reply_after_decode_error(ctx: CheckContext) -> None:
 
 @check("heartbeat_reply", "errors", requires="heartbeat")
 def heartbeat_reply(ctx: CheckContext) -> None:
-    """A heartbeat gets a heartbeat reply with the same id (or None when it is a reply)."""
+    """A heartbeat gets a heartbeat reply with the same id (or None when it is a reply).
+
+    The reply, decoded, is itself a reply: ``heartbeat_reply`` gives ``None`` for it.
+    """
     seen = replied = 0
 
     def prop(sample: Sample) -> None:
@@ -168,6 +276,16 @@ def heartbeat_reply(ctx: CheckContext) -> None:
             fail(
                 f"the heartbeat reply carries id {decoded.request_id}, the heartbeat had "
                 f"{beat.request_id}\nreply:\n{hexdump(reply)}"
+            )
+        try:
+            again = ctx.target.new_codec(sample.options).heartbeat_reply(decoded)
+        except CodecError as exc:
+            fail(f"heartbeat_reply on the reply raised {type(exc).__name__}: {exc}")
+        if again is not None:
+            fail(
+                "heartbeat_reply answers its own reply (it must be None for a heartbeat that "
+                "is a reply): two peers would send heartbeats back and forth forever\n"
+                f"reply:\n{hexdump(reply)}\nits reply:\n{hexdump(bytes(again))}"
             )
 
     for_each_sample(ctx, prop)
@@ -225,13 +343,43 @@ def _peek(codec: Codec, data: bytes, what: str) -> ReplyHead | None:
     return head
 
 
+def _peek_corruptions(ctx: CheckContext, sample: Sample, codec: Codec) -> None:
+    """Where peek_reply gives a head for a reply corrupted in its first bytes, decode must
+    accept the same reply: a head for a frame decode refuses forwards it unchecked."""
+    for pos, data in corruptions(sample.frame):
+        head = _peek(codec, data, f"the reply with byte {pos} corrupted")
+        if head is None:
+            continue
+        buffer = bytearray(data)
+        try:
+            decoded = ctx.target.new_codec(sample.options).decode(buffer)
+        except Exception as exc:
+            got = f"raises {type(exc).__name__}: {exc}"
+        else:
+            if isinstance(decoded, Metadata) and decoded.message_type in _REPLY_TYPES:
+                found = (decoded.request_id, decoded.size, decoded.response_status)
+                if tuple(head) == found:
+                    continue
+                got = f"gives (id, size, status) {found}"
+            elif isinstance(decoded, Metadata):
+                got = f"gives a {decoded.message_type.name} message"
+            else:
+                got = f"returns {decoded!r}"
+        fail(
+            f"peek_reply gave {head} for the reply with byte {pos} corrupted, but decode {got}"
+            f" (peek_reply must be None where decode would refuse or differ)\n"
+            f"{hexdump(data, mark=pos)}"
+        )
+
+
 @check("peek_reply_agrees", "errors", requires="peek_reply")
 def peek_reply_agrees(ctx: CheckContext) -> None:
     """peek_reply() agrees with decode() on replies, consumes nothing, is None otherwise.
 
     Where it gives a head, it is decode's (request id, size, response status) and it is the
     same with more bytes after the frame; for every truncation, for a frame above
-    ``max_frame_size`` and for anything but a Response or Error it is ``None``. With
+    ``max_frame_size`` and for anything but a Response or Error it is ``None``; on each
+    corruption of a frame's first 64 bytes it is ``None`` or what decode gives. With
     ``rewrite_request_id``, ``relabel(frame, id)`` equals ``encode(decoded, request_id=id)``.
     """
     replies = peeked = 0
@@ -263,6 +411,7 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
                 small = ctx.target.new_codec(sample.options, max_frame_size=len(frame) - 1)
                 if _peek(small, frame, "a frame above max_frame_size") is not None:
                     fail("peek_reply gave a head for a frame above max_frame_size")
+        _peek_corruptions(ctx, sample, codec)
         if rewrites:
             new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
             try:

@@ -215,7 +215,10 @@ def mutation_length_fields(ctx: CheckContext) -> None:
 
 @check("rewrite_request_id", "roundtrip", requires="rewrite_request_id")
 def rewrite_request_id(ctx: CheckContext) -> None:
-    """encode(message, request_id=N) changes the request id and nothing else."""
+    """encode(message, request_id=N) changes the request id and nothing else.
+
+    Ids 1 and the codec's ``max_request_id`` (the range an engine allocates from) round-trip.
+    """
     seen = 0
 
     def prop(sample: Sample) -> None:
@@ -246,6 +249,22 @@ def rewrite_request_id(ctx: CheckContext) -> None:
             fail(f"rewriting the request id changed other fields: {diff}")
         if bytes(again.body) != bytes(original.body):
             fail("rewriting the request id changed the body: " + compare(original.body, again.body))
+        # The engine allocates upstream ids in 1..max_request_id: both ends must fit the field.
+        for edge in sorted({1, type(encoder).max_request_id}):
+            data = encode_bytes(
+                encoder,
+                lambda: encoder.encode(original, request_id=edge),  # noqa: B023 - called at once
+                f"encode(request_id={edge}) (max_request_id={type(encoder).max_request_id})",
+            )
+            again = decode_whole(
+                ctx.target.new_codec(sample.options), data, f"the message re-id'd to {edge}"
+            )
+            if again.request_id != edge:
+                fail(
+                    f"encode(message, request_id={edge}) re-decodes with request id "
+                    f"{again.request_id}: max_request_id={type(encoder).max_request_id} "
+                    f"promises the engine ids up to it\nencoded:\n{hexdump(data)}"
+                )
 
     for_each_sample(ctx, prop)
     if seen == 0:

@@ -17,6 +17,7 @@ from metaprotocol_sdk.testing.hexdump import hexdump
 
 from ._support import (
     call_decode,
+    corruptions,
     decode_whole,
     fail,
     for_each_sample,
@@ -166,3 +167,69 @@ def state_reset_after_error(ctx: CheckContext) -> None:
     for_each_sample(ctx, prop)
     if found == 0:
         raise CheckSkipped("found no input this codec rejects with a CodecError")
+
+
+def _outcomes(codec: Codec, buffer: bytearray) -> list[Any]:
+    """What decode gives, call after call, until it wants more data or raises."""
+    out: list[Any] = []
+    for _ in range(8):
+        try:
+            result = codec.decode(buffer)
+        except CodecError as exc:
+            out.append((type(exc).__name__, exc.frame_size))
+            break
+        if isinstance(result, NeedData):
+            out.append(("NeedData", result.needed))
+            break
+        out.append((result.to_dict(), bytes(result.frame)))
+        if not buffer:
+            break
+    return out
+
+
+@check("state_resync_after_error", "state")
+def state_resync_after_error(ctx: CheckContext) -> None:
+    """After a decode error with frame_size, the same instance (no reset) reads on as a fresh
+    one would.
+
+    An engine drops ``frame_size`` bytes and goes on decoding on the same codec, without
+    ``reset()``. Each message corrupted in its first 64 bytes arrives in two reads (its first
+    half, then the rest with the intact message after it); where decode refuses it with a
+    ``frame_size``, what follows must decode as on a fresh codec.
+    """
+    found = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal found
+        for _, data in corruptions(sample.frame):
+            codec = ctx.target.new_codec(sample.options)
+            half = max(1, len(data) // 2)
+            buffer = bytearray(data[:half])
+            try:
+                if not isinstance(codec.decode(buffer), NeedData):
+                    continue
+                buffer += data[half:] + sample.frame
+                codec.decode(buffer)
+            except CodecError as exc:
+                size = exc.frame_size
+            else:
+                continue
+            if size is None or not 0 < size <= len(buffer):
+                continue
+            found += 1
+            del buffer[:size]
+            rest = bytes(buffer)
+            reused = _outcomes(codec, buffer)
+            fresh = _outcomes(ctx.target.new_codec(sample.options), bytearray(rest))
+            if reused != fresh:
+                fail(
+                    f"after an error with frame_size={size} on a frame that came in two reads, "
+                    f"the same codec decodes what follows differently from a fresh one (an "
+                    f"engine goes on without reset()):\nsame codec: {reused!r}\nfresh codec: "
+                    f"{fresh!r}\nthe bad frame:\n{hexdump(data, mark=half)}\nwhat follows:\n"
+                    f"{hexdump(rest)}"
+                )
+
+    for_each_sample(ctx, prop)
+    if found == 0:
+        raise CheckSkipped("no corrupted message arriving in two reads raised with a frame_size")
