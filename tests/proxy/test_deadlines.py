@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
 
@@ -17,6 +18,18 @@ class Item:
 
 def queued(deadlines: Deadlines) -> int:
     return sum(len(q.items) for q in deadlines._queues.values())
+
+
+def collector() -> tuple[list[Item], asyncio.Event, Callable[[Item], None]]:
+    """What expired, in order; an event set at each expiry; the callback that records them."""
+    expired: list[Item] = []
+    fired = asyncio.Event()
+
+    def expire(item: Item) -> None:
+        expired.append(item)
+        fired.set()
+
+    return expired, fired, expire
 
 
 def test_finished_items_are_not_kept() -> None:
@@ -57,13 +70,7 @@ def test_finished_items_are_not_kept() -> None:
 def test_expiry_and_compaction() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        expired: list[Item] = []
-        fired = asyncio.Event()
-
-        def expire(item: Item) -> None:
-            expired.append(item)
-            fired.set()
-
+        expired, fired, expire = collector()
         deadlines = Deadlines(loop, expire)
         finished = Item()
         deadlines.add(finished, loop.time(), 0.01)
@@ -87,13 +94,7 @@ def test_deadlines_of_their_own() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        expired: list[Item] = []
-        fired = asyncio.Event()
-
-        def expire(item: Item) -> None:
-            expired.append(item)
-            fired.set()
-
+        expired, fired, expire = collector()
         deadlines = Deadlines(loop, expire)
         now = loop.time()
         slow = Item()
