@@ -26,7 +26,7 @@ from .mirror import MirrorSink
 from .policies import FaultAbort, FaultDelay, LocalRateLimiter
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
-from .stats import Counter, Stats
+from .stats import Counter, Labels, Stats, scope
 from .telemetry import IstioTelemetry, TargetTelemetry
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 
@@ -105,8 +105,11 @@ class Engine:
         #: connections over them.
         self.reuse_port = reuse_port
         settings = config.proxy
-        self.stats = Stats()
         limits = settings.limits
+        self.stats = Stats(limits.max_stats_series)
+        #: A reload (or a refused one) left series that may name what is gone: the next
+        #: housekeeping sweep looks (see :meth:`prune_stats`).
+        self._stats_stale = False
         timeouts = settings.timeouts
         #: ``limits.maxConnections`` (when unset, computed from ``RLIMIT_NOFILE`` by start()).
         self.max_connections = limits.max_connections or 1
@@ -450,9 +453,11 @@ class Engine:
             try:
                 staged = await self._stage(config, new_version)
             except ConfigError as exc:
+                self._stats_stale = True  # the series its build made (at zero)
                 self._record(ReloadRecord.now(source, "refused", str(exc), new_version))
                 raise
             self._commit(staged)
+            self.prune_stats()  # still under the lock: no other build is under way
             self._record(ReloadRecord.now(source, "ok", None, new_version))
         for key, server in staged.servers.items():
             with contextlib.suppress(RuntimeError):  # stopped meanwhile: nothing to serve
@@ -628,6 +633,9 @@ class Engine:
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._flush_access_log()
+        if self._stats_stale and not (self._reloading is not None and self._reloading.locked()):
+            # Not while a reload builds: its series name nothing serving yet.
+            self.prune_stats()
         self._schedule_sweep()
 
     def _flush_access_log(self) -> None:
@@ -644,6 +652,49 @@ class Engine:
         stats.counter(
             "metaprotocol_access_log_dropped_lines_total"
         ).value = access_log.dropped_lines
+
+    def prune_stats(self) -> int:
+        """Drop the stats series of names that left the configuration, once nothing uses
+        them; return how many went.
+
+        A series stays while its name is served (a listener, a route and destination, a
+        cluster, a destination service of the serving configuration) or used: by an open
+        connection (its listener, its cluster) or by a request in flight (its listener, route,
+        destination, cluster; a request a filter holds, every destination of its route).
+        Those that stay only because they are used are looked at again by the next
+        housekeeping sweep, until they go.
+        """
+        serving: set[Labels] = set()
+        runtimes = set(self.listeners.values())
+        for runtime in runtimes:
+            _runtime_scopes(runtime, serving)
+        for cluster in self.clusters.values():
+            _cluster_scopes(cluster, serving)
+        used: set[Labels] = set()
+        for downstream in self.downstreams:
+            if downstream.listener not in runtimes:
+                runtimes.add(downstream.listener)
+                _runtime_scopes(downstream.listener, used)
+        for upstream in self.upstreams:
+            _cluster_scopes(upstream.cluster, used)
+        if self._loop is not None:
+            for item in self.deadlines.waiting():
+                _route_scopes(item.route, used)
+                target = getattr(item, "target", None)
+                if target is not None:
+                    _target_scopes(target, used)
+        used -= serving
+        gone = self.stats.prune(serving | used)
+        self._stats_stale = bool(used)
+        if gone:
+            # Caches of series by label, for names made on first use: forget them all (they
+            # are found again in the registry; a dropped one is made anew).
+            for runtime in runtimes:
+                runtime.forget_series()
+            self.mirror_sink.forget_series()
+            if self.istio is not None:
+                self.istio.forget_series()
+        return gone
 
     def overloaded(self) -> bool:
         """True while new requests and connections are refused for overload."""
@@ -897,6 +948,40 @@ class Engine:
             "documentsTruncated": truncated,
             **{key: section() for key, section in self.dump_sections.items()},
         }
+
+
+def _target_scopes(target: Target, out: set[Labels]) -> None:
+    """The stats scopes ``target`` counts into (see :func:`.stats.scope`)."""
+    out.add(scope(tuple(target.labels.items())))
+    if target.cluster is not None:
+        _cluster_scopes(target.cluster, out)
+    if target.telemetry is not None:
+        out.add((("destination_service", target.telemetry.service),))
+
+
+def _route_scopes(route: CompiledRoute, out: set[Labels]) -> None:
+    """The stats scopes of ``route`` (its own, its destinations', its mirror's)."""
+    local = route.local
+    out.add((("listener", local.labels["listener"]), ("route", route.name)))
+    _target_scopes(local, out)
+    for target in route.targets:
+        _target_scopes(target, out)
+    if route.mirror is not None:
+        _target_scopes(route.mirror.target, out)
+
+
+def _runtime_scopes(runtime: ListenerRuntime, out: set[Labels]) -> None:
+    """The stats scopes of a listener and its routes."""
+    out.add((("listener", runtime.name),))
+    _target_scopes(runtime._unrouted, out)
+    for route in runtime.table.routes:
+        _route_scopes(route, out)
+
+
+def _cluster_scopes(cluster: Cluster, out: set[Labels]) -> None:
+    """The stats scopes of a cluster (its name, its destination service)."""
+    out.add((("cluster", cluster.name),))
+    out.add((("destination_service", cluster.service),))
 
 
 def _same_bind(

@@ -3,6 +3,14 @@
 Names follow one scheme: ``metaprotocol_<what>_total`` for counters and
 ``metaprotocol_<what>_active`` (or ``_pending``) for gauges, labelled by ``listener``,
 ``route``, ``destination``, ``cluster``, ``status`` or ``type``.
+
+A series whose labels name something of the configuration (:data:`SCOPE_LABELS`: a listener,
+route, destination, cluster or destination service) belongs to it, like the stats of an
+Envoy cluster to that cluster's scope: :meth:`Stats.prune` drops it once the engine says that
+nothing serving or in flight uses the name any more, and folds a counter's or histogram's
+counts into the ``stats="removed"`` series of its name, so sums over a metric never go back.
+At most ``max_series`` series exist: past it, a new series with configuration names is the
+``stats="overflow"`` series of its name instead (counted).
 """
 
 from __future__ import annotations
@@ -61,6 +69,11 @@ HELP = {
     "metaprotocol_overloaded": "1 while new requests and connections are refused for overload.",
     "metaprotocol_request_duration_milliseconds": "Time from a request's arrival to its answer, "
     "by listener, route and destination.",
+    "metaprotocol_stats_series": "Stats series held (counters, gauges and histograms).",
+    "metaprotocol_stats_overflow_total": "New series refused by limits.maxStatsSeries (their "
+    'counts went to the stats="overflow" series of their name).',
+    "metaprotocol_stats_removed_total": "Series dropped because what they named left the "
+    'configuration (counts kept in the stats="removed" series of their name).',
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",
@@ -70,9 +83,43 @@ HELP = {
     "istio_tcp_sent_bytes_total": "Bytes sent upstream (Istio's standard metric).",
     "istio_tcp_received_bytes_total": "Bytes received from upstream (Istio's standard metric).",
 }
-GAUGES = frozenset(n for n in HELP if n.endswith(("_active", "_pending", "_bytes", "_overloaded")))
+GAUGES = frozenset(
+    n for n in HELP if n.endswith(("_active", "_pending", "_bytes", "_overloaded", "_series"))
+)
 
 Labels = tuple[tuple[str, str], ...]
+
+#: Labels whose values are names from the configuration. A series with one of them belongs to
+#: what it names (its *scope*: these labels and their values, see :func:`scope`).
+SCOPE_LABELS = ("listener", "route", "destination", "cluster", "destination_service")
+#: ``limits.maxStatsSeries`` by default: far above what a large mesh needs (about 20 series
+#: per route destination with Istio's metrics, 10 per cluster, 30 per listener), far below
+#: what exhausts memory (about 0.5 KiB per counter, 2 KiB per histogram) or a scrape.
+DEFAULT_MAX_SERIES = 100_000
+#: The ``stats`` label of the series that fold others (no configuration name has it).
+OVERFLOW = "overflow"
+REMOVED = "removed"
+_SCOPE_ORDER = {label: i for i, label in enumerate(SCOPE_LABELS)}
+
+
+def scope(labels: Labels) -> Labels:
+    """The labels of ``labels`` that name configuration (empty: a process-wide series), in
+    :data:`SCOPE_LABELS` order."""
+    found = [(k, v) for k, v in labels if k in _SCOPE_ORDER]
+    if len(found) > 1:
+        found.sort(key=lambda kv: _SCOPE_ORDER[kv[0]])
+    return tuple(found)
+
+
+def _folded(labels: Labels, kind: str) -> Labels:
+    """``labels`` with every configuration name (and what comes from endpoints: Istio's
+    ``destination_*``) replaced by ``kind``, plus ``stats=kind``: a bounded set."""
+    out = tuple(
+        (k, kind if k in _SCOPE_ORDER or k.startswith("destination_") else v)
+        for k, v in labels
+        if k != "stats"
+    )
+    return (*out, ("stats", kind))
 
 
 class Counter:
@@ -153,17 +200,68 @@ def series_name(name: str, labels: Labels) -> str:
 
 
 class Stats:
-    """Every counter and gauge of an engine."""
+    """Every counter and gauge of an engine, at most ``max_series`` of them (see the module's
+    docstring for what happens past it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_series: int = DEFAULT_MAX_SERIES) -> None:
         self._series: dict[tuple[str, Labels], Counter] = {}
         self._histograms: dict[tuple[str, Labels], Histogram] = {}
+        #: Keys of the series that fold others (never pruned).
+        self._folds: set[tuple[str, Labels]] = set()
+        self.max_series = max_series
+        self._overflow = self._new_counter("metaprotocol_stats_overflow_total", ())
+        self._removed = self._new_counter("metaprotocol_stats_removed_total", ())
+        self._count = self._new_counter("metaprotocol_stats_series", ())
+
+    @property
+    def series_count(self) -> int:
+        """How many series exist (a histogram is one, whatever its buckets)."""
+        return len(self._series) + len(self._histograms)
+
+    def _full(self, labels: Labels) -> bool:
+        """A new series with ``labels`` must fold into the overflow series (counted).
+
+        Process-wide series and a listener's own (bounded by the sockets bound) are always
+        made: only names a configuration can have many of (routes, destinations, clusters,
+        services) are capped.
+        """
+        if len(self._series) + len(self._histograms) < self.max_series:
+            return False
+        found = scope(labels)
+        if not found or (len(found) == 1 and found[0][0] == "listener"):
+            return False
+        self._overflow.value += 1
+        return True
+
+    def _new_counter(self, name: str, labels: Labels) -> Counter:
+        series = self._series[(name, labels)] = Counter(name, labels)
+        return series
+
+    def _fold_counter(self, name: str, labels: Labels, kind: str) -> Counter:
+        key = (name, _folded(labels, kind))
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_counter(name, key[1])
+            self._folds.add(key)
+        return series
+
+    def _fold_histogram(
+        self, name: str, labels: Labels, bounds: Sequence[float], kind: str
+    ) -> Histogram:
+        key = (name, _folded(labels, kind))
+        series = self._histograms.get(key)
+        if series is None:
+            series = self._histograms[key] = Histogram(name, key[1], bounds)
+            self._folds.add(key)
+        return series
 
     def histogram(self, name: str, bounds: Sequence[float], **labels: str) -> Histogram:
         """The histogram series for ``name`` and ``labels``, created empty on first use."""
         key = (name, tuple(labels.items()))
         series = self._histograms.get(key)
         if series is None:
+            if self._full(key[1]):
+                return self._fold_histogram(name, key[1], bounds, OVERFLOW)
             series = self._histograms[key] = Histogram(name, key[1], bounds)
         return series
 
@@ -176,7 +274,9 @@ class Stats:
         key = (name, tuple(labels.items()))
         series = self._series.get(key)
         if series is None:
-            series = self._series[key] = Counter(name, key[1])
+            if self._full(key[1]):
+                return self._fold_counter(name, key[1], OVERFLOW)
+            series = self._new_counter(name, key[1])
         return series
 
     def gauge(self, name: str, **labels: str) -> Counter:
@@ -186,6 +286,40 @@ class Stats:
     def counters(self, name: str) -> list[Counter]:
         """Every series of the counter or gauge ``name``."""
         return [s for (n, _), s in self._series.items() if n == name]
+
+    def prune(self, live: set[Labels]) -> int:
+        """Drop every series whose :func:`scope` is not empty and not in ``live``; return how
+        many. A counter's value and a histogram's counts are added to the ``stats="removed"``
+        series of its name first (a gauge's value means nothing once its object is gone).
+
+        The caller guarantees that nothing holds a series it drops: an object that still
+        counts into one (a route of a request in flight) must have its scope in ``live``.
+        """
+        gone = 0
+        for key in [k for k in self._series if k not in self._folds]:
+            labels = key[1]
+            found = scope(labels)
+            if not found or found in live:
+                continue
+            series = self._series.pop(key)
+            if key[0] not in GAUGES and series.value:
+                self._fold_counter(key[0], labels, REMOVED).value += series.value
+            gone += 1
+        for key in [k for k in self._histograms if k not in self._folds]:
+            labels = key[1]
+            found = scope(labels)
+            if not found or found in live:
+                continue
+            histogram = self._histograms.pop(key)
+            if histogram.sum or any(histogram.counts):
+                into = self._fold_histogram(key[0], labels, histogram.bounds, REMOVED)
+                if into.bounds == histogram.bounds:
+                    for i, n in enumerate(histogram.counts):
+                        into.counts[i] += n
+                    into.sum += histogram.sum
+            gone += 1
+        self._removed.value += gone
+        return gone
 
     def get(self, name: str, **labels: str) -> int:
         """Current value (0 when the series does not exist)."""
@@ -201,6 +335,7 @@ class Stats:
     def snapshot(self) -> dict[str, float]:
         """``{'name{labels}': value}`` for every series (histograms as their ``_bucket``,
         ``_sum`` and ``_count`` series)."""
+        self._count.value = self.series_count
         out: dict[str, float] = {
             series_name(n, lab): s.value for (n, lab), s in self._series.items()
         }
@@ -211,6 +346,7 @@ class Stats:
 
     def prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
+        self._count.value = self.series_count
         by_name: dict[str, list[Counter]] = {}
         for (name, _), series in self._series.items():
             by_name.setdefault(name, []).append(series)
