@@ -321,7 +321,7 @@ class Limits:
     connection_buffer_max_bytes: int = 16 * MiB
     #: Stats series held at most (a histogram is one); past it, new series of routes,
     #: clusters and services fold into the ``stats="overflow"`` series of their metric.
-    max_stats_series: int = 100_000
+    max_stats_series: int = 50_000
 
 
 @dataclass(frozen=True)
