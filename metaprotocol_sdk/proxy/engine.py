@@ -110,6 +110,8 @@ class Engine:
         #: A reload (or a refused one) left series that may name what is gone: the next
         #: housekeeping sweep looks (see :meth:`prune_stats`).
         self._stats_stale = False
+        #: What kept series of names gone at the last look (connections, requests).
+        self._stats_holders: list[object] = []
         timeouts = settings.timeouts
         #: ``limits.maxConnections`` (when unset, computed from ``RLIMIT_NOFILE`` by start()).
         self.max_connections = limits.max_connections or 1
@@ -264,6 +266,13 @@ class Engine:
         config = build.config
         timeout = config.proxy.timeouts.route
         router = config.routers.get(listener.host)
+        protocol = config.protocol_of(listener.host, listener.port)
+        # The listener's own series first: past ``limits.maxStatsSeries`` its routes' series
+        # fold into the overflow ones before its own do. Its routes are set below.
+        runtime = ListenerRuntime(
+            self, listener.name, protocol.codec_class, RouteTable(()), dict(protocol.options)
+        )
+        runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
         # The chain of every route: the MetaRouter's rate limit, the route's fault injection,
         # then the listener's own filters; the router comes last (Downstream._dispatch).
         chain = [spec.create() for spec in listener.filters]
@@ -290,11 +299,7 @@ class Engine:
                 routes.append(
                     self._compile_route(build, route, listener, targets, timeout, chain, limiter)
                 )
-        protocol = config.protocol_of(listener.host, listener.port)
-        runtime = ListenerRuntime(
-            self, listener.name, protocol.codec_class, RouteTable(routes), dict(protocol.options)
-        )
-        runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
+        runtime.table = RouteTable(routes)
         return runtime
 
     def _compile_route(
@@ -633,8 +638,12 @@ class Engine:
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._flush_access_log()
-        if self._stats_stale and not (self._reloading is not None and self._reloading.locked()):
+        if (
+            self._stats_stale
             # Not while a reload builds: its series name nothing serving yet.
+            and not (self._reloading is not None and self._reloading.locked())
+            and not self._stats_held()
+        ):
             self.prune_stats()
         self._schedule_sweep()
 
@@ -661,8 +670,8 @@ class Engine:
         cluster, a destination service of the serving configuration) or used: by an open
         connection (its listener, its cluster) or by a request in flight (its listener, route,
         destination, cluster; a request a filter holds, every destination of its route).
-        Those that stay only because they are used are looked at again by the next
-        housekeeping sweep, until they go.
+        Those that stay only because they are used are looked at again by the housekeeping
+        sweeps, once what used them is done (see :meth:`_stats_held`).
         """
         serving: set[Labels] = set()
         runtimes = set(self.listeners.values())
@@ -671,21 +680,40 @@ class Engine:
         for cluster in self.clusters.values():
             _cluster_scopes(cluster, serving)
         used: set[Labels] = set()
+        holders: list[object] = []  # what keeps series of names no longer served
+        # Each listener, cluster and route once, however many connections or requests.
+        gone_by: dict[object, bool] = {}
+
+        def unserved(owner: Any, scopes: Callable[[Any, set[Labels]], None]) -> bool:
+            found = gone_by.get(owner)
+            if found is None:
+                mine: set[Labels] = set()
+                scopes(owner, mine)
+                mine -= serving
+                used.update(mine)
+                found = gone_by[owner] = bool(mine)
+            return found
+
         for downstream in self.downstreams:
-            if downstream.listener not in runtimes:
-                runtimes.add(downstream.listener)
-                _runtime_scopes(downstream.listener, used)
+            listener = downstream.listener
+            if listener not in runtimes and unserved(listener, _runtime_scopes):
+                holders.append(downstream)
         for upstream in self.upstreams:
-            _cluster_scopes(upstream.cluster, used)
+            cluster = upstream.cluster
+            if unserved(cluster, _cluster_scopes):
+                holders.append(upstream)
         if self._loop is not None:
             for item in self.deadlines.waiting():
-                _route_scopes(item.route, used)
+                route = item.route
+                held = unserved(route, _route_scopes)
                 target = getattr(item, "target", None)
-                if target is not None:
-                    _target_scopes(target, used)
-        used -= serving
+                if target is not None and unserved(target, _target_scopes):
+                    held = True
+                if held:
+                    holders.append(item)
         gone = self.stats.prune(serving | used)
-        self._stats_stale = bool(used)
+        self._stats_holders = holders
+        self._stats_stale = bool(holders)
         if gone:
             # Caches of series by label, for names made on first use: forget them all (they
             # are found again in the registry; a dropped one is made anew).
@@ -695,6 +723,20 @@ class Engine:
             if self.istio is not None:
                 self.istio.forget_series()
         return gone
+
+    def _stats_held(self) -> bool:
+        """Whether something that kept series at the last :meth:`prune_stats` is still open
+        or in flight (then a new look would find them used still: the sweep waits)."""
+        for holder in self._stats_holders:
+            if isinstance(holder, Downstream):
+                if holder in self.downstreams:
+                    return True
+            elif isinstance(holder, UpstreamConnection):
+                if holder in self.upstreams:
+                    return True
+            elif not holder.done:  # type: ignore[attr-defined]
+                return True
+        return False
 
     def overloaded(self) -> bool:
         """True while new requests and connections are refused for overload."""

@@ -111,11 +111,17 @@ def scope(labels: Labels) -> Labels:
     return tuple(found)
 
 
+#: Other labels whose values come from the configuration (a rate limit's bucket, a filter's
+#: name): a folded series replaces them too.
+_NAMED = frozenset((*SCOPE_LABELS, "bucket", "filter"))
+
+
 def _folded(labels: Labels, kind: str) -> Labels:
     """``labels`` with every configuration name (and what comes from endpoints: Istio's
-    ``destination_*``) replaced by ``kind``, plus ``stats=kind``: a bounded set."""
+    ``destination_*``) replaced by ``kind``, plus ``stats=kind``: a bounded set (by metric
+    and the values of labels such as ``status`` that the engine's code fixes)."""
     out = tuple(
-        (k, kind if k in _SCOPE_ORDER or k.startswith("destination_") else v)
+        (k, kind if k in _NAMED or k.startswith("destination_") else v)
         for k, v in labels
         if k != "stats"
     )
@@ -221,14 +227,9 @@ class Stats:
     def _full(self, labels: Labels) -> bool:
         """A new series with ``labels`` must fold into the overflow series (counted).
 
-        Process-wide series and a listener's own (bounded by the sockets bound) are always
-        made: only names a configuration can have many of (routes, destinations, clusters,
-        services) are capped.
+        Process-wide series (no configuration name: a fixed set) are always made.
         """
-        if len(self._series) + len(self._histograms) < self.max_series:
-            return False
-        found = scope(labels)
-        if not found or (len(found) == 1 and found[0][0] == "listener"):
+        if len(self._series) + len(self._histograms) < self.max_series or not scope(labels):
             return False
         self._overflow.value += 1
         return True
