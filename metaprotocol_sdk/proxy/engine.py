@@ -26,7 +26,7 @@ from .mirror import MirrorSink
 from .policies import FaultAbort, FaultDelay, LocalRateLimiter
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
-from .stats import Counter, Labels, Stats, scope
+from .stats import Counter, Labels, Stats
 from .telemetry import IstioTelemetry, TargetTelemetry
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 
@@ -994,7 +994,7 @@ class Engine:
 
 def _target_scopes(target: Target, out: set[Labels]) -> None:
     """The stats scopes ``target`` counts into (see :func:`.stats.scope`)."""
-    out.add(scope(tuple(target.labels.items())))
+    out.add(tuple(target.labels.items()))  # listener, route, destination: scope order
     if target.cluster is not None:
         _cluster_scopes(target.cluster, out)
     if target.telemetry is not None:

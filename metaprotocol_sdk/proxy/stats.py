@@ -212,38 +212,42 @@ class Stats:
     def __init__(self, max_series: int = DEFAULT_MAX_SERIES) -> None:
         self._series: dict[tuple[str, Labels], Counter] = {}
         self._histograms: dict[tuple[str, Labels], Histogram] = {}
-        #: Keys of the series that fold others (never pruned).
-        self._folds: set[tuple[str, Labels]] = set()
+        #: The :func:`scope` of every series that has one (and is not a fold), by key: what
+        #: :meth:`prune` reads (computed once, when the series is made).
+        self._scopes: dict[tuple[str, Labels], Labels] = {}
+        self._histogram_scopes: dict[tuple[str, Labels], Labels] = {}
         self.max_series = max_series
-        self._overflow = self._new_counter("metaprotocol_stats_overflow_total", ())
-        self._removed = self._new_counter("metaprotocol_stats_removed_total", ())
-        self._count = self._new_counter("metaprotocol_stats_series", ())
+        self._overflow = self._new_counter("metaprotocol_stats_overflow_total", (), ())
+        self._removed = self._new_counter("metaprotocol_stats_removed_total", (), ())
+        self._count = self._new_counter("metaprotocol_stats_series", (), ())
 
     @property
     def series_count(self) -> int:
         """How many series exist (a histogram is one, whatever its buckets)."""
         return len(self._series) + len(self._histograms)
 
-    def _full(self, labels: Labels) -> bool:
-        """A new series with ``labels`` must fold into the overflow series (counted).
+    def _full(self, found: Labels) -> bool:
+        """A new series of scope ``found`` must fold into the overflow series (counted).
 
         Process-wide series (no configuration name: a fixed set) are always made.
         """
-        if len(self._series) + len(self._histograms) < self.max_series or not scope(labels):
+        if len(self._series) + len(self._histograms) < self.max_series or not found:
             return False
         self._overflow.value += 1
         return True
 
-    def _new_counter(self, name: str, labels: Labels) -> Counter:
-        series = self._series[(name, labels)] = Counter(name, labels)
+    def _new_counter(self, name: str, labels: Labels, found: Labels) -> Counter:
+        key = (name, labels)
+        series = self._series[key] = Counter(name, labels)
+        if found:
+            self._scopes[key] = found
         return series
 
     def _fold_counter(self, name: str, labels: Labels, kind: str) -> Counter:
         key = (name, _folded(labels, kind))
         series = self._series.get(key)
         if series is None:
-            series = self._new_counter(name, key[1])
-            self._folds.add(key)
+            series = self._new_counter(name, key[1], ())  # a fold is never dropped
         return series
 
     def _fold_histogram(
@@ -253,7 +257,6 @@ class Stats:
         series = self._histograms.get(key)
         if series is None:
             series = self._histograms[key] = Histogram(name, key[1], bounds)
-            self._folds.add(key)
         return series
 
     def histogram(self, name: str, bounds: Sequence[float], **labels: str) -> Histogram:
@@ -261,9 +264,12 @@ class Stats:
         key = (name, tuple(labels.items()))
         series = self._histograms.get(key)
         if series is None:
-            if self._full(key[1]):
+            found = scope(key[1])
+            if self._full(found):
                 return self._fold_histogram(name, key[1], bounds, OVERFLOW)
             series = self._histograms[key] = Histogram(name, key[1], bounds)
+            if found:
+                self._histogram_scopes[key] = found
         return series
 
     def histograms(self, name: str) -> list[Histogram]:
@@ -275,9 +281,10 @@ class Stats:
         key = (name, tuple(labels.items()))
         series = self._series.get(key)
         if series is None:
-            if self._full(key[1]):
+            found = scope(key[1])
+            if self._full(found):
                 return self._fold_counter(name, key[1], OVERFLOW)
-            series = self._new_counter(name, key[1])
+            series = self._new_counter(name, key[1], found)
         return series
 
     def gauge(self, name: str, **labels: str) -> Counter:
@@ -296,31 +303,27 @@ class Stats:
         The caller guarantees that nothing holds a series it drops: an object that still
         counts into one (a route of a request in flight) must have its scope in ``live``.
         """
-        gone = 0
-        for key in [k for k in self._series if k not in self._folds]:
-            labels = key[1]
-            found = scope(labels)
-            if not found or found in live:
-                continue
+        scopes = self._scopes
+        gone = [key for key, found in scopes.items() if found not in live]
+        for key in gone:
+            del scopes[key]
             series = self._series.pop(key)
             if key[0] not in GAUGES and series.value:
-                self._fold_counter(key[0], labels, REMOVED).value += series.value
-            gone += 1
-        for key in [k for k in self._histograms if k not in self._folds]:
-            labels = key[1]
-            found = scope(labels)
-            if not found or found in live:
-                continue
+                self._fold_counter(key[0], key[1], REMOVED).value += series.value
+        scopes = self._histogram_scopes
+        gone_histograms = [key for key, found in scopes.items() if found not in live]
+        for key in gone_histograms:
+            del scopes[key]
             histogram = self._histograms.pop(key)
             if histogram.sum or any(histogram.counts):
-                into = self._fold_histogram(key[0], labels, histogram.bounds, REMOVED)
+                into = self._fold_histogram(key[0], key[1], histogram.bounds, REMOVED)
                 if into.bounds == histogram.bounds:
                     for i, n in enumerate(histogram.counts):
                         into.counts[i] += n
                     into.sum += histogram.sum
-            gone += 1
-        self._removed.value += gone
-        return gone
+        count = len(gone) + len(gone_histograms)
+        self._removed.value += count
+        return count
 
     def get(self, name: str, **labels: str) -> int:
         """Current value (0 when the series does not exist)."""

@@ -261,3 +261,19 @@ def test_a_series_cap_too_low_is_a_readable_config_error() -> None:
         loads_config(renamed(0, 9, "limits: {maxStatsSeries: 10}\n"), "low.yaml")
     with pytest.raises(ConfigError, match=r"spec\.limits\.maxStatsSeries"):
         loads_config(renamed(0, 9, "limits: {maxStatsSeries: lots}\n"), "word.yaml")
+
+
+def test_a_scope_does_not_depend_on_label_order() -> None:
+    """The engine names a destination's scope by its labels as given (listener, route,
+    destination); a series made with the same names in another order has the same scope."""
+    from metaprotocol_sdk.proxy.router import Target
+    from metaprotocol_sdk.proxy.stats import Stats, scope
+
+    labels = (("status", "Ok"), ("route", "r"), ("destination", "d"), ("listener", "l"))
+    target = Target("d", None, 1, Stats(), "l", "r")
+    assert scope(labels) == tuple(target.labels.items()) == scope(tuple(target.labels.items()))
+    stats = Stats()
+    stats.counter("metaprotocol_requests_total", status="Ok", route="r", listener="l").value = 3
+    assert stats.prune({(("listener", "l"), ("route", "r"))}) == 0
+    assert stats.prune(set()) == 1
+    assert stats.total("metaprotocol_requests_total") == 3  # in the stats="removed" series
