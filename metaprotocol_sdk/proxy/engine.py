@@ -462,7 +462,7 @@ class Engine:
                 self._record(ReloadRecord.now(source, "refused", str(exc), new_version))
                 raise
             self._commit(staged)
-            self.prune_stats()  # still under the lock: no other build is under way
+            self._prune_stats_safely()  # still under the lock: no other build is under way
             self._record(ReloadRecord.now(source, "ok", None, new_version))
         for key, server in staged.servers.items():
             with contextlib.suppress(RuntimeError):  # stopped meanwhile: nothing to serve
@@ -644,7 +644,7 @@ class Engine:
             and not (self._reloading is not None and self._reloading.locked())
             and not self._stats_held()
         ):
-            self.prune_stats()
+            self._prune_stats_safely()
         self._schedule_sweep()
 
     def _flush_access_log(self) -> None:
@@ -717,6 +717,7 @@ class Engine:
         if gone:
             # Caches of series by label, for names made on first use: forget them all (they
             # are found again in the registry; a dropped one is made anew).
+            runtimes.update(o for o in gone_by if isinstance(o, ListenerRuntime))
             for runtime in runtimes:
                 runtime.forget_series()
             self.mirror_sink.forget_series()
@@ -724,19 +725,33 @@ class Engine:
                 self.istio.forget_series()
         return gone
 
+    def _prune_stats_safely(self) -> None:
+        """:meth:`prune_stats`, where its failure must not stop the caller (a reload already
+        swapped in, the housekeeping sweep): logged, and tried again at the next sweep."""
+        try:
+            self.prune_stats()
+        except Exception:
+            self._stats_stale = True
+            self._stats_holders = []
+            log.exception("dropping the stats series of removed names failed")
+
     def _stats_held(self) -> bool:
-        """Whether something that kept series at the last :meth:`prune_stats` is still open
-        or in flight (then a new look would find them used still: the sweep waits)."""
-        for holder in self._stats_holders:
+        """Whether everything that kept series at the last :meth:`prune_stats` is still open
+        or in flight: a new look would find the same, and the sweep skips it. One of them
+        done is enough to look again (at most once a sweep while old requests finish)."""
+        holders = self._stats_holders
+        if not holders:
+            return False
+        for holder in holders:
             if isinstance(holder, Downstream):
-                if holder in self.downstreams:
-                    return True
+                if holder not in self.downstreams:
+                    return False
             elif isinstance(holder, UpstreamConnection):
-                if holder in self.upstreams:
-                    return True
-            elif not holder.done:  # type: ignore[attr-defined]
-                return True
-        return False
+                if holder not in self.upstreams:
+                    return False
+            elif holder.done:  # type: ignore[attr-defined]
+                return False
+        return True
 
     def overloaded(self) -> bool:
         """True while new requests and connections are refused for overload."""

@@ -22,12 +22,14 @@ LISTENER = "svc.test:9000"
 REQUESTS = "metaprotocol_requests_total"
 
 
-def renamed(i: int, port: int, proxy: str = "", routes: int = 1) -> str:
-    """A mesh whose route, destination service and cluster are all named after ``i``."""
+def renamed(i: int, port: int, proxy: str = "", routes: int = 1, rule: str = "") -> str:
+    """A mesh whose route, destination service and cluster are all named after ``i``
+    (``rule``: more lines for every route)."""
     rules = "".join(
         f"    - name: r{i}-{k}\n"
         + (f"      match: {{attributes: {{method: {{exact: m{k}}}}}}}\n" if k else "")
         + f"      route: [{{destination: {{host: s{i}.test}}}}]\n"
+        + (f"      {rule}\n" if rule else "")
         for k in [*range(1, routes), 0]  # r{i}-0 takes what the others do not match
     )
     return (
@@ -200,6 +202,51 @@ def test_a_request_in_flight_across_a_reload_is_counted_in_its_series() -> None:
             await up.close()
 
     run(main(), timeout=30)
+
+
+def test_a_request_a_filter_holds_across_a_reload_is_counted_in_its_series() -> None:
+    """A fault delay holds two requests of the old route while the reload renames
+    everything; once let go they go to the old destination and are counted there."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        proxy = "timeouts: {route: 1s}\n"
+        delay = "fault: {delay: {fixedDelay: 200ms, percentage: {value: 100}}}"
+        engine = Engine(loads_config(renamed(0, up.port, proxy, rule=delay), "t0.yaml"))
+        await engine.start()
+        try:
+            c = await Client.connect(front(engine))
+            held = c.start()
+            hang = c.start("hang")  # after its delay, never answered: it times out
+            await until(lambda: engine.pending == 2, "both requests held by the delay")
+            await engine.apply(loads_config(renamed(1, up.port, proxy), "t1.yaml"))
+            assert error_type(await c.call()) is None  # the new route: no delay
+            engine.prune_stats()
+            old = {"listener": LISTENER, "route": "r0-0", "destination": dest(0)}
+            durations = stats_of(engine, "metaprotocol_request_duration_milliseconds")
+            assert tuple(old.items()) in durations  # kept: held requests will use it
+            assert error_type(await asyncio.wait_for(held, 5)) is None
+            engine.prune_stats()  # ``hang`` is in flight on the old route still
+            assert engine.stats.get(REQUESTS, **old, status="Ok") == 1
+            assert error_type(await asyncio.wait_for(hang, 5)) == "Timeout"
+            await until(
+                lambda: not [k for k in engine.stats_snapshot() if '"r0-0"' in k],
+                "the old route's series dropped",
+            )
+            assert engine.stats.total(REQUESTS, status="Ok") == 2
+            assert engine.stats.total(REQUESTS, status="Timeout") == 1
+            assert engine.stats.total("metaprotocol_faults_total", type="delay") == 2
+            c.close()
+        finally:
+            await engine.stop(drain=1.0)
+            await up.close()
+
+    run(main(), timeout=30)
+
+
+def stats_of(engine: Engine, histogram: str) -> set[tuple[tuple[str, str], ...]]:
+    """The label sets of ``histogram``'s series."""
+    return {h.labels for h in engine.stats.histograms(histogram)}
 
 
 def test_the_series_cap_folds_new_names_into_an_overflow_series() -> None:
