@@ -9,14 +9,16 @@ clients saw.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from proxy_kit import Client, Upstream, error_type, http_get, run, until
 
 from metaprotocol_sdk import ConfigError
-from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy import Engine, load_config, loads_config
 
 LISTENER = "svc.test:9000"
 REQUESTS = "metaprotocol_requests_total"
@@ -150,6 +152,44 @@ def dest(i: int) -> str:
 def folded(kind: str, status: str) -> dict[str, str]:
     """The labels of the series that folds others (``removed``, ``overflow``)."""
     return {"listener": kind, "route": kind, "destination": kind, "status": status, "stats": kind}
+
+
+def test_sighup_reloads_of_a_renaming_file_keep_the_series_bounded(tmp_path: Path) -> None:
+    """The same through the CLI's reloader (what ``SIGHUP`` and ``--watch`` call): the file is
+    rewritten with new names each time."""
+    from metaprotocol_sdk.cli.proxy import Reloader
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        path = tmp_path / "mesh.yaml"
+        path.write_text(renamed(0, up.port))
+        engine = Engine(load_config([str(path)]))
+        await engine.start()
+        reloader = Reloader(engine, (str(path),))
+        task = asyncio.get_running_loop().create_task(reloader.run())
+        try:
+            c = await Client.connect(front(engine))
+            sizes = []
+
+            def reloaded(n: int) -> bool:
+                ok = engine.stats.get("metaprotocol_reloads_total", source="sighup", result="ok")
+                return ok == n
+
+            for i in range(1, 21):
+                path.write_text(renamed(i, up.port))
+                reloader.request("sighup")
+                await until(functools.partial(reloaded, i), f"reload {i} done")
+                assert error_type(await c.call()) is None
+                sizes.append(len(engine.stats_snapshot()))
+            assert max(sizes[10:]) <= max(sizes[:10]), sizes
+            assert engine.stats.total(REQUESTS) == 20
+            c.close()
+        finally:
+            task.cancel()
+            await engine.stop(drain=1.0)
+            await up.close()
+
+    run(main(), timeout=60)
 
 
 def test_a_request_in_flight_across_a_reload_is_counted_in_its_series() -> None:
