@@ -39,6 +39,9 @@ FD_RESERVE = 64
 TRACING_FLUSH = 2.0
 #: Longest interval of the housekeeping sweep (idle, frame and write timeouts; overload).
 SWEEP_MAX = 1.0
+#: Shortest interval between two passes of the sweep over the stats series, while requests
+#: in flight since a reload keep old series (a pass is O(series + routes + requests)).
+STATS_PRUNE_INTERVAL = 2.0
 
 
 def connections_from_rlimit(shared_upstreams: int, dedicated: bool) -> int:
@@ -112,6 +115,8 @@ class Engine:
         self._stats_stale = False
         #: What kept series of names gone at the last look (connections, requests).
         self._stats_holders: list[object] = []
+        #: When the last look was (``loop.time()``).
+        self._stats_pruned_at = 0.0
         timeouts = settings.timeouts
         #: ``limits.maxConnections`` (when unset, computed from ``RLIMIT_NOFILE`` by start()).
         self.max_connections = limits.max_connections or 1
@@ -640,6 +645,7 @@ class Engine:
         self._flush_access_log()
         if (
             self._stats_stale
+            and now - self._stats_pruned_at >= STATS_PRUNE_INTERVAL
             # Not while a reload builds: its series name nothing serving yet.
             and not (self._reloading is not None and self._reloading.locked())
             and not self._stats_held()
@@ -712,6 +718,8 @@ class Engine:
                 if held:
                     holders.append(item)
         gone = self.stats.prune(serving | used)
+        if self._loop is not None:
+            self._stats_pruned_at = self.loop.time()
         self._stats_holders = holders
         self._stats_stale = bool(holders)
         if gone:
