@@ -137,6 +137,13 @@ class Deadlines:
             if not item.done:
                 self._expire(item)
 
+    def waiting(self) -> list[Any]:
+        """Every item whose clock runs (not done): what is in flight. A pass over them all,
+        for housekeeping, never for a request."""
+        out = [item for queue in self._queues.values() for item in queue.items if not item.done]
+        out.extend(entry[2] for entry in self._heap if not entry[2].done)
+        return out
+
     def close(self) -> None:
         """Cancel the timer and forget everything."""
         if self._timer is not None:

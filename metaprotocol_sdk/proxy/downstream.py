@@ -127,6 +127,12 @@ class ListenerRuntime:
             )
         counter.value += 1
 
+    def forget_series(self) -> None:
+        """Forget the series made on first use (after the stats dropped some of them)."""
+        self._skipped.clear()
+        self._filter_errors.clear()
+        self._retries.clear()
+
     def count_local(self, error: ErrorType) -> None:
         """Count one local reply."""
         self._local[error].value += 1

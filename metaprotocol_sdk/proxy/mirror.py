@@ -52,6 +52,10 @@ class MirrorSink:
             )
         counter.value += 1
 
+    def forget_series(self) -> None:
+        """Forget the series found so far (after the stats dropped some of them)."""
+        self._counters.clear()
+
     def _settle(self, p: Pending) -> None:
         p.done = True
         p.request = RELEASED  # a finished copy may wait in its deadline queue: not its frame

@@ -3,6 +3,14 @@
 Names follow one scheme: ``metaprotocol_<what>_total`` for counters and
 ``metaprotocol_<what>_active`` (or ``_pending``) for gauges, labelled by ``listener``,
 ``route``, ``destination``, ``cluster``, ``status`` or ``type``.
+
+A series whose labels name something of the configuration (:data:`SCOPE_LABELS`: a listener,
+route, destination, cluster or destination service) belongs to it, like the stats of an
+Envoy cluster to that cluster's scope: :meth:`Stats.prune` drops it once the engine says that
+nothing serving or in flight uses the name any more, and folds a counter's or histogram's
+counts into the ``stats="removed"`` series of its name, so sums over a metric never go back.
+At most ``max_series`` series exist: past it, a new series with configuration names is the
+``stats="overflow"`` series of its name instead (counted).
 """
 
 from __future__ import annotations
@@ -61,6 +69,11 @@ HELP = {
     "metaprotocol_overloaded": "1 while new requests and connections are refused for overload.",
     "metaprotocol_request_duration_milliseconds": "Time from a request's arrival to its answer, "
     "by listener, route and destination.",
+    "metaprotocol_stats_series": "Stats series held (counters, gauges and histograms).",
+    "metaprotocol_stats_overflow_total": "New series refused by limits.maxStatsSeries (their "
+    'counts went to the stats="overflow" series of their name).',
+    "metaprotocol_stats_removed_total": "Series dropped because what they named left the "
+    'configuration (counts kept in the stats="removed" series of their name).',
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",
@@ -70,9 +83,49 @@ HELP = {
     "istio_tcp_sent_bytes_total": "Bytes sent upstream (Istio's standard metric).",
     "istio_tcp_received_bytes_total": "Bytes received from upstream (Istio's standard metric).",
 }
-GAUGES = frozenset(n for n in HELP if n.endswith(("_active", "_pending", "_bytes", "_overloaded")))
+GAUGES = frozenset(
+    n for n in HELP if n.endswith(("_active", "_pending", "_bytes", "_overloaded", "_series"))
+)
 
 Labels = tuple[tuple[str, str], ...]
+
+#: Labels whose values are names from the configuration. A series with one of them belongs to
+#: what it names (its *scope*: these labels and their values, see :func:`scope`).
+SCOPE_LABELS = ("listener", "route", "destination", "cluster", "destination_service")
+#: ``limits.maxStatsSeries`` by default: above what a large mesh needs (a few series per
+#: route destination and status, about 10 per cluster, 30 per listener, 4 per Istio label
+#: set), and at about 0.6 KiB per counter and 0.75 KiB per histogram at most about 40 MiB.
+DEFAULT_MAX_SERIES = 50_000
+#: The ``stats`` label of the series that fold others (no configuration name has it).
+OVERFLOW = "overflow"
+REMOVED = "removed"
+_SCOPE_ORDER = {label: i for i, label in enumerate(SCOPE_LABELS)}
+
+
+def scope(labels: Labels) -> Labels:
+    """The labels of ``labels`` that name configuration (empty: a process-wide series), in
+    :data:`SCOPE_LABELS` order."""
+    found = [(k, v) for k, v in labels if k in _SCOPE_ORDER]
+    if len(found) > 1:
+        found.sort(key=lambda kv: _SCOPE_ORDER[kv[0]])
+    return tuple(found)
+
+
+#: Other labels whose values come from the configuration (a rate limit's bucket, a filter's
+#: name): a folded series replaces them too.
+_NAMED = frozenset((*SCOPE_LABELS, "bucket", "filter"))
+
+
+def _folded(labels: Labels, kind: str) -> Labels:
+    """``labels`` with every configuration name (and what comes from endpoints: Istio's
+    ``destination_*``) replaced by ``kind``, plus ``stats=kind``: a bounded set (by metric
+    and the values of labels such as ``status`` that the engine's code fixes)."""
+    out = tuple(
+        (k, kind if k in _NAMED or k.startswith("destination_") else v)
+        for k, v in labels
+        if k != "stats"
+    )
+    return (*out, ("stats", kind))
 
 
 class Counter:
@@ -153,18 +206,70 @@ def series_name(name: str, labels: Labels) -> str:
 
 
 class Stats:
-    """Every counter and gauge of an engine."""
+    """Every counter and gauge of an engine, at most ``max_series`` of them (see the module's
+    docstring for what happens past it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_series: int = DEFAULT_MAX_SERIES) -> None:
         self._series: dict[tuple[str, Labels], Counter] = {}
         self._histograms: dict[tuple[str, Labels], Histogram] = {}
+        #: The :func:`scope` of every series that has one (and is not a fold), by key: what
+        #: :meth:`prune` reads (computed once, when the series is made).
+        self._scopes: dict[tuple[str, Labels], Labels] = {}
+        self._histogram_scopes: dict[tuple[str, Labels], Labels] = {}
+        self.max_series = max_series
+        self._overflow = self._new_counter("metaprotocol_stats_overflow_total", (), ())
+        self._removed = self._new_counter("metaprotocol_stats_removed_total", (), ())
+        self._count = self._new_counter("metaprotocol_stats_series", (), ())
+
+    @property
+    def series_count(self) -> int:
+        """How many series exist (a histogram is one, whatever its buckets)."""
+        return len(self._series) + len(self._histograms)
+
+    def _full(self, found: Labels) -> bool:
+        """A new series of scope ``found`` must fold into the overflow series (counted).
+
+        Process-wide series (no configuration name: a fixed set) are always made.
+        """
+        if len(self._series) + len(self._histograms) < self.max_series or not found:
+            return False
+        self._overflow.value += 1
+        return True
+
+    def _new_counter(self, name: str, labels: Labels, found: Labels) -> Counter:
+        key = (name, labels)
+        series = self._series[key] = Counter(name, labels)
+        if found:
+            self._scopes[key] = found
+        return series
+
+    def _fold_counter(self, name: str, labels: Labels, kind: str) -> Counter:
+        key = (name, _folded(labels, kind))
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_counter(name, key[1], ())  # a fold is never dropped
+        return series
+
+    def _fold_histogram(
+        self, name: str, labels: Labels, bounds: Sequence[float], kind: str
+    ) -> Histogram:
+        key = (name, _folded(labels, kind))
+        series = self._histograms.get(key)
+        if series is None:
+            series = self._histograms[key] = Histogram(name, key[1], bounds)
+        return series
 
     def histogram(self, name: str, bounds: Sequence[float], **labels: str) -> Histogram:
         """The histogram series for ``name`` and ``labels``, created empty on first use."""
         key = (name, tuple(labels.items()))
         series = self._histograms.get(key)
         if series is None:
+            found = scope(key[1])
+            if self._full(found):
+                return self._fold_histogram(name, key[1], bounds, OVERFLOW)
             series = self._histograms[key] = Histogram(name, key[1], bounds)
+            if found:
+                self._histogram_scopes[key] = found
         return series
 
     def histograms(self, name: str) -> list[Histogram]:
@@ -176,7 +281,10 @@ class Stats:
         key = (name, tuple(labels.items()))
         series = self._series.get(key)
         if series is None:
-            series = self._series[key] = Counter(name, key[1])
+            found = scope(key[1])
+            if self._full(found):
+                return self._fold_counter(name, key[1], OVERFLOW)
+            series = self._new_counter(name, key[1], found)
         return series
 
     def gauge(self, name: str, **labels: str) -> Counter:
@@ -186,6 +294,36 @@ class Stats:
     def counters(self, name: str) -> list[Counter]:
         """Every series of the counter or gauge ``name``."""
         return [s for (n, _), s in self._series.items() if n == name]
+
+    def prune(self, live: set[Labels]) -> int:
+        """Drop every series whose :func:`scope` is not empty and not in ``live``; return how
+        many. A counter's value and a histogram's counts are added to the ``stats="removed"``
+        series of its name first (a gauge's value means nothing once its object is gone).
+
+        The caller guarantees that nothing holds a series it drops: an object that still
+        counts into one (a route of a request in flight) must have its scope in ``live``.
+        """
+        scopes = self._scopes
+        gone = [key for key, found in scopes.items() if found not in live]
+        for key in gone:
+            del scopes[key]
+            series = self._series.pop(key)
+            if key[0] not in GAUGES and series.value:
+                self._fold_counter(key[0], key[1], REMOVED).value += series.value
+        scopes = self._histogram_scopes
+        gone_histograms = [key for key, found in scopes.items() if found not in live]
+        for key in gone_histograms:
+            del scopes[key]
+            histogram = self._histograms.pop(key)
+            if histogram.sum or any(histogram.counts):
+                into = self._fold_histogram(key[0], key[1], histogram.bounds, REMOVED)
+                if into.bounds == histogram.bounds:
+                    for i, n in enumerate(histogram.counts):
+                        into.counts[i] += n
+                    into.sum += histogram.sum
+        count = len(gone) + len(gone_histograms)
+        self._removed.value += count
+        return count
 
     def get(self, name: str, **labels: str) -> int:
         """Current value (0 when the series does not exist)."""
@@ -201,6 +339,7 @@ class Stats:
     def snapshot(self) -> dict[str, float]:
         """``{'name{labels}': value}`` for every series (histograms as their ``_bucket``,
         ``_sum`` and ``_count`` series)."""
+        self._count.value = self.series_count
         out: dict[str, float] = {
             series_name(n, lab): s.value for (n, lab), s in self._series.items()
         }
@@ -211,6 +350,7 @@ class Stats:
 
     def prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
+        self._count.value = self.series_count
         by_name: dict[str, list[Counter]] = {}
         for (name, _), series in self._series.items():
             by_name.setdefault(name, []).append(series)

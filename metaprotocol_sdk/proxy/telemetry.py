@@ -168,6 +168,11 @@ class IstioTelemetry:
             "source_cluster": workload.cluster,
         }
 
+    def forget_series(self) -> None:
+        """Forget the series found so far (after the stats dropped some of them)."""
+        self._series.clear()
+        self._tcp.clear()
+
     def series(
         self,
         protocol: str,

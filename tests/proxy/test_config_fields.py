@@ -307,8 +307,12 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             "maxPendingRequestsPerConnection": 7,
             "connectionBufferBytes": 2048,
             "connectionBufferMaxBytes": 4096,
+            "maxStatsSeries": 500,
         },
-        lambda c: c.proxy.limits.max_pending_requests_per_connection == 7,
+        lambda c: (
+            c.proxy.limits.max_pending_requests_per_connection == 7
+            and c.proxy.limits.max_stats_series == 500
+        ),
     ),
     (
         "ProxyConfig",

@@ -29,7 +29,9 @@ from snapshots import (
     RDS_NAME,
     ROUTE_TYPE,
     MetaRoute,
+    cluster,
     hello_snapshots,
+    load_assignment,
     refused_route,
     route_configuration,
 )
@@ -420,3 +422,48 @@ def test_routes_from_aeraki_and_clusters_from_istiod(servers: dict[str, HelloSer
     finally:
         istiod.close()
         aeraki.close()
+
+
+def test_pushes_that_rename_the_route_keep_the_stats_bounded_and_right(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """A control plane that names its route anew in every push, while a client keeps
+    calling: the engine holds the series of the names it serves (and of those requests in
+    flight still use), not of every name it was ever sent, and the request totals agree with
+    the replies the client got. (Renamed clusters: tests/proxy/test_stats_reload.py.)"""
+    name = f"outbound|{PORT}|v1|{HOST}"
+    endpoints = [("127.0.0.1", servers["v1a"].port)]
+
+    def renamed(i: int) -> dict[str, list[Any]]:
+        return {
+            CLUSTER_TYPE: [cluster(name)],
+            ENDPOINT_TYPE: [load_assignment(name, endpoints)],
+            ROUTE_TYPE: [route_configuration(RDS_NAME, [MetaRoute(f"route{i}", [(name, 100)])])],
+        }
+
+    control_plane.set_snapshot("1", renamed(1))
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        caller = Caller(harness.port)
+        sizes: list[int] = []
+        try:
+            for i in range(2, 42):
+                control_plane.set_snapshot(str(i), renamed(i))
+                harness.wait(acked(str(i)))
+                assert caller.next(3) == {"v1a": 3}
+                sizes.append(len(harness.call(_stats(harness.engine))))
+        finally:
+            caller.close()
+        assert not caller.errors
+        # Bounded: the series of one configuration (and of the previous one while a request
+        # in flight holds it, until the next sweep), not one more set per push (which was
+        # about 45 keys a push before series were dropped).
+        assert max(sizes[20:]) <= max(sizes[:20]), sizes
+        stats = harness.call(_stats(harness.engine))
+        old = [k for k in stats if any(f'route="route{n}"' in k for n in range(1, 40))]
+        assert not old, old[:3]
+        requests = sum(v for k, v in stats.items() if k.startswith("metaprotocol_requests_total"))
+        assert requests == len(caller.replies)
+    finally:
+        harness.close()

@@ -1243,6 +1243,8 @@ _LIMIT_FIELDS = {
     "maxPendingRequestsPerConnection": ("max_pending_requests_per_connection", 1),
     "connectionBufferBytes": ("connection_buffer_bytes", 1024),
     "connectionBufferMaxBytes": ("connection_buffer_max_bytes", 1024),
+    # Below this the engine's own per-listener series alone would overflow.
+    "maxStatsSeries": ("max_stats_series", 100),
 }
 
 

@@ -319,6 +319,9 @@ class Limits:
     #: Per-connection ceiling of unsent replies: a reply that would take a client that is
     #: already above ``connection_buffer_bytes`` past it closes the client instead.
     connection_buffer_max_bytes: int = 16 * MiB
+    #: Stats series held at most (a histogram is one); past it, new series naming listeners,
+    #: routes, clusters or services fold into the ``stats="overflow"`` series of their metric.
+    max_stats_series: int = 50_000
 
 
 @dataclass(frozen=True)
