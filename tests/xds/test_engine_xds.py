@@ -467,3 +467,133 @@ def test_pushes_that_rename_the_route_keep_the_stats_bounded_and_right(
         assert requests == len(caller.replies)
     finally:
         harness.close()
+
+
+def _renamed(i: int, endpoints: list[tuple[str, int]]) -> dict[str, list[Any]]:
+    """Version ``i`` of a control plane that names the cluster anew in every push (as a
+    subset renamed in a DestinationRule does): the new cluster, its endpoints and the route
+    to it in one snapshot, the old cluster gone from it."""
+    name = f"outbound|{PORT}|v{i}|{HOST}"
+    return {
+        CLUSTER_TYPE: [cluster(name)],
+        ENDPOINT_TYPE: [load_assignment(name, endpoints)],
+        ROUTE_TYPE: [route_configuration(RDS_NAME, [MetaRoute("to-v", [(name, 100)])])],
+    }
+
+
+def test_pushes_that_rename_the_cluster_fail_no_request(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """CDS drops the old cluster before RDS moves the route off it, and RDS arrives before
+    the new cluster's endpoints (the server answers the EDS subscription to the new name
+    after its RDS push): make before break needs both halves. The old cluster stays, with
+    its endpoints, while the routes in force send to it; the route update waits for the new
+    cluster's endpoints. Without the first, requests got ``no endpoint in ...|v1|...``;
+    without the second, ``no endpoint in ...|v2|...``."""
+    endpoints = [("127.0.0.1", servers["v1a"].port)]
+    control_plane.set_snapshot("1", _renamed(1, endpoints))
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        caller = Caller(harness.port)
+        try:
+            for i in range(2, 12):
+                control_plane.set_snapshot(str(i), _renamed(i, endpoints))
+                harness.wait(acked(str(i)))
+                assert caller.next(3) == {"v1a": 3}
+        finally:
+            caller.close()
+        assert not caller.errors, caller.errors
+        # Kept clusters go with the routes that sent to them: only the last one is served.
+        assert list(harness.client.clusters) == [f"outbound|{PORT}|v11|{HOST}"]
+        xds = harness.dump()["xds"]
+        assert xds["keptClusters"] == [] and xds["heldRoutes"] is None
+        assert xds["eds"]["subscribed"] == [f"outbound|{PORT}|v11|{HOST}"]
+    finally:
+        harness.close()
+
+
+def test_a_route_update_waits_for_the_endpoints_of_a_new_cluster(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """A route to a cluster whose endpoints have not arrived is held (the old routes serve,
+    the update is neither applied nor ACKed) until they arrive."""
+    v1 = f"outbound|{PORT}|v1|{HOST}"
+    v2 = f"outbound|{PORT}|v2|{HOST}"
+    first = _renamed(1, [("127.0.0.1", servers["v1a"].port)])
+    control_plane.set_snapshot("1", first)
+    harness = Harness(config_yaml(control_plane.port, "\n    initialFetchTimeout: 1h"))
+    try:
+        harness.wait(acked("1"))
+        # v2 is listed and routed to, but the server has no endpoints for it yet.
+        control_plane.set_snapshot(
+            "2",
+            {
+                CLUSTER_TYPE: [cluster(v1), cluster(v2)],
+                ENDPOINT_TYPE: first[ENDPOINT_TYPE],
+                ROUTE_TYPE: [route_configuration(RDS_NAME, [MetaRoute("to-v", [(v2, 100)])])],
+            },
+        )
+        harness.wait(lambda c: c.held is not None and c.types[CLUSTER_TYPE].version == "2")
+        assert harness.client.held is not None and harness.client.held.clusters == [v2]
+        assert harness.client.types[ROUTE_TYPE].version == "1"  # not ACKed meanwhile
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(3) == {"v1a": 3}  # the routes in force still serve
+            # Its endpoints arrive: the held update applies at once, long before the timeout.
+            control_plane.set_snapshot(
+                "3",
+                {
+                    CLUSTER_TYPE: [cluster(v1), cluster(v2)],
+                    ENDPOINT_TYPE: [
+                        *first[ENDPOINT_TYPE],
+                        load_assignment(v2, [("127.0.0.1", servers["v2"].port)]),
+                    ],
+                    ROUTE_TYPE: [route_configuration(RDS_NAME, [MetaRoute("to-v", [(v2, 100)])])],
+                },
+            )
+            harness.wait(acked("3"))
+            assert caller.next(3) == {"v2": 3}
+        finally:
+            caller.close()
+        assert not caller.errors, caller.errors
+        assert harness.client.held is None
+    finally:
+        harness.close()
+
+
+def test_a_held_route_update_applies_after_initial_fetch_timeout(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """Endpoints that never come do not hold routes back for good: after
+    ``initialFetchTimeout`` the update applies and is ACKed (its cluster selects no endpoint,
+    as Envoy's does once warming gives up)."""
+    v9 = f"outbound|{PORT}|v9|{HOST}"
+    control_plane.set_snapshot(
+        "1",
+        {
+            CLUSTER_TYPE: [cluster(v9)],
+            ENDPOINT_TYPE: [],
+            ROUTE_TYPE: [route_configuration(RDS_NAME, [MetaRoute("to-v9", [(v9, 100)])])],
+        },
+    )
+    harness = Harness(config_yaml(control_plane.port, "\n    initialFetchTimeout: 200ms"))
+    try:
+        harness.wait(acked("1"))
+        assert harness.client.held is None
+        (listener,) = harness.dump()["listeners"]
+        assert [r["name"] for r in listener["routes"]] == ["to-v9"]
+    finally:
+        harness.close()
+
+
+def test_initial_fetch_timeout_is_checked() -> None:
+    for bad, why in [
+        ("0s", "spec.xds.initialFetchTimeout: duration must be positive"),
+        ("2h", "spec.xds.initialFetchTimeout: must be between 10ms and 1h"),
+        ("soon", "spec.xds.initialFetchTimeout"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            loads_config(config_yaml(1, f"\n    initialFetchTimeout: {bad}"))
+    xds = loads_config(config_yaml(1)).proxy.xds
+    assert xds is not None and xds.initial_fetch_timeout == 15.0

@@ -294,7 +294,15 @@ PROXY_CONFIG = fields(
     "tracing",
     "xds",
 )
-XDS = fields("address", "rdsAddress", "node", "maxMessageBytes", "backoff", "keepalive")
+XDS = fields(
+    "address",
+    "rdsAddress",
+    "node",
+    "maxMessageBytes",
+    "backoff",
+    "keepalive",
+    "initialFetchTimeout",
+)
 XDS_NODE = fields("id", "cluster", "metadata")
 XDS_BACKOFF = fields("initial", "max")
 XDS_KEEPALIVE = fields("time", "timeout")

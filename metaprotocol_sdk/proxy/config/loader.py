@@ -1122,6 +1122,9 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
         doc.fail("spec.xds.keepalive.time", "must be between 1s and 24h")
     if wait is not None and not 1 <= wait <= 3600:
         doc.fail("spec.xds.keepalive.timeout", "must be between 1s and 1h")
+    fetch = doc.duration(raw, "initialFetchTimeout", "spec.xds.initialFetchTimeout")
+    if fetch is not None and not 0.01 <= fetch <= 3600:
+        doc.fail("spec.xds.initialFetchTimeout", "must be between 10ms and 1h")
     return Xds(
         address=address,
         rds_address=rds,
@@ -1135,6 +1138,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
         backoff_max=cap,
         keepalive_time=Xds.keepalive_time if every is None else every,
         keepalive_timeout=Xds.keepalive_timeout if wait is None else wait,
+        initial_fetch_timeout=Xds.initial_fetch_timeout if fetch is None else fetch,
     )
 
 

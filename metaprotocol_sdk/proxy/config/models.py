@@ -438,6 +438,9 @@ class Xds:
     #: servers accept by default between PINGs.
     keepalive_time: float = 330.0
     keepalive_timeout: float = 20.0
+    #: Longest a route update waits for the endpoints of a new cluster it sends to (Envoy's
+    #: ``initial_fetch_timeout``): it applies when they arrive, or after this anyway.
+    initial_fetch_timeout: float = 15.0
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,15 @@ from google.rpc import status_pb2
 from metaprotocol_sdk.errors import ConfigError
 
 from ..config.models import Config, Xds
-from .translate import Resources, XdsRefused, eds_names, route_config_names, translate
+from .translate import (
+    Resources,
+    XdsRefused,
+    eds_name,
+    eds_names,
+    route_config_names,
+    routed_clusters,
+    translate,
+)
 
 log = logging.getLogger("metaprotocol.xds")
 
@@ -71,6 +79,19 @@ class Applier(Protocol):
     def refused(self, source: str, error: str, version: str = ...) -> None:
         """Record an update refused before it reached ``apply`` (counted, shown)."""
         ...
+
+
+@dataclass
+class HeldRoutes:
+    """A route update waiting for the endpoints of clusters it sends to (warming)."""
+
+    call: Any
+    response: discovery_pb2.DiscoveryResponse
+    #: The clusters whose endpoints have not arrived yet.
+    clusters: list[str]
+    #: When the first update of this wait was held (``loop.time()``): a newer update takes
+    #: its place, not a new deadline.
+    since: float
 
 
 @dataclass
@@ -209,6 +230,14 @@ class XdsClient:
                 Stream("rds", settings.rds_address, (ROUTE_TYPE,)),
             ]
         self._carrier = {t: st for st in self.streams for t in st.types}
+        #: The clusters served: CDS's, and those it dropped that the routes in force still
+        #: send to (kept, with their endpoints, until a route update stops: make before break).
+        self.clusters: dict[str, Message] = {}
+        #: EDS names an EDS response has carried since they were subscribed to.
+        self._fetched: set[str] = set()
+        self.held: HeldRoutes | None = None
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._held_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self._updating = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -242,6 +271,9 @@ class XdsClient:
     async def stop(self) -> None:
         """End the streams and their tasks."""
         self._stopping.set()
+        self._release()
+        if self._held_task is not None:
+            self._held_task.cancel()
         for st in self.streams:
             if st.call is not None:
                 st.call.cancel()
@@ -341,7 +373,7 @@ class XdsClient:
         async with self._updating:
             held = Resources(
                 routes=self.types[ROUTE_TYPE].resources,
-                clusters=self.types[CLUSTER_TYPE].resources,
+                clusters=self.clusters,
                 endpoints=self.types[ENDPOINT_TYPE].resources,
             )
             try:
@@ -379,7 +411,9 @@ class XdsClient:
         async with self._updating:  # one update at a time (responses, file reloads)
             await self._update(call, response)
 
-    async def _update(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
+    async def _update(
+        self, call: Any, response: discovery_pb2.DiscoveryResponse, *, force: bool = False
+    ) -> None:
         state = self.types.get(response.type_url)
         if state is None:
             log.warning("xDS: ignored a response of unsubscribed type %s", response.type_url)
@@ -390,6 +424,13 @@ class XdsClient:
             try:
                 resources = _decode(response)
                 candidate = self._candidate(state, resources)
+                if state.type_url == ROUTE_TYPE:
+                    warming = [] if force else self._warming(candidate)
+                    if warming:
+                        self._hold(call, response, warming)
+                        await self._notify()
+                        return
+                    self._release()  # this update replaces the one that waited, if any
                 # Off the loop, as file reloads are parsed: a large update (tens of thousands
                 # of endpoints) must not stall the requests being served meanwhile.
                 config = await asyncio.to_thread(translate, self.base, candidate)
@@ -410,21 +451,102 @@ class XdsClient:
             await call.write(self._request(state, error=detail))
             await self._notify()
             return
-        state.resources = dict(_pick(candidate, state.type_url))
+        eds = self.types[ENDPOINT_TYPE]
+        if state.type_url == CLUSTER_TYPE:
+            state.resources = resources  # what the server holds (kept clusters aside)
+        else:
+            state.resources = dict(_pick(candidate, state.type_url))
+        if state.type_url == ENDPOINT_TYPE:
+            self._fetched.update(name for name in resources if name in state.resources)
+        self.clusters = dict(candidate.clusters)
+        eds.resources = dict(candidate.endpoints)
         state.version = response.version_info
         state.acks += 1
         state.last_error = None
         state.updated = time.time()
-        if state.type_url == CLUSTER_TYPE:
-            self._prune_endpoints()
         await call.write(self._request(state))
-        if state.type_url == CLUSTER_TYPE:
-            wanted = eds_names(state.resources.values())
-            eds = self.types[ENDPOINT_TYPE]
-            if wanted != eds.names:
-                eds.names = wanted
-                await call.write(self._request(eds))
+        wanted = eds_names(self.clusters.values())
+        if wanted != eds.names:
+            eds.names = wanted
+            self._fetched.intersection_update(wanted)
+            eds_call = self._carrier[ENDPOINT_TYPE].call
+            if eds_call is not None:
+                try:
+                    await eds_call.write(self._request(eds))
+                except Exception:  # that stream ended: the next one subscribes to these
+                    log.debug("xDS: EDS subscription not sent (stream gone)", exc_info=True)
+        if self.held is not None and state.type_url != ROUTE_TYPE:
+            await self._apply_held(force=False)
         await self._notify()
+
+    # -- warming: route updates wait for the endpoints of the clusters they send to ------------
+
+    def _warming(self, candidate: Resources) -> list[str]:
+        """The clusters the candidate's routes send to whose endpoints have not arrived."""
+        waiting = []
+        for name in sorted(routed_clusters(candidate.routes.values())):
+            cluster = candidate.clusters.get(name)
+            service = None if cluster is None else eds_name(cluster)
+            if service is not None and service not in self._fetched:
+                waiting.append(name)
+        return waiting
+
+    def _hold(
+        self, call: Any, response: discovery_pb2.DiscoveryResponse, clusters: list[str]
+    ) -> None:
+        """Keep a route update until its clusters' endpoints arrive, or for
+        ``initial_fetch_timeout`` at most (from the first update held)."""
+        loop = asyncio.get_running_loop()
+        since = loop.time() if self.held is None else self.held.since
+        self.held = HeldRoutes(call, response, clusters, since)
+        if self._held_timer is None:
+            delay = max(0.0, since + self.settings.initial_fetch_timeout - loop.time())
+            self._held_timer = loop.call_later(delay, self._held_timeout)
+        more = f" and {len(clusters) - 5} more" if len(clusters) > 5 else ""
+        log.info(
+            "xDS: RDS version %s waits for the endpoints of %s%s",
+            response.version_info,
+            ", ".join(clusters[:5]),
+            more,
+        )
+
+    def _release(self) -> None:
+        """Forget the held route update (applied, replaced, or its stream gone)."""
+        self.held = None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+
+    def _held_timeout(self) -> None:
+        self._held_timer = None
+        self._held_task = asyncio.get_running_loop().create_task(self._apply_held_locked())
+
+    async def _apply_held_locked(self) -> None:
+        async with self._updating:
+            try:
+                await self._apply_held(force=True)
+            except Exception:  # the stream ended meanwhile: the next one gets the routes again
+                log.warning("xDS: a held route update was not applied", exc_info=True)
+
+    async def _apply_held(self, *, force: bool) -> None:
+        """Apply the held route update if its clusters' endpoints arrived (or ``force``)."""
+        held = self.held
+        if held is None:
+            return
+        state = self.types[ROUTE_TYPE]
+        if held.call is not self._carrier[ROUTE_TYPE].call:
+            self._release()  # its stream ended: a new one is sent the routes again
+            return
+        if not force and self._warming(self._candidate(state, _decode(held.response))):
+            return
+        self._release()
+        if force:
+            log.warning(
+                "xDS: RDS version %s applied without the endpoints of %s (initialFetchTimeout)",
+                held.response.version_info,
+                ", ".join(held.clusters[:5]),
+            )
+        await self._update(held.call, held.response, force=True)
 
     def _version(self, state: TypeState, response: discovery_pb2.DiscoveryResponse) -> str:
         """The engine's configuration version: the xDS versions it is built from."""
@@ -437,30 +559,35 @@ class XdsClient:
 
         CDS responses carry the whole state of the world; RDS and EDS responses update the
         resources they name, and only subscribed names are kept (none while nothing is
-        subscribed): a server sending others cannot grow what is held.
+        subscribed): a server sending others cannot grow what is held. A cluster CDS no longer
+        lists stays while the routes send to it (see :meth:`_served`).
         """
         current = {url: dict(s.resources) for url, s in self.types.items()}
         if state.type_url == CLUSTER_TYPE:
             current[CLUSTER_TYPE] = received
-            wanted = set(eds_names(received.values()))
-            current[ENDPOINT_TYPE] = {
-                k: v for k, v in current[ENDPOINT_TYPE].items() if k in wanted
-            }
         else:
             wanted = set(state.names)
             merged = current[state.type_url]
             merged.update((k, v) for k, v in received.items() if k in wanted)
             current[state.type_url] = {k: v for k, v in merged.items() if k in wanted}
+        clusters = self._served(current[CLUSTER_TYPE], current[ROUTE_TYPE])
+        served = set(eds_names(clusters.values()))
         return Resources(
             routes=current[ROUTE_TYPE],
-            clusters=current[CLUSTER_TYPE],
-            endpoints=current[ENDPOINT_TYPE],
+            clusters=clusters,
+            endpoints={k: v for k, v in current[ENDPOINT_TYPE].items() if k in served},
         )
 
-    def _prune_endpoints(self) -> None:
-        wanted = set(eds_names(self.types[CLUSTER_TYPE].resources.values()))
-        eds = self.types[ENDPOINT_TYPE]
-        eds.resources = {k: v for k, v in eds.resources.items() if k in wanted}
+    def _served(self, cds: dict[str, Message], routes: dict[str, Message]) -> dict[str, Message]:
+        """CDS's clusters, and those served now that it dropped while ``routes`` still send
+        to them: a control plane that renames a cluster in one update (the new cluster, the
+        routes to it, the old one gone) would otherwise fail the requests routed between its
+        CDS and RDS responses. Bounded by what the routes name."""
+        served = dict(cds)
+        for name in routed_clusters(routes.values()):
+            if name not in served and name in self.clusters:
+                served[name] = self.clusters[name]
+        return served
 
     # -- observation ---------------------------------------------------------------------------
 
@@ -482,6 +609,10 @@ class XdsClient:
             "reconnects": self.reconnects,
             "lastError": self.last_error,
             "streams": {st.kind: st.dump() for st in self.streams},
+            "keptClusters": sorted(set(self.clusters) - set(self.types[CLUSTER_TYPE].resources)),
+            "heldRoutes": None
+            if self.held is None
+            else {"version": self.held.response.version_info, "waitsFor": self.held.clusters},
             **{SHORT[url]: state.dump() for url, state in self.types.items()},
         }
 

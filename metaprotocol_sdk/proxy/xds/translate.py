@@ -149,16 +149,40 @@ def route_config_names(base: Config) -> list[str]:
     return [route_config_name(li.host, li.port) for li in base.proxy.listeners]
 
 
+def eds_name(cluster: Message) -> str | None:
+    """The EDS name of a CDS cluster (outbound, type EDS), or ``None``: its endpoints do not
+    come over EDS."""
+    if parse_cluster_name(cluster.name) is None:
+        return None
+    if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == 3:
+        return cluster.eds_cluster_config.service_name or cluster.name  # type: ignore[no-any-return]
+    return None
+
+
 def eds_names(clusters: Iterable[Message]) -> list[str]:
     """The EDS names to subscribe to for these CDS clusters (outbound, type EDS)."""
-    names = []
-    for cluster in clusters:
-        if parse_cluster_name(cluster.name) is None:
-            continue
-        if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == 3:
-            service = cluster.eds_cluster_config.service_name
-            names.append(service or cluster.name)
-    return sorted(set(names))
+    return sorted({name for cluster in clusters if (name := eds_name(cluster)) is not None})
+
+
+def routed_clusters(routes: Iterable[Message]) -> set[str]:
+    """The cluster names these RDS route configurations send to (a route's cluster or
+    weighted clusters, and its mirror), read without validating them (:func:`translate`
+    does that)."""
+    names: set[str] = set()
+    for rc in routes:
+        for vh in rc.virtual_hosts:
+            for r in vh.routes:
+                if r.WhichOneof("action") != "route":
+                    continue
+                action = r.route
+                which = action.WhichOneof("cluster_specifier")
+                if which == "cluster":
+                    names.add(action.cluster)
+                elif which == "weighted_clusters":
+                    names.update(cw.name for cw in action.weighted_clusters.clusters)
+                names.update(mp.cluster for mp in action.request_mirror_policies)
+    names.discard("")
+    return names
 
 
 # -- field tables ------------------------------------------------------------------------------
