@@ -636,6 +636,8 @@ class Engine:
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
         for upstream in list(self.upstreams):
+            if upstream.partial_since:
+                upstream.check_partial(now)
             buffered += upstream.held + upstream.account_unsent()
             pool = upstream.cluster.pool
             if pool is not None and pool.idle_timeout is not None:

@@ -26,13 +26,18 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, make_balancer
 from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
 from .outlier import OutlierDetector
-from .stats import Counter
+from .stats import HELP, Counter
 
 if TYPE_CHECKING:
     from .downstream import Downstream
     from .engine import Engine
     from .mirror import MirrorSink
     from .router import CompiledRoute, Target
+
+HELP.setdefault(
+    "metaprotocol_upstream_connections_closed_total",
+    "Upstream connections the engine closed for a limit, by cluster and reason.",
+)
 
 _RESPONSE = MessageType.Response
 _ERROR = MessageType.Error
@@ -206,6 +211,7 @@ class Cluster:
             "metaprotocol_decode_errors_total", cluster=name, side="upstream"
         )
         self._overflows: dict[str, Counter] = {}
+        self._closes: dict[str, Counter] = {}
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
@@ -221,6 +227,15 @@ class Cluster:
             )
         counter.value += 1
         return f"circuit breaker {limit} of {self.name} is open"
+
+    def closed_by(self, reason: str) -> None:
+        """Count an upstream connection the engine closed because of a limit."""
+        counter = self._closes.get(reason)
+        if counter is None:
+            counter = self._closes[reason] = self.engine.stats.counter(
+                "metaprotocol_upstream_connections_closed_total", cluster=self.name, reason=reason
+            )
+        counter.value += 1
 
     def over_pool_limits(self, host: UpstreamHost) -> str | None:
         """Which request limit of ``connectionPool`` a new request to ``host`` would break."""
@@ -286,6 +301,7 @@ class UpstreamConnection(asyncio.Protocol):
         "next_seq",
         "order",
         "owner",
+        "partial_since",
         "peek",
         "pending",
         "queued",
@@ -336,6 +352,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.stale = 0
         #: Bytes of a partial reply held in ``buffer`` (the engine's buffer accounting).
         self.held = 0
+        #: When the partial reply at the front started arriving (0: none), for
+        #: ``timeouts.frame``.
+        self.partial_since = 0.0
         #: Bytes queued or left in the transport for the upstream at the last look (counted
         #: too: an upstream that reads nothing must not hold memory outside the budget).
         self.unsent = 0
@@ -540,8 +559,9 @@ class UpstreamConnection(asyncio.Protocol):
         buffer = self.buffer
         buffer += data
         if len(buffer) < self.need:
-            self._account_held()
+            self._partial(False)
             return
+        start = len(buffer)
         codec = self.codec
         shared = self.shared
         pending = self.pending
@@ -574,7 +594,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.need = 0
         if buffer or self.held:
-            self._account_held()
+            self._partial(len(buffer) != start)
         self._after_read(batch, failed)
 
     def _after_read(self, batch: list[Downstream], failed: CodecError | None) -> None:
@@ -611,10 +631,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.data_received(b"")
             return
         if len(self.buffer) + reads.add(data) < self.need:
-            self._account_held()
+            self._partial(False)
             return
         frame, self.buffer = reads.join(self.buffer, self.need, self.whole)
         self.need = 0
+        self.partial_since = 0.0  # what follows the reply starts anew
         if frame is not None:
             self._decode_frame(frame)
         if not self.closed:
@@ -642,6 +663,42 @@ class UpstreamConnection(asyncio.Protocol):
         held = len(self.buffer) + self.reads.size
         self.engine.buffered += held - self.held
         self.held = held
+
+    def _partial(self, consumed: bool) -> None:
+        """After a read that leaves (or left) a partial reply in the buffer: account for it
+        and note when it started (``timeouts.frame``)."""
+        self._account_held()
+        if not self.held:
+            self.partial_since = 0.0
+            return
+        engine = self.engine
+        if consumed or not self.partial_since:
+            self.partial_since = engine.loop.time()  # a new reply started in this read
+
+    def check_partial(self, now: float) -> None:
+        """Close the connection when the partial reply at the front is older than
+        ``timeouts.frame`` (engine sweep): the replies behind it could never arrive."""
+        timeout = self.engine.frame_timeout
+        if self.partial_since and not self.closed and now - self.partial_since > timeout:
+            self.give_up(
+                "frame_timeout",
+                ErrorType.UpstreamReset,
+                f"upstream {self.host.key} sent part of a reply and not the rest within "
+                f"{timeout:g}s",
+            )
+
+    def give_up(self, reason: str, error: ErrorType, message: str) -> None:
+        """Close the connection for ``reason`` (a limit the engine enforces, counted by
+        cluster) and answer what is in flight on it with ``error``. It is out of the pool
+        first, so that a retry goes to a fresh connection."""
+        self.cluster.closed_by(reason)
+        host = self.host
+        if self in host.conns:
+            host.conns.remove(self)
+        if self.owner is not None:
+            self.owner.upstream_closed(self)
+        self.close()
+        self._fail_all(error, message)
 
     def _forward(self, head: ReplyHead, batch: list[Downstream]) -> bool:
         """Pass on the reply at the front of the buffer without decoding it, when no response

@@ -1,0 +1,142 @@
+"""Attacks from the upstream side: a server that sends what it likes, when it likes.
+
+Each test runs the engine over real sockets against :class:`RawUpstream`, a server that answers
+nothing by itself: the test reads what arrived and writes back whatever bytes it chooses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+import pytest
+from proxy_kit import (
+    RESPONSE,
+    WAIT,
+    Client,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+    until,
+)
+
+from metaprotocol_sdk import Metadata
+from metaprotocol_sdk.examples.kv import KVCodec
+
+LISTENER = "svc.test:9000"
+CLUSTER = "outbound|9000||svc.test"
+
+
+class RawConn(asyncio.Protocol):
+    """One connection accepted by a :class:`RawUpstream`."""
+
+    def __init__(self, owner: RawUpstream) -> None:
+        self.owner = owner
+        self.codec = KVCodec()
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+        self.owner.conns.append(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while isinstance(msg := self.codec.decode(self.buffer), Metadata):
+            self.owner.received.append((self, msg))
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+class RawUpstream:
+    """A server that answers nothing by itself: tests read ``received`` and write replies."""
+
+    def __init__(self) -> None:
+        self.conns: list[RawConn] = []
+        self.received: list[tuple[RawConn, Metadata]] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> RawUpstream:
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: RawConn(self), "127.0.0.1", 0
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def wait_received(self, n: int) -> list[tuple[RawConn, Metadata]]:
+        """Wait until ``n`` messages have arrived, on any connection; all of them."""
+        await until(lambda: len(self.received) >= n, f"{n} messages at the upstream", WAIT)
+        return self.received
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for conn in self.conns:
+                if conn.transport is not None:
+                    conn.transport.abort()
+            await asyncio.wait_for(self.server.wait_closed(), WAIT)
+
+
+def requests(engine: object, status: str) -> int:
+    return int(engine.stats.total("metaprotocol_requests_total", status=status))  # type: ignore[attr-defined]
+
+
+# -- partial replies ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [100, 200_000], ids=["small", "large"])
+def test_a_reply_that_stops_midway_is_cut_at_the_frame_timeout(body: int) -> None:
+    """An upstream that sent part of a reply and then nothing more kept it at the front of
+    the shared connection for good: every reply behind it, and every later request to that
+    host (the connection was never replaced), waited for its route timeout. The partial reply
+    now gets ``timeouts.frame`` like a client's partial request: the connection is closed,
+    what was in flight on it gets ``UpstreamReset`` at once, and the next request opens a new
+    one."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        proxy = "timeouts: {route: 60s, frame: 0.5s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            first, second = c.start(rid=1), c.start(rid=2)
+            (conn, m1), _ = await up.wait_received(2)
+            frame = build_frame(RESPONSE, m1.request_id, {"k": "v"}, bytes(body))
+            conn.write(frame[: len(frame) // 2])
+            replies = [await asyncio.wait_for(f, WAIT) for f in (first, second)]
+            assert [(r.request_id, error_type(r)) for r in replies] == [
+                (1, "UpstreamReset"),
+                (2, "UpstreamReset"),
+            ]
+            await asyncio.wait_for(conn.lost, WAIT)
+            third = c.start(rid=3)
+            (fresh, m3) = (await up.wait_received(3))[2]
+            assert fresh is not conn
+            fresh.write(build_frame(RESPONSE, m3.request_id, {"k": "v"}))
+            assert error_type(await asyncio.wait_for(third, WAIT)) is None
+            stats = engine.stats
+            assert requests(engine, "UpstreamReset") == 2 and requests(engine, "Ok") == 1
+            assert stats.total("metaprotocol_local_replies_total", type="UpstreamReset") == 2
+            assert (
+                stats.total(
+                    "metaprotocol_upstream_connections_closed_total", reason="frame_timeout"
+                )
+                == 1
+            )
+            assert stats.total("metaprotocol_upstream_resets_total") == 0  # not the peer's
+            await until(lambda: engine.buffered == 0, "nothing buffered")
+            c.close()
+        await up.close()
+
+    run(main())
