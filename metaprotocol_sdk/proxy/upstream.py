@@ -665,8 +665,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.held = held
 
     def _partial(self, consumed: bool) -> None:
-        """After a read that leaves (or left) a partial reply in the buffer: account for it
-        and note when it started (``timeouts.frame``)."""
+        """After a read that leaves (or left) a partial reply in the buffer: account for it,
+        note when it started (``timeouts.frame``), and on a dedicated connection cut it off
+        when it grows past ``connectionBufferBytes`` while the process is over its buffer
+        budget, as a client's partial request is. A shared connection is not cut: it carries
+        every client's replies (a client that reads nothing would fail them all), and there
+        are only ``connectionsPerEndpoint`` per endpoint."""
         self._account_held()
         if not self.held:
             self.partial_since = 0.0
@@ -674,6 +678,18 @@ class UpstreamConnection(asyncio.Protocol):
         engine = self.engine
         if consumed or not self.partial_since:
             self.partial_since = engine.loop.time()  # a new reply started in this read
+        if (
+            self.owner is not None
+            and self.held > engine.connection_buffer
+            and engine.buffered > engine.max_buffered
+        ):
+            self.give_up(
+                "overload",
+                ErrorType.OverLimit,
+                f"proxy overloaded: a partial reply of {self.held} bytes from upstream "
+                f"{self.host.key} cut off ({engine.buffered} bytes buffered, limit "
+                f"{engine.max_buffered})",
+            )
 
     def check_partial(self, now: float) -> None:
         """Close the connection when the partial reply at the front is older than

@@ -28,6 +28,7 @@ from metaprotocol_sdk.examples.kv import KVCodec
 
 LISTENER = "svc.test:9000"
 CLUSTER = "outbound|9000||svc.test"
+DEDICATED = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
 
 
 class RawConn(asyncio.Protocol):
@@ -137,6 +138,48 @@ def test_a_reply_that_stops_midway_is_cut_at_the_frame_timeout(body: int) -> Non
             assert stats.total("metaprotocol_upstream_resets_total") == 0  # not the peer's
             await until(lambda: engine.buffered == 0, "nothing buffered")
             c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_partial_replies_past_the_buffer_budget_are_cut_off() -> None:
+    """Partial replies were never held to ``overload.maxBufferedBytes``: each upstream
+    connection kept up to ``max_frame_size`` of one, and with a connection per client (codecs
+    without id rewriting) that is ``maxConnections`` x ``max_frame_size`` (measured: 20
+    clients, 4 MiB frames and a 1 MiB budget held 80 MiB). Like a client's partial request, a
+    partial reply that grows past ``connectionBufferBytes`` while the process is over its
+    budget is now cut off: its connection is closed and its requests get ``OverLimit``. (A
+    shared connection is not cut: a client that reads nothing would fail every client's
+    replies, see test_hostile_clients.py; there are only ``connectionsPerEndpoint`` of them.)"""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        proxy = (
+            "timeouts: {route: 60s}\n"
+            "overload: {maxBufferedBytes: 1048576}\n"
+            "limits: {connectionBufferBytes: 65536}\n"
+            "codecOptions: {kvnr: {max_frame_size: 4194304}}\n"
+        )
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy, **DEDICATED)) as engine:
+            clients = [await Client.connect(address(engine)) for _ in range(3)]
+            waiting = [c.start(rid=7) for c in clients]
+            received = await up.wait_received(3)
+            assert len({conn for conn, _ in received}) == 3  # one connection per client
+            for conn, m in received:
+                frame = build_frame(RESPONSE, m.request_id, {}, bytes(4194304 - 64))
+                conn.write(frame[:-1000])
+            replies = [await asyncio.wait_for(f, WAIT) for f in waiting]
+            assert {(r.request_id, error_type(r)) for r in replies} == {(7, "OverLimit")}
+            stats = engine.stats
+            assert requests(engine, "OverLimit") == 3
+            assert (
+                stats.total("metaprotocol_upstream_connections_closed_total", reason="overload")
+                == 3
+            )
+            await until(lambda: engine.buffered == 0, "nothing buffered")
+            for c in clients:
+                c.close()
         await up.close()
 
     run(main())
