@@ -576,6 +576,8 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 message = codec.decode(buffer)
             except CodecError as exc:
+                if self._refused(exc, batch):
+                    continue
                 failed = exc
                 break
             if not isinstance(message, Metadata):
@@ -647,8 +649,9 @@ class UpstreamConnection(asyncio.Protocol):
         batch: list[Downstream] = []
         try:
             message = self.codec.decode_frame(frame)
-        except CodecError as exc:
-            self._after_read(batch, exc)
+        except CodecError as exc:  # only that reply is lost when the codec says whose it is
+            refused = exc.frame_size == len(frame) and self._answer_refused(exc)
+            self._after_read(batch, None if refused else exc)
             return
         kind = message.message_type
         if kind is _RESPONSE or kind is _ERROR:
@@ -715,6 +718,32 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.upstream_closed(self)
         self.close()
         self._fail_all(error, message)
+
+    def _refused(self, exc: CodecError, batch: list[Downstream]) -> bool:
+        """The codec refused the reply at the front of the buffer. When it said where the reply
+        ends (``frame_size``) and whose it is (``metadata``), only that reply is lost: it is
+        dropped and its request answered ``BadResponse``, and the connection goes on (as for a
+        client's bad frame). ``False``: the stream cannot go on."""
+        size = exc.frame_size
+        buffer = self.buffer
+        if size is None or not 0 < size <= len(buffer) or exc.metadata is None:
+            return False
+        del buffer[:size]
+        return self._answer_refused(exc)
+
+    def _answer_refused(self, exc: CodecError) -> bool:
+        """Answer the request whose reply the codec refused (``exc.metadata``; the reply is
+        already dropped) with ``BadResponse``; ``False`` without its metadata."""
+        metadata = exc.metadata
+        if metadata is None:
+            return False
+        self.cluster.decode_errors.value += 1
+        kind = metadata.message_type
+        if kind is _RESPONSE or kind is _ERROR:
+            p = self._match(metadata.request_id)
+            if p is not None:
+                p.downstream.fail(p, ErrorType.BadResponse, f"bad response from upstream: {exc}")
+        return True
 
     def _forward(self, head: ReplyHead, batch: list[Downstream]) -> bool:
         """Pass on the reply at the front of the buffer without decoding it, when no response

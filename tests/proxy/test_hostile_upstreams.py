@@ -7,7 +7,9 @@ nothing by itself: the test reads what arrived and writes back whatever bytes it
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+import sys
+import types
+from typing import Any, cast
 
 import pytest
 from proxy_kit import (
@@ -24,11 +26,45 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import Metadata
-from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.examples.kv import HEADER, KVCodec
 
 LISTENER = "svc.test:9000"
 CLUSTER = "outbound|9000||svc.test"
 DEDICATED = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+
+
+class WholeKVCodec(KVCodec):
+    """The KV codec with a ``decode_frame`` of its own: the engine hands it large replies
+    whole."""
+
+    protocol = "kvwhole"
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        return super().decode_frame(frame)
+
+
+_codecs = types.ModuleType("hostile_upstream_codecs")
+_codecs.WholeKVCodec = WholeKVCodec  # type: ignore[attr-defined]
+sys.modules["hostile_upstream_codecs"] = _codecs
+WHOLE = {"protocol": "kvwhole", "codec": "hostile_upstream_codecs:WholeKVCodec"}
+
+
+def bad_reply(request_id: int, body: int = 0) -> bytes:
+    """A KV response whose headers block is malformed (a key runs past it): the codec refuses
+    it, saying where it ends (``frame_size``) and whose reply it is (``metadata``)."""
+    block = b"\x05ab"
+    return (
+        HEADER.build(
+            version=1,
+            kind=RESPONSE,
+            request_id=request_id,
+            headers_length=len(block),
+            reserved=0,
+            body_length=body,
+        )
+        + block
+        + bytes(body)
+    )
 
 
 class RawConn(asyncio.Protocol):
@@ -180,6 +216,46 @@ def test_partial_replies_past_the_buffer_budget_are_cut_off() -> None:
             await until(lambda: engine.buffered == 0, "nothing buffered")
             for c in clients:
                 c.close()
+        await up.close()
+
+    run(main())
+
+
+# -- replies the codec refuses -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["shared", "dedicated", "large", "large-whole"])
+def test_a_reply_the_codec_refuses_fails_only_its_own_request(mode: str) -> None:
+    """A reply the codec refused, although it said where the reply ends and which request it
+    answers, failed every request in flight on the connection with ``BadResponse`` (on a shared
+    connection: every client's) and closed it; the replies right behind it were lost. Now only
+    its own request gets ``BadResponse``; the connection goes on, as it does for a client's
+    bad frame."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        kw: dict[str, Any] = {"dedicated": DEDICATED, "large-whole": WHOLE}.get(mode, {})
+        body = 200_000 if mode.startswith("large") else 0  # assembled from its reads
+        async with engine_for(mesh([(up.port, "v1")], **kw)) as engine:
+            c = await Client.connect(address(engine))
+            first, second = c.start(rid=1), c.start(rid=2)
+            (conn, m1), (_, m2) = await up.wait_received(2)
+            conn.write(
+                bad_reply(m1.request_id, body) + build_frame(RESPONSE, m2.request_id, {"k": "2"})
+            )
+            one, two = [await asyncio.wait_for(f, WAIT) for f in (first, second)]
+            assert (one.request_id, error_type(one)) == (1, "BadResponse")
+            assert (two.request_id, error_type(two), two.attributes.get("k")) == (2, None, "2")
+            third = c.start(rid=3)
+            (again, m3) = (await up.wait_received(3))[2]
+            assert again is conn and len(up.conns) == 1  # the same connection
+            conn.write(build_frame(RESPONSE, m3.request_id))
+            assert error_type(await asyncio.wait_for(third, WAIT)) is None
+            stats = engine.stats
+            assert requests(engine, "BadResponse") == 1 and requests(engine, "Ok") == 2
+            assert stats.total("metaprotocol_local_replies_total", type="BadResponse") == 1
+            assert stats.total("metaprotocol_decode_errors_total", side="upstream") == 1
+            c.close()
         await up.close()
 
     run(main())
