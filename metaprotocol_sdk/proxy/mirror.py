@@ -68,7 +68,12 @@ class MirrorSink:
         self.count(p.target, _STATUS_NAMES[response.response_status])
 
     def forward(
-        self, p: Pending, frame: bytes, status: ResponseStatus, batch: list[Downstream]
+        self,
+        p: Pending,
+        frame: bytes,
+        status: ResponseStatus,
+        batch: list[Downstream],
+        skipped: bool = False,
     ) -> None:
         """A peeked reply to a copy: dropped, counted by status."""
         self._settle(p)

@@ -569,6 +569,7 @@ class UpstreamConnection(asyncio.Protocol):
         batch: list[Downstream] = []
         failed: CodecError | None = None
         while buffer:
+            head = None
             if peek is not None:
                 head = peek(buffer)
                 if head is not None and self._forward(head, batch):
@@ -576,7 +577,7 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 message = codec.decode(buffer)
             except CodecError as exc:
-                if self._refused(exc, batch):
+                if self._refused(exc, head, batch):
                     continue
                 failed = exc
                 break
@@ -719,15 +720,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
         self._fail_all(error, message)
 
-    def _refused(self, exc: CodecError, batch: list[Downstream]) -> bool:
+    def _refused(self, exc: CodecError, head: ReplyHead | None, batch: list[Downstream]) -> bool:
         """The codec refused the reply at the front of the buffer. When it said where the reply
         ends (``frame_size``) and whose it is (``metadata``), only that reply is lost: it is
         dropped and its request answered ``BadResponse``, and the connection goes on (as for a
-        client's bad frame). ``False``: the stream cannot go on."""
+        client's bad frame). When ``peek_reply`` had passed the same reply (``head``: it was
+        decoded only for a response mutation or a response filter), it goes out unchanged
+        instead, as a reply that cannot carry a mutation does. ``False``: the stream cannot go
+        on."""
         size = exc.frame_size
         buffer = self.buffer
         if size is None or not 0 < size <= len(buffer) or exc.metadata is None:
             return False
+        if head is not None and head[1] == size:
+            self.cluster.decode_errors.value += 1
+            wire_id, _, status = head
+            p = self._match(wire_id)
+            frame = take_frame(buffer, size)
+            if p is not None:
+                p.downstream.forward(p, frame, status, batch, skipped=True)
+            return True
         del buffer[:size]
         return self._answer_refused(exc)
 

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 from proxy_kit import (
+    REQUEST,
     RESPONSE,
     WAIT,
     Client,
@@ -25,12 +26,30 @@ from proxy_kit import (
     until,
 )
 
-from metaprotocol_sdk import Metadata
-from metaprotocol_sdk.examples.kv import HEADER, KVCodec
+from metaprotocol_sdk import Metadata, ReplyHead, ResponseStatus
+from metaprotocol_sdk.examples.kv import ERROR, HEADER, HEADER_SIZE, KVCodec
 
 LISTENER = "svc.test:9000"
 CLUSTER = "outbound|9000||svc.test"
 DEDICATED = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+
+
+class LaxPeekKVCodec(KVCodec):
+    """A KV codec whose ``peek_reply`` reads the fixed header only, not the headers block (as
+    a codec peeking at a header and a status does): it passes replies that ``decode``
+    refuses."""
+
+    protocol = "kvlax"
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        fields = HEADER.unpack(buffer)
+        if fields is None:
+            return None
+        _, _, kind, request_id, headers_length, _, body_length = fields
+        size = HEADER_SIZE + headers_length + body_length
+        if kind not in (RESPONSE, ERROR) or size > len(buffer):
+            return None
+        return request_id, size, ResponseStatus.Ok if kind == RESPONSE else ResponseStatus.Error
 
 
 class WholeKVCodec(KVCodec):
@@ -45,8 +64,10 @@ class WholeKVCodec(KVCodec):
 
 _codecs = types.ModuleType("hostile_upstream_codecs")
 _codecs.WholeKVCodec = WholeKVCodec  # type: ignore[attr-defined]
+_codecs.LaxPeekKVCodec = LaxPeekKVCodec  # type: ignore[attr-defined]
 sys.modules["hostile_upstream_codecs"] = _codecs
 WHOLE = {"protocol": "kvwhole", "codec": "hostile_upstream_codecs:WholeKVCodec"}
+LAX = {"protocol": "kvlax", "codec": "hostile_upstream_codecs:LaxPeekKVCodec"}
 
 
 def bad_reply(request_id: int, body: int = 0) -> bytes:
@@ -256,6 +277,47 @@ def test_a_reply_the_codec_refuses_fails_only_its_own_request(mode: str) -> None
             assert stats.total("metaprotocol_local_replies_total", type="BadResponse") == 1
             assert stats.total("metaprotocol_decode_errors_total", side="upstream") == 1
             c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_reply_peeked_at_but_refused_for_a_response_mutation_is_forwarded_unchanged() -> None:
+    """A codec's ``peek_reply`` may pass a reply that ``decode`` refuses. Without a response
+    mutation the reply went out (peeked, never decoded); with one it was decoded, refused, and
+    every request on the shared connection got ``BadResponse``. The mutation is what needed the
+    decode, so the reply now goes out unchanged, the skipped mutation counted, as a reply that
+    cannot carry a mutation is."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        router = (
+            "- name: mutating\n"
+            "  route: [{destination: {host: svc.test}}]\n"
+            '  responseMutation: [{key: x-added, value: "yes"}]\n'
+        )
+        async with engine_for(mesh([(up.port, "v1")], router=router, **LAX)) as engine:
+            # A raw client: its own codec would refuse the reply as the engine's does.
+            reader, writer = await asyncio.open_connection(*address(engine))
+            writer.write(b"".join(build_frame(REQUEST, i, {"method": "get"}) for i in (1, 2)))
+            (conn, m1), (_, m2) = await up.wait_received(2)
+            bad = bad_reply(m1.request_id)
+            conn.write(bad + build_frame(RESPONSE, m2.request_id, {"k": "2"}))
+            got = await asyncio.wait_for(reader.readexactly(len(bad)), WAIT)
+            assert got == bad[:4] + (1).to_bytes(4, "big") + bad[8:]  # the client's id back
+            buffer = bytearray(await asyncio.wait_for(reader.readexactly(HEADER_SIZE), WAIT))
+            head = HEADER.unpack(buffer)
+            assert head is not None
+            rest = head[4] + head[6]
+            buffer += await asyncio.wait_for(reader.readexactly(rest), WAIT)
+            two = KVCodec().decode(buffer)
+            assert isinstance(two, Metadata)
+            assert (two.request_id, two.attributes.get("x-added")) == (2, "yes")
+            stats = engine.stats
+            assert requests(engine, "Ok") == 2
+            assert stats.total("metaprotocol_mutations_skipped_total", route="mutating") == 1
+            assert stats.total("metaprotocol_local_replies_total") == 0
+            writer.close()
         await up.close()
 
     run(main())
