@@ -632,12 +632,15 @@ class Engine:
     def _sweep(self) -> None:
         """Enforce the per-connection timeouts and recount the buffered bytes exactly."""
         now = self.loop.time()
+        # Before the recount: closing an upstream connection may send its requests again on
+        # new connections, bytes the recount must see.
+        for upstream in list(self.upstreams):
+            if upstream.partial_since:
+                upstream.check_partial(now)
         buffered = 0
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
         for upstream in list(self.upstreams):
-            if upstream.partial_since:
-                upstream.check_partial(now)
             buffered += upstream.held + upstream.account_unsent()
             pool = upstream.cluster.pool
             if pool is not None and pool.idle_timeout is not None:

@@ -200,6 +200,47 @@ def test_a_reply_that_stops_midway_is_cut_at_the_frame_timeout(body: int) -> Non
     run(main())
 
 
+def test_a_retry_after_a_frame_timeout_goes_to_a_fresh_connection_and_stays_counted() -> None:
+    """A request on a connection closed for its stalled reply is retried (``retryOn: reset``)
+    on a new connection, not on the one closing. The close happens in the housekeeping sweep,
+    which recounts the buffered bytes: the retry's bytes, queued on the new connection during
+    the sweep, were missing from the recount, so the count went below what was held (measured:
+    -28 bytes, a request's frame, once the reply was in) until the next sweep."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        router = (
+            "- name: r\n"
+            "  route: [{destination: {host: svc.test}}]\n"
+            "  retries: {attempts: 2, retryOn: reset}\n"
+        )
+        proxy = "timeouts: {route: 60s, frame: 0.3s}\n"
+        async with engine_for(mesh([(up.port, "v1")], router=router, proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            waiting = c.start(rid=1)
+            ((conn, m1),) = await up.wait_received(1)
+            conn.write(build_frame(RESPONSE, m1.request_id, {}, bytes(100))[:30])
+            (fresh, m2) = (await up.wait_received(2))[1]
+            assert fresh is not conn
+            size = len(m2.frame)
+            assert engine.buffered == size  # the request in flight, nothing else
+            fresh.write(build_frame(RESPONSE, m2.request_id, {"k": "v"}))
+            reply = await asyncio.wait_for(waiting, WAIT)
+            assert (reply.request_id, error_type(reply), reply.attributes.get("k")) == (
+                1,
+                None,
+                "v",
+            )
+            assert engine.buffered == 0
+            assert requests(engine, "Ok") == 1
+            assert engine.stats.total("metaprotocol_retries_total", reason="reset") == 1
+            assert engine.stats.total("metaprotocol_local_replies_total") == 0
+            c.close()
+        await up.close()
+
+    run(main())
+
+
 def test_partial_replies_past_the_buffer_budget_are_cut_off() -> None:
     """Partial replies were never held to ``overload.maxBufferedBytes``: each upstream
     connection kept up to ``max_frame_size`` of one, and with a connection per client (codecs
