@@ -741,6 +741,9 @@ class UpstreamConnection(asyncio.Protocol):
                 p.downstream.forward(p, frame, status, batch, skipped=True)
             return True
         del buffer[:size]
+        for downstream in batch:  # the replies before it leave first (the error goes at once)
+            downstream.flush()
+        batch.clear()
         return self._answer_refused(exc)
 
     def _answer_refused(self, exc: CodecError) -> bool:

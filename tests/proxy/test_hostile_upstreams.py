@@ -323,6 +323,36 @@ def test_a_reply_the_codec_refuses_fails_only_its_own_request(mode: str) -> None
     run(main())
 
 
+@pytest.mark.parametrize("mode", ["shared", "dedicated"])
+def test_the_error_for_a_refused_reply_leaves_in_the_order_of_the_replies(mode: str) -> None:
+    """The local ``BadResponse`` for a refused reply was written at once, ahead of the replies
+    decoded before it from the same read (they wait to leave together): a client that pairs
+    replies by their order (as the engine itself does on a connection of its own) got the
+    error first."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        kw: dict[str, Any] = DEDICATED if mode == "dedicated" else {}
+        async with engine_for(mesh([(up.port, "v1")], **kw)) as engine:
+            reader, writer = await asyncio.open_connection(*address(engine))
+            writer.write(b"".join(build_frame(REQUEST, i, {"method": "get"}) for i in (1, 2)))
+            (conn, m1), (_, m2) = await up.wait_received(2)
+            conn.write(build_frame(RESPONSE, m1.request_id, {"k": "1"}) + bad_reply(m2.request_id))
+            codec, buffer, replies = KVCodec(), bytearray(), []
+            while len(replies) < 2:
+                buffer += await asyncio.wait_for(reader.read(65536), WAIT)
+                while isinstance(reply := codec.decode(buffer), Metadata):
+                    replies.append(reply)
+            assert [(r.request_id, error_type(r)) for r in replies] == [
+                (1, None),
+                (2, "BadResponse"),
+            ]
+            writer.close()
+        await up.close()
+
+    run(main())
+
+
 def test_a_reply_peeked_at_but_refused_for_a_response_mutation_is_forwarded_unchanged() -> None:
     """A codec's ``peek_reply`` may pass a reply that ``decode`` refuses. Without a response
     mutation the reply went out (peeked, never decoded); with one it was decoded, refused, and
