@@ -596,9 +596,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._heartbeat(message)
         else:
             self.need = 0
-        if buffer or self.held:
-            self._partial(len(buffer) != start)
-        self._after_read(batch, failed)
+        consumed = len(buffer) != start
+        self._after_read(batch, failed)  # first: the replies read leave before any error
+        if (buffer or self.held) and not self.closed:
+            self._partial(consumed)
 
     def _after_read(self, batch: list[Downstream], failed: CodecError | None) -> None:
         """Write the replies a read completed; then retire, or give up on a bad reply."""

@@ -283,6 +283,48 @@ def test_partial_replies_past_the_buffer_budget_are_cut_off() -> None:
     run(main())
 
 
+def test_replies_read_before_a_partial_reply_is_cut_off_leave_before_its_error() -> None:
+    """The ``OverLimit`` for a partial reply cut off in a read went out at once, ahead of the
+    replies decoded before it in that read (they wait to leave together): a client pairing
+    replies by order got the error first."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        proxy = (
+            "overload: {maxBufferedBytes: 1048576}\n"
+            "limits: {connectionBufferBytes: 65536}\n"
+            "codecOptions: {kvnr: {max_frame_size: 4194304}}\n"
+        )
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy, **DEDICATED)) as engine:
+            reader, writer = await asyncio.open_connection(*address(engine))
+            writer.write(b"".join(build_frame(REQUEST, i, {"method": "get"}) for i in (1, 2)))
+            (conn, m1), (_, m2) = await up.wait_received(2)
+            # 20 clients, each with a partial request under connectionBufferBytes: the process
+            # is over its budget, and none of them is cut off.
+            fillers = []
+            for _ in range(20):
+                _, filler = await asyncio.open_connection(*address(engine))
+                filler.write(build_frame(REQUEST, 9, {"method": "get"}, bytes(100_000))[:60_000])
+                fillers.append(filler)
+            await until(lambda: engine.overloaded(), "the process over its budget")
+            big = build_frame(RESPONSE, m2.request_id, {}, bytes(2_000_000))
+            conn.write(build_frame(RESPONSE, m1.request_id, {"k": "1"}) + big[:100_000])
+            codec, buffer, replies = KVCodec(), bytearray(), []
+            while len(replies) < 2:
+                buffer += await asyncio.wait_for(reader.read(65536), WAIT)
+                while isinstance(reply := codec.decode(buffer), Metadata):
+                    replies.append(reply)
+            assert [(r.request_id, error_type(r)) for r in replies] == [
+                (1, None),
+                (2, "OverLimit"),
+            ]
+            for w in [writer, *fillers]:
+                w.close()
+        await up.close()
+
+    run(main())
+
+
 # -- replies the codec refuses -----------------------------------------------------------------
 
 
