@@ -493,8 +493,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
-        """Encode and send a request that gets no response."""
-        self._queue(self.codec.encode(request, mutation), len(request.frame))
+        """Encode and send a request that gets no response.
+
+        On a shared connection it gets a fresh id of the connection's too, one no request
+        waits for: an upstream that answers it anyway then answers nobody, not whichever
+        request has the client's id on this connection."""
+        if self.shared:
+            wire_id = self.next_id + 1
+            pending = self.pending
+            max_id = self.max_id
+            while wire_id > max_id or wire_id in pending:
+                wire_id = 1 if wire_id > max_id else wire_id + 1
+            encoded = self.codec.encode(request, mutation, request_id=wire_id)
+            self.next_id = wire_id
+        else:
+            encoded = self.codec.encode(request, mutation)
+        self._queue(encoded, len(request.frame))
         if self.tcp is not None:
             self.tcp.sent.value += len(request.frame)
 

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 from proxy_kit import (
+    ONEWAY,
     REQUEST,
     RESPONSE,
     WAIT,
@@ -431,6 +432,41 @@ def test_a_reply_peeked_at_but_refused_for_a_response_mutation_is_forwarded_unch
             assert stats.total("metaprotocol_mutations_skipped_total", route="mutating") == 1
             assert stats.total("metaprotocol_local_replies_total") == 0
             writer.close()
+        await up.close()
+
+    run(main())
+
+
+# -- replies to what expects none ----------------------------------------------------------------
+
+
+def test_a_reply_to_a_one_way_message_cannot_answer_another_clients_request() -> None:
+    """On a shared connection one-way messages kept their client's id while the engine numbers
+    requests from 1: an upstream that (wrongly) answers a one-way message answered, as far as
+    the engine could tell, whichever request had that id on the connection. Client B's one-way
+    message 1 got a reply that went to client A's request (wire id 1), and A's real reply was
+    then dropped as a duplicate. One-way messages now get a fresh id of the connection's too,
+    which no request waits for."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            a = await Client.connect(address(engine))
+            b = await Client.connect(address(engine))
+            waiting = a.start(rid=7)
+            await up.wait_received(1)
+            b.send(build_frame(ONEWAY, 1, {"method": "notify"}))
+            (conn, request), (_, oneway) = await up.wait_received(2)
+            assert oneway.message_type.name == "Oneway"
+            conn.write(
+                build_frame(RESPONSE, oneway.request_id, {"answer": "to-the-one-way"})
+                + build_frame(RESPONSE, request.request_id, {"answer": "real"})
+            )
+            reply = await asyncio.wait_for(waiting, WAIT)
+            assert (reply.request_id, reply.attributes.get("answer")) == (7, "real")
+            assert requests(engine, "Ok") == 1
+            a.close()
+            b.close()
         await up.close()
 
     run(main())
