@@ -38,6 +38,10 @@ HELP.setdefault(
     "metaprotocol_upstream_connections_closed_total",
     "Upstream connections the engine closed for a limit, by cluster and reason.",
 )
+HELP.setdefault(
+    "metaprotocol_upstream_unmatched_replies_total",
+    "Replies that answered no waiting request (late, repeated or unknown ids), dropped.",
+)
 
 _RESPONSE = MessageType.Response
 _ERROR = MessageType.Error
@@ -212,6 +216,7 @@ class Cluster:
         )
         self._overflows: dict[str, Counter] = {}
         self._closes: dict[str, Counter] = {}
+        self._unmatched: Counter | None = None
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
@@ -234,6 +239,15 @@ class Cluster:
         if counter is None:
             counter = self._closes[reason] = self.engine.stats.counter(
                 "metaprotocol_upstream_connections_closed_total", cluster=self.name, reason=reason
+            )
+        counter.value += 1
+
+    def unmatched_reply(self) -> None:
+        """Count a reply that answered no request waiting for one (it is dropped)."""
+        counter = self._unmatched
+        if counter is None:
+            counter = self._unmatched = self.engine.stats.counter(
+                "metaprotocol_upstream_unmatched_replies_total", cluster=self.name
             )
         counter.value += 1
 
@@ -606,6 +620,8 @@ class UpstreamConnection(asyncio.Protocol):
                     p = self._match(message.request_id)
                 if p is not None:
                     p.downstream.finish(p, message, batch)
+                else:
+                    self.cluster.unmatched_reply()
             elif kind is _HEARTBEAT:
                 self._heartbeat(message)
         else:
@@ -674,6 +690,8 @@ class UpstreamConnection(asyncio.Protocol):
             p = self._match(message.request_id)
             if p is not None:
                 p.downstream.finish(p, message, batch)
+            else:
+                self.cluster.unmatched_reply()
         elif kind is _HEARTBEAT:
             self._heartbeat(message)
         self._after_read(batch, None)
@@ -754,6 +772,8 @@ class UpstreamConnection(asyncio.Protocol):
             frame = take_frame(buffer, size)
             if p is not None:
                 p.downstream.forward(p, frame, status, batch, skipped=True)
+            else:
+                self.cluster.unmatched_reply()
             return True
         del buffer[:size]
         for downstream in batch:  # the replies before it leave first (the error goes at once)
@@ -790,8 +810,10 @@ class UpstreamConnection(asyncio.Protocol):
                 return False
             p = self._match(wire_id)
         frame = take_frame(self.buffer, size)
-        if p is not None:  # else a reply nobody waits for (any more): dropped
+        if p is not None:
             p.downstream.forward(p, frame, status, batch)
+        else:  # a reply nobody waits for (any more): dropped
+            self.cluster.unmatched_reply()
         return True
 
     def _candidate(self, wire_id: int) -> Pending | None:

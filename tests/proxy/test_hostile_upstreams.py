@@ -63,9 +63,24 @@ class WholeKVCodec(KVCodec):
         return super().decode_frame(frame)
 
 
+class NoPeekKVCodec(KVCodec):
+    """The KV codec without ``peek_reply``: every reply is decoded."""
+
+    protocol = "kvnp"
+    capabilities = KVCodec.capabilities.__class__(
+        heartbeat=True,
+        oneway=True,
+        mutation=True,
+        response_mutation=True,
+        rewrite_request_id=True,
+        error_reply=True,
+    )
+
+
 _codecs = types.ModuleType("hostile_upstream_codecs")
 _codecs.WholeKVCodec = WholeKVCodec  # type: ignore[attr-defined]
 _codecs.LaxPeekKVCodec = LaxPeekKVCodec  # type: ignore[attr-defined]
+_codecs.NoPeekKVCodec = NoPeekKVCodec  # type: ignore[attr-defined]
 sys.modules["hostile_upstream_codecs"] = _codecs
 WHOLE = {"protocol": "kvwhole", "codec": "hostile_upstream_codecs:WholeKVCodec"}
 LAX = {"protocol": "kvlax", "codec": "hostile_upstream_codecs:LaxPeekKVCodec"}
@@ -467,6 +482,51 @@ def test_a_reply_to_a_one_way_message_cannot_answer_another_clients_request() ->
             assert requests(engine, "Ok") == 1
             a.close()
             b.close()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("path", ["peeked", "decoded"])
+def test_replies_that_answer_nothing_are_dropped_and_counted(path: str) -> None:
+    """Replies no request waits for (late, duplicated, or with an id never sent) are dropped,
+    in time linear in their bytes, and were counted nowhere: an upstream flooding them was
+    invisible. They are counted by cluster in
+    ``metaprotocol_upstream_unmatched_replies_total``."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        kw: dict[str, Any] = {}
+        if path == "decoded":
+            kw = {"protocol": "kvnp", "codec": "hostile_upstream_codecs:NoPeekKVCodec"}
+        proxy = "timeouts: {route: 0.3s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy, **kw)) as engine:
+            c = await Client.connect(address(engine))
+            late = await c.call(rid=1)
+            assert error_type(late) == "Timeout"
+            waiting = c.start(rid=2)
+            (conn, m1), (_, m2) = await up.wait_received(2)
+            answer = build_frame(RESPONSE, m2.request_id, {"k": "2"})
+            conn.write(
+                build_frame(RESPONSE, m1.request_id)  # after its timeout
+                + build_frame(RESPONSE, 9991)  # never sent
+                + build_frame(ERROR, 9992)
+                + answer
+                + answer  # again
+            )
+            reply = await asyncio.wait_for(waiting, WAIT)
+            assert (reply.request_id, error_type(reply), reply.attributes.get("k")) == (
+                2,
+                None,
+                "2",
+            )
+            unmatched = "metaprotocol_upstream_unmatched_replies_total"
+            await until(
+                lambda: engine.stats.get(unmatched, cluster=CLUSTER) == 4, "4 counted", WAIT
+            )
+            assert requests(engine, "Ok") == 1 and requests(engine, "Timeout") == 1
+            assert c.unmatched == []
+            c.close()
         await up.close()
 
     run(main())
