@@ -743,14 +743,21 @@ class UpstreamConnection(asyncio.Protocol):
     def give_up(self, reason: str, error: ErrorType, message: str) -> None:
         """Close the connection for ``reason`` (a limit the engine enforces, counted by
         cluster) and answer what is in flight on it with ``error``. It is out of the pool
-        first, so that a retry goes to a fresh connection."""
+        first, so that a retry goes to a fresh connection. It is aborted, not closed: its
+        requests are answered, and a graceful close would wait for the upstream to take what
+        is still queued for it, for good if it reads nothing."""
         self.cluster.closed_by(reason)
         host = self.host
         if self in host.conns:
             host.conns.remove(self)
         if self.owner is not None:
             self.owner.upstream_closed(self)
-        self.close()
+        transport = self.transport
+        if transport is not None:
+            self.closed = True
+            transport.abort()  # connection_lost finishes the job
+        else:
+            self.close()
         self._fail_all(error, message)
 
     def _refused(self, exc: CodecError, head: ReplyHead | None, batch: list[Downstream]) -> bool:

@@ -257,6 +257,36 @@ def test_a_retry_after_a_frame_timeout_goes_to_a_fresh_connection_and_stays_coun
     run(main())
 
 
+def test_a_connection_given_up_on_does_not_wait_to_send_what_it_holds() -> None:
+    """The connection closed for a stalled reply was closed gracefully: asyncio then waits to
+    send what is still queued for the upstream, and an upstream that also reads nothing never
+    takes it. The connection stayed open, its unsent requests (already answered
+    ``UpstreamReset``) counted as buffered (measured: 3.8 MB), and ``stop()`` could not
+    finish it. Its requests are answered, so it is aborted."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        proxy = "timeouts: {route: 60s, frame: 0.3s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            first = c.start(rid=1)
+            ((conn, m1),) = await up.wait_received(1)
+            assert conn.transport is not None
+            conn.transport.pause_reading()
+            second = c.start(rid=2, body=bytes(8_000_000))  # the kernel takes a part only
+            held = lambda: sum(u.unsent for u in engine.upstreams) > 100_000  # noqa: E731
+            await until(held, "bytes held for the upstream", WAIT)
+            conn.write(build_frame(RESPONSE, m1.request_id, {}, bytes(100))[:30])
+            replies = [await asyncio.wait_for(f, WAIT) for f in (first, second)]
+            assert [error_type(r) for r in replies] == ["UpstreamReset", "UpstreamReset"]
+            # (The upstream, not reading, would not notice: the engine's side is what counts.)
+            await until(lambda: not engine.upstreams and engine.buffered == 0, "all let go", WAIT)
+            c.close()
+        await up.close()
+
+    run(main())
+
+
 def test_partial_replies_past_the_buffer_budget_are_cut_off() -> None:
     """Partial replies were never held to ``overload.maxBufferedBytes``: each upstream
     connection kept up to ``max_frame_size`` of one, and with a connection per client (codecs
