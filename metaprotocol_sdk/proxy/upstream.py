@@ -208,6 +208,8 @@ class Cluster:
             "metaprotocol_upstream_connect_errors_total", cluster=name
         )
         self.resets = stats.counter("metaprotocol_upstream_resets_total", cluster=name)
+        #: Replies that answered nothing (made on first use: most clusters see none).
+        self._unmatched: Counter | None = None
         self.heartbeats = stats.counter(
             "metaprotocol_heartbeats_total", cluster=name, side="upstream"
         )
@@ -215,8 +217,7 @@ class Cluster:
             "metaprotocol_decode_errors_total", cluster=name, side="upstream"
         )
         self._overflows: dict[str, Counter] = {}
-        self._closes: dict[str, Counter] = {}
-        self._unmatched: Counter | None = None
+        self._closed_by: dict[str, Counter] = {}
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
@@ -234,20 +235,11 @@ class Cluster:
         return f"circuit breaker {limit} of {self.name} is open"
 
     def closed_by(self, reason: str) -> None:
-        """Count an upstream connection the engine closed because of a limit."""
-        counter = self._closes.get(reason)
+        """Count an upstream connection the engine closed for a limit (``reason``)."""
+        counter = self._closed_by.get(reason)
         if counter is None:
-            counter = self._closes[reason] = self.engine.stats.counter(
+            counter = self._closed_by[reason] = self.engine.stats.counter(
                 "metaprotocol_upstream_connections_closed_total", cluster=self.name, reason=reason
-            )
-        counter.value += 1
-
-    def unmatched_reply(self) -> None:
-        """Count a reply that answered no request waiting for one (it is dropped)."""
-        counter = self._unmatched
-        if counter is None:
-            counter = self._unmatched = self.engine.stats.counter(
-                "metaprotocol_upstream_unmatched_replies_total", cluster=self.name
             )
         counter.value += 1
 
@@ -263,6 +255,15 @@ class Cluster:
             if waiting >= pool.max_pending_requests:
                 return self.overflow("http1MaxPendingRequests")
         return None
+
+    def unmatched_reply(self) -> None:
+        """Count a reply that answered no request waiting for one (it is dropped)."""
+        counter = self._unmatched
+        if counter is None:
+            counter = self._unmatched = self.engine.stats.counter(
+                "metaprotocol_upstream_unmatched_replies_total", cluster=self.name
+            )
+        counter.value += 1
 
     def may_open(self) -> bool:
         """Whether ``connectionPool.tcp.maxConnections`` allows one more connection."""
