@@ -631,8 +631,8 @@ class Engine:
             if unsent:
                 if upstream.write_sweep(now, upstream_write, unsent):
                     continue  # aborted: it holds nothing now
-            elif upstream.stalled_since:
-                upstream.stalled_since = 0.0
+            elif upstream.stalled_since or upstream.expired:
+                upstream.writes_caught_up()
             buffered += upstream.held + unsent
             pool = upstream.cluster.pool
             if pool is not None and pool.idle_timeout is not None:

@@ -289,6 +289,7 @@ class UpstreamConnection(asyncio.Protocol):
         "connecting",
         "drained",
         "engine",
+        "expired",
         "held",
         "host",
         "idle_since",
@@ -307,7 +308,6 @@ class UpstreamConnection(asyncio.Protocol):
         "sent",
         "shared",
         "stale",
-        "stall_live",
         "stall_unsent",
         "stalled_since",
         "task",
@@ -369,13 +369,13 @@ class UpstreamConnection(asyncio.Protocol):
         # The write watch of the engine's sweep (see :meth:`write_sweep`): since when the
         # unsent bytes made no progress (0: none unsent, or progress at the last sweep), the
         # kernel's count of bytes the upstream acknowledged and the unsent bytes then, whether
-        # the transport drained below its low-water mark since, and whether a request that
-        # expects a reply was in flight at any sweep of the stall.
+        # the transport drained below its low-water mark since, and whether a request timed
+        # out here since the upstream last took anything.
         self.stalled_since = 0.0
         self.acked = -1
         self.stall_unsent = 0
         self.drained = False
-        self.stall_live = False
+        self.expired = False
         istio = self.engine.istio
         #: Istio's TCP series for this endpoint (``None``: Istio metrics are off).
         self.tcp = (
@@ -511,34 +511,38 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return False
-        live = bool(self.pending) or len(self.order) > self.stale
         acked = _acked_bytes(transport)
-        if not self.stalled_since or (
+        if not self.stalled_since:
+            self.stalled_since = now  # the first look: progress is known from the next one
+        elif (
             self.drained
             or unsent < self.stall_unsent
             or (acked is not None and acked != self.acked)
         ):
             self.stalled_since = now
-            self.stall_live = live
+            self.expired = False
         elif now - self.stalled_since >= timeout:
             self._abort_stalled(
                 "write_timeout",
                 f"upstream {self.host.key} took none of {unsent} bytes in {timeout:g}s",
             )
             return True
-        elif self.stall_live and not live:
+        elif self.expired and not self.pending and len(self.order) == self.stale:
             self._abort_stalled(
                 "write_abandoned",
                 f"upstream {self.host.key} took none of {unsent} bytes before its requests "
                 "timed out",
             )
             return True
-        else:
-            self.stall_live = self.stall_live or live
         self.acked = -1 if acked is None else acked
         self.stall_unsent = unsent
         self.drained = False
         return False
+
+    def writes_caught_up(self) -> None:
+        """Nothing is unsent (engine sweep): the write watch starts afresh."""
+        self.stalled_since = 0.0
+        self.expired = False
 
     def _abort_stalled(self, reason: str, message: str) -> None:
         """Reset the connection, dropping what it could not send; requests still waiting get
@@ -600,6 +604,7 @@ class UpstreamConnection(asyncio.Protocol):
         once the requests still live on it are answered.
         """
         p.done = True
+        self.expired = True  # for the write watch (see write_sweep)
         if self.shared:
             self.pending.pop(p.wire_id, None)
             self._close_if_idle()  # a retiring connection's last request may time out
