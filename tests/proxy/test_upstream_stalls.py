@@ -14,7 +14,7 @@ from proxy_kit import Client, address, engine_for, error_type, mesh, run, until
 
 from metaprotocol_sdk import Metadata
 from metaprotocol_sdk.examples.kv import RESPONSE, KVCodec, build_frame
-from metaprotocol_sdk.proxy import Engine
+from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.upstream import UpstreamConnection
 
 #: Requests of this size, this many: more than the kernel buffers of a loopback connection
@@ -254,3 +254,12 @@ def test_a_slow_upstream_that_makes_progress_is_not_aborted() -> None:
                 await backend.close()
 
     run(main(), timeout=BOUND)
+
+
+def test_upstream_write_defaults_to_the_write_timeout() -> None:
+    """Unset, ``timeouts.upstreamWrite`` is ``timeouts.write``: one bound for any peer that
+    does not read what the engine writes; set, it is its own (and shortens the sweep)."""
+    text = mesh([(1, "v1")], proxy="timeouts: {write: 7s}\n")
+    assert Engine(loads_config(text)).upstream_write_timeout == 7.0
+    text = mesh([(1, "v1")], proxy="timeouts: {write: 7s, upstreamWrite: 2s}\n")
+    assert Engine(loads_config(text)).upstream_write_timeout == 2.0
