@@ -500,8 +500,10 @@ class UpstreamConnection(asyncio.Protocol):
         ``timeout`` (``timeouts.upstreamWrite``), or made none since the last sweep while
         every request that was waiting behind them has gone (timed out): an upstream that
         reads nothing would otherwise keep them, and the clients blocked on it, until it
-        closes. ``True``: aborted (it holds nothing now). Called by the engine's sweep for
-        connections with bytes unsent only, so it costs nothing while the upstreams read.
+        closes. A connection closing (retired, idle) waits for its bytes to be sent: one
+        that took none since the last sweep is aborted too. ``True``: aborted (it holds
+        nothing now). Called by the engine's sweep for connections with bytes unsent only,
+        so it costs nothing while the upstreams read.
 
         Progress is any byte the upstream took: the kernel's count of acknowledged bytes
         (``TCP_INFO``, where the platform has it), fewer bytes unsent than at the last sweep,
@@ -509,7 +511,7 @@ class UpstreamConnection(asyncio.Protocol):
         few bytes between two sweeps restarts the clock; one that reads nothing does not.
         """
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None:
             return False
         acked = _acked_bytes(transport)
         if not self.stalled_since:
@@ -527,11 +529,11 @@ class UpstreamConnection(asyncio.Protocol):
                 f"upstream {self.host.key} took none of {unsent} bytes in {timeout:g}s",
             )
             return True
-        elif self.expired and not self.pending and len(self.order) == self.stale:
+        elif self.closed or (self.expired and not self.pending and len(self.order) == self.stale):
+            why = "the connection closed" if self.closed else "its requests timed out"
             self._abort_stalled(
                 "write_abandoned",
-                f"upstream {self.host.key} took none of {unsent} bytes before its requests "
-                "timed out",
+                f"upstream {self.host.key} took none of {unsent} bytes before {why}",
             )
             return True
         self.acked = -1 if acked is None else acked

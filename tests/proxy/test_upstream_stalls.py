@@ -263,3 +263,42 @@ def test_upstream_write_defaults_to_the_write_timeout() -> None:
     assert Engine(loads_config(text)).upstream_write_timeout == 7.0
     text = mesh([(1, "v1")], proxy="timeouts: {write: 7s, upstreamWrite: 2s}\n")
     assert Engine(loads_config(text)).upstream_write_timeout == 2.0
+
+
+def test_a_retired_connection_closing_with_bytes_unsent_is_aborted() -> None:
+    """A connection that reached ``maxRequestsPerConnection`` closes once its last request
+    is answered or timed out; but a close waits until what is queued is sent, which for an
+    upstream that reads nothing is never: the connection stayed, with its bytes counted. Now
+    the sweep aborts one that took nothing since the previous sweep."""
+    router = """\
+    - name: all
+      route: [{destination: {host: svc.test, subset: v1}}]
+      timeout: 300ms
+    """
+    traffic = "{connectionPool: {http: {maxRequestsPerConnection: 1}}}"
+
+    async def main() -> None:
+        backend = Backend(["stall", "serve"])
+        text = mesh(
+            [(backend.port, "v1")],
+            router=router,
+            traffic_policy=traffic,
+            proxy="timeouts: {upstreamWrite: 1m}\n",
+        )
+        async with engine_for(text) as engine:
+            try:
+                c = await Client.connect(address(engine))
+                big = c.start("put", body=b"b" * 6_000_000)  # more than the kernel takes
+                stalled = await until(lambda: _only_upstream(engine), "the connection")
+                assert error_type(await asyncio.wait_for(big, BOUND / 2)) == "Timeout"
+                assert stalled.closed and stalled.unsent > 0  # closing, waiting to send
+                await until(lambda: not engine.upstreams, "the closing connection aborted")
+                assert _closed(engine, "write_abandoned") == 1
+                await until(lambda: engine.buffered <= SETTLED, "the bytes given back")
+                assert error_type(await c.call("get")) is None  # on a fresh connection
+                assert len(backend.accepted) == 2
+                c.close()
+            finally:
+                await backend.close()
+
+    run(main(), timeout=BOUND)
