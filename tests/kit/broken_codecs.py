@@ -7,6 +7,7 @@ with the same golden vectors and messages as the working codec.
 
 from __future__ import annotations
 
+import copy
 import struct
 from typing import Any, ClassVar
 
@@ -515,6 +516,84 @@ class KeepsHeaderAfterError(_Broken):
         return super().decode(buffer)
 
 
+class WholeFrameView(_Broken):
+    """Overrides decode_frame and keeps a view of the frame it was given as ``Metadata.frame``
+    (a zero-copy habit): only large frames, which an engine hands over whole, get a frame that
+    is not bytes. The engine forwards what an empty-mutation encode returns, the frame itself,
+    and takes anything but bytes for a list of buffers; relabelling it raises TypeError."""
+
+    catches = "framing_frame_owned"
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        message = super().decode_frame(frame)
+        message.frame = memoryview(frame)  # type: ignore[assignment]  # the fault
+        return message
+
+
+class FrameViewOfScratch(_Broken):
+    """Copies each frame into one scratch buffer it keeps (sparing an allocation per message)
+    and hands out a view of it as ``Metadata.frame``: an engine keeps a request for retries,
+    mirrors and local replies while the same codec decodes the next message over its bytes."""
+
+    catches = "framing_frame_owned"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._scratch = bytearray(1 << 16)
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata) and result.size <= len(self._scratch):
+            self._scratch[: result.size] = result.frame
+            result.frame = memoryview(self._scratch)[: result.size]  # type: ignore[assignment]
+        return result
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if isinstance(message.frame, memoryview):  # its own views: read them as bytes
+            message = copy.copy(message)
+            message.frame = bytes(message.frame)
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class TooLargeWithoutId(_Broken):
+    """Refuses an oversized length without the metadata the header gave: an engine cannot
+    tell which request it refused, so the client gets no OverLimit reply and waits."""
+
+    catches = "bad_input_too_large_id"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except FrameTooLargeError as exc:
+            exc.metadata = None  # the fault
+            raise
+
+
+class CachesById(_Broken):
+    """Remembers each request's operation and attributes by its id and hands a later request
+    with the same id (a client's retry, it assumes) the ones it already has: a different
+    request under a reused id (ids are the client's to choose) routes as the earlier one."""
+
+    catches = "state_same_id"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._by_id: dict[int, tuple[str, Attributes]] = {}
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata) and result.message_type.is_request_side:
+            if len(self._by_id) > 1024:
+                self._by_id.clear()
+            cached = self._by_id.setdefault(
+                result.request_id, (result.operation_name, result.attributes)
+            )
+            result.operation_name, result.attributes = cached  # the fault
+        return result
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -545,6 +624,9 @@ BROKEN: list[type[_Broken]] = [
     CopiesWholeBuffer,
     ReusesHeaderScratch,
     KeepsHeaderAfterError,
+    WholeFrameView,
+    TooLargeWithoutId,
+    CachesById,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

@@ -8,10 +8,12 @@ from broken_codecs import (
     BROKEN,
     AsciiErrorMessage,
     AsksOneByteTooMany,
+    CachesById,
     ConsumesBeforeRaising,
     CopiesWholeBuffer,
     ErrorRepliesOnlyToRequests,
     ErrorReplyAsResponse,
+    FrameViewOfScratch,
     KeepsExistingKeys,
     KeepsHeaderAfterError,
     KeepsOldIdWithMutation,
@@ -24,7 +26,9 @@ from broken_codecs import (
     ReusesHeaderScratch,
     ShortFrameSize,
     StaleStateAfterWholeFrame,
+    TooLargeWithoutId,
     WholeFrameSkipsHeaders,
+    WholeFrameView,
     WideMaxRequestId,
 )
 
@@ -62,7 +66,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 29
+    assert len(set(targeted)) == len(targeted) == 32
     assert set(targeted) <= set(check_names())
 
 
@@ -91,6 +95,11 @@ ONLY_ONE = [
     CopiesWholeBuffer,
     ReusesHeaderScratch,
     KeepsHeaderAfterError,
+    # The engine keeps a message's frame, answers a refused frame by the id its error
+    # carries, and sees request ids its clients chose: each of these passed every check.
+    WholeFrameView,
+    TooLargeWithoutId,
+    CachesById,
 ]
 
 
@@ -131,3 +140,12 @@ def test_state_check_sees_attributes_that_vars_does_not_show() -> None:
     result = run_check(target, "state_independent_instances")
     assert result.outcome is Outcome.failed, result.reason
     assert "self._parts" in result.reason
+
+
+def test_frame_owned_check_sees_a_view_of_a_reused_scratch_buffer() -> None:
+    # decode's frame a view of a buffer the codec reuses: the kept message's bytes change when
+    # the next message is decoded. (perf_linear trips over it too, encoding kept messages late,
+    # but as an unexplained error in a timing check.)
+    result = run_check(CodecTarget.discover(FrameViewOfScratch), "framing_frame_owned")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "frame changed under it" in result.reason
