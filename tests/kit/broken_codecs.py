@@ -594,6 +594,60 @@ class CachesById(_Broken):
         return result
 
 
+def _lenient_headers(frame: bytes | bytearray, start: int, end: int) -> dict[str, Any] | None:
+    """kv._decode_headers, but a value that is not UTF-8 stays raw bytes (None where
+    kv._decode_headers refuses the block for another reason)."""
+    headers: dict[str, Any] = {}
+    pos = start
+    while pos < end:
+        klen = frame[pos]
+        try:
+            key = bytes(frame[pos + 1 : pos + 1 + klen]).decode()
+        except UnicodeDecodeError:
+            return None
+        pos += 1 + klen
+        if pos + 2 > end:
+            return None
+        vlen = int.from_bytes(frame[pos : pos + 2], "big")
+        pos += 2
+        if pos + vlen > end:
+            return None
+        raw = bytes(frame[pos : pos + vlen])
+        pos += vlen
+        try:
+            headers[key] = raw.decode()
+        except UnicodeDecodeError:
+            headers[key] = raw  # the fault: not a str
+    return headers
+
+
+class BytesForBadUtf8(_Broken):
+    """Keeps a header value that is not UTF-8 as its raw bytes instead of refusing the frame
+    (lenient, as some peers are), through the unchecked ``Attributes.from_strings``: the
+    attribute is not a str, and the engine's route matcher, consistent-hash balancer and
+    rate-limit keys raise on it in the middle of a client's read."""
+
+    catches = "bad_input_corrupted"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except FramingError as exc:
+            if "not UTF-8" not in exc.reason or exc.frame_size is None:
+                raise
+            error, size = exc, exc.frame_size
+        _, _, kind, request_id, headers_length, _, _ = HEADER.unpack(buffer)
+        headers = _lenient_headers(buffer, HEADER_SIZE, HEADER_SIZE + headers_length)
+        if headers is None:
+            raise error
+        frame = take_frame(buffer, size)
+        message = _message(frame, kind, request_id, 0)
+        message.header_size = HEADER_SIZE + headers_length
+        message.body_size = size - message.header_size
+        message.attributes = Attributes.from_strings(headers)
+        return message
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,

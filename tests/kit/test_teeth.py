@@ -8,6 +8,7 @@ from broken_codecs import (
     BROKEN,
     AsciiErrorMessage,
     AsksOneByteTooMany,
+    BytesForBadUtf8,
     CachesById,
     ConsumesBeforeRaising,
     CopiesWholeBuffer,
@@ -32,6 +33,7 @@ from broken_codecs import (
     WideMaxRequestId,
 )
 
+from metaprotocol_sdk import Attributes, Metadata, NeedData
 from metaprotocol_sdk.examples.kv import KVCodec
 from metaprotocol_sdk.testing import (
     CodecTarget,
@@ -149,3 +151,34 @@ def test_frame_owned_check_sees_a_view_of_a_reused_scratch_buffer() -> None:
     result = run_check(CodecTarget.discover(FrameViewOfScratch), "framing_frame_owned")
     assert result.outcome is Outcome.failed, result.reason
     assert "frame changed under it" in result.reason
+
+
+def test_every_decode_holds_metadata_to_the_contracts_types() -> None:
+    # A value that is not UTF-8 kept as bytes (through the unchecked Attributes.from_strings):
+    # only corrupted input reaches it, and every check but the type rule on each decode call
+    # took the message as it came.
+    result = run_check(CodecTarget.discover(BytesForBadUtf8), "bad_input_corrupted")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "not have the contract's types" in result.reason
+    assert "is str = bytes, not str = str" in result.reason
+
+
+class FilesKeysUnfolded(KVCodec):
+    """Files attributes under their own spelling in the folded table (``from_folded`` with the
+    key as it came): a route on ``service`` misses a client that spells it ``Service``."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata):
+            table = {k: (k, v) for k, v in result.attributes.items()}  # the fault: no .lower()
+            result.attributes = Attributes.from_folded(table)
+        return result
+
+
+def test_every_decode_holds_attributes_to_folded_keys() -> None:
+    # Only the unusual messages carry upper-case keys.
+    result = run_check(CodecTarget.discover(FilesKeysUnfolded), "roundtrip_identity_unusual")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "is filed under" in result.reason

@@ -27,6 +27,7 @@ from ._support import (
     run_property,
     same_metadata,
     split_points,
+    type_problems,
 )
 from .base import CheckContext, CheckSkipped, check
 
@@ -300,6 +301,12 @@ def _decode_frame(codec: Codec, frame: bytes, what: str) -> Metadata | CodecErro
         )
     if not isinstance(result, Metadata):
         fail(f"decode_frame returned {type(result).__name__}, not Metadata, on {what}")
+    wrong = type_problems(result)
+    if wrong:
+        fail(
+            f"decode_frame returned metadata whose fields do not have the contract's types on "
+            f"{what}: " + "; ".join(wrong) + f"\n{hexdump(frame)}"
+        )
     return result
 
 
