@@ -561,7 +561,7 @@ class TooLargeWithoutId(_Broken):
     """Refuses an oversized length without the metadata the header gave: an engine cannot
     tell which request it refused, so the client gets no OverLimit reply and waits."""
 
-    catches = "bad_input_too_large_id"
+    catches = "bad_input_error_id"
 
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         try:

@@ -33,8 +33,8 @@ from broken_codecs import (
     WideMaxRequestId,
 )
 
-from metaprotocol_sdk import Attributes, Metadata, NeedData
-from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk import Attributes, FramingError, Metadata, NeedData
+from metaprotocol_sdk.examples.kv import HEADER, HEADER_SIZE, KVCodec
 from metaprotocol_sdk.testing import (
     CodecTarget,
     KitSettings,
@@ -182,3 +182,27 @@ def test_every_decode_holds_attributes_to_folded_keys() -> None:
     result = run_check(CodecTarget.discover(FilesKeysUnfolded), "roundtrip_identity_unusual")
     assert result.outcome is Outcome.failed, result.reason
     assert "is filed under" in result.reason
+
+
+class BodyErrorsWithoutId(KVCodec):
+    """Validates its body (a leading 0xFF is reserved) and refuses a bad one with its extent
+    but without the metadata its intact header gave: the engine drops the frame and goes on,
+    but cannot answer it, so the client waits for a reply that never comes."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        fields = HEADER.unpack(buffer)
+        if fields is not None:
+            size = HEADER_SIZE + fields[4] + fields[6]
+            body = HEADER_SIZE + fields[4]
+            if fields[6] and len(buffer) >= size and buffer[body] == 0xFF:
+                raise FramingError("reserved body byte", offset=body, frame_size=size)
+        return super().decode(buffer)
+
+
+def test_error_id_check_corrupts_past_the_header() -> None:
+    result = run_check(CodecTarget.discover(BodyErrorsWithoutId), "bad_input_error_id")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "past the header) corrupted" in result.reason
+    assert "FramingError (reserved body byte at byte" in result.reason

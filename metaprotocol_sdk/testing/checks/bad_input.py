@@ -450,23 +450,27 @@ def _known_id(ctx: CheckContext, sample: Sample, message: Metadata) -> tuple[byt
     return first, relabelled, id_end
 
 
-@check("bad_input_too_large_id", "bad_input")
-def bad_input_too_large_id(ctx: CheckContext) -> None:
-    """A FrameTooLargeError carries metadata with the request id the header gave.
+@check("bad_input_error_id", "bad_input")
+def bad_input_error_id(ctx: CheckContext) -> None:
+    """A decode error on a frame whose header gave a request id carries metadata with that id.
 
-    An engine answers a refused frame with the protocol's ``OverLimit`` reply to the id in
-    the error's ``metadata``; without it the client never hears back. Inputs: each message
-    (rewritten with a known id when the codec can) over ``max_frame_size`` with its header
-    intact, and, where the id lies before a length field, that field set huge or one over the
-    limit, whole and cut after the header (as a hostile header arrives in a first read). Each
-    ``FrameTooLargeError`` must carry metadata with the message's id.
+    An engine answers a refused frame (``OverLimit``, ``BadRequest``) with the protocol's error
+    reply to the id in the error's ``metadata``; without it the client never hears back.
+    Inputs: each message (rewritten with a known id when the codec can) over
+    ``max_frame_size`` with its header intact; where the id lies before a length field, that
+    field set huge or one over the limit, whole and cut after the header (as a hostile header
+    arrives in a first read): each ``FrameTooLargeError`` must carry the id. And each message
+    corrupted past its header (within its first 64 bytes): each ``CodecError`` must carry it.
     """
     checked = 0
 
     def prop(sample: Sample) -> None:
         nonlocal checked
         frame, message, id_end = _known_id(ctx, sample, reference(ctx, sample))
-        inputs = [(f"a {len(frame)}-byte message", frame, len(frame) - 1)]
+        size = len(frame)
+        inputs: list[tuple[str, bytes, int, type[CodecError]]] = [
+            (f"a {size}-byte message", frame, size - 1, FrameTooLargeError)
+        ]
         if id_end:
             for field in length_fields(frame, message):
                 offset, width, _ = field
@@ -475,24 +479,31 @@ def bad_input_too_large_id(ctx: CheckContext) -> None:
                 head = max(message.header_size, offset + width)
                 for name, data in _patches(frame, field):
                     what = f"the length field at offset {offset} set to {name}"
-                    inputs.append((what, data, len(frame)))
+                    inputs.append((what, data, size, FrameTooLargeError))
                     if head < len(data):
-                        inputs.append((f"{what}, cut after {head} bytes", data[:head], len(frame)))
-        for what, data, limit in inputs:
+                        cut = data[:head]
+                        inputs.append(
+                            (f"{what}, cut after {head} bytes", cut, size, FrameTooLargeError)
+                        )
+        roomy = 2 * size + ctx.target.settings.small_limit
+        for pos, data in corruptions(frame):
+            if pos >= message.header_size:
+                inputs.append((f"byte {pos} (past the header) corrupted", data, roomy, CodecError))
+        for what, data, limit, kind in inputs:
             codec = _limited(ctx, sample, limit) if limit > 0 else None
             if codec is None:
                 continue
             try:
                 call_decode(codec, bytearray(data), limit=ctx.target.settings.time_limit)
-            except FrameTooLargeError as exc:
+            except kind as exc:
                 checked += 1
                 got = exc.metadata
                 if got is None or got.request_id != message.request_id:
                     said = "no metadata" if got is None else f"request id {got.request_id}"
                     fail(
-                        f"{what}, max_frame_size={limit}: FrameTooLargeError ({exc}) carries "
+                        f"{what}, max_frame_size={limit}: {type(exc).__name__} ({exc}) carries "
                         f"{said}; the header gave request id {message.request_id}, and an "
-                        f"engine answers OverLimit to the id in the error's metadata\n"
+                        f"engine answers the refused frame to the id in the error's metadata\n"
                         f"{hexdump(data, mark=exc.offset)}"
                     )
             except CodecError:
