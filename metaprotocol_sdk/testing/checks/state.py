@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Any
 
 from hypothesis import assume
@@ -238,18 +239,29 @@ def state_resync_after_error(ctx: CheckContext) -> None:
         raise CheckSkipped("no corrupted message arriving in two reads raised with a frame_size")
 
 
-def _same_id_variants(ctx: CheckContext, first: Sample, second: Sample) -> list[bytes]:
-    """Messages other than ``first`` that carry its request id: ``second`` rewritten with it
-    (capability ``rewrite_request_id``; as is when it already has that id) and ``first`` with
-    the kit's mutation (capability ``mutation``, ``response_mutation`` for replies)."""
+def _same_id_frames(ctx: CheckContext, first: Sample, second: Sample) -> list[bytes]:
+    """``first``, then messages other than it that carry its request id: ``second`` rewritten
+    with it (capability ``rewrite_request_id``; as is when it already has that id) and
+    ``first`` with the kit's mutation (capability ``mutation``, ``response_mutation`` for
+    replies). ``first`` itself is rewritten with id 1 when its id is outside the range an
+    engine rewrites ids in (``1..max_request_id``)."""
     message = reference(ctx, first)
     caps = ctx.target.codec.capabilities
+    top = ctx.target.codec.max_request_id
+    encoder = ctx.target.new_codec(first.options)
+    base = first.frame
+    if caps.rewrite_request_id and not 1 <= message.request_id <= top:
+        with contextlib.suppress(CodecError):
+            base = join_encoded(encoder.encode(message, request_id=1))
+            if _reference_id(ctx, first, base) != 1:
+                base = first.frame  # rewrite_request_id reports it
+            else:
+                message = decode_whole(ctx.target.new_codec(first.options), base)
     out: list[bytes] = []
     other = reference(ctx, second) if second.frame != first.frame else None
-    encoder = ctx.target.new_codec(first.options)
     if other is not None and other.request_id == message.request_id:
         out.append(second.frame)
-    elif other is not None and caps.rewrite_request_id:
+    elif other is not None and caps.rewrite_request_id and 1 <= message.request_id <= top:
         with contextlib.suppress(CodecError):
             out.append(join_encoded(encoder.encode(other, request_id=message.request_id)))
     mutable = caps.mutation if message.message_type.is_request_side else caps.response_mutation
@@ -257,7 +269,8 @@ def _same_id_variants(ctx: CheckContext, first: Sample, second: Sample) -> list[
         with contextlib.suppress(CodecError):
             out.append(join_encoded(encoder.encode(message, ctx.target.mutation)))
     wanted = message.request_id
-    return [f for f in out if f != first.frame and _reference_id(ctx, first, f) == wanted]
+    same = [f for f in out if f != base and _reference_id(ctx, first, f) == wanted]
+    return [base, *same] if same else []
 
 
 def _reference_id(ctx: CheckContext, sample: Sample, frame: bytes) -> int | None:
@@ -270,8 +283,8 @@ def _reference_id(ctx: CheckContext, sample: Sample, frame: bytes) -> int | None
     return result.request_id if isinstance(result, Metadata) and not buffer else None
 
 
-def _same_id_prop(ctx: CheckContext, first: Sample, variants: list[bytes]) -> None:
-    frames = [first.frame, *variants, first.frame]
+def _same_id_prop(ctx: CheckContext, first: Sample, *, same: list[bytes]) -> None:
+    frames = [*same, same[0]]
     codec = ctx.target.new_codec(first.options)
     buffer = bytearray(b"".join(frames))
     for index, frame in enumerate(frames):
@@ -311,9 +324,9 @@ def state_same_id(ctx: CheckContext) -> None:
         if first.name or second.name or first.options != second.options:
             # Golden vectors may come from different connections: only mutations of their own.
             second = first
-        variants = _same_id_variants(ctx, first, second)
-        if variants:
-            labelled(first, lambda s, v=variants: _same_id_prop(ctx, s, v))  # type: ignore[misc]
+        same = _same_id_frames(ctx, first, second)
+        if same:
+            labelled(first, functools.partial(_same_id_prop, ctx, same=same))
             runs += 1
     if not runs:
         if not samples:
