@@ -33,7 +33,7 @@ from broken_codecs import (
     WideMaxRequestId,
 )
 
-from metaprotocol_sdk import Attributes, FramingError, Metadata, NeedData
+from metaprotocol_sdk import Attributes, CodecError, FramingError, Metadata, NeedData
 from metaprotocol_sdk.examples.kv import HEADER, HEADER_SIZE, KVCodec
 from metaprotocol_sdk.testing import (
     CodecTarget,
@@ -187,7 +187,10 @@ def test_every_decode_holds_attributes_to_folded_keys() -> None:
 class BodyErrorsWithoutId(KVCodec):
     """Validates its body (a leading 0xFF is reserved) and refuses a bad one with its extent
     but without the metadata its intact header gave: the engine drops the frame and goes on,
-    but cannot answer it, so the client waits for a reply that never comes."""
+    but cannot answer it, so the client waits for a reply that never comes. (A variant of the
+    protocol, not of the codec: KV bodies are opaque and generated ones start with 0xFF too, so
+    it fails the framing checks as well; it shows that bad_input_error_id looks past the
+    header, where the KV codec never raises.)"""
 
     conformance = "metaprotocol_sdk.examples.kv_conformance"
 
@@ -206,3 +209,24 @@ def test_error_id_check_corrupts_past_the_header() -> None:
     assert result.outcome is Outcome.failed, result.reason
     assert "past the header) corrupted" in result.reason
     assert "FramingError (reserved body byte at byte" in result.reason
+
+
+class WholeFrameErrorsWithoutId(KVCodec):
+    """Its own decode_frame refuses a bad frame as decode does, with the same frame_size,
+    but without the metadata: a large bad request, which an engine hands over whole, goes
+    unanswered."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        try:
+            return super().decode_frame(frame)
+        except CodecError as exc:
+            exc.metadata = None  # the fault
+            raise
+
+
+def test_decode_frame_check_compares_the_errors_ids() -> None:
+    result = run_check(CodecTarget.discover(WholeFrameErrorsWithoutId), "framing_decode_frame")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "decode_frame's no metadata" in result.reason

@@ -339,6 +339,15 @@ def _whole_frame_prop(
                 f"{expected.frame_size}), decode_frame {type(got).__name__} (frame_size="
                 f"{got.frame_size}): {got}\n{hexdump(data, mark=expected.offset)}"
             )
+        ids = [None if e.metadata is None else e.metadata.request_id for e in (expected, got)]
+        if ids[0] != ids[1]:
+            said = ["no metadata" if i is None else f"request id {i}" for i in ids]
+            fail(
+                f"{what}: decode's {type(expected).__name__} carries {said[0]}, "
+                f"decode_frame's {said[1]}: an engine answers a refused frame to the id in "
+                f"the error's metadata, so a large frame would go unanswered or answered to "
+                f"another id\n{hexdump(data, mark=expected.offset)}"
+            )
         return got
     if isinstance(got, CodecError):
         fail(
