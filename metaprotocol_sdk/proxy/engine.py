@@ -37,7 +37,8 @@ log = logging.getLogger("metaprotocol.proxy")
 FD_RESERVE = 64
 #: How long :meth:`Engine.stop` waits for queued spans to be exported.
 TRACING_FLUSH = 2.0
-#: Longest interval of the housekeeping sweep (idle, frame and write timeouts; overload).
+#: Longest interval of the housekeeping sweep (idle, frame, write and upstream write
+#: timeouts; overload).
 SWEEP_MAX = 1.0
 #: Shortest interval between two passes of the sweep over the stats series, while requests
 #: in flight since a reload keep old series (a pass is O(series + routes + requests)).
@@ -129,6 +130,10 @@ class Engine:
         self.idle_timeout = timeouts.idle
         self.frame_timeout = timeouts.frame
         self.write_timeout = timeouts.write
+        #: An upstream connection whose unsent bytes make no progress this long is aborted.
+        self.upstream_write_timeout = (
+            timeouts.write if timeouts.upstream_write is None else timeouts.upstream_write
+        )
         #: Bytes held in buffers now (partial frames, requests in flight, unsent replies): an
         #: upper bound kept by the data path and made exact by every housekeeping sweep.
         self.buffered = 0
@@ -622,7 +627,7 @@ class Engine:
 
     def _schedule_sweep(self) -> None:
         t = self.config.proxy.timeouts
-        shortest = min(t.idle, t.frame, t.write)
+        shortest = min(t.idle, t.frame, t.write, self.upstream_write_timeout)
         for cluster in self.clusters.values():
             if cluster.pool is not None and cluster.pool.idle_timeout is not None:
                 shortest = min(shortest, cluster.pool.idle_timeout)
@@ -638,13 +643,22 @@ class Engine:
             if upstream.partial_since:
                 upstream.check_partial(now)
         buffered = 0
-        for downstream in list(self.downstreams):
-            buffered += downstream.sweep(now)
+        # Upstreams first: one aborted for a stalled write answers its clients' requests
+        # locally, and their replies are counted below.
+        upstream_write = self.upstream_write_timeout
         for upstream in list(self.upstreams):
-            buffered += upstream.held + upstream.account_unsent()
+            unsent = upstream.account_unsent()
+            if unsent:
+                if upstream.write_sweep(now, upstream_write, unsent):
+                    continue  # aborted: it holds nothing now
+            elif upstream.stalled_since or upstream.expired:
+                upstream.writes_caught_up()
+            buffered += upstream.held + unsent
             pool = upstream.cluster.pool
             if pool is not None and pool.idle_timeout is not None:
                 upstream.idle_sweep(now, pool.idle_timeout)
+        for downstream in list(self.downstreams):
+            buffered += downstream.sweep(now)
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._flush_access_log()

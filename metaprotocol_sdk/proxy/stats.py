@@ -57,6 +57,8 @@ HELP = {
     "metaprotocol_upstream_connections_active": "Open upstream connections, by cluster.",
     "metaprotocol_upstream_connect_errors_total": "Failed upstream connects, by cluster.",
     "metaprotocol_upstream_resets_total": "Upstream connections lost with requests in flight.",
+    "metaprotocol_upstream_connections_closed_total": "Upstream connections the engine closed "
+    "for a limit, by cluster and reason.",
     "metaprotocol_requests_pending": "Requests waiting for an upstream response.",
     "metaprotocol_mutations_skipped_total": "Replies forwarded without a response mutation "
     "they cannot carry, by listener and route.",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, cast
 
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
     from .mirror import MirrorSink
     from .router import CompiledRoute, Target
 
-HELP.setdefault(
-    "metaprotocol_upstream_connections_closed_total",
-    "Upstream connections the engine closed for a limit, by cluster and reason.",
-)
 HELP.setdefault(
     "metaprotocol_upstream_unmatched_replies_total",
     "Replies that answered no waiting request (late, repeated or unknown ids), dropped.",
@@ -299,13 +296,16 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_blocked",
+        "acked",
         "buffer",
         "by_id",
         "closed",
         "cluster",
         "codec",
         "connecting",
+        "drained",
         "engine",
+        "expired",
         "held",
         "host",
         "idle_since",
@@ -325,6 +325,8 @@ class UpstreamConnection(asyncio.Protocol):
         "sent",
         "shared",
         "stale",
+        "stall_unsent",
+        "stalled_since",
         "task",
         "tcp",
         "transport",
@@ -384,6 +386,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.retiring = False
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
+        # The write watch of the engine's sweep (see :meth:`write_sweep`): since when the
+        # unsent bytes made no progress (0: none unsent, or progress at the last sweep), the
+        # kernel's count of bytes the upstream acknowledged and the unsent bytes then, whether
+        # the transport drained below its low-water mark since, and whether a request timed
+        # out here since the upstream last took anything.
+        self.stalled_since = 0.0
+        self.acked = -1
+        self.stall_unsent = 0
+        self.drained = False
+        self.expired = False
         istio = self.engine.istio
         #: Istio's TCP series for this endpoint (``None``: Istio metrics are off).
         self.tcp = (
@@ -503,6 +515,68 @@ class UpstreamConnection(asyncio.Protocol):
             self.retire()
             self.close()
 
+    def write_sweep(self, now: float, timeout: float, unsent: int) -> bool:
+        """Abort the connection when the ``unsent`` bytes it holds made no progress for
+        ``timeout`` (``timeouts.upstreamWrite``), or made none since the last sweep while
+        every request that was waiting behind them has gone (timed out): an upstream that
+        reads nothing would otherwise keep them, and the clients blocked on it, until it
+        closes. A connection closing (retired, idle) waits for its bytes to be sent: one
+        that took none since the last sweep is aborted too. ``True``: aborted (it holds
+        nothing now). Called by the engine's sweep for connections with bytes unsent only,
+        so it costs nothing while the upstreams read.
+
+        Progress is any byte the upstream took: the kernel's count of acknowledged bytes
+        (``TCP_INFO``, where the platform has it), fewer bytes unsent than at the last sweep,
+        or a drain below the transport's low-water mark meanwhile. A slow reader that takes a
+        few bytes between two sweeps restarts the clock; one that reads nothing does not.
+        """
+        transport = self.transport
+        if transport is None:
+            return False
+        acked = _acked_bytes(transport)
+        if not self.stalled_since:
+            self.stalled_since = now  # the first look: progress is known from the next one
+        elif (
+            self.drained
+            or unsent < self.stall_unsent
+            or (acked is not None and acked != self.acked)
+        ):
+            self.stalled_since = now
+            self.expired = False
+        elif now - self.stalled_since >= timeout:
+            self._abort_stalled(
+                "write_timeout",
+                f"upstream {self.host.key} took none of {unsent} bytes in {timeout:g}s",
+            )
+            return True
+        elif self.closed or (self.expired and not self.pending and len(self.order) == self.stale):
+            why = "the connection closed" if self.closed else "its requests timed out"
+            self._abort_stalled(
+                "write_abandoned",
+                f"upstream {self.host.key} took none of {unsent} bytes before {why}",
+            )
+            return True
+        self.acked = -1 if acked is None else acked
+        self.stall_unsent = unsent
+        self.drained = False
+        return False
+
+    def writes_caught_up(self) -> None:
+        """Nothing is unsent (engine sweep): the write watch starts afresh."""
+        self.stalled_since = 0.0
+        self.expired = False
+
+    def _abort_stalled(self, reason: str, message: str) -> None:
+        """Reset the connection, dropping what it could not send; requests still waiting get
+        ``UpstreamReset`` (the next request opens a fresh connection)."""
+        self.cluster.closed_by(reason)
+        transport = self.transport
+        self.closed = True
+        self.stalled_since = 0.0
+        if transport is not None:
+            transport.abort()  # connection_lost follows: the connection is already finished
+        self._finish_close(ErrorType.UpstreamReset, message)
+
     def _close_if_idle(self) -> None:
         if self.retiring and not self.pending and len(self.order) == self.stale:
             self.close()
@@ -566,6 +640,7 @@ class UpstreamConnection(asyncio.Protocol):
         once the requests still live on it are answered.
         """
         p.done = True
+        self.expired = True  # for the write watch (see write_sweep)
         if self.shared:
             self.pending.pop(p.wire_id, None)
             self._close_if_idle()  # a retiring connection's last request may time out
@@ -865,6 +940,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         """The transport's write buffer drained (asyncio flow control)."""
         self.write_paused = False
+        self.drained = True  # progress, for the write watch (see write_sweep)
         self.account_unsent()
         self._release_blocked()
 
@@ -938,6 +1014,28 @@ class UpstreamConnection(asyncio.Protocol):
         for p in waiting:
             p.done = True
             p.downstream.fail(p, error, message)
+
+
+#: Offset of ``tcpi_bytes_acked`` in Linux's ``struct tcp_info`` (since Linux 4.1).
+_BYTES_ACKED = 120
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+
+
+def _acked_bytes(transport: asyncio.Transport) -> int | None:
+    """The bytes of this connection the peer acknowledged so far (the kernel's count), or
+    ``None`` where the platform does not tell."""
+    if _TCP_INFO is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info: bytes = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(info) < _BYTES_ACKED + 8:
+        return None
+    return int.from_bytes(info[_BYTES_ACKED : _BYTES_ACKED + 8], sys.byteorder)
 
 
 def _keepalive(

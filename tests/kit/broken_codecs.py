@@ -7,6 +7,7 @@ with the same golden vectors and messages as the working codec.
 
 from __future__ import annotations
 
+import copy
 import struct
 from typing import Any, ClassVar
 
@@ -515,6 +516,138 @@ class KeepsHeaderAfterError(_Broken):
         return super().decode(buffer)
 
 
+class WholeFrameView(_Broken):
+    """Overrides decode_frame and keeps a view of the frame it was given as ``Metadata.frame``
+    (a zero-copy habit): only large frames, which an engine hands over whole, get a frame that
+    is not bytes. The engine forwards what an empty-mutation encode returns, the frame itself,
+    and takes anything but bytes for a list of buffers; relabelling it raises TypeError."""
+
+    catches = "framing_frame_owned"
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        message = super().decode_frame(frame)
+        message.frame = memoryview(frame)  # type: ignore[assignment]  # the fault
+        return message
+
+
+class FrameViewOfScratch(_Broken):
+    """Copies each frame into one scratch buffer it keeps (sparing an allocation per message)
+    and hands out a view of it as ``Metadata.frame``: an engine keeps a request for retries,
+    mirrors and local replies while the same codec decodes the next message over its bytes."""
+
+    catches = "framing_frame_owned"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._scratch = bytearray(1 << 16)
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata) and result.size <= len(self._scratch):
+            self._scratch[: result.size] = result.frame
+            result.frame = memoryview(self._scratch)[: result.size]  # type: ignore[assignment]
+        return result
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if isinstance(message.frame, memoryview):  # its own views: read them as bytes
+            message = copy.copy(message)
+            message.frame = bytes(message.frame)
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class TooLargeWithoutId(_Broken):
+    """Refuses an oversized length without the metadata the header gave: an engine cannot
+    tell which request it refused, so the client gets no OverLimit reply and waits."""
+
+    catches = "bad_input_error_id"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except FrameTooLargeError as exc:
+            exc.metadata = None  # the fault
+            raise
+
+
+class CachesById(_Broken):
+    """Remembers each request's operation and attributes by its id and hands a later request
+    with the same id (a client's retry, it assumes) the ones it already has: a different
+    request under a reused id (ids are the client's to choose) routes as the earlier one."""
+
+    catches = "state_same_id"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._by_id: dict[int, tuple[str, Attributes]] = {}
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata) and result.message_type.is_request_side:
+            if len(self._by_id) > 1024:
+                self._by_id.clear()
+            cached = self._by_id.setdefault(
+                result.request_id, (result.operation_name, result.attributes)
+            )
+            result.operation_name, result.attributes = cached  # the fault
+        return result
+
+
+def _lenient_headers(frame: bytes | bytearray, start: int, end: int) -> dict[str, Any] | None:
+    """kv._decode_headers, but a value that is not UTF-8 stays raw bytes (None where
+    kv._decode_headers refuses the block for another reason)."""
+    headers: dict[str, Any] = {}
+    pos = start
+    while pos < end:
+        klen = frame[pos]
+        try:
+            key = bytes(frame[pos + 1 : pos + 1 + klen]).decode()
+        except UnicodeDecodeError:
+            return None
+        pos += 1 + klen
+        if pos + 2 > end:
+            return None
+        vlen = int.from_bytes(frame[pos : pos + 2], "big")
+        pos += 2
+        if pos + vlen > end:
+            return None
+        raw = bytes(frame[pos : pos + vlen])
+        pos += vlen
+        try:
+            headers[key] = raw.decode()
+        except UnicodeDecodeError:
+            headers[key] = raw  # the fault: not a str
+    return headers
+
+
+class BytesForBadUtf8(_Broken):
+    """Keeps a header value that is not UTF-8 as its raw bytes instead of refusing the frame
+    (lenient, as some peers are), through the unchecked ``Attributes.from_strings``: the
+    attribute is not a str, and the engine's route matcher, consistent-hash balancer and
+    rate-limit keys raise on it in the middle of a client's read."""
+
+    catches = "bad_input_corrupted"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except FramingError as exc:
+            if "not UTF-8" not in exc.reason or exc.frame_size is None:
+                raise
+            error, size = exc, exc.frame_size
+        _, _, kind, request_id, headers_length, _, _ = HEADER.unpack(buffer)
+        headers = _lenient_headers(buffer, HEADER_SIZE, HEADER_SIZE + headers_length)
+        if headers is None:
+            raise error
+        frame = take_frame(buffer, size)
+        message = _message(frame, kind, request_id, 0)
+        message.header_size = HEADER_SIZE + headers_length
+        message.body_size = size - message.header_size
+        message.attributes = Attributes.from_strings(headers)
+        return message
+
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -545,6 +678,9 @@ BROKEN: list[type[_Broken]] = [
     CopiesWholeBuffer,
     ReusesHeaderScratch,
     KeepsHeaderAfterError,
+    WholeFrameView,
+    TooLargeWithoutId,
+    CachesById,
 ]
 
 __all__ = ["BROKEN", "MessageType"]

@@ -226,6 +226,20 @@ MISTAKES = [
         id="bare-number-duration",
     ),
     pytest.param(
+        _edit("connect: 5s", "connect: 5s, upstreamWrite: 0s"),
+        "ProxyConfig/engine",
+        "spec.timeouts.upstreamWrite",
+        "duration must be positive, got '0s'",
+        id="zero-upstream-write",
+    ),
+    pytest.param(
+        _edit("connect: 5s", "connect: 5s, upstreamWrite: 30"),
+        "ProxyConfig/engine",
+        "spec.timeouts.upstreamWrite",
+        "invalid duration 30",
+        id="bare-number-upstream-write",
+    ),
+    pytest.param(
         _edit(
             '    - {host: greeter.example, port: 9000, bind: "127.0.0.1:0"}\n',
             '    - {host: greeter.example, port: 9000, bind: "127.0.0.1:0"}\n'

@@ -323,8 +323,16 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
     (
         "ProxyConfig",
         "spec.timeouts",
-        {"connect": "1s", "route": "2s", "drain": "3s", "idle": "4s", "frame": "5s", "write": "6s"},
-        lambda c: c.proxy.timeouts.write == 6.0,
+        {
+            "connect": "1s",
+            "route": "2s",
+            "drain": "3s",
+            "idle": "4s",
+            "frame": "5s",
+            "write": "6s",
+            "upstreamWrite": "7s",
+        },
+        lambda c: c.proxy.timeouts.write == 6.0 and c.proxy.timeouts.upstream_write == 7.0,
     ),
     ("ProxyConfig", "spec.accessLog", {"path": "-"}, lambda c: c.proxy.access_log == "-"),
     (

@@ -52,6 +52,9 @@ class StuckTransport(FakeTransport):
     def get_write_buffer_size(self) -> int:
         return self.size
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default  # no socket: the sweep's write watch sees no kernel counts
+
     def close(self) -> None:
         if self.protocol is not None:
             protocol, self.protocol = self.protocol, None

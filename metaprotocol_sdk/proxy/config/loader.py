@@ -1289,5 +1289,5 @@ def _timeouts(doc: _Doc, spec: Mapping[str, Any]) -> Timeouts:
     for key in sorted(schema.TIMEOUTS.honoured):
         seconds = doc.duration(raw, key, f"spec.timeouts.{key}")
         if seconds is not None:
-            values[key] = seconds
+            values["upstream_write" if key == "upstreamWrite" else key] = seconds
     return Timeouts(**values)

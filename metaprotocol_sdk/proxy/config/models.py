@@ -347,6 +347,9 @@ class Timeouts:
     frame: float = 10.0
     #: A client whose unsent replies stay above ``connection_buffer_bytes`` this long closes.
     write: float = 30.0
+    #: An upstream connection whose unsent requests make no progress this long is aborted
+    #: (``timeouts.upstreamWrite``; ``None``: the same as ``write``).
+    upstream_write: float | None = None
 
 
 @dataclass(frozen=True)

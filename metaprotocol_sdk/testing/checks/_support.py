@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metaprotocol_sdk.codec import Codec, Encoded, NeedData, join_encoded
+from metaprotocol_sdk.enums import MessageType, ResponseStatus, StreamType
 from metaprotocol_sdk.errors import CodecError
-from metaprotocol_sdk.metadata import Metadata
+from metaprotocol_sdk.metadata import Attributes, Metadata
 from metaprotocol_sdk.testing.golden import Sample, mismatches
 from metaprotocol_sdk.testing.hexdump import compare, hexdump
 
@@ -127,7 +128,56 @@ def call_decode(
             f"header_size={result.header_size} + body_size={result.body_size} do not fit in "
             f"the {result.size}-byte frame\nframe:\n{hexdump(result.frame)}"
         )
+    wrong = type_problems(result)
+    if wrong:
+        fail(
+            "decode returned metadata whose fields do not have the contract's types: "
+            + "; ".join(wrong)
+            + " (an engine's route matcher, balancer and rate limits read them as such, so "
+            f"a message like this raises in the middle of a client's read)\ninput:\n"
+            f"{hexdump(before)}"
+        )
     return result
+
+
+def type_problems(message: Metadata) -> list[str]:
+    """Where ``message`` breaks the types the contract gives its fields (empty when it keeps
+    them): an engine routes, balances and limits on them without looking again."""
+    problems = []
+    for name, kind in _FIELD_TYPES:
+        value = getattr(message, name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            problems.append(f"{name} is {type(value).__name__}, not {kind.__name__}")
+    attributes = message.attributes
+    if not isinstance(attributes, Attributes):
+        problems.append(f"attributes is {type(attributes).__name__}, not Attributes")
+        return problems
+    for folded, (key, value) in attributes.folded_items.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            problems.append(
+                f"attribute {key!r} = {value!r} is {type(key).__name__} = "
+                f"{type(value).__name__}, not str = str"
+            )
+        elif folded != key.lower():
+            problems.append(
+                f"attribute {key!r} is filed under {folded!r}, not its lower case "
+                f"{key.lower()!r} (the engine matches routes on the folded key)"
+            )
+        if len(problems) > 3:
+            break
+    return problems
+
+
+_FIELD_TYPES: tuple[tuple[str, type], ...] = (
+    ("message_type", MessageType),
+    ("request_id", int),
+    ("operation_name", str),
+    ("stream_type", StreamType),
+    ("stream_id", int),
+    ("response_status", ResponseStatus),
+    ("header_size", int),
+    ("body_size", int),
+)
 
 
 def decode_whole(codec: Codec, data: bytes, what: str = "a complete message") -> Metadata:
@@ -274,4 +324,5 @@ __all__ = [
     "same_metadata",
     "split_points",
     "time_limit",
+    "type_problems",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -20,6 +21,7 @@ from ._support import (
     collect,
     corruptions,
     decode_whole,
+    encode_bytes,
     fail,
     for_each_sample,
     labelled,
@@ -409,6 +411,108 @@ def bad_input_frame_size(ctx: CheckContext) -> None:
     if untouched.sized == 0:
         raise CheckSkipped("no decode error the kit provoked carried a frame_size")
     ctx.details["sized"] = untouched.sized
+
+
+#: Request ids the kit writes into a message (with ``encode(request_id=)``) to find where its
+#: id lies and to know which id a refused header gave: every byte differs between the two.
+_KNOWN_IDS = (0x01020304, 0x0A0B0C0D, 0x11223344)
+
+
+def _known_id(ctx: CheckContext, sample: Sample, message: Metadata) -> tuple[bytes, Metadata, int]:
+    """The sample rewritten with a known request id: (frame, its metadata, where the id ends,
+    or 0 when the id's bytes cannot be told apart). The sample as is without the capability
+    ``rewrite_request_id``."""
+    codec_type = ctx.target.codec
+    if not codec_type.capabilities.rewrite_request_id:
+        return sample.frame, message, 0
+    top = codec_type.max_request_id
+    ids = [n for n in (*_KNOWN_IDS, top, top - 1) if 1 <= n <= top and n != message.request_id]
+    frames = []
+    encoder = ctx.target.new_codec(sample.options)
+    for request_id in ids[:2]:
+        call = functools.partial(encoder.encode, message, request_id=request_id)
+        try:
+            frames.append(encode_bytes(encoder, call, f"encode(request_id={request_id})"))
+        except CodecError:
+            return sample.frame, message, 0
+    if len(frames) < 2:
+        return sample.frame, message, 0
+    first, second = frames
+    buffer = bytearray(first)
+    try:
+        relabelled = call_decode(ctx.target.new_codec(sample.options), buffer)
+    except CodecError:
+        return sample.frame, message, 0
+    if not isinstance(relabelled, Metadata) or buffer or relabelled.request_id != ids[0]:
+        return sample.frame, message, 0  # rewrite_request_id reports it
+    differ = [i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b]
+    id_end = differ[-1] + 1 if differ and len(first) == len(second) else 0
+    return first, relabelled, id_end
+
+
+@check("bad_input_error_id", "bad_input")
+def bad_input_error_id(ctx: CheckContext) -> None:
+    """A decode error on a frame whose header gave a request id carries metadata with that id.
+
+    An engine answers a refused frame (``OverLimit``, ``BadRequest``) with the protocol's error
+    reply to the id in the error's ``metadata``; without it the client never hears back.
+    Inputs: each message (rewritten with a known id when the codec can) over
+    ``max_frame_size`` with its header intact; where the id lies before a length field, that
+    field set huge or one over the limit, whole and cut after the header (as a hostile header
+    arrives in a first read): each ``FrameTooLargeError`` must carry the id. And each message
+    corrupted past its header (within its first 64 bytes): each ``CodecError`` must carry it.
+    """
+    checked = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal checked
+        frame, message, id_end = _known_id(ctx, sample, reference(ctx, sample))
+        size = len(frame)
+        inputs: list[tuple[str, bytes, int, type[CodecError]]] = [
+            (f"a {size}-byte message", frame, size - 1, FrameTooLargeError)
+        ]
+        if id_end:
+            for field in length_fields(frame, message):
+                offset, width, _ = field
+                if offset < id_end:
+                    continue  # a length read before the id: the id is not known yet
+                head = max(message.header_size, offset + width)
+                for name, data in _patches(frame, field):
+                    what = f"the length field at offset {offset} set to {name}"
+                    inputs.append((what, data, size, FrameTooLargeError))
+                    if head < len(data):
+                        cut = data[:head]
+                        inputs.append(
+                            (f"{what}, cut after {head} bytes", cut, size, FrameTooLargeError)
+                        )
+        roomy = 2 * size + ctx.target.settings.small_limit
+        for pos, data in corruptions(frame):
+            if pos >= message.header_size:
+                inputs.append((f"byte {pos} (past the header) corrupted", data, roomy, CodecError))
+        for what, data, limit, kind in inputs:
+            codec = _limited(ctx, sample, limit) if limit > 0 else None
+            if codec is None:
+                continue
+            try:
+                call_decode(codec, bytearray(data), limit=ctx.target.settings.time_limit)
+            except kind as exc:
+                checked += 1
+                got = exc.metadata
+                if got is None or got.request_id != message.request_id:
+                    said = "no metadata" if got is None else f"request id {got.request_id}"
+                    fail(
+                        f"{what}, max_frame_size={limit}: {type(exc).__name__} ({exc}) carries "
+                        f"{said}; the header gave request id {message.request_id}, and an "
+                        f"engine answers the refused frame to the id in the error's metadata\n"
+                        f"{hexdump(data, mark=exc.offset)}"
+                    )
+            except CodecError:
+                continue
+
+    for_each_sample(ctx, prop)
+    if checked == 0:
+        raise CheckSkipped("no input the kit tried made decode raise FrameTooLargeError")
+    ctx.details["refused"] = checked
 
 
 __all__ = ["length_fields", "no_messages"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from ._support import (
     run_property,
     same_metadata,
     split_points,
+    type_problems,
 )
 from .base import CheckContext, CheckSkipped, check
 
@@ -299,6 +301,12 @@ def _decode_frame(codec: Codec, frame: bytes, what: str) -> Metadata | CodecErro
         )
     if not isinstance(result, Metadata):
         fail(f"decode_frame returned {type(result).__name__}, not Metadata, on {what}")
+    wrong = type_problems(result)
+    if wrong:
+        fail(
+            f"decode_frame returned metadata whose fields do not have the contract's types on "
+            f"{what}: " + "; ".join(wrong) + f"\n{hexdump(frame)}"
+        )
     return result
 
 
@@ -330,6 +338,15 @@ def _whole_frame_prop(
                 f"{what}: decode raised {type(expected).__name__} (frame_size="
                 f"{expected.frame_size}), decode_frame {type(got).__name__} (frame_size="
                 f"{got.frame_size}): {got}\n{hexdump(data, mark=expected.offset)}"
+            )
+        ids = [None if e.metadata is None else e.metadata.request_id for e in (expected, got)]
+        if ids[0] != ids[1]:
+            said = ["no metadata" if i is None else f"request id {i}" for i in ids]
+            fail(
+                f"{what}: decode's {type(expected).__name__} carries {said[0]}, "
+                f"decode_frame's {said[1]}: an engine answers a refused frame to the id in "
+                f"the error's metadata, so a large frame would go unanswered or answered to "
+                f"another id\n{hexdump(data, mark=expected.offset)}"
             )
         return got
     if isinstance(got, CodecError):
@@ -401,6 +418,94 @@ def framing_decode_frame_state(ctx: CheckContext) -> None:
         if first.options == second.options:
             labelled(first, functools.partial(_engine_order_prop, ctx, second=second))
             pairs += 1
+    if not pairs:
+        no_messages()
+    ctx.details["pairs"] = pairs
+
+
+def _frame_kept(kept: Metadata, original: bytes, what: str) -> None:
+    """Fail unless ``kept.frame`` still holds ``original`` and is ``bytes``."""
+    frame: object = kept.frame
+    try:
+        now = bytes(frame)  # type: ignore[call-overload]
+    except Exception as exc:
+        fail(f"{what}: metadata.frame ({type(frame).__name__}) cannot be read: {exc}")
+    if now != original:
+        fail(
+            f"{what}: a kept message's frame changed under it once its codec decoded the next "
+            "message and the caller reused its buffer (an engine keeps a request's frame for "
+            "retries, mirrors and local replies meanwhile): "
+            + compare(original, now, what="frames")
+        )
+    if not isinstance(frame, bytes):
+        fail(
+            f"{what}: metadata.frame is a {type(frame).__name__}, not bytes. The frame must be "
+            "immutable bytes the message owns: an engine keeps it (retries, mirrors, local "
+            "replies; an empty-mutation encode returns it as is and it is written as one "
+            "buffer) while it reuses its read buffers, and a view or a bytearray can change "
+            "or pin the memory under it"
+        )
+
+
+def _owned_prop(ctx: CheckContext, first: Sample, *, second: Sample) -> None:
+    """On one codec: ``first`` decoded from a read that also holds half of ``second``; the
+    read buffer overwritten and refilled with ``second``, decoded too; then, on another codec,
+    ``decode_frame(first)`` followed by ``decode(second)``. Every frame stays as it was."""
+    options = dict(first.options)
+    codec = ctx.target.new_codec(options)
+    buffer = bytearray(first.frame + second.frame[: len(second.frame) // 2])
+    try:
+        kept = call_decode(codec, buffer)
+    except CodecError:
+        return  # framing_trailing_partial reports a message followed by part of the next
+    if not isinstance(kept, Metadata):
+        return
+    try:
+        # The caller reuses its buffer: overwrites what is left, then refills it.
+        buffer[:] = b"\xff" * len(buffer)
+        buffer[:] = second.frame
+    except BufferError as exc:
+        fail(
+            f"decode left a view of the caller's buffer (resizing it raised BufferError: "
+            f"{exc}); a frame must be bytes the message owns"
+        )
+    try:
+        after: Metadata | NeedData | None = call_decode(codec, buffer)
+    except CodecError:
+        after = None  # a codec that locks onto one variant may refuse another's frame
+    _frame_kept(kept, first.frame, "decode")
+    if isinstance(after, Metadata):
+        _frame_kept(after, second.frame, "decode of the next message")
+    whole = ctx.target.new_codec(options)
+    try:
+        kept = whole.decode_frame(first.frame)
+    except Exception:
+        return  # framing_decode_frame judges decode_frame's errors
+    if not isinstance(kept, Metadata):
+        return
+    with contextlib.suppress(CodecError):
+        call_decode(whole, bytearray(second.frame))
+    _frame_kept(kept, first.frame, "decode_frame")
+
+
+@check("framing_frame_owned", "framing")
+def framing_frame_owned(ctx: CheckContext) -> None:
+    """Metadata.frame is immutable bytes the message owns, from decode and decode_frame alike.
+
+    An engine keeps a request's frame (for retries, mirrors, local replies) while its codec
+    decodes the next message and while it reuses its read buffer. Each message is decoded
+    from a read that also holds part of the next; the read is overwritten and refilled with
+    the next message, which the same codec decodes; the kept frame must be unchanged and of
+    type ``bytes`` (a ``memoryview`` or ``bytearray`` can change under it, or pin the read).
+    ``decode_frame``'s frame is held to the same rule.
+    """
+    samples = collect(ctx, ctx.target.settings.examples)
+    pairs = 0
+    for first, second in zip(samples, samples[1:] + samples[:1], strict=True):
+        if first.options != second.options:
+            second = first  # one connection carries one configuration
+        labelled(first, functools.partial(_owned_prop, ctx, second=second))
+        pairs += 1
     if not pairs:
         no_messages()
     ctx.details["pairs"] = pairs

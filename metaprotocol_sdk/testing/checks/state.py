@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Any
 
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from metaprotocol_sdk.codec import Codec, NeedData
+from metaprotocol_sdk.codec import Codec, NeedData, join_encoded
+from metaprotocol_sdk.enums import MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample
@@ -17,10 +19,12 @@ from metaprotocol_sdk.testing.hexdump import hexdump
 
 from ._support import (
     call_decode,
+    collect,
     corruptions,
     decode_whole,
     fail,
     for_each_sample,
+    labelled,
     no_messages,
     reference,
     run_property,
@@ -233,3 +237,102 @@ def state_resync_after_error(ctx: CheckContext) -> None:
     for_each_sample(ctx, prop)
     if found == 0:
         raise CheckSkipped("no corrupted message arriving in two reads raised with a frame_size")
+
+
+def _same_id_frames(ctx: CheckContext, first: Sample, second: Sample) -> list[bytes]:
+    """``first``, then messages other than it that carry its request id: ``second`` rewritten
+    with it (capability ``rewrite_request_id``; as is when it already has that id) and
+    ``first`` with the kit's mutation (capability ``mutation``, ``response_mutation`` for
+    replies). ``first`` itself is rewritten with id 1 when its id is outside the range an
+    engine rewrites ids in (``1..max_request_id``)."""
+    message = reference(ctx, first)
+    caps = ctx.target.codec.capabilities
+    top = ctx.target.codec.max_request_id
+    encoder = ctx.target.new_codec(first.options)
+    base = first.frame
+    if caps.rewrite_request_id and not 1 <= message.request_id <= top:
+        with contextlib.suppress(CodecError):
+            base = join_encoded(encoder.encode(message, request_id=1))
+            if _reference_id(ctx, first, base) != 1:
+                base = first.frame  # rewrite_request_id reports it
+            else:
+                message = decode_whole(ctx.target.new_codec(first.options), base)
+    out: list[bytes] = []
+    other = reference(ctx, second) if second.frame != first.frame else None
+    if other is not None and other.request_id == message.request_id:
+        out.append(second.frame)
+    elif other is not None and caps.rewrite_request_id and 1 <= message.request_id <= top:
+        with contextlib.suppress(CodecError):
+            out.append(join_encoded(encoder.encode(other, request_id=message.request_id)))
+    mutable = caps.mutation if message.message_type.is_request_side else caps.response_mutation
+    if mutable and message.message_type is not MessageType.Heartbeat:
+        with contextlib.suppress(CodecError):
+            out.append(join_encoded(encoder.encode(message, ctx.target.mutation)))
+    wanted = message.request_id
+    same = [f for f in out if f != base and _reference_id(ctx, first, f) == wanted]
+    return [base, *same] if same else []
+
+
+def _reference_id(ctx: CheckContext, sample: Sample, frame: bytes) -> int | None:
+    """The request id a fresh codec decodes from ``frame``, or None if it is not one message."""
+    buffer = bytearray(frame)
+    try:
+        result = ctx.target.new_codec(sample.options).decode(buffer)
+    except Exception:
+        return None
+    return result.request_id if isinstance(result, Metadata) and not buffer else None
+
+
+def _same_id_prop(ctx: CheckContext, first: Sample, *, same: list[bytes]) -> None:
+    frames = [*same, same[0]]
+    codec = ctx.target.new_codec(first.options)
+    buffer = bytearray(b"".join(frames))
+    for index, frame in enumerate(frames):
+        what = f"message {index + 1} of {len(frames)} (one request id) in one read"
+        try:
+            got = call_decode(codec, buffer)
+        except CodecError as exc:
+            fail(f"{what} raised {type(exc).__name__}: {exc}\n{hexdump(frame)}")
+        if not isinstance(got, Metadata) or got.frame != frame:
+            fail(f"{what}: decode returned {got!r}, not the message\n{hexdump(frame)}")
+        fresh = decode_whole(ctx.target.new_codec(first.options), frame, what)
+        diff = same_metadata(fresh, got)
+        if diff:
+            fail(
+                f"{what}: after {index} earlier messages with the same request id "
+                f"{fresh.request_id}, the same codec decodes it otherwise than a fresh one: "
+                f"{diff} (request ids are the client's to choose; a codec must not hand a "
+                f"message what it decoded from another under the same id or key)\n"
+                f"{hexdump(frame)}"
+            )
+
+
+@check("state_same_id", "state")
+def state_same_id(ctx: CheckContext) -> None:
+    """Different messages with the same request id decode on one codec as on fresh ones.
+
+    Request ids (and every other key on the wire) are the client's to choose, and clients
+    reuse them; a codec that caches what it decoded by id hands a later message the earlier
+    one's metadata. Each message is followed, in one read on one codec, by the next message
+    rewritten with its id (``encode(request_id=)``), by itself with the kit's mutation (same
+    id and operation, other attributes), and by itself again; each must decode as a fresh
+    codec decodes it.
+    """
+    samples = collect(ctx, ctx.target.settings.examples)
+    runs = 0
+    for first, second in zip(samples, samples[1:] + samples[:1], strict=True):
+        if first.name or second.name or first.options != second.options:
+            # Golden vectors may come from different connections: only mutations of their own.
+            second = first
+        same = _same_id_frames(ctx, first, second)
+        if same:
+            labelled(first, functools.partial(_same_id_prop, ctx, same=same))
+            runs += 1
+    if not runs:
+        if not samples:
+            no_messages()
+        raise CheckSkipped(
+            "no two different messages with the same request id: the codec declares neither "
+            "rewrite_request_id nor mutation, and no two messages share an id"
+        )
+    ctx.details["runs"] = runs
