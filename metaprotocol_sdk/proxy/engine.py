@@ -637,23 +637,21 @@ class Engine:
     def _sweep(self) -> None:
         """Enforce the per-connection timeouts and recount the buffered bytes exactly."""
         now = self.loop.time()
-        # Before the recount: closing an upstream connection may send its requests again on
-        # new connections, bytes the recount must see.
-        for upstream in list(self.upstreams):
-            if upstream.partial_since:
-                upstream.check_partial(now)
-        buffered = 0
-        # Upstreams first: one aborted for a stalled write answers its clients' requests
-        # locally, and their replies are counted below.
+        # Upstream connections first, in a pass before the recount: one closed for a stalled
+        # reply or stalled writes answers its clients' requests locally, and may send them
+        # again (retries) on new connections, whose bytes the recount must see.
         upstream_write = self.upstream_write_timeout
         for upstream in list(self.upstreams):
+            if upstream.partial_since and upstream.check_partial(now):
+                continue  # aborted: connection_lost releases what it held
             unsent = upstream.account_unsent()
             if unsent:
-                if upstream.write_sweep(now, upstream_write, unsent):
-                    continue  # aborted: it holds nothing now
+                upstream.write_sweep(now, upstream_write, unsent)
             elif upstream.stalled_since or upstream.expired:
                 upstream.writes_caught_up()
-            buffered += upstream.held + unsent
+        buffered = 0
+        for upstream in list(self.upstreams):
+            buffered += upstream.held + upstream.account_unsent()
             pool = upstream.cluster.pool
             if pool is not None and pool.idle_timeout is not None:
                 upstream.idle_sweep(now, pool.idle_timeout)

@@ -804,9 +804,10 @@ class UpstreamConnection(asyncio.Protocol):
                 f"{engine.max_buffered})",
             )
 
-    def check_partial(self, now: float) -> None:
+    def check_partial(self, now: float) -> bool:
         """Close the connection when the partial reply at the front is older than
-        ``timeouts.frame`` (engine sweep): the replies behind it could never arrive."""
+        ``timeouts.frame`` (engine sweep): the replies behind it could never arrive.
+        ``True``: closed."""
         timeout = self.engine.frame_timeout
         if self.partial_since and not self.closed and now - self.partial_since > timeout:
             self.give_up(
@@ -815,6 +816,8 @@ class UpstreamConnection(asyncio.Protocol):
                 f"upstream {self.host.key} sent part of a reply and not the rest within "
                 f"{timeout:g}s",
             )
+            return True
+        return False
 
     def give_up(self, reason: str, error: ErrorType, message: str) -> None:
         """Close the connection for ``reason`` (a limit the engine enforces, counted by

@@ -287,6 +287,46 @@ def test_a_connection_given_up_on_does_not_wait_to_send_what_it_holds() -> None:
     run(main())
 
 
+def test_a_retry_after_an_upstream_write_timeout_stays_counted() -> None:
+    """The same recount slip for the write watch merged from upstall: a connection aborted in
+    the sweep's recount loop for stalled writes sent its requests again (``retryOn: reset``)
+    on a new connection the loop did not see, so the count went below what was held
+    (measured: 0 with an 8 MB request in flight, then -8 000 056) until the next sweep."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        router = (
+            "- name: r\n"
+            "  route: [{destination: {host: svc.test}}]\n"
+            "  retries: {attempts: 1, retryOn: reset}\n"
+        )
+        proxy = "timeouts: {route: 60s, upstreamWrite: 0.3s}\n"
+        async with engine_for(mesh([(up.port, "v1")], router=router, proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            first = c.start(rid=1)
+            ((conn, _),) = await up.wait_received(1)
+            assert conn.transport is not None
+            conn.transport.pause_reading()
+            second = c.start(rid=2, body=bytes(8_000_000))  # the kernel takes a part only
+            received = await up.wait_received(3)
+            fresh = received[1][0]
+            assert fresh is not conn and received[2][0] is fresh
+            retried = [m for _, m in received[1:]]
+            # At least the frames in flight (a few bytes may still count as unsent until the
+            # next sweep: a transport's drain below its low-water mark is not reported).
+            assert engine.buffered >= sum(len(m.frame) for m in retried)
+            for m in retried:
+                fresh.write(build_frame(RESPONSE, m.request_id))
+            replies = [await asyncio.wait_for(f, WAIT) for f in (first, second)]
+            assert [error_type(r) for r in replies] == [None, None]
+            assert engine.buffered >= 0
+            assert engine.stats.total("metaprotocol_retries_total", reason="reset") == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
 def test_partial_replies_past_the_buffer_budget_are_cut_off() -> None:
     """Partial replies were never held to ``overload.maxBufferedBytes``: each upstream
     connection kept up to ``max_frame_size`` of one, and with a connection per client (codecs
