@@ -30,7 +30,6 @@ from proxy_kit import (
 from metaprotocol_sdk import Metadata, ReplyHead, ResponseStatus
 from metaprotocol_sdk.examples.kv import ERROR, HEADER, HEADER_SIZE, KVCodec
 
-LISTENER = "svc.test:9000"
 CLUSTER = "outbound|9000||svc.test"
 DEDICATED = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
 
@@ -406,6 +405,50 @@ def test_replies_read_before_a_partial_reply_is_cut_off_leave_before_its_error()
             ]
             for w in [writer, *fillers]:
                 w.close()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", ["shared", "dedicated"])
+def test_replies_a_byte_at_a_time_then_a_half_close_midway(mode: str) -> None:
+    """(Held before this hunt; kept as a guard.) Replies split at every byte, one read each,
+    all arrive; an upstream that half-closes in the middle of the next reply fails the
+    requests left on the connection with ``UpstreamReset`` at once, not at a timeout, and
+    the reset is the upstream's (``metaprotocol_upstream_resets_total``)."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        kw: dict[str, Any] = DEDICATED if mode == "dedicated" else {}
+        proxy = "timeouts: {route: 60s, frame: 60s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy, **kw)) as engine:
+            c = await Client.connect(address(engine))
+            waiting = [c.start(rid=i) for i in range(1, 5)]
+            received = await up.wait_received(4)
+            conn = received[0][0]
+            assert conn.transport is not None
+            data = b"".join(
+                build_frame(RESPONSE, m.request_id, {"k": str(i)}, b"b" * 40)
+                for i, (_, m) in enumerate(received[:3], 1)
+            )
+            for i in range(len(data)):
+                conn.write(data[i : i + 1])
+                await asyncio.sleep(0)  # one read per byte, as far as the loop goes
+            last = build_frame(RESPONSE, received[3][1].request_id, {}, b"b" * 40)
+            conn.write(last[:20])
+            conn.transport.write_eof()
+            replies = [await asyncio.wait_for(f, WAIT) for f in waiting]
+            assert [(r.request_id, error_type(r)) for r in replies] == [
+                (1, None),
+                (2, None),
+                (3, None),
+                (4, "UpstreamReset"),
+            ]
+            assert [r.attributes.get("k") for r in replies[:3]] == ["1", "2", "3"]
+            assert engine.stats.total("metaprotocol_upstream_resets_total") == 1
+            assert requests(engine, "Ok") == 3 and requests(engine, "UpstreamReset") == 1
+            await until(lambda: engine.buffered == 0, "nothing buffered", WAIT)
+            c.close()
         await up.close()
 
     run(main())
