@@ -938,21 +938,10 @@ class Downstream(asyncio.Protocol):
         )
 
     def forward(
-        self,
-        p: Pending,
-        frame: bytes,
-        status: ResponseStatus,
-        batch: list[Downstream],
-        skipped: bool = False,
+        self, p: Pending, frame: bytes, status: ResponseStatus, batch: list[Downstream]
     ) -> None:
         """Queue a reply to ``p`` that the codec peeked at: no response mutation applies, so
-        only the id is put back (shared connections). Batched as :meth:`finish` does.
-
-        ``skipped``: the route has a response mutation (or a response filter reading the
-        reply) but the codec could not decode the reply, so it goes out without it (counted in
-        ``metaprotocol_mutations_skipped_total`` when a mutation was skipped)."""
-        if skipped and p.route.response_mutation is not None:
-            self.listener.count_skipped_mutation(p.route.name)
+        only the id is put back (shared connections). Batched as :meth:`finish` does."""
         if self.closed:
             self._reply(p, None, 0, status, batch)
             return

@@ -68,12 +68,7 @@ class MirrorSink:
         self.count(p.target, _STATUS_NAMES[response.response_status])
 
     def forward(
-        self,
-        p: Pending,
-        frame: bytes,
-        status: ResponseStatus,
-        batch: list[Downstream],
-        skipped: bool = False,
+        self, p: Pending, frame: bytes, status: ResponseStatus, batch: list[Downstream]
     ) -> None:
         """A peeked reply to a copy: dropped, counted by status."""
         self._settle(p)

@@ -673,11 +673,12 @@ class UpstreamConnection(asyncio.Protocol):
         batch: list[Downstream] = []
         failed: CodecError | None = None
         while buffer:
-            head = None
             if peek is not None:
                 head = peek(buffer)
                 if head is not None and self._forward(head, batch):
                     continue
+            else:
+                head = None
             try:
                 message = codec.decode(buffer)
             except CodecError as exc:
@@ -702,10 +703,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._heartbeat(message)
         else:
             self.need = 0
-        consumed = len(buffer) != start
         self._after_read(batch, failed)  # first: the replies read leave before any error
         if (buffer or self.held) and not self.closed:
-            self._partial(consumed)
+            self._partial(len(buffer) != start)
 
     def _after_read(self, batch: list[Downstream], failed: CodecError | None) -> None:
         """Write the replies a read completed; then retire, or give up on a bad reply."""
@@ -856,10 +856,19 @@ class UpstreamConnection(asyncio.Protocol):
             wire_id, _, status = head
             p = self._match(wire_id)
             frame = take_frame(buffer, size)
-            if p is not None:
-                p.downstream.forward(p, frame, status, batch, skipped=True)
-            else:
+            if p is None:
                 self.cluster.unmatched_reply()
+                return True
+            route = p.route
+            engine = self.engine
+            if route.response_mutation is not None and p.downstream is not engine.mirror_sink:
+                # The mutation is what could not be done: counted as one a reply cannot carry.
+                engine.stats.counter(
+                    "metaprotocol_mutations_skipped_total",
+                    listener=p.target.labels["listener"],
+                    route=route.name,
+                ).value += 1
+            p.downstream.forward(p, frame, status, batch)
             return True
         del buffer[:size]
         for downstream in batch:  # the replies before it leave first (the error goes at once)
