@@ -648,16 +648,9 @@ class BytesForBadUtf8(_Broken):
         return message
 
 
-BROKEN: list[type[_Broken]] = [
-    IgnoresPartialFrames,
-    ShortValueOnTruncation,
-    DropsRequestIdInErrorReply,
-    EmptyErrorReply,
-    CorruptsBodyOnMutation,
-    ForgetsLengthAfterMutation,
-    IndexErrorOnGarbage,
-    BuffersOversizedLength,
-    SharesStateBetweenInstances,
+# The rules the engine relies on in combination (issue 13): each of these codecs has one fault
+# that the older checks all missed, so it must fail its own check and pass every other one.
+ONLY_ONE: list[type[_Broken]] = [
     KeepsOldIdWithMutation,
     AsksOneByteTooMany,
     KeepsExistingKeys,
@@ -666,6 +659,8 @@ BROKEN: list[type[_Broken]] = [
     QuadraticHeaders,
     WholeFrameSkipsHeaders,
     StaleStateAfterWholeFrame,
+    # The rules the engine relies on beyond those (hunt of the kit's blind spots): each of
+    # these passed every check before its own was added or strengthened.
     ErrorReplyAsResponse,
     PongForPong,
     PeekSkipsHeaders,
@@ -678,9 +673,24 @@ BROKEN: list[type[_Broken]] = [
     CopiesWholeBuffer,
     ReusesHeaderScratch,
     KeepsHeaderAfterError,
+    # The engine keeps a message's frame, answers a refused frame by the id its error
+    # carries, and sees request ids its clients chose: each of these passed every check.
     WholeFrameView,
     TooLargeWithoutId,
     CachesById,
 ]
 
-__all__ = ["BROKEN", "MessageType"]
+BROKEN: list[type[_Broken]] = [
+    IgnoresPartialFrames,
+    ShortValueOnTruncation,
+    DropsRequestIdInErrorReply,
+    EmptyErrorReply,
+    CorruptsBodyOnMutation,
+    ForgetsLengthAfterMutation,
+    IndexErrorOnGarbage,
+    BuffersOversizedLength,
+    SharesStateBetweenInstances,
+    *ONLY_ONE,
+]
+
+__all__ = ["BROKEN", "ONLY_ONE", "MessageType"]

@@ -6,31 +6,9 @@ from __future__ import annotations
 import pytest
 from broken_codecs import (
     BROKEN,
-    AsciiErrorMessage,
-    AsksOneByteTooMany,
+    ONLY_ONE,
     BytesForBadUtf8,
-    CachesById,
-    ConsumesBeforeRaising,
-    CopiesWholeBuffer,
-    ErrorRepliesOnlyToRequests,
-    ErrorReplyAsResponse,
     FrameViewOfScratch,
-    KeepsExistingKeys,
-    KeepsHeaderAfterError,
-    KeepsOldIdWithMutation,
-    NeverMutates,
-    PeekSkipsHeaders,
-    PongForPong,
-    QuadraticHeaders,
-    RebuildsFrameOnEncode,
-    RecordsWireIdOnMutation,
-    ReusesHeaderScratch,
-    ShortFrameSize,
-    StaleStateAfterWholeFrame,
-    TooLargeWithoutId,
-    WholeFrameSkipsHeaders,
-    WholeFrameView,
-    WideMaxRequestId,
 )
 
 from metaprotocol_sdk import Attributes, CodecError, FramingError, Metadata, NeedData
@@ -70,39 +48,6 @@ def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
     assert len(set(targeted)) == len(targeted) == 32
     assert set(targeted) <= set(check_names())
-
-
-# The rules the engine relies on in combination (issue 13): each of these codecs has one fault
-# that the older checks all missed, so it must fail its own check and pass every other one.
-ONLY_ONE = [
-    KeepsOldIdWithMutation,
-    AsksOneByteTooMany,
-    KeepsExistingKeys,
-    RebuildsFrameOnEncode,
-    ConsumesBeforeRaising,
-    QuadraticHeaders,
-    WholeFrameSkipsHeaders,
-    StaleStateAfterWholeFrame,
-    # The rules the engine relies on beyond those (hunt of the kit's blind spots): each of
-    # these passed every check before its own was added or strengthened.
-    ErrorReplyAsResponse,
-    PongForPong,
-    PeekSkipsHeaders,
-    RecordsWireIdOnMutation,
-    WideMaxRequestId,
-    AsciiErrorMessage,
-    ShortFrameSize,
-    NeverMutates,
-    ErrorRepliesOnlyToRequests,
-    CopiesWholeBuffer,
-    ReusesHeaderScratch,
-    KeepsHeaderAfterError,
-    # The engine keeps a message's frame, answers a refused frame by the id its error
-    # carries, and sees request ids its clients chose: each of these passed every check.
-    WholeFrameView,
-    TooLargeWithoutId,
-    CachesById,
-]
 
 
 @pytest.mark.parametrize("codec", ONLY_ONE, ids=lambda c: c.__name__)
