@@ -221,24 +221,25 @@ class Cluster:
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
         self.balancer = make_balancer(self.policy, hosts)
 
+    def _count(self, made: dict[str, Counter], name: str, label: str, value: str) -> None:
+        """Add one to this cluster's series ``name`` with ``label=value``, made on first use
+        and kept in ``made`` (most clusters never see most values)."""
+        counter = made.get(value)
+        if counter is None:
+            labels = {"cluster": self.name, label: value}
+            counter = made[value] = self.engine.stats.counter(name, **labels)
+        counter.value += 1
+
     def overflow(self, limit: str) -> str:
         """Count a request refused by the circuit breaker ``limit``; the reply's message."""
-        counter = self._overflows.get(limit)
-        if counter is None:
-            counter = self._overflows[limit] = self.engine.stats.counter(
-                "metaprotocol_upstream_overflow_total", cluster=self.name, limit=limit
-            )
-        counter.value += 1
+        self._count(self._overflows, "metaprotocol_upstream_overflow_total", "limit", limit)
         return f"circuit breaker {limit} of {self.name} is open"
 
     def closed_by(self, reason: str) -> None:
         """Count an upstream connection the engine closed for a limit (``reason``)."""
-        counter = self._closed_by.get(reason)
-        if counter is None:
-            counter = self._closed_by[reason] = self.engine.stats.counter(
-                "metaprotocol_upstream_connections_closed_total", cluster=self.name, reason=reason
-            )
-        counter.value += 1
+        self._count(
+            self._closed_by, "metaprotocol_upstream_connections_closed_total", "reason", reason
+        )
 
     def over_pool_limits(self, host: UpstreamHost) -> str | None:
         """Which request limit of ``connectionPool`` a new request to ``host`` would break."""
