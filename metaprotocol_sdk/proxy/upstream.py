@@ -454,6 +454,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- sending -------------------------------------------------------------------------------
 
+    def _free_id(self) -> int:
+        """The connection's next id that no request waits for (shared connections), from
+        1 to the codec's ``max_request_id``, round."""
+        wire_id = self.next_id + 1
+        pending = self.pending
+        max_id = self.max_id
+        while wire_id > max_id or wire_id in pending:
+            wire_id = 1 if wire_id > max_id else wire_id + 1
+        return wire_id
+
     def send(self, p: Pending, mutation: Mutation | None) -> None:
         """Encode and send a request that expects a response.
 
@@ -461,15 +471,11 @@ class UpstreamConnection(asyncio.Protocol):
         """
         request = p.request
         if self.shared:
-            wire_id = self.next_id + 1
-            pending = self.pending
-            max_id = self.max_id
-            while wire_id > max_id or wire_id in pending:
-                wire_id = 1 if wire_id > max_id else wire_id + 1
+            wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id
-            pending[wire_id] = p
+            self.pending[wire_id] = p
         else:
             encoded = self.codec.encode(request, mutation)
             self.next_seq = p.seq = self.next_seq + 1
@@ -589,11 +595,7 @@ class UpstreamConnection(asyncio.Protocol):
         waits for: an upstream that answers it anyway then answers nobody, not whichever
         request has the client's id on this connection."""
         if self.shared:
-            wire_id = self.next_id + 1
-            pending = self.pending
-            max_id = self.max_id
-            while wire_id > max_id or wire_id in pending:
-                wire_id = 1 if wire_id > max_id else wire_id + 1
+            wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
         else:
