@@ -643,7 +643,7 @@ class Engine:
         upstream_write = self.upstream_write_timeout
         for upstream in list(self.upstreams):
             if upstream.partial_since and upstream.check_partial(now):
-                continue  # aborted: connection_lost releases what it held
+                continue  # aborted: it released what it held
             unsent = upstream.account_unsent()
             if unsent:
                 upstream.write_sweep(now, upstream_write, unsent)

@@ -76,6 +76,8 @@ HELP = {
     'counts went to the stats="overflow" series of their name).',
     "metaprotocol_stats_removed_total": "Series dropped because what they named left the "
     'configuration (counts kept in the stats="removed" series of their name).',
+    "metaprotocol_upstream_unmatched_replies_total": "Replies that answered no waiting request "
+    "(late, repeated or unknown ids), dropped.",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",

@@ -27,18 +27,13 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, make_balancer
 from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
 from .outlier import OutlierDetector
-from .stats import HELP, Counter
+from .stats import Counter
 
 if TYPE_CHECKING:
     from .downstream import Downstream
     from .engine import Engine
     from .mirror import MirrorSink
     from .router import CompiledRoute, Target
-
-HELP.setdefault(
-    "metaprotocol_upstream_unmatched_replies_total",
-    "Replies that answered no waiting request (late, repeated or unknown ids), dropped.",
-)
 
 _RESPONSE = MessageType.Response
 _ERROR = MessageType.Error
@@ -576,13 +571,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _abort_stalled(self, reason: str, message: str) -> None:
         """Reset the connection, dropping what it could not send; requests still waiting get
         ``UpstreamReset`` (the next request opens a fresh connection)."""
-        self.cluster.closed_by(reason)
-        transport = self.transport
-        self.closed = True
-        self.stalled_since = 0.0
-        if transport is not None:
-            transport.abort()  # connection_lost follows: the connection is already finished
-        self._finish_close(ErrorType.UpstreamReset, message)
+        self.give_up(reason, ErrorType.UpstreamReset, message)
 
     def _close_if_idle(self) -> None:
         if self.retiring and not self.pending and len(self.order) == self.stale:
@@ -827,20 +816,18 @@ class UpstreamConnection(asyncio.Protocol):
         cluster) and answer what is in flight on it with ``error``. It is out of the pool
         first, so that a retry goes to a fresh connection. It is aborted, not closed: its
         requests are answered, and a graceful close would wait for the upstream to take what
-        is still queued for it, for good if it reads nothing."""
+        is still queued for it, for good if it reads nothing. Everything it held is released
+        at once (the engine's sweep recounts right after); ``connection_lost`` finds nothing
+        left."""
         self.cluster.closed_by(reason)
-        host = self.host
-        if self in host.conns:
-            host.conns.remove(self)
-        if self.owner is not None:
-            self.owner.upstream_closed(self)
-        transport = self.transport
-        if transport is not None:
-            self.closed = True
-            transport.abort()  # connection_lost finishes the job
-        else:
-            self.close()
-        self._fail_all(error, message)
+        self.closed = True
+        self.stalled_since = 0.0
+        if self.transport is not None:
+            self.transport.abort()
+        elif self.task is not None:  # still connecting
+            self.task.cancel()
+            self.task = None
+        self._finish_close(error, message)
 
     def _refused(self, exc: CodecError, head: ReplyHead | None, batch: list[Downstream]) -> bool:
         """The codec refused the reply at the front of the buffer. When it said where the reply
@@ -866,11 +853,7 @@ class UpstreamConnection(asyncio.Protocol):
             engine = self.engine
             if route.response_mutation is not None and p.downstream is not engine.mirror_sink:
                 # The mutation is what could not be done: counted as one a reply cannot carry.
-                engine.stats.counter(
-                    "metaprotocol_mutations_skipped_total",
-                    listener=p.target.labels["listener"],
-                    route=route.name,
-                ).value += 1
+                cast("Downstream", p.downstream).listener.count_skipped_mutation(route.name)
             p.downstream.forward(p, frame, status, batch)
             return True
         del buffer[:size]
