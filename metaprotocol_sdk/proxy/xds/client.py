@@ -87,6 +87,8 @@ class HeldRoutes:
 
     call: Any
     response: discovery_pb2.DiscoveryResponse
+    #: The response's route configurations, decoded once (looked at on every EDS update).
+    routes: dict[str, Message]
     #: The clusters whose endpoints have not arrived yet.
     clusters: list[str]
     #: When the first update of this wait was held (``loop.time()``): a newer update takes
@@ -427,7 +429,7 @@ class XdsClient:
                 if state.type_url == ROUTE_TYPE:
                     warming = [] if force else self._warming(candidate)
                     if warming:
-                        self._hold(call, response, warming)
+                        self._hold(call, response, resources, warming)
                         await self._notify()
                         return
                     self._release()  # this update replaces the one that waited, if any
@@ -492,13 +494,17 @@ class XdsClient:
         return waiting
 
     def _hold(
-        self, call: Any, response: discovery_pb2.DiscoveryResponse, clusters: list[str]
+        self,
+        call: Any,
+        response: discovery_pb2.DiscoveryResponse,
+        routes: dict[str, Message],
+        clusters: list[str],
     ) -> None:
         """Keep a route update until its clusters' endpoints arrive, or for
         ``initial_fetch_timeout`` at most (from the first update held)."""
         loop = asyncio.get_running_loop()
         since = loop.time() if self.held is None else self.held.since
-        self.held = HeldRoutes(call, response, clusters, since)
+        self.held = HeldRoutes(call, response, routes, clusters, since)
         if self._held_timer is None:
             delay = max(0.0, since + self.settings.initial_fetch_timeout - loop.time())
             self._held_timer = loop.call_later(delay, self._held_timeout)
@@ -537,7 +543,7 @@ class XdsClient:
         if held.call is not self._carrier[ROUTE_TYPE].call:
             self._release()  # its stream ended: a new one is sent the routes again
             return
-        if not force and self._warming(self._candidate(state, _decode(held.response))):
+        if not force and self._warming(self._candidate(state, held.routes)):
             return
         self._release()
         if force:
