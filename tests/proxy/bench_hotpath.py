@@ -1,8 +1,10 @@
-"""CPU per request of the engine's Python work, without sockets (KV codec included).
+"""CPU per request of the engine's Python work, without sockets (codec included).
 
-Run: ``.venv/bin/python tests/proxy/bench_hotpath.py [N]``. Fake transports stand in for the
-sockets, so this measures decode, routing, id rewriting, encode and bookkeeping only; add
-the event loop and syscalls for an end-to-end figure.
+Run: ``.venv/bin/python tests/proxy/bench_hotpath.py [N] [--dubbo]``. Fake transports stand
+in for the sockets, so this measures decode, routing, id rewriting, encode and bookkeeping
+only; add the event loop and syscalls for an end-to-end figure. By default the KV example
+codec with one route; ``--dubbo``: the Dubbo codec with the routes of ``bench/bench_proxy.py``
+(a weighted split whose route writes an attachment), its 16-byte request and reply.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ from __future__ import annotations
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy_kit import mesh, wire_fakes
 
 from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
+
+HERE = Path(__file__).resolve().parent
 
 ROUTER = """\
 - name: hello
@@ -27,20 +32,62 @@ ROUTER = """\
   route: [{destination: {host: svc.test, subset: v1}}]
 """
 
+#: The routes of the proxy benchmark's engine (``bench/proxy/configs.py``), on one subset.
+DUBBO_ROUTER = """\
+- name: sayhello-to-v2
+  match: {attributes: {method: {exact: sayHello}}}
+  route: [{destination: {host: svc.test, subset: v1}}]
+- name: split
+  requestMutation: [{key: x-bench, value: metaprotocol}]
+  route:
+    - {destination: {host: svc.test, subset: v1}, weight: 20}
+    - {destination: {host: svc.test, subset: v1}, weight: 80}
+"""
 
-async def main(n: int) -> None:
-    engine = Engine(loads_config(mesh([(1, "v1")], router=ROUTER)))
+
+def kv_wire() -> tuple[str, bytes, Callable[[bytes], int], Callable[[int], bytes]]:
+    """The KV mesh, its request, how to read a sent request's id, and the reply to an id."""
+    request = build_frame(REQUEST, 7, {"method": "sayHello", "interface": "greeter"}, b"x" * 64)
+    return (
+        mesh([(1, "v1")], router=ROUTER),
+        request,
+        lambda frame: struct.unpack_from(">I", frame, 4)[0],
+        lambda wire_id: build_frame(RESPONSE, wire_id, {"s": "1"}, b"ok"),
+    )
+
+
+def dubbo_wire() -> tuple[str, bytes, Callable[[bytes], int], Callable[[int], bytes]]:
+    """The same for Dubbo, with the benchmark's frames."""
+    sys.path.insert(0, str(HERE.parents[1] / "bench" / "proxy"))
+    from wire import dubbo_reply, dubbo_request
+
+    text = mesh(
+        [(1, "v1")],
+        router=DUBBO_ROUTER,
+        protocol="dubbo",
+        codec="aeraki.meta_protocol.codec.dubbo",
+    )
+    return (
+        text,
+        dubbo_request(16, 7),
+        lambda frame: struct.unpack_from(">Q", frame, 4)[0],
+        lambda wire_id: dubbo_reply(16, wire_id),
+    )
+
+
+async def main(n: int, dubbo: bool) -> None:
+    text, request, wire_id_of, reply_to = dubbo_wire() if dubbo else kv_wire()
+    engine = Engine(loads_config(text))
     await engine.start()
     down, down_t, up, up_t = wire_fakes(engine)
-    request = build_frame(REQUEST, 7, {"method": "sayHello", "interface": "greeter"}, b"x" * 64)
-    responses = [build_frame(RESPONSE, i, {"s": "1"}, b"ok") for i in range(n + 2001)]
+    replies = [reply_to(wire_id) for wire_id in range(n + 2001)]  # ids go 1, 2, 3...
 
     def one() -> None:
         down.data_received(request)
         up._flush()  # normally run by the loop once it has delivered all it read
-        wire_id = struct.unpack_from(">I", up_t.calls[0][0], 4)[0]
+        wire_id = wire_id_of(up_t.calls[0][0])
         up_t.calls.clear()
-        up.data_received(responses[wire_id])
+        up.data_received(replies[wire_id])
         down_t.calls.clear()
 
     for _ in range(2000):
@@ -49,9 +96,11 @@ async def main(n: int) -> None:
     for _ in range(n):
         one()
     took = time.process_time() - start
-    print(f"{n} requests: {took / n * 1e6:.1f} us CPU per request (engine + KV codec, no I/O)")
+    codec = "Dubbo" if dubbo else "KV"
+    print(f"{n} requests: {took / n * 1e6:.2f} us CPU per request (engine + {codec} codec, no I/O)")
     await engine.stop(drain=0.1)
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000))
+    args = [a for a in sys.argv[1:] if a != "--dubbo"]
+    uvloop.run(main(int(args[0]) if args else 100_000, "--dubbo" in sys.argv[1:]))
