@@ -3,7 +3,8 @@
 Codecs and filters run on the event loop. One that loops forever, goes quadratic on some
 input or makes a blocking call stops every connection of the process, silently. The loop
 runs a heartbeat (a timer callback, four per ``watchdog.missTimeout``: nothing on the request
-path); a daemon thread wakes as often and measures how overdue the heartbeat is. Each stall
+path); a daemon thread wakes when a miss could begin (about once per ``missTimeout``, more
+often during a stall) and measures how overdue the heartbeat is. Each stall
 counts once as a miss and once as a mega-miss, logs the loop thread's Python stack once at the
 mega-miss (which codec or filter function is stuck), and past ``killTimeout`` ends the process
 with :data:`KILL_STATUS` so that a supervisor starts a fresh one.
@@ -115,7 +116,8 @@ class GuardDog:
         kill = settings.kill_timeout
         stalled_since = 0.0  # the overdue heartbeat's due time, while a stall lasts
         missed = megamissed = False
-        while not self._stopping.wait(self.interval):
+        wait = settings.miss_timeout
+        while not self._stopping.wait(wait):
             due = self._beat_at + self.interval
             stalled = time.monotonic() - due
             if stalled < settings.miss_timeout:
@@ -125,12 +127,19 @@ class GuardDog:
                         self._beat_at - stalled_since,
                     )
                 missed = megamissed = False
+                # Asleep until a miss could begin: about once per missTimeout while the
+                # heartbeat keeps coming.
+                wait = max(settings.miss_timeout - stalled, self.interval)
                 continue
             stalled_since = due
+            wait = self.interval  # to see the stall end (or grow) soon
             if not missed:
                 missed = True
                 self.misses.value += 1
-            if not megamissed and stalled >= settings.megamiss_timeout:
+            if not megamissed:
+                if stalled < settings.megamiss_timeout:
+                    wait = max(settings.megamiss_timeout - stalled, 0.001)
+                    continue
                 megamissed = True
                 self.megamisses.value += 1
                 log.warning(
@@ -140,18 +149,24 @@ class GuardDog:
                     settings.megamiss_timeout,
                     self._stack(),
                 )
-            if kill is not None and stalled >= kill and not self._stopping.is_set():
-                log.error(
-                    "event loop stuck for %.2f s (watchdog.killTimeout %g s): ending the "
-                    "process with exit status %d. Its thread is in:\n%s",
-                    stalled,
-                    kill,
-                    KILL_STATUS,
-                    self._stack(),
-                )
-                flush_before_exit(KILL_FLUSH)
-                self._exit(KILL_STATUS)
+            if kill is None:
+                continue
+            if stalled < kill:
+                wait = min(self.interval, max(kill - stalled, 0.001))
+                continue
+            if self._stopping.is_set():
                 return
+            log.error(
+                "event loop stuck for %.2f s (watchdog.killTimeout %g s): ending the "
+                "process with exit status %d. Its thread is in:\n%s",
+                stalled,
+                kill,
+                KILL_STATUS,
+                self._stack(),
+            )
+            flush_before_exit(KILL_FLUSH)
+            self._exit(KILL_STATUS)
+            return
 
     def _stack(self) -> str:
         frame = sys._current_frames().get(self._loop_thread)
