@@ -68,7 +68,8 @@ def format_stack(frame: FrameType | None, limit: int = STACK_FRAMES) -> list[str
 class GuardDog:
     """The watchdog of one engine's event loop: :meth:`start` on the loop, :meth:`stop`.
 
-    ``exit`` ends the process on a kill (``os._exit``; tests replace it).
+    ``exit`` ends the process on a kill (``os._exit``; a program embedding the engine may
+    pass its own).
     """
 
     def __init__(
