@@ -29,6 +29,7 @@ from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .stats import Counter, Labels, Stats
 from .telemetry import IstioTelemetry, TargetTelemetry
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
+from .watchdog import GuardDog
 
 log = logging.getLogger("metaprotocol.proxy")
 
@@ -177,6 +178,8 @@ class Engine:
             if telemetry.istio_metrics
             else None
         )
+        #: Watches the event loop for stalls (its thread runs between start and stop).
+        self.watchdog = GuardDog(settings.watchdog, self.stats)
         #: Extra ``/config_dump`` sections, by key, computed on each dump (the xDS client's).
         self.dump_sections: dict[str, Callable[[], Any]] = {}
         #: The event loop the engine runs on (set by :meth:`start`).
@@ -422,6 +425,7 @@ class Engine:
             await self._close_servers()
             raise
         self._schedule_sweep()
+        self.watchdog.start()
 
     async def _listen(
         self, listener: Listener, runtime: ListenerRuntime, start: bool
@@ -878,6 +882,7 @@ class Engine:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self.watchdog.stop()
         if self.config.proxy.tracing is not None:
             # Export the spans still queued, off the loop, for a bounded time (a dead
             # collector must not hold the shutdown; the exporter gives up on its own later).
@@ -1015,6 +1020,7 @@ class Engine:
                 "limits": {**vars(settings.limits), "max_connections": self.max_connections},
                 "overload": vars(settings.overload),
                 "timeouts": vars(settings.timeouts),
+                "watchdog": vars(settings.watchdog),
                 "accessLog": settings.access_log,
                 "connectionsPerEndpoint": settings.connections_per_endpoint,
                 "admin": None

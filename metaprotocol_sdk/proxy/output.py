@@ -100,3 +100,14 @@ def background_output() -> Iterator[BackgroundOutput]:
         sys.stdout, sys.stderr = old
         for raw in output.raws:
             raw.writer.close(CLOSE_WAIT)
+
+
+def flush_before_exit(wait: float) -> None:
+    """Write what ``sys.stdout`` and ``sys.stderr`` hold, each thread given up to ``wait``
+    seconds, before an ``os._exit`` (which skips every ``finally``). Any thread may call it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
+            raw = getattr(getattr(stream, "buffer", None), "raw", None)
+            if isinstance(raw, BackgroundRaw):
+                raw.writer.close(wait)

@@ -37,6 +37,7 @@ RESTART_NEEDED = {
     "limits": "spec.limits",
     "overload": "spec.overload",
     "timeouts": "spec.timeouts",
+    "watchdog": "spec.watchdog",
     "access_log": "spec.accessLog",
     "connections_per_endpoint": "spec.upstream.connectionsPerEndpoint",
     "telemetry": "spec.telemetry",

@@ -78,6 +78,10 @@ HELP = {
     'configuration (counts kept in the stats="removed" series of their name).',
     "metaprotocol_upstream_unmatched_replies_total": "Replies that answered no waiting request "
     "(late, repeated or unknown ids), dropped.",
+    "metaprotocol_watchdog_miss_total": "Event loop stalls longer than watchdog.missTimeout "
+    "(each stall once).",
+    "metaprotocol_watchdog_megamiss_total": "Event loop stalls longer than "
+    "watchdog.megamissTimeout (each stall once; the stuck stack is logged).",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",

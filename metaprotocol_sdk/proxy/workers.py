@@ -17,9 +17,10 @@ and whose admin endpoint listens on ``127.0.0.1:0`` for the supervisor only.
   engine does; a worker still running after the drain deadline (plus :data:`STOP_GRACE`) is
   killed. A second signal kills them at once. ``SIGHUP`` is forwarded: each worker reloads
   its own configuration.
-* A worker that exits is started again after a capped exponential delay
-  (:func:`restart_delay`) and counted. A worker watches its standard input, a pipe from the
-  supervisor: when the supervisor is gone (even killed with ``SIGKILL``), the worker drains.
+* A worker that exits (a crash, or its watchdog ending it: ``watchdog.killTimeout``) is
+  started again after a capped exponential delay (:func:`restart_delay`) and counted. A
+  worker watches its standard input, a pipe from the supervisor: when the supervisor is gone
+  (even killed with ``SIGKILL``), the worker drains.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .admin_page import merge_live, page_html
 from .config.models import Admin
 from .stats import Stats
 from .stats_merge import WORKER_LABEL, MergedStats
+from .watchdog import KILL_STATUS
 from .writer import BackgroundWriter
 
 if TYPE_CHECKING:
@@ -228,6 +230,8 @@ def _exit_text(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
+    if code == KILL_STATUS:
+        return f"exit status {code}: its watchdog ended it, its event loop was stuck"
     return f"exit status {code}"
 
 

@@ -10,6 +10,7 @@ import socket
 import struct
 import sys
 import textwrap
+import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
@@ -135,6 +136,31 @@ class StderrPrintingKVCodec(PrintingKVCodec):
     """The chatty codec on standard error."""
 
     stream = "stderr"
+
+
+def stall_the_loop(seconds: float, sleep: bool = False) -> None:
+    """The fault the watchdog tests inject: a codec holding the event loop, busy (a
+    pathological input) or in a blocking call."""
+    if sleep:
+        time.sleep(seconds)
+        return
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+class StallingKVCodec(KVCodec):
+    """KV codec that holds the event loop for ``stall-ms`` milliseconds when it decodes a
+    ``stall`` request (in ``time.sleep`` with the header ``how: sleep``, else busy)."""
+
+    protocol = "kvs"
+
+    def decode(self, buffer: bytearray) -> Metadata | Any:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata) and message.operation_name == "stall":
+            seconds = int(message.attributes.get("stall-ms") or 0) / 1000
+            stall_the_loop(seconds, message.attributes.get("how") == "sleep")
+        return message
 
 
 _mod = types.ModuleType("proxy_test_codecs")

@@ -334,6 +334,12 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         },
         lambda c: c.proxy.timeouts.write == 6.0 and c.proxy.timeouts.upstream_write == 7.0,
     ),
+    (
+        "ProxyConfig",
+        "spec.watchdog",
+        {"missTimeout": "100ms", "megamissTimeout": "2s", "killTimeout": "10s"},
+        lambda c: c.proxy.watchdog.megamiss_timeout == 2.0 and c.proxy.watchdog.kill_timeout == 10,
+    ),
     ("ProxyConfig", "spec.accessLog", {"path": "-"}, lambda c: c.proxy.access_log == "-"),
     (
         "ProxyConfig",
@@ -430,6 +436,10 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("MetaRouter", "spec.globalRateLimit", {"domain": "d", "rateLimitService": "rls"}),
     ("MetaRouter", f"{ROUTE}.localRateLimit", {"tokenBucket": BUCKET}),
     ("MetaRouter", f"{ROUTE}.globalRateLimit", {"domain": "d"}),
+    ("ProxyConfig", "spec.watchdog.multikillTimeout", "5s"),
+    ("ProxyConfig", "spec.watchdog.multikillThreshold", {"value": 50}),
+    ("ProxyConfig", "spec.watchdog.maxKillTimeoutJitter", "1s"),
+    ("ProxyConfig", "spec.watchdog.actions", [{"event": "KILL"}]),
 ]
 
 #: Refused values of honoured fields: (kind, field path, value, error field, words of the reason).
@@ -576,6 +586,7 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ("ProxyConfig", "spec.limits", ("spec.limits", {})),
     ("ProxyConfig", "spec.overload", ("spec.overload", {})),
     ("ProxyConfig", "spec.timeouts", ("spec.timeouts", {})),
+    ("ProxyConfig", "spec.watchdog", ("spec.watchdog", {})),
     ("ProxyConfig", "spec.accessLog", ("spec.accessLog", {"path": "-"})),
     ("ProxyConfig", "spec.upstream", ("spec.upstream", {})),
     ("ProxyConfig", "spec.telemetry", ("spec.telemetry", {})),

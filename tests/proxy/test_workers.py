@@ -261,6 +261,51 @@ def test_a_killed_worker_is_restarted_and_counted(tmp_path: Path) -> None:
     run(main(), timeout=90)
 
 
+def test_a_worker_its_watchdog_ended_is_replaced_and_the_other_serves(tmp_path: Path) -> None:
+    watchdog = "watchdog: {missTimeout: 50ms, megamissTimeout: 200ms, killTimeout: 500ms}\n"
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        text = mesh(
+            [(up.port, "v1")], proxy=watchdog, protocol="kvs", codec="proxy_kit:StallingKVCodec"
+        )
+        sup = Supervisor(tmp_path, text)
+        try:
+            first = await sup.workers()
+            client = await Client.connect(sup.address)
+            client.start("stall", {"stall-ms": "30000", "how": "sleep"})  # a stuck codec
+            await asyncio.wait_for(client.closed, 3 * WAIT)  # its worker was ended
+
+            async def replaced() -> list[dict[str, Any]] | None:
+                now = await sup.workers()
+                fresh = [w for w, old in zip(now, first, strict=True) if w["pid"] != old["pid"]]
+                done = len(fresh) == 1 and fresh[0]["up"] and fresh[0]["restarts"] == 1
+                return now if done else None
+
+            now = await until(replaced, "the stuck worker to be replaced")
+            (index,) = [
+                w["worker"] for w, o in zip(now, first, strict=True) if w["pid"] != o["pid"]
+            ]
+            other = 1 - index
+            assert now[other]["pid"] == first[other]["pid"] and now[other]["restarts"] == 0
+            stats = await sup.stats()
+            assert stats[f'metaprotocol_worker_restarts_total{{worker="{index}"}}'] == 1
+            await one_request_each(sup.address, CONNECTIONS)  # served on both again
+            accepted = [
+                total(await sup.worker_stats(w), "metaprotocol_downstream_connections_total")
+                for w in now
+            ]
+            assert all(n > 0 for n in accepted), accepted
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0
+        assert f"worker {index} (pid {first[index]['pid']}) stopped (exit status 70: its " in err
+        assert "watchdog.killTimeout 0.5 s" in err and "stall_the_loop" in err, err
+
+    run(main(), timeout=90)
+
+
 def test_a_stuck_worker_does_not_hang_the_admin_endpoint(tmp_path: Path) -> None:
     async def main() -> None:
         up = await Upstream("up").start()

@@ -20,6 +20,7 @@ from .models import (
     ServicePort,
     Subset,
     Timeouts,
+    Watchdog,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "ServicePort",
     "Subset",
     "Timeouts",
+    "Watchdog",
     "load_config",
     "loads_config",
     "parse_duration",

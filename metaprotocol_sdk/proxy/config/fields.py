@@ -288,6 +288,7 @@ PROXY_CONFIG = fields(
     "limits",
     "overload",
     "timeouts",
+    "watchdog",
     "accessLog",
     "upstream",
     "telemetry",
@@ -325,5 +326,16 @@ FILTER = fields("name", "config")
 ADMIN = fields("bind", "allowRemote", "maxConnections", "requestTimeout")
 OVERLOAD = fields("maxBufferedBytes", "maxRssBytes")
 TIMEOUTS = fields("connect", "route", "drain", "idle", "frame", "write", "upstreamWrite")
+WATCHDOG = fields(
+    "missTimeout",
+    "megamissTimeout",
+    "killTimeout",
+    refused={
+        "multikillTimeout": "one event loop per process: killTimeout is its only kill",
+        "multikillThreshold": "one event loop per process: killTimeout is its only kill",
+        "maxKillTimeoutJitter": "killTimeout is exact here",
+        "actions": "watchdog actions (extensions run on a stall)",
+    },
+)
 ACCESS_LOG = fields("path")
 UPSTREAM = fields("connectionsPerEndpoint")

@@ -64,6 +64,7 @@ from .models import (
     TokenBucket,
     Tracing,
     TrafficPolicy,
+    Watchdog,
     Xds,
     XdsNode,
 )
@@ -1047,6 +1048,7 @@ def _proxy(
     limits = _limits(doc, spec)
     overload = _overload(doc, spec)
     timeouts = _timeouts(doc, spec)
+    watchdog = _watchdog(doc, spec)
     log = doc.mapping(spec, "accessLog", "spec.accessLog", required=False)
     doc.check(log, "spec.accessLog", schema.ACCESS_LOG)
     access_log = doc.string(log, "path", "spec.accessLog.path") if log else None
@@ -1062,6 +1064,7 @@ def _proxy(
         limits=limits,
         overload=overload,
         timeouts=timeouts,
+        watchdog=watchdog,
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
         telemetry=_telemetry(doc, spec),
@@ -1291,3 +1294,37 @@ def _timeouts(doc: _Doc, spec: Mapping[str, Any]) -> Timeouts:
         if seconds is not None:
             values["upstream_write" if key == "upstreamWrite" else key] = seconds
     return Timeouts(**values)
+
+
+#: Shortest ``watchdog.missTimeout``: the heartbeat and the watchdog's checks run four times
+#: per miss timeout, and a shorter one would count the scheduler's own jitter as stalls.
+WATCHDOG_MIN = 0.01
+
+
+def _watchdog(doc: _Doc, spec: Mapping[str, Any]) -> Watchdog:
+    """``spec.watchdog``: ``missTimeout``, ``megamissTimeout``, ``killTimeout`` (``0s`` or
+    unset: never kill); each at least the one before it."""
+    raw = doc.mapping(spec, "watchdog", "spec.watchdog", required=False)
+    doc.check(raw, "spec.watchdog", schema.WATCHDOG)
+    path = "spec.watchdog"
+    miss = doc.duration(raw, "missTimeout", f"{path}.missTimeout") or Watchdog.miss_timeout
+    if miss < WATCHDOG_MIN:
+        doc.fail(f"{path}.missTimeout", f"must be at least {WATCHDOG_MIN * 1000:g}ms")
+    mega = doc.duration(raw, "megamissTimeout", f"{path}.megamissTimeout")
+    if mega is None:
+        mega = max(Watchdog.megamiss_timeout, miss)
+    elif mega < miss:
+        doc.fail(f"{path}.megamissTimeout", f"must be at least missTimeout ({miss:g}s)")
+    value = doc.get(raw, "killTimeout", f"{path}.killTimeout")
+    kill: float | None = None
+    if value is not None and not (type(value) is int and value == 0):  # Envoy's 0: never
+        try:
+            kill = parse_duration(value) or None
+        except ValueError as exc:
+            doc.fail(f"{path}.killTimeout", str(exc))
+        if kill is not None and kill < mega:
+            doc.fail(
+                f"{path}.killTimeout",
+                f"must be at least megamissTimeout ({mega:g}s), or 0s for never",
+            )
+    return Watchdog(miss, mega, kill)

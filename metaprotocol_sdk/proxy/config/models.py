@@ -353,6 +353,20 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Watchdog:
+    """When the event loop counts as stuck, and what then (Envoy's ``watchdogs``), in seconds.
+
+    The loop is stalled while its heartbeat is overdue; each stall counts once as a miss past
+    ``miss_timeout``, once as a mega-miss (with the loop's stack logged) past
+    ``megamiss_timeout``, and ends the process past ``kill_timeout`` (``None``: never).
+    """
+
+    miss_timeout: float = 0.2
+    megamiss_timeout: float = 1.0
+    kill_timeout: float | None = None
+
+
+@dataclass(frozen=True)
 class Admin:
     """The admin HTTP endpoint (``ProxyConfig.spec.admin``)."""
 
@@ -456,6 +470,7 @@ class ProxySettings:
     limits: Limits = Limits()
     overload: Overload = Overload()
     timeouts: Timeouts = Timeouts()
+    watchdog: Watchdog = Watchdog()
     access_log: str | None = None
     connections_per_endpoint: int = 1
     telemetry: Telemetry = Telemetry()
