@@ -1,0 +1,74 @@
+"""The ends of client connections under hostile peers, over real sockets on 127.0.0.1: a close
+is bounded in time even when the client reads nothing, what a connection held is given back
+once it is gone, and every request is counted once.
+
+A client that reads nothing is a socket with a small ``SO_RCVBUF`` that is never read: the
+kernel buffers on both sides fill (the engine's up to ``net.ipv4.tcp_wmem``, 4 MiB), and the
+rest of the replies stays in the engine's transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from proxy_kit import REQUEST, Upstream, address, build_frame, engine_for, mesh, run, until
+
+from metaprotocol_sdk.proxy import Engine
+
+MiB = 1024 * 1024
+#: What the engine may still hold once everything is settled and gone.
+SETTLED = 4096
+
+
+def _closed(engine: Engine, reason: str) -> int:
+    return engine.stats.total("metaprotocol_downstream_connections_closed_total", reason=reason)
+
+
+async def _deaf_client(engine: Engine) -> socket.socket:
+    """A connected client socket that will never be read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, address(engine))
+    return sock
+
+
+@pytest.mark.parametrize("end", ["half_close", "idle"])
+def test_a_close_waiting_for_a_client_that_reads_nothing_is_bounded(end: str) -> None:
+    """The engine closes a connection cleanly (the client half-closed and everything it sent
+    is answered; or idle) while replies the client does not read are still unsent: a clean
+    close waits until they are sent, which was forever. The connection stayed open with its
+    bytes counted in the buffer budget, and no timeout looked at it again. Now it is reset
+    ``timeouts.write`` after the close, counted as ``write_abandoned``."""
+    proxy = (
+        "timeouts: {write: 500ms, idle: 300ms}\n"
+        # Never paused for writing: only the close is left to bound it.
+        "limits: {connectionBufferBytes: 33554432, connectionBufferMaxBytes: 67108864}\n"
+    )
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            loop = asyncio.get_running_loop()
+            client = await _deaf_client(engine)
+            frames = [
+                build_frame(REQUEST, i, {"method": "big", "size": str(MiB)}) for i in range(1, 9)
+            ]
+            await loop.sock_sendall(client, b"".join(frames))
+            if end == "half_close":
+                client.shutdown(socket.SHUT_WR)
+            await until(lambda: engine.pending == 0 and engine.downstreams, "8 replies queued")
+            (down,) = engine.downstreams
+            await until(lambda: down.closed, "the engine's close")
+            assert down.unsent > MiB  # the kernel took what it could; the rest waits
+            await until(lambda: not engine.downstreams, "the closing connection reset", 5)
+            assert _closed(engine, "write_abandoned") == 1
+            assert _closed(engine, "idle") == (1 if end == "idle" else 0)
+            assert engine.stats.total("metaprotocol_requests_total", status="Ok") == 8
+            await until(lambda: engine.buffered <= SETTLED, "its bytes given back")
+            client.close()
+        await up.close()
+
+    run(main())
