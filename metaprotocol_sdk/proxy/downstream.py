@@ -345,6 +345,12 @@ class Downstream(asyncio.Protocol):
                 self.closing_since = self.engine.loop.time()
             self.transport.close()
 
+    def abort(self) -> None:
+        """Reset the connection now, dropping what is unsent (a drain's deadline)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def shut(self, reason: str) -> None:
         """Close because of a limit (counted by ``reason``, see ``CLOSE_REASONS``).
 
@@ -355,8 +361,7 @@ class Downstream(asyncio.Protocol):
             return
         self.listener.closed_by[reason].value += 1
         if reason in ("write_timeout", "write_overflow", "overload"):
-            self.closed = True
-            self.transport.abort()
+            self.abort()
         else:
             self.close()
 
@@ -420,7 +425,7 @@ class Downstream(asyncio.Protocol):
             # Closed cleanly, and the client has not taken the replies left since: reset.
             self.listener.closed_by["write_abandoned"].value += 1
             self.closing_since = 0.0
-            self.transport.abort()
+            self.abort()
         self._account_unsent()
         return self.held + self.unsent + self.inflight_bytes
 

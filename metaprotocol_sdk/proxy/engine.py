@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metaprotocol_sdk import compilation
+from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.filters import Filter
 
@@ -608,10 +609,9 @@ class Engine:
         gone = set(clusters)
         for upstream in list(self.upstreams):
             if upstream.cluster in gone:
-                upstream.close()
+                upstream.abort(ErrorType.UpstreamReset, "its cluster was removed by a reload")
         for conn in downstreams:
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
 
     # -- limits --------------------------------------------------------------------------------
 
@@ -864,10 +864,11 @@ class Engine:
                 await asyncio.wait_for(self._drained.wait(), drain)
         # Deadline passed (or all drained): close whatever is left.
         for conn in list(self.downstreams):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
+        # Aborted, not closed: a close waits until the upstream takes what is unsent, for
+        # good if it reads nothing, and its requests would stay pending and uncounted.
         for upstream in list(self.upstreams):
-            upstream.close()
+            upstream.abort(ErrorType.UpstreamReset, "proxy is shutting down")
         await self._close_servers()
         # Let connection_lost callbacks run so no transport outlives stop().
         for _ in range(100):

@@ -13,9 +13,20 @@ import asyncio
 import socket
 
 import pytest
-from proxy_kit import REQUEST, Upstream, address, build_frame, engine_for, mesh, run, until
+from proxy_kit import (
+    REQUEST,
+    WAIT,
+    Client,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    mesh,
+    run,
+    until,
+)
 
-from metaprotocol_sdk.proxy import Engine
+from metaprotocol_sdk.proxy import Engine, loads_config
 
 MiB = 1024 * 1024
 #: What the engine may still hold once everything is settled and gone.
@@ -70,5 +81,37 @@ def test_a_close_waiting_for_a_client_that_reads_nothing_is_bounded(end: str) ->
             await until(lambda: engine.buffered <= SETTLED, "its bytes given back")
             client.close()
         await up.close()
+
+    run(main())
+
+
+def test_stop_with_an_upstream_that_reads_nothing_settles_every_request() -> None:
+    """At the drain deadline the upstream connections were closed cleanly, and a clean close
+    waits until the upstream takes what is unsent: ``stop()`` returned with the connection
+    still open and its request pending, never counted. Now they are reset, and the request,
+    whose client was reset at the deadline too, is counted ``DownstreamClosed``."""
+
+    async def main() -> None:
+        backend = socket.socket()  # listens, never accepts: the kernel's backlog holds it
+        backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        engine = Engine(loads_config(mesh([(backend.getsockname()[1], "v1")])))
+        await engine.start()
+        try:
+            client = await Client.connect(address(engine))
+            reply = client.start("put", body=b"b" * 6_000_000)  # more than the kernels take
+            await until(lambda: any(u.unsent for u in engine.upstreams), "bytes left unsent")
+            await asyncio.wait_for(engine.stop(drain=0.3), WAIT)
+            assert not engine.upstreams and not engine.downstreams
+            assert engine.pending == 0 and engine.buffered == 0
+            name = "metaprotocol_requests_total"
+            assert engine.stats.total(name) == engine.stats.total(name, status="DownstreamClosed")
+            assert engine.stats.total(name) == 1
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reply, WAIT)
+        finally:
+            await engine.stop()
+            backend.close()
 
     run(main())
