@@ -262,6 +262,8 @@ class Downstream(asyncio.Protocol):
         if self in engine.downstreams:
             self.listener.active.value -= 1
             engine.downstreams.discard(self)
+            if self.inflight:  # their frames stay held, and counted, until each settles
+                engine.departed.add(self)
         engine.buffered -= self.held + self.unsent
         self.held = self.unsent = 0
         self.buffer = bytearray()

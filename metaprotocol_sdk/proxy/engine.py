@@ -148,6 +148,9 @@ class Engine:
         self.pending = 0
         self.draining = False
         self.downstreams: set[Downstream] = set()
+        #: Client connections gone with requests still in flight: their frames are held until
+        #: each is answered or times out, and the sweep's recount must still see them.
+        self.departed: set[Downstream] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.access_log: AccessLog | None = None
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
@@ -657,6 +660,11 @@ class Engine:
                 upstream.idle_sweep(now, pool.idle_timeout)
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
+        for downstream in list(self.departed):
+            if downstream.inflight:
+                buffered += downstream.inflight_bytes
+            else:
+                self.departed.discard(downstream)
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._flush_access_log()
@@ -869,6 +877,7 @@ class Engine:
         # good if it reads nothing, and its requests would stay pending and uncounted.
         for upstream in list(self.upstreams):
             upstream.abort(ErrorType.UpstreamReset, "proxy is shutting down")
+        self.departed.clear()  # every request is settled now
         await self._close_servers()
         # Let connection_lost callbacks run so no transport outlives stop().
         for _ in range(100):

@@ -21,6 +21,7 @@ from proxy_kit import (
     address,
     build_frame,
     engine_for,
+    error_type,
     mesh,
     run,
     until,
@@ -113,5 +114,40 @@ def test_stop_with_an_upstream_that_reads_nothing_settles_every_request() -> Non
         finally:
             await engine.stop()
             backend.close()
+
+    run(main())
+
+
+def test_requests_in_flight_of_a_client_that_left_stay_in_the_buffer_budget() -> None:
+    """A client sends a large request and resets its connection before the reply. The request
+    stays in flight (until its reply or its timeout) with its frame, and the data path keeps
+    counting it; but the housekeeping sweep recounted only open connections, so the frame
+    fell out of the budget (a client could hold any amount that way, one budget per sweep),
+    and the count went negative once the request settled. Now the recount keeps it until it
+    settles."""
+    proxy = "overload: {maxBufferedBytes: 1048576}\ntimeouts: {frame: 400ms, route: 2s}\n"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            other = await Client.connect(address(engine))  # before the budget is used
+            leaving = await Client.connect(address(engine))
+            leaving.start("hang", body=bytes(600_000))  # within the budget
+            await up.wait_received(1)
+            leaving.reset()
+            await until(lambda: len(engine.downstreams) == 1, "the client gone")
+            for _ in range(2):  # two sweeps ran since: the recount happened
+                sweep = engine._sweeper
+                await until(lambda: engine._sweeper is not sweep, "a sweep")  # noqa: B023
+            assert engine.pending == 1 and engine.buffered >= 600_000
+            reply = await other.call(body=bytes(600_000))  # the two are over it
+            assert error_type(reply) == "OverLimit", "the frame fell out of the budget"
+            await until(lambda: engine.pending == 0, "the request's timeout")
+            assert 0 <= engine.buffered <= SETTLED
+            assert error_type(await other.call()) is None
+            name = "metaprotocol_requests_total"
+            assert engine.stats.total(name, status="DownstreamClosed") == 1
+            other.close()
+        await up.close()
 
     run(main())
