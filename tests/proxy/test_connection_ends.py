@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 import pytest
 from proxy_kit import (
@@ -148,6 +149,72 @@ def test_requests_in_flight_of_a_client_that_left_stay_in_the_buffer_budget() ->
             name = "metaprotocol_requests_total"
             assert engine.stats.total(name, status="DownstreamClosed") == 1
             other.close()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("pooling", ["shared", "dedicated"])
+def test_connections_that_come_and_go_midway_leave_nothing_behind(pooling: str) -> None:
+    """Bursts of clients that leave midway, half of them with a reset (``SO_LINGER`` 0), half
+    with a FIN: during a request's frame, with requests in flight (answered later, large
+    replies, never answered), after bytes the codec cannot read. Once their requests are
+    settled the engine's tables and counts are back where they started, and every request is
+    counted once."""
+    codec = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+    text = mesh(
+        [(0, "v1")],  # the port is set below
+        proxy="timeouts: {route: 500ms, frame: 400ms}\n",
+        **(codec if pooling == "dedicated" else {}),
+    )
+
+    def frames(kind: int) -> bytes:
+        def many(method: str, n: int, **headers: str) -> bytes:
+            return b"".join(
+                build_frame(REQUEST, i, {"method": method, **headers}) for i in range(1, n + 1)
+            )
+
+        return [
+            many("slow", 3),
+            build_frame(REQUEST, 1, {"method": "get"}, bytes(100_000))[:50_000],
+            many("big", 3, size=str(MiB)),
+            many("hang", 3),
+            many("get", 1) + b"not a frame" * 4,
+        ][kind % 5]
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(text.replace("svc: 0}", f"svc: {up.port}}}")) as engine:
+            loop = asyncio.get_running_loop()
+            gauge = engine.listeners[("svc.test", 9000)].active
+            for _ in range(2):
+                clients = [await _deaf_client(engine) for _ in range(30)]
+                for i, client in enumerate(clients):
+                    await loop.sock_sendall(client, frames(i))
+                await up.wait_received(len(up.received) + 6 * 3)  # the slow ones, at least
+                for i, client in enumerate(clients):
+                    if i % 2:
+                        client.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                    client.close()
+                up.release.set()  # the slow ones are answered, to clients that left
+                await until(lambda: not engine.downstreams, "every client gone")
+                up.release.clear()
+            await until(lambda: engine.pending == 0, "every request settled")
+            await until(lambda: not engine.departed, "the sweep forgets the clients")
+            assert 0 <= engine.buffered <= SETTLED and gauge.value == 0
+            assert not engine.deadlines.waiting()
+            assert all(not u.pending and not u.order for u in engine.upstreams)
+            # Each request once: answered (a client that sent a FIN may have half-closed,
+            # so it is still answered, timeouts included), or its client was gone.
+            counted = {
+                labels["status"]: series.value
+                for series in engine.stats.counters("metaprotocol_requests_total")
+                for labels in [dict(series.labels)]
+            }
+            assert set(counted) <= {"Ok", "DownstreamClosed", "Timeout"}, counted
+            assert sum(counted.values()) == len(up.received)
         await up.close()
 
     run(main())
