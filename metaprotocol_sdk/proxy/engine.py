@@ -612,7 +612,7 @@ class Engine:
         gone = set(clusters)
         for upstream in list(self.upstreams):
             if upstream.cluster in gone:
-                upstream.abort(ErrorType.UpstreamReset, "its cluster was removed by a reload")
+                upstream.abort(ErrorType.UpstreamReset, "a reload changed or removed its cluster")
         for conn in downstreams:
             conn.abort()
 
@@ -877,7 +877,7 @@ class Engine:
         # good if it reads nothing, and its requests would stay pending and uncounted.
         for upstream in list(self.upstreams):
             upstream.abort(ErrorType.UpstreamReset, "proxy is shutting down")
-        self.departed.clear()  # every request is settled now
+        self.departed.clear()  # no sweep looks at them any more
         await self._close_servers()
         # Let connection_lost callbacks run so no transport outlives stop().
         for _ in range(100):
