@@ -126,14 +126,14 @@ def test_requests_in_flight_of_a_client_that_left_stay_in_the_buffer_budget() ->
     fell out of the budget (a client could hold any amount that way, one budget per sweep),
     and the count went negative once the request settled. Now the recount keeps it until it
     settles."""
-    proxy = "overload: {maxBufferedBytes: 1048576}\ntimeouts: {frame: 400ms, route: 2s}\n"
+    proxy = "timeouts: {frame: 400ms, route: 2s}\n"  # a sweep every 100 ms
 
     async def main() -> None:
         up = await Upstream("a").start()
         async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
-            other = await Client.connect(address(engine))  # before the budget is used
+            other = await Client.connect(address(engine))
             leaving = await Client.connect(address(engine))
-            leaving.start("hang", body=bytes(600_000))  # within the budget
+            leaving.start("hang", body=bytes(600_000))
             await up.wait_received(1)
             leaving.reset()
             await until(lambda: len(engine.downstreams) == 1, "the client gone")
@@ -141,7 +141,8 @@ def test_requests_in_flight_of_a_client_that_left_stay_in_the_buffer_budget() ->
                 sweep = engine._sweeper
                 await until(lambda: engine._sweeper is not sweep, "a sweep")  # noqa: B023
             assert engine.pending == 1 and engine.buffered >= 600_000
-            reply = await other.call(body=bytes(600_000))  # the two are over it
+            engine.max_buffered = 500_000  # below what the request that stayed holds
+            reply = await other.call()
             assert error_type(reply) == "OverLimit", "the frame fell out of the budget"
             await until(lambda: engine.pending == 0, "the request's timeout")
             assert 0 <= engine.buffered <= SETTLED
