@@ -49,8 +49,18 @@ REJECT_REASONS = ("max_connections", "overload", "draining")
 #: not complete within ``timeouts.frame``; ``write_timeout`` unsent replies above
 #: ``limits.connectionBufferBytes`` for ``timeouts.write``; ``write_overflow`` a reply would
 #: take them past ``limits.connectionBufferMaxBytes``; ``overload`` a partial frame growing
-#: past ``limits.connectionBufferBytes`` while the process is over its buffer budget.
-CLOSE_REASONS = ("idle", "frame_timeout", "write_timeout", "write_overflow", "overload")
+#: past ``limits.connectionBufferBytes`` while the process is over its buffer budget;
+#: ``write_abandoned`` a close (for any reason, the client's half-close included) whose
+#: replies the client had not all taken ``timeouts.write`` later: reset (a close waits for
+#: what is unsent, which for a client that reads nothing is forever).
+CLOSE_REASONS = (
+    "idle",
+    "frame_timeout",
+    "write_timeout",
+    "write_overflow",
+    "overload",
+    "write_abandoned",
+)
 
 
 class ListenerRuntime:
@@ -155,6 +165,7 @@ class Downstream(asyncio.Protocol):
         "blocked_since",
         "buffer",
         "closed",
+        "closing_since",
         "codec",
         "dedicated",
         "draining",
@@ -195,6 +206,9 @@ class Downstream(asyncio.Protocol):
         self.inflight_bytes = 0
         #: Set once the engine closed (or aborted) the transport: late replies are not sent.
         self.closed = False
+        #: When the engine closed the transport cleanly (0: it did not): the close waits
+        #: for the unsent replies, at most ``timeouts.write`` (see :meth:`sweep`).
+        self.closing_since = 0.0
         #: No new requests: a shutdown drain, a half-closed client or an unrecoverable frame.
         #: The connection closes as soon as nothing is in flight.
         self.draining = False
@@ -248,6 +262,8 @@ class Downstream(asyncio.Protocol):
         if self in engine.downstreams:
             self.listener.active.value -= 1
             engine.downstreams.discard(self)
+            if self.inflight:  # their frames stay held, and counted, until each settles
+                engine.departed.add(self)
         engine.buffered -= self.held + self.unsent
         self.held = self.unsent = 0
         self.buffer = bytearray()
@@ -264,12 +280,14 @@ class Downstream(asyncio.Protocol):
         engine.downstream_gone()
 
     def eof_received(self) -> bool | None:
-        """The client half-closed: read nothing more, but answer what is in flight."""
+        """The client half-closed: read nothing more, but answer what is in flight, then
+        close (ourselves, not the transport on its own: the close is bounded, see
+        :meth:`sweep`)."""
         self._stop_reading()
-        if self.inflight:
-            self.draining = True
-            return True  # keep the transport open for the replies
-        return None  # nothing to answer: the transport closes itself
+        self.draining = True
+        if not self.inflight:
+            self.close()
+        return True
 
     def pause_writing(self) -> None:
         """The transport's write buffer is full (asyncio flow control)."""
@@ -322,10 +340,18 @@ class Downstream(asyncio.Protocol):
         self._account_held(0)
 
     def close(self) -> None:
-        """Close after writing what is buffered."""
+        """Close after writing what is buffered (within ``timeouts.write``)."""
         self.closed = True
         if self.transport is not None:
+            if not self.closing_since:
+                self.closing_since = self.engine.loop.time()
             self.transport.close()
+
+    def abort(self) -> None:
+        """Reset the connection now, dropping what is unsent (a drain's deadline)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def shut(self, reason: str) -> None:
         """Close because of a limit (counted by ``reason``, see ``CLOSE_REASONS``).
@@ -336,11 +362,10 @@ class Downstream(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         self.listener.closed_by[reason].value += 1
-        self.closed = True
         if reason in ("write_timeout", "write_overflow", "overload"):
-            self.transport.abort()
+            self.abort()
         else:
-            self.transport.close()
+            self.close()
 
     def start_drain(self) -> None:
         """Finish what is in flight, refuse new requests, then close."""
@@ -394,6 +419,15 @@ class Downstream(asyncio.Protocol):
                 self.shut("frame_timeout")
             elif not self.held and now - self.last_seen > engine.idle_timeout:
                 self.shut("idle")
+        elif (
+            self.closing_since
+            and now - self.closing_since > engine.write_timeout
+            and self.transport is not None
+        ):
+            # Closed cleanly, and the client has not taken the replies left since: reset.
+            self.listener.closed_by["write_abandoned"].value += 1
+            self.closing_since = 0.0
+            self.abort()
         self._account_unsent()
         return self.held + self.unsent + self.inflight_bytes
 

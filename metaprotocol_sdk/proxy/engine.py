@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metaprotocol_sdk import compilation
+from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.filters import Filter
 
@@ -148,6 +149,9 @@ class Engine:
         self.pending = 0
         self.draining = False
         self.downstreams: set[Downstream] = set()
+        #: Client connections gone with requests still in flight: their frames are held until
+        #: each is answered or times out, and the sweep's recount must still see them.
+        self.departed: set[Downstream] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.access_log: AccessLog | None = None
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
@@ -612,10 +616,9 @@ class Engine:
         gone = set(clusters)
         for upstream in list(self.upstreams):
             if upstream.cluster in gone:
-                upstream.close()
+                upstream.abort(ErrorType.UpstreamReset, "a reload changed or removed its cluster")
         for conn in downstreams:
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
 
     # -- limits --------------------------------------------------------------------------------
 
@@ -661,6 +664,11 @@ class Engine:
                 upstream.idle_sweep(now, pool.idle_timeout)
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
+        for downstream in list(self.departed):
+            if downstream.inflight:
+                buffered += downstream.inflight_bytes
+            else:
+                self.departed.discard(downstream)
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._flush_access_log()
@@ -868,10 +876,12 @@ class Engine:
                 await asyncio.wait_for(self._drained.wait(), drain)
         # Deadline passed (or all drained): close whatever is left.
         for conn in list(self.downstreams):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
+        # Aborted, not closed: a close waits until the upstream takes what is unsent, for
+        # good if it reads nothing, and its requests would stay pending and uncounted.
         for upstream in list(self.upstreams):
-            upstream.close()
+            upstream.abort(ErrorType.UpstreamReset, "proxy is shutting down")
+        self.departed.clear()  # no sweep looks at them any more
         await self._close_servers()
         # Let connection_lost callbacks run so no transport outlives stop().
         for _ in range(100):

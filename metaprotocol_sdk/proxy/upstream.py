@@ -820,6 +820,11 @@ class UpstreamConnection(asyncio.Protocol):
         at once (the engine's sweep recounts right after); ``connection_lost`` finds nothing
         left."""
         self.cluster.closed_by(reason)
+        self.abort(error, message)
+
+    def abort(self, error: ErrorType, message: str) -> None:
+        """Reset the connection now, dropping what it could not send, and answer what is in
+        flight on it with ``error`` (a drain's deadline; a limit, through :meth:`give_up`)."""
         self.closed = True
         self.stalled_since = 0.0
         if self.transport is not None:
