@@ -176,6 +176,10 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "check: known failures binary": (["check", KV, "--known-failures", "{binary}"], "binary"),
     "check: unknown codec": (["check", "nosuch"], "no codec named 'nosuch'"),
     "check: unknown option": (["check", KV, "-o", "bogus=1"], "bogus: unknown option"),
+    "check: option of the wrong type": (
+        ["check", KV, "-o", "max_frame_size=abc"],
+        "max_frame_size: must be a positive integer (bytes), got 'abc'",
+    ),
     "check: unknown check": (["check", KV, "--only", "bogus"], "unknown checks ['bogus']"),
     # proxy (the file rows depend on the configuration loader's own checks)
     "proxy: missing file": (["proxy", "-c", "{missing}"], "{missing}"),
