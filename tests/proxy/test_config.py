@@ -116,6 +116,24 @@ def _edit(old: str, new: str, count: int = 1) -> str:
     return EXAMPLE.replace(old, new, count)
 
 
+#: A service whose port name alone selects the installed Thrift codec.
+THRIFT_BY_PORT = """\
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: calc}
+spec:
+  hosts: [calc.example]
+  ports: [{number: 9090, name: tcp-metaprotocol-thrift-calc, protocol: TCP}]
+  endpoints: [{address: 127.0.0.1, ports: {tcp-metaprotocol-thrift-calc: 19090}}]
+---
+apiVersion: proxy.metaprotocol.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: engine}
+spec:
+  listeners: [{host: calc.example, port: 9090, bind: "127.0.0.1:0"}]
+  codecOptions: {thrift: {max_frame_sise: 1024}}
+"""
+
 MISTAKES = [
     # (edited config, expected source part, expected field, expected reason part)
     pytest.param(
@@ -273,10 +291,25 @@ MISTAKES = [
     ),
     pytest.param(
         _edit("max_frame_size: 1048576", "max_frame: 1"),
-        "ProxyConfig",
+        "mesh.yaml (document 5, ProxyConfig/engine)",
         "spec.codecOptions.kv.max_frame",
         "unknown option",
         id="bad-codec-option",
+    ),
+    pytest.param(
+        _edit("max_frame_size: 1048576", "max_frame_size: 1MiB"),
+        "mesh.yaml (document 5, ProxyConfig/engine)",
+        "spec.codecOptions.kv.max_frame_size",
+        "must be a positive integer (bytes), got '1MiB'",
+        id="codec-option-of-the-wrong-type",
+    ),
+    pytest.param(
+        # No ApplicationProtocol: the port selects the installed codec, whose option is wrong.
+        THRIFT_BY_PORT,
+        "mesh.yaml (document 2, ProxyConfig/engine)",
+        "spec.codecOptions.thrift.max_frame_sise",
+        "unknown option for codec thrift",
+        id="bad-codec-option-without-application-protocol",
     ),
     pytest.param(
         _edit("  limits:", "  limit:"),

@@ -21,7 +21,7 @@ from os import PathLike
 from typing import Any, NoReturn, cast
 
 from metaprotocol_sdk.enums import ErrorType
-from metaprotocol_sdk.errors import ConfigError, RegistryError
+from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecError
 from metaprotocol_sdk.registry import resolve, resolve_filter
 
 from ..addresses import is_loopback
@@ -285,8 +285,10 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
                     "routes and clusters come from the control plane",
                 )
     codec_options = _codec_options(proxy_doc)
-    protocols = _protocols(by_kind["ApplicationProtocol"], codec_options)
-    services = _services(by_kind["ServiceEntry"], protocols, codec_options)
+    # Codec options are the ProxyConfig's; a codec refusing one is reported there.
+    options_source = proxy_doc.source if proxy_doc is not None else "ProxyConfig"
+    protocols = _protocols(by_kind["ApplicationProtocol"], codec_options, options_source)
+    services = _services(by_kind["ServiceEntry"], protocols, codec_options, options_source)
     # Protocols named only by a port (no ApplicationProtocol): resolve through the registry.
     if proxy_doc is not None:
         for proto in codec_options:
@@ -315,19 +317,30 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
 
 
 def _make_protocol(
-    name: str, codec_name: str, options: dict[str, Any], doc: _Doc | None, path: str
+    name: str,
+    codec_name: str,
+    options: dict[str, Any],
+    doc: _Doc | None,
+    path: str,
+    options_source: str,
 ) -> Protocol:
+    """The protocol ``name`` run by the codec ``codec_name`` with ``options``.
+
+    A codec that cannot be resolved fails ``doc`` at ``path`` (without ``doc``, the
+    :class:`RegistryError` propagates); options the codec refuses are an error of the
+    ProxyConfig's ``spec.codecOptions``, reported at ``options_source``.
+    """
     try:
         cls = resolve(codec_name).load()
     except RegistryError as exc:
         if doc is None:
-            raise ConfigError(str(exc), field=path) from exc
+            raise
         doc.fail(path, str(exc))
     try:
         cls.from_options(options)
     except ConfigError as exc:
         where = f"spec.codecOptions.{name}" + (f".{exc.field}" if exc.field else "")
-        raise ConfigError(exc.reason, source=exc.source or "ProxyConfig", field=where) from exc
+        raise ConfigError(exc.reason, source=exc.source or options_source, field=where) from exc
     return Protocol(name=name, codec_name=codec_name, codec_class=cls, options=options)
 
 
@@ -345,7 +358,9 @@ def _codec_options(doc: _Doc | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> dict[str, Protocol]:
+def _protocols(
+    docs: list[_Doc], codec_options: dict[str, dict[str, Any]], options_source: str
+) -> dict[str, Protocol]:
     protocols: dict[str, Protocol] = {}
     for doc in docs:
         spec = doc.spec()
@@ -357,7 +372,7 @@ def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> di
         if "-" in name:
             doc.fail("spec.protocol", f"protocol {name!r} must not contain '-' (port names use it)")
         options = codec_options.get(name, {})
-        protocols[name] = _make_protocol(name, codec, options, doc, "spec.codec")
+        protocols[name] = _make_protocol(name, codec, options, doc, "spec.codec", options_source)
     return protocols
 
 
@@ -365,7 +380,12 @@ def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> di
 
 
 def _port_protocol(
-    doc: _Doc, port_name: str, path: str, protocols: dict[str, Protocol], options: dict[str, Any]
+    doc: _Doc,
+    port_name: str,
+    path: str,
+    protocols: dict[str, Protocol],
+    options: dict[str, Any],
+    options_source: str,
 ) -> str | None:
     if not port_name.startswith(PORT_PREFIX):
         return None
@@ -378,19 +398,27 @@ def _port_protocol(
         )
     if proto not in protocols:
         # No ApplicationProtocol: accept an installed codec registered under the same name.
+        # (Options the installed codec refuses are their own error, not "no codec".)
         try:
-            protocols[proto] = _make_protocol(proto, proto, options.get(proto, {}), None, path)
-        except ConfigError:
+            protocols[proto] = _make_protocol(
+                proto, proto, options.get(proto, {}), None, path, options_source
+            )
+        except UnknownCodecError:
             doc.fail(
                 path,
                 f"port name {port_name!r} selects protocol {proto!r}, but there is no "
                 f"ApplicationProtocol for it and no installed codec named {proto!r}",
             )
+        except RegistryError as exc:  # installed, but it does not load
+            doc.fail(path, f"port name {port_name!r} selects protocol {proto!r}: {exc}")
     return proto
 
 
 def _services(
-    docs: list[_Doc], protocols: dict[str, Protocol], options: dict[str, dict[str, Any]]
+    docs: list[_Doc],
+    protocols: dict[str, Protocol],
+    options: dict[str, dict[str, Any]],
+    options_source: str,
 ) -> dict[str, Service]:
     services: dict[str, Service] = {}
     for doc in docs:
@@ -428,7 +456,7 @@ def _services(
             if pname in names:
                 doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
             names.add(pname)
-            proto = _port_protocol(doc, pname, f"{path}.name", protocols, options)
+            proto = _port_protocol(doc, pname, f"{path}.name", protocols, options, options_source)
             transport = doc.string(raw, "protocol", f"{path}.protocol", required=False)
             if proto is not None and transport is not None and transport.upper() != "TCP":
                 # Istio reads a port's protocol before its name: this port would not be TCP.
