@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import yaml
 from proxy_kit import mesh
 
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import load_config, loads_config
 from metaprotocol_sdk.proxy.config import parse_duration
+from metaprotocol_sdk.proxy.config.loader import build_config
 
 EXAMPLE = """\
 apiVersion: metaprotocol.aeraki.io/v1alpha1
@@ -371,6 +374,30 @@ def test_config_mistakes(text: str, source: str, field: str | None, reason: str)
     assert error.field == field
     assert reason in error.reason, error.reason
     assert str(error).startswith(error.source)
+
+
+def test_a_route_to_a_host_without_service_entry_loads_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Accepted (in a mesh the ServiceEntry may come later), but in a file most often a typo
+    # that `metaprotocol proxy --check` would otherwise call OK.
+    typo = _edit(
+        "route: [{destination: {host: greeter.example, subset: v2}}]",
+        "route: [{destination: {host: greeter.exmaple}}]",
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(typo, "mesh.yaml")
+    warnings = [r.getMessage() for r in caplog.records if "destination.host" in r.getMessage()]
+    assert warnings == [
+        "mesh.yaml (document 4, MetaRouter/greeter): spec.routes[0].route[0].destination.host: "
+        "no ServiceEntry defines host 'greeter.exmaple': requests routed to it get a "
+        "ClusterNotFound reply until one does; ServiceEntry hosts: greeter.example"
+    ]
+    # From a control plane, a route may name a host whose cluster comes in a later update.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        build_config([("xds", list(yaml.safe_load_all(typo)))], control_plane=True)
+    assert [r for r in caplog.records if "destination.host" in r.getMessage()] == []
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:

@@ -94,6 +94,8 @@ class _Doc:
         label = f"{self.kind}/{self.name}" if self.name else self.kind or "document"
         self.source = f"{file} (document {index + 1}, {label})"
         self._warned: set[str] = set()
+        #: The document came with an xDS update: names may refer to resources not sent yet.
+        self.from_control_plane = False
 
     def fail(self, path: str, reason: str) -> NoReturn:
         raise ConfigError(reason, source=self.source, field=path or None)
@@ -122,6 +124,15 @@ class _Doc:
         if key not in self._warned:
             self._warned.add(key)
             _log.warning("%s: %s: accepted and ignored: %s", self.source, path, why)
+
+    def caution(self, path: str, what: str) -> None:
+        """Log ``what`` about ``path``: valid, but likely a mistake (a typo in a host name)."""
+        if self.from_control_plane:
+            return
+        key = _INDEX.sub("[]", path) + what
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning("%s: %s: %s", self.source, path, what)
 
     def spec(self) -> dict[str, Any]:
         return self.mapping(self.body, "spec", "spec")
@@ -273,6 +284,7 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
     by_kind: dict[str, list[_Doc]] = {k: [] for k in KINDS}
     for doc in docs:
         by_kind[doc.kind].append(doc)
+        doc.from_control_plane = control_plane
     if len(by_kind["ProxyConfig"]) > 1:
         by_kind["ProxyConfig"][1].fail("kind", "only one ProxyConfig document is allowed")
     proxy_doc = by_kind["ProxyConfig"][0] if by_kind["ProxyConfig"] else None
@@ -696,8 +708,16 @@ def _destination(
     doc.check(port_obj, f"{path}.port", schema.PORT_SELECTOR)
     port = doc.integer(port_obj, "number", f"{path}.port.number", False, 1, 65535)
     service = services.get(host)
-    if service is not None:
-        # An unknown host stays allowed: requests to it get ClusterNotFound.
+    if service is None:
+        # An unknown host stays allowed (it may appear later in a mesh), but in a file it is
+        # most often a typo that --check would otherwise call OK.
+        doc.caution(
+            f"{path}.host",
+            f"no ServiceEntry defines host {host!r}: requests routed to it get a "
+            f"ClusterNotFound reply until one does; ServiceEntry hosts: "
+            f"{', '.join(sorted(services)) or 'none'}",
+        )
+    else:
         port = _resolve_port(doc, service, port, None, f"{path}.port")
         if subset is not None:
             rule = rules.get(host)
