@@ -198,6 +198,15 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "new: bad -x": (["new", "acme", "--no-input", "-x", "nokey"], "expected KEY=VALUE"),
     "new: bad licence": (["new", "acme", "--license", "GPL"], "'GPL' is not one of"),
     "new: output is a file": (["new", "acme", "--no-input", "-o", "{empty}"], "is a file"),
+    "new: no terminal, no --no-input": (
+        ["new", "acme", "-o", "{out}"],
+        "standard input is not a terminal; pass --no-input",
+    ),
+    "new: directory exists": (
+        ["new", "acme", "--no-input", "-o", "{taken}"],
+        "{taken}/metaprotocol-codec-acme already exists; nothing was generated: remove it, or "
+        "choose another place (-o DIR) or directory name (-x project_slug=NAME)",
+    ),
     "new: bad answer": (
         ["new", "class", "--no-input", "-o", "{out}"],
         "the answers were rejected",
@@ -224,6 +233,9 @@ def _files(tmp_path: Path) -> dict[str, str]:
     out = tmp_path / "out"
     out.mkdir()
     paths["out"] = str(out)
+    taken = tmp_path / "taken"
+    (taken / "metaprotocol-codec-acme").mkdir(parents=True)
+    paths["taken"] = str(taken)
     return paths
 
 
