@@ -123,6 +123,12 @@ class Codec(ABC):
     max_request_id: ClassVar[int] = 0x7FFFFFFF
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        # An option from YAML or `-o KEY=VALUE` may be any type: name the field, not a TypeError.
+        if isinstance(max_frame_size, bool) or not isinstance(max_frame_size, int):
+            raise ConfigError(
+                f"must be a positive integer (bytes), got {max_frame_size!r}",
+                field="max_frame_size",
+            )
         if max_frame_size <= 0:
             raise ConfigError(f"must be positive, got {max_frame_size}", field="max_frame_size")
         self.max_frame_size = max_frame_size

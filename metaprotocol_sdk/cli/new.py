@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,7 @@ def command(
     from cookiecutter.exceptions import (  # type: ignore[import-untyped]
         CookiecutterException,
         FailedHookException,
+        OutputDirExistsException,
     )
     from cookiecutter.main import cookiecutter  # type: ignore[import-untyped]
 
@@ -166,6 +169,24 @@ def command(
     except FailedHookException:
         # The hook already printed every problem with the answers.
         fail("the answers were rejected; nothing was generated", 2)
+    except OutputDirExistsException as exc:
+        # cookiecutter words it 'Error: "DIR" directory already exists'.
+        found = re.search(r'"(.+)"', str(exc))
+        fail(
+            f"{found.group(1) if found else 'the package directory'} already exists; nothing "
+            "was generated: remove it, or choose another place (-o DIR) or directory name "
+            "(-x project_slug=NAME)",
+            2,
+        )
+    except EOFError:
+        if no_input or sys.stdin.isatty():
+            raise  # Ctrl-D at a question: the user stopped ("aborted")
+        click.echo()  # end the unanswered question's line
+        fail(
+            "a question got no answer: standard input is not a terminal; pass --no-input to "
+            "take the defaults and the values given as options",
+            2,
+        )
     except (CookiecutterException, ValueError) as exc:
         fail(f"{type(exc).__name__}: {exc}", 2)
     click.echo(f"created {created}")

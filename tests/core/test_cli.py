@@ -176,6 +176,10 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "check: known failures binary": (["check", KV, "--known-failures", "{binary}"], "binary"),
     "check: unknown codec": (["check", "nosuch"], "no codec named 'nosuch'"),
     "check: unknown option": (["check", KV, "-o", "bogus=1"], "bogus: unknown option"),
+    "check: option of the wrong type": (
+        ["check", KV, "-o", "max_frame_size=abc"],
+        "max_frame_size: must be a positive integer (bytes), got 'abc'",
+    ),
     "check: unknown check": (["check", KV, "--only", "bogus"], "unknown checks ['bogus']"),
     # proxy (the file rows depend on the configuration loader's own checks)
     "proxy: missing file": (["proxy", "-c", "{missing}"], "{missing}"),
@@ -194,6 +198,15 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "new: bad -x": (["new", "acme", "--no-input", "-x", "nokey"], "expected KEY=VALUE"),
     "new: bad licence": (["new", "acme", "--license", "GPL"], "'GPL' is not one of"),
     "new: output is a file": (["new", "acme", "--no-input", "-o", "{empty}"], "is a file"),
+    "new: no terminal, no --no-input": (
+        ["new", "acme", "-o", "{out}"],
+        "standard input is not a terminal; pass --no-input",
+    ),
+    "new: directory exists": (
+        ["new", "acme", "--no-input", "-o", "{taken}"],
+        "{taken}/metaprotocol-codec-acme already exists; nothing was generated: remove it, or "
+        "choose another place (-o DIR) or directory name (-x project_slug=NAME)",
+    ),
     "new: bad answer": (
         ["new", "class", "--no-input", "-o", "{out}"],
         "the answers were rejected",
@@ -220,6 +233,9 @@ def _files(tmp_path: Path) -> dict[str, str]:
     out = tmp_path / "out"
     out.mkdir()
     paths["out"] = str(out)
+    taken = tmp_path / "taken"
+    (taken / "metaprotocol-codec-acme").mkdir(parents=True)
+    paths["taken"] = str(taken)
     return paths
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from metaprotocol_sdk import (
     NEED_DATA,
     CodecError,
+    ConfigError,
     ErrorType,
     FrameTooLargeError,
     FramingError,
@@ -208,6 +209,11 @@ def test_from_options_rejects_unknown_keys_with_the_accepted_list() -> None:
         KVCodec.from_options({"transport": "framed"})
     with pytest.raises(Exception, match="must be positive"):
         KVCodec.from_options({"max_frame_size": 0})
+    # A value of the wrong type (YAML `1MiB`, `-o max_frame_size=abc`) names the field.
+    for value in ("1MiB", 1.5, True, None):
+        with pytest.raises(ConfigError, match="must be a positive integer") as info:
+            KVCodec.from_options({"max_frame_size": value})
+        assert info.value.field == "max_frame_size"
 
 
 def test_bulk_attribute_constructors_match_the_public_mapping() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from metaprotocol_sdk import NEED_DATA, CodecError, Metadata, NeedData
@@ -59,6 +61,41 @@ def test_call_decode_enforces_the_need_data_rules() -> None:
     with pytest.raises(CheckFailed, match="at or above max_frame_size"):
         call_decode(AlwaysNeedsData(max_frame_size=4), bytearray(FRAME[:4]))
     assert isinstance(call_decode(KVCodec(), bytearray(FRAME[:20])), NeedData)
+
+
+class RaisesInItsHelper(KVCodec):
+    """A stray exception two calls deep in the codec's own code."""
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        return self._by_kind(buffer)
+
+    def _by_kind(self, buffer: bytearray) -> Metadata | NeedData:
+        return {0: KVCodec.decode}[buffer[3]](self, buffer)  # KeyError for other kinds
+
+
+def test_a_stray_exception_is_reported_with_the_codec_line_that_raised_it() -> None:
+    # The author is told which line of theirs to change, not only the exception's text.
+    with pytest.raises(CheckFailed) as failed:
+        call_decode(RaisesInItsHelper(), bytearray(build_frame(REQUEST + 1, 1, {}, b"")))
+    assert "decode raised KeyError: 1 (raised at " in str(failed.value)
+    assert "test_support.py:" in str(failed.value)
+    assert "in _by_kind: return {0: KVCodec.decode}[buffer[3]](self, buffer)" in str(failed.value)
+
+
+def test_a_stray_exception_in_a_library_names_the_codec_line_that_called_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import metaprotocol_sdk.examples.kv as kv
+
+    class Header:
+        def unpack(self, buffer: bytearray) -> None:
+            raise struct.error("a library's own failure")
+
+    monkeypatch.setattr(kv, "HEADER", Header())
+    with pytest.raises(CheckFailed) as failed:
+        call_decode(KVCodec(), bytearray(FRAME))
+    assert "(raised at metaprotocol_sdk/examples/kv.py:" in str(failed.value)
+    assert " in decode: " in str(failed.value)
 
 
 def test_length_field_search_finds_the_kv_body_length() -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import yaml
 from proxy_kit import mesh
 
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import load_config, loads_config
 from metaprotocol_sdk.proxy.config import parse_duration
+from metaprotocol_sdk.proxy.config.loader import build_config
 
 EXAMPLE = """\
 apiVersion: metaprotocol.aeraki.io/v1alpha1
@@ -115,6 +118,24 @@ def _edit(old: str, new: str, count: int = 1) -> str:
     assert old in EXAMPLE, old
     return EXAMPLE.replace(old, new, count)
 
+
+#: A service whose port name alone selects the installed Thrift codec.
+THRIFT_BY_PORT = """\
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: calc}
+spec:
+  hosts: [calc.example]
+  ports: [{number: 9090, name: tcp-metaprotocol-thrift-calc, protocol: TCP}]
+  endpoints: [{address: 127.0.0.1, ports: {tcp-metaprotocol-thrift-calc: 19090}}]
+---
+apiVersion: proxy.metaprotocol.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: engine}
+spec:
+  listeners: [{host: calc.example, port: 9090, bind: "127.0.0.1:0"}]
+  codecOptions: {thrift: {max_frame_sise: 1024}}
+"""
 
 MISTAKES = [
     # (edited config, expected source part, expected field, expected reason part)
@@ -273,10 +294,25 @@ MISTAKES = [
     ),
     pytest.param(
         _edit("max_frame_size: 1048576", "max_frame: 1"),
-        "ProxyConfig",
+        "mesh.yaml (document 5, ProxyConfig/engine)",
         "spec.codecOptions.kv.max_frame",
         "unknown option",
         id="bad-codec-option",
+    ),
+    pytest.param(
+        _edit("max_frame_size: 1048576", "max_frame_size: 1MiB"),
+        "mesh.yaml (document 5, ProxyConfig/engine)",
+        "spec.codecOptions.kv.max_frame_size",
+        "must be a positive integer (bytes), got '1MiB'",
+        id="codec-option-of-the-wrong-type",
+    ),
+    pytest.param(
+        # No ApplicationProtocol: the port selects the installed codec, whose option is wrong.
+        THRIFT_BY_PORT,
+        "mesh.yaml (document 2, ProxyConfig/engine)",
+        "spec.codecOptions.thrift.max_frame_sise",
+        "unknown option for codec thrift",
+        id="bad-codec-option-without-application-protocol",
     ),
     pytest.param(
         _edit("  limits:", "  limit:"),
@@ -338,6 +374,30 @@ def test_config_mistakes(text: str, source: str, field: str | None, reason: str)
     assert error.field == field
     assert reason in error.reason, error.reason
     assert str(error).startswith(error.source)
+
+
+def test_a_route_to_a_host_without_service_entry_loads_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Accepted (in a mesh the ServiceEntry may come later), but in a file most often a typo
+    # that `metaprotocol proxy --check` would otherwise call OK.
+    typo = _edit(
+        "route: [{destination: {host: greeter.example, subset: v2}}]",
+        "route: [{destination: {host: greeter.exmaple}}]",
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(typo, "mesh.yaml")
+    warnings = [r.getMessage() for r in caplog.records if "destination.host" in r.getMessage()]
+    assert warnings == [
+        "mesh.yaml (document 4, MetaRouter/greeter): spec.routes[0].route[0].destination.host: "
+        "no ServiceEntry defines host 'greeter.exmaple': requests routed to it get a "
+        "ClusterNotFound reply until one does; ServiceEntry hosts: greeter.example"
+    ]
+    # From a control plane, a route may name a host whose cluster comes in a later update.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        build_config([("xds", list(yaml.safe_load_all(typo)))], control_plane=True)
+    assert [r for r in caplog.records if "destination.host" in r.getMessage()] == []
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:

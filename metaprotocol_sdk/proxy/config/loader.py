@@ -21,7 +21,7 @@ from os import PathLike
 from typing import Any, NoReturn, cast
 
 from metaprotocol_sdk.enums import ErrorType
-from metaprotocol_sdk.errors import ConfigError, RegistryError
+from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecError
 from metaprotocol_sdk.registry import resolve, resolve_filter
 
 from ..addresses import is_loopback
@@ -95,6 +95,8 @@ class _Doc:
         label = f"{self.kind}/{self.name}" if self.name else self.kind or "document"
         self.source = f"{file} (document {index + 1}, {label})"
         self._warned: set[str] = set()
+        #: The document came with an xDS update: names may refer to resources not sent yet.
+        self.from_control_plane = False
 
     def fail(self, path: str, reason: str) -> NoReturn:
         raise ConfigError(reason, source=self.source, field=path or None)
@@ -123,6 +125,15 @@ class _Doc:
         if key not in self._warned:
             self._warned.add(key)
             _log.warning("%s: %s: accepted and ignored: %s", self.source, path, why)
+
+    def caution(self, path: str, what: str) -> None:
+        """Log ``what`` about ``path``: valid, but likely a mistake (a typo in a host name)."""
+        if self.from_control_plane:
+            return
+        key = _INDEX.sub("[]", path) + what
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning("%s: %s: %s", self.source, path, what)
 
     def spec(self) -> dict[str, Any]:
         return self.mapping(self.body, "spec", "spec")
@@ -274,6 +285,7 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
     by_kind: dict[str, list[_Doc]] = {k: [] for k in KINDS}
     for doc in docs:
         by_kind[doc.kind].append(doc)
+        doc.from_control_plane = control_plane
     if len(by_kind["ProxyConfig"]) > 1:
         by_kind["ProxyConfig"][1].fail("kind", "only one ProxyConfig document is allowed")
     proxy_doc = by_kind["ProxyConfig"][0] if by_kind["ProxyConfig"] else None
@@ -286,8 +298,10 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
                     "routes and clusters come from the control plane",
                 )
     codec_options = _codec_options(proxy_doc)
-    protocols = _protocols(by_kind["ApplicationProtocol"], codec_options)
-    services = _services(by_kind["ServiceEntry"], protocols, codec_options)
+    # Codec options are the ProxyConfig's; a codec refusing one is reported there.
+    options_source = proxy_doc.source if proxy_doc is not None else "ProxyConfig"
+    protocols = _protocols(by_kind["ApplicationProtocol"], codec_options, options_source)
+    services = _services(by_kind["ServiceEntry"], protocols, codec_options, options_source)
     # Protocols named only by a port (no ApplicationProtocol): resolve through the registry.
     if proxy_doc is not None:
         for proto in codec_options:
@@ -316,19 +330,30 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
 
 
 def _make_protocol(
-    name: str, codec_name: str, options: dict[str, Any], doc: _Doc | None, path: str
+    name: str,
+    codec_name: str,
+    options: dict[str, Any],
+    doc: _Doc | None,
+    path: str,
+    options_source: str,
 ) -> Protocol:
+    """The protocol ``name`` run by the codec ``codec_name`` with ``options``.
+
+    A codec that cannot be resolved fails ``doc`` at ``path`` (without ``doc``, the
+    :class:`RegistryError` propagates); options the codec refuses are an error of the
+    ProxyConfig's ``spec.codecOptions``, reported at ``options_source``.
+    """
     try:
         cls = resolve(codec_name).load()
     except RegistryError as exc:
         if doc is None:
-            raise ConfigError(str(exc), field=path) from exc
+            raise
         doc.fail(path, str(exc))
     try:
         cls.from_options(options)
     except ConfigError as exc:
         where = f"spec.codecOptions.{name}" + (f".{exc.field}" if exc.field else "")
-        raise ConfigError(exc.reason, source=exc.source or "ProxyConfig", field=where) from exc
+        raise ConfigError(exc.reason, source=exc.source or options_source, field=where) from exc
     return Protocol(name=name, codec_name=codec_name, codec_class=cls, options=options)
 
 
@@ -346,7 +371,9 @@ def _codec_options(doc: _Doc | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> dict[str, Protocol]:
+def _protocols(
+    docs: list[_Doc], codec_options: dict[str, dict[str, Any]], options_source: str
+) -> dict[str, Protocol]:
     protocols: dict[str, Protocol] = {}
     for doc in docs:
         spec = doc.spec()
@@ -358,7 +385,7 @@ def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> di
         if "-" in name:
             doc.fail("spec.protocol", f"protocol {name!r} must not contain '-' (port names use it)")
         options = codec_options.get(name, {})
-        protocols[name] = _make_protocol(name, codec, options, doc, "spec.codec")
+        protocols[name] = _make_protocol(name, codec, options, doc, "spec.codec", options_source)
     return protocols
 
 
@@ -366,7 +393,12 @@ def _protocols(docs: list[_Doc], codec_options: dict[str, dict[str, Any]]) -> di
 
 
 def _port_protocol(
-    doc: _Doc, port_name: str, path: str, protocols: dict[str, Protocol], options: dict[str, Any]
+    doc: _Doc,
+    port_name: str,
+    path: str,
+    protocols: dict[str, Protocol],
+    options: dict[str, Any],
+    options_source: str,
 ) -> str | None:
     if not port_name.startswith(PORT_PREFIX):
         return None
@@ -379,19 +411,27 @@ def _port_protocol(
         )
     if proto not in protocols:
         # No ApplicationProtocol: accept an installed codec registered under the same name.
+        # (Options the installed codec refuses are their own error, not "no codec".)
         try:
-            protocols[proto] = _make_protocol(proto, proto, options.get(proto, {}), None, path)
-        except ConfigError:
+            protocols[proto] = _make_protocol(
+                proto, proto, options.get(proto, {}), None, path, options_source
+            )
+        except UnknownCodecError:
             doc.fail(
                 path,
                 f"port name {port_name!r} selects protocol {proto!r}, but there is no "
                 f"ApplicationProtocol for it and no installed codec named {proto!r}",
             )
+        except RegistryError as exc:  # installed, but it does not load
+            doc.fail(path, f"port name {port_name!r} selects protocol {proto!r}: {exc}")
     return proto
 
 
 def _services(
-    docs: list[_Doc], protocols: dict[str, Protocol], options: dict[str, dict[str, Any]]
+    docs: list[_Doc],
+    protocols: dict[str, Protocol],
+    options: dict[str, dict[str, Any]],
+    options_source: str,
 ) -> dict[str, Service]:
     services: dict[str, Service] = {}
     for doc in docs:
@@ -429,7 +469,7 @@ def _services(
             if pname in names:
                 doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
             names.add(pname)
-            proto = _port_protocol(doc, pname, f"{path}.name", protocols, options)
+            proto = _port_protocol(doc, pname, f"{path}.name", protocols, options, options_source)
             transport = doc.string(raw, "protocol", f"{path}.protocol", required=False)
             if proto is not None and transport is not None and transport.upper() != "TCP":
                 # Istio reads a port's protocol before its name: this port would not be TCP.
@@ -669,8 +709,16 @@ def _destination(
     doc.check(port_obj, f"{path}.port", schema.PORT_SELECTOR)
     port = doc.integer(port_obj, "number", f"{path}.port.number", False, 1, 65535)
     service = services.get(host)
-    if service is not None:
-        # An unknown host stays allowed: requests to it get ClusterNotFound.
+    if service is None:
+        # An unknown host stays allowed (it may appear later in a mesh), but in a file it is
+        # most often a typo that --check would otherwise call OK.
+        doc.caution(
+            f"{path}.host",
+            f"no ServiceEntry defines host {host!r}: requests routed to it get a "
+            f"ClusterNotFound reply until one does; ServiceEntry hosts: "
+            f"{', '.join(sorted(services)) or 'none'}",
+        )
+    else:
         port = _resolve_port(doc, service, port, None, f"{path}.port")
         if subset is not None:
             rule = rules.get(host)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
@@ -27,6 +30,35 @@ T = TypeVar("T")
 def fail(message: str) -> NoReturn:
     """Raise :class:`CheckFailed`."""
     raise CheckFailed(message)
+
+
+def raised_at(exc: BaseException, codec: object) -> str:
+    """Where ``exc`` was raised, as `` (raised at FILE:LINE in FUNCTION: SOURCE)``.
+
+    The deepest frame in the codec's own package (or module) is named, not that of a library
+    it called: that is the line its author has to change. Without one, the deepest frame.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    name = type(codec).__module__
+    top = sys.modules.get(name.partition(".")[0])
+    roots = [str(path) for path in getattr(top, "__path__", ())]  # namespace packages too
+    if not roots:
+        lone = getattr(sys.modules.get(name), "__file__", None)
+        roots = [lone] if lone else []
+    for frame in reversed(frames):
+        for root in roots:
+            if frame.filename == root or frame.filename.startswith(root + os.sep):
+                where = os.path.relpath(frame.filename, os.path.dirname(root))
+                break
+        else:
+            continue
+        break
+    else:
+        frame, where = frames[-1], frames[-1].filename
+    line = f": {frame.line.strip()}" if frame.line else ""
+    return f" (raised at {where}:{frame.lineno} in {frame.name}{line})"
 
 
 class DecodeTimeout(BaseException):
@@ -81,8 +113,8 @@ def call_decode(
         fail(f"decode took longer than {limit}s on input:\n{hexdump(before)}")
     except Exception as exc:
         fail(
-            f"decode raised {type(exc).__name__}: {exc} (only CodecError subclasses may "
-            f"escape decode) on input:\n{hexdump(before)}"
+            f"decode raised {type(exc).__name__}: {exc}{raised_at(exc, codec)} (only "
+            f"CodecError subclasses may escape decode) on input:\n{hexdump(before)}"
         )
     if isinstance(result, NeedData):
         if bytes(buffer) != before:

@@ -23,6 +23,7 @@ from ._support import (
     for_each_sample,
     labelled,
     no_messages,
+    raised_at,
     reference,
     run_property,
     same_metadata,
@@ -296,8 +297,8 @@ def _decode_frame(codec: Codec, frame: bytes, what: str) -> Metadata | CodecErro
         return exc
     except Exception as exc:
         fail(
-            f"decode_frame raised {type(exc).__name__}: {exc} (only CodecError subclasses may "
-            f"escape it) on {what}:\n{hexdump(frame)}"
+            f"decode_frame raised {type(exc).__name__}: {exc}{raised_at(exc, codec)} (only "
+            f"CodecError subclasses may escape it) on {what}:\n{hexdump(frame)}"
         )
     if not isinstance(result, Metadata):
         fail(f"decode_frame returned {type(result).__name__}, not Metadata, on {what}")

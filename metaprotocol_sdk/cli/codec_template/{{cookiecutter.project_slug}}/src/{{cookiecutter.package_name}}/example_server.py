@@ -4,7 +4,8 @@
 
 It prints ``listening on HOST:PORT`` once bound (``--port 0`` picks a free port), then one
 JSON line per request with the key-values it received, so a proxy's mutation is visible here.
-Each response carries the request's key-values back, plus ``served-by``, and echoes the body.
+Each response carries the request's key-values back, plus ``served-by`` (``--name``, to tell
+two servers apart behind the proxy), and echoes the body.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -32,10 +34,14 @@ from .protocol import Kind, build_frame
 SERVED_BY = "example_server"
 
 
-def respond(codec: {{ cookiecutter.__codec_class }}, message: Metadata) -> bytes | None:
+def respond(
+    codec: {{ cookiecutter.__codec_class }},
+    message: Metadata,
+    served_by: str = SERVED_BY,
+) -> bytes | None:
     """The reply to one decoded message (``None``: no reply)."""
     if message.message_type is MessageType.Request:
-        pairs = {**message.attributes.to_dict(), "served-by": SERVED_BY}
+        pairs = {**message.attributes.to_dict(), "served-by": served_by}
         return build_frame(Kind.RESPONSE, message.request_id, pairs, bytes(message.body))
 {%- if cookiecutter.heartbeat %}
     if message.message_type is MessageType.Heartbeat:
@@ -44,7 +50,9 @@ def respond(codec: {{ cookiecutter.__codec_class }}, message: Metadata) -> bytes
     return None
 
 
-async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def handle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, served_by: str = SERVED_BY
+) -> None:
     """Serve one connection until the peer closes it or sends bytes that are not a frame."""
     codec = {{ cookiecutter.__codec_class }}()
     buffer = bytearray()
@@ -70,7 +78,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                         "attributes": message.attributes.to_dict(),
                     }
                     print(json.dumps(record, ensure_ascii=False), flush=True)
-                reply = respond(codec, message)
+                reply = respond(codec, message, served_by)
                 if reply is not None:
                     writer.write(reply)
             await writer.drain()
@@ -82,14 +90,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             await writer.wait_closed()
 
 
-async def serve(host: str, port: int) -> asyncio.Server:
+async def serve(host: str, port: int, served_by: str = SERVED_BY) -> asyncio.Server:
     """Start the server; the caller owns it (``server.close()``)."""
-    return await asyncio.start_server(handle, host, port)
+    return await asyncio.start_server(functools.partial(handle, served_by=served_by), host, port)
 
 
-async def run(host: str, port: int) -> None:
+async def run(host: str, port: int, served_by: str = SERVED_BY) -> None:
     """Serve until SIGTERM or SIGINT."""
-    server = await serve(host, port)
+    server = await serve(host, port, served_by)
     bound = server.sockets[0].getsockname()
     print(f"listening on {bound[0]}:{bound[1]}", flush=True)
     stop = asyncio.Event()
@@ -106,9 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__package__}.example_server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100, help="0 picks a free port")
+    parser.add_argument(
+        "--name",
+        default=SERVED_BY,
+        help="the served-by key-value of its replies (tell two servers apart, say v1 and v2)",
+    )
     args = parser.parse_args(argv)
     try:
-        asyncio.run(run(args.host, args.port))
+        asyncio.run(run(args.host, args.port, args.name))
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
