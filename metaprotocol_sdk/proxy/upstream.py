@@ -466,7 +466,9 @@ class UpstreamConnection(asyncio.Protocol):
         """
         request = p.request
         if self.shared:
-            wire_id = self._free_id()
+            wire_id = self.next_id + 1
+            if wire_id > self.max_id or wire_id in self.pending:  # rare: ids wrapped around
+                wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id
@@ -584,7 +586,9 @@ class UpstreamConnection(asyncio.Protocol):
         waits for: an upstream that answers it anyway then answers nobody, not whichever
         request has the client's id on this connection."""
         if self.shared:
-            wire_id = self._free_id()
+            wire_id = self.next_id + 1
+            if wire_id > self.max_id or wire_id in self.pending:  # rare: ids wrapped around
+                wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
         else:
@@ -695,14 +699,16 @@ class UpstreamConnection(asyncio.Protocol):
                 self._heartbeat(message)
         else:
             self.need = 0
-        self._after_read(batch, failed)  # first: the replies read leave before any error
+        for downstream in batch:  # first: the replies read leave before any error
+            downstream.flush()
+        if self.retiring or failed is not None:
+            self._after_read(failed)
         if (buffer or self.held) and not self.closed:
             self._partial(len(buffer) != start)
 
-    def _after_read(self, batch: list[Downstream], failed: CodecError | None) -> None:
-        """Write the replies a read completed; then retire, or give up on a bad reply."""
-        for downstream in batch:
-            downstream.flush()
+    def _after_read(self, failed: CodecError | None) -> None:
+        """After the replies a read completed were written: retire, or give up on a bad
+        reply."""
         if self.retiring:
             self._close_if_idle()
         if failed is not None:
@@ -751,7 +757,7 @@ class UpstreamConnection(asyncio.Protocol):
             message = self.codec.decode_frame(frame)
         except CodecError as exc:  # only that reply is lost when the codec says whose it is
             refused = exc.frame_size == len(frame) and self._answer_refused(exc)
-            self._after_read(batch, None if refused else exc)
+            self._after_read(None if refused else exc)
             return
         kind = message.message_type
         if kind is _RESPONSE or kind is _ERROR:
@@ -762,7 +768,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.cluster.unmatched_reply()
         elif kind is _HEARTBEAT:
             self._heartbeat(message)
-        self._after_read(batch, None)
+        for downstream in batch:
+            downstream.flush()
+        self._after_read(None)
 
     def _account_held(self) -> None:
         held = len(self.buffer) + self.reads.size
