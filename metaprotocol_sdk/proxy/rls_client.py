@@ -99,6 +99,10 @@ class RateLimitServiceClient:
             else:
                 reason = "error"
             raise RateLimitServiceError(reason, f"{code.name}: {exc.details()}") from None
+        except Exception as exc:  # the call failed in some other way
+            raise RateLimitServiceError("error", f"{type(exc).__name__}: {exc}") from None
+        if reply is None:  # what grpc.aio returns for a reply that does not decode
+            raise RateLimitServiceError("error", "the reply does not decode")
         return bool(reply.overall_code == _OVER_LIMIT)
 
     async def close(self, grace: float | None = None) -> None:
