@@ -171,6 +171,7 @@ class Downstream(asyncio.Protocol):
         "draining",
         "engine",
         "held",
+        "holds",
         "inflight",
         "inflight_bytes",
         "last_seen",
@@ -235,6 +236,8 @@ class Downstream(asyncio.Protocol):
         self.last_seen = 0.0
         self.partial_since = 0.0
         self.paused_since = 0.0
+        #: Requests filters hold now (made on the first hold): cancelled if the client leaves.
+        self.holds: set[Hold] | None = None
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -277,6 +280,9 @@ class Downstream(asyncio.Protocol):
         for conn in list(self.dedicated.values()):
             conn.close()
         self.dedicated.clear()
+        if self.holds:  # nobody to answer: stop what they wait for (a call, a timer)
+            for hold in list(self.holds):
+                hold.future.cancel()
         engine.downstream_gone()
 
     def eof_received(self) -> bool | None:
@@ -706,11 +712,16 @@ class Downstream(asyncio.Protocol):
         self.inflight_bytes += hold.size
         engine.buffered += hold.size
         engine.deadlines.add(hold, engine.loop.time(), route.timeout)
+        if self.holds is None:
+            self.holds = set()
+        self.holds.add(hold)
         hold.future.add_done_callback(hold.resume)
 
     def release(self, hold: Hold) -> None:
         """Stop counting a held request as pending."""
         hold.done = True
+        if self.holds is not None:
+            self.holds.discard(hold)
         engine = self.engine
         engine.pending -= 1
         self.inflight -= 1
@@ -1284,6 +1295,12 @@ class Hold:
             return
         if future.cancelled() or future.exception() is not None:
             downstream.refuse(self.request, ErrorType.Unspecified, "a filter's wait failed", route)
+            return
+        reply = self.context.reply
+        if reply is not None:  # the filter decided once its wait was over
+            name = route.request_filters[self.resume_at - 1].name
+            flags = RESPONSE_FLAGS.get(name)
+            downstream.refuse(self.request, reply.error, reply.message or name, route, flags)
             return
         downstream._filter(self.request, route, self.resume_at, self.context)
 

@@ -19,9 +19,18 @@ from metaprotocol_sdk.filters import Filter
 
 from .accesslog import AccessLog
 from .addresses import is_loopback, reaches, resolve_all
-from .config.models import Config, Destination, Listener, LoadBalancer, Route, TrafficPolicy
+from .config.models import (
+    Config,
+    Destination,
+    GlobalRateLimit,
+    Listener,
+    LoadBalancer,
+    Route,
+    TrafficPolicy,
+)
 from .deadlines import Deadlines
 from .downstream import Downstream, ListenerRuntime
+from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .matcher import compile_match
 from .mirror import MirrorSink
 from .policies import FaultAbort, FaultDelay, LocalRateLimiter
@@ -82,6 +91,9 @@ class _Build:
     config: Config
     clusters: dict[str, Cluster] = dataclasses.field(default_factory=dict)
     specs: dict[str, ClusterSpec] = dataclasses.field(default_factory=dict)
+    #: Rate limit service clients by cluster name (``RateLimitServiceClient``; kept from the
+    #: serving runtime when the cluster's endpoints are unchanged).
+    rls: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -184,6 +196,13 @@ class Engine:
         )
         #: Watches the event loop for stalls (its thread runs between start and stop).
         self.watchdog = GuardDog(settings.watchdog, self.stats)
+        #: Rate limit service clients of the serving configuration, by cluster name
+        #: (``globalRateLimit``; empty without it).
+        self.rate_limit_services: dict[str, Any] = {}
+        #: Outstanding calls to them (made on the first ``globalRateLimit``).
+        self._rls_budget: CallBudget | None = None
+        #: Closing the channels of clients a reload dropped (awaited by :meth:`stop`).
+        self._rls_closing: set[asyncio.Task[None]] = set()
         #: Extra ``/config_dump`` sections, by key, computed on each dump (the xDS client's).
         self.dump_sections: dict[str, Callable[[], Any]] = {}
         #: The event loop the engine runs on (set by :meth:`start`).
@@ -293,11 +312,13 @@ class Engine:
         # The chain of every route: the MetaRouter's rate limit, the route's fault injection,
         # then the listener's own filters; the router comes last (Downstream._dispatch).
         chain = [spec.create() for spec in listener.filters]
-        limiter: Filter | None = None
+        limiters: list[Filter] = []
         if router is not None and router.local_rate_limit is not None:
-            limiter = LocalRateLimiter(
-                router.local_rate_limit, self.loop.time, self.stats, listener.name
+            limiters.append(
+                LocalRateLimiter(router.local_rate_limit, self.loop.time, self.stats, listener.name)
             )
+        if router is not None and router.global_rate_limit is not None:
+            limiters.append(self._global_rate_limiter(build, router.global_rate_limit, listener))
         routes: list[CompiledRoute] = []
         if router is None:
             # No MetaRouter: everything goes to the service itself, as in Aeraki.
@@ -305,7 +326,7 @@ class Engine:
             default = Route("default", (), (dest,), {}, {})
             target = self._target(build, dest, listener, "default")
             routes.append(
-                self._compile_route(build, default, listener, [target], timeout, chain, None)
+                self._compile_route(build, default, listener, [target], timeout, chain, [])
             )
         else:
             for route in router.routes:
@@ -314,7 +335,7 @@ class Engine:
                     self._target(build, d, listener, route.name, single) for d in route.destinations
                 ]
                 routes.append(
-                    self._compile_route(build, route, listener, targets, timeout, chain, limiter)
+                    self._compile_route(build, route, listener, targets, timeout, chain, limiters)
                 )
         runtime.table = RouteTable(routes)
         return runtime
@@ -327,7 +348,7 @@ class Engine:
         targets: list[Target],
         default_timeout: float,
         chain: list[Filter],
-        limiter: Filter | None,
+        limiters: list[Filter],
     ) -> CompiledRoute:
         # Tracing heads every chain (its span covers the policies' local replies too); when it
         # is not configured nothing of it is imported or run.
@@ -336,7 +357,7 @@ class Engine:
             from .tracing import tracing_filter
 
             head.append(tracing_filter(self))
-        request_filters: list[Filter] = head + ([limiter] if limiter is not None else [])
+        request_filters: list[Filter] = head + limiters
         fault = route.fault
         if fault is not None:
 
@@ -371,6 +392,42 @@ class Engine:
         compiled.local.telemetry = self.target_telemetry(first, listener, build.config)
         return compiled
 
+    def _global_rate_limiter(
+        self, build: _Build, limit: GlobalRateLimit, listener: Listener
+    ) -> GlobalRateLimiter:
+        """The ``globalRateLimit`` filter of a listener, with its service's client (one per
+        cluster; the serving one when its endpoints are unchanged)."""
+        from .rls_client import RateLimitServiceClient  # gRPC: only when configured
+
+        client = build.rls.get(limit.service)
+        if client is None:
+            client = self.rate_limit_services.get(limit.service)
+            if client is None or client.endpoints != limit.endpoints:
+                client = RateLimitServiceClient(limit.service, limit.endpoints)
+            build.rls[limit.service] = client
+        if self._rls_budget is None:
+            self._rls_budget = CallBudget(
+                self.config.proxy.limits.max_rate_limit_calls,
+                self.stats.gauge("metaprotocol_global_ratelimit_calls_active"),
+            )
+        return GlobalRateLimiter(
+            limit, client, self._rls_budget, self.loop, self.stats, listener.name
+        )
+
+    def _retire_rate_limit_services(self, kept: dict[str, Any]) -> None:
+        """Close the channels of the clients no longer used (calls in flight get their
+        ``requestTimeout`` at most: the longest a call can take)."""
+        for name, client in self.rate_limit_services.items():
+            if kept.get(name) is not client:
+                task = self.loop.create_task(client.close(grace=self._rls_grace()))
+                self._rls_closing.add(task)
+                task.add_done_callback(self._rls_closing.discard)
+        self.rate_limit_services = kept
+
+    def _rls_grace(self) -> float:
+        limits = [r.global_rate_limit for r in self.config.routers.values()]
+        return max((g.request_timeout for g in limits if g is not None), default=0.0)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -390,6 +447,7 @@ class Engine:
         for listener in settings.listeners:
             self.listeners[(listener.host, listener.port)] = self._build_listener(build, listener)
         self.clusters, self._cluster_specs = build.clusters, build.specs
+        self.rate_limit_services = build.rls
         shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
         fd_bound = connections_from_rlimit(
             shared * self.connections_per_endpoint,
@@ -588,6 +646,7 @@ class Engine:
             if server is not None:
                 server.close()
             draining.extend(c for c in self.downstreams if c.listener is current)
+        self._retire_rate_limit_services(staged.build.rls)
         self.config = staged.config
         self.config_version = staged.version
         self.clusters = staged.build.clusters
@@ -888,6 +947,9 @@ class Engine:
             if not self.downstreams and not self.upstreams:
                 break
             await asyncio.sleep(0)
+        self._retire_rate_limit_services({})
+        if self._rls_closing:
+            await asyncio.wait(self._rls_closing)
         self.deadlines.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -971,6 +1033,9 @@ class Engine:
                     "filters": [spec.name for spec in listener.filters],
                     "localRateLimit": _plain(
                         getattr(self.config.routers.get(listener.host), "local_rate_limit", None)
+                    ),
+                    "globalRateLimit": _plain(
+                        getattr(self.config.routers.get(listener.host), "global_rate_limit", None)
                     ),
                     "routes": [
                         {

@@ -82,6 +82,12 @@ HELP = {
     "(each stall once).",
     "metaprotocol_watchdog_megamiss_total": "Event loop stalls longer than "
     "watchdog.megamissTimeout (each stall once; the stuck stack is logged).",
+    "metaprotocol_global_ratelimit_total": "Requests checked with a rate limit service "
+    "(globalRateLimit), by listener and result (ok, over_limit, failure_allowed, "
+    "failure_denied, skipped, cancelled).",
+    "metaprotocol_global_ratelimit_failures_total": "Failed calls to a rate limit service, "
+    "by listener and reason (unavailable, error, timeout, overflow: never made).",
+    "metaprotocol_global_ratelimit_calls_active": "Calls to rate limit services outstanding.",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",

@@ -69,6 +69,7 @@ RESPONSE_FLAGS: dict[str, str] = {
     "DownstreamClosed": "DC",
     # Local replies of the built-in policies, by filter name:
     "local_rate_limit": "RL",
+    "global_rate_limit": "RL",
     "fault.abort": "FI",
 }
 

@@ -276,6 +276,10 @@ class FilterHarness:
             reply = LocalReply(ErrorType.Unspecified, "a filter's wait failed")
             exc = None if future.cancelled() else future.exception()
             return RequestOutcome("replied", context, outcome.filter, reply, exception=exc)
+        if context.reply is not None:  # the filter decided once its wait was over
+            name = outcome.filter.name if outcome.filter is not None else ""
+            reply = LocalReply(context.reply.error, context.reply.message or name)
+            return RequestOutcome("replied", context, outcome.filter, reply)
         return self._chain(context, outcome.resume_at)
 
     # -- responses -------------------------------------------------------------------------

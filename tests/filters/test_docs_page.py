@@ -82,8 +82,10 @@ def test_block_loads_with_a_mesh(block: str) -> None:
     kinds = {d["kind"] for d in own}
     if "MetaRouter" in kinds:
         router = config.routers["greeter.example"]
-        assert router.local_rate_limit or any(
-            r.fault or r.mirror or r.retries for r in router.routes
+        assert (
+            router.local_rate_limit
+            or router.global_rate_limit
+            or any(r.fault or r.mirror or r.retries for r in router.routes)
         )
     if "DestinationRule" in kinds:
         policy = config.destination_rules["greeter.example"].policy
@@ -120,6 +122,7 @@ def test_the_page_names_every_policy_field_the_loader_knows() -> None:
     text = PAGE.read_text("utf-8")
     tables = {
         "localRateLimit": (f.LOCAL_RATE_LIMIT, f.RATE_LIMIT_CONDITION, f.TOKEN_BUCKET),
+        "globalRateLimit": (f.GLOBAL_RATE_LIMIT, f.RATE_LIMIT_DESCRIPTOR),
         "fault": (f.FAULT, f.DELAY, f.ABORT),
         "retries": (f.RETRIES,),
         "connectionPool": (f.TCP_POOL, f.HTTP_POOL, f.TCP_KEEPALIVE),

@@ -230,6 +230,24 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         },
         lambda c: c.routers["svc.test"].local_rate_limit.conditions[0].bucket.max_tokens == 10,
     ),
+    (
+        "MetaRouter",
+        "spec.globalRateLimit",
+        {
+            "match": {"attributes": {"method": {"exact": "get"}}},
+            "domain": "d",
+            "requestTimeout": "50ms",
+            "denyOnFail": True,
+            "rateLimitService": "outbound|9000|v1|svc.test",
+            "descriptors": [{"property": "method", "descriptorKey": "m"}],
+        },
+        lambda c: (
+            (g := c.routers["svc.test"].global_rate_limit).endpoints == (("127.0.0.1", 19001),)
+            and g.request_timeout == 0.05
+            and g.deny_on_fail
+            and g.descriptors[0].key == "m"
+        ),
+    ),
     ("MetaRouter", f"{ROUTE}.name", "named", lambda c: _route(c).name == "named"),
     (
         "MetaRouter",
@@ -308,10 +326,12 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             "connectionBufferBytes": 2048,
             "connectionBufferMaxBytes": 4096,
             "maxStatsSeries": 500,
+            "maxRateLimitCalls": 8,
         },
         lambda c: (
             c.proxy.limits.max_pending_requests_per_connection == 7
             and c.proxy.limits.max_stats_series == 500
+            and c.proxy.limits.max_rate_limit_calls == 8
         ),
     ),
     (
@@ -433,7 +453,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("DestinationRule", f"{POLICY}.outlierDetection.splitExternalLocalOriginErrors", True),
     ("DestinationRule", f"{POLICY}.outlierDetection.consecutiveLocalOriginFailures", 3),
     ("DestinationRule", f"{POLICY}.outlierDetection.outlierDetectionHttpErrorCodes", [503]),
-    ("MetaRouter", "spec.globalRateLimit", {"domain": "d", "rateLimitService": "rls"}),
     ("MetaRouter", f"{ROUTE}.localRateLimit", {"tokenBucket": BUCKET}),
     ("MetaRouter", f"{ROUTE}.globalRateLimit", {"domain": "d"}),
     ("ProxyConfig", "spec.watchdog.multikillTimeout", "5s"),
@@ -509,6 +528,12 @@ WARNED: list[tuple[str, str, Any]] = [
 
 KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
 LRL = "spec.localRateLimit"
+GRL = "spec.globalRateLimit"
+GLOBAL = {
+    "domain": "d",
+    "rateLimitService": "outbound|9000||svc.test",
+    "descriptors": [{"property": "method", "descriptorKey": "method"}],
+}
 CONDITIONS = {"conditions": [{"match": {}, "tokenBucket": BUCKET}]}
 
 #: (kind, path of a mapping, what to set first so that it exists and is valid, or None): the
@@ -576,6 +601,9 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ("MetaRouter", f"{LRL}.conditions[0]", (LRL, CONDITIONS)),
     ("MetaRouter", f"{LRL}.conditions[0].match", (LRL, CONDITIONS)),
     ("MetaRouter", f"{LRL}.conditions[0].tokenBucket", (LRL, CONDITIONS)),
+    ("MetaRouter", GRL, (GRL, GLOBAL)),
+    ("MetaRouter", f"{GRL}.match", (GRL, {**GLOBAL, "match": {}})),
+    ("MetaRouter", f"{GRL}.descriptors[0]", (GRL, GLOBAL)),
     ("ProxyConfig", "spec.listeners[0]", None),
     (
         "ProxyConfig",

@@ -243,8 +243,8 @@ META_ROUTER = fields(
     "hosts",
     "routes",
     "localRateLimit",
+    "globalRateLimit",
     "gateways",
-    refused={"globalRateLimit": "global rate limiting"},
     exportTo=_NAMESPACES,
 )
 #: The one ``gateways`` entry that means "this engine": Istio's name for the sidecars.
@@ -262,7 +262,8 @@ ROUTE = fields(
     "retries",
     refused={
         "localRateLimit": "a rate limit per route (set localRateLimit at spec level, as in Aeraki)",
-        "globalRateLimit": "global rate limiting",
+        "globalRateLimit": "a global rate limit per route (set globalRateLimit at spec level, "
+        "as in Aeraki)",
     },
 )
 ROUTE_DESTINATION = fields("destination", "weight")
@@ -278,6 +279,10 @@ RETRIES = fields("attempts", "perTryTimeout", "retryOn")
 LOCAL_RATE_LIMIT = fields("tokenBucket", "conditions")
 RATE_LIMIT_CONDITION = fields("match", "tokenBucket")
 TOKEN_BUCKET = fields("maxTokens", "tokensPerFill", "fillInterval")
+GLOBAL_RATE_LIMIT = fields(
+    "match", "domain", "requestTimeout", "denyOnFail", "rateLimitService", "descriptors"
+)
+RATE_LIMIT_DESCRIPTOR = fields("property", "descriptorKey")
 
 # -- ProxyConfig (this engine) -----------------------------------------------------------------
 

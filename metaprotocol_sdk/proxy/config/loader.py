@@ -12,6 +12,7 @@ logger: see :mod:`.fields`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ from .models import (
     Endpoint,
     Fault,
     FilterSpec,
+    GlobalRateLimit,
     LbPolicy,
     Limits,
     Listener,
@@ -53,6 +55,7 @@ from .models import (
     Protocol,
     ProxySettings,
     RateLimitCondition,
+    RateLimitDescriptor,
     Retries,
     Route,
     Service,
@@ -853,6 +856,109 @@ def _local_rate_limit(doc: _Doc, spec: Mapping[str, Any]) -> LocalRateLimit | No
     return LocalRateLimit(default, tuple(conditions))
 
 
+#: Aeraki's ``rateLimitService``: an Envoy cluster name, ``outbound|<port>|<subset>|<host>``.
+_CLUSTER_NAME = re.compile(r"outbound\|(\d{1,5})\|([^|]*)\|([^|]+)")
+
+
+def _global_rate_limit(
+    doc: _Doc,
+    spec: Mapping[str, Any],
+    services: dict[str, Service],
+    rules: dict[str, DestinationRule],
+) -> GlobalRateLimit | None:
+    """``spec.globalRateLimit`` (Aeraki): ``match``, ``domain``, ``rateLimitService`` (a
+    cluster whose ServiceEntry endpoints serve Envoy's RLS API), ``descriptors``,
+    ``requestTimeout`` (default 20ms), ``denyOnFail`` (default false)."""
+    raw = doc.mapping(spec, "globalRateLimit", "spec.globalRateLimit", required=False)
+    if not raw:
+        return None
+    path = "spec.globalRateLimit"
+    doc.check(raw, path, schema.GLOBAL_RATE_LIMIT)
+    from ..global_ratelimit import missing_extra  # tries gRPC only when configured
+
+    why = missing_extra()
+    if why is not None:
+        doc.fail(path, why)
+    domain = cast(str, doc.string(raw, "domain", f"{path}.domain"))
+    name = cast(str, doc.string(raw, "rateLimitService", f"{path}.rateLimitService"))
+    endpoints = _rate_limit_endpoints(doc, name, f"{path}.rateLimitService", services, rules)
+    descriptors = []
+    for i, item in enumerate(doc.sequence(raw, "descriptors", f"{path}.descriptors")):
+        dpath = f"{path}.descriptors[{i}]"
+        if not isinstance(item, dict):
+            doc.fail(dpath, "must be a mapping {property: ..., descriptorKey: ...}")
+        doc.check(item, dpath, schema.RATE_LIMIT_DESCRIPTOR)
+        prop = cast(str, doc.string(item, "property", f"{dpath}.property"))
+        key = cast(str, doc.string(item, "descriptorKey", f"{dpath}.descriptorKey"))
+        descriptors.append(RateLimitDescriptor(prop, key))
+    timeout = doc.duration(raw, "requestTimeout", f"{path}.requestTimeout")
+    if timeout is not None and timeout > 3600:
+        doc.fail(f"{path}.requestTimeout", "must be at most 1h")
+    deny = doc.get(raw, "denyOnFail", f"{path}.denyOnFail")
+    if deny is not None and not isinstance(deny, bool):
+        doc.fail(f"{path}.denyOnFail", f"must be true or false, got {deny!r}")
+    return GlobalRateLimit(
+        match=_matches(doc, raw, path),
+        domain=domain,
+        service=name,
+        endpoints=endpoints,
+        descriptors=tuple(descriptors),
+        request_timeout=GlobalRateLimit.request_timeout if timeout is None else timeout,
+        deny_on_fail=bool(deny),
+    )
+
+
+def _rate_limit_endpoints(
+    doc: _Doc,
+    name: str,
+    path: str,
+    services: dict[str, Service],
+    rules: dict[str, DestinationRule],
+) -> tuple[tuple[str, int], ...]:
+    """The ``(address, port)`` endpoints of the cluster ``name`` (Istio's naming)."""
+    found = _CLUSTER_NAME.fullmatch(name)
+    if found is None:
+        doc.fail(
+            path,
+            f"must be a cluster name outbound|<port>|<subset>|<host> (as Aeraki's), got {name!r}",
+        )
+    number, subset, host = int(found[1]), found[2] or None, found[3]
+    service = services.get(host)
+    if service is None:
+        doc.fail(path, f"no ServiceEntry defines host {host!r}")
+    sport = service.ports.get(number)
+    if sport is None:
+        known = ", ".join(str(p) for p in sorted(service.ports))
+        doc.fail(path, f"service {service.name!r} has no port {number}; its ports: {known}")
+    labels: dict[str, str] = {}
+    if subset is not None:
+        rule = rules.get(host)
+        if rule is None or subset not in rule.subsets:
+            doc.fail(path, f"unknown subset {subset!r} of host {host!r}")
+        labels = rule.subsets[subset].labels
+    endpoints = tuple(
+        (ep.address, ep.port_for(sport))
+        for ep in service.endpoints
+        if labels.items() <= ep.labels.items()
+    )
+    if not endpoints:
+        doc.fail(path, f"cluster {name} has no endpoint (ServiceEntry {service.name!r})")
+    if len(endpoints) > 1:
+        versions = set()
+        for address, _ in endpoints:
+            try:
+                versions.add(ipaddress.ip_address(address).version)
+            except ValueError:
+                doc.fail(
+                    path,
+                    f"endpoint {address!r} of {name} is a name: a rate limit service with "
+                    "several endpoints takes IP addresses (or give it one endpoint name)",
+                )
+        if len(versions) > 1:
+            doc.fail(path, f"the endpoints of {name} mix IPv4 and IPv6 addresses")
+    return endpoints
+
+
 def _filters(doc: _Doc, raw: Mapping[str, Any], path: str) -> tuple[FilterSpec, ...]:
     """A listener's ``filters``: ``[{name: <registry name or module:Class>, config: {...}}]``."""
     specs = []
@@ -983,7 +1089,12 @@ def _routers(
                 )
             )
         router = MetaRouter(
-            doc.name, tuple(hosts), tuple(routes), doc.source, _local_rate_limit(doc, spec)
+            doc.name,
+            tuple(hosts),
+            tuple(routes),
+            doc.source,
+            _local_rate_limit(doc, spec),
+            _global_rate_limit(doc, spec, services, rules),
         )
         for host in hosts:
             _check_capabilities(doc, router, services[host], protocols)
@@ -1300,6 +1411,7 @@ _LIMIT_FIELDS = {
     "connectionBufferMaxBytes": ("connection_buffer_max_bytes", 1024),
     # Below this the engine's own per-listener series alone would overflow.
     "maxStatsSeries": ("max_stats_series", 100),
+    "maxRateLimitCalls": ("max_rate_limit_calls", 1),
 }
 
 

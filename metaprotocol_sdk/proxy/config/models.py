@@ -223,6 +223,35 @@ class LocalRateLimit:
 
 
 @dataclass(frozen=True)
+class RateLimitDescriptor:
+    """A ``globalRateLimit.descriptors`` entry: the request attribute ``property`` is sent to
+    the rate limit service as the descriptor entry ``key``."""
+
+    property: str
+    key: str
+
+
+@dataclass(frozen=True)
+class GlobalRateLimit:
+    """A MetaRouter's ``globalRateLimit`` (Aeraki): requests matching ``match`` are held while
+    the rate limit service (Envoy's RLS API) at ``endpoints`` is asked about their descriptors.
+
+    ``service`` is the cluster name as written (``outbound|8081||rls.example``); ``endpoints``
+    are its ServiceEntry endpoints, ``(address, port)``. ``request_timeout`` in seconds bounds
+    each call; on a failed, slow or refused call, ``deny_on_fail`` decides.
+    """
+
+    match: tuple[AttributeMatch, ...]
+    domain: str
+    service: str
+    endpoints: tuple[tuple[str, int], ...]
+    descriptors: tuple[RateLimitDescriptor, ...]
+    #: Aeraki's and Envoy's default: 20 ms.
+    request_timeout: float = 0.02
+    deny_on_fail: bool = False
+
+
+@dataclass(frozen=True)
 class Mirror:
     """A route's ``mirror`` and ``mirrorPercentage`` (0-100; absent means 100)."""
 
@@ -268,6 +297,7 @@ class MetaRouter:
     routes: tuple[Route, ...]
     source: str = ""
     local_rate_limit: LocalRateLimit | None = None
+    global_rate_limit: GlobalRateLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -322,6 +352,9 @@ class Limits:
     #: Stats series held at most (a histogram is one); past it, new series naming listeners,
     #: routes, clusters or services fold into the ``stats="overflow"`` series of their metric.
     max_stats_series: int = 50_000
+    #: Calls to rate limit services (``globalRateLimit``) outstanding at once, per process;
+    #: past it a request gets the failure policy at once (``denyOnFail``), uncalled.
+    max_rate_limit_calls: int = 1000
 
 
 @dataclass(frozen=True)
