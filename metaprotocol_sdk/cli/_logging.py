@@ -44,6 +44,9 @@ DEFAULT_LEVEL = "info"
 #: Loggers of libraries the CLI uses that say at ``info`` what the engine says itself
 #: (``watchfiles``: "1 change detected"); they show from ``debug`` only.
 _CHATTY = ("watchfiles",)
+#: Loggers whose records the CLI never writes: ``cookiecutter`` logs a traceback when a hook
+#: rejects the answers of ``metaprotocol new``, whose own lines say everything.
+_SILENT = ("cookiecutter",)
 #: How lines after a record's first are indented in the text format.
 INDENT = "  "
 
@@ -123,9 +126,7 @@ def configure(level: str = DEFAULT_LEVEL, fmt: str = "text", worker: int | None 
     """Set the level and format of the records written (inside :func:`installed`)."""
     if _handler is None:
         return
-    formatter: logging.Formatter = (
-        JsonFormatter(worker) if fmt == "json" else TextFormatter(worker)
-    )
+    formatter: logging.Formatter = JsonFormatter(worker) if fmt == "json" else TextFormatter(worker)
     _handler.setFormatter(formatter)
     number = LEVELS[level]
     logging.getLogger().setLevel(number)
@@ -142,6 +143,11 @@ def installed() -> Iterator[None]:
     root = logging.getLogger()
     saved_level = root.level
     saved_chatty = {name: logging.getLogger(name).level for name in _CHATTY}
+    saved_silent = {name: logging.getLogger(name).propagate for name in _SILENT}
+    nowhere = logging.NullHandler()  # a handler: Python's "last resort" does not write them
+    for name in _SILENT:
+        logging.getLogger(name).propagate = False
+        logging.getLogger(name).addHandler(nowhere)
     previous, _handler = _handler, StderrHandler()
     root.addHandler(_handler)
     configure()
@@ -153,3 +159,6 @@ def installed() -> Iterator[None]:
         root.setLevel(saved_level)
         for name, level in saved_chatty.items():
             logging.getLogger(name).setLevel(level)
+        for name, propagate in saved_silent.items():
+            logging.getLogger(name).propagate = propagate
+            logging.getLogger(name).removeHandler(nowhere)
