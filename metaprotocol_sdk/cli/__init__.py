@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from ._logging import installed
+
 # Subcommands live in their own modules and are imported only when used, so that
 # ``metaprotocol --help`` stays fast and one broken subcommand cannot break the others.
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,7 +43,8 @@ class _LazyGroup(click.Group):
         """
         kwargs["standalone_mode"] = False
         try:
-            result = super().main(*args, **kwargs)
+            with installed():  # log records as the CLI writes them (see _logging)
+                result = super().main(*args, **kwargs)
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
             sys.exit(130)

@@ -9,7 +9,6 @@ Their hooks validate the answers; a rejected answer leaves no output behind.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -136,10 +135,8 @@ def command(
     )
     from cookiecutter.main import cookiecutter  # type: ignore[import-untyped]
 
-    # cookiecutter logs a traceback when a hook rejects the answers; the hook's own message
-    # (and ours below) says everything, so its log records go nowhere unless configured.
-    logging.getLogger("cookiecutter").addHandler(logging.NullHandler())
-
+    # cookiecutter's log records (a traceback when a hook rejects the answers) are not
+    # written: see _logging._SILENT.
     context: dict[str, Any] = {}
     for key, value in (
         ("filter_name" if is_filter else "protocol_name", name),

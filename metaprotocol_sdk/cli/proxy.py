@@ -17,6 +17,9 @@ import click
 
 from metaprotocol_sdk.errors import ConfigError
 
+from ._logging import DEFAULT_LEVEL, FORMATS, LEVELS
+from ._logging import configure as configure_logging
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -64,7 +67,10 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-log = logging.getLogger(__name__)
+#: The command's own lines: startup errors, ``draining`` (written as :mod:`._logging` says).
+log = logging.getLogger("metaprotocol.proxy")
+#: One line per reload: ``reload ok`` (info), ``reload refused`` (warning), ``reload failed``.
+reload_log = logging.getLogger("metaprotocol.proxy.reload")
 
 #: ``--watch``: a change is acted on once the files' directories have been quiet this long, so
 #: changes closer together are one (an editor's save is often several writes and a rename;
@@ -133,9 +139,10 @@ class Reloader:
             try:
                 await self.reload(source)
             except Exception as exc:  # one failed reload must not end reloading
-                log.debug("reload failed (%s)", source, exc_info=True)  # the trace, on demand
+                # The trace, on demand (--log-level debug).
+                reload_log.debug("reload failed (%s)", source, exc_info=True)
                 self.engine.refused(source, f"reload failed: {type(exc).__name__}: {exc}")
-                click.echo(f"reload failed ({source}): {type(exc).__name__}: {exc}", err=True)
+                reload_log.error("reload failed (%s): %s: %s", source, type(exc).__name__, exc)
 
     async def reload(self, source: str) -> bool:
         """Load the files, apply them; one line on stderr either way. ``True``: applied."""
@@ -152,7 +159,7 @@ class Reloader:
                 config = self.prepare(config)
         except (ConfigError, OSError) as exc:
             self.engine.refused(source, str(exc))
-            click.echo(f"reload refused ({source}): {exc}", err=True)
+            reload_log.warning("reload refused (%s): %s", source, exc)
             return False
         try:
             if self.control_plane is not None:
@@ -160,9 +167,9 @@ class Reloader:
             else:
                 await self.engine.apply(config, source=source)
         except ConfigError as exc:
-            click.echo(f"reload refused ({source}): {exc}", err=True)
+            reload_log.warning("reload refused (%s): %s", source, exc)
             return False
-        click.echo(f"reload ok ({source}): version {self.engine.config_version}", err=True)
+        reload_log.info("reload ok (%s): version %s", source, self.engine.config_version)
         return True
 
 
@@ -184,14 +191,14 @@ async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event
         ):
             reloader.request("watch")
     except Exception as exc:  # a directory removed, a watch limit reached: say so, keep serving
-        click.echo(f"watch stopped: {exc}; SIGHUP still reloads", err=True)
+        reload_log.warning("watch stopped: %s; SIGHUP still reloads", exc)
 
 
 def _refuse_while_draining(engine: Engine) -> None:
     """A ``SIGHUP`` after ``SIGTERM``: nothing to reload into; counted and said, not fatal."""
     error = "the engine is draining (SIGTERM); nothing was changed"
     engine.refused("sighup", error)
-    click.echo(f"reload refused (sighup): {error}", err=True)
+    reload_log.warning("reload refused (sighup): %s", error)
 
 
 async def _serve(
@@ -210,10 +217,10 @@ async def _serve(
     try:
         await engine.start()
     except OSError as exc:
-        click.echo(f"error: cannot bind: {exc}", err=True)
+        log.error("cannot bind: %s", exc)
         return 1
     except ConfigError as exc:
-        click.echo(f"error: invalid configuration: {exc}", err=True)
+        log.error("invalid configuration: %s", exc)
         return 2
     loop = asyncio.get_running_loop()
     reloader = Reloader(engine, files, worker.apply if worker is not None else None)
@@ -258,30 +265,46 @@ async def _serve(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    click.echo("draining", err=True)
+    log.info("draining")
     if control_plane is not None:
         await control_plane.stop()
     await engine.stop(drain=drain)
     return 0
 
 
-def _load(files: tuple[str, ...]) -> Config:
+def _load(files: tuple[str, ...], quiet: bool = False) -> Config:
     """The validated configuration, or exit 2 with one line on stderr.
 
     A configuration that serves nothing (no listeners) is refused here too, with what is
-    missing: started anyway, it would sit silent forever.
+    missing: started anyway, it would sit silent forever. ``quiet``: the configuration's
+    warnings are not logged (a worker starting for the first time: its supervisor has just
+    logged them, for the same files).
     """
     from metaprotocol_sdk.proxy import load_config
 
+    config_log = logging.getLogger("metaprotocol.config")
+    drop = _drop_every_record
+    if quiet:
+        config_log.addFilter(drop)
     try:
         config = load_config(list(files))
     except ConfigError as exc:
-        click.echo(f"error: invalid configuration: {exc}", err=True)
+        log.error("invalid configuration: %s", exc)
         sys.exit(2)
+    finally:
+        config_log.removeFilter(drop)
+    if log.isEnabledFor(logging.DEBUG):  # the hash costs a walk over the whole configuration
+        from metaprotocol_sdk.proxy.reload import config_version
+
+        log.debug("loaded %s: version %s", ", ".join(files), config_version(config))
     if not config.proxy.listeners:
-        click.echo(f"error: invalid configuration: {_nothing_to_serve(config, files)}", err=True)
+        log.error("invalid configuration: %s", _nothing_to_serve(config, files))
         sys.exit(2)
     return config
+
+
+def _drop_every_record(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _nothing_to_serve(config: Config, files: tuple[str, ...]) -> str:
@@ -345,6 +368,21 @@ def _check(files: tuple[str, ...]) -> None:
     show_default=True,
     help="Serving processes sharing the listeners (SO_REUSEPORT) under one supervisor.",
 )
+@click.option(
+    "-l",
+    "--log-level",
+    type=click.Choice(list(LEVELS)),
+    default=DEFAULT_LEVEL,
+    show_default=True,
+    help="Lowest level of the log records written to stderr.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="Log records as 'LEVEL: message' lines, or one JSON object per line.",
+)
 @click.option("--worker", "worker_of", hidden=True, help="Internal: run as one of --workers.")
 def command(
     files: tuple[str, ...],
@@ -353,34 +391,38 @@ def command(
     check: bool,
     watch: bool,
     workers: int,
+    log_level: str,
+    log_format: str,
     worker_of: str | None,
 ) -> None:
     """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain.
 
     SIGHUP reloads the files (a bad configuration is refused and the old one keeps serving).
+    Log records (configuration warnings, reloads, the watchdog) go to stderr, one per line.
     """
+    spec = None
+    if worker_of is not None:
+        from metaprotocol_sdk.proxy.workers import WorkerSpec
+
+        spec = WorkerSpec.from_json(worker_of)
+    configure_logging(log_level, log_format, None if spec is None else spec.index)
     if check:
         _check(files)
         return
     from metaprotocol_sdk.proxy.output import background_output
 
-    spec = None
-    if workers > 1 or worker_of is not None:
+    if workers > 1 and spec is None:
         from metaprotocol_sdk.proxy import workers as several
 
-        if worker_of is None:
-            refused = several.reuse_port_unavailable()
-            if refused:
-                click.echo(
-                    f"error: --workers {workers} needs shared listeners: {refused}", err=True
-                )
-                sys.exit(2)
-            argv = several.worker_command(files, drain, no_uvloop, watch)
-            config = _load(files)
-            with background_output():
-                code = several.supervise(config, argv, workers, drain)
-            sys.exit(code)
-        spec = several.WorkerSpec.from_json(worker_of)
+        refused = several.reuse_port_unavailable()
+        if refused:
+            log.error("--workers %d needs shared listeners: %s", workers, refused)
+            sys.exit(2)
+        argv = several.worker_command(files, drain, no_uvloop, watch, log_level, log_format)
+        config = _load(files)
+        with background_output():
+            code = several.supervise(config, argv, workers, drain)
+        sys.exit(code)
     factory = None
     if not no_uvloop:
         try:
@@ -389,7 +431,7 @@ def command(
             factory = uvloop.new_event_loop
         except ImportError:
             factory = None
-    config = _load(files)
+    config = _load(files, quiet=spec is not None and spec.quiet_config)
     if spec is not None:
         config = spec.apply(config)
     with background_output() as output, asyncio.Runner(loop_factory=factory) as runner:

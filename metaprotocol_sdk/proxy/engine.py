@@ -556,7 +556,13 @@ class Engine:
             "metaprotocol_reloads_total", source=record.source, result=record.result
         ).value += 1
         # Debug only: the caller (the CLI, an xDS client) writes its own line for each.
-        log.debug("reload %s (%s): %s", record.result, record.source, record.error or "")
+        log.debug(
+            "reload %s (%s)%s%s",
+            record.result,
+            record.source,
+            f": version {record.version}" if record.version else "",
+            f": {record.error}" if record.error else "",
+        )
 
     async def _stage(self, config: Config, version: str) -> _Staged:
         """Build (and bind) everything ``config`` needs next to the serving runtime."""

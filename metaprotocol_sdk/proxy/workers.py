@@ -148,16 +148,20 @@ class WorkerSpec:
     index: int
     #: Each listener's port by listener name (``host:port``).
     ports: dict[str, int]
+    #: The worker's first start: the supervisor has just logged the configuration's warnings,
+    #: so the worker's own load of the same files does not repeat them.
+    quiet_config: bool = False
 
     def to_json(self) -> str:
         """The option's value."""
-        return json.dumps({"index": self.index, "ports": self.ports})
+        return json.dumps({"index": self.index, "ports": self.ports, "quiet": self.quiet_config})
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
         """Read the option's value."""
         data = json.loads(text)
-        return cls(int(data["index"]), {str(k): int(v) for k, v in data["ports"].items()})
+        ports = {str(k): int(v) for k, v in data["ports"].items()}
+        return cls(int(data["index"]), ports, bool(data.get("quiet", False)))
 
     def apply(self, config: Config) -> Config:
         """``config`` as this worker serves it: the shared ports, a private admin endpoint,
@@ -291,7 +295,7 @@ class Supervisor:
                 self._admin = await WorkersAdmin(self, admin).listen(*admin.bind)
         except OSError as exc:
             self._close()
-            print(f"error: cannot bind: {exc}", file=sys.stderr)
+            log.error("cannot bind: %s", exc)
             return 1
         code = await self._start_all()
         if code:
@@ -312,12 +316,12 @@ class Supervisor:
             host, port = self._admin.sockets[0].getsockname()[:2]
             print(f"admin on {host}:{port}")
         pids = ", ".join(str(w.process.pid) for w in self.workers if w.process is not None)
-        print(f"{len(self.workers)} workers (pids {pids})", file=sys.stderr)
+        log.info("%d workers (pids %s)", len(self.workers), pids)
         sys.stdout.flush()
         for worker in self.workers:
             self._spawn_task(self._keep(worker))
         await self._stop.wait()
-        print("draining", file=sys.stderr)
+        log.info("draining")
         await self._stop_workers()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -368,7 +372,7 @@ class Supervisor:
 
     async def _start(self, worker: Worker) -> bool:
         """Start ``worker``'s process and wait until it serves; False if it did not."""
-        spec = WorkerSpec(worker.index, self.ports)
+        spec = WorkerSpec(worker.index, self.ports, quiet_config=worker.restarts == 0)
         worker.admin = None
         worker.process = process = await asyncio.create_subprocess_exec(
             *self.command,
@@ -636,11 +640,18 @@ class WorkersAdmin(_AdminServer):
 
 
 def worker_command(
-    files: Sequence[str], drain: float | None, no_uvloop: bool, watch: bool = False
+    files: Sequence[str],
+    drain: float | None,
+    no_uvloop: bool,
+    watch: bool = False,
+    log_level: str = "info",
+    log_format: str = "text",
 ) -> list[str]:
     """How a worker starts: this interpreter running ``metaprotocol proxy`` on ``files``
-    (with ``--watch``, each worker watches the files and reloads itself)."""
+    (with ``--watch``, each worker watches the files and reloads itself), logging as the
+    supervisor does (its records name the worker: ``--worker`` gives its index)."""
     command = [sys.executable, "-m", "metaprotocol_sdk", "proxy"]
+    command += ["--log-level", log_level, "--log-format", log_format]
     for name in files:
         command += ["-c", os.path.abspath(name)]
     if drain is not None:

@@ -253,7 +253,9 @@ def test_bad_input_gives_one_line_and_exit_2(
     output = result.stdout + result.stderr
     assert "Traceback" not in output
     assert result.exit_code == 2, output
-    (line,) = result.stderr.splitlines() or [""]  # exactly one line
+    # Exactly one error line (the configuration's warnings, if any, come before it).
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    (line,) = lines or [""]
     assert line.startswith("error: "), result.stderr
     assert expected.format(**paths) in line, result.stderr
 
@@ -304,3 +306,24 @@ def test_engine_refuses_a_configuration_without_listeners() -> None:
     engine = Engine(loads_config(KV_PROXY_MESH, "mesh.yaml"))
     with pytest.raises(ConfigError, match="no listeners"):
         asyncio.run(engine.start())
+
+
+def test_every_subcommand_writes_log_records_with_their_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not only ``proxy``: what a codec or the SDK logs while ``codecs`` runs says its level
+    (``warning:``, like the CLI's ``error:`` lines), and the program's logging is put back."""
+    import logging
+
+    def listing() -> list[object]:
+        logging.getLogger("metaprotocol.registry").warning("planted\nsecond line")
+        logging.getLogger("metaprotocol.registry").debug("not at the default level")
+        return []
+
+    monkeypatch.setattr("metaprotocol_sdk.cli.codecs.available", listing)
+    root = logging.getLogger()
+    before = root.handlers[:], root.level
+    result = CliRunner().invoke(main, ["codecs", "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "warning: planted\n  second line\n"
+    assert (root.handlers, root.level) == before

@@ -297,8 +297,9 @@ def test_a_real_engine_answers_hostile_admin_clients_without_a_traceback(tmp_pat
     assert "Traceback" not in err, err
     # The annotations are named once as ignored (they cannot change traffic), then the drain.
     warning, drain = err.splitlines()
+    assert warning.startswith("warning: "), err
     assert "metadata.annotations: accepted and ignored" in warning, err
-    assert drain == "draining", err
+    assert drain == "info: draining", err
 
 
 def test_a_bug_behind_an_admin_path_is_a_500_and_one_log_line(

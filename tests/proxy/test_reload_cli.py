@@ -103,10 +103,10 @@ class Proxy:
             self.lines.put(line.rstrip("\n"))
 
     def next_reload(self) -> str:
-        """The next ``reload ...`` line on stderr (waits for it)."""
+        """The next ``LEVEL: reload ...`` line on stderr (waits for it)."""
         while True:
             line = self.lines.get(timeout=WAIT)
-            if line.startswith("reload "):
+            if line.partition(": ")[2].startswith("reload "):
                 return line
 
     def get(self, path: str) -> Any:
@@ -159,7 +159,7 @@ def test_sighup_swaps_routes_for_open_connections_and_refuses_a_bad_file(
         config.write_text(mesh(v1.port, v2.port, "v2"))
         proxy.proc.send_signal(signal.SIGHUP)
         line = proxy.next_reload()
-        assert re.fullmatch(r"reload ok \(sighup\): version [0-9a-f]{12}", line), line
+        assert re.fullmatch(r"info: reload ok \(sighup\): version [0-9a-f]{12}", line), line
         assert not slow.done(), "the reload did not finish while the request was in flight"
         assert first.sayHello("b") == "v2: hello b"  # the same connection, the new route
         assert slow.result(WAIT) == "v1: slept 2000"  # finished on the route it was given
@@ -171,7 +171,7 @@ def test_sighup_swaps_routes_for_open_connections_and_refuses_a_bad_file(
         config.write_text(mesh(v1.port, v2.port, "v9"))  # no such subset
         proxy.proc.send_signal(signal.SIGHUP)
         line = proxy.next_reload()
-        assert line.startswith("reload refused (sighup): ") and "v9" in line, line
+        assert line.startswith("warning: reload refused (sighup): ") and "v9" in line, line
         assert proxy.proc.poll() is None
         assert first.sayHello("c") == "v2: hello c"
         dump = proxy.get("/config_dump")
@@ -204,11 +204,11 @@ def test_a_sighup_during_the_drain_is_refused_and_the_request_in_flight_finishes
         slow: Future[str] = pool.submit(client.sleep, 3000)
         assert v1.handler.sleeping.wait(WAIT)
         proxy.proc.send_signal(signal.SIGTERM)
-        while proxy.lines.get(timeout=WAIT) != "draining":
+        while proxy.lines.get(timeout=WAIT) != "info: draining":
             pass
         proxy.proc.send_signal(signal.SIGHUP)
         line = proxy.next_reload()
-        assert line.startswith("reload refused (sighup): the engine is draining"), line
+        assert line.startswith("warning: reload refused (sighup): the engine is draining"), line
         assert not slow.done(), "the request finished before the SIGHUP: nothing was tested"
         assert slow.result(WAIT) == "v1: slept 3000"
         assert proxy.proc.wait(WAIT) == 0
@@ -232,19 +232,19 @@ def test_watch_applies_a_changed_file_and_skips_a_half_written_one(
         # Half of the new file, as a writer caught mid-write leaves it: refused, not applied.
         config.write_text(whole[: whole.index("kind: MetaRouter") + 30])
         line = proxy.next_reload()
-        assert line.startswith("reload refused (watch): "), line
+        assert line.startswith("warning: reload refused (watch): "), line
         assert client.sayHello("b") == "v1: hello b"
         # The write completes: the next change applies.
         config.write_text(whole)
         line = proxy.next_reload()
-        assert line.startswith("reload ok (watch): version "), line
+        assert line.startswith("info: reload ok (watch): version "), line
         assert client.sayHello("c") == "v2: hello c"  # the same connection
         # An editor's save: a new file renamed over the old one.
         fresh = tmp_path / ".mesh.yaml.swp"
         fresh.write_text(mesh(v1.port, v2.port, "v1"))
         fresh.replace(config)
         line = proxy.next_reload()
-        assert line.startswith("reload ok (watch): "), line
+        assert line.startswith("info: reload ok (watch): "), line
         assert client.sayHello("d") == "v1: hello d"
         client.close()
     finally:
@@ -284,7 +284,7 @@ def test_watch_waits_for_a_writer_that_pauses_mid_file(
             time.sleep(WATCH_QUIET_MS / 2000)
             file.write(whole[cut:])
         expected = config_version(load_config([config]))
-        assert proxy.next_reload() == f"reload ok (watch): version {expected}"
+        assert proxy.next_reload() == f"info: reload ok (watch): version {expected}"
         assert client.sayHello("b") == "v1: hello b"
         client.close()
     finally:
@@ -314,7 +314,7 @@ def test_watch_follows_a_configmap_symlink_swap(
         os.replace(volume / "..data_tmp", volume / "..data")
         shutil.rmtree(volume / "..2026_01")
         line = proxy.next_reload()
-        assert line.startswith("reload ok (watch): "), line
+        assert line.startswith("info: reload ok (watch): "), line
         assert client.sayHello("b") == "v2: hello b"
         client.close()
     finally:
