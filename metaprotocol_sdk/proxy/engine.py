@@ -36,7 +36,8 @@ from .mirror import MirrorSink
 from .policies import FaultAbort, FaultDelay, LocalRateLimiter
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
-from .stats import Counter, Labels, Stats
+from .stats import Counter, Stats
+from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 from .watchdog import GuardDog
@@ -51,9 +52,6 @@ TRACING_FLUSH = 2.0
 #: Longest interval of the housekeeping sweep (idle, frame, write and upstream write
 #: timeouts; overload).
 SWEEP_MAX = 1.0
-#: Shortest interval between two passes of the sweep over the stats series, while requests
-#: in flight since a reload keep old series (a pass is O(series + routes + requests)).
-STATS_PRUNE_INTERVAL = 2.0
 
 
 def connections_from_rlimit(shared_upstreams: int, dedicated: bool) -> int:
@@ -125,13 +123,8 @@ class Engine:
         settings = config.proxy
         limits = settings.limits
         self.stats = Stats(limits.max_stats_series)
-        #: A reload (or a refused one) left series that may name what is gone: the next
-        #: housekeeping sweep looks (see :meth:`prune_stats`).
-        self._stats_stale = False
-        #: What kept series of names gone at the last look (connections, requests).
-        self._stats_holders: list[object] = []
-        #: When the last look was (``loop.time()``).
-        self._stats_pruned_at = 0.0
+        #: Drops the series of names a reload removed (see :meth:`prune_stats`).
+        self._stats_pruner = StatsPruner()
         timeouts = settings.timeouts
         #: ``limits.maxConnections`` (when unset, computed from ``RLIMIT_NOFILE`` by start()).
         self.max_connections = limits.max_connections or 1
@@ -534,11 +527,12 @@ class Engine:
             try:
                 staged = await self._stage(config, new_version)
             except ConfigError as exc:
-                self._stats_stale = True  # the series its build made (at zero)
+                self._stats_pruner.stale = True  # the series its build made (at zero)
                 self._record(ReloadRecord.now(source, "refused", str(exc), new_version))
                 raise
             self._commit(staged)
-            self._prune_stats_safely()  # still under the lock: no other build is under way
+            # Still under the lock: no other build is under way.
+            self._stats_pruner.prune_safely(self, self._loop_time())
             self._record(ReloadRecord.now(source, "ok", None, new_version))
         for key, server in staged.servers.items():
             with contextlib.suppress(RuntimeError):  # stopped meanwhile: nothing to serve
@@ -737,14 +731,10 @@ class Engine:
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._flush_access_log()
-        if (
-            self._stats_stale
-            and now - self._stats_pruned_at >= STATS_PRUNE_INTERVAL
-            # Not while a reload builds: its series name nothing serving yet.
-            and not (self._reloading is not None and self._reloading.locked())
-            and not self._stats_held()
-        ):
-            self._prune_stats_safely()
+        # Not while a reload builds: its series name nothing serving yet.
+        building = self._reloading is not None and self._reloading.locked()
+        if not building and self._stats_pruner.due(self, now):
+            self._stats_pruner.prune_safely(self, now)
         self._schedule_sweep()
 
     def _flush_access_log(self) -> None:
@@ -764,96 +754,12 @@ class Engine:
 
     def prune_stats(self) -> int:
         """Drop the stats series of names that left the configuration, once nothing uses
-        them; return how many went.
+        them; return how many went (see :mod:`.stats_pruning`)."""
+        return self._stats_pruner.prune(self, self._loop_time())
 
-        A series stays while its name is served (a listener, a route and destination, a
-        cluster, a destination service of the serving configuration) or used: by an open
-        connection (its listener, its cluster) or by a request in flight (its listener, route,
-        destination, cluster; a request a filter holds, every destination of its route).
-        Those that stay only because they are used are looked at again by the housekeeping
-        sweeps, once what used them is done (see :meth:`_stats_held`).
-        """
-        serving: set[Labels] = set()
-        runtimes = set(self.listeners.values())
-        for runtime in runtimes:
-            _runtime_scopes(runtime, serving)
-        for cluster in self.clusters.values():
-            _cluster_scopes(cluster, serving)
-        used: set[Labels] = set()
-        holders: list[object] = []  # what keeps series of names no longer served
-        # Each listener, cluster and route once, however many connections or requests.
-        gone_by: dict[object, bool] = {}
-
-        def unserved(owner: Any, scopes: Callable[[Any, set[Labels]], None]) -> bool:
-            found = gone_by.get(owner)
-            if found is None:
-                mine: set[Labels] = set()
-                scopes(owner, mine)
-                mine -= serving
-                used.update(mine)
-                found = gone_by[owner] = bool(mine)
-            return found
-
-        for downstream in self.downstreams:
-            listener = downstream.listener
-            if listener not in runtimes and unserved(listener, _runtime_scopes):
-                holders.append(downstream)
-        for upstream in self.upstreams:
-            cluster = upstream.cluster
-            if unserved(cluster, _cluster_scopes):
-                holders.append(upstream)
-        if self._loop is not None:
-            for item in self.deadlines.waiting():
-                route = item.route
-                held = unserved(route, _route_scopes)
-                target = getattr(item, "target", None)
-                if target is not None and unserved(target, _target_scopes):
-                    held = True
-                if held:
-                    holders.append(item)
-        gone = self.stats.prune(serving | used)
-        if self._loop is not None:
-            self._stats_pruned_at = self.loop.time()
-        self._stats_holders = holders
-        self._stats_stale = bool(holders)
-        if gone:
-            # Caches of series by label, for names made on first use: forget them all (they
-            # are found again in the registry; a dropped one is made anew).
-            runtimes.update(o for o in gone_by if isinstance(o, ListenerRuntime))
-            for runtime in runtimes:
-                runtime.forget_series()
-            self.mirror_sink.forget_series()
-            if self.istio is not None:
-                self.istio.forget_series()
-        return gone
-
-    def _prune_stats_safely(self) -> None:
-        """:meth:`prune_stats`, where its failure must not stop the caller (a reload already
-        swapped in, the housekeeping sweep): logged, and tried again at the next sweep."""
-        try:
-            self.prune_stats()
-        except Exception:
-            self._stats_stale = True
-            self._stats_holders = []
-            log.exception("dropping the stats series of removed names failed")
-
-    def _stats_held(self) -> bool:
-        """Whether everything that kept series at the last :meth:`prune_stats` is still open
-        or in flight: a new look would find the same, and the sweep skips it. One of them
-        done is enough to look again (at most once a sweep while old requests finish)."""
-        holders = self._stats_holders
-        if not holders:
-            return False
-        for holder in holders:
-            if isinstance(holder, Downstream):
-                if holder not in self.downstreams:
-                    return False
-            elif isinstance(holder, UpstreamConnection):
-                if holder not in self.upstreams:
-                    return False
-            elif holder.done:  # type: ignore[attr-defined]
-                return False
-        return True
+    def _loop_time(self) -> float | None:
+        """The loop's time, ``None`` before :meth:`start`."""
+        return self._loop.time() if self._loop is not None else None
 
     def overloaded(self) -> bool:
         """True while new requests and connections are refused for overload."""
@@ -1117,40 +1023,6 @@ class Engine:
             "documentsTruncated": truncated,
             **{key: section() for key, section in self.dump_sections.items()},
         }
-
-
-def _target_scopes(target: Target, out: set[Labels]) -> None:
-    """The stats scopes ``target`` counts into (see :func:`.stats.scope`)."""
-    out.add(tuple(target.labels.items()))  # listener, route, destination: scope order
-    if target.cluster is not None:
-        _cluster_scopes(target.cluster, out)
-    if target.telemetry is not None:
-        out.add((("destination_service", target.telemetry.service),))
-
-
-def _route_scopes(route: CompiledRoute, out: set[Labels]) -> None:
-    """The stats scopes of ``route`` (its own, its destinations', its mirror's)."""
-    local = route.local
-    out.add((("listener", local.labels["listener"]), ("route", route.name)))
-    _target_scopes(local, out)
-    for target in route.targets:
-        _target_scopes(target, out)
-    if route.mirror is not None:
-        _target_scopes(route.mirror.target, out)
-
-
-def _runtime_scopes(runtime: ListenerRuntime, out: set[Labels]) -> None:
-    """The stats scopes of a listener and its routes."""
-    out.add((("listener", runtime.name),))
-    _target_scopes(runtime._unrouted, out)
-    for route in runtime.table.routes:
-        _route_scopes(route, out)
-
-
-def _cluster_scopes(cluster: Cluster, out: set[Labels]) -> None:
-    """The stats scopes of a cluster (its name, its destination service)."""
-    out.add((("cluster", cluster.name),))
-    out.add((("destination_service", cluster.service),))
 
 
 def _same_bind(
