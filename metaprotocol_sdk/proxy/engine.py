@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import os
 import resource
 from collections.abc import Callable
 from typing import Any
 
-from metaprotocol_sdk import compilation
 from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.filters import Filter
@@ -904,125 +902,11 @@ class Engine:
         return self.stats.prometheus()
 
     def config_dump(self) -> dict[str, Any]:
-        """A JSON-ready view of the validated configuration and the runtime built from it.
+        """A JSON-ready view of the validated configuration and the runtime built from it
+        (``/config_dump``; see :func:`.config_dump.config_dump`)."""
+        from .config_dump import config_dump
 
-        The documents as parsed come last, capped (``admin.DUMP_DOCUMENTS_BYTES``, a marker
-        where cut): YAML aliases are shared references there, and expanding them unbounded
-        is how a 1 KB file became a 378 MB response.
-        """
-        from .admin import DUMP_DOCUMENTS_BYTES, bounded_copy
-
-        settings = self.config.proxy
-        matches = {  # route conditions as validated, by (MetaRouter host, route name)
-            (host, route.name): [
-                {"attribute": m.attribute, m.kind: m.value if m.kind != "present" else True}
-                for m in route.match
-            ]
-            for host, router in self.config.routers.items()
-            for route in router.routes
-        }
-        policies = {  # route policies as validated, by (MetaRouter host, route name)
-            (host, route.name): _route_policies(route)
-            for host, router in self.config.routers.items()
-            for route in router.routes
-        }
-        documents, truncated = bounded_copy(
-            list(self.config.documents), DUMP_DOCUMENTS_BYTES, "/documents"
-        )
-        admin = settings.admin
-        return {
-            "version": self.config_version,
-            "lastReload": None if self.last_reload is None else self.last_reload.as_dict(),
-            "sources": list(self.config.sources),
-            "listeners": [
-                {
-                    "name": listener.name,
-                    "bind": f"{listener.bind_host}:{listener.bind_port}",
-                    "address": ":".join(
-                        map(str, self.listener_addresses.get((listener.host, listener.port), ()))
-                    ),
-                    "protocol": self.config.protocol_of(listener.host, listener.port).name,
-                    "filters": [spec.name for spec in listener.filters],
-                    "localRateLimit": _plain(
-                        getattr(self.config.routers.get(listener.host), "local_rate_limit", None)
-                    ),
-                    "globalRateLimit": _plain(
-                        getattr(self.config.routers.get(listener.host), "global_rate_limit", None)
-                    ),
-                    "routes": [
-                        {
-                            "name": route.name,
-                            "match": matches.get((listener.host, route.name), []),
-                            "timeout": route.timeout,
-                            "destinations": [
-                                {"name": t.name, "weight": t.weight, "known": t.cluster is not None}
-                                for t in route.targets
-                            ],
-                            "requestMutation": route.request_mutation or {},
-                            "responseMutation": route.response_mutation or {},
-                            "chain": [f.name or type(f).__name__ for f in route.request_filters],
-                            **policies.get((listener.host, route.name), {}),
-                        }
-                        for route in self.listeners[(listener.host, listener.port)].table.routes
-                    ]
-                    if (listener.host, listener.port) in self.listeners
-                    else [],
-                }
-                for listener in settings.listeners
-            ],
-            "clusters": [
-                {
-                    "name": c.name,
-                    "protocol": c.protocol.name,
-                    "codec": c.protocol.codec_name,
-                    "pooling": "shared" if c.shared else "dedicated",
-                    "loadBalancer": type(c.balancer).__name__,
-                    "endpoints": [h.key for h in c.hosts],
-                    "connectionPool": _plain(c.pool),
-                    "outlierDetection": None if c.outlier is None else _plain(c.outlier.spec),
-                    "ejected": [h.key for h in c.hosts if h.ejected],
-                }
-                for c in self.clusters.values()
-            ],
-            "protocols": {
-                p.name: {
-                    "codec": p.codec_name,
-                    "options": bounded_copy(
-                        p.options, DUMP_DOCUMENTS_BYTES, f"/protocols/{p.name}/options"
-                    )[0],
-                }
-                for p in self.config.protocols.values()
-            },
-            "compiled": {  # modules running compiled (mypyc), by package
-                package: list(compilation.compiled(package))
-                for package in sorted(
-                    {"metaprotocol_sdk"}
-                    | {
-                        p.codec_class.__module__.partition(".")[0]
-                        for p in self.config.protocols.values()
-                    }
-                )
-            },
-            "settings": {
-                "limits": {**vars(settings.limits), "max_connections": self.max_connections},
-                "overload": vars(settings.overload),
-                "timeouts": vars(settings.timeouts),
-                "watchdog": vars(settings.watchdog),
-                "accessLog": settings.access_log,
-                "connectionsPerEndpoint": settings.connections_per_endpoint,
-                "admin": None
-                if admin is None
-                else {
-                    "bind": f"{admin.bind[0]}:{admin.bind[1]}",
-                    "allowRemote": admin.allow_remote,
-                    "maxConnections": admin.max_connections,
-                    "requestTimeout": admin.request_timeout,
-                },
-            },
-            "documents": documents,
-            "documentsTruncated": truncated,
-            **{key: section() for key, section in self.dump_sections.items()},
-        }
+        return config_dump(self)
 
 
 def _same_bind(
@@ -1036,34 +920,6 @@ def _same_bind(
                 serving.bind_port,
             )
     return False
-
-
-def _plain(value: Any) -> Any:
-    """A validated model object as JSON-ready data (``None`` stays ``None``)."""
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, frozenset):
-        return sorted(value)
-    if isinstance(value, enum.Enum):
-        return value.name
-    return value
-
-
-def _route_policies(route: Route) -> dict[str, Any]:
-    """A route's fault, mirror and retries for ``/config_dump`` (only those it has)."""
-    out: dict[str, Any] = {}
-    for key, value in (
-        ("fault", route.fault),
-        ("mirror", route.mirror),
-        ("retries", route.retries),
-    ):
-        if value is not None:
-            out[key] = _plain(value)
-    return out
 
 
 def _expire(item: Any) -> None:

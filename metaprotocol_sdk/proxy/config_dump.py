@@ -1,0 +1,163 @@
+"""``/config_dump``: the validated configuration and the runtime built from it, as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, Any
+
+from metaprotocol_sdk import compilation
+
+from .admin import DUMP_DOCUMENTS_BYTES, bounded_copy
+from .config.models import Route
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def config_dump(engine: Engine) -> dict[str, Any]:
+    """A JSON-ready view of the validated configuration and the runtime built from it.
+
+    The documents as parsed come last, capped (``admin.DUMP_DOCUMENTS_BYTES``, a marker
+    where cut): YAML aliases are shared references there, and expanding them unbounded
+    is how a 1 KB file became a 378 MB response.
+    """
+    settings = engine.config.proxy
+    matches = {  # route conditions as validated, by (MetaRouter host, route name)
+        (host, route.name): [
+            {"attribute": m.attribute, m.kind: m.value if m.kind != "present" else True}
+            for m in route.match
+        ]
+        for host, router in engine.config.routers.items()
+        for route in router.routes
+    }
+    policies = {  # route policies as validated, by (MetaRouter host, route name)
+        (host, route.name): route_policies(route)
+        for host, router in engine.config.routers.items()
+        for route in router.routes
+    }
+    documents, truncated = bounded_copy(
+        list(engine.config.documents), DUMP_DOCUMENTS_BYTES, "/documents"
+    )
+    admin = settings.admin
+    return {
+        "version": engine.config_version,
+        "lastReload": None if engine.last_reload is None else engine.last_reload.as_dict(),
+        "sources": list(engine.config.sources),
+        "listeners": [
+            {
+                "name": listener.name,
+                "bind": f"{listener.bind_host}:{listener.bind_port}",
+                "address": ":".join(
+                    map(str, engine.listener_addresses.get((listener.host, listener.port), ()))
+                ),
+                "protocol": engine.config.protocol_of(listener.host, listener.port).name,
+                "filters": [spec.name for spec in listener.filters],
+                "localRateLimit": plain(
+                    getattr(engine.config.routers.get(listener.host), "local_rate_limit", None)
+                ),
+                "globalRateLimit": plain(
+                    getattr(engine.config.routers.get(listener.host), "global_rate_limit", None)
+                ),
+                "routes": [
+                    {
+                        "name": route.name,
+                        "match": matches.get((listener.host, route.name), []),
+                        "timeout": route.timeout,
+                        "destinations": [
+                            {"name": t.name, "weight": t.weight, "known": t.cluster is not None}
+                            for t in route.targets
+                        ],
+                        "requestMutation": route.request_mutation or {},
+                        "responseMutation": route.response_mutation or {},
+                        "chain": [f.name or type(f).__name__ for f in route.request_filters],
+                        **policies.get((listener.host, route.name), {}),
+                    }
+                    for route in engine.listeners[(listener.host, listener.port)].table.routes
+                ]
+                if (listener.host, listener.port) in engine.listeners
+                else [],
+            }
+            for listener in settings.listeners
+        ],
+        "clusters": [
+            {
+                "name": c.name,
+                "protocol": c.protocol.name,
+                "codec": c.protocol.codec_name,
+                "pooling": "shared" if c.shared else "dedicated",
+                "loadBalancer": type(c.balancer).__name__,
+                "endpoints": [h.key for h in c.hosts],
+                "connectionPool": plain(c.pool),
+                "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
+                "ejected": [h.key for h in c.hosts if h.ejected],
+            }
+            for c in engine.clusters.values()
+        ],
+        "protocols": {
+            p.name: {
+                "codec": p.codec_name,
+                "options": bounded_copy(
+                    p.options, DUMP_DOCUMENTS_BYTES, f"/protocols/{p.name}/options"
+                )[0],
+            }
+            for p in engine.config.protocols.values()
+        },
+        "compiled": {  # modules running compiled (mypyc), by package
+            package: list(compilation.compiled(package))
+            for package in sorted(
+                {"metaprotocol_sdk"}
+                | {
+                    p.codec_class.__module__.partition(".")[0]
+                    for p in engine.config.protocols.values()
+                }
+            )
+        },
+        "settings": {
+            "limits": {**vars(settings.limits), "max_connections": engine.max_connections},
+            "overload": vars(settings.overload),
+            "timeouts": vars(settings.timeouts),
+            "watchdog": vars(settings.watchdog),
+            "accessLog": settings.access_log,
+            "connectionsPerEndpoint": settings.connections_per_endpoint,
+            "admin": None
+            if admin is None
+            else {
+                "bind": f"{admin.bind[0]}:{admin.bind[1]}",
+                "allowRemote": admin.allow_remote,
+                "maxConnections": admin.max_connections,
+                "requestTimeout": admin.request_timeout,
+            },
+        },
+        "documents": documents,
+        "documentsTruncated": truncated,
+        **{key: section() for key, section in engine.dump_sections.items()},
+    }
+
+
+def plain(value: Any) -> Any:
+    """A validated model object as JSON-ready data (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    return value
+
+
+def route_policies(route: Route) -> dict[str, Any]:
+    """A route's fault, mirror and retries for ``/config_dump`` (only those it has)."""
+    out: dict[str, Any] = {}
+    for key, value in (
+        ("fault", route.fault),
+        ("mirror", route.mirror),
+        ("retries", route.retries),
+    ):
+        if value is not None:
+            out[key] = plain(value)
+    return out
