@@ -118,6 +118,17 @@ async def one_request_each(address: tuple[str, int], n: int, method: str = "get"
     await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), 4 * WAIT)
 
 
+async def served_by_every_worker(sup: Supervisor, workers: list[dict[str, Any]]) -> None:
+    """Connections spread over the workers again: one request each, and every worker in
+    ``workers`` (as listed by the supervisor) accepted some."""
+    await one_request_each(sup.address, CONNECTIONS)
+    accepted = [
+        total(await sup.worker_stats(w), "metaprotocol_downstream_connections_total")
+        for w in workers
+    ]
+    assert all(n > 0 for n in accepted), accepted
+
+
 def test_connections_spread_over_both_workers_and_stats_are_summed(tmp_path: Path) -> None:
     async def main() -> None:
         up = await Upstream("up").start()
@@ -249,12 +260,7 @@ def test_a_killed_worker_is_restarted_and_counted(tmp_path: Path) -> None:
             stats = await sup.stats()
             assert stats['metaprotocol_worker_restarts_total{worker="0"}'] == 1
             assert stats['metaprotocol_worker_restarts_total{worker="1"}'] == 0
-            await one_request_each(sup.address, CONNECTIONS)  # service continues on both
-            accepted = [
-                total(await sup.worker_stats(w), "metaprotocol_downstream_connections_total")
-                for w in now
-            ]
-            assert all(n > 0 for n in accepted), accepted
+            await served_by_every_worker(sup, now)  # service continues on both
         finally:
             code, err = sup.stop()
             await up.close()
@@ -293,12 +299,7 @@ def test_a_worker_its_watchdog_ended_is_replaced_and_the_other_serves(tmp_path: 
             assert now[other]["pid"] == first[other]["pid"] and now[other]["restarts"] == 0
             stats = await sup.stats()
             assert stats[f'metaprotocol_worker_restarts_total{{worker="{index}"}}'] == 1
-            await one_request_each(sup.address, CONNECTIONS)  # served on both again
-            accepted = [
-                total(await sup.worker_stats(w), "metaprotocol_downstream_connections_total")
-                for w in now
-            ]
-            assert all(n > 0 for n in accepted), accepted
+            await served_by_every_worker(sup, now)  # served on both again
         finally:
             code, err = sup.stop()
             await up.close()
