@@ -121,6 +121,10 @@ class Codec(ABC):
     #: (``rewrite_request_id``) allocate ids in ``1..max_request_id``. The default fits a
     #: signed 32-bit field; codecs with wider id fields may raise it.
     max_request_id: ClassVar[int] = 0x7FFFFFFF
+    #: The options ``__init__`` takes, for a codec compiled with mypyc, whose class has no
+    #: signature to read them from (:meth:`from_options` names the accepted ones in its errors
+    #: from it); empty: the signature is read.
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         # An option from YAML or `-o KEY=VALUE` may be any type: name the field, not a TypeError.
@@ -136,7 +140,8 @@ class Codec(ABC):
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> Self:
         """Build a codec from configuration key-values, with a clear error for bad keys."""
-        return from_keywords(cls, options, "codec", cls.protocol or cls.__name__, "option")
+        name = cls.protocol or cls.__name__
+        return from_keywords(cls, options, "codec", name, "option", cls.option_names)
 
     @property
     def active_capabilities(self) -> Capabilities:

@@ -17,20 +17,28 @@ T = TypeVar("T")
 
 
 def from_keywords(
-    cls: type[T], options: Mapping[str, Any] | None, kind: str, name: str, setting: str
+    cls: type[T],
+    options: Mapping[str, Any] | None,
+    kind: str,
+    name: str,
+    setting: str,
+    declared: tuple[str, ...] = (),
 ) -> T:
     """``cls(**options)``, refusing keys ``__init__`` does not take. ``kind``, ``name`` and
     ``setting`` word the errors: ``unknown option for codec dubbo``, ``invalid filter
-    settings: ...``."""
+    settings: ...``. ``declared``: the keys ``__init__`` takes, for a class compiled with mypyc
+    (it has no signature to read them from)."""
     options = dict(options or {})
     try:
         params = inspect.signature(cls).parameters
-    except ValueError:  # a class compiled with mypyc has none: its ``__init__`` checks the keys
+    except ValueError:  # a class compiled with mypyc has none
         params = None
-    if params is not None and not any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-    ):
+    known: list[str] | None
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = list(declared) if declared else None  # else ``__init__`` checks the keys
+    else:
         known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    if known is not None:
         for key in options:
             if key not in known:
                 raise ConfigError(

@@ -362,6 +362,14 @@ class DubboCodec(Codec):
         peek_reply=True,
     )
     max_request_id = 0x7FFFFFFFFFFFFFFF  # Java long: Dubbo's 64-bit id is signed
+    #: ``__init__``'s options (the compiled build has no signature to read them from).
+    option_names = (
+        "max_frame_size",
+        "upgrade_result_flag",
+        "max_hessian_refs",
+        "max_hessian_classes",
+        "max_hessian_items",
+    )
 
     def __init__(
         self,

@@ -165,6 +165,16 @@ class ThriftCodec(Codec):
         error_reply=True,
         peek_reply=True,
     )
+    #: ``__init__``'s options (the compiled build has no signature to read them from).
+    option_names: ClassVar[tuple[str, ...]] = (
+        "transport",
+        "protocol",
+        "strict",
+        "max_frame_size",
+        "max_depth",
+        "mutation_without_headers",
+        "max_inflated_size",
+    )
 
     def __init__(
         self,
