@@ -51,6 +51,10 @@ _SILENT = ("cookiecutter",)
 INDENT = "  "
 
 
+#: Line boundaries beyond the ASCII controls that ``json.dumps`` leaves as they are, escaped.
+_JSON_LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def _level_name(record: logging.LogRecord) -> str:
     return record.levelname.lower()
 
@@ -70,7 +74,9 @@ class TextFormatter(logging.Formatter):
             text = f"{text}\n{record.exc_text}"
         if record.stack_info:
             text = f"{text}\n{self.formatStack(record.stack_info)}"
-        first, *rest = text.rstrip("\n").split("\n")
+        # Every line boundary, not only "\n": a reader splitting on "\r" (a terminal, Python's
+        # universal newlines) or U+2028 must not see a forged record in a peer's bytes.
+        first, *rest = text.rstrip("\r\n").splitlines() or [""]
         tag = "" if self.worker is None else f"worker {self.worker}: "
         return "\n".join([f"{_level_name(record)}: {tag}{first}", *(INDENT + r for r in rest)])
 
@@ -100,7 +106,9 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False)
+        # json.dumps leaves these unescaped; readers that split lines as str.splitlines does
+        # would cut the object at them.
+        return json.dumps(entry, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
 
 
 class StderrHandler(logging.Handler):

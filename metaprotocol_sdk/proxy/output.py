@@ -15,6 +15,8 @@ import contextlib
 import io
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -103,11 +105,23 @@ def background_output() -> Iterator[BackgroundOutput]:
 
 
 def flush_before_exit(wait: float) -> None:
-    """Write what ``sys.stdout`` and ``sys.stderr`` hold, each thread given up to ``wait``
-    seconds, before an ``os._exit`` (which skips every ``finally``). Any thread may call it."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            stream.flush()
-            raw = getattr(getattr(stream, "buffer", None), "raw", None)
-            if isinstance(raw, BackgroundRaw):
-                raw.writer.close(wait)
+    """Write what ``sys.stdout`` and ``sys.stderr`` hold, for at most ``wait`` seconds in all,
+    before an ``os._exit`` (which skips every ``finally``). Any thread may call it.
+
+    The flushing runs on a thread of its own: a stream that is not ours (an embedding program's)
+    may block in ``flush`` for good, on a pipe nobody reads or on its lock, held by the very
+    thread that is stuck writing to it; the caller waits for it only until the deadline.
+    """
+    deadline = time.monotonic() + wait
+
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+                raw = getattr(getattr(stream, "buffer", None), "raw", None)
+                if isinstance(raw, BackgroundRaw):
+                    raw.writer.close(max(0.0, deadline - time.monotonic()))
+
+    thread = threading.Thread(target=flush, name="flush before exit", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))

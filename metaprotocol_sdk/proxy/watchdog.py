@@ -115,11 +115,25 @@ class GuardDog:
     def _watch(self) -> None:
         settings = self.settings
         kill = settings.kill_timeout
+        loop = self._loop
+        assert loop is not None
         stalled_since = 0.0  # the overdue heartbeat's due time, while a stall lasts
+        paused_at = 0.0  # when the loop was last seen not running
         missed = megamissed = False
         wait = settings.miss_timeout
-        while not self._stopping.wait(wait):
-            due = self._beat_at + self.interval
+        # A wait past TIMEOUT_MAX raises OverflowError (a missTimeout of years): capped.
+        while not self._stopping.wait(min(wait, threading.TIMEOUT_MAX)):
+            if not loop.is_running():
+                # Not stuck: not running at all (a program between two run_until_complete,
+                # or one whose loop ended without stop()). A closed loop never beats again.
+                if loop.is_closed():
+                    return
+                paused_at = time.monotonic()
+                missed = megamissed = False
+                wait = self.interval
+                continue
+            # A stall is measured from the later of the last heartbeat and the last pause.
+            due = max(self._beat_at, paused_at) + self.interval
             stalled = time.monotonic() - due
             if stalled < settings.miss_timeout:
                 if megamissed:

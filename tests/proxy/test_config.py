@@ -400,6 +400,28 @@ def test_a_route_to_a_host_without_service_entry_loads_with_a_warning(
     assert [r for r in caplog.records if "destination.host" in r.getMessage()] == []
 
 
+def test_the_unknown_host_warning_names_a_bounded_number_of_known_hosts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Logged for each route to an unknown host: listing every known host in each made a
+    # 110 kB file (2,000 of each) log 34 MB.
+    many = ", ".join(f"h{i}.example" for i in range(2000))
+    text = _edit(
+        "  hosts: [greeter.example]\n  ports", f"  hosts: [greeter.example, {many}]\n  ports"
+    )
+    text = text.replace(
+        "route: [{destination: {host: greeter.example, subset: v2}}]",
+        "route: [{destination: {host: greeter.exmaple}}]",
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(text, "mesh.yaml")
+    [warning] = [r.getMessage() for r in caplog.records if "destination.host" in r.getMessage()]
+    assert warning.endswith(
+        "ServiceEntry hosts: greeter.example, h0.example, h1.example, h2.example, h3.example, "
+        "h4.example, h5.example, h6.example, h7.example, h8.example and 1991 more"
+    ), warning
+
+
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.yaml: no such file"):
         load_config([tmp_path / "nope.yaml"])

@@ -204,3 +204,19 @@ def test_an_embedded_engine_logs_through_the_programs_own_configuration(
     ), lines
     assert lines[-1] == "RESTORED", lines
     assert done.stderr == "", done.stderr  # nothing written past the program's handler
+
+
+@pytest.mark.parametrize("forge", ["\r", "\x0b", "\x0c", "\x1e", "\x85", "\u2028", "\u2029"])
+def test_a_line_break_in_a_logged_value_cannot_forge_a_record(forge: str) -> None:
+    from metaprotocol_sdk.cli._logging import JsonFormatter, TextFormatter
+
+    # A peer's address, a codec's error text, a configuration value: any of them may carry one.
+    hostile = f"x{forge}error: forged"
+    record = logging.LogRecord("w", logging.WARNING, __file__, 1, "bad host %s", (hostile,), None)
+    text = TextFormatter().format(record)
+    first, *rest = text.splitlines()  # every boundary some reader splits on
+    assert first == "warning: bad host x" and rest, text
+    assert all(line.startswith("  ") for line in rest), text
+    line = JsonFormatter().format(record)
+    assert line.splitlines() == [line], line  # one object on one line, however it is split
+    assert json.loads(line)["message"] == f"bad host {hostile}"

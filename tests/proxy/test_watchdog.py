@@ -9,16 +9,20 @@ tests wait on conditions with bounded polling, never on a sleep of their own.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from proxy_kit import (
+    WAIT,
     Client,
     Upstream,
     address,
@@ -32,7 +36,15 @@ from proxy_kit import (
 
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import loads_config
-from metaprotocol_sdk.proxy.watchdog import KILL_STATUS, STACK_FRAMES, format_stack
+from metaprotocol_sdk.proxy.config.models import Watchdog
+from metaprotocol_sdk.proxy.output import flush_before_exit
+from metaprotocol_sdk.proxy.stats import Stats
+from metaprotocol_sdk.proxy.watchdog import (
+    KILL_STATUS,
+    STACK_FRAMES,
+    GuardDog,
+    format_stack,
+)
 
 STALLING = {"protocol": "kvs", "codec": "proxy_kit:StallingKVCodec"}
 
@@ -176,3 +188,97 @@ def test_watchdog_defaults_are_envoys_and_0s_means_never_kill() -> None:
         "megamiss_timeout": 2.0,  # at least missTimeout when not set
         "kill_timeout": 60.0,
     }
+
+
+class _Checks(threading.Event):
+    """The watchdog's stop event, noting when each of its checks (a wait's end) ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+        self.at: list[float] = []
+        self.changed = threading.Condition()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        stopped = super().wait(timeout)
+        with self.changed:
+            self.at.append(time.monotonic())
+            self.changed.notify_all()
+        return stopped
+
+
+def test_a_loop_that_is_not_running_is_not_stuck_and_a_closed_one_ends_the_watch() -> None:
+    # A program that runs its loop in steps (run_until_complete) or whose loop ended without
+    # engine.stop(): no heartbeat, but nothing is stuck. Counted and killed, it was.
+    settings = Watchdog(miss_timeout=0.01, megamiss_timeout=0.02, kill_timeout=0.04)
+    stats = Stats()
+    kills: list[int] = []
+    checks = _Checks()
+
+    def exit(status: int) -> None:
+        with checks.changed:
+            kills.append(status)
+            checks.changed.notify_all()
+
+    guard = GuardDog(settings, stats, exit=exit)
+    guard._stopping = checks
+    loop = asyncio.new_event_loop()
+
+    async def start() -> None:
+        guard.start()
+
+    loop.run_until_complete(start())  # the loop stops running; the heartbeat with it
+    thread = guard._thread
+    assert thread is not None
+    past_kill = time.monotonic() + 2 * settings.megamiss_timeout + 2 * (settings.kill_timeout or 0)
+    with checks.changed:
+        assert checks.changed.wait_for(lambda: kills or checks.at[-1:] > [past_kill], WAIT)
+    assert kills == []
+    snapshot = stats.snapshot()
+    assert snapshot["metaprotocol_watchdog_miss_total"] == 0
+    assert snapshot["metaprotocol_watchdog_megamiss_total"] == 0
+    loop.close()  # without guard.stop(): the watch ends by itself
+    thread.join(WAIT)
+    assert not thread.is_alive() and kills == []
+
+
+def test_a_miss_timeout_of_years_does_not_end_the_watch_with_an_overflow() -> None:
+    settings = Watchdog(miss_timeout=4e10, megamiss_timeout=4e10)  # threading.TIMEOUT_MAX: 9e9
+    guard = GuardDog(settings, Stats(), exit=lambda status: None)
+    checks = _Checks()
+    checks.set()  # the first check returns at once
+    guard._stopping = checks
+    guard._loop = asyncio.new_event_loop()
+    try:
+        guard._watch()
+    finally:
+        guard._loop.close()
+    # Capped: an Event.wait beyond TIMEOUT_MAX raises OverflowError, which ended the thread.
+    assert checks.timeouts == [threading.TIMEOUT_MAX]
+
+
+class _BlockedStream(io.StringIO):
+    """A standard stream that is not the engine's: its flush blocks (a pipe nobody reads, or
+    its lock held by the stuck loop thread, blocked writing to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def flush(self) -> None:
+        self.release.wait()
+
+
+def test_the_kill_waits_a_bounded_time_for_a_stream_whose_flush_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stdout = _BlockedStream()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    flushing = threading.Thread(target=flush_before_exit, args=(0.05,), daemon=True)
+    try:
+        flushing.start()
+        flushing.join(WAIT)
+        assert not flushing.is_alive(), "flush_before_exit blocked: the kill would never come"
+    finally:
+        stdout.release.set()

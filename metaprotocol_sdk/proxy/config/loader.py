@@ -18,6 +18,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
+from itertools import islice
 from os import PathLike
 from typing import Any, NoReturn, cast
 
@@ -696,6 +697,20 @@ def _matches(doc: _Doc, route: dict[str, Any], path: str) -> tuple[AttributeMatc
     return tuple(out)
 
 
+#: ServiceEntry hosts named in an unknown-host warning, at most: it is logged for every
+#: such route, and listing them all made output grow as routes times hosts.
+HOSTS_SHOWN = 10
+
+
+def _some_hosts(services: dict[str, Service]) -> str:
+    """The hosts of ``services``: all, sorted, up to :data:`HOSTS_SHOWN`; else that many of
+    them, in the files' order (no sort of them all for each warning), and how many more."""
+    if len(services) <= HOSTS_SHOWN:
+        return ", ".join(sorted(services)) or "none"
+    shown = ", ".join(islice(services, HOSTS_SHOWN))
+    return f"{shown} and {len(services) - HOSTS_SHOWN} more"
+
+
 def _destination(
     doc: _Doc,
     dest: Mapping[str, Any],
@@ -718,8 +733,7 @@ def _destination(
         doc.caution(
             f"{path}.host",
             f"no ServiceEntry defines host {host!r}: requests routed to it get a "
-            f"ClusterNotFound reply until one does; ServiceEntry hosts: "
-            f"{', '.join(sorted(services)) or 'none'}",
+            f"ClusterNotFound reply until one does; ServiceEntry hosts: {_some_hosts(services)}",
         )
     else:
         port = _resolve_port(doc, service, port, None, f"{path}.port")
