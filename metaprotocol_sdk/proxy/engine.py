@@ -850,13 +850,14 @@ class Engine:
         # good if it reads nothing, and its requests would stay pending and uncounted.
         for upstream in list(self.upstreams):
             upstream.abort(ErrorType.UpstreamReset, "proxy is shutting down")
-        self.departed.clear()  # no sweep looks at them any more
         await self._close_servers()
         # Let connection_lost callbacks run so no transport outlives stop().
         for _ in range(100):
             if not self.downstreams and not self.upstreams:
                 break
             await asyncio.sleep(0)
+        # After them: a client aborted above with a request a filter holds is added there.
+        self.departed.clear()  # no sweep looks at them any more
         self._retire_rate_limit_services({})
         if self._rls_closing:
             await asyncio.wait(self._rls_closing)

@@ -76,18 +76,22 @@ class RateLimitServiceClient:
         """``True`` when the service answers ``OVER_LIMIT`` (any other code lets the
         request go, as Envoy's filter does)."""
         stub = self._stub or self._open()
-        request = rls_pb2.RateLimitRequest(
-            domain=domain,
-            descriptors=[
-                ratelimit_pb2.RateLimitDescriptor(
-                    entries=[
-                        ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries
-                    ]
-                )
-                for entries in descriptors
-            ],
-            hits_addend=1,
-        )
+        try:
+            request = rls_pb2.RateLimitRequest(
+                domain=domain,
+                descriptors=[
+                    ratelimit_pb2.RateLimitDescriptor(
+                        entries=[
+                            ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v)
+                            for k, v in entries
+                        ]
+                    )
+                    for entries in descriptors
+                ],
+                hits_addend=1,
+            )
+        except ValueError as exc:  # a value protobuf cannot send (a lone surrogate: not UTF-8)
+            raise RateLimitServiceError("error", f"a descriptor cannot be sent: {exc}") from None
         try:
             reply = await stub.ShouldRateLimit(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:

@@ -219,3 +219,37 @@ def test_connections_that_come_and_go_midway_leave_nothing_behind(pooling: str) 
         await up.close()
 
     run(main())
+
+
+def test_stop_settles_requests_a_filter_holds_and_forgets_their_clients() -> None:
+    """At the drain deadline a client whose request a filter holds (here a fault delay) is
+    aborted, and its ``connection_lost`` (a loop turn later) puts it in ``departed``, the
+    hold being still in flight. ``stop()`` cleared ``departed`` before those connections
+    were gone: the connection and what it references stayed there for good, no sweep left to
+    drop it. Now the clear comes once they are gone; the request is counted once."""
+    router = """\
+    - name: slow
+      route: [{destination: {host: svc.test}}]
+      fault: {delay: {fixedDelay: 30s}}
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        engine = Engine(loads_config(mesh([(up.port, "v1")], router=router)))
+        await engine.start()
+        try:
+            client = await Client.connect(address(engine))
+            reply = client.start("get")
+            await until(lambda: engine.pending == 1, "the request held")
+            await asyncio.wait_for(engine.stop(drain=0.1), WAIT)
+            assert not engine.downstreams and not engine.departed
+            assert engine.pending == 0 and engine.buffered == 0
+            name = "metaprotocol_requests_total"
+            assert engine.stats.total(name, status="DownstreamClosed") == 1
+            with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(reply, WAIT)
+        finally:
+            await engine.stop()
+        await up.close()
+
+    run(main())

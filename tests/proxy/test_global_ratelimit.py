@@ -14,7 +14,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from proxy_kit import (
@@ -492,5 +492,84 @@ def test_config_dump_json_round_trips(redis: Redis) -> None:
             limit: dict[str, Any] = listener["globalRateLimit"]
             assert limit["endpoints"] == [["127.0.0.1", 4321]]
             assert limit["request_timeout"] == 2.0 and limit["deny_on_fail"] is False
+
+    run(main())
+
+
+class DubboServer(asyncio.Protocol):
+    """A Dubbo provider answering every request ``"ok"`` with its id."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        from metaprotocol_dubbo.frames import build_response
+
+        self.buffer += data
+        while len(self.buffer) >= 16:
+            size = 16 + struct.unpack_from("!I", self.buffer, 12)[0]
+            if len(self.buffer) < size:
+                return
+            (rid,) = struct.unpack_from("!q", self.buffer, 4)
+            del self.buffer[:size]
+            self.transport.write(build_response("ok", request_id=rid))
+
+
+async def dubbo_call(port: int, rid: int, attachments: dict[str, str]) -> tuple[int, int, bytes]:
+    """One Dubbo request: the reply's id, status and body."""
+    from metaprotocol_dubbo.frames import build_request
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        frame = build_request(
+            "org.x.Greeter", "greet", ["a"], request_id=rid, attachments=attachments
+        )
+        writer.write(frame)
+        head = await asyncio.wait_for(reader.readexactly(16), 5)
+        body = await asyncio.wait_for(reader.readexactly(struct.unpack_from("!I", head, 12)[0]), 5)
+    finally:
+        writer.close()
+    return struct.unpack_from("!q", head, 4)[0], head[3], body
+
+
+@pytest.mark.parametrize("deny", [True, False])
+def test_a_value_grpc_cannot_send_is_a_failed_call(redis: Redis, deny: bool) -> None:
+    """A Java string may hold a lone surrogate (the Dubbo codec keeps it): a descriptor value
+    protobuf cannot encode as UTF-8 fails the call (``error``, ``denyOnFail`` applies); it
+    used to escape the filter's task, answered "a filter's wait failed" and counted nothing."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(DubboServer, "127.0.0.1", 0)
+        up = server.sockets[0].getsockname()[1]
+        with rate_limit_service(redis, {}) as rls:
+            text = config(
+                up,
+                rls.port,
+                "surrogate",
+                deny=deny,
+                descriptors="[{property: user, descriptorKey: user}]",
+                protocol="dubbo",
+                codec="aeraki.meta_protocol.codec.dubbo",
+            )
+            async with engine_for(text) as engine:
+                port = address(engine)[1]
+                rid, status, body = await dubbo_call(port, 31, {"user": "x\ud800y"})
+                assert rid == 31
+                if deny:
+                    assert b"OverLimit: the rate limit service failed (error)" in body, body
+                    assert results(engine) == {"failure_denied": 1}
+                else:
+                    assert (status, body) == (20, b"\x91\x02ok"), body
+                    assert results(engine) == {"failure_allowed": 1}
+                failures = results(engine, "metaprotocol_global_ratelimit_failures_total")
+                assert failures == {"error": 1} and rls.calls == 0
+                assert calls_active(engine) == 0
+                # A value it can send is asked as usual.
+                rid, status, body = await dubbo_call(port, 32, {"user": "alice"})
+                assert (rid, status, body) == (32, 20, b"\x91\x02ok") and rls.calls == 1
+        server.close()
+        await server.wait_closed()
 
     run(main())
