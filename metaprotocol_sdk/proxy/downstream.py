@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 from metaprotocol_sdk.codec import Codec, Encoded, LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus
 from metaprotocol_sdk.errors import CodecError, FrameTooLargeError, MutationError
-from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
+from metaprotocol_sdk.filters import Filter, LocalReply, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
@@ -661,9 +661,7 @@ class Downstream(asyncio.Protocol):
             if context.reply is not None:
                 if waiting is not None:
                     _discard(waiting)
-                reply = context.reply
-                flags = RESPONSE_FLAGS.get(f.name)
-                self.refuse(message, reply.error, reply.message or f.name, route, flags)
+                self.filter_reply(f, context.reply, message, route)
                 return
             if waiting is not None:
                 self._hold(message, route, context, i + 1, waiting)
@@ -675,6 +673,14 @@ class Downstream(asyncio.Protocol):
             self._send_oneway(message, route, mutation)
         else:
             self._dispatch(message, route, mutation)
+
+    def filter_reply(
+        self, f: Filter, reply: LocalReply, message: Metadata, route: CompiledRoute
+    ) -> None:
+        """Answer a request as filter ``f`` decided (``context.local_reply``), flagged as its
+        kind of policy does (``RESPONSE_FLAGS``)."""
+        text = reply.message or f.name
+        self.refuse(message, reply.error, text, route, RESPONSE_FLAGS.get(f.name))
 
     def refuse(
         self,
@@ -1298,9 +1304,8 @@ class Hold:
             return
         reply = self.context.reply
         if reply is not None:  # the filter decided once its wait was over
-            name = route.request_filters[self.resume_at - 1].name
-            flags = RESPONSE_FLAGS.get(name)
-            downstream.refuse(self.request, reply.error, reply.message or name, route, flags)
+            f = route.request_filters[self.resume_at - 1]
+            downstream.filter_reply(f, reply, self.request, route)
             return
         downstream._filter(self.request, route, self.resume_at, self.context)
 

@@ -466,8 +466,8 @@ class UpstreamConnection(asyncio.Protocol):
         """
         request = p.request
         if self.shared:
-            wire_id = self.next_id + 1
-            if wire_id > self.max_id or wire_id in self.pending:  # rare: ids wrapped around
+            wire_id = self.next_id + 1  # _free_id's first candidate, checked without the call
+            if wire_id > self.max_id or wire_id in self.pending:  # ids wrapped around
                 wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
@@ -548,15 +548,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.stalled_since = now
             self.expired = False
         elif now - self.stalled_since >= timeout:
-            self._abort_stalled(
+            self.give_up(
                 "write_timeout",
+                ErrorType.UpstreamReset,
                 f"upstream {self.host.key} took none of {unsent} bytes in {timeout:g}s",
             )
             return True
         elif self.closed or (self.expired and not self.pending and len(self.order) == self.stale):
             why = "the connection closed" if self.closed else "its requests timed out"
-            self._abort_stalled(
+            self.give_up(
                 "write_abandoned",
+                ErrorType.UpstreamReset,
                 f"upstream {self.host.key} took none of {unsent} bytes before {why}",
             )
             return True
@@ -570,11 +572,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.stalled_since = 0.0
         self.expired = False
 
-    def _abort_stalled(self, reason: str, message: str) -> None:
-        """Reset the connection, dropping what it could not send; requests still waiting get
-        ``UpstreamReset`` (the next request opens a fresh connection)."""
-        self.give_up(reason, ErrorType.UpstreamReset, message)
-
     def _close_if_idle(self) -> None:
         if self.retiring and not self.pending and len(self.order) == self.stale:
             self.close()
@@ -586,9 +583,7 @@ class UpstreamConnection(asyncio.Protocol):
         waits for: an upstream that answers it anyway then answers nobody, not whichever
         request has the client's id on this connection."""
         if self.shared:
-            wire_id = self.next_id + 1
-            if wire_id > self.max_id or wire_id in self.pending:  # rare: ids wrapped around
-                wire_id = self._free_id()
+            wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
             self.next_id = wire_id
         else:
