@@ -573,6 +573,9 @@ class Downstream(asyncio.Protocol):
             host = cluster.balancer.pick(message)
         if host is None:
             if self._retry(route, "unavailable", tries, started, cluster):
+                # The first try has no start yet (``started`` is set from the second on):
+                # the request's clock starts now, not at the loop's time zero.
+                started = started if tries else self.engine.loop.time()
                 self._dispatch(message, route, mutation, tries + 1, started)
                 return
             self.local_reply(
