@@ -373,6 +373,14 @@ class Downstream(asyncio.Protocol):
         else:
             self.close()
 
+    def close_if_done(self) -> None:
+        """Close a connection that takes no new requests (drain, half-close, an unreadable
+        frame) once nothing is in flight: after an answer that did not go through
+        :meth:`flush` or :meth:`fail`, which check it themselves (a held request answered
+        locally, or sent one-way)."""
+        if self.draining and self.inflight == 0 and not self.closed:
+            self.close()
+
     def start_drain(self) -> None:
         """Finish what is in flight, refuse new requests, then close."""
         self.draining = True
@@ -1304,19 +1312,20 @@ class Hold:
             return
         if future.cancelled() or future.exception() is not None:
             downstream.refuse(self.request, ErrorType.Unspecified, "a filter's wait failed", route)
-            return
-        reply = self.context.reply
-        if reply is not None:  # the filter decided once its wait was over
+        elif (reply := self.context.reply) is not None:  # the filter decided after its wait
             f = route.request_filters[self.resume_at - 1]
             downstream.filter_reply(f, reply, self.request, route)
-            return
-        downstream._filter(self.request, route, self.resume_at, self.context)
+        else:
+            downstream._filter(self.request, route, self.resume_at, self.context)
+        downstream.close_if_done()
 
     def expire(self) -> None:
         """The route's timeout passed while held: ``Timeout``."""
         if self.done:
             return
-        self.downstream.release(self)
+        downstream = self.downstream
+        downstream.release(self)
         self.future.cancel()
         message = f"held by a filter for longer than {self.route.timeout:g}s"
-        self.downstream.refuse(self.request, ErrorType.Timeout, message, self.route)
+        downstream.refuse(self.request, ErrorType.Timeout, message, self.route)
+        downstream.close_if_done()

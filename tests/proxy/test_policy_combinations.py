@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
 from proxy_kit import (
     ERROR,
     Client,
@@ -20,6 +21,7 @@ from proxy_kit import (
     error_type,
     mesh,
     run,
+    until,
 )
 
 from metaprotocol_sdk import Metadata
@@ -82,6 +84,44 @@ def test_a_retry_after_an_empty_destination_keeps_the_requests_clock() -> None:
             # every duration is the request's own (well under the 5 s timeout)
             assert sum(h.sum for h in engine.stats.histograms(DURATIONS)) < 6 * 5000
             c.close()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("end", ["half-close", "stop"])
+def test_a_connection_closing_after_a_fault_delay_then_abort_closes_at_once(end: str) -> None:
+    """A request a fault delays and then aborts is the last in flight of a connection that is
+    closing (the client half-closed, or the engine drains): once the abort is written the
+    connection closes, as after any other last answer; it stayed open until the drain's
+    deadline (or, half-closed, until ``timeouts.idle``)."""
+    router = """\
+    - name: chaos
+      route: [{destination: {host: svc.test}}]
+      fault: {delay: {fixedDelay: 200ms}, abort: {errorType: Unspecified}}
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            reply = c.start()
+            await until(lambda: engine.pending == 1, "the request held by the delay")
+            loop = asyncio.get_running_loop()
+            stopping = None
+            if end == "stop":
+                stopping = loop.create_task(engine.stop(drain=4.0))
+            else:
+                assert c.transport is not None
+                c.transport.write_eof()
+            assert outcome(await asyncio.wait_for(reply, 2)) == "Unspecified"
+            answered = loop.time()
+            await asyncio.wait_for(asyncio.shield(c.closed), 4)
+            assert loop.time() - answered < 1.0
+            if stopping is not None:
+                await asyncio.wait_for(stopping, 4)
+            assert up.received == []
+            outcomes_agree(engine, ["Unspecified"])
         await up.close()
 
     run(main())
