@@ -862,6 +862,20 @@ class Downstream(asyncio.Protocol):
         self._dispatch(request, p.route, p.mutation, p.tries + 1, p.start, p.host)
         return True
 
+    def _retry_error(self, p: Pending) -> bool:
+        """Send ``p`` again after the upstream answered it with an ``Error`` status, when its
+        route retries on ``error``; ``False``: answer it. The outlier detector sees the error
+        of a try that is retried as it sees the last try's answer (in :meth:`_reply`), and
+        before the retry picks an endpoint: an ejection it causes steers the retry away."""
+        if not self._retry(p.route, "error", p.tries, p.start, p.target.cluster):
+            return False
+        host = p.host
+        if host.outlier is not None:
+            host.outlier.observe(host, _ERROR_STATUS)
+        request = self._settle(p)
+        self._dispatch(request, p.route, p.mutation, p.tries + 1, p.start, host)
+        return True
+
     def at_limit(self) -> bool:
         """Whether a new request must be refused: a pending limit (process or connection) or
         the overload budget (buffered bytes or RSS) is reached. :meth:`_over_limit` says
@@ -978,7 +992,7 @@ class Downstream(asyncio.Protocol):
         if (
             p.route.retries is not None
             and response.response_status is _ERROR_STATUS
-            and self._retry_pending(p, "error")
+            and self._retry_error(p)
         ):
             return
         codec = self.codec
@@ -1007,11 +1021,7 @@ class Downstream(asyncio.Protocol):
         if self.closed:
             self._reply(p, None, 0, status, batch)
             return
-        if (
-            p.route.retries is not None
-            and status is _ERROR_STATUS
-            and self._retry_pending(p, "error")
-        ):
+        if p.route.retries is not None and status is _ERROR_STATUS and self._retry_error(p):
             return
         try:
             encoded = self.codec.relabel(frame, p.request.request_id) if p.conn.shared else frame

@@ -15,8 +15,10 @@ import pytest
 from proxy_kit import (
     ERROR,
     Client,
+    KVServer,
     Upstream,
     address,
+    build_frame,
     engine_for,
     error_type,
     mesh,
@@ -28,6 +30,15 @@ from metaprotocol_sdk import Metadata
 from metaprotocol_sdk.proxy import Engine
 
 DURATIONS = "metaprotocol_request_duration_milliseconds"
+
+
+class Failing(Upstream):
+    """Answers every request with an Error reply."""
+
+    def on_message(self, conn: KVServer, msg: Metadata) -> None:
+        assert conn.transport is not None
+        self.received.append(msg)
+        conn.transport.write(build_frame(ERROR, msg.request_id, {"server": self.name}))
 
 
 def outcome(reply: Metadata) -> str:
@@ -123,5 +134,37 @@ def test_a_connection_closing_after_a_fault_delay_then_abort_closes_at_once(end:
             assert up.received == []
             outcomes_agree(engine, ["Unspecified"])
         await up.close()
+
+    run(main())
+
+
+def test_an_error_that_is_retried_still_counts_for_outlier_detection() -> None:
+    """An endpoint that answers every request with an Error is ejected after
+    ``consecutive5xxErrors`` even when each of its errors was retried on another endpoint:
+    the outlier detector sees every try, not only the last (as Envoy's does). Before, the
+    retried errors were never seen and the failing endpoint kept half of every try."""
+    router = """\
+    - name: retried
+      route: [{destination: {host: svc.test}}]
+      retries: {attempts: 1, retryOn: error}
+    """
+    outlier = (
+        "{outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 1h,"
+        " maxEjectionPercent: 50}}"
+    )
+
+    async def main() -> None:
+        bad, good = await Failing("bad").start(), await Upstream("good").start()
+        text = mesh([(bad.port, "v1"), (good.port, "v1")], router=router, traffic_policy=outlier)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            seen = [outcome(await c.call()) for _ in range(8)]
+            assert seen == ["Ok"] * 8
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 1
+            assert len(bad.received) == 2  # then it was ejected
+            outcomes_agree(engine, seen)
+            c.close()
+        await bad.close()
+        await good.close()
 
     run(main())
