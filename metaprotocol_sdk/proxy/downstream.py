@@ -686,12 +686,17 @@ class Downstream(asyncio.Protocol):
             self._dispatch(message, route, mutation)
 
     def filter_reply(
-        self, f: Filter, reply: LocalReply, message: Metadata, route: CompiledRoute
+        self,
+        f: Filter,
+        reply: LocalReply,
+        message: Metadata,
+        route: CompiledRoute,
+        start: float | None = None,
     ) -> None:
         """Answer a request as filter ``f`` decided (``context.local_reply``), flagged as its
         kind of policy does (``RESPONSE_FLAGS``)."""
         text = reply.message or f.name
-        self.refuse(message, reply.error, text, route, RESPONSE_FLAGS.get(f.name))
+        self.refuse(message, reply.error, text, route, RESPONSE_FLAGS.get(f.name), start)
 
     def refuse(
         self,
@@ -700,13 +705,15 @@ class Downstream(asyncio.Protocol):
         text: str,
         route: CompiledRoute,
         flags: str | None = None,
+        start: float | None = None,
     ) -> None:
-        """Answer a request before the router (a filter's decision): a local reply, or for
-        a one-way message, which gets no reply, only its count."""
+        """Answer a request before the router (a filter's decision, ``start``: when a held
+        request's hold began): a local reply, or for a one-way message, which gets no reply,
+        only its count; ``DownstreamClosed`` for either once the client has left."""
         if message.message_type is _ONEWAY:
-            route.local.count_oneway(error.name)
+            route.local.count_oneway("DownstreamClosed" if self.closed else error.name)
         else:
-            self.local_reply(message, error, text, route, None, None, None, flags)
+            self.local_reply(message, error, text, route, None, start, None, flags)
 
     def _hold(
         self,
@@ -1317,14 +1324,16 @@ class Hold:
         downstream = self.downstream
         downstream.release(self)
         route = self.route
-        if downstream.closed:
-            route.local.count("DownstreamClosed")
+        start = self.deadline - route.timeout
+        if downstream.closed:  # counted DownstreamClosed, as any request whose client left
+            downstream.refuse(self.request, ErrorType.Unspecified, "", route, None, start)
             return
         if future.cancelled() or future.exception() is not None:
-            downstream.refuse(self.request, ErrorType.Unspecified, "a filter's wait failed", route)
+            why = "a filter's wait failed"
+            downstream.refuse(self.request, ErrorType.Unspecified, why, route, None, start)
         elif (reply := self.context.reply) is not None:  # the filter decided after its wait
             f = route.request_filters[self.resume_at - 1]
-            downstream.filter_reply(f, reply, self.request, route)
+            downstream.filter_reply(f, reply, self.request, route, start)
         else:
             downstream._filter(self.request, route, self.resume_at, self.context)
         downstream.close_if_done()
@@ -1336,6 +1345,8 @@ class Hold:
         downstream = self.downstream
         downstream.release(self)
         self.future.cancel()
-        message = f"held by a filter for longer than {self.route.timeout:g}s"
-        downstream.refuse(self.request, ErrorType.Timeout, message, self.route)
+        route = self.route
+        message = f"held by a filter for longer than {route.timeout:g}s"
+        start = self.deadline - route.timeout
+        downstream.refuse(self.request, ErrorType.Timeout, message, route, None, start)
         downstream.close_if_done()

@@ -9,11 +9,14 @@ what the client saw (:func:`outcomes_agree`).
 from __future__ import annotations
 
 import asyncio
+import sys
+import types
 from collections import Counter
 
 import pytest
 from proxy_kit import (
     ERROR,
+    ONEWAY,
     Client,
     KVServer,
     Upstream,
@@ -27,6 +30,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import Metadata
+from metaprotocol_sdk.filters import Filter, ResponseContext
 from metaprotocol_sdk.proxy import Engine
 
 DURATIONS = "metaprotocol_request_duration_milliseconds"
@@ -39,6 +43,31 @@ class Failing(Upstream):
         assert conn.transport is not None
         self.received.append(msg)
         conn.transport.write(build_frame(ERROR, msg.request_id, {"server": self.name}))
+
+
+class Seeing(Filter):
+    """A response filter that notes every answer it is shown."""
+
+    name = "seeing"
+    seen: list[tuple[str, str, str | None]] = []
+
+    def on_response(self, context: ResponseContext) -> None:
+        error = None if context.local_error is None else context.local_error.name
+        type(self).seen.append((context.route, context.status.name, error))
+
+
+_mod = types.ModuleType("combination_filters")
+_mod.Seeing = Seeing  # type: ignore[attr-defined]
+sys.modules["combination_filters"] = _mod
+
+
+def with_listener_filter(text: str, f: type[Filter]) -> str:
+    """``text`` with ``f`` as its listener's filter."""
+    return text.replace(
+        "bind: '127.0.0.1:0'}]",
+        f"bind: '127.0.0.1:0', filters: [{{name: 'combination_filters:{f.__name__}'}}]}}]",
+        1,
+    )
 
 
 def outcome(reply: Metadata) -> str:
@@ -166,5 +195,40 @@ def test_an_error_that_is_retried_still_counts_for_outlier_detection() -> None:
             c.close()
         await bad.close()
         await good.close()
+
+    run(main())
+
+
+def test_requests_held_when_their_client_leaves_are_counted_like_any_other() -> None:
+    """A request and a one-way message that a fault delays when their client resets: the
+    request is counted ``DownstreamClosed`` with its duration, and shown to the response
+    filters; the one-way message is counted as one (``metaprotocol_oneway_total``), not as a
+    request. Before, the request had no duration and no response filter saw it, and the
+    one-way message was counted in ``metaprotocol_requests_total``."""
+    router = """\
+    - name: delayed
+      route: [{destination: {host: svc.test}}]
+      fault: {delay: {fixedDelay: 5s}}
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        Seeing.seen = []
+        text = with_listener_filter(mesh([(up.port, "v1")], router=router), Seeing)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            c.send(build_frame(ONEWAY, 100, {"method": "notify"}))
+            reply = c.start()
+            await until(lambda: engine.pending == 2, "both held by the delay")
+            c.reset()
+            with pytest.raises(ConnectionResetError):
+                await reply
+            await until(lambda: engine.pending == 0, "the holds released")
+            outcomes_agree(engine, ["DownstreamClosed"])
+            oneway = engine.stats.total("metaprotocol_oneway_total", status="DownstreamClosed")
+            assert oneway == 1
+            assert Seeing.seen == [("delayed", "Unknown", None)]
+            assert up.received == []
+        await up.close()
 
     run(main())
