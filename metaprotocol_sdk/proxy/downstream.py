@@ -828,10 +828,13 @@ class Downstream(asyncio.Protocol):
         tries: int,
         started: float,
         cluster: Cluster | None,
+        held: int = 0,
     ) -> bool:
         """Whether a request that failed with ``condition`` (on ``cluster``) gets another
         try: the route retries on it, tries are left, time is left, and the cluster's
-        ``maxRetries`` circuit breaker is closed."""
+        ``maxRetries`` circuit breaker is closed. ``held``: the failed try was itself a retry
+        (1), whose place among the cluster's retries in flight is free once it ended, as
+        Envoy frees it before it decides the next."""
         retries = route.retries
         if (
             retries is None
@@ -843,7 +846,7 @@ class Downstream(asyncio.Protocol):
         pool = None if cluster is None else cluster.pool
         if pool is not None and pool.max_retries is not None:
             assert cluster is not None
-            if cluster.retrying >= pool.max_retries:
+            if cluster.retrying - held >= pool.max_retries:
                 cluster.overflow("maxRetries")
                 return False
         if tries and self.engine.loop.time() - started >= route.timeout:
@@ -863,7 +866,7 @@ class Downstream(asyncio.Protocol):
 
     def _retry_pending(self, p: Pending, condition: str) -> bool:
         """Send ``p`` again (a new try) instead of answering it; ``False``: answer it."""
-        if not self._retry(p.route, condition, p.tries, p.start, p.target.cluster):
+        if not self._retry(p.route, condition, p.tries, p.start, p.target.cluster, p.tries > 0):
             return False
         request = self._settle(p)
         self._dispatch(request, p.route, p.mutation, p.tries + 1, p.start, p.host)
@@ -874,7 +877,7 @@ class Downstream(asyncio.Protocol):
         route retries on ``error``; ``False``: answer it. The outlier detector sees the error
         of a try that is retried as it sees the last try's answer (in :meth:`_reply`), and
         before the retry picks an endpoint: an ejection it causes steers the retry away."""
-        if not self._retry(p.route, "error", p.tries, p.start, p.target.cluster):
+        if not self._retry(p.route, "error", p.tries, p.start, p.target.cluster, p.tries > 0):
             return False
         host = p.host
         if host.outlier is not None:

@@ -232,3 +232,35 @@ def test_requests_held_when_their_client_leaves_are_counted_like_any_other() -> 
         await up.close()
 
     run(main())
+
+
+def test_a_retry_that_fails_frees_its_place_under_max_retries() -> None:
+    """``connectionPool.http.maxRetries: 1`` with ``attempts: 2``, one request at a time to an
+    endpoint that resets every try: each request gets both its retries (one in flight at a
+    time) and no overflow is counted. The failed retry's own place was still taken when the
+    next one was decided, so every request got one retry and an overflow was counted, with
+    never more than one retry in flight."""
+    router = """\
+    - name: retried
+      route: [{destination: {host: svc.test}}]
+      retries: {attempts: 2, retryOn: reset}
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        pool = "{connectionPool: {http: {maxRetries: 1}}}"
+        text = mesh([(up.port, "v1")], router=router, traffic_policy=pool)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            seen = [outcome(await c.call("close")) for _ in range(3)]
+            assert seen == ["UpstreamReset"] * 3
+            assert len(up.received) == 9  # three tries each
+            stats = engine.stats
+            assert stats.total("metaprotocol_retries_total", reason="reset") == 6
+            assert stats.total("metaprotocol_upstream_overflow_total", limit="maxRetries") == 0
+            assert [c.retrying for c in engine.clusters.values()] == [0] * len(engine.clusters)
+            outcomes_agree(engine, seen)
+            c.close()
+        await up.close()
+
+    run(main())
