@@ -654,6 +654,8 @@ class Engine:
         self.listener_addresses = dict(staged.addresses)
         for conn in draining:
             conn.start_drain()
+        for cluster in retired:
+            cluster.retired = True
         if retired:
             gone = set(retired)
             for upstream in list(self.upstreams):

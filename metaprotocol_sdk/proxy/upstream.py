@@ -188,6 +188,10 @@ class Cluster:
         self.opening: set[UpstreamConnection] = set()
         #: Retries in flight (``connectionPool.http.maxRetries``).
         self.retrying = 0
+        #: A reload removed or replaced the cluster: requests still on its old routes (a
+        #: retry, a request a filter held) may open connections to it, which are retiring
+        #: from the start (they close once their replies are in, whenever that is).
+        self.retired = False
         self.outlier: OutlierDetector | None = None
         if outlier is not None:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
@@ -379,7 +383,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.limit_requests = (pool.max_requests_per_connection or 0) if pool else 0
         self.sent = 0
         #: Taking no new requests; closes once nothing is in flight.
-        self.retiring = False
+        self.retiring = cluster.retired
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
         # The write watch of the engine's sweep (see :meth:`write_sweep`): since when the

@@ -31,7 +31,7 @@ from proxy_kit import (
 
 from metaprotocol_sdk import Metadata
 from metaprotocol_sdk.filters import Filter, ResponseContext
-from metaprotocol_sdk.proxy import Engine
+from metaprotocol_sdk.proxy import Engine, loads_config
 
 DURATIONS = "metaprotocol_request_duration_milliseconds"
 
@@ -262,5 +262,41 @@ def test_a_retry_that_fails_frees_its_place_under_max_retries() -> None:
             outcomes_agree(engine, seen)
             c.close()
         await up.close()
+
+    run(main())
+
+
+def test_a_connection_a_held_request_opens_to_a_removed_cluster_closes_after_its_reply() -> None:
+    """A fault delays a request past a reload that replaced its cluster and past the reload's
+    drain deadline: the request still goes to its own route's (old) endpoint, on a connection
+    that closes once its reply is in. Before, that connection stayed open for good: the drain
+    deadline that closes the old cluster's connections had passed, and nothing else would."""
+    router = """\
+    - name: delayed
+      route: [{destination: {host: svc.test}}]
+      fault: {delay: {fixedDelay: 300ms}}
+    """
+
+    async def main() -> None:
+        old, new = await Upstream("old").start(), await Upstream("new").start()
+        proxy = "timeouts: {drain: 50ms}\n"
+        async with engine_for(mesh([(old.port, "v1")], router=router, proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            reply = c.start()
+            await until(lambda: engine.pending == 1, "the request held by the delay")
+            await engine.apply(loads_config(mesh([(new.port, "v1")], router=router, proxy=proxy)))
+            assert (await asyncio.wait_for(reply, 2)).attributes["server"] == "old"
+            serving = set(engine.clusters.values())
+            await until(
+                lambda: all(u.cluster in serving for u in engine.upstreams),
+                "the removed cluster's last connection closed",
+                timeout=2,
+            )
+            await until(lambda: not old.connections, "the old endpoint's connection closed")
+            assert (await c.call()).attributes["server"] == "new"
+            outcomes_agree(engine, ["Ok", "Ok"])
+            c.close()
+        await old.close()
+        await new.close()
 
     run(main())
