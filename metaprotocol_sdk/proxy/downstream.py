@@ -573,7 +573,12 @@ class Downstream(asyncio.Protocol):
         cluster = target.cluster
         if cluster is None:
             self.local_reply(
-                message, ErrorType.ClusterNotFound, f"unknown cluster {target.name}", route, target
+                message,
+                ErrorType.ClusterNotFound,
+                f"unknown cluster {target.name}",
+                route,
+                target,
+                started or None,  # a retry's answer counts the time since the first try
             )
             return
         host = cluster.balancer.pick(message)
@@ -592,6 +597,7 @@ class Downstream(asyncio.Protocol):
                 f"no endpoint in {target.name}",
                 route,
                 target,
+                started or None,
             )
             return
         engine = self.engine
@@ -601,15 +607,16 @@ class Downstream(asyncio.Protocol):
             or engine.buffered > engine.max_buffered
             or engine.rss_over
         ):
-            self.local_reply(message, ErrorType.OverLimit, self._over_limit(), route, target)
+            over = self._over_limit()
+            self.local_reply(message, ErrorType.OverLimit, over, route, target, started or None)
             return
         if cluster.pool is not None and (why := cluster.over_pool_limits(host)) is not None:
-            self.local_reply(message, ErrorType.OverLimit, why, route, target)
+            self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         if conn is None:
             why = cluster.overflow("maxConnections")
-            self.local_reply(message, ErrorType.OverLimit, why, route, target)
+            self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
         now = engine.loop.time()
         p = Pending(self, message, route, target, host, conn, now)
@@ -617,7 +624,12 @@ class Downstream(asyncio.Protocol):
             conn.send(p, mutation)
         except Exception as exc:  # the codec cannot write this request (e.g. a mutation)
             self.local_reply(
-                message, ErrorType.BadRequest, f"cannot encode request: {exc}", route, target
+                message,
+                ErrorType.BadRequest,
+                f"cannot encode request: {exc}",
+                route,
+                target,
+                started or None,
             )
             return
         if route.retries is None:

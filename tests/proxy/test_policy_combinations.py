@@ -300,3 +300,33 @@ def test_a_connection_a_held_request_opens_to_a_removed_cluster_closes_after_its
         await new.close()
 
     run(main())
+
+
+def test_a_retry_answered_by_the_engine_keeps_the_time_of_its_first_try() -> None:
+    """A request whose first try timed out (``perTryTimeout``) and whose retry the engine
+    answered itself (the split's other destination has no ServiceEntry) has the duration of
+    both: the first try's 100 ms at least. It was counted as 0 ms (the retry's local reply
+    started its own clock)."""
+    router = """\
+    - name: split
+      route:
+        - {destination: {host: svc.test}, weight: 50}
+        - {destination: {host: nowhere.test, port: {number: 9000}}, weight: 50}
+      timeout: 2s
+      retries: {attempts: 1, perTryTimeout: 100ms, retryOn: timeout}
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            seen = [outcome(await c.call("hang"))]
+            assert seen == ["ClusterNotFound"]
+            outcomes_agree(engine, seen)
+            (answered,) = [h for h in engine.stats.histograms(DURATIONS) if h.count]
+            assert dict(answered.labels)["destination"].endswith("nowhere.test")
+            assert answered.sum >= 99  # the timer fires at its deadline, to rounding
+            c.close()
+        await up.close()
+
+    run(main())
