@@ -235,6 +235,11 @@ async def _serve(
         control_plane.start()
         reloader.control_plane = control_plane  # file reloads keep the routes received
     stop = asyncio.Event()
+    # Before the addresses are told: whoever read them may stop us at once, and SIGTERM's
+    # default action would end the process undrained (a supervisor would count it unclean).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     if worker is not None:  # one of --workers N: its supervisor prints the addresses
         worker.announce(engine)
         await worker.watch_supervisor(stop.set)
@@ -248,9 +253,6 @@ async def _serve(
     sys.stdout.flush()
     _tune_gc()
     _tune_malloc()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.ensure_future(reloader.run())]
     if watch:
         tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
