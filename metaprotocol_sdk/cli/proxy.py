@@ -309,6 +309,12 @@ def _drop_every_record(record: logging.LogRecord) -> bool:
     return False
 
 
+def _said_by_worker_0(record: logging.LogRecord) -> bool:
+    """The filter of the other workers' configuration warnings, for good (not the one
+    ``_load`` adds and removes around a quiet load)."""
+    return False
+
+
 def _nothing_to_serve(config: Config, files: tuple[str, ...]) -> str:
     """Why a configuration without listeners serves nothing, and what to add."""
     named = ", ".join(files)
@@ -433,6 +439,8 @@ def command(
             factory = uvloop.new_event_loop
         except ImportError:
             factory = None
+    if spec is not None and not spec.reports_config:  # worker 0 says it for every worker
+        logging.getLogger("metaprotocol.config").addFilter(_said_by_worker_0)
     config = _load(files, quiet=spec is not None and spec.quiet_config)
     if spec is not None:
         config = spec.apply(config)

@@ -154,6 +154,13 @@ class WorkerSpec:
     #: so the worker's own load of the same files does not repeat them.
     quiet_config: bool = False
 
+    @property
+    def reports_config(self) -> bool:
+        """Whether this worker logs the configuration's warnings at all (its restarts, its
+        reloads, its xDS updates): worker 0 only. Every worker loads the same files, and N
+        copies of each warning would be noise (see docs/workers.md)."""
+        return self.index == 0
+
     def to_json(self) -> str:
         """The option's value."""
         return json.dumps({"index": self.index, "ports": self.ports, "quiet": self.quiet_config})

@@ -643,3 +643,46 @@ def test_workers_killed_by_a_second_signal_make_the_supervisor_exit_137(tmp_path
     index, pid = worker["worker"], worker["pid"]
     assert f"worker {index} (pid {pid}) did not stop cleanly (killed by SIGKILL)" in err, err
     assert "exit status 137: a worker did not stop cleanly" in err, err
+
+
+def test_a_configuration_warning_is_logged_once_per_load_not_once_per_worker(
+    tmp_path: Path,
+) -> None:
+    typo = "- name: r\n  route: [{destination: {host: nowhere.test}}]\n"
+    warning = "no ServiceEntry defines host 'nowhere.test'"
+
+    async def main() -> tuple[int, str]:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")], router=typo))
+        try:
+            sup.proc.send_signal(signal.SIGHUP)  # both workers reload the same files
+
+            async def reloaded() -> bool:
+                stats = await sup.stats()
+                return total(stats, "metaprotocol_reloads_total", 'result="ok"') == 2
+
+            await until(reloaded, "both workers to reload")
+            for index in (1, 0):  # each started again: a fresh load of the files
+                old = (await sup.workers())[index]["pid"]
+                os.kill(old, signal.SIGKILL)
+
+                async def back(index: int = index, old: int = old) -> bool:
+                    w = (await sup.workers())[index]
+                    return bool(w["up"] and w["pid"] != old)
+
+                await until(back, f"worker {index} to serve again")
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        return code, err
+
+    code, err = run(main(), timeout=90)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if warning in line]
+    # The supervisor's at start; worker 0's for the reload and for its restart; none of
+    # worker 1's (at start, reload or restart: the same files, already reported).
+    assert [line.split(": ", 2)[1] for line in warned] == [
+        str(tmp_path / "mesh.yaml") + " (document 4, MetaRouter/svc)",
+        "worker 0",
+        "worker 0",
+    ], err
