@@ -34,13 +34,20 @@ __all__ = ["Filter", "LocalReply", "RequestContext", "ResponseContext"]
 
 
 class LocalReply:
-    """A filter's decision to answer a request itself."""
+    """A filter's decision to answer a request itself.
 
-    __slots__ = ("error", "message")
+    ``flags``: Envoy's response flag for it, in the access log and Istio's
+    ``response_flags`` (``RLSE`` for a request the global rate limit refuses because its
+    service failed); ``None``, what :meth:`RequestContext.local_reply` gives: the one of the
+    filter's kind (``RL`` for a rate limit, ``FI`` for a fault), or the error type's.
+    """
 
-    def __init__(self, error: ErrorType, message: str) -> None:
+    __slots__ = ("error", "flags", "message")
+
+    def __init__(self, error: ErrorType, message: str, flags: str | None = None) -> None:
         self.error = error
         self.message = message
+        self.flags = flags
 
     def __repr__(self) -> str:
         return f"LocalReply({self.error.name}, {self.message!r})"

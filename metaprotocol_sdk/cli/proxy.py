@@ -235,6 +235,11 @@ async def _serve(
         control_plane.start()
         reloader.control_plane = control_plane  # file reloads keep the routes received
     stop = asyncio.Event()
+    # Before the addresses are told: whoever read them may stop us at once, and SIGTERM's
+    # default action would end the process undrained (a supervisor would count it unclean).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     if worker is not None:  # one of --workers N: its supervisor prints the addresses
         worker.announce(engine)
         await worker.watch_supervisor(stop.set)
@@ -248,9 +253,6 @@ async def _serve(
     sys.stdout.flush()
     _tune_gc()
     _tune_malloc()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.ensure_future(reloader.run())]
     if watch:
         tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
@@ -304,6 +306,12 @@ def _load(files: tuple[str, ...], quiet: bool = False) -> Config:
 
 
 def _drop_every_record(record: logging.LogRecord) -> bool:
+    return False
+
+
+def _said_by_worker_0(record: logging.LogRecord) -> bool:
+    """The filter of the other workers' configuration warnings, for good (not the one
+    ``_load`` adds and removes around a quiet load)."""
     return False
 
 
@@ -431,6 +439,8 @@ def command(
             factory = uvloop.new_event_loop
         except ImportError:
             factory = None
+    if spec is not None and not spec.reports_config:  # worker 0 says it for every worker
+        logging.getLogger("metaprotocol.config").addFilter(_said_by_worker_0)
     config = _load(files, quiet=spec is not None and spec.quiet_config)
     if spec is not None:
         config = spec.apply(config)

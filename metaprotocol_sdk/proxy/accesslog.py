@@ -70,8 +70,10 @@ class AccessLog:
         request_id: int,
         message_type: str,
         upstream: str = "",
+        response_flags: str = "-",
     ) -> None:
-        """Record one request (``duration`` in seconds)."""
+        """Record one request (``duration`` in seconds; ``response_flags``: Envoy's short
+        flags, ``-`` for none, as Istio's ``response_flags`` label has them)."""
         line = (
             json.dumps(
                 {
@@ -81,6 +83,7 @@ class AccessLog:
                     "destination": destination,
                     "upstream": upstream,
                     "status": status,
+                    "response_flags": response_flags,
                     "duration_ms": round(duration * 1000.0, 3),
                     "request_id": request_id,
                     "message_type": message_type,

@@ -705,10 +705,11 @@ class Downstream(asyncio.Protocol):
         route: CompiledRoute,
         start: float | None = None,
     ) -> None:
-        """Answer a request as filter ``f`` decided (``context.local_reply``), flagged as its
-        kind of policy does (``RESPONSE_FLAGS``)."""
+        """Answer a request as filter ``f`` decided (``context.local_reply``), flagged as the
+        reply says or else as its kind of policy does (``RESPONSE_FLAGS``)."""
         text = reply.message or f.name
-        self.refuse(message, reply.error, text, route, RESPONSE_FLAGS.get(f.name), start)
+        flags = reply.flags or RESPONSE_FLAGS.get(f.name)
+        self.refuse(message, reply.error, text, route, flags, start)
 
     def refuse(
         self,
@@ -1142,6 +1143,7 @@ class Downstream(asyncio.Protocol):
                 request.request_id,
                 request.message_type.name,
                 p.host.key,
+                "-",  # an answer from upstream: no flag
             )
 
     def _observe_local(
@@ -1270,6 +1272,7 @@ class Downstream(asyncio.Protocol):
                 request.request_id,
                 request.message_type.name,
                 "" if host is None else host.key,
+                flags if flags is not None else RESPONSE_FLAGS.get(error.name, "-"),
             )
 
     def _refuse(self, exc: CodecError, error: ErrorType, close: bool) -> None:

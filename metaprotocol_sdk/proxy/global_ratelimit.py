@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from metaprotocol_sdk.enums import ErrorType
-from metaprotocol_sdk.filters import Filter, RequestContext
+from metaprotocol_sdk.filters import Filter, LocalReply, RequestContext
 from metaprotocol_sdk.metadata import Attributes
 
 from .config.models import GlobalRateLimit, RateLimitDescriptor
@@ -35,6 +35,10 @@ RESULTS = ("ok", "over_limit", "failure_allowed", "failure_denied", "skipped", "
 #: answer within ``requestTimeout``, or the call was never made because the process had
 #: ``limits.maxRateLimitCalls`` outstanding.
 FAILURES = ("unavailable", "error", "timeout", "overflow")
+
+#: Envoy's response flag of a request refused because the rate limit service failed
+#: (``denyOnFail``); one it answered ``OVER_LIMIT`` is ``RL``.
+RATE_LIMIT_SERVICE_ERROR = "RLSE"
 
 #: One descriptor: its entries, ``(key, value)``, in order.
 Descriptor = tuple[tuple[str, str], ...]
@@ -170,8 +174,12 @@ class GlobalRateLimiter(Filter):
         self._failures[reason].value += 1
         if self._deny:
             self._results["failure_denied"].value += 1
-            context.local_reply(
-                ErrorType.OverLimit, f"the rate limit service failed ({reason}); denyOnFail"
+            # Envoy's flag for a request refused because the service failed (an answer
+            # OVER_LIMIT gets the filter's own, RL). Let through, a request gets none there.
+            context.reply = LocalReply(
+                ErrorType.OverLimit,
+                f"the rate limit service failed ({reason}); denyOnFail",
+                RATE_LIMIT_SERVICE_ERROR,
             )
         else:
             self._results["failure_allowed"].value += 1

@@ -15,8 +15,10 @@ and whose admin endpoint listens on ``127.0.0.1:0`` for the supervisor only.
   worker costs one timeout, not the endpoint.
 * ``SIGTERM``/``SIGINT`` drain: forwarded once to every worker, which drains as a single
   engine does; a worker still running after the drain deadline (plus :data:`STOP_GRACE`) is
-  killed. A second signal kills them at once. ``SIGHUP`` is forwarded: each worker reloads
-  its own configuration.
+  killed. A second signal kills them at once. The exit status is 0 only when every serving
+  worker drained cleanly: else that of the first worker that did not (:func:`stop_status`:
+  70 for its watchdog, 137 for a kill). ``SIGHUP`` is forwarded: each worker reloads its own
+  configuration.
 * A worker that exits (a crash, or its watchdog ending it: ``watchdog.killTimeout``) is
   started again after a capped exponential delay (:func:`restart_delay`) and counted. A
   worker watches its standard input, a pipe from the supervisor: when the supervisor is gone
@@ -152,6 +154,13 @@ class WorkerSpec:
     #: so the worker's own load of the same files does not repeat them.
     quiet_config: bool = False
 
+    @property
+    def reports_config(self) -> bool:
+        """Whether this worker logs the configuration's warnings at all (its restarts, its
+        reloads, its xDS updates): worker 0 only. Every worker loads the same files, and N
+        copies of each warning would be noise (see docs/workers.md)."""
+        return self.index == 0
+
     def to_json(self) -> str:
         """The option's value."""
         return json.dumps({"index": self.index, "ports": self.ports, "quiet": self.quiet_config})
@@ -239,6 +248,13 @@ def _exit_text(code: int) -> str:
     return f"exit status {code}"
 
 
+def stop_status(code: int) -> int:
+    """The supervisor's exit status for a worker's unclean exit ``code`` (a process's return
+    code: negative for a signal): its own status, or 128 + the signal's number, as a shell
+    reports a process a signal ended (137 for ``SIGKILL``)."""
+    return code if code > 0 else 128 - code
+
+
 async def admin_get(address: tuple[str, int], path: str, timeout: float) -> tuple[int, bytes]:
     """GET ``path`` from a worker's admin endpoint: ``(status, body)``, within ``timeout``."""
     async with asyncio.timeout(timeout):
@@ -322,12 +338,14 @@ class Supervisor:
             self._spawn_task(self._keep(worker))
         await self._stop.wait()
         log.info("draining")
-        await self._stop_workers()
+        code = await self._stop_workers()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # its default action would end us mid-exit
+        if code:
+            log.error("exit status %d: a worker did not stop cleanly", code)
         self._close()
-        return 0
+        return code
 
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -432,11 +450,25 @@ class Supervisor:
                 return
             await self._start(worker)
 
-    async def _stop_workers(self) -> None:
-        """Drain every worker: forward ``SIGTERM``, wait up to the deadline, kill the rest."""
+    async def _stop_workers(self) -> int:
+        """Drain every worker: forward ``SIGTERM``, wait up to the deadline, kill the rest.
+
+        Returns the supervisor's exit status: 0 when every worker that was serving exited
+        cleanly, else the status of the first one that did not (:func:`stop_status`), each
+        of those logged. A worker still starting, or waiting to be started again, served
+        nothing: how it ends is not counted.
+        """
         self.stopping = True
+        serving = {w.index for w in self.workers if w.running and w.admin is not None}
         self.forward(signal.SIGTERM)
-        waits = [w.process.wait() for w in self.workers if w.process is not None]
+        ended: list[tuple[Worker, int]] = []  # in the order they exited
+
+        async def wait(worker: Worker, process: asyncio.subprocess.Process) -> None:
+            code = await process.wait()
+            if worker.index in serving:
+                ended.append((worker, code))
+
+        waits = [wait(w, w.process) for w in self.workers if w.process is not None]
         if waits:
             done: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
             killed: asyncio.Future[Any] = asyncio.ensure_future(self._kill.wait())
@@ -447,6 +479,11 @@ class Supervisor:
             )
             killed.cancel()
             if not done.done():
+                if not self._kill.is_set():
+                    log.warning(
+                        "workers still running %.1f s after the drain began: killing them",
+                        self.drain + STOP_GRACE,
+                    )
                 self.forward(signal.SIGKILL)
                 await done
         for task in list(self._tasks):
@@ -454,6 +491,14 @@ class Supervisor:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        unclean = [(w, code) for w, code in ended if code != 0]
+        for worker, code in unclean:
+            assert worker.process is not None
+            pid = worker.process.pid
+            log.warning(
+                "worker %d (pid %d) did not stop cleanly (%s)", worker.index, pid, _exit_text(code)
+            )
+        return stop_status(unclean[0][1]) if unclean else 0
 
     async def _copy_output(self, stream: asyncio.StreamReader) -> None:
         """Pass a worker's later standard output (a codec's or filter's prints) through."""

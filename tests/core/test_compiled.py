@@ -15,6 +15,7 @@ import sys
 import tomllib
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from typing import cast
 
 import metaprotocol_dubbo
 import metaprotocol_thrift
@@ -25,6 +26,7 @@ from metaprotocol_thrift import ThriftCodec
 
 from metaprotocol_sdk import ConfigError, compiled
 from metaprotocol_sdk.cli import main
+from metaprotocol_sdk.testing.checks._support import raised_at
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECT_COMPILED = os.environ.get("METAPROTOCOL_EXPECT_COMPILED") == "1"
@@ -122,3 +124,18 @@ def test_the_compiled_builds_pin_mypy_as_the_dev_extra_does() -> None:
     for setup in [ROOT / "setup.py", *ROOT.glob("codecs/*/setup.py")]:
         for pin in _assigned(setup, "MYPYC_REQUIRES"):
             assert pin in dev, f"{setup}: {pin} is not the dev extra's pin"
+
+
+@pytest.mark.parametrize("codec", [DubboCodec, ThriftCodec])
+def test_a_stray_exception_is_placed_in_the_codecs_package_in_either_build(
+    codec: type[DubboCodec],
+) -> None:
+    # The kit's raised_at: compiled frames name the build's path (src/metaprotocol_dubbo/...),
+    # a path relative to no directory the kit knows; it names them from the package on.
+    instance = codec()
+    with pytest.raises(TypeError) as caught:
+        instance.decode(cast(bytearray, None))
+    where = raised_at(caught.value, instance)
+    assert where.startswith(f" (raised at {codec.__module__.replace('.', '/')}.py:"), where
+    assert " in decode" in where, where
+    assert where.endswith(", in compiled code)") == EXPECT_COMPILED, where

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 import struct
+import sys
+import types
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +101,92 @@ def test_a_stray_exception_in_a_library_names_the_codec_line_that_called_it(
         call_decode(KVCodec(), bytearray(FRAME))
     assert "(raised at metaprotocol_sdk/examples/kv.py:" in str(failed.value)
     assert " in decode: " in str(failed.value)
+
+
+class DecodesInC(KVCodec):
+    """Its decode is C code (a builtin): no Python frame of the codec's own in a traceback,
+    as with a C extension or a compiled codec whose compiler adds none."""
+
+    decode = operator.itemgetter(99)  # type: ignore[assignment]
+
+
+def test_a_stray_exception_without_a_codec_frame_names_the_codec_not_the_kits_line() -> None:
+    with pytest.raises(CheckFailed) as failed:
+        call_decode(DecodesInC(), bytearray(b"KV"))
+    message = str(failed.value)
+    assert "decode raised IndexError: bytearray index out of range (raised in C code that " in (
+        message
+    )
+    assert f"DecodesInC of {__name__} called: no Python frame says which line)" in message
+    assert "_support.py" not in message and "call_decode" not in message, message
+
+
+#: A codec as mypyc compiles it: its source, and the path its build was given.
+COMPILED_SOURCE = """\
+from metaprotocol_sdk.examples.kv import KVCodec
+
+
+def helper(buffer):
+    return {0: KVCodec.decode}[buffer[3]]
+
+
+class Codec(KVCodec):
+    def decode(self, buffer):
+        return helper(buffer)(self, buffer)
+
+
+class InC(KVCodec):
+    decode = __import__("operator").itemgetter(99)
+"""
+
+
+def _compiled_codec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """``fake_mypyc_codec.codec`` as a compiled install holds it: the module is an extension
+    (``codec.cpython-...so``, its source shipped beside it), and its frames in a traceback
+    name ``src/fake_mypyc_codec/codec.py``, the path given to mypyc, as mypyc 2.4.1 does.
+    The current directory holds another file at that path, which must not be quoted."""
+    package = tmp_path / "site" / "fake_mypyc_codec"
+    package.mkdir(parents=True)
+    (package / "codec.py").write_text(COMPILED_SOURCE)
+    decoy = tmp_path / "src" / "fake_mypyc_codec"
+    decoy.mkdir(parents=True)
+    (decoy / "codec.py").write_text("DECOY = 'another file'\n" * 20)
+    monkeypatch.chdir(tmp_path)
+    top = types.ModuleType("fake_mypyc_codec")
+    top.__path__ = [str(package)]
+    module = types.ModuleType("fake_mypyc_codec.codec")
+    module.__file__ = str(package / f"codec{EXTENSION_SUFFIXES[0]}")
+    monkeypatch.setitem(sys.modules, top.__name__, top)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(COMPILED_SOURCE, "src/fake_mypyc_codec/codec.py", "exec"), vars(module))
+    return module
+
+
+def test_a_compiled_codecs_line_is_named_from_its_package_without_a_source_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = _compiled_codec(tmp_path, monkeypatch).Codec()
+    with pytest.raises(CheckFailed) as failed:
+        call_decode(codec, bytearray(build_frame(REQUEST + 1, 1, {}, b"")))
+    message = str(failed.value)
+    assert (
+        "decode raised KeyError: 1 (raised at fake_mypyc_codec/codec.py:5 in helper, "
+        "in compiled code)"
+    ) in message, message
+    assert "DECOY" not in message and "src/" not in message, message
+
+
+def test_a_compiled_codec_without_frames_is_named_by_its_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = _compiled_codec(tmp_path, monkeypatch).InC()
+    with pytest.raises(CheckFailed) as failed:
+        call_decode(codec, bytearray(b"KV"))
+    message = str(failed.value)
+    assert (
+        "decode raised IndexError: bytearray index out of range (raised in the compiled "
+        "module fake_mypyc_codec.codec: no Python frame says which line)"
+    ) in message, message
 
 
 def test_length_field_search_finds_the_kv_body_length() -> None:

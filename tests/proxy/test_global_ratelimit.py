@@ -573,3 +573,50 @@ def test_a_value_grpc_cannot_send_is_a_failed_call(redis: Redis, deny: bool) -> 
         await server.wait_closed()
 
     run(main())
+
+
+def test_the_access_log_flags_a_limited_request_rl_and_one_refused_on_a_failure_rlse(
+    redis: Redis, tmp_path: Path
+) -> None:
+    # Envoy's flags: RL for OVER_LIMIT, RLSE for a refusal because the service failed
+    # (denyOnFail); a request let through after a failure gets none, as in Envoy.
+    log = tmp_path / "access.log"
+    proxy = f"accessLog: {{path: '{log}'}}\ntelemetry: {{istioMetrics: true}}\n"
+    flags: dict[str, dict[str, float]] = {}
+
+    def istio_flags(engine: Engine) -> dict[str, float]:
+        return {
+            key.split('response_flags="', 1)[1].split('"', 1)[0]: value
+            for key, value in engine.stats_snapshot().items()
+            if key.startswith("istio_requests_total{") and value
+        }
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        with rate_limit_service(redis, {("method", "get"): 1}) as rls:
+            async with engine_for(config(up.port, rls.port, "kv-log", proxy=proxy)) as engine:
+                client = await Client.connect(address(engine))
+                assert error_type(await client.call("get", rid=1)) is None
+                assert error_type(await client.call("get", rid=2)) == "OverLimit"
+                flags["limited"] = istio_flags(engine)
+                client.close()
+        for deny, rid in ((True, 3), (False, 4)):
+            text = config(up.port, refusing_port(), f"down-{rid}", deny=deny, proxy=proxy)
+            async with engine_for(text) as engine:
+                client = await Client.connect(address(engine))
+                reply = await client.call("get", rid=rid)
+                assert error_type(reply) == ("OverLimit" if deny else None)
+                flags[f"deny={deny}"] = istio_flags(engine)
+                client.close()
+        await up.close()
+
+    run(main())
+    records = {r["request_id"]: r for r in map(json.loads, log.read_text().splitlines())}
+    assert {rid: (r["status"], r["response_flags"]) for rid, r in records.items()} == {
+        1: ("Ok", "-"),
+        2: ("OverLimit", "RL"),
+        3: ("OverLimit", "RLSE"),
+        4: ("Ok", "-"),
+    }
+    # Istio's response_flags label says the same.
+    assert flags == {"limited": {"-": 1, "RL": 1}, "deny=True": {"RLSE": 1}, "deny=False": {"-": 1}}

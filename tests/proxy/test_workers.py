@@ -534,3 +534,155 @@ def test_worker_output_nobody_reads_costs_output_not_requests(tmp_path: Path) ->
             await up.close()
 
     run(main(), timeout=120)
+
+
+STALLING_WATCHDOG = "watchdog: {missTimeout: 50ms, megamissTimeout: 200ms, killTimeout: 500ms}\n"
+
+
+async def _drain_with_a_request_held(
+    sup: Supervisor, up: Upstream
+) -> tuple[Client, asyncio.Future[Any], dict[str, Any]]:
+    """One connection with a request in flight that is never answered (its worker keeps the
+    connection through the drain), then ``SIGTERM``; returns once that worker is draining."""
+    client = await Client.connect(sup.address)
+    held = client.start("hang")
+    await up.wait_received(1)
+
+    async def holder() -> dict[str, Any] | None:
+        for worker in await sup.workers():
+            if total(await sup.worker_stats(worker), "metaprotocol_requests_pending") == 1:
+                return worker
+        return None
+
+    worker = await until(holder, "the worker holding the request")
+    sup.proc.send_signal(signal.SIGTERM)
+    host, port = worker["admin"].rsplit(":", 1)
+
+    async def draining() -> bool:
+        return (await http_get((host, int(port)), "/ready"))[0] == 503
+
+    await until(draining, "the worker to drain")
+    return client, held, worker
+
+
+async def _reset(client: Client, *requests: asyncio.Future[Any]) -> None:
+    """The worker's end reset the connection: its requests failed with it."""
+    await asyncio.wait_for(client.closed, WAIT)
+    for request in requests:
+        with pytest.raises(ConnectionResetError):
+            await request
+
+
+def test_a_worker_its_watchdog_ends_during_the_drain_makes_the_supervisor_exit_70(
+    tmp_path: Path,
+) -> None:
+    async def main() -> tuple[int, str, dict[str, Any]]:
+        up = await Upstream("up").start()
+        text = mesh(
+            [(up.port, "v1")],
+            proxy=STALLING_WATCHDOG,
+            protocol="kvs",
+            codec="proxy_kit:StallingKVCodec",
+        )
+        sup = Supervisor(tmp_path, text, 2, "--drain", "30")
+        client = None
+        try:
+            client, held, worker = await _drain_with_a_request_held(sup, up)
+            # Decoded during the drain: its worker's loop is stuck until the watchdog ends it.
+            stalled = client.start("stall", {"stall-ms": "30000", "how": "sleep"})
+            await asyncio.to_thread(sup.proc.wait, 30)  # the other worker drains cleanly
+            await _reset(client, held, stalled)
+        finally:
+            if client is not None:
+                client.close()
+            code, err = sup.stop()
+            await up.close()
+        return code, err, worker
+
+    code, err, worker = run(main(), timeout=90)
+    assert code == 70, err
+    index, pid = worker["worker"], worker["pid"]
+    assert (
+        f"worker {index} (pid {pid}) did not stop cleanly (exit status 70: its watchdog" in err
+    ), err
+    assert "exit status 70: a worker did not stop cleanly" in err, err
+    assert err.count("did not stop cleanly (") == 1, err  # the other worker drained
+
+
+def test_workers_killed_by_a_second_signal_make_the_supervisor_exit_137(tmp_path: Path) -> None:
+    async def main() -> tuple[int, str, dict[str, Any]]:
+        up = await Upstream("up").start()
+        text = mesh([(up.port, "v1")], protocol="kvs", codec="proxy_kit:StallingKVCodec")
+        sup = Supervisor(tmp_path, text, 2, "--drain", "30")
+        client = None
+        try:
+            client, held, worker = await _drain_with_a_request_held(sup, up)
+            stalled = client.start("stall", {"stall-ms": "30000", "how": "sleep"})  # no kill
+            host, port = worker["admin"].rsplit(":", 1)
+
+            async def stuck() -> bool:
+                try:
+                    await asyncio.wait_for(http_get((host, int(port)), "/ready"), 0.5)
+                except TimeoutError:
+                    return True
+                return False
+
+            await until(stuck, "the worker's loop to be stuck")
+            sup.proc.send_signal(signal.SIGTERM)  # the second: kill, no more waiting
+            await asyncio.to_thread(sup.proc.wait, 30)
+            await _reset(client, held, stalled)
+        finally:
+            if client is not None:
+                client.close()
+            code, err = sup.stop()
+            await up.close()
+        return code, err, worker
+
+    code, err, worker = run(main(), timeout=90)
+    assert code == 128 + signal.SIGKILL, err
+    index, pid = worker["worker"], worker["pid"]
+    assert f"worker {index} (pid {pid}) did not stop cleanly (killed by SIGKILL)" in err, err
+    assert "exit status 137: a worker did not stop cleanly" in err, err
+
+
+def test_a_configuration_warning_is_logged_once_per_load_not_once_per_worker(
+    tmp_path: Path,
+) -> None:
+    typo = "- name: r\n  route: [{destination: {host: nowhere.test}}]\n"
+    warning = "no ServiceEntry defines host 'nowhere.test'"
+
+    async def main() -> tuple[int, str]:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")], router=typo))
+        try:
+            sup.proc.send_signal(signal.SIGHUP)  # both workers reload the same files
+
+            async def reloaded() -> bool:
+                stats = await sup.stats()
+                return total(stats, "metaprotocol_reloads_total", 'result="ok"') == 2
+
+            await until(reloaded, "both workers to reload")
+            for index in (1, 0):  # each started again: a fresh load of the files
+                old = (await sup.workers())[index]["pid"]
+                os.kill(old, signal.SIGKILL)
+
+                async def back(index: int = index, old: int = old) -> bool:
+                    w = (await sup.workers())[index]
+                    return bool(w["up"] and w["pid"] != old)
+
+                await until(back, f"worker {index} to serve again")
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        return code, err
+
+    code, err = run(main(), timeout=90)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if warning in line]
+    # The supervisor's at start; worker 0's for the reload and for its restart; none of
+    # worker 1's (at start, reload or restart: the same files, already reported).
+    assert [line.split(": ", 2)[1] for line in warned] == [
+        str(tmp_path / "mesh.yaml") + " (document 4, MetaRouter/svc)",
+        "worker 0",
+        "worker 0",
+    ], err

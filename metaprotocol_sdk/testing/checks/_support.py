@@ -10,6 +10,8 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import PurePath
 from typing import Any, NoReturn, TypeVar
 
 from hypothesis import HealthCheck, given, settings
@@ -35,14 +37,27 @@ def fail(message: str) -> NoReturn:
 def raised_at(exc: BaseException, codec: object) -> str:
     """Where ``exc`` was raised, as `` (raised at FILE:LINE in FUNCTION: SOURCE)``.
 
-    The deepest frame in the codec's own package (or module) is named, not that of a library
-    it called: that is the line its author has to change. Without one, the deepest frame.
+    ``exc`` is as caught where the codec's method was called: the first frame of its
+    traceback is that caller's, and is never named. The deepest frame in the codec's own
+    package (or module) is named, not that of a library it called: that is the line its
+    author has to change. Without one, the deepest frame below the call.
+
+    A compiled codec (mypyc) has frames too, in the versions that add them to tracebacks,
+    but their file is the path its build was given (``src/pkg/codec.py``): it is named from
+    the package on, without a source line (read relative to the current directory, the line
+    could be that of another file). Without any frame below the call (an older mypyc, a C
+    extension, a builtin), the codec's module is named instead: never the caller's line.
     """
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return ""
+    frames = traceback.extract_tb(exc.__traceback__)[1:]
     name = type(codec).__module__
-    top = sys.modules.get(name.partition(".")[0])
+    if not frames:
+        if _is_extension(getattr(sys.modules.get(name), "__file__", None)):
+            where = f"the compiled module {name}"
+        else:
+            where = f"C code that {type(codec).__qualname__} of {name} called"
+        return f" (raised in {where}: no Python frame says which line)"
+    top_name = name.partition(".")[0]
+    top = sys.modules.get(top_name)
     roots = [str(path) for path in getattr(top, "__path__", ())]  # namespace packages too
     if not roots:
         lone = getattr(sys.modules.get(name), "__file__", None)
@@ -51,14 +66,31 @@ def raised_at(exc: BaseException, codec: object) -> str:
         for root in roots:
             if frame.filename == root or frame.filename.startswith(root + os.sep):
                 where = os.path.relpath(frame.filename, os.path.dirname(root))
-                break
-        else:
-            continue
-        break
-    else:
-        frame, where = frames[-1], frames[-1].filename
-    line = f": {frame.line.strip()}" if frame.line else ""
-    return f" (raised at {where}:{frame.lineno} in {frame.name}{line})"
+                line = f": {frame.line.strip()}" if frame.line else ""
+                return f" (raised at {where}:{frame.lineno} in {frame.name}{line})"
+        built = _built_path(frame.filename, top_name)
+        if built is not None:  # the codec's own code, compiled from a copy of its source
+            return f" (raised at {built}:{frame.lineno} in {frame.name}, in compiled code)"
+    frame = frames[-1]
+    if os.path.isabs(frame.filename):
+        line = f": {frame.line.strip()}" if frame.line else ""
+        return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}{line})"
+    return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}, in compiled code)"
+
+
+def _is_extension(file: str | None) -> bool:
+    return file is not None and file.endswith(tuple(EXTENSION_SUFFIXES))
+
+
+def _built_path(filename: str, top: str) -> str | None:
+    """``filename`` from the package ``top`` on (``pkg/codec.py`` for a build's
+    ``src/pkg/codec.py``; ``top.py`` for a lone module), or ``None`` if it is not in it."""
+    parts = PurePath(filename).parts
+    if top in parts[:-1]:
+        return "/".join(parts[parts.index(top) :])
+    if parts and parts[-1] == f"{top}.py":
+        return parts[-1]
+    return None
 
 
 class DecodeTimeout(BaseException):
