@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from control_plane import ControlPlane
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from snapshots import (
@@ -179,5 +180,58 @@ def test_endpoints_never_asked_for_are_not_held(
         harness.wait(lambda c: c.types[ENDPOINT_TYPE].nonce == "njunk2")
         assert harness.client.types[ENDPOINT_TYPE].resources == {}
         assert harness.dump()["xds"]["eds"]["resources"] == []
+    finally:
+        harness.close()
+
+
+def _bare_assignment(name: str, n: int, first: int = 0) -> Any:
+    """``n`` endpoints with an address and a port only: the most endpoints per byte."""
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    group = cla.endpoints.add()
+    for address, port in _addresses(first + n)[first:]:
+        sa = group.lb_endpoints.add().endpoint.address.socket_address
+        sa.address, sa.port_value = address, port
+    return cla
+
+
+def test_what_the_control_plane_makes_the_engine_hold_is_bounded(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """A server that lists many EDS clusters and sends each one's endpoints in a response of
+    its own, every one well under ``maxMessageBytes``, is held to ``maxResourceBytes`` in
+    all: the updates past it are NACKed naming the setting, and requests keep being served.
+    (Every response was merged into what was held, without bound: three responses of
+    3.4 MB each grew the engine by 775 MiB.)"""
+    snap = dict(snapshots(servers)[0][1])
+    bulk = [f"outbound|9000||bulk{i}.svc" for i in range(8)]
+    snap[CLUSTER_TYPE] = [*snap[CLUSTER_TYPE], *(cluster(name) for name in bulk)]
+    control_plane.set_snapshot("1", snap)
+    limit = 64 * 1024
+    harness = Harness(config_yaml(control_plane.port, f"\n    maxResourceBytes: {limit}"))
+    try:
+        harness.wait(acked("1"))
+        harness.wait(lambda c: set(bulk) <= set(c.types[ENDPOINT_TYPE].names))
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(1), "no first reply"
+            for i, name in enumerate(bulk):  # about 24 KB each: 190 KB in all
+                cla = _bare_assignment(name, 1000, 1000 * i)
+                control_plane.send(_packed([cla], ENDPOINT_TYPE, f"bulk{i}"))
+            harness.wait(lambda c: c.types[ENDPOINT_TYPE].nonce == "nbulk7")
+            assert caller.next(3), "calls stalled"
+        finally:
+            caller.close()
+        assert not caller.errors, caller.errors
+        held = harness.client.types[ENDPOINT_TYPE].resources
+        assert sum(m.ByteSize() for m in held.values()) <= limit
+        kept = [name for name in bulk if name in held]
+        assert 0 < len(kept) < len(bulk), kept
+        nacks = control_plane.nacks(ENDPOINT_TYPE)
+        assert len(nacks) == len(bulk) - len(kept)
+        assert all("spec.xds.maxResourceBytes (65536)" in (r.error or "") for r in nacks)
+        status = harness.dump()["xds"]
+        assert status["eds"]["nacks"] == len(nacks)
+        assert status["maxResourceBytes"] == limit
+        assert 0 < status["heldBytes"] <= limit, status["heldBytes"]
     finally:
         harness.close()

@@ -1250,8 +1250,8 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
     """``spec.xds``: ``address`` (``host:port``, required), ``rdsAddress`` (Aeraki's RDS
     server, when not the ADS one), ``node`` (``id``, ``cluster``, ``metadata``; defaults
     like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and ``POD_NAMESPACE``),
-    ``maxMessageBytes``, ``backoff`` (``initial``, ``max``), ``keepalive`` (``time``,
-    ``timeout``)."""
+    ``maxMessageBytes``, ``maxResourceBytes``, ``backoff`` (``initial``, ``max``), ``keepalive``
+    (``time``, ``timeout``), ``initialFetchTimeout``."""
     raw = doc.mapping(spec, "xds", "spec.xds", required=False)
     if "xds" not in spec:
         return None
@@ -1280,6 +1280,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
     node_id = doc.string(node, "id", "spec.xds.node.id", required=False)
     cluster = doc.string(node, "cluster", "spec.xds.node.cluster", required=False)
     most = doc.integer(raw, "maxMessageBytes", "spec.xds.maxMessageBytes", False, 1024, 1 << 30)
+    held = doc.integer(raw, "maxResourceBytes", "spec.xds.maxResourceBytes", False, 1024, 1 << 34)
     backoff = doc.mapping(raw, "backoff", "spec.xds.backoff", required=False)
     doc.check(backoff, "spec.xds.backoff", schema.XDS_BACKOFF)
     initial = doc.duration(backoff, "initial", "spec.xds.backoff.initial")
@@ -1310,6 +1311,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
             metadata=metadata,
         ),
         max_message_bytes=most or Xds.max_message_bytes,
+        max_resource_bytes=held or Xds.max_resource_bytes,
         backoff_initial=initial,
         backoff_max=cap,
         keepalive_time=Xds.keepalive_time if every is None else every,
