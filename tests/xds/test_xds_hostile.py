@@ -235,3 +235,42 @@ def test_what_the_control_plane_makes_the_engine_hold_is_bounded(
         assert 0 < status["heldBytes"] <= limit, status["heldBytes"]
     finally:
         harness.close()
+
+
+def test_a_huge_route_name_is_refused_before_it_labels_stats(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """Names label the stats series, and every ``/stats`` scrape repeats them on many lines:
+    a route named with 100 000 characters (a 100 KB RDS response) made the scrape 45 times
+    that. A host, subset or route name longer than a DNS name is refused: NACKed, the
+    routes in force keep serving, and the scrape stays the size it was."""
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(1), "no first reply"
+
+            async def scrape() -> str:
+                return harness.engine.prometheus()
+
+            before = len(harness.call(scrape()))
+            huge = dict(versions[0][1])
+            huge[ROUTE_TYPE] = [
+                route_configuration(RDS_NAME, [MetaRoute("r" * 100_000, [(V1, 100)])])
+            ]
+            control_plane.set_snapshot("2", huge)
+            control_plane.wait(lambda _: bool(control_plane.nacks(ROUTE_TYPE)))
+            assert caller.next(3), "calls stalled"
+        finally:
+            caller.close()
+        assert not caller.errors, caller.errors
+        detail = control_plane.nacks(ROUTE_TYPE)[0].error or ""
+        assert "spec.routes[0].name" in detail and "at most 253" in detail, detail
+        assert len(detail) < 1000, "the NACK repeats the name"
+        assert harness.client.types[ROUTE_TYPE].version == "1"
+        assert len(harness.call(scrape())) < 2 * before
+    finally:
+        harness.close()
