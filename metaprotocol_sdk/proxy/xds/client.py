@@ -118,7 +118,7 @@ class TypeState:
         return {
             "version": self.version,
             "nonce": self.nonce,
-            "subscribed": self.names or "*",
+            "subscribed": list(self.names) or "*",
             "resources": sorted(self.resources),
             "acks": self.acks,
             "nacks": self.nacks,
