@@ -309,3 +309,28 @@ def test_only_endpoints_on_a_listener_port_are_resolved(monkeypatch: pytest.Monk
     finally:
         holder.close()
     assert looked_up == ["localhost"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("name: ok", f"name: {'r' * 300}", "spec.routes[0].name"),
+        ("hosts: [svc.test]", f"hosts: [{'h' * 300}.test]", "spec.hosts[0]"),
+        ("{destination: {host: svc.test}}", f"{{destination: {{host: {'h' * 300}}}}}", "host"),
+    ],
+)
+def test_names_that_label_stats_are_bounded(old: str, new: str, field: str) -> None:
+    """A host, subset or route name labels stats series: one longer than a DNS name (253)
+    is refused at load, naming the field, without repeating the whole name."""
+    text = _router("a")
+    assert old in text
+    with pytest.raises(ConfigError) as info:
+        loads_config(text.replace(old, new, 1), "mesh.yaml")
+    assert info.value.field is not None and info.value.field.endswith(field)
+    assert "at most 253" in info.value.reason and len(str(info.value)) < 400
+
+
+def test_names_as_long_as_a_dns_name_load() -> None:
+    host = ".".join(["h" * 63] * 3 + ["h" * 61])  # 253 characters
+    text = _router("a").replace("svc.test", host).replace("name: ok", f"name: {'r' * 253}")
+    loads_config(text)

@@ -336,19 +336,21 @@ def test_xds_settings_defaults_like_an_istio_sidecar(monkeypatch: pytest.MonkeyP
     assert xds.node.metadata["CLUSTER_ID"] == "Kubernetes"
     assert "ISTIO_VERSION" in xds.node.metadata
     assert (xds.max_message_bytes, xds.backoff_initial, xds.backoff_max) == (4 << 20, 0.5, 30.0)
+    assert xds.max_resource_bytes == 16 << 20
 
 
 def test_xds_settings_given() -> None:
     text = BASE.replace(
         'xds: {address: "127.0.0.1:15010"}',
         'xds: {address: "istiod:15010", node: {id: n1, cluster: c1, metadata: {CLUSTER_ID: k2}},'
-        " maxMessageBytes: 65536, backoff: {initial: 100ms, max: 2s},"
+        " maxMessageBytes: 65536, maxResourceBytes: 1048576, backoff: {initial: 100ms, max: 2s},"
         ' rdsAddress: "aeraki:15010"}',
     )
     xds = loads_config(text).proxy.xds
     assert xds is not None
     assert (xds.node.id, xds.node.cluster, xds.node.metadata["CLUSTER_ID"]) == ("n1", "c1", "k2")
     assert (xds.max_message_bytes, xds.backoff_initial, xds.backoff_max) == (65536, 0.1, 2.0)
+    assert xds.max_resource_bytes == 1 << 20
     assert xds.rds_address == "aeraki:15010" and base().proxy.xds.rds_address is None  # type: ignore[union-attr]
 
 
@@ -358,6 +360,7 @@ def test_xds_settings_given() -> None:
         ("{address: nowhere}", "spec.xds.address: must be host:port"),
         ('{address: "a:1", node: {ip: x}}', "spec.xds.node"),
         ('{address: "a:1", maxMessageBytes: 10}', "spec.xds.maxMessageBytes"),
+        ('{address: "a:1", maxResourceBytes: 10}', "spec.xds.maxResourceBytes"),
         ('{address: "a:1", backoff: {initial: 2s, max: 1s}}', "spec.xds.backoff.max"),
         ('{address: "a:1", watch: true}', "spec.xds"),
         ('{address: "a:1", rdsAddress: aeraki}', "spec.xds.rdsAddress: must be host:port"),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from control_plane import ControlPlane
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from snapshots import (
@@ -28,7 +29,7 @@ from snapshots import (
     load_assignment,
     route_configuration,
 )
-from test_engine_xds import Caller, Harness, acked, config_yaml, snapshots
+from test_engine_xds import Caller, Harness, acked, admin_dump, config_yaml, snapshots
 from test_translate import base, resources
 
 from metaprotocol_sdk.demo.thrift_server import HelloServer
@@ -179,5 +180,134 @@ def test_endpoints_never_asked_for_are_not_held(
         harness.wait(lambda c: c.types[ENDPOINT_TYPE].nonce == "njunk2")
         assert harness.client.types[ENDPOINT_TYPE].resources == {}
         assert harness.dump()["xds"]["eds"]["resources"] == []
+    finally:
+        harness.close()
+
+
+def _bare_assignment(name: str, n: int, first: int = 0) -> Any:
+    """``n`` endpoints with an address and a port only: the most endpoints per byte."""
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    group = cla.endpoints.add()
+    for address, port in _addresses(first + n)[first:]:
+        sa = group.lb_endpoints.add().endpoint.address.socket_address
+        sa.address, sa.port_value = address, port
+    return cla
+
+
+def test_what_the_control_plane_makes_the_engine_hold_is_bounded(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """A server that lists many EDS clusters and sends each one's endpoints in a response of
+    its own, every one well under ``maxMessageBytes``, is held to ``maxResourceBytes`` in
+    all: the updates past it are NACKed naming the setting, and requests keep being served.
+    (Every response was merged into what was held, without bound: three responses of
+    3.4 MB each grew the engine by 775 MiB.)"""
+    snap = dict(snapshots(servers)[0][1])
+    bulk = [f"outbound|9000||bulk{i}.svc" for i in range(8)]
+    snap[CLUSTER_TYPE] = [*snap[CLUSTER_TYPE], *(cluster(name) for name in bulk)]
+    control_plane.set_snapshot("1", snap)
+    limit = 64 * 1024
+    harness = Harness(config_yaml(control_plane.port, f"\n    maxResourceBytes: {limit}"))
+    try:
+        harness.wait(acked("1"))
+        harness.wait(lambda c: set(bulk) <= set(c.types[ENDPOINT_TYPE].names))
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(1), "no first reply"
+            for i, name in enumerate(bulk):  # about 24 KB each: 190 KB in all
+                cla = _bare_assignment(name, 1000, 1000 * i)
+                control_plane.send(_packed([cla], ENDPOINT_TYPE, f"bulk{i}"))
+            harness.wait(lambda c: c.types[ENDPOINT_TYPE].nonce == "nbulk7")
+            assert caller.next(3), "calls stalled"
+        finally:
+            caller.close()
+        assert not caller.errors, caller.errors
+        held = harness.client.types[ENDPOINT_TYPE].resources
+        assert sum(m.ByteSize() for m in held.values()) <= limit
+        kept = [name for name in bulk if name in held]
+        assert 0 < len(kept) < len(bulk), kept
+        nacks = control_plane.nacks(ENDPOINT_TYPE)
+        assert len(nacks) == len(bulk) - len(kept)
+        assert all("spec.xds.maxResourceBytes (65536)" in (r.error or "") for r in nacks)
+        status = harness.dump()["xds"]
+        assert status["eds"]["nacks"] == len(nacks)
+        assert status["maxResourceBytes"] == limit
+        assert 0 < status["heldBytes"] <= limit, status["heldBytes"]
+    finally:
+        harness.close()
+
+
+def test_a_huge_route_name_is_refused_before_it_labels_stats(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """Names label the stats series, and every ``/stats`` scrape repeats them on many lines:
+    a route named with 100 000 characters (a 100 KB RDS response) made the scrape 45 times
+    that. A host, subset or route name longer than a DNS name is refused: NACKed, the
+    routes in force keep serving, and the scrape stays the size it was."""
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(1), "no first reply"
+
+            async def scrape() -> str:
+                return harness.engine.prometheus()
+
+            before = len(harness.call(scrape()))
+            huge = dict(versions[0][1])
+            huge[ROUTE_TYPE] = [
+                route_configuration(RDS_NAME, [MetaRoute("r" * 100_000, [(V1, 100)])])
+            ]
+            control_plane.set_snapshot("2", huge)
+            control_plane.wait(lambda _: bool(control_plane.nacks(ROUTE_TYPE)))
+            assert caller.next(3), "calls stalled"
+        finally:
+            caller.close()
+        assert not caller.errors, caller.errors
+        detail = control_plane.nacks(ROUTE_TYPE)[0].error or ""
+        assert "spec.routes[0].name" in detail and "at most 253" in detail, detail
+        assert len(detail) < 1000, "the NACK repeats the name"
+        assert harness.client.types[ROUTE_TYPE].version == "1"
+        assert len(harness.call(scrape())) < 2 * before
+    finally:
+        harness.close()
+
+
+def test_config_dump_of_a_large_configuration_is_built_once_per_change(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """With an xDS client, ``/config_dump`` was built again for every request (its ``xds``
+    section changes by itself): with 150 000 endpoints from the control plane that held the
+    event loop 0.15 s per request, whoever asked. It is built again only when the
+    configuration or that section changed, and then shows the change."""
+    snap = dict(snapshots(servers)[0][1])
+    bulk = "outbound|9000||bulk.svc"
+    snap[CLUSTER_TYPE] = [*snap[CLUSTER_TYPE], cluster(bulk)]
+    snap[ENDPOINT_TYPE] = [*snap[ENDPOINT_TYPE], _bare_assignment(bulk, 5_000)]
+    control_plane.set_snapshot("1", snap)
+    harness = Harness(config_yaml(control_plane.port, '\n  admin: {bind: "127.0.0.1:0"}'))
+    try:
+        harness.wait(lambda c: acked("1")(c) and bulk in c.types[ENDPOINT_TYPE].resources)
+        engine = harness.engine
+        built = []
+        real = engine.config_dump
+
+        def counted() -> dict[str, Any]:
+            built.append(1)
+            return real()
+
+        engine.config_dump = counted  # type: ignore[method-assign]
+        first = admin_dump(harness)
+        for _ in range(4):
+            assert admin_dump(harness) == first
+        assert len(built) == 1, f"built {len(built)} times for 5 requests, nothing changed"
+        snap[ENDPOINT_TYPE][-1] = _bare_assignment(bulk, 4_000)
+        control_plane.set_snapshot("2", snap)
+        harness.wait(acked("2"))
+        assert admin_dump(harness)["xds"]["eds"]["version"] == "2"
+        assert len(built) == 2
     finally:
         harness.close()

@@ -305,6 +305,7 @@ XDS = fields(
     "rdsAddress",
     "node",
     "maxMessageBytes",
+    "maxResourceBytes",
     "backoff",
     "keepalive",
     "initialFetchTimeout",

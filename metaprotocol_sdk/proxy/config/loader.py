@@ -84,6 +84,10 @@ _LB_SIMPLE: dict[str, LbPolicy] = {
     "LEAST_REQUEST": "LEAST_REQUEST",
     "LEAST_CONN": "LEAST_REQUEST",
 }
+#: Longest host, subset or route name: they label stats series, so each scrape of ``/stats``
+#: repeats them in many lines (a route named with a megabyte of text made 45 MB of it). A DNS
+#: name has at most 253 characters; Istio's subset names are DNS labels (63).
+MAX_NAME_LENGTH = 253
 _log = logging.getLogger("metaprotocol.config")
 _INDEX = re.compile(r"\[\d+\]")
 
@@ -182,6 +186,24 @@ class _Doc:
         if not isinstance(value, str) or (required and not value):
             self.fail(path, f"must be a non-empty string, got {value!r}")
         return value
+
+    def name_string(
+        self, obj: Mapping[str, Any], key: str, path: str, required: bool = True
+    ) -> str | None:
+        """A string that names a host, subset or route: at most :data:`MAX_NAME_LENGTH`."""
+        value = self.string(obj, key, path, required)
+        if value is not None:
+            self.bounded(value, path)
+        return value
+
+    def bounded(self, value: str, path: str) -> None:
+        """Refuse a name longer than :data:`MAX_NAME_LENGTH` (it would label stats series)."""
+        if len(value) > MAX_NAME_LENGTH:
+            self.fail(
+                path,
+                f"{value[:40]!r}... is {len(value)} characters long; a host, subset or route "
+                f"name has at most {MAX_NAME_LENGTH} (names label the stats series)",
+            )
 
     def integer(
         self,
@@ -445,6 +467,7 @@ def _services(
         for i, host in enumerate(hosts):
             if not isinstance(host, str) or not host:
                 doc.fail(f"spec.hosts[{i}]", f"must be a non-empty string, got {host!r}")
+            doc.bounded(host, f"spec.hosts[{i}]")
             if host in services:
                 doc.fail(
                     f"spec.hosts[{i}]",
@@ -654,7 +677,7 @@ def _destination_rules(
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
             doc.check(raw, path, schema.SUBSET)
-            name = cast(str, doc.string(raw, "name", f"{path}.name"))
+            name = cast(str, doc.name_string(raw, "name", f"{path}.name"))
             if name in subsets:
                 doc.fail(f"{path}.name", f"subset {name!r} is defined twice")
             labels = doc.labels(raw, "labels", f"{path}.labels")
@@ -721,8 +744,8 @@ def _destination(
 ) -> Destination:
     """A route or mirror ``destination``: ``host``, optional ``subset`` and ``port.number``."""
     doc.check(dest, path, schema.DESTINATION)
-    host = cast(str, doc.string(dest, "host", f"{path}.host"))
-    subset = doc.string(dest, "subset", f"{path}.subset", required=False)
+    host = cast(str, doc.name_string(dest, "host", f"{path}.host"))
+    subset = doc.name_string(dest, "subset", f"{path}.subset", required=False)
     port_obj = doc.mapping(dest, "port", f"{path}.port", required=False)
     doc.check(port_obj, f"{path}.port", schema.PORT_SELECTOR)
     port = doc.integer(port_obj, "number", f"{path}.port.number", False, 1, 65535)
@@ -1063,7 +1086,7 @@ def _routers(
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
             doc.check(raw, path, schema.ROUTE)
-            name = doc.string(raw, "name", f"{path}.name", required=False) or f"route-{r}"
+            name = doc.name_string(raw, "name", f"{path}.name", required=False) or f"route-{r}"
             if name in seen:
                 doc.fail(f"{path}.name", f"route name {name!r} is used twice")
             seen.add(name)
@@ -1250,8 +1273,8 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
     """``spec.xds``: ``address`` (``host:port``, required), ``rdsAddress`` (Aeraki's RDS
     server, when not the ADS one), ``node`` (``id``, ``cluster``, ``metadata``; defaults
     like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and ``POD_NAMESPACE``),
-    ``maxMessageBytes``, ``backoff`` (``initial``, ``max``), ``keepalive`` (``time``,
-    ``timeout``)."""
+    ``maxMessageBytes``, ``maxResourceBytes``, ``backoff`` (``initial``, ``max``), ``keepalive``
+    (``time``, ``timeout``), ``initialFetchTimeout``."""
     raw = doc.mapping(spec, "xds", "spec.xds", required=False)
     if "xds" not in spec:
         return None
@@ -1280,6 +1303,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
     node_id = doc.string(node, "id", "spec.xds.node.id", required=False)
     cluster = doc.string(node, "cluster", "spec.xds.node.cluster", required=False)
     most = doc.integer(raw, "maxMessageBytes", "spec.xds.maxMessageBytes", False, 1024, 1 << 30)
+    held = doc.integer(raw, "maxResourceBytes", "spec.xds.maxResourceBytes", False, 1024, 1 << 34)
     backoff = doc.mapping(raw, "backoff", "spec.xds.backoff", required=False)
     doc.check(backoff, "spec.xds.backoff", schema.XDS_BACKOFF)
     initial = doc.duration(backoff, "initial", "spec.xds.backoff.initial")
@@ -1310,6 +1334,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
             metadata=metadata,
         ),
         max_message_bytes=most or Xds.max_message_bytes,
+        max_resource_bytes=held or Xds.max_resource_bytes,
         backoff_initial=initial,
         backoff_max=cap,
         keepalive_time=Xds.keepalive_time if every is None else every,

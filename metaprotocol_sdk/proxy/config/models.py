@@ -479,6 +479,10 @@ class Xds:
     rds_address: str | None = None
     #: Largest discovery response accepted (gRPC's maximum receive message length).
     max_message_bytes: int = 4 * MiB
+    #: Most bytes of resources held at once, all types together (their encoded size): an
+    #: update that would hold more is refused (NACKed), so that what a control plane makes
+    #: the engine keep is bounded by this setting, not by how many responses it sends.
+    max_resource_bytes: int = 16 * MiB
     #: Reconnect backoff: the first wait and the cap, in seconds (doubling, with jitter).
     backoff_initial: float = 0.5
     backoff_max: float = 30.0

@@ -118,7 +118,7 @@ class TypeState:
         return {
             "version": self.version,
             "nonce": self.nonce,
-            "subscribed": self.names or "*",
+            "subscribed": list(self.names) or "*",
             "resources": sorted(self.resources),
             "acks": self.acks,
             "nacks": self.nacks,
@@ -235,6 +235,10 @@ class XdsClient:
         #: The clusters served: CDS's, and those it dropped that the routes in force still
         #: send to (kept, with their endpoints, until a route update stops: make before break).
         self.clusters: dict[str, Message] = {}
+        #: The encoded size of each resource held, per type (clusters: those served, kept
+        #: ones included), as its response carried it: ``spec.xds.maxResourceBytes`` bounds
+        #: their sum.
+        self._sizes: dict[str, dict[str, int]] = {url: {} for url in self.types}
         #: EDS names an EDS response has carried since they were subscribed to.
         self._fetched: set[str] = set()
         self.held: HeldRoutes | None = None
@@ -401,6 +405,8 @@ class XdsClient:
             if names != rds.names:
                 rds.names = names
                 rds.resources = {k: v for k, v in rds.resources.items() if k in names}
+                sizes = self._sizes[ROUTE_TYPE]
+                self._sizes[ROUTE_TYPE] = {k: sizes[k] for k in rds.resources if k in sizes}
                 call = self._carrier[ROUTE_TYPE].call
                 if call is not None:
                     try:
@@ -424,8 +430,9 @@ class XdsClient:
         version = self._version(state, response)
         try:
             try:
-                resources = _decode(response)
+                resources, sizes = _decode(response)
                 candidate = self._candidate(state, resources)
+                held = self._held_sizes(state.type_url, candidate, resources, sizes)
                 if state.type_url == ROUTE_TYPE:
                     warming = [] if force else self._warming(candidate)
                     if warming:
@@ -462,6 +469,7 @@ class XdsClient:
             self._fetched.update(name for name in resources if name in state.resources)
         self.clusters = dict(candidate.clusters)
         eds.resources = dict(candidate.endpoints)
+        self._sizes = held
         state.version = response.version_info
         state.acks += 1
         state.last_error = None
@@ -554,6 +562,45 @@ class XdsClient:
             )
         await self._update(held.call, held.response, force=True)
 
+    def _held_sizes(
+        self,
+        type_url: str,
+        candidate: Resources,
+        received: dict[str, Message],
+        sizes: dict[str, int],
+    ) -> dict[str, dict[str, int]]:
+        """The encoded size of each resource ``candidate`` holds, per type; raises
+        :class:`XdsRefused` when their sum is above ``spec.xds.maxResourceBytes``.
+
+        Without this bound each RDS or EDS response, however small, adds what it names to
+        what is held: a control plane listing many EDS clusters and sending each one's
+        endpoints in a response of its own (each under ``maxMessageBytes``) grew the engine
+        without end (three responses of 3.4 MB: 775 MiB).
+        """
+        out: dict[str, dict[str, int]] = {}
+        for url, held in (
+            (CLUSTER_TYPE, candidate.clusters),
+            (ENDPOINT_TYPE, candidate.endpoints),
+            (ROUTE_TYPE, candidate.routes),
+        ):
+            known = self._sizes[url]
+            fresh = url == type_url
+            out[url] = {
+                name: sizes[name] if fresh and received.get(name) is msg else known[name]
+                for name, msg in held.items()
+            }
+        total = sum(sum(by_name.values()) for by_name in out.values())
+        limit = self.settings.max_resource_bytes
+        if total > limit:
+            parts = ", ".join(f"{SHORT[url]} {sum(out[url].values())}" for url in out)
+            raise XdsRefused(
+                f"{SHORT[type_url].upper()} response",
+                "",
+                f"the resources held would take {total} bytes ({parts}), above "
+                f"spec.xds.maxResourceBytes ({limit}); nothing of this update was applied",
+            )
+        return out
+
     def _version(self, state: TypeState, response: discovery_pb2.DiscoveryResponse) -> str:
         """The engine's configuration version: the xDS versions it is built from."""
         versions = {url: s.version for url, s in self.types.items()}
@@ -616,6 +663,8 @@ class XdsClient:
             "lastError": self.last_error,
             "streams": {st.kind: st.dump() for st in self.streams},
             "keptClusters": sorted(set(self.clusters) - set(self.types[CLUSTER_TYPE].resources)),
+            "heldBytes": sum(sum(by_name.values()) for by_name in self._sizes.values()),
+            "maxResourceBytes": self.settings.max_resource_bytes,
             "heldRoutes": None
             if self.held is None
             else {"version": self.held.response.version_info, "waitsFor": self.held.clusters},
@@ -631,10 +680,14 @@ def _pick(resources: Resources, type_url: str) -> dict[str, Message]:
     return dict(resources.routes)
 
 
-def _decode(response: discovery_pb2.DiscoveryResponse) -> dict[str, Message]:
-    """The response's resources by name; a resource of another type or undecodable is refused."""
+def _decode(
+    response: discovery_pb2.DiscoveryResponse,
+) -> tuple[dict[str, Message], dict[str, int]]:
+    """The response's resources by name, and their encoded sizes; a resource of another type
+    or undecodable is refused."""
     cls = _MESSAGES[response.type_url]
     out: dict[str, Message] = {}
+    sizes: dict[str, int] = {}
     for i, packed in enumerate(response.resources):
         where = f"{SHORT[response.type_url].upper()} response resources[{i}]"
         if packed.type_url != response.type_url:
@@ -652,4 +705,5 @@ def _decode(response: discovery_pb2.DiscoveryResponse) -> dict[str, Message]:
         if name in out:
             raise XdsRefused(where, "", f"{name!r} is listed twice")
         out[name] = message
-    return out
+        sizes[name] = len(packed.value)
+    return out, sizes
