@@ -95,6 +95,13 @@ class SniRecorder:
         self.names.append(name)
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until ``condition`` holds: the engine's state, looked at each 10 ms."""
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def record_loop_errors() -> list[dict[str, Any]]:
     """Calls to the running loop's exception handler (a traceback in the log, otherwise)."""
     seen: list[dict[str, Any]] = []
@@ -546,8 +553,7 @@ def test_handshaking_connections_count_against_max_connections(pki: Pki) -> None
         )
         async with engine_for(text) as engine:
             silent = [await raw_connect(address(engine)) for _ in range(2)]
-            while len(engine.handshaking) < 2:
-                await asyncio.sleep(0.01)
+            await until(lambda: len(engine.handshaking) == 2)
             reader, writer = await raw_connect(address(engine))
             assert await reader.read() == b""  # closed at once
             rejected = engine.stats.get(
@@ -761,3 +767,36 @@ def test_check_loads_a_tls_configuration(pki: Pki, tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "spec.trafficPolicy.tls.caCertificates: no such file" in bad.stderr
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_client_that_does_not_read_is_bounded_by_the_connection_buffer_limits(
+    pki: Pki, loop: str
+) -> None:
+    """The TLS layer's unsent bytes count as the connection's: past
+    ``connectionBufferMaxBytes`` the client is reset, as a plain one is."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki),
+            proxy="limits: {connectionBufferBytes: 65536, connectionBufferMaxBytes: 262144}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert client.transport is not None
+            client.transport.pause_reading()
+            replies = [client.start("big", {"size": str(256 * 1024)}) for _ in range(64)]
+            await until(lambda: not engine.downstreams)  # 16 MiB asked for: reset
+            closed = engine.stats.total(
+                "metaprotocol_downstream_connections_closed_total", reason="write_overflow"
+            )
+            assert closed == 1
+            client.transport.abort()
+            await asyncio.gather(*replies, return_exceptions=True)
+        await up.close()
+
+    run(main(), loop=loop)
