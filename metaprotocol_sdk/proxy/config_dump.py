@@ -10,6 +10,7 @@ from metaprotocol_sdk import compilation
 
 from .admin import DUMP_DOCUMENTS_BYTES, bounded_copy
 from .config.models import Route
+from .tls import dump_listener, dump_upstream
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -53,6 +54,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 ),
                 "protocol": engine.config.protocol_of(listener.host, listener.port).name,
                 "filters": [spec.name for spec in listener.filters],
+                "tls": dump_listener(listener.tls),
                 "localRateLimit": plain(
                     getattr(engine.config.routers.get(listener.host), "local_rate_limit", None)
                 ),
@@ -91,6 +93,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "connectionPool": plain(c.pool),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],
+                "tls": dump_upstream(c.tls),
             }
             for c in engine.clusters.values()
         ],

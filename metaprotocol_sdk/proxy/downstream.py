@@ -28,7 +28,10 @@ from .upstream import (
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     from .engine import Engine
+    from .tls import TlsStats
 
 _REQUEST = MessageType.Request
 _ONEWAY = MessageType.Oneway
@@ -108,6 +111,9 @@ class ListenerRuntime:
         self._skipped: dict[str, Counter] = {}
         self._filter_errors: dict[str, Counter] = {}
         self._retries: dict[tuple[str, str], Counter] = {}
+        #: TLS termination (set by ``tls.attach_listener``; ``None``: plain TCP).
+        self.tls: ssl.SSLContext | None = None
+        self.tls_stats: TlsStats | None = None
 
     def count_filter_error(self, f: Filter) -> None:
         """Count one exception raised by a filter (its request was answered locally)."""
@@ -967,7 +973,7 @@ class Downstream(asyncio.Protocol):
         if conn is None or conn.closed:
             if not cluster.may_open():
                 return None
-            conn = self.dedicated[key] = UpstreamConnection(cluster, host, self)
+            conn = self.dedicated[key] = cluster.connection_class(cluster, host, self)
             conn.connect()
         return conn
 

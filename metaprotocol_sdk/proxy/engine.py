@@ -37,6 +37,7 @@ from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .stats import Counter, Stats
 from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
+from .tls import TlsDownstream, attach_cluster, attach_listener, tls_accept
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 from .watchdog import GuardDog
 
@@ -152,6 +153,10 @@ class Engine:
         self.pending = 0
         self.draining = False
         self.downstreams: set[Downstream] = set()
+        #: Client connections of TLS listeners still shaking hands (they count against
+        #: ``limits.maxConnections``), and how long they may take (``timeouts.handshake``).
+        self.handshaking: set[TlsDownstream] = set()
+        self.handshake_timeout = timeouts.handshake
         #: Client connections gone with requests still in flight: their frames are held until
         #: each is answered or times out, and the sweep's recount must still see them.
         self.departed: set[Downstream] = set()
@@ -237,6 +242,7 @@ class Engine:
             traffic.connection_pool,
             traffic.outlier_detection,
             service.namespace,
+            traffic.tls,
         )
         serving = self.clusters.get(name)
         if serving is not None and self._cluster_specs.get(name) == spec:
@@ -253,6 +259,7 @@ class Engine:
                 traffic.outlier_detection,
             )
             cluster.namespace = service.namespace  # of the configuration being built
+            attach_cluster(cluster, traffic.tls)
         build.clusters[name] = cluster
         build.specs[name] = spec
         return cluster
@@ -300,6 +307,7 @@ class Engine:
             self, listener.name, protocol.codec_class, RouteTable(()), dict(protocol.options)
         )
         runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
+        attach_listener(runtime, listener.tls)
         # The chain of every route: the MetaRouter's rate limit, the route's fault injection,
         # then the listener's own filters; the router comes last (Downstream._dispatch).
         chain = [spec.create() for spec in listener.filters]
@@ -486,8 +494,14 @@ class Engine:
         """Bind ``listener``'s address; it accepts connections once ``start`` or, later,
         ``start_serving``."""
         assert self._loop is not None
+
+        def accept() -> asyncio.BaseProtocol:
+            # A reload may add or remove the listener's TLS: looked at once per connection.
+            context = runtime.tls
+            return Downstream(runtime) if context is None else tls_accept(runtime, context)
+
         return await self._loop.create_server(
-            lambda: Downstream(runtime),
+            accept,
             listener.bind_host,
             listener.bind_port,
             reuse_address=True,
@@ -629,6 +643,8 @@ class Engine:
             current.codec_class = runtime.codec_class
             current.options = runtime.options
             current._unrouted = runtime._unrouted
+            current.tls = runtime.tls  # new connections shake hands with the new files
+            current.tls_stats = runtime.tls_stats
             match = runtime.table.match
             for conn in self.downstreams:
                 if conn.listener is current:
@@ -685,7 +701,7 @@ class Engine:
         """Why a new downstream connection must be refused now (``None``: accept it)."""
         if self.draining:
             return "draining"
-        if len(self.downstreams) >= self.max_connections:
+        if len(self.downstreams) + len(self.handshaking) >= self.max_connections:
             return "max_connections"
         if self.buffered > self.max_buffered or self.rss_over:
             return "overload"
@@ -842,6 +858,8 @@ class Engine:
             server.close()
         for conn in list(self.downstreams):
             conn.start_drain()
+        for handshake in list(self.handshaking):  # nothing in flight on them
+            handshake.abort()
         if self.downstreams:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), drain)
@@ -855,7 +873,7 @@ class Engine:
         await self._close_servers()
         # Let connection_lost callbacks run so no transport outlives stop().
         for _ in range(100):
-            if not self.downstreams and not self.upstreams:
+            if not self.downstreams and not self.upstreams and not self.handshaking:
                 break
             await asyncio.sleep(0)
         # After them: a client aborted above with a request a filter holds is added there.

@@ -20,6 +20,7 @@ from .config.models import (
     OutlierDetection,
     Protocol,
     ProxySettings,
+    UpstreamTls,
 )
 from .stats import HELP
 
@@ -87,6 +88,8 @@ class ClusterSpec:
     pool: ConnectionPool | None
     outlier: OutlierDetection | None
     namespace: str
+    #: Compared with the files' digest: a rotated certificate makes a changed cluster.
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,12 @@ HELP = {
     "metaprotocol_global_ratelimit_failures_total": "Failed calls to a rate limit service, "
     "by listener and reason (unavailable, error, timeout, overflow: never made).",
     "metaprotocol_global_ratelimit_calls_active": "Calls to rate limit services outstanding.",
+    "metaprotocol_tls_handshakes_total": "TLS handshakes completed, by listener or cluster.",
+    "metaprotocol_tls_handshake_errors_total": "TLS handshakes that failed, by listener or "
+    "cluster and reason (timeout, not_tls, protocol_version, no_shared_cipher, "
+    "no_client_certificate, bad_certificate, peer_rejected, closed, error).",
+    "metaprotocol_tls_certificate_expiry_seconds": "When a certificate file in use expires "
+    "(its notAfter, in Unix seconds), by listener or cluster and certificate path.",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",
@@ -98,7 +104,10 @@ HELP = {
     "istio_tcp_received_bytes_total": "Bytes received from upstream (Istio's standard metric).",
 }
 GAUGES = frozenset(
-    n for n in HELP if n.endswith(("_active", "_pending", "_bytes", "_overloaded", "_series"))
+    n
+    for n in HELP
+    if n.endswith(("_active", "_pending", "_bytes", "_overloaded", "_series"))
+    or n == "metaprotocol_tls_certificate_expiry_seconds"
 )
 
 Labels = tuple[tuple[str, str], ...]
@@ -127,7 +136,7 @@ def scope(labels: Labels) -> Labels:
 
 #: Other labels whose values come from the configuration (a rate limit's bucket, a filter's
 #: name): a folded series replaces them too.
-_NAMED = frozenset((*SCOPE_LABELS, "bucket", "filter"))
+_NAMED = frozenset((*SCOPE_LABELS, "bucket", "filter", "certificate"))
 
 
 def _folded(labels: Labels, kind: str) -> Labels:

@@ -30,10 +30,12 @@ from .outlier import OutlierDetector
 from .stats import Counter
 
 if TYPE_CHECKING:
+    from .config.models import UpstreamTls
     from .downstream import Downstream
     from .engine import Engine
     from .mirror import MirrorSink
     from .router import CompiledRoute, Target
+    from .tls import TlsStats
 
 _RESPONSE = MessageType.Response
 _ERROR = MessageType.Error
@@ -214,6 +216,11 @@ class Cluster:
         )
         self._overflows: dict[str, Counter] = {}
         self._closed_by: dict[str, Counter] = {}
+        #: TLS origination (``trafficPolicy.tls``; set by ``tls.attach_cluster``): ``None``
+        #: and plain ``UpstreamConnection``\ s without it.
+        self.tls: UpstreamTls | None = None
+        self.tls_stats: TlsStats | None = None
+        self.connection_class: type[UpstreamConnection] = UpstreamConnection
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
@@ -277,7 +284,7 @@ class Cluster:
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
             if self.may_open():
-                conn = UpstreamConnection(self, host, None)
+                conn = self.connection_class(self, host, None)
                 conns.append(conn)
                 conn.connect()
                 return conn
@@ -420,14 +427,19 @@ class UpstreamConnection(asyncio.Protocol):
                 self.cluster.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
-            self.cluster.connect_errors.value += 1
-            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            self._finish_close(
-                ErrorType.UpstreamConnectFailure,
-                f"cannot connect to {host.key} ({self.cluster.name}): {reason}",
+            self._connect_failed(
+                "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             )
         finally:
             self.task = None
+
+    def _connect_failed(self, reason: str) -> None:
+        """Connecting failed: count it, and answer the requests queued meanwhile."""
+        self.cluster.connect_errors.value += 1
+        self._finish_close(
+            ErrorType.UpstreamConnectFailure,
+            f"cannot connect to {self.host.key} ({self.cluster.name}): {reason}",
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.

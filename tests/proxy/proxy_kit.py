@@ -222,9 +222,10 @@ class Upstream:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> Upstream:
+    async def start(self, ssl: Any = None) -> Upstream:
+        """Listen on 127.0.0.1 (with TLS when given an ``ssl.SSLContext``)."""
         self.server = await asyncio.get_running_loop().create_server(
-            lambda: KVServer(self), "127.0.0.1", 0
+            lambda: KVServer(self), "127.0.0.1", 0, ssl=ssl
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -316,9 +317,15 @@ class Client(asyncio.Protocol):
         self.next_id = 0
 
     @classmethod
-    async def connect(cls, address: tuple[str, int]) -> Client:
+    async def connect(
+        cls, address: tuple[str, int], ssl: Any = None, server_hostname: str | None = None
+    ) -> Client:
+        """Connect (over TLS when given an ``ssl.SSLContext``)."""
         _, proto = await asyncio.wait_for(
-            asyncio.get_running_loop().create_connection(cls, *address), WAIT
+            asyncio.get_running_loop().create_connection(
+                cls, *address, ssl=ssl, server_hostname=server_hostname
+            ),
+            WAIT,
         )
         return proto
 
@@ -425,8 +432,10 @@ def mesh(
     protocol: str = "kv",
     codec: str = "metaprotocol_sdk.examples.kv:KVCodec",
     extra: str = "",
+    listener_tls: str = "",
 ) -> str:
-    """The YAML of a one-service mesh: ``endpoints`` are ``(port, version)`` pairs."""
+    """The YAML of a one-service mesh: ``endpoints`` are ``(port, version)`` pairs;
+    ``listener_tls`` a flow mapping for the listener's ``tls``."""
     eps = "\n".join(
         f"    - {{address: 127.0.0.1, ports: {{tcp-metaprotocol-{protocol}-svc: {port}}}, "
         f"labels: {{version: {version}}}}}"
@@ -474,7 +483,9 @@ def mesh(
         )
     parts.append(
         "apiVersion: proxy.metaprotocol.io/v1alpha1\nkind: ProxyConfig\nmetadata: {name: engine}\n"
-        "spec:\n  listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'}]\n"
+        "spec:\n  listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'"
+        + (f", tls: {listener_tls}" if listener_tls else "")
+        + "}]\n"
         "  admin: {bind: '127.0.0.1:0'}\n" + textwrap.indent(textwrap.dedent(proxy), "  ")
     )
     if extra:

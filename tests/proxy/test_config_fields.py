@@ -114,6 +114,47 @@ MIRROR = {"host": "svc.test", "subset": "v1", "port": {"number": 9000}}
 FAULT = {"delay": {"percentage": {"value": 50}, "fixedDelay": "1s"}}
 
 
+def _pki() -> dict[str, str]:
+    """Test certificates (trustme) and an empty CRL, written once for the module."""
+    import datetime
+    import tempfile
+    from pathlib import Path
+
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    root = Path(tempfile.mkdtemp(prefix="fields-tls-"))
+    ca = trustme.CA()
+    leaf = ca.issue_cert("svc.test")
+    files = {
+        "ca": ca.cert_pem.bytes(),
+        "cert": leaf.cert_chain_pems[0].bytes(),
+        "key": leaf.private_key_pem.bytes(),
+    }
+    now = datetime.datetime.now(datetime.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(x509.load_pem_x509_certificate(files["ca"]).subject)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=1))
+        .sign(
+            serialization.load_pem_private_key(ca.private_key_pem.bytes(), None),  # type: ignore[arg-type]
+            hashes.SHA256(),
+        )
+    )
+    files["crl"] = crl.public_bytes(serialization.Encoding.PEM)
+    out = {}
+    for name, data in files.items():
+        (root / f"{name}.pem").write_bytes(data)
+        out[name] = str(root / f"{name}.pem")
+    return out
+
+
+PKI = _pki()
+LISTENER_TLS = {"mode": "SIMPLE", "serverCertificate": PKI["cert"], "privateKey": PKI["key"]}
+
+
 def _route(config: Config) -> Any:
     return config.routers["svc.test"].routes[0]
 
@@ -204,6 +245,54 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         ]
     ),
     ("DestinationRule", f"{POLICY}.tls", {"mode": "DISABLE"}, None),
+    (
+        "DestinationRule",
+        f"{POLICY}.tls",
+        {
+            "mode": "MUTUAL",
+            "caCertificates": PKI["ca"],
+            "clientCertificate": PKI["cert"],
+            "privateKey": PKI["key"],
+            "sni": "front.test",
+            "subjectAltNames": ["svc.test"],
+            "caCrl": PKI["crl"],
+        },
+        lambda c: (
+            _rule(c).policy.tls.mode == "MUTUAL"
+            and _rule(c).policy.tls.sni == "front.test"
+            and _rule(c).policy.tls.ca_crl == PKI["crl"]
+            and _rule(c).policy.tls.context is not None
+        ),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.tls",
+        {"mode": "SIMPLE", "insecureSkipVerify": True},
+        lambda c: _rule(c).policy.tls.insecure_skip_verify,
+    ),
+    (
+        "DestinationRule",
+        f"{SUB_POLICY}.tls",
+        {"mode": "SIMPLE", "caCertificates": PKI["ca"]},
+        lambda c: _rule(c).subsets["v1"].policy.tls.mode == "SIMPLE",
+    ),
+    (
+        "ProxyConfig",
+        "spec.listeners[0].tls",
+        {
+            "mode": "MUTUAL",
+            "serverCertificate": PKI["cert"],
+            "privateKey": PKI["key"],
+            "caCertificates": PKI["ca"],
+            "minProtocolVersion": "TLSV1_2",
+            "maxProtocolVersion": "TLSV1_3",
+            "cipherSuites": ["ECDHE-ECDSA-AES128-GCM-SHA256"],
+        },
+        lambda c: (
+            c.proxy.listeners[0].tls.mode == "MUTUAL"
+            and c.proxy.listeners[0].tls.max_protocol_version == "TLSV1_3"
+        ),
+    ),
     ("DestinationRule", "spec.subsets[0].name", "v1", lambda c: "v1" in _rule(c).subsets),
     ("DestinationRule", "spec.subsets[0].labels", {"version": "v1"}, None),
     (
@@ -351,8 +440,13 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             "frame": "5s",
             "write": "6s",
             "upstreamWrite": "7s",
+            "handshake": "8s",
         },
-        lambda c: c.proxy.timeouts.write == 6.0 and c.proxy.timeouts.upstream_write == 7.0,
+        lambda c: (
+            c.proxy.timeouts.write == 6.0
+            and c.proxy.timeouts.upstream_write == 7.0
+            and c.proxy.timeouts.handshake == 8.0
+        ),
     ),
     (
         "ProxyConfig",
@@ -410,17 +504,18 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
     ("DestinationRule", f"{SUB_POLICY}.portLevelSettings", [{"port": {"number": 9000}}]),
+    ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
     *(
-        ("DestinationRule", f"{POLICY}.tls.{key}", value)
+        ("ProxyConfig", f"spec.listeners[0].tls.{key}", value)
         for key, value in [
-            ("clientCertificate", "/c.pem"),
-            ("privateKey", "/k.pem"),
-            ("caCertificates", "/ca.pem"),
             ("credentialName", "cred"),
-            ("subjectAltNames", ["svc"]),
-            ("sni", "svc.test"),
-            ("insecureSkipVerify", True),
+            ("credentialNames", ["cred"]),
+            ("tlsCertificates", [{"serverCertificate": "/c.pem"}]),
+            ("subjectAltNames", ["client.test"]),
+            ("verifyCertificateSpki", ["abc"]),
+            ("verifyCertificateHash", ["abc"]),
             ("caCrl", "/crl.pem"),
+            ("httpsRedirect", True),
         ]
     ),
     *(
@@ -473,9 +568,30 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
     (
         "DestinationRule",
         f"{SUB_POLICY}.tls.mode",
-        "SIMPLE",
+        "PASSTHROUGH",
         f"{SUB_POLICY}.tls.mode",
-        "only DISABLE",
+        "unknown TLS mode",
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.tls",
+        {"mode": "SIMPLE", "caCertificates": "/nonexistent/ca.pem"},
+        f"{POLICY}.tls.caCertificates",
+        "no such file",
+    ),
+    (
+        "ProxyConfig",
+        "spec.listeners[0].tls",
+        {**LISTENER_TLS, "mode": "ISTIO_MUTUAL"},
+        "spec.listeners[0].tls.mode",
+        "not supported",
+    ),
+    (
+        "ProxyConfig",
+        "spec.listeners[0].tls",
+        {**LISTENER_TLS, "minProtocolVersion": "TLSV1_1"},
+        "spec.listeners[0].tls.minProtocolVersion",
+        "not supported",
     ),
     ("MetaRouter", "spec.gateways", ["istio-system/gw"], "spec.gateways[0]", "not supported"),
     ("ServiceEntry", "spec.resolution", "NONE", "spec.resolution", "not supported"),
@@ -489,6 +605,9 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
 
 #: (kind, field path, sample value): accepted, and one warning names the path.
 WARNED: list[tuple[str, str, Any]] = [
+    ("DestinationRule", f"{POLICY}.tls.sni", "svc.test"),
+    ("DestinationRule", f"{POLICY}.tls.clientCertificate", PKI["cert"]),
+    ("ProxyConfig", "spec.listeners[0].tls.caCertificates", PKI["ca"]),
     *(
         (kind, f"metadata.{key}", value)
         for kind in (
@@ -605,6 +724,7 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ("MetaRouter", f"{GRL}.match", (GRL, {**GLOBAL, "match": {}})),
     ("MetaRouter", f"{GRL}.descriptors[0]", (GRL, GLOBAL)),
     ("ProxyConfig", "spec.listeners[0]", None),
+    ("ProxyConfig", "spec.listeners[0].tls", ("spec.listeners[0].tls", LISTENER_TLS)),
     (
         "ProxyConfig",
         "spec.listeners[0].filters[0]",
@@ -625,6 +745,12 @@ HASHING = f"{POLICY}.loadBalancer.consistentHash"
 #: Fields that need another one set first (a path prefix, what to set).
 NEEDS = {
     f"{ROUTE}.mirrorPercentage": (f"{ROUTE}.mirror", MIRROR),
+    # A DISABLE block: its other fields are warned about (they set nothing); SIMPLE for a
+    # client certificate (sent with MUTUAL only).
+    f"{POLICY}.tls.sni": (f"{POLICY}.tls", {"mode": "DISABLE"}),
+    f"{POLICY}.tls.clientCertificate": (f"{POLICY}.tls", {"mode": "SIMPLE"}),
+    f"{POLICY}.tls.credentialName": (f"{POLICY}.tls", {"mode": "SIMPLE"}),
+    "spec.listeners[0].tls.": ("spec.listeners[0].tls", LISTENER_TLS),
     f"{HASHING}.": (f"{POLICY}.loadBalancer", {"consistentHash": {"httpHeaderName": "u"}}),
 }
 

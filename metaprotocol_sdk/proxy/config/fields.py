@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-#: Why a TLS setting is refused: the engine's upstream connections are plain TCP.
-_NO_TLS = "TLS origination (upstream connections are plain TCP)"
+#: Why Kubernetes secrets are refused: no API server is read here.
+_SECRETS = (
+    "a Kubernetes secret, read by istiod over SDS; this engine reads no secrets: give the "
+    "PEM files' paths instead"
+)
 _NOT_HTTP = "an HTTP setting (MetaProtocol upstream connections are not HTTP)"
 _NAMESPACES = "namespace visibility: this engine has no namespaces and applies every document"
 _IDENTITY = (
-    "an identity checked by mutual TLS; this engine's upstream connections are plain TCP "
-    "(a DestinationRule tls mode other than DISABLE is refused)"
+    "an identity checked by Istio's mutual TLS (ISTIO_MUTUAL, which needs istiod's "
+    "certificates); a DestinationRule's tls.subjectAltNames checks a server's names here"
 )
 _K8S = "Kubernetes object metadata: it does not change traffic"
 
@@ -110,7 +113,7 @@ SERVICE_ENTRY = fields(
     exportTo=_NAMESPACES,
     subjectAltNames=_IDENTITY,
     location="whether Istio treats the endpoints as mesh workloads (mutual TLS, telemetry); "
-    "this engine's upstream connections are plain TCP either way",
+    "here a DestinationRule's tls alone decides whether upstream connections use TLS",
 )
 SERVICE_PORT = fields("number", "name", "protocol", "targetPort")
 ENDPOINT = fields(
@@ -157,20 +160,20 @@ TRAFFIC_POLICY = fields(
 )
 TLS = fields(
     "mode",
-    refused={
-        key: _NO_TLS
-        for key in (
-            "clientCertificate",
-            "privateKey",
-            "caCertificates",
-            "credentialName",
-            "subjectAltNames",
-            "sni",
-            "insecureSkipVerify",
-            "caCrl",
-        )
-    },
+    "clientCertificate",
+    "privateKey",
+    "caCertificates",
+    "subjectAltNames",
+    "sni",
+    "insecureSkipVerify",
+    "caCrl",
+    refused={"credentialName": _SECRETS},
 )
+#: ``trafficPolicy.tls.mode`` values refused, with why.
+TLS_MODES_REFUSED = {
+    "ISTIO_MUTUAL": "Istio's mutual TLS uses the workload certificates istiod issues over "
+    "SDS, and this engine has no istiod identity; use MUTUAL with certificate files",
+}
 LOAD_BALANCER = fields(
     "simple",
     "consistentHash",
@@ -327,11 +330,43 @@ WORKLOAD = fields(
     "cluster",
     "principal",
 )
-LISTENER = fields("host", "port", "bind", "filters")
+LISTENER = fields("host", "port", "bind", "filters", "tls")
+#: A listener's ``tls``: Istio Gateway ``ServerTLSSettings`` field names.
+LISTENER_TLS = fields(
+    "mode",
+    "serverCertificate",
+    "privateKey",
+    "caCertificates",
+    "minProtocolVersion",
+    "maxProtocolVersion",
+    "cipherSuites",
+    refused={
+        "credentialName": _SECRETS,
+        "credentialNames": _SECRETS,
+        "tlsCertificates": "several certificates per listener (one serverCertificate and "
+        "privateKey pair is served)",
+        "subjectAltNames": "checking client certificates' names (MUTUAL checks their chain "
+        "against caCertificates)",
+        "verifyCertificateSpki": "pinning client certificates",
+        "verifyCertificateHash": "pinning client certificates",
+        "caCrl": "revocation lists for client certificates",
+        "httpsRedirect": "an HTTP setting",
+    },
+)
+#: Listener ``tls.mode`` values refused, with why.
+LISTENER_TLS_MODES_REFUSED = {
+    "PASSTHROUGH": "forwarding TLS unterminated (the engine reads every frame)",
+    "AUTO_PASSTHROUGH": "forwarding TLS unterminated (the engine reads every frame)",
+    "ISTIO_MUTUAL": "Istio's mutual TLS uses the workload certificates istiod issues over "
+    "SDS, and this engine has no istiod identity; use MUTUAL with certificate files",
+    "OPTIONAL_SIMPLE": "serving TLS and plain text on one port",
+}
 FILTER = fields("name", "config")
 ADMIN = fields("bind", "allowRemote", "maxConnections", "requestTimeout")
 OVERLOAD = fields("maxBufferedBytes", "maxRssBytes")
-TIMEOUTS = fields("connect", "route", "drain", "idle", "frame", "write", "upstreamWrite")
+TIMEOUTS = fields(
+    "connect", "route", "drain", "idle", "frame", "write", "upstreamWrite", "handshake"
+)
 WATCHDOG = fields(
     "missTimeout",
     "megamissTimeout",

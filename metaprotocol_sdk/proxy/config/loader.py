@@ -29,6 +29,7 @@ from metaprotocol_sdk.registry import resolve, resolve_filter
 from ..addresses import is_loopback
 from ..matcher import compile_regex
 from ..telemetry import workload_from_environment
+from ..tls import PROTOCOL_VERSIONS, TlsSettingError, client_context, server_context
 from . import fields as schema
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
@@ -47,6 +48,8 @@ from .models import (
     LbPolicy,
     Limits,
     Listener,
+    ListenerTls,
+    ListenerTlsMode,
     LoadBalancer,
     LocalRateLimit,
     MetaRouter,
@@ -68,6 +71,8 @@ from .models import (
     TokenBucket,
     Tracing,
     TrafficPolicy,
+    UpstreamTls,
+    UpstreamTlsMode,
     Watchdog,
     Xds,
     XdsNode,
@@ -567,21 +572,167 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
 
 def _traffic_policy(doc: _Doc, policy: Mapping[str, Any], path: str) -> TrafficPolicy:
     doc.check(policy, path, schema.TRAFFIC_POLICY)
-    tls = doc.mapping(policy, "tls", f"{path}.tls", required=False)
-    if tls:
-        doc.check(tls, f"{path}.tls", schema.TLS)
-        mode = doc.get(tls, "mode", f"{path}.tls.mode")
-        if mode not in (None, "DISABLE"):
-            doc.fail(
-                f"{path}.tls.mode",
-                f"not supported by this engine: TLS mode {mode!r} (upstream connections are "
-                "plain TCP; only DISABLE is accepted)",
-            )
     return TrafficPolicy(
         _load_balancer(doc, dict(policy), path),
         _connection_pool(doc, policy, path),
         _outlier_detection(doc, policy, path),
+        _upstream_tls(doc, policy, path),
     )
+
+
+_UPSTREAM_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL")
+
+
+def _tls_path(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> str | None:
+    """A file path of a ``tls`` block, relative paths as given (to the working directory)."""
+    return doc.string(raw, key, f"{path}.{key}", required=False)
+
+
+def _upstream_tls(doc: _Doc, policy: Mapping[str, Any], path: str) -> UpstreamTls | None:
+    """``trafficPolicy.tls`` (Istio's ``ClientTLSSettings``): its files are read and the
+    context built now, so that a bad file is an error naming its field."""
+    raw = doc.mapping(policy, "tls", f"{path}.tls", required=False)
+    if not raw:
+        return None
+    path = f"{path}.tls"
+    doc.check(raw, path, schema.TLS)
+    mode = doc.get(raw, "mode", f"{path}.mode") or "DISABLE"
+    if mode in schema.TLS_MODES_REFUSED:
+        doc.fail(f"{path}.mode", f"not supported by this engine: {schema.TLS_MODES_REFUSED[mode]}")
+    if mode not in _UPSTREAM_TLS_MODES:
+        doc.fail(f"{path}.mode", f"unknown TLS mode {mode!r}; expected DISABLE, SIMPLE or MUTUAL")
+    sans = doc.sequence(raw, "subjectAltNames", f"{path}.subjectAltNames", required=False)
+    for i, name in enumerate(sans):
+        if not isinstance(name, str) or not name:
+            doc.fail(f"{path}.subjectAltNames[{i}]", f"must be a non-empty string, got {name!r}")
+    skip = doc.get(raw, "insecureSkipVerify", f"{path}.insecureSkipVerify")
+    if skip is not None and not isinstance(skip, bool):
+        doc.fail(f"{path}.insecureSkipVerify", f"must be true or false, got {skip!r}")
+    files = {
+        key: _tls_path(doc, raw, key, path)
+        for key in ("caCertificates", "clientCertificate", "privateKey", "caCrl")
+    }
+    sni = doc.string(raw, "sni", f"{path}.sni", required=False)
+    if mode == "DISABLE":
+        for key in ("sni", "subjectAltNames", "insecureSkipVerify", *files):
+            if raw.get(key) is not None:
+                doc.warn(f"{path}.{key}", "tls mode DISABLE: connections are plain TCP")
+        return UpstreamTls("DISABLE")
+    if mode == "SIMPLE":
+        for key in ("clientCertificate", "privateKey"):
+            if files[key] is not None:
+                doc.warn(f"{path}.{key}", "a client certificate is sent with mode MUTUAL only")
+                files[key] = None
+    if skip:
+        for key in ("caCertificates", "caCrl", "subjectAltNames"):
+            if raw.get(key) is not None:
+                doc.warn(f"{path}.{key}", "insecureSkipVerify: true verifies nothing")
+        files["caCertificates"] = files["caCrl"] = None
+        sans = []
+    try:
+        context, digest, expiry = client_context(
+            mode,
+            ca_certificates=files["caCertificates"],
+            client_certificate=files["clientCertificate"],
+            private_key=files["privateKey"],
+            subject_alt_names=tuple(sans),
+            insecure_skip_verify=bool(skip),
+            ca_crl=files["caCrl"],
+        )
+    except TlsSettingError as exc:
+        doc.fail(f"{path}.{exc.key}", str(exc))
+    return UpstreamTls(
+        mode=cast(UpstreamTlsMode, mode),
+        ca_certificates=files["caCertificates"],
+        client_certificate=files["clientCertificate"],
+        private_key=files["privateKey"],
+        sni=sni,
+        subject_alt_names=tuple(sans),
+        insecure_skip_verify=bool(skip),
+        ca_crl=files["caCrl"],
+        digest=digest,
+        expiry=expiry,
+        context=context,
+    )
+
+
+_LISTENER_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+
+
+def _listener_tls(doc: _Doc, listener: Mapping[str, Any], path: str) -> ListenerTls | None:
+    """A listener's ``tls`` (Istio Gateway ``ServerTLSSettings`` field names)."""
+    raw = doc.mapping(listener, "tls", f"{path}.tls", required=False)
+    if not raw:
+        return None
+    path = f"{path}.tls"
+    doc.check(raw, path, schema.LISTENER_TLS)
+    mode = doc.get(raw, "mode", f"{path}.mode") or "SIMPLE"
+    if mode in schema.LISTENER_TLS_MODES_REFUSED:
+        why = schema.LISTENER_TLS_MODES_REFUSED[mode]
+        doc.fail(f"{path}.mode", f"not supported by this engine: {why}")
+    if mode not in _LISTENER_TLS_MODES:
+        doc.fail(
+            f"{path}.mode",
+            f"unknown TLS mode {mode!r}; expected SIMPLE, MUTUAL or OPTIONAL_MUTUAL "
+            "(omit tls for plain TCP)",
+        )
+    cert = cast(str, _tls_path_required(doc, raw, "serverCertificate", path))
+    key = cast(str, _tls_path_required(doc, raw, "privateKey", path))
+    ca = _tls_path(doc, raw, "caCertificates", path)
+    if mode == "SIMPLE" and ca is not None:
+        doc.warn(f"{path}.caCertificates", "client certificates are asked for with MUTUAL only")
+        ca = None
+    versions = {}
+    for field in ("minProtocolVersion", "maxProtocolVersion"):
+        value = doc.get(raw, field, f"{path}.{field}")
+        if value in (None, "TLS_AUTO"):
+            continue
+        if value not in PROTOCOL_VERSIONS:
+            older = value in ("TLSV1_0", "TLSV1_1")
+            doc.fail(
+                f"{path}.{field}",
+                f"not supported by this engine: {value} (TLS 1.0 and 1.1 are deprecated, RFC "
+                "8996); expected TLSV1_2, TLSV1_3 or TLS_AUTO"
+                if older
+                else f"unknown TLS version {value!r}; expected TLSV1_2, TLSV1_3 or TLS_AUTO",
+            )
+        versions[field] = value
+    low = versions.get("minProtocolVersion", "TLSV1_2")
+    high = versions.get("maxProtocolVersion")
+    if high is not None and PROTOCOL_VERSIONS[high] < PROTOCOL_VERSIONS[low]:
+        doc.fail(f"{path}.maxProtocolVersion", f"{high} is below minProtocolVersion {low}")
+    suites = doc.sequence(raw, "cipherSuites", f"{path}.cipherSuites", required=False)
+    for i, suite in enumerate(suites):
+        if not isinstance(suite, str) or not suite or ":" in suite:
+            doc.fail(f"{path}.cipherSuites[{i}]", f"must be one cipher suite name, got {suite!r}")
+    try:
+        context, digest, expiry = server_context(
+            mode,
+            server_certificate=cert,
+            private_key=key,
+            ca_certificates=ca,
+            min_version=low,
+            max_version=high,
+            cipher_suites=tuple(suites),
+        )
+    except TlsSettingError as exc:
+        doc.fail(f"{path}.{exc.key}", str(exc))
+    return ListenerTls(
+        mode=cast(ListenerTlsMode, mode),
+        server_certificate=cert,
+        private_key=key,
+        ca_certificates=ca,
+        min_protocol_version=low,
+        max_protocol_version=high,
+        cipher_suites=tuple(suites),
+        digest=digest,
+        expiry=expiry,
+        context=context,
+    )
+
+
+def _tls_path_required(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> str | None:
+    return doc.string(raw, key, f"{path}.{key}")
 
 
 def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> ConnectionPool | None:
@@ -1239,7 +1390,16 @@ def _proxy(
                 doc.fail(path, f"duplicate listener for {host}:{port}")
             if bind[1] and (other.bind_host, other.bind_port) == bind:
                 doc.fail(f"{path}.bind", f"address {bind[0]}:{bind[1]} is used by {other.name}")
-        listeners.append(Listener(host, port, bind[0], bind[1], _filters(doc, raw, path)))
+        listeners.append(
+            Listener(
+                host,
+                port,
+                bind[0],
+                bind[1],
+                _filters(doc, raw, path),
+                _listener_tls(doc, raw, path),
+            )
+        )
     admin = _admin(doc, spec)
     limits = _limits(doc, spec)
     overload = _overload(doc, spec)

@@ -6,6 +6,7 @@ The engine never re-validates; it only compiles these into its runtime structure
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -127,6 +128,63 @@ class OutlierDetection:
     min_health_percent: int = 0
 
 
+#: ``DestinationRule.trafficPolicy.tls.mode`` values this engine honours.
+UpstreamTlsMode = Literal["DISABLE", "SIMPLE", "MUTUAL"]
+#: ``ProxyConfig.spec.listeners[].tls.mode`` values (Istio Gateway ``ServerTLSSettings``).
+ListenerTlsMode = Literal["SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"]
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """Istio's ``ClientTLSSettings`` (a DestinationRule's ``trafficPolicy.tls``), validated.
+
+    The files were read when the configuration was loaded: ``context`` holds what they
+    said then, and ``digest`` their bytes' hash, so that a reload after a certificate
+    rotation is a changed cluster (new connections use the new files) while an unchanged
+    one keeps its connections. ``DISABLE`` is kept as a value (it overrides a rule's
+    ``SIMPLE`` in a subset); it has no context.
+    """
+
+    mode: UpstreamTlsMode
+    ca_certificates: str | None = None
+    client_certificate: str | None = None
+    private_key: str | None = None
+    #: The SNI sent (``None``: the destination service's host).
+    sni: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    insecure_skip_verify: bool = False
+    ca_crl: str | None = None
+    #: sha256 of the files' contents when they were read.
+    digest: str = ""
+    #: ``(path, expiry in Unix seconds)`` of each certificate file read.
+    expiry: tuple[tuple[str, float], ...] = ()
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether connections are TLS (any mode but ``DISABLE``)."""
+        return self.mode != "DISABLE"
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """A listener's ``tls`` (Istio Gateway ``ServerTLSSettings`` field names), validated;
+    files read at load as for :class:`UpstreamTls`."""
+
+    mode: ListenerTlsMode
+    server_certificate: str
+    private_key: str
+    ca_certificates: str | None = None
+    #: ``TLSV1_2`` or ``TLSV1_3``.
+    min_protocol_version: str = "TLSV1_2"
+    #: ``None``: the highest the TLS library has.
+    max_protocol_version: str | None = None
+    cipher_suites: tuple[str, ...] = ()
+    digest: str = ""
+    expiry: tuple[tuple[str, float], ...] = ()
+    context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
 @dataclass(frozen=True)
 class TrafficPolicy:
     """What a ``trafficPolicy`` sets (a subset's policy overrides the rule's, per field)."""
@@ -134,6 +192,8 @@ class TrafficPolicy:
     load_balancer: LoadBalancer | None = None
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
+    #: ``tls`` (``None``: not set; a ``DISABLE`` value overrides the rule's).
+    tls: UpstreamTls | None = None
 
     def over(self, base: TrafficPolicy) -> TrafficPolicy:
         """This policy where it sets something, else ``base``."""
@@ -141,6 +201,7 @@ class TrafficPolicy:
             self.load_balancer or base.load_balancer,
             self.connection_pool or base.connection_pool,
             self.outlier_detection or base.outlier_detection,
+            self.tls or base.tls,
         )
 
 
@@ -322,6 +383,8 @@ class Listener:
     bind_host: str
     bind_port: int
     filters: tuple[FilterSpec, ...] = ()
+    #: TLS termination (``None``: plain TCP, exactly as without TLS support).
+    tls: ListenerTls | None = None
 
     @property
     def name(self) -> str:
@@ -383,6 +446,9 @@ class Timeouts:
     #: An upstream connection whose unsent requests make no progress this long is aborted
     #: (``timeouts.upstreamWrite``; ``None``: the same as ``write``).
     upstream_write: float | None = None
+    #: A TLS client connection must finish its handshake within this long (counted from
+    #: the accept), or it is closed (``timeouts.handshake``).
+    handshake: float = 10.0
 
 
 @dataclass(frozen=True)

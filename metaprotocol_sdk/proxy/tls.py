@@ -1,0 +1,595 @@
+"""TLS: contexts built from the configuration's PEM files, and both ends' handshakes.
+
+A listener or a cluster without ``tls`` never reaches this module: its connections are the
+plain ``Downstream`` and ``UpstreamConnection`` they always were. With ``tls``:
+
+* **downstream** (termination): each accepted connection gets the event loop's own TLS
+  layer (:func:`tls_accept`) under a :class:`TlsDownstream`, which counts against
+  ``limits.maxConnections`` while it shakes hands; the handshake is bounded by
+  ``timeouts.handshake`` (asyncio's ``ssl_handshake_timeout``) and its outcome counted by a
+  bounded set of reasons. A failed handshake is closed and counted, never logged.
+* **upstream** (origination): :class:`TlsUpstreamConnection` opens the connection with the
+  cluster's context; a failed handshake or a server certificate whose names match none of
+  ``subjectAltNames`` is an upstream connect failure like a refused connect, with the reason
+  in the local reply's message.
+
+The files are read once per load (:func:`client_context`, :func:`server_context`): a missing,
+unreadable or invalid file is a configuration error naming the field, and a reload reads
+them again, so a rotated certificate applies to new connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.sslproto
+import hashlib
+import ipaddress
+import ssl
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
+
+from .downstream import Downstream, ListenerRuntime
+from .stats import Counter
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .config.models import ListenerTls, UpstreamTls
+    from .upstream import Cluster, UpstreamHost
+
+#: Largest PEM file read (a system CA bundle is about 220 KiB).
+MAX_PEM_BYTES = 1 << 20
+#: ``metaprotocol_tls_handshake_errors_total{reason}``: a bounded set.
+HANDSHAKE_ERRORS = (
+    "timeout",  # not done within timeouts.handshake (listeners) or the connect timeout
+    "not_tls",  # plain text or garbage where a ClientHello (or ServerHello) belongs
+    "protocol_version",  # no TLS version both sides accept
+    "no_shared_cipher",
+    "no_client_certificate",  # MUTUAL listener, the client sent none
+    "bad_certificate",  # the peer's certificate failed verification (chain, dates, names)
+    "peer_rejected",  # the peer sent an alert (it refused our certificate, say)
+    "closed",  # the peer closed or reset the connection mid-handshake
+    "error",  # anything else
+)
+#: ``minProtocolVersion`` / ``maxProtocolVersion`` values.
+PROTOCOL_VERSIONS = {"TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
+_NOT_TLS = frozenset(
+    (
+        "WRONG_VERSION_NUMBER",
+        "HTTP_REQUEST",
+        "HTTPS_PROXY_REQUEST",
+        "UNKNOWN_PROTOCOL",
+        "PACKET_LENGTH_TOO_LONG",
+        "RECORD_LENGTH_MISMATCH",
+        "RECORD_LAYER_FAILURE",
+        "WRONG_SSL_VERSION",
+        "UNEXPECTED_MESSAGE",
+        "UNEXPECTED_RECORD",
+        "BAD_PACKET_LENGTH",
+        "LENGTH_MISMATCH",
+        "DECODE_ERROR",
+        "BAD_RECORD_TYPE",
+        "EXCESSIVE_MESSAGE_SIZE",
+        "BAD_EXTENSION",
+        "BAD_HANDSHAKE_LENGTH",
+    )
+)
+_VERSION = frozenset(
+    ("UNSUPPORTED_PROTOCOL", "VERSION_TOO_LOW", "VERSION_TOO_HIGH", "TLSV1_ALERT_PROTOCOL_VERSION")
+)
+
+
+class TlsSettingError(ValueError):
+    """A ``tls`` setting that cannot be used; ``key`` is the field (``caCertificates``)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        super().__init__(reason)
+
+
+# -- files and contexts ------------------------------------------------------------------------
+
+
+def _read_pem(key: str, path: str, marker: bytes, what: str) -> bytes:
+    """The bytes of the PEM file ``path`` (field ``key``), which must hold ``marker``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PEM_BYTES + 1)
+    except FileNotFoundError:
+        raise TlsSettingError(key, f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise TlsSettingError(key, f"{path} is a directory, not a PEM file") from None
+    except OSError as exc:
+        raise TlsSettingError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise TlsSettingError(key, f"{path} is larger than the limit of {MAX_PEM_BYTES} bytes")
+    if marker not in data:
+        raise TlsSettingError(key, f"{path} holds no PEM {what} ({marker.decode()!r} not found)")
+    return data
+
+
+def _read_certificate(key: str, path: str) -> bytes:
+    return _read_pem(key, path, b"-----BEGIN CERTIFICATE-----", "certificate")
+
+
+def _read_key(key: str, path: str) -> bytes:
+    data = _read_pem(key, path, b"PRIVATE KEY-----", "private key")
+    if b"ENCRYPTED" in data:
+        raise TlsSettingError(
+            key,
+            f"{path} is an encrypted private key; no passphrase can be given here: store it "
+            "decrypted (openssl pkey -in KEY -out PLAIN) with file permissions protecting it",
+        )
+    return data
+
+
+def _no_passphrase() -> bytes:
+    """Given to ``load_cert_chain``: OpenSSL would otherwise prompt on the terminal."""
+    raise TlsSettingError("privateKey", "the private key asks for a passphrase")
+
+
+def certificate_expiry(path: str) -> float | None:
+    """When the first certificate of ``path`` expires (Unix seconds); ``None`` when the
+    Python build cannot tell (it uses CPython's own decoder, also used by its tests)."""
+    import _ssl
+
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        not_after = decode(path).get("notAfter")
+        return float(ssl.cert_time_to_seconds(not_after)) if not_after else None
+    except (ssl.SSLError, OSError, ValueError):
+        return None
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_key: str, cert: str, key_key: str, key: str) -> None:
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except TlsSettingError as exc:
+        raise TlsSettingError(key_key, f"{key}: {exc}") from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise TlsSettingError(key_key, f"{key} is not the key of {cert}") from None
+        raise TlsSettingError(cert_key, f"{cert} and {key} cannot be used: {exc}") from None
+
+
+def _load_cas(ctx: ssl.SSLContext, key: str, path: str) -> None:
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsSettingError(key, f"{path} cannot be used as CA certificates: {exc}") from None
+
+
+class _Files:
+    """The files a context is built from: their digest and certificates' expiry."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.expiry: list[tuple[str, float]] = []
+
+    def add(self, data: bytes, path: str | None = None) -> None:
+        self.hash.update(len(data).to_bytes(8, "big"))
+        self.hash.update(data)
+        if path is not None:
+            expires = certificate_expiry(path)
+            if expires is not None:
+                self.expiry.append((path, expires))
+
+
+def client_context(
+    mode: str,
+    *,
+    ca_certificates: str | None,
+    client_certificate: str | None,
+    private_key: str | None,
+    subject_alt_names: tuple[str, ...],
+    insecure_skip_verify: bool,
+    ca_crl: str | None,
+) -> tuple[ssl.SSLContext, str, tuple[tuple[str, float], ...]]:
+    """The context of a DestinationRule's ``tls`` (``SIMPLE`` or ``MUTUAL``), the digest of
+    its files and their certificates' expiry; :class:`TlsSettingError` names a bad field.
+
+    The server's chain is verified against ``caCertificates`` (the system's trust store when
+    unset), then its names: one of ``subjectAltNames`` (checked after the handshake), or else
+    the SNI sent (by OpenSSL, during it). ``insecureSkipVerify`` verifies nothing.
+    """
+    files = _Files()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    if insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.check_hostname = not subject_alt_names
+        if ca_certificates is not None:
+            files.add(_read_certificate("caCertificates", ca_certificates), ca_certificates)
+            _load_cas(ctx, "caCertificates", ca_certificates)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if ca_crl is not None:
+            files.add(_read_pem("caCrl", ca_crl, b"-----BEGIN X509 CRL-----", "CRL"))
+            _load_cas(ctx, "caCrl", ca_crl)  # OpenSSL's store takes CRLs from a file too
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+    if mode == "MUTUAL":
+        if client_certificate is None:
+            raise TlsSettingError("clientCertificate", "required with mode MUTUAL")
+        if private_key is None:
+            raise TlsSettingError("privateKey", "required with mode MUTUAL")
+        files.add(_read_certificate("clientCertificate", client_certificate), client_certificate)
+        files.add(_read_key("privateKey", private_key))
+        _load_chain(ctx, "clientCertificate", client_certificate, "privateKey", private_key)
+    return ctx, files.hash.hexdigest(), tuple(files.expiry)
+
+
+def server_context(
+    mode: str,
+    *,
+    server_certificate: str,
+    private_key: str,
+    ca_certificates: str | None,
+    min_version: str,
+    max_version: str | None,
+    cipher_suites: tuple[str, ...],
+) -> tuple[ssl.SSLContext, str, tuple[tuple[str, float], ...]]:
+    """The context of a listener's ``tls``, the digest of its files and their certificates'
+    expiry; :class:`TlsSettingError` names a bad field."""
+    files = _Files()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client renegotiating is CPU it spends on us
+    ctx.minimum_version = PROTOCOL_VERSIONS[min_version]
+    if max_version is not None:
+        ctx.maximum_version = PROTOCOL_VERSIONS[max_version]
+    files.add(_read_certificate("serverCertificate", server_certificate), server_certificate)
+    files.add(_read_key("privateKey", private_key))
+    _load_chain(ctx, "serverCertificate", server_certificate, "privateKey", private_key)
+    if mode in ("MUTUAL", "OPTIONAL_MUTUAL"):
+        if ca_certificates is None:
+            raise TlsSettingError("caCertificates", f"required with mode {mode}")
+        files.add(_read_certificate("caCertificates", ca_certificates), ca_certificates)
+        _load_cas(ctx, "caCertificates", ca_certificates)
+        ctx.verify_mode = ssl.CERT_REQUIRED if mode == "MUTUAL" else ssl.CERT_OPTIONAL
+    if cipher_suites:
+        try:
+            ctx.set_ciphers(":".join(cipher_suites))
+        except ssl.SSLError:
+            raise TlsSettingError(
+                "cipherSuites",
+                f"no cipher suite of {', '.join(cipher_suites)} is known to OpenSSL "
+                f"{ssl.OPENSSL_VERSION.split()[1]}",
+            ) from None
+    return ctx, files.hash.hexdigest(), tuple(files.expiry)
+
+
+# -- names and reasons ---------------------------------------------------------------------
+
+
+def _name_matches(kind: str, value: str, name: str) -> bool:
+    """Whether the certificate's SAN ``kind: value`` is ``name`` (Envoy's exact matcher: a
+    DNS SAN ``*.example.com`` stands for one label)."""
+    if kind == "DNS":
+        value, name = value.lower().rstrip("."), name.lower().rstrip(".")
+        if value == name:
+            return True
+        if value.startswith("*."):
+            label, _, rest = name.partition(".")
+            return bool(label) and rest == value[2:]
+        return False
+    if kind == "IP Address":
+        try:
+            return ipaddress.ip_address(value.strip()) == ipaddress.ip_address(name)
+        except ValueError:
+            return False
+    return kind == "URI" and value == name
+
+
+def san_mismatch(peercert: dict[str, Any] | None, names: Iterable[str]) -> str | None:
+    """Why a verified server certificate does not name any of ``names`` (``None``: one)."""
+    sans = tuple((peercert or {}).get("subjectAltName", ()))
+    wanted = tuple(names)
+    for kind, value in sans:
+        if any(_name_matches(kind, value, name) for name in wanted):
+            return None
+    present = ", ".join(f"{kind}:{value}" for kind, value in sans) or "none"
+    return (
+        f"certificate verify failed: its subject alt names ({present}) match none of "
+        f"subjectAltNames ({', '.join(wanted)})"
+    )
+
+
+def handshake_reason(exc: BaseException, timed_out: bool = False) -> str:
+    """The bounded reason (one of :data:`HANDSHAKE_ERRORS`) of a failed handshake."""
+    if timed_out or isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "bad_certificate"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "closed"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason in _NOT_TLS:
+            return "not_tls"
+        if reason in _VERSION:
+            return "protocol_version"
+        if reason == "NO_SHARED_CIPHER":
+            return "no_shared_cipher"
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_client_certificate"
+        if reason == "CERTIFICATE_VERIFY_FAILED":
+            return "bad_certificate"
+        if reason.startswith(("TLSV1_ALERT", "SSLV3_ALERT", "TLSV13_ALERT")):
+            return "peer_rejected"
+        if reason == "UNEXPECTED_EOF_WHILE_READING":
+            return "closed"
+        return "error"
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return "closed"
+    return "error"
+
+
+def describe(exc: BaseException) -> str:
+    """A failed upstream handshake, for the local reply's message."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS handshake failed: certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}: {exc.strerror or exc}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"TLS handshake failed: {exc}"
+
+
+class TlsStats:
+    """The TLS series of one listener or cluster (``kind`` is the label: ``listener`` or
+    ``cluster``); reasons' series are made on first use."""
+
+    def __init__(self, stats: Any, kind: str, name: str, expiry: Iterable[tuple[str, float]]):
+        self._stats = stats
+        self._labels = {kind: name}
+        self.handshakes: Counter = stats.counter(
+            "metaprotocol_tls_handshakes_total", **self._labels
+        )
+        self._errors: dict[str, Counter] = {}
+        for path, expires in expiry:
+            stats.gauge(
+                "metaprotocol_tls_certificate_expiry_seconds", **self._labels, certificate=path
+            ).value = int(expires)
+
+    def error(self, reason: str) -> None:
+        """Count a failed handshake."""
+        counter = self._errors.get(reason)
+        if counter is None:
+            counter = self._errors[reason] = self._stats.counter(
+                "metaprotocol_tls_handshake_errors_total", **self._labels, reason=reason
+            )
+        counter.value += 1
+
+
+# -- downstream ----------------------------------------------------------------------------
+
+
+def _handshake_class(loop: asyncio.AbstractEventLoop) -> type[Any]:
+    """The loop's own TLS protocol (uvloop's on uvloop, asyncio's otherwise), extended to
+    keep its raw transport (to abort a handshake when the engine stops)."""
+    base: type[Any] = asyncio.sslproto.SSLProtocol
+    try:
+        import uvloop.loop
+
+        if isinstance(loop, uvloop.loop.Loop):
+            base = uvloop.loop.SSLProtocol
+    except ImportError:  # pragma: no cover - uvloop is optional
+        pass
+    cached = _HANDSHAKES.get(base)
+    if cached is None:
+
+        class Handshake(base):  # type: ignore[misc]
+            """The TLS layer of one client connection."""
+
+            raw: asyncio.Transport | None = None
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.raw = cast(asyncio.Transport, transport)
+                super().connection_made(transport)
+
+        cached = _HANDSHAKES[base] = Handshake
+    return cached
+
+
+_HANDSHAKES: dict[type[Any], type[Any]] = {}
+
+
+def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.BaseProtocol:
+    """The protocol of a new client connection of a TLS listener: the loop's TLS layer,
+    with a :class:`TlsDownstream` above it that is told of the connection once the
+    handshake is done. A connection the engine refuses (``maxConnections``, overload,
+    draining) is closed before any handshake, as a plain one is."""
+    engine = runtime.engine
+    if engine.refuse_connection() is not None:
+        return Downstream(runtime)  # its connection_made counts and closes it
+    loop = engine.loop
+    downstream = TlsDownstream(runtime)
+    waiter = loop.create_future()
+    layer = _handshake_class(loop)(
+        loop,
+        downstream,
+        context,
+        waiter,
+        server_side=True,
+        ssl_handshake_timeout=engine.handshake_timeout,
+    )
+    downstream.handshake = layer
+    engine.handshaking.add(downstream)
+    waiter.add_done_callback(downstream.handshake_done)
+    return cast(asyncio.BaseProtocol, layer)
+
+
+class TlsDownstream(Downstream):
+    """A client connection of a TLS listener.
+
+    From the accept until its handshake is done it is one of the engine's ``handshaking``
+    connections (they count against ``limits.maxConnections``); the TLS layer closes it
+    after ``timeouts.handshake`` (asyncio's ``ssl_handshake_timeout``), and a failed
+    handshake is counted by reason (:data:`HANDSHAKE_ERRORS`), never logged. Then it is a
+    :class:`Downstream` like any other.
+    """
+
+    __slots__ = ("handshake",)
+    #: The TLS layer while the handshake runs (``None`` after).
+    handshake: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The handshake is done (the TLS layer calls this before passing any data on)."""
+        runtime = self.listener
+        runtime.engine.handshaking.discard(self)
+        self.handshake = None
+        assert runtime.tls_stats is not None
+        runtime.tls_stats.handshakes.value += 1
+        super().connection_made(transport)
+
+    def handshake_done(self, waiter: asyncio.Future[Any]) -> None:
+        """The TLS layer's verdict: count a failure by reason (a success is counted by
+        :meth:`connection_made`)."""
+        engine = self.engine
+        exc = None if waiter.cancelled() else waiter.exception()  # retrieved: never logged
+        if exc is None and not waiter.cancelled():
+            return
+        engine.handshaking.discard(self)
+        self.handshake = None
+        stats = self.listener.tls_stats
+        if not engine.draining and stats is not None and exc is not None:
+            stats.error(handshake_reason(exc))
+
+    def abort(self) -> None:
+        """Reset the connection now (also while it shakes hands)."""
+        layer = getattr(self, "handshake", None)
+        if layer is not None and layer.raw is not None:
+            layer.raw.abort()
+        super().abort()
+
+    def eof_received(self) -> None:
+        """As a plain connection's; TLS transports close themselves after a close_notify
+        (returning ``True`` would only log a warning there)."""
+        super().eof_received()
+
+
+def attach_listener(runtime: ListenerRuntime, tls: ListenerTls | None) -> None:
+    """Give a listener's runtime its TLS context and series (``None``: plain TCP)."""
+    if tls is None:
+        return
+    runtime.tls = tls.context
+    runtime.tls_stats = TlsStats(runtime.engine.stats, "listener", runtime.name, tls.expiry)
+
+
+# -- upstream ------------------------------------------------------------------------------
+
+
+class TlsUpstreamConnection(UpstreamConnection):
+    """A connection to an upstream host of a cluster with TLS (``trafficPolicy.tls``)."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self, cluster: Cluster, host: UpstreamHost, owner: Downstream | None) -> None:
+        super().__init__(cluster, host, owner)
+        #: Why the server's certificate was refused after the handshake (its names).
+        self.refused: str | None = None
+
+    async def _connect(self) -> None:
+        cluster = self.cluster
+        tls = cluster.tls
+        assert tls is not None and cluster.tls_stats is not None
+        host = self.host
+        try:
+            await asyncio.wait_for(
+                self.engine.loop.create_connection(
+                    lambda: self,
+                    host.address,
+                    host.port,
+                    ssl=tls.context,
+                    server_hostname=tls.sni or cluster.service,
+                    ssl_handshake_timeout=cluster.connect_timeout,
+                ),
+                cluster.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, ssl.SSLError):
+                cluster.tls_stats.error(handshake_reason(exc))
+                self._connect_failed(describe(exc))
+            elif isinstance(exc, TimeoutError):
+                self._connect_failed("timed out")
+            elif isinstance(exc, ConnectionResetError) and not exc.args:
+                # The TLS layer's word for a server that closed mid-handshake (a plain-text
+                # server that does not understand the ClientHello, say).
+                cluster.tls_stats.error("closed")
+                self._connect_failed("TLS handshake failed: the server closed the connection")
+            else:
+                self._connect_failed(exc.strerror or str(exc) or type(exc).__name__)
+        else:
+            if self.refused is not None:
+                cluster.tls_stats.error("bad_certificate")
+                self._connect_failed(f"TLS handshake failed: {self.refused}")
+        finally:
+            self.task = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = self.cluster.tls
+        assert tls is not None and self.cluster.tls_stats is not None
+        if tls.subject_alt_names and not tls.insecure_skip_verify:
+            why = san_mismatch(transport.get_extra_info("peercert"), tls.subject_alt_names)
+            if why is not None:
+                self.refused = why
+                cast(asyncio.Transport, transport).abort()
+                return  # _connect answers the requests waiting
+        self.cluster.tls_stats.handshakes.value += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A TLS 1.3 server that refuses this client's certificate does so after the client's
+        # side of the handshake ended: the connection is made, then lost (the TLS layer
+        # reports no alert), and the requests sent on it get UpstreamReset, as in Envoy.
+        if self.refused is None:  # else it was never made: _connect answered
+            super().connection_lost(exc)
+
+
+def attach_cluster(cluster: Cluster, tls: UpstreamTls | None) -> None:
+    """Make a cluster's connections TLS (``None`` or ``DISABLE``: plain TCP)."""
+    if tls is None or not tls.enabled:
+        return
+    cluster.tls = tls
+    cluster.connection_class = TlsUpstreamConnection
+    cluster.tls_stats = TlsStats(cluster.engine.stats, "cluster", cluster.name, tls.expiry)
+
+
+def dump_upstream(tls: UpstreamTls | None) -> dict[str, Any] | None:
+    """A cluster's TLS settings for ``/config_dump``: paths, never what the files hold."""
+    if tls is None:
+        return None
+    return {
+        "mode": tls.mode,
+        "caCertificates": tls.ca_certificates,
+        "clientCertificate": tls.client_certificate,
+        "privateKey": tls.private_key,
+        "sni": tls.sni,
+        "subjectAltNames": list(tls.subject_alt_names),
+        "insecureSkipVerify": tls.insecure_skip_verify,
+        "caCrl": tls.ca_crl,
+        "filesDigest": tls.digest[:12] or None,
+        "certificateExpiry": {path: expires for path, expires in tls.expiry},
+    }
+
+
+def dump_listener(tls: ListenerTls | None) -> dict[str, Any] | None:
+    """A listener's TLS settings for ``/config_dump``: paths, never what the files hold."""
+    if tls is None:
+        return None
+    return {
+        "mode": tls.mode,
+        "serverCertificate": tls.server_certificate,
+        "privateKey": tls.private_key,
+        "caCertificates": tls.ca_certificates,
+        "minProtocolVersion": tls.min_protocol_version,
+        "maxProtocolVersion": tls.max_protocol_version,
+        "cipherSuites": list(tls.cipher_suites),
+        "filesDigest": tls.digest[:12],
+        "certificateExpiry": {path: expires for path, expires in tls.expiry},
+    }

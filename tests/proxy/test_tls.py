@@ -1,0 +1,802 @@
+"""TLS in both directions with the KV codec, over real sockets on 127.0.0.1: origination from
+a DestinationRule's ``trafficPolicy.tls``, termination on a listener's ``tls``, hostile
+handshakes, rotation by reload, and the configuration's checks. Certificates come from
+trustme (test CAs), revocation lists from cryptography."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from proxy_kit import (
+    WAIT,
+    Client,
+    Upstream,
+    address,
+    engine_for,
+    error_type,
+    http_get,
+    mesh,
+    run,
+)
+
+from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy.downstream import Downstream
+from metaprotocol_sdk.proxy.tls import TlsDownstream, TlsUpstreamConnection
+from metaprotocol_sdk.proxy.upstream import UpstreamConnection
+
+LOOPS = ("uvloop", "asyncio")
+
+
+class Pki:
+    """A CA and the files the tests configure, written under ``root``."""
+
+    def __init__(self, root: Path, name: str = "ca") -> None:
+        self.root = root
+        self.ca = trustme.CA(organization_name=name)
+        self.ca_file = self.write(f"{name}.pem", self.ca.cert_pem.bytes())
+
+    def write(self, name: str, data: bytes) -> str:
+        path = self.root / name
+        path.write_bytes(data)
+        return str(path)
+
+    def leaf(self, name: str, *identities: str, **kwargs: Any) -> tuple[str, str]:
+        """A certificate for ``identities`` and its key: ``(cert path, key path)``."""
+        cert = self.ca.issue_cert(*identities, **kwargs)
+        chain = b"".join(p.bytes() for p in cert.cert_chain_pems)
+        return (
+            self.write(f"{name}.crt", chain),
+            self.write(f"{name}.key", cert.private_key_pem.bytes()),
+        )
+
+    def server_context(self, cert: tuple[str, str], client_ca: str | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(*cert)
+        if client_ca is not None:
+            ctx.load_verify_locations(client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self, cert: tuple[str, str] | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
+        return ctx
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+def tls_policy(**fields: Any) -> str:
+    """A ``trafficPolicy`` with ``tls``, as a YAML flow mapping."""
+    return "{tls: " + json.dumps(fields) + "}"
+
+
+class SniRecorder:
+    """Records the SNI of each TLS connection a server context accepts."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.names: list[str | None] = []
+        ctx.sni_callback = self._seen
+
+    def _seen(self, sock: Any, name: str | None, ctx: ssl.SSLContext) -> None:
+        self.names.append(name)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until ``condition`` holds: the engine's state, looked at each 10 ms."""
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def record_loop_errors() -> list[dict[str, Any]]:
+    """Calls to the running loop's exception handler (a traceback in the log, otherwise)."""
+    seen: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: seen.append(ctx))
+    return seen
+
+
+# -- origination -------------------------------------------------------------------------------
+
+
+def test_upstream_simple_tls_verifies_the_server_and_sends_the_host_as_sni(pki: Pki) -> None:
+    server_ctx = pki.server_context(pki.leaf("up", "svc.test"))
+    sni = SniRecorder(server_ctx)
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=server_ctx)
+        text = mesh(
+            [(up.port, "v1")], traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file)
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            reply = await client.call("get", rid=41)
+            assert reply.request_id == 41 and error_type(reply) is None
+            assert reply.attributes.get("server") == "v1"
+            cluster = engine.clusters["outbound|9000||svc.test"]
+            assert isinstance(next(iter(engine.upstreams)), TlsUpstreamConnection)
+            assert engine.stats.get("metaprotocol_tls_handshakes_total", cluster=cluster.name) == 1
+            expiry = engine.stats_snapshot()
+            assert any(k.startswith("metaprotocol_tls_certificate_expiry_seconds") for k in expiry)
+            assert engine.admin_address is not None
+            status, body = await http_get(engine.admin_address, "/config_dump")
+            assert status == 200
+            dumped = next(c for c in json.loads(body)["clusters"] if c["name"] == cluster.name)
+            assert dumped["tls"]["mode"] == "SIMPLE"
+            assert dumped["tls"]["caCertificates"] == pki.ca_file
+            assert "BEGIN" not in body  # paths only, never what the files hold
+            client.close()
+        await up.close()
+        assert sni.names == ["svc.test"]
+
+    run(main())
+
+
+def test_upstream_mutual_tls_presents_the_client_certificate(pki: Pki) -> None:
+    client_cert = pki.leaf("client", "client.test")
+    server_ctx = pki.server_context(pki.leaf("up", "svc.test"), client_ca=pki.ca_file)
+    peers: list[Any] = []
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=server_ctx)
+        mutual = tls_policy(
+            mode="MUTUAL",
+            caCertificates=pki.ca_file,
+            clientCertificate=client_cert[0],
+            privateKey=client_cert[1],
+        )
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=mutual)) as engine:
+            client = await Client.connect(address(engine))
+            reply = await client.call("get", rid=5)
+            assert error_type(reply) is None
+            conn = next(iter(up.connections))
+            assert conn.transport is not None
+            peers.append(conn.transport.get_extra_info("peercert"))
+            client.close()
+        # The same server refuses the engine without a client certificate: with TLS 1.3
+        # it says so after the engine's side of the handshake, so the request is reset.
+        simple = tls_policy(mode="SIMPLE", caCertificates=pki.ca_file)
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=simple)) as engine:
+            client = await Client.connect(address(engine))
+            reply = await client.call("get", rid=6)
+            assert reply.request_id == 6 and error_type(reply) == "UpstreamReset"
+            assert up.received[1:] == []  # the server read nothing of it
+            client.close()
+        await up.close()
+
+    run(main())
+    assert ("DNS", "client.test") in peers[0]["subjectAltName"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["wrong_ca", "wrong_san", "wrong_host", "expired", "plaintext", "revoked"],
+)
+def test_upstream_certificate_refused_is_a_connect_failure(pki: Pki, case: str) -> None:
+    """Each answers the request with the protocol's error reply, its id, the reason, and is
+    counted as a connect failure."""
+    other = Pki(pki.root, "other")
+    names = {"wrong_host": ("elsewhere.test",)}.get(case, ("svc.test",))
+    kwargs: dict[str, Any] = {}
+    if case == "expired":
+        now = datetime.datetime.now(datetime.UTC)
+        kwargs = {
+            "not_before": now - datetime.timedelta(days=10),
+            "not_after": now - datetime.timedelta(days=1),
+        }
+    issuer = other if case == "wrong_ca" else pki
+    server_ctx = issuer.server_context(issuer.leaf("up", *names, **kwargs))
+    policy: dict[str, Any] = {"mode": "SIMPLE", "caCertificates": pki.ca_file}
+    if case == "wrong_san":
+        policy["subjectAltNames"] = ["spiffe://cluster.local/ns/x/sa/y", "other.test"]
+    if case == "revoked":
+        policy["caCrl"] = pki.write("crl.pem", revocation_list(pki, server_ctx))
+    expected = {
+        "wrong_ca": "certificate verify failed: unable to get local issuer certificate",
+        "wrong_san": "match none of subjectAltNames (spiffe://cluster.local/ns/x/sa/y, other.test)",
+        "wrong_host": "certificate verify failed: Hostname mismatch",
+        "expired": "certificate verify failed: certificate has expired",
+        "plaintext": "TLS handshake failed",
+        "revoked": "certificate verify failed: certificate revoked",
+    }[case]
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=None if case == "plaintext" else server_ctx)
+        async with engine_for(
+            mesh([(up.port, "v1")], traffic_policy=tls_policy(**policy))
+        ) as engine:
+            client = await Client.connect(address(engine))
+            reply = await client.call("get", rid=77)
+            assert reply.request_id == 77
+            assert error_type(reply) == "UpstreamConnectFailure"
+            assert expected in (reply.attributes.get("error-message") or ""), reply.attributes
+            name = "outbound|9000||svc.test"
+            assert engine.stats.get("metaprotocol_upstream_connect_errors_total", cluster=name) == 1
+            assert engine.stats.total("metaprotocol_tls_handshake_errors_total") == 1
+            assert up.received == []  # nothing was sent to a server not trusted
+            client.close()
+        await up.close()
+
+    run(main())
+
+
+def revocation_list(pki: Pki, server_ctx: ssl.SSLContext) -> bytes:
+    """A CRL of ``pki``'s CA revoking the certificate ``server_ctx`` serves."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    served = Path(pki.root / "up.crt").read_bytes()
+    leaf = x509.load_pem_x509_certificate(served)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), None)
+    now = datetime.datetime.now(datetime.UTC)
+    revoked = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(leaf.serial_number)
+        .revocation_date(now - datetime.timedelta(minutes=1))
+        .build()
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=1))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(revoked)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def test_upstream_sni_and_subject_alt_names(pki: Pki) -> None:
+    """``sni`` is sent as given and ``subjectAltNames`` checks the server's names instead
+    of it; a DNS wildcard SAN covers one label."""
+    server_ctx = pki.server_context(pki.leaf("up", "backend.internal", "*.svc.test"))
+    sni = SniRecorder(server_ctx)
+    policy = tls_policy(
+        mode="SIMPLE",
+        caCertificates=pki.ca_file,
+        sni="front.example",
+        subjectAltNames=["spiffe://mesh/ns/a/sa/b", "api.svc.test"],
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=server_ctx)
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            client.close()
+        await up.close()
+
+    run(main())
+    assert sni.names == ["front.example"]
+
+
+def test_retries_and_outlier_detection_treat_a_handshake_failure_as_a_refused_connect(
+    pki: Pki,
+) -> None:
+    other = Pki(pki.root, "other")
+    good = pki.server_context(pki.leaf("good", "svc.test"))
+    bad = other.server_context(other.leaf("bad", "svc.test"))
+    policy = (
+        "{tls: "
+        + json.dumps({"mode": "SIMPLE", "caCertificates": pki.ca_file})
+        + ", outlierDetection: {consecutiveGatewayErrors: 1, baseEjectionTime: 30s,"
+        " maxEjectionPercent: 50}}"
+    )
+    router = """\
+        - name: all
+          route: [{destination: {host: svc.test}}]
+          retries: {attempts: 2, retryOn: connect-failure}
+        """
+
+    async def main() -> None:
+        up_good = await Upstream("good").start(ssl=good)
+        up_bad = await Upstream("bad").start(ssl=bad)
+        text = mesh(
+            [(up_bad.port, "v1"), (up_good.port, "v2")], router=router, traffic_policy=policy
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            for rid in range(1, 5):
+                reply = await client.call("get", rid=rid)
+                assert error_type(reply) is None and reply.attributes.get("server") == "good"
+            cluster = engine.clusters["outbound|9000||svc.test"]
+            assert [h.key for h in cluster.hosts if h.ejected] == [f"127.0.0.1:{up_bad.port}"]
+            assert engine.stats.total("metaprotocol_retries_total") >= 1
+            client.close()
+        await up_good.close()
+        await up_bad.close()
+
+    run(main())
+
+
+def test_subsets_with_different_tls_never_share_a_connection(pki: Pki) -> None:
+    """Two subsets of one endpoint, two SNIs: each request reaches the server on a
+    connection of its own subset's settings."""
+    server_ctx = pki.server_context(pki.leaf("up", "a.test", "b.test"))
+    sni = SniRecorder(server_ctx)
+
+    def subset(name: str, host: str) -> str:
+        tls = json.dumps({"mode": "SIMPLE", "caCertificates": pki.ca_file, "sni": host})
+        return f"- {{name: {name}, labels: {{version: v1}}, trafficPolicy: {{tls: {tls}}}}}"
+
+    router = """\
+        - name: a
+          match: {attributes: {method: {exact: a}}}
+          route: [{destination: {host: svc.test, subset: sa}}]
+        - name: b
+          route: [{destination: {host: svc.test, subset: sb}}]
+        """
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=server_ctx)
+        text = mesh([(up.port, "v1")], router=router).replace(
+            "    - {name: empty, labels: {version: none}}",
+            "    - {name: empty, labels: {version: none}}\n    "
+            + subset("sa", "a.test")
+            + "\n    "
+            + subset("sb", "b.test"),
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            for _ in range(3):
+                assert error_type(await client.call("a")) is None
+                assert error_type(await client.call("b")) is None
+            assert len(engine.upstreams) == 2
+            client.close()
+        await up.close()
+
+    run(main())
+    assert sorted(sni.names) == ["a.test", "b.test"]
+
+
+# -- termination -------------------------------------------------------------------------------
+
+
+def listener_tls(pki: Pki, mode: str = "SIMPLE", **extra: Any) -> str:
+    cert, key = pki.leaf("listener", "svc.test", "127.0.0.1")
+    fields = {"mode": mode, "serverCertificate": cert, "privateKey": key, **extra}
+    if mode != "SIMPLE":
+        fields["caCertificates"] = pki.ca_file
+    return json.dumps(fields)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_listener_terminates_tls_to_a_plain_upstream(pki: Pki, loop: str) -> None:
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=listener_tls(pki))) as engine:
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            replies = await asyncio.gather(*(client.call("get", rid=i) for i in range(1, 20)))
+            assert [r.request_id for r in replies] == list(range(1, 20))
+            assert all(r.attributes.get("server") == "v1" for r in replies)
+            assert type(next(iter(engine.downstreams))) is TlsDownstream
+            listener = "svc.test:9000"
+            assert engine.stats.get("metaprotocol_tls_handshakes_total", listener=listener) == 1
+            assert engine.admin_address is not None
+            _, body = await http_get(engine.admin_address, "/config_dump")
+            assert json.loads(body)["listeners"][0]["tls"]["mode"] == "SIMPLE"
+            client.close()
+            await asyncio.wait_for(client.closed, WAIT)
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+def test_mutual_listener_requires_a_client_certificate(pki: Pki) -> None:
+    client_cert = pki.leaf("client", "client.test")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls=listener_tls(pki, "MUTUAL"))
+        async with engine_for(text) as engine:
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(client_cert), server_hostname="svc.test"
+            )
+            assert error_type(await client.call("get")) is None
+            client.close()
+            # Without a certificate: TLS 1.3 fails after the client's handshake, at its read.
+            anonymous = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            with pytest.raises((ConnectionError, ssl.SSLError)):
+                await anonymous.call("get")
+            listener = "svc.test:9000"
+            errors = engine.stats.get(
+                "metaprotocol_tls_handshake_errors_total",
+                listener=listener,
+                reason="no_client_certificate",
+            )
+            assert errors == 1
+            assert engine.stats.get("metaprotocol_tls_handshakes_total", listener=listener) == 1
+        await up.close()
+
+    run(main())
+
+
+def test_listener_versions_and_ciphers(pki: Pki) -> None:
+    """``minProtocolVersion: TLSV1_3`` refuses a TLS 1.2 client (counted)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        tls = listener_tls(pki, minProtocolVersion="TLSV1_3")
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=tls)) as engine:
+            old = pki.client_context()
+            old.maximum_version = ssl.TLSVersion.TLSv1_2
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await Client.connect(address(engine), ssl=old, server_hostname="svc.test")
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert error_type(await client.call("get")) is None
+            assert client.transport is not None
+            assert client.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
+            client.close()
+            assert (
+                engine.stats.get(
+                    "metaprotocol_tls_handshake_errors_total",
+                    listener="svc.test:9000",
+                    reason="protocol_version",
+                )
+                == 1
+            )
+        await up.close()
+
+    run(main())
+
+
+# -- hostile clients ---------------------------------------------------------------------------
+
+
+async def raw_connect(addr: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(asyncio.open_connection(*addr), WAIT)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
+    """Read until the engine closes the connection; how long that took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        while await asyncio.wait_for(reader.read(65536), seconds):
+            pass
+    except ConnectionResetError:
+        pass
+    return loop.time() - start
+
+
+#: A TLS 1.2 ClientHello's first 20 bytes: a record header promising more than follows.
+HALF_HELLO = bytes.fromhex("16030100c8010000c40303") + bytes(9)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    "attack,reason",
+    [
+        ("garbage", "not_tls"),
+        ("plaintext", "not_tls"),
+        ("half_hello", "timeout"),
+        ("silent", "timeout"),
+    ],
+)
+def test_hostile_handshakes_are_closed_within_the_timeout_and_counted(
+    pki: Pki, caplog: pytest.LogCaptureFixture, loop: str, attack: str, reason: str
+) -> None:
+    payload = {
+        "garbage": bytes(range(256)) * 4,
+        "plaintext": b"\x00\x00\x00\x20" + b"a KV request sent without TLS....",
+        "half_hello": HALF_HELLO,
+        "silent": b"",
+    }[attack]
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")], listener_tls=listener_tls(pki), proxy="timeouts: {handshake: 300ms}"
+        )
+        async with engine_for(text) as engine:
+            reader, writer = await raw_connect(address(engine))
+            if payload:
+                writer.write(payload)
+            took = await closed_within(reader, 2.0)
+            assert took < 1.5
+            if reason == "timeout":
+                assert took >= 0.25
+            assert (
+                engine.stats.get(
+                    "metaprotocol_tls_handshake_errors_total",
+                    listener="svc.test:9000",
+                    reason=reason,
+                )
+                == 1
+            ), engine.stats_snapshot()
+            assert not engine.handshaking and not engine.downstreams
+            writer.close()
+            # The listener serves the next client as usual.
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert error_type(await client.call("get")) is None
+            client.close()
+        await up.close()
+        assert errors == []
+
+    with caplog.at_level(logging.DEBUG):
+        run(main(), loop=loop)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+
+
+def test_handshaking_connections_count_against_max_connections(pki: Pki) -> None:
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki),
+            proxy="limits: {maxConnections: 2}\ntimeouts: {handshake: 5s}",
+        )
+        async with engine_for(text) as engine:
+            silent = [await raw_connect(address(engine)) for _ in range(2)]
+            await until(lambda: len(engine.handshaking) == 2)
+            reader, writer = await raw_connect(address(engine))
+            assert await reader.read() == b""  # closed at once
+            rejected = engine.stats.get(
+                "metaprotocol_downstream_connections_rejected_total",
+                listener="svc.test:9000",
+                reason="max_connections",
+            )
+            assert rejected == 1
+            writer.close()
+            for _, w in silent:
+                w.close()
+        await up.close()
+
+    run(main())
+
+
+# -- reload ------------------------------------------------------------------------------------
+
+
+def test_reload_rotates_the_listener_and_upstream_certificates(pki: Pki) -> None:
+    """A reload reads the files again: new connections get the new certificates; a
+    connection already open keeps serving."""
+    cert, key = pki.leaf("listener", "svc.test")
+    client_cert = pki.leaf("client", "client-1.test")
+    up_ctx = pki.server_context(pki.leaf("up", "svc.test"), client_ca=pki.ca_file)
+    rotated = Pki(pki.root, "rotated")
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=up_ctx)
+        policy = tls_policy(
+            mode="MUTUAL",
+            caCertificates=pki.ca_file,
+            clientCertificate=client_cert[0],
+            privateKey=client_cert[1],
+        )
+        tls = json.dumps({"mode": "SIMPLE", "serverCertificate": cert, "privateKey": key})
+        text = mesh([(up.port, "v1")], traffic_policy=policy, listener_tls=tls)
+        async with engine_for(text) as engine:
+            before = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert error_type(await before.call("get")) is None
+            # Rotate in place: a new listener certificate from another CA, a new client one.
+            fresh = rotated.ca.issue_cert("svc.test")
+            Path(cert).write_bytes(fresh.cert_chain_pems[0].bytes())
+            Path(key).write_bytes(fresh.private_key_pem.bytes())
+            renewed = pki.ca.issue_cert("client-2.test")
+            Path(client_cert[0]).write_bytes(renewed.cert_chain_pems[0].bytes())
+            Path(client_cert[1]).write_bytes(renewed.private_key_pem.bytes())
+            await engine.apply(loads_config(text, "test.yaml"))
+            after = await Client.connect(
+                address(engine), ssl=rotated.client_context(), server_hostname="svc.test"
+            )
+            assert error_type(await after.call("get")) is None
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await Client.connect(
+                    address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+                )
+            assert error_type(await before.call("get")) is None  # still open, still served
+            names = set()
+            for conn in up.connections:
+                assert conn.transport is not None
+                names |= {v for _, v in conn.transport.get_extra_info("peercert")["subjectAltName"]}
+            assert "client-2.test" in names  # the new cluster's connection
+            before.close()
+            after.close()
+        await up.close()
+
+    run(main())
+
+
+# -- zero cost and configuration ---------------------------------------------------------------
+
+
+def test_without_tls_connections_are_the_plain_classes() -> None:
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            assert type(next(iter(engine.downstreams))) is Downstream
+            assert type(next(iter(engine.upstreams))) is UpstreamConnection
+            assert engine.clusters["outbound|9000||svc.test"].tls is None
+            client.close()
+        await up.close()
+
+    run(main())
+
+
+def load(text: str) -> Exception:
+    with pytest.raises(ConfigError) as caught:
+        loads_config(text, "test.yaml")
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "make,field,reason",
+    [
+        (
+            lambda p: tls_policy(mode="SIMPLE", caCertificates=str(p.root / "missing.pem")),
+            "spec.trafficPolicy.tls.caCertificates",
+            "no such file",
+        ),
+        (
+            lambda p: tls_policy(mode="SIMPLE", caCertificates=p.write("junk.pem", b"junk")),
+            "spec.trafficPolicy.tls.caCertificates",
+            "holds no PEM certificate",
+        ),
+        (
+            lambda p: tls_policy(mode="MUTUAL", caCertificates=p.ca_file),
+            "spec.trafficPolicy.tls.clientCertificate",
+            "required with mode MUTUAL",
+        ),
+        (
+            lambda p: tls_policy(
+                mode="MUTUAL",
+                clientCertificate=p.leaf("a", "a.test")[0],
+                privateKey=p.leaf("b", "b.test")[1],
+            ),
+            "spec.trafficPolicy.tls.privateKey",
+            "is not the key of",
+        ),
+        (
+            lambda p: tls_policy(mode="SIMPLE", caCrl=p.ca_file),
+            "spec.trafficPolicy.tls.caCrl",
+            "holds no PEM CRL",
+        ),
+        (
+            lambda p: tls_policy(mode="ISTIO_MUTUAL"),
+            "spec.trafficPolicy.tls.mode",
+            "no istiod identity",
+        ),
+        (
+            lambda p: tls_policy(mode="SIMPLE", credentialName="secret"),
+            "spec.trafficPolicy.tls.credentialName",
+            "reads no secrets",
+        ),
+    ],
+)
+def test_bad_upstream_tls_is_a_config_error_naming_the_field(
+    pki: Pki, make: Callable[[Pki], str], field: str, reason: str
+) -> None:
+    exc = load(mesh([(1, "v1")], traffic_policy=make(pki)))
+    assert getattr(exc, "field", None) == field and reason in str(exc), exc
+
+
+@pytest.mark.parametrize(
+    "patch,field,reason",
+    [
+        ({"serverCertificate": "/nonexistent/cert.pem"}, "serverCertificate", "no such file"),
+        ({"mode": "MUTUAL"}, "caCertificates", "required with mode MUTUAL"),
+        ({"minProtocolVersion": "TLSV1_0"}, "minProtocolVersion", "RFC 8996"),
+        (
+            {"maxProtocolVersion": "TLSV1_2", "minProtocolVersion": "TLSV1_3"},
+            "maxProtocolVersion",
+            "below",
+        ),
+        ({"cipherSuites": ["NOT-A-CIPHER"]}, "cipherSuites", "no cipher suite"),
+        ({"mode": "PASSTHROUGH"}, "mode", "unterminated"),
+        ({"credentialName": "x"}, "credentialName", "reads no secrets"),
+    ],
+)
+def test_bad_listener_tls_is_a_config_error_naming_the_field(
+    pki: Pki, patch: dict[str, Any], field: str, reason: str
+) -> None:
+    tls = json.loads(listener_tls(pki))
+    tls.update(patch)
+    exc = load(mesh([(1, "v1")], listener_tls=json.dumps(tls)))
+    assert getattr(exc, "field", None) == f"spec.listeners[0].tls.{field}", exc
+    assert reason in str(exc), exc
+
+
+def test_encrypted_key_is_refused_without_a_prompt(pki: Pki) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = pki.leaf("enc", "svc.test")
+    loaded = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+    Path(key).write_bytes(
+        loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    tls = json.dumps({"mode": "SIMPLE", "serverCertificate": cert, "privateKey": key})
+    exc = load(mesh([(1, "v1")], listener_tls=tls))
+    assert "encrypted private key" in str(exc)
+
+
+def test_check_loads_a_tls_configuration(pki: Pki, tmp_path: Path) -> None:
+    """``metaprotocol proxy --check`` reads and validates the files."""
+    import subprocess
+    import sys
+
+    policy = tls_policy(mode="SIMPLE", caCertificates=pki.ca_file)
+    good = tmp_path / "good.yaml"
+    good.write_text(mesh([(1, "v1")], traffic_policy=policy, listener_tls=listener_tls(pki)))
+    ok = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "--check", "-c", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    Path(pki.ca_file).unlink()
+    bad = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "--check", "-c", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "spec.trafficPolicy.tls.caCertificates: no such file" in bad.stderr
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_client_that_does_not_read_is_bounded_by_the_connection_buffer_limits(
+    pki: Pki, loop: str
+) -> None:
+    """The TLS layer's unsent bytes count as the connection's: past
+    ``connectionBufferMaxBytes`` the client is reset, as a plain one is."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki),
+            proxy="limits: {connectionBufferBytes: 65536, connectionBufferMaxBytes: 262144}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert client.transport is not None
+            client.transport.pause_reading()
+            replies = [client.start("big", {"size": str(256 * 1024)}) for _ in range(64)]
+            await until(lambda: not engine.downstreams)  # 16 MiB asked for: reset
+            closed = engine.stats.total(
+                "metaprotocol_downstream_connections_closed_total", reason="write_overflow"
+            )
+            assert closed == 1
+            client.transport.abort()
+            await asyncio.gather(*replies, return_exceptions=True)
+        await up.close()
+
+    run(main(), loop=loop)
