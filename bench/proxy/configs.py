@@ -25,10 +25,18 @@ _THRIFT_CODEC_OPTIONS = """
 
 
 def engine_yaml(protocol: str, upstream_port: int, tls_dir: Path | None = None) -> str:
-    """The engine's configuration for ``protocol`` in front of the canned upstream."""
-    if tls_dir is not None:
-        raise SystemExit("bench_proxy --tls: the engine's TLS settings are not wired yet")
+    """The engine's configuration for ``protocol`` in front of the canned upstream; with
+    ``tls_dir`` (see ``tls.py``), TLS on the listener and to the upstream."""
     host, port = SERVICE[protocol]
+    origination = listener_tls = ""
+    if tls_dir is not None:  # as Envoy's: TLS from the load generator and to the upstream
+        origination = f"""
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {tls_dir / "ca.pem"}, sni: {SERVER_NAME}}}"""
+        listener_tls = (
+            f", tls: {{mode: SIMPLE, serverCertificate: {tls_dir / 'cert.pem'}, "
+            f"privateKey: {tls_dir / 'key.pem'}}}"
+        )
     port_name = f"tcp-metaprotocol-{protocol}-bench"
     dest = f"{{host: {host}, port: {{number: {port}}}, subset: %s}}"
     return f"""\
@@ -52,7 +60,7 @@ apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
 metadata: {{name: bench}}
 spec:
-  host: {host}
+  host: {host}{origination}
   subsets:
     - {{name: v1, labels: {{version: v1}}}}
     - {{name: v2, labels: {{version: v2}}}}
@@ -76,7 +84,7 @@ apiVersion: proxy.metaprotocol.io/v1alpha1
 kind: ProxyConfig
 metadata: {{name: bench}}
 spec:
-  listeners: [{{host: {host}, port: {port}, bind: "127.0.0.1:0"}}]
+  listeners: [{{host: {host}, port: {port}, bind: "127.0.0.1:0"{listener_tls}}}]
   admin: {{bind: "127.0.0.1:0"}}
   limits: {{maxConnections: 100000}}{_THRIFT_CODEC_OPTIONS if protocol == "thrift" else ""}
 """
