@@ -60,6 +60,7 @@ sys.path.insert(0, str(HERE / "proxy"))
 
 import configs  # noqa: E402
 import floors  # noqa: E402
+import tls  # noqa: E402
 
 PY = sys.executable
 ENVOY = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -217,6 +218,8 @@ def check_compiled_venv(venv: Path) -> str:
 
 #: Source trees given with ``--engine-tree``: target name (``engine @LABEL``) -> tree root.
 TREES: dict[str, Path] = {}
+#: ``--tls``: the test certificates' directory (``tls.py``); every hop is then TLS.
+TLS_DIR: Path | None = None
 
 _LAUNCH_TREE = (
     "import sys; sys.argv[0] = 'metaprotocol'; from metaprotocol_sdk.cli import main; main()"
@@ -269,7 +272,7 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
         port = int(proc.expect(r"listening \S+ on [\d.]+:(\d+)").group(1))
     elif kind == "engine" or kind.startswith(("engine on ", "engine @", COMPILED_KIND)):
         path = workdir / f"engine-{protocol}.yaml"
-        path.write_text(configs.engine_yaml(protocol, upstream))
+        path.write_text(configs.engine_yaml(protocol, upstream, TLS_DIR))
         argv = [str(METAPROTOCOL)]
         if kind != "engine":
             argv = [kind.removeprefix("engine on "), "-c", _LAUNCH, sysconfig.get_path("purelib")]
@@ -284,7 +287,7 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
     else:
         envoy_kind = "tcp" if kind == "envoy tcp_proxy" else protocol
         path = workdir / f"envoy-{envoy_kind}.yaml"
-        path.write_text(configs.envoy_yaml(envoy_kind, upstream))
+        path.write_text(configs.envoy_yaml(envoy_kind, upstream, TLS_DIR))
         admin_path = workdir / f"envoy-admin-{envoy_kind}.txt"
         admin_path.unlink(missing_ok=True)
         argv = [str(ENVOY), "-c", str(path), "--concurrency", "1", "--disable-hot-restart"]
@@ -318,7 +321,7 @@ def validate_envoy_configs(protocols: list[str], workdir: Path) -> None:
     """``envoy --mode validate`` on every Envoy configuration this run will use."""
     for kind in ["tcp", *protocols]:
         path = workdir / f"validate-{kind}.yaml"
-        path.write_text(configs.envoy_yaml(kind, 1))
+        path.write_text(configs.envoy_yaml(kind, 1, TLS_DIR))
         argv = [str(ENVOY), "--mode", "validate", "-c", str(path), "--disable-hot-restart"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
@@ -598,6 +601,11 @@ def main() -> int:
         "LABEL=PATH adds another, as 'engine, compiled @LABEL'",
     )
     parser.add_argument("--no-compiled", action="store_true", help="no compiled engine row")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="every hop over TLS (load generator -> proxy -> upstream); no frame floors",
+    )
     args = parser.parse_args()
     warmup, slice_seconds, slices = (0.5, 0.25, 6) if args.quick else (1.0, 0.5, 8)
     slices = args.slices or slices
@@ -630,10 +638,14 @@ def main() -> int:
         print(f"# {kind}: {venv}, {check_compiled_venv(venv)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
+        if args.tls:
+            global TLS_DIR
+            TLS_DIR = tls.write_certificates(workdir / "tls")
+            os.environ[tls.ENV] = str(TLS_DIR)  # the upstream, load generator and floor
         validate_envoy_configs(args.protocol or ["thrift", "dubbo"], workdir)
         for protocol in args.protocol or ["thrift", "dubbo"]:
             kinds = ["direct", "envoy tcp_proxy", f"envoy {protocol}_proxy"]
-            kinds += ["uvloop passthrough", *FLOORS]
+            kinds += ["uvloop passthrough"] if args.tls else ["uvloop passthrough", *FLOORS]
             if not (args.trees_only and TREES):
                 kinds.append("engine")
                 if (other := distro_python()) is not None:
@@ -669,7 +681,8 @@ def main() -> int:
                     continue
                 for kind, result in measured.items():
                     results[kind, scenario.name] = result
-            print(f"\n## {protocol}\n\n{table(protocol, kinds, results)}\n", flush=True)
+            title = f"{protocol}, every hop over TLS" if args.tls else protocol
+            print(f"\n## {title}\n\n{table(protocol, kinds, results)}\n", flush=True)
     return 0
 
 

@@ -9,6 +9,9 @@ attachment) and keeps its stats; Envoy's thrift_proxy and dubbo_proxy have no mu
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from tls import SERVER_NAME
 from wire import DUBBO_HOST, DUBBO_INTERFACE, THRIFT_HOST
 
 SERVICE = {"thrift": (THRIFT_HOST, 9090), "dubbo": (DUBBO_HOST, 20880)}
@@ -21,9 +24,19 @@ _THRIFT_CODEC_OPTIONS = """
     thrift: {mutation_without_headers: skip}"""
 
 
-def engine_yaml(protocol: str, upstream_port: int) -> str:
-    """The engine's configuration for ``protocol`` in front of the canned upstream."""
+def engine_yaml(protocol: str, upstream_port: int, tls_dir: Path | None = None) -> str:
+    """The engine's configuration for ``protocol`` in front of the canned upstream; with
+    ``tls_dir`` (see ``tls.py``), TLS on the listener and to the upstream."""
     host, port = SERVICE[protocol]
+    origination = listener_tls = ""
+    if tls_dir is not None:  # as Envoy's: TLS from the load generator and to the upstream
+        origination = f"""
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {tls_dir / "ca.pem"}, sni: {SERVER_NAME}}}"""
+        listener_tls = (
+            f", tls: {{mode: SIMPLE, serverCertificate: {tls_dir / 'cert.pem'}, "
+            f"privateKey: {tls_dir / 'key.pem'}}}"
+        )
     port_name = f"tcp-metaprotocol-{protocol}-bench"
     dest = f"{{host: {host}, port: {{number: {port}}}, subset: %s}}"
     return f"""\
@@ -47,7 +60,7 @@ apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
 metadata: {{name: bench}}
 spec:
-  host: {host}
+  host: {host}{origination}
   subsets:
     - {{name: v1, labels: {{version: v1}}}}
     - {{name: v2, labels: {{version: v2}}}}
@@ -71,7 +84,7 @@ apiVersion: proxy.metaprotocol.io/v1alpha1
 kind: ProxyConfig
 metadata: {{name: bench}}
 spec:
-  listeners: [{{host: {host}, port: {port}, bind: "127.0.0.1:0"}}]
+  listeners: [{{host: {host}, port: {port}, bind: "127.0.0.1:0"{listener_tls}}}]
   admin: {{bind: "127.0.0.1:0"}}
   limits: {{maxConnections: 100000}}{_THRIFT_CODEC_OPTIONS if protocol == "thrift" else ""}
 """
@@ -80,7 +93,39 @@ spec:
 _T = "type.googleapis.com/envoy.extensions.filters.network"
 
 
-def _cluster(name: str, upstream_port: int, options: str) -> str:
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+
+
+def _upstream_tls(tls_dir: Path | None) -> str:
+    """A cluster's TLS origination (verifying the canned upstream against the test CA)."""
+    if tls_dir is None:
+        return ""
+    return f"""
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": {_TLS}.UpstreamTlsContext
+        sni: {SERVER_NAME}
+        common_tls_context:
+          validation_context: {{trusted_ca: {{filename: {tls_dir / "ca.pem"}}}}}"""
+
+
+def _downstream_tls(tls_dir: Path | None) -> str:
+    """The listener's TLS termination."""
+    if tls_dir is None:
+        return ""
+    return f"""
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": {_TLS}.DownstreamTlsContext
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: {{filename: {tls_dir / "cert.pem"}}}
+              private_key: {{filename: {tls_dir / "key.pem"}}}"""
+
+
+def _cluster(name: str, upstream_port: int, options: str, tls_dir: Path | None = None) -> str:
     address = f"{{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}"
     return f"""
   - name: {name}
@@ -92,7 +137,7 @@ def _cluster(name: str, upstream_port: int, options: str) -> str:
       cluster_name: {name}
       endpoints:
       - lb_endpoints:
-        - endpoint: {{address: {address}}}{options}"""
+        - endpoint: {{address: {address}}}{options}{_upstream_tls(tls_dir)}"""
 
 
 _THRIFT_OPTIONS = f"""
@@ -151,10 +196,11 @@ _FILTERS = {
 }
 
 
-def envoy_yaml(kind: str, upstream_port: int) -> str:
-    """Envoy with one listener: ``thrift`` (thrift_proxy), ``dubbo`` (dubbo_proxy) or ``tcp``."""
+def envoy_yaml(kind: str, upstream_port: int, tls_dir: Path | None = None) -> str:
+    """Envoy with one listener: ``thrift`` (thrift_proxy), ``dubbo`` (dubbo_proxy) or ``tcp``;
+    with ``tls_dir`` (see ``tls.py``), TLS on the listener and to the upstream."""
     options = _THRIFT_OPTIONS if kind == "thrift" else ""
-    clusters = "".join(_cluster(n, upstream_port, options) for n in ("v1", "v2"))
+    clusters = "".join(_cluster(n, upstream_port, options, tls_dir) for n in ("v1", "v2"))
     return f"""\
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
@@ -163,6 +209,6 @@ static_resources:
   - name: bench
     address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
-    - filters:{_FILTERS[kind]}
+    - filters:{_FILTERS[kind]}{_downstream_tls(tls_dir)}
   clusters:{clusters}
 """

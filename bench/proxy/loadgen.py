@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import tls
 from wire import REQUESTS, WIRES, Wire
 
 
@@ -123,9 +124,13 @@ class Client(asyncio.Protocol):
 async def connect(host: str, port: int, factory: object) -> Client:
     """Open one connection (retrying briefly on a full accept queue)."""
     loop = asyncio.get_running_loop()
+    context = tls.client_context()
+    server_name = tls.SERVER_NAME if context is not None else None
     for attempt in range(50):
         try:
-            _, proto = await loop.create_connection(factory, host, port)  # type: ignore[arg-type]
+            _, proto = await loop.create_connection(  # type: ignore[call-overload]
+                factory, host, port, ssl=context, server_hostname=server_name
+            )
             return proto  # type: ignore[return-value]
         except OSError:
             if attempt == 49:

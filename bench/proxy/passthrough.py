@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import tls
 from wire import WIRES, Wire
 
 
@@ -86,12 +87,16 @@ async def serve_pairs(make: Callable[[], Paired], label: str, upstream_port: int
     closes."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
+    client = tls.client_context()
+    server_name = tls.SERVER_NAME if client is not None else None
 
     def downstream() -> asyncio.BaseProtocol:
         down = make()
 
         async def connect() -> None:
-            up_transport, up = await loop.create_connection(make, "127.0.0.1", upstream_port)  # type: ignore[type-var]
+            up_transport, up = await loop.create_connection(  # type: ignore[type-var]
+                make, "127.0.0.1", upstream_port, ssl=client, server_hostname=server_name
+            )
             up.peer, down.peer = down, up
             for data in down.early:
                 up_transport.write(data)
@@ -102,7 +107,9 @@ async def serve_pairs(make: Callable[[], Paired], label: str, upstream_port: int
         task.add_done_callback(tasks.discard)
         return down  # type: ignore[return-value]
 
-    server = await loop.create_server(downstream, "127.0.0.1", 0, backlog=4096)
+    server = await loop.create_server(
+        downstream, "127.0.0.1", 0, backlog=4096, ssl=tls.server_context()
+    )
     print(f"listening {label} on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)
 

@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import tls
 from wire import REPLIES, WIRES, Wire
 
 
@@ -66,7 +67,11 @@ async def serve(protocol: str, reply_bytes: int, delay: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
     reply = REPLIES[protocol](reply_bytes)
     server = await loop.create_server(
-        lambda: CannedProtocol(WIRES[protocol], reply, delay), "127.0.0.1", 0, backlog=4096
+        lambda: CannedProtocol(WIRES[protocol], reply, delay),
+        "127.0.0.1",
+        0,
+        backlog=4096,
+        ssl=tls.server_context(),
     )
     port = server.sockets[0].getsockname()[1]
     print(f"READY {port}", flush=True)
