@@ -533,6 +533,8 @@ def floor_lines(
     lines = []
     for scenario in SCENARIOS:
         floor = "uvloop passthrough" if scenario.payload <= FLOOR_PAYLOAD else FRAME_FLOOR
+        if floor not in kinds:  # --tls: the frame floor speaks no TLS
+            floor = "uvloop passthrough"
         pairs = [(k, floor) for k in kinds if k.startswith("engine")]
         pairs.append((anchor, "envoy tcp_proxy"))
         envoy = _paired(results, anchor, "envoy tcp_proxy", scenario.name, "-")
