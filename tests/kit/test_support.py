@@ -87,6 +87,22 @@ def test_a_stray_exception_is_reported_with_the_codec_line_that_raised_it() -> N
     assert "in _by_kind: return {0: KVCodec.decode}[buffer[3]](self, buffer)" in str(failed.value)
 
 
+def test_the_codec_line_is_found_when_another_package_has_its_top_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A suite that imported another project's ``tests`` package (a scaffolded codec's, say)
+    # holds it under the name this module's top package has: the codec's own directory comes
+    # from its module's file, not from whatever sys.modules holds under that name.
+    top = RaisesInItsHelper.__module__.partition(".")[0]
+    shadow = types.ModuleType(top)
+    shadow.__path__ = ["/elsewhere/" + top]
+    monkeypatch.setitem(sys.modules, top, shadow)
+    with pytest.raises(CheckFailed) as failed:
+        call_decode(RaisesInItsHelper(), bytearray(build_frame(REQUEST + 1, 1, {}, b"")))
+    assert "in _by_kind: return {0: KVCodec.decode}[buffer[3]](self, buffer)" in str(failed.value)
+    assert "compiled" not in str(failed.value)
+
+
 def test_a_stray_exception_in_a_library_names_the_codec_line_that_called_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -57,17 +57,15 @@ def raised_at(exc: BaseException, codec: object) -> str:
             where = f"C code that {type(codec).__qualname__} of {name} called"
         return f" (raised in {where}: no Python frame says which line)"
     top_name = name.partition(".")[0]
-    top = sys.modules.get(top_name)
-    roots = [str(path) for path in getattr(top, "__path__", ())]  # namespace packages too
-    if not roots:
-        lone = getattr(sys.modules.get(name), "__file__", None)
-        roots = [lone] if lone else []
+    roots = _package_roots(name)
     for frame in reversed(frames):
         for root in roots:
             if frame.filename == root or frame.filename.startswith(root + os.sep):
                 where = os.path.relpath(frame.filename, os.path.dirname(root))
                 line = f": {frame.line.strip()}" if frame.line else ""
                 return f" (raised at {where}:{frame.lineno} in {frame.name}{line})"
+        if os.path.isabs(frame.filename) and os.path.exists(frame.filename):
+            continue  # a real file outside the codec's package: a library it called
         built = _built_path(frame.filename, top_name)
         if built is not None:  # the codec's own code, compiled from a copy of its source
             return f" (raised at {built}:{frame.lineno} in {frame.name}, in compiled code)"
@@ -76,6 +74,23 @@ def raised_at(exc: BaseException, codec: object) -> str:
         line = f": {frame.line.strip()}" if frame.line else ""
         return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}{line})"
     return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}, in compiled code)"
+
+
+def _package_roots(name: str) -> list[str]:
+    """Where the codec's own code lives: the directory of the top-level package of module
+    ``name``, found from that module's file (not from ``sys.modules`` by the package's name,
+    which another project's package of the same name, say ``tests``, may hold); a lone
+    module's file itself; a namespace package's directories."""
+    parts = name.split(".")
+    file = getattr(sys.modules.get(name), "__file__", None)
+    if file is None:
+        top = sys.modules.get(parts[0])
+        return [str(path) for path in getattr(top, "__path__", ())]
+    path = PurePath(os.path.abspath(file))
+    module = path.parent if path.stem == "__init__" else path.with_suffix("")
+    if len(parts) == 1:
+        return [str(module) if path.stem == "__init__" else str(path)]
+    return [str(module.parents[len(parts) - 2])]
 
 
 def _is_extension(file: str | None) -> bool:
