@@ -11,7 +11,9 @@ istiod: outbound clusters ``outbound|<port>|<subset>|<host>`` of type EDS with a
 thresholds, Istio service metadata and ``transport_socket_matches`` (here only istiod's
 plain-text ``tlsMode-disabled`` match: the mutual-TLS one needs SDS certificates); endpoints
 as a ``ClusterLoadAssignment`` per cluster, grouped by locality, each endpoint HEALTHY with
-weight 1 and Istio's workload metadata.
+weight 1 and Istio's workload metadata. For a DestinationRule ``tls`` with files, istiod's
+``transport_socket`` (:func:`tls_socket`) and the SDS secrets istio-agent serves for it
+(:func:`file_secrets`).
 """
 
 from __future__ import annotations
