@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.route.v3 import rds_pb2_grpc
+from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
@@ -86,10 +87,17 @@ class _Stream:
 
 
 class _Servicer(
-    ads_pb2_grpc.AggregatedDiscoveryServiceServicer, rds_pb2_grpc.RouteDiscoveryServiceServicer
+    ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
+    rds_pb2_grpc.RouteDiscoveryServiceServicer,
+    sds_pb2_grpc.SecretDiscoveryServiceServicer,
 ):
     def __init__(self, server: ControlPlane) -> None:
         self.server = server
+
+    async def StreamSecrets(self, request_iterator: Any, context: Any) -> Any:
+        """istio-agent's part: SDS secrets (``file-cert:``, ``file-root:``) for Envoy."""
+        async for response in self.StreamAggregatedResources(request_iterator, context):
+            yield response
 
     async def StreamRoutes(self, request_iterator: Any, context: Any) -> Any:
         """Aeraki's service: RDS alone, the same protocol as the aggregated stream."""
@@ -179,6 +187,9 @@ class ControlPlane:
             ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
                 _Servicer(self), self._server
             )
+            # Envoy asks istio-agent for the secrets istiod's clusters name (``sds-grpc``);
+            # the same server plays that part (the engine reads the files itself).
+            sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), self._server)
         else:
             rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(_Servicer(self), self._server)
         self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port or self._port}")

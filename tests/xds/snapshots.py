@@ -11,7 +11,9 @@ istiod: outbound clusters ``outbound|<port>|<subset>|<host>`` of type EDS with a
 thresholds, Istio service metadata and ``transport_socket_matches`` (here only istiod's
 plain-text ``tlsMode-disabled`` match: the mutual-TLS one needs SDS certificates); endpoints
 as a ``ClusterLoadAssignment`` per cluster, grouped by locality, each endpoint HEALTHY with
-weight 1 and Istio's workload metadata.
+weight 1 and Istio's workload metadata. For a DestinationRule ``tls`` with files, istiod's
+``transport_socket`` (:func:`tls_socket`) and the SDS secrets istio-agent serves for it
+(:func:`file_secrets`).
 """
 
 from __future__ import annotations
@@ -21,18 +23,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    health_check_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
-from envoy.type.matcher.v3 import regex_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 
 @dataclass
@@ -193,6 +203,110 @@ def load_assignment(
             )
         ],
     )
+
+
+def sds_config() -> config_source_pb2.ConfigSource:
+    """istiod's ``ConstructSdsSecretConfig`` source: istio-agent's ``sds-grpc`` cluster."""
+    return config_source_pb2.ConfigSource(
+        api_config_source=config_source_pb2.ApiConfigSource(
+            api_type=config_source_pb2.ApiConfigSource.GRPC,
+            set_node_on_first_message_only=True,
+            transport_api_version=config_source_pb2.V3,
+            grpc_services=[
+                grpc_service_pb2.GrpcService(
+                    envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name="sds-grpc")
+                )
+            ],
+        ),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def tls_socket(
+    ca: str | None,
+    cert: tuple[str, str] | None = None,
+    *,
+    sni: str = "",
+    sans: Sequence[str] = (),
+    crl: str | None = None,
+    insecure: bool = False,
+) -> base_pb2.TransportSocket:
+    """A DestinationRule's ``tls`` with files (SIMPLE, or MUTUAL with ``cert``), as istiod's
+    ``constructUpstreamTLS`` writes it: TLS 1.2 to 1.3, the client certificate as the SDS
+    secret ``file-cert:<cert>~<key>``, the CAs as ``file-root:<ca>`` (``file-root:system``
+    without ``ca``) combined with the subject alt names (exact) and the CRL; with
+    ``insecure`` (insecureSkipVerify) an empty validation context."""
+    common = tls_pb2.CommonTlsContext(
+        tls_params=common_pb2.TlsParameters(
+            tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2,
+            tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3,
+        )
+    )
+    if cert is not None:
+        common.tls_certificate_sds_secret_configs.append(
+            secret_pb2.SdsSecretConfig(
+                name=f"file-cert:{cert[0]}~{cert[1]}", sds_config=sds_config()
+            )
+        )
+    if insecure:
+        common.validation_context.SetInParent()
+    else:
+        default = common_pb2.CertificateValidationContext(
+            match_subject_alt_names=[string_pb2.StringMatcher(exact=n) for n in sans]
+        )
+        if crl is not None:
+            default.crl.filename = crl
+        common.combined_validation_context.CopyFrom(
+            tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=default,
+                validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
+                    name=f"file-root:{ca or 'system'}", sds_config=sds_config()
+                ),
+            )
+        )
+    socket = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")
+    socket.typed_config.Pack(tls_pb2.UpstreamTlsContext(common_tls_context=common, sni=sni))
+    return socket
+
+
+def tls_cluster(name: str, socket: base_pb2.TransportSocket) -> cluster_pb2.Cluster:
+    """:func:`cluster` with a DestinationRule's ``tls``: istiod then sends the cluster's
+    ``transport_socket`` and no ``transport_socket_matches``."""
+    c = cluster(name)
+    del c.transport_socket_matches[:]
+    c.transport_socket.CopyFrom(socket)
+    return c
+
+
+def file_secrets(socket: base_pb2.TransportSocket) -> list[secret_pb2.Secret]:
+    """The SDS secrets istio-agent serves for the ``file-cert:`` and ``file-root:`` names a
+    :func:`tls_socket` holds (it reads the files; these name them)."""
+    ctx = tls_pb2.UpstreamTlsContext()
+    socket.typed_config.Unpack(ctx)
+    common = ctx.common_tls_context
+    out = []
+    for sds in common.tls_certificate_sds_secret_configs:
+        chain, key = sds.name.removeprefix("file-cert:").split("~")
+        out.append(
+            secret_pb2.Secret(
+                name=sds.name,
+                tls_certificate=common_pb2.TlsCertificate(
+                    certificate_chain=base_pb2.DataSource(filename=chain),
+                    private_key=base_pb2.DataSource(filename=key),
+                ),
+            )
+        )
+    root = common.combined_validation_context.validation_context_sds_secret_config.name
+    if root:
+        out.append(
+            secret_pb2.Secret(
+                name=root,
+                validation_context=common_pb2.CertificateValidationContext(
+                    trusted_ca=base_pb2.DataSource(filename=root.removeprefix("file-root:"))
+                ),
+            )
+        )
+    return out
 
 
 HOST, PORT = "hello.svc", 9090

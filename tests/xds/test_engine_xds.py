@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import ssl
 import threading
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import trustme
 from control_plane import BlackHole, ControlPlane
 from snapshots import (
     CLUSTER_TYPE,
@@ -34,6 +38,8 @@ from snapshots import (
     load_assignment,
     refused_route,
     route_configuration,
+    tls_cluster,
+    tls_socket,
 )
 
 from metaprotocol_sdk.demo.idl import hello, untyped
@@ -597,3 +603,110 @@ def test_initial_fetch_timeout_is_checked() -> None:
             loads_config(config_yaml(1, f"\n    initialFetchTimeout: {bad}"))
     xds = loads_config(config_yaml(1)).proxy.xds
     assert xds is not None and xds.initial_fetch_timeout == 15.0
+
+
+# -- TLS to the upstreams, from the control plane ---------------------------------------------
+
+
+class TlsHelloServer(HelloServer):
+    """A :class:`HelloServer` behind TLS with ``context`` (which may require a client
+    certificate); ``sni`` records the server name of each handshake."""
+
+    def __init__(self, version: str, context: ssl.SSLContext, sni: list[str | None]) -> None:
+        super().__init__(version)
+        self.context = context
+        context.sni_callback = lambda _sock, name, _ctx: sni.append(name)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            wrapped = self.context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):  # a handshake the client gave up: nothing to serve
+            conn.close()
+            return
+        with self._lock:
+            self._clients.discard(conn)
+            self._clients.add(wrapped)
+        super()._serve(wrapped)
+
+
+def test_a_tls_cluster_from_the_control_plane_is_reached_over_tls(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """istiod's cluster for a DestinationRule tls MUTUAL with files: the engine connects to
+    servers that require its client certificate, sends the cluster's SNI and verifies the
+    server's certificate for it; a CA file that is missing NACKs the update and the clusters
+    in force keep serving; a wrong CA makes the handshake fail, verified, as designed."""
+    ca, other = trustme.CA(), trustme.CA()
+    ca_file, other_file = str(tmp_path / "ca.pem"), str(tmp_path / "other.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    other.cert_pem.write_to_path(other_file)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("tls.hello.svc").configure_cert(server)
+    server.load_verify_locations(ca_file)
+    server.verify_mode = ssl.CERT_REQUIRED  # the engine must send its certificate
+    leaf = ca.issue_cert("engine.local")
+    cert, key = str(tmp_path / "engine.pem"), str(tmp_path / "engine.key")
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    sni: list[str | None] = []
+    tls_servers = {n: TlsHelloServer(n, server, sni).start() for n in ("v1a", "v1b", "v2")}
+
+    def version(ca_path: str) -> dict[str, list[Any]]:
+        resources = snapshots(tls_servers)[0][1]
+        socket_ = tls_socket(ca_path, (cert, key), sni="tls.hello.svc")
+        resources[CLUSTER_TYPE] = [tls_cluster(c.name, socket_) for c in resources[CLUSTER_TYPE]]
+        return resources
+
+    control_plane.set_snapshot("1", version(ca_file))
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        caller = Caller(harness.port)
+        try:
+            assert set(caller.next(20)) == {"v1a", "v1b"}
+            assert sni and set(sni) == {"tls.hello.svc"}
+            clusters = {c["name"]: c for c in harness.dump()["clusters"]}
+            tls = clusters[f"outbound|{PORT}|v1|{HOST}"]["tls"]
+            assert (tls["mode"], tls["caCertificates"], tls["clientCertificate"]) == (
+                "MUTUAL",
+                ca_file,
+                cert,
+            )
+            stats = harness.call(_stats(harness.engine))
+            assert stats[
+                f'metaprotocol_tls_handshakes_total{{cluster="outbound|{PORT}|v1|{HOST}"}}'
+            ]
+            # A CA file that is not there: NACKed, naming the field; nothing changes.
+            missing = str(tmp_path / "missing.pem")
+            control_plane.set_snapshot("2", version(missing))
+            harness.wait(lambda c: c.types[CLUSTER_TYPE].nacks == 1)
+            control_plane.wait(lambda _r: bool(control_plane.nacks(CLUSTER_TYPE)))
+            (nack,) = control_plane.nacks(CLUSTER_TYPE)
+            assert nack.version == "1" and nack.error is not None
+            assert "validation_context_sds_secret_config.name: no such file: " in nack.error
+            assert missing in nack.error
+            assert set(caller.next(20)) == {"v1a", "v1b"}
+        finally:
+            caller.close()
+        assert not caller.errors
+        # A CA that did not sign the servers' certificates: applied, and every handshake
+        # fails verification (the request gets the protocol's error, the server nothing).
+        control_plane.set_snapshot("3", version(other_file))
+        harness.wait(acked("3"))
+        rpc, tt = untyped("thriftpy2.rpc"), untyped("thriftpy2.transport")
+        client = rpc.make_client(
+            hello().Hello,
+            "127.0.0.1",
+            harness.port,
+            trans_factory=tt.TFramedTransportFactory(),
+            timeout=10_000,
+        )
+        try:
+            with pytest.raises(Exception, match="certificate verify failed"):
+                client.sayHello("xds")
+        finally:
+            client.close()
+    finally:
+        harness.close()
+        for s in tls_servers.values():
+            s.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from control_plane import ControlPlane
 from snapshots import (
     CLUSTER_TYPE,
@@ -27,9 +28,13 @@ from snapshots import (
     ENDPOINT_TYPE,
     RDS_NAME,
     ROUTE_TYPE,
+    SECRET_TYPE,
     dubbo_snapshots,
+    file_secrets,
     hello_snapshots,
     refused_route,
+    tls_cluster,
+    tls_socket,
 )
 
 ENVOY = (
@@ -257,3 +262,53 @@ def test_envoy_acks_routes_from_aeraki_and_clusters_from_istiod(tmp_path: Path) 
     finally:
         istiod.close()
         aeraki.close()
+
+
+def test_envoy_acks_a_tls_cluster_and_loads_its_file_secrets(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The engine's TLS clusters are istiod's for a DestinationRule tls MUTUAL with files:
+    Envoy ACKs them and asks istio-agent's ``sds-grpc`` (played by the same server) for the
+    ``file-cert:`` and ``file-root:`` secrets, which it loads from the files and uses."""
+    ca = trustme.CA()
+    ca_file = str(tmp_path / "ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    leaf = ca.issue_cert("engine.local")
+    cert, key = str(tmp_path / "engine.pem"), str(tmp_path / "engine.key")
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    socket = tls_socket(ca_file, (cert, key), sni="tls.hello.svc", sans=["tls.hello.svc"])
+    _, resources = hello_snapshots([("127.0.0.1", 20001)], [("127.0.0.1", 20003)])[0]
+    resources[CLUSTER_TYPE] = [tls_cluster(c.name, socket) for c in resources[CLUSTER_TYPE]]
+    resources[SECRET_TYPE] = file_secrets(socket)
+    clusters = GRPC_CLUSTER.format(name="xds", port=control_plane.port)
+    clusters += GRPC_CLUSTER.format(name="sds-grpc", port=control_plane.port)
+    with run_envoy(control_plane, tmp_path, clusters, RDS_OVER_ADS) as admin:
+        control_plane.set_snapshot("tls", resources)
+        control_plane.wait(
+            lambda _r: (
+                control_plane.acked(CLUSTER_TYPE, "tls", NODE)
+                or bool(control_plane.nacks(CLUSTER_TYPE))
+            )
+        )
+        assert not control_plane.nacks(CLUSTER_TYPE)
+        names = {f"file-cert:{cert}~{key}", f"file-root:{ca_file}"}
+        control_plane.wait(
+            lambda reqs: (
+                {
+                    n
+                    for r in reqs
+                    if r.type_url == SECRET_TYPE and r.nonce and r.error is None
+                    for n in r.names
+                }
+                >= names
+            )
+        )
+        assert not control_plane.nacks(SECRET_TYPE)
+        secrets = _dump(admin, "dynamic_active_secrets")["configs"]
+        assert {s["name"] for s in secrets} == names
+        # Clusters warm until their secrets arrive: all three active means they were used.
+        active = _dump(admin, "dynamic_active_clusters")["configs"]
+        assert len(active) == 3
+        for c in active:
+            assert c["cluster"]["transport_socket"]["typed_config"]["sni"] == "tls.hello.svc"

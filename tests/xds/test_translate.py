@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,11 +28,13 @@ from snapshots import (
     load_assignment,
     refused_route,
     route_configuration,
+    tls_cluster,
+    tls_socket,
 )
 
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy.config import loads_config
-from metaprotocol_sdk.proxy.config.models import AttributeMatch, Config
+from metaprotocol_sdk.proxy.config.models import AttributeMatch, Config, UpstreamTls
 from metaprotocol_sdk.proxy.workers import WorkerSpec
 from metaprotocol_sdk.proxy.xds.translate import (
     Resources,
@@ -428,3 +434,297 @@ def test_corrupted_resources_are_refused_or_applied_never_crash(data: st.DataObj
         translate(base(), resources(snap))
     except (XdsRefused, ConfigError) as exc:
         assert str(exc)
+
+
+# -- TLS: a cluster's transport_socket ------------------------------------------------------
+
+
+class Files:
+    """A trustme CA, a server name's and a client's certificates, as files under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        ca = trustme.CA()
+        self.ca = str(root / "ca.pem")
+        ca.cert_pem.write_to_path(self.ca)
+        leaf = ca.issue_cert("client.local")
+        self.cert, self.key = str(root / "client.pem"), str(root / "client.key")
+        leaf.cert_chain_pems[0].write_to_path(self.cert)
+        leaf.private_key_pem.write_to_path(self.key)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path)
+
+
+def with_tls(socket: Any, names: tuple[str, ...] = (V1,)) -> Resources:
+    """The first snapshot, the clusters ``names`` with ``socket`` as istiod sends it."""
+    snap = snapshot()
+    snap[CLUSTER_TYPE] = [
+        tls_cluster(c.name, socket) if c.name in names else c for c in snap[CLUSTER_TYPE]
+    ]
+    return resources(snap)
+
+
+def test_istiod_tls_with_files_is_the_destination_rule_tls(files: Files) -> None:
+    socket = tls_socket(files.ca, (files.cert, files.key), sni="tls.hello.svc", sans=["a", "b"])
+    rule = translate(base(), with_tls(socket)).destination_rules["hello.svc"]
+    tls = rule.subsets["v1"].policy.tls
+    assert tls is not None and tls.context is not None
+    assert (tls.mode, tls.ca_certificates, tls.client_certificate, tls.private_key) == (
+        "MUTUAL",
+        files.ca,
+        files.cert,
+        files.key,
+    )
+    assert (tls.sni, tls.subject_alt_names, tls.insecure_skip_verify) == (
+        "tls.hello.svc",
+        ("a", "b"),
+        False,
+    )
+    assert tls.digest and [path for path, _ in tls.expiry] == [files.ca, files.cert]
+    # The other clusters stay plain TCP.
+    assert rule.policy.tls is None and rule.subsets["v2"].policy.tls is None
+
+
+def test_istiod_simple_tls_system_roots_and_insecure_skip_verify(files: Files) -> None:
+    rule = translate(base(), with_tls(tls_socket(None))).destination_rules["hello.svc"]
+    tls = rule.subsets["v1"].policy.tls
+    assert tls is not None  # file-root:system: the system's trust store, verified
+    assert (tls.mode, tls.ca_certificates, tls.insecure_skip_verify) == ("SIMPLE", None, False)
+    rule = translate(base(), with_tls(tls_socket(None, insecure=True))).destination_rules[
+        "hello.svc"
+    ]
+    tls = rule.subsets["v1"].policy.tls
+    assert tls is not None and tls.insecure_skip_verify and tls.mode == "SIMPLE"
+
+
+def test_a_plain_subset_of_a_tls_host_stays_plain(files: Files) -> None:
+    # The host's cluster has TLS, subset v2's does not: it must not inherit the host's tls.
+    rule = translate(base(), with_tls(tls_socket(files.ca), (ALL, V1))).destination_rules[
+        "hello.svc"
+    ]
+    assert rule.policy.tls is not None and rule.policy.tls.mode == "SIMPLE"
+    # A subset's policy falls back to the host's, field by field.
+    assert rule.subsets["v1"].policy.over(rule.policy).tls == rule.policy.tls
+    v2 = rule.subsets["v2"].policy.over(rule.policy).tls
+    assert v2 == UpstreamTls("DISABLE") and not v2.enabled
+
+
+def inline_files(files: Files) -> Any:
+    """What a control plane without SDS sends: file names in the context itself."""
+    ctx = tls_pb2.UpstreamTlsContext(sni="hello.svc")
+    cert = ctx.common_tls_context.tls_certificates.add()
+    cert.certificate_chain.filename = files.cert
+    cert.private_key.filename = files.key
+    vc = ctx.common_tls_context.validation_context
+    vc.trusted_ca.filename = files.ca
+    vc.match_typed_subject_alt_names.add(san_type=2).matcher.exact = "hello.svc"
+    socket = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")
+    socket.typed_config.Pack(ctx)
+    return socket
+
+
+def test_file_names_from_a_control_plane_without_sds(files: Files) -> None:
+    rule = translate(base(), with_tls(inline_files(files))).destination_rules["hello.svc"]
+    tls = rule.subsets["v1"].policy.tls
+    assert tls is not None
+    assert (tls.mode, tls.ca_certificates, tls.client_certificate, tls.private_key) == (
+        "MUTUAL",
+        files.ca,
+        files.cert,
+        files.key,
+    )
+    assert tls.subject_alt_names == ("hello.svc",)
+
+
+def _ctx(socket: Any) -> Any:
+    ctx = tls_pb2.UpstreamTlsContext()
+    socket.typed_config.Unpack(ctx)
+    return ctx
+
+
+def _repack(socket: Any, ctx: Any) -> Any:
+    socket.typed_config.Pack(ctx)
+    return socket
+
+
+def _tls_case(edit: Any) -> Any:
+    """A MUTUAL istiod socket (files that need not exist: refused before they are read)
+    changed by ``edit(context)``."""
+    socket = tls_socket("/ca.pem", ("/c.pem", "/c.key"), sans=["hello.svc"])
+    ctx = _ctx(socket)
+    edit(ctx)
+    return _repack(socket, ctx)
+
+
+_COMMON = "transport_socket.typed_config.common_tls_context"
+_COMBINED = f"{_COMMON}.combined_validation_context"
+
+
+def _istio_mutual(ctx: Any) -> None:
+    ctx.common_tls_context.tls_certificate_sds_secret_configs[0].name = "default"
+
+
+def _istio_root(ctx: Any) -> None:
+    combined = ctx.common_tls_context.combined_validation_context
+    combined.validation_context_sds_secret_config.name = "ROOTCA"
+
+
+def _credential(ctx: Any) -> None:
+    ctx.common_tls_context.tls_certificate_sds_secret_configs[0].name = "kubernetes://secret"
+
+
+def _inline_key(ctx: Any) -> None:
+    del ctx.common_tls_context.tls_certificate_sds_secret_configs[:]
+    cert = ctx.common_tls_context.tls_certificates.add()
+    cert.certificate_chain.filename = "/c.pem"
+    cert.private_key.inline_bytes = b"-----BEGIN PRIVATE KEY-----"
+
+
+def _bad_cert_name(ctx: Any) -> None:
+    ctx.common_tls_context.tls_certificate_sds_secret_configs[0].name = "file-cert:/c.pem"
+
+
+def _two_certs(ctx: Any) -> None:
+    ctx.common_tls_context.tls_certificates.add().certificate_chain.filename = "/x"
+
+
+def _pin(ctx: Any) -> None:
+    default = ctx.common_tls_context.combined_validation_context.default_validation_context
+    default.verify_certificate_spki.append("x" * 44)
+
+
+def _untrusted(ctx: Any) -> None:
+    default = ctx.common_tls_context.combined_validation_context.default_validation_context
+    default.trust_chain_verification = 1  # ACCEPT_UNTRUSTED
+
+
+def _prefix_san(ctx: Any) -> None:
+    default = ctx.common_tls_context.combined_validation_context.default_validation_context
+    default.match_subject_alt_names[0].prefix = "hello"
+
+
+def _email_san(ctx: Any) -> None:
+    default = ctx.common_tls_context.combined_validation_context.default_validation_context
+    default.match_typed_subject_alt_names.add(san_type=1).matcher.exact = "a@b"
+
+
+def _sans_without_ca(ctx: Any) -> None:
+    ctx.common_tls_context.validation_context.match_subject_alt_names.add(exact="hello.svc")
+
+
+def _two_cas(ctx: Any) -> None:
+    default = ctx.common_tls_context.combined_validation_context.default_validation_context
+    default.trusted_ca.filename = "/other.pem"
+
+
+@pytest.mark.parametrize(
+    ("edit", "detail"),
+    [
+        (
+            _istio_mutual,
+            "SDS secret 'default' is istio-agent's workload certificate (tls mode "
+            "ISTIO_MUTUAL): this engine has no istiod identity",
+        ),
+        (_istio_root, "SDS secret 'ROOTCA' is istio-agent's mesh root certificate"),
+        (_credential, "SDS secret 'kubernetes://secret': only Istio's names for files"),
+        (
+            _inline_key,
+            f"{_COMMON}.tls_certificates[0].private_key.inline_bytes: not supported "
+            "by this engine: certificates and keys are files named by path",
+        ),
+        (_bad_cert_name, "expected file-cert:<certificate>~<key>, got 'file-cert:/c.pem'"),
+        (_two_certs, "one client certificate at most"),
+        (
+            lambda c: c.common_tls_context.alpn_protocols.append("h2"),
+            f"{_COMMON}.alpn_protocols: not supported by this engine: no ALPN is offered",
+        ),
+        (
+            lambda c: setattr(c, "allow_renegotiation", True),
+            "allow_renegotiation: not supported by this engine: the engine never renegotiates",
+        ),
+        (lambda c: setattr(c, "auto_host_sni", True), "auto_host_sni: not supported"),
+        (
+            lambda c: c.common_tls_context.tls_params.cipher_suites.append("AES128-SHA"),
+            f"{_COMMON}.tls_params.cipher_suites: not supported by this engine: OpenSSL's defaults",
+        ),
+        (
+            lambda c: setattr(c.common_tls_context.tls_params, "tls_minimum_protocol_version", 4),
+            "tls_minimum_protocol_version: not supported by this engine: TLSv1_3",
+        ),
+        (
+            lambda c: setattr(c.common_tls_context.tls_params, "tls_minimum_protocol_version", 1),
+            "TLSv1_0: TLS 1.0 and 1.1 are deprecated",
+        ),
+        (
+            lambda c: setattr(c.common_tls_context.tls_params, "tls_maximum_protocol_version", 3),
+            "tls_maximum_protocol_version: not supported by this engine: TLSv1_2",
+        ),
+        (_pin, "verify_certificate_spki: not supported by this engine: certificate pinning"),
+        (
+            _untrusted,
+            "trust_chain_verification: not supported by this engine: the chain is always verified",
+        ),
+        (
+            _prefix_san,
+            f"{_COMBINED}.default_validation_context.match_subject_alt_names[0]"
+            ".prefix: not supported by this engine: only exact names",
+        ),
+        (_email_san, "san_type: only DNS, URI and IP_ADDRESS names are matched"),
+        (_sans_without_ca, "subject alt names or a CRL without trusted CAs"),
+        (_two_cas, "trusted_ca: the trusted CAs are given by"),
+    ],
+)
+def test_refused_tls(edit: Any, detail: str) -> None:
+    got = refusal(with_tls(_tls_case(edit)))
+    assert got.startswith(f"CDS {V1}: ") and detail in got, got
+
+
+def test_refused_transport_sockets() -> None:
+    socket = base_pb2.TransportSocket(name="envoy.transport_sockets.tap")
+    socket.typed_config.Pack(cluster_pb2.Cluster())  # any other message
+    assert "transport socket 'envoy.config.cluster.v3.Cluster' is not supported" in refusal(
+        with_tls(socket)
+    )
+    # A TLS transport_socket and transport_socket_matches: which endpoint gets which socket?
+    snap = snapshot()
+    snap[CLUSTER_TYPE][1].transport_socket.CopyFrom(tls_socket(None))
+    assert f"CDS {V1}: transport_socket_matches: with a TLS transport_socket" in refusal(
+        resources(snap)
+    )
+    # A raw-buffer transport_socket is plain TCP.
+    raw = snapshot()[CLUSTER_TYPE][1].transport_socket_matches[0].transport_socket
+    rule = translate(base(), with_tls(raw)).destination_rules["hello.svc"]
+    assert rule.subsets["v1"].policy.tls is None
+    # istiod's automatic mutual TLS (ISTIO_MUTUAL in a tlsMode-istio match) without a
+    # transport_socket: ignored, as documented; the cluster is plain TCP.
+    snap = snapshot()
+    match = snap[CLUSTER_TYPE][1].transport_socket_matches.add(name="tlsMode-istio")
+    match.match.update({"tlsMode": "istio"})
+    match.transport_socket.CopyFrom(tls_socket("ROOTCA"))
+    rule = translate(base(), resources(snap)).destination_rules["hello.svc"]
+    assert rule.subsets["v1"].policy.tls is None
+
+
+def test_a_tls_file_that_cannot_be_used_names_the_cluster_and_xds_field(
+    files: Files, tmp_path: Path
+) -> None:
+    missing = str(tmp_path / "missing.pem")
+    got = refusal(with_tls(tls_socket(missing, (files.cert, files.key))))
+    assert got == (
+        f"xDS CDS {V1}: {_COMBINED}.validation_context_sds_secret_config.name: no such file: "
+        f"{missing} (DestinationRule spec.subsets[0].trafficPolicy.tls.caCertificates)"
+    )
+    got = refusal(with_tls(tls_socket(files.ca, (files.cert, files.ca))))
+    assert got.startswith(f"xDS CDS {V1}: {_COMMON}.tls_certificate_sds_secret_configs[0].name: ")
+    assert "holds no PEM private key" in got
+    got = refusal(with_tls(tls_socket(files.ca, crl=missing), (ALL,)))
+    assert got.startswith(
+        f"xDS CDS {ALL}: {_COMBINED}.default_validation_context.crl.filename: no such file"
+    )
+    socket = inline_files(files)
+    ctx = _ctx(socket)
+    ctx.common_tls_context.tls_certificates[0].private_key.filename = missing
+    got = refusal(with_tls(_repack(socket, ctx)))
+    assert f"{_COMMON}.tls_certificates[0].private_key.filename: " in got

@@ -17,8 +17,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from metaprotocol_sdk.errors import ConfigError
 
@@ -55,8 +56,9 @@ IGNORED: dict[str, dict[str, str]] = {
     "Cluster": {
         "metadata": "Istio's service bookkeeping (the name carries host, port and subset)",
         "alt_stat_name": "the engine names cluster statistics by the cluster name",
-        "transport_socket_matches": "mutual TLS to Istio workloads; upstream connections are "
-        "plain TCP (as with a DestinationRule tls mode DISABLE)",
+        "transport_socket_matches": "istiod's automatic mutual TLS (ISTIO_MUTUAL, with "
+        "istio-agent's certificates) to workloads with a sidecar: those connections are plain "
+        "TCP (as with a DestinationRule tls mode DISABLE); a transport_socket with it is refused",
         "filters": "Istio's metadata exchange for HTTP telemetry",
         "common_lb_config": "locality weighting and panic thresholds (outlier detection has "
         "its own panic mode)",
@@ -76,7 +78,8 @@ IGNORED: dict[str, dict[str, str]] = {
         "metadata": "opaque to load balancing",
     },
     "LbEndpoint": {
-        "metadata": "Istio's workload and tlsMode labels (connections are plain TCP)",
+        "metadata": "Istio's workload and tlsMode labels (the tlsMode label selects among "
+        "transport_socket_matches, which are not read)",
         "load_balancing_weight": "equal weights only (checked); the balancers treat endpoints "
         "alike",
     },
@@ -86,6 +89,14 @@ IGNORED: dict[str, dict[str, str]] = {
     },
     "SocketAddress": {"protocol": "TCP is the only protocol", "ipv4_compat": "an IPv6 detail"},
     "Thresholds": {"track_remaining": "Envoy's own statistics", "priority": "checked: DEFAULT"},
+    "SdsSecretConfig": {
+        "sds_config": "the name says which files to read (Istio's file-cert: and file-root: "
+        "names), and the engine reads them itself, as istio-agent's SDS server does for them",
+    },
+    "UpstreamTlsContext": {
+        "max_session_keys": "the engine resumes no TLS session: every connection makes a full "
+        "handshake, so there is nothing to cache",
+    },
 }
 
 #: Circuit-breaker thresholds at or above it mean "no limit" (istiod writes 2^32 - 1).
@@ -439,6 +450,8 @@ class _HostPort:
     policy: dict[str, Any]
     ring_hash: bool
     endpoints: list[tuple[str, int]]
+    #: The xDS field each key of ``policy["tls"]`` came from.
+    tls_origin: dict[str, str] = field(default_factory=dict)
 
 
 _LB = {0: "ROUND_ROBIN", 1: "LEAST_REQUEST", 3: "RANDOM"}
@@ -460,6 +473,7 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             "load_assignment",
             "max_requests_per_connection",
             "common_http_protocol_options",
+            "transport_socket",
         },
     )
     policy: dict[str, Any] = {}
@@ -541,6 +555,361 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
     return policy, ring
 
 
+# -- a cluster's transport socket: TLS ---------------------------------------------------------
+
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_RAW_BUFFER = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+#: istio-agent's SDS names (``ISTIO_MUTUAL``): the workload certificate and the mesh's root.
+_ISTIO_SDS = {"default": "workload certificate", "ROOTCA": "mesh root certificate"}
+#: Istio's SDS names for a DestinationRule's files (``SdsCertificateConfig``).
+_FILE_CERT, _FILE_ROOT = "file-cert:", "file-root:"
+#: ``file-root:system``: the system's trust store (istiod's name when caCertificates is unset).
+_SYSTEM_ROOT = "system"
+_PROVIDERS = "certificate providers are not supported: certificates come from files"
+_NAMES = "only exact names are matched, as a DestinationRule's subjectAltNames are"
+_CIPHERS = (
+    "OpenSSL's defaults apply to clusters: a restricted list (Istio's meshConfig.tlsDefaults, "
+    "FIPS compliance) cannot be applied to them in this version"
+)
+#: Fields that would change a connection's security and that the engine cannot honour.
+_TLS_REFUSED: dict[str, dict[str, str]] = {
+    "UpstreamTlsContext": {
+        "auto_host_sni": "SNI from each endpoint's hostname: the engine sends the cluster's sni "
+        "(else the service host) to every endpoint",
+        "auto_sni_san_validation": "names checked against each endpoint's SNI: the engine checks "
+        "them against the cluster's sni (else the service host)",
+        "allow_renegotiation": "the engine never renegotiates (OpenSSL's OP_NO_RENEGOTIATION)",
+        "enforce_rsa_key_usage": "the key usage checks are OpenSSL's own, not switchable here",
+    },
+    "CommonTlsContext": {
+        "alpn_protocols": "no ALPN is offered: a MetaProtocol upstream speaks one protocol "
+        "(istiod sets ALPN on HTTP/2 and ISTIO_MUTUAL clusters only)",
+        "custom_handshaker": "only OpenSSL's handshake",
+        "key_log": "TLS secrets are never written out",
+        "tls_certificate_provider_instance": _PROVIDERS,
+        "tls_certificate_certificate_provider": _PROVIDERS,
+        "tls_certificate_certificate_provider_instance": _PROVIDERS,
+        "custom_tls_certificate_selector": _PROVIDERS,
+        "validation_context_certificate_provider": _PROVIDERS,
+        "validation_context_certificate_provider_instance": _PROVIDERS,
+    },
+    "CombinedCertificateValidationContext": {
+        "validation_context_certificate_provider": _PROVIDERS,
+        "validation_context_certificate_provider_instance": _PROVIDERS,
+    },
+    "TlsParameters": {
+        "cipher_suites": _CIPHERS,
+        "ecdh_curves": _CIPHERS,
+        "signature_algorithms": _CIPHERS,
+        "compliance_policies": _CIPHERS,
+    },
+    "CertificateValidationContext": {
+        "verify_certificate_spki": "certificate pinning is not supported",
+        "verify_certificate_hash": "certificate pinning is not supported",
+        "require_signed_certificate_timestamp": "certificate transparency is not checked",
+        "allow_expired_certificate": "an expired certificate is always refused",
+        "trust_chain_verification": "the chain is always verified",
+        "custom_validator_config": "only OpenSSL's verification",
+        "only_verify_leaf_cert_crl": "revocation lists are checked for every certificate of "
+        "the chain",
+        "max_verify_depth": "the chain depth allowed is OpenSSL's",
+        "watched_directory": "the files are read at every update and reload, not watched",
+        "ca_certificate_provider_instance": _PROVIDERS,
+    },
+    "TlsCertificate": {
+        "pkcs12": "PEM files only",
+        "password": "unencrypted keys only (no passphrase can be given)",
+        "private_key_provider": "the key is read from its file",
+        "watched_directory": "the files are read at every update and reload, not watched",
+        "ocsp_staple": "a server's field",
+        "signed_certificate_timestamp": "a server's field",
+    },
+    "DataSource": {
+        "inline_bytes": "certificates and keys are files named by path (the configuration, "
+        "/config_dump and rotation name files); key material is not taken from the control "
+        "plane",
+        "inline_string": "certificates and keys are files named by path (the configuration, "
+        "/config_dump and rotation name files); key material is not taken from the control "
+        "plane",
+        "environment_variable": "certificates and keys are files named by path",
+        "watched_directory": "the files are read at every update and reload, not watched",
+    },
+    "StringMatcher": {
+        "prefix": _NAMES,
+        "suffix": _NAMES,
+        "safe_regex": _NAMES,
+        "contains": _NAMES,
+        "custom": _NAMES,
+        "ignore_case": "names are compared as a DestinationRule's subjectAltNames are",
+    },
+    "SubjectAltNameMatcher": {"oid": "OTHER_NAME SANs are not matched"},
+}
+
+
+def _check_tls(res: str, msg: Message, path: str, kind: str, honoured: set[str]) -> None:
+    """:func:`_check`, with the reason of each TLS field the engine refuses."""
+    reasons = _TLS_REFUSED.get(kind, {})
+    for desc, _ in msg.ListFields():
+        if desc.name in reasons and desc.name not in honoured:
+            raise XdsRefused(
+                res, f"{path}.{desc.name}", f"not supported by this engine: {reasons[desc.name]}"
+            )
+    _check(res, msg, path, kind, honoured)
+
+
+@dataclass
+class _Tls:
+    """A cluster's TLS as a DestinationRule's ``trafficPolicy.tls``, and the xDS field each of
+    its keys came from (to name it when a file cannot be used)."""
+
+    doc: dict[str, Any]
+    origin: dict[str, str]
+
+
+def _tls_file(res: str, ds: Any, path: str) -> str:
+    _check_tls(res, ds, path, "DataSource", {"filename"})
+    if not ds.filename:
+        raise XdsRefused(res, path, "needs a filename")
+    return str(ds.filename)
+
+
+def _sds_name(res: str, sds: Any, path: str, prefix: str) -> str:
+    """The part after ``prefix`` of an SDS secret name (Istio's ``file-cert:``/``file-root:``)."""
+    _check_tls(res, sds, path, "SdsSecretConfig", {"name"})
+    name = str(sds.name)
+    if name in _ISTIO_SDS:
+        raise XdsRefused(
+            res,
+            f"{path}.name",
+            f"SDS secret {name!r} is istio-agent's {_ISTIO_SDS[name]} (tls mode ISTIO_MUTUAL): "
+            "this engine has no istiod identity; use a DestinationRule tls mode MUTUAL with "
+            "files",
+        )
+    if not name.startswith(prefix) or len(name) == len(prefix):
+        raise XdsRefused(
+            res,
+            f"{path}.name",
+            f"SDS secret {name!r}: only Istio's names for files on this machine "
+            f"({_FILE_CERT}<certificate>~<key>, {_FILE_ROOT}<CA file>) are read here: this "
+            "engine has no SDS client",
+        )
+    return name[len(prefix) :]
+
+
+def _san_matcher(res: str, m: Any, path: str) -> str:
+    _check_tls(res, m, path, "StringMatcher", {"exact"})
+    if not m.exact:
+        raise XdsRefused(res, path, "needs an exact name")
+    return str(m.exact)
+
+
+#: ``TlsParameters.TlsProtocol``: TLS_AUTO, TLSv1_0, TLSv1_1, TLSv1_2, TLSv1_3.
+_TLS_VERSIONS = {0: "TLS_AUTO", 1: "TLSv1_0", 2: "TLSv1_1", 3: "TLSv1_2", 4: "TLSv1_3"}
+
+
+def _tls_params(res: str, p: Any, path: str) -> None:
+    """Only what the engine's clusters do: TLS 1.2 at least, TLS 1.3 at most (istiod's
+    values). ``TLS_AUTO`` as the maximum (Envoy's client then stops at TLS 1.2) lets the
+    engine offer TLS 1.3 as well: never weaker."""
+    _check_tls(
+        res,
+        p,
+        path,
+        "TlsParameters",
+        {"tls_minimum_protocol_version", "tls_maximum_protocol_version"},
+    )
+    for key, fine in (
+        ("tls_minimum_protocol_version", (0, 3)),
+        ("tls_maximum_protocol_version", (0, 4)),
+    ):
+        value = getattr(p, key)
+        if value in fine:
+            continue
+        name = _TLS_VERSIONS.get(value)
+        if name is None:
+            why = f"unknown TLS version {value}"
+        elif value in (1, 2):
+            why = f"{name}: TLS 1.0 and 1.1 are deprecated (RFC 8996)"
+        else:
+            why = f"{name}: the engine's clusters speak TLS 1.2 and 1.3, not settable per cluster"
+        raise XdsRefused(res, f"{path}.{key}", f"not supported by this engine: {why}")
+
+
+def _transport_socket(res: str, c: Any) -> _Tls | None:
+    """A cluster's ``transport_socket`` as a DestinationRule ``tls`` block (``None``: plain
+    TCP), read the way istiod writes a DestinationRule's ``tls`` with files (SDS names
+    ``file-cert:<cert>~<key>`` and ``file-root:<ca>``) and the way a control plane without
+    SDS would (``tls_certificates`` and ``trusted_ca`` with file names)."""
+    if not c.HasField("transport_socket"):
+        return None
+    path = "transport_socket"
+    ts = c.transport_socket
+    _check(res, ts, path, "TransportSocket", {"name", "typed_config"})
+    url = ts.typed_config.type_url if ts.HasField("typed_config") else ""
+    if url == _RAW_BUFFER or (
+        not url and ts.name in ("", "raw_buffer", "envoy.transport_sockets.raw_buffer")
+    ):
+        return None
+    if url != _UPSTREAM_TLS:
+        raise XdsRefused(
+            res,
+            f"{path}.typed_config" if url else path,
+            f"transport socket {url.rsplit('/', 1)[-1] or ts.name!r} is not supported "
+            "(UpstreamTlsContext or RawBuffer)",
+        )
+    if c.transport_socket_matches:
+        raise XdsRefused(
+            res,
+            "transport_socket_matches",
+            "with a TLS transport_socket: per-endpoint transport sockets are not supported "
+            "(istiod sends one or the other)",
+        )
+    ctx = tls_pb2.UpstreamTlsContext()
+    path = f"{path}.typed_config"
+    try:
+        ts.typed_config.Unpack(ctx)
+    except DecodeError as exc:
+        raise XdsRefused(res, path, f"cannot be decoded: {exc}") from None
+    _check_tls(res, ctx, path, "UpstreamTlsContext", {"common_tls_context", "sni"})
+    doc: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    common = ctx.common_tls_context
+    cpath = f"{path}.common_tls_context"
+    _check_tls(
+        res,
+        common,
+        cpath,
+        "CommonTlsContext",
+        {
+            "tls_params",
+            "tls_certificates",
+            "tls_certificate_sds_secret_configs",
+            "validation_context",
+            "validation_context_sds_secret_config",
+            "combined_validation_context",
+        },
+    )
+    if common.HasField("tls_params"):
+        _tls_params(res, common.tls_params, f"{cpath}.tls_params")
+    # The client certificate: MUTUAL with one, SIMPLE without.
+    certs, secrets = common.tls_certificates, common.tls_certificate_sds_secret_configs
+    if len(certs) + len(secrets) > 1:
+        raise XdsRefused(res, cpath, "one client certificate at most (the engine sends one)")
+    if certs:
+        tpath = f"{cpath}.tls_certificates[0]"
+        _check_tls(res, certs[0], tpath, "TlsCertificate", {"certificate_chain", "private_key"})
+        for key, field_ in (
+            ("clientCertificate", "certificate_chain"),
+            ("privateKey", "private_key"),
+        ):
+            if not certs[0].HasField(field_):
+                raise XdsRefused(res, f"{tpath}.{field_}", "required with a client certificate")
+            doc[key] = _tls_file(res, getattr(certs[0], field_), f"{tpath}.{field_}")
+            origin[key] = f"{tpath}.{field_}.filename"
+    elif secrets:
+        spath = f"{cpath}.tls_certificate_sds_secret_configs[0]"
+        files = _sds_name(res, secrets[0], spath, _FILE_CERT).split("~")
+        if len(files) != 2 or not all(files):
+            raise XdsRefused(
+                res,
+                f"{spath}.name",
+                f"expected {_FILE_CERT}<certificate>~<key>, got {secrets[0].name!r}",
+            )
+        doc["clientCertificate"], doc["privateKey"] = files
+        origin["clientCertificate"] = origin["privateKey"] = f"{spath}.name"
+    doc["mode"] = "MUTUAL" if certs or secrets else "SIMPLE"
+    if ctx.sni:
+        doc["sni"] = ctx.sni
+    # The server's verification: CAs from SDS (istiod) or a file; names; revocation.
+    trust: str | None = None  # a CA file, _SYSTEM_ROOT, or None: nothing verified
+    trust_at = ""
+    vc, vpath = None, ""
+    which = common.WhichOneof("validation_context_type")
+    if which == "validation_context":
+        vc, vpath = common.validation_context, f"{cpath}.validation_context"
+    elif which == "validation_context_sds_secret_config":
+        trust_at = f"{cpath}.validation_context_sds_secret_config"
+        trust = _sds_name(res, common.validation_context_sds_secret_config, trust_at, _FILE_ROOT)
+    elif which == "combined_validation_context":
+        cvc = common.combined_validation_context
+        ccpath = f"{cpath}.combined_validation_context"
+        _check_tls(
+            res,
+            cvc,
+            ccpath,
+            "CombinedCertificateValidationContext",
+            {"default_validation_context", "validation_context_sds_secret_config"},
+        )
+        if not cvc.HasField("validation_context_sds_secret_config"):
+            raise XdsRefused(res, ccpath, "needs validation_context_sds_secret_config")
+        trust_at = f"{ccpath}.validation_context_sds_secret_config"
+        trust = _sds_name(res, cvc.validation_context_sds_secret_config, trust_at, _FILE_ROOT)
+        vc, vpath = cvc.default_validation_context, f"{ccpath}.default_validation_context"
+    sans: list[str] = []
+    crl = None
+    if vc is not None:
+        _check_tls(
+            res,
+            vc,
+            vpath,
+            "CertificateValidationContext",
+            {
+                "trusted_ca",
+                "system_root_certs",
+                "match_subject_alt_names",
+                "match_typed_subject_alt_names",
+                "crl",
+            },
+        )
+        for key in ("trusted_ca", "system_root_certs"):
+            if vc.HasField(key):
+                if trust is not None:
+                    raise XdsRefused(
+                        res, f"{vpath}.{key}", f"the trusted CAs are given by {trust_at} already"
+                    )
+                trust_at = f"{vpath}.{key}"
+                if key == "trusted_ca":
+                    trust = _tls_file(res, vc.trusted_ca, trust_at)
+                    trust_at += ".filename"
+                else:
+                    _check(res, vc.system_root_certs, trust_at, "SystemRootCerts", set())
+                    trust = _SYSTEM_ROOT
+        for i, m in enumerate(vc.match_subject_alt_names):
+            sans.append(_san_matcher(res, m, f"{vpath}.match_subject_alt_names[{i}]"))
+        for i, t in enumerate(vc.match_typed_subject_alt_names):
+            tpath = f"{vpath}.match_typed_subject_alt_names[{i}]"
+            _check_tls(res, t, tpath, "SubjectAltNameMatcher", {"san_type", "matcher"})
+            if t.san_type not in (2, 3, 4):  # DNS, URI, IP_ADDRESS
+                raise XdsRefused(
+                    res, f"{tpath}.san_type", "only DNS, URI and IP_ADDRESS names are matched"
+                )
+            sans.append(_san_matcher(res, t.matcher, f"{tpath}.matcher"))
+        if vc.HasField("crl"):
+            crl = _tls_file(res, vc.crl, f"{vpath}.crl")
+            origin["caCrl"] = f"{vpath}.crl.filename"
+    if trust is None:
+        # Envoy verifies nothing without trusted CAs (istiod's insecureSkipVerify: an empty
+        # validation_context); names or revocation without them Envoy refuses, and so do we.
+        if sans or crl:
+            raise XdsRefused(
+                res,
+                vpath,
+                "subject alt names or a CRL without trusted CAs (Envoy refuses them too)",
+            )
+        doc["insecureSkipVerify"] = True
+    else:
+        if trust != _SYSTEM_ROOT:
+            doc["caCertificates"] = trust
+            origin["caCertificates"] = (
+                trust_at if trust_at.endswith("filename") else f"{trust_at}.name"
+            )
+        if sans:
+            doc["subjectAltNames"] = sans
+        if crl is not None:
+            doc["caCrl"] = crl
+    return _Tls(doc, origin)
+
+
 def _endpoints(res: str, cla: Any) -> list[tuple[str, int]]:
     _check(res, cla, "", "ClusterLoadAssignment", {"cluster_name", "endpoints"})
     out = []
@@ -590,6 +959,9 @@ def _host_ports(resources: Resources) -> dict[str, list[_HostPort]]:
             continue  # inbound, passthrough and black-hole clusters: not this proxy's routes
         res = f"CDS {name}"
         policy, ring = _cluster_policy(res, c)
+        tls = _transport_socket(res, c)
+        if tls is not None:
+            policy["tls"] = tls.doc
         kind = c.WhichOneof("cluster_discovery_type")
         if kind == "cluster_type":
             raise XdsRefused(res, "cluster_type", "custom cluster types are not supported")
@@ -601,7 +973,9 @@ def _host_ports(resources: Resources) -> dict[str, list[_HostPort]]:
             eps = _endpoints(res + " load_assignment", c.load_assignment)
         else:
             raise XdsRefused(res, "type", "ORIGINAL_DST clusters are not supported")
-        hosts.setdefault(parsed.host, []).append(_HostPort(parsed, policy, ring, eps))
+        hosts.setdefault(parsed.host, []).append(
+            _HostPort(parsed, policy, ring, eps, tls.origin if tls else {})
+        )
     return hosts
 
 
@@ -673,8 +1047,10 @@ def translate(base: Config, resources: Resources) -> Config:
             parsed = parse_cluster_name(cname)
             if parsed is not None and parsed.subset is not None:
                 wanted.setdefault(parsed.host, set()).add(parsed.subset)
+    #: Per (group, DestinationRule path of a tls block): the cluster and its fields' origin.
+    origins: dict[tuple[str, str], tuple[ClusterName, dict[str, str]]] = {}
     for host, clusters in sorted(xds_hosts.items()):
-        docs = _host_documents(base, host, clusters, protocols, hashes)
+        docs = _host_documents(base, host, clusters, protocols, hashes, origins)
         _placeholder_subsets(docs[1], wanted.get(host, set()))
         groups.append((f"CDS {host}", docs))
     for host, subsets in sorted(wanted.items()):
@@ -702,11 +1078,31 @@ def translate(base: Config, resources: Resources) -> Config:
     try:
         config = build_config(groups, control_plane=True)
     except ConfigError as exc:
-        raise ConfigError(exc.reason, source=f"xDS {exc.source}", field=exc.field) from exc
+        raise _tls_error(exc, origins) or ConfigError(
+            exc.reason, source=f"xDS {exc.source}", field=exc.field
+        ) from exc
     # The engine's own settings stay ``base``'s as given, not as its documents read: a worker
     # of --workers N serves them with the shared ports and a private admin endpoint, and
     # rebinding its listeners to the files' ``:0`` would take it out of the shared group.
     return replace(config, proxy=base.proxy)
+
+
+def _tls_error(
+    exc: ConfigError, origins: Mapping[tuple[str, str], tuple[ClusterName, dict[str, str]]]
+) -> ConfigError | None:
+    """A loader error in the ``tls`` block translated from a cluster (a file that cannot be
+    used), naming the cluster and its xDS field; ``None`` for any other error."""
+    group = (exc.source or "").split(" (document ", 1)[0]
+    block, _, key = (exc.field or "").rpartition(".")
+    found = origins.get((group, block))
+    if found is None or key not in found[1]:
+        return None
+    name, origin = found
+    return ConfigError(
+        f"{exc.reason} (DestinationRule {block}.{key})",
+        source=f"xDS CDS {name}",
+        field=origin[key],
+    )
 
 
 def _placeholder_subsets(rule: dict[str, Any], wanted: set[str]) -> None:
@@ -724,8 +1120,10 @@ def _host_documents(
     clusters: list[_HostPort],
     protocols: Mapping[str, str],
     hashes: Mapping[str, str],
+    origins: dict[tuple[str, str], tuple[ClusterName, dict[str, str]]],
 ) -> list[dict[str, Any]]:
-    """The ServiceEntry and DestinationRule for one host's outbound clusters."""
+    """The ServiceEntry and DestinationRule for one host's outbound clusters (and, in
+    ``origins``, where the fields of each ``tls`` block came from)."""
     res = f"CDS {host}"
     file_ports = _file_ports(base, host)
     namespace = next(iter(file_ports.values()), ("", "default"))[1]
@@ -820,6 +1218,20 @@ def _host_documents(
                 "labels": {SUBSET_LABEL + hp.name.subset: "true"},
                 "trafficPolicy": policy,
             }
+    group = f"CDS {host}"
+    for hp in clusters:
+        if "tls" not in hp.policy:
+            continue
+        if hp.name.subset is None:
+            block = "spec.trafficPolicy.tls"
+        else:
+            block = f"spec.subsets[{list(subsets).index(hp.name.subset)}].trafficPolicy.tls"
+        origins.setdefault((group, block), (hp.name, hp.tls_origin))
+    if "tls" in top:
+        # A subset's policy falls back to the host's field by field: a plain-text subset
+        # cluster of a TLS host says so.
+        for sub in subsets.values():
+            sub["trafficPolicy"].setdefault("tls", {"mode": "DISABLE"})
     rule = {
         "kind": "DestinationRule",
         "metadata": {"name": host},
