@@ -96,7 +96,9 @@ def test_max_connections_and_max_requests() -> None:
 def test_max_requests_per_connection_and_idle_timeout() -> None:
     async def main() -> None:
         up = await Upstream("a").start()
-        pool = "{http: {maxRequestsPerConnection: 3, idleTimeout: 100ms}}"
+        # An idle timeout well above a call's time (milliseconds, even on a loaded machine), so the
+        # seven calls never leave a connection idle long enough to close it.
+        pool = "{http: {maxRequestsPerConnection: 3, idleTimeout: 500ms}}"
         async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy(pool))) as engine:
             c = await Client.connect(address(engine))
             for _ in range(7):
@@ -155,7 +157,7 @@ def test_gateway_errors_eject_then_readmit() -> None:
     async def main() -> None:
         good = await Upstream("good").start()
         outlier = (
-            "{consecutiveGatewayErrors: 2, baseEjectionTime: 250ms, interval: 200ms,"
+            "{consecutiveGatewayErrors: 2, baseEjectionTime: 1s, interval: 200ms,"
             " maxEjectionPercent: 50}"
         )
         text = mesh(
@@ -168,10 +170,11 @@ def test_gateway_errors_eject_then_readmit() -> None:
             results = [error_type(await c.call()) for _ in range(4)]  # alternating at first
             assert results.count("UpstreamConnectFailure") == 2
             assert ejected(engine) == 1
+            # Ten calls take milliseconds: well within the ejection time, even on a slow machine.
             after = [error_type(await c.call()) for _ in range(10)]
             assert after == [None] * 10  # the dead endpoint is skipped while ejected
             await until(lambda: ejected(engine) == 0)  # readmitted at the interval tick after
-            assert loop.time() - started >= 0.39  # 250 ms rounded up to 2 ticks of 200 ms
+            assert loop.time() - started >= 0.99  # baseEjectionTime: a timer never fires early
             assert engine.stats.total("metaprotocol_outlier_ejections_total") == 1
             c.close()
         await good.close()

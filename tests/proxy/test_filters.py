@@ -24,6 +24,7 @@ from proxy_kit import (
     mesh,
     refusing_port,
     run,
+    until,
 )
 
 from metaprotocol_sdk import ConfigError, ErrorType
@@ -39,6 +40,7 @@ class AuditFilter(Filter):
 
     name = "audit"
     gate: asyncio.Event | None = None
+    holding: asyncio.Event | None = None
     seen: list[tuple[str, str, Any, Any]] = []
 
     def __init__(self, *, tag: str = "yes") -> None:
@@ -54,6 +56,8 @@ class AuditFilter(Filter):
         context.add_mutation("x-audit", self.tag)
         if method == "held":
             assert AuditFilter.gate is not None
+            if AuditFilter.holding is not None:
+                AuditFilter.holding.set()
             return AuditFilter.gate.wait()
         return None
 
@@ -87,7 +91,7 @@ def with_filter(port: int, name: str = "filter_test_filters:AuditFilter", **kw: 
 def test_user_filter_mutates_answers_holds_and_sees_replies() -> None:
     async def main() -> None:
         up = await Upstream("a").start()
-        AuditFilter.gate = asyncio.Event()
+        AuditFilter.gate, AuditFilter.holding = asyncio.Event(), asyncio.Event()
         AuditFilter.seen = []
         async with engine_for(with_filter(up.port)) as engine:
             c = await Client.connect(address(engine))
@@ -96,18 +100,24 @@ def test_user_filter_mutates_answers_holds_and_sees_replies() -> None:
             denied = await c.call("denied")
             assert (error_type(denied), up.received[-1].operation_name) == ("OverLimit", "get")
             held = c.start("held")
-            await asyncio.sleep(0)  # held: nothing forwarded, yet counted as pending
-            assert engine.pending == 1 and len(up.received) == 1
+            await asyncio.wait_for(AuditFilter.holding.wait(), 5)
+            # A request sent after it goes through the one upstream connection: had the held
+            # one been forwarded, the upstream would have read it first.
+            assert error_type(await c.call("get")) is None
+            assert [m.operation_name for m in up.received] == ["get", "get"]
+            assert engine.pending == 1 and not held.done()  # held, yet counted as pending
             AuditFilter.gate.set()
             assert error_type(await asyncio.wait_for(held, 5)) is None
+            assert [m.operation_name for m in up.received] == ["get", "get", "held"]
             assert [s[:3] for s in AuditFilter.seen] == [
                 ("default", "Ok", None),
                 ("default", "Error", ErrorType.OverLimit),
                 ("default", "Ok", None),
+                ("default", "Ok", None),
             ]
             assert AuditFilter.seen[0][3] is None  # replies not decoded for this filter
             stats = engine.stats
-            assert stats.total("metaprotocol_requests_total", route="default", status="Ok") == 2
+            assert stats.total("metaprotocol_requests_total", route="default", status="Ok") == 3
             assert stats.total("metaprotocol_local_replies_total", type="OverLimit") == 1
             c.close()
         await up.close()
@@ -308,10 +318,8 @@ def test_mirror_gets_copies_and_the_client_sees_only_the_primary() -> None:
             assert {m.attributes.get("x-route") for m in mirror.received} == {"mirrored"}
             name = "metaprotocol_mirror_total"
             sink = engine.mirror_sink
-            for _ in range(100):  # the copies' replies arrive on the next loop turns
-                if engine.stats.total(name, status="Ok") == 20:
-                    break
-                await asyncio.sleep(0.01)
+            # The copies' replies arrive on later loop turns.
+            await until(lambda: engine.stats.total(name, status="Ok") >= 20, "20 mirror replies")
             assert engine.stats.total(name, status="Ok") == 20 and sink.inflight == 0
             c.close()
         await primary.close()
@@ -472,10 +480,7 @@ def test_response_filters_see_requests_whose_client_left() -> None:
             c.start("hang")
             await up.wait_received(1)
             c.reset()
-            for _ in range(200):  # the route's 50 ms timeout ends it
-                if AuditFilter.seen:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: AuditFilter.seen, "the route's 50 ms timeout to end it")
             assert AuditFilter.seen == [("slow", "Unknown", None, None)]
             assert engine.stats.total("metaprotocol_requests_total", status="DownstreamClosed") == 1
         await up.close()
