@@ -9,8 +9,13 @@ reproduces from the test's name alone, and no ``.hypothesis/`` folder is left be
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import settings
+
+# ``peer_check`` (what a test does when a real peer is missing) for every test module.
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
 
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False, database=None)

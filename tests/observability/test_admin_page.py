@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parents[1] / "proxy"))  # proxy_kit, as tests/proxy does
 
+from peer_check import missing
 from proxy_kit import Client, Upstream, engine_for, http_get, mesh, run
 
 from metaprotocol_sdk.proxy.admin_page import History, Sampler, Totals
@@ -232,10 +231,9 @@ class _Cells(html.parser.HTMLParser):
             self._cell = None
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (./dev's setup installs Debian's chromium)"
-)
 def test_page_in_headless_chromium_shows_the_engine_numbers(tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        missing("chromium", "./dev's setup installs Debian's chromium")
     shot = tmp_path / "admin-page.png"
 
     async def main() -> tuple[str, dict[str, Any], dict[str, float]]:

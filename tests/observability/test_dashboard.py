@@ -26,6 +26,7 @@ import pytest
 # mode, and a conftest here would be shared with the other tests of this folder).
 sys.path.insert(0, str(Path(__file__).parents[1] / "proxy"))
 
+from peer_check import missing
 from proxy_kit import Client, Upstream, error_type, mesh, refusing_port, run
 
 from metaprotocol_sdk.proxy import Engine, loads_config
@@ -209,11 +210,9 @@ async def drive(client: Client, stop: asyncio.Event) -> dict[str | None, int]:
     return seen
 
 
-@pytest.mark.skipif(
-    shutil.which("prometheus") is None,
-    reason="Debian's prometheus binary is not installed (`./dev setup` installs it)",
-)
 def test_every_panel_query_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
+    if shutil.which("prometheus") is None:
+        missing("Debian's prometheus", "./dev setup installs it")
     dashboard = load_dashboard()
 
     async def main() -> dict[str, list[Any]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from peer_check import missing
 from proxy_kit import (
     Client,
     Upstream,
@@ -40,7 +41,7 @@ RLS = "outbound|8081||rls.test"
 @pytest.fixture(scope="session")
 def redis() -> Iterator[Redis]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (./dev installs Debian's redis-server)")
+        missing("redis-server", "./dev installs Debian's redis-server")
     server = Redis()
     yield server
     server.stop()

@@ -157,7 +157,7 @@ def test_a_connection_closing_after_a_fault_delay_then_abort_closes_at_once(end:
             assert outcome(await asyncio.wait_for(reply, 2)) == "Unspecified"
             answered = loop.time()
             await asyncio.wait_for(asyncio.shield(c.closed), 4)
-            assert loop.time() - answered < 1.0
+            assert loop.time() - answered < 2.5  # well before the drain's 4 s deadline
             if stopping is not None:
                 await asyncio.wait_for(stopping, 4)
             assert up.received == []

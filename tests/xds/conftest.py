@@ -1,7 +1,8 @@
 """Make the test control plane and snapshots importable (pytest runs in importlib mode), and
 the fixtures several modules share: the control plane and three thriftpy2 servers.
 
-These tests need the ``xds`` extra (grpcio, xds-protos); without it they are skipped.
+These tests need the ``xds`` extra (grpcio, xds-protos); without it they are skipped (failed
+under ``./dev test``, see ``peer_check``).
 """
 
 import sys
@@ -9,8 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peer_check import missing
 
-pytest.importorskip("envoy.service.discovery.v3.ads_pb2_grpc", reason="needs the xds extra")
+try:
+    import envoy.service.discovery.v3.ads_pb2_grpc  # noqa: F401
+except ImportError:
+    missing("the xds extra (grpcio, xds-protos)", "pip install -e '.[xds]'")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from control_plane import ControlPlane

