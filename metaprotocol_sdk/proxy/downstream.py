@@ -154,6 +154,24 @@ class ListenerRuntime:
         self._local[error].value += 1
 
 
+class Refused(asyncio.Protocol):
+    """A client connection refused when it was accepted, for ``reason`` (one of
+    :data:`REJECT_REASONS`): counted and closed cleanly (FIN) once its transport exists,
+    nothing read. The verdict is final: the engine's state may change before the transport
+    is made (a loop iteration later), and a TLS listener's connection must never be judged
+    again as a plain one."""
+
+    __slots__ = ("listener", "reason")
+
+    def __init__(self, listener: ListenerRuntime, reason: str) -> None:
+        self.listener = listener
+        self.reason = reason
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.listener.rejected[self.reason].value += 1
+        transport.close()
+
+
 class Downstream(asyncio.Protocol):
     """One client connection.
 

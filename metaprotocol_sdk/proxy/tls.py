@@ -28,7 +28,7 @@ import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
-from .downstream import Downstream, ListenerRuntime
+from .downstream import Downstream, ListenerRuntime, Refused
 from .stats import Counter
 from .upstream import UpstreamConnection
 
@@ -405,8 +405,9 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
     handshake is done. A connection the engine refuses (``maxConnections``, overload,
     draining) is closed before any handshake, as a plain one is."""
     engine = runtime.engine
-    if engine.refuse_connection() is not None:
-        return Downstream(runtime)  # its connection_made counts and closes it
+    reason = engine.refuse_connection()
+    if reason is not None:
+        return Refused(runtime, reason)
     loop = engine.loop
     downstream = TlsDownstream(runtime)
     waiter = loop.create_future()

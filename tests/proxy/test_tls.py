@@ -29,6 +29,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.downstream import Downstream
 from metaprotocol_sdk.proxy.tls import TlsDownstream, TlsUpstreamConnection
@@ -568,6 +569,37 @@ def test_handshaking_connections_count_against_max_connections(pki: Pki) -> None
         await up.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_refused_at_accept_is_never_served_without_tls(pki: Pki, loop: str) -> None:
+    """The verdict at the accept is final. Both loops call the protocol's
+    ``connection_made`` one loop iteration after the factory, and the engine's state can
+    change meanwhile (another connection closes, the buffer budget drains): a connection of
+    a TLS listener refused by the factory must not be judged again there and accepted as
+    plain TCP (a plain client of a MUTUAL listener would be served without a certificate)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls=listener_tls(pki, "MUTUAL"))
+        async with engine_for(text) as engine:
+            judge = engine.refuse_connection
+            verdicts = iter(["overload"])  # over the budget at the accept, not just after
+            engine.refuse_connection = lambda: next(verdicts, None) or judge()  # type: ignore[method-assign]
+            reader, writer = await raw_connect(address(engine))
+            writer.write(build_frame(REQUEST, 7, {"method": "get"}))  # plain text, no TLS
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed, unanswered
+            writer.close()
+            assert up.received == []
+            rejected = engine.stats.get(
+                "metaprotocol_downstream_connections_rejected_total",
+                listener="svc.test:9000",
+                reason="overload",
+            )
+            assert rejected == 1 and not engine.downstreams
+        await up.close()
+
+    run(main(), loop=loop)
 
 
 # -- reload ------------------------------------------------------------------------------------
