@@ -407,7 +407,7 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
     engine = runtime.engine
     reason = engine.refuse_connection()
     if reason is not None:
-        return Refused(runtime, reason)
+        return Refused(runtime.rejected[reason])
     loop = engine.loop
     downstream = TlsDownstream(runtime)
     waiter = loop.create_future()

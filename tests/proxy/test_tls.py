@@ -6,6 +6,7 @@ trustme (test CAs), revocation lists from cryptography."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -602,6 +603,104 @@ def test_a_connection_refused_at_accept_is_never_served_without_tls(pki: Pki, lo
     run(main(), loop=loop)
 
 
+def client_hello() -> bytes:
+    """A TLS 1.3 ClientHello, recorded once: replaying it makes a server do its half of a
+    handshake (key exchange, signature) while the sender does no crypto at all."""
+    out = ssl.MemoryBIO()
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname="x")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello.do_handshake()
+    return out.read()
+
+
+async def flood_once(addr: tuple[str, int], payload: bytes) -> bool:
+    """Connect, send ``payload``, read: whether anything came back (``False``: the engine
+    closed the connection without a byte)."""
+    reader, writer = await raw_connect(addr)
+    writer.write(payload)
+    try:
+        answered = bool(await asyncio.wait_for(reader.read(1), WAIT))
+    except ConnectionResetError:
+        answered = False
+    writer.transport.abort()
+    return answered
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_connection_flood_beyond_the_rate_limit_is_refused_and_counted(
+    pki: Pki, loop: str, tls: bool
+) -> None:
+    """``connectionRateLimit``: connections beyond the bucket are closed at the accept, before
+    any handshake, and counted; a client already connected is served throughout, and a new
+    one is served again once the bucket refills."""
+    fill = 0.05
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        bucket = f"{{maxTokens: 4, tokensPerFill: 1, fillInterval: {int(fill * 1000)}ms}}"
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki) if tls else "",
+            listener=f"connectionRateLimit: {{tokenBucket: {bucket}}}",
+        )
+        ssl_args: dict[str, Any] = (
+            {"ssl": pki.client_context(), "server_hostname": "svc.test"} if tls else {}
+        )
+        payload = client_hello() if tls else build_frame(REQUEST, 1, {"method": "get"})
+        async with engine_for(text) as engine:
+            loop_ = asyncio.get_running_loop()
+            steady = await Client.connect(address(engine), **ssl_args)
+            start = loop_.time()
+            outcomes = []
+            for _ in range(40):  # one at a time: the engine answers or refuses each
+                outcomes.append(await flood_once(address(engine), payload))
+                assert error_type(await steady.call("get")) is None  # served throughout
+            took = loop_.time() - start
+            answered = sum(outcomes)
+            # 3 tokens left after the steady client, one more per fill interval that passed.
+            assert 3 <= answered <= 3 + took / fill + 1, (answered, took)
+            listener = "svc.test:9000"
+            refused = engine.stats.get(
+                "metaprotocol_downstream_connections_rejected_total",
+                listener=listener,
+                reason="rate_limited",
+            )
+            assert refused == 40 - answered  # the stats agree with what the clients saw
+            if tls:  # no handshake was begun for a refused one
+                failed = engine.stats.total(
+                    "metaprotocol_tls_handshake_errors_total", listener=listener
+                )
+                assert failed <= answered
+            # A new client is served again once a token is back (it retries, as clients do).
+            async with asyncio.timeout(WAIT):
+                while True:
+                    try:
+                        fresh = await Client.connect(address(engine), **ssl_args)
+                        assert error_type(await fresh.call("get")) is None
+                        break
+                    except (ConnectionError, ssl.SSLError, AssertionError, RuntimeError):
+                        await asyncio.sleep(fill)
+            fresh.close()
+            steady.close()
+            assert engine.admin_address is not None
+            _, body = await http_get(engine.admin_address, "/config_dump")
+            dumped = json.loads(body)["listeners"][0]["connectionRateLimit"]
+            assert dumped == {"max_tokens": 4, "tokens_per_fill": 1, "fill_interval": fill}
+            # A reload that keeps the limit keeps its bucket (a reload does not refill it).
+            runtime = engine.listeners[("svc.test", 9000)]
+            kept = runtime.accept_limit
+            await engine.apply(loads_config(text, "test.yaml"))
+            assert runtime.accept_limit is kept is not None
+            await engine.apply(loads_config(text.replace("maxTokens: 4", "maxTokens: 5"), "t"))
+            assert runtime.accept_limit is not kept and runtime.accept_limit is not None
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
 # -- reload ------------------------------------------------------------------------------------
 
 
@@ -669,6 +768,8 @@ def test_without_tls_connections_are_the_plain_classes() -> None:
             assert type(next(iter(engine.downstreams))) is Downstream
             assert type(next(iter(engine.upstreams))) is UpstreamConnection
             assert engine.clusters["outbound|9000||svc.test"].tls is None
+            assert engine.listeners[("svc.test", 9000)].accept_limit is None
+            assert not [k for k in engine.stats_snapshot() if "rate_limited" in k]
             client.close()
         await up.close()
 
