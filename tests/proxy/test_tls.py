@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -930,6 +931,51 @@ def test_a_tls_client_that_does_not_read_is_bounded_by_the_connection_buffer_lim
             assert closed == 1
             client.transport.abort()
             await asyncio.gather(*replies, return_exceptions=True)
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_large_reply_to_a_tls_client_that_does_not_read_counts_and_times_out(
+    pki: Pki, loop: str
+) -> None:
+    """The TLS layer hands what it encrypts to the TCP transport under it at once, however
+    much: one large reply to a client that reads nothing sits there, not in the TLS layer's
+    own count. It must count as the connection's unsent bytes all the same (the buffer
+    budget, ``connectionBufferMaxBytes``) and be bounded by ``timeouts.write``; it was
+    counted as nothing and held until ``timeouts.idle`` (an hour)."""
+    size = 8 << 20  # more than the kernel's buffers take from the engine and to the client
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "limits: {connectionBufferBytes: 65536}\ntimeouts: {write: 300ms}",
+        )
+        async with engine_for(text) as engine:
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(address(engine))
+            _, client = await asyncio.get_running_loop().create_connection(
+                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert client.transport is not None
+            client.transport.pause_reading()
+            reply = client.start("big", {"size": str(size)})
+            await until(lambda: engine.buffered > size // 4)  # counted while it is held
+            await until(lambda: not engine.downstreams)  # then reset by timeouts.write
+            closed = engine.stats.get(
+                "metaprotocol_downstream_connections_closed_total",
+                listener="svc.test:9000",
+                reason="write_timeout",
+            )
+            assert closed == 1
+            assert engine.buffered < size // 4
+            client.transport.abort()
+            await asyncio.gather(reply, return_exceptions=True)
         await up.close()
 
     run(main(), loop=loop)
