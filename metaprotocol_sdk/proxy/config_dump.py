@@ -55,6 +55,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "protocol": engine.config.protocol_of(listener.host, listener.port).name,
                 "filters": [spec.name for spec in listener.filters],
                 "tls": dump_listener(listener.tls),
+                "connectionRateLimit": plain(listener.connection_rate_limit),
                 "localRateLimit": plain(
                     getattr(engine.config.routers.get(listener.host), "local_rate_limit", None)
                 ),

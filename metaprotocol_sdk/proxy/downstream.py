@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .engine import Engine
+    from .policies import ConnectionRateLimit
     from .tls import TlsStats
 
 _REQUEST = MessageType.Request
@@ -45,7 +46,8 @@ _RETRY_CONDITIONS = {
     ErrorType.Timeout: "timeout",
 }
 
-#: Why a new connection is refused (closed at once, cleanly).
+#: Why a new connection is refused (closed at once, cleanly); ``rate_limited`` (a listener's
+#: ``connectionRateLimit``) has its series only where that is configured.
 REJECT_REASONS = ("max_connections", "overload", "draining")
 #: Why the engine closes an open client connection (``..._closed_total{reason}``):
 #: ``idle`` nothing in flight nor received for ``timeouts.idle``; ``frame_timeout`` a frame
@@ -114,6 +116,8 @@ class ListenerRuntime:
         #: TLS termination (set by ``tls.attach_listener``; ``None``: plain TCP).
         self.tls: ssl.SSLContext | None = None
         self.tls_stats: TlsStats | None = None
+        #: ``connectionRateLimit`` (``None``: none; set by the engine).
+        self.accept_limit: ConnectionRateLimit | None = None
 
     def count_filter_error(self, f: Filter) -> None:
         """Count one exception raised by a filter (its request was answered locally)."""
@@ -152,6 +156,22 @@ class ListenerRuntime:
     def count_local(self, error: ErrorType) -> None:
         """Count one local reply."""
         self._local[error].value += 1
+
+
+class Refused(asyncio.Protocol):
+    """A client connection refused when it was accepted: counted in ``rejected`` and closed
+    cleanly (FIN) once its transport exists, nothing read. The verdict is final: the
+    engine's state may change before the transport is made (a loop iteration later), and a
+    TLS listener's connection must never be judged again as a plain one."""
+
+    __slots__ = ("rejected",)
+
+    def __init__(self, rejected: Counter) -> None:
+        self.rejected = rejected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.rejected.value += 1
+        transport.close()
 
 
 class Downstream(asyncio.Protocol):

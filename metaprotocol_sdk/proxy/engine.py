@@ -27,11 +27,11 @@ from .config.models import (
     TrafficPolicy,
 )
 from .deadlines import Deadlines
-from .downstream import Downstream, ListenerRuntime
+from .downstream import Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .matcher import compile_match
 from .mirror import MirrorSink
-from .policies import FaultAbort, FaultDelay, LocalRateLimiter
+from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .stats import Counter, Stats
@@ -308,6 +308,15 @@ class Engine:
         )
         runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
         attach_listener(runtime, listener.tls)
+        if listener.connection_rate_limit is not None:
+            refused = self.stats.counter(
+                "metaprotocol_downstream_connections_rejected_total",
+                listener=listener.name,
+                reason="rate_limited",
+            )
+            runtime.accept_limit = ConnectionRateLimit(
+                listener.connection_rate_limit, self.loop.time(), refused
+            )
         # The chain of every route: the MetaRouter's rate limit, the route's fault injection,
         # then the listener's own filters; the router comes last (Downstream._dispatch).
         chain = [spec.create() for spec in listener.filters]
@@ -495,8 +504,13 @@ class Engine:
         ``start_serving``."""
         assert self._loop is not None
 
+        loop = self._loop
+
         def accept() -> asyncio.BaseProtocol:
-            # A reload may add or remove the listener's TLS: looked at once per connection.
+            # A reload may change the listener's rate limit and TLS: looked at per connection.
+            limit = runtime.accept_limit
+            if limit is not None and not limit.take(loop.time()):
+                return Refused(limit.refused)  # before any handshake
             context = runtime.tls
             return Downstream(runtime) if context is None else tls_accept(runtime, context)
 
@@ -645,6 +659,13 @@ class Engine:
             current._unrouted = runtime._unrouted
             current.tls = runtime.tls  # new connections shake hands with the new files
             current.tls_stats = runtime.tls_stats
+            kept = current.accept_limit
+            if (
+                kept is None
+                or runtime.accept_limit is None
+                or kept.spec != runtime.accept_limit.spec
+            ):
+                current.accept_limit = runtime.accept_limit  # else its tokens carry over
             match = runtime.table.match
             for conn in self.downstreams:
                 if conn.listener is current:

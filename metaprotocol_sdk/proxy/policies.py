@@ -80,31 +80,59 @@ class FaultAbort(Filter):
         return None
 
 
-class _Bucket:
-    """A token bucket refilled lazily from the clock (no timer)."""
+class Bucket:
+    """A token bucket (``spec``) refilled lazily from the clock (no timer), full at first."""
 
-    __slots__ = ("allowed", "filled_at", "interval", "limited", "most", "per_fill", "tokens")
+    __slots__ = ("filled_at", "interval", "most", "per_fill", "spec", "tokens")
 
-    def __init__(self, spec: TokenBucket, now: float, allowed: Counter, limited: Counter) -> None:
+    def __init__(self, spec: TokenBucket, now: float) -> None:
+        self.spec = spec
         self.most = spec.max_tokens
         self.per_fill = spec.tokens_per_fill
         self.interval = spec.fill_interval
         self.tokens = spec.max_tokens
         self.filled_at = now
-        self.allowed = allowed
-        self.limited = limited
 
     def take(self, now: float) -> bool:
+        """Take a token if there is one."""
         fills = int((now - self.filled_at) / self.interval)
         if fills:
             self.tokens = min(self.most, self.tokens + fills * self.per_fill)
             self.filled_at += fills * self.interval
         if self.tokens > 0:
             self.tokens -= 1
+            return True
+        return False
+
+
+class _Bucket(Bucket):
+    """A request rate limit's bucket, counting what it allowed and limited."""
+
+    __slots__ = ("allowed", "limited")
+
+    def __init__(self, spec: TokenBucket, now: float, allowed: Counter, limited: Counter) -> None:
+        super().__init__(spec, now)
+        self.allowed = allowed
+        self.limited = limited
+
+    def take(self, now: float) -> bool:
+        """Take a token if there is one, and count the outcome."""
+        if super().take(now):
             self.allowed.value += 1
             return True
         self.limited.value += 1
         return False
+
+
+class ConnectionRateLimit(Bucket):
+    """A listener's ``connectionRateLimit`` (Envoy's listener filter ``local_ratelimit``):
+    one token per accepted connection; ``refused`` counts those that found none."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self, spec: TokenBucket, now: float, refused: Counter) -> None:
+        super().__init__(spec, now)
+        self.refused = refused
 
 
 class LocalRateLimiter(Filter):

@@ -28,7 +28,7 @@ import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
-from .downstream import Downstream, ListenerRuntime
+from .downstream import Downstream, ListenerRuntime, Refused
 from .stats import Counter
 from .upstream import UpstreamConnection
 
@@ -405,8 +405,9 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
     handshake is done. A connection the engine refuses (``maxConnections``, overload,
     draining) is closed before any handshake, as a plain one is."""
     engine = runtime.engine
-    if engine.refuse_connection() is not None:
-        return Downstream(runtime)  # its connection_made counts and closes it
+    reason = engine.refuse_connection()
+    if reason is not None:
+        return Refused(runtime.rejected[reason])
     loop = engine.loop
     downstream = TlsDownstream(runtime)
     waiter = loop.create_future()
@@ -419,6 +420,7 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
         ssl_handshake_timeout=engine.handshake_timeout,
     )
     downstream.handshake = layer
+    downstream.raw = None
     engine.handshaking.add(downstream)
     waiter.add_done_callback(downstream.handshake_done)
     return cast(asyncio.BaseProtocol, layer)
@@ -431,21 +433,61 @@ class TlsDownstream(Downstream):
     connections (they count against ``limits.maxConnections``); the TLS layer closes it
     after ``timeouts.handshake`` (asyncio's ``ssl_handshake_timeout``), and a failed
     handshake is counted by reason (:data:`HANDSHAKE_ERRORS`), never logged. Then it is a
-    :class:`Downstream` like any other.
+    :class:`Downstream` like any other, but for what it counts as unsent (below).
     """
 
-    __slots__ = ("handshake",)
+    __slots__ = ("handshake", "raw")
     #: The TLS layer while the handshake runs (``None`` after).
     handshake: Any
+    #: The TCP transport under the TLS layer (set once the handshake is done).
+    raw: asyncio.Transport | None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The handshake is done (the TLS layer calls this before passing any data on)."""
         runtime = self.listener
         runtime.engine.handshaking.discard(self)
+        self.raw = self.handshake.raw
         self.handshake = None
         assert runtime.tls_stats is not None
         runtime.tls_stats.handshakes.value += 1
         super().connection_made(transport)
+
+    # The TLS layer counts what it has not encrypted or not handed on, and pauses the
+    # engine's writing on that alone; but it hands everything it encrypted to the TCP
+    # transport under it at once, however much (it stops only once that transport says it is
+    # full). A large reply to a client that reads nothing sits there: the connection's unsent
+    # bytes are both, and its writing is paused on both, so that the buffer budget,
+    # ``connectionBufferMaxBytes`` and ``timeouts.write`` see it as on a plain connection.
+
+    def _account_unsent(self) -> None:
+        transport, raw = self.transport, self.raw
+        unsent = 0
+        if transport is not None:
+            unsent = transport.get_write_buffer_size()
+            if raw is not None:
+                unsent += raw.get_write_buffer_size()
+        if unsent != self.unsent:
+            self.engine.buffered += unsent - self.unsent
+            self.unsent = unsent
+        high = self.engine.connection_buffer
+        if not self.write_paused and unsent > high and transport is not None:
+            super().pause_writing()
+        elif self.write_paused and unsent <= high // 4:
+            super().resume_writing()
+
+    def pause_writing(self) -> None:
+        """The TLS layer is full: judged again on the whole (see above)."""
+        self._account_unsent()
+
+    def resume_writing(self) -> None:
+        """The TLS layer drained: judged again on the whole (see above)."""
+        self._account_unsent()
+
+    def sweep(self, now: float) -> int:
+        """As a plain connection's, on an up-to-date count (the TCP transport's draining is
+        not reported to this connection)."""
+        self._account_unsent()
+        return super().sweep(now)
 
     def handshake_done(self, waiter: asyncio.Future[Any]) -> None:
         """The TLS layer's verdict: count a failure by reason (a success is counted by

@@ -433,9 +433,11 @@ def mesh(
     codec: str = "metaprotocol_sdk.examples.kv:KVCodec",
     extra: str = "",
     listener_tls: str = "",
+    listener: str = "",
 ) -> str:
     """The YAML of a one-service mesh: ``endpoints`` are ``(port, version)`` pairs;
-    ``listener_tls`` a flow mapping for the listener's ``tls``."""
+    ``listener_tls`` a flow mapping for the listener's ``tls``; ``listener`` more of the
+    listener's fields (``key: value, ...``)."""
     eps = "\n".join(
         f"    - {{address: 127.0.0.1, ports: {{tcp-metaprotocol-{protocol}-svc: {port}}}, "
         f"labels: {{version: {version}}}}}"
@@ -485,6 +487,7 @@ def mesh(
         "apiVersion: proxy.metaprotocol.io/v1alpha1\nkind: ProxyConfig\nmetadata: {name: engine}\n"
         "spec:\n  listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'"
         + (f", tls: {listener_tls}" if listener_tls else "")
+        + (f", {listener}" if listener else "")
         + "}]\n"
         "  admin: {bind: '127.0.0.1:0'}\n" + textwrap.indent(textwrap.dedent(proxy), "  ")
     )

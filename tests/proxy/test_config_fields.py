@@ -293,6 +293,15 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             and c.proxy.listeners[0].tls.max_protocol_version == "TLSV1_3"
         ),
     ),
+    (
+        "ProxyConfig",
+        "spec.listeners[0].connectionRateLimit",
+        {"tokenBucket": BUCKET},
+        lambda c: (
+            c.proxy.listeners[0].connection_rate_limit is not None
+            and c.proxy.listeners[0].connection_rate_limit.fill_interval == 1.0
+        ),
+    ),
     ("DestinationRule", "spec.subsets[0].name", "v1", lambda c: "v1" in _rule(c).subsets),
     ("DestinationRule", "spec.subsets[0].labels", {"version": "v1"}, None),
     (
@@ -557,7 +566,16 @@ REFUSED: list[tuple[str, str, Any]] = [
 ]
 
 #: Refused values of honoured fields: (kind, field path, value, error field, words of the reason).
+CRL = "spec.listeners[0].connectionRateLimit"
 REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
+    ("ProxyConfig", CRL, {"tokenBucket": {}}, f"{CRL}.tokenBucket", "required field is missing"),
+    (
+        "ProxyConfig",
+        CRL,
+        {"tokenBucket": {**BUCKET, "fillInterval": "0s"}},
+        f"{CRL}.tokenBucket.fillInterval",
+        "must be positive",
+    ),
     (
         "DestinationRule",
         f"{POLICY}.tls.mode",
@@ -725,6 +743,14 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ("MetaRouter", f"{GRL}.descriptors[0]", (GRL, GLOBAL)),
     ("ProxyConfig", "spec.listeners[0]", None),
     ("ProxyConfig", "spec.listeners[0].tls", ("spec.listeners[0].tls", LISTENER_TLS)),
+    *(
+        (
+            "ProxyConfig",
+            f"spec.listeners[0].connectionRateLimit{sub}",
+            (CRL, {"tokenBucket": BUCKET}),
+        )
+        for sub in ("", ".tokenBucket")
+    ),
     (
         "ProxyConfig",
         "spec.listeners[0].filters[0]",

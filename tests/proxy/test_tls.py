@@ -6,9 +6,11 @@ trustme (test CAs), revocation lists from cryptography."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.downstream import Downstream
 from metaprotocol_sdk.proxy.tls import TlsDownstream, TlsUpstreamConnection
@@ -570,6 +573,135 @@ def test_handshaking_connections_count_against_max_connections(pki: Pki) -> None
     run(main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_refused_at_accept_is_never_served_without_tls(pki: Pki, loop: str) -> None:
+    """The verdict at the accept is final. Both loops call the protocol's
+    ``connection_made`` one loop iteration after the factory, and the engine's state can
+    change meanwhile (another connection closes, the buffer budget drains): a connection of
+    a TLS listener refused by the factory must not be judged again there and accepted as
+    plain TCP (a plain client of a MUTUAL listener would be served without a certificate)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls=listener_tls(pki, "MUTUAL"))
+        async with engine_for(text) as engine:
+            judge = engine.refuse_connection
+            verdicts = iter(["overload"])  # over the budget at the accept, not just after
+            engine.refuse_connection = lambda: next(verdicts, None) or judge()  # type: ignore[method-assign]
+            reader, writer = await raw_connect(address(engine))
+            writer.write(build_frame(REQUEST, 7, {"method": "get"}))  # plain text, no TLS
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed, unanswered
+            writer.close()
+            assert up.received == []
+            rejected = engine.stats.get(
+                "metaprotocol_downstream_connections_rejected_total",
+                listener="svc.test:9000",
+                reason="overload",
+            )
+            assert rejected == 1 and not engine.downstreams
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+def client_hello() -> bytes:
+    """A TLS 1.3 ClientHello, recorded once: replaying it makes a server do its half of a
+    handshake (key exchange, signature) while the sender does no crypto at all."""
+    out = ssl.MemoryBIO()
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname="x")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        hello.do_handshake()
+    return out.read()
+
+
+async def flood_once(addr: tuple[str, int], payload: bytes) -> bool:
+    """Connect, send ``payload``, read: whether anything came back (``False``: the engine
+    closed the connection without a byte)."""
+    reader, writer = await raw_connect(addr)
+    writer.write(payload)
+    try:
+        answered = bool(await asyncio.wait_for(reader.read(1), WAIT))
+    except ConnectionResetError:
+        answered = False
+    writer.transport.abort()
+    return answered
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_connection_flood_beyond_the_rate_limit_is_refused_and_counted(
+    pki: Pki, loop: str, tls: bool
+) -> None:
+    """``connectionRateLimit``: connections beyond the bucket are closed at the accept, before
+    any handshake, and counted; a client already connected is served throughout, and a new
+    one is served again once the bucket refills."""
+    fill = 0.05
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        bucket = f"{{maxTokens: 4, tokensPerFill: 1, fillInterval: {int(fill * 1000)}ms}}"
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki) if tls else "",
+            listener=f"connectionRateLimit: {{tokenBucket: {bucket}}}",
+        )
+        ssl_args: dict[str, Any] = (
+            {"ssl": pki.client_context(), "server_hostname": "svc.test"} if tls else {}
+        )
+        payload = client_hello() if tls else build_frame(REQUEST, 1, {"method": "get"})
+        async with engine_for(text) as engine:
+            loop_ = asyncio.get_running_loop()
+            steady = await Client.connect(address(engine), **ssl_args)
+            start = loop_.time()
+            outcomes = []
+            for _ in range(40):  # one at a time: the engine answers or refuses each
+                outcomes.append(await flood_once(address(engine), payload))
+                assert error_type(await steady.call("get")) is None  # served throughout
+            took = loop_.time() - start
+            answered = sum(outcomes)
+            # 3 tokens left after the steady client, one more per fill interval that passed.
+            assert 3 <= answered <= 3 + took / fill + 1, (answered, took)
+            listener = "svc.test:9000"
+            refused = engine.stats.get(
+                "metaprotocol_downstream_connections_rejected_total",
+                listener=listener,
+                reason="rate_limited",
+            )
+            assert refused == 40 - answered  # the stats agree with what the clients saw
+            if tls:  # no handshake was begun for a refused one
+                failed = engine.stats.total(
+                    "metaprotocol_tls_handshake_errors_total", listener=listener
+                )
+                assert failed <= answered
+            # A new client is served again once a token is back (it retries, as clients do).
+            async with asyncio.timeout(WAIT):
+                while True:
+                    try:
+                        fresh = await Client.connect(address(engine), **ssl_args)
+                        assert error_type(await fresh.call("get")) is None
+                        break
+                    except (ConnectionError, ssl.SSLError, AssertionError, RuntimeError):
+                        await asyncio.sleep(fill)
+            fresh.close()
+            steady.close()
+            assert engine.admin_address is not None
+            _, body = await http_get(engine.admin_address, "/config_dump")
+            dumped = json.loads(body)["listeners"][0]["connectionRateLimit"]
+            assert dumped == {"max_tokens": 4, "tokens_per_fill": 1, "fill_interval": fill}
+            # A reload that keeps the limit keeps its bucket (a reload does not refill it).
+            runtime = engine.listeners[("svc.test", 9000)]
+            kept = runtime.accept_limit
+            await engine.apply(loads_config(text, "test.yaml"))
+            assert runtime.accept_limit is kept is not None
+            await engine.apply(loads_config(text.replace("maxTokens: 4", "maxTokens: 5"), "t"))
+            assert runtime.accept_limit is not kept and runtime.accept_limit is not None
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
 # -- reload ------------------------------------------------------------------------------------
 
 
@@ -637,6 +769,8 @@ def test_without_tls_connections_are_the_plain_classes() -> None:
             assert type(next(iter(engine.downstreams))) is Downstream
             assert type(next(iter(engine.upstreams))) is UpstreamConnection
             assert engine.clusters["outbound|9000||svc.test"].tls is None
+            assert engine.listeners[("svc.test", 9000)].accept_limit is None
+            assert not [k for k in engine.stats_snapshot() if "rate_limited" in k]
             client.close()
         await up.close()
 
@@ -797,6 +931,51 @@ def test_a_tls_client_that_does_not_read_is_bounded_by_the_connection_buffer_lim
             assert closed == 1
             client.transport.abort()
             await asyncio.gather(*replies, return_exceptions=True)
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_large_reply_to_a_tls_client_that_does_not_read_counts_and_times_out(
+    pki: Pki, loop: str
+) -> None:
+    """The TLS layer hands what it encrypts to the TCP transport under it at once, however
+    much: one large reply to a client that reads nothing sits there, not in the TLS layer's
+    own count. It must count as the connection's unsent bytes all the same (the buffer
+    budget, ``connectionBufferMaxBytes``) and be bounded by ``timeouts.write``; it was
+    counted as nothing and held until ``timeouts.idle`` (an hour)."""
+    size = 8 << 20  # more than the kernel's buffers take from the engine and to the client
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "limits: {connectionBufferBytes: 65536}\ntimeouts: {write: 300ms}",
+        )
+        async with engine_for(text) as engine:
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(address(engine))
+            _, client = await asyncio.get_running_loop().create_connection(
+                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert client.transport is not None
+            client.transport.pause_reading()
+            reply = client.start("big", {"size": str(size)})
+            await until(lambda: engine.buffered > size // 4)  # counted while it is held
+            await until(lambda: not engine.downstreams)  # then reset by timeouts.write
+            closed = engine.stats.get(
+                "metaprotocol_downstream_connections_closed_total",
+                listener="svc.test:9000",
+                reason="write_timeout",
+            )
+            assert closed == 1
+            assert engine.buffered < size // 4
+            client.transport.abort()
+            await asyncio.gather(reply, return_exceptions=True)
         await up.close()
 
     run(main(), loop=loop)

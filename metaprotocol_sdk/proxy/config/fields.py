@@ -330,7 +330,9 @@ WORKLOAD = fields(
     "cluster",
     "principal",
 )
-LISTENER = fields("host", "port", "bind", "filters", "tls")
+LISTENER = fields("host", "port", "bind", "filters", "tls", "connectionRateLimit")
+#: A listener's ``connectionRateLimit``: Envoy's listener filter ``local_ratelimit``.
+CONNECTION_RATE_LIMIT = fields("tokenBucket")
 #: A listener's ``tls``: Istio Gateway ``ServerTLSSettings`` field names.
 LISTENER_TLS = fields(
     "mode",

@@ -1022,6 +1022,20 @@ def _bucket(doc: _Doc, obj: Mapping[str, Any], path: str) -> TokenBucket | None:
     return TokenBucket(most, fill or 1, interval)
 
 
+def _connection_rate_limit(doc: _Doc, listener: Mapping[str, Any], path: str) -> TokenBucket | None:
+    """A listener's ``connectionRateLimit`` (Envoy's listener filter ``local_ratelimit``):
+    its ``tokenBucket``, required."""
+    raw = doc.mapping(listener, "connectionRateLimit", f"{path}.connectionRateLimit", False)
+    if not raw:
+        return None
+    path = f"{path}.connectionRateLimit"
+    doc.check(raw, path, schema.CONNECTION_RATE_LIMIT)
+    bucket = _bucket(doc, raw, f"{path}.tokenBucket")
+    if bucket is None:
+        doc.fail(f"{path}.tokenBucket", "required field is missing")
+    return bucket
+
+
 def _local_rate_limit(doc: _Doc, spec: Mapping[str, Any]) -> LocalRateLimit | None:
     raw = doc.mapping(spec, "localRateLimit", "spec.localRateLimit", required=False)
     if not raw:
@@ -1398,6 +1412,7 @@ def _proxy(
                 bind[1],
                 _filters(doc, raw, path),
                 _listener_tls(doc, raw, path),
+                _connection_rate_limit(doc, raw, path),
             )
         )
     admin = _admin(doc, spec)

@@ -385,6 +385,9 @@ class Listener:
     filters: tuple[FilterSpec, ...] = ()
     #: TLS termination (``None``: plain TCP, exactly as without TLS support).
     tls: ListenerTls | None = None
+    #: ``connectionRateLimit.tokenBucket``: new connections beyond it are closed at the
+    #: accept, before any handshake (``None``: no limit, and no cost).
+    connection_rate_limit: TokenBucket | None = None
 
     @property
     def name(self) -> str:
