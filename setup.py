@@ -23,6 +23,10 @@ COMPILED = [
     "metaprotocol_sdk/proxy/matcher.py",
     "metaprotocol_sdk/proxy/router.py",
     "metaprotocol_sdk/proxy/stats.py",
+    # Its connection classes subclass downstream's and upstream's: a compiled class can only
+    # be the base of another compiled one (the loop's TLS layer is subclassed in handshake.py,
+    # which stays interpreted).
+    "metaprotocol_sdk/proxy/tls.py",
     "metaprotocol_sdk/proxy/upstream.py",
 ]
 #: mypyc ships with mypy; the pins are the dev extra's (tests/core/test_compiled.py).

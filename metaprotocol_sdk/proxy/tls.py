@@ -21,7 +21,6 @@ them again, so a rotated certificate applies to new connections.
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import hashlib
 import ipaddress
 import ssl
@@ -29,6 +28,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from .downstream import Downstream, ListenerRuntime, Refused
+from .handshake import handshake_class
 from .stats import Counter
 from .upstream import UpstreamConnection
 
@@ -145,8 +145,8 @@ def certificate_expiry(path: str) -> float | None:
 def _load_chain(ctx: ssl.SSLContext, cert_key: str, cert: str, key_key: str, key: str) -> None:
     try:
         ctx.load_cert_chain(cert, key, password=_no_passphrase)
-    except TlsSettingError as exc:
-        raise TlsSettingError(key_key, f"{key}: {exc}") from None
+    except TlsSettingError as refused:  # (two names: mypyc types each clause's own)
+        raise TlsSettingError(key_key, f"{key}: {refused}") from None
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise TlsSettingError(key_key, f"{key} is not the key of {cert}") from None
@@ -369,36 +369,6 @@ class TlsStats:
 # -- downstream ----------------------------------------------------------------------------
 
 
-def _handshake_class(loop: asyncio.AbstractEventLoop) -> type[Any]:
-    """The loop's own TLS protocol (uvloop's on uvloop, asyncio's otherwise), extended to
-    keep its raw transport (to abort a handshake when the engine stops)."""
-    base: type[Any] = asyncio.sslproto.SSLProtocol
-    try:
-        import uvloop.loop
-
-        if isinstance(loop, uvloop.loop.Loop):
-            base = uvloop.loop.SSLProtocol
-    except ImportError:  # pragma: no cover - uvloop is optional
-        pass
-    cached = _HANDSHAKES.get(base)
-    if cached is None:
-
-        class Handshake(base):  # type: ignore[misc]
-            """The TLS layer of one client connection."""
-
-            raw: asyncio.Transport | None = None
-
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.raw = cast(asyncio.Transport, transport)
-                super().connection_made(transport)
-
-        cached = _HANDSHAKES[base] = Handshake
-    return cached
-
-
-_HANDSHAKES: dict[type[Any], type[Any]] = {}
-
-
 def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.BaseProtocol:
     """The protocol of a new client connection of a TLS listener: the loop's TLS layer,
     with a :class:`TlsDownstream` above it that is told of the connection once the
@@ -411,7 +381,7 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
     loop = engine.loop
     downstream = TlsDownstream(runtime)
     waiter = loop.create_future()
-    layer = _handshake_class(loop)(
+    layer = handshake_class(loop)(
         loop,
         downstream,
         context,
