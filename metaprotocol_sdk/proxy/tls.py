@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import os
 import ssl
+import stat
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -90,16 +92,27 @@ class TlsSettingError(ValueError):
 
 
 def _read_pem(key: str, path: str, marker: bytes, what: str) -> bytes:
-    """The bytes of the PEM file ``path`` (field ``key``), which must hold ``marker``."""
+    """The bytes of the PEM file ``path`` (field ``key``), which must hold ``marker``.
+
+    Only a regular file is read: a FIFO nobody writes to would block the load for good (and
+    a device such as ``/dev/zero`` never ends); the open does not wait for a writer.
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PEM_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise TlsSettingError(key, f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise TlsSettingError(key, f"{path} is a directory, not a PEM file") from None
     except OSError as exc:
         raise TlsSettingError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise TlsSettingError(key, f"{path} is a directory, not a PEM file")
+        if not stat.S_ISREG(mode):
+            raise TlsSettingError(key, f"{path} is not a regular file (a FIFO or a device)")
+        try:
+            data = f.read(MAX_PEM_BYTES + 1)
+        except OSError as exc:
+            raise TlsSettingError(key, f"cannot read {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_PEM_BYTES:
         raise TlsSettingError(key, f"{path} is larger than the limit of {MAX_PEM_BYTES} bytes")
     if marker not in data:

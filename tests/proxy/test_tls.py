@@ -10,8 +10,10 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -832,6 +834,28 @@ def test_bad_upstream_tls_is_a_config_error_naming_the_field(
 ) -> None:
     exc = load(mesh([(1, "v1")], traffic_policy=make(pki)))
     assert getattr(exc, "field", None) == field and reason in str(exc), exc
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_tls_file_that_is_not_a_regular_file_is_refused_without_waiting(
+    pki: Pki, tmp_path: Path, kind: str
+) -> None:
+    """A FIFO nobody writes to would block the load (a reload) for good, a device such as
+    /dev/zero never ends: both are refused at once, naming the field."""
+    if kind == "fifo":
+        path = tmp_path / "pipe.pem"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    result: list[BaseException | None] = []
+    text = mesh([(1, "v1")], traffic_policy=tls_policy(mode="SIMPLE", caCertificates=str(path)))
+    worker = threading.Thread(target=lambda: result.append(load(text)), daemon=True)
+    worker.start()
+    worker.join(WAIT)
+    assert result, "the load is still waiting on the file"
+    exc = result[0]
+    assert getattr(exc, "field", None) == "spec.trafficPolicy.tls.caCertificates", exc
+    assert "not a regular file" in str(exc), exc
 
 
 @pytest.mark.parametrize(
