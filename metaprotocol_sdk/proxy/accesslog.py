@@ -12,12 +12,14 @@ that finished, so the proxy keeps answering whatever happens to its log.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
 import sys
 import time
 
+from ..errors import ConfigError
 from .writer import BackgroundWriter
 
 #: Gathered lines are handed to the writer once they reach this many bytes (and every sweep).
@@ -33,6 +35,21 @@ CLOSE_WAIT = 2.0
 STDERR_PATHS = ("-", "stderr", "/dev/stderr")
 
 
+def _open(path: str) -> int:
+    """The access log's file, opened for appending; a :class:`ConfigError` naming the field
+    if it cannot be. The open does not wait: a FIFO without a reader (a log shipper not yet
+    started) would otherwise hold the engine's start for good."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.ENXIO:
+            why = "a FIFO that nobody reads (start its reader first)"
+        raise ConfigError(f"{path}: cannot be opened: {why}", field="spec.accessLog.path") from None
+    os.set_blocking(fd, True)  # the writer thread waits for a slow reader, not the engine
+    return fd
+
+
 class AccessLog:
     """Writes one JSON line per finished request. ``path`` ``-`` means stderr."""
 
@@ -40,7 +57,7 @@ class AccessLog:
         self.path = path
         self._own = path not in STDERR_PATHS
         if self._own:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = _open(path)
         else:
             sys.stderr.flush()
             self._fd = sys.stderr.fileno()

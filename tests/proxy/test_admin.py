@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 from proxy_kit import WAIT, Client, Upstream, address, engine_for, http_get, mesh, run, until
 
-from metaprotocol_sdk import compiled
+from metaprotocol_sdk import ConfigError, compiled
+from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy.accesslog import AccessLog
 
 
 def test_admin_ready_config_dump_and_stats() -> None:
@@ -103,6 +107,52 @@ def test_access_log_lines_reach_the_file_within_a_sweep(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
             assert json.loads(log.read_text())["request_id"] == 7
             c.close()
+        await up.close()
+
+    run(main())
+
+
+def _try_open(path: str) -> object:
+    try:
+        return AccessLog(path)
+    except ConfigError as exc:
+        return exc
+
+
+def test_an_access_log_fifo_without_a_reader_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """A FIFO (a log shipper's named pipe) whose reader is not running: the engine says so at
+    start instead of waiting in open() for good; with its reader, lines go through it."""
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    opened: list[object] = []  # in a thread: a regression would block in open() for good
+    worker = threading.Thread(target=lambda: opened.append(_try_open(str(fifo))), daemon=True)
+    worker.start()
+    worker.join(WAIT)
+    assert opened, "opening the access log waits for a reader"
+    assert isinstance(opened[0], ConfigError), opened
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{fifo}'}}\n")
+        engine = Engine(loads_config(text, "test.yaml"))
+        with pytest.raises(ConfigError, match="a FIFO that nobody reads") as refused:
+            await asyncio.wait_for(engine.start(), WAIT)
+        assert refused.value.field == "spec.accessLog.path"
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the shipper starts
+        try:
+            async with engine_for(text) as served:
+                c = await Client.connect(address(served))
+                await c.call(rid=9)
+                c.close()
+            got = b""
+            async with asyncio.timeout(WAIT):
+                while b"\n" not in got:
+                    await asyncio.sleep(0.02)  # polling the pipe, bounded by the timeout
+                    with contextlib.suppress(BlockingIOError):
+                        got += os.read(reader, 65536)
+            assert json.loads(got.splitlines()[0])["request_id"] == 9
+        finally:
+            os.close(reader)
         await up.close()
 
     run(main())
