@@ -644,6 +644,9 @@ class Engine:
             c for name, c in self.clusters.items() if staged.build.clusters.get(name) is not c
         ]
         draining: list[Downstream] = []
+        # Connections still shaking hands were made by a listener's runtime with its codec
+        # and routes of then; those the reload would drain have nothing in flight: reset.
+        aborted: list[TlsDownstream] = []
         listeners: dict[tuple[str, int], ListenerRuntime] = {}
         for key, runtime in staged.runtimes.items():
             current = self.listeners.get(key)
@@ -673,6 +676,12 @@ class Engine:
                         conn._route = match
                     else:  # its codec cannot feed the new protocol's routes
                         draining.append(conn)
+            for shaking in self.handshaking:
+                if shaking.listener is current:
+                    if same_codec:
+                        shaking._route = match
+                    else:
+                        aborted.append(shaking)
             listeners[key] = current
         for key, current in self.listeners.items():
             if key in listeners and listeners[key] is current:
@@ -681,6 +690,7 @@ class Engine:
             if server is not None:
                 server.close()
             draining.extend(c for c in self.downstreams if c.listener is current)
+            aborted.extend(c for c in self.handshaking if c.listener is current)
         self._retire_rate_limit_services(staged.build.rls)
         self.config = staged.config
         self.config_version = staged.version
@@ -691,6 +701,8 @@ class Engine:
         self.listener_addresses = dict(staged.addresses)
         for conn in draining:
             conn.start_drain()
+        for shaking in aborted:
+            shaking.abort()
         for cluster in retired:
             cluster.retired = True
         if retired:

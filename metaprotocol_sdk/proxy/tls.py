@@ -379,7 +379,9 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
     if reason is not None:
         return Refused(runtime.rejected[reason])
     loop = engine.loop
-    downstream = TlsDownstream(runtime)
+    stats = runtime.tls_stats
+    assert stats is not None
+    downstream = TlsDownstream(runtime, stats)
     waiter = loop.create_future()
     layer = handshake_class(loop)(
         loop,
@@ -390,7 +392,6 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
         ssl_handshake_timeout=engine.handshake_timeout,
     )
     downstream.handshake = layer
-    downstream.raw = None
     engine.handshaking.add(downstream)
     waiter.add_done_callback(downstream.handshake_done)
     return cast(asyncio.BaseProtocol, layer)
@@ -406,20 +407,24 @@ class TlsDownstream(Downstream):
     :class:`Downstream` like any other, but for what it counts as unsent (below).
     """
 
-    __slots__ = ("handshake", "raw")
-    #: The TLS layer while the handshake runs (``None`` after).
-    handshake: Any
-    #: The TCP transport under the TLS layer (set once the handshake is done).
-    raw: asyncio.Transport | None
+    __slots__ = ("handshake", "raw", "tls_stats")
+
+    def __init__(self, listener: ListenerRuntime, tls_stats: TlsStats) -> None:
+        super().__init__(listener)
+        #: The TLS layer while the handshake runs (``None`` after).
+        self.handshake: Any = None
+        #: The TCP transport under the TLS layer (set once the handshake is done).
+        self.raw: asyncio.Transport | None = None
+        #: The listener's TLS series when the handshake began (a reload may make the
+        #: listener plain before it ends).
+        self.tls_stats = tls_stats
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The handshake is done (the TLS layer calls this before passing any data on)."""
-        runtime = self.listener
-        runtime.engine.handshaking.discard(self)
+        self.engine.handshaking.discard(self)
         self.raw = self.handshake.raw
         self.handshake = None
-        assert runtime.tls_stats is not None
-        runtime.tls_stats.handshakes.value += 1
+        self.tls_stats.handshakes.value += 1
         super().connection_made(transport)
 
     # The TLS layer counts what it has not encrypted or not handed on, and pauses the
@@ -461,20 +466,19 @@ class TlsDownstream(Downstream):
 
     def handshake_done(self, waiter: asyncio.Future[Any]) -> None:
         """The TLS layer's verdict: count a failure by reason (a success is counted by
-        :meth:`connection_made`)."""
-        engine = self.engine
+        :meth:`connection_made`). A handshake the engine aborted (:meth:`abort`: a stop, a
+        reload) ends without an exception, and is no client's failure: not counted."""
         exc = None if waiter.cancelled() else waiter.exception()  # retrieved: never logged
-        if exc is None and not waiter.cancelled():
-            return
-        engine.handshaking.discard(self)
+        if exc is None and not self.closed:
+            return  # done: connection_made ran
+        self.engine.handshaking.discard(self)
         self.handshake = None
-        stats = self.listener.tls_stats
-        if not engine.draining and stats is not None and exc is not None:
-            stats.error(handshake_reason(exc))
+        if exc is not None and not self.closed and not self.engine.draining:
+            self.tls_stats.error(handshake_reason(exc))
 
     def abort(self) -> None:
         """Reset the connection now (also while it shakes hands)."""
-        layer = getattr(self, "handshake", None)
+        layer = self.handshake
         if layer is not None and layer.raw is not None:
             layer.raw.abort()
         super().abort()

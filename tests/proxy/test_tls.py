@@ -757,6 +757,63 @@ def test_reload_rotates_the_listener_and_upstream_certificates(pki: Pki) -> None
     run(main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("change", ["routes", "plain", "rebound", "aborted"])
+def test_a_reload_while_a_client_shakes_hands(pki: Pki, loop: str, change: str) -> None:
+    """A connection still shaking hands when a reload commits is not yet one of the engine's
+    connections: the reload must reach it too. New routes apply to it (``routes``); a
+    listener that became plain finishes the TLS handshake it began and serves over it
+    (``plain``); a listener rebound elsewhere (or an engine that aborts the handshake)
+    leaves nothing behind: the connection is closed, not served by what the reload removed,
+    and the handshaking set is emptied (``rebound``, ``aborted``)."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        v1, v2 = await Upstream("v1").start(), await Upstream("v2").start()
+        endpoints = [(v1.port, "v1"), (v2.port, "v2")]
+        to = "- {{name: r, route: [{{destination: {{host: svc.test, subset: {}}}}}]}}"
+        text = mesh(endpoints, router=to.format("v1"), listener_tls=listener_tls(pki))
+        async with engine_for(text) as engine:
+            raw = socket.create_connection(address(engine))  # no ClientHello yet
+            await until(lambda: len(engine.handshaking) == 1)
+            if change == "aborted":
+                next(iter(engine.handshaking)).abort()
+            else:
+                changed = {
+                    "routes": mesh(endpoints, to.format("v2"), listener_tls=listener_tls(pki)),
+                    "plain": mesh(endpoints, to.format("v1")),
+                    "rebound": text.replace("bind: '127.0.0.1:0',", "bind: '127.0.0.2:0',"),
+                }[change]
+                await engine.apply(loads_config(changed, "test.yaml"))
+            connecting = asyncio.get_running_loop().create_connection(
+                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            if change in ("rebound", "aborted"):
+                with pytest.raises((ConnectionError, ssl.SSLError)):
+                    _, client = await asyncio.wait_for(connecting, WAIT)
+                    await client.call("get")
+                await until(lambda: not engine.handshaking)
+                assert not engine.downstreams
+                assert v1.received == []
+            else:
+                _, client = await asyncio.wait_for(connecting, WAIT)
+                reply = await client.call("get")
+                want = "v2" if change == "routes" else "v1"
+                assert reply.attributes.get("server") == want, reply
+                client.close()
+            listener = "svc.test:9000"
+            failed = engine.stats.total("metaprotocol_tls_handshake_errors_total")
+            assert failed == 0, engine.stats_snapshot()  # the engine's doing, not the client's
+            assert engine.stats.get("metaprotocol_tls_handshakes_total", listener=listener) == (
+                change in ("routes", "plain")
+            )
+        await v1.close()
+        await v2.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
 # -- zero cost and configuration ---------------------------------------------------------------
 
 
