@@ -264,6 +264,19 @@ def server_context(
 # -- names and reasons ---------------------------------------------------------------------
 
 
+def server_name_error(name: str) -> str | None:
+    """Why ``name`` cannot be sent as the SNI (``None``: it can), as the TLS layer would
+    refuse it: an empty label or one longer than 63 characters, a NUL."""
+    why = "a NUL character" if "\0" in name else None
+    try:
+        name.encode("idna")
+    except UnicodeError as exc:
+        why = str(exc.__cause__ or exc)
+    if not name:
+        why = "empty"
+    return None if why is None else f"{name!r} cannot be sent as a server name: {why}"
+
+
 def _name_matches(kind: str, value: str, name: str) -> bool:
     """Whether the certificate's SAN ``kind: value`` is ``name`` (Envoy's exact matcher: a
     DNS SAN ``*.example.com`` stands for one label)."""
@@ -515,6 +528,12 @@ class TlsUpstreamConnection(UpstreamConnection):
         tls = cluster.tls
         assert tls is not None and cluster.tls_stats is not None
         host = self.host
+        server_name = tls.sni or cluster.service
+        why = server_name_error(server_name)  # a service host may be no server name
+        if why is not None:  # no handshake begun: a connect failure, not a handshake's
+            self._connect_failed(f"TLS: {why}")
+            self.task = None
+            return
         try:
             await asyncio.wait_for(
                 self.engine.loop.create_connection(
@@ -522,7 +541,7 @@ class TlsUpstreamConnection(UpstreamConnection):
                     host.address,
                     host.port,
                     ssl=tls.context,
-                    server_hostname=tls.sni or cluster.service,
+                    server_hostname=server_name,
                     ssl_handshake_timeout=cluster.connect_timeout,
                 ),
                 cluster.connect_timeout,

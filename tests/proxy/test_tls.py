@@ -287,6 +287,31 @@ def test_upstream_sni_and_subject_alt_names(pki: Pki) -> None:
     assert sni.names == ["front.example"]
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_host_that_cannot_be_a_server_name_is_a_connect_failure(pki: Pki, loop: str) -> None:
+    """A service host is sent as the SNI; one that is no server name (a label of 64
+    characters: host names may have 253) made the TLS layer raise, which escaped the
+    connect's task to the loop (a traceback) and left the request unanswered until the
+    route's timeout. It is a connect failure like a refused connect, saying why."""
+    host = "a" * 64 + ".test"
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start(ssl=pki.server_context(pki.leaf("up", "svc.test")))
+        policy = tls_policy(mode="SIMPLE", insecureSkipVerify=True)
+        text = mesh([(up.port, "v1")], traffic_policy=policy).replace("svc.test", host)
+        async with engine_for(text) as engine:
+            client = await Client.connect(engine.listener_addresses[(host, 9000)])
+            reply = await asyncio.wait_for(client.call("get"), WAIT)
+            assert error_type(reply) == "UpstreamConnectFailure", reply
+            assert "server name" in reply.attributes.get("error-message", ""), reply
+            client.close()
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
 def test_retries_and_outlier_detection_treat_a_handshake_failure_as_a_refused_connect(
     pki: Pki,
 ) -> None:
@@ -866,6 +891,11 @@ def load(text: str) -> Exception:
             ),
             "spec.trafficPolicy.tls.privateKey",
             "is not the key of",
+        ),
+        (
+            lambda p: tls_policy(mode="SIMPLE", sni="a" * 64 + ".test"),
+            "spec.trafficPolicy.tls.sni",
+            "cannot be sent as a server name",
         ),
         (
             lambda p: tls_policy(mode="SIMPLE", caCrl=p.ca_file),
