@@ -37,7 +37,7 @@ from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .stats import Counter, Stats
 from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
-from .tls import TlsDownstream, attach_cluster, attach_listener, tls_accept
+from .tls import TlsDownstream, attach_cluster, attach_listener, show_expiry, tls_accept
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 from .watchdog import GuardDog
 
@@ -456,6 +456,7 @@ class Engine:
             self.listeners[(listener.host, listener.port)] = self._build_listener(build, listener)
         self.clusters, self._cluster_specs = build.clusters, build.specs
         self.rate_limit_services = build.rls
+        show_expiry(self.stats, (*self.listeners.values(), *self.clusters.values()))
         shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
         fd_bound = connections_from_rlimit(
             shared * self.connections_per_endpoint,
@@ -699,6 +700,7 @@ class Engine:
         self.listeners = listeners
         self._servers.update(staged.servers)
         self.listener_addresses = dict(staged.addresses)
+        show_expiry(self.stats, (*listeners.values(), *self.clusters.values()))
         for conn in draining:
             conn.start_drain()
         for shaking in aborted:

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .downstream import Downstream, ListenerRuntime, Refused
 from .handshake import handshake_class
-from .stats import Counter
+from .stats import Counter, Labels
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .config.models import ListenerTls, UpstreamTls
+    from .stats import Stats
     from .upstream import Cluster, UpstreamHost
 
 #: Largest PEM file read (a system CA bundle is about 220 KiB).
@@ -355,19 +356,23 @@ def describe(exc: BaseException) -> str:
 
 class TlsStats:
     """The TLS series of one listener or cluster (``kind`` is the label: ``listener`` or
-    ``cluster``); reasons' series are made on first use."""
+    ``cluster``); reasons' series are made on first use, and the certificates' expiry is
+    shown once the configuration is in force (:func:`show_expiry`)."""
 
     def __init__(self, stats: Any, kind: str, name: str, expiry: Iterable[tuple[str, float]]):
         self._stats = stats
         self._labels = {kind: name}
+        #: The certificate files' ``(path, notAfter)``.
+        self.expiry = tuple(expiry)
         self.handshakes: Counter = stats.counter(
             "metaprotocol_tls_handshakes_total", **self._labels
         )
         self._errors: dict[str, Counter] = {}
-        for path, expires in expiry:
-            stats.gauge(
-                "metaprotocol_tls_certificate_expiry_seconds", **self._labels, certificate=path
-            ).value = int(expires)
+
+    def expiry_series(self) -> Iterable[tuple[Labels, int]]:
+        """The labels and value of each certificate's expiry series."""
+        for path, expires in self.expiry:
+            yield (*self._labels.items(), ("certificate", path)), int(expires)
 
     def error(self, reason: str) -> None:
         """Count a failed handshake."""
@@ -377,6 +382,18 @@ class TlsStats:
                 "metaprotocol_tls_handshake_errors_total", **self._labels, reason=reason
             )
         counter.value += 1
+
+
+def show_expiry(stats: Stats, owners: Iterable[ListenerRuntime | Cluster]) -> None:
+    """``metaprotocol_tls_certificate_expiry_seconds`` of the listeners and clusters in
+    force, and of nothing else: a certificate moved to another path, a listener or cluster
+    made plain, leaves no series behind (an alert on it would fire for a file unused); a
+    configuration staged and refused shows nothing."""
+    values: dict[Labels, int] = {}
+    for owner in owners:
+        if owner.tls_stats is not None:
+            values.update(owner.tls_stats.expiry_series())
+    stats.replace_gauges("metaprotocol_tls_certificate_expiry_seconds", values)
 
 
 # -- downstream ----------------------------------------------------------------------------

@@ -839,6 +839,41 @@ def test_a_reload_while_a_client_shakes_hands(pki: Pki, loop: str, change: str) 
     run(main(), loop=loop)
 
 
+def test_certificate_expiry_shows_the_files_in_force_only(pki: Pki) -> None:
+    """``metaprotocol_tls_certificate_expiry_seconds`` is one series per certificate in use:
+    a reload that moves a listener's certificate to another path, or makes a cluster plain,
+    drops the old series (an alert on it would fire for a file no longer used), and a
+    reload refused shows nothing of what it read."""
+    old, new = pki.leaf("old", "svc.test"), pki.leaf("new", "svc.test")
+    name = "metaprotocol_tls_certificate_expiry_seconds"
+
+    def text(cert: tuple[str, str], upstream_tls: bool) -> str:
+        tls = json.dumps({"mode": "SIMPLE", "serverCertificate": cert[0], "privateKey": cert[1]})
+        policy = tls_policy(mode="SIMPLE", caCertificates=pki.ca_file) if upstream_tls else "{}"
+        return mesh([(1, "v1")], traffic_policy=policy, listener_tls=tls)
+
+    def shown(engine: Any) -> set[str]:
+        return {dict(c.labels)["certificate"] for c in engine.stats.counters(name)}
+
+    async def main() -> None:
+        async with engine_for(text(old, True)) as engine:
+            assert shown(engine) == {old[0], pki.ca_file}
+            with socket.socket() as taken:  # a reload that cannot bind: refused whole
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                port = taken.getsockname()[1]
+                refused = text(new, True).replace(
+                    "bind: '127.0.0.1:0',", f"bind: '127.0.0.1:{port}',"
+                )
+                with pytest.raises(ConfigError, match="cannot bind"):
+                    await engine.apply(loads_config(refused, "t"))
+            assert shown(engine) == {old[0], pki.ca_file}
+            await engine.apply(loads_config(text(new, False), "t"))
+            assert shown(engine) == {new[0]}
+
+    run(main())
+
+
 # -- zero cost and configuration ---------------------------------------------------------------
 
 
