@@ -37,7 +37,7 @@ from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .stats import Counter, Stats
 from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
-from .tls import TlsDownstream, attach_cluster, attach_listener, tls_accept
+from .tls import TlsDownstream, attach_cluster, attach_listener, show_expiry, tls_accept
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 from .watchdog import GuardDog
 
@@ -456,6 +456,7 @@ class Engine:
             self.listeners[(listener.host, listener.port)] = self._build_listener(build, listener)
         self.clusters, self._cluster_specs = build.clusters, build.specs
         self.rate_limit_services = build.rls
+        show_expiry(self.stats, (*self.listeners.values(), *self.clusters.values()))
         shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
         fd_bound = connections_from_rlimit(
             shared * self.connections_per_endpoint,
@@ -644,6 +645,9 @@ class Engine:
             c for name, c in self.clusters.items() if staged.build.clusters.get(name) is not c
         ]
         draining: list[Downstream] = []
+        # Connections still shaking hands were made by a listener's runtime with its codec
+        # and routes of then; those the reload would drain have nothing in flight: reset.
+        aborted: list[TlsDownstream] = []
         listeners: dict[tuple[str, int], ListenerRuntime] = {}
         for key, runtime in staged.runtimes.items():
             current = self.listeners.get(key)
@@ -673,6 +677,12 @@ class Engine:
                         conn._route = match
                     else:  # its codec cannot feed the new protocol's routes
                         draining.append(conn)
+            for shaking in self.handshaking:
+                if shaking.listener is current:
+                    if same_codec:
+                        shaking._route = match
+                    else:
+                        aborted.append(shaking)
             listeners[key] = current
         for key, current in self.listeners.items():
             if key in listeners and listeners[key] is current:
@@ -681,6 +691,7 @@ class Engine:
             if server is not None:
                 server.close()
             draining.extend(c for c in self.downstreams if c.listener is current)
+            aborted.extend(c for c in self.handshaking if c.listener is current)
         self._retire_rate_limit_services(staged.build.rls)
         self.config = staged.config
         self.config_version = staged.version
@@ -689,8 +700,11 @@ class Engine:
         self.listeners = listeners
         self._servers.update(staged.servers)
         self.listener_addresses = dict(staged.addresses)
+        show_expiry(self.stats, (*listeners.values(), *self.clusters.values()))
         for conn in draining:
             conn.start_drain()
+        for shaking in aborted:
+            shaking.abort()
         for cluster in retired:
             cluster.retired = True
         if retired:

@@ -314,6 +314,17 @@ class Stats:
         """The gauge series for ``name`` and ``labels`` (a counter that is set, not added to)."""
         return self.counter(name, **labels)
 
+    def replace_gauges(self, name: str, values: dict[Labels, int]) -> None:
+        """Make the series of the gauge ``name`` exactly ``values`` (by their labels): the
+        others are dropped (counted in ``metaprotocol_stats_removed_total``)."""
+        gone = [key for key in self._series if key[0] == name and key[1] not in values]
+        for key in gone:
+            del self._series[key]
+            self._scopes.pop(key, None)
+        self._removed.value += len(gone)
+        for labels, value in values.items():
+            self.gauge(name, **dict(labels)).value = value
+
     def counters(self, name: str) -> list[Counter]:
         """Every series of the counter or gauge ``name``."""
         return [s for (n, _), s in self._series.items() if n == name]

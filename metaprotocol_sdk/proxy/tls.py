@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .downstream import Downstream, ListenerRuntime, Refused
 from .handshake import handshake_class
-from .stats import Counter
+from .stats import Counter, Labels
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .config.models import ListenerTls, UpstreamTls
+    from .stats import Stats
     from .upstream import Cluster, UpstreamHost
 
 #: Largest PEM file read (a system CA bundle is about 220 KiB).
@@ -277,6 +278,19 @@ def server_context(
 # -- names and reasons ---------------------------------------------------------------------
 
 
+def server_name_error(name: str) -> str | None:
+    """Why ``name`` cannot be sent as the SNI (``None``: it can), as the TLS layer would
+    refuse it: an empty label or one longer than 63 characters, a NUL."""
+    why = "a NUL character" if "\0" in name else None
+    try:
+        name.encode("idna")
+    except UnicodeError as exc:
+        why = str(exc.__cause__ or exc)
+    if not name:
+        why = "empty"
+    return None if why is None else f"{name!r} cannot be sent as a server name: {why}"
+
+
 def _name_matches(kind: str, value: str, name: str) -> bool:
     """Whether the certificate's SAN ``kind: value`` is ``name`` (Envoy's exact matcher: a
     DNS SAN ``*.example.com`` stands for one label)."""
@@ -355,19 +369,23 @@ def describe(exc: BaseException) -> str:
 
 class TlsStats:
     """The TLS series of one listener or cluster (``kind`` is the label: ``listener`` or
-    ``cluster``); reasons' series are made on first use."""
+    ``cluster``); reasons' series are made on first use, and the certificates' expiry is
+    shown once the configuration is in force (:func:`show_expiry`)."""
 
     def __init__(self, stats: Any, kind: str, name: str, expiry: Iterable[tuple[str, float]]):
         self._stats = stats
         self._labels = {kind: name}
+        #: The certificate files' ``(path, notAfter)``.
+        self.expiry = tuple(expiry)
         self.handshakes: Counter = stats.counter(
             "metaprotocol_tls_handshakes_total", **self._labels
         )
         self._errors: dict[str, Counter] = {}
-        for path, expires in expiry:
-            stats.gauge(
-                "metaprotocol_tls_certificate_expiry_seconds", **self._labels, certificate=path
-            ).value = int(expires)
+
+    def expiry_series(self) -> Iterable[tuple[Labels, int]]:
+        """The labels and value of each certificate's expiry series."""
+        for path, expires in self.expiry:
+            yield (*self._labels.items(), ("certificate", path)), int(expires)
 
     def error(self, reason: str) -> None:
         """Count a failed handshake."""
@@ -377,6 +395,18 @@ class TlsStats:
                 "metaprotocol_tls_handshake_errors_total", **self._labels, reason=reason
             )
         counter.value += 1
+
+
+def show_expiry(stats: Stats, owners: Iterable[ListenerRuntime | Cluster]) -> None:
+    """``metaprotocol_tls_certificate_expiry_seconds`` of the listeners and clusters in
+    force, and of nothing else: a certificate moved to another path, a listener or cluster
+    made plain, leaves no series behind (an alert on it would fire for a file unused); a
+    configuration staged and refused shows nothing."""
+    values: dict[Labels, int] = {}
+    for owner in owners:
+        if owner.tls_stats is not None:
+            values.update(owner.tls_stats.expiry_series())
+    stats.replace_gauges("metaprotocol_tls_certificate_expiry_seconds", values)
 
 
 # -- downstream ----------------------------------------------------------------------------
@@ -392,7 +422,9 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
     if reason is not None:
         return Refused(runtime.rejected[reason])
     loop = engine.loop
-    downstream = TlsDownstream(runtime)
+    stats = runtime.tls_stats
+    assert stats is not None
+    downstream = TlsDownstream(runtime, stats)
     waiter = loop.create_future()
     layer = handshake_class(loop)(
         loop,
@@ -403,7 +435,6 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
         ssl_handshake_timeout=engine.handshake_timeout,
     )
     downstream.handshake = layer
-    downstream.raw = None
     engine.handshaking.add(downstream)
     waiter.add_done_callback(downstream.handshake_done)
     return cast(asyncio.BaseProtocol, layer)
@@ -419,20 +450,24 @@ class TlsDownstream(Downstream):
     :class:`Downstream` like any other, but for what it counts as unsent (below).
     """
 
-    __slots__ = ("handshake", "raw")
-    #: The TLS layer while the handshake runs (``None`` after).
-    handshake: Any
-    #: The TCP transport under the TLS layer (set once the handshake is done).
-    raw: asyncio.Transport | None
+    __slots__ = ("handshake", "raw", "tls_stats")
+
+    def __init__(self, listener: ListenerRuntime, tls_stats: TlsStats) -> None:
+        super().__init__(listener)
+        #: The TLS layer while the handshake runs (``None`` after).
+        self.handshake: Any = None
+        #: The TCP transport under the TLS layer (set once the handshake is done).
+        self.raw: asyncio.Transport | None = None
+        #: The listener's TLS series when the handshake began (a reload may make the
+        #: listener plain before it ends).
+        self.tls_stats = tls_stats
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The handshake is done (the TLS layer calls this before passing any data on)."""
-        runtime = self.listener
-        runtime.engine.handshaking.discard(self)
+        self.engine.handshaking.discard(self)
         self.raw = self.handshake.raw
         self.handshake = None
-        assert runtime.tls_stats is not None
-        runtime.tls_stats.handshakes.value += 1
+        self.tls_stats.handshakes.value += 1
         super().connection_made(transport)
 
     # The TLS layer counts what it has not encrypted or not handed on, and pauses the
@@ -474,20 +509,19 @@ class TlsDownstream(Downstream):
 
     def handshake_done(self, waiter: asyncio.Future[Any]) -> None:
         """The TLS layer's verdict: count a failure by reason (a success is counted by
-        :meth:`connection_made`)."""
-        engine = self.engine
+        :meth:`connection_made`). A handshake the engine aborted (:meth:`abort`: a stop, a
+        reload) ends without an exception, and is no client's failure: not counted."""
         exc = None if waiter.cancelled() else waiter.exception()  # retrieved: never logged
-        if exc is None and not waiter.cancelled():
-            return
-        engine.handshaking.discard(self)
+        if exc is None and not self.closed:
+            return  # done: connection_made ran
+        self.engine.handshaking.discard(self)
         self.handshake = None
-        stats = self.listener.tls_stats
-        if not engine.draining and stats is not None and exc is not None:
-            stats.error(handshake_reason(exc))
+        if exc is not None and not self.closed and not self.engine.draining:
+            self.tls_stats.error(handshake_reason(exc))
 
     def abort(self) -> None:
         """Reset the connection now (also while it shakes hands)."""
-        layer = getattr(self, "handshake", None)
+        layer = self.handshake
         if layer is not None and layer.raw is not None:
             layer.raw.abort()
         super().abort()
@@ -524,6 +558,12 @@ class TlsUpstreamConnection(UpstreamConnection):
         tls = cluster.tls
         assert tls is not None and cluster.tls_stats is not None
         host = self.host
+        server_name = tls.sni or cluster.service
+        why = server_name_error(server_name)  # a service host may be no server name
+        if why is not None:  # no handshake begun: a connect failure, not a handshake's
+            self._connect_failed(f"TLS: {why}")
+            self.task = None
+            return
         try:
             await asyncio.wait_for(
                 self.engine.loop.create_connection(
@@ -531,7 +571,7 @@ class TlsUpstreamConnection(UpstreamConnection):
                     host.address,
                     host.port,
                     ssl=tls.context,
-                    server_hostname=tls.sni or cluster.service,
+                    server_hostname=server_name,
                     ssl_handshake_timeout=cluster.connect_timeout,
                 ),
                 cluster.connect_timeout,

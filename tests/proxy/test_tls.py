@@ -289,6 +289,31 @@ def test_upstream_sni_and_subject_alt_names(pki: Pki) -> None:
     assert sni.names == ["front.example"]
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_host_that_cannot_be_a_server_name_is_a_connect_failure(pki: Pki, loop: str) -> None:
+    """A service host is sent as the SNI; one that is no server name (a label of 64
+    characters: host names may have 253) made the TLS layer raise, which escaped the
+    connect's task to the loop (a traceback) and left the request unanswered until the
+    route's timeout. It is a connect failure like a refused connect, saying why."""
+    host = "a" * 64 + ".test"
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start(ssl=pki.server_context(pki.leaf("up", "svc.test")))
+        policy = tls_policy(mode="SIMPLE", insecureSkipVerify=True)
+        text = mesh([(up.port, "v1")], traffic_policy=policy).replace("svc.test", host)
+        async with engine_for(text) as engine:
+            client = await Client.connect(engine.listener_addresses[(host, 9000)])
+            reply = await asyncio.wait_for(client.call("get"), WAIT)
+            assert error_type(reply) == "UpstreamConnectFailure", reply
+            assert "server name" in reply.attributes.get("error-message", ""), reply
+            client.close()
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
 def test_retries_and_outlier_detection_treat_a_handshake_failure_as_a_refused_connect(
     pki: Pki,
 ) -> None:
@@ -759,6 +784,98 @@ def test_reload_rotates_the_listener_and_upstream_certificates(pki: Pki) -> None
     run(main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("change", ["routes", "plain", "rebound", "aborted"])
+def test_a_reload_while_a_client_shakes_hands(pki: Pki, loop: str, change: str) -> None:
+    """A connection still shaking hands when a reload commits is not yet one of the engine's
+    connections: the reload must reach it too. New routes apply to it (``routes``); a
+    listener that became plain finishes the TLS handshake it began and serves over it
+    (``plain``); a listener rebound elsewhere (or an engine that aborts the handshake)
+    leaves nothing behind: the connection is closed, not served by what the reload removed,
+    and the handshaking set is emptied (``rebound``, ``aborted``)."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        v1, v2 = await Upstream("v1").start(), await Upstream("v2").start()
+        endpoints = [(v1.port, "v1"), (v2.port, "v2")]
+        to = "- {{name: r, route: [{{destination: {{host: svc.test, subset: {}}}}}]}}"
+        text = mesh(endpoints, router=to.format("v1"), listener_tls=listener_tls(pki))
+        async with engine_for(text) as engine:
+            raw = socket.create_connection(address(engine))  # no ClientHello yet
+            await until(lambda: len(engine.handshaking) == 1)
+            if change == "aborted":
+                next(iter(engine.handshaking)).abort()
+            else:
+                changed = {
+                    "routes": mesh(endpoints, to.format("v2"), listener_tls=listener_tls(pki)),
+                    "plain": mesh(endpoints, to.format("v1")),
+                    "rebound": text.replace("bind: '127.0.0.1:0',", "bind: '127.0.0.2:0',"),
+                }[change]
+                await engine.apply(loads_config(changed, "test.yaml"))
+            connecting = asyncio.get_running_loop().create_connection(
+                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            if change in ("rebound", "aborted"):
+                with pytest.raises((ConnectionError, ssl.SSLError)):
+                    _, client = await asyncio.wait_for(connecting, WAIT)
+                    await client.call("get")
+                await until(lambda: not engine.handshaking)
+                assert not engine.downstreams
+                assert v1.received == []
+            else:
+                _, client = await asyncio.wait_for(connecting, WAIT)
+                reply = await client.call("get")
+                want = "v2" if change == "routes" else "v1"
+                assert reply.attributes.get("server") == want, reply
+                client.close()
+            listener = "svc.test:9000"
+            failed = engine.stats.total("metaprotocol_tls_handshake_errors_total")
+            assert failed == 0, engine.stats_snapshot()  # the engine's doing, not the client's
+            assert engine.stats.get("metaprotocol_tls_handshakes_total", listener=listener) == (
+                change in ("routes", "plain")
+            )
+        await v1.close()
+        await v2.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+def test_certificate_expiry_shows_the_files_in_force_only(pki: Pki) -> None:
+    """``metaprotocol_tls_certificate_expiry_seconds`` is one series per certificate in use:
+    a reload that moves a listener's certificate to another path, or makes a cluster plain,
+    drops the old series (an alert on it would fire for a file no longer used), and a
+    reload refused shows nothing of what it read."""
+    old, new = pki.leaf("old", "svc.test"), pki.leaf("new", "svc.test")
+    name = "metaprotocol_tls_certificate_expiry_seconds"
+
+    def text(cert: tuple[str, str], upstream_tls: bool) -> str:
+        tls = json.dumps({"mode": "SIMPLE", "serverCertificate": cert[0], "privateKey": cert[1]})
+        policy = tls_policy(mode="SIMPLE", caCertificates=pki.ca_file) if upstream_tls else "{}"
+        return mesh([(1, "v1")], traffic_policy=policy, listener_tls=tls)
+
+    def shown(engine: Any) -> set[str]:
+        return {dict(c.labels)["certificate"] for c in engine.stats.counters(name)}
+
+    async def main() -> None:
+        async with engine_for(text(old, True)) as engine:
+            assert shown(engine) == {old[0], pki.ca_file}
+            with socket.socket() as taken:  # a reload that cannot bind: refused whole
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                port = taken.getsockname()[1]
+                refused = text(new, True).replace(
+                    "bind: '127.0.0.1:0',", f"bind: '127.0.0.1:{port}',"
+                )
+                with pytest.raises(ConfigError, match="cannot bind"):
+                    await engine.apply(loads_config(refused, "t"))
+            assert shown(engine) == {old[0], pki.ca_file}
+            await engine.apply(loads_config(text(new, False), "t"))
+            assert shown(engine) == {new[0]}
+
+    run(main())
+
+
 # -- zero cost and configuration ---------------------------------------------------------------
 
 
@@ -811,6 +928,11 @@ def load(text: str) -> Exception:
             ),
             "spec.trafficPolicy.tls.privateKey",
             "is not the key of",
+        ),
+        (
+            lambda p: tls_policy(mode="SIMPLE", sni="a" * 64 + ".test"),
+            "spec.trafficPolicy.tls.sni",
+            "cannot be sent as a server name",
         ),
         (
             lambda p: tls_policy(mode="SIMPLE", caCrl=p.ca_file),

@@ -29,7 +29,13 @@ from metaprotocol_sdk.registry import resolve, resolve_filter
 from ..addresses import is_loopback
 from ..matcher import compile_regex
 from ..telemetry import workload_from_environment
-from ..tls import PROTOCOL_VERSIONS, TlsSettingError, client_context, server_context
+from ..tls import (
+    PROTOCOL_VERSIONS,
+    TlsSettingError,
+    client_context,
+    server_context,
+    server_name_error,
+)
 from . import fields as schema
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
@@ -613,6 +619,8 @@ def _upstream_tls(doc: _Doc, policy: Mapping[str, Any], path: str) -> UpstreamTl
         for key in ("caCertificates", "clientCertificate", "privateKey", "caCrl")
     }
     sni = doc.string(raw, "sni", f"{path}.sni", required=False)
+    if sni is not None and (why := server_name_error(sni)) is not None:
+        doc.fail(f"{path}.sni", why)
     if mode == "DISABLE":
         for key in ("sni", "subjectAltNames", "insecureSkipVerify", *files):
             if raw.get(key) is not None:
