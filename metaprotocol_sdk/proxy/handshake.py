@@ -3,13 +3,21 @@
 Interpreted on purpose (never in the compiled build's module list): the class it makes
 subclasses the loop's TLS protocol (uvloop's, or asyncio's), which a mypyc-compiled module
 cannot do in a function, and which no compiled class may be the base of.
+
+uvloop's ``SSLProtocol`` is not a public API: its constructor is checked once, with the
+arguments the engine gives it, and if a uvloop release changed it, asyncio's own TLS
+protocol (which runs over any transport, uvloop's too) is used instead, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import logging
+import ssl
 from typing import Any, cast
+
+log = logging.getLogger("metaprotocol.proxy")
 
 _HANDSHAKES: dict[type[Any], type[Any]] = {}
 
@@ -27,15 +35,41 @@ def handshake_class(loop: asyncio.AbstractEventLoop) -> type[Any]:
         pass
     cached = _HANDSHAKES.get(base)
     if cached is None:
-
-        class Handshake(base):  # type: ignore[misc]
-            """The TLS layer of one client connection."""
-
-            raw: asyncio.Transport | None = None
-
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.raw = cast(asyncio.Transport, transport)
-                super().connection_made(transport)
-
-        cached = _HANDSHAKES[base] = Handshake
+        chosen = base
+        if base is not asyncio.sslproto.SSLProtocol and not _constructs(base, loop):
+            log.warning(
+                "this uvloop's TLS protocol takes other arguments than the engine gives it: "
+                "TLS listeners use asyncio's (slower) instead"
+            )
+            chosen = asyncio.sslproto.SSLProtocol
+        cached = _HANDSHAKES[base] = _keeping_raw(chosen)
     return cached
+
+
+def _keeping_raw(base: type[Any]) -> type[Any]:
+    class Handshake(base):  # type: ignore[misc]
+        """The TLS layer of one client connection."""
+
+        raw: asyncio.Transport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.raw = cast(asyncio.Transport, transport)
+            super().connection_made(transport)
+
+    return Handshake
+
+
+def _constructs(base: type[Any], loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``base`` takes the arguments ``tls.tls_accept`` gives it."""
+    try:
+        base(
+            loop,
+            asyncio.Protocol(),
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+            None,
+            server_side=True,
+            ssl_handshake_timeout=1.0,
+        )
+    except TypeError:
+        return False
+    return True

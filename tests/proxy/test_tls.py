@@ -6,6 +6,7 @@ trustme (test CAs), revocation lists from cryptography."""
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import datetime
 import json
@@ -428,6 +429,34 @@ def test_listener_terminates_tls_to_a_plain_upstream(pki: Pki, loop: str) -> Non
         assert errors == []
 
     run(main(), loop=loop)
+
+
+def test_a_uvloop_whose_tls_protocol_changed_falls_back_to_asyncios(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvloop's SSLProtocol is not public: if a release changed its constructor, TLS
+    listeners run asyncio's TLS protocol over uvloop's transports, and say so."""
+    from metaprotocol_sdk.proxy import handshake
+
+    monkeypatch.setattr(handshake, "_HANDSHAKES", {})
+    monkeypatch.setattr(handshake, "_constructs", lambda base, loop: False)
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=listener_tls(pki))) as engine:
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert error_type(await client.call("get")) is None
+            client.close()
+            await asyncio.wait_for(client.closed, WAIT)
+        await up.close()
+
+    with caplog.at_level(logging.WARNING, "metaprotocol.proxy"):
+        run(main(), loop="uvloop")
+    (made,) = handshake._HANDSHAKES.values()
+    assert made.__mro__[1] is asyncio.sslproto.SSLProtocol
+    assert "use asyncio's (slower) instead" in caplog.text
 
 
 def test_mutual_listener_requires_a_client_certificate(pki: Pki) -> None:
