@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from .engine import Engine
     from .policies import ConnectionRateLimit
-    from .tls import TlsStats
+    from .tls import ClientCheck, TlsStats
 
 _REQUEST = MessageType.Request
 _ONEWAY = MessageType.Oneway
@@ -116,6 +116,8 @@ class ListenerRuntime:
         #: TLS termination (set by ``tls.attach_listener``; ``None``: plain TCP).
         self.tls: ssl.SSLContext | None = None
         self.tls_stats: TlsStats | None = None
+        #: What a client certificate must be beyond its chain (``None``: nothing more).
+        self.tls_check: ClientCheck | None = None
         #: ``connectionRateLimit`` (``None``: none; set by the engine).
         self.accept_limit: ConnectionRateLimit | None = None
 

@@ -663,6 +663,7 @@ class Engine:
             current._unrouted = runtime._unrouted
             current.tls = runtime.tls  # new connections shake hands with the new files
             current.tls_stats = runtime.tls_stats
+            current.tls_check = runtime.tls_check
             kept = current.accept_limit
             if (
                 kept is None

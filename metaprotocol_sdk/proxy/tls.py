@@ -21,8 +21,10 @@ them again, so a rotated certificate applies to new connections.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import ipaddress
+import logging
 import os
 import ssl
 import stat
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from .config.models import ListenerTls, UpstreamTls
     from .stats import Stats
     from .upstream import Cluster, UpstreamHost
+
+log = logging.getLogger("metaprotocol.proxy")
 
 #: Largest PEM file read (a system CA bundle is about 220 KiB).
 MAX_PEM_BYTES = 1 << 20
@@ -245,9 +249,12 @@ def server_context(
     min_version: str,
     max_version: str | None,
     cipher_suites: tuple[str, ...],
+    ca_crl: str | None = None,
 ) -> tuple[ssl.SSLContext, str, tuple[tuple[str, float], ...]]:
     """The context of a listener's ``tls``, the digest of its files and their certificates'
-    expiry; :class:`TlsSettingError` names a bad field."""
+    expiry; :class:`TlsSettingError` names a bad field. A client certificate's chain is
+    verified by OpenSSL during the handshake (against ``caCrl`` too: a CRL of each CA of the
+    chain, as Envoy's default); its names and pins after it (:class:`ClientCheck`)."""
     files = _Files()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client renegotiating is CPU it spends on us
@@ -263,6 +270,10 @@ def server_context(
         files.add(_read_certificate("caCertificates", ca_certificates), ca_certificates)
         _load_cas(ctx, "caCertificates", ca_certificates)
         ctx.verify_mode = ssl.CERT_REQUIRED if mode == "MUTUAL" else ssl.CERT_OPTIONAL
+        if ca_crl is not None:
+            files.add(_read_pem("caCrl", ca_crl, b"-----BEGIN X509 CRL-----", "CRL"))
+            _load_cas(ctx, "caCrl", ca_crl)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     if cipher_suites:
         try:
             ctx.set_ciphers(":".join(cipher_suites))
@@ -311,7 +322,7 @@ def _name_matches(kind: str, value: str, name: str) -> bool:
 
 
 def san_mismatch(peercert: dict[str, Any] | None, names: Iterable[str]) -> str | None:
-    """Why a verified server certificate does not name any of ``names`` (``None``: one)."""
+    """Why a verified certificate does not name any of ``names`` (``None``: one)."""
     sans = tuple((peercert or {}).get("subjectAltName", ()))
     wanted = tuple(names)
     for kind, value in sans:
@@ -322,6 +333,82 @@ def san_mismatch(peercert: dict[str, Any] | None, names: Iterable[str]) -> str |
         f"certificate verify failed: its subject alt names ({present}) match none of "
         f"subjectAltNames ({', '.join(wanted)})"
     )
+
+
+def _der_element(der: bytes, at: int, end: int) -> tuple[int, int, int]:
+    """The DER element at ``at`` (before ``end``): its tag, where its content starts and
+    where it ends. ``ValueError`` if it does not fit."""
+    if at + 2 > end:
+        raise ValueError("truncated")
+    tag, size = der[at], der[at + 1]
+    start = at + 2
+    if size & 0x80:
+        count = size & 0x7F
+        if not 0 < count <= 4 or start + count > end:
+            raise ValueError("bad length")
+        size = int.from_bytes(der[start : start + count], "big")
+        start += count
+    if start + size > end:
+        raise ValueError("truncated")
+    return tag, start, start + size
+
+
+def public_key_info(der: bytes) -> bytes:
+    """The DER ``SubjectPublicKeyInfo`` of a DER certificate (what ``verifyCertificateSpki``
+    hashes): the seventh element of ``tbsCertificate``, or the sixth when ``version`` is
+    absent (RFC 5280, 4.1). Linear, and ``ValueError`` on bytes that are not one."""
+    tag, start, _ = _der_element(der, 0, len(der))
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, at, end = _der_element(der, start, len(der))  # tbsCertificate
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    if at < end and der[at] == 0xA0:  # [0] version
+        at = _der_element(der, at, end)[2]
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        at = _der_element(der, at, end)[2]
+    tag, _, stop = _der_element(der, at, end)
+    if tag != 0x30:
+        raise ValueError("no public key info")
+    return der[at:stop]
+
+
+class ClientCheck:
+    """What a ``MUTUAL`` or ``OPTIONAL_MUTUAL`` listener requires of a client certificate
+    beyond its chain (Istio's ``subjectAltNames``, ``verifyCertificateSpki`` and
+    ``verifyCertificateHash``, Envoy's validation context): one of the names, if any are
+    set, and one of the pins of either kind, if any are set."""
+
+    __slots__ = ("hashes", "names", "spki")
+
+    def __init__(self, tls: ListenerTls) -> None:
+        self.names = tls.subject_alt_names
+        self.spki = frozenset(tls.verify_certificate_spki)
+        self.hashes = frozenset(tls.verify_certificate_hash)
+
+    def refusal(self, transport: asyncio.BaseTransport) -> str | None:
+        """Why the client certificate of ``transport`` (its handshake done) is refused;
+        ``None``: allowed, or none presented (``OPTIONAL_MUTUAL``: OpenSSL refused a
+        ``MUTUAL`` client without one)."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+        if not der:
+            return None
+        if self.names:
+            why = san_mismatch(transport.get_extra_info("peercert"), self.names)
+            if why is not None:
+                return why
+        if self.spki or self.hashes:
+            if hashlib.sha256(der).hexdigest() in self.hashes:
+                return None
+            try:
+                key = public_key_info(der)
+            except ValueError as exc:  # OpenSSL verified it: not expected
+                return f"its public key cannot be read ({exc})"
+            spki = base64.b64encode(hashlib.sha256(key).digest()).decode()
+            if spki not in self.spki:
+                return "its digest and its public key's match none of the pinned ones"
+        return None
 
 
 def handshake_reason(exc: BaseException, timed_out: bool = False) -> str:
@@ -450,10 +537,13 @@ class TlsDownstream(Downstream):
     :class:`Downstream` like any other, but for what it counts as unsent (below).
     """
 
-    __slots__ = ("handshake", "raw", "tls_stats")
+    __slots__ = ("client_check", "handshake", "raw", "tls_stats")
 
     def __init__(self, listener: ListenerRuntime, tls_stats: TlsStats) -> None:
         super().__init__(listener)
+        #: The listener's client certificate check when the handshake began (``None``: the
+        #: chain alone, verified during it).
+        self.client_check = listener.tls_check
         #: The TLS layer while the handshake runs (``None`` after).
         self.handshake: Any = None
         #: The TCP transport under the TLS layer (set once the handshake is done).
@@ -463,10 +553,20 @@ class TlsDownstream(Downstream):
         self.tls_stats = tls_stats
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """The handshake is done (the TLS layer calls this before passing any data on)."""
+        """The handshake is done (the TLS layer calls this before passing any data on): a
+        client certificate the listener's :class:`ClientCheck` refuses is reset at once,
+        counted ``bad_certificate``, before any of its bytes is read."""
         self.engine.handshaking.discard(self)
         self.raw = self.handshake.raw
         self.handshake = None
+        check = self.client_check
+        if check is not None and (why := check.refusal(transport)) is not None:
+            self.tls_stats.error("bad_certificate")
+            log.debug("TLS: client certificate refused on %s: %s", self.listener.name, why)
+            self.closed = True
+            self.transport = cast(asyncio.Transport, transport)
+            self.abort()
+            return
         self.tls_stats.handshakes.value += 1
         super().connection_made(transport)
 
@@ -538,6 +638,8 @@ def attach_listener(runtime: ListenerRuntime, tls: ListenerTls | None) -> None:
         return
     runtime.tls = tls.context
     runtime.tls_stats = TlsStats(runtime.engine.stats, "listener", runtime.name, tls.expiry)
+    if tls.subject_alt_names or tls.verify_certificate_spki or tls.verify_certificate_hash:
+        runtime.tls_check = ClientCheck(tls)
 
 
 # -- upstream ------------------------------------------------------------------------------
@@ -655,6 +757,10 @@ def dump_listener(tls: ListenerTls | None) -> dict[str, Any] | None:
         "minProtocolVersion": tls.min_protocol_version,
         "maxProtocolVersion": tls.max_protocol_version,
         "cipherSuites": list(tls.cipher_suites),
+        "subjectAltNames": list(tls.subject_alt_names),
+        "verifyCertificateSpki": list(tls.verify_certificate_spki),
+        "verifyCertificateHash": list(tls.verify_certificate_hash),
+        "caCrl": tls.ca_crl,
         "filesDigest": tls.digest[:12],
         "certificateExpiry": {path: expires for path, expires in tls.expiry},
     }

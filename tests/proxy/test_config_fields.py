@@ -287,10 +287,19 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             "minProtocolVersion": "TLSV1_2",
             "maxProtocolVersion": "TLSV1_3",
             "cipherSuites": ["ECDHE-ECDSA-AES128-GCM-SHA256"],
+            "subjectAltNames": ["spiffe://cluster.local/ns/a/sa/b"],
+            "verifyCertificateSpki": ["47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="],
+            "verifyCertificateHash": ["AB:" * 31 + "AB"],
+            "caCrl": PKI["crl"],
         },
         lambda c: (
             c.proxy.listeners[0].tls.mode == "MUTUAL"
             and c.proxy.listeners[0].tls.max_protocol_version == "TLSV1_3"
+            and c.proxy.listeners[0].tls.subject_alt_names == ("spiffe://cluster.local/ns/a/sa/b",)
+            and c.proxy.listeners[0].tls.verify_certificate_spki
+            == ("47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",)
+            and c.proxy.listeners[0].tls.verify_certificate_hash == ("ab" * 32,)
+            and c.proxy.listeners[0].tls.ca_crl == PKI["crl"]
         ),
     ),
     (
@@ -520,10 +529,6 @@ REFUSED: list[tuple[str, str, Any]] = [
             ("credentialName", "cred"),
             ("credentialNames", ["cred"]),
             ("tlsCertificates", [{"serverCertificate": "/c.pem"}]),
-            ("subjectAltNames", ["client.test"]),
-            ("verifyCertificateSpki", ["abc"]),
-            ("verifyCertificateHash", ["abc"]),
-            ("caCrl", "/crl.pem"),
             ("httpsRedirect", True),
         ]
     ),

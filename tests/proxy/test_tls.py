@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 import trustme
+from hypothesis import given
+from hypothesis import strategies as st
 from proxy_kit import (
     WAIT,
     Client,
@@ -488,6 +490,243 @@ def test_mutual_listener_requires_a_client_certificate(pki: Pki) -> None:
         await up.close()
 
     run(main())
+
+
+# -- client certificates: names, pins, revocation ----------------------------------------------
+
+
+def issue(pki: Pki, name: str, san: str, revoke: bool = False) -> tuple[str, str]:
+    """A client certificate of ``pki``'s CA naming ``san`` (a URI, such as a SPIFFE id, or a
+    DNS name), and its key: ``(cert path, key path)``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    general = x509.UniformResourceIdentifier(san) if "://" in san else x509.DNSName(san)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([general]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return pki.write(f"{name}.crt", pem), pki.write(f"{name}.key", key_pem)
+
+
+def fingerprints(cert_path: str) -> tuple[str, str]:
+    """A certificate's pins as ``openssl`` prints them: the base64 SHA-256 of its public key
+    (``verifyCertificateSpki``), the colon-separated upper-case hex SHA-256 of the
+    certificate (``verifyCertificateHash``). Computed with ``cryptography``, not the engine."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    return (
+        base64.b64encode(hashlib.sha256(spki).digest()).decode(),
+        ":".join(digest[i : i + 2] for i in range(0, 64, 2)),
+    )
+
+
+async def served(engine: Any, client_cert: tuple[str, str] | None, pki: Pki) -> bool:
+    """Whether a client presenting ``client_cert`` (or none) is served a reply."""
+    client = await Client.connect(
+        address(engine), ssl=pki.client_context(client_cert), server_hostname="svc.test"
+    )
+    try:
+        return error_type(await asyncio.wait_for(client.call("get"), WAIT)) is None
+    except (ConnectionError, ssl.SSLError):
+        return False
+    finally:
+        client.close()
+
+
+def tls_counts(engine: Any, reason: str = "bad_certificate") -> tuple[int, int]:
+    listener = "svc.test:9000"
+    done = engine.stats.get("metaprotocol_tls_handshakes_total", listener=listener)
+    refused = engine.stats.get(
+        "metaprotocol_tls_handshake_errors_total", listener=listener, reason=reason
+    )
+    return done, refused or 0
+
+
+GREETER = "spiffe://cluster.local/ns/shop/sa/greeter"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_listener_admits_only_the_client_names_it_lists(pki: Pki, loop: str) -> None:
+    """``subjectAltNames`` on a MUTUAL listener: a certificate of the trusted CA that names
+    another workload is reset right after the handshake, counted ``bad_certificate``, and
+    none of its requests reaches an upstream (a CA that signs every workload of a mesh
+    authenticates nothing by its chain alone)."""
+    greeter = issue(pki, "greeter", GREETER)
+    other = issue(pki, "other", "spiffe://cluster.local/ns/shop/sa/other")
+    dns = issue(pki, "dns", "greeter.shop.svc")
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        tls = listener_tls(pki, "MUTUAL", subjectAltNames=[GREETER])
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=tls)) as engine:
+            assert await served(engine, greeter, pki)
+            assert not await served(engine, other, pki)
+            assert not await served(engine, dns, pki)
+            assert tls_counts(engine) == (1, 2)
+            assert len(up.received) == 1
+            await until(lambda: not engine.downstreams and not engine.handshaking)
+            _, body = await http_get(engine.admin_address, "/config_dump")  # type: ignore[arg-type]
+            assert json.loads(body)["listeners"][0]["tls"]["subjectAltNames"] == [GREETER]
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+def test_a_listener_admits_only_pinned_client_certificates(pki: Pki) -> None:
+    """``verifyCertificateHash`` and ``verifyCertificateSpki`` (as ``openssl`` prints them,
+    colons and upper case allowed): a match of either admits; a certificate of the same CA
+    that matches neither is refused."""
+    by_hash, by_key, neither = (issue(pki, n, f"{n}.test") for n in ("a", "b", "c"))
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        tls = listener_tls(
+            pki,
+            "MUTUAL",
+            verifyCertificateHash=[fingerprints(by_hash[0])[1]],
+            verifyCertificateSpki=[fingerprints(by_key[0])[0]],
+        )
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=tls)) as engine:
+            assert await served(engine, by_hash, pki)
+            assert await served(engine, by_key, pki)
+            assert not await served(engine, neither, pki)
+            assert tls_counts(engine) == (2, 1)
+        await up.close()
+
+    run(main())
+
+
+def test_optional_mutual_checks_a_certificate_only_when_one_is_presented(pki: Pki) -> None:
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        tls = listener_tls(pki, "OPTIONAL_MUTUAL", subjectAltNames=[GREETER])
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=tls)) as engine:
+            assert await served(engine, None, pki)
+            assert await served(engine, issue(pki, "greeter", GREETER), pki)
+            assert not await served(engine, issue(pki, "other", "other.test"), pki)
+            assert tls_counts(engine) == (2, 1)
+        await up.close()
+
+    run(main())
+
+
+def client_crl(pki: Pki, cert_path: str) -> str:
+    """A CRL file of ``pki``'s CA revoking the certificate at ``cert_path``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    leaf = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), None)
+    now = datetime.datetime.now(datetime.UTC)
+    revoked = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(leaf.serial_number)
+        .revocation_date(now - datetime.timedelta(minutes=1))
+        .build()
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=1))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(revoked)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return pki.write("clients.crl", crl.public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_revoked_client_certificate_is_refused_in_the_handshake(pki: Pki) -> None:
+    good, revoked = issue(pki, "good", "good.test"), issue(pki, "revoked", "revoked.test")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        tls = listener_tls(pki, "MUTUAL", caCrl=client_crl(pki, revoked[0]))
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=tls)) as engine:
+            assert await served(engine, good, pki)
+            assert not await served(engine, revoked, pki)
+            assert tls_counts(engine) == (1, 1)
+        await up.close()
+
+    run(main())
+
+
+def test_a_reload_changes_the_client_names_admitted(pki: Pki) -> None:
+    """New connections are checked against the names in force; one already open stays."""
+    greeter = issue(pki, "greeter", GREETER)
+    other_id = "spiffe://cluster.local/ns/shop/sa/other"
+    other = issue(pki, "other", other_id)
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        first = mesh([(up.port, "v1")], listener_tls=listener_tls(pki, "MUTUAL"))
+        text = first.replace('"MUTUAL"', '"MUTUAL", "subjectAltNames": ["' + GREETER + '"]')
+        assert text != first
+        async with engine_for(text) as engine:
+            kept = await Client.connect(
+                address(engine), ssl=pki.client_context(greeter), server_hostname="svc.test"
+            )
+            assert error_type(await kept.call("get")) is None
+            assert not await served(engine, other, pki)
+            await engine.apply(loads_config(text.replace(GREETER, other_id), "test.yaml"))
+            assert await served(engine, other, pki)
+            assert not await served(engine, greeter, pki)
+            assert error_type(await kept.call("get")) is None
+            kept.close()
+        await up.close()
+
+    run(main())
+
+
+def test_public_key_info_is_what_cryptography_reads(pki: Pki) -> None:
+    """The engine's DER reader finds the same public key as ``cryptography`` in EC and RSA
+    certificates (trustme's are RSA here), and refuses what is not a certificate."""
+    import base64
+    import hashlib
+
+    from metaprotocol_sdk.proxy.tls import public_key_info
+
+    for cert_path in (issue(pki, "ec", "ec.test")[0], pki.leaf("rsa", "rsa.test")[0]):
+        der = ssl.PEM_cert_to_DER_cert(
+            Path(cert_path).read_text().split("-----END")[0] + ("-----END CERTIFICATE-----\n")
+        )
+        digest = base64.b64encode(hashlib.sha256(public_key_info(der)).digest()).decode()
+        assert digest == fingerprints(cert_path)[0]
+        for cut in (0, 1, 5, len(der) // 2):
+            with pytest.raises(ValueError):
+                public_key_info(der[:cut])
+    with pytest.raises(ValueError):
+        public_key_info(b"\x30\x84\xff\xff\xff\xff")
 
 
 def test_listener_versions_and_ciphers(pki: Pki) -> None:
@@ -1023,13 +1262,35 @@ def test_a_tls_file_that_is_not_a_regular_file_is_refused_without_waiting(
         ({"cipherSuites": ["NOT-A-CIPHER"]}, "cipherSuites", "no cipher suite"),
         ({"mode": "PASSTHROUGH"}, "mode", "unterminated"),
         ({"credentialName": "x"}, "credentialName", "reads no secrets"),
+        ({"subjectAltNames": ["a.test"]}, "subjectAltNames", "(mode is SIMPLE)"),
+        ({"mode": "MUTUAL", "subjectAltNames": [""]}, "subjectAltNames[0]", "non-empty"),
+        (
+            {"mode": "MUTUAL", "verifyCertificateSpki": ["abc"]},
+            "verifyCertificateSpki[0]",
+            "base64",
+        ),
+        (
+            {"mode": "MUTUAL", "verifyCertificateHash": ["AB:CD"]},
+            "verifyCertificateHash[0]",
+            "64 hex digits",
+        ),
+        (
+            {"mode": "MUTUAL", "caCertificates": "<ca>", "caCrl": "/nonexistent.crl"},
+            "caCrl",
+            "no such file",
+        ),
+        (
+            {"mode": "MUTUAL", "caCertificates": "<ca>", "caCrl": "<ca>"},
+            "caCrl",
+            "holds no PEM CRL",
+        ),
     ],
 )
 def test_bad_listener_tls_is_a_config_error_naming_the_field(
     pki: Pki, patch: dict[str, Any], field: str, reason: str
 ) -> None:
     tls = json.loads(listener_tls(pki))
-    tls.update(patch)
+    tls.update({k: pki.ca_file if v == "<ca>" else v for k, v in patch.items()})
     exc = load(mesh([(1, "v1")], listener_tls=json.dumps(tls)))
     assert getattr(exc, "field", None) == f"spec.listeners[0].tls.{field}", exc
     assert reason in str(exc), exc
@@ -1154,3 +1415,16 @@ def test_a_large_reply_to_a_tls_client_that_does_not_read_counts_and_times_out(
         await up.close()
 
     run(main(), loop=loop)
+
+
+@given(st.binary(max_size=300))
+def test_public_key_info_refuses_any_bytes_with_a_value_error(data: bytes) -> None:
+    """Whatever the bytes (OpenSSL has verified the certificate first, but the reader does
+    not rely on it), the answer is a slice of them or ``ValueError``."""
+    from metaprotocol_sdk.proxy.tls import public_key_info
+
+    try:
+        found = public_key_info(data)
+    except ValueError:
+        return
+    assert found in data and found[:1] == b"\x30"

@@ -342,16 +342,15 @@ LISTENER_TLS = fields(
     "minProtocolVersion",
     "maxProtocolVersion",
     "cipherSuites",
+    "subjectAltNames",
+    "verifyCertificateSpki",
+    "verifyCertificateHash",
+    "caCrl",
     refused={
         "credentialName": _SECRETS,
         "credentialNames": _SECRETS,
         "tlsCertificates": "several certificates per listener (one serverCertificate and "
         "privateKey pair is served)",
-        "subjectAltNames": "checking client certificates' names (MUTUAL checks their chain "
-        "against caCertificates)",
-        "verifyCertificateSpki": "pinning client certificates",
-        "verifyCertificateHash": "pinning client certificates",
-        "caCrl": "revocation lists for client certificates",
         "httpsRedirect": "an HTTP setting",
     },
 )

@@ -11,6 +11,7 @@ logger: see :mod:`.fields`.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import logging
@@ -589,6 +590,47 @@ def _traffic_policy(doc: _Doc, policy: Mapping[str, Any], path: str) -> TrafficP
 _UPSTREAM_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL")
 
 
+def _subject_alt_names(doc: _Doc, raw: Mapping[str, Any], path: str) -> list[str]:
+    sans = doc.sequence(raw, "subjectAltNames", f"{path}.subjectAltNames", required=False)
+    for i, name in enumerate(sans):
+        if not isinstance(name, str) or not name:
+            doc.fail(f"{path}.subjectAltNames[{i}]", f"must be a non-empty string, got {name!r}")
+    return list(sans)
+
+
+def _pins(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    """``verifyCertificateSpki`` (base64 SHA-256 digests, kept in base64) or
+    ``verifyCertificateHash`` (hex, with or without colons; kept lower case, without)."""
+    pins = []
+    for i, value in enumerate(doc.sequence(raw, key, f"{path}.{key}", required=False)):
+        where = f"{path}.{key}[{i}]"
+        if not isinstance(value, str):
+            doc.fail(where, f"must be a string, got {value!r}")
+        if key == "verifyCertificateSpki":
+            try:
+                digest = base64.b64decode(value, validate=True)
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                doc.fail(
+                    where,
+                    "must be the base64 of a SHA-256 digest (44 characters: openssl x509 "
+                    f"-pubkey | openssl pkey -pubin -outform DER | openssl dgst -sha256 "
+                    f"-binary | base64), got {value[:80]!r}",
+                )
+            pins.append(base64.b64encode(digest).decode())
+        else:
+            hexed = value.replace(":", "").lower()
+            if len(hexed) != 64 or hexed.strip("0123456789abcdef"):
+                doc.fail(
+                    where,
+                    "must be the hex SHA-256 digest of a certificate (64 hex digits, colons "
+                    f"allowed: openssl x509 -noout -fingerprint -sha256), got {value[:100]!r}",
+                )
+            pins.append(hexed)
+    return tuple(pins)
+
+
 def _tls_path(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> str | None:
     """A file path of a ``tls`` block, relative paths as given (to the working directory)."""
     return doc.string(raw, key, f"{path}.{key}", required=False)
@@ -607,10 +649,7 @@ def _upstream_tls(doc: _Doc, policy: Mapping[str, Any], path: str) -> UpstreamTl
         doc.fail(f"{path}.mode", f"not supported by this engine: {schema.TLS_MODES_REFUSED[mode]}")
     if mode not in _UPSTREAM_TLS_MODES:
         doc.fail(f"{path}.mode", f"unknown TLS mode {mode!r}; expected DISABLE, SIMPLE or MUTUAL")
-    sans = doc.sequence(raw, "subjectAltNames", f"{path}.subjectAltNames", required=False)
-    for i, name in enumerate(sans):
-        if not isinstance(name, str) or not name:
-            doc.fail(f"{path}.subjectAltNames[{i}]", f"must be a non-empty string, got {name!r}")
+    sans = _subject_alt_names(doc, raw, path)
     skip = doc.get(raw, "insecureSkipVerify", f"{path}.insecureSkipVerify")
     if skip is not None and not isinstance(skip, bool):
         doc.fail(f"{path}.insecureSkipVerify", f"must be true or false, got {skip!r}")
@@ -690,6 +729,19 @@ def _listener_tls(doc: _Doc, listener: Mapping[str, Any], path: str) -> Listener
     if mode == "SIMPLE" and ca is not None:
         doc.warn(f"{path}.caCertificates", "client certificates are asked for with MUTUAL only")
         ca = None
+    # What a client's certificate must be beyond its chain (Envoy's validation context).
+    sans = _subject_alt_names(doc, raw, path)
+    spki = _pins(doc, raw, "verifyCertificateSpki", path)
+    hashes = _pins(doc, raw, "verifyCertificateHash", path)
+    crl = _tls_path(doc, raw, "caCrl", path)
+    if mode == "SIMPLE":  # an access rule not enforced must not pass unnoticed
+        for check in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "caCrl"):
+            if raw.get(check):
+                doc.fail(
+                    f"{path}.{check}",
+                    "checks client certificates, which are asked for with mode MUTUAL or "
+                    "OPTIONAL_MUTUAL only (mode is SIMPLE)",
+                )
     versions = {}
     for field in ("minProtocolVersion", "maxProtocolVersion"):
         value = doc.get(raw, field, f"{path}.{field}")
@@ -722,6 +774,7 @@ def _listener_tls(doc: _Doc, listener: Mapping[str, Any], path: str) -> Listener
             min_version=low,
             max_version=high,
             cipher_suites=tuple(suites),
+            ca_crl=crl,
         )
     except TlsSettingError as exc:
         doc.fail(f"{path}.{exc.key}", str(exc))
@@ -733,6 +786,10 @@ def _listener_tls(doc: _Doc, listener: Mapping[str, Any], path: str) -> Listener
         min_protocol_version=low,
         max_protocol_version=high,
         cipher_suites=tuple(suites),
+        subject_alt_names=tuple(sans),
+        verify_certificate_spki=spki,
+        verify_certificate_hash=hashes,
+        ca_crl=crl,
         digest=digest,
         expiry=expiry,
         context=context,

@@ -180,6 +180,14 @@ class ListenerTls:
     #: ``None``: the highest the TLS library has.
     max_protocol_version: str | None = None
     cipher_suites: tuple[str, ...] = ()
+    #: A client's certificate must name one of these (``MUTUAL``, ``OPTIONAL_MUTUAL``).
+    subject_alt_names: tuple[str, ...] = ()
+    #: Pins: the base64 SHA-256 of an allowed client certificate's public key, or the hex
+    #: SHA-256 of an allowed certificate (lower case, no colons); one match of either allows.
+    verify_certificate_spki: tuple[str, ...] = ()
+    verify_certificate_hash: tuple[str, ...] = ()
+    #: Revocation lists for client certificates (a CRL of each CA of the chain).
+    ca_crl: str | None = None
     digest: str = ""
     expiry: tuple[tuple[str, float], ...] = ()
     context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
