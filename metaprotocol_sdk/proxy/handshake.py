@@ -1,4 +1,5 @@
-"""The event loop's own TLS layer for a client connection, keeping its raw transport.
+"""The event loop's own TLS layer of a connection, keeping its raw transport and telling the
+connection above it when that transport's writing is paused or resumed.
 
 Interpreted on purpose (never in the compiled build's module list): the class it makes
 subclasses the loop's TLS protocol (uvloop's, or asyncio's), which a mypyc-compiled module
@@ -24,7 +25,8 @@ _HANDSHAKES: dict[type[Any], type[Any]] = {}
 
 def handshake_class(loop: asyncio.AbstractEventLoop) -> type[Any]:
     """The loop's own TLS protocol (uvloop's on uvloop, asyncio's otherwise), extended to
-    keep its raw transport (to abort a handshake when the engine stops)."""
+    keep its raw transport (to abort a handshake when the engine stops, to count what that
+    transport holds) and to tell its ``watcher`` of that transport's flow control."""
     base: type[Any] = asyncio.sslproto.SSLProtocol
     try:
         import uvloop.loop
@@ -48,19 +50,36 @@ def handshake_class(loop: asyncio.AbstractEventLoop) -> type[Any]:
 
 def _keeping_raw(base: type[Any]) -> type[Any]:
     class Handshake(base):  # type: ignore[misc]
-        """The TLS layer of one client connection."""
+        """The TLS layer of one connection.
+
+        The layer hands all it encrypts to the TCP transport under it at once and counts only
+        what it still holds; its own writing pauses when that transport is full, and resumes
+        when it drained, without a word to the connection above. ``watcher.raw_flow(resumed)``
+        is that word: the connection judges its unsent bytes on both counts."""
 
         raw: asyncio.Transport | None = None
+        watcher: Any = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.raw = cast(asyncio.Transport, transport)
             super().connection_made(transport)
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self.watcher is not None:
+                self.watcher.raw_flow(False)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.watcher is not None:
+                self.watcher.raw_flow(True)
+
     return Handshake
 
 
 def _constructs(base: type[Any], loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``base`` takes the arguments ``tls.tls_accept`` gives it."""
+    """Whether ``base`` takes the arguments ``tls.tls_accept`` and
+    ``TlsUpstreamConnection`` give it."""
     try:
         base(
             loop,
@@ -68,6 +87,15 @@ def _constructs(base: type[Any], loop: asyncio.AbstractEventLoop) -> bool:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
             None,
             server_side=True,
+            ssl_handshake_timeout=1.0,
+        )
+        base(
+            loop,
+            asyncio.Protocol(),
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
+            None,
+            server_side=False,
+            server_hostname="upstream.test",
             ssl_handshake_timeout=1.0,
         )
     except TypeError:

@@ -522,6 +522,7 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
         ssl_handshake_timeout=engine.handshake_timeout,
     )
     downstream.handshake = layer
+    layer.watcher = downstream
     engine.handshaking.add(downstream)
     waiter.add_done_callback(downstream.handshake_done)
     return cast(asyncio.BaseProtocol, layer)
@@ -576,6 +577,8 @@ class TlsDownstream(Downstream):
     # full). A large reply to a client that reads nothing sits there: the connection's unsent
     # bytes are both, and its writing is paused on both, so that the buffer budget,
     # ``connectionBufferMaxBytes`` and ``timeouts.write`` see it as on a plain connection.
+    # Judged when either layer pauses or resumes (the TLS layer tells of the TCP transport's
+    # flow control by ``raw_flow``), and at each sweep.
 
     def _account_unsent(self) -> None:
         transport, raw = self.transport, self.raw
@@ -599,6 +602,10 @@ class TlsDownstream(Downstream):
 
     def resume_writing(self) -> None:
         """The TLS layer drained: judged again on the whole (see above)."""
+        self._account_unsent()
+
+    def raw_flow(self, resumed: bool) -> None:
+        """The TCP transport under the TLS layer paused or resumed it: judged again."""
         self._account_unsent()
 
     def sweep(self, now: float) -> int:
@@ -646,14 +653,24 @@ def attach_listener(runtime: ListenerRuntime, tls: ListenerTls | None) -> None:
 
 
 class TlsUpstreamConnection(UpstreamConnection):
-    """A connection to an upstream host of a cluster with TLS (``trafficPolicy.tls``)."""
+    """A connection to an upstream host of a cluster with TLS (``trafficPolicy.tls``).
 
-    __slots__ = ("refused",)
+    Its TLS layer is the loop's own, made here (not by ``create_connection``) so that the
+    TCP transport under it is known: the layer hands all it encrypts to that transport at
+    once, and a large request to an upstream that reads nothing sits there, out of the
+    layer's count. The connection's unsent bytes are both, and its writing (what makes the
+    clients sending to it wait) is paused on both, against that transport's own water
+    marks, as a plain connection's is: the buffer budget and ``timeouts.upstreamWrite`` see
+    such a request as on a plain connection."""
+
+    __slots__ = ("raw", "refused")
 
     def __init__(self, cluster: Cluster, host: UpstreamHost, owner: Downstream | None) -> None:
         super().__init__(cluster, host, owner)
         #: Why the server's certificate was refused after the handshake (its names).
         self.refused: str | None = None
+        #: The TCP transport under the TLS layer (once connected).
+        self.raw: asyncio.Transport | None = None
 
     async def _connect(self) -> None:
         cluster = self.cluster
@@ -666,19 +683,26 @@ class TlsUpstreamConnection(UpstreamConnection):
             self._connect_failed(f"TLS: {why}")
             self.task = None
             return
+        loop = self.engine.loop
+        waiter = loop.create_future()
+        layer = handshake_class(loop)(
+            loop,
+            self,
+            tls.context,
+            waiter,
+            server_side=False,
+            server_hostname=server_name,
+            ssl_handshake_timeout=cluster.connect_timeout,
+        )
+        layer.watcher = self
         try:
-            await asyncio.wait_for(
-                self.engine.loop.create_connection(
-                    lambda: self,
-                    host.address,
-                    host.port,
-                    ssl=tls.context,
-                    server_hostname=server_name,
-                    ssl_handshake_timeout=cluster.connect_timeout,
-                ),
-                cluster.connect_timeout,
-            )
+            async with asyncio.timeout(cluster.connect_timeout):
+                self.raw, _ = await loop.create_connection(lambda: layer, host.address, host.port)
+                await waiter  # the handshake (connection_made ran if it succeeded)
         except (OSError, TimeoutError) as exc:
+            if layer.raw is not None:
+                layer.raw.abort()
+            self.raw = None
             if isinstance(exc, ssl.SSLError):
                 cluster.tls_stats.error(handshake_reason(exc))
                 self._connect_failed(describe(exc))
@@ -691,6 +715,10 @@ class TlsUpstreamConnection(UpstreamConnection):
                 self._connect_failed("TLS handshake failed: the server closed the connection")
             else:
                 self._connect_failed(exc.strerror or str(exc) or type(exc).__name__)
+        except BaseException:  # cancelled (the engine stops): nothing left open
+            if layer.raw is not None:
+                layer.raw.abort()
+            raise
         else:
             if self.refused is not None:
                 cluster.tls_stats.error("bad_certificate")
@@ -714,8 +742,54 @@ class TlsUpstreamConnection(UpstreamConnection):
         # A TLS 1.3 server that refuses this client's certificate does so after the client's
         # side of the handshake ended: the connection is made, then lost (the TLS layer
         # reports no alert), and the requests sent on it get UpstreamReset, as in Envoy.
+        self.raw = None
         if self.refused is None:  # else it was never made: _connect answered
             super().connection_lost(exc)
+
+    # -- what is unsent: both layers (see the class) ---------------------------------------
+
+    def account_unsent(self) -> int:
+        """Recount the bytes waiting for the upstream: queued, in the TLS layer, and in the
+        TCP transport under it."""
+        unsent = super().account_unsent()
+        raw = self.raw
+        if raw is not None and self.transport is not None:
+            extra = raw.get_write_buffer_size()
+            self.unsent += extra
+            self.engine.buffered += extra
+            unsent += extra
+        return unsent
+
+    def _flush(self) -> None:
+        super()._flush()
+        self._judge()
+
+    def _judge(self) -> None:
+        """Pause or resume the connection's writing on what both layers hold."""
+        unsent = self.account_unsent()
+        raw = self.raw
+        if raw is None:
+            return
+        low, high = raw.get_write_buffer_limits()
+        if not self.write_paused and unsent > high:
+            super().pause_writing()
+        elif self.write_paused and unsent <= low:
+            super().resume_writing()
+
+    def pause_writing(self) -> None:
+        """The TLS layer is full: judged on both layers."""
+        self._judge()
+
+    def resume_writing(self) -> None:
+        """The TLS layer drained: judged on both layers."""
+        self.drained = True  # progress, for the write watch
+        self._judge()
+
+    def raw_flow(self, resumed: bool) -> None:
+        """The TCP transport under the TLS layer paused or resumed it: judged again."""
+        if resumed:
+            self.drained = True  # the upstream took bytes: progress, for the write watch
+        self._judge()
 
 
 def attach_cluster(cluster: Cluster, tls: UpstreamTls | None) -> None:

@@ -222,11 +222,18 @@ class Upstream:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self, ssl: Any = None) -> Upstream:
-        """Listen on 127.0.0.1 (with TLS when given an ``ssl.SSLContext``)."""
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: KVServer(self), "127.0.0.1", 0, ssl=ssl
-        )
+    async def start(self, ssl: Any = None, rcvbuf: int | None = None) -> Upstream:
+        """Listen on 127.0.0.1 (with TLS when given an ``ssl.SSLContext``; with ``rcvbuf``,
+        the connections' ``SO_RCVBUF``, so that the kernel holds little of what they are
+        sent)."""
+        loop = asyncio.get_running_loop()
+        if rcvbuf is None:
+            self.server = await loop.create_server(lambda: KVServer(self), "127.0.0.1", 0, ssl=ssl)
+        else:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # inherited
+            sock.bind(("127.0.0.1", 0))
+            self.server = await loop.create_server(lambda: KVServer(self), sock=sock, ssl=ssl)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

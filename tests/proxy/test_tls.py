@@ -1428,3 +1428,138 @@ def test_public_key_info_refuses_any_bytes_with_a_value_error(data: bytes) -> No
     except ValueError:
         return
     assert found in data and found[:1] == b"\x30"
+
+
+class _StalledTlsServer(asyncio.Protocol):
+    """A TLS upstream that shakes hands and then reads nothing."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast_transport: Any = transport
+        cast_transport.pause_reading()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_large_request_to_a_tls_upstream_that_does_not_read_counts_and_times_out(
+    pki: Pki, loop: str
+) -> None:
+    """The TLS layer hands what it encrypts to the TCP transport under it at once: one large
+    request to an upstream that reads nothing sat there uncounted, its connection never
+    paused for the clients sending to it, and ``timeouts.upstreamWrite`` never saw it. It
+    counts as the connection's unsent bytes, pauses it, and the upstream is aborted by
+    ``upstreamWrite`` with the request answered ``UpstreamReset``."""
+    size = 8 << 20  # more than the kernel's buffers take from the engine
+
+    async def main() -> None:
+        server_ctx = pki.server_context(pki.leaf("up", "svc.test"))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepts
+        sock.bind(("127.0.0.1", 0))
+        server = await asyncio.get_running_loop().create_server(
+            _StalledTlsServer, sock=sock, ssl=server_ctx
+        )
+        text = mesh(
+            [(sock.getsockname()[1], "v1")],
+            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "timeouts: {upstreamWrite: 300ms}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            reply = client.start("put", body=b"b" * size)
+            await until(lambda: len(engine.upstreams) == 1)
+            conn = next(iter(engine.upstreams))
+            await until(lambda: conn.write_paused)  # the clients sending to it wait
+            assert conn.unsent > size // 4 and engine.buffered > size // 4
+            answer = await asyncio.wait_for(reply, WAIT)
+            assert error_type(answer) == "UpstreamReset"
+            closed = engine.stats.total(
+                "metaprotocol_upstream_connections_closed_total", reason="write_timeout"
+            )
+            assert closed == 1
+            await until(lambda: engine.buffered < size // 4)
+            client.close()
+        server.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_upstream_paused_on_a_large_request_resumes_as_soon_as_it_reads(
+    pki: Pki, loop: str
+) -> None:
+    """Once paused on what the TCP transport under the TLS layer holds, the connection
+    resumes when that transport drains (the TLS layer tells it), not at the engine's next
+    sweep: here there is none, and the client that sent the large request, blocked while
+    the upstream read nothing, is read again and answered as soon as the upstream reads."""
+    size = 7 << 20  # under the test upstream's frame limit
+
+    async def main() -> None:
+        up = Upstream("v1")
+        up.reading_paused = True
+        await up.start(ssl=pki.server_context(pki.leaf("up", "svc.test")), rcvbuf=4096)
+        text = mesh(
+            [(up.port, "v1")],
+            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "timeouts: {upstreamWrite: 1m, write: 1m, idle: 1m, frame: 1m}",
+        )
+        async with engine_for(text) as engine:
+            engine._sweeper.cancel()  # no sweep: only the TLS layer's word can resume it
+            client = await Client.connect(address(engine))
+            big = client.start("put", body=b"b" * size)
+            await until(lambda: len(engine.upstreams) == 1)
+            conn = next(iter(engine.upstreams))
+            await until(lambda: conn.write_paused)
+            up.resume_reading()
+            assert error_type(await asyncio.wait_for(big, WAIT)) is None
+            await until(lambda: not conn.write_paused)
+            reply = await asyncio.wait_for(client.call("get"), WAIT)
+            assert error_type(reply) is None and reply.attributes.get("server") == "v1"
+            assert conn.unsent == 0 and engine.buffered == 0
+            client.close()
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_client_paused_on_a_large_reply_resumes_as_soon_as_it_reads(
+    pki: Pki, loop: str
+) -> None:
+    """The client side of the same: a large reply the TLS layer handed to the TCP transport
+    at once pauses the connection (its next request waits) and the connection resumes as
+    soon as the client reads it, each told by the TLS layer, with no sweep to recount."""
+    size = 7 << 20  # under the test client's frame limit
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "limits: {connectionBufferBytes: 65536}\n"
+            "timeouts: {write: 1m, idle: 1m, frame: 1m}",
+        )
+        async with engine_for(text) as engine:
+            engine._sweeper.cancel()  # no sweep: only the TLS layer's word counts
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(address(engine))
+            _, client = await asyncio.get_running_loop().create_connection(
+                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert client.transport is not None
+            client.transport.pause_reading()
+            reply = client.start("big", {"size": str(size)})
+            await until(lambda: len(engine.downstreams) == 1)
+            downstream = next(iter(engine.downstreams))
+            await until(lambda: downstream.write_paused)
+            assert engine.buffered > size // 4
+            client.transport.resume_reading()
+            assert error_type(await asyncio.wait_for(reply, WAIT)) is None
+            await until(lambda: not downstream.write_paused)
+            assert error_type(await asyncio.wait_for(client.call("get"), WAIT)) is None
+            client.close()
+        await up.close()
+
+    run(main(), loop=loop)
