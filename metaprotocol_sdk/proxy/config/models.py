@@ -91,7 +91,9 @@ class TcpKeepalive:
 class ConnectionPool:
     """Istio's ``trafficPolicy.connectionPool``: circuit-breaker limits of a cluster.
 
-    ``tcp``: ``max_connections``, ``connect_timeout``, ``keepalive``. The request pool reuses
+    ``tcp``: ``max_connections``, ``connect_timeout``, ``keepalive``, ``max_connection_duration``
+    (an upstream connection's lifetime, then it is retired) and ``tcp_idle_timeout``
+    (``tcp.idleTimeout``: with ``idleTimeout``, the shorter applies). The request pool reuses
     Istio's ``http`` field names where they mean the same here: ``http1MaxPendingRequests``
     (requests waiting for an upstream connection to open), ``http2MaxRequests`` (requests in
     flight), ``maxRequestsPerConnection``, ``idleTimeout``, ``maxRetries`` (retries in flight).
@@ -101,11 +103,20 @@ class ConnectionPool:
     max_connections: int | None = None
     connect_timeout: float | None = None
     keepalive: TcpKeepalive | None = None
+    max_connection_duration: float | None = None
+    tcp_idle_timeout: float | None = None
     max_pending_requests: int | None = None
     max_requests: int | None = None
     max_requests_per_connection: int | None = None
     idle_timeout: float | None = None
     max_retries: int | None = None
+
+    @property
+    def upstream_idle_timeout(self) -> float | None:
+        """How long an upstream connection may have nothing in flight: the shorter of
+        ``http.idleTimeout`` and ``tcp.idleTimeout`` (``None``: neither is set)."""
+        set_ = [t for t in (self.idle_timeout, self.tcp_idle_timeout) if t is not None]
+        return min(set_) if set_ else None
 
 
 @dataclass(frozen=True)
