@@ -185,8 +185,8 @@ class Cluster:
         self.connect_timeout = engine.connect_timeout
         if pool is not None and pool.connect_timeout is not None:
             self.connect_timeout = pool.connect_timeout
-        #: How long a connection may have nothing in flight (the shorter of ``http.idleTimeout``
-        #: and ``tcp.idleTimeout``) and be open (``tcp.maxConnectionDuration``); ``None``: no
+        #: How long a connection may have nothing in flight (``http.idleTimeout``, else
+        #: ``tcp.idleTimeout``) and be open (``tcp.maxConnectionDuration``); ``None``: no
         #: limit. Enforced by the engine's sweep, never per request.
         self.idle_timeout = None if pool is None else pool.upstream_idle_timeout
         self.max_duration = None if pool is None else pool.max_connection_duration
@@ -538,7 +538,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def idle_sweep(self, now: float, idle_timeout: float) -> None:
         """Close the connection after ``idle_timeout`` with nothing in flight (engine sweep;
-        the shorter of ``http.idleTimeout`` and ``tcp.idleTimeout``)."""
+        ``http.idleTimeout``, else ``tcp.idleTimeout``)."""
         if self.pending or len(self.order) > self.stale or self.connecting:
             self.idle_since = 0.0
         elif not self.idle_since:

@@ -848,7 +848,8 @@ def test_refused_value(kind: str, path: str, value: Any, field: str, words: str)
 
 def test_tcp_lifetime_and_idle_timeout_values() -> None:
     """``tcp.maxConnectionDuration`` and ``tcp.idleTimeout``: ``0s`` is off (as in Istio),
-    1 ms is the least, years fit (no overflow), and the shorter idle timeout applies."""
+    1 ms is the least, years fit (no overflow); ``http.idleTimeout`` wins when set (as
+    istiod's cluster translation does), shorter or longer."""
     tcp = {"maxConnectionDuration": "0s", "idleTimeout": "0s"}
     pool = _rule(load("DestinationRule", f"{POOL}.tcp", tcp)).policy.connection_pool
     assert pool.max_connection_duration is None and pool.tcp_idle_timeout is None
@@ -862,7 +863,10 @@ def test_tcp_lifetime_and_idle_timeout_values() -> None:
     assert pool.upstream_idle_timeout == 300.0
     both = {"tcp": {"idleTimeout": "2s"}, "http": {"idleTimeout": "5m"}}
     pool = _rule(load("DestinationRule", POOL, both)).policy.connection_pool
-    assert pool.upstream_idle_timeout == 2.0
+    assert pool.upstream_idle_timeout == 300.0
+    both = {"tcp": {"idleTimeout": "0s"}, "http": {"idleTimeout": "5m"}}
+    pool = _rule(load("DestinationRule", POOL, both)).policy.connection_pool
+    assert pool.upstream_idle_timeout == 300.0
 
 
 @pytest.mark.parametrize(("kind", "path", "value"), WARNED, ids=lambda v: str(v)[:60])

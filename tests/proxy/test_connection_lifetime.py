@@ -101,15 +101,14 @@ def test_a_connection_younger_than_the_limit_is_kept_and_years_fit() -> None:
     "pool",
     [
         "{tcp: {idleTimeout: 100ms}}",
-        "{tcp: {idleTimeout: 100ms}, http: {idleTimeout: 1h}}",  # the shorter applies
-        "{tcp: {idleTimeout: 1h}, http: {idleTimeout: 100ms}}",
+        "{tcp: {idleTimeout: 1h}, http: {idleTimeout: 100ms}}",  # http.idleTimeout wins
     ],
-    ids=["tcp", "tcp-shorter", "http-shorter"],
+    ids=["tcp", "http-over-tcp"],
 )
 def test_idle_timeout_closes_an_idle_connection(pool: str) -> None:
-    """``tcp.idleTimeout`` closes an upstream connection with nothing in flight; with
-    ``http.idleTimeout`` too, the shorter of the two applies. A request waiting for its reply
-    longer than that does not make the connection idle."""
+    """``tcp.idleTimeout`` closes an upstream connection with nothing in flight (and
+    ``http.idleTimeout`` does, in its place, when both are set). A request waiting for its
+    reply longer than that does not make the connection idle."""
 
     async def main() -> None:
         up = await Upstream("a").start()
@@ -132,6 +131,30 @@ def test_idle_timeout_closes_an_idle_connection(pool: str) -> None:
             assert closed(engine, "max_connection_duration") == 0
             assert error_type(await c.call()) is None  # a new connection opens on demand
             assert up.accepted == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_http_idle_timeout_wins_over_a_shorter_tcp_one() -> None:
+    """With both set, ``http.idleTimeout`` applies even when ``tcp.idleTimeout`` is shorter:
+    istiod gives the Envoy cluster the HTTP one and the TCP one only in its absence."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        pool = pooled("{tcp: {idleTimeout: 50ms}, http: {idleTimeout: 1h}}")
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=pool)) as engine:
+            cluster = next(iter(engine.clusters.values()))
+            assert cluster.idle_timeout == 3600.0
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            (conn,) = engine.upstreams
+            loop = asyncio.get_running_loop()
+            waited = loop.time() + 0.4  # eight of the TCP timeouts, idle
+            await until(lambda: loop.time() > waited, "eight TCP idle timeouts")
+            assert not conn.closed and closed(engine, "idle") == 0
+            assert error_type(await c.call()) is None and up.accepted == 1
             c.close()
         await up.close()
 

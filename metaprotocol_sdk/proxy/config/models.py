@@ -93,7 +93,7 @@ class ConnectionPool:
 
     ``tcp``: ``max_connections``, ``connect_timeout``, ``keepalive``, ``max_connection_duration``
     (an upstream connection's lifetime, then it is retired) and ``tcp_idle_timeout``
-    (``tcp.idleTimeout``: with ``idleTimeout``, the shorter applies). The request pool reuses
+    (``tcp.idleTimeout``: used when ``idleTimeout`` is not set). The request pool reuses
     Istio's ``http`` field names where they mean the same here: ``http1MaxPendingRequests``
     (requests waiting for an upstream connection to open), ``http2MaxRequests`` (requests in
     flight), ``maxRequestsPerConnection``, ``idleTimeout``, ``maxRetries`` (retries in flight).
@@ -113,10 +113,10 @@ class ConnectionPool:
 
     @property
     def upstream_idle_timeout(self) -> float | None:
-        """How long an upstream connection may have nothing in flight: the shorter of
-        ``http.idleTimeout`` and ``tcp.idleTimeout`` (``None``: neither is set)."""
-        set_ = [t for t in (self.idle_timeout, self.tcp_idle_timeout) if t is not None]
-        return min(set_) if set_ else None
+        """How long an upstream connection may have nothing in flight: ``http.idleTimeout``
+        when set, else ``tcp.idleTimeout`` (istiod gives the Envoy cluster the same one);
+        ``None``: neither is set."""
+        return self.tcp_idle_timeout if self.idle_timeout is None else self.idle_timeout
 
 
 @dataclass(frozen=True)
