@@ -747,8 +747,10 @@ class Engine:
         t = self.config.proxy.timeouts
         shortest = min(t.idle, t.frame, t.write, self.upstream_write_timeout)
         for cluster in self.clusters.values():
-            if cluster.pool is not None and cluster.pool.idle_timeout is not None:
-                shortest = min(shortest, cluster.pool.idle_timeout)
+            if cluster.idle_timeout is not None:
+                shortest = min(shortest, cluster.idle_timeout)
+            if cluster.max_duration is not None:
+                shortest = min(shortest, cluster.max_duration)
         interval = min(SWEEP_MAX, max(0.02, shortest / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
@@ -770,9 +772,11 @@ class Engine:
         buffered = 0
         for upstream in list(self.upstreams):
             buffered += upstream.held + upstream.account_unsent()
-            pool = upstream.cluster.pool
-            if pool is not None and pool.idle_timeout is not None:
-                upstream.idle_sweep(now, pool.idle_timeout)
+            cluster = upstream.cluster
+            if cluster.max_duration is not None:
+                upstream.lifetime_sweep(now, cluster.max_duration)
+            if cluster.idle_timeout is not None:
+                upstream.idle_sweep(now, cluster.idle_timeout)
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
         for downstream in list(self.departed):

@@ -185,6 +185,11 @@ class Cluster:
         self.connect_timeout = engine.connect_timeout
         if pool is not None and pool.connect_timeout is not None:
             self.connect_timeout = pool.connect_timeout
+        #: How long a connection may have nothing in flight (``http.idleTimeout``, else
+        #: ``tcp.idleTimeout``) and be open (``tcp.maxConnectionDuration``); ``None``: no
+        #: limit. Enforced by the engine's sweep, never per request.
+        self.idle_timeout = None if pool is None else pool.upstream_idle_timeout
+        self.max_duration = None if pool is None else pool.max_connection_duration
         #: Open or opening upstream connections, and those still opening.
         self.connections = 0
         self.opening: set[UpstreamConnection] = set()
@@ -312,6 +317,7 @@ class UpstreamConnection(asyncio.Protocol):
         "connecting",
         "drained",
         "engine",
+        "established",
         "expired",
         "held",
         "host",
@@ -393,6 +399,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.retiring = cluster.retired
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
+        #: When it was established, for ``maxConnectionDuration`` (0: not measured).
+        self.established = 0.0
         # The write watch of the engine's sweep (see :meth:`write_sweep`): since when the
         # unsent bytes made no progress (0: none unsent, or progress at the last sweep), the
         # kernel's count of bytes the upstream acknowledged and the unsent bytes then, whether
@@ -450,10 +458,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tcp is not None:
             self.tcp.opened.value += 1
         pool = self.cluster.pool
-        if pool is not None and pool.keepalive is not None:
-            _keepalive(
-                transport, pool.keepalive.probes, pool.keepalive.time, pool.keepalive.interval
-            )
+        if pool is not None:
+            if pool.keepalive is not None:
+                _keepalive(
+                    transport, pool.keepalive.probes, pool.keepalive.time, pool.keepalive.interval
+                )
+            if pool.max_connection_duration is not None:
+                self.established = self.engine.loop.time()
         self._active.value += 1
         if self.closed:  # closed while connecting
             transport.close()
@@ -526,14 +537,24 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_if_idle()
 
     def idle_sweep(self, now: float, idle_timeout: float) -> None:
-        """Close the connection after ``idleTimeout`` with nothing in flight (engine sweep)."""
+        """Close the connection after ``idle_timeout`` with nothing in flight (engine sweep;
+        ``http.idleTimeout``, else ``tcp.idleTimeout``)."""
         if self.pending or len(self.order) > self.stale or self.connecting:
             self.idle_since = 0.0
         elif not self.idle_since:
             self.idle_since = now
-        elif now - self.idle_since >= idle_timeout:
+        elif now - self.idle_since >= idle_timeout and not self.closed:
+            self.cluster.closed_by("idle")
             self.retire()
             self.close()
+
+    def lifetime_sweep(self, now: float, max_duration: float) -> None:
+        """Retire the connection once it has been established for ``max_duration``
+        (``tcp.maxConnectionDuration``; engine sweep): it takes no new requests, the
+        requests in flight on it are answered, and it closes after the last of them."""
+        if self.established and not self.retiring and now - self.established >= max_duration:
+            self.cluster.closed_by("max_connection_duration")
+            self.retire()
 
     def write_sweep(self, now: float, timeout: float, unsent: int) -> bool:
         """Abort the connection when the ``unsent`` bytes it holds made no progress for

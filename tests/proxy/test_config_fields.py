@@ -109,6 +109,7 @@ ROUTE = "spec.routes[0]"
 DEST = f"{ROUTE}.route[0].destination"
 POLICY = "spec.trafficPolicy"
 SUB_POLICY = "spec.subsets[0].trafficPolicy"
+POOL = f"{POLICY}.connectionPool"
 BUCKET = {"maxTokens": 10, "tokensPerFill": 5, "fillInterval": "1s"}
 MIRROR = {"host": "svc.test", "subset": "v1", "port": {"number": 9000}}
 FAULT = {"delay": {"percentage": {"value": 50}, "fixedDelay": "1s"}}
@@ -219,6 +220,8 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             ("tcp.maxConnections", 10, "max_connections"),
             ("tcp.connectTimeout", "2s", "connect_timeout"),
             ("tcp.tcpKeepalive", {"probes": 3, "time": "60s", "interval": "5s"}, "keepalive"),
+            ("tcp.maxConnectionDuration", "1h", "max_connection_duration"),
+            ("tcp.idleTimeout", "1h", "tcp_idle_timeout"),
             ("http.http1MaxPendingRequests", 10, "max_pending_requests"),
             ("http.http2MaxRequests", 10, "max_requests"),
             ("http.maxRequestsPerConnection", 10, "max_requests_per_connection"),
@@ -552,8 +555,6 @@ REFUSED: list[tuple[str, str, Any]] = [
             ("minimumRingSize", 1024),
         ]
     ),
-    ("DestinationRule", f"{POLICY}.connectionPool.tcp.maxConnectionDuration", "1h"),
-    ("DestinationRule", f"{POLICY}.connectionPool.tcp.idleTimeout", "1h"),
     ("DestinationRule", f"{POLICY}.connectionPool.http.maxConcurrentStreams", 10),
     ("DestinationRule", f"{POLICY}.connectionPool.http.h2UpgradePolicy", "UPGRADE"),
     ("DestinationRule", f"{POLICY}.connectionPool.http.useClientProtocol", True),
@@ -615,6 +616,19 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
         {**LISTENER_TLS, "minProtocolVersion": "TLSV1_1"},
         "spec.listeners[0].tls.minProtocolVersion",
         "not supported",
+    ),
+    *(
+        ("DestinationRule", f"{POOL}.tcp", {key: value}, f"{POOL}.tcp.{key}", words)
+        for key in ("maxConnectionDuration", "idleTimeout")
+        for value, words in [
+            ("-5s", "invalid duration"),
+            ("5", "invalid duration"),
+            ("forever", "invalid duration"),
+            (30, "invalid duration"),
+            ("500us", "at least 1ms"),
+            ("87600000000h", "at most 10000 years"),
+            ("9" * 400 + "h", "at most 10000 years"),
+        ]
     ),
     ("MetaRouter", "spec.gateways", ["istio-system/gw"], "spec.gateways[0]", "not supported"),
     ("ServiceEntry", "spec.resolution", "NONE", "spec.resolution", "not supported"),
@@ -830,6 +844,29 @@ def test_refused_value(kind: str, path: str, value: Any, field: str, words: str)
         loads_config(with_fields(kind, *setup, (path, value)), "fields.yaml")
     assert caught.value.field == field
     assert words in caught.value.reason
+
+
+def test_tcp_lifetime_and_idle_timeout_values() -> None:
+    """``tcp.maxConnectionDuration`` and ``tcp.idleTimeout``: ``0s`` is off (as in Istio),
+    1 ms is the least, years fit (no overflow); ``http.idleTimeout`` wins when set (as
+    istiod's cluster translation does), shorter or longer."""
+    tcp = {"maxConnectionDuration": "0s", "idleTimeout": "0s"}
+    pool = _rule(load("DestinationRule", f"{POOL}.tcp", tcp)).policy.connection_pool
+    assert pool.max_connection_duration is None and pool.tcp_idle_timeout is None
+    assert pool.upstream_idle_timeout is None
+    tcp = {"maxConnectionDuration": "87600h", "idleTimeout": "1ms"}
+    pool = _rule(load("DestinationRule", f"{POOL}.tcp", tcp)).policy.connection_pool
+    assert pool.max_connection_duration == 87600 * 3600.0
+    assert pool.tcp_idle_timeout == pool.upstream_idle_timeout == 0.001
+    both = {"tcp": {"idleTimeout": "1h"}, "http": {"idleTimeout": "5m"}}
+    pool = _rule(load("DestinationRule", POOL, both)).policy.connection_pool
+    assert pool.upstream_idle_timeout == 300.0
+    both = {"tcp": {"idleTimeout": "2s"}, "http": {"idleTimeout": "5m"}}
+    pool = _rule(load("DestinationRule", POOL, both)).policy.connection_pool
+    assert pool.upstream_idle_timeout == 300.0
+    both = {"tcp": {"idleTimeout": "0s"}, "http": {"idleTimeout": "5m"}}
+    pool = _rule(load("DestinationRule", POOL, both)).policy.connection_pool
+    assert pool.upstream_idle_timeout == 300.0
 
 
 @pytest.mark.parametrize(("kind", "path", "value"), WARNED, ids=lambda v: str(v)[:60])

@@ -290,6 +290,23 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     assert "load balancer 6 is not supported" in refusal(resources(snap))
 
 
+def test_connection_lifetime_and_idle_timeout() -> None:
+    """``common_http_protocol_options``: ``max_connection_duration`` (where istiod writes
+    ``tcp.maxConnectionDuration``) and ``idle_timeout``; zero is no limit."""
+    snap = snapshot()
+    opts = snap[CLUSTER_TYPE][0].common_http_protocol_options
+    opts.max_connection_duration.FromMilliseconds(1500)
+    opts.idle_timeout.FromSeconds(30)
+    policy = translate(base(), resources(snap)).destination_rules["hello.svc"].policy
+    assert policy.connection_pool is not None
+    assert policy.connection_pool.max_connection_duration == 1.5
+    assert policy.connection_pool.idle_timeout == 30.0
+    opts.max_connection_duration.FromSeconds(0)
+    policy = translate(base(), resources(snap)).destination_rules["hello.svc"].policy
+    assert policy.connection_pool is not None
+    assert policy.connection_pool.max_connection_duration is None
+
+
 def test_unhealthy_endpoints_are_not_routed_to() -> None:
     snap = snapshot()
     for cla in snap[ENDPOINT_TYPE]:

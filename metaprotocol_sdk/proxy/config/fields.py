@@ -201,11 +201,8 @@ TCP_POOL = fields(
     "maxConnections",
     "connectTimeout",
     "tcpKeepalive",
-    refused={
-        "maxConnectionDuration": "a maximum connection lifetime",
-        "idleTimeout": "a TCP idle timeout (connectionPool.http.idleTimeout closes idle "
-        "upstream connections)",
-    },
+    "maxConnectionDuration",
+    "idleTimeout",
 )
 TCP_KEEPALIVE = fields("probes", "time", "interval")
 HTTP_POOL = fields(

@@ -828,12 +828,39 @@ def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> Connect
         max_connections=count(tcp, "maxConnections", "tcp"),
         connect_timeout=doc.duration(tcp, "connectTimeout", f"{path}.tcp.connectTimeout"),
         keepalive=keepalive,
+        max_connection_duration=_tcp_limit(doc, tcp, "maxConnectionDuration", f"{path}.tcp"),
+        tcp_idle_timeout=_tcp_limit(doc, tcp, "idleTimeout", f"{path}.tcp"),
         max_pending_requests=count(http, "http1MaxPendingRequests", "http"),
         max_requests=count(http, "http2MaxRequests", "http"),
         max_requests_per_connection=count(http, "maxRequestsPerConnection", "http"),
         idle_timeout=doc.duration(http, "idleTimeout", f"{path}.http.idleTimeout"),
         max_retries=count(http, "maxRetries", "http"),
     )
+
+
+#: The longest duration a ``google.protobuf.Duration`` holds (10 000 years): a longer one
+#: cannot be written in Istio's API, and never gets near a float's range (infinity).
+MAX_DURATION = 315_576_000_000.0
+
+
+def _tcp_limit(doc: _Doc, tcp: Mapping[str, Any], key: str, path: str) -> float | None:
+    """``tcp.maxConnectionDuration`` or ``tcp.idleTimeout`` in seconds: ``0s`` (or absent) is
+    off (``None``), as in Istio; otherwise at least 1 ms (Istio's minimum) and at most
+    :data:`MAX_DURATION`."""
+    value = doc.get(tcp, key, f"{path}.{key}")
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        doc.fail(f"{path}.{key}", str(exc))
+    if seconds == 0:
+        return None
+    if seconds < 1e-3:
+        doc.fail(f"{path}.{key}", f"duration must be at least 1ms (or 0s: off), got {value!r}")
+    if seconds > MAX_DURATION:
+        doc.fail(f"{path}.{key}", f"duration must be at most 10000 years, got {value!r}")
+    return seconds
 
 
 def _outlier_detection(doc: _Doc, policy: Mapping[str, Any], path: str) -> OutlierDetection | None:

@@ -91,7 +91,9 @@ class TcpKeepalive:
 class ConnectionPool:
     """Istio's ``trafficPolicy.connectionPool``: circuit-breaker limits of a cluster.
 
-    ``tcp``: ``max_connections``, ``connect_timeout``, ``keepalive``. The request pool reuses
+    ``tcp``: ``max_connections``, ``connect_timeout``, ``keepalive``, ``max_connection_duration``
+    (an upstream connection's lifetime, then it is retired) and ``tcp_idle_timeout``
+    (``tcp.idleTimeout``: used when ``idleTimeout`` is not set). The request pool reuses
     Istio's ``http`` field names where they mean the same here: ``http1MaxPendingRequests``
     (requests waiting for an upstream connection to open), ``http2MaxRequests`` (requests in
     flight), ``maxRequestsPerConnection``, ``idleTimeout``, ``maxRetries`` (retries in flight).
@@ -101,11 +103,20 @@ class ConnectionPool:
     max_connections: int | None = None
     connect_timeout: float | None = None
     keepalive: TcpKeepalive | None = None
+    max_connection_duration: float | None = None
+    tcp_idle_timeout: float | None = None
     max_pending_requests: int | None = None
     max_requests: int | None = None
     max_requests_per_connection: int | None = None
     idle_timeout: float | None = None
     max_retries: int | None = None
+
+    @property
+    def upstream_idle_timeout(self) -> float | None:
+        """How long an upstream connection may have nothing in flight: ``http.idleTimeout``
+        when set, else ``tcp.idleTimeout`` (istiod gives the Envoy cluster the same one);
+        ``None``: neither is set."""
+        return self.tcp_idle_timeout if self.idle_timeout is None else self.idle_timeout
 
 
 @dataclass(frozen=True)

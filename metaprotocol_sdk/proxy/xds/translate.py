@@ -490,9 +490,18 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
         http["maxRequestsPerConnection"] = c.max_requests_per_connection.value
     if c.HasField("common_http_protocol_options"):
         opts = c.common_http_protocol_options
-        _check(res, opts, "common_http_protocol_options", "HttpProtocolOptions", {"idle_timeout"})
+        _check(
+            res,
+            opts,
+            "common_http_protocol_options",
+            "HttpProtocolOptions",
+            {"idle_timeout", "max_connection_duration"},
+        )
         if opts.HasField("idle_timeout") and _seconds(opts.idle_timeout) > 0:
             http["idleTimeout"] = _duration(opts.idle_timeout)
+        # istiod writes tcp.maxConnectionDuration here (0 or unset: no limit).
+        if opts.HasField("max_connection_duration") and _seconds(opts.max_connection_duration) > 0:
+            tcp["maxConnectionDuration"] = _duration(opts.max_connection_duration)
     for t, th in enumerate(c.circuit_breakers.thresholds):
         tpath = f"circuit_breakers.thresholds[{t}]"
         _check(
