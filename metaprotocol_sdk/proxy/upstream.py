@@ -521,6 +521,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.limit_requests:
             self.sent += 1
             if self.sent >= self.limit_requests:
+                self.cluster.closed_by("max_requests")
                 self.retire()
 
     def retire(self) -> None:

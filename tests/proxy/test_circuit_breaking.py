@@ -104,8 +104,11 @@ def test_max_requests_per_connection_and_idle_timeout() -> None:
             for _ in range(7):
                 assert error_type(await c.call()) is None
             assert up.accepted == 3  # 3 + 3 + 1 requests
+            closed = "metaprotocol_upstream_connections_closed_total"
+            assert engine.stats.total(closed, reason="max_requests") == 2
             # nothing in flight: the last connection closes after the idle timeout
             await until(lambda: not engine.upstreams)
+            assert engine.stats.total(closed, reason="idle") == 1
             assert error_type(await c.call()) is None  # and a new one opens on demand
             assert up.accepted == 4
             c.close()
