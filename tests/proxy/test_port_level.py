@@ -181,6 +181,7 @@ def test_a_ports_load_balancer_applies_to_that_port_only_and_is_dumped() -> None
             assert dumped[cluster(9000)]["loadBalancer"] == "ConsistentHash"
             assert dumped[cluster(9001)]["loadBalancer"] == "RoundRobin"
             assert dumped[cluster(9002)]["loadBalancer"] == "ConsistentHash"
+            assert [dumped[cluster(p)]["hashAttribute"] for p in PORTS] == ["user", None, "user"]
             c.close()
 
     run(main())
