@@ -981,6 +981,7 @@ def test_a_group_port_settings_leave_out_has_its_default_with_a_warning(
     pool = {"http": {"http2MaxRequests": 7}}
     text = with_fields(
         "DestinationRule",
+        (f"{POLICY}.tls", {"mode": "DISABLE"}),  # the default: not worth a warning
         (f"{POLICY}.outlierDetection", outlier),
         (f"{POLICY}.connectionPool", {"tcp": {"maxConnections": 1}}),
         (f"{POLICY}.portLevelSettings", [{"port": {"number": 9000}, "connectionPool": pool}]),

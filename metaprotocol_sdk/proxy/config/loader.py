@@ -890,7 +890,7 @@ def _destination_rules(
         policy = doc.mapping(spec, "trafficPolicy", "spec.trafficPolicy", required=False)
         lb = _load_balancer(doc, policy, "spec.trafficPolicy") or LoadBalancer()
         top = _traffic_policy(doc, policy, "spec.trafficPolicy")
-        ports = _port_settings(doc, policy, "spec.trafficPolicy", service, top)
+        ports = _port_settings(doc, policy, "spec.trafficPolicy", host, service, top)
         subsets: dict[str, Subset] = {}
         for i, raw in enumerate(doc.sequence(spec, "subsets", "spec.subsets", required=False)):
             path = f"spec.subsets[{i}]"
@@ -905,7 +905,7 @@ def _destination_rules(
             sub_lb = _load_balancer(doc, sub_policy, f"{path}.trafficPolicy")
             own = _traffic_policy(doc, sub_policy, f"{path}.trafficPolicy")
             sub_ports = _port_settings(
-                doc, sub_policy, f"{path}.trafficPolicy", service, top, ports, own
+                doc, sub_policy, f"{path}.trafficPolicy", host, service, top, ports, own
             )
             subsets[name] = Subset(name, labels, sub_lb, own.over(top), own, sub_ports)
         rules[host] = DestinationRule(doc.name, host, lb, subsets, top, ports)
@@ -916,6 +916,7 @@ def _port_settings(
     doc: _Doc,
     policy: Mapping[str, Any],
     path: str,
+    host: str,
     service: Service,
     top: TrafficPolicy,
     rule_ports: Mapping[int, TrafficPolicy] | None = None,
@@ -950,12 +951,13 @@ def _port_settings(
         if number not in service.ports:
             doc.caution(
                 f"{entry}.port.number",
-                f"host {service.hosts[0]!r} has no port {number} in its ServiceEntry "
-                f"(ports: {', '.join(map(str, sorted(service.ports)))}): these settings apply "
-                "to no traffic",
+                f"host {host!r} has no port {number} in its ServiceEntry "
+                f"(ports: {_some_ports(service)}): these settings apply to no traffic",
             )
             continue
         base = (own or TrafficPolicy()).over((rule_ports or {}).get(number, top))
+        if base.tls is not None and not base.tls.enabled:
+            base = dataclasses.replace(base, tls=None)  # DISABLE: the default already
         dropped = [
             group
             for group, attr in _GROUP_ATTRS
@@ -969,6 +971,15 @@ def _port_settings(
                 "Istio; repeat a group here to keep it)",
             )
     return out
+
+
+def _some_ports(service: Service) -> str:
+    """The service's port numbers, up to :data:`HOSTS_SHOWN` of them (in the file's order
+    beyond: no sort of them all for each warning), and how many more."""
+    if len(service.ports) <= HOSTS_SHOWN:
+        return ", ".join(map(str, sorted(service.ports)))
+    shown = ", ".join(map(str, islice(service.ports, HOSTS_SHOWN)))
+    return f"{shown} and {len(service.ports) - HOSTS_SHOWN} more"
 
 
 #: ``trafficPolicy`` groups and their :class:`TrafficPolicy` attributes.
