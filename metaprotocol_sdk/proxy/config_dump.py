@@ -90,6 +90,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "codec": c.protocol.codec_name,
                 "pooling": "shared" if c.shared else "dedicated",
                 "loadBalancer": type(c.balancer).__name__,
+                "hashAttribute": c.policy.hash_attribute,
                 "endpoints": [h.key for h in c.hosts],
                 "connectionPool": plain(c.pool),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),

@@ -222,14 +222,10 @@ class Engine:
         service = config.services[host]
         sport = service.ports[port]
         rule = config.destination_rules.get(host)
-        policy = rule.load_balancer if rule else LoadBalancer()
-        traffic = rule.policy if rule else TrafficPolicy()
-        labels: dict[str, str] = {}
-        if subset is not None and rule is not None:
-            sub = rule.subsets[subset]
-            labels = sub.labels
-            policy = sub.load_balancer or policy
-            traffic = sub.policy
+        # Clusters are per port already: a port's settings (portLevelSettings) apply here.
+        traffic = rule.policy_for(port, subset) if rule else TrafficPolicy()
+        policy = traffic.load_balancer or LoadBalancer()
+        labels = rule.subsets[subset].labels if subset is not None and rule is not None else {}
         endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]
         protocol = config.protocol_of(host, port)
         spec = ClusterSpec(

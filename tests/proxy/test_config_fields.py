@@ -113,6 +113,11 @@ POOL = f"{POLICY}.connectionPool"
 BUCKET = {"maxTokens": 10, "tokensPerFill": 5, "fillInterval": "1s"}
 MIRROR = {"host": "svc.test", "subset": "v1", "port": {"number": 9000}}
 FAULT = {"delay": {"percentage": {"value": 50}, "fixedDelay": "1s"}}
+PORT_POLICY = f"{POLICY}.portLevelSettings[0]"
+SUB_PORT_POLICY = f"{SUB_POLICY}.portLevelSettings[0]"
+#: A valid ``portLevelSettings`` entry for the base mesh's port (it keeps the rule's
+#: ``loadBalancer`` group, so that loading it logs nothing).
+PORT_ENTRY = {"port": {"number": 9000}, "loadBalancer": {"simple": "RANDOM"}}
 
 
 def _pki() -> dict[str, str]:
@@ -278,6 +283,36 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         f"{SUB_POLICY}.tls",
         {"mode": "SIMPLE", "caCertificates": PKI["ca"]},
         lambda c: _rule(c).subsets["v1"].policy.tls.mode == "SIMPLE",
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.portLevelSettings",
+        [
+            {
+                "port": {"number": 9000},
+                "loadBalancer": {"consistentHash": {"httpHeaderName": "user"}},
+                "connectionPool": {"tcp": {"maxConnections": 3}},
+                "outlierDetection": {"consecutive5xxErrors": 2},
+                "tls": {"mode": "SIMPLE", "caCertificates": PKI["ca"]},
+            }
+        ],
+        lambda c: (
+            (p := _rule(c).policy_for(9000)).load_balancer.hash_attribute == "user"
+            and p.connection_pool.max_connections == 3
+            and p.outlier_detection.consecutive_errors == 2
+            and p.tls.mode == "SIMPLE"
+            and _rule(c).policy_for(9000, "v1") == p
+            and _rule(c).policy.connection_pool is None
+        ),
+    ),
+    (
+        "DestinationRule",
+        f"{SUB_POLICY}.portLevelSettings",
+        [{"port": {"number": 9000}, "loadBalancer": {"simple": "LEAST_REQUEST"}}],
+        lambda c: (
+            _rule(c).policy_for(9000, "v1").load_balancer.policy == "LEAST_REQUEST"
+            and _rule(c).policy_for(9000).load_balancer.policy == "ROUND_ROBIN"
+        ),
     ),
     (
         "ProxyConfig",
@@ -520,11 +555,12 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("ServiceEntry", "spec.endpoints[0].locality", "us-east/a"),
     ("ServiceEntry", "spec.endpoints[0].weight", 3),
     ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
-    ("DestinationRule", f"{POLICY}.portLevelSettings", [{"port": {"number": 9000}}]),
     ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
-    ("DestinationRule", f"{SUB_POLICY}.portLevelSettings", [{"port": {"number": 9000}}]),
+    ("DestinationRule", f"{PORT_POLICY}.loadBalancer.localityLbSetting", {"enabled": True}),
+    ("DestinationRule", f"{PORT_POLICY}.connectionPool.tcp.idleTimeout", "1h"),
+    ("DestinationRule", f"{PORT_POLICY}.tls.credentialName", "cred"),
     ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
     *(
         ("ProxyConfig", f"spec.listeners[0].tls.{key}", value)
@@ -643,6 +679,40 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
         ]
     ),
     ("MetaRouter", "spec.gateways", ["istio-system/gw"], "spec.gateways[0]", "not supported"),
+    *(
+        ("DestinationRule", f"{where}.portLevelSettings", value, f"{where}.{field}", words)
+        for where in (POLICY, SUB_POLICY)
+        for value, field, words in [
+            (PORT_ENTRY, "portLevelSettings", "must be a list"),
+            (["x"], "portLevelSettings[0]", "must be a mapping"),
+            ([{"tls": {"mode": "DISABLE"}}], "portLevelSettings[0].port", "required field"),
+            ([{**PORT_ENTRY, "port": {}}], "portLevelSettings[0].port.number", "required field"),
+            *(
+                (
+                    [{**PORT_ENTRY, "port": {"number": n}}],
+                    "portLevelSettings[0].port.number",
+                    f"must be an integer in [1, 65535], got {n!r}",
+                )
+                for n in (0, 65536, -1, "9000")
+            ),
+            (
+                [PORT_ENTRY, {"port": {"number": 9000}, "tls": {"mode": "DISABLE"}}],
+                "portLevelSettings[1].port.number",
+                f"port 9000 already has settings in {where}.portLevelSettings[0]",
+            ),
+            (
+                [{"port": {"number": 9000}}],
+                "portLevelSettings[0]",
+                "sets nothing for port 9000: set one of loadBalancer, connectionPool, "
+                "outlierDetection, tls",
+            ),
+            (
+                [{**PORT_ENTRY, "loadBalancer": {"simple": "FASTEST"}}],
+                "portLevelSettings[0].loadBalancer.simple",
+                "unknown policy 'FASTEST'",
+            ),
+        ]
+    ),
     ("ServiceEntry", "spec.resolution", "NONE", "spec.resolution", "not supported"),
     ("ServiceEntry", "spec.resolution", "DNS_ROUND_ROBIN", "spec.resolution", "not supported"),
     ("ServiceEntry", "spec.location", "ELSEWHERE", "spec.location", "MESH_EXTERNAL or"),
@@ -737,6 +807,15 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ("DestinationRule", SUB_POLICY, (SUB_POLICY, {})),
     ("DestinationRule", f"{SUB_POLICY}.loadBalancer", (SUB_POLICY, {"loadBalancer": {}})),
     ("DestinationRule", f"{SUB_POLICY}.outlierDetection", (SUB_POLICY, {"outlierDetection": {}})),
+    *(
+        (
+            "DestinationRule",
+            f"{entry}{sub}",
+            (entry.removesuffix("[0]"), [{**PORT_ENTRY, "connectionPool": {"tcp": {}}}]),
+        )
+        for entry in (PORT_POLICY, SUB_PORT_POLICY)
+        for sub in ("", ".port", ".loadBalancer", ".connectionPool", ".connectionPool.tcp")
+    ),
     ("MetaRouter", ROUTE, None),
     ("MetaRouter", f"{ROUTE}.match", None),
     ("MetaRouter", f"{ROUTE}.route[0]", None),
@@ -809,6 +888,7 @@ NEEDS = {
     f"{POLICY}.tls.credentialName": (f"{POLICY}.tls", {"mode": "SIMPLE"}),
     "spec.listeners[0].tls.": ("spec.listeners[0].tls", LISTENER_TLS),
     f"{HASHING}.": (f"{POLICY}.loadBalancer", {"consistentHash": {"httpHeaderName": "u"}}),
+    f"{PORT_POLICY}.": (f"{POLICY}.portLevelSettings", [{**PORT_ENTRY, "tls": {"mode": "SIMPLE"}}]),
 }
 
 
@@ -925,3 +1005,47 @@ def test_a_warning_is_logged_once_per_field_and_document(
     assert len(warnings) == 3, warnings
     assert sum("spec.endpoints[0].serviceAccount" in w for w in warnings) == 1
     assert sum("metadata.namespace" in w for w in warnings) == 2  # one in each document
+
+
+def test_port_settings_for_a_port_no_service_entry_declares_load_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Istio ignores them silently; here they are logged (a typo in a port number, most often).
+    settings = [{**PORT_ENTRY, "port": {"number": 9999}}]
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        config = load("DestinationRule", f"{POLICY}.portLevelSettings", settings)
+    (warning,) = config_warnings(caplog)
+    assert ", DestinationRule/svc" in warning
+    assert (
+        f"{PORT_POLICY}.port.number: host 'svc.test' has no port 9999 in its ServiceEntry "
+        "(ports: 9000): these settings apply to no traffic"
+    ) in warning
+    assert _rule(config).policy_for(9000).load_balancer.policy == "ROUND_ROBIN"
+
+
+def test_a_group_port_settings_leave_out_has_its_default_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    outlier = {"consecutive5xxErrors": 3}
+    pool = {"http": {"http2MaxRequests": 7}}
+    text = with_fields(
+        "DestinationRule",
+        (f"{POLICY}.tls", {"mode": "DISABLE"}),  # the default: not worth a warning
+        (f"{POLICY}.outlierDetection", outlier),
+        (f"{POLICY}.connectionPool", {"tcp": {"maxConnections": 1}}),
+        (f"{POLICY}.portLevelSettings", [{"port": {"number": 9000}, "connectionPool": pool}]),
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        rule = _rule(loads_config(text, "fields.yaml"))
+    (warning,) = config_warnings(caplog)
+    assert (
+        f"{PORT_POLICY}: sets no loadBalancer, outlierDetection: traffic to port 9000 has the "
+        "defaults, not the trafficPolicy's"
+    ) in warning
+    # Istio's semantics: the port's settings replace the whole policy, groups and fields.
+    for subset in (None, "v1"):  # v1 has no policy of its own: the rule's port settings
+        port = rule.policy_for(9000, subset)
+        assert port.load_balancer is None and port.outlier_detection is None
+        assert port.connection_pool.max_requests == 7
+        assert port.connection_pool.max_connections is None  # not merged with the rule's
+    assert rule.policy_for(9001).outlier_detection.consecutive_errors == 3  # other ports

@@ -334,3 +334,23 @@ def test_names_as_long_as_a_dns_name_load() -> None:
     host = ".".join(["h" * 63] * 3 + ["h" * 61])  # 253 characters
     text = _router("a").replace("svc.test", host).replace("name: ok", f"name: {'r' * 253}")
     loads_config(text)
+
+
+def test_port_settings_for_many_undeclared_ports_warn_in_bounded_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each warning names at most ten of the host's ports: listing them all in each made
+    # output grow as entries times ports.
+    ports = ", ".join(f"{{number: {n}, name: p{n}}}" for n in range(20000, 22000))
+    text = mesh([(1, "v1")]).replace("ports: [{number: 9000,", f"ports: [{ports}, {{number: 9000,")
+    entries = ", ".join(
+        f"{{port: {{number: {n}}}, tls: {{mode: DISABLE}}}}" for n in range(30000, 32000)
+    )
+    text = text.replace("trafficPolicy: {}", f"trafficPolicy: {{portLevelSettings: [{entries}]}}")
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        config = loads_config(text, "mesh.yaml")
+    assert len(config.destination_rules["svc.test"].ports) == 2000
+    lines = [r.getMessage() for r in caplog.records if "apply to no traffic" in r.getMessage()]
+    assert len(lines) == 2000
+    assert max(map(len, lines)) < 400
+    assert "(ports: 20000, 20001," in lines[0] and "and 1991 more)" in lines[0]

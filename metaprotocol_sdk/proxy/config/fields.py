@@ -150,14 +150,15 @@ TRAFFIC_POLICY = fields(
     "connectionPool",
     "outlierDetection",
     "tls",
+    "portLevelSettings",
     refused={
-        "portLevelSettings": "per-port policies (a rule's policy applies to all of the host's "
-        "ports)",
         "tunnel": "tunnelling upstream connections",
         "proxyProtocol": "the PROXY protocol header",
         "retryBudget": "retry budgets (connectionPool.http.maxRetries bounds retries in flight)",
     },
 )
+#: A ``portLevelSettings`` entry (Istio's ``PortTrafficPolicy``).
+PORT_TRAFFIC_POLICY = fields("port", "loadBalancer", "connectionPool", "outlierDetection", "tls")
 TLS = fields(
     "mode",
     "clientCertificate",

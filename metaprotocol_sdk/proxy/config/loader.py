@@ -577,8 +577,10 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     return LoadBalancer(_LB_SIMPLE[simple])
 
 
-def _traffic_policy(doc: _Doc, policy: Mapping[str, Any], path: str) -> TrafficPolicy:
-    doc.check(policy, path, schema.TRAFFIC_POLICY)
+def _traffic_policy(
+    doc: _Doc, policy: Mapping[str, Any], path: str, table: schema.Fields = schema.TRAFFIC_POLICY
+) -> TrafficPolicy:
+    doc.check(policy, path, table)
     return TrafficPolicy(
         _load_balancer(doc, dict(policy), path),
         _connection_pool(doc, policy, path),
@@ -904,9 +906,11 @@ def _destination_rules(
             doc.fail("spec.host", f"no ServiceEntry defines host {host!r}")
         if host in rules:
             doc.fail("spec.host", f"host {host!r} already has DestinationRule {rules[host].name!r}")
+        service = services[host]
         policy = doc.mapping(spec, "trafficPolicy", "spec.trafficPolicy", required=False)
         lb = _load_balancer(doc, policy, "spec.trafficPolicy") or LoadBalancer()
         top = _traffic_policy(doc, policy, "spec.trafficPolicy")
+        ports = _port_settings(doc, policy, "spec.trafficPolicy", host, service, top)
         subsets: dict[str, Subset] = {}
         for i, raw in enumerate(doc.sequence(spec, "subsets", "spec.subsets", required=False)):
             path = f"spec.subsets[{i}]"
@@ -920,9 +924,91 @@ def _destination_rules(
             sub_policy = doc.mapping(raw, "trafficPolicy", f"{path}.trafficPolicy", False)
             sub_lb = _load_balancer(doc, sub_policy, f"{path}.trafficPolicy")
             own = _traffic_policy(doc, sub_policy, f"{path}.trafficPolicy")
-            subsets[name] = Subset(name, labels, sub_lb, own.over(top))
-        rules[host] = DestinationRule(doc.name, host, lb, subsets, top)
+            sub_ports = _port_settings(
+                doc, sub_policy, f"{path}.trafficPolicy", host, service, top, ports, own
+            )
+            subsets[name] = Subset(name, labels, sub_lb, own.over(top), own, sub_ports)
+        rules[host] = DestinationRule(doc.name, host, lb, subsets, top, ports)
     return rules
+
+
+def _port_settings(
+    doc: _Doc,
+    policy: Mapping[str, Any],
+    path: str,
+    host: str,
+    service: Service,
+    top: TrafficPolicy,
+    rule_ports: Mapping[int, TrafficPolicy] | None = None,
+    own: TrafficPolicy | None = None,
+) -> dict[int, TrafficPolicy]:
+    """A ``trafficPolicy``'s ``portLevelSettings``, by port number.
+
+    ``top`` is the rule's ``trafficPolicy``; for a subset's, ``rule_ports`` are the rule's
+    port settings and ``own`` the subset's ``trafficPolicy``. They make the policy a port's
+    settings replace: the groups it sets and they leave out are logged.
+    """
+    path = f"{path}.portLevelSettings"
+    out: dict[int, TrafficPolicy] = {}
+    where: dict[int, str] = {}
+    for i, raw in enumerate(doc.sequence(policy, "portLevelSettings", path, required=False)):
+        entry = f"{path}[{i}]"
+        if not isinstance(raw, dict):
+            doc.fail(entry, "must be a mapping")
+        doc.check(raw, entry, schema.PORT_TRAFFIC_POLICY)
+        selector = doc.mapping(raw, "port", f"{entry}.port")
+        doc.check(selector, f"{entry}.port", schema.PORT_SELECTOR)
+        number = cast(int, doc.integer(selector, "number", f"{entry}.port.number", True, 1, 65535))
+        if number in out:
+            doc.fail(
+                f"{entry}.port.number", f"port {number} already has settings in {where[number]}"
+            )
+        if all(raw.get(group) is None for group, _ in _GROUP_ATTRS):
+            groups = ", ".join(group for group, _ in _GROUP_ATTRS)
+            doc.fail(entry, f"sets nothing for port {number}: set one of {groups}")
+        out[number] = _traffic_policy(doc, raw, entry, schema.PORT_TRAFFIC_POLICY)
+        where[number] = entry
+        if number not in service.ports:
+            doc.caution(
+                f"{entry}.port.number",
+                f"host {host!r} has no port {number} in its ServiceEntry "
+                f"(ports: {_some_ports(service)}): these settings apply to no traffic",
+            )
+            continue
+        base = (own or TrafficPolicy()).over((rule_ports or {}).get(number, top))
+        if base.tls is not None and not base.tls.enabled:
+            base = dataclasses.replace(base, tls=None)  # DISABLE: the default already
+        dropped = [
+            group
+            for group, attr in _GROUP_ATTRS
+            if raw.get(group) is None and getattr(base, attr) is not None
+        ]
+        if dropped:
+            doc.caution(
+                entry,
+                f"sets no {', '.join(dropped)}: traffic to port {number} has the defaults, "
+                "not the trafficPolicy's (a port's settings replace the policy whole, as in "
+                "Istio; repeat a group here to keep it)",
+            )
+    return out
+
+
+def _some_ports(service: Service) -> str:
+    """The service's port numbers, up to :data:`HOSTS_SHOWN` of them (in the file's order
+    beyond: no sort of them all for each warning), and how many more."""
+    if len(service.ports) <= HOSTS_SHOWN:
+        return ", ".join(map(str, sorted(service.ports)))
+    shown = ", ".join(map(str, islice(service.ports, HOSTS_SHOWN)))
+    return f"{shown} and {len(service.ports) - HOSTS_SHOWN} more"
+
+
+#: ``trafficPolicy`` groups and their :class:`TrafficPolicy` attributes.
+_GROUP_ATTRS = (
+    ("loadBalancer", "load_balancer"),
+    ("connectionPool", "connection_pool"),
+    ("outlierDetection", "outlier_detection"),
+    ("tls", "tls"),
+)
 
 
 # -- MetaRouter --------------------------------------------------------------------------------

@@ -226,23 +226,47 @@ class TrafficPolicy:
 
 @dataclass(frozen=True)
 class Subset:
-    """A ``DestinationRule`` subset: endpoints whose labels include ``labels``."""
+    """A ``DestinationRule`` subset: endpoints whose labels include ``labels``.
+
+    ``policy`` is the subset's ``trafficPolicy`` over the rule's; ``own`` the subset's alone
+    and ``ports`` its ``portLevelSettings`` (see :meth:`DestinationRule.policy_for`).
+    """
 
     name: str
     labels: dict[str, str]
     load_balancer: LoadBalancer | None = None
     policy: TrafficPolicy = TrafficPolicy()
+    own: TrafficPolicy = TrafficPolicy()
+    ports: dict[int, TrafficPolicy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class DestinationRule:
-    """A ``DestinationRule`` for one host."""
+    """A ``DestinationRule`` for one host; ``ports``: its ``portLevelSettings`` by port."""
 
     name: str
     host: str
     load_balancer: LoadBalancer
     subsets: dict[str, Subset]
     policy: TrafficPolicy = TrafficPolicy()
+    ports: dict[int, TrafficPolicy] = field(default_factory=dict)
+
+    def policy_for(self, port: int, subset: str | None = None) -> TrafficPolicy:
+        """The policy of traffic to service port ``port`` (of ``subset``), as Istio resolves it.
+
+        A port's settings replace the policy they override whole: a group they leave out has
+        its default, not the overridden policy's. Most specific first: the subset's settings
+        for the port; else the subset's ``trafficPolicy``, group by group, over the rule's
+        settings for the port, else over the rule's ``trafficPolicy``.
+        """
+        if subset is None:
+            return self.ports.get(port, self.policy)
+        sub = self.subsets[subset]
+        own = sub.ports.get(port)
+        if own is not None:
+            return own
+        base = self.ports.get(port)
+        return sub.policy if base is None else sub.own.over(base)
 
 
 @dataclass(frozen=True)
