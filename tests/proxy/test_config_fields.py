@@ -559,7 +559,7 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
     ("DestinationRule", f"{PORT_POLICY}.loadBalancer.localityLbSetting", {"enabled": True}),
-    ("DestinationRule", f"{PORT_POLICY}.connectionPool.tcp.idleTimeout", "1h"),
+    ("DestinationRule", f"{PORT_POLICY}.connectionPool.http.maxConcurrentStreams", 10),
     ("DestinationRule", f"{PORT_POLICY}.tls.credentialName", "cred"),
     ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
     *(
