@@ -1563,3 +1563,56 @@ def test_a_tls_client_paused_on_a_large_reply_resumes_as_soon_as_it_reads(
         await up.close()
 
     run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_upstream_that_drained_under_its_low_water_mark_after_a_resume_is_not_left_paused(
+    pki: Pki, loop: str
+) -> None:
+    """A request that reaches the TLS layer while the TCP transport under it is full waits
+    in the TLS layer, and the layer hands it on when that transport drained under its
+    low-water mark. When the kernel takes little (a small send buffer), that leaves the
+    transport between its two water marks: it does not pause again, so it never says when
+    it drained. The connection, judged at that moment on more than the low-water mark,
+    stayed paused for good (no sweep judges it again), and the client blocked on it was
+    never read again: its next request hung though the upstream had taken everything."""
+    size = 1 << 20
+
+    async def main() -> None:
+        up = await Upstream("v1").start(
+            ssl=pki.server_context(pki.leaf("up", "svc.test")), rcvbuf=4096
+        )
+        text = mesh(
+            [(up.port, "v1")],
+            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "timeouts: {upstreamWrite: 1m, write: 1m, idle: 1m, frame: 1m}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            conn = next(iter(engine.upstreams))
+            assert conn.raw is not None and conn.transport is not None
+            # A kernel that takes little from the engine (memory pressure, a small
+            # tcp_wmem): each time the socket is writable it takes a few KiB.
+            conn.raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            for server in up.connections:
+                assert server.transport is not None
+                server.transport.pause_reading()
+            big = client.start("put", body=b"b" * size)
+            await until(lambda: conn.write_paused)
+            # A request read meanwhile waits in the TLS layer (the transport under it is
+            # full); its client stops being read.
+            second = client.start("put", body=b"s" * 40_000)
+            await until(lambda: conn.transport.get_write_buffer_size() > 40_000)
+            up.resume_reading()
+            assert error_type(await asyncio.wait_for(big, WAIT)) is None
+            assert error_type(await asyncio.wait_for(second, WAIT)) is None
+            await until(lambda: conn.unsent == 0)  # the upstream took everything
+            reply = await asyncio.wait_for(client.call("get"), WAIT)
+            assert error_type(reply) is None and reply.attributes.get("server") == "v1"
+            assert not conn.write_paused
+            client.close()
+        await up.close()
+
+    run(main(), loop=loop)
