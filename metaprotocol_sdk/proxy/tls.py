@@ -663,7 +663,7 @@ class TlsUpstreamConnection(UpstreamConnection):
     marks, as a plain connection's is: the buffer budget and ``timeouts.upstreamWrite`` see
     such a request as on a plain connection."""
 
-    __slots__ = ("raw", "refused")
+    __slots__ = ("raw", "raw_paused", "refused")
 
     def __init__(self, cluster: Cluster, host: UpstreamHost, owner: Downstream | None) -> None:
         super().__init__(cluster, host, owner)
@@ -671,6 +671,8 @@ class TlsUpstreamConnection(UpstreamConnection):
         self.refused: str | None = None
         #: The TCP transport under the TLS layer (once connected).
         self.raw: asyncio.Transport | None = None
+        #: That transport paused the TLS layer's writing: it will say when it drained.
+        self.raw_paused = False
 
     async def _connect(self) -> None:
         cluster = self.cluster
@@ -765,7 +767,12 @@ class TlsUpstreamConnection(UpstreamConnection):
         self._judge()
 
     def _judge(self) -> None:
-        """Pause or resume the connection's writing on what both layers hold."""
+        """Pause or resume the connection's writing on what both layers hold.
+
+        Paused, it resumes under the transport's low-water mark, or as soon as the transport
+        is not paused: then the TLS layer holds nothing (it hands all on at once), and the
+        transport, between its water marks, will not say when it drains (it would stay
+        paused for good, and its clients unread)."""
         unsent = self.account_unsent()
         raw = self.raw
         if raw is None:
@@ -773,7 +780,7 @@ class TlsUpstreamConnection(UpstreamConnection):
         low, high = raw.get_write_buffer_limits()
         if not self.write_paused and unsent > high:
             super().pause_writing()
-        elif self.write_paused and unsent <= low:
+        elif self.write_paused and (unsent <= low or not self.raw_paused):
             super().resume_writing()
 
     def pause_writing(self) -> None:
@@ -787,6 +794,7 @@ class TlsUpstreamConnection(UpstreamConnection):
 
     def raw_flow(self, resumed: bool) -> None:
         """The TCP transport under the TLS layer paused or resumed it: judged again."""
+        self.raw_paused = not resumed
         if resumed:
             self.drained = True  # the upstream took bytes: progress, for the write watch
         self._judge()
