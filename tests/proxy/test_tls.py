@@ -1616,3 +1616,48 @@ def test_a_tls_upstream_that_drained_under_its_low_water_mark_after_a_resume_is_
         await up.close()
 
     run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_connection_closed_for_its_client_is_not_counted_as_retired_for_its_age(
+    pki: Pki, loop: str
+) -> None:
+    """A client's own upstream connection (a codec without id rewriting) is closed when the
+    client leaves; a TLS connection then waits for the upstream's ``close_notify`` and stays
+    among the engine's connections meanwhile. The sweep's ``maxConnectionDuration`` check
+    took it for a live connection and counted it as retired for its age
+    (``reason="max_connection_duration"``), though the engine had closed it for another
+    reason, uncounted (the idle check skips closed connections)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=pki.server_context(pki.leaf("up", "svc.test")))
+        policy = (
+            "{tls: "
+            + json.dumps({"mode": "SIMPLE", "caCertificates": pki.ca_file})
+            + ", connectionPool: {tcp: {maxConnectionDuration: 300ms}}}"
+        )
+        text = mesh(
+            [(up.port, "v1")],
+            traffic_policy=policy,
+            protocol="kvnr",
+            codec="proxy_test_codecs:NoRewriteKVCodec",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            (conn,) = engine.upstreams
+            for server in up.connections:  # it never reads the engine's close_notify
+                assert server.transport is not None
+                server.transport.pause_reading()
+            client.close()
+            await until(lambda: conn.closed)
+            await asyncio.sleep(0.6)  # past maxConnectionDuration: sweeps ran
+            assert conn in engine.upstreams  # still shutting TLS down
+            closed = engine.stats.total(
+                "metaprotocol_upstream_connections_closed_total",
+                reason="max_connection_duration",
+            )
+            assert closed == 0
+        await up.close()
+
+    run(main(), loop=loop)
