@@ -55,24 +55,31 @@ def _keeping_raw(base: type[Any]) -> type[Any]:
         The layer hands all it encrypts to the TCP transport under it at once and counts only
         what it still holds; its own writing pauses when that transport is full, and resumes
         when it drained, without a word to the connection above. ``watcher.raw_flow(resumed)``
-        is that word: the connection judges its unsent bytes on both counts."""
+        is that word (``resumed``: the transport is not paused once the layer handed on what
+        it held): the connection judges its unsent bytes on both counts."""
 
         raw: asyncio.Transport | None = None
         watcher: Any = None
+        #: The TCP transport paused this layer's writing (it will say when it drained).
+        raw_paused = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.raw = cast(asyncio.Transport, transport)
             super().connection_made(transport)
 
         def pause_writing(self) -> None:
+            self.raw_paused = True
             super().pause_writing()
             if self.watcher is not None:
                 self.watcher.raw_flow(False)
 
         def resume_writing(self) -> None:
+            self.raw_paused = False
+            # The layer hands on what it held at once: the transport may pause again in
+            # there (reported first); the word after it is the transport's state now.
             super().resume_writing()
             if self.watcher is not None:
-                self.watcher.raw_flow(True)
+                self.watcher.raw_flow(not self.raw_paused)
 
     return Handshake
 

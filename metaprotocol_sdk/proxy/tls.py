@@ -538,7 +538,7 @@ class TlsDownstream(Downstream):
     :class:`Downstream` like any other, but for what it counts as unsent (below).
     """
 
-    __slots__ = ("client_check", "handshake", "raw", "tls_stats")
+    __slots__ = ("client_check", "handshake", "raw", "raw_paused", "tls_stats")
 
     def __init__(self, listener: ListenerRuntime, tls_stats: TlsStats) -> None:
         super().__init__(listener)
@@ -549,6 +549,8 @@ class TlsDownstream(Downstream):
         self.handshake: Any = None
         #: The TCP transport under the TLS layer (set once the handshake is done).
         self.raw: asyncio.Transport | None = None
+        #: That transport paused the TLS layer's writing: it will say when it drained.
+        self.raw_paused = False
         #: The listener's TLS series when the handshake began (a reload may make the
         #: listener plain before it ends).
         self.tls_stats = tls_stats
@@ -570,6 +572,13 @@ class TlsDownstream(Downstream):
             return
         self.tls_stats.handshakes.value += 1
         super().connection_made(transport)
+        raw = self.raw
+        if raw is not None and not self.closed:
+            # The TCP transport pauses and resumes at the connection's own marks: while it is
+            # not paused it holds at most connectionBufferBytes (the TLS layer holds nothing
+            # then), so the connection may resume without waiting for a word that never comes.
+            high = self.engine.connection_buffer
+            raw.set_write_buffer_limits(high=high, low=high // 4)
 
     # The TLS layer counts what it has not encrypted or not handed on, and pauses the
     # engine's writing on that alone; but it hands everything it encrypted to the TCP
@@ -578,7 +587,9 @@ class TlsDownstream(Downstream):
     # bytes are both, and its writing is paused on both, so that the buffer budget,
     # ``connectionBufferMaxBytes`` and ``timeouts.write`` see it as on a plain connection.
     # Judged when either layer pauses or resumes (the TLS layer tells of the TCP transport's
-    # flow control by ``raw_flow``), and at each sweep.
+    # flow control by ``raw_flow``), and at each sweep. Once the transport is not paused
+    # (and, at its marks, holds at most ``connectionBufferBytes``) the connection resumes:
+    # the transport will not report draining from between its water marks.
 
     def _account_unsent(self) -> None:
         transport, raw = self.transport, self.raw
@@ -593,7 +604,9 @@ class TlsDownstream(Downstream):
         high = self.engine.connection_buffer
         if not self.write_paused and unsent > high and transport is not None:
             super().pause_writing()
-        elif self.write_paused and unsent <= high // 4:
+        elif self.write_paused and (
+            unsent <= high // 4 or (not self.raw_paused and unsent <= high)
+        ):
             super().resume_writing()
 
     def pause_writing(self) -> None:
@@ -606,6 +619,7 @@ class TlsDownstream(Downstream):
 
     def raw_flow(self, resumed: bool) -> None:
         """The TCP transport under the TLS layer paused or resumed it: judged again."""
+        self.raw_paused = not resumed
         self._account_unsent()
 
     def sweep(self, now: float) -> int:
@@ -663,7 +677,7 @@ class TlsUpstreamConnection(UpstreamConnection):
     marks, as a plain connection's is: the buffer budget and ``timeouts.upstreamWrite`` see
     such a request as on a plain connection."""
 
-    __slots__ = ("raw", "refused")
+    __slots__ = ("raw", "raw_paused", "refused")
 
     def __init__(self, cluster: Cluster, host: UpstreamHost, owner: Downstream | None) -> None:
         super().__init__(cluster, host, owner)
@@ -671,6 +685,8 @@ class TlsUpstreamConnection(UpstreamConnection):
         self.refused: str | None = None
         #: The TCP transport under the TLS layer (once connected).
         self.raw: asyncio.Transport | None = None
+        #: That transport paused the TLS layer's writing: it will say when it drained.
+        self.raw_paused = False
 
     async def _connect(self) -> None:
         cluster = self.cluster
@@ -765,7 +781,12 @@ class TlsUpstreamConnection(UpstreamConnection):
         self._judge()
 
     def _judge(self) -> None:
-        """Pause or resume the connection's writing on what both layers hold."""
+        """Pause or resume the connection's writing on what both layers hold.
+
+        Paused, it resumes under the transport's low-water mark, or as soon as the transport
+        is not paused: then the TLS layer holds nothing (it hands all on at once), and the
+        transport, between its water marks, will not say when it drains (it would stay
+        paused for good, and its clients unread)."""
         unsent = self.account_unsent()
         raw = self.raw
         if raw is None:
@@ -773,7 +794,7 @@ class TlsUpstreamConnection(UpstreamConnection):
         low, high = raw.get_write_buffer_limits()
         if not self.write_paused and unsent > high:
             super().pause_writing()
-        elif self.write_paused and unsent <= low:
+        elif self.write_paused and (unsent <= low or not self.raw_paused):
             super().resume_writing()
 
     def pause_writing(self) -> None:
@@ -787,6 +808,7 @@ class TlsUpstreamConnection(UpstreamConnection):
 
     def raw_flow(self, resumed: bool) -> None:
         """The TCP transport under the TLS layer paused or resumed it: judged again."""
+        self.raw_paused = not resumed
         if resumed:
             self.drained = True  # the upstream took bytes: progress, for the write watch
         self._judge()

@@ -552,8 +552,15 @@ class UpstreamConnection(asyncio.Protocol):
     def lifetime_sweep(self, now: float, max_duration: float) -> None:
         """Retire the connection once it has been established for ``max_duration``
         (``tcp.maxConnectionDuration``; engine sweep): it takes no new requests, the
-        requests in flight on it are answered, and it closes after the last of them."""
-        if self.established and not self.retiring and now - self.established >= max_duration:
+        requests in flight on it are answered, and it closes after the last of them. One
+        already closed for another reason (its client left; a TLS connection waits for the
+        upstream's ``close_notify`` meanwhile) is not counted."""
+        if (
+            self.established
+            and not self.retiring
+            and not self.closed
+            and now - self.established >= max_duration
+        ):
             self.cluster.closed_by("max_connection_duration")
             self.retire()
 

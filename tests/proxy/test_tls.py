@@ -1563,3 +1563,159 @@ def test_a_tls_client_paused_on_a_large_reply_resumes_as_soon_as_it_reads(
         await up.close()
 
     run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_upstream_that_drained_under_its_low_water_mark_after_a_resume_is_not_left_paused(
+    pki: Pki, loop: str
+) -> None:
+    """A request that reaches the TLS layer while the TCP transport under it is full waits
+    in the TLS layer, and the layer hands it on when that transport drained under its
+    low-water mark. When the kernel takes little (a small send buffer), that leaves the
+    transport between its two water marks: it does not pause again, so it never says when
+    it drained. The connection, judged at that moment on more than the low-water mark,
+    stayed paused for good (no sweep judges it again), and the client blocked on it was
+    never read again: its next request hung though the upstream had taken everything."""
+    size = 1 << 20
+
+    async def main() -> None:
+        up = await Upstream("v1").start(
+            ssl=pki.server_context(pki.leaf("up", "svc.test")), rcvbuf=4096
+        )
+        text = mesh(
+            [(up.port, "v1")],
+            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "timeouts: {upstreamWrite: 1m, write: 1m, idle: 1m, frame: 1m}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            conn = next(iter(engine.upstreams))
+            assert isinstance(conn, TlsUpstreamConnection)
+            assert conn.raw is not None and conn.transport is not None
+            tls_layer = conn.transport
+            # A kernel that takes little from the engine (memory pressure, a small
+            # tcp_wmem): each time the socket is writable it takes a few KiB.
+            conn.raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            for server in up.connections:
+                assert server.transport is not None
+                server.transport.pause_reading()
+            big = client.start("put", body=b"b" * size)
+            await until(lambda: conn.write_paused)
+            # A request read meanwhile waits in the TLS layer (the transport under it is
+            # full); its client stops being read.
+            second = client.start("put", body=b"s" * 40_000)
+            await until(lambda: tls_layer.get_write_buffer_size() > 40_000)
+            up.resume_reading()
+            assert error_type(await asyncio.wait_for(big, WAIT)) is None
+            assert error_type(await asyncio.wait_for(second, WAIT)) is None
+            await until(lambda: conn.unsent == 0)  # the upstream took everything
+            reply = await asyncio.wait_for(client.call("get"), WAIT)
+            assert error_type(reply) is None and reply.attributes.get("server") == "v1"
+            assert not conn.write_paused
+            client.close()
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_connection_closed_for_its_client_is_not_counted_as_retired_for_its_age(
+    pki: Pki, loop: str
+) -> None:
+    """A client's own upstream connection (a codec without id rewriting) is closed when the
+    client leaves; a TLS connection then waits for the upstream's ``close_notify`` and stays
+    among the engine's connections meanwhile. The sweep's ``maxConnectionDuration`` check
+    took it for a live connection and counted it as retired for its age
+    (``reason="max_connection_duration"``), though the engine had closed it for another
+    reason, uncounted (the idle check skips closed connections)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start(ssl=pki.server_context(pki.leaf("up", "svc.test")))
+        policy = (
+            "{tls: "
+            + json.dumps({"mode": "SIMPLE", "caCertificates": pki.ca_file})
+            + ", connectionPool: {tcp: {maxConnectionDuration: 300ms}}}"
+        )
+        text = mesh(
+            [(up.port, "v1")],
+            traffic_policy=policy,
+            protocol="kvnr",
+            codec="proxy_test_codecs:NoRewriteKVCodec",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            (conn,) = engine.upstreams
+            for server in up.connections:  # it never reads the engine's close_notify
+                assert server.transport is not None
+                server.transport.pause_reading()
+            client.close()
+            await until(lambda: conn.closed)
+            await asyncio.sleep(0.6)  # past maxConnectionDuration: sweeps ran
+            assert conn in engine.upstreams  # still shutting TLS down
+            closed = engine.stats.total(
+                "metaprotocol_upstream_connections_closed_total",
+                reason="max_connection_duration",
+            )
+            assert closed == 0
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_client_that_drained_between_the_water_marks_after_a_resume_is_read_again(
+    pki: Pki, loop: str
+) -> None:
+    """The client side of the TLS upstream case above: a reply that reaches the TLS layer
+    while the TCP transport under it is full is handed on when that transport drains; left
+    between its water marks (a kernel that takes little), the transport never reports its
+    drain, and the connection, judged then on more than a quarter of
+    ``connectionBufferBytes``, stayed paused (its requests unread, its unsent bytes counted)
+    until the next sweep, though the TLS layer is to tell it at once. Here there is no
+    sweep: the next request hung."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls=listener_tls(pki),
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}\n"
+            "limits: {connectionBufferBytes: 65536}\n"
+            "timeouts: {write: 1m, idle: 1m, frame: 1m}",
+        )
+        async with engine_for(text) as engine:
+            assert engine._sweeper is not None
+            engine._sweeper.cancel()  # no sweep: only the TLS layer's word counts
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(address(engine))
+            _, client = await asyncio.get_running_loop().create_connection(
+                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert client.transport is not None
+            assert error_type(await client.call("get")) is None
+            (down,) = engine.downstreams
+            assert isinstance(down, TlsDownstream) and down.raw is not None
+            tls_layer = down.transport
+            assert tls_layer is not None
+            down.raw.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            client.transport.pause_reading()
+            big = client.start("big", {"size": str(1 << 20)})
+            slow = client.start("slow", body=b"s" * 40_000)
+            await until(lambda: down.write_paused)
+            await up.wait_received(3)
+            up.release.set()  # the slow reply waits in the TLS layer
+            await until(lambda: tls_layer.get_write_buffer_size() > 40_000)
+            client.transport.resume_reading()
+            assert error_type(await asyncio.wait_for(big, WAIT)) is None
+            assert error_type(await asyncio.wait_for(slow, WAIT)) is None
+            assert error_type(await asyncio.wait_for(client.call("get"), WAIT)) is None
+            assert not down.write_paused
+            assert down.unsent == 0 and engine.buffered == 0
+            client.close()
+        await up.close()
+
+    run(main(), loop=loop)
