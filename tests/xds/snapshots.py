@@ -396,3 +396,37 @@ def refused_route(version: str) -> route_pb2.RouteConfiguration:
     rc_ = route_configuration(RDS_NAME, [MetaRoute("hello", [(V2, 100)])])
     rc_.virtual_hosts[0].routes[0].route.retry_policy.num_retries.value = 3
     return rc_
+
+
+#: The second port of :func:`port_policy_snapshot`'s host.
+OTHER_PORT = PORT + 1
+
+
+def port_policy_snapshot(
+    a: dict[int, int], b: dict[int, int], *, host: str = HOST
+) -> dict[str, list[Any]]:
+    """istiod's clusters for a DestinationRule with ``portLevelSettings``: port ``PORT`` round
+    robin with at most 3 connections; port ``OTHER_PORT`` a ring hash with at most 7 requests
+    in flight; subset v1 (endpoint ``a``) least request with outlier detection on
+    ``OTHER_PORT``. Endpoints ``127.0.0.1`` (``a``: port by service port) and ``127.0.0.2``
+    (``b``); one route sends half to each port, hashed on the ``method`` attribute."""
+    names = {port: f"outbound|{port}||{host}" for port in (PORT, OTHER_PORT)}
+    subset = f"outbound|{OTHER_PORT}|v1|{host}"
+    first = cluster(names[PORT])
+    first.circuit_breakers.thresholds[0].max_connections.value = 3
+    second = cluster(names[OTHER_PORT], lb=cluster_pb2.Cluster.RING_HASH)
+    second.circuit_breakers.thresholds[0].max_requests.value = 7
+    v1 = cluster(subset, lb=cluster_pb2.Cluster.LEAST_REQUEST)
+    v1.outlier_detection.consecutive_5xx.value = 3
+    route = MetaRoute("hello", [(names[PORT], 50), (names[OTHER_PORT], 50)], hash_header="method")
+    return {
+        CLUSTER_TYPE: [first, second, v1],
+        ENDPOINT_TYPE: [
+            *(
+                load_assignment(names[port], [("127.0.0.1", a[port]), ("127.0.0.2", b[port])])
+                for port in (PORT, OTHER_PORT)
+            ),
+            load_assignment(subset, [("127.0.0.1", a[OTHER_PORT])]),
+        ],
+        ROUTE_TYPE: [route_configuration(f"{host}_{PORT}", [route])],
+    }

@@ -29,6 +29,7 @@ from snapshots import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     HOST,
+    OTHER_PORT,
     PORT,
     RDS_NAME,
     ROUTE_TYPE,
@@ -36,6 +37,7 @@ from snapshots import (
     cluster,
     hello_snapshots,
     load_assignment,
+    port_policy_snapshot,
     refused_route,
     route_configuration,
     tls_cluster,
@@ -46,7 +48,7 @@ from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import Engine, loads_config
-from metaprotocol_sdk.proxy.config.models import Xds, XdsNode
+from metaprotocol_sdk.proxy.config.models import LoadBalancer, Xds, XdsNode
 from metaprotocol_sdk.proxy.xds.client import XdsClient, backoff_delay
 
 T = TypeVar("T")
@@ -709,4 +711,74 @@ def test_a_tls_cluster_from_the_control_plane_is_reached_over_tls(
     finally:
         harness.close()
         for s in tls_servers.values():
+            s.close()
+
+
+# -- per-port policies: two ports of one host ---------------------------------------------------
+
+
+class HelloServerAt(HelloServer):
+    """A :class:`HelloServer` on another loopback ``address`` (a multi-port host's endpoint
+    is one address with a port per service port)."""
+
+    def __init__(self, version: str, address: str) -> None:
+        super().__init__(version)
+        self._listener.close()
+        self._listener = socket.create_server((address, 0))
+        self.port = self._listener.getsockname()[1]
+
+
+def test_two_ports_of_a_host_with_their_own_policies_are_applied(
+    control_plane: ControlPlane,
+) -> None:
+    """istiod's clusters for a DestinationRule with portLevelSettings
+    (:func:`port_policy_snapshot`): the engine ACKs them (it NACKed per-port policies
+    before), gives each port's cluster its own policy, and balances each its own way."""
+    other = OTHER_PORT
+    servers = {
+        f"{side}{port}": HelloServerAt(f"{side}{port}", address).start()
+        for port in (PORT, other)
+        for side, address in (("a", "127.0.0.1"), ("b", "127.0.0.2"))
+    }
+    names = {port: f"outbound|{port}||{HOST}" for port in (PORT, other)}
+    resources = port_policy_snapshot(
+        {port: servers[f"a{port}"].port for port in (PORT, other)},
+        {port: servers[f"b{port}"].port for port in (PORT, other)},
+    )
+    control_plane.set_snapshot("1", resources)
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(lambda c: acked("1")(c) or c.types[CLUSTER_TYPE].nacks > 0)
+        assert harness.client.types[CLUSTER_TYPE].nacks == 0, harness.dump()["xds"]
+        harness.wait(acked("1"))
+        clusters = {c["name"]: c for c in harness.dump()["clusters"]}
+        got = {
+            port: (
+                clusters[names[port]]["loadBalancer"],
+                clusters[names[port]]["hashAttribute"],
+                clusters[names[port]]["connectionPool"],
+            )
+            for port in (PORT, other)
+        }
+        assert got[PORT][:2] == ("RoundRobin", None)
+        assert got[PORT][2]["max_connections"] == 3 and got[PORT][2]["max_requests"] is None
+        assert got[other][:2] == ("ConsistentHash", "method")
+        assert got[other][2]["max_requests"] == 7 and got[other][2]["max_connections"] is None
+        # Subset v1 on port 9091 (not routed to) has its own policy, not the port's.
+        v1 = harness.engine.config.destination_rules[HOST].policy_for(other, "v1")
+        assert v1.load_balancer == LoadBalancer("LEAST_REQUEST")
+        assert v1.outlier_detection is not None and v1.outlier_detection.consecutive_errors == 3
+        assert v1.connection_pool is not None and v1.connection_pool.max_requests is None
+        caller = Caller(harness.port)
+        try:
+            replies = caller.next(80)
+        finally:
+            caller.close()
+        assert not caller.errors
+        # Port 9090 takes turns; port 9091 always picks the endpoint `sayHello` hashes to.
+        assert {f"a{PORT}", f"b{PORT}"} <= set(replies)
+        assert len({r for r in replies if r.endswith(str(other))}) == 1
+    finally:
+        harness.close()
+        for s in servers.values():
             s.close()

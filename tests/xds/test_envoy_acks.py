@@ -33,6 +33,7 @@ from snapshots import (
     dubbo_snapshots,
     file_secrets,
     hello_snapshots,
+    port_policy_snapshot,
     refused_route,
     tls_cluster,
     tls_socket,
@@ -220,6 +221,21 @@ def test_envoy_acks_the_dubbo_snapshots(control_plane: ControlPlane, tmp_path: P
             {"name": "method", "exact_match": "sayHello"},
         ]
         assert mutated["request_headers_to_add"] == [{"header": {"key": "x-mesh", "value": "xds"}}]
+
+
+def test_envoy_acks_per_port_policies(control_plane: ControlPlane, envoy: str) -> None:
+    """The engine's per-port test: two ports of one host with their own load balancer and
+    circuit breakers, and a subset with its own (istiod's clusters for a DestinationRule's
+    portLevelSettings)."""
+    a, b = {9090: 20001, 9091: 20002}, {9090: 20003, 9091: 20004}
+    _ack_every_version(control_plane, [("ports", port_policy_snapshot(a, b))])
+    clusters = {
+        c["cluster"]["name"]: c["cluster"]
+        for c in _dump(envoy, "dynamic_active_clusters")["configs"]
+    }
+    assert clusters["outbound|9091||hello.svc"]["lb_policy"] == "RING_HASH"
+    assert clusters["outbound|9091|v1|hello.svc"]["lb_policy"] == "LEAST_REQUEST"
+    assert "lb_policy" not in clusters["outbound|9090||hello.svc"]  # ROUND_ROBIN, the default
 
 
 def test_envoy_acks_what_the_engine_refuses(control_plane: ControlPlane, envoy: str) -> None:

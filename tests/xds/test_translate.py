@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from snapshots import (
     ALL,
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
+    HOST,
     RDS_NAME,
     ROUTE_TYPE,
     V1,
@@ -34,7 +37,14 @@ from snapshots import (
 
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy.config import loads_config
-from metaprotocol_sdk.proxy.config.models import AttributeMatch, Config, UpstreamTls
+from metaprotocol_sdk.proxy.config.loader import build_config
+from metaprotocol_sdk.proxy.config.models import (
+    AttributeMatch,
+    Config,
+    LoadBalancer,
+    TrafficPolicy,
+    UpstreamTls,
+)
 from metaprotocol_sdk.proxy.workers import WorkerSpec
 from metaprotocol_sdk.proxy.xds.translate import (
     Resources,
@@ -92,9 +102,9 @@ def with_routes(*routes: MetaRoute, clusters: list[Any] | None = None) -> Resour
     return resources(snap)
 
 
-def refusal(res: Resources) -> str:
+def refusal(res: Resources, config: Config | None = None) -> str:
     with pytest.raises((XdsRefused, ConfigError)) as info:
-        translate(base(), res)
+        translate(config or base(), res)
     return str(info.value)
 
 
@@ -745,3 +755,278 @@ def test_a_tls_file_that_cannot_be_used_names_the_cluster_and_xds_field(
     ctx.common_tls_context.tls_certificates[0].private_key.filename = missing
     got = refusal(with_tls(_repack(socket, ctx)))
     assert f"{_COMMON}.tls_certificates[0].private_key.filename: " in got
+
+
+# -- per-port policies: portLevelSettings ------------------------------------------------------
+
+#: A front service whose listener routes to hello.svc: hello.svc is then all from xDS (its
+#: ServiceEntry has the ports its clusters have, so one cluster alone can be translated).
+FRONT = """
+kind: ServiceEntry
+metadata: {name: front}
+spec:
+  hosts: [front.svc]
+  ports: [{number: 9000, name: tcp-metaprotocol-thrift-front}]
+---
+kind: ProxyConfig
+metadata: {name: proxy}
+spec:
+  listeners: [{host: front.svc, port: 9000, bind: "127.0.0.1:0"}]
+  xds: {address: "127.0.0.1:15010"}
+"""
+FRONT_RDS = "front.svc_9000"
+#: A multi-port host's endpoints: each address has one port per service port (port + 10000).
+ADDRESSES = {None: ("127.0.0.1", "127.0.0.2"), "v1": ("127.0.0.1",), "v2": ("127.0.0.2",)}
+PORTS = (9090, 9091, 9092)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What one test cluster sets: its load balancer (hashed on ``user`` by its route when
+    ``hashed``), circuit-breaker ``max_connections``, ``consecutive_5xx``, TLS."""
+
+    lb: int = cluster_pb2.Cluster.ROUND_ROBIN
+    max_connections: int | None = None
+    consecutive_5xx: int | None = None
+    tls: str | None = None  # "simple", "mutual"
+    hashed: bool = False
+
+
+def policy_cluster(name: str, p: Policy, files: Files | None = None) -> Any:
+    c = cluster(name)
+    if p.tls is not None:
+        assert files is not None
+        cert = (files.cert, files.key) if p.tls == "mutual" else None
+        c = tls_cluster(name, tls_socket(files.ca, cert))
+    c.lb_policy = p.lb
+    if p.max_connections is not None:
+        c.circuit_breakers.thresholds[0].max_connections.value = p.max_connections
+    if p.consecutive_5xx is not None:
+        c.outlier_detection.consecutive_5xx.value = p.consecutive_5xx
+    return c
+
+
+def ports_resources(
+    policies: dict[tuple[int, str | None], Policy], files: Files | None = None
+) -> Resources:
+    """hello.svc's clusters ``outbound|<port>|<subset>|hello.svc`` with their policies, their
+    endpoints, and a route to each (hashed on ``user`` where the policy says)."""
+    clusters, endpoints, routes = [], [], []
+    for i, ((port, subset), p) in enumerate(sorted(policies.items(), key=str)):
+        name = f"outbound|{port}|{subset or ''}|hello.svc"
+        clusters.append(policy_cluster(name, p, files))
+        endpoints.append(load_assignment(name, [(a, port + 10000) for a in ADDRESSES[subset]]))
+        route = MetaRoute(f"r{i}", [(name, 100)], exact={"method": f"m{i}"})
+        route.hash_header = "user" if p.hashed else None
+        routes.append(route)
+    return Resources(
+        routes={FRONT_RDS: route_configuration(FRONT_RDS, routes)},
+        clusters={c.name: c for c in clusters},
+        endpoints={e.cluster_name: e for e in endpoints},
+    )
+
+
+def front() -> Config:
+    return loads_config(FRONT)
+
+
+def rule_doc(config: Config) -> dict[str, Any]:
+    return next(
+        d for d in config.documents if d["kind"] == "DestinationRule" and d["spec"]["host"] == HOST
+    )
+
+
+def effective(policy: TrafficPolicy) -> TrafficPolicy:
+    """What the engine does with ``policy``: no load balancer is round robin, tls DISABLE is
+    no TLS."""
+    tls = policy.tls if policy.tls is not None and policy.tls.enabled else None
+    return TrafficPolicy(
+        policy.load_balancer or LoadBalancer(),
+        policy.connection_pool,
+        policy.outlier_detection,
+        tls,
+    )
+
+
+def assert_each_cluster_has_its_own_policy(
+    policies: dict[tuple[int, str | None], Policy], files: Files | None = None
+) -> Config:
+    """Every cluster's effective policy in the translation of all of them is the one the
+    translation of that cluster alone gives it; the documents load as files without a
+    caution (no portLevelSettings entry leaves out a group the policy it replaces sets)."""
+    config = translate(front(), ports_resources(policies, files))
+    rule = config.destination_rules[HOST]
+    for (port, subset), p in policies.items():
+        alone = translate(front(), ports_resources({(port, subset): p}, files))
+        want = alone.destination_rules[HOST].policy_for(port, subset)
+        assert effective(rule.policy_for(port, subset)) == effective(want), (port, subset)
+    documents = [d for d in config.documents if d["kind"] in ("ServiceEntry", "DestinationRule")]
+    log = logging.getLogger("metaprotocol.config")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log.addHandler(handler)
+    try:
+        build_config([("files", documents)])
+    finally:
+        log.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "sets no" in r.getMessage()]
+    return config
+
+
+def test_ports_of_different_policies_become_port_level_settings() -> None:
+    """istiod's clusters for a DestinationRule with ``portLevelSettings``: port 9091 has
+    another load balancer and a connection limit; subset v1 has its own load balancer on
+    9090 and the rule's port-9091 settings with outlier detection on 9091."""
+    lr = cluster_pb2.Cluster.LEAST_REQUEST
+    limited = Policy(lb=lr, max_connections=10)
+    policies = {
+        (9090, None): Policy(),
+        (9091, None): limited,
+        (9092, None): Policy(),
+        (9090, "v1"): Policy(lb=cluster_pb2.Cluster.RANDOM),
+        (9091, "v1"): Policy(lb=lr, max_connections=10, consecutive_5xx=3),
+        (9091, "v2"): Policy(lb=cluster_pb2.Cluster.RING_HASH, hashed=True),
+    }
+    config = assert_each_cluster_has_its_own_policy(policies)
+    spec = rule_doc(config)["spec"]
+    pool = {"tcp": {"connectTimeout": "10s", "maxConnections": 10}}
+    # The policy of two of three ports is the rule's; port 9091 has its own.
+    assert spec["trafficPolicy"] == {
+        "loadBalancer": {"simple": "ROUND_ROBIN"},
+        "connectionPool": {"tcp": {"connectTimeout": "10s"}},
+        "portLevelSettings": [
+            {
+                "port": {"number": 9091},
+                "loadBalancer": {"simple": "LEAST_REQUEST"},
+                "connectionPool": pool,
+            }
+        ],
+    }
+    v1, v2 = spec["subsets"]
+    assert v1["trafficPolicy"] == {
+        "loadBalancer": {"simple": "RANDOM"},
+        "connectionPool": {"tcp": {"connectTimeout": "10s"}},
+        "portLevelSettings": [
+            {
+                "port": {"number": 9091},
+                "loadBalancer": {"simple": "LEAST_REQUEST"},
+                "connectionPool": pool,
+                "outlierDetection": {"consecutive5xxErrors": 3},
+            }
+        ],
+    }
+    # v2 has clusters on 9091 only: its trafficPolicy is that cluster's, no entry needed
+    # (it sets the load balancer and the connection pool, which are all 9091's settings set).
+    assert v2["trafficPolicy"] == {
+        "loadBalancer": {"consistentHash": {"httpHeaderName": "user"}},
+        "connectionPool": {"tcp": {"connectTimeout": "10s"}},
+    }
+    rule = config.destination_rules[HOST]
+    lb = rule.policy_for(9091, "v2").load_balancer
+    assert lb == LoadBalancer("CONSISTENT_HASH", "user")
+    assert rule.policy_for(9092).load_balancer == LoadBalancer("ROUND_ROBIN")
+
+
+def test_a_port_entry_says_the_defaults_of_what_it_replaces(files: Files) -> None:
+    """Where the rule's policy sets outlier detection, a connection limit and TLS, a port
+    whose cluster has none of them gets an entry that says so (an entry replaces the policy
+    whole, so leaving them out would say it too, with a caution when read from a file)."""
+    full = Policy(max_connections=5, consecutive_5xx=2, tls="simple")
+    bare = cluster(f"outbound|9091||{HOST}")
+    del bare.circuit_breakers.thresholds[:]
+    bare.ClearField("connect_timeout")
+    policies = {(9090, None): full, (9092, None): full, (9091, None): Policy()}
+    res = ports_resources(policies, files)
+    res.clusters[bare.name] = bare  # type: ignore[index]
+    config = translate(front(), res)
+    (entry,) = rule_doc(config)["spec"]["trafficPolicy"]["portLevelSettings"]
+    assert entry == {
+        "port": {"number": 9091},
+        "loadBalancer": {"simple": "ROUND_ROBIN"},
+        "connectionPool": {},
+        "outlierDetection": {},
+        "tls": {"mode": "DISABLE"},
+    }
+    rule = config.destination_rules[HOST]
+    assert effective(rule.policy_for(9091)) == TrafficPolicy(LoadBalancer())
+    assert_each_cluster_has_its_own_policy({**policies, (9090, "v1"): Policy()}, files)
+
+
+def test_tls_per_port_and_per_subset_port(files: Files) -> None:
+    """TLS on one port of the host and on one port of a subset: each entry has its cluster's
+    tls; the subset's clusters on other ports stay plain TCP."""
+    policies = {
+        (9090, None): Policy(),
+        (9091, None): Policy(tls="mutual"),
+        (9090, "v1"): Policy(),
+        (9091, "v1"): Policy(),
+        (9092, "v1"): Policy(tls="simple"),
+    }
+    config = assert_each_cluster_has_its_own_policy(policies, files)
+    rule = config.destination_rules[HOST]
+    tls = rule.policy_for(9091).tls
+    assert tls is not None and tls.mode == "MUTUAL"
+    assert effective(rule.policy_for(9091, "v1")).tls is None
+    tls = rule.policy_for(9092, "v1").tls
+    assert tls is not None and tls.mode == "SIMPLE"
+    # v1's trafficPolicy says DISABLE: the rule has TLS on a port.
+    assert rule_doc(config)["spec"]["subsets"][0]["trafficPolicy"]["tls"] == {"mode": "DISABLE"}
+
+
+def test_a_tls_file_of_a_port_entry_names_its_cluster(files: Files, tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    plain = cluster(f"outbound|9090||{HOST}")
+    for name, block in (
+        (f"outbound|9091||{HOST}", "spec.trafficPolicy.portLevelSettings[0].tls"),
+        (f"outbound|9091|v1|{HOST}", "spec.subsets[0].trafficPolicy.portLevelSettings[0].tls"),
+    ):
+        res = ports_resources(
+            {(9090, None): Policy(), (9091, None): Policy(), (9090, "v1"): Policy()}
+        )
+        res.clusters[name] = tls_cluster(name, tls_socket(missing))  # type: ignore[index]
+        if "v1" in name:
+            res.endpoints[name] = load_assignment(name, [("127.0.0.1", 19091)])  # type: ignore[index]
+        assert plain.name in res.clusters
+        assert refusal(res, front()) == (
+            f"xDS CDS {name}: {_COMBINED}.validation_context_sds_secret_config.name: no such "
+            f"file: {missing} (DestinationRule {block}.caCertificates)"
+        )
+
+
+@pytest.fixture(scope="module")
+def module_files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    return Files(tmp_path_factory.mktemp("tls"))
+
+
+_LBS = st.sampled_from(
+    [
+        cluster_pb2.Cluster.ROUND_ROBIN,
+        cluster_pb2.Cluster.LEAST_REQUEST,
+        cluster_pb2.Cluster.RANDOM,
+        cluster_pb2.Cluster.RING_HASH,
+    ]
+)
+_POLICIES = st.builds(
+    Policy,
+    lb=_LBS,
+    max_connections=st.sampled_from([None, 10, 20]),
+    consecutive_5xx=st.sampled_from([None, 3]),
+    tls=st.sampled_from([None, None, "simple", "mutual"]),
+    hashed=st.booleans(),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.tuples(st.sampled_from(PORTS), st.sampled_from([None, "v1", "v2"])),
+        _POLICIES,
+        min_size=1,
+        max_size=9,
+    )
+)
+def test_every_cluster_keeps_its_own_policy(
+    module_files: Files, policies: dict[tuple[int, str | None], Policy]
+) -> None:
+    assert_each_cluster_has_its_own_policy(policies, module_files)

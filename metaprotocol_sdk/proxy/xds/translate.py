@@ -13,6 +13,7 @@ is the NACK's ``error_detail``.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -1133,7 +1134,6 @@ def _host_documents(
 ) -> list[dict[str, Any]]:
     """The ServiceEntry and DestinationRule for one host's outbound clusters (and, in
     ``origins``, where the fields of each ``tls`` block came from)."""
-    res = f"CDS {host}"
     file_ports = _file_ports(base, host)
     namespace = next(iter(file_ports.values()), ("", "default"))[1]
     # Each port's protocol: that of its first cluster that has one (found in one pass; a
@@ -1197,53 +1197,157 @@ def _host_documents(
             "endpoints": list(entries.values()),
         },
     }
-    top: dict[str, Any] = {}
-    subsets: dict[str, dict[str, Any]] = {}
-    for hp in clusters:
-        policy = dict(hp.policy)
-        if hp.ring_hash:
-            attr = hashes.get(str(hp.name))
-            # Envoy's ring hash without a hash key picks endpoints at random.
-            policy["loadBalancer"] = (
-                {"consistentHash": {"httpHeaderName": attr}} if attr else {"simple": "RANDOM"}
-            )
-        if hp.name.subset is None:
-            if top and top != policy:
-                raise XdsRefused(
-                    res,
-                    "",
-                    f"{hp.name} has another policy than the host's other ports "
-                    "(per-port policies are not supported)",
-                )
-            top = policy
-        else:
-            known = subsets.get(hp.name.subset)
-            if known is not None and known["trafficPolicy"] != policy:
-                raise XdsRefused(
-                    res, "", f"{hp.name} has another policy than the subset on other ports"
-                )
-            subsets[hp.name.subset] = {
-                "name": hp.name.subset,
-                "labels": {SUBSET_LABEL + hp.name.subset: "true"},
-                "trafficPolicy": policy,
-            }
+    rule = _destination_rule(host, clusters, hashes, origins)
+    return [service, rule]
+
+
+# -- a host's clusters as one DestinationRule ---------------------------------------------------
+
+#: A ``trafficPolicy``'s groups (those a ``portLevelSettings`` entry sets or leaves out).
+_GROUPS = ("loadBalancer", "connectionPool", "outlierDetection", "tls")
+#: Each group as an explicit default: what the engine does when the group is not set. A port's
+#: entry says it for a group the policy it replaces sets, so it is read as meant (and loads
+#: without the loader's "sets no ..." caution).
+_DEFAULTS: dict[str, Any] = {
+    "loadBalancer": {"simple": "ROUND_ROBIN"},
+    "connectionPool": {},
+    "outlierDetection": {},
+    "tls": {"mode": "DISABLE"},
+}
+_PLAIN = {"mode": "DISABLE"}
+
+
+def _sets(policy: Mapping[str, Any], group: str) -> bool:
+    """Whether ``policy`` sets ``group`` to other than its default (as the loader reads it: an
+    empty group is not set; ``tls`` ``DISABLE`` is plain TCP, the default)."""
+    value = policy.get(group)
+    return bool(value) and not (group == "tls" and value == _PLAIN)
+
+
+def _effective(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """The groups ``policy`` sets, defaults left out: two policies with the same are alike."""
+    return {g: policy[g] for g in _GROUPS if _sets(policy, g)}
+
+
+def _over(own: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """A subset's ``trafficPolicy`` over the policy of its port, group by group, as the loader
+    resolves it (a ``tls`` ``DISABLE`` of the subset's overrides the rule's TLS)."""
+    out = {g: own[g] for g in _GROUPS if own.get(g)}
+    out.update({g: base[g] for g in _GROUPS if g not in out and base.get(g)})
+    return out
+
+
+def _key(policy: Mapping[str, Any]) -> str:
+    return json.dumps(_effective(policy), sort_keys=True)
+
+
+def _most_shared(policies: Mapping[int, dict[str, Any]]) -> int:
+    """The port whose policy most of ``policies``' ports have (the lowest port on a tie)."""
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for port in sorted(policies):
+        key = _key(policies[port])
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, port)
+    return first[max(counts, key=lambda k: (counts[k], -first[k]))]
+
+
+def _port_entry(
+    port: int, policy: Mapping[str, Any], replaced: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A ``portLevelSettings`` entry giving ``port`` exactly ``policy``: it replaces
+    ``replaced`` whole, so a group ``replaced`` sets and ``policy`` does not is written as
+    its default."""
+    entry: dict[str, Any] = {"port": {"number": port}, **policy}
+    for group in _GROUPS:
+        if group not in policy and _sets(replaced, group):
+            entry[group] = _DEFAULTS[group]
+    if not any(g in entry for g in _GROUPS):  # the loader refuses an entry that sets nothing
+        entry["loadBalancer"] = _DEFAULTS["loadBalancer"]
+    return entry
+
+
+def _cluster_traffic(hp: _HostPort, hashes: Mapping[str, str]) -> dict[str, Any]:
+    """A cluster's ``trafficPolicy``, its ring hash made a consistent hash on the attribute the
+    routes to it hash on."""
+    policy = dict(hp.policy)
+    if hp.ring_hash:
+        attr = hashes.get(str(hp.name))
+        # Envoy's ring hash without a hash key picks endpoints at random.
+        policy["loadBalancer"] = (
+            {"consistentHash": {"httpHeaderName": attr}} if attr else {"simple": "RANDOM"}
+        )
+    return policy
+
+
+def _destination_rule(
+    host: str,
+    clusters: list[_HostPort],
+    hashes: Mapping[str, str],
+    origins: dict[tuple[str, str], tuple[ClusterName, dict[str, str]]],
+) -> dict[str, Any]:
+    """The DestinationRule giving each of a host's clusters (one per port and subset) exactly
+    its own policy (and, in ``origins``, the cluster each ``tls`` block came from).
+
+    The rule's ``trafficPolicy`` is the policy most whole-service clusters share; every other
+    port gets a ``portLevelSettings`` entry. A subset's ``trafficPolicy`` is the policy most
+    of its clusters share; a port where that policy over the rule's for the port (group by
+    group, as the loader resolves it) is not the cluster's gets an entry in the subset's
+    ``portLevelSettings``. Each entry replaces the policy it overrides whole, so it writes
+    out as defaults the groups that policy sets and the cluster does not.
+    """
     group = f"CDS {host}"
+    by_name = {hp.name: hp for hp in clusters}
+
+    def origin(block: str, port: int, subset: str | None) -> None:
+        hp = by_name[ClusterName(host, port, subset)]
+        if "tls" in hp.policy:
+            origins.setdefault((group, block), (hp.name, hp.tls_origin))
+
+    plain: dict[int, dict[str, Any]] = {}
+    subsets: dict[str, dict[int, dict[str, Any]]] = {}
     for hp in clusters:
-        if "tls" not in hp.policy:
-            continue
+        policy = _cluster_traffic(hp, hashes)
         if hp.name.subset is None:
-            block = "spec.trafficPolicy.tls"
+            plain[hp.name.port] = policy
         else:
-            block = f"spec.subsets[{list(subsets).index(hp.name.subset)}].trafficPolicy.tls"
-        origins.setdefault((group, block), (hp.name, hp.tls_origin))
-    if "tls" in top:
-        # A subset's policy falls back to the host's field by field: a plain-text subset
-        # cluster of a TLS host says so.
-        for sub in subsets.values():
-            sub["trafficPolicy"].setdefault("tls", {"mode": "DISABLE"})
-    rule = {
+            subsets.setdefault(hp.name.subset, {})[hp.name.port] = policy
+    top: dict[str, Any] = {}
+    ports: dict[int, dict[str, Any]] = {}  # the rule's policy for each port it has an entry for
+    entries: list[dict[str, Any]] = []
+    if plain:
+        shared = _most_shared(plain)
+        top = dict(plain[shared])
+        origin("spec.trafficPolicy.tls", shared, None)
+        for port, policy in sorted(plain.items()):
+            if _effective(policy) != _effective(top):
+                origin(f"spec.trafficPolicy.portLevelSettings[{len(entries)}].tls", port, None)
+                entries.append(_port_entry(port, policy, top))
+                ports[port] = policy
+    rule_tls = _sets(top, "tls") or any(_sets(p, "tls") for p in ports.values())
+    docs = []
+    for k, (name, policies) in enumerate(subsets.items()):
+        path = f"spec.subsets[{k}].trafficPolicy"
+        shared = _most_shared(policies)
+        own = dict(policies[shared])
+        origin(f"{path}.tls", shared, name)
+        if rule_tls and "tls" not in own:
+            # A subset's policy falls back to the rule's group by group: a plain-text subset
+            # cluster of a TLS host says so.
+            own["tls"] = _PLAIN
+        sub_entries: list[dict[str, Any]] = []
+        for port, policy in sorted(policies.items()):
+            replaced = _over(own, ports.get(port, top))
+            if _effective(replaced) != _effective(policy):
+                origin(f"{path}.portLevelSettings[{len(sub_entries)}].tls", port, name)
+                sub_entries.append(_port_entry(port, policy, replaced))
+        if sub_entries:
+            own["portLevelSettings"] = sub_entries
+        docs.append({"name": name, "labels": {SUBSET_LABEL + name: "true"}, "trafficPolicy": own})
+    if entries:
+        top["portLevelSettings"] = entries
+    return {
         "kind": "DestinationRule",
         "metadata": {"name": host},
-        "spec": {"host": host, "trafficPolicy": top, "subsets": list(subsets.values())},
+        "spec": {"host": host, "trafficPolicy": top, "subsets": docs},
     }
-    return [service, rule]
