@@ -26,6 +26,7 @@ from metaprotocol_sdk.proxy.stats import Stats
 class FakeHost:
     key: str
     active: int = 0
+    weight: int = 1
 
 
 def request(**attrs: str) -> Metadata:

@@ -278,7 +278,7 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     assert "is in the subset but not in outbound|9090||hello.svc" in refusal(resources(snap))
     snap = snapshot()
     snap[ENDPOINT_TYPE][0].endpoints[0].lb_endpoints[0].load_balancing_weight.value = 5
-    assert "unequal load_balancing_weight" in refusal(resources(snap))
+    assert "an endpoint has one weight in every cluster of its host" in refusal(resources(snap))
     snap = snapshot()
     snap[ENDPOINT_TYPE][0].endpoints[0].priority = 1
     assert "failover priorities" in refusal(resources(snap))
