@@ -114,7 +114,7 @@ class WeightedRoundRobin(Balancer[H]):
     def __init__(self, hosts: Sequence[H]) -> None:
         super().__init__(hosts)
         n = len(self.hosts)
-        divisor = math.gcd(*(h.weight for h in self.hosts)) or 1
+        divisor = math.gcd(*[h.weight for h in self.hosts]) or 1
         self._weights = [h.weight // divisor for h in self.hosts]
         self._phases = [(i + 0.5) / n for i in range(n)]
         #: (cycle, due, host index, picks of the host in this cycle); a tuple compares
@@ -151,7 +151,7 @@ class WeightedRandom(Balancer[H]):
 
     def __init__(self, hosts: Sequence[H], seed: int | None = None) -> None:
         super().__init__(hosts)
-        self._bounds = list(accumulate(h.weight for h in self.hosts))
+        self._bounds = list(accumulate([h.weight for h in self.hosts]))
         self._total = self._bounds[-1] if self._bounds else 0
         self._random = random.Random(seed).random
 
@@ -187,6 +187,10 @@ class WeightedLeastRequest(Balancer[H]):
         return host
 
 
+#: Ring points per host when the weights are equal (the lightest host's when they differ).
+HOST_POINTS = 100
+
+
 def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
@@ -202,12 +206,10 @@ class ConsistentHash(Balancer[H]):
     moves keys only to it.
     """
 
-    POINTS = 100
-
     def __init__(self, hosts: Sequence[H], attribute: str) -> None:
         super().__init__(hosts)
         self._key = attribute.lower()
-        counts = ring_points([h.weight for h in self.hosts], self.POINTS)
+        counts = ring_points([h.weight for h in self.hosts])
         ring = sorted(
             (_hash(f"{host.key}#{i}".encode()), n)
             for n, host in enumerate(self.hosts)
@@ -232,7 +234,7 @@ class ConsistentHash(Balancer[H]):
 RING_LIMIT = 16384
 
 
-def ring_points(weights: Sequence[int], points: int = ConsistentHash.POINTS) -> list[int]:
+def ring_points(weights: Sequence[int], points: int = HOST_POINTS) -> list[int]:
     """How many ring points each host gets: ``points`` each when the weights are equal, else
     in proportion to the weights, the lightest host ``points``; when that would exceed
     ``max(RING_LIMIT, points * len(weights))`` points, scaled down to that total, with at least
