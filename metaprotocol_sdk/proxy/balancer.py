@@ -1,11 +1,20 @@
-"""Load balancers: pick one upstream host of a cluster for a request."""
+"""Load balancers: pick one upstream host of a cluster for a request.
+
+Endpoints may carry weights (``ServiceEntry`` ``endpoints[].weight``, EDS
+``load_balancing_weight``). When every host of a balancer has the same weight,
+:func:`make_balancer` returns the unweighted balancers, so a cluster without weights pays
+nothing for them; otherwise each policy has a weighted form (see :func:`make_balancer`).
+"""
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
+import math
 import random
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
@@ -15,9 +24,11 @@ from .config.models import LoadBalancer
 
 
 class Host(TypingProtocol):
-    """What a balancer needs from a host: its in-flight request count and a key."""
+    """What a balancer needs from a host: its in-flight request count, weight and key."""
 
     active: int
+    #: The endpoint's load balancing weight, 1 to 2^32 - 1.
+    weight: int
 
     @property
     def key(self) -> str: ...
@@ -84,6 +95,102 @@ class LeastRequest(Balancer[H]):
         return a if a.active <= b.active else b
 
 
+#: Longest weighted round-robin cycle precomputed as a list of picks (as a route's split does).
+SCHEDULE_LIMIT = 1000
+
+
+class WeightedRoundRobin(Balancer[H]):
+    """Smooth weighted round robin: each cycle of ``sum(weights) / gcd(weights)`` picks gives
+    every host exactly its weight's share, spread through the cycle rather than in a burst.
+
+    An earliest-deadline-first schedule: host ``i`` (weight ``w``, of ``n`` hosts) is due at
+    ``(k + phase_i) / w`` for its ``k``-th pick of a cycle, ``phase_i = (i + 1/2) / n``. Each
+    host's picks are evenly spaced, and the staggered phases keep hosts of equal weight from
+    falling due together, so after any number of picks each host is within about one pick
+    of its share. A cycle of at most :data:`SCHEDULE_LIMIT` picks is computed once and walked
+    (the cost of :class:`RoundRobin`); longer ones pop a heap, ``O(log n)`` a pick.
+    """
+
+    def __init__(self, hosts: Sequence[H]) -> None:
+        super().__init__(hosts)
+        n = len(self.hosts)
+        divisor = math.gcd(*[h.weight for h in self.hosts]) or 1
+        self._weights = [h.weight // divisor for h in self.hosts]
+        self._phases = [(i + 0.5) / n for i in range(n)]
+        #: (cycle, due, host index, picks of the host in this cycle); a tuple compares
+        #: cycles exactly, so rounding in ``due`` never moves a pick to another cycle.
+        self._heap = [(0, self._phases[i] / w, i, 0) for i, w in enumerate(self._weights)]
+        heapq.heapify(self._heap)
+        self._schedule: tuple[H, ...] = ()
+        self._next = 0
+        cycle = sum(self._weights)
+        if cycle <= SCHEDULE_LIMIT:
+            self._schedule = tuple(self._due() for _ in range(cycle))
+
+    def pick(self, metadata: Metadata) -> H | None:
+        schedule = self._schedule
+        if schedule:
+            i = self._next
+            self._next = i + 1 if i + 1 < len(schedule) else 0
+            return schedule[i]
+        return self._due() if self._heap else None
+
+    def _due(self) -> H:
+        heap = self._heap
+        cycle, _, i, k = heap[0]
+        weight = self._weights[i]
+        k += 1
+        if k == weight:
+            cycle, k = cycle + 1, 0
+        heapq.heapreplace(heap, (cycle, (k + self._phases[i]) / weight, i, k))
+        return self.hosts[i]
+
+
+class WeightedRandom(Balancer[H]):
+    """A random host, each with probability ``weight / sum(weights)`` (seedable for tests)."""
+
+    def __init__(self, hosts: Sequence[H], seed: int | None = None) -> None:
+        super().__init__(hosts)
+        self._bounds = list(accumulate([h.weight for h in self.hosts]))
+        self._total = self._bounds[-1] if self._bounds else 0
+        self._random = random.Random(seed).random
+
+    def pick(self, metadata: Metadata) -> H | None:
+        hosts = self.hosts
+        if not hosts:
+            return None
+        i = bisect.bisect_right(self._bounds, self._random() * self._total)
+        return hosts[i] if i < len(hosts) else hosts[-1]  # a float product may round up
+
+
+class WeightedLeastRequest(Balancer[H]):
+    """Least request with weights, as Envoy documents it for unequal weights: an
+    earliest-deadline-first schedule whose host weights are ``weight / (active + 1)``
+    (``active_request_bias`` 1.0) at the time the host is picked and rescheduled, so a busy
+    host is due later and a heavy one sooner."""
+
+    def __init__(self, hosts: Sequence[H]) -> None:
+        super().__init__(hosts)
+        #: (due, sequence, host index): the sequence breaks ties first in, first out.
+        self._heap = [(1.0 / h.weight, i, i) for i, h in enumerate(self.hosts)]
+        heapq.heapify(self._heap)
+        self._sequence = len(self._heap)
+
+    def pick(self, metadata: Metadata) -> H | None:
+        heap = self._heap
+        if not heap:
+            return None
+        due, _, i = heap[0]
+        host = self.hosts[i]
+        self._sequence += 1
+        heapq.heapreplace(heap, (due + (host.active + 1) / host.weight, self._sequence, i))
+        return host
+
+
+#: Ring points per host when the weights are equal (the lightest host's when they differ).
+HOST_POINTS = 100
+
+
 def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
@@ -93,22 +200,24 @@ class ConsistentHash(Balancer[H]):
 
     The ring uses 64-bit BLAKE2b (stable across processes, unlike ``hash``; CRC32 is too linear
     to spread similar keys) with 100 points per host, so adding or removing a host moves only
-    about ``1/n`` of the keys.
+    about ``1/n`` of the keys. With unequal weights a host has points in proportion to its
+    weight (the lightest 100) within :data:`RING_LIMIT` (see :func:`ring_points`); a host's
+    points are its first ones of the unweighted ring and more, so raising one host's weight
+    moves keys only to it.
     """
-
-    POINTS = 100
 
     def __init__(self, hosts: Sequence[H], attribute: str) -> None:
         super().__init__(hosts)
         self._key = attribute.lower()
+        counts = ring_points([h.weight for h in self.hosts])
         ring = sorted(
             (_hash(f"{host.key}#{i}".encode()), n)
             for n, host in enumerate(self.hosts)
-            for i in range(self.POINTS)
+            for i in range(counts[n])
         )
         self._points = [p for p, _ in ring]
         self._owners = [self.hosts[n] for _, n in ring]
-        self._fallback: RoundRobin[H] = RoundRobin(hosts)
+        self._fallback = _round_robin(self.hosts)
 
     def pick(self, metadata: Metadata) -> H | None:
         value = metadata.attributes.get_folded(self._key)
@@ -120,13 +229,48 @@ class ConsistentHash(Balancer[H]):
         return self._owners[i if i < len(self._owners) else 0]
 
 
+#: Most points a weighted hash ring has beyond 100 per host (plus one per host at most):
+#: 16384 points take about 20 ms to build, on each reload or ejection that changes the ring.
+RING_LIMIT = 16384
+
+
+def ring_points(weights: Sequence[int], points: int = HOST_POINTS) -> list[int]:
+    """How many ring points each host gets: ``points`` each when the weights are equal, else
+    in proportion to the weights, the lightest host ``points``; when that would exceed
+    ``max(RING_LIMIT, points * len(weights))`` points, scaled down to that total, with at least
+    one point per host. So the ring never has more than that bound plus ``len(weights)``
+    points, whatever the weights (a weight of 4e9 next to a weight of 1 does not make 4e11)."""
+    if not weights:
+        return []
+    least = min(weights)
+    if least == max(weights):
+        return [points] * len(weights)
+    limit = max(RING_LIMIT, points * len(weights))
+    total = sum(weights)
+    if total * points <= limit * least:
+        return [(w * points + least // 2) // least for w in weights]
+    return [max(1, w * limit // total) for w in weights]
+
+
+def _equal(hosts: Sequence[Host]) -> bool:
+    weight = hosts[0].weight if hosts else 1
+    return all(h.weight == weight for h in hosts)
+
+
+def _round_robin(hosts: Sequence[H]) -> Balancer[H]:
+    return RoundRobin(hosts) if _equal(hosts) else WeightedRoundRobin(hosts)
+
+
 def make_balancer(policy: LoadBalancer, hosts: Sequence[H]) -> Balancer[H]:
-    """The balancer for a policy."""
-    if policy.policy == "RANDOM":
-        return Random(hosts)
-    if policy.policy == "LEAST_REQUEST":
-        return LeastRequest(hosts)
+    """The balancer for a policy; the weighted form when the hosts' weights differ
+    (:class:`WeightedRoundRobin`, :class:`WeightedRandom`, :class:`WeightedLeastRequest`, and
+    a :class:`ConsistentHash` ring with weighted points), else the plain one."""
     if policy.policy == "CONSISTENT_HASH":
         assert policy.hash_attribute is not None
         return ConsistentHash(hosts, policy.hash_attribute)
-    return RoundRobin(hosts)
+    equal = _equal(hosts)
+    if policy.policy == "RANDOM":
+        return Random(hosts) if equal else WeightedRandom(hosts)
+    if policy.policy == "LEAST_REQUEST":
+        return LeastRequest(hosts) if equal else WeightedLeastRequest(hosts)
+    return RoundRobin(hosts) if equal else WeightedRoundRobin(hosts)

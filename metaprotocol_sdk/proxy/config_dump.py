@@ -92,6 +92,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "loadBalancer": type(c.balancer).__name__,
                 "hashAttribute": c.policy.hash_attribute,
                 "endpoints": [h.key for h in c.hosts],
+                "weights": [h.weight for h in c.hosts],  # in the order of endpoints
                 "connectionPool": plain(c.pool),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],

@@ -231,7 +231,7 @@ class Engine:
         spec = ClusterSpec(
             protocol,
             tuple(
-                (ep.address, ep.port_for(sport), tuple(sorted(ep.labels.items())))
+                (ep.address, ep.port_for(sport), tuple(sorted(ep.labels.items())), ep.weight)
                 for ep in endpoints
             ),
             policy,
@@ -244,7 +244,10 @@ class Engine:
         if serving is not None and self._cluster_specs.get(name) == spec:
             cluster = serving  # unchanged: keep its connections and outlier state
         else:
-            hosts = [UpstreamHost(ep.address, ep.port_for(sport), ep.labels) for ep in endpoints]
+            hosts = [
+                UpstreamHost(ep.address, ep.port_for(sport), ep.labels, ep.weight)
+                for ep in endpoints
+            ]
             cluster = Cluster(
                 self,
                 name,

@@ -83,7 +83,8 @@ class ClusterSpec:
     state) when its spec is unchanged, and drains it otherwise."""
 
     protocol: Protocol
-    endpoints: tuple[tuple[str, int, tuple[tuple[str, str], ...]], ...]
+    #: (address, port, sorted labels, weight) of each endpoint.
+    endpoints: tuple[tuple[str, int, tuple[tuple[str, str], ...], int], ...]
     policy: LoadBalancer
     pool: ConnectionPool | None
     outlier: OutlierDetection | None

@@ -135,14 +135,19 @@ class UpstreamHost:
         "next_conn",
         "outlier",
         "port",
+        "weight",
     )
 
-    def __init__(self, address: str, port: int, labels: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, address: str, port: int, labels: dict[str, str] | None = None, weight: int = 1
+    ) -> None:
         self.address = address
         self.port = port
         self.key = f"{address}:{port}"
         #: The ServiceEntry endpoint's labels (Istio's destination labels).
         self.labels = labels or {}
+        #: The endpoint's load balancing weight (``endpoints[].weight``; 1 when unset).
+        self.weight = weight
         #: Requests in flight (for LEAST_REQUEST).
         self.active = 0
         #: Shared connections (shared mode only).

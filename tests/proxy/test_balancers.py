@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
@@ -10,12 +11,19 @@ import pytest
 
 from metaprotocol_sdk import Attributes, MessageType, Metadata
 from metaprotocol_sdk.proxy.balancer import (
+    RING_LIMIT,
+    Balancer,
     ConsistentHash,
     LeastRequest,
     Random,
     RoundRobin,
+    WeightedLeastRequest,
+    WeightedRandom,
+    WeightedRoundRobin,
     make_balancer,
+    ring_points,
 )
+from metaprotocol_sdk.proxy.balancer import SCHEDULE_LIMIT as HOST_SCHEDULE_LIMIT
 from metaprotocol_sdk.proxy.config import LoadBalancer
 from metaprotocol_sdk.proxy.matcher import compile_match
 from metaprotocol_sdk.proxy.router import SCHEDULE_LIMIT, CompiledRoute, Target
@@ -26,6 +34,7 @@ from metaprotocol_sdk.proxy.stats import Stats
 class FakeHost:
     key: str
     active: int = 0
+    weight: int = 1
 
 
 def request(**attrs: str) -> Metadata:
@@ -110,3 +119,128 @@ def test_precomputed_schedule_picks_as_the_algorithm_does(weights: tuple[int, ..
     picks = [scheduled.pick().name for _ in range(n)]
     assert picks == (expected or ["t0"] * n)
     assert bool(scheduled._schedule) == (len(weights) > 1 and sum(weights) <= SCHEDULE_LIMIT)
+
+
+# -- endpoint weights --------------------------------------------------------------------------
+
+
+def weighted(*weights: int) -> list[FakeHost]:
+    return [FakeHost(f"10.0.1.{i}:9000", weight=w) for i, w in enumerate(weights)]
+
+
+def keys(lb: Balancer[FakeHost], n: int, md: Metadata | None = None) -> list[str]:
+    picks = [lb.pick(md or request()) for _ in range(n)]
+    return [h.key[-6] for h in picks if h is not None]  # the host's index
+
+
+def longest_run(seq: list[str]) -> int:
+    return max(len(list(run)) for _, run in groupby(seq + seq))  # cyclic: across cycles too
+
+
+@pytest.mark.parametrize(
+    ("weights", "runs"),
+    [((5, 1, 1), 3), ((3, 2, 1), 2), ((50, 30, 20), 2), ((1, 1, 1, 5), 2), ((2, 4), 2)],
+)
+def test_weighted_round_robin_is_exact_per_cycle_and_smooth(
+    weights: tuple[int, ...], runs: int
+) -> None:
+    lb = make_balancer(LoadBalancer(), weighted(*weights))
+    assert isinstance(lb, WeightedRoundRobin)
+    cycle = sum(weights) // math.gcd(*weights)
+    picks = keys(lb, cycle * 5)
+    share = {str(i): w // math.gcd(*weights) for i, w in enumerate(weights)}
+    for start in range(0, len(picks), cycle):  # every cycle gives each host its share exactly
+        assert Counter(picks[start : start + cycle]) == share
+    assert longest_run(picks[:cycle]) <= runs  # no bursts (5/7 of picks cannot avoid 3 in a row)
+    for i, w in share.items():  # at every point, each host is within a pick of its share
+        seen = 0
+        for t, k in enumerate(picks, 1):
+            seen += k == i
+            assert abs(seen - t * w / cycle) < 1.5
+
+
+@pytest.mark.parametrize("weights", [(999, 1000, 1), (2**32 - 1, 1, 2**32 - 2), (7, 3)])
+def test_long_weighted_cycles_use_the_schedule_as_short_ones_do(weights: tuple[int, ...]) -> None:
+    walked, computed = (
+        WeightedRoundRobin(weighted(*weights)),
+        WeightedRoundRobin(weighted(*weights)),
+    )
+    n = 3000
+    expected = [computed._due().key[-6] for _ in range(n)]
+    assert keys(walked, n) == expected
+    assert bool(walked._schedule) == (sum(weights) <= HOST_SCHEDULE_LIMIT)
+    if weights[1] == 1:  # huge weights: nothing precomputed, and still the exact pace
+        counts = Counter(expected)
+        if weights[0] == 999:
+            assert counts == {"0": 1499, "1": 1500, "2": 1}
+        else:  # weight 1 of 2^33: not due in the first 3000 picks
+            assert counts == {"0": 1500, "2": 1500}
+
+
+def test_weighted_random_is_proportional_and_seedable() -> None:
+    hosts = weighted(1, 3, 6)
+    lb = WeightedRandom(hosts, seed=3)
+    picks = Counter(keys(lb, 20_000))
+    # Binomial standard deviations are under 70 picks: 5 of them either way.
+    assert abs(picks["0"] - 2_000) < 350 and abs(picks["1"] - 6_000) < 350
+    assert abs(picks["2"] - 12_000) < 350
+    assert keys(WeightedRandom(hosts, seed=3), 50) == keys(WeightedRandom(hosts, seed=3), 50)
+    assert isinstance(make_balancer(LoadBalancer("RANDOM"), hosts), WeightedRandom)
+    heavy = WeightedRandom(weighted(1, 2**32 - 1), seed=1)
+    assert Counter(keys(heavy, 1000)) == {"1": 1000}  # 1 in 4e9: never in a thousand picks
+
+
+def test_weighted_least_request_scales_weights_by_requests_in_flight() -> None:
+    hosts = weighted(1, 3)
+    lb = make_balancer(LoadBalancer("LEAST_REQUEST"), hosts)
+    assert isinstance(lb, WeightedLeastRequest)
+    # Idle hosts: in proportion to the weights.
+    assert Counter(keys(lb, 4000)) == {"0": 1000, "1": 3000}
+    # Busy hosts: weight / (active + 1), as Envoy's active_request_bias 1.0: 1/1 against 3/6.
+    hosts[1].active = 5
+    assert Counter(keys(lb, 3000)) == {"0": 2000, "1": 1000}
+    hosts[0].active = 2  # 1/3 against 3/6: 2 to 3
+    picks = Counter(keys(lb, 5000))
+    assert abs(picks["0"] - 2000) <= 2 and abs(picks["1"] - 3000) <= 2
+    assert WeightedLeastRequest([]).pick(request()) is None
+
+
+def test_ring_points_follow_weights_within_a_bound() -> None:
+    assert ring_points([]) == []
+    assert ring_points([7, 7, 7]) == [100, 100, 100]
+    assert ring_points([1, 2, 3]) == [100, 200, 300]
+    assert ring_points([2, 3]) == [100, 150]
+    # A careless weight: scaled to the bound, every host keeps a point.
+    huge = ring_points([2**32 - 1, 1, 5])
+    assert sum(huge) <= RING_LIMIT + 3 and min(huge) == 1 and huge[0] > RING_LIMIT - 10
+    many = ring_points([1, 2] * 200)  # 400 hosts: 100 per host is the bound, not RING_LIMIT
+    assert sum(many) <= 100 * 400 + 400 and many[:2] == [66, 133]
+    lb = ConsistentHash(weighted(2**32 - 1, 1, 5), "user")
+    assert len(lb._points) == sum(huge)
+
+
+def test_consistent_hash_shares_follow_weights() -> None:
+    hosts = weighted(1, 3)
+    lb = make_balancer(LoadBalancer("CONSISTENT_HASH", "user"), hosts)
+    owners = {u: lb.pick(request(user=u)) for u in (f"user-{i}" for i in range(20_000))}
+    share = sum(h is hosts[1] for h in owners.values()) / len(owners)
+    assert 0.68 < share < 0.82  # 3/4, within a ring of 400 points' unevenness
+    # Raising a host's weight adds points: keys move only to it.
+    heavier = weighted(1, 6)
+    ring = ConsistentHash(heavier, "user")
+    for u, h in owners.items():
+        if h is hosts[1]:
+            assert ring.pick(request(user=u)) is heavier[1]
+    # Requests without the attribute: weighted round robin.
+    assert Counter(keys(lb, 8)) == {"0": 2, "1": 6}
+
+
+def test_equal_weights_keep_the_unweighted_balancers() -> None:
+    for weight in (1, 7, 2**32 - 1):
+        same = [FakeHost(f"h{i}", weight=weight) for i in range(3)]
+        assert type(make_balancer(LoadBalancer(), same)) is RoundRobin
+        assert type(make_balancer(LoadBalancer("RANDOM"), same)) is Random
+        assert type(make_balancer(LoadBalancer("LEAST_REQUEST"), same)) is LeastRequest
+        ring = ConsistentHash(same, "user")
+        assert len(ring._points) == 300 and type(ring._fallback) is RoundRobin
+    assert type(make_balancer(LoadBalancer(), weighted(1, 2))) is WeightedRoundRobin

@@ -200,6 +200,13 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
     ("ServiceEntry", "spec.endpoints[0].address", "::1", lambda c: _endpoint(c).address == "::1"),
     ("ServiceEntry", "spec.endpoints[0].ports", {PORT: 19002}, lambda c: _endpoint(c).ports[PORT]),
     ("ServiceEntry", "spec.endpoints[0].labels", {"version": "v1", "zone": "a"}, None),
+    ("ServiceEntry", "spec.endpoints[0].weight", 3, lambda c: _endpoint(c).weight == 3),
+    (
+        "ServiceEntry",
+        "spec.endpoints[0].weight",
+        2**32 - 1,
+        lambda c: _endpoint(c).weight == 2**32 - 1,
+    ),
     ("DestinationRule", "apiVersion", "networking.istio.io/v1beta1", None),
     ("DestinationRule", "spec.host", "svc.test", lambda c: "svc.test" in c.destination_rules),
     (
@@ -553,7 +560,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("ServiceEntry", "spec.workloadSelector", {"labels": {"app": "svc"}}),
     ("ServiceEntry", "spec.endpoints[0].network", "net-2"),
     ("ServiceEntry", "spec.endpoints[0].locality", "us-east/a"),
-    ("ServiceEntry", "spec.endpoints[0].weight", 3),
     ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
     ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
@@ -609,6 +615,9 @@ REFUSED: list[tuple[str, str, Any]] = [
 
 #: Refused values of honoured fields: (kind, field path, value, error field, words of the reason).
 CRL = "spec.listeners[0].connectionRateLimit"
+WEIGHT = "spec.endpoints[0].weight"
+WEIGHT_RANGE = "must be an integer in [1, 4294967295]"
+
 REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
     ("ProxyConfig", CRL, {"tokenBucket": {}}, f"{CRL}.tokenBucket", "required field is missing"),
     (
@@ -718,6 +727,12 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
     ("ServiceEntry", "spec.location", "ELSEWHERE", "spec.location", "MESH_EXTERNAL or"),
     ("ServiceEntry", "spec.ports[0].protocol", "HTTP", "spec.ports[0].protocol", "carries TCP"),
     ("ServiceEntry", "spec.endpoints", [], "spec.endpoints", "resolution DNS without endpoints"),
+    ("ServiceEntry", WEIGHT, 0, WEIGHT, "a weight of 0 does not take the endpoint out"),
+    ("ServiceEntry", WEIGHT, 2**32, WEIGHT, WEIGHT_RANGE),
+    ("ServiceEntry", WEIGHT, -1, WEIGHT, WEIGHT_RANGE),
+    ("ServiceEntry", WEIGHT, "3", WEIGHT, WEIGHT_RANGE),
+    ("ServiceEntry", WEIGHT, True, WEIGHT, WEIGHT_RANGE),
+    ("ServiceEntry", WEIGHT, 1.5, WEIGHT, WEIGHT_RANGE),
     ("ServiceEntry", "apiVersion", "networking.istio.io/v2", "apiVersion", "published as"),
     ("MetaRouter", "apiVersion", "networking.istio.io/v1", "apiVersion", "published as"),
 ]

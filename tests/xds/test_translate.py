@@ -288,7 +288,7 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     assert "is in the subset but not in outbound|9090||hello.svc" in refusal(resources(snap))
     snap = snapshot()
     snap[ENDPOINT_TYPE][0].endpoints[0].lb_endpoints[0].load_balancing_weight.value = 5
-    assert "unequal load_balancing_weight" in refusal(resources(snap))
+    assert "an endpoint has one weight in every cluster of its host" in refusal(resources(snap))
     snap = snapshot()
     snap[ENDPOINT_TYPE][0].endpoints[0].priority = 1
     assert "failover priorities" in refusal(resources(snap))
@@ -1030,3 +1030,62 @@ def test_every_cluster_keeps_its_own_policy(
     module_files: Files, policies: dict[tuple[int, str | None], Policy]
 ) -> None:
     assert_each_cluster_has_its_own_policy(policies, module_files)
+
+
+def weigh(snap: dict[str, list[Any]], weights: dict[int, int]) -> None:
+    """Give the endpoints of every cluster the weights by port, and each locality the sum of
+    its endpoints' weights (as istiod does)."""
+    for cla in snap[ENDPOINT_TYPE]:
+        for group in cla.endpoints:
+            for lb in group.lb_endpoints:
+                port = lb.endpoint.address.socket_address.port_value
+                lb.load_balancing_weight.value = weights.get(port, 1)
+            total = sum(lb.load_balancing_weight.value for lb in group.lb_endpoints)
+            group.load_balancing_weight.value = total or 1
+
+
+def endpoint_weights(config: Config) -> dict[int, int]:
+    service = config.services["hello.svc"]
+    return {e.port_for(service.ports[9090]): e.weight for e in service.endpoints}
+
+
+def test_endpoint_weights_become_the_service_entry_weights() -> None:
+    snap = snapshot()
+    weigh(snap, {20001: 3, 20003: 2**32 - 5})  # Envoy: a locality's sum fits in 32 bits
+    config = translate(base(), resources(snap))
+    assert endpoint_weights(config) == {20001: 3, 20002: 1, 20003: 2**32 - 5}
+    # Locality weighted load balancing with istiod's locality weights (the sums): the same.
+    for c in snap[CLUSTER_TYPE]:
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+    assert endpoint_weights(translate(base(), resources(snap))) == endpoint_weights(config)
+
+
+def test_refused_endpoint_weights() -> None:
+    snap = snapshot()
+    snap[ENDPOINT_TYPE][1].endpoints[0].lb_endpoints[0].load_balancing_weight.value = 0
+    assert refusal(resources(snap)) == (
+        f"EDS {V1}: endpoints[0].lb_endpoints[0].load_balancing_weight: must be at least 1 "
+        "(as in Envoy)"
+    )
+    # One endpoint, two weights: in the host's cluster and in its subset's.
+    snap = snapshot()
+    snap[ENDPOINT_TYPE][1].endpoints[0].lb_endpoints[0].load_balancing_weight.value = 2
+    assert refusal(resources(snap)) == (
+        f"EDS {ALL}: endpoint 127.0.0.1:20001 has load_balancing_weight 1, and 2 in {V1}: an "
+        "endpoint has one weight in every cluster of its host"
+    )
+    # Locality weights that would change the shares: refused with locality weighted balancing.
+    snap = snapshot()
+    weigh(snap, {20001: 3})
+    cla = snap[ENDPOINT_TYPE][0]
+    second = cla.endpoints.add()
+    second.CopyFrom(cla.endpoints[0])
+    del second.lb_endpoints[:2]  # 20003 (weight 1) alone
+    del cla.endpoints[0].lb_endpoints[2:]  # 20001 and 20002 (weights 3 + 1)
+    cla.endpoints[0].load_balancing_weight.value = 4
+    second.load_balancing_weight.value = 4  # 1 would be in proportion
+    translate(base(), resources(snap))  # without locality weighting Envoy ignores them
+    snap[CLUSTER_TYPE][0].common_lb_config.locality_weighted_lb_config.SetInParent()
+    assert "locality weights not in proportion" in refusal(resources(snap))
+    second.load_balancing_weight.value = 1
+    assert endpoint_weights(translate(base(), resources(snap))) == {20001: 3, 20002: 1, 20003: 1}

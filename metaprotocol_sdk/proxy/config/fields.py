@@ -120,11 +120,11 @@ ENDPOINT = fields(
     "address",
     "ports",
     "labels",
+    "weight",
     refused={
         "network": "an endpoint on another network is reached through that network's gateway "
         "in Istio; this engine connects to every address directly",
         "locality": "locality-aware load balancing",
-        "weight": "weighted endpoints (the load balancers treat endpoints alike)",
     },
     serviceAccount=_IDENTITY,
 )
@@ -185,6 +185,7 @@ LOAD_BALANCER = fields(
         "warmup": "slow start (warm-up)",
     },
 )
+_RING = "sizing the ring (100 points per host, in proportion to weights when they differ)"
 _HASHING = "a hash key other than a metadata attribute (named by httpHeaderName)"
 CONSISTENT_HASH = fields(
     "httpHeaderName",
@@ -192,9 +193,9 @@ CONSISTENT_HASH = fields(
         "httpCookie": _HASHING,
         "useSourceIp": _HASHING,
         "httpQueryParameterName": _HASHING,
-        "ringHash": "sizing the ring (it has 100 points per host)",
+        "ringHash": _RING,
         "maglev": "Maglev hashing (the engine uses a hash ring)",
-        "minimumRingSize": "sizing the ring (it has 100 points per host)",
+        "minimumRingSize": _RING,
     },
 )
 CONNECTION_POOL = fields("tcp", "http")

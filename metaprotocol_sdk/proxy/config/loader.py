@@ -532,7 +532,7 @@ def _services(
                     int, doc.integer({"p": pnum}, "p", f"{path}.ports.{pname}", low=1, high=65535)
                 )
             labels = doc.labels(raw, "labels", f"{path}.labels")
-            endpoints.append(Endpoint(address, eports, labels))
+            endpoints.append(Endpoint(address, eports, labels, _weight(doc, raw, path)))
         if resolution == "DNS" and not endpoints:
             # Istio would resolve the hosts themselves; this engine takes addresses from
             # endpoints only, and would answer every request NoHealthyUpstream.
@@ -548,6 +548,21 @@ def _services(
         for host in hosts:
             services[host] = service
     return services
+
+
+def _weight(doc: _Doc, raw: Mapping[str, Any], path: str) -> int:
+    """An endpoint's ``weight``: 1 to 2^32 - 1 (Istio's uint32), 1 when unset."""
+    value = raw.get("weight")
+    if type(value) is int and value == 0:
+        # Istio's proto cannot tell 0 from unset and gives weight 1; Envoy refuses 0. Neither
+        # takes the endpoint out, which is what a 0 most likely means.
+        doc.fail(
+            f"{path}.weight",
+            "must be at least 1: a weight of 0 does not take the endpoint out (Istio reads it "
+            "as unset, weight 1); remove the endpoint instead",
+        )
+    weight = doc.integer(raw, "weight", f"{path}.weight", False, 1, 2**32 - 1)
+    return 1 if weight is None else weight
 
 
 # -- DestinationRule ---------------------------------------------------------------------------

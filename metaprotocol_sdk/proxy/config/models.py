@@ -51,6 +51,8 @@ class Endpoint:
     address: str
     ports: dict[str, int]
     labels: dict[str, str]
+    #: Load balancing weight, 1 to 2^32 - 1 (Istio's ``weight``; 1 when unset).
+    weight: int = 1
 
     def port_for(self, port: ServicePort) -> int:
         """The endpoint's port for a service port (named port, targetPort, or the number)."""

@@ -61,8 +61,9 @@ IGNORED: dict[str, dict[str, str]] = {
         "istio-agent's certificates) to workloads with a sidecar: those connections are plain "
         "TCP (as with a DestinationRule tls mode DISABLE); a transport_socket with it is refused",
         "filters": "Istio's metadata exchange for HTTP telemetry",
-        "common_lb_config": "locality weighting and panic thresholds (outlier detection has "
-        "its own panic mode)",
+        "common_lb_config": "panic thresholds (outlier detection has its own panic mode); with "
+        "locality_weighted_lb_config, the localities' weights are checked (see "
+        "LocalityLbEndpoints)",
         "typed_extension_protocol_options": "HTTP protocol options",
         "upstream_connection_options": "TCP keepalive of the system applies",
         "dns_lookup_family": "addresses are resolved by the system resolver",
@@ -75,14 +76,14 @@ IGNORED: dict[str, dict[str, str]] = {
     "ClusterLoadAssignment": {"policy": "overprovisioning and endpoint staleness are Envoy's"},
     "LocalityLbEndpoints": {
         "locality": "locality-aware load balancing is not done; every endpoint is alike",
-        "load_balancing_weight": "locality weights (every endpoint is alike)",
+        "load_balancing_weight": "Envoy reads it only with the cluster's common_lb_config."
+        "locality_weighted_lb_config; then it is checked to be in proportion to the sums of "
+        "the localities' endpoint weights (as istiod writes it), which changes nothing",
         "metadata": "opaque to load balancing",
     },
     "LbEndpoint": {
         "metadata": "Istio's workload and tlsMode labels (the tlsMode label selects among "
         "transport_socket_matches, which are not read)",
-        "load_balancing_weight": "equal weights only (checked); the balancers treat endpoints "
-        "alike",
     },
     "Endpoint": {
         "hostname": "the address is connected to",
@@ -450,7 +451,8 @@ class _HostPort:
     name: ClusterName
     policy: dict[str, Any]
     ring_hash: bool
-    endpoints: list[tuple[str, int]]
+    #: (address, port, load balancing weight) of each endpoint to route to.
+    endpoints: list[tuple[str, int, int]]
     #: The xDS field each key of ``policy["tls"]`` came from.
     tls_origin: dict[str, str] = field(default_factory=dict)
 
@@ -920,20 +922,32 @@ def _transport_socket(res: str, c: Any) -> _Tls | None:
     return _Tls(doc, origin)
 
 
-def _endpoints(res: str, cla: Any) -> list[tuple[str, int]]:
+def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[tuple[str, int, int]]:
+    """The endpoints to route to, with their weights; ``locality_weighted``: the cluster has
+    ``common_lb_config.locality_weighted_lb_config`` (Envoy then picks a locality by its
+    weight first, which only weights in proportion to the endpoints' give the same traffic)."""
     _check(res, cla, "", "ClusterLoadAssignment", {"cluster_name", "endpoints"})
     out = []
-    weights = set()
+    localities: list[tuple[int, int]] = []  # (locality weight, sum of its endpoint weights)
     for i, group in enumerate(cla.endpoints):
         gpath = f"endpoints[{i}]"
         _check(res, group, gpath, "LocalityLbEndpoints", {"lb_endpoints", "priority"})
         if group.priority:
             raise XdsRefused(res, f"{gpath}.priority", "failover priorities are not supported")
+        total = 0
         for j, lb in enumerate(group.lb_endpoints):
             lpath = f"{gpath}.lb_endpoints[{j}]"
-            _check(res, lb, lpath, "LbEndpoint", {"endpoint", "health_status"})
+            _check(
+                res, lb, lpath, "LbEndpoint", {"endpoint", "health_status", "load_balancing_weight"}
+            )
+            weight = 1
             if lb.HasField("load_balancing_weight"):
-                weights.add(lb.load_balancing_weight.value)
+                weight = lb.load_balancing_weight.value
+                if weight < 1:
+                    raise XdsRefused(
+                        res, f"{lpath}.load_balancing_weight", "must be at least 1 (as in Envoy)"
+                    )
+            total += weight
             if lb.health_status in (2, 3, 4):  # UNHEALTHY, DRAINING, TIMEOUT: not routed to
                 continue
             ep = lb.endpoint
@@ -952,11 +966,18 @@ def _endpoints(res: str, cla: Any) -> list[tuple[str, int]]:
                 raise XdsRefused(
                     res, f"{lpath}.endpoint.address.socket_address", "needs an address and a port"
                 )
-            out.append((sa.address, sa.port_value))
-    if len(weights) > 1:
-        raise XdsRefused(
-            res, "endpoints", "endpoints of unequal load_balancing_weight are not supported"
-        )
+            out.append((sa.address, sa.port_value, weight))
+        if group.lb_endpoints:
+            localities.append((group.load_balancing_weight.value, total))
+    if locality_weighted and localities:
+        first_weight, first_total = localities[0]
+        if any(w * first_total != first_weight * t for w, t in localities):
+            raise XdsRefused(
+                res,
+                "endpoints",
+                "locality weights not in proportion to the sums of their endpoints' "
+                "load_balancing_weight (locality weighted load balancing) are not supported",
+            )
     return out
 
 
@@ -975,12 +996,13 @@ def _host_ports(resources: Resources) -> dict[str, list[_HostPort]]:
         kind = c.WhichOneof("cluster_discovery_type")
         if kind == "cluster_type":
             raise XdsRefused(res, "cluster_type", "custom cluster types are not supported")
+        by_locality = c.common_lb_config.HasField("locality_weighted_lb_config")
         if c.type == 3:  # EDS
             service = c.eds_cluster_config.service_name or name
             cla = resources.endpoints.get(service)
-            eps = [] if cla is None else _endpoints(f"EDS {service}", cla)
+            eps = [] if cla is None else _endpoints(f"EDS {service}", cla, by_locality)
         elif c.type in (0, 1, 2):  # STATIC, STRICT_DNS, LOGICAL_DNS: inline endpoints
-            eps = _endpoints(res + " load_assignment", c.load_assignment)
+            eps = _endpoints(res + " load_assignment", c.load_assignment, by_locality)
         else:
             raise XdsRefused(res, "type", "ORIGINAL_DST clusters are not supported")
         hosts.setdefault(parsed.host, []).append(
@@ -1156,13 +1178,23 @@ def _host_documents(
     multi = len(ports) > 1
     plain = {hp.name.port: hp for hp in clusters if hp.name.subset is None}
     # Sets, not the lists: a subset's every endpoint is looked up in its service's.
-    owned = {port: set(hp.endpoints) for port, hp in plain.items()}
+    owned = {port: {(a, p) for a, p, _ in hp.endpoints} for port, hp in plain.items()}
     # Endpoint identity: (address, port) on a single-port host; the address on a multi-port one.
     entries: dict[Any, dict[str, Any]] = {}
+    weights: dict[Any, tuple[int, ClusterName]] = {}  # an endpoint's weight, and whose
     for hp in clusters:
         seen = set()
-        for address, port in hp.endpoints:
+        for address, port, weight in hp.endpoints:
             key = address if multi else (address, port)
+            first, where = weights.setdefault(key, (weight, hp.name))
+            if first != weight:
+                raise XdsRefused(
+                    f"EDS {hp.name}",
+                    "",
+                    f"endpoint {address if multi else f'{address}:{port}'} has "
+                    f"load_balancing_weight {weight}, and {first} in "
+                    f"{where}: an endpoint has one weight in every cluster of its host",
+                )
             if multi and (address in seen):
                 raise XdsRefused(
                     f"EDS {hp.name}",
@@ -1172,6 +1204,8 @@ def _host_documents(
                 )
             seen.add(address)
             entry = entries.setdefault(key, {"address": address, "ports": {}, "labels": {}})
+            if weight != 1:
+                entry["weight"] = weight
             pname = ports[hp.name.port]
             if entry["ports"].setdefault(pname, port) != port:
                 raise XdsRefused(
