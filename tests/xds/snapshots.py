@@ -417,7 +417,9 @@ def port_policy_snapshot(
     second = cluster(names[OTHER_PORT], lb=cluster_pb2.Cluster.RING_HASH)
     second.circuit_breakers.thresholds[0].max_requests.value = 7
     v1 = cluster(subset, lb=cluster_pb2.Cluster.LEAST_REQUEST)
-    v1.outlier_detection.consecutive_5xx.value = 3
+    v1.outlier_detection.consecutive_5xx.value = 3  # as istiod writes Istio's field:
+    v1.outlier_detection.enforcing_consecutive_5xx.value = 100
+    v1.outlier_detection.enforcing_success_rate.value = 0
     route = MetaRoute("hello", [(names[PORT], 50), (names[OTHER_PORT], 50)], hash_header="method")
     return {
         CLUSTER_TYPE: [first, second, v1],

@@ -137,6 +137,58 @@ def test_istiod_clusters_and_endpoints() -> None:
     assert rule.policy.connection_pool.max_connections is None
 
 
+def _outlier(**fields: int) -> Any:
+    """The whole-service cluster of snapshot 3 with ``outlier_detection`` as ``fields`` say
+    (``wrapper=value``; ``interval_s`` for the interval), as istiod writes it."""
+    snap = snapshot(3)
+    c = next(c for c in snap[CLUSTER_TYPE] if c.name == ALL)
+    od = c.outlier_detection
+    od.SetInParent()
+    for key, value in fields.items():
+        if key == "interval_s":
+            od.interval.seconds = value
+        else:
+            getattr(od, key).value = value
+    return translate(base(), resources(snap)).destination_rules["hello.svc"].policy
+
+
+def test_istiod_outlier_detection_is_read_as_istio_meant_it() -> None:
+    """istiod writes enforcing_success_rate 0 on every cluster with outlier detection (it was
+    refused: any DestinationRule with outlierDetection was NACKed), each enforcing field 0
+    or 100 for an Istio field off or on (consecutive5xxErrors: 0 became Envoy's default, 5,
+    on), and Envoy's defaults hold for what it leaves out (an empty outlier_detection
+    ejects after 5 errors in a row: it became no detection)."""
+    # Istio {consecutive5xxErrors: 0, consecutiveGatewayErrors: 3, interval: 5s}
+    got = _outlier(
+        enforcing_success_rate=0,
+        consecutive_5xx=0,
+        enforcing_consecutive_5xx=0,
+        consecutive_gateway_failure=3,
+        enforcing_consecutive_gateway_failure=100,
+        interval_s=5,
+    ).outlier_detection
+    assert got is not None
+    assert (got.consecutive_errors, got.consecutive_gateway_errors, got.interval) == (None, 3, 5.0)
+    # Istio {consecutive5xxErrors: 7}
+    got = _outlier(
+        enforcing_success_rate=0, consecutive_5xx=7, enforcing_consecutive_5xx=100
+    ).outlier_detection
+    assert got is not None and (got.consecutive_errors, got.consecutive_gateway_errors) == (7, None)
+    # Istio {} (and Envoy's outlier_detection {}): 5 in a row, Envoy's and Istio's default
+    for fields in ({"enforcing_success_rate": 0}, {}):
+        got = _outlier(**fields).outlier_detection
+        assert got is not None and got.consecutive_errors == 5
+    # Envoy's enforcing_consecutive_gateway_failure without the count: its default, 5
+    got = _outlier(enforcing_consecutive_gateway_failure=100).outlier_detection
+    assert got is not None and got.consecutive_gateway_errors == 5
+    # Success-rate ejection on: refused, naming the field
+    snap = snapshot(3)
+    next(
+        c for c in snap[CLUSTER_TYPE] if c.name == ALL
+    ).outlier_detection.enforcing_success_rate.value = 100
+    assert "outlier_detection.enforcing_success_rate" in refusal(resources(snap))
+
+
 def test_the_engine_settings_stay_those_given_not_those_of_the_documents() -> None:
     # A worker of --workers N serves the files with the shared ports, a private admin
     # endpoint and its own node metadata; an update must not rebind it to the files' ":0".

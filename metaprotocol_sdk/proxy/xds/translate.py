@@ -543,20 +543,32 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
                 "max_ejection_percent",
                 "enforcing_consecutive_5xx",
                 "enforcing_consecutive_gateway_failure",
+                "enforcing_success_rate",
             },
         )
+        # istiod turns Envoy's success-rate ejection off on every cluster it writes (0 %).
+        if od.HasField("enforcing_success_rate") and od.enforcing_success_rate.value > 0:
+            raise XdsRefused(
+                res,
+                "outlier_detection.enforcing_success_rate",
+                "not supported by this engine: success-rate ejection (only consecutive "
+                "errors are counted; istiod writes 0)",
+            )
+        # Envoy enforces consecutive 5xx by default (5 in a row, 100 %) and gateway failures
+        # only when asked (0 %); istiod sets each enforcing field to 0 or 100 to say whether
+        # the Istio field is on. Each is written out, so that the loader's own defaults
+        # (and an empty outlierDetection, which it reads as none) play no part.
         detection: dict[str, Any] = {}
-        # Envoy enforces consecutive 5xx by default (100 %) and gateway failures only when
-        # asked (0 %); istiod sets both enforcing fields to say which Istio field was given.
-        enforce_5xx = od.enforcing_consecutive_5xx
-        if od.HasField("consecutive_5xx") and (
-            not od.HasField("enforcing_consecutive_5xx") or enforce_5xx.value > 0
-        ):
-            detection["consecutive5xxErrors"] = od.consecutive_5xx.value
-        if od.HasField("consecutive_gateway_failure") and (
-            od.enforcing_consecutive_gateway_failure.value > 0
-        ):
-            detection["consecutiveGatewayErrors"] = od.consecutive_gateway_failure.value
+        five = od.consecutive_5xx.value if od.HasField("consecutive_5xx") else 5
+        if od.HasField("enforcing_consecutive_5xx") and od.enforcing_consecutive_5xx.value == 0:
+            five = 0  # off, as Istio's consecutive5xxErrors: 0
+        detection["consecutive5xxErrors"] = five
+        if od.enforcing_consecutive_gateway_failure.value > 0:
+            detection["consecutiveGatewayErrors"] = (
+                od.consecutive_gateway_failure.value
+                if od.HasField("consecutive_gateway_failure")
+                else 5
+            )
         if od.HasField("interval"):
             detection["interval"] = _duration(od.interval)
         if od.HasField("base_ejection_time"):
