@@ -29,12 +29,14 @@ from envoy.config.core.v3 import (
     config_source_pb2,
     grpc_service_pb2,
     health_check_pb2,
+    protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
@@ -402,6 +404,32 @@ def refused_route(version: str) -> route_pb2.RouteConfiguration:
 OTHER_PORT = PORT + 1
 
 
+def istiod_pool_options(
+    c: cluster_pb2.Cluster, idle_s: int, max_requests: int, keepalive: tuple[int, int, int]
+) -> None:
+    """Give ``c`` a DestinationRule's ``http.idleTimeout``, ``maxRequestsPerConnection`` and
+    ``tcp.tcpKeepalive`` where istiod writes them: HttpProtocolOptions under
+    ``typed_extension_protocol_options`` (with the HTTP/1 config Envoy requires there) and
+    ``upstream_connection_options``."""
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            idle_timeout=duration_pb2.Duration(seconds=idle_s),
+            max_requests_per_connection=wrappers_pb2.UInt32Value(value=max_requests),
+        ),
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+        ),
+    )
+    c.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].Pack(options)
+    probes, time, interval = keepalive
+    alive = c.upstream_connection_options.tcp_keepalive
+    alive.keepalive_probes.value = probes
+    alive.keepalive_time.value = time
+    alive.keepalive_interval.value = interval
+
+
 def port_policy_snapshot(
     a: dict[int, int], b: dict[int, int], *, host: str = HOST
 ) -> dict[str, list[Any]]:
@@ -414,12 +442,14 @@ def port_policy_snapshot(
     subset = f"outbound|{OTHER_PORT}|v1|{host}"
     first = cluster(names[PORT])
     first.circuit_breakers.thresholds[0].max_connections.value = 3
+    istiod_pool_options(first, idle_s=300, max_requests=1000, keepalive=(3, 600, 60))
     second = cluster(names[OTHER_PORT], lb=cluster_pb2.Cluster.RING_HASH)
     second.circuit_breakers.thresholds[0].max_requests.value = 7
     v1 = cluster(subset, lb=cluster_pb2.Cluster.LEAST_REQUEST)
     v1.outlier_detection.consecutive_5xx.value = 3  # as istiod writes Istio's field:
     v1.outlier_detection.enforcing_consecutive_5xx.value = 100
     v1.outlier_detection.enforcing_success_rate.value = 0
+    v1.common_lb_config.healthy_panic_threshold.value = 0  # istiod's minHealthPercent
     route = MetaRoute("hello", [(names[PORT], 50), (names[OTHER_PORT], 50)], hash_header="method")
     return {
         CLUSTER_TYPE: [first, second, v1],

@@ -762,12 +762,17 @@ def test_two_ports_of_a_host_with_their_own_policies_are_applied(
         }
         assert got[PORT][:2] == ("RoundRobin", None)
         assert got[PORT][2]["max_connections"] == 3 and got[PORT][2]["max_requests"] is None
+        # Where istiod writes the pool's lifetimes and keepalive (they were ignored).
+        assert got[PORT][2]["idle_timeout"] == 300.0
+        assert got[PORT][2]["max_requests_per_connection"] == 1000
+        assert got[PORT][2]["keepalive"] == {"probes": 3, "time": 600.0, "interval": 60.0}
         assert got[other][:2] == ("ConsistentHash", "method")
         assert got[other][2]["max_requests"] == 7 and got[other][2]["max_connections"] is None
         # Subset v1 on port 9091 (not routed to) has its own policy, not the port's.
         v1 = harness.engine.config.destination_rules[HOST].policy_for(other, "v1")
         assert v1.load_balancer == LoadBalancer("LEAST_REQUEST")
         assert v1.outlier_detection is not None and v1.outlier_detection.consecutive_errors == 3
+        assert v1.outlier_detection.min_health_percent == 0  # istiod's panic threshold
         assert v1.connection_pool is not None and v1.connection_pool.max_requests is None
         caller = Caller(harness.port)
         try:

@@ -13,6 +13,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from snapshots import (
     MetaRoute,
     cluster,
     hello_snapshots,
+    istiod_pool_options,
     load_assignment,
     refused_route,
     route_configuration,
@@ -187,6 +189,33 @@ def test_istiod_outlier_detection_is_read_as_istio_meant_it() -> None:
         c for c in snap[CLUSTER_TYPE] if c.name == ALL
     ).outlier_detection.enforcing_success_rate.value = 100
     assert "outlier_detection.enforcing_success_rate" in refusal(resources(snap))
+
+
+def test_istiod_connection_pool_options_are_read_where_istiod_writes_them() -> None:
+    """istiod writes a rule's http.idleTimeout, maxRequestsPerConnection and
+    tcp.maxConnectionDuration in the HttpProtocolOptions of typed_extension_protocol_options,
+    and tcp.tcpKeepalive in upstream_connection_options: all four were ignored. Another
+    extension's options are refused, naming the key."""
+    snap = snapshot(3)
+    c = next(c for c in snap[CLUSTER_TYPE] if c.name == ALL)
+    istiod_pool_options(c, idle_s=30, max_requests=100, keepalive=(4, 120, 15))
+    key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    c.typed_extension_protocol_options[key].Unpack(options)
+    options.common_http_protocol_options.max_connection_duration.seconds = 3600
+    c.typed_extension_protocol_options[key].Pack(options)
+    pool = translate(base(), resources(snap)).destination_rules["hello.svc"].policy.connection_pool
+    assert pool is not None and pool.keepalive is not None
+    assert (pool.idle_timeout, pool.max_requests_per_connection) == (30.0, 100)
+    assert pool.max_connection_duration == 3600.0
+    assert (pool.keepalive.probes, pool.keepalive.time, pool.keepalive.interval) == (4, 120, 15)
+    other = "envoy.extensions.upstreams.tcp.v3.TcpProtocolOptions"
+    c.typed_extension_protocol_options[other].CopyFrom(c.typed_extension_protocol_options[key])
+    assert f"typed_extension_protocol_options[{other!r}]" in refusal(resources(snap))
+    del c.typed_extension_protocol_options[other]
+    c.common_lb_config.healthy_panic_threshold.value = 12.5
+    c.outlier_detection.consecutive_5xx.value = 3
+    assert "common_lb_config.healthy_panic_threshold" in refusal(resources(snap))
 
 
 def test_the_engine_settings_stay_those_given_not_those_of_the_documents() -> None:
@@ -964,7 +993,7 @@ def test_ports_of_different_policies_become_port_level_settings() -> None:
                 "port": {"number": 9091},
                 "loadBalancer": {"simple": "LEAST_REQUEST"},
                 "connectionPool": pool,
-                "outlierDetection": {"consecutive5xxErrors": 3},
+                "outlierDetection": {"consecutive5xxErrors": 3, "minHealthPercent": 50},
             }
         ],
     }

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 
@@ -61,17 +62,27 @@ IGNORED: dict[str, dict[str, str]] = {
         "istio-agent's certificates) to workloads with a sidecar: those connections are plain "
         "TCP (as with a DestinationRule tls mode DISABLE); a transport_socket with it is refused",
         "filters": "Istio's metadata exchange for HTTP telemetry",
-        "common_lb_config": "panic thresholds (outlier detection has its own panic mode); with "
+        "common_lb_config": "its healthy_panic_threshold is read with outlier_detection (as "
+        "minHealthPercent; without it no endpoint is ejected, so there is no panic); with "
         "locality_weighted_lb_config, the localities' weights are checked (see "
         "LocalityLbEndpoints)",
-        "typed_extension_protocol_options": "HTTP protocol options",
-        "upstream_connection_options": "TCP keepalive of the system applies",
         "dns_lookup_family": "addresses are resolved by the system resolver",
         "dns_refresh_rate": "addresses are resolved by the system resolver",
         "respect_dns_ttl": "addresses are resolved by the system resolver",
         "eds_cluster_config": "endpoints come over the same ADS stream",
         "per_connection_buffer_limit_bytes": "the engine's limits.connectionBufferBytes applies",
         "track_cluster_stats": "Envoy's own statistics",
+    },
+    "UpstreamConnectionOptions": {
+        "set_local_interface_name_on_upstream_connections": "a connection-level log field",
+        "happy_eyeballs_config": "endpoints are addresses: there is no address family to try",
+    },
+    "UpstreamHttpProtocolOptions": {
+        "upstream_http_protocol_options": "HTTP's SNI and Host settings",
+        "explicit_http_config": "the HTTP version of upstream connections",
+        "use_downstream_protocol_config": "the HTTP version of upstream connections",
+        "auto_config": "the HTTP version of upstream connections",
+        "header_validation_config": "HTTP header validation",
     },
     "ClusterLoadAssignment": {"policy": "overprovisioning and endpoint staleness are Envoy's"},
     "LocalityLbEndpoints": {
@@ -458,6 +469,29 @@ class _HostPort:
 
 
 _LB = {0: "ROUND_ROBIN", 1: "LEAST_REQUEST", 3: "RANDOM"}
+#: The ``typed_extension_protocol_options`` key istiod writes a connection pool's
+#: ``idleTimeout``, ``maxRequestsPerConnection`` and ``maxConnectionDuration`` under.
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _http_options(
+    res: str, opts: Any, path: str, tcp: dict[str, Any], http: dict[str, Any]
+) -> None:
+    """A cluster's ``HttpProtocolOptions`` (``config.core.v3``): its connection lifetimes, as
+    istiod writes a DestinationRule's (0 or unset: no limit)."""
+    _check(
+        res,
+        opts,
+        path,
+        "HttpProtocolOptions",
+        {"idle_timeout", "max_connection_duration", "max_requests_per_connection"},
+    )
+    if opts.HasField("idle_timeout") and _seconds(opts.idle_timeout) > 0:
+        http["idleTimeout"] = _duration(opts.idle_timeout)
+    if opts.HasField("max_connection_duration") and _seconds(opts.max_connection_duration) > 0:
+        tcp["maxConnectionDuration"] = _duration(opts.max_connection_duration)
+    if opts.HasField("max_requests_per_connection") and opts.max_requests_per_connection.value:
+        http["maxRequestsPerConnection"] = opts.max_requests_per_connection.value
 
 
 def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
@@ -476,6 +510,8 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             "load_assignment",
             "max_requests_per_connection",
             "common_http_protocol_options",
+            "typed_extension_protocol_options",
+            "upstream_connection_options",
             "transport_socket",
         },
     )
@@ -491,20 +527,38 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
         tcp["connectTimeout"] = _duration(c.connect_timeout)
     if c.HasField("max_requests_per_connection"):
         http["maxRequestsPerConnection"] = c.max_requests_per_connection.value
-    if c.HasField("common_http_protocol_options"):
-        opts = c.common_http_protocol_options
-        _check(
-            res,
-            opts,
-            "common_http_protocol_options",
-            "HttpProtocolOptions",
-            {"idle_timeout", "max_connection_duration"},
+    if c.HasField("common_http_protocol_options"):  # deprecated: istiod writes the one below
+        _http_options(
+            res, c.common_http_protocol_options, "common_http_protocol_options", tcp, http
         )
-        if opts.HasField("idle_timeout") and _seconds(opts.idle_timeout) > 0:
-            http["idleTimeout"] = _duration(opts.idle_timeout)
-        # istiod writes tcp.maxConnectionDuration here (0 or unset: no limit).
-        if opts.HasField("max_connection_duration") and _seconds(opts.max_connection_duration) > 0:
-            tcp["maxConnectionDuration"] = _duration(opts.max_connection_duration)
+    for key in c.typed_extension_protocol_options:
+        kpath = f"typed_extension_protocol_options[{key!r}]"
+        if key != _HTTP_OPTIONS:
+            raise XdsRefused(res, kpath, "not supported by this engine (only HttpProtocolOptions)")
+        options = http_protocol_options_pb2.HttpProtocolOptions()
+        try:
+            if not c.typed_extension_protocol_options[key].Unpack(options):
+                raise DecodeError("not an HttpProtocolOptions")
+        except DecodeError as exc:
+            raise XdsRefused(res, kpath, f"cannot be decoded: {exc}") from None
+        _check(res, options, kpath, "UpstreamHttpProtocolOptions", {"common_http_protocol_options"})
+        if options.HasField("common_http_protocol_options"):
+            path = f"{kpath}.common_http_protocol_options"
+            _http_options(res, options.common_http_protocol_options, path, tcp, http)
+    if c.HasField("upstream_connection_options"):
+        uco = c.upstream_connection_options
+        _check(
+            res, uco, "upstream_connection_options", "UpstreamConnectionOptions", {"tcp_keepalive"}
+        )
+        if uco.HasField("tcp_keepalive"):  # istiod's tcp.tcpKeepalive (or the mesh's)
+            ka = uco.tcp_keepalive
+            alive: dict[str, Any] = {}
+            if ka.HasField("keepalive_probes"):
+                alive["probes"] = ka.keepalive_probes.value
+            for field_name, key in (("keepalive_time", "time"), ("keepalive_interval", "interval")):
+                if getattr(ka, field_name).value > 0:
+                    alive[key] = f"{getattr(ka, field_name).value}s"
+            tcp["tcpKeepalive"] = alive
     for t, th in enumerate(c.circuit_breakers.thresholds):
         tpath = f"circuit_breakers.thresholds[{t}]"
         _check(
@@ -575,6 +629,21 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             detection["baseEjectionTime"] = _duration(od.base_ejection_time)
         if od.HasField("max_ejection_percent"):
             detection["maxEjectionPercent"] = od.max_ejection_percent.value
+        # Panic mode: istiod writes minHealthPercent (0 by default) as the healthy panic
+        # threshold; Envoy's default is 50 %.
+        lb_config = c.common_lb_config
+        panic = (
+            lb_config.healthy_panic_threshold.value
+            if lb_config.HasField("healthy_panic_threshold")
+            else 50.0
+        )
+        if not (0 <= panic <= 100 and panic == int(panic)):
+            raise XdsRefused(
+                res,
+                "common_lb_config.healthy_panic_threshold",
+                f"must be a whole percentage (minHealthPercent), got {panic!r}",
+            )
+        detection["minHealthPercent"] = int(panic)
         policy["outlierDetection"] = detection
     return policy, ring
 
