@@ -444,8 +444,11 @@ def port_policy_snapshot(
     first.circuit_breakers.thresholds[0].max_connections.value = 3
     istiod_pool_options(first, idle_s=300, max_requests=1000, keepalive=(3, 600, 60))
     second = cluster(names[OTHER_PORT], lb=cluster_pb2.Cluster.RING_HASH)
+    second.ring_hash_lb_config.minimum_ring_size.value = 1024  # istiod's, for consistentHash
+    v1_lb = cluster_pb2.Cluster.LEAST_REQUEST
     second.circuit_breakers.thresholds[0].max_requests.value = 7
-    v1 = cluster(subset, lb=cluster_pb2.Cluster.LEAST_REQUEST)
+    v1 = cluster(subset, lb=v1_lb)
+    v1.least_request_lb_config.choice_count.value = 2
     v1.outlier_detection.consecutive_5xx.value = 3  # as istiod writes Istio's field:
     v1.outlier_detection.enforcing_consecutive_5xx.value = 100
     v1.outlier_detection.enforcing_success_rate.value = 0

@@ -218,6 +218,23 @@ def test_istiod_connection_pool_options_are_read_where_istiod_writes_them() -> N
     assert "common_lb_config.healthy_panic_threshold" in refusal(resources(snap))
 
 
+def test_a_balancer_s_own_settings_as_istiod_writes_them() -> None:
+    """istiod writes ring_hash_lb_config (a minimum ring size of 1024) on every cluster of a
+    consistentHash rule: it was refused, so any such rule was NACKed. Sizes and choice counts
+    are accepted; slow start (Istio's warmup, refused in a file) is refused here too."""
+    snap = snapshot(3)
+    c = next(c for c in snap[CLUSTER_TYPE] if c.name == ALL)
+    c.lb_policy = cluster_pb2.Cluster.RING_HASH
+    c.ring_hash_lb_config.minimum_ring_size.value = 1024
+    translate(base(), resources(snap))
+    c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+    c.ClearField("ring_hash_lb_config")
+    c.least_request_lb_config.choice_count.value = 2
+    translate(base(), resources(snap))
+    c.least_request_lb_config.slow_start_config.slow_start_window.seconds = 60
+    assert "least_request_lb_config.slow_start_config" in refusal(resources(snap))
+
+
 def test_the_engine_settings_stay_those_given_not_those_of_the_documents() -> None:
     # A worker of --workers N serves the files with the shared ports, a private admin
     # endpoint and its own node metadata; an update must not rebind it to the files' ":0".

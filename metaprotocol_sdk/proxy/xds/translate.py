@@ -73,6 +73,17 @@ IGNORED: dict[str, dict[str, str]] = {
         "per_connection_buffer_limit_bytes": "the engine's limits.connectionBufferBytes applies",
         "track_cluster_stats": "Envoy's own statistics",
     },
+    "RingHashLbConfig": {
+        "minimum_ring_size": "the ring's size (100 points per endpoint, more for weights)",
+        "maximum_ring_size": "the ring's size (100 points per endpoint, more for weights)",
+        "hash_function": "the engine hashes with BLAKE2b: which endpoint a key goes to "
+        "differs from Envoy's either way",
+    },
+    "MaglevLbConfig": {"table_size": "Maglev is served by the engine's hash ring"},
+    "LeastRequestLbConfig": {
+        "choice_count": "the engine compares every endpoint's requests in flight",
+        "active_request_bias": "fixed at Envoy's default, 1.0, for unequal weights",
+    },
     "UpstreamConnectionOptions": {
         "set_local_interface_name_on_upstream_connections": "a connection-level log field",
         "happy_eyeballs_config": "endpoints are addresses: there is no address family to try",
@@ -513,8 +524,22 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             "typed_extension_protocol_options",
             "upstream_connection_options",
             "transport_socket",
+            "ring_hash_lb_config",
+            "maglev_lb_config",
+            "least_request_lb_config",
+            "round_robin_lb_config",
         },
     )
+    # The balancer's own settings (istiod writes a ring's minimum size for every
+    # consistentHash): read for what changes traffic, which is only slow start (refused).
+    for name, kind in (
+        ("ring_hash_lb_config", "RingHashLbConfig"),
+        ("maglev_lb_config", "MaglevLbConfig"),
+        ("least_request_lb_config", "LeastRequestLbConfig"),
+        ("round_robin_lb_config", "RoundRobinLbConfig"),
+    ):
+        if c.HasField(name):
+            _check(res, getattr(c, name), name, kind, set())
     policy: dict[str, Any] = {}
     ring = c.lb_policy in (2, 5)
     if not ring:
