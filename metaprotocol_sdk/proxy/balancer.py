@@ -206,10 +206,19 @@ class ConsistentHash(Balancer[H]):
     moves keys only to it.
     """
 
-    def __init__(self, hosts: Sequence[H], attribute: str) -> None:
+    def __init__(
+        self, hosts: Sequence[H], attribute: str, sizing: Sequence[H] | None = None
+    ) -> None:
         super().__init__(hosts)
         self._key = attribute.lower()
-        counts = ring_points([h.weight for h in self.hosts])
+        # ``sizing``: the cluster's every host, ejected ones included. Sized from them, a
+        # host's points do not change when another is ejected: only the ejected one's keys
+        # move (sized from the healthy ones, the lightest leaving rescaled all the others).
+        counts = ring_points(
+            [h.weight for h in self.hosts],
+            HOST_POINTS,
+            None if sizing is None else [h.weight for h in sizing],
+        )
         ring = sorted(
             (_hash(f"{host.key}#{i}".encode()), n)
             for n, host in enumerate(self.hosts)
@@ -234,19 +243,26 @@ class ConsistentHash(Balancer[H]):
 RING_LIMIT = 16384
 
 
-def ring_points(weights: Sequence[int], points: int = HOST_POINTS) -> list[int]:
+def ring_points(
+    weights: Sequence[int], points: int = HOST_POINTS, sizing: Sequence[int] | None = None
+) -> list[int]:
     """How many ring points each host gets: ``points`` each when the weights are equal, else
     in proportion to the weights, the lightest host ``points``; when that would exceed
     ``max(RING_LIMIT, points * len(weights))`` points, scaled down to that total, with at least
     one point per host. So the ring never has more than that bound plus ``len(weights)``
-    points, whatever the weights (a weight of 4e9 next to a weight of 1 does not make 4e11)."""
+    points, whatever the weights (a weight of 4e9 next to a weight of 1 does not make 4e11).
+
+    ``sizing``: the weights that set the scale (the lightest, the total, the bound), when
+    ``weights`` are some of them (the healthy hosts of a cluster, ``sizing`` all of its
+    hosts): each host then has the points it has on the ring of all of them."""
     if not weights:
         return []
-    least = min(weights)
-    if least == max(weights):
+    basis = weights if sizing is None else sizing
+    least = min(basis)
+    if least == max(basis):
         return [points] * len(weights)
-    limit = max(RING_LIMIT, points * len(weights))
-    total = sum(weights)
+    limit = max(RING_LIMIT, points * len(basis))
+    total = sum(basis)
     if total * points <= limit * least:
         return [(w * points + least // 2) // least for w in weights]
     return [max(1, w * limit // total) for w in weights]
@@ -261,13 +277,16 @@ def _round_robin(hosts: Sequence[H]) -> Balancer[H]:
     return RoundRobin(hosts) if _equal(hosts) else WeightedRoundRobin(hosts)
 
 
-def make_balancer(policy: LoadBalancer, hosts: Sequence[H]) -> Balancer[H]:
+def make_balancer(
+    policy: LoadBalancer, hosts: Sequence[H], cluster: Sequence[H] | None = None
+) -> Balancer[H]:
     """The balancer for a policy; the weighted form when the hosts' weights differ
     (:class:`WeightedRoundRobin`, :class:`WeightedRandom`, :class:`WeightedLeastRequest`, and
-    a :class:`ConsistentHash` ring with weighted points), else the plain one."""
+    a :class:`ConsistentHash` ring with weighted points), else the plain one. ``cluster``:
+    all of the cluster's hosts when ``hosts`` are its healthy ones (they size the ring)."""
     if policy.policy == "CONSISTENT_HASH":
         assert policy.hash_attribute is not None
-        return ConsistentHash(hosts, policy.hash_attribute)
+        return ConsistentHash(hosts, policy.hash_attribute, cluster)
     equal = _equal(hosts)
     if policy.policy == "RANDOM":
         return Random(hosts) if equal else WeightedRandom(hosts)
