@@ -202,8 +202,9 @@ class ConsistentHash(Balancer[H]):
     to spread similar keys) with 100 points per host, so adding or removing a host moves only
     about ``1/n`` of the keys. With unequal weights a host has points in proportion to its
     weight (the lightest 100) within :data:`RING_LIMIT` (see :func:`ring_points`); a host's
-    points are its first ones of the unweighted ring and more, so raising one host's weight
-    moves keys only to it.
+    points are its first ones of the unweighted ring and more, so raising the weight of a
+    host other than the lightest moves keys only to it while the ring is within its bound
+    (the lightest host's weight, and a ring at its bound, set every host's points).
     """
 
     def __init__(

@@ -235,6 +235,21 @@ def test_consistent_hash_shares_follow_weights() -> None:
     assert Counter(keys(lb, 8)) == {"0": 2, "1": 6}
 
 
+def test_raising_the_lightest_weight_rescales_the_ring() -> None:
+    # The lightest host sets the scale (100 points): raising it shrinks the others' points,
+    # so keys move between them too, as the documentation says (it said "only to it").
+    before, after = weighted(1, 2, 3), weighted(2, 2, 3)
+    assert ring_points([1, 2, 3]) == [100, 200, 300] and ring_points([2, 2, 3]) == [100, 100, 150]
+    old, new = ConsistentHash(before, "user"), ConsistentHash(after, "user")
+    moved: Counter[str] = Counter()
+    for u in (f"user-{i}" for i in range(2000)):
+        a, b = old.pick(request(user=u)), new.pick(request(user=u))
+        assert a is not None and b is not None
+        if a.key != b.key:
+            moved[b.key] += 1
+    assert moved["10.0.1.1:9000"] + moved["10.0.1.2:9000"] > 100  # not to host 0 only
+
+
 def test_equal_weights_keep_the_unweighted_balancers() -> None:
     for weight in (1, 7, 2**32 - 1):
         same = [FakeHost(f"h{i}", weight=weight) for i in range(3)]
