@@ -69,6 +69,17 @@ def test_least_request_prefers_idle_hosts() -> None:
     assert LeastRequest(two).pick(request()) is two[1]
 
 
+def test_least_request_shares_ties_between_two_hosts() -> None:
+    # Two idle hosts (requests one at a time): both get requests, as with more hosts (where
+    # the two random choices pick who wins a tie) and in Envoy (a random pair). The first
+    # host won every tie: the second got nothing until the first had a request in flight.
+    two = weighted(1, 1)
+    lb = LeastRequest(two, seed=1)
+    assert Counter(keys(lb, 100)) == {"0": 50, "1": 50}
+    two[0].active = 1  # a busier host still loses
+    assert Counter(keys(lb, 10)) == {"1": 10}
+
+
 def test_consistent_hash_fallback_and_stability() -> None:
     lb = ConsistentHash(HOSTS, "User")
     owners = {u: lb.pick(request(user=u)) for u in (f"u{i}" for i in range(200))}
