@@ -83,6 +83,9 @@ class LeastRequest(Balancer[H]):
     def __init__(self, hosts: Sequence[H], seed: int | None = None) -> None:
         super().__init__(hosts)
         self._rand = random.Random(seed)
+        #: Which of two hosts wins their next tie (they take turns, as a random pair would
+        #: share them; the first won every tie, so idle traffic all went to it).
+        self._tie = 0
 
     def pick(self, metadata: Metadata) -> H | None:
         hosts = self.hosts
@@ -90,7 +93,14 @@ class LeastRequest(Balancer[H]):
         if n <= 2:
             if not n:
                 return None
-            return hosts[0] if n == 1 or hosts[0].active <= hosts[1].active else hosts[1]
+            if n == 1:
+                return hosts[0]
+            first, second = hosts[0].active, hosts[1].active
+            if first != second:
+                return hosts[0] if first < second else hosts[1]
+            tie = self._tie
+            self._tie = 1 - tie
+            return hosts[tie]
         a, b = self._rand.sample(hosts, 2)
         return a if a.active <= b.active else b
 
