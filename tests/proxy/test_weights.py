@@ -195,3 +195,30 @@ def test_an_ejection_moves_only_the_ejected_endpoint_keys_on_a_weighted_ring() -
         await b.close()
 
     run(main())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a retry re-picks once: weighted round robin gives the heavy, failed endpoint again",
+)
+def test_a_retry_prefers_another_endpoint_with_weights() -> None:
+    # docs/filters.md: "a retry ... prefers another endpoint than the one that failed". With
+    # equal weights round robin's next pick is the other endpoint; with weights 3 and 1 the
+    # schedule repeats the heavy endpoint, and the one re-pick gives it back.
+    router = """\
+- name: all
+  route: [{destination: {host: svc.test, subset: v1}}]
+  retries: {attempts: 1, retryOn: connect-failure}
+"""
+
+    async def main() -> None:
+        good = await Upstream("good").start()
+        eps = [(refusing_port(), "v1", 3), (good.port, "v1", 1)]
+        async with engine_for(weighted_mesh(eps, router=router)) as engine:
+            c = await Client.connect(address(engine))
+            failed = [error_type(await c.call()) for _ in range(8)]
+            assert failed == [None] * 8  # half are UpstreamConnectFailure
+            c.close()
+        await good.close()
+
+    run(main())
