@@ -83,6 +83,9 @@ class LeastRequest(Balancer[H]):
     def __init__(self, hosts: Sequence[H], seed: int | None = None) -> None:
         super().__init__(hosts)
         self._rand = random.Random(seed)
+        #: Which of two hosts wins their next tie (they take turns, as a random pair would
+        #: share them; the first won every tie, so idle traffic all went to it).
+        self._tie = 0
 
     def pick(self, metadata: Metadata) -> H | None:
         hosts = self.hosts
@@ -90,7 +93,14 @@ class LeastRequest(Balancer[H]):
         if n <= 2:
             if not n:
                 return None
-            return hosts[0] if n == 1 or hosts[0].active <= hosts[1].active else hosts[1]
+            if n == 1:
+                return hosts[0]
+            first, second = hosts[0].active, hosts[1].active
+            if first != second:
+                return hosts[0] if first < second else hosts[1]
+            tie = self._tie
+            self._tie = 1 - tie
+            return hosts[tie]
         a, b = self._rand.sample(hosts, 2)
         return a if a.active <= b.active else b
 
@@ -202,14 +212,24 @@ class ConsistentHash(Balancer[H]):
     to spread similar keys) with 100 points per host, so adding or removing a host moves only
     about ``1/n`` of the keys. With unequal weights a host has points in proportion to its
     weight (the lightest 100) within :data:`RING_LIMIT` (see :func:`ring_points`); a host's
-    points are its first ones of the unweighted ring and more, so raising one host's weight
-    moves keys only to it.
+    points are its first ones of the unweighted ring and more, so raising the weight of a
+    host other than the lightest moves keys only to it while the ring is within its bound
+    (the lightest host's weight, and a ring at its bound, set every host's points).
     """
 
-    def __init__(self, hosts: Sequence[H], attribute: str) -> None:
+    def __init__(
+        self, hosts: Sequence[H], attribute: str, sizing: Sequence[H] | None = None
+    ) -> None:
         super().__init__(hosts)
         self._key = attribute.lower()
-        counts = ring_points([h.weight for h in self.hosts])
+        # ``sizing``: the cluster's every host, ejected ones included. Sized from them, a
+        # host's points do not change when another is ejected: only the ejected one's keys
+        # move (sized from the healthy ones, the lightest leaving rescaled all the others).
+        counts = ring_points(
+            [h.weight for h in self.hosts],
+            HOST_POINTS,
+            None if sizing is None else [h.weight for h in sizing],
+        )
         ring = sorted(
             (_hash(f"{host.key}#{i}".encode()), n)
             for n, host in enumerate(self.hosts)
@@ -234,19 +254,26 @@ class ConsistentHash(Balancer[H]):
 RING_LIMIT = 16384
 
 
-def ring_points(weights: Sequence[int], points: int = HOST_POINTS) -> list[int]:
+def ring_points(
+    weights: Sequence[int], points: int = HOST_POINTS, sizing: Sequence[int] | None = None
+) -> list[int]:
     """How many ring points each host gets: ``points`` each when the weights are equal, else
     in proportion to the weights, the lightest host ``points``; when that would exceed
     ``max(RING_LIMIT, points * len(weights))`` points, scaled down to that total, with at least
     one point per host. So the ring never has more than that bound plus ``len(weights)``
-    points, whatever the weights (a weight of 4e9 next to a weight of 1 does not make 4e11)."""
+    points, whatever the weights (a weight of 4e9 next to a weight of 1 does not make 4e11).
+
+    ``sizing``: the weights that set the scale (the lightest, the total, the bound), when
+    ``weights`` are some of them (the healthy hosts of a cluster, ``sizing`` all of its
+    hosts): each host then has the points it has on the ring of all of them."""
     if not weights:
         return []
-    least = min(weights)
-    if least == max(weights):
+    basis = weights if sizing is None else sizing
+    least = min(basis)
+    if least == max(basis):
         return [points] * len(weights)
-    limit = max(RING_LIMIT, points * len(weights))
-    total = sum(weights)
+    limit = max(RING_LIMIT, points * len(basis))
+    total = sum(basis)
     if total * points <= limit * least:
         return [(w * points + least // 2) // least for w in weights]
     return [max(1, w * limit // total) for w in weights]
@@ -261,13 +288,16 @@ def _round_robin(hosts: Sequence[H]) -> Balancer[H]:
     return RoundRobin(hosts) if _equal(hosts) else WeightedRoundRobin(hosts)
 
 
-def make_balancer(policy: LoadBalancer, hosts: Sequence[H]) -> Balancer[H]:
+def make_balancer(
+    policy: LoadBalancer, hosts: Sequence[H], cluster: Sequence[H] | None = None
+) -> Balancer[H]:
     """The balancer for a policy; the weighted form when the hosts' weights differ
     (:class:`WeightedRoundRobin`, :class:`WeightedRandom`, :class:`WeightedLeastRequest`, and
-    a :class:`ConsistentHash` ring with weighted points), else the plain one."""
+    a :class:`ConsistentHash` ring with weighted points), else the plain one. ``cluster``:
+    all of the cluster's hosts when ``hosts`` are its healthy ones (they size the ring)."""
     if policy.policy == "CONSISTENT_HASH":
         assert policy.hash_attribute is not None
-        return ConsistentHash(hosts, policy.hash_attribute)
+        return ConsistentHash(hosts, policy.hash_attribute, cluster)
     equal = _equal(hosts)
     if policy.policy == "RANDOM":
         return Random(hosts) if equal else WeightedRandom(hosts)

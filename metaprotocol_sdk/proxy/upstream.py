@@ -235,7 +235,7 @@ class Cluster:
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
-        self.balancer = make_balancer(self.policy, hosts)
+        self.balancer = make_balancer(self.policy, hosts, self.hosts)
 
     def _count(self, made: dict[str, Counter], name: str, label: str, value: str) -> None:
         """Add one to this cluster's series ``name`` with ``label=value``, made on first use

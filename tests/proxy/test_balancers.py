@@ -69,6 +69,17 @@ def test_least_request_prefers_idle_hosts() -> None:
     assert LeastRequest(two).pick(request()) is two[1]
 
 
+def test_least_request_shares_ties_between_two_hosts() -> None:
+    # Two idle hosts (requests one at a time): both get requests, as with more hosts (where
+    # the two random choices pick who wins a tie) and in Envoy (a random pair). The first
+    # host won every tie: the second got nothing until the first had a request in flight.
+    two = weighted(1, 1)
+    lb = LeastRequest(two, seed=1)
+    assert Counter(keys(lb, 100)) == {"0": 50, "1": 50}
+    two[0].active = 1  # a busier host still loses
+    assert Counter(keys(lb, 10)) == {"1": 10}
+
+
 def test_consistent_hash_fallback_and_stability() -> None:
     lb = ConsistentHash(HOSTS, "User")
     owners = {u: lb.pick(request(user=u)) for u in (f"u{i}" for i in range(200))}
@@ -233,6 +244,21 @@ def test_consistent_hash_shares_follow_weights() -> None:
             assert ring.pick(request(user=u)) is heavier[1]
     # Requests without the attribute: weighted round robin.
     assert Counter(keys(lb, 8)) == {"0": 2, "1": 6}
+
+
+def test_raising_the_lightest_weight_rescales_the_ring() -> None:
+    # The lightest host sets the scale (100 points): raising it shrinks the others' points,
+    # so keys move between them too, as the documentation says (it said "only to it").
+    before, after = weighted(1, 2, 3), weighted(2, 2, 3)
+    assert ring_points([1, 2, 3]) == [100, 200, 300] and ring_points([2, 2, 3]) == [100, 100, 150]
+    old, new = ConsistentHash(before, "user"), ConsistentHash(after, "user")
+    moved: Counter[str] = Counter()
+    for u in (f"user-{i}" for i in range(2000)):
+        a, b = old.pick(request(user=u)), new.pick(request(user=u))
+        assert a is not None and b is not None
+        if a.key != b.key:
+            moved[b.key] += 1
+    assert moved["10.0.1.1:9000"] + moved["10.0.1.2:9000"] > 100  # not to host 0 only
 
 
 def test_equal_weights_keep_the_unweighted_balancers() -> None:

@@ -369,3 +369,25 @@ def test_policy_for_resolves_every_group_as_istio() -> None:
     assert list(groups("v1", 9001)) == ["LEAST_REQUEST", 9, None, None]  # over the rule's port
     assert list(groups("v1", 9002)) == [None, None, None, "DISABLE"]  # replaced whole
     assert list(groups("any", 9001)) == list(groups(None, 9001))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an empty connectionPool loads as unset (None), so the subset inherits the rule's",
+)
+def test_a_subsets_empty_connection_pool_overrides_the_rules_as_in_istio() -> None:
+    # Istio's mergeTrafficPolicy replaces a group the subset's trafficPolicy sets, and
+    # `connectionPool: {}` is set (a non-nil message): the subset's clusters have no limits,
+    # not the rule's (for the rule's trafficPolicy, as for its settings for the port).
+    text = three_ports(
+        {"a": {p: 1 for p in PORTS}},
+        "{connectionPool: {tcp: {maxConnections: 5}}, portLevelSettings:"
+        " [{port: {number: 9001}, connectionPool: {tcp: {maxConnections: 3}}}]}",
+        "{connectionPool: {}}",
+    )
+    rule = loads_config(text, "t.yaml").destination_rules["svc.test"]
+    limits = []
+    for port in (9000, 9001):
+        pool = rule.policy_for(port, "v1").connection_pool
+        limits.append(None if pool is None else pool.max_connections)
+    assert limits == [None, None]  # the engine gives [5, 3]
