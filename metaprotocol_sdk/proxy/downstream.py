@@ -49,6 +49,9 @@ _RETRY_CONDITIONS = {
 #: Why a new connection is refused (closed at once, cleanly); ``rate_limited`` (a listener's
 #: ``connectionRateLimit``) has its series only where that is configured.
 REJECT_REASONS = ("max_connections", "overload", "draining")
+#: Picks a retry makes to find another endpoint than the one that failed: Istio's default
+#: retry policy (Envoy's previous_hosts predicate, host_selection_retry_max_attempts 5).
+RETRY_HOST_PICKS = 5
 #: Why the engine closes an open client connection (``..._closed_total{reason}``):
 #: ``idle`` nothing in flight nor received for ``timeouts.idle``; ``frame_timeout`` a frame
 #: not complete within ``timeouts.frame``; ``write_timeout`` unsent replies above
@@ -611,7 +614,10 @@ class Downstream(asyncio.Protocol):
             return
         host = cluster.balancer.pick(message)
         if avoid is not None and host is avoid and len(cluster.hosts) > 1:
-            host = cluster.balancer.pick(message)
+            for _ in range(RETRY_HOST_PICKS):  # weights may give the failed one again
+                host = cluster.balancer.pick(message)
+                if host is not avoid:
+                    break
         if host is None:
             if self._retry(route, "unavailable", tries, started, cluster):
                 # The first try has no start yet (``started`` is set from the second on):
