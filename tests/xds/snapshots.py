@@ -34,6 +34,7 @@ from envoy.config.core.v3 import (
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.network.dns_resolver.cares.v3 import cares_dns_resolver_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -205,6 +206,28 @@ def load_assignment(
             )
         ],
     )
+
+
+def dns_cluster(name: str, endpoints: Sequence[tuple[str, int]]) -> cluster_pb2.Cluster:
+    """An outbound cluster of a ServiceEntry with ``resolution: DNS``, as istiod's
+    ``buildCluster`` writes it: ``STRICT_DNS`` with its endpoints in ``load_assignment`` (host
+    names), an IPv4 lookup family, the c-ares resolver's settings (``udp_max_queries``, 100 by
+    default), a DNS jitter of 100 ms, the mesh's refresh rate (60 s) and ``respect_dns_ttl``."""
+    c = cluster(name)
+    c.ClearField("eds_cluster_config")
+    c.type = cluster_pb2.Cluster.STRICT_DNS
+    c.dns_lookup_family = cluster_pb2.Cluster.V4_ONLY
+    c.typed_dns_resolver_config.name = "envoy.network.dns_resolver.cares"
+    c.typed_dns_resolver_config.typed_config.Pack(
+        cares_dns_resolver_pb2.CaresDnsResolverConfig(
+            udp_max_queries=wrappers_pb2.UInt32Value(value=100)
+        )
+    )
+    c.dns_jitter.FromMilliseconds(100)
+    c.dns_refresh_rate.FromSeconds(60)
+    c.respect_dns_ttl = True
+    c.load_assignment.CopyFrom(load_assignment(name, endpoints))
+    return c
 
 
 def sds_config() -> config_source_pb2.ConfigSource:

@@ -28,6 +28,7 @@ from snapshots import (
     V2,
     MetaRoute,
     cluster,
+    dns_cluster,
     hello_snapshots,
     istiod_pool_options,
     load_assignment,
@@ -233,6 +234,22 @@ def test_a_balancer_s_own_settings_as_istiod_writes_them() -> None:
     translate(base(), resources(snap))
     c.least_request_lb_config.slow_start_config.slow_start_window.seconds = 60
     assert "least_request_lb_config.slow_start_config" in refusal(resources(snap))
+
+
+def test_a_dns_cluster_as_istiod_writes_it() -> None:
+    """istiod writes typed_dns_resolver_config (c-ares settings) and dns_jitter on the
+    cluster of every ServiceEntry with resolution DNS: both were refused, so such a host
+    (routed to or not: CDS names every service of the mesh) NACKed the clusters."""
+    name = "localhost"
+    res = with_routes(
+        MetaRoute("r", [(ALL, 100)]), clusters=[dns_cluster(ALL, [(name, 20001), (name, 20002)])]
+    )
+    res = Resources(routes=res.routes, clusters=res.clusters)
+    service = translate(base(), res).services["hello.svc"]
+    assert sorted((e.address, e.port_for(service.ports[9090])) for e in service.endpoints) == [
+        (name, 20001),
+        (name, 20002),
+    ]
 
 
 def test_the_engine_settings_stay_those_given_not_those_of_the_documents() -> None:

@@ -69,6 +69,9 @@ IGNORED: dict[str, dict[str, str]] = {
         "dns_lookup_family": "addresses are resolved by the system resolver",
         "dns_refresh_rate": "addresses are resolved by the system resolver",
         "respect_dns_ttl": "addresses are resolved by the system resolver",
+        "typed_dns_resolver_config": "addresses are resolved by the system resolver (istiod "
+        "writes c-ares settings on every DNS cluster)",
+        "dns_jitter": "addresses are resolved by the system resolver",
         "eds_cluster_config": "endpoints come over the same ADS stream",
         "per_connection_buffer_limit_bytes": "the engine's limits.connectionBufferBytes applies",
         "track_cluster_stats": "Envoy's own statistics",
