@@ -13,7 +13,9 @@ plain-text ``tlsMode-disabled`` match: the mutual-TLS one needs SDS certificates
 as a ``ClusterLoadAssignment`` per cluster, grouped by locality, each endpoint HEALTHY with
 weight 1 and Istio's workload metadata. For a DestinationRule ``tls`` with files, istiod's
 ``transport_socket`` (:func:`tls_socket`) and the SDS secrets istio-agent serves for it
-(:func:`file_secrets`).
+(:func:`file_secrets`). Each version also carries clusters of other services of the mesh
+that no route sends to (:func:`mesh_clusters`: a headless service, a DNS ServiceEntry), as
+istiod sends every sidecar.
 """
 
 from __future__ import annotations
@@ -230,6 +232,32 @@ def dns_cluster(name: str, endpoints: Sequence[tuple[str, int]]) -> cluster_pb2.
     return c
 
 
+def headless_cluster(name: str) -> cluster_pb2.Cluster:
+    """The outbound cluster of a Kubernetes headless service (``clusterIP: None``), as istiod
+    writes it by default (``PILOT_ENABLE_EDS_FOR_HEADLESS_SERVICES`` off): ``ORIGINAL_DST``
+    with the ``CLUSTER_PROVIDED`` balancer and no endpoints."""
+    c = cluster(name)
+    c.ClearField("eds_cluster_config")
+    c.type = cluster_pb2.Cluster.ORIGINAL_DST
+    c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+    return c
+
+
+#: Clusters of other services of the mesh, which istiod sends every sidecar (CDS names every
+#: service it may reach) and no MetaProtocol route of the tests sends to: a headless service
+#: and a ServiceEntry with ``resolution: DNS`` (its endpoint an address, resolved at once).
+MESH_CLUSTERS = (
+    "outbound|3306||mysql-headless.db.svc.cluster.local",
+    "outbound|8443||external.example.com",
+)
+
+
+def mesh_clusters() -> list[cluster_pb2.Cluster]:
+    """The clusters of :data:`MESH_CLUSTERS`, as istiod writes them."""
+    headless, external = MESH_CLUSTERS
+    return [headless_cluster(headless), dns_cluster(external, [("127.0.0.1", 8443)])]
+
+
 def sds_config() -> config_source_pb2.ConfigSource:
     """istiod's ``ConstructSdsSecretConfig`` source: istio-agent's ``sds-grpc`` cluster."""
     return config_source_pb2.ConfigSource(
@@ -374,7 +402,7 @@ def hello_snapshots(
             MetaRoute("rest", [(sub1, 100)], exact=rest_match or {}),
         ]
         return {
-            CLUSTER_TYPE: [cluster(every), cluster(sub1), cluster(sub2)],
+            CLUSTER_TYPE: [cluster(every), cluster(sub1), cluster(sub2), *mesh_clusters()],
             ENDPOINT_TYPE: [
                 load_assignment(every, [*v1_eps, *v2]),
                 load_assignment(sub1, v1_eps),

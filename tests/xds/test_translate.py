@@ -22,6 +22,7 @@ from snapshots import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     HOST,
+    MESH_CLUSTERS,
     RDS_NAME,
     ROUTE_TYPE,
     V1,
@@ -29,6 +30,7 @@ from snapshots import (
     MetaRoute,
     cluster,
     dns_cluster,
+    headless_cluster,
     hello_snapshots,
     istiod_pool_options,
     load_assignment,
@@ -1204,3 +1206,41 @@ def test_refused_endpoint_weights() -> None:
     assert "locality weights not in proportion" in refusal(resources(snap))
     second.load_balancing_weight.value = 1
     assert endpoint_weights(translate(base(), resources(snap))) == {20001: 3, 20002: 1, 20003: 1}
+
+
+def test_clusters_of_the_mesh_no_route_sends_to_are_left_out_when_they_cannot_be_honoured() -> None:
+    """istiod's CDS names every service of the mesh: a headless service's ORIGINAL_DST
+    cluster, a DestinationRule this engine cannot apply on an HTTP service... Each was
+    refused, so one such service anywhere in the mesh NACKed every CDS response. A host and
+    port that no listener serves and no route sends to is now left out when its clusters
+    cannot be honoured; a route to it is refused then."""
+    headless = "outbound|3306||mysql-headless.db.svc.cluster.local"
+    snap = snapshot()
+    snap[CLUSTER_TYPE] = [*snap[CLUSTER_TYPE][:3], headless_cluster(headless)]
+    mutual = cluster("outbound|8080||web.svc")
+    mutual.transport_socket.name = "envoy.transport_sockets.tls"  # ISTIO_MUTUAL's SDS names
+    mutual.ClearField("transport_socket_matches")
+    mutual.transport_socket.typed_config.Pack(
+        tls_pb2.UpstreamTlsContext(
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_certificate_sds_secret_configs=[{"name": "default"}]
+            )
+        )
+    )
+    snap[CLUSTER_TYPE].append(mutual)
+    snap[ENDPOINT_TYPE].append(load_assignment("outbound|8080||web.svc", [("10.0.0.1", 8080)]))
+    snap[ENDPOINT_TYPE][-1].endpoints[0].priority = 1  # istiod's locality failover
+    config = translate(base(), resources(snap))
+    assert "mysql-headless.db.svc.cluster.local" not in config.services
+    assert "web.svc" not in config.services
+    assert set(config.destination_rules) == {"hello.svc"}
+    assert translate(base(), resources(snapshot())).services.keys() == {
+        "hello.svc",
+        "external.example.com",  # the shared snapshots' DNS ServiceEntry, translated
+    }
+    # A route to the headless service: refused, naming its cluster.
+    snap[ROUTE_TYPE][0].virtual_hosts[0].routes[0].route.cluster = headless
+    message = refusal(resources(snap))
+    assert message.startswith(f"CDS {headless}: lb_policy")
+    # The shared snapshots carry such clusters; the engine and Envoy accept them.
+    assert all(name in resources(snapshot()).clusters for name in MESH_CLUSTERS)
