@@ -4,7 +4,8 @@ Aeraki (``internal/xds/utils.go``): one ``RouteConfiguration`` per MetaProtocol 
 named ``<host>_<port>``, one virtual host ``dummy`` with domains ``*``, each route matching
 prefix ``/`` plus header matchers for the attributes, a ``cluster`` or ``weighted_clusters``
 action, mirrors as ``request_mirror_policies`` with a ``runtime_fraction`` in millionths,
-hash policies on headers, mutations as ``request_headers_to_add`` / ``response_headers_to_add``.
+hash policies on headers (one per weighted destination, as Aeraki's ``constructAction``
+writes them), mutations as ``request_headers_to_add`` / ``response_headers_to_add``.
 
 istiod: outbound clusters ``outbound|<port>|<subset>|<host>`` of type EDS with an ADS
 ``eds_cluster_config`` naming the cluster, a connect timeout, DEFAULT circuit-breaker
@@ -93,7 +94,9 @@ def route_configuration(name: str, routes: Sequence[MetaRoute]) -> route_pb2.Rou
                             name=c, weight=wrappers_pb2.UInt32Value(value=w)
                         )
                         for c, w in r.clusters
-                    ]
+                    ],
+                    # Aeraki writes the sum (deprecated in Envoy, which still reads it).
+                    total_weight=wrappers_pb2.UInt32Value(value=sum(w for _, w in r.clusters)),
                 )
             )
         if r.mirror is not None:
@@ -109,10 +112,12 @@ def route_configuration(name: str, routes: Sequence[MetaRoute]) -> route_pb2.Rou
                 )
             )
         if r.hash_header:
-            action.hash_policy.append(
+            # Aeraki's constructAction: one per destination (each subset's consistentHash).
+            action.hash_policy.extend(
                 rc.RouteAction.HashPolicy(
                     header=rc.RouteAction.HashPolicy.Header(header_name=r.hash_header)
                 )
+                for _ in r.clusters
             )
         vh.routes.append(
             rc.Route(

@@ -309,6 +309,23 @@ def test_hash_policy_makes_a_ring_hash_cluster_consistent() -> None:
     assert translate(base(), res).destination_rules["hello.svc"].load_balancer.policy == "RANDOM"
 
 
+def test_aeraki_s_hash_policy_per_weighted_destination() -> None:
+    """Aeraki writes one hash policy per weighted destination whose DestinationRule subset has
+    a consistentHash: a split between two subsets hashing on one header repeats it, which
+    was refused ("one hash policy per route"). Two different headers are still refused."""
+    ring = cluster_pb2.Cluster.RING_HASH
+    clusters = [cluster(ALL), cluster(V1, lb=ring), cluster(V2, lb=ring)]
+    res = with_routes(MetaRoute("h", [(V1, 50), (V2, 50)], hash_header="x-user"), clusters=clusters)
+    action = res.routes[RDS_NAME].virtual_hosts[0].routes[0].route
+    assert [hp.header.header_name for hp in action.hash_policy] == ["x-user", "x-user"]
+    rule = translate(base(), res).destination_rules["hello.svc"]
+    for subset in ("v1", "v2"):
+        lb = rule.subsets[subset].policy.load_balancer
+        assert (lb.policy, lb.hash_attribute) == ("CONSISTENT_HASH", "x-user")
+    action.hash_policy[1].header.header_name = "x-tenant"
+    assert "hash_policy[1]: hashes on 'x-tenant' and 'x-user'" in refusal(res)
+
+
 def test_unsubscribed_and_non_outbound_resources_are_ignored() -> None:
     snap = snapshot()
     snap[ROUTE_TYPE].append(route_configuration("other.svc_1", [MetaRoute("x", [(ALL, 100)])]))

@@ -423,11 +423,20 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
                 )
             share = min(rf.default_value.numerator / per, 1.0) * 100
             route["mirrorPercentage"] = {"value": share}
+    # Aeraki writes one hash policy per weighted destination whose DestinationRule subset
+    # hashes on a header, so a split between two such subsets repeats it: Envoy combines the
+    # hashes, which for one header is still a function of its value alone.
     for h, hp in enumerate(action.hash_policy):
         hpath = f"{apath}.hash_policy[{h}]"
         _check(res, hp, hpath, "HashPolicy", {"header"})
-        if h:
-            raise XdsRefused(res, hpath, "one hash policy per route (a header)")
+        first = action.hash_policy[0].header.header_name
+        if hp.header.header_name != first:
+            raise XdsRefused(
+                res,
+                hpath,
+                f"hashes on {hp.header.header_name!r} and {first!r}: one attribute "
+                "per route (Envoy combines the hashes of several headers)",
+            )
         for target in targets:
             known = table.hashes.setdefault(target, hp.header.header_name)
             if known != hp.header.header_name:
