@@ -425,7 +425,8 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     assert "an endpoint has one weight in every cluster of its host" in refusal(resources(snap))
     snap = snapshot()
     snap[ENDPOINT_TYPE][0].endpoints[0].priority = 1
-    assert "failover priorities" in refusal(resources(snap))
+    message = refusal(resources(snap))
+    assert "failover priorities" in message and "localityLbSetting.enabled" in message
     snap = snapshot()
     snap[CLUSTER_TYPE][0].health_checks.add()
     assert refusal(resources(snap)).startswith(f"CDS {ALL}: health_checks: not supported")

@@ -1051,7 +1051,14 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[tuple[str, i
         gpath = f"endpoints[{i}]"
         _check(res, group, gpath, "LocalityLbEndpoints", {"lb_endpoints", "priority"})
         if group.priority:
-            raise XdsRefused(res, f"{gpath}.priority", "failover priorities are not supported")
+            raise XdsRefused(
+                res,
+                f"{gpath}.priority",
+                "failover priorities are not supported (istiod writes them for a "
+                "DestinationRule with outlierDetection while locality load balancing is on, "
+                "the mesh's default, and endpoints are in other localities than this proxy: "
+                "set the rule's loadBalancer.localityLbSetting.enabled to false)",
+            )
         total = 0
         for j, lb in enumerate(group.lb_endpoints):
             lpath = f"{gpath}.lb_endpoints[{j}]"
