@@ -4,7 +4,8 @@ Aeraki (``internal/xds/utils.go``): one ``RouteConfiguration`` per MetaProtocol 
 named ``<host>_<port>``, one virtual host ``dummy`` with domains ``*``, each route matching
 prefix ``/`` plus header matchers for the attributes, a ``cluster`` or ``weighted_clusters``
 action, mirrors as ``request_mirror_policies`` with a ``runtime_fraction`` in millionths,
-hash policies on headers, mutations as ``request_headers_to_add`` / ``response_headers_to_add``.
+hash policies on headers (one per weighted destination, as Aeraki's ``constructAction``
+writes them), mutations as ``request_headers_to_add`` / ``response_headers_to_add``.
 
 istiod: outbound clusters ``outbound|<port>|<subset>|<host>`` of type EDS with an ADS
 ``eds_cluster_config`` naming the cluster, a connect timeout, DEFAULT circuit-breaker
@@ -13,7 +14,9 @@ plain-text ``tlsMode-disabled`` match: the mutual-TLS one needs SDS certificates
 as a ``ClusterLoadAssignment`` per cluster, grouped by locality, each endpoint HEALTHY with
 weight 1 and Istio's workload metadata. For a DestinationRule ``tls`` with files, istiod's
 ``transport_socket`` (:func:`tls_socket`) and the SDS secrets istio-agent serves for it
-(:func:`file_secrets`).
+(:func:`file_secrets`). Each version also carries clusters of other services of the mesh
+that no route sends to (:func:`mesh_clusters`: a headless service, a DNS ServiceEntry), as
+istiod sends every sidecar.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from envoy.config.core.v3 import (
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.network.dns_resolver.cares.v3 import cares_dns_resolver_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -90,7 +94,9 @@ def route_configuration(name: str, routes: Sequence[MetaRoute]) -> route_pb2.Rou
                             name=c, weight=wrappers_pb2.UInt32Value(value=w)
                         )
                         for c, w in r.clusters
-                    ]
+                    ],
+                    # Aeraki writes the sum (deprecated in Envoy, which still reads it).
+                    total_weight=wrappers_pb2.UInt32Value(value=sum(w for _, w in r.clusters)),
                 )
             )
         if r.mirror is not None:
@@ -106,10 +112,12 @@ def route_configuration(name: str, routes: Sequence[MetaRoute]) -> route_pb2.Rou
                 )
             )
         if r.hash_header:
-            action.hash_policy.append(
+            # Aeraki's constructAction: one per destination (each subset's consistentHash).
+            action.hash_policy.extend(
                 rc.RouteAction.HashPolicy(
                     header=rc.RouteAction.HashPolicy.Header(header_name=r.hash_header)
                 )
+                for _ in r.clusters
             )
         vh.routes.append(
             rc.Route(
@@ -205,6 +213,54 @@ def load_assignment(
             )
         ],
     )
+
+
+def dns_cluster(name: str, endpoints: Sequence[tuple[str, int]]) -> cluster_pb2.Cluster:
+    """An outbound cluster of a ServiceEntry with ``resolution: DNS``, as istiod's
+    ``buildCluster`` writes it: ``STRICT_DNS`` with its endpoints in ``load_assignment`` (host
+    names), an IPv4 lookup family, the c-ares resolver's settings (``udp_max_queries``, 100 by
+    default), a DNS jitter of 100 ms, the mesh's refresh rate (60 s) and ``respect_dns_ttl``."""
+    c = cluster(name)
+    c.ClearField("eds_cluster_config")
+    c.type = cluster_pb2.Cluster.STRICT_DNS
+    c.dns_lookup_family = cluster_pb2.Cluster.V4_ONLY
+    c.typed_dns_resolver_config.name = "envoy.network.dns_resolver.cares"
+    c.typed_dns_resolver_config.typed_config.Pack(
+        cares_dns_resolver_pb2.CaresDnsResolverConfig(
+            udp_max_queries=wrappers_pb2.UInt32Value(value=100)
+        )
+    )
+    c.dns_jitter.FromMilliseconds(100)
+    c.dns_refresh_rate.FromSeconds(60)
+    c.respect_dns_ttl = True
+    c.load_assignment.CopyFrom(load_assignment(name, endpoints))
+    return c
+
+
+def headless_cluster(name: str) -> cluster_pb2.Cluster:
+    """The outbound cluster of a Kubernetes headless service (``clusterIP: None``), as istiod
+    writes it by default (``PILOT_ENABLE_EDS_FOR_HEADLESS_SERVICES`` off): ``ORIGINAL_DST``
+    with the ``CLUSTER_PROVIDED`` balancer and no endpoints."""
+    c = cluster(name)
+    c.ClearField("eds_cluster_config")
+    c.type = cluster_pb2.Cluster.ORIGINAL_DST
+    c.lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
+    return c
+
+
+#: Clusters of other services of the mesh, which istiod sends every sidecar (CDS names every
+#: service it may reach) and no MetaProtocol route of the tests sends to: a headless service
+#: and a ServiceEntry with ``resolution: DNS`` (its endpoint an address, resolved at once).
+MESH_CLUSTERS = (
+    "outbound|3306||mysql-headless.db.svc.cluster.local",
+    "outbound|8443||external.example.com",
+)
+
+
+def mesh_clusters() -> list[cluster_pb2.Cluster]:
+    """The clusters of :data:`MESH_CLUSTERS`, as istiod writes them."""
+    headless, external = MESH_CLUSTERS
+    return [headless_cluster(headless), dns_cluster(external, [("127.0.0.1", 8443)])]
 
 
 def sds_config() -> config_source_pb2.ConfigSource:
@@ -351,7 +407,7 @@ def hello_snapshots(
             MetaRoute("rest", [(sub1, 100)], exact=rest_match or {}),
         ]
         return {
-            CLUSTER_TYPE: [cluster(every), cluster(sub1), cluster(sub2)],
+            CLUSTER_TYPE: [cluster(every), cluster(sub1), cluster(sub2), *mesh_clusters()],
             ENDPOINT_TYPE: [
                 load_assignment(every, [*v1_eps, *v2]),
                 load_assignment(sub1, v1_eps),

@@ -22,12 +22,15 @@ from snapshots import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     HOST,
+    MESH_CLUSTERS,
     RDS_NAME,
     ROUTE_TYPE,
     V1,
     V2,
     MetaRoute,
     cluster,
+    dns_cluster,
+    headless_cluster,
     hello_snapshots,
     istiod_pool_options,
     load_assignment,
@@ -235,6 +238,22 @@ def test_a_balancer_s_own_settings_as_istiod_writes_them() -> None:
     assert "least_request_lb_config.slow_start_config" in refusal(resources(snap))
 
 
+def test_a_dns_cluster_as_istiod_writes_it() -> None:
+    """istiod writes typed_dns_resolver_config (c-ares settings) and dns_jitter on the
+    cluster of every ServiceEntry with resolution DNS: both were refused, so such a host
+    (routed to or not: CDS names every service of the mesh) NACKed the clusters."""
+    name = "localhost"
+    res = with_routes(
+        MetaRoute("r", [(ALL, 100)]), clusters=[dns_cluster(ALL, [(name, 20001), (name, 20002)])]
+    )
+    res = Resources(routes=res.routes, clusters=res.clusters)
+    service = translate(base(), res).services["hello.svc"]
+    assert sorted((e.address, e.port_for(service.ports[9090])) for e in service.endpoints) == [
+        (name, 20001),
+        (name, 20002),
+    ]
+
+
 def test_the_engine_settings_stay_those_given_not_those_of_the_documents() -> None:
     # A worker of --workers N serves the files with the shared ports, a private admin
     # endpoint and its own node metadata; an update must not rebind it to the files' ":0".
@@ -288,6 +307,23 @@ def test_hash_policy_makes_a_ring_hash_cluster_consistent() -> None:
     # Ring hash with no hash policy: Envoy picks at random, and so does the engine.
     res = with_routes(MetaRoute("h", [(ALL, 100)]), clusters=clusters)
     assert translate(base(), res).destination_rules["hello.svc"].load_balancer.policy == "RANDOM"
+
+
+def test_aeraki_s_hash_policy_per_weighted_destination() -> None:
+    """Aeraki writes one hash policy per weighted destination whose DestinationRule subset has
+    a consistentHash: a split between two subsets hashing on one header repeats it, which
+    was refused ("one hash policy per route"). Two different headers are still refused."""
+    ring = cluster_pb2.Cluster.RING_HASH
+    clusters = [cluster(ALL), cluster(V1, lb=ring), cluster(V2, lb=ring)]
+    res = with_routes(MetaRoute("h", [(V1, 50), (V2, 50)], hash_header="x-user"), clusters=clusters)
+    action = res.routes[RDS_NAME].virtual_hosts[0].routes[0].route
+    assert [hp.header.header_name for hp in action.hash_policy] == ["x-user", "x-user"]
+    rule = translate(base(), res).destination_rules["hello.svc"]
+    for subset in ("v1", "v2"):
+        lb = rule.subsets[subset].policy.load_balancer
+        assert (lb.policy, lb.hash_attribute) == ("CONSISTENT_HASH", "x-user")
+    action.hash_policy[1].header.header_name = "x-tenant"
+    assert "hash_policy[1]: hashes on 'x-tenant' and 'x-user'" in refusal(res)
 
 
 def test_unsubscribed_and_non_outbound_resources_are_ignored() -> None:
@@ -389,7 +425,8 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     assert "an endpoint has one weight in every cluster of its host" in refusal(resources(snap))
     snap = snapshot()
     snap[ENDPOINT_TYPE][0].endpoints[0].priority = 1
-    assert "failover priorities" in refusal(resources(snap))
+    message = refusal(resources(snap))
+    assert "failover priorities" in message and "localityLbSetting.enabled" in message
     snap = snapshot()
     snap[CLUSTER_TYPE][0].health_checks.add()
     assert refusal(resources(snap)).startswith(f"CDS {ALL}: health_checks: not supported")
@@ -1187,3 +1224,41 @@ def test_refused_endpoint_weights() -> None:
     assert "locality weights not in proportion" in refusal(resources(snap))
     second.load_balancing_weight.value = 1
     assert endpoint_weights(translate(base(), resources(snap))) == {20001: 3, 20002: 1, 20003: 1}
+
+
+def test_clusters_of_the_mesh_no_route_sends_to_are_left_out_when_they_cannot_be_honoured() -> None:
+    """istiod's CDS names every service of the mesh: a headless service's ORIGINAL_DST
+    cluster, a DestinationRule this engine cannot apply on an HTTP service... Each was
+    refused, so one such service anywhere in the mesh NACKed every CDS response. A host and
+    port that no listener serves and no route sends to is now left out when its clusters
+    cannot be honoured; a route to it is refused then."""
+    headless = "outbound|3306||mysql-headless.db.svc.cluster.local"
+    snap = snapshot()
+    snap[CLUSTER_TYPE] = [*snap[CLUSTER_TYPE][:3], headless_cluster(headless)]
+    mutual = cluster("outbound|8080||web.svc")
+    mutual.transport_socket.name = "envoy.transport_sockets.tls"  # ISTIO_MUTUAL's SDS names
+    mutual.ClearField("transport_socket_matches")
+    mutual.transport_socket.typed_config.Pack(
+        tls_pb2.UpstreamTlsContext(
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_certificate_sds_secret_configs=[{"name": "default"}]
+            )
+        )
+    )
+    snap[CLUSTER_TYPE].append(mutual)
+    snap[ENDPOINT_TYPE].append(load_assignment("outbound|8080||web.svc", [("10.0.0.1", 8080)]))
+    snap[ENDPOINT_TYPE][-1].endpoints[0].priority = 1  # istiod's locality failover
+    config = translate(base(), resources(snap))
+    assert "mysql-headless.db.svc.cluster.local" not in config.services
+    assert "web.svc" not in config.services
+    assert set(config.destination_rules) == {"hello.svc"}
+    assert translate(base(), resources(snapshot())).services.keys() == {
+        "hello.svc",
+        "external.example.com",  # the shared snapshots' DNS ServiceEntry, translated
+    }
+    # A route to the headless service: refused, naming its cluster.
+    snap[ROUTE_TYPE][0].virtual_hosts[0].routes[0].route.cluster = headless
+    message = refusal(resources(snap))
+    assert message.startswith(f"CDS {headless}: lb_policy")
+    # The shared snapshots carry such clusters; the engine and Envoy accept them.
+    assert all(name in resources(snapshot()).clusters for name in MESH_CLUSTERS)

@@ -69,6 +69,9 @@ IGNORED: dict[str, dict[str, str]] = {
         "dns_lookup_family": "addresses are resolved by the system resolver",
         "dns_refresh_rate": "addresses are resolved by the system resolver",
         "respect_dns_ttl": "addresses are resolved by the system resolver",
+        "typed_dns_resolver_config": "addresses are resolved by the system resolver (istiod "
+        "writes c-ares settings on every DNS cluster)",
+        "dns_jitter": "addresses are resolved by the system resolver",
         "eds_cluster_config": "endpoints come over the same ADS stream",
         "per_connection_buffer_limit_bytes": "the engine's limits.connectionBufferBytes applies",
         "track_cluster_stats": "Envoy's own statistics",
@@ -420,11 +423,20 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
                 )
             share = min(rf.default_value.numerator / per, 1.0) * 100
             route["mirrorPercentage"] = {"value": share}
+    # Aeraki writes one hash policy per weighted destination whose DestinationRule subset
+    # hashes on a header, so a split between two such subsets repeats it: Envoy combines the
+    # hashes, which for one header is still a function of its value alone.
     for h, hp in enumerate(action.hash_policy):
         hpath = f"{apath}.hash_policy[{h}]"
         _check(res, hp, hpath, "HashPolicy", {"header"})
-        if h:
-            raise XdsRefused(res, hpath, "one hash policy per route (a header)")
+        first = action.hash_policy[0].header.header_name
+        if hp.header.header_name != first:
+            raise XdsRefused(
+                res,
+                hpath,
+                f"hashes on {hp.header.header_name!r} and {first!r}: one attribute "
+                "per route (Envoy combines the hashes of several headers)",
+            )
         for target in targets:
             known = table.hashes.setdefault(target, hp.header.header_name)
             if known != hp.header.header_name:
@@ -1039,7 +1051,14 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[tuple[str, i
         gpath = f"endpoints[{i}]"
         _check(res, group, gpath, "LocalityLbEndpoints", {"lb_endpoints", "priority"})
         if group.priority:
-            raise XdsRefused(res, f"{gpath}.priority", "failover priorities are not supported")
+            raise XdsRefused(
+                res,
+                f"{gpath}.priority",
+                "failover priorities are not supported (istiod writes them for a "
+                "DestinationRule with outlierDetection while locality load balancing is on, "
+                "the mesh's default, and endpoints are in other localities than this proxy: "
+                "set the rule's loadBalancer.localityLbSetting.enabled to false)",
+            )
         total = 0
         for j, lb in enumerate(group.lb_endpoints):
             lpath = f"{gpath}.lb_endpoints[{j}]"
@@ -1087,34 +1106,55 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[tuple[str, i
     return out
 
 
-def _host_ports(resources: Resources) -> dict[str, list[_HostPort]]:
-    """Outbound clusters with their endpoints, by host."""
+def _host_port(resources: Resources, name: str, parsed: ClusterName, c: Any) -> _HostPort:
+    """One outbound cluster with its endpoints."""
+    res = f"CDS {name}"
+    policy, ring = _cluster_policy(res, c)
+    tls = _transport_socket(res, c)
+    if tls is not None:
+        policy["tls"] = tls.doc
+    kind = c.WhichOneof("cluster_discovery_type")
+    if kind == "cluster_type":
+        raise XdsRefused(res, "cluster_type", "custom cluster types are not supported")
+    by_locality = c.common_lb_config.HasField("locality_weighted_lb_config")
+    if c.type == 3:  # EDS
+        service = c.eds_cluster_config.service_name or name
+        cla = resources.endpoints.get(service)
+        eps = [] if cla is None else _endpoints(f"EDS {service}", cla, by_locality)
+    elif c.type in (0, 1, 2):  # STATIC, STRICT_DNS, LOGICAL_DNS: inline endpoints
+        eps = _endpoints(res + " load_assignment", c.load_assignment, by_locality)
+    else:
+        raise XdsRefused(res, "type", "ORIGINAL_DST clusters are not supported")
+    return _HostPort(parsed, policy, ring, eps, tls.origin if tls else {})
+
+
+def _host_ports(resources: Resources, used: set[tuple[str, int]]) -> dict[str, list[_HostPort]]:
+    """Outbound clusters with their endpoints, by host.
+
+    CDS names every service of the mesh, not only those this proxy sends to. A cluster this
+    engine cannot honour is refused only when its host and port are ``used`` (a listener
+    serves them or a route sends to them); otherwise it is left out, with every cluster of
+    its port (the subsets with their service): it cannot change this engine's traffic, and
+    the route update that first sends to it is refused then."""
     hosts: dict[str, list[_HostPort]] = {}
+    left_out: set[tuple[str, int]] = set()
     for name, c in sorted(resources.clusters.items()):
         parsed = parse_cluster_name(name)
         if parsed is None:
             continue  # inbound, passthrough and black-hole clusters: not this proxy's routes
-        res = f"CDS {name}"
-        policy, ring = _cluster_policy(res, c)
-        tls = _transport_socket(res, c)
-        if tls is not None:
-            policy["tls"] = tls.doc
-        kind = c.WhichOneof("cluster_discovery_type")
-        if kind == "cluster_type":
-            raise XdsRefused(res, "cluster_type", "custom cluster types are not supported")
-        by_locality = c.common_lb_config.HasField("locality_weighted_lb_config")
-        if c.type == 3:  # EDS
-            service = c.eds_cluster_config.service_name or name
-            cla = resources.endpoints.get(service)
-            eps = [] if cla is None else _endpoints(f"EDS {service}", cla, by_locality)
-        elif c.type in (0, 1, 2):  # STATIC, STRICT_DNS, LOGICAL_DNS: inline endpoints
-            eps = _endpoints(res + " load_assignment", c.load_assignment, by_locality)
-        else:
-            raise XdsRefused(res, "type", "ORIGINAL_DST clusters are not supported")
-        hosts.setdefault(parsed.host, []).append(
-            _HostPort(parsed, policy, ring, eps, tls.origin if tls else {})
-        )
-    return hosts
+        try:
+            hp = _host_port(resources, name, parsed, c)
+        except XdsRefused:
+            if (parsed.host, parsed.port) in used:
+                raise
+            left_out.add((parsed.host, parsed.port))
+            continue
+        hosts.setdefault(parsed.host, []).append(hp)
+    kept = {
+        host: [hp for hp in hps if (host, hp.name.port) not in left_out]
+        for host, hps in hosts.items()
+    }
+    return {host: hps for host, hps in kept.items() if hps}
 
 
 # -- the whole -------------------------------------------------------------------------------
@@ -1174,7 +1214,15 @@ def translate(base: Config, resources: Resources) -> Config:
             if hashes.setdefault(cname, attr) != attr:
                 raise XdsRefused(f"CDS {cname}", "", f"hashed on {hashes[cname]!r} and {attr!r}")
     groups: list[tuple[str, list[dict[str, Any]]]] = []
-    xds_hosts = _host_ports(resources)
+    # The hosts and ports this proxy sends to: its listeners' and those its routes name.
+    used = {(li.host, li.port) for li in base.proxy.listeners}
+    for table in tables.values():
+        used.update(
+            (parsed.host, parsed.port)
+            for parsed in map(parse_cluster_name, table.clusters)
+            if parsed is not None
+        )
+    xds_hosts = _host_ports(resources, used)
     # Subsets the routes send to, by host: one CDS has not sent (yet) is kept with no
     # endpoints, as Envoy keeps a route to an unknown cluster (requests to it fail, the rest
     # of the update applies). With RDS and CDS from two servers (Aeraki, istiod), routes to a
@@ -1188,7 +1236,13 @@ def translate(base: Config, resources: Resources) -> Config:
     #: Per (group, DestinationRule path of a tls block): the cluster and its fields' origin.
     origins: dict[tuple[str, str], tuple[ClusterName, dict[str, str]]] = {}
     for host, clusters in sorted(xds_hosts.items()):
-        docs = _host_documents(base, host, clusters, protocols, hashes, origins)
+        try:
+            docs = _host_documents(base, host, clusters, protocols, hashes, origins)
+        except XdsRefused:
+            if any((host, hp.name.port) in used for hp in clusters):
+                raise
+            del xds_hosts[host]  # a host no route sends to: left out, as in _host_ports
+            continue
         _placeholder_subsets(docs[1], wanted.get(host, set()))
         groups.append((f"CDS {host}", docs))
     for host, subsets in sorted(wanted.items()):
