@@ -147,6 +147,17 @@ def test_connect_timeout_pending_limit_and_keepalive() -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
             c.close()
+        # An empty tcpKeepalive turns keepalive on with the system's settings (as in Envoy,
+        # and as istiod writes a rule's or the mesh's without values); it was read as off.
+        pool = "{tcp: {tcpKeepalive: {}}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy(pool))) as engine:
+            c = await Client.connect(address(engine))
+            await c.call()
+            (conn,) = engine.upstreams
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            c.close()
         await up.close()
 
     run(main())

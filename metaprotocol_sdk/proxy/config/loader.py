@@ -829,7 +829,7 @@ def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> Connect
     doc.check(http, f"{path}.http", schema.HTTP_POOL)
     keepalive = None
     alive = doc.mapping(tcp, "tcpKeepalive", f"{path}.tcp.tcpKeepalive", required=False)
-    if alive:
+    if tcp.get("tcpKeepalive") is not None:  # {}: on, with the system's settings (as Envoy)
         kpath = f"{path}.tcp.tcpKeepalive"
         doc.check(alive, kpath, schema.TCP_KEEPALIVE)
         keepalive = TcpKeepalive(
