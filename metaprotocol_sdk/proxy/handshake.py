@@ -85,26 +85,22 @@ def _keeping_raw(base: type[Any]) -> type[Any]:
 
 
 def _constructs(base: type[Any], loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``base`` takes the arguments ``tls.tls_accept`` and
-    ``TlsUpstreamConnection`` give it."""
+    """Whether ``base`` takes the arguments ``tls.tls_accept`` (a server's layer) and
+    ``TlsUpstreamConnection`` (a client's) give it."""
+    sides: tuple[tuple[int, dict[str, Any]], ...] = (
+        (ssl.PROTOCOL_TLS_SERVER, {"server_side": True}),
+        (ssl.PROTOCOL_TLS_CLIENT, {"server_side": False, "server_hostname": "upstream.test"}),
+    )
     try:
-        base(
-            loop,
-            asyncio.Protocol(),
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
-            None,
-            server_side=True,
-            ssl_handshake_timeout=1.0,
-        )
-        base(
-            loop,
-            asyncio.Protocol(),
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
-            None,
-            server_side=False,
-            server_hostname="upstream.test",
-            ssl_handshake_timeout=1.0,
-        )
+        for protocol, side in sides:
+            base(
+                loop,
+                asyncio.Protocol(),
+                ssl.SSLContext(protocol),
+                None,
+                ssl_handshake_timeout=1.0,
+                **side,
+            )
     except TypeError:
         return False
     return True

@@ -136,28 +136,27 @@ def test_connect_timeout_pending_limit_and_keepalive() -> None:
             assert loop.time() - started < 2  # the cluster's 200ms, not the engine's 5s
             c.close()
         up = await Upstream("a").start()
-        pool = "{tcp: {tcpKeepalive: {time: 30s, interval: 5s, probes: 3}}}"
-        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy(pool))) as engine:
-            c = await Client.connect(address(engine))
-            await c.call()
-            (conn,) = engine.upstreams
-            assert conn.transport is not None
-            sock = conn.transport.get_extra_info("socket")
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
-            c.close()
+
+        async def keepalive(pool: str) -> tuple[int, int, int]:
+            """SO_KEEPALIVE, TCP_KEEPIDLE and TCP_KEEPCNT of the upstream socket."""
+            async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy(pool))) as e:
+                c = await Client.connect(address(e))
+                await c.call()
+                (conn,) = e.upstreams
+                assert conn.transport is not None
+                sock = conn.transport.get_extra_info("socket")
+                c.close()
+                return (
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                )
+
+        timed = "{tcp: {tcpKeepalive: {time: 30s, interval: 5s, probes: 3}}}"
+        assert await keepalive(timed) == (1, 30, 3)
         # An empty tcpKeepalive turns keepalive on with the system's settings (as in Envoy,
         # and as istiod writes a rule's or the mesh's without values); it was read as off.
-        pool = "{tcp: {tcpKeepalive: {}}}"
-        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy(pool))) as engine:
-            c = await Client.connect(address(engine))
-            await c.call()
-            (conn,) = engine.upstreams
-            assert conn.transport is not None
-            sock = conn.transport.get_extra_info("socket")
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            c.close()
+        assert (await keepalive("{tcp: {tcpKeepalive: {}}}"))[0] == 1
         await up.close()
 
     run(main())

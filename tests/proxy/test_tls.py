@@ -110,6 +110,18 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
+async def small_window_tls_client(engine: Any, pki: Pki) -> Client:
+    """A TLS client of ``engine`` whose socket takes little from it (``SO_RCVBUF`` 4 KiB):
+    what the client does not read stays with the engine, not in the kernel."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(address(engine))
+    _, client = await asyncio.get_running_loop().create_connection(
+        Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
+    )
+    return client
+
+
 def record_loop_errors() -> list[dict[str, Any]]:
     """Calls to the running loop's exception handler (a traceback in the log, otherwise)."""
     seen: list[dict[str, Any]] = []
@@ -1392,12 +1404,7 @@ def test_a_large_reply_to_a_tls_client_that_does_not_read_counts_and_times_out(
             "limits: {connectionBufferBytes: 65536}\ntimeouts: {write: 300ms}",
         )
         async with engine_for(text) as engine:
-            raw = socket.socket()
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.connect(address(engine))
-            _, client = await asyncio.get_running_loop().create_connection(
-                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
-            )
+            client = await small_window_tls_client(engine, pki)
             assert client.transport is not None
             client.transport.pause_reading()
             reply = client.start("big", {"size": str(size)})
@@ -1542,12 +1549,7 @@ def test_a_tls_client_paused_on_a_large_reply_resumes_as_soon_as_it_reads(
         )
         async with engine_for(text) as engine:
             engine._sweeper.cancel()  # no sweep: only the TLS layer's word counts
-            raw = socket.socket()
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.connect(address(engine))
-            _, client = await asyncio.get_running_loop().create_connection(
-                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
-            )
+            client = await small_window_tls_client(engine, pki)
             assert client.transport is not None
             client.transport.pause_reading()
             reply = client.start("big", {"size": str(size)})
@@ -1689,12 +1691,7 @@ def test_a_tls_client_that_drained_between_the_water_marks_after_a_resume_is_rea
         async with engine_for(text) as engine:
             assert engine._sweeper is not None
             engine._sweeper.cancel()  # no sweep: only the TLS layer's word counts
-            raw = socket.socket()
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            raw.connect(address(engine))
-            _, client = await asyncio.get_running_loop().create_connection(
-                Client, sock=raw, ssl=pki.client_context(), server_hostname="svc.test"
-            )
+            client = await small_window_tls_client(engine, pki)
             assert client.transport is not None
             assert error_type(await client.call("get")) is None
             (down,) = engine.downstreams
