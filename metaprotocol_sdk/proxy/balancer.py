@@ -4,6 +4,9 @@ Endpoints may carry weights (``ServiceEntry`` ``endpoints[].weight``, EDS
 ``load_balancing_weight``). When every host of a balancer has the same weight,
 :func:`make_balancer` returns the unweighted balancers, so a cluster without weights pays
 nothing for them; otherwise each policy has a weighted form (see :func:`make_balancer`).
+Endpoints at several failover priorities get a :class:`PriorityBalancer` over a balancer per
+level (see :mod:`~metaprotocol_sdk.proxy.priority`); a cluster with one priority, as every
+file configuration, gets the balancer of its policy and nothing more.
 """
 
 from __future__ import annotations
@@ -277,6 +280,57 @@ def ring_points(
     if total * points <= limit * least:
         return [(w * points + least // 2) // least for w in weights]
     return [max(1, w * limit // total) for w in weights]
+
+
+class Level(Generic[H]):
+    """One failover priority level as :class:`PriorityBalancer` chooses between them: its
+    priority load (a percentage) is its weight, and its balancer picks its host."""
+
+    def __init__(self, priority: int, load: int, balancer: Balancer[H]) -> None:
+        self.key = f"priority {priority}"
+        self.priority = priority
+        #: The percentage of requests the level takes (its priority load).
+        self.weight = load
+        self.active = 0
+        self.balancer = balancer
+
+
+class PriorityBalancer(Balancer[H]):
+    """Failover priorities (EDS ``LocalityLbEndpoints.priority``): a priority level first, by
+    the levels' priority loads, then a host of that level by its own balancer.
+
+    The level is a smooth weighted round robin over the loads (each cycle of at most 100
+    picks gives every level exactly its share), a random draw by load for ``RANDOM`` (as
+    Envoy draws), and for ``CONSISTENT_HASH`` the request's hash modulo 100 against the
+    loads (as Envoy does), so one key stays on one level while the loads stand. Built only
+    by :func:`~metaprotocol_sdk.proxy.priority.priority_balancer`, when more than one level
+    takes load; the loads change only when it is rebuilt (on a health change).
+    """
+
+    def __init__(self, levels: Sequence[Level[H]], policy: LoadBalancer) -> None:
+        super().__init__([h for level in levels for h in level.balancer.hosts])
+        self.levels = list(levels)
+        self._bounds = list(accumulate([level.weight for level in self.levels]))
+        self._chooser: Balancer[Level[H]] = (
+            WeightedRandom(self.levels)
+            if policy.policy == "RANDOM"
+            else WeightedRoundRobin(self.levels)
+        )
+        self._key: str | None = None
+        if policy.policy == "CONSISTENT_HASH" and policy.hash_attribute is not None:
+            self._key = policy.hash_attribute.lower()
+
+    def pick(self, metadata: Metadata) -> H | None:
+        key = self._key
+        if key is not None:
+            value = metadata.attributes.get_folded(key)
+            if value is not None:
+                point = _hash(value.encode("utf-8", "surrogatepass")) % 100
+                i = bisect.bisect_right(self._bounds, point)
+                level = self.levels[i if i < len(self.levels) else -1]
+                return level.balancer.pick(metadata)
+        chosen = self._chooser.pick(metadata)
+        return None if chosen is None else chosen.balancer.pick(metadata)
 
 
 def _equal(hosts: Sequence[Host]) -> bool:

@@ -96,6 +96,15 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "connectionPool": plain(c.pool),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],
+                # Failover priorities (xDS only): each endpoint's, and each level's load.
+                **(
+                    {
+                        "priorities": [h.priority for h in c.hosts],
+                        "priorityLoad": {str(p): v for p, v in c.priority_load.items()},
+                    }
+                    if c.prioritised
+                    else {}
+                ),
                 "tls": dump_upstream(c.tls),
             }
             for c in engine.clusters.values()

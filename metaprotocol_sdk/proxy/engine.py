@@ -245,7 +245,13 @@ class Engine:
             cluster = serving  # unchanged: keep its connections and outlier state
         else:
             hosts = [
-                UpstreamHost(ep.address, ep.port_for(sport), ep.labels, ep.weight)
+                UpstreamHost(
+                    ep.address,
+                    ep.port_for(sport),
+                    ep.labels,
+                    ep.weight,
+                    ep.priority_in(port, subset),
+                )
                 for ep in endpoints
             ]
             cluster = Cluster(

@@ -9,7 +9,8 @@ tick of the detection ``interval`` after that (as Envoy's interval timer does); 
 ``maxEjectionPercent`` of the cluster, and always at least one endpoint, can be out at once.
 Ejected endpoints are skipped by every load balancer: the cluster rebuilds its balancer over
 the healthy ones. With none healthy, or fewer than ``minHealthPercent``, it balances over all of
-them (Envoy's panic mode).
+them (Envoy's panic mode). A cluster with failover priorities balances by Envoy's priority
+load instead, panic judged per level (see priority.py).
 """
 
 from __future__ import annotations

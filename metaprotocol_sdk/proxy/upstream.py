@@ -27,6 +27,7 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, make_balancer
 from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
 from .outlier import OutlierDetector
+from .priority import priority_balancer
 from .stats import Counter
 
 if TYPE_CHECKING:
@@ -135,11 +136,17 @@ class UpstreamHost:
         "next_conn",
         "outlier",
         "port",
+        "priority",
         "weight",
     )
 
     def __init__(
-        self, address: str, port: int, labels: dict[str, str] | None = None, weight: int = 1
+        self,
+        address: str,
+        port: int,
+        labels: dict[str, str] | None = None,
+        weight: int = 1,
+        priority: int = 0,
     ) -> None:
         self.address = address
         self.port = port
@@ -148,6 +155,9 @@ class UpstreamHost:
         self.labels = labels or {}
         #: The endpoint's load balancing weight (``endpoints[].weight``; 1 when unset).
         self.weight = weight
+        #: The endpoint's failover priority in its cluster (EDS ``LocalityLbEndpoints``), 0
+        #: (the first level) unless the cluster came over xDS with priorities.
+        self.priority = priority
         #: Requests in flight (for LEAST_REQUEST).
         self.active = 0
         #: Shared connections (shared mode only).
@@ -179,7 +189,16 @@ class Cluster:
         self.protocol = protocol
         self.hosts = hosts
         self.policy = policy
-        self.balancer: Balancer[UpstreamHost] = make_balancer(policy, hosts)
+        #: Whether the hosts have several failover priorities: then the balancer picks a
+        #: level by Envoy's priority load first (see priority.py); decided once, here.
+        self.prioritised = len({h.priority for h in hosts}) > 1
+        #: Each priority's share of requests, in percent (prioritised clusters only).
+        self.priority_load: dict[int, int] = {}
+        self.balancer: Balancer[UpstreamHost]
+        if self.prioritised:
+            self.balancer, self.priority_load = priority_balancer(policy, hosts, 0)
+        else:
+            self.balancer = make_balancer(policy, hosts)
         self.shared = protocol.codec_class.capabilities.rewrite_request_id
         #: Circuit-breaker limits (``trafficPolicy.connectionPool``), ``None``: none.
         self.pool = pool
@@ -234,6 +253,10 @@ class Cluster:
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
+        if self.prioritised:
+            panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
+            self.balancer, self.priority_load = priority_balancer(self.policy, self.hosts, panic)
+            return
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
         self.balancer = make_balancer(self.policy, hosts, self.hosts)
 

@@ -521,3 +521,42 @@ def port_policy_snapshot(
         ],
         ROUTE_TYPE: [route_configuration(f"{host}_{PORT}", [route])],
     }
+
+
+def failover_snapshot(
+    near: Sequence[tuple[str, int]], far: Sequence[tuple[str, int]], *, host: str = HOST
+) -> dict[str, list[Any]]:
+    """istiod's resources for a DestinationRule with ``outlierDetection`` while locality load
+    balancing is on (the mesh's default): the cluster of port ``PORT`` with consecutive
+    gateway errors and the panic threshold 0, and its endpoints by zone, ``near`` in the
+    proxy's zone at priority 0 and ``far`` in another zone of its region at priority 1 (one
+    ``LocalityLbEndpoints`` per zone, locality weight the number of its endpoints); subset v1
+    (the first of each) as istiod writes a subset's cluster. One route to the cluster."""
+    name = f"outbound|{PORT}||{host}"
+    subset = f"outbound|{PORT}|v1|{host}"
+    clusters = []
+    for cname in (name, subset):
+        c = cluster(cname)
+        c.outlier_detection.consecutive_gateway_failure.value = 1
+        c.outlier_detection.enforcing_consecutive_gateway_failure.value = 100
+        c.outlier_detection.consecutive_5xx.value = 0
+        c.outlier_detection.enforcing_consecutive_5xx.value = 0
+        c.outlier_detection.enforcing_success_rate.value = 0
+        c.outlier_detection.max_ejection_percent.value = 50
+        c.common_lb_config.healthy_panic_threshold.value = 0  # istiod's minHealthPercent
+        clusters.append(c)
+
+    def assignment(cname: str, zones: Sequence[Sequence[tuple[str, int]]]) -> Any:
+        cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cname)
+        for priority, (zone, endpoints) in enumerate(zip(("a", "b"), zones, strict=True)):
+            group = load_assignment(cname, endpoints).endpoints[0]
+            group.locality.CopyFrom(base_pb2.Locality(region="region", zone=zone))
+            group.priority = priority
+            cla.endpoints.append(group)
+        return cla
+
+    return {
+        CLUSTER_TYPE: clusters,
+        ENDPOINT_TYPE: [assignment(name, [near, far]), assignment(subset, [near[:1], far[:1]])],
+        ROUTE_TYPE: [route_configuration(RDS_NAME, [MetaRoute("hello", [(name, 100)])])],
+    }

@@ -35,6 +35,7 @@ from snapshots import (
     ROUTE_TYPE,
     MetaRoute,
     cluster,
+    failover_snapshot,
     hello_snapshots,
     load_assignment,
     port_policy_snapshot,
@@ -783,6 +784,56 @@ def test_two_ports_of_a_host_with_their_own_policies_are_applied(
         # Port 9090 takes turns; port 9091 always picks the endpoint `sayHello` hashes to.
         assert {f"a{PORT}", f"b{PORT}"} <= set(replies)
         assert len({r for r in replies if r.endswith(str(other))}) == 1
+    finally:
+        harness.close()
+        for s in servers.values():
+            s.close()
+
+
+def test_failover_priorities_keep_traffic_near_until_ejections(
+    control_plane: ControlPlane,
+) -> None:
+    """istiod's locality failover (:func:`failover_snapshot`): the engine ACKs it (it NACKed
+    priorities before) and sends everything to priority 0 (a, b) while it is healthy; with b
+    ejected (1 of 2 healthy: 70%) 30% spills to priority 1 (c), in a smooth round robin;
+    with b back, all returns to priority 0."""
+    servers = {name: HelloServer(name).start() for name in ("a", "b", "c")}
+    near = [("127.0.0.1", servers["a"].port), ("127.0.0.1", servers["b"].port)]
+    control_plane.set_snapshot("1", failover_snapshot(near, [("127.0.0.1", servers["c"].port)]))
+    harness = Harness(config_yaml(control_plane.port))
+    name = f"outbound|{PORT}||{HOST}"
+    try:
+        harness.wait(lambda c: acked("1")(c) or c.types[ENDPOINT_TYPE].nacks > 0)
+        assert harness.client.types[ENDPOINT_TYPE].nacks == 0, harness.dump()["xds"]
+        harness.wait(acked("1"))
+        (dumped,) = [c for c in harness.dump()["clusters"] if c["name"] == name]
+        by_port = {
+            int(key.rsplit(":", 1)[1]): p
+            for key, p in zip(dumped["endpoints"], dumped["priorities"], strict=True)
+        }
+        assert by_port == {servers["a"].port: 0, servers["b"].port: 0, servers["c"].port: 1}
+        assert dumped["priorityLoad"] == {"0": 100, "1": 0}
+        cluster = harness.engine.clusters[name]
+        b = next(h for h in cluster.hosts if h.port == servers["b"].port)
+
+        async def set_health(ejected: bool) -> None:
+            assert cluster.outlier is not None  # the detector istiod's fields configure
+            if ejected:
+                cluster.outlier.eject(b)
+            else:
+                cluster.outlier.readmit(b)
+
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(40) == {"a": 20, "b": 20}
+            harness.call(set_health(True))
+            assert cluster.priority_load == {0: 70, 1: 30}
+            assert caller.next(100) == {"a": 70, "c": 30}
+            harness.call(set_health(False))
+            assert set(caller.next(40)) == {"a", "b"}
+        finally:
+            caller.close()
+        assert not caller.errors
     finally:
         harness.close()
         for s in servers.values():

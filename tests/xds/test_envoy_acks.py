@@ -27,11 +27,14 @@ from snapshots import (
     DUBBO_INTERFACE,
     DUBBO_RDS_NAME,
     ENDPOINT_TYPE,
+    HOST,
     MESH_CLUSTERS,
+    PORT,
     RDS_NAME,
     ROUTE_TYPE,
     SECRET_TYPE,
     dubbo_snapshots,
+    failover_snapshot,
     file_secrets,
     hello_snapshots,
     port_policy_snapshot,
@@ -241,6 +244,20 @@ def test_envoy_acks_per_port_policies(control_plane: ControlPlane, envoy: str) -
     assert clusters["outbound|9091||hello.svc"]["lb_policy"] == "RING_HASH"
     assert clusters["outbound|9091|v1|hello.svc"]["lb_policy"] == "LEAST_REQUEST"
     assert "lb_policy" not in clusters["outbound|9090||hello.svc"]  # ROUND_ROBIN, the default
+
+
+def test_envoy_acks_failover_priorities(control_plane: ControlPlane, envoy: str) -> None:
+    """The engine's failover test: istiod's locality failover, each zone's endpoints at
+    their own priority, with outlier detection on the cluster and its subset."""
+    near, far = [("127.0.0.1", 20001), ("127.0.0.1", 20002)], [("127.0.0.1", 20003)]
+    _ack_every_version(control_plane, [("failover", failover_snapshot(near, far))])
+    endpoints = _dump(envoy, "dynamic_endpoint_configs&include_eds")["configs"]
+    plain = next(
+        e["endpoint_config"]
+        for e in endpoints
+        if e["endpoint_config"]["cluster_name"] == f"outbound|{PORT}||{HOST}"
+    )
+    assert [g.get("priority", 0) for g in plain["endpoints"]] == [0, 1]
 
 
 def test_envoy_acks_what_the_engine_refuses(control_plane: ControlPlane, envoy: str) -> None:

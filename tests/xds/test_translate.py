@@ -30,6 +30,7 @@ from snapshots import (
     MetaRoute,
     cluster,
     dns_cluster,
+    failover_snapshot,
     headless_cluster,
     hello_snapshots,
     istiod_pool_options,
@@ -49,6 +50,7 @@ from metaprotocol_sdk.proxy.config.models import (
     LoadBalancer,
     TrafficPolicy,
     UpstreamTls,
+    priority_label,
 )
 from metaprotocol_sdk.proxy.workers import WorkerSpec
 from metaprotocol_sdk.proxy.xds.translate import (
@@ -416,6 +418,63 @@ def test_a_route_to_a_cluster_cds_has_not_sent_applies_with_no_endpoints() -> No
     assert config.routers["hello.svc"].routes[0].destinations[0].subset == "v1"
 
 
+def test_failover_priorities_are_carried_to_each_cluster_endpoint() -> None:
+    """istiod's locality failover (:func:`failover_snapshot`): each LocalityLbEndpoints'
+    priority reaches the endpoints of the cluster it came in (an internal label per port and
+    subset, only where it is not 0), so the engine's clusters balance by priority."""
+    near, far = [("10.0.0.1", 9090), ("10.0.0.2", 9090)], [("10.0.1.1", 9090)]
+    config = translate(base(), resources(failover_snapshot(near, far)))
+    endpoints = {ep.address: ep for ep in config.services[HOST].endpoints}
+    plain, v1 = priority_label(9090, None), priority_label(9090, "v1")
+    assert {a: ep.priority_in(9090, None) for a, ep in endpoints.items()} == {
+        "10.0.0.1": 0,
+        "10.0.0.2": 0,
+        "10.0.1.1": 1,
+    }
+    assert {a: ep.priority_in(9090, "v1") for a, ep in endpoints.items()} == {
+        "10.0.0.1": 0,
+        "10.0.0.2": 0,  # not in the subset
+        "10.0.1.1": 1,
+    }
+    assert endpoints["10.0.1.1"].labels[plain] == "1" == endpoints["10.0.1.1"].labels[v1]
+    assert not any(
+        k.startswith("xds.metaprotocol.io/priority") for k in endpoints["10.0.0.1"].labels
+    )
+    # Priorities without outlier detection or without locality failover: none at all.
+    plain_docs = translate(base(), resources(snapshot()))
+    assert not any(
+        k.startswith("xds.metaprotocol.io/priority")
+        for ep in plain_docs.services[HOST].endpoints
+        for k in ep.labels
+    )
+    # A subset with its own priorities (its own localityLbSetting): per cluster.
+    snap = failover_snapshot(near, far)
+    snap[ENDPOINT_TYPE][1].endpoints[1].priority = 2
+    endpoints = {
+        ep.address: ep for ep in translate(base(), resources(snap)).services[HOST].endpoints
+    }
+    assert (
+        endpoints["10.0.1.1"].priority_in(9090, None),
+        endpoints["10.0.1.1"].priority_in(9090, "v1"),
+    ) == (1, 2)
+    # Locality weights are checked per priority (as Envoy weighs localities within one).
+    snap = failover_snapshot(near, far)
+    for c in snap[CLUSTER_TYPE]:
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+    translate(base(), resources(snap))
+    snap[ENDPOINT_TYPE][0].endpoints[1].load_balancing_weight.value = 7
+    translate(base(), resources(snap))  # the only locality of priority 1
+    snap[ENDPOINT_TYPE][0].endpoints[1].priority = 0
+    assert "locality weights not in proportion" in refusal(resources(snap))
+    # An overprovisioning factor other than Envoy's default would change the loads.
+    snap = failover_snapshot(near, far)
+    snap[ENDPOINT_TYPE][0].policy.overprovisioning_factor.value = 200
+    message = refusal(resources(snap))
+    assert "policy.overprovisioning_factor" in message and "140" in message
+    snap[ENDPOINT_TYPE][0].policy.overprovisioning_factor.value = 140
+    translate(base(), resources(snap))
+
+
 def test_refused_cluster_and_endpoint_fields() -> None:
     snap = snapshot()
     snap[ENDPOINT_TYPE][1] = load_assignment(V1, [("127.0.0.1", 29999)])
@@ -423,10 +482,6 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     snap = snapshot()
     snap[ENDPOINT_TYPE][0].endpoints[0].lb_endpoints[0].load_balancing_weight.value = 5
     assert "an endpoint has one weight in every cluster of its host" in refusal(resources(snap))
-    snap = snapshot()
-    snap[ENDPOINT_TYPE][0].endpoints[0].priority = 1
-    message = refusal(resources(snap))
-    assert "failover priorities" in message and "localityLbSetting.enabled" in message
     snap = snapshot()
     snap[CLUSTER_TYPE][0].health_checks.add()
     assert refusal(resources(snap)).startswith(f"CDS {ALL}: health_checks: not supported")

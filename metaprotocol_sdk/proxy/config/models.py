@@ -44,6 +44,18 @@ class ServicePort:
     target_port: int | None = None
 
 
+#: Where the xDS translation puts an endpoint's failover priority in one cluster (EDS
+#: ``LocalityLbEndpoints.priority``; Istio's ``ServiceEntry`` has no such field): the label
+#: :func:`priority_label` names holds it, when it is not 0.
+PRIORITY_LABEL = "xds.metaprotocol.io/priority-"
+
+
+def priority_label(port: int, subset: str | None) -> str:
+    """The label holding an endpoint's failover priority in the cluster of a service port
+    and subset (a port's clusters, and a subset's, may each have their own priorities)."""
+    return f"{PRIORITY_LABEL}{port}" if subset is None else f"{PRIORITY_LABEL}{port}.{subset}"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One ``ServiceEntry`` endpoint."""
@@ -57,6 +69,12 @@ class Endpoint:
     def port_for(self, port: ServicePort) -> int:
         """The endpoint's port for a service port (named port, targetPort, or the number)."""
         return self.ports.get(port.name, port.target_port or port.number)
+
+    def priority_in(self, port: int, subset: str | None) -> int:
+        """The endpoint's failover priority in the cluster of service port ``port`` and
+        ``subset``: its :func:`priority_label`, 0 (the first level) without one."""
+        value = self.labels.get(priority_label(port, subset))
+        return int(value) if value is not None and value.isascii() and value.isdigit() else 0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import copy
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from metaprotocol_sdk.errors import ConfigError
 
 from ..config.loader import PORT_PREFIX, build_config
-from ..config.models import Config
+from ..config.models import Config, priority_label
 
 #: Fields read from each resource type and ignored, with why they cannot change traffic here.
 IGNORED: dict[str, dict[str, str]] = {
@@ -98,9 +98,13 @@ IGNORED: dict[str, dict[str, str]] = {
         "auto_config": "the HTTP version of upstream connections",
         "header_validation_config": "HTTP header validation",
     },
-    "ClusterLoadAssignment": {"policy": "overprovisioning and endpoint staleness are Envoy's"},
+    "ClusterLoadAssignment": {
+        "policy": "endpoint staleness is Envoy's; the overprovisioning factor is checked to be "
+        "Envoy's default, 140, where endpoints have several priorities",
+    },
     "LocalityLbEndpoints": {
-        "locality": "locality-aware load balancing is not done; every endpoint is alike",
+        "locality": "locality-aware load balancing is not done; istiod's locality failover "
+        "arrives as each locality's priority",
         "load_balancing_weight": "Envoy reads it only with the cluster's common_lb_config."
         "locality_weighted_lb_config; then it is checked to be in proportion to the sums of "
         "the localities' endpoint weights (as istiod writes it), which changes nothing",
@@ -478,6 +482,17 @@ def _route_table(name: str, rc: Any, listeners: Mapping[str, tuple[str, int]]) -
 # -- CDS / EDS ---------------------------------------------------------------------------------
 
 
+class _Endpoint(NamedTuple):
+    """One endpoint of a cluster to route to."""
+
+    address: str
+    port: int
+    #: Its ``load_balancing_weight`` (1 when unset).
+    weight: int
+    #: Its ``LocalityLbEndpoints.priority`` (failover level, 0 the first).
+    priority: int
+
+
 @dataclass
 class _HostPort:
     """One outbound cluster's parsed policy and endpoints."""
@@ -485,8 +500,7 @@ class _HostPort:
     name: ClusterName
     policy: dict[str, Any]
     ring_hash: bool
-    #: (address, port, load balancing weight) of each endpoint to route to.
-    endpoints: list[tuple[str, int, int]]
+    endpoints: list[_Endpoint]
     #: The xDS field each key of ``policy["tls"]`` came from.
     tls_origin: dict[str, str] = field(default_factory=dict)
 
@@ -1040,25 +1054,19 @@ def _transport_socket(res: str, c: Any) -> _Tls | None:
     return _Tls(doc, origin)
 
 
-def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[tuple[str, int, int]]:
-    """The endpoints to route to, with their weights; ``locality_weighted``: the cluster has
-    ``common_lb_config.locality_weighted_lb_config`` (Envoy then picks a locality by its
-    weight first, which only weights in proportion to the endpoints' give the same traffic)."""
+def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[_Endpoint]:
+    """The endpoints to route to, with their weights and failover priorities;
+    ``locality_weighted``: the cluster has ``common_lb_config.locality_weighted_lb_config``
+    (Envoy then picks a locality of a priority level by its weight first, which only weights
+    in proportion to the endpoints' give the same traffic)."""
     _check(res, cla, "", "ClusterLoadAssignment", {"cluster_name", "endpoints"})
     out = []
-    localities: list[tuple[int, int]] = []  # (locality weight, sum of its endpoint weights)
+    # Per priority: (locality weight, sum of its endpoint weights) of each locality.
+    localities: dict[int, list[tuple[int, int]]] = {}
     for i, group in enumerate(cla.endpoints):
         gpath = f"endpoints[{i}]"
         _check(res, group, gpath, "LocalityLbEndpoints", {"lb_endpoints", "priority"})
-        if group.priority:
-            raise XdsRefused(
-                res,
-                f"{gpath}.priority",
-                "failover priorities are not supported (istiod writes them for a "
-                "DestinationRule with outlierDetection while locality load balancing is on, "
-                "the mesh's default, and endpoints are in other localities than this proxy: "
-                "set the rule's loadBalancer.localityLbSetting.enabled to false)",
-            )
+        priority = group.priority
         total = 0
         for j, lb in enumerate(group.lb_endpoints):
             lpath = f"{gpath}.lb_endpoints[{j}]"
@@ -1091,12 +1099,23 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[tuple[str, i
                 raise XdsRefused(
                     res, f"{lpath}.endpoint.address.socket_address", "needs an address and a port"
                 )
-            out.append((sa.address, sa.port_value, weight))
+            out.append(_Endpoint(sa.address, sa.port_value, weight, priority))
         if group.lb_endpoints:
-            localities.append((group.load_balancing_weight.value, total))
-    if locality_weighted and localities:
-        first_weight, first_total = localities[0]
-        if any(w * first_total != first_weight * t for w, t in localities):
+            localities.setdefault(priority, []).append((group.load_balancing_weight.value, total))
+    factor = cla.policy.overprovisioning_factor
+    if (
+        len(localities) > 1
+        and cla.policy.HasField("overprovisioning_factor")
+        and factor.value != 140
+    ):
+        raise XdsRefused(
+            res,
+            "policy.overprovisioning_factor",
+            "only Envoy's default, 140, is supported with failover priorities",
+        )
+    for level in localities.values() if locality_weighted else ():
+        first_weight, first_total = level[0]
+        if any(w * first_total != first_weight * t for w, t in level):
             raise XdsRefused(
                 res,
                 "endpoints",
@@ -1338,13 +1357,13 @@ def _host_documents(
     multi = len(ports) > 1
     plain = {hp.name.port: hp for hp in clusters if hp.name.subset is None}
     # Sets, not the lists: a subset's every endpoint is looked up in its service's.
-    owned = {port: {(a, p) for a, p, _ in hp.endpoints} for port, hp in plain.items()}
+    owned = {port: {(ep.address, ep.port) for ep in hp.endpoints} for port, hp in plain.items()}
     # Endpoint identity: (address, port) on a single-port host; the address on a multi-port one.
     entries: dict[Any, dict[str, Any]] = {}
     weights: dict[Any, tuple[int, ClusterName]] = {}  # an endpoint's weight, and whose
     for hp in clusters:
         seen = set()
-        for address, port, weight in hp.endpoints:
+        for address, port, weight, priority in hp.endpoints:
             key = address if multi else (address, port)
             first, where = weights.setdefault(key, (weight, hp.name))
             if first != weight:
@@ -1371,6 +1390,8 @@ def _host_documents(
                 raise XdsRefused(
                     f"EDS {hp.name}", "", f"address {address} has two ports for port {pname}"
                 )
+            if priority:  # the engine reads it back per cluster (Endpoint.priority_in)
+                entry["labels"][priority_label(hp.name.port, hp.name.subset)] = str(priority)
             if hp.name.subset is not None:
                 entry["labels"][SUBSET_LABEL + hp.name.subset] = "true"
                 owner = plain.get(hp.name.port)
