@@ -223,7 +223,10 @@ class Engine:
         sport = service.ports[port]
         rule = config.destination_rules.get(host)
         # Clusters are per port already: a port's settings (portLevelSettings) apply here.
-        traffic = rule.policy_for(port, subset) if rule else TrafficPolicy()
+        # Groups set to nothing are dropped: an empty pool checks no limits per request, a
+        # detection with both counts off makes no detector, and a reload between the two
+        # spellings keeps the cluster.
+        traffic = rule.policy_for(port, subset).applied() if rule else TrafficPolicy()
         policy = traffic.load_balancer or LoadBalancer()
         labels = rule.subsets[subset].labels if subset is not None and rule is not None else {}
         endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]

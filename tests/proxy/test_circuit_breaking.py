@@ -225,6 +225,101 @@ def test_error_replies_eject_and_too_few_healthy_is_panic() -> None:
     run(main())
 
 
+TO_V1 = """\
+- name: all
+  route: [{destination: {host: svc.test, subset: v1}}]
+"""
+
+
+def with_v1_policy(text: str, traffic: str) -> str:
+    """``text`` (a :func:`mesh`) with subset v1's ``trafficPolicy``."""
+    v1 = "- {name: v1, labels: {version: v1}}"
+    assert v1 in text
+    return text.replace(v1, f"- {{name: v1, labels: {{version: v1}}, trafficPolicy: {traffic}}}")
+
+
+def test_empty_outlier_detection_ejects_after_five_errors_in_a_row() -> None:
+    """``outlierDetection: {}`` is detection on with Istio's and Envoy's defaults (5
+    consecutive errors, ejection 30s, at most 10 % but one endpoint): it was read as none."""
+
+    async def main() -> None:
+        good, bad = await Upstream("good").start(), await Failing("bad").start()
+        text = mesh([(bad.port, "v1"), (good.port, "v1")], traffic_policy=policy("", "{}"))
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            servers = [(await c.call()).attributes["server"] for _ in range(8)]  # round robin
+            assert servers.count("bad") == 4 and ejected(engine) == 0
+            servers = [(await c.call()).attributes["server"] for _ in range(2)]
+            assert servers.count("bad") == 1 and ejected(engine) == 1  # the fifth in a row
+            servers = [(await c.call()).attributes["server"] for _ in range(6)]
+            assert set(servers) == {"good"}
+            c.close()
+        await good.close()
+        await bad.close()
+
+    run(main())
+
+
+def test_a_subsets_detection_off_overrides_the_rules() -> None:
+    """A subset's ``outlierDetection`` replaces the rule's whole (Istio's mergeTrafficPolicy):
+    ``{consecutive5xxErrors: 0}`` turns detection off for the subset's clusters and makes no
+    detector; ``{}`` is the defaults (5 in a row), not the rule's 2. Both were read as unset,
+    so the subset had the rule's detection."""
+
+    async def main() -> None:
+        good, bad = await Upstream("good").start(), await Failing("bad").start()
+        rule = policy("", "{consecutive5xxErrors: 2, baseEjectionTime: 1h}")
+        endpoints = [(bad.port, "v1"), (good.port, "v1")]
+        for own, errors in (("{consecutive5xxErrors: 0}", 10), ("{}", 5)):
+            text = with_v1_policy(
+                mesh(endpoints, router=TO_V1, traffic_policy=rule), f"{{outlierDetection: {own}}}"
+            )
+            async with engine_for(text) as engine:
+                cluster = engine.clusters["outbound|9000|v1|svc.test"]
+                assert (cluster.outlier is None) is (errors == 10)
+                c = await Client.connect(address(engine))
+                servers = [(await c.call()).attributes["server"] for _ in range(20)]
+                assert servers.count("bad") == errors, own  # round robin, until ejected
+                assert ejected(engine) == (errors == 5)
+                c.close()
+        await good.close()
+        await bad.close()
+
+    run(main())
+
+
+def test_a_pool_set_to_nothing_is_no_pool() -> None:
+    """A subset's ``connectionPool: {}`` replaces the rule's (no limits for the subset, as in
+    Istio), and the engine builds its cluster with no pool at all: no limit is checked per
+    request, as without ``connectionPool``. A reload between the two spellings keeps the
+    cluster (and its connections)."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        rule = policy("{tcp: {maxConnections: 1}, http: {http2MaxRequests: 1}}")
+        base = mesh([(a.port, "v1")], router=TO_V1, traffic_policy=rule)
+        rule = loads_config(base).destination_rules["svc.test"]
+        assert rule.policy_for(9000, "v1").connection_pool == rule.policy.connection_pool
+        async with engine_for(with_v1_policy(base, "{connectionPool: {}}")) as engine:
+            cluster = engine.clusters["outbound|9000|v1|svc.test"]
+            assert cluster.pool is None
+            c = await Client.connect(address(engine))
+            assert (await c.call()).attributes["server"] == "a"
+            plain = mesh([(a.port, "v1")], router=TO_V1)
+            await engine.apply(loads_config(with_v1_policy(plain, "{}")))
+            assert engine.clusters["outbound|9000|v1|svc.test"] is cluster
+            c.close()
+        # The rule's own connectionPool: {} (the loader keeps it, set): no pool either.
+        text = mesh([(a.port, "v1")], traffic_policy=policy("{}"))
+        rule = loads_config(text).destination_rules["svc.test"]
+        assert rule.policy.connection_pool is not None
+        async with engine_for(text) as engine:
+            assert engine.clusters["outbound|9000||svc.test"].pool is None
+        await a.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize(
     ("traffic", "field"),
     [

@@ -21,6 +21,7 @@ import yaml
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.config import Config
+from metaprotocol_sdk.proxy.config.models import LoadBalancer, TrafficPolicy
 
 KV = "metaprotocol_sdk.examples.kv:KVCodec"
 AUDIT = "metaprotocol_sdk.examples.audit_filter:AuditFilter"
@@ -1036,6 +1037,26 @@ def test_port_settings_for_a_port_no_service_entry_declares_load_with_a_warning(
         "(ports: 9000): these settings apply to no traffic"
     ) in warning
     assert _rule(config).policy_for(9000).load_balancer.policy == "ROUND_ROBIN"
+
+
+def test_a_port_leaving_out_a_group_set_to_nothing_is_not_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A group set but changing nothing (no limits, detection off, plain TCP) is the default
+    # already: a port's entry that leaves it out changes nothing either.
+    text = with_fields(
+        "DestinationRule",
+        (f"{POLICY}.connectionPool", {}),
+        (f"{POLICY}.outlierDetection", {"consecutive5xxErrors": 0}),
+        (f"{POLICY}.tls", {}),
+        (f"{POLICY}.portLevelSettings", [PORT_ENTRY]),
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        rule = _rule(loads_config(text, "fields.yaml"))
+    assert config_warnings(caplog) == []
+    assert rule.policy.connection_pool is not None and rule.policy.connection_pool.inert
+    assert rule.policy.outlier_detection is not None and rule.policy.outlier_detection.inert
+    assert rule.policy.applied() == TrafficPolicy(LoadBalancer())
 
 
 def test_a_group_port_settings_leave_out_has_its_default_with_a_warning(

@@ -32,6 +32,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy.config.models import LoadBalancer
 
 PORTS = (9000, 9001, 9002)
 NO_REWRITE = ("kvnr", "proxy_test_codecs:NoRewriteKVCodec")
@@ -371,10 +372,6 @@ def test_policy_for_resolves_every_group_as_istio() -> None:
     assert list(groups("any", 9001)) == list(groups(None, 9001))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty connectionPool loads as unset (None), so the subset inherits the rule's",
-)
 def test_a_subsets_empty_connection_pool_overrides_the_rules_as_in_istio() -> None:
     # Istio's mergeTrafficPolicy replaces a group the subset's trafficPolicy sets, and
     # `connectionPool: {}` is set (a non-nil message): the subset's clusters have no limits,
@@ -390,4 +387,23 @@ def test_a_subsets_empty_connection_pool_overrides_the_rules_as_in_istio() -> No
     for port in (9000, 9001):
         pool = rule.policy_for(port, "v1").connection_pool
         limits.append(None if pool is None else pool.max_connections)
-    assert limits == [None, None]  # the engine gives [5, 3]
+    assert limits == [None, None]  # not the rule's [5, 3]
+
+
+def test_a_subsets_empty_load_balancer_and_tls_override_the_rules_as_in_istio() -> None:
+    # The same for the other groups: a subset's `loadBalancer: {}` is the default policy, not
+    # the rule's (istiod: no simple is its default algorithm); `tls: {}` is mode DISABLE
+    # (the enum's zero), plain TCP where the rule has TLS; a port's entry too.
+    text = three_ports(
+        {"a": {p: 1 for p in PORTS}},
+        "{loadBalancer: {simple: RANDOM}, tls: {mode: SIMPLE, insecureSkipVerify: true}}",
+        "{loadBalancer: {}, tls: {}, portLevelSettings: [{port: {number: 9001}, tls: {}}]}",
+    )
+    rule = loads_config(text, "t.yaml").destination_rules["svc.test"]
+    for port in (9000, 9001):
+        policy = rule.policy_for(port, "v1")
+        assert policy.load_balancer in (LoadBalancer(), None)
+        assert policy.tls is not None and policy.tls.mode == "DISABLE"
+        assert policy.applied().tls is None
+    assert rule.policy_for(9000, "v1").load_balancer == LoadBalancer()  # set, so it replaces
+    assert rule.policy_for(9000).load_balancer == LoadBalancer("RANDOM")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from metaprotocol_sdk.proxy.config.loader import build_config
 from metaprotocol_sdk.proxy.config.models import (
     AttributeMatch,
     Config,
+    ConnectionPool,
     LoadBalancer,
     TrafficPolicy,
     UpstreamTls,
@@ -1027,15 +1028,15 @@ def rule_doc(config: Config) -> dict[str, Any]:
 
 
 def effective(policy: TrafficPolicy) -> TrafficPolicy:
-    """What the engine does with ``policy``: no load balancer is round robin, tls DISABLE is
-    no TLS."""
-    tls = policy.tls if policy.tls is not None and policy.tls.enabled else None
-    return TrafficPolicy(
-        policy.load_balancer or LoadBalancer(),
-        policy.connection_pool,
-        policy.outlier_detection,
-        tls,
-    )
+    """What the engine does with ``policy`` (as ``Engine._cluster`` builds it): no load
+    balancer is round robin, and a group set to nothing (``connectionPool: {}``,
+    ``outlierDetection: {consecutive5xxErrors: 0}``, tls DISABLE) is none.
+
+    Compared so, not as loaded: a port's entry writes those explicit defaults where the
+    cluster translated alone leaves the group out, the same traffic in two spellings; a
+    wrong merge still shows, as another applied policy."""
+    applied = policy.applied()
+    return replace(applied, load_balancer=applied.load_balancer or LoadBalancer())
 
 
 def assert_each_cluster_has_its_own_policy(
@@ -1121,7 +1122,9 @@ def test_ports_of_different_policies_become_port_level_settings() -> None:
 def test_a_port_entry_says_the_defaults_of_what_it_replaces(files: Files) -> None:
     """Where the rule's policy sets outlier detection, a connection limit and TLS, a port
     whose cluster has none of them gets an entry that says so (an entry replaces the policy
-    whole, so leaving them out would say it too, with a caution when read from a file)."""
+    whole, so leaving them out would say it too, with a caution when read from a file).
+    Detection off is ``consecutive5xxErrors: 0``: an empty ``outlierDetection`` is detection
+    on with the defaults, as in Istio (it was written for "off")."""
     full = Policy(max_connections=5, consecutive_5xx=2, tls="simple")
     bare = cluster(f"outbound|9091||{HOST}")
     del bare.circuit_breakers.thresholds[:]
@@ -1135,12 +1138,38 @@ def test_a_port_entry_says_the_defaults_of_what_it_replaces(files: Files) -> Non
         "port": {"number": 9091},
         "loadBalancer": {"simple": "ROUND_ROBIN"},
         "connectionPool": {},
-        "outlierDetection": {},
+        "outlierDetection": {"consecutive5xxErrors": 0},
         "tls": {"mode": "DISABLE"},
     }
     rule = config.destination_rules[HOST]
-    assert effective(rule.policy_for(9091)) == TrafficPolicy(LoadBalancer())
+    port = rule.policy_for(9091)
+    # Set, to nothing: what the engine applies is no pool, no detection, plain TCP.
+    assert port.connection_pool == ConnectionPool()
+    assert port.outlier_detection is not None and port.outlier_detection.inert
+    assert port.applied() == TrafficPolicy(LoadBalancer())
     assert_each_cluster_has_its_own_policy({**policies, (9090, "v1"): Policy()}, files)
+
+
+def test_a_subsets_policy_says_the_defaults_of_the_groups_the_rule_sets() -> None:
+    """A subset whose clusters have no outlier detection, on a host whose clusters have it:
+    its ``trafficPolicy`` turns detection off itself (a subset's group replaces the rule's,
+    as in Istio), where it took a ``portLevelSettings`` entry per port; the subset's
+    clusters on every port have none, the host's keep the rule's."""
+    policies = {
+        (9090, None): Policy(consecutive_5xx=3),
+        (9091, None): Policy(consecutive_5xx=3),
+        (9090, "v1"): Policy(),
+        (9091, "v1"): Policy(),
+    }
+    config = assert_each_cluster_has_its_own_policy(policies)
+    (v1,) = rule_doc(config)["spec"]["subsets"]
+    assert v1["trafficPolicy"]["outlierDetection"] == {"consecutive5xxErrors": 0}
+    assert "portLevelSettings" not in v1["trafficPolicy"]
+    rule = config.destination_rules[HOST]
+    for port in (9090, 9091):
+        assert rule.policy_for(port, "v1").applied().outlier_detection is None
+        detection = rule.policy_for(port).outlier_detection
+        assert detection is not None and detection.consecutive_errors == 3
 
 
 def test_tls_per_port_and_per_subset_port(files: Files) -> None:

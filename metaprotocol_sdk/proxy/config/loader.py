@@ -568,9 +568,19 @@ def _weight(doc: _Doc, raw: Mapping[str, Any], path: str) -> int:
 # -- DestinationRule ---------------------------------------------------------------------------
 
 
+def _group(doc: _Doc, policy: Mapping[str, Any], key: str, path: str) -> dict[str, Any] | None:
+    """A ``trafficPolicy`` group: ``None`` when absent (unset: inherited, or the default),
+    else its mapping. An empty one is set, as in Istio (a message, not nil): a subset's
+    ``connectionPool: {}`` replaces the rule's, ``outlierDetection: {}`` turns detection on
+    with the defaults."""
+    if policy.get(key) is None:
+        return None
+    return doc.mapping(policy, key, f"{path}.{key}")
+
+
 def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer | None:
-    lb = doc.mapping(policy, "loadBalancer", f"{path}.loadBalancer", required=False)
-    if not lb:
+    lb = _group(doc, policy, "loadBalancer", path)
+    if lb is None:
         return None
     doc.check(lb, f"{path}.loadBalancer", schema.LOAD_BALANCER)
     simple = doc.get(lb, "simple", f"{path}.loadBalancer.simple")
@@ -583,7 +593,7 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
         attribute = doc.string(hashing, "httpHeaderName", hpath)
         return LoadBalancer("CONSISTENT_HASH", attribute)
     if simple is None:
-        return None
+        return LoadBalancer()  # set, with the default policy (it replaces a rule's)
     if simple not in _LB_SIMPLE:
         doc.fail(
             f"{path}.loadBalancer.simple",
@@ -656,8 +666,8 @@ def _tls_path(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> str | N
 def _upstream_tls(doc: _Doc, policy: Mapping[str, Any], path: str) -> UpstreamTls | None:
     """``trafficPolicy.tls`` (Istio's ``ClientTLSSettings``): its files are read and the
     context built now, so that a bad file is an error naming its field."""
-    raw = doc.mapping(policy, "tls", f"{path}.tls", required=False)
-    if not raw:
+    raw = _group(doc, policy, "tls", path)
+    if raw is None:
         return None
     path = f"{path}.tls"
     doc.check(raw, path, schema.TLS)
@@ -818,8 +828,8 @@ def _tls_path_required(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -
 
 
 def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> ConnectionPool | None:
-    raw = doc.mapping(policy, "connectionPool", f"{path}.connectionPool", required=False)
-    if not raw:
+    raw = _group(doc, policy, "connectionPool", path)
+    if raw is None:
         return None
     path = f"{path}.connectionPool"
     doc.check(raw, path, schema.CONNECTION_POOL)
@@ -874,8 +884,8 @@ def _tcp_limit(doc: _Doc, tcp: Mapping[str, Any], key: str, path: str) -> float 
 
 
 def _outlier_detection(doc: _Doc, policy: Mapping[str, Any], path: str) -> OutlierDetection | None:
-    raw = doc.mapping(policy, "outlierDetection", f"{path}.outlierDetection", required=False)
-    if not raw:
+    raw = _group(doc, policy, "outlierDetection", path)
+    if raw is None:
         return None
     path = f"{path}.outlierDetection"
     doc.check(raw, path, schema.OUTLIER_DETECTION)
@@ -990,9 +1000,8 @@ def _port_settings(
                 f"(ports: {_some_ports(service)}): these settings apply to no traffic",
             )
             continue
-        base = (own or TrafficPolicy()).over((rule_ports or {}).get(number, top))
-        if base.tls is not None and not base.tls.enabled:
-            base = dataclasses.replace(base, tls=None)  # DISABLE: the default already
+        # A group set to nothing (tls DISABLE, an empty pool) is the default already.
+        base = (own or TrafficPolicy()).over((rule_ports or {}).get(number, top)).applied()
         dropped = [
             group
             for group, attr in _GROUP_ATTRS

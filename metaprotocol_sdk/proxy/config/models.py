@@ -132,11 +132,20 @@ class ConnectionPool:
     max_retries: int | None = None
 
     @property
+    def inert(self) -> bool:
+        """Whether it sets nothing (``connectionPool: {}``): no limits, the engine's
+        defaults, exactly as no pool."""
+        return self == _NO_POOL
+
+    @property
     def upstream_idle_timeout(self) -> float | None:
         """How long an upstream connection may have nothing in flight: ``http.idleTimeout``
         when set, else ``tcp.idleTimeout`` (istiod gives the Envoy cluster the same one);
         ``None``: neither is set."""
         return self.tcp_idle_timeout if self.idle_timeout is None else self.idle_timeout
+
+
+_NO_POOL = ConnectionPool()
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,12 @@ class OutlierDetection:
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 10
     min_health_percent: int = 0
+
+    @property
+    def inert(self) -> bool:
+        """Whether both counts are off (``consecutive5xxErrors: 0`` and no gateway errors):
+        nothing is ever ejected, exactly as without detection."""
+        return self.consecutive_errors is None and self.consecutive_gateway_errors is None
 
 
 #: ``DestinationRule.trafficPolicy.tls.mode`` values this engine honours.
@@ -226,21 +241,37 @@ class ListenerTls:
 
 @dataclass(frozen=True)
 class TrafficPolicy:
-    """What a ``trafficPolicy`` sets (a subset's policy overrides the rule's, per field)."""
+    """What a ``trafficPolicy`` sets, group by group (``None``: not set).
+
+    A set group may change nothing (``connectionPool: {}``, ``outlierDetection:
+    {consecutive5xxErrors: 0}``, ``tls: {mode: DISABLE}``): it still overrides the group it
+    is over, as in Istio; :meth:`applied` drops it where the engine builds a cluster.
+    """
 
     load_balancer: LoadBalancer | None = None
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
-    #: ``tls`` (``None``: not set; a ``DISABLE`` value overrides the rule's).
     tls: UpstreamTls | None = None
 
     def over(self, base: TrafficPolicy) -> TrafficPolicy:
-        """This policy where it sets something, else ``base``."""
+        """Each group this policy sets (even to nothing), else ``base``'s (Istio's
+        ``mergeTrafficPolicy`` of a subset's over a rule's)."""
         return TrafficPolicy(
-            self.load_balancer or base.load_balancer,
-            self.connection_pool or base.connection_pool,
-            self.outlier_detection or base.outlier_detection,
-            self.tls or base.tls,
+            base.load_balancer if self.load_balancer is None else self.load_balancer,
+            base.connection_pool if self.connection_pool is None else self.connection_pool,
+            base.outlier_detection if self.outlier_detection is None else self.outlier_detection,
+            base.tls if self.tls is None else self.tls,
+        )
+
+    def applied(self) -> TrafficPolicy:
+        """What the engine applies: a group that changes nothing (see ``inert`` and
+        :attr:`UpstreamTls.enabled`) as ``None``, so that it costs nothing per request."""
+        pool, outlier, tls = self.connection_pool, self.outlier_detection, self.tls
+        return TrafficPolicy(
+            self.load_balancer,
+            None if pool is None or pool.inert else pool,
+            None if outlier is None or outlier.inert else outlier,
+            tls if tls is not None and tls.enabled else None,
         )
 
 

@@ -661,8 +661,8 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             )
         # Envoy enforces consecutive 5xx by default (5 in a row, 100 %) and gateway failures
         # only when asked (0 %); istiod sets each enforcing field to 0 or 100 to say whether
-        # the Istio field is on. Each is written out, so that the loader's own defaults
-        # (and an empty outlierDetection, which it reads as none) play no part.
+        # the Istio field is on. Each is written out, so that the loader's own defaults play
+        # no part (consecutive5xxErrors 0 with no gateway errors: detection off).
         detection: dict[str, Any] = {}
         five = od.consecutive_5xx.value if od.HasField("consecutive_5xx") else 5
         if od.HasField("enforcing_consecutive_5xx") and od.enforcing_consecutive_5xx.value == 0:
@@ -1420,35 +1420,47 @@ def _host_documents(
 
 #: A ``trafficPolicy``'s groups (those a ``portLevelSettings`` entry sets or leaves out).
 _GROUPS = ("loadBalancer", "connectionPool", "outlierDetection", "tls")
-#: Each group as an explicit default: what the engine does when the group is not set. A port's
-#: entry says it for a group the policy it replaces sets, so it is read as meant (and loads
-#: without the loader's "sets no ..." caution).
+#: Each group set to what the engine does without it: no limits, detection off (an empty
+#: ``outlierDetection`` is detection on, as in Istio), plain TCP. A port's entry or a subset's
+#: ``trafficPolicy`` says it for a group the policy it replaces or is over sets, so that it
+#: is read as meant (and a port's entry loads without the loader's "sets no ..." caution).
 _DEFAULTS: dict[str, Any] = {
     "loadBalancer": {"simple": "ROUND_ROBIN"},
     "connectionPool": {},
-    "outlierDetection": {},
+    "outlierDetection": {"consecutive5xxErrors": 0},
     "tls": {"mode": "DISABLE"},
 }
-_PLAIN = {"mode": "DISABLE"}
+
+
+def _inert(group: str, value: Mapping[str, Any]) -> bool:
+    """Whether a set ``group`` changes nothing, as the engine applies it (``inert`` in the
+    models): a pool without limits, detection with both counts off, ``tls`` ``DISABLE``."""
+    if group == "connectionPool":
+        return not any(value.values())
+    if group == "outlierDetection":
+        five, gateway = value.get("consecutive5xxErrors", 5), value.get("consecutiveGatewayErrors")
+        return five == 0 and not gateway
+    if group == "tls":
+        return bool(value.get("mode", "DISABLE") == "DISABLE")
+    return False
 
 
 def _sets(policy: Mapping[str, Any], group: str) -> bool:
-    """Whether ``policy`` sets ``group`` to other than its default (as the loader reads it: an
-    empty group is not set; ``tls`` ``DISABLE`` is plain TCP, the default)."""
+    """Whether ``policy`` sets ``group`` to something that changes traffic."""
     value = policy.get(group)
-    return bool(value) and not (group == "tls" and value == _PLAIN)
+    return value is not None and not _inert(group, value)
 
 
 def _effective(policy: Mapping[str, Any]) -> dict[str, Any]:
-    """The groups ``policy`` sets, defaults left out: two policies with the same are alike."""
+    """The groups ``policy`` sets, inert ones left out: two policies with the same are alike."""
     return {g: policy[g] for g in _GROUPS if _sets(policy, g)}
 
 
 def _over(own: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
     """A subset's ``trafficPolicy`` over the policy of its port, group by group, as the loader
-    resolves it (a ``tls`` ``DISABLE`` of the subset's overrides the rule's TLS)."""
-    out = {g: own[g] for g in _GROUPS if own.get(g)}
-    out.update({g: base[g] for g in _GROUPS if g not in out and base.get(g)})
+    resolves it: each group the subset's sets, even to nothing, overrides the rule's."""
+    out = {g: own[g] for g in _GROUPS if own.get(g) is not None}
+    out.update({g: base[g] for g in _GROUPS if g not in out and base.get(g) is not None})
     return out
 
 
@@ -1476,9 +1488,9 @@ def _port_entry(
     entry: dict[str, Any] = {"port": {"number": port}, **policy}
     for group in _GROUPS:
         if group not in policy and _sets(replaced, group):
-            entry[group] = _DEFAULTS[group]
+            entry[group] = dict(_DEFAULTS[group])
     if not any(g in entry for g in _GROUPS):  # the loader refuses an entry that sets nothing
-        entry["loadBalancer"] = _DEFAULTS["loadBalancer"]
+        entry["loadBalancer"] = dict(_DEFAULTS["loadBalancer"])
     return entry
 
 
@@ -1539,17 +1551,19 @@ def _destination_rule(
                 origin(f"spec.trafficPolicy.portLevelSettings[{len(entries)}].tls", port, None)
                 entries.append(_port_entry(port, policy, top))
                 ports[port] = policy
-    rule_tls = _sets(top, "tls") or any(_sets(p, "tls") for p in ports.values())
+    # The groups the rule sets for some port.
+    rule_sets = [g for g in _GROUPS if _sets(top, g) or any(_sets(p, g) for p in ports.values())]
     docs = []
     for k, (name, policies) in enumerate(subsets.items()):
         path = f"spec.subsets[{k}].trafficPolicy"
         shared = _most_shared(policies)
         own = dict(policies[shared])
         origin(f"{path}.tls", shared, name)
-        if rule_tls and "tls" not in own:
-            # A subset's policy falls back to the rule's group by group: a plain-text subset
-            # cluster of a TLS host says so.
-            own["tls"] = _PLAIN
+        for g in rule_sets:
+            # A subset's policy falls back to the rule's group by group: a subset cluster
+            # without a group the rule sets (plain TCP on a TLS host, no outlier detection)
+            # says so.
+            own.setdefault(g, dict(_DEFAULTS[g]))
         sub_entries: list[dict[str, Any]] = []
         for port, policy in sorted(policies.items()):
             replaced = _over(own, ports.get(port, top))
