@@ -29,6 +29,7 @@ from snapshots import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     HOST,
+    MESH_CLUSTERS,
     OTHER_PORT,
     PORT,
     RDS_NAME,
@@ -231,6 +232,11 @@ def test_updates_take_effect_without_a_failed_request(
             assert dump["connected"] is True
             assert dump["rds"]["version"] == "4" and "retry_policy" in dump["rds"]["lastError"]
             assert (dump["cds"]["version"], dump["eds"]["version"]) == ("5", "5")
+            # The mesh's headless service (ORIGINAL_DST), which nothing here uses, is left
+            # out and said so, with why.
+            headless = MESH_CLUSTERS[0]
+            assert dump["leftOutCount"] == 1 and list(dump["leftOutClusters"]) == [headless]
+            assert dump["leftOutClusters"][headless].startswith(f"CDS {headless}: lb_policy")
         finally:
             caller.close()
         assert not caller.errors

@@ -1332,9 +1332,13 @@ def test_clusters_of_the_mesh_no_route_sends_to_are_left_out_when_they_cannot_be
     snap[CLUSTER_TYPE].append(mutual)
     snap[ENDPOINT_TYPE].append(load_assignment("outbound|8080||web.svc", [("10.0.0.1", 8080)]))
     snap[ENDPOINT_TYPE][-1].endpoints[0].priority = 1  # istiod's locality failover
-    config = translate(base(), resources(snap))
+    left_out: dict[str, str] = {}
+    config = translate(base(), resources(snap), left_out)
     assert "mysql-headless.db.svc.cluster.local" not in config.services
     assert "web.svc" not in config.services
+    # Each is reported with the refusal it would have been (/config_dump shows them).
+    assert set(left_out) == {headless, "outbound|8080||web.svc"}
+    assert left_out[headless].startswith(f"CDS {headless}: lb_policy")
     assert set(config.destination_rules) == {"hello.svc"}
     assert translate(base(), resources(snapshot())).services.keys() == {
         "hello.svc",

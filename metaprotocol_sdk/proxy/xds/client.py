@@ -65,6 +65,9 @@ _MESSAGES: dict[str, type[Message]] = {
 INVALID_ARGUMENT = 3
 #: Longest ``error_detail`` message sent (and kept for ``/config_dump``).
 MAX_ERROR_DETAIL = 4096
+#: Clusters left out (unused and not honoured) that ``/config_dump`` lists, with why; the
+#: rest are counted (a mesh may hold thousands).
+LEFT_OUT_SHOWN = 100
 
 
 class Applier(Protocol):
@@ -235,6 +238,9 @@ class XdsClient:
         #: The clusters served: CDS's, and those it dropped that the routes in force still
         #: send to (kept, with their endpoints, until a route update stops: make before break).
         self.clusters: dict[str, Message] = {}
+        #: The clusters of the configuration in force left out, with why: no listener or
+        #: route here uses them, and this engine cannot honour them (a headless service...).
+        self.left_out: dict[str, str] = {}
         #: The encoded size of each resource held, per type (clusters: those served, kept
         #: ones included), as its response carried it: ``spec.xds.maxResourceBytes`` bounds
         #: their sum.
@@ -390,8 +396,9 @@ class XdsClient:
                         source="ProxyConfig",
                         field="spec.xds",
                     )
+                left_out: dict[str, str] = {}
                 try:
-                    config = await asyncio.to_thread(translate, base, held)
+                    config = await asyncio.to_thread(translate, base, held, left_out)
                 except XdsRefused as exc:
                     raise ConfigError(str(exc), source="xDS resources held") from exc
             except ConfigError as exc:  # apply() records its own refusals
@@ -400,6 +407,7 @@ class XdsClient:
             versions = " ".join(f"{SHORT[u]}:{t.version or '-'}" for u, t in self.types.items())
             await self.engine.apply(config, source=source, version=versions)
             self.base = base
+            self.left_out = left_out
             rds = self.types[ROUTE_TYPE]
             names = route_config_names(base)
             if names != rds.names:
@@ -442,11 +450,13 @@ class XdsClient:
                     self._release()  # this update replaces the one that waited, if any
                 # Off the loop, as file reloads are parsed: a large update (tens of thousands
                 # of endpoints) must not stall the requests being served meanwhile.
-                config = await asyncio.to_thread(translate, self.base, candidate)
+                left_out: dict[str, str] = {}
+                config = await asyncio.to_thread(translate, self.base, candidate, left_out)
             except (XdsRefused, ConfigError) as exc:  # apply() records its own refusals
                 self.engine.refused("xds", str(exc)[:MAX_ERROR_DETAIL], version)
                 raise
             await self.engine.apply(config, source="xds", version=version)
+            self.left_out = left_out
         except (XdsRefused, ConfigError) as exc:
             detail = str(exc)[:MAX_ERROR_DETAIL]
             state.nacks += 1
@@ -663,6 +673,11 @@ class XdsClient:
             "lastError": self.last_error,
             "streams": {st.kind: st.dump() for st in self.streams},
             "keptClusters": sorted(set(self.clusters) - set(self.types[CLUSTER_TYPE].resources)),
+            "leftOutClusters": {
+                name: why[:MAX_ERROR_DETAIL]
+                for name, why in sorted(self.left_out.items())[:LEFT_OUT_SHOWN]
+            },
+            "leftOutCount": len(self.left_out),
             "heldBytes": sum(sum(by_name.values()) for by_name in self._sizes.values()),
             "maxResourceBytes": self.settings.max_resource_bytes,
             "heldRoutes": None

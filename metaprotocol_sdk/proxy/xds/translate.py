@@ -1147,33 +1147,41 @@ def _host_port(resources: Resources, name: str, parsed: ClusterName, c: Any) -> 
     return _HostPort(parsed, policy, ring, eps, tls.origin if tls else {})
 
 
-def _host_ports(resources: Resources, used: set[tuple[str, int]]) -> dict[str, list[_HostPort]]:
+def _host_ports(
+    resources: Resources, used: set[tuple[str, int]], left_out: dict[str, str]
+) -> dict[str, list[_HostPort]]:
     """Outbound clusters with their endpoints, by host.
 
     CDS names every service of the mesh, not only those this proxy sends to. A cluster this
     engine cannot honour is refused only when its host and port are ``used`` (a listener
     serves them or a route sends to them); otherwise it is left out, with every cluster of
     its port (the subsets with their service): it cannot change this engine's traffic, and
-    the route update that first sends to it is refused then."""
+    the route update that first sends to it is refused then. ``left_out`` gets each such
+    cluster's name and why it was (the refusal it would have been)."""
     hosts: dict[str, list[_HostPort]] = {}
-    left_out: set[tuple[str, int]] = set()
+    ports_out: dict[tuple[str, int], str] = {}
     for name, c in sorted(resources.clusters.items()):
         parsed = parse_cluster_name(name)
         if parsed is None:
             continue  # inbound, passthrough and black-hole clusters: not this proxy's routes
         try:
             hp = _host_port(resources, name, parsed, c)
-        except XdsRefused:
+        except XdsRefused as exc:
             if (parsed.host, parsed.port) in used:
                 raise
-            left_out.add((parsed.host, parsed.port))
+            ports_out.setdefault((parsed.host, parsed.port), str(exc))
+            left_out[name] = str(exc)
             continue
         hosts.setdefault(parsed.host, []).append(hp)
-    kept = {
-        host: [hp for hp in hps if (host, hp.name.port) not in left_out]
-        for host, hps in hosts.items()
-    }
-    return {host: hps for host, hps in kept.items() if hps}
+    kept: dict[str, list[_HostPort]] = {}
+    for host, hps in hosts.items():
+        for hp in hps:
+            why = ports_out.get((host, hp.name.port))
+            if why is None:
+                kept.setdefault(host, []).append(hp)
+            else:  # a subset (or the service) of a port left out: with it
+                left_out[str(hp.name)] = why
+    return kept
 
 
 # -- the whole -------------------------------------------------------------------------------
@@ -1187,14 +1195,18 @@ def _file_ports(base: Config, host: str) -> dict[int, tuple[str, str]]:
     return {n: (p.name, service.namespace) for n, p in service.ports.items()}
 
 
-def translate(base: Config, resources: Resources) -> Config:
+def translate(base: Config, resources: Resources, left_out: dict[str, str] | None = None) -> Config:
     """The file configuration ``base`` with routes, clusters and endpoints from ``resources``
-    (its engine settings, ``base.proxy``, kept exactly as given).
+    (its engine settings, ``base.proxy``, kept exactly as given). ``left_out``, if given,
+    gets the clusters left out because nothing here uses them and they cannot be honoured,
+    each with the reason (``/config_dump`` shows them).
 
     Raises :class:`XdsRefused` for a field this engine does not implement, and
     :class:`~metaprotocol_sdk.errors.ConfigError` for a resource the loader refuses (both
     name the resource; the message is the NACK's ``error_detail``).
     """
+    if left_out is None:
+        left_out = {}
     listeners = {
         route_config_name(li.host, li.port): (li.host, li.port) for li in base.proxy.listeners
     }
@@ -1241,7 +1253,7 @@ def translate(base: Config, resources: Resources) -> Config:
             for parsed in map(parse_cluster_name, table.clusters)
             if parsed is not None
         )
-    xds_hosts = _host_ports(resources, used)
+    xds_hosts = _host_ports(resources, used, left_out)
     # Subsets the routes send to, by host: one CDS has not sent (yet) is kept with no
     # endpoints, as Envoy keeps a route to an unknown cluster (requests to it fail, the rest
     # of the update applies). With RDS and CDS from two servers (Aeraki, istiod), routes to a
@@ -1257,10 +1269,11 @@ def translate(base: Config, resources: Resources) -> Config:
     for host, clusters in sorted(xds_hosts.items()):
         try:
             docs = _host_documents(base, host, clusters, protocols, hashes, origins)
-        except XdsRefused:
+        except XdsRefused as exc:
             if any((host, hp.name.port) in used for hp in clusters):
                 raise
             del xds_hosts[host]  # a host no route sends to: left out, as in _host_ports
+            left_out.update((str(hp.name), str(exc)) for hp in clusters)
             continue
         _placeholder_subsets(docs[1], wanted.get(host, set()))
         groups.append((f"CDS {host}", docs))
