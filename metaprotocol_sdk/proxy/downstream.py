@@ -644,7 +644,7 @@ class Downstream(asyncio.Protocol):
             over = self._over_limit()
             self.local_reply(message, ErrorType.OverLimit, over, route, target, started or None)
             return
-        if cluster.pool is not None and (why := cluster.over_pool_limits(host)) is not None:
+        if cluster.request_limits and (why := cluster.over_pool_limits(host)) is not None:
             self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
@@ -846,7 +846,7 @@ class Downstream(asyncio.Protocol):
         if host is None:
             sink.count(target, "NoHealthyUpstream")
             return
-        if cluster.pool is not None and cluster.over_pool_limits(host) is not None:
+        if cluster.request_limits and cluster.over_pool_limits(host) is not None:
             sink.count(target, "Dropped")  # the mirror cluster's circuit breaker is open
             return
         if sink.inflight >= sink.limit or engine.buffered > engine.max_buffered:

@@ -202,6 +202,13 @@ class Cluster:
         self.shared = protocol.codec_class.capabilities.rewrite_request_id
         #: Circuit-breaker limits (``trafficPolicy.connectionPool``), ``None``: none.
         self.pool = pool
+        #: Whether the pool limits requests (``http2MaxRequests``, ``http1MaxPendingRequests``),
+        #: which each request checks (:meth:`over_pool_limits`): a pool that sets only
+        #: timeouts, keepalive or connections (every cluster istiod sends has a
+        #: ``connectTimeout``) costs nothing per request.
+        self.request_limits = pool is not None and (
+            pool.max_requests is not None or pool.max_pending_requests is not None
+        )
         #: The destination service (host) and its namespace, for Istio's labels.
         self.service = name.rsplit("|", 1)[-1]
         service = engine.config.services.get(self.service)

@@ -335,3 +335,26 @@ def test_bad_traffic_policy(traffic: str, field: str) -> None:
     with pytest.raises(ConfigError) as caught:
         loads_config(mesh([(1, "v1")], traffic_policy=traffic))
     assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("pool", "checked"),
+    [
+        ("", False),
+        ("{tcp: {connectTimeout: 2s}}", False),  # every cluster istiod sends has one
+        ("{tcp: {maxConnections: 4, tcpKeepalive: {}}, http: {idleTimeout: 1s}}", False),
+        ("{http: {http2MaxRequests: 10}}", True),
+        ("{http: {http1MaxPendingRequests: 10}}", True),
+    ],
+)
+def test_only_a_pool_that_limits_requests_is_checked_per_request(pool: str, checked: bool) -> None:
+    """Each request checks the request limits of its cluster's pool: a pool without any
+    (timeouts, keepalive, connections only) skipped nothing and cost about 1 % of a request
+    (callgrind, the no-I/O harness with a connectTimeout: 103 830 -> 102 480 instructions);
+    the limits themselves are shown by the tests above."""
+
+    async def main() -> None:
+        async with engine_for(mesh([(1, "v1")], traffic_policy=policy(pool))) as engine:
+            assert {c.request_limits for c in engine.clusters.values()} == {checked}
+
+    run(main())
