@@ -194,11 +194,8 @@ class Cluster:
         self.prioritised = len({h.priority for h in hosts}) > 1
         #: Each priority's share of requests, in percent (prioritised clusters only).
         self.priority_load: dict[int, int] = {}
+        #: Built by :meth:`rebalance`, once the outlier detector below exists.
         self.balancer: Balancer[UpstreamHost]
-        if self.prioritised:
-            self.balancer, self.priority_load = priority_balancer(policy, hosts, 0)
-        else:
-            self.balancer = make_balancer(policy, hosts)
         self.shared = protocol.codec_class.capabilities.rewrite_request_id
         #: Circuit-breaker limits (``trafficPolicy.connectionPool``), ``None``: none.
         self.pool = pool
@@ -235,6 +232,7 @@ class Cluster:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:
                 host.outlier = self.outlier
+        self.rebalance()
         stats = engine.stats
         self.connects = stats.counter("metaprotocol_upstream_connections_total", cluster=name)
         self.active = stats.gauge("metaprotocol_upstream_connections_active", cluster=name)
