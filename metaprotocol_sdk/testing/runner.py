@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Iterable
 
 from .checks import REGISTRY, Check, CheckContext, CheckFailed, CheckSkipped
+from .checks._support import codec_line
 from .report import CheckResult, Outcome, Report
 from .target import CodecTarget
 
@@ -45,12 +46,17 @@ def _raw_result(target: CodecTarget, check: Check) -> CheckResult:
         return CheckResult(check.name, Outcome.failed, str(exc), details=ctx.details)
     except Exception as exc:
         trace = "".join(traceback.format_exception(exc, limit=-6))
-        return CheckResult(
-            check.name,
-            Outcome.failed,
-            f"unexpected {type(exc).__name__}: {exc}\n{trace}",
-            details=ctx.details,
-        )
+        where = codec_line(exc, target.codec)
+        if where is None:
+            reason = f"unexpected {type(exc).__name__}: {exc}\n{trace}"
+        else:
+            # The codec's own code raised where the check called it directly.
+            reason = (
+                f"the codec raised {type(exc).__name__}: {exc}{where}; only CodecError "
+                "subclasses may escape a codec's methods (FramingError for bytes that are "
+                f"not a frame, MutationError for a mutation it cannot write)\n{trace}"
+            )
+        return CheckResult(check.name, Outcome.failed, reason, details=ctx.details)
     return CheckResult(
         check.name, Outcome.passed, str(ctx.details.get("summary", "")), details=ctx.details
     )

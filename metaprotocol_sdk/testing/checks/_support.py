@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import PurePath
@@ -56,6 +56,26 @@ def raised_at(exc: BaseException, codec: object) -> str:
         else:
             where = f"C code that {type(codec).__qualname__} of {name} called"
         return f" (raised in {where}: no Python frame says which line)"
+    own = _own_line(frames, name)
+    if own is not None:
+        return own
+    frame = frames[-1]
+    if os.path.isabs(frame.filename):
+        line = f": {frame.line.strip()}" if frame.line else ""
+        return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}{line})"
+    return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}, in compiled code)"
+
+
+def codec_line(exc: BaseException, codec: type[Codec]) -> str | None:
+    """`` (raised at FILE:LINE ...)`` for the deepest frame of ``exc``'s traceback in the
+    package (or module) of ``codec``, or ``None`` when no frame is there (the exception did not
+    come from the codec's own code)."""
+    return _own_line(traceback.extract_tb(exc.__traceback__), codec.__module__)
+
+
+def _own_line(frames: Sequence[traceback.FrameSummary], name: str) -> str | None:
+    """The deepest of ``frames`` in the codec module ``name``'s package, as ``raised_at``
+    names it (a compiled codec's by its build path), or ``None``."""
     top_name = name.partition(".")[0]
     roots = _package_roots(name)
     for frame in reversed(frames):
@@ -69,11 +89,7 @@ def raised_at(exc: BaseException, codec: object) -> str:
         built = _built_path(frame.filename, top_name)
         if built is not None:  # the codec's own code, compiled from a copy of its source
             return f" (raised at {built}:{frame.lineno} in {frame.name}, in compiled code)"
-    frame = frames[-1]
-    if os.path.isabs(frame.filename):
-        line = f": {frame.line.strip()}" if frame.line else ""
-        return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}{line})"
-    return f" (raised at {frame.filename}:{frame.lineno} in {frame.name}, in compiled code)"
+    return None
 
 
 def _package_roots(name: str) -> list[str]:
@@ -186,7 +202,9 @@ def call_decode(
         if result.needed and result.needed <= len(before):
             fail(
                 f"decode returned NeedData(needed={result.needed}) but the buffer already "
-                f"holds {len(before)} bytes\ninput:\n{hexdump(before)}"
+                f"holds {len(before)} bytes: needed is the size of the whole first frame, "
+                "counted from its first byte (length field and header included), or 0 while "
+                f"that size is not known yet\ninput:\n{hexdump(before)}"
             )
         return result
     if not isinstance(result, Metadata):

@@ -68,10 +68,15 @@ def _visible(
     """Fail unless ``after`` is ``before`` with ``mutation`` written over its attributes."""
     for key, value in mutation.items():
         if after.attributes.get(key) != value:
+            ignored = (
+                " (encode returned the message's frame unchanged: it ignored the mutation)"
+                if data == before.frame
+                else ""
+            )
             fail(
                 f"after the mutation {key}={value!r}, re-decoding gives "
                 f"{key}={after.attributes.get(key)!r} (it was {before.attributes.get(key)!r})"
-                f"\nencoded:\n{hexdump(data)}"
+                f"{ignored}\nencoded:\n{hexdump(data)}"
             )
     written = {key.lower() for key in mutation}  # attribute keys are case-insensitive
     for key, value in before.attributes.items():

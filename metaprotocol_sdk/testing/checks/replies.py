@@ -18,6 +18,7 @@ from ._support import (
     encode_bytes,
     fail,
     for_each_sample,
+    raised_at,
     reference,
     split_points,
 )
@@ -32,6 +33,14 @@ _STREAM_TYPES = (
 )
 
 
+#: What an empty error reply breaks, for the failure messages.
+EMPTY_REPLY = (
+    "on_error must return the protocol's own error reply, a whole Response or Error frame "
+    "with the request's id, which an engine sends the client instead of an upstream's reply "
+    "(with nothing to send, the client waits until it gives up)"
+)
+
+
 def _needs_reply(metadata: Metadata) -> bool:
     return metadata.message_type in (MessageType.Request, MessageType.Stream_Init)
 
@@ -41,14 +50,24 @@ def _error_reply(
 ) -> bytes:
     codec = ctx.target.new_codec(sample.options)
     error = LocalError(kind, message or f"conformance kit: {kind.name}")
-    what = f"on_error({kind.name}" + (f", message of {len(message)} chars)" if message else ")")
+    what = f"on_error({kind.name}" + (f", message {_shown(message)})" if message else ")")
     try:
         reply = codec.on_error(request, error)
     except Exception as exc:
-        fail(f"{what} raised {type(exc).__name__}: {exc}")
+        fail(
+            f"{what} raised {type(exc).__name__}: {exc}{raised_at(exc, codec)}; on_error must "
+            "build a reply for any message text (an engine's reasons quote bytes off the "
+            "wire): escape, replace or cut what the protocol cannot carry"
+        )
     if not isinstance(reply, bytes | bytearray | memoryview):
         fail(f"{what} returned {type(reply).__name__}, expected bytes")
     return bytes(reply)
+
+
+def _shown(message: str) -> str:
+    """``message`` as a failure names it: its first 60 characters, quoted, and its length."""
+    cut = message if len(message) <= 60 else message[:60] + "..."
+    return f"{cut!r} ({len(message)} characters)"
 
 
 #: Messages an engine may pass to ``on_error``: its reasons quote upstream errors and codec
@@ -75,7 +94,7 @@ def _error_replies(
             for message in messages:
                 reply = _error_reply(ctx, sample, request, kind, message)
                 if not reply:
-                    fail(f"on_error({kind.name}) returned an empty reply")
+                    fail(f"on_error({kind.name}) returned an empty reply: {EMPTY_REPLY}")
                 decoded = decode_whole(
                     ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
                 )
@@ -144,7 +163,7 @@ def _reply_to(ctx: CheckContext, sample: Sample, metadata: Metadata, what: str) 
             "message a client should not send, and any frame it refuses, with on_error)"
         )
     if not isinstance(reply, bytes | bytearray | memoryview) or not reply:
-        fail(f"on_error for {what} returned {reply!r}, expected a non-empty reply")
+        fail(f"on_error for {what} returned {reply!r}: {EMPTY_REPLY}")
     decoded = decode_whole(ctx.target.new_codec(sample.options), bytes(reply), "the reply")
     if decoded.message_type not in _REPLY_TYPES or decoded.request_id != metadata.request_id:
         fail(
@@ -228,7 +247,10 @@ def error_reply_after_decode_error(ctx: CheckContext) -> None:
         for kind in (ErrorType.OverLimit, ErrorType.BadRequest):
             reply = _error_reply(ctx, sample, partial, kind)
             if not reply:
-                fail(f"on_error({kind.name}) for a too-large request returned an empty reply")
+                fail(
+                    f"on_error({kind.name}) for a too-large request returned an empty reply: "
+                    f"{EMPTY_REPLY}"
+                )
             decoded = decode_whole(
                 ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
             )

@@ -135,12 +135,17 @@ def mutation_visible(ctx: CheckContext) -> None:
         again = _redecode(ctx, sample, mutated)
         for key, value in ctx.target.mutation.items():
             if again.attributes.get(key) != value:
+                unchanged = (
+                    " (encode returned the message's frame unchanged: it ignored the mutation)"
+                    if mutated.encoded == mutated.original.frame
+                    else ""
+                )
                 fail(
                     f"mutation {key}={value!r} is not visible after re-decode "
-                    f"(got {again.attributes.get(key)!r}); attributes: {again.attributes!r}; "
-                    "a message that cannot carry a mutation must make encode raise "
-                    f"MutationError\nencoded:\n"
-                    f"encoded:\n{hexdump(mutated.encoded)}"
+                    f"(got {again.attributes.get(key)!r}){unchanged}; attributes: "
+                    f"{again.attributes!r}; encode must write the mutation's keys where decode "
+                    "reads attributes, or raise MutationError for a message that cannot carry "
+                    f"them\nencoded:\n{hexdump(mutated.encoded)}"
                 )
         for key, value in mutated.original.attributes.items():
             if key not in ctx.target.mutation and again.attributes.get(key) != value:

@@ -1,0 +1,112 @@
+"""Failure messages say what to change: the beginner's faults, each with the rule it breaks.
+
+Each codec here is the KV example with one fault a newcomer writes (found by writing a codec
+from the scaffold); the test holds the failure message to a hint the author can act on.
+"""
+
+from __future__ import annotations
+
+from metaprotocol_sdk import (
+    CodecError,
+    Encoded,
+    LocalError,
+    Metadata,
+    Mutation,
+    NeedData,
+)
+from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.testing import CodecTarget, KitSettings, Outcome, run_check
+
+SETTINGS = KitSettings(examples=4, random_examples=20, perf_seconds=0.01)
+
+
+class Fault(KVCodec):
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+
+def failure(codec: type[KVCodec], check: str) -> str:
+    result = run_check(CodecTarget.discover(codec, settings=SETTINGS), check)
+    assert result.outcome is Outcome.failed, result.reason
+    return result.reason
+
+
+class CountsWithoutItsLengthField(Fault):
+    """Asks for the frame's size less its 4-byte prefix (the length field's value alone)."""
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, NeedData) and result.needed:
+            return NeedData(result.needed - 4)
+        return result
+
+
+def test_a_need_data_short_of_the_frame_says_what_needed_counts() -> None:
+    reason = failure(CountsWithoutItsLengthField, "framing_needed_exact")
+    assert "but the buffer already holds" in reason
+    assert "needed is the size of the whole first frame, counted from its first byte" in reason
+
+
+class AssertsAfterAnError(Fault):
+    """Keeps a flag from a refused frame and trips an assert on the next decode."""
+
+    failed = False
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        if self.failed:  # (pytest rewrites an assert statement's message)
+            raise AssertionError("decode after an error")
+        try:
+            return super().decode(buffer)
+        except CodecError:
+            self.failed = True
+            raise
+
+
+def test_a_stray_exception_in_a_check_that_calls_decode_itself_names_the_codec_line() -> None:
+    # state_resync_after_error decodes on after an error without the kit's guard: the stray
+    # AssertionError reached the runner, reported as "unexpected AssertionError", as if the
+    # kit had failed.
+    reason = failure(AssertsAfterAnError, "state_resync_after_error")
+    assert reason.startswith("the codec raised AssertionError: decode after an error (raised at ")
+    assert "test_messages.py:" in reason and "in decode: raise AssertionError(" in reason
+    assert "only CodecError subclasses may escape a codec's methods" in reason
+
+
+class RefusesANewline(Fault):
+    """Builds its error reply with a format that cannot hold a line break."""
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        if "\n" in error.message:
+            raise ValueError("a header value cannot hold a newline")
+        return super().on_error(metadata, error)
+
+
+def test_an_error_message_the_codec_cannot_carry_is_shown() -> None:
+    reason = failure(RefusesANewline, "error_reply_any_message")
+    # The text itself, so the author sees the newline, and what to do about it.
+    assert "quotes \"\\'\\\\ and a\\nnewline' (47 characters))" in reason
+    assert "raised ValueError: a header value cannot hold a newline (raised at " in reason
+    assert "escape, replace or cut what the protocol cannot carry" in reason
+
+
+class EmptyReply(Fault):
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        return b""
+
+
+def test_an_empty_error_reply_says_what_on_error_must_return() -> None:
+    for check in ("error_reply_nonempty", "error_reply_any_metadata"):
+        reason = failure(EmptyReply, check)
+        assert "on_error must return the protocol's own error reply" in reason, check
+
+
+class IgnoresTheMutation(Fault):
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        return super().encode(message, None, request_id=request_id)
+
+
+def test_an_ignored_mutation_is_named_as_such() -> None:
+    ignored = "(encode returned the message's frame unchanged: it ignored the mutation)"
+    assert ignored in failure(IgnoresTheMutation, "mutation_visible")
+    assert ignored in failure(IgnoresTheMutation, "mutation_replaces_key")
