@@ -9,13 +9,14 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Protocol, TextIO
 
 from . import configs
 from .clients import DubboLoad, Tally, ThriftLoad
 from .display import PROGRESS_LEGEND, LiveView, RouteRow, proxy_counts, route_rows, summary
-from .procs import Child, node_child, python_child, stop_all
+from .procs import Child, ChildError, node_child, python_child, stop_all
 
 PROTOCOLS = ("thrift", "dubbo")
 
@@ -64,6 +65,13 @@ class DemoResult:
 
 def _start_servers(protocols: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """Start v1 and v2 of each protocol's server; returns protocol -> version -> port."""
+    if "thrift" in protocols and find_spec("thriftpy2") is None:
+        # Else each server child dies with an ImportError traceback.
+        raise ChildError(
+            "thriftpy2 is not installed: the demo's Thrift servers and clients are thriftpy2 "
+            "peers; `pip install thriftpy2`, or run `./dev setup` in the repository (or run "
+            "the Dubbo half alone with --protocol dubbo)"
+        )
     children: dict[tuple[str, str], Child] = {}
     for version in ("v1", "v2"):
         if "thrift" in protocols:

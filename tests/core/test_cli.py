@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from metaprotocol_sdk.cli import main
+from metaprotocol_sdk.demo.procs import live_children
 from metaprotocol_sdk.examples.kv import ONEWAY, REQUEST, RESPONSE, build_frame
 
 KV = "metaprotocol_sdk.examples.kv:KVCodec"
@@ -327,3 +328,16 @@ def test_every_subcommand_writes_log_records_with_their_level(
     assert result.exit_code == 0, result.output
     assert result.stderr == "warning: planted\n  second line\n"
     assert (root.handlers, root.level) == before
+
+
+def test_demo_without_thriftpy2_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # From the wheels alone (no dev extras), each Thrift server child died with a traceback
+    # ending in "ModuleNotFoundError: No module named 'thriftpy2'".
+    import metaprotocol_sdk.demo.run as demo_run
+
+    monkeypatch.setattr(demo_run, "find_spec", lambda name: None, raising=False)
+    code, out, err = run("demo", "--protocol", "thrift", "--duration", "1")
+    assert code == 1
+    assert err.startswith("error: thriftpy2 is not installed:"), err
+    assert "`pip install thriftpy2`" in err and "Traceback" not in err + out
+    assert live_children() == []
