@@ -341,3 +341,16 @@ def test_demo_without_thriftpy2_says_how_to_get_it(monkeypatch: pytest.MonkeyPat
     assert err.startswith("error: thriftpy2 is not installed:"), err
     assert "`pip install thriftpy2`" in err and "Traceback" not in err + out
     assert live_children() == []
+
+
+def test_getting_started_decode_example_prints_what_the_page_shows() -> None:
+    # The page's command pipes a golden vector's hex, over several shell lines, into decode.
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scaffold"))
+    from doc_output import DOCS, assert_shown
+
+    page = (DOCS / "getting-started.md").read_text(encoding="utf-8")
+    command = page.split("<!-- output: decode -->", 1)[1].split("| metaprotocol decode", 1)[0]
+    hex_text = " ".join(command.replace("\\\n", " ").split()[3:])  # after "```console $ echo"
+    code, out, err = run("decode", "dubbo", "--hex", stdin=hex_text)
+    assert code == 0, err
+    assert_shown("getting-started.md", "decode", out)
