@@ -315,20 +315,30 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
 
 
 def build_config(
-    groups: Sequence[tuple[str, Sequence[Any]]], *, control_plane: bool = False
+    groups: Sequence[tuple[str, Sequence[Any]]],
+    *,
+    control_plane: bool = False,
+    mesh_identity: MeshIdentity | None = None,
 ) -> Config:
     """Validate parsed documents, ``(source, bodies)`` per group, into a :class:`Config`.
 
     ``control_plane``: the MetaRouters and DestinationRules came from the control plane
     (``spec.xds``), so a ProxyConfig with ``spec.xds`` does not refuse them.
+    ``mesh_identity``: the ProxyConfig's workload identity as loaded already (its files are
+    not read again: a control plane update during a rotation must not fail on them).
     """
     docs: list[_Doc] = []
     for source, bodies in groups:
         docs.extend(_docs(list(bodies), source))
-    return _build(docs, tuple(source for source, _ in groups), control_plane)
+    return _build(docs, tuple(source for source, _ in groups), control_plane, mesh_identity)
 
 
-def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = False) -> Config:
+def _build(
+    docs: list[_Doc],
+    sources: tuple[str, ...],
+    control_plane: bool = False,
+    mesh_identity: MeshIdentity | None = None,
+) -> Config:
     by_kind: dict[str, list[_Doc]] = {k: [] for k in KINDS}
     for doc in docs:
         by_kind[doc.kind].append(doc)
@@ -357,7 +367,9 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
                     f"spec.codecOptions.{proto}",
                     f"no ApplicationProtocol or ServiceEntry port uses protocol {proto!r}",
                 )
-    identity = _mesh_identity(proxy_doc) if proxy_doc is not None else None
+    identity = mesh_identity
+    if identity is None and proxy_doc is not None:
+        identity = _mesh_identity(proxy_doc)
     rules = _destination_rules(by_kind["DestinationRule"], services, identity)
     routers = _routers(by_kind["MetaRouter"], services, rules, protocols)
     proxy = _proxy(proxy_doc, services, codec_options, identity)
