@@ -483,3 +483,21 @@ def test_istio_mutual_takes_no_files(ca: MeshCa, tmp_path: Path, key: str) -> No
     policy = "{tls: {mode: ISTIO_MUTUAL, " + f"{key}: {value}" + "}}"
     exc = load_error(mesh([(1, "v1")], traffic_policy=policy, proxy=identity(tmp_path / "certs")))
     assert exc.field == f"spec.trafficPolicy.tls.{key}" and "not with mode ISTIO_MUTUAL" in str(exc)
+
+
+def test_istio_mutual_with_no_server_names_is_cautioned(
+    ca: MeshCa, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca.write(tmp_path / "certs", "engine")
+    text = mesh(
+        [(1, "v1")],
+        traffic_policy="{tls: {mode: ISTIO_MUTUAL}}",
+        proxy=identity(tmp_path / "certs"),
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(text, "test.yaml")
+    assert "any workload certificate of the mesh is accepted" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(with_sans(text, spiffe("greeter")), "test.yaml")
+    assert "any workload certificate" not in caplog.text

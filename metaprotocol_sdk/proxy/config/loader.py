@@ -1020,8 +1020,31 @@ def _destination_rules(
                 doc, sub_policy, f"{path}.trafficPolicy", host, service, top, identity, ports, own
             )
             subsets[name] = Subset(name, labels, sub_lb, own.over(top), own, sub_ports)
+            _unnamed_servers(doc, f"{path}.trafficPolicy", own, service)
+        _unnamed_servers(doc, "spec.trafficPolicy", top, service)
+        for number, port_policy in ports.items():
+            _unnamed_servers(
+                doc, f"spec.trafficPolicy.portLevelSettings[{number}]", port_policy, service
+            )
         rules[host] = DestinationRule(doc.name, host, lb, subsets, top, ports)
     return rules
+
+
+def _unnamed_servers(doc: _Doc, path: str, policy: TrafficPolicy, service: Service) -> None:
+    """Caution about ``ISTIO_MUTUAL`` with no server names to check, here or in the
+    ServiceEntry: any workload of the mesh would be accepted as the server."""
+    tls = policy.tls
+    if (
+        tls is not None
+        and tls.mode == "ISTIO_MUTUAL"
+        and not tls.subject_alt_names
+        and not service.subject_alt_names
+    ):
+        doc.caution(
+            f"{path}.tls.subjectAltNames",
+            "ISTIO_MUTUAL with no names here nor in the ServiceEntry's subjectAltNames: any "
+            "workload certificate of the mesh is accepted as the server's",
+        )
 
 
 def _port_settings(
