@@ -204,6 +204,25 @@ def listener_port(admin: str, name: str) -> int:
         time.sleep(0.05)
 
 
+def active_clusters(admin: str, names: set[str]) -> None:
+    """Wait until Envoy's active clusters include ``names``."""
+    deadline = time.monotonic() + 30
+    while True:
+        dump = json.loads(admin_get(admin, "/config_dump?resource=dynamic_active_clusters"))
+        if names <= {c["cluster"]["name"] for c in dump.get("configs", [])}:
+            return
+        assert time.monotonic() < deadline, dump
+        time.sleep(0.05)
+
+
+def secret_acked(requests: list[Any], name: str, version: str) -> bool:
+    """Whether Envoy ACKed ``version`` of the SDS secret ``name``."""
+    return any(
+        r.type_url == SECRET_TYPE and r.version == version and name in r.names and r.error is None
+        for r in requests
+    )
+
+
 def envoy_stat(admin: str, suffix: str) -> int:
     """The sum of Envoy's counters whose names end with ``suffix``."""
     total = 0
@@ -313,7 +332,8 @@ def test_envoy_client_sidecar_to_the_engines_istio_mutual_listener(
         listeners += TCP_PROXY_LISTENER.format(name="nocert", cluster=NO_CERT)
         bootstrap = CLIENT_BOOTSTRAP.format(node=NODE, clusters=clusters, listeners=listeners)
         with run_envoy(tmp_path, bootstrap) as admin:
-            control_plane.wait(lambda _r: control_plane.acked(SECRET_TYPE, "1", NODE), 30)
+            # Clusters warm until both secrets are in: active means Envoy can use them.
+            active_clusters(admin, {MTLS, NO_CERT})
             assert not control_plane.nacks(CLUSTER_TYPE) and not control_plane.nacks(SECRET_TYPE)
             port = listener_port(admin, "mtls")
             assert say_hello(port, "mesh") == "v1: hello mesh"
@@ -346,7 +366,7 @@ def test_envoy_client_sidecar_to_the_engines_istio_mutual_listener(
             )
             # istio-agent gives Envoy another identity: the engine refuses it by name.
             control_plane.set_snapshot("2", snapshot(intruder))
-            control_plane.wait(lambda _r: control_plane.acked(SECRET_TYPE, "2", NODE), 30)
+            control_plane.wait(lambda reqs: secret_acked(reqs, "default", "2"), 30)
             with pytest.raises(Exception):  # noqa: B017
                 say_hello(port, "intruder")
             engine.wait_stat(
@@ -476,7 +496,9 @@ def test_the_engines_istio_mutual_to_an_envoy_server_sidecar(
             assert "certificate verify failed" in str(refused.value)
             reason = "bad_certificate"
         else:  # Envoy refuses the engine's name after the engine's side of the handshake
-            assert "UpstreamReset" in str(refused.value) or "reset" in str(refused.value)
+            # (TLS 1.3: usually a reset of the connection the engine thought made; a
+            # connect failure if the alert came in before the engine's handshake returned)
+            assert any(w in str(refused.value) for w in ("UpstreamReset", "reset", "connect"))
             deadline = time.monotonic() + 10
             while envoy_stat(admin, "ssl.fail_verify_san") < 1:
                 assert time.monotonic() < deadline
