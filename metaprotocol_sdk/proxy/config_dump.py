@@ -45,6 +45,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
         "version": engine.config_version,
         "lastReload": None if engine.last_reload is None else engine.last_reload.as_dict(),
         "sources": list(engine.config.sources),
+        "meshIdentity": None if engine.identity is None else engine.identity.dump(),
         "listeners": [
             {
                 "name": listener.name,

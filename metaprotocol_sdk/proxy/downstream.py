@@ -30,6 +30,7 @@ from .upstream import (
 if TYPE_CHECKING:
     import ssl
 
+    from .config.models import ListenerTls
     from .engine import Engine
     from .policies import ConnectionRateLimit
     from .tls import ClientCheck, TlsStats
@@ -121,6 +122,9 @@ class ListenerRuntime:
         self.tls_stats: TlsStats | None = None
         #: What a client certificate must be beyond its chain (``None``: nothing more).
         self.tls_check: ClientCheck | None = None
+        #: An ``ISTIO_MUTUAL`` listener's settings: ``tls`` is then the workload identity's
+        #: context, replaced when the identity rotates (``None``: any other listener).
+        self.mesh_tls: ListenerTls | None = None
         #: ``connectionRateLimit`` (``None``: none; set by the engine).
         self.accept_limit: ConnectionRateLimit | None = None
 

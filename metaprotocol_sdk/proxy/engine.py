@@ -29,6 +29,7 @@ from .config.models import (
 from .deadlines import Deadlines
 from .downstream import Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
+from .identity import IdentityWatch, istio_sni, server_key
 from .matcher import compile_match
 from .mirror import MirrorSink
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
@@ -91,6 +92,9 @@ class _Build:
     #: Rate limit service clients by cluster name (``RateLimitServiceClient``; kept from the
     #: serving runtime when the cluster's endpoints are unchanged).
     rls: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The workload identity the configuration serves with (kept from the serving runtime
+    #: when its settings are unchanged: it follows the files' rotations).
+    identity: IdentityWatch | None = None
 
 
 @dataclasses.dataclass
@@ -199,6 +203,8 @@ class Engine:
         self._rls_budget: CallBudget | None = None
         #: Closing the channels of clients a reload dropped (awaited by :meth:`stop`).
         self._rls_closing: set[asyncio.Task[None]] = set()
+        #: The workload's Istio identity (``spec.meshIdentity``; ``None``: not configured).
+        self.identity: IdentityWatch | None = None
         #: Extra ``/config_dump`` sections, by key, computed on each dump (the xDS client's).
         self.dump_sections: dict[str, Callable[[], Any]] = {}
         #: The event loop the engine runs on (set by :meth:`start`).
@@ -227,6 +233,13 @@ class Engine:
         # detection with both counts off makes no detector, and a reload between the two
         # spellings keeps the cluster.
         traffic = rule.policy_for(port, subset).applied() if rule else TrafficPolicy()
+        tls = traffic.tls
+        if tls is not None and tls.mode == "ISTIO_MUTUAL":  # as istiod sets them per cluster
+            tls = dataclasses.replace(
+                tls,
+                sni=tls.sni or istio_sni(host, port, subset),
+                subject_alt_names=tls.subject_alt_names or service.subject_alt_names,
+            )
         policy = traffic.load_balancer or LoadBalancer()
         labels = rule.subsets[subset].labels if subset is not None and rule is not None else {}
         endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]
@@ -241,7 +254,7 @@ class Engine:
             traffic.connection_pool,
             traffic.outlier_detection,
             service.namespace,
-            traffic.tls,
+            tls,
         )
         serving = self.clusters.get(name)
         if serving is not None and self._cluster_specs.get(name) == spec:
@@ -267,7 +280,7 @@ class Engine:
                 traffic.outlier_detection,
             )
             cluster.namespace = service.namespace  # of the configuration being built
-            attach_cluster(cluster, traffic.tls)
+            attach_cluster(cluster, tls)
         build.clusters[name] = cluster
         build.specs[name] = spec
         return cluster
@@ -315,7 +328,7 @@ class Engine:
             self, listener.name, protocol.codec_class, RouteTable(()), dict(protocol.options)
         )
         runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
-        attach_listener(runtime, listener.tls)
+        attach_listener(runtime, listener.tls, build.identity)
         if listener.connection_rate_limit is not None:
             refused = self.stats.counter(
                 "metaprotocol_downstream_connections_rejected_total",
@@ -459,12 +472,13 @@ class Engine:
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
         settings = self.config.proxy
-        build = _Build(self.config)
+        build = _Build(self.config, identity=self._identity_for(self.config))
         for listener in settings.listeners:
             self.listeners[(listener.host, listener.port)] = self._build_listener(build, listener)
         self.clusters, self._cluster_specs = build.clusters, build.specs
         self.rate_limit_services = build.rls
-        show_expiry(self.stats, (*self.listeners.values(), *self.clusters.values()))
+        self._adopt_identity(build.identity)
+        self._show_expiry()
         shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
         fd_bound = connections_from_rlimit(
             shared * self.connections_per_endpoint,
@@ -602,7 +616,7 @@ class Engine:
         why = restart_needed(self.config.proxy, config.proxy)
         if why is not None:
             raise ConfigError(why)
-        build = _Build(config)
+        build = _Build(config, identity=self._identity_for(config))
         runtimes: dict[tuple[str, int], ListenerRuntime] = {}
         for listener in config.proxy.listeners:
             try:
@@ -672,6 +686,7 @@ class Engine:
             current.tls = runtime.tls  # new connections shake hands with the new files
             current.tls_stats = runtime.tls_stats
             current.tls_check = runtime.tls_check
+            current.mesh_tls = runtime.mesh_tls
             kept = current.accept_limit
             if (
                 kept is None
@@ -709,7 +724,8 @@ class Engine:
         self.listeners = listeners
         self._servers.update(staged.servers)
         self.listener_addresses = dict(staged.addresses)
-        show_expiry(self.stats, (*listeners.values(), *self.clusters.values()))
+        self._adopt_identity(staged.build.identity)
+        self._show_expiry()
         for conn in draining:
             conn.start_drain()
         for shaking in aborted:
@@ -729,6 +745,41 @@ class Engine:
 
             timer = self.loop.call_later(self.config.proxy.timeouts.drain, deadline)
             self._drain_timers.add(timer)
+
+    # -- the workload identity (ISTIO_MUTUAL) --------------------------------------------------
+
+    def _identity_for(self, config: Config) -> IdentityWatch | None:
+        """The identity ``config`` serves with: the serving one when its settings are the
+        same (it follows the files since), else one from what the loader read."""
+        settings = config.proxy.mesh_identity
+        if settings is None:
+            return None
+        serving = self.identity
+        if serving is not None and serving.settings == settings:
+            return serving
+        return IdentityWatch(settings.material, self.stats, self.loop.time())
+
+    def _adopt_identity(self, identity: IdentityWatch | None) -> None:
+        if identity is self.identity:
+            return
+        if self.identity is not None:
+            self.identity.on_rotate = None
+        self.identity = identity
+        if identity is not None:
+            identity.on_rotate = self._identity_rotated
+
+    def _identity_rotated(self) -> None:
+        """New files: the ``ISTIO_MUTUAL`` listeners' new connections shake hands with them
+        (clusters take the identity's client context at each connect)."""
+        identity = self.identity
+        assert identity is not None
+        for runtime in self.listeners.values():
+            if runtime.mesh_tls is not None:
+                runtime.tls = identity.material.server(server_key(runtime.mesh_tls))
+        self._show_expiry()
+
+    def _show_expiry(self) -> None:
+        show_expiry(self.stats, (*self.listeners.values(), *self.clusters.values()), self.identity)
 
     def _end_drain(self, clusters: list[Cluster], downstreams: list[Downstream]) -> None:
         """A reload's drain deadline: close what is still open of what it retired."""
@@ -759,6 +810,8 @@ class Engine:
                 shortest = min(shortest, cluster.idle_timeout)
             if cluster.max_duration is not None:
                 shortest = min(shortest, cluster.max_duration)
+        if self.identity is not None:
+            shortest = min(shortest, self.identity.interval)
         interval = min(SWEEP_MAX, max(0.02, shortest / 4))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
@@ -795,6 +848,9 @@ class Engine:
         self.buffered = buffered
         self.rss_over = self.max_rss is not None and _rss_bytes() > self.max_rss
         self._flush_access_log()
+        identity = self.identity
+        if identity is not None and now >= identity.next_check:
+            identity.check(now)
         # Not while a reload builds: its series name nothing serving yet.
         building = self._reloading is not None and self._reloading.locked()
         if not building and self._stats_pruner.due(self, now):

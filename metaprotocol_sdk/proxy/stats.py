@@ -93,7 +93,11 @@ HELP = {
     "cluster and reason (timeout, not_tls, protocol_version, no_shared_cipher, "
     "no_client_certificate, bad_certificate, peer_rejected, closed, error).",
     "metaprotocol_tls_certificate_expiry_seconds": "When a certificate file in use expires "
-    "(its notAfter, in Unix seconds), by listener or cluster and certificate path.",
+    "(its notAfter, in Unix seconds), by listener, cluster or identity (mesh: "
+    "spec.meshIdentity) and certificate path.",
+    "metaprotocol_tls_identity_rotations_total": "Changes of the workload identity's files "
+    "(spec.meshIdentity), by result (ok: in force for new connections; failed: unusable, "
+    "the identity in force kept).",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",

@@ -38,6 +38,7 @@ from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .config.models import ListenerTls, UpstreamTls
+    from .identity import IdentityWatch
     from .stats import Stats
     from .upstream import Cluster, UpstreamHost
 
@@ -484,15 +485,22 @@ class TlsStats:
         counter.value += 1
 
 
-def show_expiry(stats: Stats, owners: Iterable[ListenerRuntime | Cluster]) -> None:
+def show_expiry(
+    stats: Stats,
+    owners: Iterable[ListenerRuntime | Cluster],
+    identity: IdentityWatch | None = None,
+) -> None:
     """``metaprotocol_tls_certificate_expiry_seconds`` of the listeners and clusters in
-    force, and of nothing else: a certificate moved to another path, a listener or cluster
-    made plain, leaves no series behind (an alert on it would fire for a file unused); a
-    configuration staged and refused shows nothing."""
+    force and of the workload identity (``identity="mesh"``), and of nothing else: a
+    certificate moved to another path, a listener or cluster made plain, leaves no series
+    behind (an alert on it would fire for a file unused); a configuration staged and refused
+    shows nothing."""
     values: dict[Labels, int] = {}
     for owner in owners:
         if owner.tls_stats is not None:
             values.update(owner.tls_stats.expiry_series())
+    if identity is not None:
+        values.update(identity.expiry_series())
     stats.replace_gauges("metaprotocol_tls_certificate_expiry_seconds", values)
 
 
@@ -653,11 +661,19 @@ class TlsDownstream(Downstream):
         super().eof_received()
 
 
-def attach_listener(runtime: ListenerRuntime, tls: ListenerTls | None) -> None:
-    """Give a listener's runtime its TLS context and series (``None``: plain TCP)."""
+def attach_listener(
+    runtime: ListenerRuntime, tls: ListenerTls | None, identity: IdentityWatch | None = None
+) -> None:
+    """Give a listener's runtime its TLS context and series (``None``: plain TCP); an
+    ``ISTIO_MUTUAL`` one the current context of the workload ``identity``."""
     if tls is None:
         return
     runtime.tls = tls.context
+    if tls.mode == "ISTIO_MUTUAL" and identity is not None:
+        from .identity import server_key
+
+        runtime.mesh_tls = tls
+        runtime.tls = identity.material.server(server_key(tls))
     runtime.tls_stats = TlsStats(runtime.engine.stats, "listener", runtime.name, tls.expiry)
     if tls.subject_alt_names or tls.verify_certificate_spki or tls.verify_certificate_hash:
         runtime.tls_check = ClientCheck(tls)
@@ -699,12 +715,20 @@ class TlsUpstreamConnection(UpstreamConnection):
             self._connect_failed(f"TLS: {why}")
             self.task = None
             return
+        context = tls.context
+        if tls.mode == "ISTIO_MUTUAL":  # the workload identity's context of the moment
+            identity = self.engine.identity
+            if identity is None:  # a cluster draining after a reload removed the identity
+                self._connect_failed("TLS: no spec.meshIdentity is configured (ISTIO_MUTUAL)")
+                self.task = None
+                return
+            context = identity.material.client
         loop = self.engine.loop
         waiter = loop.create_future()
         layer = handshake_class(loop)(
             loop,
             self,
-            tls.context,
+            context,
             waiter,
             server_side=False,
             server_hostname=server_name,

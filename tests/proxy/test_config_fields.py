@@ -189,6 +189,28 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         lambda c: "alias.test" in c.services,
     ),
     ("ServiceEntry", "spec.resolution", "DNS", None),
+    (
+        "ServiceEntry",
+        "spec.subjectAltNames",
+        ["spiffe://cluster.local/ns/a/sa/b"],
+        lambda c: c.services["svc.test"].subject_alt_names == ("spiffe://cluster.local/ns/a/sa/b",),
+    ),
+    (
+        "ProxyConfig",
+        "spec.meshIdentity",
+        {
+            "directory": "/nonexistent",
+            "certificateChain": PKI["cert"],
+            "privateKey": PKI["key"],
+            "rootCertificates": PKI["ca"],
+            "checkInterval": "30s",
+        },
+        lambda c: (
+            c.proxy.mesh_identity is not None
+            and c.proxy.mesh_identity.certificate_chain == PKI["cert"]
+            and c.proxy.mesh_identity.check_interval == 30
+        ),
+    ),
     ("ServiceEntry", "spec.ports[0].number", 9000, lambda c: 9000 in c.services["svc.test"].ports),
     ("ServiceEntry", "spec.ports[0].name", PORT, None),
     ("ServiceEntry", "spec.ports[0].protocol", "tcp", None),
@@ -633,7 +655,7 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
         f"{POLICY}.tls.mode",
         "ISTIO_MUTUAL",
         f"{POLICY}.tls.mode",
-        "not supported",
+        "set spec.meshIdentity",
     ),
     (
         "DestinationRule",
@@ -654,7 +676,7 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
         "spec.listeners[0].tls",
         {**LISTENER_TLS, "mode": "ISTIO_MUTUAL"},
         "spec.listeners[0].tls.mode",
-        "not supported",
+        "set spec.meshIdentity",
     ),
     (
         "ProxyConfig",
@@ -773,7 +795,6 @@ WARNED: list[tuple[str, str, Any]] = [
     ("ServiceEntry", "spec.exportTo", ["."]),
     ("ServiceEntry", "spec.addresses", ["10.0.0.1"]),
     ("ServiceEntry", "spec.location", "MESH_INTERNAL"),
-    ("ServiceEntry", "spec.subjectAltNames", ["spiffe://cluster.local/ns/a/sa/b"]),
     ("ServiceEntry", "spec.endpoints[0].serviceAccount", "svc"),
     ("DestinationRule", "spec.exportTo", ["*"]),
     ("MetaRouter", "spec.exportTo", ["."]),

@@ -1222,7 +1222,7 @@ def load(text: str) -> Exception:
         (
             lambda p: tls_policy(mode="ISTIO_MUTUAL"),
             "spec.trafficPolicy.tls.mode",
-            "no istiod identity",
+            "set spec.meshIdentity",
         ),
         (
             lambda p: tls_policy(mode="SIMPLE", credentialName="secret"),

@@ -327,6 +327,36 @@ def tls_socket(
     return socket
 
 
+def istio_mutual_socket(sni: str, sans: Sequence[str] = ()) -> base_pb2.TransportSocket:
+    """``ISTIO_MUTUAL`` as istiod's ``buildUpstreamClusterTLSContext`` writes it: TLS 1.2 to
+    1.3, istio-agent's SDS secrets ``default`` (the workload certificate) and ``ROOTCA``
+    (combined with the names, exact), ALPN ``istio-peer-exchange``/``istio`` and the SNI
+    ``outbound_.<port>_.<subset>_.<host>``."""
+    common = tls_pb2.CommonTlsContext(
+        tls_params=common_pb2.TlsParameters(
+            tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2,
+            tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3,
+        ),
+        alpn_protocols=["istio-peer-exchange", "istio"],
+    )
+    common.tls_certificate_sds_secret_configs.append(
+        secret_pb2.SdsSecretConfig(name="default", sds_config=sds_config())
+    )
+    common.combined_validation_context.CopyFrom(
+        tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=common_pb2.CertificateValidationContext(
+                match_subject_alt_names=[string_pb2.StringMatcher(exact=n) for n in sans]
+            ),
+            validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
+                name="ROOTCA", sds_config=sds_config()
+            ),
+        )
+    )
+    socket = base_pb2.TransportSocket(name="envoy.transport_sockets.tls")
+    socket.typed_config.Pack(tls_pb2.UpstreamTlsContext(common_tls_context=common, sni=sni))
+    return socket
+
+
 def tls_cluster(name: str, socket: base_pb2.TransportSocket) -> cluster_pb2.Cluster:
     """:func:`cluster` with a DestinationRule's ``tls``: istiod then sends the cluster's
     ``transport_socket`` and no ``transport_socket_matches``."""
@@ -334,6 +364,30 @@ def tls_cluster(name: str, socket: base_pb2.TransportSocket) -> cluster_pb2.Clus
     del c.transport_socket_matches[:]
     c.transport_socket.CopyFrom(socket)
     return c
+
+
+def istio_secrets(chain: str | None, key: str, root: str) -> list[secret_pb2.Secret]:
+    """istio-agent's SDS secrets: ``default`` (the workload certificate; none when ``chain``
+    is None) and ``ROOTCA`` (the mesh root), naming the files."""
+    out = [
+        secret_pb2.Secret(
+            name="ROOTCA",
+            validation_context=common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(filename=root)
+            ),
+        )
+    ]
+    if chain is not None:
+        out.append(
+            secret_pb2.Secret(
+                name="default",
+                tls_certificate=common_pb2.TlsCertificate(
+                    certificate_chain=base_pb2.DataSource(filename=chain),
+                    private_key=base_pb2.DataSource(filename=key),
+                ),
+            )
+        )
+    return out
 
 
 def file_secrets(socket: base_pb2.TransportSocket) -> list[secret_pb2.Secret]:

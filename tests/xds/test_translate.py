@@ -33,6 +33,7 @@ from snapshots import (
     failover_snapshot,
     headless_cluster,
     hello_snapshots,
+    istio_mutual_socket,
     istiod_pool_options,
     load_assignment,
     refused_route,
@@ -843,9 +844,13 @@ def _two_cas(ctx: Any) -> None:
         (
             _istio_mutual,
             "SDS secret 'default' is istio-agent's workload certificate (tls mode "
-            "ISTIO_MUTUAL): this engine has no istiod identity",
+            "ISTIO_MUTUAL): set spec.meshIdentity in the ProxyConfig",
         ),
-        (_istio_root, "SDS secret 'ROOTCA' is istio-agent's mesh root certificate"),
+        (
+            _istio_root,
+            "SDS secret 'ROOTCA' is istio-agent's mesh root certificate (tls mode "
+            "ISTIO_MUTUAL), with a secret that is not istio-agent's",
+        ),
         (_credential, "SDS secret 'kubernetes://secret': only Istio's names for files"),
         (
             _inline_key,
@@ -896,6 +901,76 @@ def _two_cas(ctx: Any) -> None:
 )
 def test_refused_tls(edit: Any, detail: str) -> None:
     got = refusal(with_tls(_tls_case(edit)))
+    assert got.startswith(f"CDS {V1}: ") and detail in got, got
+
+
+def with_identity(files: Files) -> Config:
+    """:func:`base` with a workload identity (``spec.meshIdentity``)."""
+    text = BASE.replace(
+        '  xds: {address: "127.0.0.1:15010"}',
+        '  xds: {address: "127.0.0.1:15010"}\n'
+        f"  meshIdentity: {{certificateChain: {files.cert}, privateKey: {files.key}, "
+        f"rootCertificates: {files.ca}}}",
+    )
+    return loads_config(text)
+
+
+ISTIO_SNI = "outbound_.9090_.v1_.hello.svc"
+SA = "spiffe://cluster.local/ns/demo/sa/hello"
+
+
+def test_istiods_istio_mutual_is_served_with_the_workload_identity(files: Files) -> None:
+    config = with_identity(files)
+    Path(files.key).unlink()  # read with the ProxyConfig, not again at each update
+    rule = translate(config, with_tls(istio_mutual_socket(ISTIO_SNI, [SA]))).destination_rules[
+        "hello.svc"
+    ]
+    tls = rule.subsets["v1"].policy.tls
+    assert tls is not None and tls.context is None  # the identity's, at each connect
+    assert (tls.mode, tls.sni, tls.subject_alt_names) == ("ISTIO_MUTUAL", ISTIO_SNI, (SA,))
+    assert rule.policy.tls is None and rule.subsets["v2"].policy.tls is None
+
+
+def test_istiods_istio_mutual_without_an_identity_names_the_setting(files: Files) -> None:
+    got = refusal(with_tls(istio_mutual_socket(ISTIO_SNI, [SA])))
+    assert got.startswith(f"CDS {V1}: ") and "set spec.meshIdentity" in got, got
+    # A cluster nothing routes to or serves is left out with that reason, not refused.
+    left_out: dict[str, str] = {}
+    snap = snapshot()
+    other = tls_cluster("outbound|7777||other.svc", istio_mutual_socket("x", [SA]))
+    snap[CLUSTER_TYPE].append(other)
+    translate(base(), resources(snap), left_out)
+    assert "set spec.meshIdentity" in left_out["outbound|7777||other.svc"]
+
+
+def _no_istio_alpn(ctx: Any) -> None:
+    ctx.common_tls_context.alpn_protocols[:] = ["istio-peer-exchange"]
+
+
+def _file_root(ctx: Any) -> None:
+    combined = ctx.common_tls_context.combined_validation_context
+    combined.validation_context_sds_secret_config.name = "file-root:/ca.pem"
+
+
+def _pinned(ctx: Any) -> None:
+    default = ctx.common_tls_context.combined_validation_context.default_validation_context
+    default.verify_certificate_spki.append("x")
+
+
+@pytest.mark.parametrize(
+    ("edit", "detail"),
+    [
+        (_no_istio_alpn, "alpn_protocols: the engine offers ALPN 'istio'"),
+        (_file_root, "expected 'ROOTCA' with 'default', got 'file-root:/ca.pem'"),
+        (_pinned, "verify_certificate_spki: not supported by this engine"),
+        (lambda c: setattr(c, "auto_host_sni", True), "auto_host_sni: not supported"),
+    ],
+)
+def test_refused_istio_mutual(files: Files, edit: Any, detail: str) -> None:
+    socket = istio_mutual_socket(ISTIO_SNI, [SA])
+    ctx = _ctx(socket)
+    edit(ctx)
+    got = refusal(with_tls(_repack(socket, ctx)), with_identity(files))
     assert got.startswith(f"CDS {V1}: ") and detail in got, got
 
 

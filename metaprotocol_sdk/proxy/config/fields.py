@@ -20,8 +20,8 @@ _SECRETS = (
 _NOT_HTTP = "an HTTP setting (MetaProtocol upstream connections are not HTTP)"
 _NAMESPACES = "namespace visibility: this engine has no namespaces and applies every document"
 _IDENTITY = (
-    "an identity checked by Istio's mutual TLS (ISTIO_MUTUAL, which needs istiod's "
-    "certificates); a DestinationRule's tls.subjectAltNames checks a server's names here"
+    "an endpoint's identity; the service's subjectAltNames (or a DestinationRule's "
+    "tls.subjectAltNames) say which identities its servers may have"
 )
 _K8S = "Kubernetes object metadata: it does not change traffic"
 
@@ -104,6 +104,7 @@ SERVICE_ENTRY = fields(
     "ports",
     "resolution",
     "endpoints",
+    "subjectAltNames",
     refused={
         "workloadSelector": "it selects Kubernetes pods or WorkloadEntries as endpoints; "
         "list them in spec.endpoints",
@@ -111,7 +112,6 @@ SERVICE_ENTRY = fields(
     addresses="virtual IPs a sidecar captures traffic for; this engine serves the addresses "
     "its ProxyConfig listeners bind",
     exportTo=_NAMESPACES,
-    subjectAltNames=_IDENTITY,
     location="whether Istio treats the endpoints as mesh workloads (mutual TLS, telemetry); "
     "here a DestinationRule's tls alone decides whether upstream connections use TLS",
 )
@@ -170,11 +170,18 @@ TLS = fields(
     "caCrl",
     refused={"credentialName": _SECRETS},
 )
-#: ``trafficPolicy.tls.mode`` values refused, with why.
-TLS_MODES_REFUSED = {
-    "ISTIO_MUTUAL": "Istio's mutual TLS uses the workload certificates istiod issues over "
-    "SDS, and this engine has no istiod identity; use MUTUAL with certificate files",
-}
+#: What ``ISTIO_MUTUAL`` needs: the ProxyConfig's workload identity.
+NO_MESH_IDENTITY = (
+    "ISTIO_MUTUAL uses the workload's Istio identity, and the ProxyConfig sets none: set "
+    "spec.meshIdentity (the files istio-agent writes: certificateChain, privateKey, "
+    "rootCertificates; by default /etc/certs/cert-chain.pem, key.pem and root-cert.pem), or "
+    "use MUTUAL with certificate files"
+)
+#: ``tls`` fields ``ISTIO_MUTUAL`` takes from the workload identity instead.
+ISTIO_MUTUAL_FILES = (
+    "the workload identity (spec.meshIdentity) gives ISTIO_MUTUAL its certificate and CAs; "
+    "use MUTUAL to give files"
+)
 LOAD_BALANCER = fields(
     "simple",
     "consistentHash",
@@ -301,6 +308,11 @@ PROXY_CONFIG = fields(
     "telemetry",
     "tracing",
     "xds",
+    "meshIdentity",
+)
+#: ``spec.meshIdentity``: the workload identity's files, as istio-agent names them.
+MESH_IDENTITY = fields(
+    "directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval"
 )
 XDS = fields(
     "address",
@@ -357,8 +369,6 @@ LISTENER_TLS = fields(
 LISTENER_TLS_MODES_REFUSED = {
     "PASSTHROUGH": "forwarding TLS unterminated (the engine reads every frame)",
     "AUTO_PASSTHROUGH": "forwarding TLS unterminated (the engine reads every frame)",
-    "ISTIO_MUTUAL": "Istio's mutual TLS uses the workload certificates istiod issues over "
-    "SDS, and this engine has no istiod identity; use MUTUAL with certificate files",
     "OPTIONAL_SIMPLE": "serving TLS and plain text on one port",
 }
 FILTER = fields("name", "config")

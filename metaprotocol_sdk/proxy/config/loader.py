@@ -28,6 +28,12 @@ from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecErro
 from metaprotocol_sdk.registry import resolve, resolve_filter
 
 from ..addresses import is_loopback
+from ..identity import (
+    DEFAULT_SERVER,
+    IdentityChanging,
+    IdentityMaterial,
+    load_identity,
+)
 from ..matcher import compile_regex
 from ..telemetry import workload_from_environment
 from ..tls import (
@@ -59,6 +65,7 @@ from .models import (
     ListenerTlsMode,
     LoadBalancer,
     LocalRateLimit,
+    MeshIdentity,
     MetaRouter,
     Mirror,
     OutlierDetection,
@@ -100,6 +107,8 @@ _LB_SIMPLE: dict[str, LbPolicy] = {
 #: repeats them in many lines (a route named with a megabyte of text made 45 MB of it). A DNS
 #: name has at most 253 characters; Istio's subset names are DNS labels (63).
 MAX_NAME_LENGTH = 253
+#: ``spec.meshIdentity.checkInterval`` bounds (the files are looked at that often).
+MIN_IDENTITY_CHECK, MAX_IDENTITY_CHECK = 0.1, 3600.0
 _log = logging.getLogger("metaprotocol.config")
 _INDEX = re.compile(r"\[\d+\]")
 
@@ -306,20 +315,30 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
 
 
 def build_config(
-    groups: Sequence[tuple[str, Sequence[Any]]], *, control_plane: bool = False
+    groups: Sequence[tuple[str, Sequence[Any]]],
+    *,
+    control_plane: bool = False,
+    mesh_identity: MeshIdentity | None = None,
 ) -> Config:
     """Validate parsed documents, ``(source, bodies)`` per group, into a :class:`Config`.
 
     ``control_plane``: the MetaRouters and DestinationRules came from the control plane
     (``spec.xds``), so a ProxyConfig with ``spec.xds`` does not refuse them.
+    ``mesh_identity``: the ProxyConfig's workload identity as loaded already (its files are
+    not read again: a control plane update during a rotation must not fail on them).
     """
     docs: list[_Doc] = []
     for source, bodies in groups:
         docs.extend(_docs(list(bodies), source))
-    return _build(docs, tuple(source for source, _ in groups), control_plane)
+    return _build(docs, tuple(source for source, _ in groups), control_plane, mesh_identity)
 
 
-def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = False) -> Config:
+def _build(
+    docs: list[_Doc],
+    sources: tuple[str, ...],
+    control_plane: bool = False,
+    mesh_identity: MeshIdentity | None = None,
+) -> Config:
     by_kind: dict[str, list[_Doc]] = {k: [] for k in KINDS}
     for doc in docs:
         by_kind[doc.kind].append(doc)
@@ -348,9 +367,12 @@ def _build(docs: list[_Doc], sources: tuple[str, ...], control_plane: bool = Fal
                     f"spec.codecOptions.{proto}",
                     f"no ApplicationProtocol or ServiceEntry port uses protocol {proto!r}",
                 )
-    rules = _destination_rules(by_kind["DestinationRule"], services)
+    identity = mesh_identity
+    if identity is None and proxy_doc is not None:
+        identity = _mesh_identity(proxy_doc)
+    rules = _destination_rules(by_kind["DestinationRule"], services, identity)
     routers = _routers(by_kind["MetaRouter"], services, rules, protocols)
-    proxy = _proxy(proxy_doc, services, codec_options)
+    proxy = _proxy(proxy_doc, services, codec_options, identity)
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
     return Config(
@@ -543,7 +565,13 @@ def _services(
             )
         namespace = doc.string(doc.body["metadata"], "namespace", "metadata.namespace", False)
         service = Service(
-            doc.name, tuple(hosts), ports, tuple(endpoints), doc.source, namespace or "default"
+            doc.name,
+            tuple(hosts),
+            ports,
+            tuple(endpoints),
+            doc.source,
+            namespace or "default",
+            tuple(_subject_alt_names(doc, spec, "spec")),
         )
         for host in hosts:
             services[host] = service
@@ -603,18 +631,22 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
 
 
 def _traffic_policy(
-    doc: _Doc, policy: Mapping[str, Any], path: str, table: schema.Fields = schema.TRAFFIC_POLICY
+    doc: _Doc,
+    policy: Mapping[str, Any],
+    path: str,
+    identity: MeshIdentity | None,
+    table: schema.Fields = schema.TRAFFIC_POLICY,
 ) -> TrafficPolicy:
     doc.check(policy, path, table)
     return TrafficPolicy(
         _load_balancer(doc, dict(policy), path),
         _connection_pool(doc, policy, path),
         _outlier_detection(doc, policy, path),
-        _upstream_tls(doc, policy, path),
+        _upstream_tls(doc, policy, path, identity),
     )
 
 
-_UPSTREAM_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL")
+_UPSTREAM_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 
 
 def _subject_alt_names(doc: _Doc, raw: Mapping[str, Any], path: str) -> list[str]:
@@ -663,19 +695,23 @@ def _tls_path(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> str | N
     return doc.string(raw, key, f"{path}.{key}", required=False)
 
 
-def _upstream_tls(doc: _Doc, policy: Mapping[str, Any], path: str) -> UpstreamTls | None:
+def _upstream_tls(
+    doc: _Doc, policy: Mapping[str, Any], path: str, identity: MeshIdentity | None
+) -> UpstreamTls | None:
     """``trafficPolicy.tls`` (Istio's ``ClientTLSSettings``): its files are read and the
-    context built now, so that a bad file is an error naming its field."""
+    context built now, so that a bad file is an error naming its field. ``ISTIO_MUTUAL``
+    takes the workload ``identity`` (its files were read with the ProxyConfig)."""
     raw = _group(doc, policy, "tls", path)
     if raw is None:
         return None
     path = f"{path}.tls"
     doc.check(raw, path, schema.TLS)
     mode = doc.get(raw, "mode", f"{path}.mode") or "DISABLE"
-    if mode in schema.TLS_MODES_REFUSED:
-        doc.fail(f"{path}.mode", f"not supported by this engine: {schema.TLS_MODES_REFUSED[mode]}")
     if mode not in _UPSTREAM_TLS_MODES:
-        doc.fail(f"{path}.mode", f"unknown TLS mode {mode!r}; expected DISABLE, SIMPLE or MUTUAL")
+        doc.fail(
+            f"{path}.mode",
+            f"unknown TLS mode {mode!r}; expected DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL",
+        )
     sans = _subject_alt_names(doc, raw, path)
     skip = doc.get(raw, "insecureSkipVerify", f"{path}.insecureSkipVerify")
     if skip is not None and not isinstance(skip, bool):
@@ -687,6 +723,17 @@ def _upstream_tls(doc: _Doc, policy: Mapping[str, Any], path: str) -> UpstreamTl
     sni = doc.string(raw, "sni", f"{path}.sni", required=False)
     if sni is not None and (why := server_name_error(sni)) is not None:
         doc.fail(f"{path}.sni", why)
+    if mode == "ISTIO_MUTUAL":
+        if identity is None:
+            doc.fail(f"{path}.mode", schema.NO_MESH_IDENTITY)
+        for key in (*files, "insecureSkipVerify"):
+            if raw.get(key) is not None:
+                doc.fail(
+                    f"{path}.{key}", f"not with mode ISTIO_MUTUAL: {schema.ISTIO_MUTUAL_FILES}"
+                )
+        # The SNI (default outbound_.<port>_.<subset>_.<host>) and, without names here, the
+        # ServiceEntry's are set per cluster by the engine.
+        return UpstreamTls("ISTIO_MUTUAL", sni=sni, subject_alt_names=tuple(sans))
     if mode == "DISABLE":
         for key in ("sni", "subjectAltNames", "insecureSkipVerify", *files):
             if raw.get(key) is not None:
@@ -730,11 +777,14 @@ def _upstream_tls(doc: _Doc, policy: Mapping[str, Any], path: str) -> UpstreamTl
     )
 
 
-_LISTENER_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+_LISTENER_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL")
 
 
-def _listener_tls(doc: _Doc, listener: Mapping[str, Any], path: str) -> ListenerTls | None:
-    """A listener's ``tls`` (Istio Gateway ``ServerTLSSettings`` field names)."""
+def _listener_tls(
+    doc: _Doc, listener: Mapping[str, Any], path: str, identity: MeshIdentity | None
+) -> ListenerTls | None:
+    """A listener's ``tls`` (Istio Gateway ``ServerTLSSettings`` field names); with
+    ``ISTIO_MUTUAL``, the workload ``identity``'s certificate and root."""
     raw = doc.mapping(listener, "tls", f"{path}.tls", required=False)
     if not raw:
         return None
@@ -747,12 +797,23 @@ def _listener_tls(doc: _Doc, listener: Mapping[str, Any], path: str) -> Listener
     if mode not in _LISTENER_TLS_MODES:
         doc.fail(
             f"{path}.mode",
-            f"unknown TLS mode {mode!r}; expected SIMPLE, MUTUAL or OPTIONAL_MUTUAL "
-            "(omit tls for plain TCP)",
+            f"unknown TLS mode {mode!r}; expected SIMPLE, MUTUAL, OPTIONAL_MUTUAL or "
+            "ISTIO_MUTUAL (omit tls for plain TCP)",
         )
-    cert = cast(str, _tls_path_required(doc, raw, "serverCertificate", path))
-    key = cast(str, _tls_path_required(doc, raw, "privateKey", path))
-    ca = _tls_path(doc, raw, "caCertificates", path)
+    if mode == "ISTIO_MUTUAL":
+        if identity is None:
+            doc.fail(f"{path}.mode", schema.NO_MESH_IDENTITY)
+        for field in ("serverCertificate", "privateKey", "caCertificates", "caCrl"):
+            if raw.get(field) is not None:
+                doc.fail(
+                    f"{path}.{field}", f"not with mode ISTIO_MUTUAL: {schema.ISTIO_MUTUAL_FILES}"
+                )
+        cert, key = identity.certificate_chain, identity.private_key
+        ca: str | None = identity.root_certificates
+    else:
+        cert = cast(str, _tls_path_required(doc, raw, "serverCertificate", path))
+        key = cast(str, _tls_path_required(doc, raw, "privateKey", path))
+        ca = _tls_path(doc, raw, "caCertificates", path)
     if mode == "SIMPLE" and ca is not None:
         doc.warn(f"{path}.caCertificates", "client certificates are asked for with MUTUAL only")
         ca = None
@@ -793,16 +854,22 @@ def _listener_tls(doc: _Doc, listener: Mapping[str, Any], path: str) -> Listener
         if not isinstance(suite, str) or not suite or ":" in suite:
             doc.fail(f"{path}.cipherSuites[{i}]", f"must be one cipher suite name, got {suite!r}")
     try:
-        context, digest, expiry = server_context(
-            mode,
-            server_certificate=cert,
-            private_key=key,
-            ca_certificates=ca,
-            min_version=low,
-            max_version=high,
-            cipher_suites=tuple(suites),
-            ca_crl=crl,
-        )
+        if identity is not None and mode == "ISTIO_MUTUAL":
+            material = cast(IdentityMaterial, identity.material)
+            context = material.server((low, high, tuple(suites)))
+            digest = material.digest
+            expiry: tuple[tuple[str, float], ...] = ()  # shown as the identity's
+        else:
+            context, digest, expiry = server_context(
+                mode,
+                server_certificate=cert,
+                private_key=key,
+                ca_certificates=ca,
+                min_version=low,
+                max_version=high,
+                cipher_suites=tuple(suites),
+                ca_crl=crl,
+            )
     except TlsSettingError as exc:
         doc.fail(f"{path}.{exc.key}", str(exc))
     return ListenerTls(
@@ -920,7 +987,7 @@ def _int_or(value: int | None, default: int) -> int:
 
 
 def _destination_rules(
-    docs: list[_Doc], services: dict[str, Service]
+    docs: list[_Doc], services: dict[str, Service], identity: MeshIdentity | None = None
 ) -> dict[str, DestinationRule]:
     rules: dict[str, DestinationRule] = {}
     for doc in docs:
@@ -934,8 +1001,8 @@ def _destination_rules(
         service = services[host]
         policy = doc.mapping(spec, "trafficPolicy", "spec.trafficPolicy", required=False)
         lb = _load_balancer(doc, policy, "spec.trafficPolicy") or LoadBalancer()
-        top = _traffic_policy(doc, policy, "spec.trafficPolicy")
-        ports = _port_settings(doc, policy, "spec.trafficPolicy", host, service, top)
+        top = _traffic_policy(doc, policy, "spec.trafficPolicy", identity)
+        ports = _port_settings(doc, policy, "spec.trafficPolicy", host, service, top, identity)
         subsets: dict[str, Subset] = {}
         for i, raw in enumerate(doc.sequence(spec, "subsets", "spec.subsets", required=False)):
             path = f"spec.subsets[{i}]"
@@ -948,13 +1015,36 @@ def _destination_rules(
             labels = doc.labels(raw, "labels", f"{path}.labels")
             sub_policy = doc.mapping(raw, "trafficPolicy", f"{path}.trafficPolicy", False)
             sub_lb = _load_balancer(doc, sub_policy, f"{path}.trafficPolicy")
-            own = _traffic_policy(doc, sub_policy, f"{path}.trafficPolicy")
+            own = _traffic_policy(doc, sub_policy, f"{path}.trafficPolicy", identity)
             sub_ports = _port_settings(
-                doc, sub_policy, f"{path}.trafficPolicy", host, service, top, ports, own
+                doc, sub_policy, f"{path}.trafficPolicy", host, service, top, identity, ports, own
             )
             subsets[name] = Subset(name, labels, sub_lb, own.over(top), own, sub_ports)
+            _unnamed_servers(doc, f"{path}.trafficPolicy", own, service)
+        _unnamed_servers(doc, "spec.trafficPolicy", top, service)
+        for number, port_policy in ports.items():
+            _unnamed_servers(
+                doc, f"spec.trafficPolicy.portLevelSettings[{number}]", port_policy, service
+            )
         rules[host] = DestinationRule(doc.name, host, lb, subsets, top, ports)
     return rules
+
+
+def _unnamed_servers(doc: _Doc, path: str, policy: TrafficPolicy, service: Service) -> None:
+    """Caution about ``ISTIO_MUTUAL`` with no server names to check, here or in the
+    ServiceEntry: any workload of the mesh would be accepted as the server."""
+    tls = policy.tls
+    if (
+        tls is not None
+        and tls.mode == "ISTIO_MUTUAL"
+        and not tls.subject_alt_names
+        and not service.subject_alt_names
+    ):
+        doc.caution(
+            f"{path}.tls.subjectAltNames",
+            "ISTIO_MUTUAL with no names here nor in the ServiceEntry's subjectAltNames: any "
+            "workload certificate of the mesh is accepted as the server's",
+        )
 
 
 def _port_settings(
@@ -964,6 +1054,7 @@ def _port_settings(
     host: str,
     service: Service,
     top: TrafficPolicy,
+    identity: MeshIdentity | None,
     rule_ports: Mapping[int, TrafficPolicy] | None = None,
     own: TrafficPolicy | None = None,
 ) -> dict[int, TrafficPolicy]:
@@ -991,7 +1082,7 @@ def _port_settings(
         if all(raw.get(group) is None for group, _ in _GROUP_ATTRS):
             groups = ", ".join(group for group, _ in _GROUP_ATTRS)
             doc.fail(entry, f"sets nothing for port {number}: set one of {groups}")
-        out[number] = _traffic_policy(doc, raw, entry, schema.PORT_TRAFFIC_POLICY)
+        out[number] = _traffic_policy(doc, raw, entry, identity, schema.PORT_TRAFFIC_POLICY)
         where[number] = entry
         if number not in service.ports:
             doc.caution(
@@ -1568,7 +1659,10 @@ def _bind(doc: _Doc, value: Any, path: str) -> tuple[str, int]:
 
 
 def _proxy(
-    doc: _Doc | None, services: dict[str, Service], codec_options: dict[str, dict[str, Any]]
+    doc: _Doc | None,
+    services: dict[str, Service],
+    codec_options: dict[str, dict[str, Any]],
+    identity: MeshIdentity | None = None,
 ) -> ProxySettings:
     if doc is None:
         return ProxySettings()
@@ -1606,7 +1700,7 @@ def _proxy(
                 bind[0],
                 bind[1],
                 _filters(doc, raw, path),
-                _listener_tls(doc, raw, path),
+                _listener_tls(doc, raw, path, identity),
                 _connection_rate_limit(doc, raw, path),
             )
         )
@@ -1636,7 +1730,52 @@ def _proxy(
         telemetry=_telemetry(doc, spec),
         tracing=_tracing(doc, spec),
         xds=_xds(doc, spec),
+        mesh_identity=identity,
     )
+
+
+def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
+    """``spec.meshIdentity``: the files istio-agent writes (``directory``, default
+    ``/etc/certs``, with its names; or each path), read and checked now, like every TLS
+    file: a missing or unusable one is an error naming its field."""
+    spec = doc.spec()
+    if spec.get("meshIdentity") is None:
+        return None
+    raw = doc.mapping(spec, "meshIdentity", "spec.meshIdentity")
+    path = "spec.meshIdentity"
+    doc.check(raw, path, schema.MESH_IDENTITY)
+    directory = doc.string(raw, "directory", f"{path}.directory", required=False) or "/etc/certs"
+    paths = {
+        key: doc.string(raw, key, f"{path}.{key}", required=False) or os.path.join(directory, name)
+        for key, name in (
+            ("certificateChain", "cert-chain.pem"),
+            ("privateKey", "key.pem"),
+            ("rootCertificates", "root-cert.pem"),
+        )
+    }
+    interval = doc.duration(raw, "checkInterval", f"{path}.checkInterval")
+    if interval is not None and not MIN_IDENTITY_CHECK <= interval <= MAX_IDENTITY_CHECK:
+        doc.fail(
+            f"{path}.checkInterval",
+            f"must be between {MIN_IDENTITY_CHECK * 1000:g}ms and "
+            f"{MAX_IDENTITY_CHECK / 60:g}m (istio-agent renews a certificate at about half "
+            f"of its life, 12h by default), got {raw['checkInterval']!r}",
+        )
+    settings = MeshIdentity(
+        paths["certificateChain"],
+        paths["privateKey"],
+        paths["rootCertificates"],
+        5.0 if interval is None else interval,
+    )
+    for _ in range(3):  # istio-agent may be replacing them right now
+        try:
+            material = load_identity(settings, (DEFAULT_SERVER,))
+        except TlsSettingError as exc:
+            doc.fail(f"{path}.{exc.key}", str(exc))
+        except (IdentityChanging, OSError):
+            continue
+        return dataclasses.replace(settings, material=material)
+    doc.fail(path, "the files kept changing while they were read (three times)")
 
 
 def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:

@@ -88,6 +88,9 @@ class Service:
     source: str = ""
     #: ``metadata.namespace`` (Istio's ``destination_service_namespace``).
     namespace: str = "default"
+    #: ``spec.subjectAltNames``: the identities a server of this service may have, checked
+    #: by ``ISTIO_MUTUAL`` when the DestinationRule's ``tls`` names none (as in Istio).
+    subject_alt_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,9 @@ class OutlierDetection:
 
 
 #: ``DestinationRule.trafficPolicy.tls.mode`` values this engine honours.
-UpstreamTlsMode = Literal["DISABLE", "SIMPLE", "MUTUAL"]
+UpstreamTlsMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
 #: ``ProxyConfig.spec.listeners[].tls.mode`` values (Istio Gateway ``ServerTLSSettings``).
-ListenerTlsMode = Literal["SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"]
+ListenerTlsMode = Literal["SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL"]
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,9 @@ class UpstreamTls:
     said then, and ``digest`` their bytes' hash, so that a reload after a certificate
     rotation is a changed cluster (new connections use the new files) while an unchanged
     one keeps its connections. ``DISABLE`` is kept as a value (it overrides a rule's
-    ``SIMPLE`` in a subset); it has no context.
+    ``SIMPLE`` in a subset); it has no context. Neither has ``ISTIO_MUTUAL``: its
+    connections take the engine's :class:`MeshIdentity` context of the moment (rotated
+    without a reload), so only its settings (``sni``, ``subject_alt_names``) are compared.
     """
 
     mode: UpstreamTlsMode
@@ -215,7 +220,9 @@ class UpstreamTls:
 @dataclass(frozen=True)
 class ListenerTls:
     """A listener's ``tls`` (Istio Gateway ``ServerTLSSettings`` field names), validated;
-    files read at load as for :class:`UpstreamTls`."""
+    files read at load as for :class:`UpstreamTls`. With ``ISTIO_MUTUAL`` the certificate
+    and CAs are the :class:`MeshIdentity`'s (its paths are shown here); ``context`` is the
+    one built at load, and the engine serves the identity's current one."""
 
     mode: ListenerTlsMode
     server_certificate: str
@@ -237,6 +244,22 @@ class ListenerTls:
     digest: str = ""
     expiry: tuple[tuple[str, float], ...] = ()
     context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class MeshIdentity:
+    """``spec.meshIdentity``: the workload's Istio identity, from the files istio-agent writes
+    (``OUTPUT_CERTS``, or file-mounted certificates), checked for changes every
+    ``check_interval`` seconds and rotated without a reload.
+
+    ``material`` is what the loader read and built (compared by nothing: two loads of the
+    same settings are the same identity, whose current files the engine follows)."""
+
+    certificate_chain: str = "/etc/certs/cert-chain.pem"
+    private_key: str = "/etc/certs/key.pem"
+    root_certificates: str = "/etc/certs/root-cert.pem"
+    check_interval: float = 5.0
+    material: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -678,6 +701,8 @@ class ProxySettings:
     tracing: Tracing | None = None
     #: The control plane (``None``: routes, clusters and endpoints come from the files).
     xds: Xds | None = None
+    #: The workload's Istio identity (``ISTIO_MUTUAL``; ``None``: not configured).
+    mesh_identity: MeshIdentity | None = None
 
 
 @dataclass(frozen=True)

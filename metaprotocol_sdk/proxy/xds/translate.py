@@ -821,13 +821,12 @@ def _sds_name(res: str, sds: Any, path: str, prefix: str) -> str:
     """The part after ``prefix`` of an SDS secret name (Istio's ``file-cert:``/``file-root:``)."""
     _check_tls(res, sds, path, "SdsSecretConfig", {"name"})
     name = str(sds.name)
-    if name in _ISTIO_SDS:
+    if name in _ISTIO_SDS:  # with other names: one of them alone is not istiod's
         raise XdsRefused(
             res,
             f"{path}.name",
-            f"SDS secret {name!r} is istio-agent's {_ISTIO_SDS[name]} (tls mode ISTIO_MUTUAL): "
-            "this engine has no istiod identity; use a DestinationRule tls mode MUTUAL with "
-            "files",
+            f"SDS secret {name!r} is istio-agent's {_ISTIO_SDS[name]} (tls mode ISTIO_MUTUAL), "
+            "with a secret that is not istio-agent's: istiod sends the two together",
         )
     if not name.startswith(prefix) or len(name) == len(prefix):
         raise XdsRefused(
@@ -879,11 +878,113 @@ def _tls_params(res: str, p: Any, path: str) -> None:
         raise XdsRefused(res, f"{path}.{key}", f"not supported by this engine: {why}")
 
 
-def _transport_socket(res: str, c: Any) -> _Tls | None:
+def _istio_names(common: Any) -> tuple[str, ...]:
+    """The SDS secret names of a context's certificate and trust."""
+    names = [s.name for s in common.tls_certificate_sds_secret_configs]
+    which = common.WhichOneof("validation_context_type")
+    if which == "validation_context_sds_secret_config":
+        names.append(common.validation_context_sds_secret_config.name)
+    elif which == "combined_validation_context":
+        names.append(common.combined_validation_context.validation_context_sds_secret_config.name)
+    return tuple(names)
+
+
+def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
+    """An ``ISTIO_MUTUAL`` context as istiod writes it (``buildUpstreamClusterTLSContext``):
+    istio-agent's SDS secrets ``default`` (the workload certificate) and ``ROOTCA`` (the mesh
+    root), names in the default validation context, ALPN ``istio-peer-exchange``/``istio``
+    and the SNI ``outbound_.<port>_.<subset>_.<host>``. The engine serves it with its
+    ``spec.meshIdentity`` (the same identity, as files)."""
+    cpath = f"{path}.common_tls_context"
+    common = ctx.common_tls_context
+    spath = f"{cpath}.tls_certificate_sds_secret_configs[0]"
+    if not identity:
+        raise XdsRefused(
+            res,
+            f"{spath}.name",
+            "SDS secret 'default' is istio-agent's workload certificate (tls mode "
+            "ISTIO_MUTUAL): set spec.meshIdentity in the ProxyConfig (the files istio-agent "
+            "writes with OUTPUT_CERTS: cert-chain.pem, key.pem, root-cert.pem) for the engine "
+            "to speak Istio's mutual TLS",
+        )
+    _check_tls(
+        res,
+        common,
+        cpath,
+        "CommonTlsContext",
+        {
+            "tls_params",
+            "tls_certificate_sds_secret_configs",
+            "combined_validation_context",
+            "alpn_protocols",
+        },
+    )
+    if common.HasField("tls_params"):
+        _tls_params(res, common.tls_params, f"{cpath}.tls_params")
+    secrets = common.tls_certificate_sds_secret_configs
+    if len(secrets) != 1 or secrets[0].name != "default":
+        raise XdsRefused(
+            res, f"{cpath}.tls_certificate_sds_secret_configs", "expected one secret: 'default'"
+        )
+    _check_tls(res, secrets[0], spath, "SdsSecretConfig", {"name"})
+    if common.alpn_protocols and "istio" not in common.alpn_protocols:
+        raise XdsRefused(
+            res,
+            f"{cpath}.alpn_protocols",
+            "the engine offers ALPN 'istio' (not Istio's metadata exchange, "
+            f"'istio-peer-exchange'), which {list(common.alpn_protocols)} lacks",
+        )
+    ccpath = f"{cpath}.combined_validation_context"
+    cvc = common.combined_validation_context
+    _check_tls(
+        res,
+        cvc,
+        ccpath,
+        "CombinedCertificateValidationContext",
+        {"default_validation_context", "validation_context_sds_secret_config"},
+    )
+    root = cvc.validation_context_sds_secret_config
+    rpath = f"{ccpath}.validation_context_sds_secret_config"
+    if root.name != "ROOTCA":
+        raise XdsRefused(
+            res, f"{rpath}.name", f"expected 'ROOTCA' with 'default', got {root.name!r}"
+        )
+    _check_tls(res, root, rpath, "SdsSecretConfig", {"name"})
+    vpath = f"{ccpath}.default_validation_context"
+    vc = cvc.default_validation_context
+    _check_tls(
+        res,
+        vc,
+        vpath,
+        "CertificateValidationContext",
+        {"match_subject_alt_names", "match_typed_subject_alt_names"},
+    )
+    sans = [
+        _san_matcher(res, m, f"{vpath}.match_subject_alt_names[{i}]")
+        for i, m in enumerate(vc.match_subject_alt_names)
+    ]
+    for i, t in enumerate(vc.match_typed_subject_alt_names):
+        tpath = f"{vpath}.match_typed_subject_alt_names[{i}]"
+        _check_tls(res, t, tpath, "SubjectAltNameMatcher", {"san_type", "matcher"})
+        if t.san_type not in (2, 3, 4):  # DNS, URI, IP_ADDRESS
+            raise XdsRefused(
+                res, f"{tpath}.san_type", "only DNS, URI and IP_ADDRESS names are matched"
+            )
+        sans.append(_san_matcher(res, t.matcher, f"{tpath}.matcher"))
+    doc: dict[str, Any] = {"mode": "ISTIO_MUTUAL"}
+    if ctx.sni:
+        doc["sni"] = ctx.sni
+    if sans:
+        doc["subjectAltNames"] = sans
+    return _Tls(doc, {})
+
+
+def _transport_socket(res: str, c: Any, identity: bool = False) -> _Tls | None:
     """A cluster's ``transport_socket`` as a DestinationRule ``tls`` block (``None``: plain
     TCP), read the way istiod writes a DestinationRule's ``tls`` with files (SDS names
     ``file-cert:<cert>~<key>`` and ``file-root:<ca>``) and the way a control plane without
-    SDS would (``tls_certificates`` and ``trusted_ca`` with file names)."""
+    SDS would (``tls_certificates`` and ``trusted_ca`` with file names); istio-agent's SDS
+    names (``ISTIO_MUTUAL``) with the engine's workload ``identity`` (``spec.meshIdentity``)."""
     if not c.HasField("transport_socket"):
         return None
     path = "transport_socket"
@@ -915,6 +1016,8 @@ def _transport_socket(res: str, c: Any) -> _Tls | None:
     except DecodeError as exc:
         raise XdsRefused(res, path, f"cannot be decoded: {exc}") from None
     _check_tls(res, ctx, path, "UpstreamTlsContext", {"common_tls_context", "sni"})
+    if "default" in _istio_names(ctx.common_tls_context):
+        return _istio_mutual(res, ctx, path, identity)
     doc: dict[str, Any] = {}
     origin: dict[str, str] = {}
     common = ctx.common_tls_context
@@ -1125,11 +1228,14 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[_Endpoint]:
     return out
 
 
-def _host_port(resources: Resources, name: str, parsed: ClusterName, c: Any) -> _HostPort:
-    """One outbound cluster with its endpoints."""
+def _host_port(
+    resources: Resources, name: str, parsed: ClusterName, c: Any, identity: bool
+) -> _HostPort:
+    """One outbound cluster with its endpoints (``identity``: a workload identity is
+    configured, for ``ISTIO_MUTUAL``)."""
     res = f"CDS {name}"
     policy, ring = _cluster_policy(res, c)
-    tls = _transport_socket(res, c)
+    tls = _transport_socket(res, c, identity)
     if tls is not None:
         policy["tls"] = tls.doc
     kind = c.WhichOneof("cluster_discovery_type")
@@ -1148,7 +1254,10 @@ def _host_port(resources: Resources, name: str, parsed: ClusterName, c: Any) -> 
 
 
 def _host_ports(
-    resources: Resources, used: set[tuple[str, int]], left_out: dict[str, str]
+    resources: Resources,
+    used: set[tuple[str, int]],
+    left_out: dict[str, str],
+    identity: bool = False,
 ) -> dict[str, list[_HostPort]]:
     """Outbound clusters with their endpoints, by host.
 
@@ -1165,7 +1274,7 @@ def _host_ports(
         if parsed is None:
             continue  # inbound, passthrough and black-hole clusters: not this proxy's routes
         try:
-            hp = _host_port(resources, name, parsed, c)
+            hp = _host_port(resources, name, parsed, c, identity)
         except XdsRefused as exc:
             if (parsed.host, parsed.port) in used:
                 raise
@@ -1253,7 +1362,7 @@ def translate(base: Config, resources: Resources, left_out: dict[str, str] | Non
             for parsed in map(parse_cluster_name, table.clusters)
             if parsed is not None
         )
-    xds_hosts = _host_ports(resources, used, left_out)
+    xds_hosts = _host_ports(resources, used, left_out, base.proxy.mesh_identity is not None)
     # Subsets the routes send to, by host: one CDS has not sent (yet) is kept with no
     # endpoints, as Envoy keeps a route to an unknown cluster (requests to it fail, the rest
     # of the update applies). With RDS and CDS from two servers (Aeraki, istiod), routes to a
@@ -1300,7 +1409,7 @@ def translate(base: Config, resources: Resources, left_out: dict[str, str] | Non
         files.append(body)
     groups.insert(0, (", ".join(base.sources) or "<files>", files))
     try:
-        config = build_config(groups, control_plane=True)
+        config = build_config(groups, control_plane=True, mesh_identity=base.proxy.mesh_identity)
     except ConfigError as exc:
         raise _tls_error(exc, origins) or ConfigError(
             exc.reason, source=f"xDS {exc.source}", field=exc.field

@@ -1,0 +1,283 @@
+"""The workload's Istio identity (``spec.meshIdentity``), from files, rotated without a reload.
+
+istio-agent writes a non-Envoy workload's identity as files (``OUTPUT_CERTS`` for proxyless
+gRPC, or file-mounted certificates): ``cert-chain.pem``, ``key.pem`` and ``root-cert.pem``,
+renewed at about half of a certificate's life. :func:`load_identity` reads and checks them
+(bounded, regular files only: the readers of :mod:`.tls`) and builds the contexts of
+``ISTIO_MUTUAL``: the client one (the workload certificate, the mesh root, ALPN ``istio``)
+and a server one per listener settings. :class:`IdentityWatch` is the engine's: its
+:meth:`~IdentityWatch.check`, from the engine's sweep every ``checkInterval``, stats the
+three files (no read unless one changed) and swaps in new contexts for new connections;
+open connections keep theirs. Files that cannot be used (a certificate and a key that do
+not match, a file half written) keep the identity in force, and are counted and logged
+once they stay so for a whole interval (istio-agent replaces the files one by one: a check
+between two of its writes is not a failure).
+
+ALPN: Istio sidecars offer ``istio-peer-exchange`` and ``istio``. The first makes a sidecar
+speak Istio's TCP metadata exchange (a header of its own before the application's bytes),
+which this engine does not: it offers and accepts ``istio`` only, on which an Istio inbound
+listener's mutual TLS filter chains match too, and a sidecar client offering both is
+answered ``istio`` (it then sends no such header).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .tls import (
+    TlsSettingError,
+    _load_cas,
+    _load_chain,
+    _read_certificate,
+    _read_key,
+    certificate_expiry,
+    server_context,
+)
+
+if TYPE_CHECKING:
+    from .config.models import ListenerTls, MeshIdentity
+    from .stats import Labels, Stats
+
+log = logging.getLogger("metaprotocol.proxy")
+
+#: The ALPN protocol offered and accepted (see the module's docstring).
+ALPN = ("istio",)
+#: The settings' file fields, in the order they are read.
+FIELDS = ("certificateChain", "privateKey", "rootCertificates")
+#: ``metaprotocol_tls_identity_rotations_total{result}``.
+RESULTS = ("ok", "failed")
+
+#: A file's identity as ``stat`` gives it (device, inode, size, mtime): istio-agent replaces
+#: a file by a rename, Kubernetes a mounted secret by a symbolic link's.
+Signature = tuple[tuple[int, int, int, int], ...]
+
+
+class IdentityChanging(Exception):
+    """The files changed while they were read: read again at the next check."""
+
+
+def _paths(settings: MeshIdentity) -> tuple[str, str, str]:
+    return settings.certificate_chain, settings.private_key, settings.root_certificates
+
+
+def signature(settings: MeshIdentity) -> Signature:
+    """The three files' :data:`Signature`; :class:`TlsSettingError` names one that is gone."""
+    out = []
+    for key, path in zip(FIELDS, _paths(settings), strict=True):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise TlsSettingError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+#: A listener's server context settings: minimum and maximum version, cipher suites.
+ServerKey = tuple[str, str | None, tuple[str, ...]]
+DEFAULT_SERVER: ServerKey = ("TLSV1_2", None, ())
+
+
+def istio_sni(host: str, port: int, subset: str | None) -> str:
+    """The SNI istiod sets on an ``ISTIO_MUTUAL`` cluster without ``sni``:
+    ``outbound_.<port>_.<subset>_.<host>`` (an empty subset for the service's own)."""
+    return f"outbound_.{port}_.{subset or ''}_.{host}"
+
+
+def server_key(tls: ListenerTls) -> ServerKey:
+    """The settings of ``tls`` (an ``ISTIO_MUTUAL`` listener's) its context depends on."""
+    return tls.min_protocol_version, tls.max_protocol_version, tls.cipher_suites
+
+
+@dataclass
+class IdentityMaterial:
+    """One reading of the identity's files and the contexts built from it."""
+
+    settings: MeshIdentity
+    signature: Signature
+    #: sha256 of the three files' bytes (``/config_dump`` shows its start).
+    digest: str
+    #: ``(path, notAfter)`` of the certificate chain and of the root.
+    expiry: tuple[tuple[str, float], ...]
+    #: The client context of ``ISTIO_MUTUAL`` clusters.
+    client: ssl.SSLContext
+    #: Server contexts of ``ISTIO_MUTUAL`` listeners, by their :data:`ServerKey`.
+    servers: dict[ServerKey, ssl.SSLContext] = field(default_factory=dict)
+
+    def server(self, key: ServerKey) -> ssl.SSLContext:
+        """The server context for listener settings ``key`` (built on first use)."""
+        ctx = self.servers.get(key)
+        if ctx is None:
+            ctx = self.servers[key] = _server(self.settings, key)
+        return ctx
+
+
+def _renamed(exc: TlsSettingError) -> TlsSettingError:
+    """An error of :func:`server_context` named by the identity's field."""
+    names = {
+        "serverCertificate": "certificateChain",
+        "caCertificates": "rootCertificates",
+    }
+    return TlsSettingError(names.get(exc.key, exc.key), str(exc))
+
+
+def _server(settings: MeshIdentity, key: ServerKey) -> ssl.SSLContext:
+    """A listener's context: the workload certificate, client certificates required and
+    chained to the mesh root, ALPN ``istio`` selected when offered (a client offering none
+    or others is served without ALPN)."""
+    low, high, suites = key
+    try:
+        ctx, _, _ = server_context(
+            "MUTUAL",
+            server_certificate=settings.certificate_chain,
+            private_key=settings.private_key,
+            ca_certificates=settings.root_certificates,
+            min_version=low,
+            max_version=high,
+            cipher_suites=suites,
+        )
+    except TlsSettingError as exc:
+        raise _renamed(exc) from None
+    ctx.set_alpn_protocols(list(ALPN))
+    return ctx
+
+
+def _client(settings: MeshIdentity) -> ssl.SSLContext:
+    """The context of ``ISTIO_MUTUAL`` clusters: the workload certificate, the server's
+    chained to the mesh root. Its names are checked after the handshake (against
+    ``subjectAltNames``), never against the SNI: Istio's SNI (``outbound_.<port>_...``) is
+    a routing key, not a name in the server's certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_cas(ctx, "rootCertificates", settings.root_certificates)
+    _load_chain(
+        ctx, "certificateChain", settings.certificate_chain, "privateKey", settings.private_key
+    )
+    ctx.set_alpn_protocols(list(ALPN))
+    return ctx
+
+
+def load_identity(
+    settings: MeshIdentity, servers: Iterable[ServerKey] = (DEFAULT_SERVER,)
+) -> IdentityMaterial:
+    """Read and check the files, and build the contexts (the client one, a server one per
+    key of ``servers``). :class:`TlsSettingError` names a field whose file cannot be used;
+    :class:`IdentityChanging` (or an ``OSError`` of OpenSSL's own read): a file changed
+    while it was read."""
+    before = signature(settings)
+    chain, key, root = _paths(settings)
+    digest = hashlib.sha256()
+    for data in (
+        _read_certificate("certificateChain", chain),
+        _read_key("privateKey", key),
+        _read_certificate("rootCertificates", root),
+    ):
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+    material = IdentityMaterial(
+        settings,
+        before,
+        digest.hexdigest(),
+        tuple(
+            (path, expires)
+            for path in (chain, root)
+            if (expires := certificate_expiry(path)) is not None
+        ),
+        _client(settings),
+    )
+    for server in servers:
+        material.server(server)
+    if signature(settings) != before:
+        raise IdentityChanging()
+    return material
+
+
+class IdentityWatch:
+    """The engine's identity: the material in force, and its rotation (:meth:`check`)."""
+
+    def __init__(self, material: IdentityMaterial, stats: Stats, now: float) -> None:
+        self.settings = material.settings
+        self.material = material
+        self.interval = material.settings.check_interval
+        #: When the files are looked at next (the event loop's clock).
+        self.next_check = now + self.interval
+        #: Files that failed once: reported if they are the same at the next check.
+        self._suspect: Signature | None = None
+        #: Files reported as unusable (not read again until they change).
+        self._reported: Signature | None = None
+        #: Why the last rotation failed (``None``: it did not), for ``/config_dump``.
+        self.last_error: str | None = None
+        self._rotated = stats.counter("metaprotocol_tls_identity_rotations_total", result="ok")
+        self._failed = stats.counter("metaprotocol_tls_identity_rotations_total", result="failed")
+        #: Called after a rotation (the engine gives its listeners the new contexts).
+        self.on_rotate: Callable[[], None] | None = None
+
+    def check(self, now: float) -> None:
+        """Look at the files (a ``stat`` of each); if they changed, read them and swap in
+        their contexts, or keep the ones in force and report why they cannot be used."""
+        self.next_check = now + self.interval
+        gone: TlsSettingError | None = None
+        try:
+            current = signature(self.settings)
+        except TlsSettingError as exc:  # a file is gone: () stands for that state
+            current, gone = (), exc
+        if current == self.material.signature or current == self._reported:
+            self._suspect = None
+            return
+        try:
+            if gone is not None:
+                raise gone
+            material = load_identity(self.settings, tuple(self.material.servers))
+        except (IdentityChanging, OSError):  # being replaced: again at the next sweep
+            self.next_check = now
+            return
+        except TlsSettingError as exc:
+            self._failed_with(current, exc)
+            return
+        self.material = material
+        self._suspect = self._reported = None
+        self.last_error = None
+        self._rotated.value += 1
+        log.info(
+            "mesh identity rotated: %s (expires %s)",
+            self.settings.certificate_chain,
+            ", ".join(f"{path} at {int(t)}" for path, t in material.expiry) or "unknown",
+        )
+        if self.on_rotate is not None:
+            self.on_rotate()
+
+    def _failed_with(self, files: Signature, exc: TlsSettingError) -> None:
+        if files != self._suspect:
+            self._suspect = files  # maybe between two of istio-agent's writes: look again
+            return
+        self._suspect = None
+        self._reported = files
+        self.last_error = f"spec.meshIdentity.{exc.key}: {exc}"
+        self._failed.value += 1
+        log.warning("mesh identity not rotated, the one in force is kept: %s", self.last_error)
+
+    def expiry_series(self) -> Iterable[tuple[Labels, int]]:
+        """``metaprotocol_tls_certificate_expiry_seconds{identity="mesh", certificate}``."""
+        for path, expires in self.material.expiry:
+            yield (("identity", "mesh"), ("certificate", path)), int(expires)
+
+    def dump(self) -> dict[str, object]:
+        """For ``/config_dump``: paths, never what the files hold."""
+        settings = self.settings
+        return {
+            "certificateChain": settings.certificate_chain,
+            "privateKey": settings.private_key,
+            "rootCertificates": settings.root_certificates,
+            "checkInterval": settings.check_interval,
+            "filesDigest": self.material.digest[:12],
+            "certificateExpiry": dict(self.material.expiry),
+            "lastRotationError": self.last_error,
+        }

@@ -1,0 +1,127 @@
+"""A mesh CA as istiod's (a self-signed root) issuing SPIFFE workload certificates, and the
+files istio-agent writes for a workload (``OUTPUT_CERTS``): shared by the tests of Istio
+mutual TLS (tests/proxy with Python peers, tests/xds with Envoy)."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+TRUST_DOMAIN = "cluster.local"
+ALPN_SIDECAR = ["istio-peer-exchange", "istio"]  # what an Istio sidecar offers and accepts
+
+
+def spiffe(sa: str, ns: str = "default") -> str:
+    return f"spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}"
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class MeshCa:
+    """A mesh root (as istiod's self-signed CA) issuing SPIFFE workload certificates."""
+
+    def __init__(self, name: str = "mesh-root") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name)])
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def workload(self, sa: str, hours: float = 24) -> tuple[bytes, bytes, int]:
+        """A workload certificate for ``spiffe(sa)`` (no subject, the URI SAN only, as
+        istiod issues them): its PEM, its key's PEM and its serial number."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        serial = x509.random_serial_number()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=hours))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe(sa))]),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.KeyUsage(True, False, True, False, False, False, False, False, False),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), _pem(key), serial
+
+    def write(self, directory: Path, sa: str, hours: float = 24) -> int:
+        """What istio-agent writes (``OUTPUT_CERTS``) for ``sa``; the certificate's serial."""
+        directory.mkdir(parents=True, exist_ok=True)
+        chain, key, serial = self.workload(sa, hours)
+        (directory / "cert-chain.pem").write_bytes(chain)
+        (directory / "key.pem").write_bytes(key)
+        (directory / "root-cert.pem").write_bytes(self.pem)
+        return serial
+
+    def files(self, directory: Path, sa: str) -> tuple[str, str]:
+        """A workload certificate and key as two files (for a peer), their paths."""
+        directory.mkdir(parents=True, exist_ok=True)
+        chain, key, _ = self.workload(sa)
+        (directory / f"{sa}.pem").write_bytes(chain)
+        (directory / f"{sa}.key").write_bytes(key)
+        return str(directory / f"{sa}.pem"), str(directory / f"{sa}.key")
+
+    def server_context(self, tmp: Path, sa: str, alpn: list[str] | None = None) -> ssl.SSLContext:
+        """A sidecar-like server: the ``sa`` workload certificate, client certificates
+        required and chained to this root."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*self.files(tmp, sa))
+        ctx.load_verify_locations(cadata=self.pem.decode())
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
+
+    def client_context(
+        self, tmp: Path, sa: str | None, alpn: list[str] | None = ALPN_SIDECAR
+    ) -> ssl.SSLContext:
+        """A sidecar-like client (``sa`` None: no certificate)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(cadata=self.pem.decode())
+        if sa is not None:
+            ctx.load_cert_chain(*self.files(tmp, sa))
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        return ctx
