@@ -19,6 +19,7 @@ from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS
 from .upstream import (
+    ATTRIBUTE_BYTES,
     RELEASED,
     Cluster,
     Pending,
@@ -701,9 +702,9 @@ class Downstream(asyncio.Protocol):
         host.active += 1
         self.inflight += 1
         self.waiting[p] = None
-        size = p.size
-        self.inflight_bytes += size
-        engine.buffered += size
+        held = p.held
+        self.inflight_bytes += held
+        engine.buffered += held
         if conn.write_paused:
             self.block_on(conn)
         if route.mirror is not None and not tries:
@@ -1042,8 +1043,8 @@ class Downstream(asyncio.Protocol):
         if p.tries:
             p.target.cluster.retrying -= 1  # type: ignore[union-attr]
         self.inflight -= 1
-        self.inflight_bytes -= p.size
-        engine.buffered -= p.size
+        self.inflight_bytes -= p.held
+        engine.buffered -= p.held
         engine.pending -= 1
         if engine.draining and engine.pending == 0:
             engine.requests_drained()
@@ -1383,7 +1384,8 @@ class Hold:
         self.context = context
         self.resume_at = resume_at
         self.future = future
-        self.size = len(request.frame)
+        #: What it holds, in the buffer budget (as a request in flight, see ``Pending``).
+        self.size = len(request.frame) + ATTRIBUTE_BYTES * len(request.attributes.folded_items)
         self.done = False
         self.deadline = 0.0
 
