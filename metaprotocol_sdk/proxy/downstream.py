@@ -19,6 +19,7 @@ from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS
 from .upstream import (
+    ATTRIBUTE_BYTES,
     RELEASED,
     Cluster,
     Pending,
@@ -222,6 +223,7 @@ class Downstream(asyncio.Protocol):
         "seen",
         "transport",
         "unsent",
+        "waiting",
         "whole",
         "write_paused",
     )
@@ -273,6 +275,8 @@ class Downstream(asyncio.Protocol):
         self.paused_since = 0.0
         #: Requests filters hold now (made on the first hold): cancelled if the client leaves.
         self.holds: set[Hold] | None = None
+        #: Requests sent upstream and not settled: given up at once if the client leaves.
+        self.waiting: dict[Pending, None] = {}
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -297,18 +301,20 @@ class Downstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         engine = self.engine
+        self.closed = True
+        self.transport = None
+        if self.waiting:
+            self._give_up_waiting()
         if self in engine.downstreams:
             self.listener.active.value -= 1
             engine.downstreams.discard(self)
-            if self.inflight:  # their frames stay held, and counted, until each settles
+            if self.inflight:  # held requests: their frames stay counted until each settles
                 engine.departed.add(self)
         engine.buffered -= self.held + self.unsent
         self.held = self.unsent = 0
         self.buffer = bytearray()
         self.reads.clear()
         self.out = []
-        self.closed = True
-        self.transport = None
         for conn in self.blocked:  # a full upstream must not keep a client that left
             conn.remove_blocked(self)
         self.blocked = set()
@@ -319,6 +325,17 @@ class Downstream(asyncio.Protocol):
             for hold in list(self.holds):
                 hold.future.cancel()
         engine.downstream_gone()
+
+    def _give_up_waiting(self) -> None:
+        """The client is gone: nobody can get the replies its requests wait for. As Envoy
+        resets a connection's streams when it closes, each is settled now (counted
+        ``DownstreamClosed``) and forgotten by its upstream connection, whose late reply is
+        dropped and counted as unmatched: until the replies or the route's timeout, clients
+        that connect, send and leave would hold ``maxPendingRequests`` slots for nothing."""
+        for p in list(self.waiting):
+            conn = p.conn
+            self.fail(p, ErrorType.Unspecified, "the client left")  # no retry, nothing sent
+            conn.forget(p)
 
     def eof_received(self) -> bool | None:
         """The client half-closed: read nothing more, but answer what is in flight, then
@@ -688,9 +705,10 @@ class Downstream(asyncio.Protocol):
         engine.pending += 1
         host.active += 1
         self.inflight += 1
-        size = p.size
-        self.inflight_bytes += size
-        engine.buffered += size
+        self.waiting[p] = None
+        held = p.held
+        self.inflight_bytes += held
+        engine.buffered += held
         if conn.write_paused:
             self.block_on(conn)
         if route.mirror is not None and not tries:
@@ -1023,13 +1041,14 @@ class Downstream(asyncio.Protocol):
         p.done = True  # also stops its deadline
         request = p.request
         p.request = RELEASED
+        del self.waiting[p]
         engine = self.engine
         p.host.active -= 1
         if p.tries:
             p.target.cluster.retrying -= 1  # type: ignore[union-attr]
         self.inflight -= 1
-        self.inflight_bytes -= p.size
-        engine.buffered -= p.size
+        self.inflight_bytes -= p.held
+        engine.buffered -= p.held
         engine.pending -= 1
         if engine.draining and engine.pending == 0:
             engine.requests_drained()
@@ -1369,7 +1388,8 @@ class Hold:
         self.context = context
         self.resume_at = resume_at
         self.future = future
-        self.size = len(request.frame)
+        #: What it holds, in the buffer budget (as a request in flight, see ``Pending``).
+        self.size = len(request.frame) + ATTRIBUTE_BYTES * len(request.attributes.folded_items)
         self.done = False
         self.deadline = 0.0
 

@@ -161,8 +161,9 @@ class Engine:
         #: ``limits.maxConnections``), and how long they may take (``timeouts.handshake``).
         self.handshaking: set[TlsDownstream] = set()
         self.handshake_timeout = timeouts.handshake
-        #: Client connections gone with requests still in flight: their frames are held until
-        #: each is answered or times out, and the sweep's recount must still see them.
+        #: Client connections gone with requests a filter still holds (those sent upstream are
+        #: given up when the client goes): their frames count until each hold ends, and the
+        #: sweep's recount must still see them.
         self.departed: set[Downstream] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.access_log: AccessLog | None = None

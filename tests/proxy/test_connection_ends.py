@@ -119,14 +119,13 @@ def test_stop_with_an_upstream_that_reads_nothing_settles_every_request() -> Non
     run(main())
 
 
-def test_requests_in_flight_of_a_client_that_left_stay_in_the_buffer_budget() -> None:
-    """A client sends a large request and resets its connection before the reply. The request
-    stays in flight (until its reply or its timeout) with its frame, and the data path keeps
-    counting it; but the housekeeping sweep recounted only open connections, so the frame
-    fell out of the budget (a client could hold any amount that way, one budget per sweep),
-    and the count went negative once the request settled. Now the recount keeps it until it
-    settles."""
-    proxy = "timeouts: {frame: 400ms, route: 2s}\n"  # a sweep every 100 ms
+def test_requests_in_flight_of_a_client_that_left_leave_the_buffer_budget() -> None:
+    """A client sends a large request and resets its connection before the reply. The
+    request was kept in flight (until its reply or its timeout) with its frame, counted in
+    the buffer budget (the housekeeping sweep once forgot it, and the count went negative
+    once it settled). Now it is given up when the client goes, and its frame leaves the
+    budget at once; the sweeps that follow agree."""
+    proxy = "timeouts: {frame: 400ms, route: 20s}\n"  # a sweep every 100 ms
 
     async def main() -> None:
         up = await Upstream("a").start()
@@ -135,17 +134,15 @@ def test_requests_in_flight_of_a_client_that_left_stay_in_the_buffer_budget() ->
             leaving = await Client.connect(address(engine))
             leaving.start("hang", body=bytes(600_000))
             await up.wait_received(1)
+            assert engine.pending == 1 and engine.buffered >= 600_000
             leaving.reset()
             await until(lambda: len(engine.downstreams) == 1, "the client gone")
+            assert engine.pending == 0 and engine.buffered < 600_000
             for _ in range(2):  # two sweeps ran since: the recount happened
                 sweep = engine._sweeper
                 await until(lambda: engine._sweeper is not sweep, "a sweep")  # noqa: B023
-            assert engine.pending == 1 and engine.buffered >= 600_000
-            engine.max_buffered = 500_000  # below what the request that stayed holds
-            reply = await other.call()
-            assert error_type(reply) == "OverLimit", "the frame fell out of the budget"
-            await until(lambda: engine.pending == 0, "the request's timeout")
-            assert 0 <= engine.buffered <= SETTLED
+            assert 0 <= engine.buffered <= SETTLED and not engine.departed
+            engine.max_buffered = 500_000  # below what the request held
             assert error_type(await other.call()) is None
             name = "metaprotocol_requests_total"
             assert engine.stats.total(name, status="DownstreamClosed") == 1
@@ -250,6 +247,48 @@ def test_stop_settles_requests_a_filter_holds_and_forgets_their_clients() -> Non
                 await asyncio.wait_for(reply, WAIT)
         finally:
             await engine.stop()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("pooling", ["shared", "dedicated"])
+def test_a_client_that_leaves_frees_its_pending_slots_at_once(pooling: str) -> None:
+    """Clients that connect, send as many requests as the process takes and reset, one after
+    another. Their requests stayed in flight until answered or timed out (the route's
+    timeout, 30 s by default): a few such clients held every ``maxPendingRequests`` slot, and
+    every well-behaved client got ``OverLimit`` meanwhile. Envoy resets a connection's
+    streams when it closes; here too: the slots are freed when the client is gone, each
+    request counted ``DownstreamClosed`` once, and a late reply is dropped and counted as
+    unmatched."""
+    codec = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+    proxy = "limits: {maxPendingRequests: 20}\ntimeouts: {route: 60s}\n"
+    text = mesh([(0, "v1")], proxy=proxy, **(codec if pooling == "dedicated" else {}))
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(text.replace("svc: 0}", f"svc: {up.port}}}")) as engine:
+            good = await Client.connect(address(engine))
+            for attack in range(3):
+                leaving = await Client.connect(address(engine))
+                calls = [leaving.start("slow") for _ in range(20)]
+                await up.wait_received(20 * (attack + 1))
+                assert engine.pending == 20
+                assert error_type(await good.call()) == "OverLimit"  # every slot taken
+                leaving.reset()
+                await asyncio.gather(*calls, return_exceptions=True)
+                await until(lambda: engine.pending == 0, "the slots freed", 5.0)
+                assert error_type(await good.call()) is None
+            name = "metaprotocol_requests_total"
+            assert engine.stats.total(name, status="DownstreamClosed") == 60
+            up.release.set()
+            if pooling == "shared":  # the late replies: nobody waits for them any more
+                unmatched = "metaprotocol_upstream_unmatched_replies_total"
+                await until(lambda: engine.stats.total(unmatched) == 60, "the late replies")
+            assert engine.stats.total(name, status="DownstreamClosed") == 60
+            assert engine.stats.total(name, status="Ok") == 3
+            assert not engine.deadlines.waiting() and 0 <= engine.buffered <= SETTLED
+            good.close()
         await up.close()
 
     run(main())
