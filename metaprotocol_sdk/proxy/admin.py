@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -40,6 +41,9 @@ DUMP_DOCUMENTS_BYTES = 1024 * 1024
 #: After an error reply, how long and how much the client's unread input is drained for.
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 256 * 1024
+#: The paths of the Prometheus text, and its content type.
+STATS_PATHS = ("/stats", "/stats/prometheus")
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 #: What replaces whatever did not fit under :data:`DUMP_DOCUMENTS_BYTES`.
 TRUNCATED = "...truncated: /config_dump shows the documents up to {cap} bytes"
 
@@ -68,6 +72,10 @@ def _response(
     return head.encode() + data
 
 
+#: The head of a Prometheus text sent in pieces: no length, the connection's end is the body's.
+_STREAM_HEAD = (
+    f"HTTP/1.1 200 OK\r\nContent-Type: {PROMETHEUS}\r\nConnection: close\r\n\r\n".encode()
+)
 _BUSY = _response(503, "too many admin connections\n")
 _TIMEOUT = _response(408, "request not received in time\n")
 _INTERNAL = _response(500, "internal error (logged by the engine)\n")
@@ -173,8 +181,12 @@ class _AdminServer:
     def _count(self, status: int) -> None:
         self.stats.counter("metaprotocol_admin_requests_total", code=str(status)).value += 1
 
-    async def respond(self, method: str, target: str) -> bytes:
-        """The full HTTP response for one request (within ``admin.requestTimeout``)."""
+    async def respond(self, method: str, target: str) -> bytes | Iterator[str]:
+        """The full HTTP response for one request (within ``admin.requestTimeout``), or the
+        pieces of a ``200`` Prometheus text, sent as they are made (see :meth:`_exchange`)."""
+        path, _, query = target.partition("?")
+        if method == "GET" and path in STATS_PATHS and "format=json" not in query:
+            return self.engine.prometheus_parts()
         return self.handle(method, target)
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
@@ -206,11 +218,11 @@ class _AdminServer:
                 self._dump_of = engine.last_reload
                 self._sections = sections
             return self._dump
-        if path in ("/stats", "/stats/prometheus"):
+        if path in STATS_PATHS:
             if "format=json" in query:
                 body = json.dumps(engine.stats_snapshot(), indent=2, sort_keys=True)
                 return _response(200, body + "\n", "application/json")
-            return _response(200, engine.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+            return _response(200, engine.prometheus(), PROMETHEUS)
         if path == "/stats/live":
             body = json.dumps(live_data(engine, self.history), default=str)
             return _response(200, body + "\n", "application/json")
@@ -277,10 +289,23 @@ class _AdminServer:
             if isinstance(event, h11.Request):
                 target = event.target.decode("ascii", "replace")
                 response = await self.respond(event.method.decode("ascii", "replace"), target)
-                self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
-                answered.append(True)
-                writer.write(response)
-                await writer.drain()
+                if isinstance(response, bytes):
+                    self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
+                    answered.append(True)
+                    writer.write(response)
+                    await writer.drain()
+                else:
+                    # Piece by piece, the event loop running between them: the Prometheus
+                    # text of maxStatsSeries series is hundreds of MB, and made and sent
+                    # in one go it held every request for seconds (and took four copies).
+                    # Its end is the connection's (HTTP/1.1 without a Content-Length).
+                    self._count(200)
+                    answered.append(True)
+                    writer.write(_STREAM_HEAD)
+                    for part in response:
+                        writer.write(part.encode())
+                        await writer.drain()  # a slow reader: admin.requestTimeout ends it
+                        await asyncio.sleep(0)
                 has_body = any(
                     name in (b"content-length", b"transfer-encoding") for name, _ in event.headers
                 )

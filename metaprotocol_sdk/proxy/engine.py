@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from metaprotocol_sdk.enums import ErrorType
@@ -969,6 +969,11 @@ class Engine:
         """Stats in Prometheus text format (gauges refreshed)."""
         self._refresh_gauges()
         return self.stats.prometheus()
+
+    def prometheus_parts(self) -> Iterator[str]:
+        """:meth:`prometheus` in pieces (see :meth:`.stats.Stats.prometheus_parts`)."""
+        self._refresh_gauges()
+        return self.stats.prometheus_parts()
 
     def config_dump(self) -> dict[str, Any]:
         """A JSON-ready view of the validated configuration and the runtime built from it
