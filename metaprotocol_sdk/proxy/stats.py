@@ -435,9 +435,10 @@ class Stats:
                 total = 0
                 for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
                     total += n
-                    lines.append(f'{bucket}"{le}"}} {total:g}')
-                lines.append(f"{name}_sum{braced} {histogram.sum:g}")
-                lines.append(f"{name}_count{braced} {total:g}")
+                    lines.append(f'{bucket}"{le}"}} {total}')
+                # In full: six significant digits (``:g``) wrote 1 234 567 as 1.23457e+06.
+                lines.append(f"{name}_sum{braced} {histogram.sum!r}")
+                lines.append(f"{name}_count{braced} {total}")
                 made += 1
                 if made % PART_SERIES == 0:
                     yield "\n".join(lines) + "\n"
