@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from control_plane import ControlPlane
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
@@ -324,5 +325,53 @@ def test_config_dump_of_a_large_configuration_is_built_once_per_change(
         harness.wait(acked("2"))
         assert admin_dump(harness)["xds"]["eds"]["version"] == "2"
         assert len(built) == 2
+    finally:
+        harness.close()
+
+
+def test_updates_sent_without_pause_take_at_most_half_of_the_time(
+    control_plane: ControlPlane,
+    servers: dict[str, HelloServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A control plane pushing updates as fast as the stream takes them gets at most half of
+    the engine's time: after each update the next waits as long as it took. (They were
+    handled back to back: a 20 000-cluster CDS response pushed in a loop left clients 5 % of
+    the replies they got without it, with stalls of 0.8 s.)"""
+    spans: list[tuple[float, float]] = []
+
+    def timed(*args: Any) -> Any:
+        start = time.monotonic()
+        try:
+            return translate(*args)
+        finally:
+            spans.append((start, time.monotonic()))
+
+    monkeypatch.setattr(xds_client, "translate", timed)
+    snap = dict(snapshots(servers)[0][1])
+    control_plane.set_snapshot("1", snap)
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(1), "no first reply"
+            # Clusters of the mesh no route sends to: a translation of a tenth of a second.
+            mesh = [cluster_pb2.Cluster(name=f"outbound|9000||m{i}.svc") for i in range(1000)]
+            spans.clear()
+            for i in range(10):
+                update = _packed([*snap[CLUSTER_TYPE], *mesh], CLUSTER_TYPE, f"flood{i}")
+                control_plane.send(update)
+            harness.wait(lambda c: c.types[CLUSTER_TYPE].version == "flood9", 120)
+            assert caller.next(3), "calls stalled"
+        finally:
+            caller.close()
+        assert not caller.errors, caller.errors
+        assert len(spans) == 10, spans
+        busy = sum(end - start for start, end in spans)
+        took = spans[-1][1] - spans[0][0]
+        # Back to back, translating took about nine tenths of the time (the rest: decoding
+        # and applying on the loop); paced, at most half of it.
+        assert busy < 0.7 * took, f"translating {busy:.2f} s of {took:.2f} s"
     finally:
         harness.close()
