@@ -7,6 +7,7 @@ servers and a thriftpy2 client calling without pause.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from snapshots import (
     MetaRoute,
     cluster,
     load_assignment,
+    refused_route,
     route_configuration,
 )
 from test_engine_xds import Caller, Harness, acked, admin_dump, config_yaml, snapshots
@@ -374,4 +376,45 @@ def test_updates_sent_without_pause_take_at_most_half_of_the_time(
         # and applying on the loop); paced, at most half of it.
         assert busy < 0.7 * took, f"translating {busy:.2f} s of {took:.2f} s"
     finally:
+        harness.close()
+
+
+def test_a_flood_of_ignored_responses_or_refusals_is_counted_not_logged_in_full(
+    control_plane: ControlPlane, servers: dict[str, HelloServer]
+) -> None:
+    """Responses of a type the stream does not carry are counted in ``/config_dump`` and
+    logged once; a refused version is logged cut short. (Each was a log line with the
+    server's type URL or version in full: a server sending nothing else wrote 117 MB of log
+    lines a second.)"""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("metaprotocol.xds")
+    logger.addHandler(handler)
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        records.clear()
+        junk = discovery_pb2.DiscoveryResponse(
+            version_info="v" * 10_000, type_url="type.googleapis.com/x" + "x" * 10_000
+        )
+        for i in range(300):
+            junk.nonce = f"junk{i}"
+            control_plane.send(junk)
+        refused = _packed([refused_route("2")], ROUTE_TYPE, "r" * 100_000)
+        control_plane.send(refused)
+        harness.wait(lambda c: c.types[ROUTE_TYPE].nacks == 1)
+        ignored = [r for r in records if "ignored" in r.getMessage()]
+        assert len(ignored) == 1, len(ignored)
+        logged = sum(len(r.getMessage()) for r in records)
+        assert logged < 20_000, f"{logged} characters logged"
+        assert harness.dump()["xds"]["streams"]["ads"]["ignored"] == 300
+    finally:
+        logger.removeHandler(handler)
         harness.close()

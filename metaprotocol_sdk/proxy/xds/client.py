@@ -68,6 +68,9 @@ MAX_ERROR_DETAIL = 4096
 #: Clusters left out (unused and not honoured) that ``/config_dump`` lists, with why; the
 #: rest are counted (a mesh may hold thousands).
 LEFT_OUT_SHOWN = 100
+#: The most of a string from the control plane (a version, a type URL) that a log line shows:
+#: the server makes them as long as it likes (up to ``maxMessageBytes``).
+LOGGED_CHARS = 100
 
 
 class Applier(Protocol):
@@ -185,6 +188,8 @@ class Stream:
     reconnects: int = 0
     last_error: str | None = None
     call: Any = None
+    #: Responses of a type this stream does not carry (dropped; logged once per stream).
+    ignored: int = 0
 
     def dump(self) -> dict[str, Any]:
         """This stream as JSON-ready data (``/config_dump``)."""
@@ -194,6 +199,7 @@ class Stream:
             "connected": self.connected,
             "reconnects": self.reconnects,
             "lastError": self.last_error,
+            "ignored": self.ignored,
         }
 
 
@@ -356,7 +362,16 @@ class XdsClient:
                     stream.connected, stream.last_error = True, None
                     await self._notify()
                 if response.type_url not in stream.types:
-                    log.warning("xDS: ignored %s on the %s stream", response.type_url, stream.kind)
+                    # Counted, logged once per stream: a server sending nothing else, without
+                    # pause and with a long type URL, wrote 117 MB of log lines a second.
+                    stream.ignored += 1
+                    if stream.ignored == 1:
+                        log.warning(
+                            "xDS: ignored a response of type %s on the %s stream (the next "
+                            "are counted in /config_dump, not logged)",
+                            _shown(response.type_url),
+                            stream.kind,
+                        )
                     continue
                 await self._handle(call, response)
 
@@ -448,7 +463,9 @@ class XdsClient:
     ) -> None:
         state = self.types.get(response.type_url)
         if state is None:
-            log.warning("xDS: ignored a response of unsubscribed type %s", response.type_url)
+            log.warning(
+                "xDS: ignored a response of unsubscribed type %s", _shown(response.type_url)
+            )
             return
         state.nonce = response.nonce
         version = self._version(state, response)
@@ -480,7 +497,7 @@ class XdsClient:
             log.error(
                 "xDS: refused %s version %s: %s",
                 SHORT[state.type_url],
-                response.version_info,
+                _shown(response.version_info),
                 detail,
             )
             await call.write(self._request(state, error=detail))
@@ -545,7 +562,7 @@ class XdsClient:
         more = f" and {len(clusters) - 5} more" if len(clusters) > 5 else ""
         log.info(
             "xDS: RDS version %s waits for the endpoints of %s%s",
-            response.version_info,
+            _shown(response.version_info),
             ", ".join(clusters[:5]),
             more,
         )
@@ -583,7 +600,7 @@ class XdsClient:
         if force:
             log.warning(
                 "xDS: RDS version %s applied without the endpoints of %s (initialFetchTimeout)",
-                held.response.version_info,
+                _shown(held.response.version_info),
                 ", ".join(held.clusters[:5]),
             )
         await self._update(held.call, held.response, force=True)
@@ -701,6 +718,13 @@ class XdsClient:
             else {"version": self.held.response.version_info, "waitsFor": self.held.clusters},
             **{SHORT[url]: state.dump() for url, state in self.types.items()},
         }
+
+
+def _shown(text: str) -> str:
+    """``text`` cut to :data:`LOGGED_CHARS` for a log line."""
+    if len(text) <= LOGGED_CHARS:
+        return text
+    return f"{text[:LOGGED_CHARS]}... ({len(text)} characters)"
 
 
 def _pick(resources: Resources, type_url: str) -> dict[str, Message]:
