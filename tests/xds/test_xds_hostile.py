@@ -52,16 +52,24 @@ def test_a_large_update_does_not_stall_the_requests_being_served(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Tens of thousands of endpoints (3.7 MB of EDS, under ``maxMessageBytes``) are
-    translated off the event loop, in linear time: replies keep coming meanwhile. (The
-    translation ran on the loop, quadratic in a subset's endpoints: the engine answered
-    nothing for over 10 s.)"""
+    decoded and translated off the event loop, in linear time: replies keep coming
+    meanwhile. (The translation ran on the loop, quadratic in a subset's endpoints: the
+    engine answered nothing for over 10 s; decoding and merging stayed there, 0.16 to 0.4 s
+    per update of 20 000 clusters.)"""
     translated_on: list[threading.Thread] = []
+    decoded_on: list[threading.Thread] = []
+    decode = xds_client._decode
 
     def recording(*args: Any) -> Any:
         translated_on.append(threading.current_thread())
         return translate(*args)
 
+    def decoding(*args: Any) -> Any:
+        decoded_on.append(threading.current_thread())
+        return decode(*args)
+
     monkeypatch.setattr(xds_client, "translate", recording)
+    monkeypatch.setattr(xds_client, "_decode", decoding)
     versions = snapshots(servers)
     control_plane.set_snapshot(*versions[0])
     harness = Harness(config_yaml(control_plane.port))
@@ -89,6 +97,7 @@ def test_a_large_update_does_not_stall_the_requests_being_served(
         assert not caller.errors, caller.errors
         assert translated_on, "no translation seen"
         assert harness.thread not in translated_on, "translated on the event loop's thread"
+        assert decoded_on and harness.thread not in decoded_on, "decoded on the loop's thread"
         stamps = [start, *(t for t in caller.stamps if t > start)]
         longest = max(b - a for a, b in itertools.pairwise(stamps))
         # Off the loop, the longest wait between replies is about a tenth of the update's time

@@ -471,9 +471,11 @@ class XdsClient:
         version = self._version(state, response)
         try:
             try:
-                resources, sizes = _decode(response)
-                candidate = self._candidate(state, resources)
-                held = self._held_sizes(state.type_url, candidate, resources, sizes)
+                # Off the loop, as file reloads are parsed, and so is translating below: a
+                # large update (tens of thousands of clusters or endpoints) must not stall the
+                # requests being served meanwhile (decoding and merging 20 000 clusters held
+                # it 0.16 to 0.4 s per update).
+                resources, candidate, held = await asyncio.to_thread(self._prepare, state, response)
                 if state.type_url == ROUTE_TYPE:
                     warming = [] if force else self._warming(candidate)
                     if warming:
@@ -481,10 +483,10 @@ class XdsClient:
                         await self._notify()
                         return
                     self._release()  # this update replaces the one that waited, if any
-                # Off the loop, as file reloads are parsed: a large update (tens of thousands
-                # of endpoints) must not stall the requests being served meanwhile.
                 left_out: dict[str, str] = {}
-                config = await asyncio.to_thread(translate, self.base, candidate, left_out)
+                config, wanted = await asyncio.to_thread(
+                    _translated, self.base, candidate, left_out
+                )
             except (XdsRefused, ConfigError) as exc:  # apply() records its own refusals
                 self.engine.refused("xds", str(exc)[:MAX_ERROR_DETAIL], version)
                 raise
@@ -518,7 +520,6 @@ class XdsClient:
         state.last_error = None
         state.updated = time.time()
         await call.write(self._request(state))
-        wanted = eds_names(self.clusters.values())
         if wanted != eds.names:
             eds.names = wanted
             self._fetched.intersection_update(wanted)
@@ -604,6 +605,16 @@ class XdsClient:
                 ", ".join(held.clusters[:5]),
             )
         await self._update(held.call, held.response, force=True)
+
+    def _prepare(
+        self, state: TypeState, response: discovery_pb2.DiscoveryResponse
+    ) -> tuple[dict[str, Message], Resources, dict[str, dict[str, int]]]:
+        """``response``'s resources decoded, what would be held if it were accepted, and
+        their sizes (:meth:`_held_sizes`). Reads the client's state only: it runs in a
+        thread, under the update lock, while the loop serves requests."""
+        resources, sizes = _decode(response)
+        candidate = self._candidate(state, resources)
+        return resources, candidate, self._held_sizes(state.type_url, candidate, resources, sizes)
 
     def _held_sizes(
         self,
@@ -718,6 +729,13 @@ class XdsClient:
             else {"version": self.held.response.version_info, "waitsFor": self.held.clusters},
             **{SHORT[url]: state.dump() for url, state in self.types.items()},
         }
+
+
+def _translated(
+    base: Config, candidate: Resources, left_out: dict[str, str]
+) -> tuple[Config, list[str]]:
+    """:func:`translate`, and the EDS names its clusters subscribe to (both in a thread)."""
+    return translate(base, candidate, left_out), eds_names(candidate.clusters.values())
 
 
 def _shown(text: str) -> str:
