@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -72,10 +73,32 @@ def _response(
     return head.encode() + data
 
 
-#: The head of a Prometheus text sent in pieces: no length, the connection's end is the body's.
-_STREAM_HEAD = (
-    f"HTTP/1.1 200 OK\r\nContent-Type: {PROMETHEUS}\r\nConnection: close\r\n\r\n".encode()
-)
+@dataclass
+class Streamed:
+    """A ``200`` response sent piece by piece as it is made (:meth:`_AdminServer._exchange`):
+    no length, the connection's end is the body's."""
+
+    content_type: str
+    parts: Iterator[str]
+
+    def head(self) -> bytes:
+        """The response's status line and headers."""
+        return (
+            f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+
+def json_parts(parts: Iterator[list[tuple[str, float]]]) -> Iterator[str]:
+    """A JSON object of the pairs in ``parts``, in pieces (one per part)."""
+    yield "{"
+    sep = "\n  "
+    for pairs in parts:
+        if pairs:
+            yield sep + ",\n  ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs)
+            sep = ",\n  "
+    yield "\n}\n"
+
+
 _BUSY = _response(503, "too many admin connections\n")
 _TIMEOUT = _response(408, "request not received in time\n")
 _INTERNAL = _response(500, "internal error (logged by the engine)\n")
@@ -181,12 +204,15 @@ class _AdminServer:
     def _count(self, status: int) -> None:
         self.stats.counter("metaprotocol_admin_requests_total", code=str(status)).value += 1
 
-    async def respond(self, method: str, target: str) -> bytes | Iterator[str]:
+    async def respond(self, method: str, target: str) -> bytes | Streamed:
         """The full HTTP response for one request (within ``admin.requestTimeout``), or the
-        pieces of a ``200`` Prometheus text, sent as they are made (see :meth:`_exchange`)."""
+        stats, sent piece by piece as they are made."""
         path, _, query = target.partition("?")
-        if method == "GET" and path in STATS_PATHS and "format=json" not in query:
-            return self.engine.prometheus_parts()
+        if method == "GET" and path in STATS_PATHS:
+            if "format=json" in query:
+                parts = json_parts(self.engine.stats_snapshot_parts())
+                return Streamed("application/json", parts)
+            return Streamed(PROMETHEUS, self.engine.prometheus_parts())
         return self.handle(method, target)
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
@@ -295,14 +321,13 @@ class _AdminServer:
                     writer.write(response)
                     await writer.drain()
                 else:
-                    # Piece by piece, the event loop running between them: the Prometheus
-                    # text of maxStatsSeries series is hundreds of MB, and made and sent
-                    # in one go it held every request for seconds (and took four copies).
-                    # Its end is the connection's (HTTP/1.1 without a Content-Length).
+                    # Piece by piece, the event loop running between them: the stats of
+                    # maxStatsSeries series are hundreds of MB, and made and sent in one
+                    # go they held every request for seconds (and took four copies).
                     self._count(200)
                     answered.append(True)
-                    writer.write(_STREAM_HEAD)
-                    for part in response:
+                    writer.write(response.head())
+                    for part in response.parts:
                         writer.write(part.encode())
                         await writer.drain()  # a slow reader: admin.requestTimeout ends it
                         await asyncio.sleep(0)

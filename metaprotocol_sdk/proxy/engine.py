@@ -965,6 +965,11 @@ class Engine:
         self._refresh_gauges()
         return self.stats.snapshot()
 
+    def stats_snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
+        """:meth:`stats_snapshot` in pieces (see :meth:`.stats.Stats.snapshot_parts`)."""
+        self._refresh_gauges()
+        return self.stats.snapshot_parts()
+
     def prometheus(self) -> str:
         """Stats in Prometheus text format (gauges refreshed)."""
         self._refresh_gauges()

@@ -387,14 +387,36 @@ class Stats:
     def snapshot(self) -> dict[str, float]:
         """``{'name{labels}': value}`` for every series (histograms as their ``_bucket``,
         ``_sum`` and ``_count`` series)."""
+        return {key: value for part in self.snapshot_parts() for key, value in part}
+
+    def snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
+        """:meth:`snapshot`'s pairs in pieces of at most :data:`PART_SERIES` series, as
+        :meth:`prometheus_parts` makes its text (the same reasons, the same rules)."""
         self._count.value = self.series_count
-        out: dict[str, float] = {
-            series_name(n, lab): s.value for (n, lab), s in self._series.items()
-        }
-        for histogram in self._histograms.values():
-            for name, labels, value in histogram.series():
-                out[series_name(name, labels)] = value
-        return out
+        counters = list(self._series.items())
+        histograms = list(self._histograms.values())
+        pairs: list[tuple[str, float]] = []
+        for i, ((name, labels), series) in enumerate(counters, 1):
+            pairs.append((series_name(name, labels), series.value))
+            if i % PART_SERIES == 0:
+                yield pairs
+                pairs = []
+        for i, histogram in enumerate(histograms, 1):
+            name = histogram.name
+            inner = _label_text(histogram.labels)
+            braced = f"{{{inner}}}" if inner else ""
+            bucket = f"{name}_bucket{{{inner}{',' if inner else ''}le="
+            total = 0
+            for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
+                total += n
+                pairs.append((f'{bucket}"{le}"}}', total))
+            pairs.append((f"{name}_sum{braced}", histogram.sum))
+            pairs.append((f"{name}_count{braced}", total))
+            if i % PART_SERIES == 0:
+                yield pairs
+                pairs = []
+        if pairs:
+            yield pairs
 
     def prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
