@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -40,6 +42,9 @@ DUMP_DOCUMENTS_BYTES = 1024 * 1024
 #: After an error reply, how long and how much the client's unread input is drained for.
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 256 * 1024
+#: The paths of the Prometheus text, and its content type.
+STATS_PATHS = ("/stats", "/stats/prometheus")
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 #: What replaces whatever did not fit under :data:`DUMP_DOCUMENTS_BYTES`.
 TRUNCATED = "...truncated: /config_dump shows the documents up to {cap} bytes"
 
@@ -66,6 +71,32 @@ def _response(
         "Connection: close\r\n\r\n"
     )
     return head.encode() + data
+
+
+@dataclass
+class Streamed:
+    """A ``200`` response sent piece by piece as it is made (:meth:`_AdminServer._exchange`):
+    no length, the connection's end is the body's."""
+
+    content_type: str
+    parts: Iterator[str]
+
+    def head(self) -> bytes:
+        """The response's status line and headers."""
+        return (
+            f"HTTP/1.1 200 OK\r\nContent-Type: {self.content_type}\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+
+def json_parts(parts: Iterator[list[tuple[str, float]]]) -> Iterator[str]:
+    """A JSON object of the pairs in ``parts``, in pieces (one per part)."""
+    yield "{"
+    sep = "\n  "
+    for pairs in parts:
+        if pairs:
+            yield sep + ",\n  ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs)
+            sep = ",\n  "
+    yield "\n}\n"
 
 
 _BUSY = _response(503, "too many admin connections\n")
@@ -173,8 +204,15 @@ class _AdminServer:
     def _count(self, status: int) -> None:
         self.stats.counter("metaprotocol_admin_requests_total", code=str(status)).value += 1
 
-    async def respond(self, method: str, target: str) -> bytes:
-        """The full HTTP response for one request (within ``admin.requestTimeout``)."""
+    async def respond(self, method: str, target: str) -> bytes | Streamed:
+        """The full HTTP response for one request (within ``admin.requestTimeout``), or the
+        stats, sent piece by piece as they are made."""
+        path, _, query = target.partition("?")
+        if method == "GET" and path in STATS_PATHS:
+            if "format=json" in query:
+                parts = json_parts(self.engine.stats_snapshot_parts())
+                return Streamed("application/json", parts)
+            return Streamed(PROMETHEUS, self.engine.prometheus_parts())
         return self.handle(method, target)
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
@@ -206,11 +244,11 @@ class _AdminServer:
                 self._dump_of = engine.last_reload
                 self._sections = sections
             return self._dump
-        if path in ("/stats", "/stats/prometheus"):
+        if path in STATS_PATHS:
             if "format=json" in query:
                 body = json.dumps(engine.stats_snapshot(), indent=2, sort_keys=True)
                 return _response(200, body + "\n", "application/json")
-            return _response(200, engine.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+            return _response(200, engine.prometheus(), PROMETHEUS)
         if path == "/stats/live":
             body = json.dumps(live_data(engine, self.history), default=str)
             return _response(200, body + "\n", "application/json")
@@ -277,10 +315,22 @@ class _AdminServer:
             if isinstance(event, h11.Request):
                 target = event.target.decode("ascii", "replace")
                 response = await self.respond(event.method.decode("ascii", "replace"), target)
-                self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
-                answered.append(True)
-                writer.write(response)
-                await writer.drain()
+                if isinstance(response, bytes):
+                    self._count(int(response[9:12]))  # b"HTTP/1.1 200 ..."
+                    answered.append(True)
+                    writer.write(response)
+                    await writer.drain()
+                else:
+                    # Piece by piece, the event loop running between them: the stats of
+                    # maxStatsSeries series are hundreds of MB, and made and sent in one
+                    # go they held every request for seconds (and took four copies).
+                    self._count(200)
+                    answered.append(True)
+                    writer.write(response.head())
+                    for part in response.parts:
+                        writer.write(part.encode())
+                        await writer.drain()  # a slow reader: admin.requestTimeout ends it
+                        await asyncio.sleep(0)
                 has_body = any(
                     name in (b"content-length", b"transfer-encoding") for name, _ in event.headers
                 )

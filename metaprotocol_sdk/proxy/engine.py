@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from metaprotocol_sdk.enums import ErrorType
@@ -1022,10 +1022,20 @@ class Engine:
         self._refresh_gauges()
         return self.stats.snapshot()
 
+    def stats_snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
+        """:meth:`stats_snapshot` in pieces (see :meth:`.stats.Stats.snapshot_parts`)."""
+        self._refresh_gauges()
+        return self.stats.snapshot_parts()
+
     def prometheus(self) -> str:
         """Stats in Prometheus text format (gauges refreshed)."""
         self._refresh_gauges()
         return self.stats.prometheus()
+
+    def prometheus_parts(self) -> Iterator[str]:
+        """:meth:`prometheus` in pieces (see :meth:`.stats.Stats.prometheus_parts`)."""
+        self._refresh_gauges()
+        return self.stats.prometheus_parts()
 
     def config_dump(self) -> dict[str, Any]:
         """A JSON-ready view of the validated configuration and the runtime built from it

@@ -15,8 +15,9 @@ At most ``max_series`` series exist: past it, a new series with configuration na
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 #: Istio's default buckets for request durations, in milliseconds.
 DURATION_BUCKETS_MS = (
@@ -28,6 +29,9 @@ SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000, 1
 # The size bucket of n from n's bit length: a table guess, then one comparison (the powers of
 # ten fall inside bit lengths, so the guess is the bucket or the one below it).
 _SIZE_GUESS = tuple(bisect_left(SIZE_BUCKETS, 1 << (b - 1)) if b else 0 for b in range(65))
+#: Series per piece of the Prometheus text (:meth:`Stats.prometheus_parts`): a few
+#: milliseconds of work with Istio's labels, after which the event loop runs.
+PART_SERIES = 200
 
 
 def size_slot(n: int) -> int:
@@ -224,12 +228,22 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _label_text(labels: Labels) -> str:
+    """``a="1",b="2"``: the labels, escaped, without braces."""
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _le_texts(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """The ``le`` label values of a histogram's buckets, ``+Inf`` last."""
+    return (*(f"{bound:g}" for bound in bounds), "+Inf")
+
+
 def series_name(name: str, labels: Labels) -> str:
     """``name{a="1",b="2"}`` (just ``name`` without labels)."""
     if not labels:
         return name
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-    return f"{name}{{{inner}}}"
+    return f"{name}{{{_label_text(labels)}}}"
 
 
 class Stats:
@@ -377,34 +391,83 @@ class Stats:
     def snapshot(self) -> dict[str, float]:
         """``{'name{labels}': value}`` for every series (histograms as their ``_bucket``,
         ``_sum`` and ``_count`` series)."""
+        return {key: value for part in self.snapshot_parts() for key, value in part}
+
+    def snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
+        """:meth:`snapshot`'s pairs in pieces of at most :data:`PART_SERIES` series, as
+        :meth:`prometheus_parts` makes its text (the same reasons, the same rules)."""
         self._count.value = self.series_count
-        out: dict[str, float] = {
-            series_name(n, lab): s.value for (n, lab), s in self._series.items()
-        }
-        for histogram in self._histograms.values():
-            for name, labels, value in histogram.series():
-                out[series_name(name, labels)] = value
-        return out
+        counters = list(self._series.items())
+        histograms = list(self._histograms.values())
+        pairs: list[tuple[str, float]] = []
+        for i, ((name, labels), series) in enumerate(counters, 1):
+            pairs.append((series_name(name, labels), series.value))
+            if i % PART_SERIES == 0:
+                yield pairs
+                pairs = []
+        for i, histogram in enumerate(histograms, 1):
+            name = histogram.name
+            inner = _label_text(histogram.labels)
+            braced = f"{{{inner}}}" if inner else ""
+            bucket = f"{name}_bucket{{{inner}{',' if inner else ''}le="
+            total = 0
+            for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
+                total += n
+                pairs.append((f'{bucket}"{le}"}}', total))
+            pairs.append((f"{name}_sum{braced}", histogram.sum))
+            pairs.append((f"{name}_count{braced}", total))
+            if i % PART_SERIES == 0:
+                yield pairs
+                pairs = []
+        if pairs:
+            yield pairs
 
     def prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
+        return "".join(self.prometheus_parts())
+
+    def prometheus_parts(self) -> Iterator[str]:
+        """:meth:`prometheus`'s text in pieces of at most :data:`PART_SERIES` series, so that
+        the caller can let the event loop run between them: at ``maxStatsSeries`` series of
+        Istio's labels the text is hundreds of MB, and made in one go it held every request
+        for seconds. The series are those that exist when the iteration starts; each piece
+        reads their values as it is made. Each series' labels are escaped once, not once per
+        line (a histogram has a line per bucket)."""
         self._count.value = self.series_count
-        by_name: dict[str, list[Counter]] = {}
+        counters: dict[str, list[Counter]] = {}
         for (name, _), series in self._series.items():
-            by_name.setdefault(name, []).append(series)
-        lines = []
-        for name in sorted(by_name):
-            lines.append(f"# HELP {name} {HELP.get(name, name)}")
-            lines.append(f"# TYPE {name} {'gauge' if name in GAUGES else 'counter'}")
-            for series in by_name[name]:
-                lines.append(f"{series_name(name, series.labels)} {series.value}")
+            counters.setdefault(name, []).append(series)
         histograms: dict[str, list[Histogram]] = {}
         for (name, _), histogram in self._histograms.items():
             histograms.setdefault(name, []).append(histogram)
+        lines: list[str] = []
+        made = 0
+        for name in sorted(counters):
+            lines.append(f"# HELP {name} {HELP.get(name, name)}")
+            lines.append(f"# TYPE {name} {'gauge' if name in GAUGES else 'counter'}")
+            for series in counters[name]:
+                lines.append(f"{series_name(name, series.labels)} {series.value}")
+                made += 1
+                if made % PART_SERIES == 0:
+                    yield "\n".join(lines) + "\n"
+                    lines = []
         for name in sorted(histograms):
             lines.append(f"# HELP {name} {HELP.get(name, name)}")
             lines.append(f"# TYPE {name} histogram")
             for histogram in histograms[name]:
-                for line_name, labels, value in histogram.series():
-                    lines.append(f"{series_name(line_name, labels)} {value:g}")
-        return "\n".join(lines) + "\n"
+                inner = _label_text(histogram.labels)
+                braced = f"{{{inner}}}" if inner else ""
+                bucket = f"{name}_bucket{{{inner}{',' if inner else ''}le="
+                total = 0
+                for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
+                    total += n
+                    lines.append(f'{bucket}"{le}"}} {total}')
+                # In full: six significant digits (``:g``) wrote 1 234 567 as 1.23457e+06.
+                lines.append(f"{name}_sum{braced} {histogram.sum!r}")
+                lines.append(f"{name}_count{braced} {total}")
+                made += 1
+                if made % PART_SERIES == 0:
+                    yield "\n".join(lines) + "\n"
+                    lines = []
+        if lines:
+            yield "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ from proxy_kit import Client, Upstream, address, error_type, http_get, mesh, ref
 
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.config.models import Telemetry
+from metaprotocol_sdk.proxy.stats import Stats
 from metaprotocol_sdk.proxy.telemetry import workload_from_environment
 
 #: The labels Kiali groups istio_requests_total by (and Istio's standard metrics carry).
@@ -165,6 +166,22 @@ def test_histograms_in_prometheus_text() -> None:
             await up.close()
 
     run(main())
+
+
+def test_histogram_counts_and_sums_are_exact_in_prometheus_text() -> None:
+    """Counts and sums are written in full. (They were written with six significant digits:
+    a histogram that had counted 1 234 567 requests read 1.23457e+06, 3 requests fewer, and
+    a sum of 1 234 567.891 ms read 1.23457e+06.)"""
+    stats = Stats()
+    histogram = stats.histogram("metaprotocol_request_duration_milliseconds", (1, 10))
+    histogram.counts[:] = [1_234_567, 0, 3]
+    histogram.sum = 1_234_567.891
+    text = stats.prometheus()
+    name = "metaprotocol_request_duration_milliseconds"
+    assert f'{name}_bucket{{le="1"}} 1234567\n' in text
+    assert f'{name}_bucket{{le="+Inf"}} 1234570\n' in text
+    assert f"{name}_count 1234570\n" in text
+    assert f"{name}_sum 1234567.891\n" in text
 
 
 def test_istio_metrics_are_off_unless_configured() -> None:
