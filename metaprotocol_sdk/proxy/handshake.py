@@ -16,7 +16,10 @@ import asyncio
 import asyncio.sslproto
 import logging
 import ssl
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger("metaprotocol.proxy")
 
@@ -73,6 +76,14 @@ def _keeping_raw(base: type[Any]) -> type[Any]:
             if self.watcher is not None:
                 self.watcher.raw_flow(False)
 
+        def eof_received(self) -> bool | None:
+            # The TCP transport's end of input. After the peer's close_notify it changes
+            # nothing (the connection is answering what it was sent, see HalfClosing): the
+            # layer would otherwise end it at once.
+            if self.watcher is not None and self.watcher.keeps_raw_open():
+                return True
+            return cast("bool | None", super().eof_received())
+
         def resume_writing(self) -> None:
             self.raw_paused = False
             # The layer hands on what it held at once: the transport may pause again in
@@ -82,6 +93,35 @@ def _keeping_raw(base: type[Any]) -> type[Any]:
                 self.watcher.raw_flow(not self.raw_paused)
 
     return Handshake
+
+
+class HalfClosing(ssl.SSLObject):
+    """The TLS object of a listener's connection (its context's ``sslobject_class``).
+
+    The peer's close_notify is the TLS form of a TCP half-close: the client sent all it
+    will, and waits for its replies. The loop's TLS layer, reading it, would end the
+    connection's writing at once and drop them; here ``peer.tls_half_close()`` is told
+    instead, and the layer reads on as if nothing came. TLS lets the engine write after
+    receiving it (TLS 1.3 says so; OpenSSL does so with TLS 1.2 too), and the layer sends
+    the engine's own close_notify when the connection closes."""
+
+    #: The connection told of the peer's close_notify (``None``: the layer's own handling).
+    peer: Any = None
+    #: The peer's close_notify was seen and the connection took it.
+    half_closed = False
+
+    def read(self, len: int = 1024, buffer: WriteableBuffer | None = None) -> bytes:
+        # SSLObject.read's own body (a call to it would cost each read a frame more).
+        ssl_object: Any = self._sslobj  # type: ignore[attr-defined]
+        data: bytes = ssl_object.read(len) if buffer is None else ssl_object.read(len, buffer)
+        if data or not len:
+            return data
+        if not self.half_closed:  # the peer's close_notify (OpenSSL reads nothing more)
+            peer = self.peer
+            if peer is None or not peer.tls_half_close():
+                return data
+            self.half_closed = True
+        raise ssl.SSLWantReadError("the peer sent close_notify")
 
 
 def _constructs(base: type[Any], loop: asyncio.AbstractEventLoop) -> bool:

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from .downstream import Downstream, ListenerRuntime, Refused
-from .handshake import handshake_class
+from .handshake import HalfClosing, handshake_class
 from .stats import Counter, Labels
 from .upstream import UpstreamConnection
 
@@ -258,6 +258,7 @@ def server_context(
     files = _Files()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client renegotiating is CPU it spends on us
+    ctx.sslobject_class = HalfClosing  # a client's close_notify is a half-close
     ctx.minimum_version = PROTOCOL_VERSIONS[min_version]
     if max_version is not None:
         ctx.maximum_version = PROTOCOL_VERSIONS[max_version]
@@ -538,7 +539,7 @@ class TlsDownstream(Downstream):
     :class:`Downstream` like any other, but for what it counts as unsent (below).
     """
 
-    __slots__ = ("client_check", "handshake", "raw", "raw_paused", "tls_stats")
+    __slots__ = ("client_check", "close_notified", "handshake", "raw", "raw_paused", "tls_stats")
 
     def __init__(self, listener: ListenerRuntime, tls_stats: TlsStats) -> None:
         super().__init__(listener)
@@ -554,6 +555,8 @@ class TlsDownstream(Downstream):
         #: The listener's TLS series when the handshake began (a reload may make the
         #: listener plain before it ends).
         self.tls_stats = tls_stats
+        #: The client sent its close_notify (a half-close: see :meth:`tls_half_close`).
+        self.close_notified = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """The handshake is done (the TLS layer calls this before passing any data on): a
@@ -572,6 +575,9 @@ class TlsDownstream(Downstream):
             return
         self.tls_stats.handshakes.value += 1
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if isinstance(ssl_object, HalfClosing) and not self.closed:
+            ssl_object.peer = self
         raw = self.raw
         if raw is not None and not self.closed:
             # The TCP transport pauses and resumes at the connection's own marks: while it is
@@ -648,9 +654,31 @@ class TlsDownstream(Downstream):
         super().abort()
 
     def eof_received(self) -> None:
-        """As a plain connection's; TLS transports close themselves after a close_notify
-        (returning ``True`` would only log a warning there)."""
+        """As a plain connection's (the TLS layer calls it only for a close_notify that
+        came while the connection was closing; returning ``True`` would only log a warning
+        there)."""
         super().eof_received()
+
+    def tls_half_close(self) -> bool:
+        """The client's close_notify, seen by the TLS layer as it reads (``HalfClosing``):
+        the TLS form of a half-close, answered as a plain one is (:meth:`eof_received`:
+        what is in flight is answered, then the connection closes, with the engine's own
+        close_notify), once the layer passed on what it read before it. ``False``: the
+        connection is closing already, the layer ends it its own way."""
+        if self.closed or self.transport is None:
+            return False
+        self.close_notified = True
+        self.engine.loop.call_soon(self._half_closed)
+        return True
+
+    def _half_closed(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.eof_received()
+
+    def keeps_raw_open(self) -> bool:
+        """Whether the end of the TCP stream under the TLS layer leaves it open: after the
+        client's close_notify, until the layer closes it once the replies are sent."""
+        return self.close_notified and self.transport is not None
 
 
 def attach_listener(runtime: ListenerRuntime, tls: ListenerTls | None) -> None:
@@ -753,6 +781,10 @@ class TlsUpstreamConnection(UpstreamConnection):
                 return  # _connect answers the requests waiting
         self.cluster.tls_stats.handshakes.value += 1
         super().connection_made(transport)
+
+    def keeps_raw_open(self) -> bool:
+        """The TLS layer's own handling of the end of the TCP stream under it."""
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A TLS 1.3 server that refuses this client's certificate does so after the client's

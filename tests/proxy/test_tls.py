@@ -35,8 +35,8 @@ from proxy_kit import (
     run,
 )
 
-from metaprotocol_sdk import ConfigError
-from metaprotocol_sdk.examples.kv import REQUEST, build_frame
+from metaprotocol_sdk import ConfigError, Metadata
+from metaprotocol_sdk.examples.kv import REQUEST, KVCodec, build_frame
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.downstream import Downstream
 from metaprotocol_sdk.proxy.tls import TlsDownstream, TlsUpstreamConnection
@@ -1714,5 +1714,129 @@ def test_a_tls_client_that_drained_between_the_water_marks_after_a_resume_is_rea
             assert down.unsent == 0 and engine.buffered == 0
             client.close()
         await up.close()
+
+    run(main(), loop=loop)
+
+
+# -- the ends of a TLS connection --------------------------------------------------------------
+
+
+class BioTlsClient(asyncio.Protocol):
+    """A TLS client driven by hand over memory BIOs, as a client of an SSL library is: it
+    can send its ``close_notify`` (a TLS half-close) and read on, which Python's TLS
+    transports cannot. What it reads is decoded as KV replies; ``peer_closed`` is set by the
+    engine's own ``close_notify``."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="svc.test")
+        loop = asyncio.get_running_loop()
+        self.shaken: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[Exception | None] = loop.create_future()
+        self.replies: list[Any] = []
+        self.peer_closed = False
+        self.plain = bytearray()
+        self.codec = KVCodec()
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._step()
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        self._step()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+    def _step(self) -> None:
+        if not self.shaken.done():
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.do_handshake()
+                self.shaken.set_result(None)
+        else:
+            while not self.peer_closed:
+                try:
+                    data = self.tls.read(1 << 16)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    data = b""
+                if not data:
+                    self.peer_closed = True
+                self.plain += data
+            while isinstance(msg := self.codec.decode(self.plain), Metadata):
+                self.replies.append(msg)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outgoing.read()
+        if out:
+            self.transport.write(out)
+
+    def send(self, frame: bytes) -> None:
+        self.tls.write(frame)
+        self._flush()
+
+    def close_notify(self) -> None:
+        """Send ``close_notify`` and go on reading (the first half of ``unwrap``)."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        self._flush()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("version", "then_fin"),
+    [
+        pytest.param(ssl.TLSVersion.TLSv1_3, False, id="tls1.3"),
+        pytest.param(ssl.TLSVersion.TLSv1_3, True, id="tls1.3-then-fin"),
+        pytest.param(ssl.TLSVersion.TLSv1_2, True, id="tls1.2-then-fin"),
+    ],
+)
+def test_a_tls_client_that_sends_close_notify_still_gets_its_replies(
+    pki: Pki, loop: str, version: ssl.TLSVersion, then_fin: bool
+) -> None:
+    """A client's ``close_notify`` is the TLS form of a half-close: it sent all it will and
+    waits for its replies. The loop's TLS layer ended the connection's writing at once (on
+    both loops, TLS 1.2 and 1.3): the three replies in flight were dropped. Now they are
+    sent, then the engine's own ``close_notify``, then the connection closes, as a plain
+    client's half-close is answered; a TCP FIN after the ``close_notify`` changes nothing."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=listener_tls(pki))) as engine:
+            ctx = pki.client_context()
+            ctx.maximum_version = version
+            _, client = await asyncio.get_running_loop().create_connection(
+                lambda: BioTlsClient(ctx), *address(engine)
+            )
+            await asyncio.wait_for(client.shaken, WAIT)
+            assert client.tls.version() == {ssl.TLSVersion.TLSv1_3: "TLSv1.3"}.get(
+                version, "TLSv1.2"
+            )
+            for rid in (1, 2, 3):
+                client.send(build_frame(REQUEST, rid, {"method": "slow"}))
+            await up.wait_received(3)
+            (down,) = engine.downstreams
+            client.close_notify()
+            if then_fin:
+                client.transport.write_eof()
+            await until(lambda: down.draining)  # the engine took the close_notify
+            assert down.inflight == 3 and not down.closed
+            up.release.set()
+            assert await asyncio.wait_for(client.lost, WAIT) is None
+            assert [r.request_id for r in client.replies] == [1, 2, 3]
+            assert all(error_type(r) is None for r in client.replies)
+            assert client.peer_closed  # the engine's close_notify came after them
+            await until(lambda: not engine.downstreams)
+            abandoned = engine.stats.total(
+                "metaprotocol_downstream_connections_closed_total", reason="write_abandoned"
+            )
+            assert abandoned == 0
+        await up.close()
+        assert errors == []
 
     run(main(), loop=loop)
