@@ -1840,3 +1840,91 @@ def test_a_tls_client_that_sends_close_notify_still_gets_its_replies(
         assert errors == []
 
     run(main(), loop=loop)
+
+
+class EndingUpstream(asyncio.Protocol):
+    """An upstream that reads nothing after the first request, and ends its stream when
+    told (:meth:`end`): with ``tls``, a TLS server driven by hand that sends its
+    ``close_notify`` (and no FIN); without, a plain one that sends a FIN."""
+
+    def __init__(self, tls: ssl.SSLContext | None, made: list[EndingUpstream]) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = None if tls is None else tls.wrap_bio(self.incoming, self.outgoing, True)
+        self.plain = bytearray()
+        self.transport: Any = None
+        self.got_one = asyncio.Event()
+        made.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is None:
+            self.plain += data
+        else:
+            self.incoming.write(data)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.do_handshake()
+                while chunk := self.tls.read(1 << 16):
+                    self.plain += chunk
+            self.transport.write(self.outgoing.read())
+        if isinstance(KVCodec().decode(bytearray(self.plain)), Metadata):
+            self.transport.pause_reading()
+            self.got_one.set()
+
+    def end(self) -> None:
+        if self.tls is None:
+            self.transport.write_eof()
+        else:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.unwrap()
+            self.transport.write(self.outgoing.read())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls", [True, False], ids=["close_notify", "fin"])
+def test_requests_to_an_upstream_that_ends_its_stream_get_a_prompt_reset(
+    pki: Pki, loop: str, tls: bool
+) -> None:
+    """An upstream that sends its ``close_notify`` (or a FIN) answers nothing more. The
+    engine closed the connection cleanly, which writes what is unsent first: with a large
+    request left unsent to an upstream that reads nothing, the requests in flight waited
+    (uvloop) until their route timeout (30 s), and the TLS layer dropped what was sent on
+    the connection meanwhile. They get ``UpstreamReset`` at once."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        server_ctx = pki.server_context(pki.leaf("up", "svc.test")) if tls else None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepts
+        sock.bind(("127.0.0.1", 0))
+        made: list[EndingUpstream] = []
+        server = await asyncio.get_running_loop().create_server(
+            lambda: EndingUpstream(server_ctx, made), sock=sock
+        )
+        policy = tls_policy(mode="SIMPLE", caCertificates=pki.ca_file) if tls else "{}"
+        text = mesh(
+            [(sock.getsockname()[1], "v1")],
+            traffic_policy=policy,
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            first = client.start("hang")
+            await until(lambda: bool(made))
+            await asyncio.wait_for(made[0].got_one.wait(), WAIT)
+            big = client.start("put", body=b"b" * (6 << 20))
+            (conn,) = engine.upstreams
+            await until(lambda: len(conn.pending) == 2 and conn.unsent > 0)
+            made[0].end()
+            for reply in (first, big):
+                answer = await asyncio.wait_for(reply, WAIT)
+                assert error_type(answer) == "UpstreamReset"
+            resets = engine.stats.total("metaprotocol_upstream_resets_total")
+            assert resets == 1
+            await until(lambda: not engine.upstreams and engine.buffered == 0)
+            client.close()
+        server.close()
+        assert errors == []
+
+    run(main(), loop=loop)
