@@ -744,6 +744,10 @@ class TlsUpstreamConnection(UpstreamConnection):
                 self.raw, _ = await loop.create_connection(lambda: layer, host.address, host.port)
                 await waiter  # the handshake (connection_made ran if it succeeded)
         except (OSError, TimeoutError) as exc:
+            if not self.connecting:
+                # The handshake was done just as the timeout fired (the timer ran first, or
+                # the task had not resumed): connected, and the connection is kept.
+                return
             if layer.raw is not None:
                 layer.raw.abort()
             self.raw = None

@@ -468,6 +468,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.cluster.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
+            if not self.connecting:
+                # Made just as the timeout fired: a connection (one outcome per attempt),
+                # which the cancelled connect closed; connection_lost answers what was sent.
+                return
             self._connect_failed(
                 "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             )

@@ -24,6 +24,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 from proxy_kit import (
+    RESPONSE,
     WAIT,
     Client,
     Upstream,
@@ -33,6 +34,7 @@ from proxy_kit import (
     http_get,
     mesh,
     run,
+    stall_the_loop,
 )
 
 from metaprotocol_sdk import ConfigError, Metadata
@@ -1928,3 +1930,150 @@ def test_requests_to_an_upstream_that_ends_its_stream_get_a_prompt_reset(
         assert errors == []
 
     run(main(), loop=loop)
+
+
+class HeldHandshake(asyncio.Protocol):
+    """A TLS KV upstream driven by hand that holds its answer to the ClientHello until
+    :meth:`release`, then shakes hands and answers each request."""
+
+    def __init__(self, ctx: ssl.SSLContext, made: list[HeldHandshake]) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.accepted_at = asyncio.get_running_loop().time()
+        self.held = b""
+        self.releasing = False
+        self.shaken = False
+        self.plain = bytearray()
+        self.codec = KVCodec()
+        self.received = 0
+        self.transport: Any = None
+        made.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        if not self.shaken:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.do_handshake()
+                self.shaken = True
+        if self.shaken:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := self.tls.read(1 << 16):
+                    self.plain += chunk
+            while isinstance(msg := self.codec.decode(self.plain), Metadata):
+                self.received += 1
+                self.tls.write(build_frame(RESPONSE, msg.request_id, {"server": "held"}))
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outgoing.read()
+        if self.releasing:
+            self.transport.write(out)
+        else:
+            self.held += out
+
+    def release(self) -> None:
+        self.releasing = True
+        self.transport.write(self.held)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_handshake_done_as_the_connect_timeout_fires_is_one_outcome(
+    pki: Pki, loop: str
+) -> None:
+    """The server's last handshake flight and the connect timeout reach the engine in the
+    same turn of the event loop (the loop is held past the timeout while the flight waits in
+    the socket): asyncio runs the read first (the handshake completes, the request is sent),
+    uvloop the timer first (then the read completes the handshake all the same). Either way
+    the request went out on a working connection, which the engine then reset and reported
+    as a connect failure (``UpstreamConnectFailure``: retryable as if the server had never
+    seen it; a connect and a connect error counted for one attempt). The connection is kept
+    and the reply delivered: one outcome."""
+    timeout = 1.0
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        loop_ = asyncio.get_running_loop()
+        made: list[HeldHandshake] = []
+        server_ctx = pki.server_context(pki.leaf("up", "svc.test"))
+        server = await loop_.create_server(lambda: HeldHandshake(server_ctx, made), "127.0.0.1", 0)
+        text = mesh(
+            [(server.sockets[0].getsockname()[1], "v1")],
+            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+            proxy=f"timeouts: {{connect: {int(timeout * 1000)}ms}}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            reply = client.start("get")
+            await until(lambda: bool(made and made[0].held))  # its answer to the ClientHello
+            (up,) = made
+            deadline = up.accepted_at + timeout
+            assert loop_.time() < deadline - 0.2, "the ClientHello came too late to test"
+            up.release()  # the flight is in the engine's socket: hold the loop past the timeout
+            stall_the_loop(deadline + 0.1 - loop_.time())
+            answer = await asyncio.wait_for(reply, WAIT)
+            assert error_type(answer) is None and answer.attributes.get("server") == "held"
+            cluster = "outbound|9000||svc.test"
+            assert engine.stats.get("metaprotocol_upstream_connections_total", cluster=cluster) == 1
+            errors_seen = engine.stats.get(
+                "metaprotocol_upstream_connect_errors_total", cluster=cluster
+            )
+            assert not errors_seen
+            (conn,) = engine.upstreams
+            assert error_type(await client.call("get")) is None  # the same connection
+            assert engine.upstreams == {conn} and up.received == 2
+            client.close()
+        server.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+def test_a_plain_connect_done_as_its_timeout_fires_is_one_outcome() -> None:
+    """The same window without TLS (asyncio, whose ``create_connection`` can be held): the
+    TCP connect completes, the loop is held past ``timeouts.connect``, and then the
+    connection is made and the request sent in the turn where the timeout cancels the
+    connect. It was counted as a connection and as a connect error. Now it is one outcome: a
+    connection (which the cancelled connect closes: the request sent on it gets
+    ``UpstreamReset``, counted as a reset, not as a connect error)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        up = await Upstream("v1").start()
+        real = loop.sock_connect
+        tasks: list[asyncio.Task[None]] = []
+
+        def held_connect(sock: socket.socket, addr: Any) -> asyncio.Future[None]:
+            done = loop.create_future()
+
+            async def connect() -> None:
+                await real(sock, addr)
+                stall_the_loop(0.6)  # past the connect timeout
+                done.set_result(None)
+
+            tasks.append(loop.create_task(connect()))
+            return done
+
+        async with engine_for(
+            mesh([(up.port, "v1")], proxy="timeouts: {connect: 500ms}")
+        ) as engine:
+            loop.sock_connect = held_connect  # type: ignore[method-assign]
+            client = await Client.connect(address(engine))
+            answer = await client.call("get")
+            await until(lambda: not engine.upstreams)
+            cluster = "outbound|9000||svc.test"
+            outcome = (
+                error_type(answer),
+                engine.stats.get("metaprotocol_upstream_connections_total", cluster=cluster),
+                engine.stats.get("metaprotocol_upstream_connect_errors_total", cluster=cluster),
+                engine.stats.get("metaprotocol_upstream_resets_total", cluster=cluster),
+            )
+            assert outcome == ("UpstreamReset", 1, 0, 1)
+            loop.sock_connect = real  # type: ignore[method-assign]
+            assert error_type(await client.call("get")) is None
+            client.close()
+        await up.close()
+
+    run(main(), loop="asyncio")
