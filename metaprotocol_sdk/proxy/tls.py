@@ -258,7 +258,7 @@ def server_context(
     files = _Files()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client renegotiating is CPU it spends on us
-    ctx.sslobject_class = HalfClosing  # a client's close_notify is a half-close
+    ctx.sslobject_class = HalfClosing  # alerts a client can read; close_notify a half-close
     ctx.minimum_version = PROTOCOL_VERSIONS[min_version]
     if max_version is not None:
         ctx.maximum_version = PROTOCOL_VERSIONS[max_version]
@@ -387,16 +387,15 @@ class ClientCheck:
         self.spki = frozenset(tls.verify_certificate_spki)
         self.hashes = frozenset(tls.verify_certificate_hash)
 
-    def refusal(self, transport: asyncio.BaseTransport) -> str | None:
-        """Why the client certificate of ``transport`` (its handshake done) is refused;
+    def refusal(self, ssl_object: Any) -> str | None:
+        """Why the client certificate of ``ssl_object`` (its handshake done) is refused;
         ``None``: allowed, or none presented (``OPTIONAL_MUTUAL``: OpenSSL refused a
         ``MUTUAL`` client without one)."""
-        ssl_object = transport.get_extra_info("ssl_object")
         der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
         if not der:
             return None
         if self.names:
-            why = san_mismatch(transport.get_extra_info("peercert"), self.names)
+            why = san_mismatch(ssl_object.getpeercert(), self.names)
             if why is not None:
                 return why
         if self.spki or self.hashes:
@@ -558,15 +557,29 @@ class TlsDownstream(Downstream):
         #: The client sent its close_notify (a half-close: see :meth:`tls_half_close`).
         self.close_notified = False
 
+    def refuses(self, ssl_object: Any) -> str | None:
+        """Why the listener's :class:`ClientCheck` refuses the client certificate of
+        ``ssl_object``, whose handshake just completed (``None``: admitted). Asked by the
+        TLS object (``HalfClosing``), which then fails the handshake: counted
+        ``bad_certificate`` by :meth:`handshake_done`."""
+        check = self.client_check
+        why = None if check is None else check.refusal(ssl_object)
+        if why is not None:
+            log.debug("TLS: client certificate refused on %s: %s", self.listener.name, why)
+        return why
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """The handshake is done (the TLS layer calls this before passing any data on): a
-        client certificate the listener's :class:`ClientCheck` refuses is reset at once,
-        counted ``bad_certificate``, before any of its bytes is read."""
+        """The handshake is done (the TLS layer calls this before passing any data on). The
+        TLS object refused a certificate the listener's :class:`ClientCheck` refuses before
+        the handshake completed (:meth:`refuses`); checked again here all the same: one
+        refused is reset at once, counted ``bad_certificate``, before any of its bytes is
+        read."""
         self.engine.handshaking.discard(self)
         self.raw = self.handshake.raw
         self.handshake = None
         check = self.client_check
-        if check is not None and (why := check.refusal(transport)) is not None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if check is not None and (why := check.refusal(ssl_object)) is not None:
             self.tls_stats.error("bad_certificate")
             log.debug("TLS: client certificate refused on %s: %s", self.listener.name, why)
             self.closed = True
@@ -575,7 +588,6 @@ class TlsDownstream(Downstream):
             return
         self.tls_stats.handshakes.value += 1
         super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, HalfClosing) and not self.closed:
             ssl_object.peer = self
         raw = self.raw

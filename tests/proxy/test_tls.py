@@ -2077,3 +2077,91 @@ def test_a_plain_connect_done_as_its_timeout_fires_is_one_outcome() -> None:
         await up.close()
 
     run(main(), loop="asyncio")
+
+
+def what_a_client_reads(addr: tuple[str, int], ctx: ssl.SSLContext, version: ssl.TLSVersion) -> str:
+    """What a blocking Python ``ssl`` client of ``addr`` reads after sending a request: the
+    reason of the ``ssl.SSLError`` it gets (in its handshake or at its read), ``reply``,
+    ``eof`` or ``reset``."""
+    ctx.maximum_version = version
+    with socket.create_connection(addr, timeout=WAIT) as sock:
+        try:
+            with ctx.wrap_socket(sock, server_hostname="svc.test") as tls:
+                tls.sendall(build_frame(REQUEST, 1, {"method": "get"}))
+                return "reply" if tls.recv(1 << 16) else "eof"
+        except ssl.SSLError as exc:
+            return str(exc.reason)
+        except ConnectionResetError:
+            return "reset"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_refused_in_the_handshake_reads_the_alert_saying_why(pki: Pki, loop: str) -> None:
+    """OpenSSL writes the alert of a failed handshake (``certificate required``, ``unknown
+    ca``) last, and the loop's TLS layer reset the connection without sending it: the client
+    read an unexpected end of stream, not why. It is sent."""
+    stranger = Pki(pki.root, "stranger").leaf("stranger", "client.test")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls=listener_tls(pki, "MUTUAL"))
+        async with engine_for(text) as engine:
+            addr = address(engine)
+            seen = [
+                await asyncio.to_thread(what_a_client_reads, addr, ctx, version)
+                for ctx, version in (
+                    (pki.client_context(), ssl.TLSVersion.TLSv1_3),
+                    (pki.client_context(), ssl.TLSVersion.TLSv1_2),
+                    (pki.client_context(stranger), ssl.TLSVersion.TLSv1_3),
+                )
+            ]
+            assert seen == [
+                "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                "SSLV3_ALERT_HANDSHAKE_FAILURE",
+                "TLSV1_ALERT_UNKNOWN_CA",
+            ]
+            assert tls_counts(engine, "no_client_certificate") == (0, 2)
+            assert up.received == []
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_refused_by_its_names_reads_access_denied_with_tls_1_2(
+    pki: Pki, loop: str
+) -> None:
+    """Names and pins are checked once OpenSSL completed the handshake, which it cannot be
+    told to fail. With TLS 1.2 the engine had not yet sent its ``Finished`` (nor turned on
+    its encryption): the client's handshake failed with an unexpected end of stream. It now
+    reads an ``access_denied`` alert, sent in the clear in place of the ``Finished``. A TLS
+    1.3 client finished its side before the engine saw its certificate, and no alert can be
+    sent without the keys OpenSSL keeps: it is reset at its first read, as before."""
+    other = issue(pki, "other", "spiffe://cluster.local/ns/shop/sa/other")
+    greeter = issue(pki, "greeter", GREETER)
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        tls = listener_tls(pki, "MUTUAL", subjectAltNames=[GREETER])
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=tls)) as engine:
+            addr = address(engine)
+            refused_12 = await asyncio.to_thread(
+                what_a_client_reads, addr, pki.client_context(other), ssl.TLSVersion.TLSv1_2
+            )
+            assert refused_12 == "TLSV1_ALERT_ACCESS_DENIED"
+            refused_13 = await asyncio.to_thread(
+                what_a_client_reads, addr, pki.client_context(other), ssl.TLSVersion.TLSv1_3
+            )
+            assert refused_13 in ("eof", "reset", "UNEXPECTED_EOF_WHILE_READING")
+            admitted = await asyncio.to_thread(
+                what_a_client_reads, addr, pki.client_context(greeter), ssl.TLSVersion.TLSv1_2
+            )
+            assert admitted == "reply"
+            assert tls_counts(engine) == (1, 2)
+            assert len(up.received) == 1
+            await until(lambda: not engine.downstreams and not engine.handshaking)
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
