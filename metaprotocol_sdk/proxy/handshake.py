@@ -18,6 +18,7 @@ import asyncio
 import asyncio.sslproto
 import logging
 import ssl
+import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -142,8 +143,10 @@ class HalfClosing(ssl.SSLObject):
     peer: Any = None
     #: The peer's close_notify was seen and the connection took it.
     half_closed = False
-    #: The TLS layer (``Handshake``) that made this object, and its outgoing buffer.
-    layer: Any = None
+    #: The TLS layer (``Handshake``) that made this object (weakly: the layer holds this
+    #: object, and a cycle would outlive the connection until a collection), and its
+    #: outgoing buffer.
+    layer: weakref.ref[Any] | None = None
     outgoing: ssl.MemoryBIO | None = None
 
     @classmethod
@@ -162,9 +165,13 @@ class HalfClosing(ssl.SSLObject):
                 incoming, outgoing, server_side, server_hostname, session, context
             ),
         )
-        made.layer = _making
+        if _making is not None:
+            made.layer = weakref.ref(_making)
         made.outgoing = outgoing
         return made
+
+    def _layer(self) -> Any:
+        return None if self.layer is None else self.layer()
 
     def do_handshake(self) -> None:
         assert self.outgoing is not None
@@ -175,8 +182,8 @@ class HalfClosing(ssl.SSLObject):
         except ssl.SSLError:
             self._send(self.outgoing.read())  # OpenSSL's alert, which it wrote last
             raise
-        watcher = None if self.layer is None else self.layer.watcher
-        why = None if watcher is None else watcher.refuses(self)
+        layer = self._layer()
+        why = None if layer is None or layer.watcher is None else layer.watcher.refuses(self)
         if why is not None:
             self.outgoing.read()  # the end of the engine's handshake: never sent
             if self.version() == "TLSv1.2" and not self.session_reused:
@@ -186,7 +193,8 @@ class HalfClosing(ssl.SSLObject):
 
     def _send(self, data: bytes) -> None:
         """Send ``data`` on the TCP transport, before the layer resets the connection."""
-        raw = None if self.layer is None else self.layer.raw
+        layer = self._layer()
+        raw = None if layer is None else layer.raw
         if data and raw is not None and not raw.is_closing():
             raw.write(data)
 

@@ -9,12 +9,14 @@ import asyncio
 import asyncio.sslproto
 import contextlib
 import datetime
+import gc
 import json
 import logging
 import os
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -2163,5 +2165,39 @@ def test_a_client_refused_by_its_names_reads_access_denied_with_tls_1_2(
             await until(lambda: not engine.downstreams and not engine.handshaking)
         await up.close()
         assert errors == []
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_closed_tls_client_connection_is_freed_without_the_cycle_collector(
+    pki: Pki, loop: str
+) -> None:
+    """A listener's TLS object knows its TLS layer (to send an alert before the layer resets
+    the connection), and the layer holds the object: with a strong reference, every TLS
+    connection outlived its close until the cycle collector ran (which the CLI runs rarely,
+    ``gc.freeze`` and a high threshold), with its OpenSSL state. The reference is weak."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=listener_tls(pki))) as engine:
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert error_type(await client.call("get")) is None
+            (down,) = engine.downstreams
+            assert down.transport is not None
+            tls_object = weakref.ref(down.transport.get_extra_info("ssl_object"))
+            del down
+            gc.collect()
+            gc.disable()
+            try:
+                client.close()
+                await asyncio.wait_for(client.closed, WAIT)
+                await until(lambda: not engine.downstreams)
+                await until(lambda: tls_object() is None)
+            finally:
+                gc.enable()
+        await up.close()
 
     run(main(), loop=loop)
