@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from .downstream import Downstream, ListenerRuntime, Refused
-from .handshake import handshake_class
+from .handshake import HalfClosing, handshake_class
 from .stats import Counter, Labels
 from .upstream import UpstreamConnection
 
@@ -259,6 +259,7 @@ def server_context(
     files = _Files()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client renegotiating is CPU it spends on us
+    ctx.sslobject_class = HalfClosing  # alerts a client can read; close_notify a half-close
     ctx.minimum_version = PROTOCOL_VERSIONS[min_version]
     if max_version is not None:
         ctx.maximum_version = PROTOCOL_VERSIONS[max_version]
@@ -387,16 +388,15 @@ class ClientCheck:
         self.spki = frozenset(tls.verify_certificate_spki)
         self.hashes = frozenset(tls.verify_certificate_hash)
 
-    def refusal(self, transport: asyncio.BaseTransport) -> str | None:
-        """Why the client certificate of ``transport`` (its handshake done) is refused;
+    def refusal(self, ssl_object: Any) -> str | None:
+        """Why the client certificate of ``ssl_object`` (its handshake done) is refused;
         ``None``: allowed, or none presented (``OPTIONAL_MUTUAL``: OpenSSL refused a
         ``MUTUAL`` client without one)."""
-        ssl_object = transport.get_extra_info("ssl_object")
         der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
         if not der:
             return None
         if self.names:
-            why = san_mismatch(transport.get_extra_info("peercert"), self.names)
+            why = san_mismatch(ssl_object.getpeercert(), self.names)
             if why is not None:
                 return why
         if self.spki or self.hashes:
@@ -546,7 +546,7 @@ class TlsDownstream(Downstream):
     :class:`Downstream` like any other, but for what it counts as unsent (below).
     """
 
-    __slots__ = ("client_check", "handshake", "raw", "raw_paused", "tls_stats")
+    __slots__ = ("client_check", "close_notified", "handshake", "raw", "raw_paused", "tls_stats")
 
     def __init__(self, listener: ListenerRuntime, tls_stats: TlsStats) -> None:
         super().__init__(listener)
@@ -562,16 +562,32 @@ class TlsDownstream(Downstream):
         #: The listener's TLS series when the handshake began (a reload may make the
         #: listener plain before it ends).
         self.tls_stats = tls_stats
+        #: The client sent its close_notify (a half-close: see :meth:`tls_half_close`).
+        self.close_notified = False
+
+    def refuses(self, ssl_object: Any) -> str | None:
+        """Why the listener's :class:`ClientCheck` refuses the client certificate of
+        ``ssl_object``, whose handshake just completed (``None``: admitted). Asked by the
+        TLS object (``HalfClosing``), which then fails the handshake: counted
+        ``bad_certificate`` by :meth:`handshake_done`."""
+        check = self.client_check
+        why = None if check is None else check.refusal(ssl_object)
+        if why is not None:
+            log.debug("TLS: client certificate refused on %s: %s", self.listener.name, why)
+        return why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """The handshake is done (the TLS layer calls this before passing any data on): a
-        client certificate the listener's :class:`ClientCheck` refuses is reset at once,
-        counted ``bad_certificate``, before any of its bytes is read."""
+        """The handshake is done (the TLS layer calls this before passing any data on). The
+        TLS object refused a certificate the listener's :class:`ClientCheck` refuses before
+        the handshake completed (:meth:`refuses`); checked again here all the same: one
+        refused is reset at once, counted ``bad_certificate``, before any of its bytes is
+        read."""
         self.engine.handshaking.discard(self)
         self.raw = self.handshake.raw
         self.handshake = None
         check = self.client_check
-        if check is not None and (why := check.refusal(transport)) is not None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if check is not None and (why := check.refusal(ssl_object)) is not None:
             self.tls_stats.error("bad_certificate")
             log.debug("TLS: client certificate refused on %s: %s", self.listener.name, why)
             self.closed = True
@@ -580,6 +596,8 @@ class TlsDownstream(Downstream):
             return
         self.tls_stats.handshakes.value += 1
         super().connection_made(transport)
+        if isinstance(ssl_object, HalfClosing) and not self.closed:
+            ssl_object.peer = self
         raw = self.raw
         if raw is not None and not self.closed:
             # The TCP transport pauses and resumes at the connection's own marks: while it is
@@ -656,9 +674,31 @@ class TlsDownstream(Downstream):
         super().abort()
 
     def eof_received(self) -> None:
-        """As a plain connection's; TLS transports close themselves after a close_notify
-        (returning ``True`` would only log a warning there)."""
+        """As a plain connection's (the TLS layer calls it only for a close_notify that
+        came while the connection was closing; returning ``True`` would only log a warning
+        there)."""
         super().eof_received()
+
+    def tls_half_close(self) -> bool:
+        """The client's close_notify, seen by the TLS layer as it reads (``HalfClosing``):
+        the TLS form of a half-close, answered as a plain one is (:meth:`eof_received`:
+        what is in flight is answered, then the connection closes, with the engine's own
+        close_notify), once the layer passed on what it read before it. ``False``: the
+        connection is closing already, the layer ends it its own way."""
+        if self.closed or self.transport is None:
+            return False
+        self.close_notified = True
+        self.engine.loop.call_soon(self._half_closed)
+        return True
+
+    def _half_closed(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.eof_received()
+
+    def keeps_raw_open(self) -> bool:
+        """Whether the end of the TCP stream under the TLS layer leaves it open: after the
+        client's close_notify, until the layer closes it once the replies are sent."""
+        return self.close_notified and self.transport is not None
 
 
 def attach_listener(
@@ -740,6 +780,10 @@ class TlsUpstreamConnection(UpstreamConnection):
                 self.raw, _ = await loop.create_connection(lambda: layer, host.address, host.port)
                 await waiter  # the handshake (connection_made ran if it succeeded)
         except (OSError, TimeoutError) as exc:
+            if not self.connecting:
+                # The handshake was done just as the timeout fired (the timer ran first, or
+                # the task had not resumed): connected, and the connection is kept.
+                return
             if layer.raw is not None:
                 layer.raw.abort()
             self.raw = None
@@ -777,6 +821,10 @@ class TlsUpstreamConnection(UpstreamConnection):
                 return  # _connect answers the requests waiting
         self.cluster.tls_stats.handshakes.value += 1
         super().connection_made(transport)
+
+    def keeps_raw_open(self) -> bool:
+        """The TLS layer's own handling of the end of the TCP stream under it."""
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A TLS 1.3 server that refuses this client's certificate does so after the client's

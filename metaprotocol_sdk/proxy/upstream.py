@@ -478,6 +478,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.cluster.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
+            if not self.connecting:
+                # Made just as the timeout fired: a connection (one outcome per attempt),
+                # which the cancelled connect closed; connection_lost answers what was sent.
+                return
             self._connect_failed(
                 "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
             )
@@ -1054,6 +1058,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._blocked = set()
         for downstream in blocked:
             downstream.unblock(self)
+
+    def eof_received(self) -> bool | None:
+        """The upstream ended its stream (a FIN; over TLS, its close_notify): it answers
+        nothing more. The transport (or the TLS layer) closes the connection, but only once
+        what is unsent is written: to an upstream that reads nothing, the requests in flight
+        would wait for that past their route timeout. With requests in flight or bytes
+        unsent it is reset instead, and they get ``UpstreamReset`` at once."""
+        transport = self.transport
+        if transport is not None and (self.pending or self.order or self.account_unsent()):
+            transport.abort()  # connection_lost answers them
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._active.value -= 1

@@ -9,12 +9,14 @@ import asyncio
 import asyncio.sslproto
 import contextlib
 import datetime
+import gc
 import json
 import logging
 import os
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 from proxy_kit import (
+    RESPONSE,
     WAIT,
     Client,
     Upstream,
@@ -33,10 +36,11 @@ from proxy_kit import (
     http_get,
     mesh,
     run,
+    stall_the_loop,
 )
 
-from metaprotocol_sdk import ConfigError
-from metaprotocol_sdk.examples.kv import REQUEST, build_frame
+from metaprotocol_sdk import ConfigError, Metadata
+from metaprotocol_sdk.examples.kv import REQUEST, KVCodec, build_frame
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.downstream import Downstream
 from metaprotocol_sdk.proxy.tls import TlsDownstream, TlsUpstreamConnection
@@ -1713,6 +1717,487 @@ def test_a_tls_client_that_drained_between_the_water_marks_after_a_resume_is_rea
             assert not down.write_paused
             assert down.unsent == 0 and engine.buffered == 0
             client.close()
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+# -- the ends of a TLS connection --------------------------------------------------------------
+
+
+class BioTlsClient(asyncio.Protocol):
+    """A TLS client driven by hand over memory BIOs, as a client of an SSL library is: it
+    can send its ``close_notify`` (a TLS half-close) and read on, which Python's TLS
+    transports cannot. What it reads is decoded as KV replies; ``peer_closed`` is set by the
+    engine's own ``close_notify``."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="svc.test")
+        loop = asyncio.get_running_loop()
+        self.shaken: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[Exception | None] = loop.create_future()
+        self.replies: list[Any] = []
+        self.peer_closed = False
+        self.plain = bytearray()
+        self.codec = KVCodec()
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._step()
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        self._step()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+    def _step(self) -> None:
+        if not self.shaken.done():
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.do_handshake()
+                self.shaken.set_result(None)
+        else:
+            while not self.peer_closed:
+                try:
+                    data = self.tls.read(1 << 16)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    data = b""
+                if not data:
+                    self.peer_closed = True
+                self.plain += data
+            while isinstance(msg := self.codec.decode(self.plain), Metadata):
+                self.replies.append(msg)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outgoing.read()
+        if out:
+            self.transport.write(out)
+
+    def send(self, frame: bytes) -> None:
+        self.tls.write(frame)
+        self._flush()
+
+    def close_notify(self) -> None:
+        """Send ``close_notify`` and go on reading (the first half of ``unwrap``)."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        self._flush()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    ("version", "then_fin"),
+    [
+        pytest.param(ssl.TLSVersion.TLSv1_3, False, id="tls1.3"),
+        pytest.param(ssl.TLSVersion.TLSv1_3, True, id="tls1.3-then-fin"),
+        pytest.param(ssl.TLSVersion.TLSv1_2, True, id="tls1.2-then-fin"),
+    ],
+)
+def test_a_tls_client_that_sends_close_notify_still_gets_its_replies(
+    pki: Pki, loop: str, version: ssl.TLSVersion, then_fin: bool
+) -> None:
+    """A client's ``close_notify`` is the TLS form of a half-close: it sent all it will and
+    waits for its replies. The loop's TLS layer ended the connection's writing at once (on
+    both loops, TLS 1.2 and 1.3): the three replies in flight were dropped. Now they are
+    sent, then the engine's own ``close_notify``, then the connection closes, as a plain
+    client's half-close is answered; a TCP FIN after the ``close_notify`` changes nothing."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=listener_tls(pki))) as engine:
+            ctx = pki.client_context()
+            ctx.maximum_version = version
+            _, client = await asyncio.get_running_loop().create_connection(
+                lambda: BioTlsClient(ctx), *address(engine)
+            )
+            await asyncio.wait_for(client.shaken, WAIT)
+            assert client.tls.version() == {ssl.TLSVersion.TLSv1_3: "TLSv1.3"}.get(
+                version, "TLSv1.2"
+            )
+            for rid in (1, 2, 3):
+                client.send(build_frame(REQUEST, rid, {"method": "slow"}))
+            await up.wait_received(3)
+            (down,) = engine.downstreams
+            client.close_notify()
+            if then_fin:
+                client.transport.write_eof()
+            await until(lambda: down.draining)  # the engine took the close_notify
+            assert down.inflight == 3 and not down.closed
+            up.release.set()
+            assert await asyncio.wait_for(client.lost, WAIT) is None
+            assert [r.request_id for r in client.replies] == [1, 2, 3]
+            assert all(error_type(r) is None for r in client.replies)
+            assert client.peer_closed  # the engine's close_notify came after them
+            await until(lambda: not engine.downstreams)
+            abandoned = engine.stats.total(
+                "metaprotocol_downstream_connections_closed_total", reason="write_abandoned"
+            )
+            assert abandoned == 0
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+class EndingUpstream(asyncio.Protocol):
+    """An upstream that reads nothing after the first request, and ends its stream when
+    told (:meth:`end`): with ``tls``, a TLS server driven by hand that sends its
+    ``close_notify`` (and no FIN); without, a plain one that sends a FIN."""
+
+    def __init__(self, tls: ssl.SSLContext | None, made: list[EndingUpstream]) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = None if tls is None else tls.wrap_bio(self.incoming, self.outgoing, True)
+        self.plain = bytearray()
+        self.transport: Any = None
+        self.got_one = asyncio.Event()
+        made.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.tls is None:
+            self.plain += data
+        else:
+            self.incoming.write(data)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.do_handshake()
+                while chunk := self.tls.read(1 << 16):
+                    self.plain += chunk
+            self.transport.write(self.outgoing.read())
+        if isinstance(KVCodec().decode(bytearray(self.plain)), Metadata):
+            self.transport.pause_reading()
+            self.got_one.set()
+
+    def end(self) -> None:
+        if self.tls is None:
+            self.transport.write_eof()
+        else:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.unwrap()
+            self.transport.write(self.outgoing.read())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls", [True, False], ids=["close_notify", "fin"])
+def test_requests_to_an_upstream_that_ends_its_stream_get_a_prompt_reset(
+    pki: Pki, loop: str, tls: bool
+) -> None:
+    """An upstream that sends its ``close_notify`` (or a FIN) answers nothing more. The
+    engine closed the connection cleanly, which writes what is unsent first: with a large
+    request left unsent to an upstream that reads nothing, the requests in flight waited
+    (uvloop) until their route timeout (30 s), and the TLS layer dropped what was sent on
+    the connection meanwhile. They get ``UpstreamReset`` at once."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        server_ctx = pki.server_context(pki.leaf("up", "svc.test")) if tls else None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepts
+        sock.bind(("127.0.0.1", 0))
+        made: list[EndingUpstream] = []
+        server = await asyncio.get_running_loop().create_server(
+            lambda: EndingUpstream(server_ctx, made), sock=sock
+        )
+        policy = tls_policy(mode="SIMPLE", caCertificates=pki.ca_file) if tls else "{}"
+        text = mesh(
+            [(sock.getsockname()[1], "v1")],
+            traffic_policy=policy,
+            proxy="codecOptions: {kv: {max_frame_size: 16777216}}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            first = client.start("hang")
+            await until(lambda: bool(made))
+            await asyncio.wait_for(made[0].got_one.wait(), WAIT)
+            big = client.start("put", body=b"b" * (6 << 20))
+            (conn,) = engine.upstreams
+            await until(lambda: len(conn.pending) == 2 and conn.unsent > 0)
+            made[0].end()
+            for reply in (first, big):
+                answer = await asyncio.wait_for(reply, WAIT)
+                assert error_type(answer) == "UpstreamReset"
+            resets = engine.stats.total("metaprotocol_upstream_resets_total")
+            assert resets == 1
+            await until(lambda: not engine.upstreams and engine.buffered == 0)
+            client.close()
+        server.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+class HeldHandshake(asyncio.Protocol):
+    """A TLS KV upstream driven by hand that holds its answer to the ClientHello until
+    :meth:`release`, then shakes hands and answers each request."""
+
+    def __init__(self, ctx: ssl.SSLContext, made: list[HeldHandshake]) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.accepted_at = asyncio.get_running_loop().time()
+        self.held = b""
+        self.releasing = False
+        self.shaken = False
+        self.plain = bytearray()
+        self.codec = KVCodec()
+        self.received = 0
+        self.transport: Any = None
+        made.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        if not self.shaken:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.do_handshake()
+                self.shaken = True
+        if self.shaken:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := self.tls.read(1 << 16):
+                    self.plain += chunk
+            while isinstance(msg := self.codec.decode(self.plain), Metadata):
+                self.received += 1
+                self.tls.write(build_frame(RESPONSE, msg.request_id, {"server": "held"}))
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outgoing.read()
+        if self.releasing:
+            self.transport.write(out)
+        else:
+            self.held += out
+
+    def release(self) -> None:
+        self.releasing = True
+        self.transport.write(self.held)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tls_handshake_done_as_the_connect_timeout_fires_is_one_outcome(
+    pki: Pki, loop: str
+) -> None:
+    """The server's last handshake flight and the connect timeout reach the engine in the
+    same turn of the event loop (the loop is held past the timeout while the flight waits in
+    the socket): asyncio runs the read first (the handshake completes, the request is sent),
+    uvloop the timer first (then the read completes the handshake all the same). Either way
+    the request went out on a working connection, which the engine then reset and reported
+    as a connect failure (``UpstreamConnectFailure``: retryable as if the server had never
+    seen it; a connect and a connect error counted for one attempt). The connection is kept
+    and the reply delivered: one outcome."""
+    timeout = 1.0
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        loop_ = asyncio.get_running_loop()
+        made: list[HeldHandshake] = []
+        server_ctx = pki.server_context(pki.leaf("up", "svc.test"))
+        server = await loop_.create_server(lambda: HeldHandshake(server_ctx, made), "127.0.0.1", 0)
+        text = mesh(
+            [(server.sockets[0].getsockname()[1], "v1")],
+            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+            proxy=f"timeouts: {{connect: {int(timeout * 1000)}ms}}",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            reply = client.start("get")
+            await until(lambda: bool(made and made[0].held))  # its answer to the ClientHello
+            (up,) = made
+            deadline = up.accepted_at + timeout
+            assert loop_.time() < deadline - 0.2, "the ClientHello came too late to test"
+            up.release()  # the flight is in the engine's socket: hold the loop past the timeout
+            stall_the_loop(deadline + 0.1 - loop_.time())
+            answer = await asyncio.wait_for(reply, WAIT)
+            assert error_type(answer) is None and answer.attributes.get("server") == "held"
+            cluster = "outbound|9000||svc.test"
+            assert engine.stats.get("metaprotocol_upstream_connections_total", cluster=cluster) == 1
+            errors_seen = engine.stats.get(
+                "metaprotocol_upstream_connect_errors_total", cluster=cluster
+            )
+            assert not errors_seen
+            (conn,) = engine.upstreams
+            assert error_type(await client.call("get")) is None  # the same connection
+            assert engine.upstreams == {conn} and up.received == 2
+            client.close()
+        server.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+def test_a_plain_connect_done_as_its_timeout_fires_is_one_outcome() -> None:
+    """The same window without TLS (asyncio, whose ``create_connection`` can be held): the
+    TCP connect completes, the loop is held past ``timeouts.connect``, and then the
+    connection is made and the request sent in the turn where the timeout cancels the
+    connect. It was counted as a connection and as a connect error. Now it is one outcome: a
+    connection (which the cancelled connect closes: the request sent on it gets
+    ``UpstreamReset``, counted as a reset, not as a connect error)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        up = await Upstream("v1").start()
+        real = loop.sock_connect
+        tasks: list[asyncio.Task[None]] = []
+
+        def held_connect(sock: socket.socket, addr: Any) -> asyncio.Future[None]:
+            done = loop.create_future()
+
+            async def connect() -> None:
+                await real(sock, addr)
+                stall_the_loop(0.6)  # past the connect timeout
+                done.set_result(None)
+
+            tasks.append(loop.create_task(connect()))
+            return done
+
+        async with engine_for(
+            mesh([(up.port, "v1")], proxy="timeouts: {connect: 500ms}")
+        ) as engine:
+            loop.sock_connect = held_connect  # type: ignore[method-assign]
+            client = await Client.connect(address(engine))
+            answer = await client.call("get")
+            await until(lambda: not engine.upstreams)
+            cluster = "outbound|9000||svc.test"
+            outcome = (
+                error_type(answer),
+                engine.stats.get("metaprotocol_upstream_connections_total", cluster=cluster),
+                engine.stats.get("metaprotocol_upstream_connect_errors_total", cluster=cluster),
+                engine.stats.get("metaprotocol_upstream_resets_total", cluster=cluster),
+            )
+            assert outcome == ("UpstreamReset", 1, 0, 1)
+            loop.sock_connect = real  # type: ignore[method-assign]
+            assert error_type(await client.call("get")) is None
+            client.close()
+        await up.close()
+
+    run(main(), loop="asyncio")
+
+
+def what_a_client_reads(addr: tuple[str, int], ctx: ssl.SSLContext, version: ssl.TLSVersion) -> str:
+    """What a blocking Python ``ssl`` client of ``addr`` reads after sending a request: the
+    reason of the ``ssl.SSLError`` it gets (in its handshake or at its read), ``reply``,
+    ``eof`` or ``reset``."""
+    ctx.maximum_version = version
+    with socket.create_connection(addr, timeout=WAIT) as sock:
+        try:
+            with ctx.wrap_socket(sock, server_hostname="svc.test") as tls:
+                tls.sendall(build_frame(REQUEST, 1, {"method": "get"}))
+                return "reply" if tls.recv(1 << 16) else "eof"
+        except ssl.SSLError as exc:
+            return str(exc.reason)
+        except ConnectionResetError:
+            return "reset"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_refused_in_the_handshake_reads_the_alert_saying_why(pki: Pki, loop: str) -> None:
+    """OpenSSL writes the alert of a failed handshake (``certificate required``, ``unknown
+    ca``) last, and the loop's TLS layer reset the connection without sending it: the client
+    read an unexpected end of stream, not why. It is sent."""
+    stranger = Pki(pki.root, "stranger").leaf("stranger", "client.test")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls=listener_tls(pki, "MUTUAL"))
+        async with engine_for(text) as engine:
+            addr = address(engine)
+            seen = [
+                await asyncio.to_thread(what_a_client_reads, addr, ctx, version)
+                for ctx, version in (
+                    (pki.client_context(), ssl.TLSVersion.TLSv1_3),
+                    (pki.client_context(), ssl.TLSVersion.TLSv1_2),
+                    (pki.client_context(stranger), ssl.TLSVersion.TLSv1_3),
+                )
+            ]
+            assert seen == [
+                "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                "SSLV3_ALERT_HANDSHAKE_FAILURE",
+                "TLSV1_ALERT_UNKNOWN_CA",
+            ]
+            assert tls_counts(engine, "no_client_certificate") == (0, 2)
+            assert up.received == []
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_refused_by_its_names_reads_access_denied_with_tls_1_2(
+    pki: Pki, loop: str
+) -> None:
+    """Names and pins are checked once OpenSSL completed the handshake, which it cannot be
+    told to fail. With TLS 1.2 the engine had not yet sent its ``Finished`` (nor turned on
+    its encryption): the client's handshake failed with an unexpected end of stream. It now
+    reads an ``access_denied`` alert, sent in the clear in place of the ``Finished``. A TLS
+    1.3 client finished its side before the engine saw its certificate, and no alert can be
+    sent without the keys OpenSSL keeps: it is reset at its first read, as before."""
+    other = issue(pki, "other", "spiffe://cluster.local/ns/shop/sa/other")
+    greeter = issue(pki, "greeter", GREETER)
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        tls = listener_tls(pki, "MUTUAL", subjectAltNames=[GREETER])
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=tls)) as engine:
+            addr = address(engine)
+            refused_12 = await asyncio.to_thread(
+                what_a_client_reads, addr, pki.client_context(other), ssl.TLSVersion.TLSv1_2
+            )
+            assert refused_12 == "TLSV1_ALERT_ACCESS_DENIED"
+            refused_13 = await asyncio.to_thread(
+                what_a_client_reads, addr, pki.client_context(other), ssl.TLSVersion.TLSv1_3
+            )
+            assert refused_13 in ("eof", "reset", "UNEXPECTED_EOF_WHILE_READING")
+            admitted = await asyncio.to_thread(
+                what_a_client_reads, addr, pki.client_context(greeter), ssl.TLSVersion.TLSv1_2
+            )
+            assert admitted == "reply"
+            assert tls_counts(engine) == (1, 2)
+            assert len(up.received) == 1
+            await until(lambda: not engine.downstreams and not engine.handshaking)
+        await up.close()
+        assert errors == []
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_closed_tls_client_connection_is_freed_without_the_cycle_collector(
+    pki: Pki, loop: str
+) -> None:
+    """A listener's TLS object knows its TLS layer (to send an alert before the layer resets
+    the connection), and the layer holds the object: with a strong reference, every TLS
+    connection outlived its close until the cycle collector ran (which the CLI runs rarely,
+    ``gc.freeze`` and a high threshold), with its OpenSSL state. The reference is weak."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(mesh([(up.port, "v1")], listener_tls=listener_tls(pki))) as engine:
+            client = await Client.connect(
+                address(engine), ssl=pki.client_context(), server_hostname="svc.test"
+            )
+            assert error_type(await client.call("get")) is None
+            (down,) = engine.downstreams
+            assert down.transport is not None
+            tls_object = weakref.ref(down.transport.get_extra_info("ssl_object"))
+            del down
+            gc.collect()
+            gc.disable()
+            try:
+                client.close()
+                await asyncio.wait_for(client.closed, WAIT)
+                await until(lambda: not engine.downstreams)
+                await until(lambda: tls_object() is None)
+            finally:
+                gc.enable()
         await up.close()
 
     run(main(), loop=loop)
