@@ -106,7 +106,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                     if c.prioritised
                     else {}
                 ),
-                "tls": dump_upstream(c.tls),
+                "tls": dump_upstream(c.tls, c),
             }
             for c in engine.clusters.values()
         ],

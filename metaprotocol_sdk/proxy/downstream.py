@@ -1023,7 +1023,7 @@ class Downstream(asyncio.Protocol):
         if conn is None or conn.closed:
             if not cluster.may_open():
                 return None
-            conn = self.dedicated[key] = cluster.connection_class(cluster, host, self)
+            conn = self.dedicated[key] = host.connection_class(cluster, host, self)
             conn.connect()
         return conn
 

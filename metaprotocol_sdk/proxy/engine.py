@@ -25,6 +25,7 @@ from .config.models import (
     LoadBalancer,
     Route,
     TrafficPolicy,
+    UpstreamTls,
 )
 from .deadlines import Deadlines
 from .downstream import Downstream, ListenerRuntime, Refused
@@ -233,8 +234,15 @@ class Engine:
         # Groups set to nothing are dropped: an empty pool checks no limits per request, a
         # detection with both counts off makes no detector, and a reload between the two
         # spellings keeps the cluster.
-        traffic = rule.policy_for(port, subset).applied() if rule else TrafficPolicy()
+        given = rule.policy_for(port, subset) if rule else TrafficPolicy()
+        traffic = given.applied()
         tls = traffic.tls
+        identity = config.proxy.mesh_identity
+        automatic = identity is not None and identity.auto_mtls
+        if given.tls is None and automatic and service.mesh_internal:
+            # istiod's automatic mutual TLS: no tls set for the port or subset (an explicit
+            # DISABLE, SIMPLE or MUTUAL turns it off), a service in the mesh.
+            tls = UpstreamTls("ISTIO_MUTUAL", auto=True)
         if tls is not None and tls.mode == "ISTIO_MUTUAL":  # as istiod sets them per cluster
             tls = dataclasses.replace(
                 tls,
@@ -244,6 +252,9 @@ class Engine:
         policy = traffic.load_balancer or LoadBalancer()
         labels = rule.subsets[subset].labels if subset is not None and rule is not None else {}
         endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]
+        mutual = None
+        if tls is not None and tls.auto:  # per endpoint, by its tlsMode (xDS: the cluster's)
+            mutual = tuple(automatic and ep.mesh_tls_in(port, subset) for ep in endpoints)
         protocol = config.protocol_of(host, port)
         spec = ClusterSpec(
             protocol,
@@ -256,6 +267,7 @@ class Engine:
             traffic.outlier_detection,
             service.namespace,
             tls,
+            mutual,
         )
         serving = self.clusters.get(name)
         if serving is not None and self._cluster_specs.get(name) == spec:
@@ -281,7 +293,15 @@ class Engine:
                 traffic.outlier_detection,
             )
             cluster.namespace = service.namespace  # of the configuration being built
-            attach_cluster(cluster, tls)
+            attach_cluster(cluster, tls, mutual)
+            if mutual is not None and not automatic:
+                log.warning(
+                    "%s: the control plane's automatic mutual TLS is served as plain TCP: %s",
+                    name,
+                    "spec.meshIdentity.autoMtls is false"
+                    if identity is not None
+                    else "no spec.meshIdentity is configured",
+                )
         build.clusters[name] = cluster
         build.specs[name] = spec
         return cluster

@@ -91,6 +91,9 @@ class ClusterSpec:
     namespace: str
     #: Compared with the files' digest: a rotated certificate makes a changed cluster.
     tls: UpstreamTls | None = None
+    #: Automatic mutual TLS: whether each endpoint gets ``ISTIO_MUTUAL`` (``None``: all
+    #: connections are as ``tls`` says).
+    mutual: tuple[bool, ...] | None = None
 
 
 @dataclass(frozen=True)

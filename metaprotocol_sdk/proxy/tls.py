@@ -28,7 +28,7 @@ import logging
 import os
 import ssl
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from .downstream import Downstream, ListenerRuntime, Refused
@@ -886,19 +886,42 @@ class TlsUpstreamConnection(UpstreamConnection):
         self._judge()
 
 
-def attach_cluster(cluster: Cluster, tls: UpstreamTls | None) -> None:
-    """Make a cluster's connections TLS (``None`` or ``DISABLE``: plain TCP)."""
+def attach_cluster(
+    cluster: Cluster, tls: UpstreamTls | None, mutual: Sequence[bool] | None = None
+) -> None:
+    """Make a cluster's connections TLS (``None`` or ``DISABLE``: plain TCP); with
+    ``mutual`` (automatic mutual TLS), only those to the hosts it says, in order: each host
+    keeps its connection class, so that nothing is decided per request."""
     if tls is None or not tls.enabled:
         return
     cluster.tls = tls
-    cluster.connection_class = TlsUpstreamConnection
+    if mutual is not None and not any(mutual):
+        return  # shown in /config_dump; no connection of it is TLS
     cluster.tls_stats = TlsStats(cluster.engine.stats, "cluster", cluster.name, tls.expiry)
+    for i, host in enumerate(cluster.hosts):
+        if mutual is None or mutual[i]:
+            host.connection_class = TlsUpstreamConnection
 
 
-def dump_upstream(tls: UpstreamTls | None) -> dict[str, Any] | None:
-    """A cluster's TLS settings for ``/config_dump``: paths, never what the files hold."""
+def dump_upstream(tls: UpstreamTls | None, cluster: Cluster | None = None) -> dict[str, Any] | None:
+    """A cluster's TLS settings for ``/config_dump``: paths, never what the files hold; with
+    automatic mutual TLS, the endpoints that get it."""
     if tls is None:
         return None
+    auto: dict[str, Any] = {}
+    if tls.auto and cluster is not None:
+        settings = cluster.engine.config.proxy.mesh_identity
+        auto["autoMtls"] = {
+            "endpoints": [
+                h.key for h in cluster.hosts if h.connection_class is not UpstreamConnection
+            ],
+            # Why every endpoint is plain TCP (the control plane's automatic mutual TLS).
+            "off": "no spec.meshIdentity is configured"
+            if settings is None
+            else None
+            if settings.auto_mtls
+            else "spec.meshIdentity.autoMtls is false",
+        }
     return {
         "mode": tls.mode,
         "caCertificates": tls.ca_certificates,
@@ -910,6 +933,7 @@ def dump_upstream(tls: UpstreamTls | None) -> dict[str, Any] | None:
         "caCrl": tls.ca_crl,
         "filesDigest": tls.digest[:12] or None,
         "certificateExpiry": {path: expires for path, expires in tls.expiry},
+        **auto,
     }
 
 

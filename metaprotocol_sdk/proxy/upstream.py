@@ -136,6 +136,7 @@ class UpstreamHost:
     __slots__ = (
         "active",
         "address",
+        "connection_class",
         "conns",
         "ejected",
         "ejections",
@@ -179,6 +180,9 @@ class UpstreamHost:
         self.gateway_errors = 0
         self.ejected = False
         self.ejections = 0
+        #: What its connections are: plain, or TLS (``tls.attach_cluster``), chosen per
+        #: endpoint where istiod's automatic mutual TLS says so, once, when it is built.
+        self.connection_class: type[UpstreamConnection] = UpstreamConnection
 
 
 class Cluster:
@@ -260,11 +264,11 @@ class Cluster:
         )
         self._overflows: dict[str, Counter] = {}
         self._closed_by: dict[str, Counter] = {}
-        #: TLS origination (``trafficPolicy.tls``; set by ``tls.attach_cluster``): ``None``
-        #: and plain ``UpstreamConnection``\ s without it.
+        #: TLS origination (``trafficPolicy.tls``; set by ``tls.attach_cluster``, which
+        #: gives the hosts their connection class): ``None`` and plain
+        #: ``UpstreamConnection``\ s without it.
         self.tls: UpstreamTls | None = None
         self.tls_stats: TlsStats | None = None
-        self.connection_class: type[UpstreamConnection] = UpstreamConnection
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
@@ -332,7 +336,7 @@ class Cluster:
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
             if self.may_open():
-                conn = self.connection_class(self, host, None)
+                conn = host.connection_class(self, host, None)
                 conns.append(conn)
                 conn.connect()
                 return conn

@@ -170,6 +170,8 @@ TLS = fields(
     "caCrl",
     refused={"credentialName": _SECRETS},
 )
+#: A ``tls`` block translated from xDS: :data:`~.models.AUTO_MTLS_KEY` too.
+TLS_XDS = Fields(TLS.honoured | {"xds.metaprotocol.io/autoMtls"}, TLS.refused)
 #: What ``ISTIO_MUTUAL`` needs: the ProxyConfig's workload identity.
 NO_MESH_IDENTITY = (
     "ISTIO_MUTUAL uses the workload's Istio identity, and the ProxyConfig sets none: set "
@@ -312,7 +314,7 @@ PROXY_CONFIG = fields(
 )
 #: ``spec.meshIdentity``: the workload identity's files, as istio-agent names them.
 MESH_IDENTITY = fields(
-    "directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval"
+    "directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval", "autoMtls"
 )
 XDS = fields(
     "address",

@@ -47,7 +47,9 @@ from . import fields as schema
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
 from .models import (
+    AUTO_MTLS_KEY,
     RETRY_ON,
+    TLS_MODE_LABEL,
     Admin,
     AttributeMatch,
     Config,
@@ -371,6 +373,8 @@ def _build(
     if identity is None and proxy_doc is not None:
         identity = _mesh_identity(proxy_doc)
     rules = _destination_rules(by_kind["DestinationRule"], services, identity)
+    if identity is not None and identity.auto_mtls:
+        _unnamed_auto_servers(by_kind["ServiceEntry"], services, rules)
     routers = _routers(by_kind["MetaRouter"], services, rules, protocols)
     proxy = _proxy(proxy_doc, services, codec_options, identity)
     for listener in proxy.listeners:
@@ -572,6 +576,7 @@ def _services(
             doc.source,
             namespace or "default",
             tuple(_subject_alt_names(doc, spec, "spec")),
+            location == "MESH_INTERNAL",
         )
         for host in hosts:
             services[host] = service
@@ -705,7 +710,9 @@ def _upstream_tls(
     if raw is None:
         return None
     path = f"{path}.tls"
-    doc.check(raw, path, schema.TLS)
+    # istiod's automatic mutual TLS, as the xDS translation writes it (never in a file).
+    doc.check(raw, path, schema.TLS_XDS if doc.from_control_plane else schema.TLS)
+    auto = bool(raw.get(AUTO_MTLS_KEY))
     mode = doc.get(raw, "mode", f"{path}.mode") or "DISABLE"
     if mode not in _UPSTREAM_TLS_MODES:
         doc.fail(
@@ -724,7 +731,7 @@ def _upstream_tls(
     if sni is not None and (why := server_name_error(sni)) is not None:
         doc.fail(f"{path}.sni", why)
     if mode == "ISTIO_MUTUAL":
-        if identity is None:
+        if identity is None and not auto:  # automatic: plain TCP without an identity
             doc.fail(f"{path}.mode", schema.NO_MESH_IDENTITY)
         for key in (*files, "insecureSkipVerify"):
             if raw.get(key) is not None:
@@ -733,7 +740,7 @@ def _upstream_tls(
                 )
         # The SNI (default outbound_.<port>_.<subset>_.<host>) and, without names here, the
         # ServiceEntry's are set per cluster by the engine.
-        return UpstreamTls("ISTIO_MUTUAL", sni=sni, subject_alt_names=tuple(sans))
+        return UpstreamTls("ISTIO_MUTUAL", sni=sni, subject_alt_names=tuple(sans), auto=auto)
     if mode == "DISABLE":
         for key in ("sni", "subjectAltNames", "insecureSkipVerify", *files):
             if raw.get(key) is not None:
@@ -1045,6 +1052,32 @@ def _unnamed_servers(doc: _Doc, path: str, policy: TrafficPolicy, service: Servi
             "ISTIO_MUTUAL with no names here nor in the ServiceEntry's subjectAltNames: any "
             "workload certificate of the mesh is accepted as the server's",
         )
+
+
+def _unnamed_auto_servers(
+    docs: Sequence[_Doc], services: Mapping[str, Service], rules: Mapping[str, DestinationRule]
+) -> None:
+    """Caution about automatic mutual TLS to a service with no server names to check: any
+    workload of the mesh would be accepted as the server (a DestinationRule whose
+    ``trafficPolicy`` sets ``tls`` turns it off for the service, unless a port or subset
+    sets none again: not looked into here)."""
+    for doc in docs:
+        for host in doc.spec().get("hosts", ()):
+            service = services[host]
+            rule = rules.get(host)
+            if (
+                service.source == doc.source
+                and service.mesh_internal
+                and not service.subject_alt_names
+                and (rule is None or rule.policy.tls is None)
+                and any(ep.labels.get(TLS_MODE_LABEL) == "istio" for ep in service.endpoints)
+            ):
+                doc.caution(
+                    "spec.subjectAltNames",
+                    f"automatic mutual TLS to the endpoints of {host} labelled "
+                    f"{TLS_MODE_LABEL}: istio, with no names here nor in a DestinationRule: "
+                    "any workload certificate of the mesh is accepted as the server's",
+                )
 
 
 def _port_settings(
@@ -1761,11 +1794,15 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
             f"{MAX_IDENTITY_CHECK / 60:g}m (istio-agent renews a certificate at about half "
             f"of its life, 12h by default), got {raw['checkInterval']!r}",
         )
+    auto = doc.get(raw, "autoMtls", f"{path}.autoMtls")
+    if auto is not None and not isinstance(auto, bool):
+        doc.fail(f"{path}.autoMtls", f"must be true or false, got {auto!r}")
     settings = MeshIdentity(
         paths["certificateChain"],
         paths["privateKey"],
         paths["rootCertificates"],
         5.0 if interval is None else interval,
+        auto is not False,
     )
     for _ in range(3):  # istio-agent may be replacing them right now
         try:

@@ -56,6 +56,28 @@ def priority_label(port: int, subset: str | None) -> str:
     return f"{PRIORITY_LABEL}{port}" if subset is None else f"{PRIORITY_LABEL}{port}.{subset}"
 
 
+#: Istio's label of a workload with a sidecar (``istio``): automatic mutual TLS sends it
+#: ``ISTIO_MUTUAL``, and plain text to an endpoint without it (or with ``disabled``).
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+#: Where the xDS translation puts an endpoint's ``tlsMode`` in one cluster (its EDS
+#: ``envoy.transport_socket_match`` metadata, which istiod writes per cluster).
+TLS_MODE_XDS_LABEL = "xds.metaprotocol.io/tls-mode-"
+
+
+#: The key of a translated ``tls`` block (``ISTIO_MUTUAL``) saying that it is istiod's
+#: automatic mutual TLS (a cluster's ``transport_socket_matches``): read from the control
+#: plane only, never from a file.
+AUTO_MTLS_KEY = "xds.metaprotocol.io/autoMtls"
+
+
+def tls_mode_label(port: int, subset: str | None) -> str:
+    """The label holding an endpoint's ``tlsMode`` in the cluster of a service port and
+    subset, as the xDS translation writes it (see :meth:`Endpoint.mesh_tls_in`)."""
+    return (
+        f"{TLS_MODE_XDS_LABEL}{port}" if subset is None else f"{TLS_MODE_XDS_LABEL}{port}.{subset}"
+    )
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One ``ServiceEntry`` endpoint."""
@@ -76,6 +98,13 @@ class Endpoint:
         value = self.labels.get(priority_label(port, subset))
         return int(value) if value is not None and value.isascii() and value.isdigit() else 0
 
+    def mesh_tls_in(self, port: int, subset: str | None) -> bool:
+        """Whether automatic mutual TLS sends ``ISTIO_MUTUAL`` to this endpoint in the
+        cluster of ``port`` and ``subset``: its ``tlsMode`` there (from xDS) is ``istio``,
+        else its ``security.istio.io/tlsMode`` label is."""
+        value = self.labels.get(tls_mode_label(port, subset))
+        return (value if value is not None else self.labels.get(TLS_MODE_LABEL)) == "istio"
+
 
 @dataclass(frozen=True)
 class Service:
@@ -91,6 +120,9 @@ class Service:
     #: ``spec.subjectAltNames``: the identities a server of this service may have, checked
     #: by ``ISTIO_MUTUAL`` when the DestinationRule's ``tls`` names none (as in Istio).
     subject_alt_names: tuple[str, ...] = ()
+    #: ``spec.location: MESH_INTERNAL`` (Istio's default is ``MESH_EXTERNAL``): automatic
+    #: mutual TLS applies to mesh-internal services only, as in istiod.
+    mesh_internal: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +242,9 @@ class UpstreamTls:
     #: ``(path, expiry in Unix seconds)`` of each certificate file read.
     expiry: tuple[tuple[str, float], ...] = ()
     context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    #: istiod's automatic mutual TLS (``ISTIO_MUTUAL`` only): the endpoints whose
+    #: ``tlsMode`` is ``istio`` (:meth:`Endpoint.mesh_tls_in`) get it, the others plain TCP.
+    auto: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -259,6 +294,10 @@ class MeshIdentity:
     private_key: str = "/etc/certs/key.pem"
     root_certificates: str = "/etc/certs/root-cert.pem"
     check_interval: float = 5.0
+    #: Automatic mutual TLS (Istio's ``enableAutoMtls``, on by default): a cluster whose
+    #: DestinationRule sets no ``tls`` sends ``ISTIO_MUTUAL`` to its endpoints labelled
+    #: ``security.istio.io/tlsMode: istio`` (of a ``MESH_INTERNAL`` service).
+    auto_mtls: bool = True
     material: Any = field(default=None, compare=False, repr=False)
 
 
