@@ -366,6 +366,35 @@ def tls_cluster(name: str, socket: base_pb2.TransportSocket) -> cluster_pb2.Clus
     return c
 
 
+def auto_mtls_cluster(name: str, socket: base_pb2.TransportSocket) -> cluster_pb2.Cluster:
+    """:func:`cluster` with istiod's automatic mutual TLS (``applyUpstreamTLSSettings``): the
+    match ``tlsMode-istio`` (``{tlsMode: istio}``) with ``socket`` (ISTIO_MUTUAL) before its
+    ``tlsMode-disabled`` one (every other endpoint, raw_buffer)."""
+    c = cluster(name)
+    plain = list(c.transport_socket_matches)
+    del c.transport_socket_matches[:]
+    match = c.transport_socket_matches.add(name="tlsMode-istio")
+    match.match.update({"tlsMode": "istio"})
+    match.transport_socket.CopyFrom(socket)
+    c.transport_socket_matches.extend(plain)
+    return c
+
+
+def mark_sidecars(
+    cla: endpoint_pb2.ClusterLoadAssignment, sidecars: Sequence[tuple[str, int]]
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """``cla`` with the endpoints ``sidecars`` marked as istiod marks a workload labelled
+    ``security.istio.io/tlsMode: istio``: ``envoy.transport_socket_match: {tlsMode: istio}``."""
+    for group in cla.endpoints:
+        for lb in group.lb_endpoints:
+            sa = lb.endpoint.address.socket_address
+            if (sa.address, sa.port_value) in sidecars:
+                lb.metadata.filter_metadata["envoy.transport_socket_match"].update(
+                    {"tlsMode": "istio"}
+                )
+    return cla
+
+
 def istio_secrets(chain: str | None, key: str, root: str) -> list[secret_pb2.Secret]:
     """istio-agent's SDS secrets: ``default`` (the workload certificate; none when ``chain``
     is None) and ``ROOTCA`` (the mesh root), naming the files."""

@@ -36,12 +36,18 @@ from peer_check import missing
 from snapshots import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
+    ROUTE_TYPE,
     SECRET_TYPE,
+    MetaRoute,
+    auto_mtls_cluster,
     istio_mutual_socket,
     istio_secrets,
     load_assignment,
+    mark_sidecars,
+    route_configuration,
     tls_cluster,
 )
+from test_engine_xds import Harness, acked, config_yaml
 
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
@@ -510,3 +516,73 @@ def test_the_engines_istio_mutual_to_an_envoy_server_sidecar(
         )
     finally:
         engine.close()
+
+
+# -- istiod's automatic mutual TLS, over xDS ---------------------------------------------------
+
+
+@pytest.mark.parametrize("identity", [True, False], ids=["identity", "no-identity"])
+def test_istiods_automatic_mutual_tls_to_a_sidecar_and_a_plain_server(
+    server_sidecar: tuple[MeshCa, int, str, HelloServer],
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    identity: bool,
+) -> None:
+    """The engine under a control plane sending istiod's automatic mutual TLS: one cluster
+    with the ``tlsMode-istio`` match (ISTIO_MUTUAL) and the plain-text one, an endpoint that
+    is Envoy's inbound listener (a STRICT sidecar: TLS only, the engine's SPIFFE name
+    required) marked ``tlsMode: istio`` in EDS, and a plain Thrift server. Round robin:
+    both answer, the sidecar over mutual TLS. Without spec.meshIdentity the cluster is plain
+    text, as documented and shown in /config_dump: the sidecar refuses it, the plain
+    server answers."""
+    ca, inbound, admin, sidecar_app = server_sidecar
+    plain = HelloServer("v2").start()
+    certs = tmp_path / "engine-certs"
+    ca.write(certs, "engine")
+    sni = f"outbound_.{PORT}_._.{HOST}"
+    sidecar_ep, plain_ep = ("127.0.0.1", inbound), ("127.0.0.1", plain.port)
+    control_plane.set_snapshot(
+        "1",
+        {
+            CLUSTER_TYPE: [auto_mtls_cluster(MTLS, istio_mutual_socket(sni, [spiffe("greeter")]))],
+            ENDPOINT_TYPE: [
+                mark_sidecars(load_assignment(MTLS, [sidecar_ep, plain_ep]), [sidecar_ep])
+            ],
+            ROUTE_TYPE: [route_configuration(f"{HOST}_{PORT}", [MetaRoute("all", [(MTLS, 100)])])],
+        },
+    )
+    text = config_yaml(control_plane.port)
+    if identity:
+        text += f'  meshIdentity: {{directory: "{certs}"}}\n'
+    harness = Harness(text)
+    try:
+        harness.wait(acked("1"))
+        replies, refused = [], 0
+        for i in range(4):
+            try:
+                replies.append(say_hello(harness.port, f"n{i}"))
+            except untyped("thriftpy2.thrift").TApplicationException:
+                refused += 1
+        tls = {c["name"]: c for c in harness.dump()["clusters"]}[MTLS]["tls"]
+        assert tls["mode"] == "ISTIO_MUTUAL" and tls["sni"] == sni
+        handshakes = harness.call(_handshakes(harness.engine, MTLS))
+        if identity:
+            assert sorted(r[:2] for r in replies) == ["v1", "v1", "v2", "v2"], replies
+            assert refused == 0 and sidecar_app.handler.requests == 2
+            assert tls["autoMtls"] == {"endpoints": [f"127.0.0.1:{inbound}"], "off": None}
+            assert handshakes == 1 and envoy_stat(admin, "ssl.handshake") >= 1
+        else:
+            assert sorted(r[:2] for r in replies) == ["v2", "v2"] and refused == 2
+            assert sidecar_app.handler.requests == 0
+            assert tls["autoMtls"] == {
+                "endpoints": [],
+                "off": "no spec.meshIdentity is configured",
+            }
+            assert handshakes == 0
+    finally:
+        harness.close()
+        plain.close()
+
+
+async def _handshakes(engine: Engine, cluster: str) -> int:
+    return int(engine.stats.get("metaprotocol_tls_handshakes_total", cluster=cluster) or 0)

@@ -28,6 +28,7 @@ from snapshots import (
     V1,
     V2,
     MetaRoute,
+    auto_mtls_cluster,
     cluster,
     dns_cluster,
     failover_snapshot,
@@ -36,6 +37,7 @@ from snapshots import (
     istio_mutual_socket,
     istiod_pool_options,
     load_assignment,
+    mark_sidecars,
     refused_route,
     route_configuration,
     tls_cluster,
@@ -990,14 +992,134 @@ def test_refused_transport_sockets() -> None:
     raw = snapshot()[CLUSTER_TYPE][1].transport_socket_matches[0].transport_socket
     rule = translate(base(), with_tls(raw)).destination_rules["hello.svc"]
     assert rule.subsets["v1"].policy.tls is None
-    # istiod's automatic mutual TLS (ISTIO_MUTUAL in a tlsMode-istio match) without a
-    # transport_socket: ignored, as documented; the cluster is plain TCP.
+    # istiod's plain-text match alone (every endpoint, raw_buffer): plain TCP.
+    rule = translate(base(), resources(snapshot())).destination_rules["hello.svc"]
+    assert rule.policy.tls is None and rule.subsets["v1"].policy.tls is None
+
+
+# -- istiod's automatic mutual TLS: transport_socket_matches ------------------------------------
+
+SIDECAR = ("127.0.0.1", 20001)  # of EPS1: the endpoint with a sidecar (tlsMode: istio)
+
+
+def auto_mtls(socket: Any, names: tuple[str, ...] = (ALL, V1, V2)) -> Resources:
+    """The first snapshot, the clusters ``names`` with istiod's automatic mutual TLS (a match
+    ``{tlsMode: istio}`` with ``socket`` before its ``tlsMode-disabled`` one), and the
+    endpoint :data:`SIDECAR` with ``tlsMode: istio`` in every cluster's EDS metadata."""
     snap = snapshot()
-    match = snap[CLUSTER_TYPE][1].transport_socket_matches.add(name="tlsMode-istio")
-    match.match.update({"tlsMode": "istio"})
-    match.transport_socket.CopyFrom(tls_socket("ROOTCA"))
-    rule = translate(base(), resources(snap)).destination_rules["hello.svc"]
-    assert rule.subsets["v1"].policy.tls is None
+    snap[CLUSTER_TYPE] = [
+        auto_mtls_cluster(c.name, socket) if c.name in names else c for c in snap[CLUSTER_TYPE]
+    ]
+    snap[ENDPOINT_TYPE] = [mark_sidecars(cla, [SIDECAR]) for cla in snap[ENDPOINT_TYPE]]
+    return resources(snap)
+
+
+def _sidecars(config: Config, subset: str | None) -> dict[int, bool]:
+    """Each endpoint port of hello.svc: whether automatic mutual TLS sends it ISTIO_MUTUAL
+    in the cluster of ``subset``."""
+    service = config.services["hello.svc"]
+    port = service.ports[9090]
+    return {ep.port_for(port): ep.mesh_tls_in(9090, subset) for ep in service.endpoints}
+
+
+def test_istiods_automatic_mutual_tls_is_read_per_endpoint(files: Files) -> None:
+    """Each cluster is ISTIO_MUTUAL marked automatic with istiod's SNI and names, and the
+    endpoint whose EDS metadata says ``tlsMode: istio`` is the one that gets it."""
+    config = translate(with_identity(files), auto_mtls(istio_mutual_socket(ISTIO_SNI, [SA])))
+    rule = config.destination_rules["hello.svc"]
+    for name in ("", "v1", "v2"):
+        tls = rule.policy_for(9090, name or None).tls
+        assert tls is not None and tls.auto, name
+        assert (tls.mode, tls.sni, tls.subject_alt_names) == ("ISTIO_MUTUAL", ISTIO_SNI, (SA,))
+    assert _sidecars(config, None) == {20001: True, 20002: False, 20003: False}
+    assert _sidecars(config, "v1") == {20001: True, 20002: False, 20003: False}
+
+
+def test_automatic_mutual_tls_is_per_cluster(files: Files) -> None:
+    """A cluster without the matches stays plain, its endpoints unmarked, even the sidecar's
+    (istiod decided per cluster: a DestinationRule's tls DISABLE on the subset, say)."""
+    config = translate(
+        with_identity(files), auto_mtls(istio_mutual_socket(ISTIO_SNI, [SA]), (ALL,))
+    )
+    rule = config.destination_rules["hello.svc"]
+    tls = rule.policy_for(9090).tls
+    assert tls is not None and tls.auto
+    assert rule.policy_for(9090, "v1").tls in (None, UpstreamTls("DISABLE"))
+    assert _sidecars(config, None)[20001] and not _sidecars(config, "v1")[20001]
+
+
+def test_automatic_mutual_tls_without_an_identity_is_kept_to_be_served_plain() -> None:
+    """No spec.meshIdentity: not refused (istiod sends it to every sidecar), kept marked so
+    that the engine serves it plain and says why (see test_engine_xds)."""
+    config = translate(base(), auto_mtls(istio_mutual_socket(ISTIO_SNI, [SA])))
+    tls = config.destination_rules["hello.svc"].policy_for(9090).tls
+    assert tls is not None and tls.auto and tls.mode == "ISTIO_MUTUAL"
+
+
+def test_a_sidecar_match_with_raw_buffer_is_plain_text() -> None:
+    raw = snapshot()[CLUSTER_TYPE][1].transport_socket_matches[0].transport_socket
+    rule = translate(base(), auto_mtls(raw)).destination_rules["hello.svc"]
+    assert rule.policy.tls is None and rule.subsets["v1"].policy.tls is None
+
+
+def _hbone(c: Any) -> None:
+    c.transport_socket_matches[0].match.update({"tunnel": "http"})
+    del c.transport_socket_matches[0].match.fields["tlsMode"]
+
+
+def _other_key(c: Any) -> None:
+    c.transport_socket_matches[0].match.update({"acceptMTLS": "true"})
+
+
+def _two_istio(c: Any) -> None:
+    c.transport_socket_matches.insert(1, c.transport_socket_matches[0])
+
+
+def _after_every(c: Any) -> None:
+    c.transport_socket_matches.append(c.transport_socket_matches[0])
+
+
+def _tls_for_every(c: Any) -> None:
+    c.transport_socket_matches[1].transport_socket.CopyFrom(istio_mutual_socket(ISTIO_SNI))
+
+
+def _file_tls(c: Any) -> None:
+    c.transport_socket_matches[0].transport_socket.CopyFrom(tls_socket(None))
+
+
+def _no_socket(c: Any) -> None:
+    c.transport_socket_matches[0].ClearField("transport_socket")
+
+
+@pytest.mark.parametrize(
+    ("edit", "detail"),
+    [
+        (
+            _hbone,
+            'transport_socket_matches[0].match: not supported by this engine: {"tunnel": '
+            '"http"} (HBONE tunnels, Istio\'s ambient mode, are not supported)',
+        ),
+        (_other_key, "transport_socket_matches[0].match: not supported by this engine"),
+        (_two_istio, "transport_socket_matches[1].match: not supported by this engine"),
+        (_after_every, "transport_socket_matches[2]: follows a match of every endpoint"),
+        (_tls_for_every, "transport_socket_matches[1].transport_socket: TLS to every endpoint"),
+        (
+            _file_tls,
+            "transport_socket_matches[0].transport_socket: per-endpoint TLS other than "
+            "ISTIO_MUTUAL is not supported",
+        ),
+        (_no_socket, "transport_socket_matches[0].transport_socket: required"),
+        (
+            lambda c: c.transport_socket.CopyFrom(tls_socket(None)),
+            "transport_socket_matches: with a TLS transport_socket",
+        ),
+    ],
+)
+def test_refused_transport_socket_matches(files: Files, edit: Any, detail: str) -> None:
+    res = auto_mtls(istio_mutual_socket(ISTIO_SNI, [SA]), (V1,))
+    edit(res.clusters[V1])
+    got = refusal(res, with_identity(files))
+    assert got.startswith(f"CDS {V1}: ") and detail in got, got
 
 
 def test_a_tls_file_that_cannot_be_used_names_the_cluster_and_xds_field(

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from metaprotocol_sdk.errors import ConfigError
 
 from ..config.loader import PORT_PREFIX, build_config
-from ..config.models import Config, priority_label
+from ..config.models import AUTO_MTLS_KEY, Config, priority_label, tls_mode_label
 
 #: Fields read from each resource type and ignored, with why they cannot change traffic here.
 IGNORED: dict[str, dict[str, str]] = {
@@ -58,9 +58,6 @@ IGNORED: dict[str, dict[str, str]] = {
     "Cluster": {
         "metadata": "Istio's service bookkeeping (the name carries host, port and subset)",
         "alt_stat_name": "the engine names cluster statistics by the cluster name",
-        "transport_socket_matches": "istiod's automatic mutual TLS (ISTIO_MUTUAL, with "
-        "istio-agent's certificates) to workloads with a sidecar: those connections are plain "
-        "TCP (as with a DestinationRule tls mode DISABLE); a transport_socket with it is refused",
         "filters": "Istio's metadata exchange for HTTP telemetry",
         "common_lb_config": "its healthy_panic_threshold is read with outlier_detection (as "
         "minHealthPercent; without it no endpoint is ejected, so there is no panic); with "
@@ -111,9 +108,10 @@ IGNORED: dict[str, dict[str, str]] = {
         "metadata": "opaque to load balancing",
     },
     "LbEndpoint": {
-        "metadata": "Istio's workload and tlsMode labels (the tlsMode label selects among "
-        "transport_socket_matches, which are not read)",
+        "metadata": "Istio's workload labels (of its filter_metadata, only the tlsMode of "
+        "envoy.transport_socket_match is read: it selects among transport_socket_matches)",
     },
+    "TransportSocketMatch": {"name": "a name for Envoy's statistics"},
     "Endpoint": {
         "hostname": "the address is connected to",
         "health_check_config": "no health checks; outlier detection ejects failing endpoints",
@@ -491,6 +489,8 @@ class _Endpoint(NamedTuple):
     weight: int
     #: Its ``LocalityLbEndpoints.priority`` (failover level, 0 the first).
     priority: int
+    #: Its ``envoy.transport_socket_match`` metadata says ``tlsMode: istio`` (a sidecar).
+    mesh_tls: bool = False
 
 
 @dataclass
@@ -550,6 +550,7 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             "typed_extension_protocol_options",
             "upstream_connection_options",
             "transport_socket",
+            "transport_socket_matches",
             "ring_hash_lb_config",
             "maglev_lb_config",
             "least_request_lb_config",
@@ -979,16 +980,109 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
     return _Tls(doc, {})
 
 
+#: The endpoint metadata key of ``transport_socket_matches``, and istiod's key and value in it.
+_MATCH_METADATA, _TLS_MODE, _ISTIO_TLS_MODE = "envoy.transport_socket_match", "tlsMode", "istio"
+_AUTO_SHAPE = (
+    "istiod's automatic mutual TLS is read: a match {tlsMode: istio} with ISTIO_MUTUAL, then "
+    "a match of every endpoint, {}, with raw_buffer"
+)
+
+
 def _transport_socket(res: str, c: Any, identity: bool = False) -> _Tls | None:
     """A cluster's ``transport_socket`` as a DestinationRule ``tls`` block (``None``: plain
     TCP), read the way istiod writes a DestinationRule's ``tls`` with files (SDS names
     ``file-cert:<cert>~<key>`` and ``file-root:<ca>``) and the way a control plane without
     SDS would (``tls_certificates`` and ``trusted_ca`` with file names); istio-agent's SDS
-    names (``ISTIO_MUTUAL``) with the engine's workload ``identity`` (``spec.meshIdentity``)."""
-    if not c.HasField("transport_socket"):
-        return None
-    path = "transport_socket"
-    ts = c.transport_socket
+    names (``ISTIO_MUTUAL``) with the engine's workload ``identity`` (``spec.meshIdentity``).
+    Its ``transport_socket_matches`` in the shape of istiod's automatic mutual TLS are an
+    ``ISTIO_MUTUAL`` block marked automatic (see :func:`_socket_matches`)."""
+    tls = None
+    if c.HasField("transport_socket"):
+        tls = _socket(res, c.transport_socket, "transport_socket", identity)
+    if c.transport_socket_matches:
+        if tls is not None:
+            raise XdsRefused(
+                res,
+                "transport_socket_matches",
+                "with a TLS transport_socket (for the endpoints no match selects): not "
+                f"supported: {_AUTO_SHAPE}, and istiod sends no transport_socket with it",
+            )
+        tls = _socket_matches(res, c.transport_socket_matches)
+    return tls
+
+
+def _socket_matches(res: str, matches: Any) -> _Tls | None:
+    """istiod's automatic mutual TLS (``applyUpstreamTLSSettings``): a match ``{tlsMode:
+    istio}`` with its ``ISTIO_MUTUAL`` socket for endpoints with a sidecar, then
+    ``tlsMode-disabled``, ``{}`` with ``raw_buffer``, for the others. Read as that socket's
+    ``ISTIO_MUTUAL`` block marked automatic (the endpoints' ``tlsMode`` choose), or ``None``
+    when no endpoint gets TLS (only raw_buffer). Every other shape is refused: Envoy would
+    choose per endpoint among sockets this engine does not choose among."""
+    tls: _Tls | None = None
+    seen_istio = False
+    for i, m in enumerate(matches):
+        path = f"transport_socket_matches[{i}]"
+        _check(res, m, path, "TransportSocketMatch", {"match", "transport_socket"})
+        if not m.HasField("transport_socket"):
+            raise XdsRefused(res, f"{path}.transport_socket", "required (as in Envoy)")
+        fields = {k: v for k, v in m.match.fields.items()}
+        if i and not dict(matches[i - 1].match.fields):
+            raise XdsRefused(
+                res, path, f"follows a match of every endpoint, so none reaches it: {_AUTO_SHAPE}"
+            )
+        if not fields:  # every endpoint (not selected before): plain TCP only
+            if _socket(res, m.transport_socket, f"{path}.transport_socket", True) is not None:
+                raise XdsRefused(
+                    res,
+                    f"{path}.transport_socket",
+                    f"TLS to every endpoint in a match of every endpoint is not supported: "
+                    f"{_AUTO_SHAPE} (a transport_socket gives TLS to every endpoint)",
+                )
+            continue
+        value = fields.get(_TLS_MODE)
+        if (
+            seen_istio
+            or len(fields) != 1
+            or value is None
+            or value.WhichOneof("kind") != "string_value"
+            or value.string_value != _ISTIO_TLS_MODE
+        ):
+            shown = json.dumps(
+                {
+                    k: v.string_value if v.WhichOneof("kind") == "string_value" else "..."
+                    for k, v in fields.items()
+                },
+                sort_keys=True,
+            )
+            why = (
+                " (HBONE tunnels, Istio's ambient mode, are not supported)"
+                if "tunnel" in fields
+                else ""
+            )
+            raise XdsRefused(
+                res,
+                f"{path}.match",
+                f"not supported by this engine: {shown}{why}; only {_AUTO_SHAPE}",
+            )
+        seen_istio = True
+        spath = f"{path}.transport_socket"
+        # Validated as ISTIO_MUTUAL even without an identity: then served as plain TCP.
+        found = _socket(res, m.transport_socket, spath, True)
+        if found is None:
+            continue  # raw_buffer for the sidecars too: plain TCP to every endpoint
+        if found.doc.get("mode") != "ISTIO_MUTUAL":
+            raise XdsRefused(
+                res,
+                spath,
+                f"per-endpoint TLS other than ISTIO_MUTUAL is not supported: {_AUTO_SHAPE}",
+            )
+        tls = _Tls({**found.doc, AUTO_MTLS_KEY: True}, found.origin)
+    return tls
+
+
+def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
+    """One ``TransportSocket`` (of a cluster or of one of its matches) as a ``tls`` block
+    (``None``: plain TCP); see :func:`_transport_socket`."""
     _check(res, ts, path, "TransportSocket", {"name", "typed_config"})
     url = ts.typed_config.type_url if ts.HasField("typed_config") else ""
     if url == _RAW_BUFFER or (
@@ -1001,13 +1095,6 @@ def _transport_socket(res: str, c: Any, identity: bool = False) -> _Tls | None:
             f"{path}.typed_config" if url else path,
             f"transport socket {url.rsplit('/', 1)[-1] or ts.name!r} is not supported "
             "(UpstreamTlsContext or RawBuffer)",
-        )
-    if c.transport_socket_matches:
-        raise XdsRefused(
-            res,
-            "transport_socket_matches",
-            "with a TLS transport_socket: per-endpoint transport sockets are not supported "
-            "(istiod sends one or the other)",
         )
     ctx = tls_pb2.UpstreamTlsContext()
     path = f"{path}.typed_config"
@@ -1157,6 +1244,20 @@ def _transport_socket(res: str, c: Any, identity: bool = False) -> _Tls | None:
     return _Tls(doc, origin)
 
 
+def _mesh_tls(lb: Any) -> bool:
+    """Whether an endpoint's ``envoy.transport_socket_match`` metadata (istiod's, from the
+    workload's ``security.istio.io/tlsMode`` label) is ``tlsMode: istio``."""
+    meta = lb.metadata.filter_metadata
+    if _MATCH_METADATA not in meta:
+        return False
+    value = meta[_MATCH_METADATA].fields.get(_TLS_MODE)
+    return (
+        value is not None
+        and value.WhichOneof("kind") == "string_value"
+        and (value.string_value == _ISTIO_TLS_MODE)
+    )
+
+
 def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[_Endpoint]:
     """The endpoints to route to, with their weights and failover priorities;
     ``locality_weighted``: the cluster has ``common_lb_config.locality_weighted_lb_config``
@@ -1202,7 +1303,7 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[_Endpoint]:
                 raise XdsRefused(
                     res, f"{lpath}.endpoint.address.socket_address", "needs an address and a port"
                 )
-            out.append(_Endpoint(sa.address, sa.port_value, weight, priority))
+            out.append(_Endpoint(sa.address, sa.port_value, weight, priority, _mesh_tls(lb)))
         if group.lb_endpoints:
             localities.setdefault(priority, []).append((group.load_balancing_weight.value, total))
     factor = cla.policy.overprovisioning_factor
@@ -1485,7 +1586,9 @@ def _host_documents(
     weights: dict[Any, tuple[int, ClusterName]] = {}  # an endpoint's weight, and whose
     for hp in clusters:
         seen = set()
-        for address, port, weight, priority in hp.endpoints:
+        # istiod's automatic mutual TLS: the endpoints with a sidecar, in this cluster.
+        auto = bool(hp.policy.get("tls", {}).get(AUTO_MTLS_KEY))
+        for address, port, weight, priority, mesh_tls in hp.endpoints:
             key = address if multi else (address, port)
             first, where = weights.setdefault(key, (weight, hp.name))
             if first != weight:
@@ -1514,6 +1617,8 @@ def _host_documents(
                 )
             if priority:  # the engine reads it back per cluster (Endpoint.priority_in)
                 entry["labels"][priority_label(hp.name.port, hp.name.subset)] = str(priority)
+            if auto and mesh_tls:  # read back per cluster (Endpoint.mesh_tls_in)
+                entry["labels"][tls_mode_label(hp.name.port, hp.name.subset)] = "istio"
             if hp.name.subset is not None:
                 entry["labels"][SUBSET_LABEL + hp.name.subset] = "true"
                 owner = plain.get(hp.name.port)
