@@ -794,7 +794,6 @@ WARNED: list[tuple[str, str, Any]] = [
     ("MetaRouter", "status", {"conditions": []}),
     ("ServiceEntry", "spec.exportTo", ["."]),
     ("ServiceEntry", "spec.addresses", ["10.0.0.1"]),
-    ("ServiceEntry", "spec.location", "MESH_INTERNAL"),
     ("ServiceEntry", "spec.endpoints[0].serviceAccount", "svc"),
     ("DestinationRule", "spec.exportTo", ["*"]),
     ("MetaRouter", "spec.exportTo", ["."]),

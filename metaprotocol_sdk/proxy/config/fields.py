@@ -105,6 +105,7 @@ SERVICE_ENTRY = fields(
     "resolution",
     "endpoints",
     "subjectAltNames",
+    "location",
     refused={
         "workloadSelector": "it selects Kubernetes pods or WorkloadEntries as endpoints; "
         "list them in spec.endpoints",
@@ -112,8 +113,6 @@ SERVICE_ENTRY = fields(
     addresses="virtual IPs a sidecar captures traffic for; this engine serves the addresses "
     "its ProxyConfig listeners bind",
     exportTo=_NAMESPACES,
-    location="whether Istio treats the endpoints as mesh workloads (mutual TLS, telemetry); "
-    "here a DestinationRule's tls alone decides whether upstream connections use TLS",
 )
 SERVICE_PORT = fields("number", "name", "protocol", "targetPort")
 ENDPOINT = fields(
