@@ -77,6 +77,23 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _warn_plain_auto(build: _Build) -> None:
+    """One warning for the clusters of ``build`` whose automatic mutual TLS is plain TCP."""
+    names = build.plain_auto
+    if not names:
+        return
+    settings = build.config.proxy.mesh_identity
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    log.warning(
+        "the control plane's automatic mutual TLS is served as plain TCP (%s): %s%s",
+        "spec.meshIdentity.autoMtls is false"
+        if settings is not None
+        else "no spec.meshIdentity is configured",
+        ", ".join(names[:5]),
+        more,
+    )
+
+
 def cluster_name(host: str, port: int, subset: str | None) -> str:
     """Envoy-style cluster name: ``outbound|9000|v2|greeter.example``."""
     return f"outbound|{port}|{subset or ''}|{host}"
@@ -96,6 +113,10 @@ class _Build:
     #: The workload identity the configuration serves with (kept from the serving runtime
     #: when its settings are unchanged: it follows the files' rotations).
     identity: IdentityWatch | None = None
+    #: Clusters made now whose control plane asks for automatic mutual TLS served as plain
+    #: TCP (no identity, or ``autoMtls`` off): logged once per build, not once per cluster
+    #: (istiod asks it of every cluster of the mesh).
+    plain_auto: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -295,13 +316,7 @@ class Engine:
             cluster.namespace = service.namespace  # of the configuration being built
             attach_cluster(cluster, tls, mutual)
             if mutual is not None and not automatic:
-                log.warning(
-                    "%s: the control plane's automatic mutual TLS is served as plain TCP: %s",
-                    name,
-                    "spec.meshIdentity.autoMtls is false"
-                    if identity is not None
-                    else "no spec.meshIdentity is configured",
-                )
+                build.plain_auto.append(name)
         build.clusters[name] = cluster
         build.specs[name] = spec
         return cluster
@@ -500,6 +515,7 @@ class Engine:
         self.rate_limit_services = build.rls
         self._adopt_identity(build.identity)
         self._show_expiry()
+        _warn_plain_auto(build)
         shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
         fd_bound = connections_from_rlimit(
             shared * self.connections_per_endpoint,
@@ -747,6 +763,7 @@ class Engine:
         self.listener_addresses = dict(staged.addresses)
         self._adopt_identity(staged.build.identity)
         self._show_expiry()
+        _warn_plain_auto(staged.build)
         for conn in draining:
             conn.start_drain()
         for shaking in aborted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,6 +57,7 @@ from metaprotocol_sdk.proxy.config.models import (
     UpstreamTls,
     priority_label,
 )
+from metaprotocol_sdk.proxy.engine import Engine
 from metaprotocol_sdk.proxy.workers import WorkerSpec
 from metaprotocol_sdk.proxy.xds.translate import (
     Resources,
@@ -1054,6 +1056,29 @@ def test_automatic_mutual_tls_without_an_identity_is_kept_to_be_served_plain() -
     config = translate(base(), auto_mtls(istio_mutual_socket(ISTIO_SNI, [SA])))
     tls = config.destination_rules["hello.svc"].policy_for(9090).tls
     assert tls is not None and tls.auto and tls.mode == "ISTIO_MUTUAL"
+
+
+def test_automatic_mutual_tls_served_plain_is_one_warning_per_build(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """istiod asks automatic mutual TLS of every cluster of the mesh: an engine without an
+    identity says once per build which clusters it serves plain, not once per cluster."""
+    snap = snapshot(2)  # the route split 50/50 over v1 and v2: two clusters built
+    socket = istio_mutual_socket(ISTIO_SNI, [SA])
+    snap[CLUSTER_TYPE] = [auto_mtls_cluster(c.name, socket) for c in snap[CLUSTER_TYPE]]
+    config = translate(base(), resources(snap))
+
+    async def main() -> None:
+        engine = Engine(config)
+        await engine.start()
+        await engine.stop(drain=0.1)
+
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "automatic mutual TLS" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "no spec.meshIdentity is configured" in lines[0]
+    assert "outbound|9090|v1|hello.svc, outbound|9090|v2|hello.svc" in lines[0]
 
 
 def test_a_sidecar_match_with_raw_buffer_is_plain_text() -> None:
