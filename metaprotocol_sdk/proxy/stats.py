@@ -102,6 +102,8 @@ HELP = {
     "metaprotocol_tls_identity_rotations_total": "Changes of the workload identity's files "
     "(spec.meshIdentity), by result (ok: in force for new connections; failed: unusable, "
     "the identity in force kept).",
+    "metaprotocol_tracing_spans_total": "Trace spans by what became of them: exported, or "
+    "dropped (queue_full, export_failed, timeout, shutdown).",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",
