@@ -77,7 +77,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "connectionPool (http2MaxRequests)": {
         "policy": "{connectionPool: {http: {http2MaxRequests: 1000000}}}"
     },
-    # Spans go to a no-op exporter through the real BatchSpanProcessor (its thread's CPU counts).
+    # Spans go to a no-op exporter through the engine's batch processor (its thread's CPU counts).
     "tracing (1 % sampled)": {"tracing": "1"},
     "tracing (100 % sampled)": {"tracing": "100"},
     "tracing (client sent unsampled ctx)": {"tracing": "1", "traceparent": "00"},

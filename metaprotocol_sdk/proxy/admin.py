@@ -45,6 +45,9 @@ LINGER_BYTES = 256 * 1024
 #: The paths of the Prometheus text, and its content type.
 STATS_PATHS = ("/stats", "/stats/prometheus")
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+#: The query of ``/stats`` in the form the ``--workers`` supervisor merges
+#: (:meth:`.stats.Stats.worker_parts`).
+WORKER_FORMAT = "format=worker"
 #: What replaces whatever did not fit under :data:`DUMP_DOCUMENTS_BYTES`.
 TRUNCATED = "...truncated: /config_dump shows the documents up to {cap} bytes"
 
@@ -212,6 +215,8 @@ class _AdminServer:
             if "format=json" in query:
                 parts = json_parts(self.engine.stats_snapshot_parts())
                 return Streamed("application/json", parts)
+            if query == WORKER_FORMAT:  # what the supervisor of --workers N reads
+                return Streamed("text/plain; charset=utf-8", self.engine.worker_parts())
             return Streamed(PROMETHEUS, self.engine.prometheus_parts())
         return self.handle(method, target)
 

@@ -1074,6 +1074,11 @@ class Engine:
         self._refresh_gauges()
         return self.stats.prometheus_parts()
 
+    def worker_parts(self) -> Iterator[str]:
+        """The stats for a ``--workers`` supervisor (see :meth:`.stats.Stats.worker_parts`)."""
+        self._refresh_gauges()
+        return self.stats.worker_parts()
+
     def config_dump(self) -> dict[str, Any]:
         """A JSON-ready view of the validated configuration and the runtime built from it
         (``/config_dump``; see :func:`.config_dump.config_dump`)."""

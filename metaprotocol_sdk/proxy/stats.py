@@ -102,6 +102,8 @@ HELP = {
     "metaprotocol_tls_identity_rotations_total": "Changes of the workload identity's files "
     "(spec.meshIdentity), by result (ok: in force for new connections; failed: unusable, "
     "the identity in force kept).",
+    "metaprotocol_tracing_spans_total": "Trace spans by what became of them: exported, or "
+    "dropped (queue_full, export_failed, timeout, shutdown).",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",
@@ -425,6 +427,44 @@ class Stats:
     def prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
         return "".join(self.prometheus_parts())
+
+    def worker_parts(self) -> Iterator[str]:
+        """The series for the supervisor of ``--workers N`` (:mod:`.stats_merge`), in pieces
+        of at most :data:`PART_SERIES` series: a line ``# name kind help`` before each
+        family's, then a line per series, its labels written once (a histogram's
+        Prometheus text repeats them on each of its 21 lines): ``labels<TAB>value``, or for
+        a histogram ``labels<TAB>le,le,...<TAB>count count ...<TAB>sum`` (per bucket, not
+        cumulative). ``labels`` is the escaped text inside the braces, empty for none."""
+        self._count.value = self.series_count
+        counters: dict[str, list[Counter]] = {}
+        for (name, _), series in self._series.items():
+            counters.setdefault(name, []).append(series)
+        histograms: dict[str, list[Histogram]] = {}
+        for (name, _), histogram in self._histograms.items():
+            histograms.setdefault(name, []).append(histogram)
+        lines: list[str] = []
+        made = 0
+        for name in sorted(counters):
+            kind = "gauge" if name in GAUGES else "counter"
+            lines.append(f"# {name} {kind} {HELP.get(name, name)}")
+            for series in counters[name]:
+                lines.append(f"{_label_text(series.labels)}\t{series.value!r}")
+                made += 1
+                if made % PART_SERIES == 0:
+                    yield "\n".join(lines) + "\n"
+                    lines = []
+        for name in sorted(histograms):
+            lines.append(f"# {name} histogram {HELP.get(name, name)}")
+            for h in histograms[name]:
+                les = ",".join(_le_texts(h.bounds))
+                counts = " ".join(map(str, h.counts))
+                lines.append(f"{_label_text(h.labels)}\t{les}\t{counts}\t{h.sum!r}")
+                made += 1
+                if made % PART_SERIES == 0:
+                    yield "\n".join(lines) + "\n"
+                    lines = []
+        if lines:
+            yield "\n".join(lines) + "\n"
 
     def prometheus_parts(self) -> Iterator[str]:
         """:meth:`prometheus`'s text in pieces of at most :data:`PART_SERIES` series, so that

@@ -1,15 +1,23 @@
 """Several engines' stats as one: what the supervisor of ``--workers N`` shows.
 
-Each worker's Prometheus text (its own admin endpoint's ``/stats``) is read back into
-families. Counters and histograms (every ``_bucket``, ``_sum`` and ``_count`` series) are
-summed series by series; a gauge is shown per worker, with a ``worker`` label, and summed
-without it. The text is the engine's own output, so the reading is the exposition format's
-simple case: one ``# TYPE`` line before each family's samples, no timestamps.
+Each worker's series (its own admin endpoint's ``/stats?format=worker``, read line by line:
+:class:`WorkerFeed`) are merged into families. Counters and histograms are summed series by
+series; a gauge is shown per worker, with a ``worker`` label, and summed without it. The
+workers' form writes a histogram's labels once (its Prometheus text repeats them on each of
+its 21 lines: at ``maxStatsSeries`` series of Istio's labels, 463 MiB of text), so the
+supervisor holds each merged series once, and makes the Prometheus text in pieces as it
+sends it (:meth:`MergedStats.prometheus_parts`). Prometheus text (the supervisor's own
+series) is read by :meth:`MergedStats.add`: the exposition format's simple case, one
+``# TYPE`` line before each family's samples, no timestamps.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from .stats import PART_SERIES
 
 #: Label added to the per-worker series of a gauge.
 WORKER_LABEL = "worker"
@@ -25,6 +33,25 @@ class Family:
     samples: dict[str, float] = field(default_factory=dict)
     #: Gauges only: each worker's own samples, the ``worker`` label added.
     per_worker: dict[str, float] = field(default_factory=dict)
+    #: Histograms read in the workers' form, by ``(labels, le values)``.
+    histograms: dict[tuple[str, str], Buckets] = field(default_factory=dict)
+
+
+class Buckets:
+    """One merged histogram series: per-bucket counts (not cumulative) and the sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, counts: list[float], total: float) -> None:
+        self.counts = counts
+        self.sum = total
+
+    def add(self, counts: list[float], total: float) -> None:
+        """Add another worker's counts (the same buckets)."""
+        if len(counts) != len(self.counts):
+            raise ValueError("a histogram's buckets differ between workers")
+        self.counts = list(map(operator.add, self.counts, counts))
+        self.sum += total
 
 
 def with_label(series: str, name: str, value: str) -> str:
@@ -90,18 +117,116 @@ class MergedStats:
     def snapshot(self) -> dict[str, float]:
         """``{'name{labels}': value}`` for every series (as an engine's ``/stats?format=json``),
         the per-worker gauges included."""
-        out: dict[str, float] = {}
+        return {k: v for part in self.snapshot_parts() for k, v in part}
+
+    def snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
+        """:meth:`snapshot`'s pairs in pieces of about :data:`.stats.PART_SERIES` series."""
+        pairs: list[tuple[str, float]] = []
         for family in self.families.values():
-            out.update(family.samples)
-            out.update(family.per_worker)
-        return {k: int(v) if v.is_integer() else v for k, v in out.items()}
+            for series, value in (*family.samples.items(), *family.per_worker.items()):
+                pairs.append((series, _json_number(value)))
+                if len(pairs) >= PART_SERIES:
+                    yield pairs
+                    pairs = []
+            for (labels, les), buckets in family.histograms.items():
+                for series, value in _histogram_lines(family.name, labels, les, buckets):
+                    pairs.append((series, _json_number(value)))
+                if len(pairs) >= PART_SERIES:
+                    yield pairs
+                    pairs = []
+        yield pairs
 
     def prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
+        return "".join(self.prometheus_parts())
+
+    def prometheus_parts(self) -> Iterator[str]:
+        """:meth:`prometheus` in pieces of about :data:`.stats.PART_SERIES` series, made as
+        they are sent (the event loop runs between them)."""
         lines: list[str] = []
+        made = 0
         for family in self.families.values():
             lines.append(f"# HELP {family.name} {family.help}")
             lines.append(f"# TYPE {family.name} {family.kind}")
             for series, value in (*family.samples.items(), *family.per_worker.items()):
                 lines.append(f"{series} {_number(value)}")
-        return "\n".join(lines) + "\n"
+                made += 1
+                if made % PART_SERIES == 0:
+                    yield "\n".join(lines) + "\n"
+                    lines = []
+            for (labels, les), buckets in family.histograms.items():
+                for series, value in _histogram_lines(family.name, labels, les, buckets):
+                    lines.append(f"{series} {_number(value)}")
+                made += 1
+                if made % PART_SERIES == 0:
+                    yield "\n".join(lines) + "\n"
+                    lines = []
+        yield "\n".join(lines) + "\n" if lines else ""
+
+
+def _json_number(value: float) -> float:
+    return int(value) if value.is_integer() else value
+
+
+def _histogram_lines(
+    name: str, labels: str, les: str, buckets: Buckets
+) -> Iterator[tuple[str, float]]:
+    """A merged histogram's Prometheus series: cumulative ``_bucket``s, ``_sum``, ``_count``."""
+    bucket = f"{name}_bucket{{{labels}{',' if labels else ''}le="
+    braced = f"{{{labels}}}" if labels else ""
+    total = 0.0
+    for le, n in zip(les.split(","), buckets.counts, strict=True):
+        total += n
+        yield f'{bucket}"{le}"}}', total
+    yield f"{name}_sum{braced}", buckets.sum
+    yield f"{name}_count{braced}", total
+
+
+class WorkerFeed:
+    """Reads one worker's ``/stats?format=worker`` (:meth:`.stats.Stats.worker_parts`) line
+    by line into ``merged``; ``series`` counts the series read. A line that is not of that
+    form raises ``ValueError``."""
+
+    def __init__(self, merged: MergedStats, worker: str, skip: tuple[str, ...] = ()) -> None:
+        self.merged = merged
+        self.worker = worker
+        self.skip = skip
+        self.series = 0
+        self._family: Family | None = None
+        self._skipping = False
+
+    def line(self, line: str) -> None:
+        """Merge one line (without its newline)."""
+        if line.startswith("# "):
+            name, kind, help_text = [*line[2:].split(" ", 2), "", ""][:3]
+            if kind not in ("counter", "gauge", "histogram"):
+                raise ValueError(f"unknown kind {kind[:40]!r}")
+            self._skipping = bool(self.skip) and name.startswith(self.skip)
+            self._family = None if self._skipping else self.merged.family(name, kind, help_text)
+            return
+        if self._skipping:
+            return
+        family = self._family
+        if family is None:
+            raise ValueError("a series before its family")
+        self.series += 1
+        if family.kind == "histogram":
+            labels, les, counts, total = line.rsplit("\t", 3)
+            values: list[float] = list(map(float, counts.split(" ")))
+            if len(values) != les.count(",") + 1:
+                raise ValueError("a histogram's counts do not match its buckets")
+            found = family.histograms.get((labels, les))
+            if found is None:
+                family.histograms[(labels, les)] = Buckets(values, float(total))
+            else:
+                found.add(values, float(total))
+            return
+        labels, tab, raw = line.rpartition("\t")
+        if not tab:
+            raise ValueError("a series without a value")
+        value = float(raw)
+        series = f"{family.name}{{{labels}}}" if labels else family.name
+        samples = family.samples
+        samples[series] = samples.get(series, 0.0) + value
+        if family.kind == "gauge":
+            family.per_worker[with_label(series, WORKER_LABEL, self.worker)] = value

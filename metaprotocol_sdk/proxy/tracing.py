@@ -14,8 +14,9 @@ absent otherwise: no cost at all). As in Aeraki's MetaProtocol proxy:
 
 Unsampled requests never touch OpenTelemetry: with an incoming context they cost a parse, and
 without one the filter writes a fresh unsampled ``traceparent`` (so the proxies after this one
-make the same decision). Spans leave through a ``BatchSpanProcessor`` (bounded queue, export in
-its own thread: never on the event loop) to an OTLP/gRPC collector.
+make the same decision). Spans leave through a :class:`CountedSpanProcessor` (bounded queue,
+export in its own thread: never on the event loop) to an OTLP/gRPC collector, and each is
+counted as exported or dropped, by reason, in ``metaprotocol_tracing_spans_total{result}``.
 
 Needs the ``tracing`` extra (``opentelemetry-sdk``, ``opentelemetry-exporter-otlp-proto-grpc``);
 this module is imported only when tracing is configured.
@@ -25,7 +26,10 @@ from __future__ import annotations
 
 import random
 import re
+import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +39,13 @@ from metaprotocol_sdk.filters import Filter, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes
 
 from .config.models import Tracing
+from .stats import Counter
 
 try:
     from opentelemetry.context import Context
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON
     from opentelemetry.trace import (
         NonRecordingSpan,
@@ -235,10 +240,142 @@ class TracingFilter(Filter):
         span.end()
 
 
+#: Spans in one export call (OpenTelemetry's ``BatchSpanProcessor`` default), and the longest
+#: wait before a partial batch goes.
+BATCH_SPANS = 512
+BATCH_DELAY = 5.0
+#: Longest wait for the spans still queued when the engine stops (the engine waits
+#: ``engine.TRACING_FLUSH``: this leaves it time to cancel the export under way and count it).
+SHUTDOWN_WAIT = 1.5
+CUT_WAIT = 0.3
+#: A failed export that lasted at least this share of the exporter's timeout timed out.
+TIMED_OUT = 0.9
+#: The outcomes of an ended span in ``metaprotocol_tracing_spans_total{result}``.
+RESULTS = ("exported", "queue_full", "export_failed", "timeout", "shutdown")
+SPANS_TOTAL = "metaprotocol_tracing_spans_total"
+
+
+class CountedSpanProcessor(SpanProcessor):
+    """Exports ended spans in batches from a thread of its own, and counts what becomes of
+    each: exported, or dropped because the queue was full, the export failed or timed out,
+    or the engine stopped first.
+
+    OpenTelemetry's ``BatchSpanProcessor`` drops silently (one log line now and then) and
+    ignores the exporter's result. This one keeps its bounded queue (``maxQueueSize``) and
+    its thread (the event loop never waits on the collector), and counts every span in
+    ``counters[result]`` (:data:`RESULTS`). A failed export whose call lasted the exporter's
+    whole ``timeout`` is a ``timeout``; one that failed sooner (the collector answered an
+    error, or refused the connection) is ``export_failed``.
+    """
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        counters: dict[str, Counter],
+        max_queue: int,
+        timeout: float,
+        batch: int = BATCH_SPANS,
+        delay: float = BATCH_DELAY,
+    ) -> None:
+        self.exporter = exporter
+        self.counters = counters
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self.batch = min(batch, max_queue)
+        self.delay = delay
+        self._queue: deque[ReadableSpan] = deque()
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()  # one export at a time (thread, force_flush)
+        self._count_lock = threading.Lock()  # the loop's thread and the exporter's count
+        self._closed = False  # no more spans taken (the engine stops)
+        self._cut = False  # the deadline of the shutdown passed: what is left is dropped
+        self._thread = threading.Thread(
+            target=self._run, name="metaprotocol-tracing-export", daemon=True
+        )
+        self._thread.start()
+
+    def _count(self, result: str, n: int) -> None:
+        with self._count_lock:
+            self.counters[result].value += n
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        """Nothing: spans are taken when they end."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """Queue the ended span, or count it dropped (queue full, engine stopped)."""
+        queue = self._queue
+        if self._closed:
+            self._count("shutdown", 1)
+        elif len(queue) >= self.max_queue:
+            self._count("queue_full", 1)
+        else:
+            queue.append(span)
+            if len(queue) >= self.batch and not self._wake.is_set():
+                self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.delay)
+            self._wake.clear()
+            self._export(everything=False)
+        self._export(everything=True)  # the engine stops: what is queued, until the deadline
+
+    def _export(self, everything: bool) -> None:
+        """Export a batch (with ``everything``, until the queue is empty), counting each
+        span; once the shutdown's deadline has passed, count the rest as dropped."""
+        with self._export_lock:
+            queue = self._queue
+            while queue:
+                if self._cut:
+                    rest = len(queue)
+                    queue.clear()
+                    self._count("shutdown", rest)
+                    return
+                batch = [queue.popleft() for _ in range(min(self.batch, len(queue)))]
+                start = time.monotonic()
+                try:
+                    ok = self.exporter.export(batch) is SpanExportResult.SUCCESS
+                except Exception:  # an exporter's bug: the batch is lost, not the thread
+                    ok = False
+                if ok:
+                    result = "exported"
+                elif self._cut:
+                    result = "shutdown"  # cancelled at the shutdown's deadline
+                elif time.monotonic() - start >= self.timeout * TIMED_OUT:
+                    result = "timeout"
+                else:
+                    result = "export_failed"
+                self._count(result, len(batch))
+                if not everything and len(queue) < self.batch:
+                    return
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export every queued span now (blocking; the exporter bounds each call)."""
+        if self._closed:
+            return False
+        self._export(everything=True)
+        return True
+
+    def shutdown(self, timeout: float = SHUTDOWN_WAIT) -> None:
+        """Export what is queued for at most ``timeout`` seconds; then cancel the export
+        under way and count what is left as dropped (``shutdown``), as every span that ends
+        later. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._cut = self._thread.is_alive()
+        self.exporter.shutdown()  # closes the channel: an export under way ends now
+        self._thread.join(CUT_WAIT)  # it counts that batch and the rest before it ends
+
+
 def _otlp_exporter(settings: Tracing) -> SpanExporter:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=settings.endpoint, insecure=True)
+    return OTLPSpanExporter(
+        endpoint=settings.endpoint, insecure=True, timeout=settings.export_timeout
+    )
 
 
 #: Builds the span exporter of an engine (replace it to export elsewhere, e.g. in benchmarks).
@@ -260,7 +397,11 @@ def tracing_filter(engine: Engine) -> TracingFilter:
             resource=Resource.create({"service.name": settings.service_name}),
             shutdown_on_exit=True,
         )
-        provider.add_span_processor(BatchSpanProcessor(exporter_factory(settings)))
+        counters = {r: engine.stats.counter(SPANS_TOTAL, result=r) for r in RESULTS}
+        processor = CountedSpanProcessor(
+            exporter_factory(settings), counters, settings.max_queue_size, settings.export_timeout
+        )
+        provider.add_span_processor(processor)
         tracer = provider.get_tracer("metaprotocol_sdk.proxy")
         found = _FILTERS[engine] = (TracingFilter(tracer, settings), provider)
     return found[0]

@@ -39,11 +39,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .admin import _AdminServer, _response
+from .admin import PROMETHEUS, WORKER_FORMAT, Streamed, _AdminServer, _response, json_parts
 from .admin_page import merge_live, page_html
 from .config.models import Admin
 from .stats import Stats
-from .stats_merge import WORKER_LABEL, MergedStats
+from .stats_merge import WORKER_LABEL, MergedStats, WorkerFeed
 from .watchdog import KILL_STATUS
 from .writer import BackgroundWriter
 
@@ -66,8 +66,16 @@ STABLE_AFTER = 30.0
 STOP_GRACE = 5.0
 #: Longest wait for one worker's admin answer (at most half of ``admin.requestTimeout``).
 WORKER_TIMEOUT = 1.0
-#: Largest admin answer read from a worker.
+#: Largest admin answer read from a worker (``/config_dump``, ``/stats/live``); the stats
+#: are read line by line instead (:func:`read_stats`).
 WORKER_REPLY_BYTES = 64 * 1024 * 1024
+#: Longest line of a worker's stats (one series: its labels once, a histogram's counts).
+STATS_LINE_BYTES = 1024 * 1024
+#: Series a worker may send beyond its ``limits.maxStatsSeries``: the process-wide series
+#: (made whatever the cap) and the ``stats="overflow"``/``"removed"`` folds, a bounded set.
+STATS_SLACK = 10_000
+#: Lines of a worker's stats merged between two turns of the supervisor's event loop.
+STATS_TURN_LINES = 2000
 #: Access log paths that mean standard error (``accesslog.AccessLog``), shared as it is.
 STDERR_NAMES = ("-", "stderr", "/dev/stderr")
 
@@ -270,6 +278,40 @@ async def admin_get(address: tuple[str, int], path: str, timeout: float) -> tupl
             writer.close()
     head, _, body = bytes(data).partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
+
+
+class StatsTruncated(Exception):
+    """A worker sent more series than the supervisor reads from one worker."""
+
+
+async def read_stats(
+    address: tuple[str, int], feed: WorkerFeed, first: float, whole: float, most: int
+) -> None:
+    """Merge a worker's ``/stats?format=worker`` into ``feed`` as it arrives, line by line:
+    the answer starts within ``first`` seconds and ends within ``whole``; over ``most``
+    series raises :class:`StatsTruncated` (what was read stays merged)."""
+    async with asyncio.timeout(whole):
+        async with asyncio.timeout(first):
+            reader, writer = await asyncio.open_connection(*address, limit=STATS_LINE_BYTES)
+        try:
+            writer.write(f"GET /stats?{WORKER_FORMAT} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
+            async with asyncio.timeout(first):
+                head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            if status != 200:
+                raise ValueError(f"status {status}")
+            lines = 0
+            while line := await reader.readline():
+                if not line.endswith(b"\n"):
+                    raise ValueError("the answer ended mid-line")
+                feed.line(line[:-1].decode("utf-8", "replace"))
+                if feed.series > most:
+                    raise StatsTruncated(f"over {most} series")
+                lines += 1
+                if lines % STATS_TURN_LINES == 0:
+                    await asyncio.sleep(0)  # /ready and the other workers' answers
+        finally:
+            writer.close()
 
 
 class Supervisor:
@@ -550,25 +592,54 @@ class Supervisor:
 
         return list(await asyncio.gather(*(one(w) for w in self.workers)))
 
-    async def merged_stats(self, timeout: float) -> MergedStats:
-        """The workers' stats combined, with the supervisor's own series."""
-        answers = await self.ask("/stats", timeout)
+    async def merged_stats(self, first: float, whole: float) -> MergedStats:
+        """The workers' stats combined, with the supervisor's own series: each worker's
+        merged as it arrives (:func:`read_stats`), at most its ``maxStatsSeries`` plus
+        :data:`STATS_SLACK` series each, so the merged series are bounded by the workers'
+        count times that."""
         merged = MergedStats()
-        for worker, answer in zip(self.workers, answers, strict=True):
-            if isinstance(answer, bytes):
-                merged.add(answer.decode("utf-8", "replace"), str(worker.index), _ADMIN_SERIES)
+        most = self.config.proxy.limits.max_stats_series + STATS_SLACK
+
+        async def one(worker: Worker) -> str | None:
+            """``None``: read whole; ``"truncated"``; else why there is no answer."""
+            if not worker.running or worker.admin is None:
+                return "not running"
+            feed = WorkerFeed(merged, str(worker.index), _ADMIN_SERIES)
+            try:
+                await read_stats(worker.admin, feed, first, whole, most)
+            except StatsTruncated:
+                return "truncated"
+            except TimeoutError:
+                return "no answer in time"
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return None
+
+        outcomes = await asyncio.gather(*(one(w) for w in self.workers))
         up = merged.family(
             "metaprotocol_worker_up", "gauge", "1 when the worker answered this scrape."
+        )
+        cut = merged.family(
+            "metaprotocol_worker_stats_truncated",
+            "gauge",
+            "1 when the worker sent more series than maxStatsSeries plus the process-wide "
+            "ones: this scrape holds its first ones only.",
         )
         restarts = merged.family(
             "metaprotocol_worker_restarts_total",
             "counter",
             "Workers started again after they exited, by worker.",
         )
-        for worker, answer in zip(self.workers, answers, strict=True):
+        for worker, outcome in zip(self.workers, outcomes, strict=True):
             label = f'{{{WORKER_LABEL}="{worker.index}"}}'
-            up.samples[f"metaprotocol_worker_up{label}"] = float(isinstance(answer, bytes))
+            answered = outcome is None or outcome == "truncated"
+            up.samples[f"metaprotocol_worker_up{label}"] = float(answered)
+            cut.samples[f"metaprotocol_worker_stats_truncated{label}"] = float(
+                outcome == "truncated"
+            )
             restarts.samples[f"metaprotocol_worker_restarts_total{label}"] = float(worker.restarts)
+            if outcome is not None:
+                log.warning("worker %d: stats: %s", worker.index, outcome)
         merged.add(self.stats.prometheus())  # the supervisor's admin counters
         return merged
 
@@ -654,8 +725,9 @@ class WorkersAdmin(_AdminServer):
         self._rejected = self.stats.counter("metaprotocol_admin_connections_rejected_total")
         self._page: bytes | None = None
 
-    async def respond(self, method: str, target: str) -> bytes:
-        """The full HTTP response for one request (workers asked with a bounded wait)."""
+    async def respond(self, method: str, target: str) -> bytes | Streamed:
+        """The full HTTP response for one request (workers asked with a bounded wait), or
+        the merged stats, sent piece by piece as they are made."""
         supervisor = self.supervisor
         if method != "GET":
             return _response(405, "only GET is supported\n")
@@ -667,11 +739,13 @@ class WorkersAdmin(_AdminServer):
             text = json.dumps(await supervisor.config_dump(timeout), indent=2, default=str)
             return _response(200, text + "\n", "application/json")
         if path in ("/stats", "/stats/prometheus"):
-            merged = await supervisor.merged_stats(timeout)
+            # Many series take longer than one worker's bound to send: the answer must start
+            # within it (a stuck worker), and end within half the request's time.
+            whole = max(timeout, self.settings.request_timeout / 2)
+            merged = await supervisor.merged_stats(timeout, whole)
             if "format=json" in query:
-                body = json.dumps(merged.snapshot(), indent=2, sort_keys=True)
-                return _response(200, body + "\n", "application/json")
-            return _response(200, merged.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+                return Streamed("application/json", json_parts(merged.snapshot_parts()))
+            return Streamed(PROMETHEUS, merged.prometheus_parts())
         if path == "/paths":
             return _response(200, _PATHS)
         if path == "/":

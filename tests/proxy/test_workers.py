@@ -7,6 +7,7 @@ test's event loop. Waits poll the supervisor's admin endpoint with a deadline, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from proxy_kit import WAIT, Client, Upstream, http_get, mesh, run
 
-from metaprotocol_sdk.proxy import loads_config, workers
+from metaprotocol_sdk.proxy import Stats, loads_config, workers
 from metaprotocol_sdk.proxy.stats_merge import MergedStats
 
 CONNECTIONS = 64  # P(all on one of two workers) = 2**-63 with SO_REUSEPORT's hash
@@ -686,3 +687,119 @@ def test_a_configuration_warning_is_logged_once_per_load_not_once_per_worker(
         "worker 0",
         "worker 0",
     ], err
+
+
+def _many_routes(n: int) -> str:
+    """``n`` routes with long names (each makes a duration histogram when it is built: its
+    Prometheus text is 21 lines of its labels, 15 KiB), then ``main`` for every other call."""
+    pad = "x" * 230
+    rules = "".join(
+        f"- name: r{k}-{pad}\n  match: {{attributes: {{method: {{exact: m{k}}}}}}}\n"
+        "  route: [{destination: {host: svc.test, subset: v1}}]\n"
+        for k in range(n)
+    )
+    return rules + "- name: main\n  route: [{destination: {host: svc.test, subset: v1}}]\n"
+
+
+def test_a_scrape_of_many_series_is_complete_and_summed(tmp_path: Path) -> None:
+    """5 000 routes: each worker's Prometheus text is 75 MiB, over the 64 MiB the supervisor
+    read from a worker, so both showed as not answering and the scrape had no series. The
+    workers now send each series' labels once (4 MiB), merged line by line."""
+    routes = 5000
+    duration = "metaprotocol_request_duration_milliseconds"
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")], router=_many_routes(routes)))
+        try:
+            await one_request_each(sup.address, CONNECTIONS)
+            await one_request_each(sup.address, CONNECTIONS, "m7")
+            status, text = await http_get(sup.admin, "/stats")
+            assert status == 200
+            assert 'metaprotocol_worker_up{worker="0"} 1\n' in text
+            assert 'metaprotocol_worker_up{worker="1"} 1\n' in text
+            assert 'metaprotocol_worker_stats_truncated{worker="1"} 0\n' in text
+            counts = {}
+            for line in text.splitlines():
+                if line.startswith(f"{duration}_count{{"):
+                    series, _, value = line.rpartition(" ")
+                    counts[series] = float(value)
+            # Per route, with its destination and for local replies; one for the listener.
+            assert len(counts) == 2 * (routes + 1) + 1
+            assert sum(counts.values()) == 2 * CONNECTIONS
+            main_route = next(v for k, v in counts.items() if 'route="main",destination="o' in k)
+            assert main_route == CONNECTIONS
+            # Each series is the sum of the workers' own.
+            own = [await sup.worker_stats(w) for w in await sup.workers()]
+            stats = await sup.stats()
+            for key, value in stats.items():
+                if key.startswith(duration) and ('route="r7-' in key or 'route="main"' in key):
+                    assert value == sum(s[key] for s in own), key
+            assert total(stats, "metaprotocol_requests_total") == 2 * CONNECTIONS
+        finally:
+            code, _ = sup.stop()
+            await up.close()
+        assert code == 0
+
+    run(main(), timeout=120)
+
+
+def test_a_worker_answer_over_the_series_bound_or_line_bound_is_cut() -> None:
+    """A worker's answer (here a fake worker's, on a real socket) without end: the
+    supervisor reads at most the series bound, each line at most ``STATS_LINE_BYTES``."""
+
+    async def main() -> None:
+        async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n# c_total counter C.\n")
+            path = writer.get_extra_info("sockname")[1] == long_port
+            with contextlib.suppress(ConnectionError):
+                for i in range(10**6):
+                    writer.write(b"x" * 65536 if path else f'a="{i}"\t1\n'.encode())
+                    await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(endless, "127.0.0.1", 0)
+        other = await asyncio.start_server(endless, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        long_port = other.sockets[0].getsockname()[1]
+        merged = MergedStats()
+        feed = workers.WorkerFeed(merged, "0")
+        with pytest.raises(workers.StatsTruncated):
+            await workers.read_stats(("127.0.0.1", port), feed, 1.0, 10.0, 1000)
+        assert len(merged.families["c_total"].samples) == 1001
+        feed = workers.WorkerFeed(merged, "1")
+        with pytest.raises(ValueError, match="limit"):
+            await workers.read_stats(("127.0.0.1", long_port), feed, 1.0, 10.0, 1000)
+        server.close()
+        other.close()
+
+    run(main())
+
+
+def test_merged_worker_stats_equal_one_engine_that_counted_everything() -> None:
+    """Two workers' series in the workers' form, merged: the Prometheus text of one engine
+    that saw both workers' observations (histograms, counters, a gauge per worker)."""
+    one, two, both = Stats(), Stats(), Stats()
+    for stats, values in ((one, (1, 7, 300)), (two, (2, 5000))):
+        for target in (stats, both):
+            for v in values:
+                target.histogram("h_ms", (5, 100), route='a"b').observe(v)
+                target.counter("c_total", status="Ok").value += 1
+    one.gauge("metaprotocol_requests_pending").value = 3
+    two.gauge("metaprotocol_requests_pending").value = 4
+    merged = MergedStats()
+    for index, stats in enumerate((one, two)):
+        feed = workers.WorkerFeed(merged, str(index))
+        for line in "".join(stats.worker_parts()).splitlines():
+            feed.line(line)
+
+    def values(text: str) -> dict[str, float]:
+        pairs = (line.rpartition(" ") for line in text.splitlines() if line[:1] != "#")
+        return {k: float(v) for k, _, v in pairs if k.startswith(("h_ms", "c_total"))}
+
+    assert values(merged.prometheus()) == values(both.prometheus())
+    snap = merged.snapshot()
+    assert snap["metaprotocol_requests_pending"] == 7
+    assert snap['metaprotocol_requests_pending{worker="1"}'] == 4
+    assert snap['h_ms_count{route="a\\"b"}'] == 5

@@ -36,11 +36,20 @@ def _value(v: Any) -> Any:
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """Receives spans; ``address`` is ``127.0.0.1:port``."""
+    """Receives spans; ``address`` is ``127.0.0.1:port``.
 
-    def __init__(self) -> None:
+    A hostile one: ``mode="hang"`` holds every call until :meth:`stop` (never answers),
+    ``"error"`` answers each with ``INVALID_ARGUMENT``, ``"gate"`` holds each call until
+    ``gate`` is set, then takes its spans (a slow collector). ``called`` is set at the
+    first call.
+    """
+
+    def __init__(self, mode: str = "ok") -> None:
         self.spans: list[ReceivedSpan] = []
         self.exports = 0
+        self.mode = mode
+        self.called = threading.Event()
+        self.gate = threading.Event()
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
@@ -51,6 +60,13 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
     ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.called.set()
+        if self.mode == "error":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused by the test")
+        if self.mode in ("hang", "gate"):
+            self.gate.wait(60)
+            if self.mode == "hang":
+                context.abort(grpc.StatusCode.UNAVAILABLE, "stopped")
         received = []
         for rs in request.resource_spans:
             resource = {a.key: _value(a.value) for a in rs.resource.attributes}
@@ -74,4 +90,5 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def stop(self) -> None:
+        self.gate.set()
         self.server.stop(grace=None).wait(5)

@@ -42,6 +42,10 @@ def test_the_section_and_its_defaults() -> None:
         "s",
         "ingress",
     )
+    assert (t.max_queue_size, t.export_timeout) == (2048, 10.0)
+    t = loads_config(tracing("{endpoint: 'c:1', maxQueueSize: 10, exportTimeout: 250ms}"))
+    assert t.proxy.tracing is not None
+    assert (t.proxy.tracing.max_queue_size, t.proxy.tracing.export_timeout) == (10, 0.25)
     assert loads_config(mesh([(1, "v1")])).proxy.tracing is None
 
 
@@ -57,6 +61,8 @@ def test_the_section_and_its_defaults() -> None:
         ("{endpoint: 'c:1', operation: sideways}", "spec.tracing.operation", "ingress or egress"),
         ("{endpoint: 'c:1', serviceName: ''}", "spec.tracing.serviceName", "empty"),
         ("{endpoint: 'c:1', sampling: 5}", "spec.tracing.sampling", ""),
+        ("{endpoint: 'c:1', maxQueueSize: 0}", "spec.tracing.maxQueueSize", "[1, 1000000]"),
+        ("{endpoint: 'c:1', exportTimeout: 0s}", "spec.tracing.exportTimeout", "positive"),
     ],
 )
 def test_readable_errors(section: str, field: str, words: str) -> None:

@@ -330,7 +330,9 @@ XDS_BACKOFF = fields("initial", "max")
 XDS_KEEPALIVE = fields("time", "timeout")
 #: Kinds a file may not hold when ``spec.xds`` is set: the control plane sends them.
 XDS_KINDS = ("MetaRouter", "DestinationRule")
-TRACING = fields("endpoint", "randomSampling", "serviceName", "operation")
+TRACING = fields(
+    "endpoint", "randomSampling", "serviceName", "operation", "maxQueueSize", "exportTimeout"
+)
 TELEMETRY = fields("istioMetrics", "reporter", "workload")
 WORKLOAD = fields(
     "name",

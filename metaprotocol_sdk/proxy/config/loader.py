@@ -1891,7 +1891,8 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
 
 def _tracing(doc: _Doc, spec: Mapping[str, Any]) -> Tracing | None:
     """``spec.tracing``: ``endpoint`` (required), ``randomSampling`` (a percentage, as a
-    number or Aeraki's ``{value: N}``; default 100), ``serviceName``, ``operation``."""
+    number or Aeraki's ``{value: N}``; default 100), ``serviceName``, ``operation``,
+    ``maxQueueSize``, ``exportTimeout``."""
     raw = doc.mapping(spec, "tracing", "spec.tracing", required=False)
     if not raw:
         return None
@@ -1916,11 +1917,15 @@ def _tracing(doc: _Doc, spec: Mapping[str, Any]) -> Tracing | None:
     operation = doc.string(raw, "operation", "spec.tracing.operation", required=False)
     if operation is not None and operation not in ("ingress", "egress"):
         doc.fail("spec.tracing.operation", f"must be ingress or egress, got {operation!r}")
+    queue = doc.integer(raw, "maxQueueSize", "spec.tracing.maxQueueSize", False, 1, 1_000_000)
+    timeout = doc.duration(raw, "exportTimeout", "spec.tracing.exportTimeout")
     return Tracing(
         endpoint=endpoint,
         random_sampling=100.0 if sampling is None else float(sampling),
         service_name=name or "metaprotocol-proxy",
         operation=operation or "egress",
+        max_queue_size=Tracing.max_queue_size if queue is None else queue,
+        export_timeout=Tracing.export_timeout if timeout is None else timeout,
     )
 
 

@@ -678,6 +678,10 @@ class Tracing:
     service_name: str = "metaprotocol-proxy"
     #: ``ingress`` or ``egress``: the first word of every span's name.
     operation: str = "egress"
+    #: Ended spans waiting for export; more are dropped (and counted).
+    max_queue_size: int = 2048
+    #: Bound on one export call to the collector (its retries included), in seconds.
+    export_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
