@@ -766,11 +766,11 @@ def test_a_worker_answer_over_the_series_bound_or_line_bound_is_cut() -> None:
         merged = MergedStats()
         feed = workers.WorkerFeed(merged, "0")
         with pytest.raises(workers.StatsTruncated):
-            await workers.read_stats(("127.0.0.1", port), feed, 1.0, 10.0, 1000)
+            await workers.read_stats(("127.0.0.1", port), feed, WAIT, 6 * WAIT, 1000)
         assert len(merged.families["c_total"].samples) == 1001
         feed = workers.WorkerFeed(merged, "1")
         with pytest.raises(ValueError, match="limit"):
-            await workers.read_stats(("127.0.0.1", long_port), feed, 1.0, 10.0, 1000)
+            await workers.read_stats(("127.0.0.1", long_port), feed, WAIT, 6 * WAIT, 1000)
         server.close()
         other.close()
 
