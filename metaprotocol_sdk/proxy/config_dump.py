@@ -130,7 +130,11 @@ def config_dump(engine: Engine) -> dict[str, Any]:
             )
         },
         "settings": {
-            "limits": {**vars(settings.limits), "max_connections": engine.max_connections},
+            "limits": {
+                **vars(settings.limits),
+                "max_connections": engine.max_connections,
+                "max_upstream_connections": engine.max_upstream_connections,
+            },
             "overload": vars(settings.overload),
             "timeouts": vars(settings.timeouts),
             "watchdog": vars(settings.watchdog),

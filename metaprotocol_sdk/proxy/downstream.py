@@ -318,9 +318,12 @@ class Downstream(asyncio.Protocol):
         for conn in self.blocked:  # a full upstream must not keep a client that left
             conn.remove_blocked(self)
         self.blocked = set()
-        for conn in list(self.dedicated.values()):
-            conn.close()
-        self.dedicated.clear()
+        if self.dedicated:
+            engine.clients_with_upstream -= 1
+            conns = list(self.dedicated.values())
+            self.dedicated.clear()  # first: a close may call upstream_closed at once
+            for conn in conns:
+                conn.close()
         if self.holds:  # nobody to answer: stop what they wait for (a call, a timer)
             for hold in list(self.holds):
                 hold.future.cancel()
@@ -668,11 +671,16 @@ class Downstream(asyncio.Protocol):
         if cluster.request_limits and (why := cluster.over_pool_limits(host)) is not None:
             self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
-        conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        conn = (
+            cluster.shared_connection(host)
+            if cluster.shared
+            else self._dedicated(cluster, host, avoid)
+        )
         if conn is None:
-            why = cluster.overflow("maxConnections")
+            why = cluster.refused()
             self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
+        host = conn.host  # another endpoint's when the budget made the client reuse one
         now = engine.loop.time()
         p = Pending(self, message, route, target, host, conn, now)
         try:
@@ -878,6 +886,7 @@ class Downstream(asyncio.Protocol):
         if conn is None or conn.write_paused:
             sink.count(target, "Dropped")
             return
+        host = conn.host
         now = engine.loop.time()
         p = Pending(sink, message, route, target, host, conn, now)
         try:
@@ -1006,6 +1015,7 @@ class Downstream(asyncio.Protocol):
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
         if conn is None:
+            cluster.refused()
             target.count_oneway(ErrorType.OverLimit.name)
             return
         try:
@@ -1017,21 +1027,56 @@ class Downstream(asyncio.Protocol):
             self.block_on(conn)
         target.count_oneway("Forwarded")
 
-    def _dedicated(self, cluster: Cluster, host: UpstreamHost) -> UpstreamConnection | None:
+    def _dedicated(
+        self, cluster: Cluster, host: UpstreamHost, avoid: UpstreamHost | None = None
+    ) -> UpstreamConnection | None:
+        """This client's connection to ``host``, opened if it has none and the limits allow;
+        past the process's upstream connection budget, one it has to another endpoint of the
+        cluster instead (see :meth:`_reuse`). ``None``: no connection for the request."""
         key = (cluster.name, host.key)
         conn = self.dedicated.get(key)
         if conn is None or conn.closed:
             if not cluster.may_open():
-                return None
-            conn = self.dedicated[key] = host.connection_class(cluster, host, self)
+                return self._reuse(cluster, avoid)
+            dedicated = self.dedicated
+            if not dedicated:
+                self.engine.clients_with_upstream += 1
+            elif not self.engine.upstream_room(self.engine.clients_without_upstream()):
+                # Fair share: a client that has connections opens more only while the
+                # budget keeps one for each client that has none; else it reuses its own.
+                reused = self._reuse(cluster, avoid)
+                if reused is not None:
+                    return reused
+            conn = dedicated[key] = host.connection_class(cluster, host, self)
             conn.connect()
         return conn
+
+    def _reuse(self, cluster: Cluster, avoid: UpstreamHost | None) -> UpstreamConnection | None:
+        """A connection this client already has to another endpoint of ``cluster`` (not
+        ejected, not ``avoid``, taking requests), for a request that may not open one for
+        the process's upstream connection budget (used up, or its fair share taken): served
+        a little off balance rather than refused. ``None`` when the cluster's own
+        ``maxConnections`` refused (its overflow stays as in Envoy) or the client has none."""
+        if cluster.at_max_connections():
+            return None
+        for conn in self.dedicated.values():
+            if (
+                conn.cluster is cluster
+                and not (conn.closed or conn.retiring)
+                and conn.host is not avoid
+                and not conn.host.ejected
+            ):
+                return conn
+        return None
 
     def upstream_closed(self, conn: UpstreamConnection) -> None:
         """A dedicated upstream connection went away."""
         key = (conn.cluster.name, conn.host.key)
-        if self.dedicated.get(key) is conn:
-            del self.dedicated[key]
+        dedicated = self.dedicated
+        if dedicated.get(key) is conn:
+            del dedicated[key]
+            if not dedicated:
+                self.engine.clients_with_upstream -= 1
 
     # -- completion ----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import resource
@@ -23,6 +24,7 @@ from .config.models import (
     GlobalRateLimit,
     Listener,
     LoadBalancer,
+    ProxySettings,
     Route,
     TrafficPolicy,
     UpstreamTls,
@@ -45,8 +47,9 @@ from .watchdog import GuardDog
 
 log = logging.getLogger("metaprotocol.proxy")
 
-#: Descriptors kept free for what is not a connection (listeners, admin, log files, stdio,
-#: the event loop's own) when ``limits.maxConnections`` defaults from ``RLIMIT_NOFILE``.
+#: Descriptors kept free for what is not a client or upstream connection (listeners, admin
+#: connections, xDS and rate limit service channels, log files, stdio, the event loop's own):
+#: client and upstream connections together never take more than ``RLIMIT_NOFILE`` less this.
 FD_RESERVE = 64
 #: How long :meth:`Engine.stop` waits for queued spans to be exported.
 TRACING_FLUSH = 2.0
@@ -55,17 +58,82 @@ TRACING_FLUSH = 2.0
 SWEEP_MAX = 1.0
 
 
-def connections_from_rlimit(shared_upstreams: int, dedicated: bool) -> int:
-    """The default ``maxConnections``: what ``RLIMIT_NOFILE`` leaves for client connections.
+@dataclasses.dataclass(frozen=True)
+class ConnectionBudget:
+    """How many connections the engine keeps open at most (see :func:`connection_budget`)."""
 
-    Shared upstream connections and ``FD_RESERVE`` come first; with dedicated pooling every
-    client connection may need one upstream connection of its own.
-    """
+    #: Client connections (``limits.maxConnections``).
+    clients: int
+    #: Upstream connections (``limits.maxUpstreamConnections``).
+    upstreams: int
+    #: Client and upstream connections together: ``RLIMIT_NOFILE`` less ``FD_RESERVE``.
+    descriptors: int
+
+
+def nofile_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` (2**20 when unlimited or above)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft > 1 << 20:
         soft = 1 << 20
-    free = soft - FD_RESERVE - shared_upstreams
-    return max(1, free // (2 if dedicated else 1))
+    return soft
+
+
+def connection_budget(
+    nofile: int,
+    max_connections: int | None,
+    max_upstream_connections: int | None,
+    shared_upstreams: int,
+    dedicated: bool,
+) -> ConnectionBudget:
+    """The connection limits for ``nofile`` descriptors, with the defaults of those unset.
+
+    Client and upstream connections share what ``FD_RESERVE`` leaves. By default the shared
+    upstream connections of the clusters known at start come first; when clients may have
+    upstream connections of their own (``dedicated``: a cluster pools per client connection,
+    or clusters come later over xDS), the rest is halved, a half for clients and the other for
+    their upstream connections (at least one each). Otherwise clients get it all and upstream
+    connections have no cap of their own: they take what clients leave.
+    """
+    descriptors = max(2, nofile - FD_RESERVE)
+    clients = max_connections
+    if clients is None:
+        if max_upstream_connections is not None:
+            clients = max(1, descriptors - max_upstream_connections)
+        else:
+            free = max(1, descriptors - shared_upstreams)
+            clients = max(1, free // 2) if dedicated else free
+    upstreams = max_upstream_connections
+    if upstreams is None:
+        upstreams = descriptors - clients if dedicated and clients < descriptors else descriptors
+    return ConnectionBudget(clients, upstreams, descriptors)
+
+
+#: ``errno`` values of a process (or system) out of descriptors.
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+class _LoopErrors:
+    """The event loop's exception handler while an engine runs: running out of descriptors
+    in the loop's own code (an accept: the asyncio loop retries it a second later, uvloop
+    closes the pending connections) is a line of log at most once a second, with how many
+    more there were, never a traceback; the rest as by default."""
+
+    def __init__(self) -> None:
+        self.logged = float("-inf")
+        self.quiet = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in _OUT_OF_DESCRIPTORS):
+            loop.default_exception_handler(context)
+            return
+        now = loop.time()
+        if now - self.logged < 1.0:
+            self.quiet += 1
+            return
+        more = f" ({self.quiet} more since the last)" if self.quiet else ""
+        log.error("%s: %s%s", context.get("message", "event loop"), exc.strerror or exc, more)
+        self.logged, self.quiet = now, 0
 
 
 def _rss_bytes() -> int:
@@ -151,8 +219,12 @@ class Engine:
         #: Drops the series of names a reload removed (see :meth:`prune_stats`).
         self._stats_pruner = StatsPruner()
         timeouts = settings.timeouts
-        #: ``limits.maxConnections`` (when unset, computed from ``RLIMIT_NOFILE`` by start()).
+        #: ``limits.maxConnections`` and ``limits.maxUpstreamConnections``, and the
+        #: descriptors client and upstream connections may take together (start() sets them,
+        #: from ``RLIMIT_NOFILE`` where unset; see :func:`connection_budget`).
         self.max_connections = limits.max_connections or 1
+        self.max_upstream_connections = limits.max_upstream_connections or 1
+        self.descriptors = 2
         self.max_pending = limits.max_pending_requests
         self.max_pending_per_connection = limits.max_pending_requests_per_connection
         self.connection_buffer = limits.connection_buffer_bytes
@@ -188,6 +260,9 @@ class Engine:
         #: sweep's recount must still see them.
         self.departed: set[Downstream] = set()
         self.upstreams: set[UpstreamConnection] = set()
+        #: Client connections with upstream connections of their own (codecs without id
+        #: rewriting), for the fair share of the upstream connection budget.
+        self.clients_with_upstream = 0
         self.access_log: AccessLog | None = None
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
@@ -516,20 +591,9 @@ class Engine:
         self._adopt_identity(build.identity)
         self._show_expiry()
         _warn_plain_auto(build)
-        shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
-        fd_bound = connections_from_rlimit(
-            shared * self.connections_per_endpoint,
-            any(not c.shared for c in self.clusters.values()),
-        )
-        if settings.limits.max_connections is None:
-            self.max_connections = fd_bound
-        elif self.max_connections > fd_bound:
-            log.warning(
-                "limits.maxConnections %d is above what RLIMIT_NOFILE leaves for client "
-                "connections (%d): upstream connects may fail with 'Too many open files'",
-                self.max_connections,
-                fd_bound,
-            )
+        self._budget(settings)
+        if self._loop.get_exception_handler() is None:
+            self._loop.set_exception_handler(_LoopErrors())
         try:
             for listener in settings.listeners:
                 key = (listener.host, listener.port)
@@ -556,6 +620,38 @@ class Engine:
             raise
         self._schedule_sweep()
         self.watchdog.start()
+
+    def _budget(self, settings: ProxySettings) -> None:
+        """Set the connection limits from ``RLIMIT_NOFILE`` and the clusters known now."""
+        limits = settings.limits
+        hosts = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
+        shared = hosts * self.connections_per_endpoint
+        nofile = nofile_limit()
+        budget = connection_budget(
+            nofile,
+            limits.max_connections,
+            limits.max_upstream_connections,
+            shared,
+            settings.xds is not None or any(not c.shared for c in self.clusters.values()),
+        )
+        self.max_connections = budget.clients
+        self.max_upstream_connections = budget.upstreams
+        self.descriptors = budget.descriptors
+        if budget.clients > budget.descriptors - shared or (
+            limits.max_upstream_connections is not None
+            and budget.clients + budget.upstreams > budget.descriptors
+        ):
+            log.warning(
+                "limits.maxConnections %d and maxUpstreamConnections %d are more than the %d "
+                "connections RLIMIT_NOFILE (%d) leaves beyond the %d descriptors kept for the "
+                "rest: past it, connections are refused (clients at the accept, upstream "
+                "connections with OverLimit)",
+                budget.clients,
+                budget.upstreams,
+                budget.descriptors,
+                nofile,
+                FD_RESERVE,
+            )
 
     async def _listen(
         self, listener: Listener, runtime: ListenerRuntime, start: bool
@@ -834,11 +930,41 @@ class Engine:
         """Why a new downstream connection must be refused now (``None``: accept it)."""
         if self.draining:
             return "draining"
-        if len(self.downstreams) + len(self.handshaking) >= self.max_connections:
+        clients = len(self.downstreams) + len(self.handshaking)
+        if (
+            clients >= self.max_connections
+            or clients + len(self.upstreams) >= self.descriptors  # upstream took the rest
+        ):
             return "max_connections"
         if self.buffered > self.max_buffered or self.rss_over:
             return "overload"
         return None
+
+    def upstream_room(self, reserve: int = 0) -> bool:
+        """Whether one more upstream connection fits in ``maxUpstreamConnections`` and in
+        the descriptors the client connections leave, with room for ``reserve`` more after
+        it (asked only when one is to open)."""
+        upstreams = len(self.upstreams) + reserve
+        return upstreams < self.max_upstream_connections and (
+            upstreams + len(self.downstreams) + len(self.handshaking) < self.descriptors
+        )
+
+    def clients_without_upstream(self) -> int:
+        """Client connections open that have no upstream connection of their own (yet)."""
+        return len(self.downstreams) + len(self.handshaking) - self.clients_with_upstream
+
+    def upstream_refusal(self) -> str:
+        """Why :meth:`upstream_room` said no: the local reply's message."""
+        upstreams = len(self.upstreams)
+        if upstreams >= self.max_upstream_connections:
+            limit = self.max_upstream_connections
+            return f"too many upstream connections (limits.maxUpstreamConnections {limit})"
+        clients = len(self.downstreams) + len(self.handshaking)
+        return (
+            f"no descriptors left for an upstream connection ({clients} client and "
+            f"{upstreams} upstream connections open, {self.descriptors} allowed by "
+            "RLIMIT_NOFILE)"
+        )
 
     def _schedule_sweep(self) -> None:
         t = self.config.proxy.timeouts
@@ -1013,6 +1139,8 @@ class Engine:
         for upstream in list(self.upstreams):
             upstream.abort(ErrorType.UpstreamReset, "proxy is shutting down")
         await self._close_servers()
+        if isinstance(self._loop.get_exception_handler(), _LoopErrors):
+            self._loop.set_exception_handler(None)
         # Let connection_lost callbacks run so no transport outlives stop().
         for _ in range(100):
             if not self.downstreams and not self.upstreams and not self.handshaking:

@@ -321,18 +321,36 @@ class Cluster:
             )
         counter.value += 1
 
-    def may_open(self) -> bool:
-        """Whether ``connectionPool.tcp.maxConnections`` allows one more connection."""
+    def at_max_connections(self) -> bool:
+        """Whether ``connectionPool.tcp.maxConnections`` allows no more connections."""
         pool = self.pool
         return (
-            pool is None
-            or pool.max_connections is None
-            or (self.connections < pool.max_connections)
+            pool is not None
+            and pool.max_connections is not None
+            and self.connections >= pool.max_connections
         )
+
+    def may_open(self) -> bool:
+        """Whether one more connection may open: below ``connectionPool.tcp.maxConnections``
+        and within the process's upstream connection budget (see :meth:`refused`)."""
+        return not self.at_max_connections() and self.engine.upstream_room()
+
+    def refused(self) -> str:
+        """Count a request refused because :meth:`may_open` said no; the reply's message."""
+        if self.at_max_connections():
+            return self.overflow("maxConnections")
+        self._count(
+            self._overflows,
+            "metaprotocol_upstream_overflow_total",
+            "limit",
+            "maxUpstreamConnections",
+        )
+        return self.engine.upstream_refusal()
 
     def shared_connection(self, host: UpstreamHost) -> UpstreamConnection | None:
         """A shared connection to ``host``, opening one while below the per-host count (and
-        the cluster's ``maxConnections``); ``None`` when the breaker leaves it none."""
+        the cluster's ``maxConnections`` and the process's budget); ``None`` when the limits
+        leave it none."""
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
             if self.may_open():

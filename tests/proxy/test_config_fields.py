@@ -496,6 +496,7 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         "spec.limits",
         {
             "maxConnections": 5,
+            "maxUpstreamConnections": 9,
             "maxPendingRequests": 6,
             "maxPendingRequestsPerConnection": 7,
             "connectionBufferBytes": 2048,
@@ -507,6 +508,7 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             c.proxy.limits.max_pending_requests_per_connection == 7
             and c.proxy.limits.max_stats_series == 500
             and c.proxy.limits.max_rate_limit_calls == 8
+            and c.proxy.limits.max_upstream_connections == 9
         ),
     ),
     (

@@ -319,6 +319,82 @@ def test_max_connections_defaults_from_rlimit_nofile(tmp_path: Path) -> None:
     run(main(), timeout=60)
 
 
+def test_clients_fanning_out_over_endpoints_cannot_exhaust_descriptors(tmp_path: Path) -> None:
+    """With 160 descriptors, codecs without id rewriting and 5 endpoints, 40 clients each
+    sending 5 requests round robin wanted 200 upstream connections: requests failed with
+    'Too many open files' (UpstreamConnectFailure), a new client was reset and the admin
+    endpoint answered nothing. Now upstream connections stay within the budget derived from
+    RLIMIT_NOFILE (48 here, with 48 clients): past it a client reuses its connection to
+    another endpoint, or, with none, gets OverLimit with its request's id, counted as such.
+    Nothing is reset and the admin endpoint answers."""
+
+    async def main() -> None:
+        ups = [await Upstream(f"u{i}").start() for i in range(5)]
+        text = mesh(
+            [(up.port, "v1") for up in ups],
+            protocol="kvnr",
+            codec="proxy_kit:NoRewriteKVCodec",
+            traffic_policy="{loadBalancer: {simple: ROUND_ROBIN}}",
+        )
+        engine = EngineProcess(tmp_path, text, nofile=160)
+        clients: list[Client] = []
+        try:
+            clients = [await Client.connect(engine.address) for _ in range(40)]
+            outcomes: dict[str | None, int] = {}
+            # Twice: at once, as the clients connect (the engine may not know all of them
+            # yet), then once every client has been seen (the budget fills up).
+            for _ in range(2):
+                sent = [(c, c.new_id()) for c in clients for _ in range(5)]
+                waits = [c.expect(rid) for c, rid in sent]
+                for c, rid in sent:
+                    c.send(request(rid))
+                replies = await asyncio.wait_for(asyncio.gather(*waits), 3 * WAIT)
+                for (_, rid), reply in zip(sent, replies, strict=True):
+                    assert reply.request_id == rid
+                    kind = error_type(reply)
+                    assert kind in (None, "OverLimit"), reply.attributes
+                    if kind:
+                        assert "maxUpstreamConnections" in reply.attributes["error-message"]
+                    outcomes[kind] = outcomes.get(kind, 0) + 1
+            # A client takes at most 5 of the 48 connections, so 9 clients at least are served
+            # (all 40 when the engine has seen them all before their requests: see
+            # test_connection_budget.py).
+            assert outcomes.get(None, 0) >= 2 * 5 * 9, outcomes
+            # Every upstream connection the budget allows is open now: a new client that has
+            # none gets OverLimit, with its requests' ids, and is not reset.
+            late = await Client.connect(engine.address)
+            refused = await asyncio.wait_for(
+                asyncio.gather(*(late.start() for _ in range(3))), WAIT
+            )
+            assert [(r.request_id, error_type(r)) for r in refused] == [
+                (1, "OverLimit"),
+                (2, "OverLimit"),
+                (3, "OverLimit"),
+            ]
+            overlimit = outcomes.get("OverLimit", 0) + 3
+            stats = await engine.stats()
+            cluster = 'cluster="outbound|9000||svc.test"'
+            assert stats[f"metaprotocol_upstream_connections_active{{{cluster}}}"] == 48
+            assert await engine.stat("metaprotocol_upstream_connect_errors_total") == 0
+            local = 'metaprotocol_local_replies_total{listener="svc.test:9000",type="OverLimit"}'
+            overflow = (
+                f'metaprotocol_upstream_overflow_total{{{cluster},limit="maxUpstreamConnections"}}'
+            )
+            assert stats[local] == stats[overflow] == overlimit
+            assert not any(c.closed.done() for c in [*clients, late])  # nobody was reset
+            _, body = await http_get(engine.admin, "/config_dump")
+            limits = json.loads(body)["settings"]["limits"]
+            assert (limits["max_connections"], limits["max_upstream_connections"]) == (48, 48)
+        finally:
+            for c in clients:
+                c.close()
+            engine.stop()  # no traceback
+            for up in ups:
+                await up.close()
+
+    run(main(), timeout=60)
+
+
 async def read_replies_one(reader: asyncio.StreamReader) -> Metadata:
     codec, data = KVCodec(), bytearray()
     while True:

@@ -1995,6 +1995,7 @@ def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:
 _LIMIT_FIELDS = {
     # field: (model attribute, lowest accepted value)
     "maxConnections": ("max_connections", 1),
+    "maxUpstreamConnections": ("max_upstream_connections", 1),
     "maxPendingRequests": ("max_pending_requests", 1),
     "maxPendingRequestsPerConnection": ("max_pending_requests_per_connection", 1),
     "connectionBufferBytes": ("connection_buffer_bytes", 1024),

@@ -558,11 +558,15 @@ MiB = 1024 * 1024
 class Limits:
     """Connection, request and buffer ceilings (see the Limits page of the docs).
 
-    ``max_connections`` ``None`` means "from ``RLIMIT_NOFILE``": the engine keeps enough
-    descriptors free for its upstream connections, listeners and admin endpoint.
+    ``max_connections`` and ``max_upstream_connections`` ``None`` mean "from
+    ``RLIMIT_NOFILE``": client and upstream connections together never take the descriptors
+    kept for the listeners, admin endpoint, control plane and log files.
     """
 
     max_connections: int | None = None
+    #: Upstream connections open at once, shared and per client: opening one more is refused
+    #: (``OverLimit``) past it.
+    max_upstream_connections: int | None = None
     max_pending_requests: int = 10000
     max_pending_requests_per_connection: int = 1000
     #: Per-connection high-water mark of unsent replies: above it the engine stops reading

@@ -1,0 +1,290 @@
+"""The process's connection budget: how ``maxConnections`` and ``maxUpstreamConnections``
+default from ``RLIMIT_NOFILE``, their validation, and upstream connections past the budget
+(reused or refused with ``OverLimit``, counted), over real sockets on 127.0.0.1.
+
+The subprocess test with a low ``RLIMIT_NOFILE`` is in ``test_hostile_clients.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+
+import pytest
+from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
+
+from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy.engine import (
+    FD_RESERVE,
+    ConnectionBudget,
+    _LoopErrors,
+    connection_budget,
+)
+
+NO_REWRITE = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+ROUND_ROBIN = "{loadBalancer: {simple: ROUND_ROBIN}}"
+OVERFLOW = "metaprotocol_upstream_overflow_total"
+
+
+# -- defaults and validation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "shared", "dedicated", "expected"),
+    [
+        # Shared pooling only: clients get what the shared connections leave; upstream
+        # connections have no cap of their own (they take what clients leave).
+        ((None, None), 3, False, (1024 - FD_RESERVE - 3, 1024 - FD_RESERVE, 960)),
+        # Per-client pooling (or xDS): the rest is halved, clients and their connections.
+        ((None, None), 0, True, (480, 480, 960)),
+        ((None, None), 4, True, (478, 482, 960)),
+        # One set: the other gets what it leaves.
+        ((100, None), 0, True, (100, 860, 960)),
+        ((None, 100), 0, True, (860, 100, 960)),
+        ((None, 100), 0, False, (860, 100, 960)),
+        ((100, None), 0, False, (100, 960, 960)),
+        # Set beyond the descriptors: kept (a warning says so), the total still bounds them.
+        ((5000, None), 0, True, (5000, 960, 960)),
+        ((None, 5000), 0, True, (1, 5000, 960)),
+        ((7, 9), 0, True, (7, 9, 960)),
+    ],
+)
+def test_budget_defaults_from_rlimit_nofile(
+    limits: tuple[int | None, int | None], shared: int, dedicated: bool, expected: tuple[int, ...]
+) -> None:
+    budget = connection_budget(1024, limits[0], limits[1], shared, dedicated)
+    assert budget == ConnectionBudget(*expected)
+
+
+def test_budget_never_gives_more_than_the_descriptors_by_default() -> None:
+    for nofile in (1, 64, 65, 66, 100, 160, 256, 1024, 65536, 1 << 20):
+        for shared in (0, 1, 10, 1000):
+            for dedicated in (False, True):
+                budget = connection_budget(nofile, None, None, shared, dedicated)
+                assert budget.clients >= 1 and budget.upstreams >= 1
+                if dedicated and nofile - FD_RESERVE >= 2 + shared:
+                    assert budget.clients + budget.upstreams == budget.descriptors
+                    assert budget.upstreams >= budget.clients + shared  # one each, and shared
+                assert budget.descriptors == max(2, nofile - FD_RESERVE)
+
+
+def _limits_mesh(limits: str) -> str:
+    return mesh([(9, "v1")], proxy=f"limits: {limits}\n")
+
+
+def test_max_upstream_connections_is_read() -> None:
+    config = loads_config(_limits_mesh("{maxUpstreamConnections: 7}"), "mesh.yaml")
+    assert config.proxy.limits.max_upstream_connections == 7
+    assert loads_config(_limits_mesh("{}")).proxy.limits.max_upstream_connections is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "'100'", "true", "1.5", "[1]"])
+def test_max_upstream_connections_is_validated(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads_config(_limits_mesh(f"{{maxUpstreamConnections: {value}}}"), "mesh.yaml")
+    assert info.value.field == "spec.limits.maxUpstreamConnections"
+
+
+def test_a_budget_beyond_the_descriptors_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        text = _limits_mesh("{maxConnections: 10000000, maxUpstreamConnections: 10}")
+        async with engine_for(text) as engine:
+            assert (engine.max_connections, engine.max_upstream_connections) == (10_000_000, 10)
+
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
+        run(main())
+    assert "more than the" in caplog.text and "RLIMIT_NOFILE" in caplog.text
+
+
+# -- past the budget ---------------------------------------------------------------------------
+
+
+async def _endpoints(n: int) -> list[Upstream]:
+    return [await Upstream(f"u{i}").start() for i in range(n)]
+
+
+def test_a_client_past_the_budget_reuses_its_connections_and_a_new_one_gets_overlimit() -> None:
+    """5 endpoints, round robin, a budget of 3 upstream connections: the first client opens 3
+    and sends the rest over them; the next has none and gets OverLimit, with its ids,
+    counted once per request in the overflow series and the local replies."""
+
+    async def main() -> None:
+        ups = await _endpoints(5)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxUpstreamConnections: 3}\n",
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            first = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(asyncio.gather(*(first.start() for _ in range(10))), 5)
+            assert [error_type(r) for r in replies] == [None] * 10
+            assert len(engine.upstreams) == 3 and sum(u.accepted for u in ups) == 3
+            second = await Client.connect(address(engine))
+            refused = await asyncio.wait_for(asyncio.gather(second.start(), second.start()), 5)
+            assert [(r.request_id, error_type(r)) for r in refused] == [
+                (1, "OverLimit"),
+                (2, "OverLimit"),
+            ]
+            message = refused[0].attributes["error-message"]
+            assert message == "too many upstream connections (limits.maxUpstreamConnections 3)"
+            stats = engine.stats
+            assert stats.total(OVERFLOW, limit="maxUpstreamConnections") == 2
+            assert stats.total("metaprotocol_local_replies_total", type="OverLimit") == 2
+            assert stats.total("metaprotocol_upstream_connect_errors_total") == 0
+            # The check is made only when a connection is to open: the first client's
+            # requests keep going over its connections.
+            assert error_type(await first.call()) is None
+            first.close()
+            second.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+def test_clients_with_connections_leave_one_for_each_client_without() -> None:
+    """A budget of 4, three clients connected: the first opens 2 (one is kept for each of
+    the other two), then reuses them; the others get one each. Nobody is refused."""
+
+    async def main() -> None:
+        ups = await _endpoints(5)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxUpstreamConnections: 4}\n",
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            clients = [await Client.connect(address(engine)) for _ in range(3)]
+            await until(lambda: len(engine.downstreams) == 3, "three clients")
+            for c in clients:
+                replies = await asyncio.wait_for(asyncio.gather(*(c.start() for _ in range(5))), 5)
+                assert [error_type(r) for r in replies] == [None] * 5
+            assert [len(d.dedicated) for d in engine.downstreams] in (
+                [2, 1, 1],
+                [1, 2, 1],
+                [1, 1, 2],
+            )
+            assert len(engine.upstreams) == 4 and engine.clients_with_upstream == 3
+            assert engine.stats.total(OVERFLOW) == 0
+            for c in clients:
+                c.close()
+            await until(
+                lambda: engine.clients_with_upstream == 0 and not engine.upstreams, "all closed"
+            )
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+def test_shared_connections_count_in_the_budget_too() -> None:
+    """Id-rewriting codecs share a connection per endpoint: past the budget an endpoint
+    without one is refused (``OverLimit``), the others serve."""
+
+    async def main() -> None:
+        ups = await _endpoints(3)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxUpstreamConnections: 2}\n",
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(asyncio.gather(*(c.start() for _ in range(6))), 5)
+            kinds = [error_type(r) for r in replies]
+            assert kinds == [None, None, "OverLimit"] * 2
+            assert len(engine.upstreams) == 2
+            assert engine.stats.total(OVERFLOW, limit="maxUpstreamConnections") == 2
+            c.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+def test_client_and_upstream_connections_share_the_descriptors() -> None:
+    """Past the descriptors RLIMIT_NOFILE leaves, whichever side would take one more is
+    refused: an upstream connection (OverLimit), a client (closed at once, counted)."""
+
+    async def main() -> None:
+        ups = await _endpoints(3)
+        text = mesh([(u.port, "v1") for u in ups], traffic_policy=ROUND_ROBIN, **NO_REWRITE)
+        async with engine_for(text) as engine:
+            engine.descriptors = 3  # as if RLIMIT_NOFILE left three connections
+            c = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(asyncio.gather(*(c.start() for _ in range(3))), 5)
+            assert [error_type(r) for r in replies] == [None] * 3  # 2 opened, 1 reused
+            assert len(engine.upstreams) == 2
+            late = await Client.connect(address(engine))
+            await asyncio.wait_for(late.closed, 5)  # refused at the accept
+            rejected = "metaprotocol_downstream_connections_rejected_total"
+            assert engine.stats.total(rejected, reason="max_connections") == 1
+            c.close()
+        async with engine_for(text) as engine:
+            engine.descriptors = 2
+            c = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(asyncio.gather(c.start(), c.start()), 5)
+            assert [error_type(r) for r in replies] == [None, None]  # 1 opened, 1 reused
+            engine.descriptors = 3  # room for one more client, none for its upstream connection
+            other = await Client.connect(address(engine))
+            refused = await other.call()
+            assert error_type(refused) == "OverLimit"
+            assert "no descriptors left" in refused.attributes["error-message"]
+            assert engine.stats.total(OVERFLOW, limit="maxUpstreamConnections") == 1
+            c.close()
+            other.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+# -- out of descriptors in the event loop ------------------------------------------------------
+
+
+def test_running_out_of_descriptors_in_the_loop_logs_a_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handler = _LoopErrors()
+        exc = OSError(errno.EMFILE, "Too many open files")
+        for _ in range(5):
+            handler(loop, {"message": "socket.accept() out of system resource", "exception": exc})
+        handler.logged -= 2.0  # a second and more later
+        handler(loop, {"message": "socket.accept() out of system resource", "exception": exc})
+        handler(loop, {"message": "something else", "exception": ValueError("boom")})
+
+    with caplog.at_level(logging.ERROR):
+        run(main())
+    emfile = [r for r in caplog.records if "out of system resource" in r.getMessage()]
+    assert [r.getMessage() for r in emfile] == [
+        "socket.accept() out of system resource: Too many open files",
+        "socket.accept() out of system resource: Too many open files (4 more since the last)",
+    ]
+    assert all(r.exc_info is None for r in emfile)
+    assert any("something else" in r.getMessage() for r in caplog.records)  # as by default
+
+
+def test_the_engine_sets_its_loop_handler_only_when_there_is_none() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with engine_for(mesh([(9, "v1")])):
+            assert isinstance(loop.get_exception_handler(), _LoopErrors)
+        assert loop.get_exception_handler() is None
+
+        def mine(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+            pass
+
+        loop.set_exception_handler(mine)
+        engine = Engine(loads_config(mesh([(9, "v1")])))
+        await engine.start()
+        assert loop.get_exception_handler() is mine
+        await engine.stop(drain=0.1)
+        assert loop.get_exception_handler() is mine
+
+    run(main())
