@@ -343,6 +343,13 @@ MISTAKES = [
         id="yaml-bool-in-mutation",
     ),
     pytest.param(
+        _edit("  hosts: [greeter.example]\n  routes", "  hosts: [{greeter.example: 1}]\n  routes"),
+        "MetaRouter/greeter",
+        "spec.hosts[0]",
+        "must be a non-empty string",
+        id="router-host-not-a-string",
+    ),
+    pytest.param(
         EXAMPLE + "---\n" + EXAMPLE.split("---\n")[3],
         "document 6, MetaRouter/greeter",
         "spec.hosts[0]",

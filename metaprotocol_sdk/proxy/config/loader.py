@@ -1556,6 +1556,8 @@ def _routers(
                 )
         hosts = doc.sequence(spec, "hosts", "spec.hosts")
         for i, host in enumerate(hosts):
+            if not isinstance(host, str) or not host:
+                doc.fail(f"spec.hosts[{i}]", f"must be a non-empty string, got {host!r}")
             if host not in services:
                 doc.fail(f"spec.hosts[{i}]", f"no ServiceEntry defines host {host!r}")
             if host in routers:
