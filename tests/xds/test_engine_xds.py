@@ -232,11 +232,10 @@ def test_updates_take_effect_without_a_failed_request(
             assert dump["connected"] is True
             assert dump["rds"]["version"] == "4" and "retry_policy" in dump["rds"]["lastError"]
             assert (dump["cds"]["version"], dump["eds"]["version"]) == ("5", "5")
-            # The mesh's headless service (ORIGINAL_DST), which nothing here uses, is left
-            # out and said so, with why.
-            headless = MESH_CLUSTERS[0]
-            assert dump["leftOutCount"] == 1 and list(dump["leftOutClusters"]) == [headless]
-            assert dump["leftOutClusters"][headless].startswith(f"CDS {headless}: lb_policy")
+            # The mesh's other services (a headless one, ORIGINAL_DST, and a DNS one), which
+            # nothing here uses, are not translated, and said so.
+            assert dump["unusedCount"] == 2 and dump["unusedClusters"] == sorted(MESH_CLUSTERS)
+            assert dump["leftOutCount"] == 0
         finally:
             caller.close()
         assert not caller.errors

@@ -44,9 +44,11 @@ from .translate import (
     XdsRefused,
     eds_name,
     eds_names,
+    parse_cluster_name,
     route_config_names,
     routed_clusters,
     translate,
+    used_hosts,
 )
 
 log = logging.getLogger("metaprotocol.xds")
@@ -65,8 +67,8 @@ _MESSAGES: dict[str, type[Message]] = {
 INVALID_ARGUMENT = 3
 #: Longest ``error_detail`` message sent (and kept for ``/config_dump``).
 MAX_ERROR_DETAIL = 4096
-#: Clusters left out (unused and not honoured) that ``/config_dump`` lists, with why; the
-#: rest are counted (a mesh may hold thousands).
+#: Clusters left out (unused and not honoured) that ``/config_dump`` lists, with why, and
+#: clusters of hosts not in use it names; the rest are counted (a mesh may hold thousands).
 LEFT_OUT_SHOWN = 100
 #: The shortest wait between two updates (see :meth:`XdsClient._handle`): what each response
 #: costs outside the update's own time (gRPC receiving and decoding it, the ACK sent) is not
@@ -252,6 +254,9 @@ class XdsClient:
         #: The clusters of the configuration in force left out, with why: no listener or
         #: route here uses them, and this engine cannot honour them (a headless service...).
         self.left_out: dict[str, str] = {}
+        #: The outbound clusters held and not translated, sorted: no listener, file or route
+        #: here uses their host (CDS names every service of the mesh).
+        self.unused: list[str] = []
         #: The encoded size of each resource held, per type (clusters: those served, kept
         #: ones included), as its response carried it: ``spec.xds.maxResourceBytes`` bounds
         #: their sum.
@@ -420,8 +425,10 @@ class XdsClient:
                         field="spec.xds",
                     )
                 left_out: dict[str, str] = {}
+                unused: list[str] = []
                 try:
-                    config = await asyncio.to_thread(translate, base, held, left_out)
+                    config = await asyncio.to_thread(translate, base, held, left_out, unused)
+                    wanted = await asyncio.to_thread(self._eds_wanted, held, base=base)
                 except XdsRefused as exc:
                     raise ConfigError(str(exc), source="xDS resources held") from exc
             except ConfigError as exc:  # apply() records its own refusals
@@ -430,7 +437,7 @@ class XdsClient:
             versions = " ".join(f"{SHORT[u]}:{t.version or '-'}" for u, t in self.types.items())
             await self.engine.apply(config, source=source, version=versions)
             self.base = base
-            self.left_out = left_out
+            self.left_out, self.unused = left_out, unused
             rds = self.types[ROUTE_TYPE]
             names = route_config_names(base)
             if names != rds.names:
@@ -445,6 +452,7 @@ class XdsClient:
                     except Exception:  # the stream ended meanwhile
                         # The reload is applied; the next stream subscribes to these names.
                         log.debug("xDS: RDS subscription not sent (stream gone)", exc_info=True)
+            await self._subscribe_endpoints(wanted)
 
     async def _handle(self, call: Any, response: discovery_pb2.DiscoveryResponse) -> None:
         loop = asyncio.get_running_loop()
@@ -486,18 +494,25 @@ class XdsClient:
                     warming = [] if force else self._warming(candidate)
                     if warming:
                         self._hold(call, response, resources, warming)
+                        # Their endpoints are asked for now (only those of hosts in use
+                        # are), those of the routes in force kept (the next update applied
+                        # subscribes to what it and this one use).
+                        wanted = await asyncio.to_thread(self._eds_wanted, candidate)
+                        eds = self.types[ENDPOINT_TYPE]
+                        await self._subscribe_endpoints(sorted({*eds.names, *wanted}))
                         await self._notify()
                         return
                     self._release()  # this update replaces the one that waited, if any
                 left_out: dict[str, str] = {}
+                unused: list[str] = []
                 config, wanted = await asyncio.to_thread(
-                    _translated, self.base, candidate, left_out
+                    self._translate, candidate, left_out, unused
                 )
             except (XdsRefused, ConfigError) as exc:  # apply() records its own refusals
                 self.engine.refused("xds", str(exc)[:MAX_ERROR_DETAIL], version)
                 raise
             await self.engine.apply(config, source="xds", version=version)
-            self.left_out = left_out
+            self.left_out, self.unused = left_out, unused
         except (XdsRefused, ConfigError) as exc:
             detail = str(exc)[:MAX_ERROR_DETAIL]
             state.nacks += 1
@@ -526,18 +541,55 @@ class XdsClient:
         state.last_error = None
         state.updated = time.time()
         await call.write(self._request(state))
-        if wanted != eds.names:
-            eds.names = wanted
-            self._fetched.intersection_update(wanted)
-            eds_call = self._carrier[ENDPOINT_TYPE].call
-            if eds_call is not None:
-                try:
-                    await eds_call.write(self._request(eds))
-                except Exception:  # that stream ended: the next one subscribes to these
-                    log.debug("xDS: EDS subscription not sent (stream gone)", exc_info=True)
+        await self._subscribe_endpoints(wanted)
         if self.held is not None and state.type_url != ROUTE_TYPE:
             await self._apply_held(force=False)
         await self._notify()
+
+    # -- EDS subscriptions: the endpoints of the clusters of the hosts in use -------------------
+
+    def _eds_wanted(self, resources: Resources, base: Config | None = None) -> list[str]:
+        """The EDS names to subscribe to: those of ``resources``' clusters whose hosts are in
+        use (:func:`used_hosts`: :func:`translate` translates those only) by its routes or
+        the held route update's. The endpoints of the rest of the mesh are not asked
+        for: a route update that starts sending to one of its clusters waits for them (see
+        :meth:`_warming`). ``base``: the file configuration (default: the one in force).
+        Runs in a thread: it reads every cluster's name."""
+        base = base or self.base
+        hosts = used_hosts(base, resources.routes)
+        if self.held is not None:
+            hosts |= used_hosts(base, self.held.routes)
+        return eds_names(
+            c
+            for name, c in resources.clusters.items()
+            if (parsed := parse_cluster_name(name)) is not None and parsed.host in hosts
+        )
+
+    def _translate(
+        self, candidate: Resources, left_out: dict[str, str], unused: list[str]
+    ) -> tuple[Config, list[str]]:
+        """:func:`translate`, and the EDS names to subscribe to once it is applied (both in a
+        thread)."""
+        return translate(self.base, candidate, left_out, unused), self._eds_wanted(candidate)
+
+    async def _subscribe_endpoints(self, wanted: list[str]) -> None:
+        """Subscribe EDS to ``wanted`` (if it changed); the endpoints of names no longer
+        subscribed to are dropped (fetched again, and waited for, if they are wanted again)."""
+        eds = self.types[ENDPOINT_TYPE]
+        if wanted == eds.names:
+            return
+        eds.names = wanted
+        names = set(wanted)
+        self._fetched.intersection_update(names)
+        eds.resources = {k: v for k, v in eds.resources.items() if k in names}
+        sizes = self._sizes[ENDPOINT_TYPE]
+        self._sizes[ENDPOINT_TYPE] = {k: sizes[k] for k in eds.resources if k in sizes}
+        eds_call = self._carrier[ENDPOINT_TYPE].call
+        if eds_call is not None:
+            try:
+                await eds_call.write(self._request(eds))
+            except Exception:  # that stream ended: the next one subscribes to these
+                log.debug("xDS: EDS subscription not sent (stream gone)", exc_info=True)
 
     # -- warming: route updates wait for the endpoints of the clusters they send to ------------
 
@@ -728,6 +780,8 @@ class XdsClient:
                 for name, why in sorted(self.left_out.items())[:LEFT_OUT_SHOWN]
             },
             "leftOutCount": len(self.left_out),
+            "unusedClusters": self.unused[:LEFT_OUT_SHOWN],
+            "unusedCount": len(self.unused),
             "heldBytes": sum(sum(by_name.values()) for by_name in self._sizes.values()),
             "maxResourceBytes": self.settings.max_resource_bytes,
             "heldRoutes": None
@@ -735,13 +789,6 @@ class XdsClient:
             else {"version": self.held.response.version_info, "waitsFor": self.held.clusters},
             **{SHORT[url]: state.dump() for url, state in self.types.items()},
         }
-
-
-def _translated(
-    base: Config, candidate: Resources, left_out: dict[str, str]
-) -> tuple[Config, list[str]]:
-    """:func:`translate`, and the EDS names its clusters subscribe to (both in a thread)."""
-    return translate(base, candidate, left_out), eds_names(candidate.clusters.values())
 
 
 def _shown(text: str) -> str:
