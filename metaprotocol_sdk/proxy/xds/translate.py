@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.duration_pb2 import Duration
@@ -170,6 +171,30 @@ def parse_cluster_name(name: str) -> ClusterName | None:
     if not 0 < port < 65536:
         return None
     return ClusterName(parts[3], port, parts[2] or None)
+
+
+class PackedClusters(Mapping[str, Message]):
+    """CDS clusters held encoded, each decoded when read (a new message at each read).
+
+    istiod sends every service of the mesh and only the clusters of the hosts in use are
+    read; a decoded ``Cluster`` takes 10 to 50 times its encoded size (5.4 KiB for the 380
+    bytes of istiod's, 1.3 KiB for a bare one of 25), the bytes (and their key) a tenth of
+    it. Iterating the names, ``len`` and ``in`` decode nothing."""
+
+    def __init__(self, encoded: Mapping[str, bytes]) -> None:
+        self.encoded = encoded
+
+    def __getitem__(self, name: str) -> Message:
+        return cluster_pb2.Cluster.FromString(self.encoded[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.encoded)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.encoded
 
 
 @dataclass(frozen=True)
@@ -1287,7 +1312,7 @@ def _host_ports(
     each such cluster's name and why it was (the refusal it would have been)."""
     hosts: dict[str, list[_HostPort]] = {}
     ports_out: dict[tuple[str, int], str] = {}
-    for name, c in sorted(resources.clusters.items()):
+    for name in sorted(resources.clusters):  # the names: read only the clusters in use
         parsed = parse_cluster_name(name)
         if parsed is None:
             continue  # inbound, passthrough and black-hole clusters: not this proxy's routes
@@ -1295,7 +1320,7 @@ def _host_ports(
             unused.append(name)
             continue
         try:
-            hp = _host_port(resources, name, parsed, c, identity)
+            hp = _host_port(resources, name, parsed, resources.clusters[name], identity)
         except XdsRefused as exc:
             if (parsed.host, parsed.port) in used:
                 raise
