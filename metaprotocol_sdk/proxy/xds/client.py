@@ -607,6 +607,10 @@ class XdsClient:
                 waiting.append(name)
         return waiting
 
+    def _still_warming(self, state: TypeState, routes: dict[str, Message]) -> bool:
+        """Whether a held route update still waits for endpoints."""
+        return bool(self._warming(self._candidate(state, routes)))
+
     def _hold(
         self,
         call: Any,
@@ -657,7 +661,10 @@ class XdsClient:
         if held.call is not self._carrier[ROUTE_TYPE].call:
             self._release()  # its stream ended: a new one is sent the routes again
             return
-        if not force and self._warming(self._candidate(state, held.routes)):
+        # In a thread: the candidate reads every cluster's name (40 000: 40 ms).
+        if not force and await asyncio.to_thread(self._still_warming, state, held.routes):
+            return
+        if self.held is not held:  # released meanwhile (stopped)
             return
         self._release()
         if force:
