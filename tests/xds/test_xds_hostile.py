@@ -211,6 +211,18 @@ def test_endpoints_never_asked_for_are_not_held(
         harness.close()
 
 
+def _routed_to(snap: dict[str, list[Any]], names: list[str]) -> dict[str, list[Any]]:
+    """``snap`` with routes, matching no request of the tests, to each of ``names``: a route
+    to a host of the mesh is what makes the engine translate it and ask for its endpoints."""
+    never = [
+        MetaRoute(f"to-{i}", [(n, 100)], exact={"method": f"never{i}"}) for i, n in enumerate(names)
+    ]
+    routes = route_configuration(RDS_NAME, never)
+    table = routes.virtual_hosts[0].routes
+    table.extend(snap[ROUTE_TYPE][0].virtual_hosts[0].routes)
+    return {**snap, ROUTE_TYPE: [routes]}
+
+
 def _bare_assignment(name: str, n: int, first: int = 0) -> Any:
     """``n`` endpoints with an address and a port only: the most endpoints per byte."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
@@ -232,7 +244,7 @@ def test_what_the_control_plane_makes_the_engine_hold_is_bounded(
     snap = dict(snapshots(servers)[0][1])
     bulk = [f"outbound|9000||bulk{i}.svc" for i in range(8)]
     snap[CLUSTER_TYPE] = [*snap[CLUSTER_TYPE], *(cluster(name) for name in bulk)]
-    control_plane.set_snapshot("1", snap)
+    control_plane.set_snapshot("1", _routed_to(snap, bulk))
     limit = 64 * 1024
     harness = Harness(config_yaml(control_plane.port, f"\n    maxResourceBytes: {limit}"))
     try:
@@ -314,6 +326,7 @@ def test_config_dump_of_a_large_configuration_is_built_once_per_change(
     bulk = "outbound|9000||bulk.svc"
     snap[CLUSTER_TYPE] = [*snap[CLUSTER_TYPE], cluster(bulk)]
     snap[ENDPOINT_TYPE] = [*snap[ENDPOINT_TYPE], _bare_assignment(bulk, 5_000)]
+    snap = _routed_to(snap, [bulk])
     control_plane.set_snapshot("1", snap)
     harness = Harness(config_yaml(control_plane.port, '\n  admin: {bind: "127.0.0.1:0"}'))
     try:
