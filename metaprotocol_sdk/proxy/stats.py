@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 #: Istio's default buckets for request durations, in milliseconds.
 DURATION_BUCKETS_MS = (
@@ -241,6 +242,44 @@ def _le_texts(bounds: tuple[float, ...]) -> tuple[str, ...]:
     return (*(f"{bound:g}" for bound in bounds), "+Inf")
 
 
+T = TypeVar("T")
+
+
+def _histogram_pairs(histogram: Histogram) -> list[tuple[str, float]]:
+    """A histogram's Prometheus series and values: ``_bucket`` (cumulative, ``+Inf`` last),
+    ``_sum`` and ``_count``; its labels escaped once."""
+    name = histogram.name
+    inner = _label_text(histogram.labels)
+    braced = f"{{{inner}}}" if inner else ""
+    bucket = f"{name}_bucket{{{inner}{',' if inner else ''}le="
+    pairs: list[tuple[str, float]] = []
+    total = 0
+    for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
+        total += n
+        pairs.append((f'{bucket}"{le}"}}', total))
+    pairs.append((f"{name}_sum{braced}", histogram.sum))
+    pairs.append((f"{name}_count{braced}", total))
+    return pairs
+
+
+def _parts(series: Iterator[list[T]]) -> Iterator[list[list[T]]]:
+    """``series`` (the items of one series each) in lists of :data:`PART_SERIES` series."""
+    part: list[list[T]] = []
+    for items in series:
+        part.append(items)
+        if len(part) == PART_SERIES:
+            yield part
+            part = []
+    if part:
+        yield part
+
+
+def _text_parts(series: Iterator[list[str]]) -> Iterator[str]:
+    """The lines of ``series`` as text, a piece per :data:`PART_SERIES` series."""
+    for part in _parts(series):
+        yield "\n".join(line for lines in part for line in lines) + "\n"
+
+
 def series_name(name: str, labels: Labels) -> str:
     """``name{a="1",b="2"}`` (just ``name`` without labels)."""
     if not labels:
@@ -398,31 +437,17 @@ class Stats:
     def snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
         """:meth:`snapshot`'s pairs in pieces of at most :data:`PART_SERIES` series, as
         :meth:`prometheus_parts` makes its text (the same reasons, the same rules)."""
-        self._count.value = self.series_count
-        counters = list(self._series.items())
-        histograms = list(self._histograms.values())
-        pairs: list[tuple[str, float]] = []
-        for i, ((name, labels), series) in enumerate(counters, 1):
-            pairs.append((series_name(name, labels), series.value))
-            if i % PART_SERIES == 0:
-                yield pairs
-                pairs = []
-        for i, histogram in enumerate(histograms, 1):
-            name = histogram.name
-            inner = _label_text(histogram.labels)
-            braced = f"{{{inner}}}" if inner else ""
-            bucket = f"{name}_bucket{{{inner}{',' if inner else ''}le="
-            total = 0
-            for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
-                total += n
-                pairs.append((f'{bucket}"{le}"}}', total))
-            pairs.append((f"{name}_sum{braced}", histogram.sum))
-            pairs.append((f"{name}_count{braced}", total))
-            if i % PART_SERIES == 0:
-                yield pairs
-                pairs = []
-        if pairs:
-            yield pairs
+        counters, histograms = self._families()
+
+        def series() -> Iterator[list[tuple[str, float]]]:
+            for name, family in counters:
+                for counter in family:
+                    yield [(series_name(name, counter.labels), counter.value)]
+            for _, hists in histograms:
+                yield from map(_histogram_pairs, hists)
+
+        for part in _parts(series()):
+            yield [pair for pairs in part for pair in pairs]
 
     def prometheus(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
@@ -435,36 +460,24 @@ class Stats:
         Prometheus text repeats them on each of its 21 lines): ``labels<TAB>value``, or for
         a histogram ``labels<TAB>le,le,...<TAB>count count ...<TAB>sum`` (per bucket, not
         cumulative). ``labels`` is the escaped text inside the braces, empty for none."""
-        self._count.value = self.series_count
-        counters: dict[str, list[Counter]] = {}
-        for (name, _), series in self._series.items():
-            counters.setdefault(name, []).append(series)
-        histograms: dict[str, list[Histogram]] = {}
-        for (name, _), histogram in self._histograms.items():
-            histograms.setdefault(name, []).append(histogram)
-        lines: list[str] = []
-        made = 0
-        for name in sorted(counters):
-            kind = "gauge" if name in GAUGES else "counter"
-            lines.append(f"# {name} {kind} {HELP.get(name, name)}")
-            for series in counters[name]:
-                lines.append(f"{_label_text(series.labels)}\t{series.value!r}")
-                made += 1
-                if made % PART_SERIES == 0:
-                    yield "\n".join(lines) + "\n"
-                    lines = []
-        for name in sorted(histograms):
-            lines.append(f"# {name} histogram {HELP.get(name, name)}")
-            for h in histograms[name]:
-                les = ",".join(_le_texts(h.bounds))
-                counts = " ".join(map(str, h.counts))
-                lines.append(f"{_label_text(h.labels)}\t{les}\t{counts}\t{h.sum!r}")
-                made += 1
-                if made % PART_SERIES == 0:
-                    yield "\n".join(lines) + "\n"
-                    lines = []
-        if lines:
-            yield "\n".join(lines) + "\n"
+        counters, histograms = self._families()
+
+        def series() -> Iterator[list[str]]:
+            for name, family in counters:
+                kind = "gauge" if name in GAUGES else "counter"
+                head = [f"# {name} {kind} {HELP.get(name, name)}"]
+                for counter in family:
+                    yield [*head, f"{_label_text(counter.labels)}\t{counter.value!r}"]
+                    head = []
+            for name, hists in histograms:
+                head = [f"# {name} histogram {HELP.get(name, name)}"]
+                for h in hists:
+                    les = ",".join(_le_texts(h.bounds))
+                    counts = " ".join(map(str, h.counts))
+                    yield [*head, f"{_label_text(h.labels)}\t{les}\t{counts}\t{h.sum!r}"]
+                    head = []
+
+        return _text_parts(series())
 
     def prometheus_parts(self) -> Iterator[str]:
         """:meth:`prometheus`'s text in pieces of at most :data:`PART_SERIES` series, so that
@@ -473,6 +486,30 @@ class Stats:
         for seconds. The series are those that exist when the iteration starts; each piece
         reads their values as it is made. Each series' labels are escaped once, not once per
         line (a histogram has a line per bucket)."""
+        counters, histograms = self._families()
+
+        def series() -> Iterator[list[str]]:
+            for name, family in counters:
+                kind = "gauge" if name in GAUGES else "counter"
+                head = [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} {kind}"]
+                for counter in family:
+                    yield [*head, f"{series_name(name, counter.labels)} {counter.value}"]
+                    head = []
+            for name, hists in histograms:
+                head = [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} histogram"]
+                for h in hists:
+                    # In full (``!r``): six significant digits (``:g``) wrote 1 234 567 as
+                    # 1.23457e+06.
+                    yield [*head, *(f"{key} {value!r}" for key, value in _histogram_pairs(h))]
+                    head = []
+
+        return _text_parts(series())
+
+    def _families(
+        self,
+    ) -> tuple[list[tuple[str, list[Counter]]], list[tuple[str, list[Histogram]]]]:
+        """The counters and the histograms that exist now, grouped by name, names sorted
+        (the series count refreshed first: it is one of them)."""
         self._count.value = self.series_count
         counters: dict[str, list[Counter]] = {}
         for (name, _), series in self._series.items():
@@ -480,34 +517,4 @@ class Stats:
         histograms: dict[str, list[Histogram]] = {}
         for (name, _), histogram in self._histograms.items():
             histograms.setdefault(name, []).append(histogram)
-        lines: list[str] = []
-        made = 0
-        for name in sorted(counters):
-            lines.append(f"# HELP {name} {HELP.get(name, name)}")
-            lines.append(f"# TYPE {name} {'gauge' if name in GAUGES else 'counter'}")
-            for series in counters[name]:
-                lines.append(f"{series_name(name, series.labels)} {series.value}")
-                made += 1
-                if made % PART_SERIES == 0:
-                    yield "\n".join(lines) + "\n"
-                    lines = []
-        for name in sorted(histograms):
-            lines.append(f"# HELP {name} {HELP.get(name, name)}")
-            lines.append(f"# TYPE {name} histogram")
-            for histogram in histograms[name]:
-                inner = _label_text(histogram.labels)
-                braced = f"{{{inner}}}" if inner else ""
-                bucket = f"{name}_bucket{{{inner}{',' if inner else ''}le="
-                total = 0
-                for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
-                    total += n
-                    lines.append(f'{bucket}"{le}"}} {total}')
-                # In full: six significant digits (``:g``) wrote 1 234 567 as 1.23457e+06.
-                lines.append(f"{name}_sum{braced} {histogram.sum!r}")
-                lines.append(f"{name}_count{braced} {total}")
-                made += 1
-                if made % PART_SERIES == 0:
-                    yield "\n".join(lines) + "\n"
-                    lines = []
-        if lines:
-            yield "\n".join(lines) + "\n"
+        return sorted(counters.items()), sorted(histograms.items())
