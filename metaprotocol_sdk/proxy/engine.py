@@ -798,22 +798,30 @@ class Engine:
         return IdentityWatch(settings.material, self.stats, self.loop.time())
 
     def _adopt_identity(self, identity: IdentityWatch | None) -> None:
-        if identity is self.identity:
-            return
-        if self.identity is not None:
-            self.identity.on_rotate = None
-        self.identity = identity
+        """Serve ``identity``'s current files on the ``ISTIO_MUTUAL`` listeners: a rotation
+        during a reload's awaits gave the serving listeners the new files, and left the
+        staged ones with the contexts they were built with."""
+        if identity is not self.identity:
+            if self.identity is not None:
+                self.identity.on_rotate = None
+            self.identity = identity
+            if identity is not None:
+                identity.on_rotate = self._identity_rotated
         if identity is not None:
-            identity.on_rotate = self._identity_rotated
+            self._serve_identity(identity)
+
+    def _serve_identity(self, identity: IdentityWatch) -> None:
+        servers = identity.material.servers
+        for runtime in self.listeners.values():
+            if runtime.mesh_tls is not None:
+                runtime.tls = servers.get(server_key(runtime.mesh_tls), runtime.tls)
 
     def _identity_rotated(self) -> None:
         """New files: the ``ISTIO_MUTUAL`` listeners' new connections shake hands with them
         (clusters take the identity's client context at each connect)."""
         identity = self.identity
         assert identity is not None
-        for runtime in self.listeners.values():
-            if runtime.mesh_tls is not None:
-                runtime.tls = identity.material.server(server_key(runtime.mesh_tls))
+        self._serve_identity(identity)
         self._show_expiry()
 
     def _show_expiry(self) -> None:

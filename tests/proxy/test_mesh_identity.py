@@ -424,6 +424,40 @@ def test_the_identity_is_kept_across_a_reload_and_follows_the_files(
     run(main())
 
 
+def test_a_rotation_during_a_reload_is_served_by_the_reloaded_listeners(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """The files rotate while a reload awaits (it binds, it checks its addresses): the
+    rotation gave the serving listeners the new files, and the reload then put back the
+    contexts its listeners were built with: the old certificate was served until the next
+    rotation, hours later, maybe after it expired."""
+    certs = tmp_path / "certs"
+    first = ca.write(certs, "engine")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=identity(certs))
+        async with engine_for(text) as engine:
+            staging = engine._refuse_own_listeners
+            serials: list[int] = []
+
+            async def rotating(*args: Any) -> None:
+                serials.append(ca.write(certs, "engine"))
+                await until(lambda: rotations(engine, "ok") == 1)  # the engine's sweep
+                await staging(*args)
+
+            engine._refuse_own_listeners = rotating  # type: ignore[method-assign]
+            await engine.apply(loads_config(text, "test.yaml"))
+            (second,) = serials
+            assert second != first
+            conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
+            assert conn.transport is not None and peer_serial(conn.transport) == second
+            conn.close()
+        await up.close()
+
+    run(main())
+
+
 def test_without_a_mesh_identity_nothing_is_watched() -> None:
     async def main() -> None:
         up = await Upstream("v1").start()
