@@ -349,7 +349,9 @@ def test_a_rotated_identity_serves_the_next_connections_without_a_reload(
     run(main())
 
 
-@pytest.mark.parametrize("broken", ["mismatched", "half_written", "removed"])
+@pytest.mark.parametrize(
+    "broken", ["mismatched", "half_written", "removed", "expired", "another_ca", "huge"]
+)
 def test_a_broken_rotation_keeps_the_identity_in_force_and_is_counted(
     ca: MeshCa, tmp_path: Path, broken: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -366,8 +368,17 @@ def test_a_broken_rotation_keeps_the_identity_in_force_and_is_counted(
             elif broken == "half_written":
                 (certs / "cert-chain.pem").write_bytes(chain)
                 (certs / "key.pem").write_bytes(key[: len(key) // 2])
-            else:
+            elif broken == "removed":
                 (certs / "key.pem").unlink()
+            elif broken == "huge":  # over the bound of a PEM file
+                (certs / "cert-chain.pem").write_bytes(chain * (2**20 // len(chain) + 1))
+            else:  # served, it broke every new connection: peers refuse it
+                if broken == "expired":  # 36 s ago
+                    bad_chain, bad_key, _ = ca.workload("engine", hours=-0.01)
+                else:
+                    bad_chain, bad_key, _ = MeshCa("another").workload("engine")
+                (certs / "cert-chain.pem").write_bytes(bad_chain)
+                (certs / "key.pem").write_bytes(bad_key)
             with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
                 await until(lambda: rotations(engine, "failed") == 1)
             assert "the one in force is kept" in caplog.text
@@ -508,6 +519,14 @@ def test_the_identity_files_are_checked_at_load(ca: MeshCa, tmp_path: Path) -> N
     assert exc.field == "spec.meshIdentity.rootCertificates" and "root-cert.pem" in str(exc)
     exc = load_error(mesh([(1, "v1")], proxy=identity(certs, "10ms")))
     assert exc.field == "spec.meshIdentity.checkInterval"
+    MeshCa("another").write(certs, "engine")
+    (certs / "root-cert.pem").write_bytes(ca.pem)
+    exc = load_error(mesh([(1, "v1")], proxy=identity(certs)))
+    assert exc.field == "spec.meshIdentity.certificateChain"
+    assert "unable to get local issuer certificate" in str(exc)
+    ca.write(certs, "engine", hours=-0.01)
+    exc = load_error(mesh([(1, "v1")], proxy=identity(certs)))
+    assert exc.field == "spec.meshIdentity.certificateChain" and "expired" in str(exc)
 
 
 @pytest.mark.parametrize("key", ["clientCertificate", "caCertificates", "insecureSkipVerify"])
