@@ -507,30 +507,32 @@ class Engine:
         self.deadlines = Deadlines(self._loop, _expire)
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
-        settings = self.config.proxy
-        build = _Build(self.config, identity=self._identity_for(self.config))
-        for listener in settings.listeners:
-            self.listeners[(listener.host, listener.port)] = self._build_listener(build, listener)
-        self.clusters, self._cluster_specs = build.clusters, build.specs
-        self.rate_limit_services = build.rls
-        self._adopt_identity(build.identity)
-        self._show_expiry()
-        _warn_plain_auto(build)
-        shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
-        fd_bound = connections_from_rlimit(
-            shared * self.connections_per_endpoint,
-            any(not c.shared for c in self.clusters.values()),
-        )
-        if settings.limits.max_connections is None:
-            self.max_connections = fd_bound
-        elif self.max_connections > fd_bound:
-            log.warning(
-                "limits.maxConnections %d is above what RLIMIT_NOFILE leaves for client "
-                "connections (%d): upstream connects may fail with 'Too many open files'",
-                self.max_connections,
-                fd_bound,
-            )
         try:
+            settings = self.config.proxy
+            build = _Build(self.config, identity=self._identity_for(self.config))
+            for listener in settings.listeners:
+                self.listeners[(listener.host, listener.port)] = self._build_listener(
+                    build, listener
+                )
+            self.clusters, self._cluster_specs = build.clusters, build.specs
+            self.rate_limit_services = build.rls
+            self._adopt_identity(build.identity)
+            self._show_expiry()
+            _warn_plain_auto(build)
+            shared = sum(len(c.hosts) for c in self.clusters.values() if c.shared)
+            fd_bound = connections_from_rlimit(
+                shared * self.connections_per_endpoint,
+                any(not c.shared for c in self.clusters.values()),
+            )
+            if settings.limits.max_connections is None:
+                self.max_connections = fd_bound
+            elif self.max_connections > fd_bound:
+                log.warning(
+                    "limits.maxConnections %d is above what RLIMIT_NOFILE leaves for client "
+                    "connections (%d): upstream connects may fail with 'Too many open files'",
+                    self.max_connections,
+                    fd_bound,
+                )
             for listener in settings.listeners:
                 key = (listener.host, listener.port)
                 server = await self._listen(listener, self.listeners[key], start=True)
@@ -553,6 +555,7 @@ class Engine:
                 self.access_log = AccessLog(settings.access_log)
         except BaseException:
             await self._close_servers()
+            await self._stop_tracing()  # its exporter thread, made with the routes
             raise
         self._schedule_sweep()
         self.watchdog.start()
@@ -1036,19 +1039,23 @@ class Engine:
             self._sweeper.cancel()
             self._sweeper = None
         self.watchdog.stop()
-        if self.config.proxy.tracing is not None:
-            # Export the spans still queued, off the loop, for a bounded time (a dead
-            # collector must not hold the shutdown; the exporter gives up on its own later).
-            from .tracing import shutdown
-
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.to_thread(shutdown, self), TRACING_FLUSH)
+        await self._stop_tracing()
         if self.access_log is not None:
             self._flush_access_log()
             self.access_log.close()
             self.access_log = None
         assert self._stopped is not None
         self._stopped.set()
+
+    async def _stop_tracing(self) -> None:
+        """Export the spans still queued, off the loop, for a bounded time (a dead collector
+        must not hold the shutdown; the exporter gives up on its own later), and end the
+        exporter's thread."""
+        if self.config.proxy.tracing is not None:
+            from .tracing import shutdown
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(shutdown, self), TRACING_FLUSH)
 
     async def wait_stopped(self) -> None:
         """Wait until :meth:`stop` has finished."""
