@@ -1846,6 +1846,40 @@ def test_a_tls_client_that_sends_close_notify_still_gets_its_replies(
     run(main(), loop=loop)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_sends_close_notify_and_reads_nothing_is_cut_by_the_write_timeout(
+    pki: Pki, loop: str
+) -> None:
+    """The engine closed the connection once its replies were written, and the TLS layer,
+    closing (the client's close_notify in), told the connection of its end, which closed
+    the transport again. asyncio's TLS transport, closed twice, lets go of its layer: the
+    engine's next sweep raised (AttributeError) and never ran again, and with it every
+    timeout of the engine; this client stayed connected for good."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")], listener_tls=listener_tls(pki), proxy="timeouts: {write: 1s}\n"
+        )
+        async with engine_for(text) as engine:
+            _, client = await asyncio.get_running_loop().create_connection(
+                lambda: BioTlsClient(pki.client_context()), *address(engine)
+            )
+            await asyncio.wait_for(client.shaken, WAIT)
+            client.transport.pause_reading()
+            for rid in (1, 2, 3, 4):  # more than the sockets hold
+                client.send(build_frame(REQUEST, rid, {"method": "big", "size": "1000000"}))
+            client.close_notify()
+            await until(lambda: not engine.downstreams)
+            assert errors == []
+            closed = engine.stats.total("metaprotocol_downstream_connections_closed_total")
+            assert closed == 1
+        await up.close()
+
+    run(main(), loop=loop)
+
+
 class EndingUpstream(asyncio.Protocol):
     """An upstream that reads nothing after the first request, and ends its stream when
     told (:meth:`end`): with ``tls``, a TLS server driven by hand that sends its
