@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import resource
 from collections.abc import Callable, Iterator
@@ -172,6 +173,8 @@ class Engine:
         #: The resident set size was above ``overload.maxRssBytes`` at the last sweep.
         self.rss_over = False
         self._sweeper: asyncio.TimerHandle | None = None
+        #: When a failed sweep was last logged with its traceback (see :meth:`_sweep`).
+        self._sweep_error_logged = -math.inf
         self._buffered_gauge = self.stats.gauge("metaprotocol_buffered_bytes")
         self._overloaded_gauge = self.stats.gauge("metaprotocol_overloaded")
         self.connect_timeout = timeouts.connect
@@ -865,7 +868,19 @@ class Engine:
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Enforce the per-connection timeouts and recount the buffered bytes exactly."""
+        """Enforce the per-connection timeouts and recount the buffered bytes exactly; the
+        next sweep is scheduled whatever this one raised (every timeout of the engine hangs
+        on it): the error is logged, with its traceback at most once a minute."""
+        try:
+            self._sweep_now()
+        except Exception:
+            now = self.loop.time()
+            if now >= self._sweep_error_logged + 60.0:
+                self._sweep_error_logged = now
+                log.exception("the housekeeping sweep failed (it runs again all the same)")
+        self._schedule_sweep()
+
+    def _sweep_now(self) -> None:
         now = self.loop.time()
         # Upstream connections first, in a pass before the recount: one closed for a stalled
         # reply or stalled writes answers its clients' requests locally, and may send them
@@ -904,7 +919,6 @@ class Engine:
         building = self._reloading is not None and self._reloading.locked()
         if not building and self._stats_pruner.due(self, now):
             self._stats_pruner.prune_safely(self, now)
-        self._schedule_sweep()
 
     def _flush_access_log(self) -> None:
         """Write the access log's gathered lines (each sweep: a reader sees a line within a
