@@ -29,6 +29,7 @@ from proxy_kit import (
 
 from metaprotocol_sdk import Metadata, ReplyHead, ResponseStatus
 from metaprotocol_sdk.examples.kv import ERROR, HEADER, HEADER_SIZE, KVCodec
+from metaprotocol_sdk.proxy.upstream import ATTRIBUTE_BYTES
 
 CLUSTER = "outbound|9000||svc.test"
 DEDICATED = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
@@ -237,8 +238,9 @@ def test_a_retry_after_a_frame_timeout_goes_to_a_fresh_connection_and_stays_coun
             conn.write(build_frame(RESPONSE, m1.request_id, {}, bytes(100))[:30])
             (fresh, m2) = (await up.wait_received(2))[1]
             assert fresh is not conn
-            size = len(m2.frame)
-            assert engine.buffered == size  # the request in flight, nothing else
+            # The request in flight, nothing else: its frame and its decoded attributes.
+            size = len(m2.frame) + ATTRIBUTE_BYTES * len(m2.attributes.folded_items)
+            assert engine.buffered == size
             fresh.write(build_frame(RESPONSE, m2.request_id, {"k": "v"}))
             reply = await asyncio.wait_for(waiting, WAIT)
             assert (reply.request_id, error_type(reply), reply.attributes.get("k")) == (
