@@ -401,12 +401,17 @@ class Downstream(asyncio.Protocol):
         self._account_held(0)
 
     def close(self) -> None:
-        """Close after writing what is buffered (within ``timeouts.write``)."""
+        """Close after writing what is buffered (within ``timeouts.write``). Once: asyncio's
+        TLS transport, closed a second time, lets go of its TLS layer, and every call on
+        it after raises (its layer calls :meth:`eof_received` as it closes, after a
+        client's close_notify)."""
         self.closed = True
-        if self.transport is not None:
+        transport = self.transport
+        if transport is not None:
             if not self.closing_since:
                 self.closing_since = self.engine.loop.time()
-            self.transport.close()
+            if not transport.is_closing():
+                transport.close()
 
     def abort(self) -> None:
         """Reset the connection now, dropping what is unsent (a drain's deadline)."""

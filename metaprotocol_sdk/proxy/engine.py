@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import os
 import resource
 from collections.abc import Callable, Iterator
@@ -244,6 +245,8 @@ class Engine:
         #: The resident set size was above ``overload.maxRssBytes`` at the last sweep.
         self.rss_over = False
         self._sweeper: asyncio.TimerHandle | None = None
+        #: When a failed sweep was last logged with its traceback (see :meth:`_sweep`).
+        self._sweep_error_logged = -math.inf
         self._buffered_gauge = self.stats.gauge("metaprotocol_buffered_bytes")
         self._overloaded_gauge = self.stats.gauge("metaprotocol_overloaded")
         self.connect_timeout = timeouts.connect
@@ -582,19 +585,21 @@ class Engine:
         self.deadlines = Deadlines(self._loop, _expire)
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
-        settings = self.config.proxy
-        build = _Build(self.config, identity=self._identity_for(self.config))
-        for listener in settings.listeners:
-            self.listeners[(listener.host, listener.port)] = self._build_listener(build, listener)
-        self.clusters, self._cluster_specs = build.clusters, build.specs
-        self.rate_limit_services = build.rls
-        self._adopt_identity(build.identity)
-        self._show_expiry()
-        _warn_plain_auto(build)
-        self._budget(settings)
-        if self._loop.get_exception_handler() is None:
-            self._loop.set_exception_handler(_LoopErrors())
         try:
+            settings = self.config.proxy
+            build = _Build(self.config, identity=self._identity_for(self.config))
+            for listener in settings.listeners:
+                self.listeners[(listener.host, listener.port)] = self._build_listener(
+                    build, listener
+                )
+            self.clusters, self._cluster_specs = build.clusters, build.specs
+            self.rate_limit_services = build.rls
+            self._adopt_identity(build.identity)
+            self._show_expiry()
+            _warn_plain_auto(build)
+            self._budget(settings)
+            if self._loop.get_exception_handler() is None:
+                self._loop.set_exception_handler(_LoopErrors())
             for listener in settings.listeners:
                 key = (listener.host, listener.port)
                 server = await self._listen(listener, self.listeners[key], start=True)
@@ -617,6 +622,9 @@ class Engine:
                 self.access_log = AccessLog(settings.access_log)
         except BaseException:
             await self._close_servers()
+            await self._stop_tracing()  # its exporter thread, made with the routes
+            if isinstance(self._loop.get_exception_handler(), _LoopErrors):
+                self._loop.set_exception_handler(None)
             raise
         self._schedule_sweep()
         self.watchdog.start()
@@ -894,22 +902,30 @@ class Engine:
         return IdentityWatch(settings.material, self.stats, self.loop.time())
 
     def _adopt_identity(self, identity: IdentityWatch | None) -> None:
-        if identity is self.identity:
-            return
-        if self.identity is not None:
-            self.identity.on_rotate = None
-        self.identity = identity
+        """Serve ``identity``'s current files on the ``ISTIO_MUTUAL`` listeners: a rotation
+        during a reload's awaits gave the serving listeners the new files, and left the
+        staged ones with the contexts they were built with."""
+        if identity is not self.identity:
+            if self.identity is not None:
+                self.identity.on_rotate = None
+            self.identity = identity
+            if identity is not None:
+                identity.on_rotate = self._identity_rotated
         if identity is not None:
-            identity.on_rotate = self._identity_rotated
+            self._serve_identity(identity)
+
+    def _serve_identity(self, identity: IdentityWatch) -> None:
+        servers = identity.material.servers
+        for runtime in self.listeners.values():
+            if runtime.mesh_tls is not None:
+                runtime.tls = servers.get(server_key(runtime.mesh_tls), runtime.tls)
 
     def _identity_rotated(self) -> None:
         """New files: the ``ISTIO_MUTUAL`` listeners' new connections shake hands with them
         (clusters take the identity's client context at each connect)."""
         identity = self.identity
         assert identity is not None
-        for runtime in self.listeners.values():
-            if runtime.mesh_tls is not None:
-                runtime.tls = identity.material.server(server_key(runtime.mesh_tls))
+        self._serve_identity(identity)
         self._show_expiry()
 
     def _show_expiry(self) -> None:
@@ -980,7 +996,19 @@ class Engine:
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Enforce the per-connection timeouts and recount the buffered bytes exactly."""
+        """Enforce the per-connection timeouts and recount the buffered bytes exactly; the
+        next sweep is scheduled whatever this one raised (every timeout of the engine hangs
+        on it): the error is logged, with its traceback at most once a minute."""
+        try:
+            self._sweep_now()
+        except Exception:
+            now = self.loop.time()
+            if now >= self._sweep_error_logged + 60.0:
+                self._sweep_error_logged = now
+                log.exception("the housekeeping sweep failed (it runs again all the same)")
+        self._schedule_sweep()
+
+    def _sweep_now(self) -> None:
         now = self.loop.time()
         # Upstream connections first, in a pass before the recount: one closed for a stalled
         # reply or stalled writes answers its clients' requests locally, and may send them
@@ -1019,7 +1047,6 @@ class Engine:
         building = self._reloading is not None and self._reloading.locked()
         if not building and self._stats_pruner.due(self, now):
             self._stats_pruner.prune_safely(self, now)
-        self._schedule_sweep()
 
     def _flush_access_log(self) -> None:
         """Write the access log's gathered lines (each sweep: a reader sees a line within a
@@ -1156,19 +1183,23 @@ class Engine:
             self._sweeper.cancel()
             self._sweeper = None
         self.watchdog.stop()
-        if self.config.proxy.tracing is not None:
-            # Export the spans still queued, off the loop, for a bounded time (a dead
-            # collector must not hold the shutdown; the exporter gives up on its own later).
-            from .tracing import shutdown
-
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.to_thread(shutdown, self), TRACING_FLUSH)
+        await self._stop_tracing()
         if self.access_log is not None:
             self._flush_access_log()
             self.access_log.close()
             self.access_log = None
         assert self._stopped is not None
         self._stopped.set()
+
+    async def _stop_tracing(self) -> None:
+        """Export the spans still queued, off the loop, for a bounded time (a dead collector
+        must not hold the shutdown; the exporter gives up on its own later), and end the
+        exporter's thread."""
+        if self.config.proxy.tracing is not None:
+            from .tracing import shutdown
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(shutdown, self), TRACING_FLUSH)
 
     async def wait_stopped(self) -> None:
         """Wait until :meth:`stop` has finished."""

@@ -9,7 +9,8 @@ and a server one per listener settings. :class:`IdentityWatch` is the engine's: 
 :meth:`~IdentityWatch.check`, from the engine's sweep every ``checkInterval``, stats the
 three files (no read unless one changed) and swaps in new contexts for new connections;
 open connections keep theirs. Files that cannot be used (a certificate and a key that do
-not match, a file half written) keep the identity in force, and are counted and logged
+not match, a file half written, a certificate that does not chain to the root or has
+expired) keep the identity in force, and are counted and logged
 once they stay so for a whole interval (istio-agent replaces the files one by one: a check
 between two of its writes is not a failure).
 
@@ -195,9 +196,51 @@ def load_identity(
     )
     for server in servers:
         material.server(server)
+    _check_chain(material)
     if signature(settings) != before:
         raise IdentityChanging()
     return material
+
+
+#: OpenSSL's ``X509_V_ERR_CERT_NOT_YET_VALID``: a clock behind the CA's is no fault of the files.
+_NOT_YET_VALID = 9
+
+
+def _check_chain(material: IdentityMaterial) -> None:
+    """:class:`TlsSettingError` unless the certificate chains to the root and is not expired:
+    what every peer checks. A handshake in memory between the identity's own client and
+    server contexts, each verifying the other's certificate (the identity's)."""
+    settings = material.settings
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    client = material.client.wrap_bio(bios[0], bios[1])
+    server = material.server(DEFAULT_SERVER).wrap_bio(bios[2], bios[3], server_side=True)
+    done = [False, False]
+    try:
+        for _ in range(8):
+            for i, side in enumerate((client, server)):
+                if not done[i]:
+                    try:
+                        side.do_handshake()
+                        done[i] = True
+                    except ssl.SSLWantReadError:
+                        pass
+            bios[2].write(bios[1].read())
+            bios[0].write(bios[3].read())
+            if all(done):
+                return
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code == _NOT_YET_VALID:
+            return
+        why = exc.verify_message
+    except ssl.SSLError as exc:
+        why = str(exc)
+    else:
+        why = "the handshake did not complete"
+    raise TlsSettingError(
+        "certificateChain",
+        f"{settings.certificate_chain} cannot be used with the root of "
+        f"{settings.root_certificates}: {why}",
+    )
 
 
 class IdentityWatch:

@@ -184,8 +184,9 @@ def _histogram_lines(
 
 class WorkerFeed:
     """Reads one worker's ``/stats?format=worker`` (:meth:`.stats.Stats.worker_parts`) line
-    by line into ``merged``; ``series`` counts the series read. A line that is not of that
-    form raises ``ValueError``."""
+    by line into ``merged``; ``series`` counts the series read, and the families (a family
+    line holds a family of the merge even without series: they are bounded as series are).
+    A line that is not of that form raises ``ValueError``."""
 
     def __init__(self, merged: MergedStats, worker: str, skip: tuple[str, ...] = ()) -> None:
         self.merged = merged
@@ -201,6 +202,7 @@ class WorkerFeed:
             name, kind, help_text = [*line[2:].split(" ", 2), "", ""][:3]
             if kind not in ("counter", "gauge", "histogram"):
                 raise ValueError(f"unknown kind {kind[:40]!r}")
+            self.series += 1
             self._skipping = bool(self.skip) and name.startswith(self.skip)
             self._family = None if self._skipping else self.merged.family(name, kind, help_text)
             return

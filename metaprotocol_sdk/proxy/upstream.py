@@ -1103,12 +1103,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._finish_close(ErrorType.UpstreamReset, f"upstream {self.host.key} closed{reason}")
 
     def close(self) -> None:
-        """Close the connection; requests still waiting get ``UpstreamReset``."""
+        """Close the connection; requests still waiting get ``UpstreamReset``. The transport
+        is closed once: asyncio's TLS transport, closed a second time, lets go of its TLS
+        layer, and every call on it after raises (an idle connection is retired, which
+        closes it, then closed)."""
         if self.closed and self.transport is None:
             return
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()  # connection_lost finishes the job
+        transport = self.transport
+        if transport is not None:
+            if not transport.is_closing():
+                transport.close()  # connection_lost finishes the job
         elif self.task is not None:
             self.task.cancel()
             self.task = None

@@ -289,14 +289,17 @@ async def read_stats(
 ) -> None:
     """Merge a worker's ``/stats?format=worker`` into ``feed`` as it arrives, line by line:
     the answer starts within ``first`` seconds and ends within ``whole``; over ``most``
-    series raises :class:`StatsTruncated` (what was read stays merged)."""
+    series and families raises :class:`StatsTruncated` (what was read stays merged)."""
     async with asyncio.timeout(whole):
         async with asyncio.timeout(first):
             reader, writer = await asyncio.open_connection(*address, limit=STATS_LINE_BYTES)
         try:
             writer.write(f"GET /stats?{WORKER_FORMAT} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
             async with asyncio.timeout(first):
-                head = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.LimitOverrunError:
+                    raise ValueError(f"a head over {STATS_LINE_BYTES} bytes") from None
             status = int(head.split(b" ", 2)[1])
             if status != 200:
                 raise ValueError(f"status {status}")

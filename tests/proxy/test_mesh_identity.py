@@ -349,7 +349,9 @@ def test_a_rotated_identity_serves_the_next_connections_without_a_reload(
     run(main())
 
 
-@pytest.mark.parametrize("broken", ["mismatched", "half_written", "removed"])
+@pytest.mark.parametrize(
+    "broken", ["mismatched", "half_written", "removed", "expired", "another_ca", "huge"]
+)
 def test_a_broken_rotation_keeps_the_identity_in_force_and_is_counted(
     ca: MeshCa, tmp_path: Path, broken: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -366,8 +368,17 @@ def test_a_broken_rotation_keeps_the_identity_in_force_and_is_counted(
             elif broken == "half_written":
                 (certs / "cert-chain.pem").write_bytes(chain)
                 (certs / "key.pem").write_bytes(key[: len(key) // 2])
-            else:
+            elif broken == "removed":
                 (certs / "key.pem").unlink()
+            elif broken == "huge":  # over the bound of a PEM file
+                (certs / "cert-chain.pem").write_bytes(chain * (2**20 // len(chain) + 1))
+            else:  # served, it broke every new connection: peers refuse it
+                if broken == "expired":  # 36 s ago
+                    bad_chain, bad_key, _ = ca.workload("engine", hours=-0.01)
+                else:
+                    bad_chain, bad_key, _ = MeshCa("another").workload("engine")
+                (certs / "cert-chain.pem").write_bytes(bad_chain)
+                (certs / "key.pem").write_bytes(bad_key)
             with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
                 await until(lambda: rotations(engine, "failed") == 1)
             assert "the one in force is kept" in caplog.text
@@ -424,6 +435,40 @@ def test_the_identity_is_kept_across_a_reload_and_follows_the_files(
     run(main())
 
 
+def test_a_rotation_during_a_reload_is_served_by_the_reloaded_listeners(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """The files rotate while a reload awaits (it binds, it checks its addresses): the
+    rotation gave the serving listeners the new files, and the reload then put back the
+    contexts its listeners were built with: the old certificate was served until the next
+    rotation, hours later, maybe after it expired."""
+    certs = tmp_path / "certs"
+    first = ca.write(certs, "engine")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=identity(certs))
+        async with engine_for(text) as engine:
+            staging = engine._refuse_own_listeners
+            serials: list[int] = []
+
+            async def rotating(*args: Any) -> None:
+                serials.append(ca.write(certs, "engine"))
+                await until(lambda: rotations(engine, "ok") == 1)  # the engine's sweep
+                await staging(*args)
+
+            engine._refuse_own_listeners = rotating  # type: ignore[method-assign]
+            await engine.apply(loads_config(text, "test.yaml"))
+            (second,) = serials
+            assert second != first
+            conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
+            assert conn.transport is not None and peer_serial(conn.transport) == second
+            conn.close()
+        await up.close()
+
+    run(main())
+
+
 def test_without_a_mesh_identity_nothing_is_watched() -> None:
     async def main() -> None:
         up = await Upstream("v1").start()
@@ -474,6 +519,14 @@ def test_the_identity_files_are_checked_at_load(ca: MeshCa, tmp_path: Path) -> N
     assert exc.field == "spec.meshIdentity.rootCertificates" and "root-cert.pem" in str(exc)
     exc = load_error(mesh([(1, "v1")], proxy=identity(certs, "10ms")))
     assert exc.field == "spec.meshIdentity.checkInterval"
+    MeshCa("another").write(certs, "engine")
+    (certs / "root-cert.pem").write_bytes(ca.pem)
+    exc = load_error(mesh([(1, "v1")], proxy=identity(certs)))
+    assert exc.field == "spec.meshIdentity.certificateChain"
+    assert "unable to get local issuer certificate" in str(exc)
+    ca.write(certs, "engine", hours=-0.01)
+    exc = load_error(mesh([(1, "v1")], proxy=identity(certs)))
+    assert exc.field == "spec.meshIdentity.certificateChain" and "expired" in str(exc)
 
 
 @pytest.mark.parametrize("key", ["clientCertificate", "caCertificates", "insecureSkipVerify"])

@@ -1846,6 +1846,77 @@ def test_a_tls_client_that_sends_close_notify_still_gets_its_replies(
     run(main(), loop=loop)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_sends_close_notify_and_reads_nothing_is_cut_by_the_write_timeout(
+    pki: Pki, loop: str
+) -> None:
+    """The engine closed the connection once its replies were written, and the TLS layer,
+    closing (the client's close_notify in), told the connection of its end, which closed
+    the transport again. asyncio's TLS transport, closed twice, lets go of its layer: the
+    engine's next sweep raised (AttributeError) and never ran again, and with it every
+    timeout of the engine; this client stayed connected for good."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")], listener_tls=listener_tls(pki), proxy="timeouts: {write: 1s}\n"
+        )
+        async with engine_for(text) as engine:
+            _, client = await asyncio.get_running_loop().create_connection(
+                lambda: BioTlsClient(pki.client_context()), *address(engine)
+            )
+            await asyncio.wait_for(client.shaken, WAIT)
+            client.transport.pause_reading()
+            for rid in (1, 2, 3, 4):  # more than the sockets hold
+                client.send(build_frame(REQUEST, rid, {"method": "big", "size": "1000000"}))
+            client.close_notify()
+            await until(lambda: not engine.downstreams)
+            assert errors == []
+            closed = engine.stats.total("metaprotocol_downstream_connections_closed_total")
+            assert closed == 1
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_idle_tls_upstream_that_does_not_answer_close_notify_keeps_the_sweep_alive(
+    pki: Pki, loop: str
+) -> None:
+    """``tcp.idleTimeout`` retired the connection (which closed it) and closed it again:
+    asyncio's TLS transport, closed twice, let go of its layer, and while the upstream had
+    not answered the engine's close_notify the next sweep raised on it (AttributeError) and
+    never ran again: no timeout of the engine was enforced after."""
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start(ssl=pki.server_context(pki.leaf("up", "svc.test")))
+        policy = tls_policy(mode="SIMPLE", caCertificates=pki.ca_file)
+        policy = policy[:-1] + ", connectionPool: {tcp: {idleTimeout: 100ms}}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            (server,) = up.connections
+            assert server.transport is not None
+            server.transport.pause_reading()  # the engine's close_notify is not read
+            (conn,) = engine.upstreams
+            await until(lambda: conn.closed)  # idle
+            handles = [engine._sweeper]
+
+            def swept() -> bool:  # three sweeps more
+                if engine._sweeper is not handles[-1]:
+                    handles.append(engine._sweeper)
+                return len(handles) > 3
+
+            await until(swept)
+            assert errors == []
+            client.close()
+        await up.close()
+
+    run(main(), loop=loop)
+
+
 class EndingUpstream(asyncio.Protocol):
     """An upstream that reads nothing after the first request, and ends its stream when
     told (:meth:`end`): with ``tls``, a TLS server driven by hand that sends its

@@ -767,12 +767,49 @@ def test_a_worker_answer_over_the_series_bound_or_line_bound_is_cut() -> None:
         feed = workers.WorkerFeed(merged, "0")
         with pytest.raises(workers.StatsTruncated):
             await workers.read_stats(("127.0.0.1", port), feed, WAIT, 6 * WAIT, 1000)
-        assert len(merged.families["c_total"].samples) == 1001
+        assert len(merged.families["c_total"].samples) == 1000  # and its family line
         feed = workers.WorkerFeed(merged, "1")
         with pytest.raises(ValueError, match="limit"):
             await workers.read_stats(("127.0.0.1", long_port), feed, WAIT, 6 * WAIT, 1000)
         server.close()
         other.close()
+
+    run(main())
+
+
+def test_a_worker_answer_of_endless_families_or_an_endless_head_is_cut() -> None:
+    """Family lines without series counted nothing: a fake worker sending them held 884 000
+    families (530 MB) in the supervisor in 5 s under a bound of 1 000 series. A head without
+    its end raised ``LimitOverrunError``, which the scrape did not catch."""
+
+    async def main() -> None:
+        async def families(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            with contextlib.suppress(ConnectionError):
+                for i in range(10**5):
+                    writer.write(f"# f{i}_total counter F.\n".encode())
+                    await writer.drain()
+            writer.close()
+
+        async def head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nX: " + b"y" * (workers.STATS_LINE_BYTES + 1))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+        servers = [await asyncio.start_server(f, "127.0.0.1", 0) for f in (families, head)]
+        merged = MergedStats()
+        feed = workers.WorkerFeed(merged, "0")
+        with pytest.raises(workers.StatsTruncated):
+            await workers.read_stats(servers[0].sockets[0].getsockname(), feed, WAIT, WAIT, 1000)
+        assert len(merged.families) == 1001
+        feed = workers.WorkerFeed(merged, "1")
+        with pytest.raises(ValueError, match="head over"):
+            await workers.read_stats(servers[1].sockets[0].getsockname(), feed, WAIT, WAIT, 1000)
+        for server in servers:
+            server.close()
 
     run(main())
 

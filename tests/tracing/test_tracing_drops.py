@@ -9,6 +9,8 @@ sampling is 100 %).
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -16,7 +18,7 @@ import pytest
 from collector import Collector
 from proxy_kit import Client, Upstream, address, engine_for, mesh, run
 
-from metaprotocol_sdk.proxy import Engine
+from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.tracing import RESULTS, SPANS_TOTAL, provider_of
 
 
@@ -143,5 +145,34 @@ def test_stop_counts_what_a_collector_that_never_answers_did_not_take(
         while sum(counts(engine).values()) < 600 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # the exporter's thread counts the cancelled batch
         assert counts(engine) == {**dict.fromkeys(RESULTS, 0), "shutdown": 600}
+
+    run(main())
+
+
+def exporter_threads() -> int:
+    return sum(t.name == "metaprotocol-tracing-export" for t in threading.enumerate())
+
+
+def test_a_start_that_fails_ends_the_exporters_thread(collectors: list[Collector]) -> None:
+    """The routes make the exporter's thread (with the tracer); a start that failed after
+    (a listener's address in use) left it running, with its gRPC channel, for the life of
+    the process: one more per failed start."""
+    collector = Collector("ok")
+    collectors.append(collector)
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            text = traced(up.port, collector, 64, "1s").replace(
+                "bind: '127.0.0.1:0'", f"bind: '127.0.0.1:{busy.getsockname()[1]}'"
+            )
+            before = exporter_threads()
+            for _ in range(3):
+                with pytest.raises(OSError):
+                    await Engine(loads_config(text, "test.yaml")).start()
+            assert exporter_threads() == before
+        await up.close()
 
     run(main())
