@@ -145,6 +145,7 @@ class Detecting(asyncio.Protocol):
         text, and the plain connection answers the half-close as usual."""
         if not self.held:
             self._settle("closed")
+            self.transport = None  # (counted: not again when it is lost)
             return None  # the transport closes itself
         downstream = self._plain(self.held, "plain")
         if downstream is None or downstream.closed or downstream.transport is None:
@@ -161,6 +162,7 @@ class Detecting(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             self._settle(None)
+            self.transport = None  # no client's doing: not counted when it is lost
             transport.abort()
 
     # -- the verdict -------------------------------------------------------------------------

@@ -309,6 +309,48 @@ def test_a_client_that_sends_nothing_is_served_as_plain_text_after_the_handshake
     run(main(), loop=loop)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_client_that_leaves_before_its_first_bytes_is_counted_once(
+    ca: MeshCa, tmp_path: Path, loop: str, how: str
+) -> None:
+    """A TCP probe (connect, close) or a reset: ``closed``, once, and nothing left held."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port)) as engine:
+            client = await Client.connect(address(engine))
+            await until(lambda: len(detecting(engine)) == 1)
+            client.close() if how == "close" else client.reset()
+            await until(lambda: not engine.handshaking)
+            await asyncio.wait_for(client.closed, WAIT)
+            plain = await Client.connect(address(engine))  # a turn of the loop at least
+            assert error_type(await plain.call("get")) is None
+            plain.close()
+        assert detected(engine, "closed") == 1 and detected(engine, "plain") == 1
+        assert not engine.downstreams and not engine.handshaking
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+def test_a_stop_aborts_the_connections_detecting_without_counting_them(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port)) as engine:
+            client = await Client.connect(address(engine))
+            await until(lambda: len(detecting(engine)) == 1)
+        await asyncio.wait_for(client.closed, WAIT)
+        assert not engine.handshaking
+        results = ("closed", "plain", "mtls", "timeout")
+        assert [detected(engine, r) for r in results] == [0, 0, 0, 0]
+        await up.close()
+
+    run(main())
+
+
 # -- STRICT and DISABLE -------------------------------------------------------------------------
 
 
