@@ -554,6 +554,12 @@ def test_a_listener_with_its_own_tls_keeps_it(ca: MeshCa, tmp_path: Path) -> Non
         ((peer_authentication("MUTUAL"),), "spec.mtls.mode", "unknown mode 'MUTUAL'"),
         ((peer_authentication("OFF"),), "spec.mtls.mode", "unknown mode False"),
         ((workload(None, "{0: {mode: STRICT}}"),), "spec.portLevelMtls.0", "port number"),
+        (  # an explicit key: YAML's implicit ones have at most 1024 characters
+            (workload(None, "\n    ? '" + "9" * 5000 + "'\n    : {mode: STRICT}"),),
+            "spec.portLevelMtls." + "9" * 5000,
+            "port number",
+        ),
+        ((workload(None, "{'٣': {}}"),), "spec.portLevelMtls.٣", "port number"),
         ((workload(None, "{9000: STRICT}"),), "spec.portLevelMtls.9000", "must be a mapping"),
         ((workload(None, "{9000: {mode: STRICT, x: 1}}"),), "spec.portLevelMtls.9000.x", "unknown"),
         ((peer_authentication("STRICT", more="\n  action: ALLOW"),), "spec.action", "unknown"),

@@ -1829,7 +1829,8 @@ def _peer_authentication(
             )
         for key, value in raw_ports.items():
             where = f"spec.portLevelMtls.{key}"
-            number = int(key) if isinstance(key, str) and key.isdigit() else key
+            digits = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 5
+            number = int(key) if digits else key  # (int() of 5000 digits raises ValueError)
             if isinstance(number, bool) or not isinstance(number, int) or not 0 < number < 65536:
                 doc.fail(where, f"must be a port number (1-65535), got {key!r}")
             if not isinstance(value, dict):
