@@ -46,6 +46,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
         "lastReload": None if engine.last_reload is None else engine.last_reload.as_dict(),
         "sources": list(engine.config.sources),
         "meshIdentity": None if engine.identity is None else engine.identity.dump(),
+        "peerAuthentication": plain(settings.peer_authentication),
         "listeners": [
             {
                 "name": listener.name,
@@ -56,6 +57,8 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "protocol": engine.config.protocol_of(listener.host, listener.port).name,
                 "filters": [spec.name for spec in listener.filters],
                 "tls": dump_listener(listener.tls),
+                # The PeerAuthentication mode it follows (None: its own tls, or no identity).
+                "peerAuthentication": listener.peer_mode,
                 "connectionRateLimit": plain(listener.connection_rate_limit),
                 "localRateLimit": plain(
                     getattr(engine.config.routers.get(listener.host), "local_rate_limit", None)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .config.models import ListenerTls
+    from .detection import Detection
     from .engine import Engine
     from .policies import ConnectionRateLimit
     from .tls import ClientCheck, TlsStats
@@ -128,6 +129,9 @@ class ListenerRuntime:
         self.mesh_tls: ListenerTls | None = None
         #: ``connectionRateLimit`` (``None``: none; set by the engine).
         self.accept_limit: ConnectionRateLimit | None = None
+        #: PERMISSIVE or DISABLE (a PeerAuthentication's): each connection's first bytes say
+        #: TLS or plain text (``detection.attach_detection``; ``None``: not detected).
+        self.detect: Detection | None = None
 
     def count_filter_error(self, f: Filter) -> None:
         """Count one exception raised by a filter (its request was answered locally)."""

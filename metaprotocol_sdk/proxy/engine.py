@@ -31,6 +31,7 @@ from .config.models import (
     UpstreamTls,
 )
 from .deadlines import Deadlines
+from .detection import Detecting, attach_detection, detecting
 from .downstream import Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .identity import IdentityWatch, istio_sni, server_key
@@ -256,7 +257,7 @@ class Engine:
         self.downstreams: set[Downstream] = set()
         #: Client connections of TLS listeners still shaking hands (they count against
         #: ``limits.maxConnections``), and how long they may take (``timeouts.handshake``).
-        self.handshaking: set[TlsDownstream] = set()
+        self.handshaking: set[TlsDownstream | Detecting] = set()
         self.handshake_timeout = timeouts.handshake
         #: Client connections gone with requests a filter still holds (those sent upstream are
         #: given up when the client goes): their frames count until each hold ends, and the
@@ -443,6 +444,7 @@ class Engine:
         )
         runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
         attach_listener(runtime, listener.tls, build.identity)
+        attach_detection(runtime, listener.peer_mode)
         if listener.connection_rate_limit is not None:
             refused = self.stats.counter(
                 "metaprotocol_downstream_connections_rejected_total",
@@ -675,6 +677,9 @@ class Engine:
             limit = runtime.accept_limit
             if limit is not None and not limit.take(loop.time()):
                 return Refused(limit.refused)  # before any handshake
+            detect = runtime.detect
+            if detect is not None:  # PERMISSIVE or DISABLE: its first bytes say
+                return detecting(runtime, detect)
             context = runtime.tls
             return Downstream(runtime) if context is None else tls_accept(runtime, context)
 
@@ -810,7 +815,7 @@ class Engine:
         draining: list[Downstream] = []
         # Connections still shaking hands were made by a listener's runtime with its codec
         # and routes of then; those the reload would drain have nothing in flight: reset.
-        aborted: list[TlsDownstream] = []
+        aborted: list[TlsDownstream | Detecting] = []
         listeners: dict[tuple[str, int], ListenerRuntime] = {}
         for key, runtime in staged.runtimes.items():
             current = self.listeners.get(key)
@@ -828,6 +833,7 @@ class Engine:
             current.tls_stats = runtime.tls_stats
             current.tls_check = runtime.tls_check
             current.mesh_tls = runtime.mesh_tls
+            current.detect = runtime.detect
             kept = current.accept_limit
             if (
                 kept is None
@@ -844,10 +850,10 @@ class Engine:
                         draining.append(conn)
             for shaking in self.handshaking:
                 if shaking.listener is current:
-                    if same_codec:
-                        shaking._route = match
-                    else:
+                    if not same_codec:
                         aborted.append(shaking)
+                    elif isinstance(shaking, TlsDownstream):
+                        shaking._route = match  # (a Detecting one takes the runtime's later)
             listeners[key] = current
         for key, current in self.listeners.items():
             if key in listeners and listeners[key] is current:

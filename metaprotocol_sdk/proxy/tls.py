@@ -516,6 +516,15 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
     reason = engine.refuse_connection()
     if reason is not None:
         return Refused(runtime.rejected[reason])
+    return tls_layer(runtime, context, engine.handshake_timeout)
+
+
+def tls_layer(
+    runtime: ListenerRuntime, context: ssl.SSLContext, timeout: float
+) -> asyncio.BaseProtocol:
+    """The TLS layer of a connection admitted, over a :class:`TlsDownstream` (one of the
+    engine's ``handshaking`` until its handshake ends, within ``timeout`` seconds)."""
+    engine = runtime.engine
     loop = engine.loop
     stats = runtime.tls_stats
     assert stats is not None
@@ -527,7 +536,7 @@ def tls_accept(runtime: ListenerRuntime, context: ssl.SSLContext) -> asyncio.Bas
         context,
         waiter,
         server_side=True,
-        ssl_handshake_timeout=engine.handshake_timeout,
+        ssl_handshake_timeout=timeout,
     )
     downstream.handshake = layer
     layer.watcher = downstream

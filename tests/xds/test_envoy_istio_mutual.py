@@ -355,6 +355,78 @@ def test_envoy_client_sidecar_to_the_engines_istio_mutual_listener(
         server.close()
 
 
+PERMISSIVE = """
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: PERMISSIVE}}
+"""
+
+
+def test_envoy_client_sidecar_and_a_plain_client_on_one_permissive_port(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Istio's PERMISSIVE on the engine's plain listener: Envoy's ISTIO_MUTUAL cluster (as
+    auto mTLS sends a sidecar client to an endpoint labelled ``tlsMode: istio``) and a
+    Thrift client without a sidecar, in plain text, on the same port; both served, each
+    counted by how; Envoy without a certificate refused in the handshake."""
+    ca = MeshCa()
+    ca.write(tmp_path / "engine-certs", "hello")
+    sidecar = ca.files(tmp_path / "sidecar", "frontend")
+    root = str(tmp_path / "engine-certs" / "root-cert.pem")
+    server = HelloServer("v1").start()
+    engine = EngineThread(
+        with_sans(engine_yaml(server.port, tmp_path / "engine-certs")) + PERMISSIVE
+    )
+    try:
+        sockets = {
+            MTLS: istio_mutual_socket(f"outbound_.{PORT}_._.{HOST}", [spiffe("hello")]),
+            NO_CERT: no_certificate(
+                istio_mutual_socket(f"outbound_.{PORT}_.nocert_.{HOST}", [spiffe("hello")])
+            ),
+        }
+        control_plane.set_snapshot(
+            "1",
+            {
+                CLUSTER_TYPE: [tls_cluster(name, s) for name, s in sockets.items()],
+                ENDPOINT_TYPE: [
+                    load_assignment(name, [("127.0.0.1", engine.port)]) for name in sockets
+                ],
+                SECRET_TYPE: istio_secrets(*sidecar, root),
+            },
+        )
+        clusters = GRPC_CLUSTER.format(name="xds", port=control_plane.port)
+        clusters += GRPC_CLUSTER.format(name="sds-grpc", port=control_plane.port)
+        listeners = TCP_PROXY_LISTENER.format(name="mtls", cluster=MTLS)
+        listeners += TCP_PROXY_LISTENER.format(name="nocert", cluster=NO_CERT)
+        bootstrap = CLIENT_BOOTSTRAP.format(node=NODE, clusters=clusters, listeners=listeners)
+        with run_envoy(tmp_path, bootstrap) as admin:
+            active_clusters(admin, {MTLS, NO_CERT})
+            port = listener_port(admin, "mtls")
+            listener = f"{HOST}:{PORT}"
+            detected = "metaprotocol_downstream_connections_detected_total"
+            assert say_hello(port, "sidecar") == "v1: hello sidecar"
+            assert say_hello(engine.port, "plain") == "v1: hello plain"
+            assert say_hello(port, "again") == "v1: hello again"
+            assert engine.stat(detected, listener=listener, result="plain") == 1
+            assert engine.stat(detected, listener=listener, result="mtls") >= 1
+            assert engine.stat("metaprotocol_tls_handshakes_total", listener=listener) >= 1
+            assert envoy_stat(admin, f"{MTLS}.ssl.handshake") >= 1
+            with pytest.raises(Exception):  # noqa: B017 (thriftpy2's transport errors vary)
+                say_hello(listener_port(admin, "nocert"), "anonymous")
+            engine.wait_stat(
+                1,
+                "metaprotocol_tls_handshake_errors_total",
+                listener=listener,
+                reason="no_client_certificate",
+            )
+            assert server.handler.requests == 3
+    finally:
+        engine.close()
+        server.close()
+
+
 # -- Envoy as the server's sidecar -------------------------------------------------------------
 
 SERVER_BOOTSTRAP = """

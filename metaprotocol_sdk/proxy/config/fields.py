@@ -75,7 +75,21 @@ SERVICE_ENTRY_METADATA = Fields(
     METADATA.refused,
     {k: v for k, v in METADATA.warned.items() if k != "namespace"},
 )
-METADATA_BY_KIND = {"ServiceEntry": SERVICE_ENTRY_METADATA}
+#: A PeerAuthentication's namespace: its level in Istio (the root namespace's is the mesh's).
+PEER_AUTHENTICATION_METADATA = Fields(
+    METADATA.honoured,
+    METADATA.refused,
+    {
+        **METADATA.warned,
+        "namespace": "this engine is one workload and has no namespaces: a PeerAuthentication "
+        "without a selector applies to it from any namespace (the mesh's root namespace's "
+        "and its own namespace's are one level here)",
+    },
+)
+METADATA_BY_KIND = {
+    "ServiceEntry": SERVICE_ENTRY_METADATA,
+    "PeerAuthentication": PEER_AUTHENTICATION_METADATA,
+}
 #: The API groups each kind is published in (``apiVersion`` is optional; when set, checked).
 API_VERSIONS = {
     "ApplicationProtocol": ("metaprotocol.aeraki.io/v1alpha1",),
@@ -91,6 +105,7 @@ API_VERSIONS = {
         "networking.istio.io/v1alpha3",
     ),
     "ProxyConfig": ("proxy.metaprotocol.io/v1alpha1",),
+    "PeerAuthentication": ("security.istio.io/v1", "security.istio.io/v1beta1"),
 }
 
 # -- ApplicationProtocol (Aeraki) --------------------------------------------------------------
@@ -245,6 +260,22 @@ OUTLIER_DETECTION = fields(
         "outlierDetectionHttpErrorCodes": "HTTP status codes (MetaProtocol replies have none; "
         "consecutive5xxErrors counts upstream Error replies)",
     },
+)
+
+# -- PeerAuthentication (Istio) ----------------------------------------------------------------
+
+PEER_AUTHENTICATION = fields("selector", "mtls", "portLevelMtls")
+#: Istio's ``WorkloadSelector``: its labels are not matched (see the loader).
+PEER_SELECTOR = fields("matchLabels")
+PEER_MTLS = fields("mode")
+#: ``mtls.mode`` values (``UNSET``: the parent's).
+PEER_MODES = ("STRICT", "PERMISSIVE", "DISABLE", "UNSET")
+#: What STRICT and PERMISSIVE need: the ProxyConfig's workload identity.
+PEER_NO_MESH_IDENTITY = (
+    "mutual TLS on the listeners uses the workload's Istio identity, and the ProxyConfig sets "
+    "none: set spec.meshIdentity (the files istio-agent writes: certificateChain, privateKey, "
+    "rootCertificates; by default /etc/certs/cert-chain.pem, key.pem and root-cert.pem), or "
+    "use mode DISABLE (plain text, as without a PeerAuthentication)"
 )
 
 # -- MetaRouter (Aeraki, with this engine's timeout, fault and retries) ------------------------

@@ -72,6 +72,8 @@ from .models import (
     Mirror,
     OutlierDetection,
     Overload,
+    PeerAuthentication,
+    PeerMode,
     Protocol,
     ProxySettings,
     RateLimitCondition,
@@ -94,7 +96,14 @@ from .models import (
     XdsNode,
 )
 
-KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
+KINDS = (
+    "ApplicationProtocol",
+    "ServiceEntry",
+    "DestinationRule",
+    "MetaRouter",
+    "ProxyConfig",
+    "PeerAuthentication",
+)
 PORT_PREFIX = "tcp-metaprotocol-"
 #: ``ISTIO_VERSION`` in the node metadata sent to the control plane (istiod reads it to pick
 #: features; this is the Istio release whose xDS output the tests' snapshots follow).
@@ -376,7 +385,8 @@ def _build(
     if identity is not None and identity.auto_mtls:
         _unnamed_auto_servers(by_kind["ServiceEntry"], services, rules)
     routers = _routers(by_kind["MetaRouter"], services, rules, protocols)
-    proxy = _proxy(proxy_doc, services, codec_options, identity)
+    peer = _peer_authentication(by_kind["PeerAuthentication"], identity)
+    proxy = _proxy(proxy_doc, services, codec_options, identity, peer)
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
     return Config(
@@ -1698,9 +1708,10 @@ def _proxy(
     services: dict[str, Service],
     codec_options: dict[str, dict[str, Any]],
     identity: MeshIdentity | None = None,
+    peer: PeerAuthentication | None = None,
 ) -> ProxySettings:
     if doc is None:
-        return ProxySettings()
+        return ProxySettings(peer_authentication=peer)
     spec = doc.spec()
     doc.check(spec, "spec", schema.PROXY_CONFIG)
     listeners: list[Listener] = []
@@ -1728,6 +1739,12 @@ def _proxy(
                 doc.fail(path, f"duplicate listener for {host}:{port}")
             if bind[1] and (other.bind_host, other.bind_port) == bind:
                 doc.fail(f"{path}.bind", f"address {bind[0]}:{bind[1]} is used by {other.name}")
+        tls = _listener_tls(doc, raw, path, identity)
+        mode: PeerMode | None = None
+        if tls is None and identity is not None:  # Istio's sidecar inbound: PeerAuthentication
+            mode = (peer or PeerAuthentication()).mode_for(bind[1])
+            if mode != "DISABLE":
+                tls = _listener_tls(doc, {"tls": {"mode": "ISTIO_MUTUAL"}}, path, identity)
         listeners.append(
             Listener(
                 host,
@@ -1735,10 +1752,13 @@ def _proxy(
                 bind[0],
                 bind[1],
                 _filters(doc, raw, path),
-                _listener_tls(doc, raw, path, identity),
+                tls,
                 _connection_rate_limit(doc, raw, path),
+                mode,
             )
         )
+    if peer is not None and identity is not None:
+        _unmatched_ports(doc, peer, listeners)
     admin = _admin(doc, spec)
     limits = _limits(doc, spec)
     overload = _overload(doc, spec)
@@ -1766,7 +1786,112 @@ def _proxy(
         tracing=_tracing(doc, spec),
         xds=_xds(doc, spec),
         mesh_identity=identity,
+        peer_authentication=peer,
     )
+
+
+def _peer_authentication(
+    docs: list[_Doc], identity: MeshIdentity | None
+) -> PeerAuthentication | None:
+    """Istio's PeerAuthentications, composed as istiod does for one workload: the one with a
+    ``selector`` (workload level; the engine is the workload it selects, its labels are not
+    matched) over the one without (namespace or mesh level: the engine has no namespaces,
+    so they are one level), ``UNSET`` inheriting, ``PERMISSIVE`` when neither says. At most
+    one of each: istiod takes the oldest of several by their creation time, which a file
+    does not have."""
+    if not docs:
+        return None
+    levels: dict[bool, tuple[_Doc, str, dict[int, str]]] = {}
+    for doc in docs:
+        spec = doc.spec()
+        doc.check(spec, "spec", schema.PEER_AUTHENTICATION)
+        selector = doc.mapping(spec, "selector", "spec.selector", required=False)
+        doc.check(selector, "spec.selector", schema.PEER_SELECTOR)
+        labels = doc.labels(selector, "matchLabels", "spec.selector.matchLabels")
+        workload = bool(labels)  # Istio: an empty selector is no selector
+        if workload:
+            doc.caution(
+                "spec.selector",
+                "its labels are not matched (this engine reads no pod labels): the "
+                "PeerAuthentication is taken as selecting this engine (workload level, over "
+                "one without a selector)",
+            )
+        mtls = doc.mapping(spec, "mtls", "spec.mtls", required=False)
+        doc.check(mtls, "spec.mtls", schema.PEER_MTLS)
+        mode = _peer_mode(doc, mtls, "spec.mtls.mode", identity)
+        ports: dict[int, str] = {}
+        raw_ports = doc.mapping(spec, "portLevelMtls", "spec.portLevelMtls", required=False)
+        if raw_ports and not workload:
+            doc.fail(
+                "spec.portLevelMtls",
+                "portLevelMtls requires selector (as Istio's validation says): port-level "
+                "modes belong to a workload's PeerAuthentication",
+            )
+        for key, value in raw_ports.items():
+            where = f"spec.portLevelMtls.{key}"
+            digits = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 5
+            number = int(key) if digits else key  # (int() of 5000 digits raises ValueError)
+            if isinstance(number, bool) or not isinstance(number, int) or not 0 < number < 65536:
+                doc.fail(where, f"must be a port number (1-65535), got {key!r}")
+            if not isinstance(value, dict):
+                doc.fail(where, f"must be a mapping with mode, got {type(value).__name__}")
+            doc.check(value, where, schema.PEER_MTLS)
+            ports[number] = _peer_mode(doc, value, f"{where}.mode", identity)
+        if workload in levels:
+            other = levels[workload][0]
+            what = "with a selector" if workload else "without a selector"
+            doc.fail(
+                "kind",
+                f"a second PeerAuthentication {what} ({other.kind}/{other.name} is one): this "
+                "engine is one workload without namespaces, so one of each applies (Istio "
+                "would take the oldest); merge them",
+            )
+        levels[workload] = (doc, mode, ports)
+    effective: PeerMode = "PERMISSIVE"
+    for level in (False, True):  # namespace (or mesh), then workload
+        if level in levels and levels[level][1] != "UNSET":
+            effective = cast(PeerMode, levels[level][1])
+    ports = levels[True][2] if True in levels else {}
+    return PeerAuthentication(
+        effective,
+        {
+            port: effective if mode == "UNSET" else cast(PeerMode, mode)
+            for port, mode in ports.items()
+        },
+        tuple(f"{doc.kind}/{doc.name}" for doc, _, _ in levels.values()),
+    )
+
+
+def _peer_mode(doc: _Doc, mtls: Mapping[str, Any], path: str, identity: MeshIdentity | None) -> str:
+    """A PeerAuthentication ``mode`` (absent: ``UNSET``); STRICT and PERMISSIVE need the
+    workload identity."""
+    mode = doc.get(mtls, "mode", path)
+    if mode is None:
+        return "UNSET"
+    if not isinstance(mode, str) or mode not in schema.PEER_MODES:  # (YAML reads OFF as false)
+        doc.fail(path, f"unknown mode {mode!r}; expected one of {', '.join(schema.PEER_MODES)}")
+    if identity is None and mode in ("STRICT", "PERMISSIVE"):
+        doc.fail(path, f"{mode}: {schema.PEER_NO_MESH_IDENTITY}")
+    return str(mode)
+
+
+def _unmatched_ports(doc: _Doc, peer: PeerAuthentication, listeners: list[Listener]) -> None:
+    """Caution about a ``portLevelMtls`` port no listener accepts on: Istio's keys are the
+    workload's (container) ports, here the listeners' ``bind`` ports, not service ports."""
+    binds = {listener.bind_port for listener in listeners}
+    for port in peer.ports:
+        if port in binds:
+            continue
+        served = [lst.name for lst in listeners if lst.port == port]
+        hint = (
+            f"; {served[0]} is a service port: the key is the port the listener binds"
+            if served
+            else ""
+        )
+        doc.caution(
+            "spec.listeners",
+            f"PeerAuthentication portLevelMtls port {port} matches no listener's bind port" + hint,
+        )
 
 
 def _mesh_identity(doc: _Doc) -> MeshIdentity | None:

@@ -213,6 +213,8 @@ class OutlierDetection:
 UpstreamTlsMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
 #: ``ProxyConfig.spec.listeners[].tls.mode`` values (Istio Gateway ``ServerTLSSettings``).
 ListenerTlsMode = Literal["SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL"]
+#: A PeerAuthentication's effective ``mtls.mode`` (``UNSET`` resolved to its parent's).
+PeerMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
 
 
 @dataclass(frozen=True)
@@ -544,6 +546,11 @@ class Listener:
     #: ``connectionRateLimit.tokenBucket``: new connections beyond it are closed at the
     #: accept, before any handshake (``None``: no limit, and no cost).
     connection_rate_limit: TokenBucket | None = None
+    #: The PeerAuthentication mode of a listener without ``tls`` when a ``meshIdentity`` is
+    #: set (``STRICT``: ``tls`` is then ``ISTIO_MUTUAL``; ``PERMISSIVE``: that, or plain text,
+    #: by the connection's first bytes; ``DISABLE``: plain text only). ``None``: not governed
+    #: by one (its own ``tls``, or no identity: plain TCP as always).
+    peer_mode: PeerMode | None = None
 
     @property
     def name(self) -> str:
@@ -731,6 +738,24 @@ class Xds:
 
 
 @dataclass(frozen=True)
+class PeerAuthentication:
+    """Istio's PeerAuthentications composed for this engine, one workload without namespaces
+    (istiod's ``ComposePeerAuthentication``): the one with a ``selector`` (workload level)
+    over the one without (namespace or mesh level), ``UNSET`` inheriting, ``PERMISSIVE``
+    when neither says; ``ports``: the workload level's ``portLevelMtls``, by the port the
+    engine accepts on (a listener's ``bind`` port, Istio's container port)."""
+
+    mode: PeerMode = "PERMISSIVE"
+    ports: dict[int, PeerMode] = field(default_factory=dict)
+    #: ``kind/name`` of the documents composed (for ``/config_dump``).
+    sources: tuple[str, ...] = ()
+
+    def mode_for(self, port: int) -> PeerMode:
+        """The mode of a listener accepting on ``port``."""
+        return self.ports.get(port, self.mode)
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """The ``ProxyConfig`` document: the engine's own settings."""
 
@@ -750,6 +775,8 @@ class ProxySettings:
     xds: Xds | None = None
     #: The workload's Istio identity (``ISTIO_MUTUAL``; ``None``: not configured).
     mesh_identity: MeshIdentity | None = None
+    #: The PeerAuthentications read (``None``: none), applied to the listeners' ``peer_mode``.
+    peer_authentication: PeerAuthentication | None = None
 
 
 @dataclass(frozen=True)
