@@ -53,8 +53,8 @@ class MeshCa:
         )
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def workload(self, sa: str, hours: float = 24) -> tuple[bytes, bytes, int]:
-        """A workload certificate for ``spiffe(sa)`` (no subject, the URI SAN only, as
+    def workload(self, sa: str, hours: float = 24, ns: str = "default") -> tuple[bytes, bytes, int]:
+        """A workload certificate for ``spiffe(sa, ns)`` (no subject, the URI SAN only, as
         istiod issues them): its PEM, its key's PEM and its serial number."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
@@ -68,7 +68,7 @@ class MeshCa:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(hours=hours))
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe(sa))]),
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe(sa, ns))]),
                 critical=True,
             )
             .add_extension(
@@ -85,19 +85,19 @@ class MeshCa:
         )
         return cert.public_bytes(serialization.Encoding.PEM), _pem(key), serial
 
-    def write(self, directory: Path, sa: str, hours: float = 24) -> int:
+    def write(self, directory: Path, sa: str, hours: float = 24, ns: str = "default") -> int:
         """What istio-agent writes (``OUTPUT_CERTS``) for ``sa``; the certificate's serial."""
         directory.mkdir(parents=True, exist_ok=True)
-        chain, key, serial = self.workload(sa, hours)
+        chain, key, serial = self.workload(sa, hours, ns)
         (directory / "cert-chain.pem").write_bytes(chain)
         (directory / "key.pem").write_bytes(key)
         (directory / "root-cert.pem").write_bytes(self.pem)
         return serial
 
-    def files(self, directory: Path, sa: str) -> tuple[str, str]:
+    def files(self, directory: Path, sa: str, ns: str = "default") -> tuple[str, str]:
         """A workload certificate and key as two files (for a peer), their paths."""
         directory.mkdir(parents=True, exist_ok=True)
-        chain, key, _ = self.workload(sa)
+        chain, key, _ = self.workload(sa, ns=ns)
         (directory / f"{sa}.pem").write_bytes(chain)
         (directory / f"{sa}.key").write_bytes(key)
         return str(directory / f"{sa}.pem"), str(directory / f"{sa}.key")
