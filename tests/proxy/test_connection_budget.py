@@ -9,9 +9,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 
 import pytest
-from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
+from proxy_kit import (
+    Client,
+    Upstream,
+    address,
+    engine_for,
+    error_type,
+    mesh,
+    refusing_port,
+    run,
+    until,
+)
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import Engine, loads_config
@@ -241,6 +252,96 @@ def test_client_and_upstream_connections_share_the_descriptors() -> None:
             await u.close()
 
     run(main())
+
+
+# -- the count of clients with connections of their own ----------------------------------------
+
+
+def _with_upstream(engine: Engine) -> int:
+    """The truth ``clients_with_upstream`` must equal: clients with a connection of their own."""
+    return sum(1 for d in engine.downstreams if d.dedicated)
+
+
+def _full_backlog_port() -> int:
+    """A port whose accept queue is full: connecting to it hangs (SYNs are dropped)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(0)
+    filler = socket.create_connection(s.getsockname())
+    _BACKLOG.extend((s, filler))
+    return int(s.getsockname()[1])
+
+
+_BACKLOG: list[socket.socket] = []
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_count_of_clients_with_connections_stays_exact_under_churn(loop: str) -> None:
+    """Clients come and go while their connections fail to connect (a refusing endpoint),
+    hang connecting (left mid-connect), are retired (maxRequestsPerConnection, idle,
+    maxConnectionDuration) and are cut by a reload that removes their endpoints: after each
+    round the engine's count of clients with connections of their own is the truth, and 0
+    once they have all left (a count that drifts up refuses upstream connections for good;
+    one that drifts down lets a few clients take the whole budget)."""
+
+    async def main() -> None:
+        ups = await _endpoints(2)
+        ports = [ups[0].port, ups[1].port, refusing_port(), _full_backlog_port()]
+        pool = (
+            "{tcp: {maxConnectionDuration: 100ms}, "
+            "http: {maxRequestsPerConnection: 2, idleTimeout: 50ms}}"
+        )
+        policy = f"{{loadBalancer: {{simple: ROUND_ROBIN}}, connectionPool: {pool}}}"
+        proxy = "limits: {maxUpstreamConnections: 40}\ntimeouts: {connect: 200ms, drain: 100ms}\n"
+
+        def text(endpoints: list[int]) -> str:
+            return mesh(
+                [(p, "v1") for p in endpoints], traffic_policy=policy, proxy=proxy, **NO_REWRITE
+            )
+
+        async with engine_for(text(ports)) as engine:
+
+            def retired() -> float:
+                closed = "metaprotocol_upstream_connections_closed_total"
+                stats = engine.stats
+                return stats.total(closed, reason="idle") + stats.total(
+                    closed, reason="max_connection_duration"
+                )
+
+            async def exact(what: str) -> None:
+                await until(lambda: engine.clients_with_upstream == _with_upstream(engine), what)
+
+            for round_ in range(4):
+                before = retired()
+                clients = [await Client.connect(address(engine)) for _ in range(8)]
+                await until(lambda: len(engine.downstreams) == 8, "eight clients")
+                sent = [c.start() for c in clients for _ in range(3)]
+                if round_ < 3:  # the hanging endpoint is there until the reload
+                    await until(lambda: any(u.connecting for u in engine.upstreams), "hanging")
+                await exact(f"round {round_}: sent")
+                if round_ == 2:  # the endpoints go: their connections are cut at the drain
+                    await engine.apply(loads_config(text(ports[:1]), "t.yaml"))
+                    await exact("reloaded")
+                for i, c in enumerate(clients[:4]):  # these leave with their connections
+                    c.reset() if i % 2 else c.close()  # (some of them still connecting)
+                await until(lambda: len(engine.downstreams) == 4, "four left")
+                await exact(f"round {round_}: four left")
+                if round_ != 2:  # (the reload retired them all)
+                    await until(lambda b=before: retired() > b, f"round {round_}: retired")  # type: ignore[misc]
+                await exact(f"round {round_}: retired")
+                for c in clients[4:]:
+                    c.reset()
+                await until(lambda: not engine.downstreams, "all left")
+                assert engine.clients_with_upstream == 0
+                for f in sent:
+                    if not f.done():
+                        f.cancel()
+                    elif not f.cancelled():
+                        f.exception()  # retrieved: a client that left gets ConnectionResetError
+        for u in ups:
+            await u.close()
+
+    run(main(), loop=loop)
 
 
 # -- out of descriptors in the event loop ------------------------------------------------------
