@@ -55,9 +55,13 @@ OVERFLOW = "metaprotocol_upstream_overflow_total"
         ((None, 100), 0, True, (860, 100, 960)),
         ((None, 100), 0, False, (860, 100, 960)),
         ((100, None), 0, False, (100, 960, 960)),
-        # Set beyond the descriptors: kept (a warning says so), the total still bounds them.
-        ((5000, None), 0, True, (5000, 960, 960)),
-        ((None, 5000), 0, True, (1, 5000, 960)),
+        # Set beyond the descriptors: kept (a warning says so), the total still bounds them;
+        # the other gets half (not one client, not every descriptor for upstream ones).
+        ((5000, None), 0, True, (5000, 480, 960)),
+        ((None, 5000), 0, True, (480, 5000, 960)),
+        ((None, 5000), 0, False, (480, 5000, 960)),
+        ((None, 900), 0, False, (480, 900, 960)),
+        ((900, None), 0, True, (900, 480, 960)),
         ((7, 9), 0, True, (7, 9, 960)),
     ],
 )
@@ -248,6 +252,40 @@ def test_client_and_upstream_connections_share_the_descriptors() -> None:
             assert engine.stats.total(OVERFLOW, limit="maxUpstreamConnections") == 1
             c.close()
             other.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+def test_one_client_cannot_take_every_descriptor_when_max_connections_is_large() -> None:
+    """``maxConnections`` above the descriptors and per-client upstream connections: the
+    upstream connections get half the descriptors, so a client reaching many endpoints (it
+    reuses its own past them) leaves room for the next clients, which are accepted."""
+
+    async def main() -> None:
+        ups = await _endpoints(12)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxConnections: 5000}\n",
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            # As if RLIMIT_NOFILE left 12 connections.
+            budget = connection_budget(FD_RESERVE + 12, 5000, None, 0, True)
+            engine.descriptors = budget.descriptors
+            engine.max_upstream_connections = budget.upstreams
+            first = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(asyncio.gather(*(first.start() for _ in range(24))), 5)
+            assert [error_type(r) for r in replies] == [None] * 24
+            assert len(engine.upstreams) == 6
+            others = [await Client.connect(address(engine)) for _ in range(3)]
+            await until(lambda: len(engine.downstreams) == 4, "the others accepted")
+            rejected = "metaprotocol_downstream_connections_rejected_total"
+            assert engine.stats.total(rejected) == 0
+            for c in [first, *others]:
+                c.close()
         for u in ups:
             await u.close()
 
