@@ -110,7 +110,11 @@ def detecting(runtime: ListenerRuntime, detection: Detection) -> asyncio.BasePro
 
 class Detecting(asyncio.Protocol):
     """A connection whose first bytes are not read yet. It counts against
-    ``limits.maxConnections`` (as one of the engine's ``handshaking``) from the accept."""
+    ``limits.maxConnections`` (as one of the engine's ``handshaking``) from the accept: from
+    when it is made, not from ``connection_made``, which the event loop calls a turn later,
+    after it has accepted the rest of a burst (asyncio makes a whole backlog's protocols
+    first: counted at ``connection_made``, a burst of 200 got past a ``maxConnections`` of
+    10, and stayed for ``timeouts.handshake``)."""
 
     __slots__ = ("detection", "held", "listener", "started", "timer", "transport")
 
@@ -120,15 +124,20 @@ class Detecting(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         #: The bytes read so far (fewer than CLIENT_HELLO_PREFIX).
         self.held = b""
-        self.timer: asyncio.TimerHandle | None = None
-        self.started = 0.0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        engine = self.listener.engine
+        engine = runtime.engine
         engine.handshaking.add(self)
         self.started = engine.loop.time()
-        self.timer = engine.loop.call_later(engine.handshake_timeout, self._timed_out)
+        #: ``None`` once no longer detecting (handed on, closed, aborted).
+        self.timer: asyncio.TimerHandle | None = engine.loop.call_later(
+            engine.handshake_timeout, self._timed_out
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        made = cast(asyncio.Transport, transport)
+        if self.timer is None:  # aborted (a stop, a reload) before the loop made it
+            made.abort()
+            return
+        self.transport = made
 
     def data_received(self, data: bytes) -> None:
         held = self.held + data if self.held else data
@@ -158,10 +167,13 @@ class Detecting(asyncio.Protocol):
         self.transport = None
 
     def abort(self) -> None:
-        """Reset the connection (the engine stops, or a reload changed the listener's codec)."""
+        """Reset the connection (the engine stops, or a reload changed the listener's codec),
+        also before the loop has made its transport."""
+        if self.timer is None:
+            return  # no longer detecting
+        self._settle(None)
         transport = self.transport
         if transport is not None:
-            self._settle(None)
             self.transport = None  # no client's doing: not counted when it is lost
             transport.abort()
 
@@ -181,6 +193,8 @@ class Detecting(asyncio.Protocol):
         self.timer = None
         if self.transport is not None:
             self._plain(self.held, "timeout")
+        else:  # the loop never made its transport (its accept failed): forget it
+            self._settle(None)
 
     def _plain(self, data: bytes, result: str) -> Downstream | None:
         """Hand the connection to a plain :class:`Downstream` (it judges the connection

@@ -95,18 +95,24 @@ def connection_budget(
     or clusters come later over xDS), the rest is halved, a half for clients and the other for
     their upstream connections (at least one each). Otherwise clients get it all and upstream
     connections have no cap of their own: they take what clients leave.
+
+    One set leaves the other what it does not take, but never less than half the
+    descriptors: a ``maxUpstreamConnections`` at or above them would leave clients one (a
+    ``maxConnections`` above them, per-client upstream connections all of them: one client
+    reaching many endpoints then had every new client refused at the accept).
     """
     descriptors = max(2, nofile - FD_RESERVE)
+    half = max(1, descriptors // 2)
     clients = max_connections
     if clients is None:
         if max_upstream_connections is not None:
-            clients = max(1, descriptors - max_upstream_connections)
+            clients = max(half, descriptors - max_upstream_connections)
         else:
             free = max(1, descriptors - shared_upstreams)
             clients = max(1, free // 2) if dedicated else free
     upstreams = max_upstream_connections
     if upstreams is None:
-        upstreams = descriptors - clients if dedicated and clients < descriptors else descriptors
+        upstreams = max(half, descriptors - clients) if dedicated else descriptors
     return ConnectionBudget(clients, upstreams, descriptors)
 
 

@@ -9,9 +9,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 
 import pytest
-from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
+from proxy_kit import (
+    Client,
+    Upstream,
+    address,
+    engine_for,
+    error_type,
+    mesh,
+    refusing_port,
+    run,
+    until,
+)
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import Engine, loads_config
@@ -44,9 +55,13 @@ OVERFLOW = "metaprotocol_upstream_overflow_total"
         ((None, 100), 0, True, (860, 100, 960)),
         ((None, 100), 0, False, (860, 100, 960)),
         ((100, None), 0, False, (100, 960, 960)),
-        # Set beyond the descriptors: kept (a warning says so), the total still bounds them.
-        ((5000, None), 0, True, (5000, 960, 960)),
-        ((None, 5000), 0, True, (1, 5000, 960)),
+        # Set beyond the descriptors: kept (a warning says so), the total still bounds them;
+        # the other gets half (not one client, not every descriptor for upstream ones).
+        ((5000, None), 0, True, (5000, 480, 960)),
+        ((None, 5000), 0, True, (480, 5000, 960)),
+        ((None, 5000), 0, False, (480, 5000, 960)),
+        ((None, 900), 0, False, (480, 900, 960)),
+        ((900, None), 0, True, (900, 480, 960)),
         ((7, 9), 0, True, (7, 9, 960)),
     ],
 )
@@ -241,6 +256,130 @@ def test_client_and_upstream_connections_share_the_descriptors() -> None:
             await u.close()
 
     run(main())
+
+
+def test_one_client_cannot_take_every_descriptor_when_max_connections_is_large() -> None:
+    """``maxConnections`` above the descriptors and per-client upstream connections: the
+    upstream connections get half the descriptors, so a client reaching many endpoints (it
+    reuses its own past them) leaves room for the next clients, which are accepted."""
+
+    async def main() -> None:
+        ups = await _endpoints(12)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxConnections: 5000}\n",
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            # As if RLIMIT_NOFILE left 12 connections.
+            budget = connection_budget(FD_RESERVE + 12, 5000, None, 0, True)
+            engine.descriptors = budget.descriptors
+            engine.max_upstream_connections = budget.upstreams
+            first = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(asyncio.gather(*(first.start() for _ in range(24))), 5)
+            assert [error_type(r) for r in replies] == [None] * 24
+            assert len(engine.upstreams) == 6
+            others = [await Client.connect(address(engine)) for _ in range(3)]
+            await until(lambda: len(engine.downstreams) == 4, "the others accepted")
+            rejected = "metaprotocol_downstream_connections_rejected_total"
+            assert engine.stats.total(rejected) == 0
+            for c in [first, *others]:
+                c.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+# -- the count of clients with connections of their own ----------------------------------------
+
+
+def _with_upstream(engine: Engine) -> int:
+    """The truth ``clients_with_upstream`` must equal: clients with a connection of their own."""
+    return sum(1 for d in engine.downstreams if d.dedicated)
+
+
+def _full_backlog_port() -> int:
+    """A port whose accept queue is full: connecting to it hangs (SYNs are dropped)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(0)
+    filler = socket.create_connection(s.getsockname())
+    _BACKLOG.extend((s, filler))
+    return int(s.getsockname()[1])
+
+
+_BACKLOG: list[socket.socket] = []
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_count_of_clients_with_connections_stays_exact_under_churn(loop: str) -> None:
+    """Clients come and go while their connections fail to connect (a refusing endpoint),
+    hang connecting (left mid-connect), are retired (maxRequestsPerConnection, idle,
+    maxConnectionDuration) and are cut by a reload that removes their endpoints: after each
+    round the engine's count of clients with connections of their own is the truth, and 0
+    once they have all left (a count that drifts up refuses upstream connections for good;
+    one that drifts down lets a few clients take the whole budget)."""
+
+    async def main() -> None:
+        ups = await _endpoints(2)
+        ports = [ups[0].port, ups[1].port, refusing_port(), _full_backlog_port()]
+        pool = (
+            "{tcp: {maxConnectionDuration: 100ms}, "
+            "http: {maxRequestsPerConnection: 2, idleTimeout: 50ms}}"
+        )
+        policy = f"{{loadBalancer: {{simple: ROUND_ROBIN}}, connectionPool: {pool}}}"
+        proxy = "limits: {maxUpstreamConnections: 40}\ntimeouts: {connect: 200ms, drain: 100ms}\n"
+
+        def text(endpoints: list[int]) -> str:
+            return mesh(
+                [(p, "v1") for p in endpoints], traffic_policy=policy, proxy=proxy, **NO_REWRITE
+            )
+
+        async with engine_for(text(ports)) as engine:
+
+            def retired() -> float:
+                closed = "metaprotocol_upstream_connections_closed_total"
+                stats = engine.stats
+                return stats.total(closed, reason="idle") + stats.total(
+                    closed, reason="max_connection_duration"
+                )
+
+            async def exact(what: str) -> None:
+                await until(lambda: engine.clients_with_upstream == _with_upstream(engine), what)
+
+            for round_ in range(4):
+                before = retired()
+                clients = [await Client.connect(address(engine)) for _ in range(8)]
+                await until(lambda: len(engine.downstreams) == 8, "eight clients")
+                sent = [c.start() for c in clients for _ in range(3)]
+                if round_ < 3:  # the hanging endpoint is there until the reload
+                    await until(lambda: any(u.connecting for u in engine.upstreams), "hanging")
+                await exact(f"round {round_}: sent")
+                if round_ == 2:  # the endpoints go: their connections are cut at the drain
+                    await engine.apply(loads_config(text(ports[:1]), "t.yaml"))
+                    await exact("reloaded")
+                for i, c in enumerate(clients[:4]):  # these leave with their connections
+                    c.reset() if i % 2 else c.close()  # (some of them still connecting)
+                await until(lambda: len(engine.downstreams) == 4, "four left")
+                await exact(f"round {round_}: four left")
+                if round_ != 2:  # (the reload retired them all)
+                    await until(lambda b=before: retired() > b, f"round {round_}: retired")  # type: ignore[misc]
+                await exact(f"round {round_}: retired")
+                for c in clients[4:]:
+                    c.reset()
+                await until(lambda: not engine.downstreams, "all left")
+                assert engine.clients_with_upstream == 0
+                for f in sent:
+                    if not f.done():
+                        f.cancel()
+                    elif not f.cancelled():
+                        f.exception()  # retrieved: a client that left gets ConnectionResetError
+        for u in ups:
+            await u.close()
+
+    run(main(), loop=loop)
 
 
 # -- out of descriptors in the event loop ------------------------------------------------------

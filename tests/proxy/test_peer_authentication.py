@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -329,6 +330,41 @@ def test_a_client_that_leaves_before_its_first_bytes_is_counted_once(
             plain.close()
         assert detected(engine, "closed") == 1 and detected(engine, "plain") == 1
         assert not engine.downstreams and not engine.handshaking
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_burst_of_connections_detecting_counts_against_max_connections_at_once(
+    ca: MeshCa, tmp_path: Path, loop: str
+) -> None:
+    """A burst of 30 silent connections (all in the accept queue before the loop looks: it
+    accepts them in one turn) against a ``maxConnections`` of 3: three are detecting, the
+    rest refused at once, closed cleanly, and the three are served after the timeout."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        proxy = "timeouts: {handshake: 300ms}\nlimits: {maxConnections: 3}\n"
+        async with engine_for(config(ca, tmp_path, up.port, proxy=proxy)) as engine:
+            # Blocking connects without a turn of the loop: the kernel completes them all.
+            socks = [socket.create_connection(address(engine)) for _ in range(30)]
+
+            def rejected() -> int:
+                return int(
+                    engine.stats.get(
+                        "metaprotocol_downstream_connections_rejected_total",
+                        listener=LISTENER,
+                        reason="max_connections",
+                    )
+                )
+
+            await until(lambda: rejected() + len(engine.handshaking) == 30)
+            assert len(detecting(engine)) == 3 and rejected() == 27
+            await until(lambda: detected(engine, "timeout") == 3)
+            assert len(engine.downstreams) == 3 and not engine.handshaking
+            for s in socks:
+                s.close()
         await up.close()
 
     run(main(), loop=loop)
