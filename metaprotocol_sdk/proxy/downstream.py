@@ -340,6 +340,8 @@ class Downstream(asyncio.Protocol):
         dropped and counted as unmatched: until the replies or the route's timeout, clients
         that connect, send and leave would hold ``maxPendingRequests`` slots for nothing."""
         for p in list(self.waiting):
+            if p.done:  # settled meanwhile, by the giving up of another
+                continue
             conn = p.conn
             self.fail(p, ErrorType.Unspecified, "the client left")  # no retry, nothing sent
             conn.forget(p)
