@@ -894,7 +894,11 @@ class Downstream(asyncio.Protocol):
             sink.count(target, "Dropped")
             return
         conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
-        if conn is None or conn.write_paused:
+        if conn is None:  # maxConnections or the budget: counted as a request's refusal is
+            cluster.refused()
+            sink.count(target, "Dropped")
+            return
+        if conn.write_paused:
             sink.count(target, "Dropped")
             return
         host = conn.host

@@ -427,3 +427,33 @@ def test_the_engine_sets_its_loop_handler_only_when_there_is_none() -> None:
         assert loop.get_exception_handler() is mine
 
     run(main())
+
+
+def test_mirror_copies_refused_by_the_budget_are_counted_as_overflow() -> None:
+    """A mirror copy that finds no connection under the budget is dropped (the primary is
+    served) and counted in the overflow series as a refused request is."""
+    router = (
+        "- name: mirrored\n"
+        "  route: [{destination: {host: svc.test, subset: v1}}]\n"
+        "  mirror: {host: svc.test, subset: v2}\n"
+    )
+
+    async def main() -> None:
+        primary, mirror = await _endpoints(2)
+        text = mesh(
+            [(primary.port, "v1"), (mirror.port, "v2")],
+            router=router,
+            proxy="limits: {maxUpstreamConnections: 1}\n",
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            replies = await asyncio.wait_for(asyncio.gather(*(c.start() for _ in range(4))), 5)
+            assert [error_type(r) for r in replies] == [None] * 4
+            assert len(engine.upstreams) == 1
+            assert engine.stats.total("metaprotocol_mirror_total", status="Dropped") == 4
+            assert engine.stats.total(OVERFLOW, limit="maxUpstreamConnections") == 4
+            c.close()
+        await primary.close()
+        await mirror.close()
+
+    run(main())
