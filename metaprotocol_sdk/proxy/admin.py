@@ -32,6 +32,7 @@ from .admin_page import History, Sampler, live_data, page_html
 if TYPE_CHECKING:
     from .config.models import Admin
     from .engine import Engine
+    from .stats import Value
 
 log = logging.getLogger("metaprotocol.proxy.admin")
 
@@ -91,7 +92,7 @@ class Streamed:
         ).encode()
 
 
-def json_parts(parts: Iterator[list[tuple[str, float]]]) -> Iterator[str]:
+def json_parts(parts: Iterator[list[tuple[str, Value]]]) -> Iterator[str]:
     """A JSON object of the pairs in ``parts``, in pieces (one per part)."""
     yield "{"
     sep = "\n  "

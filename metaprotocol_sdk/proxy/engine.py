@@ -40,7 +40,7 @@ from .mirror import MirrorSink
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
-from .stats import Counter, Stats
+from .stats import Counter, Stats, Value
 from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
 from .tls import TlsDownstream, attach_cluster, attach_listener, show_expiry, tls_accept
@@ -1230,7 +1230,7 @@ class Engine:
         self._refresh_gauges()
         return self.stats.snapshot()
 
-    def stats_snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
+    def stats_snapshot_parts(self) -> Iterator[list[tuple[str, Value]]]:
         """:meth:`stats_snapshot` in pieces (see :meth:`.stats.Stats.snapshot_parts`)."""
         self._refresh_gauges()
         return self.stats.snapshot_parts()

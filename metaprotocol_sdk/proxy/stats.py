@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 #: Istio's default buckets for request durations, in milliseconds.
 DURATION_BUCKETS_MS = (
@@ -243,16 +243,19 @@ def _le_texts(bounds: tuple[float, ...]) -> tuple[str, ...]:
 
 
 T = TypeVar("T")
+#: A series' value as shown: a count (``int``) or a gauge's or a sum's (``float``). Not
+#: ``float`` alone: a compiled build converts what it holds, and every count read "3.0".
+Value: TypeAlias = int | float
 
 
-def _histogram_pairs(histogram: Histogram) -> list[tuple[str, float]]:
+def _histogram_pairs(histogram: Histogram) -> list[tuple[str, Value]]:
     """A histogram's Prometheus series and values: ``_bucket`` (cumulative, ``+Inf`` last),
     ``_sum`` and ``_count``; its labels escaped once."""
     name = histogram.name
     inner = _label_text(histogram.labels)
     braced = f"{{{inner}}}" if inner else ""
     bucket = f"{name}_bucket{{{inner}{',' if inner else ''}le="
-    pairs: list[tuple[str, float]] = []
+    pairs: list[tuple[str, Value]] = []
     total = 0
     for le, n in zip(_le_texts(histogram.bounds), histogram.counts, strict=True):
         total += n
@@ -429,17 +432,17 @@ class Stats:
         series = self._series.items()
         return sum(s.value for (n, lab), s in series if n == name and want <= dict(lab).items())
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> dict[str, Value]:
         """``{'name{labels}': value}`` for every series (histograms as their ``_bucket``,
         ``_sum`` and ``_count`` series)."""
         return {key: value for part in self.snapshot_parts() for key, value in part}
 
-    def snapshot_parts(self) -> Iterator[list[tuple[str, float]]]:
+    def snapshot_parts(self) -> Iterator[list[tuple[str, Value]]]:
         """:meth:`snapshot`'s pairs in pieces of at most :data:`PART_SERIES` series, as
         :meth:`prometheus_parts` makes its text (the same reasons, the same rules)."""
         counters, histograms = self._families()
 
-        def series() -> Iterator[list[tuple[str, float]]]:
+        def series() -> Iterator[list[tuple[str, Value]]]:
             for name, family in counters:
                 for counter in family:
                     yield [(series_name(name, counter.labels), counter.value)]

@@ -1863,12 +1863,19 @@ def test_a_client_that_sends_close_notify_and_reads_nothing_is_cut_by_the_write_
             [(up.port, "v1")], listener_tls=listener_tls(pki), proxy="timeouts: {write: 1s}\n"
         )
         async with engine_for(text) as engine:
+            # A small receive buffer (no autotuning): the kernel holds little of the replies,
+            # and 8 MB is more than the engine's side can hold too (loopback's send buffer
+            # grows to 4 MB), less than connectionBufferMaxBytes (a reset of its own).
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, address(engine))
             _, client = await asyncio.get_running_loop().create_connection(
-                lambda: BioTlsClient(pki.client_context()), *address(engine)
+                lambda: BioTlsClient(pki.client_context()), sock=sock
             )
             await asyncio.wait_for(client.shaken, WAIT)
             client.transport.pause_reading()
-            for rid in (1, 2, 3, 4):  # more than the sockets hold
+            for rid in range(1, 9):  # more than the sockets hold
                 client.send(build_frame(REQUEST, rid, {"method": "big", "size": "1000000"}))
             client.close_notify()
             await until(lambda: not engine.downstreams)
