@@ -918,6 +918,13 @@ def _tls_params(res: str, p: Any, path: str) -> None:
         raise XdsRefused(res, f"{path}.{key}", f"not supported by this engine: {why}")
 
 
+def _common_context(res: str, common: Any, cpath: str, honoured: set[str]) -> None:
+    """Refuse a ``CommonTlsContext`` field outside ``honoured``, and check its ``tls_params``."""
+    _check_tls(res, common, cpath, "CommonTlsContext", honoured)
+    if common.HasField("tls_params"):
+        _tls_params(res, common.tls_params, f"{cpath}.tls_params")
+
+
 def _istio_names(common: Any) -> tuple[str, ...]:
     """The SDS secret names of a context's certificate and trust."""
     names = [s.name for s in common.tls_certificate_sds_secret_configs]
@@ -947,11 +954,10 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
             "writes with OUTPUT_CERTS: cert-chain.pem, key.pem, root-cert.pem) for the engine "
             "to speak Istio's mutual TLS",
         )
-    _check_tls(
+    _common_context(
         res,
         common,
         cpath,
-        "CommonTlsContext",
         {
             "tls_params",
             "tls_certificate_sds_secret_configs",
@@ -959,8 +965,6 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
             "alpn_protocols",
         },
     )
-    if common.HasField("tls_params"):
-        _tls_params(res, common.tls_params, f"{cpath}.tls_params")
     secrets = common.tls_certificate_sds_secret_configs
     if len(secrets) != 1 or secrets[0].name != "default":
         raise XdsRefused(
@@ -1148,11 +1152,10 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
     origin: dict[str, str] = {}
     common = ctx.common_tls_context
     cpath = f"{path}.common_tls_context"
-    _check_tls(
+    _common_context(
         res,
         common,
         cpath,
-        "CommonTlsContext",
         {
             "tls_params",
             "tls_certificates",
@@ -1162,8 +1165,6 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
             "combined_validation_context",
         },
     )
-    if common.HasField("tls_params"):
-        _tls_params(res, common.tls_params, f"{cpath}.tls_params")
     # The client certificate: MUTUAL with one, SIMPLE without.
     certs, secrets = common.tls_certificates, common.tls_certificate_sds_secret_configs
     if len(certs) + len(secrets) > 1:
