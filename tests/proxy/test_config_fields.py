@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,14 @@ from metaprotocol_sdk.proxy.config.models import LoadBalancer, TrafficPolicy
 KV = "metaprotocol_sdk.examples.kv:KVCodec"
 AUDIT = "metaprotocol_sdk.examples.audit_filter:AuditFilter"
 PORT = "tcp-metaprotocol-kv-svc"
+
+
+def _param_id(value: object) -> str:
+    """A test id that is the same in every process (pytest-xdist's workers must agree): a
+    probe's repr holds its address, and the certificates' directory is made per process."""
+    if callable(value):
+        return "probe"
+    return str(value).replace(os.path.dirname(PKI["ca"]), "PKI")[:60]
 
 
 def base() -> dict[str, dict[str, Any]]:
@@ -945,7 +954,7 @@ def test_the_base_mesh_loads_without_a_warning(caplog: pytest.LogCaptureFixture)
     assert config_warnings(caplog) == []
 
 
-@pytest.mark.parametrize(("kind", "path", "value", "probe"), HONOURED, ids=lambda v: str(v)[:60])
+@pytest.mark.parametrize(("kind", "path", "value", "probe"), HONOURED, ids=_param_id)
 def test_honoured_field(
     kind: str, path: str, value: Any, probe: Probe | None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -956,7 +965,7 @@ def test_honoured_field(
         assert probe(config), f"{kind} {path}: the value did not reach the model"
 
 
-@pytest.mark.parametrize(("kind", "path", "value"), REFUSED, ids=lambda v: str(v)[:60])
+@pytest.mark.parametrize(("kind", "path", "value"), REFUSED, ids=_param_id)
 def test_refused_field(kind: str, path: str, value: Any) -> None:
     with pytest.raises(ConfigError) as caught:
         load(kind, path, value)
@@ -966,7 +975,7 @@ def test_refused_field(kind: str, path: str, value: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "path", "value", "field", "words"), REFUSED_VALUES, ids=lambda v: str(v)[:60]
+    ("kind", "path", "value", "field", "words"), REFUSED_VALUES, ids=_param_id
 )
 def test_refused_value(kind: str, path: str, value: Any, field: str, words: str) -> None:
     setup = [("spec.resolution", "DNS")] if path == "spec.endpoints" else []
@@ -999,7 +1008,7 @@ def test_tcp_lifetime_and_idle_timeout_values() -> None:
     assert pool.upstream_idle_timeout == 300.0
 
 
-@pytest.mark.parametrize(("kind", "path", "value"), WARNED, ids=lambda v: str(v)[:60])
+@pytest.mark.parametrize(("kind", "path", "value"), WARNED, ids=_param_id)
 def test_warned_field(kind: str, path: str, value: Any, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
         load(kind, path, value)
@@ -1008,7 +1017,7 @@ def test_warned_field(kind: str, path: str, value: Any, caplog: pytest.LogCaptur
     assert f": {path}: accepted and ignored: " in warning
 
 
-@pytest.mark.parametrize(("kind", "path", "setup"), MAPPINGS, ids=lambda v: str(v)[:60])
+@pytest.mark.parametrize(("kind", "path", "setup"), MAPPINGS, ids=_param_id)
 def test_unknown_field_is_refused(kind: str, path: str, setup: tuple[str, Any] | None) -> None:
     field = f"{path}.bogusField" if path else "bogusField"
     with pytest.raises(ConfigError) as caught:
