@@ -985,8 +985,17 @@ class Engine:
 
     def make_upstream_room(self) -> bool:
         """Make room for one more upstream connection when the budget is spent, by closing the
-        clients' own connections idle longest (see :meth:`reclaim_upstream`); ``False``:
-        none was idle, no room."""
+        clients' own connections idle longest (see :meth:`reclaim_upstream`); ``False``: not
+        enough were idle, no room. Usually one is closed; more only where the connections
+        open are more than the budget allows (client connections took descriptors since),
+        and none when the idle list is too short for it: nothing is closed for nothing."""
+        upstreams = len(self.upstreams) + 1
+        clients = len(self.downstreams) + len(self.handshaking)
+        need = max(
+            upstreams - self.max_upstream_connections, upstreams + clients - self.descriptors
+        )
+        if need > len(self.idle_upstreams):
+            return False
         while not self.upstream_room():
             if not self.reclaim_upstream():
                 return False

@@ -300,6 +300,49 @@ def test_a_connection_with_a_request_in_flight_is_never_reclaimed() -> None:
     run(main())
 
 
+def test_no_connection_is_closed_for_nothing_when_too_few_are_idle() -> None:
+    """The connections open are two more than the budget now allows (as when client
+    connections took descriptors since) and one is idle: closing it would not make room, so
+    it stays open and the request gets OverLimit. With the budget one short, it goes."""
+
+    async def main() -> None:
+        ups = await _endpoints(3)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxUpstreamConnections: 3}\n",
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            busy = await Client.connect(address(engine))
+            held = [busy.start("slow") for _ in range(2)]  # two endpoints, requests held there
+            await until(lambda: sum(len(u.received) for u in ups) == 2, "both upstream")
+            idle = await Client.connect(address(engine))
+            assert error_type(await idle.call()) is None  # the third endpoint, idle since
+            late = await Client.connect(address(engine))
+            await until(lambda: len(engine.downstreams) == 3, "three clients")
+            assert len(engine.upstreams) == 3
+            engine.max_upstream_connections = 2  # three open, two allowed
+            refused = await late.call()
+            assert error_type(refused) == "OverLimit"
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 0
+            assert len(engine.upstreams) == 3
+            engine.max_upstream_connections = 3
+            assert error_type(await late.call()) is None
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            for u in ups:
+                u.release.set()
+            for reply in await asyncio.wait_for(asyncio.gather(*held), 5):
+                assert error_type(reply) is None
+            for c in (busy, idle, late):
+                c.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
 def test_a_connection_with_bytes_unsent_is_not_reclaimed_until_they_are_out() -> None:
     """One endpoint that reads nothing, a budget of 1: a's connection has nothing in flight
     but a large one-way message unsent, so b gets OverLimit rather than have it dropped. Once
