@@ -485,8 +485,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.stalled_since = 0.0
         self.acked = -1
         self.stall_unsent = 0
-        #: Idle, but left out of the engine's idle list for bytes unsent when a reclaim looked
-        #: at it: the sweep lists it again once they are out (see ``Engine.reclaim_upstream``).
+        #: Idle, but left out of the engine's idle list, still connecting or with bytes unsent
+        #: when a reclaim looked at it: the sweep lists it again once nothing is unsent (see
+        #: ``Engine.reclaim_upstream``).
         self.unlisted = False
         self.drained = False
         self.expired = False

@@ -222,7 +222,8 @@ def test_clients_that_reached_every_endpoint_and_sit_idle_do_not_deny_the_next()
     run(main())
 
 
-def test_a_client_whose_connection_was_reclaimed_is_served_at_its_next_request() -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_client_whose_connection_was_reclaimed_is_served_at_its_next_request(loop: str) -> None:
     """One endpoint, a budget of 2: a, b served, idle; c takes the place of a's (the longest
     idle); a's next request takes b's, b's takes c's. Every request is served, no client is
     reset, and each time the connection idle longest is the one that goes."""
@@ -253,7 +254,7 @@ def test_a_client_whose_connection_was_reclaimed_is_served_at_its_next_request()
                 c.close()
         await up.close()
 
-    run(main())
+    run(main(), loop=loop)
 
 
 def test_a_connection_with_a_request_in_flight_is_never_reclaimed() -> None:
@@ -296,6 +297,59 @@ def test_a_connection_with_a_request_in_flight_is_never_reclaimed() -> None:
             for client in clients.values():
                 client.close()
         await up.close()
+
+    run(main())
+
+
+def test_a_shared_connection_may_take_an_idle_one_s_place_and_is_never_taken() -> None:
+    """Two services, a budget of 1: a client of the one without id rewriting holds the only
+    connection, idle; a client of the id-rewriting one needs its endpoint's shared
+    connection and takes the idle one's place. The shared connection is never reclaimed: the
+    first client's next request finds none idle and gets OverLimit; the other is served on."""
+
+    async def main() -> None:
+        shared_up, own_up = await _endpoints(2)
+        extra = f"""\
+            apiVersion: metaprotocol.aeraki.io/v1alpha1
+            kind: ApplicationProtocol
+            metadata: {{name: kvnr}}
+            spec: {{protocol: kvnr, codec: "proxy_kit:NoRewriteKVCodec"}}
+            ---
+            apiVersion: networking.istio.io/v1beta1
+            kind: ServiceEntry
+            metadata: {{name: own}}
+            spec:
+              hosts: [own.test]
+              ports: [{{number: 9001, name: tcp-metaprotocol-kvnr-own, protocol: TCP}}]
+              resolution: STATIC
+              endpoints:
+                - {{address: 127.0.0.1, ports: {{tcp-metaprotocol-kvnr-own: {own_up.port}}}}}
+            """
+        text = mesh(
+            [(shared_up.port, "v1")], proxy="limits: {maxUpstreamConnections: 1}\n", extra=extra
+        )
+        listeners = "listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'}"
+        assert listeners in text
+        text = text.replace(
+            listeners, listeners + ", {host: own.test, port: 9001, bind: '127.0.0.1:0'}"
+        )
+        async with engine_for(text) as engine:
+            own = await Client.connect(engine.listener_addresses[("own.test", 9001)])
+            assert error_type(await own.call()) is None
+            other = await Client.connect(address(engine))
+            reply = await other.call()
+            assert error_type(reply) is None and reply.attributes["server"] == "u0"
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            refused = await own.call()
+            assert error_type(refused) == "OverLimit"
+            assert error_type(await other.call()) is None
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            assert len(engine.upstreams) == 1 and not own.closed.done()
+            own.close()
+            other.close()
+        await shared_up.close()
+        await own_up.close()
 
     run(main())
 
