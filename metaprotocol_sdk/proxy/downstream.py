@@ -893,7 +893,11 @@ class Downstream(asyncio.Protocol):
         if sink.inflight >= sink.limit or engine.buffered > engine.max_buffered:
             sink.count(target, "Dropped")
             return
-        conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        conn = (
+            cluster.shared_connection(host, False)
+            if cluster.shared
+            else self._dedicated(cluster, host, None, False)
+        )
         if conn is None:  # maxConnections or the budget: counted as a request's refusal is
             cluster.refused()
             sink.count(target, "Dropped")
@@ -1043,16 +1047,24 @@ class Downstream(asyncio.Protocol):
         target.count_oneway("Forwarded")
 
     def _dedicated(
-        self, cluster: Cluster, host: UpstreamHost, avoid: UpstreamHost | None = None
+        self,
+        cluster: Cluster,
+        host: UpstreamHost,
+        avoid: UpstreamHost | None = None,
+        reclaim: bool = True,
     ) -> UpstreamConnection | None:
         """This client's connection to ``host``, opened if it has none and the limits allow;
         past the process's upstream connection budget, one it has to another endpoint of the
-        cluster instead (see :meth:`_reuse`). ``None``: no connection for the request."""
+        cluster instead (see :meth:`_reuse`), else (``reclaim``: not for a mirror's copy)
+        one opened in the place of the connection idle longest of any client's (see
+        ``Engine.reclaim_upstream``). ``None``: no connection for the request."""
         key = (cluster.name, host.key)
         conn = self.dedicated.get(key)
         if conn is None or conn.closed:
             if not cluster.may_open():
-                return self._reuse(cluster, avoid)
+                reused = self._reuse(cluster, avoid)
+                if reused is not None or not (reclaim and cluster.may_reclaim()):
+                    return reused
             dedicated = self.dedicated
             if not dedicated:
                 self.engine.clients_with_upstream += 1

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import resource
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -273,6 +274,11 @@ class Engine:
         #: Client connections with upstream connections of their own (codecs without id
         #: rewriting), for the fair share of the upstream connection budget.
         self.clients_with_upstream = 0
+        #: Upstream connections of clients' own that had nothing in flight when last seen, the
+        #: longest idle first: each is added (or moved last) when its last request in flight
+        #: is answered, and taken out when it closes; one busy again stays listed until
+        #: :meth:`reclaim_upstream` reaches it (and drops it: it is listed anew once idle).
+        self.idle_upstreams: OrderedDict[UpstreamConnection, None] = OrderedDict()
         self.access_log: AccessLog | None = None
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
@@ -977,6 +983,47 @@ class Engine:
             upstreams + len(self.downstreams) + len(self.handshaking) < self.descriptors
         )
 
+    def make_upstream_room(self) -> bool:
+        """Make room for one more upstream connection when the budget is spent, by closing the
+        clients' own connections idle longest (see :meth:`reclaim_upstream`); ``False``: not
+        enough were idle, no room. Usually one is closed; more only where the connections
+        open are more than the budget allows (client connections took descriptors since),
+        and none when the idle list is too short for it: nothing is closed for nothing."""
+        upstreams = len(self.upstreams) + 1
+        clients = len(self.downstreams) + len(self.handshaking)
+        need = max(
+            upstreams - self.max_upstream_connections, upstreams + clients - self.descriptors
+        )
+        if need > len(self.idle_upstreams):
+            return False
+        while not self.upstream_room():
+            if not self.reclaim_upstream():
+                return False
+        return True
+
+    def reclaim_upstream(self) -> bool:
+        """Close the client's own upstream connection idle longest: nothing in flight on it,
+        nothing unsent, neither connecting nor retiring. Its client opens another at its next
+        request (or reuses one it has to another endpoint). Connections busy again are
+        dropped from the list on the way (each entry is looked at once per time listed);
+        one still connecting or with bytes unsent (one-way messages) is listed anew by the
+        sweep once they are out. ``False``: none could be closed."""
+        idle = self.idle_upstreams
+        while idle:
+            conn = idle.popitem(last=False)[0]
+            if conn.closed or conn.retiring or len(conn.order) > conn.stale:
+                continue  # going, or busy: listed anew when idle
+            if conn.connecting or conn.account_unsent():
+                conn.unlisted = True  # one-way messages not out yet: the sweep lists it anew
+                continue
+            conn.give_up(
+                "reclaimed",
+                ErrorType.UpstreamReset,
+                "closed for another client: the upstream connection budget is spent",
+            )
+            return True
+        return False
+
     def clients_without_upstream(self) -> int:
         """Client connections open that have no upstream connection of their own (yet)."""
         return len(self.downstreams) + len(self.handshaking) - self.clients_with_upstream
@@ -1032,7 +1079,7 @@ class Engine:
             unsent = upstream.account_unsent()
             if unsent:
                 upstream.write_sweep(now, upstream_write, unsent)
-            elif upstream.stalled_since or upstream.expired:
+            elif upstream.stalled_since or upstream.expired or upstream.unlisted:
                 upstream.writes_caught_up()
         buffered = 0
         for upstream in list(self.upstreams):

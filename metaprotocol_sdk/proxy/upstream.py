@@ -336,6 +336,11 @@ class Cluster:
         and within the process's upstream connection budget (see :meth:`refused`)."""
         return not self.at_max_connections() and self.engine.upstream_room()
 
+    def may_reclaim(self) -> bool:
+        """When :meth:`may_open` said no: whether closing idle connections of clients' own
+        makes room for one (never past ``connectionPool.tcp.maxConnections``)."""
+        return not self.at_max_connections() and self.engine.make_upstream_room()
+
     def refused(self) -> str:
         """Count a request refused because :meth:`may_open` said no; the reply's message."""
         if self.at_max_connections():
@@ -348,13 +353,17 @@ class Cluster:
         )
         return self.engine.upstream_refusal()
 
-    def shared_connection(self, host: UpstreamHost) -> UpstreamConnection | None:
+    def shared_connection(
+        self, host: UpstreamHost, reclaim: bool = True
+    ) -> UpstreamConnection | None:
         """A shared connection to ``host``, opening one while below the per-host count (and
         the cluster's ``maxConnections`` and the process's budget); ``None`` when the limits
-        leave it none."""
+        leave it none. An endpoint with none may take the place of a client's own idle
+        connection when the budget is spent (``reclaim``; not for a mirror's copy): it
+        serves every client."""
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
-            if self.may_open():
+            if self.may_open() or (reclaim and not conns and self.may_reclaim()):
                 conn = host.connection_class(self, host, None)
                 conns.append(conn)
                 conn.connect()
@@ -409,6 +418,7 @@ class UpstreamConnection(asyncio.Protocol):
         "task",
         "tcp",
         "transport",
+        "unlisted",
         "unsent",
         "whole",
         "write_paused",
@@ -475,6 +485,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.stalled_since = 0.0
         self.acked = -1
         self.stall_unsent = 0
+        #: Idle, but left out of the engine's idle list, still connecting or with bytes unsent
+        #: when a reclaim looked at it: the sweep lists it again once nothing is unsent (see
+        #: ``Engine.reclaim_upstream``).
+        self.unlisted = False
         self.drained = False
         self.expired = False
         istio = self.engine.istio
@@ -683,9 +697,21 @@ class UpstreamConnection(asyncio.Protocol):
         return False
 
     def writes_caught_up(self) -> None:
-        """Nothing is unsent (engine sweep): the write watch starts afresh."""
+        """Nothing is unsent (engine sweep): the write watch starts afresh, and a connection
+        a reclaim passed over for its unsent bytes is listed as idle again."""
         self.stalled_since = 0.0
         self.expired = False
+        if self.unlisted:
+            self.unlisted = False
+            self._listed_idle()
+
+    def _listed_idle(self) -> None:
+        """A client's own connection with nothing in flight: last in the engine's idle list
+        (the longest idle are reclaimed first when the budget is spent)."""
+        if not (self.closed or self.retiring or self.shared) and len(self.order) == self.stale:
+            idle = self.engine.idle_upstreams
+            idle[self] = None
+            idle.move_to_end(self)
 
     def _close_if_idle(self) -> None:
         if self.retiring and not self.pending and len(self.order) == self.stale:
@@ -703,6 +729,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.next_id = wire_id
         else:
             encoded = self.codec.encode(request, mutation)
+            self._listed_idle()  # used now: the last to be reclaimed (when nothing waits)
         self._queue(encoded, len(request.frame))
         if self.tcp is not None:
             self.tcp.sent.value += len(request.frame)
@@ -756,6 +783,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.stale += 1
             if self.stale > STALE_LIMIT:
                 self.retire()
+            elif len(self.order) == self.stale:
+                self._listed_idle()
         self._close_if_idle()
 
     # -- receiving -----------------------------------------------------------------------------
@@ -1047,8 +1076,11 @@ class UpstreamConnection(asyncio.Protocol):
             del self.by_id[p.wire_id]
         if p.done:
             self.stale -= 1
-            return None
-        return p
+        if len(self.order) == self.stale:  # nothing in flight: _listed_idle, inline
+            idle = self.engine.idle_upstreams
+            idle[self] = None
+            idle.move_to_end(self)
+        return None if p.done else p
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -1131,6 +1163,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reads.clear()
         self.engine.buffered -= self.held + self.unsent
         self.held = self.unsent = 0
+        self.engine.idle_upstreams.pop(self, None)
         host = self.host
         if self in host.conns:
             host.conns.remove(self)

@@ -1,10 +1,12 @@
 """CPU per request of the engine's Python work, without sockets (codec included).
 
-Run: ``.venv/bin/python tests/proxy/bench_hotpath.py [N] [--dubbo]``. Fake transports stand
-in for the sockets, so this measures decode, routing, id rewriting, encode and bookkeeping
-only; add the event loop and syscalls for an end-to-end figure. By default the KV example
-codec with one route; ``--dubbo``: the Dubbo codec with the routes of ``bench/bench_proxy.py``
-(a weighted split whose route writes an attachment), its 16-byte request and reply.
+Run: ``.venv/bin/python tests/proxy/bench_hotpath.py [N] [--dubbo | --dedicated]``. Fake
+transports stand in for the sockets, so this measures decode, routing, id rewriting, encode and
+bookkeeping only; add the event loop and syscalls for an end-to-end figure. By default the KV
+example codec with one route; ``--dubbo``: the Dubbo codec with the routes of
+``bench/bench_proxy.py`` (a weighted split whose route writes an attachment), its 16-byte
+request and reply; ``--dedicated``: the KV codec without id rewriting, so that the client's
+requests go over an upstream connection of its own (per-client pooling).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy_kit import mesh, wire_fakes
+from proxy_kit import FakeTransport, mesh, wire_fakes
 
 from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
@@ -56,6 +58,13 @@ def kv_wire() -> tuple[str, bytes, Callable[[bytes], int], Callable[[int], bytes
     )
 
 
+def dedicated_wire() -> tuple[str, bytes, Callable[[bytes], int], Callable[[int], bytes]]:
+    """The KV mesh without id rewriting: the upstream sees (and answers) the client's id."""
+    _, request, wire_id_of, reply_to = kv_wire()
+    text = mesh([(1, "v1")], router=ROUTER, protocol="kvnr", codec="proxy_kit:NoRewriteKVCodec")
+    return text, request, wire_id_of, reply_to
+
+
 def dubbo_wire() -> tuple[str, bytes, Callable[[bytes], int], Callable[[int], bytes]]:
     """The same for Dubbo, with the benchmark's frames."""
     sys.path.insert(0, str(HERE.parents[1] / "bench" / "proxy"))
@@ -75,11 +84,21 @@ def dubbo_wire() -> tuple[str, bytes, Callable[[bytes], int], Callable[[int], by
     )
 
 
-async def main(n: int, dubbo: bool) -> None:
-    text, request, wire_id_of, reply_to = dubbo_wire() if dubbo else kv_wire()
+async def main(n: int, mode: str) -> None:
+    wire = {"dubbo": dubbo_wire, "dedicated": dedicated_wire}.get(mode, kv_wire)
+    text, request, wire_id_of, reply_to = wire()
     engine = Engine(loads_config(text))
     await engine.start()
     down, down_t, up, up_t = wire_fakes(engine)
+    if mode == "dedicated":  # the client's own connection instead of the shared one
+        up.cluster.hosts[0].conns.clear()
+        up = type(up)(up.cluster, up.host, down)
+        up_t = FakeTransport()
+        up.connection_made(up_t)  # type: ignore[arg-type]
+        engine.upstreams.add(up)
+        up.cluster.connections += 1
+        down.dedicated[(up.cluster.name, up.host.key)] = up
+        engine.clients_with_upstream += 1
     replies = [reply_to(wire_id) for wire_id in range(n + 2001)]  # ids go 1, 2, 3...
 
     def one() -> None:
@@ -96,11 +115,12 @@ async def main(n: int, dubbo: bool) -> None:
     for _ in range(n):
         one()
     took = time.process_time() - start
-    codec = "Dubbo" if dubbo else "KV"
+    codec = {"dubbo": "Dubbo", "dedicated": "KV (per-client connection)"}.get(mode, "KV")
     print(f"{n} requests: {took / n * 1e6:.2f} us CPU per request (engine + {codec} codec, no I/O)")
     await engine.stop(drain=0.1)
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--dubbo"]
-    uvloop.run(main(int(args[0]) if args else 100_000, "--dubbo" in sys.argv[1:]))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    flags = [a[2:] for a in sys.argv[1:] if a.startswith("--")]
+    uvloop.run(main(int(args[0]) if args else 100_000, flags[0] if flags else "kv"))

@@ -13,9 +13,11 @@ import socket
 
 import pytest
 from proxy_kit import (
+    ONEWAY,
     Client,
     Upstream,
     address,
+    build_frame,
     engine_for,
     error_type,
     mesh,
@@ -36,6 +38,7 @@ from metaprotocol_sdk.proxy.engine import (
 NO_REWRITE = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
 ROUND_ROBIN = "{loadBalancer: {simple: ROUND_ROBIN}}"
 OVERFLOW = "metaprotocol_upstream_overflow_total"
+CLOSED = "metaprotocol_upstream_connections_closed_total"
 
 
 # -- defaults and validation -------------------------------------------------------------------
@@ -119,10 +122,11 @@ async def _endpoints(n: int) -> list[Upstream]:
     return [await Upstream(f"u{i}").start() for i in range(n)]
 
 
-def test_a_client_past_the_budget_reuses_its_connections_and_a_new_one_gets_overlimit() -> None:
+def test_a_client_past_the_budget_reuses_its_connections_and_a_new_one_takes_an_idle_one() -> None:
     """5 endpoints, round robin, a budget of 3 upstream connections: the first client opens 3
-    and sends the rest over them; the next has none and gets OverLimit, with its ids,
-    counted once per request in the overflow series and the local replies."""
+    and sends the rest over them (it takes no one's: it has its own); the next has none and
+    takes the place of one of the first's, idle (counted as reclaimed), then reuses it. The
+    first is served on, over the two it has left."""
 
     async def main() -> None:
         ups = await _endpoints(5)
@@ -137,27 +141,300 @@ def test_a_client_past_the_budget_reuses_its_connections_and_a_new_one_gets_over
             replies = await asyncio.wait_for(asyncio.gather(*(first.start() for _ in range(10))), 5)
             assert [error_type(r) for r in replies] == [None] * 10
             assert len(engine.upstreams) == 3 and sum(u.accepted for u in ups) == 3
-            second = await Client.connect(address(engine))
-            refused = await asyncio.wait_for(asyncio.gather(second.start(), second.start()), 5)
-            assert [(r.request_id, error_type(r)) for r in refused] == [
-                (1, "OverLimit"),
-                (2, "OverLimit"),
-            ]
-            message = refused[0].attributes["error-message"]
-            assert message == "too many upstream connections (limits.maxUpstreamConnections 3)"
             stats = engine.stats
-            assert stats.total(OVERFLOW, limit="maxUpstreamConnections") == 2
-            assert stats.total("metaprotocol_local_replies_total", type="OverLimit") == 2
+            assert stats.total(CLOSED, reason="reclaimed") == 0
+            second = await Client.connect(address(engine))
+            served = await asyncio.wait_for(asyncio.gather(second.start(), second.start()), 5)
+            assert [(r.request_id, error_type(r)) for r in served] == [(1, None), (2, None)]
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            assert sorted(len(d.dedicated) for d in engine.downstreams) == [1, 2]
+            replies = await asyncio.wait_for(asyncio.gather(*(first.start() for _ in range(5))), 5)
+            assert [error_type(r) for r in replies] == [None] * 5
+            assert stats.total(CLOSED, reason="reclaimed") == 1  # it reused its own
+            assert len(engine.upstreams) == 3
+            assert stats.total(OVERFLOW) == 0
+            assert stats.total("metaprotocol_local_replies_total") == 0
             assert stats.total("metaprotocol_upstream_connect_errors_total") == 0
-            # The check is made only when a connection is to open: the first client's
-            # requests keep going over its connections.
-            assert error_type(await first.call()) is None
             first.close()
             second.close()
         for u in ups:
             await u.close()
 
     run(main())
+
+
+def _holders(engine: Engine, clients: dict[str, Client]) -> set[str]:
+    """Which of ``clients`` (by name) have an upstream connection of their own."""
+    ports = {
+        d.transport.get_extra_info("peername")[1]
+        for d in engine.downstreams
+        if d.dedicated and d.transport is not None
+    }
+    return {
+        name
+        for name, c in clients.items()
+        if c.transport is not None and c.transport.get_extra_info("sockname")[1] in ports
+    }
+
+
+def test_clients_that_reached_every_endpoint_and_sit_idle_do_not_deny_the_next() -> None:
+    """5 endpoints, a budget of 10: two clients reach every endpoint (5 connections each,
+    the whole budget) and sit idle. Each client that comes after takes the place of the
+    connection idle longest and is served; so are the idle clients when they come back,
+    over the connections they have left. Nobody gets OverLimit, nothing is reset."""
+
+    async def main() -> None:
+        ups = await _endpoints(5)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxUpstreamConnections: 10}\n",
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            idle = [await Client.connect(address(engine)) for _ in range(2)]
+            for c in idle:
+                for _ in range(5):
+                    assert error_type(await c.call()) is None
+            assert len(engine.upstreams) == 10
+            assert sorted(len(d.dedicated) for d in engine.downstreams) == [5, 5]
+            later = [await Client.connect(address(engine)) for _ in range(3)]
+            for c in later:
+                replies = await asyncio.wait_for(asyncio.gather(*(c.start() for _ in range(5))), 5)
+                assert [error_type(r) for r in replies] == [None] * 5
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 3
+            # The longest idle went: the first client's first three.
+            assert sorted(len(d.dedicated) for d in engine.downstreams) == [1, 1, 1, 2, 5]
+            for c in idle:
+                replies = await asyncio.wait_for(asyncio.gather(*(c.start() for _ in range(5))), 5)
+                assert [error_type(r) for r in replies] == [None] * 5
+            assert stats.total(CLOSED, reason="reclaimed") == 3
+            assert stats.total(OVERFLOW) == 0
+            assert stats.total("metaprotocol_local_replies_total") == 0
+            assert len(engine.upstreams) == 10 and len(engine.downstreams) == 5
+            for c in [*idle, *later]:
+                assert not c.closed.done()
+                c.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_client_whose_connection_was_reclaimed_is_served_at_its_next_request(loop: str) -> None:
+    """One endpoint, a budget of 2: a, b served, idle; c takes the place of a's (the longest
+    idle); a's next request takes b's, b's takes c's. Every request is served, no client is
+    reset, and each time the connection idle longest is the one that goes."""
+
+    async def main() -> None:
+        (up,) = await _endpoints(1)
+        text = mesh([(up.port, "v1")], proxy="limits: {maxUpstreamConnections: 2}\n", **NO_REWRITE)
+        async with engine_for(text) as engine:
+            clients: dict[str, Client] = {}
+            for name in "abc":
+                clients[name] = await Client.connect(address(engine))
+            await until(lambda: len(engine.downstreams) == 3, "three clients")
+            for name in "ab":
+                assert error_type(await clients[name].call()) is None
+            assert _holders(engine, clients) == {"a", "b"}
+            for name, holders in (("c", "bc"), ("a", "ca"), ("b", "ab"), ("c", "bc")):
+                reply = await clients[name].call()
+                assert error_type(reply) is None and reply.attributes["server"] == "u0"
+                assert _holders(engine, clients) == set(holders), name
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 4
+            assert stats.total(OVERFLOW) == 0
+            assert stats.total("metaprotocol_local_replies_total") == 0
+            assert up.accepted == 6 and len(engine.upstreams) == 2
+            assert engine.clients_with_upstream == _with_upstream(engine) == 2
+            for c in clients.values():
+                assert not c.closed.done()
+                c.close()
+        await up.close()
+
+    run(main(), loop=loop)
+
+
+def test_a_connection_with_a_request_in_flight_is_never_reclaimed() -> None:
+    """One endpoint, a budget of 2. a's connection was idle first, then holds a slow request;
+    b's is idle: c takes b's, not a's, and holds a slow request too. Then nothing is idle and
+    d gets OverLimit. The slow requests are answered as usual once released; then d is
+    served in the place of one of theirs."""
+
+    async def main() -> None:
+        (up,) = await _endpoints(1)
+        text = mesh([(up.port, "v1")], proxy="limits: {maxUpstreamConnections: 2}\n", **NO_REWRITE)
+        async with engine_for(text) as engine:
+            clients: dict[str, Client] = {}
+            for name in "abcd":
+                clients[name] = await Client.connect(address(engine))
+            a, b, c, d = clients.values()
+            await until(lambda: len(engine.downstreams) == 4, "four clients")
+            assert error_type(await a.call()) is None  # a's connection: the first idle
+            slow_a = a.start("slow")
+            await up.wait_received(2)
+            assert error_type(await b.call()) is None
+            slow_c = c.start("slow")
+            await up.wait_received(4)
+            assert _holders(engine, clients) == {"a", "c"}
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            refused = await d.call()
+            assert error_type(refused) == "OverLimit"
+            message = refused.attributes["error-message"]
+            assert message == "too many upstream connections (limits.maxUpstreamConnections 2)"
+            assert stats.total(OVERFLOW, limit="maxUpstreamConnections") == 1
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            up.release.set()
+            for slow in (slow_a, slow_c):
+                reply = await asyncio.wait_for(slow, 5)
+                assert error_type(reply) is None and reply.attributes["server"] == "u0"
+            assert error_type(await d.call()) is None
+            assert stats.total(CLOSED, reason="reclaimed") == 2
+            assert stats.total("metaprotocol_upstream_resets_total") == 0
+            for client in clients.values():
+                client.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_shared_connection_may_take_an_idle_one_s_place_and_is_never_taken() -> None:
+    """Two services, a budget of 1: a client of the one without id rewriting holds the only
+    connection, idle; a client of the id-rewriting one needs its endpoint's shared
+    connection and takes the idle one's place. The shared connection is never reclaimed: the
+    first client's next request finds none idle and gets OverLimit; the other is served on."""
+
+    async def main() -> None:
+        shared_up, own_up = await _endpoints(2)
+        extra = f"""\
+            apiVersion: metaprotocol.aeraki.io/v1alpha1
+            kind: ApplicationProtocol
+            metadata: {{name: kvnr}}
+            spec: {{protocol: kvnr, codec: "proxy_kit:NoRewriteKVCodec"}}
+            ---
+            apiVersion: networking.istio.io/v1beta1
+            kind: ServiceEntry
+            metadata: {{name: own}}
+            spec:
+              hosts: [own.test]
+              ports: [{{number: 9001, name: tcp-metaprotocol-kvnr-own, protocol: TCP}}]
+              resolution: STATIC
+              endpoints:
+                - {{address: 127.0.0.1, ports: {{tcp-metaprotocol-kvnr-own: {own_up.port}}}}}
+            """
+        text = mesh(
+            [(shared_up.port, "v1")], proxy="limits: {maxUpstreamConnections: 1}\n", extra=extra
+        )
+        listeners = "listeners: [{host: svc.test, port: 9000, bind: '127.0.0.1:0'}"
+        assert listeners in text
+        text = text.replace(
+            listeners, listeners + ", {host: own.test, port: 9001, bind: '127.0.0.1:0'}"
+        )
+        async with engine_for(text) as engine:
+            own = await Client.connect(engine.listener_addresses[("own.test", 9001)])
+            assert error_type(await own.call()) is None
+            other = await Client.connect(address(engine))
+            reply = await other.call()
+            assert error_type(reply) is None and reply.attributes["server"] == "u0"
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            refused = await own.call()
+            assert error_type(refused) == "OverLimit"
+            assert error_type(await other.call()) is None
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            assert len(engine.upstreams) == 1 and not own.closed.done()
+            own.close()
+            other.close()
+        await shared_up.close()
+        await own_up.close()
+
+    run(main())
+
+
+def test_no_connection_is_closed_for_nothing_when_too_few_are_idle() -> None:
+    """The connections open are two more than the budget now allows (as when client
+    connections took descriptors since) and one is idle: closing it would not make room, so
+    it stays open and the request gets OverLimit. With the budget one short, it goes."""
+
+    async def main() -> None:
+        ups = await _endpoints(3)
+        text = mesh(
+            [(u.port, "v1") for u in ups],
+            traffic_policy=ROUND_ROBIN,
+            proxy="limits: {maxUpstreamConnections: 3}\n",
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            busy = await Client.connect(address(engine))
+            held = [busy.start("slow") for _ in range(2)]  # two endpoints, requests held there
+            await until(lambda: sum(len(u.received) for u in ups) == 2, "both upstream")
+            idle = await Client.connect(address(engine))
+            assert error_type(await idle.call()) is None  # the third endpoint, idle since
+            late = await Client.connect(address(engine))
+            await until(lambda: len(engine.downstreams) == 3, "three clients")
+            assert len(engine.upstreams) == 3
+            engine.max_upstream_connections = 2  # three open, two allowed
+            refused = await late.call()
+            assert error_type(refused) == "OverLimit"
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 0
+            assert len(engine.upstreams) == 3
+            engine.max_upstream_connections = 3
+            assert error_type(await late.call()) is None
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            for u in ups:
+                u.release.set()
+            for reply in await asyncio.wait_for(asyncio.gather(*held), 5):
+                assert error_type(reply) is None
+            for c in (busy, idle, late):
+                c.close()
+        for u in ups:
+            await u.close()
+
+    run(main())
+
+
+def test_a_connection_with_bytes_unsent_is_not_reclaimed_until_they_are_out() -> None:
+    """One endpoint that reads nothing, a budget of 1: a's connection has nothing in flight
+    but a large one-way message unsent, so b gets OverLimit rather than have it dropped. Once
+    the endpoint reads it, the sweep lists the connection as idle again and b takes it."""
+
+    async def main() -> None:
+        up = Upstream("u0")
+        up.reading_paused = True
+        await up.start(rcvbuf=4096)
+        text = mesh(
+            [(up.port, "v1")],
+            proxy="limits: {maxUpstreamConnections: 1}\n"
+            "timeouts: {frame: 400ms}\n",  # a sweep every 100 ms
+            **NO_REWRITE,
+        )
+        async with engine_for(text) as engine:
+            a = await Client.connect(address(engine))
+            b = await Client.connect(address(engine))
+            a.send(build_frame(ONEWAY, 1, {"method": "notify"}, b"n" * (6 << 20)))
+            await until(lambda: len(engine.upstreams) == 1, "a's connection")
+            conn = next(iter(engine.upstreams))
+            await until(lambda: conn.write_paused, "the upstream's buffers full")
+            refused = await b.call()
+            assert error_type(refused) == "OverLimit"
+            stats = engine.stats
+            assert stats.total(CLOSED, reason="reclaimed") == 0
+            assert not conn.closed
+            up.resume_reading()
+            await up.wait_received(1)
+            await until(lambda: conn in engine.idle_upstreams, "listed idle again")
+            assert error_type(await b.call()) is None
+            assert stats.total(CLOSED, reason="reclaimed") == 1
+            assert len(bytes(up.received[0].body)) == 6 << 20
+            a.close()
+            b.close()
+        await up.close()
+
+    run(main(), timeout=30)
 
 
 def test_clients_with_connections_leave_one_for_each_client_without() -> None:
@@ -244,12 +521,20 @@ def test_client_and_upstream_connections_share_the_descriptors() -> None:
             c = await Client.connect(address(engine))
             replies = await asyncio.wait_for(asyncio.gather(c.start(), c.start()), 5)
             assert [error_type(r) for r in replies] == [None, None]  # 1 opened, 1 reused
+            slow = c.start("slow")  # its connection busy: none to take the place of
+            await until(
+                lambda: any(m.operation_name == "slow" for u in ups for m in u.received),
+                "the slow request upstream",
+            )
             engine.descriptors = 3  # room for one more client, none for its upstream connection
             other = await Client.connect(address(engine))
             refused = await other.call()
             assert error_type(refused) == "OverLimit"
             assert "no descriptors left" in refused.attributes["error-message"]
             assert engine.stats.total(OVERFLOW, limit="maxUpstreamConnections") == 1
+            for u in ups:
+                u.release.set()
+            assert error_type(await asyncio.wait_for(slow, 5)) is None
             c.close()
             other.close()
         for u in ups:
