@@ -188,8 +188,6 @@ class Authorization:
     deny: tuple[Policy, ...] = ()
     allow: tuple[Policy, ...] = ()
     audit: tuple[Policy, ...] = ()
-    #: Some rule reads the SNI (``connection.sni``).
-    uses_sni: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:

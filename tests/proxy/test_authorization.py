@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import struct
 import textwrap
 import time
@@ -34,6 +35,8 @@ from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import Engine, loads_config
 
 LISTENER = "svc.test:9000"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "mesh.md"
+GUIDE = re.compile(r'^```yaml title="authorization.yaml"\n(.*?)^```', re.S | re.M)
 
 
 @pytest.fixture
@@ -259,6 +262,28 @@ def test_when_conditions_of_the_connection(ca: MeshCa, tmp_path: Path) -> None:
     run(main())
 
 
+def test_connection_sni_is_the_server_name_the_client_sent(ca: MeshCa, tmp_path: Path) -> None:
+    """``connection.sni``: the name a sidecar sends (Istio's ``outbound_.PORT_._.HOST``);
+    a client that sent another, or none (plain text), does not match."""
+    allow = policy("sni", "rules: [{when: [{key: connection.sni, values: ['outbound_.9000_*']}]}]")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, allow)) as engine:
+            for name, served in (("outbound_.9000_._.svc.test", True), ("svc.test", False)):
+                ctx = ca.client_context(tmp_path, "frontend")
+                client = await Client.connect(address(engine), ssl=ctx, server_hostname=name)
+                got = error_type(await client.call("get"))
+                assert got == (None if served else "PermissionDenied"), name
+                client.close()
+            plain = await connect(engine, ca, tmp_path, None)
+            assert error_type(await plain.call("get")) == "PermissionDenied"
+            plain.close()
+        await up.close()
+
+    run(main())
+
+
 # -- request attributes (request.headers) ---------------------------------------------------
 
 
@@ -309,6 +334,49 @@ def test_request_headers_are_the_requests_attributes_judged_per_request(
             other.close()
         await up.close()
         assert len(up.received) == 3
+
+    run(main())
+
+
+# -- the guide's example ------------------------------------------------------------------
+
+
+def test_the_mesh_guides_authorization_example_does_what_the_page_says(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """docs/mesh.md's ``authorization.yaml``, as written, on the KV codec: the gateway's
+    namespace and web/frontend are let in; a sandbox namespace, another identity, a plain
+    client and a request with a ``debug`` attribute are not; the series and the dump are
+    the ones the page names."""
+    (example,) = GUIDE.findall(PAGE.read_text(encoding="utf-8"))
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, example)) as engine:
+            for sa, ns, served in (
+                ("thrift-client", "meta-thrift", True),
+                ("frontend", "web", True),
+                ("frontend", "sandbox-7", False),
+                ("backend", "web", False),
+                (None, "", False),
+            ):
+                client = await connect(engine, ca, tmp_path, sa, ns or "default")
+                reply = await client.call("sayHello", rid=21)
+                assert reply.request_id == 21
+                assert error_type(reply) == (None if served else "PermissionDenied"), (sa, ns)
+                if served:
+                    debug = await client.call("sayHello", {"debug": "1"})
+                    assert error_type(debug) == "PermissionDenied"
+                client.close()
+            assert rbac(engine, "meta-thrift/no-sandbox", "DENY", "denied") == 3
+            assert rbac(engine, "meta-thrift/thrift-gateway-callers", "ALLOW", "allowed") == 2
+            assert rbac(engine, "none", "ALLOW", "denied") == 2
+            assert engine.config_dump()["authorizationPolicies"] == {
+                "DENY": ["meta-thrift/no-sandbox"],
+                "ALLOW": ["meta-thrift/thrift-gateway-callers"],
+                "AUDIT": [],
+            }
+        await up.close()
 
     run(main())
 

@@ -48,7 +48,6 @@ def authorization_policies(docs: list[_Doc]) -> Authorization | None:
         return None
     by_action: dict[str, list[Policy]] = {"ALLOW": [], "DENY": [], "AUDIT": []}
     names: dict[str, _Doc] = {}
-    uses_sni = False
     for doc in docs:
         meta = doc.body.get("metadata") or {}
         namespace = meta.get("namespace")
@@ -63,18 +62,11 @@ def authorization_policies(docs: list[_Doc]) -> Authorization | None:
             )
         names[name] = doc
         policy = _policy(doc, name)
-        uses_sni = uses_sni or any(
-            c.attribute == "sni"
-            for rule in policy.rules
-            for checks in (*rule.sources, *rule.operations, rule.conditions)
-            for c in checks
-        )
         by_action[policy.action].append(policy)
     return Authorization(
         tuple(by_action["DENY"]),
         tuple(by_action["ALLOW"]),
         tuple(by_action["AUDIT"]),
-        uses_sni,
     )
 
 
