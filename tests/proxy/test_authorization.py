@@ -639,3 +639,34 @@ def test_ten_thousand_policies_and_long_lists_load_and_judge_in_bounded_time() -
     verdict = judge.judge(Transport())
     assert time.perf_counter() - started < 5
     assert verdict is None  # 10.1.2.0/24 is one of the blocks: allowed by "big"
+
+
+def test_ip_blocks_are_merged_ranges_searched_in_log_time() -> None:
+    """Blocks of both versions, overlapping and adjacent, single addresses: each lookup is a
+    binary search over the merged ranges, exact at every edge."""
+    import ipaddress
+
+    from metaprotocol_sdk.proxy.authorization import Addresses
+
+    blocks = ["10.0.0.0/8", "10.1.0.0/16", "11.0.0.0/8", "192.168.1.1", "192.168.1.3/32"]
+    blocks += ["::1", "fe80::/10", "2001:db8::/64"]
+    match = Addresses(ipaddress.ip_network(b, strict=False) for b in blocks)
+    assert len(match.ranges[4][0]) == 3  # 10/8 + 11/8 merged; two single addresses
+    cases = {
+        "9.255.255.255": False,
+        "10.0.0.0": True,
+        "11.255.255.255": True,
+        "12.0.0.0": False,
+        "192.168.1.1": True,
+        "192.168.1.2": False,
+        "192.168.1.3": True,
+        "::1": True,
+        "::2": False,
+        "febf:ffff::1": True,
+        "fec0::": False,
+        "2001:db8::ffff": True,
+        "2001:db8:0:1::": False,
+    }
+    for ip, want in cases.items():
+        assert match.matches(ipaddress.ip_address(ip)) is want, ip
+    assert not match.matches(None)
