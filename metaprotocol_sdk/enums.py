@@ -53,6 +53,8 @@ class ErrorType(IntEnum):
     UpstreamReset = 8
     BadRequest = 9
     ShuttingDown = 10
+    #: An AuthorizationPolicy denied the request (Envoy's ``RBAC: access denied``).
+    PermissionDenied = 11
 
 
 class ResponseStatus(IntEnum):

@@ -88,27 +88,27 @@ class AccessLog:
         message_type: str,
         upstream: str = "",
         response_flags: str = "-",
+        details: str | None = None,
     ) -> None:
         """Record one request (``duration`` in seconds; ``response_flags``: Envoy's short
-        flags, ``-`` for none, as Istio's ``response_flags`` label has them)."""
-        line = (
-            json.dumps(
-                {
-                    "time": round(time.time(), 6),
-                    "listener": listener,
-                    "route": route,
-                    "destination": destination,
-                    "upstream": upstream,
-                    "status": status,
-                    "response_flags": response_flags,
-                    "duration_ms": round(duration * 1000.0, 3),
-                    "request_id": request_id,
-                    "message_type": message_type,
-                },
-                separators=(",", ":"),
-            )
-            + "\n"
-        )
+        flags, ``-`` for none, as Istio's ``response_flags`` label has them; ``details``:
+        Envoy's ``response_code_details``, written when given, e.g. the policy that denied
+        the request)."""
+        fields: dict[str, object] = {
+            "time": round(time.time(), 6),
+            "listener": listener,
+            "route": route,
+            "destination": destination,
+            "upstream": upstream,
+            "status": status,
+            "response_flags": response_flags,
+            "duration_ms": round(duration * 1000.0, 3),
+            "request_id": request_id,
+            "message_type": message_type,
+        }
+        if details is not None:
+            fields["response_code_details"] = details
+        line = json.dumps(fields, separators=(",", ":")) + "\n"
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:

@@ -47,6 +47,14 @@ def config_dump(engine: Engine) -> dict[str, Any]:
         "sources": list(engine.config.sources),
         "meshIdentity": None if engine.identity is None else engine.identity.dump(),
         "peerAuthentication": plain(settings.peer_authentication),
+        # The AuthorizationPolicies in force, by action (None: none).
+        "authorizationPolicies": None
+        if settings.authorization is None
+        else {
+            "DENY": [p.name for p in settings.authorization.deny],
+            "ALLOW": [p.name for p in settings.authorization.allow],
+            "AUDIT": [p.name for p in settings.authorization.audit],
+        },
         "listeners": [
             {
                 "name": listener.name,

@@ -15,6 +15,7 @@ from metaprotocol_sdk.filters import Filter, LocalReply, RequestContext, Respons
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
+from .authorization import DENIED
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS
@@ -31,6 +32,7 @@ from .upstream import (
 if TYPE_CHECKING:
     import ssl
 
+    from .authorization import ListenerAuthorization, Stale, Verdict
     from .config.models import ListenerTls
     from .detection import Detection
     from .engine import Engine
@@ -132,6 +134,8 @@ class ListenerRuntime:
         #: PERMISSIVE or DISABLE (a PeerAuthentication's): each connection's first bytes say
         #: TLS or plain text (``detection.attach_detection``; ``None``: not detected).
         self.detect: Detection | None = None
+        #: The AuthorizationPolicies (``None``: none; set by the engine).
+        self.authz: ListenerAuthorization | None = None
 
     def count_filter_error(self, f: Filter) -> None:
         """Count one exception raised by a filter (its request was answered locally)."""
@@ -166,6 +170,8 @@ class ListenerRuntime:
         self._skipped.clear()
         self._filter_errors.clear()
         self._retries.clear()
+        if self.authz is not None:
+            self.authz.forget_series()
 
     def count_local(self, error: ErrorType) -> None:
         """Count one local reply."""
@@ -201,6 +207,7 @@ class Downstream(asyncio.Protocol):
 
     __slots__ = (
         "_route",
+        "authz",
         "blocked",
         "blocked_since",
         "buffer",
@@ -281,6 +288,9 @@ class Downstream(asyncio.Protocol):
         self.holds: set[Hold] | None = None
         #: Requests sent upstream and not settled: given up at once if the client leaves.
         self.waiting: dict[Pending, None] = {}
+        #: What the listener's AuthorizationPolicies say of this connection's requests
+        #: (``None``: all allowed, or no policy; see ``authorization``).
+        self.authz: Verdict | Stale | None = None
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -302,6 +312,8 @@ class Downstream(asyncio.Protocol):
         listener.accepted.value += 1
         listener.active.value += 1
         self.last_seen = engine.loop.time()
+        if listener.authz is not None:
+            self.authz = listener.authz.judge(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         engine = self.engine
@@ -611,6 +623,10 @@ class Downstream(asyncio.Protocol):
     def _request(self, message: Metadata) -> None:
         if self.draining:
             self.local_reply(message, ErrorType.ShuttingDown, "proxy is shutting down")
+            return
+        authz = self.authz
+        if authz is not None and (policy := authz.denies(self, message.attributes)) is not None:
+            self._deny(message, policy)
             return
         route = self._route(message.attributes)
         if route is None:
@@ -1007,7 +1023,20 @@ class Downstream(asyncio.Protocol):
             return "proxy overloaded: resident memory above overload.maxRssBytes"
         return f"proxy overloaded: {engine.buffered} bytes buffered (limit {engine.max_buffered})"
 
+    def _deny(self, message: Metadata, policy: str) -> None:
+        """Answer a request an AuthorizationPolicy denied (``policy``, or ``none``: no ALLOW
+        rule matched); a one-way message is counted only."""
+        if message.message_type is _ONEWAY:
+            self.listener._unrouted.count_oneway(ErrorType.PermissionDenied.name)
+            return
+        details = f"rbac_access_denied_matched_policy[{policy}]"
+        self.local_reply(message, ErrorType.PermissionDenied, DENIED, details=details)
+
     def _oneway(self, message: Metadata) -> None:
+        authz = self.authz
+        if authz is not None and (policy := authz.denies(self, message.attributes)) is not None:
+            self._deny(message, policy)
+            return
         route = self._route(message.attributes)
         if route is None:
             self.listener._unrouted.count_oneway(ErrorType.RouteNotFound.name)
@@ -1367,9 +1396,11 @@ class Downstream(asyncio.Protocol):
         start: float | None = None,
         host: UpstreamHost | None = None,
         flags: str | None = None,
+        details: str | None = None,
     ) -> None:
         """Send the codec's error reply for ``request`` and count it (``flags``: Istio's
-        ``response_flags`` when not the error type's own, e.g. a rate limit's ``RL``)."""
+        ``response_flags`` when not the error type's own, e.g. a rate limit's ``RL``;
+        ``details``: the access log's ``response_code_details``)."""
         listener = self.listener
         if target is None:
             target = listener._unrouted if route is None else route.local
@@ -1402,6 +1433,7 @@ class Downstream(asyncio.Protocol):
                 request.message_type.name,
                 "" if host is None else host.key,
                 flags if flags is not None else RESPONSE_FLAGS.get(error.name, "-"),
+                details,
             )
 
     def _refuse(self, exc: CodecError, error: ErrorType, close: bool) -> None:

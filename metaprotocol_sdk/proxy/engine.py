@@ -20,6 +20,7 @@ from metaprotocol_sdk.filters import Filter
 
 from .accesslog import AccessLog
 from .addresses import is_loopback, reaches, resolve_all
+from .authorization import STALE, ListenerAuthorization
 from .config.models import (
     Config,
     Destination,
@@ -457,6 +458,10 @@ class Engine:
         runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
         attach_listener(runtime, listener.tls, build.identity)
         attach_detection(runtime, listener.peer_mode)
+        if config.proxy.authorization is not None:
+            runtime.authz = ListenerAuthorization(
+                config.proxy.authorization, self.stats, listener.name
+            )
         if listener.connection_rate_limit is not None:
             refused = self.stats.counter(
                 "metaprotocol_downstream_connections_rejected_total",
@@ -846,6 +851,9 @@ class Engine:
             current.tls_check = runtime.tls_check
             current.mesh_tls = runtime.mesh_tls
             current.detect = runtime.detect
+            current.authz = runtime.authz
+            # Each open connection is judged again by the new policies at its next request.
+            verdict = None if runtime.authz is None else STALE
             kept = current.accept_limit
             if (
                 kept is None
@@ -856,6 +864,7 @@ class Engine:
             match = runtime.table.match
             for conn in self.downstreams:
                 if conn.listener is current:
+                    conn.authz = verdict
                     if same_codec:
                         conn._route = match
                     else:  # its codec cannot feed the new protocol's routes

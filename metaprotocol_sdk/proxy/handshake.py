@@ -143,6 +143,8 @@ class HalfClosing(ssl.SSLObject):
     peer: Any = None
     #: The peer's close_notify was seen and the connection took it.
     half_closed = False
+    #: The server name the client sent (``None``: none; kept by ``tls._keep_sni``).
+    sni: str | None = None
     #: The TLS layer (``Handshake``) that made this object (weakly: the layer holds this
     #: object, and a cycle would outlive the connection until a collection), and its
     #: outgoing buffer.

@@ -147,7 +147,7 @@ def scope(labels: Labels) -> Labels:
 
 #: Other labels whose values come from the configuration (a rate limit's bucket, a filter's
 #: name): a folded series replaces them too.
-_NAMED = frozenset((*SCOPE_LABELS, "bucket", "filter", "certificate"))
+_NAMED = frozenset((*SCOPE_LABELS, "bucket", "filter", "certificate", "policy"))
 
 
 def _folded(labels: Labels, kind: str) -> Labels:

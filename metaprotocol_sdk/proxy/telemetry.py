@@ -50,6 +50,7 @@ RESPONSE_CODES: dict[str, str] = {
     ErrorType.UpstreamReset.name: "503",
     ErrorType.BadRequest.name: "400",
     ErrorType.ShuttingDown.name: "503",
+    ErrorType.PermissionDenied.name: "403",
     "DownstreamClosed": "0",
 }
 
@@ -66,6 +67,7 @@ RESPONSE_FLAGS: dict[str, str] = {
     ErrorType.UpstreamReset.name: "UR",
     ErrorType.BadRequest.name: "DPE",
     ErrorType.ShuttingDown.name: "LR",
+    ErrorType.PermissionDenied.name: "-",  # (Envoy's RBAC filters set no flag)
     "DownstreamClosed": "DC",
     # Local replies of the built-in policies, by filter name:
     "local_rate_limit": "RL",

@@ -241,6 +241,13 @@ def client_context(
     return ctx, files.hash.hexdigest(), tuple(files.expiry)
 
 
+def _keep_sni(ssl_object: Any, name: str | None, _context: ssl.SSLContext) -> None:
+    """Keep the SNI a client sent on its TLS object (a server's ``server_hostname`` is
+    always ``None``): what ``connection.sni`` of an AuthorizationPolicy reads."""
+    if name is not None and isinstance(ssl_object, HalfClosing):
+        ssl_object.sni = name
+
+
 def server_context(
     mode: str,
     *,
@@ -260,6 +267,7 @@ def server_context(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client renegotiating is CPU it spends on us
     ctx.sslobject_class = HalfClosing  # alerts a client can read; close_notify a half-close
+    ctx.sni_callback = _keep_sni  # (AuthorizationPolicy's connection.sni)
     ctx.minimum_version = PROTOCOL_VERSIONS[min_version]
     if max_version is not None:
         ctx.maximum_version = PROTOCOL_VERSIONS[max_version]

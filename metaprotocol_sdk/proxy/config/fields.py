@@ -86,9 +86,16 @@ PEER_AUTHENTICATION_METADATA = Fields(
         "and its own namespace's are one level here)",
     },
 )
+#: An AuthorizationPolicy's namespace: its scope in Istio; here part of its name.
+AUTHORIZATION_POLICY_METADATA = Fields(
+    METADATA.honoured | {"namespace"},
+    METADATA.refused,
+    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
+)
 METADATA_BY_KIND = {
     "ServiceEntry": SERVICE_ENTRY_METADATA,
     "PeerAuthentication": PEER_AUTHENTICATION_METADATA,
+    "AuthorizationPolicy": AUTHORIZATION_POLICY_METADATA,
 }
 #: The API groups each kind is published in (``apiVersion`` is optional; when set, checked).
 API_VERSIONS = {
@@ -106,6 +113,7 @@ API_VERSIONS = {
     ),
     "ProxyConfig": ("proxy.metaprotocol.io/v1alpha1",),
     "PeerAuthentication": ("security.istio.io/v1", "security.istio.io/v1beta1"),
+    "AuthorizationPolicy": ("security.istio.io/v1", "security.istio.io/v1beta1"),
 }
 
 # -- ApplicationProtocol (Aeraki) --------------------------------------------------------------
@@ -277,6 +285,44 @@ PEER_NO_MESH_IDENTITY = (
     "rootCertificates; by default /etc/certs/cert-chain.pem, key.pem and root-cert.pem), or "
     "use mode DISABLE (plain text, as without a PeerAuthentication)"
 )
+
+# -- AuthorizationPolicy (Istio) ---------------------------------------------------------------
+
+_TARGETS = (
+    "it binds the policy to a Gateway or a waypoint (a Service), not to a workload; this "
+    "engine is one workload: use no selector (or a selector) instead"
+)
+AUTHORIZATION_POLICY = fields(
+    "selector",
+    "action",
+    "rules",
+    refused={
+        "provider": "a CUSTOM action's external authorization provider (ext-authz)",
+        "targetRef": _TARGETS,
+        "targetRefs": _TARGETS,
+    },
+)
+AUTHORIZATION_RULE = fields("from", "to", "when")
+AUTHORIZATION_FROM = fields("source")
+AUTHORIZATION_TO = fields("operation")
+AUTHORIZATION_SOURCE = fields(
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "serviceAccounts",
+    "notServiceAccounts",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+    "requestPrincipals",
+    "notRequestPrincipals",
+)
+AUTHORIZATION_OPERATION = fields(
+    "ports", "notPorts", "methods", "notMethods", "paths", "notPaths", "hosts", "notHosts"
+)
+AUTHORIZATION_CONDITION = fields("key", "values", "notValues")
 
 # -- MetaRouter (Aeraki, with this engine's timeout, fault and retries) ------------------------
 

@@ -44,6 +44,7 @@ from ..tls import (
     server_name_error,
 )
 from . import fields as schema
+from .authorization import authorization_policies
 from .documents import parse_documents, read_documents
 from .durations import parse_duration
 from .models import (
@@ -103,6 +104,7 @@ KINDS = (
     "MetaRouter",
     "ProxyConfig",
     "PeerAuthentication",
+    "AuthorizationPolicy",
 )
 PORT_PREFIX = "tcp-metaprotocol-"
 #: ``ISTIO_VERSION`` in the node metadata sent to the control plane (istiod reads it to pick
@@ -387,6 +389,9 @@ def _build(
     routers = _routers(by_kind["MetaRouter"], services, rules, protocols)
     peer = _peer_authentication(by_kind["PeerAuthentication"], identity)
     proxy = _proxy(proxy_doc, services, codec_options, identity, peer)
+    policies = authorization_policies(by_kind["AuthorizationPolicy"])
+    if policies is not None:
+        proxy = dataclasses.replace(proxy, authorization=policies)
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
     return Config(

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.filters import Filter
+
+if TYPE_CHECKING:
+    from ..authorization import Authorization
 
 #: Load balancing policies (Istio ``DestinationRule.trafficPolicy.loadBalancer``).
 LbPolicy = Literal["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "CONSISTENT_HASH"]
@@ -777,6 +780,8 @@ class ProxySettings:
     mesh_identity: MeshIdentity | None = None
     #: The PeerAuthentications read (``None``: none), applied to the listeners' ``peer_mode``.
     peer_authentication: PeerAuthentication | None = None
+    #: The AuthorizationPolicies read, compiled (``None``: none, and nothing of them runs).
+    authorization: Authorization | None = None
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ ERROR_STATUS: dict[ErrorType, Status] = {
     ErrorType.UpstreamReset: Status.SERVER_ERROR,
     ErrorType.BadRequest: Status.BAD_REQUEST,
     ErrorType.ShuttingDown: Status.SERVICE_ERROR,
+    ErrorType.PermissionDenied: Status.BAD_REQUEST,
 }
 
 

@@ -19,6 +19,7 @@ APPLICATION_EXCEPTION_TYPES: dict[ErrorType, int] = {
     ErrorType.UpstreamReset: wire.TAPP_INTERNAL_ERROR,
     ErrorType.BadRequest: wire.TAPP_PROTOCOL_ERROR,
     ErrorType.ShuttingDown: wire.TAPP_INTERNAL_ERROR,
+    ErrorType.PermissionDenied: wire.TAPP_UNKNOWN,
 }
 
 _DEFAULT_MESSAGES: dict[ErrorType, str] = {
@@ -33,6 +34,7 @@ _DEFAULT_MESSAGES: dict[ErrorType, str] = {
     ErrorType.UpstreamReset: "upstream connection reset",
     ErrorType.BadRequest: "bad request",
     ErrorType.ShuttingDown: "proxy is shutting down",
+    ErrorType.PermissionDenied: "RBAC: access denied",
 }
 
 

@@ -1,0 +1,462 @@
+"""Istio's AuthorizationPolicy on the engine's listeners, as Envoy's RBAC network filter
+applies it to a TCP workload, with ``request.headers`` read from each request's attributes.
+
+The loader compiles the policies (:class:`Authorization`): every value list becomes a
+matcher (a set for exact values, tuples for ``prefix*`` and ``*suffix``, networks for IP
+blocks) once, at load. A connection is judged once, from what it is (:class:`Facts`: peer
+principal, addresses, port, SNI), into a :class:`Verdict`:
+
+* allowed whatever it sends: ``None`` (the request path then costs one attribute check);
+* denied whatever it sends: every request gets ``PermissionDenied``;
+* or, when rules of the policies wait on ``request.headers``, the rules whose connection
+  part matched, checked against each request's attributes (linear in those conditions).
+
+Istio's order holds in both: a matching DENY rule denies; then, if any ALLOW policy applies,
+a request must match one ALLOW rule; else it is allowed. AUDIT rules only count. A reload
+gives open connections :data:`STALE`: each is judged again at its next request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from .stats import Counter, Stats
+
+if TYPE_CHECKING:
+    from metaprotocol_sdk.metadata import Attributes
+
+IpAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+Action = Literal["ALLOW", "DENY", "AUDIT"]
+#: The local reply's message (Envoy's RBAC filters answer HTTP with the same words).
+DENIED = "RBAC: access denied"
+#: ``policy`` label of a decision no policy's rule made (Envoy's ``[none]``).
+NO_POLICY = "none"
+#: The connection attributes a check may read (``header`` checks read the request's).
+ATTRIBUTES = (
+    "principal",
+    "namespace",
+    "service_account",
+    "source_ip",
+    "remote_ip",
+    "port",
+    "destination_ip",
+    "sni",
+)
+
+
+class Strings:
+    """Istio's string match of a value list: exact, ``prefix*``, ``*suffix``, ``*`` (any
+    value, but one must be there)."""
+
+    __slots__ = ("any", "exact", "prefixes", "suffixes")
+
+    def __init__(self, values: Iterable[str]) -> None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        self.any = False
+        for value in values:
+            if value == "*":
+                self.any = True
+            elif value.endswith("*"):
+                prefixes.append(value[:-1])
+            elif value.startswith("*"):
+                suffixes.append(value[1:])
+            else:
+                exact.add(value)
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+        self.suffixes = tuple(suffixes)
+
+    def matches(self, value: Any) -> bool:
+        """Whether ``value`` (``None``: absent, which nothing matches) is one of them."""
+        if value is None:
+            return False
+        return (
+            self.any
+            or value in self.exact
+            or (bool(self.prefixes) and value.startswith(self.prefixes))
+            or (bool(self.suffixes) and value.endswith(self.suffixes))
+        )
+
+
+class Addresses:
+    """IP blocks (``10.0.0.0/8``, ``10.1.2.3``), merged at load into sorted disjoint ranges
+    per IP version: a lookup is a binary search, however many blocks."""
+
+    __slots__ = ("ranges",)
+
+    def __init__(self, networks: Iterable[IpNetwork]) -> None:
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in networks:
+            spans[net.version].append((int(net.network_address), int(net.broadcast_address)))
+        self.ranges: dict[int, tuple[list[int], list[int]]] = {}
+        for version, found in spans.items():
+            starts: list[int] = []
+            ends: list[int] = []
+            for start, end in sorted(found):
+                if ends and start <= ends[-1] + 1:
+                    ends[-1] = max(ends[-1], end)
+                else:
+                    starts.append(start)
+                    ends.append(end)
+            self.ranges[version] = (starts, ends)
+
+    def matches(self, value: Any) -> bool:
+        """Whether the address ``value`` is in one of the blocks."""
+        if value is None:
+            return False
+        starts, ends = self.ranges[value.version]
+        number = int(value)
+        at = bisect_right(starts, number) - 1
+        return at >= 0 and number <= ends[at]
+
+
+class Ports:
+    """Port numbers."""
+
+    __slots__ = ("ports",)
+
+    def __init__(self, ports: Iterable[int]) -> None:
+        self.ports = frozenset(ports)
+
+    def matches(self, value: Any) -> bool:
+        """Whether the port ``value`` is one of them."""
+        return value in self.ports
+
+
+Matcher: TypeAlias = Strings | Addresses | Ports
+
+
+@dataclass(frozen=True)
+class Check:
+    """One field of a rule: ``attribute`` among ``values`` (if any) and among none of
+    ``not_values`` (if any). ``attribute`` is one of :data:`ATTRIBUTES`, or ``header`` with
+    ``key`` the folded attribute name."""
+
+    attribute: str
+    values: Matcher | None
+    not_values: Matcher | None
+    key: str = ""
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` passes the check."""
+        if self.values is not None and not self.values.matches(value):
+            return False
+        return self.not_values is None or not self.not_values.matches(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule: one of ``sources`` (each a tuple of checks, all of which hold; none: any
+    source), one of ``operations`` (alike) and every check of ``conditions`` (``when``),
+    those of the connection first, then ``headers`` (``request.headers``).
+    ``never``: an ALLOW rule Istio drops for TCP (an HTTP-only field); it matches nothing."""
+
+    sources: tuple[tuple[Check, ...], ...] = ()
+    operations: tuple[tuple[Check, ...], ...] = ()
+    conditions: tuple[Check, ...] = ()
+    headers: tuple[Check, ...] = ()
+    never: bool = False
+
+    def connection_matches(self, facts: Facts) -> bool:
+        """Whether the connection part holds (all of it when :attr:`headers` is empty)."""
+        if self.never:
+            return False
+        if self.sources and not _any(self.sources, facts):
+            return False
+        if self.operations and not _any(self.operations, facts):
+            return False
+        return _all(self.conditions, facts)
+
+
+# Loops, not any()/all() over generators: 4x faster judging 10 000 policies (3 ms, not 14).
+def _any(alternatives: tuple[tuple[Check, ...], ...], facts: Facts) -> bool:
+    for checks in alternatives:  # noqa: SIM110
+        if _all(checks, facts):
+            return True
+    return False
+
+
+def _all(checks: tuple[Check, ...], facts: Facts) -> bool:
+    for check in checks:  # noqa: SIM110
+        if not check.holds(getattr(facts, check.attribute)):
+            return False
+    return True
+
+
+def headers_hold(checks: tuple[Check, ...], attributes: Attributes) -> bool:
+    """Whether every ``request.headers`` check holds for a request's ``attributes``."""
+    table = attributes.folded_items
+    for check in checks:
+        item = table.get(check.key)
+        if not check.holds(None if item is None else item[1]):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One AuthorizationPolicy, compiled: its ``kind/name``-less name (the stats label),
+    action and rules."""
+
+    name: str
+    action: Action
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """The policies applying to the engine (all of them: it is one workload), by action."""
+
+    deny: tuple[Policy, ...] = ()
+    allow: tuple[Policy, ...] = ()
+    audit: tuple[Policy, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every policy's name (for ``/config_dump``)."""
+        return tuple(p.name for p in (*self.deny, *self.allow, *self.audit))
+
+
+@dataclass
+class Facts:
+    """What a connection is, as the rules see it."""
+
+    #: The SPIFFE id of the client certificate without ``spiffe://`` (``None``: plain text,
+    #: or no SPIFFE id).
+    principal: str | None = None
+    namespace: str | None = None
+    #: ``<namespace>/<service account>`` of the principal.
+    service_account: str | None = None
+    source_ip: IpAddress | None = None
+    remote_ip: IpAddress | None = None
+    port: int | None = None
+    destination_ip: IpAddress | None = None
+    sni: str | None = None
+
+
+def _address(extra: Any) -> tuple[IpAddress | None, int | None]:
+    """The IP address and port of a ``peername`` or ``sockname``."""
+    if not isinstance(extra, tuple) or len(extra) < 2:
+        return None, None
+    try:
+        address = ipaddress.ip_address(str(extra[0]).partition("%")[0])
+    except ValueError:
+        return None, extra[1] if isinstance(extra[1], int) else None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address, extra[1] if isinstance(extra[1], int) else None
+
+
+def principal_of(peercert: Any) -> str | None:
+    """Istio's ``source.principal``: the certificate's SPIFFE URI SAN without ``spiffe://``."""
+    if not isinstance(peercert, dict):
+        return None
+    for kind, value in peercert.get("subjectAltName", ()):
+        if kind == "URI" and value.startswith("spiffe://"):
+            return str(value[len("spiffe://") :])
+    return None
+
+
+def namespace_of(principal: str | None) -> tuple[str | None, str | None]:
+    """The namespace and ``namespace/account`` of an Istio SPIFFE id
+    (``<trust domain>/ns/<namespace>/sa/<account>``)."""
+    if principal is None:
+        return None, None
+    _, found, rest = principal.partition("/ns/")
+    if not found:
+        return None, None
+    namespace, _, rest = rest.partition("/")
+    if not namespace:
+        return None, None
+    account = None
+    if rest.startswith("sa/") and rest[3:] and "/" not in rest[3:]:
+        account = f"{namespace}/{rest[3:]}"
+    return namespace, account
+
+
+def facts_of(transport: Any) -> Facts:
+    """The facts of a connection, from its transport (TLS or plain). The engine reads no
+    PROXY protocol header nor ``X-Forwarded-For``: ``remote.ip`` is the peer's address."""
+    source, _ = _address(transport.get_extra_info("peername"))
+    destination, port = _address(transport.get_extra_info("sockname"))
+    principal = principal_of(transport.get_extra_info("peercert"))
+    ssl_object = transport.get_extra_info("ssl_object")
+    sni = getattr(ssl_object, "sni", None) if ssl_object is not None else None
+    namespace, account = namespace_of(principal)
+    return Facts(
+        principal,
+        namespace,
+        account,
+        source,
+        source,
+        port,
+        destination,
+        sni if isinstance(sni, str) else None,
+    )
+
+
+class Verdict:
+    """What a connection's requests are judged by (see the module's docstring): ``denied``
+    by the policy named (a connection-level decision), or else the rules left for each
+    request: DENY ones (``deny_when``), ALLOW ones (``allow_when``; ``allowed``: the
+    connection matched an ALLOW rule already, or no ALLOW policy applies) and AUDIT ones."""
+
+    __slots__ = (
+        "allow_when",
+        "allowed",
+        "allowed_by",
+        "audit_when",
+        "denied",
+        "deny_when",
+        "owner",
+    )
+
+    def __init__(self, owner: ListenerAuthorization) -> None:
+        self.owner = owner
+        self.denied: Policy | None = None
+        self.deny_when: tuple[tuple[Policy, tuple[Check, ...]], ...] = ()
+        self.allowed = True
+        #: The ALLOW policy the connection matched (``none``: no ALLOW policy applies).
+        self.allowed_by = NO_POLICY
+        self.allow_when: tuple[tuple[Policy, tuple[Check, ...]], ...] = ()
+        self.audit_when: tuple[tuple[Policy, tuple[Check, ...]], ...] = ()
+
+    def denies(self, conn: Any, attributes: Attributes) -> str | None:
+        """Judge a request: the reason it is denied (``None``: allowed), counted."""
+        owner = self.owner
+        if self.denied is not None:
+            return self.denied.name
+        for policy, checks in self.audit_when:
+            if headers_hold(checks, attributes):
+                owner.count(policy.name, "AUDIT", "audited")
+                break
+        for policy, checks in self.deny_when:
+            if headers_hold(checks, attributes):
+                owner.count(policy.name, "DENY", "denied")
+                return policy.name
+        if self.allowed:
+            owner.count(self.allowed_by, "ALLOW", "allowed")
+            return None
+        for policy, checks in self.allow_when:
+            if headers_hold(checks, attributes):
+                owner.count(policy.name, "ALLOW", "allowed")
+                return None
+        owner.count(NO_POLICY, "ALLOW", "denied")
+        return NO_POLICY
+
+
+class Stale:
+    """The verdict of a connection opened before a reload: judged again at its next request
+    by the listener's policies of then (``None``: no policy applies any more)."""
+
+    __slots__ = ()
+
+    def denies(self, conn: Any, attributes: Attributes) -> str | None:
+        """Judge the connection again, then the request."""
+        owner: ListenerAuthorization | None = conn.listener.authz
+        verdict = None if owner is None else owner.judge(conn.transport)
+        conn.authz = verdict
+        return None if verdict is None else verdict.denies(conn, attributes)
+
+
+#: The verdict a reload gives every open connection of a listener with policies.
+STALE = Stale()
+
+
+class ListenerAuthorization:
+    """A listener's policies and series: judges its connections."""
+
+    __slots__ = ("authorization", "counters", "listener", "stats")
+
+    def __init__(self, authorization: Authorization, stats: Stats, listener: str) -> None:
+        self.authorization = authorization
+        self.stats = stats
+        self.listener = listener
+        self.counters: dict[tuple[str, str, str], Counter] = {}
+
+    def count(self, policy: str, action: str, result: str) -> None:
+        """Count one decision in ``metaprotocol_rbac_total``."""
+        key = (policy, action, result)
+        counter = self.counters.get(key)
+        if counter is None:
+            counter = self.counters[key] = self.stats.counter(
+                "metaprotocol_rbac_total",
+                listener=self.listener,
+                policy=policy,
+                action=action,
+                result=result,
+            )
+        counter.value += 1
+
+    def forget_series(self) -> None:
+        """Forget the series made (after the stats dropped some of them)."""
+        self.counters.clear()
+
+    def judge(self, transport: Any) -> Verdict | None:
+        """The verdict of a new connection (``None``: all its requests are allowed, and
+        counted so once, here). Linear in the policies' checks."""
+        facts = facts_of(transport) if transport is not None else Facts()
+        authz = self.authorization
+        verdict = Verdict(self)
+        audit_when: list[tuple[Policy, tuple[Check, ...]]] = []
+        for policy in authz.audit:
+            if _matching(policy, facts, audit_when):
+                self.count(policy.name, "AUDIT", "audited")
+                audit_when = []  # audited once, for the connection
+                break
+        verdict.audit_when = tuple(audit_when)
+        deny_when: list[tuple[Policy, tuple[Check, ...]]] = []
+        for policy in authz.deny:
+            if _matching(policy, facts, deny_when):
+                self.count(policy.name, "DENY", "denied")
+                verdict.denied = policy
+                return verdict
+        verdict.deny_when = tuple(deny_when)
+        if authz.allow:
+            allow_when: list[tuple[Policy, tuple[Check, ...]]] = []
+            allowed_by = None
+            for policy in authz.allow:
+                if _matching(policy, facts, allow_when):
+                    allowed_by = policy
+                    break
+            if allowed_by is None and not allow_when:
+                self.count(NO_POLICY, "ALLOW", "denied")
+                verdict.denied = _NONE
+                return verdict
+            if allowed_by is None:
+                verdict.allowed = False
+                verdict.allow_when = tuple(allow_when)
+            elif deny_when or audit_when:
+                verdict.allowed_by = allowed_by.name
+            else:
+                self.count(allowed_by.name, "ALLOW", "allowed")
+                return None
+        elif not deny_when and not audit_when:
+            self.count(NO_POLICY, "ALLOW", "allowed")
+            return None
+        return verdict
+
+
+#: The "policy" of a denial because no ALLOW rule matched.
+_NONE = Policy(NO_POLICY, "ALLOW", ())
+
+
+def _matching(
+    policy: Policy, facts: Facts, waiting: list[tuple[Policy, tuple[Check, ...]]]
+) -> bool:
+    """Whether a rule of ``policy`` matches the connection whatever its requests; the
+    ``request.headers`` checks of the rules whose connection part matched go to
+    ``waiting``."""
+    for rule in policy.rules:
+        if rule.connection_matches(facts):
+            if not rule.headers:
+                return True
+            waiting.append((policy, rule.headers))
+    return False

@@ -1,0 +1,301 @@
+"""Istio's ``AuthorizationPolicy`` documents, read into an :class:`~..authorization.Authorization`.
+
+The engine is one workload without namespaces: every policy read applies to it (a
+``selector``'s labels are not matched, as for PeerAuthentication). Rules are compiled as
+Istio compiles them for a TCP (non-HTTP) port: an HTTP-only field (``methods``, ``paths``,
+``hosts``, ``requestPrincipals``, ``request.auth.*``) makes an ALLOW rule match nothing, and
+is ignored in a DENY or AUDIT rule (which then matches more), each cautioned once at load.
+``request.headers[KEY]`` is not HTTP-only here: it reads the request's attribute ``KEY``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+from .. import authorization as authz
+from ..authorization import Action, Addresses, Authorization, Check, Matcher, Policy, Ports, Rule
+from . import fields as schema
+
+if TYPE_CHECKING:
+    from .loader import _Doc
+
+#: ``when`` keys of the connection, and the fact each reads.
+CONNECTION_KEYS = {
+    "source.ip": "source_ip",
+    "remote.ip": "remote_ip",
+    "source.namespace": "namespace",
+    "source.principal": "principal",
+    "source.serviceAccount": "service_account",
+    "destination.ip": "destination_ip",
+    "destination.port": "port",
+    "connection.sni": "sni",
+}
+HEADER_KEY = "request.headers"
+#: ``when`` keys that need HTTP (JWT claims of a request).
+HTTP_ONLY_KEYS = ("request.auth.",)
+HTTP_ONLY = (
+    "an HTTP-only field: on a non-HTTP protocol Istio drops an ALLOW rule that has one (the "
+    "rule matches nothing) and ignores it in a DENY or AUDIT rule (which then matches more); "
+    "so does this engine"
+)
+
+
+def authorization_policies(docs: list[_Doc]) -> Authorization | None:
+    """The policies of ``docs``, compiled (``None``: there are none)."""
+    if not docs:
+        return None
+    by_action: dict[str, list[Policy]] = {"ALLOW": [], "DENY": [], "AUDIT": []}
+    names: dict[str, _Doc] = {}
+    for doc in docs:
+        meta = doc.body.get("metadata") or {}
+        namespace = meta.get("namespace")
+        name = f"{namespace}/{doc.name}" if isinstance(namespace, str) and namespace else doc.name
+        doc.bounded(name, "metadata.name")
+        if name in names:
+            other = names[name]
+            doc.fail(
+                "metadata.name",
+                f"a second AuthorizationPolicy named {name!r} ({other.source} is one); "
+                "names label the stats series",
+            )
+        names[name] = doc
+        policy = _policy(doc, name)
+        by_action[policy.action].append(policy)
+    return Authorization(
+        tuple(by_action["DENY"]),
+        tuple(by_action["ALLOW"]),
+        tuple(by_action["AUDIT"]),
+    )
+
+
+def _policy(doc: _Doc, name: str) -> Policy:
+    spec = doc.spec() if doc.body.get("spec") is not None else {}
+    doc.check(spec, "spec", schema.AUTHORIZATION_POLICY)
+    selector = doc.mapping(spec, "selector", "spec.selector", required=False)
+    doc.check(selector, "spec.selector", schema.PEER_SELECTOR)
+    if doc.labels(selector, "matchLabels", "spec.selector.matchLabels"):
+        doc.caution(
+            "spec.selector",
+            "its labels are not matched (this engine reads no pod labels): the "
+            "AuthorizationPolicy is taken as selecting this engine",
+        )
+    action = doc.get(spec, "action", "spec.action") or "ALLOW"
+    if action == "CUSTOM":
+        doc.fail(
+            "spec.action",
+            "CUSTOM is not supported by this engine: it delegates the decision to an "
+            "external authorization service (ext-authz), which this engine does not call",
+        )
+    if action not in ("ALLOW", "DENY", "AUDIT"):
+        doc.fail("spec.action", f"unknown action {action!r}; expected ALLOW, DENY or AUDIT")
+    raw_rules = doc.sequence(spec, "rules", "spec.rules", required=False)
+    if not raw_rules and action != "ALLOW":
+        doc.caution(
+            "spec.rules",
+            f"a {action} policy without rules matches nothing (Istio's too): it has no effect",
+        )
+    rules = tuple(
+        _rule(doc, raw, f"spec.rules[{i}]", cast(Action, action)) for i, raw in enumerate(raw_rules)
+    )
+    return Policy(name, cast(Action, action), rules)
+
+
+class _Fields:
+    """The checks of one ``source``, ``operation`` or ``when`` list, and whether an
+    HTTP-only field was among them."""
+
+    def __init__(self, doc: _Doc, action: Action) -> None:
+        self.doc = doc
+        self.action = action
+        self.checks: list[Check] = []
+        self.headers: list[Check] = []
+        self.http_only = False
+
+    def http(self, path: str) -> None:
+        self.http_only = True
+        self.doc.caution(path, HTTP_ONLY)
+
+
+def _rule(doc: _Doc, raw: Any, path: str, action: Action) -> Rule:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        doc.fail(path, f"must be a mapping, got {type(raw).__name__}")
+    doc.check(raw, path, schema.AUTHORIZATION_RULE)
+    http_only = False
+    sources = []
+    for i, item in enumerate(doc.sequence(raw, "from", f"{path}.from", required=False)):
+        where = f"{path}.from[{i}]"
+        source = _entry(doc, item, where, "source", schema.AUTHORIZATION_FROM)
+        doc.check(source, f"{where}.source", schema.AUTHORIZATION_SOURCE)
+        found = _Fields(doc, action)
+        _source(found, source, f"{where}.source")
+        http_only = http_only or found.http_only
+        sources.append(tuple(found.checks))
+    operations = []
+    for i, item in enumerate(doc.sequence(raw, "to", f"{path}.to", required=False)):
+        where = f"{path}.to[{i}]"
+        operation = _entry(doc, item, where, "operation", schema.AUTHORIZATION_TO)
+        doc.check(operation, f"{where}.operation", schema.AUTHORIZATION_OPERATION)
+        found = _Fields(doc, action)
+        _operation(found, operation, f"{where}.operation")
+        http_only = http_only or found.http_only
+        operations.append(tuple(found.checks))
+    conditions = _Fields(doc, action)
+    for i, item in enumerate(doc.sequence(raw, "when", f"{path}.when", required=False)):
+        _condition(conditions, item, f"{path}.when[{i}]")
+    http_only = http_only or conditions.http_only
+    if http_only and action == "ALLOW":
+        return Rule(never=True)
+    return Rule(
+        tuple(sources), tuple(operations), tuple(conditions.checks), tuple(conditions.headers)
+    )
+
+
+def _entry(doc: _Doc, item: Any, path: str, key: str, table: schema.Fields) -> dict[str, Any]:
+    """The ``source`` of a ``from`` entry (or ``operation`` of a ``to``): required and not
+    empty, as Istio's validation says."""
+    if not isinstance(item, dict):
+        doc.fail(path, f"must be a mapping with {key}, got {type(item).__name__}")
+    doc.check(item, path, table)
+    inner = doc.mapping(item, key, f"{path}.{key}")
+    if not any(v not in (None, []) for v in inner.values()):
+        doc.fail(f"{path}.{key}", "must not be empty (Istio's validation)")
+    return inner
+
+
+def _strings(doc: _Doc, obj: Mapping[str, Any], key: str, path: str) -> list[str] | None:
+    """A list of non-empty strings (``None``: absent or empty)."""
+    values = doc.sequence(obj, key, path, required=False)
+    if not values:
+        return None
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+            doc.fail(f"{path}[{i}]", f"must be a non-empty string, got {value!r}")
+    return [str(v) for v in values]
+
+
+def _string_match(doc: _Doc, values: list[str], path: str) -> Matcher:
+    for i, value in enumerate(values):
+        if "*" in value[1:-1] or value.count("*") > 1:
+            doc.fail(
+                f"{path}[{i}]",
+                f"{value[:60]!r}: '*' is allowed only alone, as a prefix or as a suffix",
+            )
+    return authz.Strings(values)
+
+
+def _address_match(doc: _Doc, values: list[str], path: str) -> Matcher:
+    networks = []
+    for i, value in enumerate(values):
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            doc.fail(f"{path}[{i}]", f"{value[:60]!r} is not an IP address or a CIDR block")
+    return Addresses(networks)
+
+
+def _port_match(doc: _Doc, values: list[str], path: str) -> Matcher:
+    ports = []
+    for i, value in enumerate(values):
+        digits = value.isascii() and value.isdigit() and len(value) <= 5
+        if not digits or not 0 <= int(value) <= 65535:
+            doc.fail(f"{path}[{i}]", f"must be a port number (0-65535), got {value[:60]!r}")
+        ports.append(int(value))
+    return Ports(ports)
+
+
+def _account_match(doc: _Doc, values: list[str], path: str) -> Matcher:
+    for i, value in enumerate(values):
+        if value.count("/") != 1 or "*" in value:
+            doc.fail(f"{path}[{i}]", f"must be namespace/serviceaccount, got {value[:60]!r}")
+    return authz.Strings(values)
+
+
+_Compile = Callable[["_Doc", list[str], str], Matcher]
+
+
+def _pair(
+    found: _Fields,
+    obj: Mapping[str, Any],
+    key: str,
+    not_key: str,
+    path: str,
+    attribute: str,
+    compile: _Compile,
+) -> None:
+    """The check of ``key`` and ``not_key`` (its negation) of ``obj``, if either is set."""
+    doc = found.doc
+    values = _strings(doc, obj, key, f"{path}.{key}")
+    not_values = _strings(doc, obj, not_key, f"{path}.{not_key}")
+    if values is None and not_values is None:
+        return
+    found.checks.append(
+        Check(
+            attribute,
+            None if values is None else compile(doc, values, f"{path}.{key}"),
+            None if not_values is None else compile(doc, not_values, f"{path}.{not_key}"),
+        )
+    )
+
+
+def _source(found: _Fields, source: Mapping[str, Any], path: str) -> None:
+    _pair(found, source, "principals", "notPrincipals", path, "principal", _string_match)
+    _pair(found, source, "namespaces", "notNamespaces", path, "namespace", _string_match)
+    _pair(
+        found, source, "serviceAccounts", "notServiceAccounts", path, "service_account",
+        _account_match,
+    )  # fmt: skip
+    _pair(found, source, "ipBlocks", "notIpBlocks", path, "source_ip", _address_match)
+    _pair(found, source, "remoteIpBlocks", "notRemoteIpBlocks", path, "remote_ip", _address_match)
+    for key in ("requestPrincipals", "notRequestPrincipals"):
+        if source.get(key):
+            found.http(f"{path}.{key}")
+
+
+def _operation(found: _Fields, operation: Mapping[str, Any], path: str) -> None:
+    _pair(found, operation, "ports", "notPorts", path, "port", _port_match)
+    for key in ("methods", "notMethods", "paths", "notPaths", "hosts", "notHosts"):
+        if operation.get(key):
+            found.http(f"{path}.{key}")
+
+
+def _condition(found: _Fields, item: Any, path: str) -> None:
+    doc = found.doc
+    if not isinstance(item, dict):
+        doc.fail(path, f"must be a mapping with key and values, got {type(item).__name__}")
+    doc.check(item, path, schema.AUTHORIZATION_CONDITION)
+    key = cast(str, doc.string(item, "key", f"{path}.key"))
+    if doc.get(item, "values", f"{path}.values") in (None, []) and doc.get(
+        item, "notValues", f"{path}.notValues"
+    ) in (None, []):
+        doc.fail(path, "values or notValues is required (Istio's validation)")
+    if key.startswith(HTTP_ONLY_KEYS):
+        found.http(f"{path}.key")
+        return
+    if key.startswith(HEADER_KEY + "["):
+        name = key[len(HEADER_KEY) + 1 :]
+        if not name.endswith("]") or len(name) < 2:
+            doc.fail(f"{path}.key", f"expected request.headers[NAME], got {key[:80]!r}")
+        inner = _Fields(doc, found.action)
+        _pair(inner, item, "values", "notValues", path, "header", _string_match)
+        check = inner.checks[0]
+        found.headers.append(Check("header", check.values, check.not_values, name[:-1].lower()))
+        return
+    attribute = CONNECTION_KEYS.get(key)
+    if attribute is None:
+        doc.fail(
+            f"{path}.key",
+            f"unknown or unsupported key {key[:80]!r}; expected one of "
+            f"{', '.join(CONNECTION_KEYS)}, request.headers[NAME] (a request attribute)",
+        )
+    compile: _Compile = _string_match
+    if attribute in ("source_ip", "remote_ip", "destination_ip"):
+        compile = _address_match
+    elif attribute == "port":
+        compile = _port_match
+    elif attribute == "service_account":
+        compile = _account_match
+    _pair(found, item, "values", "notValues", path, attribute, compile)

@@ -1,0 +1,672 @@
+"""Istio's AuthorizationPolicy on the engine's listeners: who may call (SPIFFE principals,
+namespaces, addresses, ports) decided per connection, ``request.headers`` per request, in
+Istio's order (DENY, then ALLOW), answered with the codec's own error reply. Real sockets on
+127.0.0.1 with mutual TLS clients of several identities (the mesh PKI of ``mesh_pki``), the
+KV codec and the Dubbo codec; and the configuration's checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import struct
+import textwrap
+import time
+from pathlib import Path
+from typing import cast
+
+import pytest
+from mesh_pki import MeshCa
+from proxy_kit import (
+    ONEWAY,
+    Client,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+    until,
+)
+
+from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.proxy import Engine, loads_config
+
+LISTENER = "svc.test:9000"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "mesh.md"
+GUIDE = re.compile(r'^```yaml title="authorization.yaml"\n(.*?)^```', re.S | re.M)
+
+
+@pytest.fixture
+def ca() -> MeshCa:
+    return MeshCa()
+
+
+def policy(name: str, spec: str, namespace: str = "") -> str:
+    """An AuthorizationPolicy document (``spec`` a YAML block, or ``{}``)."""
+    ns = f", namespace: {namespace}" if namespace else ""
+    body = " {}" if spec.strip() == "{}" else "\n" + textwrap.indent(textwrap.dedent(spec), "  ")
+    return (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        f"metadata: {{name: {name}{ns}}}\nspec:{body}\n"
+    )
+
+
+def config(ca: MeshCa, tmp_path: Path, port: int, *policies: str, proxy: str = "") -> str:
+    """The one-service mesh with the engine's identity (PERMISSIVE: mutual TLS and plain
+    text on one port) and ``policies``."""
+    certs = tmp_path / "certs"
+    if not certs.exists():
+        ca.write(certs, "engine")
+    return mesh(
+        [(port, "v1")],
+        proxy=f"meshIdentity: {{directory: '{certs}'}}\n" + proxy,
+        extra="---\n".join(policies),
+    )
+
+
+async def connect(engine: Engine, ca: MeshCa, tmp_path: Path, sa: str | None, ns: str = "default"):  # type: ignore[no-untyped-def]
+    """A client of identity ``sa`` in namespace ``ns`` (``None``: plain text)."""
+    if sa is None:
+        return await Client.connect(address(engine))
+    ctx = ca.client_context(tmp_path / ns, None)
+    ctx.load_cert_chain(*ca.files(tmp_path / ns, sa, ns))
+    return await Client.connect(address(engine), ssl=ctx)
+
+
+def rbac(engine: Engine, policy: str, action: str, result: str) -> int:
+    return engine.stats.get(
+        "metaprotocol_rbac_total", listener=LISTENER, policy=policy, action=action, result=result
+    )
+
+
+def denied_replies(engine: Engine) -> int:
+    return engine.stats.get(
+        "metaprotocol_local_replies_total", listener=LISTENER, type="PermissionDenied"
+    )
+
+
+# -- sources --------------------------------------------------------------------------------
+
+
+def test_an_allow_policy_lets_its_principals_in_and_answers_the_others_with_their_ids(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """ALLOW from one SPIFFE identity: its client is served; a client of another identity
+    and a plain-text client (no principal) get the codec's error reply, PermissionDenied,
+    with their own request ids, on the same open connection for every request; the
+    decisions are counted per connection, the replies per request, the access log names
+    what denied."""
+    log = tmp_path / "access.log"
+    allow = policy(
+        "frontend-only",
+        """\
+        action: ALLOW
+        rules:
+          - from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]
+        """,
+        namespace="meta",
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = config(ca, tmp_path, up.port, allow, proxy=f"accessLog: {{path: '{log}'}}\n")
+        async with engine_for(text) as engine:
+            frontend = await connect(engine, ca, tmp_path, "frontend")
+            intruder = await connect(engine, ca, tmp_path, "intruder")
+            plain = await connect(engine, ca, tmp_path, None)
+            assert error_type(await frontend.call("get", rid=7)) is None
+            for client, rid in ((intruder, 11), (plain, 12), (intruder, 13)):
+                reply = await client.call("get", rid=rid)
+                assert (reply.request_id, error_type(reply)) == (rid, "PermissionDenied")
+                assert reply.attributes.get("error-message") == "RBAC: access denied"
+            assert rbac(engine, "meta/frontend-only", "ALLOW", "allowed") == 1
+            assert rbac(engine, "none", "ALLOW", "denied") == 2  # two connections
+            assert denied_replies(engine) == 3  # three requests
+            for client in (frontend, intruder, plain):
+                client.close()
+        await up.close()
+        assert len(up.received) == 1
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        denied = [line for line in lines if line["status"] == "PermissionDenied"]
+        assert [line["request_id"] for line in denied] == [11, 12, 13]
+        assert denied[0]["response_code_details"] == "rbac_access_denied_matched_policy[none]"
+
+    run(main())
+
+
+def test_deny_comes_before_allow_and_namespaces_are_the_principals(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """A DENY policy matching a namespace wins over an ALLOW policy every mesh client
+    matches (``principals: ["*"]``, which a plain-text client does not: it has none)."""
+    deny = policy(
+        "no-sandbox",
+        """\
+        action: DENY
+        rules: [{from: [{source: {namespaces: ["sand*"]}}]}]
+        """,
+    )
+    allow = policy("mesh-only", "rules: [{from: [{source: {principals: ['*']}}]}]")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, deny, allow)) as engine:
+            ok = await connect(engine, ca, tmp_path, "frontend")
+            boxed = await connect(engine, ca, tmp_path, "frontend", ns="sandbox")
+            plain = await connect(engine, ca, tmp_path, None)
+            assert error_type(await ok.call("get")) is None
+            assert error_type(await boxed.call("get", rid=3)) == "PermissionDenied"
+            assert error_type(await plain.call("get", rid=4)) == "PermissionDenied"
+            assert rbac(engine, "no-sandbox", "DENY", "denied") == 1
+            assert rbac(engine, "mesh-only", "ALLOW", "allowed") == 1
+            assert rbac(engine, "none", "ALLOW", "denied") == 1
+            for client in (ok, boxed, plain):
+                client.close()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "spec,served",
+    [
+        ("{}", False),  # Istio's allow-nothing: an ALLOW policy without rules
+        ("rules: [{}]", True),  # allow-all: an empty rule matches everything
+        ("action: DENY\nrules: [{}]", False),  # deny-all
+        ("action: DENY", True),  # a DENY policy without rules matches nothing
+        ("action: AUDIT\nrules: [{}]", True),  # AUDIT only counts
+    ],
+)
+def test_istios_empty_policies(ca: MeshCa, tmp_path: Path, spec: str, served: bool) -> None:
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, policy("p", spec))) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            reply = await client.call("get", rid=9)
+            assert reply.request_id == 9
+            assert error_type(reply) == (None if served else "PermissionDenied")
+            if "AUDIT" in spec:
+                assert rbac(engine, "p", "AUDIT", "audited") == 1
+            client.close()
+        await up.close()
+
+    run(main())
+
+
+def test_ip_blocks_and_ports_of_the_connection(ca: MeshCa, tmp_path: Path) -> None:
+    """``ipBlocks`` and ``remoteIpBlocks`` (the peer's address: no PROXY protocol here), a
+    bad match of either, and ``to.operation.ports`` (the port the connection came to),
+    given by a reload once the listener's port is known."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port)) as engine:
+            port = address(engine)[1]
+            cases = [
+                ("rules: [{from: [{source: {ipBlocks: [127.0.0.0/8]}}]}]", True),
+                ("rules: [{from: [{source: {ipBlocks: [10.0.0.1]}}]}]", False),
+                ("rules: [{from: [{source: {remoteIpBlocks: [127.0.0.1]}}]}]", True),
+                ("rules: [{from: [{source: {notRemoteIpBlocks: [127.0.0.1/32]}}]}]", False),
+                (f"rules: [{{to: [{{operation: {{ports: ['{port}']}}}}]}}]", True),
+                (f"rules: [{{to: [{{operation: {{notPorts: [{port}]}}}}]}}]", False),
+                (f"rules: [{{when: [{{key: destination.port, values: ['{port}']}}]}}]", True),
+                ("rules: [{when: [{key: source.ip, notValues: [127.0.0.0/8]}]}]", False),
+            ]
+            for spec, served in cases:
+                await engine.apply(loads_config(config(ca, tmp_path, up.port, policy("p", spec))))
+                client = await connect(engine, ca, tmp_path, None)
+                got = error_type(await client.call("get"))
+                assert got == (None if served else "PermissionDenied"), spec
+                client.close()
+        await up.close()
+
+    run(main())
+
+
+def test_when_conditions_of_the_connection(ca: MeshCa, tmp_path: Path) -> None:
+    """``source.principal``, ``source.namespace`` and ``source.serviceAccount`` conditions
+    with values and notValues, Istio's ``*`` prefix and suffix matching."""
+    allow = policy(
+        "p",
+        """\
+        rules:
+          - when:
+              - key: source.principal
+                values: ["*/sa/frontdoor", "cluster.local/ns/kube-system/sa/front*",
+                         "cluster.local/ns/default/sa/front*"]
+              - {key: source.namespace, notValues: [kube-system]}
+          - when: [{key: source.serviceAccount, values: [ops/admin]}]
+        """,
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, allow)) as engine:
+            for sa, ns, served in (
+                ("frontend", "default", True),
+                ("frontdoor", "other", True),
+                ("frontend", "kube-system", False),
+                ("backend", "default", False),
+                ("admin", "ops", True),
+                ("admin", "default", False),
+            ):
+                client = await connect(engine, ca, tmp_path, sa, ns)
+                got = error_type(await client.call("get"))
+                assert got == (None if served else "PermissionDenied"), (sa, ns)
+                client.close()
+        await up.close()
+
+    run(main())
+
+
+def test_connection_sni_is_the_server_name_the_client_sent(ca: MeshCa, tmp_path: Path) -> None:
+    """``connection.sni``: the name a sidecar sends (Istio's ``outbound_.PORT_._.HOST``);
+    a client that sent another, or none (plain text), does not match."""
+    allow = policy("sni", "rules: [{when: [{key: connection.sni, values: ['outbound_.9000_*']}]}]")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, allow)) as engine:
+            for name, served in (("outbound_.9000_._.svc.test", True), ("svc.test", False)):
+                ctx = ca.client_context(tmp_path, "frontend")
+                client = await Client.connect(address(engine), ssl=ctx, server_hostname=name)
+                got = error_type(await client.call("get"))
+                assert got == (None if served else "PermissionDenied"), name
+                client.close()
+            plain = await connect(engine, ca, tmp_path, None)
+            assert error_type(await plain.call("get")) == "PermissionDenied"
+            plain.close()
+        await up.close()
+
+    run(main())
+
+
+# -- request attributes (request.headers) ---------------------------------------------------
+
+
+def test_request_headers_are_the_requests_attributes_judged_per_request(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """``request.headers[KEY]`` reads the request's attribute KEY (case-insensitive): one
+    connection's requests are allowed or denied one by one; a DENY on an attribute's
+    presence (``*``) wins; a one-way message denied is counted, not answered."""
+    deny = policy(
+        "no-debug",
+        "action: DENY\nrules: [{when: [{key: 'request.headers[X-Debug]', values: ['*']}]}]",
+    )
+    allow = policy(
+        "users",
+        """\
+        rules:
+          - from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]
+            when: [{key: "request.headers[user]", values: [alice, "adm*"]}]
+        """,
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, deny, allow)) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            other = await connect(engine, ca, tmp_path, "backend")
+            cases = [
+                ({"user": "alice"}, None),
+                ({"User": "admin-1"}, None),
+                ({"user": "bob"}, "PermissionDenied"),
+                ({}, "PermissionDenied"),
+                ({"user": "alice", "x-debug": "1"}, "PermissionDenied"),
+            ]
+            for rid, (headers, want) in enumerate(cases, 1):
+                reply = await client.call("get", headers, rid=rid)
+                assert (reply.request_id, error_type(reply)) == (rid, want), headers
+            # Another identity never matches the ALLOW rule: denied at the connection.
+            assert error_type(await other.call("get", {"user": "alice"})) == "PermissionDenied"
+            assert rbac(engine, "users", "ALLOW", "allowed") == 2
+            assert rbac(engine, "none", "ALLOW", "denied") == 3  # 2 requests, 1 connection
+            assert rbac(engine, "no-debug", "DENY", "denied") == 1
+            client.send(build_frame(ONEWAY, 99, {"method": "get", "user": "bob"}))
+            assert error_type(await client.call("get", {"user": "alice"})) is None
+            oneway = engine.stats.total("metaprotocol_oneway_total", status="PermissionDenied")
+            assert oneway == 1
+            client.close()
+            other.close()
+        await up.close()
+        assert len(up.received) == 3
+
+    run(main())
+
+
+# -- the guide's example ------------------------------------------------------------------
+
+
+def test_the_mesh_guides_authorization_example_does_what_the_page_says(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """docs/mesh.md's ``authorization.yaml``, as written, on the KV codec: the gateway's
+    namespace and web/frontend are let in; a sandbox namespace, another identity, a plain
+    client and a request with a ``debug`` attribute are not; the series and the dump are
+    the ones the page names."""
+    (example,) = GUIDE.findall(PAGE.read_text(encoding="utf-8"))
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, example)) as engine:
+            for sa, ns, served in (
+                ("thrift-client", "meta-thrift", True),
+                ("frontend", "web", True),
+                ("frontend", "sandbox-7", False),
+                ("backend", "web", False),
+                (None, "", False),
+            ):
+                client = await connect(engine, ca, tmp_path, sa, ns or "default")
+                reply = await client.call("sayHello", rid=21)
+                assert reply.request_id == 21
+                assert error_type(reply) == (None if served else "PermissionDenied"), (sa, ns)
+                if served:
+                    debug = await client.call("sayHello", {"debug": "1"})
+                    assert error_type(debug) == "PermissionDenied"
+                client.close()
+            assert rbac(engine, "meta-thrift/no-sandbox", "DENY", "denied") == 3
+            assert rbac(engine, "meta-thrift/thrift-gateway-callers", "ALLOW", "allowed") == 2
+            assert rbac(engine, "none", "ALLOW", "denied") == 2
+            assert engine.config_dump()["authorizationPolicies"] == {
+                "DENY": ["meta-thrift/no-sandbox"],
+                "ALLOW": ["meta-thrift/thrift-gateway-callers"],
+                "AUDIT": [],
+            }
+        await up.close()
+
+    run(main())
+
+
+# -- reload --------------------------------------------------------------------------------
+
+
+def test_a_reload_applies_new_policies_to_open_connections(ca: MeshCa, tmp_path: Path) -> None:
+    """Policies change on reload like routes: an open connection's next request is judged
+    by the new ones; without any, nothing is judged."""
+    deny = policy("deny-all", "action: DENY\nrules: [{}]")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port)) as engine:
+            runtime = engine.listeners[("svc.test", 9000)]
+            assert runtime.authz is None
+            client = await connect(engine, ca, tmp_path, "frontend")
+            (conn,) = engine.downstreams
+            assert conn.authz is None
+            assert error_type(await client.call("get")) is None
+            await engine.apply(loads_config(config(ca, tmp_path, up.port, deny)))
+            assert error_type(await client.call("get", rid=5)) == "PermissionDenied"
+            assert engine.config_dump()["authorizationPolicies"]["DENY"] == ["deny-all"]
+            await engine.apply(loads_config(config(ca, tmp_path, up.port)))
+            assert error_type(await client.call("get")) is None
+            assert conn.authz is None and runtime.authz is None
+            client.close()
+        await up.close()
+
+    run(main())
+
+
+# -- another codec's error reply -----------------------------------------------------------
+
+
+class DubboServer(asyncio.Protocol):
+    """A Dubbo provider answering every request ``"ok"`` with its id."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        from metaprotocol_dubbo.frames import build_response
+
+        self.buffer += data
+        while len(self.buffer) >= 16:
+            size = 16 + struct.unpack_from("!I", self.buffer, 12)[0]
+            if len(self.buffer) < size:
+                return
+            (rid,) = struct.unpack_from("!q", self.buffer, 4)
+            del self.buffer[:size]
+            self.transport.write(build_response("ok", request_id=rid))
+
+
+async def dubbo_call(port: int, rid: int, attachments: dict[str, str]) -> tuple[int, int, bytes]:
+    """One Dubbo request: the reply's id, status and body."""
+    from metaprotocol_dubbo.frames import build_request
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            build_request("org.x.Greeter", "greet", ["a"], request_id=rid, attachments=attachments)
+        )
+        head = await asyncio.wait_for(reader.readexactly(16), 5)
+        body = await asyncio.wait_for(reader.readexactly(struct.unpack_from("!I", head, 12)[0]), 5)
+    finally:
+        writer.close()
+    return struct.unpack_from("!q", head, 4)[0], head[3], body
+
+
+def test_a_denied_dubbo_request_gets_dubbos_error_reply_with_its_id() -> None:
+    """No mesh identity needed for addresses and attachments: a Dubbo consumer is denied by
+    an attachment (``request.headers``) with Dubbo's BAD_REQUEST status and its own id."""
+    deny = policy(
+        "no-guests",
+        "action: DENY\nrules: [{when: [{key: 'request.headers[user]', values: [guest]}]}]",
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(DubboServer, "127.0.0.1", 0)
+        up = server.sockets[0].getsockname()[1]
+        text = mesh(
+            [(up, "v1")],
+            protocol="dubbo",
+            codec="aeraki.meta_protocol.codec.dubbo",
+            extra=deny,
+        )
+        async with engine_for(text) as engine:
+            port = address(engine)[1]
+            rid, status, body = await dubbo_call(port, 2**40 + 7, {"user": "guest"})
+            assert (rid, status) == (2**40 + 7, 40)
+            assert b"PermissionDenied: RBAC: access denied" in body, body
+            rid, status, body = await dubbo_call(port, 8, {"user": "alice"})
+            assert (rid, status, body) == (8, 20, b"\x91\x02ok")
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+# -- cost ----------------------------------------------------------------------------------
+
+
+def test_without_policies_nothing_is_judged(ca: MeshCa, tmp_path: Path) -> None:
+    """No AuthorizationPolicy: no listener has policies and no connection a verdict (the
+    request path reads one attribute, ``None``); an allowed connection of a listener with
+    connection-level policies has none either."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port)) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            assert error_type(await client.call("get")) is None
+            assert engine.listeners[("svc.test", 9000)].authz is None
+            assert [c.authz for c in engine.downstreams] == [None]
+            assert not engine.stats.counters("metaprotocol_rbac_total")
+            client.close()
+        allow = policy("p", "rules: [{from: [{source: {principals: ['*']}}]}]")
+        async with engine_for(config(ca, tmp_path, up.port, allow)) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            assert error_type(await client.call("get")) is None
+            await until(lambda: engine.downstreams, "the connection")
+            assert [c.authz for c in engine.downstreams] == [None]
+            client.close()
+        await up.close()
+
+    run(main())
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def load_error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        loads_config(text, "test.yaml")
+    return caught.value
+
+
+def plain(*policies: str) -> str:
+    return mesh([(1, "v1")], extra="---\n".join(policies))
+
+
+@pytest.mark.parametrize(
+    "spec,field,words",
+    [
+        ("action: CUSTOM\nprovider: {name: ext}", "spec.provider", "ext-authz"),
+        ("action: CUSTOM", "spec.action", "external authorization service"),
+        ("action: REJECT", "spec.action", "unknown action 'REJECT'"),
+        ("targetRefs: [{kind: Gateway, name: gw}]", "spec.targetRefs", "one workload"),
+        (
+            "rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.0/33]}}]}]",
+            "spec.rules[0].from[0].source.ipBlocks[1]",
+            "'10.0.0.0/33' is not an IP address or a CIDR block",
+        ),
+        (
+            "rules: [{when: [{key: remote.ip, values: [not-an-ip]}]}]",
+            "spec.rules[0].when[0].values[0]",
+            "not an IP address",
+        ),
+        (
+            "rules: [{to: [{operation: {ports: ['70000']}}]}]",
+            "spec.rules[0].to[0].operation.ports[0]",
+            "port number",
+        ),
+        (
+            "rules: [{from: [{source: {principals: ['a*b']}}]}]",
+            "spec.rules[0].from[0].source.principals[0]",
+            "'*' is allowed only alone, as a prefix or as a suffix",
+        ),
+        (
+            "rules: [{when: [{key: request.time, values: [x]}]}]",
+            "spec.rules[0].when[0].key",
+            "unknown or unsupported key 'request.time'",
+        ),
+        (
+            "rules: [{when: [{key: 'request.headers[]', values: [x]}]}]",
+            "spec.rules[0].when[0].key",
+            "expected request.headers[NAME]",
+        ),
+        ("rules: [{when: [{key: source.ip}]}]", "spec.rules[0].when[0]", "values or notValues"),
+        ("rules: [{from: [{}]}]", "spec.rules[0].from[0].source", "required"),
+        ("rules: [{from: [{source: {}}]}]", "spec.rules[0].from[0].source", "must not be empty"),
+        (
+            "rules: [{from: [{source: {principal: [x]}}]}]",
+            "spec.rules[0].from[0].source.principal",
+            "unknown field",
+        ),
+        (
+            "rules: [{from: [{source: {serviceAccounts: [admin]}}]}]",
+            "spec.rules[0].from[0].source.serviceAccounts[0]",
+            "namespace/serviceaccount",
+        ),
+    ],
+)
+def test_a_bad_policy_is_one_readable_error(spec: str, field: str, words: str) -> None:
+    exc = load_error(plain(policy("bad", spec)))
+    assert exc.field == field, str(exc)
+    assert words in str(exc) and "AuthorizationPolicy/bad" in str(exc)
+    assert "\n" not in str(exc)
+
+
+def test_two_policies_of_one_name_are_refused() -> None:
+    exc = load_error(plain(policy("p", "rules: [{}]"), policy("p", "action: DENY")))
+    assert exc.field == "metadata.name" and "a second AuthorizationPolicy named 'p'" in str(exc)
+    # In two namespaces they are two policies (and two stats labels).
+    config = loads_config(plain(policy("p", "{}", "a"), policy("p", "{}", "b")))
+    assert config.proxy.authorization is not None
+    assert config.proxy.authorization.names == ("a/p", "b/p")
+
+
+def test_http_only_fields_follow_istios_tcp_rules_with_one_caution(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ALLOW rule with ``methods`` never matches; a DENY rule ignores ``paths`` (it
+    matches more); each field is cautioned once at load."""
+    allow = policy(
+        "a",
+        "rules:\n  - to: [{operation: {methods: [GET]}}]\n"
+        "  - to: [{operation: {methods: [POST], ports: ['1']}}]",
+    )
+    deny = policy("d", "action: DENY\nrules: [{to: [{operation: {paths: [/admin]}}]}]")
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        config = loads_config(plain(allow, deny))
+    authz = config.proxy.authorization
+    assert authz is not None
+    assert [r.never for r in authz.allow[0].rules] == [True, True]
+    (rule,) = authz.deny[0].rules
+    assert not rule.never and rule.operations == ((),)  # an operation matching anything
+    cautions = [r.getMessage() for r in caplog.records if "HTTP-only" in r.getMessage()]
+    assert len(cautions) == 2, cautions  # methods (once for both rules' fields), paths
+
+
+def test_ten_thousand_policies_and_long_lists_load_and_judge_in_bounded_time() -> None:
+    """A hostile amount of policy: 10 000 policies and a list of 20 000 CIDR blocks load in
+    a few seconds, and a connection is judged in time linear in them (generous bounds)."""
+    from metaprotocol_sdk.proxy.authorization import ListenerAuthorization
+    from metaprotocol_sdk.proxy.stats import Stats
+
+    many = [
+        policy(f"p{i}", f"action: DENY\nrules: [{{from: [{{source: {{namespaces: [n{i}]}}}}]}}]")
+        for i in range(10_000)
+    ]
+    blocks = ", ".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(20_000))
+    many.append(policy("big", f"rules: [{{from: [{{source: {{ipBlocks: [{blocks}]}}}}]}}]"))
+    started = time.perf_counter()
+    config = loads_config(plain(*many))
+    assert time.perf_counter() - started < 60
+    authz = config.proxy.authorization
+    assert authz is not None and len(authz.deny) == 10_000
+
+    class Transport:
+        def get_extra_info(self, name: str) -> object:
+            return {"peername": ("10.1.2.3", 5), "sockname": ("10.9.9.9", 9000)}.get(name)
+
+    judge = ListenerAuthorization(authz, Stats(), LISTENER)
+    started = time.perf_counter()
+    verdict = judge.judge(Transport())
+    assert time.perf_counter() - started < 5
+    assert verdict is None  # 10.1.2.0/24 is one of the blocks: allowed by "big"
+
+
+def test_ip_blocks_are_merged_ranges_searched_in_log_time() -> None:
+    """Blocks of both versions, overlapping and adjacent, single addresses: each lookup is a
+    binary search over the merged ranges, exact at every edge."""
+    import ipaddress
+
+    from metaprotocol_sdk.proxy.authorization import Addresses
+
+    blocks = ["10.0.0.0/8", "10.1.0.0/16", "11.0.0.0/8", "192.168.1.1", "192.168.1.3/32"]
+    blocks += ["::1", "fe80::/10", "2001:db8::/64"]
+    match = Addresses(ipaddress.ip_network(b, strict=False) for b in blocks)
+    assert len(match.ranges[4][0]) == 3  # 10/8 + 11/8 merged; two single addresses
+    cases = {
+        "9.255.255.255": False,
+        "10.0.0.0": True,
+        "11.255.255.255": True,
+        "12.0.0.0": False,
+        "192.168.1.1": True,
+        "192.168.1.2": False,
+        "192.168.1.3": True,
+        "::1": True,
+        "::2": False,
+        "febf:ffff::1": True,
+        "fec0::": False,
+        "2001:db8::ffff": True,
+        "2001:db8:0:1::": False,
+    }
+    for ip, want in cases.items():
+        assert match.matches(ipaddress.ip_address(ip)) is want, ip
+    assert not match.matches(None)
