@@ -974,9 +974,7 @@ def test_refused_field(kind: str, path: str, value: Any) -> None:
     assert f", {kind}/" in (caught.value.source or "")
 
 
-@pytest.mark.parametrize(
-    ("kind", "path", "value", "field", "words"), REFUSED_VALUES, ids=_param_id
-)
+@pytest.mark.parametrize(("kind", "path", "value", "field", "words"), REFUSED_VALUES, ids=_param_id)
 def test_refused_value(kind: str, path: str, value: Any, field: str, words: str) -> None:
     setup = [("spec.resolution", "DNS")] if path == "spec.endpoints" else []
     with pytest.raises(ConfigError) as caught:
