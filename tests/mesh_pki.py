@@ -53,9 +53,12 @@ class MeshCa:
         )
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def workload(self, sa: str, hours: float = 24, ns: str = "default") -> tuple[bytes, bytes, int]:
+    def workload(
+        self, sa: str, hours: float = 24, ns: str = "default", uris: tuple[str, ...] = ()
+    ) -> tuple[bytes, bytes, int]:
         """A workload certificate for ``spiffe(sa, ns)`` (no subject, the URI SAN only, as
-        istiod issues them): its PEM, its key's PEM and its serial number."""
+        istiod issues them; ``uris``: other URI SANs after it): its PEM, its key's PEM and
+        its serial number."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         serial = x509.random_serial_number()
@@ -68,7 +71,9 @@ class MeshCa:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(hours=hours))
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe(sa, ns))]),
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(u) for u in (spiffe(sa, ns), *uris)]
+                ),
                 critical=True,
             )
             .add_extension(
@@ -94,10 +99,12 @@ class MeshCa:
         (directory / "root-cert.pem").write_bytes(self.pem)
         return serial
 
-    def files(self, directory: Path, sa: str, ns: str = "default") -> tuple[str, str]:
+    def files(
+        self, directory: Path, sa: str, ns: str = "default", uris: tuple[str, ...] = ()
+    ) -> tuple[str, str]:
         """A workload certificate and key as two files (for a peer), their paths."""
         directory.mkdir(parents=True, exist_ok=True)
-        chain, key, _ = self.workload(sa, ns=ns)
+        chain, key, _ = self.workload(sa, ns=ns, uris=uris)
         (directory / f"{sa}.pem").write_bytes(chain)
         (directory / f"{sa}.key").write_bytes(key)
         return str(directory / f"{sa}.pem"), str(directory / f"{sa}.key")

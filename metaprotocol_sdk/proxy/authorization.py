@@ -74,8 +74,14 @@ class Strings:
         self.suffixes = tuple(suffixes)
 
     def matches(self, value: Any) -> bool:
-        """Whether ``value`` (``None``: absent, which nothing matches) is one of them."""
+        """Whether ``value`` (``None``: absent, which nothing matches; a tuple: the values of
+        a certificate's SPIFFE ids, one of which must match) is one of them."""
         if value is None:
+            return False
+        if type(value) is tuple:
+            for one in value:  # noqa: SIM110
+                if self.matches(one):
+                    return True
             return False
         return (
             self.any
@@ -228,12 +234,14 @@ class Authorization:
 class Facts:
     """What a connection is, as the rules see it."""
 
-    #: The SPIFFE id of the client certificate without ``spiffe://`` (``None``: plain text,
-    #: or no SPIFFE id).
-    principal: str | None = None
-    namespace: str | None = None
-    #: ``<namespace>/<service account>`` of the principal.
-    service_account: str | None = None
+    #: The SPIFFE ids of the client certificate without ``spiffe://`` (``None``: plain
+    #: text, or no SPIFFE id): a value matches if it matches one of them, as Envoy's RBAC
+    #: matches every URI SAN (an X.509-SVID has one; a certificate may hold more).
+    principal: tuple[str, ...] | None = None
+    #: The namespaces of those ids: every ``NS`` of ``/ns/NS``.
+    namespace: tuple[str, ...] | None = None
+    #: ``<namespace>/<service account>`` of those ids.
+    service_account: tuple[str, ...] | None = None
     source_ip: IpAddress | None = None
     remote_ip: IpAddress | None = None
     port: int | None = None
@@ -254,31 +262,39 @@ def _address(extra: Any) -> tuple[IpAddress | None, int | None]:
     return address, extra[1] if isinstance(extra[1], int) else None
 
 
-def principal_of(peercert: Any) -> str | None:
-    """Istio's ``source.principal``: the certificate's SPIFFE URI SAN without ``spiffe://``."""
+def principal_of(peercert: Any) -> tuple[str, ...] | None:
+    """Istio's ``source.principal``: the certificate's SPIFFE URI SANs without
+    ``spiffe://``, all of them (``None``: none)."""
     if not isinstance(peercert, dict):
         return None
-    for kind, value in peercert.get("subjectAltName", ()):
-        if kind == "URI" and value.startswith("spiffe://"):
-            return str(value[len("spiffe://") :])
-    return None
+    found = tuple(
+        str(value[len("spiffe://") :])
+        for kind, value in peercert.get("subjectAltName", ())
+        if kind == "URI" and isinstance(value, str) and value.startswith("spiffe://")
+    )
+    return found or None
 
 
-def namespace_of(principal: str | None) -> tuple[str | None, str | None]:
-    """The namespace and ``namespace/account`` of an Istio SPIFFE id
-    (``<trust domain>/ns/<namespace>/sa/<account>``)."""
-    if principal is None:
+def namespace_of(
+    principals: tuple[str, ...] | None,
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """The namespaces and ``namespace/account`` pairs of SPIFFE ids: every non-empty ``NS``
+    after a ``/ns/`` of an id (Istio's ``.*/ns/NS/.*`` matches any such part, so one may
+    not be the id's only namespace: ``td/ns/a/sa/b/ns/c/sa/d`` is in ``a`` and ``c``), and
+    ``NS/SA`` where ``/ns/NS/sa/SA`` ends the id."""
+    if principals is None:
         return None, None
-    _, found, rest = principal.partition("/ns/")
-    if not found:
-        return None, None
-    namespace, _, rest = rest.partition("/")
-    if not namespace:
-        return None, None
-    account = None
-    if rest.startswith("sa/") and rest[3:] and "/" not in rest[3:]:
-        account = f"{namespace}/{rest[3:]}"
-    return namespace, account
+    namespaces: list[str] = []
+    accounts: list[str] = []
+    for principal in principals:
+        parts = principal.split("/")
+        for at in range(1, len(parts) - 1):
+            if parts[at] != "ns" or not parts[at + 1]:
+                continue
+            namespaces.append(parts[at + 1])
+            if at + 4 == len(parts) and parts[at + 2] == "sa" and parts[at + 3]:
+                accounts.append(f"{parts[at + 1]}/{parts[at + 3]}")
+    return tuple(namespaces) or None, tuple(accounts) or None
 
 
 def facts_of(transport: Any) -> Facts:

@@ -173,6 +173,47 @@ def test_deny_comes_before_allow_and_namespaces_are_the_principals(
 @pytest.mark.parametrize(
     "spec,served",
     [
+        ("action: DENY\nrules: [{from: [{source: {namespaces: [sandbox]}}]}]", False),
+        ("action: DENY\nrules: [{from: [{source: {principals: ['*/sa/intruder']}}]}]", False),
+        ("action: DENY\nrules: [{when: [{key: source.serviceAccount, values: [x/y]}]}]", False),
+        ("action: DENY\nrules: [{from: [{source: {notNamespaces: [default]}}]}]", True),
+        ("rules: [{from: [{source: {notPrincipals: ['*/ns/sandbox/sa/intruder']}}]}]", False),
+        ("rules: [{from: [{source: {principals: ['*/ns/sandbox/sa/intruder']}}]}]", True),
+        ("rules: [{from: [{source: {namespaces: [x]}}]}]", True),
+    ],
+)
+def test_every_spiffe_uri_san_of_a_certificate_is_a_principal(
+    ca: MeshCa, tmp_path: Path, spec: str, served: bool
+) -> None:
+    """A client certificate with several URI SANs (a non-SPIFFE one, a second SPIFFE id, one
+    whose path names a namespace twice): as Envoy's RBAC matches every URI SAN, a value
+    matches if it matches one of them (``principals`` and ``namespaces`` of a DENY rule deny
+    it), a ``not`` field holds only if it matches none (the engine read the first SPIFFE id
+    only: a DENY rule on the others was bypassed)."""
+    uris = (
+        "https://example.com/x",
+        "spiffe://cluster.local/ns/sandbox/sa/intruder",
+        "spiffe://cluster.local/ns/a/sa/b/ns/x/sa/y",
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, policy("p", spec))) as engine:
+            ctx = ca.client_context(tmp_path / "multi", None)
+            ctx.load_cert_chain(*ca.files(tmp_path / "multi", "frontend", uris=uris))
+            client = await Client.connect(address(engine), ssl=ctx)
+            reply = await client.call("get", rid=5)
+            assert reply.request_id == 5
+            assert error_type(reply) == (None if served else "PermissionDenied"), spec
+            client.close()
+        await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "spec,served",
+    [
         ("{}", False),  # Istio's allow-nothing: an ALLOW policy without rules
         ("rules: [{}]", True),  # allow-all: an empty rule matches everything
         ("action: DENY\nrules: [{}]", False),  # deny-all
