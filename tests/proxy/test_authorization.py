@@ -255,6 +255,11 @@ def test_ip_blocks_and_ports_of_the_connection(ca: MeshCa, tmp_path: Path) -> No
                 (f"rules: [{{to: [{{operation: {{notPorts: [{port}]}}}}]}}]", False),
                 (f"rules: [{{when: [{{key: destination.port, values: ['{port}']}}]}}]", True),
                 ("rules: [{when: [{key: source.ip, notValues: [127.0.0.0/8]}]}]", False),
+                # IPv4-mapped IPv6 blocks are the IPv4 ones (peers' mapped addresses are)
+                ("rules: [{from: [{source: {ipBlocks: ['::ffff:127.0.0.1']}}]}]", True),
+                ("rules: [{from: [{source: {notIpBlocks: ['::ffff:127.0.0.0/104']}}]}]", False),
+                ("rules: [{when: [{key: remote.ip, values: ['::ffff:7f00:0/120']}]}]", True),
+                ("rules: [{from: [{source: {ipBlocks: ['::1']}}]}]", False),
             ]
             for spec, served in cases:
                 await engine.apply(loads_config(config(ca, tmp_path, up.port, policy("p", spec))))

@@ -191,10 +191,23 @@ def _address_match(doc: _Doc, values: list[str], path: str) -> Matcher:
     networks = []
     for i, value in enumerate(values):
         try:
-            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            networks.append(_unmapped(ipaddress.ip_network(value.strip(), strict=False)))
         except ValueError:
             doc.fail(f"{path}[{i}]", f"{value[:60]!r} is not an IP address or a CIDR block")
     return Addresses(networks)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(net: authz.IpNetwork) -> authz.IpNetwork:
+    """An IPv4-mapped IPv6 block as the IPv4 block it maps: a peer's mapped address is
+    judged as its IPv4 address (else such a block would match no one, a DENY none)."""
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+        mapped = net.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 def _port_match(doc: _Doc, values: list[str], path: str) -> Matcher:
