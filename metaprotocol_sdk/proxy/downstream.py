@@ -1475,6 +1475,7 @@ class Hold:
         "resume_at",
         "route",
         "size",
+        "verdict",
     )
 
     def __init__(
@@ -1496,6 +1497,9 @@ class Hold:
         self.size = len(request.frame) + ATTRIBUTE_BYTES * len(request.attributes.folded_items)
         self.done = False
         self.deadline = 0.0
+        #: The connection's verdict when held: a reload since (another verdict) makes the
+        #: request be judged again when let go.
+        self.verdict = downstream.authz
 
     def resume(self, future: asyncio.Future[Any]) -> None:
         """The awaitable completed: go on with the chain (or answer, if it failed)."""
@@ -1514,6 +1518,10 @@ class Hold:
         elif (reply := self.context.reply) is not None:  # the filter decided after its wait
             f = route.request_filters[self.resume_at - 1]
             downstream.filter_reply(f, reply, self.request, route, start)
+        elif (authz := downstream.authz) is not self.verdict and (
+            authz is not None and (policy := authz.denies(downstream, self.request.attributes))
+        ):
+            downstream._deny(self.request, policy)  # a reload's policies deny it now
         else:
             downstream._filter(self.request, route, self.resume_at, self.context)
         downstream.close_if_done()

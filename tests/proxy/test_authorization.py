@@ -11,8 +11,11 @@ import json
 import logging
 import re
 import struct
+import sys
 import textwrap
 import time
+import types
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import cast
 
@@ -32,6 +35,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.filters import Filter, RequestContext
 from metaprotocol_sdk.proxy import Engine, loads_config
 
 LISTENER = "svc.test:9000"
@@ -452,6 +456,64 @@ def test_a_reload_applies_new_policies_to_open_connections(ca: MeshCa, tmp_path:
             assert conn.authz is None and runtime.authz is None
             client.close()
         await up.close()
+
+    run(main())
+
+
+class Gate(Filter):
+    """Holds every request until ``gate`` is set (``holding`` set when one is held)."""
+
+    name = "gate"
+    gate: asyncio.Event | None = None
+    holding: asyncio.Event | None = None
+
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
+        assert Gate.gate is not None and Gate.holding is not None
+        Gate.holding.set()
+        return Gate.gate.wait()
+
+
+_filters = types.ModuleType("authz_test_filters")
+_filters.Gate = Gate  # type: ignore[attr-defined]
+sys.modules["authz_test_filters"] = _filters
+
+
+def test_a_reload_judges_requests_a_filter_held_across_it(ca: MeshCa, tmp_path: Path) -> None:
+    """A request a filter holds when a reload denies its connection is judged by the new
+    policies when the filter lets it go: answered PermissionDenied with its id, never sent
+    (it was judged once, before the filter, and then sent under the old policies); a reload
+    that keeps the policies lets a held request through."""
+    deny = policy("deny-all", "action: DENY\nrules: [{}]")
+
+    def text(port: int, *policies: str) -> str:
+        certs = tmp_path / "certs"
+        if not certs.exists():
+            ca.write(certs, "engine")
+        return mesh(
+            [(port, "v1")],
+            proxy=f"meshIdentity: {{directory: '{certs}'}}\n",
+            extra="---\n".join(policies),
+            listener="filters: [{name: 'authz_test_filters:Gate'}]",
+        )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(text(up.port)) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            for policies, served in (((), True), ((deny,), False)):
+                Gate.gate, Gate.holding = asyncio.Event(), asyncio.Event()
+                held = client.start("get", rid=21)
+                await asyncio.wait_for(Gate.holding.wait(), 5)
+                await engine.apply(loads_config(text(up.port, *policies)))
+                Gate.gate.set()
+                reply = await asyncio.wait_for(held, 5)
+                assert reply.request_id == 21
+                assert error_type(reply) == (None if served else "PermissionDenied")
+            assert denied_replies(engine) == 1
+            assert rbac(engine, "deny-all", "DENY", "denied") == 1
+            client.close()
+        await up.close()
+        assert len(up.received) == 1
 
     run(main())
 
