@@ -18,7 +18,7 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
-from .telemetry import RESPONSE_FLAGS
+from .telemetry import RESPONSE_FLAGS, Identities
 from .upstream import (
     ATTRIBUTE_BYTES,
     RELEASED,
@@ -129,6 +129,9 @@ class ListenerRuntime:
         #: An ``ISTIO_MUTUAL`` listener's settings: ``tls`` is then the workload identity's
         #: context, replaced when the identity rotates (``None``: any other listener).
         self.mesh_tls: ListenerTls | None = None
+        #: The URI SANs of its certificate when not ``mesh_tls``'s (read once, for Istio's
+        #: metrics: ``tls.attach_listener``).
+        self.local_uris: tuple[str, ...] = ()
         #: ``connectionRateLimit`` (``None``: none; set by the engine).
         self.accept_limit: ConnectionRateLimit | None = None
         #: PERMISSIVE or DISABLE (a PeerAuthentication's): each connection's first bytes say
@@ -221,6 +224,7 @@ class Downstream(asyncio.Protocol):
         "holds",
         "inflight",
         "inflight_bytes",
+        "istio",
         "last_seen",
         "listener",
         "need",
@@ -291,6 +295,9 @@ class Downstream(asyncio.Protocol):
         #: What the listener's AuthorizationPolicies say of this connection's requests
         #: (``None``: all allowed, or no policy; see ``authorization``).
         self.authz: Verdict | Stale | None = None
+        #: Its TLS identities in Istio's series (``None``: plain text; set by a TLS
+        #: connection once its handshake is done).
+        self.istio: Identities | None = None
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -1286,9 +1293,10 @@ class Downstream(asyncio.Protocol):
         durations.sum += ms
         telemetry = target.telemetry
         if telemetry is not None:
-            series = telemetry.ok.get(p.host) if status_name == "Ok" else None
+            ids = self.istio if telemetry.inbound else p.conn.istio
+            series = telemetry.ok.get((p.host, ids)) if status_name == "Ok" else None
             if series is None:
-                series = telemetry.series(p.host, p.host.labels, status_name)
+                series = telemetry.series(p.host, p.host.labels, status_name, None, ids)
             series.record_at(slot, ms, p.size, size)
         log = self.engine.access_log
         if log is not None:
@@ -1319,7 +1327,9 @@ class Downstream(asyncio.Protocol):
         telemetry = target.telemetry
         if telemetry is not None:
             labels = None if host is None else host.labels
-            series = telemetry.series(host, labels, outcome, flags)
+            # (at the client side: what the endpoint's last connection presented)
+            ids = self.istio if telemetry.inbound or host is None else host.istio
+            series = telemetry.series(host, labels, outcome, flags, ids)
             series.record(elapsed * 1000.0, len(request.frame), reply_size)
 
     def _overflows(self, size: int) -> str | None:

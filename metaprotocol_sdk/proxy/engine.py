@@ -850,6 +850,7 @@ class Engine:
             current.tls_stats = runtime.tls_stats
             current.tls_check = runtime.tls_check
             current.mesh_tls = runtime.mesh_tls
+            current.local_uris = runtime.local_uris
             current.detect = runtime.detect
             current.authz = runtime.authz
             # Each open connection is judged again by the new policies at its next request.

@@ -38,6 +38,7 @@ from .tls import (
     _read_certificate,
     _read_key,
     certificate_expiry,
+    certificate_uris,
     server_context,
 )
 
@@ -109,6 +110,8 @@ class IdentityMaterial:
     client: ssl.SSLContext
     #: Server contexts of ``ISTIO_MUTUAL`` listeners, by their :data:`ServerKey`.
     servers: dict[ServerKey, ssl.SSLContext] = field(default_factory=dict)
+    #: The URI SANs of the workload certificate (its SPIFFE id), for Istio's metrics.
+    uris: tuple[str, ...] = ()
 
     def server(self, key: ServerKey) -> ssl.SSLContext:
         """The server context for listener settings ``key`` (built on first use)."""
@@ -193,6 +196,7 @@ def load_identity(
             if (expires := certificate_expiry(path)) is not None
         ),
         _client(settings),
+        uris=certificate_uris(chain),
     )
     for server in servers:
         material.server(server)

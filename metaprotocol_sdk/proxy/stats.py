@@ -151,11 +151,12 @@ _NAMED = frozenset((*SCOPE_LABELS, "bucket", "filter", "certificate", "policy"))
 
 
 def _folded(labels: Labels, kind: str) -> Labels:
-    """``labels`` with every configuration name (and what comes from endpoints: Istio's
-    ``destination_*``) replaced by ``kind``, plus ``stats=kind``: a bounded set (by metric
-    and the values of labels such as ``status`` that the engine's code fixes)."""
+    """``labels`` with every configuration name (and what comes from endpoints and peers:
+    Istio's ``destination_*`` and ``source_*``, whose principals come from certificates)
+    replaced by ``kind``, plus ``stats=kind``: a bounded set (by metric and the values of
+    labels such as ``status`` that the engine's code fixes)."""
     out = tuple(
-        (k, kind if k in _NAMED or k.startswith("destination_") else v)
+        (k, kind if k in _NAMED or k.startswith(("destination_", "source_")) else v)
         for k, v in labels
         if k != "stats"
     )

@@ -12,20 +12,24 @@ from its graph. Here every label has a value:
   endpoint that served the request (``app``, ``version``, the canonical-service labels);
 * ``request_protocol`` is the ApplicationProtocol's name (``dubbo``); ``response_code`` maps
   the outcome to the HTTP code Kiali and Istio dashboards read (table :data:`RESPONSE_CODES`);
-  ``response_flags`` uses Envoy's short flags (table :data:`RESPONSE_FLAGS`).
+  ``response_flags`` uses Envoy's short flags (table :data:`RESPONSE_FLAGS`);
+* the TLS identities as Istio's stats filter reports them (istio/proxy ``istio_stats``):
+  each connection's :class:`Identities`, found once when it is made (its handshake done),
+  are one more part of the key of its series; nothing is computed per request.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from metaprotocol_sdk.enums import ErrorType, ResponseStatus
 
 from .config.models import Workload
 from .stats import (
     DURATION_BUCKETS_MS,
+    OVERFLOW,
     SIZE_BUCKETS,
     Counter,
     Histogram,
@@ -105,6 +109,41 @@ def workload_from_environment(env: Mapping[str, str] | None = None) -> Workload:
     )
 
 
+#: The longest principal reported: a longer URI SAN counts as an identity past the bound.
+MAX_PRINCIPAL = 255
+
+
+def namespace_in(principal: str) -> str:
+    """Istio's namespace of a principal: what follows its first ``/ns/``, up to the next
+    ``/`` (``""``: none)."""
+    at = principal.find("/ns/")
+    if at < 0:
+        return ""
+    return principal[at + 4 :].split("/", 1)[0]
+
+
+class Identities:
+    """What a connection's TLS says, as Istio's stats filter reports it: the principal of
+    the peer's certificate and of this side's (``""``: none), the peer's namespace (from its
+    principal) and ``connection_security_policy``. Shared by every connection with the same
+    ones (see :meth:`IstioTelemetry.identities`), so that it keys the series caches."""
+
+    __slots__ = ("local", "namespace", "peer", "policy")
+
+    def __init__(self, peer: str, local: str, policy: str) -> None:
+        self.peer = peer
+        self.local = local
+        self.namespace = namespace_in(peer)
+        self.policy = policy
+
+
+def _first(uris: Sequence[str], spiffe: bool) -> str:
+    for uri in uris:
+        if not spiffe or uri.startswith("spiffe://"):
+            return uri
+    return ""
+
+
 class IstioSeries:
     """The series of one label set: the request counter and three histograms."""
 
@@ -159,6 +198,11 @@ class IstioTelemetry:
         self._stats = stats
         self._series: dict[tuple[object, ...], IstioSeries] = {}
         self._tcp: dict[tuple[object, ...], TcpSeries] = {}
+        #: The engine is the server side (``reporter: destination``): the identities that
+        #: matter are the clients' connections', else its upstream connections'.
+        self.inbound = reporter == "destination"
+        self._principal = workload.principal
+        self._cluster = workload.cluster
         self._source = {
             "reporter": reporter,
             "source_workload": workload.name,
@@ -170,11 +214,52 @@ class IstioTelemetry:
             "source_canonical_revision": workload.canonical_revision,
             "source_cluster": workload.cluster,
         }
+        #: Identities by (peer, local) principal, at most :attr:`max_identities` of them.
+        self._identities: dict[tuple[str, str], Identities] = {}
+        self.max_identities = max(1, stats.max_series // 4)
+        #: Of a plain-text connection (and of a TLS one without URI SANs).
+        self.plain = Identities("", "", "none" if self.inbound else "unknown")
+        self._overflow: dict[str, Identities] = {}
 
     def forget_series(self) -> None:
         """Forget the series found so far (after the stats dropped some of them)."""
         self._series.clear()
         self._tcp.clear()
+
+    def identities(self, peer_uris: Sequence[str], local_uris: Sequence[str]) -> Identities:
+        """The shared :class:`Identities` of a TLS connection whose peer's certificate has
+        ``peer_uris`` and its own ``local_uris``, as Istio reports them: the first
+        ``spiffe://`` URI SAN of each (its ``istio_authn`` filter), or when neither has one
+        the first URI SAN (its stats filter's fallback). At the server side the policy is
+        ``mutual_tls`` when both exist, else ``none``; at the client side ``unknown``.
+
+        Principals come from peers: past :attr:`max_identities` different pairs, or once
+        the stats hold ``maxStatsSeries`` series, or for a principal longer than
+        :data:`MAX_PRINCIPAL`, a new pair is reported as ``overflow`` (so a client with
+        many certificates grows neither the series nor their caches)."""
+        peer, local = _first(peer_uris, True), _first(local_uris, True)
+        if not peer and not local:
+            peer, local = _first(peer_uris, False), _first(local_uris, False)
+            if not peer and not local:
+                return self.plain
+        key = (peer, local)
+        found = self._identities.get(key)
+        if found is None:
+            policy = ("mutual_tls" if peer and local else "none") if self.inbound else "unknown"
+            stats = self._stats
+            if (
+                len(self._identities) >= self.max_identities
+                or stats.series_count >= stats.max_series
+                or len(peer) > MAX_PRINCIPAL
+                or len(local) > MAX_PRINCIPAL
+            ):
+                found = self._overflow.get(policy)
+                if found is None:
+                    found = self._overflow[policy] = Identities(OVERFLOW, OVERFLOW, policy)
+                    found.namespace = OVERFLOW
+                return found
+            found = self._identities[key] = Identities(peer, local, policy)
+        return found
 
     def series(
         self,
@@ -184,57 +269,96 @@ class IstioTelemetry:
         endpoint: Mapping[str, str] | None,
         outcome: str,
         flags: str | None = None,
+        identities: Identities | None = None,
     ) -> IstioSeries:
         """The series for a request to ``service`` (``endpoint``: the serving endpoint's
         labels, ``None`` when no endpoint was chosen) that ended in ``outcome`` (a status or
-        an error type name; ``flags`` overrides the flags the outcome maps to)."""
+        an error type name; ``flags`` overrides the flags the outcome maps to) on a
+        connection of ``identities`` (default: plain text)."""
         flag = flags if flags is not None else RESPONSE_FLAGS.get(outcome, "-")
+        ids = self.plain if identities is None else identities
         labels_key = tuple(sorted(endpoint.items())) if endpoint else ()
-        key = (protocol, service, namespace, labels_key, outcome, flag)
+        key = (protocol, service, namespace, labels_key, outcome, flag, ids)
         found = self._series.get(key)
         if found is not None:
             return found
         found = self._series[key] = IstioSeries(
             self._stats,
             {
-                **self._peers(service, namespace, endpoint),
+                **self._peers(service, namespace, endpoint, ids),
                 "request_protocol": protocol,
                 "response_code": RESPONSE_CODES.get(outcome, "500"),
                 "grpc_response_status": "",
                 "response_flags": flag,
-                "connection_security_policy": "none",
+                "connection_security_policy": ids.policy,
             },
         )
         return found
 
-    def tcp(self, service: str, namespace: str, endpoint: Mapping[str, str]) -> TcpSeries:
-        """The TCP series of upstream connections to an endpoint of ``service``."""
-        key = (service, namespace, tuple(sorted(endpoint.items())))
+    def tcp(
+        self,
+        service: str,
+        namespace: str,
+        endpoint: Mapping[str, str],
+        identities: Identities | None = None,
+    ) -> TcpSeries:
+        """The TCP series of upstream connections to an endpoint of ``service`` of
+        ``identities`` (default: plain text; at the server side always: an upstream
+        connection carries many clients' requests)."""
+        ids = self.plain if identities is None else identities
+        key = (service, namespace, tuple(sorted(endpoint.items())), ids)
         found = self._tcp.get(key)
         if found is None:
             found = self._tcp[key] = TcpSeries(
                 self._stats,
                 {
-                    **self._peers(service, namespace, endpoint),
+                    **self._peers(service, namespace, endpoint, ids),
                     "request_protocol": "tcp",
                     "response_flags": "-",
-                    "connection_security_policy": "none",
+                    "connection_security_policy": ids.policy,
                 },
             )
         return found
 
     def _peers(
-        self, service: str, namespace: str, endpoint: Mapping[str, str] | None
+        self,
+        service: str,
+        namespace: str,
+        endpoint: Mapping[str, str] | None,
+        ids: Identities,
     ) -> dict[str, str]:
-        """The source and destination labels."""
+        """The source and destination labels. At the server side the source is the client,
+        known by its certificate alone (no metadata exchange): Istio's fallbacks then,
+        ``unknown`` but for its principal and its principal's namespace. At the client
+        side the destination's namespace is its principal's, as in Istio, else the
+        ServiceEntry's."""
         labels = endpoint or {}
         app = labels.get("app", "unknown")
         version = labels.get("version", "unknown")
+        if self.inbound:
+            source = {
+                "reporter": self._source["reporter"],
+                "source_workload": "unknown",
+                "source_workload_namespace": ids.namespace or "unknown",
+                "source_principal": ids.peer or "unknown",
+                "source_app": "unknown",
+                "source_version": "unknown",
+                "source_canonical_service": "unknown",
+                "source_canonical_revision": "latest",
+                "source_cluster": "unknown",
+            }
+            principal = ids.local or "unknown"
+        else:
+            source = self._source
+            if ids.local:
+                source = {**source, "source_principal": ids.local}
+            principal = ids.peer or "unknown"
+            namespace = ids.namespace or namespace
         return {
-            **self._source,
+            **source,
             "destination_workload": labels.get("workload", app),
             "destination_workload_namespace": namespace,
-            "destination_principal": "unknown",
+            "destination_principal": principal,
             "destination_app": app,
             "destination_version": version,
             "destination_service": service,
@@ -245,7 +369,7 @@ class IstioTelemetry:
                 "service.istio.io/canonical-revision",
                 version if version != "unknown" else "latest",
             ),
-            "destination_cluster": self._source["source_cluster"],
+            "destination_cluster": self._cluster,
         }
 
 
@@ -253,7 +377,7 @@ class TargetTelemetry:
     """A route destination's Istio series, the common case (an ``Ok`` reply from a given
     endpoint) cached per endpoint."""
 
-    __slots__ = ("_telemetry", "namespace", "ok", "protocol", "service")
+    __slots__ = ("_telemetry", "inbound", "namespace", "ok", "protocol", "service")
 
     def __init__(
         self, telemetry: IstioTelemetry, protocol: str, service: str, namespace: str
@@ -262,25 +386,29 @@ class TargetTelemetry:
         self.protocol = protocol
         self.service = service
         self.namespace = namespace
-        #: ``Ok`` series by endpoint (the hot path's lookup).
-        self.ok: dict[object, IstioSeries] = {}
+        #: Whose connection's identities key the series: the client's (else the upstream's).
+        self.inbound = telemetry.inbound
+        #: ``Ok`` series by endpoint and identities (the hot path's lookup).
+        self.ok: dict[tuple[object, Identities | None], IstioSeries] = {}
 
     def series(
         self,
         endpoint: object,
         labels: Mapping[str, str] | None,
         outcome: str,
-        flags: str | None = None,
+        flags: str | None,
+        identities: Identities | None,
     ) -> IstioSeries:
         """The series for a request served by ``endpoint`` (its ``labels``; ``None`` when
-        none was chosen) that ended in ``outcome``."""
+        none was chosen) that ended in ``outcome``, on a connection of ``identities``."""
         if outcome == "Ok" and flags is None:
-            found = self.ok.get(endpoint)
+            key = (endpoint, identities)
+            found = self.ok.get(key)
             if found is None:
-                found = self.ok[endpoint] = self._telemetry.series(
-                    self.protocol, self.service, self.namespace, labels, outcome
+                found = self.ok[key] = self._telemetry.series(
+                    self.protocol, self.service, self.namespace, labels, outcome, None, identities
                 )
             return found
         return self._telemetry.series(
-            self.protocol, self.service, self.namespace, labels, outcome, flags
+            self.protocol, self.service, self.namespace, labels, outcome, flags, identities
         )

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .config.models import ListenerTls, UpstreamTls
     from .identity import IdentityWatch
     from .stats import Stats
+    from .telemetry import IstioTelemetry
     from .upstream import Cluster, UpstreamHost
 
 log = logging.getLogger("metaprotocol.proxy")
@@ -159,6 +160,32 @@ def certificate_expiry(path: str) -> float | None:
         return float(ssl.cert_time_to_seconds(not_after)) if not_after else None
     except (ssl.SSLError, OSError, ValueError):
         return None
+
+
+def certificate_uris(path: str | None) -> tuple[str, ...]:
+    """The URI SANs of the first certificate of ``path`` (``()``: none, no file, or a
+    Python build that cannot tell), read once when a listener or cluster is built: Istio's
+    metrics name the local identity by them."""
+    import _ssl
+
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    if decode is None or path is None:
+        return ()
+    try:
+        return uris_of(decode(path))
+    except (ssl.SSLError, OSError, ValueError):
+        return ()
+
+
+def uris_of(cert: Any) -> tuple[str, ...]:
+    """The URI SANs of a certificate as ``getpeercert()`` decodes it (``()``: none)."""
+    if not isinstance(cert, dict):
+        return ()
+    return tuple(
+        value
+        for kind, value in cert.get("subjectAltName", ())
+        if kind == "URI" and isinstance(value, str)
+    )
 
 
 def _load_chain(ctx: ssl.SSLContext, cert_key: str, cert: str, key_key: str, key: str) -> None:
@@ -612,6 +639,14 @@ class TlsDownstream(Downstream):
             self.abort()
             return
         self.tls_stats.handshakes.value += 1
+        istio = self.engine.istio
+        if istio is not None and istio.inbound:
+            listener = self.listener
+            identity = self.engine.identity
+            local = listener.local_uris
+            if listener.mesh_tls is not None and identity is not None:
+                local = identity.material.uris
+            self.istio = istio.identities(uris_of(transport.get_extra_info("peercert")), local)
         super().connection_made(transport)
         if isinstance(ssl_object, HalfClosing) and not self.closed:
             ssl_object.peer = self
@@ -732,6 +767,8 @@ def attach_listener(
         runtime.mesh_tls = tls
         runtime.tls = identity.material.server(server_key(tls))
     runtime.tls_stats = TlsStats(runtime.engine.stats, "listener", runtime.name, tls.expiry)
+    if runtime.engine.istio is not None and runtime.mesh_tls is None:
+        runtime.local_uris = certificate_uris(tls.server_certificate)
     if tls.subject_alt_names or tls.verify_certificate_spki or tls.verify_certificate_hash:
         runtime.tls_check = ClientCheck(tls)
 
@@ -837,7 +874,24 @@ class TlsUpstreamConnection(UpstreamConnection):
                 cast(asyncio.Transport, transport).abort()
                 return  # _connect answers the requests waiting
         self.cluster.tls_stats.handshakes.value += 1
+        istio = self.engine.istio
+        if istio is not None:
+            self._identify(istio, transport.get_extra_info("peercert"))
         super().connection_made(transport)
+
+    def _identify(self, istio: IstioTelemetry, peercert: Any) -> None:
+        """The connection's identities in Istio's series, and at the client side its TCP
+        series (which count the requests sent while it connected)."""
+        tls = self.cluster.tls
+        identity = self.engine.identity
+        local = self.cluster.local_uris
+        if tls is not None and tls.mode == "ISTIO_MUTUAL" and identity is not None:
+            local = identity.material.uris
+        self.istio = self.host.istio = ids = istio.identities(uris_of(peercert), local)
+        if not istio.inbound:
+            cluster = self.cluster
+            tcp = self.tcp = istio.tcp(cluster.service, cluster.namespace, self.host.labels, ids)
+            tcp.sent.value += sum(len(b) for b in self.queued)
 
     def keeps_raw_open(self) -> bool:
         """The TLS layer's own handling of the end of the TCP stream under it."""
@@ -915,6 +969,8 @@ def attach_cluster(
     if mutual is not None and not any(mutual):
         return  # shown in /config_dump; no connection of it is TLS
     cluster.tls_stats = TlsStats(cluster.engine.stats, "cluster", cluster.name, tls.expiry)
+    if cluster.engine.istio is not None and tls.mode == "MUTUAL":
+        cluster.local_uris = certificate_uris(tls.client_certificate)
     for i, host in enumerate(cluster.hosts):
         if mutual is None or mutual[i]:
             host.connection_class = TlsUpstreamConnection

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .mirror import MirrorSink
     from .router import CompiledRoute, Target
+    from .telemetry import Identities
     from .tls import TlsStats
 
 _RESPONSE = MessageType.Response
@@ -143,6 +144,7 @@ class UpstreamHost:
         "ejections",
         "errors",
         "gateway_errors",
+        "istio",
         "key",
         "labels",
         "next_conn",
@@ -165,6 +167,9 @@ class UpstreamHost:
         self.key = f"{address}:{port}"
         #: The ServiceEntry endpoint's labels (Istio's destination labels).
         self.labels = labels or {}
+        #: The TLS identities its last connection presented, for Istio's series of the
+        #: requests answered without one (``None``: none, plain text).
+        self.istio: Identities | None = None
         #: The endpoint's load balancing weight (``endpoints[].weight``; 1 when unset).
         self.weight = weight
         #: The endpoint's failover priority in its cluster (EDS ``LocalityLbEndpoints``), 0
@@ -270,6 +275,9 @@ class Cluster:
         #: ``UpstreamConnection``\ s without it.
         self.tls: UpstreamTls | None = None
         self.tls_stats: TlsStats | None = None
+        #: The URI SANs of its client certificate (``MUTUAL``; read once, for Istio's
+        #: metrics: ``tls.attach_cluster``).
+        self.local_uris: tuple[str, ...] = ()
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
@@ -397,6 +405,7 @@ class UpstreamConnection(asyncio.Protocol):
         "held",
         "host",
         "idle_since",
+        "istio",
         "limit_requests",
         "max_id",
         "need",
@@ -491,10 +500,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.unlisted = False
         self.drained = False
         self.expired = False
+        #: Its TLS identities in Istio's series (``None``: plain text; set by a TLS
+        #: connection once its handshake is done).
+        self.istio: Identities | None = None
         istio = self.engine.istio
-        #: Istio's TCP series for this endpoint (``None``: Istio metrics are off).
+        #: Istio's TCP series for this endpoint (``None``: Istio metrics are off, or not
+        #: yet: at the client side a TLS connection's name the server's identity).
         self.tcp = (
-            None if istio is None else istio.tcp(cluster.service, cluster.namespace, host.labels)
+            None
+            if istio is None or (type(self) is not UpstreamConnection and not istio.inbound)
+            else istio.tcp(cluster.service, cluster.namespace, host.labels)
         )
 
     # -- connecting ----------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_istio_metrics_carry_every_kiali_label_with_meaningful_values() -> None:
             assert ok["destination_service"] == "svc.test"
             assert ok["destination_version"] == "v1"
             assert ok["reporter"] == "source"
-            assert ok["connection_security_policy"] == "none"
+            assert ok["connection_security_policy"] == "unknown"  # as Istio at the source
             assert {("500", "FI"), ("504", "UT"), ("503", "UF"), ("404", "NR")} <= by_code.keys()
             assert by_code[("503", "UF")]["destination_version"] == "v2"
             # durations: one observation per request on both histograms
