@@ -6,7 +6,9 @@ bookkeeping only; add the event loop and syscalls for an end-to-end figure. By d
 example codec with one route; ``--dubbo``: the Dubbo codec with the routes of
 ``bench/bench_proxy.py`` (a weighted split whose route writes an attachment), its 16-byte
 request and reply; ``--dedicated``: the KV codec without id rewriting, so that the client's
-requests go over an upstream connection of its own (per-client pooling).
+requests go over an upstream connection of its own (per-client pooling). ``--istio`` (or
+``--istio-destination``) adds Istio's standard metrics (``telemetry.istioMetrics``, reporter
+``source``, or ``destination``) to any of these.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import uvloop
@@ -25,6 +28,7 @@ from proxy_kit import FakeTransport, mesh, wire_fakes
 
 from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy.config.models import Telemetry
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,10 +88,14 @@ def dubbo_wire() -> tuple[str, bytes, Callable[[bytes], int], Callable[[int], by
     )
 
 
-async def main(n: int, mode: str) -> None:
+async def main(n: int, mode: str, reporter: str | None = None) -> None:
     wire = {"dubbo": dubbo_wire, "dedicated": dedicated_wire}.get(mode, kv_wire)
     text, request, wire_id_of, reply_to = wire()
-    engine = Engine(loads_config(text))
+    config = loads_config(text)
+    if reporter is not None:
+        telemetry = Telemetry(istio_metrics=True, reporter=reporter)
+        config = replace(config, proxy=replace(config.proxy, telemetry=telemetry))
+    engine = Engine(config)
     await engine.start()
     down, down_t, up, up_t = wire_fakes(engine)
     if mode == "dedicated":  # the client's own connection instead of the shared one
@@ -116,11 +124,18 @@ async def main(n: int, mode: str) -> None:
         one()
     took = time.process_time() - start
     codec = {"dubbo": "Dubbo", "dedicated": "KV (per-client connection)"}.get(mode, "KV")
-    print(f"{n} requests: {took / n * 1e6:.2f} us CPU per request (engine + {codec} codec, no I/O)")
+    istio = "" if reporter is None else f", Istio metrics ({reporter})"
+    print(
+        f"{n} requests: {took / n * 1e6:.2f} us CPU per request "
+        f"(engine + {codec} codec{istio}, no I/O)"
+    )
     await engine.stop(drain=0.1)
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     flags = [a[2:] for a in sys.argv[1:] if a.startswith("--")]
-    uvloop.run(main(int(args[0]) if args else 100_000, flags[0] if flags else "kv"))
+    reporters = {"istio": "source", "istio-destination": "destination"}
+    modes = [f for f in flags if f not in reporters]
+    reporter = next((reporters[f] for f in flags if f in reporters), None)
+    uvloop.run(main(int(args[0]) if args else 100_000, modes[0] if modes else "kv", reporter))
