@@ -55,6 +55,10 @@ def config_dump(engine: Engine) -> dict[str, Any]:
             "ALLOW": [p.name for p in settings.authorization.allow],
             "AUDIT": [p.name for p in settings.authorization.audit],
         },
+        # The workload PeerAuthentications and AuthorizationPolicies were selected for (None:
+        # its namespace is not known, and every one read applies), and those that do not.
+        "policyScope": plain(settings.policy_scope),
+        "policiesNotApplied": list(settings.policies_not_applied),
         "listeners": [
             {
                 "name": listener.name,

@@ -80,15 +80,19 @@ RESPONSE_FLAGS: dict[str, str] = {
 }
 
 
-def workload_from_environment(env: Mapping[str, str] | None = None) -> Workload:
-    """This proxy's workload as an Istio sidecar would see it (``unknown`` where unset)."""
+def workload_from_environment(
+    env: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None
+) -> Workload:
+    """This proxy's workload as an Istio sidecar would see it (``unknown`` where unset);
+    ``labels``: the pod's, instead of ``ISTIO_METAJSON_LABELS``'."""
     env = os.environ if env is None else env
-    try:
-        labels = json.loads(env.get("ISTIO_METAJSON_LABELS", "") or "{}")
-    except ValueError:
-        labels = {}
-    if not isinstance(labels, dict):
-        labels = {}
+    if labels is None:
+        try:
+            raw = json.loads(env.get("ISTIO_METAJSON_LABELS", "") or "{}")
+        except ValueError:
+            raw = {}
+        raw = raw if isinstance(raw, dict) else {}
+        labels = {str(k): v for k, v in raw.items() if isinstance(v, str)}
     name = env.get("ISTIO_META_WORKLOAD_NAME") or "unknown"
     app = str(labels.get("app") or "unknown")
     version = str(labels.get("version") or "unknown")
@@ -106,6 +110,7 @@ def workload_from_environment(env: Mapping[str, str] | None = None) -> Workload:
         ),
         cluster=env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",
         principal="unknown",
+        labels=dict(labels),
     )
 
 

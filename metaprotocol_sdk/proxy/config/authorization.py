@@ -1,7 +1,8 @@
 """Istio's ``AuthorizationPolicy`` documents, read into an :class:`~..authorization.Authorization`.
 
-The engine is one workload without namespaces: every policy read applies to it (a
-``selector``'s labels are not matched, as for PeerAuthentication). Rules are compiled as
+The policies given are those that apply to this workload (see :mod:`.selection`: its
+namespace's and the root namespace's, their ``selector`` matching its labels; all of them,
+a ``selector`` taken as matching, when its namespace is not known). Rules are compiled as
 Istio compiles them for a TCP (non-HTTP) port: an HTTP-only field (``methods``, ``paths``,
 ``hosts``, ``requestPrincipals``, ``request.auth.*``) makes an ALLOW rule match nothing, and
 is ignored in a DENY or AUDIT rule (which then matches more), each cautioned once at load.
@@ -42,8 +43,9 @@ HTTP_ONLY = (
 )
 
 
-def authorization_policies(docs: list[_Doc]) -> Authorization | None:
-    """The policies of ``docs``, compiled (``None``: there are none)."""
+def authorization_policies(docs: list[_Doc], scoped: bool = False) -> Authorization | None:
+    """The policies of ``docs``, compiled (``None``: there are none); ``scoped``: they were
+    selected for the workload (its namespace is known)."""
     if not docs:
         return None
     by_action: dict[str, list[Policy]] = {"ALLOW": [], "DENY": [], "AUDIT": []}
@@ -61,7 +63,7 @@ def authorization_policies(docs: list[_Doc]) -> Authorization | None:
                 "names label the stats series",
             )
         names[name] = doc
-        policy = _policy(doc, name)
+        policy = _policy(doc, name, scoped)
         by_action[policy.action].append(policy)
     return Authorization(
         tuple(by_action["DENY"]),
@@ -70,16 +72,17 @@ def authorization_policies(docs: list[_Doc]) -> Authorization | None:
     )
 
 
-def _policy(doc: _Doc, name: str) -> Policy:
+def _policy(doc: _Doc, name: str, scoped: bool) -> Policy:
     spec = doc.spec() if doc.body.get("spec") is not None else {}
     doc.check(spec, "spec", schema.AUTHORIZATION_POLICY)
     selector = doc.mapping(spec, "selector", "spec.selector", required=False)
     doc.check(selector, "spec.selector", schema.PEER_SELECTOR)
-    if doc.labels(selector, "matchLabels", "spec.selector.matchLabels"):
+    if doc.labels(selector, "matchLabels", "spec.selector.matchLabels") and not scoped:
         doc.caution(
             "spec.selector",
-            "its labels are not matched (this engine reads no pod labels): the "
-            "AuthorizationPolicy is taken as selecting this engine",
+            "its labels are not matched (this workload's namespace is not known: set "
+            "spec.telemetry.workload.namespace or POD_NAMESPACE): the AuthorizationPolicy is "
+            "taken as selecting this engine",
         )
     action = doc.get(spec, "action", "spec.action") or "ALLOW"
     if action == "CUSTOM":

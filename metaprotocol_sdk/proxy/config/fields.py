@@ -75,16 +75,19 @@ SERVICE_ENTRY_METADATA = Fields(
     METADATA.refused,
     {k: v for k, v in METADATA.warned.items() if k != "namespace"},
 )
-#: A PeerAuthentication's namespace: its level in Istio (the root namespace's is the mesh's).
+#: A PeerAuthentication's namespace: its level in Istio (the root namespace's is the mesh's),
+#: and which workloads it may apply to.
 PEER_AUTHENTICATION_METADATA = Fields(
-    METADATA.honoured,
+    METADATA.honoured | {"namespace"},
     METADATA.refused,
-    {
-        **METADATA.warned,
-        "namespace": "this engine is one workload and has no namespaces: a PeerAuthentication "
-        "without a selector applies to it from any namespace (the mesh's root namespace's "
-        "and its own namespace's are one level here)",
-    },
+    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
+)
+#: Why a PeerAuthentication's namespace is not read when the workload's is not known.
+PEER_NO_NAMESPACE = (
+    "this workload's namespace is not known (set spec.telemetry.workload.namespace or "
+    "POD_NAMESPACE), so the engine has no namespaces: a PeerAuthentication without a "
+    "selector applies to it from any namespace (the mesh's root namespace's and its own "
+    "namespace's are one level here)"
 )
 #: An AuthorizationPolicy's namespace: its scope in Istio; here part of its name.
 AUTHORIZATION_POLICY_METADATA = Fields(
@@ -387,7 +390,10 @@ PROXY_CONFIG = fields(
     "tracing",
     "xds",
     "meshIdentity",
+    "mesh",
 )
+#: ``spec.mesh``: what the engine needs of Istio's mesh configuration (``meshConfig``).
+MESH = fields("rootNamespace")
 #: ``spec.meshIdentity``: the workload identity's files, as istio-agent names them.
 MESH_IDENTITY = fields(
     "directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval", "autoMtls"
@@ -420,6 +426,7 @@ WORKLOAD = fields(
     "canonicalRevision",
     "cluster",
     "principal",
+    "labels",
 )
 LISTENER = fields("host", "port", "bind", "filters", "tls", "connectionRateLimit")
 #: A listener's ``connectionRateLimit``: Envoy's listener filter ``local_ratelimit``.

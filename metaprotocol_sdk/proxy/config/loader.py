@@ -75,6 +75,7 @@ from .models import (
     Overload,
     PeerAuthentication,
     PeerMode,
+    PolicyScope,
     Protocol,
     ProxySettings,
     RateLimitCondition,
@@ -96,6 +97,7 @@ from .models import (
     Xds,
     XdsNode,
 )
+from .selection import namespace_of, select
 
 KINDS = (
     "ApplicationProtocol",
@@ -176,6 +178,12 @@ class _Doc:
         if key not in self._warned:
             self._warned.add(key)
             _log.warning("%s: %s: %s", self.source, path, what)
+
+    def skip(self, why: str) -> None:
+        """Log that the document is valid YAML but not applied, and ``why`` (once)."""
+        if why not in self._warned:
+            self._warned.add(why)
+            _log.info("%s: not applied to this workload: %s", self.source, why)
 
     def spec(self) -> dict[str, Any]:
         return self.mapping(self.body, "spec", "spec")
@@ -387,11 +395,22 @@ def _build(
     if identity is not None and identity.auto_mtls:
         _unnamed_auto_servers(by_kind["ServiceEntry"], services, rules)
     routers = _routers(by_kind["MetaRouter"], services, rules, protocols)
-    peer = _peer_authentication(by_kind["PeerAuthentication"], identity)
-    proxy = _proxy(proxy_doc, services, codec_options, identity, peer)
-    policies = authorization_policies(by_kind["AuthorizationPolicy"])
-    if policies is not None:
-        proxy = dataclasses.replace(proxy, authorization=policies)
+    telemetry = _telemetry(proxy_doc, proxy_doc.spec()) if proxy_doc is not None else Telemetry()
+    scope = _policy_scope(proxy_doc, telemetry)
+    not_applied: list[str] = []
+    peer = _peer_authentication(
+        select(by_kind["PeerAuthentication"], scope, not_applied), identity, scope
+    )
+    proxy = _proxy(proxy_doc, services, codec_options, identity, peer, telemetry)
+    policies = authorization_policies(
+        select(by_kind["AuthorizationPolicy"], scope, not_applied), scoped=scope is not None
+    )
+    proxy = dataclasses.replace(
+        proxy,
+        authorization=policies,
+        policy_scope=scope,
+        policies_not_applied=tuple(not_applied),
+    )
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
     return Config(
@@ -1714,6 +1733,7 @@ def _proxy(
     codec_options: dict[str, dict[str, Any]],
     identity: MeshIdentity | None = None,
     peer: PeerAuthentication | None = None,
+    telemetry: Telemetry | None = None,
 ) -> ProxySettings:
     if doc is None:
         return ProxySettings(peer_authentication=peer)
@@ -1787,7 +1807,7 @@ def _proxy(
         watchdog=watchdog,
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
-        telemetry=_telemetry(doc, spec),
+        telemetry=telemetry or _telemetry(doc, spec),
         tracing=_tracing(doc, spec),
         xds=_xds(doc, spec),
         mesh_identity=identity,
@@ -1795,18 +1815,23 @@ def _proxy(
     )
 
 
+#: PeerAuthentication levels, lowest first (istiod's ``ComposePeerAuthentication``).
+_PEER_LEVELS = ("mesh", "namespace", "workload")
+
+
 def _peer_authentication(
-    docs: list[_Doc], identity: MeshIdentity | None
+    docs: list[_Doc], identity: MeshIdentity | None, scope: PolicyScope | None
 ) -> PeerAuthentication | None:
-    """Istio's PeerAuthentications, composed as istiod does for one workload: the one with a
-    ``selector`` (workload level; the engine is the workload it selects, its labels are not
-    matched) over the one without (namespace or mesh level: the engine has no namespaces,
-    so they are one level), ``UNSET`` inheriting, ``PERMISSIVE`` when neither says. At most
-    one of each: istiod takes the oldest of several by their creation time, which a file
-    does not have."""
+    """The PeerAuthentications that apply to this workload (``docs``, selected), composed as
+    istiod does: the workload level (a ``selector``) over the namespace level (no selector,
+    the workload's namespace) over the mesh level (no selector, the root namespace),
+    ``UNSET`` inheriting, ``PERMISSIVE`` when none says. The workload's namespace unknown
+    (``scope`` ``None``), one without a selector is the namespace-or-mesh level, and one
+    with a selector is taken as selecting this engine. At most one of each level: istiod
+    takes the oldest of several by their creation time, which a file does not have."""
     if not docs:
         return None
-    levels: dict[bool, tuple[_Doc, str, dict[int, str]]] = {}
+    levels: dict[str, tuple[_Doc, str, dict[int, str]]] = {}
     for doc in docs:
         spec = doc.spec()
         doc.check(spec, "spec", schema.PEER_AUTHENTICATION)
@@ -1814,13 +1839,23 @@ def _peer_authentication(
         doc.check(selector, "spec.selector", schema.PEER_SELECTOR)
         labels = doc.labels(selector, "matchLabels", "spec.selector.matchLabels")
         workload = bool(labels)  # Istio: an empty selector is no selector
-        if workload:
-            doc.caution(
-                "spec.selector",
-                "its labels are not matched (this engine reads no pod labels): the "
-                "PeerAuthentication is taken as selecting this engine (workload level, over "
-                "one without a selector)",
-            )
+        if scope is None:
+            if doc.body["metadata"].get("namespace") is not None:
+                doc.warn("metadata.namespace", schema.PEER_NO_NAMESPACE)
+            if workload:
+                doc.caution(
+                    "spec.selector",
+                    "its labels are not matched (this workload's namespace is not known: "
+                    "set spec.telemetry.workload.namespace or POD_NAMESPACE): the "
+                    "PeerAuthentication is taken as selecting this engine (workload level, "
+                    "over one without a selector)",
+                )
+            level = "workload" if workload else "namespace"
+        elif workload:
+            level = "workload"
+        else:
+            mesh = namespace_of(doc, scope.namespace) == scope.root_namespace
+            level = "mesh" if mesh else "namespace"
         mtls = doc.mapping(spec, "mtls", "spec.mtls", required=False)
         doc.check(mtls, "spec.mtls", schema.PEER_MTLS)
         mode = _peer_mode(doc, mtls, "spec.mtls.mode", identity)
@@ -1842,28 +1877,42 @@ def _peer_authentication(
                 doc.fail(where, f"must be a mapping with mode, got {type(value).__name__}")
             doc.check(value, where, schema.PEER_MTLS)
             ports[number] = _peer_mode(doc, value, f"{where}.mode", identity)
-        if workload in levels:
-            other = levels[workload][0]
-            what = "with a selector" if workload else "without a selector"
-            doc.fail(
-                "kind",
-                f"a second PeerAuthentication {what} ({other.kind}/{other.name} is one): this "
-                "engine is one workload without namespaces, so one of each applies (Istio "
-                "would take the oldest); merge them",
-            )
-        levels[workload] = (doc, mode, ports)
+        if level in levels:
+            other = levels[level][0]
+            if scope is None:
+                what = "with a selector" if workload else "without a selector"
+                why = (
+                    f"a second PeerAuthentication {what} ({other.kind}/{other.name} is one): "
+                    "this workload's namespace is not known, so one of each applies (Istio "
+                    "would take the oldest); merge them, or set the workload's namespace"
+                )
+            else:
+                why = (
+                    f"a second PeerAuthentication of this workload's {level} level "
+                    f"({other.source} is one): istiod would take the oldest by creation "
+                    "time, which files do not carry; merge them"
+                )
+            doc.fail("kind", why)
+        levels[level] = (doc, mode, ports)
     effective: PeerMode = "PERMISSIVE"
-    for level in (False, True):  # namespace (or mesh), then workload
+    for level in _PEER_LEVELS:
         if level in levels and levels[level][1] != "UNSET":
             effective = cast(PeerMode, levels[level][1])
-    ports = levels[True][2] if True in levels else {}
+    ports = levels["workload"][2] if "workload" in levels else {}
     return PeerAuthentication(
         effective,
         {
             port: effective if mode == "UNSET" else cast(PeerMode, mode)
             for port, mode in ports.items()
         },
-        tuple(f"{doc.kind}/{doc.name}" for doc, _, _ in levels.values()),
+        tuple(
+            f"{doc.kind}/{doc.name}"
+            if scope is None
+            else f"{doc.kind}/{namespace_of(doc, scope.namespace)}/{doc.name}"
+            for level in _PEER_LEVELS
+            if level in levels
+            for doc in (levels[level][0],)
+        ),
     )
 
 
@@ -2086,16 +2135,34 @@ def _telemetry(doc: _Doc, spec: Mapping[str, Any]) -> Telemetry:
         doc.fail("spec.telemetry.reporter", f"must be source or destination, got {reporter!r}")
     given = doc.mapping(raw, "workload", "spec.telemetry.workload", required=False)
     doc.check(given, "spec.telemetry.workload", schema.WORKLOAD)
-    values = {}
+    values: dict[str, Any] = {}
     for key, attr in _WORKLOAD_FIELDS.items():
         value = doc.string(given, key, f"spec.telemetry.workload.{key}", required=False)
         if value is not None:
             values[attr] = value
+    labels = None
+    if given.get("labels") is not None:
+        labels = doc.labels(given, "labels", "spec.telemetry.workload.labels")
     return Telemetry(
         istio_metrics=bool(enabled),
         reporter=reporter or "source",
-        workload=dataclasses.replace(workload_from_environment(), **values),
+        workload=dataclasses.replace(workload_from_environment(labels=labels), **values),
     )
+
+
+def _policy_scope(doc: _Doc | None, telemetry: Telemetry) -> PolicyScope | None:
+    """The workload PeerAuthentications and AuthorizationPolicies are selected for: its
+    namespace and labels (``spec.telemetry.workload``), ``spec.mesh.rootNamespace``
+    (``istio-system``). ``None``: the namespace is not known, and every policy applies."""
+    root = "istio-system"
+    if doc is not None:
+        mesh = doc.mapping(doc.spec(), "mesh", "spec.mesh", required=False)
+        doc.check(mesh, "spec.mesh", schema.MESH)
+        root = doc.name_string(mesh, "rootNamespace", "spec.mesh.rootNamespace", False) or root
+    workload = telemetry.workload
+    if workload.namespace == "unknown":
+        return None
+    return PolicyScope(workload.namespace, workload.labels, root)
 
 
 def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:

@@ -7,6 +7,7 @@ The engine never re-validates; it only compiles these into its runtime structure
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -664,6 +665,8 @@ class Workload:
     canonical_revision: str = "latest"
     cluster: str = "Kubernetes"
     principal: str = "unknown"
+    #: The pod's labels (``ISTIO_METAJSON_LABELS``): what a policy's ``selector`` matches.
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -741,12 +744,25 @@ class Xds:
 
 
 @dataclass(frozen=True)
+class PolicyScope:
+    """The workload istiod would select PeerAuthentications and AuthorizationPolicies for:
+    this engine's namespace and pod labels (``spec.telemetry.workload``), and the mesh's
+    root namespace (``spec.mesh.rootNamespace``)."""
+
+    namespace: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    root_namespace: str = "istio-system"
+
+
+@dataclass(frozen=True)
 class PeerAuthentication:
-    """Istio's PeerAuthentications composed for this engine, one workload without namespaces
-    (istiod's ``ComposePeerAuthentication``): the one with a ``selector`` (workload level)
-    over the one without (namespace or mesh level), ``UNSET`` inheriting, ``PERMISSIVE``
-    when neither says; ``ports``: the workload level's ``portLevelMtls``, by the port the
-    engine accepts on (a listener's ``bind`` port, Istio's container port)."""
+    """Istio's PeerAuthentications composed for this workload (istiod's
+    ``ComposePeerAuthentication``): the workload level (a ``selector`` matching it) over the
+    namespace level (its namespace's, no selector) over the mesh level (the root
+    namespace's, no selector), ``UNSET`` inheriting, ``PERMISSIVE`` when none says (the
+    workload's namespace unknown: the one without a selector is the namespace-or-mesh
+    level); ``ports``: the workload level's ``portLevelMtls``, by the port the engine accepts
+    on (a listener's ``bind`` port, Istio's container port)."""
 
     mode: PeerMode = "PERMISSIVE"
     ports: dict[int, PeerMode] = field(default_factory=dict)
@@ -782,6 +798,11 @@ class ProxySettings:
     peer_authentication: PeerAuthentication | None = None
     #: The AuthorizationPolicies read, compiled (``None``: none, and nothing of them runs).
     authorization: Authorization | None = None
+    #: The workload the policies were selected for (``None``: its namespace is not known,
+    #: and every policy read applies).
+    policy_scope: PolicyScope | None = None
+    #: ``Kind/namespace/name: why`` of each policy read that does not apply to this workload.
+    policies_not_applied: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

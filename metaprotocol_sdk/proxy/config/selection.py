@@ -1,0 +1,89 @@
+"""Which PeerAuthentications and AuthorizationPolicies apply to this workload, as istiod
+selects them for a sidecar.
+
+A policy applies when it is in the workload's namespace or in the mesh's root namespace,
+and its ``selector.matchLabels`` (if any) are all among the workload's labels. In the root
+namespace, a PeerAuthentication with a selector applies to no one (istiod ignores it) and
+an AuthorizationPolicy with one applies to the matching workloads of every namespace. An
+AuthorizationPolicy with a ``targetRef`` binds to a Gateway or a waypoint, not to a
+workload. A policy without ``metadata.namespace`` is in the workload's namespace (as
+``kubectl apply -n`` would put it). Without a known namespace every policy applies (the
+engine as one workload: the loader's behaviour before namespaces were read).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .models import PolicyScope
+
+if TYPE_CHECKING:
+    from .loader import _Doc
+
+
+def namespace_of(doc: _Doc, default: str) -> str:
+    """The document's ``metadata.namespace`` (``default`` when it has none)."""
+    namespace = doc.body["metadata"].get("namespace")
+    if namespace is None or namespace == "":
+        return default
+    if not isinstance(namespace, str):
+        doc.fail("metadata.namespace", f"must be a string, got {namespace!r}")
+    doc.bounded(namespace, "metadata.namespace")
+    return namespace
+
+
+def select(docs: list[_Doc], scope: PolicyScope | None, not_applied: list[str]) -> list[_Doc]:
+    """The documents of ``docs`` that apply to the workload of ``scope`` (all of them when
+    it is ``None``); each other one is logged once, and added to ``not_applied`` as
+    ``Kind/namespace/name: why``."""
+    if scope is None:
+        return docs
+    applied = []
+    for doc in docs:
+        why = _why_not(doc, scope)
+        if why is None:
+            applied.append(doc)
+            continue
+        doc.skip(why)
+        not_applied.append(f"{doc.kind}/{namespace_of(doc, scope.namespace)}/{doc.name}: {why}")
+    return applied
+
+
+def _why_not(doc: _Doc, scope: PolicyScope) -> str | None:
+    """Why the policy ``doc`` does not apply to the workload of ``scope`` (``None``: it does)."""
+    namespace = namespace_of(doc, scope.namespace)
+    root = namespace == scope.root_namespace
+    if namespace != scope.namespace and not root:
+        return (
+            f"its namespace {namespace!r} is neither this workload's ({scope.namespace!r}) "
+            f"nor the root namespace ({scope.root_namespace!r})"
+        )
+    spec: Any = doc.body.get("spec")
+    if not isinstance(spec, dict):
+        return None  # applies, and its checks say what is wrong
+    if doc.kind == "AuthorizationPolicy" and (
+        spec.get("targetRef") is not None or spec.get("targetRefs") is not None
+    ):
+        return "its targetRef binds it to a Gateway or a waypoint, not to a workload"
+    selector = spec.get("selector")
+    if not isinstance(selector, dict):
+        return None
+    labels = doc.labels(selector, "matchLabels", "spec.selector.matchLabels")
+    if not labels:
+        return None  # Istio: an empty selector is no selector
+    if doc.kind == "PeerAuthentication" and root:
+        return (
+            "a PeerAuthentication with a selector in the root namespace applies to no "
+            "workload (istiod ignores it; the mesh level has no selector)"
+        )
+    missing = [
+        f"{key[:64]}={value[:64]}"
+        for key, value in labels.items()
+        if scope.labels.get(key) != value
+    ]
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        return f"its selector does not match this workload's labels ({shown} not among them)"
+    return None

@@ -1,0 +1,353 @@
+"""Which PeerAuthentications and AuthorizationPolicies apply to the engine, as istiod selects
+them for a sidecar: those of the workload's namespace and of the root namespace whose
+``selector`` matches the workload's labels (a PeerAuthentication with a selector in the root
+namespace: none), the others skipped with a line each and listed in ``/config_dump``;
+PeerAuthentication's mesh, namespace and workload levels. The workload's namespace unknown,
+every policy applies, as before. Configuration checks, and real sockets (mutual TLS
+clients of the mesh PKI of ``mesh_pki``, the KV codec)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+from pathlib import Path
+
+import pytest
+from mesh_pki import MeshCa
+from proxy_kit import Client, Upstream, address, engine_for, error_type, http_get, mesh, run
+
+from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy.config.models import Config
+
+#: The engine's pod: what ``POD_NAMESPACE`` and ``ISTIO_METAJSON_LABELS`` say in a sidecar.
+NAMESPACE, LABELS = "shop", {"app": "greeter", "version": "v1"}
+
+
+@pytest.fixture
+def pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine runs in namespace ``shop`` with the pod labels ``app: greeter, version: v1``."""
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    monkeypatch.setenv("ISTIO_METAJSON_LABELS", json.dumps(LABELS))
+
+
+@pytest.fixture
+def nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's namespace is not known (no ``POD_NAMESPACE``)."""
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    monkeypatch.delenv("ISTIO_METAJSON_LABELS", raising=False)
+
+
+@pytest.fixture
+def ca() -> MeshCa:
+    return MeshCa()
+
+
+def doc(kind: str, name: str, namespace: str | None, spec: str) -> str:
+    """A PeerAuthentication or AuthorizationPolicy (``spec`` a YAML block)."""
+    ns = f", namespace: {namespace}" if namespace else ""
+    return (
+        f"apiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}{ns}}}\n"
+        "spec:\n" + textwrap.indent(textwrap.dedent(spec), "  ")
+    )
+
+
+def allow(name: str, namespace: str | None, selector: str = "") -> str:
+    """An ALLOW policy letting in ``cluster.local/ns/default/sa/frontend`` only."""
+    more = f"selector: {selector}\n" if selector else ""
+    return doc(
+        "AuthorizationPolicy",
+        name,
+        namespace,
+        more
+        + "rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]}]\n",
+    )
+
+
+def peer(name: str, namespace: str | None, mode: str, selector: str = "") -> str:
+    more = f"selector: {selector}\n" if selector else ""
+    return doc("PeerAuthentication", name, namespace, more + f"mtls: {{mode: {mode}}}\n")
+
+
+def load(tmp_path: Path, ca: MeshCa, *docs: str, proxy: str = "") -> Config:
+    certs = tmp_path / "certs"
+    if not certs.exists():
+        ca.write(certs, "engine")
+    text = mesh(
+        [(1, "v1")],
+        proxy=f"meshIdentity: {{directory: '{certs}'}}\n" + proxy,
+        extra="---\n".join(docs),
+    )
+    return loads_config(text, "t.yaml")
+
+
+def applied(cfg: Config) -> tuple[str, ...]:
+    authorization = cfg.proxy.authorization
+    return () if authorization is None else authorization.names
+
+
+# -- AuthorizationPolicy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy,name,why",
+    [
+        (allow("mine", None), "mine", None),  # no namespace: the workload's
+        (allow("mine", "shop"), "shop/mine", None),
+        (allow("mesh", "istio-system"), "istio-system/mesh", None),
+        (allow("billing", "billing"), None, "its namespace 'billing' is neither this"),
+        (allow("greeter", "shop", "{matchLabels: {app: greeter}}"), "shop/greeter", None),
+        (allow("all", "shop", "{matchLabels: {}}"), "shop/all", None),  # empty: no selector
+        (
+            allow("both", "shop", "{matchLabels: {app: greeter, version: v1}}"),
+            "shop/both",
+            None,
+        ),
+        (
+            allow("cart", "shop", "{matchLabels: {app: cart}}"),
+            None,
+            "does not match this workload's labels (app=cart not among them)",
+        ),
+        (
+            allow("v2", "shop", "{matchLabels: {app: greeter, version: v2}}"),
+            None,
+            "(version=v2 not among them)",
+        ),
+        # The root namespace's selector picks workloads of every namespace.
+        (
+            allow("greeters", "istio-system", "{matchLabels: {app: greeter}}"),
+            "istio-system/greeters",
+            None,
+        ),
+        (allow("carts", "istio-system", "{matchLabels: {app: cart}}"), None, "does not match"),
+        (allow("elsewhere", "billing", "{matchLabels: {app: greeter}}"), None, "neither"),
+        # A Gateway's or a waypoint's policy (refused when the namespace is unknown).
+        (
+            doc("AuthorizationPolicy", "gw", "shop", "targetRefs: [{kind: Gateway, name: gw}]\n"),
+            None,
+            "targetRef binds it to a Gateway or a waypoint",
+        ),
+        # Not this engine's: not checked as the engine would (CUSTOM is refused here).
+        (
+            doc("AuthorizationPolicy", "ext", "billing", "action: CUSTOM\nprovider: {name: x}\n"),
+            None,
+            "neither",
+        ),
+    ],
+)
+def test_authorization_policies_apply_as_istiod_selects_them(
+    pod: None,
+    ca: MeshCa,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    policy: str,
+    name: str | None,
+    why: str | None,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="metaprotocol.config"):
+        cfg = load(tmp_path, ca, policy)
+    assert applied(cfg) == ((name,) if name else ())
+    lines = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
+    if why is None:
+        assert cfg.proxy.policies_not_applied == () and lines == []
+        assert "labels are not matched" not in caplog.text
+    else:
+        (skipped,) = cfg.proxy.policies_not_applied
+        assert skipped.startswith("AuthorizationPolicy/") and why in skipped
+        (line,) = lines
+        assert "t.yaml (document" in line and why in line
+
+
+def test_the_root_namespace_is_a_setting(pod: None, ca: MeshCa, tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        ca,
+        allow("a", "mesh-root"),
+        allow("b", "istio-system"),
+        proxy="mesh: {rootNamespace: mesh-root}\n",
+    )
+    assert applied(cfg) == ("mesh-root/a",)
+    (skipped,) = cfg.proxy.policies_not_applied
+    assert "'istio-system' is neither" in skipped and "root namespace ('mesh-root')" in skipped
+    assert cfg.proxy.policy_scope is not None
+    assert cfg.proxy.policy_scope.root_namespace == "mesh-root"
+
+
+def test_the_workload_can_be_configured(nowhere: None, ca: MeshCa, tmp_path: Path) -> None:
+    """``spec.telemetry.workload``'s ``namespace`` and ``labels`` instead of the sidecar's
+    variables; the labels also give the metrics' ``app`` and ``version``."""
+    workload = "telemetry: {workload: {namespace: shop, labels: {app: greeter, tier: '1'}}}\n"
+    cfg = load(
+        tmp_path,
+        ca,
+        allow("tier", "shop", "{matchLabels: {tier: '1'}}"),
+        allow("cart", "shop", "{matchLabels: {app: cart}}"),
+        proxy=workload,
+    )
+    assert applied(cfg) == ("shop/tier",)
+    assert cfg.proxy.telemetry.workload.app == "greeter"
+    assert dict(cfg.proxy.telemetry.workload.labels) == {"app": "greeter", "tier": "1"}
+
+
+def test_without_a_namespace_every_policy_applies_as_before(
+    nowhere: None, ca: MeshCa, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        cfg = load(
+            tmp_path,
+            ca,
+            allow("billing", "billing"),
+            allow("cart", "shop", "{matchLabels: {app: cart}}"),
+        )
+    assert applied(cfg) == ("billing/billing", "shop/cart")
+    assert cfg.proxy.policy_scope is None and cfg.proxy.policies_not_applied == ()
+    assert "labels are not matched" in caplog.text and "POD_NAMESPACE" in caplog.text
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, ca, doc("AuthorizationPolicy", "gw", "x", "targetRef: {kind: Gateway}\n"))
+    assert caught.value.field == "spec.targetRef"
+
+
+# -- PeerAuthentication -----------------------------------------------------------------------
+
+GREETER = "{matchLabels: {app: greeter}}"
+
+
+@pytest.mark.parametrize(
+    "docs,expected,skipped",
+    [
+        ((peer("default", "istio-system", "STRICT"),), "STRICT", 0),
+        ((peer("default", "shop", "STRICT"),), "STRICT", 0),
+        ((peer("default", None, "STRICT"),), "STRICT", 0),  # no namespace: the workload's
+        # The namespace's over the mesh's (both without a selector: two levels, no error).
+        ((peer("m", "istio-system", "STRICT"), peer("n", "shop", "DISABLE")), "DISABLE", 0),
+        ((peer("m", "istio-system", "STRICT"), peer("n", "shop", "UNSET")), "STRICT", 0),
+        # The workload's over both; UNSET inherits the nearest level that says.
+        (
+            (
+                peer("m", "istio-system", "DISABLE"),
+                peer("n", "shop", "STRICT"),
+                peer("w", "shop", "UNSET", GREETER),
+            ),
+            "STRICT",
+            0,
+        ),
+        (
+            (peer("m", "istio-system", "STRICT"), peer("w", "shop", "DISABLE", GREETER)),
+            "DISABLE",
+            0,
+        ),
+        # Not this workload's: skipped.
+        ((peer("default", "billing", "DISABLE"),), "PERMISSIVE", 1),
+        ((peer("cart", "shop", "DISABLE", "{matchLabels: {app: cart}}"),), "PERMISSIVE", 1),
+        # A selector in the root namespace: istiod ignores it.
+        ((peer("w", "istio-system", "DISABLE", GREETER),), "PERMISSIVE", 1),
+        # Every namespace's default, as `kubectl get -A` gives them: this one's applies.
+        (
+            (
+                peer("default", "istio-system", "PERMISSIVE"),
+                peer("default", "billing", "DISABLE"),
+                peer("default", "shop", "STRICT"),
+                peer("default", "web", "DISABLE"),
+            ),
+            "STRICT",
+            2,
+        ),
+    ],
+)
+def test_peer_authentication_levels_as_istiod(
+    pod: None, ca: MeshCa, tmp_path: Path, docs: tuple[str, ...], expected: str, skipped: int
+) -> None:
+    cfg = load(tmp_path, ca, *docs)
+    (listener,) = cfg.proxy.listeners
+    assert listener.peer_mode == expected
+    assert len(cfg.proxy.policies_not_applied) == skipped
+    assert all(s.startswith("PeerAuthentication/") for s in cfg.proxy.policies_not_applied)
+
+
+def test_peer_authentications_of_others_need_no_identity(pod: None) -> None:
+    """Another namespace's STRICT is not checked against this engine (which has no
+    ``meshIdentity``, and would refuse STRICT of its own)."""
+    cfg = loads_config(mesh([(1, "v1")], extra=peer("default", "billing", "STRICT")), "t.yaml")
+    (listener,) = cfg.proxy.listeners
+    assert listener.peer_mode is None and cfg.proxy.peer_authentication is None
+    with pytest.raises(ConfigError, match=r"set spec\.meshIdentity"):
+        loads_config(mesh([(1, "v1")], extra=peer("default", "shop", "STRICT")), "t.yaml")
+
+
+def test_two_peer_authentications_of_one_level_are_refused(
+    pod: None, ca: MeshCa, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, ca, peer("a", "shop", "STRICT"), peer("b", None, "DISABLE"))
+    assert caught.value.field == "kind"
+    assert "second PeerAuthentication of this workload's namespace level" in str(caught.value)
+
+
+# -- on the wire ------------------------------------------------------------------------------
+
+
+def test_policies_of_other_workloads_do_not_deny_this_engines_callers(
+    pod: None, ca: MeshCa, tmp_path: Path
+) -> None:
+    """The mesh's policies, as ``kubectl get -A`` gives them: an ALLOW policy of another
+    workload of the namespace, one of another namespace, and a STRICT PeerAuthentication of
+    another namespace. None is this engine's: a mesh client of any identity and a
+    plain-text client are served (before, both were denied: the ALLOW policies applied);
+    the policy that selects this engine still denies. ``/config_dump`` lists which apply."""
+    mine = doc(
+        "AuthorizationPolicy",
+        "no-intruder",
+        "shop",
+        "selector: {matchLabels: {app: greeter}}\naction: DENY\n"
+        "rules: [{from: [{source: {principals: ['*/sa/intruder']}}]}]\n",
+    )
+    docs = (
+        allow("cart-callers", "shop", "{matchLabels: {app: cart}}"),
+        allow("billing-callers", "billing"),
+        peer("default", "billing", "STRICT"),
+        mine,
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        certs = tmp_path / "certs"
+        ca.write(certs, "engine")
+        text = mesh(
+            [(up.port, "v1")],
+            proxy=f"meshIdentity: {{directory: '{certs}'}}\n",
+            extra="---\n".join(docs),
+        )
+        async with engine_for(text) as engine:
+            clients = []
+            for sa in ("caller", "intruder"):
+                ctx = ca.client_context(tmp_path / sa, None)
+                ctx.load_cert_chain(*ca.files(tmp_path / sa, sa, "default"))
+                clients.append(await Client.connect(address(engine), ssl=ctx))
+            clients.append(await Client.connect(address(engine)))  # plain text
+            caller, intruder, plain = clients
+            assert error_type(await caller.call("get", rid=1)) is None
+            assert error_type(await plain.call("get", rid=2)) is None
+            assert error_type(await intruder.call("get", rid=3)) == "PermissionDenied"
+            assert engine.admin_address is not None
+            _, body = await http_get(engine.admin_address, "/config_dump")
+            dump = json.loads(body)
+            assert dump["authorizationPolicies"] == {
+                "DENY": ["shop/no-intruder"],
+                "ALLOW": [],
+                "AUDIT": [],
+            }
+            assert dump["policyScope"]["namespace"] == "shop"
+            assert dump["policyScope"]["labels"] == LABELS
+            assert [line.split(":")[0] for line in dump["policiesNotApplied"]] == [
+                "PeerAuthentication/billing/default",
+                "AuthorizationPolicy/shop/cart-callers",
+                "AuthorizationPolicy/billing/billing-callers",
+            ]
+            assert dump["peerAuthentication"] is None
+            for client in clients:
+                client.close()
+        await up.close()
+        assert len(up.received) == 2
+
+    run(main())
