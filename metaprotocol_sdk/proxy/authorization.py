@@ -218,7 +218,7 @@ class Policy:
 
 @dataclass(frozen=True)
 class Authorization:
-    """The policies applying to the engine (all of them: it is one workload), by action."""
+    """The policies applying to the engine's workload, by action."""
 
     deny: tuple[Policy, ...] = ()
     allow: tuple[Policy, ...] = ()

@@ -292,8 +292,9 @@ PEER_NO_MESH_IDENTITY = (
 # -- AuthorizationPolicy (Istio) ---------------------------------------------------------------
 
 _TARGETS = (
-    "it binds the policy to a Gateway or a waypoint (a Service), not to a workload; this "
-    "engine is one workload: use no selector (or a selector) instead"
+    "it binds the policy to a Gateway or a waypoint (a Service), not to a workload; give "
+    "the workload's namespace (spec.telemetry.workload.namespace or POD_NAMESPACE) to have "
+    "such a policy skipped, or use no selector (or a selector) instead"
 )
 AUTHORIZATION_POLICY = fields(
     "selector",

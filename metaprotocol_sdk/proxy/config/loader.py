@@ -180,8 +180,9 @@ class _Doc:
             _log.warning("%s: %s: %s", self.source, path, what)
 
     def skip(self, why: str) -> None:
-        """Log that the document is valid YAML but not applied, and ``why`` (once)."""
-        if why not in self._warned:
+        """Log that the document is valid but not applied, and ``why`` (once; not again
+        at each control plane update)."""
+        if not self.from_control_plane and why not in self._warned:
             self._warned.add(why)
             _log.info("%s: not applied to this workload: %s", self.source, why)
 
