@@ -636,7 +636,11 @@ def plain(*policies: str) -> str:
         ("action: CUSTOM\nprovider: {name: ext}", "spec.provider", "ext-authz"),
         ("action: CUSTOM", "spec.action", "external authorization service"),
         ("action: REJECT", "spec.action", "unknown action 'REJECT'"),
-        ("targetRefs: [{kind: Gateway, name: gw}]", "spec.targetRefs", "have such a policy skipped"),
+        (
+            "targetRefs: [{kind: Gateway, name: gw}]",
+            "spec.targetRefs",
+            "have such a policy skipped",
+        ),
         (
             "rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.0/33]}}]}]",
             "spec.rules[0].from[0].source.ipBlocks[1]",
