@@ -128,6 +128,15 @@ def applied(cfg: Config) -> tuple[str, ...]:
             None,
             "targetRef binds it to a Gateway or a waypoint",
         ),
+        # An empty targetRefs names no target: istiod selects workloads with it (a DENY policy
+        # skipped here was a bypass).
+        (
+            doc(
+                "AuthorizationPolicy", "none", "shop", "targetRefs: []\naction: DENY\nrules: [{}]\n"
+            ),
+            "shop/none",
+            None,
+        ),
         # Not this engine's: not checked as the engine would (CUSTOM is refused here).
         (
             doc("AuthorizationPolicy", "ext", "billing", "action: CUSTOM\nprovider: {name: x}\n"),
@@ -205,6 +214,28 @@ def test_without_a_namespace_every_policy_applies_as_before(
     assert "labels are not matched" in caplog.text and "POD_NAMESPACE" in caplog.text
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, ca, doc("AuthorizationPolicy", "gw", "x", "targetRef: {kind: Gateway}\n"))
+    assert caught.value.field == "spec.targetRef"
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_an_empty_target_list_is_no_target(
+    known: bool, monkeypatch: pytest.MonkeyPatch, ca: MeshCa, tmp_path: Path
+) -> None:
+    """``targetRefs: []`` binds nothing (istiod's ``len(targetRefs) == 0``): the DENY policy
+    applies to the workload, its namespace known or not; a ``targetRef`` without a name is
+    refused (Istio's validation), not taken as binding a Gateway."""
+    monkeypatch.delenv("ISTIO_METAJSON_LABELS", raising=False)
+    if known:
+        monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    else:
+        monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    deny = doc("AuthorizationPolicy", "d", "shop", "targetRefs: []\naction: DENY\nrules: [{}]\n")
+    cfg = load(tmp_path, ca, deny)
+    assert cfg.proxy.authorization is not None
+    assert [p.name for p in cfg.proxy.authorization.deny] == ["shop/d"]
+    assert cfg.proxy.policies_not_applied == ()
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, ca, doc("AuthorizationPolicy", "t", "shop", "targetRef: {}\n"))
     assert caught.value.field == "spec.targetRef"
 
 

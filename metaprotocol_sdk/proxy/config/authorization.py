@@ -74,6 +74,8 @@ def authorization_policies(docs: list[_Doc], scoped: bool = False) -> Authorizat
 
 def _policy(doc: _Doc, name: str, scoped: bool) -> Policy:
     spec = doc.spec() if doc.body.get("spec") is not None else {}
+    if spec.get("targetRefs") == []:  # istiod: no target, the policy selects workloads
+        spec = {key: value for key, value in spec.items() if key != "targetRefs"}
     doc.check(spec, "spec", schema.AUTHORIZATION_POLICY)
     selector = doc.mapping(spec, "selector", "spec.selector", required=False)
     doc.check(selector, "spec.selector", schema.PEER_SELECTOR)

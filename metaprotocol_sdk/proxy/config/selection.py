@@ -61,9 +61,7 @@ def _why_not(doc: _Doc, scope: PolicyScope) -> str | None:
     spec: Any = doc.body.get("spec")
     if not isinstance(spec, dict):
         return None  # applies, and its checks say what is wrong
-    if doc.kind == "AuthorizationPolicy" and (
-        spec.get("targetRef") is not None or spec.get("targetRefs") is not None
-    ):
+    if doc.kind == "AuthorizationPolicy" and _targets(doc, spec):
         return "its targetRef binds it to a Gateway or a waypoint, not to a workload"
     selector = spec.get("selector")
     if not isinstance(selector, dict):
@@ -87,3 +85,20 @@ def _why_not(doc: _Doc, scope: PolicyScope) -> str | None:
         )
         return f"its selector does not match this workload's labels ({shown} not among them)"
     return None
+
+
+def _targets(doc: _Doc, spec: dict[str, Any]) -> bool:
+    """Whether the AuthorizationPolicy names a Gateway or a waypoint: a ``targetRef``, or a
+    ``targetRefs`` list with one (istiod: an empty ``targetRefs`` is none, and the policy
+    selects workloads). An empty ``targetRef`` is refused, as Istio's validation does."""
+    ref = spec.get("targetRef")
+    if ref is not None:
+        if not isinstance(ref, dict) or not ref.get("name"):
+            doc.fail("spec.targetRef", "must be a mapping with kind and name (Istio's validation)")
+        return True
+    refs = spec.get("targetRefs")
+    if refs is None or refs == []:
+        return False
+    if not isinstance(refs, list) or not all(isinstance(r, dict) and r.get("name") for r in refs):
+        doc.fail("spec.targetRefs", "must be a list of mappings with kind and name")
+    return True
