@@ -239,6 +239,59 @@ def test_an_empty_target_list_is_no_target(
     assert caught.value.field == "spec.targetRef"
 
 
+@pytest.mark.parametrize("known", [True, False])
+@pytest.mark.parametrize(
+    "kind,selector,field",
+    [
+        # YAML reads 1.10 as the number 1.1: the pod's "1.10" did not match, and the DENY
+        # policy meant for it was skipped.
+        ("AuthorizationPolicy", "{matchLabels: {version: 1.10}}", "version"),
+        ("AuthorizationPolicy", "{matchLabels: {app: greeter, tier: 1}}", "tier"),
+        ("AuthorizationPolicy", "{matchLabels: {app: '*'}}", "app"),
+        ("AuthorizationPolicy", "{matchLabels: {'': greeter}}", ""),
+        ("PeerAuthentication", "{matchLabels: {version: 1.10}}", "version"),
+        ("PeerAuthentication", "{matchLabels: {'app*': greeter}}", "app*"),
+    ],
+)
+def test_selectors_no_pod_could_match_are_refused(
+    known: bool,
+    kind: str,
+    selector: str,
+    field: str,
+    monkeypatch: pytest.MonkeyPatch,
+    ca: MeshCa,
+    tmp_path: Path,
+) -> None:
+    """Kubernetes takes a label value as a string only, and Istio's validation refuses an
+    empty key and a wildcard: such a selector matches no pod, and a DENY or STRICT policy
+    written for this workload would be skipped; it is refused instead."""
+    monkeypatch.setenv("ISTIO_METAJSON_LABELS", json.dumps({**LABELS, "version": "1.10"}))
+    if known:
+        monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    else:
+        monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    spec = f"selector: {selector}\n" + (
+        "action: DENY\nrules: [{}]\n" if kind == "AuthorizationPolicy" else "mtls: {mode: STRICT}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, ca, doc(kind, "mine", "shop", spec))
+    assert caught.value.field == f"spec.selector.matchLabels.{field}"
+    # Quoted, it is this workload's.
+    if "1.10" in selector:
+        cfg = load(tmp_path, ca, doc(kind, "mine", "shop", spec.replace("1.10", "'1.10'")))
+        assert cfg.proxy.policies_not_applied == ()
+
+
+def test_the_workloads_own_labels_are_strings(nowhere: None, ca: MeshCa, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(
+            tmp_path,
+            ca,
+            proxy="telemetry: {workload: {namespace: shop, labels: {version: 1.10}}}\n",
+        )
+    assert caught.value.field == "spec.telemetry.workload.labels.version"
+
+
 # -- PeerAuthentication -----------------------------------------------------------------------
 
 GREETER = "{matchLabels: {app: greeter}}"

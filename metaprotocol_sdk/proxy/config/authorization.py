@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import authorization as authz
 from ..authorization import Action, Addresses, Authorization, Check, Matcher, Policy, Ports, Rule
 from . import fields as schema
+from .selection import label_map
 
 if TYPE_CHECKING:
     from .loader import _Doc
@@ -79,7 +80,7 @@ def _policy(doc: _Doc, name: str, scoped: bool) -> Policy:
     doc.check(spec, "spec", schema.AUTHORIZATION_POLICY)
     selector = doc.mapping(spec, "selector", "spec.selector", required=False)
     doc.check(selector, "spec.selector", schema.PEER_SELECTOR)
-    if doc.labels(selector, "matchLabels", "spec.selector.matchLabels") and not scoped:
+    if label_map(doc, selector, "matchLabels", "spec.selector.matchLabels") and not scoped:
         doc.caution(
             "spec.selector",
             "its labels are not matched (this workload's namespace is not known: set "

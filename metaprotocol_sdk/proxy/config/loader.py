@@ -97,7 +97,7 @@ from .models import (
     Xds,
     XdsNode,
 )
-from .selection import namespace_of, select
+from .selection import label_map, namespace_of, select
 
 KINDS = (
     "ApplicationProtocol",
@@ -1838,7 +1838,7 @@ def _peer_authentication(
         doc.check(spec, "spec", schema.PEER_AUTHENTICATION)
         selector = doc.mapping(spec, "selector", "spec.selector", required=False)
         doc.check(selector, "spec.selector", schema.PEER_SELECTOR)
-        labels = doc.labels(selector, "matchLabels", "spec.selector.matchLabels")
+        labels = label_map(doc, selector, "matchLabels", "spec.selector.matchLabels")
         workload = bool(labels)  # Istio: an empty selector is no selector
         if scope is None:
             if doc.body["metadata"].get("namespace") is not None:
@@ -2143,7 +2143,7 @@ def _telemetry(doc: _Doc, spec: Mapping[str, Any]) -> Telemetry:
             values[attr] = value
     labels = None
     if given.get("labels") is not None:
-        labels = doc.labels(given, "labels", "spec.telemetry.workload.labels")
+        labels = label_map(doc, given, "labels", "spec.telemetry.workload.labels")
     return Telemetry(
         istio_metrics=bool(enabled),
         reporter=reporter or "source",

@@ -13,6 +13,7 @@ engine as one workload: the loader's behaviour before namespaces were read).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .models import PolicyScope
@@ -30,6 +31,31 @@ def namespace_of(doc: _Doc, default: str) -> str:
         doc.fail("metadata.namespace", f"must be a string, got {namespace!r}")
     doc.bounded(namespace, "metadata.namespace")
     return namespace
+
+
+def label_map(doc: _Doc, obj: Mapping[str, Any], key: str, path: str) -> dict[str, str]:
+    """Labels a policy is selected by (a ``selector``'s ``matchLabels``, the workload's own),
+    refused as Kubernetes and Istio's validation refuse them, for they would match no pod and
+    a policy meant for this workload would be skipped: a key or value that is not a string
+    (YAML reads ``1.10`` as the number 1.1, ``010`` as 8), an empty key, a ``*``."""
+    raw = doc.mapping(obj, key, path, required=False)
+    out = {}
+    for name, value in raw.items():
+        where = f"{path}.{name}"
+        if not isinstance(name, str) or not isinstance(value, str):
+            doc.fail(
+                where,
+                f"a label's key and value are strings, got {name!r}: {value!r} (quote it: "
+                "YAML reads 1.10 as the number 1.1)",
+            )
+        if name == "" or "*" in name or "*" in value:
+            doc.fail(
+                where,
+                f"{name[:64]}={value[:64]}: an empty key or a wildcard is not supported (Istio's "
+                "validation of a selector; no pod has such a label)",
+            )
+        out[name] = value
+    return out
 
 
 def select(docs: list[_Doc], scope: PolicyScope | None, not_applied: list[str]) -> list[_Doc]:
@@ -66,7 +92,7 @@ def _why_not(doc: _Doc, scope: PolicyScope) -> str | None:
     selector = spec.get("selector")
     if not isinstance(selector, dict):
         return None
-    labels = doc.labels(selector, "matchLabels", "spec.selector.matchLabels")
+    labels = label_map(doc, selector, "matchLabels", "spec.selector.matchLabels")
     if not labels:
         return None  # Istio: an empty selector is no selector
     if doc.kind == "PeerAuthentication" and root:
