@@ -87,12 +87,7 @@ def workload_from_environment(
     ``labels``: the pod's, instead of ``ISTIO_METAJSON_LABELS``'."""
     env = os.environ if env is None else env
     if labels is None:
-        try:
-            raw = json.loads(env.get("ISTIO_METAJSON_LABELS", "") or "{}")
-        except ValueError:
-            raw = {}
-        raw = raw if isinstance(raw, dict) else {}
-        labels = {str(k): v for k, v in raw.items() if isinstance(v, str)}
+        labels, _ = environment_labels(env)
     name = env.get("ISTIO_META_WORKLOAD_NAME") or "unknown"
     app = str(labels.get("app") or "unknown")
     version = str(labels.get("version") or "unknown")
@@ -112,6 +107,23 @@ def workload_from_environment(
         principal="unknown",
         labels=dict(labels),
     )
+
+
+def environment_labels(env: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """The pod's labels of ``ISTIO_METAJSON_LABELS`` (a JSON object of strings), and why
+    they are not known (``None``: they are, or the variable is not set); unreadable, none."""
+    text = env.get("ISTIO_METAJSON_LABELS", "")
+    if not text:
+        return {}, None
+    try:
+        raw = json.loads(text)
+    except ValueError as error:
+        return {}, f"ISTIO_METAJSON_LABELS is not JSON ({str(error)[:80]})"
+    except RecursionError:  # not a ValueError: "[[[...": a traceback at start before
+        return {}, "ISTIO_METAJSON_LABELS is nested too deep"
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        return {}, "ISTIO_METAJSON_LABELS is not a JSON object of strings"
+    return raw, None
 
 
 #: The longest principal reported: a longer URI SAN counts as an identity past the bound.

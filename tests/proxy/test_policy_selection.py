@@ -292,6 +292,46 @@ def test_the_workloads_own_labels_are_strings(nowhere: None, ca: MeshCa, tmp_pat
     assert caught.value.field == "spec.telemetry.workload.labels.version"
 
 
+DENY_GREETER = doc(
+    "AuthorizationPolicy",
+    "no-intruder",
+    "shop",
+    "selector: {matchLabels: {app: greeter}}\naction: DENY\n"
+    "rules: [{from: [{source: {principals: ['*/sa/intruder']}}]}]\n",
+)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        "{app: greeter}",  # not JSON
+        '["app", "greeter"]',  # not an object
+        '{"app": "greeter", "version": 1}',  # not all strings (Go's map[string]string fails)
+        "[" * 5000,  # nested too deep: RecursionError, a traceback at start
+    ],
+    ids=["invalid", "list", "number", "deep"],
+)
+def test_unreadable_pod_labels_refuse_a_selector_they_would_decide(
+    labels: str, monkeypatch: pytest.MonkeyPatch, ca: MeshCa, tmp_path: Path
+) -> None:
+    """``ISTIO_METAJSON_LABELS`` unreadable: the labels were taken as none, and the DENY
+    policy selecting this workload was skipped (a bypass). A selector they would decide is
+    refused, naming the variable; the labels given in the file instead, it applies; no
+    policy with a selector, the engine starts (the labels unknown)."""
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    monkeypatch.setenv("ISTIO_METAJSON_LABELS", labels)
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, ca, DENY_GREETER)
+    assert caught.value.field == "spec.selector.matchLabels"
+    assert "ISTIO_METAJSON_LABELS" in str(caught.value)
+    cfg = load(tmp_path, ca, allow("mine", "shop"))
+    assert applied(cfg) == ("shop/mine",) and cfg.proxy.telemetry.workload.labels == {}
+    cfg = load(
+        tmp_path, ca, DENY_GREETER, proxy="telemetry: {workload: {labels: {app: greeter}}}\n"
+    )
+    assert applied(cfg) == ("shop/no-intruder",)
+
+
 # -- PeerAuthentication -----------------------------------------------------------------------
 
 GREETER = "{matchLabels: {app: greeter}}"

@@ -35,7 +35,7 @@ from ..identity import (
     load_identity,
 )
 from ..matcher import compile_regex
-from ..telemetry import workload_from_environment
+from ..telemetry import environment_labels, workload_from_environment
 from ..tls import (
     PROTOCOL_VERSIONS,
     TlsSettingError,
@@ -2163,7 +2163,13 @@ def _policy_scope(doc: _Doc | None, telemetry: Telemetry) -> PolicyScope | None:
     workload = telemetry.workload
     if workload.namespace == "unknown":
         return None
-    return PolicyScope(workload.namespace, workload.labels, root)
+    given = doc.spec().get("telemetry") if doc is not None else None
+    error = None
+    if not (isinstance(given, dict) and isinstance(given.get("workload"), dict)) or (
+        given["workload"].get("labels") is None
+    ):
+        _, error = environment_labels(os.environ)
+    return PolicyScope(workload.namespace, workload.labels, root, error)
 
 
 def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:

@@ -752,6 +752,9 @@ class PolicyScope:
     namespace: str
     labels: Mapping[str, str] = field(default_factory=dict)
     root_namespace: str = "istio-system"
+    #: Why the labels are not known (``ISTIO_METAJSON_LABELS`` unreadable): a selector
+    #: cannot be matched, and is refused rather than taken as not matching.
+    labels_error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,13 @@ def _why_not(doc: _Doc, scope: PolicyScope) -> str | None:
             "a PeerAuthentication with a selector in the root namespace applies to no "
             "workload (istiod ignores it; the mesh level has no selector)"
         )
+    if scope.labels_error is not None:
+        doc.fail(
+            "spec.selector.matchLabels",
+            f"this workload's labels are not known ({scope.labels_error}), so whether the "
+            "selector matches them is not known: fix it, or give them in "
+            "spec.telemetry.workload.labels",
+        )
     missing = [
         f"{key[:64]}={value[:64]}"
         for key, value in labels.items()
