@@ -332,6 +332,29 @@ def test_unreadable_pod_labels_refuse_a_selector_they_would_decide(
     assert applied(cfg) == ("shop/no-intruder",)
 
 
+@pytest.mark.parametrize("namespace", ["Shop", "' shop'", "shop.", "'shop '"])
+def test_namespaces_no_workload_could_be_in_are_refused(
+    pod: None, namespace: str, ca: MeshCa, tmp_path: Path
+) -> None:
+    """A policy's ``metadata.namespace`` that is no namespace name (Istio's validation and
+    Kubernetes refuse it) was compared as written and the policy skipped: a DENY policy or
+    a STRICT PeerAuthentication written for the workload's namespace with a capital or a
+    space was bypassed. It is refused, as is such a workload or root namespace."""
+    deny = doc("AuthorizationPolicy", "d", namespace, "action: DENY\nrules: [{}]\n")
+    strict = peer("default", namespace, "STRICT")
+    for policy in (deny, strict):
+        with pytest.raises(ConfigError) as caught:
+            load(tmp_path, ca, policy)
+        assert caught.value.field == "metadata.namespace"
+    for proxy, field in (
+        (f"telemetry: {{workload: {{namespace: {namespace}}}}}\n", "workload.namespace"),
+        (f"mesh: {{rootNamespace: {namespace}}}\n", "mesh.rootNamespace"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load(tmp_path, ca, proxy=proxy)
+        assert caught.value.field == f"spec.telemetry.{field}".replace("telemetry.mesh", "mesh")
+
+
 # -- PeerAuthentication -----------------------------------------------------------------------
 
 GREETER = "{matchLabels: {app: greeter}}"

@@ -97,7 +97,7 @@ from .models import (
     Xds,
     XdsNode,
 )
-from .selection import label_map, namespace_of, select
+from .selection import label_map, namespace_error, namespace_of, select
 
 KINDS = (
     "ApplicationProtocol",
@@ -2163,6 +2163,15 @@ def _policy_scope(doc: _Doc | None, telemetry: Telemetry) -> PolicyScope | None:
     workload = telemetry.workload
     if workload.namespace == "unknown":
         return None
+    if doc is not None:
+        for namespace, path in (
+            (workload.namespace, "spec.telemetry.workload.namespace"),
+            (root, "spec.mesh.rootNamespace"),
+        ):
+            why = namespace_error(namespace)
+            if why is not None:
+                more = " (the workload's: this field, else POD_NAMESPACE)" if "work" in path else ""
+                doc.fail(path, why + more)
     given = doc.spec().get("telemetry") if doc is not None else None
     error = None
     if not (isinstance(given, dict) and isinstance(given.get("workload"), dict)) or (

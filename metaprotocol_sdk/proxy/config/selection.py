@@ -13,6 +13,7 @@ engine as one workload: the loader's behaviour before namespaces were read).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +23,32 @@ if TYPE_CHECKING:
     from .loader import _Doc
 
 
+#: A Kubernetes namespace name (an RFC 1123 label), as Istio's validation requires it.
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def namespace_error(namespace: str) -> str | None:
+    """Why ``namespace`` is no Kubernetes namespace (``None``: it is one)."""
+    if _NAMESPACE.fullmatch(namespace):
+        return None
+    return (
+        f"{namespace[:80]!r} is not a namespace name (lower-case letters, digits and '-', at "
+        "most 63; Istio's validation): no workload is in it"
+    )
+
+
 def namespace_of(doc: _Doc, default: str) -> str:
-    """The document's ``metadata.namespace`` (``default`` when it has none)."""
+    """The document's ``metadata.namespace`` (``default`` when it has none); one no
+    namespace could have is refused (``Shop``, `` shop``: a policy skipped for it would be
+    a bypass)."""
     namespace = doc.body["metadata"].get("namespace")
     if namespace is None or namespace == "":
         return default
     if not isinstance(namespace, str):
         doc.fail("metadata.namespace", f"must be a string, got {namespace!r}")
-    doc.bounded(namespace, "metadata.namespace")
+    why = namespace_error(namespace)
+    if why is not None:
+        doc.fail("metadata.namespace", why)
     return namespace
 
 
