@@ -407,3 +407,44 @@ def test_check_says_which_policies_apply_and_for_which_workload(tmp_path: Path, 
     plain = tmp_path / "plain.yaml"
     plain.write_text(mesh([(1, "v1")]))
     assert len(check(plain, {"POD_NAMESPACE": NAMESPACE})) == 1  # no policies: one line
+
+
+#: What ``kubectl get peerauthentication,authorizationpolicy -A -o yaml`` writes: one
+#: ``List`` of the mesh's policies, with the metadata and status the API server adds.
+KUBECTL_LIST = """\
+apiVersion: v1
+kind: List
+metadata: {resourceVersion: ""}
+items:
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: default, namespace: istio-system, uid: 5b0d3c1e, resourceVersion: "12"}
+  spec: {mtls: {mode: STRICT}}
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: greeter-callers, namespace: shop, generation: 1}
+  spec:
+    rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]}]
+  status: {}
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: elsewhere, namespace: other}
+  spec: {}
+"""
+
+
+@pytest.mark.usefixtures("pod")
+def test_the_mesh_policies_as_kubectl_lists_them(tmp_path: Path, ca: MeshCa) -> None:
+    """The page's ``kubectl get ... -A -o yaml`` writes a ``List``: its items are read as
+    documents (it was refused, ``unknown kind 'List'``), selected as any, and an error in one
+    names its item."""
+    cfg = load(tmp_path, ca, KUBECTL_LIST)
+    assert cfg.proxy.peer_authentication is not None
+    assert cfg.proxy.peer_authentication.mode == "STRICT"
+    assert applied(cfg) == ("shop/greeter-callers",)
+    assert any("elsewhere" in line for line in cfg.proxy.policies_not_applied)
+    bad = KUBECTL_LIST.replace("mode: STRICT", "mode: STRICTEST")
+    with pytest.raises(ConfigError, match=r"document \d+, item 1, PeerAuthentication/default"):
+        load(tmp_path, ca, bad)
+    with pytest.raises(ConfigError, match="a List's items must be a sequence"):
+        load(tmp_path, ca, "apiVersion: v1\nkind: List\nitems: {}\n")
