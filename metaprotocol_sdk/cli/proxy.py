@@ -347,6 +347,47 @@ def _check(files: tuple[str, ...]) -> None:
         f"{len({id(s) for s in config.services.values()})} service(s), {routes} route(s), "
         f"protocols: {', '.join(sorted(config.protocols)) or 'none'}"
     )
+    policies = _policies_summary(config)
+    if policies:
+        click.echo(policies)
+
+
+def _policies_summary(config: Config) -> str:
+    """Which PeerAuthentication and AuthorizationPolicies apply, for which workload (``""``:
+    the files have none)."""
+    settings = config.proxy
+    authz, peer, skipped = (
+        settings.authorization,
+        settings.peer_authentication,
+        settings.policies_not_applied,
+    )
+    if authz is None and peer is None and not skipped:
+        return ""
+    parts = [f"PeerAuthentication {peer.mode if peer is not None else 'none'}"]
+    parts.append(
+        "AuthorizationPolicy "
+        + (
+            "none"
+            if authz is None
+            else f"{len(authz.allow)} ALLOW, {len(authz.deny)} DENY, {len(authz.audit)} AUDIT"
+        )
+    )
+    scope = settings.policy_scope
+    if scope is None:
+        return (
+            "policies: the workload's namespace is not known (POD_NAMESPACE, "
+            "spec.telemetry.workload.namespace), so every policy in the files applies: "
+            + "; ".join(parts)
+        )
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(scope.labels.items())) or "none"
+    if skipped:
+        parts.append(
+            f"{len(skipped)} not applied (see the info lines, or /config_dump policiesNotApplied)"
+        )
+    return (
+        f"policies for namespace {scope.namespace} (labels {labels}; root namespace "
+        f"{scope.root_namespace}): " + "; ".join(parts)
+    )
 
 
 @click.command("proxy")

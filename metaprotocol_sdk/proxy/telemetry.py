@@ -8,8 +8,10 @@ from its graph. Here every label has a value:
 * the source side is this proxy's workload (``ProxyConfig.spec.telemetry.workload``, by
   default from the variables an Istio sidecar has: ``ISTIO_META_WORKLOAD_NAME``,
   ``POD_NAMESPACE``, ``ISTIO_META_CLUSTER_ID`` and the pod labels in ``ISTIO_METAJSON_LABELS``);
-* the destination side comes from the ServiceEntry (host, namespace) and the labels of the
-  endpoint that served the request (``app``, ``version``, the canonical-service labels);
+* the destination side comes from the ServiceEntry (host, namespace) and, with ``reporter:
+  source``, the labels of the endpoint that served the request (``app``, ``version``, the
+  canonical-service labels); with ``reporter: destination`` the destination workload is this
+  one, as an Istio inbound sidecar reports its own;
 * ``request_protocol`` is the ApplicationProtocol's name (``dubbo``); ``response_code`` maps
   the outcome to the HTTP code Kiali and Istio dashboards read (table :data:`RESPONSE_CODES`);
   ``response_flags`` uses Envoy's short flags (table :data:`RESPONSE_FLAGS`);
@@ -231,6 +233,16 @@ class IstioTelemetry:
             "source_canonical_revision": workload.canonical_revision,
             "source_cluster": workload.cluster,
         }
+        #: At the server side the destination workload is this one, as an Istio inbound
+        #: sidecar reports its own node's (not the upstream endpoint's labels).
+        self._local = {
+            "destination_workload": workload.name,
+            "destination_workload_namespace": workload.namespace,
+            "destination_app": workload.app,
+            "destination_version": workload.version,
+            "destination_canonical_service": workload.canonical_service,
+            "destination_canonical_revision": workload.canonical_revision,
+        }
         #: Identities by (peer, local) principal, at most :attr:`max_identities` of them.
         self._identities: dict[tuple[str, str], Identities] = {}
         self.max_identities = max(1, stats.max_series // 4)
@@ -294,7 +306,7 @@ class IstioTelemetry:
         connection of ``identities`` (default: plain text)."""
         flag = flags if flags is not None else RESPONSE_FLAGS.get(outcome, "-")
         ids = self.plain if identities is None else identities
-        labels_key = tuple(sorted(endpoint.items())) if endpoint else ()
+        labels_key = tuple(sorted(endpoint.items())) if endpoint and not self.inbound else ()
         key = (protocol, service, namespace, labels_key, outcome, flag, ids)
         found = self._series.get(key)
         if found is not None:
@@ -323,7 +335,7 @@ class IstioTelemetry:
         ``identities`` (default: plain text; at the server side always: an upstream
         connection carries many clients' requests)."""
         ids = self.plain if identities is None else identities
-        key = (service, namespace, tuple(sorted(endpoint.items())), ids)
+        key = (service, namespace, () if self.inbound else tuple(sorted(endpoint.items())), ids)
         found = self._tcp.get(key)
         if found is None:
             found = self._tcp[key] = TcpSeries(
@@ -346,12 +358,10 @@ class IstioTelemetry:
     ) -> dict[str, str]:
         """The source and destination labels. At the server side the source is the client,
         known by its certificate alone (no metadata exchange): Istio's fallbacks then,
-        ``unknown`` but for its principal and its principal's namespace. At the client
-        side the destination's namespace is its principal's, as in Istio, else the
+        ``unknown`` but for its principal and its principal's namespace; the destination
+        workload is this one. At the client side the destination workload is the serving
+        endpoint (its labels), its namespace its principal's, as in Istio, else the
         ServiceEntry's."""
-        labels = endpoint or {}
-        app = labels.get("app", "unknown")
-        version = labels.get("version", "unknown")
         if self.inbound:
             source = {
                 "reporter": self._source["reporter"],
@@ -364,18 +374,27 @@ class IstioTelemetry:
                 "source_canonical_revision": "latest",
                 "source_cluster": "unknown",
             }
-            principal = ids.local or "unknown"
-        else:
-            source = self._source
-            if ids.local:
-                source = {**source, "source_principal": ids.local}
-            principal = ids.peer or "unknown"
-            namespace = ids.namespace or namespace
+            return {
+                **source,
+                **self._local,
+                "destination_principal": ids.local or "unknown",
+                "destination_service": service,
+                "destination_service_name": service.split(".", 1)[0] or "unknown",
+                "destination_service_namespace": namespace,
+                "destination_cluster": self._cluster,
+            }
+        labels = endpoint or {}
+        app = labels.get("app", "unknown")
+        version = labels.get("version", "unknown")
+        source = self._source
+        if ids.local:
+            source = {**source, "source_principal": ids.local}
+        namespace = ids.namespace or namespace
         return {
             **source,
             "destination_workload": labels.get("workload", app),
             "destination_workload_namespace": namespace,
-            "destination_principal": principal,
+            "destination_principal": ids.peer or "unknown",
             "destination_app": app,
             "destination_version": version,
             "destination_service": service,

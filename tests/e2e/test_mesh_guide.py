@@ -14,9 +14,12 @@ real thriftpy2 peers see what the page says:
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -215,6 +218,26 @@ def test_plain_and_mutual_tls_clients_reach_both_endpoints(mesh: Mesh) -> None:
     assert value(series, requests, route="rest-to-v1", destination=V1, status="Ok") == 2
     assert value(series, requests, route="ping-to-v2", destination=V2, status="Ok") == 2
 
+    # Step 7: Istio's metrics name the gateway as the source workload (the example's
+    # telemetry.workload) and each pod as the destination, v1's by its principal.
+    istio = "istio_requests_total"
+    for version, principal in (("v1", spiffe("thrift-sample-server", NS)), ("v2", "unknown")):
+        assert (
+            value(
+                series,
+                istio,
+                reporter="source",
+                source_workload="thrift-gateway",
+                source_app="thrift-gateway",
+                source_principal=spiffe("thrift-gateway", NS) if version == "v1" else "unknown",
+                destination_service=SERVER,
+                destination_version=version,
+                destination_principal=principal,
+                response_code="200",
+            )
+            == 2
+        )
+
     dump = json.loads(get(mesh.admin, "/config_dump"))
     (listener,) = dump["listeners"]
     assert listener["peerAuthentication"] == "PERMISSIVE"
@@ -228,6 +251,25 @@ def test_plain_and_mutual_tls_clients_reach_both_endpoints(mesh: Mesh) -> None:
     assert clusters[V2]["tls"]["autoMtls"] == {"endpoints": [], "off": None}
     assert dump["meshIdentity"]["certificateChain"] == chain
     assert dump["meshIdentity"]["lastRotationError"] is None
+
+
+def test_check_prints_what_the_page_shows(mesh: Mesh, tmp_path: Path) -> None:
+    """Step 5's ``--check`` lines, in the pod (``POD_NAMESPACE`` from the Downward API)."""
+    page = PAGE.read_text(encoding="utf-8")
+    console = page[page.index("$ metaprotocol proxy --check -c mesh.yaml\n") :]
+    shown = console.split("\n$ ", 1)[0].splitlines()[1:]
+    config = tmp_path / "mesh.yaml"
+    config.write_text(for_this_machine(example(), mesh.certs, {"v1": 1, "v2": 2}))
+    env = {k: v for k, v in os.environ.items() if k != "ISTIO_METAJSON_LABELS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "--check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "POD_NAMESPACE": NS},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == shown
 
 
 def test_a_tls_client_without_a_mesh_certificate_is_refused(mesh: Mesh) -> None:
@@ -262,9 +304,10 @@ def test_every_metric_the_page_names_is_served(mesh: Mesh) -> None:
     text = PAGE.read_text(encoding="utf-8")
     start = text.index("## 6. Authorization")
     text = text[:start] + text[text.index("\n## ", start + 1) :]
-    named = set(re.findall(r"metaprotocol_[a-z_]+", text))
-    assert len(named) >= 5
-    served = {name for name, _ in stats(mesh.admin)}
+    named = set(re.findall(r"(?:metaprotocol|istio)_[a-z_]*[a-z](?![a-z_*])", text))
+    assert len(named) >= 9 and "istio_requests_total" in named
+    served = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in stats(mesh.admin)}
+    served |= {name for name, _ in stats(mesh.admin)}
     assert named <= served, named - served
 
 

@@ -213,3 +213,45 @@ def test_clients_with_many_certificates_stay_within_max_stats_series(
         await up.close()
 
     run(main())
+
+
+def test_the_server_side_reports_its_own_workload_as_the_destination() -> None:
+    """With ``reporter: destination`` the engine is the destination workload, as an Istio
+    inbound sidecar (istio/proxy ``istio_stats``: the server side takes ``destination_workload``,
+    its namespace, ``app``, ``version`` and the canonical labels from its own node): the
+    requests it sends to the upstream's v1 and v2 endpoints are one destination, the
+    engine's ``telemetry.workload``, not the upstream endpoints' labels."""
+    workload = (
+        "  workload: {name: gateway-v3, namespace: edge, app: gateway, version: v3,"
+        " canonicalService: gateway-svc, canonicalRevision: r3}\n"
+    )
+
+    async def main() -> None:
+        up1, up2 = await Upstream("v1").start(), await Upstream("v2").start()
+        text = mesh(
+            [(up1.port, "v1"), (up2.port, "v2")],
+            router=ROUTER,  # get: to v1, broken: to v2
+            proxy="telemetry:\n  istioMetrics: true\n  reporter: destination\n" + workload,
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            assert error_type(await client.call("broken")) is None
+            series = [s for s in istio_series(engine) if s["response_code"] == "200"]
+            assert len(series) == 1 and series[0]["value"] == "2", series
+            (ok,) = series
+            assert ok["destination_workload"] == "gateway-v3"
+            assert ok["destination_workload_namespace"] == "edge"
+            assert ok["destination_app"] == "gateway"
+            assert ok["destination_version"] == "v3"
+            assert ok["destination_canonical_service"] == "gateway-svc"
+            assert ok["destination_canonical_revision"] == "r3"
+            tcp = [
+                k for k in engine.stats_snapshot() if k.startswith("istio_tcp_connections_opened")
+            ]
+            assert tcp and all('destination_version="v3"' in k for k in tcp), tcp
+            client.close()
+        await up1.close()
+        await up2.close()
+
+    run(main())

@@ -131,13 +131,16 @@ _INDEX = re.compile(r"\[\d+\]")
 class _Doc:
     """One YAML document plus what is needed to report errors inside it."""
 
-    def __init__(self, body: dict[str, Any], file: str, index: int) -> None:
+    def __init__(
+        self, body: dict[str, Any], file: str, index: int, item: int | None = None
+    ) -> None:
         self.body = body
         self.kind = str(body.get("kind", ""))
         meta = body.get("metadata")
         self.name = str(meta.get("name", "")) if isinstance(meta, dict) else ""
         label = f"{self.kind}/{self.name}" if self.name else self.kind or "document"
-        self.source = f"{file} (document {index + 1}, {label})"
+        at = f"document {index + 1}" if item is None else f"document {index + 1}, item {item + 1}"
+        self.source = f"{file} ({at}, {label})"
         self._warned: set[str] = set()
         #: The document came with an xDS update: names may refer to resources not sent yet.
         self.from_control_plane = False
@@ -304,17 +307,41 @@ def loads_config(text: str, source: str = "<string>") -> Config:
     return _build(_docs(parse_documents(text, source), source), (source,))
 
 
+def _listed(bodies: list[Any], file: str) -> list[tuple[Any, int, int | None]]:
+    """Each document with its index, a Kubernetes ``List`` (what ``kubectl get -o yaml``
+    writes for several resources) replaced by its ``items``, each with its item index."""
+    out: list[tuple[Any, int, int | None]] = []
+    for index, body in enumerate(bodies):
+        if isinstance(body, dict) and body.get("kind") == "List" and body.get("apiVersion") == "v1":
+            items = body.get("items")
+            if not isinstance(items, list):
+                raise ConfigError(
+                    "a List's items must be a sequence of documents",
+                    source=f"{file} (document {index + 1}, List)",
+                    field="items",
+                )
+            out.extend((item, index, n) for n, item in enumerate(items))
+        else:
+            out.append((body, index, None))
+    return out
+
+
 def _docs(bodies: list[Any], file: str) -> list[_Doc]:
     docs = []
-    for index, body in enumerate(bodies):
+    for body, index, item in _listed(bodies, file):
         if body is None:
             continue
         if not isinstance(body, dict):
+            at = (
+                f"document {index + 1}"
+                if item is None
+                else f"document {index + 1}, item {item + 1}"
+            )
             raise ConfigError(
                 f"a document must be a mapping, got {type(body).__name__}",
-                source=f"{file} (document {index + 1})",
+                source=f"{file} ({at})",
             )
-        doc = _Doc(body, file, index)
+        doc = _Doc(body, file, index, item)
         if not doc.kind:
             doc.fail("kind", "required field is missing")
         if doc.kind not in KINDS:
