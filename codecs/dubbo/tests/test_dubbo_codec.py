@@ -251,6 +251,22 @@ def test_method_from_body_wins_over_an_attachment_named_method() -> None:
             DubboCodec().encode(md, {key: "other", "k": "v"})
 
 
+def test_a_recognised_request_refuses_a_method_mutation_too() -> None:
+    # A request whose head and map were seen before shares a KnownRequest and takes the
+    # splice path, whose encoded pairs are cached per mutation: a 'method' key is refused
+    # there too, before and after other mutations were cached.
+    codec = DubboCodec()
+    frame = build_request(PATH, "real", ["x"], attachments={"path": PATH})
+    decode_one(frame, codec)
+    md = decode_one(frame, codec)
+    assert isinstance(md.codec_state, KnownRequest)
+    assert codec.encode(md, {"k": "v"})
+    for mutation in ({"METHOD": "other"}, {"k": "v", "method": "other"}):
+        for _ in range(2):  # a refused mutation is not cached as an accepted one
+            with pytest.raises(MutationError, match="method of a Dubbo request is in its body"):
+                codec.encode(md, mutation)
+
+
 def test_non_string_attachments_are_values_not_attributes() -> None:
     attachments = {"a": "b", "n": 5, "flag": True, "none": None, "list": ["x"]}
     md = decode_one(build_request(PATH, "m", ["x"], attachments=attachments))

@@ -288,13 +288,17 @@ _ADDED_PAIRS_SIZE = 64
 
 
 def _added_pairs(mutation: Mutation) -> bytes:
-    """``mutation`` as Hessian string pairs plus the map end 'Z' (to splice into a map)."""
+    """``mutation`` of a request as Hessian string pairs plus the map end 'Z' (to splice into
+    a map). A mutation naming ``method`` is refused (:func:`_refuse_method`) before it is
+    encoded, so only mutations that passed are cached: a hit needs no check."""
     try:
         key = tuple(mutation.items())
         pairs = _ADDED_PAIRS.get(key)
     except TypeError:  # an unhashable value: encode_string_map reports it
+        _refuse_method(mutation)
         return encode_string_map(dict(mutation))[1:]
     if pairs is None:
+        _refuse_method(mutation)
         pairs = encode_string_map(dict(mutation))[1:]  # without the map's 'H'
         if len(_ADDED_PAIRS) >= _ADDED_PAIRS_SIZE:
             _ADDED_PAIRS.clear()
@@ -771,12 +775,14 @@ class DubboCodec(Codec):
         frame = message.frame
         state = message.codec_state
         if mutation:
-            if type(state) is KnownRequest or type(state) is RequestState:
-                _refuse_method(mutation)
             if type(state) is KnownRequest:
                 if len(frame) <= _COPY_LIMIT and state.strings.keys().isdisjoint(mutation):
+                    # _added_pairs refuses a 'method' key (checked once per mutation).
                     return self._splice(frame, len(frame), _added_pairs(mutation), request_id)
+                _refuse_method(mutation)
                 state = state.state(frame)
+            elif type(state) is RequestState:
+                _refuse_method(mutation)
             if isinstance(state, RequestState) and state.attachments is not None:
                 return self._mutate_request(frame, state, mutation, request_id)
             if isinstance(state, ResponseState) and self._can_carry(state):
