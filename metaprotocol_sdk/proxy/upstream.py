@@ -579,8 +579,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.by_id[p.wire_id] = deque((p,))
             else:
                 same.append(p)
-        queued = self.queued
-        if type(encoded) is bytes and queued:  # the usual case of _queue, without the call
+        if type(encoded) is bytes:  # the usual case of _queue, without its calls
+            queued = self.queued
+            if not queued and self.transport is not None and not self.closed:
+                self.engine.loop.call_soon(self._flush)
             queued.append(encoded)
             self.unsent += p.size
             self.engine.buffered += p.size
