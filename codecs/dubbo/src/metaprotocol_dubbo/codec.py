@@ -233,9 +233,9 @@ _PLAIN = _PlainStates()
 
 
 def _front(buffer: bytearray, size: int) -> bytes:
-    """A copy of the first ``size`` bytes of ``buffer``, which keeps them (one copy)."""
-    if size == len(buffer):  # the usual case: the buffer holds just this frame
-        return bytes(buffer)
+    """A copy of the first ``size`` bytes of ``buffer``, which keeps them (one copy). For a
+    buffer that holds more than the frame: ``decode`` copies one that holds just the frame
+    (the usual case) itself, without this call."""
     with memoryview(buffer) as view:
         return view[:size].tobytes()
 
@@ -433,7 +433,8 @@ class DubboCodec(Codec):
         if len(buffer) < size:
             return NeedData(size)
         # Parsed from a copy, and consumed only once parsed: an error consumes nothing.
-        message = self._parse(_front(buffer, size), flag, status, request_id, body_length)
+        frame = bytes(buffer) if size == len(buffer) else _front(buffer, size)
+        message = self._parse(frame, flag, status, request_id, body_length)
         del buffer[:size]
         return message
 
