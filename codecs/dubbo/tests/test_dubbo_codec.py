@@ -16,7 +16,14 @@ from metaprotocol_dubbo import (
 from metaprotocol_dubbo.body import encode_string_map
 from metaprotocol_dubbo.codec import KnownRequest, RequestState
 from metaprotocol_dubbo.frames import build_request, build_response
-from metaprotocol_dubbo.header import HEADER, HEADER_SIZE, build_header
+from metaprotocol_dubbo.header import (
+    FLAG_EVENT,
+    FLAG_REQUEST,
+    HEADER,
+    HEADER_SIZE,
+    SERIALIZATION_MASK,
+    build_header,
+)
 from metaprotocol_dubbo.hessian2 import Decoder, JavaObject, dumps, loads
 
 from metaprotocol_sdk import (
@@ -768,6 +775,20 @@ def test_peek_reply_and_relabel(size: int) -> None:
     assert decode_one(expected).request_id == 77
     with_attachments = build_response("v", attachments={"k": "v"})
     assert codec.peek_reply(bytearray(with_attachments)) is None  # decode reads the map
+
+
+def test_peek_reply_leaves_requests_events_and_other_serializations_to_decode() -> None:
+    # The header flag of a plain OK reply, with a request or event bit, or another
+    # serialization id: a body that reads as a plain result flag does not make it one.
+    codec = DubboCodec()
+    frame = build_response("v", request_id=5, result_flag=ResultFlag.RESPONSE_VALUE)
+    flag = frame[2]
+    assert codec.peek_reply(bytearray(frame)) == (5, len(frame), ResponseStatus.Ok)
+    for other in (flag | FLAG_REQUEST, flag | FLAG_EVENT, (flag & ~SERIALIZATION_MASK) | 3):
+        changed = bytearray(frame)
+        changed[2] = other
+        for _ in range(2):  # not remembered as a plain reply's flag either
+            assert codec.peek_reply(bytearray(changed)) is None
 
 
 def test_request_with_an_empty_body_is_refused() -> None:

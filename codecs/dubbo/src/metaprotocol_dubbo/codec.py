@@ -216,12 +216,15 @@ _Plain = tuple[ResponseState, ResponseStatus, int]
 
 class _PlainStates(dict[tuple[int, int], _Plain | None]):
     """(header flag, first body byte) -> the shared state of an OK response whose body is a
-    one-byte result flag 0..2 and a value to the end; ``None`` for any other first byte."""
+    one-byte result flag 0..2 and a value to the end; ``None`` for any other first byte, and
+    for a header flag of a request, an event or another serialization than Hessian 2."""
 
     def __missing__(self, key: tuple[int, int]) -> _Plain | None:
         flag, tag = key
         raw_flag = tag - COMPACT_INT_ZERO
         if not 0 <= raw_flag <= 2:  # not one of the flags without attachments
+            return None
+        if flag & (FLAG_REQUEST | FLAG_EVENT) or flag & SERIALIZATION_MASK != HESSIAN2:
             return None
         result_flag, _, _, response_status = _FLAG_INFO[raw_flag]
         state = ResponseState(flag, _OK, result_flag, HEADER_SIZE + 1, TO_END, None)
@@ -739,11 +742,9 @@ class DubboCodec(Codec):
             or body_length <= 0
             or size > len(buffer)
             or size > self.max_frame_size
-            or flag & (FLAG_REQUEST | FLAG_EVENT)
-            or flag & SERIALIZATION_MASK != HESSIAN2
         ):
             return None
-        plain = _PLAIN[flag, buffer[HEADER_SIZE]]
+        plain = _PLAIN[flag, buffer[HEADER_SIZE]]  # None for a request, event, not Hessian 2
         if plain is None:
             return None
         _, response_status, _ = plain
