@@ -68,7 +68,7 @@ from .status import ResultFlag, Status, error_status
 #: most a few MB of Python objects however the 8 MiB of a frame are spent.
 DEFAULT_MAX_HESSIAN_ITEMS = 65536
 
-_ID = struct.Struct(">Q")
+_FRONT_ID = struct.Struct(">4sQ").pack  # a header's magic, flag and status, then a request id
 _ID_LENGTH = struct.Struct(">Qi")  # the header's request id and body length, packed together
 #: How many distinct request heads (service + method) a codec recognises without re-parsing,
 #: and the longest head (five strings, in bytes) it remembers.
@@ -753,7 +753,7 @@ class DubboCodec(Codec):
     def relabel(self, frame: bytes, request_id: int) -> Encoded:
         """``frame`` with ``request_id`` written over its own (above 16 KiB, the rest of the
         frame follows the new header as a view, not a copy)."""
-        head = frame[:4] + _ID.pack(request_id)
+        head = _FRONT_ID(frame[:4], request_id)
         if len(frame) <= _COPY_LIMIT:
             return head + frame[12:]
         return [head, memoryview(frame)[12:]]
