@@ -1015,7 +1015,12 @@ class UpstreamConnection(asyncio.Protocol):
             if p is not None and not p.done and p.route.decode_replies:
                 return False
             p = self._match(wire_id)
-        frame = take_frame(self.buffer, size)
+        buffer = self.buffer
+        if size == len(buffer):  # take_frame's usual case, without the call
+            frame = bytes(buffer)
+            buffer.clear()
+        else:
+            frame = take_frame(buffer, size)
         if p is not None:
             p.downstream.forward(p, frame, status, batch)
         else:  # a reply nobody waits for (any more): dropped
