@@ -1311,10 +1311,7 @@ class Downstream(asyncio.Protocol):
                 transport.write(out[0])
             else:
                 transport.writelines(out)
-            unsent = transport.get_write_buffer_size()  # _account_unsent, inline: hot path
-            if unsent != self.unsent:
-                self.engine.buffered += unsent - self.unsent
-                self.unsent = unsent
+            self._account_unsent()
         if self.draining and self.inflight == 0:
             self.close()
 
