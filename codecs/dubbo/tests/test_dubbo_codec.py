@@ -274,6 +274,24 @@ def test_a_recognised_request_refuses_a_method_mutation_too() -> None:
                 codec.encode(md, mutation)
 
 
+def test_a_mutation_changed_in_place_is_encoded_anew() -> None:
+    # The codec remembers the last request mutation by identity and a copy of its items: the
+    # same dict changed since is encoded (and checked) anew, on either request state.
+    codec = DubboCodec()
+    frame = build_request(PATH, "real", ["x"], attachments={"path": PATH})
+    first = decode_one(frame, codec)
+    again = decode_one(frame, codec)
+    assert isinstance(again.codec_state, KnownRequest)
+    for md in first, again:
+        mutation = {"k": "v1"}
+        assert decode_one(join_encoded(codec.encode(md, mutation))).attributes["k"] == "v1"
+        mutation["k"] = "v2"
+        assert decode_one(join_encoded(codec.encode(md, mutation))).attributes["k"] == "v2"
+        mutation["method"] = "other"
+        with pytest.raises(MutationError, match="method of a Dubbo request is in its body"):
+            codec.encode(md, mutation)
+
+
 def test_non_string_attachments_are_values_not_attributes() -> None:
     attachments = {"a": "b", "n": 5, "flag": True, "none": None, "list": ["x"]}
     md = decode_one(build_request(PATH, "m", ["x"], attachments=attachments))

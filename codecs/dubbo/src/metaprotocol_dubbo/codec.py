@@ -409,10 +409,16 @@ class DubboCodec(Codec):
         )
         #: Recently seen request heads, most recent first: (head bytes, what it parsed to).
         self._heads: list[tuple[bytes, _Head]] = []
+        #: The request mutation last spliced, a copy of it and its pairs (see :meth:`_pairs`).
+        self._mutation: Mutation | None = None
+        self._mutation_copy: dict[str, str] = {}
+        self._mutation_pairs = b""
 
     def reset(self) -> None:
-        """Forget the recently seen request heads and attachment maps (nothing else is kept)."""
+        """Forget the recently seen request heads and attachment maps, and the last request
+        mutation (nothing else is kept)."""
         self._heads.clear()
+        self._mutation = None
 
     # -- decoding ------------------------------------------------------------------------------
 
@@ -780,7 +786,7 @@ class DubboCodec(Codec):
             if type(state) is KnownRequest:
                 if len(frame) <= _COPY_LIMIT and state.strings.keys().isdisjoint(mutation):
                     # _added_pairs refuses a 'method' key (checked once per mutation).
-                    return self._splice(frame, len(frame), _added_pairs(mutation), request_id)
+                    return self._splice(frame, len(frame), self._pairs(mutation), request_id)
                 _refuse_method(mutation)
                 state = state.state(frame)
             elif type(state) is RequestState:
@@ -835,7 +841,7 @@ class DubboCodec(Codec):
         ):
             # Only new keys: splice their pairs in before the map's end marker, so the whole
             # body up to there (arguments and existing attachments) stays an untouched slice.
-            added = _added_pairs(mutation)
+            added = self._pairs(mutation)
             if len(frame) <= _COPY_LIMIT:
                 return self._splice(frame, end, added, request_id)
             view = memoryview(frame)
@@ -863,6 +869,18 @@ class DubboCodec(Codec):
         if tail:
             parts.append(tail)
         return parts
+
+    def _pairs(self, mutation: Mutation) -> bytes:
+        """:func:`_added_pairs` of ``mutation``, the last one remembered: a route sends the same
+        mapping with each request. Recognised as the same object with equal items (one changed
+        since is encoded and checked anew; only one that removed and re-added an item as it
+        was keeps the order it had), which costs about a fifth of building the items tuple
+        that keys ``_ADDED_PAIRS`` (callgrind: 470 instructions against 2 100)."""
+        if mutation is self._mutation and mutation == self._mutation_copy:
+            return self._mutation_pairs
+        pairs = _added_pairs(mutation)
+        self._mutation, self._mutation_copy, self._mutation_pairs = mutation, dict(mutation), pairs
+        return pairs
 
     @staticmethod
     def _splice(frame: bytes, end: int, added: bytes, request_id: int | None) -> bytes:
