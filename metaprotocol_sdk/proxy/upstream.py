@@ -608,8 +608,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.by_id[p.wire_id] = deque((p,))
             else:
                 same.append(p)
-        queued = self.queued
-        if type(encoded) is bytes and queued:  # the usual case of _queue, without the call
+        if type(encoded) is bytes:  # the usual case of _queue, without its calls
+            queued = self.queued
+            if not queued and self.transport is not None and not self.closed:
+                self.engine.loop.call_soon(self._flush)
             queued.append(encoded)
             self.unsent += p.size
             self.engine.buffered += p.size
@@ -1057,7 +1059,12 @@ class UpstreamConnection(asyncio.Protocol):
             if p is not None and not p.done and p.route.decode_replies:
                 return False
             p = self._match(wire_id)
-        frame = take_frame(self.buffer, size)
+        buffer = self.buffer
+        if size == len(buffer):  # take_frame's usual case, without the call
+            frame = bytes(buffer)
+            buffer.clear()
+        else:
+            frame = take_frame(buffer, size)
         if p is not None:
             p.downstream.forward(p, frame, status, batch)
         else:  # a reply nobody waits for (any more): dropped

@@ -16,7 +16,14 @@ from metaprotocol_dubbo import (
 from metaprotocol_dubbo.body import encode_string_map
 from metaprotocol_dubbo.codec import KnownRequest, RequestState
 from metaprotocol_dubbo.frames import build_request, build_response
-from metaprotocol_dubbo.header import HEADER, HEADER_SIZE, build_header
+from metaprotocol_dubbo.header import (
+    FLAG_EVENT,
+    FLAG_REQUEST,
+    HEADER,
+    HEADER_SIZE,
+    SERIALIZATION_MASK,
+    build_header,
+)
 from metaprotocol_dubbo.hessian2 import Decoder, JavaObject, dumps, loads
 
 from metaprotocol_sdk import (
@@ -249,6 +256,40 @@ def test_method_from_body_wins_over_an_attachment_named_method() -> None:
     for key in ("method", "Method"):
         with pytest.raises(MutationError, match="method of a Dubbo request is in its body"):
             DubboCodec().encode(md, {key: "other", "k": "v"})
+
+
+def test_a_recognised_request_refuses_a_method_mutation_too() -> None:
+    # A request whose head and map were seen before shares a KnownRequest and takes the
+    # splice path, whose encoded pairs are cached per mutation: a 'method' key is refused
+    # there too, before and after other mutations were cached.
+    codec = DubboCodec()
+    frame = build_request(PATH, "real", ["x"], attachments={"path": PATH})
+    decode_one(frame, codec)
+    md = decode_one(frame, codec)
+    assert isinstance(md.codec_state, KnownRequest)
+    assert codec.encode(md, {"k": "v"})
+    for mutation in ({"METHOD": "other"}, {"k": "v", "method": "other"}):
+        for _ in range(2):  # a refused mutation is not cached as an accepted one
+            with pytest.raises(MutationError, match="method of a Dubbo request is in its body"):
+                codec.encode(md, mutation)
+
+
+def test_a_mutation_changed_in_place_is_encoded_anew() -> None:
+    # The codec remembers the last request mutation by identity and a copy of its items: the
+    # same dict changed since is encoded (and checked) anew, on either request state.
+    codec = DubboCodec()
+    frame = build_request(PATH, "real", ["x"], attachments={"path": PATH})
+    first = decode_one(frame, codec)
+    again = decode_one(frame, codec)
+    assert isinstance(again.codec_state, KnownRequest)
+    for md in first, again:
+        mutation = {"k": "v1"}
+        assert decode_one(join_encoded(codec.encode(md, mutation))).attributes["k"] == "v1"
+        mutation["k"] = "v2"
+        assert decode_one(join_encoded(codec.encode(md, mutation))).attributes["k"] == "v2"
+        mutation["method"] = "other"
+        with pytest.raises(MutationError, match="method of a Dubbo request is in its body"):
+            codec.encode(md, mutation)
 
 
 def test_non_string_attachments_are_values_not_attributes() -> None:
@@ -752,6 +793,20 @@ def test_peek_reply_and_relabel(size: int) -> None:
     assert decode_one(expected).request_id == 77
     with_attachments = build_response("v", attachments={"k": "v"})
     assert codec.peek_reply(bytearray(with_attachments)) is None  # decode reads the map
+
+
+def test_peek_reply_leaves_requests_events_and_other_serializations_to_decode() -> None:
+    # The header flag of a plain OK reply, with a request or event bit, or another
+    # serialization id: a body that reads as a plain result flag does not make it one.
+    codec = DubboCodec()
+    frame = build_response("v", request_id=5, result_flag=ResultFlag.RESPONSE_VALUE)
+    flag = frame[2]
+    assert codec.peek_reply(bytearray(frame)) == (5, len(frame), ResponseStatus.Ok)
+    for other in (flag | FLAG_REQUEST, flag | FLAG_EVENT, (flag & ~SERIALIZATION_MASK) | 3):
+        changed = bytearray(frame)
+        changed[2] = other
+        for _ in range(2):  # not remembered as a plain reply's flag either
+            assert codec.peek_reply(bytearray(changed)) is None
 
 
 def test_request_with_an_empty_body_is_refused() -> None:
