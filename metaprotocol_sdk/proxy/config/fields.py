@@ -23,7 +23,7 @@ _IDENTITY = (
     "an endpoint's identity; the service's subjectAltNames (or a DestinationRule's "
     "tls.subjectAltNames) say which identities its servers may have"
 )
-_K8S = "Kubernetes object metadata: it does not change traffic"
+K8S = "Kubernetes object metadata: it does not change traffic"
 
 
 #: Keys starting with it hold YAML anchors to share (as in Compose files): no API uses it.
@@ -59,15 +59,15 @@ DOCUMENT = fields(
 METADATA = fields(
     "name",
     namespace="this engine matches hosts as written (fully qualified), not relative to a namespace",
-    labels=_K8S,
-    annotations=_K8S,
-    uid=_K8S,
-    resourceVersion=_K8S,
-    generation=_K8S,
-    creationTimestamp=_K8S,
-    managedFields=_K8S,
-    ownerReferences=_K8S,
-    finalizers=_K8S,
+    labels=K8S,
+    annotations=K8S,
+    uid=K8S,
+    resourceVersion=K8S,
+    generation=K8S,
+    creationTimestamp=K8S,
+    managedFields=K8S,
+    ownerReferences=K8S,
+    finalizers=K8S,
 )
 #: A ServiceEntry's namespace is Istio's ``destination_service_namespace`` (telemetry).
 SERVICE_ENTRY_METADATA = Fields(
@@ -89,11 +89,12 @@ PEER_NO_NAMESPACE = (
     "selector applies to it from any namespace (the mesh's root namespace's and its own "
     "namespace's are one level here)"
 )
-#: An AuthorizationPolicy's namespace: its scope in Istio; here part of its name.
+#: An AuthorizationPolicy's namespace: its scope in Istio; here part of its name. Its
+#: annotations: ``istio.io/dry-run`` is read, any other is logged as ignored.
 AUTHORIZATION_POLICY_METADATA = Fields(
-    METADATA.honoured | {"namespace"},
+    METADATA.honoured | {"namespace", "annotations"},
     METADATA.refused,
-    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
+    {k: v for k, v in METADATA.warned.items() if k not in ("namespace", "annotations")},
 )
 METADATA_BY_KIND = {
     "ServiceEntry": SERVICE_ENTRY_METADATA,
