@@ -39,8 +39,8 @@ CONNECTION_KEYS = {
 HEADER_KEY = "request.headers"
 #: ``when`` keys that need HTTP (JWT claims of a request).
 HTTP_ONLY_KEYS = ("request.auth.",)
-#: The annotation of a policy in dry run, and the values istiod reads (Go's ParseBool).
-DRY_RUN = "istio.io/dry-run"
+DRY_RUN = schema.DRY_RUN
+#: The values of :data:`DRY_RUN` istiod reads (Go's ParseBool).
 DRY_RUN_VALUES = {
     **dict.fromkeys(("true", "True", "TRUE", "t", "T", "1"), True),
     **dict.fromkeys(("false", "False", "FALSE", "f", "F", "0"), False),
@@ -85,14 +85,9 @@ def authorization_policies(docs: list[_Doc], scoped: bool = False) -> Authorizat
 
 
 def _dry_run(doc: _Doc, action: Action) -> bool:
-    """Whether the policy is in dry run (``metadata.annotations["istio.io/dry-run"]``);
-    the other annotations are logged as ignored."""
+    """Whether the policy is in dry run (``metadata.annotations["istio.io/dry-run"]``)."""
     meta = doc.body.get("metadata") or {}
     annotations = doc.mapping(meta, "annotations", "metadata.annotations", required=False)
-    ignored = [str(key)[:80] for key in annotations if key != DRY_RUN]
-    if ignored:
-        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
-        doc.warn("metadata.annotations", f"{', '.join(ignored[:3])}{more}: {schema.K8S}")
     if DRY_RUN not in annotations:
         return False
     path = f"metadata.annotations.{DRY_RUN}"
