@@ -371,6 +371,11 @@ def _policies_summary(config: Config) -> str:
             if authz is None
             else f"{len(authz.allow)} ALLOW, {len(authz.deny)} DENY, {len(authz.audit)} AUDIT"
         )
+        + (
+            f" ({len(authz.dry_allow)} ALLOW, {len(authz.dry_deny)} DENY in dry run)"
+            if authz is not None and (authz.dry_allow or authz.dry_deny)
+            else ""
+        )
     )
     scope = settings.policy_scope
     if scope is None:

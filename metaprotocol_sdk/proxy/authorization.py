@@ -14,6 +14,13 @@ principal, addresses, port, SNI), into a :class:`Verdict`:
 Istio's order holds in both: a matching DENY rule denies; then, if any ALLOW policy applies,
 a request must match one ALLOW rule; else it is allowed. AUDIT rules only count. A reload
 gives open connections :data:`STALE`: each is judged again at its next request.
+
+Dry-run policies (``istio.io/dry-run``) never change a request's fate. As Istio puts them in
+the ``shadow_rules`` of its two RBAC filters, the DENY ones and the ALLOW ones are two shadow
+sets, each judged (and counted, ``shadow_denied`` or ``shadow_allowed``) where its filter
+would judge: the DENY set first, for every connection; the ALLOW set for what the enforced
+DENY policies let through. Without dry-run policies they cost one attribute check per
+connection and nothing per request.
 """
 
 from __future__ import annotations
@@ -218,16 +225,20 @@ class Policy:
 
 @dataclass(frozen=True)
 class Authorization:
-    """The policies applying to the engine's workload, by action."""
+    """The policies applying to the engine's workload, by action; ``dry_deny`` and
+    ``dry_allow``: those in dry run (``istio.io/dry-run: "true"``), judged, never enforced."""
 
     deny: tuple[Policy, ...] = ()
     allow: tuple[Policy, ...] = ()
     audit: tuple[Policy, ...] = ()
+    dry_deny: tuple[Policy, ...] = ()
+    dry_allow: tuple[Policy, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every policy's name (for ``/config_dump``)."""
-        return tuple(p.name for p in (*self.deny, *self.allow, *self.audit))
+        every = (*self.deny, *self.allow, *self.audit, *self.dry_deny, *self.dry_allow)
+        return tuple(p.name for p in every)
 
 
 @dataclass
@@ -318,11 +329,15 @@ def facts_of(transport: Any) -> Facts:
     )
 
 
+Waiting: TypeAlias = tuple[tuple[Policy, tuple[Check, ...]], ...]
+
+
 class Verdict:
     """What a connection's requests are judged by (see the module's docstring): ``denied``
     by the policy named (a connection-level decision), or else the rules left for each
     request: DENY ones (``deny_when``), ALLOW ones (``allow_when``; ``allowed``: the
-    connection matched an ALLOW rule already, or no ALLOW policy applies) and AUDIT ones."""
+    connection matched an ALLOW rule already, or no ALLOW policy applies) and AUDIT ones.
+    ``shadow``: the dry-run policies left work per request (see :meth:`shadow_deny`)."""
 
     __slots__ = (
         "allow_when",
@@ -332,33 +347,55 @@ class Verdict:
         "denied",
         "deny_when",
         "owner",
+        "shadow",
+        "shadow_allow_when",
+        "shadow_allowed_by",
+        "shadow_deny_when",
     )
 
     def __init__(self, owner: ListenerAuthorization) -> None:
         self.owner = owner
         self.denied: Policy | None = None
-        self.deny_when: tuple[tuple[Policy, tuple[Check, ...]], ...] = ()
+        self.deny_when: Waiting = ()
         self.allowed = True
-        #: The ALLOW policy the connection matched (``none``: no ALLOW policy applies).
-        self.allowed_by = NO_POLICY
-        self.allow_when: tuple[tuple[Policy, tuple[Check, ...]], ...] = ()
-        self.audit_when: tuple[tuple[Policy, tuple[Check, ...]], ...] = ()
+        #: The ALLOW policy the connection matched (``none``: no ALLOW policy applies;
+        #: ``None``: the connection's allowance was counted when it was judged).
+        self.allowed_by: str | None = NO_POLICY
+        self.allow_when: Waiting = ()
+        self.audit_when: Waiting = ()
+        self.shadow = False
+        #: Dry-run DENY rules waiting on each request's attributes.
+        self.shadow_deny_when: Waiting = ()
+        #: Dry-run ALLOW rules waiting on each request's attributes.
+        self.shadow_allow_when: Waiting = ()
+        #: The dry-run ALLOW set's decision for the connection, counted per request as
+        #: ``(policy, result)`` (the enforced DENY rules may deny a request before it).
+        self.shadow_allowed_by: tuple[str, str] | None = None
 
     def denies(self, conn: Any, attributes: Attributes) -> str | None:
         """Judge a request: the reason it is denied (``None``: allowed), counted."""
         owner = self.owner
         if self.denied is not None:
+            if self.shadow:
+                self.shadow_deny(attributes)
+                if self.denied.action != "DENY":
+                    self.shadow_allow(attributes)
             return self.denied.name
         for policy, checks in self.audit_when:
             if headers_hold(checks, attributes):
                 owner.count(policy.name, "AUDIT", "audited")
                 break
+        if self.shadow:
+            self.shadow_deny(attributes)
         for policy, checks in self.deny_when:
             if headers_hold(checks, attributes):
                 owner.count(policy.name, "DENY", "denied")
                 return policy.name
+        if self.shadow:
+            self.shadow_allow(attributes)
         if self.allowed:
-            owner.count(self.allowed_by, "ALLOW", "allowed")
+            if self.allowed_by is not None:
+                owner.count(self.allowed_by, "ALLOW", "allowed")
             return None
         for policy, checks in self.allow_when:
             if headers_hold(checks, attributes):
@@ -366,6 +403,30 @@ class Verdict:
                 return None
         owner.count(NO_POLICY, "ALLOW", "denied")
         return NO_POLICY
+
+    def shadow_deny(self, attributes: Attributes) -> None:
+        """Count what the dry-run DENY rules left to each request would do to this one."""
+        if not self.shadow_deny_when:
+            return
+        for policy, checks in self.shadow_deny_when:
+            if headers_hold(checks, attributes):
+                self.owner.count(policy.name, "DENY", "shadow_denied")
+                return
+        self.owner.count(NO_POLICY, "DENY", "shadow_allowed")
+
+    def shadow_allow(self, attributes: Attributes) -> None:
+        """Count what the dry-run ALLOW set would do to this request (which the enforced
+        DENY policies let through)."""
+        if self.shadow_allowed_by is not None:
+            self.owner.count(self.shadow_allowed_by[0], "ALLOW", self.shadow_allowed_by[1])
+            return
+        if not self.shadow_allow_when:
+            return
+        for policy, checks in self.shadow_allow_when:
+            if headers_hold(checks, attributes):
+                self.owner.count(policy.name, "ALLOW", "shadow_allowed")
+                return
+        self.owner.count(NO_POLICY, "ALLOW", "shadow_denied")
 
 
 class Stale:
@@ -389,13 +450,14 @@ STALE = Stale()
 class ListenerAuthorization:
     """A listener's policies and series: judges its connections."""
 
-    __slots__ = ("authorization", "counters", "listener", "stats")
+    __slots__ = ("authorization", "counters", "dry_run", "listener", "stats")
 
     def __init__(self, authorization: Authorization, stats: Stats, listener: str) -> None:
         self.authorization = authorization
         self.stats = stats
         self.listener = listener
         self.counters: dict[tuple[str, str, str], Counter] = {}
+        self.dry_run = bool(authorization.dry_deny or authorization.dry_allow)
 
     def count(self, policy: str, action: str, result: str) -> None:
         """Count one decision in ``metaprotocol_rbac_total``."""
@@ -419,6 +481,13 @@ class ListenerAuthorization:
         """The verdict of a new connection (``None``: all its requests are allowed, and
         counted so once, here). Linear in the policies' checks."""
         facts = facts_of(transport) if transport is not None else Facts()
+        verdict = self._enforced(facts)
+        if self.dry_run:
+            return self._dry_run(facts, verdict)
+        return verdict
+
+    def _enforced(self, facts: Facts) -> Verdict | None:
+        """The enforced policies' verdict of a connection."""
         authz = self.authorization
         verdict = Verdict(self)
         audit_when: list[tuple[Policy, tuple[Check, ...]]] = []
@@ -457,6 +526,51 @@ class ListenerAuthorization:
         elif not deny_when and not audit_when:
             self.count(NO_POLICY, "ALLOW", "allowed")
             return None
+        return verdict
+
+    def _dry_run(self, facts: Facts, verdict: Verdict | None) -> Verdict | None:
+        """Judge the connection by the dry-run policies: count what they decide for it now,
+        and give ``verdict`` (made if need be) what they leave to each request."""
+        authz = self.authorization
+        deny_when: list[tuple[Policy, tuple[Check, ...]]] = []
+        if authz.dry_deny:
+            for policy in authz.dry_deny:
+                if _matching(policy, facts, deny_when):
+                    self.count(policy.name, "DENY", "shadow_denied")
+                    deny_when = []
+                    break
+            else:
+                if not deny_when:
+                    self.count(NO_POLICY, "DENY", "shadow_allowed")
+        allow_when: list[tuple[Policy, tuple[Check, ...]]] = []
+        allowed_by: tuple[str, str] | None = None
+        denier = None if verdict is None else verdict.denied
+        # The dry-run ALLOW set is judged where the ALLOW filter is: after the DENY
+        # policies, which this connection may have matched already.
+        if authz.dry_allow and (denier is None or denier.action != "DENY"):
+            decided: tuple[str, str] | None = None
+            for policy in authz.dry_allow:
+                if _matching(policy, facts, allow_when):
+                    decided = (policy.name, "shadow_allowed")
+                    allow_when = []
+                    break
+            else:
+                if not allow_when:
+                    decided = (NO_POLICY, "shadow_denied")
+            if decided is not None:
+                if verdict is not None and denier is None and verdict.deny_when:
+                    allowed_by = decided  # counted for the requests DENY rules let through
+                else:
+                    self.count(decided[0], "ALLOW", decided[1])
+        if not deny_when and not allow_when and allowed_by is None:
+            return verdict
+        if verdict is None:
+            verdict = Verdict(self)
+            verdict.allowed_by = None  # counted when judged: allowed whatever it sends
+        verdict.shadow = True
+        verdict.shadow_deny_when = tuple(deny_when)
+        verdict.shadow_allow_when = tuple(allow_when)
+        verdict.shadow_allowed_by = allowed_by
         return verdict
 
 

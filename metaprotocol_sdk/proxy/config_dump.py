@@ -55,6 +55,13 @@ def config_dump(engine: Engine) -> dict[str, Any]:
             "ALLOW": [p.name for p in settings.authorization.allow],
             "AUDIT": [p.name for p in settings.authorization.audit],
         },
+        # Those in dry run (istio.io/dry-run), judged and counted, never enforced.
+        "authorizationPoliciesDryRun": None
+        if settings.authorization is None
+        else {
+            "DENY": [p.name for p in settings.authorization.dry_deny],
+            "ALLOW": [p.name for p in settings.authorization.dry_allow],
+        },
         # The workload PeerAuthentications and AuthorizationPolicies were selected for (None:
         # its namespace is not known, and every one read applies), and those that do not.
         "policyScope": plain(settings.policy_scope),

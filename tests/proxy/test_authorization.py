@@ -35,6 +35,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.cli.proxy import _policies_summary
 from metaprotocol_sdk.filters import Filter, RequestContext
 from metaprotocol_sdk.proxy import Engine, loads_config
 
@@ -48,9 +49,12 @@ def ca() -> MeshCa:
     return MeshCa()
 
 
-def policy(name: str, spec: str, namespace: str = "") -> str:
-    """An AuthorizationPolicy document (``spec`` a YAML block, or ``{}``)."""
+def policy(name: str, spec: str, namespace: str = "", dry_run: str = "") -> str:
+    """An AuthorizationPolicy document (``spec`` a YAML block, or ``{}``; ``dry_run``: the
+    ``istio.io/dry-run`` annotation's value, as written in YAML)."""
     ns = f", namespace: {namespace}" if namespace else ""
+    if dry_run:
+        ns += f", annotations: {{istio.io/dry-run: {dry_run}}}"
     body = " {}" if spec.strip() == "{}" else "\n" + textwrap.indent(textwrap.dedent(spec), "  ")
     return (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
@@ -431,6 +435,209 @@ def test_the_mesh_guides_authorization_example_does_what_the_page_says(
     run(main())
 
 
+# -- dry run (istio.io/dry-run) ------------------------------------------------------------
+
+
+def rbac_series(engine: Engine) -> dict[str, int]:
+    """Every ``metaprotocol_rbac_total`` series and its value."""
+    snapshot = engine.stats.snapshot()
+    return {k: v for k, v in snapshot.items() if k.startswith("metaprotocol_rbac_total{")}
+
+
+def test_a_dry_run_deny_all_lets_every_request_through_and_counts_its_denials(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """A DENY-all policy in dry run (an operator's first step) denies nothing: every client
+    is served; each connection is counted ``shadow_denied`` once, and allowed connections
+    cost their requests nothing (no verdict). A dry-run rule on ``request.headers`` is
+    judged per request. (Before, the annotation was ignored: every request was denied.)"""
+    deny_all = policy("deny-all", "action: DENY\nrules: [{}]", dry_run='"true"')
+    no_debug = policy(
+        "no-debug",
+        "action: DENY\nrules: [{when: [{key: 'request.headers[debug]', values: ['*']}]}]",
+        dry_run='"true"',
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, deny_all)) as engine:
+            mtls = await connect(engine, ca, tmp_path, "frontend")
+            plain = await connect(engine, ca, tmp_path, None)
+            for client in (mtls, plain, mtls):
+                assert error_type(await client.call("get")) is None
+            assert rbac(engine, "deny-all", "DENY", "shadow_denied") == 2  # two connections
+            assert rbac(engine, "none", "ALLOW", "allowed") == 2  # enforced: nothing applies
+            assert denied_replies(engine) == 0
+            assert rbac(engine, "deny-all", "DENY", "denied") == 0
+            assert [c.authz for c in engine.downstreams] == [None, None]
+            dump = engine.config_dump()
+            assert dump["authorizationPolicies"] == {"DENY": [], "ALLOW": [], "AUDIT": []}
+            assert dump["authorizationPoliciesDryRun"] == {"DENY": ["deny-all"], "ALLOW": []}
+            mtls.close()
+            plain.close()
+        async with engine_for(config(ca, tmp_path, up.port, no_debug)) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            for headers in ({}, {"debug": "1"}, {"Debug": "2"}, {"user": "x"}):
+                assert error_type(await client.call("get", headers)) is None, headers
+            assert rbac(engine, "no-debug", "DENY", "shadow_denied") == 2
+            assert rbac(engine, "none", "DENY", "shadow_allowed") == 2
+            assert rbac(engine, "none", "ALLOW", "allowed") == 1  # the connection, once
+            assert denied_replies(engine) == 0
+            client.close()
+        await up.close()
+        assert len(up.received) == 7
+
+    run(main())
+
+
+def test_a_dry_run_allow_counts_the_connections_and_requests_it_would_deny(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """A dry-run ALLOW policy (frontend only, and for it the requests of user alice) lets
+    everyone in and counts: ``shadow_allowed`` for the requests it would let in,
+    ``shadow_denied`` (policy ``none``) for the connections and requests it would deny."""
+    allow = policy(
+        "frontend-alice",
+        """\
+        rules:
+          - from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]
+            when: [{key: "request.headers[user]", values: [alice]}]
+        """,
+        dry_run='"true"',
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, allow)) as engine:
+            frontend = await connect(engine, ca, tmp_path, "frontend")
+            intruder = await connect(engine, ca, tmp_path, "intruder")
+            plain = await connect(engine, ca, tmp_path, None)
+            for user in ("alice", "bob", "alice"):
+                assert error_type(await frontend.call("get", {"user": user})) is None
+            for client in (intruder, plain, intruder):
+                assert error_type(await client.call("get", {"user": "alice"})) is None
+            assert rbac(engine, "frontend-alice", "ALLOW", "shadow_allowed") == 2
+            # bob's request, and the two other connections (once each).
+            assert rbac(engine, "none", "ALLOW", "shadow_denied") == 3
+            assert rbac(engine, "none", "ALLOW", "allowed") == 3  # enforced: no ALLOW policy
+            assert denied_replies(engine) == 0
+            for client in (frontend, intruder, plain):
+                client.close()
+        await up.close()
+        assert len(up.received) == 6
+
+    run(main())
+
+
+@pytest.mark.parametrize("headers", [False, True])
+def test_enforced_policies_next_to_dry_run_ones_behave_as_if_those_did_not_exist(
+    ca: MeshCa, tmp_path: Path, headers: bool
+) -> None:
+    """Enforced DENY (sandbox; with ``headers``, also any ``debug`` request) and ALLOW
+    (frontend only) policies, alone and next to dry-run policies that would deny
+    everything (DENY-all, allow-nothing) or allow everything: the same replies to the same
+    requests, the same enforced series. The dry-run ALLOW set is judged only where the
+    enforced DENY policies let a connection or request through (as Istio's ALLOW filter)."""
+    when = "\n  - when: [{key: 'request.headers[debug]', values: ['*']}]" if headers else ""
+    sandbox = "\n  - from: [{source: {namespaces: [sandbox]}}]"
+    enforced = [
+        policy("no-sandbox", f"action: DENY\nrules:{sandbox}{when}"),
+        policy("frontend", "rules: [{from: [{source: {principals: ['*/sa/frontend']}}]}]"),
+    ]
+    dry = [
+        policy("dry-deny-all", "action: DENY\nrules: [{}]", dry_run='"true"'),
+        policy("dry-allow-nothing", "{}", dry_run="'True'"),
+        policy("dry-allow-all", "rules: [{}]", dry_run='"1"'),
+        policy("off", "action: DENY\nrules: [{}]", dry_run='"false"'),
+    ]
+    calls = [
+        ("frontend", "default", {}),
+        ("frontend", "default", {"debug": "1"}),
+        ("intruder", "default", {}),
+        ("frontend", "sandbox", {}),
+        (None, "default", {}),
+    ]
+
+    async def scenario(policies: list[str]) -> tuple[list[str | None], dict[str, int]]:
+        up = await Upstream("v1").start()
+        replies: list[str | None] = []
+        async with engine_for(config(ca, tmp_path, up.port, *policies)) as engine:
+            for sa, ns, attrs in calls:
+                client = await connect(engine, ca, tmp_path, sa, ns)
+                replies.append(error_type(await client.call("get", attrs)))
+                replies.append(error_type(await client.call("get")))
+                client.close()
+            series = rbac_series(engine)
+        await up.close()
+        return replies, series
+
+    async def main() -> None:
+        alone, alone_series = await scenario(enforced)
+        along, along_series = await scenario(dry[:3] + enforced)
+        assert along == alone
+        assert "PermissionDenied" in alone and None in alone
+        shadow = {k: v for k, v in along_series.items() if "shadow" in k}
+        assert {k: v for k, v in along_series.items() if k not in shadow} == alone_series
+        # The policy "off" (dry-run "false") is enforced: a second run with it denies all.
+        every = await scenario([dry[3]])
+        assert every[0] == ["PermissionDenied"] * len(every[0])
+
+        def count(name: str, action: str, result: str) -> int:
+            return sum(
+                v
+                for k, v in shadow.items()
+                if f'policy="{name}"' in k and f'action="{action}"' in k and f'"{result}"' in k
+            )
+
+        assert count("dry-deny-all", "DENY", "shadow_denied") == len(calls)  # per connection
+        # The ALLOW set (its first matching policy, allow-all) is not judged for the
+        # sandbox connection, which a DENY policy denied. With `headers`, the frontend's
+        # requests are judged one by one, after the enforced DENY rules (3 of 4 pass);
+        # the intruder's and the plain connections, denied by the enforced ALLOW policy,
+        # are counted once each.
+        allowed = count("dry-allow-all", "ALLOW", "shadow_allowed")
+        assert allowed == (3 + 2 if headers else 4)
+
+    run(main())
+
+
+def test_dry_run_policies_of_a_connection_denied_by_an_allow_policy_are_judged(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """A connection no enforced ALLOW rule matches is denied; both dry-run sets still judge
+    it (Istio's ALLOW filter runs its shadow rules before its own), per request where
+    their rules read ``request.headers``."""
+    allow = policy("frontend", "rules: [{from: [{source: {principals: ['*/sa/frontend']}}]}]")
+    dry_deny = policy(
+        "dry-debug",
+        "action: DENY\nrules: [{when: [{key: 'request.headers[debug]', values: ['*']}]}]",
+        dry_run='"true"',
+    )
+    dry_allow = policy(
+        "dry-alice",
+        "rules: [{when: [{key: 'request.headers[user]', values: [alice]}]}]",
+        dry_run='"true"',
+    )
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = config(ca, tmp_path, up.port, allow, dry_deny, dry_allow)
+        async with engine_for(text) as engine:
+            intruder = await connect(engine, ca, tmp_path, "intruder")
+            for attrs in ({"user": "alice"}, {"debug": "1"}):
+                assert error_type(await intruder.call("get", attrs)) == "PermissionDenied"
+            assert rbac(engine, "none", "ALLOW", "denied") == 1  # once, the connection
+            assert rbac(engine, "dry-debug", "DENY", "shadow_denied") == 1
+            assert rbac(engine, "none", "DENY", "shadow_allowed") == 1
+            assert rbac(engine, "dry-alice", "ALLOW", "shadow_allowed") == 1
+            assert rbac(engine, "none", "ALLOW", "shadow_denied") == 1
+            intruder.close()
+        await up.close()
+        assert not up.received
+
+    run(main())
+
+
 # -- reload --------------------------------------------------------------------------------
 
 
@@ -691,6 +898,53 @@ def test_a_bad_policy_is_one_readable_error(spec: str, field: str, words: str) -
     assert exc.field == field, str(exc)
     assert words in str(exc) and "AuthorizationPolicy/bad" in str(exc)
     assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize(
+    "spec,value,words",
+    [
+        ("action: DENY", "'yes'", 'must be "true" or "false", got \'yes\''),
+        ("action: DENY", "yes", "got True (not a string: an annotation's value is one, quote"),
+        ("action: DENY", "''", 'must be "true" or "false", got \'\''),
+        ("action: DENY", "1", "got 1 (not a string"),
+        ("action: AUDIT\nrules: [{}]", '"true"', "ALLOW and DENY policies only"),
+        ("action: AUDIT\nrules: [{}]", '"false"', "ALLOW and DENY policies only"),
+    ],
+)
+def test_a_bad_dry_run_annotation_is_one_readable_error(spec: str, value: str, words: str) -> None:
+    """``istio.io/dry-run`` is a string istiod reads as a boolean, on ALLOW and DENY policies
+    only (Istio's validation); anything else is refused, not taken as enforced."""
+    exc = load_error(plain(policy("bad", spec, dry_run=value)))
+    assert exc.field == "metadata.annotations.istio.io/dry-run", str(exc)
+    assert words in str(exc) and "AuthorizationPolicy/bad" in str(exc)
+
+
+def test_dry_run_policies_are_set_apart_and_other_annotations_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Go's ParseBool spellings, as istiod reads them; a policy's other annotations are
+    logged once as ignored; the names stay unique across both sets."""
+    text = plain(
+        policy("a", "rules: [{}]", dry_run='"T"'),
+        policy("d", "action: DENY\nrules: [{}]", dry_run="'0'"),
+        policy("x", "action: DENY\nrules: [{}]").replace(
+            "name: x}", "name: x, annotations: {team: a, owner: b, istio.io/dry-run: 'TRUE'}}"
+        ),
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loaded = loads_config(text)
+    authz = loaded.proxy.authorization
+    assert authz is not None
+    assert _policies_summary(loaded).endswith(
+        "AuthorizationPolicy 0 ALLOW, 1 DENY, 0 AUDIT (1 ALLOW, 1 DENY in dry run)"
+    )
+    assert [p.name for p in authz.dry_allow] == ["a"]
+    assert [p.name for p in authz.dry_deny] == ["x"]
+    assert [p.name for p in authz.deny] == ["d"] and not authz.allow
+    (warning,) = [r.getMessage() for r in caplog.records if "annotations" in r.getMessage()]
+    assert "AuthorizationPolicy/x" in warning and "team, owner" in warning
+    exc = load_error(plain(policy("p", "rules: [{}]", dry_run='"true"'), policy("p", "{}")))
+    assert "a second AuthorizationPolicy named 'p'" in str(exc)
 
 
 def test_two_policies_of_one_name_are_refused() -> None:

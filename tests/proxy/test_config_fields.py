@@ -793,22 +793,44 @@ WARNED: list[tuple[str, str, Any]] = [
     *(
         ("ServiceEntry", f"metadata.{key}", value)
         for key, value in [
-            ("uid", "1234"),
-            ("resourceVersion", "7"),
-            ("generation", 2),
-            ("creationTimestamp", "2026-01-01T00:00:00Z"),
-            ("managedFields", [{"manager": "kubectl"}]),
             ("ownerReferences", [{"kind": "X", "name": "y"}]),
             ("finalizers", ["f"]),
         ]
     ),
-    ("MetaRouter", "status", {"conditions": []}),
+    # A user's annotations, next to the one kubectl apply writes.
+    (
+        "ServiceEntry",
+        "metadata.annotations",
+        {"kubectl.kubernetes.io/last-applied-configuration": "{}", "team": "a"},
+    ),
     ("ServiceEntry", "spec.exportTo", ["."]),
     ("ServiceEntry", "spec.addresses", ["10.0.0.1"]),
     ("ServiceEntry", "spec.endpoints[0].serviceAccount", "svc"),
     ("DestinationRule", "spec.exportTo", ["*"]),
     ("MetaRouter", "spec.exportTo", ["."]),
     ("DestinationRule", "spec.x-shared", {"version": "v1"}),
+]
+
+#: (kind, field path, sample value): written by the Kubernetes API server (kubectl get -o yaml
+#: shows them), accepted without a warning.
+WRITTEN: list[tuple[str, str, Any]] = [
+    *(
+        (kind, f"metadata.{key}", value)
+        for kind in ("ServiceEntry", "MetaRouter")
+        for key, value in [
+            ("uid", "1234"),
+            ("resourceVersion", "7"),
+            ("generation", 2),
+            ("creationTimestamp", "2026-01-01T00:00:00Z"),
+            ("managedFields", [{"manager": "kubectl"}]),
+            ("selfLink", "/apis/x/y"),
+            ("deletionTimestamp", "2026-01-01T00:00:00Z"),
+            ("deletionGracePeriodSeconds", 0),
+            ("annotations", {"kubectl.kubernetes.io/last-applied-configuration": "{}"}),
+        ]
+    ),
+    ("MetaRouter", "status", {"conditions": []}),
+    ("ServiceEntry", "status", {}),
 ]
 
 KINDS = ("ApplicationProtocol", "ServiceEntry", "DestinationRule", "MetaRouter", "ProxyConfig")
@@ -1013,6 +1035,93 @@ def test_warned_field(kind: str, path: str, value: Any, caplog: pytest.LogCaptur
     (warning,) = config_warnings(caplog)
     assert f", {kind}/" in warning
     assert f": {path}: accepted and ignored: " in warning
+
+
+@pytest.mark.parametrize(("kind", "path", "value"), WRITTEN, ids=_param_id)
+def test_a_field_the_api_server_writes_is_accepted_silently(
+    kind: str, path: str, value: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``kubectl get -o yaml`` output: what the API server (or kubectl apply) wrote is no
+    user's doing; a warning for each, at every start, was noise. A debug line names it."""
+    with caplog.at_level(logging.DEBUG, logger="metaprotocol.config"):
+        load(kind, path, value)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO], config_warnings(caplog)
+    if not path.endswith("annotations"):
+        assert any(
+            f": {path}: written by the Kubernetes API server" in w for w in config_warnings(caplog)
+        )
+
+
+#: One PeerAuthentication and one AuthorizationPolicy (in dry run) as ``kubectl get
+#: peerauthentication,authorizationpolicy -A -o yaml`` writes them, after kubectl apply.
+KUBECTL = """\
+apiVersion: v1
+kind: List
+metadata: {resourceVersion: ""}
+items:
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata:
+    annotations:
+      kubectl.kubernetes.io/last-applied-configuration: |
+        {"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication"}
+    creationTimestamp: "2026-01-01T00:00:00Z"
+    generation: 1
+    name: default
+    namespace: istio-system
+    resourceVersion: "1234"
+    uid: 0b6f1d9e-1c1f-4d2a-9a57-3c1c2f1d0a11
+  spec: {mtls: {mode: DISABLE}}
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata:
+    annotations:
+      istio.io/dry-run: "true"
+      kubectl.kubernetes.io/last-applied-configuration: |
+        {"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy"}
+    creationTimestamp: "2026-01-01T00:00:00Z"
+    generation: 2
+    managedFields:
+    - apiVersion: security.istio.io/v1
+      fieldsType: FieldsV1
+      fieldsV1: {"f:spec": {}}
+      manager: kubectl-client-side-apply
+      operation: Update
+      time: "2026-01-01T00:00:00Z"
+    name: deny-all
+    namespace: istio-system
+    resourceVersion: "1235"
+    uid: 7c0e5d1a-2b3c-4d5e-8f90-a1b2c3d4e5f6
+  spec:
+    action: DENY
+    rules: [{}]
+  status: {}
+"""
+
+
+def test_kubectl_shaped_policies_load_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The mesh's policies as kubectl lists them load without a warning (there were 5 or 6
+    per policy at every start); a user's label or annotation on them is still named."""
+    workload = {"namespace": "shop", "labels": {"app": "svc"}}
+    text = with_fields("ProxyConfig", ("spec.telemetry.workload", workload)) + "---\n" + KUBECTL
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        config = loads_config(text, "fields.yaml")
+    assert config_warnings(caplog) == []
+    authz = config.proxy.authorization
+    assert authz is not None and [p.name for p in authz.dry_deny] == ["istio-system/deny-all"]
+    labelled = text.replace("    generation: 2\n", "    generation: 2\n    labels: {team: a}\n")
+    labelled = labelled.replace(
+        'istio.io/dry-run: "true"', 'istio.io/dry-run: "true"\n      note: x'
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        loads_config(labelled, "fields.yaml")
+    warnings = config_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert any("metadata.labels: accepted and ignored" in w for w in warnings)
+    assert any(
+        "metadata.annotations: accepted and ignored" in w and "(note)" in w for w in warnings
+    )
 
 
 @pytest.mark.parametrize(("kind", "path", "setup"), MAPPINGS, ids=_param_id)

@@ -7,6 +7,8 @@ Istio compiles them for a TCP (non-HTTP) port: an HTTP-only field (``methods``, 
 ``hosts``, ``requestPrincipals``, ``request.auth.*``) makes an ALLOW rule match nothing, and
 is ignored in a DENY or AUDIT rule (which then matches more), each cautioned once at load.
 ``request.headers[KEY]`` is not HTTP-only here: it reads the request's attribute ``KEY``.
+The annotation ``istio.io/dry-run`` puts an ALLOW or DENY policy in dry run: judged and
+counted, never enforced.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ CONNECTION_KEYS = {
 HEADER_KEY = "request.headers"
 #: ``when`` keys that need HTTP (JWT claims of a request).
 HTTP_ONLY_KEYS = ("request.auth.",)
+DRY_RUN = schema.DRY_RUN
+#: The values of :data:`DRY_RUN` istiod reads (Go's ParseBool).
+DRY_RUN_VALUES = {
+    **dict.fromkeys(("true", "True", "TRUE", "t", "T", "1"), True),
+    **dict.fromkeys(("false", "False", "FALSE", "f", "F", "0"), False),
+}
 HTTP_ONLY = (
     "an HTTP-only field: on a non-HTTP protocol Istio drops an ALLOW rule that has one (the "
     "rule matches nothing) and ignores it in a DENY or AUDIT rule (which then matches more); "
@@ -50,6 +58,7 @@ def authorization_policies(docs: list[_Doc], scoped: bool = False) -> Authorizat
     if not docs:
         return None
     by_action: dict[str, list[Policy]] = {"ALLOW": [], "DENY": [], "AUDIT": []}
+    dry_run: dict[str, list[Policy]] = {"ALLOW": [], "DENY": []}
     names: dict[str, _Doc] = {}
     for doc in docs:
         meta = doc.body.get("metadata") or {}
@@ -65,12 +74,33 @@ def authorization_policies(docs: list[_Doc], scoped: bool = False) -> Authorizat
             )
         names[name] = doc
         policy = _policy(doc, name, scoped)
-        by_action[policy.action].append(policy)
+        (dry_run if _dry_run(doc, policy.action) else by_action)[policy.action].append(policy)
     return Authorization(
         tuple(by_action["DENY"]),
         tuple(by_action["ALLOW"]),
         tuple(by_action["AUDIT"]),
+        tuple(dry_run["DENY"]),
+        tuple(dry_run["ALLOW"]),
     )
+
+
+def _dry_run(doc: _Doc, action: Action) -> bool:
+    """Whether the policy is in dry run (``metadata.annotations["istio.io/dry-run"]``)."""
+    meta = doc.body.get("metadata") or {}
+    annotations = doc.mapping(meta, "annotations", "metadata.annotations", required=False)
+    if DRY_RUN not in annotations:
+        return False
+    path = f"metadata.annotations.{DRY_RUN}"
+    value = annotations[DRY_RUN]
+    if action == "AUDIT":
+        doc.fail(path, "applies to ALLOW and DENY policies only (Istio's validation)")
+    if not isinstance(value, str) or value not in DRY_RUN_VALUES:
+        if not isinstance(value, str):
+            got = f"{value!r}"[:40] + " (not a string: an annotation's value is one, quote it)"
+        else:
+            got = repr(value[:40])
+        doc.fail(path, f'must be "true" or "false", got {got}')
+    return DRY_RUN_VALUES[value]
 
 
 def _policy(doc: _Doc, name: str, scoped: bool) -> Policy:

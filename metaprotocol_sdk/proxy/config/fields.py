@@ -2,9 +2,11 @@
 
 Each mapping the loader reads has a :class:`Fields` table: the keys it honours, the keys it
 refuses (they would change traffic in Istio or Aeraki, and this engine does not implement
-them), and the keys it accepts with a logged warning (they cannot change this engine's
-traffic). Any other key is refused as unknown, so a typo or a field from a newer API never
-passes unnoticed. ``docs/proxy.md`` carries the same tables for users.
+them), the keys it accepts with a logged warning (they cannot change this engine's
+traffic), and the keys the Kubernetes API server writes (in ``kubectl get -o yaml``
+output; nobody types them), accepted silently. Any other key is refused as unknown, so a
+typo or a field from a newer API never passes unnoticed. ``docs/proxy.md`` carries the same
+tables for users.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ _IDENTITY = (
     "an endpoint's identity; the service's subjectAltNames (or a DestinationRule's "
     "tls.subjectAltNames) say which identities its servers may have"
 )
-_K8S = "Kubernetes object metadata: it does not change traffic"
+K8S = "Kubernetes object metadata: it does not change traffic"
 
 
 #: Keys starting with it hold YAML anchors to share (as in Compose files): no API uses it.
@@ -40,48 +42,60 @@ class Fields:
     refused: Mapping[str, str] = field(default_factory=dict)
     #: Accepted, and logged once per document as ignored, with why it cannot change traffic.
     warned: Mapping[str, str] = field(default_factory=dict)
+    #: Written by the Kubernetes API server, not by users: accepted, a debug line at most.
+    written: frozenset[str] = frozenset()
 
 
-def fields(*honoured: str, refused: Mapping[str, str] | None = None, **warned: str) -> Fields:
+def fields(
+    *honoured: str,
+    refused: Mapping[str, str] | None = None,
+    written: tuple[str, ...] = (),
+    **warned: str,
+) -> Fields:
     """A :class:`Fields` table (``warned`` as keyword arguments: field=why)."""
-    return Fields(frozenset(honoured), dict(refused or {}), warned)
+    return Fields(frozenset(honoured), dict(refused or {}), warned, frozenset(written))
 
 
 # -- every document ----------------------------------------------------------------------------
 
-DOCUMENT = fields(
-    "apiVersion",
-    "kind",
-    "metadata",
-    "spec",
-    status="written by the Kubernetes API server; nothing here reads it",
+#: Object fields the Kubernetes API server writes (``kubectl get -o yaml`` shows them).
+SERVER_WRITTEN = (
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+    "selfLink",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
 )
+#: Annotations tools write, not users: ``kubectl apply`` keeps the applied object in one.
+TOOL_ANNOTATIONS = frozenset({"kubectl.kubernetes.io/last-applied-configuration"})
+DOCUMENT = fields("apiVersion", "kind", "metadata", "spec", written=("status",))
+#: ``annotations``: read by the loader (see ``_annotations``): those of :data:`TOOL_ANNOTATIONS`
+#: and those a kind reads (an AuthorizationPolicy's ``istio.io/dry-run``) silently, the
+#: others with one warning.
 METADATA = fields(
     "name",
+    "annotations",
+    written=SERVER_WRITTEN,
     namespace="this engine matches hosts as written (fully qualified), not relative to a namespace",
-    labels=_K8S,
-    annotations=_K8S,
-    uid=_K8S,
-    resourceVersion=_K8S,
-    generation=_K8S,
-    creationTimestamp=_K8S,
-    managedFields=_K8S,
-    ownerReferences=_K8S,
-    finalizers=_K8S,
+    labels=K8S,
+    ownerReferences=K8S,
+    finalizers=K8S,
+)
+#: ``metadata`` of a kind whose namespace is read.
+NAMESPACED_METADATA = Fields(
+    METADATA.honoured | {"namespace"},
+    METADATA.refused,
+    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
+    METADATA.written,
 )
 #: A ServiceEntry's namespace is Istio's ``destination_service_namespace`` (telemetry).
-SERVICE_ENTRY_METADATA = Fields(
-    METADATA.honoured | {"namespace"},
-    METADATA.refused,
-    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
-)
+SERVICE_ENTRY_METADATA = NAMESPACED_METADATA
 #: A PeerAuthentication's namespace: its level in Istio (the root namespace's is the mesh's),
 #: and which workloads it may apply to.
-PEER_AUTHENTICATION_METADATA = Fields(
-    METADATA.honoured | {"namespace"},
-    METADATA.refused,
-    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
-)
+PEER_AUTHENTICATION_METADATA = NAMESPACED_METADATA
 #: Why a PeerAuthentication's namespace is not read when the workload's is not known.
 PEER_NO_NAMESPACE = (
     "this workload's namespace is not known (set spec.telemetry.workload.namespace or "
@@ -90,11 +104,11 @@ PEER_NO_NAMESPACE = (
     "namespace's are one level here)"
 )
 #: An AuthorizationPolicy's namespace: its scope in Istio; here part of its name.
-AUTHORIZATION_POLICY_METADATA = Fields(
-    METADATA.honoured | {"namespace"},
-    METADATA.refused,
-    {k: v for k, v in METADATA.warned.items() if k != "namespace"},
-)
+AUTHORIZATION_POLICY_METADATA = NAMESPACED_METADATA
+#: The annotation of an AuthorizationPolicy in dry run (judged, not enforced).
+DRY_RUN = "istio.io/dry-run"
+#: The annotations each kind reads.
+ANNOTATIONS_BY_KIND = {"AuthorizationPolicy": frozenset({DRY_RUN})}
 METADATA_BY_KIND = {
     "ServiceEntry": SERVICE_ENTRY_METADATA,
     "PeerAuthentication": PEER_AUTHENTICATION_METADATA,

@@ -160,6 +160,10 @@ class _Doc:
             elif key in table.warned:
                 if obj[key] is not None:
                     self.warn(where, table.warned[key])
+            elif key in table.written:
+                _log.debug(
+                    "%s: %s: written by the Kubernetes API server; not read", self.source, where
+                )
             elif isinstance(key, str) and key.startswith(schema.EXTENSION_PREFIX):
                 self.warn(where, schema.EXTENSION)
             else:
@@ -326,6 +330,21 @@ def _listed(bodies: list[Any], file: str) -> list[tuple[Any, int, int | None]]:
     return out
 
 
+def _annotations(doc: _Doc) -> None:
+    """Check ``metadata.annotations``: those tools write and those the kind reads are
+    accepted silently, any other is named in one warning."""
+    annotations = doc.mapping(doc.body["metadata"], "annotations", "metadata.annotations", False)
+    read = schema.ANNOTATIONS_BY_KIND.get(doc.kind, frozenset())
+    ignored = [
+        str(key)[:80]
+        for key in annotations
+        if key not in read and key not in schema.TOOL_ANNOTATIONS
+    ]
+    if ignored:
+        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        doc.warn("metadata.annotations", f"{schema.K8S} ({', '.join(ignored[:3])}{more})")
+
+
 def _docs(bodies: list[Any], file: str) -> list[_Doc]:
     docs = []
     for body, index, item in _listed(bodies, file):
@@ -352,6 +371,7 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
         doc.check(
             body["metadata"], "metadata", schema.METADATA_BY_KIND.get(doc.kind, schema.METADATA)
         )
+        _annotations(doc)
         version = body.get("apiVersion")
         if version is not None and version not in schema.API_VERSIONS[doc.kind]:
             doc.fail(
