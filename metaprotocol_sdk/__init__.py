@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedError,
 )
 from .header import HeaderLayout, compile_header
-from .metadata import EMPTY_MUTATION, Attributes, Metadata, Mutation
+from .metadata import EMPTY_MUTATION, Attributes, Metadata, Mutation, key_collision
 
 __version__ = "0.1.0"
 
@@ -65,5 +65,6 @@ __all__ = [
     "compile_header",
     "compiled",
     "join_encoded",
+    "key_collision",
     "take_frame",
 ]

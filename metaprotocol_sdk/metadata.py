@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from .enums import MessageType, ResponseStatus, StreamType
@@ -79,6 +79,27 @@ class Attributes(MutableMapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Attributes({self.to_dict()!r})"
+
+
+def key_collision(keys: Iterable[str], what: str = "key") -> str | None:
+    """Why ``keys`` (in wire order) cannot become :class:`Attributes` unambiguously, or ``None``.
+
+    Attributes ignore case, so a later key equal to an earlier one, exactly or ignoring case,
+    would silently replace it, while a server with a case-sensitive map reads both: a codec
+    refuses such a message with this reason (see the contract's "Colliding keys"). Codecs
+    call it only once a cheap count (pairs read against the table's length) found a clash.
+    """
+    seen: dict[str, str] = {}
+    for key in keys:
+        folded = key.lower()
+        first = seen.get(folded)
+        if first is None:
+            seen[folded] = key
+        elif first == key:
+            return f"{what} {key!r} appears twice"
+        else:
+            return f"{what}s {first!r} and {key!r} differ only in case"
+    return None
 
 
 #: Makes an instance without running ``__init__`` (``object.__new__`` itself is refused on the

@@ -795,6 +795,49 @@ def test_a_denied_dubbo_request_gets_dubbos_error_reply_with_its_id() -> None:
     run(main())
 
 
+def test_a_case_variant_of_a_denied_attachment_cannot_slip_past_the_deny() -> None:
+    """Attributes ignore case and keep one value per key; the provider's attachments map does
+    not. ``{"user": "admin", "USER": "bob"}`` was judged as ``user=bob`` (the later key won)
+    and forwarded to a provider that reads ``user=admin``. The codec refuses such a request:
+    the client gets Dubbo's BAD_REQUEST reply with its id, nothing reaches the provider, and
+    the refusal is counted as a BadRequest local reply and a decode error."""
+    deny = policy(
+        "no-admin",
+        "action: DENY\nrules: [{when: [{key: 'request.headers[user]', values: [admin]}]}]",
+    )
+    served: list[bytes] = []
+
+    class Recording(DubboServer):
+        def data_received(self, data: bytes) -> None:
+            served.append(data)
+            super().data_received(data)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Recording, "127.0.0.1", 0)
+        up = server.sockets[0].getsockname()[1]
+        text = mesh(
+            [(up, "v1")], protocol="dubbo", codec="aeraki.meta_protocol.codec.dubbo", extra=deny
+        )
+        async with engine_for(text) as engine:
+            port = address(engine)[1]
+            rid, status, body = await dubbo_call(port, 2**40 + 9, {"user": "admin", "USER": "bob"})
+            assert (rid, status) == (2**40 + 9, 40)
+            assert b"BadRequest" in body and b"differ only in case" in body, body
+            assert not served
+            rid, status, body = await dubbo_call(port, 10, {"user": "admin"})
+            assert (rid, status) == (10, 40) and b"PermissionDenied" in body
+            rid, status, body = await dubbo_call(port, 11, {"USER": "bob"})
+            assert (rid, status, body) == (11, 20, b"\x91\x02ok")
+            stats = engine.stats
+            assert stats.total("metaprotocol_local_replies_total", type="BadRequest") == 1
+            assert stats.total("metaprotocol_decode_errors_total") == 1
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
 # -- cost ----------------------------------------------------------------------------------
 
 

@@ -845,14 +845,71 @@ def test_response_mutation_refuses_a_value_that_does_not_end_the_frame() -> None
 def test_replacing_a_duplicated_attachment_key_in_a_map_with_other_keys() -> None:
     """Fuzz find: a map holding a key twice and a non-string key is rewritten entry by entry;
     only the first occurrence was replaced while decode reads the last, so the mutation was
-    lost. Every occurrence is replaced."""
-    head = build_request(PATH, "m", ["x"])
-    body = head[HEADER_SIZE : head.index(b"H", HEADER_SIZE + 40)]
+    lost. Every occurrence is replaced. (A request with such a map is refused, see
+    ``test_request_attachment_keys_that_collide_are_refused_with_the_request_id``; replies
+    are read as they come.)"""
+    head = build_response("ok", attachments={})
+    body = head[HEADER_SIZE:-2]  # without the empty map
     attachments = b"H\x05dubbo\x05first\x91\x01x\x05dubbo\x06secondZ"  # 'dubbo' twice, key 1
-    frame = build_header(0xC2, 0, 1, len(body) + len(attachments)) + body + attachments
+    frame = build_header(0x02, 20, 1, len(body) + len(attachments)) + body + attachments
     codec = DubboCodec()
     md = decode_one(frame, codec)
     assert md.attributes["dubbo"] == "second" and md.values["attachments"] == {1: "x"}
     again = decode_one(join_encoded(codec.encode(md, {"dubbo": "fuzz", "k": "v"})), codec)
     assert again.attributes["dubbo"] == "fuzz" and again.attributes["k"] == "v"
     assert again.values["attachments"] == {1: "x"}
+
+
+def _with_map(request: bytes, pairs: bytes) -> bytes:
+    """``request`` (built with an empty attachments map) with the map's entries ``pairs``."""
+    assert request.endswith(b"HZ")
+    body = request[HEADER_SIZE:-1] + pairs + b"Z"
+    return request[:12] + struct.pack(">i", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("pairs", "words"),
+    [
+        # the case variant comes last: the engine read USER=bob, the provider user=admin
+        (b"\x04user\x05admin\x04USER\x03bob", "keys 'user' and 'USER' differ only in case"),
+        (b"\x04user\x05admin\x04user\x03bob", "key 'user' appears twice"),
+        # a non-string entry takes the Hessian decoder's path
+        (b"\x04user\x05admin\x04user\x03bob\x01n\x91", "key 'user' appears twice"),
+        (b"\x04USER\x03bob\x04user\x91", "keys 'USER' and 'user' differ only in case"),
+    ],
+    ids=["case", "twice", "twice-decoder", "case-non-string"],
+)
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_request_attachment_keys_that_collide_are_refused_with_the_request_id(
+    pairs: bytes, words: str, size: str
+) -> None:
+    """Attributes ignore case and keep one value per key; Java's attachments ``HashMap`` keeps
+    every key as sent. A request whose keys collide would be judged and routed on another
+    value than the provider reads: it is refused (consuming nothing, with its id), never
+    read one way. Large frames (not scanned as text) and decode_frame alike."""
+    arg = "a" * (70_000 if size == "large" else 1)
+    good = build_request(PATH, "greet", [arg], request_id=5, attachments={"user": "alice"})
+    bad = _with_map(build_request(PATH, "greet", [arg], request_id=2**40 + 7), pairs)
+    codec = DubboCodec()
+    for _ in range(2):  # the head is known after the good request: refused all the same
+        decode_one(good, codec)
+        buffer = bytearray(bad + good)
+        with pytest.raises(FramingError, match=words) as caught:
+            codec.decode(buffer)
+        error = caught.value
+        assert "ambiguous" in error.reason and error.offset == len(bad) - len(pairs) - 2
+        assert error.frame_size == len(bad) and len(buffer) == len(bad) + len(good)
+        assert error.metadata is not None and error.metadata.request_id == 2**40 + 7
+        del buffer[: error.frame_size]
+        assert decode_one(bytes(buffer), codec).attributes["user"] == "alice"
+        with pytest.raises(FramingError, match=words):
+            codec.decode_frame(bad)
+    reply = codec.on_error(error.metadata, LocalError(ErrorType.BadRequest, str(error)))
+    assert struct.unpack_from(">q", reply, 4)[0] == 2**40 + 7 and reply[3] == Status.BAD_REQUEST
+
+
+def test_keys_that_differ_from_every_other_key_ignoring_case_decode() -> None:
+    """Near misses are not collisions: ``user`` and ``user-id``, a non-string key."""
+    pairs = b"\x04user\x05admin\x07user-id\x011\x91\x01x"
+    message = decode_one(_with_map(build_request(PATH, "greet", ["a"]), pairs))
+    assert message.attributes["user"] == "admin" and message.values["attachments"] == {1: "x"}

@@ -715,3 +715,62 @@ def test_theader_mutation_of_the_message_name_is_refused() -> None:
             codec.encode(message, {key: "other"})
     mutated, _ = decode_one(join_encoded(codec.encode(plain, {"service": "s"})))
     assert mutated.attributes["service"] == "s"  # not multiplexed: an info header like others
+
+
+def _header_frame(protocol: str, seqid: int, sections: list[list[tuple[bytes, bytes]]]) -> bytes:
+    """A THeader call ``add`` whose header block holds these key-value sections."""
+    block = bytearray(b"\x02\x00" if protocol == "compact" else b"\x00\x00")
+    for pairs in sections:
+        block += write_varint(1) + write_varint(len(pairs))
+        for key, value in pairs:
+            block += write_varint(len(key)) + key + write_varint(len(value)) + value
+    block += b"\x00" * (-len(block) % 4)
+    payload = tf.message(protocol, "add", 1, seqid, tf.add_call())
+    return theader.build_frame(0, seqid, bytes(block), payload)
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+@pytest.mark.parametrize(
+    ("sections", "words"),
+    [
+        ([[(b"user", b"admin"), (b"USER", b"bob")]], "keys 'user' and 'USER' differ only in case"),
+        ([[(b"user", b"admin")], [(b"User", b"bob")]], "keys 'user' and 'User' differ only"),
+        ([[(b"user", b"admin"), (b"user", b"bob")]], "key 'user' appears twice"),
+        ([[(b"k\xff", b"1"), (b"k\xfe", b"2")]], r"keys b'k\\xff' and b'k\\xfe' read as the same"),
+    ],
+    ids=["case", "case-two-sections", "twice", "invalid-utf8"],
+)
+def test_theader_keys_that_collide_are_refused_with_the_seqid(
+    protocol: str, sections: list[list[tuple[bytes, bytes]]], words: str, apache: Any
+) -> None:
+    """Attributes ignore case and keep one value per key; Apache's THeaderTransport keys its
+    headers by their exact bytes (the last of a repeated key wins). Headers that collide would
+    be judged and routed on another value than the server reads: refused, consuming nothing,
+    with the seqid for the error reply."""
+    from thrift.transport.THeaderTransport import THeaderClientType, THeaderTransport
+    from thrift.transport.TTransport import TMemoryBuffer as ApMemory
+
+    data = _header_frame(protocol, 41, sections)
+    reader = THeaderTransport(ApMemory(data), [THeaderClientType.HEADERS])
+    reader.readFrame(0)
+    keys = [key for pairs in sections for key, _ in pairs]
+    assert set(reader.get_headers()) == set(keys)  # what the server reads: every distinct key
+    good = tf.sample("header", protocol, seqid=42, headers={b"user": b"alice"})
+    codec = ThriftCodec()
+    buffer = bytearray(data + good)
+    with pytest.raises(FramingError, match=words) as caught:
+        codec.decode(buffer)
+    error = caught.value
+    assert "ambiguous" in error.reason and error.frame_size == len(data)
+    assert len(buffer) == len(data) + len(good)
+    assert error.metadata is not None and error.metadata.request_id == 41
+    reply = codec.on_error(error.metadata, LocalError(ErrorType.BadRequest, str(error)))
+    assert decode_one(reply)[0].request_id == 41
+    del buffer[: error.frame_size]
+    assert decode_one(bytes(buffer))[0].attributes["user"] == "alice"
+
+
+def test_theader_keys_that_differ_decode_across_sections() -> None:
+    data = _header_frame("binary", 3, [[(b"user", b"a")], [(b"user-id", b"1")]])
+    message, _ = decode_one(data)
+    assert message.attributes.to_dict() == {"user": "a", "user-id": "1", "method": "add"}

@@ -138,10 +138,12 @@ class Attachments:
     ``strings`` holds the string-to-string entries (the routable ones). ``others`` holds the
     entries with a non-string key or value, materialised, for filters that want them.
     ``all_strings`` tells that the map held nothing else, so it can be rewritten from
-    ``strings`` alone.
+    ``strings`` alone. ``entries`` is how many entries the wire held (-1: not known, for a map
+    reached by a Hessian reference): more than ``strings`` and ``others`` hold means a key
+    came twice.
     """
 
-    __slots__ = ("all_strings", "end", "others", "start", "strings")
+    __slots__ = ("all_strings", "end", "entries", "others", "start", "strings")
 
     def __init__(
         self,
@@ -149,12 +151,14 @@ class Attachments:
         others: dict[Any, Any] | None,
         start: int,
         end: int,
+        entries: int = -1,
     ) -> None:
         self.strings = strings
         self.others = others
         self.all_strings = not others
         self.start = start
         self.end = end
+        self.entries = entries
 
 
 def read_attachments(
@@ -170,7 +174,7 @@ def read_attachments(
         raise FramingError("body ends where the attachments map should start", offset=pos)
     tag = frame[pos]
     if tag == TAG_NULL:
-        return Attachments({}, None, pos, pos + 1)
+        return Attachments({}, None, pos, pos + 1, 0)
     if decoder is None and tag == TAG_MAP_UNTYPED:
         fast = _read_string_map(frame, pos, text)
         if fast is not None:
@@ -180,9 +184,12 @@ def read_attachments(
         decoder = new_decoder(frame, pos)
     elif decoder.offset != pos:
         raise AssertionError("decoder out of step")  # pragma: no cover - internal invariant
+    decoder.map_entries = -1
     value = decoder.read()
     if not isinstance(value, dict):
         raise FramingError(f"attachments must be a map, got {type(value).__name__}", offset=pos)
+    # The map's own count, when it was read here (the last map to end); not for a reference.
+    entries = decoder.map_entries if tag in (TAG_MAP_UNTYPED, TAG_MAP_TYPED) else -1
     strings: dict[str, str] = {}
     others: dict[Any, Any] = {}
     for key, item in value.items():
@@ -190,7 +197,7 @@ def read_attachments(
             strings[key] = item
         else:
             others[key] = item
-    return Attachments(strings, others or None, pos, decoder.offset)
+    return Attachments(strings, others or None, pos, decoder.offset, entries)
 
 
 def _read_string_map(frame: bytes, pos: int, text: str | None = None) -> Attachments | None:
@@ -205,7 +212,8 @@ def _read_string_map(frame: bytes, pos: int, text: str | None = None) -> Attachm
     if stop < 0 or not text[pos:stop].isascii():
         return None
     it = iter(items)
-    return Attachments(dict(zip(it, it, strict=True)), None, base + pos, base + stop)
+    strings = dict(zip(it, it, strict=True))
+    return Attachments(strings, None, base + pos, base + stop, len(items) >> 1)
 
 
 def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) -> int:
@@ -245,8 +253,10 @@ def scan_request(
     descriptor); ``folded`` maps each lower-cased attachment key to ``(key, value)`` (the
     shape attributes are stored in); the attachments map ends at the end of the frame.
     ``None`` means "not that shape" (the caller takes the general path, which reports any
-    error). ``known`` is the head's :class:`KnownHead` when the caller already knows
-    that the frame starts with the bytes of a head parsed before.
+    error), and also a map whose keys collide (one key twice, or two equal ignoring case):
+    the general path refuses it with the keys named. ``known`` is the head's
+    :class:`KnownHead` when the caller already knows that the frame starts with the bytes of
+    a head parsed before.
     """
     out: list[str] = []
     if known is not None:
@@ -274,6 +284,7 @@ def scan_request(
         pos += 1
         strings: dict[str, str] = {}
         folded: dict[str, tuple[str, str]] = {}
+        pairs = 0
         while True:
             tag = frame[pos]
             if tag < 0x20:
@@ -299,9 +310,10 @@ def scan_request(
             pos = stop
             strings[key] = value
             folded[key.lower()] = (key, value)
+            pairs += 1
     except IndexError:
         return None
-    if pos + 1 != len(frame) or not text[start:pos].isascii():
+    if pos + 1 != len(frame) or len(folded) != pairs or not text[start:pos].isascii():
         return None
     return out, strings, folded, args_start, count, map_start
 

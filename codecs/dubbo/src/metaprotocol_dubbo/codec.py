@@ -28,6 +28,7 @@ from metaprotocol_sdk import (
     ResponseStatus,
     StreamType,
     UnsupportedError,
+    key_collision,
 )
 
 from .body import (
@@ -339,6 +340,49 @@ def _check_value_ends_frame(frame: bytes, state: ResponseState, new_decoder: New
         )
 
 
+def _check_keys(frame: bytes, attachments: Attachments, folded: int) -> None:
+    """Refuse a request whose attachment keys collide: one key twice, or two keys equal
+    ignoring case. Routing and authorization read attributes ignoring case (one of the keys
+    would silently win) while the provider's ``HashMap`` holds both: an ambiguous request."""
+    strings, others = attachments.strings, attachments.others
+    keys: list[str] = list(strings)
+    if others:  # a string key with another value type names the same attachment
+        keys += [key for key in others if isinstance(key, str)]
+        folded = len({key.lower() for key in keys})
+    distinct = len(strings) + (len(others) if others else 0)
+    if folded == len(keys) and attachments.entries <= distinct:
+        return
+    start = attachments.start
+    reason = key_collision(keys, "attachment key")
+    if reason is None:  # the keys in wire order name the one that came twice
+        reason = key_collision(_wire_keys(frame[start : attachments.end]), "attachment key")
+    if reason is None:
+        reason = f"the attachments map holds {attachments.entries} entries for {distinct} keys"
+    raise FramingError(
+        f"{reason}: refused as ambiguous (routing and authorization read one value for "
+        "keys equal ignoring case, the provider's map may read another)",
+        offset=start,
+    )
+
+
+def _wire_keys(data: bytes) -> list[str]:
+    """The string keys of the untyped map ``data``, in wire order (for an error message; empty
+    when the map refers to what came before it, which a fresh decoder cannot read)."""
+    keys: list[str] = []
+    if data[:1] != b"H":
+        return keys
+    decoder = Decoder(data, 1)
+    try:
+        while data[decoder.offset] != _TAG_END:
+            key = decoder.read()
+            decoder.skip()
+            if isinstance(key, str):
+                keys.append(key)
+    except (CodecError, *_PARSE_ERRORS):
+        return []
+    return keys
+
+
 def _refuse_method(mutation: Mutation) -> None:
     """A request's method is in its body: an attachment named ``method`` would not change it
     (Dubbo and routing both read the body's), so such a mutation is refused, not dropped."""
@@ -583,6 +627,7 @@ class DubboCodec(Codec):
             dubbo_version, path, version, method, desc = fields
             strings = attachments.strings
             folded = {key.lower(): (key, value) for key, value in strings.items()}
+            _check_keys(frame, attachments, len(folded))
         # As in Java's DecodeableRpcInvocation, non-empty `interface` and `version` attachments
         # win over the body's path and version (so a mutation of them is what routing sees);
         # the method is the body's.

@@ -524,6 +524,14 @@ class ThriftCodec(Codec):
             else:
                 begin = self._read_binary(data, start, end)
             declared = self._declares_exception(protocol, begin, data, end)
+            if block.pairs != len(block.items):
+                raise FramingError(
+                    f"{theader.key_clash(block)}: refused as ambiguous (routing and "
+                    "authorization read one value for keys equal ignoring case, the server's "
+                    "map may read another)",
+                    offset=theader.PREFIX_SIZE,
+                    metadata=self._metadata(b"", begin, HEADER, protocol, block, False),
+                )
         except Incomplete:
             raise FramingError(
                 "message header runs past the frame end", offset=4, frame_size=total

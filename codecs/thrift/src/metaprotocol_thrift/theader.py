@@ -55,7 +55,8 @@ class THeaderBlock:
     transform list (count and ids, verbatim); ``info`` the key-value info headers in wire order;
     ``tail`` any info sections of unknown type, kept verbatim; ``payload_offset`` where the
     payload starts in the frame; ``items`` the info headers as attribute items
-    (``{key.lower(): (key, value)}``, decoded as UTF-8).
+    (``{key.lower(): (key, value)}``, decoded as UTF-8); ``pairs`` how many the wire held
+    (more than ``items`` holds: keys collide, see :func:`key_clash`).
 
     :func:`read_block` fills ``items`` and keeps the info section's raw bytes; ``info`` and
     ``tail`` are parsed from them only when asked for (a mutation needs them, routing does not).
@@ -67,6 +68,7 @@ class THeaderBlock:
         "_tail",
         "flags",
         "items",
+        "pairs",
         "payload_offset",
         "protocol_id",
         "seqid",
@@ -84,6 +86,7 @@ class THeaderBlock:
         payload_offset: int,
         items: dict[str, tuple[str, str]] | None = None,
         raw: bytes = b"",
+        pairs: int = -1,
     ) -> None:
         self.flags = flags
         self.seqid = seqid
@@ -99,6 +102,7 @@ class THeaderBlock:
                 text = key.decode("utf-8", "replace")
                 items[text.lower()] = (text, value.decode("utf-8", "replace"))
         self.items = items
+        self.pairs = len(items) if pairs < 0 else pairs
 
     @property
     def info(self) -> list[tuple[bytes, bytes]]:
@@ -182,12 +186,14 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
             transforms = bytes(buf[transforms_start:pos])
         info_start = pos
         items: dict[str, tuple[str, str]] = {}
+        total = 0
         while pos < block_end:
             info_id = buf[pos]
             if info_id != THEADER_INFO_KEYVALUE:  # padding, or a section kept verbatim
                 break
             pos += 1
             pairs, pos = read_varint(buf, pos, block_end, 5)
+            total += pairs
             for _ in range(pairs):
                 if pos < block_end and buf[pos] < 0x80:
                     size = buf[pos]
@@ -209,7 +215,31 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
     except Incomplete:
         raise FramingError("THeader header block is truncated", offset=pos) from None
     raw = bytes(buf[info_start:block_end]) if items or pos < block_end else b""
-    return THeaderBlock(flags, seqid, protocol_id, transforms, None, b"", block_end, items, raw)
+    return THeaderBlock(
+        flags, seqid, protocol_id, transforms, None, b"", block_end, items, raw, total
+    )
+
+
+def key_clash(block: THeaderBlock) -> str | None:
+    """Why the block's info headers are ambiguous, or ``None``: a key that came twice, or two
+    keys equal ignoring case (or read as the same text: invalid UTF-8 reads as U+FFFD). The
+    engine's attributes keep one value for them, while a THeader server's map is keyed by the
+    exact bytes. Checked only when ``pairs`` exceeds the attributes' count."""
+    if block.pairs == len(block.items):
+        return None
+    seen: dict[str, bytes] = {}
+    for key, _ in block.info:
+        text = key.decode("utf-8", "replace")
+        first = seen.get(text.lower())
+        if first is None:
+            seen[text.lower()] = key
+        elif first == key:
+            return f"header key {text!r} appears twice"
+        elif (first_text := first.decode("utf-8", "replace")) == text:
+            return f"header keys {first!r} and {key!r} read as the same text {text!r}"
+        else:
+            return f"header keys {first_text!r} and {text!r} differ only in case"
+    return f"{block.pairs} info headers hold {len(block.items)} keys"  # pragma: no cover
 
 
 def merge_info(

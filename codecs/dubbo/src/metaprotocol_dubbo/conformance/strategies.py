@@ -115,7 +115,8 @@ def _unusual_request(request_id: int, value: str, variant: int) -> bytes:
     head = b"".join(strings) + _long_string(descriptor)
     if variant == 0:  # the int argument in its 5-byte form, the string argument in 'S' form
         args = _long_string(value) + b"I\x00\x00\x00\x07"
-        attachments = b"H\x05group\x01a\x05group\x01bZ"  # a duplicate key (the last wins)
+        # a key in the long form; no key twice (decode refuses colliding keys)
+        attachments = b"H" + _long_string("group") + b"\x01aZ"
     elif variant == 1:  # a chunked string argument; attachments as a typed map
         args = b"R\x00\x01x" + _long_string(value) + b"\x91"
         attachments = b"M\x0djava.util.Map\x03env\x04prodZ"
@@ -128,8 +129,8 @@ def _unusual_request(request_id: int, value: str, variant: int) -> bytes:
 
 def unusual_messages() -> st.SearchStrategy[bytes]:
     """Legal requests our encoder never writes: long string forms where compact ones fit, ints
-    in longer forms, chunked strings, variable-length lists, typed attachment maps, duplicate
-    attachment keys.
+    in longer forms, chunked strings, variable-length lists, typed attachment maps, attachment
+    keys in the long form.
     A codec that re-serialised them would change their bytes."""
     return st.builds(
         _unusual_request,

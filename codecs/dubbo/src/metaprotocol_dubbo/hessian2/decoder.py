@@ -144,6 +144,7 @@ class Decoder:
         "_readers",
         "_refs",
         "_types",
+        "map_entries",
         "max_classes",
         "max_depth",
         "max_items",
@@ -199,6 +200,9 @@ class Decoder:
         self.max_items = max_items
         #: Items left to build before ``max_items`` is reached.
         self._items = max_items
+        #: Entries on the wire of the last map read to its end (a key that came twice counts
+        #: twice, unlike the dict's length): a map read last ends after the maps inside it.
+        self.map_entries = 0
         self._readers = _READERS_JAVA_LONGS if java_longs else _READERS
 
     # -- position -------------------------------------------------------------------------
@@ -843,6 +847,7 @@ def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
     data = d._data
     end = d._end
     pos = d._pos
+    entries = 0
     while True:
         if pos >= end:
             raise d._error("truncated map: missing 'Z'", tag_pos)
@@ -850,6 +855,7 @@ def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
         if tag == T.END:
             d._pos = pos + 1
             break
+        entries += 1
         d._items -= 1
         if d._items < 0:
             raise d._too_many_items(tag_pos)
@@ -885,6 +891,7 @@ def _fill_map(d: Decoder, m: dict[Any, Any], tag_pos: int) -> dict[Any, Any]:
                 f"map key of type {type(key).__name__} is not hashable in Python", entry
             ) from None
     d._depth -= 1
+    d.map_entries = entries
     return m
 
 

@@ -172,10 +172,11 @@ def _unusual(seqid: int, name: str, variant: int) -> Sample:
         payload = compact.write_message_begin(raw, CALL, seqid) + body
         frame = len(payload).to_bytes(4, "big") + payload
         return Sample(frame, expect={"request_id": seqid}, options={"transport": "framed"})
-    # THeader: duplicate info headers, an unknown info section kept verbatim, extra padding
+    # THeader: two key-value sections, an unknown info section kept verbatim, extra padding
+    # (no key twice: decode refuses colliding keys)
     info = (
-        b"\x01\x02"  # a key-value section of two pairs with the same key
-        + b"\x03env\x04prod\x03env\x03dev"
+        b"\x01\x01\x03env\x04prod"  # a key-value section of one pair, then another
+        + b"\x01\x01\x04zone\x01a"
         + b"\x07\x01\x02xy"  # an info section of an unknown type (7)
     )
     block = b"\x00\x00" + info
@@ -186,6 +187,6 @@ def _unusual(seqid: int, name: str, variant: int) -> Sample:
 
 def unusual_messages() -> st.SearchStrategy[Sample]:
     """Legal messages in forms no writer we know produces: non-strict binary, compact long-form
-    field headers, THeader duplicate info headers, unknown info sections and extra padding.
+    field headers, THeader split key-value sections, unknown info sections and extra padding.
     A codec that re-serialised them would change their bytes."""
     return st.builds(_unusual, st.integers(1, 2**31 - 1), _names, st.integers(0, 2))
