@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import Any
 
@@ -843,20 +844,25 @@ class DubboCodec(Codec):
         frame = message.frame
         state = message.codec_state
         if mutation:
+            # The request's attachment keys, lower-cased (or a superset of them).
+            keys: AbstractSet[str]
             if type(state) is KnownRequest:
+                keys = state.folded_keys
                 if len(frame) <= _COPY_LIMIT:
                     # _added_pairs refuses a 'method' key (checked once per mutation).
                     added, folded = self._pairs(mutation)
-                    if state.folded_keys.isdisjoint(
-                        folded
-                    ):  # no key is replaced, even ignoring case
+                    if keys.isdisjoint(folded):  # no key is replaced, even ignoring case
                         return self._splice(frame, len(frame), added, request_id)
                 _refuse_method(mutation)
                 state = state.state(frame)
-            elif type(state) is RequestState:
-                _refuse_method(mutation)
+            else:
+                # Every string attachment is in the attribute table under its folded key (with
+                # interface, method, version), which filters read and do not change.
+                keys = message.attributes.folded_items.keys()
+                if type(state) is RequestState:
+                    _refuse_method(mutation)
             if isinstance(state, RequestState) and state.attachments is not None:
-                return self._mutate_request(frame, state, mutation, request_id)
+                return self._mutate_request(frame, state, mutation, request_id, keys)
             if isinstance(state, ResponseState) and self._can_carry(state):
                 return self._mutate_response(frame, state, mutation, request_id)
             raise MutationError(self._why_not(message))
@@ -892,7 +898,10 @@ class DubboCodec(Codec):
         state: RequestState,
         mutation: Mutation,
         request_id: int | None,
+        keys: AbstractSet[str],
     ) -> Encoded:
+        """``mutation`` written into a request; ``keys`` holds its attachment keys lower-cased
+        (a superset of them will do: a key in it that the map lacks only costs the splice)."""
         attachments = state.attachments
         assert attachments is not None
         start, end = attachments.start, attachments.end
@@ -902,7 +911,7 @@ class DubboCodec(Codec):
             and end - start >= 2
             and frame[start] == _TAG_MAP_UNTYPED
             and frame[end - 1] == _TAG_END
-            and not any(key.lower() in folded for key in attachments.strings)
+            and keys.isdisjoint(folded)
         ):
             # Only new keys (even ignoring case): splice their pairs in before the map's end
             # marker, so the whole body up to there (arguments and existing attachments) stays
