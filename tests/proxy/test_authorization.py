@@ -34,7 +34,7 @@ from proxy_kit import (
     until,
 )
 
-from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk import ConfigError, Metadata
 from metaprotocol_sdk.cli.proxy import _policies_summary
 from metaprotocol_sdk.filters import Filter, RequestContext
 from metaprotocol_sdk.proxy import Engine, loads_config
@@ -834,6 +834,49 @@ def test_a_case_variant_of_a_denied_attachment_cannot_slip_past_the_deny() -> No
             assert stats.total("metaprotocol_decode_errors_total") == 1
         server.close()
         await server.wait_closed()
+
+    run(main())
+
+
+def test_a_route_mutation_replaces_a_case_variant_through_a_second_engine() -> None:
+    """A route writing ``user: x`` onto a request carrying ``User: admin`` sent both keys
+    (the mutation matched keys exactly): the inbound engine behind it refused the request as
+    ambiguous (BAD_REQUEST) and a provider would have read two attachments. The mutation
+    replaces the variant: the provider behind both engines sees ``user: x`` only."""
+    from metaprotocol_dubbo import DubboCodec
+
+    served: list[bytes] = []
+
+    class Recording(DubboServer):
+        def data_received(self, data: bytes) -> None:
+            served.append(data)
+            super().data_received(data)
+
+    router = """\
+    - name: mutate
+      route: [{destination: {host: svc.test}}]
+      requestMutation: [{key: user, value: x}]
+    """
+    dubbo = {"protocol": "dubbo", "codec": "aeraki.meta_protocol.codec.dubbo"}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Recording, "127.0.0.1", 0)
+        up = server.sockets[0].getsockname()[1]
+        async with engine_for(mesh([(up, "v1")], **dubbo)) as inbound:
+            text = mesh([(address(inbound)[1], "v1")], router=router, **dubbo)
+            async with engine_for(text) as outbound:
+                port = address(outbound)[1]
+                rid, status, body = await dubbo_call(port, 12, {"User": "admin", "k": "v"})
+                assert (rid, status, body) == (12, 20, b"\x91\x02ok"), body
+                assert inbound.stats.total("metaprotocol_decode_errors_total") == 0
+        server.close()
+        await server.wait_closed()
+        frame = b"".join(served)
+        buffer = bytearray(frame)
+        request = DubboCodec().decode(buffer)  # refused if it held both keys
+        assert isinstance(request, Metadata) and not buffer and request.attributes["user"] == "x"
+        assert b"User" not in frame and b"admin" not in frame and frame.count(b"\x04user") == 1
 
     run(main())
 

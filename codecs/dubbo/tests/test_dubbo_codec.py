@@ -913,3 +913,81 @@ def test_keys_that_differ_from_every_other_key_ignoring_case_decode() -> None:
     pairs = b"\x04user\x05admin\x07user-id\x011\x91\x01x"
     message = decode_one(_with_map(build_request(PATH, "greet", ["a"]), pairs))
     assert message.attributes["user"] == "admin" and message.values["attachments"] == {1: "x"}
+
+
+def _map_items(message: Metadata) -> list[tuple[object, object]]:
+    """The attachments map of a decoded request, in wire order."""
+    state = message.codec_state
+    assert isinstance(state, RequestState) and state.attachments is not None
+    value = loads(bytes(message.frame[state.attachments.start :]))
+    assert isinstance(value, dict)
+    return list(value.items())
+
+
+@pytest.mark.parametrize("mode", ["known", "fresh", "non-string"])
+@pytest.mark.parametrize("arg_size", [1, 20_000, 70_000])
+def test_a_mutation_replaces_an_attachment_whose_key_differs_only_in_case(
+    mode: str, arg_size: int
+) -> None:
+    """Attributes ignore case; a mutation matched keys exactly, so a route writing ``user: x``
+    onto a request carrying ``User: admin`` sent both: the provider saw two attachments and a
+    second engine refused the request as ambiguous. The mutation's key replaces the variant
+    in place, spelled as the mutation spells it; untouched entries keep their place. Every
+    path: the splice of a recognised map (``known``), a fresh scan (``fresh``), the entry by
+    entry rewrite (``non-string``), small, above 16 KiB (views) and above 64 KiB (no text)."""
+    attachments: dict[str, object] = {"k": "v", "User": "admin", "Env": "prod"}
+    if mode == "non-string":
+        attachments["n"] = 7
+    # Compact strings whose length bytes are ASCII (768 = 0x300), a short descriptor: the
+    # inline scan reads them, and a frame below 64 KiB has its map recognised.
+    count = max(1, arg_size // 768)
+    args = ["a" * min(arg_size, 768)] * count
+    frame = build_request(PATH, "m", args, descriptor="Lx;" * count, attachments=attachments)
+    codec = DubboCodec()
+    md = decode_one(frame, codec)
+    if mode == "known":
+        md = decode_one(frame, codec)
+        md = decode_one(frame, codec)  # the map was kept after its head was seen
+        assert (type(md.codec_state) is KnownRequest) == (len(frame) <= 64 * 1024)
+    data = join_encoded(codec.encode(md, {"user": "x", "x-new": "1"}, request_id=9))
+    again = decode_one(data)  # a colliding map would be refused here
+    assert again.attributes["user"] == "x" and again.request_id == 9
+    expected: list[tuple[object, object]] = [("k", "v"), ("user", "x"), ("Env", "prod")]
+    if mode == "non-string":
+        expected.append(("n", 7))
+        assert again.values["attachments"] == {"n": 7}
+    assert _map_items(again) == [*expected, ("x-new", "1")]
+    start = frame.rindex(b"H\x01k")  # the map's start
+    assert again.frame[HEADER_SIZE:start] == frame[HEADER_SIZE:start]  # arguments untouched
+    # A key that only looks alike ('user-id') is added, not replaced: the splice still applies.
+    spliced = decode_one(join_encoded(codec.encode(md, {"user-id": "1"})))
+    assert _map_items(spliced)[:3] == [("k", "v"), ("User", "admin"), ("Env", "prod")]
+
+
+def test_a_mutation_holding_a_key_in_two_spellings_writes_the_last() -> None:
+    """As attributes keep it: ``{"user": "a", "USER": "b"}`` writes ``USER: b`` once, whether
+    added, spliced or written over an existing key."""
+    for attachments in ({"k": "v"}, {"k": "v", "User": "admin"}, {"k": "v", "n": 7}):
+        frame = build_request(PATH, "m", ["a"], attachments=attachments)
+        data = join_encoded(DubboCodec().encode(decode_one(frame), {"user": "a", "USER": "b"}))
+        items = _map_items(decode_one(data))
+        assert [item for item in items if str(item[0]).lower() == "user"] == [("USER", "b")]
+
+
+def test_a_reply_mutation_leaves_one_spelling_of_the_key() -> None:
+    """Replies are read as they come, so one may carry ``user`` twice and ``User``: the
+    mutation replaces the first in place and drops the others (string maps and the entry by
+    entry rewrite alike)."""
+    head = build_response("ok", attachments={})
+    body = head[HEADER_SIZE:-2]  # without the empty map
+    for extra in (b"", b"\x91\x01x"):  # key 1: a non-string entry takes rewrite_map
+        attachments = b"H\x04user\x01a\x01k\x01v\x04User\x01b\x04user\x01c" + extra + b"Z"
+        frame = build_header(0x02, 20, 1, len(body) + len(attachments)) + body + attachments
+        md = decode_one(frame)
+        data = join_encoded(DubboCodec().encode(md, {"USER": "x"}))
+        again = decode_one(data)
+        assert again.attributes["user"] == "x"
+        state = again.codec_state
+        assert state.attachments is not None
+        items = list(loads(data[state.attachments.start :]).items())
+        assert items == [("USER", "x"), ("k", "v")] + ([(1, "x")] if extra else [])

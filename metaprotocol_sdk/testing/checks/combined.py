@@ -130,7 +130,10 @@ def mutation_replaces_key(ctx: CheckContext) -> None:
     """A mutation of a key the message already carries replaces its value, visibly.
 
     Keys the message was decoded with (one at a time; a key the codec cannot write may raise
-    MutationError) and the keys of a first mutation, written again with new values.
+    MutationError) and the keys of a first mutation, written again with new values, then
+    again in another case: attributes ignore case, so a key equal ignoring case is replaced
+    (a message left with both spellings would read two ways; a codec that refuses colliding
+    keys refuses it on re-decoding).
     """
     tally = _Tally()
     replaced = 0
@@ -164,6 +167,26 @@ def mutation_replaces_key(ctx: CheckContext) -> None:
         again = decode_whole(ctx.target.new_codec(sample.options), data, "the re-mutated message")
         _visible(ctx, middle, again, mutation, data)
         replaced += 1
+        respelled = {
+            key.swapcase(): f"{value}-case"
+            for key, value in ctx.target.mutation.items()
+            if key.swapcase() != key
+        }
+        if not respelled:
+            return
+        data = _encode(ctx, sample, middle, respelled, tally)
+        if data is None:
+            fail(
+                f"encode accepted the mutation {dict(ctx.target.mutation)!r} but refused to "
+                f"replace the same keys in another case in its output with {respelled!r}"
+            )
+        again = decode_whole(
+            ctx.target.new_codec(sample.options),
+            data,
+            f"the message mutated with {dict(ctx.target.mutation)!r}, then with the same keys "
+            f"in another case, {respelled!r} (a key left in both spellings?)",
+        )
+        _visible(ctx, middle, again, respelled, data)
 
     for_each_sample(ctx, prop)
     tally.finish()

@@ -10,7 +10,7 @@ decoder after the inline fast path keeps the reference numbering right.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from metaprotocol_sdk import FramingError
@@ -409,7 +409,7 @@ def rewrite_map(
     frame: bytes,
     start: int,
     end: int,
-    mutation: dict[str, str],
+    mutation: Mapping[str, str],
     replay: tuple[int, int] = (0, 0),
     new_decoder: NewDecoder = Decoder,
 ) -> bytes:
@@ -417,11 +417,14 @@ def rewrite_map(
 
     Entries the mutation does not touch keep their exact bytes (so non-string values, typed
     objects and their references survive); replaced entries and new ones are written as
-    strings. Keys match exactly (Dubbo attachments are case-sensitive). ``replay`` is the
-    offset and count of the values written before the map in the same Hessian stream.
+    strings. A mutation key replaces every string key equal to it ignoring case (attributes
+    ignore case): the first in place, written as the mutation spells it (an exact match keeps
+    its bytes), the others dropped, so the map holds the key once. ``replay`` is the offset
+    and count of the values written before the map in the same Hessian stream.
     """
+    folded = fold_mutation(mutation)
     if frame[start] == TAG_NULL:
-        return encode_string_map(mutation)
+        return encode_string_map(dict(folded.values()))
     # Replay the values before the map (skipping them) so that class definitions, type names
     # and reference numbers they introduced resolve inside the map.
     values_start, values_count = replay
@@ -441,25 +444,48 @@ def rewrite_map(
     pos = decoder.offset
     # The map's own header (tag and type) is kept, so type references stay numbered.
     parts = [frame[start:pos]]
-    replaced: set[str] = set()
+    written: set[str] = set()
     while frame[pos] != TAG_END:
         key_start = pos
         key: Any = decoder.read()
         value_start = decoder.offset
         decoder.skip()
         pos = decoder.offset
-        if isinstance(key, str) and key in mutation:
-            # Every occurrence of a duplicated key (decode reads the last one).
-            parts.append(frame[key_start:value_start])
-            parts.append(encode_string(mutation[key]))
-            replaced.add(key)
-        else:
+        item = folded.get(key.lower()) if isinstance(key, str) else None
+        if item is None:
             parts.append(frame[key_start:pos])
+        elif item[0] not in written:
+            # A later occurrence (the key again, or a case variant: a reply may hold them) is
+            # dropped: decode would read the last one, the provider's map both.
+            written.add(item[0])
+            parts.append(frame[key_start:value_start] if key == item[0] else encode_string(item[0]))
+            parts.append(encode_string(item[1]))
     if pos + 1 != end:
         raise FramingError("attachments map ends early", offset=pos)
-    for key, value in mutation.items():
-        if key not in replaced:
+    for key, value in folded.values():
+        if key not in written:
             parts.append(encode_string(key))
             parts.append(encode_string(value))
     parts.append(b"Z")
     return b"".join(parts)
+
+
+def fold_mutation(mutation: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """``mutation`` as attributes hold it, ``{key.lower(): (key, value)}``: of two keys equal
+    ignoring case the last one is written (as :class:`~metaprotocol_sdk.Attributes` keep it)."""
+    return {key.lower(): (key, value) for key, value in mutation.items()}
+
+
+def merge_strings(strings: dict[str, str], folded: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """The string map ``strings`` with the folded mutation ``folded`` applied: a key equal to
+    a mutation key ignoring case is replaced in place (the mutation's spelling, once), other
+    keys are appended."""
+    merged: dict[str, str] = {}
+    for key, value in strings.items():
+        item = folded.get(key.lower())
+        if item is None:
+            merged[key] = value
+        else:
+            merged[item[0]] = item[1]
+    merged.update(folded.values())
+    return merged

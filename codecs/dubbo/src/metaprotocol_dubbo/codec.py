@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import Any
 
@@ -39,6 +40,8 @@ from .body import (
     NewDecoder,
     encode_string,
     encode_string_map,
+    fold_mutation,
+    merge_strings,
     parameter_count,
     read_attachments,
     read_string,
@@ -138,10 +141,12 @@ class KnownRequest:
     Nothing in it depends on the frame, so one instance serves all such requests: the map (an
     untyped Hessian map of strings) ends the frame and is ``map_size`` bytes long, the
     arguments are ``args`` (offset, count). ``folded`` and ``values`` are the templates each
-    message copies. :meth:`state` gives the :class:`RequestState` of one frame.
+    message copies. ``folded_keys`` holds the attachment keys lower-cased (a mutation that names
+    none of them ignoring case only adds entries). :meth:`state` gives the
+    :class:`RequestState` of one frame.
     """
 
-    __slots__ = ("args", "folded", "map_size", "method", "strings", "values")
+    __slots__ = ("args", "folded", "folded_keys", "map_size", "method", "strings", "values")
 
     def __init__(
         self,
@@ -158,6 +163,7 @@ class KnownRequest:
         self.values = values
         self.args = args
         self.map_size = map_size
+        self.folded_keys = frozenset(key.lower() for key in strings)
 
     def state(self, frame: bytes) -> RequestState:
         """The full state of ``frame``, a request this state was shared with."""
@@ -286,28 +292,38 @@ _INLINE_SCAN_LIMIT = 64 * 1024
 _COPY_LIMIT = 16 * 1024
 
 
+#: A request mutation as Hessian string pairs plus the map end 'Z', and folded
+#: (:func:`~metaprotocol_dubbo.body.fold_mutation`, what the pairs were written from).
+_Added = tuple[bytes, dict[str, tuple[str, str]]]
+
 #: Encoded pairs by mutation items: a route applies the same mutation to every request.
-_ADDED_PAIRS: dict[tuple[tuple[str, str], ...], bytes] = {}
+_ADDED_PAIRS: dict[tuple[tuple[str, str], ...], _Added] = {}
 _ADDED_PAIRS_SIZE = 64
 
 
-def _added_pairs(mutation: Mutation) -> bytes:
+def _encode_added(mutation: Mutation) -> _Added:
+    folded = fold_mutation(mutation)
+    return encode_string_map(dict(folded.values()))[1:], folded  # without the map's 'H'
+
+
+def _added_pairs(mutation: Mutation) -> _Added:
     """``mutation`` of a request as Hessian string pairs plus the map end 'Z' (to splice into
-    a map). A mutation naming ``method`` is refused (:func:`_refuse_method`) before it is
-    encoded, so only mutations that passed are cached: a hit needs no check."""
+    a map), and folded (of two keys equal ignoring case, the last is written). A mutation
+    naming ``method`` is refused (:func:`_refuse_method`) before it is encoded, so only
+    mutations that passed are cached: a hit needs no check."""
     try:
         key = tuple(mutation.items())
-        pairs = _ADDED_PAIRS.get(key)
+        added = _ADDED_PAIRS.get(key)
     except TypeError:  # an unhashable value: encode_string_map reports it
         _refuse_method(mutation)
-        return encode_string_map(dict(mutation))[1:]
-    if pairs is None:
+        return _encode_added(mutation)
+    if added is None:
         _refuse_method(mutation)
-        pairs = encode_string_map(dict(mutation))[1:]  # without the map's 'H'
+        added = _encode_added(mutation)
         if len(_ADDED_PAIRS) >= _ADDED_PAIRS_SIZE:
             _ADDED_PAIRS.clear()
-        _ADDED_PAIRS[key] = pairs
-    return pairs
+        _ADDED_PAIRS[key] = added
+    return added
 
 
 def _positive(name: str, value: object) -> int:
@@ -456,7 +472,7 @@ class DubboCodec(Codec):
         #: The request mutation last spliced, a copy of it and its pairs (see :meth:`_pairs`).
         self._mutation: Mutation | None = None
         self._mutation_copy: dict[str, str] = {}
-        self._mutation_pairs = b""
+        self._mutation_pairs: _Added = (b"", {})
 
     def reset(self) -> None:
         """Forget the recently seen request heads and attachment maps, and the last request
@@ -828,16 +844,25 @@ class DubboCodec(Codec):
         frame = message.frame
         state = message.codec_state
         if mutation:
+            # The request's attachment keys, lower-cased (or a superset of them).
+            keys: AbstractSet[str]
             if type(state) is KnownRequest:
-                if len(frame) <= _COPY_LIMIT and state.strings.keys().isdisjoint(mutation):
+                keys = state.folded_keys
+                if len(frame) <= _COPY_LIMIT:
                     # _added_pairs refuses a 'method' key (checked once per mutation).
-                    return self._splice(frame, len(frame), self._pairs(mutation), request_id)
+                    added, folded = self._pairs(mutation)
+                    if keys.isdisjoint(folded):  # no key is replaced, even ignoring case
+                        return self._splice(frame, len(frame), added, request_id)
                 _refuse_method(mutation)
                 state = state.state(frame)
-            elif type(state) is RequestState:
-                _refuse_method(mutation)
+            else:
+                # Every string attachment is in the attribute table under its folded key (with
+                # interface, method, version), which filters read and do not change.
+                keys = message.attributes.folded_items.keys()
+                if type(state) is RequestState:
+                    _refuse_method(mutation)
             if isinstance(state, RequestState) and state.attachments is not None:
-                return self._mutate_request(frame, state, mutation, request_id)
+                return self._mutate_request(frame, state, mutation, request_id, keys)
             if isinstance(state, ResponseState) and self._can_carry(state):
                 return self._mutate_response(frame, state, mutation, request_id)
             raise MutationError(self._why_not(message))
@@ -873,20 +898,24 @@ class DubboCodec(Codec):
         state: RequestState,
         mutation: Mutation,
         request_id: int | None,
+        keys: AbstractSet[str],
     ) -> Encoded:
+        """``mutation`` written into a request; ``keys`` holds its attachment keys lower-cased
+        (a superset of them will do: a key in it that the map lacks only costs the splice)."""
         attachments = state.attachments
         assert attachments is not None
         start, end = attachments.start, attachments.end
+        added, folded = self._pairs(mutation)
         if (
             attachments.all_strings
             and end - start >= 2
             and frame[start] == _TAG_MAP_UNTYPED
             and frame[end - 1] == _TAG_END
-            and attachments.strings.keys().isdisjoint(mutation)
+            and keys.isdisjoint(folded)
         ):
-            # Only new keys: splice their pairs in before the map's end marker, so the whole
-            # body up to there (arguments and existing attachments) stays an untouched slice.
-            added = self._pairs(mutation)
+            # Only new keys (even ignoring case): splice their pairs in before the map's end
+            # marker, so the whole body up to there (arguments and existing attachments) stays
+            # an untouched slice.
             if len(frame) <= _COPY_LIMIT:
                 return self._splice(frame, end, added, request_id)
             view = memoryview(frame)
@@ -901,9 +930,9 @@ class DubboCodec(Codec):
             view = memoryview(frame)
             tail = view[end:]
             if start == end:
-                block = encode_string_map(dict(mutation))
+                block = b"H" + added
             elif attachments.all_strings:
-                block = encode_string_map({**attachments.strings, **mutation})
+                block = encode_string_map(merge_strings(attachments.strings, folded))
             else:
                 block = rewrite_map(
                     frame, start, end, dict(mutation), state.args, self._new_decoder
@@ -915,12 +944,13 @@ class DubboCodec(Codec):
             parts.append(tail)
         return parts
 
-    def _pairs(self, mutation: Mutation) -> bytes:
-        """:func:`_added_pairs` of ``mutation``, the last one remembered: a route sends the same
-        mapping with each request. Recognised as the same object with equal items (one changed
-        since is encoded and checked anew; only one that removed and re-added an item as it
-        was keeps the order it had), which costs about a fifth of building the items tuple
-        that keys ``_ADDED_PAIRS`` (callgrind: 470 instructions against 2 100)."""
+    def _pairs(self, mutation: Mutation) -> _Added:
+        """:func:`_added_pairs` of ``mutation`` (its pairs, and it folded), the last one
+        remembered: a route sends the same mapping with each request. Recognised as the same
+        object with equal items (one changed since is encoded and checked anew; only one that
+        removed and re-added an item as it was keeps the order it had), which costs about a
+        fifth of building the items tuple that keys ``_ADDED_PAIRS`` (callgrind: 470
+        instructions against 2 100)."""
         if mutation is self._mutation and mutation == self._mutation_copy:
             return self._mutation_pairs
         pairs = _added_pairs(mutation)
@@ -951,7 +981,9 @@ class DubboCodec(Codec):
         attachments = state.attachments
         if attachments is not None:
             if attachments.all_strings:
-                block = encode_string_map({**attachments.strings, **mutation})
+                block = encode_string_map(
+                    merge_strings(attachments.strings, fold_mutation(mutation))
+                )
             else:
                 replay = (state.value_start, 1 if state.value_start < attachments.start else 0)
                 block = rewrite_map(
@@ -975,7 +1007,7 @@ class DubboCodec(Codec):
                 if result_flag is None
                 else result_flag.with_attachments
             )
-            block = encode_string_map(dict(mutation))
+            block = encode_string_map(dict(fold_mutation(mutation).values()))
             head = [
                 bytes((COMPACT_INT_ZERO + new_flag,)),
                 view[state.value_start : state.value_end],
