@@ -245,18 +245,22 @@ def key_clash(block: THeaderBlock) -> str | None:
 def merge_info(
     info: list[tuple[bytes, bytes]], mutation: Mapping[str, str]
 ) -> list[tuple[bytes, bytes]]:
-    """``info`` with ``mutation`` applied: keys replaced in place (ignoring case), else added."""
+    """``info`` with ``mutation`` applied: keys replaced in place, else added. Keys are
+    compared as decoding reads them (UTF-8 with replacement, then ignoring case), so a
+    mutation of a key the attributes hold replaces that key whatever its bytes were (an
+    invalid UTF-8 key, or one whose case differs beyond ASCII), never adds a second one the
+    next decoder would refuse as colliding."""
     merged = list(info)
-    index = {key.lower(): n for n, (key, _) in enumerate(merged)}
+    index = {key.decode("utf-8", "replace").lower(): n for n, (key, _) in enumerate(merged)}
     for key, value in mutation.items():
-        raw_key = key.encode()
-        raw_value = value.encode()
-        n = index.get(raw_key.lower())
+        raw = (key.encode(), value.encode())
+        folded = key.lower()
+        n = index.get(folded)
         if n is None:
-            index[raw_key.lower()] = len(merged)
-            merged.append((raw_key, raw_value))
+            index[folded] = len(merged)
+            merged.append(raw)
         else:
-            merged[n] = (raw_key, raw_value)
+            merged[n] = raw
     return merged
 
 
