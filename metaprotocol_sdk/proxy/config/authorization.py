@@ -154,40 +154,54 @@ class _Fields:
         self.doc.caution(path, HTTP_ONLY)
 
 
+#: The field tables of a ``from`` entry and its ``source``, of a ``to`` entry and its
+#: ``operation``.
+_FROM = (schema.AUTHORIZATION_FROM, schema.AUTHORIZATION_SOURCE)
+_TO = (schema.AUTHORIZATION_TO, schema.AUTHORIZATION_OPERATION)
+
+
 def _rule(doc: _Doc, raw: Any, path: str, action: Action) -> Rule:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         doc.fail(path, f"must be a mapping, got {type(raw).__name__}")
     doc.check(raw, path, schema.AUTHORIZATION_RULE)
-    http_only = False
-    sources = []
-    for i, item in enumerate(doc.sequence(raw, "from", f"{path}.from", required=False)):
-        where = f"{path}.from[{i}]"
-        source = _entry(doc, item, where, "source", schema.AUTHORIZATION_FROM)
-        doc.check(source, f"{where}.source", schema.AUTHORIZATION_SOURCE)
-        found = _Fields(doc, action)
-        _source(found, source, f"{where}.source")
-        http_only = http_only or found.http_only
-        sources.append(tuple(found.checks))
-    operations = []
-    for i, item in enumerate(doc.sequence(raw, "to", f"{path}.to", required=False)):
-        where = f"{path}.to[{i}]"
-        operation = _entry(doc, item, where, "operation", schema.AUTHORIZATION_TO)
-        doc.check(operation, f"{where}.operation", schema.AUTHORIZATION_OPERATION)
-        found = _Fields(doc, action)
-        _operation(found, operation, f"{where}.operation")
-        http_only = http_only or found.http_only
-        operations.append(tuple(found.checks))
+    sources, http_from = _alternatives(doc, raw, path, action, ("from", "source"), _FROM, _source)
+    operations, http_to = _alternatives(
+        doc, raw, path, action, ("to", "operation"), _TO, _operation
+    )
     conditions = _Fields(doc, action)
     for i, item in enumerate(doc.sequence(raw, "when", f"{path}.when", required=False)):
         _condition(conditions, item, f"{path}.when[{i}]")
-    http_only = http_only or conditions.http_only
-    if http_only and action == "ALLOW":
+    if (http_from or http_to or conditions.http_only) and action == "ALLOW":
         return Rule(never=True)
-    return Rule(
-        tuple(sources), tuple(operations), tuple(conditions.checks), tuple(conditions.headers)
-    )
+    return Rule(sources, operations, tuple(conditions.checks), tuple(conditions.headers))
+
+
+def _alternatives(
+    doc: _Doc,
+    raw: dict[str, Any],
+    path: str,
+    action: Action,
+    keys: tuple[str, str],
+    tables: tuple[schema.Fields, schema.Fields],
+    read: Callable[[_Fields, dict[str, Any], str], None],
+) -> tuple[tuple[tuple[Check, ...], ...], bool]:
+    """A rule's ``from`` (each a ``source``) or ``to`` (each an ``operation``) list: the
+    checks of each entry, and whether an HTTP-only field was among them."""
+    outer, inner = keys
+    table, inner_table = tables
+    found_all: list[tuple[Check, ...]] = []
+    http_only = False
+    for i, item in enumerate(doc.sequence(raw, outer, f"{path}.{outer}", required=False)):
+        where = f"{path}.{outer}[{i}]"
+        entry = _entry(doc, item, where, inner, table)
+        doc.check(entry, f"{where}.{inner}", inner_table)
+        found = _Fields(doc, action)
+        read(found, entry, f"{where}.{inner}")
+        http_only = http_only or found.http_only
+        found_all.append(tuple(found.checks))
+    return tuple(found_all), http_only
 
 
 def _entry(doc: _Doc, item: Any, path: str, key: str, table: schema.Fields) -> dict[str, Any]:
