@@ -273,15 +273,22 @@ def _address(extra: Any) -> tuple[IpAddress | None, int | None]:
     return address, extra[1] if isinstance(extra[1], int) else None
 
 
+def uris_of(cert: Any) -> tuple[str, ...]:
+    """The URI SANs of a certificate as ``getpeercert()`` decodes it (``()``: none)."""
+    if not isinstance(cert, dict):
+        return ()
+    return tuple(
+        value
+        for kind, value in cert.get("subjectAltName", ())
+        if kind == "URI" and isinstance(value, str)
+    )
+
+
 def principal_of(peercert: Any) -> tuple[str, ...] | None:
     """Istio's ``source.principal``: the certificate's SPIFFE URI SANs without
     ``spiffe://``, all of them (``None``: none)."""
-    if not isinstance(peercert, dict):
-        return None
     found = tuple(
-        str(value[len("spiffe://") :])
-        for kind, value in peercert.get("subjectAltName", ())
-        if kind == "URI" and isinstance(value, str) and value.startswith("spiffe://")
+        uri[len("spiffe://") :] for uri in uris_of(peercert) if uri.startswith("spiffe://")
     )
     return found or None
 

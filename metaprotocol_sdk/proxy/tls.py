@@ -31,6 +31,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from .authorization import uris_of
 from .downstream import Downstream, ListenerRuntime, Refused
 from .handshake import HalfClosing, handshake_class
 from .stats import Counter, Labels
@@ -147,18 +148,28 @@ def _no_passphrase() -> bytes:
     raise TlsSettingError("privateKey", "the private key asks for a passphrase")
 
 
-def certificate_expiry(path: str) -> float | None:
-    """When the first certificate of ``path`` expires (Unix seconds); ``None`` when the
-    Python build cannot tell (it uses CPython's own decoder, also used by its tests)."""
+def _decoded_certificate(path: str | None) -> dict[str, Any] | None:
+    """The first certificate of ``path`` as ``getpeercert()`` decodes one (``None``: no file,
+    unreadable, or a Python build without CPython's own decoder, also used by its tests)."""
     import _ssl
 
     decode = getattr(_ssl, "_test_decode_cert", None)
-    if decode is None:
+    if decode is None or path is None:
         return None
     try:
-        not_after = decode(path).get("notAfter")
-        return float(ssl.cert_time_to_seconds(not_after)) if not_after else None
+        decoded = decode(path)
     except (ssl.SSLError, OSError, ValueError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
+def certificate_expiry(path: str) -> float | None:
+    """When the first certificate of ``path`` expires (Unix seconds); ``None`` when the
+    Python build cannot tell."""
+    not_after = (_decoded_certificate(path) or {}).get("notAfter")
+    try:
+        return float(ssl.cert_time_to_seconds(not_after)) if not_after else None
+    except ValueError:
         return None
 
 
@@ -166,26 +177,7 @@ def certificate_uris(path: str | None) -> tuple[str, ...]:
     """The URI SANs of the first certificate of ``path`` (``()``: none, no file, or a
     Python build that cannot tell), read once when a listener or cluster is built: Istio's
     metrics name the local identity by them."""
-    import _ssl
-
-    decode = getattr(_ssl, "_test_decode_cert", None)
-    if decode is None or path is None:
-        return ()
-    try:
-        return uris_of(decode(path))
-    except (ssl.SSLError, OSError, ValueError):
-        return ()
-
-
-def uris_of(cert: Any) -> tuple[str, ...]:
-    """The URI SANs of a certificate as ``getpeercert()`` decodes it (``()``: none)."""
-    if not isinstance(cert, dict):
-        return ()
-    return tuple(
-        value
-        for kind, value in cert.get("subjectAltName", ())
-        if kind == "URI" and isinstance(value, str)
-    )
+    return uris_of(_decoded_certificate(path))
 
 
 def _load_chain(ctx: ssl.SSLContext, cert_key: str, cert: str, key_key: str, key: str) -> None:
