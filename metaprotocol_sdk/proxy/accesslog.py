@@ -18,8 +18,12 @@ import os
 import select
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
+from ..metadata import Attributes
+from .authorization import uris_of
 from .writer import BackgroundWriter
 
 #: Gathered lines are handed to the writer once they reach this many bytes (and every sweep).
@@ -27,6 +31,33 @@ FLUSH_BYTES = 64 * 1024
 
 #: Bytes handed to the writer and not yet written, above which new lines are dropped.
 MAX_PENDING_BYTES = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFacts:
+    """What the access log says of a client's connection, found once per connection:
+    its address (``ip:port``, ``[ip]:port`` for IPv6; empty when unknown) and the
+    ``spiffe://`` identities of its TLS certificate, comma-separated as Envoy's
+    ``%DOWNSTREAM_PEER_URI_SAN%`` (``None``: plain text or none)."""
+
+    address: str = ""
+    principal: str | None = None
+
+
+#: A client nothing is known of.
+NO_CLIENT = ClientFacts()
+
+
+def client_facts(transport: Any) -> ClientFacts:
+    """The access log's facts of the client on ``transport``."""
+    peer = transport.get_extra_info("peername")
+    address = ""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        address = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    ids = [u for u in uris_of(transport.get_extra_info("peercert")) if u.startswith("spiffe://")]
+    return ClientFacts(address, ",".join(ids) if ids else None)
+
 
 #: How long closing waits for the writer to finish what it holds.
 CLOSE_WAIT = 2.0
@@ -51,10 +82,17 @@ def _open(path: str) -> int:
 
 
 class AccessLog:
-    """Writes one JSON line per finished request. ``path`` ``-`` means stderr."""
+    """Writes one JSON line per finished request. ``path`` ``-`` means stderr;
+    ``attributes``: the request attributes each line carries (when the request has them),
+    each value cut to ``max_value_length`` characters."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self, path: str, attributes: tuple[str, ...] = (), max_value_length: int = 256
+    ) -> None:
         self.path = path
+        #: ``(key as configured, key folded)`` of each logged attribute.
+        self._attributes = tuple((key, key.lower()) for key in attributes)
+        self._longest = max_value_length
         self._own = path not in STDERR_PATHS
         if self._own:
             self._fd = _open(path)
@@ -89,30 +127,52 @@ class AccessLog:
         upstream: str = "",
         response_flags: str = "-",
         details: str | None = None,
+        client: ClientFacts = NO_CLIENT,
+        bytes_received: int = 0,
+        bytes_sent: int = 0,
+        attributes: Attributes | None = None,
     ) -> None:
         """Record one request (``duration`` in seconds; ``response_flags``: Envoy's short
         flags, ``-`` for none, as Istio's ``response_flags`` label has them; ``details``:
         Envoy's ``response_code_details``, written when given, e.g. the policy that denied
-        the request)."""
+        the request; ``client``: its connection's address and TLS identity;
+        ``bytes_received``, ``bytes_sent``: the request's and the reply's frames)."""
         fields: dict[str, object] = {
             "time": round(time.time(), 6),
             "listener": listener,
             "route": route,
             "destination": destination,
             "upstream": upstream,
+            "downstream": client.address,
             "status": status,
             "response_flags": response_flags,
             "duration_ms": round(duration * 1000.0, 3),
             "request_id": request_id,
             "message_type": message_type,
+            "bytes_received": bytes_received,
+            "bytes_sent": bytes_sent,
         }
+        if client.principal is not None:
+            fields["source_principal"] = client.principal
         if details is not None:
             fields["response_code_details"] = details
+        if self._attributes and attributes is not None:
+            fields["attributes"] = self._chosen(attributes)
         line = json.dumps(fields, separators=(",", ":")) + "\n"
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:
             self.flush()
+
+    def _chosen(self, attributes: Attributes) -> dict[str, str]:
+        """The configured attributes the request has, each cut to the longest allowed."""
+        chosen = {}
+        longest = self._longest
+        for key, folded in self._attributes:
+            value = attributes.get_folded(folded)
+            if value is not None:
+                chosen[key] = value if len(value) <= longest else value[:longest] + "..."
+        return chosen
 
     def flush(self) -> None:
         """Hand the gathered lines to the writer, or drop and count them when it is

@@ -160,7 +160,13 @@ def config_dump(engine: Engine) -> dict[str, Any]:
             "overload": vars(settings.overload),
             "timeouts": vars(settings.timeouts),
             "watchdog": vars(settings.watchdog),
-            "accessLog": settings.access_log,
+            "accessLog": None
+            if settings.access_log is None
+            else {
+                "path": settings.access_log.path,
+                "attributes": list(settings.access_log.attributes),
+                "maxValueLength": settings.access_log.max_value_length,
+            },
             "connectionsPerEndpoint": settings.connections_per_endpoint,
             "admin": None
             if admin is None

@@ -14,6 +14,7 @@ from metaprotocol_sdk.errors import CodecError, FrameTooLargeError, MutationErro
 from metaprotocol_sdk.filters import Filter, LocalReply, RequestContext, ResponseContext
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
+from .accesslog import NO_CLIENT, client_facts
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED
 from .router import CompiledRoute, RouteTable, Target
@@ -214,6 +215,7 @@ class Downstream(asyncio.Protocol):
         "blocked",
         "blocked_since",
         "buffer",
+        "client",
         "closed",
         "closing_since",
         "codec",
@@ -298,6 +300,9 @@ class Downstream(asyncio.Protocol):
         #: Its TLS identities in Istio's series (``None``: plain text; set by a TLS
         #: connection once its handshake is done).
         self.istio: Identities | None = None
+        #: Its address and TLS identity, as the access log writes them (found when the
+        #: connection is made, with an access log only).
+        self.client = NO_CLIENT
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -321,6 +326,8 @@ class Downstream(asyncio.Protocol):
         self.last_seen = engine.loop.time()
         if listener.authz is not None:
             self.authz = listener.authz.judge(transport)
+        if engine.access_log is not None:
+            self.client = client_facts(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         engine = self.engine
@@ -1310,6 +1317,11 @@ class Downstream(asyncio.Protocol):
                 request.message_type.name,
                 p.host.key,
                 "-",  # an answer from upstream: no flag
+                None,
+                self.client,
+                p.size,
+                size,
+                request.attributes,
             )
 
     def _observe_local(
@@ -1444,6 +1456,10 @@ class Downstream(asyncio.Protocol):
                 "" if host is None else host.key,
                 flags if flags is not None else RESPONSE_FLAGS.get(error.name, "-"),
                 details,
+                self.client,
+                len(request.frame),
+                len(reply),
+                request.attributes,
             )
 
     def _refuse(self, exc: CodecError, error: ErrorType, close: bool) -> None:

@@ -637,8 +637,12 @@ class Engine:
                         "configuration",
                         *self.admin_address,
                     )
-            if settings.access_log:
-                self.access_log = AccessLog(settings.access_log)
+            if settings.access_log is not None:
+                self.access_log = AccessLog(
+                    settings.access_log.path,
+                    settings.access_log.attributes,
+                    settings.access_log.max_value_length,
+                )
         except BaseException:
             await self._close_servers()
             await self._stop_tracing()  # its exporter thread, made with the routes

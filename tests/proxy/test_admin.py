@@ -14,8 +14,9 @@ import pytest
 from proxy_kit import WAIT, Client, Upstream, address, engine_for, http_get, mesh, run, until
 
 from metaprotocol_sdk import ConfigError, compiled
+from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
-from metaprotocol_sdk.proxy.accesslog import AccessLog
+from metaprotocol_sdk.proxy.accesslog import AccessLog, client_facts
 from metaprotocol_sdk.proxy.telemetry import IstioTelemetry, workload_from_environment
 
 
@@ -140,6 +141,85 @@ def test_access_log_one_json_line_per_request(tmp_path: Path) -> None:
     first = records[0]
     assert first["route"] == "default" and first["destination"] == "outbound|9000||svc.test"
     assert first["listener"] == "svc.test:9000" and first["duration_ms"] >= 0
+
+
+def test_access_log_says_who_asked_what_and_how_much(tmp_path: Path) -> None:
+    """Each line names the client's address, the bytes each way and the request attributes
+    configured (matched ignoring case, written as configured, long values cut); a local
+    reply's line too."""
+    log = tmp_path / "access.log"
+    proxy = (
+        f"accessLog: {{path: '{log}', attributes: [Method, x-user, x-absent], maxValueLength: 8}}\n"
+    )
+    router = """\
+    - name: main
+      match: {attributes: {method: {exact: get}}}
+      route: [{destination: {host: svc.test, subset: v1}}]
+    """
+    sent: dict[int, int] = {}
+    got: dict[int, int] = {}
+
+    async def main() -> tuple[str, int]:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=router, proxy=proxy)) as engine:
+            c = await Client.connect(address(engine))
+            assert c.transport is not None
+            host, port = c.transport.get_extra_info("sockname")[:2]
+            for rid, method, headers, body in [
+                (1, "get", {"x-user": "alice"}, b"x" * 100),
+                (2, "nothing", {"X-USER": "bob-the-builder"}, b""),
+            ]:
+                sent[rid] = len(build_frame(REQUEST, rid, {"method": method, **headers}, body))
+                reply = await c.call(method, headers, body, rid=rid)
+                got[rid] = len(reply.frame)
+            c.close()
+        await up.close()
+        return host, port
+
+    host, port = run(main())
+    records = {r["request_id"]: r for r in map(json.loads, log.read_text().splitlines())}
+    ok, local = records[1], records[2]
+    assert (ok["status"], local["status"]) == ("Ok", "RouteNotFound")
+    for rid, record in records.items():
+        assert record["downstream"] == f"{host}:{port}"
+        assert (record["bytes_received"], record["bytes_sent"]) == (sent[rid], got[rid])
+        assert "source_principal" not in record  # plain text
+    assert ok["attributes"] == {"Method": "get", "x-user": "alice"}
+    assert local["attributes"] == {"Method": "nothing", "x-user": "bob-the-..."}
+
+
+def test_access_log_client_addresses_as_envoy_writes_them() -> None:
+    """IPv6 addresses in brackets; only SPIFFE URI SANs are principals."""
+
+    class Transport:
+        def __init__(self, extra: dict[str, object]) -> None:
+            self.extra = extra
+
+        def get_extra_info(self, name: str) -> object:
+            return self.extra.get(name)
+
+    cert = {"subjectAltName": (("URI", "spiffe://td/ns/a/sa/b"), ("URI", "https://x"))}
+    v6 = client_facts(Transport({"peername": ("::1", 5, 0, 0), "peercert": cert}))
+    assert (v6.address, v6.principal) == ("[::1]:5", "spiffe://td/ns/a/sa/b")
+    unix = client_facts(Transport({"peername": "", "peercert": {"subjectAltName": ()}}))
+    assert (unix.address, unix.principal) == ("", None)
+
+
+def test_access_log_without_attributes_configured_writes_none(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{log}'}}\n")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            await c.call(headers={"x-user": "alice"})
+            c.close()
+        await up.close()
+
+    run(main())
+    (record,) = map(json.loads, log.read_text().splitlines())
+    assert "attributes" not in record and record["bytes_received"] > 0
 
 
 def test_access_log_lines_reach_the_file_within_a_sweep(tmp_path: Path) -> None:

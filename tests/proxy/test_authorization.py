@@ -141,6 +141,10 @@ def test_an_allow_policy_lets_its_principals_in_and_answers_the_others_with_thei
         denied = [line for line in lines if line["status"] == "PermissionDenied"]
         assert [line["request_id"] for line in denied] == [11, 12, 13]
         assert denied[0]["response_code_details"] == "rbac_access_denied_matched_policy[none]"
+        # Who asked: the client certificate's SPIFFE id, none for the plain-text client.
+        who = {line["request_id"]: line.get("source_principal") for line in lines}
+        spiffe = "spiffe://cluster.local/ns/default/sa/"
+        assert who == {7: spiffe + "frontend", 11: spiffe + "intruder", 12: None, 13: who[11]}
 
     run(main())
 

@@ -371,6 +371,37 @@ MISTAKES = [
         id="invalid-yaml",
     ),
     pytest.param("- a\n- b\n", "document 1", None, "must be a mapping", id="not-a-mapping"),
+    pytest.param(
+        _edit('  admin: {bind: "127.0.0.1:0"}', "  accessLog: {path: '-', attributes: [m, M]}"),
+        "ProxyConfig/engine",
+        "spec.accessLog.attributes[1]",
+        "'M' is 'm' again (attributes ignore case)",
+        id="access-log-attribute-twice",
+    ),
+    pytest.param(
+        _edit('  admin: {bind: "127.0.0.1:0"}', "  accessLog: {path: '-', attributes: [m, 7]}"),
+        "ProxyConfig/engine",
+        "spec.accessLog.attributes[1]",
+        "must be an attribute's name (1 to 253 characters), got 7",
+        id="access-log-attribute-not-a-string",
+    ),
+    pytest.param(
+        _edit(
+            '  admin: {bind: "127.0.0.1:0"}',
+            f"  accessLog: {{path: '-', attributes: [{', '.join(f'a{i}' for i in range(65))}]}}",
+        ),
+        "ProxyConfig/engine",
+        "spec.accessLog.attributes",
+        "65 attributes; at most 64 are logged",
+        id="access-log-too-many-attributes",
+    ),
+    pytest.param(
+        _edit('  admin: {bind: "127.0.0.1:0"}', "  accessLog: {path: '-', maxValueLength: 0}"),
+        "ProxyConfig/engine",
+        "spec.accessLog.maxValueLength",
+        "must be an integer in [1, 65536], got 0",
+        id="access-log-value-length",
+    ),
 ]
 
 

@@ -22,7 +22,7 @@ import yaml
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.config import Config
-from metaprotocol_sdk.proxy.config.models import LoadBalancer, TrafficPolicy
+from metaprotocol_sdk.proxy.config.models import AccessLogSettings, LoadBalancer, TrafficPolicy
 
 KV = "metaprotocol_sdk.examples.kv:KVCodec"
 AUDIT = "metaprotocol_sdk.examples.audit_filter:AuditFilter"
@@ -551,7 +551,12 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         {"missTimeout": "100ms", "megamissTimeout": "2s", "killTimeout": "10s"},
         lambda c: c.proxy.watchdog.megamiss_timeout == 2.0 and c.proxy.watchdog.kill_timeout == 10,
     ),
-    ("ProxyConfig", "spec.accessLog", {"path": "-"}, lambda c: c.proxy.access_log == "-"),
+    (
+        "ProxyConfig",
+        "spec.accessLog",
+        {"path": "-", "attributes": ["method"], "maxValueLength": 64},
+        lambda c: c.proxy.access_log == AccessLogSettings("-", ("method",), 64),
+    ),
     (
         "ProxyConfig",
         "spec.upstream",

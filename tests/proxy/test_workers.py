@@ -393,9 +393,11 @@ def test_a_worker_serves_the_shared_ports_a_private_admin_and_its_own_access_log
         ("127.0.0.1", 41000)
     ]
     assert config.proxy.admin is not None and config.proxy.admin.bind == ("127.0.0.1", 0)
-    assert config.proxy.access_log == "/var/log/mp.log.worker1"
+    assert config.proxy.access_log is not None
+    assert config.proxy.access_log.path == "/var/log/mp.log.worker1"
     on_stderr = loads_config(mesh([(1, "v1")], proxy="accessLog: {path: '-'}\n"), "t.yaml")
-    assert workers.WorkerSpec(0, {}).apply(on_stderr).proxy.access_log == "-"
+    kept = workers.WorkerSpec(0, {}).apply(on_stderr).proxy.access_log
+    assert kept is not None and kept.path == "-"
 
 
 def _alive(pid: int) -> bool:

@@ -490,5 +490,5 @@ WATCHDOG = fields(
         "actions": "watchdog actions (extensions run on a stall)",
     },
 )
-ACCESS_LOG = fields("path")
+ACCESS_LOG = fields("path", "attributes", "maxValueLength")
 UPSTREAM = fields("connectionsPerEndpoint")

@@ -51,6 +51,7 @@ from .models import (
     AUTO_MTLS_KEY,
     RETRY_ON,
     TLS_MODE_LABEL,
+    AccessLogSettings,
     Admin,
     AttributeMatch,
     Config,
@@ -1837,9 +1838,7 @@ def _proxy(
     overload = _overload(doc, spec)
     timeouts = _timeouts(doc, spec)
     watchdog = _watchdog(doc, spec)
-    log = doc.mapping(spec, "accessLog", "spec.accessLog", required=False)
-    doc.check(log, "spec.accessLog", schema.ACCESS_LOG)
-    access_log = doc.string(log, "path", "spec.accessLog.path") if log else None
+    access_log = _access_log(doc, spec)
     up = doc.mapping(spec, "upstream", "spec.upstream", required=False)
     doc.check(up, "spec.upstream", schema.UPSTREAM)
     per_endpoint = doc.integer(
@@ -2226,6 +2225,40 @@ def _policy_scope(doc: _Doc | None, telemetry: Telemetry) -> PolicyScope | None:
     ):
         _, error = environment_labels(os.environ)
     return PolicyScope(workload.namespace, workload.labels, root, error)
+
+
+#: Request attributes an access log line may carry (``spec.accessLog.attributes``).
+MAX_LOGGED_ATTRIBUTES = 64
+
+
+def _access_log(doc: _Doc, spec: Mapping[str, Any]) -> AccessLogSettings | None:
+    """``spec.accessLog`` (``None``: no access log)."""
+    log = doc.mapping(spec, "accessLog", "spec.accessLog", required=False)
+    doc.check(log, "spec.accessLog", schema.ACCESS_LOG)
+    if not log:
+        return None
+    path = doc.string(log, "path", "spec.accessLog.path")
+    assert path is not None
+    where = "spec.accessLog.attributes"
+    keys = doc.sequence(log, "attributes", where, required=False)
+    if len(keys) > MAX_LOGGED_ATTRIBUTES:
+        doc.fail(where, f"{len(keys)} attributes; at most {MAX_LOGGED_ATTRIBUTES} are logged")
+    seen: dict[str, str] = {}
+    for i, key in enumerate(keys):
+        if not isinstance(key, str) or not key or len(key) > MAX_NAME_LENGTH:
+            doc.fail(
+                f"{where}[{i}]",
+                f"must be an attribute's name (1 to {MAX_NAME_LENGTH} characters), "
+                f"got {key[:40] if isinstance(key, str) else key!r}",
+            )
+        if key.lower() in seen:
+            doc.fail(
+                f"{where}[{i}]",
+                f"{key!r} is {seen[key.lower()]!r} again (attributes ignore case)",
+            )
+        seen[key.lower()] = key
+    longest = doc.integer(log, "maxValueLength", "spec.accessLog.maxValueLength", False, 1, 65536)
+    return AccessLogSettings(path, tuple(keys), 256 if longest is None else longest)
 
 
 def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:

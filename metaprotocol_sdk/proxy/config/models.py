@@ -778,6 +778,17 @@ class PeerAuthentication:
 
 
 @dataclass(frozen=True)
+class AccessLogSettings:
+    """``spec.accessLog``: where the access log goes and which request attributes it
+    writes (``attributes``, as configured; each value cut to ``max_value_length``
+    characters)."""
+
+    path: str
+    attributes: tuple[str, ...] = ()
+    max_value_length: int = 256
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """The ``ProxyConfig`` document: the engine's own settings."""
 
@@ -788,7 +799,7 @@ class ProxySettings:
     overload: Overload = Overload()
     timeouts: Timeouts = Timeouts()
     watchdog: Watchdog = Watchdog()
-    access_log: str | None = None
+    access_log: AccessLogSettings | None = None
     connections_per_endpoint: int = 1
     telemetry: Telemetry = Telemetry()
     #: Tracing (``None``: off, and nothing of it in the data path).
