@@ -131,12 +131,14 @@ class AccessLog:
         bytes_received: int = 0,
         bytes_sent: int = 0,
         attributes: Attributes | None = None,
+        dry_run: dict[str, dict[str, str]] | None = None,
     ) -> None:
         """Record one request (``duration`` in seconds; ``response_flags``: Envoy's short
         flags, ``-`` for none, as Istio's ``response_flags`` label has them; ``details``:
         Envoy's ``response_code_details``, written when given, e.g. the policy that denied
         the request; ``client``: its connection's address and TLS identity;
-        ``bytes_received``, ``bytes_sent``: the request's and the reply's frames)."""
+        ``bytes_received``, ``bytes_sent``: the request's and the reply's frames;
+        ``dry_run``: what the dry-run AuthorizationPolicies decide for it)."""
         fields: dict[str, object] = {
             "time": round(time.time(), 6),
             "listener": listener,
@@ -158,6 +160,8 @@ class AccessLog:
             fields["response_code_details"] = details
         if self._attributes and attributes is not None:
             fields["attributes"] = self._chosen(attributes)
+        if dry_run:
+            fields["dry_run"] = dry_run
         line = json.dumps(fields, separators=(",", ":")) + "\n"
         self._lines.append(line)
         self._size += len(line)

@@ -20,7 +20,9 @@ the ``shadow_rules`` of its two RBAC filters, the DENY ones and the ALLOW ones a
 sets, each judged (and counted, ``shadow_denied`` or ``shadow_allowed``) where its filter
 would judge: the DENY set first, for every connection; the ALLOW set for what the enforced
 DENY policies let through. Without dry-run policies they cost one attribute check per
-connection and nothing per request.
+connection and nothing per request. With an access log, every connection keeps what the
+dry-run sets decided for it, and each line says what they decide for its request
+(:meth:`Verdict.dry_run_outcome`).
 """
 
 from __future__ import annotations
@@ -355,8 +357,10 @@ class Verdict:
         "deny_when",
         "owner",
         "shadow",
+        "shadow_allow_decided",
         "shadow_allow_when",
         "shadow_allowed_by",
+        "shadow_deny_decided",
         "shadow_deny_when",
     )
 
@@ -378,6 +382,11 @@ class Verdict:
         #: The dry-run ALLOW set's decision for the connection, counted per request as
         #: ``(policy, result)`` (the enforced DENY rules may deny a request before it).
         self.shadow_allowed_by: tuple[str, str] | None = None
+        #: What each dry-run set decided for the whole connection, ``(result, policy)``
+        #: (``None``: it waits on each request's attributes, or was not judged), kept for
+        #: the access log (see :meth:`dry_run_outcome`).
+        self.shadow_deny_decided: tuple[Literal["allowed", "denied"], str] | None = None
+        self.shadow_allow_decided: tuple[Literal["allowed", "denied"], str] | None = None
 
     def denies(self, conn: Any, attributes: Attributes) -> str | None:
         """Judge a request: the reason it is denied (``None``: allowed), counted."""
@@ -435,6 +444,49 @@ class Verdict:
                 return
         self.owner.count(NO_POLICY, "ALLOW", "shadow_denied")
 
+    def dry_run_outcome(self, attributes: Attributes) -> dict[str, dict[str, str]]:
+        """What the dry-run sets decide for a request, as the access log writes it (Istio's
+        ``istio_dry_run_{deny,allow}_shadow_*`` metadata): for each set judged, the result
+        (``allowed``, ``denied``) and the policy that decided (``none``: no rule did).
+        Counts nothing; linear in the rules left to the request."""
+        authz = self.owner.authorization
+        outcome: dict[str, dict[str, str]] = {}
+        if authz.dry_deny:
+            deny = self.shadow_deny_decided or _decided(self.shadow_deny_when, attributes, "denied")
+            outcome["deny"] = {"result": deny[0], "policy": deny[1]}
+        if authz.dry_allow and not self._denied_by_deny(attributes):
+            allow = self.shadow_allow_decided or _decided(
+                self.shadow_allow_when, attributes, "allowed"
+            )
+            outcome["allow"] = {"result": allow[0], "policy": allow[1]}
+        return outcome
+
+    def _denied_by_deny(self, attributes: Attributes) -> bool:
+        """Whether an enforced DENY policy denies the request (the dry-run ALLOW set, judged
+        after them, then never sees it)."""
+        if self.denied is not None:
+            return self.denied.action == "DENY"
+        return _first(self.deny_when, attributes) is not None
+
+
+def _decided(
+    waiting: Waiting, attributes: Attributes, matched: Literal["allowed", "denied"]
+) -> tuple[Literal["allowed", "denied"], str]:
+    """A dry-run set's decision for a request from the rules it left to it: ``matched`` by
+    the first that holds, else the other result, by no policy."""
+    name = _first(waiting, attributes)
+    if name is not None:
+        return matched, name
+    return ("allowed" if matched == "denied" else "denied"), NO_POLICY
+
+
+def _first(waiting: Waiting, attributes: Attributes) -> str | None:
+    """The policy of the first rule of ``waiting`` the request matches (``None``: none)."""
+    for policy, checks in waiting:
+        if headers_hold(checks, attributes):
+            return policy.name
+    return None
+
 
 class Stale:
     """The verdict of a connection opened before a reload: judged again at its next request
@@ -457,14 +509,19 @@ STALE = Stale()
 class ListenerAuthorization:
     """A listener's policies and series: judges its connections."""
 
-    __slots__ = ("authorization", "counters", "dry_run", "listener", "stats")
+    __slots__ = ("authorization", "counters", "dry_run", "listener", "logged", "stats")
 
-    def __init__(self, authorization: Authorization, stats: Stats, listener: str) -> None:
+    def __init__(
+        self, authorization: Authorization, stats: Stats, listener: str, logged: bool = False
+    ) -> None:
         self.authorization = authorization
         self.stats = stats
         self.listener = listener
         self.counters: dict[tuple[str, str, str], Counter] = {}
         self.dry_run = bool(authorization.dry_deny or authorization.dry_allow)
+        #: An access log writes the dry-run outcome of each request: every connection then
+        #: gets a :class:`Verdict` keeping what the dry-run sets decided for it.
+        self.logged = logged and self.dry_run
 
     def count(self, policy: str, action: str, result: str) -> None:
         """Count one decision in ``metaprotocol_rbac_total``."""
@@ -540,17 +597,21 @@ class ListenerAuthorization:
         and give ``verdict`` (made if need be) what they leave to each request."""
         authz = self.authorization
         deny_when: list[tuple[Policy, tuple[Check, ...]]] = []
+        deny_decided: tuple[Literal["allowed", "denied"], str] | None = None
         if authz.dry_deny:
             for policy in authz.dry_deny:
                 if _matching(policy, facts, deny_when):
                     self.count(policy.name, "DENY", "shadow_denied")
                     deny_when = []
+                    deny_decided = ("denied", policy.name)
                     break
             else:
                 if not deny_when:
                     self.count(NO_POLICY, "DENY", "shadow_allowed")
+                    deny_decided = ("allowed", NO_POLICY)
         allow_when: list[tuple[Policy, tuple[Check, ...]]] = []
         allowed_by: tuple[str, str] | None = None
+        allow_decided: tuple[Literal["allowed", "denied"], str] | None = None
         denier = None if verdict is None else verdict.denied
         # The dry-run ALLOW set is judged where the ALLOW filter is: after the DENY
         # policies, which this connection may have matched already.
@@ -559,25 +620,30 @@ class ListenerAuthorization:
             for policy in authz.dry_allow:
                 if _matching(policy, facts, allow_when):
                     decided = (policy.name, "shadow_allowed")
+                    allow_decided = ("allowed", policy.name)
                     allow_when = []
                     break
             else:
                 if not allow_when:
                     decided = (NO_POLICY, "shadow_denied")
+                    allow_decided = ("denied", NO_POLICY)
             if decided is not None:
                 if verdict is not None and denier is None and verdict.deny_when:
                     allowed_by = decided  # counted for the requests DENY rules let through
                 else:
                     self.count(decided[0], "ALLOW", decided[1])
-        if not deny_when and not allow_when and allowed_by is None:
+        shadow = bool(deny_when or allow_when or allowed_by)
+        if not shadow and not self.logged:
             return verdict
         if verdict is None:
             verdict = Verdict(self)
             verdict.allowed_by = None  # counted when judged: allowed whatever it sends
-        verdict.shadow = True
+        verdict.shadow = shadow
         verdict.shadow_deny_when = tuple(deny_when)
         verdict.shadow_allow_when = tuple(allow_when)
         verdict.shadow_allowed_by = allowed_by
+        verdict.shadow_deny_decided = deny_decided
+        verdict.shadow_allow_decided = allow_decided
         return verdict
 
 

@@ -16,7 +16,7 @@ from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from .accesslog import NO_CLIENT, client_facts
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
-from .authorization import DENIED
+from .authorization import DENIED, Verdict
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .telemetry import RESPONSE_FLAGS, Identities
@@ -1322,6 +1322,7 @@ class Downstream(asyncio.Protocol):
                 p.size,
                 size,
                 request.attributes,
+                self._dry_run(request),
             )
 
     def _observe_local(
@@ -1460,7 +1461,18 @@ class Downstream(asyncio.Protocol):
                 len(request.frame),
                 len(reply),
                 request.attributes,
+                self._dry_run(request),
             )
+
+    def _dry_run(self, request: Metadata) -> dict[str, dict[str, str]] | None:
+        """For the access log: what the listener's dry-run AuthorizationPolicies decide for
+        ``request`` (``None``: it has none, or a reload since left the connection's verdict
+        to be made at its next request)."""
+        owner = self.listener.authz
+        verdict = self.authz
+        if owner is None or not owner.logged or not isinstance(verdict, Verdict):
+            return None
+        return verdict.dry_run_outcome(request.attributes)
 
     def _refuse(self, exc: CodecError, error: ErrorType, close: bool) -> None:
         """A frame the codec refused: answer it when it has an id; without a way to

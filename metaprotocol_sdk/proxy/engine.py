@@ -460,7 +460,10 @@ class Engine:
         attach_detection(runtime, listener.peer_mode)
         if config.proxy.authorization is not None:
             runtime.authz = ListenerAuthorization(
-                config.proxy.authorization, self.stats, listener.name
+                config.proxy.authorization,
+                self.stats,
+                listener.name,
+                logged=config.proxy.access_log is not None,
             )
         if listener.connection_rate_limit is not None:
             refused = self.stats.counter(

@@ -533,6 +533,101 @@ def test_a_dry_run_allow_counts_the_connections_and_requests_it_would_deny(
     run(main())
 
 
+def test_the_access_log_says_what_the_dry_run_policies_would_do_to_each_request(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """With an access log, each line carries each dry-run set's decision for its request
+    (Istio's ``istio_dry_run_*_shadow_*`` metadata): the DENY set's for every request, the
+    ALLOW set's where the enforced DENY policies let the request through; decided per
+    connection or per request alike, and counted as without the log."""
+    log = tmp_path / "access.log"
+    no_debug = policy(
+        "no-debug",
+        "action: DENY\nrules: [{when: [{key: 'request.headers[debug]', values: ['*']}]}]",
+        dry_run='"true"',
+    )
+    frontend_alice = policy(
+        "frontend-alice",
+        """\
+        rules:
+          - from: [{source: {principals: [cluster.local/ns/default/sa/frontend]}}]
+            when: [{key: "request.headers[user]", values: [alice]}]
+        """,
+        dry_run='"true"',
+    )
+    no_sandbox = policy(
+        "no-sandbox", "action: DENY\nrules: [{from: [{source: {namespaces: [sandbox]}}]}]"
+    )
+    deny_all = policy("deny-all", "action: DENY\nrules: [{}]", dry_run='"true"')
+    proxy = f"accessLog: {{path: '{log}'}}\n"
+
+    def lines() -> dict[int, dict[str, object]]:
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        log.unlink()
+        return {r["request_id"]: r for r in records}
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = config(ca, tmp_path, up.port, no_debug, frontend_alice, no_sandbox, proxy=proxy)
+        async with engine_for(text) as engine:
+            frontend = await connect(engine, ca, tmp_path, "frontend")
+            assert error_type(await frontend.call("get", {"user": "alice"}, rid=1)) is None
+            assert (
+                error_type(await frontend.call("get", {"user": "bob", "Debug": "1"}, rid=2)) is None
+            )
+            intruder = await connect(engine, ca, tmp_path, "intruder")
+            assert error_type(await intruder.call("get", {"user": "alice"}, rid=3)) is None
+            sandbox = await connect(engine, ca, tmp_path, "frontend", "sandbox")
+            assert (
+                error_type(await sandbox.call("get", {"user": "alice"}, rid=4))
+                == "PermissionDenied"
+            )
+            assert rbac(engine, "no-debug", "DENY", "shadow_denied") == 1
+            assert rbac(engine, "frontend-alice", "ALLOW", "shadow_allowed") == 1
+            for client in (frontend, intruder, sandbox):
+                client.close()
+        outcome = {rid: line.get("dry_run") for rid, line in lines().items()}
+        allowed, denied = "allowed", "denied"
+        assert outcome == {
+            1: {
+                "deny": {"result": allowed, "policy": "none"},
+                "allow": {"result": allowed, "policy": "frontend-alice"},
+            },
+            2: {
+                "deny": {"result": denied, "policy": "no-debug"},
+                "allow": {"result": denied, "policy": "none"},
+            },
+            3: {  # the ALLOW set decided for the connection: its principal matches no rule
+                "deny": {"result": allowed, "policy": "none"},
+                "allow": {"result": denied, "policy": "none"},
+            },
+            # denied by the enforced DENY policy: the ALLOW set never judges it
+            4: {"deny": {"result": allowed, "policy": "none"}},
+        }
+        # A set decided once for the connection (no per-request rules): every line says so,
+        # and the counts are those without an access log (once per connection).
+        async with engine_for(config(ca, tmp_path, up.port, deny_all, proxy=proxy)) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            for rid in (5, 6):
+                assert error_type(await client.call("get", rid=rid)) is None
+            assert rbac(engine, "deny-all", "DENY", "shadow_denied") == 1
+            assert rbac(engine, "none", "ALLOW", "allowed") == 1
+            client.close()
+        outcome = {rid: line.get("dry_run") for rid, line in lines().items()}
+        assert outcome == {
+            rid: {"deny": {"result": denied, "policy": "deny-all"}} for rid in (5, 6)
+        }
+        # No dry-run policy: no such field.
+        async with engine_for(config(ca, tmp_path, up.port, no_sandbox, proxy=proxy)) as engine:
+            client = await connect(engine, ca, tmp_path, "frontend")
+            assert error_type(await client.call("get", rid=7)) is None
+            client.close()
+        assert "dry_run" not in lines()[7]
+        await up.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("headers", [False, True])
 def test_enforced_policies_next_to_dry_run_ones_behave_as_if_those_did_not_exist(
     ca: MeshCa, tmp_path: Path, headers: bool
