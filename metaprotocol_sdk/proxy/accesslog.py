@@ -84,12 +84,24 @@ def _open(path: str) -> int:
 class AccessLog:
     """Writes one JSON line per finished request. ``path`` ``-`` means stderr;
     ``attributes``: the request attributes each line carries (when the request has them),
-    each value cut to ``max_value_length`` characters."""
+    each value cut to ``max_value_length`` characters; ``failures_only``, ``slower_than``:
+    write only the requests that failed, or took at least that long (seconds), as
+    :meth:`wants` says."""
 
     def __init__(
-        self, path: str, attributes: tuple[str, ...] = (), max_value_length: int = 256
+        self,
+        path: str,
+        attributes: tuple[str, ...] = (),
+        max_value_length: int = 256,
+        failures_only: bool = False,
+        slower_than: float | None = None,
     ) -> None:
         self.path = path
+        #: Every request is written (no filter).
+        self.every = not failures_only and slower_than is None
+        self._failures = failures_only
+        #: ``inf``: no duration condition.
+        self._slower = float("inf") if slower_than is None else slower_than
         #: ``(key as configured, key folded)`` of each logged attribute.
         self._attributes = tuple((key, key.lower()) for key in attributes)
         self._longest = max_value_length
@@ -167,6 +179,10 @@ class AccessLog:
         self._size += len(line)
         if self._size >= FLUSH_BYTES:
             self.flush()
+
+    def wants(self, status: str, duration: float) -> bool:
+        """Whether a request of ``status`` that took ``duration`` seconds gets a line."""
+        return self.every or (self._failures and status != "Ok") or duration >= self._slower
 
     def _chosen(self, attributes: Attributes) -> dict[str, str]:
         """The configured attributes the request has, each cut to the longest allowed."""

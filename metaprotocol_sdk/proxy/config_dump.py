@@ -166,6 +166,10 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "path": settings.access_log.path,
                 "attributes": list(settings.access_log.attributes),
                 "maxValueLength": settings.access_log.max_value_length,
+                "filter": {
+                    "failures": settings.access_log.failures_only,
+                    "slowerThan": settings.access_log.slower_than,
+                },
             },
             "connectionsPerEndpoint": settings.connections_per_endpoint,
             "admin": None

@@ -1306,7 +1306,7 @@ class Downstream(asyncio.Protocol):
                 series = telemetry.series(p.host, p.host.labels, status_name, None, ids)
             series.record_at(slot, ms, p.size, size)
         log = self.engine.access_log
-        if log is not None:
+        if log is not None and log.wants(status_name, elapsed):
             log.log(
                 self.listener.name,
                 p.route.name,
@@ -1445,7 +1445,7 @@ class Downstream(asyncio.Protocol):
         if route is not None and route.response_filters:
             self._respond(route, request, ResponseStatus.Error, None, error, target, host)
         log = self.engine.access_log
-        if log is not None:
+        if log is not None and log.wants(error.name, elapsed):
             log.log(
                 listener.name,
                 route.name if route else "",

@@ -641,10 +641,13 @@ class Engine:
                         *self.admin_address,
                     )
             if settings.access_log is not None:
+                logged = settings.access_log
                 self.access_log = AccessLog(
-                    settings.access_log.path,
-                    settings.access_log.attributes,
-                    settings.access_log.max_value_length,
+                    logged.path,
+                    logged.attributes,
+                    logged.max_value_length,
+                    logged.failures_only,
+                    logged.slower_than,
                 )
         except BaseException:
             await self._close_servers()

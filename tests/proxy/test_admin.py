@@ -188,6 +188,46 @@ def test_access_log_says_who_asked_what_and_how_much(tmp_path: Path) -> None:
     assert local["attributes"] == {"Method": "nothing", "x-user": "bob-the-..."}
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_an_access_log_filter_writes_failures_or_slow_requests_only(
+    tmp_path: Path, slow: bool
+) -> None:
+    """``filter: {failures: true}`` writes the requests that failed (an upstream's error
+    reply, a local reply), not those answered Ok; with ``slowerThan`` too, a slow Ok one."""
+    log = tmp_path / "access.log"
+    rule = "{failures: true, slowerThan: 500ms}" if slow else "{failures: true}"
+    router = """\
+    - name: main
+      match: {attributes: {method: {regex: "get|fail|slow"}}}
+      route: [{destination: {host: svc.test, subset: v1}}]
+    """
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh(
+            [(up.port, "v1")],
+            router=router,
+            proxy=f"accessLog: {{path: '{log}', filter: {rule}}}\n",
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            await c.call("get", rid=1)
+            await c.call("fail", rid=2)
+            await c.call("nothing", rid=3)
+            asyncio.get_running_loop().call_later(0.6, up.release.set)  # a slow answer
+            await c.call("slow", rid=4)
+            await c.call("get", rid=5)
+            dump = engine.config_dump()["settings"]["accessLog"]
+            assert dump["filter"] == {"failures": True, "slowerThan": 0.5 if slow else None}
+            c.close()
+        await up.close()
+
+    run(main())
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    expected = [(2, "Error"), (3, "RouteNotFound")] + ([(4, "Ok")] if slow else [])
+    assert [(r["request_id"], r["status"]) for r in records] == expected
+
+
 def test_access_log_client_addresses_as_envoy_writes_them() -> None:
     """IPv6 addresses in brackets; only SPIFFE URI SANs are principals."""
 

@@ -402,6 +402,22 @@ MISTAKES = [
         "must be an integer in [1, 65536], got 0",
         id="access-log-value-length",
     ),
+    pytest.param(
+        _edit('  admin: {bind: "127.0.0.1:0"}', "  accessLog: {path: '-', filter: {}}"),
+        "ProxyConfig/engine",
+        "spec.accessLog.filter",
+        "names no condition",
+        id="access-log-empty-filter",
+    ),
+    pytest.param(
+        _edit(
+            '  admin: {bind: "127.0.0.1:0"}', "  accessLog: {path: '-', filter: {failures: 'yes'}}"
+        ),
+        "ProxyConfig/engine",
+        "spec.accessLog.filter.failures",
+        "must be true or false, got 'yes'",
+        id="access-log-filter-not-bool",
+    ),
 ]
 
 

@@ -559,6 +559,15 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
     ),
     (
         "ProxyConfig",
+        "spec.accessLog.filter",
+        {"failures": True, "slowerThan": "2s"},
+        lambda c: (
+            c.proxy.access_log is not None
+            and (c.proxy.access_log.failures_only, c.proxy.access_log.slower_than) == (True, 2.0)
+        ),
+    ),
+    (
+        "ProxyConfig",
         "spec.upstream",
         {"connectionsPerEndpoint": 2},
         lambda c: c.proxy.connections_per_endpoint == 2,
@@ -963,6 +972,7 @@ NEEDS = {
     "spec.listeners[0].tls.": ("spec.listeners[0].tls", LISTENER_TLS),
     f"{HASHING}.": (f"{POLICY}.loadBalancer", {"consistentHash": {"httpHeaderName": "u"}}),
     f"{PORT_POLICY}.": (f"{POLICY}.portLevelSettings", [{**PORT_ENTRY, "tls": {"mode": "SIMPLE"}}]),
+    "spec.accessLog.": ("spec.accessLog", {"path": "-"}),
 }
 
 

@@ -490,5 +490,6 @@ WATCHDOG = fields(
         "actions": "watchdog actions (extensions run on a stall)",
     },
 )
-ACCESS_LOG = fields("path", "attributes", "maxValueLength")
+ACCESS_LOG = fields("path", "attributes", "maxValueLength", "filter")
+ACCESS_LOG_FILTER = fields("failures", "slowerThan")
 UPSTREAM = fields("connectionsPerEndpoint")

@@ -2258,7 +2258,18 @@ def _access_log(doc: _Doc, spec: Mapping[str, Any]) -> AccessLogSettings | None:
             )
         seen[key.lower()] = key
     longest = doc.integer(log, "maxValueLength", "spec.accessLog.maxValueLength", False, 1, 65536)
-    return AccessLogSettings(path, tuple(keys), 256 if longest is None else longest)
+    where = "spec.accessLog.filter"
+    only = doc.mapping(log, "filter", where, required=False)
+    doc.check(only, where, schema.ACCESS_LOG_FILTER)
+    failures = only.get("failures", False)
+    if not isinstance(failures, bool):
+        doc.fail(f"{where}.failures", f"must be true or false, got {failures!r}")
+    slower = doc.duration(only, "slowerThan", f"{where}.slowerThan")
+    if log.get("filter") is not None and not failures and slower is None:
+        doc.fail(where, "names no condition: set failures: true, slowerThan, or both")
+    return AccessLogSettings(
+        path, tuple(keys), 256 if longest is None else longest, failures, slower
+    )
 
 
 def _admin(doc: _Doc, spec: Mapping[str, Any]) -> Admin | None:

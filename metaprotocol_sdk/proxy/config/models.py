@@ -779,13 +779,18 @@ class PeerAuthentication:
 
 @dataclass(frozen=True)
 class AccessLogSettings:
-    """``spec.accessLog``: where the access log goes and which request attributes it
-    writes (``attributes``, as configured; each value cut to ``max_value_length``
-    characters)."""
+    """``spec.accessLog``: where the access log goes, which request attributes it writes
+    (``attributes``, as configured; each value cut to ``max_value_length`` characters) and
+    which requests (``filter``: those that failed, or were slow)."""
 
     path: str
     attributes: tuple[str, ...] = ()
     max_value_length: int = 256
+    #: Write only requests that failed (any status but ``Ok``) ...
+    failures_only: bool = False
+    #: ... or took at least this long, seconds (``None``: no such condition). With
+    #: neither, every request is written.
+    slower_than: float | None = None
 
 
 @dataclass(frozen=True)
