@@ -13,12 +13,12 @@ that finished, so the proxy keeps answering whatever happens to its log.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import sys
 import time
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from ..errors import ConfigError
@@ -42,6 +42,15 @@ class ClientFacts:
 
     address: str = ""
     principal: str | None = None
+
+
+#: A JSON string literal of a str (quotes, escapes, non-ASCII as ``\\uXXXX``), in C.
+_q = encode_basestring_ascii
+
+
+def _object(fields: dict[str, str]) -> str:
+    """The JSON object of a mapping of strings."""
+    return "{" + ",".join([f"{_q(key)}:{_q(value)}" for key, value in fields.items()]) + "}"
 
 
 #: A client nothing is known of.
@@ -151,30 +160,26 @@ class AccessLog:
         the request; ``client``: its connection's address and TLS identity;
         ``bytes_received``, ``bytes_sent``: the request's and the reply's frames;
         ``dry_run``: what the dry-run AuthorizationPolicies decide for it)."""
-        fields: dict[str, object] = {
-            "time": round(time.time(), 6),
-            "listener": listener,
-            "route": route,
-            "destination": destination,
-            "upstream": upstream,
-            "downstream": client.address,
-            "status": status,
-            "response_flags": response_flags,
-            "duration_ms": round(duration * 1000.0, 3),
-            "request_id": request_id,
-            "message_type": message_type,
-            "bytes_received": bytes_received,
-            "bytes_sent": bytes_sent,
-        }
+        # One f-string, not a dict through json.dumps: 3-5x faster (see docs/proxy.md,
+        # "Access log"); every string goes through the json module's own escaping.
+        line = (
+            f'{{"time":{time.time():.6f},"listener":{_q(listener)},"route":{_q(route)},'
+            f'"destination":{_q(destination)},"upstream":{_q(upstream)},'
+            f'"downstream":{_q(client.address)},"status":{_q(status)},'
+            f'"response_flags":{_q(response_flags)},"duration_ms":{duration * 1000.0:.3f},'
+            f'"request_id":{int(request_id)},"message_type":{_q(message_type)},'
+            f'"bytes_received":{bytes_received},"bytes_sent":{bytes_sent}'
+        )
         if client.principal is not None:
-            fields["source_principal"] = client.principal
+            line += f',"source_principal":{_q(client.principal)}'
         if details is not None:
-            fields["response_code_details"] = details
+            line += f',"response_code_details":{_q(details)}'
         if self._attributes and attributes is not None:
-            fields["attributes"] = self._chosen(attributes)
+            line += ',"attributes":' + _object(self._chosen(attributes))
         if dry_run:
-            fields["dry_run"] = dry_run
-        line = json.dumps(fields, separators=(",", ":")) + "\n"
+            sets = ",".join([f"{_q(name)}:{_object(result)}" for name, result in dry_run.items()])
+            line += f',"dry_run":{{{sets}}}'
+        line += "}\n"
         self._lines.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:

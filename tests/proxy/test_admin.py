@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from proxy_kit import WAIT, Client, Upstream, address, engine_for, http_get, mesh, run, until
 
-from metaprotocol_sdk import ConfigError, compiled
+from metaprotocol_sdk import Attributes, ConfigError, compiled
 from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
-from metaprotocol_sdk.proxy.accesslog import AccessLog, client_facts
+from metaprotocol_sdk.proxy.accesslog import AccessLog, ClientFacts, client_facts
 from metaprotocol_sdk.proxy.telemetry import IstioTelemetry, workload_from_environment
 
 
@@ -243,6 +243,45 @@ def test_access_log_client_addresses_as_envoy_writes_them() -> None:
     assert (v6.address, v6.principal) == ("[::1]:5", "spiffe://td/ns/a/sa/b")
     unix = client_facts(Transport({"peername": "", "peercert": {"subjectAltName": ()}}))
     assert (unix.address, unix.principal) == ("", None)
+
+
+def test_access_log_lines_are_json_whatever_the_values(tmp_path: Path) -> None:
+    """A line is one JSON object on one line for any value a client or a config can put in
+    it: quotes, backslashes, newlines, control characters, non-ASCII, a lone surrogate."""
+    path = tmp_path / "access.log"
+    hostile = 'a"b\\c\nd\re\x00f\x1f\u2028g\u00e9\U0001f600\ud800'
+    log = AccessLog(str(path), ("v", "w"), 4096)
+    attributes = Attributes({"v": hostile, "W": "plain"})
+    outcome = {"deny": {"result": "denied", "policy": hostile}}
+    client = ClientFacts("[::1]:5", hostile)
+    log.log(
+        hostile,
+        hostile,
+        "d",
+        "Ok",
+        0.25,
+        2**63,
+        hostile,
+        hostile,
+        "-",
+        hostile,
+        client,
+        1,
+        2,
+        attributes,
+        outcome,
+    )
+    log.close()
+    text = path.read_text(encoding="utf-8")
+    assert text.count("\n") == 1 and text.isascii()
+    record = json.loads(text)
+    assert record["listener"] == record["route"] == record["message_type"] == hostile
+    assert record["upstream"] == record["response_code_details"] == hostile
+    assert record["source_principal"] == hostile and record["downstream"] == "[::1]:5"
+    assert record["attributes"] == {"v": hostile, "w": "plain"}
+    assert record["dry_run"] == outcome
+    assert (record["request_id"], record["duration_ms"]) == (2**63, 250.0)
+    assert (record["bytes_received"], record["bytes_sent"]) == (1, 2)
 
 
 def test_access_log_without_attributes_configured_writes_none(tmp_path: Path) -> None:
