@@ -81,6 +81,14 @@ VARIANTS: dict[str, dict[str, str]] = {
     "tracing (1 % sampled)": {"tracing": "1"},
     "tracing (100 % sampled)": {"tracing": "100"},
     "tracing (client sent unsampled ctx)": {"tracing": "1", "traceparent": "00"},
+    # Lines go to /dev/null through the log's writer thread (its CPU counts).
+    "accessLog (every request)": {"proxy": "accessLog: {path: /dev/null}\n"},
+    "accessLog (every request, 2 attributes)": {
+        "proxy": "accessLog: {path: /dev/null, attributes: [method, interface]}\n"
+    },
+    "accessLog (failures only: none)": {
+        "proxy": "accessLog: {path: /dev/null, filter: {failures: true}}\n"
+    },
 }
 
 
@@ -92,7 +100,7 @@ def config(variant: dict[str, str]) -> str:
         proxy=(
             f"tracing: {{endpoint: '127.0.0.1:4317', randomSampling: {variant['tracing']}}}\n"
             if "tracing" in variant
-            else ""
+            else variant.get("proxy", "")
         ),
     )
     if "limit" in variant:
