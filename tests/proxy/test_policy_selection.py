@@ -425,13 +425,84 @@ def test_peer_authentications_of_others_need_no_identity(pod: None) -> None:
         loads_config(mesh([(1, "v1")], extra=peer("default", "shop", "STRICT")), "t.yaml")
 
 
-def test_two_peer_authentications_of_one_level_are_refused(
+def created(text: str, when: str) -> str:
+    """``text`` (a document of :func:`doc`) with ``metadata.creationTimestamp: when``."""
+    return text.replace("metadata: {name:", f"metadata: {{creationTimestamp: {when}, name:", 1)
+
+
+def test_two_peer_authentications_of_one_level_without_creation_times_are_refused(
     pod: None, ca: MeshCa, tmp_path: Path
 ) -> None:
+    """istiod applies the oldest; without both creation times, which one is not known."""
+    for lacking, docs in (
+        ("a", (peer("a", "shop", "STRICT"), peer("b", None, "DISABLE"))),
+        (
+            "b",
+            (
+                created(peer("a", "shop", "STRICT"), '"2025-01-01T00:00:00Z"'),
+                peer("b", None, "DISABLE"),
+            ),
+        ),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load(tmp_path, ca, *docs)
+        assert caught.value.field == "kind"
+        text = str(caught.value)
+        assert "second PeerAuthentication of this workload's namespace level" in text
+        assert f"PeerAuthentication/{lacking} has none" in text and "creationTimestamp" in text
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ('"2025-01-01T00:00:00Z"', '"2025-06-01T00:00:00Z"', "STRICT"),  # a is older
+        ('"2025-06-01T00:00:00Z"', '"2025-01-01T00:00:00Z"', "DISABLE"),  # b is older
+        ('"2025-01-01T00:00:00Z"', '"2025-01-01T00:00:00Z"', "STRICT"),  # a tie: by name
+        ("2025-06-01T00:00:00Z", "2025-01-01 00:00:00", "DISABLE"),  # YAML timestamps
+        ('"2025-01-01T02:00:00+02:00"', '"2025-01-01T00:30:00Z"', "STRICT"),  # zones
+    ],
+)
+def test_of_two_peer_authentications_of_one_level_the_oldest_applies_as_in_istiod(
+    pod: None,
+    ca: MeshCa,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    a: str,
+    b: str,
+    expected: str,
+) -> None:
+    """As ``kubectl get peerauthentications -A -o yaml`` gives them: istiod's
+    ComposePeerAuthentication applies the oldest of a level (then the first by name), and
+    the other is named in a warning; in either file order, at either level."""
+    first = created(peer("a", "shop", "STRICT"), a)
+    second = created(peer("b", None, "DISABLE"), b)
+    older = "PeerAuthentication/shop/a" if expected == "STRICT" else "PeerAuthentication/shop/b"
+    for docs in ((first, second), (second, first)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+            cfg = load(tmp_path, ca, *docs)
+        (listener,) = cfg.proxy.listeners
+        assert listener.peer_mode == expected
+        assert cfg.proxy.peer_authentication is not None
+        assert cfg.proxy.peer_authentication.sources == (older,)
+        (warning,) = [r.getMessage() for r in caplog.records if "second Peer" in r.getMessage()]
+        assert f"{older}, the oldest" in warning
+    workload = created(peer("w1", "shop", "DISABLE", "{matchLabels: {app: greeter}}"), a)
+    other = created(peer("w2", "shop", "STRICT", "{matchLabels: {version: v1}}"), b)
+    cfg = load(tmp_path, ca, other, workload)
+    (listener,) = cfg.proxy.listeners
+    assert listener.peer_mode == ("DISABLE" if expected == "STRICT" else "STRICT")
+
+
+def test_a_creation_time_that_is_not_a_time_is_refused(
+    pod: None, ca: MeshCa, tmp_path: Path
+) -> None:
+    first = created(peer("a", "shop", "STRICT"), '"yesterday"')
+    second = created(peer("b", None, "DISABLE"), '"2025-01-01T00:00:00Z"')
     with pytest.raises(ConfigError) as caught:
-        load(tmp_path, ca, peer("a", "shop", "STRICT"), peer("b", None, "DISABLE"))
-    assert caught.value.field == "kind"
-    assert "second PeerAuthentication of this workload's namespace level" in str(caught.value)
+        load(tmp_path, ca, first, second)
+    assert caught.value.field == "metadata.creationTimestamp"
+    assert "must be a time such as 2025-01-31T12:00:00Z, got 'yesterday'" in str(caught.value)
 
 
 # -- on the wire ------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ logger: see :mod:`.fields`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import datetime
 import ipaddress
 import logging
 import os
@@ -1933,13 +1935,18 @@ def _peer_authentication(
                     "this workload's namespace is not known, so one of each applies (Istio "
                     "would take the oldest); merge them, or set the workload's namespace"
                 )
-            else:
-                why = (
-                    f"a second PeerAuthentication of this workload's {level} level "
-                    f"({other.source} is one): istiod would take the oldest by creation "
-                    "time, which files do not carry; merge them"
-                )
-            doc.fail("kind", why)
+                doc.fail("kind", why)
+            older = _older(other, doc, scope, level)
+            ignored = other if older is doc else doc
+            ignored.caution(
+                "metadata.creationTimestamp",
+                f"a second PeerAuthentication of this workload's {level} level: "
+                f"{older.kind}/{namespace_of(older, scope.namespace)}/{older.name}, the "
+                "oldest (or first by name of the oldest), applies, as istiod decides; this "
+                "one is ignored",
+            )
+            if older is other:
+                continue
         levels[level] = (doc, mode, ports)
     effective: PeerMode = "PERMISSIVE"
     for level in _PEER_LEVELS:
@@ -1961,6 +1968,46 @@ def _peer_authentication(
             for doc in (levels[level][0],)
         ),
     )
+
+
+def _older(first: _Doc, second: _Doc, scope: PolicyScope, level: str) -> _Doc:
+    """Which of two PeerAuthentications of one level istiod applies: the one created first
+    (``metadata.creationTimestamp``), then the first by name and namespace (istiod's
+    ``sortConfigByCreationTime``). Both must say when they were created."""
+    created = []
+    for doc in (first, second):
+        when = _creation_time(doc)
+        if when is None:
+            second.fail(
+                "kind",
+                f"a second PeerAuthentication of this workload's {level} level ({first.source} "
+                "is one): istiod applies the oldest, and without metadata.creationTimestamp "
+                f"on both ({doc.kind}/{doc.name} has none) which one is not known; give both "
+                "their creationTimestamp (kubectl get -o yaml writes it), or merge them",
+            )
+        created.append((when, doc.name, namespace_of(doc, scope.namespace)))
+    return first if created[0] <= created[1] else second
+
+
+def _creation_time(doc: _Doc) -> datetime.datetime | None:
+    """``metadata.creationTimestamp`` (RFC 3339, as the API server writes it; a YAML
+    timestamp too), ``None`` when absent."""
+    meta = doc.body.get("metadata")
+    value = meta.get("creationTimestamp") if isinstance(meta, dict) else None
+    if value is None:
+        return None
+    when = value
+    if isinstance(value, str) and len(value) <= 64:
+        with contextlib.suppress(ValueError):
+            when = datetime.datetime.fromisoformat(value)
+    if not isinstance(when, datetime.datetime):
+        doc.fail(
+            "metadata.creationTimestamp",
+            f"must be a time such as 2025-01-31T12:00:00Z, got {str(value)[:40]!r}",
+        )
+    if when.tzinfo is None:  # a YAML timestamp without zone is UTC
+        when = when.replace(tzinfo=datetime.UTC)
+    return when
 
 
 def _peer_mode(doc: _Doc, mtls: Mapping[str, Any], path: str, identity: MeshIdentity | None) -> str:
