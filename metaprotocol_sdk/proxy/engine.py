@@ -37,6 +37,7 @@ from .detection import Detecting, attach_detection, detecting
 from .downstream import Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .identity import IdentityWatch, istio_sni, server_key
+from .locality import failover_priorities
 from .matcher import compile_match
 from .mirror import MirrorSink
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
@@ -369,11 +370,25 @@ class Engine:
         if tls is not None and tls.auto:  # per endpoint, by its tlsMode (xDS: the cluster's)
             mutual = tuple(automatic and ep.mesh_tls_in(port, subset) for ep in endpoints)
         protocol = config.protocol_of(host, port)
+        priorities = [ep.priority_in(port, subset) for ep in endpoints]
+        if traffic.outlier_detection is not None:  # without ejections, no failover
+            nearest = failover_priorities(
+                config.proxy.telemetry.workload.locality,
+                [ep.locality for ep in endpoints],
+                policy.locality,
+            )
+            priorities = nearest or priorities
         spec = ClusterSpec(
             protocol,
             tuple(
-                (ep.address, ep.port_for(sport), tuple(sorted(ep.labels.items())), ep.weight)
-                for ep in endpoints
+                (
+                    ep.address,
+                    ep.port_for(sport),
+                    tuple(sorted(ep.labels.items())),
+                    ep.weight,
+                    priority,
+                )
+                for ep, priority in zip(endpoints, priorities, strict=True)
             ),
             policy,
             traffic.connection_pool,
@@ -387,14 +402,8 @@ class Engine:
             cluster = serving  # unchanged: keep its connections and outlier state
         else:
             hosts = [
-                UpstreamHost(
-                    ep.address,
-                    ep.port_for(sport),
-                    ep.labels,
-                    ep.weight,
-                    ep.priority_in(port, subset),
-                )
-                for ep in endpoints
+                UpstreamHost(ep.address, ep.port_for(sport), ep.labels, ep.weight, priority)
+                for ep, priority in zip(endpoints, priorities, strict=True)
             ]
             cluster = Cluster(
                 self,

@@ -83,8 +83,8 @@ class ClusterSpec:
     state) when its spec is unchanged, and drains it otherwise."""
 
     protocol: Protocol
-    #: (address, port, sorted labels, weight) of each endpoint.
-    endpoints: tuple[tuple[str, int, tuple[tuple[str, str], ...], int], ...]
+    #: (address, port, sorted labels, weight, failover priority) of each endpoint.
+    endpoints: tuple[tuple[str, int, tuple[tuple[str, str], ...], int, int], ...]
     policy: LoadBalancer
     pool: ConnectionPool | None
     outlier: OutlierDetection | None

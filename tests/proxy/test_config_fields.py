@@ -22,7 +22,12 @@ import yaml
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.config import Config
-from metaprotocol_sdk.proxy.config.models import AccessLogSettings, LoadBalancer, TrafficPolicy
+from metaprotocol_sdk.proxy.config.models import (
+    AccessLogSettings,
+    LoadBalancer,
+    LocalityLbSetting,
+    TrafficPolicy,
+)
 
 KV = "metaprotocol_sdk.examples.kv:KVCodec"
 AUDIT = "metaprotocol_sdk.examples.audit_filter:AuditFilter"
@@ -252,6 +257,18 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         f"{POLICY}.loadBalancer",
         {"consistentHash": {"httpHeaderName": "user"}},
         lambda c: _rule(c).load_balancer.hash_attribute == "user",
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.localityLbSetting",
+        {"enabled": False, "failover": [{"from": "r1", "to": "r2"}]},
+        lambda c: _rule(c).load_balancer.locality == LocalityLbSetting(False, (("r1", "r2"),)),
+    ),
+    (
+        "ServiceEntry",
+        "spec.endpoints[0].locality",
+        "us-east/a",
+        lambda c: _endpoint(c).locality == "us-east/a",
     ),
     *(
         (
@@ -587,12 +604,14 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
                 "canonicalRevision": "cr",
                 "cluster": "c",
                 "principal": "p",
+                "locality": "r1/z1",
             },
         },
         lambda c: (
             c.proxy.telemetry.istio_metrics
             and c.proxy.telemetry.reporter == "destination"
             and c.proxy.telemetry.workload.principal == "p"
+            and c.proxy.telemetry.workload.locality == "r1/z1"
         ),
     ),
     (
@@ -607,12 +626,20 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
 REFUSED: list[tuple[str, str, Any]] = [
     ("ServiceEntry", "spec.workloadSelector", {"labels": {"app": "svc"}}),
     ("ServiceEntry", "spec.endpoints[0].network", "net-2"),
-    ("ServiceEntry", "spec.endpoints[0].locality", "us-east/a"),
     ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
     ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.localityLbSetting.distribute",
+        [{"from": "r1/*", "to": {"r1/*": 80, "r2/*": 20}}],
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.localityLbSetting.failoverPriority",
+        ["topology.kubernetes.io/region"],
+    ),
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
-    ("DestinationRule", f"{PORT_POLICY}.loadBalancer.localityLbSetting", {"enabled": True}),
     ("DestinationRule", f"{PORT_POLICY}.connectionPool.http.maxConcurrentStreams", 10),
     ("DestinationRule", f"{PORT_POLICY}.tls.credentialName", "cred"),
     ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
@@ -628,7 +655,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     *(
         ("DestinationRule", f"{POLICY}.loadBalancer.{key}", value)
         for key, value in [
-            ("localityLbSetting", {"enabled": True}),
             ("zoneAwareLbSetting", {"enabled": True}),
             ("warmupDurationSecs", "60s"),
             ("warmup", {"duration": "60s"}),

@@ -568,6 +568,34 @@ def test_xds_settings_defaults_like_an_istio_sidecar(monkeypatch: pytest.MonkeyP
     assert xds.max_resource_bytes == 16 << 20
 
 
+def test_the_node_carries_the_workloads_locality_for_istiods_failover() -> None:
+    """istiod computes each endpoint's failover priority from the proxy's ``Node.locality``:
+    the workload's (``spec.telemetry.workload.locality``, else its pod's locality label)."""
+    from metaprotocol_sdk.proxy.xds.client import node_message
+
+    xds = base().proxy.xds
+    assert xds is not None and xds.node.locality == ""
+    assert not node_message(xds).HasField("locality")
+    text = BASE.replace(
+        'xds: {address: "127.0.0.1:15010"}',
+        'xds: {address: "127.0.0.1:15010"}\n  telemetry: {workload: {locality: r1/z1/s1}}',
+    )
+    xds = loads_config(text).proxy.xds
+    assert xds is not None and xds.node.locality == "r1/z1/s1"
+    locality = node_message(xds).locality
+    assert (locality.region, locality.zone, locality.sub_zone) == ("r1", "z1", "s1")
+    labels = '{"app": "hello", "topology.istio.io/locality": "r2.z2"}'
+    text = BASE.replace(
+        'xds: {address: "127.0.0.1:15010"}',
+        f'xds: {{address: "127.0.0.1:15010"}}\n  telemetry: {{workload: {{labels: {labels}}}}}',
+    )
+    xds = loads_config(text).proxy.xds
+    assert xds is not None and (node_message(xds).locality.region, xds.node.locality) == (
+        "r2",
+        "r2/z2",
+    )
+
+
 def test_xds_settings_given() -> None:
     text = BASE.replace(
         'xds: {address: "127.0.0.1:15010"}',

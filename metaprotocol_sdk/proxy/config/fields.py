@@ -160,10 +160,10 @@ ENDPOINT = fields(
     "ports",
     "labels",
     "weight",
+    "locality",
     refused={
         "network": "an endpoint on another network is reached through that network's gateway "
         "in Istio; this engine connects to every address directly",
-        "locality": "locality-aware load balancing",
     },
     serviceAccount=_IDENTITY,
 )
@@ -226,13 +226,24 @@ ISTIO_MUTUAL_FILES = (
 LOAD_BALANCER = fields(
     "simple",
     "consistentHash",
+    "localityLbSetting",
     refused={
-        "localityLbSetting": "locality-aware load balancing",
         "zoneAwareLbSetting": "zone-aware load balancing",
         "warmupDurationSecs": "slow start (warm-up)",
         "warmup": "slow start (warm-up)",
     },
 )
+LOCALITY_LB = fields(
+    "enabled",
+    "failover",
+    refused={
+        "distribute": "weighting the traffic between localities (locality weighted load "
+        "balancing); failover (the default) keeps it in the nearest healthy locality",
+        "failoverPriority": "failover by endpoint labels (failover by locality, the default, "
+        "and failover between regions are supported)",
+    },
+)
+LOCALITY_FAILOVER = fields("from", "to")
 _RING = "sizing the ring (100 points per host, in proportion to weights when they differ)"
 _HASHING = "a hash key other than a metadata attribute (named by httpHeaderName)"
 CONSISTENT_HASH = fields(
@@ -442,6 +453,7 @@ WORKLOAD = fields(
     "cluster",
     "principal",
     "labels",
+    "locality",
 )
 LISTENER = fields("host", "port", "bind", "filters", "tls", "connectionRateLimit")
 #: A listener's ``connectionRateLimit``: Envoy's listener filter ``local_ratelimit``.

@@ -36,6 +36,7 @@ from ..identity import (
     IdentityMaterial,
     load_identity,
 )
+from ..locality import locality_of_labels
 from ..matcher import compile_regex
 from ..telemetry import environment_labels, workload_from_environment
 from ..tls import (
@@ -70,6 +71,7 @@ from .models import (
     ListenerTls,
     ListenerTlsMode,
     LoadBalancer,
+    LocalityLbSetting,
     LocalRateLimit,
     MeshIdentity,
     MetaRouter,
@@ -643,7 +645,8 @@ def _services(
                     int, doc.integer({"p": pnum}, "p", f"{path}.ports.{pname}", low=1, high=65535)
                 )
             labels = doc.labels(raw, "labels", f"{path}.labels")
-            endpoints.append(Endpoint(address, eports, labels, _weight(doc, raw, path)))
+            locality = _locality(doc, raw, "locality", f"{path}.locality")
+            endpoints.append(Endpoint(address, eports, labels, _weight(doc, raw, path), locality))
         if resolution == "DNS" and not endpoints:
             # Istio would resolve the hosts themselves; this engine takes addresses from
             # endpoints only, and would answer every request NoHealthyUpstream.
@@ -666,6 +669,17 @@ def _services(
         for host in hosts:
             services[host] = service
     return services
+
+
+def _locality(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> str:
+    """A locality, ``region[/zone[/subzone]]`` (``""`` when unset)."""
+    value = doc.string(raw, key, path, required=False)
+    if not value:
+        return ""
+    parts = value.split("/")
+    if len(value) > MAX_NAME_LENGTH or len(parts) > 3 or not parts[0]:
+        doc.fail(path, f"must be region, region/zone or region/zone/subzone, got {value[:80]!r}")
+    return value
 
 
 def _weight(doc: _Doc, raw: Mapping[str, Any], path: str) -> int:
@@ -705,19 +719,49 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     hashing = doc.mapping(lb, "consistentHash", f"{path}.loadBalancer.consistentHash", False)
     if simple is not None and hashing:
         doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
+    locality = _locality_lb(doc, lb, f"{path}.loadBalancer.localityLbSetting")
     if hashing:
         doc.check(hashing, f"{path}.loadBalancer.consistentHash", schema.CONSISTENT_HASH)
         hpath = f"{path}.loadBalancer.consistentHash.httpHeaderName"
         attribute = doc.string(hashing, "httpHeaderName", hpath)
-        return LoadBalancer("CONSISTENT_HASH", attribute)
+        return LoadBalancer("CONSISTENT_HASH", attribute, locality)
     if simple is None:
-        return LoadBalancer()  # set, with the default policy (it replaces a rule's)
+        return LoadBalancer(locality=locality)  # set, with the default policy (replaces a rule's)
     if simple not in _LB_SIMPLE:
         doc.fail(
             f"{path}.loadBalancer.simple",
             f"unknown policy {simple!r}; expected ROUND_ROBIN, RANDOM or LEAST_REQUEST",
         )
-    return LoadBalancer(_LB_SIMPLE[simple])
+    return LoadBalancer(_LB_SIMPLE[simple], locality=locality)
+
+
+def _locality_lb(doc: _Doc, lb: Mapping[str, Any], path: str) -> LocalityLbSetting | None:
+    """``loadBalancer.localityLbSetting`` (``None``: unset): ``enabled``, ``failover``."""
+    raw = doc.mapping(lb, "localityLbSetting", path, required=False)
+    if lb.get("localityLbSetting") is None:
+        return None
+    doc.check(raw, path, schema.LOCALITY_LB)
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        doc.fail(f"{path}.enabled", f"must be true or false, got {enabled!r}")
+    failover: dict[str, str] = {}
+    for i, rule in enumerate(doc.sequence(raw, "failover", f"{path}.failover", required=False)):
+        where = f"{path}.failover[{i}]"
+        if not isinstance(rule, dict):
+            doc.fail(where, "must be a mapping with from and to")
+        doc.check(rule, where, schema.LOCALITY_FAILOVER)
+        regions = []
+        for key in ("from", "to"):
+            region = cast(str, doc.string(rule, key, f"{where}.{key}"))
+            if "/" in region or len(region) > MAX_NAME_LENGTH:
+                doc.fail(f"{where}.{key}", f"must be a region (no '/'), got {region[:80]!r}")
+            regions.append(region)
+        if regions[0] == regions[1]:
+            doc.fail(where, f"from and to are both {regions[0]!r} (Istio refuses it too)")
+        if regions[0] in failover:
+            doc.fail(f"{where}.from", f"region {regions[0]!r} has a failover rule already")
+        failover[regions[0]] = regions[1]
+    return LocalityLbSetting(enabled, tuple(failover.items()))
 
 
 def _traffic_policy(
@@ -1846,6 +1890,7 @@ def _proxy(
     per_endpoint = doc.integer(
         up, "connectionsPerEndpoint", "spec.upstream.connectionsPerEndpoint", False, 1, 1024
     )
+    telemetry = telemetry or _telemetry(doc, spec)
     return ProxySettings(
         listeners=tuple(listeners),
         admin=admin,
@@ -1856,9 +1901,9 @@ def _proxy(
         watchdog=watchdog,
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
-        telemetry=telemetry or _telemetry(doc, spec),
+        telemetry=telemetry,
         tracing=_tracing(doc, spec),
-        xds=_xds(doc, spec),
+        xds=_xds(doc, spec, telemetry.workload.locality),
         mesh_identity=identity,
         peer_authentication=peer,
     )
@@ -2090,10 +2135,11 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
     doc.fail(path, "the files kept changing while they were read (three times)")
 
 
-def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
+def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:
     """``spec.xds``: ``address`` (``host:port``, required), ``rdsAddress`` (Aeraki's RDS
     server, when not the ADS one), ``node`` (``id``, ``cluster``, ``metadata``; defaults
-    like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and ``POD_NAMESPACE``),
+    like an Istio sidecar's, from ``INSTANCE_IP``, ``POD_NAME`` and ``POD_NAMESPACE``; its
+    locality is the workload's, ``locality``, from which istiod computes failover priorities),
     ``maxMessageBytes``, ``maxResourceBytes``, ``backoff`` (``initial``, ``max``), ``keepalive``
     (``time``, ``timeout``), ``initialFetchTimeout``."""
     raw = doc.mapping(spec, "xds", "spec.xds", required=False)
@@ -2153,6 +2199,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any]) -> Xds | None:
             id=node_id or f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local",
             cluster=cluster or f"{pod}.{namespace}",
             metadata=metadata,
+            locality=locality,
         ),
         max_message_bytes=most or Xds.max_message_bytes,
         max_resource_bytes=held or Xds.max_resource_bytes,
@@ -2237,10 +2284,15 @@ def _telemetry(doc: _Doc, spec: Mapping[str, Any]) -> Telemetry:
     labels = None
     if given.get("labels") is not None:
         labels = label_map(doc, given, "labels", "spec.telemetry.workload.labels")
+    workload = workload_from_environment(labels=labels)
+    where = "spec.telemetry.workload.locality"
+    values["locality"] = _locality(doc, given, "locality", where) or locality_of_labels(
+        dict(workload.labels)
+    )
     return Telemetry(
         istio_metrics=bool(enabled),
         reporter=reporter or "source",
-        workload=dataclasses.replace(workload_from_environment(labels=labels), **values),
+        workload=dataclasses.replace(workload, **values),
     )
 
 

@@ -91,6 +91,8 @@ class Endpoint:
     labels: dict[str, str]
     #: Load balancing weight, 1 to 2^32 - 1 (Istio's ``weight``; 1 when unset).
     weight: int = 1
+    #: ``region/zone/subzone`` (Istio's ``locality``; ``""``: not given).
+    locality: str = ""
 
     def port_for(self, port: ServicePort) -> int:
         """The endpoint's port for a service port (named port, targetPort, or the number)."""
@@ -130,11 +132,22 @@ class Service:
 
 
 @dataclass(frozen=True)
+class LocalityLbSetting:
+    """Istio's ``loadBalancer.localityLbSetting``: locality failover on or off, and
+    ``failover``: ``(from region, to region)`` pairs."""
+
+    enabled: bool = True
+    failover: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class LoadBalancer:
-    """A load balancing policy; ``hash_attribute`` is set for ``CONSISTENT_HASH``."""
+    """A load balancing policy; ``hash_attribute`` is set for ``CONSISTENT_HASH``;
+    ``locality``: its ``localityLbSetting`` (``None``: not set, istiod's default applies)."""
 
     policy: LbPolicy = "ROUND_ROBIN"
     hash_attribute: str | None = None
+    locality: LocalityLbSetting | None = None
 
 
 @dataclass(frozen=True)
@@ -667,6 +680,8 @@ class Workload:
     principal: str = "unknown"
     #: The pod's labels (``ISTIO_METAJSON_LABELS``): what a policy's ``selector`` matches.
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: ``region/zone/subzone`` (``""``: not known): which endpoints are nearest.
+    locality: str = ""
 
 
 @dataclass(frozen=True)
@@ -711,6 +726,8 @@ class XdsNode:
     cluster: str
     #: ``Node.metadata`` string fields (``CLUSTER_ID``, ``NAMESPACE``, ``ISTIO_VERSION``...).
     metadata: dict[str, str] = field(default_factory=dict)
+    #: ``Node.locality``, ``region/zone/subzone`` (``""``: not sent).
+    locality: str = ""
 
 
 @dataclass(frozen=True)

@@ -176,12 +176,17 @@ def node_message(settings: Xds) -> base_pb2.Node:
     """The ``Node`` sent in the first request of every stream."""
     metadata = struct_pb2.Struct()
     metadata.update(dict(settings.node.metadata))
-    return base_pb2.Node(
+    node = base_pb2.Node(
         id=settings.node.id,
         cluster=settings.node.cluster,
         metadata=metadata,
         user_agent_name="metaprotocol-sdk",
     )
+    if settings.node.locality:  # istiod's failover priorities are computed from it
+        region, _, rest = settings.node.locality.partition("/")
+        zone, _, subzone = rest.partition("/")
+        node.locality.CopyFrom(base_pb2.Locality(region=region, zone=zone, sub_zone=subzone))
+    return node
 
 
 @dataclass

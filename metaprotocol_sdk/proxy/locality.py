@@ -1,0 +1,77 @@
+"""Locality failover for endpoints of the configuration's files, as istiod computes it.
+
+istiod sends a sidecar each endpoint's failover priority from the sidecar's locality and the
+endpoint's (``applyLocalityFailover``); the engine does the same for the endpoints of its
+``ServiceEntry`` files, whose ``locality`` it reads, so that a cluster prefers the endpoints
+nearest to it and fails over to the next ones when outlier detection ejects them (the
+priority levels of :mod:`~metaprotocol_sdk.proxy.priority`):
+
+* 0: same region, zone and subzone; 1: same region and zone; 2: same region; 3: another
+  region, or 4 when a ``failover`` rule of this region names another one than the
+  endpoint's; then the levels in use are numbered from 0 without gaps;
+* only with outlier detection on the cluster (without it no endpoint is ever ejected, so a
+  lower level would never take a request: istiod then sends none), the engine's locality
+  known, and ``localityLbSetting.enabled`` not false (istiod's mesh default enables it).
+
+Computed when a cluster is built, never per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config.models import LocalityLbSetting
+
+#: The pod labels istiod reads a workload's locality from, the first one set (dots in a label
+#: value stand for ``/``, which label values cannot hold).
+LOCALITY_LABELS = ("topology.istio.io/locality", "istio-locality")
+
+
+def locality_of_labels(labels: dict[str, str]) -> str:
+    """A workload's locality from its pod labels, as istiod reads them (``""``: none; a
+    fourth part and beyond are not read, as istiod's ``SplitLocalityLabel``)."""
+    for key in LOCALITY_LABELS:
+        value = labels.get(key)
+        if value:
+            parts = (value if "/" in value else value.replace(".", "/")).split("/")[:3]
+            return "/".join(parts) if parts[0] else ""
+    return ""
+
+
+def _parts(locality: str) -> tuple[str, str, str]:
+    region, _, rest = locality.partition("/")
+    zone, _, subzone = rest.partition("/")
+    return region, zone, subzone
+
+
+def _distance(mine: tuple[str, str, str], theirs: tuple[str, str, str]) -> int:
+    """istiod's ``LbPriority``: 0 to 3, by the first of region, zone, subzone that differs."""
+    for level, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        if a != b:
+            return 3 - level
+    return 0
+
+
+def failover_priorities(
+    own: str, localities: Sequence[str], setting: LocalityLbSetting | None
+) -> list[int] | None:
+    """The failover priority of each endpoint of ``localities`` seen from locality ``own``
+    (``None``: locality failover does not apply, every endpoint stays at priority 0).
+
+    The caller checks the cluster has outlier detection. Linear in the endpoints."""
+    if not own or (setting is not None and not setting.enabled):
+        return None
+    if not any(localities):
+        return None
+    mine = _parts(own)
+    failover = {} if setting is None else dict(setting.failover)
+    elsewhere = failover.get(mine[0])  # the region this region fails over to, if named
+    raw = []
+    for locality in localities:
+        theirs = _parts(locality)
+        priority = _distance(mine, theirs)
+        if priority == 3 and elsewhere is not None and theirs[0] != elsewhere:
+            priority = 4
+        raw.append(priority)
+    levels = {priority: rank for rank, priority in enumerate(sorted(set(raw)))}
+    return [levels[priority] for priority in raw]

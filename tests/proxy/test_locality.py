@@ -1,0 +1,192 @@
+"""Locality failover for the files' endpoints, as istiod computes it for a sidecar: the
+priorities from the engine's locality and each endpoint's, ``localityLbSetting`` (``enabled``,
+``failover``), and traffic through the engine over real sockets staying in the nearest
+locality until outlier detection ejects it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, refusing_port, run
+
+from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy.config.models import LocalityLbSetting
+from metaprotocol_sdk.proxy.locality import failover_priorities, locality_of_labels
+
+R1 = LocalityLbSetting()
+
+
+@pytest.mark.parametrize(
+    ("own", "localities", "setting", "expected"),
+    [
+        # istiod's LbPriority: subzone, zone, region, elsewhere; then numbered without gaps.
+        ("r1/z1/s1", ["r1/z1/s1", "r1/z1/s2", "r1/z2/s1", "r2/z1/s1"], R1, [0, 1, 2, 3]),
+        ("r1/z1/s1", ["r2/z1", "r1/z1/s1", "r1/z2"], None, [2, 0, 1]),
+        ("r1/z1", ["r1/z1", "r1/z1/s9", "r1"], None, [0, 1, 2]),
+        ("r1/z1/s1", ["r1/z9", ""], None, [0, 1]),  # no locality: another region
+        # failover from r1 to r3: r3 comes before the other regions.
+        ("r1/z1", ["r2", "r3", "r1/z1"], LocalityLbSetting(True, (("r1", "r3"),)), [2, 1, 0]),
+        # a rule of another region changes nothing here.
+        ("r1/z1", ["r2", "r3", "r1/z1"], LocalityLbSetting(True, (("r2", "r3"),)), [1, 1, 0]),
+        # all in one level: one priority.
+        ("r1/z1", ["r1/z1", "r1/z1"], None, [0, 0]),
+    ],
+)
+def test_failover_priorities_as_istiod_computes_them(
+    own: str, localities: list[str], setting: LocalityLbSetting | None, expected: list[int]
+) -> None:
+    assert failover_priorities(own, localities, setting) == expected
+
+
+def test_no_failover_without_a_locality_or_when_disabled() -> None:
+    assert failover_priorities("", ["r1", "r2"], None) is None
+    assert failover_priorities("r1", ["", ""], None) is None
+    assert failover_priorities("r1", ["r1", "r2"], LocalityLbSetting(enabled=False)) is None
+
+
+def test_the_engines_locality_from_its_pod_labels_as_istiod_reads_them() -> None:
+    assert locality_of_labels({"istio-locality": "r1.z1.s1"}) == "r1/z1/s1"
+    assert locality_of_labels({"topology.istio.io/locality": "r2/z2", "istio-locality": "r1"}) == (
+        "r2/z2"
+    )
+    assert locality_of_labels({"istio-locality": "r1.z1.s1.extra"}) == "r1/z1/s1"
+    assert locality_of_labels({"istio-locality": ".z1"}) == ""
+    assert locality_of_labels({}) == ""
+
+
+def located_mesh(
+    endpoints: list[tuple[int, str]], policy: str, own: str = "r1/z1/s1", outlier: bool = True
+) -> str:
+    """:func:`mesh` with each ``(port, locality)`` endpoint's ``locality``, the engine's own
+    (``spec.telemetry.workload.locality``), outlier detection (ejecting at the first connect
+    failure) and ``policy`` (more of the ``trafficPolicy``)."""
+    detection = "outlierDetection: {consecutiveGatewayErrors: 1, baseEjectionTime: 1h, "
+    detection += "maxEjectionPercent: 100}"
+    groups = ", ".join(g for g in (detection if outlier else "", policy) if g)
+    text = mesh(
+        [(port, "v1") for port, _ in endpoints],
+        "- name: all\n  route: [{destination: {host: svc.test}}]\n",
+        f"{{{groups}}}",
+        proxy=f"telemetry: {{workload: {{locality: {own}}}}}\n",
+    )
+    for port, locality in endpoints:
+        text = text.replace(
+            f": {port}}}, labels: {{version: v1}}}}",
+            f": {port}}}, labels: {{version: v1}}, locality: {locality}}}",
+        )
+    return text
+
+
+async def answered_by(client: Client, n: int) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        reply = await client.call()
+        assert error_type(reply) is None
+        seen[reply.attributes["server"]] += 1
+    return seen
+
+
+def test_traffic_stays_in_the_nearest_locality_and_fails_over_to_the_next() -> None:
+    """The engine in r1/z1/s1: its subzone's endpoint (dead) takes the first request, is
+    ejected, and then every request goes to the next nearest (same zone), none to the same
+    region's or another region's. Without outlier detection, or with locality failover
+    disabled, every endpoint takes its turn, as before."""
+
+    async def main() -> None:
+        zone, region, far = [await Upstream(n).start() for n in ("zone", "region", "far")]
+        dead = refusing_port()
+        endpoints = [
+            (far.port, "r2/z1/s1"),
+            (dead, "r1/z1/s1"),
+            (region.port, "r1/z2/s1"),
+            (zone.port, "r1/z1/s2"),
+        ]
+        async with engine_for(located_mesh(endpoints, "")) as engine:
+            (cluster,) = engine.clusters.values()
+            assert [h.priority for h in cluster.hosts] == [3, 0, 2, 1]
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call()) == "UpstreamConnectFailure"
+            assert cluster.priority_load == {0: 0, 1: 100, 2: 0, 3: 0}
+            assert await answered_by(client, 20) == {"zone": 20}
+            client.close()
+        for policy, outlier in (
+            ("", False),
+            ("loadBalancer: {localityLbSetting: {enabled: false}}", True),
+        ):
+            async with engine_for(located_mesh(endpoints, policy, outlier=outlier)) as engine:
+                (cluster,) = engine.clusters.values()
+                assert not cluster.prioritised
+                assert {h.priority for h in cluster.hosts} == {0}
+                client = await Client.connect(address(engine))
+                outcomes = Counter()
+                for _ in range(8):
+                    reply = await client.call()
+                    outcomes[error_type(reply) or reply.attributes["server"]] += 1
+                assert {"zone", "region", "far"} <= set(outcomes), outcomes
+                client.close()
+        for up in (zone, region, far):
+            await up.close()
+
+    run(main())
+
+
+def test_a_failover_rule_sends_a_region_next_to_the_one_it_names() -> None:
+    """``failover: [{from: r1, to: r3}]``: once r1's endpoint is ejected, r3's takes the
+    traffic, not r2's (which comes before it without the rule, by the list's order)."""
+
+    async def main() -> None:
+        r2, r3 = await Upstream("r2").start(), await Upstream("r3").start()
+        endpoints = [(refusing_port(), "r1/z1"), (r2.port, "r2/z1"), (r3.port, "r3/z1")]
+        rule = "loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r3}]}}"
+        async with engine_for(located_mesh(endpoints, rule, own="r1/z1")) as engine:
+            (cluster,) = engine.clusters.values()
+            assert [h.priority for h in cluster.hosts] == [0, 2, 1]
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call()) == "UpstreamConnectFailure"
+            assert await answered_by(client, 10) == {"r3": 10}
+            client.close()
+        await r2.close()
+        await r3.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("policy", "field", "words"),
+    [
+        (
+            "loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r1}]}}",
+            "localityLbSetting.failover[0]",
+            "from and to are both 'r1'",
+        ),
+        (
+            "loadBalancer: {localityLbSetting: {failover: [{from: r1/z1, to: r2}]}}",
+            "localityLbSetting.failover[0].from",
+            "must be a region (no '/')",
+        ),
+        (
+            "loadBalancer: {localityLbSetting: {enabled: 'no'}}",
+            "localityLbSetting.enabled",
+            "must be true or false",
+        ),
+        (
+            "loadBalancer: {localityLbSetting: {distribute: [{from: 'r1/*', to: {'r2/*': 100}}]}}",
+            "localityLbSetting.distribute",
+            "not supported by this engine",
+        ),
+    ],
+)
+def test_locality_settings_istio_refuses_are_refused(policy: str, field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        loads_config(located_mesh([(1, "r1")], policy), "t.yaml")
+    assert caught.value.field is not None and caught.value.field.endswith(field)
+    assert words in str(caught.value)
+
+
+def test_an_endpoint_locality_of_four_parts_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        loads_config(located_mesh([(1, "r1/z1/s1/x")], ""), "t.yaml")
+    assert caught.value.field == "spec.endpoints[0].locality"
+    assert "must be region, region/zone or region/zone/subzone" in str(caught.value)
