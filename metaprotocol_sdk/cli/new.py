@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import click
 
 from ._output import fail
+from .scaffold_answers import EMAIL_RE
 
 #: Environment variable naming another codec template (a path or a git URL).
 TEMPLATE_ENV = "METAPROTOCOL_TEMPLATE"
@@ -33,6 +35,28 @@ def default_template(filter: bool = False) -> Path:
     if configured:
         return Path(configured)
     return Path(__file__).resolve().parent / ("filter_template" if filter else "codec_template")
+
+
+def git_identity() -> dict[str, str]:
+    """``author`` and ``author_email`` from ``git config user.name`` / ``user.email``, where
+    set and usable as answers (one line, no quote or backslash, an e-mail address)."""
+    found: dict[str, str] = {}
+    for key, option in (("author", "user.name"), ("author_email", "user.email")):
+        try:
+            proc = subprocess.run(
+                ["git", "config", "--get", option],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
+            return found  # no git, or it hangs: the template's own defaults
+        value = proc.stdout.strip()
+        usable = value and "\n" not in value and '"' not in value and "\\" not in value
+        if proc.returncode == 0 and usable and (key == "author" or EMAIL_RE.match(value)):
+            found[key] = value
+    return found
 
 
 def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -53,8 +77,8 @@ def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
     is_flag=True,
     help="Scaffold a filter package (NAME is the filter's name) instead of a codec.",
 )
-@click.option("--author", help="Author name.")
-@click.option("--email", "author_email", help="Author e-mail.")
+@click.option("--author", help="Author name (default: git config user.name).")
+@click.option("--email", "author_email", help="Author e-mail (default: git config user.email).")
 @click.option("--license", "licence", type=click.Choice(LICENSES), help="Licence.")
 @click.option(
     "--package",
@@ -128,6 +152,7 @@ def command(
             if flag is not None:
                 fail(f"{option} declares a codec capability; a filter package has none", 2)
     # cookiecutter ships no type information (and is imported only when this command runs).
+    from cookiecutter.config import get_user_config  # type: ignore[import-untyped]
     from cookiecutter.exceptions import (  # type: ignore[import-untyped]
         CookiecutterException,
         FailedHookException,
@@ -137,7 +162,13 @@ def command(
 
     # cookiecutter's log records (a traceback when a hook rejects the answers) are not
     # written: see _logging._SILENT.
-    context: dict[str, Any] = {}
+
+    # The author defaults to git's identity, unless the user's cookiecutter defaults name one.
+    try:
+        preset = get_user_config().get("default_context") or {}
+    except CookiecutterException:
+        preset = {}  # cookiecutter reports the broken configuration itself, below
+    context: dict[str, Any] = {k: v for k, v in git_identity().items() if k not in preset}
     for key, value in (
         ("filter_name" if is_filter else "protocol_name", name),
         ("author", author),

@@ -210,6 +210,7 @@ async def _serve(
     output: BackgroundOutput | None = None,
 ) -> int:
     from metaprotocol_sdk.proxy import Engine
+    from metaprotocol_sdk.proxy.workers import bind_failure
 
     engine = Engine(config, reuse_port=worker is not None)
     if output is not None:
@@ -217,7 +218,7 @@ async def _serve(
     try:
         await engine.start()
     except OSError as exc:
-        log.error("cannot bind: %s", exc)
+        log.error("%s", bind_failure(exc))
         return 1
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)

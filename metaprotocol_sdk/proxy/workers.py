@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,19 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("metaprotocol.proxy.workers")
+
+
+def bind_failure(exc: OSError) -> str:
+    """The error line for a listener or admin address the engine cannot bind, with what to
+    do when another process holds it."""
+    line = f"cannot bind: {exc}"
+    if exc.errno == errno.EADDRINUSE:
+        line += (
+            "; another process listens there: stop it, or change that bind in the "
+            "ProxyConfig ('127.0.0.1:0' picks a free port)"
+        )
+    return line
+
 
 #: What a worker prints on its standard output, then one line of JSON, once it serves.
 READY = "metaprotocol-worker-ready "
@@ -356,7 +370,7 @@ class Supervisor:
                 self._admin = await WorkersAdmin(self, admin).listen(*admin.bind)
         except OSError as exc:
             self._close()
-            log.error("cannot bind: %s", exc)
+            log.error("%s", bind_failure(exc))
             return 1
         code = await self._start_all()
         if code:

@@ -57,6 +57,8 @@ class Sample:
     options: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
     source: str = ""
+    #: The golden file the vector was read from ("" for a generated message).
+    file: str = ""
 
     @property
     def is_bad_input(self) -> bool:
@@ -138,6 +140,7 @@ def parse_golden(document: Any, *, source: str = "<golden>") -> GoldenFile:
                 options={**options, **vector_options},
                 name=str(raw.get("name") or f"vector {index}"),
                 source=str(raw.get("source") or ""),
+                file=source,
             )
         )
     return GoldenFile(

@@ -74,6 +74,18 @@ def test_golden_check_fails_on_a_wrong_expectation_and_shows_bytes() -> None:
     assert "00000000  4b 56" in result.reason
 
 
+def test_golden_check_names_the_file_of_the_failing_vectors(tmp_path: Path) -> None:
+    # A wire-format change makes every captured vector stale at once: the report says which
+    # file to capture again, once, in its first line (the one the summary table shows).
+    path = tmp_path / "golden_stale.yaml"
+    path.write_text(_golden("{request_id: 6}"), encoding="utf-8")
+    result = run_check(CodecTarget.discover(KVCodec, golden=path), "golden_vectors")
+    assert result.outcome is Outcome.failed
+    first = result.reason.splitlines()[0]
+    assert first == f"1 of 1 golden vectors (in {path}) fail:"
+    assert result.reason.count(str(path)) == 1
+
+
 def test_golden_bad_input_vector_needs_the_named_error() -> None:
     text = _golden("{error: FramingError}", "4b57" + "00" * 14)
     ok = run_check(CodecTarget.discover(KVCodec, golden=load_golden_text(text)), "golden_vectors")

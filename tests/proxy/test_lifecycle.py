@@ -230,6 +230,28 @@ def test_cli_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
     assert len(lines) == 1 and "DestRule" in lines[0] and "bad.yaml" in lines[0]
 
 
+def test_cli_port_in_use_says_what_to_do(tmp_path: Path) -> None:
+    # The tutorial's ports (9000, 9100, 9901) are often taken on a developer's machine.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "mesh.yaml"
+        config.write_text(
+            mesh([(1, "v1")]).replace("bind: '127.0.0.1:0'}]", f"bind: '127.0.0.1:{port}'}}]")
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: cannot bind:") and str(port) in line, line
+    assert "another process listens there" in line and "'127.0.0.1:0'" in line, line
+
+
 def test_cli_check(tmp_path: Path) -> None:
     config = tmp_path / "mesh.yaml"
     config.write_text(mesh([(1, "v1")], router="- route: [{destination: {host: svc.test}}]\n"))

@@ -89,6 +89,30 @@ def test_metaprotocol_new_prompts_by_default(tmp_path: Path) -> None:
     assert "oneway=True," in codec
 
 
+def test_author_defaults_to_the_git_identity(tmp_path: Path) -> None:
+    # Not "Your Name <you@example.com>" in the package metadata and LICENSE of a user whose
+    # git knows who they are; an explicit --author wins, and a name the template refuses
+    # (a quote) falls back to the template's default instead of failing.
+    env = isolated_env(tmp_path)
+    gitconfig = tmp_path / "gitconfig"
+    env.update(GIT_CONFIG_GLOBAL=str(gitconfig), GIT_CONFIG_NOSYSTEM="1")
+    gitconfig.write_text("[user]\n\tname = Ada Lovelace\n\temail = ada@example.org\n")
+    command = [PYTHON, "-m", "metaprotocol_sdk", "new", "--no-input", "-o", tmp_path]
+    run([*command, "first"], env=env)
+    pyproject = tmp_path / "metaprotocol-codec-first" / "pyproject.toml"
+    authors = 'authors = [{ name = "Ada Lovelace", email = "ada@example.org" }]'
+    assert authors in pyproject.read_text(encoding="utf-8")
+    run([*command, "second", "--author", "Grace Hopper"], env=env)
+    pyproject = tmp_path / "metaprotocol-codec-second" / "pyproject.toml"
+    authors = 'authors = [{ name = "Grace Hopper", email = "ada@example.org" }]'
+    assert authors in pyproject.read_text(encoding="utf-8")
+    gitconfig.write_text('[user]\n\tname = Dwayne \\"The Rock\\"\n\temail = nobody\n')
+    run([*command, "third"], env=env)
+    pyproject = tmp_path / "metaprotocol-codec-third" / "pyproject.toml"
+    authors = 'authors = [{ name = "Your Name", email = "you@example.com" }]'
+    assert authors in pyproject.read_text(encoding="utf-8")
+
+
 def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     command = [PYTHON, "-m", "metaprotocol_sdk", "new", "acme", "--no-input", "-o", tmp_path]

@@ -116,7 +116,9 @@ async function load(target, rate) {
   let errors = 0;
   let lastError = '';
   let n = 0;
+  let inflight = 0;
   const one = async method => {
+    inflight++;
     try {
       const args = method === 'sayHello' ? [java.String('mesh')] : [];
       const result = await consumer.invoke(method, args, { responseTimeout: 3000 });
@@ -125,14 +127,26 @@ async function load(target, rate) {
     } catch (err) {
       errors++;
       lastError = `${err.name}: ${err.message}`;
+    } finally {
+      inflight--;
     }
   };
   // Every fifth call is sayHello; the rest exercise the weighted split.
   const tick = () => { one(n++ % 5 === 0 ? 'sayHello' : 'ping'); };
-  setInterval(tick, Math.max(1, Math.round(1000 / rate)));
+  const ticker = setInterval(tick, Math.max(1, Math.round(1000 / rate)));
   const report = () => process.stdout.write(JSON.stringify({ counts, errors, lastError }) + '\n');
   setInterval(report, 200);
-  exitOnStdinEnd(null, report);
+  // On stdin's end, stop calling and let the calls in flight finish (the engine has answered
+  // or will: counting them keeps the summary equal to the engine's /stats), at most 800 ms,
+  // within the second the parent waits before SIGTERM.
+  const rl = readline.createInterface({ input: process.stdin });
+  rl.on('close', async () => {
+    clearInterval(ticker);
+    const deadline = Date.now() + 800;
+    while (inflight > 0 && Date.now() < deadline) await new Promise(r => setTimeout(r, 5));
+    report();
+    process.exit(0);
+  });
 }
 
 const [mode, arg1, arg2] = process.argv.slice(2);

@@ -39,34 +39,45 @@ def golden_vectors(ctx: CheckContext) -> None:
     vectors = ctx.target.golden
     if not vectors:
         raise CheckSkipped("the codec ships no golden vectors (conformance/golden.yaml)")
-    problems = []
+    problems: list[str] = []
+    files: set[str] = set()  # where the failing vectors are, to name them once
     for vector in vectors:
-        codec = ctx.target.new_codec(vector.options)
-        where = f"golden vector {vector.name!r}"
-        if vector.is_bad_input:
-            wanted = str(vector.expect["error"])
-            try:
-                result = call_decode(codec, bytearray(vector.frame))
-            except CodecError as exc:
-                names = [cls.__name__ for cls in type(exc).__mro__]
-                if wanted not in names:
-                    problems.append(f"{where}: raised {type(exc).__name__}, expected {wanted}")
-                continue
-            problems.append(f"{where}: expected {wanted}, decode returned {result!r}")
-            continue
-        try:
-            metadata = decode_whole(codec, vector.frame, where)
-        except AssertionError as exc:
-            problems.append(str(exc))
-            continue
-        wrong = mismatches(metadata, vector.expect)
-        if wrong:
-            problems.append(
-                f"{where}: " + "; ".join(wrong) + f"\nmessage:\n{hexdump(vector.frame)}"
-            )
+        problem = _golden_problem(ctx, vector)
+        if problem is not None:
+            problems.append(problem)
+            files.add(vector.file)
     ctx.details["vectors"] = len(vectors)
     if problems:
-        fail(f"{len(problems)} of {len(vectors)} golden vectors fail:\n" + "\n".join(problems))
+        named = sorted(files - {""})
+        origin = f" (in {', '.join(named)})" if named else ""
+        fail(
+            f"{len(problems)} of {len(vectors)} golden vectors{origin} fail:\n"
+            + "\n".join(problems)
+        )
+
+
+def _golden_problem(ctx: CheckContext, vector: Sample) -> str | None:
+    """What is wrong with one golden vector, or ``None``."""
+    codec = ctx.target.new_codec(vector.options)
+    where = f"golden vector {vector.name!r}"
+    if vector.is_bad_input:
+        wanted = str(vector.expect["error"])
+        try:
+            result = call_decode(codec, bytearray(vector.frame))
+        except CodecError as exc:
+            names = [cls.__name__ for cls in type(exc).__mro__]
+            if wanted not in names:
+                return f"{where}: raised {type(exc).__name__}, expected {wanted}"
+            return None
+        return f"{where}: expected {wanted}, decode returned {result!r}"
+    try:
+        metadata = decode_whole(codec, vector.frame, where)
+    except AssertionError as exc:
+        return str(exc)
+    wrong = mismatches(metadata, vector.expect)
+    if wrong:
+        return f"{where}: " + "; ".join(wrong) + f"\nmessage:\n{hexdump(vector.frame)}"
+    return None
 
 
 @check("framing_whole", "framing")

@@ -20,6 +20,12 @@ Every frame is a fixed 16-byte header (big-endian), a key-value block and an opa
 
 The key-values are the routable attributes (``method`` names the operation); the proxy
 writes route mutations into them. The body is never parsed.
+
+Keys ignore case and a repeated key's last value wins, as the SDK's ``Attributes`` (and the
+example server) read them, so no frame is ambiguous. If your servers read keys exactly (a
+case-sensitive map), refuse a frame whose keys collide instead, or a client can show the
+engine one value and the server another: see "Colliding keys" in the SDK's codec contract
+(``metaprotocol_sdk.key_collision`` words the error).
 """
 
 from __future__ import annotations
