@@ -23,6 +23,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 #: A queue is never compacted below this length (compaction is a pass over the queue).
@@ -99,11 +100,15 @@ class Deadlines:
         if self._timer is not None:
             self._timer.cancel()
         self._armed_at = deadline
-        self._timer = self._loop.call_at(deadline, self._fire)
+        # Deadlines are in time.monotonic()'s seconds (precise, for the requests' durations);
+        # the loop's clock may be coarser (uvloop's: whole milliseconds, a delay cut to them),
+        # so the timer is set by the time left plus a millisecond: it fires at or after the
+        # deadline, never before it (to find nothing due and be armed again at once).
+        self._timer = self._loop.call_later(max(0.0, deadline - monotonic()) + 0.001, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        now = self._loop.time()
+        now = monotonic()
         expired = []
         earliest: float | None = None
         for queue in self._queues.values():

@@ -6,6 +6,7 @@ import asyncio
 import random
 from bisect import bisect_left
 from collections.abc import Awaitable
+from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
 from metaprotocol_sdk.codec import Codec, Encoded, LocalError
@@ -687,7 +688,7 @@ class Downstream(asyncio.Protocol):
             if self._retry(route, "unavailable", tries, started, cluster):
                 # The first try has no start yet (``started`` is set from the second on):
                 # the request's clock starts now, not at the loop's time zero.
-                started = started if tries else self.engine.loop.time()
+                started = started if tries else monotonic()
                 self._dispatch(message, route, mutation, tries + 1, started)
                 return
             self.local_reply(
@@ -722,7 +723,7 @@ class Downstream(asyncio.Protocol):
             self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
         host = conn.host  # another endpoint's when the budget made the client reuse one
-        now = engine.loop.time()
+        now = monotonic()
         p = Pending(self, message, route, target, host, conn, now)
         try:
             conn.send(p, mutation)
@@ -853,7 +854,7 @@ class Downstream(asyncio.Protocol):
         self.inflight += 1
         self.inflight_bytes += hold.size
         engine.buffered += hold.size
-        engine.deadlines.add(hold, engine.loop.time(), route.timeout)
+        engine.deadlines.add(hold, monotonic(), route.timeout)
         if self.holds is None:
             self.holds = set()
         self.holds.add(hold)
@@ -936,7 +937,7 @@ class Downstream(asyncio.Protocol):
             sink.count(target, "Dropped")
             return
         host = conn.host
-        now = engine.loop.time()
+        now = monotonic()
         p = Pending(sink, message, route, target, host, conn, now)
         try:
             conn.send(p, mutation)
@@ -976,7 +977,7 @@ class Downstream(asyncio.Protocol):
             if cluster.retrying - held >= pool.max_retries:
                 cluster.overflow("maxRetries")
                 return False
-        if tries and self.engine.loop.time() - started >= route.timeout:
+        if tries and monotonic() - started >= route.timeout:
             return False
         self.listener.count_retry(route.name, condition)
         return True
@@ -1291,7 +1292,7 @@ class Downstream(asyncio.Protocol):
                 p.target,
                 p.host,
             )
-        elapsed = self.engine.loop.time() - p.start
+        elapsed = monotonic() - p.start
         ms = elapsed * 1000.0
         slot = bisect_left(DURATION_BUCKETS_MS, ms)  # once, for both duration histograms
         target = p.target
@@ -1391,7 +1392,7 @@ class Downstream(asyncio.Protocol):
         request = self._settle(p)
         if self.closed:  # the client left first, or was closed: nothing to answer
             p.target.count("DownstreamClosed")
-            elapsed = self.engine.loop.time() - p.start
+            elapsed = monotonic() - p.start
             self._observe_local(p.target, "DownstreamClosed", elapsed, request, 0, None, p.host)
             if p.route.response_filters:  # nothing answered: status Unknown, no local error
                 unknown = ResponseStatus.Unknown
@@ -1428,7 +1429,7 @@ class Downstream(asyncio.Protocol):
         if target is None:
             target = listener._unrouted if route is None else route.local
         transport = self.transport
-        elapsed = 0.0 if start is None else self.engine.loop.time() - start
+        elapsed = 0.0 if start is None else monotonic() - start
         if transport is None or self.closed:
             target.count("DownstreamClosed")
             self._observe_local(target, "DownstreamClosed", elapsed, request, 0, None, host)

@@ -301,6 +301,28 @@ def test_access_log_without_attributes_configured_writes_none(tmp_path: Path) ->
     assert "attributes" not in record and record["bytes_received"] > 0
 
 
+def test_durations_are_measured_finer_than_the_loops_millisecond_clock(tmp_path: Path) -> None:
+    """uvloop's clock counts whole milliseconds: durations read from it were whole numbers
+    of milliseconds (a 0.3 ms exchange was 0 or 1), which made the latency histogram's
+    first buckets and the access log's duration_ms meaningless for fast requests."""
+    log = tmp_path / "access.log"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{log}'}}\n")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(20):
+                await c.call()
+            c.close()
+        await up.close()
+
+    run(main())
+    durations = [json.loads(line)["duration_ms"] for line in log.read_text().splitlines()]
+    assert len(durations) == 20 and all(d > 0 for d in durations)
+    assert sum(d != int(d) for d in durations) >= 10, durations
+
+
 def test_access_log_lines_reach_the_file_within_a_sweep(tmp_path: Path) -> None:
     """Lines are gathered, but a reader tailing the file sees each one within a second."""
     log = tmp_path / "access.log"
