@@ -648,6 +648,47 @@ class BytesForBadUtf8(_Broken):
         return message
 
 
+class SkipsEmptyValues(_Broken):
+    """Takes an empty mutation value for "not set" and skips it: an operator's route that
+    blanks a client's header (``x-user: ""``) leaves the client's own value for the server."""
+
+    catches = "mutation_any_value"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            mutation = {key: value for key, value in mutation.items() if value}  # the fault
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class ValueLengthInCharacters(_Broken):
+    """Splices a mutation's entries after the headers it keeps as they came, and writes each
+    value's length as ``len(value)``: its characters, not its UTF-8 bytes. ASCII values
+    come out right; a non-ASCII one corrupts the headers block and the server refuses the
+    request."""
+
+    catches = "mutation_any_value"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return super().encode(message, mutation, request_id=request_id)
+        frame = message.frame
+        written = {key.lower() for key in mutation}
+        headers = kv._decode_headers(frame, HEADER_SIZE, message.header_size)
+        block = kv.encode_headers({k: v for k, v in headers.items() if k.lower() not in written})
+        for key, value in mutation.items():
+            k, v = key.encode(), value.encode()
+            block += bytes((len(k),)) + k + len(value).to_bytes(2, "big") + v  # the fault
+        fixed = bytearray(frame[:HEADER_SIZE])
+        struct.pack_into(">H", fixed, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", fixed, 4, request_id)
+        return [bytes(fixed), block, message.body]
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -678,6 +719,8 @@ ONLY_ONE: list[type[_Broken]] = [
     WholeFrameView,
     TooLargeWithoutId,
     CachesById,
+    # Mutations carry what routes and filters are given: any text, each call's own.
+    SkipsEmptyValues,
 ]
 
 BROKEN: list[type[_Broken]] = [

@@ -9,6 +9,7 @@ from broken_codecs import (
     ONLY_ONE,
     BytesForBadUtf8,
     FrameViewOfScratch,
+    ValueLengthInCharacters,
     WholeFrameView,
 )
 
@@ -66,7 +67,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 32
+    assert len(set(targeted)) == len(targeted) == 33
     assert set(targeted) <= set(check_names())
 
 
@@ -207,3 +208,12 @@ def test_compiled_metadata_refuses_the_untyped_faults() -> None:
         message.frame = memoryview(message.frame)  # type: ignore[assignment]
     with pytest.raises(TypeError):
         Attributes.from_strings({"k": b"v"})  # type: ignore[dict-item]
+
+
+def test_mutation_any_value_finds_a_length_counted_in_characters() -> None:
+    # Every other mutation the kit writes is ASCII, where characters and bytes agree.
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(ValueLengthInCharacters, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["mutation_any_value"], report.format_text()
+    assert "UTF-8 bytes, not its characters" in failed[0].reason

@@ -21,7 +21,7 @@ from ._support import (
     reference,
     same_metadata,
 )
-from .base import CheckContext, CheckSkipped, check
+from .base import CheckContext, CheckFailed, CheckSkipped, check
 from .roundtrip import _Tally
 
 #: The value written over an existing key: plain ASCII, so any protocol can carry it.
@@ -193,6 +193,67 @@ def mutation_replaces_key(ctx: CheckContext) -> None:
     if replaced == 0:
         raise CheckSkipped("no message had a key a mutation could replace")
     ctx.details["replaced"] = replaced
+
+
+#: A mutation value whose UTF-8 bytes outnumber its characters (2-, 3- and 4-byte sequences).
+NON_ASCII = "z\u00fcrich \u6771\u4eac \U0001f600"
+
+
+@check("mutation_any_value", "roundtrip", requires="mutation")
+def mutation_any_value(ctx: CheckContext) -> None:
+    """A mutation's value may be any text: empty, or non-ASCII, written as it is.
+
+    Routes and filters write what they are configured with and what clients sent: an empty
+    value blanks a key a client set (``x-user: ""`` must not leave the client's ``admin``),
+    and non-ASCII text has more UTF-8 bytes than characters (a length counted in characters
+    corrupts the frame). Each mutable message gets, one at a time, a new key (the first of the
+    kit's mutation) with the non-ASCII value and with an empty value, and each key it carries
+    (that the codec replaces with a plain value) set to empty; each is written and re-decodes
+    as exactly that (or raises MutationError).
+    """
+    tally = _Tally()
+    key = next(iter(ctx.target.mutation))
+
+    def prop(sample: Sample) -> None:
+        original = reference(ctx, sample)
+        if not _mutable(ctx, original):
+            return
+        mutations = [{key: NON_ASCII}, {key: ""}]
+        mutations += [
+            {name: ""}
+            for name, value in original.attributes.items()
+            if value and _replaces(ctx, sample, original, name)
+        ]
+        for mutation in mutations:
+            data = _encode(ctx, sample, original, mutation, tally)
+            if data is None:
+                continue
+            what = f"the message mutated with {mutation!r}"
+            try:
+                again = decode_whole(ctx.target.new_codec(sample.options), data, what)
+                _visible(ctx, original, again, mutation, data)
+            except CheckFailed as exc:
+                fail(
+                    f"{exc}\nA mutation's value is any text, written as it is (or refused with "
+                    "MutationError): an empty value blanks the key (never skipped, which leaves "
+                    "a client's own value for the server), and a length field counts the "
+                    "value's UTF-8 bytes, not its characters"
+                )
+
+    for_each_sample(ctx, prop)
+    tally.finish()
+
+
+def _replaces(ctx: CheckContext, sample: Sample, message: Metadata, key: str) -> bool:
+    """Whether the codec replaces ``key`` with a plain value (mutation_replaces_key reports
+    a codec that does not)."""
+    encoder = ctx.target.new_codec(sample.options)
+    try:
+        data = join_encoded(encoder.encode(message, {key: REPLACED}))
+        again = ctx.target.new_codec(sample.options).decode(bytearray(data))
+    except Exception:
+        return False
+    return isinstance(again, Metadata) and again.attributes.get(key) == REPLACED
 
 
 def _snapshot(message: Metadata) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
