@@ -689,6 +689,59 @@ class ValueLengthInCharacters(_Broken):
         return [bytes(fixed), block, message.body]
 
 
+class CachesBlockByMutation(_Broken):
+    """Remembers the headers block it wrote for a mutation, by the mutation's content (a
+    route applies the same one to every request), and forgets that the block holds the
+    message's own headers too: every later request on the connection goes out with the
+    first one's headers."""
+
+    catches = "mutation_each_call"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return super().encode(message, mutation, request_id=request_id)
+        key = tuple(mutation.items())
+        block = self._blocks.get(key)  # the fault: not keyed by the message's headers
+        if block is None:
+            encoded = super().encode(message, mutation)
+            assert isinstance(encoded, list)
+            block = self._blocks[key] = bytes(encoded[1])
+        fixed = bytearray(message.frame[:HEADER_SIZE])
+        struct.pack_into(">H", fixed, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", fixed, 4, request_id)
+        return [bytes(fixed), block, message.body]
+
+
+class CachesMutationById(_Broken):
+    """Recognises the route's mutation by the mapping's identity (``id()``) alone, to spare
+    comparing it: a mapping changed in place, or a new one that Python gives a freed one's
+    address (the engine builds one per request when a filter or tracing adds keys), is
+    written with the values it remembered."""
+
+    catches = "mutation_each_call"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._last: tuple[int, dict[str, str]] | None = None
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            if self._last is not None and self._last[0] == id(mutation):
+                mutation = self._last[1]  # the fault
+            else:
+                self._last = (id(mutation), dict(mutation))
+        return super().encode(message, mutation, request_id=request_id)
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -721,6 +774,7 @@ ONLY_ONE: list[type[_Broken]] = [
     CachesById,
     # Mutations carry what routes and filters are given: any text, each call's own.
     SkipsEmptyValues,
+    CachesBlockByMutation,
 ]
 
 BROKEN: list[type[_Broken]] = [

@@ -8,6 +8,7 @@ from broken_codecs import (
     BROKEN,
     ONLY_ONE,
     BytesForBadUtf8,
+    CachesMutationById,
     FrameViewOfScratch,
     ValueLengthInCharacters,
     WholeFrameView,
@@ -67,7 +68,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 33
+    assert len(set(targeted)) == len(targeted) == 34
     assert set(targeted) <= set(check_names())
 
 
@@ -217,3 +218,12 @@ def test_mutation_any_value_finds_a_length_counted_in_characters() -> None:
     failed = [r for r in report.results if r.outcome.is_failure]
     assert [r.check for r in failed] == ["mutation_any_value"], report.format_text()
     assert "UTF-8 bytes, not its characters" in failed[0].reason
+
+
+def test_mutation_each_call_finds_a_mutation_recognised_by_identity() -> None:
+    # Every other check encodes a message once per codec, or with mappings all alive at once.
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(CachesMutationById, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["mutation_each_call"], report.format_text()
+    assert "changed in place" in failed[0].reason

@@ -244,6 +244,73 @@ def mutation_any_value(ctx: CheckContext) -> None:
     tally.finish()
 
 
+#: Why the check below matters, for its failure messages.
+_EACH_CALL = (
+    "encode writes the message and the mutation it is given, every call: an engine applies "
+    "a route's one mutation mapping to every request on a connection, and builds a new "
+    "mapping per request when a filter or tracing adds keys (Python gives it the address of "
+    "the last one freed), so a cache keyed by the mapping alone, or by its identity, hands a "
+    "request another's headers"
+)
+
+
+@check("mutation_each_call", "roundtrip", requires="mutation")
+def mutation_each_call(ctx: CheckContext) -> None:
+    """encode writes each call's own message and mutation: one codec encodes a message with
+    a mutation, another message with the same mapping, the message with that mapping changed
+    in place, and with new mappings each built after the last was dropped.
+
+    A codec may remember what it encoded for a mutation (a route applies the same one to
+    every request), but never by the mapping's identity alone, nor for another message.
+    """
+    tally = _Tally()
+    base = ctx.target.mutation
+    other = f"{next(iter(base))}-other"
+
+    def fresh(tag: str) -> dict[str, str]:
+        return {key: f"{value}-{tag}" for key, value in base.items()}
+
+    def prop(sample: Sample) -> None:
+        original = reference(ctx, sample)
+        if not _mutable(ctx, original):
+            return
+        variant = _encode(ctx, sample, original, {other: "1"}, tally)
+        if variant is None:
+            return
+        second = decode_whole(ctx.target.new_codec(sample.options), variant, "the variant")
+        codec = ctx.target.new_codec(sample.options)
+        done: list[tuple[str, Metadata, dict[str, str], bytes]] = []
+
+        def encode(what: str, message: Metadata, mutation: dict[str, str]) -> None:
+            data = encode_bytes(codec, lambda: codec.encode(message, mutation), what)
+            done.append((what, message, dict(mutation), data))
+
+        try:
+            mutation = fresh("a")
+            encode("the message with a mutation", original, mutation)
+            encode("another message with the same mapping", second, mutation)
+            for key in mutation:
+                mutation[key] += "-changed"
+            encode("the message with that mapping changed in place", original, mutation)
+            del mutation
+            for tag in ("b", "c", "d"):  # each built where the last was freed, most likely
+                encode(f"the message with a new mapping ({tag})", original, fresh(tag))
+        except MutationError:
+            return  # mutation_visible and capabilities_honored judge refusals
+        except CodecError as exc:
+            fail(f"encode raised {type(exc).__name__}: {exc}")
+        for index, (what, message, mutation, data) in enumerate(done):
+            try:
+                again = decode_whole(ctx.target.new_codec(sample.options), data, what)
+                _visible(ctx, message, again, mutation, data)
+            except CheckFailed as exc:
+                earlier = ", then ".join(w for w, *_ in done[:index]) or "nothing"
+                fail(f"on one codec, after {earlier}: {what} {mutation!r}: {exc}\n{_EACH_CALL}")
+
+    for_each_sample(ctx, prop)
+    tally.finish()
+
+
 def _replaces(ctx: CheckContext, sample: Sample, message: Metadata, key: str) -> bool:
     """Whether the codec replaces ``key`` with a plain value (mutation_replaces_key reports
     a codec that does not)."""
