@@ -742,6 +742,17 @@ class CachesMutationById(_Broken):
         return super().encode(message, mutation, request_id=request_id)
 
 
+class PeekCopiesWholeBuffer(_Broken):
+    """peek_reply parses an immutable copy of the buffer (to hand its parser bytes): an
+    engine peeks at every reply in a read, so a read of many pipelined replies (a shared
+    upstream connection's) costs quadratic time."""
+
+    catches = "perf_linear_pipelined"
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        return super().peek_reply(bytearray(bytes(buffer)))  # the fault: the whole read, per reply
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
