@@ -648,6 +648,111 @@ class BytesForBadUtf8(_Broken):
         return message
 
 
+class SkipsEmptyValues(_Broken):
+    """Takes an empty mutation value for "not set" and skips it: an operator's route that
+    blanks a client's header (``x-user: ""``) leaves the client's own value for the server."""
+
+    catches = "mutation_any_value"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            mutation = {key: value for key, value in mutation.items() if value}  # the fault
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class ValueLengthInCharacters(_Broken):
+    """Splices a mutation's entries after the headers it keeps as they came, and writes each
+    value's length as ``len(value)``: its characters, not its UTF-8 bytes. ASCII values
+    come out right; a non-ASCII one corrupts the headers block and the server refuses the
+    request."""
+
+    catches = "mutation_any_value"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return super().encode(message, mutation, request_id=request_id)
+        frame = message.frame
+        written = {key.lower() for key in mutation}
+        headers = kv._decode_headers(frame, HEADER_SIZE, message.header_size)
+        block = kv.encode_headers({k: v for k, v in headers.items() if k.lower() not in written})
+        for key, value in mutation.items():
+            k, v = key.encode(), value.encode()
+            block += bytes((len(k),)) + k + len(value).to_bytes(2, "big") + v  # the fault
+        fixed = bytearray(frame[:HEADER_SIZE])
+        struct.pack_into(">H", fixed, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", fixed, 4, request_id)
+        return [bytes(fixed), block, message.body]
+
+
+class CachesBlockByMutation(_Broken):
+    """Remembers the headers block it wrote for a mutation, by the mutation's content (a
+    route applies the same one to every request), and forgets that the block holds the
+    message's own headers too: every later request on the connection goes out with the
+    first one's headers."""
+
+    catches = "mutation_each_call"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return super().encode(message, mutation, request_id=request_id)
+        key = tuple(mutation.items())
+        block = self._blocks.get(key)  # the fault: not keyed by the message's headers
+        if block is None:
+            encoded = super().encode(message, mutation)
+            assert isinstance(encoded, list)
+            block = self._blocks[key] = bytes(encoded[1])
+        fixed = bytearray(message.frame[:HEADER_SIZE])
+        struct.pack_into(">H", fixed, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", fixed, 4, request_id)
+        return [bytes(fixed), block, message.body]
+
+
+class CachesMutationById(_Broken):
+    """Recognises the route's mutation by the mapping's identity (``id()``) alone, to spare
+    comparing it: a mapping changed in place, or a new one that Python gives a freed one's
+    address (the engine builds one per request when a filter or tracing adds keys), is
+    written with the values it remembered."""
+
+    catches = "mutation_each_call"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._last: tuple[int, dict[str, str]] | None = None
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            if self._last is not None and self._last[0] == id(mutation):
+                mutation = self._last[1]  # the fault
+            else:
+                self._last = (id(mutation), dict(mutation))
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class PeekCopiesWholeBuffer(_Broken):
+    """peek_reply parses an immutable copy of the buffer (to hand its parser bytes): an
+    engine peeks at every reply in a read, so a read of many pipelined replies (a shared
+    upstream connection's) costs quadratic time."""
+
+    catches = "perf_linear_pipelined"
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        return super().peek_reply(bytearray(bytes(buffer)))  # the fault: the whole read, per reply
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -678,6 +783,9 @@ ONLY_ONE: list[type[_Broken]] = [
     WholeFrameView,
     TooLargeWithoutId,
     CachesById,
+    # Mutations carry what routes and filters are given: any text, each call's own.
+    SkipsEmptyValues,
+    CachesBlockByMutation,
 ]
 
 BROKEN: list[type[_Broken]] = [

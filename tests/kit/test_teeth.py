@@ -8,7 +8,10 @@ from broken_codecs import (
     BROKEN,
     ONLY_ONE,
     BytesForBadUtf8,
+    CachesMutationById,
     FrameViewOfScratch,
+    PeekCopiesWholeBuffer,
+    ValueLengthInCharacters,
     WholeFrameView,
 )
 
@@ -66,7 +69,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 32
+    assert len(set(targeted)) == len(targeted) == 34
     assert set(targeted) <= set(check_names())
 
 
@@ -207,3 +210,31 @@ def test_compiled_metadata_refuses_the_untyped_faults() -> None:
         message.frame = memoryview(message.frame)  # type: ignore[assignment]
     with pytest.raises(TypeError):
         Attributes.from_strings({"k": b"v"})  # type: ignore[dict-item]
+
+
+def test_mutation_any_value_finds_a_length_counted_in_characters() -> None:
+    # Every other mutation the kit writes is ASCII, where characters and bytes agree.
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(ValueLengthInCharacters, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["mutation_any_value"], report.format_text()
+    assert "UTF-8 bytes, not its characters" in failed[0].reason
+
+
+def test_mutation_each_call_finds_a_mutation_recognised_by_identity() -> None:
+    # Every other check encodes a message once per codec, or with mappings all alive at once.
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(CachesMutationById, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["mutation_each_call"], report.format_text()
+    assert "changed in place" in failed[0].reason
+
+
+def test_pipelined_check_forwards_replies_through_peek_reply() -> None:
+    # Decode alone never sees the buffers an engine peeks at. (About 10x measured on a loaded
+    # 2-core machine, where a linear peek measures 4x; the limit is 8x.)
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(PeekCopiesWholeBuffer, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["perf_linear_pipelined"], report.format_text()
+    assert "pipelined replies, peeked" in failed[0].reason

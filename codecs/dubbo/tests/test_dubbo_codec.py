@@ -274,6 +274,19 @@ def test_a_recognised_request_refuses_a_method_mutation_too() -> None:
                 codec.encode(md, mutation)
 
 
+def test_an_empty_interface_or_version_mutation_is_refused_not_dropped() -> None:
+    # decode reads an empty interface or version attachment as absent (the body's stands):
+    # writing one would leave routing on the body's while the mutation meant to blank it.
+    codec = DubboCodec()
+    frame = build_request(PATH, "m", ["x"], version="1.0.0", attachments={"path": PATH})
+    for md in decode_one(frame, codec), decode_one(frame, codec):  # scanned, then recognised
+        for mutation in ({"version": ""}, {"k": "v", "Interface": ""}):
+            with pytest.raises(MutationError, match="reads as absent"):
+                codec.encode(md, mutation)
+        blanked = decode_one(join_encoded(codec.encode(md, {"group": ""})), codec)
+        assert blanked.attributes["group"] == "" and blanked.attributes["version"] == "1.0.0"
+
+
 def test_a_mutation_changed_in_place_is_encoded_anew() -> None:
     # The codec remembers the last request mutation by identity and a copy of its items: the
     # same dict changed since is encoded (and checked) anew, on either request state.

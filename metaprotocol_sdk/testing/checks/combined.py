@@ -21,7 +21,7 @@ from ._support import (
     reference,
     same_metadata,
 )
-from .base import CheckContext, CheckSkipped, check
+from .base import CheckContext, CheckFailed, CheckSkipped, check
 from .roundtrip import _Tally
 
 #: The value written over an existing key: plain ASCII, so any protocol can carry it.
@@ -193,6 +193,134 @@ def mutation_replaces_key(ctx: CheckContext) -> None:
     if replaced == 0:
         raise CheckSkipped("no message had a key a mutation could replace")
     ctx.details["replaced"] = replaced
+
+
+#: A mutation value whose UTF-8 bytes outnumber its characters (2-, 3- and 4-byte sequences).
+NON_ASCII = "z\u00fcrich \u6771\u4eac \U0001f600"
+
+
+@check("mutation_any_value", "roundtrip", requires="mutation")
+def mutation_any_value(ctx: CheckContext) -> None:
+    """A mutation's value may be any text: empty, or non-ASCII, written as it is.
+
+    Routes and filters write what they are configured with and what clients sent: an empty
+    value blanks a key a client set (``x-user: ""`` must not leave the client's ``admin``),
+    and non-ASCII text has more UTF-8 bytes than characters (a length counted in characters
+    corrupts the frame). Each mutable message gets, one at a time, a new key (the first of the
+    kit's mutation) with the non-ASCII value and with an empty value, and each key it carries
+    (that the codec replaces with a plain value) set to empty; each is written and re-decodes
+    as exactly that (or raises MutationError).
+    """
+    tally = _Tally()
+    key = next(iter(ctx.target.mutation))
+
+    def prop(sample: Sample) -> None:
+        original = reference(ctx, sample)
+        if not _mutable(ctx, original):
+            return
+        mutations = [{key: NON_ASCII}, {key: ""}]
+        mutations += [
+            {name: ""}
+            for name, value in original.attributes.items()
+            if value and _replaces(ctx, sample, original, name)
+        ]
+        for mutation in mutations:
+            data = _encode(ctx, sample, original, mutation, tally)
+            if data is None:
+                continue
+            what = f"the message mutated with {mutation!r}"
+            try:
+                again = decode_whole(ctx.target.new_codec(sample.options), data, what)
+                _visible(ctx, original, again, mutation, data)
+            except CheckFailed as exc:
+                fail(
+                    f"{exc}\nA mutation's value is any text, written as it is (or refused with "
+                    "MutationError): an empty value blanks the key (never skipped, which leaves "
+                    "a client's own value for the server), and a length field counts the "
+                    "value's UTF-8 bytes, not its characters"
+                )
+
+    for_each_sample(ctx, prop)
+    tally.finish()
+
+
+#: Why the check below matters, for its failure messages.
+_EACH_CALL = (
+    "encode writes the message and the mutation it is given, every call: an engine applies "
+    "a route's one mutation mapping to every request on a connection, and builds a new "
+    "mapping per request when a filter or tracing adds keys (Python gives it the address of "
+    "the last one freed), so a cache keyed by the mapping alone, or by its identity, hands a "
+    "request another's headers"
+)
+
+
+@check("mutation_each_call", "roundtrip", requires="mutation")
+def mutation_each_call(ctx: CheckContext) -> None:
+    """encode writes each call's own message and mutation: one codec encodes a message with
+    a mutation, another message with the same mapping, the message with that mapping changed
+    in place, and with new mappings each built after the last was dropped.
+
+    A codec may remember what it encoded for a mutation (a route applies the same one to
+    every request), but never by the mapping's identity alone, nor for another message.
+    """
+    tally = _Tally()
+    base = ctx.target.mutation
+    other = f"{next(iter(base))}-other"
+
+    def fresh(tag: str) -> dict[str, str]:
+        return {key: f"{value}-{tag}" for key, value in base.items()}
+
+    def prop(sample: Sample) -> None:
+        original = reference(ctx, sample)
+        if not _mutable(ctx, original):
+            return
+        variant = _encode(ctx, sample, original, {other: "1"}, tally)
+        if variant is None:
+            return
+        second = decode_whole(ctx.target.new_codec(sample.options), variant, "the variant")
+        codec = ctx.target.new_codec(sample.options)
+        done: list[tuple[str, Metadata, dict[str, str], bytes]] = []
+
+        def encode(what: str, message: Metadata, mutation: dict[str, str]) -> None:
+            data = encode_bytes(codec, lambda: codec.encode(message, mutation), what)
+            done.append((what, message, dict(mutation), data))
+
+        try:
+            mutation = fresh("a")
+            encode("the message with a mutation", original, mutation)
+            encode("another message with the same mapping", second, mutation)
+            for key in mutation:
+                mutation[key] += "-changed"
+            encode("the message with that mapping changed in place", original, mutation)
+            del mutation
+            for tag in ("b", "c", "d"):  # each built where the last was freed, most likely
+                encode(f"the message with a new mapping ({tag})", original, fresh(tag))
+        except MutationError:
+            return  # mutation_visible and capabilities_honored judge refusals
+        except CodecError as exc:
+            fail(f"encode raised {type(exc).__name__}: {exc}")
+        for index, (what, message, mutation, data) in enumerate(done):
+            try:
+                again = decode_whole(ctx.target.new_codec(sample.options), data, what)
+                _visible(ctx, message, again, mutation, data)
+            except CheckFailed as exc:
+                earlier = ", then ".join(w for w, *_ in done[:index]) or "nothing"
+                fail(f"on one codec, after {earlier}: {what} {mutation!r}: {exc}\n{_EACH_CALL}")
+
+    for_each_sample(ctx, prop)
+    tally.finish()
+
+
+def _replaces(ctx: CheckContext, sample: Sample, message: Metadata, key: str) -> bool:
+    """Whether the codec replaces ``key`` with a plain value (mutation_replaces_key reports
+    a codec that does not)."""
+    encoder = ctx.target.new_codec(sample.options)
+    try:
+        data = join_encoded(encoder.encode(message, {key: REPLACED}))
+        again = ctx.target.new_codec(sample.options).decode(bytearray(data))
+    except Exception:
+        return False
+    return isinstance(again, Metadata) and again.attributes.get(key) == REPLACED
 
 
 def _snapshot(message: Metadata) -> tuple[dict[str, Any], bytes, dict[str, Any]]:

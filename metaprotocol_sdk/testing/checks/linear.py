@@ -13,6 +13,7 @@ the same frame was decoded again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import time
@@ -286,10 +287,27 @@ def _drain(codec: Codec, buffer: bytearray) -> int:
     return count
 
 
-def _pipelined_ops(ctx: CheckContext, pair: str, sized: Sized) -> dict[str, tuple[Op, float]]:
+def _forward(codec: Codec, buffer: bytearray) -> int:
+    """Take every reply in ``buffer`` as an engine forwards replies: ``peek_reply``, and
+    ``decode`` where it gives no head. How many there were."""
+    count = 0
+    while buffer:
+        head = codec.peek_reply(buffer)
+        if head is None:
+            if not isinstance(codec.decode(buffer), Metadata):
+                break
+        else:
+            del buffer[: head[1]]
+        count += 1
+    return count
+
+
+def _pipelined_ops(
+    ctx: CheckContext, pair: str, sized: Sized, peeked: bool = False
+) -> dict[str, tuple[Op, float]]:
     frame = sized.sample.frame
     codec = _roomy(ctx, sized.sample)
-    op = Op(bytearray, lambda buffer: _drain(codec, buffer))
+    op = Op(bytearray, lambda buffer: (_forward if peeked else _drain)(codec, buffer))
     start = _clock()
     try:
         left = bytearray(frame)
@@ -302,33 +320,57 @@ def _pipelined_ops(ctx: CheckContext, pair: str, sized: Sized) -> dict[str, tupl
             f"decode of {pair} ({len(frame)} bytes) stopped with {len(left)} bytes left after "
             f"{count} messages"
         )
+    if peeked:
+        return {"peek_reply (decode where it gives no head) of every reply in one read": (op, once)}
     return {"decode of every message in one read": (op, once)}
 
 
 def _pipelined_pair(ctx: CheckContext, n: int) -> list[Pair]:
     """n and 4n messages back to back in one read: each decode must cost what its own message
-    costs, not what the rest of the buffer holds (copying it, or scanning it, per call)."""
+    costs, not what the rest of the buffer holds (copying it, or scanning it, per call). With
+    ``peek_reply``, the same for replies an engine forwards by peeking at them."""
+    caps = ctx.target.codec.capabilities
     best: tuple[int, Sample, bytes] | None = None
+    reply: tuple[int, Sample, bytes] | None = None
     for sample in collect(ctx, 5):
         message = reference(ctx, sample)
         frame = sample.frame
-        if ctx.target.codec.capabilities.mutation and message.message_type.is_request_side:
-            encoder = ctx.target.new_codec(sample.options)
-            pad = {"x-mp-linear-pad": "p" * PIPELINED_PAD}
-            with contextlib.suppress(MutationError):
-                frame = join_encoded(encoder.encode(message, pad))
+        kind = message.message_type
+        if caps.mutation and kind.is_request_side:
+            frame = _padded(ctx, sample, message)
         if best is None or len(frame) > best[0]:
             best = (len(frame), sample, frame)
-    if best is None:
-        return []
-    _, sample, frame = best
+        if caps.peek_reply and kind in (MessageType.Response, MessageType.Error):
+            codec = ctx.target.new_codec(sample.options)
+            padded = _padded(ctx, sample, message) if caps.response_mutation else frame
+            for frame in dict.fromkeys((padded, sample.frame)):  # the padded one, if peeked
+                if codec.peek_reply(bytearray(frame)) is not None:
+                    if reply is None or len(frame) > reply[0]:
+                        reply = (len(frame), sample, frame)
+                    break
+    pairs = []
+    for found, name in ((best, "pipelined messages"), (reply, "pipelined replies, peeked")):
+        if found is None:
+            continue
+        _, sample, frame = found
 
-    def sized(count: int) -> Sized:
-        data = frame * count
-        return Sized(Sample(data, options=sample.options), lambda: data)
+        def sized(count: int, sample: Sample = sample, frame: bytes = frame) -> Sized:
+            data = frame * count
+            return Sized(Sample(data, options=sample.options), lambda: data)
 
-    name = f"{n} pipelined messages of {len(frame)} bytes"
-    return [Pair(name, sized(n), sized(SCALE * n), _pipelined_ops)]
+        ops = functools.partial(_pipelined_ops, peeked=found is reply)
+        label = f"{n} {name}, of {len(frame)} bytes"
+        pairs.append(Pair(label, sized(n), sized(SCALE * n), ops))
+    return pairs
+
+
+def _padded(ctx: CheckContext, sample: Sample, message: Metadata) -> bytes:
+    """``sample``'s frame padded to about :data:`PIPELINED_PAD` bytes with a mutation (as is
+    when the codec refuses it)."""
+    encoder = ctx.target.new_codec(sample.options)
+    with contextlib.suppress(MutationError):
+        return join_encoded(encoder.encode(message, {"x-mp-linear-pad": "p" * PIPELINED_PAD}))
+    return sample.frame
 
 
 @check("perf_linear", "perf")
@@ -350,7 +392,8 @@ def perf_linear_pipelined(ctx: CheckContext) -> None:
     """Decoding one read of many messages is linear: 4x the messages back to back (each
     padded to about 1 KiB with a mutation when the codec takes one) cost at most
     ``linear_limit`` (8) times as much; a decode that copies or scans the rest of the buffer
-    on every call is quadratic in what one read holds."""
+    on every call is quadratic in what one read holds. With ``peek_reply``, the same for a
+    read of replies taken as an engine forwards them (peeked, decoded where not)."""
     pairs = _pipelined_pair(ctx, ctx.target.settings.linear_scale)
     if not pairs:
         no_messages()

@@ -401,12 +401,20 @@ def _wire_keys(data: bytes) -> list[str]:
 
 def _refuse_method(mutation: Mutation) -> None:
     """A request's method is in its body: an attachment named ``method`` would not change it
-    (Dubbo and routing both read the body's), so such a mutation is refused, not dropped."""
-    for key in mutation:
-        if key.lower() == "method":
+    (Dubbo and routing both read the body's), so such a mutation is refused, not dropped.
+    So is an empty ``interface`` or ``version``: decode reads an empty attachment as absent
+    (the body's path and version stand), so it would not blank them."""
+    for key, value in mutation.items():
+        folded = key.lower()
+        if folded == "method":
             raise MutationError(
                 "the method of a Dubbo request is in its body; a 'method' attachment would "
                 "not change it"
+            )
+        if not value and folded in ("interface", "version"):
+            raise MutationError(
+                f"an empty {key!r} attachment reads as absent (the body's {folded} stands), "
+                "so it cannot blank it"
             )
 
 
