@@ -75,6 +75,7 @@ CLOSE_REASONS = (
     "write_overflow",
     "overload",
     "write_abandoned",
+    "unanswerable",
 )
 
 
@@ -1476,15 +1477,17 @@ class Downstream(asyncio.Protocol):
         return verdict.dry_run_outcome(request.attributes)
 
     def _refuse(self, exc: CodecError, error: ErrorType, close: bool) -> None:
-        """A frame the codec refused: answer it when it has an id; without a way to
-        resynchronise (``close``), read nothing more and close once the requests already
-        forwarded are answered."""
+        """A frame the codec refused: answer it when it has an id. Without an id nothing can
+        answer it, and skipping it would leave its client waiting for good: so, as without a
+        way to resynchronise (``close``), read nothing more and close once the requests
+        already forwarded are answered (counted ``unanswerable``, not as a local reply)."""
         listener = self.listener
         listener.decode_errors.value += 1
         if exc.metadata is not None:
             self.local_reply(exc.metadata, error, str(exc))
         else:
-            listener.count_local(error)
+            listener.closed_by["unanswerable"].value += 1
+            close = True
         if close:
             self._stop_reading()
             if self.inflight:

@@ -74,6 +74,20 @@ class LenientKVCodec(KVCodec):
         return super().decode(buffer)
 
 
+class NamelessErrorKVCodec(KVCodec):
+    """KV codec whose header-block errors say where the frame ends but not whose it is (no
+    ``metadata``, the request id left out): a codec the engine cannot answer."""
+
+    protocol = "kvne"
+
+    def decode(self, buffer: bytearray) -> Any:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            exc.metadata = None
+            raise
+
+
 class NoRewriteKVCodec(KVCodec):
     """KV codec that does not declare id rewriting: the engine pairs connections instead."""
 

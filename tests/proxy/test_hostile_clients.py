@@ -37,7 +37,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import Metadata
-from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.examples.kv import HEADER_SIZE, KVCodec
 from metaprotocol_sdk.proxy.upstream import STALE_LIMIT
 
 MiB = 1024 * 1024
@@ -579,6 +579,37 @@ def test_reply_to_a_request_before_garbage_is_delivered() -> None:
             assert stats.total("metaprotocol_decode_errors_total") == 1
             writer.close()
         await up.close()
+
+    run(main())
+
+
+def test_a_frame_nothing_can_answer_closes_the_connection_instead_of_leaving_it_waiting() -> None:
+    """A codec error with the frame's extent but not its id: the engine cannot answer that
+    request, and reading on would leave its client waiting for it until its own timeout.
+    The request before it is answered, nothing after it is read, the connection closes, and
+    the stats say so (a close ``unanswerable``, no local reply counted, as none was sent)."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], protocol="kvne", codec="proxy_kit:NamelessErrorKVCodec")
+        async with engine_for(text) as engine:
+            reader, writer = await asyncio.open_connection(*address(engine))
+            bad = bytearray(request(2))
+            bad[HEADER_SIZE] = 200  # the first key's length runs past the headers block
+            writer.write(request(1) + bytes(bad) + request(3))
+            replies = await read_replies(reader)  # then the engine closes
+            assert [(r.request_id, error_type(r)) for r in replies] == [(1, None)]
+            stats = engine.stats
+            assert stats.total("metaprotocol_decode_errors_total") == 1
+            assert stats.total("metaprotocol_local_replies_total") == 0
+            closed = stats.total(
+                "metaprotocol_downstream_connections_closed_total", reason="unanswerable"
+            )
+            assert closed == 1
+            assert stats.total("metaprotocol_requests_total", status="Ok") == 1
+            writer.close()
+        await up.close()
+        assert [m.request_id for m in up.received] == [1]
 
     run(main())
 
