@@ -208,6 +208,38 @@ def test_proxy_cli_refuses_bad_files_in_one_line(check: bool, tmp_path: Path) ->
         assert peak_kib < 160 * 1024, (path, peak_kib)  # the interpreter alone is ~40 MiB
 
 
+# -- values of the wrong type or size ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (
+            mesh([(1, "v1")], traffic_policy="{loadBalancer: {simple: []}}"),
+            "spec.trafficPolicy.loadBalancer.simple",
+        ),
+        (mesh([(1, "v1")], listener_tls="{mode: [SIMPLE]}"), "spec.listeners[0].tls.mode"),
+        (
+            mesh(
+                [(1, "v1")],
+                listener_tls="{serverCertificate: c.pem, privateKey: k.pem, "
+                "minProtocolVersion: {TLSV1_3: 1}}",
+            ),
+            "spec.listeners[0].tls.minProtocolVersion",
+        ),
+    ],
+    ids=["loadBalancer.simple", "tls.mode", "tls.minProtocolVersion"],
+)
+def test_a_list_or_mapping_where_a_word_belongs_names_its_field(text: str, field: str) -> None:
+    """A list or mapping given for a field whose value is one of a few words was looked up in
+    a dict: a ``TypeError`` ("unhashable type"), an internal error for the CLI and a reload
+    "failed" rather than refused."""
+    with pytest.raises(ConfigError) as info:
+        loads_config(text, "test.yaml")
+    assert info.value.field == field
+    assert "must be a non-empty string" in info.value.reason
+
+
 # -- the self-route check resolves names ------------------------------------------------------
 
 

@@ -698,7 +698,7 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     if lb is None:
         return None
     doc.check(lb, f"{path}.loadBalancer", schema.LOAD_BALANCER)
-    simple = doc.get(lb, "simple", f"{path}.loadBalancer.simple")
+    simple = doc.string(lb, "simple", f"{path}.loadBalancer.simple", required=False)
     hashing = doc.mapping(lb, "consistentHash", f"{path}.loadBalancer.consistentHash", False)
     if simple is not None and hashing:
         doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
@@ -879,7 +879,7 @@ def _listener_tls(
         return None
     path = f"{path}.tls"
     doc.check(raw, path, schema.LISTENER_TLS)
-    mode = doc.get(raw, "mode", f"{path}.mode") or "SIMPLE"
+    mode = doc.string(raw, "mode", f"{path}.mode", required=False) or "SIMPLE"
     if mode in schema.LISTENER_TLS_MODES_REFUSED:
         why = schema.LISTENER_TLS_MODES_REFUSED[mode]
         doc.fail(f"{path}.mode", f"not supported by this engine: {why}")
@@ -921,7 +921,7 @@ def _listener_tls(
                 )
     versions = {}
     for field in ("minProtocolVersion", "maxProtocolVersion"):
-        value = doc.get(raw, field, f"{path}.{field}")
+        value = doc.string(raw, field, f"{path}.{field}", required=False)
         if value in (None, "TLS_AUTO"):
             continue
         if value not in PROTOCOL_VERSIONS:
