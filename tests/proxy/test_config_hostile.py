@@ -240,6 +240,31 @@ def test_a_list_or_mapping_where_a_word_belongs_names_its_field(text: str, field
     assert "must be a non-empty string" in info.value.reason
 
 
+_MANY = "[" + ", ".join(["a"] * 100_000) + "]"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "end"),
+    [
+        ("simple: ROUND_ROBIN", "simple: " + "R" * 1_000_000, "or LEAST_REQUEST"),
+        ("host: svc.test\n  trafficPolicy", f"host: {_MANY}\n  trafficPolicy", "'a', 'a']"),
+        ("kind: DestinationRule", "kind: " + "K" * 1_000_000, "AuthorizationPolicy"),
+    ],
+    ids=["a long string", "a long list", "a long kind"],
+)
+def test_an_error_quoting_a_large_value_stays_one_short_line(old: str, new: str, end: str) -> None:
+    """Errors quote the value they refuse: a megabyte value made a megabyte error line (on
+    stderr, in the reload record, in an xDS NACK). The middle of a long reason is cut, and a
+    document's kind and name are cut in the error's source, keeping both ends readable."""
+    text = mesh([(1, "v1")], traffic_policy="{loadBalancer: {simple: ROUND_ROBIN}}")
+    assert old in text
+    with pytest.raises(ConfigError) as info:
+        loads_config(text.replace(old, new), "test.yaml")
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 2_000, len(message)
+    assert message.endswith(end), message[-200:]
+
+
 # -- the self-route check resolves names ------------------------------------------------------
 
 

@@ -139,6 +139,8 @@ class _Doc:
         meta = body.get("metadata")
         self.name = str(meta.get("name", "")) if isinstance(meta, dict) else ""
         label = f"{self.kind}/{self.name}" if self.name else self.kind or "document"
+        if len(label) > 2 * MAX_NAME_LENGTH:  # the kind and name are checked later, if at all
+            label = f"{label[: 2 * MAX_NAME_LENGTH]}..."
         at = f"document {index + 1}" if item is None else f"document {index + 1}, item {item + 1}"
         self.source = f"{file} ({at}, {label})"
         self._warned: set[str] = set()
