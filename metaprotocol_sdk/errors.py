@@ -79,10 +79,27 @@ class MutationError(CodecError):
     """A mutation that cannot be written into this message (for example, no header space)."""
 
 
+#: Longest reason a :class:`ConfigError` keeps: reasons quote the values they refuse, and a
+#: value may be megabytes (a list where a string belongs): its middle is cut.
+MAX_REASON_CHARS = 1000
+
+
+def _shortened(text: str, most: int = MAX_REASON_CHARS) -> str:
+    """``text``, with its middle cut when it is longer than ``most`` characters (the end
+    often says what was expected)."""
+    if len(text) <= most:
+        return text
+    tail = most // 4
+    head = most - tail
+    return f"{text[:head]} [... {len(text) - most} characters cut ...] {text[-tail:]}"
+
+
 class ConfigError(MetaProtocolError):
-    """Invalid configuration: names the document, the field and the reason."""
+    """Invalid configuration: names the document, the field and the reason (at most
+    :data:`MAX_REASON_CHARS` of it: its middle is cut)."""
 
     def __init__(self, reason: str, *, source: str | None = None, field: str | None = None):
+        reason = _shortened(reason)
         self.reason = reason
         self.source = source
         self.field = field

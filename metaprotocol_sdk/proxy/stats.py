@@ -82,7 +82,8 @@ HELP = {
     "metaprotocol_stats_removed_total": "Series dropped because what they named left the "
     'configuration (counts kept in the stats="removed" series of their name).',
     "metaprotocol_upstream_unmatched_replies_total": "Replies that answered no waiting request "
-    "(late, repeated or unknown ids), dropped.",
+    "(late, repeated or unknown ids), and other messages that are not replies nor heartbeats "
+    "(requests, one-way messages), dropped.",
     "metaprotocol_watchdog_miss_total": "Event loop stalls longer than watchdog.missTimeout "
     "(each stall once).",
     "metaprotocol_watchdog_megamiss_total": "Event loop stalls longer than "

@@ -853,6 +853,8 @@ class UpstreamConnection(asyncio.Protocol):
                     self.cluster.unmatched_reply()
             elif kind is _HEARTBEAT:
                 self._heartbeat(message)
+            else:  # a request, one-way or stream frame: an upstream sends none of them
+                self.cluster.unmatched_reply()
         else:
             self.need = 0
         for downstream in batch:  # first: the replies read leave before any error
@@ -924,6 +926,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.cluster.unmatched_reply()
         elif kind is _HEARTBEAT:
             self._heartbeat(message)
+        else:
+            self.cluster.unmatched_reply()
         for downstream in batch:
             downstream.flush()
         self._after_read(None)

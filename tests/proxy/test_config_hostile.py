@@ -10,10 +10,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from proxy_kit import mesh, run
 
+from metaprotocol_sdk import registry
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import Engine, addresses, load_config, loads_config
 from metaprotocol_sdk.proxy.addresses import RESOLVE_TIMEOUT
@@ -206,6 +208,92 @@ def test_proxy_cli_refuses_bad_files_in_one_line(check: bool, tmp_path: Path) ->
         assert line.startswith("error: ") and str(path) in line, err  # click checks -c dirs
         assert reason in line, err
         assert peak_kib < 160 * 1024, (path, peak_kib)  # the interpreter alone is ~40 MiB
+
+
+# -- values of the wrong type or size ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (
+            mesh([(1, "v1")], traffic_policy="{loadBalancer: {simple: []}}"),
+            "spec.trafficPolicy.loadBalancer.simple",
+        ),
+        (mesh([(1, "v1")], listener_tls="{mode: [SIMPLE]}"), "spec.listeners[0].tls.mode"),
+        (
+            mesh(
+                [(1, "v1")],
+                listener_tls="{serverCertificate: c.pem, privateKey: k.pem, "
+                "minProtocolVersion: {TLSV1_3: 1}}",
+            ),
+            "spec.listeners[0].tls.minProtocolVersion",
+        ),
+    ],
+    ids=["loadBalancer.simple", "tls.mode", "tls.minProtocolVersion"],
+)
+def test_a_list_or_mapping_where_a_word_belongs_names_its_field(text: str, field: str) -> None:
+    """A list or mapping given for a field whose value is one of a few words was looked up in
+    a dict: a ``TypeError`` ("unhashable type"), an internal error for the CLI and a reload
+    "failed" rather than refused."""
+    with pytest.raises(ConfigError) as info:
+        loads_config(text, "test.yaml")
+    assert info.value.field == field
+    assert "must be a non-empty string" in info.value.reason
+
+
+_MANY = "[" + ", ".join(["a"] * 100_000) + "]"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "end"),
+    [
+        ("simple: ROUND_ROBIN", "simple: " + "R" * 1_000_000, "or LEAST_REQUEST"),
+        ("host: svc.test\n  trafficPolicy", f"host: {_MANY}\n  trafficPolicy", "'a', 'a']"),
+        ("kind: DestinationRule", "kind: " + "K" * 1_000_000, "AuthorizationPolicy"),
+    ],
+    ids=["a long string", "a long list", "a long kind"],
+)
+def test_an_error_quoting_a_large_value_stays_one_short_line(old: str, new: str, end: str) -> None:
+    """Errors quote the value they refuse: a megabyte value made a megabyte error line (on
+    stderr, in the reload record, in an xDS NACK). The middle of a long reason is cut, and a
+    document's kind and name are cut in the error's source, keeping both ends readable."""
+    text = mesh([(1, "v1")], traffic_policy="{loadBalancer: {simple: ROUND_ROBIN}}")
+    assert old in text
+    with pytest.raises(ConfigError) as info:
+        loads_config(text.replace(old, new), "test.yaml")
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 2_000, len(message)
+    assert message.endswith(end), message[-200:]
+
+
+def test_a_load_reads_the_installed_plugins_once_however_many_it_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each listener filter and ApplicationProtocol read every installed distribution's
+    entry points again to resolve its name (5-7 ms each): 5 000 filters of one line each
+    (486 KB of YAML) took 30 s of CPU to check or reload, a 4 MiB file could take most of an
+    hour. A load reads each entry-point group once."""
+    reads: list[str] = []
+    real = registry.entry_points
+
+    def counting(**kw: str) -> Any:
+        reads.append(kw["group"])
+        return real(**kw)
+
+    monkeypatch.setattr(registry, "entry_points", counting)
+    n = 40
+    protocols = "".join(
+        "---\napiVersion: metaprotocol.aeraki.io/v1alpha1\nkind: ApplicationProtocol\n"
+        f"metadata: {{name: p{i}}}\nspec: {{protocol: p{i}, codec: dubbo}}\n"
+        for i in range(n)
+    )
+    filters = ", ".join(["{name: metaprotocol_sdk.examples.audit_filter:AuditFilter}"] * n)
+    text = mesh([(1, "v1")], listener=f"filters: [{filters}]", extra=protocols)
+    config = loads_config(text, "test.yaml")
+    assert len(config.protocols) == n + 1
+    assert len(config.proxy.listeners[0].filters) == n
+    assert sorted(reads) == [registry.GROUP, registry.FILTER_GROUP], reads
 
 
 # -- the self-route check resolves names ------------------------------------------------------

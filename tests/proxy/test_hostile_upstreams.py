@@ -645,3 +645,42 @@ def test_replies_that_answer_nothing_are_dropped_and_counted(path: str) -> None:
         await up.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("codec", ["kv", "whole"])
+def test_requests_and_one_way_messages_from_an_upstream_are_dropped_and_counted(
+    codec: str,
+) -> None:
+    """An upstream sends replies and heartbeats only: a request or one-way message from it
+    (a peer speaking the wrong way, or flooding) was dropped without a trace. It is dropped
+    and counted with the replies that answer nothing; the request waiting still gets its
+    reply. ``whole``: a large one, assembled and decoded whole (``decode_frame``)."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        kw: dict[str, Any] = WHOLE if codec == "whole" else {}
+        async with engine_for(mesh([(up.port, "v1")], **kw)) as engine:
+            c = await Client.connect(address(engine))
+            waiting = c.start(rid=1)
+            ((conn, m1),) = await up.wait_received(1)
+            body = bytes(200_000 if codec == "whole" else 10)
+            conn.write(
+                build_frame(REQUEST, m1.request_id, {"method": "get"}, body)
+                + build_frame(ONEWAY, 77, {"method": "note"}, body)
+                + build_frame(RESPONSE, m1.request_id, {"k": "1"})
+            )
+            reply = await asyncio.wait_for(waiting, WAIT)
+            assert (reply.request_id, error_type(reply), reply.attributes.get("k")) == (
+                1,
+                None,
+                "1",
+            )
+            unmatched = "metaprotocol_upstream_unmatched_replies_total"
+            await until(
+                lambda: engine.stats.get(unmatched, cluster=CLUSTER) == 2, "2 counted", WAIT
+            )
+            assert requests(engine, "Ok") == 1 and c.unmatched == []
+            c.close()
+        await up.close()
+
+    run(main())

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -842,3 +843,48 @@ def test_merged_worker_stats_equal_one_engine_that_counted_everything() -> None:
     assert snap["metaprotocol_requests_pending"] == 7
     assert snap['metaprotocol_requests_pending{worker="1"}'] == 4
     assert snap['h_ms_count{route="a\\"b"}'] == 5
+
+
+def test_scrapes_at_once_share_one_merge_and_one_answer_from_each_worker() -> None:
+    """Each ``/stats`` of the supervisor asked every worker for its series and merged its own
+    copy: ``admin.maxConnections`` (16) scrapes at once held 16 copies (about 69 MiB each for
+    two workers of 50 000 series: over 1 GiB) and made each worker write its series 16
+    times. Scrapes that come while one is merged share it. The workers here are fake ones on
+    real sockets, holding their answer until every scrape has asked."""
+
+    async def main() -> None:
+        asked = 0
+        answer = asyncio.Event()
+        both = asyncio.Event()  # each worker was asked
+
+        async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal asked
+            await reader.readuntil(b"\r\n\r\n")
+            asked += 1
+            if asked == 2:
+                both.set()
+            await answer.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n# c_total counter C.\n\t1\n")
+            await writer.drain()
+            writer.close()
+
+        servers = [await asyncio.start_server(worker, "127.0.0.1", 0) for _ in range(2)]
+        config = loads_config(mesh([(1, "v1")]), "test.yaml")
+        supervisor = workers.Supervisor(config, [], 2, None)
+        for slot, server in zip(supervisor.workers, servers, strict=True):
+            slot.admin = server.sockets[0].getsockname()[:2]
+            slot.process = types.SimpleNamespace(returncode=None)  # type: ignore[assignment]
+        scrapes = [asyncio.ensure_future(supervisor.merged_stats(WAIT, 2 * WAIT)) for _ in range(8)]
+        await asyncio.wait_for(both.wait(), WAIT)  # every scrape has asked by then
+        scrapes[0].cancel()  # a scrape that leaves does not stop the others' merge
+        answer.set()
+        merged = await asyncio.wait_for(asyncio.gather(*scrapes[1:]), WAIT)
+        assert asked == 2  # one answer from each worker, not one per scrape
+        assert all(m is merged[0] for m in merged)
+        assert merged[0].families["c_total"].samples == {"c_total": 2.0}
+        again = await asyncio.wait_for(supervisor.merged_stats(WAIT, 2 * WAIT), WAIT)
+        assert again is not merged[0] and asked == 4  # a later scrape merges anew
+        for server in servers:
+            server.close()
+
+    run(main())

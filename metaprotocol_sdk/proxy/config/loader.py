@@ -27,7 +27,7 @@ from typing import Any, NoReturn, cast
 
 from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecError
-from metaprotocol_sdk.registry import resolve, resolve_filter
+from metaprotocol_sdk.registry import Plugins
 
 from ..addresses import is_loopback
 from ..identity import (
@@ -144,6 +144,8 @@ class _Doc:
         meta = body.get("metadata")
         self.name = str(meta.get("name", "")) if isinstance(meta, dict) else ""
         label = f"{self.kind}/{self.name}" if self.name else self.kind or "document"
+        if len(label) > 2 * MAX_NAME_LENGTH:  # the kind and name are checked later, if at all
+            label = f"{label[: 2 * MAX_NAME_LENGTH]}..."
         at = f"document {index + 1}" if item is None else f"document {index + 1}, item {item + 1}"
         self.source = f"{file} ({at}, {label})"
         self._warned: set[str] = set()
@@ -431,8 +433,9 @@ def _build(
     codec_options = _codec_options(proxy_doc)
     # Codec options are the ProxyConfig's; a codec refusing one is reported there.
     options_source = proxy_doc.source if proxy_doc is not None else "ProxyConfig"
-    protocols = _protocols(by_kind["ApplicationProtocol"], codec_options, options_source)
-    services = _services(by_kind["ServiceEntry"], protocols, codec_options, options_source)
+    plugins = Plugins()  # the installed codecs and filters, read once for the whole load
+    protocols = _protocols(by_kind["ApplicationProtocol"], codec_options, options_source, plugins)
+    services = _services(by_kind["ServiceEntry"], protocols, codec_options, options_source, plugins)
     # Protocols named only by a port (no ApplicationProtocol): resolve through the registry.
     if proxy_doc is not None:
         for proto in codec_options:
@@ -454,7 +457,7 @@ def _build(
     peer = _peer_authentication(
         select(by_kind["PeerAuthentication"], scope, not_applied), identity, scope
     )
-    proxy = _proxy(proxy_doc, services, codec_options, identity, peer, telemetry)
+    proxy = _proxy(proxy_doc, services, codec_options, plugins, identity, peer, telemetry)
     policies = authorization_policies(
         select(by_kind["AuthorizationPolicy"], scope, not_applied), scoped=scope is not None
     )
@@ -487,6 +490,7 @@ def _make_protocol(
     doc: _Doc | None,
     path: str,
     options_source: str,
+    plugins: Plugins,
 ) -> Protocol:
     """The protocol ``name`` run by the codec ``codec_name`` with ``options``.
 
@@ -495,7 +499,7 @@ def _make_protocol(
     ProxyConfig's ``spec.codecOptions``, reported at ``options_source``.
     """
     try:
-        cls = resolve(codec_name).load()
+        cls = plugins.codec(codec_name).load()
     except RegistryError as exc:
         if doc is None:
             raise
@@ -523,7 +527,10 @@ def _codec_options(doc: _Doc | None) -> dict[str, dict[str, Any]]:
 
 
 def _protocols(
-    docs: list[_Doc], codec_options: dict[str, dict[str, Any]], options_source: str
+    docs: list[_Doc],
+    codec_options: dict[str, dict[str, Any]],
+    options_source: str,
+    plugins: Plugins,
 ) -> dict[str, Protocol]:
     protocols: dict[str, Protocol] = {}
     for doc in docs:
@@ -536,7 +543,9 @@ def _protocols(
         if "-" in name:
             doc.fail("spec.protocol", f"protocol {name!r} must not contain '-' (port names use it)")
         options = codec_options.get(name, {})
-        protocols[name] = _make_protocol(name, codec, options, doc, "spec.codec", options_source)
+        protocols[name] = _make_protocol(
+            name, codec, options, doc, "spec.codec", options_source, plugins
+        )
     return protocols
 
 
@@ -550,6 +559,7 @@ def _port_protocol(
     protocols: dict[str, Protocol],
     options: dict[str, Any],
     options_source: str,
+    plugins: Plugins,
 ) -> str | None:
     if not port_name.startswith(PORT_PREFIX):
         return None
@@ -565,7 +575,7 @@ def _port_protocol(
         # (Options the installed codec refuses are their own error, not "no codec".)
         try:
             protocols[proto] = _make_protocol(
-                proto, proto, options.get(proto, {}), None, path, options_source
+                proto, proto, options.get(proto, {}), None, path, options_source, plugins
             )
         except UnknownCodecError:
             doc.fail(
@@ -583,6 +593,7 @@ def _services(
     protocols: dict[str, Protocol],
     options: dict[str, dict[str, Any]],
     options_source: str,
+    plugins: Plugins,
 ) -> dict[str, Service]:
     services: dict[str, Service] = {}
     for doc in docs:
@@ -621,7 +632,9 @@ def _services(
             if pname in names:
                 doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
             names.add(pname)
-            proto = _port_protocol(doc, pname, f"{path}.name", protocols, options, options_source)
+            proto = _port_protocol(
+                doc, pname, f"{path}.name", protocols, options, options_source, plugins
+            )
             transport = doc.string(raw, "protocol", f"{path}.protocol", required=False)
             if proto is not None and transport is not None and transport.upper() != "TCP":
                 # Istio reads a port's protocol before its name: this port would not be TCP.
@@ -715,7 +728,7 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     if lb is None:
         return None
     doc.check(lb, f"{path}.loadBalancer", schema.LOAD_BALANCER)
-    simple = doc.get(lb, "simple", f"{path}.loadBalancer.simple")
+    simple = doc.string(lb, "simple", f"{path}.loadBalancer.simple", required=False)
     hashing = doc.mapping(lb, "consistentHash", f"{path}.loadBalancer.consistentHash", False)
     if simple is not None and hashing:
         doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
@@ -926,7 +939,7 @@ def _listener_tls(
         return None
     path = f"{path}.tls"
     doc.check(raw, path, schema.LISTENER_TLS)
-    mode = doc.get(raw, "mode", f"{path}.mode") or "SIMPLE"
+    mode = doc.string(raw, "mode", f"{path}.mode", required=False) or "SIMPLE"
     if mode in schema.LISTENER_TLS_MODES_REFUSED:
         why = schema.LISTENER_TLS_MODES_REFUSED[mode]
         doc.fail(f"{path}.mode", f"not supported by this engine: {why}")
@@ -968,7 +981,7 @@ def _listener_tls(
                 )
     versions = {}
     for field in ("minProtocolVersion", "maxProtocolVersion"):
-        value = doc.get(raw, field, f"{path}.{field}")
+        value = doc.string(raw, field, f"{path}.{field}", required=False)
         if value in (None, "TLS_AUTO"):
             continue
         if value not in PROTOCOL_VERSIONS:
@@ -1609,7 +1622,9 @@ def _rate_limit_endpoints(
     return endpoints
 
 
-def _filters(doc: _Doc, raw: Mapping[str, Any], path: str) -> tuple[FilterSpec, ...]:
+def _filters(
+    doc: _Doc, raw: Mapping[str, Any], path: str, plugins: Plugins
+) -> tuple[FilterSpec, ...]:
     """A listener's ``filters``: ``[{name: <registry name or module:Class>, config: {...}}]``."""
     specs = []
     for i, item in enumerate(doc.sequence(raw, "filters", f"{path}.filters", required=False)):
@@ -1620,7 +1635,7 @@ def _filters(doc: _Doc, raw: Mapping[str, Any], path: str) -> tuple[FilterSpec, 
         name = cast(str, doc.string(item, "name", f"{fpath}.name"))
         config = doc.mapping(item, "config", f"{fpath}.config", required=False)
         try:
-            cls = resolve_filter(name).load()
+            cls = plugins.filter(name).load()
         except RegistryError as exc:
             doc.fail(f"{fpath}.name", str(exc))
         spec = FilterSpec(name, cls, dict(config))
@@ -1826,6 +1841,7 @@ def _proxy(
     doc: _Doc | None,
     services: dict[str, Service],
     codec_options: dict[str, dict[str, Any]],
+    plugins: Plugins,
     identity: MeshIdentity | None = None,
     peer: PeerAuthentication | None = None,
     telemetry: Telemetry | None = None,
@@ -1871,7 +1887,7 @@ def _proxy(
                 port,
                 bind[0],
                 bind[1],
-                _filters(doc, raw, path),
+                _filters(doc, raw, path, plugins),
                 tls,
                 _connection_rate_limit(doc, raw, path),
                 mode,
