@@ -242,6 +242,22 @@ def test_a_list_or_mapping_where_a_word_belongs_names_its_field(text: str, field
     assert "must be a non-empty string" in info.value.reason
 
 
+@pytest.mark.parametrize("key", ["name", "namespace"])
+@pytest.mark.parametrize("value", ["[x]", "{a: b}", "true"])
+def test_a_name_or_namespace_that_is_not_a_word_is_refused(key: str, value: str) -> None:
+    """``metadata.name: [x]`` loaded as the name ``['x']``; a list as a policy's namespace
+    was ignored where namespaces are not read (the workload's namespace unknown)."""
+    meta = {"name": "p", "namespace": "ns", key: value}
+    policy = (
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        f"metadata: {{{', '.join(f'{k}: {v}' for k, v in meta.items())}}}\nspec: {{}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        loads_config(mesh([(1, "v1")]) + policy, "test.yaml")
+    assert info.value.field == f"metadata.{key}"
+    assert "must be a string" in info.value.reason
+
+
 _MANY = "[" + ", ".join(["a"] * 100_000) + "]"
 
 

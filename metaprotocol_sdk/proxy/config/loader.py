@@ -375,9 +375,12 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
         if not doc.name:
             doc.fail("metadata.name", "required field is missing")
         doc.check(body, "", schema.DOCUMENT)
-        doc.check(
-            body["metadata"], "metadata", schema.METADATA_BY_KIND.get(doc.kind, schema.METADATA)
-        )
+        meta = body["metadata"]
+        doc.check(meta, "metadata", schema.METADATA_BY_KIND.get(doc.kind, schema.METADATA))
+        for key in ("name", "namespace"):  # names, wherever they are read (or not)
+            value = meta.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+                doc.fail(f"metadata.{key}", f"must be a string, got {type(value).__name__}")
         _annotations(doc)
         version = body.get("apiVersion")
         if version is not None and version not in schema.API_VERSIONS[doc.kind]:
