@@ -8,7 +8,9 @@ import json
 import os
 import threading
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from proxy_kit import WAIT, Client, Upstream, address, engine_for, http_get, mesh, run, until
@@ -122,21 +124,32 @@ def test_a_scrape_of_many_series_lets_requests_through(path: str) -> None:
     run(main(), timeout=60)
 
 
-def test_access_log_one_json_line_per_request(tmp_path: Path) -> None:
-    log = tmp_path / "access.log"
+def logged(
+    tmp_path: Path, calls: Callable[[Client], Awaitable[object]], log: str = ""
+) -> list[dict[str, Any]]:
+    """The access log's records of the requests ``calls`` makes through an engine whose
+    ``spec.accessLog`` is ``{path: ..., <log>}`` (one service, one upstream)."""
+    path = tmp_path / "access.log"
 
     async def main() -> None:
         up = await Upstream("a").start()
-        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{log}'}}\n")
+        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{path}'{log}}}\n")
         async with engine_for(text) as engine:
             c = await Client.connect(address(engine))
-            await c.call(rid=5)
-            await c.call("fail", rid=6)
+            await calls(c)
             c.close()
         await up.close()
 
     run(main())
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_access_log_one_json_line_per_request(tmp_path: Path) -> None:
+    async def calls(c: Client) -> None:
+        await c.call(rid=5)
+        await c.call("fail", rid=6)
+
+    records = logged(tmp_path, calls)
     assert [(r["request_id"], r["status"]) for r in records] == [(5, "Ok"), (6, "Error")]
     first = records[0]
     assert first["route"] == "default" and first["destination"] == "outbound|9000||svc.test"
@@ -285,19 +298,7 @@ def test_access_log_lines_are_json_whatever_the_values(tmp_path: Path) -> None:
 
 
 def test_access_log_without_attributes_configured_writes_none(tmp_path: Path) -> None:
-    log = tmp_path / "access.log"
-
-    async def main() -> None:
-        up = await Upstream("a").start()
-        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{log}'}}\n")
-        async with engine_for(text) as engine:
-            c = await Client.connect(address(engine))
-            await c.call(headers={"x-user": "alice"})
-            c.close()
-        await up.close()
-
-    run(main())
-    (record,) = map(json.loads, log.read_text().splitlines())
+    (record,) = logged(tmp_path, lambda c: c.call(headers={"x-user": "alice"}))
     assert "attributes" not in record and record["bytes_received"] > 0
 
 
@@ -305,20 +306,12 @@ def test_durations_are_measured_finer_than_the_loops_millisecond_clock(tmp_path:
     """uvloop's clock counts whole milliseconds: durations read from it were whole numbers
     of milliseconds (a 0.3 ms exchange was 0 or 1), which made the latency histogram's
     first buckets and the access log's duration_ms meaningless for fast requests."""
-    log = tmp_path / "access.log"
 
-    async def main() -> None:
-        up = await Upstream("a").start()
-        text = mesh([(up.port, "v1")], proxy=f"accessLog: {{path: '{log}'}}\n")
-        async with engine_for(text) as engine:
-            c = await Client.connect(address(engine))
-            for _ in range(20):
-                await c.call()
-            c.close()
-        await up.close()
+    async def calls(c: Client) -> None:
+        for _ in range(20):
+            await c.call()
 
-    run(main())
-    durations = [json.loads(line)["duration_ms"] for line in log.read_text().splitlines()]
+    durations = [record["duration_ms"] for record in logged(tmp_path, calls)]
     assert len(durations) == 20 and all(d > 0 for d in durations)
     assert sum(d != int(d) for d in durations) >= 10, durations
 
