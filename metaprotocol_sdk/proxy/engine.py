@@ -371,7 +371,9 @@ class Engine:
             mutual = tuple(automatic and ep.mesh_tls_in(port, subset) for ep in endpoints)
         protocol = config.protocol_of(host, port)
         priorities = [ep.priority_in(port, subset) for ep in endpoints]
-        if traffic.outlier_detection is not None:  # without ejections, no failover
+        # istiod asks only whether the rule has outlierDetection (one that ejects nothing,
+        # ``given`` but not ``traffic``'s, still keeps the traffic in the nearest locality).
+        if given.outlier_detection is not None:
             nearest = failover_priorities(
                 config.proxy.telemetry.workload.locality,
                 [ep.locality for ep in endpoints],

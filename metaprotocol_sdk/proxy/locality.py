@@ -10,7 +10,8 @@ priority levels of :mod:`~metaprotocol_sdk.proxy.priority`):
   region, or 4 when a ``failover`` rule of this region names another one than the
   endpoint's; then the levels in use are numbered from 0 without gaps;
 * only with outlier detection on the cluster (without it no endpoint is ever ejected, so a
-  lower level would never take a request: istiod then sends none), the engine's locality
+  lower level would never take a request: istiod then sends none; it asks only whether the
+  rule has ``outlierDetection``, even one that ejects nothing), the engine's locality
   known, and ``localityLbSetting.enabled`` not false (istiod's mesh default enables it).
 
 Computed when a cluster is built, never per request.

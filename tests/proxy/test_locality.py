@@ -190,3 +190,25 @@ def test_an_endpoint_locality_of_four_parts_is_refused() -> None:
         loads_config(located_mesh([(1, "r1/z1/s1/x")], ""), "t.yaml")
     assert caught.value.field == "spec.endpoints[0].locality"
     assert "must be region, region/zone or region/zone/subzone" in str(caught.value)
+
+
+def test_outlier_detection_ejecting_nothing_keeps_traffic_in_the_nearest_locality() -> None:
+    """``outlierDetection`` with both counts off: istiod sets the priorities all the same
+    (it asks only whether the rule has ``outlierDetection``), and Envoy, ejecting nothing,
+    sends every request to the nearest locality. It spread them over every locality."""
+
+    async def main() -> None:
+        near, far = await Upstream("near").start(), await Upstream("far").start()
+        endpoints = [(far.port, "r2/z1"), (near.port, "r1/z1/s1")]
+        detection = "outlierDetection: {consecutive5xxErrors: 0}"
+        text = located_mesh(endpoints, detection, outlier=False)
+        async with engine_for(text) as engine:
+            (cluster,) = engine.clusters.values()
+            assert [h.priority for h in cluster.hosts] == [1, 0]
+            client = await Client.connect(address(engine))
+            assert await answered_by(client, 10) == {"near": 10}
+            client.close()
+        await near.close()
+        await far.close()
+
+    run(main())
