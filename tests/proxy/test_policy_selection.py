@@ -494,6 +494,27 @@ def test_of_two_peer_authentications_of_one_level_the_oldest_applies_as_in_istio
     assert listener.peer_mode == ("DISABLE" if expected == "STRICT" else "STRICT")
 
 
+def test_of_three_peer_authentications_of_one_level_each_warning_names_the_one_applied(
+    pod: None, ca: MeshCa, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each one ignored names the oldest of the level, the one applied: not the oldest of
+    those read so far (the first one's warning named the second, itself ignored)."""
+    docs = (
+        created(peer("a", "shop", "STRICT"), '"2025-06-01T00:00:00Z"'),
+        created(peer("b", "shop", "DISABLE"), '"2025-03-01T00:00:00Z"'),
+        created(peer("c", "shop", "PERMISSIVE"), '"2025-01-01T00:00:00Z"'),
+    )
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        cfg = load(tmp_path, ca, *docs)
+    assert cfg.proxy.peer_authentication is not None
+    assert cfg.proxy.peer_authentication.sources == ("PeerAuthentication/shop/c",)
+    warnings = [r.getMessage() for r in caplog.records if "second Peer" in r.getMessage()]
+    assert len(warnings) == 2
+    for name, warning in zip("ab", sorted(warnings), strict=True):
+        assert f"PeerAuthentication/{name})" in warning
+        assert "PeerAuthentication/shop/c, the oldest" in warning, warning
+
+
 def test_a_creation_time_that_is_not_a_time_is_refused(
     pod: None, ca: MeshCa, tmp_path: Path
 ) -> None:

@@ -1940,11 +1940,14 @@ def _peer_authentication(
     the workload's namespace) over the mesh level (no selector, the root namespace),
     ``UNSET`` inheriting, ``PERMISSIVE`` when none says. The workload's namespace unknown
     (``scope`` ``None``), one without a selector is the namespace-or-mesh level, and one
-    with a selector is taken as selecting this engine. At most one of each level: istiod
-    takes the oldest of several by their creation time, which a file does not have."""
+    with a selector is taken as selecting this engine. Of several of one level, the oldest
+    applies (``metadata.creationTimestamp``, then the name), as istiod decides; without a
+    creation time on both, or the namespace unknown, several are an error."""
     if not docs:
         return None
     levels: dict[str, tuple[_Doc, str, dict[int, str]]] = {}
+    # Those not applied (a level of several: its oldest applies), with their level.
+    ignored: list[tuple[str, _Doc]] = []
     for doc in docs:
         spec = doc.spec()
         doc.check(spec, "spec", schema.PEER_AUTHENTICATION)
@@ -2001,17 +2004,20 @@ def _peer_authentication(
                 )
                 doc.fail("kind", why)
             older = _older(other, doc, scope, level)
-            ignored = other if older is doc else doc
-            ignored.caution(
-                "metadata.creationTimestamp",
-                f"a second PeerAuthentication of this workload's {level} level: "
-                f"{older.kind}/{namespace_of(older, scope.namespace)}/{older.name}, the "
-                "oldest (or first by name of the oldest), applies, as istiod decides; this "
-                "one is ignored",
-            )
+            ignored.append((level, other if older is doc else doc))
             if older is other:
                 continue
         levels[level] = (doc, mode, ports)
+    for level, doc in ignored:  # named once the oldest of its level is known
+        assert scope is not None
+        older = levels[level][0]
+        doc.caution(
+            "metadata.creationTimestamp",
+            f"a second PeerAuthentication of this workload's {level} level: "
+            f"{older.kind}/{namespace_of(older, scope.namespace)}/{older.name}, the "
+            "oldest (or first by name of the oldest), applies, as istiod decides; this "
+            "one is ignored",
+        )
     effective: PeerMode = "PERMISSIVE"
     for level in _PEER_LEVELS:
         if level in levels and levels[level][1] != "UNSET":
