@@ -785,6 +785,38 @@ class PeekBodyLength16(_Broken):
         return request_id, HEADER_SIZE + headers_length + body_length, status
 
 
+class KeyLengthInCharacters(_Broken):
+    """Writes a mutation's entries after the headers it keeps: a key the message carries with
+    the length it came with, a new key with ``len(key)``, its characters, not its UTF-8 bytes.
+    New ASCII keys (every key a route had in its tests) come out right; a new non-ASCII one
+    corrupts the headers block."""
+
+    catches = "mutation_any_key"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return super().encode(message, mutation, request_id=request_id)
+        frame = message.frame
+        written = {key.lower() for key in mutation}
+        headers = kv._decode_headers(frame, HEADER_SIZE, message.header_size)
+        block = _block({k: v for k, v in headers.items() if k.lower() not in written})
+        carried = {key.lower() for key in headers}
+        for key, value in mutation.items():
+            k, v = key.encode(), value.encode()
+            if len(k) > 0xFF or len(v) > 0xFFFF:
+                raise MutationError(f"header {key!r} is too long")
+            length = len(k) if key.lower() in carried else len(key)  # the fault
+            block += bytes((length,)) + k + len(v).to_bytes(2, "big") + v
+        block = _block({}, block)
+        fixed = bytearray(frame[:HEADER_SIZE])
+        struct.pack_into(">H", fixed, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", fixed, 4, request_id)
+        return [bytes(fixed), block, message.body]
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -820,6 +852,8 @@ ONLY_ONE: list[type[_Broken]] = [
     CachesBlockByMutation,
     # An engine forwards peeked replies of any size undecoded.
     PeekBodyLength16,
+    # Mutation keys are any text.
+    KeyLengthInCharacters,
 ]
 
 BROKEN: list[type[_Broken]] = [
