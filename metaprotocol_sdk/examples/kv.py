@@ -37,6 +37,7 @@ from metaprotocol_sdk import (
     MessageType,
     Metadata,
     Mutation,
+    MutationError,
     NeedData,
     ReplyHead,
     ResponseStatus,
@@ -188,7 +189,14 @@ class KVCodec(Codec):
         if mutation:
             headers = _decode_headers(frame, HEADER_SIZE, message.header_size)
             headers.update(mutation)
-            block = encode_headers(headers)
+            try:
+                block = encode_headers(headers)
+            except ValueError as exc:
+                raise MutationError(str(exc)) from None
+            if len(block) > 0xFFFF:
+                raise MutationError(
+                    f"the headers block would be {len(block)} bytes; its length holds 65535"
+                )
             fixed = bytearray(frame[:HEADER_SIZE])
             struct.pack_into(">H", fixed, 8, len(block))
             if request_id is not None:

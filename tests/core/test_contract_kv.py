@@ -16,6 +16,7 @@ from metaprotocol_sdk import (
     LocalError,
     MessageType,
     Metadata,
+    MutationError,
     NeedData,
     UnsupportedError,
     join_encoded,
@@ -152,6 +153,24 @@ def test_mutation_is_written_and_the_body_is_a_zero_copy_slice() -> None:
     assert again.attributes["x-route"] == "v2"
     assert bytes(again.body) == bytes(md.body)
     assert again.size == len(join_encoded(encoded))
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        {"k" * 256: "v"},  # a key over its 1-byte length
+        {"x-long": "v" * 0x10000},  # a value over its 2-byte length
+        {f"x-{i:05d}": "v" * 60 for i in range(1100)},  # a block over its 2-byte length
+    ],
+    ids=["key", "value", "block"],
+)
+def test_a_mutation_the_headers_cannot_carry_is_refused(mutation: dict[str, str]) -> None:
+    # The contract's MutationError (an engine answers the request with an error reply); it
+    # raised ValueError and struct.error, which an engine does not expect from encode.
+    md = KVCodec().decode(bytearray(RESP))
+    assert isinstance(md, Metadata)
+    with pytest.raises(MutationError, match=r"too long|65535"):
+        KVCodec().encode(md, mutation)
 
 
 def test_request_id_rewriting_changes_only_the_id() -> None:

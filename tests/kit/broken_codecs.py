@@ -55,6 +55,18 @@ def _message(frame: bytes, kind: int, request_id: int, headers_length: int) -> M
     )
 
 
+def _block(headers: dict[str, str], tail: bytes = b"") -> bytes:
+    """``kv.encode_headers(headers) + tail``, refused with MutationError where KV's lengths
+    cannot carry it, as KVCodec.encode refuses it."""
+    try:
+        block = kv.encode_headers(headers) + tail
+    except ValueError as exc:
+        raise MutationError(str(exc)) from None
+    if len(block) > 0xFFFF:
+        raise MutationError(f"the headers block would be {len(block)} bytes")
+    return block
+
+
 class IgnoresPartialFrames(_Broken):
     """Throws a partial frame away instead of keeping it for the next call."""
 
@@ -230,7 +242,7 @@ class KeepsExistingKeys(_Broken):
         if not mutation:
             return super().encode(message, mutation, request_id=request_id)
         frame = message.frame
-        block = kv.encode_headers(dict(mutation)) + bytes(frame[HEADER_SIZE : message.header_size])
+        block = _block(dict(mutation), bytes(frame[HEADER_SIZE : message.header_size]))
         fixed = bytearray(frame[:HEADER_SIZE])
         struct.pack_into(">H", fixed, 8, len(block))
         if request_id is not None:
@@ -678,10 +690,13 @@ class ValueLengthInCharacters(_Broken):
         frame = message.frame
         written = {key.lower() for key in mutation}
         headers = kv._decode_headers(frame, HEADER_SIZE, message.header_size)
-        block = kv.encode_headers({k: v for k, v in headers.items() if k.lower() not in written})
+        block = _block({k: v for k, v in headers.items() if k.lower() not in written})
         for key, value in mutation.items():
             k, v = key.encode(), value.encode()
+            if len(k) > 0xFF or len(v) > 0xFFFF:
+                raise MutationError(f"header {key!r} is too long")
             block += bytes((len(k),)) + k + len(value).to_bytes(2, "big") + v  # the fault
+        block = _block({}, block)
         fixed = bytearray(frame[:HEADER_SIZE])
         struct.pack_into(">H", fixed, 8, len(block))
         if request_id is not None:
@@ -753,6 +768,55 @@ class PeekCopiesWholeBuffer(_Broken):
         return super().peek_reply(bytearray(bytes(buffer)))  # the fault: the whole read, per reply
 
 
+class PeekBodyLength16(_Broken):
+    """peek_reply reads the body length as 16 bits (the low half of its 32-bit field, as a
+    protocol with 16-bit lengths would): right for every reply under 64 KiB, but a larger
+    one is sized short, so the engine forwards part of it and reads the rest of its body as
+    the next reply on a shared upstream connection."""
+
+    catches = "peek_reply_large"
+
+    def peek_reply(self, buffer: bytearray) -> ReplyHead | None:
+        head = super().peek_reply(buffer)
+        if head is None:
+            return None
+        request_id, _, status = head
+        headers_length, body_length = struct.unpack_from(">H4xH", buffer, 8)  # the fault
+        return request_id, HEADER_SIZE + headers_length + body_length, status
+
+
+class KeyLengthInCharacters(_Broken):
+    """Writes a mutation's entries after the headers it keeps: a key the message carries with
+    the length it came with, a new key with ``len(key)``, its characters, not its UTF-8 bytes.
+    New ASCII keys (every key a route had in its tests) come out right; a new non-ASCII one
+    corrupts the headers block."""
+
+    catches = "mutation_any_key"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return super().encode(message, mutation, request_id=request_id)
+        frame = message.frame
+        written = {key.lower() for key in mutation}
+        headers = kv._decode_headers(frame, HEADER_SIZE, message.header_size)
+        block = _block({k: v for k, v in headers.items() if k.lower() not in written})
+        carried = {key.lower() for key in headers}
+        for key, value in mutation.items():
+            k, v = key.encode(), value.encode()
+            if len(k) > 0xFF or len(v) > 0xFFFF:
+                raise MutationError(f"header {key!r} is too long")
+            length = len(k) if key.lower() in carried else len(key)  # the fault
+            block += bytes((length,)) + k + len(v).to_bytes(2, "big") + v
+        block = _block({}, block)
+        fixed = bytearray(frame[:HEADER_SIZE])
+        struct.pack_into(">H", fixed, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", fixed, 4, request_id)
+        return [bytes(fixed), block, message.body]
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -786,6 +850,10 @@ ONLY_ONE: list[type[_Broken]] = [
     # Mutations carry what routes and filters are given: any text, each call's own.
     SkipsEmptyValues,
     CachesBlockByMutation,
+    # An engine forwards peeked replies of any size undecoded.
+    PeekBodyLength16,
+    # Mutation keys are any text.
+    KeyLengthInCharacters,
 ]
 
 BROKEN: list[type[_Broken]] = [

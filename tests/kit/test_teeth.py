@@ -15,7 +15,16 @@ from broken_codecs import (
     WholeFrameView,
 )
 
-from metaprotocol_sdk import Attributes, CodecError, FramingError, Metadata, NeedData, compiled
+from metaprotocol_sdk import (
+    Attributes,
+    CodecError,
+    Encoded,
+    FramingError,
+    Metadata,
+    Mutation,
+    NeedData,
+    compiled,
+)
 from metaprotocol_sdk.examples.kv import HEADER, HEADER_SIZE, REQUEST, KVCodec, build_frame
 from metaprotocol_sdk.testing import (
     CodecTarget,
@@ -69,7 +78,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 34
+    assert len(set(targeted)) == len(targeted) == 36
     assert set(targeted) <= set(check_names())
 
 
@@ -238,3 +247,25 @@ def test_pipelined_check_forwards_replies_through_peek_reply() -> None:
     failed = [r for r in report.results if r.outcome.is_failure]
     assert [r.check for r in failed] == ["perf_linear_pipelined"], report.format_text()
     assert "pipelined replies, peeked" in failed[0].reason
+
+
+class DropsNonAsciiKeys(KVCodec):
+    """Skips a mutation key that is not ASCII (its author took header names for ASCII)
+    instead of refusing it with MutationError: the route's header never reaches the server."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            mutation = {k: v for k, v in mutation.items() if k.isascii()}  # the fault
+        return super().encode(message, mutation, request_id=request_id)
+
+
+def test_mutation_any_key_finds_a_dropped_non_ascii_key() -> None:
+    # Every other mutation key the kit writes is ASCII.
+    result = run_check(CodecTarget.discover(DropsNonAsciiKeys), "mutation_any_key")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "it ignored the mutation" in result.reason
+    assert "never dropped or mangled" in result.reason

@@ -94,7 +94,8 @@ def unusual_messages() -> st.SearchStrategy[Sample]:
 
 
 def grown(n: int) -> dict[str, bytes]:
-    """Requests whose size grows with ``n``: the body, the number of headers.
+    """Messages whose size grows with ``n``: a request's body and number of headers, a
+    reply's body (which ``peek_reply_large`` peeks at up to ``grown(16 * n)``).
 
     (The kit grows headers and values itself through mutations; a protocol with nesting or
     references would add those dimensions here.)
@@ -102,4 +103,5 @@ def grown(n: int) -> dict[str, bytes]:
     return {
         "body": build_frame(REQUEST, 1, {"method": "put"}, b"b" * (64 * n)),
         "headers": build_frame(REQUEST, 2, {f"h{i}": "v" for i in range(n)}),
+        "reply body": build_frame(RESPONSE, 3, {"k": "v"}, b"r" * (64 * n)),
     }

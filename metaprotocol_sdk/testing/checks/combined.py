@@ -244,6 +244,73 @@ def mutation_any_value(ctx: CheckContext) -> None:
     tally.finish()
 
 
+#: Mutation keys beyond ASCII: 2-, 3- and 4-byte UTF-8 sequences (a key length counted in
+#: characters corrupts the frame), and letters whose case ``bytes.lower()`` does not fold.
+NON_ASCII_KEYS = ("x-mp-z\u00fcrich-\u6771\u4eac-\U0001f600", "x-mp-\u00fcber-\u0436")
+#: The value written under them: plain ASCII, so that only the key is new.
+KEY_VALUE = "kit-key"
+#: An ASCII key written with them: where the codec does not replace it in another case, only
+#: mutation_replaces_key fails.
+_ASCII_KEY = "x-mp-kit-case"
+#: The rule, for the failure messages.
+_ANY_KEY = (
+    "A mutation's key is any text (a route or filter sets any key, YAML keys may be "
+    "non-ASCII), written as it is or refused with MutationError: its length field counts its "
+    "UTF-8 bytes, not its characters, and it is never dropped or mangled; attributes ignore "
+    "case, so the key in another case (non-ASCII letters too) replaces it"
+)
+
+
+@check("mutation_any_key", "roundtrip", requires="mutation")
+def mutation_any_key(ctx: CheckContext) -> None:
+    """A mutation's key may be any text: non-ASCII keys are written as they are.
+
+    Each mutable message gets each of :data:`NON_ASCII_KEYS` set to a plain value (values are
+    mutation_any_value's), one at a time, then both at once; each re-decodes with exactly
+    those attributes (or raises MutationError). The message with the second key written then
+    gets it in upper case, which must replace it (where the codec replaces an ASCII key in
+    another case).
+    """
+    tally = _Tally()
+
+    def written(sample: Sample, before: Metadata, mutation: dict[str, str]) -> None:
+        data = _encode(ctx, sample, before, mutation, tally)
+        if data is None:
+            return
+        what = f"the message mutated with {mutation!r}"
+        try:
+            again = decode_whole(ctx.target.new_codec(sample.options), data, what)
+            _visible(ctx, before, again, mutation, data)
+        except CheckFailed as exc:
+            fail(f"{exc}\n{_ANY_KEY}")
+
+    def prop(sample: Sample) -> None:
+        original = reference(ctx, sample)
+        if not _mutable(ctx, original):
+            return
+        for key in NON_ASCII_KEYS:
+            written(sample, original, {key: KEY_VALUE})
+        written(sample, original, dict.fromkeys(NON_ASCII_KEYS, f"{KEY_VALUE}-both"))
+        key = NON_ASCII_KEYS[1]
+        first = _encode(ctx, sample, original, {key: KEY_VALUE, _ASCII_KEY: KEY_VALUE}, tally)
+        if first is None:
+            return
+        middle = decode_whole(ctx.target.new_codec(sample.options), first, "the mutated message")
+        if not _replaces(ctx, sample, middle, _ASCII_KEY.upper()):
+            return  # not even an ASCII key in another case: mutation_replaces_key reports it
+        upper = {key.upper(): f"{KEY_VALUE}-upper"}
+        if _encode(ctx, sample, middle, upper, _Tally()) is None:
+            fail(
+                f"encode wrote the key {key!r} but refused to replace it in its output with "
+                f"{upper!r}\n{_ANY_KEY}"
+            )
+        written(sample, middle, upper)
+
+    for_each_sample(ctx, prop)
+    tally.finish()
+    ctx.details.update(written=tally.applied, refused=len(tally.refused))
+
+
 #: Why the check below matters, for its failure messages.
 _EACH_CALL = (
     "encode writes the message and the mutation it is given, every call: an engine applies "

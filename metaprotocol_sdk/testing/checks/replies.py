@@ -6,12 +6,14 @@ import contextlib
 
 from metaprotocol_sdk.codec import Codec, LocalError, ReplyHead, join_encoded
 from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus, StreamType
-from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError
+from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError, MutationError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import hexdump
+from metaprotocol_sdk.testing.hooks import grown_samples
 
 from ._support import (
+    collect,
     compare,
     corruptions,
     decode_whole,
@@ -23,6 +25,7 @@ from ._support import (
     split_points,
 )
 from .base import CheckContext, CheckSkipped, check
+from .linear import _roomy
 
 _REPLY_TYPES = (MessageType.Response, MessageType.Error)
 _STREAM_TYPES = (
@@ -453,3 +456,148 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
     if replies == 0:
         raise CheckSkipped("no Response or Error among golden vectors or generated messages")
     ctx.details.update(replies=replies, peeked=peeked)
+
+
+#: Sizes in bytes a reply's headers grow to with a response mutation: past the widths of
+#: 1- and 2-byte varints (128, 16384) and of 16-bit lengths (65536), up to a few hundred KiB.
+LARGE_HEADERS = (300, 20_000, 70_000, 300_000)
+#: The largest reply the check builds or takes from ``grown(n)``.
+LARGE_CAP = 512 << 10
+#: Why the size matters, for the failure messages.
+_LARGE_RULE = (
+    "peek_reply must give decode's (request id, size, status) for a reply of any size, or "
+    "None: an engine forwards the reply's first `size` bytes undecoded and reads what follows "
+    "as the next reply, so a wrong size (a length field read too narrow, a varint that "
+    "widens) desynchronises a shared upstream connection"
+)
+
+
+def _grown_replies(ctx: CheckContext) -> list[tuple[str, Sample]]:
+    """The replies among ``grown(n)``'s frames at n, 4n and (when there were any) 16n."""
+    grown = ctx.target.grown
+    if grown is None:
+        return []
+    n = ctx.target.settings.linear_scale
+    found: list[tuple[str, Sample]] = []
+    for scale in (n, 4 * n, 16 * n):
+        if scale == 16 * n and not found:
+            break
+        for name, sample in grown_samples(grown, scale).items():
+            if len(sample.frame) > LARGE_CAP:
+                continue
+            try:  # a request over the codec's own limits at 16n is not this check's
+                message = _roomy(ctx, sample).decode(bytearray(sample.frame))
+            except CodecError:
+                continue
+            if isinstance(message, Metadata) and message.message_type in _REPLY_TYPES:
+                found.append((f"grown({scale})[{name!r}]", sample))
+    return found
+
+
+def _mutated_replies(ctx: CheckContext) -> list[tuple[str, Sample]]:
+    """A Response and an Error the codec peeks at, their headers grown to each of
+    :data:`LARGE_HEADERS` with one long value and with many keys (where it takes them)."""
+    if not ctx.target.codec.capabilities.response_mutation:
+        return []
+    found: list[tuple[str, Sample]] = []
+    kinds: set[MessageType] = set()
+    for sample in collect(ctx, 10):
+        message = reference(ctx, sample)
+        kind = message.message_type
+        if kind not in _REPLY_TYPES or kind in kinds:
+            continue
+        codec = ctx.target.new_codec(sample.options)
+        if _peek(codec, sample.frame, "a whole reply") is None:
+            continue
+        kinds.add(kind)
+        for size in LARGE_HEADERS:
+            shapes = {
+                f"one value of {size} bytes": {"x-mp-peek": "p" * size},
+                f"{size // 40} keys": {f"x-mp-peek-{i:06d}": "v" * 24 for i in range(size // 40)},
+            }
+            for shape, mutation in shapes.items():
+                try:
+                    frame = join_encoded(codec.encode(message, mutation))
+                except MutationError:
+                    continue
+                except CodecError as exc:
+                    fail(
+                        f"encode of a {kind.name} with {shape} raised {type(exc).__name__}: "
+                        f"{exc} (a mutation the codec cannot carry raises MutationError)"
+                    )
+                if len(frame) <= LARGE_CAP:
+                    what = f"a {kind.name} with {shape} written"
+                    found.append((what, Sample(frame, options=sample.options)))
+    return found
+
+
+def _peek_large(ctx: CheckContext, what: str, sample: Sample) -> bool:
+    """Hold peek_reply to decode on one large reply: whether it gave a head."""
+    frame = sample.frame
+    what = f"{what} ({len(frame)} bytes)"
+    codec = _roomy(ctx, sample)
+    decoded = decode_whole(_roomy(ctx, sample), frame, what)
+    if decoded.message_type not in _REPLY_TYPES:
+        return False
+    expected = (decoded.request_id, decoded.size, decoded.response_status)
+    head = _peek(codec, frame, what)
+    if head is not None and tuple(head) != expected:
+        cut = head[1] if 0 < head[1] < len(frame) else None
+        fail(
+            f"peek_reply gave {head} for {what}; decode gives (id, size, status) {expected}.\n"
+            f"{_LARGE_RULE}\n"
+            + ("(^^ where an engine would cut the frame)\n" if cut is not None else "")
+            + hexdump(frame, mark=cut)
+        )
+    if _peek(codec, frame + frame[:64], f"{what}, more bytes after it") != head:
+        fail(f"peek_reply gives another head for {what} when more bytes follow it\n{_LARGE_RULE}")
+    cuts = {1, decoded.header_size - 1, decoded.header_size, decoded.header_size + 1}
+    cuts |= {len(frame) // 2, len(frame) - 1, *split_points(len(frame), 8)}
+    for cut in sorted(c for c in cuts if 0 < c < len(frame)):
+        got = _peek(codec, frame[:cut], f"the first {cut} bytes of {what}")
+        if got is not None:
+            fail(
+                f"peek_reply gave {got} for the first {cut} bytes of {what}, which is "
+                f"incomplete (decode gives (id, size, status) {expected} for the whole).\n"
+                f"{_LARGE_RULE}\n{hexdump(frame, mark=cut)}"
+            )
+    with contextlib.suppress(ConfigError):
+        small = ctx.target.new_codec(sample.options, max_frame_size=len(frame) - 1)
+        if _peek(small, frame, f"{what} above max_frame_size") is not None:
+            fail(f"peek_reply gave a head for {what} with max_frame_size={len(frame) - 1}")
+    if head is not None and ctx.target.codec.capabilities.rewrite_request_id:
+        new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
+        try:
+            relabelled = join_encoded(codec.relabel(frame, new_id))
+        except Exception as exc:
+            fail(f"relabel of {what} raised {type(exc).__name__}: {exc}")
+        wanted = encode_bytes(
+            codec, lambda: codec.encode(decoded, request_id=new_id), "encode(request_id=)"
+        )
+        if relabelled != wanted:
+            fail(
+                f"relabel({what}, {new_id}) differs from encode(request_id={new_id}): "
+                + compare(wanted, relabelled)
+            )
+    return head is not None
+
+
+@check("peek_reply_large", "errors", requires="peek_reply")
+def peek_reply_large(ctx: CheckContext) -> None:
+    """peek_reply() agrees with decode() on large replies too: the Responses and Errors of
+    ``grown(n)`` (at n, 4n and 16n, bodies of a protocol's own kind), and a peeked Response
+    and Error with their headers grown to 300 B .. 300 KB by a response mutation (one long
+    value, many keys), each up to 512 KiB.
+
+    Each gives decode's head or None, also with more bytes after it; no truncation and no
+    ``max_frame_size`` below it gets a head; ``relabel`` equals ``encode(request_id=)``.
+    """
+    replies = _grown_replies(ctx) + _mutated_replies(ctx)
+    if not replies:
+        raise CheckSkipped(
+            "no large reply: grown(n) returns no Response or Error, and the codec takes no "
+            "response mutation on a reply it peeks at; ship a reply among grown(n)'s frames"
+        )
+    peeked = sum(_peek_large(ctx, what, sample) for what, sample in replies)
+    largest = max(len(sample.frame) for _, sample in replies)
+    ctx.details.update(replies=len(replies), peeked=peeked, largest=largest)

@@ -84,7 +84,8 @@ frames = messages
 
 
 def grown(n: int) -> dict[str, bytes]:
-    """Requests whose size grows in proportion to ``n``, for the kit's linear-time check.
+    """Messages whose size grows in proportion to ``n``, for the kit's linear-time check:
+    requests, and a response (which the kit's ``peek_reply_large`` peeks at).
 
     Among them the shape of issue 13's quadratic decode: attachments that refer to lists
     inside the (skipped) arguments, 16 per unit of ``n``.
@@ -100,6 +101,7 @@ def grown(n: int) -> dict[str, bytes]:
         "attachments referring to skipped arguments": build_request(
             path, "m", [lists], attachments={f"k{i}": item for i, item in enumerate(lists)}
         ),
+        "response value bytes": build_response("r" * (64 * n), request_id=2),
     }
 
 

@@ -131,7 +131,8 @@ def _call(fields: bytes, protocol: str = "binary") -> bytes:
 
 
 def grown(n: int) -> dict[str, Sample]:
-    """Messages whose size grows in proportion to ``n``, for the kit's linear-time check.
+    """Messages whose size grows in proportion to ``n``, for the kit's linear-time check (and
+    a framed reply, for ``peek_reply_large``).
 
     Among them issue 13's shape: unframed messages (no length: decode walks the struct to find
     the end), which the kit also delivers in 256-byte reads.
@@ -142,6 +143,9 @@ def grown(n: int) -> dict[str, Sample]:
     structs = struct.pack(">bhbi", 15, 1, 12, n) + (b"\x08\x00\x01\x00\x00\x00\x07\x00" * n)
     compact_strings = b"".join(b"\x18\x10" + b"s" * 16 for _ in range(n))
     framed = _call(ints)
+    value = b"r" * (64 * n)
+    reply = binary.write_message_begin(b"grown", 2, 8, True)  # REPLY, its success a string
+    reply += b"\x0b\x00\x00" + len(value).to_bytes(4, "big") + value + b"\x00"
     info = [(f"key{i}".encode(), b"v" * 8) for i in range(n)]
     block = theader.THeaderBlock(0, 7, 0, b"\x00", info, b"", 0)
     return {
@@ -155,6 +159,7 @@ def grown(n: int) -> dict[str, Sample]:
         "THeader info headers": Sample(
             theader.build_frame(0, 7, theader.build_block(block, info), _call(strings))
         ),
+        "framed reply string": Sample(len(reply).to_bytes(4, "big") + reply),
     }
 
 
