@@ -12,7 +12,8 @@ and whose admin endpoint listens on ``127.0.0.1:0`` for the supervisor only.
   the workers' counters and histograms, shows gauges per worker and summed, and adds
   ``metaprotocol_worker_restarts_total`` and ``metaprotocol_worker_up``; ``/config_dump`` is a
   worker's, plus a ``workers`` list. Each worker is asked with a bounded timeout, so a stuck
-  worker costs one timeout, not the endpoint.
+  worker costs one timeout, not the endpoint; requests that come while one is being answered
+  share its answer (:meth:`Supervisor.shared`).
 * ``SIGTERM``/``SIGINT`` drain: forwarded once to every worker, which drains as a single
   engine does; a worker still running after the drain deadline (plus :data:`STOP_GRACE`) is
   killed. A second signal kills them at once. The exit status is 0 only when every serving
@@ -30,15 +31,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .admin import PROMETHEUS, WORKER_FORMAT, Streamed, _AdminServer, _response, json_parts
 from .admin_page import merge_live, page_html
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("metaprotocol.proxy.workers")
+
+T = TypeVar("T")
 
 
 def bind_failure(exc: OSError) -> str:
@@ -356,8 +360,9 @@ class Supervisor:
         #: Copies the workers' own output to ours (see :meth:`_pass_output`).
         self._output: BackgroundWriter | None = None
         self._output_dropped = self.stats.counter("metaprotocol_worker_output_dropped_bytes_total")
-        #: The scrape being merged: scrapes that come meanwhile share it.
-        self._merging: asyncio.Future[MergedStats] | None = None
+        #: The admin answers being made, by path and bounds: requests that come meanwhile
+        #: share them (:meth:`shared`).
+        self._fanouts: dict[tuple[object, ...], asyncio.Future[Any]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -611,24 +616,36 @@ class Supervisor:
 
         return list(await asyncio.gather(*(one(w) for w in self.workers)))
 
-    async def merged_stats(self, first: float, whole: float) -> MergedStats:
-        """The workers' stats combined (:meth:`_merge`). Scrapes that come while one is
-        being merged get the same (read-only) result: each scrape merged its own, so
-        ``admin.maxConnections`` scrapes at once held that many copies (about 69 MiB each
-        for two workers of 50 000 series) and had every worker write its series that many
-        times. One that leaves early does not stop the merge the others wait for."""
-        merging = self._merging
-        if merging is None:
-            merging = self._merging = asyncio.ensure_future(self._merge(first, whole))
-            merging.add_done_callback(self._merged)
-        return await asyncio.shield(merging)
+    async def shared(self, key: tuple[object, ...], make: Callable[[], Awaitable[T]]) -> T:
+        """``make()``'s result, made once for the requests that come while it is being made.
 
-    def _merged(self, merging: asyncio.Future[MergedStats]) -> None:
-        """A merge ended: the next scrape merges anew."""
-        if self._merging is merging:
-            self._merging = None
-        if not merging.cancelled():
-            merging.exception()  # retrieved: nobody may be waiting any more
+        Each admin request asked every worker and held every answer, parsed and combined
+        (up to :data:`WORKER_REPLY_BYTES` each): ``admin.maxConnections`` requests at once
+        held that many copies and had each worker answer that many times. Requests with the
+        same ``key`` (the path and the bounds the workers are asked with) now share the one
+        being made; the next one after it ends makes it anew. A request joins only one made
+        with its own bounds: it waits no longer than it would alone, and gets no answer cut
+        by a shorter bound. One that leaves early does not stop it for the others. The
+        result is shared: read-only.
+        """
+        making = self._fanouts.get(key)
+        if making is None:
+            making = self._fanouts[key] = asyncio.ensure_future(make())
+            making.add_done_callback(functools.partial(self._made, key))
+        return cast(T, await asyncio.shield(making))
+
+    def _made(self, key: tuple[object, ...], making: asyncio.Future[Any]) -> None:
+        """A shared answer ended: the next request makes it anew."""
+        if self._fanouts.get(key) is making:
+            del self._fanouts[key]
+        if not making.cancelled():
+            making.exception()  # retrieved: nobody may be waiting any more
+
+    async def merged_stats(self, first: float, whole: float) -> MergedStats:
+        """The workers' stats combined (:meth:`_merge`), shared by the scrapes that come
+        meanwhile (:meth:`shared`): about 69 MiB for two workers of 50 000 series, and each
+        worker writes its series once, whatever the number of scrapes."""
+        return await self.shared(("/stats", first, whole), lambda: self._merge(first, whole))
 
     async def _merge(self, first: float, whole: float) -> MergedStats:
         """The workers' stats combined, with the supervisor's own series: each worker's
@@ -773,9 +790,8 @@ class WorkersAdmin(_AdminServer):
         timeout = supervisor.worker_timeout(self.settings)
         if path == "/ready":
             return _response(200, "LIVE\n") if supervisor.ready else _response(503, "DRAINING\n")
-        if path == "/config_dump":
-            text = json.dumps(await supervisor.config_dump(timeout), indent=2, default=str)
-            return _response(200, text + "\n", "application/json")
+        if path == "/config_dump":  # each answer's dump parsed, combined and written once
+            return await supervisor.shared((path, timeout), lambda: self._config_dump(timeout))
         if path in ("/stats", "/stats/prometheus"):
             # Many series take longer than one worker's bound to send: the answer must start
             # within it (a stuck worker), and end within half the request's time.
@@ -791,9 +807,16 @@ class WorkersAdmin(_AdminServer):
                 self._page = _response(200, page_html(), "text/html; charset=utf-8")
             return self._page
         if path == "/stats/live":
-            body = json.dumps(await supervisor.live(timeout), default=str)
-            return _response(200, body + "\n", "application/json")
+            return await supervisor.shared((path, timeout), lambda: self._live(timeout))
         return _response(404, f"unknown path {path[:200]}\n")
+
+    async def _config_dump(self, timeout: float) -> bytes:
+        text = json.dumps(await self.supervisor.config_dump(timeout), indent=2, default=str)
+        return _response(200, text + "\n", "application/json")
+
+    async def _live(self, timeout: float) -> bytes:
+        body = json.dumps(await self.supervisor.live(timeout), default=str)
+        return _response(200, body + "\n", "application/json")
 
 
 def worker_command(

@@ -23,6 +23,7 @@ import pytest
 from proxy_kit import WAIT, Client, Upstream, http_get, mesh, run
 
 from metaprotocol_sdk.proxy import Stats, loads_config, workers
+from metaprotocol_sdk.proxy.config.models import Admin
 from metaprotocol_sdk.proxy.stats_merge import MergedStats
 
 CONNECTIONS = 64  # P(all on one of two workers) = 2**-63 with SO_REUSEPORT's hash
@@ -886,5 +887,90 @@ def test_scrapes_at_once_share_one_merge_and_one_answer_from_each_worker() -> No
         assert again is not merged[0] and asked == 4  # a later scrape merges anew
         for server in servers:
             server.close()
+
+    run(main())
+
+
+LIVE = b'{"routes": [], "totals": {"requests": 3, "errors": 0, "local_replies": 0}}'
+
+
+@pytest.mark.parametrize(
+    ("path", "answer"),
+    [("/config_dump", b'{"version": "v7"}'), ("/stats/live", LIVE)],
+)
+def test_admin_requests_at_once_share_one_answer_from_each_worker(path: str, answer: bytes) -> None:
+    """Each ``/config_dump`` and ``/stats/live`` of the supervisor asked every worker and held
+    every answer (up to 64 MiB each), parsed, combined and written: 16 requests at once
+    (``admin.maxConnections``) held 16 copies and had each worker answer 16 times. Requests
+    that come while one is being made now share it, as ``/stats`` scrapes do. The workers
+    here are fake ones on real sockets, holding their answer until every request has asked."""
+
+    async def main() -> None:
+        asked = 0
+        release = asyncio.Event()
+        both = asyncio.Event()  # each worker was asked
+
+        async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal asked
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(f"GET {path} ".encode()), head
+            asked += 1
+            if asked == 2:
+                both.set()
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            await writer.drain()
+            writer.close()
+
+        servers = [await asyncio.start_server(worker, "127.0.0.1", 0) for _ in range(2)]
+        config = loads_config(mesh([(1, "v1")]), "test.yaml")
+        supervisor = workers.Supervisor(config, [], 2, None)
+        for slot, server in zip(supervisor.workers, servers, strict=True):
+            slot.admin = server.sockets[0].getsockname()[:2]
+            slot.process = types.SimpleNamespace(returncode=None, pid=1)  # type: ignore[assignment]
+        admin = workers.WorkersAdmin(supervisor, Admin(("127.0.0.1", 0)))
+        requests = [asyncio.ensure_future(admin.respond("GET", path)) for _ in range(8)]
+        await asyncio.wait_for(both.wait(), WAIT)  # every request has asked by then
+        requests[0].cancel()  # a request that leaves does not stop the others' answer
+        release.set()
+        answers = await asyncio.wait_for(asyncio.gather(*requests[1:]), WAIT)
+        assert asked == 2  # one answer from each worker, not one per request
+        assert all(a is answers[0] for a in answers)  # made and written once
+        assert isinstance(answers[0], bytes) and answers[0].startswith(b"HTTP/1.1 200 ")
+        body = json.loads(answers[0].partition(b"\r\n\r\n")[2])
+        if path == "/config_dump":
+            assert body["version"] == "v7" and [w["up"] for w in body["workers"]] == [True] * 2
+        else:
+            assert body["totals"]["requests"] == 6 and body["workers"] == 2
+        again = await asyncio.wait_for(admin.respond("GET", path), WAIT)
+        assert again is not answers[0] and asked == 4  # a later request asks anew
+        for server in servers:
+            server.close()
+
+    run(main())
+
+
+def test_a_request_joins_only_an_answer_asked_with_its_own_bounds() -> None:
+    """A request that joined one made with a shorter bound could get workers cut off that
+    its own bound would have waited for; with a longer one, it could wait past its own."""
+
+    async def main() -> None:
+        config = loads_config(mesh([(1, "v1")]), "test.yaml")
+        supervisor = workers.Supervisor(config, [], 2, None)
+        made: list[float] = []
+        release = asyncio.Event()
+
+        async def make(bound: float) -> float:
+            made.append(bound)
+            await release.wait()
+            return bound
+
+        first = [
+            asyncio.ensure_future(supervisor.shared(("/p", b), lambda b=b: make(b)))
+            for b in (1.0, 0.5, 1.0, 0.5)
+        ]
+        release.set()  # each runs (starts or joins) before any is made
+        assert await asyncio.wait_for(asyncio.gather(*first), WAIT) == [1.0, 0.5, 1.0, 0.5]
+        assert made == [1.0, 0.5]
 
     run(main())
