@@ -647,7 +647,8 @@ def test_enforced_policies_next_to_dry_run_ones_behave_as_if_those_did_not_exist
         policy("dry-deny-all", "action: DENY\nrules: [{}]", dry_run='"true"'),
         policy("dry-allow-nothing", "{}", dry_run="'True'"),
         policy("dry-allow-all", "rules: [{}]", dry_run='"1"'),
-        policy("off", "action: DENY\nrules: [{}]", dry_run='"false"'),
+        # (quoted: YAML reads a bare off as false, which is not a name)
+        policy('"off"', "action: DENY\nrules: [{}]", dry_run='"false"'),
     ]
     calls = [
         ("frontend", "default", {}),

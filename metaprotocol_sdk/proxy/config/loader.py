@@ -379,7 +379,9 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
         doc.check(meta, "metadata", schema.METADATA_BY_KIND.get(doc.kind, schema.METADATA))
         for key in ("name", "namespace"):  # names, wherever they are read (or not)
             value = meta.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            if isinstance(value, bool):  # YAML 1.1: a bare on, off, yes, no, true...
+                doc.fail(f"metadata.{key}", f"must be a string, got {value} (quote it)")
+            if value is not None and not isinstance(value, (str, int)):
                 doc.fail(f"metadata.{key}", f"must be a string, got {type(value).__name__}")
         _annotations(doc)
         version = body.get("apiVersion")
