@@ -438,19 +438,7 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
                     fail("peek_reply gave a head for a frame above max_frame_size")
         _peek_corruptions(ctx, sample, codec)
         if rewrites:
-            new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
-            try:
-                relabelled = join_encoded(codec.relabel(frame, new_id))
-            except Exception as exc:
-                fail(f"relabel raised {type(exc).__name__}: {exc}")
-            wanted = encode_bytes(
-                codec, lambda: codec.encode(decoded, request_id=new_id), "encode(request_id=)"
-            )
-            if relabelled != wanted:
-                fail(
-                    f"relabel(frame, {new_id}) differs from encode(request_id={new_id}): "
-                    + compare(wanted, relabelled)
-                )
+            _relabel_agrees(codec, frame, decoded, "frame")
 
     for_each_sample(ctx, prop)
     if replies == 0:
@@ -566,20 +554,26 @@ def _peek_large(ctx: CheckContext, what: str, sample: Sample) -> bool:
         if _peek(small, frame, f"{what} above max_frame_size") is not None:
             fail(f"peek_reply gave a head for {what} with max_frame_size={len(frame) - 1}")
     if head is not None and ctx.target.codec.capabilities.rewrite_request_id:
-        new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
-        try:
-            relabelled = join_encoded(codec.relabel(frame, new_id))
-        except Exception as exc:
-            fail(f"relabel of {what} raised {type(exc).__name__}: {exc}")
-        wanted = encode_bytes(
-            codec, lambda: codec.encode(decoded, request_id=new_id), "encode(request_id=)"
-        )
-        if relabelled != wanted:
-            fail(
-                f"relabel({what}, {new_id}) differs from encode(request_id={new_id}): "
-                + compare(wanted, relabelled)
-            )
+        _relabel_agrees(codec, frame, decoded, what)
     return head is not None
+
+
+def _relabel_agrees(codec: Codec, frame: bytes, decoded: Metadata, what: str) -> None:
+    """``relabel`` of a reply gives what ``encode(request_id=)`` of its decoded form does
+    (an id one off the reply's)."""
+    new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
+    try:
+        relabelled = join_encoded(codec.relabel(frame, new_id))
+    except Exception as exc:
+        fail(f"relabel of {what} raised {type(exc).__name__}: {exc}")
+    wanted = encode_bytes(
+        codec, lambda: codec.encode(decoded, request_id=new_id), "encode(request_id=)"
+    )
+    if relabelled != wanted:
+        fail(
+            f"relabel({what}, {new_id}) differs from encode(request_id={new_id}): "
+            + compare(wanted, relabelled)
+        )
 
 
 @check("peek_reply_large", "errors", requires="peek_reply")
