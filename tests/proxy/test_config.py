@@ -403,6 +403,13 @@ MISTAKES = [
         id="access-log-value-length",
     ),
     pytest.param(
+        _edit('  admin: {bind: "127.0.0.1:0"}', "  accessLog: {}"),
+        "ProxyConfig/engine",
+        "spec.accessLog.path",
+        "required field is missing",
+        id="access-log-without-path",
+    ),
+    pytest.param(
         _edit('  admin: {bind: "127.0.0.1:0"}', "  accessLog: {path: '-', filter: {}}"),
         "ProxyConfig/engine",
         "spec.accessLog.filter",

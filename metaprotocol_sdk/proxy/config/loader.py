@@ -2361,8 +2361,8 @@ def _access_log(doc: _Doc, spec: Mapping[str, Any]) -> AccessLogSettings | None:
     """``spec.accessLog`` (``None``: no access log)."""
     log = doc.mapping(spec, "accessLog", "spec.accessLog", required=False)
     doc.check(log, "spec.accessLog", schema.ACCESS_LOG)
-    if not log:
-        return None
+    if spec.get("accessLog") is None:
+        return None  # (an empty mapping is an access log without its path: refused below)
     path = doc.string(log, "path", "spec.accessLog.path")
     assert path is not None
     where = "spec.accessLog.attributes"
