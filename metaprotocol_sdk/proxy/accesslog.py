@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..metadata import Attributes
-from .authorization import uris_of
+from .authorization import spiffe_uris_of
 from .writer import BackgroundWriter
 
 #: Gathered lines are handed to the writer once they reach this many bytes (and every sweep).
@@ -64,7 +64,7 @@ def client_facts(transport: Any) -> ClientFacts:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host = str(peer[0])
         address = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    ids = [u for u in uris_of(transport.get_extra_info("peercert")) if u.startswith("spiffe://")]
+    ids = spiffe_uris_of(transport.get_extra_info("peercert"))
     return ClientFacts(address, ",".join(ids) if ids else None)
 
 

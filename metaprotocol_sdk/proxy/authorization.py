@@ -286,12 +286,15 @@ def uris_of(cert: Any) -> tuple[str, ...]:
     )
 
 
+def spiffe_uris_of(cert: Any) -> tuple[str, ...]:
+    """The ``spiffe://`` URI SANs of a certificate (``()``: none)."""
+    return tuple(uri for uri in uris_of(cert) if uri.startswith("spiffe://"))
+
+
 def principal_of(peercert: Any) -> tuple[str, ...] | None:
     """Istio's ``source.principal``: the certificate's SPIFFE URI SANs without
     ``spiffe://``, all of them (``None``: none)."""
-    found = tuple(
-        uri[len("spiffe://") :] for uri in uris_of(peercert) if uri.startswith("spiffe://")
-    )
+    found = tuple(uri[len("spiffe://") :] for uri in spiffe_uris_of(peercert))
     return found or None
 
 

@@ -39,7 +39,8 @@ def locality_of_labels(labels: dict[str, str]) -> str:
     return ""
 
 
-def _parts(locality: str) -> tuple[str, str, str]:
+def locality_parts(locality: str) -> tuple[str, str, str]:
+    """``(region, zone, subzone)`` of ``region/zone/subzone`` (missing parts empty)."""
     region, _, rest = locality.partition("/")
     zone, _, subzone = rest.partition("/")
     return region, zone, subzone
@@ -64,12 +65,12 @@ def failover_priorities(
         return None
     if not any(localities):
         return None
-    mine = _parts(own)
+    mine = locality_parts(own)
     failover = {} if setting is None else dict(setting.failover)
     elsewhere = failover.get(mine[0])  # the region this region fails over to, if named
     raw = []
     for locality in localities:
-        theirs = _parts(locality)
+        theirs = locality_parts(locality)
         priority = _distance(mine, theirs)
         if priority == 3 and elsewhere is not None and theirs[0] != elsewhere:
             priority = 4

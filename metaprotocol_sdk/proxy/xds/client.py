@@ -39,6 +39,7 @@ from google.rpc import status_pb2
 from metaprotocol_sdk.errors import ConfigError
 
 from ..config.models import Config, Xds
+from ..locality import locality_parts
 from .translate import (
     PackedClusters,
     Resources,
@@ -183,8 +184,7 @@ def node_message(settings: Xds) -> base_pb2.Node:
         user_agent_name="metaprotocol-sdk",
     )
     if settings.node.locality:  # istiod's failover priorities are computed from it
-        region, _, rest = settings.node.locality.partition("/")
-        zone, _, subzone = rest.partition("/")
+        region, zone, subzone = locality_parts(settings.node.locality)
         node.locality.CopyFrom(base_pb2.Locality(region=region, zone=zone, sub_zone=subzone))
     return node
 
