@@ -5,8 +5,9 @@ Wire format (big-endian)::
     offset  size  field
     0       2     magic "KV"
     2       1     version (1)
-    3       1     kind: 0 request, 1 response, 2 oneway, 3 ping, 4 pong, 5 error
-    4       4     request id
+    3       1     kind: 0 request, 1 response, 2 oneway, 3 ping, 4 pong, 5 error,
+                  6 stream open, 7 stream data, 8 stream half-close, 9 stream close
+    4       4     request id (a stream's frames: the stream id)
     8       2     headers length H
     10      2     reserved (0)
     12      4     body length B
@@ -17,6 +18,11 @@ Headers are the routable attributes; ``method`` names the operation. The example
 purpose, but it is a complete codec: it frames, refuses oversized lengths before buffering,
 writes mutations into the headers without touching the body, rewrites request ids and builds
 error replies.
+
+Streams: a client opens one with a stream-open frame (routed by its headers, as a request),
+then either side sends stream-data frames with the same id; each side ends its half with a
+half-close, and either may end both halves at once with a close. An error frame with the
+stream's id ends the stream too (it is what the proxy sends when it resets one).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from metaprotocol_sdk import (
     NeedData,
     ReplyHead,
     ResponseStatus,
+    StreamType,
     UnsupportedError,
     compile_header,
     take_frame,
@@ -59,6 +66,7 @@ HEADER = compile_header(
 )
 HEADER_SIZE = 16
 REQUEST, RESPONSE, ONEWAY, PING, PONG, ERROR = range(6)
+STREAM_OPEN, STREAM_DATA, STREAM_HALF_CLOSE, STREAM_CLOSE = range(6, 10)
 
 _KIND_TO_TYPE = {
     REQUEST: MessageType.Request,
@@ -67,6 +75,10 @@ _KIND_TO_TYPE = {
     PING: MessageType.Heartbeat,
     PONG: MessageType.Heartbeat,
     ERROR: MessageType.Error,
+    STREAM_OPEN: MessageType.Stream_Init,
+    STREAM_DATA: MessageType.Stream_Data,
+    STREAM_HALF_CLOSE: MessageType.Stream_Close_One_Way,
+    STREAM_CLOSE: MessageType.Stream_Close_Two_Way,
 }
 _ID = struct.Struct(">I")
 
@@ -134,6 +146,7 @@ class KVCodec(Codec):
         rewrite_request_id=True,
         error_reply=True,
         peek_reply=True,
+        streaming=True,
     )
     max_request_id = 0xFFFFFFFF  # unsigned 32-bit id field
 
@@ -166,6 +179,7 @@ class KVCodec(Codec):
             status = ResponseStatus.Ok
         elif kind == ERROR:
             status = ResponseStatus.Error
+        streaming = kind >= STREAM_OPEN
         return Metadata(
             message_type,
             frame=frame,
@@ -176,6 +190,8 @@ class KVCodec(Codec):
             response_status=status,
             attributes=Attributes(headers),
             codec_state=kind,
+            stream_type=StreamType.BidiStream if streaming else StreamType.Unary,
+            stream_id=request_id if streaming else 0,
         )
 
     def encode(

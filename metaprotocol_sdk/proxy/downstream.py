@@ -20,6 +20,8 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
+from .streams import STREAM_FRAMES, client_frame, client_left, open_stream, pause_streams
+from .streams import sweep as sweep_streams
 from .telemetry import RESPONSE_FLAGS, Identities
 from .upstream import (
     ATTRIBUTE_BYTES,
@@ -39,11 +41,13 @@ if TYPE_CHECKING:
     from .detection import Detection
     from .engine import Engine
     from .policies import ConnectionRateLimit
+    from .streams import Stream
     from .tls import ClientCheck, TlsStats
 
 _REQUEST = MessageType.Request
 _ONEWAY = MessageType.Oneway
 _HEARTBEAT = MessageType.Heartbeat
+_STREAM_INIT = MessageType.Stream_Init
 _STATUS_NAMES = ("Unknown", "Ok", "Error")
 _ERROR_STATUS = ResponseStatus.Error
 #: Local failures a route's ``retries.retryOn`` may name.
@@ -142,6 +146,27 @@ class ListenerRuntime:
         self.detect: Detection | None = None
         #: The AuthorizationPolicies (``None``: none; set by the engine).
         self.authz: ListenerAuthorization | None = None
+        #: Streams' series, made with the first stream (see ``streams``).
+        self._streams_active: Counter | None = None
+        self._stream_frames: dict[str, Counter] = {}
+
+    def count_streams(self, delta: int) -> None:
+        """One stream more (1) or fewer (-1) open on this listener."""
+        gauge = self._streams_active
+        if gauge is None:
+            gauge = self._streams_active = self.engine.stats.gauge(
+                "metaprotocol_streams_active", listener=self.name
+            )
+        gauge.value += delta
+
+    def count_stream_frame(self, side: str) -> None:
+        """Count one frame of a stream from the client (``downstream``) or the upstream."""
+        counter = self._stream_frames.get(side)
+        if counter is None:
+            counter = self._stream_frames[side] = self.engine.stats.counter(
+                "metaprotocol_stream_frames_total", listener=self.name, side=side
+            )
+        counter.value += 1
 
     def count_filter_error(self, f: Filter) -> None:
         """Count one exception raised by a filter (its request was answered locally)."""
@@ -176,6 +201,7 @@ class ListenerRuntime:
         self._skipped.clear()
         self._filter_errors.clear()
         self._retries.clear()
+        self._stream_frames.clear()
         if self.authz is not None:
             self.authz.forget_series()
 
@@ -240,6 +266,7 @@ class Downstream(asyncio.Protocol):
         "reading_paused",
         "reads",
         "seen",
+        "streams",
         "transport",
         "unsent",
         "waiting",
@@ -305,6 +332,8 @@ class Downstream(asyncio.Protocol):
         #: Its address and TLS identity, as the access log writes them (found when the
         #: connection is made, with an access log only).
         self.client = NO_CLIENT
+        #: Its open streams by stream id (made with its first stream; see ``streams``).
+        self.streams: dict[int, Stream] | None = None
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -337,6 +366,8 @@ class Downstream(asyncio.Protocol):
         self.transport = None
         if self.waiting:
             self._give_up_waiting()
+        if self.streams:
+            client_left(self)
         if self in engine.downstreams:
             self.listener.active.value -= 1
             engine.downstreams.discard(self)
@@ -389,12 +420,16 @@ class Downstream(asyncio.Protocol):
         self.write_paused = True
         self.paused_since = self.engine.loop.time()
         self._pause_reading()
+        if self.streams:
+            pause_streams(self, True)
 
     def resume_writing(self) -> None:
         """The transport's write buffer drained (asyncio flow control)."""
         self.write_paused = False
         self._account_unsent()
         self._maybe_resume_reading()
+        if self.streams:
+            pause_streams(self, False)
 
     def block_on(self, conn: UpstreamConnection) -> None:
         """Stop reading until ``conn`` can take more (it calls :meth:`unblock`)."""
@@ -536,6 +571,8 @@ class Downstream(asyncio.Protocol):
             self.listener.closed_by["write_abandoned"].value += 1
             self.closing_since = 0.0
             self.abort()
+        if self.streams:
+            sweep_streams(self, now)
         self._account_unsent()
         return self.held + self.unsent + self.inflight_bytes
 
@@ -629,6 +666,8 @@ class Downstream(asyncio.Protocol):
                 self._account_unsent()
         elif kind is _ONEWAY:
             self._oneway(message)
+        elif kind in STREAM_FRAMES and self.codec.active_capabilities.streaming:
+            client_frame(self, message)
         else:
             self.local_reply(
                 message,
@@ -801,6 +840,8 @@ class Downstream(asyncio.Protocol):
             mutation = {**mutation, **context.mutation} if mutation else context.mutation
         if message.message_type is _ONEWAY:
             self._send_oneway(message, route, mutation)
+        elif message.message_type is _STREAM_INIT:
+            open_stream(self, message, route, mutation)
         else:
             self._dispatch(message, route, mutation)
 
@@ -1364,6 +1405,39 @@ class Downstream(asyncio.Protocol):
         ):
             return "overload"
         return None
+
+    # -- streams (see ``streams``) --------------------------------------------------------------
+
+    def stream_started(self, size: int) -> None:
+        """A stream opened: it counts as in flight (a drain or a half-close waits for it),
+        its ``Stream_Init`` frame (kept for its error reply) as held."""
+        self.inflight += 1
+        self.inflight_bytes += size
+        self.engine.buffered += size
+
+    def stream_ended(self, size: int) -> None:
+        """A stream ended (``size``: its ``Stream_Init`` frame's)."""
+        self.inflight -= 1
+        self.inflight_bytes -= size
+        self.engine.buffered -= size
+        if self.draining and self.inflight == 0:
+            self.flush()  # writes what is queued, then closes
+
+    def queue_frame(self, frame: bytes) -> None:
+        """Queue a stream's frame for the client (written by the next :meth:`flush`); a
+        client too far behind is closed instead, as for a reply."""
+        if self.closed:
+            return
+        size = len(frame)
+        engine = self.engine
+        if (self.write_paused or engine.buffered > engine.max_buffered) and (
+            reason := self._overflows(size)
+        ):
+            self.shut(reason)
+            return
+        self.out.append(frame)
+        self.out_size += size
+        engine.buffered += size
 
     def flush(self) -> None:
         """Write the queued responses (and close if draining and idle)."""

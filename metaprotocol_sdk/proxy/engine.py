@@ -244,6 +244,10 @@ class Engine:
         self.max_rss = settings.overload.max_rss_bytes
         self.idle_timeout = timeouts.idle
         self.frame_timeout = timeouts.frame
+        #: Streams (see ``streams``): open at once per client connection, and the time a
+        #: stream may pass with no frame either way.
+        self.max_streams_per_connection = limits.max_streams_per_connection
+        self.stream_idle_timeout = timeouts.stream_idle
         self.write_timeout = timeouts.write
         #: An upstream connection whose unsent bytes make no progress this long is aborted.
         self.upstream_write_timeout = (

@@ -94,6 +94,16 @@ class Target:
         """Count one finished request with ``status``."""
         self._counter(status).value += 1
 
+    def count_stream(self, outcome: str) -> None:
+        """Count one stream that ended with ``outcome`` (see ``streams``)."""
+        key = "stream|" + outcome
+        counter = self._by_status.get(key)
+        if counter is None:
+            counter = self._by_status[key] = self._stats.counter(
+                "metaprotocol_streams_total", **self._labels, outcome=outcome
+            )
+        counter.value += 1
+
     def count_oneway(self, status: str) -> None:
         """Count one one-way request with ``status`` (``Forwarded`` or why it was dropped)."""
         key = "oneway|" + status

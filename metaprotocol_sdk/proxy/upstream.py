@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .mirror import MirrorSink
     from .router import CompiledRoute, Target
+    from .streams import Stream
     from .telemetry import Identities
     from .tls import TlsStats
 
@@ -424,6 +425,7 @@ class UpstreamConnection(asyncio.Protocol):
         "stale",
         "stall_unsent",
         "stalled_since",
+        "stream",
         "task",
         "tcp",
         "transport",
@@ -503,6 +505,8 @@ class UpstreamConnection(asyncio.Protocol):
         #: Its TLS identities in Istio's series (``None``: plain text; set by a TLS
         #: connection once its handshake is done).
         self.istio: Identities | None = None
+        #: The stream this connection carries alone (see ``streams``; ``None``: requests).
+        self.stream: Stream | None = None
         istio = self.engine.istio
         #: Istio's TCP series for this endpoint (``None``: Istio metrics are off, or not
         #: yet: at the client side a TLS connection's name the server's identity).
@@ -572,6 +576,8 @@ class UpstreamConnection(asyncio.Protocol):
             transport.writelines(self.queued)
             self.queued = []
             self.account_unsent()
+        if self.stream is not None:
+            self.stream.connected()
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -640,7 +646,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def idle_sweep(self, now: float, idle_timeout: float) -> None:
         """Close the connection after ``idle_timeout`` with nothing in flight (engine sweep;
-        ``http.idleTimeout``, else ``tcp.idleTimeout``)."""
+        ``http.idleTimeout``, else ``tcp.idleTimeout``). A stream's connection has its own
+        idle clock (``timeouts.streamIdle``)."""
+        if self.stream is not None:
+            return
         if self.pending or len(self.order) > self.stale or self.connecting:
             self.idle_since = 0.0
         elif not self.idle_since:
@@ -725,13 +734,23 @@ class UpstreamConnection(asyncio.Protocol):
     def _listed_idle(self) -> None:
         """A client's own connection with nothing in flight: last in the engine's idle list
         (the longest idle are reclaimed first when the budget is spent)."""
-        if not (self.closed or self.retiring or self.shared) and len(self.order) == self.stale:
+        if (
+            not (self.closed or self.retiring or self.shared)
+            and len(self.order) == self.stale
+            and self.stream is None
+        ):
             idle = self.engine.idle_upstreams
             idle[self] = None
             idle.move_to_end(self)
 
     def _close_if_idle(self) -> None:
-        if self.retiring and not self.pending and len(self.order) == self.stale:
+        # A stream's connection closes when its stream ends (retired, it takes no other).
+        if (
+            self.retiring
+            and not self.pending
+            and len(self.order) == self.stale
+            and self.stream is None
+        ):
             self.close()
 
     def send_oneway(self, request: Metadata, mutation: Mutation | None) -> None:
@@ -750,6 +769,39 @@ class UpstreamConnection(asyncio.Protocol):
         self._queue(encoded, len(request.frame))
         if self.tcp is not None:
             self.tcp.sent.value += len(request.frame)
+
+    def send_frame(self, encoded: Encoded, size: int | None = None) -> None:
+        """Send a frame of this connection's stream as it is (``size``: its length, when
+        ``encoded`` is several buffers)."""
+        if size is None:
+            size = len(cast(bytes, encoded))
+        self._queue(encoded, size)
+        if self.tcp is not None:
+            self.tcp.sent.value += size
+
+    def close_after_writes(self) -> None:
+        """Close once what is queued is written (now, or once connected)."""
+        self.retiring = True
+        if self.transport is not None and not self.closed:
+            self._flush()
+            self.close()
+
+    def writable(self) -> None:
+        """The clients waiting for this connection may send again (it connected and its
+        writing is not paused)."""
+        self._release_blocked()
+
+    def pause_reading(self) -> None:
+        """Read nothing more from the upstream until :meth:`resume_reading`."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read from the upstream again."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.resume_reading()
 
     def _queue(self, encoded: Encoded, size: int) -> None:
         # Writes are corked until the loop has delivered everything it read: one syscall for
@@ -817,6 +869,9 @@ class UpstreamConnection(asyncio.Protocol):
         if len(buffer) < self.need:
             self._partial(False)
             return
+        if self.stream is not None:
+            self._stream_read(self.stream)
+            return
         start = len(buffer)
         codec = self.codec
         shared = self.shared
@@ -864,6 +919,40 @@ class UpstreamConnection(asyncio.Protocol):
         if (buffer or self.held) and not self.closed:
             self._partial(len(buffer) != start)
 
+    def _stream_read(self, stream: Stream) -> None:
+        """The frames read on a stream's connection: each goes to the stream, as it came."""
+        buffer = self.buffer
+        start = len(buffer)
+        codec = self.codec
+        while buffer:
+            try:
+                message = codec.decode(buffer)
+            except CodecError as exc:
+                self._stream_refused(exc)
+                return
+            if not isinstance(message, Metadata):
+                self.need = message.needed
+                break
+            self._stream_frame(stream, message)
+            if self.closed:  # the stream ended: what it sent the client still goes
+                break
+        else:
+            self.need = 0
+        stream.downstream.flush()
+        if (buffer or self.held) and not self.closed:
+            self._partial(len(buffer) != start)
+
+    def _stream_frame(self, stream: Stream, message: Metadata) -> None:
+        if message.message_type is _HEARTBEAT:
+            self._heartbeat(message)
+        else:
+            stream.from_upstream(message)
+
+    def _stream_refused(self, exc: CodecError) -> None:
+        """The codec refused what the stream's upstream sent: the stream is reset."""
+        self.cluster.decode_errors.value += 1
+        self.abort(ErrorType.BadResponse, f"bad frame from upstream: {exc}")
+
     def _after_read(self, failed: CodecError | None) -> None:
         """After the replies a read completed were written: retire, or give up on a bad
         reply."""
@@ -910,6 +999,16 @@ class UpstreamConnection(asyncio.Protocol):
     def _decode_frame(self, frame: bytes) -> None:
         """An assembled reply, for a codec that parses it whole."""
         self._account_held()
+        stream = self.stream
+        if stream is not None:
+            try:
+                message = self.codec.decode_frame(frame)
+            except CodecError as exc:
+                self._stream_refused(exc)
+                return
+            self._stream_frame(stream, message)
+            stream.downstream.flush()
+            return
         batch: list[Downstream] = []
         try:
             message = self.codec.decode_frame(frame)
@@ -1202,6 +1301,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.engine.upstream_gone()
 
     def _fail_all(self, error: ErrorType, message: str) -> None:
+        if self.stream is not None:
+            self.stream.upstream_failed(error, message)
         waiting = [*self.pending.values(), *(p for p in self.order.values() if not p.done)]
         self.pending = {}
         self.order = OrderedDict()

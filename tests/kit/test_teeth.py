@@ -65,10 +65,8 @@ def test_working_kv_codec_passes_every_check() -> None:
     assert report.passed, report.format_text()
     outcomes = {r.check: r.outcome for r in report.results}
     assert set(outcomes) == set(check_names())
-    # Only streaming is undeclared by KV, and its skip says why.
-    skipped = [r for r in report.results if r.outcome is Outcome.skipped]
-    assert [r.check for r in skipped] == ["streaming_marked"]
-    assert "'streaming' capability" in skipped[0].reason
+    # KV declares every capability, streaming included: nothing is skipped.
+    assert [r.check for r in report.results if r.outcome is Outcome.skipped] == []
     assert report.notes == []
 
 

@@ -489,7 +489,15 @@ FILTER = fields("name", "config")
 ADMIN = fields("bind", "allowRemote", "maxConnections", "requestTimeout")
 OVERLOAD = fields("maxBufferedBytes", "maxRssBytes")
 TIMEOUTS = fields(
-    "connect", "route", "drain", "idle", "frame", "write", "upstreamWrite", "handshake"
+    "connect",
+    "route",
+    "drain",
+    "idle",
+    "frame",
+    "write",
+    "upstreamWrite",
+    "handshake",
+    "streamIdle",
 )
 WATCHDOG = fields(
     "missTimeout",

@@ -2435,6 +2435,7 @@ _LIMIT_FIELDS = {
     # Below this the engine's own per-listener series alone would overflow.
     "maxStatsSeries": ("max_stats_series", 100),
     "maxRateLimitCalls": ("max_rate_limit_calls", 1),
+    "maxStreamsPerConnection": ("max_streams_per_connection", 1),
 }
 
 
@@ -2468,6 +2469,10 @@ def _overload(doc: _Doc, spec: Mapping[str, Any]) -> Overload:
     )
 
 
+#: ``spec.timeouts`` fields whose model attribute is not the field's own name.
+_TIMEOUT_ATTRIBUTES = {"upstreamWrite": "upstream_write", "streamIdle": "stream_idle"}
+
+
 def _timeouts(doc: _Doc, spec: Mapping[str, Any]) -> Timeouts:
     raw = doc.mapping(spec, "timeouts", "spec.timeouts", required=False)
     doc.check(raw, "spec.timeouts", schema.TIMEOUTS)
@@ -2475,7 +2480,7 @@ def _timeouts(doc: _Doc, spec: Mapping[str, Any]) -> Timeouts:
     for key in sorted(schema.TIMEOUTS.honoured):
         seconds = doc.duration(raw, key, f"spec.timeouts.{key}")
         if seconds is not None:
-            values["upstream_write" if key == "upstreamWrite" else key] = seconds
+            values[_TIMEOUT_ATTRIBUTES.get(key, key)] = seconds
     return Timeouts(**values)
 
 

@@ -605,6 +605,9 @@ class Limits:
     #: Calls to rate limit services (``globalRateLimit``) outstanding at once, per process;
     #: past it a request gets the failure policy at once (``denyOnFail``), uncalled.
     max_rate_limit_calls: int = 1000
+    #: Streams open at once on one client connection (each has an upstream connection of
+    #: its own); a ``Stream_Init`` past it gets ``OverLimit``.
+    max_streams_per_connection: int = 100
 
 
 @dataclass(frozen=True)
@@ -636,6 +639,9 @@ class Timeouts:
     #: A TLS client connection must finish its handshake within this long (counted from
     #: the accept), or it is closed (``timeouts.handshake``).
     handshake: float = 10.0
+    #: A stream with no frame either way for this long is reset (``timeouts.streamIdle``;
+    #: Envoy's ``stream_idle_timeout``).
+    stream_idle: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import compare, hexdump
 
 from ._support import (
+    STREAM_FRAMES,
     decode_whole,
     encode_bytes,
     fail,
@@ -93,13 +94,14 @@ def mutation_with_request_id(ctx: CheckContext) -> None:
     """encode(message, mutation, request_id=N) writes both: the new id and the mutated keys.
 
     This is the engine's shared-connection path: a mutated request gets an upstream id, and
-    the reply is matched by that id.
+    the reply is matched by that id. Stream frames are left out: the engine never rewrites
+    their ids.
     """
     tally = _Tally()
 
     def prop(sample: Sample) -> None:
         original = reference(ctx, sample)
-        if not _mutable(ctx, original):
+        if not _mutable(ctx, original) or original.message_type in STREAM_FRAMES:
             return
         new_id = original.request_id - 1 if original.request_id > 0 else original.request_id + 1
         mutation = ctx.target.mutation

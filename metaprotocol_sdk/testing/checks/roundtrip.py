@@ -12,6 +12,7 @@ from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import compare, hexdump
 
 from ._support import (
+    STREAM_FRAMES,
     call_decode,
     decode_whole,
     encode_bytes,
@@ -223,13 +224,14 @@ def rewrite_request_id(ctx: CheckContext) -> None:
     """encode(message, request_id=N) changes the request id and nothing else.
 
     Ids 1 and the codec's ``max_request_id`` (the range an engine allocates from) round-trip.
+    Stream frames are left out: the engine never rewrites their ids.
     """
     seen = 0
 
     def prop(sample: Sample) -> None:
         nonlocal seen
         original = reference(ctx, sample)
-        if original.message_type is MessageType.Heartbeat:
+        if original.message_type is MessageType.Heartbeat or original.message_type in STREAM_FRAMES:
             return
         seen += 1
         encoder = ctx.target.new_codec(sample.options)

@@ -1,0 +1,376 @@
+"""Streams: ``Stream_*`` frames, each stream on an upstream connection of its own.
+
+A client opens a stream with a ``Stream_Init`` frame, admitted and routed as a request is
+(AuthorizationPolicies, the route's match, its filters and request mutation). The engine then
+opens a connection to an endpoint of the route's destination for that stream alone: stream ids
+never need rewriting, and one stream's frames never wait behind another's. Every later frame of
+the stream (by ``stream_id``) goes to that connection as it came, and every frame the upstream
+sends on it goes back to the client as it came.
+
+A stream ends when both sides closed it (a ``Stream_Close_One_Way`` each way), or at a
+``Stream_Close_Two_Way`` or an ``Error`` frame from either side; its upstream connection then
+closes once its last frame is written. It is reset (the client gets the codec's error reply
+for the stream's ``Stream_Init``, and the upstream connection is aborted) when that connection
+fails or sends bytes the codec refuses, or when no frame went either way for
+``timeouts.streamIdle``. When the client leaves, its streams' connections are aborted.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import TYPE_CHECKING
+
+from metaprotocol_sdk.codec import LocalError
+from metaprotocol_sdk.enums import ErrorType, MessageType
+from metaprotocol_sdk.metadata import Metadata, Mutation
+
+if TYPE_CHECKING:
+    from .downstream import Downstream
+    from .router import CompiledRoute, Target
+    from .upstream import UpstreamConnection, UpstreamHost
+
+_INIT = MessageType.Stream_Init
+_CLOSE_ONE_WAY = MessageType.Stream_Close_One_Way
+_CLOSE_TWO_WAY = MessageType.Stream_Close_Two_Way
+_ERROR = MessageType.Error
+#: Frames a client sends on a stream (``Downstream`` hands them here).
+STREAM_FRAMES = frozenset(
+    {_INIT, MessageType.Stream_Data, _CLOSE_ONE_WAY, _CLOSE_TWO_WAY},
+)
+#: How a stream ended (``metaprotocol_streams_total{outcome}``): ``closed`` by both sides,
+#: ``error`` an ``Error`` frame from either, else the local reason (an ``ErrorType`` name:
+#: ``UpstreamConnectFailure``, ``UpstreamReset``, ``BadResponse``, ``Timeout`` for
+#: ``timeouts.streamIdle``) or ``DownstreamClosed`` (the client left).
+CLOSED = "closed"
+ERROR = "error"
+
+
+class Stream:
+    """One open stream: the client's connection, the upstream connection of its own, and
+    what went each way."""
+
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "client_closed",
+        "conn",
+        "downstream",
+        "ended",
+        "frames_received",
+        "frames_sent",
+        "host",
+        "init",
+        "last_active",
+        "route",
+        "seen",
+        "server_closed",
+        "started",
+        "stream_id",
+        "target",
+    )
+
+    def __init__(
+        self,
+        downstream: Downstream,
+        init: Metadata,
+        route: CompiledRoute,
+        target: Target,
+        conn: UpstreamConnection,
+    ) -> None:
+        self.downstream = downstream
+        #: The ``Stream_Init`` frame's metadata: the error reply of a reset answers it.
+        self.init = init
+        self.stream_id = init.stream_id
+        self.route = route
+        self.target = target
+        self.conn = conn
+        self.host: UpstreamHost = conn.host
+        self.started = monotonic()
+        #: A frame went either way since the last sweep (the idle clock's cheap tick).
+        self.seen = False
+        self.last_active = downstream.engine.loop.time()
+        self.client_closed = False
+        self.server_closed = False
+        self.ended = False
+        #: Frames and bytes from the client (``received``) and to it (``sent``).
+        self.frames_received = 1
+        self.bytes_received = len(init.frame)
+        self.frames_sent = 0
+        self.bytes_sent = 0
+
+    # -- frames --------------------------------------------------------------------------------
+
+    def from_client(self, message: Metadata) -> None:
+        """A later frame of the stream from the client: to the upstream, as it came."""
+        downstream = self.downstream
+        if self.client_closed:
+            downstream.local_reply(
+                message,
+                ErrorType.BadRequest,
+                f"stream {self.stream_id} is closed on the client's side",
+            )
+            return
+        frame = message.frame
+        conn = self.conn
+        conn.send_frame(frame)
+        self.seen = True
+        self.frames_received += 1
+        self.bytes_received += len(frame)
+        downstream.listener.count_stream_frame("downstream")
+        kind = message.message_type
+        if kind is _CLOSE_TWO_WAY:
+            self.end(CLOSED)
+            return
+        if kind is _CLOSE_ONE_WAY:
+            self.client_closed = True
+            if self.server_closed:
+                self.end(CLOSED)
+                return
+        if conn.write_paused or (
+            conn.connecting and conn.unsent > downstream.engine.connection_buffer
+        ):
+            downstream.block_on(conn)  # the client waits until the upstream takes them
+
+    def from_upstream(self, message: Metadata) -> None:
+        """A frame from the stream's connection: to the client, as it came. One that is not
+        of this stream (another id) is dropped and counted as an unmatched reply."""
+        if self.ended or not (
+            message.stream_id == self.stream_id
+            or (message.stream_id == 0 and message.request_id == self.init.request_id)
+        ):
+            self.conn.cluster.unmatched_reply()
+            return
+        frame = message.frame
+        self.seen = True
+        self.frames_sent += 1
+        self.bytes_sent += len(frame)
+        downstream = self.downstream
+        downstream.listener.count_stream_frame("upstream")
+        downstream.queue_frame(frame)
+        kind = message.message_type
+        if kind is _CLOSE_TWO_WAY:
+            self.end(CLOSED)
+        elif kind is _ERROR:
+            self.end(ERROR)
+        elif kind is _CLOSE_ONE_WAY:
+            self.server_closed = True
+            if self.client_closed:
+                self.end(CLOSED)
+
+    # -- the upstream connection ---------------------------------------------------------------
+
+    def connected(self) -> None:
+        """The upstream connection is made (what was queued meanwhile is written)."""
+        conn = self.conn
+        if self.ended:
+            conn.close_after_writes()
+            return
+        if not conn.write_paused:
+            conn.writable()  # the client may send more
+        if self.downstream.write_paused:
+            conn.pause_reading()
+
+    def upstream_failed(self, error: ErrorType, message: str) -> None:
+        """The stream's connection failed (connect, reset, a frame the codec refused, a write
+        that made no progress): the client gets the stream's error reply."""
+        if self.ended:
+            return
+        host = self.host
+        if host.outlier is not None and error in (
+            ErrorType.UpstreamConnectFailure,
+            ErrorType.UpstreamReset,
+        ):
+            host.outlier.gateway_error(host)
+        self.reset(error, message)
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def reset(self, error: ErrorType, message: str) -> None:
+        """End the stream on a failure: the client gets the codec's error reply for the
+        stream's ``Stream_Init`` (when it is still there), and the upstream connection is
+        aborted (unless it is closed already)."""
+        if self.ended:
+            return
+        downstream = self.downstream
+        reply = b""
+        if not downstream.closed and downstream.transport is not None:
+            downstream.listener.count_local(error)
+            reply = downstream.codec.on_error(self.init, LocalError(error, message))
+            downstream.queue_frame(reply)
+            downstream.flush()
+        self.bytes_sent += len(reply)
+        self.end(error.name, abort=True)
+
+    def end(self, outcome: str, abort: bool = False) -> None:
+        """The stream is over (``outcome``): counted, logged, forgotten by its client, and
+        its upstream connection closes (after its last frame, or at once: ``abort``)."""
+        if self.ended:
+            return
+        self.ended = True
+        downstream = self.downstream
+        streams = downstream.streams
+        if streams is not None and streams.get(self.stream_id) is self:
+            del streams[self.stream_id]
+        downstream.stream_ended(len(self.init.frame))
+        self.host.active -= 1
+        self.target.count_stream(outcome)
+        listener = downstream.listener
+        listener.count_streams(-1)
+        conn = self.conn
+        if conn.closed:  # it failed: what ends the stream
+            pass
+        elif abort:
+            conn.abort(ErrorType.UpstreamReset, f"stream {self.stream_id} reset")
+        else:
+            conn.close_after_writes()
+        log = downstream.engine.access_log
+        elapsed = monotonic() - self.started
+        if log is not None and log.wants(outcome, elapsed):
+            log.log(
+                listener.name,
+                self.route.name,
+                self.target.name,
+                outcome,
+                elapsed,
+                self.init.request_id,
+                self.init.message_type.name,
+                self.host.key,
+                "-",
+                f"stream {self.stream_id}: {self.frames_received} frames received, "
+                f"{self.frames_sent} sent",
+                downstream.client,
+                self.bytes_received,
+                self.bytes_sent,
+                self.init.attributes,
+                None,
+            )
+
+
+def client_frame(downstream: Downstream, message: Metadata) -> None:
+    """A ``Stream_*`` frame from a client whose codec carries streams."""
+    if message.message_type is _INIT:
+        _admit(downstream, message)
+        return
+    streams = downstream.streams
+    stream = None if streams is None else streams.get(message.stream_id)
+    if stream is None:
+        downstream.local_reply(
+            message,
+            ErrorType.BadRequest,
+            f"no open stream {message.stream_id} on this connection",
+        )
+        return
+    stream.from_client(message)
+
+
+def _admit(downstream: Downstream, message: Metadata) -> None:
+    """A ``Stream_Init``: admitted and routed as a request is, then :func:`open_stream`."""
+    if downstream.draining:
+        downstream.local_reply(message, ErrorType.ShuttingDown, "proxy is shutting down")
+        return
+    authz = downstream.authz
+    if authz is not None and (policy := authz.denies(downstream, message.attributes)) is not None:
+        downstream._deny(message, policy)
+        return
+    route = downstream._route(message.attributes)
+    if route is None:
+        name = downstream.listener.name
+        downstream.local_reply(message, ErrorType.RouteNotFound, f"no route on {name}")
+        return
+    if route.request_filters:  # the filters' last step calls open_stream
+        downstream._filter(message, route, 0, None)
+        return
+    open_stream(downstream, message, route, route.request_mutation)
+
+
+def open_stream(
+    downstream: Downstream, message: Metadata, route: CompiledRoute, mutation: Mutation | None
+) -> None:
+    """The router for a ``Stream_Init``: an endpoint, a connection of the stream's own, and
+    the frame (with the route's request mutation) sent on it."""
+    streams = downstream.streams
+    if streams is None:
+        streams = downstream.streams = {}
+    engine = downstream.engine
+    target = route.single or route.pick()
+    sid = message.stream_id
+    if sid in streams:
+        downstream.local_reply(
+            message, ErrorType.BadRequest, f"stream {sid} is already open on this connection"
+        )
+        return
+    if len(streams) >= engine.max_streams_per_connection:
+        why = f"too many streams on this connection ({engine.max_streams_per_connection})"
+        downstream.local_reply(message, ErrorType.OverLimit, why, route, target)
+        return
+    if engine.buffered > engine.max_buffered or engine.rss_over:
+        why = downstream._over_limit()
+        downstream.local_reply(message, ErrorType.OverLimit, why, route, target)
+        return
+    cluster = target.cluster
+    if cluster is None:
+        why = f"unknown cluster {target.name}"
+        downstream.local_reply(message, ErrorType.ClusterNotFound, why, route, target)
+        return
+    host = cluster.balancer.pick(message)
+    if host is None:
+        why = f"no endpoint in {target.name}"
+        downstream.local_reply(message, ErrorType.NoHealthyUpstream, why, route, target)
+        return
+    if not cluster.may_open():
+        downstream.local_reply(message, ErrorType.OverLimit, cluster.refused(), route, target)
+        return
+    conn = host.connection_class(cluster, host, downstream)
+    try:
+        encoded = conn.codec.encode(message, mutation)
+    except Exception as exc:  # the codec cannot write this frame (e.g. a mutation)
+        why = f"cannot encode request: {exc}"
+        downstream.local_reply(message, ErrorType.BadRequest, why, route, target)
+        return
+    stream = Stream(downstream, message, route, target, conn)
+    conn.stream = stream
+    streams[sid] = stream
+    downstream.stream_started(len(message.frame))
+    host.active += 1
+    listener = downstream.listener
+    listener.count_streams(1)
+    listener.count_stream_frame("downstream")
+    conn.connect()
+    conn.send_frame(encoded, len(message.frame))
+
+
+def sweep(downstream: Downstream, now: float) -> None:
+    """The idle clock of a client's streams (the engine's sweep, about once a second):
+    a stream with no frame either way for ``timeouts.streamIdle`` is reset."""
+    streams = downstream.streams
+    if not streams:
+        return
+    idle = downstream.engine.stream_idle_timeout
+    for stream in list(streams.values()):
+        if stream.seen:
+            stream.seen = False
+            stream.last_active = now
+        elif now - stream.last_active >= idle:
+            stream.reset(ErrorType.Timeout, f"stream {stream.stream_id}: no frame in {idle:g}s")
+
+
+def client_left(downstream: Downstream) -> None:
+    """The client's connection is gone: its streams end, their connections are aborted."""
+    streams = downstream.streams
+    if not streams:
+        return
+    for stream in list(streams.values()):
+        stream.end("DownstreamClosed", abort=True)
+
+
+def pause_streams(downstream: Downstream, paused: bool) -> None:
+    """The client stopped (or resumed) reading what it is sent: so do its streams'
+    connections, which would otherwise fill its buffer without end."""
+    streams = downstream.streams
+    if not streams:
+        return
+    for stream in streams.values():
+        if paused:
+            stream.conn.pause_reading()
+        else:
+            stream.conn.resume_reading()
