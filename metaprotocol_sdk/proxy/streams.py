@@ -225,7 +225,7 @@ class Stream:
             conn.close_after_writes()
         log = downstream.engine.access_log
         elapsed = monotonic() - self.started
-        if log is not None and log.wants(outcome, elapsed):
+        if log is not None and log.wants("Ok" if outcome == CLOSED else outcome, elapsed):
             log.log(
                 listener.name,
                 self.route.name,

@@ -4,6 +4,7 @@ its own, against a KV stream server over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
 from typing import Any, cast
 
@@ -505,3 +506,36 @@ def test_a_drain_lets_open_streams_finish_and_refuses_new_ones() -> None:
         await up.close()
 
     run(main())
+
+
+def test_each_stream_gets_one_access_log_line_as_it_ends(tmp_path: Any) -> None:
+    log = tmp_path / "access.log"
+    ports = []
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        ports.append(up.port)
+        proxy = f"accessLog: {{path: '{log}', attributes: [method]}}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 31, {"method": "chat"})
+            c.frame(STREAM_DATA, 31, {}, b"x" * 100)
+            c.frame(STREAM_CLOSE, 31)
+            c.frame(STREAM_OPEN, 32, {"method": "drop"})
+            await c.until(32, 1)
+            await until(lambda: streams(engine, "closed") == 1, "stream 31 closed")
+            c.close()
+        await up.close()
+
+    run(main())
+    lines = {r["request_id"]: r for r in map(json.loads, log.read_text().splitlines())}
+    closed, dropped = lines[31], lines[32]
+    assert (closed["status"], closed["message_type"]) == ("closed", "Stream_Init")
+    assert closed["attributes"] == {"method": "chat"}
+    sent = len(build_frame(STREAM_OPEN, 31, {"method": "chat"})) + len(
+        build_frame(STREAM_DATA, 31, {}, b"x" * 100)
+    )
+    assert closed["bytes_received"] == sent + len(build_frame(STREAM_CLOSE, 31))
+    assert "3 frames received" in closed["response_code_details"]
+    assert dropped["status"] == "UpstreamReset" and dropped["bytes_sent"] > 0
+    assert closed["upstream"] == dropped["upstream"] == f"127.0.0.1:{ports[0]}"
