@@ -26,6 +26,7 @@ from metaprotocol_sdk import (
     NeedData,
     ReplyHead,
     ResponseStatus,
+    StreamType,
     UnsupportedError,
     take_frame,
 )
@@ -42,6 +43,7 @@ class _Broken(KVCodec):
 def _message(frame: bytes, kind: int, request_id: int, headers_length: int) -> Metadata:
     """The metadata KVCodec.decode builds for a complete frame."""
     headers = kv._decode_headers(frame, HEADER_SIZE, HEADER_SIZE + headers_length)
+    streaming = kind >= kv.STREAM_OPEN
     return Metadata(
         kv._KIND_TO_TYPE[kind],
         frame=frame,
@@ -52,6 +54,8 @@ def _message(frame: bytes, kind: int, request_id: int, headers_length: int) -> M
         response_status=ResponseStatus.Ok if kind == kv.RESPONSE else ResponseStatus.Unknown,
         attributes=Attributes(headers),
         codec_state=kind,
+        stream_type=StreamType.BidiStream if streaming else StreamType.Unary,
+        stream_id=request_id if streaming else 0,
     )
 
 

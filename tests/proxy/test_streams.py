@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections import defaultdict
 from typing import Any, cast
 
+import trustme
 from proxy_kit import (
     WAIT,
     Client,
@@ -29,6 +31,7 @@ from metaprotocol_sdk.examples.kv import (
     STREAM_OPEN,
     KVCodec,
 )
+from metaprotocol_sdk.proxy.tls import TlsUpstreamConnection
 
 LISTENER = "svc.test:9000"
 HALF_CLOSE = MessageType.Stream_Close_One_Way
@@ -97,9 +100,12 @@ class StreamServer:
         self.event = asyncio.Event()
         self.sent: dict[int, int] = defaultdict(int)
 
-    async def start(self) -> StreamServer:
+    async def start(self, ssl: Any = None) -> StreamServer:
+        """Listen on 127.0.0.1 (with TLS when given an ``ssl.SSLContext``)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: StreamServerConnection(self), "127.0.0.1", 0)
+        self.server = await loop.create_server(
+            lambda: StreamServerConnection(self), "127.0.0.1", 0, ssl=ssl
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -453,7 +459,7 @@ def test_a_codec_without_streams_gets_bad_request_for_stream_frames() -> None:
 
 
 def test_a_client_that_reads_slowly_slows_its_streams_upstream() -> None:
-    """The upstream floods a stream (32 MiB) while the client reads nothing: the engine stops
+    """The upstream floods a stream (64 MiB) while the client reads nothing: the engine stops
     reading the stream's connection once the client's buffer is full, so what it holds stays
     near ``connectionBufferBytes`` and the server's writes pause; when the client reads
     again every frame arrives, in order. (Without it the engine would read all and close the
@@ -466,7 +472,7 @@ def test_a_client_that_reads_slowly_slows_its_streams_upstream() -> None:
             c = await StreamClient.connect(address(engine))
             assert c.transport is not None
             c.transport.pause_reading()
-            count, size = 2048, 16384
+            count, size = 4096, 16384
             c.frame(STREAM_OPEN, 1, {"method": "flood", "count": str(count), "size": str(size)})
             await up.wait(lambda: bool(up.connections) and up.connections[0].paused, "a pause")
             assert up.sent[1] < count // 2, up.sent[1]
@@ -539,3 +545,42 @@ def test_each_stream_gets_one_access_log_line_as_it_ends(tmp_path: Any) -> None:
     assert "3 frames received" in closed["response_code_details"]
     assert dropped["status"] == "UpstreamReset" and dropped["bytes_sent"] > 0
     assert closed["upstream"] == dropped["upstream"] == f"127.0.0.1:{ports[0]}"
+
+
+def test_streams_over_tls_to_the_upstream(tmp_path: Any) -> None:
+    """A cluster with TLS: each stream's connection is a TLS one, and flow control holds on
+    it as on plain TCP (the client reads nothing, the TLS connection stops being read)."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("svc.test").configure_cert(server_ctx)
+    policy = f'{{tls: {{mode: SIMPLE, caCertificates: "{ca_file}"}}}}'
+
+    async def main() -> None:
+        up = await StreamServer().start(ssl=server_ctx)
+        proxy = "limits: {connectionBufferBytes: 262144, connectionBufferMaxBytes: 4194304}\n"
+        config = mesh([(up.port, "v1")], traffic_policy=policy, proxy=proxy)
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            c.frame(STREAM_DATA, 1, {}, b"over tls")
+            frames = await c.until(1, 2)
+            assert bytes(frames[1].body) == b"OVER TLS"
+            assert isinstance(next(iter(engine.upstreams)), TlsUpstreamConnection)
+            c.frame(STREAM_CLOSE, 1)
+            assert c.transport is not None
+            c.transport.pause_reading()
+            count, size = 4096, 16384
+            c.frame(STREAM_OPEN, 2, {"method": "flood", "count": str(count), "size": str(size)})
+            await up.wait(lambda: any(conn.paused for conn in up.connections), "a pause")
+            assert up.sent[2] < count // 2, up.sent[2]
+            c.transport.resume_reading()
+            flood = await c.until(2, count + 1)
+            assert [int(f.attributes.get("n") or -1) for f in flood[:count]] == list(range(count))
+            c.frame(STREAM_HALF_CLOSE, 2)
+            await until(lambda: streams(engine, "closed") == 2, "both streams closed")
+            c.close()
+        await up.close()
+
+    run(main())
