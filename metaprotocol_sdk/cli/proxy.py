@@ -80,6 +80,31 @@ WATCH_QUIET_MS = 300
 WATCH_MAX_WAIT_MS = 5000
 
 
+class EarlySighup:
+    """A ``SIGHUP`` that comes while the process starts (reading its files, starting its
+    engine or its workers), before its reload handler is in place: the signal's default
+    action would end the process. It is remembered instead, and served once the process
+    serves (a reload then reads the files again)."""
+
+    wanted = False
+
+    @classmethod
+    def catch(cls) -> None:
+        """Remember a ``SIGHUP`` from now on, until the reload handler replaces this."""
+        with contextlib.suppress(AttributeError, ValueError):  # no SIGHUP; not main thread
+            signal.signal(signal.SIGHUP, cls._note)
+
+    @classmethod
+    def _note(cls, signum: int, frame: object) -> None:
+        cls.wanted = True
+
+    @classmethod
+    def take(cls) -> bool:
+        """Whether a ``SIGHUP`` came since :meth:`catch` (and forget it)."""
+        wanted, cls.wanted = cls.wanted, False
+        return wanted
+
+
 class Reloader:
     """Reloads the files given with ``-c`` on request (``SIGHUP``, ``--watch``), one at a time,
     writing one line per reload; a refused reload leaves the engine serving as it was."""
@@ -227,6 +252,8 @@ async def _serve(
     reloader = Reloader(engine, files, worker.apply if worker is not None else None)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
+    if EarlySighup.take():  # it came while the engine started
+        reloader.request("sighup")
     control_plane = None
     if config.proxy.xds is not None:  # imported only here: an engine without xDS needs no gRPC
         from metaprotocol_sdk.proxy.xds.client import XdsClient
@@ -464,6 +491,7 @@ def command(
     if check:
         _check(files)
         return
+    EarlySighup.catch()  # before the files are read: a SIGHUP now must not end the process
     from metaprotocol_sdk.proxy.output import background_output
 
     if workers > 1 and spec is None:
@@ -476,7 +504,7 @@ def command(
         argv = several.worker_command(files, drain, no_uvloop, watch, log_level, log_format)
         config = _load(files)
         with background_output():
-            code = several.supervise(config, argv, workers, drain)
+            code = several.supervise(config, argv, workers, drain, EarlySighup.take)
         sys.exit(code)
     factory = None
     if not no_uvloop:

@@ -50,10 +50,13 @@ _HEARTBEAT = MessageType.Heartbeat
 _STREAM_INIT = MessageType.Stream_Init
 _STATUS_NAMES = ("Unknown", "Ok", "Error")
 _ERROR_STATUS = ResponseStatus.Error
-#: Local failures a route's ``retries.retryOn`` may name.
+#: Local failures a route's ``retries.retryOn`` may name; each is a gateway error for
+#: outlier detection. A reply the codec refused is a ``reset``, as Envoy counts an upstream
+#: protocol error (the engine drops the connection when the stream cannot go on).
 _RETRY_CONDITIONS = {
     ErrorType.UpstreamConnectFailure: "connect-failure",
     ErrorType.UpstreamReset: "reset",
+    ErrorType.BadResponse: "reset",
     ErrorType.Timeout: "timeout",
 }
 

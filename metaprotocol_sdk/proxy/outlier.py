@@ -2,15 +2,15 @@
 
 Istio's ``outlierDetection`` (consecutive-error detection, as Envoy's ``consecutive_5xx`` and
 ``consecutive_gateway_failure``): an upstream ``Error`` reply counts as an error, a connect
-failure, a reset or a timeout as a gateway error (and an error); any other answer resets both
-counts. An endpoint reaching a threshold is ejected at once, for ``baseEjectionTime`` times the
-number of times it has been ejected (at most ``MAX_EJECTION_TIME``), and readmitted at the first
-tick of the detection ``interval`` after that (as Envoy's interval timer does); at most
-``maxEjectionPercent`` of the cluster, and always at least one endpoint, can be out at once.
-Ejected endpoints are skipped by every load balancer: the cluster rebuilds its balancer over
-the healthy ones. With none healthy, or fewer than ``minHealthPercent``, it balances over all of
-them (Envoy's panic mode). A cluster with failover priorities balances by Envoy's priority
-load instead, panic judged per level (see priority.py).
+failure, a reset, an unreadable reply or a timeout as a gateway error (and an error); any other
+answer resets both counts. An endpoint reaching a threshold is ejected at once, for
+``baseEjectionTime`` times the number of times it has been ejected (at most
+``MAX_EJECTION_TIME``), and readmitted at the first tick of the detection ``interval`` after
+that (as Envoy's interval timer does); at most ``maxEjectionPercent`` of the cluster, and always
+at least one endpoint, can be out at once. Ejected endpoints are skipped by every load balancer:
+the cluster rebuilds its balancer over the healthy ones. With none healthy, or fewer than
+``minHealthPercent``, it balances over all of them (Envoy's panic mode). A cluster with failover
+priorities balances by Envoy's priority load instead, panic judged per level (see priority.py).
 """
 
 from __future__ import annotations

@@ -959,9 +959,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.retiring:
             self._close_if_idle()
         if failed is not None:
+            # Reset, out of the pool first (as by give_up): a retry of its requests goes to a
+            # fresh connection, and nothing more is written to an upstream nobody can read.
             self.cluster.decode_errors.value += 1
-            self._fail_all(ErrorType.BadResponse, f"bad response from upstream: {failed}")
-            self.close()
+            self.abort(ErrorType.BadResponse, f"bad response from upstream: {failed}")
 
     def _heartbeat(self, message: Metadata) -> None:
         """Answer the upstream's heartbeat, unless it does not read what it was sent (its

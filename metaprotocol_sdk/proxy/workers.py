@@ -19,7 +19,7 @@ and whose admin endpoint listens on ``127.0.0.1:0`` for the supervisor only.
   killed. A second signal kills them at once. The exit status is 0 only when every serving
   worker drained cleanly: else that of the first worker that did not (:func:`stop_status`:
   70 for its watchdog, 137 for a kill). ``SIGHUP`` is forwarded: each worker reloads its own
-  configuration.
+  configuration (one not serving yet, once it serves).
 * A worker that exits (a crash, or its watchdog ending it: ``watchdog.killTimeout``) is
   started again after a capped exponential delay (:func:`restart_delay`) and counted. A
   worker watches its standard input, a pipe from the supervisor: when the supervisor is gone
@@ -258,6 +258,8 @@ class Worker:
     restarts: int = 0
     #: Quick exits in a row (the restart delay grows with them).
     failures: int = 0
+    #: A ``SIGHUP`` came while it was not serving: it is sent one once it serves.
+    reload_wanted: bool = False
 
     @property
     def running(self) -> bool:
@@ -366,8 +368,14 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        """Serve until ``SIGTERM``/``SIGINT``, then drain; the exit status."""
+    async def run(self, early_sighup: Callable[[], bool] | None = None) -> int:
+        """Serve until ``SIGTERM``/``SIGINT``, then drain; the exit status. ``SIGHUP`` is
+        forwarded from the start (each worker gets it once it serves); ``early_sighup``: whether
+        one came before."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
+        if early_sighup is not None and early_sighup():
+            self.forward(signal.SIGHUP)
         sys.stdout.flush()
         self._output = BackgroundWriter(sys.stdout.fileno(), "worker output", OUTPUT_BACKLOG)
         try:
@@ -384,10 +392,9 @@ class Supervisor:
             await self._stop_workers()
             self._close()
             return code
-        loop = asyncio.get_running_loop()  # handlers first: the lines below invite signals
+        # Handlers first: the lines below invite signals.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
-        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
         xds = self.config.proxy.xds
         if xds is not None:  # each worker holds its own stream, as the same node
             print(f"xds from {xds.address} as {xds.node.id}")
@@ -425,10 +432,12 @@ class Supervisor:
         self._stop.set()
 
     def forward(self, sig: int) -> None:
-        """Send ``sig`` to every running worker (``SIGHUP`` only to those serving: one still
-        starting reads the files anyway, and has no handler for it yet)."""
+        """Send ``sig`` to every running worker; ``SIGHUP`` only to those serving (one still
+        starting has no handler for it yet, and may have read the files before they
+        changed): the others get it once they serve."""
         for worker in self.workers:
             if sig == signal.SIGHUP and worker.admin is None:
+                worker.reload_wanted = True
                 continue
             if worker.running and worker.process is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -488,6 +497,10 @@ class Supervisor:
             await process.wait()
             return False
         self._spawn_task(self._copy_output(process.stdout))
+        if worker.reload_wanted:  # a SIGHUP came while it started
+            worker.reload_wanted = False
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGHUP)
         return True
 
     async def _keep(self, worker: Worker) -> None:
@@ -843,6 +856,13 @@ def worker_command(
     return command
 
 
-def supervise(config: Config, command: Sequence[str], count: int, drain: float | None) -> int:
-    """Run the supervisor of ``count`` workers until it is stopped; the exit status."""
-    return asyncio.run(Supervisor(config, command, count, drain).run())
+def supervise(
+    config: Config,
+    command: Sequence[str],
+    count: int,
+    drain: float | None,
+    early_sighup: Callable[[], bool] | None = None,
+) -> int:
+    """Run the supervisor of ``count`` workers until it is stopped; the exit status.
+    ``early_sighup``: whether a ``SIGHUP`` came before the supervisor's handler was set."""
+    return asyncio.run(Supervisor(config, command, count, drain).run(early_sighup))

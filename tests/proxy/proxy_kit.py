@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
+import signal
 import socket
 import struct
 import sys
@@ -13,6 +15,7 @@ import textwrap
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import uvloop
@@ -440,6 +443,41 @@ def error_type(msg: Metadata) -> str | None:
     if msg.codec_state != ERROR:
         return None
     return msg.attributes.get("error-type")
+
+
+_GATE = """\
+import os, pathlib, sys, time
+from {module} import {name} as Codec
+here = pathlib.Path(__file__).parent
+if ("--worker" in sys.argv) == ({process!r} == "worker") and not (here / "go").exists():
+    (here / "waiting").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 15
+    while not (here / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+
+
+def start_gate(directory: Path, codec: str, process: str) -> dict[str, str]:
+    """Write the codec module ``start_gate`` (its ``Codec`` is ``codec``, "module:Class") in
+    ``directory``: imported by a ``process`` ("main", or a ``--worker``) that loads the
+    configuration, it writes the file ``waiting`` and holds that process's start until the
+    file ``go`` exists (at most 15 s). The environment whose Python finds it is returned."""
+    module, name = codec.split(":")
+    text = _GATE.format(module=module, name=name, process=process)
+    (directory / "start_gate.py").write_text(text)
+    path = [str(directory), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1"}
+
+
+def sighup_at_the_gate(pid: int, directory: Path) -> None:
+    """Once a process is held by :func:`start_gate` (bounded wait), send ``pid`` a SIGHUP,
+    then let the process go on."""
+    deadline = time.monotonic() + 30
+    while not (directory / "waiting").exists():
+        assert time.monotonic() < deadline, "the gate was never reached"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGHUP)
+    (directory / "go").write_text("")
 
 
 # -- configuration ----------------------------------------------------------------------------

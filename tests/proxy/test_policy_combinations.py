@@ -45,6 +45,15 @@ class Failing(Upstream):
         conn.transport.write(build_frame(ERROR, msg.request_id, {"server": self.name}))
 
 
+class Garbling(Upstream):
+    """Answers every request with bytes the codec cannot resynchronise after."""
+
+    def on_message(self, conn: KVServer, msg: Metadata) -> None:
+        assert conn.transport is not None
+        self.received.append(msg)
+        conn.transport.write(b"XX" + bytes(30))
+
+
 class Seeing(Filter):
     """A response filter that notes every answer it is shown."""
 
@@ -191,6 +200,48 @@ def test_an_error_that_is_retried_still_counts_for_outlier_detection() -> None:
             assert seen == ["Ok"] * 8
             assert engine.stats.total("metaprotocol_outlier_ejections_total") == 1
             assert len(bad.received) == 2  # then it was ejected
+            outcomes_agree(engine, seen)
+            c.close()
+        await bad.close()
+        await good.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("endpoints", [1, 2])
+def test_an_endpoint_that_answers_garbage_is_retried_elsewhere_and_ejected(endpoints: int) -> None:
+    """An endpoint whose replies cannot be read (the engine drops its connection, as at a
+    reset) is a gateway error for outlier detection and a ``reset`` for retries, as Envoy
+    counts an upstream protocol error: its requests are retried on the other endpoint and it
+    is ejected after ``consecutiveGatewayErrors``. Before, it was neither: half of the
+    requests got ``BadResponse`` for good. Alone in its cluster, each try goes to a fresh
+    connection (the one that failed is out of the pool first), so a request gets its every
+    retry."""
+    router = """\
+    - name: retried
+      route: [{destination: {host: svc.test}}]
+      retries: {attempts: 2, retryOn: reset}
+    """
+    outlier = (
+        "{outlierDetection: {consecutiveGatewayErrors: 2, baseEjectionTime: 1h,"
+        " maxEjectionPercent: 50}}"
+    )
+
+    async def main() -> None:
+        bad, good = await Garbling("bad").start(), await Upstream("good").start()
+        eps = [(bad.port, "v1"), (good.port, "v1")][:endpoints]
+        async with engine_for(mesh(eps, router=router, traffic_policy=outlier)) as engine:
+            c = await Client.connect(address(engine))
+            seen = [outcome(await c.call()) for _ in range(8)]
+            stats = engine.stats
+            if endpoints == 2:
+                assert seen == ["Ok"] * 8
+                assert stats.total("metaprotocol_outlier_ejections_total") == 1
+                assert len(bad.received) == 2  # then it was ejected
+            else:
+                assert seen == ["BadResponse"] * 8
+                assert len(bad.received) == 8 * 3  # every try of every request
+                assert stats.total("metaprotocol_retries_total", reason="reset") == 8 * 2
             outcomes_agree(engine, seen)
             c.close()
         await bad.close()

@@ -14,12 +14,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from proxy_kit import sighup_at_the_gate, start_gate
 
 from metaprotocol_sdk.cli.proxy import WATCH_QUIET_MS
 from metaprotocol_sdk.demo.idl import hello, untyped
@@ -80,14 +81,24 @@ spec:
 class Proxy:
     """A ``metaprotocol proxy`` process; its stderr lines are collected by a thread."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        starting: Callable[[int], None] | None = None,
+    ) -> None:
+        """``env``: the child's environment; ``starting``: called with its pid before its
+        addresses are read."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        if starting is not None:
+            starting(self.proc.pid)
         assert self.proc.stdout is not None
         listening = self.proc.stdout.readline()
         admin = self.proc.stdout.readline()
@@ -216,6 +227,29 @@ def test_a_sighup_during_the_drain_is_refused_and_the_request_in_flight_finishes
     finally:
         pool.shutdown(wait=False)
         proxy.stop()
+
+
+def test_a_sighup_while_the_process_starts_reloads_once_it_serves(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    """A SIGHUP that comes while the process reads its files (held at the codec's import)
+    ends nothing: the process serves, then reloads the files. Before, it ended the process
+    (status -1, SIGHUP's default action: the handler was set only once the engine served)."""
+    v1, v2 = servers
+    config = tmp_path / "mesh.yaml"
+    env = start_gate(tmp_path, "metaprotocol_thrift.codec:ThriftCodec", "main")
+    text = mesh(v1.port, v2.port, "v1")
+    config.write_text(text.replace("aeraki.meta_protocol.codec.thrift", "start_gate:Codec"))
+    proxy = Proxy(config, env=env, starting=lambda pid: sighup_at_the_gate(pid, tmp_path))
+    try:
+        line = proxy.next_reload()
+        assert re.fullmatch(r"info: reload ok \(sighup\): version [0-9a-f]{12}", line), line
+        client = proxy.client()
+        assert client.sayHello("a") == "v1: hello a"
+        client.close()
+    finally:
+        proxy.stop()
+    assert proxy.proc.returncode == 0
 
 
 def test_watch_applies_a_changed_file_and_skips_a_half_written_one(

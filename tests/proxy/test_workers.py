@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_kit import WAIT, Client, Upstream, http_get, mesh, run
+from proxy_kit import (
+    WAIT,
+    Client,
+    Upstream,
+    http_get,
+    mesh,
+    run,
+    sighup_at_the_gate,
+    start_gate,
+)
 
 from metaprotocol_sdk.proxy import Stats, loads_config, workers
 from metaprotocol_sdk.proxy.config.models import Admin
@@ -32,11 +41,22 @@ CONNECTIONS = 64  # P(all on one of two workers) = 2**-63 with SO_REUSEPORT's ha
 class Supervisor:
     """``metaprotocol proxy --workers N`` in a child process."""
 
-    def __init__(self, tmp_path: Path, text: str, count: int = 2, *extra: str) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        text: str,
+        count: int = 2,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        starting: Callable[[int], None] | None = None,
+    ) -> None:
+        """``env``: the child's environment; ``starting``: called with its pid before its
+        addresses are read."""
         config = tmp_path / "mesh.yaml"
         config.write_text(text)
-        path = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        if env is None:
+            path = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self.proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)),
@@ -47,6 +67,8 @@ class Supervisor:
             text=True,
             env=env,
         )
+        if starting is not None:
+            starting(self.proc.pid)
         assert self.proc.stdout is not None
         listening = self.proc.stdout.readline().split()
         admin = self.proc.stdout.readline().split()
@@ -475,6 +497,38 @@ def test_sighup_reaches_every_worker_and_each_reloads(tmp_path: Path) -> None:
             code, _ = sup.stop()
             await one.close()
             await two.close()
+        assert code == 0
+
+    run(main(), timeout=90)
+
+
+def test_a_sighup_while_the_workers_start_reloads_each_once_it_serves(tmp_path: Path) -> None:
+    """A SIGHUP that comes while the supervisor starts its workers (the first one held at
+    its configuration's load) ends nothing: each worker reloads once it serves. Before, it
+    ended the supervisor (status -1, SIGHUP's default action: its handler was set only after
+    every worker had started, a second or more), and the proxy with it."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        codec = "metaprotocol_sdk.examples.kv:KVCodec"
+        env = start_gate(tmp_path, codec, "worker")
+        text = mesh([(up.port, "v1")], codec="start_gate:Codec")
+        sup = Supervisor(
+            tmp_path, text, env=env, starting=lambda pid: sighup_at_the_gate(pid, tmp_path)
+        )
+        try:
+
+            async def reloaded() -> bool:
+                stats = await sup.stats()
+                ok = total(stats, "metaprotocol_reloads_total", 'source="sighup"', 'result="ok"')
+                return ok == 2  # one reload per worker
+
+            await until(reloaded, "both workers to reload")
+            assert [w["restarts"] for w in await sup.workers()] == [0, 0]
+            await one_request_each(sup.address, 4)
+        finally:
+            code, _ = sup.stop()
+            await up.close()
         assert code == 0
 
     run(main(), timeout=90)
