@@ -8,7 +8,8 @@ attribute, its other headers the other attributes. A document the engine support
 with traffic and must do what its project's page says; one it does not support must be
 refused with an error naming the field.
 
-Sources, as read: aeraki-mesh/aeraki at 56e4de0f (``demo/`` and ``test/e2e/``), and the
+Sources, as read: aeraki-mesh/aeraki at 56e4de0f (``demo/`` and ``test/e2e/``), the
+tutorials of aeraki.net (aeraki-mesh/website at affb48e5), and the
 examples of istio.io's reference pages, which are the comments of istio/api's protos
 (``networking/v1alpha3/destination_rule.proto``, ``service_entry.proto``,
 ``security/v1beta1/peer_authentication.proto``, ``authorization_policy.proto``,
@@ -366,6 +367,56 @@ def test_aeraki_global_rate_limit_without_routes(redis: Redis) -> None:
                 assert (await servers_of(client, 2, "ping")).keys() <= {"v1", "v2"}
                 assert rls.calls == 12  # ping is not checked
                 client.close()
+        await v1.close()
+        await v2.close()
+
+    run(main())
+
+
+# aeraki-mesh/website at affb48e5 (aeraki.net), content/en/docs/v1.x/tutorials/local-rate-limit.md:
+# a MetaRouter with only a local rate limit, of conditions only
+WEBSITE_LOCAL = """\
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: MetaRouter
+metadata:
+  name: test-metaprotocol-thrift-route
+  namespace: meta-thrift
+spec:
+  hosts:
+  - thrift-sample-server.meta-thrift.svc.cluster.local
+  localRateLimit:
+    conditions:
+    - match:
+        attributes:
+          method:
+            exact: sayHello
+      tokenBucket:
+        fillInterval: 60s
+        maxTokens: 10
+        tokensPerFill: 10
+    - match:
+        attributes:
+          method:
+            exact: ping
+      tokenBucket:
+        fillInterval: 60s
+        maxTokens: 100
+        tokensPerFill: 100
+"""
+
+
+def test_aeraki_website_local_rate_limit_without_routes() -> None:
+    """10 sayHello a minute; other methods (no condition, no default bucket) unlimited."""
+
+    async def main() -> None:
+        v1, v2 = await two_versions()
+        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")])
+        async with engine_for(text + "---\n" + WEBSITE_LOCAL) as engine:
+            client = await connect(engine, THRIFT_HOST, 9090)
+            seen = await servers_of(client, 11, "sayHello")
+            assert seen == {"v1": 5, "v2": 5, "OverLimit": 1}, seen
+            assert (await servers_of(client, 12, "other")) == {"v1": 6, "v2": 6}
+            client.close()
         await v1.close()
         await v2.close()
 
@@ -1214,6 +1265,25 @@ REFUSED = [
         """,
         "spec.mtls.mode",
         "set spec.meshIdentity",
+    ),
+    (
+        "aeraki-mesh/website tutorials/circuit-breaking.md (aeraki.net): a short host name",
+        """\
+        apiVersion: networking.istio.io/v1beta1
+        kind: DestinationRule
+        metadata:
+          name: thrift-sample-server
+          namespace: meta-thrift
+        spec:
+          host: thrift-sample-server
+          trafficPolicy:
+            outlierDetection:
+              baseEjectionTime: 15m
+              consecutive5xxErrors: 5
+              interval: 5m
+        """,
+        "spec.host",
+        "as 'thrift-sample-server.meta-thrift.svc.cluster.local': write that",
     ),
     (
         "istio telemetry.proto: tracing for the mesh",

@@ -1189,6 +1189,15 @@ def _destination_rules(
                     f"not supported by this engine: wildcard host {host!r} (Istio applies the "
                     "rule to each service it matches); write one DestinationRule per host",
                 )
+            namespace = doc.body["metadata"].get("namespace")
+            if "." not in host and isinstance(namespace, str):
+                full = f"{host}.{namespace}.svc.cluster.local"
+                doc.fail(
+                    "spec.host",
+                    f"no ServiceEntry defines host {host!r}; Istio reads this short name in "
+                    f"namespace {namespace!r} as {full!r}: write that (this engine matches "
+                    "hosts as written)",
+                )
             doc.fail("spec.host", f"no ServiceEntry defines host {host!r}")
         if host in rules:
             doc.fail("spec.host", f"host {host!r} already has DestinationRule {rules[host].name!r}")
