@@ -566,6 +566,13 @@ def test_an_empty_exact_match_is_a_presence_match_as_in_envoy() -> None:
     assert match == AttributeMatch("method", "regex", "^$")
 
 
+def test_a_route_configuration_without_routes_stays_empty() -> None:
+    """Envoy answers no route to every request of an empty MetaRDS table; a file's
+    MetaRouter without routes (Aeraki's rate limit examples) takes the default route."""
+    router = translate(base(), with_routes()).routers["hello.svc"]
+    assert router.routes == () and not router.default_route
+
+
 # -- ProxyConfig spec.xds ----------------------------------------------------------------------
 
 

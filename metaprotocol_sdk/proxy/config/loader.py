@@ -1833,8 +1833,9 @@ def _routers(
             doc.source,
             _local_rate_limit(doc, spec),
             _global_rate_limit(doc, spec, services, rules),
+            default_route=not routes and not doc.from_control_plane,
         )
-        if not routes and router.local_rate_limit is None and router.global_rate_limit is None:
+        if router.default_route and not (router.local_rate_limit or router.global_rate_limit):
             doc.fail(
                 "spec.routes",
                 "a MetaRouter needs routes, localRateLimit or globalRateLimit (as Aeraki's "
