@@ -500,13 +500,14 @@ class Engine:
         if router is not None and router.global_rate_limit is not None:
             limiters.append(self._global_rate_limiter(build, router.global_rate_limit, listener))
         routes: list[CompiledRoute] = []
-        if router is None:
-            # No MetaRouter: everything goes to the service itself, as in Aeraki.
+        if router is None or router.default_route:
+            # No MetaRouter, or one with rate limits only: everything goes to the service
+            # itself, as in Aeraki (which reads a MetaRouter without routes so).
             dest = Destination(listener.host, None, listener.port, 100)
             default = Route("default", (), (dest,), {}, {})
             target = self._target(build, dest, listener, "default")
             routes.append(
-                self._compile_route(build, default, listener, [target], timeout, chain, [])
+                self._compile_route(build, default, listener, [target], timeout, chain, limiters)
             )
         else:
             for route in router.routes:

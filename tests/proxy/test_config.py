@@ -425,6 +425,31 @@ MISTAKES = [
         "must be true or false, got 'yes'",
         id="access-log-filter-not-bool",
     ),
+    pytest.param(
+        _edit("{method: {exact: sayHello}}", '{method: {regex: ""}}'),
+        "MetaRouter/greeter",
+        "spec.routes[0].match.attributes.method.regex",
+        "must not be empty",
+        id="empty-regex",
+    ),
+    pytest.param(
+        EXAMPLE[: EXAMPLE.index("  routes:\n")]
+        + EXAMPLE[EXAMPLE.index("---\napiVersion: proxy") :],
+        "MetaRouter/greeter",
+        "spec.routes",
+        "a MetaRouter needs routes, localRateLimit or globalRateLimit",
+        id="router-with-nothing",
+    ),
+    pytest.param(
+        _edit(
+            "{address: 127.0.0.1, ports: {tcp-metaprotocol-kv-greeter: 19001}",
+            "{address: 'http://10.0.0.1', ports: {tcp-metaprotocol-kv-greeter: 19001}",
+        ),
+        "ServiceEntry/greeter",
+        "spec.endpoints[0].address",
+        "must be an IP address or a host name, got 'http://10.0.0.1'",
+        id="endpoint-address-url",
+    ),
 ]
 
 
@@ -435,6 +460,26 @@ def test_config_mistakes(text: str, source: str, field: str | None, reason: str)
     assert error.field == field
     assert reason in error.reason, error.reason
     assert str(error).startswith(error.source)
+
+
+def test_a_route_after_one_matching_everything_is_unreachable_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Aeraki's validation warns of it too ("only the last rule can have no match")."""
+    first, second = "    - name: v2-for-sayHello\n", "    - name: split\n"
+    start, cut = EXAMPLE.index(first), EXAMPLE.index(second)
+    end = EXAMPLE.index("---", cut)
+    swapped = EXAMPLE[:start] + EXAMPLE[cut:end] + EXAMPLE[start:cut] + EXAMPLE[end:]
+    with caplog.at_level(logging.WARNING, "metaprotocol.config"):
+        loads_config(swapped, "mesh.yaml")
+    assert (
+        "spec.routes[0].match: route 'split' matches every request: the routes after it are "
+        "never reached" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "metaprotocol.config"):
+        loads_config(EXAMPLE, "mesh.yaml")
+    assert "never reached" not in caplog.text
 
 
 def test_a_route_to_a_host_without_service_entry_loads_with_a_warning(

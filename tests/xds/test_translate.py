@@ -551,6 +551,28 @@ def test_header_string_match() -> None:
     assert "string_match.ignore_case: not supported" in refusal(res)
 
 
+def test_an_empty_exact_match_is_a_presence_match_as_in_envoy() -> None:
+    """Aeraki sends a MetaRouter's ``exact: ""`` as the deprecated ``exact_match: ""``, which
+    Envoy's header matcher reads as "present"; ``string_match.exact: ""`` is the empty value."""
+    res = with_routes(MetaRoute("r", [(V1, 100)]))
+    route = res.routes[RDS_NAME].virtual_hosts[0].routes[0]
+    route.match.headers.append(rc.HeaderMatcher(name="method", exact_match=""))
+    (match,) = translate(base(), res).routers["hello.svc"].routes[0].match
+    assert match == AttributeMatch("method", "present")
+    del route.match.headers[:]
+    route.match.headers.append(rc.HeaderMatcher(name="method"))
+    route.match.headers[0].string_match.exact = ""
+    (match,) = translate(base(), res).routers["hello.svc"].routes[0].match
+    assert match == AttributeMatch("method", "regex", "^$")
+
+
+def test_a_route_configuration_without_routes_stays_empty() -> None:
+    """Envoy answers no route to every request of an empty MetaRDS table; a file's
+    MetaRouter without routes (Aeraki's rate limit examples) takes the default route."""
+    router = translate(base(), with_routes()).routers["hello.svc"]
+    assert router.routes == () and not router.default_route
+
+
 # -- ProxyConfig spec.xds ----------------------------------------------------------------------
 
 

@@ -113,6 +113,13 @@ KINDS = (
     "PeerAuthentication",
     "AuthorizationPolicy",
 )
+#: Istio kinds an operator may give the engine with the others, and what to write instead.
+_OTHER_KINDS = {
+    "VirtualService": "a MetaProtocol service's routes are a MetaRouter",
+    "Telemetry": "set metrics, access log and tracing in the ProxyConfig's spec.telemetry, "
+    "spec.accessLog and spec.tracing",
+    "WorkloadEntry": "list the workload's address in a ServiceEntry's spec.endpoints",
+}
 PORT_PREFIX = "tcp-metaprotocol-"
 #: ``ISTIO_VERSION`` in the node metadata sent to the control plane (istiod reads it to pick
 #: features; this is the Istio release whose xDS output the tests' snapshots follow).
@@ -371,7 +378,12 @@ def _docs(bodies: list[Any], file: str) -> list[_Doc]:
         if not doc.kind:
             doc.fail("kind", "required field is missing")
         if doc.kind not in KINDS:
-            doc.fail("kind", f"unknown kind {doc.kind!r}; expected one of {', '.join(KINDS)}")
+            hint = _OTHER_KINDS.get(doc.kind, "")
+            doc.fail(
+                "kind",
+                f"unknown kind {doc.kind!r}; expected one of {', '.join(KINDS)}"
+                + (f" ({doc.kind} is not read by this engine: {hint})" if hint else ""),
+            )
         if not doc.name:
             doc.fail("metadata.name", "required field is missing")
         doc.check(body, "", schema.DOCUMENT)
@@ -654,7 +666,7 @@ def _services(
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
             doc.check(raw, path, schema.ENDPOINT)
-            address = cast(str, doc.string(raw, "address", f"{path}.address"))
+            address = _endpoint_address(doc, raw, f"{path}.address")
             eports = {}
             for pname, pnum in doc.mapping(raw, "ports", f"{path}.ports", required=False).items():
                 if pname not in names:
@@ -687,6 +699,28 @@ def _services(
         for host in hosts:
             services[host] = service
     return services
+
+
+#: A host name an endpoint may have: DNS labels of letters, digits, ``-`` and ``_``.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?:\.(?!-)[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def _endpoint_address(doc: _Doc, raw: Mapping[str, Any], path: str) -> str:
+    """A ServiceEntry endpoint's ``address``: an IP address or a host name (resolved at each
+    connect). Anything else would fail every connection, so it is refused here."""
+    address = cast(str, doc.string(raw, "address", path))
+    if address.startswith("unix://"):
+        doc.fail(
+            path,
+            "not supported by this engine: a Unix domain socket endpoint (Istio's unix://); "
+            "give an IP address or a host name",
+        )
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        if len(address) > 253 or not _HOST_NAME.fullmatch(address):
+            doc.fail(path, f"must be an IP address or a host name, got {address!r}")
+    return address
 
 
 def _locality(doc: _Doc, raw: Mapping[str, Any], key: str, path: str) -> str:
@@ -1149,6 +1183,21 @@ def _destination_rules(
         doc.check(spec, "spec", schema.DESTINATION_RULE)
         host = cast(str, doc.string(spec, "host", "spec.host"))
         if host not in services:
+            if host.startswith("*"):
+                doc.fail(
+                    "spec.host",
+                    f"not supported by this engine: wildcard host {host!r} (Istio applies the "
+                    "rule to each service it matches); write one DestinationRule per host",
+                )
+            namespace = doc.body["metadata"].get("namespace")
+            if "." not in host and isinstance(namespace, str):
+                full = f"{host}.{namespace}.svc.cluster.local"
+                doc.fail(
+                    "spec.host",
+                    f"no ServiceEntry defines host {host!r}; Istio reads this short name in "
+                    f"namespace {namespace!r} as {full!r}: write that (this engine matches "
+                    "hosts as written)",
+                )
             doc.fail("spec.host", f"no ServiceEntry defines host {host!r}")
         if host in rules:
             doc.fail("spec.host", f"host {host!r} already has DestinationRule {rules[host].name!r}")
@@ -1328,7 +1377,14 @@ def _matches(doc: _Doc, route: dict[str, Any], path: str) -> tuple[AttributeMatc
         kind, value = next(iter(cond.items()))
         if not isinstance(value, str):
             doc.fail(f"{cpath}.{kind}", f"must be a string, got {value!r}")
+        if kind == "exact" and not value:
+            # Aeraki writes it as Envoy's exact_match, which reads an empty value as
+            # "present" (its gateway example routes every request so).
+            out.append(AttributeMatch(str(name), "present"))
+            continue
         if kind == "regex":
+            if not value:
+                doc.fail(f"{cpath}.regex", "must not be empty (Aeraki's validation refuses it)")
             try:
                 compile_regex(value)
             except ValueError as exc:
@@ -1716,7 +1772,9 @@ def _routers(
                 )
         routes = []
         seen: set[str] = set()
-        for r, raw in enumerate(doc.sequence(spec, "routes", "spec.routes")):
+        # Without routes (Aeraki's rate limit examples) the host's traffic takes the default
+        # route, to the host itself, as with no MetaRouter; the rate limits apply to it.
+        for r, raw in enumerate(doc.sequence(spec, "routes", "spec.routes", required=False)):
             path = f"spec.routes[{r}]"
             if not isinstance(raw, dict):
                 doc.fail(path, "must be a mapping")
@@ -1760,6 +1818,14 @@ def _routers(
                     retries=_retries(doc, raw, path),
                 )
             )
+        for r, route in enumerate(routes[:-1]):
+            if not route.match:
+                doc.caution(
+                    f"spec.routes[{r}].match",
+                    f"route {route.name!r} matches every request: the routes after it are "
+                    "never reached (only the last route may have no match)",
+                )
+                break
         router = MetaRouter(
             doc.name,
             tuple(hosts),
@@ -1767,7 +1833,14 @@ def _routers(
             doc.source,
             _local_rate_limit(doc, spec),
             _global_rate_limit(doc, spec, services, rules),
+            default_route=not routes and not doc.from_control_plane,
         )
+        if router.default_route and not (router.local_rate_limit or router.global_rate_limit):
+            doc.fail(
+                "spec.routes",
+                "a MetaRouter needs routes, localRateLimit or globalRateLimit (as Aeraki's "
+                "validation says); without them, leave the MetaRouter out",
+            )
         for host in hosts:
             _check_capabilities(doc, router, services[host], protocols)
             routers[host] = router

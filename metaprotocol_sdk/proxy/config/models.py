@@ -534,6 +534,10 @@ class MetaRouter:
     source: str = ""
     local_rate_limit: LocalRateLimit | None = None
     global_rate_limit: GlobalRateLimit | None = None
+    #: No routes, in a file: the hosts' traffic takes the default route (to each host
+    #: itself), as Aeraki reads a MetaRouter of rate limits only. An empty route table
+    #: from a control plane stays empty (every request RouteNotFound, as in Envoy).
+    default_route: bool = False
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,8 @@ def _header_match(res: str, m: Any, path: str) -> dict[str, str] | None:
     )
     which = m.WhichOneof("header_match_specifier")
     if which == "exact_match":
-        return {"exact": m.exact_match}
+        # Envoy reads an empty exact_match as "present"; string_match.exact "" is not.
+        return {"exact": m.exact_match} if m.exact_match else None
     if which == "prefix_match":
         return {"prefix": m.prefix_match}
     if which == "safe_regex_match":
@@ -334,6 +335,8 @@ def _header_match(res: str, m: Any, path: str) -> dict[str, str] | None:
         if kind == "safe_regex":
             _check(res, sm.safe_regex, f"{spath}.safe_regex", "RegexMatcher", {"regex"})
             return {"regex": sm.safe_regex.regex}
+        if kind == "exact" and not sm.exact:
+            return {"regex": "^$"}  # the empty value only (``exact: ""`` is "present")
         if kind in ("exact", "prefix"):
             return {kind: getattr(sm, kind)}
         raise XdsRefused(res, spath, "needs exact, prefix or safe_regex")
