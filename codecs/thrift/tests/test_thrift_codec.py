@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from metaprotocol_thrift import ThriftCodec, theader
 from metaprotocol_thrift.replies import APPLICATION_EXCEPTION_TYPES
-from metaprotocol_thrift.wire import write_varint
+from metaprotocol_thrift.wire import read_varint, write_varint
 from thriftpy2.protocol import TBinaryProtocol, TCompactProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
@@ -717,16 +717,92 @@ def test_theader_mutation_of_the_message_name_is_refused() -> None:
     assert mutated.attributes["service"] == "s"  # not multiplexed: an info header like others
 
 
-def _header_frame(protocol: str, seqid: int, sections: list[list[tuple[bytes, bytes]]]) -> bytes:
-    """A THeader call ``add`` whose header block holds these key-value sections."""
+def _header_frame(
+    protocol: str,
+    seqid: int,
+    sections: list[list[tuple[bytes, bytes]]],
+    info_ids: list[int] | None = None,
+    mtype: int = 1,
+) -> bytes:
+    """A THeader call ``add`` (or message of type ``mtype``) whose header block holds these
+    key-value sections (``info_ids``: each section's id, 1 by default; 2 is persistent)."""
     block = bytearray(b"\x02\x00" if protocol == "compact" else b"\x00\x00")
-    for pairs in sections:
-        block += write_varint(1) + write_varint(len(pairs))
+    for n, pairs in enumerate(sections):
+        block += write_varint(info_ids[n] if info_ids else 1) + write_varint(len(pairs))
         for key, value in pairs:
             block += write_varint(len(key)) + key + write_varint(len(value)) + value
     block += b"\x00" * (-len(block) % 4)
-    payload = tf.message(protocol, "add", 1, seqid, tf.add_call())
+    payload = tf.message(protocol, "add", mtype, seqid, tf.add_call())
     return theader.build_frame(0, seqid, bytes(block), payload)
+
+
+def _sections(frame: bytes) -> list[tuple[int, list[tuple[bytes, bytes]]]]:
+    """The info sections of a THeader frame's block, as (info id, pairs), as fbthrift reads
+    them (every key-value and persistent section, to the padding)."""
+    block = theader.read_block(frame, len(frame))
+    pos = theader.PREFIX_SIZE + 2  # protocol id and an empty transform list
+    out: list[tuple[int, list[tuple[bytes, bytes]]]] = []
+    while pos < block.payload_offset and frame[pos] in (1, 2):
+        info_id = frame[pos]
+        count, pos = read_varint(frame, pos + 1, block.payload_offset)
+        pairs = []
+        for _ in range(count):
+            size, pos = read_varint(frame, pos, block.payload_offset)
+            key = frame[pos : pos + size]
+            size, pos = read_varint(frame, pos + size, block.payload_offset)
+            pairs.append((key, frame[pos : pos + size]))
+            pos += size
+        out.append((info_id, pairs))
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_theader_persistent_headers_in_a_request_are_refused_with_the_seqid(
+    protocol: str, apache: Any
+) -> None:
+    """fbthrift's persistent info headers (info id 2) apply to every later message of the
+    server's connection: on the engine's connection shared by clients, to other clients'
+    requests, and never seen by routing or authorization there. Refused, consuming nothing,
+    with the seqid; Apache's THeaderTransport stops reading at them (it never sees the
+    headers after them)."""
+    from thrift.transport.THeaderTransport import THeaderClientType, THeaderTransport
+    from thrift.transport.TTransport import TMemoryBuffer as ApMemory
+
+    data = _header_frame(
+        protocol, 51, [[(b"x-user", b"admin")], [(b"trace", b"1")]], info_ids=[2, 1]
+    )
+    reader = THeaderTransport(ApMemory(data), [THeaderClientType.HEADERS])
+    reader.readFrame(0)
+    assert reader.get_headers() == {}
+    good = tf.sample("header", protocol, seqid=52, headers={b"user": b"alice"})
+    codec = ThriftCodec()
+    buffer = bytearray(data + good)
+    with pytest.raises(FramingError, match="1 persistent THeader info headers") as caught:
+        codec.decode(buffer)
+    error = caught.value
+    assert error.frame_size == len(data) and len(buffer) == len(data) + len(good)
+    assert error.metadata is not None and error.metadata.request_id == 51
+    del buffer[: error.frame_size]
+    assert decode_one(bytes(buffer))[0].attributes["user"] == "alice"
+
+
+def test_theader_headers_after_a_persistent_section_are_read_and_kept_once() -> None:
+    """A key-value section after a persistent one is read (fbthrift reads on; routing must
+    see what the server sees), and a mutation leaves exactly one key-value section with the
+    mutated value: before, that section was kept verbatim after the rewritten one, and a
+    server reading both took the original value back. A reply may carry persistent headers
+    (they are the server's): it decodes, and a mutation keeps them."""
+    data = _header_frame("binary", 6, [[], [(b"user", b"bob")]], info_ids=[2, 1])
+    message, codec = decode_one(data)
+    assert message.attributes["user"] == "bob"
+    mutated = join_encoded(codec.encode(message, {"user": "eve"}))
+    assert _sections(mutated) == [(1, [(b"user", b"eve")]), (2, [])]
+    assert decode_one(mutated)[0].attributes["user"] == "eve"
+    reply = _header_frame("binary", 7, [[(b"s", b"1")], [(b"k", b"v")]], info_ids=[2, 1], mtype=2)
+    answer, codec = decode_one(reply)
+    assert answer.attributes["k"] == "v" and "s" not in answer.attributes
+    rewritten = join_encoded(codec.encode(answer, {"k": "w"}))
+    assert _sections(rewritten) == [(1, [(b"k", b"w")]), (2, [(b"s", b"1")])]
 
 
 @pytest.mark.parametrize("protocol", ["binary", "compact"])

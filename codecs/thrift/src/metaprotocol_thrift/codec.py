@@ -42,6 +42,7 @@ from .wire import (
     CALL,
     EXCEPTION,
     I32,
+    ONEWAY,
     REPLY,
     THEADER_PROTOCOL_BINARY,
     THEADER_PROTOCOL_COMPACT,
@@ -529,6 +530,16 @@ class ThriftCodec(Codec):
                     f"{theader.key_clash(block)}: refused as ambiguous (routing and "
                     "authorization read one value for keys equal ignoring case, the server's "
                     "map may read another)",
+                    offset=theader.PREFIX_SIZE,
+                    metadata=self._metadata(b"", begin, HEADER, protocol, block, False),
+                )
+            if block.persistent and begin[0] in (CALL, ONEWAY):
+                raise FramingError(
+                    f"{block.persistent} persistent THeader info headers (fbthrift's info id "
+                    "2): refused, as a server applies them to every later message of its "
+                    "connection, which the proxy shares between clients and routes and "
+                    "authorizes message by message; send them as ordinary info headers with "
+                    "each request",
                     offset=theader.PREFIX_SIZE,
                     metadata=self._metadata(b"", begin, HEADER, protocol, block, False),
                 )

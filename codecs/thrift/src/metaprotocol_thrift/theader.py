@@ -17,6 +17,7 @@ from metaprotocol_sdk.header import compile_header
 
 from .wire import (
     THEADER_INFO_KEYVALUE,
+    THEADER_INFO_PKEYVALUE,
     THEADER_MAGIC,
     Buffer,
     Incomplete,
@@ -53,10 +54,12 @@ class THeaderBlock:
 
     ``protocol_id`` is the payload protocol (0 binary, 2 compact); ``transforms`` the encoded
     transform list (count and ids, verbatim); ``info`` the key-value info headers in wire order;
-    ``tail`` any info sections of unknown type, kept verbatim; ``payload_offset`` where the
-    payload starts in the frame; ``items`` the info headers as attribute items
-    (``{key.lower(): (key, value)}``, decoded as UTF-8); ``pairs`` how many the wire held
-    (more than ``items`` holds: keys collide, see :func:`key_clash`).
+    ``tail`` the persistent key-value sections (fbthrift's info id 2) and any info sections of
+    unknown type, kept verbatim; ``payload_offset`` where the payload starts in the frame;
+    ``items`` the info headers as attribute items (``{key.lower(): (key, value)}``, decoded as
+    UTF-8); ``pairs`` how many the wire held (more than ``items`` holds: keys collide, see
+    :func:`key_clash`); ``persistent`` how many persistent key-value pairs it held (never
+    attributes: a server applies them to the connection's later messages too).
 
     :func:`read_block` fills ``items`` and keeps the info section's raw bytes; ``info`` and
     ``tail`` are parsed from them only when asked for (a mutation needs them, routing does not).
@@ -70,6 +73,7 @@ class THeaderBlock:
         "items",
         "pairs",
         "payload_offset",
+        "persistent",
         "protocol_id",
         "seqid",
         "transforms",
@@ -87,6 +91,7 @@ class THeaderBlock:
         items: dict[str, tuple[str, str]] | None = None,
         raw: bytes = b"",
         pairs: int = -1,
+        persistent: int = 0,
     ) -> None:
         self.flags = flags
         self.seqid = seqid
@@ -103,6 +108,7 @@ class THeaderBlock:
                 items[text.lower()] = (text, value.decode("utf-8", "replace"))
         self.items = items
         self.pairs = len(items) if pairs < 0 else pairs
+        self.persistent = persistent
 
     @property
     def info(self) -> list[tuple[bytes, bytes]]:
@@ -113,7 +119,8 @@ class THeaderBlock:
 
     @property
     def tail(self) -> bytes:
-        """Info sections of unknown type, verbatim (padding removed)."""
+        """Persistent key-value sections and info sections of unknown type, verbatim (padding
+        removed)."""
         if self._info is None:
             self._info, self._tail = _parse_info(self._raw)
         return self._tail
@@ -125,23 +132,32 @@ class THeaderBlock:
 
 
 def _parse_info(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """Key-value pairs and unknown tail of an info section already validated by read_block."""
+    """The key-value pairs of an info section already validated by read_block, and the rest
+    to keep verbatim: its persistent key-value sections, then what follows a section of
+    unknown type."""
     info: list[tuple[bytes, bytes]] = []
+    kept = bytearray()
     pos = 0
     end = len(raw)
     while pos < end:
-        if raw[pos] == 0:
+        info_id = raw[pos]
+        if info_id == 0:
             break
-        if raw[pos] != THEADER_INFO_KEYVALUE:
-            return info, raw[pos:].rstrip(b"\0")
+        if info_id not in (THEADER_INFO_KEYVALUE, THEADER_INFO_PKEYVALUE):
+            kept += raw[pos:].rstrip(b"\0")
+            break
+        start = pos
         pairs, pos = read_varint(raw, pos + 1, end, 5)
         for _ in range(pairs):
             size, pos = read_varint(raw, pos, end, 5)
             key = raw[pos : pos + size]
             size, pos = read_varint(raw, pos + size, end, 5)
-            info.append((key, raw[pos : pos + size]))
+            if info_id == THEADER_INFO_KEYVALUE:
+                info.append((key, raw[pos : pos + size]))
             pos += size
-    return info, b""
+        if info_id == THEADER_INFO_PKEYVALUE:
+            kept += raw[start:pos]
+    return info, bytes(kept)
 
 
 def read_block(buf: Buffer, end: int) -> THeaderBlock:
@@ -187,10 +203,24 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
         info_start = pos
         items: dict[str, tuple[str, str]] = {}
         total = 0
+        persistent = 0
         while pos < block_end:
             info_id = buf[pos]
-            if info_id != THEADER_INFO_KEYVALUE:  # padding, or a section kept verbatim
-                break
+            if info_id != THEADER_INFO_KEYVALUE:
+                if info_id != THEADER_INFO_PKEYVALUE:  # padding, or a section kept verbatim
+                    break
+                # Persistent headers: fbthrift reads on past them (Apache stops), so the
+                # sections after them are read here too: a server must not see headers that
+                # routing did not.
+                pos += 1
+                pairs, pos = read_varint(buf, pos, block_end, 5)
+                persistent += pairs
+                for _ in range(2 * pairs):  # keys and values, skipped
+                    size, pos = read_varint(buf, pos, block_end, 5)
+                    pos += size
+                if pos > block_end:
+                    raise Incomplete(pos)
+                continue
             pos += 1
             pairs, pos = read_varint(buf, pos, block_end, 5)
             total += pairs
@@ -214,9 +244,9 @@ def read_block(buf: Buffer, end: int) -> THeaderBlock:
                 items[key.lower()] = (key, value)
     except Incomplete:
         raise FramingError("THeader header block is truncated", offset=pos) from None
-    raw = bytes(buf[info_start:block_end]) if items or pos < block_end else b""
+    raw = bytes(buf[info_start:block_end]) if items or persistent or pos < block_end else b""
     return THeaderBlock(
-        flags, seqid, protocol_id, transforms, None, b"", block_end, items, raw, total
+        flags, seqid, protocol_id, transforms, None, b"", block_end, items, raw, total, persistent
     )
 
 

@@ -29,6 +29,9 @@ THEADER_PROTOCOL_BINARY: Final = 0
 THEADER_PROTOCOL_COMPACT: Final = 2
 #: THeader info header id of a key-value section.
 THEADER_INFO_KEYVALUE: Final = 1
+#: fbthrift's persistent key-value info headers: they apply to every later message of the
+#: connection at the server (Apache's THeaderTransport stops reading at them).
+THEADER_INFO_PKEYVALUE: Final = 2
 
 #: ``TApplicationException`` type codes.
 TAPP_UNKNOWN: Final = 0
