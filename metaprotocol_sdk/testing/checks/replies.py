@@ -321,6 +321,16 @@ def heartbeat_reply(ctx: CheckContext) -> None:
     ctx.details.update(heartbeats=seen, replied=replied)
 
 
+#: What an engine does with a message of the wrong type, by what ``_expected_types`` checks.
+_ENGINE_READS = {
+    "oneway": ": an engine waits for its reply, which never comes",
+    "streaming": (
+        ": an engine routes it as that, not as a frame of its stream, whose connection never "
+        "sees it"
+    ),
+}
+
+
 def _expected_types(ctx: CheckContext, wanted: tuple[MessageType, ...], what: str) -> None:
     matched = 0
 
@@ -332,9 +342,15 @@ def _expected_types(ctx: CheckContext, wanted: tuple[MessageType, ...], what: st
         matched += 1
         decoded = reference(ctx, sample)
         if decoded.message_type is not MessageType[name]:
-            fail(f"expected a {name} message, the codec decoded {decoded.message_type.name}")
+            fail(
+                f"expected a {name} message, the codec decoded {decoded.message_type.name}"
+                f"{_ENGINE_READS.get(what, '')}"
+            )
         if what == "streaming" and decoded.stream_type is StreamType.Unary:
-            fail(f"a {name} message has stream_type Unary")
+            fail(
+                f"a {name} message has stream_type Unary (a stream frame's type is its "
+                "stream's: ClientStream, ServerStream or BidiStream)"
+            )
 
     for_each_sample(ctx, prop)
     if matched == 0:
@@ -355,6 +371,50 @@ def oneway_marked(ctx: CheckContext) -> None:
 def streaming_marked(ctx: CheckContext) -> None:
     """Messages expected to be stream frames decode as such, with a non-unary stream type."""
     _expected_types(ctx, _STREAM_TYPES, "streaming")
+
+
+@check("streaming_ids", "errors", requires="streaming")
+def streaming_ids(ctx: CheckContext) -> None:
+    """Stream frames carry a non-zero stream id, which golden vectors of stream frames state."""
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        decoded = reference(ctx, sample)
+        kind = decoded.message_type
+        if kind not in _STREAM_TYPES:
+            return
+        seen += 1
+        if decoded.stream_id == 0:
+            fail(
+                f"a {kind.name} frame decodes with stream_id 0: an engine finds a stream's "
+                "frames by their stream_id (never 0), so this one reaches no stream (set it on "
+                "every stream frame, from the field that carries it)"
+            )
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped(
+            "no golden vector or generated message decodes as a stream frame; stream ids are "
+            "unverified"
+        )
+    unstated = [
+        sample
+        for sample in ctx.target.samples
+        if "stream_id" not in sample.expect and reference(ctx, sample).message_type in _STREAM_TYPES
+    ]
+    if unstated:
+        names = ", ".join(repr(sample.name) for sample in unstated)
+        files = sorted({sample.file for sample in unstated} - {""})
+        origin = f" in {', '.join(files)}" if files else ""
+        fail(
+            f"{len(unstated)} golden vectors of stream frames{origin} do not state their "
+            f"stream_id ({names}): an engine sends each frame to the stream its stream_id "
+            "names, and only a stated id shows a codec that reads it from the wrong field or "
+            "leaves it at another frame's; add `stream_id: N` to each one's expect\n"
+            f"{hexdump(unstated[0].frame)}"
+        )
+    ctx.details.update(stream_frames=seen)
 
 
 def _peek(codec: Codec, data: bytes, what: str) -> ReplyHead | None:
