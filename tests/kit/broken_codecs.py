@@ -890,6 +890,45 @@ class StreamFramesRebuiltOnEncode(_Broken):
         return build_frame(message.codec_state, message.request_id, headers, bytes(message.body))
 
 
+_STREAM_FRAMES = (
+    MessageType.Stream_Init,
+    MessageType.Stream_Data,
+    MessageType.Stream_Close_One_Way,
+    MessageType.Stream_Close_Two_Way,
+)
+
+
+class ResetsStreams(KVCodec):
+    """Not broken: answers a stream frame's error with the stream's reset (a close of both
+    sides with the stream's id), the contract's other answer to a ``Stream_Init``."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        if metadata.message_type in _STREAM_FRAMES:
+            reason = {"error-type": error.type.name, "error-message": error.message}
+            return build_frame(kv.STREAM_CLOSE, metadata.stream_id, reason)
+        return super().on_error(metadata, error)
+
+
+class TooLargeResetOfNoStream(ResetsStreams, _Broken):
+    """Resets streams, but refuses an oversized frame without the stream id its header gave:
+    the reset it then builds for a too-large ``Stream_Init`` names stream 0, which the client
+    never opened, and its stream hangs."""
+
+    catches = "error_reply_after_decode_error"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except FrameTooLargeError as exc:
+            if exc.metadata is not None:
+                exc.metadata = Metadata(
+                    exc.metadata.message_type, request_id=exc.metadata.request_id
+                )
+            raise
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -943,6 +982,7 @@ BROKEN: list[type[_Broken]] = [
     # test_teeth shows each alone caught by its own check where they do not.
     ZeroStreamIdAfterInit,
     UnaryStreamType,
+    TooLargeResetOfNoStream,
     *ONLY_ONE,
 ]
 

@@ -11,7 +11,9 @@ from broken_codecs import (
     CachesMutationById,
     FrameViewOfScratch,
     PeekCopiesWholeBuffer,
+    ResetsStreams,
     StreamFramesRebuiltOnEncode,
+    TooLargeResetOfNoStream,
     UnaryStreamType,
     ValueLengthInCharacters,
     WholeFrameView,
@@ -86,7 +88,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 38
+    assert len(set(targeted)) == len(targeted) == 39
     assert set(targeted) <= set(check_names())
 
 
@@ -345,3 +347,19 @@ def test_stream_frames_rebuilt_on_encode_fail_identity_on_unusual_frames() -> No
     failed = [r for r in report.results if r.outcome.is_failure]
     assert [r.check for r in failed] == ["roundtrip_identity_unusual"], report.format_text()
     assert "encode(message) changed the message" in failed[0].reason
+
+
+def test_a_codec_answering_stream_errors_with_the_streams_reset_passes_every_check() -> None:
+    # The contract lets on_error end a stream with the protocol's reset of it instead of an
+    # error reply; the error-reply checks failed such a codec six times over before.
+    report = run_kit(CodecTarget.discover(ResetsStreams))
+    assert report.passed, report.format_text()
+
+
+def test_a_reset_of_stream_zero_for_a_too_large_stream_frame_is_named() -> None:
+    result = run_check(
+        CodecTarget.discover(TooLargeResetOfNoStream), "error_reply_after_decode_error"
+    )
+    assert result.outcome is Outcome.failed, result.reason
+    assert "resets stream 0, the frame was of stream 21" in result.reason
+    assert "set stream_id in the FrameTooLargeError's metadata" in result.reason

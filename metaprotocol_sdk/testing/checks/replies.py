@@ -48,6 +48,17 @@ def _needs_reply(metadata: Metadata) -> bool:
     return metadata.message_type in (MessageType.Request, MessageType.Stream_Init)
 
 
+def _resets_stream(message: Metadata, reply: Metadata) -> bool:
+    """True when ``reply`` is the protocol's reset of the stream ``message`` is a frame of:
+    a ``Stream_Close_Two_Way`` with its (non-zero) stream id, which the contract allows as
+    ``on_error``'s answer to a stream frame instead of a Response or Error."""
+    return (
+        message.message_type in _STREAM_TYPES
+        and reply.message_type is MessageType.Stream_Close_Two_Way
+        and reply.stream_id == message.stream_id != 0
+    )
+
+
 def _error_reply(
     ctx: CheckContext, sample: Sample, request: Metadata, kind: ErrorType, message: str = ""
 ) -> bytes:
@@ -71,6 +82,13 @@ def _shown(message: str) -> str:
     """``message`` as a failure names it: its first 60 characters, quoted, and its length."""
     cut = message if len(message) <= 60 else message[:60] + "..."
     return f"{cut!r} ({len(message)} characters)"
+
+
+def _or_reset(message: Metadata) -> str:
+    """What else a reply to a stream frame may be, for the failure messages."""
+    if message.message_type not in _STREAM_TYPES:
+        return ""
+    return f", or the stream's reset (a Stream_Close_Two_Way of stream {message.stream_id})"
 
 
 #: Messages an engine may pass to ``on_error``: its reasons quote upstream errors and codec
@@ -101,10 +119,12 @@ def _error_replies(
                 decoded = decode_whole(
                     ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
                 )
+                if _resets_stream(request, decoded):
+                    continue  # the stream's reset: its id, not a request id or a status
                 if decoded.message_type not in _REPLY_TYPES:
                     fail(
                         f"the {kind.name} error reply decodes as {decoded.message_type.name}, "
-                        f"expected Response or Error\nreply:\n{hexdump(reply)}"
+                        f"expected Response or Error{_or_reset(request)}\nreply:\n{hexdump(reply)}"
                     )
                 if check_id and decoded.request_id != request.request_id:
                     fail(
@@ -168,11 +188,21 @@ def _reply_to(ctx: CheckContext, sample: Sample, metadata: Metadata, what: str) 
     if not isinstance(reply, bytes | bytearray | memoryview) or not reply:
         fail(f"on_error for {what} returned {reply!r}: {EMPTY_REPLY}")
     decoded = decode_whole(ctx.target.new_codec(sample.options), bytes(reply), "the reply")
+    if _resets_stream(metadata, decoded):
+        return
+    if decoded.message_type is MessageType.Stream_Close_Two_Way and metadata.stream_id == 0:
+        fail(
+            f"on_error for {what} (request id {metadata.request_id}, no stream_id) decodes as "
+            f"a Stream_Close_Two_Way of stream {decoded.stream_id}: a reset names no stream "
+            "without the stream's id (set stream_id in a CodecError's metadata, or answer "
+            f"with a Response or Error with the request id)\nreply:\n{hexdump(bytes(reply))}"
+        )
     if decoded.message_type not in _REPLY_TYPES or decoded.request_id != metadata.request_id:
         fail(
             f"on_error for {what} (request id {metadata.request_id}) decodes as a "
             f"{decoded.message_type.name} with request id {decoded.request_id}, expected a "
-            f"Response or Error with the same id\nreply:\n{hexdump(bytes(reply))}"
+            f"Response or Error with the same id{_or_reset(metadata)}\n"
+            f"reply:\n{hexdump(bytes(reply))}"
         )
 
 
@@ -257,6 +287,15 @@ def error_reply_after_decode_error(ctx: CheckContext) -> None:
             decoded = decode_whole(
                 ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
             )
+            if decoded.message_type is MessageType.Stream_Close_Two_Way and _needs_reply(request):
+                if _resets_stream(request, decoded):
+                    continue
+                fail(
+                    f"the {kind.name} reply to a too-large {request.message_type.name} resets "
+                    f"stream {decoded.stream_id}, the frame was of stream {request.stream_id} "
+                    "(set stream_id in the FrameTooLargeError's metadata: it is all on_error "
+                    f"gets)\nreply:\n{hexdump(reply)}"
+                )
             if decoded.request_id != request.request_id:
                 fail(
                     f"the {kind.name} reply to a too-large request carries id "
