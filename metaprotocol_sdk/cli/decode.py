@@ -94,7 +94,10 @@ def command(
         messages, leftover = [], 0
     _print(messages, as_json)
     if error is not None:
-        fail(f"malformed input: {error}")
+        hint = ""
+        if not as_hex and not messages and _looks_like_hex(data):
+            hint = " (the input looks like hex text: pass --hex)"
+        fail(f"malformed input: {error}{hint}")
     if leftover:
         fail(
             f"incomplete message: {leftover} trailing bytes at offset {len(data) - leftover} "
@@ -104,17 +107,26 @@ def command(
         fail("no messages in input")
 
 
+def _looks_like_hex(data: bytes) -> bool:
+    """True when raw input is only hex digits and whitespace (a capture saved as hex text)."""
+    text = data[:4096].translate(None, b" \t\r\n")
+    return bool(text) and not text.translate(None, b"0123456789abcdefABCDEF")
+
+
 def _print(messages: list[tuple[int, Metadata]], as_json: bool) -> None:
     if as_json:
         for offset, md in messages:
             click.echo(json.dumps({"offset": offset, **md.to_dict()}, ensure_ascii=False))
         return
+    # A STREAM column (each frame's stream id, "-" for none) when any message has one.
+    streams = any(md.stream_id for _, md in messages)
     rows = [
         [
             n,
             offset,
             md.message_type.name,
             md.request_id,
+            *([md.stream_id or "-"] if streams else []),
             md.operation_name or "-",
             md.header_size,
             md.body_size,
@@ -123,6 +135,7 @@ def _print(messages: list[tuple[int, Metadata]], as_json: bool) -> None:
         for n, (offset, md) in enumerate(messages, 1)
     ]
     if rows:
-        headers = ["#", "OFFSET", "TYPE", "ID", "OPERATION", "HDR", "BODY", "ATTRIBUTES"]
+        headers = ["#", "OFFSET", "TYPE", "ID", *(["STREAM"] if streams else [])]
+        headers += ["OPERATION", "HDR", "BODY", "ATTRIBUTES"]
         click.echo(table(headers, rows))
     sys.stdout.flush()

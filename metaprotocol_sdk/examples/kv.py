@@ -160,18 +160,19 @@ class KVCodec(Codec):
         if kind not in _KIND_TO_TYPE:
             raise FramingError(f"unknown message kind {kind}", offset=3)
         size = HEADER_SIZE + headers_length + body_length
+        message_type = _KIND_TO_TYPE[kind]
+        stream_id = request_id if kind >= STREAM_OPEN else 0
         if size > self.max_frame_size:
-            partial = Metadata(_KIND_TO_TYPE[kind], request_id=request_id)
+            partial = Metadata(message_type, request_id=request_id, stream_id=stream_id)
             raise FrameTooLargeError(size, self.max_frame_size, offset=12, metadata=partial)
         if len(buffer) < size:
             return NeedData(size)
-        message_type = _KIND_TO_TYPE[kind]
         try:
             # Validate before consuming, so a bad frame can be dropped and the stream goes on.
             headers = _decode_headers(buffer, HEADER_SIZE, HEADER_SIZE + headers_length)
         except FramingError as exc:
             exc.frame_size = size
-            exc.metadata = Metadata(message_type, request_id=request_id)
+            exc.metadata = Metadata(message_type, request_id=request_id, stream_id=stream_id)
             raise
         frame = take_frame(buffer, size)
         status = ResponseStatus.Unknown
@@ -179,7 +180,6 @@ class KVCodec(Codec):
             status = ResponseStatus.Ok
         elif kind == ERROR:
             status = ResponseStatus.Error
-        streaming = kind >= STREAM_OPEN
         return Metadata(
             message_type,
             frame=frame,
@@ -190,8 +190,8 @@ class KVCodec(Codec):
             response_status=status,
             attributes=Attributes(headers),
             codec_state=kind,
-            stream_type=StreamType.BidiStream if streaming else StreamType.Unary,
-            stream_id=request_id if streaming else 0,
+            stream_type=StreamType.BidiStream if kind >= STREAM_OPEN else StreamType.Unary,
+            stream_id=stream_id,
         )
 
     def encode(

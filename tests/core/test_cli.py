@@ -12,7 +12,14 @@ from click.testing import CliRunner
 
 from metaprotocol_sdk.cli import main
 from metaprotocol_sdk.demo.procs import live_children
-from metaprotocol_sdk.examples.kv import ONEWAY, REQUEST, RESPONSE, build_frame
+from metaprotocol_sdk.examples.kv import (
+    ONEWAY,
+    REQUEST,
+    RESPONSE,
+    STREAM_DATA,
+    STREAM_OPEN,
+    build_frame,
+)
 
 KV = "metaprotocol_sdk.examples.kv:KVCodec"
 STREAM = (
@@ -55,6 +62,38 @@ def test_decode_raw_file_prints_a_table(tmp_path: Path) -> None:
     assert lines[0].split()[:4] == ["#", "OFFSET", "TYPE", "ID"]
     assert "sayHello" in lines[2] and "interface=demo.Greeter" in lines[2]
     assert len(lines) == 5
+
+
+def test_decode_table_shows_stream_ids_when_frames_have_them() -> None:
+    # Which stream a frame is of is what a streaming capture is read for; without a stream
+    # the table keeps its columns.
+    frames = (
+        build_frame(STREAM_OPEN, 7, {"method": "watch"})
+        + build_frame(REQUEST, 8, {"method": "get"})
+        + build_frame(STREAM_DATA, 7, {}, b"tick")
+    )
+    code, out, _ = run("decode", KV, "--hex", stdin=frames.hex())
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0][:5] == ["#", "OFFSET", "TYPE", "ID", "STREAM"]
+    assert [row[2:5] for row in rows[2:]] == [
+        ["Stream_Init", "7", "7"],
+        ["Request", "8", "-"],
+        ["Stream_Data", "7", "7"],
+    ]
+    code, out, _ = run("decode", KV, "--hex", stdin=STREAM.hex())
+    assert "STREAM" not in out.splitlines()[0]
+
+
+def test_hex_text_without_hex_flag_says_to_pass_it(tmp_path: Path) -> None:
+    capture = tmp_path / "capture.hex"
+    capture.write_text(STREAM.hex() + "\n", encoding="utf-8")
+    code, _, err = run("decode", KV, str(capture))
+    assert code == 1
+    assert "malformed input" in err and "looks like hex text: pass --hex" in err
+    capture.write_bytes(b"KV\x07" + bytes(13))  # raw bytes, a bad version: no hint
+    code, _, err = run("decode", KV, str(capture))
+    assert code == 1 and "--hex" not in err
 
 
 def test_truncated_last_message_is_reported_as_incomplete() -> None:

@@ -821,6 +821,114 @@ class KeyLengthInCharacters(_Broken):
         return [bytes(fixed), block, message.body]
 
 
+def _restamped(
+    message: Metadata | NeedData,
+    *,
+    message_type: MessageType | None = None,
+    stream_type: StreamType | None = None,
+    stream_id: int | None = None,
+) -> Metadata | NeedData:
+    """``message`` with the given fields changed (a stream frame's faults)."""
+    if isinstance(message, NeedData):
+        return message
+    return Metadata(
+        message.message_type if message_type is None else message_type,
+        frame=message.frame,
+        request_id=message.request_id,
+        operation_name=message.operation_name,
+        header_size=message.header_size,
+        body_size=message.body_size,
+        response_status=message.response_status,
+        attributes=message.attributes,
+        codec_state=message.codec_state,
+        stream_type=message.stream_type if stream_type is None else stream_type,
+        stream_id=message.stream_id if stream_id is None else stream_id,
+    )
+
+
+class ZeroStreamIdAfterInit(_Broken):
+    """Sets the stream id on a stream's opening frame only (the one it routes) and leaves it 0
+    on the frames after it: the engine finds none of them a stream, and answers each
+    ``BadRequest`` "no open stream 0"."""
+
+    catches = "streaming_ids"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata) and message.codec_state > kv.STREAM_OPEN:
+            return _restamped(message, stream_id=0)
+        return message
+
+
+class UnaryStreamType(_Broken):
+    """Marks stream frames with the right message types and ids but leaves ``stream_type``
+    at its default, ``Unary``."""
+
+    catches = "streaming_marked"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata) and message.stream_id:
+            return _restamped(message, stream_type=StreamType.Unary)
+        return message
+
+
+class StreamFramesRebuiltOnEncode(_Broken):
+    """Returns requests and replies as they came, but builds stream frames afresh from the
+    decoded fields (the route's mutation is empty for most streams): a stream frame with a
+    reserved bit set or a duplicate key reaches the server changed. The same fault as
+    ``RebuildsFrameOnEncode``, on the frames the engine passes through a stream."""
+
+    catches = "roundtrip_identity_unusual"
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation or request_id is not None or not message.stream_id:
+            return super().encode(message, mutation, request_id=request_id)
+        headers = kv._decode_headers(message.frame, HEADER_SIZE, message.header_size)
+        return build_frame(message.codec_state, message.request_id, headers, bytes(message.body))
+
+
+_STREAM_FRAMES = (
+    MessageType.Stream_Init,
+    MessageType.Stream_Data,
+    MessageType.Stream_Close_One_Way,
+    MessageType.Stream_Close_Two_Way,
+)
+
+
+class ResetsStreams(KVCodec):
+    """Not broken: answers a stream frame's error with the stream's reset (a close of both
+    sides with the stream's id), the contract's other answer to a ``Stream_Init``."""
+
+    conformance = "metaprotocol_sdk.examples.kv_conformance"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        if metadata.message_type in _STREAM_FRAMES:
+            reason = {"error-type": error.type.name, "error-message": error.message}
+            return build_frame(kv.STREAM_CLOSE, metadata.stream_id, reason)
+        return super().on_error(metadata, error)
+
+
+class TooLargeResetOfNoStream(ResetsStreams, _Broken):
+    """Resets streams, but refuses an oversized frame without the stream id its header gave:
+    the reset it then builds for a too-large ``Stream_Init`` names stream 0, which the client
+    never opened, and its stream hangs."""
+
+    catches = "error_reply_after_decode_error"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except FrameTooLargeError as exc:
+            if exc.metadata is not None:
+                exc.metadata = Metadata(
+                    exc.metadata.message_type, request_id=exc.metadata.request_id
+                )
+            raise
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -870,6 +978,11 @@ BROKEN: list[type[_Broken]] = [
     IndexErrorOnGarbage,
     BuffersOversizedLength,
     SharesStateBetweenInstances,
+    # Stream frames: golden vectors that state the stream id and type catch these too;
+    # test_teeth shows each alone caught by its own check where they do not.
+    ZeroStreamIdAfterInit,
+    UnaryStreamType,
+    TooLargeResetOfNoStream,
     *ONLY_ONE,
 ]
 

@@ -11,8 +11,13 @@ from broken_codecs import (
     CachesMutationById,
     FrameViewOfScratch,
     PeekCopiesWholeBuffer,
+    ResetsStreams,
+    StreamFramesRebuiltOnEncode,
+    TooLargeResetOfNoStream,
+    UnaryStreamType,
     ValueLengthInCharacters,
     WholeFrameView,
+    ZeroStreamIdAfterInit,
 )
 
 from metaprotocol_sdk import (
@@ -20,6 +25,7 @@ from metaprotocol_sdk import (
     CodecError,
     Encoded,
     FramingError,
+    MessageType,
     Metadata,
     Mutation,
     NeedData,
@@ -30,6 +36,7 @@ from metaprotocol_sdk.testing import (
     CodecTarget,
     KitSettings,
     Outcome,
+    Sample,
     check_names,
     run_check,
     run_kit,
@@ -81,7 +88,7 @@ def test_broken_codec_fails_its_named_check(codec: type[KVCodec]) -> None:
 
 def test_every_broken_codec_targets_a_distinct_real_check() -> None:
     targeted = [c.catches for c in BROKEN]  # type: ignore[attr-defined]
-    assert len(set(targeted)) == len(targeted) == 36
+    assert len(set(targeted)) == len(targeted) == 39
     assert set(targeted) <= set(check_names())
 
 
@@ -272,3 +279,87 @@ def test_mutation_any_key_finds_a_dropped_non_ascii_key() -> None:
     assert result.outcome is Outcome.failed, result.reason
     assert "it ignored the mutation" in result.reason
     assert "never dropped or mangled" in result.reason
+
+
+_STREAM_FRAMES = {t.name for t in MessageType if t.name.startswith("Stream_")}
+
+
+def _unstated(codec: type[KVCodec], keys: set[str], *, init_too: bool = True) -> CodecTarget:
+    """``codec`` driven by KV's vectors and messages with ``keys`` left out of what stream
+    frames expect (of all but ``Stream_Init`` unless ``init_too``): what an author's golden
+    vectors say when they name only message types."""
+    from metaprotocol_sdk.examples import kv_conformance
+
+    def strip(sample: Sample) -> Sample:
+        kind = sample.expect.get("message_type")
+        if kind not in _STREAM_FRAMES or (kind == "Stream_Init" and not init_too):
+            return sample
+        expect = {k: v for k, v in sample.expect.items() if k not in keys}
+        return Sample(sample.frame, expect, sample.options, sample.name, sample.source)
+
+    shipped = CodecTarget.discover(codec)
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    return CodecTarget.discover(
+        codec,
+        golden=[strip(s) for s in shipped.golden],
+        messages=kv_conformance.messages().map(strip),
+        settings=settings,
+    )
+
+
+@pytest.mark.parametrize(
+    ("codec", "keys", "reason"),
+    [
+        (ZeroStreamIdAfterInit, {"stream_id"}, "Stream_Data frame decodes with stream_id 0"),
+        (UnaryStreamType, {"stream_type"}, "has stream_type Unary"),
+    ],
+    ids=["ZeroStreamIdAfterInit", "UnaryStreamType"],
+)
+def test_stream_faults_fail_only_their_check_where_vectors_do_not_state_the_field(
+    codec: type[KVCodec], keys: set[str], reason: str
+) -> None:
+    # With KV's vectors, which state every stream frame's id and type, golden_vectors and
+    # framing_whole see these faults too; an author's vectors that state only the message
+    # type leave them to their own check. (Before streaming_ids, the zero id passed the kit.)
+    target = _unstated(codec, keys, init_too=codec is UnaryStreamType)
+    report = run_kit(target)
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == [codec.catches], report.format_text()  # type: ignore[attr-defined]
+    assert reason in failed[0].reason
+
+
+def test_golden_stream_frames_must_state_their_stream_id() -> None:
+    # The working codec, with vectors that do not say which stream each frame is of: a codec
+    # reading the id from the wrong field would pass them, so streaming_ids asks for the ids.
+    result = run_check(_unstated(KVCodec, {"stream_id"}), "streaming_ids")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "4 golden vectors of stream frames" in result.reason
+    assert "do not state their stream_id ('stream open'" in result.reason
+    assert "add `stream_id: N`" in result.reason
+
+
+def test_stream_frames_rebuilt_on_encode_fail_identity_on_unusual_frames() -> None:
+    # KV's unusual_messages include stream frames: an engine passes a stream's frames (and an
+    # unmutated Stream_Init) through encode-free or with an empty mutation, and a rebuilt one
+    # loses reserved bits and duplicate keys. Before, this codec passed every check.
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(StreamFramesRebuiltOnEncode, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["roundtrip_identity_unusual"], report.format_text()
+    assert "encode(message) changed the message" in failed[0].reason
+
+
+def test_a_codec_answering_stream_errors_with_the_streams_reset_passes_every_check() -> None:
+    # The contract lets on_error end a stream with the protocol's reset of it instead of an
+    # error reply; the error-reply checks failed such a codec six times over before.
+    report = run_kit(CodecTarget.discover(ResetsStreams))
+    assert report.passed, report.format_text()
+
+
+def test_a_reset_of_stream_zero_for_a_too_large_stream_frame_is_named() -> None:
+    result = run_check(
+        CodecTarget.discover(TooLargeResetOfNoStream), "error_reply_after_decode_error"
+    )
+    assert result.outcome is Outcome.failed, result.reason
+    assert "resets stream 0, the frame was of stream 21" in result.reason
+    assert "set stream_id in the FrameTooLargeError's metadata" in result.reason

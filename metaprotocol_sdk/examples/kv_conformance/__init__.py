@@ -19,6 +19,10 @@ from metaprotocol_sdk.examples.kv import (
     PONG,
     REQUEST,
     RESPONSE,
+    STREAM_CLOSE,
+    STREAM_DATA,
+    STREAM_HALF_CLOSE,
+    STREAM_OPEN,
     build_frame,
 )
 from metaprotocol_sdk.testing import Sample
@@ -30,6 +34,10 @@ _TYPES = {
     PING: "Heartbeat",
     PONG: "Heartbeat",
     ERROR: "Error",
+    STREAM_OPEN: "Stream_Init",
+    STREAM_DATA: "Stream_Data",
+    STREAM_HALF_CLOSE: "Stream_Close_One_Way",
+    STREAM_CLOSE: "Stream_Close_Two_Way",
 }
 
 # Keys differing only in case would collapse into one (attributes are case-insensitive).
@@ -43,10 +51,13 @@ def _message(draw: st.DrawFn) -> Sample:
     request_id = draw(st.integers(0, 2**32 - 1))
     headers = draw(st.dictionaries(_keys, _values, max_size=4))
     headers = {k: v for k, v in headers.items() if k.lower() == k}
-    if kind in (REQUEST, ONEWAY) and draw(st.booleans()):
+    if kind in (REQUEST, ONEWAY, STREAM_OPEN) and draw(st.booleans()):
         headers["method"] = draw(_keys)
     body = b"" if kind in (PING, PONG) else draw(st.binary(max_size=48))
     expect = {"message_type": _TYPES[kind], "request_id": request_id, "body_size": len(body)}
+    if kind >= STREAM_OPEN:  # a stream's frames carry its id (never 0) in the id field
+        request_id = max(request_id, 1)
+        expect.update(request_id=request_id, stream_id=request_id, stream_type="BidiStream")
     return Sample(build_frame(kind, request_id, headers, body), expect=expect)
 
 
@@ -67,8 +78,8 @@ def encode_pairs(pairs: list[tuple[str, str]]) -> bytes:
 @st.composite
 def _unusual(draw: st.DrawFn) -> Sample:
     """A legal frame a codec that rebuilt frames from their metadata would change."""
-    kind = draw(st.sampled_from([REQUEST, RESPONSE, ONEWAY, ERROR]))
-    request_id = draw(st.integers(0, 2**32 - 1))
+    kind = draw(st.sampled_from([REQUEST, RESPONSE, ONEWAY, ERROR, STREAM_OPEN, STREAM_DATA]))
+    request_id = draw(st.integers(1 if kind >= STREAM_OPEN else 0, 2**32 - 1))
     key = draw(_keys).lower()
     pairs = [(key, draw(_values)), (key, draw(_values))]  # a duplicate key: the last one wins
     pairs.append((key.upper() + "X", draw(_values)))  # upper case: attributes fold case

@@ -48,6 +48,17 @@ def _needs_reply(metadata: Metadata) -> bool:
     return metadata.message_type in (MessageType.Request, MessageType.Stream_Init)
 
 
+def _resets_stream(message: Metadata, reply: Metadata) -> bool:
+    """True when ``reply`` is the protocol's reset of the stream ``message`` is a frame of:
+    a ``Stream_Close_Two_Way`` with its (non-zero) stream id, which the contract allows as
+    ``on_error``'s answer to a stream frame instead of a Response or Error."""
+    return (
+        message.message_type in _STREAM_TYPES
+        and reply.message_type is MessageType.Stream_Close_Two_Way
+        and reply.stream_id == message.stream_id != 0
+    )
+
+
 def _error_reply(
     ctx: CheckContext, sample: Sample, request: Metadata, kind: ErrorType, message: str = ""
 ) -> bytes:
@@ -71,6 +82,13 @@ def _shown(message: str) -> str:
     """``message`` as a failure names it: its first 60 characters, quoted, and its length."""
     cut = message if len(message) <= 60 else message[:60] + "..."
     return f"{cut!r} ({len(message)} characters)"
+
+
+def _or_reset(message: Metadata) -> str:
+    """What else a reply to a stream frame may be, for the failure messages."""
+    if message.message_type not in _STREAM_TYPES:
+        return ""
+    return f", or the stream's reset (a Stream_Close_Two_Way of stream {message.stream_id})"
 
 
 #: Messages an engine may pass to ``on_error``: its reasons quote upstream errors and codec
@@ -101,10 +119,12 @@ def _error_replies(
                 decoded = decode_whole(
                     ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
                 )
+                if _resets_stream(request, decoded):
+                    continue  # the stream's reset: its id, not a request id or a status
                 if decoded.message_type not in _REPLY_TYPES:
                     fail(
                         f"the {kind.name} error reply decodes as {decoded.message_type.name}, "
-                        f"expected Response or Error\nreply:\n{hexdump(reply)}"
+                        f"expected Response or Error{_or_reset(request)}\nreply:\n{hexdump(reply)}"
                     )
                 if check_id and decoded.request_id != request.request_id:
                     fail(
@@ -168,11 +188,21 @@ def _reply_to(ctx: CheckContext, sample: Sample, metadata: Metadata, what: str) 
     if not isinstance(reply, bytes | bytearray | memoryview) or not reply:
         fail(f"on_error for {what} returned {reply!r}: {EMPTY_REPLY}")
     decoded = decode_whole(ctx.target.new_codec(sample.options), bytes(reply), "the reply")
+    if _resets_stream(metadata, decoded):
+        return
+    if decoded.message_type is MessageType.Stream_Close_Two_Way and metadata.stream_id == 0:
+        fail(
+            f"on_error for {what} (request id {metadata.request_id}, no stream_id) decodes as "
+            f"a Stream_Close_Two_Way of stream {decoded.stream_id}: a reset names no stream "
+            "without the stream's id (set stream_id in a CodecError's metadata, or answer "
+            f"with a Response or Error with the request id)\nreply:\n{hexdump(bytes(reply))}"
+        )
     if decoded.message_type not in _REPLY_TYPES or decoded.request_id != metadata.request_id:
         fail(
             f"on_error for {what} (request id {metadata.request_id}) decodes as a "
             f"{decoded.message_type.name} with request id {decoded.request_id}, expected a "
-            f"Response or Error with the same id\nreply:\n{hexdump(bytes(reply))}"
+            f"Response or Error with the same id{_or_reset(metadata)}\n"
+            f"reply:\n{hexdump(bytes(reply))}"
         )
 
 
@@ -257,6 +287,15 @@ def error_reply_after_decode_error(ctx: CheckContext) -> None:
             decoded = decode_whole(
                 ctx.target.new_codec(sample.options), reply, f"the {kind.name} error reply"
             )
+            if decoded.message_type is MessageType.Stream_Close_Two_Way and _needs_reply(request):
+                if _resets_stream(request, decoded):
+                    continue
+                fail(
+                    f"the {kind.name} reply to a too-large {request.message_type.name} resets "
+                    f"stream {decoded.stream_id}, the frame was of stream {request.stream_id} "
+                    "(set stream_id in the FrameTooLargeError's metadata: it is all on_error "
+                    f"gets)\nreply:\n{hexdump(reply)}"
+                )
             if decoded.request_id != request.request_id:
                 fail(
                     f"the {kind.name} reply to a too-large request carries id "
@@ -321,6 +360,16 @@ def heartbeat_reply(ctx: CheckContext) -> None:
     ctx.details.update(heartbeats=seen, replied=replied)
 
 
+#: What an engine does with a message of the wrong type, by what ``_expected_types`` checks.
+_ENGINE_READS = {
+    "oneway": ": an engine waits for its reply, which never comes",
+    "streaming": (
+        ": an engine routes it as that, not as a frame of its stream, whose connection never "
+        "sees it"
+    ),
+}
+
+
 def _expected_types(ctx: CheckContext, wanted: tuple[MessageType, ...], what: str) -> None:
     matched = 0
 
@@ -332,9 +381,15 @@ def _expected_types(ctx: CheckContext, wanted: tuple[MessageType, ...], what: st
         matched += 1
         decoded = reference(ctx, sample)
         if decoded.message_type is not MessageType[name]:
-            fail(f"expected a {name} message, the codec decoded {decoded.message_type.name}")
+            fail(
+                f"expected a {name} message, the codec decoded {decoded.message_type.name}"
+                f"{_ENGINE_READS.get(what, '')}"
+            )
         if what == "streaming" and decoded.stream_type is StreamType.Unary:
-            fail(f"a {name} message has stream_type Unary")
+            fail(
+                f"a {name} message has stream_type Unary (a stream frame's type is its "
+                "stream's: ClientStream, ServerStream or BidiStream)"
+            )
 
     for_each_sample(ctx, prop)
     if matched == 0:
@@ -355,6 +410,50 @@ def oneway_marked(ctx: CheckContext) -> None:
 def streaming_marked(ctx: CheckContext) -> None:
     """Messages expected to be stream frames decode as such, with a non-unary stream type."""
     _expected_types(ctx, _STREAM_TYPES, "streaming")
+
+
+@check("streaming_ids", "errors", requires="streaming")
+def streaming_ids(ctx: CheckContext) -> None:
+    """Stream frames carry a non-zero stream id, which golden vectors of stream frames state."""
+    seen = 0
+
+    def prop(sample: Sample) -> None:
+        nonlocal seen
+        decoded = reference(ctx, sample)
+        kind = decoded.message_type
+        if kind not in _STREAM_TYPES:
+            return
+        seen += 1
+        if decoded.stream_id == 0:
+            fail(
+                f"a {kind.name} frame decodes with stream_id 0: an engine finds a stream's "
+                "frames by their stream_id (never 0), so this one reaches no stream (set it on "
+                "every stream frame, from the field that carries it)"
+            )
+
+    for_each_sample(ctx, prop)
+    if seen == 0:
+        raise CheckSkipped(
+            "no golden vector or generated message decodes as a stream frame; stream ids are "
+            "unverified"
+        )
+    unstated = [
+        sample
+        for sample in ctx.target.samples
+        if "stream_id" not in sample.expect and reference(ctx, sample).message_type in _STREAM_TYPES
+    ]
+    if unstated:
+        names = ", ".join(repr(sample.name) for sample in unstated)
+        files = sorted({sample.file for sample in unstated} - {""})
+        origin = f" in {', '.join(files)}" if files else ""
+        fail(
+            f"{len(unstated)} golden vectors of stream frames{origin} do not state their "
+            f"stream_id ({names}): an engine sends each frame to the stream its stream_id "
+            "names, and only a stated id shows a codec that reads it from the wrong field or "
+            "leaves it at another frame's; add `stream_id: N` to each one's expect\n"
+            f"{hexdump(unstated[0].frame)}"
+        )
+    ctx.details.update(stream_frames=seen)
 
 
 def _peek(codec: Codec, data: bytes, what: str) -> ReplyHead | None:
