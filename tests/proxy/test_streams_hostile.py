@@ -1,0 +1,135 @@
+"""Streams under attack: hostile clients and upstreams, and streams with the engine's other
+features (filters that hold, limits, reloads, timeouts), over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import types
+from collections.abc import Awaitable
+
+from proxy_kit import WAIT, address, engine_for, error_type, mesh, run, until
+from test_streams import (
+    StreamClient,
+    StreamServer,
+    active,
+    kinds,
+    streams,
+)
+
+from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN
+from metaprotocol_sdk.filters import Filter, RequestContext
+
+
+class HoldingFilter(Filter):
+    """Holds every ``Stream_Init`` until ``gate`` is set."""
+
+    name = "holding"
+    gate: asyncio.Event | None = None
+    holding: asyncio.Event | None = None
+
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
+        assert HoldingFilter.gate is not None and HoldingFilter.holding is not None
+        HoldingFilter.holding.set()
+        return HoldingFilter.gate.wait()
+
+
+_mod = types.ModuleType("stream_hostile_filters")
+_mod.HoldingFilter = HoldingFilter  # type: ignore[attr-defined]
+sys.modules["stream_hostile_filters"] = _mod
+
+
+def with_filter(text: str, name: str) -> str:
+    return text.replace(
+        "bind: '127.0.0.1:0'}]", f"bind: '127.0.0.1:0', filters: [{{name: '{name}'}}]}}]", 1
+    )
+
+
+DELAYED = """\
+- name: delayed
+  match: {attributes: {method: {prefix: chat}}}
+  route: [{destination: {host: svc.test, subset: v1}}]
+  fault: {delay: {fixedDelay: 300ms}}
+- name: refused
+  match: {attributes: {method: {exact: refused}}}
+  route: [{destination: {host: svc.test, subset: v1}}]
+  fault: {delay: {fixedDelay: 300ms}, abort: {errorType: OverLimit}}
+"""
+
+
+def test_frames_sent_behind_a_held_stream_init_wait_for_it() -> None:
+    """A client sends its first frames right behind the ``Stream_Init``, as it may while the
+    upstream connection is made; here a fault delay holds the ``Stream_Init`` first. Those
+    frames wait for it and reach the stream in order (they got ``BadRequest``, "no open
+    stream", and the stream then opened without them). When the held ``Stream_Init`` is
+    refused after all (the fault's abort), they get ``BadRequest`` with the stream's id."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        async with engine_for(mesh([(up.port, "v1")], router=DELAYED)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            c.frame(STREAM_DATA, 1, {}, b"early")
+            c.frame(STREAM_DATA, 1, {}, b"second")
+            c.frame(STREAM_HALF_CLOSE, 1)
+            c.frame(STREAM_OPEN, 2, {"method": "refused"})
+            c.frame(STREAM_DATA, 2, {}, b"never")
+            one = await c.until(1, 4)
+            assert kinds(one) == [
+                "Stream_Init",
+                "Stream_Data",
+                "Stream_Data",
+                "Stream_Close_One_Way",
+            ], [f.attributes.to_dict() for f in one]
+            assert [bytes(f.body) for f in one[1:3]] == [b"EARLY", b"SECOND"]
+            two = await c.until(2, 2)
+            assert sorted(error_type(f) or "" for f in two) == ["BadRequest", "OverLimit"]
+            await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
+            assert active(engine) == 0 and engine.pending == 0
+            (conn,) = up.connections
+            assert kinds(conn.frames) == [
+                "Stream_Init",
+                "Stream_Data",
+                "Stream_Data",
+                "Stream_Close_One_Way",
+            ]
+            await until(lambda: engine.buffered == 0, "nothing held")
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_frames_behind_a_held_stream_init_are_bounded() -> None:
+    """Frames for a held ``Stream_Init`` wait in the engine up to ``connectionBufferBytes``;
+    past that the client is not read until the stream opens (then every frame arrives)."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        HoldingFilter.gate, HoldingFilter.holding = asyncio.Event(), asyncio.Event()
+        proxy = "limits: {connectionBufferBytes: 262144}\n"
+        config = with_filter(
+            mesh([(up.port, "v1")], proxy=proxy), "stream_hostile_filters:HoldingFilter"
+        )
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            await asyncio.wait_for(HoldingFilter.holding.wait(), WAIT)
+            count = 256  # 16 MiB: more than the kernels' buffers take
+            for i in range(count):
+                c.frame(STREAM_DATA, 1, {"n": str(i)}, bytes(65536))
+            dx = next(iter(engine.downstreams))
+            await until(lambda: dx.reading_paused, "the client no longer read")
+            assert engine.buffered < 4 * 262144, engine.buffered
+            HoldingFilter.gate.set()
+            c.frame(STREAM_HALF_CLOSE, 1)
+            frames = await c.until(1, count + 2)
+            assert [bytes(f.body) for f in frames[1:-1]] == [bytes(65536)] * count
+            assert kinds(frames)[-1] == "Stream_Close_One_Way"
+            await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
+            (conn,) = up.connections
+            assert len(conn.frames) == count + 2
+            c.close()
+        await up.close()
+
+    run(main())
