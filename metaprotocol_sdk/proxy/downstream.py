@@ -24,6 +24,7 @@ from .streams import (
     STREAM_FRAMES,
     Held,
     client_frame,
+    client_half_closed,
     client_left,
     hold_init,
     init_refused,
@@ -429,6 +430,8 @@ class Downstream(asyncio.Protocol):
         self.draining = True
         if not self.inflight:
             self.close()
+        elif self.streams:
+            client_half_closed(self)  # they get timeouts.drain
         return True
 
     def pause_writing(self) -> None:

@@ -435,6 +435,22 @@ def sweep(downstream: Downstream, now: float) -> None:
             stream.reset(ErrorType.Timeout, f"stream {stream.stream_id}: no frame in {idle:g}s")
 
 
+def client_half_closed(downstream: Downstream) -> None:
+    """The client half-closed (or closed: a FIN does not tell) with streams open: they get
+    ``timeouts.drain`` to finish, as in a shutdown, then each still open is reset."""
+    drain = downstream.engine.config.proxy.timeouts.drain
+    downstream.engine.loop.call_later(drain, _drain_over, downstream, drain)
+
+
+def _drain_over(downstream: Downstream, drain: float) -> None:
+    streams = downstream.streams
+    if downstream.closed or not streams:
+        return
+    for stream in list(streams.values()):
+        why = f"stream {stream.stream_id}: not ended within {drain:g}s of the client's close"
+        stream.reset(ErrorType.Timeout, why)
+
+
 def client_left(downstream: Downstream) -> None:
     """The client's connection is gone: its streams end, their connections are aborted."""
     streams = downstream.streams

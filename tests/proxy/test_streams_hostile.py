@@ -133,3 +133,35 @@ def test_frames_behind_a_held_stream_init_are_bounded() -> None:
         await up.close()
 
     run(main())
+
+
+def test_a_client_that_half_closes_gets_its_streams_ended_within_the_drain() -> None:
+    """A client half-closes (or closes: the engine cannot tell) with streams open that the
+    upstream does not end: they get ``timeouts.drain`` to finish, as for a shutdown, then
+    each is reset (``Timeout``, to a client that may still read) and its upstream connection
+    closed. They stayed open until ``timeouts.streamIdle`` (5 min), each with its upstream
+    connection; a stream the upstream ends meanwhile ends as usual."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            for sid in (1, 2):
+                c.frame(STREAM_OPEN, sid, {"method": "chat"})
+            c.frame(STREAM_OPEN, 3, {"method": "ticks", "count": "2"})
+            c.frame(STREAM_HALF_CLOSE, 3)
+            for sid in (1, 2):
+                await c.until(sid, 1)
+            assert c.transport is not None
+            c.transport.write_eof()
+            assert kinds(await c.until(3, 3)) == ["Stream_Data"] * 2 + ["Stream_Close_One_Way"]
+            for sid in (1, 2):
+                assert error_type((await c.until(sid, 2))[1]) == "Timeout"
+            await asyncio.wait_for(c.closed, WAIT)
+            await until(lambda: not engine.upstreams, "the streams' connections closed")
+            assert streams(engine, "closed") == 1 and streams(engine, "Timeout") == 2
+            assert active(engine) == 0 and engine.buffered == 0
+        await up.close()
+
+    run(main())
