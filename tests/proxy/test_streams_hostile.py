@@ -12,11 +12,13 @@ from proxy_kit import WAIT, address, engine_for, error_type, mesh, run, until
 from test_streams import (
     StreamClient,
     StreamServer,
+    StreamServerConnection,
     active,
     kinds,
     streams,
 )
 
+from metaprotocol_sdk import MessageType, Metadata
 from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN
 from metaprotocol_sdk.filters import Filter, RequestContext
 
@@ -162,6 +164,51 @@ def test_a_client_that_half_closes_gets_its_streams_ended_within_the_drain() -> 
             await until(lambda: not engine.upstreams, "the streams' connections closed")
             assert streams(engine, "closed") == 1 and streams(engine, "Timeout") == 2
             assert active(engine) == 0 and engine.buffered == 0
+        await up.close()
+
+    run(main())
+
+
+class FinServer(StreamServer):
+    """``fin``: a data frame, then the server's ``Stream_Close_One_Way`` and a TCP
+    half-close (its side of the stream and of the connection are done; it still reads)."""
+
+    def on_frame(self, conn: StreamServerConnection, msg: Metadata) -> None:
+        if msg.message_type is MessageType.Stream_Init and msg.operation_name == "fin":
+            assert conn.transport is not None
+            conn.write(STREAM_DATA, msg.stream_id, {}, b"last")
+            conn.write(STREAM_HALF_CLOSE, msg.stream_id)
+            conn.transport.write_eof()
+        elif msg.message_type is not MessageType.Stream_Data:  # it no longer writes
+            super().on_frame(conn, msg)
+
+
+def test_an_upstream_that_half_closes_after_its_side_of_the_stream_lets_the_client_finish() -> None:
+    """The upstream closes its side of the stream, then half-closes TCP: the client may still
+    send (its frames reach the upstream) and close its side, and the stream ends ``closed``.
+    (The FIN reset the stream: the client got ``UpstreamReset`` after a clean close, its later
+    frames ``BadRequest``, and outlier detection counted a gateway error.)"""
+
+    async def main() -> None:
+        up = await FinServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "fin"})
+            assert kinds(await c.until(1, 2)) == ["Stream_Data", "Stream_Close_One_Way"]
+            (conn,) = up.connections
+            c.frame(STREAM_DATA, 1, {}, b"after the upstream's close")
+            c.frame(STREAM_HALF_CLOSE, 1)
+            await until(lambda: len(conn.frames) == 3, "the client's frames reached it")
+            assert kinds(conn.frames)[1:] == ["Stream_Data", "Stream_Close_One_Way"]
+            await until(lambda: streams(engine, "closed") == 1, "the stream closed")
+            await asyncio.wait_for(conn.lost, WAIT)
+            assert kinds(c.frames[1]) == ["Stream_Data", "Stream_Close_One_Way"]
+            assert streams(engine, "UpstreamReset") == 0
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.frame(STREAM_OPEN, 2, {"method": "chat"})  # the endpoint was not ejected
+            assert kinds(await c.until(2, 1)) == ["Stream_Init"]
+            c.close()
         await up.close()
 
     run(main())
