@@ -1067,8 +1067,13 @@ class UpstreamConnection(asyncio.Protocol):
     def check_partial(self, now: float) -> bool:
         """Close the connection when the partial reply at the front is older than
         ``timeouts.frame`` (engine sweep): the replies behind it could never arrive.
-        ``True``: closed."""
+        ``True``: closed. While the engine does not read it (a stream whose client does not
+        read), the rest cannot arrive: the clock starts afresh at each sweep."""
         timeout = self.engine.frame_timeout
+        transport = self.transport
+        if transport is not None and not transport.is_reading():
+            self.partial_since = now
+            return False
         if self.partial_since and not self.closed and now - self.partial_since > timeout:
             self.give_up(
                 "frame_timeout",

@@ -212,3 +212,43 @@ def test_an_upstream_that_half_closes_after_its_side_of_the_stream_lets_the_clie
         await up.close()
 
     run(main())
+
+
+def test_a_client_that_stops_reading_does_not_fail_its_streams_upstream() -> None:
+    """The client stops reading while the upstream sends large frames: the engine stops
+    reading the stream's connection, often with part of a frame in its buffer. That frame
+    stays partial because of the client, not the upstream: ``timeouts.frame`` must not reset
+    the stream nor count a gateway error against the endpoint. (It did: after 1 s the client
+    got ``UpstreamReset``, "sent part of a reply and not the rest", and the endpoint was
+    ejected.) When the client reads again, every frame arrives."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = (
+            "timeouts: {frame: 1s}\n"
+            "limits: {connectionBufferBytes: 262144, connectionBufferMaxBytes: 16777216}\n"
+        )
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        config = mesh([(up.port, "v1")], proxy=proxy, traffic_policy=policy)
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            assert c.transport is not None
+            c.transport.pause_reading()
+            count, size = 64, 1000003  # frames of ~1 MiB: a read ends inside one
+            c.frame(STREAM_OPEN, 1, {"method": "flood", "count": str(count), "size": str(size)})
+            await up.wait(lambda: any(conn.paused for conn in up.connections), "a pause")
+            (upstream,) = engine.upstreams
+            await until(lambda: upstream.partial_since, "part of a frame held")
+            deadline = asyncio.get_running_loop().time() + 2.5  # past timeouts.frame
+            await until(lambda: asyncio.get_running_loop().time() > deadline, "2.5 s")
+            c.transport.resume_reading()
+            frames = await c.until(1, count + 1)
+            assert [int(f.attributes.get("n") or -1) for f in frames[:count]] == list(range(count))
+            assert streams(engine, "UpstreamReset") == 0
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.frame(STREAM_HALF_CLOSE, 1)
+            await until(lambda: streams(engine, "closed") == 1, "the stream closed")
+            c.close()
+        await up.close()
+
+    run(main(), timeout=30)
