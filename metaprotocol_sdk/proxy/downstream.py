@@ -430,8 +430,8 @@ class Downstream(asyncio.Protocol):
         self.draining = True
         if not self.inflight:
             self.close()
-        elif self.streams:
-            client_half_closed(self)  # they get timeouts.drain
+        elif self.streams or (self.held_inits is not None and self.held_inits.by_id):
+            client_half_closed(self)  # they (and those held) get timeouts.drain
         return True
 
     def pause_writing(self) -> None:

@@ -252,3 +252,25 @@ def test_a_client_that_stops_reading_does_not_fail_its_streams_upstream() -> Non
         await up.close()
 
     run(main(), timeout=30)
+
+
+def test_a_stream_held_when_the_client_half_closes_gets_the_drain_too() -> None:
+    """The client half-closes while a fault delay holds its ``Stream_Init``: the stream opens
+    after the half-close and is bounded by the same ``timeouts.drain``."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(up.port, "v1")], router=DELAYED, proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            assert c.transport is not None
+            c.transport.write_eof()
+            frames = await c.until(1, 2)
+            assert kinds(frames)[0] == "Stream_Init" and error_type(frames[1]) == "Timeout"
+            await asyncio.wait_for(c.closed, WAIT)
+            await until(lambda: not engine.upstreams, "the stream's connection closed")
+            assert streams(engine, "Timeout") == 1 and active(engine) == 0
+        await up.close()
+
+    run(main())
