@@ -21,6 +21,7 @@ from test_streams import (
 from metaprotocol_sdk import MessageType, Metadata
 from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN
 from metaprotocol_sdk.filters import Filter, RequestContext
+from metaprotocol_sdk.proxy import loads_config
 
 
 class HoldingFilter(Filter):
@@ -272,5 +273,34 @@ def test_a_stream_held_when_the_client_half_closes_gets_the_drain_too() -> None:
             await until(lambda: not engine.upstreams, "the stream's connection closed")
             assert streams(engine, "Timeout") == 1 and active(engine) == 0
         await up.close()
+
+    run(main())
+
+
+def test_a_reload_that_keeps_the_streams_endpoint_keeps_the_stream() -> None:
+    """A reload changes the stream's cluster (here an endpoint added, as each EDS update
+    does) but keeps the stream's endpoint: the stream goes on past the reload's
+    ``timeouts.drain``. (It was reset, ``UpstreamReset`` "a reload changed or removed its
+    cluster", 1 s after any change of its cluster.) A later reload that removes the endpoint
+    resets it at that reload's deadline, as before."""
+
+    async def main() -> None:
+        a, b = await StreamServer("a").start(), await StreamServer("b").start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(a.port, "v1")], proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            await c.until(1, 1)
+            await engine.apply(loads_config(mesh([(a.port, "v1"), (b.port, "v1")], proxy=proxy)))
+            assert engine._drain_timers
+            await until(lambda: not engine._drain_timers, "the reload's drain deadline")
+            c.frame(STREAM_DATA, 1, {}, b"still there")
+            assert bytes((await c.until(1, 2))[1].body) == b"STILL THERE"
+            await engine.apply(loads_config(mesh([(b.port, "v1")], proxy=proxy)))
+            assert error_type((await c.until(1, 3))[2]) == "UpstreamReset"
+            assert streams(engine, "UpstreamReset") == 1 and active(engine) == 0
+            c.close()
+        await a.close()
+        await b.close()
 
     run(main())
