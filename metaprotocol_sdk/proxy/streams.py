@@ -395,7 +395,7 @@ def open_stream(
         why = f"no endpoint in {target.name}"
         downstream.local_reply(message, ErrorType.NoHealthyUpstream, why, route, target)
         return
-    if not cluster.may_open():
+    if not (cluster.may_open() or cluster.may_reclaim()):  # as a request's own connection
         downstream.local_reply(message, ErrorType.OverLimit, cluster.refused(), route, target)
         return
     conn = host.connection_class(cluster, host, downstream)

@@ -8,7 +8,7 @@ import sys
 import types
 from collections.abc import Awaitable
 
-from proxy_kit import WAIT, address, engine_for, error_type, mesh, run, until
+from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, mesh, run, until
 from test_streams import (
     StreamClient,
     StreamServer,
@@ -18,8 +18,8 @@ from test_streams import (
     streams,
 )
 
-from metaprotocol_sdk import MessageType, Metadata
-from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN
+from metaprotocol_sdk import Capabilities, MessageType, Metadata
+from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN, KVCodec
 from metaprotocol_sdk.filters import Filter, RequestContext
 from metaprotocol_sdk.proxy import loads_config
 
@@ -302,5 +302,50 @@ def test_a_reload_that_keeps_the_streams_endpoint_keeps_the_stream() -> None:
             c.close()
         await a.close()
         await b.close()
+
+    run(main())
+
+
+class DedicatedKV(KVCodec):
+    """The KV codec without id rewriting: each client gets upstream connections of its own."""
+
+    capabilities = Capabilities(
+        heartbeat=True, oneway=True, mutation=True, error_reply=True, streaming=True
+    )
+
+
+def test_a_stream_takes_the_place_of_an_idle_connection_when_the_budget_is_spent() -> None:
+    """``maxUpstreamConnections`` is taken by clients' own connections, idle: a request would
+    close the one idle longest and open in its place (``reclaimed``); a ``Stream_Init`` does
+    the same. (It got ``OverLimit``, "too many upstream connections".)"""
+    router = """\
+    - name: streams
+      match: {attributes: {method: {exact: chat}}}
+      route: [{destination: {host: svc.test, subset: v2}}]
+    - name: requests
+      route: [{destination: {host: svc.test, subset: v1}}]
+    """
+
+    async def main() -> None:
+        unary, up = await Upstream("u").start(), await StreamServer().start()
+        codec = f"{__name__}:DedicatedKV"
+        proxy = "limits: {maxUpstreamConnections: 2}\n"
+        config = mesh([(unary.port, "v1"), (up.port, "v2")], router, proxy=proxy, codec=codec)
+        async with engine_for(config) as engine:
+            idle = [await Client.connect(address(engine)) for _ in range(2)]
+            for client in idle:
+                assert error_type(await client.call("get")) is None
+            assert len(engine.upstreams) == 2 and len(engine.idle_upstreams) == 2
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            assert kinds(await c.until(1, 1)) == ["Stream_Init"], c.frames[1][0].attributes
+            closed = "metaprotocol_upstream_connections_closed_total"
+            assert engine.stats.total(closed, reason="reclaimed") == 1
+            assert len(engine.upstreams) == 2
+            c.close()
+            for client in idle:
+                client.close()
+        await unary.close()
+        await up.close()
 
     run(main())
