@@ -38,6 +38,8 @@ _INIT = MessageType.Stream_Init
 _CLOSE_ONE_WAY = MessageType.Stream_Close_One_Way
 _CLOSE_TWO_WAY = MessageType.Stream_Close_Two_Way
 _ERROR = MessageType.Error
+#: A stream's failures outlier detection counts against its endpoint.
+_GATEWAY_ERRORS = (ErrorType.UpstreamConnectFailure, ErrorType.UpstreamReset)
 #: Frames a client sends on a stream (``Downstream`` hands them here).
 STREAM_FRAMES = frozenset(
     {_INIT, MessageType.Stream_Data, _CLOSE_ONE_WAY, _CLOSE_TWO_WAY},
@@ -177,14 +179,13 @@ class Stream:
 
     def upstream_failed(self, error: ErrorType, message: str) -> None:
         """The stream's connection failed (connect, reset, a frame the codec refused, a write
-        that made no progress): the client gets the stream's error reply."""
+        that made no progress): the client gets the stream's error reply. After the upstream
+        closed its side of the stream, a reset is no gateway error (it owes nothing more; a
+        client that goes on sending gets it reset by the upstream's kernel)."""
         if self.ended:
             return
         host = self.host
-        if host.outlier is not None and error in (
-            ErrorType.UpstreamConnectFailure,
-            ErrorType.UpstreamReset,
-        ):
+        if host.outlier is not None and not self.server_closed and error in _GATEWAY_ERRORS:
             host.outlier.gateway_error(host)
         self.reset(error, message)
 

@@ -172,7 +172,8 @@ def test_a_client_that_half_closes_gets_its_streams_ended_within_the_drain() -> 
 
 class FinServer(StreamServer):
     """``fin``: a data frame, then the server's ``Stream_Close_One_Way`` and a TCP
-    half-close (its side of the stream and of the connection are done; it still reads)."""
+    half-close (its side of the stream and of the connection are done; it still reads);
+    ``close``: its ``Stream_Close_One_Way``, then it closes the connection."""
 
     def on_frame(self, conn: StreamServerConnection, msg: Metadata) -> None:
         if msg.message_type is MessageType.Stream_Init and msg.operation_name == "fin":
@@ -180,6 +181,10 @@ class FinServer(StreamServer):
             conn.write(STREAM_DATA, msg.stream_id, {}, b"last")
             conn.write(STREAM_HALF_CLOSE, msg.stream_id)
             conn.transport.write_eof()
+        elif msg.message_type is MessageType.Stream_Init and msg.operation_name == "close":
+            assert conn.transport is not None
+            conn.write(STREAM_HALF_CLOSE, msg.stream_id)
+            conn.transport.close()
         elif msg.message_type is not MessageType.Stream_Data:  # it no longer writes
             super().on_frame(conn, msg)
 
@@ -346,6 +351,38 @@ def test_a_stream_takes_the_place_of_an_idle_connection_when_the_budget_is_spent
             for client in idle:
                 client.close()
         await unary.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_client_that_writes_to_an_upstream_done_with_the_stream_does_not_eject_it() -> None:
+    """The upstream closed its side of the stream, then its connection; the client goes on
+    sending, and the upstream's kernel resets the connection: the client gets ``UpstreamReset``
+    for the stream, but the endpoint did nothing wrong, and outlier detection does not count
+    it. (It counted a gateway error: any client could get endpoints ejected so.)"""
+
+    async def main() -> None:
+        up = await FinServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "close"})
+            assert kinds(await c.until(1, 1)) == ["Stream_Close_One_Way"]
+            (conn,) = up.connections
+            await asyncio.wait_for(conn.lost, WAIT)
+
+            def sent_until_reset() -> bool:  # the kernel's reset comes after a write or two
+                if len(c.frames[1]) == 1:
+                    c.frame(STREAM_DATA, 1, {}, b"to nobody")
+                return len(c.frames[1]) > 1
+
+            await until(sent_until_reset, "the upstream's reset")
+            assert error_type(c.frames[1][1]) == "UpstreamReset"
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.frame(STREAM_OPEN, 2, {"method": "chat"})  # the endpoint was not ejected
+            assert kinds(await c.until(2, 1)) == ["Stream_Init"]
+            c.close()
         await up.close()
 
     run(main())
