@@ -20,7 +20,17 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
-from .streams import STREAM_FRAMES, client_frame, client_left, open_stream, pause_streams
+from .streams import (
+    STREAM_FRAMES,
+    Held,
+    client_frame,
+    client_half_closed,
+    client_left,
+    hold_init,
+    init_refused,
+    open_stream,
+    pause_streams,
+)
 from .streams import sweep as sweep_streams
 from .telemetry import RESPONSE_FLAGS, Identities
 from .upstream import (
@@ -254,6 +264,7 @@ class Downstream(asyncio.Protocol):
         "draining",
         "engine",
         "held",
+        "held_inits",
         "holds",
         "inflight",
         "inflight_bytes",
@@ -337,6 +348,9 @@ class Downstream(asyncio.Protocol):
         self.client = NO_CLIENT
         #: Its open streams by stream id (made with its first stream; see ``streams``).
         self.streams: dict[int, Stream] | None = None
+        #: ``Stream_Init`` frames filters hold, with their streams' frames meanwhile (made
+        #: with the first such hold; see ``streams.Held``).
+        self.held_inits: Held | None = None
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -416,6 +430,8 @@ class Downstream(asyncio.Protocol):
         self.draining = True
         if not self.inflight:
             self.close()
+        elif self.streams or (self.held_inits is not None and self.held_inits.by_id):
+            client_half_closed(self)  # they (and those held) get timeouts.drain
         return True
 
     def pause_writing(self) -> None:
@@ -455,9 +471,28 @@ class Downstream(asyncio.Protocol):
             self.reading_paused = True
             self.transport.pause_reading()
 
+    def block_held(self) -> None:
+        """Stop reading: the frames waiting for held ``Stream_Init`` frames are at their
+        bound (:meth:`unblock_held` once one is settled)."""
+        if not self.blocked:
+            self.blocked_since = self.engine.loop.time()
+        self._pause_reading()
+
+    def unblock_held(self) -> None:
+        """A held ``Stream_Init`` was settled: read again if nothing else stops it."""
+        if not self.reading_paused or self._held_full():
+            return
+        if not self.blocked and self.partial_since:
+            self.partial_since += self.engine.loop.time() - self.blocked_since
+        self._maybe_resume_reading()
+
+    def _held_full(self) -> bool:
+        held = self.held_inits
+        return held is not None and held.full(self)
+
     def _maybe_resume_reading(self) -> None:
         if self.reading_paused and not self.write_paused and not self.blocked:
-            if self.read_done:
+            if self.read_done or self._held_full():
                 return
             self.reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
@@ -561,6 +596,7 @@ class Downstream(asyncio.Protocol):
                 self.partial_since
                 and not self.blocked  # the engine stopped reading it, not the client
                 and now - self.partial_since > engine.frame_timeout
+                and not self._held_full()
             ):
                 self.shut("frame_timeout")
             elif not self.held and now - self.last_seen > engine.idle_timeout:
@@ -895,6 +931,8 @@ class Downstream(asyncio.Protocol):
             self.refuse(message, ErrorType.OverLimit, self._over_limit(), route)
             return
         hold = Hold(self, message, route, context, resume_at, asyncio.ensure_future(waiting))
+        if message.message_type is _STREAM_INIT:
+            hold_init(self, message)  # its stream's frames wait for it
         engine.pending += 1
         self.inflight += 1
         self.inflight_bytes += hold.size
@@ -1503,6 +1541,8 @@ class Downstream(asyncio.Protocol):
         """Send the codec's error reply for ``request`` and count it (``flags``: Istio's
         ``response_flags`` when not the error type's own, e.g. a rate limit's ``RL``;
         ``details``: the access log's ``response_code_details``)."""
+        if self.held_inits is not None and request.message_type is _STREAM_INIT:
+            init_refused(self, request)  # the frames that waited for it
         listener = self.listener
         if target is None:
             target = listener._unrouted if route is None else route.local

@@ -986,13 +986,24 @@ class Engine:
         show_expiry(self.stats, (*self.listeners.values(), *self.clusters.values()), self.identity)
 
     def _end_drain(self, clusters: list[Cluster], downstreams: list[Downstream]) -> None:
-        """A reload's drain deadline: close what is still open of what it retired."""
+        """A reload's drain deadline: close what is still open of what it retired. A stream
+        (whose connection is its own, with no end foreseen) goes on while the cluster of its
+        name still has its endpoint, through this reload and those after it."""
         gone = set(clusters)
         for upstream in list(self.upstreams):
-            if upstream.cluster in gone:
+            if upstream.stream is not None:
+                if upstream.cluster.retired and not self._endpoint_kept(upstream):
+                    upstream.abort(ErrorType.UpstreamReset, "a reload removed its endpoint")
+            elif upstream.cluster in gone:
                 upstream.abort(ErrorType.UpstreamReset, "a reload changed or removed its cluster")
         for conn in downstreams:
             conn.abort()
+
+    def _endpoint_kept(self, upstream: UpstreamConnection) -> bool:
+        """The cluster of ``upstream``'s cluster's name still has its endpoint."""
+        cluster = self.clusters.get(upstream.cluster.name)
+        key = upstream.host.key
+        return cluster is not None and any(host.key == key for host in cluster.hosts)
 
     # -- limits --------------------------------------------------------------------------------
 

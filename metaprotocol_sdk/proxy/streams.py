@@ -13,6 +13,11 @@ closes once its last frame is written. It is reset (the client gets the codec's 
 for the stream's ``Stream_Init``, and the upstream connection is aborted) when that connection
 fails or sends bytes the codec refuses, or when no frame went either way for
 ``timeouts.streamIdle``. When the client leaves, its streams' connections are aborted.
+
+While a filter holds a ``Stream_Init`` (a fault delay, a rate limit service's answer), the
+frames the client sends for that stream wait for it (:class:`Held`): the stream gets them
+once it is open, and each gets ``BadRequest`` if it is refused. Past
+``connectionBufferBytes`` of them the client is not read until it is settled.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ _INIT = MessageType.Stream_Init
 _CLOSE_ONE_WAY = MessageType.Stream_Close_One_Way
 _CLOSE_TWO_WAY = MessageType.Stream_Close_Two_Way
 _ERROR = MessageType.Error
+#: A stream's failures outlier detection counts against its endpoint.
+_GATEWAY_ERRORS = (ErrorType.UpstreamConnectFailure, ErrorType.UpstreamReset)
 #: Frames a client sends on a stream (``Downstream`` hands them here).
 STREAM_FRAMES = frozenset(
     {_INIT, MessageType.Stream_Data, _CLOSE_ONE_WAY, _CLOSE_TWO_WAY},
@@ -172,14 +179,13 @@ class Stream:
 
     def upstream_failed(self, error: ErrorType, message: str) -> None:
         """The stream's connection failed (connect, reset, a frame the codec refused, a write
-        that made no progress): the client gets the stream's error reply."""
+        that made no progress): the client gets the stream's error reply. After the upstream
+        closed its side of the stream, a reset is no gateway error (it owes nothing more; a
+        client that goes on sending gets it reset by the upstream's kernel)."""
         if self.ended:
             return
         host = self.host
-        if host.outlier is not None and error in (
-            ErrorType.UpstreamConnectFailure,
-            ErrorType.UpstreamReset,
-        ):
+        if host.outlier is not None and not self.server_closed and error in _GATEWAY_ERRORS:
             host.outlier.gateway_error(host)
         self.reset(error, message)
 
@@ -246,8 +252,76 @@ class Stream:
             )
 
 
+class Held:
+    """The ``Stream_Init`` frames filters hold on a client's connection, by stream id, each
+    with the frames of its stream that came meanwhile (``size``: their bytes, all streams)."""
+
+    __slots__ = ("by_id", "size")
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[Metadata, list[Metadata]]] = {}
+        self.size = 0
+
+    def full(self, downstream: Downstream) -> bool:
+        """Past ``connectionBufferBytes``: the client is not read until one is settled."""
+        return self.size > downstream.engine.connection_buffer
+
+
+def hold_init(downstream: Downstream, message: Metadata) -> None:
+    """A filter holds ``message``, a ``Stream_Init``: its stream's frames wait for it."""
+    held = downstream.held_inits
+    if held is None:
+        held = downstream.held_inits = Held()
+    held.by_id.setdefault(message.stream_id, (message, []))
+
+
+def _settle_held(downstream: Downstream, init: Metadata) -> list[Metadata]:
+    """The frames that waited for ``init`` (none if it was not held), forgotten."""
+    held = downstream.held_inits
+    if held is None:
+        return []
+    entry = held.by_id.get(init.stream_id)
+    if entry is None or entry[0] is not init:
+        return []
+    del held.by_id[init.stream_id]
+    frames = entry[1]
+    size = sum(len(f.frame) for f in frames)
+    held.size -= size
+    downstream.inflight_bytes -= size
+    downstream.engine.buffered -= size
+    downstream.unblock_held()
+    return frames
+
+
+def init_refused(downstream: Downstream, init: Metadata) -> None:
+    """A ``Stream_Init`` was answered with an error: the frames that waited for it get
+    ``BadRequest`` each (when the client is still there)."""
+    frames = _settle_held(downstream, init)
+    if downstream.closed:
+        return
+    for frame in frames:
+        downstream.local_reply(
+            frame, ErrorType.BadRequest, f"stream {init.stream_id} was not opened"
+        )
+
+
 def client_frame(downstream: Downstream, message: Metadata) -> None:
     """A ``Stream_*`` frame from a client whose codec carries streams."""
+    held = downstream.held_inits
+    sid = message.stream_id
+    if held is not None and sid in held.by_id:
+        if message.message_type is _INIT:
+            why = f"stream {sid} is already open on this connection"
+            downstream.local_reply(message, ErrorType.BadRequest, why)
+            return
+        held.by_id[sid][1].append(message)
+        size = len(message.frame)
+        held.size += size
+        downstream.inflight_bytes += size
+        downstream.engine.buffered += size
+        if held.full(downstream):
+            downstream.block_held()
+        return
     if message.message_type is _INIT:
         _admit(downstream, message)
         return
@@ -267,6 +341,11 @@ def _admit(downstream: Downstream, message: Metadata) -> None:
     """A ``Stream_Init``: admitted and routed as a request is, then :func:`open_stream`."""
     if downstream.draining:
         downstream.local_reply(message, ErrorType.ShuttingDown, "proxy is shutting down")
+        return
+    streams = downstream.streams
+    if streams and message.stream_id in streams:
+        why = f"stream {message.stream_id} is already open on this connection"
+        downstream.local_reply(message, ErrorType.BadRequest, why)
         return
     authz = downstream.authz
     if authz is not None and (policy := authz.denies(downstream, message.attributes)) is not None:
@@ -317,7 +396,7 @@ def open_stream(
         why = f"no endpoint in {target.name}"
         downstream.local_reply(message, ErrorType.NoHealthyUpstream, why, route, target)
         return
-    if not cluster.may_open():
+    if not (cluster.may_open() or cluster.may_reclaim()):  # as a request's own connection
         downstream.local_reply(message, ErrorType.OverLimit, cluster.refused(), route, target)
         return
     conn = host.connection_class(cluster, host, downstream)
@@ -337,6 +416,9 @@ def open_stream(
     listener.count_stream_frame("downstream")
     conn.connect()
     conn.send_frame(encoded, len(message.frame))
+    if downstream.held_inits is not None:
+        for frame in _settle_held(downstream, message):
+            client_frame(downstream, frame)
 
 
 def sweep(downstream: Downstream, now: float) -> None:
@@ -352,6 +434,22 @@ def sweep(downstream: Downstream, now: float) -> None:
             stream.last_active = now
         elif now - stream.last_active >= idle:
             stream.reset(ErrorType.Timeout, f"stream {stream.stream_id}: no frame in {idle:g}s")
+
+
+def client_half_closed(downstream: Downstream) -> None:
+    """The client half-closed (or closed: a FIN does not tell) with streams open: they get
+    ``timeouts.drain`` to finish, as in a shutdown, then each still open is reset."""
+    drain = downstream.engine.config.proxy.timeouts.drain
+    downstream.engine.loop.call_later(drain, _drain_over, downstream, drain)
+
+
+def _drain_over(downstream: Downstream, drain: float) -> None:
+    streams = downstream.streams
+    if downstream.closed or not streams:
+        return
+    for stream in list(streams.values()):
+        why = f"stream {stream.stream_id}: not ended within {drain:g}s of the client's close"
+        stream.reset(ErrorType.Timeout, why)
 
 
 def client_left(downstream: Downstream) -> None:

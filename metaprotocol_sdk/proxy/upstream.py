@@ -1067,8 +1067,13 @@ class UpstreamConnection(asyncio.Protocol):
     def check_partial(self, now: float) -> bool:
         """Close the connection when the partial reply at the front is older than
         ``timeouts.frame`` (engine sweep): the replies behind it could never arrive.
-        ``True``: closed."""
+        ``True``: closed. While the engine does not read it (a stream whose client does not
+        read), the rest cannot arrive: the clock starts afresh at each sweep."""
         timeout = self.engine.frame_timeout
+        transport = self.transport
+        if transport is not None and not transport.is_reading():
+            self.partial_since = now
+            return False
         if self.partial_since and not self.closed and now - self.partial_since > timeout:
             self.give_up(
                 "frame_timeout",
@@ -1245,7 +1250,13 @@ class UpstreamConnection(asyncio.Protocol):
         nothing more. The transport (or the TLS layer) closes the connection, but only once
         what is unsent is written: to an upstream that reads nothing, the requests in flight
         would wait for that past their route timeout. With requests in flight or bytes
-        unsent it is reset instead, and they get ``UpstreamReset`` at once."""
+        unsent it is reset instead, and they get ``UpstreamReset`` at once. A stream's
+        upstream that closed its side of the stream first (``Stream_Close_One_Way``) only
+        half-closed: the connection stays open for the client's frames until the stream ends
+        (over plain TCP; the TLS layer closes the connection at a ``close_notify``)."""
+        stream = self.stream
+        if stream is not None and stream.server_closed and not stream.ended:
+            return True
         transport = self.transport
         if transport is not None and (self.pending or self.order or self.account_unsent()):
             transport.abort()  # connection_lost answers them

@@ -1,0 +1,388 @@
+"""Streams under attack: hostile clients and upstreams, and streams with the engine's other
+features (filters that hold, limits, reloads, timeouts), over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import types
+from collections.abc import Awaitable
+
+from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, mesh, run, until
+from test_streams import (
+    StreamClient,
+    StreamServer,
+    StreamServerConnection,
+    active,
+    kinds,
+    streams,
+)
+
+from metaprotocol_sdk import Capabilities, MessageType, Metadata
+from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN, KVCodec
+from metaprotocol_sdk.filters import Filter, RequestContext
+from metaprotocol_sdk.proxy import loads_config
+
+
+class HoldingFilter(Filter):
+    """Holds every ``Stream_Init`` until ``gate`` is set."""
+
+    name = "holding"
+    gate: asyncio.Event | None = None
+    holding: asyncio.Event | None = None
+
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
+        assert HoldingFilter.gate is not None and HoldingFilter.holding is not None
+        HoldingFilter.holding.set()
+        return HoldingFilter.gate.wait()
+
+
+_mod = types.ModuleType("stream_hostile_filters")
+_mod.HoldingFilter = HoldingFilter  # type: ignore[attr-defined]
+sys.modules["stream_hostile_filters"] = _mod
+
+
+def with_filter(text: str, name: str) -> str:
+    return text.replace(
+        "bind: '127.0.0.1:0'}]", f"bind: '127.0.0.1:0', filters: [{{name: '{name}'}}]}}]", 1
+    )
+
+
+DELAYED = """\
+- name: delayed
+  match: {attributes: {method: {prefix: chat}}}
+  route: [{destination: {host: svc.test, subset: v1}}]
+  fault: {delay: {fixedDelay: 300ms}}
+- name: refused
+  match: {attributes: {method: {exact: refused}}}
+  route: [{destination: {host: svc.test, subset: v1}}]
+  fault: {delay: {fixedDelay: 300ms}, abort: {errorType: OverLimit}}
+"""
+
+
+def test_frames_sent_behind_a_held_stream_init_wait_for_it() -> None:
+    """A client sends its first frames right behind the ``Stream_Init``, as it may while the
+    upstream connection is made; here a fault delay holds the ``Stream_Init`` first. Those
+    frames wait for it and reach the stream in order (they got ``BadRequest``, "no open
+    stream", and the stream then opened without them). When the held ``Stream_Init`` is
+    refused after all (the fault's abort), they get ``BadRequest`` with the stream's id."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        async with engine_for(mesh([(up.port, "v1")], router=DELAYED)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            c.frame(STREAM_DATA, 1, {}, b"early")
+            c.frame(STREAM_DATA, 1, {}, b"second")
+            c.frame(STREAM_HALF_CLOSE, 1)
+            c.frame(STREAM_OPEN, 2, {"method": "refused"})
+            c.frame(STREAM_DATA, 2, {}, b"never")
+            one = await c.until(1, 4)
+            assert kinds(one) == [
+                "Stream_Init",
+                "Stream_Data",
+                "Stream_Data",
+                "Stream_Close_One_Way",
+            ], [f.attributes.to_dict() for f in one]
+            assert [bytes(f.body) for f in one[1:3]] == [b"EARLY", b"SECOND"]
+            two = await c.until(2, 2)
+            assert sorted(error_type(f) or "" for f in two) == ["BadRequest", "OverLimit"]
+            await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
+            assert active(engine) == 0 and engine.pending == 0
+            (conn,) = up.connections
+            assert kinds(conn.frames) == [
+                "Stream_Init",
+                "Stream_Data",
+                "Stream_Data",
+                "Stream_Close_One_Way",
+            ]
+            await until(lambda: engine.buffered == 0, "nothing held")
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_frames_behind_a_held_stream_init_are_bounded() -> None:
+    """Frames for a held ``Stream_Init`` wait in the engine up to ``connectionBufferBytes``;
+    past that the client is not read until the stream opens (then every frame arrives)."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        HoldingFilter.gate, HoldingFilter.holding = asyncio.Event(), asyncio.Event()
+        proxy = "limits: {connectionBufferBytes: 262144}\n"
+        config = with_filter(
+            mesh([(up.port, "v1")], proxy=proxy), "stream_hostile_filters:HoldingFilter"
+        )
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            await asyncio.wait_for(HoldingFilter.holding.wait(), WAIT)
+            count = 256  # 16 MiB: more than the kernels' buffers take
+            for i in range(count):
+                c.frame(STREAM_DATA, 1, {"n": str(i)}, bytes(65536))
+            dx = next(iter(engine.downstreams))
+            await until(lambda: dx.reading_paused, "the client no longer read")
+            assert engine.buffered < 4 * 262144, engine.buffered
+            HoldingFilter.gate.set()
+            c.frame(STREAM_HALF_CLOSE, 1)
+            frames = await c.until(1, count + 2)
+            assert [bytes(f.body) for f in frames[1:-1]] == [bytes(65536)] * count
+            assert kinds(frames)[-1] == "Stream_Close_One_Way"
+            await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
+            (conn,) = up.connections
+            assert len(conn.frames) == count + 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_client_that_half_closes_gets_its_streams_ended_within_the_drain() -> None:
+    """A client half-closes (or closes: the engine cannot tell) with streams open that the
+    upstream does not end: they get ``timeouts.drain`` to finish, as for a shutdown, then
+    each is reset (``Timeout``, to a client that may still read) and its upstream connection
+    closed. They stayed open until ``timeouts.streamIdle`` (5 min), each with its upstream
+    connection; a stream the upstream ends meanwhile ends as usual."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            for sid in (1, 2):
+                c.frame(STREAM_OPEN, sid, {"method": "chat"})
+            c.frame(STREAM_OPEN, 3, {"method": "ticks", "count": "2"})
+            c.frame(STREAM_HALF_CLOSE, 3)
+            for sid in (1, 2):
+                await c.until(sid, 1)
+            assert c.transport is not None
+            c.transport.write_eof()
+            assert kinds(await c.until(3, 3)) == ["Stream_Data"] * 2 + ["Stream_Close_One_Way"]
+            for sid in (1, 2):
+                assert error_type((await c.until(sid, 2))[1]) == "Timeout"
+            await asyncio.wait_for(c.closed, WAIT)
+            await until(lambda: not engine.upstreams, "the streams' connections closed")
+            assert streams(engine, "closed") == 1 and streams(engine, "Timeout") == 2
+            assert active(engine) == 0 and engine.buffered == 0
+        await up.close()
+
+    run(main())
+
+
+class FinServer(StreamServer):
+    """``fin``: a data frame, then the server's ``Stream_Close_One_Way`` and a TCP
+    half-close (its side of the stream and of the connection are done; it still reads);
+    ``close``: its ``Stream_Close_One_Way``, then it closes the connection."""
+
+    def on_frame(self, conn: StreamServerConnection, msg: Metadata) -> None:
+        if msg.message_type is MessageType.Stream_Init and msg.operation_name == "fin":
+            assert conn.transport is not None
+            conn.write(STREAM_DATA, msg.stream_id, {}, b"last")
+            conn.write(STREAM_HALF_CLOSE, msg.stream_id)
+            conn.transport.write_eof()
+        elif msg.message_type is MessageType.Stream_Init and msg.operation_name == "close":
+            assert conn.transport is not None
+            conn.write(STREAM_HALF_CLOSE, msg.stream_id)
+            conn.transport.close()
+        elif msg.message_type is not MessageType.Stream_Data:  # it no longer writes
+            super().on_frame(conn, msg)
+
+
+def test_an_upstream_that_half_closes_after_its_side_of_the_stream_lets_the_client_finish() -> None:
+    """The upstream closes its side of the stream, then half-closes TCP: the client may still
+    send (its frames reach the upstream) and close its side, and the stream ends ``closed``.
+    (The FIN reset the stream: the client got ``UpstreamReset`` after a clean close, its later
+    frames ``BadRequest``, and outlier detection counted a gateway error.)"""
+
+    async def main() -> None:
+        up = await FinServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "fin"})
+            assert kinds(await c.until(1, 2)) == ["Stream_Data", "Stream_Close_One_Way"]
+            (conn,) = up.connections
+            c.frame(STREAM_DATA, 1, {}, b"after the upstream's close")
+            c.frame(STREAM_HALF_CLOSE, 1)
+            await until(lambda: len(conn.frames) == 3, "the client's frames reached it")
+            assert kinds(conn.frames)[1:] == ["Stream_Data", "Stream_Close_One_Way"]
+            await until(lambda: streams(engine, "closed") == 1, "the stream closed")
+            await asyncio.wait_for(conn.lost, WAIT)
+            assert kinds(c.frames[1]) == ["Stream_Data", "Stream_Close_One_Way"]
+            assert streams(engine, "UpstreamReset") == 0
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.frame(STREAM_OPEN, 2, {"method": "chat"})  # the endpoint was not ejected
+            assert kinds(await c.until(2, 1)) == ["Stream_Init"]
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_client_that_stops_reading_does_not_fail_its_streams_upstream() -> None:
+    """The client stops reading while the upstream sends large frames: the engine stops
+    reading the stream's connection, often with part of a frame in its buffer. That frame
+    stays partial because of the client, not the upstream: ``timeouts.frame`` must not reset
+    the stream nor count a gateway error against the endpoint. (It did: after 1 s the client
+    got ``UpstreamReset``, "sent part of a reply and not the rest", and the endpoint was
+    ejected.) When the client reads again, every frame arrives."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = (
+            "timeouts: {frame: 1s}\n"
+            "limits: {connectionBufferBytes: 262144, connectionBufferMaxBytes: 16777216}\n"
+        )
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        config = mesh([(up.port, "v1")], proxy=proxy, traffic_policy=policy)
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            assert c.transport is not None
+            c.transport.pause_reading()
+            count, size = 64, 1000003  # frames of ~1 MiB: a read ends inside one
+            c.frame(STREAM_OPEN, 1, {"method": "flood", "count": str(count), "size": str(size)})
+            await up.wait(lambda: any(conn.paused for conn in up.connections), "a pause")
+            (upstream,) = engine.upstreams
+            await until(lambda: upstream.partial_since, "part of a frame held")
+            deadline = asyncio.get_running_loop().time() + 2.5  # past timeouts.frame
+            await until(lambda: asyncio.get_running_loop().time() > deadline, "2.5 s")
+            c.transport.resume_reading()
+            frames = await c.until(1, count + 1)
+            assert [int(f.attributes.get("n") or -1) for f in frames[:count]] == list(range(count))
+            assert streams(engine, "UpstreamReset") == 0
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.frame(STREAM_HALF_CLOSE, 1)
+            await until(lambda: streams(engine, "closed") == 1, "the stream closed")
+            c.close()
+        await up.close()
+
+    run(main(), timeout=30)
+
+
+def test_a_stream_held_when_the_client_half_closes_gets_the_drain_too() -> None:
+    """The client half-closes while a fault delay holds its ``Stream_Init``: the stream opens
+    after the half-close and is bounded by the same ``timeouts.drain``."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(up.port, "v1")], router=DELAYED, proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            assert c.transport is not None
+            c.transport.write_eof()
+            frames = await c.until(1, 2)
+            assert kinds(frames)[0] == "Stream_Init" and error_type(frames[1]) == "Timeout"
+            await asyncio.wait_for(c.closed, WAIT)
+            await until(lambda: not engine.upstreams, "the stream's connection closed")
+            assert streams(engine, "Timeout") == 1 and active(engine) == 0
+        await up.close()
+
+    run(main())
+
+
+def test_a_reload_that_keeps_the_streams_endpoint_keeps_the_stream() -> None:
+    """A reload changes the stream's cluster (here an endpoint added, as each EDS update
+    does) but keeps the stream's endpoint: the stream goes on past the reload's
+    ``timeouts.drain``. (It was reset, ``UpstreamReset`` "a reload changed or removed its
+    cluster", 1 s after any change of its cluster.) A later reload that removes the endpoint
+    resets it at that reload's deadline, as before."""
+
+    async def main() -> None:
+        a, b = await StreamServer("a").start(), await StreamServer("b").start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(a.port, "v1")], proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            await c.until(1, 1)
+            await engine.apply(loads_config(mesh([(a.port, "v1"), (b.port, "v1")], proxy=proxy)))
+            assert engine._drain_timers
+            await until(lambda: not engine._drain_timers, "the reload's drain deadline")
+            c.frame(STREAM_DATA, 1, {}, b"still there")
+            assert bytes((await c.until(1, 2))[1].body) == b"STILL THERE"
+            await engine.apply(loads_config(mesh([(b.port, "v1")], proxy=proxy)))
+            assert error_type((await c.until(1, 3))[2]) == "UpstreamReset"
+            assert streams(engine, "UpstreamReset") == 1 and active(engine) == 0
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+class DedicatedKV(KVCodec):
+    """The KV codec without id rewriting: each client gets upstream connections of its own."""
+
+    capabilities = Capabilities(
+        heartbeat=True, oneway=True, mutation=True, error_reply=True, streaming=True
+    )
+
+
+def test_a_stream_takes_the_place_of_an_idle_connection_when_the_budget_is_spent() -> None:
+    """``maxUpstreamConnections`` is taken by clients' own connections, idle: a request would
+    close the one idle longest and open in its place (``reclaimed``); a ``Stream_Init`` does
+    the same. (It got ``OverLimit``, "too many upstream connections".)"""
+    router = """\
+    - name: streams
+      match: {attributes: {method: {exact: chat}}}
+      route: [{destination: {host: svc.test, subset: v2}}]
+    - name: requests
+      route: [{destination: {host: svc.test, subset: v1}}]
+    """
+
+    async def main() -> None:
+        unary, up = await Upstream("u").start(), await StreamServer().start()
+        codec = f"{__name__}:DedicatedKV"
+        proxy = "limits: {maxUpstreamConnections: 2}\n"
+        config = mesh([(unary.port, "v1"), (up.port, "v2")], router, proxy=proxy, codec=codec)
+        async with engine_for(config) as engine:
+            idle = [await Client.connect(address(engine)) for _ in range(2)]
+            for client in idle:
+                assert error_type(await client.call("get")) is None
+            assert len(engine.upstreams) == 2 and len(engine.idle_upstreams) == 2
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            assert kinds(await c.until(1, 1)) == ["Stream_Init"], c.frames[1][0].attributes
+            closed = "metaprotocol_upstream_connections_closed_total"
+            assert engine.stats.total(closed, reason="reclaimed") == 1
+            assert len(engine.upstreams) == 2
+            c.close()
+            for client in idle:
+                client.close()
+        await unary.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_client_that_writes_to_an_upstream_done_with_the_stream_does_not_eject_it() -> None:
+    """The upstream closed its side of the stream, then its connection; the client goes on
+    sending, and the upstream's kernel resets the connection: the client gets ``UpstreamReset``
+    for the stream, but the endpoint did nothing wrong, and outlier detection does not count
+    it. (It counted a gateway error: any client could get endpoints ejected so.)"""
+
+    async def main() -> None:
+        up = await FinServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "close"})
+            assert kinds(await c.until(1, 1)) == ["Stream_Close_One_Way"]
+            (conn,) = up.connections
+            await asyncio.wait_for(conn.lost, WAIT)
+
+            def sent_until_reset() -> bool:  # the kernel's reset comes after a write or two
+                if len(c.frames[1]) == 1:
+                    c.frame(STREAM_DATA, 1, {}, b"to nobody")
+                return len(c.frames[1]) > 1
+
+            await until(sent_until_reset, "the upstream's reset")
+            assert error_type(c.frames[1][1]) == "UpstreamReset"
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.frame(STREAM_OPEN, 2, {"method": "chat"})  # the endpoint was not ejected
+            assert kinds(await c.until(2, 1)) == ["Stream_Init"]
+            c.close()
+        await up.close()
+
+    run(main())
