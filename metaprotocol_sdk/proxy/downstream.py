@@ -172,6 +172,15 @@ class ListenerRuntime:
             )
         gauge.value += delta
 
+    def count_stream_frame_dropped(self) -> None:
+        """Count one frame of a stream that had ended for the client, dropped."""
+        counter = self._stream_frames.get("dropped")
+        if counter is None:
+            counter = self._stream_frames["dropped"] = self.engine.stats.counter(
+                "metaprotocol_stream_frames_dropped_total", listener=self.name
+            )
+        counter.value += 1
+
     def count_stream_frame(self, side: str) -> None:
         """Count one frame of a stream from the client (``downstream``) or the upstream."""
         counter = self._stream_frames.get(side)
@@ -262,6 +271,7 @@ class Downstream(asyncio.Protocol):
         "codec",
         "dedicated",
         "draining",
+        "ended_streams",
         "engine",
         "held",
         "held_inits",
@@ -351,6 +361,9 @@ class Downstream(asyncio.Protocol):
         #: ``Stream_Init`` frames filters hold, with their streams' frames meanwhile (made
         #: with the first such hold; see ``streams.Held``).
         self.held_inits: Held | None = None
+        #: Streams that ended (or were refused) before the client closed its side: its
+        #: frames for them are dropped until it does (see ``streams.ended_early``).
+        self.ended_streams: dict[int, None] | None = None
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -1541,8 +1554,8 @@ class Downstream(asyncio.Protocol):
         """Send the codec's error reply for ``request`` and count it (``flags``: Istio's
         ``response_flags`` when not the error type's own, e.g. a rate limit's ``RL``;
         ``details``: the access log's ``response_code_details``)."""
-        if self.held_inits is not None and request.message_type is _STREAM_INIT:
-            init_refused(self, request)  # the frames that waited for it
+        if request.message_type is _STREAM_INIT:
+            init_refused(self, request)  # the frames that waited for it, and later ones
         listener = self.listener
         if target is None:
             target = listener._unrouted if route is None else route.local

@@ -54,6 +54,7 @@ HELP = {
     "metaprotocol_streams_total": "Streams ended, by listener, route, destination and outcome.",
     "metaprotocol_streams_active": "Open streams, by listener.",
     "metaprotocol_stream_frames_total": "Stream frames passed, by listener and the side sending.",
+    "metaprotocol_stream_frames_dropped_total": "Client frames of ended streams, dropped.",
     "metaprotocol_local_replies_total": "Replies built by the engine, by listener and error type.",
     "metaprotocol_heartbeats_total": "Heartbeats answered locally, by listener/cluster and side.",
     "metaprotocol_decode_errors_total": "Frames the codec refused, by listener/cluster and side.",

@@ -126,6 +126,7 @@ class Stream:
         downstream.listener.count_stream_frame("downstream")
         kind = message.message_type
         if kind is _CLOSE_TWO_WAY:
+            self.client_closed = True
             self.end(CLOSED)
             return
         if kind is _CLOSE_ONE_WAY:
@@ -218,6 +219,8 @@ class Stream:
         if streams is not None and streams.get(self.stream_id) is self:
             del streams[self.stream_id]
         downstream.stream_ended(len(self.init.frame))
+        if not self.client_closed and outcome != "DownstreamClosed":
+            ended_early(downstream, self.stream_id)  # the client's frames on the way: dropped
         self.host.active -= 1
         self.target.count_stream(outcome)
         listener = downstream.listener
@@ -294,15 +297,34 @@ def _settle_held(downstream: Downstream, init: Metadata) -> list[Metadata]:
 
 
 def init_refused(downstream: Downstream, init: Metadata) -> None:
-    """A ``Stream_Init`` was answered with an error: the frames that waited for it get
-    ``BadRequest`` each (when the client is still there)."""
+    """A ``Stream_Init`` was answered with an error (its reply is the stream's end for the
+    client): the frames that waited for it, and those the client sends after it until it
+    closes its side, are dropped and counted. Not for a second ``Stream_Init`` of a stream
+    open or held (that stream goes on)."""
+    sid = init.stream_id
     frames = _settle_held(downstream, init)
-    if downstream.closed:
+    streams = downstream.streams
+    held = downstream.held_inits
+    if (streams and sid in streams) or (held is not None and sid in held.by_id):
         return
+    ended_early(downstream, sid)
     for frame in frames:
-        downstream.local_reply(
-            frame, ErrorType.BadRequest, f"stream {init.stream_id} was not opened"
-        )
+        client_frame(downstream, frame)
+
+
+def ended_early(downstream: Downstream, sid: int) -> None:
+    """Stream ``sid`` ended (or was refused) before the client closed its side: the frames
+    the client sends for it until it does (they were on their way) are dropped and counted
+    (``metaprotocol_stream_frames_dropped_total``), not each answered with an error the client
+    would have to match. At most ``maxStreamsPerConnection`` ids are remembered, the oldest
+    forgotten first."""
+    ids = downstream.ended_streams
+    if ids is None:
+        ids = downstream.ended_streams = {}
+    ids.pop(sid, None)
+    ids[sid] = None
+    if len(ids) > downstream.engine.max_streams_per_connection:
+        del ids[next(iter(ids))]
 
 
 def client_frame(downstream: Downstream, message: Metadata) -> None:
@@ -322,12 +344,19 @@ def client_frame(downstream: Downstream, message: Metadata) -> None:
         if held.full(downstream):
             downstream.block_held()
         return
-    if message.message_type is _INIT:
+    kind = message.message_type
+    if kind is _INIT:
         _admit(downstream, message)
         return
     streams = downstream.streams
-    stream = None if streams is None else streams.get(message.stream_id)
+    stream = None if streams is None else streams.get(sid)
     if stream is None:
+        ended = downstream.ended_streams
+        if ended is not None and sid in ended:
+            if kind is _CLOSE_ONE_WAY or kind is _CLOSE_TWO_WAY:
+                del ended[sid]  # the client knows: later frames of the id are errors again
+            downstream.listener.count_stream_frame_dropped()
+            return
         downstream.local_reply(
             message,
             ErrorType.BadRequest,
@@ -339,6 +368,17 @@ def client_frame(downstream: Downstream, message: Metadata) -> None:
 
 def _admit(downstream: Downstream, message: Metadata) -> None:
     """A ``Stream_Init``: admitted and routed as a request is, then :func:`open_stream`."""
+    sid = message.stream_id
+    if sid == 0:
+        why = (
+            "a Stream_Init with stream_id 0: the codec set no stream id (stream frames carry "
+            "a non-zero one, see the contract)"
+        )
+        downstream.local_reply(message, ErrorType.BadRequest, why)
+        return
+    ended = downstream.ended_streams
+    if ended is not None:
+        ended.pop(sid, None)  # a new stream of the id
     if downstream.draining:
         downstream.local_reply(message, ErrorType.ShuttingDown, "proxy is shutting down")
         return

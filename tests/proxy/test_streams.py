@@ -316,8 +316,10 @@ def test_frames_of_no_open_stream_get_the_codecs_error_reply_with_their_id() -> 
 
 def test_an_upstream_that_drops_the_stream_resets_it_for_the_client() -> None:
     """The stream's connection closes (or sends bytes that are no frame): the client gets the
-    codec's error reply with the stream's id, the stream is counted by what ended it, and its
-    later frames get ``BadRequest``."""
+    codec's error reply with the stream's id (its only answer), and the stream is counted by
+    what ended it. The frames the client sends for it until it closes its side (they may be
+    on their way) are dropped and counted, not each answered with an error; after its close,
+    a frame of that id is an error again."""
 
     async def main() -> None:
         up = await StreamServer().start()
@@ -330,7 +332,12 @@ def test_an_upstream_that_drops_the_stream_resets_it_for_the_client() -> None:
             (bad,) = await c.until(2, 1)
             assert error_type(bad) == "BadResponse"
             c.frame(STREAM_DATA, 2, {}, b"more")
+            c.frame(STREAM_HALF_CLOSE, 2)
+            c.frame(STREAM_DATA, 2, {}, b"after the close")
             assert error_type((await c.until(2, 2))[1]) == "BadRequest"
+            assert len(c.frames[2]) == 2
+            dropped = "metaprotocol_stream_frames_dropped_total"
+            assert engine.stats.get(dropped, listener=LISTENER) == 2
             assert streams(engine, "UpstreamReset") == 1
             assert streams(engine, "BadResponse") == 1
             assert active(engine) == 0
@@ -580,6 +587,41 @@ def test_streams_over_tls_to_the_upstream(tmp_path: Any) -> None:
             assert [int(f.attributes.get("n") or -1) for f in flood[:count]] == list(range(count))
             c.frame(STREAM_HALF_CLOSE, 2)
             await until(lambda: streams(engine, "closed") == 2, "both streams closed")
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_refused_stream_init_is_the_streams_only_answer() -> None:
+    """A ``Stream_Init`` the engine refuses (no route) gets its error reply; the frames the
+    client sent right behind it get nothing (dropped, counted): before, each got a
+    ``BadRequest`` "no open stream" of its own. A ``Stream_Init`` with stream id 0 (a codec
+    that sets none) is refused, naming the cause, instead of opening a stream no later frame
+    could name."""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        router = (
+            "- match: {attributes: {method: {exact: chat}}}\n"
+            "  route: [{destination: {host: svc.test}}]\n"
+        )
+        async with engine_for(mesh([(up.port, "v1")], router=router)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 4, {"method": "unrouted"})
+            c.frame(STREAM_DATA, 4, {}, b"one")
+            c.frame(STREAM_DATA, 4, {}, b"two")
+            c.frame(STREAM_HALF_CLOSE, 4)
+            c.frame(STREAM_OPEN, 5, {"method": "chat"})
+            assert kinds(await c.until(5, 1)) == ["Stream_Init"]  # after stream 4's frames
+            assert [error_type(f) for f in c.frames[4]] == ["RouteNotFound"]
+            dropped = "metaprotocol_stream_frames_dropped_total"
+            assert engine.stats.get(dropped, listener=LISTENER) == 3
+            c.frame(STREAM_OPEN, 0, {"method": "chat"})
+            (zero,) = await c.until(0, 1)
+            assert error_type(zero) == "BadRequest"
+            assert "stream_id 0" in (zero.attributes.get("error-message") or "")
+            assert len(up.connections) == 1
             c.close()
         await up.close()
 
