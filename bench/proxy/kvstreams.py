@@ -251,10 +251,12 @@ class StreamClient(Framed):
         now = time.perf_counter_ns()
         for _, _, kind, sid in frames:
             state = self.open.get(sid)
-            if state is None or kind == KV_ERROR:
+            if state is None or kind == KV_ERROR:  # counted, and the stream given up
                 stats.errors += 1
                 self.open.pop(sid, None)
                 self.waiting.discard(sid)
+                if not self.waiting:
+                    self.opened.set()
                 continue
             if kind == KV_OPEN:
                 if not self.frames:
