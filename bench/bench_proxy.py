@@ -261,10 +261,12 @@ def target(kind: str, protocol: str, upstream: int, workdir: Path) -> Iterator[t
     if kind == "direct":
         yield upstream, 0
         return
-    if kind == "uvloop passthrough" or kind in FLOORS:
+    if kind == "uvloop passthrough" or kind in FLOORS or kind == STREAM_FLOOR:
         argv = [PY, str(HERE / "proxy" / "passthrough.py"), protocol, str(upstream)]
         env = None
-        if kind in FLOORS:
+        if kind == STREAM_FLOOR:
+            argv = [PY, str(HERE / "proxy" / "kvstreams.py"), "floor", str(upstream)]
+        elif kind in FLOORS:
             argv = [PY, str(HERE / "proxy" / "floors.py"), FLOORS[kind], protocol, str(upstream)]
             if FLOORS[kind] == "chains":
                 env = {**os.environ, "GLIBC_TUNABLES": floors.CHAINS_TUNABLES}
@@ -517,6 +519,9 @@ FLOORS = {
 }
 #: The floor the engine's large-payload figures are measured above.
 FRAME_FLOOR = "uvloop frame floor"
+#: The streams benchmark's floor (``proxy/kvstreams.py floor``): an upstream connection per
+#: KV stream, every frame passed on as it came.
+STREAM_FLOOR = "uvloop per-stream floor"
 
 
 def floor_lines(

@@ -5,6 +5,10 @@ between v1 and v2. v1 and v2 are the same canned upstream, so the split costs ro
 without changing the upstream's load. The engine also applies a request mutation on the split
 route (for Thrift framed binary, which has no headers, the codec skips it; Dubbo writes an
 attachment) and keeps its stats; Envoy's thrift_proxy and dubbo_proxy have no mutation.
+
+For ``kv`` (the streams benchmark: the SDK's example KV codec) the split route matches the
+stream open's ``method: echo`` and writes the mutation into it; Envoy has no KV proxy, only
+``tcp``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,19 @@ from pathlib import Path
 from tls import SERVER_NAME
 from wire import DUBBO_HOST, DUBBO_INTERFACE, THRIFT_HOST
 
-SERVICE = {"thrift": (THRIFT_HOST, 9090), "dubbo": (DUBBO_HOST, 20880)}
+SERVICE = {
+    "thrift": (THRIFT_HOST, 9090),
+    "dubbo": (DUBBO_HOST, 20880),
+    "kv": ("kv-streams.bench.svc.cluster.local", 9000),
+}
+#: The codec of each protocol's ApplicationProtocol.
+CODECS = {
+    "thrift": "aeraki.meta_protocol.codec.thrift",
+    "dubbo": "aeraki.meta_protocol.codec.dubbo",
+    "kv": "metaprotocol_sdk.examples.kv:KVCodec",
+}
+#: The split route's match: any request, or (``kv``) the stream open of ``kvstreams.py``.
+_SPLIT_MATCH = {"kv": "\n      match: {attributes: {method: {exact: echo}}}"}
 
 
 # Framed binary has no headers to carry a mutation: the Thrift codec is told to skip it
@@ -43,7 +59,7 @@ def engine_yaml(protocol: str, upstream_port: int, tls_dir: Path | None = None) 
 apiVersion: metaprotocol.aeraki.io/v1alpha1
 kind: ApplicationProtocol
 metadata: {{name: {protocol}}}
-spec: {{protocol: {protocol}, codec: aeraki.meta_protocol.codec.{protocol}}}
+spec: {{protocol: {protocol}, codec: "{CODECS[protocol]}"}}
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
@@ -74,7 +90,7 @@ spec:
     - name: sayhello-to-v2
       match: {{attributes: {{method: {{exact: sayHello}}}}}}
       route: [{{destination: {dest % "v2"}}}]
-    - name: split-20-80
+    - name: split-20-80{_SPLIT_MATCH.get(protocol, "")}
       requestMutation: [{{key: x-bench, value: metaprotocol}}]
       route:
         - {{destination: {dest % "v1"}, weight: 20}}

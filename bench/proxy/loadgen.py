@@ -28,11 +28,16 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tls
 from wire import REQUESTS, WIRES, Wire
+
+#: A connection's protocol (:func:`connect` returns the one its factory made).
+P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
 class Stats:
@@ -114,6 +119,10 @@ class Client(asyncio.Protocol):
         elif self.stop and not self.sent:
             self.drained.set()
 
+    def busy(self) -> bool:
+        """Whether a request sent awaits its reply."""
+        return bool(self.sent)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.stop:
             self.stats.errors += 1
@@ -121,17 +130,17 @@ class Client(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def connect(host: str, port: int, factory: object) -> Client:
+async def connect(host: str, port: int, factory: Callable[[], P]) -> P:
     """Open one connection (retrying briefly on a full accept queue)."""
     loop = asyncio.get_running_loop()
     context = tls.client_context()
     server_name = tls.SERVER_NAME if context is not None else None
     for attempt in range(50):
         try:
-            _, proto = await loop.create_connection(  # type: ignore[call-overload]
+            _, proto = await loop.create_connection(
                 factory, host, port, ssl=context, server_hostname=server_name
             )
-            return proto  # type: ignore[return-value]
+            return proto
         except OSError:
             if attempt == 49:
                 raise
@@ -204,10 +213,24 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+class Loaded(Protocol):
+    """What a slice needs of a connection (:class:`Client`, and ``kvstreams.py``'s)."""
+
+    stop: bool
+    drained: asyncio.Event
+    transport: asyncio.Transport | None
+
+    def start(self) -> None:
+        """Put load on the connection until ``stop`` is set."""
+
+    def busy(self) -> bool:
+        """Whether something sent awaits its answer."""
+
+
 class Target:
     """One target of a slices run: its connections and what its slices measured."""
 
-    def __init__(self, clients: list[Client], stats: Stats, pid: int) -> None:
+    def __init__(self, clients: Sequence[Loaded], stats: Stats, pid: int) -> None:
         self.clients = clients
         self.stats = stats
         self.pid = pid
@@ -228,7 +251,7 @@ class Target:
         for client in self.clients:
             client.stop = True
         await asyncio.wait_for(
-            asyncio.gather(*(c.drained.wait() for c in self.clients if c.sent)), 30
+            asyncio.gather(*(c.drained.wait() for c in self.clients if c.busy())), 30
         )
         elapsed = time.perf_counter() - start
         used = cpu_ns(self.pid) - cpu
@@ -261,6 +284,12 @@ async def run_slices(args: argparse.Namespace) -> None:
             *(connect(host, int(port), factory) for _ in range(args.connections))
         )
         targets.append(Target(list(clients), stats, pid))
+    await take_turns(targets, args)
+
+
+async def take_turns(targets: list[Target], args: argparse.Namespace) -> None:
+    """A warm-up slice each, then ``args.slices`` rounds of turns (forward, then backward);
+    print per-target totals and per-slice CPU as ``SLICES [...]``; close the connections."""
     for t in targets:
         await t.slice(args.warmup, measure=False)
     print("MEASURE", flush=True)

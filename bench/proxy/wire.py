@@ -1,4 +1,5 @@
-"""Pre-built request and reply frames for the proxy benchmark (Thrift framed binary, Dubbo).
+"""Pre-built request and reply frames for the proxy benchmark (Thrift framed binary, Dubbo, and
+the example KV protocol's stream frames).
 
 Frames are built once; the load generator and the canned upstream only patch the request id.
 """
@@ -25,12 +26,17 @@ class Wire:
         """Total size of the frame starting at ``pos`` (needs ``header_size`` bytes)."""
         if self.name == "thrift":
             return 4 + int.from_bytes(buf[pos : pos + 4], "big")
+        if self.name == "kv":
+            head = int.from_bytes(buf[pos + 8 : pos + 10], "big")
+            return 16 + head + int.from_bytes(buf[pos + 12 : pos + 16], "big")
         return 16 + int.from_bytes(buf[pos + 12 : pos + 16], "big")
 
     def is_error(self, buf: bytes | bytearray, pos: int) -> bool:
         """Whether the reply at ``pos`` is an error (a proxy's local reply, for instance)."""
         if self.name == "thrift":
             return buf[pos + 7] != 2  # message type: 2 REPLY, 3 EXCEPTION
+        if self.name == "kv":
+            return buf[pos + 3] == KV_ERROR
         return buf[pos + 3] != 20  # Dubbo status 20 OK
 
     def id_offset(self, frame: bytes | bytearray, pos: int = 0) -> tuple[int, int]:
@@ -38,12 +44,15 @@ class Wire:
         if self.name == "thrift":
             name_len = int.from_bytes(frame[pos + 8 : pos + 12], "big")
             return pos + 12 + name_len, 4
+        if self.name == "kv":
+            return pos + 4, 4  # a stream frame's stream id
         return pos + 4, 8
 
 
 THRIFT = Wire("thrift", 12)
 DUBBO = Wire("dubbo", 16)
-WIRES = {"thrift": THRIFT, "dubbo": DUBBO}
+KV = Wire("kv", 16)
+WIRES = {"thrift": THRIFT, "dubbo": DUBBO, "kv": KV}
 
 
 # --- Thrift (framed transport, strict binary protocol) -----------------------------------
@@ -122,3 +131,22 @@ def dubbo_reply(payload: int, request_id: int = 1) -> bytes:
 
 REQUESTS = {"thrift": thrift_request, "dubbo": dubbo_request}
 REPLIES = {"thrift": thrift_reply, "dubbo": dubbo_reply}
+
+
+# --- KV streams (metaprotocol_sdk/examples/kv.py) -----------------------------------------
+
+#: Frame kinds: error, stream open, stream data, stream half-close.
+KV_ERROR, KV_OPEN, KV_DATA, KV_HALF_CLOSE = 5, 6, 7, 8
+
+
+def kv_frame(
+    kind: int, stream_id: int, headers: dict[str, str] | None = None, body: bytes = b""
+) -> bytes:
+    """One KV frame (built here, so the load generator does not import the SDK)."""
+    block = b"".join(
+        bytes((len(k),)) + k.encode() + len(v).to_bytes(2, "big") + v.encode()
+        for k, v in (headers or {}).items()
+    )
+    return (
+        b"KV\x01" + struct.pack(">BIHHI", kind, stream_id, len(block), 0, len(body)) + block + body
+    )
