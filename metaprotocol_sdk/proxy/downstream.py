@@ -18,6 +18,7 @@ from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 from .accesslog import NO_CLIENT, client_facts
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
+from .config.models import codec_maker
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .streams import (
@@ -105,12 +106,14 @@ class ListenerRuntime:
         name: str,
         protocol_codec: type[Codec],
         table: RouteTable,
-        options: dict[str, object],
+        options: dict[str, Any],
     ) -> None:
         self.engine = engine
         self.name = name
         self.codec_class = protocol_codec
         self.options = options
+        #: Makes each connection's codec (see ``codec_maker``).
+        self.new_codec = codec_maker(protocol_codec, options)
         self.table = table
         stats = engine.stats
         self.accepted = stats.counter("metaprotocol_downstream_connections_total", listener=name)
@@ -301,7 +304,7 @@ class Downstream(asyncio.Protocol):
     def __init__(self, listener: ListenerRuntime) -> None:
         self.listener = listener
         self.engine = listener.engine
-        self.codec: Codec = listener.codec_class.from_options(listener.options)
+        self.codec: Codec = listener.new_codec()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.need = 0

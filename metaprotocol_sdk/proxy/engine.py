@@ -871,6 +871,7 @@ class Engine:
             current.table = runtime.table
             current.codec_class = runtime.codec_class
             current.options = runtime.options
+            current.new_codec = runtime.new_codec
             current._unrouted = runtime._unrouted
             current.tls = runtime.tls  # new connections shake hands with the new files
             current.tls_stats = runtime.tls_stats

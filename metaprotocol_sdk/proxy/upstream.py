@@ -25,7 +25,13 @@ from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, make_balancer
-from .config.models import ConnectionPool, LoadBalancer, OutlierDetection, Protocol
+from .config.models import (
+    ConnectionPool,
+    LoadBalancer,
+    OutlierDetection,
+    Protocol,
+    codec_maker,
+)
 from .outlier import OutlierDetector
 from .priority import priority_balancer
 from .stats import Counter
@@ -208,6 +214,8 @@ class Cluster:
         self.engine = engine
         self.name = name
         self.protocol = protocol
+        #: Makes each connection's codec (see ``codec_maker``).
+        self.new_codec = codec_maker(protocol.codec_class, protocol.options)
         self.hosts = hosts
         self.policy = policy
         #: Whether the hosts have several failover priorities: then the balancer picks a
@@ -441,7 +449,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self.engine = cluster.engine
         self.shared = cluster.shared
-        codec = cluster.protocol.create_codec()
+        codec = cluster.new_codec()
         self.codec: Codec = codec
         self.max_id = codec.max_request_id
         #: The codec's peek_reply when it declares the capability (see _forward).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 from proxy_kit import (
     REQUEST,
@@ -18,6 +20,8 @@ from proxy_kit import (
     run,
     until,
 )
+
+from metaprotocol_sdk.examples.kv import KVCodec
 
 
 def test_route_not_found() -> None:
@@ -295,6 +299,42 @@ def test_responses_from_clients_are_refused() -> None:
             assert (reply.request_id, error_type(reply)) == (99, "BadRequest")
             assert (await c.call(rid=100)).attributes["server"] == "a"
             assert up.received[0].request_id != 99 and len(up.received) == 1
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+class KibKVCodec(KVCodec):
+    """A codec whose own ``from_options`` reads an option ``__init__`` does not take."""
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None) -> KibKVCodec:
+        kib = int(dict(options or {}).get("max_kib", 1024))
+        return cls(max_frame_size=kib * 1024)
+
+
+def test_a_codec_with_its_own_from_options_builds_every_connections_codec() -> None:
+    """Each connection's codec is built without checking the options again (they were
+    checked at load), except for a codec that overrides ``from_options``: its own reading of
+    the options holds on every connection, both sides."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh(
+            [(up.port, "v1")],
+            codec=f"{__name__}:KibKVCodec",
+            proxy="codecOptions: {kv: {max_kib: 1}}\n",
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call(body=b"x" * 100, rid=1)) is None
+            reply = await c.call(body=b"x" * 2000, rid=2)
+            assert (reply.request_id, error_type(reply)) == (2, "OverLimit")
+            c.close()  # a frame past the limit ends its connection
+            c = await Client.connect(address(engine))
+            big = await c.call("big", {"size": "2000"}, rid=3)
+            assert (big.request_id, error_type(big)) == (3, "BadResponse")
             c.close()
         await up.close()
 
