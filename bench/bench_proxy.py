@@ -44,11 +44,13 @@ import contextlib
 import json
 import os
 import platform
+import queue
 import re
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -127,20 +129,35 @@ class Proc:
             start_new_session=True,
             **kwargs,  # type: ignore[call-overload]
         )
+        # Lines are read by a thread, so that :meth:`expect` waits for one with a deadline
+        # (a readline would block past it on a process that prints nothing).
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+
+    def _read_lines(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # end of output
 
     def expect(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        """Read stdout lines until one matches ``pattern``."""
+        """Read stdout lines until one matches ``pattern`` (``TimeoutError`` after
+        ``timeout`` seconds, however quiet the process is)."""
         deadline = time.monotonic() + timeout
-        assert self.p.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.p.stdout.readline()
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"no line matching {pattern!r} within {timeout:g}s from {self.p.args[:3]}"
+                ) from None
             if not line:
+                self.lines.put("")  # still ended for the next call
                 err = self.p.stderr.read() if self.p.stderr else ""
                 raise RuntimeError(f"{self.p.args[:3]} exited: {err[-2000:]}")
             match = re.search(pattern, line)
             if match:
                 return match
-        raise TimeoutError(f"no line matching {pattern!r}")
 
     def stop(self) -> None:
         """Close stdin, then terminate the process group."""
