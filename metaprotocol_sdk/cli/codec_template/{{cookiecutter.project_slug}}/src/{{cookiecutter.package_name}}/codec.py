@@ -70,8 +70,8 @@ class {{ cookiecutter.__codec_class }}(Codec):
 
     ``codec_state`` of a decoded message is its ``protocol.Kind``.
 {%- if cookiecutter.streaming %} A stream frame's ``stream_id``
-    is its request id field (never 0) and its ``stream_type`` ``BidiStream``; every other
-    frame's ``stream_id`` is 0.
+    is its request id field and its ``stream_type`` ``BidiStream`` (the engine refuses a
+    stream opened with id 0); every other frame's ``stream_id`` is 0.
 {%- endif %}
     """
 
