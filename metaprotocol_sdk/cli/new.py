@@ -97,6 +97,14 @@ def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Codec: declare request-id rewriting (the engine multiplexes upstream connections).",
 )
 @click.option(
+    "--streaming/--no-streaming",
+    default=None,
+    help=(
+        "Codec: declare streams (stream open, data, half-close and close frames; the example "
+        "client and server open and echo one); default: off."
+    ),
+)
+@click.option(
     "-x",
     "--set",
     "extra",
@@ -130,6 +138,7 @@ def command(
     heartbeat: bool | None,
     oneway: bool | None,
     rewrite_request_id: bool | None,
+    streaming: bool | None,
     extra: tuple[str, ...],
     no_input: bool,
     output_dir: Path,
@@ -148,6 +157,7 @@ def command(
             ("--heartbeat/--no-heartbeat", heartbeat),
             ("--oneway/--no-oneway", oneway),
             ("--rewrite-request-id/--no-rewrite-request-id", rewrite_request_id),
+            ("--streaming/--no-streaming", streaming),
         ):
             if flag is not None:
                 fail(f"{option} declares a codec capability; a filter package has none", 2)
@@ -178,6 +188,7 @@ def command(
         ("heartbeat", heartbeat),
         ("oneway", oneway),
         ("rewrite_request_id", rewrite_request_id),
+        ("streaming", streaming),
     ):
         if value is not None:
             context[key] = value

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -26,7 +27,11 @@ BIN = Path(PYTHON).parent
 
 
 def isolated_env(tmp: Path) -> dict[str, str]:
-    """The environment for cookiecutter runs: its replay files go to ``tmp``, not ``$HOME``."""
+    """The environment for cookiecutter runs: its replay files go to ``tmp``, not ``$HOME``.
+
+    ``PYTHONPATH`` is this checkout alone: commands run its SDK (and its templates) even where
+    the venv's editable install is another checkout's (a git worktree of it).
+    """
     config = tmp / "cookiecutter-config.yaml"
     config.write_text(
         f"cookiecutters_dir: {tmp / 'cookiecutters'}\nreplay_dir: {tmp / 'replay'}\n",
@@ -34,7 +39,7 @@ def isolated_env(tmp: Path) -> dict[str, str]:
     )
     env = dict(os.environ)
     env["COOKIECUTTER_CONFIG"] = str(config)
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(REPO)
     return env
 
 
@@ -174,20 +179,7 @@ def run_in_engine(
         )
         services.append(server)
         server_port = int(server.wait_for(r"^listening on 127\.0\.0\.1:(\d+)$").group(1))
-
-        docs = list(yaml.safe_load_all((project / "deploy" / "mesh.yaml").read_text("utf-8")))
-        (entry,) = [d for d in docs if d["kind"] == "ServiceEntry"]
-        (endpoint,) = entry["spec"]["endpoints"]
-        (port_name,) = endpoint["ports"]
-        endpoint["ports"][port_name] = server_port
-        mesh = tmp_path / "mesh.yaml"
-        mesh.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
-        settings = yaml.safe_load((project / "deploy" / "proxy.yaml").read_text("utf-8"))
-        for listener in settings["spec"]["listeners"]:
-            listener["bind"] = "127.0.0.1:0"
-        settings["spec"]["admin"]["bind"] = "127.0.0.1:0"
-        proxy_yaml = tmp_path / "proxy.yaml"
-        proxy_yaml.write_text(yaml.safe_dump(settings), encoding="utf-8")
+        mesh, proxy_yaml, entry = deploy_files(project, tmp_path, server_port)
 
         engine = Service(
             [*metaprotocol_command(python), "proxy", "-c", mesh, "-c", proxy_yaml],
@@ -251,6 +243,27 @@ def run_in_engine(
         for service in reversed(services):
             service.stop()
     return outputs
+
+
+def deploy_files(
+    project: Path, tmp_path: Path, server_port: int
+) -> tuple[Path, Path, dict[str, Any]]:
+    """The package's ``deploy/`` files with only the addresses changed: the engine binds free
+    ports, the ServiceEntry endpoint is the server's port. Also the ServiceEntry itself."""
+    docs = list(yaml.safe_load_all((project / "deploy" / "mesh.yaml").read_text("utf-8")))
+    (entry,) = [d for d in docs if d["kind"] == "ServiceEntry"]
+    (endpoint,) = entry["spec"]["endpoints"]
+    (port_name,) = endpoint["ports"]
+    endpoint["ports"][port_name] = server_port
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+    settings = yaml.safe_load((project / "deploy" / "proxy.yaml").read_text("utf-8"))
+    for listener in settings["spec"]["listeners"]:
+        listener["bind"] = "127.0.0.1:0"
+    settings["spec"]["admin"]["bind"] = "127.0.0.1:0"
+    proxy_yaml = tmp_path / "proxy.yaml"
+    proxy_yaml.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    return mesh, proxy_yaml, entry
 
 
 def metaprotocol_command(python: Path) -> list[str | Path]:

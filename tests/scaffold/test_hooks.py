@@ -72,7 +72,7 @@ def test_every_problem_is_reported_at_once_by_metaprotocol_new(tmp_path: Path) -
 
 def test_metaprotocol_new_prompts_by_default(tmp_path: Path) -> None:
     # Answers in prompt order; an empty line keeps the default shown in the prompt.
-    answers = ["zeta_rpc", "", "", "", "José Núñez", "jose@example.com", "2", "", "n", "", ""]
+    answers = ["zeta_rpc", "", "", "", "José Núñez", "jose@example.com", "2", "", "n", "", "", "y"]
     proc = run(
         [PYTHON, "-m", "metaprotocol_sdk", "new", "-o", tmp_path / "out"],
         env=isolated_env(tmp_path),
@@ -87,6 +87,7 @@ def test_metaprotocol_new_prompts_by_default(tmp_path: Path) -> None:
     assert "class ZetaRpcCodec(Codec):" in codec
     assert "heartbeat=False," in codec
     assert "oneway=True," in codec
+    assert "streaming=True," in codec
 
 
 def test_author_defaults_to_the_git_identity(tmp_path: Path) -> None:
@@ -146,6 +147,7 @@ def test_protocol_of_another_installed_codec_is_rejected() -> None:
         "heartbeat": True,
         "oneway": True,
         "rewrite_request_id": True,
+        "streaming": False,
         "__codec_class": "AcmeCodec",
     }
     assert hook.validate(answers, {}) == []

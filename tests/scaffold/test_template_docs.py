@@ -24,12 +24,16 @@ MODULE = re.compile(r"python -m ([\w.<>]+)")
 SUBCOMMAND = re.compile(r"(?<![\w-])metaprotocol ([a-z]+)\b")
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A package from ``metaprotocol new`` and what the command printed (its next steps)."""
+@pytest.fixture(scope="module", params=["default", "streaming"])
+def rendered(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> tuple[Path, str]:
+    """A package from ``metaprotocol new`` (also with ``--streaming``, whose README and next
+    steps say more) and what the command printed (its next steps)."""
     tmp = tmp_path_factory.mktemp("render")
+    options = ["--streaming"] if request.param == "streaming" else []
     made = run(
-        [PYTHON, "-m", "metaprotocol_sdk", "new", "acme", "--no-input", "-o", tmp],
+        [PYTHON, "-m", "metaprotocol_sdk", "new", "acme", "--no-input", "-o", tmp, *options],
         env=isolated_env(tmp),
     )
     return tmp / "metaprotocol-codec-acme", made.stdout

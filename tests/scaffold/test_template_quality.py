@@ -24,6 +24,7 @@ VARIANTS = {
         "heartbeat": "yes",
         "oneway": "yes",
         "rewrite_request_id": "yes",
+        "streaming": "yes",
         "license": "BSD-3-Clause",
     },
     "no-capabilities": {
@@ -31,6 +32,7 @@ VARIANTS = {
         "heartbeat": "no",
         "oneway": "no",
         "rewrite_request_id": "no",
+        "streaming": "no",
         "license": "Proprietary",
     },
 }
@@ -88,6 +90,10 @@ def test_generated_package_is_clean(tmp_path: Path, variant: str) -> None:
     kinds = {v["expect"].get("message_type") for v in yaml.safe_load(golden)["vectors"]}
     assert ("Heartbeat" in kinds) is (answers["heartbeat"] == "yes")
     assert ("Oneway" in kinds) is (answers["oneway"] == "yes")
+    streams = {"Stream_Init", "Stream_Data", "Stream_Close_One_Way", "Stream_Close_Two_Way"}
+    assert (streams <= kinds) is (answers["streaming"] == "yes")
+    assert (project / "tests" / "test_engine.py").is_file() is (answers["streaming"] == "yes")
     codec = (project / "src" / package / "codec.py").read_text(encoding="utf-8")
     for flag in ("heartbeat", "oneway", "rewrite_request_id"):
         assert f"{flag}={answers[flag] == 'yes'}," in codec
+    assert ("streaming=True," in codec) is (answers["streaming"] == "yes")

@@ -1,4 +1,5 @@
-"""Finish the generated package: make the CI script executable and print the next steps."""
+"""Finish the generated package: make the CI script executable, drop the files of a capability
+the answers leave out, and print the next steps."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 PROTOCOL = "{{ cookiecutter.protocol_name }}"
 PACKAGE = "{{ cookiecutter.package_name }}"
+_STREAMING: str = "{{ cookiecutter.streaming }}"  # rendered as True or False
+STREAMING = _STREAMING == "True"
 
 
 def main() -> int:
@@ -16,6 +19,8 @@ def main() -> int:
     script = root / "ci.sh"
     mode = script.stat().st_mode
     script.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    if not STREAMING:
+        (root / "tests" / "test_engine.py").unlink()  # it runs a stream through the engine
     print(
         "next steps:\n"
         f"  cd {root}\n"
@@ -25,7 +30,8 @@ def main() -> int:
         f"  python -m {PACKAGE}.example_server --port 9100\n"
         "  metaprotocol proxy -c deploy/mesh.yaml -c deploy/proxy.yaml\n"
         f"  python -m {PACKAGE}.example_client --port 9000\n"
-        "README.md says what to change first."
+        + (f"  python -m {PACKAGE}.example_client --port 9000 --stream\n" if STREAMING else "")
+        + "README.md says what to change first."
     )
     return 0
 

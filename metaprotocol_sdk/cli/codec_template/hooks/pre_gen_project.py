@@ -66,7 +66,7 @@ def validate(answers: dict[str, object], installed: dict[str, str]) -> list[str]
     if protocol:
         shared.check_class_name("codec", answers.get("__codec_class"), problems)
     shared.check_contact(answers, problems)
-    for flag in ("heartbeat", "oneway", "rewrite_request_id"):
+    for flag in ("heartbeat", "oneway", "rewrite_request_id", "streaming"):
         if not isinstance(answers.get(flag), bool):
             problems.append(f"{flag}: answer yes or no, got {answers.get(flag)!r}")
     return problems

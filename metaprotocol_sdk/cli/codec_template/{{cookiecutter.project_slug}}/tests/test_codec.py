@@ -9,6 +9,9 @@ from metaprotocol_sdk import (
     Metadata,
     NeedData,
     ResponseStatus,
+{%- if cookiecutter.streaming %}
+    StreamType,
+{%- endif %}
     join_encoded,
 )
 
@@ -74,4 +77,26 @@ def test_ping_gets_a_pong_with_the_same_id() -> None:
     assert reply.message_type is MessageType.Heartbeat
     assert reply.request_id == 9
     assert codec.heartbeat_reply(reply) is None
+{%- endif %}
+{%- if cookiecutter.streaming %}
+
+
+def test_stream_frames_carry_the_stream_id_from_the_id_field() -> None:
+    for kind in (Kind.STREAM_OPEN, Kind.STREAM_DATA, Kind.STREAM_HALF_CLOSE, Kind.STREAM_CLOSE):
+        md = decode(build_frame(kind, 9, {"method": "chat"}, b"tick"))
+        assert md.message_type.name.startswith("Stream_")
+        assert (md.stream_id, md.request_id) == (9, 9)
+        assert md.stream_type is StreamType.BidiStream
+    request = decode(build_frame(Kind.REQUEST, 9))
+    assert (request.stream_id, request.stream_type) == (0, StreamType.Unary)
+
+
+def test_error_reply_to_a_stream_open_ends_that_stream() -> None:
+    md = decode(build_frame(Kind.STREAM_OPEN, 11, {"method": "chat"}))
+    assert md.message_type is MessageType.Stream_Init
+    error = LocalError(ErrorType.UpstreamConnectFailure, "refused")
+    reply = decode({{ cookiecutter.__codec_class }}().on_error(md, error))
+    # The client reads an ERROR with the stream's id as the stream's end.
+    assert reply.message_type is MessageType.Error
+    assert reply.request_id == 11
 {%- endif %}

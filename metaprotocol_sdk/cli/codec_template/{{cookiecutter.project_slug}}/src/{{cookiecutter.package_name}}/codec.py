@@ -22,6 +22,9 @@ from metaprotocol_sdk import (
     MutationError,
     NeedData,
     ResponseStatus,
+{%- if cookiecutter.streaming %}
+    StreamType,
+{%- endif %}
     UnsupportedError,
     take_frame,
 )
@@ -31,6 +34,9 @@ from .protocol import (
     HEADER_SIZE,
     KV_LENGTH_OFFSET,
     REQUEST_ID_OFFSET,
+{%- if cookiecutter.streaming %}
+    STREAM_KINDS,
+{%- endif %}
     VERSION,
     Kind,
     build_frame,
@@ -50,6 +56,12 @@ MESSAGE_TYPES: dict[int, MessageType] = {
     Kind.PONG: MessageType.Heartbeat,
 {%- endif %}
     Kind.ERROR: MessageType.Error,
+{%- if cookiecutter.streaming %}
+    Kind.STREAM_OPEN: MessageType.Stream_Init,
+    Kind.STREAM_DATA: MessageType.Stream_Data,
+    Kind.STREAM_HALF_CLOSE: MessageType.Stream_Close_One_Way,
+    Kind.STREAM_CLOSE: MessageType.Stream_Close_Two_Way,
+{%- endif %}
 }
 
 
@@ -57,6 +69,10 @@ class {{ cookiecutter.__codec_class }}(Codec):
     """Codec for the {{ cookiecutter.protocol_name }} protocol.
 
     ``codec_state`` of a decoded message is its ``protocol.Kind``.
+{%- if cookiecutter.streaming %} A stream frame's ``stream_id``
+    is its request id field and its ``stream_type`` ``BidiStream`` (the engine refuses a
+    stream opened with id 0); every other frame's ``stream_id`` is 0.
+{%- endif %}
     """
 
     protocol = "{{ cookiecutter.protocol_name }}"
@@ -67,6 +83,9 @@ class {{ cookiecutter.__codec_class }}(Codec):
         response_mutation=True,
         rewrite_request_id={{ cookiecutter.rewrite_request_id }},
         error_reply=True,
+{%- if cookiecutter.streaming %}
+        streaming=True,
+{%- endif %}
     )
 
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
@@ -80,10 +99,18 @@ class {{ cookiecutter.__codec_class }}(Codec):
         message_type = MESSAGE_TYPES.get(kind)
         if message_type is None:
             raise FramingError(f"unknown frame kind {kind}", offset=3)
+{%- if cookiecutter.streaming %}
+        stream_id = request_id if kind in STREAM_KINDS else 0
+{%- endif %}
         size = HEADER_SIZE + kv_length + body_length
         if size > self.max_frame_size:
             # Refused from the length fields alone, before the body is buffered.
+{%- if cookiecutter.streaming %}
+            # A stream frame's metadata carries its stream id: on_error answers with it.
+            partial = Metadata(message_type, request_id=request_id, stream_id=stream_id)
+{%- else %}
             partial = Metadata(message_type, request_id=request_id)
+{%- endif %}
             raise FrameTooLargeError(size, self.max_frame_size, offset=10, metadata=partial)
         if len(buffer) < size:
             return NeedData(size)
@@ -91,7 +118,11 @@ class {{ cookiecutter.__codec_class }}(Codec):
             pairs = decode_kv(buffer, HEADER_SIZE, HEADER_SIZE + kv_length)
         except FramingError as exc:
             # The frame's extent is known: an engine may drop it and go on with the next one.
+{%- if cookiecutter.streaming %}
+            exc.metadata = Metadata(message_type, request_id=request_id, stream_id=stream_id)
+{%- else %}
             exc.metadata = Metadata(message_type, request_id=request_id)
+{%- endif %}
             exc.frame_size = size
             raise
         frame = take_frame(buffer, size)
@@ -111,6 +142,10 @@ class {{ cookiecutter.__codec_class }}(Codec):
             response_status=response_status,
             attributes=Attributes(pairs),
             codec_state=Kind(kind),
+{%- if cookiecutter.streaming %}
+            stream_type=StreamType.BidiStream if kind in STREAM_KINDS else StreamType.Unary,
+            stream_id=stream_id,
+{%- endif %}
         )
 
     def encode(
@@ -144,7 +179,13 @@ class {{ cookiecutter.__codec_class }}(Codec):
         return [bytes(header), block, message.body]
 
     def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
-        """An ERROR frame with the request's id; the status byte carries the error type."""
+        """An ERROR frame with the request's id; the status byte carries the error type.
+{%- if cookiecutter.streaming %}
+
+        For a stream frame (the engine could not open or keep the stream) the id is the
+        stream's: the client reads the ERROR as the end of that stream.
+        """
+{%- else %}"""{% endif %}
         return build_frame(
             Kind.ERROR,
             metadata.request_id,

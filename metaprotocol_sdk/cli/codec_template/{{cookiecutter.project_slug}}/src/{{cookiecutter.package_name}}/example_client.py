@@ -2,9 +2,19 @@
 
     python -m {{ cookiecutter.package_name }}.example_client --port 9000 --header a=b
     python -m {{ cookiecutter.package_name }}.example_client --golden  # golden vectors
+{%- if cookiecutter.streaming %}
+    python -m {{ cookiecutter.package_name }}.example_client --port 9000 --stream --count 2
+{%- endif %}
 
 Each reply is printed as one JSON line (request id, message type, key-values, body). The
 exit status is 0 when every request got a successful response, 1 otherwise.
+{%- if cookiecutter.streaming %}
+
+``--stream`` opens stream 1 instead (a STREAM_OPEN with the method and headers), sends
+``--count`` STREAM_DATA frames with the body and a STREAM_HALF_CLOSE, and prints every frame
+it gets until the stream ends: exit status 0 when the server closed its side too, 1 when the
+stream ended with an ERROR.
+{%- endif %}
 """
 
 from __future__ import annotations
@@ -13,7 +23,11 @@ import argparse
 import asyncio
 import json
 import sys
+{%- if cookiecutter.streaming %}
+from collections.abc import Iterable, Mapping, Sequence
+{%- else %}
 from collections.abc import Mapping, Sequence
+{%- endif %}
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +38,15 @@ from .codec import {{ cookiecutter.__codec_class }}
 from .protocol import MAGIC, Kind, build_frame
 
 PROTOCOL = "{{ cookiecutter.protocol_name }}"
+{%- if cookiecutter.streaming %}
+#: Message type names (as golden ``expect`` spells them) of the stream frames.
+STREAM_TYPES = {
+    Kind.STREAM_OPEN: "Stream_Init",
+    Kind.STREAM_DATA: "Stream_Data",
+    Kind.STREAM_HALF_CLOSE: "Stream_Close_One_Way",
+    Kind.STREAM_CLOSE: "Stream_Close_Two_Way",
+}
+{%- endif %}
 GOLDEN_HEADER = """\
 # Golden vectors: real frames and the metadata the codec must decode from each of them.
 # These are the example client's frames (`python -m <package>.example_client --golden`);
@@ -68,6 +91,37 @@ def request(
     )
 
 
+{% if cookiecutter.streaming -%}
+def stream_frame(
+    kind: Kind, stream_id: int, pairs: Mapping[str, str] | None = None, body: bytes = b""
+) -> Example:
+    """A frame of a stream (its id field is the stream id) and the metadata it must decode to."""
+    pairs = dict(pairs or {})
+    return Example(
+        name=f"{kind.name.lower().replace('_', ' ')} {pairs.get('method', '')}".rstrip(),
+        frame=build_frame(kind, stream_id, pairs, body),
+        expect={
+            "message_type": STREAM_TYPES[kind],
+            "request_id": stream_id,
+            "stream_id": stream_id,
+            "stream_type": "BidiStream",
+            "operation_name": pairs.get("method", ""),
+            "body_size": len(body),
+            "attributes": pairs,
+        },
+    )
+
+
+def stream_frames(stream_id: int, pairs: Mapping[str, str], bodies: Iterable[bytes]) -> list[bytes]:
+    """What a client sends on a stream: the open (routed by ``pairs``), a data frame for each
+    of ``bodies``, and its half-close."""
+    frames = [build_frame(Kind.STREAM_OPEN, stream_id, pairs)]
+    frames += [build_frame(Kind.STREAM_DATA, stream_id, {}, body) for body in bodies]
+    frames.append(build_frame(Kind.STREAM_HALF_CLOSE, stream_id))
+    return frames
+
+
+{% endif -%}
 def examples() -> list[Example]:
     """The frames of the golden vectors: what this client sends, one of each kind."""
     found = [
@@ -87,6 +141,12 @@ def examples() -> list[Example]:
             frame=build_frame(Kind.PING, 5),
             expect={"message_type": "Heartbeat", "request_id": 5},
         ),
+{%- endif %}
+{%- if cookiecutter.streaming %}
+        stream_frame(Kind.STREAM_OPEN, 6, {"method": "chat", "tenant": "blue"}),
+        stream_frame(Kind.STREAM_DATA, 6, body=b"tick"),
+        stream_frame(Kind.STREAM_HALF_CLOSE, 6),
+        stream_frame(Kind.STREAM_CLOSE, 6),
 {%- endif %}
     ]
     first = found[0].frame
@@ -122,17 +182,30 @@ class Reply:
 
     @property
     def ok(self) -> bool:
+{%- if cookiecutter.streaming %}
+        """True for a successful response, a heartbeat reply or a stream frame."""
+        md = self.metadata
+        return (
+            md.message_type is MessageType.Heartbeat
+            or md.stream_id != 0  # an ERROR is no stream frame (its stream id is 0)
+            or (md.message_type is MessageType.Response and md.response_status is ResponseStatus.Ok)
+        )
+{%- else %}
         """True for a successful response or a heartbeat reply."""
         md = self.metadata
         return md.message_type is MessageType.Heartbeat or (
             md.message_type is MessageType.Response and md.response_status is ResponseStatus.Ok
         )
+{%- endif %}
 
     def to_dict(self) -> dict[str, Any]:
         """What the client prints."""
         md = self.metadata
         return {
             "request_id": md.request_id,
+{%- if cookiecutter.streaming %}
+            "stream_id": md.stream_id,
+{%- endif %}
             "message_type": md.message_type.name,
             "status": md.response_status.name,
             "attributes": md.attributes.to_dict(),
@@ -170,6 +243,40 @@ async def exchange(
     return received
 
 
+{% if cookiecutter.streaming -%}
+async def stream_exchange(
+    host: str, port: int, frames: Sequence[bytes], stream_id: int, timeout: float = 5.0
+) -> list[Reply]:
+    """Send ``frames`` (a stream's, maybe after a heartbeat) on one connection and wait (at
+    most ``timeout`` s) until the stream ends: the server's half-close or close, or an ERROR
+    with the stream's id (what the proxy sends when it cannot open or keep the stream)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    codec = {{ cookiecutter.__codec_class }}()
+    received: list[Reply] = []
+    buffer = bytearray()
+    ends = (MessageType.Stream_Close_One_Way, MessageType.Stream_Close_Two_Way)
+    try:
+        writer.write(b"".join(frames))
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError(f"connection closed before stream {stream_id} ended")
+                buffer += data
+                while not isinstance(message := codec.decode(buffer), NeedData):
+                    received.append(Reply(message))
+                    if (message.stream_id == stream_id and message.message_type in ends) or (
+                        message.message_type is MessageType.Error
+                        and message.request_id == stream_id
+                    ):
+                        return received
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+{% endif -%}
 def _pairs(values: Sequence[str]) -> dict[str, str]:
     pairs = {}
     for value in values:
@@ -195,6 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 {%- if cookiecutter.heartbeat %}
     parser.add_argument("--ping", action="store_true", help="send a heartbeat first")
 {%- endif %}
+{%- if cookiecutter.streaming %}
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="open stream 1 instead: --count data frames, then a half-close",
+    )
+{%- endif %}
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
     parser.add_argument("--golden", action="store_true", help="print golden vectors and exit")
     args = parser.parse_args(argv)
@@ -214,13 +328,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_frame(kind, n, {"method": args.method, **headers}, args.body.encode())
         for n in range(1, args.count + 1)
     ]
+{%- if cookiecutter.streaming %}
+    if args.stream:
+        pairs = {"method": args.method, **headers}
+        frames = stream_frames(1, pairs, [args.body.encode()] * args.count)
+{%- endif %}
 {%- if cookiecutter.heartbeat %}
     if args.ping:
         frames.insert(0, build_frame(Kind.PING, 0))
         replies += 1
 {%- endif %}
     try:
+{%- if cookiecutter.streaming %}
+        if args.stream:
+            exchanged = stream_exchange(args.host, args.port, frames, 1, args.timeout)
+        else:
+            exchanged = exchange(args.host, args.port, frames, replies, args.timeout)
+        received = asyncio.run(exchanged)
+{%- else %}
         received = asyncio.run(exchange(args.host, args.port, frames, replies, args.timeout))
+{%- endif %}
     except (OSError, TimeoutError, CodecError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

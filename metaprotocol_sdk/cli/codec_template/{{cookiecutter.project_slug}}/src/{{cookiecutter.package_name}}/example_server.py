@@ -6,6 +6,12 @@ It prints ``listening on HOST:PORT`` once bound (``--port 0`` picks a free port)
 JSON line per request with the key-values it received, so a proxy's mutation is visible here.
 Each response carries the request's key-values back, plus ``served-by`` (``--name``, to tell
 two servers apart behind the proxy), and echoes the body.
+{%- if cookiecutter.streaming %}
+
+On a stream it echoes each STREAM_OPEN and STREAM_DATA frame as a STREAM_DATA frame (the
+key-values plus ``served-by``, and the body), and answers the client's STREAM_HALF_CLOSE with
+its own, which ends the stream.
+{%- endif %}
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ def respond(
 {%- if cookiecutter.heartbeat %}
     if message.message_type is MessageType.Heartbeat:
         return codec.heartbeat_reply(message)
+{%- endif %}
+{%- if cookiecutter.streaming %}
+    if message.message_type in (MessageType.Stream_Init, MessageType.Stream_Data):
+        pairs = {**message.attributes.to_dict(), "served-by": served_by}
+        return build_frame(Kind.STREAM_DATA, message.stream_id, pairs, bytes(message.body))
+    if message.message_type is MessageType.Stream_Close_One_Way:
+        # The client sends no more on the stream: this side ends too, so the stream is over.
+        return build_frame(Kind.STREAM_HALF_CLOSE, message.stream_id)
 {%- endif %}
     return None
 

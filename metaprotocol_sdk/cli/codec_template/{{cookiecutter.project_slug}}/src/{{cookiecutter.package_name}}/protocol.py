@@ -10,7 +10,7 @@ Every frame is a fixed 16-byte header (big-endian), a key-value block and an opa
     0       2     magic 0xC0DE
     2       1     version (1)
     3       1     kind (see Kind)
-    4       4     request id
+    4       4     request id{% if cookiecutter.streaming %} (a stream's frames: the stream id, never 0){% endif %}
     8       1     status: 0 for success; for ERROR frames, the ErrorType number
     9       1     (padding, written as 0)
     10      2     key-value block length K
@@ -20,6 +20,14 @@ Every frame is a fixed 16-byte header (big-endian), a key-value block and an opa
 
 The key-values are the routable attributes (``method`` names the operation); the proxy
 writes route mutations into them. The body is never parsed.
+{%- if cookiecutter.streaming %}
+
+Streams: a client opens one with a STREAM_OPEN frame (routed by its key-values, as a request
+is), then either side sends STREAM_DATA frames with the same id; each side ends its half with
+a STREAM_HALF_CLOSE, and either may end both halves at once with a STREAM_CLOSE. An ERROR
+frame with the stream's id ends the stream too (what the proxy sends when it cannot open or
+keep a stream).
+{%- endif %}
 
 Keys ignore case and a repeated key's last value wins, as the SDK's ``Attributes`` (and the
 example server) read them, so no frame is ambiguous. If your servers read keys exactly (a
@@ -76,6 +84,18 @@ class Kind(IntEnum):
     PONG = 4
 {%- endif %}
     ERROR = 5
+{%- if cookiecutter.streaming %}
+    STREAM_OPEN = 6
+    STREAM_DATA = 7
+    STREAM_HALF_CLOSE = 8
+    STREAM_CLOSE = 9
+
+
+#: The frames of a stream: their request id field carries the stream id.
+STREAM_KINDS = frozenset(
+    {Kind.STREAM_OPEN, Kind.STREAM_DATA, Kind.STREAM_HALF_CLOSE, Kind.STREAM_CLOSE}
+)
+{%- endif %}
 
 
 def encode_kv(pairs: Mapping[str, str]) -> bytes:

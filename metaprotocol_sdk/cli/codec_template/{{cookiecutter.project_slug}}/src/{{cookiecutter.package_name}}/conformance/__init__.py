@@ -14,7 +14,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from metaprotocol_sdk.testing import Sample
 
-from ..protocol import Kind, build_frame
+from ..protocol import {% if cookiecutter.streaming %}STREAM_KINDS, {% endif %}Kind, build_frame
 
 #: Message type names (as golden ``expect`` spells them) of each kind of frame.
 MESSAGE_TYPES: dict[Kind, str] = {
@@ -28,6 +28,12 @@ MESSAGE_TYPES: dict[Kind, str] = {
     Kind.PONG: "Heartbeat",
 {%- endif %}
     Kind.ERROR: "Error",
+{%- if cookiecutter.streaming %}
+    Kind.STREAM_OPEN: "Stream_Init",
+    Kind.STREAM_DATA: "Stream_Data",
+    Kind.STREAM_HALF_CLOSE: "Stream_Close_One_Way",
+    Kind.STREAM_CLOSE: "Stream_Close_Two_Way",
+{%- endif %}
 }
 
 _KEY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-_."
@@ -36,7 +42,12 @@ _KEY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-_."
 @st.composite
 def _frame(draw: st.DrawFn) -> Sample:
     kind = draw(st.sampled_from(sorted(MESSAGE_TYPES)))
+{%- if cookiecutter.streaming %}
+    # A stream frame's id field is its stream id, never 0.
+    request_id = draw(st.integers(1 if kind in STREAM_KINDS else 0, 2**32 - 1))
+{%- else %}
     request_id = draw(st.integers(0, 2**32 - 1))
+{%- endif %}
     # Keys are distinct even ignoring case: attributes are case-insensitive.
     pairs = draw(
         st.dictionaries(
@@ -61,6 +72,10 @@ def _frame(draw: st.DrawFn) -> Sample:
     }
     if kind == Kind.RESPONSE:
         expect["response_status"] = "Ok"
+{%- if cookiecutter.streaming %}
+    if kind in STREAM_KINDS:
+        expect.update(stream_id=request_id, stream_type="BidiStream")
+{%- endif %}
     return Sample(frame=build_frame(kind, request_id, pairs, body, status=status), expect=expect)
 
 
