@@ -38,8 +38,9 @@ _INIT = MessageType.Stream_Init
 _CLOSE_ONE_WAY = MessageType.Stream_Close_One_Way
 _CLOSE_TWO_WAY = MessageType.Stream_Close_Two_Way
 _ERROR = MessageType.Error
-#: A stream's failures outlier detection counts against its endpoint.
-_GATEWAY_ERRORS = (ErrorType.UpstreamConnectFailure, ErrorType.UpstreamReset)
+#: A stream's failures outlier detection counts against its endpoint (as for a request: an
+#: unreadable frame is one too).
+_GATEWAY_ERRORS = (ErrorType.UpstreamConnectFailure, ErrorType.UpstreamReset, ErrorType.BadResponse)
 #: Frames a client sends on a stream (``Downstream`` hands them here).
 STREAM_FRAMES = frozenset(
     {_INIT, MessageType.Stream_Data, _CLOSE_ONE_WAY, _CLOSE_TWO_WAY},

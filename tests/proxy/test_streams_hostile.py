@@ -389,3 +389,25 @@ def test_a_client_that_writes_to_an_upstream_done_with_the_stream_does_not_eject
         await up.close()
 
     run(main())
+
+
+def test_a_stream_upstream_that_sends_unreadable_bytes_is_a_gateway_error() -> None:
+    """Bytes the codec refuses on a stream's connection reset the stream with ``BadResponse``
+    and count as a gateway error for outlier detection, as an unreadable reply to a request
+    does. (They were not counted: an endpoint that wrote garbage on every stream was never
+    ejected.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "garbage"})
+            (bad,) = await c.until(1, 1)
+            assert error_type(bad) == "BadResponse"
+            ejections = "metaprotocol_outlier_ejections_total"
+            await until(lambda: engine.stats.total(ejections) == 1, "the endpoint ejected")
+            c.close()
+        await up.close()
+
+    run(main())
