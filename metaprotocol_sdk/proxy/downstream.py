@@ -478,7 +478,9 @@ class Downstream(asyncio.Protocol):
         """``conn``, which this one waited for, drained or closed. The time spent waiting is
         not the client's: a partial frame's clock skips it."""
         self.blocked.discard(conn)
-        if not self.blocked and self.partial_since:
+        if not self.blocked and self.partial_since and not self._held_full():
+            # (While the frames of held ``Stream_Init`` frames are at their bound the engine
+            # still does not read: :meth:`unblock_held` skips the whole wait.)
             self.partial_since += self.engine.loop.time() - self.blocked_since
         self._maybe_resume_reading()
 
@@ -495,7 +497,8 @@ class Downstream(asyncio.Protocol):
         self._pause_reading()
 
     def unblock_held(self) -> None:
-        """A held ``Stream_Init`` was settled: read again if nothing else stops it."""
+        """A held ``Stream_Init`` was settled, and the frames waiting are below their bound
+        again: read again if nothing else stops it."""
         if not self.reading_paused or self._held_full():
             return
         if not self.blocked and self.partial_since:

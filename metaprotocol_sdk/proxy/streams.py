@@ -290,10 +290,12 @@ def _settle_held(downstream: Downstream, init: Metadata) -> list[Metadata]:
     del held.by_id[init.stream_id]
     frames = entry[1]
     size = sum(len(f.frame) for f in frames)
+    was_full = held.full(downstream)
     held.size -= size
     downstream.inflight_bytes -= size
     downstream.engine.buffered -= size
-    downstream.unblock_held()
+    if was_full:
+        downstream.unblock_held()
     return frames
 
 

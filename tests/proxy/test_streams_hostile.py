@@ -8,7 +8,18 @@ import sys
 import types
 from collections.abc import Awaitable
 
-from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, mesh, run, until
+from proxy_kit import (
+    WAIT,
+    Client,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+    until,
+)
 from test_streams import (
     StreamClient,
     StreamServer,
@@ -37,8 +48,24 @@ class HoldingFilter(Filter):
         return HoldingFilter.gate.wait()
 
 
+class ChatHolder(Filter):
+    """Holds a ``Stream_Init`` of method ``chat`` until ``gate`` is set."""
+
+    name = "chat-holder"
+    gate: asyncio.Event | None = None
+    holding: asyncio.Event | None = None
+
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
+        if context.request.operation_name != "chat":
+            return None
+        assert ChatHolder.gate is not None and ChatHolder.holding is not None
+        ChatHolder.holding.set()
+        return ChatHolder.gate.wait()
+
+
 _mod = types.ModuleType("stream_hostile_filters")
 _mod.HoldingFilter = HoldingFilter  # type: ignore[attr-defined]
+_mod.ChatHolder = ChatHolder  # type: ignore[attr-defined]
 sys.modules["stream_hostile_filters"] = _mod
 
 
@@ -407,6 +434,46 @@ def test_a_stream_upstream_that_sends_unreadable_bytes_is_a_gateway_error() -> N
             assert error_type(bad) == "BadResponse"
             ejections = "metaprotocol_outlier_ejections_total"
             await until(lambda: engine.stats.total(ejections) == 1, "the endpoint ejected")
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_held_stream_init_settled_while_the_client_reads_nothing_keeps_the_frame_clock() -> None:
+    """A client's partial frame must complete within ``timeouts.frame``, also when a held
+    ``Stream_Init`` is let go while the engine stops reading the client for another reason (its
+    unread replies). (Letting it go moved the partial frame's clock by the loop's time since
+    the connection was last blocked, or since the loop started: the partial frame then held
+    the connection for good, neither frame nor idle timeout closing it.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        ChatHolder.gate, ChatHolder.holding = asyncio.Event(), asyncio.Event()
+        proxy = "timeouts: {frame: 1s}\nlimits: {connectionBufferBytes: 262144}\n"
+        config = with_filter(
+            mesh([(up.port, "v1")], proxy=proxy), "stream_hostile_filters:ChatHolder"
+        )
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            assert c.transport is not None
+            c.transport.pause_reading()
+            flood = {"method": "flood", "count": "1024", "size": "65536"}  # 64 MiB
+            partial = build_frame(STREAM_DATA, 2, {}, b"never finished")[:7]
+            c.send(
+                build_frame(STREAM_OPEN, 1, {"method": "chat"})
+                + build_frame(STREAM_OPEN, 2, flood)
+                + partial
+            )
+            await asyncio.wait_for(ChatHolder.holding.wait(), WAIT)
+            dx = next(iter(engine.downstreams))
+            await until(lambda: dx.write_paused and dx.partial_since, "paused, a partial frame")
+            ChatHolder.gate.set()
+            closed = "metaprotocol_downstream_connections_closed_total"
+            await until(
+                lambda: engine.stats.total(closed, reason="frame_timeout") == 1,
+                "the partial frame timed out",
+            )
             c.close()
         await up.close()
 
