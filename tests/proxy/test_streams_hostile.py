@@ -478,3 +478,35 @@ def test_a_held_stream_init_settled_while_the_client_reads_nothing_keeps_the_fra
         await up.close()
 
     run(main())
+
+
+def test_a_stream_open_across_a_reload_is_counted_in_its_routes_series() -> None:
+    """A reload renames the route of an open stream: the old route's series stay while the
+    stream is open (a sweep keeps them, as for a request in flight), so its end is counted,
+    and the totals agree with what the client saw. (The sweep dropped them: the stream's end
+    went into a series no longer in the registry, and one closed stream was never counted.)"""
+
+    def config(port: int, route: str) -> str:
+        router = f"- name: {route}\n  route: [{{destination: {{host: svc.test, subset: v1}}}}]\n"
+        return mesh([(port, "v1")], router=router)
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        async with engine_for(config(up.port, "r0")) as engine:
+            c = await StreamClient.connect(address(engine))
+            for sid in (1, 2):
+                c.frame(STREAM_OPEN, sid, {"method": "chat"})
+                await c.until(sid, 1)
+            c.frame(STREAM_HALF_CLOSE, 1)
+            await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
+            await engine.apply(loads_config(config(up.port, "r1")))
+            engine.prune_stats()  # what a housekeeping sweep does: stream 2 is open
+            c.frame(STREAM_HALF_CLOSE, 2)
+            await until(lambda: active(engine) == 0, "stream 2 ended")
+            assert streams(engine, "closed") == 2
+            engine.prune_stats()  # nothing holds the old route now: folded, still counted
+            assert streams(engine, "closed") == 2
+            c.close()
+        await up.close()
+
+    run(main())
