@@ -140,19 +140,20 @@ def _error_replies(
 
 @check("error_reply_nonempty", "errors", requires="error_reply")
 def error_reply_nonempty(ctx: CheckContext) -> None:
-    """on_error() for every ErrorType is a non-empty reply that decodes as Response or Error."""
+    """on_error() for every ErrorType is a non-empty reply that decodes as Response or Error
+    (or, for a stream frame, as the stream's reset)."""
     _error_replies(ctx, check_id=False)
 
 
 @check("error_reply_request_id", "errors", requires="error_reply")
 def error_reply_request_id(ctx: CheckContext) -> None:
-    """Every error reply carries the request's id."""
+    """Every error reply carries the request's id (a stream's reset: the stream's id)."""
     _error_replies(ctx, check_id=True)
 
 
 @check("error_reply_status", "errors", requires="error_reply")
 def error_reply_status(ctx: CheckContext) -> None:
-    """Every error reply decodes with response_status Error.
+    """Every error reply decodes with response_status Error (a stream's reset need not).
 
     An engine retries a route on an Error reply and counts replies by status; an error reply
     that decodes as Ok is counted a success and never retried.
@@ -165,7 +166,8 @@ def error_reply_any_message(ctx: CheckContext) -> None:
     """on_error() takes any message text: empty, non-ASCII, quotes, newlines, 1000 chars.
 
     An engine's reasons quote upstream and codec errors, which quote bytes off the wire; the
-    reply must still be built, decode as one Response or Error and carry the request's id.
+    reply must still be built, decode as one Response or Error and carry the request's id
+    (or be the stream's reset, for a stream frame).
     """
     _error_replies(ctx, check_id=True, messages=_MESSAGES)
 
