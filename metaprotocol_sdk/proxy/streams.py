@@ -8,16 +8,19 @@ the stream (by ``stream_id``) goes to that connection as it came, and every fram
 sends on it goes back to the client as it came.
 
 A stream ends when both sides closed it (a ``Stream_Close_One_Way`` each way), or at a
-``Stream_Close_Two_Way`` or an ``Error`` frame from either side; its upstream connection then
-closes once its last frame is written. It is reset (the client gets the codec's error reply
-for the stream's ``Stream_Init``, and the upstream connection is aborted) when that connection
-fails or sends bytes the codec refuses, or when no frame went either way for
-``timeouts.streamIdle``. When the client leaves, its streams' connections are aborted.
+``Stream_Close_Two_Way`` from either side or an ``Error`` frame from the upstream; its upstream
+connection then closes once its last frame is written. It is reset (the client gets the codec's
+error reply for the stream's ``Stream_Init``, and the upstream connection is aborted) when that
+connection fails or sends bytes the codec refuses, when no frame went either way for
+``timeouts.streamIdle``, or ``timeouts.drain`` after the client half-closed. When the client
+leaves, its streams' connections are aborted. The error reply that refuses a ``Stream_Init``
+or resets a stream is the stream's one answer: the client's frames for it until it closes its
+side are dropped and counted (:func:`ended_early`).
 
 While a filter holds a ``Stream_Init`` (a fault delay, a rate limit service's answer), the
 frames the client sends for that stream wait for it (:class:`Held`): the stream gets them
-once it is open, and each gets ``BadRequest`` if it is refused. Past
-``connectionBufferBytes`` of them the client is not read until it is settled.
+once it is open; they are dropped if it is refused. Past ``connectionBufferBytes`` of them
+the client is not read until it is settled.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ STREAM_FRAMES = frozenset(
     {_INIT, MessageType.Stream_Data, _CLOSE_ONE_WAY, _CLOSE_TWO_WAY},
 )
 #: How a stream ended (``metaprotocol_streams_total{outcome}``): ``closed`` by both sides,
-#: ``error`` an ``Error`` frame from either, else the local reason (an ``ErrorType`` name:
+#: ``error`` an ``Error`` frame from the upstream, else the local reason (an ``ErrorType`` name:
 #: ``UpstreamConnectFailure``, ``UpstreamReset``, ``BadResponse``, ``Timeout`` for
 #: ``timeouts.streamIdle``) or ``DownstreamClosed`` (the client left).
 CLOSED = "closed"
