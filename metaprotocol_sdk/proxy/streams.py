@@ -145,13 +145,18 @@ class Stream:
 
     def from_upstream(self, message: Metadata) -> None:
         """A frame from the stream's connection: to the client, as it came. One that is not
-        of this stream (another id) is dropped and counted as an unmatched reply."""
+        of this stream (another id) is dropped and counted as an unmatched reply. The first
+        is the stream's answer for outlier detection."""
         if self.ended or not (
             message.stream_id == self.stream_id
             or (message.stream_id == 0 and message.request_id == self.init.request_id)
         ):
             self.conn.cluster.unmatched_reply()
             return
+        if not self.frames_sent and self.host.outlier is not None:
+            # The upstream answered: for outlier detection the stream's reply (a success
+            # between failures, as a request's reply; an Error frame an error).
+            self.host.outlier.observe(self.host, message.response_status)
         frame = message.frame
         self.seen = True
         self.frames_sent += 1

@@ -510,3 +510,27 @@ def test_a_stream_open_across_a_reload_is_counted_in_its_routes_series() -> None
         await up.close()
 
     run(main())
+
+
+def test_a_stream_the_upstream_answers_resets_the_endpoints_consecutive_errors() -> None:
+    """Outlier detection counts *consecutive* gateway errors: a stream the upstream answers
+    (its first frame) is a success between two failed streams, as a reply is between two
+    failed requests. (Streams never counted a success: two failures among any number of
+    streams served ejected the endpoint at ``consecutiveGatewayErrors: 2``.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 2, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "drop"})
+            assert error_type((await c.until(1, 1))[0]) == "UpstreamReset"
+            c.frame(STREAM_OPEN, 2, {"method": "chat"})
+            assert kinds(await c.until(2, 1)) == ["Stream_Init"]
+            c.frame(STREAM_OPEN, 3, {"method": "drop"})
+            assert error_type((await c.until(3, 1))[0]) == "UpstreamReset"
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.close()
+        await up.close()
+
+    run(main())
