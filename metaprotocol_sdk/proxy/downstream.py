@@ -446,9 +446,15 @@ class Downstream(asyncio.Protocol):
         self.draining = True
         if not self.inflight:
             self.close()
-        elif self.streams or (self.held_inits is not None and self.held_inits.by_id):
-            client_half_closed(self)  # they (and those held) get timeouts.drain
+        else:
+            self._drain_streams()
         return True
+
+    def _drain_streams(self) -> None:
+        """Nothing more is read from the client (its half-close, an unreadable frame), which
+        can no longer close its streams: they (and those held) get ``timeouts.drain``."""
+        if self.streams or (self.held_inits is not None and self.held_inits.by_id):
+            client_half_closed(self)
 
     def pause_writing(self) -> None:
         """The transport's write buffer is full (asyncio flow control)."""
@@ -1628,6 +1634,7 @@ class Downstream(asyncio.Protocol):
             self._stop_reading()
             if self.inflight:
                 self.draining = True
+                self._drain_streams()
             else:
                 self.close()
 

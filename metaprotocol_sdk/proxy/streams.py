@@ -488,8 +488,9 @@ def sweep(downstream: Downstream, now: float) -> None:
 
 
 def client_half_closed(downstream: Downstream) -> None:
-    """The client half-closed (or closed: a FIN does not tell) with streams open: they get
-    ``timeouts.drain`` to finish, as in a shutdown, then each still open is reset."""
+    """The client half-closed (or closed: a FIN does not tell), or sent bytes nothing can
+    follow, with streams open: they get ``timeouts.drain`` to finish, as in a shutdown, then
+    each still open is reset."""
     drain = downstream.engine.config.proxy.timeouts.drain
     downstream.engine.loop.call_later(drain, _drain_over, downstream, drain)
 

@@ -534,3 +534,25 @@ def test_a_stream_the_upstream_answers_resets_the_endpoints_consecutive_errors()
         await up.close()
 
     run(main())
+
+
+def test_a_client_that_sends_an_unreadable_frame_gets_its_streams_ended_within_the_drain() -> None:
+    """After bytes the codec cannot resynchronise on, the engine reads nothing more from the
+    client, which can no longer close its streams: as after its half-close, they get
+    ``timeouts.drain`` to finish, then each is reset (``Timeout``). (They stayed open until
+    ``timeouts.streamIdle``, 5 min, or for good while the upstream sent frames.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            await c.until(1, 1)
+            c.send(b"XX" + bytes(30))  # no frame: nothing to resynchronise on
+            assert error_type((await c.until(1, 2))[1]) == "Timeout"
+            await asyncio.wait_for(c.closed, WAIT)
+            assert streams(engine, "Timeout") == 1 and active(engine) == 0
+        await up.close()
+
+    run(main())
