@@ -446,9 +446,15 @@ class Downstream(asyncio.Protocol):
         self.draining = True
         if not self.inflight:
             self.close()
-        elif self.streams or (self.held_inits is not None and self.held_inits.by_id):
-            client_half_closed(self)  # they (and those held) get timeouts.drain
+        else:
+            self._drain_streams()
         return True
+
+    def _drain_streams(self) -> None:
+        """Nothing more is read from the client (its half-close, an unreadable frame), which
+        can no longer close its streams: they (and those held) get ``timeouts.drain``."""
+        if self.streams or (self.held_inits is not None and self.held_inits.by_id):
+            client_half_closed(self)
 
     def pause_writing(self) -> None:
         """The transport's write buffer is full (asyncio flow control)."""
@@ -478,7 +484,9 @@ class Downstream(asyncio.Protocol):
         """``conn``, which this one waited for, drained or closed. The time spent waiting is
         not the client's: a partial frame's clock skips it."""
         self.blocked.discard(conn)
-        if not self.blocked and self.partial_since:
+        if not self.blocked and self.partial_since and not self._held_full():
+            # (While the frames of held ``Stream_Init`` frames are at their bound the engine
+            # still does not read: :meth:`unblock_held` skips the whole wait.)
             self.partial_since += self.engine.loop.time() - self.blocked_since
         self._maybe_resume_reading()
 
@@ -495,7 +503,8 @@ class Downstream(asyncio.Protocol):
         self._pause_reading()
 
     def unblock_held(self) -> None:
-        """A held ``Stream_Init`` was settled: read again if nothing else stops it."""
+        """A held ``Stream_Init`` was settled, and the frames waiting are below their bound
+        again: read again if nothing else stops it."""
         if not self.reading_paused or self._held_full():
             return
         if not self.blocked and self.partial_since:
@@ -1625,6 +1634,7 @@ class Downstream(asyncio.Protocol):
             self._stop_reading()
             if self.inflight:
                 self.draining = True
+                self._drain_streams()
             else:
                 self.close()
 

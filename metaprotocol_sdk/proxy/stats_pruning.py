@@ -5,7 +5,8 @@ the old name's series behind. :class:`StatsPruner` drops them once nothing in fo
 flight names them: a series stays while its name is served (a listener, a route and its
 destinations, a cluster, a destination service of the serving configuration) or used (by an
 open connection, its listener or cluster; by a request in flight, its listener, route,
-destination and cluster; by a request a filter holds, every destination of its route). Those
+destination and cluster; by a request a filter holds, every destination of its route; by an
+open stream, its route and destination, which count it when it ends). Those
 kept only because they are used are looked at again by the engine's housekeeping sweeps, once
 what used them is done. The counts of dropped series go into the registry's
 ``stats="removed"`` series (see :meth:`.stats.Stats.prune`), so that sums never go back.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .downstream import Downstream, ListenerRuntime
 from .router import CompiledRoute, Target
 from .stats import Labels
+from .streams import Stream
 from .upstream import Cluster, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -65,6 +67,9 @@ class StatsPruner:
             elif isinstance(holder, UpstreamConnection):
                 if holder not in engine.upstreams:
                     return False
+            elif isinstance(holder, Stream):
+                if holder.ended:
+                    return False
             elif holder.done:  # type: ignore[attr-defined]
                 return False
         return True
@@ -97,6 +102,11 @@ class StatsPruner:
             listener = downstream.listener
             if listener not in runtimes and unserved(listener, runtime_scopes):
                 holders.append(downstream)
+            if downstream.streams:
+                for stream in downstream.streams.values():
+                    held = unserved(stream.route, route_scopes)
+                    if unserved(stream.target, target_scopes) or held:
+                        holders.append(stream)
         for upstream in engine.upstreams:
             if unserved(upstream.cluster, cluster_scopes):
                 holders.append(upstream)

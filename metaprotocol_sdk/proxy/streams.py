@@ -8,16 +8,19 @@ the stream (by ``stream_id``) goes to that connection as it came, and every fram
 sends on it goes back to the client as it came.
 
 A stream ends when both sides closed it (a ``Stream_Close_One_Way`` each way), or at a
-``Stream_Close_Two_Way`` or an ``Error`` frame from either side; its upstream connection then
-closes once its last frame is written. It is reset (the client gets the codec's error reply
-for the stream's ``Stream_Init``, and the upstream connection is aborted) when that connection
-fails or sends bytes the codec refuses, or when no frame went either way for
-``timeouts.streamIdle``. When the client leaves, its streams' connections are aborted.
+``Stream_Close_Two_Way`` from either side or an ``Error`` frame from the upstream; its upstream
+connection then closes once its last frame is written. It is reset (the client gets the codec's
+error reply for the stream's ``Stream_Init``, and the upstream connection is aborted) when that
+connection fails or sends bytes the codec refuses, when no frame went either way for
+``timeouts.streamIdle``, or ``timeouts.drain`` after the client half-closed. When the client
+leaves, its streams' connections are aborted. The error reply that refuses a ``Stream_Init``
+or resets a stream is the stream's one answer: the client's frames for it until it closes its
+side are dropped and counted (:func:`ended_early`).
 
 While a filter holds a ``Stream_Init`` (a fault delay, a rate limit service's answer), the
 frames the client sends for that stream wait for it (:class:`Held`): the stream gets them
-once it is open, and each gets ``BadRequest`` if it is refused. Past
-``connectionBufferBytes`` of them the client is not read until it is settled.
+once it is open; they are dropped if it is refused. Past ``connectionBufferBytes`` of them
+the client is not read until it is settled.
 """
 
 from __future__ import annotations
@@ -38,14 +41,15 @@ _INIT = MessageType.Stream_Init
 _CLOSE_ONE_WAY = MessageType.Stream_Close_One_Way
 _CLOSE_TWO_WAY = MessageType.Stream_Close_Two_Way
 _ERROR = MessageType.Error
-#: A stream's failures outlier detection counts against its endpoint.
-_GATEWAY_ERRORS = (ErrorType.UpstreamConnectFailure, ErrorType.UpstreamReset)
+#: A stream's failures outlier detection counts against its endpoint (as for a request: an
+#: unreadable frame is one too).
+_GATEWAY_ERRORS = (ErrorType.UpstreamConnectFailure, ErrorType.UpstreamReset, ErrorType.BadResponse)
 #: Frames a client sends on a stream (``Downstream`` hands them here).
 STREAM_FRAMES = frozenset(
     {_INIT, MessageType.Stream_Data, _CLOSE_ONE_WAY, _CLOSE_TWO_WAY},
 )
 #: How a stream ended (``metaprotocol_streams_total{outcome}``): ``closed`` by both sides,
-#: ``error`` an ``Error`` frame from either, else the local reason (an ``ErrorType`` name:
+#: ``error`` an ``Error`` frame from the upstream, else the local reason (an ``ErrorType`` name:
 #: ``UpstreamConnectFailure``, ``UpstreamReset``, ``BadResponse``, ``Timeout`` for
 #: ``timeouts.streamIdle``) or ``DownstreamClosed`` (the client left).
 CLOSED = "closed"
@@ -141,13 +145,18 @@ class Stream:
 
     def from_upstream(self, message: Metadata) -> None:
         """A frame from the stream's connection: to the client, as it came. One that is not
-        of this stream (another id) is dropped and counted as an unmatched reply."""
+        of this stream (another id) is dropped and counted as an unmatched reply. The first
+        is the stream's answer for outlier detection."""
         if self.ended or not (
             message.stream_id == self.stream_id
             or (message.stream_id == 0 and message.request_id == self.init.request_id)
         ):
             self.conn.cluster.unmatched_reply()
             return
+        if not self.frames_sent and self.host.outlier is not None:
+            # The upstream answered: for outlier detection the stream's reply (a success
+            # between failures, as a request's reply; an Error frame an error).
+            self.host.outlier.observe(self.host, message.response_status)
         frame = message.frame
         self.seen = True
         self.frames_sent += 1
@@ -289,10 +298,12 @@ def _settle_held(downstream: Downstream, init: Metadata) -> list[Metadata]:
     del held.by_id[init.stream_id]
     frames = entry[1]
     size = sum(len(f.frame) for f in frames)
+    was_full = held.full(downstream)
     held.size -= size
     downstream.inflight_bytes -= size
     downstream.engine.buffered -= size
-    downstream.unblock_held()
+    if was_full:
+        downstream.unblock_held()
     return frames
 
 
@@ -477,8 +488,9 @@ def sweep(downstream: Downstream, now: float) -> None:
 
 
 def client_half_closed(downstream: Downstream) -> None:
-    """The client half-closed (or closed: a FIN does not tell) with streams open: they get
-    ``timeouts.drain`` to finish, as in a shutdown, then each still open is reset."""
+    """The client half-closed (or closed: a FIN does not tell), or sent bytes nothing can
+    follow, with streams open: they get ``timeouts.drain`` to finish, as in a shutdown, then
+    each still open is reset."""
     drain = downstream.engine.config.proxy.timeouts.drain
     downstream.engine.loop.call_later(drain, _drain_over, downstream, drain)
 

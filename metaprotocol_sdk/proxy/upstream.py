@@ -1275,8 +1275,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tcp is not None:
             self.tcp.closed.value += 1
         self.transport = None
-        if not self.closed and (self.pending or self.order):  # not closed by us
-            self.cluster.resets.value += 1
+        if not self.closed and (self.pending or self.order or self.stream is not None):
+            self.cluster.resets.value += 1  # not closed by us, with something in flight
         reason = f": {exc}" if exc else ""
         self._finish_close(ErrorType.UpstreamReset, f"upstream {self.host.key} closed{reason}")
 

@@ -340,6 +340,7 @@ def test_an_upstream_that_drops_the_stream_resets_it_for_the_client() -> None:
             assert engine.stats.get(dropped, listener=LISTENER) == 2
             assert streams(engine, "UpstreamReset") == 1
             assert streams(engine, "BadResponse") == 1
+            assert engine.stats.total("metaprotocol_upstream_resets_total") == 1  # the drop
             assert active(engine) == 0
             await until(lambda: not engine.upstreams, "the connections closed")
             c.close()

@@ -8,7 +8,18 @@ import sys
 import types
 from collections.abc import Awaitable
 
-from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, mesh, run, until
+from proxy_kit import (
+    WAIT,
+    Client,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+    until,
+)
 from test_streams import (
     StreamClient,
     StreamServer,
@@ -37,8 +48,24 @@ class HoldingFilter(Filter):
         return HoldingFilter.gate.wait()
 
 
+class ChatHolder(Filter):
+    """Holds a ``Stream_Init`` of method ``chat`` until ``gate`` is set."""
+
+    name = "chat-holder"
+    gate: asyncio.Event | None = None
+    holding: asyncio.Event | None = None
+
+    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
+        if context.request.operation_name != "chat":
+            return None
+        assert ChatHolder.gate is not None and ChatHolder.holding is not None
+        ChatHolder.holding.set()
+        return ChatHolder.gate.wait()
+
+
 _mod = types.ModuleType("stream_hostile_filters")
 _mod.HoldingFilter = HoldingFilter  # type: ignore[attr-defined]
+_mod.ChatHolder = ChatHolder  # type: ignore[attr-defined]
 sys.modules["stream_hostile_filters"] = _mod
 
 
@@ -386,6 +413,146 @@ def test_a_client_that_writes_to_an_upstream_done_with_the_stream_does_not_eject
             c.frame(STREAM_OPEN, 2, {"method": "chat"})  # the endpoint was not ejected
             assert kinds(await c.until(2, 1)) == ["Stream_Init"]
             c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_stream_upstream_that_sends_unreadable_bytes_is_a_gateway_error() -> None:
+    """Bytes the codec refuses on a stream's connection reset the stream with ``BadResponse``
+    and count as a gateway error for outlier detection, as an unreadable reply to a request
+    does. (They were not counted: an endpoint that wrote garbage on every stream was never
+    ejected.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "garbage"})
+            (bad,) = await c.until(1, 1)
+            assert error_type(bad) == "BadResponse"
+            ejections = "metaprotocol_outlier_ejections_total"
+            await until(lambda: engine.stats.total(ejections) == 1, "the endpoint ejected")
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_held_stream_init_settled_while_the_client_reads_nothing_keeps_the_frame_clock() -> None:
+    """A client's partial frame must complete within ``timeouts.frame``, also when a held
+    ``Stream_Init`` is let go while the engine stops reading the client for another reason (its
+    unread replies). (Letting it go moved the partial frame's clock by the loop's time since
+    the connection was last blocked, or since the loop started: the partial frame then held
+    the connection for good, neither frame nor idle timeout closing it.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        ChatHolder.gate, ChatHolder.holding = asyncio.Event(), asyncio.Event()
+        proxy = "timeouts: {frame: 1s}\nlimits: {connectionBufferBytes: 262144}\n"
+        config = with_filter(
+            mesh([(up.port, "v1")], proxy=proxy), "stream_hostile_filters:ChatHolder"
+        )
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            assert c.transport is not None
+            c.transport.pause_reading()
+            flood = {"method": "flood", "count": "1024", "size": "65536"}  # 64 MiB
+            partial = build_frame(STREAM_DATA, 2, {}, b"never finished")[:7]
+            c.send(
+                build_frame(STREAM_OPEN, 1, {"method": "chat"})
+                + build_frame(STREAM_OPEN, 2, flood)
+                + partial
+            )
+            await asyncio.wait_for(ChatHolder.holding.wait(), WAIT)
+            dx = next(iter(engine.downstreams))
+            await until(lambda: dx.write_paused and dx.partial_since, "paused, a partial frame")
+            ChatHolder.gate.set()
+            closed = "metaprotocol_downstream_connections_closed_total"
+            await until(
+                lambda: engine.stats.total(closed, reason="frame_timeout") == 1,
+                "the partial frame timed out",
+            )
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_stream_open_across_a_reload_is_counted_in_its_routes_series() -> None:
+    """A reload renames the route of an open stream: the old route's series stay while the
+    stream is open (a sweep keeps them, as for a request in flight), so its end is counted,
+    and the totals agree with what the client saw. (The sweep dropped them: the stream's end
+    went into a series no longer in the registry, and one closed stream was never counted.)"""
+
+    def config(port: int, route: str) -> str:
+        router = f"- name: {route}\n  route: [{{destination: {{host: svc.test, subset: v1}}}}]\n"
+        return mesh([(port, "v1")], router=router)
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        async with engine_for(config(up.port, "r0")) as engine:
+            c = await StreamClient.connect(address(engine))
+            for sid in (1, 2):
+                c.frame(STREAM_OPEN, sid, {"method": "chat"})
+                await c.until(sid, 1)
+            c.frame(STREAM_HALF_CLOSE, 1)
+            await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
+            await engine.apply(loads_config(config(up.port, "r1")))
+            engine.prune_stats()  # what a housekeeping sweep does: stream 2 is open
+            c.frame(STREAM_HALF_CLOSE, 2)
+            await until(lambda: active(engine) == 0, "stream 2 ended")
+            assert streams(engine, "closed") == 2
+            engine.prune_stats()  # nothing holds the old route now: folded, still counted
+            assert streams(engine, "closed") == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_stream_the_upstream_answers_resets_the_endpoints_consecutive_errors() -> None:
+    """Outlier detection counts *consecutive* gateway errors: a stream the upstream answers
+    (its first frame) is a success between two failed streams, as a reply is between two
+    failed requests. (Streams never counted a success: two failures among any number of
+    streams served ejected the endpoint at ``consecutiveGatewayErrors: 2``.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        policy = "{outlierDetection: {consecutiveGatewayErrors: 2, interval: 10s}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "drop"})
+            assert error_type((await c.until(1, 1))[0]) == "UpstreamReset"
+            c.frame(STREAM_OPEN, 2, {"method": "chat"})
+            assert kinds(await c.until(2, 1)) == ["Stream_Init"]
+            c.frame(STREAM_OPEN, 3, {"method": "drop"})
+            assert error_type((await c.until(3, 1))[0]) == "UpstreamReset"
+            assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_client_that_sends_an_unreadable_frame_gets_its_streams_ended_within_the_drain() -> None:
+    """After bytes the codec cannot resynchronise on, the engine reads nothing more from the
+    client, which can no longer close its streams: as after its half-close, they get
+    ``timeouts.drain`` to finish, then each is reset (``Timeout``). (They stayed open until
+    ``timeouts.streamIdle``, 5 min, or for good while the upstream sent frames.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        proxy = "timeouts: {drain: 1s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            await c.until(1, 1)
+            c.send(b"XX" + bytes(30))  # no frame: nothing to resynchronise on
+            assert error_type((await c.until(1, 2))[1]) == "Timeout"
+            await asyncio.wait_for(c.closed, WAIT)
+            assert streams(engine, "Timeout") == 1 and active(engine) == 0
         await up.close()
 
     run(main())

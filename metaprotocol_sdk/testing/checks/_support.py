@@ -31,13 +31,11 @@ T = TypeVar("T")
 
 #: Frames of a stream: the engine sends each stream on an upstream connection of its own and
 #: never rewrites their ids (a codec may carry the stream id in the request id's field).
-STREAM_FRAMES = frozenset(
-    {
-        MessageType.Stream_Init,
-        MessageType.Stream_Data,
-        MessageType.Stream_Close_One_Way,
-        MessageType.Stream_Close_Two_Way,
-    }
+STREAM_FRAMES = (
+    MessageType.Stream_Init,
+    MessageType.Stream_Data,
+    MessageType.Stream_Close_One_Way,
+    MessageType.Stream_Close_Two_Way,
 )
 
 

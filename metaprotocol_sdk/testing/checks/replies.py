@@ -13,6 +13,7 @@ from metaprotocol_sdk.testing.hexdump import hexdump
 from metaprotocol_sdk.testing.hooks import grown_samples
 
 from ._support import (
+    STREAM_FRAMES,
     collect,
     compare,
     corruptions,
@@ -28,12 +29,6 @@ from .base import CheckContext, CheckSkipped, check
 from .linear import _roomy
 
 _REPLY_TYPES = (MessageType.Response, MessageType.Error)
-_STREAM_TYPES = (
-    MessageType.Stream_Init,
-    MessageType.Stream_Data,
-    MessageType.Stream_Close_One_Way,
-    MessageType.Stream_Close_Two_Way,
-)
 
 
 #: What an empty error reply breaks, for the failure messages.
@@ -53,7 +48,7 @@ def _resets_stream(message: Metadata, reply: Metadata) -> bool:
     a ``Stream_Close_Two_Way`` with its (non-zero) stream id, which the contract allows as
     ``on_error``'s answer to a stream frame instead of a Response or Error."""
     return (
-        message.message_type in _STREAM_TYPES
+        message.message_type in STREAM_FRAMES
         and reply.message_type is MessageType.Stream_Close_Two_Way
         and reply.stream_id == message.stream_id != 0
     )
@@ -86,7 +81,7 @@ def _shown(message: str) -> str:
 
 def _or_reset(message: Metadata) -> str:
     """What else a reply to a stream frame may be, for the failure messages."""
-    if message.message_type not in _STREAM_TYPES:
+    if message.message_type not in STREAM_FRAMES:
         return ""
     return f", or the stream's reset (a Stream_Close_Two_Way of stream {message.stream_id})"
 
@@ -145,19 +140,20 @@ def _error_replies(
 
 @check("error_reply_nonempty", "errors", requires="error_reply")
 def error_reply_nonempty(ctx: CheckContext) -> None:
-    """on_error() for every ErrorType is a non-empty reply that decodes as Response or Error."""
+    """on_error() for every ErrorType is a non-empty reply that decodes as Response or Error
+    (or, for a stream frame, as the stream's reset)."""
     _error_replies(ctx, check_id=False)
 
 
 @check("error_reply_request_id", "errors", requires="error_reply")
 def error_reply_request_id(ctx: CheckContext) -> None:
-    """Every error reply carries the request's id."""
+    """Every error reply carries the request's id (a stream's reset: the stream's id)."""
     _error_replies(ctx, check_id=True)
 
 
 @check("error_reply_status", "errors", requires="error_reply")
 def error_reply_status(ctx: CheckContext) -> None:
-    """Every error reply decodes with response_status Error.
+    """Every error reply decodes with response_status Error (a stream's reset need not).
 
     An engine retries a route on an Error reply and counts replies by status; an error reply
     that decodes as Ok is counted a success and never retried.
@@ -170,7 +166,8 @@ def error_reply_any_message(ctx: CheckContext) -> None:
     """on_error() takes any message text: empty, non-ASCII, quotes, newlines, 1000 chars.
 
     An engine's reasons quote upstream and codec errors, which quote bytes off the wire; the
-    reply must still be built, decode as one Response or Error and carry the request's id.
+    reply must still be built, decode as one Response or Error and carry the request's id
+    (or be the stream's reset, for a stream frame).
     """
     _error_replies(ctx, check_id=True, messages=_MESSAGES)
 
@@ -409,7 +406,7 @@ def oneway_marked(ctx: CheckContext) -> None:
 @check("streaming_marked", "errors", requires="streaming")
 def streaming_marked(ctx: CheckContext) -> None:
     """Messages expected to be stream frames decode as such, with a non-unary stream type."""
-    _expected_types(ctx, _STREAM_TYPES, "streaming")
+    _expected_types(ctx, STREAM_FRAMES, "streaming")
 
 
 @check("streaming_ids", "errors", requires="streaming")
@@ -421,7 +418,7 @@ def streaming_ids(ctx: CheckContext) -> None:
         nonlocal seen
         decoded = reference(ctx, sample)
         kind = decoded.message_type
-        if kind not in _STREAM_TYPES:
+        if kind not in STREAM_FRAMES:
             return
         seen += 1
         if decoded.stream_id == 0:
@@ -440,7 +437,7 @@ def streaming_ids(ctx: CheckContext) -> None:
     unstated = [
         sample
         for sample in ctx.target.samples
-        if "stream_id" not in sample.expect and reference(ctx, sample).message_type in _STREAM_TYPES
+        if "stream_id" not in sample.expect and reference(ctx, sample).message_type in STREAM_FRAMES
     ]
     if unstated:
         names = ", ".join(repr(sample.name) for sample in unstated)
