@@ -85,7 +85,10 @@ RETRY_HOST_PICKS = 5
 #: past ``limits.connectionBufferBytes`` while the process is over its buffer budget;
 #: ``write_abandoned`` a close (for any reason, the client's half-close included) whose
 #: replies the client had not all taken ``timeouts.write`` later: reset (a close waits for
-#: what is unsent, which for a client that reads nothing is forever).
+#: what is unsent, which for a client that reads nothing is forever); ``unanswerable`` a frame
+#: the codec refused without its request id; ``codec_error`` the codec raised an exception
+#: other than ``CodecError`` (a bug in it, see ``codec_bugs``): both read nothing more and close
+#: once the requests in flight are answered.
 CLOSE_REASONS = (
     "idle",
     "frame_timeout",
@@ -94,6 +97,7 @@ CLOSE_REASONS = (
     "overload",
     "write_abandoned",
     "unanswerable",
+    "codec_error",
 )
 
 
@@ -669,6 +673,10 @@ class Downstream(asyncio.Protocol):
                 del buffer[: exc.frame_size]
                 self._refuse(exc, ErrorType.BadRequest, close=False)
                 continue
+            except Exception as exc:  # a bug in the codec: as bytes it cannot resynchronise on
+                self.listener.decode_errors.value += 1
+                self.codec_failed("decode", exc)
+                return
             if not isinstance(message, Metadata):
                 self.need = message.needed
                 self._partial(len(buffer) != start)
@@ -714,6 +722,10 @@ class Downstream(asyncio.Protocol):
         except CodecError as exc:
             self._refuse(exc, ErrorType.BadRequest, close=exc.frame_size != len(frame))
             return
+        except Exception as exc:  # a bug in the codec: as bytes it cannot resynchronise on
+            self.listener.decode_errors.value += 1
+            self.codec_failed("decode_frame", exc)
+            return
         if message.message_type is _REQUEST:
             self._request(message)
         else:
@@ -724,7 +736,11 @@ class Downstream(asyncio.Protocol):
         kind = message.message_type
         if kind is _HEARTBEAT:
             self.listener.heartbeats.value += 1
-            reply = self.codec.heartbeat_reply(message)
+            try:
+                reply = self.codec.heartbeat_reply(message)
+            except Exception as exc:  # a bug in the codec: no reply, the connection goes on
+                self.engine.codec_bugs.report(self.codec, "heartbeat_reply", exc, "not answered")
+                return
             if reply and self.transport is not None:
                 self.transport.write(reply)
                 self._account_unsent()
@@ -832,6 +848,7 @@ class Downstream(asyncio.Protocol):
         try:
             conn.send(p, mutation)
         except Exception as exc:  # the codec cannot write this request (e.g. a mutation)
+            engine.codec_bugs.report(conn.codec, "encode", exc, "answered BadRequest")
             self.local_reply(
                 message,
                 ErrorType.BadRequest,
@@ -1049,7 +1066,8 @@ class Downstream(asyncio.Protocol):
         p = Pending(sink, message, route, target, host, conn, now)
         try:
             conn.send(p, mutation)
-        except Exception:
+        except Exception as exc:
+            engine.codec_bugs.report(conn.codec, "encode", exc, "mirror copy dropped")
             sink.count(target, "BadRequest")
             return
         p.request = RELEASED  # written: the copy needs nothing of the frame, counted nowhere
@@ -1191,7 +1209,8 @@ class Downstream(asyncio.Protocol):
             return
         try:
             conn.send_oneway(message, mutation)
-        except Exception:  # the codec cannot write this request: nobody to tell
+        except Exception as exc:  # the codec cannot write this request: nobody to tell
+            engine.codec_bugs.report(conn.codec, "encode", exc, "one-way message dropped")
             target.count_oneway(ErrorType.BadRequest.name)
             return
         if conn.write_paused:
@@ -1311,6 +1330,7 @@ class Downstream(asyncio.Protocol):
                 encoded = codec.encode(response, None, request_id=request_id)
                 self.listener.count_skipped_mutation(p.route.name)
         except Exception as exc:  # the codec cannot write this response
+            self.engine.codec_bugs.report(codec, "encode", exc, "answered BadResponse")
             self._bad_response(p, f"cannot encode response: {exc}", batch)
             return
         self._reply(
@@ -1330,6 +1350,7 @@ class Downstream(asyncio.Protocol):
         try:
             encoded = self.codec.relabel(frame, p.request.request_id) if p.conn.shared else frame
         except Exception as exc:  # the codec cannot write this response
+            self.engine.codec_bugs.report(self.codec, "relabel", exc, "answered BadResponse")
             self._bad_response(p, f"cannot relabel response: {exc}", batch)
             return
         self._reply(p, encoded, len(frame), status, batch)
@@ -1337,8 +1358,13 @@ class Downstream(asyncio.Protocol):
     def _bad_response(self, p: Pending, message: str, batch: list[Downstream]) -> None:
         """Answer ``p`` with a local ``BadResponse``: counted as that, not as the reply's
         status."""
+        try:
+            reply = self.codec.on_error(p.request, LocalError(ErrorType.BadResponse, message))
+        except Exception as exc:  # a bug in the codec: nothing can answer ``p``
+            self.codec_failed("on_error", exc)
+            self._reply(p, None, 0, None, batch)
+            return
         self.listener.count_local(ErrorType.BadResponse)
-        reply = self.codec.on_error(p.request, LocalError(ErrorType.BadResponse, message))
         self._reply(p, reply, len(reply), None, batch)
 
     def _reply(
@@ -1385,7 +1411,7 @@ class Downstream(asyncio.Protocol):
                 else:
                     append_encoded(out, encoded, size)
         if encoded is None and self.draining and self.inflight == 0:
-            self.close()
+            self.flush()  # what is queued, then the close
         outlier = p.host.outlier
         if outlier is not None and status is not None:
             outlier.observe(p.host, status)
@@ -1574,15 +1600,16 @@ class Downstream(asyncio.Protocol):
         transport = self.transport
         elapsed = 0.0 if start is None else monotonic() - start
         if transport is None or self.closed:
-            target.count("DownstreamClosed")
-            self._observe_local(target, "DownstreamClosed", elapsed, request, 0, None, host)
-            if route is not None and route.response_filters:
-                unknown = ResponseStatus.Unknown
-                self._respond(route, request, unknown, None, None, target, host)
+            self._unanswered(request, route, target, elapsed, host)
+            return
+        try:
+            reply = self.codec.on_error(request, LocalError(error, message))
+        except Exception as exc:  # a bug in the codec: nothing can answer ``request``
+            self.codec_failed("on_error", exc)
+            self._unanswered(request, route, target, elapsed, host)
             return
         listener.count_local(error)
         target.count(error.name)
-        reply = self.codec.on_error(request, LocalError(error, message))
         transport.write(reply)
         self._account_unsent()  # a client that reads nothing may get many of them per read
         self._observe_local(target, error.name, elapsed, request, len(reply), flags, host)
@@ -1607,6 +1634,41 @@ class Downstream(asyncio.Protocol):
                 request.attributes,
                 self._dry_run(request),
             )
+
+    def _unanswered(
+        self,
+        request: Metadata,
+        route: CompiledRoute | None,
+        target: Target,
+        elapsed: float,
+        host: UpstreamHost | None,
+    ) -> None:
+        """Count a local answer nobody gets: the client left, or is being closed."""
+        target.count("DownstreamClosed")
+        self._observe_local(target, "DownstreamClosed", elapsed, request, 0, None, host)
+        if route is not None and route.response_filters:
+            unknown = ResponseStatus.Unknown
+            self._respond(route, request, unknown, None, None, target, host)
+
+    def codec_failed(self, method: str, exc: Exception) -> None:
+        """The codec raised ``exc`` from ``method``, not a ``CodecError``: a bug in it (see
+        ``codec_bugs``), reached by this client's bytes. As after bytes the codec cannot
+        resynchronise on: nothing more is read, and the connection closes (after what is
+        queued for it) once the requests in flight are answered; counted ``codec_error``."""
+        self.engine.codec_bugs.report(
+            self.codec, method, exc, "the client is read no more and closed once answered"
+        )
+        if self.closed:
+            return
+        if not self.read_done:  # not already ending (a half-close, an unanswerable frame)
+            self.listener.closed_by["codec_error"].value += 1
+            self._stop_reading()
+        if not self.inflight:
+            self.draining = True
+            self.flush()  # writes what is queued, then closes
+        elif not self.draining:
+            self.draining = True
+            self._drain_streams()
 
     def _dry_run(self, request: Metadata) -> dict[str, dict[str, str]] | None:
         """For the access log: what the listener's dry-run AuthorizationPolicies decide for

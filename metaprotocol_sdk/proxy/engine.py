@@ -21,6 +21,7 @@ from metaprotocol_sdk.filters import Filter
 from .accesslog import AccessLog
 from .addresses import is_loopback, reaches, resolve_all
 from .authorization import STALE, ListenerAuthorization
+from .codec_bugs import CodecBugs
 from .config.models import (
     Config,
     Destination,
@@ -307,6 +308,8 @@ class Engine:
         self._pending_gauge = self.stats.gauge("metaprotocol_requests_pending")
         #: Where mirrored requests' replies go (counted, dropped).
         self.mirror_sink = MirrorSink(self.stats)
+        #: Exceptions codecs raise against the contract: counted, logged (rate-limited).
+        self.codec_bugs = CodecBugs(self.stats)
         telemetry = settings.telemetry
         #: Istio's standard metrics (``None`` when ``telemetry.istioMetrics`` is false).
         self.istio = (

@@ -210,10 +210,14 @@ class Stream:
         downstream = self.downstream
         reply = b""
         if not downstream.closed and downstream.transport is not None:
-            downstream.listener.count_local(error)
-            reply = downstream.codec.on_error(self.init, LocalError(error, message))
-            downstream.queue_frame(reply)
-            downstream.flush()
+            try:
+                reply = downstream.codec.on_error(self.init, LocalError(error, message))
+            except Exception as exc:  # a bug in the codec: the client cannot be told
+                downstream.codec_failed("on_error", exc)
+            else:
+                downstream.listener.count_local(error)
+                downstream.queue_frame(reply)
+                downstream.flush()
         self.bytes_sent += len(reply)
         self.end(error.name, abort=True)
 
@@ -454,6 +458,7 @@ def open_stream(
     try:
         encoded = conn.codec.encode(message, mutation)
     except Exception as exc:  # the codec cannot write this frame (e.g. a mutation)
+        engine.codec_bugs.report(conn.codec, "encode", exc, "answered BadRequest")
         why = f"cannot encode request: {exc}"
         downstream.local_reply(message, ErrorType.BadRequest, why, route, target)
         return

@@ -889,7 +889,11 @@ class UpstreamConnection(asyncio.Protocol):
         failed: CodecError | None = None
         while buffer:
             if peek is not None:
-                head = peek(buffer)
+                try:
+                    head = peek(buffer)
+                except Exception as exc:  # a bug in the codec: as a reply it refuses
+                    failed = self._codec_failed("peek_reply", exc)
+                    break
                 if head is not None and self._forward(head, batch):
                     continue
             else:
@@ -900,6 +904,9 @@ class UpstreamConnection(asyncio.Protocol):
                 if self._refused(exc, head, batch):
                     continue
                 failed = exc
+                break
+            except Exception as exc:  # a bug in the codec: as a reply it refuses
+                failed = self._codec_failed("decode", exc)
                 break
             if not isinstance(message, Metadata):
                 self.need = message.needed
@@ -938,6 +945,9 @@ class UpstreamConnection(asyncio.Protocol):
             except CodecError as exc:
                 self._stream_refused(exc)
                 return
+            except Exception as exc:  # a bug in the codec: as a frame it refuses
+                self._stream_refused(self._codec_failed("decode", exc))
+                return
             if not isinstance(message, Metadata):
                 self.need = message.needed
                 break
@@ -961,6 +971,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.cluster.decode_errors.value += 1
         self.abort(ErrorType.BadResponse, f"bad frame from upstream: {exc}")
 
+    def _codec_failed(self, method: str, exc: Exception) -> CodecError:
+        """The codec raised ``exc`` from ``method``, not a ``CodecError``: a bug in it (see
+        ``codec_bugs``). Counted and logged; what to do with the connection is the
+        caller's, as for a reply the codec refuses without ``frame_size`` (the error
+        returned, whose text names only the exception's type: it may quote wire bytes)."""
+        self.engine.codec_bugs.report(
+            self.codec, method, exc, f"upstream connection to {self.host.key} reset"
+        )
+        return CodecError(f"the codec failed ({method} raised {type(exc).__name__})")
+
     def _after_read(self, failed: CodecError | None) -> None:
         """After the replies a read completed were written: retire, or give up on a bad
         reply."""
@@ -978,7 +998,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.cluster.heartbeats.value += 1
         if self.write_paused:
             return
-        reply = self.codec.heartbeat_reply(message)
+        try:
+            reply = self.codec.heartbeat_reply(message)
+        except Exception as exc:  # a bug in the codec: no reply, the connection goes on
+            self.engine.codec_bugs.report(self.codec, "heartbeat_reply", exc, "not answered")
+            return
         if reply and self.transport is not None:
             self.transport.write(reply)
             self.account_unsent()
@@ -1015,6 +1039,9 @@ class UpstreamConnection(asyncio.Protocol):
             except CodecError as exc:
                 self._stream_refused(exc)
                 return
+            except Exception as exc:  # a bug in the codec: as a frame it refuses
+                self._stream_refused(self._codec_failed("decode_frame", exc))
+                return
             self._stream_frame(stream, message)
             stream.downstream.flush()
             return
@@ -1024,6 +1051,9 @@ class UpstreamConnection(asyncio.Protocol):
         except CodecError as exc:  # only that reply is lost when the codec says whose it is
             refused = exc.frame_size == len(frame) and self._answer_refused(exc)
             self._after_read(None if refused else exc)
+            return
+        except Exception as exc:  # a bug in the codec: as a reply it refuses
+            self._after_read(self._codec_failed("decode_frame", exc))
             return
         kind = message.message_type
         if kind is _RESPONSE or kind is _ERROR:
