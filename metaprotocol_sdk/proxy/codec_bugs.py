@@ -59,12 +59,13 @@ class CodecBugs:
         self._logged = float("-inf")
         self._quiet = 0
 
-    def report(self, codec: object, method: str, exc: BaseException, outcome: str) -> None:
+    def report(self, codec: object, method: str, exc: BaseException, outcome: str) -> str:
         """Count ``exc``, raised by ``codec``'s ``method``, and log it (rate-limited) with
         ``outcome``: what the engine did about it. A ``CodecError`` (the contract's) is not
-        a bug: ignored, for callers that catch every exception at once."""
+        a bug: not counted, for callers that catch every exception at once. Returns what an
+        error reply may say of it (a bug's message is left out: it may quote wire bytes)."""
         if isinstance(exc, CodecError):
-            return
+            return str(exc)
         key = (type(codec), method)
         counter = self._counters.get(key)
         if counter is None:
@@ -72,10 +73,11 @@ class CodecBugs:
                 "metaprotocol_codec_errors_total", codec=codec_name(codec), method=method
             )
         counter.value += 1
+        reason = f"the codec failed ({method} raised {type(exc).__name__})"
         now = monotonic()
         if now - self._logged < LOG_INTERVAL:
             self._quiet += 1
-            return
+            return reason
         more = f" ({self._quiet} more since the last)" if self._quiet else ""
         self._logged, self._quiet = now, 0
         log.error(
@@ -86,3 +88,4 @@ class CodecBugs:
             outcome,
             more,
         )
+        return reason

@@ -848,11 +848,11 @@ class Downstream(asyncio.Protocol):
         try:
             conn.send(p, mutation)
         except Exception as exc:  # the codec cannot write this request (e.g. a mutation)
-            engine.codec_bugs.report(conn.codec, "encode", exc, "answered BadRequest")
+            why = engine.codec_bugs.report(conn.codec, "encode", exc, "answered BadRequest")
             self.local_reply(
                 message,
                 ErrorType.BadRequest,
-                f"cannot encode request: {exc}",
+                f"cannot encode request: {why}",
                 route,
                 target,
                 started or None,
@@ -1330,8 +1330,8 @@ class Downstream(asyncio.Protocol):
                 encoded = codec.encode(response, None, request_id=request_id)
                 self.listener.count_skipped_mutation(p.route.name)
         except Exception as exc:  # the codec cannot write this response
-            self.engine.codec_bugs.report(codec, "encode", exc, "answered BadResponse")
-            self._bad_response(p, f"cannot encode response: {exc}", batch)
+            why = self.engine.codec_bugs.report(codec, "encode", exc, "answered BadResponse")
+            self._bad_response(p, f"cannot encode response: {why}", batch)
             return
         self._reply(
             p, encoded, len(response.frame), response.response_status, batch, response.attributes
@@ -1350,8 +1350,8 @@ class Downstream(asyncio.Protocol):
         try:
             encoded = self.codec.relabel(frame, p.request.request_id) if p.conn.shared else frame
         except Exception as exc:  # the codec cannot write this response
-            self.engine.codec_bugs.report(self.codec, "relabel", exc, "answered BadResponse")
-            self._bad_response(p, f"cannot relabel response: {exc}", batch)
+            why = self.engine.codec_bugs.report(self.codec, "relabel", exc, "answered BadResponse")
+            self._bad_response(p, f"cannot relabel response: {why}", batch)
             return
         self._reply(p, encoded, len(frame), status, batch)
 

@@ -458,8 +458,8 @@ def open_stream(
     try:
         encoded = conn.codec.encode(message, mutation)
     except Exception as exc:  # the codec cannot write this frame (e.g. a mutation)
-        engine.codec_bugs.report(conn.codec, "encode", exc, "answered BadRequest")
-        why = f"cannot encode request: {exc}"
+        why = engine.codec_bugs.report(conn.codec, "encode", exc, "answered BadRequest")
+        why = f"cannot encode request: {why}"
         downstream.local_reply(message, ErrorType.BadRequest, why, route, target)
         return
     stream = Stream(downstream, message, route, target, conn)

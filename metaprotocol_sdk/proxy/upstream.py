@@ -976,10 +976,8 @@ class UpstreamConnection(asyncio.Protocol):
         ``codec_bugs``). Counted and logged; what to do with the connection is the
         caller's, as for a reply the codec refuses without ``frame_size`` (the error
         returned, whose text names only the exception's type: it may quote wire bytes)."""
-        self.engine.codec_bugs.report(
-            self.codec, method, exc, f"upstream connection to {self.host.key} reset"
-        )
-        return CodecError(f"the codec failed ({method} raised {type(exc).__name__})")
+        outcome = f"upstream connection to {self.host.key} reset"
+        return CodecError(self.engine.codec_bugs.report(self.codec, method, exc, outcome))
 
     def _after_read(self, failed: CodecError | None) -> None:
         """After the replies a read completed were written: retire, or give up on a bad
