@@ -58,6 +58,7 @@ HELP = {
     "metaprotocol_local_replies_total": "Replies built by the engine, by listener and error type.",
     "metaprotocol_heartbeats_total": "Heartbeats answered locally, by listener/cluster and side.",
     "metaprotocol_decode_errors_total": "Frames the codec refused, by listener/cluster and side.",
+    "metaprotocol_codec_errors_total": "Exceptions a codec raised against the contract (bugs).",
     "metaprotocol_downstream_connections_total": "Downstream connections accepted.",
     "metaprotocol_downstream_connections_rejected_total": "Connections refused, by reason.",
     "metaprotocol_downstream_connections_closed_total": "Connections closed by a limit, by reason.",
