@@ -32,6 +32,8 @@ from metaprotocol_sdk.codec import LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
+from .telemetry import RESPONSE_FLAGS
+
 if TYPE_CHECKING:
     from .downstream import Downstream
     from .router import CompiledRoute, Target
@@ -257,14 +259,14 @@ class Stream:
                 self.init.request_id,
                 self.init.message_type.name,
                 self.host.key,
-                "-",
+                RESPONSE_FLAGS.get(outcome, "-"),  # a reset's, as a request's (UR, DC, ...)
                 f"stream {self.stream_id}: {self.frames_received} frames received, "
                 f"{self.frames_sent} sent",
                 downstream.client,
                 self.bytes_received,
                 self.bytes_sent,
                 self.init.attributes,
-                None,
+                downstream._dry_run(self.init),
             )
 
 
