@@ -239,6 +239,7 @@ def live_data(engine: Engine, history: History) -> dict[str, Any]:
             s.value for s in stats.counters("metaprotocol_downstream_connections_active")
         ),
         "pending": stats.get("metaprotocol_requests_pending"),
+        "streams": sum(s.value for s in stats.counters("metaprotocol_streams_active")),
         "history_interval": HISTORY_INTERVAL,
         "history": history.points(),
     }
@@ -270,7 +271,7 @@ def merge_live(answers: list[dict[str, Any]]) -> dict[str, Any]:
     dests: dict[tuple[str, str, str], dict[str, Any]] = {}
     histograms: dict[tuple[str, str, str], list[Histogram]] = {}
     local: dict[str, int] = {}
-    extra = {"upstream_connect_errors": 0, "connections": 0, "pending": 0}
+    extra = {"upstream_connect_errors": 0, "connections": 0, "pending": 0, "streams": 0}
     histories: list[list[dict[str, Any]]] = []
     merged_from = 0
     for answer in answers:

@@ -31,6 +31,7 @@ from rls_kit import Redis, rate_limit_service
 from test_authorization import config, policy, rbac
 from test_global_ratelimit import config as rl_config
 from test_streams import LISTENER, StreamClient, StreamServer, active, kinds, streams
+from test_tls import Pki, listener_tls
 from test_workers import Supervisor, total
 from test_workers import until as wait_for
 
@@ -288,7 +289,7 @@ def test_streams_on_two_workers_are_summed_and_a_crashed_workers_go_with_it(
             assert sum(mine) == STREAMS and all(mine), mine
             assert total(stats, "metaprotocol_streams_active", 'worker="0"') == mine[0]
             live = await sup.get("/stats/live")
-            assert live["workers"] == 2
+            assert live["workers"] == 2 and live["streams"] == STREAMS
             assert sup.proc.pid
             os.kill(sup.proc.pid, signal.SIGHUP)
 
@@ -394,8 +395,9 @@ def test_a_global_rate_limit_holds_a_stream_init_and_its_frames(
 
 def test_the_admin_endpoint_with_many_open_streams() -> None:
     """300 streams open on three connections (``maxStreamsPerConnection`` each): ``/stats``
-    (both forms), the live page's data and ``/config_dump`` answer while they are open and
-    count them; once all closed, the gauge is back to zero and no series is below it."""
+    (both forms), the live page's data (which showed three connections and nothing pending,
+    not the streams) and ``/config_dump`` answer while they are open and count them; once all
+    closed, the gauge is back to zero and no series is below it."""
     per, conns = 100, 3
 
     async def main() -> None:
@@ -419,6 +421,7 @@ def test_the_admin_endpoint_with_many_open_streams() -> None:
             status, body = await http_get(engine.admin_address, "/stats/live")
             live = json.loads(body)
             assert status == 200 and live["connections"] == conns
+            assert live["streams"] == per * conns  # the page showed 3 connections, 0 pending
             status, body = await http_get(engine.admin_address, "/config_dump")
             assert status == 200 and json.loads(body)["listeners"]
             for c in clients:
@@ -429,6 +432,39 @@ def test_the_admin_endpoint_with_many_open_streams() -> None:
             await until(lambda: not engine.upstreams, "their connections closed")
             for c in clients:
                 c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_client_of_a_tls_listener_that_stops_reading_slows_its_streams_upstream(
+    tmp_path: Path,
+) -> None:
+    """A SIMPLE TLS listener: a client that reads nothing of a stream flooding it stops the
+    engine reading the stream's upstream (through the TLS layer's buffers too), and gets
+    every frame, in order, once it reads again."""
+    pki = Pki(tmp_path)
+    count, size = 4096, 16384
+    proxy = "limits: {connectionBufferBytes: 262144, connectionBufferMaxBytes: 4194304}\n"
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        text = mesh([(up.port, "v1")], listener_tls=listener_tls(pki), proxy=proxy)
+        async with engine_for(text) as engine:
+            ctx = pki.client_context()
+            c = await StreamClient.connect(address(engine), ssl=ctx, server_hostname="svc.test")
+            assert c.transport is not None
+            c.transport.pause_reading()
+            c.frame(STREAM_OPEN, 1, {"method": "flood", "count": str(count), "size": str(size)})
+            await up.wait(lambda: any(conn.paused for conn in up.connections), "a pause")
+            assert up.sent[1] < count // 2, up.sent[1]
+            assert engine.buffered < 16 * 1024 * 1024, engine.buffered
+            c.transport.resume_reading()
+            flood = await c.until(1, count + 1)
+            assert [int(f.attributes.get("n") or -1) for f in flood[:count]] == list(range(count))
+            c.frame(STREAM_HALF_CLOSE, 1)
+            await until(lambda: streams(engine, "closed") == 1, "the stream closed")
+            c.close()
         await up.close()
 
     run(main())
