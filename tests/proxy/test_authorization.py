@@ -11,10 +11,8 @@ import json
 import logging
 import re
 import struct
-import sys
 import textwrap
 import time
-import types
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import cast
@@ -780,11 +778,6 @@ class Gate(Filter):
         return Gate.gate.wait()
 
 
-_filters = types.ModuleType("authz_test_filters")
-_filters.Gate = Gate  # type: ignore[attr-defined]
-sys.modules["authz_test_filters"] = _filters
-
-
 def test_a_reload_judges_requests_a_filter_held_across_it(ca: MeshCa, tmp_path: Path) -> None:
     """A request a filter holds when a reload denies its connection is judged by the new
     policies when the filter lets it go: answered PermissionDenied with its id, never sent
@@ -800,7 +793,9 @@ def test_a_reload_judges_requests_a_filter_held_across_it(ca: MeshCa, tmp_path: 
             [(port, "v1")],
             proxy=f"meshIdentity: {{directory: '{certs}'}}\n",
             extra="---\n".join(policies),
-            listener="filters: [{name: 'authz_test_filters:Gate'}]",
+            # This module's own name: another test module importing this one makes a second
+            # copy of it (pytest's importlib mode), with a Gate of its own.
+            listener=f"filters: [{{name: '{__name__}:Gate'}}]",
         )
 
     async def main() -> None:
