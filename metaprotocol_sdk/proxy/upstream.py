@@ -537,10 +537,10 @@ class UpstreamConnection(asyncio.Protocol):
         loop = self.engine.loop
         host = self.host
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: self, host.address, host.port),
-                self.cluster.connect_timeout,
-            )
+            # A timeout of this task's own, not wait_for's: that wraps the connect in a second
+            # task (and a future), paid by every stream's connection.
+            async with asyncio.timeout(self.cluster.connect_timeout):
+                await loop.create_connection(lambda: self, host.address, host.port)
         except (OSError, TimeoutError) as exc:
             if not self.connecting:
                 # Made just as the timeout fired: a connection (one outcome per attempt),
@@ -1277,6 +1277,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _release_blocked(self) -> None:
         blocked = self._blocked
+        if not blocked:  # the usual case (a stream's connection asks at connect and close)
+            return
         self._blocked = set()
         for downstream in blocked:
             downstream.unblock(self)
@@ -1351,6 +1353,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail_all(self, error: ErrorType, message: str) -> None:
         if self.stream is not None:
             self.stream.upstream_failed(error, message)
+        if not (self.pending or self.order):  # nothing in flight (a stream's connection)
+            return
         waiting = [*self.pending.values(), *(p for p in self.order.values() if not p.done)]
         self.pending = {}
         self.order = OrderedDict()
