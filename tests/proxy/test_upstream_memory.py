@@ -335,12 +335,19 @@ def test_a_stream_and_its_connection_are_freed_once_both_are_done() -> None:
     ``cli.proxy._tune_gc``): memory and collector time paid per stream. Once the stream ended
     and its connection closed, reference counting alone frees them (the collector is off here)."""
 
-    def alive() -> list[object]:
-        return [o for o in gc.get_objects() if isinstance(o, (Stream, UpstreamConnection))]
-
     async def main() -> None:
         server = await StreamServer().start()
         async with engine_for(mesh([(server.port, "v1")])) as engine:
+
+            def alive() -> list[object]:
+                """This engine's streams and upstream connections still in memory."""
+                return [
+                    o
+                    for o in gc.get_objects()
+                    if (isinstance(o, UpstreamConnection) and o.engine is engine)
+                    or (isinstance(o, Stream) and o.downstream.engine is engine)
+                ]
+
             c = await StreamClient.connect(address(engine))
             gc.collect()
             gc.disable()
