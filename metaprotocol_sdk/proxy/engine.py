@@ -463,6 +463,21 @@ class Engine:
             self.istio, protocol, host, service.namespace if service else "unknown"
         )
 
+    def _build_checked(self, build: _Build, listener: Listener) -> ListenerRuntime:
+        """:meth:`_build_listener`, with the listener's codec built once from its options:
+        whatever a filter or the codec raises is a ``ConfigError`` naming the listener (at
+        start as at a reload: a plugin's own check, or its bug, is not the engine's)."""
+        try:
+            runtime = self._build_listener(build, listener)
+            runtime.codec_class.from_options(runtime.options)  # the codec accepts them
+        except ConfigError as exc:
+            raise ConfigError(str(exc), source=f"listener {listener.name}") from exc
+        except Exception as exc:
+            raise ConfigError(
+                f"{type(exc).__name__}: {exc}", source=f"listener {listener.name}"
+            ) from exc
+        return runtime
+
     def _build_listener(self, build: _Build, listener: Listener) -> ListenerRuntime:
         config = build.config
         timeout = config.proxy.timeouts.route
@@ -630,7 +645,7 @@ class Engine:
             settings = self.config.proxy
             build = _Build(self.config, identity=self._identity_for(self.config))
             for listener in settings.listeners:
-                self.listeners[(listener.host, listener.port)] = self._build_listener(
+                self.listeners[(listener.host, listener.port)] = self._build_checked(
                     build, listener
                 )
             self.clusters, self._cluster_specs = build.clusters, build.specs
@@ -811,16 +826,7 @@ class Engine:
         build = _Build(config, identity=self._identity_for(config))
         runtimes: dict[tuple[str, int], ListenerRuntime] = {}
         for listener in config.proxy.listeners:
-            try:
-                runtime = self._build_listener(build, listener)
-                runtime.codec_class.from_options(runtime.options)  # the codec accepts them
-            except ConfigError as exc:
-                raise ConfigError(str(exc), source=f"listener {listener.name}") from exc
-            except Exception as exc:  # a filter's or codec's own check: refuse, say which
-                raise ConfigError(
-                    f"{type(exc).__name__}: {exc}", source=f"listener {listener.name}"
-                ) from exc
-            runtimes[(listener.host, listener.port)] = runtime
+            runtimes[(listener.host, listener.port)] = self._build_checked(build, listener)
         serving = {(lst.host, lst.port): lst for lst in self.config.proxy.listeners}
         addresses = {
             key: self.listener_addresses[key]

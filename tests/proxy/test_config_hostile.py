@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -458,3 +459,136 @@ def test_port_settings_for_many_undeclared_ports_warn_in_bounded_lines(
     assert len(lines) == 2000
     assert max(map(len, lines)) < 400
     assert "(ports: 20000, 20001," in lines[0] and "and 1991 more)" in lines[0]
+
+
+# -- plugins that fail to build ----------------------------------------------------------------
+
+_FAILING_PLUGINS = """
+from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.filters import Filter
+
+
+class NoLicense(KVCodec):
+    def __init__(self, **options):
+        raise RuntimeError("no license file at /etc/kv.lic")
+
+
+class OwnOptions(KVCodec):
+    @classmethod
+    def from_options(cls, options=None):
+        raise KeyError("region")
+
+
+class Broken(Filter):
+    name = "broken"
+
+    def __init__(self):
+        raise OSError("cannot open the audit log")
+
+
+class OwnConfig(Filter):
+    name = "own-config"
+
+    @classmethod
+    def from_config(cls, config=None):
+        raise LookupError("no such tenant")
+
+
+class Once(Filter):
+    name = "once"
+    built = 0
+
+    def __init__(self):
+        Once.built += 1
+        if Once.built > 1:
+            raise ConnectionError("the license server went away")
+"""
+
+
+@pytest.mark.parametrize(
+    ("codec", "listener", "field", "reason"),
+    [
+        (
+            "failing_plugins:NoLicense",
+            "",
+            "spec.codecOptions.kv",
+            "codec kv could not be built: its __init__ raised RuntimeError: "
+            "no license file at /etc/kv.lic",
+        ),
+        (
+            "failing_plugins:OwnOptions",
+            "",
+            "spec.codecOptions.kv",
+            "codec failing_plugins:OwnOptions could not be built: its from_options raised "
+            "KeyError: 'region'",
+        ),
+        (
+            "metaprotocol_sdk.examples.kv:KVCodec",
+            "filters: [{name: 'failing_plugins:Broken'}]",
+            "spec.listeners[0].filters[0].config",
+            "filter broken could not be built: its __init__ raised OSError: "
+            "cannot open the audit log",
+        ),
+        (
+            "metaprotocol_sdk.examples.kv:KVCodec",
+            "filters: [{name: 'failing_plugins:OwnConfig'}]",
+            "spec.listeners[0].filters[0]",
+            "filter failing_plugins:OwnConfig could not be built: its from_config raised "
+            "LookupError: no such tenant",
+        ),
+    ],
+    ids=["codec __init__", "codec from_options", "filter __init__", "filter from_config"],
+)
+def test_a_plugin_that_raises_as_it_is_built_is_a_config_error_naming_it(
+    codec: str, listener: str, field: str, reason: str, tmp_path: Path
+) -> None:
+    """A codec or filter whose construction raised something other than ``TypeError`` or
+    ``ValueError`` (a file it needs, a bug of its own) escaped the loader: the CLI called it
+    "internal error ... this is a bug, please report it" of the engine, with exit code 1. It
+    is the configuration's plugin that failed: a ``ConfigError`` naming it and what it
+    raised, exit code 2 and one line, for the loader and for ``metaprotocol proxy`` alike."""
+    (tmp_path / "failing_plugins.py").write_text(_FAILING_PLUGINS)
+    text = mesh([(1, "v1")], listener=listener).replace(
+        "metaprotocol_sdk.examples.kv:KVCodec", codec
+    )
+    config = tmp_path / "mesh.yaml"
+    config.write_text(text)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ConfigError) as info:
+            loads_config(text, "mesh.yaml")
+        assert (info.value.field, info.value.reason) == (field, reason)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("failing_plugins", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+    )
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("error: ") and reason in line, line
+
+
+def test_a_filter_that_fails_when_the_engine_starts_is_a_config_error_naming_the_listener(
+    tmp_path: Path,
+) -> None:
+    """A filter built when the files loaded may fail when the engine builds its listener (it
+    needs something that went away): that escaped ``Engine.start`` as the filter's own
+    exception (a reload already refused it as a ``ConfigError`` naming the listener)."""
+    (tmp_path / "failing_plugins.py").write_text(_FAILING_PLUGINS)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = loads_config(
+            mesh([(1, "v1")], listener="filters: [{name: 'failing_plugins:Once'}]"), "mesh.yaml"
+        )
+        with pytest.raises(ConfigError) as info:
+            run(Engine(config).start())
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("failing_plugins", None)
+    assert info.value.source is not None and info.value.source.startswith("listener ")
+    assert "ConnectionError: the license server went away" in info.value.reason

@@ -526,6 +526,13 @@ def _make_protocol(
     except ConfigError as exc:
         where = f"spec.codecOptions.{name}" + (f".{exc.field}" if exc.field else "")
         raise ConfigError(exc.reason, source=exc.source or options_source, field=where) from exc
+    except Exception as exc:  # a from_options of the codec's own failed: say whose
+        raise ConfigError(
+            f"codec {codec_name} could not be built: its from_options raised "
+            f"{type(exc).__name__}: {exc}",
+            source=options_source,
+            field=f"spec.codecOptions.{name}",
+        ) from exc
     return Protocol(name=name, codec_name=codec_name, codec_class=cls, options=options)
 
 
@@ -1705,6 +1712,9 @@ def _filters(
         except ConfigError as exc:
             where = f"{fpath}.config.{exc.field}" if exc.field else f"{fpath}.config"
             doc.fail(where, exc.reason)
+        except Exception as exc:  # a from_config of the filter's own failed: say whose
+            why = f"{type(exc).__name__}: {exc}"
+            doc.fail(fpath, f"filter {name} could not be built: its from_config raised {why}")
         specs.append(spec)
     return tuple(specs)
 
