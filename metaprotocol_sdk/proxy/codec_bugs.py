@@ -16,8 +16,10 @@ left out since the last: a client that reaches the bug with every frame cannot f
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import monotonic
 
+from metaprotocol_sdk.codec import Codec
 from metaprotocol_sdk.errors import CodecError
 
 from .stats import Counter, Stats
@@ -31,9 +33,32 @@ LOG_INTERVAL = 1.0
 
 
 def codec_name(codec: object) -> str:
-    """The codec's class as an ``ApplicationProtocol`` names it (``module:Class``)."""
-    cls = type(codec)
+    """The codec's class (``codec``, or its class) as an ``ApplicationProtocol`` names it
+    (``module:Class``)."""
+    cls = codec if isinstance(codec, type) else type(codec)
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+class CodecUnavailable(Exception):
+    """A connection's codec could not be built (its constructor raised): the connection is
+    not made. Its message is what an error reply may say of it."""
+
+
+def guarded_maker(
+    make: Callable[[], Codec], cls: type[Codec], bugs: CodecBugs, outcome: str
+) -> Callable[[], Codec]:
+    """``make``, each failure of which is counted and logged as ``cls``'s ``__init__`` bug
+    (with ``outcome``) and raised as :class:`CodecUnavailable`. The options were checked
+    when they loaded (the codec was built once then): this is a constructor that fails only
+    sometimes (a file, a resource it needs per connection)."""
+
+    def new_codec() -> Codec:
+        try:
+            return make()
+        except Exception as exc:
+            raise CodecUnavailable(bugs.report(cls, "__init__", exc, outcome)) from None
+
+    return new_codec
 
 
 def describe(exc: BaseException) -> str:
@@ -60,13 +85,14 @@ class CodecBugs:
         self._quiet = 0
 
     def report(self, codec: object, method: str, exc: BaseException, outcome: str) -> str:
-        """Count ``exc``, raised by ``codec``'s ``method``, and log it (rate-limited) with
+        """Count ``exc``, raised by ``codec``'s ``method`` (``codec`` a class for its
+        ``__init__``), and log it (rate-limited) with
         ``outcome``: what the engine did about it. A ``CodecError`` (the contract's) is not
         a bug: not counted, for callers that catch every exception at once. Returns what an
         error reply may say of it (a bug's message is left out: it may quote wire bytes)."""
         if isinstance(exc, CodecError):
             return str(exc)
-        key = (type(codec), method)
+        key = (codec if isinstance(codec, type) else type(codec), method)
         counter = self._counters.get(key)
         if counter is None:
             counter = self._counters[key] = self._stats.counter(

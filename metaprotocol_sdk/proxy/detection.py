@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
+from .codec_bugs import CodecUnavailable
 from .downstream import Downstream, Refused
 from .tls import tls_layer
 
@@ -189,6 +190,11 @@ class Detecting(asyncio.Protocol):
             self.detection.count(result)
         self.held = b""
 
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        """The connection's codec could not be built: closed (a FIN), nothing answered."""
+        self.listener.rejected["codec_error"].value += 1
+        transport.close()
+
     def _timed_out(self) -> None:
         self.timer = None
         if self.transport is not None:
@@ -204,7 +210,11 @@ class Detecting(asyncio.Protocol):
         if transport is None:
             return None
         self.transport = None
-        downstream = Downstream(self.listener)
+        try:
+            downstream = Downstream(self.listener)
+        except CodecUnavailable:  # counted and logged as the codec's bug
+            self._refuse(transport)
+            return None
         transport.set_protocol(downstream)
         downstream.connection_made(transport)
         if data and not downstream.closed:
@@ -225,7 +235,12 @@ class Detecting(asyncio.Protocol):
         self.transport = None
         engine = runtime.engine
         remaining = self.started + engine.handshake_timeout - engine.loop.time()
-        layer = cast(asyncio.BufferedProtocol, tls_layer(runtime, context, max(remaining, 0.001)))
+        try:
+            layer = tls_layer(runtime, context, max(remaining, 0.001))
+        except CodecUnavailable:  # counted and logged as the codec's bug
+            self._refuse(transport)
+            return
+        layer = cast(asyncio.BufferedProtocol, layer)
         transport.set_protocol(layer)
         layer.connection_made(transport)
         view = memoryview(data)

@@ -18,6 +18,7 @@ from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 from .accesslog import NO_CLIENT, client_facts
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
+from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import codec_maker
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
@@ -73,7 +74,7 @@ _RETRY_CONDITIONS = {
 
 #: Why a new connection is refused (closed at once, cleanly); ``rate_limited`` (a listener's
 #: ``connectionRateLimit``) has its series only where that is configured.
-REJECT_REASONS = ("max_connections", "overload", "draining")
+REJECT_REASONS = ("max_connections", "overload", "draining", "codec_error")
 #: Picks a retry makes to find another endpoint than the one that failed: Istio's default
 #: retry policy (Envoy's previous_hosts predicate, host_selection_retry_max_attempts 5).
 RETRY_HOST_PICKS = 5
@@ -116,8 +117,14 @@ class ListenerRuntime:
         self.name = name
         self.codec_class = protocol_codec
         self.options = options
-        #: Makes each connection's codec (see ``codec_maker``).
-        self.new_codec = codec_maker(protocol_codec, options)
+        #: Makes each connection's codec (see ``codec_maker``); one that fails raises
+        #: ``CodecUnavailable`` and the connection is refused (``reason="codec_error"``).
+        self.new_codec = guarded_maker(
+            codec_maker(protocol_codec, options),
+            protocol_codec,
+            engine.codec_bugs,
+            "client connection refused",
+        )
         self.table = table
         stats = engine.stats
         self.accepted = stats.counter("metaprotocol_downstream_connections_total", listener=name)
@@ -833,11 +840,16 @@ class Downstream(asyncio.Protocol):
         if cluster.request_limits and (why := cluster.over_pool_limits(host)) is not None:
             self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
-        conn = (
-            cluster.shared_connection(host)
-            if cluster.shared
-            else self._dedicated(cluster, host, avoid)
-        )
+        try:
+            conn = (
+                cluster.shared_connection(host)
+                if cluster.shared
+                else self._dedicated(cluster, host, avoid)
+            )
+        except CodecUnavailable as exc:  # counted and logged as the codec's bug
+            failed = ErrorType.UpstreamConnectFailure
+            self.local_reply(message, failed, str(exc), route, target, started or None)
+            return
         if conn is None:
             why = cluster.refused()
             self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
@@ -1049,11 +1061,15 @@ class Downstream(asyncio.Protocol):
         if sink.inflight >= sink.limit or engine.buffered > engine.max_buffered:
             sink.count(target, "Dropped")
             return
-        conn = (
-            cluster.shared_connection(host, False)
-            if cluster.shared
-            else self._dedicated(cluster, host, None, False)
-        )
+        try:
+            conn = (
+                cluster.shared_connection(host, False)
+                if cluster.shared
+                else self._dedicated(cluster, host, None, False)
+            )
+        except CodecUnavailable:  # counted and logged as the codec's bug
+            sink.count(target, "UpstreamConnectFailure")
+            return
         if conn is None:  # maxConnections or the budget: counted as a request's refusal is
             cluster.refused()
             sink.count(target, "Dropped")
@@ -1202,7 +1218,12 @@ class Downstream(asyncio.Protocol):
         if engine.buffered > engine.max_buffered or engine.rss_over:
             target.count_oneway(ErrorType.OverLimit.name)
             return
-        conn = cluster.shared_connection(host) if cluster.shared else self._dedicated(cluster, host)
+        try:
+            shared = cluster.shared
+            conn = cluster.shared_connection(host) if shared else self._dedicated(cluster, host)
+        except CodecUnavailable:  # counted and logged as the codec's bug
+            target.count_oneway(ErrorType.UpstreamConnectFailure.name)
+            return
         if conn is None:
             cluster.refused()
             target.count_oneway(ErrorType.OverLimit.name)
@@ -1237,15 +1258,16 @@ class Downstream(asyncio.Protocol):
                 if reused is not None or not (reclaim and cluster.may_reclaim()):
                     return reused
             dedicated = self.dedicated
-            if not dedicated:
-                self.engine.clients_with_upstream += 1
-            elif not self.engine.upstream_room(self.engine.clients_without_upstream()):
+            if dedicated and not self.engine.upstream_room(self.engine.clients_without_upstream()):
                 # Fair share: a client that has connections opens more only while the
                 # budget keeps one for each client that has none; else it reuses its own.
                 reused = self._reuse(cluster, avoid)
                 if reused is not None:
                     return reused
-            conn = dedicated[key] = host.connection_class(cluster, host, self)
+            conn = host.connection_class(cluster, host, self)  # may raise CodecUnavailable
+            if not dedicated:
+                self.engine.clients_with_upstream += 1
+            dedicated[key] = conn
             conn.connect()
         return conn
 

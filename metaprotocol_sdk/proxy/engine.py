@@ -21,7 +21,7 @@ from metaprotocol_sdk.filters import Filter
 from .accesslog import AccessLog
 from .addresses import is_loopback, reaches, resolve_all
 from .authorization import STALE, ListenerAuthorization
-from .codec_bugs import CodecBugs
+from .codec_bugs import CodecBugs, CodecUnavailable
 from .config.models import (
     Config,
     Destination,
@@ -742,7 +742,10 @@ class Engine:
             if detect is not None:  # PERMISSIVE or DISABLE: its first bytes say
                 return detecting(runtime, detect)
             context = runtime.tls
-            return Downstream(runtime) if context is None else tls_accept(runtime, context)
+            try:
+                return Downstream(runtime) if context is None else tls_accept(runtime, context)
+            except CodecUnavailable:  # counted and logged as the codec's bug
+                return Refused(runtime.rejected["codec_error"])
 
         return await self._loop.create_server(
             accept,

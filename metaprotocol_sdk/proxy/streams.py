@@ -32,6 +32,7 @@ from metaprotocol_sdk.codec import LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
+from .codec_bugs import CodecUnavailable
 from .telemetry import RESPONSE_FLAGS
 
 if TYPE_CHECKING:
@@ -456,7 +457,12 @@ def open_stream(
     if not (cluster.may_open() or cluster.may_reclaim()):  # as a request's own connection
         downstream.local_reply(message, ErrorType.OverLimit, cluster.refused(), route, target)
         return
-    conn = host.connection_class(cluster, host, downstream)
+    try:
+        conn = host.connection_class(cluster, host, downstream)
+    except CodecUnavailable as exc:  # counted and logged as the codec's bug
+        failed = ErrorType.UpstreamConnectFailure
+        downstream.local_reply(message, failed, str(exc), route, target)
+        return
     try:
         encoded = conn.codec.encode(message, mutation)
     except Exception as exc:  # the codec cannot write this frame (e.g. a mutation)

@@ -25,6 +25,7 @@ from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, make_balancer
+from .codec_bugs import guarded_maker
 from .config.models import (
     ConnectionPool,
     LoadBalancer,
@@ -214,8 +215,14 @@ class Cluster:
         self.engine = engine
         self.name = name
         self.protocol = protocol
-        #: Makes each connection's codec (see ``codec_maker``).
-        self.new_codec = codec_maker(protocol.codec_class, protocol.options)
+        #: Makes each connection's codec (see ``codec_maker``); one that fails raises
+        #: ``CodecUnavailable`` and the request that needed the connection fails.
+        self.new_codec = guarded_maker(
+            codec_maker(protocol.codec_class, protocol.options),
+            protocol.codec_class,
+            engine.codec_bugs,
+            "upstream connection not opened",
+        )
         self.hosts = hosts
         self.policy = policy
         #: Whether the hosts have several failover priorities: then the balancer picks a
