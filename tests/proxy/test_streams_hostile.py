@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from proxy_kit import (
     WAIT,
@@ -35,39 +35,26 @@ from metaprotocol_sdk.filters import Filter, RequestContext
 from metaprotocol_sdk.proxy import Engine, loads_config
 
 
-class HoldingFilter(Filter):
-    """Holds every ``Stream_Init`` until ``gate`` is set."""
-
-    name = "holding"
-    gate: asyncio.Event | None = None
-    holding: asyncio.Event | None = None
-
-    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
-        assert HoldingFilter.gate is not None and HoldingFilter.holding is not None
-        HoldingFilter.holding.set()
-        return HoldingFilter.gate.wait()
-
-
 class ChatHolder(Filter):
-    """Holds a ``Stream_Init`` of method ``chat`` until ``gate`` is set."""
+    """Holds a ``Stream_Init`` of method ``chat`` until ``gate`` is set (both events are
+    made by :meth:`armed`)."""
 
     name = "chat-holder"
-    gate: asyncio.Event | None = None
-    holding: asyncio.Event | None = None
+    gate: ClassVar[asyncio.Event]
+    holding: ClassVar[asyncio.Event]
 
     def on_request(self, context: RequestContext) -> Awaitable[object] | None:
         if context.request.operation_name != "chat":
             return None
-        assert ChatHolder.gate is not None and ChatHolder.holding is not None
         ChatHolder.holding.set()
         return ChatHolder.gate.wait()
 
-
-def filters(*classes: type[Filter]) -> str:
-    """A listener's ``filters``, each class named by its own module (a test module imported
-    by another is a second copy, whose classes the tests would not set up)."""
-    names = ", ".join(f"{{name: '{cls.__module__}:{cls.__qualname__}'}}" for cls in classes)
-    return f"filters: [{names}]"
+    @classmethod
+    def armed(cls) -> str:
+        """New events, and the listener's ``filters`` with this class, named by its own module
+        (a copy of it under another name would hold events no test sets)."""
+        cls.gate, cls.holding = asyncio.Event(), asyncio.Event()
+        return f"filters: [{{name: '{cls.__module__}:{cls.__qualname__}'}}]"
 
 
 Server = TypeVar("Server", bound=StreamServer)
@@ -83,17 +70,18 @@ async def stream_client(
 ) -> AsyncIterator[tuple[Engine, StreamClient, Server]]:
     """The engine in front of ``server`` (started here; the other arguments are
     :func:`mesh`'s) and a stream client connected to it; all closed on exit."""
-    up = await server.start()
+    await server.start()
     try:
-        config = mesh([(up.port, "v1")], router, traffic_policy, proxy, listener=listener)
+        config = mesh([(server.port, "v1")], router, traffic_policy, proxy, listener=listener)
         async with engine_for(config) as engine:
             c = await StreamClient.connect(address(engine))
+            assert isinstance(c, StreamClient)
             try:
-                yield engine, c, up
+                yield engine, c, server
             finally:
                 c.close()
     finally:
-        await up.close()
+        await server.close()
 
 
 DELAYED = """\
@@ -155,19 +143,18 @@ def test_frames_behind_a_held_stream_init_are_bounded() -> None:
     past that the client is not read until the stream opens (then every frame arrives)."""
 
     async def main() -> None:
-        HoldingFilter.gate, HoldingFilter.holding = asyncio.Event(), asyncio.Event()
         proxy = "limits: {connectionBufferBytes: 262144}\n"
-        held = filters(HoldingFilter)
+        held = ChatHolder.armed()
         async with stream_client(StreamServer(), proxy=proxy, listener=held) as (engine, c, up):
             c.frame(STREAM_OPEN, 1, {"method": "chat"})
-            await asyncio.wait_for(HoldingFilter.holding.wait(), WAIT)
+            await asyncio.wait_for(ChatHolder.holding.wait(), WAIT)
             count = 256  # 16 MiB: more than the kernels' buffers take
             for i in range(count):
                 c.frame(STREAM_DATA, 1, {"n": str(i)}, bytes(65536))
             dx = next(iter(engine.downstreams))
             await until(lambda: dx.reading_paused, "the client no longer read")
             assert engine.buffered < 4 * 262144, engine.buffered
-            HoldingFilter.gate.set()
+            ChatHolder.gate.set()
             c.frame(STREAM_HALF_CLOSE, 1)
             frames = await c.until(1, count + 2)
             assert [bytes(f.body) for f in frames[1:-1]] == [bytes(65536)] * count
@@ -437,9 +424,8 @@ def test_a_held_stream_init_settled_while_the_client_reads_nothing_keeps_the_fra
     the connection for good, neither frame nor idle timeout closing it.)"""
 
     async def main() -> None:
-        ChatHolder.gate, ChatHolder.holding = asyncio.Event(), asyncio.Event()
         proxy = "timeouts: {frame: 1s}\nlimits: {connectionBufferBytes: 262144}\n"
-        held = filters(ChatHolder)
+        held = ChatHolder.armed()
         async with stream_client(StreamServer(), proxy=proxy, listener=held) as (engine, c, _):
             assert c.transport is not None
             c.transport.pause_reading()
