@@ -6,9 +6,11 @@ Over real sockets, with a KV codec that raises in the method a frame names."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import pytest
 from proxy_kit import (
@@ -35,8 +37,8 @@ from metaprotocol_sdk.proxy import codec_bugs
 from metaprotocol_sdk.proxy.assembly import LARGE_FRAME
 from metaprotocol_sdk.proxy.engine import Engine
 
-CODEC = "test_codec_bugs:BoomKV"
-NAME = "test_codec_bugs:BoomKV"
+#: By this module's own name: by its file name the engine would import a second copy of it.
+CODEC = NAME = f"{__name__}:BoomKV"
 #: A message quoting "wire bytes": long, with a line break.
 WIRE = "bad byte\n" + "x" * 5000
 #: What each method raises when its frame asks for it.
@@ -149,6 +151,36 @@ async def in_two(send: Any, frame: bytes, connections: Any) -> None:
     send(frame[1000:])
 
 
+Server = TypeVar("Server", Upstream, StreamServer)
+
+
+@contextlib.asynccontextmanager
+async def buggy_engine(
+    server: Server, router: str | None = None
+) -> AsyncIterator[tuple[Engine, Server]]:
+    """The engine with the buggy codec in front of ``server`` (started here, closed on exit).
+    On a clean exit it checks that nothing is left in flight (:func:`settled`) and that the
+    loop's exception handler was never called (a traceback in the log, otherwise)."""
+    errors = record_loop_errors()
+    up = await server.start()
+    try:
+        async with engine_for(mesh([(up.port, "v1")], router=router, codec=CODEC)) as engine:
+            yield engine, up
+            await settled(engine)
+    finally:
+        await up.close()
+    assert errors == []
+
+
+def run_checking_log(
+    caplog: pytest.LogCaptureFixture, main: Coroutine[Any, Any, None], method: str, exc: str
+) -> None:
+    """Run ``main`` logging at INFO, then :func:`check_log` for ``method`` and ``exc``."""
+    with caplog.at_level(logging.INFO):
+        run(main)
+    check_log(caplog, method, exc)
+
+
 async def served(engine: Engine) -> None:
     """Another client is served meanwhile, and after."""
     other = await Client.connect(address(engine))
@@ -169,9 +201,7 @@ def test_a_frame_the_codec_fails_on_closes_its_connection_after_the_earlier_repl
     read, then the connection closes; counted as a decode error and a ``codec_error`` close."""
 
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a")) as (engine, up):
             c = await Client.connect(address(engine))
             first = c.start("slow", rid=1)
             await up.wait_received(1)
@@ -198,22 +228,15 @@ def test_a_frame_the_codec_fails_on_closes_its_connection_after_the_earlier_repl
             ) == (1)
             assert closed_by(engine, "codec_error") == 1
             assert stats.total("metaprotocol_local_replies_total") == 0
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, method, exc)
+    run_checking_log(caplog, main(), method, exc)
 
 
 def test_a_heartbeat_the_codec_fails_to_answer_is_not_answered_and_the_connection_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a")) as (engine, _):
             c = await Client.connect(address(engine))
             c.send(build_frame(PING, 9, boom("heartbeat_reply")))
             assert error_type(await c.call(rid=10)) is None
@@ -221,13 +244,8 @@ def test_a_heartbeat_the_codec_fails_to_answer_is_not_answered_and_the_connectio
             assert c.unmatched == []  # no pong
             assert closed_by(engine, "codec_error") == 0
             c.close()
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "heartbeat_reply", "TypeError")
+    run_checking_log(caplog, main(), "heartbeat_reply", "TypeError")
 
 
 ROUTES = """\
@@ -245,9 +263,7 @@ def test_a_local_reply_the_codec_fails_to_build_closes_the_connection_after_the_
     as after a frame nothing can answer; no local reply is counted (none was sent)."""
 
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], router=ROUTES, codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a"), ROUTES) as (engine, up):
             c = await Client.connect(address(engine))
             first = c.start("slow", rid=1)
             failed = c.start("nowhere", boom("on_error"), rid=2)
@@ -263,13 +279,8 @@ def test_a_local_reply_the_codec_fails_to_build_closes_the_connection_after_the_
             assert closed_by(engine, "codec_error") == 1
             assert stats.total("metaprotocol_local_replies_total") == 0
             assert stats.total("metaprotocol_requests_total", status="DownstreamClosed") == 1
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "on_error", "RecursionError")
+    run_checking_log(caplog, main(), "on_error", "RecursionError")
 
 
 def test_a_reply_the_codec_cannot_relabel_nor_answer_closes_the_client_after_its_other_replies(
@@ -280,9 +291,7 @@ def test_a_reply_the_codec_cannot_relabel_nor_answer_closes_the_client_after_its
     client's earlier request still answered, then its connection closes."""
 
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a")) as (engine, up):
             c = await Client.connect(address(engine))
             first = c.start("slow", rid=1)
             failed = c.start(headers=boom("up-relabel", "on_error"), rid=2)
@@ -298,22 +307,15 @@ def test_a_reply_the_codec_cannot_relabel_nor_answer_closes_the_client_after_its
             assert closed_by(engine, "codec_error") == 1
             assert stats.total("metaprotocol_requests_total", status="DownstreamClosed") == 1
             assert stats.total("metaprotocol_upstream_connections_total") == 1  # it went on
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "relabel", "UnicodeDecodeError")
+    run_checking_log(caplog, main(), "relabel", "UnicodeDecodeError")
 
 
 def test_a_request_the_codec_fails_to_encode_is_answered_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a")) as (engine, _):
             c = await Client.connect(address(engine))
             reply = await c.call(headers=boom("encode"))
             assert error_type(reply) == "BadRequest"
@@ -322,13 +324,8 @@ def test_a_request_the_codec_fails_to_encode_is_answered_and_counted(
             assert error_type(await c.call()) is None
             assert codec_errors(engine, "encode") == 1
             c.close()
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "encode", "ValueError")
+    run_checking_log(caplog, main(), "encode", "ValueError")
 
 
 # -- the upstream's side ------------------------------------------------------------------------
@@ -350,9 +347,7 @@ def test_a_reply_the_codec_fails_on_resets_the_upstream_connection_its_requests_
     reset; the clients go on, on a new connection."""
 
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a")) as (engine, up):
             c = await Client.connect(address(engine))
             headers = boom(f"up-{method}")
             if size:  # the reply, written by hand in two parts
@@ -377,22 +372,15 @@ def test_a_reply_the_codec_fails_on_resets_the_upstream_connection_its_requests_
             assert stats.total("metaprotocol_upstream_connections_total") == 2
             assert closed_by(engine, "codec_error") == 0
             c.close()
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, method, exc)
+    run_checking_log(caplog, main(), method, exc)
 
 
 def test_an_upstream_heartbeat_the_codec_fails_to_answer_is_not_answered(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a")) as (engine, up):
             c = await Client.connect(address(engine))
             assert error_type(await c.call()) is None
             (conn,) = up.connections
@@ -402,13 +390,8 @@ def test_an_upstream_heartbeat_the_codec_fails_to_answer_is_not_answered(
             assert error_type(await c.call()) is None  # on the same connection: no pong before
             assert up.pongs == [] and up.accepted == 1
             c.close()
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "heartbeat_reply", "TypeError")
+    run_checking_log(caplog, main(), "heartbeat_reply", "TypeError")
 
 
 # -- streams ------------------------------------------------------------------------------------
@@ -421,9 +404,7 @@ def test_a_stream_frame_the_codec_fails_on_resets_the_stream(
     client gets the error reply with its id) and the client's connection goes on."""
 
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await StreamServer().start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(StreamServer()) as (engine, _):
             c = await StreamClient.connect(address(engine))
             c.frame(STREAM_OPEN, 1, {"method": "chat", **boom("up-decode")})
             (reset,) = await c.until(1, 1)
@@ -435,13 +416,8 @@ def test_a_stream_frame_the_codec_fails_on_resets_the_stream(
             assert opened.message_type.name == "Stream_Init"
             assert closed_by(engine, "codec_error") == 0
             c.close()
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "decode", "IndexError")
+    run_checking_log(caplog, main(), "decode", "IndexError")
 
 
 def test_a_stream_reset_the_codec_fails_to_answer_ends_the_stream_and_closes_the_client(
@@ -451,9 +427,7 @@ def test_a_stream_reset_the_codec_fails_to_answer_ends_the_stream_and_closes_the
     ends (counted, its connection gone), and the client, who cannot be told, is closed."""
 
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await StreamServer().start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(StreamServer()) as (engine, _):
             c = await StreamClient.connect(address(engine))
             c.frame(STREAM_OPEN, 1, {"method": "drop", **boom("on_error")})
             await asyncio.wait_for(c.closed, WAIT)
@@ -465,12 +439,8 @@ def test_a_stream_reset_the_codec_fails_to_answer_ends_the_stream_and_closes_the
             await served_streams(engine)
             await settled(engine)
             await until(lambda: not engine.upstreams and not engine.downstreams, "all closed")
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "on_error", "RecursionError")
+    run_checking_log(caplog, main(), "on_error", "RecursionError")
 
 
 async def served_streams(engine: Engine) -> None:
@@ -492,19 +462,12 @@ def test_a_client_that_reaches_the_bug_again_and_again_cannot_flood_the_log(
     test), the next saying how many were left out."""
 
     async def main() -> None:
-        errors = record_loop_errors()
-        up = await Upstream("a").start()
-        async with engine_for(mesh([(up.port, "v1")], codec=CODEC)) as engine:
+        async with buggy_engine(Upstream("a")) as (engine, _):
             clients = [await Client.connect(address(engine)) for _ in range(20)]
             for c in clients:
                 c.send(build_frame(REQUEST, 1, {"method": "get", **boom("decode")}))
             await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)), WAIT)
             assert codec_errors(engine, "decode") == 20
             assert closed_by(engine, "codec_error") == 20
-            await settled(engine)
-        await up.close()
-        assert errors == []
 
-    with caplog.at_level(logging.INFO):
-        run(main())
-    check_log(caplog, "decode", "IndexError")
+    run_checking_log(caplog, main(), "decode", "IndexError")

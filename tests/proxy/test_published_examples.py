@@ -18,12 +18,13 @@ examples of istio.io's reference pages, which are the comments of istio/api's pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytest
@@ -67,10 +68,6 @@ def configuration(host: str, port: int, endpoints: list[tuple[int, str]], *docs:
     return "---\n".join([KV, served(host, port, endpoints), *map(textwrap.dedent, docs)])
 
 
-async def two_versions() -> tuple[Upstream, Upstream]:
-    return await Upstream("v1").start(), await Upstream("v2").start()
-
-
 async def servers_of(client: Client, n: int, method: str, **headers: str) -> Counter[str]:
     """Which server answered each of ``n`` calls (``error-type`` for a local reply)."""
     seen: Counter[str] = Counter()
@@ -82,6 +79,36 @@ async def servers_of(client: Client, n: int, method: str, **headers: str) -> Cou
 
 async def connect(engine: Engine, host: str, port: int) -> Client:
     return await Client.connect(engine.listener_addresses[(host, port)])
+
+
+@dataclass
+class Running:
+    """A started engine, a client of its listener, and the KV server of each version."""
+
+    engine: Engine
+    client: Client
+    upstreams: dict[str, Upstream]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    host: str, port: int, *docs: str, versions: tuple[str, ...] = ("v1", "v2")
+) -> AsyncIterator[Running]:
+    """The engine over ``docs`` (see :func:`configuration`) for ``host:port``, whose
+    endpoints are one KV server per version, and a client connected to it; the client, the
+    engine and the servers are closed on exit."""
+    upstreams = {v: await Upstream(v).start() for v in versions}
+    try:
+        endpoints = [(up.port, v) for v, up in upstreams.items()]
+        async with engine_for(configuration(host, port, endpoints, *docs)) as engine:
+            client = await connect(engine, host, port)
+            try:
+                yield Running(engine, client, upstreams)
+            finally:
+                client.close()
+    finally:
+        for up in upstreams.values():
+            await up.close()
 
 
 # -- Aeraki: demo/metaprotocol-thrift ---------------------------------------------------------
@@ -132,15 +159,9 @@ def test_aeraki_method_routing_sends_sayhello_to_v1() -> None:
     a method no route matches has no route."""
 
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")], THRIFT_DR)
-        async with engine_for(text + "---\n" + THRIFT_V1) as engine:
-            client = await connect(engine, THRIFT_HOST, 9090)
-            assert await servers_of(client, 10, "sayHello") == {"v1": 10}
-            assert await servers_of(client, 1, "ping") == {"RouteNotFound": 1}
-            client.close()
-        await v1.close()
-        await v2.close()
+        async with running(THRIFT_HOST, 9090, THRIFT_DR, THRIFT_V1) as mesh:
+            assert await servers_of(mesh.client, 10, "sayHello") == {"v1": 10}
+            assert await servers_of(mesh.client, 1, "ping") == {"RouteNotFound": 1}
 
     run(main())
 
@@ -177,14 +198,8 @@ def test_aeraki_traffic_split_20_80() -> None:
     """20% of sayHello to v1, 80% to v2 (the engine's split is exact per 100 requests)."""
 
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")], THRIFT_DR)
-        async with engine_for(text + "---\n" + THRIFT_SPLIT) as engine:
-            client = await connect(engine, THRIFT_HOST, 9090)
-            assert await servers_of(client, 100, "sayHello") == {"v1": 20, "v2": 80}
-            client.close()
-        await v1.close()
-        await v2.close()
+        async with running(THRIFT_HOST, 9090, THRIFT_DR, THRIFT_SPLIT) as mesh:
+            assert await servers_of(mesh.client, 100, "sayHello") == {"v1": 20, "v2": 80}
 
     run(main())
 
@@ -214,18 +229,13 @@ spec:
 
 def test_aeraki_header_mutation_reaches_the_server() -> None:
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")], THRIFT_DR)
-        async with engine_for(text + "---\n" + THRIFT_MUTATION) as engine:
-            client = await connect(engine, THRIFT_HOST, 9090)
+        async with running(THRIFT_HOST, 9090, THRIFT_DR, THRIFT_MUTATION) as mesh:
+            v1, v2 = mesh.upstreams["v1"], mesh.upstreams["v2"]
             for _ in range(2):  # both endpoints of the service, round robin
-                reply = await client.call("sayHello")
+                reply = await mesh.client.call("sayHello")
                 assert reply.attributes.get("req-foo") == "bar"
                 assert reply.attributes.get("req-foo1") == "bar1"
             assert len(v1.received) == len(v2.received) == 1
-            client.close()
-        await v1.close()
-        await v2.close()
 
     run(main())
 
@@ -250,19 +260,13 @@ def test_aeraki_consistent_hash_on_the_method() -> None:
     """Requests of one method always reach the same server; the methods spread over both."""
 
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")], THRIFT_HASH)
-        async with engine_for(text) as engine:
-            client = await connect(engine, THRIFT_HOST, 9090)
+        async with running(THRIFT_HOST, 9090, THRIFT_HASH) as mesh:
             owners: set[str] = set()
             for i in range(16):
-                seen = await servers_of(client, 4, f"method{i}")
+                seen = await servers_of(mesh.client, 4, f"method{i}")
                 assert len(seen) == 1 and seen.keys() <= {"v1", "v2"}, seen
                 owners |= seen.keys()
             assert owners == {"v1", "v2"}
-            client.close()
-        await v1.close()
-        await v2.close()
 
     run(main())
 
@@ -290,20 +294,16 @@ def test_aeraki_outlier_detection_ejects_after_five_errors() -> None:
     ejected for 15 minutes and the good one takes every request."""
 
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")], THRIFT_OUTLIER)
-        async with engine_for(text) as engine:
-            (cluster,) = engine.config_dump()["clusters"]
+        async with running(THRIFT_HOST, 9090, THRIFT_OUTLIER) as mesh:
+            (cluster,) = mesh.engine.config_dump()["clusters"]
             detection = cluster["outlierDetection"]
             assert detection["consecutive_errors"] == 5
             assert (detection["interval"], detection["base_ejection_time"]) == (300.0, 900.0)
+            v2 = mesh.upstreams["v2"]
             await v2.close()  # the failing server: connections refused
-            client = await connect(engine, THRIFT_HOST, 9090)
-            seen = await servers_of(client, 20, "sayHello")
+            seen = await servers_of(mesh.client, 20, "sayHello")
             assert seen["UpstreamConnectFailure"] == 5 and seen["v1"] == 15, seen
-            assert engine.config_dump()["clusters"][0]["ejected"] == [f"127.0.0.1:{v2.port}"]
-            client.close()
-        await v1.close()
+            assert mesh.engine.config_dump()["clusters"][0]["ejected"] == [f"127.0.0.1:{v2.port}"]
 
     run(main())
 
@@ -348,7 +348,6 @@ def test_aeraki_global_rate_limit_without_routes(redis: Redis) -> None:
     limit service. Its rate-limit-server/config.yaml allows 10 sayHello a minute."""
 
     async def main() -> None:
-        v1, v2 = await two_versions()
         with rate_limit_service(redis, {("method", "sayHello"): 10}) as rls:
             ours = (
                 "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
@@ -357,18 +356,11 @@ def test_aeraki_global_rate_limit_without_routes(redis: Redis) -> None:
                 "  ports: [{number: 8081, name: grpc, protocol: GRPC}]\n"
                 f"  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {rls.port}}}}}]\n"
             )
-            text = configuration(
-                THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")], ours, THRIFT_GLOBAL
-            )
-            async with engine_for(text) as engine:
-                client = await connect(engine, THRIFT_HOST, 9090)
-                seen = await servers_of(client, 12, "sayHello")
+            async with running(THRIFT_HOST, 9090, ours, THRIFT_GLOBAL) as mesh:
+                seen = await servers_of(mesh.client, 12, "sayHello")
                 assert seen == {"v1": 5, "v2": 5, "OverLimit": 2}, seen
-                assert (await servers_of(client, 2, "ping")).keys() <= {"v1", "v2"}
+                assert (await servers_of(mesh.client, 2, "ping")).keys() <= {"v1", "v2"}
                 assert rls.calls == 12  # ping is not checked
-                client.close()
-        await v1.close()
-        await v2.close()
 
     run(main())
 
@@ -409,16 +401,10 @@ def test_aeraki_website_local_rate_limit_without_routes() -> None:
     """10 sayHello a minute; other methods (no condition, no default bucket) unlimited."""
 
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")])
-        async with engine_for(text + "---\n" + WEBSITE_LOCAL) as engine:
-            client = await connect(engine, THRIFT_HOST, 9090)
-            seen = await servers_of(client, 11, "sayHello")
+        async with running(THRIFT_HOST, 9090, WEBSITE_LOCAL) as mesh:
+            seen = await servers_of(mesh.client, 11, "sayHello")
             assert seen == {"v1": 5, "v2": 5, "OverLimit": 1}, seen
-            assert (await servers_of(client, 12, "other")) == {"v1": 6, "v2": 6}
-            client.close()
-        await v1.close()
-        await v2.close()
+            assert (await servers_of(mesh.client, 12, "other")) == {"v1": 6, "v2": 6}
 
     run(main())
 
@@ -480,15 +466,9 @@ def test_aeraki_local_rate_limit_default_bucket_and_condition() -> None:
     """sayHello has its own bucket of 2; every other method shares the default 10."""
 
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(DUBBO_HOST, 20880, [(v1.port, "v1"), (v2.port, "v2")], DUBBO_DR)
-        async with engine_for(text + "---\n" + DUBBO_LOCAL) as engine:
-            client = await connect(engine, DUBBO_HOST, 20880)
-            assert await servers_of(client, 3, "sayHello") == {"v1": 2, "OverLimit": 1}
-            assert await servers_of(client, 11, "sayGoodbye") == {"v1": 10, "OverLimit": 1}
-            client.close()
-        await v1.close()
-        await v2.close()
+        async with running(DUBBO_HOST, 20880, DUBBO_DR, DUBBO_LOCAL) as mesh:
+            assert await servers_of(mesh.client, 3, "sayHello") == {"v1": 2, "OverLimit": 1}
+            assert await servers_of(mesh.client, 11, "sayGoodbye") == {"v1": 10, "OverLimit": 1}
 
     run(main())
 
@@ -519,16 +499,11 @@ spec:
 
 def test_aeraki_traffic_mirroring_copies_every_request_to_v2() -> None:
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(DUBBO_HOST, 20880, [(v1.port, "v1"), (v2.port, "v2")], DUBBO_DR)
-        async with engine_for(text + "---\n" + DUBBO_MIRROR) as engine:
-            client = await connect(engine, DUBBO_HOST, 20880)
-            assert await servers_of(client, 8, "sayHello") == {"v1": 8}
+        async with running(DUBBO_HOST, 20880, DUBBO_DR, DUBBO_MIRROR) as mesh:
+            v2 = mesh.upstreams["v2"]
+            assert await servers_of(mesh.client, 8, "sayHello") == {"v1": 8}
             await v2.wait_received(8)
             assert [m.operation_name for m in v2.received] == ["sayHello"] * 8
-            client.close()
-        await v1.close()
-        await v2.close()
 
     run(main())
 
@@ -541,16 +516,14 @@ E2E_MIRROR_HALF = DUBBO_MIRROR.replace("value: 100.0", "value: 50.0").replace(
 
 def test_aeraki_traffic_mirroring_half() -> None:
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(DUBBO_HOST, 20880, [(v1.port, "v1"), (v2.port, "v2")], DUBBO_DR)
-        async with engine_for(text + "---\n" + E2E_MIRROR_HALF) as engine:
-            client = await connect(engine, DUBBO_HOST, 20880)
-            assert await servers_of(client, 200, "sayHello") == {"v1": 200}
+        async with running(DUBBO_HOST, 20880, DUBBO_DR, E2E_MIRROR_HALF) as mesh:
+            v2 = mesh.upstreams["v2"]
+            assert await servers_of(mesh.client, 200, "sayHello") == {"v1": 200}
 
             def settled() -> bool:  # each copy v2 took has been answered and counted
                 ok = sum(
                     int(v)
-                    for k, v in engine.stats_snapshot().items()
+                    for k, v in mesh.engine.stats_snapshot().items()
                     if k.startswith("metaprotocol_mirror_total") and 'status="Ok"' in k
                 )
                 return ok == len(v2.received) > 0
@@ -558,9 +531,6 @@ def test_aeraki_traffic_mirroring_half() -> None:
             await until(settled, "the mirrored copies' replies")
             sent = len(v2.received)
             assert 60 <= sent <= 140, sent  # 50% of 200; the draw is random (6 sigma)
-            client.close()
-        await v1.close()
-        await v2.close()
 
     run(main())
 
@@ -636,15 +606,9 @@ spec:
 )
 def test_aeraki_attribute_prefix_and_regex_routes(router: str, expected: dict[str, str]) -> None:
     async def main() -> None:
-        v1, v2 = await two_versions()
-        text = configuration(DUBBO_HOST, 20880, [(v1.port, "v1"), (v2.port, "v2")], DUBBO_DR)
-        async with engine_for(text + "---\n" + router) as engine:
-            client = await connect(engine, DUBBO_HOST, 20880)
+        async with running(DUBBO_HOST, 20880, DUBBO_DR, router) as mesh:
             for method, server in expected.items():
-                assert await servers_of(client, 2, method) == {server: 2}, method
-            client.close()
-        await v1.close()
-        await v2.close()
+                assert await servers_of(mesh.client, 2, method) == {server: 2}, method
 
     run(main())
 
@@ -685,18 +649,12 @@ spec:
 
 def test_aeraki_app_level_split_on_three_attributes() -> None:
     async def main() -> None:
-        v1, v2 = await two_versions()
         rule = DUBBO_DR.replace(DUBBO_HOST, APP_HOST)
-        text = configuration(APP_HOST, 20880, [(v1.port, "v1"), (v2.port, "v2")], rule)
-        async with engine_for(text + "---\n" + APP_SPLIT) as engine:
-            client = await connect(engine, APP_HOST, 20880)
+        async with running(APP_HOST, 20880, rule, APP_SPLIT) as mesh:
             iface = {"interface": "org.apache.dubbo.samples.basic.api.DemoService"}
-            seen = await servers_of(client, 50, "sayHello", foo="bar", **iface)
+            seen = await servers_of(mesh.client, 50, "sayHello", foo="bar", **iface)
             assert seen == {"v1": 10, "v2": 40}
-            assert await servers_of(client, 1, "sayHello", **iface) == {"RouteNotFound": 1}
-            client.close()
-        await v1.close()
-        await v2.close()
+            assert await servers_of(mesh.client, 1, "sayHello", **iface) == {"RouteNotFound": 1}
 
     run(main())
 
@@ -744,22 +702,18 @@ spec:
 
 def test_aeraki_trpc_routes_by_callee_version_and_func() -> None:
     async def main() -> None:
-        v1, v2 = await two_versions()
         rule = DUBBO_DR.replace(DUBBO_HOST, TRPC_HOST)
-        text = configuration(TRPC_HOST, 8000, [(v1.port, "v1"), (v2.port, "v2")], rule)
-        async with engine_for(text + "---\n" + TRPC_ROUTES) as engine:
-            client = await connect(engine, TRPC_HOST, 8000)
+        async with running(TRPC_HOST, 8000, rule, TRPC_ROUTES) as mesh:
             call = {
                 "callee": "trpc.test.helloworld",
                 "func": "/trpc.test.helloworld.Greeter/SayHello",
             }
             for version in ("v1", "v2"):
-                seen = await servers_of(client, 3, "x", version=version, **call)
+                seen = await servers_of(mesh.client, 3, "x", version=version, **call)
                 assert seen == {version: 3}
-            assert await servers_of(client, 1, "x", version="v3", **call) == {"RouteNotFound": 1}
-            client.close()
-        await v1.close()
-        await v2.close()
+            assert await servers_of(mesh.client, 1, "x", version="v3", **call) == {
+                "RouteNotFound": 1
+            }
 
     run(main())
 
@@ -797,18 +751,14 @@ spec:
 
 def test_aeraki_qza_regex_route_with_a_rate_limit() -> None:
     async def main() -> None:
-        v1, v2 = await two_versions()
         rule = DUBBO_DR.replace(DUBBO_HOST, QZA_HOST)
-        text = configuration(QZA_HOST, 9000, [(v1.port, "v1"), (v2.port, "v2")], rule)
-        async with engine_for(text + "---\n" + QZA) as engine:
-            client = await connect(engine, QZA_HOST, 9000)
+        async with running(QZA_HOST, 9000, rule, QZA) as mesh:
             # The regex matches the whole value: "12" is neither 1 nor 2.
-            assert await servers_of(client, 1, "x", cmd="153", sub_cmd="12") == {"RouteNotFound": 1}
-            seen = await servers_of(client, 6, "x", cmd="153", sub_cmd="2")
+            assert await servers_of(mesh.client, 1, "x", cmd="153", sub_cmd="12") == {
+                "RouteNotFound": 1
+            }
+            seen = await servers_of(mesh.client, 6, "x", cmd="153", sub_cmd="2")
             assert seen == {"v2": 5, "OverLimit": 1}
-            client.close()
-        await v1.close()
-        await v2.close()
 
     run(main())
 
@@ -847,18 +797,12 @@ def test_aeraki_gateway_route_an_empty_exact_value_matches_any_method() -> None:
     assert refused.value.field == "spec.gateways[0]"
 
     async def main() -> None:
-        v1, v2 = await two_versions()
         mesh_only = GATEWAY.replace("  gateways:\n    - istio-system/istio-ingressgateway\n", "")
-        text = configuration(THRIFT_HOST, 9090, [(v1.port, "v1"), (v2.port, "v2")], mesh_only)
-        async with engine_for(text) as engine:
-            client = await connect(engine, THRIFT_HOST, 9090)
-            assert await servers_of(client, 4, "sayHello") == {"v1": 2, "v2": 2}
-            assert await servers_of(client, 2, "") == {"v1": 1, "v2": 1}
-            dump = engine.config_dump()["listeners"][0]["routes"][0]["match"]
+        async with running(THRIFT_HOST, 9090, mesh_only) as mesh:
+            assert await servers_of(mesh.client, 4, "sayHello") == {"v1": 2, "v2": 2}
+            assert await servers_of(mesh.client, 2, "") == {"v1": 1, "v2": 1}
+            dump = mesh.engine.config_dump()["listeners"][0]["routes"][0]["match"]
             assert dump == [{"attribute": "method", "present": True}]
-            client.close()
-        await v1.close()
-        await v2.close()
 
     run(main())
 
@@ -1394,12 +1338,7 @@ spec:
 )
 def test_istio_authorization_policies_on_a_tcp_port(policy: str, outcome: str) -> None:
     async def main() -> None:
-        v1 = await Upstream("v1").start()
-        text = configuration(RATINGS, 9080, [(v1.port, "v1")], policy)
-        async with engine_for(text) as engine:
-            client = await connect(engine, RATINGS, 9080)
-            assert await servers_of(client, 2, "get") == {outcome: 2}
-            client.close()
-        await v1.close()
+        async with running(RATINGS, 9080, policy, versions=("v1",)) as mesh:
+            assert await servers_of(mesh.client, 2, "get") == {outcome: 2}
 
     run(main())

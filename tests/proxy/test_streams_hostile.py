@@ -4,9 +4,9 @@ features (filters that hold, limits, reloads, timeouts), over real sockets."""
 from __future__ import annotations
 
 import asyncio
-import sys
-import types
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from typing import ClassVar, TypeVar
 
 from proxy_kit import (
     WAIT,
@@ -32,47 +32,56 @@ from test_streams import (
 from metaprotocol_sdk import Capabilities, MessageType, Metadata
 from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN, KVCodec
 from metaprotocol_sdk.filters import Filter, RequestContext
-from metaprotocol_sdk.proxy import loads_config
-
-
-class HoldingFilter(Filter):
-    """Holds every ``Stream_Init`` until ``gate`` is set."""
-
-    name = "holding"
-    gate: asyncio.Event | None = None
-    holding: asyncio.Event | None = None
-
-    def on_request(self, context: RequestContext) -> Awaitable[object] | None:
-        assert HoldingFilter.gate is not None and HoldingFilter.holding is not None
-        HoldingFilter.holding.set()
-        return HoldingFilter.gate.wait()
+from metaprotocol_sdk.proxy import Engine, loads_config
 
 
 class ChatHolder(Filter):
-    """Holds a ``Stream_Init`` of method ``chat`` until ``gate`` is set."""
+    """Holds a ``Stream_Init`` of method ``chat`` until ``gate`` is set (both events are
+    made by :meth:`armed`)."""
 
     name = "chat-holder"
-    gate: asyncio.Event | None = None
-    holding: asyncio.Event | None = None
+    gate: ClassVar[asyncio.Event]
+    holding: ClassVar[asyncio.Event]
 
     def on_request(self, context: RequestContext) -> Awaitable[object] | None:
         if context.request.operation_name != "chat":
             return None
-        assert ChatHolder.gate is not None and ChatHolder.holding is not None
         ChatHolder.holding.set()
         return ChatHolder.gate.wait()
 
+    @classmethod
+    def armed(cls) -> str:
+        """New events, and the listener's ``filters`` with this class, named by its own module
+        (a copy of it under another name would hold events no test sets)."""
+        cls.gate, cls.holding = asyncio.Event(), asyncio.Event()
+        return f"filters: [{{name: '{cls.__module__}:{cls.__qualname__}'}}]"
 
-_mod = types.ModuleType("stream_hostile_filters")
-_mod.HoldingFilter = HoldingFilter  # type: ignore[attr-defined]
-_mod.ChatHolder = ChatHolder  # type: ignore[attr-defined]
-sys.modules["stream_hostile_filters"] = _mod
+
+Server = TypeVar("Server", bound=StreamServer)
 
 
-def with_filter(text: str, name: str) -> str:
-    return text.replace(
-        "bind: '127.0.0.1:0'}]", f"bind: '127.0.0.1:0', filters: [{{name: '{name}'}}]}}]", 1
-    )
+@contextlib.asynccontextmanager
+async def stream_client(
+    server: Server,
+    router: str | None = None,
+    traffic_policy: str = "{}",
+    proxy: str = "",
+    listener: str = "",
+) -> AsyncIterator[tuple[Engine, StreamClient, Server]]:
+    """The engine in front of ``server`` (started here; the other arguments are
+    :func:`mesh`'s) and a stream client connected to it; all closed on exit."""
+    await server.start()
+    try:
+        config = mesh([(server.port, "v1")], router, traffic_policy, proxy, listener=listener)
+        async with engine_for(config) as engine:
+            c = await StreamClient.connect(address(engine))
+            assert isinstance(c, StreamClient)
+            try:
+                yield engine, c, server
+            finally:
+                c.close()
+    finally:
+        await server.close()
 
 
 DELAYED = """\
@@ -96,9 +105,7 @@ def test_frames_sent_behind_a_held_stream_init_wait_for_it() -> None:
     frames that waited for it are dropped and counted."""
 
     async def main() -> None:
-        up = await StreamServer().start()
-        async with engine_for(mesh([(up.port, "v1")], router=DELAYED)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(StreamServer(), router=DELAYED) as (engine, c, up):
             c.frame(STREAM_OPEN, 1, {"method": "chat"})
             c.frame(STREAM_DATA, 1, {}, b"early")
             c.frame(STREAM_DATA, 1, {}, b"second")
@@ -127,8 +134,6 @@ def test_frames_sent_behind_a_held_stream_init_wait_for_it() -> None:
                 "Stream_Close_One_Way",
             ]
             await until(lambda: engine.buffered == 0, "nothing held")
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -138,23 +143,18 @@ def test_frames_behind_a_held_stream_init_are_bounded() -> None:
     past that the client is not read until the stream opens (then every frame arrives)."""
 
     async def main() -> None:
-        up = await StreamServer().start()
-        HoldingFilter.gate, HoldingFilter.holding = asyncio.Event(), asyncio.Event()
         proxy = "limits: {connectionBufferBytes: 262144}\n"
-        config = with_filter(
-            mesh([(up.port, "v1")], proxy=proxy), "stream_hostile_filters:HoldingFilter"
-        )
-        async with engine_for(config) as engine:
-            c = await StreamClient.connect(address(engine))
+        held = ChatHolder.armed()
+        async with stream_client(StreamServer(), proxy=proxy, listener=held) as (engine, c, up):
             c.frame(STREAM_OPEN, 1, {"method": "chat"})
-            await asyncio.wait_for(HoldingFilter.holding.wait(), WAIT)
+            await asyncio.wait_for(ChatHolder.holding.wait(), WAIT)
             count = 256  # 16 MiB: more than the kernels' buffers take
             for i in range(count):
                 c.frame(STREAM_DATA, 1, {"n": str(i)}, bytes(65536))
             dx = next(iter(engine.downstreams))
             await until(lambda: dx.reading_paused, "the client no longer read")
             assert engine.buffered < 4 * 262144, engine.buffered
-            HoldingFilter.gate.set()
+            ChatHolder.gate.set()
             c.frame(STREAM_HALF_CLOSE, 1)
             frames = await c.until(1, count + 2)
             assert [bytes(f.body) for f in frames[1:-1]] == [bytes(65536)] * count
@@ -162,8 +162,6 @@ def test_frames_behind_a_held_stream_init_are_bounded() -> None:
             await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
             (conn,) = up.connections
             assert len(conn.frames) == count + 2
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -176,10 +174,8 @@ def test_a_client_that_half_closes_gets_its_streams_ended_within_the_drain() -> 
     connection; a stream the upstream ends meanwhile ends as usual."""
 
     async def main() -> None:
-        up = await StreamServer().start()
         proxy = "timeouts: {drain: 1s}\n"
-        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(StreamServer(), proxy=proxy) as (engine, c, _):
             for sid in (1, 2):
                 c.frame(STREAM_OPEN, sid, {"method": "chat"})
             c.frame(STREAM_OPEN, 3, {"method": "ticks", "count": "2"})
@@ -195,7 +191,6 @@ def test_a_client_that_half_closes_gets_its_streams_ended_within_the_drain() -> 
             await until(lambda: not engine.upstreams, "the streams' connections closed")
             assert streams(engine, "closed") == 1 and streams(engine, "Timeout") == 2
             assert active(engine) == 0 and engine.buffered == 0
-        await up.close()
 
     run(main())
 
@@ -226,10 +221,8 @@ def test_an_upstream_that_half_closes_after_its_side_of_the_stream_lets_the_clie
     frames ``BadRequest``, and outlier detection counted a gateway error.)"""
 
     async def main() -> None:
-        up = await FinServer().start()
         policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
-        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(FinServer(), traffic_policy=policy) as (engine, c, up):
             c.frame(STREAM_OPEN, 1, {"method": "fin"})
             assert kinds(await c.until(1, 2)) == ["Stream_Data", "Stream_Close_One_Way"]
             (conn,) = up.connections
@@ -244,8 +237,6 @@ def test_an_upstream_that_half_closes_after_its_side_of_the_stream_lets_the_clie
             assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
             c.frame(STREAM_OPEN, 2, {"method": "chat"})  # the endpoint was not ejected
             assert kinds(await c.until(2, 1)) == ["Stream_Init"]
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -259,15 +250,13 @@ def test_a_client_that_stops_reading_does_not_fail_its_streams_upstream() -> Non
     ejected.) When the client reads again, every frame arrives."""
 
     async def main() -> None:
-        up = await StreamServer().start()
         proxy = (
             "timeouts: {frame: 1s}\n"
             "limits: {connectionBufferBytes: 262144, connectionBufferMaxBytes: 16777216}\n"
         )
         policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
-        config = mesh([(up.port, "v1")], proxy=proxy, traffic_policy=policy)
-        async with engine_for(config) as engine:
-            c = await StreamClient.connect(address(engine))
+        client = stream_client(StreamServer(), proxy=proxy, traffic_policy=policy)
+        async with client as (engine, c, up):
             assert c.transport is not None
             c.transport.pause_reading()
             count, size = 64, 1000003  # frames of ~1 MiB: a read ends inside one
@@ -284,8 +273,6 @@ def test_a_client_that_stops_reading_does_not_fail_its_streams_upstream() -> Non
             assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
             c.frame(STREAM_HALF_CLOSE, 1)
             await until(lambda: streams(engine, "closed") == 1, "the stream closed")
-            c.close()
-        await up.close()
 
     run(main(), timeout=30)
 
@@ -295,10 +282,8 @@ def test_a_stream_held_when_the_client_half_closes_gets_the_drain_too() -> None:
     after the half-close and is bounded by the same ``timeouts.drain``."""
 
     async def main() -> None:
-        up = await StreamServer().start()
         proxy = "timeouts: {drain: 1s}\n"
-        async with engine_for(mesh([(up.port, "v1")], router=DELAYED, proxy=proxy)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(StreamServer(), router=DELAYED, proxy=proxy) as (engine, c, _):
             c.frame(STREAM_OPEN, 1, {"method": "chat"})
             assert c.transport is not None
             c.transport.write_eof()
@@ -307,7 +292,6 @@ def test_a_stream_held_when_the_client_half_closes_gets_the_drain_too() -> None:
             await asyncio.wait_for(c.closed, WAIT)
             await until(lambda: not engine.upstreams, "the stream's connection closed")
             assert streams(engine, "Timeout") == 1 and active(engine) == 0
-        await up.close()
 
     run(main())
 
@@ -393,10 +377,8 @@ def test_a_client_that_writes_to_an_upstream_done_with_the_stream_does_not_eject
     it. (It counted a gateway error: any client could get endpoints ejected so.)"""
 
     async def main() -> None:
-        up = await FinServer().start()
         policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
-        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(FinServer(), traffic_policy=policy) as (engine, c, up):
             c.frame(STREAM_OPEN, 1, {"method": "close"})
             assert kinds(await c.until(1, 1)) == ["Stream_Close_One_Way"]
             (conn,) = up.connections
@@ -412,8 +394,6 @@ def test_a_client_that_writes_to_an_upstream_done_with_the_stream_does_not_eject
             assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
             c.frame(STREAM_OPEN, 2, {"method": "chat"})  # the endpoint was not ejected
             assert kinds(await c.until(2, 1)) == ["Stream_Init"]
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -425,17 +405,13 @@ def test_a_stream_upstream_that_sends_unreadable_bytes_is_a_gateway_error() -> N
     ejected.)"""
 
     async def main() -> None:
-        up = await StreamServer().start()
         policy = "{outlierDetection: {consecutiveGatewayErrors: 1, interval: 10s}}"
-        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(StreamServer(), traffic_policy=policy) as (engine, c, _):
             c.frame(STREAM_OPEN, 1, {"method": "garbage"})
             (bad,) = await c.until(1, 1)
             assert error_type(bad) == "BadResponse"
             ejections = "metaprotocol_outlier_ejections_total"
             await until(lambda: engine.stats.total(ejections) == 1, "the endpoint ejected")
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -448,14 +424,9 @@ def test_a_held_stream_init_settled_while_the_client_reads_nothing_keeps_the_fra
     the connection for good, neither frame nor idle timeout closing it.)"""
 
     async def main() -> None:
-        up = await StreamServer().start()
-        ChatHolder.gate, ChatHolder.holding = asyncio.Event(), asyncio.Event()
         proxy = "timeouts: {frame: 1s}\nlimits: {connectionBufferBytes: 262144}\n"
-        config = with_filter(
-            mesh([(up.port, "v1")], proxy=proxy), "stream_hostile_filters:ChatHolder"
-        )
-        async with engine_for(config) as engine:
-            c = await StreamClient.connect(address(engine))
+        held = ChatHolder.armed()
+        async with stream_client(StreamServer(), proxy=proxy, listener=held) as (engine, c, _):
             assert c.transport is not None
             c.transport.pause_reading()
             flood = {"method": "flood", "count": "1024", "size": "65536"}  # 64 MiB
@@ -474,8 +445,6 @@ def test_a_held_stream_init_settled_while_the_client_reads_nothing_keeps_the_fra
                 lambda: engine.stats.total(closed, reason="frame_timeout") == 1,
                 "the partial frame timed out",
             )
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -486,28 +455,23 @@ def test_a_stream_open_across_a_reload_is_counted_in_its_routes_series() -> None
     and the totals agree with what the client saw. (The sweep dropped them: the stream's end
     went into a series no longer in the registry, and one closed stream was never counted.)"""
 
-    def config(port: int, route: str) -> str:
-        router = f"- name: {route}\n  route: [{{destination: {{host: svc.test, subset: v1}}}}]\n"
-        return mesh([(port, "v1")], router=router)
+    def route(name: str) -> str:
+        return f"- name: {name}\n  route: [{{destination: {{host: svc.test, subset: v1}}}}]\n"
 
     async def main() -> None:
-        up = await StreamServer().start()
-        async with engine_for(config(up.port, "r0")) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(StreamServer(), router=route("r0")) as (engine, c, up):
             for sid in (1, 2):
                 c.frame(STREAM_OPEN, sid, {"method": "chat"})
                 await c.until(sid, 1)
             c.frame(STREAM_HALF_CLOSE, 1)
             await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
-            await engine.apply(loads_config(config(up.port, "r1")))
+            await engine.apply(loads_config(mesh([(up.port, "v1")], router=route("r1"))))
             engine.prune_stats()  # what a housekeeping sweep does: stream 2 is open
             c.frame(STREAM_HALF_CLOSE, 2)
             await until(lambda: active(engine) == 0, "stream 2 ended")
             assert streams(engine, "closed") == 2
             engine.prune_stats()  # nothing holds the old route now: folded, still counted
             assert streams(engine, "closed") == 2
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -519,10 +483,8 @@ def test_a_stream_the_upstream_answers_resets_the_endpoints_consecutive_errors()
     streams served ejected the endpoint at ``consecutiveGatewayErrors: 2``.)"""
 
     async def main() -> None:
-        up = await StreamServer().start()
         policy = "{outlierDetection: {consecutiveGatewayErrors: 2, interval: 10s}}"
-        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(StreamServer(), traffic_policy=policy) as (engine, c, _):
             c.frame(STREAM_OPEN, 1, {"method": "drop"})
             assert error_type((await c.until(1, 1))[0]) == "UpstreamReset"
             c.frame(STREAM_OPEN, 2, {"method": "chat"})
@@ -530,8 +492,6 @@ def test_a_stream_the_upstream_answers_resets_the_endpoints_consecutive_errors()
             c.frame(STREAM_OPEN, 3, {"method": "drop"})
             assert error_type((await c.until(3, 1))[0]) == "UpstreamReset"
             assert engine.stats.total("metaprotocol_outlier_ejections_total") == 0
-            c.close()
-        await up.close()
 
     run(main())
 
@@ -543,16 +503,13 @@ def test_a_client_that_sends_an_unreadable_frame_gets_its_streams_ended_within_t
     ``timeouts.streamIdle``, 5 min, or for good while the upstream sent frames.)"""
 
     async def main() -> None:
-        up = await StreamServer().start()
         proxy = "timeouts: {drain: 1s}\n"
-        async with engine_for(mesh([(up.port, "v1")], proxy=proxy)) as engine:
-            c = await StreamClient.connect(address(engine))
+        async with stream_client(StreamServer(), proxy=proxy) as (engine, c, _):
             c.frame(STREAM_OPEN, 1, {"method": "chat"})
             await c.until(1, 1)
             c.send(b"XX" + bytes(30))  # no frame: nothing to resynchronise on
             assert error_type((await c.until(1, 2))[1]) == "Timeout"
             await asyncio.wait_for(c.closed, WAIT)
             assert streams(engine, "Timeout") == 1 and active(engine) == 0
-        await up.close()
 
     run(main())
