@@ -20,7 +20,7 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
 from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import codec_maker
-from .router import CompiledRoute, RouteTable, Target
+from .router import RETRY_HOST_PICKS, CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .streams import (
     STREAM_FRAMES,
@@ -75,9 +75,6 @@ _RETRY_CONDITIONS = {
 #: Why a new connection is refused (closed at once, cleanly); ``rate_limited`` (a listener's
 #: ``connectionRateLimit``) has its series only where that is configured.
 REJECT_REASONS = ("max_connections", "overload", "draining", "codec_error")
-#: Picks a retry makes to find another endpoint than the one that failed: Istio's default
-#: retry policy (Envoy's previous_hosts predicate, host_selection_retry_max_attempts 5).
-RETRY_HOST_PICKS = 5
 #: Why the engine closes an open client connection (``..._closed_total{reason}``):
 #: ``idle`` nothing in flight nor received for ``timeouts.idle``; ``frame_timeout`` a frame
 #: not complete within ``timeouts.frame``; ``write_timeout`` unsent replies above

@@ -28,11 +28,12 @@ from __future__ import annotations
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from metaprotocol_sdk.codec import LocalError
+from metaprotocol_sdk.codec import Encoded, LocalError
 from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .codec_bugs import CodecUnavailable
+from .router import RETRY_HOST_PICKS
 from .telemetry import RESPONSE_FLAGS
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class Stream:
         "client_closed",
         "conn",
         "downstream",
+        "early",
         "ended",
         "frames_received",
         "frames_sent",
@@ -81,6 +83,7 @@ class Stream:
         "started",
         "stream_id",
         "target",
+        "tries",
     )
 
     def __init__(
@@ -90,6 +93,7 @@ class Stream:
         route: CompiledRoute,
         target: Target,
         conn: UpstreamConnection,
+        encoded: Encoded,
     ) -> None:
         self.downstream = downstream
         #: The ``Stream_Init`` frame's metadata: the error reply of a reset answers it.
@@ -111,6 +115,14 @@ class Stream:
         self.bytes_received = len(init.frame)
         self.frames_sent = 0
         self.bytes_sent = 0
+        #: Retries of the stream's connection so far (``retryOn: connect-failure``).
+        self.tries = 0
+        #: Until its connection is made, what the stream sent on it (the ``Stream_Init`` as
+        #: written, then the client's frames), for a retry to send again; ``None`` when the
+        #: route does not retry connect failures, and once connected.
+        self.early: list[tuple[Encoded, int]] | None = (
+            [(encoded, len(init.frame))] if _retries_connects(route) else None
+        )
 
     # -- frames --------------------------------------------------------------------------------
 
@@ -127,6 +139,8 @@ class Stream:
         frame = message.frame
         conn = self.conn
         conn.send_frame(frame)
+        if self.early is not None:
+            self.early.append((frame, len(frame)))
         self.seen = True
         self.frames_received += 1
         self.bytes_received += len(frame)
@@ -182,6 +196,10 @@ class Stream:
     def connected(self) -> None:
         """The upstream connection is made (what was queued meanwhile is written)."""
         conn = self.conn
+        if self.early is not None:
+            self.early = None  # no retry from now on (the upstream may have read them)
+            if self.tries:
+                conn.cluster.retrying -= 1
         if self.ended:
             conn.close_after_writes()
             return
@@ -200,7 +218,54 @@ class Stream:
         host = self.host
         if host.outlier is not None and not self.server_closed and error in _GATEWAY_ERRORS:
             host.outlier.gateway_error(host)
+        if self.early is not None and self.tries:
+            self.conn.cluster.retrying -= 1  # this retry is over
+        if (
+            self.early is not None
+            and error is ErrorType.UpstreamConnectFailure
+            and self._retry_connect()
+        ):
+            return
+        self.early = None
         self.reset(error, message)
+
+    def _retry_connect(self) -> bool:
+        """Open the stream again on a new connection, to another endpoint when the cluster
+        has one, after its connection could not be made, when the route retries on
+        ``connect-failure``: nothing reached the upstream, so what the stream sent is sent
+        again, in order. ``False``: no retry (none left, the ``maxRetries`` circuit breaker
+        open, no endpoint or connection allowed)."""
+        downstream = self.downstream
+        route = self.route
+        cluster = self.conn.cluster
+        early = self.early
+        assert early is not None
+        if not downstream._retry(route, "connect-failure", self.tries, self.started, cluster):
+            return False
+        failed = self.host
+        host = cluster.balancer.pick(self.init)
+        if host is failed and len(cluster.hosts) > 1:
+            for _ in range(RETRY_HOST_PICKS):  # weights may give the failed one again
+                host = cluster.balancer.pick(self.init)
+                if host is not failed:
+                    break
+        if host is None or not (cluster.may_open() or cluster.may_reclaim()):
+            return False
+        try:
+            conn = host.connection_class(cluster, host, downstream)
+        except CodecUnavailable:  # counted and logged as the codec's bug
+            return False
+        self.tries += 1
+        cluster.retrying += 1  # a retry in flight until its connection is made or fails
+        failed.active -= 1
+        host.active += 1
+        self.host = host
+        self.conn = conn
+        conn.stream = self
+        conn.connect()
+        for encoded, size in early:
+            conn.send_frame(encoded, size)
+        return True
 
     # -- ending --------------------------------------------------------------------------------
 
@@ -230,6 +295,10 @@ class Stream:
         if self.ended:
             return
         self.ended = True
+        if self.early is not None:
+            if self.tries:  # a retry's connection was still being made
+                self.conn.cluster.retrying -= 1
+            self.early = None
         downstream = self.downstream
         streams = downstream.streams
         if streams is not None and streams.get(self.stream_id) is self:
@@ -470,7 +539,7 @@ def open_stream(
         why = f"cannot encode request: {why}"
         downstream.local_reply(message, ErrorType.BadRequest, why, route, target)
         return
-    stream = Stream(downstream, message, route, target, conn)
+    stream = Stream(downstream, message, route, target, conn, encoded)
     conn.stream = stream
     streams[sid] = stream
     downstream.stream_started(len(message.frame))
@@ -483,6 +552,12 @@ def open_stream(
     if downstream.held_inits is not None:
         for frame in _settle_held(downstream, message):
             client_frame(downstream, frame)
+
+
+def _retries_connects(route: CompiledRoute) -> bool:
+    """Whether ``route`` retries a stream whose connection could not be made."""
+    retries = route.retries
+    return retries is not None and retries.attempts > 0 and "connect-failure" in retries.retry_on
 
 
 def sweep(downstream: Downstream, now: float) -> None:

@@ -1,0 +1,138 @@
+"""A stream whose connection cannot be made is opened again on another endpoint when its route
+retries on ``connect-failure``, as a request is: nothing reached the upstream, so the
+``Stream_Init`` and the frames the client sent meanwhile are sent again, in order. Real
+sockets on 127.0.0.1: a port that refuses connections and a KV stream server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from proxy_kit import address, engine_for, error_type, mesh, refusing_port, run, until
+from test_streams import StreamClient, StreamServer
+from test_tls import Pki, tls_policy
+
+from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN
+from metaprotocol_sdk.proxy.engine import Engine
+
+ROUTER = """\
+- name: chat
+  route: [{destination: {host: svc.test, subset: v1}}]
+  retries: {attempts: %d, retryOn: %s}
+"""
+
+
+def retries(engine: Engine) -> int:
+    return engine.stats.total("metaprotocol_retries_total", reason="connect-failure")
+
+
+def ended(engine: Engine, outcome: str) -> int:
+    return engine.stats.total("metaprotocol_streams_total", outcome=outcome)
+
+
+def test_a_stream_whose_connection_fails_is_opened_on_another_endpoint_with_its_frames() -> None:
+    """Round robin over a refusing port and a server: every other stream's first try is
+    refused. Its ``Stream_Init`` and two data frames, all sent before the connect failed,
+    reach the server once and in order; the client sees one stream as if nothing failed."""
+
+    async def main() -> None:
+        server = await StreamServer("good").start()
+        eps = [(refusing_port(), "v1"), (server.port, "v1")]
+        async with engine_for(mesh(eps, router=ROUTER % (2, "connect-failure"))) as engine:
+            client = await StreamClient.connect(address(engine))
+            for sid in (1, 3):
+                client.frame(STREAM_OPEN, sid, {"method": "echo"})
+                client.frame(STREAM_DATA, sid, {}, b"one")
+                client.frame(STREAM_DATA, sid, {}, b"two")
+                client.frame(STREAM_HALF_CLOSE, sid)
+            for sid in (1, 3):
+                frames = await client.until(sid, 4)
+                assert [error_type(f) for f in frames] == [None] * 4
+                assert frames[0].attributes["server"] == "good"
+                assert [bytes(f.body) for f in frames[1:3]] == [b"ONE", b"TWO"]
+            await until(lambda: ended(engine, "closed") == 2, "both streams closed")
+            assert retries(engine) == 1
+            by_stream = {
+                sid: [(f.message_type.name, bytes(f.body)) for f in c.frames if f.stream_id == sid]
+                for c in server.connections
+                for sid in {f.stream_id for f in c.frames}
+            }
+            for sid in (1, 3):
+                assert by_stream[sid] == [
+                    ("Stream_Init", b""),
+                    ("Stream_Data", b"one"),
+                    ("Stream_Data", b"two"),
+                    ("Stream_Close_One_Way", b""),
+                ]
+            assert engine.stats.total("metaprotocol_upstream_connect_errors_total") == 1
+            (cluster,) = engine.clusters.values()
+            assert cluster.retrying == 0
+            client.close()
+        await server.close()
+
+    run(main())
+
+
+def test_a_stream_is_reset_once_its_retries_are_spent_or_when_the_route_has_none() -> None:
+    """Only refusing ports: the stream is reset with its ``Stream_Init``'s error reply after
+    the first try and ``attempts`` retries; a route that retries nothing (or not
+    ``connect-failure``) resets it after the first."""
+
+    async def main() -> None:
+        dead = [(refusing_port(), "v1"), (refusing_port(), "v1")]
+        for attempts, retry_on, tries in ((2, "connect-failure", 3), (2, "reset", 1)):
+            text = mesh(dead, router=ROUTER % (attempts, retry_on))
+            async with engine_for(text) as engine:
+                client = await StreamClient.connect(address(engine))
+                client.frame(STREAM_OPEN, 5, {"method": "echo"})
+                client.frame(STREAM_DATA, 5, {}, b"lost")
+                (reply,) = await client.until(5, 1)
+                assert (reply.request_id, error_type(reply)) == (5, "UpstreamConnectFailure")
+                await until(lambda: ended(engine, "UpstreamConnectFailure") == 1, "reset")
+                connects = engine.stats.total("metaprotocol_upstream_connect_errors_total")
+                assert (connects, retries(engine)) == (tries, tries - 1)
+                (cluster,) = engine.clusters.values()
+                assert cluster.retrying == 0 and not engine.upstreams
+                client.close()
+
+    run(main())
+
+
+def test_a_stream_the_client_leaves_while_its_retry_connects_frees_its_retry(
+    tmp_path: Path,
+) -> None:
+    """The retry goes to an endpoint that accepts the connection but never answers the TLS
+    handshake, so its connection is still being made when the client leaves (a reset): the
+    cluster's retries in flight, which ``maxRetries`` bounds, go back to 0, and the
+    half-made connection is closed."""
+    pki = Pki(tmp_path)
+
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # says nothing: the handshake never ends
+
+        silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        text = mesh(
+            [(refusing_port(), "v1"), (port, "v1")],
+            router=ROUTER % (2, "connect-failure"),
+            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+        )
+        async with engine_for(text) as engine:
+            (cluster,) = engine.clusters.values()
+            client = await StreamClient.connect(address(engine))
+            client.frame(STREAM_OPEN, 1, {"method": "echo"})
+            await until(lambda: retries(engine) == 1 and accepted, "the retry's connect")
+            assert cluster.retrying == 1
+            client.reset()  # leaves (a FIN would be a half-close: its streams drain)
+            await until(lambda: not engine.downstreams and not engine.upstreams, "all closed")
+            assert cluster.retrying == 0
+            assert ended(engine, "DownstreamClosed") == 1
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+    run(main())
