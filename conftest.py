@@ -24,15 +24,20 @@ settings.register_profile("explore", derandomize=False, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
+#: What :func:`pytest_collection_finish` found, by the file of the test module concerned: its
+#: tests fail with it (a collection error raised there is lost under pytest-xdist).
+_SECOND_COPIES: dict[str, str] = {}
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Refuse a module made up for the engine to import by name (``sys.modules["x"] =
+    """Find a module made up for the engine to import by name (``sys.modules["x"] =
     module``) whose classes come from a second copy of a test module. pytest (importlib mode)
     names a test module after its package path (``tests.proxy.test_x``); a test module that
     imports it by file name (``from test_x import ...``) makes another copy, which runs the
     registration again with classes of its own: the engine then loads a class the tests never
-    set up (a filter's events, a codec's switches), and a test waits for good."""
+    set up (a filter's events, a codec's switches), and a test waits for good. The tests of
+    such a module fail, saying so."""
     ran = {m.__file__: m.__name__ for m in _test_modules(session) if m.__file__}
-    found = []
     for name, module in list(sys.modules.items()):
         if not isinstance(module, types.ModuleType) or module.__spec__ is not None:
             continue  # an imported module (made-up ones have no spec)
@@ -40,13 +45,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             owner = sys.modules.get(getattr(value, "__module__", None) or "")
             file = getattr(owner, "__file__", None)
             if owner is not None and file in ran and owner.__name__ != ran[file]:
-                found.append(f"{name}.{attr} comes from {owner.__name__}, tests run {ran[file]}")
-    if found:
-        raise pytest.UsageError(
-            "a test module imported by another one registers a module for the engine "
-            "(name the class by its own module, f'{__name__}:Class', or move it to a helper "
-            "module): " + "; ".join(found)
-        )
+                _SECOND_COPIES[file] = (
+                    f"{name}.{attr} comes from {owner.__name__}, a second copy of "
+                    f"{ran[file]} (a test module imported it by file name): name the class by "
+                    "its own module, f'{__name__}:Class', or move it to a helper module"
+                )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    module = getattr(item, "module", None)
+    found = _SECOND_COPIES.get(getattr(module, "__file__", None) or "")
+    if found is not None:
+        pytest.fail(found, pytrace=False)
 
 
 def _test_modules(session: pytest.Session) -> set[types.ModuleType]:

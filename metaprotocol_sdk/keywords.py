@@ -26,9 +26,7 @@ def from_keywords(
 ) -> T:
     """``cls(**options)``, refusing keys ``__init__`` does not take. ``kind``, ``name`` and
     ``setting`` word the errors: ``unknown option for codec dubbo``, ``invalid filter
-    settings: ...``; any other exception of ``__init__`` is a ``ConfigError`` naming the
-    plugin (``codec dubbo could not be built: ...``), not an engine's internal error.
-    ``declared``: the keys ``__init__`` takes, for a class compiled with mypyc
+    settings: ...``. ``declared``: the keys ``__init__`` takes, for a class compiled with mypyc
     (it has no signature to read them from)."""
     options = dict(options or {})
     try:
@@ -52,9 +50,3 @@ def from_keywords(
         return cls(**options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {kind} {setting}s: {exc}") from exc
-    except ConfigError:  # the plugin's own check of its settings
-        raise
-    except Exception as exc:  # the plugin's own failure (a bug, a file it needs): say whose
-        raise ConfigError(
-            f"{kind} {name} could not be built: its __init__ raised {type(exc).__name__}: {exc}"
-        ) from exc

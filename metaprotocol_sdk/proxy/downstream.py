@@ -1250,10 +1250,16 @@ class Downstream(asyncio.Protocol):
         key = (cluster.name, host.key)
         conn = self.dedicated.get(key)
         if conn is None or conn.closed:
+            fresh = None
             if not cluster.may_open():
                 reused = self._reuse(cluster, avoid)
-                if reused is not None or not (reclaim and cluster.may_reclaim()):
+                if reused is not None or not reclaim:
                     return reused
+                # Built before another client's idle connection is closed for it: a codec
+                # that cannot be built (CodecUnavailable) costs nobody's connection.
+                fresh = host.connection_class(cluster, host, self)
+                if not cluster.may_reclaim():
+                    return None
             dedicated = self.dedicated
             if dedicated and not self.engine.upstream_room(self.engine.clients_without_upstream()):
                 # Fair share: a client that has connections opens more only while the
@@ -1261,7 +1267,7 @@ class Downstream(asyncio.Protocol):
                 reused = self._reuse(cluster, avoid)
                 if reused is not None:
                     return reused
-            conn = host.connection_class(cluster, host, self)  # may raise CodecUnavailable
+            conn = fresh if fresh is not None else host.connection_class(cluster, host, self)
             if not dedicated:
                 self.engine.clients_with_upstream += 1
             dedicated[key] = conn

@@ -240,8 +240,6 @@ class Stream:
         cluster = self.conn.cluster
         early = self.early
         assert early is not None
-        if not downstream._retry(route, "connect-failure", self.tries, self.started, cluster):
-            return False
         failed = self.host
         host = cluster.balancer.pick(self.init)
         if host is failed and len(cluster.hosts) > 1:
@@ -249,11 +247,15 @@ class Stream:
                 host = cluster.balancer.pick(self.init)
                 if host is not failed:
                     break
-        if host is None or not (cluster.may_open() or cluster.may_reclaim()):
+        if host is None:
             return False
-        try:
+        try:  # built before the retry is counted and another connection may be closed for it
             conn = host.connection_class(cluster, host, downstream)
         except CodecUnavailable:  # counted and logged as the codec's bug
+            return False
+        if not downstream._retry(route, "connect-failure", self.tries, self.started, cluster):
+            return False
+        if not (cluster.may_open() or cluster.may_reclaim()):
             return False
         self.tries += 1
         cluster.retrying += 1  # a retry in flight until its connection is made or fails
@@ -523,14 +525,14 @@ def open_stream(
         why = f"no endpoint in {target.name}"
         downstream.local_reply(message, ErrorType.NoHealthyUpstream, why, route, target)
         return
-    if not (cluster.may_open() or cluster.may_reclaim()):  # as a request's own connection
-        downstream.local_reply(message, ErrorType.OverLimit, cluster.refused(), route, target)
-        return
-    try:
+    try:  # built before another client's idle connection may be closed for it (below)
         conn = host.connection_class(cluster, host, downstream)
     except CodecUnavailable as exc:  # counted and logged as the codec's bug
         failed = ErrorType.UpstreamConnectFailure
         downstream.local_reply(message, failed, str(exc), route, target)
+        return
+    if not (cluster.may_open() or cluster.may_reclaim()):  # as a request's own connection
+        downstream.local_reply(message, ErrorType.OverLimit, cluster.refused(), route, target)
         return
     try:
         encoded = conn.codec.encode(message, mutation)

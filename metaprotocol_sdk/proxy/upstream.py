@@ -387,8 +387,16 @@ class Cluster:
         serves every client."""
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
-            if self.may_open() or (reclaim and not conns and self.may_reclaim()):
+            conn = None
+            if self.may_open():
                 conn = host.connection_class(self, host, None)
+            elif reclaim and not conns:
+                # Built before another client's idle connection is closed for it: a codec
+                # that cannot be built (CodecUnavailable) costs nobody's connection.
+                conn = host.connection_class(self, host, None)
+                if not self.may_reclaim():
+                    conn = None
+            if conn is not None:
                 conns.append(conn)
                 conn.connect()
                 return conn

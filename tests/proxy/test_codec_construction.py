@@ -210,3 +210,36 @@ def test_a_stream_whose_upstream_codec_fails_is_refused_with_its_id() -> None:
         assert errors == [] and server.connections == []
 
     run(main())
+
+
+def test_no_idle_connection_is_reclaimed_for_a_connection_whose_codec_fails() -> None:
+    """A budget of one upstream connection, held idle by a first client: a second client's
+    request may take its place (``reclaimed``), but only once the new connection's codec is
+    built. Before, the idle connection was closed first and the request failed anyway: while
+    the codec failed, every such request cost another client its connection."""
+    closed = "metaprotocol_upstream_connections_closed_total"
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            codec=f"{__name__}:FlakyDedicated",
+            proxy="limits: {maxUpstreamConnections: 1}\n",
+        )
+        async with engine_for(text) as engine:
+            first = await Client.connect(address(engine))
+            assert error_type(await first.call("get")) is None  # its connection, idle now
+            second = await Client.connect(address(engine))
+            Flaky.failing = True
+            reply = await second.call("get", rid=4)
+            assert (reply.request_id, error_type(reply)) == (4, "UpstreamConnectFailure")
+            assert engine.stats.total(closed, reason="reclaimed") == 0
+            assert len(engine.upstreams) == 1  # the first client's, kept
+            Flaky.failing = False
+            assert error_type(await second.call("get")) is None  # now it takes its place
+            assert engine.stats.total(closed, reason="reclaimed") == 1
+            first.close()
+            second.close()
+        await up.close()
+
+    run(main())

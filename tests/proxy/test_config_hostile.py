@@ -473,6 +473,16 @@ class NoLicense(KVCodec):
         raise RuntimeError("no license file at /etc/kv.lic")
 
 
+class Second(KVCodec):
+    built = 0
+
+    def __init__(self, **options):
+        Second.built += 1
+        if Second.built > 1:  # the loader builds it once per check
+            raise MemoryError("no table")
+        super().__init__(**options)
+
+
 class OwnOptions(KVCodec):
     @classmethod
     def from_options(cls, options=None):
@@ -512,32 +522,41 @@ class Once(Filter):
             "failing_plugins:NoLicense",
             "",
             "spec.codecOptions.kv",
-            "codec kv could not be built: its __init__ raised RuntimeError: "
+            "codec failing_plugins:NoLicense could not be built: RuntimeError: "
             "no license file at /etc/kv.lic",
         ),
         (
             "failing_plugins:OwnOptions",
             "",
             "spec.codecOptions.kv",
-            "codec failing_plugins:OwnOptions could not be built: its from_options raised "
-            "KeyError: 'region'",
+            "codec failing_plugins:OwnOptions could not be built: KeyError: 'region'",
+        ),
+        (
+            "failing_plugins:Second",
+            "",
+            "spec",
+            "codec failing_plugins:Second could not be built: MemoryError: no table",
         ),
         (
             "metaprotocol_sdk.examples.kv:KVCodec",
             "filters: [{name: 'failing_plugins:Broken'}]",
-            "spec.listeners[0].filters[0].config",
-            "filter broken could not be built: its __init__ raised OSError: "
-            "cannot open the audit log",
+            "spec.listeners[0].filters[0]",
+            "filter failing_plugins:Broken could not be built: OSError: cannot open the audit log",
         ),
         (
             "metaprotocol_sdk.examples.kv:KVCodec",
             "filters: [{name: 'failing_plugins:OwnConfig'}]",
             "spec.listeners[0].filters[0]",
-            "filter failing_plugins:OwnConfig could not be built: its from_config raised "
-            "LookupError: no such tenant",
+            "filter failing_plugins:OwnConfig could not be built: LookupError: no such tenant",
         ),
     ],
-    ids=["codec __init__", "codec from_options", "filter __init__", "filter from_config"],
+    ids=[
+        "codec __init__",
+        "codec from_options",
+        "codec failing its second build",
+        "filter __init__",
+        "filter from_config",
+    ],
 )
 def test_a_plugin_that_raises_as_it_is_built_is_a_config_error_naming_it(
     codec: str, listener: str, field: str, reason: str, tmp_path: Path
@@ -548,7 +567,8 @@ def test_a_plugin_that_raises_as_it_is_built_is_a_config_error_naming_it(
     is the configuration's plugin that failed: a ``ConfigError`` naming it and what it
     raised, exit code 2 and one line, for the loader and for ``metaprotocol proxy`` alike."""
     (tmp_path / "failing_plugins.py").write_text(_FAILING_PLUGINS)
-    text = mesh([(1, "v1")], listener=listener).replace(
+    router = "- name: r\n  route: [{destination: {host: svc.test}}]\n"
+    text = mesh([(1, "v1")], router=router, listener=listener).replace(
         "metaprotocol_sdk.examples.kv:KVCodec", codec
     )
     config = tmp_path / "mesh.yaml"

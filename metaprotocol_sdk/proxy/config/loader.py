@@ -526,10 +526,9 @@ def _make_protocol(
     except ConfigError as exc:
         where = f"spec.codecOptions.{name}" + (f".{exc.field}" if exc.field else "")
         raise ConfigError(exc.reason, source=exc.source or options_source, field=where) from exc
-    except Exception as exc:  # a from_options of the codec's own failed: say whose
+    except Exception as exc:  # its constructor failed (a bug, a file it needs): say whose
         raise ConfigError(
-            f"codec {codec_name} could not be built: its from_options raised "
-            f"{type(exc).__name__}: {exc}",
+            f"codec {codec_name} could not be built: {type(exc).__name__}: {exc}",
             source=options_source,
             field=f"spec.codecOptions.{name}",
         ) from exc
@@ -1712,9 +1711,8 @@ def _filters(
         except ConfigError as exc:
             where = f"{fpath}.config.{exc.field}" if exc.field else f"{fpath}.config"
             doc.fail(where, exc.reason)
-        except Exception as exc:  # a from_config of the filter's own failed: say whose
-            why = f"{type(exc).__name__}: {exc}"
-            doc.fail(fpath, f"filter {name} could not be built: its from_config raised {why}")
+        except Exception as exc:  # its constructor failed (a bug, a file it needs): say whose
+            doc.fail(fpath, f"filter {name} could not be built: {type(exc).__name__}: {exc}")
         specs.append(spec)
     return tuple(specs)
 
@@ -1864,7 +1862,12 @@ def _check_capabilities(
         if port.protocol is None:
             continue
         # As configured: codec options may rule mutations out (a forced header-less transport).
-        caps = protocols[port.protocol].create_codec().active_capabilities
+        protocol = protocols[port.protocol]
+        try:
+            caps = protocol.create_codec().active_capabilities
+        except Exception as exc:  # built once already: a constructor that fails sometimes
+            why = f"{type(exc).__name__}: {exc}"
+            doc.fail("spec", f"codec {protocol.codec_name} could not be built: {why}")
         for r, route in enumerate(router.routes):
             if route.request_mutation and not caps.mutation:
                 doc.fail(
