@@ -19,6 +19,7 @@ distribution yet. Filters register the same way, under Aeraki-style names::
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -130,9 +131,13 @@ def _find_codec(name: str, infos: list[CodecInfo]) -> CodecInfo:
             return info
     if ":" in name:
         return CodecInfo(name=name, aliases=(), target=name, distribution="", version="")
-    installed = ", ".join(n for info in infos for n in info.names) or "none"
+    names = [n for info in infos for n in info.names]
+    # 'acme-rpc' for 'acme_rpc', 'Dubbo' for 'dubbo': the likeliest slips.
+    close = difflib.get_close_matches(name.replace("-", "_").lower(), names, n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    installed = ", ".join(names) or "none"
     raise UnknownCodecError(
-        f"no codec named {name!r} is installed; installed codecs: {installed}. "
+        f"no codec named {name!r} is installed{hint}; installed codecs: {installed}. "
         f"A codec registers itself in the {GROUP!r} entry-point group; a 'module:Class' "
         "reference also works."
     )

@@ -111,6 +111,27 @@ HELP = {
     "the identity in force kept).",
     "metaprotocol_tracing_spans_total": "Trace spans by what became of them: exported, or "
     "dropped (queue_full, export_failed, timeout, shutdown).",
+    "metaprotocol_downstream_connections_detected_total": "How PERMISSIVE or DISABLE "
+    "listeners served their connections, by listener and result (mtls, plain, timeout, "
+    "closed, tls_refused).",
+    "metaprotocol_rbac_total": "AuthorizationPolicy decisions, by listener, policy, action "
+    "and result.",
+    "metaprotocol_retries_total": "Requests sent again (route retries), by listener, route "
+    "and reason.",
+    "metaprotocol_mirror_total": "Mirrored copies of requests, by listener, route, "
+    "destination and status.",
+    "metaprotocol_ratelimit_total": "Requests checked with a local rate limit bucket, by "
+    "listener, bucket and result.",
+    "metaprotocol_faults_total": "Faults injected by routes, by listener, route and type.",
+    "metaprotocol_filter_errors_total": "Exceptions a filter raised, by listener and filter.",
+    "metaprotocol_upstream_overflow_total": "Requests refused by a circuit breaker "
+    "(connectionPool) or the upstream connection limit, by cluster and limit.",
+    "metaprotocol_outlier_ejections_total": "Endpoints ejected by outlier detection, by cluster.",
+    "metaprotocol_outlier_ejections_active": "Endpoints ejected now, by cluster.",
+    "metaprotocol_output_dropped_bytes_total": "Bytes of standard output or error dropped "
+    "because their reader did not keep up.",
+    "metaprotocol_worker_output_dropped_bytes_total": "Bytes of the workers' output the "
+    "supervisor dropped because its reader did not keep up.",
     "istio_requests_total": "Requests (Istio's standard metric).",
     "istio_request_duration_milliseconds": "Request durations (Istio's standard metric).",
     "istio_request_bytes": "Request sizes (Istio's standard metric).",

@@ -55,6 +55,16 @@ def test_unknown_name_lists_what_is_installed(site: Path) -> None:
         resolve("nosuch")
     assert "no codec named 'nosuch'" in str(info.value)
     assert "fakekv" in str(info.value)
+    assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize("typed", ["fake-kv", "Fake_KV", "fake_kb"])
+def test_unknown_name_close_to_an_installed_one_is_suggested(site: Path, typed: str) -> None:
+    (site / "fake_kv.py").write_text("from metaprotocol_sdk.examples.kv import KVCodec\n")
+    install_fake_distribution(site, "fake-kv-codec", {"fake_kv": "fake_kv:KVCodec"})
+    with pytest.raises(UnknownCodecError) as info:
+        resolve(typed)
+    assert f"no codec named {typed!r} is installed (did you mean 'fake_kv'?);" in str(info.value)
 
 
 def test_codec_that_fails_to_import_names_its_distribution_and_cause(site: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import threading
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from metaprotocol_sdk import Attributes, ConfigError, compiled
 from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.accesslog import AccessLog, ClientFacts, client_facts
+from metaprotocol_sdk.proxy.stats import GAUGES, HELP, Stats
 from metaprotocol_sdk.proxy.telemetry import IstioTelemetry, workload_from_environment
 
 
@@ -542,3 +544,29 @@ def test_access_log_on_a_non_blocking_stderr_waits_for_the_reader(
         log.close()
         os.close(r)
         os.close(w)
+
+
+#: A series the SDK makes: ``stats.counter("name", ...)``, ``.gauge(``, ``.histogram(``, or the
+#: upstream's ``self._count(self._made, "name", ...)``.
+MADE = re.compile(
+    r'(?:\.(counter|gauge|histogram)|_count)\(\s*(?:self\._\w+,\s*)?"((?:metaprotocol|istio)_\w+)"'
+)
+
+
+def test_every_series_has_help_and_gauges_are_typed_gauge() -> None:
+    """``/stats`` explains every series (not ``# HELP name name``) and types each gauge as one
+    (a gauge typed ``counter`` reads as a counter reset each time it goes down)."""
+    made: dict[str, set[str]] = {}
+    for path in (Path(__file__).parents[2] / "metaprotocol_sdk").rglob("*.py"):
+        for kind, name in MADE.findall(path.read_text(encoding="utf-8")):
+            made.setdefault(name, set()).add(kind or "counter")
+    assert {"metaprotocol_requests_total", "metaprotocol_upstream_overflow_total"} <= set(made)
+    assert sorted(name for name in made if name not in HELP) == []
+    gauges = sorted(name for name, kinds in made.items() if "gauge" in kinds)
+    assert "metaprotocol_outlier_ejections_active" in gauges
+    stats = Stats()
+    for name in gauges:
+        stats.gauge(name).value = 1
+    text = stats.prometheus()
+    assert [name for name in gauges if f"# TYPE {name} gauge" not in text] == []
+    assert set(gauges) <= GAUGES

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from scaffold_kit import PYTHON, isolated_env, run
 
 from metaprotocol_sdk.cli import _COMMANDS
@@ -91,3 +92,24 @@ def test_named_metaprotocol_subcommands_exist(rendered: tuple[Path, str]) -> Non
         if word not in _COMMANDS
     ]
     assert not unknown, unknown
+
+
+def test_serving_commands_are_said_to_run_side_by_side(rendered: tuple[Path, str]) -> None:
+    """The example server and the engine serve until Ctrl-C: the README and the next steps say
+    so right before the first of them, not after a user's first command never returns."""
+    found = texts(rendered)
+    for where in ("README.md", "(printed by metaprotocol new)"):
+        text = found[where]
+        first = text.index(f"{PACKAGE}.example_server --port 9100")
+        assert "in three terminals" in text[max(0, first - 200) : first].lower(), where
+
+
+def test_readme_split_uses_the_mesh_host_and_sums_to_100(rendered: tuple[Path, str]) -> None:
+    project, _ = rendered
+    readme = (project / "README.md").read_text("utf-8")
+    (fragment,) = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    route = yaml.safe_load(fragment)["route"]
+    mesh = list(yaml.safe_load_all((project / "deploy" / "mesh.yaml").read_text("utf-8")))
+    (host,) = next(doc for doc in mesh if doc["kind"] == "ServiceEntry")["spec"]["hosts"]
+    assert {r["destination"]["host"] for r in route} == {host}
+    assert sum(r["weight"] for r in route) == 100

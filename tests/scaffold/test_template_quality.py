@@ -8,6 +8,7 @@ capability off.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import tomllib
 from pathlib import Path
@@ -97,3 +98,17 @@ def test_generated_package_is_clean(tmp_path: Path, variant: str) -> None:
     for flag in ("heartbeat", "oneway", "rewrite_request_id"):
         assert f"{flag}={answers[flag] == 'yes'}," in codec
     assert ("streaming=True," in codec) is (answers["streaming"] == "yes")
+
+    # A server that accepts and never answers: the client says what it waited for, and where.
+    streaming = answers["streaming"] == "yes"
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        client = [PYTHON, "-m", f"{package}.example_client", "--port", port, "--timeout", "0.2"]
+        env = {**os.environ, "PYTHONPATH": str(project / "src")}
+        timed_out = run(client, cwd=project, env=env, expect=1)
+        stream_timed_out = run([*client, "--stream"], cwd=project, env=env, expect=None)
+    assert timed_out.stderr == (
+        f"error: TimeoutError: 0 of 1 replies from 127.0.0.1:{port} within 0.2 s\n"
+    )
+    assert stream_timed_out.returncode == (1 if streaming else 2)  # 2: no --stream option
+    assert ("stream 1 did not end within 0.2 s" in stream_timed_out.stderr) is streaming

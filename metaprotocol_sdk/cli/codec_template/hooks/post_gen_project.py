@@ -27,6 +27,7 @@ def main() -> int:
         "  pip install -e '.[dev]'              # into an environment that has metaprotocol-sdk\n"
         "  ./ci.sh                              # ruff, mypy --strict, pytest (with the kit)\n"
         f"  metaprotocol check {PROTOCOL}\n"
+        "then, in three terminals (the server and the engine serve until Ctrl-C):\n"
         f"  python -m {PACKAGE}.example_server --port 9100\n"
         "  metaprotocol proxy -c deploy/mesh.yaml -c deploy/proxy.yaml\n"
         f"  python -m {PACKAGE}.example_client --port 9000\n"

@@ -213,11 +213,21 @@ class Reply:
         }
 
 
+async def connect(
+    host: str, port: int, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection, or raise ``TimeoutError`` saying where after ``timeout`` s."""
+    try:
+        return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"no connection to {host}:{port} within {timeout:g} s") from None
+
+
 async def exchange(
     host: str, port: int, frames: Sequence[bytes], replies: int, timeout: float = 5.0
 ) -> list[Reply]:
     """Send ``frames`` on one connection and wait (at most ``timeout`` s) for ``replies``."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    reader, writer = await connect(host, port, timeout)
     codec = {{ cookiecutter.__codec_class }}()
     received: list[Reply] = []
     buffer = bytearray()
@@ -237,6 +247,10 @@ async def exchange(
                     if isinstance(message, NeedData):
                         break
                     received.append(Reply(message))
+    except TimeoutError:
+        raise TimeoutError(
+            f"{len(received)} of {replies} replies from {host}:{port} within {timeout:g} s"
+        ) from None
     finally:
         writer.close()
         await writer.wait_closed()
@@ -250,7 +264,7 @@ async def stream_exchange(
     """Send ``frames`` (a stream's, maybe after a heartbeat) on one connection and wait (at
     most ``timeout`` s) until the stream ends: the server's half-close or close, or an ERROR
     with the stream's id (what the proxy sends when it cannot open or keep the stream)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    reader, writer = await connect(host, port, timeout)
     codec = {{ cookiecutter.__codec_class }}()
     received: list[Reply] = []
     buffer = bytearray()
@@ -271,6 +285,11 @@ async def stream_exchange(
                         and message.request_id == stream_id
                     ):
                         return received
+    except TimeoutError:
+        raise TimeoutError(
+            f"stream {stream_id} did not end within {timeout:g} s"
+            f" ({len(received)} frames from {host}:{port})"
+        ) from None
     finally:
         writer.close()
         await writer.wait_closed()
