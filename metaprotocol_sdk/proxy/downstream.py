@@ -302,6 +302,7 @@ class Downstream(asyncio.Protocol):
         "reads",
         "seen",
         "streams",
+        "streams_over",
         "transport",
         "unsent",
         "waiting",
@@ -369,6 +370,9 @@ class Downstream(asyncio.Protocol):
         self.client = NO_CLIENT
         #: Its open streams by stream id (made with its first stream; see ``streams``).
         self.streams: dict[int, Stream] | None = None
+        #: The drain of its streams after its close is over (``streams._drain_over``): a
+        #: ``Stream_Init`` a filter lets go of since opens no stream.
+        self.streams_over = False
         #: ``Stream_Init`` frames filters hold, with their streams' frames meanwhile (made
         #: with the first such hold; see ``streams.Held``).
         self.held_inits: Held | None = None

@@ -502,6 +502,11 @@ def open_stream(
     engine = downstream.engine
     target = route.single or route.pick()
     sid = message.stream_id
+    if downstream.streams_over:  # held by a filter past the drain after the client's close
+        drain = engine.config.proxy.timeouts.drain
+        why = f"stream {sid}: not opened within {drain:g}s of the client's close"
+        downstream.local_reply(message, ErrorType.Timeout, why, route, target)
+        return
     if sid in streams:
         downstream.local_reply(
             message, ErrorType.BadRequest, f"stream {sid} is already open on this connection"
@@ -586,8 +591,11 @@ def client_half_closed(downstream: Downstream) -> None:
 
 
 def _drain_over(downstream: Downstream, drain: float) -> None:
+    if downstream.closed:
+        return
+    downstream.streams_over = True  # those held still are refused when let go (open_stream)
     streams = downstream.streams
-    if downstream.closed or not streams:
+    if not streams:
         return
     for stream in list(streams.values()):
         why = f"stream {stream.stream_id}: not ended within {drain:g}s of the client's close"

@@ -195,6 +195,31 @@ def test_a_client_that_half_closes_gets_its_streams_ended_within_the_drain() -> 
     run(main())
 
 
+def test_a_stream_init_held_past_the_drain_after_the_client_s_close_opens_no_stream() -> None:
+    """The client half-closes while a filter holds its ``Stream_Init``; the filter lets go of
+    it after ``timeouts.drain``: it is answered ``Timeout`` and opens no connection. It
+    opened one, and the stream lived until ``timeouts.streamIdle`` (5 min), for a client that
+    had closed its side before it began."""
+
+    async def main() -> None:
+        proxy = "timeouts: {drain: 200ms}\n"
+        held = ChatHolder.armed()
+        async with stream_client(StreamServer(), proxy=proxy, listener=held) as (engine, c, up):
+            c.frame(STREAM_OPEN, 1, {"method": "chat"})
+            await asyncio.wait_for(ChatHolder.holding.wait(), WAIT)
+            dx = next(iter(engine.downstreams))
+            assert c.transport is not None
+            c.transport.write_eof()
+            await until(lambda: dx.streams_over, "the drain over")
+            ChatHolder.gate.set()
+            (reply,) = await c.until(1, 1)
+            assert (reply.request_id, error_type(reply)) == (1, "Timeout")
+            await asyncio.wait_for(c.closed, WAIT)
+            assert up.connections == [] and not engine.upstreams and active(engine) == 0
+
+    run(main())
+
+
 class FinServer(StreamServer):
     """``fin``: a data frame, then the server's ``Stream_Close_One_Way`` and a TCP
     half-close (its side of the stream and of the connection are done; it still reads);
