@@ -381,10 +381,13 @@ class Engine:
         # istiod asks only whether the rule has outlierDetection (one that ejects nothing,
         # ``given`` but not ``traffic``'s, still keeps the traffic in the nearest locality).
         if given.outlier_detection is not None:
+            workload = config.proxy.telemetry.workload
             nearest = failover_priorities(
-                config.proxy.telemetry.workload.locality,
+                workload.locality,
                 [ep.locality for ep in endpoints],
                 policy.locality,
+                workload.labels,
+                [ep.labels for ep in endpoints],
             )
             priorities = nearest or priorities
         spec = ClusterSpec(

@@ -265,6 +265,17 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
         lambda c: _rule(c).load_balancer.locality == LocalityLbSetting(False, (("r1", "r2"),)),
     ),
     (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.localityLbSetting.failoverPriority",
+        ["topology.kubernetes.io/region", "tier=gold"],
+        lambda c: (
+            _rule(c).load_balancer.locality
+            == LocalityLbSetting(
+                failover_priority=(("topology.kubernetes.io/region", None), ("tier", "gold"))
+            )
+        ),
+    ),
+    (
         "ServiceEntry",
         "spec.endpoints[0].locality",
         "us-east/a",
@@ -632,11 +643,6 @@ REFUSED: list[tuple[str, str, Any]] = [
         "DestinationRule",
         f"{POLICY}.loadBalancer.localityLbSetting.distribute",
         [{"from": "r1/*", "to": {"r1/*": 80, "r2/*": 20}}],
-    ),
-    (
-        "DestinationRule",
-        f"{POLICY}.loadBalancer.localityLbSetting.failoverPriority",
-        ["topology.kubernetes.io/region"],
     ),
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),

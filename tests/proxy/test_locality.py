@@ -212,3 +212,147 @@ def test_outlier_detection_ejecting_nothing_keeps_traffic_in_the_nearest_localit
         await far.close()
 
     run(main())
+
+
+# -- failoverPriority ------------------------------------------------------------------------
+
+GOLD = {"tier": "gold", "rack": "a"}
+BY_LABELS = LocalityLbSetting(failover_priority=(("tier", None), ("rack", None)))
+
+
+@pytest.mark.parametrize(
+    ("own", "own_labels", "localities", "labels", "setting", "expected"),
+    [
+        # 0: every label as the engine's; then the labels from the first that differs.
+        ("", GOLD, ["", "", ""], [GOLD, {"tier": "gold"}, {"rack": "a"}], BY_LABELS, [0, 1, 2]),
+        # 'label=value': compared with the value, not the engine's label.
+        (
+            "",
+            GOLD,
+            ["", ""],
+            [{"tier": "gold"}, {"tier": "silver"}],
+            LocalityLbSetting(failover_priority=(("tier", "silver"),)),
+            [1, 0],
+        ),
+        # the topology labels come from the localities (istiod's AugmentLabels).
+        (
+            "r1/z1",
+            {"app": "x"},
+            ["r1/z1", "r1/z2", "r2/z1"],
+            [{}, {}, {}],
+            LocalityLbSetting(
+                failover_priority=(
+                    ("topology.kubernetes.io/region", None),
+                    ("topology.kubernetes.io/zone", None),
+                )
+            ),
+            [0, 1, 2],
+        ),
+        # without failover rules the localities add nothing: same labels, one level.
+        ("r1/z1", GOLD, ["r1/z1", "r2/z9"], [GOLD, GOLD], BY_LABELS, [0, 0]),
+        # with them, the locality's priority under the labels' (label * 5 + locality).
+        (
+            "r1/z1",
+            GOLD,
+            ["r2", "r1/z1", "r3", "r1/z1"],
+            [GOLD, GOLD, GOLD, {"tier": "silver"}],
+            LocalityLbSetting(True, (("r1", "r3"),), (("tier", None),)),
+            [2, 0, 1, 3],
+        ),
+        # no labels of its own: istiod sets no label priorities; failover rules still apply.
+        (
+            "r1/z1",
+            {},
+            ["r2", "r3", "r1/z1"],
+            [GOLD, GOLD, GOLD],
+            LocalityLbSetting(True, (("r1", "r3"),), (("tier", None),)),
+            [2, 1, 0],
+        ),
+    ],
+)
+def test_failover_priority_by_labels_as_istiod_computes_it(
+    own: str,
+    own_labels: dict[str, str],
+    localities: list[str],
+    labels: list[dict[str, str]],
+    setting: LocalityLbSetting,
+    expected: list[int],
+) -> None:
+    assert failover_priorities(own, localities, setting, own_labels, labels) == expected
+
+
+def test_no_failover_priority_without_labels_or_when_disabled() -> None:
+    assert failover_priorities("r1", ["r1", "r2"], BY_LABELS, {}, [GOLD, {}]) is None
+    disabled = LocalityLbSetting(enabled=False, failover_priority=BY_LABELS.failover_priority)
+    assert failover_priorities("r1", ["r1", "r2"], disabled, GOLD, [GOLD, {}]) is None
+
+
+def labelled_mesh(endpoints: list[tuple[int, str]], setting: str) -> str:
+    """:func:`located_mesh` with each ``(port, labels)`` endpoint's ``labels`` (a flow
+    mapping's inside, ``tier: gold, rack: a``), the engine's own ``tier: gold, rack: a`` and
+    ``localityLbSetting`` ``setting``."""
+    policy = f"loadBalancer: {{localityLbSetting: {setting}}}"
+    text = located_mesh([(port, "r1/z1") for port, _ in endpoints], policy)
+    text = text.replace(
+        "telemetry: {workload: {locality: r1/z1/s1}}",
+        "telemetry: {workload: {locality: r1/z1/s1, labels: {tier: gold, rack: a}}}",
+    )
+    for port, labels in endpoints:
+        text = text.replace(
+            f": {port}}}, labels: {{version: v1}}",
+            f": {port}}}, labels: {{version: v1, {labels}}}",
+        )
+    return text
+
+
+def test_traffic_stays_on_the_endpoints_with_the_engines_labels_and_fails_over_by_them() -> None:
+    """``failoverPriority: [tier, rack]``, the engine a ``gold`` workload on rack ``a``: the
+    endpoint with both (dead) takes the first request, is ejected, and every request then
+    goes to the ``gold`` one of another rack, none to ``silver``; with ``tier=silver`` the
+    ``silver`` endpoint comes first. It was refused."""
+
+    async def main() -> None:
+        gold, silver = [await Upstream(n).start() for n in ("gold", "silver")]
+        dead = refusing_port()
+        endpoints = [
+            (silver.port, "tier: silver, rack: a"),
+            (dead, "tier: gold, rack: a"),
+            (gold.port, "tier: gold, rack: b"),
+        ]
+        text = labelled_mesh(endpoints, "{failoverPriority: [tier, rack]}")
+        async with engine_for(text) as engine:
+            (cluster,) = engine.clusters.values()
+            assert [h.priority for h in cluster.hosts] == [2, 0, 1]
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call()) == "UpstreamConnectFailure"
+            assert cluster.priority_load == {0: 0, 1: 100, 2: 0}
+            assert await answered_by(client, 10) == {"gold": 10}
+            client.close()
+        text = labelled_mesh(endpoints, "{failoverPriority: [tier=silver]}")
+        async with engine_for(text) as engine:
+            (cluster,) = engine.clusters.values()
+            assert [h.priority for h in cluster.hosts] == [0, 1, 1]
+            client = await Client.connect(address(engine))
+            assert await answered_by(client, 10) == {"silver": 10}
+            client.close()
+        for up in (gold, silver):
+            await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("{failoverPriority: [tier, tier]}", "label 'tier' is listed twice"),
+        ("{failoverPriority: ['a=b=c']}", "must be a label name or name=value"),
+        ("{failoverPriority: ['tier=']}", "must be a label name or name=value"),
+        ("{failoverPriority: [{tier: gold}]}", "must be a label name (or name=value)"),
+        ("{failoverPriority: [" + ", ".join(f"l{i}" for i in range(17)) + "]}", "at most 16"),
+    ],
+)
+def test_a_bad_failover_priority_is_refused(setting: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        loads_config(labelled_mesh([(1, "tier: gold")], setting), "t.yaml")
+    assert caught.value.field is not None and "failoverPriority" in caught.value.field
+    assert words in str(caught.value)

@@ -236,11 +236,10 @@ LOAD_BALANCER = fields(
 LOCALITY_LB = fields(
     "enabled",
     "failover",
+    "failoverPriority",
     refused={
         "distribute": "weighting the traffic between localities (locality weighted load "
         "balancing); failover (the default) keeps it in the nearest healthy locality",
-        "failoverPriority": "failover by endpoint labels (failover by locality, the default, "
-        "and failover between regions are supported)",
     },
 )
 LOCALITY_FAILOVER = fields("from", "to")

@@ -819,7 +819,34 @@ def _locality_lb(doc: _Doc, lb: Mapping[str, Any], path: str) -> LocalityLbSetti
         if regions[0] in failover:
             doc.fail(f"{where}.from", f"region {regions[0]!r} has a failover rule already")
         failover[regions[0]] = regions[1]
-    return LocalityLbSetting(enabled, tuple(failover.items()))
+    return LocalityLbSetting(enabled, tuple(failover.items()), _failover_priority(doc, raw, path))
+
+
+#: Most labels a ``failoverPriority`` lists (each is one more priority level; Kubernetes'
+#: topology has five: network, region, zone, subzone, node).
+MAX_FAILOVER_LABELS = 16
+
+
+def _failover_priority(
+    doc: _Doc, raw: Mapping[str, Any], path: str
+) -> tuple[tuple[str, str | None], ...]:
+    """``localityLbSetting.failoverPriority``: label names, each optionally ``label=value``
+    (compared with ``value`` rather than the engine's own label, as istiod reads it)."""
+    where = f"{path}.failoverPriority"
+    items = doc.sequence(raw, "failoverPriority", where, required=False)
+    if len(items) > MAX_FAILOVER_LABELS:
+        doc.fail(where, f"at most {MAX_FAILOVER_LABELS} labels, got {len(items)}")
+    out: list[tuple[str, str | None]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH:
+            doc.fail(f"{where}[{i}]", f"must be a label name (or name=value), got {item!r:.80}")
+        label, sep, value = item.partition("=")
+        if not label or (sep and ("=" in value or not value)):
+            doc.fail(f"{where}[{i}]", f"must be a label name or name=value, got {item!r:.80}")
+        if any(label == seen for seen, _ in out):
+            doc.fail(f"{where}[{i}]", f"label {label!r} is listed twice")
+        out.append((label, value if sep else None))
+    return tuple(out)
 
 
 def _traffic_policy(

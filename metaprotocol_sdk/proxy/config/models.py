@@ -147,11 +147,14 @@ class Service:
 
 @dataclass(frozen=True)
 class LocalityLbSetting:
-    """Istio's ``loadBalancer.localityLbSetting``: locality failover on or off, and
-    ``failover``: ``(from region, to region)`` pairs."""
+    """Istio's ``loadBalancer.localityLbSetting``: locality failover on or off,
+    ``failover``: ``(from region, to region)`` pairs, and ``failover_priority``: the labels
+    that order endpoints into failover priorities, each ``(label, value)`` with the value to
+    compare with (``None``: the engine's own label)."""
 
     enabled: bool = True
     failover: tuple[tuple[str, str], ...] = ()
+    failover_priority: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
