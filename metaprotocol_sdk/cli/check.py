@@ -7,7 +7,7 @@ import click
 from metaprotocol_sdk.errors import ConfigError, RegistryError
 
 from ._options import codec_options
-from ._output import fail
+from ._output import codec_bug, fail
 
 
 @click.command("check")
@@ -59,6 +59,8 @@ def command(
         target.new_codec()  # bad -o options: one message now, not one failure per check
     except (RegistryError, ConfigError) as exc:
         fail(exc, 2)
+    except Exception as exc:  # its constructor failed: the codec cannot be checked at all
+        codec_bug(codec_name, "building it", exc, 2, "its own code failed, not the kit")
     report = run_kit(target, only or None)
     click.echo(report.to_json() if as_json else report.format_text(verbose=verbose))
     if not report.passed:

@@ -14,7 +14,7 @@ from metaprotocol_sdk.registry import create_codec
 from metaprotocol_sdk.textfiles import decode_text, parse_hex_text, read_bytes
 
 from ._options import codec_options
-from ._output import fail, table
+from ._output import codec_bug, fail, table
 
 #: Largest input read (a capture of many messages is still far below this).
 MAX_INPUT_BYTES = 64 * 1024 * 1024
@@ -86,12 +86,18 @@ def command(
         data = read_input(source, as_hex)
     except (RegistryError, ConfigError) as exc:
         fail(exc, 2)
+    except Exception as exc:  # its constructor failed
+        codec_bug(codec_name, "building it", exc, 2, "its own code failed, not the SDK")
     error: CodecError | None = None
     try:
         messages, leftover = decode_stream(codec, data)
     except CodecError as exc:
         error = exc
         messages, leftover = [], 0
+    except Exception as exc:  # the contract allows decode only CodecError
+        codec_bug(
+            codec_name, "decode", exc, 1, "a bug in the codec: decode may raise only CodecError"
+        )
     _print(messages, as_json)
     if error is not None:
         hint = ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -393,3 +394,38 @@ def test_getting_started_decode_example_prints_what_the_page_shows() -> None:
     code, out, err = run("decode", "dubbo", "--hex", stdin=hex_text)
     assert code == 0, err
     assert_shown("getting-started.md", "decode", out)
+
+
+def test_a_codec_that_fails_in_its_own_code_is_named_not_called_an_internal_error(
+    tmp_path: Path,
+) -> None:
+    """A codec whose constructor raises (``check``, ``decode``) or whose ``decode`` raises
+    something other than ``CodecError``: the CLI said "internal error ... this is a bug,
+    please report it" of the SDK. It names the codec, what raised, and the line."""
+    (tmp_path / "faulty_codecs.py").write_text(
+        "from metaprotocol_sdk.examples.kv import KVCodec\n"
+        "class NoTable(KVCodec):\n"
+        "    def __init__(self, **options):\n"
+        "        raise RuntimeError('no table')\n"
+        "class BadDecode(KVCodec):\n"
+        "    def decode(self, buffer):\n"
+        "        raise KeyError('length')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    cases = [
+        (["check", "faulty_codecs:NoTable"], b"", 2, "building it raised RuntimeError: no table"),
+        (["decode", "faulty_codecs:NoTable", "-"], b"x", 2, "building it raised RuntimeError"),
+        (["decode", "faulty_codecs:BadDecode", "-"], b"x", 1, "decode raised KeyError: 'length'"),
+    ]
+    for args, stdin, code, words in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "metaprotocol_sdk", *args],
+            input=stdin,
+            capture_output=True,
+            timeout=120,
+            env=env,
+        )
+        (line,) = proc.stderr.decode().splitlines()
+        assert proc.returncode == code, line
+        assert line.startswith(f"error: codec {args[1]}: ") and words in line, line
+        assert "faulty_codecs.py:" in line and "internal error" not in line, line
