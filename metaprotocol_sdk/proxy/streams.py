@@ -267,6 +267,10 @@ class Stream:
         conn.connect()
         for encoded, size in early:
             conn.send_frame(encoded, size)
+        if conn.unsent > downstream.engine.connection_buffer:
+            # The failed connection let the client go: it waits again, or each retry would
+            # read another chunk of its frames past the budget.
+            downstream.block_on(conn)
         return True
 
     # -- ending --------------------------------------------------------------------------------

@@ -6,9 +6,19 @@ sockets on 127.0.0.1: a port that refuses connections and a KV stream server."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
-from proxy_kit import address, engine_for, error_type, mesh, refusing_port, run, until
+from proxy_kit import (
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    refusing_port,
+    run,
+    until,
+)
 from test_streams import StreamClient, StreamServer
 from test_tls import Pki, tls_policy
 
@@ -130,6 +140,57 @@ def test_a_stream_the_client_leaves_while_its_retry_connects_frees_its_retry(
             await until(lambda: not engine.downstreams and not engine.upstreams, "all closed")
             assert cluster.retrying == 0
             assert ended(engine, "DownstreamClosed") == 1
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+    run(main())
+
+
+def test_a_client_flooding_a_stream_whose_connects_time_out_stays_within_its_buffer(
+    tmp_path: Path,
+) -> None:
+    """Every try's TLS handshake hangs until the connect timeout, while the client sends
+    data frames without reading anything: each retry sends the saved frames again, and the
+    client waits again. The engine holds about ``connectionBufferBytes`` (64 KiB) and a read
+    for the stream however many tries fail, not another read's worth per retry."""
+    pki = Pki(tmp_path)
+    budget = 64 * 1024
+
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # says nothing: the handshake never ends
+
+        silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        policy = json.dumps({"mode": "SIMPLE", "caCertificates": pki.ca_file})
+        text = mesh(
+            [(port, "v1")],
+            router=ROUTER % (4, "connect-failure"),
+            traffic_policy=f"{{tls: {policy}, connectionPool: {{tcp: {{connectTimeout: 0.2s}}}}}}",
+            proxy=f"limits: {{connectionBufferBytes: {budget}}}\n",
+        )
+        async with engine_for(text) as engine:
+            client = await StreamClient.connect(address(engine))
+            client.frame(STREAM_OPEN, 1, {"method": "echo"})
+            frame = build_frame(STREAM_DATA, 1, {}, bytes(16 * 1024))
+            peak = 0
+
+            def answered() -> bool:
+                nonlocal peak
+                peak = max(peak, engine.buffered)
+                for _ in range(64):  # ignores back-pressure: the engine must apply it
+                    client.send(frame)
+                return bool(client.frames[1])
+
+            await until(answered, "the stream's reset")
+            assert error_type(client.frames[1][0]) == "UpstreamConnectFailure"
+            assert retries(engine) == 4
+            assert peak < 4 * budget, peak  # was some 250 KiB more per retry
+            client.close()
         for writer in accepted:
             writer.close()
         silent.close()
