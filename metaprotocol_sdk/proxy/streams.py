@@ -155,9 +155,7 @@ class Stream:
             if self.server_closed:
                 self.end(CLOSED)
                 return
-        if conn.write_paused or (
-            conn.connecting and conn.unsent > downstream.engine.connection_buffer
-        ):
+        if conn.write_paused or (conn.connecting and _over_budget(conn)):
             downstream.block_on(conn)  # the client waits until the upstream takes them
 
     def from_upstream(self, message: Metadata) -> None:
@@ -267,6 +265,10 @@ class Stream:
         conn.connect()
         for encoded, size in early:
             conn.send_frame(encoded, size)
+        if _over_budget(conn):
+            # The failed connection let the client go: it waits again, or each retry would
+            # read another chunk of its frames past the budget.
+            downstream.block_on(conn)
         return True
 
     # -- ending --------------------------------------------------------------------------------
@@ -559,6 +561,14 @@ def open_stream(
     if downstream.held_inits is not None:
         for frame in _settle_held(downstream, message):
             client_frame(downstream, frame)
+
+
+def _over_budget(conn: UpstreamConnection) -> bool:
+    """Whether a stream's connection still being made holds enough of its client's frames:
+    ``connectionBufferBytes``, or any while the process is over ``maxBufferedBytes`` (every
+    stream of every client would otherwise hold that much)."""
+    engine = conn.engine
+    return conn.unsent > engine.connection_buffer or engine.buffered > engine.max_buffered
 
 
 def _retries_connects(route: CompiledRoute) -> bool:

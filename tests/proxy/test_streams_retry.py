@@ -6,9 +6,21 @@ sockets on 127.0.0.1: a port that refuses connections and a KV stream server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from proxy_kit import address, engine_for, error_type, mesh, refusing_port, run, until
+from proxy_kit import (
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    refusing_port,
+    run,
+    until,
+)
 from test_streams import StreamClient, StreamServer
 from test_tls import Pki, tls_policy
 
@@ -20,6 +32,41 @@ ROUTER = """\
   route: [{destination: {host: svc.test, subset: v1}}]
   retries: {attempts: %d, retryOn: %s}
 """
+
+
+@contextlib.asynccontextmanager
+async def silent_tls() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A port that accepts connections and says nothing: a TLS handshake with it never
+    ends (until the connect timeout); the connections it accepted."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield silent.sockets[0].getsockname()[1], accepted
+    finally:
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+def flooding(client: StreamClient, sids: list[int], engine: Engine) -> Callable[[], bool]:
+    """A check for :func:`until` that sends 64 data frames of 16 KiB over ``sids`` at each
+    call, reading nothing (the engine must apply back-pressure), and records the most bytes
+    the engine held (``peak``); true once every stream got its answer."""
+    frames = [build_frame(STREAM_DATA, sid, {}, bytes(16 * 1024)) for sid in sids]
+
+    def check() -> bool:
+        check.peak = max(check.peak, engine.buffered)  # type: ignore[attr-defined]
+        for i in range(64):
+            client.send(frames[i % len(frames)])
+        return all(client.frames[sid] for sid in sids)
+
+    check.peak = 0  # type: ignore[attr-defined]
+    return check
 
 
 def retries(engine: Engine) -> int:
@@ -108,31 +155,91 @@ def test_a_stream_the_client_leaves_while_its_retry_connects_frees_its_retry(
     pki = Pki(tmp_path)
 
     async def main() -> None:
-        accepted: list[asyncio.StreamWriter] = []
+        async with silent_tls() as (port, accepted):
+            text = mesh(
+                [(refusing_port(), "v1"), (port, "v1")],
+                router=ROUTER % (2, "connect-failure"),
+                traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
+            )
+            async with engine_for(text) as engine:
+                (cluster,) = engine.clusters.values()
+                client = await StreamClient.connect(address(engine))
+                client.frame(STREAM_OPEN, 1, {"method": "echo"})
+                await until(lambda: retries(engine) == 1 and accepted, "the retry's connect")
+                assert cluster.retrying == 1
+                client.reset()  # leaves (a FIN would be a half-close: its streams drain)
+                await until(lambda: not engine.downstreams and not engine.upstreams, "closed")
+                assert cluster.retrying == 0
+                assert ended(engine, "DownstreamClosed") == 1
 
-        async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            accepted.append(writer)  # says nothing: the handshake never ends
+    run(main())
 
-        silent = await asyncio.start_server(hold, "127.0.0.1", 0)
-        port = silent.sockets[0].getsockname()[1]
-        text = mesh(
-            [(refusing_port(), "v1"), (port, "v1")],
-            router=ROUTER % (2, "connect-failure"),
-            traffic_policy=tls_policy(mode="SIMPLE", caCertificates=pki.ca_file),
-        )
-        async with engine_for(text) as engine:
-            (cluster,) = engine.clusters.values()
-            client = await StreamClient.connect(address(engine))
-            client.frame(STREAM_OPEN, 1, {"method": "echo"})
-            await until(lambda: retries(engine) == 1 and accepted, "the retry's connect")
-            assert cluster.retrying == 1
-            client.reset()  # leaves (a FIN would be a half-close: its streams drain)
-            await until(lambda: not engine.downstreams and not engine.upstreams, "all closed")
-            assert cluster.retrying == 0
-            assert ended(engine, "DownstreamClosed") == 1
-        for writer in accepted:
-            writer.close()
-        silent.close()
-        await silent.wait_closed()
+
+def hanging_tls(pki: Pki, port: int, retry: int, proxy: str, timeout: str = "0.2s") -> str:
+    """A mesh of one endpoint (``port``) whose TLS handshake hangs to the connect
+    ``timeout``, a route retrying ``retry`` times on connect-failure, and ``proxy``."""
+    policy = json.dumps({"mode": "SIMPLE", "caCertificates": pki.ca_file})
+    return mesh(
+        [(port, "v1")],
+        router=ROUTER % (retry, "connect-failure"),
+        traffic_policy=f"{{tls: {policy}, connectionPool: {{tcp: {{connectTimeout: {timeout}}}}}}}",
+        proxy=proxy,
+    )
+
+
+def test_a_client_flooding_a_stream_whose_connects_time_out_stays_within_its_buffer(
+    tmp_path: Path,
+) -> None:
+    """Every try's TLS handshake hangs until the connect timeout, while the client sends
+    data frames without reading anything: each retry sends the saved frames again, and the
+    client waits again. The engine holds about ``connectionBufferBytes`` (64 KiB) and a read
+    for the stream however many tries fail, not another read's worth per retry."""
+    pki = Pki(tmp_path)
+    budget = 64 * 1024
+
+    async def main() -> None:
+        async with silent_tls() as (port, _):
+            proxy = f"limits: {{connectionBufferBytes: {budget}}}\n"
+            async with engine_for(hanging_tls(pki, port, 4, proxy)) as engine:
+                client = await StreamClient.connect(address(engine))
+                client.frame(STREAM_OPEN, 1, {"method": "echo"})
+                flood = flooding(client, [1], engine)
+                await until(flood, "the stream's reset")
+                assert error_type(client.frames[1][0]) == "UpstreamConnectFailure"
+                assert retries(engine) == 4
+                peak = flood.peak  # type: ignore[attr-defined]
+                assert peak < 4 * budget, peak  # was some 250 KiB more per retry
+                client.close()
+
+    run(main())
+
+
+def test_streams_being_connected_take_no_more_frames_while_the_process_is_over_budget(
+    tmp_path: Path,
+) -> None:
+    """Eight streams whose connections are being made (the handshake hangs for a second),
+    the client flooding them: past ``overload.maxBufferedBytes`` (1 MiB) the client is not
+    read until they are made or fail. Before, each stream took its ``connectionBufferBytes``
+    (1 MiB) whatever the process held: some 8 MiB here, ``maxStreamsPerConnection`` MiB a
+    client."""
+    pki = Pki(tmp_path)
+    budget = 1024 * 1024
+    sids = list(range(1, 17, 2))
+
+    async def main() -> None:
+        async with silent_tls() as (port, _):
+            proxy = f"overload: {{maxBufferedBytes: {budget}}}\n"
+            async with engine_for(hanging_tls(pki, port, 0, proxy, "1s")) as engine:
+                client = await StreamClient.connect(address(engine))
+                for sid in sids:
+                    client.frame(STREAM_OPEN, sid, {"method": "echo"})
+                flood = flooding(client, sids, engine)
+                await until(flood, "the streams' resets")
+                assert {error_type(client.frames[sid][0]) for sid in sids} == {
+                    "UpstreamConnectFailure"
+                }
+                peak = flood.peak  # type: ignore[attr-defined]
+                assert peak < 2.5 * budget, peak
+                client.close()
 
     run(main())
