@@ -558,10 +558,14 @@ class Downstream(asyncio.Protocol):
                 transport.close()
 
     def abort(self) -> None:
-        """Reset the connection now, dropping what is unsent (a drain's deadline)."""
+        """Reset the connection now, dropping what is unsent (a drain's deadline). Its
+        streams end now, as its client's (``DownstreamClosed``), not when the loop reports
+        the connection lost: a shutdown resets the upstream connections before that."""
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+        if self.streams:
+            client_left(self)
 
     def shut(self, reason: str) -> None:
         """Close because of a limit (counted by ``reason``, see ``CLOSE_REASONS``).

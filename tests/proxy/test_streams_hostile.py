@@ -220,6 +220,24 @@ def test_a_stream_init_held_past_the_drain_after_the_client_s_close_opens_no_str
     run(main())
 
 
+def test_streams_open_at_the_end_of_a_shutdown_s_drain_end_as_their_client_s() -> None:
+    """A shutdown's drain ends with streams the upstream keeps open: their client connections
+    are reset, then the upstream connections. The streams ended as ``UpstreamReset`` (the
+    upstream side went first, before the loop reported the clients gone), as if an upstream
+    had failed; they end ``DownstreamClosed``, as the requests in flight then."""
+
+    async def main() -> None:
+        async with stream_client(StreamServer()) as (engine, c, _):
+            for sid in (1, 3):
+                c.frame(STREAM_OPEN, sid, {"method": "chat"})
+                await c.until(sid, 1)
+            await engine.stop(drain=0.2)
+            assert streams(engine, "DownstreamClosed") == 2
+            assert streams(engine, "UpstreamReset") == 0
+
+    run(main())
+
+
 class FinServer(StreamServer):
     """``fin``: a data frame, then the server's ``Stream_Close_One_Way`` and a TCP
     half-close (its side of the stream and of the connection are done; it still reads);
