@@ -20,7 +20,7 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
 from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import codec_maker
-from .router import RETRY_HOST_PICKS, CompiledRoute, RouteTable, Target
+from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .streams import (
     STREAM_FRAMES,
@@ -810,12 +810,9 @@ class Downstream(asyncio.Protocol):
                 started or None,  # a retry's answer counts the time since the first try
             )
             return
-        host = cluster.balancer.pick(message)
-        if avoid is not None and host is avoid and len(cluster.hosts) > 1:
-            for _ in range(RETRY_HOST_PICKS):  # weights may give the failed one again
-                host = cluster.balancer.pick(message)
-                if host is not avoid:
-                    break
+        host = (
+            cluster.balancer.pick(message) if avoid is None else cluster.pick_other(message, avoid)
+        )
         if host is None:
             if self._retry(route, "unavailable", tries, started, cluster):
                 # The first try has no start yet (``started`` is set from the second on):

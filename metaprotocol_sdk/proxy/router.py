@@ -19,10 +19,6 @@ from .matcher import Matcher
 from .stats import DURATION_BUCKETS_MS, Counter, Histogram, Stats
 from .telemetry import TargetTelemetry
 
-#: Picks a retry makes to find another endpoint than the one that failed: Istio's default
-#: retry policy (Envoy's previous_hosts predicate, host_selection_retry_max_attempts 5).
-RETRY_HOST_PICKS = 5
-
 if TYPE_CHECKING:
     from .upstream import Cluster
 

@@ -33,7 +33,6 @@ from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .codec_bugs import CodecUnavailable
-from .router import RETRY_HOST_PICKS
 from .telemetry import RESPONSE_FLAGS
 
 if TYPE_CHECKING:
@@ -239,12 +238,7 @@ class Stream:
         early = self.early
         assert early is not None
         failed = self.host
-        host = cluster.balancer.pick(self.init)
-        if host is failed and len(cluster.hosts) > 1:
-            for _ in range(RETRY_HOST_PICKS):  # weights may give the failed one again
-                host = cluster.balancer.pick(self.init)
-                if host is not failed:
-                    break
+        host = cluster.pick_other(self.init, failed)
         if host is None:
             return False
         try:  # built before the retry is counted and another connection may be closed for it

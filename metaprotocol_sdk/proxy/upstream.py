@@ -83,6 +83,9 @@ ATTRIBUTE_BYTES = 256
 #: Timed-out requests a dedicated connection remembers (so that their late replies are not
 #: paired with later requests) before it is closed and replaced.
 STALE_LIMIT = 64
+#: Picks a retry makes to find another endpoint than the one that failed: Istio's default
+#: retry policy (Envoy's previous_hosts predicate, host_selection_retry_max_attempts 5).
+RETRY_HOST_PICKS = 5
 
 
 class Pending:
@@ -376,6 +379,19 @@ class Cluster:
             "maxUpstreamConnections",
         )
         return self.engine.upstream_refusal()
+
+    def pick_other(self, metadata: Metadata, avoid: UpstreamHost) -> UpstreamHost | None:
+        """An endpoint for a retry of ``metadata``, other than ``avoid`` (the one that
+        failed) when the cluster has others: the balancer picks up to
+        :data:`RETRY_HOST_PICKS` times, as weights may give the failed one again."""
+        balancer = self.balancer
+        host = balancer.pick(metadata)
+        if host is avoid and len(self.hosts) > 1:
+            for _ in range(RETRY_HOST_PICKS):
+                host = balancer.pick(metadata)
+                if host is not avoid:
+                    break
+        return host
 
     def shared_connection(
         self, host: UpstreamHost, reclaim: bool = True
