@@ -193,10 +193,7 @@ class Stream:
     def connected(self) -> None:
         """The upstream connection is made (what was queued meanwhile is written)."""
         conn = self.conn
-        if self.early is not None:
-            self.early = None  # no retry from now on (the upstream may have read them)
-            if self.tries:
-                conn.cluster.retrying -= 1
+        self._forget_early()  # no retry from now on (the upstream may have read them)
         if self.ended:
             conn.close_after_writes()
             return
@@ -215,18 +212,25 @@ class Stream:
         host = self.host
         if host.outlier is not None and not self.server_closed and error in _GATEWAY_ERRORS:
             host.outlier.gateway_error(host)
-        if self.early is not None and self.tries:
-            self.conn.cluster.retrying -= 1  # this retry is over
+        early = self.early
+        self._forget_early()  # this try is over
         if (
-            self.early is not None
+            early is not None
             and error is ErrorType.UpstreamConnectFailure
-            and self._retry_connect()
+            and self._retry_connect(early)
         ):
             return
-        self.early = None
         self.reset(error, message)
 
-    def _retry_connect(self) -> bool:
+    def _forget_early(self) -> None:
+        """Keep no more of what the stream sent: its connection is made, failed or ended. A
+        retry whose connection was being made is no longer in flight (``maxRetries``)."""
+        if self.early is not None:
+            if self.tries:
+                self.conn.cluster.retrying -= 1
+            self.early = None
+
+    def _retry_connect(self, early: list[tuple[Encoded, int]]) -> bool:
         """Open the stream again on a new connection, to another endpoint when the cluster
         has one, after its connection could not be made, when the route retries on
         ``connect-failure``: nothing reached the upstream, so what the stream sent is sent
@@ -235,8 +239,6 @@ class Stream:
         downstream = self.downstream
         route = self.route
         cluster = self.conn.cluster
-        early = self.early
-        assert early is not None
         failed = self.host
         host = cluster.pick_other(self.init, failed)
         if host is None:
@@ -251,6 +253,7 @@ class Stream:
             return False
         self.tries += 1
         cluster.retrying += 1  # a retry in flight until its connection is made or fails
+        self.early = early
         failed.active -= 1
         host.active += 1
         self.host = host
@@ -293,10 +296,7 @@ class Stream:
         if self.ended:
             return
         self.ended = True
-        if self.early is not None:
-            if self.tries:  # a retry's connection was still being made
-                self.conn.cluster.retrying -= 1
-            self.early = None
+        self._forget_early()
         downstream = self.downstream
         streams = downstream.streams
         if streams is not None and streams.get(self.stream_id) is self:
