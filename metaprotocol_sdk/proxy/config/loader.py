@@ -528,11 +528,17 @@ def _make_protocol(
         raise ConfigError(exc.reason, source=exc.source or options_source, field=where) from exc
     except Exception as exc:  # its constructor failed (a bug, a file it needs): say whose
         raise ConfigError(
-            f"codec {codec_name} could not be built: {type(exc).__name__}: {exc}",
+            _not_built("codec", codec_name, exc),
             source=options_source,
             field=f"spec.codecOptions.{name}",
         ) from exc
     return Protocol(name=name, codec_name=codec_name, codec_class=cls, options=options)
+
+
+def _not_built(kind: str, name: str, exc: Exception) -> str:
+    """Why a plugin's construction failed, when it raised something other than a
+    ``ConfigError`` (a bug of its own, a file it needs): whose, and what it raised."""
+    return f"{kind} {name} could not be built: {type(exc).__name__}: {exc}"
 
 
 def _codec_options(doc: _Doc | None) -> dict[str, dict[str, Any]]:
@@ -1739,7 +1745,7 @@ def _filters(
             where = f"{fpath}.config.{exc.field}" if exc.field else f"{fpath}.config"
             doc.fail(where, exc.reason)
         except Exception as exc:  # its constructor failed (a bug, a file it needs): say whose
-            doc.fail(fpath, f"filter {name} could not be built: {type(exc).__name__}: {exc}")
+            doc.fail(fpath, _not_built("filter", name, exc))
         specs.append(spec)
     return tuple(specs)
 
@@ -1893,8 +1899,7 @@ def _check_capabilities(
         try:
             caps = protocol.create_codec().active_capabilities
         except Exception as exc:  # built once already: a constructor that fails sometimes
-            why = f"{type(exc).__name__}: {exc}"
-            doc.fail("spec", f"codec {protocol.codec_name} could not be built: {why}")
+            doc.fail("spec", _not_built("codec", protocol.codec_name, exc))
         for r, route in enumerate(router.routes):
             if route.request_mutation and not caps.mutation:
                 doc.fail(
