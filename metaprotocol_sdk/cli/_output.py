@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from metaprotocol_sdk.errors import MetaProtocolError
+from metaprotocol_sdk.errors import MetaProtocolError, _shortened
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -36,7 +36,8 @@ def codec_bug(codec_name: str, what: str, exc: Exception, code: int, why: str) -
     where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
     if os.environ.get("METAPROTOCOL_TRACEBACK"):
         traceback.print_exception(exc)
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    # One line, and short: a codec's message may quote the (hostile) bytes it was given.
+    text = _shortened(" ".join(f"{type(exc).__name__}: {exc}".split()))
     fail(
         f"codec {codec_name}: {what} raised {text}{where}; {why} "
         "(METAPROTOCOL_TRACEBACK=1 shows the traceback)",

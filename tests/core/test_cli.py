@@ -429,3 +429,25 @@ def test_a_codec_that_fails_in_its_own_code_is_named_not_called_an_internal_erro
         assert proc.returncode == code, line
         assert line.startswith(f"error: codec {args[1]}: ") and words in line, line
         assert "faulty_codecs.py:" in line and "internal error" not in line, line
+
+
+def test_a_codec_error_quoting_megabytes_is_one_short_line(tmp_path: Path) -> None:
+    """A codec's exception may quote what it was given (a hostile capture): the CLI's line
+    about it keeps at most about a thousand characters of it, its middle cut."""
+    (tmp_path / "quoting_codecs.py").write_text(
+        "from metaprotocol_sdk.examples.kv import KVCodec\n"
+        "class Quoting(KVCodec):\n"
+        "    def decode(self, buffer):\n"
+        "        raise ValueError('bad byte in ' + 'x' * 1_000_000)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "metaprotocol_sdk", "decode", "quoting_codecs:Quoting", "-"],
+        input=b"x",
+        capture_output=True,
+        timeout=120,
+        env=env,
+    )
+    (line,) = proc.stderr.decode().splitlines()
+    assert proc.returncode == 1 and "decode raised ValueError: bad byte in xxx" in line
+    assert len(line) < 2000 and "characters cut" in line, len(line)
