@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from metaprotocol_sdk import compilation
 
 from .admin import DUMP_DOCUMENTS_BYTES, bounded_copy
-from .config.models import Route
+from .balancer import RING_SIZE
+from .config.models import LoadBalancer, Route
 from .tls import dump_listener, dump_upstream
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "pooling": "shared" if c.shared else "dedicated",
                 "loadBalancer": type(c.balancer).__name__,
                 "hashAttribute": c.policy.hash_attribute,
+                **(_hashing(c.policy) if c.policy.policy == "CONSISTENT_HASH" else {}),
                 "endpoints": [h.key for h in c.hosts],
                 "weights": [h.weight for h in c.hosts],  # in the order of endpoints
                 "connectionPool": plain(c.pool),
@@ -185,6 +187,18 @@ def config_dump(engine: Engine) -> dict[str, Any]:
         "documentsTruncated": truncated,
         **{key: section() for key, section in engine.dump_sections.items()},
     }
+
+
+def _hashing(policy: LoadBalancer) -> dict[str, Any]:
+    """A consistent hash's key and algorithm, as the balancer applies them."""
+    key = {"useSourceIp": policy.hash_attribute is None}
+    if policy.maglev_table_size is not None:
+        return {**key, "maglev": {"tableSize": policy.maglev_table_size}}
+    size = RING_SIZE if policy.ring_size is None else policy.ring_size
+    ring: dict[str, Any] = {"minimumRingSize": size}
+    if policy.ring_maximum is not None:
+        ring["maximumRingSize"] = policy.ring_maximum
+    return {**key, "ringHash": ring}
 
 
 def plain(value: Any) -> Any:

@@ -272,6 +272,7 @@ class Downstream(asyncio.Protocol):
 
     __slots__ = (
         "_route",
+        "_source_ip",
         "authz",
         "blocked",
         "blocked_since",
@@ -368,6 +369,8 @@ class Downstream(asyncio.Protocol):
         #: Its address and TLS identity, as the access log writes them (found when the
         #: connection is made, with an access log only).
         self.client = NO_CLIENT
+        #: Its IP address once a source-IP hash asked for it ("": not known).
+        self._source_ip: str | None = None
         #: Its open streams by stream id (made with its first stream; see ``streams``).
         self.streams: dict[int, Stream] | None = None
         #: The drain of its streams after its close is over (``streams._drain_over``): a
@@ -379,6 +382,18 @@ class Downstream(asyncio.Protocol):
         #: Streams that ended (or were refused) before the client closed its side: its
         #: frames for them are dropped until it does (see ``streams.ended_early``).
         self.ended_streams: dict[int, None] | None = None
+
+    def source_ip(self) -> str | None:
+        """The client's IP address, which ``consistentHash.useSourceIp`` hashes (``None``:
+        not known); read from the socket the first time it is asked for."""
+        ip = self._source_ip
+        if ip is None:
+            transport = self.transport
+            if transport is None:
+                return None
+            peer = transport.get_extra_info("peername")
+            ip = self._source_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        return ip or None
 
     # -- connection events ---------------------------------------------------------------------
 
@@ -811,7 +826,9 @@ class Downstream(asyncio.Protocol):
             )
             return
         host = (
-            cluster.balancer.pick(message) if avoid is None else cluster.pick_other(message, avoid)
+            cluster.balancer.pick(message, self)
+            if avoid is None
+            else cluster.pick_other(message, avoid, self)
         )
         if host is None:
             if self._retry(route, "unavailable", tries, started, cluster):
@@ -1053,7 +1070,7 @@ class Downstream(asyncio.Protocol):
         if cluster is None:
             sink.count(target, "ClusterNotFound")
             return
-        host = cluster.balancer.pick(message)
+        host = cluster.balancer.pick(message, self)
         if host is None:
             sink.count(target, "NoHealthyUpstream")
             return
@@ -1211,7 +1228,7 @@ class Downstream(asyncio.Protocol):
         """The router for a one-way message: forwarded, never retried, counted."""
         target = route.pick()
         cluster = target.cluster
-        host = None if cluster is None else cluster.balancer.pick(message)
+        host = None if cluster is None else cluster.balancer.pick(message, self)
         if cluster is None or host is None:
             status = ErrorType.ClusterNotFound if cluster is None else ErrorType.NoHealthyUpstream
             target.count_oneway(status.name)

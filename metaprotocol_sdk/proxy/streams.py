@@ -240,7 +240,7 @@ class Stream:
         route = self.route
         cluster = self.conn.cluster
         failed = self.host
-        host = cluster.pick_other(self.init, failed)
+        host = cluster.pick_other(self.init, failed, downstream)
         if host is None:
             return False
         try:  # built before the retry is counted and another connection may be closed for it
@@ -521,7 +521,7 @@ def open_stream(
         why = f"unknown cluster {target.name}"
         downstream.local_reply(message, ErrorType.ClusterNotFound, why, route, target)
         return
-    host = cluster.balancer.pick(message)
+    host = cluster.balancer.pick(message, downstream)
     if host is None:
         why = f"no endpoint in {target.name}"
         downstream.local_reply(message, ErrorType.NoHealthyUpstream, why, route, target)

@@ -24,7 +24,7 @@ from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
-from .balancer import Balancer, make_balancer
+from .balancer import Balancer, Client, make_balancer
 from .codec_bugs import guarded_maker
 from .config.models import (
     ConnectionPool,
@@ -380,15 +380,17 @@ class Cluster:
         )
         return self.engine.upstream_refusal()
 
-    def pick_other(self, metadata: Metadata, avoid: UpstreamHost) -> UpstreamHost | None:
-        """An endpoint for a retry of ``metadata``, other than ``avoid`` (the one that
-        failed) when the cluster has others: the balancer picks up to
+    def pick_other(
+        self, metadata: Metadata, avoid: UpstreamHost, client: Client | None = None
+    ) -> UpstreamHost | None:
+        """An endpoint for a retry of ``metadata`` (from ``client``), other than ``avoid``
+        (the one that failed) when the cluster has others: the balancer picks up to
         :data:`RETRY_HOST_PICKS` times, as weights may give the failed one again."""
         balancer = self.balancer
-        host = balancer.pick(metadata)
+        host = balancer.pick(metadata, client)
         if host is avoid and len(self.hosts) > 1:
             for _ in range(RETRY_HOST_PICKS):
-                host = balancer.pick(metadata)
+                host = balancer.pick(metadata, client)
                 if host is not avoid:
                     break
         return host

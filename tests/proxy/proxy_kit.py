@@ -342,12 +342,18 @@ class Client(asyncio.Protocol):
 
     @classmethod
     async def connect(
-        cls, address: tuple[str, int], ssl: Any = None, server_hostname: str | None = None
+        cls,
+        address: tuple[str, int],
+        ssl: Any = None,
+        server_hostname: str | None = None,
+        local_host: str | None = None,
     ) -> Client:
-        """Connect (over TLS when given an ``ssl.SSLContext``)."""
+        """Connect (over TLS when given an ``ssl.SSLContext``; from ``local_host``, such as
+        another loopback address, when given)."""
+        local = None if local_host is None else (local_host, 0)
         _, proto = await asyncio.wait_for(
             asyncio.get_running_loop().create_connection(
-                cls, *address, ssl=ssl, server_hostname=server_hostname
+                cls, *address, ssl=ssl, server_hostname=server_hostname, local_addr=local
             ),
             WAIT,
         )

@@ -11,15 +11,21 @@ import pytest
 
 from metaprotocol_sdk import Attributes, MessageType, Metadata
 from metaprotocol_sdk.proxy.balancer import (
+    MAX_MAGLEV_TABLE_SIZE,
     RING_LIMIT,
     Balancer,
     ConsistentHash,
     LeastRequest,
+    Level,
+    Maglev,
+    PriorityBalancer,
     Random,
     RoundRobin,
     WeightedLeastRequest,
     WeightedRandom,
     WeightedRoundRobin,
+    is_prime,
+    maglev_table,
     make_balancer,
     ring_points,
 )
@@ -86,10 +92,10 @@ def test_consistent_hash_fallback_and_stability() -> None:
     again = ConsistentHash(list(HOSTS), "user")  # same hosts, new ring: same owners
     assert all(again.pick(request(user=u)) is h for u, h in owners.items())
     assert len(set(owners.values())) == 4
-    # Removing a host moves only the keys it owned.
-    smaller = ConsistentHash(HOSTS[:3], "user")
-    moved = [u for u, h in owners.items() if smaller.pick(request(user=u)) is not h]
-    assert all(owners[u] is HOSTS[3] for u in moved)
+    # Ejecting a host (the ring sized from all of them) moves only the keys it owned.
+    ejected = ConsistentHash(HOSTS[:3], "user", sizing=HOSTS)
+    moved = [u for u, h in owners.items() if ejected.pick(request(user=u)) is not h]
+    assert moved and all(owners[u] is HOSTS[3] for u in moved)
     # No attribute: round robin.
     assert [lb.pick(request()) for _ in range(4)] == HOSTS
     assert ConsistentHash([], "user").pick(request(user="x")) is None
@@ -218,9 +224,17 @@ def test_weighted_least_request_scales_weights_by_requests_in_flight() -> None:
 
 def test_ring_points_follow_weights_within_a_bound() -> None:
     assert ring_points([]) == []
-    assert ring_points([7, 7, 7]) == [100, 100, 100]
-    assert ring_points([1, 2, 3]) == [100, 200, 300]
-    assert ring_points([2, 3]) == [100, 150]
+    # Istio's default ring: at least 1024 points, at least 100 for the lightest host.
+    assert ring_points([7, 7, 7]) == [342, 342, 342]
+    assert ring_points([7] * 20) == [100] * 20
+    assert ring_points([1, 2, 3]) == [171, 342, 513]
+    assert ring_points([1, 2, 3], minimum=0) == [100, 200, 300]
+    assert ring_points([2, 3], minimum=0) == [100, 150]
+    assert ring_points([7, 7], minimum=4096) == [2048, 2048]
+    # Envoy's maximum_ring_size caps it, a point per host at least.
+    assert ring_points([7, 7], minimum=4096, maximum=1000) == [500, 500]
+    assert ring_points([1, 3], maximum=100) == [25, 75]
+    assert ring_points([1] * 300, maximum=100) == [1] * 300
     # A careless weight: scaled to the bound, every host keeps a point.
     huge = ring_points([2**32 - 1, 1, 5])
     assert sum(huge) <= RING_LIMIT + 3 and min(huge) == 1 and huge[0] > RING_LIMIT - 10
@@ -228,6 +242,25 @@ def test_ring_points_follow_weights_within_a_bound() -> None:
     assert sum(many) <= 100 * 400 + 400 and many[:2] == [66, 133]
     lb = ConsistentHash(weighted(2**32 - 1, 1, 5), "user")
     assert len(lb._points) == sum(huge)
+
+
+def test_a_small_clusters_ring_is_resized_when_an_endpoint_goes_as_in_envoy() -> None:
+    # Below minimumRingSize / 100 endpoints, the ring's minimum sets every host's points, so
+    # removing an endpoint gives the others more and moves some keys between them too (as
+    # Envoy's ring does); at or above it, only the removed endpoint's keys move.
+    def moved_between_survivors(hosts: list[FakeHost], minimum: int) -> int:
+        before = ConsistentHash(hosts, "user", minimum=minimum)
+        after = ConsistentHash(hosts[:-1], "user", minimum=minimum)
+        count = 0
+        for u in (f"user-{i}" for i in range(2000)):
+            a, b = before.pick(request(user=u)), after.pick(request(user=u))
+            count += a is not hosts[-1] and a is not b
+        return count
+
+    assert moved_between_survivors(HOSTS, 1024) > 50
+    assert moved_between_survivors(HOSTS, 300) == 0  # 100 points each, with 4 or 3
+    twelve = [FakeHost(f"10.0.2.{i}:9000") for i in range(12)]
+    assert moved_between_survivors(twelve, 1024) == 0
 
 
 def test_consistent_hash_shares_follow_weights() -> None:
@@ -250,8 +283,10 @@ def test_raising_the_lightest_weight_rescales_the_ring() -> None:
     # The lightest host sets the scale (100 points): raising it shrinks the others' points,
     # so keys move between them too, as the documentation says (it said "only to it").
     before, after = weighted(1, 2, 3), weighted(2, 2, 3)
-    assert ring_points([1, 2, 3]) == [100, 200, 300] and ring_points([2, 2, 3]) == [100, 100, 150]
-    old, new = ConsistentHash(before, "user"), ConsistentHash(after, "user")
+    assert ring_points([1, 2, 3], minimum=0) == [100, 200, 300]
+    assert ring_points([2, 2, 3], minimum=0) == [100, 100, 150]
+    old = ConsistentHash(before, "user", minimum=0)
+    new = ConsistentHash(after, "user", minimum=0)
     moved: Counter[str] = Counter()
     for u in (f"user-{i}" for i in range(2000)):
         a, b = old.pick(request(user=u)), new.pick(request(user=u))
@@ -268,5 +303,80 @@ def test_equal_weights_keep_the_unweighted_balancers() -> None:
         assert type(make_balancer(LoadBalancer("RANDOM"), same)) is Random
         assert type(make_balancer(LoadBalancer("LEAST_REQUEST"), same)) is LeastRequest
         ring = ConsistentHash(same, "user")
-        assert len(ring._points) == 300 and type(ring._fallback) is RoundRobin
+        assert len(ring._points) == 1026 and type(ring._fallback) is RoundRobin
     assert type(make_balancer(LoadBalancer(), weighted(1, 2))) is WeightedRoundRobin
+
+
+@dataclass
+class FakeClient:
+    ip: str | None
+
+    def source_ip(self) -> str | None:
+        return self.ip
+
+
+def test_a_source_ip_hash_keeps_each_client_on_one_host() -> None:
+    lb = make_balancer(LoadBalancer("CONSISTENT_HASH", None), HOSTS)
+    assert type(lb) is ConsistentHash
+    clients = [FakeClient(f"10.1.{i // 250}.{i % 250}") for i in range(400)]
+    owners = {c.ip: lb.pick(request(user="ignored"), c) for c in clients}
+    assert set(owners.values()) == set(HOSTS)
+    # The same address, another request or connection: the same host; the attribute is not read.
+    assert all(lb.pick(request(user="x"), FakeClient(ip)) is h for ip, h in owners.items())
+    # No client, or an address not known: round robin.
+    assert [lb.pick(request()) for _ in range(4)] == HOSTS
+    assert [lb.pick(request(), FakeClient(None)) for _ in range(4)] == HOSTS
+
+
+def test_maglev_fills_its_table_by_the_weights() -> None:
+    assert maglev_table([], 7) == []
+    for n in (1, 3, 4, 10):
+        table = maglev_table([FakeHost(f"h{i}") for i in range(n)], 1021)
+        counts = Counter(table)
+        assert len(table) == 1021 and -1 not in counts
+        assert max(counts.values()) - min(counts.values()) <= 1  # equal weights: equal shares
+    counts = Counter(maglev_table(weighted(1, 3), 1021))
+    assert abs(counts[1] - 3 * counts[0]) <= 4  # 255 and 766
+    counts = Counter(maglev_table(weighted(1, 2**32 - 1), 1021))
+    assert counts[0] == 1  # the lightest takes its first turn, then waits its share
+    # Built in one pass over the table: the heaviest weights cost no more than equal ones.
+    assert len(maglev_table(weighted(*range(1, 500)), MAX_MAGLEV_TABLE_SIZE)) == 131071
+
+
+def test_maglev_keeps_keys_where_they_were_when_a_host_goes() -> None:
+    hosts = [FakeHost(f"10.0.3.{i}:9000") for i in range(5)]
+    lb = make_balancer(LoadBalancer("CONSISTENT_HASH", "user", maglev_table_size=65537), hosts)
+    assert type(lb) is Maglev
+    keys = [f"user-{i}" for i in range(4000)]
+    owners = {k: lb.pick(request(user=k)) for k in keys}
+    shares = Counter(owners.values())
+    assert all(700 <= shares[h] <= 900 for h in hosts)  # 800 each
+    assert Maglev(list(hosts), "user").pick(request(user="user-1")) is owners["user-1"]
+    smaller = Maglev(hosts[:4], "user")
+    moved = [
+        k
+        for k in keys
+        if owners[k] is not hosts[4] and smaller.pick(request(user=k)) is not owners[k]
+    ]
+    assert len(moved) < 0.02 * len(keys)  # Maglev's minimal disruption (not none: a few)
+    assert all(smaller.pick(request(user=k)) is not hosts[4] for k in keys)
+    # Without the attribute: round robin; no hosts: none.
+    assert [lb.pick(request()) for _ in range(5)] == hosts
+    assert Maglev([], "user").pick(request(user="x")) is None
+
+
+def test_prime_numbers_for_maglev_tables() -> None:
+    primes = [n for n in range(40) if is_prime(n)]
+    assert primes == [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]
+    assert is_prime(65537) and is_prime(131071) and not is_prime(65536) and not is_prime(1)
+
+
+def test_a_priority_balancer_hashes_the_source_ip_to_a_level() -> None:
+    low, high = [FakeHost("a"), FakeHost("b")], [FakeHost("c")]
+    policy = LoadBalancer("CONSISTENT_HASH", None)
+    levels = [Level(0, 50, make_balancer(policy, low)), Level(1, 50, make_balancer(policy, high))]
+    lb = PriorityBalancer(levels, policy)
+    clients = [FakeClient(f"10.2.0.{i}") for i in range(200)]
+    first = {c.ip: lb.pick(request(), c) for c in clients}
+    assert {h.key for h in first.values() if h is not None} == {"a", "b", "c"}
+    assert all(lb.pick(request(), FakeClient(ip)) is h for ip, h in first.items())

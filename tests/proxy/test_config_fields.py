@@ -260,6 +260,36 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
     ),
     (
         "DestinationRule",
+        f"{POLICY}.loadBalancer",
+        {"consistentHash": {"useSourceIp": True}},
+        lambda c: (
+            _rule(c).load_balancer.policy == "CONSISTENT_HASH"
+            and _rule(c).load_balancer.hash_attribute is None
+        ),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer",
+        {"consistentHash": {"httpHeaderName": "u", "ringHash": {"minimumRingSize": 4096}}},
+        lambda c: _rule(c).load_balancer.ring_size == 4096,
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer",
+        {"consistentHash": {"httpHeaderName": "u", "minimumRingSize": 2048}},
+        lambda c: _rule(c).load_balancer.ring_size == 2048,
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer",
+        {"consistentHash": {"httpHeaderName": "u", "maglev": {"tableSize": 1021}}},
+        lambda c: (
+            _rule(c).load_balancer.maglev_table_size == 1021
+            and _rule(c).load_balancer.ring_size is None
+        ),
+    ),
+    (
+        "DestinationRule",
         f"{POLICY}.loadBalancer.localityLbSetting",
         {"enabled": False, "failover": [{"from": "r1", "to": "r2"}]},
         lambda c: _rule(c).load_balancer.locality == LocalityLbSetting(False, (("r1", "r2"),)),
@@ -670,11 +700,7 @@ REFUSED: list[tuple[str, str, Any]] = [
         ("DestinationRule", f"{POLICY}.loadBalancer.consistentHash.{key}", value)
         for key, value in [
             ("httpCookie", {"name": "c", "ttl": "0s"}),
-            ("useSourceIp", True),
             ("httpQueryParameterName", "q"),
-            ("ringHash", {"minimumRingSize": 1024}),
-            ("maglev", {"tableSize": 1021}),
-            ("minimumRingSize", 1024),
         ]
     ),
     ("DestinationRule", f"{POLICY}.connectionPool.http.maxConcurrentStreams", 10),
@@ -698,7 +724,45 @@ CRL = "spec.listeners[0].connectionRateLimit"
 WEIGHT = "spec.endpoints[0].weight"
 WEIGHT_RANGE = "must be an integer in [1, 4294967295]"
 
+CH = f"{POLICY}.loadBalancer.consistentHash"
+
 REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
+    *(
+        ("DestinationRule", f"{POLICY}.loadBalancer", {"consistentHash": value}, field, words)
+        for value, field, words in [
+            ({}, CH, "set a hash key"),
+            ({"useSourceIp": False}, CH, "useSourceIp: false hashes nothing"),
+            ({"useSourceIp": "yes"}, f"{CH}.useSourceIp", "must be true or false"),
+            ({"useSourceIp": True, "httpHeaderName": "u"}, CH, "not both"),
+            (
+                {"httpHeaderName": "u", "ringHash": {}, "maglev": {"tableSize": 7}},
+                CH,
+                "ringHash or maglev, not both",
+            ),
+            (
+                {"httpHeaderName": "u", "minimumRingSize": 64, "maglev": {"tableSize": 7}},
+                f"{CH}.minimumRingSize",
+                "Istio refuses it too",
+            ),
+            ({"httpHeaderName": "u", "maglev": {}}, f"{CH}.maglev.tableSize", "must be set"),
+            (
+                {"httpHeaderName": "u", "maglev": {"tableSize": 65536}},
+                f"{CH}.maglev.tableSize",
+                "must be a prime number",
+            ),
+            (
+                {"httpHeaderName": "u", "maglev": {"tableSize": 5000011}},
+                f"{CH}.maglev.tableSize",
+                "[0, 131071]",
+            ),
+            (
+                {"httpHeaderName": "u", "ringHash": {"minimumRingSize": 8388608}},
+                f"{CH}.ringHash.minimumRingSize",
+                "[0, 131072]",
+            ),
+            ({"httpHeaderName": "u", "minimumRingSize": -1}, f"{CH}.minimumRingSize", "[0,"),
+        ]
+    ),
     ("ProxyConfig", CRL, {"tokenBucket": {}}, f"{CRL}.tokenBucket", "required field is missing"),
     (
         "ProxyConfig",
@@ -903,6 +967,17 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
         "DestinationRule",
         f"{POLICY}.loadBalancer.consistentHash",
         (f"{POLICY}.loadBalancer", {"consistentHash": {"httpHeaderName": "u"}}),
+    ),
+    *(
+        (
+            "DestinationRule",
+            f"{POLICY}.loadBalancer.consistentHash.{algorithm}",
+            (
+                f"{POLICY}.loadBalancer",
+                {"consistentHash": {"httpHeaderName": "u", algorithm: settings}},
+            ),
+        )
+        for algorithm, settings in [("ringHash", {}), ("maglev", {"tableSize": 7})]
     ),
     (
         "DestinationRule",

@@ -317,6 +317,47 @@ def test_hash_policy_makes_a_ring_hash_cluster_consistent() -> None:
     assert translate(base(), res).destination_rules["hello.svc"].load_balancer.policy == "RANDOM"
 
 
+def test_a_ring_s_sizes_and_maglev_s_table_are_applied() -> None:
+    """The ring's minimum and maximum size and Maglev's table size were read and ignored (the
+    engine had one ring of 100 points per host): now they size the balancer, within the
+    engine's bounds, and a route's source IP hash policy is Istio's useSourceIp."""
+    ring, maglev = cluster_pb2.Cluster.RING_HASH, cluster_pb2.Cluster.MAGLEV
+    clusters = [cluster(ALL, lb=ring), cluster(V1), cluster(V2)]
+    res = with_routes(MetaRoute("h", [(ALL, 100)], hash_header="x-user"), clusters=clusters)
+    config = clusters[0].ring_hash_lb_config
+
+    def balancer() -> LoadBalancer:
+        lb = translate(base(), res).destination_rules["hello.svc"].load_balancer
+        assert lb is not None
+        return lb
+
+    assert (balancer().ring_size, balancer().ring_maximum) == (1024, None)  # Envoy's default
+    config.minimum_ring_size.value = 4096
+    config.maximum_ring_size.value = 8192
+    assert (balancer().ring_size, balancer().ring_maximum) == (4096, 8192)
+    config.maximum_ring_size.value = 2048
+    assert "maximum_ring_size: 2048 is less than minimum_ring_size 4096" in refusal(res)
+    config.ClearField("maximum_ring_size")
+    config.minimum_ring_size.value = 8388608
+    assert "ring_hash_lb_config.minimum_ring_size: at most 131072 points" in refusal(res)
+    clusters[0].ClearField("ring_hash_lb_config")
+    clusters[0].lb_policy = maglev
+    assert balancer().maglev_table_size == 65537  # Envoy's default
+    clusters[0].maglev_lb_config.table_size.value = 1021
+    assert balancer() == LoadBalancer("CONSISTENT_HASH", "x-user", maglev_table_size=1021)
+    for bad in (1024, 5000011):
+        clusters[0].maglev_lb_config.table_size.value = bad
+        assert "maglev_lb_config.table_size: must be a prime of at most 131071" in refusal(res)
+    clusters[0].maglev_lb_config.table_size.value = 1021
+    # The source IP: Envoy's connection_properties hash policy.
+    action = res.routes[RDS_NAME].virtual_hosts[0].routes[0].route
+    action.hash_policy[0].ClearField("header")
+    action.hash_policy[0].connection_properties.source_ip = True
+    assert balancer() == LoadBalancer("CONSISTENT_HASH", None, maglev_table_size=1021)
+    action.hash_policy[0].connection_properties.source_ip = False
+    assert "connection_properties.source_ip: false hashes nothing" in refusal(res)
+
+
 def test_aeraki_s_hash_policy_per_weighted_destination() -> None:
     """Aeraki writes one hash policy per weighted destination whose DestinationRule subset has
     a consistentHash: a split between two subsets hashing on one header repeats it, which
@@ -1421,12 +1462,14 @@ def test_ports_of_different_policies_become_port_level_settings() -> None:
     # v2 has clusters on 9091 only: its trafficPolicy is that cluster's, no entry needed
     # (it sets the load balancer and the connection pool, which are all 9091's settings set).
     assert v2["trafficPolicy"] == {
-        "loadBalancer": {"consistentHash": {"httpHeaderName": "user"}},
+        "loadBalancer": {
+            "consistentHash": {"httpHeaderName": "user", "ringHash": {"minimumRingSize": 1024}}
+        },
         "connectionPool": {"tcp": {"connectTimeout": "10s"}},
     }
     rule = config.destination_rules[HOST]
     lb = rule.policy_for(9091, "v2").load_balancer
-    assert lb == LoadBalancer("CONSISTENT_HASH", "user")
+    assert lb == LoadBalancer("CONSISTENT_HASH", "user", ring_size=1024)
     assert rule.policy_for(9092).load_balancer == LoadBalancer("ROUND_ROBIN")
 
 

@@ -243,19 +243,25 @@ LOCALITY_LB = fields(
     },
 )
 LOCALITY_FAILOVER = fields("from", "to")
-_RING = "sizing the ring (100 points per host, in proportion to weights when they differ)"
-_HASHING = "a hash key other than a metadata attribute (named by httpHeaderName)"
+_NO_HTTP_HASH = (
+    "MetaProtocol requests have no {what}; hash on a metadata attribute with httpHeaderName "
+    "(or on the client's address with useSourceIp)"
+)
 CONSISTENT_HASH = fields(
     "httpHeaderName",
+    "useSourceIp",
+    "ringHash",
+    "maglev",
+    "minimumRingSize",
     refused={
-        "httpCookie": _HASHING,
-        "useSourceIp": _HASHING,
-        "httpQueryParameterName": _HASHING,
-        "ringHash": _RING,
-        "maglev": "Maglev hashing (the engine uses a hash ring)",
-        "minimumRingSize": _RING,
+        "httpCookie": _NO_HTTP_HASH.format(what="cookies"),
+        "httpQueryParameterName": _NO_HTTP_HASH.format(what="query parameters"),
     },
 )
+RING_HASH = fields("minimumRingSize")
+#: A ``ringHash`` block translated from xDS: :data:`~.models.MAXIMUM_RING_SIZE` too.
+RING_HASH_XDS = Fields(RING_HASH.honoured | {"xds.metaprotocol.io/maximumRingSize"}, {})
+MAGLEV = fields("tableSize")
 CONNECTION_POOL = fields("tcp", "http")
 TCP_POOL = fields(
     "maxConnections",

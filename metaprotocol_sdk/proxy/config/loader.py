@@ -30,6 +30,7 @@ from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecErro
 from metaprotocol_sdk.registry import Plugins
 
 from ..addresses import is_loopback
+from ..balancer import MAX_MAGLEV_TABLE_SIZE, MAX_RING_SIZE, is_prime
 from ..identity import (
     DEFAULT_SERVER,
     IdentityChanging,
@@ -52,6 +53,7 @@ from .documents import parse_documents, read_documents
 from .durations import parse_duration
 from .models import (
     AUTO_MTLS_KEY,
+    MAXIMUM_RING_SIZE,
     RETRY_ON,
     TLS_MODE_LABEL,
     AccessLogSettings,
@@ -781,14 +783,11 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     doc.check(lb, f"{path}.loadBalancer", schema.LOAD_BALANCER)
     simple = doc.string(lb, "simple", f"{path}.loadBalancer.simple", required=False)
     hashing = doc.mapping(lb, "consistentHash", f"{path}.loadBalancer.consistentHash", False)
-    if simple is not None and hashing:
+    if simple is not None and lb.get("consistentHash") is not None:
         doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
     locality = _locality_lb(doc, lb, f"{path}.loadBalancer.localityLbSetting")
-    if hashing:
-        doc.check(hashing, f"{path}.loadBalancer.consistentHash", schema.CONSISTENT_HASH)
-        hpath = f"{path}.loadBalancer.consistentHash.httpHeaderName"
-        attribute = doc.string(hashing, "httpHeaderName", hpath)
-        return LoadBalancer("CONSISTENT_HASH", attribute, locality)
+    if lb.get("consistentHash") is not None:
+        return _consistent_hash(doc, hashing, f"{path}.loadBalancer.consistentHash", locality)
     if simple is None:
         return LoadBalancer(locality=locality)  # set, with the default policy (replaces a rule's)
     if simple not in _LB_SIMPLE:
@@ -797,6 +796,68 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
             f"unknown policy {simple!r}; expected ROUND_ROBIN, RANDOM or LEAST_REQUEST",
         )
     return LoadBalancer(_LB_SIMPLE[simple], locality=locality)
+
+
+def _consistent_hash(
+    doc: _Doc, hashing: Mapping[str, Any], path: str, locality: LocalityLbSetting | None
+) -> LoadBalancer:
+    """``loadBalancer.consistentHash``: its key (``httpHeaderName``, a metadata attribute, or
+    ``useSourceIp``) and its algorithm (``ringHash``, the default, or ``maglev``), validated
+    as istiod validates them, within the engine's bounds."""
+    doc.check(hashing, path, schema.CONSISTENT_HASH)
+    attribute = doc.string(hashing, "httpHeaderName", f"{path}.httpHeaderName", required=False)
+    source = hashing.get("useSourceIp")
+    if source is not None and not isinstance(source, bool):
+        doc.fail(f"{path}.useSourceIp", f"must be true or false, got {source!r}")
+    if attribute is not None and source is not None:
+        doc.fail(path, "set one hash key: httpHeaderName or useSourceIp, not both")
+    if attribute is None and not source:
+        doc.fail(
+            path,
+            "set a hash key: httpHeaderName (a metadata attribute) or useSourceIp: true"
+            if source is None
+            else "useSourceIp: false hashes nothing; set httpHeaderName or useSourceIp: true",
+        )
+    deprecated = doc.integer(
+        hashing, "minimumRingSize", f"{path}.minimumRingSize", False, 0, MAX_RING_SIZE
+    )
+    ring = doc.mapping(hashing, "ringHash", f"{path}.ringHash", False)
+    maglev = doc.mapping(hashing, "maglev", f"{path}.maglev", False)
+    algorithms = [key for key in ("ringHash", "maglev") if hashing.get(key) is not None]
+    if len(algorithms) > 1:
+        doc.fail(path, "set one hash algorithm: ringHash or maglev, not both")
+    if deprecated and algorithms:  # 0 is unset, as in istiod
+        doc.fail(
+            f"{path}.minimumRingSize",
+            f"set with {algorithms[0]} (Istio refuses it too); write ringHash.minimumRingSize",
+        )
+    size = deprecated or None
+    maximum = None
+    if hashing.get("ringHash") is not None:
+        xds = doc.from_control_plane
+        doc.check(ring, f"{path}.ringHash", schema.RING_HASH_XDS if xds else schema.RING_HASH)
+        rpath = f"{path}.ringHash.minimumRingSize"
+        size = doc.integer(ring, "minimumRingSize", rpath, False, 0, MAX_RING_SIZE) or None
+        if xds:
+            mpath = f"{path}.ringHash.{MAXIMUM_RING_SIZE}"
+            maximum = doc.integer(ring, MAXIMUM_RING_SIZE, mpath, False, 1)
+    table = None
+    if hashing.get("maglev") is not None:
+        doc.check(maglev, f"{path}.maglev", schema.MAGLEV)
+        mpath = f"{path}.maglev.tableSize"
+        table = doc.integer(maglev, "tableSize", mpath, False, 0, MAX_MAGLEV_TABLE_SIZE)
+        if not table:
+            doc.fail(mpath, "must be set for maglev (Istio refuses it too); 65537 is the usual")
+        if not is_prime(table):
+            doc.fail(mpath, f"must be a prime number (as Istio and Envoy require), got {table}")
+    return LoadBalancer(
+        "CONSISTENT_HASH",
+        attribute,
+        locality,
+        ring_size=size,
+        ring_maximum=maximum,
+        maglev_table_size=table,
+    )
 
 
 def _locality_lb(doc: _Doc, lb: Mapping[str, Any], path: str) -> LocalityLbSetting | None:

@@ -87,6 +87,10 @@ TLS_MODE_XDS_LABEL = "xds.metaprotocol.io/tls-mode-"
 #: plane only, never from a file.
 AUTO_MTLS_KEY = "xds.metaprotocol.io/autoMtls"
 
+#: The key of a translated ``ringHash`` block holding Envoy's ``maximum_ring_size`` (Istio has
+#: no such field): read from the control plane only, never from a file.
+MAXIMUM_RING_SIZE = "xds.metaprotocol.io/maximumRingSize"
+
 
 def tls_mode_label(port: int, subset: str | None) -> str:
     """The label holding an endpoint's ``tlsMode`` in the cluster of a service port and
@@ -159,12 +163,23 @@ class LocalityLbSetting:
 
 @dataclass(frozen=True)
 class LoadBalancer:
-    """A load balancing policy; ``hash_attribute`` is set for ``CONSISTENT_HASH``;
-    ``locality``: its ``localityLbSetting`` (``None``: not set, istiod's default applies)."""
+    """A load balancing policy; ``locality``: its ``localityLbSetting`` (``None``: not set,
+    istiod's default applies).
+
+    ``CONSISTENT_HASH`` hashes the metadata attribute ``hash_attribute``
+    (``consistentHash.httpHeaderName``) or, when it is ``None``, the client's IP address
+    (``useSourceIp``); on a ring of at least ``ring_size`` points (``ringHash.minimumRingSize``;
+    ``None``: Istio's default, 1024) and at most ``ring_maximum`` (xDS ``maximum_ring_size``;
+    ``None``: the engine's bound), or in a Maglev table of ``maglev_table_size`` slots
+    (``maglev.tableSize``; ``None``: a ring).
+    """
 
     policy: LbPolicy = "ROUND_ROBIN"
     hash_attribute: str | None = None
     locality: LocalityLbSetting | None = None
+    ring_size: int | None = None
+    ring_maximum: int | None = None
+    maglev_table_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,21 @@ from google.protobuf.message import DecodeError, Message
 
 from metaprotocol_sdk.errors import ConfigError
 
+from ..balancer import (
+    MAGLEV_TABLE_SIZE,
+    MAX_MAGLEV_TABLE_SIZE,
+    MAX_RING_SIZE,
+    RING_SIZE,
+    is_prime,
+)
 from ..config.loader import PORT_PREFIX, build_config
-from ..config.models import AUTO_MTLS_KEY, Config, priority_label, tls_mode_label
+from ..config.models import (
+    AUTO_MTLS_KEY,
+    MAXIMUM_RING_SIZE,
+    Config,
+    priority_label,
+    tls_mode_label,
+)
 
 #: Fields read from each resource type and ignored, with why they cannot change traffic here.
 IGNORED: dict[str, dict[str, str]] = {
@@ -75,12 +88,9 @@ IGNORED: dict[str, dict[str, str]] = {
         "track_cluster_stats": "Envoy's own statistics",
     },
     "RingHashLbConfig": {
-        "minimum_ring_size": "the ring's size (100 points per endpoint, more for weights)",
-        "maximum_ring_size": "the ring's size (100 points per endpoint, more for weights)",
         "hash_function": "the engine hashes with BLAKE2b: which endpoint a key goes to "
         "differs from Envoy's either way",
     },
-    "MaglevLbConfig": {"table_size": "Maglev is served by the engine's hash ring"},
     "LeastRequestLbConfig": {
         "choice_count": "the engine compares every endpoint's requests in flight",
         "active_request_bias": "fixed at Envoy's default, 1.0, for unequal weights",
@@ -288,13 +298,30 @@ def _duration(d: Duration) -> str:
 # -- RDS ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class HashKey:
+    """What a route's hash policy hashes: a metadata attribute (Envoy's ``header``) or, with
+    ``attribute`` ``None``, the client's IP address (``connection_properties.source_ip``)."""
+
+    attribute: str | None
+
+    def __str__(self) -> str:
+        return "the source IP" if self.attribute is None else repr(self.attribute)
+
+    def consistent_hash(self) -> dict[str, Any]:
+        """The key as a DestinationRule's ``consistentHash`` writes it."""
+        if self.attribute is None:
+            return {"useSourceIp": True}
+        return {"httpHeaderName": self.attribute}
+
+
 @dataclass
 class _RouteTable:
     host: str
     port: int
     doc: dict[str, Any]
-    #: Hash attribute asked for by the routes, per cluster name they send to.
-    hashes: dict[str, str]
+    #: The hash key the routes ask for, per cluster name they send to.
+    hashes: dict[str, HashKey]
     #: Cluster names the routes send to (including mirrors).
     clusters: set[str]
 
@@ -470,22 +497,24 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     # Aeraki writes one hash policy per weighted destination whose DestinationRule subset
     # hashes on a header, so a split between two such subsets repeats it: Envoy combines the
     # hashes, which for one header is still a function of its value alone.
-    for h, hp in enumerate(action.hash_policy):
-        hpath = f"{apath}.hash_policy[{h}]"
-        _check(res, hp, hpath, "HashPolicy", {"header"})
-        first = action.hash_policy[0].header.header_name
-        if hp.header.header_name != first:
+    keys = [
+        _hash_key(res, hp, f"{apath}.hash_policy[{h}]") for h, hp in enumerate(action.hash_policy)
+    ]
+    for h, key in enumerate(keys):
+        if key != keys[0]:
             raise XdsRefused(
                 res,
-                hpath,
-                f"hashes on {hp.header.header_name!r} and {first!r}: one attribute "
-                "per route (Envoy combines the hashes of several headers)",
+                f"{apath}.hash_policy[{h}]",
+                f"hashes on {key} and {keys[0]}: one key per route (Envoy combines the "
+                "hashes of several)",
             )
         for target in targets:
-            known = table.hashes.setdefault(target, hp.header.header_name)
-            if known != hp.header.header_name:
+            known = table.hashes.setdefault(target, key)
+            if known != key:
                 raise XdsRefused(
-                    res, hpath, f"cluster {target!r} is hashed on {known!r} by another route"
+                    res,
+                    f"{apath}.hash_policy[{h}]",
+                    f"cluster {target!r} is hashed on {known} by another route",
                 )
     table.clusters.update(targets)
     request = _mutation(res, r.request_headers_to_add, f"{path}.request_headers_to_add")
@@ -495,6 +524,18 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     if response:
         route["responseMutation"] = response
     return route
+
+
+def _hash_key(res: str, hp: Any, path: str) -> HashKey:
+    """A route's hash policy: a header (a metadata attribute) or the source IP."""
+    _check(res, hp, path, "HashPolicy", {"header", "connection_properties"})
+    if hp.HasField("connection_properties"):
+        cpath = f"{path}.connection_properties"
+        _check(res, hp.connection_properties, cpath, "ConnectionProperties", {"source_ip"})
+        if not hp.connection_properties.source_ip:
+            raise XdsRefused(res, f"{cpath}.source_ip", "false hashes nothing")
+        return HashKey(None)
+    return HashKey(hp.header.header_name)
 
 
 def _route_table(name: str, rc: Any, listeners: Mapping[str, tuple[str, int]]) -> _RouteTable:
@@ -541,7 +582,9 @@ class _HostPort:
 
     name: ClusterName
     policy: dict[str, Any]
-    ring_hash: bool
+    #: Its ``consistentHash`` algorithm (``ringHash`` or ``maglev`` and their settings) when
+    #: its policy is RING_HASH or MAGLEV, else ``None``.
+    hashing: dict[str, Any] | None
     endpoints: list[_Endpoint]
     #: The xDS field each key of ``policy["tls"]`` came from.
     tls_origin: dict[str, str] = field(default_factory=dict)
@@ -573,7 +616,7 @@ def _http_options(
         http["maxRequestsPerConnection"] = opts.max_requests_per_connection.value
 
 
-def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
+def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     _check(
         res,
         c,
@@ -600,18 +643,16 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
         },
     )
     # The balancer's own settings (istiod writes a ring's minimum size for every
-    # consistentHash): read for what changes traffic, which is only slow start (refused).
+    # consistentHash): read for what changes traffic (slow start refused).
     for name, kind in (
-        ("ring_hash_lb_config", "RingHashLbConfig"),
-        ("maglev_lb_config", "MaglevLbConfig"),
         ("least_request_lb_config", "LeastRequestLbConfig"),
         ("round_robin_lb_config", "RoundRobinLbConfig"),
     ):
         if c.HasField(name):
             _check(res, getattr(c, name), name, kind, set())
     policy: dict[str, Any] = {}
-    ring = c.lb_policy in (2, 5)
-    if not ring:
+    hashing = _hashing(res, c)
+    if hashing is None:
         if c.lb_policy not in _LB:
             raise XdsRefused(res, "lb_policy", f"load balancer {c.lb_policy} is not supported")
         policy["loadBalancer"] = {"simple": _LB[c.lb_policy]}
@@ -739,7 +780,51 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], bool]:
             )
         detection["minHealthPercent"] = int(panic)
         policy["outlierDetection"] = detection
-    return policy, ring
+    return policy, hashing
+
+
+def _hashing(res: str, c: Any) -> dict[str, Any] | None:
+    """A RING_HASH or MAGLEV cluster's algorithm as a ``consistentHash`` writes it, with its
+    ``ring_hash_lb_config`` or ``maglev_lb_config`` (Envoy's defaults where unset: a ring of
+    at least 1024 points, a table of 65537); ``None`` for other policies."""
+    if c.HasField("ring_hash_lb_config"):
+        honoured = {"minimum_ring_size", "maximum_ring_size"}
+        _check(res, c.ring_hash_lb_config, "ring_hash_lb_config", "RingHashLbConfig", honoured)
+    if c.HasField("maglev_lb_config"):
+        _check(res, c.maglev_lb_config, "maglev_lb_config", "MaglevLbConfig", {"table_size"})
+    if c.lb_policy == 2:  # RING_HASH
+        config = c.ring_hash_lb_config
+        ring: dict[str, Any] = {}
+        low = config.minimum_ring_size.value if config.HasField("minimum_ring_size") else RING_SIZE
+        if low > MAX_RING_SIZE:
+            raise XdsRefused(
+                res,
+                "ring_hash_lb_config.minimum_ring_size",
+                f"at most {MAX_RING_SIZE} points (the ring is built again at each change of "
+                f"the endpoints, on the engine's only thread), got {low}",
+            )
+        ring["minimumRingSize"] = low
+        if config.HasField("maximum_ring_size"):
+            high = config.maximum_ring_size.value
+            if high < low:  # as Envoy refuses it
+                raise XdsRefused(
+                    res,
+                    "ring_hash_lb_config.maximum_ring_size",
+                    f"{high} is less than minimum_ring_size {low}",
+                )
+            ring[MAXIMUM_RING_SIZE] = high
+        return {"ringHash": ring}
+    if c.lb_policy == 5:  # MAGLEV
+        config = c.maglev_lb_config
+        size = config.table_size.value if config.HasField("table_size") else MAGLEV_TABLE_SIZE
+        if size > MAX_MAGLEV_TABLE_SIZE or not is_prime(size):
+            raise XdsRefused(
+                res,
+                "maglev_lb_config.table_size",
+                f"must be a prime of at most {MAX_MAGLEV_TABLE_SIZE}, got {size}",
+            )
+        return {"maglev": {"tableSize": size}}
+    return None
 
 
 # -- a cluster's transport socket: TLS ---------------------------------------------------------
@@ -1378,7 +1463,7 @@ def _host_port(
     """One outbound cluster with its endpoints (``identity``: a workload identity is
     configured, for ``ISTIO_MUTUAL``)."""
     res = f"CDS {name}"
-    policy, ring = _cluster_policy(res, c)
+    policy, hashing = _cluster_policy(res, c)
     tls = _transport_socket(res, c, identity)
     if tls is not None:
         policy["tls"] = tls.doc
@@ -1394,7 +1479,7 @@ def _host_port(
         eps = _endpoints(res + " load_assignment", c.load_assignment, by_locality)
     else:
         raise XdsRefused(res, "type", "ORIGINAL_DST clusters are not supported")
-    return _HostPort(parsed, policy, ring, eps, tls.origin if tls else {})
+    return _HostPort(parsed, policy, hashing, eps, tls.origin if tls else {})
 
 
 def _host_ports(
@@ -1506,11 +1591,11 @@ def translate(
                     "",
                     f"cluster {cname!r} is routed to from {known!r} and {proto!r} listeners",
                 )
-    hashes: dict[str, str] = {}
+    hashes: dict[str, HashKey] = {}
     for table in tables.values():
-        for cname, attr in table.hashes.items():
-            if hashes.setdefault(cname, attr) != attr:
-                raise XdsRefused(f"CDS {cname}", "", f"hashed on {hashes[cname]!r} and {attr!r}")
+        for cname, key in table.hashes.items():
+            if hashes.setdefault(cname, key) != key:
+                raise XdsRefused(f"CDS {cname}", "", f"hashed on {hashes[cname]} and {key}")
     groups: list[tuple[str, list[dict[str, Any]]]] = []
     # The hosts and ports this proxy sends to: its listeners' and those its routes name.
     used = {(li.host, li.port) for li in base.proxy.listeners}
@@ -1617,7 +1702,7 @@ def _host_documents(
     host: str,
     clusters: list[_HostPort],
     protocols: Mapping[str, str],
-    hashes: Mapping[str, str],
+    hashes: Mapping[str, HashKey],
     origins: dict[tuple[str, str], tuple[ClusterName, dict[str, str]]],
 ) -> list[dict[str, Any]]:
     """The ServiceEntry and DestinationRule for one host's outbound clusters (and, in
@@ -1785,15 +1870,17 @@ def _port_entry(
     return entry
 
 
-def _cluster_traffic(hp: _HostPort, hashes: Mapping[str, str]) -> dict[str, Any]:
-    """A cluster's ``trafficPolicy``, its ring hash made a consistent hash on the attribute the
-    routes to it hash on."""
+def _cluster_traffic(hp: _HostPort, hashes: Mapping[str, HashKey]) -> dict[str, Any]:
+    """A cluster's ``trafficPolicy``, its ring hash or Maglev made a consistent hash on the
+    key the routes to it hash on."""
     policy = dict(hp.policy)
-    if hp.ring_hash:
-        attr = hashes.get(str(hp.name))
-        # Envoy's ring hash without a hash key picks endpoints at random.
+    if hp.hashing is not None:
+        key = hashes.get(str(hp.name))
+        # Envoy's ring hash or Maglev without a hash key picks endpoints at random.
         policy["loadBalancer"] = (
-            {"consistentHash": {"httpHeaderName": attr}} if attr else {"simple": "RANDOM"}
+            {"consistentHash": {**key.consistent_hash(), **hp.hashing}}
+            if key is not None
+            else {"simple": "RANDOM"}
         )
     return policy
 
@@ -1801,7 +1888,7 @@ def _cluster_traffic(hp: _HostPort, hashes: Mapping[str, str]) -> dict[str, Any]
 def _destination_rule(
     host: str,
     clusters: list[_HostPort],
-    hashes: Mapping[str, str],
+    hashes: Mapping[str, HashKey],
     origins: dict[tuple[str, str], tuple[ClusterName, dict[str, str]]],
 ) -> dict[str, Any]:
     """The DestinationRule giving each of a host's clusters (one per port and subset) exactly
