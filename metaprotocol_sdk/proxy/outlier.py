@@ -3,14 +3,17 @@
 Istio's ``outlierDetection`` (consecutive-error detection, as Envoy's ``consecutive_5xx`` and
 ``consecutive_gateway_failure``): an upstream ``Error`` reply counts as an error, a connect
 failure, a reset, an unreadable reply or a timeout as a gateway error (and an error); any other
-answer resets both counts. An endpoint reaching a threshold is ejected at once, for
-``baseEjectionTime`` times the number of times it has been ejected (at most
-``MAX_EJECTION_TIME``), and readmitted at the first tick of the detection ``interval`` after
-that (as Envoy's interval timer does); at most ``maxEjectionPercent`` of the cluster, and always
-at least one endpoint, can be out at once. Ejected endpoints are skipped by every load balancer:
-the cluster rebuilds its balancer over the healthy ones. With none healthy, or fewer than
-``minHealthPercent``, it balances over all of them (Envoy's panic mode). A cluster with failover
-priorities balances by Envoy's priority load instead, panic judged per level (see priority.py).
+answer resets both counts. With ``splitExternalLocalOriginErrors`` (Envoy's split mode) the
+latter, local-origin failures, are counted apart instead (``consecutiveLocalOriginFailures``),
+and any answer, an ``Error`` reply too, resets that count. An endpoint reaching a threshold is
+ejected at once, for ``baseEjectionTime`` times the number of times it has been ejected (at
+most ``MAX_EJECTION_TIME``), and readmitted at the first tick of the detection ``interval``
+after that (as Envoy's interval timer does); at most ``maxEjectionPercent`` of the cluster, and
+always at least one endpoint, can be out at once. Ejected endpoints are skipped by every load
+balancer: the cluster rebuilds its balancer over the healthy ones. With none healthy, or fewer
+than ``minHealthPercent``, it balances over all of them (Envoy's panic mode). A cluster with
+failover priorities balances by Envoy's priority load instead, panic judged per level (see
+priority.py).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class OutlierDetector:
         self._loop = loop
         self._errors = spec.consecutive_errors or 0
         self._gateway = spec.consecutive_gateway_errors or 0
+        self._split = spec.split_local_origin
+        self._local = spec.consecutive_local_origin_failures or 0
         self.ejected = 0
         self._ejections: Counter = stats.counter(
             "metaprotocol_outlier_ejections_total", cluster=cluster.name
@@ -56,6 +61,7 @@ class OutlierDetector:
 
     def observe(self, host: UpstreamHost, status: ResponseStatus) -> None:
         """An answer from ``host``."""
+        host.local_errors = 0  # an answer: the connection worked
         if status is ResponseStatus.Error:
             host.gateway_errors = 0
             host.errors += 1
@@ -65,7 +71,12 @@ class OutlierDetector:
             host.errors = host.gateway_errors = 0
 
     def gateway_error(self, host: UpstreamHost) -> None:
-        """A connect failure, reset or timeout with ``host``."""
+        """A connect failure, reset or timeout with ``host`` (a local-origin failure)."""
+        if self._split:
+            host.local_errors += 1
+            if self._local and host.local_errors >= self._local:
+                self.eject(host)
+            return
         host.errors += 1
         host.gateway_errors += 1
         if (self._gateway and host.gateway_errors >= self._gateway) or (
@@ -96,7 +107,7 @@ class OutlierDetector:
         if not host.ejected:
             return
         host.ejected = False
-        host.errors = host.gateway_errors = 0
+        host.errors = host.gateway_errors = host.local_errors = 0
         self.ejected -= 1
         self._out.value = self.ejected
         self.cluster.rebalance()

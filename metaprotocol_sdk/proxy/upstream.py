@@ -158,6 +158,7 @@ class UpstreamHost:
         "istio",
         "key",
         "labels",
+        "local_errors",
         "next_conn",
         "outlier",
         "port",
@@ -195,6 +196,8 @@ class UpstreamHost:
         self.outlier: OutlierDetector | None = None
         self.errors = 0
         self.gateway_errors = 0
+        #: Local-origin failures in a row (counted apart with splitExternalLocalOriginErrors).
+        self.local_errors = 0
         self.ejected = False
         self.ejections = 0
         #: What its connections are: plain, or TLS (``tls.attach_cluster``), chosen per

@@ -328,7 +328,8 @@ def test_a_pool_set_to_nothing_is_no_pool() -> None:
         ("{connectionPool: {tcp: {connectTimeout: soon}}}", "tcp.connectTimeout"),
         ("{outlierDetection: {consecutiveErrors: 5}}", "outlierDetection.consecutiveErrors"),
         ("{outlierDetection: {maxEjectionPercent: 101}}", "maxEjectionPercent"),
-        ("{outlierDetection: {splitExternalLocalOriginErrors: true}}", "splitExternal"),
+        ("{outlierDetection: {splitExternalLocalOriginErrors: 1}}", "splitExternal"),
+        ("{outlierDetection: {consecutiveLocalOriginFailures: -1}}", "LocalOriginFailures"),
     ],
 )
 def test_bad_traffic_policy(traffic: str, field: str) -> None:
@@ -356,5 +357,83 @@ def test_only_a_pool_that_limits_requests_is_checked_per_request(pool: str, chec
     async def main() -> None:
         async with engine_for(mesh([(1, "v1")], traffic_policy=policy(pool))) as engine:
             assert {c.request_limits for c in engine.clusters.values()} == {checked}
+
+    run(main())
+
+
+def test_split_local_origin_errors_are_counted_apart() -> None:
+    """``splitExternalLocalOriginErrors`` was refused. With it, connect failures count towards
+    ``consecutiveLocalOriginFailures`` only (not ``consecutive5xxErrors``), as Envoy's split
+    mode: a refusing endpoint with a 5xx threshold of 1 is ejected at the third failure."""
+
+    async def main() -> None:
+        good = await Upstream("good").start()
+        outlier = (
+            "{consecutive5xxErrors: 1, splitExternalLocalOriginErrors: true,"
+            " consecutiveLocalOriginFailures: 3, baseEjectionTime: 1h, maxEjectionPercent: 50}"
+        )
+        text = mesh(
+            [(refusing_port(), "v1"), (good.port, "v1")], traffic_policy=policy("", outlier)
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            results = [error_type(await c.call()) for _ in range(4)]  # round robin
+            assert results.count("UpstreamConnectFailure") == 2 and ejected(engine) == 0
+            results = [error_type(await c.call()) for _ in range(2)]
+            assert results.count("UpstreamConnectFailure") == 1 and ejected(engine) == 1
+            assert [error_type(await c.call()) for _ in range(4)] == [None] * 4
+            c.close()
+        await good.close()
+
+    run(main())
+
+
+def test_split_mode_still_ejects_on_error_replies_which_reset_the_local_count() -> None:
+    """In split mode an upstream ``Error`` reply is an external error (the 5xx count), and an
+    answer of any kind resets the local-origin count (the connection worked)."""
+
+    async def main() -> None:
+        good, bad = await Upstream("good").start(), await Failing("bad").start()
+        outlier = (
+            "{consecutive5xxErrors: 2, splitExternalLocalOriginErrors: true,"
+            " baseEjectionTime: 1h, maxEjectionPercent: 50}"
+        )
+        text = mesh([(bad.port, "v1"), (good.port, "v1")], traffic_policy=policy("", outlier))
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            servers = [(await c.call()).attributes["server"] for _ in range(4)]
+            assert servers.count("bad") == 2 and ejected(engine) == 1
+            assert {(await c.call()).attributes["server"] for _ in range(4)} == {"good"}
+            c.close()
+        await good.close()
+        await bad.close()
+
+    run(main())
+
+
+def test_split_mode_detector_counts() -> None:
+    """The detector alone: local-origin failures apart, reset by any answer."""
+    from metaprotocol_sdk.enums import ResponseStatus
+    from metaprotocol_sdk.proxy.config.models import OutlierDetection
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        spec = "{splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}"
+        async with engine_for(mesh([(a.port, "v1")], traffic_policy=policy("", spec))) as engine:
+            cluster = engine.clusters["outbound|9000||svc.test"]
+            detector = cluster.outlier
+            assert detector is not None
+            assert detector.spec == OutlierDetection(
+                split_local_origin=True, consecutive_local_origin_failures=2
+            )
+            host = cluster.hosts[0]
+            detector.gateway_error(host)
+            assert (host.local_errors, host.errors, host.gateway_errors) == (1, 0, 0)
+            detector.observe(host, ResponseStatus.Error)
+            assert (host.local_errors, host.errors) == (0, 1)
+            detector.gateway_error(host)
+            detector.gateway_error(host)
+            assert host.ejected
+        await a.close()
 
     run(main())

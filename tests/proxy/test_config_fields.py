@@ -260,6 +260,15 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
     ),
     (
         "DestinationRule",
+        f"{POLICY}.outlierDetection",
+        {"splitExternalLocalOriginErrors": True, "consecutiveLocalOriginFailures": 3},
+        lambda c: (
+            _rule(c).policy.outlier_detection.split_local_origin
+            and _rule(c).policy.outlier_detection.consecutive_local_origin_failures == 3
+        ),
+    ),
+    (
+        "DestinationRule",
         f"{POLICY}.loadBalancer",
         {"consistentHash": {"useSourceIp": True}},
         lambda c: (
@@ -708,8 +717,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("DestinationRule", f"{POLICY}.connectionPool.http.useClientProtocol", True),
     ("DestinationRule", f"{POLICY}.connectionPool.http.http2KeepAlive", {"interval": "5s"}),
     ("DestinationRule", f"{POLICY}.outlierDetection.consecutiveErrors", 5),
-    ("DestinationRule", f"{POLICY}.outlierDetection.splitExternalLocalOriginErrors", True),
-    ("DestinationRule", f"{POLICY}.outlierDetection.consecutiveLocalOriginFailures", 3),
     ("DestinationRule", f"{POLICY}.outlierDetection.outlierDetectionHttpErrorCodes", [503]),
     ("MetaRouter", f"{ROUTE}.localRateLimit", {"tokenBucket": BUCKET}),
     ("MetaRouter", f"{ROUTE}.globalRateLimit", {"domain": "d"}),
@@ -883,6 +890,7 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
 
 #: (kind, field path, sample value): accepted, and one warning names the path.
 WARNED: list[tuple[str, str, Any]] = [
+    ("DestinationRule", f"{POLICY}.outlierDetection.consecutiveLocalOriginFailures", 3),
     ("DestinationRule", f"{POLICY}.tls.sni", "svc.test"),
     ("DestinationRule", f"{POLICY}.tls.clientCertificate", PKI["cert"]),
     ("ProxyConfig", "spec.listeners[0].tls.caCertificates", PKI["ca"]),

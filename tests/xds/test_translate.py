@@ -202,6 +202,32 @@ def test_istiod_outlier_detection_is_read_as_istio_meant_it() -> None:
     assert "outlier_detection.enforcing_success_rate" in refusal(resources(snap))
 
 
+def test_istiod_split_local_origin_errors() -> None:
+    """Istio's splitExternalLocalOriginErrors (istiod: split_external_local_origin_errors,
+    consecutive_local_origin_failure with enforcing 100 when set, local-origin success rate
+    0) was refused; now local-origin failures are counted apart, Envoy's default 5."""
+    snap = snapshot(3)
+    c = next(c for c in snap[CLUSTER_TYPE] if c.name == ALL)
+    od = c.outlier_detection
+    od.split_external_local_origin_errors = True
+    od.enforcing_local_origin_success_rate.value = 0
+
+    def detection() -> Any:
+        rule = translate(base(), resources(snap)).destination_rules["hello.svc"]
+        return rule.policy.outlier_detection
+
+    got = detection()
+    assert (got.split_local_origin, got.consecutive_local_origin_failures) == (True, 5)
+    od.consecutive_local_origin_failure.value = 3
+    od.enforcing_consecutive_local_origin_failure.value = 100
+    assert detection().consecutive_local_origin_failures == 3
+    od.enforcing_consecutive_local_origin_failure.value = 0
+    assert "enforcing_consecutive_local_origin_failure: not supported" in refusal(resources(snap))
+    od.enforcing_consecutive_local_origin_failure.value = 100
+    od.enforcing_local_origin_success_rate.value = 100
+    assert "enforcing_local_origin_success_rate: not supported" in refusal(resources(snap))
+
+
 def test_istiod_connection_pool_options_are_read_where_istiod_writes_them() -> None:
     """istiod writes a rule's http.idleTimeout, maxRequestsPerConnection and
     tcp.maxConnectionDuration in the HttpProtocolOptions of typed_extension_protocol_options,

@@ -292,12 +292,10 @@ OUTLIER_DETECTION = fields(
     "baseEjectionTime",
     "maxEjectionPercent",
     "minHealthPercent",
+    "splitExternalLocalOriginErrors",
+    "consecutiveLocalOriginFailures",
     refused={
         "consecutiveErrors": "deprecated in Istio; use consecutive5xxErrors",
-        "splitExternalLocalOriginErrors": "counting local-origin errors apart (connect "
-        "failures, resets and timeouts are gateway errors)",
-        "consecutiveLocalOriginFailures": "counting local-origin errors apart (connect "
-        "failures, resets and timeouts are gateway errors)",
         "outlierDetectionHttpErrorCodes": "HTTP status codes (MetaProtocol replies have none; "
         "consecutive5xxErrors counts upstream Error replies)",
     },

@@ -1253,7 +1253,17 @@ def _outlier_detection(doc: _Doc, policy: Mapping[str, Any], path: str) -> Outli
 
     gateway = errors("consecutiveGatewayErrors")
     five = errors("consecutive5xxErrors") if "consecutive5xxErrors" in raw else 5
+    split = raw.get("splitExternalLocalOriginErrors", False)
+    if not isinstance(split, bool):
+        doc.fail(f"{path}.splitExternalLocalOriginErrors", f"must be true or false, got {split!r}")
+    lpath = f"{path}.consecutiveLocalOriginFailures"
+    # Istio: 0 or absent is Envoy's default, 5 (istiod writes only a positive value).
+    local = doc.integer(raw, "consecutiveLocalOriginFailures", lpath, False, 0, 2**31) or 5
+    if not split and "consecutiveLocalOriginFailures" in raw:
+        doc.warn(lpath, "counted only with splitExternalLocalOriginErrors: true, as in Istio")
     return OutlierDetection(
+        split_local_origin=split,
+        consecutive_local_origin_failures=local,
         consecutive_gateway_errors=gateway,
         consecutive_errors=five,
         interval=doc.duration(raw, "interval", f"{path}.interval") or default.interval,

@@ -242,6 +242,11 @@ class OutlierDetection:
     number of times it was ejected; at most ``max_ejection_percent`` of a cluster (at least one
     endpoint) is ejected; below ``min_health_percent`` healthy endpoints, or with none, the
     cluster balances over all of them (Envoy's panic mode).
+
+    ``split_local_origin`` (``splitExternalLocalOriginErrors``): connect failures, resets and
+    timeouts (local-origin errors) are counted apart, ``consecutive_local_origin_failures`` in
+    a row ejecting, and are no longer errors or gateway errors (those count the upstream's
+    ``Error`` replies only), as Envoy's split mode.
     """
 
     consecutive_gateway_errors: int | None = None
@@ -250,12 +255,19 @@ class OutlierDetection:
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 10
     min_health_percent: int = 0
+    split_local_origin: bool = False
+    consecutive_local_origin_failures: int | None = 5
 
     @property
     def inert(self) -> bool:
-        """Whether both counts are off (``consecutive5xxErrors: 0`` and no gateway errors):
-        nothing is ever ejected, exactly as without detection."""
-        return self.consecutive_errors is None and self.consecutive_gateway_errors is None
+        """Whether every count is off (``consecutive5xxErrors: 0``, no gateway errors, and no
+        local-origin count): nothing is ever ejected, exactly as without detection."""
+        local = self.split_local_origin and self.consecutive_local_origin_failures is not None
+        return (
+            self.consecutive_errors is None
+            and self.consecutive_gateway_errors is None
+            and not local
+        )
 
 
 #: ``DestinationRule.trafficPolicy.tls.mode`` values this engine honours.

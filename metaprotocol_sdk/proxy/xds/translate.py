@@ -733,6 +733,10 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
                 "enforcing_consecutive_5xx",
                 "enforcing_consecutive_gateway_failure",
                 "enforcing_success_rate",
+                "split_external_local_origin_errors",
+                "consecutive_local_origin_failure",
+                "enforcing_consecutive_local_origin_failure",
+                "enforcing_local_origin_success_rate",
             },
         )
         # istiod turns Envoy's success-rate ejection off on every cluster it writes (0 %).
@@ -740,6 +744,16 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
             raise XdsRefused(
                 res,
                 "outlier_detection.enforcing_success_rate",
+                "not supported by this engine: success-rate ejection (only consecutive "
+                "errors are counted; istiod writes 0)",
+            )
+        if (
+            od.HasField("enforcing_local_origin_success_rate")
+            and od.enforcing_local_origin_success_rate.value > 0
+        ):
+            raise XdsRefused(
+                res,
+                "outlier_detection.enforcing_local_origin_success_rate",
                 "not supported by this engine: success-rate ejection (only consecutive "
                 "errors are counted; istiod writes 0)",
             )
@@ -758,6 +772,24 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
                 if od.HasField("consecutive_gateway_failure")
                 else 5
             )
+        if od.split_external_local_origin_errors:
+            # Envoy counts local-origin failures apart, 5 in a row enforced at 100 % unless
+            # told otherwise (istiod writes the Istio field's value with 100 when it is set).
+            detection["splitExternalLocalOriginErrors"] = True
+            local = (
+                od.consecutive_local_origin_failure.value
+                if od.HasField("consecutive_local_origin_failure")
+                else 5
+            )
+            enforcing = od.enforcing_consecutive_local_origin_failure
+            if od.HasField("enforcing_consecutive_local_origin_failure") and enforcing.value == 0:
+                raise XdsRefused(
+                    res,
+                    "outlier_detection.enforcing_consecutive_local_origin_failure",
+                    "not supported by this engine: counting local-origin failures without "
+                    "ejecting (0 %); istiod writes 100",
+                )
+            detection["consecutiveLocalOriginFailures"] = local
         if od.HasField("interval"):
             detection["interval"] = _duration(od.interval)
         if od.HasField("base_ejection_time"):
