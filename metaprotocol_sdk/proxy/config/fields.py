@@ -233,16 +233,9 @@ LOAD_BALANCER = fields(
         "warmup": "slow start (warm-up)",
     },
 )
-LOCALITY_LB = fields(
-    "enabled",
-    "failover",
-    "failoverPriority",
-    refused={
-        "distribute": "weighting the traffic between localities (locality weighted load "
-        "balancing); failover (the default) keeps it in the nearest healthy locality",
-    },
-)
+LOCALITY_LB = fields("enabled", "failover", "failoverPriority", "distribute")
 LOCALITY_FAILOVER = fields("from", "to")
+LOCALITY_DISTRIBUTE = fields("from", "to")
 _RING = "sizing the ring (100 points per host, in proportion to weights when they differ)"
 _HASHING = "a hash key other than a metadata attribute (named by httpHeaderName)"
 CONSISTENT_HASH = fields(
