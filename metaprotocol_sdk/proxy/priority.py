@@ -25,6 +25,7 @@ writes weights without ``distribute``) is balanced as one, at the plain balancer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -32,7 +33,15 @@ from typing import Protocol as TypingProtocol
 
 from metaprotocol_sdk.metadata import Metadata
 
-from .balancer import Balancer, Host, Level, PriorityBalancer, WeightedRoundRobin, make_balancer
+from .balancer import (
+    SCHEDULE_LIMIT,
+    Balancer,
+    Host,
+    Level,
+    PriorityBalancer,
+    WeightedRoundRobin,
+    make_balancer,
+)
 from .config.models import LoadBalancer
 
 #: Envoy's default overprovisioning factor, 1.4, in percent.
@@ -210,7 +219,21 @@ def locality_balancer(
     return LocalityBalancer(
         [
             Locality(n, w, make_balancer(policy, ok[n], groups[n]))
-            for n, w in zip(names, weights, strict=True)
+            for n, w in zip(names, schedulable(weights), strict=True)
             if w
         ]
     )
+
+
+def schedulable(weights: Sequence[int]) -> list[int]:
+    """``weights`` as they are when their cycle (their sum over their greatest common
+    divisor) fits a precomputed schedule of :data:`~.balancer.SCHEDULE_LIMIT` picks, else
+    scaled down to fit it (at least 1 for a weight that is not 0): a locality pick stays a
+    walk of the schedule, whatever the weights and availabilities, each share within about
+    a part in ``SCHEDULE_LIMIT - len(weights)`` (a level of a thousand localities or more
+    gets a cycle longer than the limit: the heap of :class:`~.balancer.WeightedRoundRobin`)."""
+    total = sum(weights)
+    if total // (math.gcd(*weights) or 1) <= SCHEDULE_LIMIT:
+        return list(weights)
+    parts = max(0, SCHEDULE_LIMIT - len(weights))  # room for each rounded-up 0
+    return [max(1, w * parts // total) if w else 0 for w in weights]

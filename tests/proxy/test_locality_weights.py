@@ -5,6 +5,7 @@ over real sockets split between localities, moving as outlier detection ejects e
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from metaprotocol_sdk.proxy.priority import (
     effective_weights,
     locality_balancer,
     priority_balancer,
+    schedulable,
 )
 
 
@@ -137,6 +139,15 @@ def test_effective_weights_are_weight_times_availability() -> None:
     # 2 of 4 healthy is 70%: 80 * 70 against 20 * 100; none healthy takes nothing.
     assert effective_weights([(80, 2, 4), (20, 1, 1)]) == [5600, 2000]
     assert effective_weights([(80, 0, 4), (20, 1, 1)]) == [0, 2000]
+
+
+def test_any_weights_fit_a_schedule_of_at_most_1000_picks() -> None:
+    assert schedulable([5600, 2000]) == [5600, 2000]  # 14 : 5 once divided
+    assert schedulable([2772, 2772, 3400]) == [308, 308, 379]  # a cycle of 2236: scaled
+    huge = schedulable([2**32 - 1, 1, 0, 7 * 10**8])
+    assert huge == [856, 1, 0, 139] and sum(huge) <= 1000
+    assert schedulable([3] * 1000) == [3] * 1000  # a cycle of 1000
+    assert schedulable([3] * 1001) == [1] * 1001  # more localities than the limit: heap
 
 
 def test_the_locality_is_picked_by_effective_weight_then_a_host_of_it() -> None:
@@ -317,3 +328,33 @@ def test_the_endpoints_of_a_locality_share_its_weight_by_theirs() -> None:
             await up.close()
 
     run(main())
+
+
+def test_many_rules_and_localities_take_linear_time() -> None:
+    """20000 rules, 20000 ``to`` patterns and 20000 endpoint localities: checked and weighed
+    in well under two seconds (a pairwise check would take minutes)."""
+    n = 20_000
+    froms = [f"r{i}/z{i}" for i in range(n)] + ["*"]
+    started = time.perf_counter()
+    assert ordered_overlap(froms) is None
+    assert unordered_overlap([f"r{i}" for i in range(n)]) is None
+    setting = rules(*[(f"r{i}/z{i}", {f"r{i}": 100}) for i in range(n)], ("*", {"*": 100}))
+    localities = [f"r{i % 100}/z{i}" for i in range(n)]
+    weights = distribute_weights("r9/z9", localities, [1] * n, setting)
+    # r9's 200 zones share its 100, each rounded up to 1; the other regions are left out.
+    assert weights is not None and weights.count(1) == n // 100 == n - weights.count(0)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_locality_weights_compose_with_failover_priorities() -> None:
+    """Each priority level picks its own localities by weight; the level first, by its
+    priority load, as without locality weights."""
+    level0 = [Fake("a", "r1", 3), Fake("b", "r2", 1)]
+    level1 = [Fake("c", "r3", 1, priority=1), Fake("d", "r4", 1, priority=1)]
+    balancer, loads = priority_balancer(LoadBalancer(), level0 + level1, 0, by_locality=True)
+    assert loads == {0: 100, 1: 0} and isinstance(balancer, LocalityBalancer)
+    assert picks(balancer, 100) == {"r1": 75, "r2": 25}
+    level0[0].ejected = True  # level 0 is 1 of 2 healthy: 70%, 30% to level 1
+    balancer, loads = priority_balancer(LoadBalancer(), level0 + level1, 0, by_locality=True)
+    assert loads == {0: 70, 1: 30}
+    assert picks(balancer, 100) == {"r2": 70, "r3": 15, "r4": 15}
