@@ -358,3 +358,30 @@ def test_locality_weights_compose_with_failover_priorities() -> None:
     balancer, loads = priority_balancer(LoadBalancer(), level0 + level1, 0, by_locality=True)
     assert loads == {0: 70, 1: 30}
     assert picks(balancer, 100) == {"r2": 70, "r3": 15, "r4": 15}
+
+
+def test_a_reload_that_moves_an_endpoint_reweighs_its_cluster() -> None:
+    """The weights depend on the endpoints' localities: a reload that changes only one's
+    rebuilds the cluster with the new weights (one that changes nothing keeps it)."""
+
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        endpoints = [(a.port, "r1"), (b.port, "r2")]
+        policy = distribute("[{from: r1, to: {r1: 90, r2: 10}}]")
+        async with engine_for(located_mesh(endpoints, policy, own="r1", outlier=False)) as engine:
+            (cluster,) = engine.clusters.values()
+            assert [h.locality_weight for h in cluster.hosts] == [90, 10]
+            same = located_mesh(endpoints, policy, own="r1", outlier=False)
+            await engine.apply(loads_config(same, "t2.yaml"))
+            assert engine.clusters[cluster.name] is cluster
+            moved = located_mesh([(a.port, "r2"), (b.port, "r1")], policy, own="r1", outlier=False)
+            await engine.apply(loads_config(moved, "t3.yaml"))
+            (rebuilt,) = engine.clusters.values()
+            assert [h.locality_weight for h in rebuilt.hosts] == [10, 90]
+            client = await Client.connect(address(engine))
+            assert await answered_by(client, 20) == {"a": 2, "b": 18}
+            client.close()
+        await a.close()
+        await b.close()
+
+    run(main())
