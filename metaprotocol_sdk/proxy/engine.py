@@ -374,10 +374,9 @@ class Engine:
         labels = rule.subsets[subset].labels if subset is not None and rule is not None else {}
         endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]
         workload = config.proxy.telemetry.workload
-        localities = cluster_localities(workload.locality, endpoints, policy.locality, port, subset)
-        if localities is not None:  # distribute: istiod sends no endpoint of a locality it omits
-            kept = [i for i, (_, weight) in enumerate(localities) if weight]
-            endpoints, localities = [endpoints[i] for i in kept], [localities[i] for i in kept]
+        endpoints, localities = cluster_localities(
+            workload.locality, endpoints, policy.locality, port, subset
+        )
         mutual = None
         if tls is not None and tls.auto:  # per endpoint, by its tlsMode (xDS: the cluster's)
             mutual = tuple(automatic and ep.mesh_tls_in(port, subset) for ep in endpoints)

@@ -267,21 +267,25 @@ def distribute_weights(
 
 def cluster_localities(
     own: str,
-    endpoints: Sequence[Endpoint],
+    endpoints: list[Endpoint],
     setting: LocalityLbSetting | None,
     port: int,
     subset: str | None,
-) -> list[tuple[str, int]] | None:
-    """Each endpoint's (locality, locality weight) in the cluster of ``port`` and ``subset``,
-    for locality weighted balancing: by ``distribute`` (:func:`distribute_weights`; weight 0:
-    left out), else as xDS sent them (:meth:`~.config.models.Endpoint.locality_weight_in`);
-    ``None``: neither, the cluster balances without localities."""
+) -> tuple[list[Endpoint], list[tuple[str, int]] | None]:
+    """The endpoints of the cluster of ``port`` and ``subset``, and each one's (locality,
+    locality weight) for locality weighted balancing: by ``distribute``
+    (:func:`distribute_weights`; the endpoints of a locality it weighs 0 are left out, as
+    istiod sends none), else as xDS sent them
+    (:meth:`~.config.models.Endpoint.locality_weight_in`; a locality without a weight stays,
+    and takes requests only if none has one, as in Envoy); ``None``: neither, the cluster
+    balances without localities."""
     weights = distribute_weights(
         own, [ep.locality for ep in endpoints], [ep.weight for ep in endpoints], setting
     )
     if weights is not None:
-        return [(ep.locality, w) for ep, w in zip(endpoints, weights, strict=True)]
+        kept = [(ep, w) for ep, w in zip(endpoints, weights, strict=True) if w]
+        return [ep for ep, _ in kept], [(ep.locality, w) for ep, w in kept]
     sent = [ep.locality_weight_in(port, subset) for ep in endpoints]
-    if not any(sent):
-        return None
-    return [("", 0) if s is None else s for s in sent]
+    if not any(s is not None and s[1] for s in sent):
+        return endpoints, None
+    return endpoints, [("", 0) if s is None else s for s in sent]

@@ -18,7 +18,11 @@ from metaprotocol_sdk.enums import MessageType
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.balancer import RoundRobin
-from metaprotocol_sdk.proxy.config.models import LoadBalancer, LocalityDistribute
+from metaprotocol_sdk.proxy.config.models import (
+    LoadBalancer,
+    LocalityDistribute,
+    locality_weight_label,
+)
 from metaprotocol_sdk.proxy.config.models import LocalityLbSetting as Setting
 from metaprotocol_sdk.proxy.locality import (
     distribute_weights,
@@ -381,6 +385,34 @@ def test_a_reload_that_moves_an_endpoint_reweighs_its_cluster() -> None:
             client = await Client.connect(address(engine))
             assert await answered_by(client, 20) == {"a": 2, "b": 18}
             client.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_xds_locality_weights_keep_every_endpoint() -> None:
+    """Locality weights as the xDS translation carries them (an internal label per cluster):
+    a locality without a weight keeps its endpoints, which take requests only when no
+    locality has a weight (Envoy's way); they were dropped, and a cluster of such
+    localities alone had no endpoint at all."""
+    label = locality_weight_label(9000, None)
+
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        for weights, expected in ((("5", "0"), {"a": 10}), (("0", "0"), {"a": 5, "b": 5})):
+            text = located_mesh([(a.port, "r1"), (b.port, "r2")], "", outlier=False)
+            for port, weight, locality in zip((a.port, b.port), weights, ("r1", "r2"), strict=True):
+                text = text.replace(
+                    f": {port}}}, labels: {{version: v1",
+                    f": {port}}}, labels: {{'{label}': '{weight} {locality}//', version: v1",
+                )
+            async with engine_for(text) as engine:
+                (cluster,) = engine.clusters.values()
+                assert len(cluster.hosts) == 2
+                client = await Client.connect(address(engine))
+                assert await answered_by(client, 10) == expected
+                client.close()
         await a.close()
         await b.close()
 
