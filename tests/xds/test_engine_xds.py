@@ -36,6 +36,7 @@ from snapshots import (
     ROUTE_TYPE,
     MetaRoute,
     cluster,
+    distribute_snapshot,
     failover_snapshot,
     hello_snapshots,
     load_assignment,
@@ -915,13 +916,7 @@ def test_locality_weights_split_traffic_and_move_with_ejections(
     zone a is 70% available: 80 x 70 against 20 x 100, 14 : 5 in a smooth round robin."""
     servers = {name: HelloServer(name).start() for name in ("a", "b", "c")}
     near = [("127.0.0.1", servers["a"].port), ("127.0.0.1", servers["b"].port)]
-    snap = failover_snapshot(near, [("127.0.0.1", servers["c"].port)])
-    for c in snap[CLUSTER_TYPE]:
-        c.common_lb_config.locality_weighted_lb_config.SetInParent()
-    for cla in snap[ENDPOINT_TYPE]:
-        cla.endpoints[1].priority = 0
-        cla.endpoints[0].load_balancing_weight.value = 80
-        cla.endpoints[1].load_balancing_weight.value = 20
+    snap = distribute_snapshot(near, [("127.0.0.1", servers["c"].port)])
     control_plane.set_snapshot("1", snap)
     harness = Harness(config_yaml(control_plane.port))
     name = f"outbound|{PORT}||{HOST}"
