@@ -130,6 +130,15 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                     if c.prioritised
                     else {}
                 ),
+                # Locality weighted balancing: each endpoint's locality and its weight.
+                **(
+                    {
+                        "localities": [h.locality for h in c.hosts],
+                        "localityWeights": [h.locality_weight for h in c.hosts],
+                    }
+                    if c.locality_weighted
+                    else {}
+                ),
                 "tls": dump_upstream(c.tls, c),
             }
             for c in engine.clusters.values()

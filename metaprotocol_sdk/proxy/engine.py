@@ -38,7 +38,7 @@ from .detection import Detecting, attach_detection, detecting
 from .downstream import Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .identity import IdentityWatch, istio_sni, server_key
-from .locality import failover_priorities
+from .locality import cluster_localities, failover_priorities
 from .matcher import compile_match
 from .mirror import MirrorSink
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
@@ -373,6 +373,10 @@ class Engine:
         policy = traffic.load_balancer or LoadBalancer()
         labels = rule.subsets[subset].labels if subset is not None and rule is not None else {}
         endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]
+        workload = config.proxy.telemetry.workload
+        endpoints, localities = cluster_localities(
+            workload.locality, endpoints, policy.locality, port, subset
+        )
         mutual = None
         if tls is not None and tls.auto:  # per endpoint, by its tlsMode (xDS: the cluster's)
             mutual = tuple(automatic and ep.mesh_tls_in(port, subset) for ep in endpoints)
@@ -381,7 +385,6 @@ class Engine:
         # istiod asks only whether the rule has outlierDetection (one that ejects nothing,
         # ``given`` but not ``traffic``'s, still keeps the traffic in the nearest locality).
         if given.outlier_detection is not None:
-            workload = config.proxy.telemetry.workload
             nearest = failover_priorities(
                 workload.locality,
                 [ep.locality for ep in endpoints],
@@ -408,6 +411,7 @@ class Engine:
             service.namespace,
             tls,
             mutual,
+            None if localities is None else tuple(localities),
         )
         serving = self.clusters.get(name)
         if serving is not None and self._cluster_specs.get(name) == spec:
@@ -417,6 +421,8 @@ class Engine:
                 UpstreamHost(ep.address, ep.port_for(sport), ep.labels, ep.weight, priority)
                 for ep, priority in zip(endpoints, priorities, strict=True)
             ]
+            for upstream, (locality, weight) in zip(hosts, localities or (), strict=False):
+                upstream.locality, upstream.locality_weight = locality, weight
             cluster = Cluster(
                 self,
                 name,

@@ -12,16 +12,37 @@ panic balances over all of its endpoints. When every level is in panic, or none 
 the levels take requests in proportion to their endpoints. All of this is computed when the
 cluster's health changes (:meth:`~metaprotocol_sdk.proxy.upstream.Cluster.rebalance`), never
 per request.
+
+Locality weighted load balancing (``distribute``, or EDS locality weights with
+``locality_weighted_lb_config``) then picks a locality of the level, as Envoy does: by a
+smooth weighted round robin over its localities' *effective* weights, each its weight times
+its availability (its healthy endpoints over its endpoints, times 1.4, at most 100%, in
+whole percents), and a host of that locality by the cluster's policy. A level in panic
+balances over all of its endpoints, localities aside; a level whose effective weights are in
+proportion to its healthy endpoints' weights (every locality fully available, as istiod
+writes weights without ``distribute``) is balanced as one, at the plain balancer's cost.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
-from typing import TypeVar
 
-from .balancer import Balancer, Host, Level, PriorityBalancer, make_balancer
+from metaprotocol_sdk.metadata import Metadata
+
+from .balancer import (
+    SCHEDULE_LIMIT,
+    Balancer,
+    Client,
+    Host,
+    Level,
+    PriorityBalancer,
+    WeightedRoundRobin,
+    make_balancer,
+)
 from .config.models import LoadBalancer
 
 #: Envoy's default overprovisioning factor, 1.4, in percent.
@@ -35,9 +56,14 @@ class PrioritisedHost(Host, TypingProtocol):
     priority: int
     #: Whether outlier detection has ejected it.
     ejected: bool
+    #: Its locality (for locality weighted balancing; ``""``: none).
+    locality: str
+    #: Its locality's weight (locality weighted balancing; 0: its locality takes none).
+    locality_weight: int
 
 
 P = TypeVar("P", bound=PrioritisedHost)
+H = TypeVar("H", bound=Host)
 
 
 def level_health(healthy: int, total: int) -> int:
@@ -86,13 +112,14 @@ def _shares(amounts: Sequence[int], total: int) -> tuple[int, ...]:
 
 
 def priority_balancer(
-    policy: LoadBalancer, hosts: Sequence[P], panic_percent: int
+    policy: LoadBalancer, hosts: Sequence[P], panic_percent: int, by_locality: bool = False
 ) -> tuple[Balancer[P], dict[int, int]]:
     """The balancer for hosts at several priorities, for their health now, and each
     priority's load (percent): a :class:`~metaprotocol_sdk.proxy.balancer.PriorityBalancer`
     over the levels that take load, or that one level's own balancer when only one does (all
     of level 0 healthy enough, as most of the time: a request then costs what it costs
-    without priorities)."""
+    without priorities). ``by_locality``: each level picks a locality by its weight first
+    (:func:`locality_balancer`)."""
     by_priority: dict[int, list[P]] = {}
     for host in hosts:
         by_priority.setdefault(host.priority, []).append(host)
@@ -103,7 +130,7 @@ def priority_balancer(
         [(len(ok), len(group)) for ok, group in zip(healthy, groups, strict=True)], panic_percent
     )
     levels = [
-        Level(priority, share, make_balancer(policy, group if panic else ok, group))
+        Level(priority, share, _level_balancer(policy, group, ok, panic, by_locality))
         for priority, group, ok, share, panic in zip(
             order, groups, healthy, load.loads, load.panic, strict=True
         )
@@ -113,3 +140,101 @@ def priority_balancer(
     if len(levels) == 1:
         return levels[0].balancer, loads
     return PriorityBalancer(levels, policy), loads
+
+
+def _level_balancer(
+    policy: LoadBalancer, group: Sequence[P], healthy: Sequence[P], panic: bool, by_locality: bool
+) -> Balancer[P]:
+    """A level's balancer: over all of its hosts in panic (localities aside, as Envoy),
+    else over its healthy ones, by locality first when ``by_locality``."""
+    if panic:
+        return make_balancer(policy, group, group)
+    if by_locality and policy.policy != "CONSISTENT_HASH":
+        return locality_balancer(policy, group, healthy)
+    return make_balancer(policy, healthy, group)
+
+
+class Locality(Generic[H]):
+    """One locality of a level as :class:`LocalityBalancer` chooses between them: its
+    effective weight, and the balancer of its healthy hosts."""
+
+    def __init__(self, name: str, weight: int, balancer: Balancer[H]) -> None:
+        self.key = name
+        #: Its effective weight: its locality weight, times its availability when some
+        #: locality of the level is short of it.
+        self.weight = weight
+        self.active = 0
+        self.balancer = balancer
+
+
+class LocalityBalancer(Balancer[H]):
+    """Envoy's locality weighted load balancing within one priority level: a locality by a
+    smooth weighted round robin over the effective weights (a walk of a precomputed
+    schedule, as :class:`~metaprotocol_sdk.proxy.balancer.WeightedRoundRobin`), then a host
+    of it by its own balancer. Built only by :func:`locality_balancer`."""
+
+    def __init__(self, localities: Sequence[Locality[H]]) -> None:
+        super().__init__([h for locality in localities for h in locality.balancer.hosts])
+        self.localities = list(localities)
+        self._chooser = WeightedRoundRobin(self.localities)
+
+    def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
+        chosen = self._chooser.pick(metadata)
+        return None if chosen is None else chosen.balancer.pick(metadata, client)
+
+
+def effective_weights(localities: Sequence[tuple[int, int, int]]) -> list[int]:
+    """Envoy's effective locality weights for localities given as (weight, healthy, total)
+    endpoints: each weight times its availability (:func:`level_health`, percent), or the
+    weights themselves when every locality that has a weight is fully available."""
+    health = [level_health(healthy, total) for _, healthy, total in localities]
+    if all(h == 100 for h, (w, _, _) in zip(health, localities, strict=True) if w):
+        return [w for w, _, _ in localities]
+    return [w * h for h, (w, _, _) in zip(health, localities, strict=True)]
+
+
+def locality_balancer(
+    policy: LoadBalancer, hosts: Sequence[P], healthy: Sequence[P]
+) -> Balancer[P]:
+    """The balancer of a level's ``hosts`` (``healthy``: those not ejected) by their
+    localities' weights: a :class:`LocalityBalancer` over the localities with an effective
+    weight, or the policy's balancer over the healthy hosts when the effective weights are in
+    proportion to the localities' healthy endpoint weights (the same traffic, a request's
+    plain cost) or when no locality has one (Envoy then balances over the level's healthy
+    hosts). Linear in the hosts."""
+    groups: dict[str, list[P]] = {}
+    ok: dict[str, list[P]] = {}
+    for host in hosts:
+        groups.setdefault(host.locality, []).append(host)
+        ok.setdefault(host.locality, [])
+    for host in healthy:
+        ok[host.locality].append(host)
+    names = list(groups)
+    weights = effective_weights(
+        [(groups[n][0].locality_weight, len(ok[n]), len(groups[n])) for n in names]
+    )
+    sums = [sum(h.weight for h in ok[n]) for n in names]
+    pairs = [(w, s) for w, s in zip(weights, sums, strict=True) if s]
+    if not any(weights) or all(w and w * pairs[0][1] == pairs[0][0] * s for w, s in pairs):
+        return make_balancer(policy, healthy, hosts)
+    return LocalityBalancer(
+        [
+            Locality(n, w, make_balancer(policy, ok[n], groups[n]))
+            for n, w in zip(names, schedulable(weights), strict=True)
+            if w
+        ]
+    )
+
+
+def schedulable(weights: Sequence[int]) -> list[int]:
+    """``weights`` as they are when their cycle (their sum over their greatest common
+    divisor) fits a precomputed schedule of :data:`~.balancer.SCHEDULE_LIMIT` picks, else
+    scaled down to fit it (at least 1 for a weight that is not 0): a locality pick stays a
+    walk of the schedule, whatever the weights and availabilities, each share within about
+    a part in ``SCHEDULE_LIMIT - len(weights)`` (a level of a thousand localities or more
+    gets a cycle longer than the limit: the heap of :class:`~.balancer.WeightedRoundRobin`)."""
+    total = sum(weights)
+    if total // (math.gcd(*weights) or 1) <= SCHEDULE_LIMIT:
+        return list(weights)
+    parts = max(0, SCHEDULE_LIMIT - len(weights))  # room for each rounded-up 0
+    return [max(1, w * parts // total) if w else 0 for w in weights]

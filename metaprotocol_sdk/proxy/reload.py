@@ -94,6 +94,8 @@ class ClusterSpec:
     #: Automatic mutual TLS: whether each endpoint gets ``ISTIO_MUTUAL`` (``None``: all
     #: connections are as ``tls`` says).
     mutual: tuple[bool, ...] | None = None
+    #: Locality weighted balancing: each endpoint's (locality, locality weight).
+    localities: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,8 @@ class UpstreamHost:
         "key",
         "labels",
         "local_errors",
+        "locality",
+        "locality_weight",
         "next_conn",
         "outlier",
         "port",
@@ -187,6 +189,10 @@ class UpstreamHost:
         #: The endpoint's failover priority in its cluster (EDS ``LocalityLbEndpoints``), 0
         #: (the first level) unless the cluster came over xDS with priorities.
         self.priority = priority
+        #: Its locality and its locality's weight, for locality weighted balancing
+        #: (``distribute``, EDS locality weights; set by the engine): 0 without it.
+        self.locality = ""
+        self.locality_weight = 0
         #: Requests in flight (for LEAST_REQUEST).
         self.active = 0
         #: Shared connections (shared mode only).
@@ -234,6 +240,8 @@ class Cluster:
         #: Whether the hosts have several failover priorities: then the balancer picks a
         #: level by Envoy's priority load first (see priority.py); decided once, here.
         self.prioritised = len({h.priority for h in hosts}) > 1
+        #: Whether the hosts have locality weights: then a locality is picked first too.
+        self.locality_weighted = any(h.locality_weight for h in hosts)
         #: Each priority's share of requests, in percent (prioritised clusters only).
         self.priority_load: dict[int, int] = {}
         #: Built by :meth:`rebalance`, once the outlier detector below exists.
@@ -303,9 +311,11 @@ class Cluster:
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
-        if self.prioritised:
+        if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
-            self.balancer, self.priority_load = priority_balancer(self.policy, self.hosts, panic)
+            self.balancer, self.priority_load = priority_balancer(
+                self.policy, self.hosts, panic, self.locality_weighted
+            )
             return
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
         self.balancer = make_balancer(self.policy, hosts, self.hosts)

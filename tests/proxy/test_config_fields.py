@@ -25,6 +25,7 @@ from metaprotocol_sdk.proxy.config import Config
 from metaprotocol_sdk.proxy.config.models import (
     AccessLogSettings,
     LoadBalancer,
+    LocalityDistribute,
     LocalityLbSetting,
     TrafficPolicy,
 )
@@ -311,6 +312,17 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             _rule(c).load_balancer.locality
             == LocalityLbSetting(
                 failover_priority=(("topology.kubernetes.io/region", None), ("tier", "gold"))
+            )
+        ),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.localityLbSetting.distribute",
+        [{"from": "r1/*", "to": {"r1/*": 80, "r2/*": 20}}],
+        lambda c: (
+            _rule(c).load_balancer.locality
+            == LocalityLbSetting(
+                distribute=(LocalityDistribute("r1/*", (("r1/*", 80), ("r2/*", 20))),)
             )
         ),
     ),
@@ -678,11 +690,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("ServiceEntry", "spec.endpoints[0].network", "net-2"),
     ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
     ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
-    (
-        "DestinationRule",
-        f"{POLICY}.loadBalancer.localityLbSetting.distribute",
-        [{"from": "r1/*", "to": {"r1/*": 80, "r2/*": 20}}],
-    ),
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
     ("DestinationRule", f"{PORT_POLICY}.connectionPool.http.maxConcurrentStreams", 10),

@@ -171,11 +171,6 @@ def test_a_failover_rule_sends_a_region_next_to_the_one_it_names() -> None:
             "localityLbSetting.enabled",
             "must be true or false",
         ),
-        (
-            "loadBalancer: {localityLbSetting: {distribute: [{from: 'r1/*', to: {'r2/*': 100}}]}}",
-            "localityLbSetting.distribute",
-            "not supported by this engine",
-        ),
     ],
 )
 def test_locality_settings_istio_refuses_are_refused(policy: str, field: str, words: str) -> None:

@@ -643,3 +643,20 @@ def failover_snapshot(
         ENDPOINT_TYPE: [assignment(name, [near, far]), assignment(subset, [near[:1], far[:1]])],
         ROUTE_TYPE: [route_configuration(RDS_NAME, [MetaRoute("hello", [(name, 100)])])],
     }
+
+
+def distribute_snapshot(
+    near: Sequence[tuple[str, int]], far: Sequence[tuple[str, int]], *, host: str = HOST
+) -> dict[str, list[Any]]:
+    """istiod's resources for a DestinationRule with ``distribute`` (locality weighted load
+    balancing): :func:`failover_snapshot`'s, both zones at priority 0, zone ``a`` (``near``)
+    with locality weight 80 and zone ``b`` (``far``) with 20, and
+    ``locality_weighted_lb_config`` on the clusters."""
+    snap = failover_snapshot(near, far, host=host)
+    for c in snap[CLUSTER_TYPE]:
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+    for cla in snap[ENDPOINT_TYPE]:
+        cla.endpoints[1].priority = 0
+        cla.endpoints[0].load_balancing_weight.value = 80
+        cla.endpoints[1].load_balancing_weight.value = 20
+    return snap

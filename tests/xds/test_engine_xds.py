@@ -36,6 +36,7 @@ from snapshots import (
     ROUTE_TYPE,
     MetaRoute,
     cluster,
+    distribute_snapshot,
     failover_snapshot,
     hello_snapshots,
     load_assignment,
@@ -896,6 +897,57 @@ def test_failover_priorities_keep_traffic_near_until_ejections(
             assert caller.next(100) == {"a": 70, "c": 30}
             harness.call(set_health(False))
             assert set(caller.next(40)) == {"a", "b"}
+        finally:
+            caller.close()
+        assert not caller.errors
+    finally:
+        harness.close()
+        for s in servers.values():
+            s.close()
+
+
+def test_locality_weights_split_traffic_and_move_with_ejections(
+    control_plane: ControlPlane,
+) -> None:
+    """istiod's ``distribute`` as it arrives: both zones at priority 0, zone a (a, b) with
+    locality weight 80 and zone b (c) with 20, and ``locality_weighted_lb_config`` on the
+    clusters. The engine ACKs it (it NACKed weights not in proportion to the endpoints') and
+    sends 80% to zone a, 20% to c, though zone a has two endpoints to c's one; with b ejected
+    zone a is 70% available: 80 x 70 against 20 x 100, 14 : 5 in a smooth round robin."""
+    servers = {name: HelloServer(name).start() for name in ("a", "b", "c")}
+    near = [("127.0.0.1", servers["a"].port), ("127.0.0.1", servers["b"].port)]
+    snap = distribute_snapshot(near, [("127.0.0.1", servers["c"].port)])
+    control_plane.set_snapshot("1", snap)
+    harness = Harness(config_yaml(control_plane.port))
+    name = f"outbound|{PORT}||{HOST}"
+    try:
+        harness.wait(lambda c: acked("1")(c) or c.types[ENDPOINT_TYPE].nacks > 0)
+        assert harness.client.types[ENDPOINT_TYPE].nacks == 0, harness.dump()["xds"]
+        (dumped,) = [c for c in harness.dump()["clusters"] if c["name"] == name]
+        weights = {
+            int(key.rsplit(":", 1)[1]): (locality, weight)
+            for key, locality, weight in zip(
+                dumped["endpoints"], dumped["localities"], dumped["localityWeights"], strict=True
+            )
+        }
+        assert weights == {
+            servers["a"].port: ("region/a/", 80),
+            servers["b"].port: ("region/a/", 80),
+            servers["c"].port: ("region/b/", 20),
+        }
+        assert dumped["loadBalancer"] == "LocalityBalancer"
+        cluster = harness.engine.clusters[name]
+        b = next(h for h in cluster.hosts if h.port == servers["b"].port)
+
+        async def eject() -> None:
+            assert cluster.outlier is not None
+            cluster.outlier.eject(b)
+
+        caller = Caller(harness.port)
+        try:
+            assert caller.next(100) == {"a": 40, "b": 40, "c": 20}
+            harness.call(eject())
+            assert caller.next(95) == {"a": 70, "c": 25}
         finally:
             caller.close()
         assert not caller.errors

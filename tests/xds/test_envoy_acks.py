@@ -31,6 +31,7 @@ from snapshots import (
     RDS_NAME,
     ROUTE_TYPE,
     SECRET_TYPE,
+    distribute_snapshot,
     dubbo_snapshots,
     failover_snapshot,
     file_secrets,
@@ -225,6 +226,27 @@ def test_envoy_acks_failover_priorities(control_plane: ControlPlane, envoy: str)
         if e["endpoint_config"]["cluster_name"] == f"outbound|{PORT}||{HOST}"
     )
     assert [g.get("priority", 0) for g in plain["endpoints"]] == [0, 1]
+
+
+def test_envoy_acks_locality_weights(control_plane: ControlPlane, envoy: str) -> None:
+    """The engine's locality weights test: istiod's ``distribute``, two zones at one
+    priority with locality weights 80 and 20, ``locality_weighted_lb_config`` on the
+    clusters."""
+    near, far = [("127.0.0.1", 20001), ("127.0.0.1", 20002)], [("127.0.0.1", 20003)]
+    _ack_every_version(control_plane, [("distribute", distribute_snapshot(near, far))])
+    endpoints = _dump(envoy, "dynamic_endpoint_configs&include_eds")["configs"]
+    plain = next(
+        e["endpoint_config"]
+        for e in endpoints
+        if e["endpoint_config"]["cluster_name"] == f"outbound|{PORT}||{HOST}"
+    )
+    assert [g["load_balancing_weight"] for g in plain["endpoints"]] == [80, 20]
+    clusters = {
+        c["cluster"]["name"]: c["cluster"]
+        for c in _dump(envoy, "dynamic_active_clusters")["configs"]
+    }
+    common = clusters[f"outbound|{PORT}||{HOST}"]["common_lb_config"]
+    assert "locality_weighted_lb_config" in common
 
 
 def test_envoy_acks_what_the_engine_refuses(control_plane: ControlPlane, envoy: str) -> None:

@@ -55,6 +55,7 @@ from metaprotocol_sdk.proxy.config.models import (
     LoadBalancer,
     TrafficPolicy,
     UpstreamTls,
+    locality_weight_label,
     priority_label,
 )
 from metaprotocol_sdk.proxy.engine import Engine
@@ -530,15 +531,6 @@ def test_failover_priorities_are_carried_to_each_cluster_endpoint() -> None:
         endpoints["10.0.1.1"].priority_in(9090, None),
         endpoints["10.0.1.1"].priority_in(9090, "v1"),
     ) == (1, 2)
-    # Locality weights are checked per priority (as Envoy weighs localities within one).
-    snap = failover_snapshot(near, far)
-    for c in snap[CLUSTER_TYPE]:
-        c.common_lb_config.locality_weighted_lb_config.SetInParent()
-    translate(base(), resources(snap))
-    snap[ENDPOINT_TYPE][0].endpoints[1].load_balancing_weight.value = 7
-    translate(base(), resources(snap))  # the only locality of priority 1
-    snap[ENDPOINT_TYPE][0].endpoints[1].priority = 0
-    assert "locality weights not in proportion" in refusal(resources(snap))
     # An overprovisioning factor other than Envoy's default would change the loads.
     snap = failover_snapshot(near, far)
     snap[ENDPOINT_TYPE][0].policy.overprovisioning_factor.value = 200
@@ -546,6 +538,53 @@ def test_failover_priorities_are_carried_to_each_cluster_endpoint() -> None:
     assert "policy.overprovisioning_factor" in message and "140" in message
     snap[ENDPOINT_TYPE][0].policy.overprovisioning_factor.value = 140
     translate(base(), resources(snap))
+
+
+def test_locality_weights_are_carried_to_each_cluster_endpoint() -> None:
+    """``locality_weighted_lb_config`` (istiod's, for ``distribute``): each
+    LocalityLbEndpoints' locality and ``load_balancing_weight`` reach the endpoints of the
+    cluster it came in (an internal label per port and subset), so the engine picks a
+    locality by its weight first; without the cluster's config they are not read (as in
+    Envoy). It refused weights not in proportion to the endpoints'."""
+    near, far = [("10.0.0.1", 9090), ("10.0.0.2", 9090)], [("10.0.1.1", 9090)]
+    snap = failover_snapshot(near, far)
+    for cla in snap[ENDPOINT_TYPE]:
+        cla.endpoints[1].priority = 0  # both zones at one level
+        cla.endpoints[0].load_balancing_weight.value = 80
+        cla.endpoints[1].load_balancing_weight.value = 20
+    plain = translate(base(), resources(snap))
+    assert not any(
+        ep.locality_weight_in(9090, None) or ep.locality_weight_in(9090, "v1")
+        for ep in plain.services[HOST].endpoints
+    )
+    for c in snap[CLUSTER_TYPE]:
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+    endpoints = {
+        ep.address: ep for ep in translate(base(), resources(snap)).services[HOST].endpoints
+    }
+    assert {a: ep.locality_weight_in(9090, None) for a, ep in endpoints.items()} == {
+        "10.0.0.1": ("region/a/", 80),
+        "10.0.0.2": ("region/a/", 80),
+        "10.0.1.1": ("region/b/", 20),
+    }
+    assert endpoints["10.0.0.2"].locality_weight_in(9090, "v1") is None  # not in the subset
+    assert endpoints["10.0.1.1"].labels[locality_weight_label(9090, "v1")] == "20 region/b/"
+    # One locality given two weights at one priority: which one Envoy keeps is not said.
+    snap[ENDPOINT_TYPE][0].endpoints[1].locality.zone = "a"
+    assert "locality region/a/ at priority 0 has two weights, 80 and 20" in refusal(resources(snap))
+    # A hash ring: only weights in proportion to the endpoints' (Envoy sizes it by them).
+    snap = failover_snapshot(near, far)
+    for c in snap[CLUSTER_TYPE]:
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
+        c.lb_policy = cluster_pb2.Cluster.RING_HASH
+    for cla in snap[ENDPOINT_TYPE]:
+        cla.endpoints[1].priority = 0
+        cla.endpoints[0].load_balancing_weight.value = 2 * len(cla.endpoints[0].lb_endpoints)
+        cla.endpoints[1].load_balancing_weight.value = 2
+    ring = translate(base(), resources(snap))
+    assert not any(ep.locality_weight_in(9090, None) for ep in ring.services[HOST].endpoints)
+    snap[ENDPOINT_TYPE][0].endpoints[1].load_balancing_weight.value = 7
+    assert "not supported with a hash ring" in refusal(resources(snap))
 
 
 def test_refused_cluster_and_endpoint_fields() -> None:
@@ -1673,7 +1712,8 @@ def test_refused_endpoint_weights() -> None:
         f"EDS {ALL}: endpoint 127.0.0.1:20001 has load_balancing_weight 1, and 2 in {V1}: an "
         "endpoint has one weight in every cluster of its host"
     )
-    # Locality weights that would change the shares: refused with locality weighted balancing.
+    # Locality weights that change the shares: honoured with locality weighted balancing
+    # (they were refused), and read only with it.
     snap = snapshot()
     weigh(snap, {20001: 3})
     cla = snap[ENDPOINT_TYPE][0]
@@ -1683,11 +1723,14 @@ def test_refused_endpoint_weights() -> None:
     del cla.endpoints[0].lb_endpoints[2:]  # 20001 and 20002 (weights 3 + 1)
     cla.endpoints[0].load_balancing_weight.value = 4
     second.load_balancing_weight.value = 4  # 1 would be in proportion
-    translate(base(), resources(snap))  # without locality weighting Envoy ignores them
+    plain = translate(base(), resources(snap))  # without locality weighting Envoy ignores them
+    assert not any(ep.locality_weight_in(9090, None) for ep in plain.services[HOST].endpoints)
     snap[CLUSTER_TYPE][0].common_lb_config.locality_weighted_lb_config.SetInParent()
-    assert "locality weights not in proportion" in refusal(resources(snap))
-    second.load_balancing_weight.value = 1
-    assert endpoint_weights(translate(base(), resources(snap))) == {20001: 3, 20002: 1, 20003: 1}
+    weighted = translate(base(), resources(snap))
+    assert [ep.locality_weight_in(9090, None) for ep in weighted.services[HOST].endpoints] == [
+        ("local//", 4)
+    ] * 3
+    assert endpoint_weights(weighted) == {20001: 3, 20002: 1, 20003: 1}
 
 
 def test_clusters_of_the_mesh_no_route_sends_to_are_left_out_when_they_cannot_be_honoured() -> None:

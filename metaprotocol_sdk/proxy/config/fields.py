@@ -233,16 +233,9 @@ LOAD_BALANCER = fields(
         "warmup": "slow start (warm-up)",
     },
 )
-LOCALITY_LB = fields(
-    "enabled",
-    "failover",
-    "failoverPriority",
-    refused={
-        "distribute": "weighting the traffic between localities (locality weighted load "
-        "balancing); failover (the default) keeps it in the nearest healthy locality",
-    },
-)
+LOCALITY_LB = fields("enabled", "failover", "failoverPriority", "distribute")
 LOCALITY_FAILOVER = fields("from", "to")
+LOCALITY_DISTRIBUTE = fields("from", "to")
 _NO_HTTP_HASH = (
     "MetaProtocol requests have no {what}; hash on a metadata attribute with httpHeaderName "
     "(or on the client's address with useSourceIp)"

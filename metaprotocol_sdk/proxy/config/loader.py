@@ -37,7 +37,7 @@ from ..identity import (
     IdentityMaterial,
     load_identity,
 )
-from ..locality import locality_of_labels
+from ..locality import locality_of_labels, ordered_overlap, pattern_problem, unordered_overlap
 from ..matcher import compile_regex
 from ..telemetry import environment_labels, workload_from_environment
 from ..tls import (
@@ -73,6 +73,7 @@ from .models import (
     ListenerTls,
     ListenerTlsMode,
     LoadBalancer,
+    LocalityDistribute,
     LocalityLbSetting,
     LocalRateLimit,
     MeshIdentity,
@@ -886,7 +887,65 @@ def _locality_lb(doc: _Doc, lb: Mapping[str, Any], path: str) -> LocalityLbSetti
         if regions[0] in failover:
             doc.fail(f"{where}.from", f"region {regions[0]!r} has a failover rule already")
         failover[regions[0]] = regions[1]
-    return LocalityLbSetting(enabled, tuple(failover.items()), _failover_priority(doc, raw, path))
+    distribute = _distribute(doc, raw, path)
+    if distribute and failover:
+        doc.fail(f"{path}.distribute", "can not simultaneously specify 'distribute' and 'failover'")
+    if distribute and lb.get("consistentHash") is not None:
+        doc.fail(
+            f"{path}.distribute",
+            "not supported by this engine with consistentHash: Envoy sizes a hash ring by the "
+            "locality weights, the engine's ring by the endpoints' weights only",
+        )
+    ranked = _failover_priority(doc, raw, path)
+    return LocalityLbSetting(enabled, tuple(failover.items()), ranked, distribute)
+
+
+def _distribute(doc: _Doc, raw: Mapping[str, Any], path: str) -> tuple[LocalityDistribute, ...]:
+    """``localityLbSetting.distribute``, checked as istiod's ``validateLocalities`` does (each
+    ``to`` adds up to 100; patterns with one trailing ``*`` at most; a ``from`` that an
+    earlier one shadows is refused; ``to`` patterns may not overlap at all)."""
+    where = f"{path}.distribute"
+    out = []
+    for i, rule in enumerate(doc.sequence(raw, "distribute", where, required=False)):
+        rpath = f"{where}[{i}]"
+        if not isinstance(rule, dict):
+            doc.fail(rpath, "must be a mapping with from and to")
+        doc.check(rule, rpath, schema.LOCALITY_DISTRIBUTE)
+        origin = _locality_pattern(doc, rule.get("from"), f"{rpath}.from")
+        to = []
+        for pattern, weight in doc.mapping(rule, "to", f"{rpath}.to").items():
+            _locality_pattern(doc, pattern, f"{rpath}.to")
+            if type(weight) is not int or not 1 <= weight <= 100:
+                doc.fail(f"{rpath}.to.{pattern}", "locality weight must be in range [1, 100]")
+            to.append((pattern, weight))
+        total = sum(weight for _, weight in to)
+        if total != 100:
+            doc.fail(f"{rpath}.to", f"total locality weight {total} != 100")
+        both = unordered_overlap([pattern for pattern, _ in to])
+        if both is not None:
+            doc.fail(
+                f"{rpath}.to",
+                f"locality {both[1]} overlap with previous specified ones ({both[0]}): a "
+                "locality would match both, and istiod picks either at random",
+            )
+        out.append(LocalityDistribute(origin, tuple(to)))
+    shadowed = ordered_overlap([rule.origin for rule in out])
+    if shadowed is not None:
+        doc.fail(
+            f"{where}[{shadowed}].from",
+            f"locality {out[shadowed].origin} overlap with previous specified ones",
+        )
+    return tuple(out)
+
+
+def _locality_pattern(doc: _Doc, value: Any, path: str) -> str:
+    """A ``distribute`` locality pattern: ``region[/zone[/subzone]]``, ``*`` for the rest."""
+    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
+        doc.fail(path, f"must be a locality such as region/zone or region/*, got {value!r:.80}")
+    problem = pattern_problem(value)
+    if problem is not None:
+        doc.fail(path, problem)
+    return value
 
 
 #: Most labels a ``failoverPriority`` lists (each is one more priority level; Kubernetes'

@@ -74,6 +74,20 @@ def priority_label(port: int, subset: str | None) -> str:
     return f"{PRIORITY_LABEL}{port}" if subset is None else f"{PRIORITY_LABEL}{port}.{subset}"
 
 
+#: Where the xDS translation puts an endpoint's locality weight in one cluster with
+#: ``common_lb_config.locality_weighted_lb_config`` (EDS ``LocalityLbEndpoints``'
+#: ``load_balancing_weight`` and ``locality``): the label :func:`locality_weight_label` names
+#: holds ``"{weight} {region}/{zone}/{subzone}"``.
+LOCALITY_WEIGHT_LABEL = "xds.metaprotocol.io/locality-weight-"
+
+
+def locality_weight_label(port: int, subset: str | None) -> str:
+    """The label holding an endpoint's locality and locality weight in the cluster of a
+    service port and subset (see :meth:`Endpoint.locality_weight_in`)."""
+    name = LOCALITY_WEIGHT_LABEL
+    return f"{name}{port}" if subset is None else f"{name}{port}.{subset}"
+
+
 #: Istio's label of a workload with a sidecar (``istio``): automatic mutual TLS sends it
 #: ``ISTIO_MUTUAL``, and plain text to an endpoint without it (or with ``disabled``).
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
@@ -122,6 +136,15 @@ class Endpoint:
         value = self.labels.get(priority_label(port, subset))
         return int(value) if value is not None and value.isascii() and value.isdigit() else 0
 
+    def locality_weight_in(self, port: int, subset: str | None) -> tuple[str, int] | None:
+        """The endpoint's locality and its locality's weight in the cluster of ``port`` and
+        ``subset`` (from xDS: its :func:`locality_weight_label`); ``None``: not weighted."""
+        value = self.labels.get(locality_weight_label(port, subset))
+        if value is None:
+            return None
+        weight, _, locality = value.partition(" ")
+        return (locality, int(weight)) if weight.isascii() and weight.isdigit() else None
+
     def mesh_tls_in(self, port: int, subset: str | None) -> bool:
         """Whether automatic mutual TLS sends ``ISTIO_MUTUAL`` to this endpoint in the
         cluster of ``port`` and ``subset``: its ``tlsMode`` there (from xDS) is ``istio``,
@@ -150,15 +173,29 @@ class Service:
 
 
 @dataclass(frozen=True)
+class LocalityDistribute:
+    """One rule of ``localityLbSetting.distribute``: for an engine in a locality ``origin``
+    matches (Istio's ``from``), the share of traffic (percent, adding up to 100) of the
+    localities each pattern of ``to`` matches. Patterns are ``region[/zone[/subzone]]``,
+    ``*`` standing for the rest (a region alone: any zone of it)."""
+
+    origin: str
+    to: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class LocalityLbSetting:
     """Istio's ``loadBalancer.localityLbSetting``: locality failover on or off,
-    ``failover``: ``(from region, to region)`` pairs, and ``failover_priority``: the labels
+    ``failover``: ``(from region, to region)`` pairs, ``failover_priority``: the labels
     that order endpoints into failover priorities, each ``(label, value)`` with the value to
-    compare with (``None``: the engine's own label)."""
+    compare with (``None``: the engine's own label), and ``distribute``: locality weighted
+    load balancing (the first rule whose ``from`` matches the engine's locality applies;
+    with it, no failover)."""
 
     enabled: bool = True
     failover: tuple[tuple[str, str], ...] = ()
     failover_priority: tuple[tuple[str, str | None], ...] = ()
+    distribute: tuple[LocalityDistribute, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from ..config.models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
     Config,
+    locality_weight_label,
     priority_label,
     tls_mode_label,
 )
@@ -111,11 +112,12 @@ IGNORED: dict[str, dict[str, str]] = {
         "Envoy's default, 140, where endpoints have several priorities",
     },
     "LocalityLbEndpoints": {
-        "locality": "locality-aware load balancing is not done; istiod's locality failover "
-        "arrives as each locality's priority",
+        "locality": "read only with the cluster's common_lb_config.locality_weighted_lb_config "
+        "(locality weighted load balancing); istiod's locality failover arrives as each "
+        "locality's priority",
         "load_balancing_weight": "Envoy reads it only with the cluster's common_lb_config."
-        "locality_weighted_lb_config; then it is checked to be in proportion to the sums of "
-        "the localities' endpoint weights (as istiod writes it), which changes nothing",
+        "locality_weighted_lb_config, and so does the engine (a hash ring's must be in "
+        "proportion to the sums of the localities' endpoint weights)",
         "metadata": "opaque to load balancing",
     },
     "LbEndpoint": {
@@ -574,6 +576,9 @@ class _Endpoint(NamedTuple):
     priority: int
     #: Its ``envoy.transport_socket_match`` metadata says ``tlsMode: istio`` (a sidecar).
     mesh_tls: bool = False
+    #: Locality weighted balancing: its ``LocalityLbEndpoints``' locality
+    #: (``region/zone/subzone``) and ``load_balancing_weight`` (``None``: not weighted).
+    locality: tuple[str, int] | None = None
 
 
 @dataclass
@@ -1418,19 +1423,24 @@ def _mesh_tls(lb: Any) -> bool:
     )
 
 
-def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[_Endpoint]:
+def _endpoints(res: str, cla: Any, locality_weighted: bool, ring: bool) -> list[_Endpoint]:
     """The endpoints to route to, with their weights and failover priorities;
     ``locality_weighted``: the cluster has ``common_lb_config.locality_weighted_lb_config``
-    (Envoy then picks a locality of a priority level by its weight first, which only weights
-    in proportion to the endpoints' give the same traffic)."""
+    (Envoy then picks a locality of a priority level by its weight first): each endpoint gets
+    its locality and locality weight; ``ring``: the cluster hashes, and the weights must then
+    be in proportion to the localities' endpoint weights (as istiod writes them without
+    ``distribute``), which the ring's endpoint weights honour."""
     _check(res, cla, "", "ClusterLoadAssignment", {"cluster_name", "endpoints"})
     out = []
-    # Per priority: (locality weight, sum of its endpoint weights) of each locality.
-    localities: dict[int, list[tuple[int, int]]] = {}
+    # Per (priority, locality): its locality weight, and the sum of its endpoint weights.
+    localities: dict[tuple[int, str], tuple[int, int]] = {}
+    levels_seen: set[int] = set()
     for i, group in enumerate(cla.endpoints):
         gpath = f"endpoints[{i}]"
         _check(res, group, gpath, "LocalityLbEndpoints", {"lb_endpoints", "priority"})
         priority = group.priority
+        where = group.locality
+        locality = f"{where.region}/{where.zone}/{where.sub_zone}"
         total = 0
         for j, lb in enumerate(group.lb_endpoints):
             lpath = f"{gpath}.lb_endpoints[{j}]"
@@ -1463,30 +1473,46 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool) -> list[_Endpoint]:
                 raise XdsRefused(
                     res, f"{lpath}.endpoint.address.socket_address", "needs an address and a port"
                 )
-            out.append(_Endpoint(sa.address, sa.port_value, weight, priority, _mesh_tls(lb)))
+            share = (locality, group.load_balancing_weight.value) if locality_weighted else None
+            out.append(_Endpoint(sa.address, sa.port_value, weight, priority, _mesh_tls(lb), share))
         if group.lb_endpoints:
-            localities.setdefault(priority, []).append((group.load_balancing_weight.value, total))
+            levels_seen.add(priority)
+        if group.lb_endpoints and locality_weighted:
+            weight = group.load_balancing_weight.value
+            first, before = localities.setdefault((priority, locality), (weight, 0))
+            if first != weight:
+                raise XdsRefused(
+                    res,
+                    f"{gpath}.load_balancing_weight",
+                    f"locality {locality} at priority {priority} has two weights, {first} and "
+                    f"{weight}",
+                )
+            localities[priority, locality] = (weight, before + total)
     factor = cla.policy.overprovisioning_factor
     if (
-        len(localities) > 1
+        (len(levels_seen) > 1 or len(localities) > 1)
         and cla.policy.HasField("overprovisioning_factor")
         and factor.value != 140
     ):
         raise XdsRefused(
             res,
             "policy.overprovisioning_factor",
-            "only Envoy's default, 140, is supported with failover priorities",
+            "only Envoy's default, 140, is supported with failover priorities or locality weights",
         )
-    for level in localities.values() if locality_weighted else ():
-        first_weight, first_total = level[0]
-        if any(w * first_total != first_weight * t for w, t in level):
-            raise XdsRefused(
-                res,
-                "endpoints",
-                "locality weights not in proportion to the sums of their endpoints' "
-                "load_balancing_weight (locality weighted load balancing) are not supported",
-            )
-    return out
+    if not ring:
+        return out
+    levels: dict[int, list[tuple[int, int]]] = {}
+    for (priority, _), pair in localities.items():
+        levels.setdefault(priority, []).append(pair)
+    if all(w * level[0][1] == level[0][0] * t for level in levels.values() for w, t in level):
+        return [ep._replace(locality=None) for ep in out]
+    raise XdsRefused(
+        res,
+        "endpoints",
+        "locality weights not in proportion to the sums of their endpoints' "
+        "load_balancing_weight (locality weighted load balancing) are not supported with "
+        "a hash ring (Envoy sizes it by them, the engine by the endpoints' weights)",
+    )
 
 
 def _host_port(
@@ -1503,12 +1529,13 @@ def _host_port(
     if kind == "cluster_type":
         raise XdsRefused(res, "cluster_type", "custom cluster types are not supported")
     by_locality = c.common_lb_config.HasField("locality_weighted_lb_config")
+    ring = hashing is not None
     if c.type == 3:  # EDS
         service = c.eds_cluster_config.service_name or name
         cla = resources.endpoints.get(service)
-        eps = [] if cla is None else _endpoints(f"EDS {service}", cla, by_locality)
+        eps = [] if cla is None else _endpoints(f"EDS {service}", cla, by_locality, ring)
     elif c.type in (0, 1, 2):  # STATIC, STRICT_DNS, LOGICAL_DNS: inline endpoints
-        eps = _endpoints(res + " load_assignment", c.load_assignment, by_locality)
+        eps = _endpoints(res + " load_assignment", c.load_assignment, by_locality, ring)
     else:
         raise XdsRefused(res, "type", "ORIGINAL_DST clusters are not supported")
     return _HostPort(parsed, policy, hashing, eps, tls.origin if tls else {})
@@ -1769,7 +1796,7 @@ def _host_documents(
         seen = set()
         # istiod's automatic mutual TLS: the endpoints with a sidecar, in this cluster.
         auto = bool(hp.policy.get("tls", {}).get(AUTO_MTLS_KEY))
-        for address, port, weight, priority, mesh_tls in hp.endpoints:
+        for address, port, weight, priority, mesh_tls, locality in hp.endpoints:
             key = address if multi else (address, port)
             first, where = weights.setdefault(key, (weight, hp.name))
             if first != weight:
@@ -1798,6 +1825,9 @@ def _host_documents(
                 )
             if priority:  # the engine reads it back per cluster (Endpoint.priority_in)
                 entry["labels"][priority_label(hp.name.port, hp.name.subset)] = str(priority)
+            if locality is not None:  # read back per cluster (Endpoint.locality_weight_in)
+                label = locality_weight_label(hp.name.port, hp.name.subset)
+                entry["labels"][label] = f"{locality[1]} {locality[0]}"
             if auto and mesh_tls:  # read back per cluster (Endpoint.mesh_tls_in)
                 entry["labels"][tls_mode_label(hp.name.port, hp.name.subset)] = "istio"
             if hp.name.subset is not None:
