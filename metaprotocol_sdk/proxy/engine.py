@@ -44,6 +44,7 @@ from .mirror import MirrorSink
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
+from .slow_start import attach_slow_start, start_slow_starts
 from .stats import Counter, Stats, Value
 from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
@@ -428,6 +429,7 @@ class Engine:
             )
             cluster.namespace = service.namespace  # of the configuration being built
             attach_cluster(cluster, tls, mutual)
+            attach_slow_start(cluster, serving)
             if mutual is not None and not automatic:
                 build.plain_auto.append(name)
         build.clusters[name] = cluster
@@ -652,6 +654,7 @@ class Engine:
                     build, listener
                 )
             self.clusters, self._cluster_specs = build.clusters, build.specs
+            start_slow_starts(self.clusters.values())
             self.rate_limit_services = build.rls
             self._adopt_identity(build.identity)
             self._show_expiry()
@@ -932,6 +935,7 @@ class Engine:
         self.config_version = staged.version
         self.clusters = staged.build.clusters
         self._cluster_specs = staged.build.specs
+        start_slow_starts(self.clusters.values())
         self.listeners = listeners
         self._servers.update(staged.servers)
         self.listener_addresses = dict(staged.addresses)
