@@ -102,7 +102,7 @@ class SlowStart:
         #: The endpoints' own weights (a warming cluster's hosts have effective ones).
         self.endpoint_weights = [h.weight for h in cluster.hosts]
         self.interval = step_interval(warmup)
-        #: Balancer rebuilds made for the warm-up (``/config_dump``, tests).
+        #: Balancer rebuilds made for the warm-up.
         self.rebuilds = 0
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
@@ -111,6 +111,8 @@ class SlowStart:
     def warming(self) -> dict[str, float]:
         """Each endpoint balanced by less than its weight now (as of the last rebuild), with
         the part of its weight it has, in percent."""
+        if self._done:
+            return {}  # the endpoint weights again (or a cluster no longer serving)
         pairs = list(zip(self.cluster.hosts, self.endpoint_weights, strict=True))
         if all(host.weight == weight for host, weight in pairs):
             return {}  # balanced by the endpoint weights
