@@ -935,7 +935,7 @@ class Engine:
         self.config_version = staged.version
         self.clusters = staged.build.clusters
         self._cluster_specs = staged.build.specs
-        start_slow_starts(self.clusters.values())
+        start_slow_starts(self.clusters.values(), retired)
         self.listeners = listeners
         self._servers.update(staged.servers)
         self.listener_addresses = dict(staged.addresses)

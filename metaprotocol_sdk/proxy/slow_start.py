@@ -108,6 +108,11 @@ class SlowStart:
         self._done = False
 
     @property
+    def running(self) -> bool:
+        """Whether an update is scheduled."""
+        return self._timer is not None
+
+    @property
     def warming(self) -> dict[str, float]:
         """Each endpoint balanced by less than its weight now (as of the last rebuild), with
         the part of its weight it has, in percent."""
@@ -142,11 +147,19 @@ class SlowStart:
         if self._timer is None and not self._done:
             self._step()
 
+    def stop(self) -> None:
+        """No more updates (the cluster no longer serves): its balancer stays as it is,
+        for the requests it still has."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._done = True
+
     def _step(self) -> None:
         self._timer = None
         cluster = self.cluster
         if cluster.retired or cluster.engine.draining:
-            self._done = True  # its balancer stays as it is for the requests it still has
+            self.stop()
             return
         if not self.update():
             self._done = True
@@ -196,9 +209,13 @@ def warming_now(clusters: Iterable[Cluster]) -> dict[str, dict[str, float]]:
     return out
 
 
-def start_slow_starts(clusters: Iterable[Cluster]) -> None:
-    """Start the updates of the serving clusters that warm endpoints (at start and at each
-    reload's swap)."""
-    for cluster in clusters:
+def start_slow_starts(serving: Iterable[Cluster], retired: Iterable[Cluster] = ()) -> None:
+    """At start and at each reload's swap: start the updates of the serving clusters that
+    warm endpoints, and end those of the clusters a reload ``retired`` (replaced or
+    removed), rather than at their next step."""
+    for cluster in retired:
+        if cluster.slow_start is not None:
+            cluster.slow_start.stop()
+    for cluster in serving:
         if cluster.slow_start is not None:
             cluster.slow_start.start()

@@ -178,13 +178,15 @@ def test_reloads_keep_the_warm_up_of_the_endpoints_that_stay() -> None:
             assert third is not None and third.cluster is not second.cluster
             assert [third.starts[k] for k in keys[:3]] == [second.starts[k] for k in keys[:3]]
             assert sorted(third.warming) == sorted(keys[2:])
+            # The replaced cluster's updates end with the swap (not at its next step).
+            assert third.running and not second.running
             # An unchanged reload keeps the cluster itself.
             await engine.apply(loads_config(mesh_of(4, pooled), "warm.yaml"))
             assert engine.clusters[NAME].slow_start is third
             # Without warmup: no slow start, the endpoint weights (nothing per request).
             await engine.apply(loads_config(mesh_of(4, "{}"), "warm.yaml"))
             cluster = engine.clusters[NAME]
-            assert cluster.slow_start is None
+            assert cluster.slow_start is None and not third.running
             assert type(cluster.balancer).__name__ == "RoundRobin"
             # Back on: every endpoint starts again, together (none is favoured).
             await engine.apply(loads_config(mesh_of(4), "warm.yaml"))
