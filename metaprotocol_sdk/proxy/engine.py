@@ -654,7 +654,6 @@ class Engine:
                     build, listener
                 )
             self.clusters, self._cluster_specs = build.clusters, build.specs
-            start_slow_starts(self.clusters.values())
             self.rate_limit_services = build.rls
             self._adopt_identity(build.identity)
             self._show_expiry()
@@ -696,6 +695,7 @@ class Engine:
                 self._loop.set_exception_handler(None)
             raise
         self._schedule_sweep()
+        start_slow_starts(self.clusters.values())
         self.watchdog.start()
 
     def _budget(self, settings: ProxySettings) -> None:
