@@ -225,3 +225,23 @@ def test_an_ejection_rebuilds_with_the_warming_weights() -> None:
         await b.close()
 
     run(main())
+
+
+def test_a_window_of_one_millisecond_rebuilds_at_most_twice() -> None:
+    """The least window Istio accepts: the endpoint added is at its whole weight by the
+    first update after the swap, or the one after (a timer at the window's end), and the
+    cluster is back to the endpoint weights; nothing runs after."""
+
+    async def main() -> None:
+        ports = [refusing_port() for _ in range(3)]
+        warm = "{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 1ms}}}"
+        text = weighted_mesh([(p, "v1", 1) for p in ports[:2]], warm)
+        async with engine_for(text) as engine:
+            await engine.apply(loads_config(weighted_mesh([(p, "v1", 1) for p in ports], warm)))
+            slow = engine.clusters[NAME].slow_start
+            assert slow is not None
+            await until(lambda: not slow.running, "the end of a 1ms warm-up", timeout=5.0)
+            assert slow.warming == {} and slow.rebuilds <= 2
+            assert type(engine.clusters[NAME].balancer).__name__ == "RoundRobin"
+
+    run(main())
