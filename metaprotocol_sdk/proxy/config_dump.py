@@ -117,10 +117,16 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "hashAttribute": c.policy.hash_attribute,
                 **(_hashing(c.policy) if c.policy.policy == "CONSISTENT_HASH" else {}),
                 "endpoints": [h.key for h in c.hosts],
-                "weights": [h.weight for h in c.hosts],  # in the order of endpoints
+                "weights": (  # in the order of endpoints
+                    c.slow_start.endpoint_weights
+                    if c.slow_start is not None
+                    else [h.weight for h in c.hosts]
+                ),
                 "connectionPool": plain(c.pool),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],
+                # Slow start's settings (the endpoints warming: the "slowStart" section).
+                **({"warmup": plain(c.policy.warmup)} if c.policy.warmup is not None else {}),
                 # Failover priorities (xDS only): each endpoint's, and each level's load.
                 **(
                     {

@@ -44,6 +44,7 @@ from .mirror import MirrorSink
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
+from .slow_start import attach_slow_start, start_slow_starts
 from .stats import Counter, Stats, Value
 from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
@@ -434,6 +435,7 @@ class Engine:
             )
             cluster.namespace = service.namespace  # of the configuration being built
             attach_cluster(cluster, tls, mutual)
+            attach_slow_start(cluster, serving)
             if mutual is not None and not automatic:
                 build.plain_auto.append(name)
         build.clusters[name] = cluster
@@ -699,6 +701,7 @@ class Engine:
                 self._loop.set_exception_handler(None)
             raise
         self._schedule_sweep()
+        start_slow_starts(self.clusters.values())
         self.watchdog.start()
 
     def _budget(self, settings: ProxySettings) -> None:
@@ -938,6 +941,7 @@ class Engine:
         self.config_version = staged.version
         self.clusters = staged.build.clusters
         self._cluster_specs = staged.build.specs
+        start_slow_starts(self.clusters.values(), retired)
         self.listeners = listeners
         self._servers.update(staged.servers)
         self.listener_addresses = dict(staged.addresses)

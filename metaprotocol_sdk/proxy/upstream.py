@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .mirror import MirrorSink
     from .router import CompiledRoute, Target
+    from .slow_start import SlowStart
     from .streams import Stream
     from .telemetry import Identities
     from .tls import TlsStats
@@ -184,7 +185,8 @@ class UpstreamHost:
         #: The TLS identities its last connection presented, for Istio's series of the
         #: requests answered without one (``None``: none, plain text).
         self.istio: Identities | None = None
-        #: The endpoint's load balancing weight (``endpoints[].weight``; 1 when unset).
+        #: The endpoint's load balancing weight (``endpoints[].weight``; 1 when unset);
+        #: while its cluster warms endpoints, the weight to balance by (see slow_start.py).
         self.weight = weight
         #: The endpoint's failover priority in its cluster (EDS ``LocalityLbEndpoints``), 0
         #: (the first level) unless the cluster came over xDS with priorities.
@@ -278,6 +280,8 @@ class Cluster:
         #: from the start (they close once their replies are in, whenever that is).
         self.retired = False
         self.outlier: OutlierDetector | None = None
+        #: Warm-up of new endpoints (``loadBalancer.warmup``; set by ``attach_slow_start``).
+        self.slow_start: SlowStart | None = None
         if outlier is not None:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:

@@ -28,6 +28,7 @@ from metaprotocol_sdk.proxy.config.models import (
     LocalityDistribute,
     LocalityLbSetting,
     TrafficPolicy,
+    Warmup,
 )
 
 KV = "metaprotocol_sdk.examples.kv:KVCodec"
@@ -270,12 +271,36 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
     ),
     (
         "DestinationRule",
+        f"{POLICY}.loadBalancer.warmup",
+        {"duration": "90s", "minimumPercent": 5, "aggression": 2.5},
+        lambda c: _rule(c).load_balancer.warmup == Warmup(90.0, 5.0, 2.5),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.warmup",
+        {"duration": "1ms", "minimumPercent": 0},
+        lambda c: _rule(c).load_balancer.warmup == Warmup(0.001, 0.0, 1.0),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.warmupDurationSecs",
+        "60s",
+        lambda c: _rule(c).load_balancer.warmup == Warmup(60.0),
+    ),
+    (
+        "DestinationRule",
         f"{POLICY}.loadBalancer",
         {"consistentHash": {"useSourceIp": True}},
         lambda c: (
             _rule(c).load_balancer.policy == "CONSISTENT_HASH"
             and _rule(c).load_balancer.hash_attribute is None
         ),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer",
+        {"simple": "LEAST_CONN", "warmup": {"duration": "10s"}},
+        lambda c: _rule(c).load_balancer.warmup == Warmup(10.0),
     ),
     (
         "DestinationRule",
@@ -297,6 +322,12 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             _rule(c).load_balancer.maglev_table_size == 1021
             and _rule(c).load_balancer.ring_size is None
         ),
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer",
+        {"warmup": {"duration": "10s"}},  # the default policy
+        lambda c: _rule(c).load_balancer.warmup == Warmup(10.0),
     ),
     (
         "DestinationRule",
@@ -708,8 +739,6 @@ REFUSED: list[tuple[str, str, Any]] = [
         ("DestinationRule", f"{POLICY}.loadBalancer.{key}", value)
         for key, value in [
             ("zoneAwareLbSetting", {"enabled": True}),
-            ("warmupDurationSecs", "60s"),
-            ("warmup", {"duration": "60s"}),
         ]
     ),
     *(
@@ -739,6 +768,7 @@ WEIGHT = "spec.endpoints[0].weight"
 WEIGHT_RANGE = "must be an integer in [1, 4294967295]"
 
 CH = f"{POLICY}.loadBalancer.consistentHash"
+WARMUP = f"{POLICY}.loadBalancer.warmup"
 
 REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
     *(
@@ -777,6 +807,40 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
             ({"httpHeaderName": "u", "minimumRingSize": -1}, f"{CH}.minimumRingSize", "[0,"),
         ]
     ),
+    ("DestinationRule", WARMUP, {}, f"{WARMUP}.duration", "required field is missing"),
+    ("DestinationRule", WARMUP, {"minimumPercent": 5}, f"{WARMUP}.duration", "required"),
+    *(
+        ("DestinationRule", WARMUP, {"duration": d}, f"{WARMUP}.duration", words)
+        for d, words in [
+            ("0s", "must be positive"),
+            ("500us", "at least 1ms, in whole milliseconds"),
+            ("1500us", "at least 1ms, in whole milliseconds"),
+            ("soon", "invalid duration"),
+            ("9" * 400 + "s", "longer than 10000 years"),
+        ]
+    ),
+    (
+        "DestinationRule",
+        f"{POLICY}.loadBalancer.warmupDurationSecs",
+        "100us",
+        f"{POLICY}.loadBalancer.warmupDurationSecs",
+        "at least 1ms",
+    ),
+    *(
+        ("DestinationRule", WARMUP, {"duration": "1s", key: v}, f"{WARMUP}.{key}", words)
+        for key, v, words in [
+            ("minimumPercent", 150, "must be in [0, 100]"),
+            ("minimumPercent", -1, "must be in [0, 100]"),
+            ("minimumPercent", float("nan"), "must be a number"),
+            ("minimumPercent", "10%", "must be a number"),
+            ("aggression", 0, "must be greater than 0"),
+            ("aggression", -0.1, "must be greater than 0"),
+            ("aggression", float("inf"), "must be a number"),
+            ("aggression", True, "must be a number"),
+        ]
+    ),
+    ("DestinationRule", WARMUP, {"duration": "1s", "speed": 2}, f"{WARMUP}.speed", "unknown"),
+    ("DestinationRule", WARMUP, "60s", WARMUP, "must be a mapping"),
     ("ProxyConfig", CRL, {"tokenBucket": {}}, f"{CRL}.tokenBucket", "required field is missing"),
     (
         "ProxyConfig",
@@ -1360,3 +1424,35 @@ def test_a_group_port_settings_leave_out_has_its_default_with_a_warning(
         assert port.connection_pool.max_requests == 7
         assert port.connection_pool.max_connections is None  # not merged with the rule's
     assert rule.policy_for(9001).outlier_detection.consecutive_errors == 3  # other ports
+
+
+@pytest.mark.parametrize(
+    "lb",
+    [
+        {"simple": "RANDOM", "warmup": {"duration": "60s"}},
+        {"consistentHash": {"httpHeaderName": "u"}, "warmupDurationSecs": "60s"},
+    ],
+    ids=["random", "consistent-hash"],
+)
+def test_warmup_with_a_policy_istiod_sends_no_slow_start_for_is_dropped_with_a_caution(
+    lb: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """istiod writes Envoy's slow_start_config for ROUND_ROBIN and LEAST_REQUEST only: with
+    RANDOM or a hash ring the warmup is validated, then has no effect (said once)."""
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        config = load("DestinationRule", f"{POLICY}.loadBalancer", lb)
+    assert _rule(config).load_balancer.warmup is None
+    (warning,) = config_warnings(caplog)
+    assert "warmup has no effect with" in warning and "ROUND_ROBIN and LEAST_REQUEST" in warning
+    bad = {**lb, "warmup": {"duration": "60s", "aggression": 0}}
+    with pytest.raises(ConfigError, match="must be greater than 0"):
+        load("DestinationRule", f"{POLICY}.loadBalancer", bad)
+
+
+def test_warmup_wins_over_warmup_duration_secs(caplog: pytest.LogCaptureFixture) -> None:
+    lb = {"warmupDurationSecs": "60s", "warmup": {"duration": "5s"}}
+    with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
+        config = load("DestinationRule", f"{POLICY}.loadBalancer", lb)
+    assert _rule(config).load_balancer.warmup == Warmup(5.0)
+    (warning,) = config_warnings(caplog)
+    assert "warmupDurationSecs" in warning and "ignored" in warning

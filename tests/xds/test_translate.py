@@ -55,6 +55,7 @@ from metaprotocol_sdk.proxy.config.models import (
     LoadBalancer,
     TrafficPolicy,
     UpstreamTls,
+    Warmup,
     locality_weight_label,
     priority_label,
 )
@@ -259,7 +260,7 @@ def test_istiod_connection_pool_options_are_read_where_istiod_writes_them() -> N
 def test_a_balancer_s_own_settings_as_istiod_writes_them() -> None:
     """istiod writes ring_hash_lb_config (a minimum ring size of 1024) on every cluster of a
     consistentHash rule: it was refused, so any such rule was NACKed. Sizes and choice counts
-    are accepted; slow start (Istio's warmup, refused in a file) is refused here too."""
+    are accepted; slow start is read as Istio's warmup (see the next test)."""
     snap = snapshot(3)
     c = next(c for c in snap[CLUSTER_TYPE] if c.name == ALL)
     c.lb_policy = cluster_pb2.Cluster.RING_HASH
@@ -269,8 +270,45 @@ def test_a_balancer_s_own_settings_as_istiod_writes_them() -> None:
     c.ClearField("ring_hash_lb_config")
     c.least_request_lb_config.choice_count.value = 2
     translate(base(), resources(snap))
-    c.least_request_lb_config.slow_start_config.slow_start_window.seconds = 60
-    assert "least_request_lb_config.slow_start_config" in refusal(resources(snap))
+
+
+def test_slow_start_as_istiod_writes_it_is_istio_s_warmup() -> None:
+    """istiod writes a rule's warmup as slow_start_config in round_robin_lb_config or
+    least_request_lb_config (aggression as a RuntimeDouble with runtime key "(", the minimum
+    as a Percent): it was refused, NACKing the clusters. It is the cluster's warmup now, read
+    as Envoy reads it: from its own policy's config only, the window in whole milliseconds
+    (under 1ms: off), an aggression not above 0 as 1.0; a minimum above 100% is refused."""
+
+    def warmup_of(snap: dict[str, list[Any]]) -> Warmup | None:
+        return (
+            translate(base(), resources(snap)).destination_rules["hello.svc"].load_balancer.warmup
+        )
+
+    snap = snapshot(3)
+    c = next(c for c in snap[CLUSTER_TYPE] if c.name == ALL)
+    c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+    ss = c.least_request_lb_config.slow_start_config
+    ss.slow_start_window.seconds = 60
+    ss.aggression.default_value = 2.0
+    ss.aggression.runtime_key = "("
+    ss.min_weight_percent.value = 5
+    assert warmup_of(snap) == Warmup(60.0, 5.0, 2.0)
+    ss.slow_start_window.seconds, ss.slow_start_window.nanos = 0, 1_500_000  # 1.5ms: 1ms
+    ss.aggression.default_value = -1
+    ss.ClearField("min_weight_percent")
+    assert warmup_of(snap) == Warmup(0.001, 10.0, 1.0)
+    ss.slow_start_window.nanos = 999_999  # Envoy's window is 0 ms: no slow start
+    assert warmup_of(snap) is None
+    ss.slow_start_window.seconds = 30
+    c.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN  # Envoy reads round_robin_lb_config only
+    assert warmup_of(snap) is None
+    c.round_robin_lb_config.slow_start_config.slow_start_window.seconds = 45
+    assert warmup_of(snap) == Warmup(45.0)
+    c.lb_policy = cluster_pb2.Cluster.RANDOM
+    assert warmup_of(snap) is None
+    c.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+    c.round_robin_lb_config.slow_start_config.min_weight_percent.value = 150
+    assert "minimumPercent" in refusal(resources(snap))
 
 
 def test_a_dns_cluster_as_istiod_writes_it() -> None:

@@ -227,12 +227,13 @@ LOAD_BALANCER = fields(
     "simple",
     "consistentHash",
     "localityLbSetting",
+    "warmupDurationSecs",
+    "warmup",
     refused={
         "zoneAwareLbSetting": "zone-aware load balancing",
-        "warmupDurationSecs": "slow start (warm-up)",
-        "warmup": "slow start (warm-up)",
     },
 )
+WARMUP = fields("duration", "minimumPercent", "aggression")
 LOCALITY_LB = fields("enabled", "failover", "failoverPriority", "distribute")
 LOCALITY_FAILOVER = fields("from", "to")
 LOCALITY_DISTRIBUTE = fields("from", "to")

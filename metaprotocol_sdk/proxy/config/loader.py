@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
@@ -101,6 +102,7 @@ from .models import (
     TrafficPolicy,
     UpstreamTls,
     UpstreamTlsMode,
+    Warmup,
     Watchdog,
     Xds,
     XdsNode,
@@ -787,16 +789,79 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     if simple is not None and lb.get("consistentHash") is not None:
         doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
     locality = _locality_lb(doc, lb, f"{path}.loadBalancer.localityLbSetting")
-    if lb.get("consistentHash") is not None:
+    consistent = lb.get("consistentHash") is not None
+    warmup = _warmup(doc, lb, f"{path}.loadBalancer", "consistentHash" if consistent else simple)
+    if consistent:
         return _consistent_hash(doc, hashing, f"{path}.loadBalancer.consistentHash", locality)
-    if simple is None:
-        return LoadBalancer(locality=locality)  # set, with the default policy (replaces a rule's)
+    if simple is None:  # set, with the default policy (replaces a rule's)
+        return LoadBalancer(locality=locality, warmup=warmup)
     if simple not in _LB_SIMPLE:
         doc.fail(
             f"{path}.loadBalancer.simple",
             f"unknown policy {simple!r}; expected ROUND_ROBIN, RANDOM or LEAST_REQUEST",
         )
-    return LoadBalancer(_LB_SIMPLE[simple], locality=locality)
+    return LoadBalancer(_LB_SIMPLE[simple], locality=locality, warmup=warmup)
+
+
+def _warmup(doc: _Doc, lb: Mapping[str, Any], path: str, simple: str | None) -> Warmup | None:
+    """``loadBalancer.warmup`` (or the deprecated ``warmupDurationSecs``), validated as
+    istiod does whatever the policy, and kept only where istiod sends Envoy slow start:
+    ``ROUND_ROBIN`` and ``LEAST_REQUEST`` (``simple``: the policy's name, ``None`` for the
+    default one, ``"consistentHash"`` for a hash ring)."""
+    raw = doc.mapping(lb, "warmup", f"{path}.warmup", required=False)
+    if lb.get("warmup") is not None:
+        where = f"{path}.warmup"
+        doc.check(raw, where, schema.WARMUP)
+        duration = cast(float, _warmup_window(doc, raw, "duration", f"{where}.duration", True))
+        minimum = _warmup_number(doc, raw, "minimumPercent", f"{where}.minimumPercent", 10.0)
+        if not 0 <= minimum <= 100:
+            doc.fail(f"{where}.minimumPercent", f"must be in [0, 100], got {minimum!r}")
+        aggression = _warmup_number(doc, raw, "aggression", f"{where}.aggression", 1.0)
+        if not aggression > 0:
+            doc.fail(f"{where}.aggression", f"must be greater than 0, got {aggression!r}")
+        if lb.get("warmupDurationSecs") is not None:
+            doc.caution(f"{path}.warmupDurationSecs", "ignored: warmup is set (istiod uses it)")
+        warmup = Warmup(duration, minimum, aggression)
+    else:
+        key = "warmupDurationSecs"
+        seconds = _warmup_window(doc, lb, key, f"{path}.{key}", required=False)
+        if seconds is None:
+            return None
+        warmup = Warmup(seconds)
+    if simple in ("RANDOM", "consistentHash"):
+        doc.caution(
+            path,
+            f"warmup has no effect with {simple}: istiod sends Envoy slow start only for "
+            "ROUND_ROBIN and LEAST_REQUEST",
+        )
+        return None
+    return warmup
+
+
+def _warmup_window(
+    doc: _Doc, raw: Mapping[str, Any], key: str, path: str, required: bool
+) -> float | None:
+    """A warm-up duration: at least 1ms, in whole milliseconds (Istio's check of
+    ``warmup.duration``; Envoy counts the window in milliseconds)."""
+    if required:
+        doc.get(raw, key, path, required=True)
+    seconds = doc.duration(raw, key, path)
+    if seconds is None:
+        return None
+    millis = seconds * 1000
+    if millis < 1 or abs(millis - round(millis)) > 1e-6 * max(1.0, millis):
+        doc.fail(path, f"must be at least 1ms, in whole milliseconds, got {raw[key]!r:.40}")
+    return seconds
+
+
+def _warmup_number(doc: _Doc, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
+    """A finite number (Istio's ``DoubleValue``), ``default`` when unset."""
+    value = doc.get(raw, key, path)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        doc.fail(path, f"must be a number, got {value!r:.40}")
+    return float(value)
 
 
 def _consistent_hash(

@@ -217,6 +217,21 @@ class LoadBalancer:
     ring_size: int | None = None
     ring_maximum: int | None = None
     maglev_table_size: int | None = None
+    #: Slow start of new endpoints (``warmup``; ``ROUND_ROBIN`` and ``LEAST_REQUEST`` only).
+    warmup: Warmup | None = None
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Istio's ``loadBalancer.warmup`` (or ``warmupDurationSecs``), Envoy's slow start: an
+    endpoint new to a cluster takes a growing part of its share for ``duration`` seconds
+    (see :mod:`~metaprotocol_sdk.proxy.slow_start`)."""
+
+    duration: float
+    #: The least part of its weight an endpoint warming has, in percent (Envoy's default 10).
+    minimum_percent: float = 10.0
+    #: How fast the share grows: 1.0 linearly, more is faster at first.
+    aggression: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ IGNORED: dict[str, dict[str, str]] = {
         "hash_function": "the engine hashes with BLAKE2b: which endpoint a key goes to "
         "differs from Envoy's either way",
     },
+    "RuntimeDouble": {"runtime_key": "the engine has no runtime: default_value applies"},
     "LeastRequestLbConfig": {
         "choice_count": "the engine compares every endpoint's requests in flight",
         "active_request_bias": "fixed at Envoy's default, 1.0, for unequal weights",
@@ -621,6 +622,37 @@ def _http_options(
         http["maxRequestsPerConnection"] = opts.max_requests_per_connection.value
 
 
+#: The balancer config whose ``slow_start_config`` each ``lb_policy`` reads (Envoy ignores
+#: the other's, and every other policy's: istiod writes it for these two only).
+_SLOW_START = {0: "round_robin_lb_config", 1: "least_request_lb_config"}
+
+
+def _slow_start(res: str, c: Any) -> dict[str, Any] | None:
+    """The cluster's ``slow_start_config`` as Istio's ``loadBalancer.warmup`` (``None``:
+    none, or a window under 1ms, which Envoy counts as 0: off)."""
+    name = _SLOW_START.get(c.lb_policy)
+    if name is None or not c.HasField(name) or not getattr(c, name).HasField("slow_start_config"):
+        return None
+    path = f"{name}.slow_start_config"
+    ss = getattr(c, name).slow_start_config
+    _check(
+        res, ss, path, "SlowStartConfig", {"slow_start_window", "aggression", "min_weight_percent"}
+    )
+    millis = int(_seconds(ss.slow_start_window) * 1000)  # Envoy's window, in whole ms
+    if millis <= 0:
+        return None
+    warmup: dict[str, Any] = {"duration": f"{millis}ms"}
+    if ss.HasField("min_weight_percent"):
+        _check(res, ss.min_weight_percent, f"{path}.min_weight_percent", "Percent", {"value"})
+        warmup["minimumPercent"] = ss.min_weight_percent.value  # the loader checks 0-100
+    if ss.HasField("aggression"):
+        _check(res, ss.aggression, f"{path}.aggression", "RuntimeDouble", {"default_value"})
+        aggression = ss.aggression.default_value
+        if aggression > 0:  # else (or NaN) Envoy uses 1.0, the default
+            warmup["aggression"] = aggression
+    return warmup
+
+
 def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     _check(
         res,
@@ -648,19 +680,22 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
         },
     )
     # The balancer's own settings (istiod writes a ring's minimum size for every
-    # consistentHash): read for what changes traffic (slow start refused).
+    # consistentHash): read for what changes traffic (slow start: above).
     for name, kind in (
         ("least_request_lb_config", "LeastRequestLbConfig"),
         ("round_robin_lb_config", "RoundRobinLbConfig"),
     ):
         if c.HasField(name):
-            _check(res, getattr(c, name), name, kind, set())
+            _check(res, getattr(c, name), name, kind, {"slow_start_config"})
     policy: dict[str, Any] = {}
     hashing = _hashing(res, c)
     if hashing is None:
         if c.lb_policy not in _LB:
             raise XdsRefused(res, "lb_policy", f"load balancer {c.lb_policy} is not supported")
         policy["loadBalancer"] = {"simple": _LB[c.lb_policy]}
+        warmup = _slow_start(res, c)
+        if warmup is not None:
+            policy["loadBalancer"]["warmup"] = warmup
     tcp: dict[str, Any] = {}
     http: dict[str, Any] = {}
     if c.HasField("connect_timeout") and _seconds(c.connect_timeout) > 0:
