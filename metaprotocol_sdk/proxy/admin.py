@@ -196,8 +196,10 @@ class _AdminServer:
         self.settings = settings
         self.active = 0
         self._dump: bytes | None = None
-        #: The reload ``_dump`` was built after (``None``: the configuration at start).
+        #: The reload ``_dump`` was built after (``None``: the configuration at start), and
+        #: the engine's count of balancer rebuilds then (the clusters' ejected endpoints).
         self._dump_of: object = None
+        self._dump_rebalances = -1
         #: The engine's own dump sections (``Engine.dump_sections``) ``_dump`` was built with.
         self._sections: dict[str, Any] = {}
         self._page: bytes | None = None
@@ -235,7 +237,8 @@ class _AdminServer:
             return _response(200, "LIVE\n") if engine.ready else _response(503, "DRAINING\n")
         if path == "/config_dump":
             # Built once per configuration: a reload (applied or refused) builds it again, and
-            # so does a change of a section that changes by itself (the xDS client's state).
+            # so does a change of a section that changes by itself (the xDS client's state)
+            # or of the clusters' health (an ejection or readmission since the last build).
             # Those sections are small next to the model and cheap to compare; rebuilt at every
             # request, the whole dump of a large configuration from a control plane (150 000
             # endpoints: 0.15 s) held the event loop once per request.
@@ -243,11 +246,13 @@ class _AdminServer:
             if (
                 self._dump is None
                 or self._dump_of is not engine.last_reload
+                or self._dump_rebalances != engine.rebalances
                 or sections != self._sections
             ):
                 text = json.dumps(engine.config_dump(), indent=2, default=str) + "\n"
                 self._dump = _response(200, text, "application/json")
                 self._dump_of = engine.last_reload
+                self._dump_rebalances = engine.rebalances
                 self._sections = sections
             return self._dump
         if path in STATS_PATHS:

@@ -299,6 +299,10 @@ class Engine:
         self.config_version = config_version(config)
         #: The last :meth:`apply` (``None``: none yet), shown in ``/config_dump``.
         self.last_reload: ReloadRecord | None = None
+        #: Balancers rebuilt for a change of health (ejections, readmissions, slow start):
+        #: ``/config_dump`` shows each cluster's ejected endpoints and priority load, so a
+        #: dump built before the last one is stale.
+        self.rebalances = 0
         self._reloading: asyncio.Lock | None = None
         #: Deadlines of the drains reloads started (cancelled by :meth:`stop`).
         self._drain_timers: set[asyncio.TimerHandle] = set()

@@ -315,6 +315,7 @@ class Cluster:
 
     def rebalance(self) -> None:
         """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
+        self.engine.rebalances += 1
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
             self.balancer, self.priority_load = priority_balancer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from proxy_kit import (
     build_frame,
     engine_for,
     error_type,
+    http_get,
     mesh,
     refusing_port,
     run,
@@ -435,5 +437,41 @@ def test_split_mode_detector_counts() -> None:
             detector.gateway_error(host)
             assert host.ejected
         await a.close()
+
+    run(main())
+
+
+def test_config_dump_shows_ejections_made_after_it_was_first_built() -> None:
+    """``/config_dump`` is built once per configuration; an ejection or readmission after a
+    first dump did not show (``ejected`` stayed ``[]`` while an endpoint was out)."""
+
+    async def main() -> None:
+        good = await Upstream("good").start()
+        outlier = (
+            "{consecutiveGatewayErrors: 1, baseEjectionTime: 1s, interval: 100ms,"
+            " maxEjectionPercent: 50}"
+        )
+        text = mesh(
+            [(refusing_port(), "v1"), (good.port, "v1")], traffic_policy=policy("", outlier)
+        )
+
+        async def dumped_ejections() -> list[object]:
+            assert engine.admin_address is not None
+            status, body = await http_get(engine.admin_address, "/config_dump")
+            assert status == 200
+            clusters = json.loads(body)["clusters"]
+            (cluster,) = [c for c in clusters if c["name"] == "outbound|9000||svc.test"]
+            return list(cluster["ejected"])
+
+        async with engine_for(text) as engine:
+            assert await dumped_ejections() == []
+            c = await Client.connect(address(engine))
+            results = [error_type(await c.call()) for _ in range(2)]
+            assert results.count("UpstreamConnectFailure") == 1 and ejected(engine) == 1
+            assert len(await dumped_ejections()) == 1
+            await until(lambda: ejected(engine) == 0)
+            assert await dumped_ejections() == []
+            c.close()
+        await good.close()
 
     run(main())
