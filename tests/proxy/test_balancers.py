@@ -380,3 +380,13 @@ def test_a_priority_balancer_hashes_the_source_ip_to_a_level() -> None:
     first = {c.ip: lb.pick(request(), c) for c in clients}
     assert {h.key for h in first.values() if h is not None} == {"a", "b", "c"}
     assert all(lb.pick(request(), FakeClient(ip)) is h for ip, h in first.items())
+
+
+def test_least_request_draws_two_distinct_hosts_uniformly() -> None:
+    hosts = [FakeHost(f"h{i}") for i in range(5)]
+    hosts[0].active = 100  # the busiest host wins only a pair of itself: never
+    picks = Counter(
+        h.key for h in (LeastRequest(hosts, seed=3).pick(request()) for _ in range(4000)) if h
+    )
+    assert "h0" not in picks
+    assert all(850 <= picks[f"h{i}"] <= 1150 for i in range(1, 5)), picks  # 1000 each
