@@ -815,6 +815,8 @@ class Downstream(asyncio.Protocol):
         ``avoid`` the endpoint that just failed: a retry prefers another)."""
         target = route.single or route.pick()
         cluster = target.cluster
+        if cluster is not None and cluster.retired:  # routed before a reload
+            cluster = cluster.serving()
         if cluster is None:
             self.local_reply(
                 message,
@@ -1065,6 +1067,8 @@ class Downstream(asyncio.Protocol):
             return
         target = mirror.target
         cluster = target.cluster
+        if cluster is not None and cluster.retired:  # routed before a reload
+            cluster = cluster.serving()
         engine = self.engine
         sink = engine.mirror_sink
         if cluster is None:
@@ -1228,6 +1232,8 @@ class Downstream(asyncio.Protocol):
         """The router for a one-way message: forwarded, never retried, counted."""
         target = route.pick()
         cluster = target.cluster
+        if cluster is not None and cluster.retired:  # routed before a reload
+            cluster = cluster.serving()
         host = None if cluster is None else cluster.balancer.pick(message, self)
         if cluster is None or host is None:
             status = ErrorType.ClusterNotFound if cluster is None else ErrorType.NoHealthyUpstream
@@ -1334,8 +1340,8 @@ class Downstream(asyncio.Protocol):
         del self.waiting[p]
         engine = self.engine
         p.host.active -= 1
-        if p.tries:
-            p.target.cluster.retrying -= 1  # type: ignore[union-attr]
+        if p.tries:  # the cluster that counted it (after a reload, not the route's own)
+            p.conn.cluster.retrying -= 1
         self.inflight -= 1
         self.inflight_bytes -= p.held
         engine.buffered -= p.held

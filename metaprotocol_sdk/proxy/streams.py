@@ -238,7 +238,7 @@ class Stream:
         open, no endpoint or connection allowed)."""
         downstream = self.downstream
         route = self.route
-        cluster = self.conn.cluster
+        cluster = self.conn.cluster.serving()  # a reload since the last try: the new one
         failed = self.host
         host = cluster.pick_other(self.init, failed, downstream)
         if host is None:
@@ -517,6 +517,8 @@ def open_stream(
         downstream.local_reply(message, ErrorType.OverLimit, why, route, target)
         return
     cluster = target.cluster
+    if cluster is not None and cluster.retired:  # routed before a reload (held by a filter)
+        cluster = cluster.serving()
     if cluster is None:
         why = f"unknown cluster {target.name}"
         downstream.local_reply(message, ErrorType.ClusterNotFound, why, route, target)

@@ -398,6 +398,20 @@ class Cluster:
         )
         return self.engine.upstream_refusal()
 
+    def serving(self) -> Cluster:
+        """The cluster for a try of a request routed to this one: itself, or, once a reload
+        has replaced it, its successor of the same name, as Envoy looks a cluster up by name
+        at each try (a request routed before the reload, held by a filter or retried, goes to
+        the endpoints of now, not to those the reload removed). When the reload removed the
+        cluster (or gave its port another codec), itself still: it drains, and the request
+        was routed to it."""
+        if not self.retired:
+            return self
+        now = self.engine.clusters.get(self.name)
+        if now is None or now.protocol.codec_class is not self.protocol.codec_class:
+            return self
+        return now
+
     def pick_other(
         self, metadata: Metadata, avoid: UpstreamHost, client: Client | None = None
     ) -> UpstreamHost | None:

@@ -317,11 +317,11 @@ def test_a_retry_that_fails_frees_its_place_under_max_retries() -> None:
     run(main())
 
 
-def test_a_connection_a_held_request_opens_to_a_removed_cluster_closes_after_its_reply() -> None:
-    """A fault delays a request past a reload that replaced its cluster and past the reload's
-    drain deadline: the request still goes to its own route's (old) endpoint, on a connection
-    that closes once its reply is in. Before, that connection stayed open for good: the drain
-    deadline that closes the old cluster's connections had passed, and nothing else would."""
+def test_a_request_held_past_a_reload_goes_to_the_endpoints_of_now() -> None:
+    """A fault delays a request past a reload that replaced its cluster's endpoint and past
+    the reload's drain deadline: the request keeps the route it matched, and goes to the
+    cluster of that name as the reload left it, as Envoy looks a cluster up by name when its
+    router runs. It went to the endpoint the reload removed, on a connection opened for it."""
     router = """\
     - name: delayed
       route: [{destination: {host: svc.test}}]
@@ -336,16 +336,45 @@ def test_a_connection_a_held_request_opens_to_a_removed_cluster_closes_after_its
             reply = c.start()
             await until(lambda: engine.pending == 1, "the request held by the delay")
             await engine.apply(loads_config(mesh([(new.port, "v1")], router=router, proxy=proxy)))
-            assert (await asyncio.wait_for(reply, 2)).attributes["server"] == "old"
+            assert (await asyncio.wait_for(reply, 2)).attributes["server"] == "new"
+            assert old.accepted == 0 and not old.received
             serving = set(engine.clusters.values())
-            await until(
-                lambda: all(u.cluster in serving for u in engine.upstreams),
-                "the removed cluster's last connection closed",
-                timeout=2,
-            )
-            await until(lambda: not old.connections, "the old endpoint's connection closed")
+            assert all(u.cluster in serving for u in engine.upstreams)
             assert (await c.call()).attributes["server"] == "new"
             outcomes_agree(engine, ["Ok", "Ok"])
+            c.close()
+        await old.close()
+        await new.close()
+
+    run(main())
+
+
+def test_a_retry_after_a_reload_goes_to_the_endpoints_of_now() -> None:
+    """A request's first try hangs at an endpoint a reload then removes; its retry (after
+    ``perTryTimeout``) went to the removed endpoint again, on the route's old cluster, and
+    the client got Timeout. It goes to the cluster of that name as the reload left it."""
+    router = """\
+    - name: retried
+      route: [{destination: {host: svc.test}}]
+      timeout: 5s
+      retries: {attempts: 2, perTryTimeout: 300ms, retryOn: timeout}
+    """
+
+    async def main() -> None:
+        old, new = await Upstream("old").start(), await Upstream("new").start()
+        new.release.set()  # "slow" hangs at old, is answered at once by new
+        async with engine_for(mesh([(old.port, "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            reply = c.start("slow")
+            await until(lambda: len(old.received) == 1, "the first try at the old endpoint")
+            await engine.apply(loads_config(mesh([(new.port, "v1")], router=router)))
+            answer = await asyncio.wait_for(reply, 4)
+            assert error_type(answer) is None and answer.attributes["server"] == "new"
+            assert len(old.received) == 1
+            (cluster,) = engine.clusters.values()
+            assert cluster.retrying == 0  # the retry's place was given back where it was taken
+            old.release.set()  # its answer, late, answers nobody
+            await until(lambda: not old.connections, "the removed endpoint's connection closed")
             c.close()
         await old.close()
         await new.close()
