@@ -4,13 +4,15 @@ The contract lets a codec raise only :class:`~metaprotocol_sdk.errors.CodecError
 ``MutationError`` from ``encode``), and the kit checks it; but a codec run in production may
 still have a bug that some input reaches (an ``IndexError`` on a short field, a
 ``UnicodeDecodeError``, a ``RecursionError`` on nested data). The engine catches it where it
-calls the codec and treats it as bytes the codec cannot read: it costs that connection at
-most (see the callers), never the process or another client's requests.
+calls the codec and treats it as bytes the codec cannot read: it costs that connection at most
+(see the callers), never the process or another client's requests.
 
-Each such exception is counted in ``metaprotocol_codec_errors_total{codec, method}`` and
-logged as one line (the codec, its method, the exception's type and the start of its message,
-never a traceback), at most one line per :data:`LOG_INTERVAL` per process, with how many were
-left out since the last: a client that reaches the bug with every frame cannot flood the log.
+Each such exception, and each breach the engine sees in what a codec returned (a reply to a
+request whose new id its ``encode`` did not write: :meth:`CodecBugs.misbehaved`), is counted in
+``metaprotocol_codec_errors_total{codec, method}`` and logged as one line (the codec, its
+method, the exception's type and the start of its message, never a traceback), at most one line
+per :data:`LOG_INTERVAL` per process, with how many were left out since the last: a client that
+reaches the bug with every frame cannot flood the log.
 """
 
 from __future__ import annotations
@@ -84,6 +86,42 @@ class CodecBugs:
         self._logged = float("-inf")
         self._quiet = 0
 
+    def misbehaved(self, codec: object, method: str, what: str) -> None:
+        """Count and log (rate-limited, as :meth:`report`) a breach of the contract seen in
+        what ``codec``'s ``method`` did, without an exception: ``what``, one line."""
+        self._count(codec, method)
+        if self._may_log():
+            log.error(
+                "codec %s: %s: %s, a bug in the codec%s",
+                codec_name(codec),
+                method,
+                what,
+                self._more(),
+            )
+
+    def _count(self, codec: object, method: str) -> None:
+        key = (codec if isinstance(codec, type) else type(codec), method)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self._stats.counter(
+                "metaprotocol_codec_errors_total", codec=codec_name(codec), method=method
+            )
+        counter.value += 1
+
+    def _may_log(self) -> bool:
+        """Whether a line may be logged now (else it is counted among the left out)."""
+        now = monotonic()
+        if now - self._logged < LOG_INTERVAL:
+            self._quiet += 1
+            return False
+        return True
+
+    def _more(self) -> str:
+        """How many lines were left out since the last, for the line logged now."""
+        more = f" ({self._quiet} more since the last)" if self._quiet else ""
+        self._logged, self._quiet = monotonic(), 0
+        return more
+
     def report(self, codec: object, method: str, exc: BaseException, outcome: str) -> str:
         """Count ``exc``, raised by ``codec``'s ``method`` (``codec`` a class for its
         ``__init__``), and log it (rate-limited) with
@@ -92,20 +130,11 @@ class CodecBugs:
         error reply may say of it (a bug's message is left out: it may quote wire bytes)."""
         if isinstance(exc, CodecError):
             return str(exc)
-        key = (codec if isinstance(codec, type) else type(codec), method)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self._stats.counter(
-                "metaprotocol_codec_errors_total", codec=codec_name(codec), method=method
-            )
-        counter.value += 1
+        self._count(codec, method)
         reason = f"the codec failed ({method} raised {type(exc).__name__})"
-        now = monotonic()
-        if now - self._logged < LOG_INTERVAL:
-            self._quiet += 1
+        if not self._may_log():
             return reason
-        more = f" ({self._quiet} more since the last)" if self._quiet else ""
-        self._logged, self._quiet = now, 0
+        more = self._more()
         log.error(
             "codec %s: %s raised %s, a bug in the codec (it may raise only CodecError): %s%s",
             codec_name(codec),

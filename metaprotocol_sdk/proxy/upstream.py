@@ -459,6 +459,10 @@ class Cluster:
         return conns[i]
 
 
+#: Unmatched replies on a shared connection checked for an id the codec did not write.
+ID_CHECKS = 8
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream host."""
 
@@ -478,6 +482,7 @@ class UpstreamConnection(asyncio.Protocol):
         "expired",
         "held",
         "host",
+        "id_checks",
         "idle_since",
         "istio",
         "limit_requests",
@@ -533,6 +538,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.queued: list[bytes | memoryview] = []
         #: Shared mode: requests in flight by wire id.
         self.pending: dict[int, Pending] = {}
+        #: Unmatched replies checked for an id the codec did not write (see ``_unmatched``).
+        self.id_checks = 0
         # Dedicated mode: requests in flight in arrival order and by request id, so that a
         # reply pairs in O(1) with the first request of its id, else with the oldest.
         self.order: OrderedDict[int, Pending] = OrderedDict()
@@ -985,7 +992,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if p is not None:
                     p.downstream.finish(p, message, batch)
                 else:
-                    self.cluster.unmatched_reply()
+                    self._unmatched(message.request_id)
             elif kind is _HEARTBEAT:
                 self._heartbeat(message)
             else:  # a request, one-way or stream frame: an upstream sends none of them
@@ -1124,7 +1131,7 @@ class UpstreamConnection(asyncio.Protocol):
             if p is not None:
                 p.downstream.finish(p, message, batch)
             else:
-                self.cluster.unmatched_reply()
+                self._unmatched(message.request_id)
         elif kind is _HEARTBEAT:
             self._heartbeat(message)
         else:
@@ -1278,8 +1285,33 @@ class UpstreamConnection(asyncio.Protocol):
         if p is not None:
             p.downstream.forward(p, frame, status, batch)
         else:  # a reply nobody waits for (any more): dropped
-            self.cluster.unmatched_reply()
+            self._unmatched(wire_id)
         return True
+
+    def _unmatched(self, reply_id: int) -> None:
+        """Count a reply nobody waits for (it is dropped). On a shared connection, the first
+        few are also checked against the requests in flight: a reply carrying the id a
+        client gave its request, rather than the one the engine gave it on this connection,
+        means the codec's ``encode`` did not write the ``request_id`` it was given (the kit's
+        ``mutation_with_request_id`` check). That request then waits for its timeout: the
+        codec is named in the log and in ``metaprotocol_codec_errors_total{method="encode"}``
+        (at most :data:`ID_CHECKS` scans of the requests in flight per connection)."""
+        self.cluster.unmatched_reply()
+        if not self.shared or self.id_checks >= ID_CHECKS:
+            return
+        self.id_checks += 1
+        for p in self.pending.values():
+            request = p.request
+            if request is not RELEASED and request.request_id == reply_id != p.wire_id:
+                self.id_checks = ID_CHECKS  # once per connection is enough to say it
+                self.engine.codec_bugs.misbehaved(
+                    self.codec,
+                    "encode",
+                    f"a reply on cluster {self.cluster.name} carried id {reply_id}, the id "
+                    f"the client gave its request, not the id {p.wire_id} encode was asked to "
+                    "write: requests wait for their timeout, their replies are dropped",
+                )
+                return
 
     def _candidate(self, wire_id: int) -> Pending | None:
         """Dedicated mode: the request a reply with ``wire_id`` pairs with (the first with

@@ -1,0 +1,65 @@
+"""A codec that declares ``rewrite_request_id`` but whose ``encode`` does not write the new id
+it is given: on a shared upstream connection, the upstream answers with the client's id,
+which no request on that connection has. The request waits for its timeout (the reply cannot
+be told apart from another client's), and the engine names the codec: one log line and
+``metaprotocol_codec_errors_total{method="encode"}``. Before, only the unmatched replies
+counter grew, with nothing saying why (the kit's ``mutation_with_request_id`` finds it)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run
+
+from metaprotocol_sdk import Encoded, Metadata, Mutation
+from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.proxy import codec_bugs
+
+#: By this module's own name: by its file name the engine would import a second copy of it.
+CODEC = f"{__name__}:IdKeepingKV"
+ROUTER = """\
+- name: all
+  route: [{destination: {host: svc.test}}]
+  timeout: 300ms
+"""
+
+
+class IdKeepingKV(KVCodec):
+    """The KV codec with a bug: ``encode`` keeps the frame's own id, whatever it is given."""
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        return super().encode(message, mutation)
+
+
+def test_a_codec_that_does_not_write_the_new_request_id_is_named(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(codec_bugs, "LOG_INTERVAL", 3600.0)
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=ROUTER, codec=CODEC)) as engine:
+            c = await Client.connect(address(engine))
+            seen = [error_type(await c.call(rid=7777 + i)) for i in range(3)]
+            assert seen == ["Timeout"] * 3  # a reply by the client's id cannot be delivered
+            errors: Any = engine.stats.total(
+                "metaprotocol_codec_errors_total", codec=CODEC, method="encode"
+            )
+            assert errors == 1  # said once per connection, not per reply
+            unmatched = engine.stats.total("metaprotocol_upstream_unmatched_replies_total")
+            assert unmatched == 3
+            c.close()
+        await up.close()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert (
+        f"codec {CODEC}: encode: a reply on cluster outbound|9000||svc.test carried id 7777"
+        in (lines[0])
+    )
