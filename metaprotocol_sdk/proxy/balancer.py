@@ -489,6 +489,36 @@ class PriorityBalancer(Balancer[H]):
         return None if chosen is None else chosen.balancer.pick(metadata, client)
 
 
+class Locality(Generic[H]):
+    """One locality of a level as :class:`LocalityBalancer` chooses between them: its
+    effective weight, and the balancer of its healthy hosts."""
+
+    def __init__(self, name: str, weight: int, balancer: Balancer[H]) -> None:
+        self.key = name
+        #: Its effective weight: its locality weight, times its availability when some
+        #: locality of the level is short of it.
+        self.weight = weight
+        self.active = 0
+        self.balancer = balancer
+
+
+class LocalityBalancer(Balancer[H]):
+    """Envoy's locality weighted load balancing within one priority level: a locality by a
+    smooth weighted round robin over the effective weights (a walk of a precomputed
+    schedule, as :class:`WeightedRoundRobin`), then a host
+    of it by its own balancer. Built only by
+    :func:`~metaprotocol_sdk.proxy.priority.locality_balancer`."""
+
+    def __init__(self, localities: Sequence[Locality[H]]) -> None:
+        super().__init__([h for locality in localities for h in locality.balancer.hosts])
+        self.localities = list(localities)
+        self._chooser = WeightedRoundRobin(self.localities)
+
+    def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
+        chosen = self._chooser.pick(metadata)
+        return None if chosen is None else chosen.balancer.pick(metadata, client)
+
+
 def _equal(hosts: Sequence[Host]) -> bool:
     weight = hosts[0].weight if hosts else 1
     return all(h.weight == weight for h in hosts)

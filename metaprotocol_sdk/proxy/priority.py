@@ -28,19 +28,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
-
-from metaprotocol_sdk.metadata import Metadata
+from typing import TypeVar
 
 from .balancer import (
     SCHEDULE_LIMIT,
     Balancer,
-    Client,
     Host,
     Level,
+    Locality,
+    LocalityBalancer,
     PriorityBalancer,
-    WeightedRoundRobin,
     make_balancer,
 )
 from .config.models import LoadBalancer
@@ -152,35 +150,6 @@ def _level_balancer(
     if by_locality and policy.policy != "CONSISTENT_HASH":
         return locality_balancer(policy, group, healthy)
     return make_balancer(policy, healthy, group)
-
-
-class Locality(Generic[H]):
-    """One locality of a level as :class:`LocalityBalancer` chooses between them: its
-    effective weight, and the balancer of its healthy hosts."""
-
-    def __init__(self, name: str, weight: int, balancer: Balancer[H]) -> None:
-        self.key = name
-        #: Its effective weight: its locality weight, times its availability when some
-        #: locality of the level is short of it.
-        self.weight = weight
-        self.active = 0
-        self.balancer = balancer
-
-
-class LocalityBalancer(Balancer[H]):
-    """Envoy's locality weighted load balancing within one priority level: a locality by a
-    smooth weighted round robin over the effective weights (a walk of a precomputed
-    schedule, as :class:`~metaprotocol_sdk.proxy.balancer.WeightedRoundRobin`), then a host
-    of it by its own balancer. Built only by :func:`locality_balancer`."""
-
-    def __init__(self, localities: Sequence[Locality[H]]) -> None:
-        super().__init__([h for locality in localities for h in locality.balancer.hosts])
-        self.localities = list(localities)
-        self._chooser = WeightedRoundRobin(self.localities)
-
-    def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
-        chosen = self._chooser.pick(metadata)
-        return None if chosen is None else chosen.balancer.pick(metadata, client)
 
 
 def effective_weights(localities: Sequence[tuple[int, int, int]]) -> list[int]:

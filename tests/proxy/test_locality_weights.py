@@ -17,7 +17,7 @@ from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.enums import MessageType
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.proxy import loads_config
-from metaprotocol_sdk.proxy.balancer import RoundRobin
+from metaprotocol_sdk.proxy.balancer import LocalityBalancer, RoundRobin
 from metaprotocol_sdk.proxy.config.models import (
     LoadBalancer,
     LocalityDistribute,
@@ -32,7 +32,6 @@ from metaprotocol_sdk.proxy.locality import (
     unordered_overlap,
 )
 from metaprotocol_sdk.proxy.priority import (
-    LocalityBalancer,
     effective_weights,
     locality_balancer,
     priority_balancer,
