@@ -17,6 +17,8 @@ import heapq
 import math
 import random
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 from itertools import accumulate
 from typing import Generic, TypeVar
@@ -234,18 +236,15 @@ def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-_WORDS = struct.Struct(">8Q").unpack
-
-
-def _host_points(key: str, count: int) -> list[int]:
-    """A host's first ``count`` ring points: the 64-bit words of BLAKE2b digests of
-    ``key#0``, ``key#1``, ... (eight a digest). A host's points never depend on the other
-    hosts or on ``count`` beyond how many are taken."""
-    points: list[int] = []
-    for j in range((count + 7) // 8):
-        points.extend(_WORDS(hashlib.blake2b(f"{key}#{j}".encode(), digest_size=64).digest()))
-    del points[count:]
-    return points
+def _host_points(key: str, count: int) -> bytes:
+    """A host's first ``count`` ring points, as big-endian 64-bit words: those of BLAKE2b
+    digests of ``key#0``, ``key#1``, ... (eight a digest). A host's points never depend on
+    the other hosts or on ``count`` beyond how many are taken."""
+    digests = b"".join(
+        hashlib.blake2b(f"{key}#{j}".encode(), digest_size=64).digest()
+        for j in range((count + 7) // 8)
+    )
+    return digests[: 8 * count]
 
 
 class Hashing(Balancer[H]):
@@ -307,14 +306,17 @@ class ConsistentHash(Hashing[H]):
             minimum,
             maximum,
         )
-        points: list[int] = []
+        # The points in a typed array, 8 bytes each (a 64-bit Python integer takes 36 more).
+        pairs = zip(self.hosts, counts, strict=True)
+        points = array("Q", b"".join([_host_points(h.key, n) for h, n in pairs]))
+        if sys.byteorder == "little":
+            points.byteswap()
         owners: list[H] = []
         for host, count in zip(self.hosts, counts, strict=True):
-            points += _host_points(host.key, count)
             owners += [host] * count
         # Sorted by index (twice as fast as sorting (point, owner) pairs).
         order = sorted(range(len(points)), key=points.__getitem__)
-        self._points = [points[i] for i in order]
+        self._points = array("Q", [points[i] for i in order])
         self._owners = [owners[i] for i in order]
 
     def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
@@ -392,6 +394,18 @@ def maglev_table(hosts: Sequence[Host], size: int) -> list[int]:
         weight = hosts[i].weight
         heapq.heapreplace(turns, (max(1, -(-k * heaviest // weight)), i, k))
     return table
+
+
+def hash_slots(policy: LoadBalancer, levels: Sequence[Sequence[int]]) -> int:
+    """The ring points or Maglev table slots a cluster's balancer holds at most (what
+    ``limits.maxHashSlots`` bounds): a ring or table for each failover priority level, of
+    ``levels`` (the weights of each level's endpoints); 0 for a policy that does not hash."""
+    if policy.policy != "CONSISTENT_HASH":
+        return 0
+    if policy.maglev_table_size is not None:
+        return policy.maglev_table_size * sum(1 for weights in levels if weights)
+    minimum = RING_SIZE if policy.ring_size is None else policy.ring_size
+    return sum(sum(ring_points(w, None, minimum, policy.ring_maximum)) for w in levels)
 
 
 def is_prime(number: int) -> bool:

@@ -2749,6 +2749,7 @@ _LIMIT_FIELDS = {
     "maxStatsSeries": ("max_stats_series", 100),
     "maxRateLimitCalls": ("max_rate_limit_calls", 1),
     "maxStreamsPerConnection": ("max_streams_per_connection", 1),
+    "maxHashSlots": ("max_hash_slots", 1),
 }
 
 
