@@ -315,6 +315,8 @@ class Engine:
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
         self.clusters: dict[str, Cluster] = {}
+        #: Endpoints of the clusters whose warm-up rebuilds are running (slow_start.py).
+        self.warming_hosts = 0
         #: What each serving cluster was built from (a reload keeps the unchanged ones).
         self._cluster_specs: dict[str, ClusterSpec] = {}
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
