@@ -20,7 +20,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, compress
 from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
@@ -295,8 +295,12 @@ class ConsistentHash(Hashing[H]):
         sizing: Sequence[H] | None = None,
         minimum: int = RING_SIZE,
         maximum: int | None = None,
+        whole: ConsistentHash[H] | None = None,
     ) -> None:
         super().__init__(hosts, attribute)
+        if whole is not None:
+            self._take(whole)
+            return
         # ``sizing``: the cluster's every host, ejected ones included. Sized from them, a
         # host's points do not change when another is ejected: only the ejected one's keys
         # move (sized from the healthy ones, the lightest leaving rescaled all the others).
@@ -311,13 +315,27 @@ class ConsistentHash(Hashing[H]):
         points = array("Q", b"".join([_host_points(h.key, n) for h, n in pairs]))
         if sys.byteorder == "little":
             points.byteswap()
-        owners: list[H] = []
-        for host, count in zip(self.hosts, counts, strict=True):
-            owners += [host] * count
+        index = array("I")
+        for i, count in enumerate(counts):
+            index.extend(array("I", [i]) * count)
         # Sorted by index (twice as fast as sorting (point, owner) pairs).
         order = sorted(range(len(points)), key=points.__getitem__)
         self._points = array("Q", [points[i] for i in order])
-        self._owners = [owners[i] for i in order]
+        #: Each point's host, and its index in ``hosts`` (for :meth:`_take`).
+        self._index = array("I", [index[i] for i in order])
+        hosts_of = self.hosts
+        self._owners = [hosts_of[i] for i in self._index]
+
+    def _take(self, whole: ConsistentHash[H]) -> None:
+        """The points of ``whole`` (a ring sized from all of a cluster's hosts, ``hosts``
+        some of them) that are of ``hosts``: the ring built for ``hosts`` with that sizing,
+        in two passes over the points rather than hashing and sorting them again."""
+        kept = {id(h) for h in self.hosts}
+        ok = [id(h) in kept for h in whole.hosts]
+        mask = [ok[i] for i in whole._index]
+        self._points = array("Q", compress(whole._points, mask))
+        self._index = array("I", compress(whole._index, mask))
+        self._owners = list(compress(whole._owners, mask))
 
     def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
         point = self.hash_of(metadata, client)
@@ -509,22 +527,29 @@ def _round_robin(hosts: Sequence[H]) -> Balancer[H]:
 
 
 def make_balancer(
-    policy: LoadBalancer, hosts: Sequence[H], cluster: Sequence[H] | None = None
+    policy: LoadBalancer,
+    hosts: Sequence[H],
+    cluster: Sequence[H] | None = None,
+    whole: ConsistentHash[H] | None = None,
 ) -> Balancer[H]:
     """The balancer for a policy; the weighted form when the hosts' weights differ
     (:class:`WeightedRoundRobin`, :class:`WeightedRandom`, :class:`WeightedLeastRequest`, and
     a :class:`ConsistentHash` ring or :class:`Maglev` table with weighted shares), else the
     plain one. ``cluster``: all of the cluster's hosts when ``hosts`` are its healthy ones
-    (they size the ring)."""
+    (they size the ring); ``whole``: the ring of all of them, built with the weights they
+    have now, whose points a ring of ``hosts`` takes."""
     if policy.policy == "CONSISTENT_HASH":
         if policy.maglev_table_size is not None:
             return Maglev(hosts, policy.hash_attribute, policy.maglev_table_size)
+        if whole is not None and len(hosts) == len(whole.hosts):
+            return whole
         return ConsistentHash(
             hosts,
             policy.hash_attribute,
             cluster,
             RING_SIZE if policy.ring_size is None else policy.ring_size,
             policy.ring_maximum,
+            whole,
         )
     equal = _equal(hosts)
     if policy.policy == "RANDOM":

@@ -24,7 +24,7 @@ from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
-from .balancer import Balancer, Client, make_balancer
+from .balancer import Balancer, Client, ConsistentHash, make_balancer
 from .codec_bugs import guarded_maker
 from .config.models import (
     ConnectionPool,
@@ -282,6 +282,9 @@ class Cluster:
         self.outlier: OutlierDetector | None = None
         #: Warm-up of new endpoints (``loadBalancer.warmup``; set by ``attach_slow_start``).
         self.slow_start: SlowStart | None = None
+        #: The ring of all of its hosts, and their weights then (``_whole_ring``).
+        self._ring: ConsistentHash[UpstreamHost] | None = None
+        self._ring_weights: list[int] = []
         if outlier is not None:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:
@@ -323,7 +326,25 @@ class Cluster:
             )
             return
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
-        self.balancer = make_balancer(self.policy, hosts, self.hosts)
+        self.balancer = make_balancer(self.policy, hosts, self.hosts, self._whole_ring())
+
+    def _whole_ring(self) -> ConsistentHash[UpstreamHost] | None:
+        """The hash ring of all of the cluster's hosts (a ring policy with outlier detection
+        only), built once for their weights: the ring of the healthy ones after an ejection
+        is its points of them, not a ring hashed and sorted again."""
+        policy = self.policy
+        if (
+            self.outlier is None
+            or policy.policy != "CONSISTENT_HASH"
+            or policy.maglev_table_size is not None
+        ):
+            return None
+        weights = [h.weight for h in self.hosts]
+        if self._ring is None or self._ring_weights != weights:
+            ring = make_balancer(policy, self.hosts, self.hosts)
+            assert isinstance(ring, ConsistentHash)
+            self._ring, self._ring_weights = ring, weights
+        return self._ring
 
     def _count(self, made: dict[str, Counter], name: str, label: str, value: str) -> None:
         """Add one to this cluster's series ``name`` with ``label=value``, made on first use
