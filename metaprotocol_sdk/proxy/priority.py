@@ -226,15 +226,23 @@ def locality_balancer(
     )
 
 
+#: Most of the picks that scaling locality weights down to a schedule may move.
+SCALING_ERROR = 0.01
+
+
 def schedulable(weights: Sequence[int]) -> list[int]:
     """``weights`` as they are when their cycle (their sum over their greatest common
     divisor) fits a precomputed schedule of :data:`~.balancer.SCHEDULE_LIMIT` picks, else
-    scaled down to fit it (at least 1 for a weight that is not 0): a locality pick stays a
-    walk of the schedule, whatever the weights and availabilities, each share within about
-    a part in ``SCHEDULE_LIMIT - len(weights)`` (a level of a thousand localities or more
-    gets a cycle longer than the limit: the heap of :class:`~.balancer.WeightedRoundRobin`)."""
+    scaled down to fit it (at least 1 for a weight that is not 0) when that moves at most
+    :data:`SCALING_ERROR` of the picks: a locality pick is a walk of the schedule. Else (many
+    localities, where rounding each up moved a third of the traffic and more) the weights
+    as they are, picked from the heap of :class:`~.balancer.WeightedRoundRobin`,
+    ``O(log n)`` a pick. Linear in the weights."""
     total = sum(weights)
     if total // (math.gcd(*weights) or 1) <= SCHEDULE_LIMIT:
         return list(weights)
     parts = max(0, SCHEDULE_LIMIT - len(weights))  # room for each rounded-up 0
-    return [max(1, w * parts // total) if w else 0 for w in weights]
+    scaled = [max(1, w * parts // total) if w else 0 for w in weights]
+    cycle = sum(scaled)
+    moved = sum(abs(s / cycle - w / total) for w, s in zip(weights, scaled, strict=True)) / 2
+    return scaled if moved <= SCALING_ERROR else list(weights)
