@@ -421,6 +421,12 @@ def test_a_ring_s_sizes_and_maglev_s_table_are_applied() -> None:
     assert balancer() == LoadBalancer("CONSISTENT_HASH", None, maglev_table_size=1021)
     action.hash_policy[0].connection_properties.source_ip = False
     assert "connection_properties.source_ip: false hashes nothing" in refusal(res)
+    # A hash policy with no key, or a header without a name (Envoy's validation NACKs
+    # both): each hashed the attribute '' and went round robin, silently.
+    action.hash_policy[0].ClearField("connection_properties")
+    assert "hash_policy[0]: hashes nothing: set header or connection_properties" in refusal(res)
+    action.hash_policy[0].header.header_name = ""
+    assert "hash_policy[0]: hashes nothing: set header or connection_properties" in refusal(res)
 
 
 def test_aeraki_s_hash_policy_per_weighted_destination() -> None:

@@ -538,6 +538,10 @@ def _hash_key(res: str, hp: Any, path: str) -> HashKey:
         if not hp.connection_properties.source_ip:
             raise XdsRefused(res, f"{cpath}.source_ip", "false hashes nothing")
         return HashKey(None)
+    if not hp.header.header_name.strip():  # Envoy's validation refuses both
+        raise XdsRefused(
+            res, path, "hashes nothing: set header or connection_properties (a header name)"
+        )
     return HashKey(hp.header.header_name)
 
 
