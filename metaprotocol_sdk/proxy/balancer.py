@@ -61,6 +61,12 @@ class Balancer(Generic[H]):
         """The host for this request."""
         raise NotImplementedError
 
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        """The host for a retry's ``attempt``-th pick (from 1) after its first one gave the
+        host that failed: another pick, which the hashing balancers move along, as Envoy's
+        do for its ``previous_hosts`` retry predicate (their picks repeat otherwise)."""
+        return self.pick(metadata, client)
+
 
 class RoundRobin(Balancer[H]):
     """Each host in turn."""
@@ -232,6 +238,9 @@ MAX_MAGLEV_TABLE_SIZE = 131071
 RING_LIMIT = 16384
 
 
+_MASK64 = 2**64 - 1
+
+
 def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
@@ -344,6 +353,14 @@ class ConsistentHash(Hashing[H]):
         i = bisect.bisect(self._points, point)
         return self._owners[i if i < len(self._owners) else 0]
 
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        """The owner of the ``attempt``-th point after the key's (Envoy's ring hash)."""
+        point = self.hash_of(metadata, client)
+        if point is None or not self._points:
+            return self._fallback.pick(metadata)
+        owners = self._owners
+        return owners[(bisect.bisect(self._points, point) + attempt) % len(owners)]
+
 
 class Maglev(Hashing[H]):
     """Maglev hashing (Istio's ``maglev``): a lookup table of a prime ``table_size`` slots
@@ -364,6 +381,15 @@ class Maglev(Hashing[H]):
         if point is None or not table:
             return self._fallback.pick(metadata)
         return table[point % len(table)]
+
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        """The slot of the key's hash with its high bits flipped by ``attempt`` (Envoy's
+        Maglev: ``hash ^ (2^64 - attempt)``)."""
+        point = self.hash_of(metadata, client)
+        table = self._table
+        if point is None or not table:
+            return self._fallback.pick(metadata)
+        return table[(point ^ (_MASK64 + 1 - attempt)) % len(table)]
 
 
 def maglev_table(hosts: Sequence[Host], size: int) -> list[int]:
@@ -507,14 +533,20 @@ class PriorityBalancer(Balancer[H]):
         self._key = None if policy.hash_attribute is None else policy.hash_attribute.lower()
 
     def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
+        level = self._level(metadata, client)
+        return None if level is None else level.balancer.pick(metadata, client)
+
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        level = self._level(metadata, client)
+        return None if level is None else level.balancer.pick_again(metadata, client, attempt)
+
+    def _level(self, metadata: Metadata, client: Client | None) -> Level[H] | None:
         if self._hashing:
             point = request_hash(self._key, metadata, client)
             if point is not None:
                 i = bisect.bisect_right(self._bounds, point % 100)
-                level = self.levels[i if i < len(self.levels) else -1]
-                return level.balancer.pick(metadata, client)
-        chosen = self._chooser.pick(metadata)
-        return None if chosen is None else chosen.balancer.pick(metadata, client)
+                return self.levels[i if i < len(self.levels) else -1]
+        return self._chooser.pick(metadata)
 
 
 def _equal(hosts: Sequence[Host]) -> bool:

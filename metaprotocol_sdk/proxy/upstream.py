@@ -424,12 +424,13 @@ class Cluster:
     ) -> UpstreamHost | None:
         """An endpoint for a retry of ``metadata`` (from ``client``), other than ``avoid``
         (the one that failed) when the cluster has others: the balancer picks up to
-        :data:`RETRY_HOST_PICKS` times, as weights may give the failed one again."""
+        :data:`RETRY_HOST_PICKS` times more, as weights (or a hash) may give the failed one
+        again."""
         balancer = self.balancer
         host = balancer.pick(metadata, client)
         if host is avoid and len(self.hosts) > 1:
-            for _ in range(RETRY_HOST_PICKS):
-                host = balancer.pick(metadata, client)
+            for attempt in range(1, RETRY_HOST_PICKS + 1):
+                host = balancer.pick_again(metadata, client, attempt)
                 if host is not avoid:
                     break
         return host
