@@ -26,7 +26,7 @@ writes weights without ``distribute``) is balanced as one, at the plain balancer
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
@@ -37,6 +37,7 @@ from .balancer import (
     SCHEDULE_LIMIT,
     Balancer,
     Client,
+    ConsistentHash,
     Host,
     Level,
     PriorityBalancer,
@@ -112,14 +113,19 @@ def _shares(amounts: Sequence[int], total: int) -> tuple[int, ...]:
 
 
 def priority_balancer(
-    policy: LoadBalancer, hosts: Sequence[P], panic_percent: int, by_locality: bool = False
+    policy: LoadBalancer,
+    hosts: Sequence[P],
+    panic_percent: int,
+    by_locality: bool = False,
+    rings: Callable[[int], ConsistentHash[P] | None] | None = None,
 ) -> tuple[Balancer[P], dict[int, int]]:
     """The balancer for hosts at several priorities, for their health now, and each
     priority's load (percent): a :class:`~metaprotocol_sdk.proxy.balancer.PriorityBalancer`
     over the levels that take load, or that one level's own balancer when only one does (all
     of level 0 healthy enough, as most of the time: a request then costs what it costs
     without priorities). ``by_locality``: each level picks a locality by its weight first
-    (:func:`locality_balancer`)."""
+    (:func:`locality_balancer`); ``rings``: the hash ring of all of a level's hosts, by
+    priority, whose points a ring of its healthy ones takes."""
     by_priority: dict[int, list[P]] = {}
     for host in hosts:
         by_priority.setdefault(host.priority, []).append(host)
@@ -130,7 +136,13 @@ def priority_balancer(
         [(len(ok), len(group)) for ok, group in zip(healthy, groups, strict=True)], panic_percent
     )
     levels = [
-        Level(priority, share, _level_balancer(policy, group, ok, panic, by_locality))
+        Level(
+            priority,
+            share,
+            _level_balancer(
+                policy, group, ok, panic, by_locality, None if rings is None else rings(priority)
+            ),
+        )
         for priority, group, ok, share, panic in zip(
             order, groups, healthy, load.loads, load.panic, strict=True
         )
@@ -143,15 +155,20 @@ def priority_balancer(
 
 
 def _level_balancer(
-    policy: LoadBalancer, group: Sequence[P], healthy: Sequence[P], panic: bool, by_locality: bool
+    policy: LoadBalancer,
+    group: Sequence[P],
+    healthy: Sequence[P],
+    panic: bool,
+    by_locality: bool,
+    ring: ConsistentHash[P] | None,
 ) -> Balancer[P]:
     """A level's balancer: over all of its hosts in panic (localities aside, as Envoy),
     else over its healthy ones, by locality first when ``by_locality``."""
     if panic:
-        return make_balancer(policy, group, group)
+        return make_balancer(policy, group, group, ring)
     if by_locality and policy.policy != "CONSISTENT_HASH":
         return locality_balancer(policy, group, healthy)
-    return make_balancer(policy, healthy, group)
+    return make_balancer(policy, healthy, group, ring)
 
 
 class Locality(Generic[H]):

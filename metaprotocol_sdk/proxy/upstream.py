@@ -282,8 +282,8 @@ class Cluster:
         self.outlier: OutlierDetector | None = None
         #: Warm-up of new endpoints (``loadBalancer.warmup``; set by ``attach_slow_start``).
         self.slow_start: SlowStart | None = None
-        #: The ring of all of its hosts, and their weights then (``_whole_ring``).
-        self._ring: ConsistentHash[UpstreamHost] | None = None
+        #: The ring of all of the hosts of each level, and their weights then.
+        self._rings: dict[int, ConsistentHash[UpstreamHost]] = {}
         self._ring_weights: list[int] = []
         if outlier is not None:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
@@ -322,16 +322,18 @@ class Cluster:
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
             self.balancer, self.priority_load = priority_balancer(
-                self.policy, self.hosts, panic, self.locality_weighted
+                self.policy, self.hosts, panic, self.locality_weighted, self._whole_ring
             )
             return
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
-        self.balancer = make_balancer(self.policy, hosts, self.hosts, self._whole_ring())
+        whole = self._whole_ring(self.hosts[0].priority) if self.hosts else None
+        self.balancer = make_balancer(self.policy, hosts, self.hosts, whole)
 
-    def _whole_ring(self) -> ConsistentHash[UpstreamHost] | None:
-        """The hash ring of all of the cluster's hosts (a ring policy with outlier detection
-        only), built once for their weights: the ring of the healthy ones after an ejection
-        is its points of them, not a ring hashed and sorted again."""
+    def _whole_ring(self, priority: int) -> ConsistentHash[UpstreamHost] | None:
+        """The hash ring of all of the hosts of a priority level (a ring policy with outlier
+        detection only), built the first time the level balances, once for their weights:
+        the ring of a level's healthy hosts after an ejection is its points of them, not a
+        ring hashed and sorted again."""
         policy = self.policy
         if (
             self.outlier is None
@@ -340,11 +342,15 @@ class Cluster:
         ):
             return None
         weights = [h.weight for h in self.hosts]
-        if self._ring is None or self._ring_weights != weights:
-            ring = make_balancer(policy, self.hosts, self.hosts)
-            assert isinstance(ring, ConsistentHash)
-            self._ring, self._ring_weights = ring, weights
-        return self._ring
+        if self._ring_weights != weights:
+            self._rings, self._ring_weights = {}, weights
+        ring = self._rings.get(priority)
+        if ring is None:
+            group = [h for h in self.hosts if h.priority == priority]
+            built = make_balancer(policy, group, group)
+            assert isinstance(built, ConsistentHash)
+            ring = self._rings[priority] = built
+        return ring
 
     def _count(self, made: dict[str, Counter], name: str, label: str, value: str) -> None:
         """Add one to this cluster's series ``name`` with ``label=value``, made on first use
