@@ -238,6 +238,7 @@ MAX_MAGLEV_TABLE_SIZE = 131071
 RING_LIMIT = 16384
 
 
+#: The largest 64-bit hash (a Maglev retry flips a key's hash by ``2^64 - attempt``).
 _MASK64 = 2**64 - 1
 
 
@@ -307,7 +308,7 @@ class ConsistentHash(Hashing[H]):
         whole: ConsistentHash[H] | None = None,
     ) -> None:
         super().__init__(hosts, attribute)
-        if whole is not None:
+        if whole is not None:  # the ring of all of them: its points of ``hosts``
             self._take(whole)
             return
         # ``sizing``: the cluster's every host, ejected ones included. Sized from them, a
