@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
@@ -37,7 +38,6 @@ from .balancer import (
     SCHEDULE_LIMIT,
     Balancer,
     Client,
-    ConsistentHash,
     Host,
     Level,
     PriorityBalancer,
@@ -117,15 +117,15 @@ def priority_balancer(
     hosts: Sequence[P],
     panic_percent: int,
     by_locality: bool = False,
-    rings: Callable[[int], ConsistentHash[P] | None] | None = None,
+    hashed: Callable[[int, Sequence[P], Sequence[P]], Balancer[P] | None] | None = None,
 ) -> tuple[Balancer[P], dict[int, int]]:
     """The balancer for hosts at several priorities, for their health now, and each
     priority's load (percent): a :class:`~metaprotocol_sdk.proxy.balancer.PriorityBalancer`
     over the levels that take load, or that one level's own balancer when only one does (all
     of level 0 healthy enough, as most of the time: a request then costs what it costs
     without priorities). ``by_locality``: each level picks a locality by its weight first
-    (:func:`locality_balancer`); ``rings``: the hash ring of all of a level's hosts, by
-    priority, whose points a ring of its healthy ones takes."""
+    (:func:`locality_balancer`); ``hashed``: the hash balancer the caller keeps for a
+    level's priority, hosts to balance over and hosts (``None``: build it)."""
     by_priority: dict[int, list[P]] = {}
     for host in hosts:
         by_priority.setdefault(host.priority, []).append(host)
@@ -140,7 +140,12 @@ def priority_balancer(
             priority,
             share,
             _level_balancer(
-                policy, group, ok, panic, by_locality, None if rings is None else rings(priority)
+                policy,
+                group,
+                ok,
+                panic,
+                by_locality,
+                None if hashed is None else partial(hashed, priority),
             ),
         )
         for priority, group, ok, share, panic in zip(
@@ -160,15 +165,15 @@ def _level_balancer(
     healthy: Sequence[P],
     panic: bool,
     by_locality: bool,
-    ring: ConsistentHash[P] | None,
+    hashed: Callable[[Sequence[P], Sequence[P]], Balancer[P] | None] | None,
 ) -> Balancer[P]:
     """A level's balancer: over all of its hosts in panic (localities aside, as Envoy),
     else over its healthy ones, by locality first when ``by_locality``."""
-    if panic:
-        return make_balancer(policy, group, group, ring)
-    if by_locality and policy.policy != "CONSISTENT_HASH":
+    if by_locality and not panic and policy.policy != "CONSISTENT_HASH":
         return locality_balancer(policy, group, healthy)
-    return make_balancer(policy, healthy, group, ring)
+    hosts = group if panic else healthy
+    kept = None if hashed is None else hashed(hosts, group)
+    return kept if kept is not None else make_balancer(policy, hosts, group)
 
 
 class Locality(Generic[H]):

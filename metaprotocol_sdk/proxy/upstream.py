@@ -16,6 +16,8 @@ import asyncio
 import socket
 import sys
 from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from metaprotocol_sdk.codec import Codec, Encoded, ReplyHead, take_frame
@@ -213,6 +215,15 @@ class UpstreamHost:
         self.connection_class: type[UpstreamConnection] = UpstreamConnection
 
 
+@dataclass
+class _LevelBalancers:
+    """The hash balancers a cluster keeps of one priority level: of all of its hosts, and
+    the last one made of some of them (by the identities of those hosts)."""
+
+    whole: Balancer[UpstreamHost]
+    last: tuple[tuple[int, ...], Balancer[UpstreamHost]] | None = None
+
+
 class Cluster:
     """A destination service port (and optional subset): hosts, balancer, pooling mode."""
 
@@ -282,9 +293,10 @@ class Cluster:
         self.outlier: OutlierDetector | None = None
         #: Warm-up of new endpoints (``loadBalancer.warmup``; set by ``attach_slow_start``).
         self.slow_start: SlowStart | None = None
-        #: The ring of all of the hosts of each level, and their weights then.
-        self._rings: dict[int, ConsistentHash[UpstreamHost]] = {}
-        self._ring_weights: list[int] = []
+        #: The hash balancers kept of each priority level (``_hashed``), and the hosts'
+        #: weights they were built for.
+        self._hash_cache: dict[int, _LevelBalancers] = {}
+        self._hash_weights: list[int] = []
         if outlier is not None:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:
@@ -322,35 +334,38 @@ class Cluster:
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
             self.balancer, self.priority_load = priority_balancer(
-                self.policy, self.hosts, panic, self.locality_weighted, self._whole_ring
+                self.policy, self.hosts, panic, self.locality_weighted, self._hashed
             )
             return
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
-        whole = self._whole_ring(self.hosts[0].priority) if self.hosts else None
-        self.balancer = make_balancer(self.policy, hosts, self.hosts, whole)
+        kept = self._hashed(self.hosts[0].priority, hosts, self.hosts) if self.hosts else None
+        self.balancer = kept if kept is not None else make_balancer(self.policy, hosts, self.hosts)
 
-    def _whole_ring(self, priority: int) -> ConsistentHash[UpstreamHost] | None:
-        """The hash ring of all of the hosts of a priority level (a ring policy with outlier
-        detection only), built the first time the level balances, once for their weights:
-        the ring of a level's healthy hosts after an ejection is its points of them, not a
-        ring hashed and sorted again."""
+    def _hashed(
+        self, priority: int, hosts: Sequence[UpstreamHost], level: Sequence[UpstreamHost]
+    ) -> Balancer[UpstreamHost] | None:
+        """The hash ring or Maglev table over ``hosts`` of a priority level's hosts
+        (``level``) for a cluster with outlier detection, from those kept (``None``: any
+        other cluster, built as usual). Each level keeps the balancer of all of its hosts,
+        built the first time the level balances, and the last one of some of them: an
+        endpoint ejected and readmitted again and again builds nothing after the first time,
+        and a ring of some of them takes the whole ring's points (no hashing, no sorting)."""
         policy = self.policy
-        if (
-            self.outlier is None
-            or policy.policy != "CONSISTENT_HASH"
-            or policy.maglev_table_size is not None
-        ):
+        if self.outlier is None or policy.policy != "CONSISTENT_HASH":
             return None
         weights = [h.weight for h in self.hosts]
-        if self._ring_weights != weights:
-            self._rings, self._ring_weights = {}, weights
-        ring = self._rings.get(priority)
-        if ring is None:
-            group = [h for h in self.hosts if h.priority == priority]
-            built = make_balancer(policy, group, group)
-            assert isinstance(built, ConsistentHash)
-            ring = self._rings[priority] = built
-        return ring
+        if self._hash_weights != weights:  # the hosts' weights, for which they are built
+            self._hash_cache, self._hash_weights = {}, weights
+        kept = self._hash_cache.get(priority)
+        if kept is None:
+            kept = self._hash_cache[priority] = _LevelBalancers(make_balancer(policy, level, level))
+        if len(hosts) == len(kept.whole.hosts):
+            return kept.whole
+        key = tuple(map(id, hosts))
+        if kept.last is None or kept.last[0] != key:
+            whole = kept.whole if isinstance(kept.whole, ConsistentHash) else None
+            kept.last = (key, make_balancer(policy, hosts, level, whole))
+        return kept.last[1]
 
     def _count(self, made: dict[str, Counter], name: str, label: str, value: str) -> None:
         """Add one to this cluster's series ``name`` with ``label=value``, made on first use

@@ -206,3 +206,37 @@ def test_an_ejection_from_a_large_ring_costs_a_fraction_of_building_it() -> None
             assert len(build._points) == len(cluster.balancer._points)  # type: ignore[attr-defined]
 
     run(main())
+
+
+@pytest.mark.parametrize("policy", [MAGLEV, RING])
+def test_a_flapping_endpoint_rebuilds_its_cluster_s_table_once(policy: str) -> None:
+    """One endpoint ejected and readmitted over and over (an upstream that fails now and
+    then, ``consecutive5xxErrors: 1``): each ejection built the Maglev table of the healthy
+    endpoints again and each readmission the table of all of them, 0.05 s each for 400
+    endpoints and Istio's usual 65 537 slots. Now each level keeps the balancer of all of
+    its endpoints and the last one of some of them: a flap between the same two sets of
+    endpoints builds nothing."""
+
+    async def main() -> None:
+        outlier = "outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 50}, "
+        text = subsets_mesh(list(range(20001, 20401)), policy, subsets=1, more=outlier)
+        async with engine_for(text) as engine:
+            cluster = engine.clusters["outbound|9000|s0|svc.test"]
+            assert cluster.outlier is not None
+            host = cluster.hosts[7]
+            start = time.perf_counter()
+            cluster.outlier.eject(host)  # the first ejection builds the healthy ones' table
+            first = time.perf_counter() - start
+            out = cluster.balancer
+            cluster.outlier.readmit(host)
+            start = time.perf_counter()
+            for _ in range(10):
+                cluster.outlier.eject(host)
+                assert host not in cluster.balancer.hosts
+                cluster.outlier.readmit(host)
+            flaps = (time.perf_counter() - start) / 20
+            assert flaps < first / 10, (flaps, first)
+            cluster.outlier.eject(host)
+            assert cluster.balancer is out
+
+    run(main())
