@@ -10,7 +10,8 @@
 It shares the event loop with the data path, so every cost is bounded: a request (line and
 headers) of at most :data:`MAX_REQUEST_BYTES`, ``admin.maxConnections`` open connections,
 ``admin.requestTimeout`` for a whole exchange, one request per connection, and a
-``/config_dump`` built once per configuration (again after each reload) with the
+``/config_dump`` built once per configuration (again after each reload, and after a
+change of health at most as often as :data:`DUMP_SPACING` allows) with the
 documents capped at :data:`DUMP_DOCUMENTS_BYTES`. A client's mistake is an HTTP error, never a
 traceback.
 """
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
     from .stats import Value
 
 log = logging.getLogger("metaprotocol.proxy.admin")
+
+#: A ``/config_dump`` built again for a change of health (not a reload) waits until this
+#: many times its last build's duration has passed since that build.
+DUMP_SPACING = 4.0
 
 #: Largest request line plus headers (h11's ``max_incomplete_event_size``); more is ``431``.
 MAX_REQUEST_BYTES = 16 * 1024
@@ -200,6 +206,11 @@ class _AdminServer:
         #: the engine's count of balancer rebuilds then (the clusters' ejected endpoints).
         self._dump_of: object = None
         self._dump_rebalances = -1
+        #: Builds of ``_dump`` so far, when the last one was (loop time), and how long that
+        #: took, in seconds.
+        self._builds = 0
+        self._built_at = float("-inf")
+        self._build_cost = 0.0
         #: The engine's own dump sections (``Engine.dump_sections``) ``_dump`` was built with.
         self._sections: dict[str, Any] = {}
         self._page: bytes | None = None
@@ -221,7 +232,44 @@ class _AdminServer:
             if query == WORKER_FORMAT:  # what the supervisor of --workers N reads
                 return Streamed("text/plain; charset=utf-8", self.engine.worker_parts())
             return Streamed(PROMETHEUS, self.engine.prometheus_parts())
+        if method == "GET" and path == "/config_dump":
+            return await self._spaced_dump()
         return self.handle(method, target)
+
+    async def _spaced_dump(self) -> bytes:
+        """``/config_dump`` as of this request, its builds for a change of health spaced:
+        one waits until :data:`DUMP_SPACING` times the last build's duration has passed
+        since it (at most half of ``admin.requestTimeout``), so however fast the polls and
+        the flaps, builds take about ``1 / (1 + DUMP_SPACING)`` of the loop. A dump built
+        while this request waited (for another one) is served as it is."""
+        builds = self._builds
+        engine = self.engine
+        # A reload's dump is built at once; one for a change of health waits its turn.
+        if (
+            self._dump is not None
+            and self._dump_of is engine.last_reload
+            and not self._dump_current()
+        ):
+            due = self._built_at + DUMP_SPACING * self._build_cost
+            wait = min(due - asyncio.get_running_loop().time(), self.settings.request_timeout / 2)
+            if wait > 0:
+                await asyncio.sleep(wait)
+                if self._builds != builds:
+                    return self._dump
+        return self.handle("GET", "/config_dump")
+
+    def _sections_now(self) -> dict[str, Any]:
+        return {key: section() for key, section in self.engine.dump_sections.items()}
+
+    def _dump_current(self, sections: dict[str, Any] | None = None) -> bool:
+        """Whether ``_dump`` shows the configuration and health of now."""
+        engine = self.engine
+        return (
+            self._dump is not None
+            and self._dump_of is engine.last_reload
+            and self._dump_rebalances == engine.rebalances
+            and (self._sections_now() if sections is None else sections) == self._sections
+        )
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         """Serve on ``host:port``."""
@@ -242,18 +290,17 @@ class _AdminServer:
             # Those sections are small next to the model and cheap to compare; rebuilt at every
             # request, the whole dump of a large configuration from a control plane (150 000
             # endpoints: 0.15 s) held the event loop once per request.
-            sections = {key: section() for key, section in engine.dump_sections.items()}
-            if (
-                self._dump is None
-                or self._dump_of is not engine.last_reload
-                or self._dump_rebalances != engine.rebalances
-                or sections != self._sections
-            ):
+            sections = self._sections_now()
+            if self._dump is None or not self._dump_current(sections):
+                started = time.perf_counter()
                 text = json.dumps(engine.config_dump(), indent=2, default=str) + "\n"
                 self._dump = _response(200, text, "application/json")
                 self._dump_of = engine.last_reload
                 self._dump_rebalances = engine.rebalances
                 self._sections = sections
+                self._build_cost = time.perf_counter() - started
+                self._built_at = asyncio.get_running_loop().time()
+                self._builds += 1
             return self._dump
         if path in STATS_PATHS:
             if "format=json" in query:

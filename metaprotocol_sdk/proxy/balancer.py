@@ -17,8 +17,10 @@ import heapq
 import math
 import random
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, compress
 from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
@@ -58,6 +60,12 @@ class Balancer(Generic[H]):
     def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
         """The host for this request."""
         raise NotImplementedError
+
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        """The host for a retry's ``attempt``-th pick (from 1) after its first one gave the
+        host that failed: another pick, which the hashing balancers move along, as Envoy's
+        do for its ``previous_hosts`` retry predicate (their picks repeat otherwise)."""
+        return self.pick(metadata, client)
 
 
 class RoundRobin(Balancer[H]):
@@ -234,22 +242,23 @@ MAX_MAGLEV_TABLE_SIZE = 131071
 RING_LIMIT = 16384
 
 
+#: The largest 64-bit hash (a Maglev retry flips a key's hash by ``2^64 - attempt``).
+_MASK64 = 2**64 - 1
+
+
 def _hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-_WORDS = struct.Struct(">8Q").unpack
-
-
-def _host_points(key: str, count: int) -> list[int]:
-    """A host's first ``count`` ring points: the 64-bit words of BLAKE2b digests of
-    ``key#0``, ``key#1``, ... (eight a digest). A host's points never depend on the other
-    hosts or on ``count`` beyond how many are taken."""
-    points: list[int] = []
-    for j in range((count + 7) // 8):
-        points.extend(_WORDS(hashlib.blake2b(f"{key}#{j}".encode(), digest_size=64).digest()))
-    del points[count:]
-    return points
+def _host_points(key: str, count: int) -> bytes:
+    """A host's first ``count`` ring points, as big-endian 64-bit words: those of BLAKE2b
+    digests of ``key#0``, ``key#1``, ... (eight a digest). A host's points never depend on
+    the other hosts or on ``count`` beyond how many are taken."""
+    digests = b"".join(
+        hashlib.blake2b(f"{key}#{j}".encode(), digest_size=64).digest()
+        for j in range((count + 7) // 8)
+    )
+    return digests[: 8 * count]
 
 
 class Hashing(Balancer[H]):
@@ -300,8 +309,12 @@ class ConsistentHash(Hashing[H]):
         sizing: Sequence[H] | None = None,
         minimum: int = RING_SIZE,
         maximum: int | None = None,
+        whole: ConsistentHash[H] | None = None,
     ) -> None:
         super().__init__(hosts, attribute)
+        if whole is not None:  # the ring of all of them: its points of ``hosts``
+            self._take(whole)
+            return
         # ``sizing``: the cluster's every host, ejected ones included. Sized from them, a
         # host's points do not change when another is ejected: only the ejected one's keys
         # move (sized from the healthy ones, the lightest leaving rescaled all the others).
@@ -311,15 +324,32 @@ class ConsistentHash(Hashing[H]):
             minimum,
             maximum,
         )
-        points: list[int] = []
-        owners: list[H] = []
-        for host, count in zip(self.hosts, counts, strict=True):
-            points += _host_points(host.key, count)
-            owners += [host] * count
+        # The points in a typed array, 8 bytes each (a 64-bit Python integer takes 36 more).
+        pairs = zip(self.hosts, counts, strict=True)
+        points = array("Q", b"".join([_host_points(h.key, n) for h, n in pairs]))
+        if sys.byteorder == "little":
+            points.byteswap()
+        index = array("I")
+        for i, count in enumerate(counts):
+            index.extend(array("I", [i]) * count)
         # Sorted by index (twice as fast as sorting (point, owner) pairs).
         order = sorted(range(len(points)), key=points.__getitem__)
-        self._points = [points[i] for i in order]
-        self._owners = [owners[i] for i in order]
+        self._points = array("Q", [points[i] for i in order])
+        #: Each point's host, and its index in ``hosts`` (for :meth:`_take`).
+        self._index = array("I", [index[i] for i in order])
+        hosts_of = self.hosts
+        self._owners = [hosts_of[i] for i in self._index]
+
+    def _take(self, whole: ConsistentHash[H]) -> None:
+        """The points of ``whole`` (a ring sized from all of a cluster's hosts, ``hosts``
+        some of them) that are of ``hosts``: the ring built for ``hosts`` with that sizing,
+        in two passes over the points rather than hashing and sorting them again."""
+        kept = {id(h) for h in self.hosts}
+        ok = [id(h) in kept for h in whole.hosts]
+        mask = [ok[i] for i in whole._index]
+        self._points = array("Q", compress(whole._points, mask))
+        self._index = array("I", compress(whole._index, mask))
+        self._owners = list(compress(whole._owners, mask))
 
     def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
         point = self.hash_of(metadata, client)
@@ -327,6 +357,14 @@ class ConsistentHash(Hashing[H]):
             return self._fallback.pick(metadata)
         i = bisect.bisect(self._points, point)
         return self._owners[i if i < len(self._owners) else 0]
+
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        """The owner of the ``attempt``-th point after the key's (Envoy's ring hash)."""
+        point = self.hash_of(metadata, client)
+        if point is None or not self._points:
+            return self._fallback.pick(metadata)
+        owners = self._owners
+        return owners[(bisect.bisect(self._points, point) + attempt) % len(owners)]
 
 
 class Maglev(Hashing[H]):
@@ -348,6 +386,15 @@ class Maglev(Hashing[H]):
         if point is None or not table:
             return self._fallback.pick(metadata)
         return table[point % len(table)]
+
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        """The slot of the key's hash with its high bits flipped by ``attempt`` (Envoy's
+        Maglev: ``hash ^ (2^64 - attempt)``)."""
+        point = self.hash_of(metadata, client)
+        table = self._table
+        if point is None or not table:
+            return self._fallback.pick(metadata)
+        return table[(point ^ (_MASK64 + 1 - attempt)) % len(table)]
 
 
 def maglev_table(hosts: Sequence[Host], size: int) -> list[int]:
@@ -396,6 +443,18 @@ def maglev_table(hosts: Sequence[Host], size: int) -> list[int]:
         weight = hosts[i].weight
         heapq.heapreplace(turns, (max(1, -(-k * heaviest // weight)), i, k))
     return table
+
+
+def hash_slots(policy: LoadBalancer, levels: Sequence[Sequence[int]]) -> int:
+    """The ring points or Maglev table slots a cluster's balancer holds at most (what
+    ``limits.maxHashSlots`` bounds): a ring or table for each failover priority level, of
+    ``levels`` (the weights of each level's endpoints); 0 for a policy that does not hash."""
+    if policy.policy != "CONSISTENT_HASH":
+        return 0
+    if policy.maglev_table_size is not None:
+        return policy.maglev_table_size * sum(1 for weights in levels if weights)
+    minimum = RING_SIZE if policy.ring_size is None else policy.ring_size
+    return sum(sum(ring_points(w, None, minimum, policy.ring_maximum)) for w in levels)
 
 
 def is_prime(number: int) -> bool:
@@ -479,14 +538,20 @@ class PriorityBalancer(Balancer[H]):
         self._key = None if policy.hash_attribute is None else policy.hash_attribute.lower()
 
     def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
+        level = self._level(metadata, client)
+        return None if level is None else level.balancer.pick(metadata, client)
+
+    def pick_again(self, metadata: Metadata, client: Client | None, attempt: int) -> H | None:
+        level = self._level(metadata, client)
+        return None if level is None else level.balancer.pick_again(metadata, client, attempt)
+
+    def _level(self, metadata: Metadata, client: Client | None) -> Level[H] | None:
         if self._hashing:
             point = request_hash(self._key, metadata, client)
             if point is not None:
                 i = bisect.bisect_right(self._bounds, point % 100)
-                level = self.levels[i if i < len(self.levels) else -1]
-                return level.balancer.pick(metadata, client)
-        chosen = self._chooser.pick(metadata)
-        return None if chosen is None else chosen.balancer.pick(metadata, client)
+                return self.levels[i if i < len(self.levels) else -1]
+        return self._chooser.pick(metadata)
 
 
 class Locality(Generic[H]):
@@ -529,22 +594,29 @@ def _round_robin(hosts: Sequence[H]) -> Balancer[H]:
 
 
 def make_balancer(
-    policy: LoadBalancer, hosts: Sequence[H], cluster: Sequence[H] | None = None
+    policy: LoadBalancer,
+    hosts: Sequence[H],
+    cluster: Sequence[H] | None = None,
+    whole: ConsistentHash[H] | None = None,
 ) -> Balancer[H]:
     """The balancer for a policy; the weighted form when the hosts' weights differ
     (:class:`WeightedRoundRobin`, :class:`WeightedRandom`, :class:`WeightedLeastRequest`, and
     a :class:`ConsistentHash` ring or :class:`Maglev` table with weighted shares), else the
     plain one. ``cluster``: all of the cluster's hosts when ``hosts`` are its healthy ones
-    (they size the ring)."""
+    (they size the ring); ``whole``: the ring of all of them, built with the weights they
+    have now, whose points a ring of ``hosts`` takes."""
     if policy.policy == "CONSISTENT_HASH":
         if policy.maglev_table_size is not None:
             return Maglev(hosts, policy.hash_attribute, policy.maglev_table_size)
+        if whole is not None and len(hosts) == len(whole.hosts):
+            return whole
         return ConsistentHash(
             hosts,
             policy.hash_attribute,
             cluster,
             RING_SIZE if policy.ring_size is None else policy.ring_size,
             policy.ring_maximum,
+            whole,
         )
     equal = _equal(hosts)
     if policy.policy == "RANDOM":

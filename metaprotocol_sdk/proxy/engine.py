@@ -21,6 +21,7 @@ from metaprotocol_sdk.filters import Filter
 from .accesslog import AccessLog
 from .addresses import is_loopback, reaches, resolve_all
 from .authorization import STALE, ListenerAuthorization
+from .balancer import hash_slots
 from .codec_bugs import CodecBugs, CodecUnavailable
 from .config.models import (
     Config,
@@ -175,6 +176,27 @@ def _warn_plain_auto(build: _Build) -> None:
     )
 
 
+def _count_hash_slots(
+    build: _Build, name: str, policy: LoadBalancer, weights: list[int], priorities: list[int]
+) -> None:
+    """Add cluster ``name``'s hash ring points or Maglev slots to the build's, or raise
+    ``ConfigError`` past ``limits.maxHashSlots``, before its ring or table is built."""
+    levels: dict[int, list[int]] = {}
+    for weight, priority in zip(weights, priorities, strict=True):
+        levels.setdefault(priority, []).append(weight)
+    slots = hash_slots(policy, list(levels.values()))
+    build.hash_slots += slots
+    most = build.config.proxy.limits.max_hash_slots
+    if build.hash_slots > most:
+        field = "maglev.tableSize" if policy.maglev_table_size else "ringHash.minimumRingSize"
+        raise ConfigError(
+            f"cluster {name}: its consistentHash needs {slots} hash slots, the clusters so far "
+            f"{build.hash_slots} in all, more than limits.maxHashSlots ({most}); each ring or "
+            f"table is built on the engine's only thread (about 1 s a million slots): lower "
+            f"{field} or raise limits.maxHashSlots"
+        )
+
+
 def cluster_name(host: str, port: int, subset: str | None) -> str:
     """Envoy-style cluster name: ``outbound|9000|v2|greeter.example``."""
     return f"outbound|{port}|{subset or ''}|{host}"
@@ -198,6 +220,8 @@ class _Build:
     #: TCP (no identity, or ``autoMtls`` off): logged once per build, not once per cluster
     #: (istiod asks it of every cluster of the mesh).
     plain_auto: list[str] = dataclasses.field(default_factory=list)
+    #: The hash ring points and Maglev table slots of the clusters so far (``maxHashSlots``).
+    hash_slots: int = 0
 
 
 @dataclasses.dataclass
@@ -291,6 +315,8 @@ class Engine:
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
         self.clusters: dict[str, Cluster] = {}
+        #: Endpoints of the clusters whose warm-up rebuilds are running (slow_start.py).
+        self.warming_hosts = 0
         #: What each serving cluster was built from (a reload keeps the unchanged ones).
         self._cluster_specs: dict[str, ClusterSpec] = {}
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
@@ -418,6 +444,7 @@ class Engine:
             mutual,
             None if localities is None else tuple(localities),
         )
+        _count_hash_slots(build, name, policy, [ep.weight for ep in endpoints], priorities)
         serving = self.clusters.get(name)
         if serving is not None and self._cluster_specs.get(name) == spec:
             cluster = serving  # unchanged: keep its connections and outlier state

@@ -26,8 +26,9 @@ writes weights without ``distribute``) is balanced as one, at the plain balancer
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol as TypingProtocol
 from typing import TypeVar
 
@@ -110,14 +111,19 @@ def _shares(amounts: Sequence[int], total: int) -> tuple[int, ...]:
 
 
 def priority_balancer(
-    policy: LoadBalancer, hosts: Sequence[P], panic_percent: int, by_locality: bool = False
+    policy: LoadBalancer,
+    hosts: Sequence[P],
+    panic_percent: int,
+    by_locality: bool = False,
+    hashed: Callable[[int, Sequence[P], Sequence[P]], Balancer[P] | None] | None = None,
 ) -> tuple[Balancer[P], dict[int, int]]:
     """The balancer for hosts at several priorities, for their health now, and each
     priority's load (percent): a :class:`~metaprotocol_sdk.proxy.balancer.PriorityBalancer`
     over the levels that take load, or that one level's own balancer when only one does (all
     of level 0 healthy enough, as most of the time: a request then costs what it costs
     without priorities). ``by_locality``: each level picks a locality by its weight first
-    (:func:`locality_balancer`)."""
+    (:func:`locality_balancer`); ``hashed``: the hash balancer the caller keeps for a
+    level's priority, hosts to balance over and hosts (``None``: build it)."""
     by_priority: dict[int, list[P]] = {}
     for host in hosts:
         by_priority.setdefault(host.priority, []).append(host)
@@ -128,7 +134,18 @@ def priority_balancer(
         [(len(ok), len(group)) for ok, group in zip(healthy, groups, strict=True)], panic_percent
     )
     levels = [
-        Level(priority, share, _level_balancer(policy, group, ok, panic, by_locality))
+        Level(
+            priority,
+            share,
+            _level_balancer(
+                policy,
+                group,
+                ok,
+                panic,
+                by_locality,
+                None if hashed is None else partial(hashed, priority),
+            ),
+        )
         for priority, group, ok, share, panic in zip(
             order, groups, healthy, load.loads, load.panic, strict=True
         )
@@ -141,15 +158,20 @@ def priority_balancer(
 
 
 def _level_balancer(
-    policy: LoadBalancer, group: Sequence[P], healthy: Sequence[P], panic: bool, by_locality: bool
+    policy: LoadBalancer,
+    group: Sequence[P],
+    healthy: Sequence[P],
+    panic: bool,
+    by_locality: bool,
+    hashed: Callable[[Sequence[P], Sequence[P]], Balancer[P] | None] | None,
 ) -> Balancer[P]:
     """A level's balancer: over all of its hosts in panic (localities aside, as Envoy),
     else over its healthy ones, by locality first when ``by_locality``."""
-    if panic:
-        return make_balancer(policy, group, group)
-    if by_locality and policy.policy != "CONSISTENT_HASH":
+    if by_locality and not panic and policy.policy != "CONSISTENT_HASH":
         return locality_balancer(policy, group, healthy)
-    return make_balancer(policy, healthy, group)
+    hosts = group if panic else healthy
+    kept = None if hashed is None else hashed(hosts, group)
+    return kept if kept is not None else make_balancer(policy, hosts, group)
 
 
 def effective_weights(localities: Sequence[tuple[int, int, int]]) -> list[int]:
@@ -195,15 +217,23 @@ def locality_balancer(
     )
 
 
+#: Most of the picks that scaling locality weights down to a schedule may move.
+SCALING_ERROR = 0.01
+
+
 def schedulable(weights: Sequence[int]) -> list[int]:
     """``weights`` as they are when their cycle (their sum over their greatest common
     divisor) fits a precomputed schedule of :data:`~.balancer.SCHEDULE_LIMIT` picks, else
-    scaled down to fit it (at least 1 for a weight that is not 0): a locality pick stays a
-    walk of the schedule, whatever the weights and availabilities, each share within about
-    a part in ``SCHEDULE_LIMIT - len(weights)`` (a level of a thousand localities or more
-    gets a cycle longer than the limit: the heap of :class:`~.balancer.WeightedRoundRobin`)."""
+    scaled down to fit it (at least 1 for a weight that is not 0) when that moves at most
+    :data:`SCALING_ERROR` of the picks: a locality pick is a walk of the schedule. Else (many
+    localities, where rounding each up moved a third of the traffic and more) the weights
+    as they are, picked from the heap of :class:`~.balancer.WeightedRoundRobin`,
+    ``O(log n)`` a pick. Linear in the weights."""
     total = sum(weights)
     if total // (math.gcd(*weights) or 1) <= SCHEDULE_LIMIT:
         return list(weights)
     parts = max(0, SCHEDULE_LIMIT - len(weights))  # room for each rounded-up 0
-    return [max(1, w * parts // total) if w else 0 for w in weights]
+    scaled = [max(1, w * parts // total) if w else 0 for w in weights]
+    cycle = sum(scaled)
+    moved = sum(abs(s / cycle - w / total) for w, s in zip(weights, scaled, strict=True)) / 2
+    return scaled if moved <= SCALING_ERROR else list(weights)

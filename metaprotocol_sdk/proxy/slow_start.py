@@ -22,7 +22,9 @@ balancer is rebuilt with effective weights (in hundredths of the endpoint weight
 and once more with the endpoint weights when the last warming endpoint's window ends. A
 rebuild whose weights are unchanged is skipped, so an endpoint added makes at most about
 ``STEPS + 2`` rebuilds for a window of at most ``STEPS * MAX_STEP``, and one a ``MAX_STEP``
-for a longer one. A cluster without ``warmup`` has no :class:`SlowStart` and pays nothing.
+for a longer one. The rebuilds of all warming clusters together give weights to at most
+:data:`HOSTS_PER_SECOND` endpoints a second: while more warm, each cluster's steps are
+further apart. A cluster without ``warmup`` has no :class:`SlowStart` and pays nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ MIN_STEP = 0.1
 MAX_STEP = 60.0
 #: Effective weights are in hundredths of an endpoint's weight.
 SCALE = 100
+#: Endpoints the warm-up rebuilds of all clusters together may give weights a second (a
+#: fifth of the loop or so, at about a microsecond an endpoint): a warming cluster's next
+#: rebuild waits at least the endpoints of the engine's warming clusters over this.
+HOSTS_PER_SECOND = 200_000
 #: Envoy's least ``time_factor``: one millisecond of the window.
 _LEAST_ELAPSED = 0.001
 
@@ -106,6 +112,8 @@ class SlowStart:
         self.rebuilds = 0
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
+        #: Its endpoints, while counted in the engine's ``warming_hosts``.
+        self._counted = 0
 
     @property
     def running(self) -> bool:
@@ -153,7 +161,13 @@ class SlowStart:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._finish()
+
+    def _finish(self) -> None:
+        """No update due any more: the engine no longer counts its endpoints warming."""
         self._done = True
+        self.cluster.engine.warming_hosts -= self._counted
+        self._counted = 0
 
     def _step(self) -> None:
         self._timer = None
@@ -162,14 +176,22 @@ class SlowStart:
             self.stop()
             return
         if not self.update():
-            self._done = True
+            self._finish()
             return
-        loop = cluster.engine.loop
+        engine = cluster.engine
+        if not self._counted:
+            self._counted = len(cluster.hosts)
+            engine.warming_hosts += self._counted
+        loop = engine.loop
         now = loop.time()
+        # The rebuilds of all warming clusters together update at most HOSTS_PER_SECOND
+        # endpoints a second, however many clusters warm (a push that adds an endpoint to
+        # each cluster of a mesh starts them all at once).
+        spacing = max(self.interval, engine.warming_hosts / HOSTS_PER_SECOND)
         # Not past the last window's end, so the endpoint weights come back on time (just
         # after it: the loop may run a timer up to its clock's resolution early).
         last_end = max(self.starts.values()) + self.warmup.duration + _LEAST_ELAPSED
-        due = min(now + self.interval, last_end)
+        due = min(now + spacing, last_end)
         self._timer = loop.call_at(due, self._step)
 
 

@@ -16,6 +16,8 @@ import asyncio
 import socket
 import sys
 from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from metaprotocol_sdk.codec import Codec, Encoded, ReplyHead, take_frame
@@ -24,7 +26,7 @@ from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
-from .balancer import Balancer, Client, make_balancer
+from .balancer import Balancer, Client, ConsistentHash, make_balancer
 from .codec_bugs import guarded_maker
 from .config.models import (
     ConnectionPool,
@@ -213,6 +215,15 @@ class UpstreamHost:
         self.connection_class: type[UpstreamConnection] = UpstreamConnection
 
 
+@dataclass
+class _LevelBalancers:
+    """The hash balancers a cluster keeps of one priority level: of all of its hosts, and
+    the last one made of some of them (by the identities of those hosts)."""
+
+    whole: Balancer[UpstreamHost]
+    last: tuple[tuple[int, ...], Balancer[UpstreamHost]] | None = None
+
+
 class Cluster:
     """A destination service port (and optional subset): hosts, balancer, pooling mode."""
 
@@ -282,6 +293,10 @@ class Cluster:
         self.outlier: OutlierDetector | None = None
         #: Warm-up of new endpoints (``loadBalancer.warmup``; set by ``attach_slow_start``).
         self.slow_start: SlowStart | None = None
+        #: The hash balancers kept of each priority level (``_hashed``), and the hosts'
+        #: weights they were built for.
+        self._hash_cache: dict[int, _LevelBalancers] = {}
+        self._hash_weights: list[int] = []
         if outlier is not None:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:
@@ -319,11 +334,38 @@ class Cluster:
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
             self.balancer, self.priority_load = priority_balancer(
-                self.policy, self.hosts, panic, self.locality_weighted
+                self.policy, self.hosts, panic, self.locality_weighted, self._hashed
             )
             return
         hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
-        self.balancer = make_balancer(self.policy, hosts, self.hosts)
+        kept = self._hashed(self.hosts[0].priority, hosts, self.hosts) if self.hosts else None
+        self.balancer = kept if kept is not None else make_balancer(self.policy, hosts, self.hosts)
+
+    def _hashed(
+        self, priority: int, hosts: Sequence[UpstreamHost], level: Sequence[UpstreamHost]
+    ) -> Balancer[UpstreamHost] | None:
+        """The hash ring or Maglev table over ``hosts`` of a priority level's hosts
+        (``level``) for a cluster with outlier detection, from those kept (``None``: any
+        other cluster, built as usual). Each level keeps the balancer of all of its hosts,
+        built the first time the level balances, and the last one of some of them: an
+        endpoint ejected and readmitted again and again builds nothing after the first time,
+        and a ring of some of them takes the whole ring's points (no hashing, no sorting)."""
+        policy = self.policy
+        if self.outlier is None or policy.policy != "CONSISTENT_HASH":
+            return None
+        weights = [h.weight for h in self.hosts]
+        if self._hash_weights != weights:  # the hosts' weights, for which they are built
+            self._hash_cache, self._hash_weights = {}, weights
+        kept = self._hash_cache.get(priority)
+        if kept is None:
+            kept = self._hash_cache[priority] = _LevelBalancers(make_balancer(policy, level, level))
+        if len(hosts) == len(kept.whole.hosts):
+            return kept.whole
+        key = tuple(map(id, hosts))
+        if kept.last is None or kept.last[0] != key:
+            whole = kept.whole if isinstance(kept.whole, ConsistentHash) else None
+            kept.last = (key, make_balancer(policy, hosts, level, whole))
+        return kept.last[1]
 
     def _count(self, made: dict[str, Counter], name: str, label: str, value: str) -> None:
         """Add one to this cluster's series ``name`` with ``label=value``, made on first use
@@ -417,12 +459,13 @@ class Cluster:
     ) -> UpstreamHost | None:
         """An endpoint for a retry of ``metadata`` (from ``client``), other than ``avoid``
         (the one that failed) when the cluster has others: the balancer picks up to
-        :data:`RETRY_HOST_PICKS` times, as weights may give the failed one again."""
+        :data:`RETRY_HOST_PICKS` times more, as weights (or a hash) may give the failed one
+        again."""
         balancer = self.balancer
         host = balancer.pick(metadata, client)
         if host is avoid and len(self.hosts) > 1:
-            for _ in range(RETRY_HOST_PICKS):
-                host = balancer.pick(metadata, client)
+            for attempt in range(1, RETRY_HOST_PICKS + 1):
+                host = balancer.pick_again(metadata, client, attempt)
                 if host is not avoid:
                     break
         return host

@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_kit import WAIT, Client, Upstream, address, engine_for, http_get, mesh, run, until
+from proxy_kit import (
+    WAIT,
+    Client,
+    Upstream,
+    address,
+    engine_for,
+    http_get,
+    mesh,
+    run,
+    stall_the_loop,
+    until,
+)
 
 from metaprotocol_sdk import Attributes, ConfigError, compiled
 from metaprotocol_sdk.examples.kv import REQUEST, build_frame
@@ -570,3 +581,48 @@ def test_every_series_has_help_and_gauges_are_typed_gauge() -> None:
     text = stats.prometheus()
     assert [name for name in gauges if f"# TYPE {name} gauge" not in text] == []
     assert set(gauges) <= GAUGES
+
+
+def test_config_dump_builds_take_a_bounded_share_of_the_loop_while_endpoints_flap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``/config_dump`` is built again after a change of the clusters' health: with an
+    endpoint flapping (an ejection or readmission between any two polls) every poll built it
+    again, and an operator's polling loop held the event loop for the whole dump each time
+    (0.4 s for a 30 000-endpoint file). Now a build for a health change waits until
+    ``DUMP_SPACING`` times the last build's duration has passed since it, so builds take at
+    most about a fifth of the loop however fast the polls; each reply still shows the health
+    as it was when it was asked for."""
+
+    async def main() -> None:
+        text = mesh(
+            [(9101, "v1"), (9102, "v1")],
+            "- name: all\n  route: [{destination: {host: svc.test, subset: v1}}]\n",
+        )
+        async with engine_for(text) as engine:
+            assert engine.admin_address is not None
+            real = engine.config_dump
+            built: list[float] = []
+
+            def slow_dump() -> dict[str, Any]:  # a large configuration's cost, 20 ms
+                start = engine.loop.time()
+                dump = real()
+                stall_the_loop(0.02)
+                built.append(engine.loop.time() - start)
+                return dump
+
+            monkeypatch.setattr(engine, "config_dump", slow_dump)
+            cluster = engine.clusters["outbound|9000|v1|svc.test"]
+            host = cluster.hosts[0]
+            start = engine.loop.time()
+            for i in range(30):
+                host.ejected = i % 2 == 1  # a flapping endpoint: the balancer rebuilt
+                cluster.rebalance()
+                status, body = await http_get(engine.admin_address, "/config_dump")
+                assert status == 200
+                (dumped,) = [c for c in json.loads(body)["clusters"] if c["name"] == cluster.name]
+                assert dumped["ejected"] == ([host.key] if host.ejected else []), i
+            elapsed = engine.loop.time() - start
+            assert sum(built) < elapsed / 3, (len(built), sum(built), elapsed)
+
+    run(main())

@@ -778,6 +778,9 @@ REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
             ({"useSourceIp": False}, CH, "useSourceIp: false hashes nothing"),
             ({"useSourceIp": "yes"}, f"{CH}.useSourceIp", "must be true or false"),
             ({"useSourceIp": True, "httpHeaderName": "u"}, CH, "not both"),
+            # An empty name hashed nothing, silently round robin (Envoy NACKs the route).
+            ({"httpHeaderName": ""}, f"{CH}.httpHeaderName", "must name a metadata attribute"),
+            ({"httpHeaderName": " "}, f"{CH}.httpHeaderName", "must name a metadata attribute"),
             (
                 {"httpHeaderName": "u", "ringHash": {}, "maglev": {"tableSize": 7}},
                 CH,

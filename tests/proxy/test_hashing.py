@@ -7,7 +7,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from proxy_kit import Client, Upstream, address, engine_for, error_type, http_get, mesh, run
+import pytest
+from proxy_kit import (
+    Client,
+    Upstream,
+    address,
+    engine_for,
+    error_type,
+    http_get,
+    mesh,
+    refusing_port,
+    run,
+)
 
 from metaprotocol_sdk import Attributes, MessageType, Metadata
 from metaprotocol_sdk.proxy import Engine
@@ -114,6 +125,52 @@ def test_maglev_sends_each_key_where_its_table_says() -> None:
                 assert await answered_by(c, 2, user=key) == {name_of[host.key]}
                 seen.add(name_of[host.key])
             assert seen == {"a", "b", "c"}
+            c.close()
+        for up in ups:
+            await up.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "algorithm", ["ringHash: {minimumRingSize: 1024}", "maglev: {tableSize: 1021}"]
+)
+def test_a_retry_of_a_hashed_request_tries_other_endpoints(algorithm: str) -> None:
+    """A retry looks for another endpoint than the one that failed (Istio's default retry
+    policy: Envoy's ``previous_hosts`` predicate, 5 more picks): a hashing balancer picked
+    the same endpoint each time, so every retry of a key whose endpoint was down went to it
+    again and failed. Now, as Envoy's ring hash and Maglev do, each further pick moves
+    along the ring (the next point) or to another slot of the table (the hash changed)."""
+    router = """\
+    - name: all
+      route: [{destination: {host: svc.test, subset: v1}}]
+      retries: {attempts: 2, retryOn: connect-failure}
+    """
+
+    async def main() -> None:
+        ups = [await Upstream(name).start() for name in "ab"]
+        dead = refusing_port()
+        ports = [dead] + [u.port for u in ups]
+        policy = f"{{loadBalancer: {{consistentHash: {{httpHeaderName: user, {algorithm}}}}}}}"
+        text = mesh([(p, "v1") for p in ports], router, policy)
+        hosts = [FakeHost(f"127.0.0.1:{p}") for p in ports]
+        size = 1021 if "maglev" in algorithm else 1024
+        balancer = Maglev(hosts, "user", size) if size == 1021 else ConsistentHash(hosts, "user")
+
+        def owner(key: str) -> str:
+            request = Metadata(MessageType.Request, attributes=Attributes({"user": key}))
+            host = balancer.pick(request)
+            assert host is not None
+            return host.key
+
+        keys = [k for k in (f"user-{i}" for i in range(200)) if owner(k).endswith(f":{dead}")]
+        assert len(keys) >= 10
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for key in keys[:10]:
+                reply = await c.call(headers={"user": key})
+                assert error_type(reply) is None, (key, reply.attributes.to_dict())
+            assert engine.stats.total("metaprotocol_retries_total", reason="connect-failure") >= 10
             c.close()
         for up in ups:
             await up.close()

@@ -153,6 +153,34 @@ def test_any_weights_fit_a_schedule_of_at_most_1000_picks() -> None:
     assert schedulable([3] * 1001) == [1] * 1001  # more localities than the limit: heap
 
 
+def moved(weights: list[int], scaled: list[int]) -> float:
+    """The part of the picks a schedule by ``scaled`` sends elsewhere than ``weights`` say."""
+    total, parts = sum(weights), sum(scaled)
+    return sum(abs(s / parts - w / total) for w, s in zip(weights, scaled, strict=True)) / 2
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1000] + [1] * 599,  # scaled to 400 parts, the 599 rounded up: 29% for 62.5%
+        [2, 1] * 501,  # more localities than the limit: all weights 1, 50% for 67%
+        [100] * 10 + [1] * 900,  # 900 small ones rounded up to 1 each
+    ],
+)
+def test_many_localities_keep_their_shares(weights: list[int]) -> None:
+    """Scaling weights down to a schedule of 1000 picks rounds each up to 1 at least: with
+    hundreds of localities (an xDS push can name thousands) the rounding moved a third of
+    the traffic and more. Now the weights are scaled only when at most 1% of the picks
+    move; otherwise they are kept and picked from the heap (``O(log n)`` a pick)."""
+    assert moved(weights, schedulable(weights)) <= 0.01
+    hosts = [Fake(f"h{i}", f"r/z{i}", w) for i, w in enumerate(weights)]
+    balancer = locality_balancer(LoadBalancer(), hosts, hosts)
+    assert isinstance(balancer, LocalityBalancer)
+    request = Metadata(MessageType.Request)
+    counts = Counter(balancer.pick(request) for _ in range(sum(weights)))
+    assert moved(weights, [counts[h] for h in hosts]) <= 0.01
+
+
 def test_the_locality_is_picked_by_effective_weight_then_a_host_of_it() -> None:
     a = [Fake(f"a{i}", "r1/z1", 80) for i in range(4)]
     b = [Fake(f"b{i}", "r2/z1", 20) for i in range(2)]

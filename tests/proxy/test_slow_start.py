@@ -20,7 +20,7 @@ from proxy_kit import (
 )
 from test_weights import cluster_dump, servers, weighted_mesh
 
-from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy import Engine, loads_config, slow_start
 from metaprotocol_sdk.proxy.config.models import Warmup
 from metaprotocol_sdk.proxy.slow_start import (
     MAX_STEP,
@@ -243,5 +243,44 @@ def test_a_window_of_one_millisecond_rebuilds_at_most_twice() -> None:
             await until(lambda: not slow.running, "the end of a 1ms warm-up", timeout=5.0)
             assert slow.warming == {} and slow.rebuilds <= 2
             assert type(engine.clusters[NAME].balancer).__name__ == "RoundRobin"
+
+    run(main())
+
+
+def test_the_rebuilds_of_all_warming_clusters_are_bounded_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each warming cluster rebuilt every ``window / STEPS`` (at least 0.1 s) whatever its
+    size and however many warmed: an endpoint added to each of 1000 clusters of 150 (a
+    rolling update under a mesh-wide warmup) made the loop update 1.5 million endpoints a
+    second, more than it can. Now the rebuilds of all of them together update at most
+    ``HOSTS_PER_SECOND`` endpoints a second (here 800: two clusters of 201 endpoints, each
+    rebuilt about every 0.5 s rather than every 0.1 s), and still end on time."""
+    monkeypatch.setattr(slow_start, "HOSTS_PER_SECOND", 800)
+
+    async def main() -> None:
+        warm = "{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 2s}}}"
+        both = "- name: all\n  route: [{destination: {host: svc.test, subset: v1}, weight: 50}, "
+        both += "{destination: {host: svc.test, subset: v2}, weight: 50}]\n"
+
+        def text(n: int) -> str:
+            eps = [(20000 + i, "v1", 1) for i in range(n)]
+            eps += [(30000 + i, "v2", 1) for i in range(n)]
+            return weighted_mesh(eps, warm, both)
+
+        async with engine_for(text(200)) as engine:
+            await engine.apply(loads_config(text(201)))
+            slows = [engine.clusters[n].slow_start for n in (NAME, NAME.replace("v1", "v2"))]
+            assert all(s is not None and s.running for s in slows)
+            assert engine.warming_hosts == 402
+            started = engine.loop.time()
+            await until(lambda: not any(s.running for s in slows if s), "the end", 10.0)
+            assert engine.loop.time() - started < 2.5
+            assert engine.warming_hosts == 0
+            rebuilds = sum(s.rebuilds for s in slows if s)
+            # 402 endpoints at 800 a second: one rebuild of each cluster a 0.5 s, about 4 of
+            # each in the window, and each one more at its end (were 20 and more of each).
+            assert rebuilds <= 2 * (2.0 / (402 / 800) + 3), rebuilds
+            assert all(s.warming == {} for s in slows if s)
 
     run(main())

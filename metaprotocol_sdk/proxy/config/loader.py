@@ -872,6 +872,8 @@ def _consistent_hash(
     as istiod validates them, within the engine's bounds."""
     doc.check(hashing, path, schema.CONSISTENT_HASH)
     attribute = doc.string(hashing, "httpHeaderName", f"{path}.httpHeaderName", required=False)
+    if attribute is not None and not attribute.strip():  # hashed nothing: round robin
+        doc.fail(f"{path}.httpHeaderName", f"must name a metadata attribute, got {attribute!r}")
     source = hashing.get("useSourceIp")
     if source is not None and not isinstance(source, bool):
         doc.fail(f"{path}.useSourceIp", f"must be true or false, got {source!r}")
@@ -2749,6 +2751,7 @@ _LIMIT_FIELDS = {
     "maxStatsSeries": ("max_stats_series", 100),
     "maxRateLimitCalls": ("max_rate_limit_calls", 1),
     "maxStreamsPerConnection": ("max_streams_per_connection", 1),
+    "maxHashSlots": ("max_hash_slots", 1),
 }
 
 

@@ -708,6 +708,10 @@ class Limits:
     #: Streams open at once on one client connection (each has an upstream connection of
     #: its own); a ``Stream_Init`` past it gets ``OverLimit``.
     max_streams_per_connection: int = 100
+    #: The points of every hash ring and the slots of every Maglev table of the clusters,
+    #: together (each is built on the engine's only thread): a configuration needing more is
+    #: refused. 64 Maglev tables of 65 537 slots, or 4096 rings of Istio's 1024 points.
+    max_hash_slots: int = 2**22
 
 
 @dataclass(frozen=True)

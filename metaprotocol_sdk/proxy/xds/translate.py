@@ -33,7 +33,7 @@ from ..balancer import (
     RING_SIZE,
     is_prime,
 )
-from ..config.loader import PORT_PREFIX, build_config
+from ..config.loader import MAX_NAME_LENGTH, PORT_PREFIX, build_config
 from ..config.models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
@@ -538,6 +538,10 @@ def _hash_key(res: str, hp: Any, path: str) -> HashKey:
         if not hp.connection_properties.source_ip:
             raise XdsRefused(res, f"{cpath}.source_ip", "false hashes nothing")
         return HashKey(None)
+    if not hp.header.header_name.strip():  # Envoy's validation refuses both
+        raise XdsRefused(
+            res, path, "hashes nothing: set header or connection_properties (a header name)"
+        )
     return HashKey(hp.header.header_name)
 
 
@@ -1509,6 +1513,13 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool, ring: bool) -> list[
                     res, f"{lpath}.endpoint.address.socket_address", "needs an address and a port"
                 )
             share = (locality, group.load_balancing_weight.value) if locality_weighted else None
+            if share is not None and len(locality) > MAX_NAME_LENGTH:  # copied per endpoint
+                raise XdsRefused(
+                    res,
+                    f"{gpath}.locality",
+                    f"region/zone/sub_zone of {len(locality)} characters: at most "
+                    f"{MAX_NAME_LENGTH} (as a locality in a ServiceEntry)",
+                )
             out.append(_Endpoint(sa.address, sa.port_value, weight, priority, _mesh_tls(lb), share))
         if group.lb_endpoints:
             levels_seen.add(priority)
