@@ -1,5 +1,5 @@
-"""The red-team measurements of load balancing (helper-101), as quoted in ``docs/proxy.md``,
-``docs/limits.md`` and the commit messages.
+"""The red-team measurements of load balancing (helper-101), as quoted in
+``docs/load-balancing.md``, ``docs/limits.md`` and the commit messages.
 
 Run: ``.venv/bin/python tests/proxy/redteam_balancing.py WHAT`` from the tree's root, WHAT:
 
