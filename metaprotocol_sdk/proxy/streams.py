@@ -57,6 +57,9 @@ STREAM_FRAMES = frozenset(
 #: ``timeouts.streamIdle``) or ``DownstreamClosed`` (the client left).
 CLOSED = "closed"
 ERROR = "error"
+#: A stream's outcome as a request's in Istio's standard metrics (``response_code`` 200 for a
+#: stream both sides closed, 500 for the upstream's ``Error``; the local reasons as requests').
+ISTIO_OUTCOMES = {CLOSED: "Ok", ERROR: "Error"}
 
 
 class Stream:
@@ -315,8 +318,15 @@ class Stream:
             conn.abort(ErrorType.UpstreamReset, f"stream {self.stream_id} reset")
         else:
             conn.close_after_writes()
-        log = downstream.engine.access_log
         elapsed = monotonic() - self.started
+        telemetry = self.target.telemetry
+        if telemetry is not None:  # one request of Istio's series, as Envoy counts a stream
+            host = self.host
+            ids = downstream.istio if telemetry.inbound else conn.istio
+            status = ISTIO_OUTCOMES.get(outcome, outcome)
+            series = telemetry.series(host, host.labels, status, None, ids)
+            series.record(elapsed * 1000.0, self.bytes_received, self.bytes_sent)
+        log = downstream.engine.access_log
         if log is not None and log.wants("Ok" if outcome == CLOSED else outcome, elapsed):
             log.log(
                 listener.name,

@@ -6,7 +6,17 @@ import asyncio
 import dataclasses
 import json
 
-from proxy_kit import Client, Upstream, address, error_type, http_get, mesh, refusing_port, run
+from proxy_kit import (
+    Client,
+    Upstream,
+    address,
+    error_type,
+    http_get,
+    mesh,
+    refusing_port,
+    run,
+    until,
+)
 
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.config.models import Telemetry
@@ -218,3 +228,45 @@ def test_workload_from_a_sidecar_environment() -> None:
     assert (workload.canonical_service, workload.canonical_revision) == ("greeter", "v1")
     bare = workload_from_environment({"ISTIO_METAJSON_LABELS": "not json"})
     assert (bare.name, bare.namespace, bare.canonical_revision) == ("unknown", "unknown", "latest")
+
+
+def test_a_stream_is_one_request_of_istios_series() -> None:
+    """A stream had no Istio series at all (Kiali showed no traffic for a streaming
+    service): it counts as one request when it ends, as Envoy counts a gRPC stream, its
+    duration the stream's and its sizes the bytes each way; a stream the upstream refused to
+    connect is a 503 with ``UF``."""
+    from test_streams import StreamClient, StreamServer
+
+    from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        engine = with_istio(mesh([(up.port, "v1"), (refusing_port(), "v2")], router=ROUTER))
+        await engine.start()
+        try:
+            c = await StreamClient.connect(address(engine))
+            c.frame(STREAM_OPEN, 5, {"method": "get"})
+            c.frame(STREAM_DATA, 5, {}, b"x" * 300)
+            c.frame(STREAM_HALF_CLOSE, 5)
+            await c.until(5, 3)  # the server's open, its data and its half-close
+            await until(lambda: not engine.upstreams, "the stream's connection closed")
+            c.frame(STREAM_OPEN, 7, {"method": "broken"})  # routed to the refusing v2
+            await c.until(7, 1)
+            series = {(s["response_code"], s["response_flags"]): s for s in istio_series(engine)}
+            ok = series[("200", "-")]
+            assert ok["value"] == "1" and ok["request_protocol"] == "kv"
+            assert ok["destination_version"] == "v1"
+            assert series[("503", "UF")]["value"] == "1"
+            snapshot = engine.stats_snapshot()
+            sent = sum(
+                v
+                for k, v in snapshot.items()
+                if k.startswith("istio_request_bytes_sum") and 'response_code="200"' in k
+            )
+            assert sent > 300  # the client's three frames
+            c.close()
+        finally:
+            await engine.stop(drain=0.5)
+            await up.close()
+
+    run(main())
