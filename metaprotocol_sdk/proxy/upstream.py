@@ -454,6 +454,14 @@ class Cluster:
             return self
         return now
 
+    def own(self, host: UpstreamHost) -> UpstreamHost:
+        """This cluster's host of ``host``'s endpoint (``host`` of the cluster a reload
+        replaced with this one, which a retry avoids), or ``host`` when it has none."""
+        for mine in self.hosts:
+            if mine.key == host.key:
+                return mine
+        return host
+
     def pick_other(
         self, metadata: Metadata, avoid: UpstreamHost, client: Client | None = None
     ) -> UpstreamHost | None:
