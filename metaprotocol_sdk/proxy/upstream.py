@@ -714,12 +714,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _free_id(self) -> int:
         """The connection's next id that no request waits for (shared connections), from
-        1 to the codec's ``max_request_id``, round."""
+        1 to the codec's ``max_request_id``, round. Once they wrapped around, any unmatched
+        reply may be a late one: ``_unmatched`` checks no more of them."""
         wire_id = self.next_id + 1
         pending = self.pending
         max_id = self.max_id
         while wire_id > max_id or wire_id in pending:
-            wire_id = 1 if wire_id > max_id else wire_id + 1
+            if wire_id > max_id:
+                wire_id = 1
+                self.id_checks = ID_CHECKS
+            else:
+                wire_id += 1
         return wire_id
 
     def send(self, p: Pending, mutation: Mutation | None) -> None:
@@ -1346,9 +1351,13 @@ class UpstreamConnection(asyncio.Protocol):
         means the codec's ``encode`` did not write the ``request_id`` it was given (the kit's
         ``mutation_with_request_id`` check). That request then waits for its timeout: the
         codec is named in the log and in ``metaprotocol_codec_errors_total{method="encode"}``
-        (at most :data:`ID_CHECKS` scans of the requests in flight per connection)."""
+        (at most :data:`ID_CHECKS` scans of the requests in flight per connection).
+
+        Only an id the engine never gave a request on this connection says so: ids are given
+        in order from 1 (:meth:`_free_id`), so one up to ``next_id`` may be the late reply to
+        a request that timed out, whose id a client may have given another request too."""
         self.cluster.unmatched_reply()
-        if not self.shared or self.id_checks >= ID_CHECKS:
+        if not self.shared or self.id_checks >= ID_CHECKS or reply_id <= self.next_id:
             return
         self.id_checks += 1
         for p in self.pending.values():
