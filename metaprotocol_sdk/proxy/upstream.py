@@ -715,10 +715,17 @@ class UpstreamConnection(asyncio.Protocol):
     def _free_id(self) -> int:
         """The connection's next id that no request waits for (shared connections), from
         1 to the codec's ``max_request_id``, round. Once they wrapped around, any unmatched
-        reply may be a late one: ``_unmatched`` checks no more of them."""
+        reply may be a late one: ``_unmatched`` checks no more of them. Every id in flight
+        (a codec with few ids): a ``CodecError``, the request answered (it searched for a
+        free id forever, and the event loop with it)."""
         wire_id = self.next_id + 1
         pending = self.pending
         max_id = self.max_id
+        if len(pending) >= max_id:
+            raise CodecError(
+                f"no free request id on the upstream connection: all {max_id} ids of the "
+                "codec (its max_request_id) are in flight"
+            )
         while wire_id > max_id or wire_id in pending:
             if wire_id > max_id:
                 wire_id = 1

@@ -7,6 +7,7 @@ counter grew, with nothing saying why (the kit's ``mutation_with_request_id`` fi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -92,3 +93,30 @@ def test_a_late_reply_to_a_timed_out_request_does_not_name_a_correct_codec(
     with caplog.at_level(logging.INFO):
         run(main())
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+class TinyIdKV(KVCodec):
+    """The KV codec with room for three request ids only."""
+
+    max_request_id = 3
+
+
+def test_a_codec_whose_ids_are_all_in_flight_answers_the_next_request() -> None:
+    """A codec of three request ids (``max_request_id``), four requests in flight on its
+    one shared connection: the fourth is answered at once, saying why, and the others time
+    out as they would. The engine looked for a free id forever, and its loop hung."""
+    codec = f"{__name__}:TinyIdKV"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=ROUTER, codec=codec)) as engine:
+            c = await Client.connect(address(engine))
+            replies = [c.start("hang") for _ in range(4)]
+            answers = await asyncio.wait_for(asyncio.gather(*replies), 4)
+            assert [error_type(a) for a in answers] == ["Timeout"] * 3 + ["BadRequest"]
+            assert "all 3 ids of the codec" in answers[3].attributes["error-message"]
+            assert engine.pending == 0
+            c.close()
+        await up.close()
+
+    run(main())
