@@ -817,6 +817,8 @@ class Downstream(asyncio.Protocol):
         cluster = target.cluster
         if cluster is not None and cluster.retired:  # routed before a reload
             cluster = cluster.serving()
+            if avoid is not None:  # the failed try's endpoint, as the cluster of now has it
+                avoid = cluster.own(avoid)
         if cluster is None:
             self.local_reply(
                 message,
@@ -1157,9 +1159,18 @@ class Downstream(asyncio.Protocol):
             return None
         return per_try
 
+    def _retry_allowed(self, p: Pending, condition: str) -> bool:
+        """:meth:`_retry` for ``p``, judged on the cluster its retry goes to: that of its try
+        (``p.conn.cluster``), or the one a reload replaced it with since; ``p``'s own place
+        among the retries in flight is free only on the cluster that counted it."""
+        tried = p.conn.cluster
+        cluster = tried.serving()
+        held = p.tries > 0 and cluster is tried
+        return self._retry(p.route, condition, p.tries, p.start, cluster, held)
+
     def _retry_pending(self, p: Pending, condition: str) -> bool:
         """Send ``p`` again (a new try) instead of answering it; ``False``: answer it."""
-        if not self._retry(p.route, condition, p.tries, p.start, p.target.cluster, p.tries > 0):
+        if not self._retry_allowed(p, condition):
             return False
         request = self._settle(p)
         self._dispatch(request, p.route, p.mutation, p.tries + 1, p.start, p.host)
@@ -1170,7 +1181,7 @@ class Downstream(asyncio.Protocol):
         route retries on ``error``; ``False``: answer it. The outlier detector sees the error
         of a try that is retried as it sees the last try's answer (in :meth:`_reply`), and
         before the retry picks an endpoint: an ejection it causes steers the retry away."""
-        if not self._retry(p.route, "error", p.tries, p.start, p.target.cluster, p.tries > 0):
+        if not self._retry_allowed(p, "error"):
             return False
         host = p.host
         if host.outlier is not None:

@@ -241,9 +241,11 @@ class Stream:
         open, no endpoint or connection allowed)."""
         downstream = self.downstream
         route = self.route
-        cluster = self.conn.cluster.serving()  # a reload since the last try: the new one
+        tried = self.conn.cluster
+        cluster = tried.serving()  # a reload since the last try: the new one
         failed = self.host
-        host = cluster.pick_other(self.init, failed, downstream)
+        avoid = failed if cluster is tried else cluster.own(failed)
+        host = cluster.pick_other(self.init, avoid, downstream)
         if host is None:
             return False
         try:  # built before the retry is counted and another connection may be closed for it

@@ -454,6 +454,14 @@ class Cluster:
             return self
         return now
 
+    def own(self, host: UpstreamHost) -> UpstreamHost:
+        """This cluster's host of ``host``'s endpoint (``host`` of the cluster a reload
+        replaced with this one, which a retry avoids), or ``host`` when it has none."""
+        for mine in self.hosts:
+            if mine.key == host.key:
+                return mine
+        return host
+
     def pick_other(
         self, metadata: Metadata, avoid: UpstreamHost, client: Client | None = None
     ) -> UpstreamHost | None:
@@ -706,12 +714,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _free_id(self) -> int:
         """The connection's next id that no request waits for (shared connections), from
-        1 to the codec's ``max_request_id``, round."""
+        1 to the codec's ``max_request_id``, round. Once they wrapped around, any unmatched
+        reply may be a late one: ``_unmatched`` checks no more of them. Every id in flight
+        (a codec with few ids): a ``CodecError``, the request answered (it searched for a
+        free id forever, and the event loop with it)."""
         wire_id = self.next_id + 1
         pending = self.pending
         max_id = self.max_id
+        if len(pending) >= max_id:
+            raise CodecError(
+                f"no free request id on the upstream connection: all {max_id} ids of the "
+                "codec (its max_request_id) are in flight"
+            )
         while wire_id > max_id or wire_id in pending:
-            wire_id = 1 if wire_id > max_id else wire_id + 1
+            if wire_id > max_id:
+                wire_id = 1
+                self.id_checks = ID_CHECKS
+            else:
+                wire_id += 1
         return wire_id
 
     def send(self, p: Pending, mutation: Mutation | None) -> None:
@@ -1338,9 +1358,13 @@ class UpstreamConnection(asyncio.Protocol):
         means the codec's ``encode`` did not write the ``request_id`` it was given (the kit's
         ``mutation_with_request_id`` check). That request then waits for its timeout: the
         codec is named in the log and in ``metaprotocol_codec_errors_total{method="encode"}``
-        (at most :data:`ID_CHECKS` scans of the requests in flight per connection)."""
+        (at most :data:`ID_CHECKS` scans of the requests in flight per connection).
+
+        Only an id the engine never gave a request on this connection says so: ids are given
+        in order from 1 (:meth:`_free_id`), so one up to ``next_id`` may be the late reply to
+        a request that timed out, whose id a client may have given another request too."""
         self.cluster.unmatched_reply()
-        if not self.shared or self.id_checks >= ID_CHECKS:
+        if not self.shared or self.id_checks >= ID_CHECKS or reply_id <= self.next_id:
             return
         self.id_checks += 1
         for p in self.pending.values():

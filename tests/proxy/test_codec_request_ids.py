@@ -7,11 +7,12 @@ counter grew, with nothing saying why (the kit's ``mutation_with_request_id`` fi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import pytest
-from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run
+from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
 
 from metaprotocol_sdk import Encoded, Metadata, Mutation
 from metaprotocol_sdk.examples.kv import KVCodec
@@ -63,3 +64,59 @@ def test_a_codec_that_does_not_write_the_new_request_id_is_named(
         f"codec {CODEC}: encode: a reply on cluster outbound|9000||svc.test carried id 7777"
         in (lines[0])
     )
+
+
+def test_a_late_reply_to_a_timed_out_request_does_not_name_a_correct_codec(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request times out on a shared connection (engine id 1); another request, which its
+    client also numbered 1, is in flight there under engine id 2 when the first one's reply
+    comes, late, with id 1: dropped as unmatched, and nothing more. The correct KV codec was
+    named as one that did not write the id it was given (the late id equals the client's
+    id of a request in flight): an error line and a codec error counted."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=ROUTER)) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call("slow", rid=1)) == "Timeout"
+            second = c.start("hang", rid=1)
+            await until(lambda: len(up.received) == 2, "the second request at the upstream")
+            up.release.set()  # the first one's reply, late
+            unmatched = "metaprotocol_upstream_unmatched_replies_total"
+            await until(lambda: engine.stats.total(unmatched) == 1, "the late reply dropped")
+            assert engine.stats.total("metaprotocol_codec_errors_total", method="encode") == 0
+            assert error_type(await second) == "Timeout"
+            c.close()
+        await up.close()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+class TinyIdKV(KVCodec):
+    """The KV codec with room for three request ids only."""
+
+    max_request_id = 3
+
+
+def test_a_codec_whose_ids_are_all_in_flight_answers_the_next_request() -> None:
+    """A codec of three request ids (``max_request_id``), four requests in flight on its
+    one shared connection: the fourth is answered at once, saying why, and the others time
+    out as they would. The engine looked for a free id forever, and its loop hung."""
+    codec = f"{__name__}:TinyIdKV"
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")], router=ROUTER, codec=codec)) as engine:
+            c = await Client.connect(address(engine))
+            replies = [c.start("hang") for _ in range(4)]
+            answers = await asyncio.wait_for(asyncio.gather(*replies), 4)
+            assert [error_type(a) for a in answers] == ["Timeout"] * 3 + ["BadRequest"]
+            assert "all 3 ids of the codec" in answers[3].attributes["error-message"]
+            assert engine.pending == 0
+            c.close()
+        await up.close()
+
+    run(main())

@@ -382,6 +382,94 @@ def test_a_retry_after_a_reload_goes_to_the_endpoints_of_now() -> None:
     run(main())
 
 
+class ResettingOnce(Upstream):
+    """Drops the connection of its first request; never answers the others."""
+
+    def on_message(self, conn: KVServer, msg: Metadata) -> None:
+        assert conn.transport is not None
+        self.received.append(msg)
+        if len(self.received) == 1:
+            conn.transport.close()
+
+
+def test_a_retry_after_a_reload_counts_under_max_retries_of_the_cluster_of_now() -> None:
+    """``maxRetries: 1``: a request routed before a reload fails (reset) while a request of
+    the reloaded cluster has its retry in flight there: no retry for it, the circuit breaker
+    of the cluster its retry would go to is open. Its retry was checked against the route's
+    old cluster, which has none in flight, and went to the new one: two retries in flight
+    on a cluster allowed one."""
+    router = """\
+    - name: retried
+      route: [{destination: {host: svc.test}}]
+      timeout: 2s
+      retries: {attempts: 1, retryOn: reset}
+    """
+    pool = "{connectionPool: {http: {maxRetries: 1}}}"
+    proxy = "timeouts: {drain: 10s}\n"
+
+    async def main() -> None:
+        old, new = await Upstream("old").start(), await ResettingOnce("new").start()
+        text = mesh([(old.port, "v1")], router=router, traffic_policy=pool, proxy=proxy)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            first = c.start("hang")
+            await until(lambda: len(old.received) == 1, "the first request at the old endpoint")
+            new_text = mesh([(new.port, "v1")], router=router, traffic_policy=pool, proxy=proxy)
+            await engine.apply(loads_config(new_text))
+            second = c.start("hang")
+            await until(lambda: len(new.received) == 2, "the second request's retry in flight")
+            for conn in list(old.connections):  # the first request's try is reset
+                assert conn.transport is not None
+                conn.transport.close()
+            answer = await asyncio.wait_for(first, 4)
+            assert error_type(answer) == "UpstreamReset"
+            assert len(new.received) == 2
+            overflows = engine.stats.total(
+                "metaprotocol_upstream_overflow_total", limit="maxRetries"
+            )
+            assert overflows == 1
+            assert error_type(await asyncio.wait_for(second, 4)) == "Timeout"
+            assert all(cluster.retrying == 0 for cluster in engine.clusters.values())
+            c.close()
+        await old.close()
+        await new.close()
+
+    run(main())
+
+
+def test_a_retry_after_a_reload_avoids_the_endpoint_that_failed() -> None:
+    """A reload rebuilds a cluster of two endpoints (another ``connectionPool``) while a
+    request's first try hangs at the first one: its retry (``perTryTimeout``) goes to the
+    other endpoint, as any retry does. The reloaded cluster has new hosts, and the failed
+    one, the old cluster's, was avoided by identity: the retry went to the same endpoint."""
+    router = """\
+    - name: retried
+      route: [{destination: {host: svc.test}}]
+      timeout: 5s
+      retries: {attempts: 1, perTryTimeout: 300ms, retryOn: timeout}
+    """
+
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        b.release.set()
+        eps = [(a.port, "v1"), (b.port, "v1")]
+        async with engine_for(mesh(eps, router=router)) as engine:
+            c = await Client.connect(address(engine))
+            reply = c.start("slow")
+            await until(lambda: len(a.received) == 1, "the first try at the first endpoint")
+            pool = "{connectionPool: {tcp: {maxConnections: 100}}}"
+            await engine.apply(loads_config(mesh(eps, router=router, traffic_policy=pool)))
+            answer = await asyncio.wait_for(reply, 4)
+            assert error_type(answer) is None and answer.attributes["server"] == "b"
+            assert len(a.received) == 1
+            a.release.set()
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
 def test_a_retry_answered_by_the_engine_keeps_the_time_of_its_first_try() -> None:
     """A request whose first try timed out (``perTryTimeout``) and whose retry the engine
     answered itself (the split's other destination has no ServiceEntry) has the duration of
