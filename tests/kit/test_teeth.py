@@ -94,8 +94,12 @@ def test_every_broken_codec_targets_a_distinct_real_check() -> None:
 
 @pytest.mark.parametrize("codec", cases(ONLY_ONE))
 def test_broken_codec_fails_only_its_named_check(codec: type[KVCodec]) -> None:
-    # Fewer examples than the default keep six whole-kit runs cheap; perf is not the point.
-    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    # Fewer examples than the default keep the whole-kit runs cheap; perf is not the point,
+    # except for a codec caught by a perf check: its ratio (a quadratic codec's about 12x
+    # against 8x allowed) needs the default's repeats to stand out of a loaded machine's
+    # noise (at 0.01 s it measured 7.6x once, with another agent's tests running).
+    perf = codec.catches.startswith("perf_")  # type: ignore[attr-defined]
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.2 if perf else 0.01)
     report = run_kit(CodecTarget.discover(codec, settings=settings))
     failed = [r.check for r in report.results if r.outcome.is_failure]
     assert failed == [codec.catches], report.format_text()  # type: ignore[attr-defined]
