@@ -432,7 +432,9 @@ def maglev_table(hosts: Sequence[Host], size: int) -> list[int]:
             left -= min(left, len(hosts))
         return table
     # Round r, host i (weight w of the heaviest's m) takes its k-th turn (k from 0) in the
-    # first round with r * w >= k * m: the rounds in order, hosts by index within one.
+    # first round after its last turn's with r * w >= k * m (Envoy's loop visits a host once
+    # a round): round max(k + 1, ceil(k * m / w)); the rounds in order, hosts by index
+    # within one.
     heaviest = max(h.weight for h in hosts)
     turns = [(1, i, 0) for i in range(len(hosts))]
     while left:
@@ -441,7 +443,7 @@ def maglev_table(hosts: Sequence[Host], size: int) -> list[int]:
         left -= 1
         k += 1
         weight = hosts[i].weight
-        heapq.heapreplace(turns, (max(1, -(-k * heaviest // weight)), i, k))
+        heapq.heapreplace(turns, (max(k + 1, -(-k * heaviest // weight)), i, k))
     return table
 
 

@@ -681,3 +681,20 @@ def wire_fakes(engine: Engine) -> tuple[Any, FakeTransport, Any, FakeTransport]:
     down_t = FakeTransport()
     down.connection_made(down_t)  # type: ignore[arg-type]
     return down, down_t, up, up_t
+
+
+def count_calls(monkeypatch: Any, name: str) -> list[object]:
+    """Record each call of ``metaprotocol_sdk.proxy.balancer.<name>`` (``monkeypatch``:
+    pytest's fixture; the list is the caller's to clear): a rebuild that must hash nothing
+    is checked by what it calls, not by how long it takes."""
+    from metaprotocol_sdk.proxy import balancer
+
+    calls: list[object] = []
+    original = getattr(balancer, name)
+
+    def counted(*args: object) -> object:
+        calls.append(args[:1])
+        return original(*args)
+
+    monkeypatch.setattr(balancer, name, counted)
+    return calls

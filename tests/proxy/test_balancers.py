@@ -389,3 +389,44 @@ def test_least_request_draws_two_distinct_hosts_uniformly() -> None:
     picks = Counter(getattr(lb.pick(request()), "key", None) for _ in range(4000))
     assert "h0" not in picks
     assert all(850 <= picks[f"h{i}"] <= 1150 for i in range(1, 5)), picks  # 1000 each
+
+
+def _envoy_maglev(hosts: list[FakeHost], size: int) -> list[int]:
+    """Envoy's weighted Maglev build, as its loop is written: rounds over the hosts in order,
+    a host taking a slot in a round when ``round * weight >= target`` (then ``target +=
+    max weight``), each along the same permutation as the engine's."""
+    import hashlib
+    import struct
+
+    walks = []
+    for host in hosts:
+        offset, step = struct.unpack(
+            ">QQ", hashlib.blake2b(host.key.encode(), digest_size=16).digest()
+        )
+        walks.append([offset % size, step % (size - 1) + 1, 0])
+    heaviest = max(h.weight for h in hosts)
+    table = [-1] * size
+    left, rnd = size, 0
+    while left:
+        rnd += 1
+        for i, host in enumerate(hosts):
+            if not left:
+                break
+            walk = walks[i]
+            if rnd * host.weight < walk[2]:
+                continue
+            walk[2] += heaviest
+            while table[walk[0]] != -1:
+                walk[0] = (walk[0] + walk[1]) % size
+            table[walk[0]] = i
+            walk[0] = (walk[0] + walk[1]) % size
+            left -= 1
+    return table
+
+
+@pytest.mark.parametrize("weights", [(1, 2), (2, 2, 1), (3, 1, 1, 7), (5, 5)])
+def test_weighted_maglev_fills_its_table_as_envoys_loop_does(weights: tuple[int, ...]) -> None:
+    # The heaviest hosts took two turns in the first round (one slot each off Envoy's table).
+    hosts = [FakeHost(f"10.0.4.{i}:9000", weight=w) for i, w in enumerate(weights)]
+    for size in (5, 7, 1021):
+        assert maglev_table(hosts, size) == _envoy_maglev(hosts, size)
