@@ -268,12 +268,18 @@ class Hashing(Balancer[H]):
 
     def __init__(self, hosts: Sequence[H], attribute: str | None) -> None:
         super().__init__(hosts)
-        self._key = None if attribute is None else attribute.lower()
+        self._key = hash_key(attribute)
         self._fallback = _round_robin(self.hosts)
 
     def hash_of(self, metadata: Metadata, client: Client | None) -> int | None:
         """The request's 64-bit hash (``None``: it has no key)."""
         return request_hash(self._key, metadata, client)
+
+
+def hash_key(attribute: str | None) -> str | None:
+    """The key :func:`request_hash` reads for ``consistentHash``'s attribute (case-folded, as
+    ``Attributes.get_folded`` wants it); ``None``: the client's IP address."""
+    return None if attribute is None else attribute.lower()
 
 
 def request_hash(key: str | None, metadata: Metadata, client: Client | None) -> int | None:
@@ -537,7 +543,7 @@ class PriorityBalancer(Balancer[H]):
             else WeightedRoundRobin(self.levels)
         )
         self._hashing = policy.policy == "CONSISTENT_HASH"
-        self._key = None if policy.hash_attribute is None else policy.hash_attribute.lower()
+        self._key = hash_key(policy.hash_attribute)
 
     def pick(self, metadata: Metadata, client: Client | None = None) -> H | None:
         level = self._level(metadata, client)

@@ -82,7 +82,7 @@ def warm_starts(
     return {key: previous.get(key, now) for key in keys}
 
 
-def effective_weights(
+def warming_weights(
     weights: Sequence[int], starts: Sequence[float], now: float, warmup: Warmup
 ) -> list[int] | None:
     """The weights to balance by at ``now``, in hundredths of the endpoint ``weights``
@@ -141,7 +141,7 @@ class SlowStart:
         hosts = self.cluster.hosts
         now = self.cluster.engine.loop.time()
         starts = [self.starts[h.key] for h in hosts]
-        weights = effective_weights(self.endpoint_weights, starts, now, self.warmup)
+        weights = warming_weights(self.endpoint_weights, starts, now, self.warmup)
         target = self.endpoint_weights if weights is None else weights
         if any(h.weight != w for h, w in zip(hosts, target, strict=True)):
             for host, weight in zip(hosts, target, strict=True):

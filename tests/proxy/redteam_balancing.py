@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.balancer import make_balancer
 from metaprotocol_sdk.proxy.config.models import LoadBalancer, Warmup
-from metaprotocol_sdk.proxy.slow_start import effective_weights
+from metaprotocol_sdk.proxy.slow_start import warming_weights
 
 
 @dataclass(eq=False)
@@ -167,7 +167,7 @@ def warmup(n: int) -> None:
     all_of = hosts(n)
     starts = [0.0] * (n - 1) + [9.0]
     start = time.perf_counter()
-    weights = effective_weights([1] * n, starts, 10.0, Warmup(20.0))
+    weights = warming_weights([1] * n, starts, 10.0, Warmup(20.0))
     assert weights is not None
     for host, weight in zip(all_of, weights, strict=True):
         host.weight = weight

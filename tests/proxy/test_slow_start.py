@@ -26,9 +26,9 @@ from metaprotocol_sdk.proxy.slow_start import (
     MAX_STEP,
     MIN_STEP,
     STEPS,
-    effective_weights,
     step_interval,
     warm_starts,
+    warming_weights,
     weight_factor,
 )
 
@@ -69,14 +69,14 @@ def test_the_weight_factor_is_envoy_s_curve() -> None:
 def test_effective_weights_are_hundredths_of_the_endpoint_weights() -> None:
     warmup = Warmup(10.0)
     # Old endpoints (started long ago) at their whole weight, a new one at its part.
-    assert effective_weights([1, 3, 2], [0.0, 0.0, 100.0], 105.0, warmup) == [100, 300, 100]
-    assert effective_weights([1, 1], [0.0, 100.0], 100.0, warmup) == [100, 10]
+    assert warming_weights([1, 3, 2], [0.0, 0.0, 100.0], 105.0, warmup) == [100, 300, 100]
+    assert warming_weights([1, 1], [0.0, 100.0], 100.0, warmup) == [100, 10]
     # At least 1, whatever the minimum.
-    assert effective_weights([1, 1], [-1e7, 100.0], 100.0, Warmup(1e6, 0.0)) == [100, 1]
+    assert warming_weights([1, 1], [-1e7, 100.0], 100.0, Warmup(1e6, 0.0)) == [100, 1]
     # Every endpoint started together: equal factors, the endpoint weights give the shares.
-    assert effective_weights([1, 5], [100.0, 100.0], 101.0, warmup) is None
+    assert warming_weights([1, 5], [100.0, 100.0], 101.0, warmup) is None
     # Every window over.
-    assert effective_weights([1, 1], [0.0, 100.0], 110.0, warmup) is None
+    assert warming_weights([1, 1], [0.0, 100.0], 110.0, warmup) is None
 
 
 def test_which_endpoints_warm() -> None:
