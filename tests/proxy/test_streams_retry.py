@@ -25,6 +25,7 @@ from test_streams import StreamClient, StreamServer
 from test_tls import Pki, tls_policy
 
 from metaprotocol_sdk.examples.kv import STREAM_DATA, STREAM_HALF_CLOSE, STREAM_OPEN
+from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.engine import Engine
 
 ROUTER = """\
@@ -241,5 +242,40 @@ def test_streams_being_connected_take_no_more_frames_while_the_process_is_over_b
                 peak = flood.peak  # type: ignore[attr-defined]
                 assert peak < 2.5 * budget, peak
                 client.close()
+
+    run(main())
+
+
+def test_a_stream_retried_after_a_reload_goes_to_the_endpoints_of_now(tmp_path: Path) -> None:
+    """A stream's first connection hangs in its TLS handshake while a reload replaces the
+    cluster (another endpoint, plain text); when the connect times out, the retry opens the
+    stream on the cluster of that name as the reload left it, as a request's retry does. It
+    went to the retired cluster's endpoint again and timed out there."""
+    pki = Pki(tmp_path)
+
+    async def main() -> None:
+        server = await StreamServer("new").start()
+        try:
+            async with (
+                silent_tls() as (port, accepted),
+                engine_for(hanging_tls(pki, port, 2, "", "0.5s")) as engine,
+            ):
+                client = await StreamClient.connect(address(engine))
+                client.frame(STREAM_OPEN, 1, {"method": "echo"})
+                await until(lambda: accepted, "the first connect, hanging")
+                new = mesh([(server.port, "v1")], router=ROUTER % (2, "connect-failure"))
+                await engine.apply(loads_config(new, "new.yaml"))
+                (opened,) = await client.until(1, 1)
+                assert error_type(opened) is None
+                assert opened.attributes.get("server") == "new"
+                assert len(accepted) == 1  # no second try at the removed endpoint
+                assert retries(engine) == 1
+                (cluster,) = engine.clusters.values()
+                client.frame(STREAM_HALF_CLOSE, 1)
+                await until(lambda: ended(engine, "closed") == 1, "the stream's end")
+                assert cluster.retrying == 0
+                client.close()
+        finally:
+            await server.close()
 
     run(main())
