@@ -293,10 +293,10 @@ class Cluster:
         self.outlier: OutlierDetector | None = None
         #: Warm-up of new endpoints (``loadBalancer.warmup``; set by ``attach_slow_start``).
         self.slow_start: SlowStart | None = None
-        #: The hash balancers kept of each priority level (``_hashed``), and the hosts'
-        #: weights they were built for.
+        #: The hash balancers kept of each priority level (``_hashed``). Its hosts' weights
+        #: never change while it serves (slow start applies to no hashing policy; a reload
+        #: that changes one builds a new cluster), so they stay right.
         self._hash_cache: dict[int, _LevelBalancers] = {}
-        self._hash_weights: list[int] = []
         if outlier is not None:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:
@@ -353,9 +353,6 @@ class Cluster:
         policy = self.policy
         if self.outlier is None or policy.policy != "CONSISTENT_HASH":
             return None
-        weights = [h.weight for h in self.hosts]
-        if self._hash_weights != weights:  # the hosts' weights, for which they are built
-            self._hash_cache, self._hash_weights = {}, weights
         kept = self._hash_cache.get(priority)
         if kept is None:
             kept = self._hash_cache[priority] = _LevelBalancers(make_balancer(policy, level, level))

@@ -786,10 +786,10 @@ def _load_balancer(doc: _Doc, policy: dict[str, Any], path: str) -> LoadBalancer
     doc.check(lb, f"{path}.loadBalancer", schema.LOAD_BALANCER)
     simple = doc.string(lb, "simple", f"{path}.loadBalancer.simple", required=False)
     hashing = doc.mapping(lb, "consistentHash", f"{path}.loadBalancer.consistentHash", False)
-    if simple is not None and lb.get("consistentHash") is not None:
+    consistent = lb.get("consistentHash") is not None  # {} too: refused, as it hashes nothing
+    if simple is not None and consistent:
         doc.fail(f"{path}.loadBalancer", "set either simple or consistentHash, not both")
     locality = _locality_lb(doc, lb, f"{path}.loadBalancer.localityLbSetting")
-    consistent = lb.get("consistentHash") is not None
     warmup = _warmup(doc, lb, f"{path}.loadBalancer", "consistentHash" if consistent else simple)
     if consistent:
         return _consistent_hash(doc, hashing, f"{path}.loadBalancer.consistentHash", locality)
