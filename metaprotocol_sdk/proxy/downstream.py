@@ -20,6 +20,7 @@ from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
 from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import codec_maker
+from .room import Queued
 from .router import CompiledRoute, RouteTable, Target
 from .stats import DURATION_BUCKETS_MS, Counter
 from .streams import (
@@ -298,6 +299,7 @@ class Downstream(asyncio.Protocol):
         "out_size",
         "partial_since",
         "paused_since",
+        "queued",
         "read_done",
         "reading_paused",
         "reads",
@@ -358,6 +360,8 @@ class Downstream(asyncio.Protocol):
         self.paused_since = 0.0
         #: Requests filters hold now (made on the first hold): cancelled if the client leaves.
         self.holds: set[Hold] | None = None
+        #: Its requests waiting for room on an upstream connection (see room.py).
+        self.queued: set[Queued] | None = None
         #: Requests sent upstream and not settled: given up at once if the client leaves.
         self.waiting: dict[Pending, None] = {}
         #: What the listener's AuthorizationPolicies say of this connection's requests
@@ -426,6 +430,10 @@ class Downstream(asyncio.Protocol):
         self.transport = None
         if self.waiting:
             self._give_up_waiting()
+        if self.queued:  # never sent: nothing to forget upstream
+            for q in list(self.queued):
+                self._unqueue(q)
+                self._unanswered(q.request, q.route, q.target, monotonic() - q.started, None)
         if self.streams:
             client_left(self)
         if self in engine.downstreams:
@@ -863,20 +871,44 @@ class Downstream(asyncio.Protocol):
         if cluster.request_limits and (why := cluster.over_pool_limits(host)) is not None:
             self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
             return
-        try:
-            conn = (
-                cluster.shared_connection(host)
-                if cluster.shared
-                else self._dedicated(cluster, host, avoid)
-            )
-        except CodecUnavailable as exc:  # counted and logged as the codec's bug
-            failed = ErrorType.UpstreamConnectFailure
-            self.local_reply(message, failed, str(exc), route, target, started or None)
-            return
+        self._send(message, route, target, cluster, host, mutation, tries, started, avoid)
+
+    def _send(
+        self,
+        message: Metadata,
+        route: CompiledRoute,
+        target: Target,
+        cluster: Cluster,
+        host: UpstreamHost,
+        mutation: Mutation | None,
+        tries: int,
+        started: float,
+        avoid: UpstreamHost | None = None,
+        conn: UpstreamConnection | None = None,
+    ) -> None:
+        """Send a try of a request to ``host`` of ``cluster`` on one of its connections (on
+        ``conn``: a connection with room for a request that waited, see room.py), or have it
+        wait for room. ``started``: the request's start when not now (a retry's first try,
+        a request that waited); ``avoid``: a retry's failed endpoint."""
+        engine = self.engine
         if conn is None:
-            why = cluster.refused()
-            self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
-            return
+            try:
+                conn = (
+                    cluster.shared_connection(host)
+                    if cluster.shared
+                    else self._dedicated(cluster, host, avoid)
+                )
+            except CodecUnavailable as exc:  # counted and logged as the codec's bug
+                failed = ErrorType.UpstreamConnectFailure
+                self.local_reply(message, failed, str(exc), route, target, started or None)
+                return
+            if conn is None:
+                why = cluster.refused()
+                self.local_reply(message, ErrorType.OverLimit, why, route, target, started or None)
+                return
+            if cluster.stream_cap and conn.full():
+                self._wait_for_room(message, route, target, conn, mutation, tries, started)
+                return
         host = conn.host  # another endpoint's when the budget made the client reuse one
         now = monotonic()
         p = Pending(self, message, route, target, host, conn, now)
@@ -893,19 +925,23 @@ class Downstream(asyncio.Protocol):
                 started or None,
             )
             return
+        if started:  # a retry, or a request that waited for room: the route's time is less
+            p.start = started
         if route.retries is None:
-            engine.deadlines.add(p, now, route.timeout)
+            if started:
+                engine.deadlines.add_at(p, max(started + route.timeout, now + 0.001))
+            else:
+                engine.deadlines.add(p, now, route.timeout)
         else:
             p.mutation = mutation
             p.tries = tries
             if tries:
-                p.start = started
-                cluster.retrying += 1
+                conn.cluster.retrying += 1
             per_try = self._per_try_timeout(route, p.start, now)
             if per_try is not None:
                 engine.deadlines.add(p, now, per_try)
-            elif tries:  # the rest of the route's timeout: a deadline no other request has
-                engine.deadlines.add_at(p, max(p.start + route.timeout, now + 0.001))
+            elif started:  # the rest of the route's timeout: a deadline no other request has
+                engine.deadlines.add_at(p, max(started + route.timeout, now + 0.001))
             else:
                 engine.deadlines.add(p, now, route.timeout)
         engine.pending += 1
@@ -919,6 +955,132 @@ class Downstream(asyncio.Protocol):
             self.block_on(conn)
         if route.mirror is not None and not tries:
             self._mirror(message, route, mutation)
+
+    # -- waiting for room on a connection (see room.py) ----------------------------------------
+
+    def _wait_for_room(
+        self,
+        message: Metadata,
+        route: CompiledRoute,
+        target: Target,
+        conn: UpstreamConnection,
+        mutation: Mutation | None,
+        tries: int,
+        started: float,
+    ) -> None:
+        """Queue a request whose connection is full (``maxConcurrentStreams``): it counts as
+        pending until it is sent, bounded by its route's timeout."""
+        engine = self.engine
+        cluster = conn.cluster
+        now = monotonic()
+        queue = cluster.queue_for(conn)
+        q = Queued(self, message, route, target, conn, mutation, tries, started or now, queue)
+        queue[q] = None
+        cluster.wait_started()
+        if tries:  # a retry waiting is a retry in flight (maxRetries)
+            cluster.retrying += 1
+        engine.pending += 1
+        self.inflight += 1
+        self.inflight_bytes += q.size
+        engine.buffered += q.size
+        engine.deadlines.add_at(q, max(q.started + route.timeout, now + 0.001))
+        if self.queued is None:
+            self.queued = set()
+        self.queued.add(q)
+
+    def _unqueue(self, q: Queued) -> None:
+        """Stop counting ``q`` as waiting (sent, timed out, refused, or its client left)."""
+        q.done = True  # also stops its deadline
+        q.queue.pop(q, None)
+        cluster = q.conn.cluster
+        cluster.wait_ended()
+        if q.tries:
+            cluster.retrying -= 1
+        engine = self.engine
+        engine.pending -= 1
+        self.inflight -= 1
+        self.inflight_bytes -= q.size
+        engine.buffered -= q.size
+        if self.queued is not None:
+            self.queued.discard(q)
+        if engine.draining and engine.pending == 0:
+            engine.requests_drained()
+
+    def send_queued(self, q: Queued, conn: UpstreamConnection) -> None:
+        """Send ``q`` on ``conn``, which has room now (or answer it: its client left)."""
+        self._unqueue(q)
+        cluster = conn.cluster
+        if self.closed:
+            self._unanswered(q.request, q.route, q.target, monotonic() - q.started, conn.host)
+            return
+        self._send(
+            q.request,
+            q.route,
+            q.target,
+            cluster,
+            conn.host,
+            q.mutation,
+            q.tries,
+            q.started,
+            None,
+            conn,
+        )
+        self.close_if_done()
+
+    def requeue(self, q: Queued) -> None:
+        """``q``'s connection went away or retired before it had room: try again on the
+        client's connection of now (a client's own connection only)."""
+        self._unqueue(q)
+        conn = q.conn
+        if self.closed:
+            self._unanswered(q.request, q.route, q.target, monotonic() - q.started, conn.host)
+            return
+        cluster = conn.cluster
+        self._send(q.request, q.route, q.target, cluster, conn.host, q.mutation, q.tries, q.started)
+        self.close_if_done()
+
+    def room_refused(self, q: Queued, why: str) -> None:
+        """``q``'s endpoint has no connection left and none may open: ``OverLimit``."""
+        self._unqueue(q)
+        host = q.conn.host
+        self.local_reply(q.request, ErrorType.OverLimit, why, q.route, q.target, q.started, host)
+        self.close_if_done()
+
+    def room_left(self, q: Queued) -> None:
+        """``q``'s client left (or is being closed) before it had room: nobody to answer."""
+        self._unqueue(q)
+        self._unanswered(q.request, q.route, q.target, monotonic() - q.started, q.conn.host)
+
+    def room_failed(self, q: Queued, error: ErrorType, message: str) -> None:
+        """``q`` fails without being sent (its endpoint's connect failed, see
+        ``UpstreamConnection._purge_waiting``): tried again when its route retries on it
+        and its cluster's retries allow, else answered."""
+        self._unqueue(q)
+        host = q.conn.host
+        if self.closed:
+            self._unanswered(q.request, q.route, q.target, monotonic() - q.started, host)
+            return
+        condition = _RETRY_CONDITIONS.get(error)
+        if condition is not None and q.route.retries is not None:
+            cluster = q.conn.cluster.serving()
+            if self._retry(q.route, condition, q.tries, q.started, cluster):
+                self._dispatch(q.request, q.route, q.mutation, q.tries + 1, q.started, host)
+                self.close_if_done()
+                return
+        self.local_reply(q.request, error, message, q.route, q.target, q.started, host)
+        self.close_if_done()
+
+    def room_timeout(self, q: Queued) -> None:
+        """The route's timeout passed while ``q`` waited for room: ``Timeout``."""
+        self._unqueue(q)
+        cap = q.conn.cluster.stream_cap
+        why = (
+            f"no response within {q.route.timeout:g}s (waited for room on a connection to "
+            f"{q.conn.host.key}: {cap} requests in flight on each)"
+        )
+        host = q.conn.host
+        self.local_reply(q.request, ErrorType.Timeout, why, q.route, q.target, q.started, host)
+        self.close_if_done()
 
     # -- filters -------------------------------------------------------------------------------
 
@@ -1099,7 +1261,7 @@ class Downstream(asyncio.Protocol):
             cluster.refused()
             sink.count(target, "Dropped")
             return
-        if conn.write_paused:
+        if conn.write_paused or (cluster.stream_cap and conn.full()):  # a copy never waits
             sink.count(target, "Dropped")
             return
         host = conn.host

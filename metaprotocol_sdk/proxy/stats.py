@@ -65,6 +65,10 @@ HELP = {
     "metaprotocol_downstream_connections_active": "Open downstream connections.",
     "metaprotocol_upstream_connections_total": "Upstream connections opened, by cluster.",
     "metaprotocol_upstream_connections_active": "Open upstream connections, by cluster.",
+    "metaprotocol_upstream_requests_queued_total": "Requests that waited for room on an "
+    "upstream connection (connectionPool.http.maxConcurrentStreams), by cluster.",
+    "metaprotocol_upstream_requests_queued_active": "Requests waiting for room on an "
+    "upstream connection now, by cluster.",
     "metaprotocol_upstream_connect_errors_total": "Failed upstream connects, by cluster.",
     "metaprotocol_upstream_resets_total": "Upstream connections lost with requests in flight.",
     "metaprotocol_upstream_connections_closed_total": "Upstream connections the engine closed "

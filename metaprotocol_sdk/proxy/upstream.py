@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .downstream import Downstream
     from .engine import Engine
     from .mirror import MirrorSink
+    from .room import Queue
     from .router import CompiledRoute, Target
     from .slow_start import SlowStart
     from .streams import Stream
@@ -168,6 +169,7 @@ class UpstreamHost:
         "outlier",
         "port",
         "priority",
+        "waiting",
         "weight",
     )
 
@@ -202,6 +204,9 @@ class UpstreamHost:
         #: Shared connections (shared mode only).
         self.conns: list[UpstreamConnection] = []
         self.next_conn = 0
+        #: Requests waiting for room on its shared connections (see room.py; ``None``: none
+        #: ever did).
+        self.waiting: Queue | None = None
         #: The cluster's outlier detector, when it has one (see outlier.py).
         self.outlier: OutlierDetector | None = None
         self.errors = 0
@@ -269,6 +274,10 @@ class Cluster:
         self.request_limits = pool is not None and (
             pool.max_requests is not None or pool.max_pending_requests is not None
         )
+        #: Requests in flight per connection (0: not checked), see :func:`stream_cap`; and
+        #: the requests waiting for room (see room.py), for ``http1MaxPendingRequests``.
+        self.stream_cap = stream_cap(pool, protocol, engine.max_pending + engine.mirror_sink.limit)
+        self.queued = 0
         #: The destination service (host) and its namespace, for Istio's labels.
         self.service = name.rsplit("|", 1)[-1]
         service = engine.config.services.get(self.service)
@@ -311,6 +320,8 @@ class Cluster:
         self.resets = stats.counter("metaprotocol_upstream_resets_total", cluster=name)
         #: Replies that answered nothing (made on first use: most clusters see none).
         self._unmatched: Counter | None = None
+        #: Requests that waited for room, and those waiting now (made on first use).
+        self._waits: tuple[Counter, Counter] | None = None
         self.heartbeats = stats.counter(
             "metaprotocol_heartbeats_total", cluster=name, side="upstream"
         )
@@ -391,11 +402,39 @@ class Cluster:
         max_requests = pool.max_requests
         if max_requests is not None and sum(h.active for h in self.hosts) >= max_requests:
             return self.overflow("http2MaxRequests")
-        if pool.max_pending_requests is not None and self.opening:
-            waiting = sum(len(c.pending) + len(c.order) for c in self.opening)
+        if pool.max_pending_requests is not None and (self.opening or self.queued):
+            waiting = self.queued + sum(len(c.pending) + len(c.order) for c in self.opening)
             if waiting >= pool.max_pending_requests:
                 return self.overflow("http1MaxPendingRequests")
         return None
+
+    def queue_for(self, conn: UpstreamConnection) -> Queue:
+        """The queue a request waits in for room on ``conn`` (see room.py): its endpoint's,
+        for a shared connection, else the connection's own (made on first use)."""
+        owner: UpstreamHost | UpstreamConnection = conn.host if conn.shared else conn
+        queue = owner.waiting
+        if queue is None:
+            queue = owner.waiting = OrderedDict()
+        return queue
+
+    def wait_started(self) -> None:
+        """Count a request that waits for room on a connection."""
+        self.queued += 1
+        counters = self._waits
+        if counters is None:
+            stats = self.engine.stats
+            counters = self._waits = (
+                stats.counter("metaprotocol_upstream_requests_queued_total", cluster=self.name),
+                stats.gauge("metaprotocol_upstream_requests_queued_active", cluster=self.name),
+            )
+        counters[0].value += 1
+        counters[1].value = self.queued
+
+    def wait_ended(self) -> None:
+        """A request stopped waiting for room (sent, answered, or its client left)."""
+        self.queued -= 1
+        if self._waits is not None:
+            self._waits[1].value = self.queued
 
     def unmatched_reply(self) -> None:
         """Count a reply that answered no request waiting for one (it is dropped)."""
@@ -482,29 +521,93 @@ class Cluster:
         the cluster's ``maxConnections`` and the process's budget); ``None`` when the limits
         leave it none. An endpoint with none may take the place of a client's own idle
         connection when the budget is spent (``reclaim``; not for a mirror's copy): it
-        serves every client."""
+        serves every client. With a :attr:`stream_cap`, one with room, or one more opened
+        (past the per-host count); else a full one, which the request waits for room on."""
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
-            conn = None
-            if self.may_open():
-                conn = host.connection_class(self, host, None)
-            elif reclaim and not conns:
-                # Built before another client's idle connection is closed for it: a codec
-                # that cannot be built (CodecUnavailable) costs nobody's connection.
-                conn = host.connection_class(self, host, None)
-                if not self.may_reclaim():
-                    conn = None
+            conn = self._open_shared(host, reclaim)
             if conn is not None:
-                conns.append(conn)
-                conn.connect()
                 return conn
             if not conns:
                 return None
+        if self.stream_cap:
+            return self.room_on(host) or conns[0]
         i = host.next_conn
         if i >= len(conns):
             i = 0
         host.next_conn = i + 1
         return conns[i]
+
+    def _open_shared(self, host: UpstreamHost, reclaim: bool) -> UpstreamConnection | None:
+        """Open one more shared connection to ``host`` when the limits allow (see
+        :meth:`shared_connection`)."""
+        conn = None
+        if self.may_open():
+            conn = host.connection_class(self, host, None)
+        elif reclaim and not host.conns:
+            # Built before another client's idle connection is closed for it: a codec
+            # that cannot be built (CodecUnavailable) costs nobody's connection.
+            conn = host.connection_class(self, host, None)
+            if not self.may_reclaim():
+                conn = None
+        if conn is not None:
+            host.conns.append(conn)
+            conn.connect()
+        return conn
+
+    def room_on(self, host: UpstreamHost) -> UpstreamConnection | None:
+        """A shared connection to ``host`` with room for a request (the next in turn), or
+        one more opened when the limits allow; ``None``: every one is full."""
+        conns = host.conns
+        cap = self.stream_cap
+        n = len(conns)
+        start = host.next_conn
+        for k in range(n):
+            i = (start + k) % n
+            conn = conns[i]
+            if len(conn.pending) < cap:
+                host.next_conn = i + 1
+                return conn
+        return self._open_shared(host, False)
+
+    def admit(self, host: UpstreamHost) -> None:
+        """Send the requests waiting for room on ``host``'s shared connections, oldest
+        first, while one has room (or can be opened). With none left at all and none to
+        open, they cannot be sent: each is answered as a request refused a connection. A
+        request whose client left is dropped first: it opens nothing."""
+        waiting = host.waiting
+        while waiting:
+            q = waiting.popitem(last=False)[0]
+            if q.downstream.closed:
+                q.downstream.room_left(q)
+                continue
+            conn = self.room_on(host)
+            if conn is None:
+                waiting[q] = None
+                waiting.move_to_end(q, last=False)
+                if not host.conns:
+                    why = self.refused()
+                    while waiting:
+                        q = waiting.popitem(last=False)[0]
+                        q.downstream.room_refused(q, why)
+                return
+            q.downstream.send_queued(q, conn)
+
+
+def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int) -> int:
+    """Requests one upstream connection may carry at once (0: no cap to check): the pool's
+    ``maxConcurrentStreams``; on shared connections, also one less than the codec's
+    ``max_request_id`` when the engine may have that many requests in flight (``inflight``:
+    its pending requests and mirrored copies): the last id is left to one-way messages, and a
+    request past the ids waits for room or opens a connection, as past
+    ``maxConcurrentStreams``."""
+    cap = 0 if pool is None else pool.max_concurrent_streams or 0
+    codec = protocol.codec_class
+    if codec.capabilities.rewrite_request_id:
+        ids = codec.max_request_id
+        if ids <= inflight:
+            cap = min(cap or ids, max(1, ids - 1))
+    return cap
 
 
 #: Unmatched replies on a shared connection checked for an id the codec did not write.
@@ -520,6 +623,7 @@ class UpstreamConnection(asyncio.Protocol):
         "acked",
         "buffer",
         "by_id",
+        "cap",
         "closed",
         "cluster",
         "codec",
@@ -557,6 +661,7 @@ class UpstreamConnection(asyncio.Protocol):
         "transport",
         "unlisted",
         "unsent",
+        "waiting",
         "whole",
         "write_paused",
     )
@@ -610,6 +715,10 @@ class UpstreamConnection(asyncio.Protocol):
         #: ``maxRequestsPerConnection`` (0: no limit) and the requests sent so far.
         self.limit_requests = (pool.max_requests_per_connection or 0) if pool else 0
         self.sent = 0
+        #: Requests it may carry at once (the cluster's ``stream_cap``; 0: any number), and
+        #: a client's own connection's requests waiting for room (see room.py).
+        self.cap = cluster.stream_cap
+        self.waiting: Queue | None = None
         #: Taking no new requests; closes once nothing is in flight.
         self.retiring = cluster.retired
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
@@ -771,6 +880,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self.cluster.closed_by("max_requests")
                 self.retire()
 
+    def full(self) -> bool:
+        """Whether it carries :attr:`cap` requests (a client's own connection counts a
+        timed-out request's place: its upstream may still be working on it)."""
+        return len(self.pending if self.shared else self.order) >= self.cap
+
     def retire(self) -> None:
         """Take no new requests (the next one opens a fresh connection); close once the
         requests in flight are answered."""
@@ -782,6 +896,8 @@ class UpstreamConnection(asyncio.Protocol):
             host.conns.remove(self)
         if self.owner is not None:
             self.owner.upstream_closed(self)
+        if self.waiting:
+            self._move_waiting()
         self._close_if_idle()
 
     def idle_sweep(self, now: float, idle_timeout: float) -> None:
@@ -985,12 +1101,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.expired = True  # for the write watch (see write_sweep)
         if self.shared:
             self.pending.pop(p.wire_id, None)
+            self._admit_waiting()
             self._close_if_idle()  # a retiring connection's last request may time out
             return
         if p.seq in self.order:
             p.request = RELEASED
             self.stale += 1
-            if self.stale > STALE_LIMIT:
+            if self.stale > STALE_LIMIT or (self.waiting and self.stale >= self.cap):
+                # (With requests waiting for room that only timed-out ones hold: they go
+                # to a fresh connection, as Envoy's HTTP/1 pool closes one on a timeout.)
                 self.retire()
             elif len(self.order) == self.stale:
                 self._listed_idle()
@@ -1061,6 +1180,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.need = 0
         for downstream in batch:  # first: the replies read leave before any error
             downstream.flush()
+        if self.waiting or (shared and self.host.waiting):  # room made: see room.py
+            self._admit_waiting()
         if self.retiring or failed is not None:
             self._after_read(failed)
         if (buffer or self.held) and not self.closed:
@@ -1198,6 +1319,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.cluster.unmatched_reply()
         for downstream in batch:
             downstream.flush()
+        self._admit_waiting()
         self._after_read(None)
 
     def _account_held(self) -> None:
@@ -1410,6 +1532,41 @@ class UpstreamConnection(asyncio.Protocol):
             idle.move_to_end(self)
         return None if p.done else p
 
+    def _admit_waiting(self) -> None:
+        """Replies (or timeouts) made room: requests waiting for it go (see room.py)."""
+        if self.waiting:
+            self._admit_own()
+        elif self.shared and self.host.waiting:
+            self.cluster.admit(self.host)
+
+    def _admit_own(self) -> None:
+        """Send the requests waiting for room on this client's own connection, in order,
+        while it has room."""
+        waiting = self.waiting
+        while waiting and len(self.order) < self.cap and not (self.closed or self.retiring):
+            q = waiting.popitem(last=False)[0]
+            q.downstream.send_queued(q, self)
+
+    def _take_waiting(self) -> Queue | None:
+        """Connecting failed: the requests waiting for room on this connection's endpoint
+        (shared) or on it (a client's own), which fail the same way (or are retried), as
+        Envoy purges a pool's pending requests on a connect failure (an upstream that
+        refuses connections would otherwise fail them one connection's worth at a time)."""
+        if self.shared:
+            waiting, self.host.waiting = self.host.waiting, None
+        else:
+            waiting, self.waiting = self.waiting, None
+        return waiting
+
+    def _move_waiting(self) -> None:
+        """The requests waiting for room on this client's own connection, which closed or
+        retired: each tries the client's connection of now (in order)."""
+        waiting = self.waiting
+        self.waiting = None
+        while waiting:
+            q = waiting.popitem(last=False)[0]
+            q.downstream.requeue(q)
+
     # -- closing -------------------------------------------------------------------------------
 
     # -- flow control --------------------------------------------------------------------------
@@ -1508,7 +1665,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.engine.upstreams.discard(self)
         self.write_paused = False
         self._release_blocked()
+        # Taken before the requests in flight fail: their retries may wait here anew.
+        purged = self._take_waiting() if error is ErrorType.UpstreamConnectFailure else None
         self._fail_all(error, message)
+        if purged:
+            while purged:
+                q = purged.popitem(last=False)[0]
+                q.downstream.room_failed(q, error, message)
+        elif self.waiting:
+            self._move_waiting()
+        elif host.waiting and self.shared:
+            self.cluster.admit(host)
         # The stream (ended now) keeps its connection for its counts; the connection lets go
         # of it, so that neither waits for the cycle collector (a stream's connection and its
         # stream each held the other: some 13 objects per stream left to the collector).

@@ -381,6 +381,7 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             ("http.maxRequestsPerConnection", 10, "max_requests_per_connection"),
             ("http.idleTimeout", "30s", "idle_timeout"),
             ("http.maxRetries", 3, "max_retries"),
+            ("http.maxConcurrentStreams", 10, "max_concurrent_streams"),
         ]
     ),
     *(
@@ -723,7 +724,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
-    ("DestinationRule", f"{PORT_POLICY}.connectionPool.http.maxConcurrentStreams", 10),
     ("DestinationRule", f"{PORT_POLICY}.tls.credentialName", "cred"),
     ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
     *(
@@ -748,7 +748,6 @@ REFUSED: list[tuple[str, str, Any]] = [
             ("httpQueryParameterName", "q"),
         ]
     ),
-    ("DestinationRule", f"{POLICY}.connectionPool.http.maxConcurrentStreams", 10),
     ("DestinationRule", f"{POLICY}.connectionPool.http.h2UpgradePolicy", "UPGRADE"),
     ("DestinationRule", f"{POLICY}.connectionPool.http.useClientProtocol", True),
     ("DestinationRule", f"{POLICY}.connectionPool.http.http2KeepAlive", {"interval": "5s"}),

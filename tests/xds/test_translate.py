@@ -257,6 +257,30 @@ def test_istiod_connection_pool_options_are_read_where_istiod_writes_them() -> N
     assert "common_lb_config.healthy_panic_threshold" in refusal(resources(snap))
 
 
+def test_max_concurrent_streams_is_read_where_istiod_writes_it() -> None:
+    """istiod writes ``http.maxConcurrentStreams`` as the HTTP/2 options'
+    ``max_concurrent_streams`` (in ``explicit_http_config`` of the cluster's
+    HttpProtocolOptions): read as the pool's, Envoy's default (2^31 - 1) as no limit, and
+    the rest of the HTTP/2 settings ignored as before (a MetaProtocol connection has none)."""
+    snap = snapshot(3)
+    c = next(c for c in snap[CLUSTER_TYPE] if c.name == ALL)
+    key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+    def pool_with(streams: int) -> ConnectionPool | None:
+        options = http_protocol_options_pb2.HttpProtocolOptions()
+        h2 = options.explicit_http_config.http2_protocol_options
+        h2.max_concurrent_streams.value = streams
+        h2.initial_stream_window_size.value = 65536  # an HTTP/2 setting: nothing here
+        c.typed_extension_protocol_options[key].Pack(options)
+        rules = translate(base(), resources(snap)).destination_rules
+        return rules["hello.svc"].policy.connection_pool
+
+    pool = pool_with(16)
+    assert pool is not None and pool.max_concurrent_streams == 16
+    default = pool_with(2**31 - 1)  # Envoy's default: no limit
+    assert default is not None and default.max_concurrent_streams is None
+
+
 def test_a_balancer_s_own_settings_as_istiod_writes_them() -> None:
     """istiod writes ring_hash_lb_config (a minimum ring size of 1024) on every cluster of a
     consistentHash rule: it was refused, so any such rule was NACKed. Sizes and choice counts

@@ -271,9 +271,8 @@ HTTP_POOL = fields(
     "maxRequestsPerConnection",
     "idleTimeout",
     "maxRetries",
+    "maxConcurrentStreams",
     refused={
-        "maxConcurrentStreams": "a limit of requests in flight per upstream connection "
-        "(http2MaxRequests limits them per cluster)",
         "h2UpgradePolicy": _NOT_HTTP,
         "useClientProtocol": _NOT_HTTP,
         "http2KeepAlive": _NOT_HTTP + " (tcp.tcpKeepalive keeps connections alive)",

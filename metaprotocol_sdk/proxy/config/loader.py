@@ -1343,6 +1343,7 @@ def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> Connect
         max_requests_per_connection=count(http, "maxRequestsPerConnection", "http"),
         idle_timeout=doc.duration(http, "idleTimeout", f"{path}.http.idleTimeout"),
         max_retries=count(http, "maxRetries", "http"),
+        max_concurrent_streams=count(http, "maxConcurrentStreams", "http"),
     )
 
 

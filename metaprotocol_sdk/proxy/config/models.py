@@ -251,8 +251,11 @@ class ConnectionPool:
     (an upstream connection's lifetime, then it is retired) and ``tcp_idle_timeout``
     (``tcp.idleTimeout``: used when ``idleTimeout`` is not set). The request pool reuses
     Istio's ``http`` field names where they mean the same here: ``http1MaxPendingRequests``
-    (requests waiting for an upstream connection to open), ``http2MaxRequests`` (requests in
-    flight), ``maxRequestsPerConnection``, ``idleTimeout``, ``maxRetries`` (retries in flight).
+    (requests waiting for an upstream connection: opening, or with room, see
+    ``maxConcurrentStreams``), ``http2MaxRequests`` (requests in flight),
+    ``maxRequestsPerConnection``, ``idleTimeout``, ``maxRetries`` (retries in flight),
+    ``maxConcurrentStreams`` (requests in flight per connection: more open connections, or
+    wait for room).
     ``None``: no limit (the engine's own limits still apply).
     """
 
@@ -266,6 +269,7 @@ class ConnectionPool:
     max_requests_per_connection: int | None = None
     idle_timeout: float | None = None
     max_retries: int | None = None
+    max_concurrent_streams: int | None = None
 
     @property
     def inert(self) -> bool:

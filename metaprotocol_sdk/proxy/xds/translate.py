@@ -103,7 +103,8 @@ IGNORED: dict[str, dict[str, str]] = {
     },
     "UpstreamHttpProtocolOptions": {
         "upstream_http_protocol_options": "HTTP's SNI and Host settings",
-        "explicit_http_config": "the HTTP version of upstream connections",
+        "explicit_http_config": "the HTTP version of upstream connections (its HTTP/2 "
+        "max_concurrent_streams is read)",
         "use_downstream_protocol_config": "the HTTP version of upstream connections",
         "auto_config": "the HTTP version of upstream connections",
         "header_validation_config": "HTTP header validation",
@@ -626,6 +627,24 @@ def _http_options(
         http["maxRequestsPerConnection"] = opts.max_requests_per_connection.value
 
 
+#: Envoy's default ``max_concurrent_streams`` (2^31 - 1): no limit here.
+MAX_STREAMS = 2**31 - 1
+
+
+def _concurrent_streams(explicit: Any, http: dict[str, Any]) -> None:
+    """The ``max_concurrent_streams`` istiod writes for ``http.maxConcurrentStreams`` (in
+    ``explicit_http_config.http2_protocol_options``): requests in flight per upstream
+    connection. Envoy's default (2^31 - 1) and 0 (unset) are no limit. The rest of
+    ``explicit_http_config`` chooses HTTP versions and HTTP/2 settings, which a MetaProtocol
+    connection has none of: ignored, as before."""
+    if not explicit.HasField("http2_protocol_options"):
+        return
+    h2 = explicit.http2_protocol_options
+    streams = h2.max_concurrent_streams.value if h2.HasField("max_concurrent_streams") else 0
+    if 0 < streams < MAX_STREAMS:
+        http["maxConcurrentStreams"] = streams
+
+
 #: The balancer config whose ``slow_start_config`` each ``lb_policy`` reads (Envoy ignores
 #: the other's, and every other policy's: istiod writes it for these two only).
 _SLOW_START = {0: "round_robin_lb_config", 1: "least_request_lb_config"}
@@ -720,10 +739,18 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
                 raise DecodeError("not an HttpProtocolOptions")
         except DecodeError as exc:
             raise XdsRefused(res, kpath, f"cannot be decoded: {exc}") from None
-        _check(res, options, kpath, "UpstreamHttpProtocolOptions", {"common_http_protocol_options"})
+        _check(
+            res,
+            options,
+            kpath,
+            "UpstreamHttpProtocolOptions",
+            {"common_http_protocol_options", "explicit_http_config"},
+        )
         if options.HasField("common_http_protocol_options"):
             path = f"{kpath}.common_http_protocol_options"
             _http_options(res, options.common_http_protocol_options, path, tcp, http)
+        if options.HasField("explicit_http_config"):
+            _concurrent_streams(options.explicit_http_config, http)
     if c.HasField("upstream_connection_options"):
         uco = c.upstream_connection_options
         _check(
