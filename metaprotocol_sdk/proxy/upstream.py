@@ -5,7 +5,9 @@ Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability:
 * **shared**: a host's connections (``upstream.connectionsPerEndpoint``, default 1) carry the
   requests of every downstream connection. Each request gets a fresh id on the upstream
   connection (``encode(..., request_id=new)``) and the original id is put back on the
-  response, so concurrent clients never collide.
+  response, so concurrent clients never collide. With a cap of requests per connection
+  (``maxConcurrentStreams``, or a codec's few ids), full connections make a host open more,
+  and requests wait for room past the limits (see room.py).
 * **dedicated**: without id rewriting, each downstream connection gets its own upstream
   connection per host; responses are paired by request id, falling back to arrival order.
 """
@@ -169,6 +171,7 @@ class UpstreamHost:
         "outlier",
         "port",
         "priority",
+        "roomy",
         "waiting",
         "weight",
     )
@@ -205,8 +208,12 @@ class UpstreamHost:
         self.conns: list[UpstreamConnection] = []
         self.next_conn = 0
         #: Requests waiting for room on its shared connections (see room.py; ``None``: none
-        #: ever did).
+        #: ever did), and, with a cap of requests per connection, its shared connections that
+        #: may have room (every one that has is there: a full one leaves when it is looked
+        #: at, a connection comes back when a read or a timeout made room, as Envoy's ready
+        #: list of connections).
         self.waiting: Queue | None = None
+        self.roomy: OrderedDict[UpstreamConnection, None] | None = None
         #: The cluster's outlier detector, when it has one (see outlier.py).
         self.outlier: OutlierDetector | None = None
         self.errors = 0
@@ -218,6 +225,13 @@ class UpstreamHost:
         #: What its connections are: plain, or TLS (``tls.attach_cluster``), chosen per
         #: endpoint where istiod's automatic mutual TLS says so, once, when it is built.
         self.connection_class: type[UpstreamConnection] = UpstreamConnection
+
+    def room(self, conn: UpstreamConnection) -> None:
+        """List ``conn`` among the shared connections that may have room (see ``roomy``)."""
+        roomy = self.roomy
+        if roomy is None:
+            roomy = self.roomy = OrderedDict()
+        roomy[conn] = None
 
 
 @dataclass
@@ -552,22 +566,23 @@ class Cluster:
                 conn = None
         if conn is not None:
             host.conns.append(conn)
+            if self.stream_cap:
+                host.room(conn)
             conn.connect()
         return conn
 
     def room_on(self, host: UpstreamHost) -> UpstreamConnection | None:
-        """A shared connection to ``host`` with room for a request (the next in turn), or
-        one more opened when the limits allow; ``None``: every one is full."""
-        conns = host.conns
+        """A shared connection to ``host`` with room for a request (they take turns), or one
+        more opened when the limits allow; ``None``: every one is full. O(1) amortised: a
+        full connection is dropped from ``host.roomy`` as it is met, and comes back once."""
+        roomy = host.roomy
         cap = self.stream_cap
-        n = len(conns)
-        start = host.next_conn
-        for k in range(n):
-            i = (start + k) % n
-            conn = conns[i]
+        while roomy is not None and roomy:
+            conn = next(iter(roomy))
             if len(conn.pending) < cap:
-                host.next_conn = i + 1
+                roomy.move_to_end(conn)
                 return conn
+            del roomy[conn]
         return self._open_shared(host, False)
 
     def admit(self, host: UpstreamHost) -> None:
@@ -894,6 +909,8 @@ class UpstreamConnection(asyncio.Protocol):
         host = self.host
         if self in host.conns:
             host.conns.remove(self)
+            if host.roomy is not None:
+                host.roomy.pop(self, None)
         if self.owner is not None:
             self.owner.upstream_closed(self)
         if self.waiting:
@@ -1101,7 +1118,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.expired = True  # for the write watch (see write_sweep)
         if self.shared:
             self.pending.pop(p.wire_id, None)
-            self._admit_waiting()
+            if self.cap:
+                self._room_made()
             self._close_if_idle()  # a retiring connection's last request may time out
             return
         if p.seq in self.order:
@@ -1180,8 +1198,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.need = 0
         for downstream in batch:  # first: the replies read leave before any error
             downstream.flush()
-        if self.waiting or (shared and self.host.waiting):  # room made: see room.py
-            self._admit_waiting()
+        if self.cap:  # replies made room (see room.py)
+            self._room_made()
         if self.retiring or failed is not None:
             self._after_read(failed)
         if (buffer or self.held) and not self.closed:
@@ -1319,7 +1337,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.cluster.unmatched_reply()
         for downstream in batch:
             downstream.flush()
-        self._admit_waiting()
+        if self.cap:
+            self._room_made()
         self._after_read(None)
 
     def _account_held(self) -> None:
@@ -1532,12 +1551,18 @@ class UpstreamConnection(asyncio.Protocol):
             idle.move_to_end(self)
         return None if p.done else p
 
-    def _admit_waiting(self) -> None:
-        """Replies (or timeouts) made room: requests waiting for it go (see room.py)."""
-        if self.waiting:
+    def _room_made(self) -> None:
+        """Replies or a timeout may have made room on a connection with a cap (see room.py):
+        a shared one is among its endpoint's connections with room again, and the requests
+        waiting for room go."""
+        if self.shared:
+            host = self.host
+            if len(self.pending) < self.cap and not (self.retiring or self.closed):
+                host.room(self)
+            if host.waiting:
+                self.cluster.admit(host)
+        elif self.waiting:
             self._admit_own()
-        elif self.shared and self.host.waiting:
-            self.cluster.admit(self.host)
 
     def _admit_own(self) -> None:
         """Send the requests waiting for room on this client's own connection, in order,
@@ -1660,6 +1685,8 @@ class UpstreamConnection(asyncio.Protocol):
         host = self.host
         if self in host.conns:
             host.conns.remove(self)
+            if host.roomy is not None:
+                host.roomy.pop(self, None)
         if self.owner is not None:
             self.owner.upstream_closed(self)
         self.engine.upstreams.discard(self)
