@@ -1004,8 +1004,8 @@ class Downstream(asyncio.Protocol):
         self.close_if_done()
 
     def requeue(self, q: Queued) -> None:
-        """``q``'s connection went away or retired before it had room (a client's own
-        connection): routed again, as a request that has not been sent."""
+        """``q`` cannot wait where it waits: a client's own connection went away or retired,
+        or a reload retired its cluster. Routed again, as a request not yet sent."""
         self._unqueue(q)
         if self.closed:
             self._unanswered(q.request, q.route, q.target, monotonic() - q.started, q.conn.host)

@@ -990,6 +990,8 @@ class Engine:
             for upstream in list(self.upstreams):
                 if upstream.cluster in gone:
                     upstream.retire()  # no new requests; closes once its replies are in
+            for cluster in retired:  # requests waiting for room: to the cluster of now
+                cluster.reroute_waiting()
         if retired or draining:
 
             def deadline() -> None:

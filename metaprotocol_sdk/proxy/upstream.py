@@ -608,6 +608,16 @@ class Cluster:
                 return
             q.downstream.send_queued(q, conn)
 
+    def reroute_waiting(self) -> None:
+        """A reload retired the cluster: the requests waiting for room on its endpoints are
+        routed again, to its successor of the same name (see :meth:`serving`), as a retry
+        is (a removed cluster's go to its endpoints again: it drains)."""
+        for host in self.hosts:
+            waiting, host.waiting = host.waiting, None
+            while waiting:
+                q = waiting.popitem(last=False)[0]
+                q.downstream.requeue(q)
+
 
 def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int) -> int:
     """Requests one upstream connection may carry at once (0: no cap to check): the pool's

@@ -289,6 +289,34 @@ def test_a_client_s_own_connection_held_by_timed_out_requests_is_replaced() -> N
     run(main())
 
 
+def test_a_reload_sends_the_waiting_requests_to_the_endpoints_of_now() -> None:
+    """A request waiting for room on an endpoint a reload removed goes to the new one (as a
+    retry after a reload does), not to a connection opened to the removed endpoint."""
+
+    async def main() -> None:
+        old, new = await Holding("old").start(), await Holding("new").start()
+        pool = policy("maxConcurrentStreams: 1", "maxConnections: 1")
+        async with engine_for(mesh([(old.port, "v1")], ROUTER, pool)) as engine:
+            c = await Client.connect(address(engine))
+            first = c.start("get", {"n": "0"})
+            await old.wait_received(1)
+            waiting = c.start("get", {"n": "1"})
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            await engine.apply(loads_config(mesh([(new.port, "v1")], ROUTER, pool), "t.yaml"))
+            await new.wait_received(1)
+            new.answer()
+            answer = await asyncio.wait_for(waiting, 5)
+            assert answer.attributes["server"] == "new"
+            old.answer()
+            assert (await asyncio.wait_for(first, 5)).attributes["server"] == "old"
+            assert (old.accepted, len(old.received)) == (1, 1)
+            c.close()
+        await old.close()
+        await new.close()
+
+    run(main())
+
+
 class TinyIdKV(KVCodec):
     """The KV codec with room for three request ids only."""
 
