@@ -97,6 +97,7 @@ class ClusterSpec:
     mutual: tuple[bool, ...] | None = None
     #: Locality weighted balancing: each endpoint's (locality, locality weight).
     localities: tuple[tuple[str, int], ...] | None = None
+    #: ``trafficPolicy.retryBudget``: a changed budget makes a changed cluster.
     retry_budget: RetryBudget | None = None
 
 

@@ -452,7 +452,8 @@ class TrafficPolicy:
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
     tls: UpstreamTls | None = None
-    #: ``retryBudget`` (a ``trafficPolicy``'s only: ``portLevelSettings`` have none).
+    #: ``retryBudget``; port settings, which cannot set one, hold the one istiod gives them
+    #: (see :class:`Subset`).
     retry_budget: RetryBudget | None = None
 
     def over(self, base: TrafficPolicy) -> TrafficPolicy:
