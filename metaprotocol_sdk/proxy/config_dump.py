@@ -123,6 +123,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                     else [h.weight for h in c.hosts]
                 ),
                 "connectionPool": plain(c.pool),
+                "retryBudget": plain(c.retry_budget),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],
                 # Slow start's settings (the endpoints warming: the "slowStart" section).

@@ -1260,12 +1260,15 @@ class Downstream(asyncio.Protocol):
         started: float,
         cluster: Cluster | None,
         held: int = 0,
+        ended: int = 0,
     ) -> bool:
         """Whether a request that failed with ``condition`` (on ``cluster``) gets another
         try: the route retries on it, tries are left, time is left, and the cluster's
-        ``maxRetries`` circuit breaker is closed. ``held``: the failed try was itself a retry
-        (1), whose place among the cluster's retries in flight is free once it ended, as
-        Envoy frees it before it decides the next."""
+        ``retryBudget`` or ``maxRetries`` circuit breaker is closed. ``held``: the failed try
+        was itself a retry (1), whose place among the cluster's retries in flight is free
+        once it ended, as Envoy frees it before it decides the next; ``ended``: the failed
+        try is still among the cluster's requests in flight (1), which a budget counts
+        without it."""
         retries = route.retries
         if (
             retries is None
@@ -1274,11 +1277,17 @@ class Downstream(asyncio.Protocol):
             or self.closed
         ):
             return False
-        pool = None if cluster is None else cluster.pool
-        if pool is not None and pool.max_retries is not None:
-            assert cluster is not None
-            if cluster.retrying - held >= pool.max_retries:
-                cluster.overflow("maxRetries")
+        if cluster is not None and cluster.limits_retries:
+            budget = cluster.retry_budget
+            # A budget's share of the requests in flight and those waiting for room on a
+            # connection (Envoy's active and pending): one pass over the hosts, here only.
+            limit = (
+                cluster.max_retries
+                if budget is None
+                else budget.allowed(sum(h.active for h in cluster.hosts) + cluster.queued - ended)
+            )
+            if cluster.retrying - held >= limit:
+                cluster.overflow("maxRetries" if budget is None else "retryBudget")
                 return False
         if tries and monotonic() - started >= route.timeout:
             return False
@@ -1298,11 +1307,14 @@ class Downstream(asyncio.Protocol):
     def _retry_allowed(self, p: Pending, condition: str) -> bool:
         """:meth:`_retry` for ``p``, judged on the cluster its retry goes to: that of its try
         (``p.conn.cluster``), or the one a reload replaced it with since; ``p``'s own place
-        among the retries in flight is free only on the cluster that counted it."""
+        among the retries (and the requests) in flight is free only on the cluster that
+        counted it."""
         tried = p.conn.cluster
         cluster = tried.serving()
-        held = p.tries > 0 and cluster is tried
-        return self._retry(p.route, condition, p.tries, p.start, cluster, held)
+        here = cluster is tried
+        return self._retry(
+            p.route, condition, p.tries, p.start, cluster, here and p.tries > 0, here
+        )
 
     def _retry_pending(self, p: Pending, condition: str) -> bool:
         """Send ``p`` again (a new try) instead of answering it; ``False``: answer it."""

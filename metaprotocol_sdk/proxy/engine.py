@@ -443,6 +443,7 @@ class Engine:
             tls,
             mutual,
             None if localities is None else tuple(localities),
+            traffic.retry_budget,
         )
         _count_hash_slots(build, name, policy, [ep.weight for ep in endpoints], priorities)
         serving = self.clusters.get(name)
@@ -463,6 +464,7 @@ class Engine:
                 policy,
                 traffic.connection_pool,
                 traffic.outlier_detection,
+                traffic.retry_budget,
             )
             cluster.namespace = service.namespace  # of the configuration being built
             attach_cluster(cluster, tls, mutual)

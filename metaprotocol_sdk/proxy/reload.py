@@ -20,6 +20,7 @@ from .config.models import (
     OutlierDetection,
     Protocol,
     ProxySettings,
+    RetryBudget,
     UpstreamTls,
 )
 from .stats import HELP
@@ -96,6 +97,8 @@ class ClusterSpec:
     mutual: tuple[bool, ...] | None = None
     #: Locality weighted balancing: each endpoint's (locality, locality weight).
     localities: tuple[tuple[str, int], ...] | None = None
+    #: ``trafficPolicy.retryBudget``: a changed budget makes a changed cluster.
+    retry_budget: RetryBudget | None = None
 
 
 @dataclass(frozen=True)

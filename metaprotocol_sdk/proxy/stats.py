@@ -128,8 +128,9 @@ HELP = {
     "listener, bucket and result.",
     "metaprotocol_faults_total": "Faults injected by routes, by listener, route and type.",
     "metaprotocol_filter_errors_total": "Exceptions a filter raised, by listener and filter.",
-    "metaprotocol_upstream_overflow_total": "Requests refused by a circuit breaker "
-    "(connectionPool) or the upstream connection limit, by cluster and limit.",
+    "metaprotocol_upstream_overflow_total": "Requests (and retries) refused by a circuit "
+    "breaker (connectionPool, retryBudget) or the upstream connection limit, by cluster and "
+    "limit.",
     "metaprotocol_outlier_ejections_total": "Endpoints ejected by outlier detection, by cluster.",
     "metaprotocol_outlier_ejections_active": "Endpoints ejected now, by cluster.",
     "metaprotocol_output_dropped_bytes_total": "Bytes of standard output or error dropped "

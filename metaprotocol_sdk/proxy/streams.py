@@ -252,7 +252,11 @@ class Stream:
             conn = host.connection_class(cluster, host, downstream)
         except CodecUnavailable:  # counted and logged as the codec's bug
             return False
-        if not downstream._retry(route, "connect-failure", self.tries, self.started, cluster):
+        # The stream is still among the requests in flight of its failed endpoint's cluster.
+        ended = cluster is tried
+        if not downstream._retry(
+            route, "connect-failure", self.tries, self.started, cluster, 0, ended
+        ):
             return False
         if not (cluster.may_open() or cluster.may_reclaim()):
             return False

@@ -42,7 +42,7 @@ from .priority import priority_balancer
 from .stats import Counter
 
 if TYPE_CHECKING:
-    from .config.models import UpstreamTls
+    from .config.models import RetryBudget, UpstreamTls
     from .downstream import Downstream
     from .engine import Engine
     from .mirror import MirrorSink
@@ -255,6 +255,7 @@ class Cluster:
         policy: LoadBalancer,
         pool: ConnectionPool | None = None,
         outlier: OutlierDetection | None = None,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         self.engine = engine
         self.name = name
@@ -307,8 +308,17 @@ class Cluster:
         #: Open or opening upstream connections, and those still opening.
         self.connections = 0
         self.opening: set[UpstreamConnection] = set()
-        #: Retries in flight (``connectionPool.http.maxRetries``).
+        #: Retries in flight (``connectionPool.http.maxRetries``, ``retryBudget``).
         self.retrying = 0
+        #: ``trafficPolicy.retryBudget``: what bounds ``retrying`` when set, instead of
+        #: ``maxRetries`` (which Envoy ignores then).
+        self.retry_budget = retry_budget
+        #: ``maxRetries`` (0 and unchecked with a budget or without a limit).
+        self.max_retries = 0
+        if retry_budget is None and pool is not None and pool.max_retries is not None:
+            self.max_retries = pool.max_retries
+        #: Whether a retry checks a limit (a budget or ``maxRetries``): decided once, here.
+        self.limits_retries = retry_budget is not None or self.max_retries > 0
         #: A reload removed or replaced the cluster: requests still on its old routes (a
         #: retry, a request a filter held) may open connections to it, which are retiring
         #: from the start (they close once their replies are in, whenever that is).

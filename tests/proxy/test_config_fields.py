@@ -27,6 +27,7 @@ from metaprotocol_sdk.proxy.config.models import (
     LoadBalancer,
     LocalityDistribute,
     LocalityLbSetting,
+    RetryBudget,
     TrafficPolicy,
     Warmup,
 )
@@ -402,6 +403,18 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             ("minHealthPercent", 20, "min_health_percent", 20),
         ]
     ),
+    *(
+        (
+            "DestinationRule",
+            f"{POLICY}.retryBudget",
+            value,
+            lambda c, want=want: _rule(c).policy.retry_budget == want,
+        )
+        for value, want in [
+            ({}, RetryBudget()),
+            ({"percent": 12.5, "minRetryConcurrency": 7}, RetryBudget(12.5, 7)),
+        ]
+    ),
     ("DestinationRule", f"{POLICY}.tls", {"mode": "DISABLE"}, None),
     (
         "DestinationRule",
@@ -723,7 +736,7 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
     ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
     ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
-    ("DestinationRule", f"{POLICY}.retryBudget", {"percent": 20}),
+    ("DestinationRule", f"{POLICY}.retryBudget.budgetInterval", "10s"),
     ("DestinationRule", f"{PORT_POLICY}.tls.credentialName", "cred"),
     ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
     *(

@@ -190,14 +190,27 @@ TRAFFIC_POLICY = fields(
     "outlierDetection",
     "tls",
     "portLevelSettings",
+    "retryBudget",
     refused={
         "tunnel": "tunnelling upstream connections",
         "proxyProtocol": "the PROXY protocol header",
-        "retryBudget": "retry budgets (connectionPool.http.maxRetries bounds retries in flight)",
+    },
+)
+#: ``trafficPolicy.retryBudget`` (Istio's ``TrafficPolicy.RetryBudget``).
+RETRY_BUDGET = fields(
+    "percent",
+    "minRetryConcurrency",
+    refused={
+        "budgetInterval": "a budget over the requests of a past interval (the budget counts "
+        "the requests in flight only, as Envoy without budget_interval)",
     },
 )
 #: A ``portLevelSettings`` entry (Istio's ``PortTrafficPolicy``).
 PORT_TRAFFIC_POLICY = fields("port", "loadBalancer", "connectionPool", "outlierDetection", "tls")
+#: A ``portLevelSettings`` entry translated from xDS: :data:`~.models.PORT_RETRY_BUDGET` too.
+PORT_TRAFFIC_POLICY_XDS = Fields(
+    PORT_TRAFFIC_POLICY.honoured | {"xds.metaprotocol.io/retryBudget"}, {}
+)
 TLS = fields(
     "mode",
     "clientCertificate",

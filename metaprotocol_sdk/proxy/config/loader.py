@@ -55,6 +55,7 @@ from .durations import parse_duration
 from .models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
+    PORT_RETRY_BUDGET,
     RETRY_ON,
     TLS_MODE_LABEL,
     AccessLogSettings,
@@ -90,6 +91,7 @@ from .models import (
     RateLimitCondition,
     RateLimitDescriptor,
     Retries,
+    RetryBudget,
     Route,
     Service,
     ServicePort,
@@ -1055,7 +1057,38 @@ def _traffic_policy(
         _connection_pool(doc, policy, path),
         _outlier_detection(doc, policy, path),
         _upstream_tls(doc, policy, path, identity),
+        _retry_budget(doc, policy, path),
     )
+
+
+def _retry_budget(
+    doc: _Doc, policy: Mapping[str, Any], path: str, key: str = "retryBudget"
+) -> RetryBudget | None:
+    """``retryBudget``: ``percent`` a number in [0, 100] (Istio's schema), default 20;
+    ``minRetryConcurrency`` a uint32, whose ``0`` is istiod's default, 3. From xDS, the
+    translation writes Envoy's values whole, and ``0`` is no floor, as in Envoy."""
+    raw = _group(doc, policy, key, path)
+    if raw is None:
+        return None
+    path = f"{path}.{key}"
+    doc.check(raw, path, schema.RETRY_BUDGET)
+    default = RetryBudget()
+    ppath, fpath = f"{path}.percent", f"{path}.minRetryConcurrency"
+    percent = doc.get(raw, "percent", ppath)
+    if percent is None:
+        percent = default.percent
+    elif (
+        isinstance(percent, bool)
+        or not isinstance(percent, (int, float))
+        or not 0 <= percent <= 100
+    ):
+        doc.fail(ppath, f"must be a number in [0, 100], got {percent!r:.80}")  # NaN too
+    floor = doc.integer(raw, "minRetryConcurrency", fpath, False, 0, 2**32 - 1)
+    if floor is None or (floor == 0 and not doc.from_control_plane):
+        if floor == 0:
+            doc.caution(fpath, f"0 is istiod's default, {default.min_retry_concurrency}")
+        floor = default.min_retry_concurrency
+    return RetryBudget(float(percent), floor)
 
 
 _UPSTREAM_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
@@ -1537,7 +1570,9 @@ def _port_settings(
         entry = f"{path}[{i}]"
         if not isinstance(raw, dict):
             doc.fail(entry, "must be a mapping")
-        doc.check(raw, entry, schema.PORT_TRAFFIC_POLICY)
+        xds = doc.from_control_plane
+        table = schema.PORT_TRAFFIC_POLICY_XDS if xds else schema.PORT_TRAFFIC_POLICY
+        doc.check(raw, entry, table)
         selector = doc.mapping(raw, "port", f"{entry}.port")
         doc.check(selector, f"{entry}.port", schema.PORT_SELECTOR)
         number = cast(int, doc.integer(selector, "number", f"{entry}.port.number", True, 1, 65535))
@@ -1548,7 +1583,14 @@ def _port_settings(
         if all(raw.get(group) is None for group, _ in _GROUP_ATTRS):
             groups = ", ".join(group for group, _ in _GROUP_ATTRS)
             doc.fail(entry, f"sets nothing for port {number}: set one of {groups}")
-        out[number] = _traffic_policy(doc, raw, entry, identity, schema.PORT_TRAFFIC_POLICY)
+        port_policy = _traffic_policy(doc, raw, entry, identity, table)
+        # Port settings have no retryBudget in Istio: istiod's merge drops the rule's for the
+        # rule's, and gives a subset's the rule's for the port (not the subset's own).
+        if xds:
+            budget = _retry_budget(doc, raw, entry, PORT_RETRY_BUDGET)
+        else:
+            budget = None if own is None else (rule_ports or {}).get(number, top).retry_budget
+        out[number] = dataclasses.replace(port_policy, retry_budget=budget)
         where[number] = entry
         if number not in service.ports:
             doc.caution(
@@ -1570,6 +1612,14 @@ def _port_settings(
                 f"sets no {', '.join(dropped)}: traffic to port {number} has the defaults, "
                 "not the trafficPolicy's (a port's settings replace the policy whole, as in "
                 "Istio; repeat a group here to keep it)",
+            )
+        replaced = (top if own is None else own).retry_budget
+        if replaced is not None and budget != replaced:
+            has = "no retryBudget" if budget is None else "the rule's retryBudget"
+            doc.caution(
+                entry,
+                f"traffic to port {number} has {has}, not this trafficPolicy's: port settings "
+                "have none, and replace it (as in Istio)",
             )
     return out
 

@@ -105,6 +105,10 @@ AUTO_MTLS_KEY = "xds.metaprotocol.io/autoMtls"
 #: no such field): read from the control plane only, never from a file.
 MAXIMUM_RING_SIZE = "xds.metaprotocol.io/maximumRingSize"
 
+#: The key of a translated ``portLevelSettings`` entry holding its cluster's retry budget
+#: (Istio's port settings have no ``retryBudget``): read from the control plane only.
+PORT_RETRY_BUDGET = "xds.metaprotocol.io/retryBudget"
+
 
 def tls_mode_label(port: int, subset: str | None) -> str:
     """The label holding an endpoint's ``tlsMode`` in the cluster of a service port and
@@ -289,6 +293,25 @@ _NO_POOL = ConnectionPool()
 
 
 @dataclass(frozen=True)
+class RetryBudget:
+    """Istio's ``trafficPolicy.retryBudget``, Envoy's circuit-breaker ``retry_budget``: the
+    retries in flight to a cluster are at most ``percent`` of its requests in flight (those
+    waiting for a connection too), and at least ``min_retry_concurrency``. A cluster with a
+    budget does not check ``connectionPool.http.maxRetries`` (Envoy ignores ``max_retries``
+    then)."""
+
+    #: Istio's and Envoy's default, 20 %.
+    percent: float = 20.0
+    #: Istio's and Envoy's default, 3 (Istio's ``0`` is the default too).
+    min_retry_concurrency: int = 3
+
+    def allowed(self, active: int) -> int:
+        """How many retries may be in flight while ``active`` requests are: Envoy's
+        ``max(percent / 100 * active, min_retry_concurrency)``, the product rounded down."""
+        return max(int(self.percent / 100.0 * active), self.min_retry_concurrency)
+
+
+@dataclass(frozen=True)
 class OutlierDetection:
     """Istio's ``trafficPolicy.outlierDetection`` (consecutive-error detection).
 
@@ -433,6 +456,9 @@ class TrafficPolicy:
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
     tls: UpstreamTls | None = None
+    #: ``retryBudget``; port settings, which cannot set one, hold the one istiod gives them
+    #: (see :class:`Subset`).
+    retry_budget: RetryBudget | None = None
 
     def over(self, base: TrafficPolicy) -> TrafficPolicy:
         """Each group this policy sets (even to nothing), else ``base``'s (Istio's
@@ -442,6 +468,7 @@ class TrafficPolicy:
             base.connection_pool if self.connection_pool is None else self.connection_pool,
             base.outlier_detection if self.outlier_detection is None else self.outlier_detection,
             base.tls if self.tls is None else self.tls,
+            base.retry_budget if self.retry_budget is None else self.retry_budget,
         )
 
     def applied(self) -> TrafficPolicy:
@@ -453,6 +480,7 @@ class TrafficPolicy:
             None if pool is None or pool.inert else pool,
             None if outlier is None or outlier.inert else outlier,
             tls if tls is not None and tls.enabled else None,
+            self.retry_budget,
         )
 
 
@@ -462,6 +490,10 @@ class Subset:
 
     ``policy`` is the subset's ``trafficPolicy`` over the rule's; ``own`` the subset's alone
     and ``ports`` its ``portLevelSettings`` (see :meth:`DestinationRule.policy_for`).
+
+    Port settings cannot set a ``retryBudget``; the loader gives them the one istiod's merge
+    does: none for the rule's, the rule's for the port for a subset's (not the subset's
+    own). From xDS, each has its cluster's (``xds.metaprotocol.io/retryBudget``).
     """
 
     name: str
@@ -490,6 +522,7 @@ class DestinationRule:
         its default, not the overridden policy's. Most specific first: the subset's settings
         for the port; else the subset's ``trafficPolicy``, group by group, over the rule's
         settings for the port, else over the rule's ``trafficPolicy``.
+        A port's settings hold the ``retryBudget`` istiod gives them (see :class:`Subset`).
         """
         if subset is None:
             return self.ports.get(port, self.policy)

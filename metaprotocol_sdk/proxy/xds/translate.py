@@ -23,6 +23,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from metaprotocol_sdk.errors import ConfigError
 
@@ -37,7 +38,9 @@ from ..config.loader import MAX_NAME_LENGTH, PORT_PREFIX, build_config
 from ..config.models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
+    PORT_RETRY_BUDGET,
     Config,
+    RetryBudget,
     locality_weight_label,
     priority_label,
     tls_mode_label,
@@ -279,6 +282,33 @@ def used_hosts(base: Config, routes: Mapping[str, Message]) -> set[str]:
 
 
 # -- field tables ------------------------------------------------------------------------------
+
+
+def _retry_budget(res: str, budget: Any, path: str) -> dict[str, Any]:
+    """A threshold's ``retry_budget`` as ``trafficPolicy.retryBudget``, with Envoy's defaults
+    written and its ``0`` floor kept (the loader reads both as given from xDS). A
+    ``budget_interval`` (field 3, newer than these protos) other than 0 s is refused."""
+    _check(res, budget, path, "RetryBudget", {"budget_percent", "min_retry_concurrency"})
+    for unknown in UnknownFieldSet(budget):
+        if unknown.field_number != 3:
+            raise XdsRefused(res, path, f"has field {unknown.field_number}, unknown to this engine")
+        if unknown.wire_type != 2 or unknown.data:  # a Duration; empty: 0s, Envoy's default
+            raise XdsRefused(
+                res,
+                f"{path}.budget_interval",
+                "not supported by this engine: a budget over the requests of a past interval "
+                "(the budget counts the requests in flight only)",
+            )
+    default = RetryBudget()  # Envoy's defaults are Istio's
+    percent, floor = budget.budget_percent, budget.min_retry_concurrency
+    return {
+        "percent": percent.value if budget.HasField("budget_percent") else default.percent,
+        "minRetryConcurrency": (
+            floor.value
+            if budget.HasField("min_retry_concurrency")
+            else default.min_retry_concurrency
+        ),
+    }
 
 
 def _check(resource: str, msg: Message, path: str, kind: str, honoured: set[str]) -> None:
@@ -772,10 +802,18 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
             th,
             tpath,
             "Thresholds",
-            {"max_connections", "max_pending_requests", "max_requests", "max_retries"},
+            {
+                "max_connections",
+                "max_pending_requests",
+                "max_requests",
+                "max_retries",
+                "retry_budget",
+            },
         )
         if th.priority != 0:
             continue  # HIGH priority: routes here have no priority, so DEFAULT applies
+        if th.HasField("retry_budget"):  # istiod's trafficPolicy.retryBudget
+            policy["retryBudget"] = _retry_budget(res, th.retry_budget, f"{tpath}.retry_budget")
         for key, out, into in (
             ("max_connections", "maxConnections", tcp),
             ("max_pending_requests", "http1MaxPendingRequests", http),
@@ -1962,16 +2000,21 @@ def _sets(policy: Mapping[str, Any], group: str) -> bool:
     return value is not None and not _inert(group, value)
 
 
+#: The groups compared: those and ``retryBudget`` (which port settings carry under
+#: ``PORT_RETRY_BUDGET``: in Istio they have none).
+_COMPARED = (*_GROUPS, "retryBudget")
+
+
 def _effective(policy: Mapping[str, Any]) -> dict[str, Any]:
     """The groups ``policy`` sets, inert ones left out: two policies with the same are alike."""
-    return {g: policy[g] for g in _GROUPS if _sets(policy, g)}
+    return {g: policy[g] for g in _COMPARED if _sets(policy, g)}
 
 
 def _over(own: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
     """A subset's ``trafficPolicy`` over the policy of its port, group by group, as the loader
     resolves it: each group the subset's sets, even to nothing, overrides the rule's."""
-    out = {g: own[g] for g in _GROUPS if own.get(g) is not None}
-    out.update({g: base[g] for g in _GROUPS if g not in out and base.get(g) is not None})
+    out = {g: own[g] for g in _COMPARED if own.get(g) is not None}
+    out.update({g: base[g] for g in _COMPARED if g not in out and base.get(g) is not None})
     return out
 
 
@@ -1997,6 +2040,9 @@ def _port_entry(
     ``replaced`` whole, so a group ``replaced`` sets and ``policy`` does not is written as
     its default."""
     entry: dict[str, Any] = {"port": {"number": port}, **policy}
+    budget = entry.pop("retryBudget", None)
+    if budget is not None:  # exactly the cluster's (Istio's port settings have none)
+        entry[PORT_RETRY_BUDGET] = budget
     for group in _GROUPS:
         if group not in policy and _sets(replaced, group):
             entry[group] = dict(_DEFAULTS[group])
