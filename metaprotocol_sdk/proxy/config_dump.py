@@ -12,6 +12,7 @@ from .admin import DUMP_DOCUMENTS_BYTES, bounded_copy
 from .balancer import RING_SIZE
 from .config.models import LoadBalancer, Route
 from .tls import dump_listener, dump_upstream
+from .upstream import AvoidEjected, Cluster
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -113,7 +114,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "protocol": c.protocol.name,
                 "codec": c.protocol.codec_name,
                 "pooling": "shared" if c.shared else "dedicated",
-                "loadBalancer": type(c.balancer).__name__,
+                "loadBalancer": _balancer_name(c),
                 "hashAttribute": c.policy.hash_attribute,
                 **(_hashing(c.policy) if c.policy.policy == "CONSISTENT_HASH" else {}),
                 "endpoints": [h.key for h in c.hosts],
@@ -243,3 +244,11 @@ def route_policies(route: Route) -> dict[str, Any]:
         if value is not None:
             out[key] = plain(value)
     return out
+
+
+def _balancer_name(cluster: Cluster) -> str:
+    """The class of ``cluster``'s balancer (the one built, while a rebuild waits its turn)."""
+    balancer = cluster.balancer
+    if isinstance(balancer, AvoidEjected):
+        return type(balancer.built).__name__
+    return type(balancer).__name__

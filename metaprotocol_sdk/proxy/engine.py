@@ -43,6 +43,7 @@ from .locality import cluster_localities, failover_priorities
 from .matcher import compile_match
 from .mirror import MirrorSink
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
+from .rebuilds import Rebuilds
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
 from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .slow_start import attach_slow_start, start_slow_starts
@@ -365,6 +366,8 @@ class Engine:
         self.loop: asyncio.AbstractEventLoop
         #: Request timeouts (created by :meth:`start`, on the running loop).
         self.deadlines: Deadlines
+        #: Balancer rebuilds after changes of health, within a share of the loop's time.
+        self.rebuilds: Rebuilds
 
     @property
     def ready(self) -> bool:
@@ -683,6 +686,7 @@ class Engine:
             raise ConfigError("no listeners: add a ProxyConfig with spec.listeners")
         self._loop = self.loop = asyncio.get_running_loop()
         self.deadlines = Deadlines(self._loop, _expire)
+        self.rebuilds = Rebuilds(self._loop)
         self._drained = asyncio.Event()
         self._stopped = asyncio.Event()
         try:
@@ -1346,6 +1350,7 @@ class Engine:
         if self._rls_closing:
             await asyncio.wait(self._rls_closing)
         self.deadlines.close()
+        self.rebuilds.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -334,7 +334,7 @@ class Cluster:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:
                 host.outlier = self.outlier
-        self.rebalance()
+        self.build_balancer()
         stats = engine.stats
         self.connects = stats.counter("metaprotocol_upstream_connections_total", cluster=name)
         self.active = stats.gauge("metaprotocol_upstream_connections_active", cluster=name)
@@ -364,7 +364,18 @@ class Cluster:
         self.local_uris: tuple[str, ...] = ()
 
     def rebalance(self) -> None:
-        """Rebuild the balancer over the endpoints to use now (after an ejection change)."""
+        """Rebuild the balancer over the endpoints to use now (after an ejection change, a
+        slow-start step): now, or at its turn within the engine's budget (rebuilds.py)."""
+        self.engine.rebuilds.request(self)
+
+    def avoid_ejected(self) -> None:
+        """Until its rebuild: the balancer's picks of endpoints ejected since it was built
+        pick again (see rebuilds.py)."""
+        if not isinstance(self.balancer, AvoidEjected):
+            self.balancer = AvoidEjected(self.balancer)
+
+    def build_balancer(self) -> None:
+        """Build the balancer over the endpoints to use now."""
         self.engine.rebalances += 1
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
@@ -643,6 +654,36 @@ def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int) -
         if ids <= inflight:
             cap = min(cap or ids, max(1, ids - 1))
     return cap
+
+
+class AvoidEjected(Balancer[UpstreamHost]):
+    """A cluster's balancer waiting for its rebuild after a change of health (rebuilds.py):
+    a pick of an endpoint ejected since it was built picks again, as a retry's does
+    (:data:`RETRY_HOST_PICKS` times at most: then that one, as with every endpoint ejected)."""
+
+    def __init__(self, built: Balancer[UpstreamHost]) -> None:
+        super().__init__(built.hosts)
+        self.built = built
+
+    def pick(self, metadata: Metadata, client: Client | None = None) -> UpstreamHost | None:
+        built = self.built
+        host = built.pick(metadata, client)
+        attempt = 0
+        while host is not None and host.ejected and attempt < RETRY_HOST_PICKS:
+            attempt += 1
+            host = built.pick_again(metadata, client, attempt)
+        return host
+
+    def pick_again(
+        self, metadata: Metadata, client: Client | None, attempt: int
+    ) -> UpstreamHost | None:
+        built = self.built
+        host = built.pick_again(metadata, client, attempt)
+        more = attempt + RETRY_HOST_PICKS
+        while host is not None and host.ejected and attempt < more:
+            attempt += 1
+            host = built.pick_again(metadata, client, attempt)
+        return host
 
 
 #: Unmatched replies on a shared connection checked for an id the codec did not write.

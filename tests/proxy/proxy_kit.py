@@ -616,6 +616,12 @@ async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> A
         await asyncio.sleep(0.05)
 
 
+async def rebuilt(engine: Engine) -> None:
+    """Wait until the balancer rebuilds that health changes asked for are done (they wait
+    their turn within the engine's budget: see ``rebuilds.py``)."""
+    await until(lambda: engine.rebuilds.idle, "balancers rebuilt")
+
+
 async def gather(*aws: Awaitable[T]) -> list[T]:
     return list(await asyncio.wait_for(asyncio.gather(*aws), WAIT))
 

@@ -16,6 +16,7 @@ from proxy_kit import (
     engine_for,
     error_type,
     mesh,
+    rebuilt,
     refusing_port,
     run,
 )
@@ -238,13 +239,16 @@ def test_an_ejection_from_a_level_s_large_ring_hashes_nothing(
             level0 = [h for h in cluster.hosts if h.priority == 0]
             cluster.outlier.eject(level0[0])  # the level's whole ring, built the first time
             cluster.outlier.readmit(level0[0])
+            await rebuilt(engine)
             hashed.clear()
             for host in level0[:10]:
                 cluster.outlier.eject(host)
+            await rebuilt(engine)
             assert isinstance(cluster.balancer, ConsistentHash)  # level 0 takes it all
             assert len(cluster.balancer.hosts) == 390
             for host in level0[:10]:
                 cluster.outlier.readmit(host)
+            await rebuilt(engine)
             assert hashed == []
 
     run(main())
