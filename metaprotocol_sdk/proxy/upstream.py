@@ -1130,7 +1130,8 @@ class UpstreamConnection(asyncio.Protocol):
         dropped.
 
         Dedicated mode keeps its place, so that a late reply paired by arrival order is not
-        given to a later request, but drops its frame; past ``STALE_LIMIT`` such places the
+        given to a later request, but drops its frame; past ``STALE_LIMIT`` such places
+        (with a cap of requests per connection, once they are all of its places) the
         connection takes no new requests (the next one opens a fresh connection) and closes
         once the requests still live on it are answered.
         """
@@ -1145,9 +1146,10 @@ class UpstreamConnection(asyncio.Protocol):
         if p.seq in self.order:
             p.request = RELEASED
             self.stale += 1
-            if self.stale > STALE_LIMIT or (self.waiting and self.stale >= self.cap):
-                # (With requests waiting for room that only timed-out ones hold: they go
-                # to a fresh connection, as Envoy's HTTP/1 pool closes one on a timeout.)
+            if self.stale > STALE_LIMIT or (self.cap and self.stale >= self.cap):
+                # (Every place of a capped connection held by timed-out requests: the
+                # requests waiting for room, and those that come later, go to a fresh
+                # connection, as Envoy's HTTP/1 pool closes one on a timeout.)
                 self.retire()
             elif len(self.order) == self.stale:
                 self._listed_idle()
