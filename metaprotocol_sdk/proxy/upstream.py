@@ -164,6 +164,7 @@ class UpstreamHost:
         "istio",
         "key",
         "labels",
+        "leaving",
         "local_errors",
         "locality",
         "locality_weight",
@@ -214,6 +215,10 @@ class UpstreamHost:
         #: list of connections).
         self.waiting: Queue | None = None
         self.roomy: OrderedDict[UpstreamConnection, None] | None = None
+        #: Its shared connections that retired and are still open (``None``: none ever
+        #: did): the close of each sends the requests waiting for room, on a connection
+        #: opened in its place, so while there are some they wait rather than be refused.
+        self.leaving: set[UpstreamConnection] | None = None
         #: The cluster's outlier detector, when it has one (see outlier.py).
         self.outlier: OutlierDetector | None = None
         self.errors = 0
@@ -291,8 +296,13 @@ class Cluster:
         )
         #: Requests in flight per connection (0: not checked), see :func:`stream_cap`; and
         #: the requests waiting for room (see room.py), for ``http1MaxPendingRequests``.
-        self.stream_cap = stream_cap(pool, protocol, engine.max_pending + engine.mirror_sink.limit)
+        inflight = engine.max_pending + engine.mirror_sink.limit
+        self.stream_cap = stream_cap(pool, protocol, inflight)
         self.queued = 0
+        #: Shared connections whose codec has no more ids than the engine may have requests
+        #: in flight: a request that times out (or whose client left) keeps its id until
+        #: its late reply comes (see ``UpstreamConnection.forget``), as ids come round soon.
+        self.few_ids = self.shared and protocol.codec_class.max_request_id <= inflight
         #: The destination service (host) and its namespace, for Istio's labels.
         self.service = name.rsplit("|", 1)[-1]
         service = engine.config.services.get(self.service)
@@ -598,8 +608,9 @@ class Cluster:
     def admit(self, host: UpstreamHost) -> None:
         """Send the requests waiting for room on ``host``'s shared connections, oldest
         first, while one has room (or can be opened). With none left at all and none to
-        open, they cannot be sent: each is answered as a request refused a connection. A
-        request whose client left is dropped first: it opens nothing."""
+        open, nor any retired one still open (whose close calls this again), they cannot be
+        sent: each is answered as a request refused a connection. A request whose client
+        left is dropped first: it opens nothing."""
         waiting = host.waiting
         while waiting:
             q = waiting.popitem(last=False)[0]
@@ -610,7 +621,7 @@ class Cluster:
             if conn is None:
                 waiting[q] = None
                 waiting.move_to_end(q, last=False)
-                if not host.conns:
+                if not (host.conns or host.leaving):
                     why = self.refused()
                     while waiting:
                         q = waiting.popitem(last=False)[0]
@@ -733,7 +744,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.order: OrderedDict[int, Pending] = OrderedDict()
         self.by_id: dict[int, deque[Pending]] = {}
         self.next_seq = 0
-        #: Timed-out requests still holding their place in ``order`` (see :meth:`forget`).
+        #: Timed-out requests still holding their place in ``order``, or their id in
+        #: ``pending`` (a shared connection with few ids; see :meth:`forget`).
         self.stale = 0
         #: Bytes of a partial reply held in ``buffer`` (the engine's buffer accounting).
         self.held = 0
@@ -916,8 +928,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.retire()
 
     def full(self) -> bool:
-        """Whether it carries :attr:`cap` requests (a client's own connection counts a
-        timed-out request's place: its upstream may still be working on it)."""
+        """Whether it carries :attr:`cap` requests (a timed-out request's place counts where
+        it is kept, see :meth:`forget`: its upstream may still be working on it)."""
         return len(self.pending if self.shared else self.order) >= self.cap
 
     def retire(self) -> None:
@@ -931,6 +943,10 @@ class UpstreamConnection(asyncio.Protocol):
             host.conns.remove(self)
             if host.roomy is not None:
                 host.roomy.pop(self, None)
+            if self.cap and not self.closed:
+                if host.leaving is None:
+                    host.leaving = set()
+                host.leaving.add(self)
         if self.owner is not None:
             self.owner.upstream_closed(self)
         if self.waiting:
@@ -943,7 +959,7 @@ class UpstreamConnection(asyncio.Protocol):
         idle clock (``timeouts.streamIdle``)."""
         if self.stream is not None:
             return
-        if self.pending or len(self.order) > self.stale or self.connecting:
+        if len(self.pending) + len(self.order) > self.stale or self.connecting:
             self.idle_since = 0.0
         elif not self.idle_since:
             self.idle_since = now
@@ -1002,7 +1018,7 @@ class UpstreamConnection(asyncio.Protocol):
                 f"upstream {self.host.key} took none of {unsent} bytes in {timeout:g}s",
             )
             return True
-        elif self.closed or (self.expired and not self.pending and len(self.order) == self.stale):
+        elif self.closed or (self.expired and len(self.pending) + len(self.order) == self.stale):
             why = "the connection closed" if self.closed else "its requests timed out"
             self.give_up(
                 "write_abandoned",
@@ -1040,8 +1056,7 @@ class UpstreamConnection(asyncio.Protocol):
         # A stream's connection closes when its stream ends (retired, it takes no other).
         if (
             self.retiring
-            and not self.pending
-            and len(self.order) == self.stale
+            and len(self.pending) + len(self.order) == self.stale
             and self.stream is None
         ):
             self.close()
@@ -1130,7 +1145,9 @@ class UpstreamConnection(asyncio.Protocol):
         dropped.
 
         Dedicated mode keeps its place, so that a late reply paired by arrival order is not
-        given to a later request, but drops its frame; past ``STALE_LIMIT`` such places
+        given to a later request, but drops its frame (as does a shared connection whose
+        codec has few ids, ``Cluster.few_ids``: its id is not given to another request until
+        the late reply comes); past ``STALE_LIMIT`` such places
         (with a cap of requests per connection, once they are all of its places) the
         connection takes no new requests (the next one opens a fresh connection) and closes
         once the requests still live on it are answered.
@@ -1138,7 +1155,14 @@ class UpstreamConnection(asyncio.Protocol):
         p.done = True
         self.expired = True  # for the write watch (see write_sweep)
         if self.shared:
-            self.pending.pop(p.wire_id, None)
+            if not self.cluster.few_ids:
+                self.pending.pop(p.wire_id, None)
+            elif self.pending.get(p.wire_id) is p:
+                # Its id stays taken until its late reply (dropped) or the connection's
+                # end: given to another request, the reply would answer that one.
+                self.stale += 1
+                if self.stale >= self.cap:
+                    self.retire()  # every place held by late ones: a fresh connection
             if self.cap:
                 self._room_made()
             self._close_if_idle()  # a retiring connection's last request may time out
@@ -1206,6 +1230,9 @@ class UpstreamConnection(asyncio.Protocol):
             if kind is _RESPONSE or kind is _ERROR:
                 if shared:
                     p = pending.pop(message.request_id, None)
+                    if p is not None and p.done:  # a late reply (few ids: see forget)
+                        self.stale -= 1
+                        p = None
                 else:
                     p = self._match(message.request_id)
                 if p is not None:
@@ -1491,9 +1518,13 @@ class UpstreamConnection(asyncio.Protocol):
         wire_id, size, status = head
         if self.shared:
             p = self.pending.pop(wire_id, None)
-            if p is not None and p.route.decode_replies:
-                self.pending[wire_id] = p  # put back for the decode path to find
-                return False
+            if p is not None:
+                if p.done:  # a late reply (few ids: see forget)
+                    self.stale -= 1
+                    p = None
+                elif p.route.decode_replies:
+                    self.pending[wire_id] = p  # put back for the decode path to find
+                    return False
         else:
             p = self._candidate(wire_id)
             if p is not None and not p.done and p.route.decode_replies:
@@ -1553,7 +1584,11 @@ class UpstreamConnection(asyncio.Protocol):
         """Take the request a reply with ``wire_id`` answers; ``None`` when nobody waits for
         it any more (timed out) or at all."""
         if self.shared:
-            return self.pending.pop(wire_id, None)
+            p = self.pending.pop(wire_id, None)
+            if p is not None and p.done:  # a late reply (few ids: see forget)
+                self.stale -= 1
+                return None
+            return p
         p = self._candidate(wire_id)
         if p is None:
             return None
@@ -1709,6 +1744,8 @@ class UpstreamConnection(asyncio.Protocol):
             host.conns.remove(self)
             if host.roomy is not None:
                 host.roomy.pop(self, None)
+        if host.leaving:
+            host.leaving.discard(self)
         if self.owner is not None:
             self.owner.upstream_closed(self)
         self.engine.upstreams.discard(self)
@@ -1736,7 +1773,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.stream.upstream_failed(error, message)
         if not (self.pending or self.order):  # nothing in flight (a stream's connection)
             return
-        waiting = [*self.pending.values(), *(p for p in self.order.values() if not p.done)]
+        waiting = [
+            *(p for p in self.pending.values() if not p.done),
+            *(p for p in self.order.values() if not p.done),
+        ]
         self.pending = {}
         self.order = OrderedDict()
         self.by_id = {}

@@ -7,17 +7,22 @@ import asyncio
 import gc
 import tracemalloc
 
+import pytest
 from proxy_kit import (
+    RESPONSE,
     Client,
     Upstream,
     address,
+    build_frame,
     engine_for,
     error_type,
     mesh,
     run,
     until,
 )
-from test_concurrent_streams import NO_REWRITE, WAITING, Holding, policy
+from test_concurrent_streams import NO_REWRITE, WAITING, Holding, policy, send
+
+from metaprotocol_sdk.examples.kv import KVCodec
 
 ROUTER = """\
 - name: all
@@ -89,6 +94,95 @@ def test_requests_that_waited_for_room_let_go_of_their_frames_when_their_client_
             assert held < size * count / 4, held
             up.answer()
             assert error_type(await asyncio.wait_for(first, 5)) is None
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+class OneIdKV(KVCodec):
+    """The KV codec with one request id."""
+
+    max_request_id = 1
+
+
+class ThreeIdKV(KVCodec):
+    """The KV codec with three request ids (two requests per connection)."""
+
+    max_request_id = 3
+
+
+def answer_n(up: Holding, n: str) -> None:
+    """Answer the held request whose ``n`` is ``n``."""
+    for i, (conn, msg) in enumerate(up.held):
+        if msg.attributes.get("n") == n:
+            del up.held[i]
+            up.inflight[conn] -= 1
+            assert conn.transport is not None
+            headers = {"server": up.name, "n": n}
+            conn.transport.write(build_frame(RESPONSE, msg.request_id, headers))
+            return
+    raise AssertionError(f"no request {n} held")
+
+
+@pytest.mark.parametrize(("codec", "before"), [("OneIdKV", 0), ("ThreeIdKV", 2)])
+def test_a_late_reply_never_answers_another_client_s_request_on_a_codec_with_few_ids(
+    codec: str, before: int
+) -> None:
+    """A codec with few ids (fewer than the requests the engine may have in flight): a
+    request times out, and the upstream answers it after another client's requests were
+    sent. That reply answers none of them: the timed-out request's id is given to no other
+    request until its reply comes, and a connection whose every place a timed-out request
+    holds retires (as Envoy's HTTP/1 pool closes a connection whose request timed out).
+    Before, the id was given again as the ids came round, and the late reply went to the
+    other client."""
+    router = HANG.replace("exact: hang", "exact: first") + ROUTER
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        text = mesh([(up.port, "v1")], router, codec=f"{__name__}:{codec}")
+        async with engine_for(text) as engine:
+            c1, c2 = await Client.connect(address(engine)), await Client.connect(address(engine))
+            assert error_type(await c1.call("first", {"n": "mine"})) == "Timeout"
+            for i in range(before):  # the ids come round
+                theirs = c2.start("get", {"n": str(i)})
+                await up.wait_received(2 + i)
+                answer_n(up, str(i))
+                assert (await asyncio.wait_for(theirs, 5)).attributes["n"] == str(i)
+            theirs = c2.start("get", {"n": "theirs"})
+            await up.wait_received(2 + before)
+            up.answer()  # the late reply to the first request (where its connection is open)
+            answer = await asyncio.wait_for(theirs, 5)
+            assert answer.attributes.get("n") == "theirs", answer.attributes.to_dict()
+            c1.close()
+            c2.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_request_waiting_while_its_connection_retires_waits_for_the_next_one() -> None:
+    """Streams 1, one connection, two requests per connection: the second request is sent
+    as the first is answered, and retires the connection (``maxRequestsPerConnection``); the
+    third, still waiting, goes on the connection opened once that one closes. Before, it was
+    refused (``OverLimit``) as if no connection could ever take it."""
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        pool = policy("maxConcurrentStreams: 1, maxRequestsPerConnection: 2", "maxConnections: 1")
+        async with engine_for(mesh([(up.port, "v1")], ROUTER, pool)) as engine:
+            c = await Client.connect(address(engine))
+            replies = send(c, 3)
+            await up.wait_received(1)
+            await until(lambda: engine.stats.total(WAITING) == 2, "two waiting")
+            up.answer()
+            await up.wait_received(2)
+            up.answer()
+            await up.wait_received(3)
+            up.answer()
+            answers = await asyncio.wait_for(asyncio.gather(*replies), 5)
+            assert [error_type(a) for a in answers] == [None] * 3
+            assert up.accepted == 2
             c.close()
         await up.close()
 
