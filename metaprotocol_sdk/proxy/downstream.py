@@ -1413,8 +1413,11 @@ class Downstream(asyncio.Protocol):
         except CodecUnavailable:  # counted and logged as the codec's bug
             target.count_oneway(ErrorType.UpstreamConnectFailure.name)
             return
-        if conn is None:
-            cluster.refused()
+        if conn is None or (cluster.stream_cap and len(conn.pending) >= conn.max_id):
+            # (The second: a codec of one id, in flight on every connection that may be
+            # used, which leaves none for a one-way message; see ``stream_cap``.)
+            if conn is None:
+                cluster.refused()
             target.count_oneway(ErrorType.OverLimit.name)
             return
         try:

@@ -29,7 +29,7 @@ from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, Client, ConsistentHash, make_balancer
-from .codec_bugs import guarded_maker
+from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import (
     ConnectionPool,
     LoadBalancer,
@@ -610,14 +610,25 @@ class Cluster:
         first, while one has room (or can be opened). With none left at all and none to
         open, nor any retired one still open (whose close calls this again), they cannot be
         sent: each is answered as a request refused a connection. A request whose client
-        left is dropped first: it opens nothing."""
+        left is dropped first: it opens nothing. A connection to open whose codec cannot be
+        built fails them all, as a connect failure does (see ``_take_waiting``)."""
         waiting = host.waiting
         while waiting:
             q = waiting.popitem(last=False)[0]
             if q.downstream.closed:
                 q.downstream.room_left(q)
                 continue
-            conn = self.room_on(host)
+            try:
+                conn = self.room_on(host)
+            except CodecUnavailable as exc:  # counted and logged as the codec's bug
+                waiting[q] = None
+                waiting.move_to_end(q, last=False)
+                host.waiting = None  # their retries may wait anew
+                failed = ErrorType.UpstreamConnectFailure
+                while waiting:
+                    q = waiting.popitem(last=False)[0]
+                    q.downstream.room_failed(q, failed, str(exc))
+                return
             if conn is None:
                 waiting[q] = None
                 waiting.move_to_end(q, last=False)
@@ -644,9 +655,10 @@ def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int) -
     """Requests one upstream connection may carry at once (0: no cap to check): the pool's
     ``maxConcurrentStreams``; on shared connections, also one less than the codec's
     ``max_request_id`` when the engine may have that many requests in flight (``inflight``:
-    its pending requests and mirrored copies): the last id is left to one-way messages, and a
-    request past the ids waits for room or opens a connection, as past
-    ``maxConcurrentStreams``."""
+    its pending requests and mirrored copies): the last id is left to one-way messages (a
+    codec of one id has none to leave: a one-way message goes on a connection with nothing
+    in flight, or one more opened, else is dropped), and a request past the ids waits for
+    room or opens a connection, as past ``maxConcurrentStreams``."""
     cap = 0 if pool is None else pool.max_concurrent_streams or 0
     codec = protocol.codec_class
     if codec.capabilities.rewrite_request_id:

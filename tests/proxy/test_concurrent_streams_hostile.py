@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
+from typing import Any
 
 import pytest
 from proxy_kit import (
+    ONEWAY,
     RESPONSE,
     Client,
     Upstream,
@@ -183,6 +185,80 @@ def test_a_request_waiting_while_its_connection_retires_waits_for_the_next_one()
             answers = await asyncio.wait_for(asyncio.gather(*replies), 5)
             assert [error_type(a) for a in answers] == [None] * 3
             assert up.accepted == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+class FlakyKV(KVCodec):
+    """The KV codec whose construction fails while :attr:`failing` is set (a resource it
+    needs per connection is gone)."""
+
+    failing = False
+
+    def __init__(self, **options: Any) -> None:
+        if FlakyKV.failing:
+            raise RuntimeError("no resource")
+        super().__init__(**options)
+
+
+def test_a_codec_that_cannot_be_built_fails_the_requests_waiting_for_room() -> None:
+    """Requests wait for room; the endpoint's connection closes, and the one to open in its
+    place cannot get a codec: they are answered (``UpstreamConnectFailure``, as a request
+    whose connection cannot be made is) at once. Before, the codec's error escaped the
+    connection's close, and they waited for their route's timeout."""
+    router = ROUTER.replace("timeout: 5s", "timeout: 30s")
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        pool = policy("maxConcurrentStreams: 1", "maxConnections: 1")
+        text = mesh([(up.port, "v1")], router, pool, codec=f"{__name__}:FlakyKV")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            first = c.start("get")
+            await up.wait_received(1)
+            waiting = send(c, 2)
+            await until(lambda: engine.stats.total(WAITING) == 2, "two waiting")
+            FlakyKV.failing = True
+            try:
+                for conn in up.connections:  # the upstream closes the connection
+                    assert conn.transport is not None
+                    conn.transport.close()
+                answers = await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
+            finally:
+                FlakyKV.failing = False
+            kinds = [error_type(a) for a in answers]
+            assert kinds == ["UpstreamReset"] + ["UpstreamConnectFailure"] * 2, kinds
+            assert (engine.stats.total(WAITING), engine.pending) == (0, 0)
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_one_way_message_with_no_id_left_is_dropped_as_over_limit() -> None:
+    """A codec of one id, one connection, a request in flight: a one-way message has no id
+    on any connection the pool may use. It is dropped as the pool's overflow
+    (``OverLimit``), not blamed on the request (``BadRequest``, "cannot encode")."""
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        pool = policy("maxConcurrentStreams: 5", "maxConnections: 1")
+        text = mesh([(up.port, "v1")], ROUTER, pool, codec=f"{__name__}:OneIdKV")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            first = c.start("get")
+            await up.wait_received(1)
+            c.send(build_frame(ONEWAY, 99, {"method": "note"}))
+            oneway = "metaprotocol_oneway_total"
+            await until(lambda: engine.stats.total(oneway) == 1, "the one-way message")
+            assert engine.stats.total(oneway, status="OverLimit") == 1
+            up.answer()
+            assert error_type(await asyncio.wait_for(first, 5)) is None
+            c.send(build_frame(ONEWAY, 100, {"method": "note"}))  # an id free: it goes
+            await up.wait_received(2)
+            assert engine.stats.total(oneway, status="Forwarded") == 1
             c.close()
         await up.close()
 
