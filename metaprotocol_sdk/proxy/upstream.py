@@ -315,9 +315,12 @@ class Cluster:
         #: limit. Enforced by the engine's sweep, never per request.
         self.idle_timeout = None if pool is None else pool.upstream_idle_timeout
         self.max_duration = None if pool is None else pool.max_connection_duration
-        #: Open or opening upstream connections, and those still opening.
+        #: Open or opening upstream connections, those still opening, and the requests sent
+        #: on those (waiting for a connection to open, for ``http1MaxPendingRequests``:
+        #: kept as a count, not summed per request over connections that may be many).
         self.connections = 0
         self.opening: set[UpstreamConnection] = set()
+        self.opening_requests = 0
         #: Retries in flight (``connectionPool.http.maxRetries``, ``retryBudget``).
         self.retrying = 0
         #: ``trafficPolicy.retryBudget``: what bounds ``retrying`` when set, instead of
@@ -436,10 +439,9 @@ class Cluster:
         max_requests = pool.max_requests
         if max_requests is not None and sum(h.active for h in self.hosts) >= max_requests:
             return self.overflow("http2MaxRequests")
-        if pool.max_pending_requests is not None and (self.opening or self.queued):
-            waiting = self.queued + sum(len(c.pending) + len(c.order) for c in self.opening)
-            if waiting >= pool.max_pending_requests:
-                return self.overflow("http1MaxPendingRequests")
+        limit = pool.max_pending_requests
+        if limit is not None and self.queued + self.opening_requests >= limit:
+            return self.overflow("http1MaxPendingRequests")
         return None
 
     def queue_for(self, conn: UpstreamConnection) -> Queue:
@@ -840,6 +842,15 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self.task = None
 
+    def _opened(self) -> None:
+        """It is no longer opening (connected, or closed): its requests stop counting as
+        waiting for a connection (``Cluster.opening_requests``)."""
+        cluster = self.cluster
+        opening = cluster.opening
+        if self in opening:
+            opening.remove(self)
+            cluster.opening_requests -= len(self.pending) + len(self.order)
+
     def _connect_failed(self, reason: str) -> None:
         """Connecting failed: count it, and answer the requests queued meanwhile."""
         self.cluster.connect_errors.value += 1
@@ -851,8 +862,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self._opened()
         self.connecting = False
-        self.cluster.opening.discard(self)
         self.cluster.connects.value += 1
         if self.tcp is not None:
             self.tcp.opened.value += 1
@@ -933,6 +944,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._queue(encoded, p.size)
         if self.tcp is not None:
             self.tcp.sent.value += p.size  # the frame's size (a mutation may change it a little)
+        if self.connecting:
+            self.cluster.opening_requests += 1
         if self.limit_requests:
             self.sent += 1
             if self.sent >= self.limit_requests:
@@ -1168,7 +1181,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.expired = True  # for the write watch (see write_sweep)
         if self.shared:
             if not self.cluster.few_ids:
-                self.pending.pop(p.wire_id, None)
+                if self.pending.pop(p.wire_id, None) is not None and self.connecting:
+                    self.cluster.opening_requests -= 1
             elif self.pending.get(p.wire_id) is p:
                 # Its id stays taken until its late reply (dropped) or the connection's
                 # end: given to another request, the reply would answer that one.
@@ -1742,7 +1756,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish_close(self, error: ErrorType, message: str) -> None:
         if self in self.engine.upstreams:
             self.cluster.connections -= 1
-        self.cluster.opening.discard(self)
+        self._opened()
         self.closed = True
         self.connecting = False
         self.queued = []

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
+import sys
 import tracemalloc
+from types import FrameType
 from typing import Any
 
 import pytest
 from proxy_kit import (
     ONEWAY,
+    REQUEST,
     RESPONSE,
     Client,
     Upstream,
@@ -261,5 +265,53 @@ def test_a_one_way_message_with_no_id_left_is_dropped_as_over_limit() -> None:
             assert engine.stats.total(oneway, status="Forwarded") == 1
             c.close()
         await up.close()
+
+    run(main())
+
+
+def test_pending_requests_cost_no_pass_over_the_connections_opening() -> None:
+    """Streams 1 to an endpoint that never completes a connect: each request opens a
+    connection, and ``http1MaxPendingRequests`` counts the requests on the connections
+    opening. That count is kept, not summed over them at each request: the calls made
+    while checking the pool's limits grow with the requests (they were about the square of
+    them, some 20,000 for 200), and the count is right again once the client left."""
+    count, limit = 200, 150
+
+    async def main() -> None:
+        hold = socket.socket()
+        hold.bind(("127.0.0.1", 0))
+        hold.listen(0)  # never accepts: past its backlog, connects hang
+        http = f"maxConcurrentStreams: 1, http1MaxPendingRequests: {limit}"
+        pool = policy(http, "connectTimeout: 30s")
+        text = mesh([(hold.getsockname()[1], "v1")], ROUTER, pool)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            calls = 0
+
+            def profile(frame: FrameType, event: str, arg: object) -> None:
+                nonlocal calls
+                if event == "c_call" and "over_pool_limits" in frame.f_code.co_qualname:
+                    calls += 1
+
+            data = b"".join(build_frame(REQUEST, i + 1, {"method": "get"}) for i in range(count))
+            refused = [c.expect(i + 1) for i in range(count)]
+            sys.setprofile(profile)
+            try:
+                c.send(data)
+                await until(
+                    lambda: engine.pending + sum(m.done() for m in refused) == count,
+                    "each request sent or refused",
+                )
+            finally:
+                sys.setprofile(None)
+            over = [m for m in refused if m.done() and error_type(m.result()) == "OverLimit"]
+            assert len(over) >= count - limit - 5  # (a connection or two may complete)
+            assert calls < 5 * count, calls
+            cluster = engine.clusters["outbound|9000||svc.test"]
+            assert cluster.opening_requests == sum(len(u.pending) for u in cluster.opening)
+            c.reset()
+            await until(lambda: engine.pending == 0, "the client gone")
+            assert cluster.opening and cluster.opening_requests == 0
+        hold.close()
 
     run(main())
