@@ -558,7 +558,14 @@ class Cluster:
         leave it none. An endpoint with none may take the place of a client's own idle
         connection when the budget is spent (``reclaim``; not for a mirror's copy): it
         serves every client. With a :attr:`stream_cap`, one with room, or one more opened
-        (past the per-host count); else a full one, which the request waits for room on."""
+        (past the per-host count); else a full one, which the request waits for room on.
+        Requests already waiting for room on ``host`` go first (:meth:`admit`): room made
+        where no reply or close of the endpoint's says so (a connection may open again, the
+        budget freed elsewhere) is theirs, oldest first, not the next request's (a mirror's
+        copy, ``reclaim`` off, lets them be: the copies of what is admitted would admit more,
+        in a recursion as deep as the requests waiting)."""
+        if reclaim and host.waiting and self.stream_cap:
+            self.admit(host)
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
             conn = self._open_shared(host, reclaim)

@@ -22,6 +22,7 @@ from proxy_kit import (
     build_frame,
     engine_for,
     error_type,
+    gather,
     mesh,
     run,
     until,
@@ -313,5 +314,53 @@ def test_pending_requests_cost_no_pass_over_the_connections_opening() -> None:
             await until(lambda: engine.pending == 0, "the client gone")
             assert cluster.opening and cluster.opening_requests == 0
         hold.close()
+
+    run(main())
+
+
+def test_a_connection_that_may_open_again_takes_the_oldest_waiting_request_first() -> None:
+    """Streams 1 and an upstream connection budget of two, spent on a connection to each of
+    two endpoints (two subsets): a request waits for the first endpoint. The second
+    endpoint's connection closes, so a connection may open again: the request that waited
+    goes on it, not the next one to the first endpoint, which waits its turn. Before, the
+    newcomer opened it and was sent, and the one that waited kept waiting for a reply that
+    might never come."""
+    router = """\
+- name: b
+  match: {attributes: {method: {exact: tob}}}
+  route: [{destination: {host: svc.test, subset: v2}}]
+  timeout: 5s
+- name: a
+  route: [{destination: {host: svc.test, subset: v1}}]
+  timeout: 5s
+"""
+
+    async def main() -> None:
+        a, b = await Holding("a").start(), await Holding("b").start()
+        pool = policy("maxConcurrentStreams: 1")
+        proxy = "limits: {maxUpstreamConnections: 2}\n"
+        text = mesh([(a.port, "v1"), (b.port, "v2")], router, pool, proxy=proxy)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            replies = [c.start("get", {"n": "a0"}), c.start("tob", {"n": "b0"})]
+            await a.wait_received(1)
+            await b.wait_received(1)
+            replies.append(c.start("get", {"n": "a1"}))  # no room, no connection: waits
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            for conn in list(b.connections):  # b's connection closes: room for one more
+                assert conn.transport is not None
+                conn.transport.close()
+            assert error_type(await asyncio.wait_for(replies[1], 5)) == "UpstreamReset"
+            replies.append(c.start("get", {"n": "a2"}))
+            await a.wait_received(2)
+            assert a.order[:2] == ["a0", "a1"], a.order
+            a.answer()
+            await a.wait_received(3)
+            a.answer()
+            answers = await asyncio.wait_for(gather(replies[0], *replies[2:]), 5)
+            assert [error_type(r) for r in answers] == [None] * 3
+            c.close()
+        await a.close()
+        await b.close()
 
     run(main())
