@@ -642,10 +642,9 @@ class Cluster:
                 waiting[q] = None
                 waiting.move_to_end(q, last=False)
                 if not (host.conns or host.leaving):
-                    why = self.refused()
-                    while waiting:
+                    while waiting:  # each counted, as a request refused at once is
                         q = waiting.popitem(last=False)[0]
-                        q.downstream.room_refused(q, why)
+                        q.downstream.room_refused(q, self.refused())
                 return
             q.downstream.send_queued(q, conn)
 

@@ -364,3 +364,42 @@ def test_a_connection_that_may_open_again_takes_the_oldest_waiting_request_first
         await b.close()
 
     run(main())
+
+
+def test_each_waiting_request_refused_a_connection_counts_as_an_overflow() -> None:
+    """Two endpoints, streams 1, ``maxConnections: 2``: two requests wait for each. The
+    first endpoint's connection closes, and the retry of its request takes the connection
+    that may open (to the second endpoint): the first endpoint has none left, none may
+    open, and its two waiting requests are refused. Each counts in
+    ``metaprotocol_upstream_overflow_total`` as a request refused at once does: the series
+    says what the clients saw (it counted one for both)."""
+    router = """\
+- name: all
+  route: [{destination: {host: svc.test}}]
+  timeout: 5s
+  retries: {attempts: 1, retryOn: reset}
+"""
+
+    async def main() -> None:
+        a, b = await Holding("a").start(), await Holding("b").start()
+        pool = policy("maxConcurrentStreams: 1", "maxConnections: 2")
+        text = mesh([(a.port, "v1"), (b.port, "v1")], router, pool)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            replies = [c.start("get", {"n": f"{i}"}) for i in range(6)]  # round robin
+            await a.wait_received(1)
+            await b.wait_received(1)
+            await until(lambda: engine.stats.total(WAITING) == 4, "four waiting")
+            for conn in list(a.connections):
+                assert conn.transport is not None
+                conn.transport.close()
+            refused = [replies[2], replies[4]]  # waited for a
+            answers = await asyncio.wait_for(gather(*refused), 5)
+            assert [error_type(r) for r in answers] == ["OverLimit"] * 2
+            overflow = "metaprotocol_upstream_overflow_total"
+            assert engine.stats.total(overflow, limit="maxConnections") == 2
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
