@@ -1178,10 +1178,10 @@ class UpstreamConnection(asyncio.Protocol):
         Dedicated mode keeps its place, so that a late reply paired by arrival order is not
         given to a later request, but drops its frame (as does a shared connection whose
         codec has few ids, ``Cluster.few_ids``: its id is not given to another request until
-        the late reply comes); past ``STALE_LIMIT`` such places
-        (with a cap of requests per connection, once they are all of its places) the
-        connection takes no new requests (the next one opens a fresh connection) and closes
-        once the requests still live on it are answered.
+        the late reply comes); past ``STALE_LIMIT`` such places (with a cap of requests per
+        connection, once they are all of its places) the connection takes no new requests
+        (the next one opens a fresh connection) and closes once the requests still live on
+        it are answered.
         """
         p.done = True
         self.expired = True  # for the write watch (see write_sweep)
