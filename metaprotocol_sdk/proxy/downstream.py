@@ -432,8 +432,8 @@ class Downstream(asyncio.Protocol):
             self._give_up_waiting()
         if self.queued:  # never sent: nothing to forget upstream
             for q in list(self.queued):
-                self._unqueue(q)
-                self._unanswered(q.request, q.route, q.target, monotonic() - q.started, None)
+                request = self._unqueue(q)
+                self._unanswered(request, q.route, q.target, monotonic() - q.started, None)
         if self.streams:
             client_left(self)
         if self in engine.downstreams:
@@ -975,9 +975,13 @@ class Downstream(asyncio.Protocol):
             self.queued = set()
         self.queued.add(q)
 
-    def _unqueue(self, q: Queued) -> None:
-        """Stop counting ``q`` as waiting (sent, timed out, refused, or its client left)."""
+    def _unqueue(self, q: Queued) -> Metadata:
+        """Stop counting ``q`` as waiting (sent, timed out, refused, or its client left); its
+        request, which ``q`` lets go of: it may stay a while in its deadline queue, and must
+        not keep the frame the buffer budget no longer counts (see ``upstream.RELEASED``)."""
         q.done = True  # also stops its deadline
+        request = q.request
+        q.request = RELEASED
         q.queue.pop(q, None)
         cluster = q.conn.cluster
         cluster.wait_ended()
@@ -992,68 +996,69 @@ class Downstream(asyncio.Protocol):
             self.queued.discard(q)
         if engine.draining and engine.pending == 0:
             engine.requests_drained()
+        return request
 
     def send_queued(self, q: Queued, conn: UpstreamConnection) -> None:
         """Send ``q`` on ``conn``, which has room now (or answer it: its client left)."""
-        self._unqueue(q)
+        request = self._unqueue(q)
         if self.closed:
-            self._unanswered(q.request, q.route, q.target, monotonic() - q.started, conn.host)
+            self._unanswered(request, q.route, q.target, monotonic() - q.started, conn.host)
             return
         q.conn = conn
-        self._dispatch(q.request, q.route, q.mutation, q.tries, q.started, None, q)
+        self._dispatch(request, q.route, q.mutation, q.tries, q.started, None, q)
         self.close_if_done()
 
     def requeue(self, q: Queued) -> None:
         """``q`` cannot wait where it waits: a client's own connection went away or retired,
         or a reload retired its cluster. Routed again, as a request not yet sent."""
-        self._unqueue(q)
+        request = self._unqueue(q)
         if self.closed:
-            self._unanswered(q.request, q.route, q.target, monotonic() - q.started, q.conn.host)
+            self._unanswered(request, q.route, q.target, monotonic() - q.started, q.conn.host)
             return
-        self._dispatch(q.request, q.route, q.mutation, q.tries, q.started)
+        self._dispatch(request, q.route, q.mutation, q.tries, q.started)
         self.close_if_done()
 
     def room_refused(self, q: Queued, why: str) -> None:
         """``q``'s endpoint has no connection left and none may open: ``OverLimit``."""
-        self._unqueue(q)
+        request = self._unqueue(q)
         host = q.conn.host
-        self.local_reply(q.request, ErrorType.OverLimit, why, q.route, q.target, q.started, host)
+        self.local_reply(request, ErrorType.OverLimit, why, q.route, q.target, q.started, host)
         self.close_if_done()
 
     def room_left(self, q: Queued) -> None:
         """``q``'s client left (or is being closed) before it had room: nobody to answer."""
-        self._unqueue(q)
-        self._unanswered(q.request, q.route, q.target, monotonic() - q.started, q.conn.host)
+        request = self._unqueue(q)
+        self._unanswered(request, q.route, q.target, monotonic() - q.started, q.conn.host)
 
     def room_failed(self, q: Queued, error: ErrorType, message: str) -> None:
         """``q`` fails without being sent (its endpoint's connect failed, see
-        ``UpstreamConnection._purge_waiting``): tried again when its route retries on it
+        ``UpstreamConnection._take_waiting``): tried again when its route retries on it
         and its cluster's retries allow, else answered."""
-        self._unqueue(q)
+        request = self._unqueue(q)
         host = q.conn.host
         if self.closed:
-            self._unanswered(q.request, q.route, q.target, monotonic() - q.started, host)
+            self._unanswered(request, q.route, q.target, monotonic() - q.started, host)
             return
         condition = _RETRY_CONDITIONS.get(error)
         if condition is not None and q.route.retries is not None:
             cluster = q.conn.cluster.serving()
             if self._retry(q.route, condition, q.tries, q.started, cluster):
-                self._dispatch(q.request, q.route, q.mutation, q.tries + 1, q.started, host)
+                self._dispatch(request, q.route, q.mutation, q.tries + 1, q.started, host)
                 self.close_if_done()
                 return
-        self.local_reply(q.request, error, message, q.route, q.target, q.started, host)
+        self.local_reply(request, error, message, q.route, q.target, q.started, host)
         self.close_if_done()
 
     def room_timeout(self, q: Queued) -> None:
         """The route's timeout passed while ``q`` waited for room: ``Timeout``."""
-        self._unqueue(q)
+        request = self._unqueue(q)
         cap = q.conn.cluster.stream_cap
         why = (
             f"no response within {q.route.timeout:g}s (waited for room on a connection to "
             f"{q.conn.host.key}: {cap} requests in flight on each)"
         )
         host = q.conn.host
-        self.local_reply(q.request, ErrorType.Timeout, why, q.route, q.target, q.started, host)
+        self.local_reply(request, ErrorType.Timeout, why, q.route, q.target, q.started, host)
         self.close_if_done()
 
     # -- filters -------------------------------------------------------------------------------
@@ -1408,8 +1413,11 @@ class Downstream(asyncio.Protocol):
         except CodecUnavailable:  # counted and logged as the codec's bug
             target.count_oneway(ErrorType.UpstreamConnectFailure.name)
             return
-        if conn is None:
-            cluster.refused()
+        if conn is None or (cluster.stream_cap and len(conn.pending) >= conn.max_id):
+            # (The second: a codec of one id, in flight on every connection that may be
+            # used, which leaves none for a one-way message; see ``stream_cap``.)
+            if conn is None:
+                cluster.refused()
             target.count_oneway(ErrorType.OverLimit.name)
             return
         try:

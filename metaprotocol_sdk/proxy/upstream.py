@@ -29,7 +29,7 @@ from metaprotocol_sdk.metadata import Metadata, Mutation
 
 from .assembly import LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, Client, ConsistentHash, make_balancer
-from .codec_bugs import guarded_maker
+from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import (
     ConnectionPool,
     LoadBalancer,
@@ -164,6 +164,7 @@ class UpstreamHost:
         "istio",
         "key",
         "labels",
+        "leaving",
         "local_errors",
         "locality",
         "locality_weight",
@@ -214,6 +215,10 @@ class UpstreamHost:
         #: list of connections).
         self.waiting: Queue | None = None
         self.roomy: OrderedDict[UpstreamConnection, None] | None = None
+        #: Its shared connections that retired and are still open (``None``: none ever
+        #: did): the close of each sends the requests waiting for room, on a connection
+        #: opened in its place, so while there are some they wait rather than be refused.
+        self.leaving: set[UpstreamConnection] | None = None
         #: The cluster's outlier detector, when it has one (see outlier.py).
         self.outlier: OutlierDetector | None = None
         self.errors = 0
@@ -291,8 +296,13 @@ class Cluster:
         )
         #: Requests in flight per connection (0: not checked), see :func:`stream_cap`; and
         #: the requests waiting for room (see room.py), for ``http1MaxPendingRequests``.
-        self.stream_cap = stream_cap(pool, protocol, engine.max_pending + engine.mirror_sink.limit)
+        inflight = engine.max_pending + engine.mirror_sink.limit
+        self.stream_cap = stream_cap(pool, protocol, inflight)
         self.queued = 0
+        #: Shared connections whose codec has no more ids than the engine may have requests
+        #: in flight: a request that times out (or whose client left) keeps its id until
+        #: its late reply comes (see ``UpstreamConnection.forget``), as ids come round soon.
+        self.few_ids = self.shared and protocol.codec_class.max_request_id <= inflight
         #: The destination service (host) and its namespace, for Istio's labels.
         self.service = name.rsplit("|", 1)[-1]
         service = engine.config.services.get(self.service)
@@ -305,9 +315,12 @@ class Cluster:
         #: limit. Enforced by the engine's sweep, never per request.
         self.idle_timeout = None if pool is None else pool.upstream_idle_timeout
         self.max_duration = None if pool is None else pool.max_connection_duration
-        #: Open or opening upstream connections, and those still opening.
+        #: Open or opening upstream connections, those still opening, and the requests sent
+        #: on those (waiting for a connection to open, for ``http1MaxPendingRequests``:
+        #: kept as a count, not summed per request over connections that may be many).
         self.connections = 0
         self.opening: set[UpstreamConnection] = set()
+        self.opening_requests = 0
         #: Retries in flight (``connectionPool.http.maxRetries``, ``retryBudget``).
         self.retrying = 0
         #: ``trafficPolicy.retryBudget``: what bounds ``retrying`` when set, instead of
@@ -437,10 +450,9 @@ class Cluster:
         max_requests = pool.max_requests
         if max_requests is not None and sum(h.active for h in self.hosts) >= max_requests:
             return self.overflow("http2MaxRequests")
-        if pool.max_pending_requests is not None and (self.opening or self.queued):
-            waiting = self.queued + sum(len(c.pending) + len(c.order) for c in self.opening)
-            if waiting >= pool.max_pending_requests:
-                return self.overflow("http1MaxPendingRequests")
+        limit = pool.max_pending_requests
+        if limit is not None and self.queued + self.opening_requests >= limit:
+            return self.overflow("http1MaxPendingRequests")
         return None
 
     def queue_for(self, conn: UpstreamConnection) -> Queue:
@@ -557,7 +569,14 @@ class Cluster:
         leave it none. An endpoint with none may take the place of a client's own idle
         connection when the budget is spent (``reclaim``; not for a mirror's copy): it
         serves every client. With a :attr:`stream_cap`, one with room, or one more opened
-        (past the per-host count); else a full one, which the request waits for room on."""
+        (past the per-host count); else a full one, which the request waits for room on.
+        Requests already waiting for room on ``host`` go first (:meth:`admit`): room made
+        where no reply or close of the endpoint's says so (a connection may open again, the
+        budget freed elsewhere) is theirs, oldest first, not the next request's (a mirror's
+        copy, ``reclaim`` off, lets them be: the copies of what is admitted would admit more,
+        in a recursion as deep as the requests waiting)."""
+        if reclaim and host.waiting and self.stream_cap:
+            self.admit(host)
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
             conn = self._open_shared(host, reclaim)
@@ -609,23 +628,34 @@ class Cluster:
     def admit(self, host: UpstreamHost) -> None:
         """Send the requests waiting for room on ``host``'s shared connections, oldest
         first, while one has room (or can be opened). With none left at all and none to
-        open, they cannot be sent: each is answered as a request refused a connection. A
-        request whose client left is dropped first: it opens nothing."""
+        open, nor any retired one still open (whose close calls this again), they cannot be
+        sent: each is answered as a request refused a connection. A request whose client
+        left is dropped first: it opens nothing. A connection to open whose codec cannot be
+        built fails them all, as a connect failure does (see ``_take_waiting``)."""
         waiting = host.waiting
         while waiting:
             q = waiting.popitem(last=False)[0]
             if q.downstream.closed:
                 q.downstream.room_left(q)
                 continue
-            conn = self.room_on(host)
+            try:
+                conn = self.room_on(host)
+            except CodecUnavailable as exc:  # counted and logged as the codec's bug
+                waiting[q] = None
+                waiting.move_to_end(q, last=False)
+                host.waiting = None  # their retries may wait anew
+                failed = ErrorType.UpstreamConnectFailure
+                while waiting:
+                    q = waiting.popitem(last=False)[0]
+                    q.downstream.room_failed(q, failed, str(exc))
+                return
             if conn is None:
                 waiting[q] = None
                 waiting.move_to_end(q, last=False)
-                if not host.conns:
-                    why = self.refused()
-                    while waiting:
+                if not (host.conns or host.leaving):
+                    while waiting:  # each counted, as a request refused at once is
                         q = waiting.popitem(last=False)[0]
-                        q.downstream.room_refused(q, why)
+                        q.downstream.room_refused(q, self.refused())
                 return
             q.downstream.send_queued(q, conn)
 
@@ -644,9 +674,10 @@ def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int) -
     """Requests one upstream connection may carry at once (0: no cap to check): the pool's
     ``maxConcurrentStreams``; on shared connections, also one less than the codec's
     ``max_request_id`` when the engine may have that many requests in flight (``inflight``:
-    its pending requests and mirrored copies): the last id is left to one-way messages, and a
-    request past the ids waits for room or opens a connection, as past
-    ``maxConcurrentStreams``."""
+    its pending requests and mirrored copies): the last id is left to one-way messages (a
+    codec of one id has none to leave: a one-way message goes on a connection with nothing
+    in flight, or one more opened, else is dropped), and a request past the ids waits for
+    room or opens a connection, as past ``maxConcurrentStreams``."""
     cap = 0 if pool is None else pool.max_concurrent_streams or 0
     codec = protocol.codec_class
     if codec.capabilities.rewrite_request_id:
@@ -774,7 +805,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.order: OrderedDict[int, Pending] = OrderedDict()
         self.by_id: dict[int, deque[Pending]] = {}
         self.next_seq = 0
-        #: Timed-out requests still holding their place in ``order`` (see :meth:`forget`).
+        #: Timed-out requests still holding their place in ``order``, or their id in
+        #: ``pending`` (a shared connection with few ids; see :meth:`forget`).
         self.stale = 0
         #: Bytes of a partial reply held in ``buffer`` (the engine's buffer accounting).
         self.held = 0
@@ -857,6 +889,15 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self.task = None
 
+    def _opened(self) -> None:
+        """It is no longer opening (connected, or closed): its requests stop counting as
+        waiting for a connection (``Cluster.opening_requests``)."""
+        cluster = self.cluster
+        opening = cluster.opening
+        if self in opening:
+            opening.remove(self)
+            cluster.opening_requests -= len(self.pending) + len(self.order)
+
     def _connect_failed(self, reason: str) -> None:
         """Connecting failed: count it, and answer the requests queued meanwhile."""
         self.cluster.connect_errors.value += 1
@@ -868,8 +909,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self._opened()
         self.connecting = False
-        self.cluster.opening.discard(self)
         self.cluster.connects.value += 1
         if self.tcp is not None:
             self.tcp.opened.value += 1
@@ -950,6 +991,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._queue(encoded, p.size)
         if self.tcp is not None:
             self.tcp.sent.value += p.size  # the frame's size (a mutation may change it a little)
+        if self.connecting:
+            self.cluster.opening_requests += 1
         if self.limit_requests:
             self.sent += 1
             if self.sent >= self.limit_requests:
@@ -957,8 +1000,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.retire()
 
     def full(self) -> bool:
-        """Whether it carries :attr:`cap` requests (a client's own connection counts a
-        timed-out request's place: its upstream may still be working on it)."""
+        """Whether it carries :attr:`cap` requests (a timed-out request's place counts where
+        it is kept, see :meth:`forget`: its upstream may still be working on it)."""
         return len(self.pending if self.shared else self.order) >= self.cap
 
     def retire(self) -> None:
@@ -972,6 +1015,10 @@ class UpstreamConnection(asyncio.Protocol):
             host.conns.remove(self)
             if host.roomy is not None:
                 host.roomy.pop(self, None)
+            if self.cap and not self.closed:
+                if host.leaving is None:
+                    host.leaving = set()
+                host.leaving.add(self)
         if self.owner is not None:
             self.owner.upstream_closed(self)
         if self.waiting:
@@ -984,7 +1031,7 @@ class UpstreamConnection(asyncio.Protocol):
         idle clock (``timeouts.streamIdle``)."""
         if self.stream is not None:
             return
-        if self.pending or len(self.order) > self.stale or self.connecting:
+        if len(self.pending) + len(self.order) > self.stale or self.connecting:
             self.idle_since = 0.0
         elif not self.idle_since:
             self.idle_since = now
@@ -1043,7 +1090,7 @@ class UpstreamConnection(asyncio.Protocol):
                 f"upstream {self.host.key} took none of {unsent} bytes in {timeout:g}s",
             )
             return True
-        elif self.closed or (self.expired and not self.pending and len(self.order) == self.stale):
+        elif self.closed or (self.expired and len(self.pending) + len(self.order) == self.stale):
             why = "the connection closed" if self.closed else "its requests timed out"
             self.give_up(
                 "write_abandoned",
@@ -1081,8 +1128,7 @@ class UpstreamConnection(asyncio.Protocol):
         # A stream's connection closes when its stream ends (retired, it takes no other).
         if (
             self.retiring
-            and not self.pending
-            and len(self.order) == self.stale
+            and len(self.pending) + len(self.order) == self.stale
             and self.stream is None
         ):
             self.close()
@@ -1171,14 +1217,25 @@ class UpstreamConnection(asyncio.Protocol):
         dropped.
 
         Dedicated mode keeps its place, so that a late reply paired by arrival order is not
-        given to a later request, but drops its frame; past ``STALE_LIMIT`` such places the
-        connection takes no new requests (the next one opens a fresh connection) and closes
-        once the requests still live on it are answered.
+        given to a later request, but drops its frame (as does a shared connection whose
+        codec has few ids, ``Cluster.few_ids``: its id is not given to another request until
+        the late reply comes); past ``STALE_LIMIT`` such places (with a cap of requests per
+        connection, once they are all of its places) the connection takes no new requests
+        (the next one opens a fresh connection) and closes once the requests still live on
+        it are answered.
         """
         p.done = True
         self.expired = True  # for the write watch (see write_sweep)
         if self.shared:
-            self.pending.pop(p.wire_id, None)
+            if not self.cluster.few_ids:
+                if self.pending.pop(p.wire_id, None) is not None and self.connecting:
+                    self.cluster.opening_requests -= 1
+            elif self.pending.get(p.wire_id) is p:
+                # Its id stays taken until its late reply (dropped) or the connection's
+                # end: given to another request, the reply would answer that one.
+                self.stale += 1
+                if self.stale >= self.cap:
+                    self.retire()  # every place held by late ones: a fresh connection
             if self.cap:
                 self._room_made()
             self._close_if_idle()  # a retiring connection's last request may time out
@@ -1186,9 +1243,10 @@ class UpstreamConnection(asyncio.Protocol):
         if p.seq in self.order:
             p.request = RELEASED
             self.stale += 1
-            if self.stale > STALE_LIMIT or (self.waiting and self.stale >= self.cap):
-                # (With requests waiting for room that only timed-out ones hold: they go
-                # to a fresh connection, as Envoy's HTTP/1 pool closes one on a timeout.)
+            if self.stale > STALE_LIMIT or (self.cap and self.stale >= self.cap):
+                # (Every place of a capped connection held by timed-out requests: the
+                # requests waiting for room, and those that come later, go to a fresh
+                # connection, as Envoy's HTTP/1 pool closes one on a timeout.)
                 self.retire()
             elif len(self.order) == self.stale:
                 self._listed_idle()
@@ -1245,6 +1303,9 @@ class UpstreamConnection(asyncio.Protocol):
             if kind is _RESPONSE or kind is _ERROR:
                 if shared:
                     p = pending.pop(message.request_id, None)
+                    if p is not None and p.done:  # a late reply (few ids: see forget)
+                        self.stale -= 1
+                        p = None
                 else:
                     p = self._match(message.request_id)
                 if p is not None:
@@ -1530,9 +1591,13 @@ class UpstreamConnection(asyncio.Protocol):
         wire_id, size, status = head
         if self.shared:
             p = self.pending.pop(wire_id, None)
-            if p is not None and p.route.decode_replies:
-                self.pending[wire_id] = p  # put back for the decode path to find
-                return False
+            if p is not None:
+                if p.done:  # a late reply (few ids: see forget)
+                    self.stale -= 1
+                    p = None
+                elif p.route.decode_replies:
+                    self.pending[wire_id] = p  # put back for the decode path to find
+                    return False
         else:
             p = self._candidate(wire_id)
             if p is not None and not p.done and p.route.decode_replies:
@@ -1592,7 +1657,11 @@ class UpstreamConnection(asyncio.Protocol):
         """Take the request a reply with ``wire_id`` answers; ``None`` when nobody waits for
         it any more (timed out) or at all."""
         if self.shared:
-            return self.pending.pop(wire_id, None)
+            p = self.pending.pop(wire_id, None)
+            if p is not None and p.done:  # a late reply (few ids: see forget)
+                self.stale -= 1
+                return None
+            return p
         p = self._candidate(wire_id)
         if p is None:
             return None
@@ -1734,7 +1803,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish_close(self, error: ErrorType, message: str) -> None:
         if self in self.engine.upstreams:
             self.cluster.connections -= 1
-        self.cluster.opening.discard(self)
+        self._opened()
         self.closed = True
         self.connecting = False
         self.queued = []
@@ -1748,6 +1817,8 @@ class UpstreamConnection(asyncio.Protocol):
             host.conns.remove(self)
             if host.roomy is not None:
                 host.roomy.pop(self, None)
+        if host.leaving:
+            host.leaving.discard(self)
         if self.owner is not None:
             self.owner.upstream_closed(self)
         self.engine.upstreams.discard(self)
@@ -1775,7 +1846,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.stream.upstream_failed(error, message)
         if not (self.pending or self.order):  # nothing in flight (a stream's connection)
             return
-        waiting = [*self.pending.values(), *(p for p in self.order.values() if not p.done)]
+        waiting = [
+            *(p for p in self.pending.values() if not p.done),
+            *(p for p in self.order.values() if not p.done),
+        ]
         self.pending = {}
         self.order = OrderedDict()
         self.by_id = {}

@@ -66,7 +66,7 @@ class Holding(Upstream):
         taken, self.held = self.held[:count], self.held[count:]
         for conn, msg in taken:
             self.inflight[conn] -= 1
-            if conn.transport is not None:
+            if conn.transport is not None and not conn.transport.is_closing():
                 headers = {"server": self.name, "n": msg.attributes.get("n") or ""}
                 conn.transport.write(build_frame(RESPONSE, msg.request_id, headers))
 
