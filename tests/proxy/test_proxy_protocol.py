@@ -102,7 +102,7 @@ class ProxiedUpstream:
                 kind = msg.message_type
                 info = {"server": self.name, "pp-source": source, "pp-dest": dest}
                 info["conn"] = str(number)
-                if kind is MessageType.Request:
+                if kind is MessageType.Request and msg.operation_name != "hang":
                     stream.write(build_frame(RESPONSE, msg.request_id, info))
                 elif kind is MessageType.Stream_Init:
                     stream.write(build_frame(STREAM_OPEN, msg.request_id, info))
@@ -367,6 +367,38 @@ def test_a_connection_reclaimed_for_another_client_names_that_client() -> None:
             assert len(up.headers) == 4 and len(engine.upstreams) == 2
             for client in clients:
                 client.close()
+        await up.close()
+
+    run(main())
+
+
+def _taken(reply: asyncio.Future[Metadata]) -> None:
+    """Take the outcome of a request left in flight (reset when the client closes)."""
+    if not reply.cancelled():
+        reply.exception()
+
+
+def test_a_codec_with_few_ids_is_not_capped_by_them_on_a_clients_own_connection() -> None:
+    """A codec that rewrites ids but has only three: on shared connections it carries two
+    requests at once (ids the engine picks); with ``proxyProtocol`` the connection is the
+    client's and carries the client's ids, so all three of its requests (never answered) go
+    upstream at once, none waiting for room."""
+
+    async def main() -> None:
+        up = await ProxiedUpstream("v1", "V1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            traffic_policy=_policy("V1"),
+            protocol="kvf",
+            codec="proxy_test_codecs:FewIdsKVCodec",
+        )
+        async with engine_for(text) as engine:
+            client = await Client.connect(address(engine))
+            for rid in (1, 2, 3):  # never answered: each holds its id
+                client.start("hang", rid=rid).add_done_callback(_taken)
+            await until(lambda: len(up.messages.get(0, ())) == 3, "three requests upstream")
+            assert [m.request_id for m in up.messages[0]] == [1, 2, 3]
+            client.close()
         await up.close()
 
     run(main())
