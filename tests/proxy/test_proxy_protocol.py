@@ -28,6 +28,7 @@ from proxy_kit import (
     until,
 )
 from proxyprotocol import ProxyProtocol as Parser
+from proxyprotocol.detect import ProxyProtocolDetect
 from proxyprotocol.reader import ProxyProtocolReader
 from proxyprotocol.result import (
     ProxyResult,
@@ -46,7 +47,12 @@ from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.config.models import ProxyProtocol
 from metaprotocol_sdk.proxy.proxy_protocol import header
 
-PARSERS: dict[str, Parser] = {"V1": ProxyProtocolV1(), "V2": ProxyProtocolV2()}
+#: Each version's parser, and one that reads either (``any``).
+PARSERS: dict[str, Parser] = {
+    "V1": ProxyProtocolV1(),
+    "V2": ProxyProtocolV2(),
+    "any": ProxyProtocolDetect(ProxyProtocolV1(), ProxyProtocolV2()),
+}
 CLUSTER = "outbound|9000||svc.test"
 
 
@@ -367,6 +373,41 @@ def test_a_connection_reclaimed_for_another_client_names_that_client() -> None:
             assert len(up.headers) == 4 and len(engine.upstreams) == 2
             for client in clients:
                 client.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_reload_changing_the_header_rebuilds_the_cluster() -> None:
+    """The header is part of what a cluster is built from: a reload keeping it keeps the
+    cluster (and the client's connection); one changing only the version replaces the
+    cluster, and the client's next request goes on a new connection with a header of the
+    new version; one removing it makes the cluster's connections shared again."""
+
+    async def main() -> None:
+        up = await ProxiedUpstream("v1", "any").start()
+
+        def text(policy: str) -> str:
+            return mesh([(up.port, "v1")], traffic_policy=policy)
+
+        async with engine_for(text(_policy("V1"))) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call()) is None
+            (first,) = engine.clusters.values()
+            await engine.apply(loads_config(text(_policy("V1"))))
+            assert list(engine.clusters.values()) == [first]
+            assert error_type(await client.call()) is None
+            assert len(up.headers) == 1
+            await engine.apply(loads_config(text(_policy("V2"))))
+            (second,) = engine.clusters.values()
+            assert second is not first and second.proxy_protocol == ProxyProtocol(2)
+            reply = await client.call()
+            assert error_type(reply) is None and reply.attributes["pp-source"] == _me(client)
+            assert len(up.headers) == 2 and up.refused == []
+            await engine.apply(loads_config(text("{}")))
+            (third,) = engine.clusters.values()
+            assert third.proxy_protocol is None and third.shared
+            client.close()
         await up.close()
 
     run(main())
