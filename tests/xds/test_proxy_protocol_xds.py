@@ -5,6 +5,7 @@ cluster keeping its own; what the engine cannot honour refused. Envoy ACKs the s
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from control_plane import ControlPlane
 from envoy.config.core.v3 import base_pb2, proxy_protocol_pb2
 from envoy.extensions.transport_sockets.proxy_protocol.v3 import upstream_proxy_protocol_pb2
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
+from envoy_proxy_protocol import envoy as proxied_envoy
+from envoy_proxy_protocol import seen
 from snapshots import (
     ALL,
     CLUSTER_TYPE,
@@ -23,6 +26,7 @@ from snapshots import (
     istio_mutual_socket,
     tls_socket,
 )
+from test_engine_xds import Caller, Harness, acked, config_yaml
 from test_envoy_acks import _ack_every_version, _dump, envoy  # noqa: F401 (a fixture)
 from test_translate import (
     ISTIO_SNI,
@@ -42,6 +46,7 @@ from test_translate import (
     with_tls,
 )
 
+from metaprotocol_sdk.demo.thrift_server import HelloServer
 from metaprotocol_sdk.proxy.config.models import PORT_PROXY_PROTOCOL, ProxyProtocol
 from metaprotocol_sdk.proxy.xds.translate import translate
 
@@ -258,3 +263,35 @@ def test_envoy_acks_clusters_with_the_wrapper(control_plane: ControlPlane, envoy
     match = clusters[ALL]["transport_socket_matches"][0]["transport_socket"]
     assert match["name"] == NAME
     assert clusters[V2]["transport_socket"]["typed_config"]["config"]["version"] == "V2"
+
+
+def test_the_engine_over_xds_writes_the_header_envoy_reads(
+    control_plane: ControlPlane, servers: dict[str, HelloServer], tmp_path: Path
+) -> None:
+    """End to end: istiod's wrapper on subset v1's cluster, whose endpoint is Envoy with the
+    ``proxy_protocol`` listener filter in front of a real Thrift server (thriftpy2). A
+    thriftpy2 client's calls through the engine reach it, and Envoy takes that client, on
+    one connection, to have connected to the engine's listener: what the header says."""
+    with proxied_envoy(tmp_path, servers["v1a"].port) as (port, log):
+        v1 = [("127.0.0.1", port)]
+        version, snap = hello_snapshots(v1, [("127.0.0.1", servers["v2"].port)])[0]
+        control_plane.set_snapshot(version, _headers(snap, v1="V2"))
+        harness = Harness(config_yaml(control_plane.port))
+        try:
+            harness.wait(acked(version))
+            dumped = {c["name"]: c for c in harness.dump()["clusters"]}
+            assert dumped[V1]["proxyProtocol"] == {"version": "V2"}
+            caller = Caller(harness.port)
+            try:
+                assert caller.next(5) == {"v1a": 5}
+                # The socket under thriftpy2's framed transport.
+                host, own = caller.client._iprot.trans.sock.getsockname()[:2]
+            finally:
+                caller.close()
+            engine = f"127.0.0.1:{harness.port}"
+            deadline = time.monotonic() + 15
+            while not seen(log) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert seen(log) == {f"{host}:{own} {engine}"}
+        finally:
+            harness.close()
