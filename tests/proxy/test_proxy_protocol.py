@@ -269,6 +269,30 @@ def test_over_tls_the_header_comes_before_the_handshake(
     run(main(), loop=loop)
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_client_of_a_tls_listener_is_named_too(tmp_path: Any, loop: str) -> None:
+    """The engine terminates the client's TLS (a listener ``tls``): the header still names
+    the client's TCP address and the listener's, read under the client's TLS layer."""
+    pki = Pki(tmp_path)
+    cert, key = pki.leaf("listener", "svc.test")
+    tls = json.dumps({"mode": "SIMPLE", "serverCertificate": cert, "privateKey": key})
+
+    async def main() -> None:
+        up = await ProxiedUpstream("v1", "V2").start()
+        text = mesh([(up.port, "v1")], traffic_policy=_policy("V2"), listener_tls=tls)
+        async with engine_for(text) as engine:
+            ctx = pki.client_context()
+            client = await Client.connect(address(engine), ssl=ctx, server_hostname="svc.test")
+            reply = await client.call()
+            assert error_type(reply) is None
+            assert reply.attributes["pp-source"] == _me(client)
+            assert reply.attributes["pp-dest"] == _engine(engine)
+            client.close()
+        await up.close()
+
+    run(main(), loop=loop)
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
