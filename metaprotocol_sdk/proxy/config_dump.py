@@ -125,6 +125,10 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 ),
                 "connectionPool": plain(c.pool),
                 "retryBudget": plain(c.retry_budget),
+                # The PROXY protocol header each connection starts with (``None``: none).
+                "proxyProtocol": (
+                    None if c.proxy_protocol is None else {"version": c.proxy_protocol.name}
+                ),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],
                 # Slow start's settings (the endpoints warming: the "slowStart" section).

@@ -447,6 +447,7 @@ class Engine:
             mutual,
             None if localities is None else tuple(localities),
             traffic.retry_budget,
+            traffic.proxy_protocol,
         )
         _count_hash_slots(build, name, policy, [ep.weight for ep in endpoints], priorities)
         serving = self.clusters.get(name)
@@ -468,6 +469,7 @@ class Engine:
                 traffic.connection_pool,
                 traffic.outlier_detection,
                 traffic.retry_budget,
+                traffic.proxy_protocol,
             )
             cluster.namespace = service.namespace  # of the configuration being built
             attach_cluster(cluster, tls, mutual)

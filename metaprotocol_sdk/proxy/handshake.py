@@ -73,6 +73,9 @@ def _keeping_raw(base: type[Any]) -> type[Any]:
         watcher: Any = None
         #: The TCP transport paused this layer's writing (it will say when it drained).
         raw_paused = False
+        #: Bytes written on the TCP transport before the handshake begins: an upstream
+        #: connection's PROXY protocol header (``trafficPolicy.proxyProtocol``).
+        preface = b""
 
         # The layer makes its TLS object in one of these (asyncio's in __init__, uvloop's in
         # connection_made): the object learns its layer then (HalfClosing._create).
@@ -88,6 +91,8 @@ def _keeping_raw(base: type[Any]) -> type[Any]:
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             global _making
             self.raw = cast(asyncio.Transport, transport)
+            if self.preface:
+                self.raw.write(self.preface)
             _making = self
             try:
                 super().connection_made(transport)

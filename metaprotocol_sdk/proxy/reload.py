@@ -19,6 +19,7 @@ from .config.models import (
     LoadBalancer,
     OutlierDetection,
     Protocol,
+    ProxyProtocol,
     ProxySettings,
     RetryBudget,
     UpstreamTls,
@@ -99,6 +100,8 @@ class ClusterSpec:
     localities: tuple[tuple[str, int], ...] | None = None
     #: ``trafficPolicy.retryBudget``: a changed budget makes a changed cluster.
     retry_budget: RetryBudget | None = None
+    #: ``trafficPolicy.proxyProtocol``: a changed header makes a changed cluster.
+    proxy_protocol: ProxyProtocol | None = None
 
 
 @dataclass(frozen=True)

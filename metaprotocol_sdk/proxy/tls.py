@@ -821,6 +821,8 @@ class TlsUpstreamConnection(UpstreamConnection):
             ssl_handshake_timeout=cluster.connect_timeout,
         )
         layer.watcher = self
+        if cluster.proxy_protocol is not None:  # before the ClientHello (see Handshake)
+            layer.preface = self.proxy_header()
         try:
             async with asyncio.timeout(cluster.connect_timeout):
                 self.raw, _ = await loop.create_connection(lambda: layer, host.address, host.port)
@@ -884,6 +886,10 @@ class TlsUpstreamConnection(UpstreamConnection):
             cluster = self.cluster
             tcp = self.tcp = istio.tcp(cluster.service, cluster.namespace, self.host.labels, ids)
             tcp.sent.value += sum(len(b) for b in self.queued)
+
+    def _preface(self, transport: asyncio.Transport) -> None:
+        """The PROXY protocol header went on the TCP connection, before the handshake
+        (``_connect``): nothing to write on the TLS one."""
 
     def keeps_raw_open(self) -> bool:
         """The TLS layer's own handling of the end of the TCP stream under it."""

@@ -1,6 +1,7 @@
 """Upstream side: clusters, hosts, connection pools and the upstream connection protocol.
 
-Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability:
+Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability (and a cluster's
+``proxyProtocol``: dedicated, see below):
 
 * **shared**: a host's connections (``upstream.connectionsPerEndpoint``, default 1) carry the
   requests of every downstream connection. Each request gets a fresh id on the upstream
@@ -10,6 +11,9 @@ Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability:
   and requests wait for room past the limits (see room.py).
 * **dedicated**: without id rewriting, each downstream connection gets its own upstream
   connection per host; responses are paired by request id, falling back to arrival order.
+  A cluster with ``proxyProtocol`` is dedicated whatever its codec: each of its connections
+  starts with a PROXY protocol header naming one client (Envoy keys its connection pools by
+  those addresses), so the client's own ids go upstream unchanged.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from .config.models import (
 )
 from .outlier import OutlierDetector
 from .priority import priority_balancer
+from .proxy_protocol import client_header
 from .stats import Counter
 
 if TYPE_CHECKING:
-    from .config.models import RetryBudget, UpstreamTls
+    from .config.models import ProxyProtocol, RetryBudget, UpstreamTls
     from .downstream import Downstream
     from .engine import Engine
     from .mirror import MirrorSink
@@ -261,6 +266,7 @@ class Cluster:
         pool: ConnectionPool | None = None,
         outlier: OutlierDetection | None = None,
         retry_budget: RetryBudget | None = None,
+        proxy_protocol: ProxyProtocol | None = None,
     ) -> None:
         self.engine = engine
         self.name = name
@@ -284,7 +290,12 @@ class Cluster:
         self.priority_load: dict[int, int] = {}
         #: Built by :meth:`rebalance`, once the outlier detector below exists.
         self.balancer: Balancer[UpstreamHost]
-        self.shared = protocol.codec_class.capabilities.rewrite_request_id
+        #: ``trafficPolicy.proxyProtocol``: each connection starts with a header naming its
+        #: client (see proxy_protocol.py), so connections are the clients' own.
+        self.proxy_protocol = proxy_protocol
+        self.shared = (
+            protocol.codec_class.capabilities.rewrite_request_id and proxy_protocol is None
+        )
         #: Circuit-breaker limits (``trafficPolicy.connectionPool``), ``None``: none.
         self.pool = pool
         #: Whether the pool limits requests (``http2MaxRequests``, ``http1MaxPendingRequests``),
@@ -297,7 +308,7 @@ class Cluster:
         #: Requests in flight per connection (0: not checked), see :func:`stream_cap`; and
         #: the requests waiting for room (see room.py), for ``http1MaxPendingRequests``.
         inflight = engine.max_pending + engine.mirror_sink.limit
-        self.stream_cap = stream_cap(pool, protocol, inflight)
+        self.stream_cap = stream_cap(pool, protocol, inflight, self.shared)
         self.queued = 0
         #: Shared connections whose codec has no more ids than the engine may have requests
         #: in flight: a request that times out (or whose client left) keeps its id until
@@ -670,9 +681,9 @@ class Cluster:
                 q.downstream.requeue(q)
 
 
-def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int) -> int:
+def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int, shared: bool) -> int:
     """Requests one upstream connection may carry at once (0: no cap to check): the pool's
-    ``maxConcurrentStreams``; on shared connections, also one less than the codec's
+    ``maxConcurrentStreams``; on ``shared`` connections, also one less than the codec's
     ``max_request_id`` when the engine may have that many requests in flight (``inflight``:
     its pending requests and mirrored copies): the last id is left to one-way messages (a
     codec of one id has none to leave: a one-way message goes on a connection with nothing
@@ -680,7 +691,7 @@ def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int) -
     room or opens a connection, as past ``maxConcurrentStreams``."""
     cap = 0 if pool is None else pool.max_concurrent_streams or 0
     codec = protocol.codec_class
-    if codec.capabilities.rewrite_request_id:
+    if shared and codec.capabilities.rewrite_request_id:
         ids = codec.max_request_id
         if ids <= inflight:
             cap = min(cap or ids, max(1, ids - 1))
@@ -926,12 +937,25 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed:  # closed while connecting
             transport.close()
             return
+        if self.cluster.proxy_protocol is not None:
+            self._preface(transport)
         if self.queued:
             transport.writelines(self.queued)
             self.queued = []
             self.account_unsent()
         if self.stream is not None:
             self.stream.connected()
+
+    def proxy_header(self) -> bytes:
+        """The PROXY protocol header naming the client this connection carries (its
+        cluster's ``proxyProtocol`` version; see proxy_protocol.py)."""
+        spec = self.cluster.proxy_protocol
+        return client_header(1 if spec is None else spec.version, self.owner)
+
+    def _preface(self, transport: asyncio.Transport) -> None:
+        """Write the PROXY protocol header first (a TLS connection wrote it under its TLS
+        layer, before the handshake)."""
+        transport.write(self.proxy_header())
 
     # -- sending -------------------------------------------------------------------------------
 

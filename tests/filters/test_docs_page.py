@@ -89,7 +89,12 @@ def test_block_loads_with_a_mesh(block: str) -> None:
         )
     if "DestinationRule" in kinds:
         policy = config.destination_rules["greeter.example"].policy
-        assert policy.connection_pool or policy.outlier_detection
+        assert (
+            policy.connection_pool
+            or policy.outlier_detection
+            or policy.retry_budget
+            or policy.proxy_protocol
+        )
     if "ProxyConfig" in kinds:
         assert config.proxy.listeners[0].filters
 

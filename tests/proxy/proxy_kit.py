@@ -100,6 +100,14 @@ class NoRewriteKVCodec(KVCodec):
     )
 
 
+class FewIdsKVCodec(KVCodec):
+    """The KV codec with three request ids (``max_request_id`` 3): shared connections carry
+    two requests at once (the last id is left to one-way messages)."""
+
+    protocol = "kvf"
+    max_request_id = 3
+
+
 class PickyKVCodec(KVCodec):
     """KV codec that refuses to write the mutation key ``x-bad`` (a MutationError)."""
 
@@ -186,6 +194,7 @@ _mod.CountingDedicatedKVCodec = CountingDedicatedKVCodec  # type: ignore[attr-de
 _mod.PickyKVCodec = PickyKVCodec  # type: ignore[attr-defined]
 _mod.LenientKVCodec = LenientKVCodec  # type: ignore[attr-defined]
 _mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]
+_mod.FewIdsKVCodec = FewIdsKVCodec  # type: ignore[attr-defined]
 sys.modules["proxy_test_codecs"] = _mod
 
 

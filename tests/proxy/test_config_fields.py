@@ -27,6 +27,7 @@ from metaprotocol_sdk.proxy.config.models import (
     LoadBalancer,
     LocalityDistribute,
     LocalityLbSetting,
+    ProxyProtocol,
     RetryBudget,
     TrafficPolicy,
     Warmup,
@@ -415,6 +416,22 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             ({"percent": 12.5, "minRetryConcurrency": 7}, RetryBudget(12.5, 7)),
         ]
     ),
+    *(
+        (
+            "DestinationRule",
+            f"{policy}.proxyProtocol",
+            value,
+            lambda c, want=want, sub=sub: (
+                (_rule(c).subsets["v1"].policy if sub else _rule(c).policy).proxy_protocol == want
+            ),
+        )
+        for policy, sub in [(POLICY, False), (SUB_POLICY, True)]
+        for value, want in [
+            ({}, ProxyProtocol(1)),  # Istio's default: V1
+            ({"version": "V1"}, ProxyProtocol(1)),
+            ({"version": "V2"}, ProxyProtocol(2)),
+        ]
+    ),
     ("DestinationRule", f"{POLICY}.tls", {"mode": "DISABLE"}, None),
     (
         "DestinationRule",
@@ -735,7 +752,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("ServiceEntry", "spec.endpoints[0].network", "net-2"),
     ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
     ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
-    ("DestinationRule", f"{POLICY}.proxyProtocol", {"version": "V1"}),
     ("DestinationRule", f"{POLICY}.retryBudget.budgetInterval", "10s"),
     ("DestinationRule", f"{PORT_POLICY}.tls.credentialName", "cred"),
     ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
@@ -783,6 +799,15 @@ CH = f"{POLICY}.loadBalancer.consistentHash"
 WARMUP = f"{POLICY}.loadBalancer.warmup"
 
 REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
+    *(
+        ("DestinationRule", f"{POLICY}.proxyProtocol", value, field, words)
+        for value, field, words in [
+            ({"version": "V3"}, f"{POLICY}.proxyProtocol.version", "must be V1 or V2, got 'V3'"),
+            ({"version": "v2"}, f"{POLICY}.proxyProtocol.version", "must be V1 or V2, got 'v2'"),
+            ({"version": 1}, f"{POLICY}.proxyProtocol.version", "must be V1 or V2, got 1"),
+            ("V2", f"{POLICY}.proxyProtocol", "must be a mapping"),
+        ]
+    ),
     *(
         ("DestinationRule", f"{POLICY}.loadBalancer", {"consistentHash": value}, field, words)
         for value, field, words in [
@@ -1087,6 +1112,7 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ),
     ("DestinationRule", f"{POLICY}.outlierDetection", (f"{POLICY}.outlierDetection", {})),
     ("DestinationRule", f"{POLICY}.tls", (f"{POLICY}.tls", {"mode": "DISABLE"})),
+    ("DestinationRule", f"{POLICY}.proxyProtocol", (f"{POLICY}.proxyProtocol", {})),
     ("DestinationRule", "spec.subsets[0]", None),
     ("DestinationRule", SUB_POLICY, (SUB_POLICY, {})),
     ("DestinationRule", f"{SUB_POLICY}.loadBalancer", (SUB_POLICY, {"loadBalancer": {}})),

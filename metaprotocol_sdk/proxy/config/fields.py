@@ -191,11 +191,15 @@ TRAFFIC_POLICY = fields(
     "tls",
     "portLevelSettings",
     "retryBudget",
+    "proxyProtocol",
     refused={
         "tunnel": "tunnelling upstream connections",
-        "proxyProtocol": "the PROXY protocol header",
     },
 )
+#: ``trafficPolicy.proxyProtocol`` (Istio's ``TrafficPolicy.ProxyProtocol``).
+PROXY_PROTOCOL = fields("version")
+#: ``proxyProtocol.version`` values (Istio's ``VERSION``; ``V1`` when unset).
+PROXY_PROTOCOL_VERSIONS = ("V1", "V2")
 #: ``trafficPolicy.retryBudget`` (Istio's ``TrafficPolicy.RetryBudget``).
 RETRY_BUDGET = fields(
     "percent",
@@ -207,9 +211,12 @@ RETRY_BUDGET = fields(
 )
 #: A ``portLevelSettings`` entry (Istio's ``PortTrafficPolicy``).
 PORT_TRAFFIC_POLICY = fields("port", "loadBalancer", "connectionPool", "outlierDetection", "tls")
-#: A ``portLevelSettings`` entry translated from xDS: :data:`~.models.PORT_RETRY_BUDGET` too.
+#: A ``portLevelSettings`` entry translated from xDS: :data:`~.models.PORT_RETRY_BUDGET` and
+#: :data:`~.models.PORT_PROXY_PROTOCOL` too.
 PORT_TRAFFIC_POLICY_XDS = Fields(
-    PORT_TRAFFIC_POLICY.honoured | {"xds.metaprotocol.io/retryBudget"}, {}
+    PORT_TRAFFIC_POLICY.honoured
+    | {"xds.metaprotocol.io/retryBudget", "xds.metaprotocol.io/proxyProtocol"},
+    {},
 )
 TLS = fields(
     "mode",

@@ -55,6 +55,7 @@ from .durations import parse_duration
 from .models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
+    PORT_PROXY_PROTOCOL,
     PORT_RETRY_BUDGET,
     RETRY_ON,
     TLS_MODE_LABEL,
@@ -87,6 +88,7 @@ from .models import (
     PeerMode,
     PolicyScope,
     Protocol,
+    ProxyProtocol,
     ProxySettings,
     RateLimitCondition,
     RateLimitDescriptor,
@@ -1058,7 +1060,26 @@ def _traffic_policy(
         _outlier_detection(doc, policy, path),
         _upstream_tls(doc, policy, path, identity),
         _retry_budget(doc, policy, path),
+        _proxy_protocol(doc, policy, path),
     )
+
+
+def _proxy_protocol(
+    doc: _Doc, policy: Mapping[str, Any], path: str, key: str = "proxyProtocol"
+) -> ProxyProtocol | None:
+    """``proxyProtocol``: ``version`` ``V1`` (Istio's default, also when unset) or ``V2``."""
+    raw = _group(doc, policy, key, path)
+    if raw is None:
+        return None
+    path = f"{path}.{key}"
+    doc.check(raw, path, schema.PROXY_PROTOCOL)
+    version = raw.get("version")
+    if version is None:
+        return ProxyProtocol()
+    if version not in schema.PROXY_PROTOCOL_VERSIONS:
+        names = " or ".join(schema.PROXY_PROTOCOL_VERSIONS)
+        doc.fail(f"{path}.version", f"must be {names}, got {version!r:.80}")
+    return ProxyProtocol(int(version[1:]))
 
 
 def _retry_budget(
@@ -1586,11 +1607,15 @@ def _port_settings(
         port_policy = _traffic_policy(doc, raw, entry, identity, table)
         # Port settings have no retryBudget in Istio: istiod's merge drops the rule's for the
         # rule's, and gives a subset's the rule's for the port (not the subset's own).
+        # The same for proxyProtocol (Istio's GetPortLevelTrafficPolicy and mergeTrafficPolicy).
+        merged = None if own is None else (rule_ports or {}).get(number, top)
         if xds:
             budget = _retry_budget(doc, raw, entry, PORT_RETRY_BUDGET)
+            header = _proxy_protocol(doc, raw, entry, PORT_PROXY_PROTOCOL)
         else:
-            budget = None if own is None else (rule_ports or {}).get(number, top).retry_budget
-        out[number] = dataclasses.replace(port_policy, retry_budget=budget)
+            budget = None if merged is None else merged.retry_budget
+            header = None if merged is None else merged.proxy_protocol
+        out[number] = dataclasses.replace(port_policy, retry_budget=budget, proxy_protocol=header)
         where[number] = entry
         if number not in service.ports:
             doc.caution(
@@ -1620,6 +1645,14 @@ def _port_settings(
                 entry,
                 f"traffic to port {number} has {has}, not this trafficPolicy's: port settings "
                 "have none, and replace it (as in Istio)",
+            )
+        replaced_header = (top if own is None else own).proxy_protocol
+        if replaced_header is not None and header != replaced_header:
+            has = "no PROXY protocol header" if header is None else "the rule's proxyProtocol"
+            doc.caution(
+                entry,
+                f"traffic to port {number} has {has}, not this trafficPolicy's: port settings "
+                "have no proxyProtocol, and replace it (as in Istio)",
             )
     return out
 

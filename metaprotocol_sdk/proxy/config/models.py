@@ -108,6 +108,9 @@ MAXIMUM_RING_SIZE = "xds.metaprotocol.io/maximumRingSize"
 #: The key of a translated ``portLevelSettings`` entry holding its cluster's retry budget
 #: (Istio's port settings have no ``retryBudget``): read from the control plane only.
 PORT_RETRY_BUDGET = "xds.metaprotocol.io/retryBudget"
+#: The key of a translated ``portLevelSettings`` entry holding its cluster's PROXY protocol
+#: version (Istio's port settings have no ``proxyProtocol``): read from the control plane only.
+PORT_PROXY_PROTOCOL = "xds.metaprotocol.io/proxyProtocol"
 
 
 def tls_mode_label(port: int, subset: str | None) -> str:
@@ -312,6 +315,22 @@ class RetryBudget:
 
 
 @dataclass(frozen=True)
+class ProxyProtocol:
+    """Istio's ``trafficPolicy.proxyProtocol``, Envoy's ``upstream_proxy_protocol`` transport
+    socket: each upstream connection starts with a PROXY protocol header naming the client
+    it carries (see proxy_protocol.py), so a client's requests never share a connection
+    with another client's."""
+
+    #: 1 (the text header, Istio's default ``V1``) or 2 (the binary one, ``V2``).
+    version: int = 1
+
+    @property
+    def name(self) -> str:
+        """Istio's name of the version: ``V1`` or ``V2``."""
+        return f"V{self.version}"
+
+
+@dataclass(frozen=True)
 class OutlierDetection:
     """Istio's ``trafficPolicy.outlierDetection`` (consecutive-error detection).
 
@@ -459,6 +478,9 @@ class TrafficPolicy:
     #: ``retryBudget``; port settings, which cannot set one, hold the one istiod gives them
     #: (see :class:`Subset`).
     retry_budget: RetryBudget | None = None
+    #: ``proxyProtocol``; port settings, which cannot set one, hold the one istiod gives
+    #: them (as ``retry_budget``).
+    proxy_protocol: ProxyProtocol | None = None
 
     def over(self, base: TrafficPolicy) -> TrafficPolicy:
         """Each group this policy sets (even to nothing), else ``base``'s (Istio's
@@ -469,6 +491,7 @@ class TrafficPolicy:
             base.outlier_detection if self.outlier_detection is None else self.outlier_detection,
             base.tls if self.tls is None else self.tls,
             base.retry_budget if self.retry_budget is None else self.retry_budget,
+            base.proxy_protocol if self.proxy_protocol is None else self.proxy_protocol,
         )
 
     def applied(self) -> TrafficPolicy:
@@ -481,6 +504,7 @@ class TrafficPolicy:
             None if outlier is None or outlier.inert else outlier,
             tls if tls is not None and tls.enabled else None,
             self.retry_budget,
+            self.proxy_protocol,
         )
 
 
@@ -491,9 +515,10 @@ class Subset:
     ``policy`` is the subset's ``trafficPolicy`` over the rule's; ``own`` the subset's alone
     and ``ports`` its ``portLevelSettings`` (see :meth:`DestinationRule.policy_for`).
 
-    Port settings cannot set a ``retryBudget``; the loader gives them the one istiod's merge
-    does: none for the rule's, the rule's for the port for a subset's (not the subset's
-    own). From xDS, each has its cluster's (``xds.metaprotocol.io/retryBudget``).
+    Port settings cannot set a ``retryBudget`` or a ``proxyProtocol``; the loader gives them
+    the ones istiod's merge does: none for the rule's, the rule's for the port for a
+    subset's (not the subset's own). From xDS, each has its cluster's
+    (``xds.metaprotocol.io/retryBudget``, ``xds.metaprotocol.io/proxyProtocol``).
     """
 
     name: str
@@ -522,7 +547,8 @@ class DestinationRule:
         its default, not the overridden policy's. Most specific first: the subset's settings
         for the port; else the subset's ``trafficPolicy``, group by group, over the rule's
         settings for the port, else over the rule's ``trafficPolicy``.
-        A port's settings hold the ``retryBudget`` istiod gives them (see :class:`Subset`).
+        A port's settings hold the ``retryBudget`` and ``proxyProtocol`` istiod gives them
+        (see :class:`Subset`).
         """
         if subset is None:
             return self.ports.get(port, self.policy)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.transport_sockets.proxy_protocol.v3 import upstream_proxy_protocol_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.duration_pb2 import Duration
@@ -38,6 +39,7 @@ from ..config.loader import MAX_NAME_LENGTH, PORT_PREFIX, build_config
 from ..config.models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
+    PORT_PROXY_PROTOCOL,
     PORT_RETRY_BUDGET,
     Config,
     RetryBudget,
@@ -130,6 +132,10 @@ IGNORED: dict[str, dict[str, str]] = {
         "envoy.transport_socket_match is read: it selects among transport_socket_matches)",
     },
     "TransportSocketMatch": {"name": "a name for Envoy's statistics"},
+    "ProxyProtocolConfig": {
+        "pass_through_tlvs": "the TLVs of the client's own PROXY protocol header: the engine "
+        "reads none from its clients, so there are none to pass (as in Envoy without one)",
+    },
     "Endpoint": {
         "hostname": "the address is connected to",
         "health_check_config": "no health checks; outlier detection ejects failing endpoints",
@@ -1260,17 +1266,26 @@ _AUTO_SHAPE = (
 )
 
 
-def _transport_socket(res: str, c: Any, identity: bool = False) -> _Tls | None:
+def _transport_socket(
+    res: str, c: Any, identity: bool = False, headers: list[str | None] | None = None
+) -> _Tls | None:
     """A cluster's ``transport_socket`` as a DestinationRule ``tls`` block (``None``: plain
     TCP), read the way istiod writes a DestinationRule's ``tls`` with files (SDS names
     ``file-cert:<cert>~<key>`` and ``file-root:<ca>``) and the way a control plane without
     SDS would (``tls_certificates`` and ``trusted_ca`` with file names); istio-agent's SDS
     names (``ISTIO_MUTUAL``) with the engine's workload ``identity`` (``spec.meshIdentity``).
     Its ``transport_socket_matches`` in the shape of istiod's automatic mutual TLS are an
-    ``ISTIO_MUTUAL`` block marked automatic (see :func:`_socket_matches`)."""
+    ``ISTIO_MUTUAL`` block marked automatic (see :func:`_socket_matches`).
+
+    Each socket may be wrapped in an ``upstream_proxy_protocol`` one (istiod's
+    ``proxyProtocol``): ``headers`` gets the version of each socket read (``None``: not
+    wrapped), in order."""
+    headers = [] if headers is None else headers
     tls = None
     if c.HasField("transport_socket"):
-        tls = _socket(res, c.transport_socket, "transport_socket", identity)
+        inner, path, version = _unwrap(res, c.transport_socket, "transport_socket")
+        headers.append(version)
+        tls = _socket(res, inner, path, identity)
     if c.transport_socket_matches:
         if tls is not None:
             raise XdsRefused(
@@ -1279,17 +1294,75 @@ def _transport_socket(res: str, c: Any, identity: bool = False) -> _Tls | None:
                 "with a TLS transport_socket (for the endpoints no match selects): not "
                 f"supported: {_AUTO_SHAPE}, and istiod sends no transport_socket with it",
             )
-        tls = _socket_matches(res, c.transport_socket_matches)
+        tls = _socket_matches(res, c.transport_socket_matches, headers)
     return tls
 
 
-def _socket_matches(res: str, matches: Any) -> _Tls | None:
+_PROXY_PROTOCOL = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.proxy_protocol.v3."
+    "ProxyProtocolUpstreamTransport"
+)
+_PROXY_PROTOCOL_NAME = "envoy.transport_sockets.upstream_proxy_protocol"
+
+
+def _unwrap(res: str, ts: Any, path: str) -> tuple[Any, str, str | None]:
+    """A ``TransportSocket`` without its ``upstream_proxy_protocol`` wrapper (istiod's
+    ``applyUpstreamProxyProtocol``): the socket it wraps, that socket's path, and the
+    header's version, ``V1`` or ``V2`` (``None``: ``ts`` is not wrapped). Only the version
+    is read: TLVs to add, and any other field, are refused."""
+    url = ts.typed_config.type_url if ts.HasField("typed_config") else ""
+    if url != _PROXY_PROTOCOL:
+        if not url and ts.name == _PROXY_PROTOCOL_NAME:
+            raise XdsRefused(res, path, "the upstream_proxy_protocol socket needs typed_config")
+        return ts, path, None
+    _check(res, ts, path, "TransportSocket", {"name", "typed_config"})
+    wrapper = upstream_proxy_protocol_pb2.ProxyProtocolUpstreamTransport()
+    path = f"{path}.typed_config"
+    try:
+        ts.typed_config.Unpack(wrapper)
+    except DecodeError as exc:
+        raise XdsRefused(res, path, f"cannot be decoded: {exc}") from None
+    honoured = {"config", "transport_socket"}
+    _check(res, wrapper, path, "ProxyProtocolUpstreamTransport", honoured)
+    for message, where in ((wrapper, path), (wrapper.config, f"{path}.config")):
+        for unknown in UnknownFieldSet(message):
+            raise XdsRefused(
+                res, where, f"has field {unknown.field_number}, unknown to this engine"
+            )
+    _check(res, wrapper.config, f"{path}.config", "ProxyProtocolConfig", {"version"})
+    if not wrapper.HasField("transport_socket"):
+        raise XdsRefused(res, f"{path}.transport_socket", "required (as in Envoy)")
+    inner = wrapper.transport_socket
+    if inner.HasField("typed_config") and inner.typed_config.type_url == _PROXY_PROTOCOL:
+        raise XdsRefused(res, f"{path}.transport_socket", "a PROXY protocol header is written once")
+    return inner, f"{path}.transport_socket", "V2" if wrapper.config.version == 1 else "V1"
+
+
+def _header_version(res: str, headers: list[str | None]) -> str | None:
+    """The one PROXY protocol version of a cluster's sockets (``None``: none is wrapped);
+    sockets that disagree (some endpoints with a header, some without, or another version)
+    are refused: the engine writes one header, or none, for every endpoint of a cluster."""
+    if len(set(headers)) > 1:
+        raise XdsRefused(
+            res,
+            "transport_socket_matches",
+            "not every transport socket has the same upstream_proxy_protocol wrapper "
+            f"({', '.join(sorted(str(h) for h in set(headers)))}): the engine writes one "
+            "PROXY protocol header, or none, to every endpoint of a cluster (istiod wraps "
+            "every socket alike)",
+        )
+    return headers[0] if headers else None
+
+
+def _socket_matches(res: str, matches: Any, headers: list[str | None] | None = None) -> _Tls | None:
     """istiod's automatic mutual TLS (``applyUpstreamTLSSettings``): a match ``{tlsMode:
     istio}`` with its ``ISTIO_MUTUAL`` socket for endpoints with a sidecar, then
     ``tlsMode-disabled``, ``{}`` with ``raw_buffer``, for the others. Read as that socket's
     ``ISTIO_MUTUAL`` block marked automatic (the endpoints' ``tlsMode`` choose), or ``None``
     when no endpoint gets TLS (only raw_buffer). Every other shape is refused: Envoy would
-    choose per endpoint among sockets this engine does not choose among."""
+    choose per endpoint among sockets this engine does not choose among. ``headers`` gets
+    each match's PROXY protocol version (see :func:`_unwrap`)."""
+    headers = [] if headers is None else headers
     tls: _Tls | None = None
     seen_istio = False
     for i, m in enumerate(matches):
@@ -1297,16 +1370,18 @@ def _socket_matches(res: str, matches: Any) -> _Tls | None:
         _check(res, m, path, "TransportSocketMatch", {"match", "transport_socket"})
         if not m.HasField("transport_socket"):
             raise XdsRefused(res, f"{path}.transport_socket", "required (as in Envoy)")
+        inner, spath, version = _unwrap(res, m.transport_socket, f"{path}.transport_socket")
+        headers.append(version)
         fields = {k: v for k, v in m.match.fields.items()}
         if i and not dict(matches[i - 1].match.fields):
             raise XdsRefused(
                 res, path, f"follows a match of every endpoint, so none reaches it: {_AUTO_SHAPE}"
             )
         if not fields:  # every endpoint (not selected before): plain TCP only
-            if _socket(res, m.transport_socket, f"{path}.transport_socket", True) is not None:
+            if _socket(res, inner, spath, True) is not None:
                 raise XdsRefused(
                     res,
-                    f"{path}.transport_socket",
+                    spath,
                     f"TLS to every endpoint in a match of every endpoint is not supported: "
                     f"{_AUTO_SHAPE} (a transport_socket gives TLS to every endpoint)",
                 )
@@ -1337,9 +1412,8 @@ def _socket_matches(res: str, matches: Any) -> _Tls | None:
                 f"not supported by this engine: {shown}{why}; only {_AUTO_SHAPE}",
             )
         seen_istio = True
-        spath = f"{path}.transport_socket"
         # Validated as ISTIO_MUTUAL even without an identity: then served as plain TCP.
-        found = _socket(res, m.transport_socket, spath, True)
+        found = _socket(res, inner, spath, True)
         if found is None:
             continue  # raw_buffer for the sidecars too: plain TCP to every endpoint
         if found.doc.get("mode") != "ISTIO_MUTUAL":
@@ -1633,9 +1707,13 @@ def _host_port(
     configured, for ``ISTIO_MUTUAL``)."""
     res = f"CDS {name}"
     policy, hashing = _cluster_policy(res, c)
-    tls = _transport_socket(res, c, identity)
+    headers: list[str | None] = []
+    tls = _transport_socket(res, c, identity, headers)
     if tls is not None:
         policy["tls"] = tls.doc
+    version = _header_version(res, headers)
+    if version is not None:
+        policy["proxyProtocol"] = {"version": version}
     kind = c.WhichOneof("cluster_discovery_type")
     if kind == "cluster_type":
         raise XdsRefused(res, "cluster_type", "custom cluster types are not supported")
@@ -2000,9 +2078,11 @@ def _sets(policy: Mapping[str, Any], group: str) -> bool:
     return value is not None and not _inert(group, value)
 
 
-#: The groups compared: those and ``retryBudget`` (which port settings carry under
-#: ``PORT_RETRY_BUDGET``: in Istio they have none).
-_COMPARED = (*_GROUPS, "retryBudget")
+#: What port settings carry under keys of their own (in Istio they have none): each
+#: ``trafficPolicy`` field and its key.
+_PORT_KEYS = {"retryBudget": PORT_RETRY_BUDGET, "proxyProtocol": PORT_PROXY_PROTOCOL}
+#: The groups compared: those and the fields of ``_PORT_KEYS``.
+_COMPARED = (*_GROUPS, *_PORT_KEYS)
 
 
 def _effective(policy: Mapping[str, Any]) -> dict[str, Any]:
@@ -2040,9 +2120,10 @@ def _port_entry(
     ``replaced`` whole, so a group ``replaced`` sets and ``policy`` does not is written as
     its default."""
     entry: dict[str, Any] = {"port": {"number": port}, **policy}
-    budget = entry.pop("retryBudget", None)
-    if budget is not None:  # exactly the cluster's (Istio's port settings have none)
-        entry[PORT_RETRY_BUDGET] = budget
+    for name, key in _PORT_KEYS.items():
+        value = entry.pop(name, None)
+        if value is not None:  # exactly the cluster's (Istio's port settings have none)
+            entry[key] = value
     for group in _GROUPS:
         if group not in policy and _sets(replaced, group):
             entry[group] = dict(_DEFAULTS[group])
