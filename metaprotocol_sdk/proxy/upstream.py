@@ -586,7 +586,7 @@ class Cluster:
         budget freed elsewhere) is theirs, oldest first, not the next request's (a mirror's
         copy, ``reclaim`` off, lets them be: the copies of what is admitted would admit more,
         in a recursion as deep as the requests waiting)."""
-        if reclaim and host.waiting and self.stream_cap:
+        if self.stream_cap and host.waiting and reclaim:
             self.admit(host)
         conns = host.conns
         if len(conns) < self.engine.connections_per_endpoint:
