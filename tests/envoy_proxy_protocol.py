@@ -96,6 +96,8 @@ def envoy(tmp_path: Path, upstream_port: int, tls: str = "") -> Iterator[tuple[i
         [
             *(str(ENVOY), "-c", str(config), "--disable-hot-restart", "--concurrency", "1"),
             *("--admin-address-path", str(admin_file), "-l", "warning"),
+            # The access log is flushed every 10 s by default: each test waited for that.
+            *("--file-flush-interval-msec", "20"),
         ],
         stdout=out,
         stderr=subprocess.STDOUT,

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import pytest
 import uvloop
 
 from metaprotocol_sdk import CodecError, MessageType, Metadata, MutationError
@@ -701,9 +702,14 @@ def wire_fakes(engine: Engine) -> tuple[Any, FakeTransport, Any, FakeTransport]:
 def count_calls(monkeypatch: Any, name: str) -> list[object]:
     """Record each call of ``metaprotocol_sdk.proxy.balancer.<name>`` (``monkeypatch``:
     pytest's fixture; the list is the caller's to clear): a rebuild that must hash nothing
-    is checked by what it calls, not by how long it takes."""
+    is checked by what it calls, not by how long it takes. Skips the test where the balancer
+    module is compiled (mypyc): its callers there do not see the patch, and the test could
+    not fail."""
+    from metaprotocol_sdk.compilation import compiled
     from metaprotocol_sdk.proxy import balancer
 
+    if balancer.__name__ in compiled():
+        pytest.skip("counts calls by monkeypatching, which compiled callers do not see")
     calls: list[object] = []
     original = getattr(balancer, name)
 
