@@ -163,8 +163,12 @@ async def buggy_engine(
     loop's exception handler was never called (a traceback in the log, otherwise)."""
     errors = record_loop_errors()
     up = await server.start()
+    # A client that half-closes leaves its streams timeouts.drain to end (10 s by default,
+    # which two tests waited for in settled()).
+    drain = "timeouts: {drain: 200ms}\n"
     try:
-        async with engine_for(mesh([(up.port, "v1")], router=router, codec=CODEC)) as engine:
+        text = mesh([(up.port, "v1")], router=router, codec=CODEC, proxy=drain)
+        async with engine_for(text) as engine:
             yield engine, up
             await settled(engine)
     finally:
