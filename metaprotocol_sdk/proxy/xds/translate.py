@@ -16,7 +16,7 @@ import copy
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.proxy_protocol.v3 import upstream_proxy_protocol_pb2
@@ -315,6 +315,20 @@ def _retry_budget(res: str, budget: Any, path: str) -> dict[str, Any]:
             else default.min_retry_concurrency
         ),
     }
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _unpack(resource: str, packed: Any, into: _M, path: str) -> _M:
+    """``packed`` (a protobuf ``Any``) unpacked into ``into``; refused, naming ``path``, when
+    it holds another type or cannot be decoded."""
+    try:
+        if not packed.Unpack(into):
+            raise DecodeError(f"not a {into.DESCRIPTOR.name}")
+    except DecodeError as exc:
+        raise XdsRefused(resource, path, f"cannot be decoded: {exc}") from None
+    return into
 
 
 def _check(resource: str, msg: Message, path: str, kind: str, honoured: set[str]) -> None:
@@ -769,12 +783,12 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
         kpath = f"typed_extension_protocol_options[{key!r}]"
         if key != _HTTP_OPTIONS:
             raise XdsRefused(res, kpath, "not supported by this engine (only HttpProtocolOptions)")
-        options = http_protocol_options_pb2.HttpProtocolOptions()
-        try:
-            if not c.typed_extension_protocol_options[key].Unpack(options):
-                raise DecodeError("not an HttpProtocolOptions")
-        except DecodeError as exc:
-            raise XdsRefused(res, kpath, f"cannot be decoded: {exc}") from None
+        options = _unpack(
+            res,
+            c.typed_extension_protocol_options[key],
+            http_protocol_options_pb2.HttpProtocolOptions(),
+            kpath,
+        )
         _check(
             res,
             options,
@@ -1316,12 +1330,10 @@ def _unwrap(res: str, ts: Any, path: str) -> tuple[Any, str, str | None]:
             raise XdsRefused(res, path, "the upstream_proxy_protocol socket needs typed_config")
         return ts, path, None
     _check(res, ts, path, "TransportSocket", {"name", "typed_config"})
-    wrapper = upstream_proxy_protocol_pb2.ProxyProtocolUpstreamTransport()
     path = f"{path}.typed_config"
-    try:
-        ts.typed_config.Unpack(wrapper)
-    except DecodeError as exc:
-        raise XdsRefused(res, path, f"cannot be decoded: {exc}") from None
+    wrapper = _unpack(
+        res, ts.typed_config, upstream_proxy_protocol_pb2.ProxyProtocolUpstreamTransport(), path
+    )
     honoured = {"config", "transport_socket"}
     _check(res, wrapper, path, "ProxyProtocolUpstreamTransport", honoured)
     for message, where in ((wrapper, path), (wrapper.config, f"{path}.config")):
@@ -1442,12 +1454,8 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
             f"transport socket {url.rsplit('/', 1)[-1] or ts.name!r} is not supported "
             "(UpstreamTlsContext or RawBuffer)",
         )
-    ctx = tls_pb2.UpstreamTlsContext()
     path = f"{path}.typed_config"
-    try:
-        ts.typed_config.Unpack(ctx)
-    except DecodeError as exc:
-        raise XdsRefused(res, path, f"cannot be decoded: {exc}") from None
+    ctx = _unpack(res, ts.typed_config, tls_pb2.UpstreamTlsContext(), path)
     _check_tls(res, ctx, path, "UpstreamTlsContext", {"common_tls_context", "sni"})
     if "default" in _istio_names(ctx.common_tls_context):
         return _istio_mutual(res, ctx, path, identity)
