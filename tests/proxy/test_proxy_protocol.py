@@ -537,7 +537,7 @@ def test_port_settings_have_no_header_of_their_own_as_in_istio(
     with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):
         rule = _rule("{proxyProtocol: {version: V2}, portLevelSettings: [" + PORT_ENTRY + "]}")
     assert rule.policy_for(9000).proxy_protocol is None
-    assert "traffic to port 9000 has no PROXY protocol header" in caplog.text
+    assert "traffic to port 9000 has no proxyProtocol" in caplog.text
     caplog.clear()
     subset = "{proxyProtocol: {version: V2}, portLevelSettings: [" + PORT_ENTRY + "]}"
     with caplog.at_level(logging.WARNING, logger="metaprotocol.config"):

@@ -1638,22 +1638,19 @@ def _port_settings(
                 "not the trafficPolicy's (a port's settings replace the policy whole, as in "
                 "Istio; repeat a group here to keep it)",
             )
-        replaced = (top if own is None else own).retry_budget
-        if replaced is not None and budget != replaced:
-            has = "no retryBudget" if budget is None else "the rule's retryBudget"
-            doc.caution(
-                entry,
-                f"traffic to port {number} has {has}, not this trafficPolicy's: port settings "
-                "have none, and replace it (as in Istio)",
-            )
-        replaced_header = (top if own is None else own).proxy_protocol
-        if replaced_header is not None and header != replaced_header:
-            has = "no PROXY protocol header" if header is None else "the rule's proxyProtocol"
-            doc.caution(
-                entry,
-                f"traffic to port {number} has {has}, not this trafficPolicy's: port settings "
-                "have no proxyProtocol, and replace it (as in Istio)",
-            )
+        # The fields Istio's port settings lack: the port's value replaces this policy's.
+        policy_here = top if own is None else own
+        for field, value, replaced in (
+            ("retryBudget", budget, policy_here.retry_budget),
+            ("proxyProtocol", header, policy_here.proxy_protocol),
+        ):
+            if replaced is not None and value != replaced:
+                has = f"no {field}" if value is None else f"the rule's {field}"
+                doc.caution(
+                    entry,
+                    f"traffic to port {number} has {has}, not this trafficPolicy's: port "
+                    f"settings have no {field}, and replace it (as in Istio)",
+                )
     return out
 
 
