@@ -66,7 +66,8 @@ def blocks() -> list[str]:
 
 
 def test_the_page_has_its_yaml_blocks() -> None:
-    # Configure it, rate limit, fault, mirror, retries, connection pool, outlier detection.
+    # Configure it, local and global rate limit, fault, mirror, retries, outlier detection
+    # (the connection pool's are on docs/connection-pool.md).
     assert len(blocks()) >= 7
 
 
@@ -121,7 +122,8 @@ def test_the_python_examples_on_the_page_pass() -> None:
 
 
 def test_the_page_names_every_policy_field_the_loader_knows() -> None:
-    # A field added to (or refused by) the loader's tables must be described on the page.
+    # A field added to (or refused by) the loader's tables must be described on the page
+    # (connectionPool's on docs/connection-pool.md: tests/proxy/test_connection_pool_page.py).
     from metaprotocol_sdk.proxy.config import fields as f
 
     text = PAGE.read_text("utf-8")
@@ -130,7 +132,6 @@ def test_the_page_names_every_policy_field_the_loader_knows() -> None:
         "globalRateLimit": (f.GLOBAL_RATE_LIMIT, f.RATE_LIMIT_DESCRIPTOR),
         "fault": (f.FAULT, f.DELAY, f.ABORT),
         "retries": (f.RETRIES,),
-        "connectionPool": (f.TCP_POOL, f.HTTP_POOL, f.TCP_KEEPALIVE),
         "outlierDetection": (f.OUTLIER_DETECTION,),
         "listener": (f.LISTENER, f.FILTER),
     }
