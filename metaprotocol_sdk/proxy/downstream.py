@@ -999,10 +999,19 @@ class Downstream(asyncio.Protocol):
         return request
 
     def send_queued(self, q: Queued, conn: UpstreamConnection) -> None:
-        """Send ``q`` on ``conn``, which has room now (or answer it: its client left)."""
+        """Send ``q`` on ``conn``, which has room now (or answer it: its client left, or
+        ``http2MaxRequests`` is reached now: ``OverLimit``, as Envoy fails a pending request
+        it attaches to a connection then; kept waiting, it might wait for nothing, the
+        requests in flight being another endpoint's)."""
         request = self._unqueue(q)
         if self.closed:
             self._unanswered(request, q.route, q.target, monotonic() - q.started, conn.host)
+            return
+        cluster = conn.cluster
+        if cluster.request_limits and (why := cluster.over_max_requests()) is not None:
+            host = conn.host
+            self.local_reply(request, ErrorType.OverLimit, why, q.route, q.target, q.started, host)
+            self.close_if_done()
             return
         q.conn = conn
         self._dispatch(request, q.route, q.mutation, q.tries, q.started, None, q)

@@ -458,12 +458,22 @@ class Cluster:
         """Which request limit of ``connectionPool`` a new request to ``host`` would break."""
         pool = self.pool
         assert pool is not None
-        max_requests = pool.max_requests
-        if max_requests is not None and sum(h.active for h in self.hosts) >= max_requests:
-            return self.overflow("http2MaxRequests")
+        if pool.max_requests is not None and (why := self.over_max_requests()) is not None:
+            return why
         limit = pool.max_pending_requests
         if limit is not None and self.queued + self.opening_requests >= limit:
             return self.overflow("http1MaxPendingRequests")
+        return None
+
+    def over_max_requests(self) -> str | None:
+        """``http2MaxRequests`` reached (the requests in flight to the cluster's endpoints):
+        the overflow's message, counted; ``None``: below it, or no such limit. Checked for a
+        new request, and for one that waited for room as it is sent, as Envoy checks
+        ``max_requests`` when it attaches a pending request to a connection."""
+        pool = self.pool
+        limit = None if pool is None else pool.max_requests
+        if limit is not None and sum(h.active for h in self.hosts) >= limit:
+            return self.overflow("http2MaxRequests")
         return None
 
     def queue_for(self, conn: UpstreamConnection) -> Queue:

@@ -403,3 +403,56 @@ def test_each_waiting_request_refused_a_connection_counts_as_an_overflow() -> No
         await b.close()
 
     run(main())
+
+
+def test_requests_that_waited_for_room_are_held_to_http2_max_requests_when_sent() -> None:
+    """Streams 2, ``http2MaxRequests: 3``, an upstream connection budget of two, spent on a
+    connection to each of two endpoints (two subsets). The second endpoint's is idle: with
+    two requests in flight, below the limit, three more wait for the first endpoint. The
+    idle connection closes and a reply makes room: the oldest waiting request takes it, the
+    next opens a connection, and the third would be the fourth in flight. Envoy checks
+    ``max_requests`` as it attaches a pending request to a connection, and fails it as an
+    overflow; before, it was sent, and the upstream had four."""
+    router = """\
+- name: b
+  match: {attributes: {method: {exact: tob}}}
+  route: [{destination: {host: svc.test, subset: v2}}]
+  timeout: 5s
+- name: a
+  route: [{destination: {host: svc.test, subset: v1}}]
+  timeout: 5s
+"""
+
+    async def main() -> None:
+        a, b = await Holding("a").start(), await Holding("b").start()
+        pool = policy("maxConcurrentStreams: 2, http2MaxRequests: 3")
+        proxy = "limits: {maxUpstreamConnections: 2}\n"
+        text = mesh([(a.port, "v1"), (b.port, "v2")], router, pool, proxy=proxy)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            b0 = c.start("tob", {"n": "b0"})
+            await b.wait_received(1)
+            b.answer()
+            assert error_type(await asyncio.wait_for(b0, 5)) is None  # b's connection: idle
+            replies = [c.start("get", {"n": f"a{i}"}) for i in range(5)]
+            await a.wait_received(2)
+            await until(lambda: engine.stats.total(WAITING) == 3, "three waiting")
+            for conn in list(b.connections):  # b's connection closes: room for one more
+                assert conn.transport is not None
+                conn.transport.close()
+            await until(lambda: len(engine.upstreams) == 1, "b's connection closed")
+            a.answer(1)  # a0: a2 takes its place, a3 opens a connection, a4 is one too many
+            refused = await asyncio.wait_for(replies[4], 5)
+            assert error_type(refused) == "OverLimit"
+            assert "http2MaxRequests" in refused.attributes["error-message"]
+            await a.wait_received(4)
+            assert len(a.held) == 3, a.order
+            a.answer()
+            answers = await asyncio.wait_for(gather(*replies[:4]), 5)
+            assert [error_type(r) for r in answers] == [None] * 4
+            assert (engine.stats.total(WAITING), engine.pending) == (0, 0)
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
