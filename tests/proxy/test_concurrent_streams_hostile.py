@@ -4,6 +4,7 @@ hostile clients, upstreams and configurations, over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import socket
 import sys
@@ -454,5 +455,127 @@ def test_requests_that_waited_for_room_are_held_to_http2_max_requests_when_sent(
             c.close()
         await a.close()
         await b.close()
+
+    run(main())
+
+
+def test_a_mirror_s_copy_never_waits_for_room() -> None:
+    """Streams 1 and one connection to the mirror, whose upstream holds its replies: the
+    first copy takes the connection, and the next ones, finding it full, are dropped
+    (counted ``Dropped``), never sent past the limit nor kept waiting."""
+    router = """\
+- name: mirrored
+  route: [{destination: {host: svc.test, subset: v1}}]
+  mirror: {host: svc.test, subset: v2}
+  timeout: 5s
+"""
+
+    async def main() -> None:
+        primary, mirror = await Upstream("primary").start(), await Holding("mirror").start()
+        pool = policy("maxConcurrentStreams: 1", "maxConnections: 1")
+        text = mesh([(primary.port, "v1"), (mirror.port, "v2")], router, pool)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(3):
+                assert error_type(await c.call("get")) is None
+            await mirror.wait_received(1)
+            name = "metaprotocol_mirror_total"
+            assert engine.stats.total(name, status="Dropped") == 2
+            assert (len(mirror.received), mirror.peak, engine.stats.total(WAITING)) == (1, 1, 0)
+            mirror.answer()
+            await until(lambda: engine.mirror_sink.inflight == 0, "the copy answered")
+            c.close()
+        await primary.close()
+        await mirror.close()
+
+    run(main())
+
+
+def test_requests_waiting_on_a_client_s_own_connection_that_is_lost_go_on_a_new_one() -> None:
+    """Streams 1 on a client's own connection: one request in flight, one waiting. The
+    upstream resets the connection: the first is answered ``UpstreamReset``, and the one
+    that waited goes on the client's next connection (it was left on the lost one's queue,
+    to time out)."""
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        text = mesh([(up.port, "v1")], ROUTER, policy("maxConcurrentStreams: 1"), **NO_REWRITE)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            first, waited = send(c, 2)
+            await up.wait_received(1)
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            for conn in list(up.connections):
+                assert conn.transport is not None
+                conn.transport.abort()
+            assert error_type(await asyncio.wait_for(first, 5)) == "UpstreamReset"
+            await up.wait_received(2)
+            up.answer()
+            assert (await asyncio.wait_for(waited, 5)).attributes["n"] == "1"
+            assert (up.accepted, engine.stats.total(WAITING)) == (2, 0)
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_connection_whose_every_id_a_timed_out_request_holds_is_replaced() -> None:
+    """Three ids (two requests per connection), one connection: both requests on it time
+    out and keep their ids (their late replies may come). A request waiting for room goes
+    on a fresh connection: the full one retired, and closed, as nothing live is on it. It
+    waited for the ids' late replies, and timed out."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        pool = policy("maxConcurrentStreams: 2", "maxConnections: 1")
+        text = mesh([(up.port, "v1")], HANG + ROUTER, pool, codec=f"{__name__}:ThreeIdKV")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            hung = [c.start("hang"), c.start("hang")]
+            await up.wait_received(2)
+            waited = c.start("get")
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            answers = await asyncio.wait_for(gather(*hung), 5)
+            assert [error_type(a) for a in answers] == ["Timeout"] * 2
+            assert error_type(await asyncio.wait_for(waited, 5)) is None
+            assert up.accepted == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+class ThreeIdNoPeekKV(ThreeIdKV):
+    """Three ids, and no ``peek_reply``: every reply is decoded."""
+
+    capabilities = dataclasses.replace(KVCodec.capabilities, peek_reply=False)
+
+
+@pytest.mark.parametrize("codec", ["ThreeIdKV", "ThreeIdNoPeekKV"])
+def test_a_late_reply_frees_the_place_of_its_timed_out_request(codec: str) -> None:
+    """Three ids (two requests per connection): a request times out and keeps its id; its
+    late reply comes and frees it. Another request times out: one place of two is held, so
+    the next request goes on the same connection. Checked with the reply peeked and
+    decoded (two paths). The place a late reply freed would stay counted as held, and the
+    second timeout retire the connection as if both were."""
+    first = HANG.replace("exact: hang", "exact: first")
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        text = mesh([(up.port, "v1")], first + ROUTER, codec=f"{__name__}:{codec}")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call("first", {"n": "a"})) == "Timeout"
+            unmatched = "metaprotocol_upstream_unmatched_replies_total"
+            answer_n(up, "a")  # late: dropped, its id free again
+            await until(lambda: engine.stats.total(unmatched) == 1, "the late reply")
+            assert error_type(await c.call("first", {"n": "b"})) == "Timeout"
+            third = c.start("get", {"n": "c"})
+            await up.wait_received(3)
+            answer_n(up, "c")
+            assert error_type(await asyncio.wait_for(third, 5)) is None
+            assert up.accepted == 1
+            c.close()
+        await up.close()
 
     run(main())
