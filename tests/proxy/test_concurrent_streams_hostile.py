@@ -579,3 +579,29 @@ def test_a_late_reply_frees_the_place_of_its_timed_out_request(codec: str) -> No
         await up.close()
 
     run(main())
+
+
+def test_requests_waiting_on_a_client_s_own_connection_that_retires_go_on_a_new_one() -> None:
+    """Streams 2 and three requests per connection on a client's own connection: two in
+    flight, two waiting. A reply lets the third go, which retires the connection; the fourth
+    goes on the client's next connection at once, not after the retired one's requests are
+    answered."""
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        pool = policy("maxConcurrentStreams: 2, maxRequestsPerConnection: 3")
+        async with engine_for(mesh([(up.port, "v1")], ROUTER, pool, **NO_REWRITE)) as engine:
+            c = await Client.connect(address(engine))
+            replies = send(c, 4)
+            await up.wait_received(2)
+            await until(lambda: engine.stats.total(WAITING) == 2, "two waiting")
+            up.answer(1)
+            await up.wait_received(4)  # the two held ones unanswered
+            assert (up.accepted, up.order) == (2, ["0", "1", "2", "3"])
+            up.answer()
+            answers = await asyncio.wait_for(gather(*replies), 5)
+            assert [a.attributes["n"] for a in answers] == ["0", "1", "2", "3"]
+            c.close()
+        await up.close()
+
+    run(main())
