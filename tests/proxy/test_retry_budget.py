@@ -410,3 +410,45 @@ def test_a_budget_counts_the_requests_waiting_for_room_on_a_connection() -> None
         await up.close()
 
     run(main())
+
+
+def test_a_retry_waiting_for_room_counts_among_the_retries_in_flight() -> None:
+    """``maxRetries: 1``, one request per connection, two connections, both busy and a
+    request waiting. The second connection's request fails: its retry finds the first
+    connection full and waits (the request that waited longer takes the room made). It is
+    the one retry in flight, so the first connection's request, failing next, is not
+    retried (``maxRetries`` overflow). Once the client is gone, no retry is counted in flight
+    (the count drifted with a retry that waited, up or down)."""
+
+    async def main() -> None:
+        up = await FailsWhenTold("a").start()
+        policy = (
+            "{connectionPool: {http: {maxConcurrentStreams: 1, maxRetries: 1}, "
+            "tcp: {maxConnections: 2}}}"
+        )
+        async with engine_for(budget_mesh(up, policy)) as engine:
+            (cluster,) = engine.clusters.values()
+            c = await Client.connect(address(engine))
+            first = c.start("fail", {"k": "1"})
+            first.add_done_callback(_seen)
+            second = c.start("fail", {"k": "2"})
+            second.add_done_callback(_seen)
+            await until(lambda: len(up.held) == 2, "both in flight")
+            c.start("hang", {"k": "h"}).add_done_callback(_seen)
+            waiting = "metaprotocol_upstream_requests_queued_active"
+            await until(lambda: engine.stats.total(waiting) == 1, "one waiting")
+            up.fail("2")  # its retry waits; the hanging request takes the room
+            await until(lambda: len(up.received) == 3, "the hanging request sent")
+            assert (engine.stats.total(waiting), cluster.retrying) == (1, 1)
+            up.fail("1")
+            answer = await asyncio.wait_for(first, 5)
+            assert answer.attributes["server"] == "a"  # the upstream's Error: not retried
+            assert engine.stats.total(OVERFLOWS, limit="maxRetries") == 1
+            await until(lambda: len(up.received) == 4, "the waiting retry sent")
+            assert (engine.stats.total(waiting), cluster.retrying) == (0, 1)
+            c.reset()  # the client leaves: its requests in flight are given up
+            await until(lambda: engine.pending == 0, "nothing in flight")
+            assert (cluster.retrying, cluster.queued) == (0, 0)
+        await up.close()
+
+    run(main())
