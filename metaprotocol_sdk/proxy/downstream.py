@@ -432,8 +432,7 @@ class Downstream(asyncio.Protocol):
             self._give_up_waiting()
         if self.queued:  # never sent: nothing to forget upstream
             for q in list(self.queued):
-                request = self._unqueue(q)
-                self._unanswered(request, q.route, q.target, monotonic() - q.started, None)
+                self.room_left(q)
         if self.streams:
             client_left(self)
         if self in engine.downstreams:
@@ -1035,7 +1034,8 @@ class Downstream(asyncio.Protocol):
         self.close_if_done()
 
     def room_left(self, q: Queued) -> None:
-        """``q``'s client left (or is being closed) before it had room: nobody to answer."""
+        """``q``'s client left (or is being closed) before it had room: nobody to answer
+        (reported against the endpoint it waited for, as every end of a wait is)."""
         request = self._unqueue(q)
         self._unanswered(request, q.route, q.target, monotonic() - q.started, q.conn.host)
 

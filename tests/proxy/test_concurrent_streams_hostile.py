@@ -605,3 +605,36 @@ def test_requests_waiting_on_a_client_s_own_connection_that_retires_go_on_a_new_
         await up.close()
 
     run(main())
+
+
+def test_a_waiting_request_whose_client_left_is_reported_against_its_endpoint() -> None:
+    """Istio's metrics of a request that waited for room and whose client left (``0``,
+    ``DC``) name the endpoint it waited for (``destination_version``), whichever side saw
+    the client go: the client's close, or the room made for it. The client's close
+    reported it against no endpoint (``unknown``)."""
+    from test_telemetry import istio_series, with_istio
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        pool = policy("maxConcurrentStreams: 1", "maxConnections: 1")
+        engine = with_istio(mesh([(up.port, "v1")], ROUTER, pool))
+        await engine.start()
+        try:
+            c = await Client.connect(address(engine))
+            first = c.start("get", {"n": "0"})
+            await up.wait_received(1)
+            leaving = await Client.connect(address(engine))
+            leaving.start("get", {"n": "gone"}).add_done_callback(lambda f: f.exception())
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            leaving.reset()
+            await until(lambda: engine.stats.total(WAITING) == 0, "none waiting")
+            up.answer()
+            assert error_type(await asyncio.wait_for(first, 5)) is None
+            gone = [s for s in istio_series(engine) if s["response_flags"] == "DC"]
+            assert [(s["destination_version"], s["value"]) for s in gone] == [("v1", "1")]
+            c.close()
+        finally:
+            await engine.stop()
+            await up.close()
+
+    run(main())
