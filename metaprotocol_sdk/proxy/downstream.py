@@ -432,8 +432,7 @@ class Downstream(asyncio.Protocol):
             self._give_up_waiting()
         if self.queued:  # never sent: nothing to forget upstream
             for q in list(self.queued):
-                request = self._unqueue(q)
-                self._unanswered(request, q.route, q.target, monotonic() - q.started, None)
+                self.room_left(q)
         if self.streams:
             client_left(self)
         if self in engine.downstreams:
@@ -999,10 +998,19 @@ class Downstream(asyncio.Protocol):
         return request
 
     def send_queued(self, q: Queued, conn: UpstreamConnection) -> None:
-        """Send ``q`` on ``conn``, which has room now (or answer it: its client left)."""
+        """Send ``q`` on ``conn``, which has room now (or answer it: its client left, or
+        ``http2MaxRequests`` is reached now: ``OverLimit``, as Envoy fails a pending request
+        it attaches to a connection then; kept waiting, it might wait for nothing, the
+        requests in flight being another endpoint's)."""
         request = self._unqueue(q)
         if self.closed:
             self._unanswered(request, q.route, q.target, monotonic() - q.started, conn.host)
+            return
+        cluster = conn.cluster
+        if cluster.request_limits and (why := cluster.over_max_requests()) is not None:
+            host = conn.host
+            self.local_reply(request, ErrorType.OverLimit, why, q.route, q.target, q.started, host)
+            self.close_if_done()
             return
         q.conn = conn
         self._dispatch(request, q.route, q.mutation, q.tries, q.started, None, q)
@@ -1026,7 +1034,8 @@ class Downstream(asyncio.Protocol):
         self.close_if_done()
 
     def room_left(self, q: Queued) -> None:
-        """``q``'s client left (or is being closed) before it had room: nobody to answer."""
+        """``q``'s client left (or is being closed) before it had room: nobody to answer
+        (reported against the endpoint it waited for, as every end of a wait is)."""
         request = self._unqueue(q)
         self._unanswered(request, q.route, q.target, monotonic() - q.started, q.conn.host)
 

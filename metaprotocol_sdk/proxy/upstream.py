@@ -305,15 +305,16 @@ class Cluster:
         self.request_limits = pool is not None and (
             pool.max_requests is not None or pool.max_pending_requests is not None
         )
+        #: Shared connections whose codec has no more ids than the engine may have requests
+        #: in flight (its pending requests and mirrored copies): a request that times out
+        #: (or whose client left) keeps its id until its late reply comes (see
+        #: ``UpstreamConnection.forget``), as ids come round soon.
+        ids = protocol.codec_class.max_request_id
+        self.few_ids = self.shared and ids <= engine.max_pending + engine.mirror_sink.limit
         #: Requests in flight per connection (0: not checked), see :func:`stream_cap`; and
         #: the requests waiting for room (see room.py), for ``http1MaxPendingRequests``.
-        inflight = engine.max_pending + engine.mirror_sink.limit
-        self.stream_cap = stream_cap(pool, protocol, inflight, self.shared)
+        self.stream_cap = stream_cap(pool, ids if self.few_ids else 0)
         self.queued = 0
-        #: Shared connections whose codec has no more ids than the engine may have requests
-        #: in flight: a request that times out (or whose client left) keeps its id until
-        #: its late reply comes (see ``UpstreamConnection.forget``), as ids come round soon.
-        self.few_ids = self.shared and protocol.codec_class.max_request_id <= inflight
         #: The destination service (host) and its namespace, for Istio's labels.
         self.service = name.rsplit("|", 1)[-1]
         service = engine.config.services.get(self.service)
@@ -458,12 +459,22 @@ class Cluster:
         """Which request limit of ``connectionPool`` a new request to ``host`` would break."""
         pool = self.pool
         assert pool is not None
-        max_requests = pool.max_requests
-        if max_requests is not None and sum(h.active for h in self.hosts) >= max_requests:
-            return self.overflow("http2MaxRequests")
+        if pool.max_requests is not None and (why := self.over_max_requests()) is not None:
+            return why
         limit = pool.max_pending_requests
         if limit is not None and self.queued + self.opening_requests >= limit:
             return self.overflow("http1MaxPendingRequests")
+        return None
+
+    def over_max_requests(self) -> str | None:
+        """``http2MaxRequests`` reached (the requests in flight to the cluster's endpoints):
+        the overflow's message, counted; ``None``: below it, or no such limit. Checked for a
+        new request, and for one that waited for room as it is sent, as Envoy checks
+        ``max_requests`` when it attaches a pending request to a connection."""
+        pool = self.pool
+        limit = None if pool is None else pool.max_requests
+        if limit is not None and sum(h.active for h in self.hosts) >= limit:
+            return self.overflow("http2MaxRequests")
         return None
 
     def queue_for(self, conn: UpstreamConnection) -> Queue:
@@ -681,20 +692,17 @@ class Cluster:
                 q.downstream.requeue(q)
 
 
-def stream_cap(pool: ConnectionPool | None, protocol: Protocol, inflight: int, shared: bool) -> int:
+def stream_cap(pool: ConnectionPool | None, few_ids: int) -> int:
     """Requests one upstream connection may carry at once (0: no cap to check): the pool's
-    ``maxConcurrentStreams``; on ``shared`` connections, also one less than the codec's
-    ``max_request_id`` when the engine may have that many requests in flight (``inflight``:
-    its pending requests and mirrored copies): the last id is left to one-way messages (a
-    codec of one id has none to leave: a one-way message goes on a connection with nothing
-    in flight, or one more opened, else is dropped), and a request past the ids waits for
-    room or opens a connection, as past ``maxConcurrentStreams``."""
+    ``maxConcurrentStreams``; on shared connections whose codec has few ids (``few_ids``:
+    its ``max_request_id``, 0: not so, see ``Cluster.few_ids``), also one less than those:
+    the last id is left to one-way messages (a codec of one id has none to leave: a one-way
+    message goes on a connection with nothing in flight, or one more opened, else is
+    dropped), and a request past the ids waits for room or opens a connection, as past
+    ``maxConcurrentStreams``."""
     cap = 0 if pool is None else pool.max_concurrent_streams or 0
-    codec = protocol.codec_class
-    if shared and codec.capabilities.rewrite_request_id:
-        ids = codec.max_request_id
-        if ids <= inflight:
-            cap = min(cap or ids, max(1, ids - 1))
+    if few_ids:
+        cap = min(cap or few_ids, max(1, few_ids - 1))
     return cap
 
 

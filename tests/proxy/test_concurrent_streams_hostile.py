@@ -4,6 +4,7 @@ hostile clients, upstreams and configurations, over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import socket
 import sys
@@ -401,5 +402,239 @@ def test_each_waiting_request_refused_a_connection_counts_as_an_overflow() -> No
             c.close()
         await a.close()
         await b.close()
+
+    run(main())
+
+
+def test_requests_that_waited_for_room_are_held_to_http2_max_requests_when_sent() -> None:
+    """Streams 2, ``http2MaxRequests: 3``, an upstream connection budget of two, spent on a
+    connection to each of two endpoints (two subsets). The second endpoint's is idle: with
+    two requests in flight, below the limit, three more wait for the first endpoint. The
+    idle connection closes and a reply makes room: the oldest waiting request takes it, the
+    next opens a connection, and the third would be the fourth in flight. Envoy checks
+    ``max_requests`` as it attaches a pending request to a connection, and fails it as an
+    overflow; before, it was sent, and the upstream had four."""
+    router = """\
+- name: b
+  match: {attributes: {method: {exact: tob}}}
+  route: [{destination: {host: svc.test, subset: v2}}]
+  timeout: 5s
+- name: a
+  route: [{destination: {host: svc.test, subset: v1}}]
+  timeout: 5s
+"""
+
+    async def main() -> None:
+        a, b = await Holding("a").start(), await Holding("b").start()
+        pool = policy("maxConcurrentStreams: 2, http2MaxRequests: 3")
+        proxy = "limits: {maxUpstreamConnections: 2}\n"
+        text = mesh([(a.port, "v1"), (b.port, "v2")], router, pool, proxy=proxy)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            b0 = c.start("tob", {"n": "b0"})
+            await b.wait_received(1)
+            b.answer()
+            assert error_type(await asyncio.wait_for(b0, 5)) is None  # b's connection: idle
+            replies = [c.start("get", {"n": f"a{i}"}) for i in range(5)]
+            await a.wait_received(2)
+            await until(lambda: engine.stats.total(WAITING) == 3, "three waiting")
+            for conn in list(b.connections):  # b's connection closes: room for one more
+                assert conn.transport is not None
+                conn.transport.close()
+            await until(lambda: len(engine.upstreams) == 1, "b's connection closed")
+            a.answer(1)  # a0: a2 takes its place, a3 opens a connection, a4 is one too many
+            refused = await asyncio.wait_for(replies[4], 5)
+            assert error_type(refused) == "OverLimit"
+            assert "http2MaxRequests" in refused.attributes["error-message"]
+            await a.wait_received(4)
+            assert len(a.held) == 3, a.order
+            a.answer()
+            answers = await asyncio.wait_for(gather(*replies[:4]), 5)
+            assert [error_type(r) for r in answers] == [None] * 4
+            assert (engine.stats.total(WAITING), engine.pending) == (0, 0)
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_a_mirror_s_copy_never_waits_for_room() -> None:
+    """Streams 1 and one connection to the mirror, whose upstream holds its replies: the
+    first copy takes the connection, and the next ones, finding it full, are dropped
+    (counted ``Dropped``), never sent past the limit nor kept waiting."""
+    router = """\
+- name: mirrored
+  route: [{destination: {host: svc.test, subset: v1}}]
+  mirror: {host: svc.test, subset: v2}
+  timeout: 5s
+"""
+
+    async def main() -> None:
+        primary, mirror = await Upstream("primary").start(), await Holding("mirror").start()
+        pool = policy("maxConcurrentStreams: 1", "maxConnections: 1")
+        text = mesh([(primary.port, "v1"), (mirror.port, "v2")], router, pool)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            for _ in range(3):
+                assert error_type(await c.call("get")) is None
+            await mirror.wait_received(1)
+            name = "metaprotocol_mirror_total"
+            assert engine.stats.total(name, status="Dropped") == 2
+            assert (len(mirror.received), mirror.peak, engine.stats.total(WAITING)) == (1, 1, 0)
+            mirror.answer()
+            await until(lambda: engine.mirror_sink.inflight == 0, "the copy answered")
+            c.close()
+        await primary.close()
+        await mirror.close()
+
+    run(main())
+
+
+def test_requests_waiting_on_a_client_s_own_connection_that_is_lost_go_on_a_new_one() -> None:
+    """Streams 1 on a client's own connection: one request in flight, one waiting. The
+    upstream resets the connection: the first is answered ``UpstreamReset``, and the one
+    that waited goes on the client's next connection (it was left on the lost one's queue,
+    to time out)."""
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        text = mesh([(up.port, "v1")], ROUTER, policy("maxConcurrentStreams: 1"), **NO_REWRITE)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            first, waited = send(c, 2)
+            await up.wait_received(1)
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            for conn in list(up.connections):
+                assert conn.transport is not None
+                conn.transport.abort()
+            assert error_type(await asyncio.wait_for(first, 5)) == "UpstreamReset"
+            await up.wait_received(2)
+            up.answer()
+            assert (await asyncio.wait_for(waited, 5)).attributes["n"] == "1"
+            assert (up.accepted, engine.stats.total(WAITING)) == (2, 0)
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_connection_whose_every_id_a_timed_out_request_holds_is_replaced() -> None:
+    """Three ids (two requests per connection), one connection: both requests on it time
+    out and keep their ids (their late replies may come). A request waiting for room goes
+    on a fresh connection: the full one retired, and closed, as nothing live is on it. It
+    waited for the ids' late replies, and timed out."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        pool = policy("maxConcurrentStreams: 2", "maxConnections: 1")
+        text = mesh([(up.port, "v1")], HANG + ROUTER, pool, codec=f"{__name__}:ThreeIdKV")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            hung = [c.start("hang"), c.start("hang")]
+            await up.wait_received(2)
+            waited = c.start("get")
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            answers = await asyncio.wait_for(gather(*hung), 5)
+            assert [error_type(a) for a in answers] == ["Timeout"] * 2
+            assert error_type(await asyncio.wait_for(waited, 5)) is None
+            assert up.accepted == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+class ThreeIdNoPeekKV(ThreeIdKV):
+    """Three ids, and no ``peek_reply``: every reply is decoded."""
+
+    capabilities = dataclasses.replace(KVCodec.capabilities, peek_reply=False)
+
+
+@pytest.mark.parametrize("codec", ["ThreeIdKV", "ThreeIdNoPeekKV"])
+def test_a_late_reply_frees_the_place_of_its_timed_out_request(codec: str) -> None:
+    """Three ids (two requests per connection): a request times out and keeps its id; its
+    late reply comes and frees it. Another request times out: one place of two is held, so
+    the next request goes on the same connection. Checked with the reply peeked and
+    decoded (two paths). The place a late reply freed would stay counted as held, and the
+    second timeout retire the connection as if both were."""
+    first = HANG.replace("exact: hang", "exact: first")
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        text = mesh([(up.port, "v1")], first + ROUTER, codec=f"{__name__}:{codec}")
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call("first", {"n": "a"})) == "Timeout"
+            unmatched = "metaprotocol_upstream_unmatched_replies_total"
+            answer_n(up, "a")  # late: dropped, its id free again
+            await until(lambda: engine.stats.total(unmatched) == 1, "the late reply")
+            assert error_type(await c.call("first", {"n": "b"})) == "Timeout"
+            third = c.start("get", {"n": "c"})
+            await up.wait_received(3)
+            answer_n(up, "c")
+            assert error_type(await asyncio.wait_for(third, 5)) is None
+            assert up.accepted == 1
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_requests_waiting_on_a_client_s_own_connection_that_retires_go_on_a_new_one() -> None:
+    """Streams 2 and three requests per connection on a client's own connection: two in
+    flight, two waiting. A reply lets the third go, which retires the connection; the fourth
+    goes on the client's next connection at once, not after the retired one's requests are
+    answered."""
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        pool = policy("maxConcurrentStreams: 2, maxRequestsPerConnection: 3")
+        async with engine_for(mesh([(up.port, "v1")], ROUTER, pool, **NO_REWRITE)) as engine:
+            c = await Client.connect(address(engine))
+            replies = send(c, 4)
+            await up.wait_received(2)
+            await until(lambda: engine.stats.total(WAITING) == 2, "two waiting")
+            up.answer(1)
+            await up.wait_received(4)  # the two held ones unanswered
+            assert (up.accepted, up.order) == (2, ["0", "1", "2", "3"])
+            up.answer()
+            answers = await asyncio.wait_for(gather(*replies), 5)
+            assert [a.attributes["n"] for a in answers] == ["0", "1", "2", "3"]
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_waiting_request_whose_client_left_is_reported_against_its_endpoint() -> None:
+    """Istio's metrics of a request that waited for room and whose client left (``0``,
+    ``DC``) name the endpoint it waited for (``destination_version``), whichever side saw
+    the client go: the client's close, or the room made for it. The client's close
+    reported it against no endpoint (``unknown``)."""
+    from test_telemetry import istio_series, with_istio
+
+    async def main() -> None:
+        up = await Holding("a").start()
+        pool = policy("maxConcurrentStreams: 1", "maxConnections: 1")
+        engine = with_istio(mesh([(up.port, "v1")], ROUTER, pool))
+        await engine.start()
+        try:
+            c = await Client.connect(address(engine))
+            first = c.start("get", {"n": "0"})
+            await up.wait_received(1)
+            leaving = await Client.connect(address(engine))
+            leaving.start("get", {"n": "gone"}).add_done_callback(lambda f: f.exception())
+            await until(lambda: engine.stats.total(WAITING) == 1, "one waiting")
+            leaving.reset()
+            await until(lambda: engine.stats.total(WAITING) == 0, "none waiting")
+            up.answer()
+            assert error_type(await asyncio.wait_for(first, 5)) is None
+            gone = [s for s in istio_series(engine) if s["response_flags"] == "DC"]
+            assert [(s["destination_version"], s["value"]) for s in gone] == [("v1", "1")]
+            c.close()
+        finally:
+            await engine.stop()
+            await up.close()
 
     run(main())

@@ -257,8 +257,9 @@ def test_a_burst_of_ejections_rebuilds_a_maglev_table_a_few_times_not_each_time(
     going bad): each ejection built the table again, 0.03-0.07 s each at 65 537 slots, some
     seconds of loop in all. Rebuilds now take at most a fifth of the loop's time: the burst
     costs two builds (the first ejection's, then one with all the others), and meanwhile a
-    pick of an ejected endpoint picks again, so none of them gets a request. (Builds are
-    counted by the engine, ``rebalances``: a compiled build's calls cannot be spied on.)"""
+    pick of an ejected endpoint picks again, so none of them gets a request (nor a retry).
+    (Builds are counted by the engine, ``rebalances``: a compiled build's calls cannot be
+    spied on.)"""
 
     async def main() -> None:
         outlier = "outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 50}, "
@@ -278,6 +279,10 @@ def test_a_burst_of_ejections_rebuilds_a_maglev_table_a_few_times_not_each_time(
             ]
             picked = {cluster.balancer.pick(m) for m in keys}
             assert not picked & set(bad)
+            # A retry's picks (another endpoint than the one that failed) avoid them too.
+            failed = cluster.hosts[-1]
+            picked = {cluster.pick_other(m, failed) for m in keys}
+            assert not picked & {*bad, failed}
             await rebuilt(engine)
             assert engine.rebalances - start == 2
             assert not set(bad) & set(cluster.balancer.hosts)

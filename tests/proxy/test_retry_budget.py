@@ -350,3 +350,105 @@ def test_a_streams_retry_is_bounded_by_the_budget(tmp_path: Path) -> None:
 
 def stream_retries(engine: Engine) -> int:
     return engine.stats.total("metaprotocol_retries_total", reason="connect-failure")
+
+
+class FailsWhenTold(Upstream):
+    """Holds the first try of a ``fail`` request until :meth:`fail`, then answers it with an
+    Error reply; answers nothing else (a retry, ``hang``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.held: dict[str, tuple[KVServer, Metadata]] = {}
+
+    def on_message(self, conn: KVServer, msg: Metadata) -> None:
+        key = msg.attributes.get("k") or ""
+        first = not any(m.attributes.get("k") == key for m in self.received)
+        self.received.append(msg)
+        if msg.operation_name == "fail" and first:
+            self.held[key] = (conn, msg)
+
+    def fail(self, key: str) -> None:
+        conn, msg = self.held.pop(key)
+        assert conn.transport is not None
+        conn.transport.write(build_frame(ERROR, msg.request_id, {"server": self.name}))
+
+
+def test_a_budget_counts_the_requests_waiting_for_room_on_a_connection() -> None:
+    """``{percent: 50, minRetryConcurrency: 1}``, one request per connection, three
+    connections: a retry in flight, a request held and a failing one fill them, and four
+    more wait for room. The failing one's retry is allowed: 50 % of the two others in flight
+    and the four waiting (Envoy's active and pending requests) is 3, above the one retry in
+    flight. Without the four, 50 % of two is one, and the retry would be refused."""
+
+    async def main() -> None:
+        up = await FailsWhenTold("a").start()
+        policy = (
+            "{connectionPool: {http: {maxConcurrentStreams: 1}, tcp: {maxConnections: 3}}, "
+            "retryBudget: {percent: 50, minRetryConcurrency: 1}}"
+        )
+        async with engine_for(budget_mesh(up, policy)) as engine:
+            c = await Client.connect(address(engine))
+            first = c.start("fail", {"k": "1"})
+            first.add_done_callback(_seen)
+            await until(lambda: len(up.held) == 1, "the first try")
+            up.fail("1")
+            await until(lambda: len(up.received) == 2, "its retry, in flight")
+            c.start("hang", {"k": "h"}).add_done_callback(_seen)
+            second = c.start("fail", {"k": "2"})
+            second.add_done_callback(_seen)
+            await until(lambda: len(up.held) == 1 and len(up.received) == 4, "three in flight")
+            for i in range(4):
+                c.start("hang", {"k": f"w{i}"}).add_done_callback(_seen)
+            waiting = "metaprotocol_upstream_requests_queued_active"
+            await until(lambda: engine.stats.total(waiting) == 4, "four waiting")
+            up.fail("2")
+            # The reply made room: the oldest waiting request takes it, and the retry waits.
+            await until(lambda: len(up.received) == 5, "the oldest waiting request sent")
+            assert engine.stats.total(OVERFLOWS, limit="retryBudget") == 0
+            assert engine.stats.total("metaprotocol_retries_total", reason="error") == 2
+            c.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_retry_waiting_for_room_counts_among_the_retries_in_flight() -> None:
+    """``maxRetries: 1``, one request per connection, two connections, both busy and a
+    request waiting. The second connection's request fails: its retry finds the first
+    connection full and waits (the request that waited longer takes the room made). It is
+    the one retry in flight, so the first connection's request, failing next, is not
+    retried (``maxRetries`` overflow). Once the client is gone, no retry is counted in flight
+    (the count drifted with a retry that waited, up or down)."""
+
+    async def main() -> None:
+        up = await FailsWhenTold("a").start()
+        policy = (
+            "{connectionPool: {http: {maxConcurrentStreams: 1, maxRetries: 1}, "
+            "tcp: {maxConnections: 2}}}"
+        )
+        async with engine_for(budget_mesh(up, policy)) as engine:
+            (cluster,) = engine.clusters.values()
+            c = await Client.connect(address(engine))
+            first = c.start("fail", {"k": "1"})
+            first.add_done_callback(_seen)
+            second = c.start("fail", {"k": "2"})
+            second.add_done_callback(_seen)
+            await until(lambda: len(up.held) == 2, "both in flight")
+            c.start("hang", {"k": "h"}).add_done_callback(_seen)
+            waiting = "metaprotocol_upstream_requests_queued_active"
+            await until(lambda: engine.stats.total(waiting) == 1, "one waiting")
+            up.fail("2")  # its retry waits; the hanging request takes the room
+            await until(lambda: len(up.received) == 3, "the hanging request sent")
+            assert (engine.stats.total(waiting), cluster.retrying) == (1, 1)
+            up.fail("1")
+            answer = await asyncio.wait_for(first, 5)
+            assert answer.attributes["server"] == "a"  # the upstream's Error: not retried
+            assert engine.stats.total(OVERFLOWS, limit="maxRetries") == 1
+            await until(lambda: len(up.received) == 4, "the waiting retry sent")
+            assert (engine.stats.total(waiting), cluster.retrying) == (0, 1)
+            c.reset()  # the client leaves: its requests in flight are given up
+            await until(lambda: engine.pending == 0, "nothing in flight")
+            assert (cluster.retrying, cluster.queued) == (0, 0)
+        await up.close()
+
+    run(main())
