@@ -544,6 +544,11 @@ def open_stream(
         why = f"no endpoint in {target.name}"
         downstream.local_reply(message, ErrorType.NoHealthyUpstream, why, route, target)
         return
+    # A stream is a request to the cluster's circuit breakers (http2MaxRequests counts the
+    # open ones), as Envoy's max_requests counts a gRPC stream.
+    if cluster.request_limits and (why := cluster.over_pool_limits(host)) is not None:
+        downstream.local_reply(message, ErrorType.OverLimit, why, route, target)
+        return
     try:  # built before another client's idle connection may be closed for it (below)
         conn = host.connection_class(cluster, host, downstream)
     except CodecUnavailable as exc:  # counted and logged as the codec's bug

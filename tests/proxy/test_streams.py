@@ -435,6 +435,33 @@ def test_streams_per_connection_are_limited() -> None:
     run(main())
 
 
+def test_open_streams_count_against_http2_max_requests() -> None:
+    """A stream is a request to the cluster's circuit breakers, as Envoy's max_requests
+    counts a gRPC stream: with http2MaxRequests 2, a third stream is refused while two are
+    open, and opens once one has closed. (Streams were never refused by it.)"""
+
+    async def main() -> None:
+        up = await StreamServer().start()
+        policy = "{connectionPool: {http: {http2MaxRequests: 2}}}"
+        async with engine_for(mesh([(up.port, "v1")], traffic_policy=policy)) as engine:
+            c = await StreamClient.connect(address(engine))
+            for sid in (1, 2):
+                c.frame(STREAM_OPEN, sid, {"method": "chat"})
+                assert kinds(await c.until(sid, 1)) == ["Stream_Init"]
+            c.frame(STREAM_OPEN, 3, {"method": "chat"})
+            refused = (await c.until(3, 1))[0]
+            assert error_type(refused) == "OverLimit"
+            assert "http2MaxRequests" in refused.attributes["error-message"]
+            c.frame(STREAM_CLOSE, 1)
+            await until(lambda: streams(engine, "closed") == 1, "stream 1 closed")
+            c.frame(STREAM_OPEN, 4, {"method": "chat"})
+            assert kinds(await c.until(4, 1)) == ["Stream_Init"]
+            c.close()
+        await up.close()
+
+    run(main())
+
+
 class UnaryKV(KVCodec):
     capabilities = Capabilities(
         heartbeat=True,
