@@ -620,6 +620,13 @@ class Cluster:
         conn = None
         if self.may_open():
             conn = host.connection_class(self, host, None)
+        elif not host.conns and self.engine.upstream_room():
+            # At maxConnections for other endpoints' connections: this one, which has none,
+            # gets one anyway (counted as the limit's overflow), as Envoy's pool opens one
+            # for a host that has none, "to prevent pending streams being queued to this
+            # upstream with no way to be processed". The process's budget still holds.
+            self.overflow("maxConnections")
+            conn = host.connection_class(self, host, None)
         elif reclaim and not host.conns:
             # Built before another client's idle connection is closed for it: a codec
             # that cannot be built (CodecUnavailable) costs nobody's connection.

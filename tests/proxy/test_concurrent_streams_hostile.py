@@ -368,12 +368,13 @@ def test_a_connection_that_may_open_again_takes_the_oldest_waiting_request_first
 
 
 def test_each_waiting_request_refused_a_connection_counts_as_an_overflow() -> None:
-    """Two endpoints, streams 1, ``maxConnections: 2``: two requests wait for each. The
-    first endpoint's connection closes, and the retry of its request takes the connection
-    that may open (to the second endpoint): the first endpoint has none left, none may
-    open, and its two waiting requests are refused. Each counts in
-    ``metaprotocol_upstream_overflow_total`` as a request refused at once does: the series
-    says what the clients saw (it counted one for both)."""
+    """Two endpoints, streams 1, an upstream connection budget of two
+    (``limits.maxUpstreamConnections``): two requests wait for each. The first endpoint's
+    connection closes, and the retry of its request takes the connection that may open (to
+    the second endpoint): the first endpoint has none left, none may open, and its two
+    waiting requests are refused. Each counts in ``metaprotocol_upstream_overflow_total``
+    as a request refused at once does: the series says what the clients saw (it counted one
+    for both)."""
     router = """\
 - name: all
   route: [{destination: {host: svc.test}}]
@@ -383,8 +384,9 @@ def test_each_waiting_request_refused_a_connection_counts_as_an_overflow() -> No
 
     async def main() -> None:
         a, b = await Holding("a").start(), await Holding("b").start()
-        pool = policy("maxConcurrentStreams: 1", "maxConnections: 2")
-        text = mesh([(a.port, "v1"), (b.port, "v1")], router, pool)
+        pool = policy("maxConcurrentStreams: 1")
+        budget = "limits: {maxUpstreamConnections: 2}\n"
+        text = mesh([(a.port, "v1"), (b.port, "v1")], router, pool, proxy=budget)
         async with engine_for(text) as engine:
             c = await Client.connect(address(engine))
             replies = [c.start("get", {"n": f"{i}"}) for i in range(6)]  # round robin
@@ -398,7 +400,37 @@ def test_each_waiting_request_refused_a_connection_counts_as_an_overflow() -> No
             answers = await asyncio.wait_for(gather(*refused), 5)
             assert [error_type(r) for r in answers] == ["OverLimit"] * 2
             overflow = "metaprotocol_upstream_overflow_total"
-            assert engine.stats.total(overflow, limit="maxConnections") == 2
+            assert engine.stats.total(overflow, limit="maxUpstreamConnections") == 2
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_an_endpoint_without_a_connection_gets_one_past_max_connections() -> None:
+    """``maxConnections: 1`` on two endpoints of shared connections: the first request opens
+    the cluster's one connection, to the first endpoint; the second, to the other endpoint,
+    which has none, was refused ``OverLimit`` for a connection of another endpoint's. Envoy
+    opens one for a host that has none whatever the limit (counting the overflow), so that
+    its requests can be served at all: so does the engine now, within its process budget."""
+
+    async def main() -> None:
+        a, b = await Holding("a").start(), await Holding("b").start()
+        pool = policy("maxConcurrentStreams: 4", "maxConnections: 1")
+        text = mesh([(a.port, "v1"), (b.port, "v1")], ROUTER, pool)
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            replies = [c.start("get", {"n": f"{i}"}) for i in range(4)]  # round robin
+            await a.wait_received(2)
+            await b.wait_received(2)
+            assert (a.accepted, b.accepted) == (1, 1)
+            a.answer()
+            b.answer()
+            answers = await asyncio.wait_for(gather(*replies), 5)
+            assert [error_type(r) for r in answers] == [None] * 4
+            overflow = "metaprotocol_upstream_overflow_total"
+            assert engine.stats.total(overflow, limit="maxConnections") == 1
             c.close()
         await a.close()
         await b.close()
