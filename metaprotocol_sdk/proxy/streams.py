@@ -546,8 +546,8 @@ def open_stream(
         return
     # A stream is a request to the cluster's circuit breakers (http2MaxRequests counts the
     # open ones), as Envoy's max_requests counts a gRPC stream.
-    if cluster.request_limits and (why := cluster.over_pool_limits(host)) is not None:
-        downstream.local_reply(message, ErrorType.OverLimit, why, route, target)
+    if cluster.request_limits and (limit := cluster.over_pool_limits(host)) is not None:
+        downstream.local_reply(message, ErrorType.OverLimit, limit, route, target)
         return
     try:  # built before another client's idle connection may be closed for it (below)
         conn = host.connection_class(cluster, host, downstream)
