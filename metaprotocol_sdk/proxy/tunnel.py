@@ -130,6 +130,8 @@ async def open_tunnel(
     transport, _ = await loop.create_connection(lambda: opening, address, port)
     try:
         rest = await waiter
+        if transport.is_closing():  # lost between the head and now
+            raise TunnelRefused("the proxy closed the connection as it opened the tunnel")
     except BaseException:
         transport.abort()
         raise
@@ -153,7 +155,7 @@ def hand_over(transport: asyncio.Transport, protocol: asyncio.BaseProtocol, rest
     transport.set_protocol(protocol)
     protocol.connection_made(transport)
     if rest and not transport.is_closing():
-        if isinstance(protocol, asyncio.BufferedProtocol) or not hasattr(protocol, "data_received"):
+        if hasattr(protocol, "get_buffer"):  # a TLS layer (uvloop's is no BufferedProtocol)
             buffered = cast(asyncio.BufferedProtocol, protocol)
             view = memoryview(rest)
             while view:

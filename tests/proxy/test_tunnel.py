@@ -29,7 +29,14 @@ from metaprotocol_sdk import ConfigError, MessageType
 from metaprotocol_sdk.examples.kv import STREAM_HALF_CLOSE, STREAM_OPEN
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.config.models import Tunnel
-from metaprotocol_sdk.proxy.tunnel import HEAD_LIMIT, ResponseHead, TunnelRefused, request_head
+from metaprotocol_sdk.proxy.tunnel import (
+    HEAD_LIMIT,
+    ResponseHead,
+    TunnelRefused,
+    hand_over,
+    open_tunnel,
+    request_head,
+)
 
 CLUSTER = "outbound|9000||svc.test"
 
@@ -408,3 +415,56 @@ def test_a_tunnel_with_a_proxy_protocol_header_is_refused(
         _rule(policy, subset)
     assert caught.value.field == field
     assert "tunnel and proxyProtocol cannot be combined" in caught.value.reason
+
+
+# -- the hand-over, over real sockets ------------------------------------------------------
+
+
+class _Collecting(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+class _CollectingBuffered(asyncio.BufferedProtocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.buffer = bytearray(3)  # smaller than what comes: taken in pieces
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += bytes(self.buffer[:nbytes])
+
+
+@pytest.mark.parametrize("kind", [_Collecting, _CollectingBuffered])
+def test_bytes_after_the_head_and_after_the_hand_over_reach_the_protocol(kind: type) -> None:
+    """A proxy that sends the target's first bytes with its 200: the connection's protocol
+    gets them first, then what follows, whatever kind of protocol it is."""
+
+    async def main() -> None:
+        sent: list[asyncio.StreamWriter] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nfirst bytes")
+            sent.append(writer)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        raw, rest = await open_tunnel(loop, "127.0.0.1", port, Tunnel("t.example", 1))
+        protocol = kind()
+        hand_over(raw, protocol, rest)
+        await until(lambda: sent, "the proxy's answer")
+        sent[0].write(b", then more")
+        await until(lambda: protocol.data == b"first bytes, then more", "the bytes")
+        raw.close()
+        sent[0].close()
+        server.close()
+        await server.wait_closed()
+
+    run(main())
