@@ -168,7 +168,8 @@ async def _dump(engine: Engine) -> dict[str, Any]:
     return next(c for c in json.loads(body)["clusters"] if c["name"] == CLUSTER)  # type: ignore[no-any-return]
 
 
-def test_requests_sent_while_the_tunnel_opens_wait_and_go_through_it() -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_requests_sent_while_the_tunnel_opens_wait_and_go_through_it(loop: str) -> None:
     """The engine writes ``CONNECT host:port`` with the ``Host`` header and nothing more until
     the proxy's 2xx; the requests sent meanwhile are queued, then answered through the
     tunnel, on one connection. ``/config_dump`` shows the tunnel."""
@@ -200,7 +201,7 @@ def test_requests_sent_while_the_tunnel_opens_wait_and_go_through_it() -> None:
         await proxy.close()
         await up.close()
 
-    run(main())
+    run(main(), loop=loop)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from envoy_tunnel import connect_proxy, logged
 from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
 from test_tls import Pki
@@ -39,7 +40,9 @@ def test_requests_reach_the_target_through_envoys_tunnel(tmp_path: Path) -> None
     run(main(), timeout=60)
 
 
-def test_the_tls_handshake_runs_inside_the_tunnel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_tls_handshake_runs_inside_the_tunnel(tmp_path: Path, loop: str) -> None:
+    """Each loop's own TLS layer takes over the tunnel's connection."""
     pki = Pki(tmp_path)
     server = pki.leaf("kv", "svc.test")
 
@@ -58,7 +61,7 @@ def test_the_tls_handshake_runs_inside_the_tunnel(tmp_path: Path) -> None:
             assert logged(log) == [f"CONNECT {target} 200"]
         await up.close()
 
-    run(main(), timeout=60)
+    run(main(), timeout=60, loop=loop)
 
 
 def test_envoys_refusal_is_a_connect_failure_naming_its_status(tmp_path: Path) -> None:
