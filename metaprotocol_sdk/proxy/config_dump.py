@@ -129,6 +129,16 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "proxyProtocol": (
                     None if c.proxy_protocol is None else {"version": c.proxy_protocol.name}
                 ),
+                # The HTTP tunnel each connection opens through its endpoint (``None``: none).
+                "tunnel": (
+                    None
+                    if c.tunnel is None
+                    else {
+                        "protocol": c.tunnel.protocol,
+                        "targetHost": c.tunnel.target_host,
+                        "targetPort": c.tunnel.target_port,
+                    }
+                ),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],
                 # Slow start's settings (the endpoints warming: the "slowStart" section).

@@ -448,6 +448,7 @@ class Engine:
             None if localities is None else tuple(localities),
             traffic.retry_budget,
             traffic.proxy_protocol,
+            traffic.tunnel,
         )
         _count_hash_slots(build, name, policy, [ep.weight for ep in endpoints], priorities)
         serving = self.clusters.get(name)
@@ -470,6 +471,7 @@ class Engine:
                 traffic.outlier_detection,
                 traffic.retry_budget,
                 traffic.proxy_protocol,
+                traffic.tunnel,
             )
             cluster.namespace = service.namespace  # of the configuration being built
             attach_cluster(cluster, tls, mutual)

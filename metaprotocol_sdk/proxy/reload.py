@@ -22,6 +22,7 @@ from .config.models import (
     ProxyProtocol,
     ProxySettings,
     RetryBudget,
+    Tunnel,
     UpstreamTls,
 )
 from .stats import HELP
@@ -102,6 +103,8 @@ class ClusterSpec:
     retry_budget: RetryBudget | None = None
     #: ``trafficPolicy.proxyProtocol``: a changed header makes a changed cluster.
     proxy_protocol: ProxyProtocol | None = None
+    #: ``trafficPolicy.tunnel``: a changed tunnel makes a changed cluster.
+    tunnel: Tunnel | None = None
 
 
 @dataclass(frozen=True)

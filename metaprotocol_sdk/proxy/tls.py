@@ -35,6 +35,7 @@ from .authorization import uris_of
 from .downstream import Downstream, ListenerRuntime, Refused
 from .handshake import HalfClosing, handshake_class
 from .stats import Counter, Labels
+from .tunnel import TunnelRefused, connect_error, hand_over, open_tunnel
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -825,8 +826,20 @@ class TlsUpstreamConnection(UpstreamConnection):
             layer.preface = self.proxy_header()
         try:
             async with asyncio.timeout(cluster.connect_timeout):
-                self.raw, _ = await loop.create_connection(lambda: layer, host.address, host.port)
+                if cluster.tunnel is None:
+                    self.raw, _ = await loop.create_connection(
+                        lambda: layer, host.address, host.port
+                    )
+                else:  # the handshake runs inside the tunnel, with its target (tunnel.py)
+                    raw, rest = await open_tunnel(loop, host.address, host.port, cluster.tunnel)
+                    self.raw = raw
+                    hand_over(raw, layer, rest)
                 await waiter  # the handshake (connection_made ran if it succeeded)
+        except TunnelRefused as exc:
+            if not self.connecting:
+                return
+            self.raw = None
+            self._connect_failed(connect_error(exc))
         except (OSError, TimeoutError) as exc:
             if not self.connecting:
                 # The handshake was done just as the timeout fired (the timer ran first, or

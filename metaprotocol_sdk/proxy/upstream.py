@@ -45,9 +45,10 @@ from .outlier import OutlierDetector
 from .priority import priority_balancer
 from .proxy_protocol import client_header
 from .stats import Counter
+from .tunnel import TunnelRefused, connect_error, hand_over, open_tunnel
 
 if TYPE_CHECKING:
-    from .config.models import ProxyProtocol, RetryBudget, UpstreamTls
+    from .config.models import ProxyProtocol, RetryBudget, Tunnel, UpstreamTls
     from .downstream import Downstream
     from .engine import Engine
     from .mirror import MirrorSink
@@ -267,8 +268,12 @@ class Cluster:
         outlier: OutlierDetection | None = None,
         retry_budget: RetryBudget | None = None,
         proxy_protocol: ProxyProtocol | None = None,
+        tunnel: Tunnel | None = None,
     ) -> None:
         self.engine = engine
+        #: ``trafficPolicy.tunnel``: each connection opens an HTTP/1.1 tunnel through its
+        #: endpoint first (see tunnel.py); decided per connection, never per request.
+        self.tunnel = tunnel
         self.name = name
         self.protocol = protocol
         #: Makes each connection's codec (see ``codec_maker``); one that fails raises
@@ -903,15 +908,18 @@ class UpstreamConnection(asyncio.Protocol):
             # A timeout of this task's own, not wait_for's: that wraps the connect in a second
             # task (and a future), paid by every stream's connection.
             async with asyncio.timeout(self.cluster.connect_timeout):
-                await loop.create_connection(lambda: self, host.address, host.port)
-        except (OSError, TimeoutError) as exc:
+                tunnel = self.cluster.tunnel
+                if tunnel is None:
+                    await loop.create_connection(lambda: self, host.address, host.port)
+                else:  # the tunnel opens within the connect timeout (see tunnel.py)
+                    raw, rest = await open_tunnel(loop, host.address, host.port, tunnel)
+                    hand_over(raw, self, rest)
+        except (OSError, TimeoutError, TunnelRefused) as exc:
             if not self.connecting:
                 # Made just as the timeout fired: a connection (one outcome per attempt),
                 # which the cancelled connect closed; connection_lost answers what was sent.
                 return
-            self._connect_failed(
-                "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            )
+            self._connect_failed(connect_error(exc))
         finally:
             self.task = None
 

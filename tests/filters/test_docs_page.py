@@ -95,6 +95,7 @@ def test_block_loads_with_a_mesh(block: str) -> None:
             or policy.outlier_detection
             or policy.retry_budget
             or policy.proxy_protocol
+            or policy.tunnel
         )
     if "ProxyConfig" in kinds:
         assert config.proxy.listeners[0].filters

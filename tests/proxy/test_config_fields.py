@@ -30,6 +30,7 @@ from metaprotocol_sdk.proxy.config.models import (
     ProxyProtocol,
     RetryBudget,
     TrafficPolicy,
+    Tunnel,
     Warmup,
 )
 
@@ -432,6 +433,26 @@ HONOURED: list[tuple[str, str, Any, Probe | None]] = [
             ({"version": "V2"}, ProxyProtocol(2)),
         ]
     ),
+    *(
+        (
+            "DestinationRule",
+            f"{policy}.tunnel",
+            value,
+            lambda c, want=want, sub=sub: (
+                (_rule(c).subsets["v1"].policy if sub else _rule(c).policy).tunnel == want
+            ),
+        )
+        for policy, sub in [(POLICY, False), (SUB_POLICY, True)]
+        for value, want in [
+            ({"targetHost": "kv.example", "targetPort": 9000}, Tunnel("kv.example", 9000)),
+            (
+                {"protocol": "CONNECT", "targetHost": "10.0.0.1", "targetPort": 65535},
+                Tunnel("10.0.0.1", 65535),
+            ),
+            ({"targetHost": "::1", "targetPort": 1}, Tunnel("::1", 1)),
+            ({"targetHost": "kv.example.", "targetPort": 1}, Tunnel("kv.example", 1)),
+        ]
+    ),
     ("DestinationRule", f"{POLICY}.tls", {"mode": "DISABLE"}, None),
     (
         "DestinationRule",
@@ -751,7 +772,6 @@ REFUSED: list[tuple[str, str, Any]] = [
     ("ServiceEntry", "spec.workloadSelector", {"labels": {"app": "svc"}}),
     ("ServiceEntry", "spec.endpoints[0].network", "net-2"),
     ("DestinationRule", "spec.workloadSelector", {"matchLabels": {"app": "svc"}}),
-    ("DestinationRule", f"{POLICY}.tunnel", {"protocol": "CONNECT", "targetHost": "h"}),
     ("DestinationRule", f"{POLICY}.retryBudget.budgetInterval", "10s"),
     ("DestinationRule", f"{PORT_POLICY}.tls.credentialName", "cred"),
     ("DestinationRule", f"{POLICY}.tls.credentialName", "cred"),
@@ -799,6 +819,40 @@ CH = f"{POLICY}.loadBalancer.consistentHash"
 WARMUP = f"{POLICY}.loadBalancer.warmup"
 
 REFUSED_VALUES: list[tuple[str, str, Any, str, str]] = [
+    *(
+        ("DestinationRule", f"{POLICY}.tunnel", value, field, words)
+        for value, field, words in [
+            ({"targetPort": 80}, f"{POLICY}.tunnel.targetHost", "tunnel target host must be"),
+            (
+                {"targetHost": "a b", "targetPort": 80},
+                f"{POLICY}.tunnel.targetHost",
+                "valid FQDN or IP address, got 'a b'",
+            ),
+            (
+                {"targetHost": "h\r\nX: y", "targetPort": 80},
+                f"{POLICY}.tunnel.targetHost",
+                "valid FQDN or IP address",
+            ),
+            ({"targetHost": "h"}, f"{POLICY}.tunnel.targetPort", "must be 1-65535, got None"),
+            (
+                {"targetHost": "h", "targetPort": 0},
+                f"{POLICY}.tunnel.targetPort",
+                "tunnel target port is invalid: must be 1-65535, got 0",
+            ),
+            ({"targetHost": "h", "targetPort": 65536}, f"{POLICY}.tunnel.targetPort", "65536"),
+            (
+                {"targetHost": "h", "targetPort": 1, "protocol": "GET"},
+                f"{POLICY}.tunnel.protocol",
+                'tunnel protocol must be "CONNECT" or "POST", got \'GET\'',
+            ),
+            (
+                {"targetHost": "h", "targetPort": 1, "protocol": "POST"},
+                f"{POLICY}.tunnel.protocol",
+                "POST tunnels are not supported",
+            ),
+            ("h:1", f"{POLICY}.tunnel", "must be a mapping"),
+        ]
+    ),
     *(
         ("DestinationRule", f"{POLICY}.proxyProtocol", value, field, words)
         for value, field, words in [
@@ -1113,6 +1167,11 @@ MAPPINGS: list[tuple[str, str, tuple[str, Any] | None]] = [
     ("DestinationRule", f"{POLICY}.outlierDetection", (f"{POLICY}.outlierDetection", {})),
     ("DestinationRule", f"{POLICY}.tls", (f"{POLICY}.tls", {"mode": "DISABLE"})),
     ("DestinationRule", f"{POLICY}.proxyProtocol", (f"{POLICY}.proxyProtocol", {})),
+    (
+        "DestinationRule",
+        f"{POLICY}.tunnel",
+        (f"{POLICY}.tunnel", {"targetHost": "h", "targetPort": 1}),
+    ),
     ("DestinationRule", "spec.subsets[0]", None),
     ("DestinationRule", SUB_POLICY, (SUB_POLICY, {})),
     ("DestinationRule", f"{SUB_POLICY}.loadBalancer", (SUB_POLICY, {"loadBalancer": {}})),

@@ -97,7 +97,7 @@ def test_each_other_block_loads_over_the_example_and_is_in_force(block: str) -> 
     base = [d for d in yaml.safe_load_all(example()) if d["kind"] not in KINDS]
     config = loads_config(yaml.safe_dump_all(base + own, sort_keys=False), source=str(PAGE))
     policy = config.destination_rules["greeter.example"].policy
-    assert policy.connection_pool or policy.retry_budget or policy.proxy_protocol
+    assert policy.connection_pool or policy.retry_budget or policy.proxy_protocol or policy.tunnel
 
 
 def test_the_page_names_every_field_the_loader_knows() -> None:
@@ -110,6 +110,7 @@ def test_the_page_names_every_field_the_loader_knows() -> None:
         fields.TCP_KEEPALIVE,
         fields.RETRY_BUDGET,
         fields.PROXY_PROTOCOL,
+        fields.TUNNEL,
     )
     missing = [
         key

@@ -62,6 +62,7 @@ from metaprotocol_sdk.proxy.config.models import (
 from metaprotocol_sdk.proxy.engine import Engine
 from metaprotocol_sdk.proxy.workers import WorkerSpec
 from metaprotocol_sdk.proxy.xds.translate import (
+    INTERNAL_ADDRESS,
     Resources,
     XdsRefused,
     eds_names,
@@ -674,6 +675,17 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     snap = snapshot()
     snap[CLUSTER_TYPE][0].lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
     assert "load balancer 6 is not supported" in refusal(resources(snap))
+
+
+def test_an_internal_listener_endpoint_is_refused_naming_the_tunnel() -> None:
+    """istiod sends the endpoints of a DestinationRule with a ``tunnel`` as internal
+    listeners' addresses (the tunnel is a listener's tcp_proxy): refused, saying so."""
+    snap = snapshot()
+    address = snap[ENDPOINT_TYPE][0].endpoints[0].lb_endpoints[0].endpoint.address
+    address.envoy_internal_address.server_listener_name = "outbound-tunnel-lis"
+    assert refusal(resources(snap)) == (
+        f"EDS {ALL}: endpoints[0].lb_endpoints[0].endpoint.address: {INTERNAL_ADDRESS}"
+    )
 
 
 def test_connection_lifetime_and_idle_timeout() -> None:

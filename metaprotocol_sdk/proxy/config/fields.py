@@ -192,9 +192,22 @@ TRAFFIC_POLICY = fields(
     "portLevelSettings",
     "retryBudget",
     "proxyProtocol",
-    refused={
-        "tunnel": "tunnelling upstream connections",
-    },
+    "tunnel",
+)
+#: ``trafficPolicy.tunnel`` (Istio's ``TrafficPolicy.TunnelSettings``).
+TUNNEL = fields(
+    "targetHost",
+    "targetPort",
+    "protocol",
+)
+#: ``tunnel.protocol`` values the engine opens (Istio's: ``CONNECT``, the default, or
+#: ``POST``; see :data:`TUNNEL_POST_REFUSED`).
+TUNNEL_PROTOCOLS = ("CONNECT",)
+#: Why ``tunnel.protocol: POST`` is refused.
+TUNNEL_POST_REFUSED = (
+    "POST tunnels are not supported: over HTTP/1.1 a POST's body has a length or is "
+    "chunked, so the stream would have to be framed as chunks (Envoy's HTTP/1 codec does "
+    "so); use CONNECT"
 )
 #: ``trafficPolicy.proxyProtocol`` (Istio's ``TrafficPolicy.ProxyProtocol``).
 PROXY_PROTOCOL = fields("version")

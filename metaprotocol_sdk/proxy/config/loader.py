@@ -104,6 +104,7 @@ from .models import (
     TokenBucket,
     Tracing,
     TrafficPolicy,
+    Tunnel,
     UpstreamTls,
     UpstreamTlsMode,
     Warmup,
@@ -1061,7 +1062,59 @@ def _traffic_policy(
         _upstream_tls(doc, policy, path, identity),
         _retry_budget(doc, policy, path),
         _proxy_protocol(doc, policy, path),
+        _tunnel(doc, policy, path),
     )
+
+
+#: A DNS-1123 label, as istiod's ``ValidateFQDN`` checks each label of a tunnel's target.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+
+
+def _tunnel(doc: _Doc, policy: Mapping[str, Any], path: str) -> Tunnel | None:
+    """``tunnel``: ``targetHost`` (a domain name or an IP address) and ``targetPort``
+    (1-65535) required, ``protocol`` ``CONNECT`` (the default); istiod's messages."""
+    raw = _group(doc, policy, "tunnel", path)
+    if raw is None:
+        return None
+    path = f"{path}.tunnel"
+    doc.check(raw, path, schema.TUNNEL)
+    protocol = raw.get("protocol") or "CONNECT"
+    if protocol == "POST":
+        doc.fail(f"{path}.protocol", schema.TUNNEL_POST_REFUSED)
+    if protocol not in schema.TUNNEL_PROTOCOLS:
+        doc.fail(
+            f"{path}.protocol", f'tunnel protocol must be "CONNECT" or "POST", got {protocol!r:.80}'
+        )
+    host = raw.get("targetHost")
+    if not isinstance(host, str) or not _tunnel_host(host):
+        doc.fail(
+            f"{path}.targetHost",
+            f"tunnel target host must be a valid FQDN or IP address, got {host!r:.80}",
+        )
+    port = raw.get("targetPort")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        doc.fail(
+            f"{path}.targetPort",
+            f"tunnel target port is invalid: must be 1-65535, got {port!r:.80}",
+        )
+    return Tunnel(host.rstrip(".") if not _is_ip(host) else host, port, protocol)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _tunnel_host(host: str) -> bool:
+    """Whether ``host`` is an IP address or a domain name (at most 255 characters of
+    DNS-1123 labels, a final dot allowed): nothing else may go in the CONNECT line."""
+    if _is_ip(host):
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 255 and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def _proxy_protocol(
@@ -1496,6 +1549,7 @@ def _destination_rules(
         policy = doc.mapping(spec, "trafficPolicy", "spec.trafficPolicy", required=False)
         lb = _load_balancer(doc, policy, "spec.trafficPolicy") or LoadBalancer()
         top = _traffic_policy(doc, policy, "spec.trafficPolicy", identity)
+        _tunnel_alone(doc, "spec.trafficPolicy", top)
         ports = _port_settings(doc, policy, "spec.trafficPolicy", host, service, top, identity)
         subsets: dict[str, Subset] = {}
         for i, raw in enumerate(doc.sequence(spec, "subsets", "spec.subsets", required=False)):
@@ -1514,6 +1568,7 @@ def _destination_rules(
                 doc, sub_policy, f"{path}.trafficPolicy", host, service, top, identity, ports, own
             )
             subsets[name] = Subset(name, labels, sub_lb, own.over(top), own, sub_ports)
+            _tunnel_alone(doc, f"{path}.trafficPolicy", subsets[name].policy)
             _unnamed_servers(doc, f"{path}.trafficPolicy", own, service)
         _unnamed_servers(doc, "spec.trafficPolicy", top, service)
         for number, port_policy in ports.items():
@@ -1522,6 +1577,19 @@ def _destination_rules(
             )
         rules[host] = DestinationRule(doc.name, host, lb, subsets, top, ports)
     return rules
+
+
+def _tunnel_alone(doc: _Doc, path: str, policy: TrafficPolicy) -> None:
+    """Refuse a ``tunnel`` with a ``proxyProtocol`` (set here or merged from the rule's): the
+    header could be meant for the tunnel's proxy or for its target, and the engine would have
+    to guess."""
+    if policy.tunnel is not None and policy.proxy_protocol is not None:
+        doc.fail(
+            f"{path}.tunnel",
+            "tunnel and proxyProtocol cannot be combined (here or with the rule's "
+            "trafficPolicy): whether the PROXY protocol header is for the tunnel's proxy or "
+            "for its target is ambiguous; set one of them",
+        )
 
 
 def _unnamed_servers(doc: _Doc, path: str, policy: TrafficPolicy, service: Service) -> None:
@@ -1612,10 +1680,14 @@ def _port_settings(
         if xds:
             budget = _retry_budget(doc, raw, entry, PORT_RETRY_BUDGET)
             header = _proxy_protocol(doc, raw, entry, PORT_PROXY_PROTOCOL)
+            tunnel = None  # refused over xDS (see docs/xds.md)
         else:
             budget = None if merged is None else merged.retry_budget
             header = None if merged is None else merged.proxy_protocol
-        out[number] = dataclasses.replace(port_policy, retry_budget=budget, proxy_protocol=header)
+            tunnel = None if merged is None else merged.tunnel
+        out[number] = dataclasses.replace(
+            port_policy, retry_budget=budget, proxy_protocol=header, tunnel=tunnel
+        )
         where[number] = entry
         if number not in service.ports:
             doc.caution(
@@ -1643,6 +1715,7 @@ def _port_settings(
         for field, value, replaced in (
             ("retryBudget", budget, policy_here.retry_budget),
             ("proxyProtocol", header, policy_here.proxy_protocol),
+            ("tunnel", tunnel, policy_here.tunnel),
         ):
             if replaced is not None and value != replaced:
                 has = f"no {field}" if value is None else f"the rule's {field}"

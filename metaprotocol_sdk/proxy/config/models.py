@@ -331,6 +331,25 @@ class ProxyProtocol:
 
 
 @dataclass(frozen=True)
+class Tunnel:
+    """Istio's ``trafficPolicy.tunnel`` (``TunnelSettings``), Envoy's tcp_proxy
+    ``tunneling_config``: each upstream connection is made to the endpoint, an HTTP proxy,
+    and opens an HTTP/1.1 tunnel to ``target_host:target_port`` before it carries anything
+    else (see tunnel.py)."""
+
+    target_host: str
+    target_port: int
+    #: ``CONNECT`` (Istio's default).
+    protocol: str = "CONNECT"
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` of the target (an IPv6 address in brackets)."""
+        host = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
+        return f"{host}:{self.target_port}"
+
+
+@dataclass(frozen=True)
 class OutlierDetection:
     """Istio's ``trafficPolicy.outlierDetection`` (consecutive-error detection).
 
@@ -481,6 +500,9 @@ class TrafficPolicy:
     #: ``proxyProtocol``; port settings, which cannot set one, hold the one istiod gives
     #: them (as ``retry_budget``).
     proxy_protocol: ProxyProtocol | None = None
+    #: ``tunnel``; port settings, which cannot set one, hold the one istiod gives them (as
+    #: ``retry_budget``).
+    tunnel: Tunnel | None = None
 
     def over(self, base: TrafficPolicy) -> TrafficPolicy:
         """Each group this policy sets (even to nothing), else ``base``'s (Istio's
@@ -492,6 +514,7 @@ class TrafficPolicy:
             base.tls if self.tls is None else self.tls,
             base.retry_budget if self.retry_budget is None else self.retry_budget,
             base.proxy_protocol if self.proxy_protocol is None else self.proxy_protocol,
+            base.tunnel if self.tunnel is None else self.tunnel,
         )
 
     def applied(self) -> TrafficPolicy:
@@ -505,6 +528,7 @@ class TrafficPolicy:
             tls if tls is not None and tls.enabled else None,
             self.retry_budget,
             self.proxy_protocol,
+            self.tunnel,
         )
 
 

@@ -1312,6 +1312,14 @@ def _transport_socket(
     return tls
 
 
+#: Why an endpoint that is an internal listener is refused (istiod's shape for a
+#: DestinationRule ``tunnel``, whose tcp_proxy ``tunneling_config`` is in a listener).
+INTERNAL_ADDRESS = (
+    "not supported by this engine: an internal listener's address (envoy_internal_address, "
+    "as istiod sends the endpoints of a DestinationRule with a tunnel, whose tunneling_config "
+    "is in a listener): the engine reads no listeners; set trafficPolicy.tunnel in a "
+    "configuration file"
+)
 _PROXY_PROTOCOL = (
     "type.googleapis.com/envoy.extensions.transport_sockets.proxy_protocol.v3."
     "ProxyProtocolUpstreamTransport"
@@ -1645,7 +1653,10 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool, ring: bool) -> list[
                 continue
             ep = lb.endpoint
             _check(res, ep, f"{lpath}.endpoint", "Endpoint", {"address"})
-            if ep.address.WhichOneof("address") != "socket_address":
+            kind = ep.address.WhichOneof("address")
+            if kind == "envoy_internal_address":
+                raise XdsRefused(res, f"{lpath}.endpoint.address", INTERNAL_ADDRESS)
+            if kind != "socket_address":
                 raise XdsRefused(res, f"{lpath}.endpoint.address", "needs a socket_address")
             sa = ep.address.socket_address
             _check(
