@@ -932,6 +932,8 @@ class Downstream(asyncio.Protocol):
                 engine.deadlines.add(p, now, route.timeout)
         engine.pending += 1
         host.active += 1
+        if host.load is not None:
+            host.load.active += 1
         self.inflight += 1
         self.waiting[p] = None
         held = p.held
@@ -1264,6 +1266,8 @@ class Downstream(asyncio.Protocol):
         p.request = RELEASED  # written: the copy needs nothing of the frame, counted nowhere
         sink.inflight += 1
         host.active += 1
+        if host.load is not None:
+            host.load.active += 1
         engine.deadlines.add(p, now, route.timeout)
 
     def _retry(
@@ -1294,12 +1298,12 @@ class Downstream(asyncio.Protocol):
         if cluster is not None and cluster.limits_retries:
             budget = cluster.retry_budget
             # A budget's share of the requests in flight and those waiting for room on a
-            # connection (Envoy's active and pending): one pass over the hosts, here only.
-            limit = (
-                cluster.max_retries
-                if budget is None
-                else budget.allowed(sum(h.active for h in cluster.hosts) + cluster.queued - ended)
-            )
+            # connection (Envoy's active and pending), kept as a count (``Load``).
+            if budget is None:
+                limit = cluster.max_retries
+            else:
+                assert cluster.load is not None  # kept with a budget
+                limit = budget.allowed(cluster.load.active + cluster.queued - ended)
             if cluster.retrying - held >= limit:
                 cluster.overflow("maxRetries" if budget is None else "retryBudget")
                 return False
@@ -1515,7 +1519,10 @@ class Downstream(asyncio.Protocol):
         p.request = RELEASED
         del self.waiting[p]
         engine = self.engine
-        p.host.active -= 1
+        host = p.host
+        host.active -= 1
+        if host.load is not None:
+            host.load.active -= 1
         if p.tries:  # the cluster that counted it (after a reload, not the route's own)
             p.conn.cluster.retrying -= 1
         self.inflight -= 1

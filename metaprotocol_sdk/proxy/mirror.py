@@ -59,7 +59,10 @@ class MirrorSink:
     def _settle(self, p: Pending) -> None:
         p.done = True
         p.request = RELEASED  # a finished copy may wait in its deadline queue: not its frame
-        p.host.active -= 1
+        host = p.host
+        host.active -= 1
+        if host.load is not None:
+            host.load.active -= 1
         self.inflight -= 1
 
     def finish(self, p: Pending, response: Metadata, batch: list[Downstream]) -> None:

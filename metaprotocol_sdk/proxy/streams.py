@@ -264,7 +264,11 @@ class Stream:
         cluster.retrying += 1  # a retry in flight until its connection is made or fails
         self.early = early
         failed.active -= 1
+        if failed.load is not None:
+            failed.load.active -= 1
         host.active += 1
+        if host.load is not None:
+            host.load.active += 1
         self.host = host
         self.conn = conn
         conn.stream = self
@@ -313,7 +317,10 @@ class Stream:
         downstream.stream_ended(len(self.init.frame))
         if not self.client_closed and outcome != "DownstreamClosed":
             ended_early(downstream, self.stream_id)  # the client's frames on the way: dropped
-        self.host.active -= 1
+        host = self.host
+        host.active -= 1
+        if host.load is not None:
+            host.load.active -= 1
         self.target.count_stream(outcome)
         listener = downstream.listener
         listener.count_streams(-1)
@@ -570,6 +577,8 @@ def open_stream(
     streams[sid] = stream
     downstream.stream_started(len(message.frame))
     host.active += 1
+    if host.load is not None:
+        host.load.active += 1
     listener = downstream.listener
     listener.count_streams(1)
     listener.count_stream_frame("downstream")

@@ -475,3 +475,50 @@ def test_config_dump_shows_ejections_made_after_it_was_first_built() -> None:
         await good.close()
 
     run(main())
+
+
+def test_the_cluster_s_requests_in_flight_are_kept_as_its_endpoints_count_them() -> None:
+    """``http2MaxRequests`` (and a retry budget) read the requests in flight to a cluster per
+    request: a sum over its endpoints (14 us at 1000 endpoints) is now a count kept where each
+    endpoint's is. It must agree with the endpoints' counts through answers, timeouts,
+    retries to another endpoint and mirrored copies, and end at 0."""
+    router = """\
+- name: all
+  route: [{destination: {host: svc.test, subset: v1}}]
+  mirror: {host: svc.test, subset: v2}
+  mirrorPercentage: {value: 100}
+  timeout: 300ms
+  retries: {attempts: 2, retryOn: "error,timeout"}
+"""
+
+    async def main() -> None:
+        ups = [await Failing("bad").start(), await Upstream("good").start()]
+        mirror = await Upstream("mirror").start()
+        text = mesh(
+            [(ups[0].port, "v1"), (ups[1].port, "v1"), (mirror.port, "v2")],
+            router=router,
+            traffic_policy=policy("{http: {http2MaxRequests: 100}}"),
+        )
+        async with engine_for(text) as engine:
+            clusters = [c for c in engine.clusters.values() if c.load is not None]
+            assert len(clusters) == 2  # v1's and v2's
+
+            def agree() -> bool:
+                return all(
+                    c.load is not None and c.load.active == sum(h.active for h in c.hosts)
+                    for c in clusters
+                )
+
+            c = await Client.connect(address(engine))
+            calls = [c.start("get") for _ in range(6)] + [c.start("hang") for _ in range(2)]
+            await until(lambda: engine.pending > 0 and agree(), 5)
+            replies = await asyncio.wait_for(asyncio.gather(*calls), 5)
+            assert {error_type(r) for r in replies[:6]} == {None}  # retried to the good one
+            await until(lambda: engine.pending == 0 and not engine.mirror_sink.inflight, 5)
+            assert agree()
+            assert [c.load.active for c in clusters if c.load is not None] == [0, 0]
+            c.close()
+        for up in (*ups, mirror):
+            await up.close()
+
+    run(main())
