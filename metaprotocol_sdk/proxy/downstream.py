@@ -911,14 +911,15 @@ class Downstream(asyncio.Protocol):
                 started or None,
             )
             return
-        if started:  # a retry, or a request that waited for room: the route's time is less
-            p.start = started
         if route.retries is None:
-            if started:
+            if started:  # a request that waited for room: the route's time is less
+                p.start = started
                 engine.deadlines.add_at(p, max(started + route.timeout, now + 0.001))
             else:
                 engine.deadlines.add(p, now, route.timeout)
         else:
+            if started:  # a retry, or a request that waited for room
+                p.start = started
             p.mutation = mutation
             p.tries = tries
             if tries:
