@@ -997,7 +997,8 @@ class UpstreamConnection(asyncio.Protocol):
         """The PROXY protocol header naming the client this connection carries (its
         cluster's ``proxyProtocol`` version; see proxy_protocol.py)."""
         spec = self.cluster.proxy_protocol
-        return client_header(1 if spec is None else spec.version, self.owner)
+        assert spec is not None  # asked for by a cluster with one only
+        return client_header(spec.version, self.owner)
 
     def _preface(self, transport: asyncio.Transport) -> None:
         """Write the PROXY protocol header first (a TLS connection wrote it under its TLS
