@@ -37,13 +37,13 @@ from .streams import (
 from .streams import sweep as sweep_streams
 from .telemetry import RESPONSE_FLAGS, Identities
 from .upstream import (
-    ATTRIBUTE_BYTES,
     RELEASED,
     Cluster,
     Pending,
     UpstreamConnection,
     UpstreamHost,
     append_encoded,
+    held_bytes,
 )
 
 if TYPE_CHECKING:
@@ -1978,7 +1978,7 @@ class Hold:
         self.resume_at = resume_at
         self.future = future
         #: What it holds, in the buffer budget (as a request in flight, see ``Pending``).
-        self.size = len(request.frame) + ATTRIBUTE_BYTES * len(request.attributes.folded_items)
+        self.size = held_bytes(request)
         self.done = False
         self.deadline = 0.0
         #: The connection's verdict when held: a reload since (another verdict) makes the

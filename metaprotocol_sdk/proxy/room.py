@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
-from .upstream import ATTRIBUTE_BYTES
+from .upstream import held_bytes
 
 if TYPE_CHECKING:
     from .downstream import Downstream
@@ -77,7 +77,7 @@ class Queued:
         self.started = started
         self.queue = queue
         #: What it holds, in the buffer budget (as a request in flight, see ``Pending``).
-        self.size = len(request.frame) + ATTRIBUTE_BYTES * len(request.attributes.folded_items)
+        self.size = held_bytes(request)
         self.done = False
         self.deadline = 0.0
 

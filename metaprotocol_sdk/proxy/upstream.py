@@ -92,6 +92,14 @@ RELEASED = Metadata(MessageType.Request)
 #: attributes held some 40 times what the budget saw.
 ATTRIBUTE_BYTES = 256
 
+
+def held_bytes(request: Metadata) -> int:
+    """What a request holds in the buffer budget while it waits (held by a filter, for room
+    on a connection): its frame and its decoded attributes (``Pending`` counts the same,
+    inline: it is built for every request)."""
+    return len(request.frame) + ATTRIBUTE_BYTES * len(request.attributes.folded_items)
+
+
 #: Timed-out requests a dedicated connection remembers (so that their late replies are not
 #: paired with later requests) before it is closed and replaced.
 STALE_LIMIT = 64
