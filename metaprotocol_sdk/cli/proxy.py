@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from metaprotocol_sdk.proxy import Config, Engine
+    from metaprotocol_sdk.proxy.hot_restart import HandoverServer, Predecessor
     from metaprotocol_sdk.proxy.output import BackgroundOutput
     from metaprotocol_sdk.proxy.workers import WorkerSpec
     from metaprotocol_sdk.proxy.xds.client import XdsClient
@@ -233,22 +234,46 @@ async def _serve(
     watch: bool = False,
     worker: WorkerSpec | None = None,
     output: BackgroundOutput | None = None,
+    hot_restart: str | None = None,
 ) -> int:
     from metaprotocol_sdk.proxy import Engine
+    from metaprotocol_sdk.proxy.hot_restart import HotRestartError
     from metaprotocol_sdk.proxy.workers import bind_failure
 
-    engine = Engine(config, reuse_port=worker is not None)
+    predecessor = None
+    if hot_restart is not None:
+        from metaprotocol_sdk.proxy.hot_restart import take_over
+
+        try:
+            predecessor = await take_over(hot_restart, config)
+        except HotRestartError as exc:
+            log.error("hot restart: %s", exc)
+            return 1
+    engine = Engine(
+        config,
+        reuse_port=worker is not None,
+        inherited=None if predecessor is None else predecessor.inherited,
+    )
     if output is not None:
         output.count_into(engine.stats.counter("metaprotocol_output_dropped_bytes_total"))
     try:
-        await engine.start()
-    except OSError as exc:
+        await engine.start(serve=predecessor is None)
+    except (OSError, ConfigError) as exc:
+        if predecessor is not None:  # it keeps serving, as it was
+            predecessor.abandon()
+        if isinstance(exc, ConfigError):
+            log.error("invalid configuration: %s", exc)
+            return 2
         log.error("%s", bind_failure(exc))
         return 1
-    except ConfigError as exc:
-        log.error("invalid configuration: %s", exc)
-        return 2
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    handover = None
+    if hot_restart is not None:
+        handover = _handover(engine, hot_restart, predecessor, stop)
+        if handover is None:
+            await engine.stop(drain=0)
+            return 1
     reloader = Reloader(engine, files, worker.apply if worker is not None else None)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
@@ -262,12 +287,29 @@ async def _serve(
         control_plane = XdsClient(engine, config)
         control_plane.start()
         reloader.control_plane = control_plane  # file reloads keep the routes received
-    stop = asyncio.Event()
     # Before the addresses are told: whoever read them may stop us at once, and SIGTERM's
     # default action would end the process undrained (a supervisor would count it unclean).
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.ensure_future(reloader.run())]
+    if predecessor is not None:
+        assert handover is not None
+        try:
+            await _take_over(engine, predecessor, control_plane)
+        except HotRestartError as exc:
+            log.error("hot restart: %s; pid %d serves on", exc, predecessor.pid)
+            predecessor.abandon()
+            handover.close()
+            for task in tasks:
+                task.cancel()
+            if control_plane is not None:
+                await control_plane.stop()
+            await engine.stop(drain=0)
+            return 1
+        tasks.append(asyncio.ensure_future(_follow(predecessor, handover)))
+    elif handover is not None:
+        handover.publish()
     if worker is not None:  # one of --workers N: its supervisor prints the addresses
         worker.announce(engine)
         await worker.watch_supervisor(stop.set)
@@ -281,7 +323,6 @@ async def _serve(
     sys.stdout.flush()
     _tune_gc()
     _tune_malloc()
-    tasks = [asyncio.ensure_future(reloader.run())]
     if watch:
         tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
     await stop.wait()
@@ -295,11 +336,81 @@ async def _serve(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    log.info("draining")
+    log.info(
+        "draining" if handover is None or handover.successor is None else "draining (taken over)"
+    )
     if control_plane is not None:
         await control_plane.stop()
-    await engine.stop(drain=drain)
+    # Taken over: the successor accepts on the same sockets; the open connections are
+    # served a while longer (see Engine.stop).
+    taken = handover is not None and handover.successor is not None
+    await engine.stop(drain=drain, serve_first=taken)
+    if handover is not None:
+        await handover.finish()
     return 0
+
+
+def _handover(
+    engine: Engine, path: str, predecessor: Predecessor | None, stop: asyncio.Event
+) -> HandoverServer | None:
+    """Listen for this engine's own successor (``--hot-restart``); ``None``: cannot (said)."""
+    from metaprotocol_sdk.proxy.hot_restart import HandoverServer
+
+    generation = 0 if predecessor is None else predecessor.generation
+
+    def taken_over(pid: int) -> None:
+        engine.hand_over()  # the successor accepts on the same sockets from now on
+        stop.set()
+
+    handover = HandoverServer(engine, path, generation, taken_over)
+    try:
+        handover.open()
+    except OSError as exc:
+        log.error("hot restart: cannot listen at %s: %s", path, exc.strerror or exc)
+        if predecessor is not None:
+            predecessor.abandon()
+        return None
+    engine.stats.gauge("metaprotocol_hot_restart_generation").value = generation
+    engine.dump_sections["hotRestart"] = lambda: {
+        **handover.dump(),
+        "predecessor": None if predecessor is None else predecessor.dump(),
+    }
+    return handover
+
+
+async def _take_over(
+    engine: Engine, predecessor: Predecessor, control_plane: XdsClient | None
+) -> None:
+    """The new process's part of a hot restart, once its engine is built: the predecessor's
+    counts, the control plane's first routes (as Envoy waits for its initial fetch), then the
+    predecessor stops accepting and this engine starts."""
+    await predecessor.import_stats(engine.stats)
+    if control_plane is not None:
+        settings = engine.config.proxy.xds
+        assert settings is not None
+        try:
+            await control_plane.wait_for(
+                lambda _: engine.last_reload is not None and engine.last_reload.source == "xds",
+                settings.initial_fetch_timeout,
+            )
+        except TimeoutError:
+            log.warning(
+                "hot restart: no configuration from the control plane within "
+                "spec.xds.initialFetchTimeout; taking over with the files' alone"
+            )
+    await predecessor.drain()
+    await engine.begin_serving()
+    log.info(
+        "hot restart: took over from pid %d (generation %d)",
+        predecessor.pid,
+        predecessor.generation,
+    )
+
+
+async def _follow(predecessor: Predecessor, handover: HandoverServer) -> None:
+    """Add the predecessor's counts while it drains; then be the next one's predecessor."""
+    await predecessor.follow()
+    handover.publish()
 
 
 def _load(files: tuple[str, ...], quiet: bool = False) -> Config:
@@ -465,6 +576,15 @@ def _policies_summary(config: Config) -> str:
     show_default=True,
     help="Log records as 'LEVEL: message' lines, or one JSON object per line.",
 )
+@click.option(
+    "--hot-restart",
+    "hot_restart",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Take over the engine serving at this Unix socket, if any (its listening sockets and "
+    "counters; it drains), then listen there for the next one (see docs/hot-restart.md).",
+)
 @click.option("--worker", "worker_of", hidden=True, help="Internal: run as one of --workers.")
 def command(
     files: tuple[str, ...],
@@ -475,6 +595,7 @@ def command(
     workers: int,
     log_level: str,
     log_format: str,
+    hot_restart: str | None,
     worker_of: str | None,
 ) -> None:
     """Run the proxy engine: print the bound addresses, serve until SIGTERM/SIGINT, drain.
@@ -494,6 +615,17 @@ def command(
     EarlySighup.catch()  # before the files are read: a SIGHUP now must not end the process
     from metaprotocol_sdk.proxy.output import background_output
 
+    if hot_restart is not None:
+        from metaprotocol_sdk.proxy.hot_restart import available
+
+        refused = available() or (
+            f"not with --workers {workers} (one serving process only, in this version)"
+            if workers > 1
+            else None
+        )
+        if refused:
+            log.error("--hot-restart: %s", refused)
+            sys.exit(2)
     if workers > 1 and spec is None:
         from metaprotocol_sdk.proxy import workers as several
 
@@ -520,5 +652,5 @@ def command(
     if spec is not None:
         config = spec.apply(config)
     with background_output() as output, asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config, drain, files, watch, spec, output))
+        code = runner.run(_serve(config, drain, files, watch, spec, output, hot_restart))
     sys.exit(code)

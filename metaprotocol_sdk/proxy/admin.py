@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from .admin_page import History, Sampler, live_data, page_html
+from .hot_restart import ServerGroup, serve_on
 
 if TYPE_CHECKING:
     from .config.models import Admin
@@ -414,9 +416,28 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 left -= len(data)
 
 
-async def start_admin(engine: Engine, settings: Admin) -> asyncio.Server:
-    """Start the admin server on ``settings.bind``."""
+async def start_admin(
+    engine: Engine,
+    settings: Admin,
+    inherited: list[socket.socket] | None = None,
+    serve: bool = True,
+) -> asyncio.Server | ServerGroup:
+    """Start the admin server on ``settings.bind``, or on the ``inherited`` sockets of a hot
+    restart's predecessor; ``serve=False``: not accepting until ``start_serving``."""
     server = _AdminServer(engine, settings)
-    listening = await server.listen(*settings.bind)
-    Sampler(listening, engine.stats, server.history)  # stops when the engine closes it
+    if inherited:
+        listening = await serve_on(
+            inherited,
+            lambda sock: asyncio.start_server(
+                server.serve, sock=sock, limit=MAX_REQUEST_BYTES, start_serving=serve
+            ),
+        )
+    else:
+        listening = await asyncio.start_server(
+            server.serve, *settings.bind, limit=MAX_REQUEST_BYTES, start_serving=serve
+        )
+    if serve:
+        Sampler(listening, engine.stats, server.history)  # stops when the engine closes it
+    else:
+        engine.on_serving.append(lambda: Sampler(listening, engine.stats, server.history))
     return listening

@@ -23,6 +23,7 @@ from .stats import DURATION_BUCKETS_MS, Histogram, Stats
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .hot_restart import ServerGroup
 
 #: Seconds between two samples of the history ring.
 HISTORY_INTERVAL = 5.0
@@ -95,7 +96,7 @@ class Sampler:
 
     def __init__(
         self,
-        server: asyncio.Server,
+        server: asyncio.Server | ServerGroup,
         stats: Stats,
         history: History,
         interval: float = HISTORY_INTERVAL,

@@ -38,6 +38,7 @@ from .deadlines import Deadlines
 from .detection import Detecting, attach_detection, detecting
 from .downstream import Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
+from .hot_restart import Inherited, ServerGroup, serve_on
 from .identity import IdentityWatch, istio_sni, server_key
 from .locality import cluster_localities, failover_priorities
 from .matcher import compile_match
@@ -65,6 +66,9 @@ TRACING_FLUSH = 2.0
 #: Longest interval of the housekeeping sweep (idle, frame, write and upstream write
 #: timeouts; overload).
 SWEEP_MAX = 1.0
+#: In the first half of a hot restart's drain, a client connection with nothing in flight
+#: that has been quiet this long (seconds) is closed (its client reconnects, to the successor).
+QUIET_CLOSE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +238,7 @@ class _Staged:
     build: _Build
     runtimes: dict[tuple[str, int], ListenerRuntime]
     #: Servers of the listeners added (bound, not yet accepting), and their addresses.
-    servers: dict[tuple[str, int], asyncio.Server]
+    servers: dict[tuple[str, int], asyncio.Server | ServerGroup]
     addresses: dict[tuple[str, int], tuple[str, int]]
 
 
@@ -245,8 +249,15 @@ class Engine:
     then maps ``(host, port)`` to the bound ``(ip, port)``. ``await stop()`` drains.
     """
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, inherited: Inherited | None = None
+    ) -> None:
         self.config = config
+        #: Listening sockets a predecessor handed over (``--hot-restart``): :meth:`start`
+        #: serves on them instead of binding their addresses anew.
+        self.inherited = inherited
+        #: Called once the listeners accept (at once, or at :meth:`begin_serving`).
+        self.on_serving: list[Callable[[], object]] = []
         #: Bind the listeners with ``SO_REUSEPORT``, so several engine processes (the workers
         #: of ``metaprotocol proxy --workers N``) share each port and the kernel spreads the
         #: connections over them.
@@ -294,6 +305,9 @@ class Engine:
         self.connections_per_endpoint = settings.connections_per_endpoint
         self.pending = 0
         self.draining = False
+        #: While set (the first half of a hot restart's drain), each sweep closes the client
+        #: connections with nothing in flight quiet for this long.
+        self.quiet_close: float | None = None
         self.downstreams: set[Downstream] = set()
         #: Client connections of TLS listeners still shaking hands (they count against
         #: ``limits.maxConnections``), and how long they may take (``timeouts.handshake``).
@@ -321,7 +335,7 @@ class Engine:
         #: What each serving cluster was built from (a reload keeps the unchanged ones).
         self._cluster_specs: dict[str, ClusterSpec] = {}
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
-        self._servers: dict[tuple[str, int], asyncio.Server] = {}
+        self._servers: dict[tuple[str, int], asyncio.Server | ServerGroup] = {}
         #: The serving configuration's version (a content hash, or what :meth:`apply` got).
         self.config_version = config_version(config)
         #: The last :meth:`apply` (``None``: none yet), shown in ``/config_dump``.
@@ -333,7 +347,7 @@ class Engine:
         self._reloading: asyncio.Lock | None = None
         #: Deadlines of the drains reloads started (cancelled by :meth:`stop`).
         self._drain_timers: set[asyncio.TimerHandle] = set()
-        self._admin: asyncio.Server | None = None
+        self._admin: asyncio.Server | ServerGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drained: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
@@ -680,8 +694,12 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Bind every listener and the admin endpoint; on any failure nothing stays open."""
+    async def start(self, *, serve: bool = True) -> None:
+        """Bind every listener and the admin endpoint; on any failure nothing stays open.
+
+        ``serve=False``: bound, not accepting until :meth:`begin_serving` (a hot restart's
+        successor waits for its predecessor to stop accepting first).
+        """
         from .admin import start_admin
 
         if self._loop is not None:
@@ -710,13 +728,18 @@ class Engine:
                 self._loop.set_exception_handler(_LoopErrors())
             for listener in settings.listeners:
                 key = (listener.host, listener.port)
-                server = await self._listen(listener, self.listeners[key], start=True)
+                server = await self._listen(listener, self.listeners[key], start=serve)
                 self._servers[key] = server
                 sockname = server.sockets[0].getsockname()
                 self.listener_addresses[key] = (sockname[0], sockname[1])
             await self._refuse_own_listeners(self.listener_addresses, self.clusters)
             if settings.admin is not None:
-                self._admin = await start_admin(self, settings.admin)
+                self._admin = await start_admin(
+                    self,
+                    settings.admin,
+                    self.inherited.take_admin() if self.inherited is not None else [],
+                    serve,
+                )
                 sockname = self._admin.sockets[0].getsockname()
                 self.admin_address = (sockname[0], sockname[1])
                 if settings.admin.allow_remote and not is_loopback(settings.admin.bind[0]):
@@ -737,13 +760,76 @@ class Engine:
                 )
         except BaseException:
             await self._close_servers()
+            if self.inherited is not None:
+                self.inherited.close()
             await self._stop_tracing()  # its exporter thread, made with the routes
             if isinstance(self._loop.get_exception_handler(), _LoopErrors):
                 self._loop.set_exception_handler(None)
             raise
+        if self.inherited is not None:  # those of binds this configuration does not have
+            self.inherited.close()
         self._schedule_sweep()
         start_slow_starts(self.clusters.values())
         self.watchdog.start()
+
+    async def begin_serving(self) -> None:
+        """Start accepting on every listener and the admin endpoint (after
+        ``start(serve=False)``)."""
+        for server in list(self._servers.values()):
+            await server.start_serving()
+        if self._admin is not None:
+            await self._admin.start_serving()
+        for call in self.on_serving:
+            call()
+        self.on_serving.clear()
+
+    def handover_sockets(
+        self, wanted: list[tuple[str, int, str, int]], admin: tuple[str, int] | None
+    ) -> tuple[list[list[Any]], int, list[int]]:
+        """The listening sockets a hot restart's successor may take: for each of its
+        listeners ``(host, port, bind_host, bind_port)`` whose bind this engine serves (for
+        port 0, the same listener's), ``[host, port, count]``; the admin endpoint's count when
+        its bind is this one's; and the descriptors, in that order. They stay open here until
+        :meth:`hand_over`."""
+        rows: list[list[Any]] = []
+        fds: list[int] = []
+        serving = {(item.bind_host, item.bind_port): item for item in self.config.proxy.listeners}
+        by_key = {(item.host, item.port): item for item in self.config.proxy.listeners}
+        for host, port, bind_host, bind_port in wanted:
+            listener = (
+                by_key.get((host, port)) if bind_port == 0 else serving.get((bind_host, bind_port))
+            )
+            if listener is None or (listener.bind_host, listener.bind_port) != (
+                bind_host,
+                bind_port,
+            ):
+                continue
+            server = self._servers.get((listener.host, listener.port))
+            if server is None:
+                continue
+            sockets = list(server.sockets)
+            rows.append([host, port, len(sockets)])
+            fds.extend(sock.fileno() for sock in sockets)
+        admin_count = 0
+        settings = self.config.proxy.admin
+        if self._admin is not None and settings is not None and settings.bind == admin:
+            sockets = list(self._admin.sockets)
+            admin_count = len(sockets)
+            fds.extend(sock.fileno() for sock in sockets)
+        return rows, admin_count, fds
+
+    def hand_over(self) -> None:
+        """Stop accepting now, listeners and admin endpoint alike: a successor accepts on the
+        same sockets from here on. The drain follows (:meth:`stop`)."""
+        for server in self._servers.values():
+            server.close()
+        if self._admin is not None:
+            self._admin.close()
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` has finished."""
+        return self._stopped is not None and self._stopped.is_set()
 
     def _budget(self, settings: ProxySettings) -> None:
         """Set the connection limits from ``RLIMIT_NOFILE`` and the clusters known now."""
@@ -779,12 +865,18 @@ class Engine:
 
     async def _listen(
         self, listener: Listener, runtime: ListenerRuntime, start: bool
-    ) -> asyncio.Server:
+    ) -> asyncio.Server | ServerGroup:
         """Bind ``listener``'s address; it accepts connections once ``start`` or, later,
         ``start_serving``."""
         assert self._loop is not None
 
         loop = self._loop
+
+        inherited = (
+            self.inherited.take((listener.host, listener.port))
+            if self.inherited is not None
+            else []
+        )
 
         def accept() -> asyncio.BaseProtocol:
             # A reload may change the listener's rate limit and TLS: looked at per connection.
@@ -800,6 +892,13 @@ class Engine:
             except CodecUnavailable:  # counted and logged as the codec's bug
                 return Refused(runtime.rejected["codec_error"])
 
+        if inherited:
+            return await serve_on(
+                inherited,
+                lambda sock: loop.create_server(
+                    accept, sock=sock, backlog=1024, start_serving=start
+                ),
+            )
         return await self._loop.create_server(
             accept,
             listener.bind_host,
@@ -889,7 +988,7 @@ class Engine:
             for key, listener in serving.items()
             if key in runtimes and _same_bind(listener, runtimes, config)
         }
-        servers: dict[tuple[str, int], asyncio.Server] = {}
+        servers: dict[tuple[str, int], asyncio.Server | ServerGroup] = {}
         try:
             for listener in config.proxy.listeners:
                 key = (listener.host, listener.port)
@@ -1207,6 +1306,8 @@ class Engine:
                 upstream.idle_sweep(now, cluster.idle_timeout)
         for downstream in list(self.downstreams):
             buffered += downstream.sweep(now)
+        if self.quiet_close is not None:
+            self._close_quiet(now, self.quiet_close)
         for downstream in list(self.departed):
             if downstream.inflight:
                 buffered += downstream.inflight_bytes
@@ -1222,6 +1323,19 @@ class Engine:
         building = self._reloading is not None and self._reloading.locked()
         if not building and self._stats_pruner.due(self, now):
             self._stats_pruner.prune_safely(self, now)
+
+    def _close_quiet(self, now: float, quiet: float) -> None:
+        """Close the client connections with nothing in flight or held that have been quiet
+        for ``quiet`` seconds (a hot restart's drain: their clients' next connections reach
+        the successor)."""
+        for downstream in list(self.downstreams):
+            if (
+                not downstream.inflight
+                and not downstream.held
+                and not downstream.closed
+                and now - downstream.last_seen >= quiet
+            ):
+                downstream.start_drain()  # nothing in flight: it closes now
 
     def _flush_access_log(self) -> None:
         """Write the access log's gathered lines (each sweep: a reader sees a line within a
@@ -1309,11 +1423,14 @@ class Engine:
     def requests_drained(self) -> None:
         """Called when the last pending request finishes during a drain."""
 
-    async def stop(self, drain: float | None = None) -> None:
+    async def stop(self, drain: float | None = None, *, serve_first: bool = False) -> None:
         """Stop accepting, let in-flight requests finish (up to ``drain`` seconds), close all.
 
         New requests on open connections get a ``ShuttingDown`` local reply meanwhile;
-        each connection closes as soon as it has nothing in flight.
+        each connection closes as soon as it has nothing in flight. ``serve_first`` (a hot
+        restart's predecessor): for the first half of ``drain`` the open connections are
+        served as before, each closed once quiet for :data:`QUIET_CLOSE` seconds with nothing
+        in flight; the rest drain as above in the second half.
         """
         if self._loop is None or self.draining:
             return
@@ -1326,6 +1443,12 @@ class Engine:
         self._drain_timers.clear()
         for server in self._servers.values():
             server.close()
+        if serve_first and self.downstreams:
+            self.quiet_close = QUIET_CLOSE
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), drain / 2)
+            self.quiet_close = None
+            drain /= 2
         for conn in list(self.downstreams):
             conn.start_drain()
         for handshake in list(self.handshaking):  # nothing in flight on them

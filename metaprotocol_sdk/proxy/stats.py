@@ -86,6 +86,8 @@ HELP = {
     "metaprotocol_request_duration_milliseconds": "Time from a request's arrival to its answer, "
     "by listener, route and destination.",
     "metaprotocol_stats_series": "Stats series held (counters, gauges and histograms).",
+    "metaprotocol_hot_restart_generation": "Hot restarts that led to this process (0: started "
+    "afresh; each successor's is its predecessor's plus one).",
     "metaprotocol_stats_overflow_total": "New series refused by limits.maxStatsSeries (their "
     'counts went to the stats="overflow" series of their name).',
     "metaprotocol_stats_removed_total": "Series dropped because what they named left the "
@@ -150,7 +152,7 @@ GAUGES = frozenset(
     n
     for n in HELP
     if n.endswith(("_active", "_pending", "_bytes", "_overloaded", "_series"))
-    or n == "metaprotocol_tls_certificate_expiry_seconds"
+    or n in ("metaprotocol_tls_certificate_expiry_seconds", "metaprotocol_hot_restart_generation")
 )
 
 Labels = tuple[tuple[str, str], ...]
@@ -419,6 +421,14 @@ class Stats:
         self._removed.value += len(gone)
         for labels, value in values.items():
             self.gauge(name, **dict(labels)).value = value
+
+    def all_counters(self) -> list[Counter]:
+        """Every counter and gauge series now (a list: the caller may let the loop run)."""
+        return list(self._series.values())
+
+    def all_histograms(self) -> list[Histogram]:
+        """Every histogram series now (a list: the caller may let the loop run)."""
+        return list(self._histograms.values())
 
     def counters(self, name: str) -> list[Counter]:
         """Every series of the counter or gauge ``name``."""
