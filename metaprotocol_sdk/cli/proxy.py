@@ -410,6 +410,8 @@ async def _take_over(
 async def _follow(predecessor: Predecessor, handover: HandoverServer) -> None:
     """Add the predecessor's counts while it drains; then be the next one's predecessor."""
     await predecessor.follow()
+    if predecessor.state == "done":
+        log.info("hot restart: pid %d has drained; its counts are in", predecessor.pid)
     handover.publish()
 
 
