@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from metaprotocol_sdk.proxy import Config, Engine
     from metaprotocol_sdk.proxy.hot_restart import HandoverServer, Predecessor
     from metaprotocol_sdk.proxy.output import BackgroundOutput
+    from metaprotocol_sdk.proxy.service_manager import Successor
     from metaprotocol_sdk.proxy.workers import WorkerSpec
     from metaprotocol_sdk.proxy.xds.client import XdsClient
 
@@ -238,6 +239,7 @@ async def _serve(
 ) -> int:
     from metaprotocol_sdk.proxy import Engine
     from metaprotocol_sdk.proxy.hot_restart import HotRestartError
+    from metaprotocol_sdk.proxy.service_manager import Successor, notify
     from metaprotocol_sdk.proxy.workers import bind_failure
 
     predecessor = None
@@ -269,11 +271,17 @@ async def _serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     handover = None
+    successor = Successor()
     if hot_restart is not None:
-        handover = _handover(engine, hot_restart, predecessor, stop)
+        handover = _handover(engine, hot_restart, predecessor, stop, successor)
         if handover is None:
             await engine.stop(drain=0)
             return 1
+    if worker is None:  # a worker of --workers N: its supervisor is the unit's process
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(
+                signal.SIGUSR2, successor.start if handover is not None else _no_hot_restart
+            )
     reloader = Reloader(engine, files, worker.apply if worker is not None else None)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
@@ -321,6 +329,8 @@ async def _serve(
         if engine.admin_address is not None:
             click.echo(f"admin on {engine.admin_address[0]}:{engine.admin_address[1]}")
     sys.stdout.flush()
+    if worker is None:  # systemd's Type=notify: serving, and (a successor) the main process
+        notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving")
     _tune_gc()
     _tune_malloc()
     if watch:
@@ -336,22 +346,30 @@ async def _serve(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    log.info(
-        "draining" if handover is None or handover.successor is None else "draining (taken over)"
-    )
+    taken = handover is not None and handover.successor is not None
+    if worker is None and not taken:  # (a successor serves the unit on)
+        notify("STOPPING=1")
+    log.info("draining (taken over)" if taken else "draining")
     if control_plane is not None:
         await control_plane.stop()
     # Taken over: the successor accepts on the same sockets; the open connections are
     # served a while longer (see Engine.stop).
-    taken = handover is not None and handover.successor is not None
     await engine.stop(drain=drain, serve_first=taken)
     if handover is not None:
         await handover.finish()
     return 0
 
 
+def _no_hot_restart() -> None:
+    log.warning("SIGUSR2 starts a hot restart only with --hot-restart PATH; ignored")
+
+
 def _handover(
-    engine: Engine, path: str, predecessor: Predecessor | None, stop: asyncio.Event
+    engine: Engine,
+    path: str,
+    predecessor: Predecessor | None,
+    stop: asyncio.Event,
+    successor: Successor,
 ) -> HandoverServer | None:
     """Listen for this engine's own successor (``--hot-restart``); ``None``: cannot (said)."""
     from metaprotocol_sdk.proxy.hot_restart import HandoverServer
@@ -360,6 +378,7 @@ def _handover(
 
     def taken_over(pid: int) -> None:
         engine.hand_over()  # the successor accepts on the same sockets from now on
+        successor.taken_over.set()
         stop.set()
 
     handover = HandoverServer(engine, path, generation, taken_over)

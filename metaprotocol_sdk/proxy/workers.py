@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .admin import PROMETHEUS, WORKER_FORMAT, Streamed, _AdminServer, _response, json_parts
 from .admin_page import merge_live, page_html
 from .config.models import Admin
+from .service_manager import notify
 from .stats import Stats
 from .stats_merge import WORKER_LABEL, MergedStats, WorkerFeed
 from .watchdog import KILL_STATUS
@@ -407,9 +408,11 @@ class Supervisor:
         pids = ", ".join(str(w.process.pid) for w in self.workers if w.process is not None)
         log.info("%d workers (pids %s)", len(self.workers), pids)
         sys.stdout.flush()
+        notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving ({len(self.workers)} workers)")
         for worker in self.workers:
             self._spawn_task(self._keep(worker))
         await self._stop.wait()
+        notify("STOPPING=1")
         log.info("draining")
         code = await self._stop_workers()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -57,19 +57,27 @@ spec:
 class Proxy:
     """A ``metaprotocol proxy --hot-restart`` process; stderr lines collected by a thread."""
 
-    def __init__(self, config: Path, path: Path, *args: str, serving: bool = True) -> None:
+    def __init__(
+        self,
+        config: Path,
+        path: Path | None,
+        *args: str,
+        serving: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        restart = [] if path is None else ["--hot-restart", str(path)]
         self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config),
-                "--hot-restart", str(path), *args,
-            ],
+            [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config), *restart, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        #: Reads stderr until every process writing it (a successor started by this one
+        #: shares it) has closed it.
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         if not serving:
             return
         assert self.proc.stdout is not None
@@ -454,3 +462,59 @@ def test_another_user_is_refused(setup: tuple[Path, Path]) -> None:
     finally:
         first.stop()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_sigusr2_starts_the_successor_and_systemd_hears_from_each(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``SIGUSR2`` runs the same command again, which takes over; with ``NOTIFY_SOCKET``
+    (systemd's ``Type=notify``) each process says it is ready and the unit's main process,
+    and only the last one says it is stopping."""
+    config, path = setup
+    notes = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notes.bind(str(tmp_path / "notify"))
+    notes.settimeout(WAIT)
+    first = Proxy(config, path, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    successor = 0
+    try:
+        assert notes.recv(4096).decode() == f"READY=1\nMAINPID={first.proc.pid}\nSTATUS=serving"
+        c = client(first.port)
+        assert c.sayHello("before") == "v1: hello before"
+        first.proc.send_signal(signal.SIGUSR2)
+        line = first.wait_line("hot restart: started pid")
+        successor = int(line.split("started pid ")[1].split()[0])
+        assert notes.recv(4096).decode() == f"READY=1\nMAINPID={successor}\nSTATUS=serving"
+        assert first.proc.wait(WAIT) == 0
+        assert client(first.port).sayHello("after") == "v1: hello after"
+        first.wait_line(f"hot restart: pid {first.proc.pid} has drained")
+        notes.setblocking(False)
+        with pytest.raises(BlockingIOError):  # the first one, gone, said nothing more
+            notes.recv(4096)
+        notes.settimeout(WAIT)
+        os.kill(successor, signal.SIGTERM)
+        assert notes.recv(4096).decode() == "STOPPING=1"
+        first.reader.join(WAIT)  # the successor closed the shared stderr: it has exited
+        assert not first.reader.is_alive()
+        successor = 0
+        assert not path.exists()
+        c.close()
+    finally:
+        notes.close()
+        first.stop()
+        if successor:
+            os.kill(successor, signal.SIGKILL)
+
+
+def test_sigusr2_without_hot_restart_is_ignored(setup: tuple[Path, Path]) -> None:
+    """Its default action would end the process: with no ``--hot-restart`` it is said and
+    ignored."""
+    config, _ = setup
+    proxy = Proxy(config, None)
+    try:
+        proxy.proc.send_signal(signal.SIGUSR2)
+        line = proxy.wait_line("SIGUSR2")
+        assert line == "warning: SIGUSR2 starts a hot restart only with --hot-restart PATH; ignored"
+        assert client(proxy.port).sayHello("x") == "v1: hello x"
+    finally:
+        proxy.stop()
+    assert proxy.proc.returncode == 0

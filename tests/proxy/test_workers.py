@@ -1028,3 +1028,42 @@ def test_a_request_joins_only_an_answer_asked_with_its_own_bounds() -> None:
         assert made == [1.0, 0.5]
 
     run(main())
+
+
+def test_the_supervisor_alone_speaks_to_systemd(tmp_path: Path) -> None:
+    """With ``NOTIFY_SOCKET`` (``Type=notify``), the supervisor says it is ready (and the
+    unit's main process) once every worker serves, and that it stops on ``SIGTERM``; the
+    workers, which have the same environment, say nothing."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        notes = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notes.bind(str(tmp_path / "notify"))
+        notes.setblocking(False)
+        path = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(path),
+            "NOTIFY_SOCKET": str(tmp_path / "notify"),
+        }
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]), env=env)
+        loop = asyncio.get_running_loop()
+        try:
+            ready = await asyncio.wait_for(loop.sock_recv(notes, 4096), WAIT)
+            assert ready.decode() == f"READY=1\nMAINPID={sup.proc.pid}\nSTATUS=serving (2 workers)"
+            client = await Client.connect(sup.address)
+            assert (await client.call("hi")).attributes.get("server") == "up"
+            client.close()
+            sup.proc.send_signal(signal.SIGTERM)
+            stopping = await asyncio.wait_for(loop.sock_recv(notes, 4096), WAIT)
+            assert stopping.decode() == "STOPPING=1"
+            assert await asyncio.to_thread(sup.proc.wait, 30) == 0
+            with pytest.raises(BlockingIOError):  # nothing from the workers
+                notes.recv(4096)
+        finally:
+            notes.close()
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0, err
+
+    run(main(), timeout=60)
