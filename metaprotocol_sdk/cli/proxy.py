@@ -409,8 +409,7 @@ async def _take_over(
         assert settings is not None
         try:
             await control_plane.wait_for(
-                lambda _: engine.last_reload is not None and engine.last_reload.source == "xds",
-                settings.initial_fetch_timeout,
+                lambda client: client.initialized, settings.initial_fetch_timeout
             )
         except TimeoutError:
             log.warning(

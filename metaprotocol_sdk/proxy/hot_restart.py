@@ -531,6 +531,8 @@ class HandoverServer:
         self.on_takeover = on_takeover
         #: The successor's pid once it asked for the drain.
         self.successor: int | None = None
+        #: The pid of a process holding the sockets, not yet asking for the drain (starting).
+        self.incoming: int | None = None
         self._sock: socket.socket | None = None
         self._temporary = f"{path}.{os.getpid()}"
         self._inode: int | None = None
@@ -588,6 +590,7 @@ class HandoverServer:
                 await self._hand_over(channel, hello)
             finally:
                 self._busy = self.successor is not None
+                self.incoming = None
         except HotRestartError as exc:
             log.warning("hot restart: a successor failed: %s", exc)
         finally:
@@ -620,6 +623,7 @@ class HandoverServer:
             },
             fds,
         )
+        self.incoming = pid
         deadline = asyncio.get_running_loop().time() + TAKEOVER_TIMEOUT
         while True:  # the successor starts; it asks for the counts, then for the drain
             left = deadline - asyncio.get_running_loop().time()
@@ -631,7 +635,7 @@ class HandoverServer:
                 break
             else:
                 raise HotRestartError(f"the successor asked {ask['op']!r}")
-        self.successor = pid
+        self.successor, self.incoming = pid, None
         log.info("hot restart: pid %d takes over; draining", pid)
         self.on_takeover(pid)
         await channel.send({"op": "draining"})
@@ -673,6 +677,7 @@ class HandoverServer:
         return {
             "socket": self.path,
             "generation": self.generation,
+            "incoming": self.incoming,
             "successor": self.successor,
         }
 

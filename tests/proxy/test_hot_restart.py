@@ -233,7 +233,7 @@ def test_a_hot_restart_under_load_refuses_no_connection_and_keeps_every_count(
         assert stats["metaprotocol_hot_restart_generation"] == 1
         dump = second.get("/config_dump")["hotRestart"]
         assert dump["predecessor"] == {"pid": first.proc.pid, "state": "done"}
-        assert dump["generation"] == 1 and dump["successor"] is None
+        assert dump["generation"] == 1 and dump["successor"] is None and dump["incoming"] is None
         first_lines = first.stderr()
         assert f"info: hot restart: pid {second.proc.pid} takes over; draining" in first_lines
         assert "info: draining (taken over)" in first_lines

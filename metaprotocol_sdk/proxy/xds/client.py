@@ -778,6 +778,15 @@ class XdsClient:
         async with self._changed:
             self._changed.notify_all()
 
+    @property
+    def initialized(self) -> bool:
+        """Whether clusters and routes have both been applied once (a route update waiting
+        for its clusters' endpoints is not): Envoy's end of initialization."""
+        types = self.types
+        return bool(types[CLUSTER_TYPE].version and types[ROUTE_TYPE].version) and (
+            self.held is None
+        )
+
     async def wait_for(self, predicate: Callable[[XdsClient], bool], timeout: float) -> None:
         """Wait until ``predicate(self)`` holds (checked after every change)."""
         async with self._changed:

@@ -1,0 +1,95 @@
+"""A hot restart under a control plane: the new process takes over only once it has its first
+configuration from it (as Envoy's finishes its initial fetch first); until then the running
+one serves every connection."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from control_plane import ControlPlane
+from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, hello_snapshots
+from test_engine_xds import NODE, config_yaml
+
+from metaprotocol_sdk.demo.idl import hello, untyped
+from metaprotocol_sdk.demo.thrift_server import HelloServer
+
+WAIT = 15.0
+
+
+def say(port: int, name: str) -> str:
+    client = untyped("thriftpy2.rpc").make_client(
+        hello().Hello,
+        "127.0.0.1",
+        port,
+        trans_factory=untyped("thriftpy2.transport").TFramedTransportFactory(),
+        timeout=int(WAIT * 1000),
+    )
+    try:
+        return str(client.sayHello(name))
+    finally:
+        client.close()
+
+
+def dump(admin: str) -> Any:
+    with urllib.request.urlopen(f"http://{admin}/config_dump", timeout=WAIT) as reply:
+        return json.loads(reply.read())["hotRestart"]
+
+
+def test_the_successor_takes_over_once_it_has_the_control_planes_routes(tmp_path: Path) -> None:
+    v1, v2 = HelloServer("v1").start(), HelloServer("v2").start()
+    cp = ControlPlane().start()
+    config = tmp_path / "sidecar.yaml"
+    extra = '\n    initialFetchTimeout: 60s\n  admin: {bind: "127.0.0.1:0"}'
+    config.write_text(config_yaml(cp.port, extra))
+    path = tmp_path / "engine.sock"
+    command = [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)]
+    command += ["--hot-restart", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        version, resources = hello_snapshots([("127.0.0.1", v1.port)], [("127.0.0.1", v2.port)])[1]
+        cp.set_snapshot(version, resources)  # sayHello goes to v2
+        first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        procs.append(first)
+        assert first.stdout is not None
+        first.stdout.readline()  # xds from ...
+        port = int(first.stdout.readline().rsplit(":", 1)[1])
+        admin = first.stdout.readline().split()[-1]
+        for type_url in (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE):
+            cp.wait(lambda _r, t=type_url: cp.acked(t, version, NODE))
+        assert say(port, "one") == "v2: hello one"
+        cp.stop()  # the successor gets nothing from it for now
+        second = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        procs.append(second)
+        deadline = time.monotonic() + WAIT
+        while dump(admin)["incoming"] != second.pid:  # it holds the sockets, not draining us
+            assert time.monotonic() < deadline, "the successor never asked for the sockets"
+            assert second.poll() is None
+            time.sleep(0.02)  # polling the first process's state (no event to wait on)
+        for i in range(20):  # its routes not there, the successor leaves every one to us
+            assert say(port, str(i)) == f"v2: hello {i}"
+        assert dump(admin)["successor"] is None and first.poll() is None
+        cp.start()  # the same port: the successor's stream gets its configuration
+        assert second.stdout is not None
+        assert second.stdout.readline().startswith("xds from")
+        assert int(second.stdout.readline().rsplit(":", 1)[1]) == port
+        assert first.wait(WAIT) == 0
+        assert say(port, "two") == "v2: hello two"  # the control plane's route, at once
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(WAIT) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        cp.close()
+        v1.close()
+        v2.close()
