@@ -242,6 +242,14 @@ async def _serve(
     from metaprotocol_sdk.proxy.service_manager import Successor, notify
     from metaprotocol_sdk.proxy.workers import bind_failure
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # From the start: whoever reads the addresses may stop us at once, and SIGTERM's default
+    # action would end the process undrained (a supervisor would count it unclean); one that
+    # comes while a hot restart's successor starts makes it give up (its predecessor serves).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     predecessor = None
     if hot_restart is not None:
         from metaprotocol_sdk.proxy.hot_restart import take_over
@@ -268,8 +276,6 @@ async def _serve(
             return 2
         log.error("%s", bind_failure(exc))
         return 1
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     handover = None
     successor = Successor()
     if hot_restart is not None:
@@ -295,16 +301,11 @@ async def _serve(
         control_plane = XdsClient(engine, config)
         control_plane.start()
         reloader.control_plane = control_plane  # file reloads keep the routes received
-    # Before the addresses are told: whoever read them may stop us at once, and SIGTERM's
-    # default action would end the process undrained (a supervisor would count it unclean).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.ensure_future(reloader.run())]
     if predecessor is not None:
         assert handover is not None
         try:
-            await _take_over(engine, predecessor, control_plane)
+            await _take_over(engine, predecessor, control_plane, stop)
         except HotRestartError as exc:
             log.error("hot restart: %s; pid %d serves on", exc, predecessor.pid)
             predecessor.abandon()
@@ -398,24 +399,36 @@ def _handover(
 
 
 async def _take_over(
-    engine: Engine, predecessor: Predecessor, control_plane: XdsClient | None
+    engine: Engine,
+    predecessor: Predecessor,
+    control_plane: XdsClient | None,
+    stop: asyncio.Event,
 ) -> None:
     """The new process's part of a hot restart, once its engine is built: the predecessor's
     counts, the control plane's first routes (as Envoy waits for its initial fetch), then the
     predecessor stops accepting and this engine starts."""
+    from metaprotocol_sdk.proxy.hot_restart import HotRestartError
+
     await predecessor.import_stats(engine.stats)
     if control_plane is not None:
         settings = engine.config.proxy.xds
         assert settings is not None
-        try:
-            await control_plane.wait_for(
+        fetched = asyncio.ensure_future(
+            control_plane.wait_for(
                 lambda client: client.initialized, settings.initial_fetch_timeout
             )
-        except TimeoutError:
+        )
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((fetched, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        fetched.cancel()
+        if fetched.done() and not fetched.cancelled() and fetched.exception() is not None:
             log.warning(
                 "hot restart: no configuration from the control plane within "
                 "spec.xds.initialFetchTimeout; taking over with the files' alone"
             )
+    if stop.is_set():  # SIGTERM while starting: the predecessor serves on
+        raise HotRestartError("stopped (SIGTERM) before taking over")
     await predecessor.drain()
     await engine.begin_serving()
     log.info(
@@ -638,7 +651,7 @@ def command(
     if hot_restart is not None:
         from metaprotocol_sdk.proxy.hot_restart import available
 
-        refused = available() or (
+        refused = available(hot_restart) or (
             f"not with --workers {workers} (one serving process only, in this version)"
             if workers > 1
             else None

@@ -61,6 +61,10 @@ TAKEOVER_TIMEOUT = 300.0
 STATS_INTERVAL = 1.0
 #: Most listening sockets one message carries (listeners and the admin endpoint).
 MAX_SOCKETS = 1024
+#: Connections to the hot restart socket served at once (more are closed at once).
+MAX_PEERS = 4
+#: Longest socket path (``sun_path`` holds 108 bytes; the temporary name adds ``.<pid>``).
+MAX_PATH = 96
 _LENGTH = struct.Struct("!I")
 
 
@@ -68,10 +72,12 @@ class HotRestartError(Exception):
     """The hot restart socket, or the process behind it, did not do what was expected."""
 
 
-def available() -> str | None:
-    """``None`` where hot restart works, else why not."""
+def available(path: str) -> str | None:
+    """``None`` where hot restart at ``path`` works, else why not."""
     if not hasattr(socket, "SO_PEERCRED") or not hasattr(socket, "AF_UNIX"):
         return "hot restart needs Unix sockets with SO_PEERCRED (Linux)"
+    if len(os.fsencode(path)) > MAX_PATH:
+        return f"the path is longer than {MAX_PATH} bytes (a Unix socket's limit)"
     return None
 
 
@@ -196,24 +202,28 @@ def _close_all(fds: list[int]) -> None:
 # -- stats ------------------------------------------------------------------------------------
 
 
-def stats_pieces(stats: Stats) -> Iterator[dict[str, Any]]:
-    """The counters and histograms of ``stats`` (not the gauges) as ``stats`` messages of
-    about :data:`STATS_PIECE` bytes each, made one by one (the caller lets the loop run)."""
+def stats_pieces(stats: Stats, sent: dict[tuple[str, Labels], Any]) -> Iterator[dict[str, Any]]:
+    """The counters and histograms of ``stats`` (not the gauges) that changed since ``sent``
+    (what was sent before, updated here), as ``stats`` messages of about :data:`STATS_PIECE`
+    bytes each, made one by one (the caller lets the loop run between them)."""
     counters: list[Any] = []
     histograms: list[Any] = []
     size = 0
     for counter in stats.all_counters():
-        if counter.name in GAUGES or not counter.value:
+        key = (counter.name, counter.labels)
+        if counter.name in GAUGES or not counter.value or sent.get(key) == counter.value:
             continue
-        row = [counter.name, counter.labels, counter.value]
-        counters.append(row)
+        sent[key] = counter.value
+        counters.append([counter.name, counter.labels, counter.value])
         size += 32 + sum(len(k) + len(v) + 8 for k, v in counter.labels)
         if size >= STATS_PIECE:
             yield {"op": "stats", "counters": counters, "histograms": histograms}
             counters, histograms, size = [], [], 0
     for histogram in stats.all_histograms():
-        if not histogram.sum and not any(histogram.counts):
-            continue
+        key, total = (histogram.name, histogram.labels), histogram.count
+        if not total or sent.get(key) == total:
+            continue  # (a histogram's count grows with any change)
+        sent[key] = total
         labels = histogram.labels
         row = [histogram.name, labels, histogram.bounds, histogram.counts, histogram.sum]
         histograms.append(row)
@@ -537,6 +547,10 @@ class HandoverServer:
         self._temporary = f"{path}.{os.getpid()}"
         self._inode: int | None = None
         self._busy = False
+        #: What the successor was sent of each series (only what changed is sent again).
+        self._sent: dict[tuple[str, Labels], Any] = {}
+        #: Connections being served (at most :data:`MAX_PEERS`).
+        self._peers = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: asyncio.Event | None = None
 
@@ -574,9 +588,13 @@ class HandoverServer:
     async def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         while True:
             conn, _ = await loop.sock_accept(sock)
+            if self._peers >= MAX_PEERS:  # a descriptor each: the engine's clients need them
+                conn.close()
+                continue
             self._spawn(self._serve(Channel(conn, loop)))
 
     async def _serve(self, channel: Channel) -> None:
+        self._peers += 1
         try:
             _check_peer(channel.sock)
             hello, fds = await channel.receive(REPLY_TIMEOUT)
@@ -594,6 +612,7 @@ class HandoverServer:
         except HotRestartError as exc:
             log.warning("hot restart: a successor failed: %s", exc)
         finally:
+            self._peers -= 1
             channel.close()
 
     def _refusal(self, hello: dict[str, Any]) -> str | None:
@@ -648,7 +667,7 @@ class HandoverServer:
         self._finished.set()
 
     async def _send_stats(self, channel: Channel) -> None:
-        for piece in stats_pieces(self.engine.stats):
+        for piece in stats_pieces(self.engine.stats, self._sent):
             await channel.send(piece)
             await asyncio.sleep(0)  # requests run between the pieces
         await channel.send({"op": "stats_end"})

@@ -386,11 +386,16 @@ def test_a_stale_socket_or_another_file_at_the_path(setup: tuple[Path, Path]) ->
     )
 
 
-def test_not_with_several_workers(setup: tuple[Path, Path]) -> None:
+def test_not_with_several_workers_nor_a_path_too_long(setup: tuple[Path, Path]) -> None:
     config, path = setup
     refused = Proxy(config, path, "--workers", "2", serving=False)
     assert refused.proc.wait(WAIT) == 2
     assert "--hot-restart: not with --workers 2" in refused.wait_line("--hot-restart")
+    long = path.parent / ("x" * 100)
+    refused = Proxy(config, long, serving=False)
+    assert refused.proc.wait(WAIT) == 2
+    line = refused.wait_line("--hot-restart")
+    assert line == "error: --hot-restart: the path is longer than 96 bytes (a Unix socket's limit)"
 
 
 def test_hostile_peers_on_the_socket_change_nothing(setup: tuple[Path, Path]) -> None:

@@ -66,14 +66,29 @@ def test_the_successor_takes_over_once_it_has_the_control_planes_routes(tmp_path
         for type_url in (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE):
             cp.wait(lambda _r, t=type_url: cp.acked(t, version, NODE))
         assert say(port, "one") == "v2: hello one"
-        cp.stop()  # the successor gets nothing from it for now
+        cp.stop()  # a successor gets nothing from it for now
+
+        def incoming(pid: int) -> None:
+            deadline = time.monotonic() + WAIT
+            while dump(admin)["incoming"] != pid:  # it holds the sockets, not draining us
+                assert time.monotonic() < deadline, "the successor never asked for the sockets"
+                time.sleep(0.02)  # polling the first process's state (no event to wait on)
+
+        # One stopped while it waits for its routes gives up; the running one serves on.
+        stopped = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+        procs.append(stopped)
+        incoming(stopped.pid)
+        stopped.send_signal(signal.SIGTERM)
+        _, err = stopped.communicate(timeout=WAIT)
+        assert stopped.returncode == 1
+        assert (
+            f"error: hot restart: stopped (SIGTERM) before taking over; pid {first.pid} serves on"
+            in err.splitlines()
+        ), err
+        assert dump(admin)["incoming"] is None
         second = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
         procs.append(second)
-        deadline = time.monotonic() + WAIT
-        while dump(admin)["incoming"] != second.pid:  # it holds the sockets, not draining us
-            assert time.monotonic() < deadline, "the successor never asked for the sockets"
-            assert second.poll() is None
-            time.sleep(0.02)  # polling the first process's state (no event to wait on)
+        incoming(second.pid)
         for i in range(20):  # its routes not there, the successor leaves every one to us
             assert say(port, str(i)) == f"v2: hello {i}"
         assert dump(admin)["successor"] is None and first.poll() is None
