@@ -652,7 +652,8 @@ def command(
         from metaprotocol_sdk.proxy.hot_restart import available
 
         refused = available(hot_restart) or (
-            f"not with --workers {workers} (one serving process only, in this version)"
+            f"not with --workers {workers}: SIGUSR2 to the supervisor replaces its workers "
+            "(see docs/hot-restart.md)"
             if workers > 1
             else None
         )

@@ -35,9 +35,11 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -261,6 +263,10 @@ class Worker:
     failures: int = 0
     #: A ``SIGHUP`` came while it was not serving: it is sent one once it serves.
     reload_wanted: bool = False
+    #: Times a successor took its place (``SIGUSR2``, a hot restart).
+    hot_restarts: int = 0
+    #: While a successor starts: done once it serves (``True``) or failed (``False``).
+    replacing: asyncio.Future[bool] | None = None
 
     @property
     def running(self) -> bool:
@@ -366,6 +372,15 @@ class Supervisor:
         #: The admin answers being made, by path and bounds: requests that come meanwhile
         #: share them (:meth:`shared`).
         self._fanouts: dict[tuple[object, ...], asyncio.Future[Any]] = {}
+        #: Where each worker listens for its successor (``SIGUSR2``): a private directory.
+        self._restart_dir: str | None = None
+        #: Workers a successor replaced, draining, and successors starting: signalled and
+        #: waited for at the stop, their exits not counted.
+        self._others: set[asyncio.subprocess.Process] = set()
+        self._rolling = False
+        #: The last hot restart of the workers (``/config_dump``'s ``hotRestart``): its
+        #: ``state`` (``running``, ``done``, ``failed``), workers ``replaced``, ``error``.
+        self.hot_restart: dict[str, Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -379,6 +394,7 @@ class Supervisor:
             self.forward(signal.SIGHUP)
         sys.stdout.flush()
         self._output = BackgroundWriter(sys.stdout.fileno(), "worker output", OUTPUT_BACKLOG)
+        self._restart_dir = tempfile.mkdtemp(prefix="metaprotocol-workers-")  # mode 0700
         try:
             self._held, self.ports = hold_ports(self.config)
             admin = self.config.proxy.admin
@@ -396,6 +412,7 @@ class Supervisor:
         # Handlers first: the lines below invite signals.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGUSR2, self._on_hot_restart)
         xds = self.config.proxy.xds
         if xds is not None:  # each worker holds its own stream, as the same node
             print(f"xds from {xds.address} as {xds.node.id}")
@@ -415,7 +432,7 @@ class Supervisor:
         notify("STOPPING=1")
         log.info("draining")
         code = await self._stop_workers()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # its default action would end us mid-exit
         if code:
@@ -437,7 +454,8 @@ class Supervisor:
     def forward(self, sig: int) -> None:
         """Send ``sig`` to every running worker; ``SIGHUP`` only to those serving (one still
         starting has no handler for it yet, and may have read the files before they
-        changed): the others get it once they serve."""
+        changed): the others get it once they serve. ``SIGTERM`` and ``SIGKILL`` also reach
+        the workers of a hot restart (draining, or starting)."""
         for worker in self.workers:
             if sig == signal.SIGHUP and worker.admin is None:
                 worker.reload_wanted = True
@@ -445,6 +463,118 @@ class Supervisor:
             if worker.running and worker.process is not None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(sig)
+        if sig in (signal.SIGTERM, signal.SIGKILL):
+            for process in self._others:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(sig)
+
+    def _socket(self, index: int) -> str:
+        """Where worker ``index`` listens for its successor."""
+        assert self._restart_dir is not None
+        return os.path.join(self._restart_dir, f"worker-{index}.sock")
+
+    def _on_hot_restart(self) -> None:
+        if self.stopping:
+            return
+        if self._rolling:
+            log.warning("hot restart of the workers already under way; SIGUSR2 ignored")
+            return
+        self._rolling = True
+        self._spawn_task(self._roll())
+
+    async def _roll(self) -> None:
+        """Replace every serving worker by a successor, one after the other (``SIGUSR2``):
+        each takes its predecessor's sockets and counters, which drains (see
+        docs/hot-restart.md). A successor that fails to start ends the roll: the workers
+        not yet replaced serve on."""
+        state: dict[str, Any] = {"state": "running", "replaced": 0, "error": None}
+        self.hot_restart = state
+        try:
+            log.info("hot restart of %d workers", len(self.workers))
+            for worker in self.workers:
+                if self.stopping:
+                    state.update(state="failed", error="the supervisor stopped")
+                    return
+                if not worker.running or worker.admin is None:
+                    continue  # not serving: it starts with the code of now anyway
+                if not await self._replace(worker):
+                    state.update(
+                        state="failed",
+                        error=f"the successor of worker {worker.index} did not start",
+                    )
+                    log.error(
+                        "hot restart of the workers stopped at worker %d: its successor did "
+                        "not start (it serves on, with the workers not yet replaced)",
+                        worker.index,
+                    )
+                    return
+                state["replaced"] += 1
+            state["state"] = "done"
+            log.info("hot restart of the workers done")
+        finally:
+            self._rolling = False
+
+    async def _replace(self, worker: Worker) -> bool:
+        """Start ``worker``'s successor and, once it serves (it has taken over), make it the
+        worker of that slot; ``False``: it did not start."""
+        old = worker.process
+        assert old is not None
+        # The predecessor may drain and exit before the successor's ready line is read: its
+        # exit is then no crash (see _keep).
+        worker.replacing = asyncio.get_running_loop().create_future()
+        try:
+            replaced = await self._start_successor(worker, old)
+        finally:
+            worker.replacing.set_result(worker.process is not old)
+            worker.replacing = None
+        return replaced
+
+    async def _start_successor(self, worker: Worker, old: asyncio.subprocess.Process) -> bool:
+        spec = WorkerSpec(worker.index, self.ports, quiet_config=True)
+        process = await asyncio.create_subprocess_exec(
+            *self.command,
+            "--hot-restart",
+            self._socket(worker.index),
+            "--worker",
+            spec.to_json(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            limit=1024 * 1024,
+        )
+        self._others.add(process)
+        ready = await self._ready(worker.index, process)
+        if ready is None or self.stopping:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            self._others.discard(process)
+            return False
+        self._others.discard(process)
+        self._others.add(old)  # drains: its exit is awaited, not counted
+        self._spawn_task(self._retired(worker.index, old))
+        worker.process = process
+        worker.listeners = ready["listeners"]
+        host, port = ready["admin"]
+        worker.admin = (str(host), int(port))
+        worker.started = asyncio.get_running_loop().time()
+        worker.hot_restarts += 1
+        assert process.stdout is not None
+        self._spawn_task(self._copy_output(process.stdout))
+        log.info("worker %d: pid %d took over from pid %d", worker.index, process.pid, old.pid)
+        return True
+
+    async def _retired(self, index: int, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        self._others.discard(process)
+        if code != 0:
+            log.warning(
+                "worker %d: pid %d, replaced, did not drain cleanly (%s)",
+                index,
+                process.pid,
+                _exit_text(code),
+            )
 
     async def _start_all(self) -> int:
         """Start the first worker, then the others: 0, or the exit status of one that failed.
@@ -472,6 +602,8 @@ class Supervisor:
         worker.admin = None
         worker.process = process = await asyncio.create_subprocess_exec(
             *self.command,
+            "--hot-restart",  # where its successor finds it (SIGUSR2)
+            self._socket(worker.index),
             "--worker",
             spec.to_json(),
             stdin=asyncio.subprocess.PIPE,
@@ -481,21 +613,11 @@ class Supervisor:
         )
         worker.started = asyncio.get_running_loop().time()
         assert process.stdout is not None
-        try:
-            async with asyncio.timeout(START_TIMEOUT):
-                while line := await process.stdout.readline():
-                    text = line.decode("utf-8", "replace")
-                    if text.startswith(READY):
-                        ready = json.loads(text[len(READY) :])
-                        worker.listeners = ready["listeners"]
-                        host, port = ready["admin"]
-                        worker.admin = (str(host), int(port))
-                        break
-                    self._pass_output(line)  # a codec's or filter's own output
-        except (TimeoutError, ValueError, KeyError, TypeError) as exc:
-            log.warning("worker %d did not start: %s", worker.index, exc or "timed out")
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+        ready = await self._ready(worker.index, process)
+        if ready is not None:
+            worker.listeners = ready["listeners"]
+            host, port = ready["admin"]
+            worker.admin = (str(host), int(port))
         if worker.admin is None:
             await process.wait()
             return False
@@ -506,14 +628,43 @@ class Supervisor:
                 process.send_signal(signal.SIGHUP)
         return True
 
+    async def _ready(
+        self, index: int, process: asyncio.subprocess.Process
+    ) -> dict[str, Any] | None:
+        """What a starting worker says once it serves (its ``READY`` line); ``None``: it did
+        not say it in time, or said it wrong (then it is killed)."""
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while line := await process.stdout.readline():
+                    text = line.decode("utf-8", "replace")
+                    if text.startswith(READY):
+                        ready = json.loads(text[len(READY) :])
+                        if not isinstance(ready, dict):
+                            raise ValueError("not an object")
+                        host, port = ready["admin"]
+                        str(host), int(port), list(ready["listeners"])
+                        return ready
+                    self._pass_output(line)  # a codec's or filter's own output
+        except (TimeoutError, ValueError, KeyError, TypeError) as exc:
+            log.warning("worker %d did not start: %s", index, exc or "timed out")
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        return None
+
     async def _keep(self, worker: Worker) -> None:
         """Start ``worker`` again each time it exits, until the supervisor stops."""
         loop = asyncio.get_running_loop()
         while True:
-            assert worker.process is not None
-            code = await worker.process.wait()
+            process = worker.process
+            assert process is not None
+            code = await process.wait()
             if self.stopping:
                 return
+            if worker.replacing is not None:  # it drained for a successor still starting
+                await worker.replacing
+            if worker.process is not process:
+                continue  # a successor took its place (hot restart): watch that one
             ran = loop.time() - worker.started
             worker.failures = 0 if ran >= STABLE_AFTER and worker.admin else worker.failures + 1
             worker.restarts += 1
@@ -550,7 +701,11 @@ class Supervisor:
             if worker.index in serving:
                 ended.append((worker, code))
 
+        async def wait_other(process: asyncio.subprocess.Process) -> None:
+            await process.wait()  # a hot restart's: how it ends is not counted
+
         waits = [wait(w, w.process) for w in self.workers if w.process is not None]
+        waits += [wait_other(process) for process in list(self._others)]
         if waits:
             done: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
             killed: asyncio.Future[Any] = asyncio.ensure_future(self._kill.wait())
@@ -604,6 +759,9 @@ class Supervisor:
         for sock in self._held:
             sock.close()
         self._held = []
+        if self._restart_dir is not None:
+            shutil.rmtree(self._restart_dir, ignore_errors=True)
+            self._restart_dir = None
 
     # -- admin ---------------------------------------------------------------------------------
 
@@ -701,6 +859,11 @@ class Supervisor:
             "counter",
             "Workers started again after they exited, by worker.",
         )
+        replaced = merged.family(
+            "metaprotocol_worker_hot_restarts_total",
+            "counter",
+            "Workers a successor took the place of (SIGUSR2), by worker.",
+        )
         for worker, outcome in zip(self.workers, outcomes, strict=True):
             label = f'{{{WORKER_LABEL}="{worker.index}"}}'
             answered = outcome is None or outcome == "truncated"
@@ -709,6 +872,9 @@ class Supervisor:
                 outcome == "truncated"
             )
             restarts.samples[f"metaprotocol_worker_restarts_total{label}"] = float(worker.restarts)
+            replaced.samples[f"metaprotocol_worker_hot_restarts_total{label}"] = float(
+                worker.hot_restarts
+            )
             if outcome is not None:
                 log.warning("worker %d: stats: %s", worker.index, outcome)
         merged.add(self.stats.prometheus())  # the supervisor's admin counters
@@ -753,6 +919,7 @@ class Supervisor:
                 "pid": worker.process.pid if worker.running and worker.process else None,
                 "up": dump is not None,
                 "restarts": worker.restarts,
+                "hotRestarts": worker.hot_restarts,
                 "admin": None if worker.admin is None else "{}:{}".format(*worker.admin),
             }
             if dump is None:
@@ -760,20 +927,22 @@ class Supervisor:
             else:  # each worker reloads itself: its version and last reload are its own
                 entry["version"] = dump.get("version")
                 entry["lastReload"] = dump.get("lastReload")
+                entry["hotRestart"] = dump.get("hotRestart")
                 if "xds" in dump:  # and its own stream: versions, nonces, ACKs, errors
                     entry["xds"] = dump["xds"]
                 if shown is not None and _served(dump) != _served(shown):
                     entry["config"] = dump  # it serves something else (a refused reload?)
             workers.append(entry)
         out["workers"] = workers
+        out["hotRestart"] = self.hot_restart
         return out
 
 
 def _served(dump: dict[str, Any]) -> dict[str, Any]:
     """What a worker serves, from its ``/config_dump``: neither the reload record (its time)
     nor the state of its own xDS stream (nonces, times; the versions it applied are in
-    ``version``)."""
-    return {k: v for k, v in dump.items() if k not in ("lastReload", "xds")}
+    ``version``) nor of its hot restarts (its own socket, predecessor, generation)."""
+    return {k: v for k, v in dump.items() if k not in ("lastReload", "xds", "hotRestart")}
 
 
 _PATHS = (

@@ -1065,5 +1065,127 @@ def test_the_supervisor_alone_speaks_to_systemd(tmp_path: Path) -> None:
             code, err = sup.stop()
             await up.close()
         assert code == 0, err
+        assert "hot restart of the workers stopped at worker 0" in err, err
+
+    run(main(), timeout=60)
+
+
+def test_sigusr2_replaces_every_worker_under_load_refusing_no_connection(tmp_path: Path) -> None:
+    """``SIGUSR2`` to the supervisor: each worker in turn is replaced by a successor that takes
+    its listening sockets (its place in the ``SO_REUSEPORT`` group, with the connections in
+    its queue) and its counters; clients opening a connection per request all the while see
+    no failure, and the summed counters agree with them."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        stop = asyncio.Event()
+        answered = [0]
+        failures: list[str] = []
+
+        async def load() -> None:
+            while not stop.is_set():
+                try:
+                    client = await Client.connect(sup.address)
+                    try:
+                        reply = await asyncio.wait_for(client.call("get"), WAIT)
+                        assert reply.attributes.get("server") == "up"
+                    finally:
+                        client.close()
+                    answered[0] += 1
+                except Exception as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+
+        try:
+            before = [w["pid"] for w in await sup.workers()]
+            tasks = [asyncio.ensure_future(load()) for _ in range(4)]
+
+            async def at_least(n: int) -> bool:
+                return answered[0] >= n
+
+            await until(lambda: at_least(100), "requests before the hot restart")
+            sup.proc.send_signal(signal.SIGUSR2)
+
+            async def replaced() -> bool:
+                now = [w["pid"] for w in await sup.workers()]
+                return all(p not in before for p in now)
+
+            await until(replaced, "both workers to be replaced", timeout=WAIT * 2)
+
+            async def done() -> Any:
+                return (await sup.get("/config_dump"))["hotRestart"] == {
+                    "state": "done",
+                    "replaced": 2,
+                    "error": None,
+                }
+
+            await until(done, "the hot restart to be done")
+            seen = answered[0]
+            await until(lambda: at_least(seen + 100), "requests after the hot restart")
+
+            async def drained() -> bool:  # the replaced workers have exited
+                return not any(
+                    os.path.exists(f"/proc/{pid}/status") and _alive(pid) for pid in before
+                )
+
+            await until(drained, "the replaced workers to exit", timeout=WAIT * 2)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+            assert failures == []
+            stats = await sup.stats()
+            assert total(stats, "metaprotocol_requests_total", 'status="Ok"') == answered[0]
+            assert total(stats, "metaprotocol_worker_hot_restarts_total") == 2
+            assert total(stats, "metaprotocol_worker_restarts_total") == 0
+        finally:
+            stop.set()
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0, err
+        assert "hot restart of the workers done" in err, err
+        assert err.count("has drained; its counts are in") == 2, err
+
+    run(main(), timeout=120)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:\tZ") for line in status)
+    except OSError:
+        return False
+
+
+def test_a_successor_that_cannot_start_ends_the_hot_restart_and_the_workers_serve_on(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        try:
+            before = [w["pid"] for w in await sup.workers()]
+            (tmp_path / "mesh.yaml").write_text("kind: Nonsense\n")  # the next load fails
+            sup.proc.send_signal(signal.SIGUSR2)
+
+            async def refused() -> Any:
+                return (await sup.get("/config_dump"))["hotRestart"]["state"] == "failed"
+
+            await until(refused, "the hot restart to stop")
+            state = (await sup.get("/config_dump"))["hotRestart"]
+            assert state == {
+                "state": "failed",
+                "replaced": 0,
+                "error": "the successor of worker 0 did not start",
+            }
+            assert [w["pid"] for w in await sup.workers()] == before
+            await one_request_each(sup.address, 8)
+            stats = await sup.stats()
+            assert total(stats, "metaprotocol_worker_hot_restarts_total") == 0
+            assert total(stats, "metaprotocol_worker_restarts_total") == 0
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0, err
+        assert "hot restart of the workers stopped at worker 0" in err, err
 
     run(main(), timeout=60)
