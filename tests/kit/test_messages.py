@@ -142,3 +142,22 @@ def test_a_strategy_that_raises_is_named_not_the_codec() -> None:
     assert "in _unbuildable: raise ValueError(" in reason
     assert "while it generated a message, before the codec was called" in reason
     assert "only CodecError subclasses may escape" not in reason
+
+
+class IgnoresANewIdAlone(Fault):
+    """Returns the frame as it came when there is no mutation, whatever ``request_id`` says."""
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if not mutation:
+            return message.frame
+        return super().encode(message, mutation, request_id=request_id)
+
+
+def test_an_ignored_request_id_is_named_as_such() -> None:
+    # Was "encode(message, request_id=0) re-decodes with request id 1": true, but not why
+    # nor what it breaks.
+    reason = failure(IgnoresANewIdAlone, "rewrite_request_id")
+    assert "(encode returned the message's frame unchanged: it ignored request_id)" in reason
+    assert "an engine sharing the upstream connection never matches the reply" in reason
