@@ -10,7 +10,8 @@ calls the codec and treats it as bytes the codec cannot read: it costs that conn
 Each such exception, and each breach the engine sees in what a codec returned (a reply to a
 request whose new id its ``encode`` did not write: :meth:`CodecBugs.misbehaved`), is counted in
 ``metaprotocol_codec_errors_total{codec, method}`` and logged as one line (the codec, its
-method, the exception's type and the start of its message, never a traceback), at most one line
+method, the exception's type and the start of its message, and the codec's line that raised it,
+never a traceback), at most one line
 per :data:`LOG_INTERVAL` per process, with how many were left out since the last: a client that
 reaches the bug with every frame cannot flood the log.
 """
@@ -18,6 +19,9 @@ reaches the bug with every frame cannot flood the log.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import traceback
 from collections.abc import Callable
 from time import monotonic
 
@@ -73,6 +77,33 @@ def describe(exc: BaseException) -> str:
     if len(text) > MESSAGE_CHARS:
         text = text[:MESSAGE_CHARS] + "..."
     return f"{type(exc).__name__}: {text!r}"
+
+
+def raised_at(exc: BaseException, codec: object) -> str:
+    """`` (at FILE:LINE in FUNCTION)`` for the deepest frame of ``exc``'s traceback in the
+    codec's own package (the line its author changes), else the deepest frame; empty
+    without one (C code). Only for a logged line: it walks the traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    cls = codec if isinstance(codec, type) else type(codec)
+    parts = cls.__module__.split(".")
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if file is not None:
+        path = os.path.abspath(file)
+        # The top-level package's directory (a lone module: its file).
+        root = os.path.dirname(path) if path.endswith("__init__.py") else path[:-3]
+        for _ in parts[1:]:
+            root = os.path.dirname(root)
+        if len(parts) == 1 and not path.endswith("__init__.py"):
+            root = path
+        own = [f for f in frames if f.filename == root or f.filename.startswith(root + os.sep)]
+        if own:
+            frame = own[-1]
+            where = os.path.relpath(frame.filename, os.path.dirname(root))
+            return f" (at {where}:{frame.lineno} in {frame.name})"
+    frame = frames[-1]
+    return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
 
 
 class CodecBugs:
@@ -136,10 +167,11 @@ class CodecBugs:
             return reason
         more = self._more()
         log.error(
-            "codec %s: %s raised %s, a bug in the codec (it may raise only CodecError): %s%s",
+            "codec %s: %s raised %s%s, a bug in the codec (it may raise only CodecError): %s%s",
             codec_name(codec),
             method,
             describe(exc),
+            raised_at(exc, codec),
             outcome,
             more,
         )

@@ -136,6 +136,8 @@ def check_log(caplog: pytest.LogCaptureFixture, method: str, exc: str) -> None:
     assert record.exc_info is None and "Traceback" not in text
     assert "\n" not in text and len(text) < 600, text
     assert f"codec {NAME}: {method} raised {exc}" in text, text
+    # Where: the codec's own line (here the test's hit()), as the kit names it.
+    assert "test_codec_bugs.py:" in text and " in hit), a bug in the codec" in text, text
 
 
 async def settled(engine: Engine) -> None:
