@@ -161,3 +161,19 @@ def test_an_ignored_request_id_is_named_as_such() -> None:
     reason = failure(IgnoresANewIdAlone, "rewrite_request_id")
     assert "(encode returned the message's frame unchanged: it ignored request_id)" in reason
     assert "an engine sharing the upstream connection never matches the reply" in reason
+
+
+class LeavesTheFrame(Fault):
+    """Copies the frame out of the buffer and leaves it there (no ``take_frame``)."""
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        before = bytes(buffer)
+        result = super().decode(buffer)
+        buffer[:0] = before[: len(before) - len(buffer)]
+        return result
+
+
+def test_a_frame_left_in_the_buffer_points_at_take_frame() -> None:
+    reason = failure(LeavesTheFrame, "framing_whole")
+    assert "it consumed 0 bytes but metadata.frame holds" in reason
+    assert "(take_frame(buffer, size) removes it and returns it)" in reason
