@@ -177,3 +177,22 @@ def test_a_frame_left_in_the_buffer_points_at_take_frame() -> None:
     reason = failure(LeavesTheFrame, "framing_whole")
     assert "it consumed 0 bytes but metadata.frame holds" in reason
     assert "(take_frame(buffer, size) removes it and returns it)" in reason
+
+
+class TakesThenRaises(Fault):
+    """Takes a frame with bad headers off the buffer, then raises."""
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            if exc.frame_size:
+                del buffer[: exc.frame_size]
+            raise
+
+
+def test_a_frame_consumed_before_the_error_points_at_raising_first() -> None:
+    reason = failure(TakesThenRaises, "bad_input_consumes_nothing")
+    assert " bytes; a decode error must leave the buffer as it was (raise before take_frame: " in (
+        reason
+    )
