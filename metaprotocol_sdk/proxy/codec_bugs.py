@@ -117,16 +117,18 @@ class CodecBugs:
         self._logged = float("-inf")
         self._quiet = 0
 
-    def misbehaved(self, codec: object, method: str, what: str) -> None:
+    def misbehaved(self, codec: object, method: str, what: str, outcome: str = "") -> None:
         """Count and log (rate-limited, as :meth:`report`) a breach of the contract seen in
-        what ``codec``'s ``method`` did, without an exception: ``what``, one line."""
+        what ``codec``'s ``method`` did, without an exception: ``what``, one line, and
+        ``outcome``, what the engine did about it."""
         self._count(codec, method)
         if self._may_log():
             log.error(
-                "codec %s: %s: %s, a bug in the codec%s",
+                "codec %s: %s: %s, a bug in the codec%s%s",
                 codec_name(codec),
                 method,
                 what,
+                f": {outcome}" if outcome else "",
                 self._more(),
             )
 
