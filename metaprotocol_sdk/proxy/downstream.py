@@ -1912,8 +1912,7 @@ class Downstream(asyncio.Protocol):
         self.engine.codec_bugs.misbehaved(
             self.codec,
             "on_error",
-            f"returned an empty reply to answer {error.name} (the protocol's error reply is "
-            "owed)",
+            f"returned an empty reply to answer {error.name} (the protocol's error reply is owed)",
             _AFTER_CODEC_BUG,
         )
         self._end_after_codec_bug()
