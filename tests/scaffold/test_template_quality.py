@@ -137,3 +137,7 @@ def test_ci_sh_outside_the_environment_says_what_to_install(tmp_path: Path, kind
     env = {**os.environ, "PYTHON": PYTHON, "PYTHONPATH": str(REPO)}
     proc = run(["bash", project / "ci.sh"], env=env, expect=2)
     assert f"lacks {package}: activate" in proc.stderr
+    # No python at all (a new terminal without the venv on a machine that has only python3).
+    nowhere = {**os.environ, "PYTHON": "no-such-python"}
+    proc = run(["bash", project / "ci.sh"], env=nowhere, expect=2)
+    assert "error: cannot run no-such-python: activate the environment" in proc.stderr

@@ -7,10 +7,14 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 
 # Run from the environment that has the SDK and the dev extra: say so, rather than fail on ruff.
-missing=$("$PYTHON" -c 'import importlib.util as u
+if ! missing=$("$PYTHON" -c 'import importlib.util as u
 needed = ("metaprotocol_sdk", "{{ cookiecutter.package_name }}",
           "ruff", "mypy", "pytest", "hypothesis")
-print(*[m for m in needed if not u.find_spec(m)])') || missing="(cannot run $PYTHON)"
+print(*[m for m in needed if not u.find_spec(m)])'); then
+    echo "error: cannot run $PYTHON: activate the environment that has metaprotocol-sdk" >&2
+    echo "(or set PYTHON to its python)" >&2
+    exit 2
+fi
 if [ -n "$missing" ]; then
     echo "error: $PYTHON lacks $missing: activate the environment that has metaprotocol-sdk" >&2
     echo "and run 'pip install -e .[dev]' in it (or set PYTHON to its python)" >&2
