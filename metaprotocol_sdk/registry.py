@@ -138,8 +138,9 @@ def _find_codec(name: str, infos: list[CodecInfo]) -> CodecInfo:
     installed = ", ".join(names) or "none"
     raise UnknownCodecError(
         f"no codec named {name!r} is installed{hint}; installed codecs: {installed}. "
-        f"A codec registers itself in the {GROUP!r} entry-point group; a 'module:Class' "
-        "reference also works."
+        f"A codec registers itself in the {GROUP!r} entry-point group when its package is "
+        "installed (pip install -e . in a package made by metaprotocol new); a "
+        "'module:Class' reference also works."
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from ._output import fail
-from .scaffold_answers import EMAIL_RE
+from .scaffold_answers import EMAIL_RE, NAME_RE
 
 #: Environment variable naming another codec template (a path or a git URL).
 TEMPLATE_ENV = "METAPROTOCOL_TEMPLATE"
@@ -67,6 +67,18 @@ def _extra(pairs: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="-x/--set")
         out[key] = value
     return out
+
+
+#: Why a protocol name has no '-' (as the template's hook says it).
+_NO_DASH = (
+    " (no '-': ServiceEntry port names tcp-metaprotocol-<protocol>-<name> use it as the separator)"
+)
+
+
+def _suggested(name: str) -> str:
+    """A valid name close to ``name`` ('Acme-RPC' -> 'acme_rpc')."""
+    cleaned = re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")
+    return cleaned if NAME_RE.match(cleaned) else f"p_{cleaned}".rstrip("_")
 
 
 @click.command("new")
@@ -152,6 +164,20 @@ def command(
     package passes its tests on the filter harness and runs in the engine by its entry-point
     name. Its README says what to change first.
     """
+    if name is not None and template is None and not NAME_RE.match(name):
+        # Before the questions and before cookiecutter's check of the directory (which a
+        # name like 'acme-rpc' would otherwise meet first, as that of an earlier 'acme_rpc').
+        kind, why = ("filter", "") if is_filter else ("protocol", _NO_DASH)
+        problem = (
+            f"{kind}_name: {name!r} is not a valid {kind} name; use lowercase letters, digits "
+            f"and '_', starting with a letter{why}, e.g. {_suggested(name)!r}"
+        )
+        # As the template's hook words a refused answer.
+        if is_filter:
+            click.echo(f"error: {problem}", err=True)
+        else:
+            click.echo(f"error: cannot generate the codec package:\n  - {problem}", err=True)
+        fail("the answers were rejected; nothing was generated", 2)
     if is_filter:
         for option, flag in (
             ("--heartbeat/--no-heartbeat", heartbeat),

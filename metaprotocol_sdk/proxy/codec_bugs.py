@@ -10,7 +10,8 @@ calls the codec and treats it as bytes the codec cannot read: it costs that conn
 Each such exception, and each breach the engine sees in what a codec returned (a reply to a
 request whose new id its ``encode`` did not write: :meth:`CodecBugs.misbehaved`), is counted in
 ``metaprotocol_codec_errors_total{codec, method}`` and logged as one line (the codec, its
-method, the exception's type and the start of its message, never a traceback), at most one line
+method, the exception's type and the start of its message, and the codec's line that raised it,
+never a traceback), at most one line
 per :data:`LOG_INTERVAL` per process, with how many were left out since the last: a client that
 reaches the bug with every frame cannot flood the log.
 """
@@ -18,6 +19,9 @@ reaches the bug with every frame cannot flood the log.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import traceback
 from collections.abc import Callable
 from time import monotonic
 
@@ -75,6 +79,33 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text!r}"
 
 
+def raised_at(exc: BaseException, codec: object) -> str:
+    """`` (at FILE:LINE in FUNCTION)`` for the deepest frame of ``exc``'s traceback in the
+    codec's own package (the line its author changes), else the deepest frame; empty
+    without one (C code). Only for a logged line: it walks the traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    cls = codec if isinstance(codec, type) else type(codec)
+    parts = cls.__module__.split(".")
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if file is not None:
+        path = os.path.abspath(file)
+        # The top-level package's directory (a lone module: its file).
+        root = os.path.dirname(path) if path.endswith("__init__.py") else path[:-3]
+        for _ in parts[1:]:
+            root = os.path.dirname(root)
+        if len(parts) == 1 and not path.endswith("__init__.py"):
+            root = path
+        own = [f for f in frames if f.filename == root or f.filename.startswith(root + os.sep)]
+        if own:
+            frame = own[-1]
+            where = os.path.relpath(frame.filename, os.path.dirname(root))
+            return f" (at {where}:{frame.lineno} in {frame.name})"
+    frame = frames[-1]
+    return f" (at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
+
+
 class CodecBugs:
     """The engine's count and log of exceptions codecs raise against the contract."""
 
@@ -86,16 +117,18 @@ class CodecBugs:
         self._logged = float("-inf")
         self._quiet = 0
 
-    def misbehaved(self, codec: object, method: str, what: str) -> None:
+    def misbehaved(self, codec: object, method: str, what: str, outcome: str = "") -> None:
         """Count and log (rate-limited, as :meth:`report`) a breach of the contract seen in
-        what ``codec``'s ``method`` did, without an exception: ``what``, one line."""
+        what ``codec``'s ``method`` did, without an exception: ``what``, one line, and
+        ``outcome``, what the engine did about it."""
         self._count(codec, method)
         if self._may_log():
             log.error(
-                "codec %s: %s: %s, a bug in the codec%s",
+                "codec %s: %s: %s, a bug in the codec%s%s",
                 codec_name(codec),
                 method,
                 what,
+                f": {outcome}" if outcome else "",
                 self._more(),
             )
 
@@ -136,10 +169,11 @@ class CodecBugs:
             return reason
         more = self._more()
         log.error(
-            "codec %s: %s raised %s, a bug in the codec (it may raise only CodecError): %s%s",
+            "codec %s: %s raised %s%s, a bug in the codec (it may raise only CodecError): %s%s",
             codec_name(codec),
             method,
             describe(exc),
+            raised_at(exc, codec),
             outcome,
             more,
         )

@@ -63,6 +63,8 @@ _HEARTBEAT = MessageType.Heartbeat
 _STREAM_INIT = MessageType.Stream_Init
 _STATUS_NAMES = ("Unknown", "Ok", "Error")
 _ERROR_STATUS = ResponseStatus.Error
+#: What the engine does after a bug of the codec that a client's connection reached.
+_AFTER_CODEC_BUG = "the client is read no more and closed once answered"
 #: Local failures a route's ``retries.retryOn`` may name; each is a gateway error for
 #: outlier detection. A reply the codec refused is a ``reset``, as Envoy counts an upstream
 #: protocol error (the engine drops the connection when the stream cannot go on).
@@ -1601,6 +1603,10 @@ class Downstream(asyncio.Protocol):
             self.codec_failed("on_error", exc)
             self._reply(p, None, 0, None, batch)
             return
+        if not reply:  # the same bug, without an exception
+            self.empty_error_reply(ErrorType.BadResponse)
+            self._reply(p, None, 0, None, batch)
+            return
         self.listener.count_local(ErrorType.BadResponse)
         self._reply(p, reply, len(reply), None, batch)
 
@@ -1845,6 +1851,10 @@ class Downstream(asyncio.Protocol):
             self.codec_failed("on_error", exc)
             self._unanswered(request, route, target, elapsed, host)
             return
+        if not reply:  # the same bug, without an exception: the client would wait in vain
+            self.empty_error_reply(error)
+            self._unanswered(request, route, target, elapsed, host)
+            return
         listener.count_local(error)
         target.count(error.name)
         transport.write(reply)
@@ -1892,9 +1902,23 @@ class Downstream(asyncio.Protocol):
         ``codec_bugs``), reached by this client's bytes. As after bytes the codec cannot
         resynchronise on: nothing more is read, and the connection closes (after what is
         queued for it) once the requests in flight are answered; counted ``codec_error``."""
-        self.engine.codec_bugs.report(
-            self.codec, method, exc, "the client is read no more and closed once answered"
+        self.engine.codec_bugs.report(self.codec, method, exc, _AFTER_CODEC_BUG)
+        self._end_after_codec_bug()
+
+    def empty_error_reply(self, error: ErrorType) -> None:
+        """The codec's ``on_error`` returned no bytes to answer ``error`` (the contract calls
+        an empty reply a bug): as when it raises, logged, counted and the connection ended,
+        rather than a client left waiting for its own timeout."""
+        self.engine.codec_bugs.misbehaved(
+            self.codec,
+            "on_error",
+            f"returned an empty reply to answer {error.name} (the protocol's error reply is owed)",
+            _AFTER_CODEC_BUG,
         )
+        self._end_after_codec_bug()
+
+    def _end_after_codec_bug(self) -> None:
+        """Read no more; close once the requests in flight are answered (``codec_error``)."""
         if self.closed:
             return
         if not self.read_done:  # not already ending (a half-close, an unanswerable frame)

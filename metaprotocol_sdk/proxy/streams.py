@@ -297,9 +297,12 @@ class Stream:
             except Exception as exc:  # a bug in the codec: the client cannot be told
                 downstream.codec_failed("on_error", exc)
             else:
-                downstream.listener.count_local(error)
-                downstream.queue_frame(reply)
-                downstream.flush()
+                if reply:
+                    downstream.listener.count_local(error)
+                    downstream.queue_frame(reply)
+                    downstream.flush()
+                else:  # the same bug, without an exception
+                    downstream.empty_error_reply(error)
         self.bytes_sent += len(reply)
         self.end(error.name, abort=True)
 

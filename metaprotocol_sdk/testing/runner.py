@@ -47,7 +47,15 @@ def _raw_result(target: CodecTarget, check: Check) -> CheckResult:
     except Exception as exc:
         trace = "".join(traceback.format_exception(exc, limit=-6))
         where = codec_line(exc, target.codec)
-        if where is None:
+        if _while_generating(exc):
+            # Hypothesis notes where a draw failed: the author's strategy, not the codec.
+            reason = (
+                f"the messages strategy raised {type(exc).__name__}: {exc}{where or ''} while "
+                "it generated a message, before the codec was called: make the strategy "
+                "(messages() or unusual_messages() in the codec's conformance package) draw "
+                f"only frames it can build\n{trace}"
+            )
+        elif where is None:
             reason = f"unexpected {type(exc).__name__}: {exc}\n{trace}"
         else:
             # The codec's own code raised where the check called it directly.
@@ -60,6 +68,12 @@ def _raw_result(target: CodecTarget, check: Check) -> CheckResult:
     return CheckResult(
         check.name, Outcome.passed, str(ctx.details.get("summary", "")), details=ctx.details
     )
+
+
+def _while_generating(exc: BaseException) -> bool:
+    """Whether hypothesis noted that ``exc`` came from drawing a value (a strategy's code)."""
+    notes = getattr(exc, "__notes__", ())
+    return any(isinstance(n, str) and n.startswith("while generating ") for n in notes)
 
 
 def run_check(target: CodecTarget, name: str) -> CheckResult:

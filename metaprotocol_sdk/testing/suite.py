@@ -22,6 +22,7 @@ import pytest
 from hypothesis import strategies as st
 
 from metaprotocol_sdk.codec import Codec
+from metaprotocol_sdk.errors import ConfigError, RegistryError
 from metaprotocol_sdk.metadata import Metadata
 
 from .checks import REGISTRY
@@ -80,24 +81,37 @@ class CodecConformance:
         target = _TARGETS.get(cls)
         if target is None:
             if cls.codec is None:
-                raise TypeError(f"{cls.__name__} must set `codec` to a Codec class or name")
+                pytest.fail(
+                    f"{cls.__name__}: set `codec` to the codec class, an installed codec's "
+                    "name or 'module:Class'",
+                    pytrace=False,
+                )
             known = cls.known_failures
-            if isinstance(known, str | Path):
-                known = load_known_failures(known)
-            target = CodecTarget.discover(
-                cls.codec,
-                options=cls.options,
-                golden=cls.golden,
-                messages=cls.messages(),
-                known_failures=known,
-                mutation=cls.mutation,
-                payload=cls.payload,
-                settings=cls.settings,
-                conformance=cls.conformance,
-                unusual=cls.unusual_messages(),
-                grown=cls.grown,
-            )
-            _TARGETS[cls] = target
+            try:
+                if isinstance(known, str | Path):
+                    known = load_known_failures(known)
+                target = CodecTarget.discover(
+                    cls.codec,
+                    options=cls.options,
+                    golden=cls.golden,
+                    messages=cls.messages(),
+                    known_failures=known,
+                    mutation=cls.mutation,
+                    payload=cls.payload,
+                    settings=cls.settings,
+                    conformance=cls.conformance,
+                    unusual=cls.unusual_messages(),
+                    grown=cls.grown,
+                )
+            except (RegistryError, ConfigError) as exc:
+                error = str(exc)
+            else:
+                _TARGETS[cls] = target
+                return target
+            # The user's setting (a name, a file), said as `metaprotocol check` says it, and
+            # outside the except block: pytest would show the caught error as its context.
+            codec = cls.codec if isinstance(cls.codec, str) else cls.codec.__qualname__
+            pytest.fail(f"{cls.__name__} (codec {codec}): {error}", pytrace=False)
         return target
 
 

@@ -56,6 +56,10 @@ def test_unknown_name_lists_what_is_installed(site: Path) -> None:
     assert "no codec named 'nosuch'" in str(info.value)
     assert "fakekv" in str(info.value)
     assert "did you mean" not in str(info.value)
+    # A just-scaffolded codec is not registered until its package is installed.
+    assert "when its package is installed (pip install -e . in a package made by " in str(
+        info.value
+    )
 
 
 @pytest.mark.parametrize("typed", ["fake-kv", "Fake_KV", "fake_kb"])

@@ -71,6 +71,34 @@ def test_pytest_skips_point_at_the_users_suite_class_with_the_reason(
     assert "metaprotocol_sdk/testing" not in result.stdout.str()
 
 
+def test_pytest_suite_without_a_loadable_codec_fails_in_one_line_per_test(
+    pytester: pytest.Pytester,
+) -> None:
+    # A misspelt codec name, or no `codec =` at all, failed every test with a traceback
+    # through the kit's and the registry's code.
+    pytester.makepyfile(
+        test_user_suite="""
+        from metaprotocol_sdk.testing import CodecConformance
+        class TestTypo(CodecConformance):
+            codec = "kv_codecc"
+        class TestForgot(CodecConformance):
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-k", "golden_vectors")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*TestTypo (codec kv_codecc): no codec named 'kv_codecc' is installed*",
+            "*TestForgot: set `codec` to the codec class, an installed codec's name or "
+            "'module:Class'*",
+        ]
+    )
+    assert "Traceback" not in result.stdout.str()
+    assert "metaprotocol_sdk/" not in result.stdout.str()
+    assert "During handling" not in result.stdout.str()
+
+
 def test_pytest_suite_reports_failures_xfails_and_fixed_known_failures(
     pytester: pytest.Pytester,
 ) -> None:

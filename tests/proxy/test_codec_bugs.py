@@ -105,6 +105,8 @@ class BoomKV(KVCodec):
 
     def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
         hit("on_error", metadata.frame)
+        if b"<on_error-empty>" in bytes(metadata.frame):
+            return b""  # the contract's "an empty reply is a bug"
         return super().on_error(metadata, error)
 
     def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
@@ -136,6 +138,8 @@ def check_log(caplog: pytest.LogCaptureFixture, method: str, exc: str) -> None:
     assert record.exc_info is None and "Traceback" not in text
     assert "\n" not in text and len(text) < 600, text
     assert f"codec {NAME}: {method} raised {exc}" in text, text
+    # Where: the codec's own line (here the test's hit()), as the kit names it.
+    assert "test_codec_bugs.py:" in text and " in hit), a bug in the codec" in text, text
 
 
 async def settled(engine: Engine) -> None:
@@ -285,6 +289,39 @@ def test_a_local_reply_the_codec_fails_to_build_closes_the_connection_after_the_
             assert stats.total("metaprotocol_requests_total", status="DownstreamClosed") == 1
 
     run_checking_log(caplog, main(), "on_error", "RecursionError")
+
+
+def test_an_empty_local_reply_is_a_codec_bug_named_in_the_log_as_one_that_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``on_error`` returns ``b""`` for a request the engine answers itself: the engine sent
+    nothing and said nothing, and the client waited for its own timeout. Now it is the bug it
+    is: logged and counted, and the client closed once its earlier request is answered."""
+
+    async def main() -> None:
+        async with buggy_engine(Upstream("a"), ROUTES) as (engine, up):
+            c = await Client.connect(address(engine))
+            first = c.start("slow", rid=1)
+            failed = c.start("nowhere", boom("on_error-empty"), rid=2)
+            await up.wait_received(1)
+            await until(lambda: codec_errors(engine, "on_error") == 1, "the bug")
+            await served(engine)
+            up.release.set()
+            assert error_type(await asyncio.wait_for(first, WAIT)) is None
+            await asyncio.wait_for(c.closed, WAIT)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(failed, WAIT)
+            assert closed_by(engine, "codec_error") == 1
+            assert engine.stats.total("metaprotocol_local_replies_total") == 0
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    records = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) == 1, records
+    assert records[0].startswith(
+        f"codec {NAME}: on_error: returned an empty reply to answer RouteNotFound (the "
+        "protocol's error reply is owed), a bug in the codec: the client is read no more"
+    ), records
 
 
 def test_a_reply_the_codec_cannot_relabel_nor_answer_closes_the_client_after_its_other_replies(

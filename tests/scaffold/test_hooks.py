@@ -155,3 +155,28 @@ def test_protocol_of_another_installed_codec_is_rejected() -> None:
     assert hook.validate(answers, {"acme": "acme_codec"}) == []
     (problem,) = hook.validate(answers, {"acme": "other-acme"})
     assert "already installed by 'other-acme'" in problem
+
+
+def test_an_invalid_name_is_refused_before_the_questions_and_the_directory_check(
+    tmp_path: Path,
+) -> None:
+    # 'ledger-rpc' gives the same directory as an earlier 'ledger_rpc': cookiecutter said
+    # "already exists" first, and without --no-input all twelve questions came before the
+    # refusal of the name given on the command line.
+    (tmp_path / "metaprotocol-codec-ledger-rpc").mkdir()
+    proc = run(
+        [PYTHON, "-m", "metaprotocol_sdk", "new", "Ledger-RPC", "-o", tmp_path],
+        env=isolated_env(tmp_path),
+        expect=2,
+        input="",
+    )
+    assert proc.stderr.splitlines() == [
+        "error: cannot generate the codec package:",
+        "  - protocol_name: 'Ledger-RPC' is not a valid protocol name; use lowercase letters, "
+        "digits and '_', starting with a letter (no '-': ServiceEntry port names "
+        "tcp-metaprotocol-<protocol>-<name> use it as the separator), e.g. 'ledger_rpc'",
+        "error: the answers were rejected; nothing was generated",
+    ]
+    assert proc.stdout == ""
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["cookiecutter-config.yaml", "metaprotocol-codec-ledger-rpc"]

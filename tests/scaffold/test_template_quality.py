@@ -112,3 +112,32 @@ def test_generated_package_is_clean(tmp_path: Path, variant: str) -> None:
     )
     assert stream_timed_out.returncode == (1 if streaming else 2)  # 2: no --stream option
     assert ("stream 1 did not end within 0.2 s" in stream_timed_out.stderr) is streaming
+
+
+@pytest.mark.parametrize("kind", ["codec", "filter"])
+def test_ci_sh_outside_the_environment_says_what_to_install(tmp_path: Path, kind: str) -> None:
+    # Run from a new terminal, without the venv, ci.sh failed on its first line with
+    # "No module named ruff": the author installed ruff globally and got the next error.
+    name = {"codec": "protocol_name", "filter": "filter_name"}[kind]
+    template = REPO / "metaprotocol_sdk" / "cli" / f"{kind}_template"
+    out = tmp_path / "out"
+    run(
+        [BIN / "cookiecutter", "--no-input", "-o", out, template, f"{name}=tiny"],
+        env=isolated_env(tmp_path),
+    )
+    (project,) = out.iterdir()
+    package = "metaprotocol_tiny" if kind == "codec" else "metaprotocol_filter_tiny"
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec "{PYTHON}" -I -S "$@"\n', encoding="utf-8")
+    bare.chmod(0o755)
+    proc = run(["bash", project / "ci.sh"], env={**os.environ, "PYTHON": str(bare)}, expect=2)
+    assert f"lacks metaprotocol_sdk {package} ruff mypy pytest" in proc.stderr
+    assert "pip install -e .[dev]" in proc.stderr and "== ruff" not in proc.stdout
+    # The SDK and the tools are there, the package itself is not installed yet.
+    env = {**os.environ, "PYTHON": PYTHON, "PYTHONPATH": str(REPO)}
+    proc = run(["bash", project / "ci.sh"], env=env, expect=2)
+    assert f"lacks {package}: activate" in proc.stderr
+    # No python at all (a new terminal without the venv on a machine that has only python3).
+    nowhere = {**os.environ, "PYTHON": "no-such-python"}
+    proc = run(["bash", project / "ci.sh"], env=nowhere, expect=2)
+    assert "error: cannot run no-such-python: activate the environment" in proc.stderr

@@ -221,10 +221,12 @@ def call_decode(
         fail(f"decode returned {type(result).__name__}, not Metadata or NeedData")
     consumed = len(before) - len(buffer)
     if result.frame != before[:consumed] or bytes(buffer) != before[consumed:]:
+        # The likeliest slip: the frame copied out of the buffer and left in it too.
+        hint = " (take_frame(buffer, size) removes it and returns it)" if consumed == 0 else ""
         fail(
             f"decode must consume exactly the message it returns: it consumed {consumed} "
-            f"bytes but metadata.frame holds {len(result.frame)}\ninput:\n{hexdump(before)}\n"
-            f"metadata.frame:\n{hexdump(result.frame)}"
+            f"bytes but metadata.frame holds {len(result.frame)}{hint}\ninput:\n"
+            f"{hexdump(before)}\nmetadata.frame:\n{hexdump(result.frame)}"
         )
     if (
         result.header_size < 0

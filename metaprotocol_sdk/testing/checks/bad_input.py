@@ -291,15 +291,14 @@ class _Untouched:
             return
         consumed = len(before) - len(buffer)
         if bytes(buffer) != before:
-            how = (
-                f"consumed {consumed} bytes"
-                if consumed > 0 and bytes(buffer) == before[consumed:]
-                else "changed it"
-            )
+            took = consumed > 0 and bytes(buffer) == before[consumed:]
+            how = f"consumed {consumed} bytes" if took else "changed it"
+            # The likeliest slip: take_frame (or a del) before the last check of the frame.
+            fix = " (raise before take_frame: check every field of the frame first)" if took else ""
             fail(
                 f"{what}: decode raised {type(exc).__name__}: {exc} and {how}; a decode error "
-                "must leave the buffer as it was (an engine then drops the error's frame_size "
-                "bytes and goes on with the next message, or closes the connection)\n"
+                f"must leave the buffer as it was{fix} (an engine then drops the error's "
+                "frame_size bytes and goes on with the next message, or closes the connection)\n"
                 f"buffer before:\n{hexdump(before, mark=exc.offset)}\nbuffer after:\n"
                 f"{hexdump(buffer)}"
             )

@@ -247,9 +247,15 @@ def rewrite_request_id(ctx: CheckContext) -> None:
         data = encode_bytes(encoder, lambda: encoder.encode(original, request_id=new_id), "encode")
         again = decode_whole(ctx.target.new_codec(sample.options), data, "the re-id'd message")
         if again.request_id != new_id:
+            ignored = (
+                " (encode returned the message's frame unchanged: it ignored request_id)"
+                if data == sample.frame
+                else ""
+            )
             fail(
                 f"encode(message, request_id={new_id}) re-decodes with request id "
-                f"{again.request_id}\nencoded:\n{hexdump(data)}"
+                f"{again.request_id}{ignored}: an engine sharing the upstream connection never "
+                f"matches the reply\nencoded:\n{hexdump(data)}"
             )
         diff = same_metadata(original, again, ignore=("request_id", "size", "header_size"))
         if diff:
