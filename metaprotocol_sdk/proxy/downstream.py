@@ -1619,6 +1619,15 @@ class Downstream(asyncio.Protocol):
         ``None``: a local ``BadResponse`` replaced the reply.
         """
         request = self._settle(p)  # first: a draining connection closes once nothing is in flight
+        if encoded is not None:
+            engine = self.engine
+            if (self.write_paused or engine.buffered > engine.max_buffered) and (
+                reason := self._overflows(size)
+            ):
+                # Closed instead of queued: the client never gets this reply, as it never
+                # gets those of its other requests, and it counts as they do.
+                self.shut(reason)
+                encoded, size = None, 0
         if encoded is None:
             p.target.count("DownstreamClosed")
             status_name = "DownstreamClosed"
@@ -1632,21 +1641,15 @@ class Downstream(asyncio.Protocol):
                     counter = p.target.response_counter(status)
                 counter.value += 1
                 status_name = _STATUS_NAMES[status]
-            engine = self.engine
-            if (self.write_paused or engine.buffered > engine.max_buffered) and (
-                reason := self._overflows(size)
-            ):
-                self.shut(reason)
+            out = self.out
+            if not out:
+                batch.append(self)
+            self.out_size += size
+            self.engine.buffered += size  # until flush() measures what the transport kept
+            if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
+                out.append(encoded)
             else:
-                out = self.out
-                if not out:
-                    batch.append(self)
-                self.out_size += size
-                engine.buffered += size  # until flush() measures what the transport kept
-                if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
-                    out.append(encoded)
-                else:
-                    append_encoded(out, encoded, size)
+                append_encoded(out, encoded, size)
         if encoded is None and self.draining and self.inflight == 0:
             self.flush()  # what is queued, then the close
         outlier = p.host.outlier
