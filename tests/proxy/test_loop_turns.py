@@ -1,0 +1,63 @@
+"""Red team: one peer's flood of tiny frames cannot keep the event loop from the others, over
+real sockets on 127.0.0.1: frames are decoded a bounded number at a time, then the loop
+serves everything else before the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from proxy_kit import PING, Upstream, address, build_frame, engine_for, mesh, run
+
+from metaprotocol_sdk.proxy.downstream import DECODE_TURN
+
+
+def test_a_client_pipelining_tiny_frames_takes_turns_with_the_others() -> None:
+    """A client that sends 100 000 heartbeats at once (1.6 MB, read by uvloop up to 32 times
+    256 KiB in a row) had them all answered within one turn of the event loop: over a second
+    while every other connection waited (a well-behaved client got one reply in 4 s under such
+    a flood). Now at most ``DECODE_TURN`` frames of one client are decoded at a time, and the
+    rest of its read waits, reading paused, for the next turn (which may finish it and read
+    again: twice that per turn at most); every heartbeat is still answered."""
+    total = 100_000
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        async with engine_for(mesh([(up.port, "v1")])) as engine:
+            loop = asyncio.get_running_loop()
+            heartbeats = next(iter(engine.listeners.values())).heartbeats
+            flood = socket.socket()
+            flood.setblocking(False)
+            await loop.sock_connect(flood, address(engine))
+            answered = 0
+
+            async def read_pongs() -> None:
+                nonlocal answered
+                while answered < total * 16:  # each pong is a 16-byte frame
+                    data = await loop.sock_recv(flood, 1 << 20)
+                    assert data, "closed"
+                    answered += len(data)
+
+            reading = loop.create_task(read_pongs())
+            most = 0  # heartbeats answered in one turn of the loop, at most
+            last = heartbeats.value
+            done = loop.create_future()
+
+            def tick() -> None:
+                nonlocal most, last
+                now = heartbeats.value
+                most, last = max(most, now - last), now
+                if now >= total:
+                    done.set_result(None)
+                else:
+                    loop.call_soon(tick)
+
+            loop.call_soon(tick)
+            await loop.sock_sendall(flood, build_frame(PING, 1) * total)
+            await asyncio.wait_for(done, 30)
+            await asyncio.wait_for(reading, 10)
+            assert most <= 2 * DECODE_TURN, f"{most} heartbeats answered in one turn"
+            flood.close()
+        await up.close()
+
+    run(main(), timeout=60)
