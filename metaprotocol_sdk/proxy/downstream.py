@@ -16,7 +16,7 @@ from metaprotocol_sdk.filters import Filter, LocalReply, RequestContext, Respons
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from .accesslog import NO_CLIENT, client_facts
-from .assembly import LARGE_FRAME, Reads, parses_whole_frames
+from .assembly import DECODE_TURN, LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
 from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import codec_maker
@@ -62,13 +62,6 @@ _ONEWAY = MessageType.Oneway
 _HEARTBEAT = MessageType.Heartbeat
 _STREAM_INIT = MessageType.Stream_Init
 _STATUS_NAMES = ("Unknown", "Ok", "Error")
-#: Frames of one client decoded in one turn of the event loop, at most: the rest of a longer
-#: read waits for the next turn, with reading paused. A read holds up to 256 KiB, and uvloop
-#: reads a connection up to 32 times in a row: a client that pipelined tiny frames had
-#: 16 000 of them decoded and answered per read, and the loop stuck for over a second while
-#: every other connection waited. At a few microseconds to a few tens per frame, a turn
-#: takes a few milliseconds.
-DECODE_TURN = 128
 _ERROR_STATUS = ResponseStatus.Error
 #: Local failures a route's ``retries.retryOn`` may name; each is a gateway error for
 #: outlier detection. A reply the codec refused is a ``reset``, as Envoy counts an upstream

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from proxy_kit import PING, Upstream, address, build_frame, engine_for, mesh, run
+from proxy_kit import PING, RESPONSE, Client, Upstream, address, build_frame, engine_for, mesh, run
 
+from metaprotocol_sdk import Metadata
+from metaprotocol_sdk.examples.kv import KVCodec
 from metaprotocol_sdk.proxy.downstream import DECODE_TURN
 
 
@@ -59,5 +61,66 @@ def test_a_client_pipelining_tiny_frames_takes_turns_with_the_others() -> None:
             assert most <= 2 * DECODE_TURN, f"{most} heartbeats answered in one turn"
             flood.close()
         await up.close()
+
+    run(main(), timeout=60)
+
+
+class _PingFlood(asyncio.Protocol):
+    """An upstream that answers the first request with a flood of heartbeats, then the reply."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.buffer: bytearray | None = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.buffer is None:
+            return  # the engine's answers to the heartbeats
+        self.buffer += data
+        message = KVCodec().decode(self.buffer)
+        if isinstance(message, Metadata):
+            self.buffer = None
+            reply = build_frame(RESPONSE, message.request_id, {"server": "flood"})
+            self.transport.write(build_frame(PING, 7) * self.total + reply)  # type: ignore[attr-defined]
+
+
+def test_an_upstream_flooding_tiny_frames_takes_turns_with_the_others() -> None:
+    """The same from an upstream: 100 000 heartbeats written at once were all answered
+    within one turn of the loop. Now ``DECODE_TURN`` at a time, and the reply that follows
+    them reaches its client."""
+    total = 100_000
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _PingFlood(total), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with engine_for(mesh([(port, "v1")])) as engine:
+            client = await Client.connect(address(engine))
+            counted = 0
+            most = 0
+            done = loop.create_future()
+
+            def heartbeats() -> int:
+                return engine.stats.total("metaprotocol_heartbeats_total", side="upstream")
+
+            def tick() -> None:
+                nonlocal most, counted
+                now = heartbeats()
+                most, counted = max(most, now - counted), now
+                if now >= total:
+                    done.set_result(None)
+                else:
+                    loop.call_soon(tick)
+
+            loop.call_soon(tick)
+            reply = await client.call()
+            await asyncio.wait_for(done, 30)
+            assert reply.attributes["server"] == "flood"
+            assert most <= 2 * DECODE_TURN, f"{most} heartbeats answered in one turn"
+            client.close()
+        server.close()
+        await server.wait_closed()
 
     run(main(), timeout=60)
