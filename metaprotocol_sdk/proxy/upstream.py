@@ -1261,9 +1261,9 @@ class UpstreamConnection(asyncio.Protocol):
             transport.pause_reading()
 
     def resume_reading(self) -> None:
-        """Read from the upstream again."""
+        """Read from the upstream again (once the rest of a long read is decoded)."""
         transport = self.transport
-        if transport is not None and not self.closed:
+        if transport is not None and not self.closed and not self.turn:
             transport.resume_reading()
 
     def _queue(self, encoded: Encoded, size: int) -> None:
@@ -1427,12 +1427,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.engine.loop.call_soon(self._take_turn)
 
     def _take_turn(self) -> None:
-        """Decode what :meth:`_next_turn` left, then read again."""
+        """Decode what :meth:`_next_turn` left, then read again (a stream's connection: only
+        while its client reads, see ``pause_streams``)."""
         self.turn = False
         if self.closed:
             return
         self.data_received(b"")
-        if not self.turn:
+        stream = self.stream
+        if not (self.turn or (stream is not None and stream.downstream.write_paused)):
             self.resume_reading()
 
     def _stream_read(self, stream: Stream) -> None:
@@ -1440,7 +1442,13 @@ class UpstreamConnection(asyncio.Protocol):
         buffer = self.buffer
         start = len(buffer)
         codec = self.codec
+        left = DECODE_TURN
         while buffer:
+            if not left and self.transport is not None:  # the rest at the next turn
+                self.need = 0
+                self._next_turn()
+                break
+            left -= 1
             try:
                 message = codec.decode(buffer)
             except CodecError as exc:
@@ -1458,7 +1466,9 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.need = 0
         stream.downstream.flush()
-        if (buffer or self.held) and not self.closed:
+        if self.turn:
+            self._account_held()  # the rest is held: counted in the buffer budget
+        elif (buffer or self.held) and not self.closed:
             self._partial(len(buffer) != start)
 
     def _stream_frame(self, stream: Stream, message: Metadata) -> None:

@@ -8,9 +8,10 @@ import asyncio
 import socket
 
 from proxy_kit import PING, RESPONSE, Client, Upstream, address, build_frame, engine_for, mesh, run
+from test_streams import StreamClient, StreamServer
 
 from metaprotocol_sdk import Metadata
-from metaprotocol_sdk.examples.kv import KVCodec
+from metaprotocol_sdk.examples.kv import STREAM_OPEN, KVCodec
 from metaprotocol_sdk.proxy.downstream import DECODE_TURN
 
 
@@ -122,5 +123,44 @@ def test_an_upstream_flooding_tiny_frames_takes_turns_with_the_others() -> None:
             client.close()
         server.close()
         await server.wait_closed()
+
+    run(main(), timeout=60)
+
+
+def test_a_stream_upstream_flooding_tiny_frames_takes_turns_with_the_others() -> None:
+    """The same on a stream's connection: 100 000 ``Stream_Data`` frames written at once
+    were all passed on within one turn of the loop. Now ``DECODE_TURN`` at a time, and the
+    client gets every frame, in order."""
+    total = 100_000
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await StreamServer("v1").start()
+        async with engine_for(mesh([(server.port, "v1")])) as engine:
+            client = await StreamClient.connect(address(engine))
+            counted = 0
+            most = 0
+            done = loop.create_future()
+
+            def frames() -> int:
+                return engine.stats.total("metaprotocol_stream_frames_total", side="upstream")
+
+            def tick() -> None:
+                nonlocal most, counted
+                now = frames()
+                most, counted = max(most, now - counted), now
+                if now >= total + 1:
+                    done.set_result(None)
+                else:
+                    loop.call_soon(tick)
+
+            loop.call_soon(tick)
+            client.frame(STREAM_OPEN, 3, {"method": "ticks", "count": str(total)})
+            await asyncio.wait_for(done, 30)
+            got = await client.until(3, total + 1)
+            assert [int(f.attributes["n"]) for f in got[:total]] == list(range(total))
+            assert most <= 2 * DECODE_TURN, f"{most} frames passed on in one turn"
+            client.close()
+        await server.close()
 
     run(main(), timeout=60)
