@@ -11,6 +11,11 @@ item lazily. Finished items are dropped from the head of their queue whenever on
 unfinished items is compacted. A finished request therefore does not wait long behind a slow
 one, and it has let go of its frame when it finished (``Downstream._settle``).
 
+A queue found empty when the timer fires is dropped: timeouts come from the configuration,
+and one that a reload changed (a control plane that tunes a route's timeout at every push)
+would otherwise keep its queue for good, each walked at every expiry (2 000 reloads, each
+with a new timeout: 2 000 queues, 3 MiB, 32 us per timer fire, growing without end).
+
 A deadline of its own (a retry runs until what is left of its route's timeout, a value no
 other request shares) goes into one heap instead, trimmed and compacted alike: a queue per
 such value would be kept for good and walked at every expiry.
@@ -112,7 +117,8 @@ class Deadlines:
         now = monotonic()
         expired = []
         earliest: float | None = None
-        for queue in self._queues.values():
+        emptied: list[float] = []
+        for timeout, queue in self._queues.items():
             items = queue.items
             while items:
                 head = items[0]
@@ -125,6 +131,10 @@ class Deadlines:
                     if earliest is None or head.deadline < earliest:
                         earliest = head.deadline
                     break
+            if not items:
+                emptied.append(timeout)
+        for timeout in emptied:  # made again by the next request with that timeout
+            del self._queues[timeout]
         heap = self._heap
         while heap:
             deadline, _, head = heap[0]

@@ -16,7 +16,7 @@ from metaprotocol_sdk.filters import Filter, LocalReply, RequestContext, Respons
 from metaprotocol_sdk.metadata import Attributes, Metadata, Mutation
 
 from .accesslog import NO_CLIENT, client_facts
-from .assembly import LARGE_FRAME, Reads, parses_whole_frames
+from .assembly import DECODE_TURN, LARGE_FRAME, Reads, parses_whole_frames
 from .authorization import DENIED, Verdict
 from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import codec_maker
@@ -309,6 +309,7 @@ class Downstream(asyncio.Protocol):
         "streams",
         "streams_over",
         "transport",
+        "turn",
         "unsent",
         "waiting",
         "whole",
@@ -346,6 +347,8 @@ class Downstream(asyncio.Protocol):
         #: When ``blocked`` last became non-empty: the frame timeout does not count that wait.
         self.blocked_since = 0.0
         self.reading_paused = False
+        #: The rest of a long read waits for the next turn of the loop (see DECODE_TURN).
+        self.turn = False
         self.dedicated: dict[tuple[str, str], UpstreamConnection] = {}
         self._route = listener.table.match
         #: Responses decoded but not yet written (see :meth:`finish`), and their size.
@@ -553,7 +556,7 @@ class Downstream(asyncio.Protocol):
 
     def _maybe_resume_reading(self) -> None:
         if self.reading_paused and not self.write_paused and not self.blocked:
-            if self.read_done or self._held_full():
+            if self.read_done or self.turn or self._held_full():
                 return
             self.reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
@@ -695,6 +698,7 @@ class Downstream(asyncio.Protocol):
             self._partial(False)
             return
         start = len(buffer)
+        left = DECODE_TURN
         codec = self.codec
         while buffer:
             try:
@@ -723,9 +727,31 @@ class Downstream(asyncio.Protocol):
                 self._other(message)
             if self.read_done:
                 return
+            left -= 1
+            if not left and buffer:
+                self.need = 0
+                self._next_turn()
+                return
         self.need = 0
         if self.held:
             self._partial(True)
+
+    def _next_turn(self) -> None:
+        """``DECODE_TURN`` frames of a long read are decoded: the rest waits for the next turn
+        of the event loop, reading paused meanwhile (so no further read comes first)."""
+        self._account_held(len(self.buffer) + self.reads.size)  # in the buffer budget
+        if not self.turn:
+            self.turn = True
+            self._pause_reading()
+            self.engine.loop.call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        """Decode what :meth:`_next_turn` left, then read again if nothing else stops it."""
+        self.turn = False
+        if self.closed or self.read_done:
+            return
+        self.data_received(b"")
+        self._maybe_resume_reading()
 
     def _assemble(self, data: bytes) -> None:
         """A read of the large frame at the front: kept until the frame is whole, then
@@ -1625,6 +1651,15 @@ class Downstream(asyncio.Protocol):
         ``None``: a local ``BadResponse`` replaced the reply.
         """
         request = self._settle(p)  # first: a draining connection closes once nothing is in flight
+        if encoded is not None:
+            engine = self.engine
+            if (self.write_paused or engine.buffered > engine.max_buffered) and (
+                reason := self._overflows(size)
+            ):
+                # Closed instead of queued: the client never gets this reply, as it never
+                # gets those of its other requests, and it counts as they do.
+                self.shut(reason)
+                encoded, size = None, 0
         if encoded is None:
             p.target.count("DownstreamClosed")
             status_name = "DownstreamClosed"
@@ -1638,21 +1673,15 @@ class Downstream(asyncio.Protocol):
                     counter = p.target.response_counter(status)
                 counter.value += 1
                 status_name = _STATUS_NAMES[status]
-            engine = self.engine
-            if (self.write_paused or engine.buffered > engine.max_buffered) and (
-                reason := self._overflows(size)
-            ):
-                self.shut(reason)
+            out = self.out
+            if not out:
+                batch.append(self)
+            self.out_size += size
+            self.engine.buffered += size  # until flush() measures what the transport kept
+            if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
+                out.append(encoded)
             else:
-                out = self.out
-                if not out:
-                    batch.append(self)
-                self.out_size += size
-                engine.buffered += size  # until flush() measures what the transport kept
-                if type(encoded) is bytes:  # the usual case, without a call (see append_encoded)
-                    out.append(encoded)
-                else:
-                    append_encoded(out, encoded, size)
+                append_encoded(out, encoded, size)
         if encoded is None and self.draining and self.inflight == 0:
             self.flush()  # what is queued, then the close
         outlier = p.host.outlier

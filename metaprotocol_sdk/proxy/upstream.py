@@ -31,7 +31,7 @@ from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
-from .assembly import LARGE_FRAME, Reads, parses_whole_frames
+from .assembly import DECODE_TURN, LARGE_FRAME, Reads, parses_whole_frames
 from .balancer import Balancer, Client, ConsistentHash, make_balancer
 from .codec_bugs import CodecUnavailable, guarded_maker
 from .config.models import (
@@ -829,6 +829,7 @@ class UpstreamConnection(asyncio.Protocol):
         "task",
         "tcp",
         "transport",
+        "turn",
         "unlisted",
         "unsent",
         "waiting",
@@ -871,6 +872,8 @@ class UpstreamConnection(asyncio.Protocol):
         #: Timed-out requests still holding their place in ``order``, or their id in
         #: ``pending`` (a shared connection with few ids; see :meth:`forget`).
         self.stale = 0
+        #: The rest of a long read waits for the next turn of the loop (see DECODE_TURN).
+        self.turn = False
         #: Bytes of a partial reply held in ``buffer`` (the engine's buffer accounting).
         self.held = 0
         #: When the partial reply at the front started arriving (0: none), for
@@ -1258,9 +1261,9 @@ class UpstreamConnection(asyncio.Protocol):
             transport.pause_reading()
 
     def resume_reading(self) -> None:
-        """Read from the upstream again."""
+        """Read from the upstream again (once the rest of a long read is decoded)."""
         transport = self.transport
-        if transport is not None and not self.closed:
+        if transport is not None and not self.closed and not self.turn:
             transport.resume_reading()
 
     def _queue(self, encoded: Encoded, size: int) -> None:
@@ -1355,7 +1358,13 @@ class UpstreamConnection(asyncio.Protocol):
         peek = self.peek
         batch: list[Downstream] = []
         failed: CodecError | None = None
+        left = DECODE_TURN
         while buffer:
+            if not left and self.transport is not None:  # the rest at the next turn
+                self.need = 0
+                self._next_turn()
+                break
+            left -= 1
             if peek is not None:
                 try:
                     head = peek(buffer)
@@ -1404,15 +1413,42 @@ class UpstreamConnection(asyncio.Protocol):
             self._room_made()
         if self.retiring or failed is not None:
             self._after_read(failed)
-        if (buffer or self.held) and not self.closed:
+        if self.turn:
+            self._account_held()  # the rest is held: counted in the buffer budget
+        elif (buffer or self.held) and not self.closed:
             self._partial(len(buffer) != start)
+
+    def _next_turn(self) -> None:
+        """``DECODE_TURN`` frames of a long read are decoded: the rest waits for the next turn
+        of the event loop, reading paused meanwhile (so no further read comes first)."""
+        if not self.turn:
+            self.turn = True
+            self.pause_reading()
+            self.engine.loop.call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        """Decode what :meth:`_next_turn` left, then read again (a stream's connection: only
+        while its client reads, see ``pause_streams``)."""
+        self.turn = False
+        if self.closed:
+            return
+        self.data_received(b"")
+        stream = self.stream
+        if not (self.turn or (stream is not None and stream.downstream.write_paused)):
+            self.resume_reading()
 
     def _stream_read(self, stream: Stream) -> None:
         """The frames read on a stream's connection: each goes to the stream, as it came."""
         buffer = self.buffer
         start = len(buffer)
         codec = self.codec
+        left = DECODE_TURN
         while buffer:
+            if not left and self.transport is not None:  # the rest at the next turn
+                self.need = 0
+                self._next_turn()
+                break
+            left -= 1
             try:
                 message = codec.decode(buffer)
             except CodecError as exc:
@@ -1430,7 +1466,9 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.need = 0
         stream.downstream.flush()
-        if (buffer or self.held) and not self.closed:
+        if self.turn:
+            self._account_held()  # the rest is held: counted in the buffer budget
+        elif (buffer or self.held) and not self.closed:
             self._partial(len(buffer) != start)
 
     def _stream_frame(self, stream: Stream, message: Metadata) -> None:
@@ -1858,6 +1896,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tcp is not None:
             self.tcp.closed.value += 1
         self.transport = None
+        if self.turn and not self.closed:  # replies read before the loss go first, all now
+            self.turn = False
+            self.data_received(b"")
         if not self.closed and (self.pending or self.order or self.stream is not None):
             self.cluster.resets.value += 1  # not closed by us, with something in flight
         reason = f": {exc}" if exc else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from metaprotocol_dubbo import DubboCodec
 from metaprotocol_dubbo.conformance.strategies import frames as messages
@@ -117,12 +117,25 @@ def test_valid_header_with_garbage_body(flag: int, status: int, rid: int, body: 
         assert isinstance(result, Metadata) and result.request_id == rid
 
 
+#: A request hypothesis found with the mutation ``{"METHOD": ""}``, which the codec refuses.
+_FOUND = b"\xda\xbb\x82\x00" + bytes(11) + b"\x0e\x052.0.2\x010\x00\x010\x00HZ"
+
+
 @SETTINGS
 @given(requests(), st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=40)))
+@example(_FOUND, {"METHOD": ""})
+@example(_FOUND, {"Version": ""})
 def test_request_mutation_round_trip(frame: bytes, mutation: dict[str, str]) -> None:
     codec = DubboCodec()
     md = codec.decode(bytearray(frame))
     assert isinstance(md, Metadata)
+    if any(  # what no attachment can change: refused, never dropped (see _refuse_method)
+        key.lower() == "method" or (not value and key.lower() in ("interface", "version"))
+        for key, value in mutation.items()
+    ):
+        with pytest.raises(MutationError):
+            codec.encode(md, mutation, request_id=7)
+        return
     out = codec.decode(bytearray(join_encoded(codec.encode(md, mutation, request_id=7))))
     assert isinstance(out, Metadata)
     assert out.request_id == 7 and out.operation_name == md.operation_name

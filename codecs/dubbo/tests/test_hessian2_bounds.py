@@ -182,6 +182,54 @@ def test_attachments_of_many_small_entries_are_bounded_in_memory() -> None:
     assert isinstance(message, Metadata)
 
 
+@pytest.mark.parametrize(
+    ("entries", "options"),
+    [
+        (300_000, {}),  # a large frame: its map is read inline from its tail
+        (1_000, {"max_hessian_items": 999}),  # a small one: the whole body is read inline
+    ],
+)
+def test_string_attachments_are_held_to_the_items_budget(
+    entries: int, options: dict[str, int]
+) -> None:
+    """String-to-string attachments (the common shape, read inline without the Hessian
+    decoder) escaped ``max_hessian_items``: 900 000 of them in a 6 MB request built 205 MiB
+    of Python objects in one decode (0.7 s), when the same map of ints was refused. Now they
+    are refused the same way, and a map within the budget decodes as before."""
+    import tracemalloc
+
+    attachments = {f"{i:x}": "" for i in range(entries)}
+    frame = build_request("com.example.S", "m", ["x"], attachments=attachments, request_id=9)
+    codec = DubboCodec.from_options(options)
+    buffer = bytearray(frame)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="max_items=") as caught:
+            codec.decode(buffer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.metadata is not None and caught.value.metadata.request_id == 9
+    assert buffer == frame  # nothing consumed
+    assert peak < 12 * len(frame) + (1 << 20), f"peak {peak} bytes for {len(frame)} bytes"
+    most = options.get("max_hessian_items", 65536)  # exactly the budget: decoded
+    fewer = {f"{i:x}": "" for i in range(most)}
+    message = codec.decode(bytearray(build_request("com.example.S", "m", ["x"], attachments=fewer)))
+    assert isinstance(message, Metadata) and message.attributes.get(f"{most - 1:x}") == ""
+
+
+def test_string_attachments_of_a_response_are_held_to_the_items_budget() -> None:
+    """The same for a response's attachments (an upstream's reply)."""
+    from metaprotocol_dubbo.frames import build_response
+
+    attachments = {f"{i:x}": "" for i in range(100_000)}
+    frame = build_response("v", request_id=5, attachments=attachments)
+    with pytest.raises(CodecError, match="max_items=65536"):
+        DubboCodec().decode(bytearray(frame))
+    roomy = DubboCodec(max_hessian_items=1 << 17)
+    assert isinstance(roomy.decode(bytearray(frame)), Metadata)
+
+
 def test_the_items_budget_counts_lists_and_maps_of_the_stream() -> None:
     assert loads(dumps([[1, 2], {"a": 1}]), max_items=5) == [[1, 2], {"a": 1}]
     with pytest.raises(HessianError, match="max_items=4"):

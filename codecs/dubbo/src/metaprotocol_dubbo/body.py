@@ -15,7 +15,7 @@ from typing import Any
 
 from metaprotocol_sdk import FramingError
 
-from .hessian2 import Decoder, Encoder
+from .hessian2 import DEFAULT_MAX_ITEMS, Decoder, Encoder
 
 #: Makes the Hessian decoder of a body at an offset (``Decoder``, or one with a codec's limits).
 NewDecoder = Callable[[bytes, int], Decoder]
@@ -167,8 +167,11 @@ def read_attachments(
     decoder: Decoder | None,
     text: str | None = None,
     new_decoder: NewDecoder = Decoder,
+    max_items: int = DEFAULT_MAX_ITEMS,
 ) -> Attachments:
-    """Read the attachments map at ``pos`` (an untyped or typed Hessian map, or null)."""
+    """Read the attachments map at ``pos`` (an untyped or typed Hessian map, or null).
+    ``max_items`` is the ``max_items`` of the decoders ``new_decoder`` makes: a map of
+    strings read inline holds no more entries than they would build."""
     end = len(frame)
     if pos >= end:
         raise FramingError("body ends where the attachments map should start", offset=pos)
@@ -176,7 +179,7 @@ def read_attachments(
     if tag == TAG_NULL:
         return Attachments({}, None, pos, pos + 1, 0)
     if decoder is None and tag == TAG_MAP_UNTYPED:
-        fast = _read_string_map(frame, pos, text)
+        fast = _read_string_map(frame, pos, text, max_items)
         if fast is not None:
             return fast
     # General case: materialise the map with the Hessian decoder.
@@ -200,15 +203,21 @@ def read_attachments(
     return Attachments(strings, others or None, pos, decoder.offset, entries)
 
 
-def _read_string_map(frame: bytes, pos: int, text: str | None = None) -> Attachments | None:
-    """Inline reader for an 'H' map of compact ASCII strings; ``None`` means "use the decoder"."""
+def _read_string_map(
+    frame: bytes, pos: int, text: str | None = None, max_items: int = DEFAULT_MAX_ITEMS
+) -> Attachments | None:
+    """Inline reader for an 'H' map of compact ASCII strings; ``None`` means "use the decoder"
+    (which also refuses a map of more than ``max_items`` entries)."""
+    # An entry takes two bytes at least (two empty strings): only a tail with room for more
+    # than max_items of them needs counting.
+    most = 2 * max_items if (len(frame) - pos) >> 1 > max_items else -1
     base = 0
     if text is None:
         # Scan only the tail: the map is the last thing in the body, after the arguments.
         base, frame = pos, frame[pos:]
         text, pos = frame.decode("latin-1"), 0
     items: list[str] = []
-    stop = scan_map_strings(frame, text, pos + 1, items)
+    stop = scan_map_strings(frame, text, pos + 1, items, most)
     if stop < 0 or not text[pos:stop].isascii():
         return None
     it = iter(items)
@@ -244,7 +253,11 @@ def scan_strings(frame: bytes, text: str, pos: int, count: int, out: list[str]) 
 
 
 def scan_request(
-    frame: bytes, text: str, start: int, known: KnownHead | None = None
+    frame: bytes,
+    text: str,
+    start: int,
+    known: KnownHead | None = None,
+    max_items: int = DEFAULT_MAX_ITEMS,
 ) -> tuple[list[str], dict[str, str], dict[str, tuple[str, str]], int, int, int] | None:
     """The whole request body in one pass, when it holds only compact ASCII strings.
 
@@ -254,7 +267,8 @@ def scan_request(
     shape attributes are stored in); the attachments map ends at the end of the frame.
     ``None`` means "not that shape" (the caller takes the general path, which reports any
     error), and also a map whose keys collide (one key twice, or two equal ignoring case):
-    the general path refuses it with the keys named. ``known`` is the head's
+    the general path refuses it with the keys named, and a map of more than ``max_items``
+    entries, which the general path refuses as its decoder does. ``known`` is the head's
     :class:`KnownHead` when the caller already knows that the frame starts with the bytes of
     a head parsed before.
     """
@@ -313,7 +327,12 @@ def scan_request(
             pairs += 1
     except IndexError:
         return None
-    if pos + 1 != len(frame) or len(folded) != pairs or not text[start:pos].isascii():
+    if (
+        pos + 1 != len(frame)
+        or len(folded) != pairs
+        or pairs > max_items  # counted once made: the codec scans frames of 64 KiB at most
+        or not text[start:pos].isascii()
+    ):
         return None
     return out, strings, folded, args_start, count, map_start
 
@@ -339,8 +358,11 @@ def skip_compact_strings(frame: bytes, pos: int, count: int) -> int:
     return pos if pos <= len(frame) else -1
 
 
-def scan_map_strings(frame: bytes, text: str, pos: int, out: list[str]) -> int:
-    """Like :func:`scan_strings` up to a map's end tag; returns the offset after it, or -1."""
+def scan_map_strings(frame: bytes, text: str, pos: int, out: list[str], most: int = -1) -> int:
+    """Like :func:`scan_strings` up to a map's end tag; returns the offset after it, or -1
+    (also past ``most`` strings, unless it is -1)."""
+    if most >= 0:
+        return _scan_map_strings_counted(frame, text, pos, out, most)
     append = out.append
     try:
         while True:
@@ -356,6 +378,34 @@ def scan_map_strings(frame: bytes, text: str, pos: int, out: list[str]) -> int:
             else:
                 return -1
             pos = stop
+    except IndexError:
+        return -1
+    if len(out) & 1:
+        return -1
+    return pos + 1
+
+
+def _scan_map_strings_counted(frame: bytes, text: str, pos: int, out: list[str], most: int) -> int:
+    """:func:`scan_map_strings` for a map that may hold more than ``most`` strings: -1 past
+    them, before their objects are made (a one-byte string is a Python object of ~50)."""
+    append = out.append
+    try:
+        while True:
+            tag = frame[pos]
+            if tag < 0x20:
+                stop = pos + 1 + tag
+                append(text[pos + 1 : stop])
+            elif tag == TAG_END:
+                break
+            elif 0x30 <= tag <= 0x33:
+                stop = pos + 2 + ((tag - 0x30) << 8 | frame[pos + 1])
+                append(text[pos + 2 : stop])
+            else:
+                return -1
+            pos = stop
+            most -= 1
+            if most < 0:
+                return -1
     except IndexError:
         return -1
     if len(out) & 1:

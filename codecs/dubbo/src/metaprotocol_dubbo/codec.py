@@ -636,7 +636,11 @@ class DubboCodec(Codec):
     def _scan_request(self, frame: bytes, small: bool, seen: _Head | None) -> _Request:
         """Read a request body (inline scan where it can, the Hessian decoder otherwise)."""
         text = frame.decode("latin-1") if small else None
-        fast = scan_request(frame, text, HEADER_SIZE, seen) if text is not None else None
+        fast = (
+            scan_request(frame, text, HEADER_SIZE, seen, self.max_hessian_items)
+            if text is not None
+            else None
+        )
         if fast is not None:
             # The common shape: compact ASCII strings throughout, string attachments.
             head, strings, folded, args_start, count, map_start = fast
@@ -724,7 +728,9 @@ class DubboCodec(Codec):
             # Nothing after the arguments: no attachments map (tolerated, as Dubbo does).
             attachments = Attachments({}, None, pos, pos)
         else:
-            attachments = read_attachments(frame, pos, decoder, text, new_decoder)
+            attachments = read_attachments(
+                frame, pos, decoder, text, new_decoder, self.max_hessian_items
+            )
         return attachments, args_start, count, (dubbo_version, path, version, method, desc)
 
     def _response(self, frame: bytes, flag: int, status: int, body_length: int) -> _Parts:
@@ -787,7 +793,9 @@ class DubboCodec(Codec):
                 value_end = value_start
                 if has_value:
                     value_end, decoder = skip_values(frame, value_start, 1, self._new_decoder)
-                attachments = read_attachments(frame, value_end, decoder, None, self._new_decoder)
+                attachments = read_attachments(
+                    frame, value_end, decoder, None, self._new_decoder, self.max_hessian_items
+                )
             else:
                 # Nothing follows the value (if any): it runs to the end of the body, and a
                 # proxy has no reason to parse it.
