@@ -14,11 +14,22 @@ import logging
 from typing import Any
 
 import pytest
-from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
+from proxy_kit import (
+    ONEWAY,
+    Client,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+    until,
+)
 
 from metaprotocol_sdk import Encoded, MessageType, Metadata, Mutation
 from metaprotocol_sdk.examples.kv import KVCodec
-from metaprotocol_sdk.proxy import codec_bugs, upstream
+from metaprotocol_sdk.proxy import codec_bugs, loads_config, upstream
 
 #: By this module's own name: by its file name the engine would import a second copy of it.
 CODEC = f"{__name__}:IdKeepingKV"
@@ -79,6 +90,42 @@ def test_a_codec_that_does_not_write_the_new_request_id_is_named(
         "with id 7777, not the id 1 encode was asked to write" in lines[0]
     )
     assert "from now on each client connection gets its own upstream connections" in lines[0]
+
+
+def test_a_one_way_message_with_the_wrong_id_is_dropped_and_later_clusters_stay_dedicated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A one-way message is checked too (an upstream that answers it anyway would answer
+    whichever request has its id): dropped, counted ``BadRequest``, the codec served
+    dedicated. A reload that builds the cluster anew (another endpoint) keeps it dedicated:
+    the codec's class, not the cluster, is what does not write the ids."""
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        other = await Upstream("b").start()
+        async with engine_for(mesh([(up.port, "v1")], router=ROUTER, codec=CODEC)) as engine:
+            c = await Client.connect(address(engine))
+            c.send(build_frame(ONEWAY, 7777, {"method": "log"}))
+            dropped = "metaprotocol_oneway_total"
+            await until(lambda: engine.stats.total(dropped, status="BadRequest") == 1, "drop")
+            assert engine.stats.total("metaprotocol_codec_errors_total", method="encode") == 1
+            assert error_type(await c.call(rid=5)) is None  # on the client's own connection
+            text = mesh([(other.port, "v1")], router=ROUTER, codec=CODEC)
+            await engine.apply(loads_config(text, "t2.yaml"))
+            (cluster,) = engine.config_dump()["clusters"]
+            assert cluster["endpoints"] == [f"127.0.0.1:{other.port}"]
+            assert cluster["pooling"] == "dedicated"
+            assert error_type(await c.call(rid=6)) is None
+            assert [m.request_id for m in other.received] == [6]
+            assert engine.stats.total("metaprotocol_codec_errors_total", method="encode") == 1
+            c.close()
+        await up.close()
+        await other.close()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1, lines
 
 
 def _own(who: str, reply: Metadata) -> bool:
