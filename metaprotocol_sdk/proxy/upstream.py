@@ -710,13 +710,13 @@ class Cluster:
         left is dropped first: it opens nothing. A connection to open whose codec cannot be
         built fails them all, as a connect failure does (see ``_take_waiting``)."""
         waiting = host.waiting
-        if not self.shared:  # unshared since they queued: each to its client's own connection
-            host.waiting = None
-            while waiting:
-                q = waiting.popitem(last=False)[0]
-                q.downstream.requeue(q)
-            return
         while waiting:
+            if not self.shared:  # unshared (since they queued, or by the one just sent)
+                host.waiting = None  # each to its client's own connection
+                while waiting:
+                    q = waiting.popitem(last=False)[0]
+                    q.downstream.requeue(q)
+                return
             q = waiting.popitem(last=False)[0]
             if q.downstream.closed:
                 q.downstream.room_left(q)

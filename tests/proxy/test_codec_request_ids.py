@@ -128,6 +128,46 @@ def test_a_one_way_message_with_the_wrong_id_is_dropped_and_later_clusters_stay_
     assert len(lines) == 1, lines
 
 
+def test_requests_waiting_for_room_are_not_sent_on_a_connection_of_nobodys() -> None:
+    """``maxConcurrentStreams: 1``, ``maxConnections: 1``: one request in flight on the shared
+    connection (its id happens to be the engine's, so it passes), three more wait for room.
+    Its reply makes room: the next one sent is found with the wrong id (answered
+    ``BadRequest``), and the two still waiting are routed again as requests of a codec
+    without id rewriting: each to its client's own connection, within ``maxConnections``
+    (the shared connection, closing, still counts: ``OverLimit``), never to a connection
+    opened as a shared one for nobody, which any client's request could then take."""
+    pool = "{connectionPool: {http: {maxConcurrentStreams: 1}, tcp: {maxConnections: 1}}}"
+    router = ROUTER.replace("300ms", "5s")
+
+    async def main() -> None:
+        up = await Upstream("a").start()
+        text = mesh([(up.port, "v1")], router=router, codec=CODEC, traffic_policy=pool)
+        async with engine_for(text) as engine:
+            clients = [await Client.connect(address(engine)) for _ in range(4)]
+            first = clients[0].start("slow", headers={"who": "0"}, rid=1)
+            await up.wait_received(1)
+            rest = [c.start(headers={"who": str(i)}, rid=7) for i, c in enumerate(clients) if i]
+            queued = "metaprotocol_upstream_requests_queued_total"
+            await until(lambda: engine.stats.total(queued) == 3, "three waiting for room")
+            up.release.set()
+            assert _own("0", await asyncio.wait_for(first, 4))
+            replies = await asyncio.wait_for(asyncio.gather(*rest), 4)
+            assert error_type(replies[0]) == "BadRequest"
+            for i, reply in enumerate(replies[1:], 2):
+                assert _own(str(i), reply) or error_type(reply) == "OverLimit", (i, reply)
+            assert up.accepted == 1  # the shared connection only
+            active = "metaprotocol_upstream_connections_active"
+            await until(lambda: engine.stats.total(active) == 0, "the shared one closed")
+            assert _own("3", await clients[3].call(headers={"who": "3"}, rid=8))
+            assert up.accepted == 2  # client 3's own
+            assert engine.stats.total("metaprotocol_codec_errors_total", method="encode") == 1
+            for c in clients:
+                c.close()
+        await up.close()
+
+    run(main())
+
+
 def _own(who: str, reply: Metadata) -> bool:
     """Whether ``reply`` answers a request of client ``who`` (the upstream echoes headers)."""
     return reply.attributes.get("req-who") == who
