@@ -17,9 +17,10 @@ Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability (and 
 
 A codec whose ``encode`` ignores the id it is given would send a client's own id on a shared
 connection, and the reply would answer whichever request has that id there: another
-client's. The first :data:`ENCODE_CHECKS` requests of each shared connection are decoded
-again (by a fresh codec) to see the id written; one that is not the id asked for is answered
-locally, not sent, and the codec's class is served dedicated from then on (:func:`unshare`).
+client's. The first :data:`ENCODE_CHECKS` requests of each shared connection (whose own id
+is not the engine's) are decoded again (by a fresh codec) to see the id written; one that is
+not the id asked for is answered locally, not sent, and the codec's class is served dedicated
+from then on (:func:`unshare`).
 """
 
 from __future__ import annotations
@@ -817,6 +818,9 @@ class AvoidEjected(Balancer[UpstreamHost]):
 ID_CHECKS = 8
 #: Requests of each shared connection whose encoded frame is decoded again to check the id
 #: written (a cost per connection, not per request: see ``UpstreamConnection._check_id``).
+#: Only requests whose client's id is not the one the engine gives count: a codec that
+#: ignores the id cannot pass them by chance (the first requests of a client that numbers
+#: from 1 on a fresh connection have the engine's ids).
 ENCODE_CHECKS = 4
 
 
@@ -1105,7 +1109,9 @@ class UpstreamConnection(asyncio.Protocol):
             if wire_id > self.max_id or wire_id in self.pending:  # ids wrapped around
                 wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
-            if self.id_probes:  # the first few requests of the connection only
+            # The first few requests of the connection only, whose own id is another (one
+            # that is the same tells nothing, and its reply cannot go astray).
+            if self.id_probes and wire_id != request.request_id:
                 self._check_id(encoded, wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id
@@ -1306,7 +1312,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.shared:
             wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
-            if self.id_probes:
+            if self.id_probes and wire_id != request.request_id:
                 self._check_id(encoded, wire_id)
             self.next_id = wire_id
         else:

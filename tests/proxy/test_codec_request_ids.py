@@ -177,27 +177,29 @@ def test_two_clients_with_the_same_ids_never_get_each_others_replies(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two clients numbering their requests from 1 share one upstream connection through a
-    codec that writes the client's id instead of the engine's. A's first request (engine id
-    1, client id 1) passes; B's first (engine id 2, written 1) would make the upstream's
-    reply to A's second (engine id 3, written 2) answer B's request, engine id 2: A's data
-    to B. The check refuses B's request as it is sent (answered ``BadRequest``); from then
-    on each client has its own upstream connection, and every reply is its own client's."""
+    codec that writes the client's id instead of the engine's. A's first six requests have
+    the engine's ids (1 to 6: they pass, and are not among the requests checked); B's first
+    (engine id 7, written 1) would make the upstream's reply to A's seventh (engine id 8,
+    written 7) answer B's request, engine id 7: A's data to B. The check refuses B's request
+    as it is sent (answered ``BadRequest``); from then on each client has its own upstream
+    connection, and every reply is its own client's."""
 
     async def main() -> None:
         up = await Upstream("a").start()
         async with engine_for(mesh([(up.port, "v1")], router=ROUTER, codec=CODEC)) as engine:
             a = await Client.connect(address(engine))
             b = await Client.connect(address(engine))
-            assert _own("a", await a.call(headers={"who": "a"}, rid=1))
+            for rid in range(1, 7):
+                assert _own("a", await a.call(headers={"who": "a"}, rid=rid))
             b1 = b.start(headers={"who": "b"}, rid=1)
-            # B's request at the upstream (or answered by the engine) before A's second.
-            await until(lambda: len(up.received) == 2 or b1.done(), "B's request handled")
-            a2 = a.start(headers={"who": "a"}, rid=2)
-            replies = await asyncio.wait_for(asyncio.gather(a2, b1), 4)
+            # B's request at the upstream (or answered by the engine) before A's seventh.
+            await until(lambda: len(up.received) == 7 or b1.done(), "B's request handled")
+            a7 = a.start(headers={"who": "a"}, rid=7)
+            replies = await asyncio.wait_for(asyncio.gather(a7, b1), 4)
             assert not _own("a", replies[1]), "A's reply delivered to B"
             assert _own("a", replies[0]), replies[0].attributes.to_dict()
             assert error_type(replies[1]) == "BadRequest"
-            for rid in range(3, 23):  # both clients, the same ids, concurrently
+            for rid in range(8, 28):  # both clients, the same ids, concurrently
                 ra, rb = await asyncio.wait_for(
                     asyncio.gather(
                         a.start(headers={"who": "a"}, rid=rid),
@@ -245,7 +247,7 @@ def test_a_codec_that_keeps_the_id_on_one_path_is_served_dedicated_once_seen(
         up = await Upstream("a").start()
         async with engine_for(mesh([(up.port, "v1")], router=ROUTER, codec=codec)) as engine:
             c = await Client.connect(address(engine))
-            for rid in range(1, CHECKS + 1):  # checked: the ids are written
+            for rid in range(100, 100 + CHECKS):  # checked: the ids are written
                 assert error_type(await c.call(rid=rid)) is None
             keep = {"keep-id": "1"}
             assert error_type(await c.call(headers=keep, rid=7777)) == "Timeout"
@@ -279,7 +281,9 @@ class RequestCountingKV(KVCodec):
 def test_a_correct_codec_is_decoded_again_for_the_first_requests_of_a_connection_only() -> None:
     """A correct codec: each shared connection's first ``ENCODE_CHECKS`` requests are
     decoded once more (the check), and none after: the check costs per connection, not per
-    request; and the connection stays shared (one for both clients)."""
+    request; and the connection stays shared (one for both clients). A request whose own id
+    is the one the engine gives it is not checked (it could not tell a codec that ignores
+    the id), nor counted among them."""
     codec = f"{__name__}:RequestCountingKV"
     checks = CHECKS
 
@@ -289,13 +293,15 @@ def test_a_correct_codec_is_decoded_again_for_the_first_requests_of_a_connection
             a = await Client.connect(address(engine))
             b = await Client.connect(address(engine))
             RequestCountingKV.request_decodes = 0
-            for _ in range(checks):
-                assert error_type(await a.call()) is None
-            assert RequestCountingKV.request_decodes == 2 * checks  # the client's, the check's
+            assert error_type(await a.call(rid=1)) is None  # the engine's id 1 too
+            assert RequestCountingKV.request_decodes == 1  # the client's only
+            for rid in range(100, 100 + checks):
+                assert error_type(await a.call(rid=rid)) is None
+            assert RequestCountingKV.request_decodes == 1 + 2 * checks  # the client's, the check's
             for c in (a, b, a, b):
                 for _ in range(25):
                     assert error_type(await c.call()) is None
-            assert RequestCountingKV.request_decodes == 2 * checks + 100  # the clients' only
+            assert RequestCountingKV.request_decodes == 1 + 2 * checks + 100  # the clients' only
             assert up.accepted == 1
             (cluster,) = engine.config_dump()["clusters"]
             assert cluster["pooling"] == "shared"
