@@ -14,6 +14,11 @@ method, the exception's type and the start of its message, and the codec's line 
 never a traceback), at most one line
 per :data:`LOG_INTERVAL` per process, with how many were left out since the last: a client that
 reaches the bug with every frame cannot flood the log.
+
+A codec whose ``encode`` did not write the request id the engine gave a request on a shared
+upstream connection (:meth:`CodecBugs.ids_not_written`) could deliver one client's reply to
+another: its class is served without id rewriting from then on in this process (each client
+its own upstream connections, see upstream.py), which is logged once, whatever the rate.
 """
 
 from __future__ import annotations
@@ -109,13 +114,38 @@ def raised_at(exc: BaseException, codec: object) -> str:
 class CodecBugs:
     """The engine's count and log of exceptions codecs raise against the contract."""
 
-    __slots__ = ("_counters", "_logged", "_quiet", "_stats")
+    __slots__ = ("_counters", "_logged", "_quiet", "_stats", "unshared")
 
     def __init__(self, stats: Stats) -> None:
         self._stats = stats
         self._counters: dict[tuple[type, str], Counter] = {}
         self._logged = float("-inf")
         self._quiet = 0
+        #: Codec classes whose ``encode`` did not write the request id it was given: their
+        #: clusters pool connections per client from then on (see upstream.py).
+        self.unshared: set[type] = set()
+
+    def ids_not_written(self, codec: Codec, what: str) -> bool:
+        """Count ``codec``'s ``encode`` that did not write the request id it was given
+        (``what``: one line on what was seen) and, the first time for its class, mark the
+        class :attr:`unshared` and log it (a line whatever the rate: it changes how the
+        class is served). ``True``: the first time; later ones are logged as
+        :meth:`misbehaved` is."""
+        cls = type(codec)
+        if cls in self.unshared:
+            self.misbehaved(codec, "encode", what)
+            return False
+        self.unshared.add(cls)
+        self._count(codec, "encode")
+        log.error(
+            "codec %s: encode: %s, a bug in the codec: it may deliver one client's reply to "
+            "another on a shared upstream connection, so from now on each client connection "
+            "gets its own upstream connections for this codec, as for a codec without "
+            "rewrite_request_id (the kit's mutation_with_request_id check finds the bug)",
+            codec_name(codec),
+            what,
+        )
+        return True
 
     def misbehaved(self, codec: object, method: str, what: str, outcome: str = "") -> None:
         """Count and log (rate-limited, as :meth:`report`) a breach of the contract seen in

@@ -14,6 +14,13 @@ Two pooling modes, chosen by the codec's ``rewrite_request_id`` capability (and 
   A cluster with ``proxyProtocol`` is dedicated whatever its codec: each of its connections
   starts with a PROXY protocol header naming one client (Envoy keys its connection pools by
   those addresses), so the client's own ids go upstream unchanged.
+
+A codec whose ``encode`` ignores the id it is given would send a client's own id on a shared
+connection, and the reply would answer whichever request has that id there: another
+client's. The first :data:`ENCODE_CHECKS` requests of each shared connection (whose own id
+is not the engine's) are decoded again (by a fresh codec) to see the id written; one that is
+not the id asked for is answered locally, not sent, and the codec's class is served dedicated
+from then on (:func:`unshare`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from metaprotocol_sdk.codec import Codec, Encoded, ReplyHead, take_frame
+from metaprotocol_sdk.codec import Codec, Encoded, ReplyHead, join_encoded, take_frame
 from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata, Mutation
@@ -321,8 +328,13 @@ class Cluster:
         #: ``trafficPolicy.proxyProtocol``: each connection starts with a header naming its
         #: client (see proxy_protocol.py), so connections are the clients' own.
         self.proxy_protocol = proxy_protocol
+        #: Pooling mode (see the module's docstring); turned off for good by :meth:`unshare`
+        #: (also for the clusters a reload builds later) when the codec's ``encode`` did not
+        #: write the ids it was given.
         self.shared = (
-            protocol.codec_class.capabilities.rewrite_request_id and proxy_protocol is None
+            protocol.codec_class.capabilities.rewrite_request_id
+            and proxy_protocol is None
+            and protocol.codec_class not in engine.codec_bugs.unshared
         )
         #: Circuit-breaker limits (``trafficPolicy.connectionPool``), ``None``: none.
         self.pool = pool
@@ -700,6 +712,12 @@ class Cluster:
         built fails them all, as a connect failure does (see ``_take_waiting``)."""
         waiting = host.waiting
         while waiting:
+            if not self.shared:  # unshared (since they queued, or by the one just sent)
+                host.waiting = None  # each to its client's own connection
+                while waiting:
+                    q = waiting.popitem(last=False)[0]
+                    q.downstream.requeue(q)
+                return
             q = waiting.popitem(last=False)[0]
             if q.downstream.closed:
                 q.downstream.room_left(q)
@@ -724,6 +742,22 @@ class Cluster:
                         q.downstream.room_refused(q, self.refused())
                 return
             q.downstream.send_queued(q, conn)
+
+    def unshare(self) -> None:
+        """Pool connections per client from now on (its codec's ``encode`` did not write a
+        request id it was given, see :func:`unshare`): its shared connections retire (their
+        requests in flight are answered there, with the ids that were checked) and the
+        requests waiting for room on them are routed again, soon, to a client's own
+        connection."""
+        if not self.shared:
+            return
+        self.shared = False
+        self.stream_cap = stream_cap(self.pool, 0)  # a client's own ids: no few-ids cap
+        for host in self.hosts:
+            for conn in list(host.conns):
+                conn.retire()
+            host.roomy = None
+        self.engine.loop.call_soon(self.reroute_waiting)
 
     def reroute_waiting(self) -> None:
         """A reload retired the cluster: the requests waiting for room on its endpoints are
@@ -782,6 +816,30 @@ class AvoidEjected(Balancer[UpstreamHost]):
 
 #: Unmatched replies on a shared connection checked for an id the codec did not write.
 ID_CHECKS = 8
+#: Requests of each shared connection whose encoded frame is decoded again to check the id
+#: written (a cost per connection, not per request: see ``UpstreamConnection._check_id``).
+#: Only requests whose client's id is not the one the engine gives count: a codec that
+#: ignores the id cannot pass them by chance (the first requests of a client that numbers
+#: from 1 on a fresh connection have the engine's ids).
+ENCODE_CHECKS = 4
+
+
+class IdNotWritten(CodecError):
+    """The codec's ``encode`` did not write the request id it was given: the request is
+    answered locally (counted and logged as the codec's bug already, not again)."""
+
+
+def unshare(engine: Engine, codec: Codec, cluster: Cluster, what: str) -> None:
+    """``codec``'s ``encode`` did not write a request id it was given (on ``cluster``;
+    ``what`` says how it was seen): count and log it, and serve its class dedicated from now
+    on: the clusters of now (``cluster`` too, which a reload may have retired) pool
+    connections per client, and those built later do (``Cluster.__init__``)."""
+    engine.codec_bugs.ids_not_written(codec, what)
+    cls = type(codec)
+    cluster.unshare()
+    for other in engine.clusters.values():
+        if other.protocol.codec_class is cls:
+            other.unshare()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -805,6 +863,7 @@ class UpstreamConnection(asyncio.Protocol):
         "held",
         "host",
         "id_checks",
+        "id_probes",
         "idle_since",
         "istio",
         "limit_requests",
@@ -864,6 +923,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.pending: dict[int, Pending] = {}
         #: Unmatched replies checked for an id the codec did not write (see ``_unmatched``).
         self.id_checks = 0
+        #: Requests still to be checked for the id ``encode`` wrote (see ``_check_id``).
+        self.id_probes = ENCODE_CHECKS if self.shared else 0
         # Dedicated mode: requests in flight in arrival order and by request id, so that a
         # reply pairs in O(1) with the first request of its id, else with the oldest.
         self.order: OrderedDict[int, Pending] = OrderedDict()
@@ -1051,6 +1112,10 @@ class UpstreamConnection(asyncio.Protocol):
             if wire_id > self.max_id or wire_id in self.pending:  # ids wrapped around
                 wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
+            # The first few requests of the connection only, whose own id is another (one
+            # that is the same tells nothing, and its reply cannot go astray).
+            if self.id_probes and wire_id != request.request_id:
+                self._check_id(encoded, wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id
             self.pending[wire_id] = p
@@ -1081,6 +1146,31 @@ class UpstreamConnection(asyncio.Protocol):
             if self.sent >= self.limit_requests:
                 self.cluster.closed_by("max_requests")
                 self.retire()
+
+    def _check_id(self, encoded: Encoded, wire_id: int) -> None:
+        """Decode ``encoded`` (a request encoded with ``request_id=wire_id``) with a fresh
+        codec of the connection's class and raise :class:`IdNotWritten` when the id it
+        carries is another (see :func:`unshare`). Only a decoded id says so: a frame the
+        fresh codec cannot read, or one it cannot be built for, is no verdict (the check is
+        spent all the same: the cost stays per connection)."""
+        self.id_probes -= 1
+        frame = encoded if type(encoded) is bytes else join_encoded(encoded)
+        try:
+            message = self.cluster.new_codec().decode(bytearray(frame))
+        except Exception:  # CodecUnavailable (counted as such), or decode's: no verdict
+            return
+        if not isinstance(message, Metadata) or message.request_id == wire_id:
+            return
+        self.id_probes = 0
+        unshare(
+            self.engine,
+            self.codec,
+            self.cluster,
+            f"a request on cluster {self.cluster.name} was encoded with id "
+            f"{message.request_id}, not the id {wire_id} encode was asked to write: answered "
+            "locally, not sent",
+        )
+        raise IdNotWritten("the codec did not write the request id it was given")
 
     def full(self) -> bool:
         """Whether it carries :attr:`cap` requests (a timed-out request's place counts where
@@ -1225,6 +1315,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.shared:
             wire_id = self._free_id()
             encoded = self.codec.encode(request, mutation, request_id=wire_id)
+            if self.id_probes and wire_id != request.request_id:
+                self._check_id(encoded, wire_id)
             self.next_id = wire_id
         else:
             encoded = self.codec.encode(request, mutation)
@@ -1738,9 +1830,12 @@ class UpstreamConnection(asyncio.Protocol):
         few are also checked against the requests in flight: a reply carrying the id a
         client gave its request, rather than the one the engine gave it on this connection,
         means the codec's ``encode`` did not write the ``request_id`` it was given (the kit's
-        ``mutation_with_request_id`` check). That request then waits for its timeout: the
-        codec is named in the log and in ``metaprotocol_codec_errors_total{method="encode"}``
-        (at most :data:`ID_CHECKS` scans of the requests in flight per connection).
+        ``mutation_with_request_id`` check) on a request past the first
+        :data:`ENCODE_CHECKS` (those are checked as they are sent). That request then waits
+        for its timeout: the codec is named in the log and in
+        ``metaprotocol_codec_errors_total{method="encode"}``, and its class is served
+        dedicated from then on (:func:`unshare`; at most :data:`ID_CHECKS` scans of the
+        requests in flight per connection).
 
         Only an id the engine never gave a request on this connection says so: ids are given
         in order from 1 (:meth:`_free_id`), so one up to ``next_id`` may be the late reply to
@@ -1753,9 +1848,10 @@ class UpstreamConnection(asyncio.Protocol):
             request = p.request
             if request is not RELEASED and request.request_id == reply_id != p.wire_id:
                 self.id_checks = ID_CHECKS  # once per connection is enough to say it
-                self.engine.codec_bugs.misbehaved(
+                unshare(
+                    self.engine,
                     self.codec,
-                    "encode",
+                    self.cluster,
                     f"a reply on cluster {self.cluster.name} carried id {reply_id}, the id "
                     f"the client gave its request, not the id {p.wire_id} encode was asked to "
                     "write: requests wait for their timeout, their replies are dropped",
