@@ -375,6 +375,8 @@ class Predecessor:
         #: ``taking over``, ``following`` (it drains), ``done`` or ``lost``.
         self.state = "taking over"
         self.imported: StatsImport | None = None
+        #: The predecessor said ``done`` (it has drained) in the round read by :meth:`drain`.
+        self._done = False
 
     async def import_stats(self, stats: Stats) -> None:
         """Add the predecessor's counts as they were when it gave its sockets."""
@@ -402,18 +404,20 @@ class Predecessor:
 
     async def drain(self) -> None:
         """Ask the predecessor to stop accepting and drain; return once it has stopped
-        accepting."""
+        accepting and its counts up to then are in (what it counted since the import: a
+        scrape of this engine never shows less than one of the predecessor did)."""
         await self.channel.send({"op": "drain"})
         message, fds = await self.channel.receive(REPLY_TIMEOUT)
         _close_all(fds)
         if message["op"] != "draining":
             raise HotRestartError(f"the predecessor answered {message['op']!r} to drain")
         self.state = "following"
+        self._done = not await self._read_round()
 
     async def follow(self) -> None:
         """Add the predecessor's counts while it drains, until it is done (or gone)."""
         try:
-            while await self._read_round():
+            while not self._done and await self._read_round():
                 pass
             self.state = "done"
         except HotRestartError as exc:
@@ -630,6 +634,7 @@ class HandoverServer:
 
     async def _hand_over(self, channel: Channel, hello: dict[str, Any]) -> None:
         wanted = _wanted_binds(hello)
+        self._sent = {}  # this successor has none of the counts (one before it may have)
         rows, admin, fds = self.engine.handover_sockets(wanted.listeners, wanted.admin)
         pid = hello["pid"] if _count(hello.get("pid")) else 0
         await channel.send(
@@ -658,10 +663,12 @@ class HandoverServer:
         log.info("hot restart: pid %d takes over; draining", pid)
         self.on_takeover(pid)
         await channel.send({"op": "draining"})
-        while not self.engine.stopped:
+        while True:  # at once (what grew since the import, all accepted here), then each second
+            await self._send_stats(channel)
+            if self.engine.stopped:
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine.wait_stopped(), STATS_INTERVAL)
-            await self._send_stats(channel)
         await channel.send({"op": "done"})
         assert self._finished is not None
         self._finished.set()

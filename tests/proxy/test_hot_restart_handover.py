@@ -1,0 +1,122 @@
+"""The hot restart handover in one process: a real engine behind its ``HandoverServer``, and
+successors (``take_over``) that fail or follow at chosen steps. Real sockets on 127.0.0.1 and
+a Unix socket in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from proxy_kit import run
+
+from metaprotocol_sdk.proxy import Engine
+from metaprotocol_sdk.proxy.config.loader import loads_config
+from metaprotocol_sdk.proxy.hot_restart import HandoverServer, take_over
+from metaprotocol_sdk.proxy.stats import Stats
+
+MESH = """\
+apiVersion: metaprotocol.aeraki.io/v1alpha1
+kind: ApplicationProtocol
+metadata: {name: thrift}
+spec: {protocol: thrift, codec: aeraki.meta_protocol.codec.thrift}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: hello}
+spec:
+  hosts: [hello.test]
+  ports: [{number: 9090, name: tcp-metaprotocol-thrift-hello, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, ports: {tcp-metaprotocol-thrift-hello: 1}}]
+---
+apiVersion: proxy.metaprotocol.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: engine}
+spec:
+  listeners: [{host: hello.test, port: 9090, bind: "127.0.0.1:0"}]
+  admin: {bind: "127.0.0.1:0"}
+  timeouts: {drain: 1s}
+"""
+COUNTER = "metaprotocol_hot_restart_test_total"
+
+
+class Running:
+    """An engine serving, with the hot restart socket at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.engine = Engine(loads_config(MESH))
+        self.server = HandoverServer(self.engine, str(path), 0, self._taken_over)
+        self.stopping: asyncio.Task[None] | None = None
+
+    def _taken_over(self, pid: int) -> None:  # what the command does (cli/proxy.py)
+        self.engine.hand_over()
+        self.stopping = asyncio.ensure_future(self.engine.stop(drain=0.2, serve_first=True))
+
+    async def __aenter__(self) -> Running:
+        await self.engine.start()
+        self.server.open()
+        self.server.publish()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.stopping is not None:
+            await self.stopping
+        await self.engine.stop(drain=0)
+        await self.server.finish(1.0)
+
+    def count(self, n: int = 1) -> None:
+        self.engine.stats.counter(COUNTER, kind="a").value += n
+
+
+def value(stats: Stats) -> int:
+    return int(stats.counter(COUNTER, kind="a").value)
+
+
+def test_a_successor_that_gave_up_after_the_counts_takes_none_from_the_next(
+    tmp_path: Path,
+) -> None:
+    """A successor that imported the counts, then gave up (killed, stopped while it waited
+    for its control plane), does not make the next one miss them: each successor is sent
+    every series, not what changed since the one before it."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            running.count(3)
+            quitter = await take_over(str(path), running.engine.config)
+            assert quitter is not None
+            await quitter.import_stats(Stats())
+            quitter.abandon()
+            successor = await take_over(str(path), running.engine.config)
+            assert successor is not None
+            mine = Stats()
+            await successor.import_stats(mine)
+            assert value(mine) == 3
+            successor.abandon()
+
+    run(scenario())
+
+
+def test_the_counts_made_before_the_drain_are_in_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    """What the predecessor counted between the successor's import and the drain (a
+    control plane's first routes can take seconds) is in the successor's stats once it
+    starts serving: a scrape of it never shows less than the predecessor's last."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            running.count(3)
+            successor = await take_over(str(path), running.engine.config)
+            assert successor is not None
+            mine = Stats()
+            await successor.import_stats(mine)
+            running.count(2)  # served while the successor waited
+            await successor.drain()
+            assert value(mine) == 5
+            successor.inherited.close()
+            await successor.follow()
+            assert successor.state == "done" and value(mine) == 5
+
+    run(scenario())
