@@ -93,12 +93,18 @@ def _check_peer(sock: socket.socket) -> None:
 
 
 class Channel:
-    """Length-prefixed JSON messages (and passed descriptors) on a non-blocking Unix socket."""
+    """Length-prefixed JSON messages (and passed descriptors) on a non-blocking Unix socket.
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    ``max_fds``: the most descriptors one message may bring (the running process's side
+    takes none: the kernel closes those it is sent, and the connection ends)."""
+
+    def __init__(
+        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, max_fds: int = MAX_SOCKETS
+    ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.loop = loop
+        self.max_fds = max_fds
         self._buffer = bytearray()
         self._fds: list[int] = []
 
@@ -155,7 +161,7 @@ class Channel:
         """The next message and the descriptors that came with it (the caller owns them)."""
         deadline = self.loop.time() + timeout
         buffer = self._buffer
-        space = socket.CMSG_SPACE(MAX_SOCKETS * array.array("i").itemsize)
+        space = socket.CMSG_SPACE(self.max_fds * array.array("i").itemsize) if self.max_fds else 0
         while True:
             if len(buffer) >= _LENGTH.size:
                 (size,) = _LENGTH.unpack_from(buffer)
@@ -186,7 +192,7 @@ class Channel:
                     received = array.array("i")
                     received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
                     self._fds.extend(received)
-            if flags & socket.MSG_CTRUNC:
+            if flags & socket.MSG_CTRUNC or len(self._fds) > self.max_fds:
                 raise HotRestartError("more descriptors than expected")
             if not data:
                 raise HotRestartError("the other process closed the hot restart socket")
@@ -595,7 +601,7 @@ class HandoverServer:
             if self._peers >= MAX_PEERS:  # a descriptor each: the engine's clients need them
                 conn.close()
                 continue
-            self._spawn(self._serve(Channel(conn, loop)))
+            self._spawn(self._serve(Channel(conn, loop, max_fds=0)))
 
     async def _serve(self, channel: Channel) -> None:
         self._peers += 1

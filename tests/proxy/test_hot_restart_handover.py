@@ -4,7 +4,13 @@ a Unix socket in a temporary directory."""
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
 from pathlib import Path
 
 from proxy_kit import run
@@ -118,5 +124,42 @@ def test_the_counts_made_before_the_drain_are_in_when_it_returns(
             successor.inherited.close()
             await successor.follow()
             assert successor.state == "done" and value(mine) == 5
+
+    run(scenario())
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_sent_to_the_running_engine_are_refused(tmp_path: Path) -> None:
+    """A successor sends no descriptor: a peer that does (a message cut into many pieces,
+    each carrying hundreds, held for the 10 s of the answer's wait) would fill the running
+    engine's descriptor table, and its clients would be refused at the accept. The
+    connection is closed at the first, and none of them stays open."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            before = _fds()
+            hello = json.dumps(
+                {"op": "hello", "protocol": 1, "pid": 1, "listeners": [], "admin": None}
+            ).encode()
+            data = struct.pack("!I", len(hello)) + hello
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_UNIX) as peer:
+                peer.setblocking(False)
+                await loop.sock_connect(peer, str(path))
+                carried = array.array("i", [peer.fileno()] * 200)
+                with contextlib.suppress(OSError):  # (closed after the first, with the fix)
+                    peer.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, carried)])
+                    peer.sendmsg([data[1:]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, carried)])
+                try:
+                    reply = await asyncio.wait_for(loop.sock_recv(peer, 1 << 16), 5.0)
+                except ConnectionResetError:  # closed with the rest unread
+                    reply = b""
+            assert reply == b""  # closed, no sockets given
+            assert _fds() <= before
+            assert running.server.incoming is None and not running.engine.draining
 
     run(scenario())
