@@ -307,16 +307,28 @@ async def _serve(
         try:
             await _take_over(engine, predecessor, control_plane, stop)
         except HotRestartError as exc:
-            log.error("hot restart: %s; pid %d serves on", exc, predecessor.pid)
-            predecessor.abandon()
-            handover.close()
-            for task in tasks:
-                task.cancel()
-            if control_plane is not None:
-                await control_plane.stop()
-            await engine.stop(drain=0)
-            return 1
-        tasks.append(asyncio.ensure_future(_follow(predecessor, handover)))
+            if stop.is_set() or not await predecessor.died():
+                log.error("hot restart: %s; pid %d serves on", exc, predecessor.pid)
+                predecessor.abandon()
+                handover.close()
+                for task in tasks:
+                    task.cancel()
+                if control_plane is not None:
+                    await control_plane.stop()
+                await engine.stop(drain=0)
+                return 1
+            # It crashed with its sockets in this process: serving them beats leaving
+            # nothing serving (the counts it had sent are in).
+            log.warning(
+                "hot restart: pid %d died during the takeover (%s); serving on its sockets",
+                predecessor.pid,
+                exc,
+            )
+            predecessor.orphaned()
+            await engine.begin_serving()
+            handover.publish()
+        else:
+            tasks.append(asyncio.ensure_future(_follow(predecessor, handover)))
     elif handover is not None:
         handover.publish()
     if worker is not None:  # one of --workers N: its supervisor prints the addresses

@@ -63,6 +63,9 @@ STATS_INTERVAL = 1.0
 MAX_SOCKETS = 1024
 #: Connections to the hot restart socket served at once (more are closed at once).
 MAX_PEERS = 4
+#: How long a process whose hot restart socket closed is given to have exited (a crash: its
+#: socket closes as it exits, just before the kernel says it has).
+EXIT_WAIT = 1.0
 #: Longest socket path (``sun_path`` holds 108 bytes; the temporary name adds ``.<pid>``).
 MAX_PATH = 96
 _LENGTH = struct.Struct("!I")
@@ -84,6 +87,41 @@ def available(path: str) -> str | None:
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
+
+
+class PeerProcess:
+    """The process at the other end of a hot restart socket, watched (a pidfd): when the
+    socket closes, whether it died (its sockets are this process's alone now) or is alive
+    (it gave up, it serves on)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid = int(struct.unpack("3i", creds)[0])
+        self._fd: int | None = None
+        with contextlib.suppress(OSError, AttributeError):  # no pidfd: never said dead
+            self._fd = os.pidfd_open(self.pid)
+
+    async def exited(self, within: float = EXIT_WAIT) -> bool:
+        """Whether it has exited, or does within ``within`` seconds."""
+        fd = self._fd
+        if fd is None:
+            return False
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        try:
+            await asyncio.wait_for(done, within)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+        return True
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _check_peer(sock: socket.socket) -> None:
@@ -372,9 +410,17 @@ def _binds(config: Config) -> tuple[list[list[Any]], list[Any] | None]:
 class Predecessor:
     """The running engine this process takes over from (the new process's side)."""
 
-    def __init__(self, channel: Channel, pid: int, generation: int, inherited: Inherited):
+    def __init__(
+        self,
+        channel: Channel,
+        pid: int,
+        generation: int,
+        inherited: Inherited,
+        process: PeerProcess | None = None,
+    ):
         self.channel = channel
         self.pid = pid
+        self.process = process
         #: This process's hot restart generation: its predecessor's plus one.
         self.generation = generation
         self.inherited = inherited
@@ -432,12 +478,26 @@ class Predecessor:
                 "hot restart: lost the predecessor (pid %d) while it drained: %s", self.pid, exc
             )
         finally:
-            self.channel.close()
+            self._close()
+
+    def _close(self) -> None:
+        self.channel.close()
+        if self.process is not None:
+            self.process.close()
+
+    async def died(self) -> bool:
+        """Whether the predecessor has exited (waited for a while: see :data:`EXIT_WAIT`)."""
+        return self.process is not None and await self.process.exited()
 
     def abandon(self) -> None:
         """Give up (this process could not start): the predecessor keeps serving."""
         self.inherited.close()
-        self.channel.close()
+        self._close()
+        self.state = "lost"
+
+    def orphaned(self) -> None:
+        """The predecessor died before it drained: its sockets are this process's alone."""
+        self._close()
         self.state = "lost"
 
     def dump(self) -> dict[str, Any]:
@@ -466,8 +526,10 @@ async def take_over(path: str, config: Config) -> Predecessor | None:
         sock.close()
         raise HotRestartError(f"cannot connect to {path}: {exc or 'timed out'}") from None
     channel = Channel(sock, loop)
+    process: PeerProcess | None = None
     try:
         _check_peer(sock)
+        process = PeerProcess(sock)
         listeners, admin = _binds(config)
         await channel.send(
             {
@@ -478,7 +540,19 @@ async def take_over(path: str, config: Config) -> Predecessor | None:
                 "admin": admin,
             }
         )
-        message, fds = await channel.receive(REPLY_TIMEOUT)
+        try:
+            message, fds = await channel.receive(REPLY_TIMEOUT)
+        except HotRestartError as exc:
+            if not await process.exited():
+                raise
+            log.warning(
+                "hot restart: pid %d died before giving its sockets (%s); starting afresh",
+                process.pid,
+                exc,
+            )
+            channel.close()
+            process.close()
+            return None
         if message["op"] == "refused":
             _close_all(fds)
             raise HotRestartError(f"the engine at {path} refused: {message.get('reason')}")
@@ -492,8 +566,10 @@ async def take_over(path: str, config: Config) -> Predecessor | None:
             raise HotRestartError("the predecessor did not say its pid and generation")
     except BaseException:
         channel.close()
+        if process is not None:
+            process.close()
         raise
-    return Predecessor(channel, pid, generation + 1, inherited)
+    return Predecessor(channel, pid, generation + 1, inherited, process)
 
 
 def _inherit(message: dict[str, Any], fds: list[int]) -> Inherited:
