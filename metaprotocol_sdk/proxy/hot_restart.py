@@ -700,6 +700,8 @@ class HandoverServer:
             finally:
                 self._busy = self.successor is not None
                 self.incoming = None
+                if self.successor is not None and self._finished is not None:
+                    self._finished.set()  # the last counts sent, or nobody left to read them
         except HotRestartError as exc:
             log.warning("hot restart: a successor failed: %s", exc)
         finally:
@@ -757,8 +759,6 @@ class HandoverServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine.wait_stopped(), STATS_INTERVAL)
         await channel.send({"op": "done"})
-        assert self._finished is not None
-        self._finished.set()
 
     async def _send_stats(self, channel: Channel) -> None:
         for piece in stats_pieces(self.engine.stats, self._sent):

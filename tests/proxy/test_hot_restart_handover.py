@@ -17,7 +17,7 @@ from proxy_kit import run
 
 from metaprotocol_sdk.proxy import Engine
 from metaprotocol_sdk.proxy.config.loader import loads_config
-from metaprotocol_sdk.proxy.hot_restart import HandoverServer, take_over
+from metaprotocol_sdk.proxy.hot_restart import REPLY_TIMEOUT, HandoverServer, take_over
 from metaprotocol_sdk.proxy.stats import Stats
 
 MESH = """\
@@ -161,5 +161,29 @@ def test_descriptors_sent_to_the_running_engine_are_refused(tmp_path: Path) -> N
             assert reply == b""  # closed, no sockets given
             assert _fds() <= before
             assert running.server.incoming is None and not running.engine.draining
+
+    run(scenario())
+
+
+def test_a_successor_gone_while_the_engine_drains_does_not_hold_its_exit(
+    tmp_path: Path,
+) -> None:
+    """The successor dies (SIGKILL) after taking over: the draining engine, done, exits at
+    once rather than wait the whole answer time for the last counts nobody will read."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            successor = await take_over(str(path), running.engine.config)
+            assert successor is not None
+            await successor.import_stats(Stats())
+            await successor.drain()
+            successor.abandon()  # its socket closes, as when it is killed
+            assert running.stopping is not None
+            await running.stopping
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await running.server.finish(REPLY_TIMEOUT)
+            assert loop.time() - started < REPLY_TIMEOUT / 4
 
     run(scenario())
