@@ -63,6 +63,8 @@ STATS_INTERVAL = 1.0
 MAX_SOCKETS = 1024
 #: Connections to the hot restart socket served at once (more are closed at once).
 MAX_PEERS = 4
+#: Most temporary sockets of processes gone (``PATH.<pid>``) an engine removes as it starts.
+MAX_STALE = 64
 #: How long a process whose hot restart socket closed is given to have exited (a crash: its
 #: socket closes as it exits, just before the kernel says it has).
 EXIT_WAIT = 1.0
@@ -649,6 +651,7 @@ class HandoverServer:
         """Make the socket (mode 0600) under the temporary name and start accepting."""
         loop = asyncio.get_running_loop()
         self._finished = asyncio.Event()
+        _remove_stale(self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._temporary)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -793,6 +796,35 @@ class HandoverServer:
             "incoming": self.incoming,
             "successor": self.successor,
         }
+
+
+def _remove_stale(path: str) -> None:
+    """Remove the temporary sockets (``PATH.<pid>``) left by processes that are gone: a
+    successor killed before it took ``path`` over (at most :data:`MAX_STALE`)."""
+    directory, name = os.path.split(path)
+    prefix = name + "."
+    removed = 0
+    try:
+        entries = os.scandir(directory or ".")
+    except OSError:
+        return
+    with entries:
+        for entry in entries:
+            pid = entry.name[len(prefix) :]
+            if not entry.name.startswith(prefix) or not (pid.isascii() and pid.isdigit()):
+                continue
+            try:
+                if not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                    continue
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                removed += 1
+                if removed >= MAX_STALE:
+                    return
+            except (OSError, ValueError, OverflowError):
+                continue  # alive (another user's), or gone meanwhile
 
 
 @dataclass

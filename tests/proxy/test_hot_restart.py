@@ -591,3 +591,41 @@ def test_a_predecessor_killed_during_the_takeover_leaves_the_successor_serving(
         successor.stop()
         if dying.poll() is None:
             dying.kill()
+
+
+def test_the_temporary_socket_of_a_killed_successor_is_removed(
+    setup: tuple[Path, Path], server: HelloServer
+) -> None:
+    """A successor killed before it took the path over (its predecessor still drains)
+    leaves its socket under its temporary name (``PATH.<pid>``): the next engine at the path
+    removes those of processes that are gone, and nothing else."""
+    config, path = setup
+    first = Proxy(config, path)
+    try:
+        busy = client(first.port)
+        slow = threading.Thread(target=busy.sleep, args=(1000,))
+        slow.start()
+        assert server.handler.sleeping.wait(WAIT)
+        second = Proxy(config, path)
+        second.wait_line("took over")
+        temporary = path.parent / f"{path.name}.{second.proc.pid}"
+        assert temporary.exists()  # the first drains: the path is still its own
+        second.proc.kill()
+        second.proc.wait(WAIT)
+        slow.join(WAIT)
+        busy.close()
+        assert first.proc.wait(WAIT) == 0
+        assert temporary.exists()
+        alive = path.parent / f"{path.name}.{os.getpid()}"
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(alive))  # a live process's: kept
+        other = path.parent / f"{path.name}.backup"
+        other.write_text("")  # not a temporary name: kept
+        third = Proxy(config, path)
+        try:
+            assert not temporary.exists()
+            assert alive.exists() and other.exists()
+        finally:
+            third.stop()
+    finally:
+        first.stop()
