@@ -61,6 +61,9 @@ TAKEOVER_TIMEOUT = 300.0
 STATS_INTERVAL = 1.0
 #: Most listening sockets one message carries (listeners and the admin endpoint).
 MAX_SOCKETS = 1024
+#: Most descriptors one ``sendmsg`` passes (Linux's ``SCM_MAX_FD``): more go with the
+#: following bytes of the message.
+FDS_PER_SEND = 253
 #: Connections to the hot restart socket served at once (more are closed at once).
 MAX_PEERS = 4
 #: Most temporary sockets of processes gone (``PATH.<pid>``) an engine removes as it starts.
@@ -190,17 +193,26 @@ class Channel:
             raise HotRestartError(f"a message of {len(body)} bytes is above {MAX_MESSAGE}")
         data = memoryview(_LENGTH.pack(len(body)) + body)
         deadline = self.loop.time() + REPLY_TIMEOUT
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        fds = list(fds or [])
+        if len(fds) > len(data) * FDS_PER_SEND:  # (a byte carries each batch)
+            raise HotRestartError(f"{len(fds)} descriptors for a message of {len(data)} bytes")
         while data:
-            try:
-                sent = self.sock.sendmsg([data], ancillary)
-            except BlockingIOError:
-                await self._ready(False, deadline)
-                continue
-            except OSError as exc:
-                raise HotRestartError(f"cannot send: {exc}") from None
-            ancillary = []  # passed with the first bytes sent
-            data = data[sent:]
+            # Each batch goes with one byte of its own; the last with the rest of the message.
+            batch, fds = fds[:FDS_PER_SEND], fds[FDS_PER_SEND:]
+            chunk = data[:1] if fds else data
+            ancillary = (
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))] if batch else []
+            )
+            while chunk:
+                try:
+                    sent = self.sock.sendmsg([chunk], ancillary)
+                except BlockingIOError:
+                    await self._ready(False, deadline)
+                    continue
+                except OSError as exc:
+                    raise HotRestartError(f"cannot send: {exc}") from None
+                ancillary = []  # passed with the first bytes sent
+                chunk, data = chunk[sent:], data[sent:]
 
     async def receive(self, timeout: float) -> tuple[dict[str, Any], list[int]]:
         """The next message and the descriptors that came with it (the caller owns them)."""

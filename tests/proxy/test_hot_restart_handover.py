@@ -17,7 +17,7 @@ from proxy_kit import run
 
 from metaprotocol_sdk.proxy import Engine
 from metaprotocol_sdk.proxy.config.loader import loads_config
-from metaprotocol_sdk.proxy.hot_restart import REPLY_TIMEOUT, HandoverServer, take_over
+from metaprotocol_sdk.proxy.hot_restart import REPLY_TIMEOUT, Channel, HandoverServer, take_over
 from metaprotocol_sdk.proxy.stats import Stats
 
 MESH = """\
@@ -185,5 +185,35 @@ def test_a_successor_gone_while_the_engine_drains_does_not_hold_its_exit(
             started = loop.time()
             await running.server.finish(REPLY_TIMEOUT)
             assert loop.time() - started < REPLY_TIMEOUT / 4
+
+    run(scenario())
+
+
+def test_more_sockets_than_one_sendmsg_carries(tmp_path: Path) -> None:
+    """Linux passes at most 253 descriptors per ``sendmsg`` (``SCM_MAX_FD``): an engine with
+    more listening sockets than that (listeners, the addresses of their names, the admin
+    endpoint) still hands every one over, in order."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        left, right = socket.socketpair(socket.AF_UNIX)
+        sender, receiver = Channel(left, loop), Channel(right, loop)
+        files = [os.open(tmp_path / str(i), os.O_RDONLY | os.O_CREAT) for i in range(600)]
+        try:
+            _, (message, fds) = await asyncio.gather(
+                sender.send({"op": "sockets"}, files), receiver.receive(5.0)
+            )
+            try:
+                assert message == {"op": "sockets"} and len(fds) == len(files)
+                inodes = [os.fstat(fd).st_ino for fd in fds]
+                assert inodes == [os.fstat(fd).st_ino for fd in files]
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        finally:
+            for fd in files:
+                os.close(fd)
+            sender.close()
+            receiver.close()
 
     run(scenario())
