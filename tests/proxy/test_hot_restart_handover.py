@@ -217,3 +217,36 @@ def test_more_sockets_than_one_sendmsg_carries(tmp_path: Path) -> None:
             receiver.close()
 
     run(scenario())
+
+
+def test_the_access_log_counters_go_on_from_the_predecessors(tmp_path: Path) -> None:
+    """The access log's failed writes and dropped lines are counters like the others: the
+    successor's own add to the predecessor's, rather than replace them at its first sweep
+    (Prometheus would see a counter reset)."""
+    path = tmp_path / "engine.sock"
+    logged = MESH.replace(
+        "  timeouts:", f"  accessLog: {{path: {tmp_path / 'access.log'}}}\n  timeouts:"
+    )
+    names = (
+        "metaprotocol_access_log_write_failures_total",
+        "metaprotocol_access_log_dropped_lines_total",
+    )
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            for name in names:
+                running.engine.stats.counter(name).value = 7
+            config = loads_config(logged)
+            predecessor = await take_over(str(path), config)
+            assert predecessor is not None
+            engine = Engine(config, inherited=predecessor.inherited)
+            await engine.start(serve=False)
+            try:
+                await predecessor.import_stats(engine.stats)
+                engine._flush_access_log()  # what each sweep does
+                assert [engine.stats.counter(name).value for name in names] == [7, 7]
+            finally:
+                predecessor.abandon()
+                await engine.stop(drain=0)
+
+    run(scenario())
