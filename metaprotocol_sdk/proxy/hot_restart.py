@@ -233,6 +233,9 @@ class Channel:
                     except ValueError as exc:
                         _close_all(fds)
                         raise HotRestartError(f"not a JSON message: {exc}") from None
+                    except RecursionError:  # ``[[[[...``: deeper than the parser recurses
+                        _close_all(fds)
+                        raise HotRestartError("not a JSON message: nested too deep") from None
                     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
                         _close_all(fds)
                         raise HotRestartError("a message without its op")

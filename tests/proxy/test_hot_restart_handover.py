@@ -8,11 +8,13 @@ import array
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import struct
 from pathlib import Path
 
+import pytest
 from proxy_kit import run
 
 from metaprotocol_sdk.proxy import Engine
@@ -250,3 +252,27 @@ def test_the_access_log_counters_go_on_from_the_predecessors(tmp_path: Path) -> 
                 await engine.stop(drain=0)
 
     run(scenario())
+
+
+def test_a_message_nested_too_deep_is_refused_like_any_bad_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON nested deeper than the parser recurses (``[[[[...``, well under the size limit)
+    is a bad message: said in one line and the connection closed, not a traceback of the
+    task that read it."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path):
+            body = b"[" * 200_000
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_UNIX) as peer:
+                peer.setblocking(False)
+                await loop.sock_connect(peer, str(path))
+                await loop.sock_sendall(peer, struct.pack("!I", len(body)) + body)
+                assert await asyncio.wait_for(loop.sock_recv(peer, 1 << 16), 5.0) == b""
+
+    with caplog.at_level(logging.WARNING, "metaprotocol.proxy.hot_restart"):
+        run(scenario())
+    failed = [r.getMessage() for r in caplog.records if "a successor failed" in r.getMessage()]
+    assert failed == ["hot restart: a successor failed: not a JSON message: nested too deep"]
