@@ -66,6 +66,8 @@ MAX_SOCKETS = 1024
 FDS_PER_SEND = 253
 #: Connections to the hot restart socket served at once (more are closed at once).
 MAX_PEERS = 4
+#: How long after a failed accept (no descriptor free) the hot restart socket accepts again.
+ACCEPT_RETRY = 1.0
 #: Most temporary sockets of processes gone (``PATH.<pid>``) an engine removes as it starts.
 MAX_STALE = 64
 #: How long a process whose hot restart socket closed is given to have exited (a crash: its
@@ -696,7 +698,17 @@ class HandoverServer:
 
     async def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         while True:
-            conn, _ = await loop.sock_accept(sock)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE, ENOBUFS...: for now, not for good
+                log.warning(
+                    "hot restart: cannot accept on %s: %s; again in %g s",
+                    self.path,
+                    exc,
+                    ACCEPT_RETRY,
+                )
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
             if self._peers >= MAX_PEERS:  # a descriptor each: the engine's clients need them
                 conn.close()
                 continue

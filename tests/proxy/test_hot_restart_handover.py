@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import socket
 import struct
 from pathlib import Path
@@ -276,3 +277,40 @@ def test_a_message_nested_too_deep_is_refused_like_any_bad_message(
         run(scenario())
     failed = [r.getMessage() for r in caplog.records if "a successor failed" in r.getMessage()]
     assert failed == ["hot restart: a successor failed: not a JSON message: nested too deep"]
+
+
+def test_an_accept_that_fails_for_want_of_descriptors_is_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A moment without a free descriptor (``EMFILE``) when a successor connects does not
+    end listening for successors for good: the accept is tried again, and the next one takes
+    over."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            loop = asyncio.get_running_loop()
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            early = socket.socket(socket.AF_UNIX)
+            early.setblocking(False)
+            try:
+                lowest = os.dup(0)  # the lowest free descriptor: none from here on
+                os.close(lowest)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+                try:
+                    with contextlib.suppress(BlockingIOError):
+                        early.connect(str(path))  # queued; its accept finds no descriptor
+                    deadline = loop.time() + 5.0
+                    while not any("cannot accept" in r.getMessage() for r in caplog.records):
+                        assert loop.time() < deadline, "no accept was tried"
+                        await asyncio.sleep(0.01)  # polling the log: no event to wait on
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            finally:
+                early.close()
+            successor = await asyncio.wait_for(take_over(str(path), running.engine.config), 5)
+            assert successor is not None
+            successor.abandon()
+
+    with caplog.at_level(logging.WARNING, "metaprotocol.proxy.hot_restart"):
+        run(scenario())
