@@ -453,6 +453,8 @@ class Predecessor:
         self.imported: StatsImport | None = None
         #: The predecessor said ``done`` (it has drained) in the round read by :meth:`drain`.
         self._done = False
+        #: Why the round read by :meth:`drain` failed (said by :meth:`follow`).
+        self._broken: HotRestartError | None = None
 
     async def import_stats(self, stats: Stats) -> None:
         """Add the predecessor's counts as they were when it gave its sockets."""
@@ -488,11 +490,16 @@ class Predecessor:
         if message["op"] != "draining":
             raise HotRestartError(f"the predecessor answered {message['op']!r} to drain")
         self.state = "following"
-        self._done = not await self._read_round()
+        try:
+            self._done = not await self._read_round()
+        except HotRestartError as exc:  # it has stopped accepting: this process must serve
+            self._broken = exc
 
     async def follow(self) -> None:
         """Add the predecessor's counts while it drains, until it is done (or gone)."""
         try:
+            if self._broken is not None:
+                raise self._broken
             while not self._done and await self._read_round():
                 pass
             self.state = "done"

@@ -314,3 +314,41 @@ def test_an_accept_that_fails_for_want_of_descriptors_is_tried_again(
 
     with caplog.at_level(logging.WARNING, "metaprotocol.proxy.hot_restart"):
         run(scenario())
+
+
+def test_once_the_predecessor_drains_the_successor_serves_whatever_follows(
+    tmp_path: Path,
+) -> None:
+    """After ``draining`` the predecessor accepts no more: if its counts then fail to come
+    (it dies, it sends garbage), the successor still starts (it says what was lost), rather
+    than give up and leave nobody accepting."""
+    path = tmp_path / "engine.sock"
+
+    def frame(message: dict[str, object]) -> bytes:
+        body = json.dumps(message).encode()
+        return struct.pack("!I", len(body)) + body
+
+    async def predecessor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for reply in (
+            {"op": "sockets", "pid": os.getpid(), "generation": 0, "listeners": [], "admin": 0},
+            {"op": "stats_end"},
+            {"op": "draining"},
+        ):
+            (size,) = struct.unpack("!I", await reader.readexactly(4))
+            await reader.readexactly(size)
+            writer.write(frame(reply))
+        writer.write(b"\x00\x00\x00\x02{]")  # its counts: garbage, then it is gone
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(predecessor, str(path))
+        async with server:
+            successor = await take_over(str(path), loads_config(MESH))
+            assert successor is not None
+            await successor.import_stats(Stats())
+            await successor.drain()  # no error: it drains, this process serves
+            await successor.follow()
+            assert successor.state == "lost"
+
+    run(scenario())
