@@ -50,6 +50,10 @@ log = logging.getLogger("metaprotocol.proxy.hot_restart")
 PROTOCOL = 1
 #: Largest message either side accepts (a piece of the stats is at most a quarter of it).
 MAX_MESSAGE = 4 << 20
+#: Largest message the running process accepts: a successor sends its hello (a few hundred
+#: bytes per listener, at most :data:`MAX_SOCKETS`) and short asks, never stats. Parsed, a
+#: JSON message can take ten times its size: four peers at :data:`MAX_MESSAGE` were 115 MB.
+MAX_SUCCESSOR_MESSAGE = 1 << 20
 #: Bytes of stats per message, about (several series each).
 STATS_PIECE = MAX_MESSAGE // 4
 #: How long each answer may take.
@@ -146,15 +150,21 @@ class Channel:
     """Length-prefixed JSON messages (and passed descriptors) on a non-blocking Unix socket.
 
     ``max_fds``: the most descriptors one message may bring (the running process's side
-    takes none: the kernel closes those it is sent, and the connection ends)."""
+    takes none: the kernel closes those it is sent, and the connection ends);
+    ``max_message``: the largest message it takes."""
 
     def __init__(
-        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, max_fds: int = MAX_SOCKETS
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        max_fds: int = MAX_SOCKETS,
+        max_message: int = MAX_MESSAGE,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.loop = loop
         self.max_fds = max_fds
+        self.max_message = max_message
         self._buffer = bytearray()
         self._fds: list[int] = []
 
@@ -224,8 +234,8 @@ class Channel:
         while True:
             if len(buffer) >= _LENGTH.size:
                 (size,) = _LENGTH.unpack_from(buffer)
-                if size > MAX_MESSAGE:
-                    raise HotRestartError(f"a message of {size} bytes is above {MAX_MESSAGE}")
+                if size > self.max_message:
+                    raise HotRestartError(f"a message of {size} bytes is above {self.max_message}")
                 if len(buffer) >= _LENGTH.size + size:
                     body = bytes(buffer[_LENGTH.size : _LENGTH.size + size])
                     del buffer[: _LENGTH.size + size]
@@ -719,7 +729,7 @@ class HandoverServer:
             if self._peers >= MAX_PEERS:  # a descriptor each: the engine's clients need them
                 conn.close()
                 continue
-            self._spawn(self._serve(Channel(conn, loop, max_fds=0)))
+            self._spawn(self._serve(Channel(conn, loop, 0, MAX_SUCCESSOR_MESSAGE)))
 
     async def _serve(self, channel: Channel) -> None:
         self._peers += 1

@@ -20,7 +20,13 @@ from proxy_kit import run
 
 from metaprotocol_sdk.proxy import Engine
 from metaprotocol_sdk.proxy.config.loader import loads_config
-from metaprotocol_sdk.proxy.hot_restart import REPLY_TIMEOUT, Channel, HandoverServer, take_over
+from metaprotocol_sdk.proxy.hot_restart import (
+    MAX_SUCCESSOR_MESSAGE,
+    REPLY_TIMEOUT,
+    Channel,
+    HandoverServer,
+    take_over,
+)
 from metaprotocol_sdk.proxy.stats import Stats
 
 MESH = """\
@@ -350,5 +356,24 @@ def test_once_the_predecessor_drains_the_successor_serves_whatever_follows(
             await successor.drain()  # no error: it drains, this process serves
             await successor.follow()
             assert successor.state == "lost"
+
+    run(scenario())
+
+
+def test_the_running_engine_takes_no_message_larger_than_a_successors(tmp_path: Path) -> None:
+    """A successor sends a hello and short asks: a length above ``MAX_SUCCESSOR_MESSAGE`` is
+    refused at once, before its bytes are read (four peers sending ``MAX_MESSAGE`` of
+    ``[{},{},...`` made 115 MB of parsed objects)."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path):
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_UNIX) as peer:
+                peer.setblocking(False)
+                await loop.sock_connect(peer, str(path))
+                await loop.sock_sendall(peer, struct.pack("!I", MAX_SUCCESSOR_MESSAGE + 1))
+                closed = await asyncio.wait_for(loop.sock_recv(peer, 1 << 16), REPLY_TIMEOUT / 4)
+                assert closed == b""
 
     run(scenario())
