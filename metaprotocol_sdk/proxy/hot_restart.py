@@ -862,6 +862,8 @@ def _remove_stale(path: str) -> None:
                     continue
                 os.kill(int(pid), 0)
             except ProcessLookupError:
+                if _answers(entry.path):
+                    continue  # a process of another pid namespace (a container's)
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                 removed += 1
@@ -869,6 +871,19 @@ def _remove_stale(path: str) -> None:
                     return
             except (OSError, ValueError, OverflowError):
                 continue  # alive (another user's), or gone meanwhile
+
+
+def _answers(path: str) -> bool:
+    """Whether a process listens at the Unix socket ``path`` (a refused connection: none)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # (a full backlog: someone listens)
+    return True
 
 
 @dataclass

@@ -377,3 +377,31 @@ def test_the_running_engine_takes_no_message_larger_than_a_successors(tmp_path: 
                 assert closed == b""
 
     run(scenario())
+
+
+def test_a_temporary_socket_someone_listens_at_is_kept(tmp_path: Path) -> None:
+    """A temporary name whose pid is not a process here may be a live process of another
+    pid namespace (a container sharing the directory): kept while someone listens there."""
+    path = tmp_path / "engine.sock"
+    pid = 1
+    while True:  # a pid no process has here
+        pid += 1
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            continue
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / f"engine.sock.{pid}"))
+    listening.listen()
+
+    async def scenario() -> None:
+        async with Running(path):
+            pass
+
+    try:
+        run(scenario())
+        assert (tmp_path / f"engine.sock.{pid}").exists()
+    finally:
+        listening.close()
