@@ -704,9 +704,18 @@ class HandoverServer:
         self._spawn(self._accept(loop, sock))
 
     def publish(self) -> None:
-        """Put the socket at ``path`` (replacing what was there)."""
+        """Put the socket at ``path`` (replacing what was there); if its file went (removed
+        by hand), say so: this engine serves on, and the next one starts afresh."""
         if self._sock is not None and self.successor is None:
-            os.replace(self._temporary, self.path)
+            try:
+                os.replace(self._temporary, self.path)
+            except OSError as exc:
+                log.warning(
+                    "hot restart: cannot put the socket at %s (%s): the next engine there "
+                    "will start afresh",
+                    self.path,
+                    exc.strerror or exc,
+                )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

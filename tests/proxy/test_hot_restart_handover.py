@@ -405,3 +405,24 @@ def test_a_temporary_socket_someone_listens_at_is_kept(tmp_path: Path) -> None:
         assert (tmp_path / f"engine.sock.{pid}").exists()
     finally:
         listening.close()
+
+
+def test_a_socket_file_removed_before_it_is_published_is_said_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The temporary socket removed by hand (a cleanup of the directory) while a successor
+    follows: it serves on and says the path could not be taken, rather than end its task
+    with a traceback."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            server = HandoverServer(running.engine, str(tmp_path / "next.sock"), 1, print)
+            server.open()
+            (tmp_path / f"next.sock.{os.getpid()}").unlink()
+            server.publish()
+            server.close()
+
+    with caplog.at_level(logging.WARNING, "metaprotocol.proxy.hot_restart"):
+        run(scenario())
+    assert any("cannot put the socket at" in r.getMessage() for r in caplog.records)
