@@ -431,9 +431,13 @@ async def _take_over(
             )
         )
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait((fetched, stopping), return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        fetched.cancel()
+        # A predecessor that dies meanwhile leaves nobody accepting: no more waiting then.
+        died = asyncio.ensure_future(predecessor.died(within=None))
+        await asyncio.wait((fetched, stopping, died), return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopping, fetched, died):
+            task.cancel()
+        if died.done() and not died.cancelled():
+            raise HotRestartError("it exited while this process waited for the control plane")
         if fetched.done() and not fetched.cancelled() and fetched.exception() is not None:
             log.warning(
                 "hot restart: no configuration from the control plane within "

@@ -112,12 +112,16 @@ class PeerProcess:
         with contextlib.suppress(OSError, AttributeError):  # no pidfd: never said dead
             self._fd = os.pidfd_open(self.pid)
 
-    async def exited(self, within: float = EXIT_WAIT) -> bool:
-        """Whether it has exited, or does within ``within`` seconds."""
+    async def exited(self, within: float | None = EXIT_WAIT) -> bool:
+        """Whether it has exited, or does within ``within`` seconds (``None``: wait until
+        it does; without a pidfd, for ever)."""
         fd = self._fd
-        if fd is None:
-            return False
         loop = asyncio.get_running_loop()
+        if fd is None:
+            if within is not None:
+                return False
+            await loop.create_future()  # (until cancelled)
+            return False
         done: asyncio.Future[None] = loop.create_future()
 
         def readable() -> None:
@@ -526,9 +530,14 @@ class Predecessor:
         if self.process is not None:
             self.process.close()
 
-    async def died(self) -> bool:
-        """Whether the predecessor has exited (waited for a while: see :data:`EXIT_WAIT`)."""
-        return self.process is not None and await self.process.exited()
+    async def died(self, within: float | None = EXIT_WAIT) -> bool:
+        """Whether the predecessor has exited, or does within ``within`` seconds (``None``:
+        return once it does; if that cannot be known, never)."""
+        if self.process is None:
+            if within is None:
+                await asyncio.get_running_loop().create_future()  # (until cancelled)
+            return False
+        return await self.process.exited(within)
 
     def abandon(self) -> None:
         """Give up (this process could not start): the predecessor keeps serving."""
