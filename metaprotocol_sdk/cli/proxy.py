@@ -307,16 +307,28 @@ async def _serve(
         try:
             await _take_over(engine, predecessor, control_plane, stop)
         except HotRestartError as exc:
-            log.error("hot restart: %s; pid %d serves on", exc, predecessor.pid)
-            predecessor.abandon()
-            handover.close()
-            for task in tasks:
-                task.cancel()
-            if control_plane is not None:
-                await control_plane.stop()
-            await engine.stop(drain=0)
-            return 1
-        tasks.append(asyncio.ensure_future(_follow(predecessor, handover)))
+            if stop.is_set() or not await predecessor.died():
+                log.error("hot restart: %s; pid %d serves on", exc, predecessor.pid)
+                predecessor.abandon()
+                handover.close()
+                for task in tasks:
+                    task.cancel()
+                if control_plane is not None:
+                    await control_plane.stop()
+                await engine.stop(drain=0)
+                return 1
+            # It crashed with its sockets in this process: serving them beats leaving
+            # nothing serving (the counts it had sent are in).
+            log.warning(
+                "hot restart: pid %d died during the takeover (%s); serving on its sockets",
+                predecessor.pid,
+                exc,
+            )
+            predecessor.orphaned()
+            await engine.begin_serving()
+            handover.publish()
+        else:
+            tasks.append(asyncio.ensure_future(_follow(predecessor, handover)))
     elif handover is not None:
         handover.publish()
     if worker is not None:  # one of --workers N: its supervisor prints the addresses
@@ -419,9 +431,13 @@ async def _take_over(
             )
         )
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait((fetched, stopping), return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        fetched.cancel()
+        # A predecessor that dies meanwhile leaves nobody accepting: no more waiting then.
+        died = asyncio.ensure_future(predecessor.died(within=None))
+        await asyncio.wait((fetched, stopping, died), return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopping, fetched, died):
+            task.cancel()
+        if died.done() and not died.cancelled():
+            raise HotRestartError("it exited while this process waited for the control plane")
         if fetched.done() and not fetched.cancelled() and fetched.exception() is not None:
             log.warning(
                 "hot restart: no configuration from the control plane within "

@@ -327,6 +327,8 @@ class Engine:
         #: :meth:`reclaim_upstream` reaches it (and drops it: it is listed anew once idle).
         self.idle_upstreams: OrderedDict[UpstreamConnection, None] = OrderedDict()
         self.access_log: AccessLog | None = None
+        #: The access log's failed writes and dropped lines already in the counters.
+        self._access_log_counted = (0, 0)
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
         self.clusters: dict[str, Cluster] = {}
@@ -1344,13 +1346,13 @@ class Engine:
         if access_log is None:
             return
         access_log.flush()
+        # Added, not set: a hot restart's successor goes on from its predecessor's counts.
+        failed, dropped = access_log.failed_writes, access_log.dropped_lines
+        was_failed, was_dropped = self._access_log_counted
         stats = self.stats
-        stats.counter(
-            "metaprotocol_access_log_write_failures_total"
-        ).value = access_log.failed_writes
-        stats.counter(
-            "metaprotocol_access_log_dropped_lines_total"
-        ).value = access_log.dropped_lines
+        stats.counter("metaprotocol_access_log_write_failures_total").value += failed - was_failed
+        stats.counter("metaprotocol_access_log_dropped_lines_total").value += dropped - was_dropped
+        self._access_log_counted = (failed, dropped)
 
     def prune_stats(self) -> int:
         """Drop the stats series of names that left the configuration, once nothing uses

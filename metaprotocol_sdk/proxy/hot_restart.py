@@ -50,6 +50,10 @@ log = logging.getLogger("metaprotocol.proxy.hot_restart")
 PROTOCOL = 1
 #: Largest message either side accepts (a piece of the stats is at most a quarter of it).
 MAX_MESSAGE = 4 << 20
+#: Largest message the running process accepts: a successor sends its hello (a few hundred
+#: bytes per listener, at most :data:`MAX_SOCKETS`) and short asks, never stats. Parsed, a
+#: JSON message can take ten times its size: four peers at :data:`MAX_MESSAGE` were 115 MB.
+MAX_SUCCESSOR_MESSAGE = 1 << 20
 #: Bytes of stats per message, about (several series each).
 STATS_PIECE = MAX_MESSAGE // 4
 #: How long each answer may take.
@@ -61,8 +65,18 @@ TAKEOVER_TIMEOUT = 300.0
 STATS_INTERVAL = 1.0
 #: Most listening sockets one message carries (listeners and the admin endpoint).
 MAX_SOCKETS = 1024
+#: Most descriptors one ``sendmsg`` passes (Linux's ``SCM_MAX_FD``): more go with the
+#: following bytes of the message.
+FDS_PER_SEND = 253
 #: Connections to the hot restart socket served at once (more are closed at once).
 MAX_PEERS = 4
+#: How long after a failed accept (no descriptor free) the hot restart socket accepts again.
+ACCEPT_RETRY = 1.0
+#: Most temporary sockets of processes gone (``PATH.<pid>``) an engine removes as it starts.
+MAX_STALE = 64
+#: How long a process whose hot restart socket closed is given to have exited (a crash: its
+#: socket closes as it exits, just before the kernel says it has).
+EXIT_WAIT = 1.0
 #: Longest socket path (``sun_path`` holds 108 bytes; the temporary name adds ``.<pid>``).
 MAX_PATH = 96
 _LENGTH = struct.Struct("!I")
@@ -86,6 +100,50 @@ def _peer_uid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
+class PeerProcess:
+    """The process at the other end of a hot restart socket, watched (a pidfd): when the
+    socket closes, whether it died (its sockets are this process's alone now) or is alive
+    (it gave up, it serves on)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid = int(struct.unpack("3i", creds)[0])
+        self._fd: int | None = None
+        with contextlib.suppress(OSError, AttributeError):  # no pidfd: never said dead
+            self._fd = os.pidfd_open(self.pid)
+
+    async def exited(self, within: float | None = EXIT_WAIT) -> bool:
+        """Whether it has exited, or does within ``within`` seconds (``None``: wait until
+        it does; without a pidfd, for ever)."""
+        fd = self._fd
+        loop = asyncio.get_running_loop()
+        if fd is None:
+            if within is not None:
+                return False
+            await loop.create_future()  # (until cancelled)
+            return False
+        done: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(done, within)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+        return True
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def _check_peer(sock: socket.socket) -> None:
     uid = _peer_uid(sock)
     if uid != os.geteuid():
@@ -93,12 +151,24 @@ def _check_peer(sock: socket.socket) -> None:
 
 
 class Channel:
-    """Length-prefixed JSON messages (and passed descriptors) on a non-blocking Unix socket."""
+    """Length-prefixed JSON messages (and passed descriptors) on a non-blocking Unix socket.
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    ``max_fds``: the most descriptors one message may bring (the running process's side
+    takes none: the kernel closes those it is sent, and the connection ends);
+    ``max_message``: the largest message it takes."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        max_fds: int = MAX_SOCKETS,
+        max_message: int = MAX_MESSAGE,
+    ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.loop = loop
+        self.max_fds = max_fds
+        self.max_message = max_message
         self._buffer = bytearray()
         self._fds: list[int] = []
 
@@ -139,28 +209,37 @@ class Channel:
             raise HotRestartError(f"a message of {len(body)} bytes is above {MAX_MESSAGE}")
         data = memoryview(_LENGTH.pack(len(body)) + body)
         deadline = self.loop.time() + REPLY_TIMEOUT
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        fds = list(fds or [])
+        if len(fds) > len(data) * FDS_PER_SEND:  # (a byte carries each batch)
+            raise HotRestartError(f"{len(fds)} descriptors for a message of {len(data)} bytes")
         while data:
-            try:
-                sent = self.sock.sendmsg([data], ancillary)
-            except BlockingIOError:
-                await self._ready(False, deadline)
-                continue
-            except OSError as exc:
-                raise HotRestartError(f"cannot send: {exc}") from None
-            ancillary = []  # passed with the first bytes sent
-            data = data[sent:]
+            # Each batch goes with one byte of its own; the last with the rest of the message.
+            batch, fds = fds[:FDS_PER_SEND], fds[FDS_PER_SEND:]
+            chunk = data[:1] if fds else data
+            ancillary = (
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))] if batch else []
+            )
+            while chunk:
+                try:
+                    sent = self.sock.sendmsg([chunk], ancillary)
+                except BlockingIOError:
+                    await self._ready(False, deadline)
+                    continue
+                except OSError as exc:
+                    raise HotRestartError(f"cannot send: {exc}") from None
+                ancillary = []  # passed with the first bytes sent
+                chunk, data = chunk[sent:], data[sent:]
 
     async def receive(self, timeout: float) -> tuple[dict[str, Any], list[int]]:
         """The next message and the descriptors that came with it (the caller owns them)."""
         deadline = self.loop.time() + timeout
         buffer = self._buffer
-        space = socket.CMSG_SPACE(MAX_SOCKETS * array.array("i").itemsize)
+        space = socket.CMSG_SPACE(self.max_fds * array.array("i").itemsize) if self.max_fds else 0
         while True:
             if len(buffer) >= _LENGTH.size:
                 (size,) = _LENGTH.unpack_from(buffer)
-                if size > MAX_MESSAGE:
-                    raise HotRestartError(f"a message of {size} bytes is above {MAX_MESSAGE}")
+                if size > self.max_message:
+                    raise HotRestartError(f"a message of {size} bytes is above {self.max_message}")
                 if len(buffer) >= _LENGTH.size + size:
                     body = bytes(buffer[_LENGTH.size : _LENGTH.size + size])
                     del buffer[: _LENGTH.size + size]
@@ -170,6 +249,9 @@ class Channel:
                     except ValueError as exc:
                         _close_all(fds)
                         raise HotRestartError(f"not a JSON message: {exc}") from None
+                    except RecursionError:  # ``[[[[...``: deeper than the parser recurses
+                        _close_all(fds)
+                        raise HotRestartError("not a JSON message: nested too deep") from None
                     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
                         _close_all(fds)
                         raise HotRestartError("a message without its op")
@@ -186,7 +268,7 @@ class Channel:
                     received = array.array("i")
                     received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
                     self._fds.extend(received)
-            if flags & socket.MSG_CTRUNC:
+            if flags & socket.MSG_CTRUNC or len(self._fds) > self.max_fds:
                 raise HotRestartError("more descriptors than expected")
             if not data:
                 raise HotRestartError("the other process closed the hot restart socket")
@@ -366,15 +448,27 @@ def _binds(config: Config) -> tuple[list[list[Any]], list[Any] | None]:
 class Predecessor:
     """The running engine this process takes over from (the new process's side)."""
 
-    def __init__(self, channel: Channel, pid: int, generation: int, inherited: Inherited):
+    def __init__(
+        self,
+        channel: Channel,
+        pid: int,
+        generation: int,
+        inherited: Inherited,
+        process: PeerProcess | None = None,
+    ):
         self.channel = channel
         self.pid = pid
+        self.process = process
         #: This process's hot restart generation: its predecessor's plus one.
         self.generation = generation
         self.inherited = inherited
         #: ``taking over``, ``following`` (it drains), ``done`` or ``lost``.
         self.state = "taking over"
         self.imported: StatsImport | None = None
+        #: The predecessor said ``done`` (it has drained) in the round read by :meth:`drain`.
+        self._done = False
+        #: Why the round read by :meth:`drain` failed (said by :meth:`follow`).
+        self._broken: HotRestartError | None = None
 
     async def import_stats(self, stats: Stats) -> None:
         """Add the predecessor's counts as they were when it gave its sockets."""
@@ -402,18 +496,25 @@ class Predecessor:
 
     async def drain(self) -> None:
         """Ask the predecessor to stop accepting and drain; return once it has stopped
-        accepting."""
+        accepting and its counts up to then are in (what it counted since the import: a
+        scrape of this engine never shows less than one of the predecessor did)."""
         await self.channel.send({"op": "drain"})
         message, fds = await self.channel.receive(REPLY_TIMEOUT)
         _close_all(fds)
         if message["op"] != "draining":
             raise HotRestartError(f"the predecessor answered {message['op']!r} to drain")
         self.state = "following"
+        try:
+            self._done = not await self._read_round()
+        except HotRestartError as exc:  # it has stopped accepting: this process must serve
+            self._broken = exc
 
     async def follow(self) -> None:
         """Add the predecessor's counts while it drains, until it is done (or gone)."""
         try:
-            while await self._read_round():
+            if self._broken is not None:
+                raise self._broken
+            while not self._done and await self._read_round():
                 pass
             self.state = "done"
         except HotRestartError as exc:
@@ -422,12 +523,31 @@ class Predecessor:
                 "hot restart: lost the predecessor (pid %d) while it drained: %s", self.pid, exc
             )
         finally:
-            self.channel.close()
+            self._close()
+
+    def _close(self) -> None:
+        self.channel.close()
+        if self.process is not None:
+            self.process.close()
+
+    async def died(self, within: float | None = EXIT_WAIT) -> bool:
+        """Whether the predecessor has exited, or does within ``within`` seconds (``None``:
+        return once it does; if that cannot be known, never)."""
+        if self.process is None:
+            if within is None:
+                await asyncio.get_running_loop().create_future()  # (until cancelled)
+            return False
+        return await self.process.exited(within)
 
     def abandon(self) -> None:
         """Give up (this process could not start): the predecessor keeps serving."""
         self.inherited.close()
-        self.channel.close()
+        self._close()
+        self.state = "lost"
+
+    def orphaned(self) -> None:
+        """The predecessor died before it drained: its sockets are this process's alone."""
+        self._close()
         self.state = "lost"
 
     def dump(self) -> dict[str, Any]:
@@ -456,8 +576,10 @@ async def take_over(path: str, config: Config) -> Predecessor | None:
         sock.close()
         raise HotRestartError(f"cannot connect to {path}: {exc or 'timed out'}") from None
     channel = Channel(sock, loop)
+    process: PeerProcess | None = None
     try:
         _check_peer(sock)
+        process = PeerProcess(sock)
         listeners, admin = _binds(config)
         await channel.send(
             {
@@ -468,7 +590,19 @@ async def take_over(path: str, config: Config) -> Predecessor | None:
                 "admin": admin,
             }
         )
-        message, fds = await channel.receive(REPLY_TIMEOUT)
+        try:
+            message, fds = await channel.receive(REPLY_TIMEOUT)
+        except HotRestartError as exc:
+            if not await process.exited():
+                raise
+            log.warning(
+                "hot restart: pid %d died before giving its sockets (%s); starting afresh",
+                process.pid,
+                exc,
+            )
+            channel.close()
+            process.close()
+            return None
         if message["op"] == "refused":
             _close_all(fds)
             raise HotRestartError(f"the engine at {path} refused: {message.get('reason')}")
@@ -482,8 +616,10 @@ async def take_over(path: str, config: Config) -> Predecessor | None:
             raise HotRestartError("the predecessor did not say its pid and generation")
     except BaseException:
         channel.close()
+        if process is not None:
+            process.close()
         raise
-    return Predecessor(channel, pid, generation + 1, inherited)
+    return Predecessor(channel, pid, generation + 1, inherited, process)
 
 
 def _inherit(message: dict[str, Any], fds: list[int]) -> Inherited:
@@ -558,6 +694,7 @@ class HandoverServer:
         """Make the socket (mode 0600) under the temporary name and start accepting."""
         loop = asyncio.get_running_loop()
         self._finished = asyncio.Event()
+        _remove_stale(self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._temporary)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -576,9 +713,18 @@ class HandoverServer:
         self._spawn(self._accept(loop, sock))
 
     def publish(self) -> None:
-        """Put the socket at ``path`` (replacing what was there)."""
+        """Put the socket at ``path`` (replacing what was there); if its file went (removed
+        by hand), say so: this engine serves on, and the next one starts afresh."""
         if self._sock is not None and self.successor is None:
-            os.replace(self._temporary, self.path)
+            try:
+                os.replace(self._temporary, self.path)
+            except OSError as exc:
+                log.warning(
+                    "hot restart: cannot put the socket at %s (%s): the next engine there "
+                    "will start afresh",
+                    self.path,
+                    exc.strerror or exc,
+                )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -587,11 +733,21 @@ class HandoverServer:
 
     async def _accept(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         while True:
-            conn, _ = await loop.sock_accept(sock)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE, ENOBUFS...: for now, not for good
+                log.warning(
+                    "hot restart: cannot accept on %s: %s; again in %g s",
+                    self.path,
+                    exc,
+                    ACCEPT_RETRY,
+                )
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
             if self._peers >= MAX_PEERS:  # a descriptor each: the engine's clients need them
                 conn.close()
                 continue
-            self._spawn(self._serve(Channel(conn, loop)))
+            self._spawn(self._serve(Channel(conn, loop, 0, MAX_SUCCESSOR_MESSAGE)))
 
     async def _serve(self, channel: Channel) -> None:
         self._peers += 1
@@ -609,6 +765,8 @@ class HandoverServer:
             finally:
                 self._busy = self.successor is not None
                 self.incoming = None
+                if self.successor is not None and self._finished is not None:
+                    self._finished.set()  # the last counts sent, or nobody left to read them
         except HotRestartError as exc:
             log.warning("hot restart: a successor failed: %s", exc)
         finally:
@@ -630,6 +788,7 @@ class HandoverServer:
 
     async def _hand_over(self, channel: Channel, hello: dict[str, Any]) -> None:
         wanted = _wanted_binds(hello)
+        self._sent = {}  # this successor has none of the counts (one before it may have)
         rows, admin, fds = self.engine.handover_sockets(wanted.listeners, wanted.admin)
         pid = hello["pid"] if _count(hello.get("pid")) else 0
         await channel.send(
@@ -658,13 +817,13 @@ class HandoverServer:
         log.info("hot restart: pid %d takes over; draining", pid)
         self.on_takeover(pid)
         await channel.send({"op": "draining"})
-        while not self.engine.stopped:
+        while True:  # at once (what grew since the import, all accepted here), then each second
+            await self._send_stats(channel)
+            if self.engine.stopped:
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine.wait_stopped(), STATS_INTERVAL)
-            await self._send_stats(channel)
         await channel.send({"op": "done"})
-        assert self._finished is not None
-        self._finished.set()
 
     async def _send_stats(self, channel: Channel) -> None:
         for piece in stats_pieces(self.engine.stats, self._sent):
@@ -699,6 +858,50 @@ class HandoverServer:
             "incoming": self.incoming,
             "successor": self.successor,
         }
+
+
+def _remove_stale(path: str) -> None:
+    """Remove the temporary sockets (``PATH.<pid>``) left by processes that are gone: a
+    successor killed before it took ``path`` over (at most :data:`MAX_STALE`)."""
+    directory, name = os.path.split(path)
+    prefix = name + "."
+    removed = 0
+    try:
+        entries = os.scandir(directory or ".")
+    except OSError:
+        return
+    with entries:
+        for entry in entries:
+            pid = entry.name[len(prefix) :]
+            if not entry.name.startswith(prefix) or not (pid.isascii() and pid.isdigit()):
+                continue
+            try:
+                if not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                    continue
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                if _answers(entry.path):
+                    continue  # a process of another pid namespace (a container's)
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                removed += 1
+                if removed >= MAX_STALE:
+                    return
+            except (OSError, ValueError, OverflowError):
+                continue  # alive (another user's), or gone meanwhile
+
+
+def _answers(path: str) -> bool:
+    """Whether a process listens at the Unix socket ``path`` (a refused connection: none)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # (a full backlog: someone listens)
+    return True
 
 
 @dataclass

@@ -528,3 +528,104 @@ def test_sigusr2_without_hot_restart_is_ignored(setup: tuple[Path, Path]) -> Non
     finally:
         proxy.stop()
     assert proxy.proc.returncode == 0
+
+
+#: A running engine's side of the hot restart, cut short: it listens at the path, reads the
+#: hello, then (``hello``) is killed, or (``stats``) gives its listening socket, reads the ask
+#: for the counts and is killed (a crash, the OOM killer).
+DYING = """\
+import array, json, os, signal, socket, struct, sys
+path, when = sys.argv[1], sys.argv[2]
+listening = socket.create_server(("127.0.0.1", 0))
+hot = socket.socket(socket.AF_UNIX)
+hot.bind(path)
+hot.listen()
+print(listening.getsockname()[1], flush=True)
+conn, _ = hot.accept()
+(size,) = struct.unpack("!I", conn.recv(4, socket.MSG_WAITALL))
+conn.recv(size, socket.MSG_WAITALL)
+if when == "stats":
+    body = json.dumps({"op": "sockets", "pid": os.getpid(), "generation": 0,
+                       "listeners": [["hello.test", 9090, 1]], "admin": 0}).encode()
+    fds = array.array("i", [listening.fileno()])
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+    conn.sendmsg([struct.pack("!I", len(body)) + body], rights)
+    conn.recv(4, socket.MSG_WAITALL)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("when", ["hello", "stats"])
+def test_a_predecessor_killed_during_the_takeover_leaves_the_successor_serving(
+    setup: tuple[Path, Path], when: str
+) -> None:
+    """The running engine dies (SIGKILL) while its successor takes over: before it gave its
+    sockets, the successor starts afresh (generation 0); after, it serves on them (the same
+    port, the counts it had), rather than exit and leave nothing serving."""
+    config, path = setup
+    dying = subprocess.Popen(
+        [sys.executable, "-c", DYING, str(path), when], stdout=subprocess.PIPE, text=True
+    )
+    assert dying.stdout is not None
+    port = int(dying.stdout.readline())
+    successor = Proxy(config, path)
+    try:
+        assert dying.wait(WAIT) == -signal.SIGKILL
+        assert (successor.port == port) is (when == "stats")
+        assert client(successor.port).sayHello("x") == "v1: hello x"
+        stats = successor.get("/stats?format=json")
+        assert stats["metaprotocol_hot_restart_generation"] == (when == "stats")
+        line = successor.wait_line(f"pid {dying.pid}")
+        assert line.startswith(f"warning: hot restart: pid {dying.pid} died"), line
+        if when == "stats":
+            dump = successor.get("/config_dump")["hotRestart"]
+            assert dump["predecessor"] == {"pid": dying.pid, "state": "lost"}
+        assert path.exists()  # the successor's, for the next one
+        third = Proxy(config, path)
+        try:
+            assert third.port == successor.port
+            assert successor.proc.wait(WAIT) == 0
+        finally:
+            third.stop()
+    finally:
+        successor.stop()
+        if dying.poll() is None:
+            dying.kill()
+
+
+def test_the_temporary_socket_of_a_killed_successor_is_removed(
+    setup: tuple[Path, Path], server: HelloServer
+) -> None:
+    """A successor killed before it took the path over (its predecessor still drains)
+    leaves its socket under its temporary name (``PATH.<pid>``): the next engine at the path
+    removes those of processes that are gone, and nothing else."""
+    config, path = setup
+    first = Proxy(config, path)
+    try:
+        busy = client(first.port)
+        slow = threading.Thread(target=busy.sleep, args=(1000,))
+        slow.start()
+        assert server.handler.sleeping.wait(WAIT)
+        second = Proxy(config, path)
+        second.wait_line("took over")
+        temporary = path.parent / f"{path.name}.{second.proc.pid}"
+        assert temporary.exists()  # the first drains: the path is still its own
+        second.proc.kill()
+        second.proc.wait(WAIT)
+        slow.join(WAIT)
+        busy.close()
+        assert first.proc.wait(WAIT) == 0
+        assert temporary.exists()
+        alive = path.parent / f"{path.name}.{os.getpid()}"
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(alive))  # a live process's: kept
+        other = path.parent / f"{path.name}.backup"
+        other.write_text("")  # not a temporary name: kept
+        third = Proxy(config, path)
+        try:
+            assert not temporary.exists()
+            assert alive.exists() and other.exists()
+        finally:
+            third.stop()
+    finally:
+        first.stop()

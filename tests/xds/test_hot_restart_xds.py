@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 
 from control_plane import ControlPlane
 from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, hello_snapshots
-from test_engine_xds import NODE, config_yaml
+from test_engine_xds import HOST, NODE, PORT, config_yaml
 
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
@@ -108,3 +111,84 @@ def test_the_successor_takes_over_once_it_has_the_control_planes_routes(tmp_path
         cp.close()
         v1.close()
         v2.close()
+
+
+#: A running engine's side of the hot restart: it gives its listening socket and its (no)
+#: counts, says so, and waits to be killed.
+GIVES_THEN_WAITS = """\
+import array, json, os, socket, struct, sys, time
+path, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+listening = socket.create_server(("127.0.0.1", 0))
+hot = socket.socket(socket.AF_UNIX)
+hot.bind(path)
+hot.listen()
+print(listening.getsockname()[1], flush=True)
+conn, _ = hot.accept()
+
+def read():
+    (size,) = struct.unpack("!I", conn.recv(4, socket.MSG_WAITALL))
+    return conn.recv(size, socket.MSG_WAITALL)
+
+def send(message, fds=()):
+    body = json.dumps(message).encode()
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    conn.sendmsg([struct.pack("!I", len(body)) + body], rights)
+
+read()
+send({"op": "sockets", "pid": os.getpid(), "generation": 0,
+      "listeners": [[host, port, 1]], "admin": 0}, [listening.fileno()])
+read()
+send({"op": "stats_end"})
+print("given", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_predecessor_killed_while_the_successor_waits_for_the_control_plane(
+    tmp_path: Path,
+) -> None:
+    """The running engine dies while its successor waits for its first routes (the control
+    plane down): nobody accepts any more, so the successor stops waiting and serves on the
+    sockets it was given, its files' configuration alone, at once rather than after
+    ``initialFetchTimeout``."""
+    v1 = HelloServer("v1").start()
+    config = tmp_path / "sidecar.yaml"
+    with socket.socket() as closed:  # a control plane that is not there
+        closed.bind(("127.0.0.1", 0))
+        down = closed.getsockname()[1]
+    extra = '\n    initialFetchTimeout: 60s\n  admin: {bind: "127.0.0.1:0"}'
+    config.write_text(config_yaml(down, extra))
+    path = tmp_path / "engine.sock"
+    dying = subprocess.Popen(
+        [sys.executable, "-c", GIVES_THEN_WAITS, str(path), HOST, str(PORT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    command = [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)]
+    command += ["--hot-restart", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    successor = None
+    try:
+        assert dying.stdout is not None
+        port = int(dying.stdout.readline())
+        successor = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        assert dying.stdout.readline() == "given\n"
+        dying.kill()
+        lines: queue.Queue[str] = queue.Queue()
+        assert successor.stdout is not None
+        out = successor.stdout
+        threading.Thread(target=lambda: [lines.put(line) for line in out], daemon=True).start()
+        assert lines.get(timeout=WAIT).startswith("xds from")
+        assert lines.get(timeout=WAIT) == f"listening {HOST}:{PORT} on 127.0.0.1:{port}\n"
+        successor.send_signal(signal.SIGTERM)
+        _, err = successor.communicate(timeout=WAIT)
+        assert successor.returncode == 0, err
+        assert f"hot restart: pid {dying.pid} died during the takeover" in err, err
+    finally:
+        for proc in (dying, successor):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        v1.close()
