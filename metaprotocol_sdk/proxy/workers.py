@@ -545,11 +545,13 @@ class Supervisor:
         )
         self._others.add(process)
         ready = await self._ready(worker.index, process)
-        if ready is None or self.stopping:
+        if ready is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
             self._others.discard(process)
+            return False
+        if self.stopping:  # it took over: it drains with the rest (SIGTERM), not killed
             return False
         self._others.discard(process)
         self._others.add(old)  # drains: its exit is awaited, not counted
