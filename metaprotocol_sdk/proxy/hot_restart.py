@@ -109,6 +109,9 @@ class PeerProcess:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid = int(struct.unpack("3i", creds)[0])
         self._fd: int | None = None
+        #: Done once it has exited: one watch, however many wait (each its own would take
+        #: the others' place in the loop, and end them as it ends).
+        self._exit: asyncio.Future[None] | None = None
         with contextlib.suppress(OSError, AttributeError):  # no pidfd: never said dead
             self._fd = os.pidfd_open(self.pid)
 
@@ -122,26 +125,34 @@ class PeerProcess:
                 return False
             await loop.create_future()  # (until cancelled)
             return False
-        done: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, readable)
+        if self._exit is None:
+            self._exit = _readable(loop, fd)
         try:
-            await asyncio.wait_for(done, within)
+            await asyncio.wait_for(asyncio.shield(self._exit), within)
         except TimeoutError:
             return False
-        finally:
-            loop.remove_reader(fd)
         return True
 
     def close(self) -> None:
         """Stop watching."""
         if self._fd is not None:
+            if self._exit is not None and not self._exit.done():
+                self._exit.get_loop().remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
+
+
+def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future[None]:
+    """Done once ``fd`` is readable (watched until then)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        loop.remove_reader(fd)
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
+    return ready
 
 
 def _check_peer(sock: socket.socket) -> None:

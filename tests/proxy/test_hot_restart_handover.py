@@ -13,6 +13,8 @@ import os
 import resource
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from metaprotocol_sdk.proxy.hot_restart import (
     REPLY_TIMEOUT,
     Channel,
     HandoverServer,
+    PeerProcess,
     take_over,
 )
 from metaprotocol_sdk.proxy.stats import Stats
@@ -426,3 +429,54 @@ def test_a_socket_file_removed_before_it_is_published_is_said_not_raised(
     with caplog.at_level(logging.WARNING, "metaprotocol.proxy.hot_restart"):
         run(scenario())
     assert any("cannot put the socket at" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_wait_for_the_peers_exit_cancelled_leaves_the_other_watching(
+    tmp_path: Path, loop: str
+) -> None:
+    """Two waits for the predecessor's exit, the first cancelled (the control plane
+    answered first) once the second watches (its socket closed as it died): the second
+    sees the exit, rather than lose its watch to the first one's cleanup and say, a second
+    later, that the predecessor lives (the successor then exits, leaving nobody serving)."""
+    path = tmp_path / "peer.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen()
+    child = subprocess.Popen([sys.executable, "-c", PEER, str(path)], stdin=subprocess.PIPE)
+    conn, _ = listening.accept()
+
+    async def scenario() -> None:
+        peer = PeerProcess(conn)
+        try:
+            assert peer.pid == child.pid
+            first = asyncio.ensure_future(peer.exited(within=None))
+            await asyncio.sleep(0)  # it watches
+            second = asyncio.ensure_future(peer.exited(within=REPLY_TIMEOUT))
+            await asyncio.sleep(0)  # it watches too
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            assert child.stdin is not None
+            child.stdin.close()  # it exits
+            assert await second
+            assert await peer.exited(within=0)  # (and goes on saying so)
+        finally:
+            peer.close()
+
+    try:
+        run(scenario(), loop=loop)
+    finally:
+        conn.close()
+        listening.close()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
+PEER = """\
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sys.stdin.read()
+"""
