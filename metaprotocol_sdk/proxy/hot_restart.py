@@ -850,13 +850,18 @@ class HandoverServer:
         self.close()
 
     def close(self) -> None:
-        """Stop listening; remove the socket file when it is still this process's."""
+        """Stop listening; remove the socket file when it is still this process's (once
+        taken over, not the one at ``path``: the successor renames its own over it, maybe
+        between a check and a removal here)."""
         for task in list(self._tasks):
             task.cancel()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            for name in (self._temporary, self.path):
+            names = (
+                [self._temporary] if self.successor is not None else [self._temporary, self.path]
+            )
+            for name in names:
                 with contextlib.suppress(OSError):
                     if os.stat(name).st_ino == self._inode:
                         os.unlink(name)

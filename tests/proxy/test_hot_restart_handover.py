@@ -474,6 +474,32 @@ def test_a_wait_for_the_peers_exit_cancelled_leaves_the_other_watching(
         child.wait()
 
 
+def test_a_predecessor_leaves_the_path_to_its_successor(tmp_path: Path) -> None:
+    """Taken over, the draining engine does not remove the socket file at the path as it
+    closes, even while it is still its own: the successor renames its socket over it as
+    the drain ends, at the same moment, and a check of the file then its removal could
+    remove the successor's (the next hot restart would find nobody and fail to bind)."""
+    path = tmp_path / "engine.sock"
+
+    async def scenario() -> None:
+        async with Running(path) as running:
+            successor = await take_over(str(path), running.engine.config)
+            assert successor is not None
+            await successor.import_stats(Stats())
+            await successor.drain()
+            successor.inherited.close()
+            assert running.stopping is not None
+            await running.stopping
+            following = asyncio.ensure_future(successor.follow())
+            await running.server.finish(REPLY_TIMEOUT)
+            await following
+            assert successor.state == "done"
+            assert path.exists()  # its successor publishes over it
+            assert not (tmp_path / f"engine.sock.{os.getpid()}").exists()
+
+    run(scenario())
+
+
 PEER = """\
 import socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
