@@ -95,9 +95,17 @@ def available(path: str) -> str | None:
     return None
 
 
-def _peer_uid(sock: socket.socket) -> int:
+@dataclass(frozen=True)
+class _Credentials:
+    pid: int
+    uid: int
+
+
+def _peer(sock: socket.socket) -> _Credentials:
+    """The process at the other end of the Unix socket ``sock`` (``SO_PEERCRED``)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, _ = struct.unpack("3i", creds)
+    return _Credentials(pid, uid)
 
 
 class PeerProcess:
@@ -106,8 +114,7 @@ class PeerProcess:
     (it gave up, it serves on)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self.pid = int(struct.unpack("3i", creds)[0])
+        self.pid = _peer(sock).pid
         self._fd: int | None = None
         #: Done once it has exited: one watch, however many wait (each its own would take
         #: the others' place in the loop, and end them as it ends).
@@ -156,7 +163,7 @@ def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future[None]:
 
 
 def _check_peer(sock: socket.socket) -> None:
-    uid = _peer_uid(sock)
+    uid = _peer(sock).uid
     if uid != os.geteuid():
         raise HotRestartError(f"the peer runs as uid {uid}, not {os.geteuid()}")
 
