@@ -256,7 +256,7 @@ class Engine:
         #: Listening sockets a predecessor handed over (``--hot-restart``): :meth:`start`
         #: serves on them instead of binding their addresses anew.
         self.inherited = inherited
-        #: Called once the listeners accept (at once, or at :meth:`begin_serving`).
+        #: Called by :meth:`begin_serving`, once the listeners accept (``start(serve=False)``).
         self.on_serving: list[Callable[[], object]] = []
         #: Bind the listeners with ``SO_REUSEPORT``, so several engine processes (the workers
         #: of ``metaprotocol proxy --workers N``) share each port and the kernel spreads the

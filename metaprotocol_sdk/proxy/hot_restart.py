@@ -9,7 +9,8 @@
    process's counters and histograms;
 3. builds its engine on them, not accepting yet (listeners the old one lacks are bound anew);
 4. asks the old process to drain: it stops accepting (closes its copies of the sockets, which
-   stay open in the new process), answers ``draining``, and drains as on ``SIGTERM``;
+   stay open in the new process), answers ``draining``, and drains (its open connections
+   served a while first: :meth:`Engine.stop`'s ``serve_first``);
 5. starts accepting, and adds the old process's counts as they grow (sent every
    :data:`STATS_INTERVAL` until it has drained, then once more): the counters go on from
    where they were, as Envoy's do over a hot restart. Gauges are the new process's own.
@@ -362,10 +363,8 @@ class StatsImport:
 
     stats: Stats
     #: The predecessor's value of each series when last seen (counters), or its bucket
-    #: counts and sum (histograms).
+    #: counts and sum (histograms). Rows not of the expected shape are skipped.
     seen: dict[tuple[str, Labels], Any] = field(default_factory=dict)
-    #: Rows that were not of the expected shape (from a process of another version).
-    malformed: int = 0
 
     def add(self, message: dict[str, Any]) -> None:
         """Add one ``stats`` message."""
@@ -381,7 +380,6 @@ class StatsImport:
     def _counter(self, row: Any) -> None:
         labels = _labels(row[1]) if isinstance(row, list) and len(row) == 3 else None
         if labels is None or not isinstance(row[0], str) or not _count(row[2]):
-            self.malformed += 1
             return
         name, value = row[0], row[2]
         key = (name, labels)
@@ -395,7 +393,6 @@ class StatsImport:
     def _histogram(self, row: Any) -> None:
         labels = _labels(row[1]) if isinstance(row, list) and len(row) == 5 else None
         if labels is None:
-            self.malformed += 1
             return
         name, bounds, counts, total = row[0], row[2], row[3], row[4]
         if (
@@ -407,7 +404,6 @@ class StatsImport:
             or not all(_count(n) for n in counts)
             or not isinstance(total, int | float)
         ):
-            self.malformed += 1
             return
         key = (name, labels)
         if not self._room(key):

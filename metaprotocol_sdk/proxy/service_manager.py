@@ -48,14 +48,14 @@ class Successor:
     """Starts the engine's successor on request (``SIGUSR2``), one at a time, and says how
     it ended when it ends before taking over."""
 
-    def __init__(self, taken_over: threading.Event | None = None) -> None:
+    def __init__(self) -> None:
         #: Set by the caller once a successor has taken over (then nothing more is said).
-        self.taken_over = taken_over or threading.Event()
+        self.taken_over = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> int | None:
         """Start it (same arguments, environment and working directory; standard output
-        and error shared); ``None``: one is already starting."""
+        and error shared); ``None``: one is already starting, or it cannot start (said)."""
         if self._process is not None and self._process.poll() is None:
             log.warning(
                 "hot restart: pid %d is already starting; SIGUSR2 ignored", self._process.pid
