@@ -499,6 +499,9 @@ class Supervisor:
                 if not worker.running or worker.admin is None:
                     continue  # not serving: it starts with the code of now anyway
                 if not await self._replace(worker):
+                    if self.stopping:  # the successor gave up for it, or drains with the rest
+                        state.update(state="failed", error="the supervisor stopped")
+                        return
                     state.update(
                         state="failed",
                         error=f"the successor of worker {worker.index} did not start",

@@ -1188,3 +1188,28 @@ def test_a_successor_that_cannot_start_ends_the_hot_restart_and_the_workers_serv
         assert "hot restart of the workers stopped at worker 0" in err, err
 
     run(main(), timeout=60)
+
+
+def test_a_stop_during_the_hot_restart_is_no_failed_successor(tmp_path: Path) -> None:
+    """``SIGTERM`` to the supervisor while a worker's successor starts: the successor gives
+    up (or, taken over, drains with the others) and the stop is clean; the roll is not said
+    to have failed for a successor that did not start."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        try:
+            sup.proc.send_signal(signal.SIGUSR2)
+
+            async def rolling() -> Any:
+                state = (await sup.get("/config_dump"))["hotRestart"]
+                return state is not None and state["state"] == "running"
+
+            await until(rolling, "the hot restart to begin")
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0, err
+        assert "did not start" not in err, err
+
+    run(main(), timeout=60)
