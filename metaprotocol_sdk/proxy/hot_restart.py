@@ -640,8 +640,14 @@ def _inherit(message: dict[str, Any], fds: list[int]) -> Inherited:
     """The sockets of a ``sockets`` message: ``listeners`` is ``[[host, port, count], ...]``
     and ``admin`` a count, the descriptors in that order."""
     inherited = Inherited()
-    sockets = [socket.socket(fileno=fd) for fd in fds]
+    sockets: list[socket.socket] = []
     try:
+        for i, fd in enumerate(fds):
+            try:
+                sockets.append(socket.socket(fileno=fd))
+            except OSError:
+                _close_all(fds[i:])
+                raise HotRestartError("a descriptor from the predecessor is not a socket") from None
         at = 0
         for row in message.get("listeners") or []:
             if (

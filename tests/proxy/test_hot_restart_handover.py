@@ -27,6 +27,7 @@ from metaprotocol_sdk.proxy.hot_restart import (
     REPLY_TIMEOUT,
     Channel,
     HandoverServer,
+    HotRestartError,
     PeerProcess,
     take_over,
 )
@@ -498,6 +499,60 @@ def test_a_predecessor_leaves_the_path_to_its_successor(tmp_path: Path) -> None:
             assert not (tmp_path / f"engine.sock.{os.getpid()}").exists()
 
     run(scenario())
+
+
+def test_a_descriptor_that_is_no_socket_from_the_predecessor_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A process at the path that passes something other than a socket (a pipe) as a
+    listener's: the successor says so (a hot restart error: it exits 1, no traceback) and
+    closes every descriptor it was given."""
+    path = tmp_path / "engine.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen()
+    config = loads_config(MESH)
+
+    def predecessor() -> None:
+        conn, _ = listening.accept()
+        with conn:
+            (size,) = struct.unpack("!I", conn.recv(4, socket.MSG_WAITALL))
+            conn.recv(size, socket.MSG_WAITALL)
+            body = json.dumps(
+                {
+                    "op": "sockets",
+                    "pid": os.getpid(),
+                    "generation": 0,
+                    "listeners": [["hello.test", 9090, 2]],
+                    "admin": 0,
+                }
+            ).encode()
+            read, write = os.pipe()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                rights = array.array("i", [sock.fileno(), read])
+                conn.sendmsg(
+                    [struct.pack("!I", len(body)) + body],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
+                )
+            finally:
+                sock.close()
+                os.close(read)
+                os.close(write)
+            conn.recv(1)  # until the successor closes
+
+    async def scenario() -> None:
+        before = _fds()
+        serving = asyncio.ensure_future(asyncio.to_thread(predecessor))
+        with pytest.raises(HotRestartError, match="not a socket"):
+            await take_over(str(path), config)
+        await serving
+        assert _fds() <= before
+
+    try:
+        run(scenario())
+    finally:
+        listening.close()
 
 
 PEER = """\
