@@ -577,6 +577,8 @@ async def take_over(path: str, config: Config) -> Predecessor | None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a path under a file, a directory not searchable...
+        raise HotRestartError(f"cannot use {path}: {exc.strerror or exc}") from None
     if not stat.S_ISSOCK(mode):
         raise HotRestartError(f"{path} exists and is not a socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -555,6 +555,18 @@ def test_a_descriptor_that_is_no_socket_from_the_predecessor_is_refused(
         listening.close()
 
 
+def test_a_path_that_cannot_be_looked_at_is_a_hot_restart_error(tmp_path: Path) -> None:
+    """A path under a file (or a directory this user cannot search): said as a hot restart
+    error (status 1, one line), not an OSError out of the takeover (a traceback)."""
+    (tmp_path / "file").write_text("")
+
+    async def scenario() -> None:
+        with pytest.raises(HotRestartError, match="cannot use"):
+            await take_over(str(tmp_path / "file" / "engine.sock"), loads_config(MESH))
+
+    run(scenario())
+
+
 PEER = """\
 import socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
