@@ -534,18 +534,7 @@ class Supervisor:
         return replaced
 
     async def _start_successor(self, worker: Worker, old: asyncio.subprocess.Process) -> bool:
-        spec = WorkerSpec(worker.index, self.ports, quiet_config=True)
-        process = await asyncio.create_subprocess_exec(
-            *self.command,
-            "--hot-restart",
-            self._socket(worker.index),
-            "--worker",
-            spec.to_json(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            limit=1024 * 1024,
-        )
+        process = await self._exec(worker.index, quiet=True)
         self._others.add(process)
         ready = await self._ready(worker.index, process)
         if ready is None:
@@ -559,14 +548,9 @@ class Supervisor:
         self._others.discard(process)
         self._others.add(old)  # drains: its exit is awaited, not counted
         self._spawn_task(self._retired(worker.index, old))
-        worker.process = process
-        worker.listeners = ready["listeners"]
-        host, port = ready["admin"]
-        worker.admin = (str(host), int(port))
+        self._serving(worker, process, ready)
         worker.started = asyncio.get_running_loop().time()
         worker.hot_restarts += 1
-        assert process.stdout is not None
-        self._spawn_task(self._copy_output(process.stdout))
         log.info("worker %d: pid %d took over from pid %d", worker.index, process.pid, old.pid)
         return True
 
@@ -603,12 +587,23 @@ class Supervisor:
 
     async def _start(self, worker: Worker) -> bool:
         """Start ``worker``'s process and wait until it serves; False if it did not."""
-        spec = WorkerSpec(worker.index, self.ports, quiet_config=worker.restarts == 0)
         worker.admin = None
-        worker.process = process = await asyncio.create_subprocess_exec(
+        worker.process = process = await self._exec(worker.index, quiet=worker.restarts == 0)
+        worker.started = asyncio.get_running_loop().time()
+        ready = await self._ready(worker.index, process)
+        if ready is None:
+            await process.wait()
+            return False
+        self._serving(worker, process, ready)
+        return True
+
+    async def _exec(self, index: int, quiet: bool) -> asyncio.subprocess.Process:
+        """Start a process for worker ``index`` (``quiet``: see :class:`WorkerSpec`)."""
+        spec = WorkerSpec(index, self.ports, quiet_config=quiet)
+        return await asyncio.create_subprocess_exec(
             *self.command,
             "--hot-restart",  # where its successor finds it (SIGUSR2)
-            self._socket(worker.index),
+            self._socket(index),
             "--worker",
             spec.to_json(),
             stdin=asyncio.subprocess.PIPE,
@@ -616,22 +611,22 @@ class Supervisor:
             start_new_session=True,  # a terminal's ^C reaches the supervisor only
             limit=1024 * 1024,
         )
-        worker.started = asyncio.get_running_loop().time()
+
+    def _serving(
+        self, worker: Worker, process: asyncio.subprocess.Process, ready: dict[str, Any]
+    ) -> None:
+        """``process`` serves as ``worker`` (it said ``ready``): its output is passed through,
+        and a ``SIGHUP`` that came while it started is sent to it."""
+        worker.process = process
+        worker.listeners = ready["listeners"]
+        host, port = ready["admin"]
+        worker.admin = (str(host), int(port))
         assert process.stdout is not None
-        ready = await self._ready(worker.index, process)
-        if ready is not None:
-            worker.listeners = ready["listeners"]
-            host, port = ready["admin"]
-            worker.admin = (str(host), int(port))
-        if worker.admin is None:
-            await process.wait()
-            return False
         self._spawn_task(self._copy_output(process.stdout))
-        if worker.reload_wanted:  # a SIGHUP came while it started
+        if worker.reload_wanted:
             worker.reload_wanted = False
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGHUP)
-        return True
 
     async def _ready(
         self, index: int, process: asyncio.subprocess.Process
