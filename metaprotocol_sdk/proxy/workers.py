@@ -454,12 +454,15 @@ class Supervisor:
     def forward(self, sig: int) -> None:
         """Send ``sig`` to every running worker; ``SIGHUP`` only to those serving (one still
         starting has no handler for it yet, and may have read the files before they
-        changed): the others get it once they serve. ``SIGTERM`` and ``SIGKILL`` also reach
-        the workers of a hot restart (draining, or starting)."""
+        changed): the others get it once they serve, as does a hot restart's successor (the
+        worker it replaces gets it too: it serves on if the successor fails). ``SIGTERM``
+        and ``SIGKILL`` also reach the workers of a hot restart (draining, or starting)."""
         for worker in self.workers:
             if sig == signal.SIGHUP and worker.admin is None:
                 worker.reload_wanted = True
                 continue
+            if sig == signal.SIGHUP and worker.replacing is not None:
+                worker.reload_wanted = True
             if worker.running and worker.process is not None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(sig)
@@ -529,6 +532,8 @@ class Supervisor:
         try:
             replaced = await self._start_successor(worker, old)
         finally:
+            if worker.process is old:  # (a SIGHUP meanwhile reached it)
+                worker.reload_wanted = False
             worker.replacing.set_result(worker.process is not old)
             worker.replacing = None
         return replaced

@@ -1213,3 +1213,66 @@ def test_a_stop_during_the_hot_restart_is_no_failed_successor(tmp_path: Path) ->
         assert "did not start" not in err, err
 
     run(main(), timeout=60)
+
+
+def _hot_restart_socket(pid: int) -> str:
+    """Where worker ``pid`` listens for its successor (its ``--hot-restart PATH``)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        args = cmdline.read().decode().split("\0")
+    return args[args.index("--hot-restart") + 1]
+
+
+def _connected_to(name: str) -> bool:
+    """Whether a connection to the Unix socket bound at ``name`` waits in its accept queue
+    (listed with the listener's name, not listening: flags 0)."""
+    with open("/proc/net/unix") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return any(len(row) == 8 and row[-1] == name and row[3] == "00000000" for row in rows)
+
+
+def test_a_sighup_while_a_successor_starts_reaches_it(tmp_path: Path) -> None:
+    """A reload (``SIGHUP``) that comes while a worker's successor starts, once it has read
+    the files: the successor is sent it once it serves (as a worker starting again is), so
+    that slot does not serve the files as they were before, for good."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        stopped: int | None = None
+        try:
+            first = await sup.workers()
+            old_version = first[0]["version"]
+            stopped = first[0]["pid"]
+            bound = f"{_hot_restart_socket(stopped)}.{stopped}"  # (then renamed)
+            os.kill(stopped, signal.SIGSTOP)  # its successor waits for the sockets
+            sup.proc.send_signal(signal.SIGUSR2)
+
+            async def connected() -> bool:  # (the successor has read the files)
+                return _connected_to(bound)
+
+            await until(connected, "the successor to say hello")
+            (tmp_path / "mesh.yaml").write_text(mesh([(up.port, "v2")]))
+            sup.proc.send_signal(signal.SIGHUP)
+            os.kill(stopped, signal.SIGCONT)
+            stopped = None
+
+            async def done() -> Any:
+                state = (await sup.get("/config_dump"))["hotRestart"]
+                return state is not None and state["state"] != "running"
+
+            await until(done, "the hot restart to end", timeout=WAIT * 2)
+            assert (await sup.get("/config_dump"))["hotRestart"]["state"] == "done"
+
+            async def reloaded() -> Any:
+                versions = [w["version"] for w in await sup.workers()]
+                return old_version not in versions and len(set(versions)) == 1
+
+            await until(reloaded, "every worker to serve the files as they are now")
+        finally:
+            if stopped is not None:
+                os.kill(stopped, signal.SIGCONT)
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0, err
+
+    run(main(), timeout=90)
