@@ -283,11 +283,13 @@ async def _serve(
         if handover is None:
             await engine.stop(drain=0)
             return 1
-    if worker is None:  # a worker of --workers N: its supervisor is the unit's process
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(
-                signal.SIGUSR2, successor.start if handover is not None else _no_hot_restart
-            )
+    on_usr2: Callable[[], object] = _no_hot_restart
+    if worker is not None:  # (one of --workers N: its supervisor replaces it)
+        on_usr2 = _not_to_a_worker
+    elif handover is not None:
+        on_usr2 = successor.start
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR2, on_usr2)
     reloader = Reloader(engine, files, worker.apply if worker is not None else None)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
@@ -375,6 +377,10 @@ async def _serve(
 
 def _no_hot_restart() -> None:
     log.warning("SIGUSR2 starts a hot restart only with --hot-restart PATH; ignored")
+
+
+def _not_to_a_worker() -> None:
+    log.warning("SIGUSR2 to a worker is ignored: send it to the supervisor (it replaces them)")
 
 
 def _handover(

@@ -1276,3 +1276,27 @@ def test_a_sighup_while_a_successor_starts_reaches_it(tmp_path: Path) -> None:
         assert code == 0, err
 
     run(main(), timeout=90)
+
+
+def test_sigusr2_to_a_worker_is_ignored(tmp_path: Path) -> None:
+    """``SIGUSR2`` sent to every process of the unit (``systemctl kill -s USR2`` without
+    ``--kill-whom=main``) reaches the workers too: each says to send it to the supervisor
+    and serves on, rather than die of it (its connections reset, counted as a crash)."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        try:
+            before = await sup.workers()
+            os.kill(before[0]["pid"], signal.SIGUSR2)
+            await one_request_each(sup.address, 8)
+            after = await sup.workers()
+            assert [w["pid"] for w in after] == [w["pid"] for w in before]
+            assert total(await sup.stats(), "metaprotocol_worker_restarts_total") == 0
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0, err
+        assert "worker 0: SIGUSR2 to a worker is ignored" in err, err
+
+    run(main(), timeout=60)
