@@ -351,9 +351,13 @@ async def _serve(
     if watch:
         tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
     await stop.wait()
+    taken = handover is not None and handover.successor is not None
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once (default action)
         with contextlib.suppress(NotImplementedError):
-            loop.remove_signal_handler(sig)
+            if taken:  # no signal came yet: the first one drains on
+                loop.add_signal_handler(sig, _signalled_while_taken_over, loop)
+            else:
+                loop.remove_signal_handler(sig)
     with contextlib.suppress(NotImplementedError):
         # Not removed: without a handler SIGHUP's default action ends the process, cutting
         # the drain short and every request in flight with it.
@@ -361,7 +365,6 @@ async def _serve(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    taken = handover is not None and handover.successor is not None
     if worker is None and not taken:  # (a successor serves the unit on)
         notify("STOPPING=1")
     log.info("draining (taken over)" if taken else "draining")
@@ -373,6 +376,14 @@ async def _serve(
     if handover is not None:
         await handover.finish()
     return 0
+
+
+def _signalled_while_taken_over(loop: asyncio.AbstractEventLoop) -> None:
+    """``SIGTERM`` or ``SIGINT`` to a process draining for its successor (a service manager's
+    stop reaches every process of the unit): it drains on, as at any first signal."""
+    log.warning("draining for the successor already; a second signal ends at once")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
 
 
 def _no_hot_restart() -> None:

@@ -298,6 +298,37 @@ def test_open_connections_are_served_then_closed_once_quiet(
             second.stop()
 
 
+def test_a_sigterm_to_the_predecessor_draining_for_its_successor_lets_it_drain(
+    setup: tuple[Path, Path], server: HelloServer
+) -> None:
+    """The process draining for its successor gets its first ``SIGTERM`` (a service
+    manager's stop reaches every process of the unit): it drains on, its request in flight
+    answered, rather than end at once as at a second signal (that request lost)."""
+    config, path = setup
+    config.write_text(mesh(server.port, drain="60s"))
+    first = Proxy(config, path)
+    second: Proxy | None = None
+    busy = client(first.port)
+    try:
+        result: list[str] = []
+        slow = threading.Thread(target=lambda: result.append(busy.sleep(1500)))
+        slow.start()
+        assert server.handler.sleeping.wait(WAIT)
+        second = Proxy(config, path)
+        first.wait_line("draining (taken over)")
+        first.proc.send_signal(signal.SIGTERM)
+        slow.join(WAIT)
+        assert result == ["v1: slept 1500"]
+        assert first.proc.wait(WAIT) == 0
+        line = first.wait_line("a second signal ends at once")
+        assert line == "warning: draining for the successor already; a second signal ends at once"
+    finally:
+        busy.close()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
 def test_a_successor_that_cannot_start_leaves_the_engine_serving(
     setup: tuple[Path, Path], tmp_path: Path, server: HelloServer
 ) -> None:
