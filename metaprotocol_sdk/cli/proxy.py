@@ -453,6 +453,8 @@ async def _take_over(
         await asyncio.wait((fetched, stopping, died), return_when=asyncio.FIRST_COMPLETED)
         for task in (stopping, fetched, died):
             task.cancel()
+        # (each one's outcome retrieved: one failing in the same turn is no stray exception)
+        await asyncio.gather(stopping, died, return_exceptions=True)
         if died.done() and not died.cancelled():
             raise HotRestartError("it exited while this process waited for the control plane")
         if fetched.done() and not fetched.cancelled() and fetched.exception() is not None:

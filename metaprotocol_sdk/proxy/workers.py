@@ -539,7 +539,11 @@ class Supervisor:
         return replaced
 
     async def _start_successor(self, worker: Worker, old: asyncio.subprocess.Process) -> bool:
-        process = await self._exec(worker.index, quiet=True)
+        try:
+            process = await self._exec(worker.index, quiet=True)
+        except OSError as exc:  # no descriptor or process to be had now: the roll ends
+            log.error("worker %d: cannot start its successor: %s", worker.index, exc)
+            return False
         self._others.add(process)
         ready = await self._ready(worker.index, process)
         if ready is None:
@@ -549,6 +553,8 @@ class Supervisor:
             self._others.discard(process)
             return False
         if self.stopping:  # it took over: it drains with the rest (SIGTERM), not killed
+            assert process.stdout is not None
+            self._spawn_task(self._copy_output(process.stdout))  # (a full pipe would stop it)
             return False
         self._others.discard(process)
         self._others.add(old)  # drains: its exit is awaited, not counted
