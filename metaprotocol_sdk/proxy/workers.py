@@ -394,7 +394,7 @@ class Supervisor:
             self.forward(signal.SIGHUP)
         sys.stdout.flush()
         self._output = BackgroundWriter(sys.stdout.fileno(), "worker output", OUTPUT_BACKLOG)
-        self._restart_dir = tempfile.mkdtemp(prefix="metaprotocol-workers-")  # mode 0700
+        self._restart_dir = restart_directory(len(self.workers))
         try:
             self._held, self.ports = hold_ports(self.config)
             admin = self.config.proxy.admin
@@ -1013,6 +1013,19 @@ class WorkersAdmin(_AdminServer):
     async def _live(self, timeout: float) -> bytes:
         body = json.dumps(await self.supervisor.live(timeout), default=str)
         return _response(200, body + "\n", "application/json")
+
+
+def restart_directory(count: int) -> str:
+    """A private directory (mode 0700) for the workers' hot restart sockets: under
+    ``$TMPDIR``, or ``/tmp`` when that would make a socket's path too long for a Unix socket."""
+    from .hot_restart import MAX_PATH
+
+    directory = tempfile.mkdtemp(prefix="metaprotocol-workers-")
+    longest = os.path.join(directory, f"worker-{count - 1}.sock")
+    if len(os.fsencode(longest)) > MAX_PATH:
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="metaprotocol-workers-", dir="/tmp")
+    return directory
 
 
 def worker_command(

@@ -1300,3 +1300,34 @@ def test_sigusr2_to_a_worker_is_ignored(tmp_path: Path) -> None:
         assert "worker 0: SIGUSR2 to a worker is ignored" in err, err
 
     run(main(), timeout=60)
+
+
+def test_a_long_tmpdir_still_serves_and_hot_restarts(tmp_path: Path) -> None:
+    """The workers' hot restart sockets go under ``$TMPDIR``; one so long that a socket's path
+    would not fit a Unix socket's name falls back to ``/tmp`` (the workers refused to start)."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        long = tmp_path / ("d" * 100)
+        long.mkdir()
+        path = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TMPDIR": str(long)}
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]), env=env)
+        try:
+            before = [w["pid"] for w in await sup.workers()]
+            sup.proc.send_signal(signal.SIGUSR2)
+
+            async def done() -> Any:
+                state = (await sup.get("/config_dump"))["hotRestart"]
+                return state is not None and state["state"] == "done"
+
+            await until(done, "the hot restart to be done", timeout=WAIT * 2)
+            after = [w["pid"] for w in await sup.workers()]
+            assert not set(before) & set(after)
+            await one_request_each(sup.address, 8)
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        assert code == 0, err
+
+    run(main(), timeout=60)
