@@ -539,8 +539,8 @@ class Supervisor:
         return replaced
 
     async def _start_successor(self, worker: Worker, old: asyncio.subprocess.Process) -> bool:
-        try:
-            process = await self._exec(worker.index, quiet=True)
+        try:  # not quiet: the files may have changed with the code (worker 0's says so)
+            process = await self._exec(worker.index, quiet=False)
         except OSError as exc:  # no descriptor or process to be had now: the roll ends
             log.error("worker %d: cannot start its successor: %s", worker.index, exc)
             return False

@@ -1331,3 +1331,32 @@ def test_a_long_tmpdir_still_serves_and_hot_restarts(tmp_path: Path) -> None:
         assert code == 0, err
 
     run(main(), timeout=60)
+
+
+def test_a_hot_restart_reports_the_configuration_warnings_once(tmp_path: Path) -> None:
+    """The files a hot restart's successors load may have changed with the code: worker 0's
+    successor says their warnings (as a worker started again does), worker 1's does not."""
+    typo = "- name: r\n  route: [{destination: {host: nowhere.test}}]\n"
+    warning = "no ServiceEntry defines host 'nowhere.test'"
+
+    async def main() -> tuple[int, str]:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        try:
+            (tmp_path / "mesh.yaml").write_text(mesh([(up.port, "v1")], router=typo))
+            sup.proc.send_signal(signal.SIGUSR2)
+
+            async def done() -> Any:
+                state = (await sup.get("/config_dump"))["hotRestart"]
+                return state is not None and state["state"] == "done"
+
+            await until(done, "the hot restart to be done", timeout=WAIT * 2)
+        finally:
+            code, err = sup.stop()
+            await up.close()
+        return code, err
+
+    code, err = run(main(), timeout=90)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if warning in line]
+    assert [line.split(": ", 2)[1] for line in warned] == ["worker 0"], err
