@@ -35,7 +35,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +134,7 @@ class PeerProcess:
             await loop.create_future()  # (until cancelled)
             return False
         if self._exit is None:
-            self._exit = _readable(loop, fd)
+            self._exit = _when_ready(loop, fd)
         try:
             await asyncio.wait_for(asyncio.shield(self._exit), within)
         except TimeoutError:
@@ -150,16 +150,20 @@ class PeerProcess:
             self._fd = None
 
 
-def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future[None]:
-    """Done once ``fd`` is readable (watched until then)."""
+def _when_ready(
+    loop: asyncio.AbstractEventLoop, fd: int, writing: bool = False
+) -> asyncio.Future[None]:
+    """Done once ``fd`` is readable (or writable), its watch then removed; a caller that stops
+    waiting before then removes it."""
     ready: asyncio.Future[None] = loop.create_future()
+    remove = loop.remove_writer if writing else loop.remove_reader
 
-    def readable() -> None:
-        loop.remove_reader(fd)
+    def fired() -> None:
+        remove(fd)
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_reader(fd, readable)
+    (loop.add_writer if writing else loop.add_reader)(fd, fired)
     return ready
 
 
@@ -193,33 +197,20 @@ class Channel:
 
     def close(self) -> None:
         """Close the socket and any descriptor received and not taken."""
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all(self._fds)
         self._fds = []
         self.sock.close()
 
     async def _ready(self, reading: bool, deadline: float) -> None:
-        waiter = self.loop.create_future()
-
-        def ready() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
         fd = self.sock.fileno()
-        if reading:
-            self.loop.add_reader(fd, ready)
-        else:
-            self.loop.add_writer(fd, ready)
+        waiter = _when_ready(self.loop, fd, writing=not reading)
         try:
             await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
         except TimeoutError:
             raise HotRestartError("no answer in time") from None
         finally:
-            if reading:
-                self.loop.remove_reader(fd)
-            else:
-                self.loop.remove_writer(fd)
+            if waiter.cancelled():  # (by wait_for: the watch is still there)
+                (self.loop.remove_reader if reading else self.loop.remove_writer)(fd)
 
     async def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         """Send ``message`` (with ``fds`` passed alongside its first byte)."""
@@ -959,53 +950,3 @@ def _wanted_binds(hello: dict[str, Any]) -> _Wanted:
     if admin is not None and not _bind_row(admin, 2):
         raise HotRestartError("a malformed admin bind in the hello")
     return _Wanted(listeners, None if admin is None else (admin[0], admin[1]))
-
-
-# -- serving on inherited sockets --------------------------------------------------------------
-
-
-class ServerGroup:
-    """Servers on several inherited sockets as one (a bind whose name gave several addresses):
-    what the engine does with an ``asyncio.Server``, done to each."""
-
-    def __init__(self, servers: list[asyncio.Server]) -> None:
-        self.servers = servers
-
-    @property
-    def sockets(self) -> tuple[Any, ...]:
-        """Every server's sockets."""
-        return tuple(sock for server in self.servers for sock in server.sockets)
-
-    def close(self) -> None:
-        """Stop accepting on every socket."""
-        for server in self.servers:
-            server.close()
-
-    async def wait_closed(self) -> None:
-        """Wait for every server to close."""
-        for server in self.servers:
-            await server.wait_closed()
-
-    def is_serving(self) -> bool:
-        """Whether any of the servers accepts."""
-        return any(server.is_serving() for server in self.servers)
-
-    async def start_serving(self) -> None:
-        """Start accepting on every socket."""
-        for server in self.servers:
-            await server.start_serving()
-
-
-async def serve_on(
-    sockets: list[socket.socket], make: Callable[[socket.socket], Awaitable[asyncio.Server]]
-) -> asyncio.Server | ServerGroup:
-    """A server for each of ``sockets`` (made by ``make``), as one; on failure none stays."""
-    servers: list[asyncio.Server] = []
-    try:
-        for sock in sockets:
-            servers.append(await make(sock))
-    except BaseException:
-        for server in servers:
-            server.close()
-        raise
-    return servers[0] if len(servers) == 1 else ServerGroup(servers)
