@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from .admin_page import History, Sampler, live_data, page_html
-from .hot_restart import ServerGroup, serve_on
+from .listening import ServerGroup, serve_on
 
 if TYPE_CHECKING:
     from .config.models import Admin

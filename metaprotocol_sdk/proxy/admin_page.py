@@ -23,7 +23,7 @@ from .stats import DURATION_BUCKETS_MS, Histogram, Stats
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .hot_restart import ServerGroup
+    from .listening import ServerGroup
 
 #: Seconds between two samples of the history ring.
 HISTORY_INTERVAL = 5.0

@@ -38,8 +38,9 @@ from .deadlines import Deadlines
 from .detection import Detecting, attach_detection, detecting
 from .downstream import Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
-from .hot_restart import Inherited, ServerGroup, serve_on
+from .hot_restart import Inherited
 from .identity import IdentityWatch, istio_sni, server_key
+from .listening import ServerGroup, serve_on
 from .locality import cluster_localities, failover_priorities
 from .matcher import compile_match
 from .mirror import MirrorSink
