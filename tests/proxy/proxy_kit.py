@@ -38,6 +38,7 @@ from metaprotocol_sdk.proxy import Engine, loads_config
 
 T = TypeVar("T")
 WAIT = 5.0  # bound on every single wait in the tests
+PROCESS_WAIT = 15.0  # the same for a ``metaprotocol proxy`` process (ProxyProcess)
 
 __all__ = ["ERROR", "ONEWAY", "PING", "REQUEST", "RESPONSE", "build_frame"]
 
@@ -719,3 +720,76 @@ def count_calls(monkeypatch: Any, name: str) -> list[object]:
 
     monkeypatch.setattr(balancer, name, counted)
     return calls
+
+
+class ProxyProcess:
+    """A ``metaprotocol proxy -c CONFIG ARGS...`` process of the ``hello.test:9090`` listener
+    (with an admin endpoint): its stderr lines collected by a thread (``lines``), its
+    listening port and admin address read from its first two lines (unless ``serving`` is
+    false). ``starting``: called with its pid before those are read."""
+
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        starting: Callable[[int], None] | None = None,
+        serving: bool = True,
+    ) -> None:
+        import queue
+        import subprocess
+        import threading
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if starting is not None:
+            starting(self.proc.pid)
+        self.lines: queue.Queue[str] = queue.Queue()
+        #: Reads stderr until every process writing it (a successor started by this one
+        #: shares it) has closed it.
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        if not serving:
+            return
+        assert self.proc.stdout is not None
+        listening = self.proc.stdout.readline()
+        admin = self.proc.stdout.readline()
+        assert listening.startswith("listening hello.test:9090 on 127.0.0.1:"), listening
+        self.port = int(listening.rsplit(":", 1)[1])
+        self.admin = admin.split()[-1]
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_line(self, text: str) -> str:
+        """The next stderr line containing ``text`` (waits for it)."""
+        while True:
+            line = self.lines.get(timeout=PROCESS_WAIT)
+            if text in line:
+                return line
+
+    def get(self, path: str) -> Any:
+        """GET ``path`` from its admin endpoint, as JSON."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=PROCESS_WAIT) as reply:
+            return json.loads(reply.read())
+
+    def stop(self) -> None:
+        """SIGTERM, and a kill if it does not exit in time."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=PROCESS_WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proxy_kit import ProxyProcess
 
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloServer
@@ -54,8 +54,8 @@ spec:
 """
 
 
-class Proxy:
-    """A ``metaprotocol proxy --hot-restart`` process; stderr lines collected by a thread."""
+class Proxy(ProxyProcess):
+    """A ``metaprotocol proxy --hot-restart PATH`` process (``None``: without the option)."""
 
     def __init__(
         self,
@@ -66,34 +66,13 @@ class Proxy:
         env: dict[str, str] | None = None,
     ) -> None:
         restart = [] if path is None else ["--hot-restart", str(path)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config), *restart, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        super().__init__(
+            config,
+            *restart,
+            *args,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            serving=serving,
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        #: Reads stderr until every process writing it (a successor started by this one
-        #: shares it) has closed it.
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        if not serving:
-            return
-        assert self.proc.stdout is not None
-        listening = self.proc.stdout.readline()
-        admin = self.proc.stdout.readline()
-        assert listening.startswith("listening hello.test:9090 on 127.0.0.1:"), (
-            listening,
-            self.stderr(),
-        )
-        self.port = int(listening.rsplit(":", 1)[1])
-        self.admin = admin.split()[-1]
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line.rstrip("\n"))
 
     def stderr(self) -> list[str]:
         """The lines written so far."""
@@ -101,17 +80,6 @@ class Proxy:
         while not self.lines.empty():
             out.append(self.lines.get())
         return out
-
-    def wait_line(self, text: str) -> str:
-        """The next stderr line containing ``text`` (waits for it)."""
-        while True:
-            line = self.lines.get(timeout=WAIT)
-            if text in line:
-                return line
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=WAIT) as reply:
-            return json.loads(reply.read())
 
     def requests_ok(self) -> int:
         stats = self.get("/stats?format=json")
@@ -129,15 +97,6 @@ class Proxy:
             for k, v in stats.items()
             if k.startswith("metaprotocol_request_duration_milliseconds_count")
         )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 def client(port: int) -> Any:

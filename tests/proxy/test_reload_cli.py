@@ -3,24 +3,18 @@ real thriftpy2 servers and clients on 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_kit import sighup_at_the_gate, start_gate
+from proxy_kit import ProxyProcess, sighup_at_the_gate, start_gate
 
 from metaprotocol_sdk.cli.proxy import WATCH_QUIET_MS
 from metaprotocol_sdk.demo.idl import hello, untyped
@@ -78,40 +72,8 @@ spec:
 """
 
 
-class Proxy:
+class Proxy(ProxyProcess):
     """A ``metaprotocol proxy`` process; its stderr lines are collected by a thread."""
-
-    def __init__(
-        self,
-        config: Path,
-        *args: str,
-        env: dict[str, str] | None = None,
-        starting: Callable[[int], None] | None = None,
-    ) -> None:
-        """``env``: the child's environment; ``starting``: called with its pid before its
-        addresses are read."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        if starting is not None:
-            starting(self.proc.pid)
-        assert self.proc.stdout is not None
-        listening = self.proc.stdout.readline()
-        admin = self.proc.stdout.readline()
-        assert listening.startswith("listening hello.test:9090 on 127.0.0.1:"), listening
-        self.port = int(listening.rsplit(":", 1)[1])
-        self.admin = admin.split()[-1]
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line.rstrip("\n"))
 
     def next_reload(self) -> str:
         """The next ``LEVEL: reload ...`` line on stderr (waits for it)."""
@@ -119,10 +81,6 @@ class Proxy:
             line = self.lines.get(timeout=WAIT)
             if line.partition(": ")[2].startswith("reload "):
                 return line
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=WAIT) as reply:
-            return json.loads(reply.read())
 
     def client(self) -> Any:
         return untyped("thriftpy2.rpc").make_client(
@@ -132,15 +90,6 @@ class Proxy:
             trans_factory=untyped("thriftpy2.transport").TFramedTransportFactory(),
             timeout=int(WAIT * 1000),
         )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 @pytest.fixture
