@@ -73,6 +73,12 @@ class Capabilities:
     #: frame (:meth:`Codec.relabel`): an engine forwards replies that need no mutation
     #: without building their :class:`Metadata`.
     peek_reply: bool = False
+    #: Has a message announcing that a connection is closing (Dubbo's read-only event,
+    #: HTTP/2's GOAWAY): :meth:`Codec.drain_notice` builds it and
+    #: :meth:`Codec.is_drain_notice` recognises it. An engine writes it to its clients when
+    #: it drains and stops sending new requests on an upstream connection that sent it.
+    #: Requires ``heartbeat``: a notice decodes as a ``Heartbeat`` that needs no reply.
+    drain_notice: bool = False
 
     def names(self) -> list[str]:
         """The names of the declared capabilities."""
@@ -217,6 +223,21 @@ class Codec(ABC):
     def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
         """The reply to a heartbeat, or ``None`` if this heartbeat needs none (it is a reply)."""
         raise UnsupportedError(f"codec {self.protocol or type(self).__name__} has no heartbeats")
+
+    def drain_notice(self) -> bytes:
+        """The message telling the peer that this connection is closing: send no new requests
+        on it, the ones sent are still answered.
+
+        Only for codecs declaring the ``drain_notice`` capability. It must decode (with this
+        codec) as one ``Heartbeat`` for which :meth:`heartbeat_reply` is ``None`` and
+        :meth:`is_drain_notice` is true. Like :meth:`on_error` it depends on no parse state.
+        """
+        raise UnsupportedError(f"codec {self.protocol or type(self).__name__} has no drain notice")
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        """Whether a decoded ``Heartbeat`` is the peer's drain notice (see :meth:`drain_notice`);
+        false for every other message. Engines ask only about heartbeats."""
+        return False
 
     def reset(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """Forget parse state (called by engines before reusing a codec after an error)."""
