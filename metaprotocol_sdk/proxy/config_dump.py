@@ -12,7 +12,7 @@ from .admin import DUMP_DOCUMENTS_BYTES, bounded_copy
 from .balancer import RING_SIZE
 from .config.models import LoadBalancer, Route
 from .tls import dump_listener, dump_upstream
-from .upstream import AvoidEjected, Cluster
+from .upstream import AvoidUnfit, Cluster
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -141,6 +141,8 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 ),
                 "outlierDetection": None if c.outlier is None else plain(c.outlier.spec),
                 "ejected": [h.key for h in c.hosts if h.ejected],
+                # Endpoints that sent their codec's drain notice on a connection still open.
+                "draining": [h.key for h in c.hosts if h.draining],
                 # Slow start's settings (the endpoints warming: the "slowStart" section).
                 **({"warmup": plain(c.policy.warmup)} if c.policy.warmup is not None else {}),
                 # Failover priorities (xDS only): each endpoint's, and each level's load.
@@ -263,6 +265,6 @@ def route_policies(route: Route) -> dict[str, Any]:
 def _balancer_name(cluster: Cluster) -> str:
     """The class of ``cluster``'s balancer (the one built, while a rebuild waits its turn)."""
     balancer = cluster.balancer
-    if isinstance(balancer, AvoidEjected):
+    if isinstance(balancer, AvoidUnfit):
         return type(balancer.built).__name__
     return type(balancer).__name__

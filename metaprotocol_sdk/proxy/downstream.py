@@ -152,6 +152,8 @@ class ListenerRuntime:
             for t in ErrorType
         }
         self._unrouted = Target("", None, 0, stats, name, "")
+        #: Drain notices sent to its clients (made on first use: most codecs have none).
+        self._notices: Counter | None = None
         self._skipped: dict[str, Counter] = {}
         self._filter_errors: dict[str, Counter] = {}
         self._retries: dict[tuple[str, str], Counter] = {}
@@ -232,9 +234,19 @@ class ListenerRuntime:
             )
         counter.value += 1
 
+    def count_notice(self) -> None:
+        """Count one drain notice sent to a client."""
+        counter = self._notices
+        if counter is None:
+            counter = self._notices = self.engine.stats.counter(
+                "metaprotocol_drain_notices_total", listener=self.name, side="downstream"
+            )
+        counter.value += 1
+
     def forget_series(self) -> None:
         """Forget the series made on first use (after the stats dropped some of them)."""
         self._skipped.clear()
+        self._notices = None
         self._filter_errors.clear()
         self._retries.clear()
         self._stream_frames.clear()
@@ -297,6 +309,7 @@ class Downstream(asyncio.Protocol):
         "last_seen",
         "listener",
         "need",
+        "noticed",
         "out",
         "out_size",
         "partial_since",
@@ -338,6 +351,8 @@ class Downstream(asyncio.Protocol):
         #: No new requests: a shutdown drain, a half-closed client or an unrecoverable frame.
         #: The connection closes as soon as nothing is in flight.
         self.draining = False
+        #: The client was sent the codec's drain notice (see :meth:`notify_drain`).
+        self.noticed = False
         #: Nothing more is read (half-close or an unrecoverable frame).
         self.read_done = False
         # Flow control: reading stops while the client does not read its responses
@@ -617,10 +632,35 @@ class Downstream(asyncio.Protocol):
             self.close()
 
     def start_drain(self) -> None:
-        """Finish what is in flight, refuse new requests, then close."""
+        """Finish what is in flight, refuse new requests, then close (telling the client
+        first, where its codec has a drain notice, if the close must wait)."""
         self.draining = True
         if self.inflight == 0:
             self.close()
+        else:
+            self.notify_drain()
+
+    def notify_drain(self) -> None:
+        """Tell the client that this connection is closing, once: the codec's drain notice
+        (as a Dubbo provider's read-only event), so that a client that knows it sends its
+        next requests elsewhere rather than on a connection about to close. Nothing for a
+        codec without one."""
+        if self.noticed or self.closed or self.transport is None:
+            return
+        codec = self.codec
+        if not codec.active_capabilities.drain_notice:
+            return
+        self.noticed = True
+        try:
+            notice = codec.drain_notice()
+            if not notice:
+                raise ValueError("drain_notice() returned nothing")
+        except Exception as exc:  # a bug in the codec: the drain goes on without a notice
+            self.engine.codec_bugs.report(codec, "drain_notice", exc, "no drain notice sent")
+            return
+        self.listener.count_notice()
+        self.queue_frame(notice)
+        self.flush()
 
     # -- buffer accounting ---------------------------------------------------------------------
 

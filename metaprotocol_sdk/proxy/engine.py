@@ -292,6 +292,8 @@ class Engine:
         self.upstream_write_timeout = (
             timeouts.write if timeouts.upstream_write is None else timeouts.upstream_write
         )
+        #: How long an upstream connection that sent a drain notice is held open at most.
+        self.upstream_drain_timeout = timeouts.upstream_drain
         #: Bytes held in buffers now (partial frames, requests in flight, unsent replies): an
         #: upper bound kept by the data path and made exact by every housekeeping sweep.
         self.buffered = 0
@@ -1430,10 +1432,11 @@ class Engine:
         """Stop accepting, let in-flight requests finish (up to ``drain`` seconds), close all.
 
         New requests on open connections get a ``ShuttingDown`` local reply meanwhile;
-        each connection closes as soon as it has nothing in flight. ``serve_first`` (a hot
-        restart's predecessor): for the first half of ``drain`` the open connections are
-        served as before, each closed once quiet for :data:`QUIET_CLOSE` seconds with nothing
-        in flight; the rest drain as above in the second half.
+        each connection closes as soon as it has nothing in flight, and one that must wait is
+        sent its codec's drain notice first. ``serve_first`` (a hot restart's predecessor):
+        every open connection is sent the notice, and for the first half of ``drain`` they
+        are served as before, each closed once quiet for :data:`QUIET_CLOSE` seconds with
+        nothing in flight; the rest drain as above in the second half.
         """
         if self._loop is None or self.draining:
             return
@@ -1447,6 +1450,8 @@ class Engine:
         for server in self._servers.values():
             server.close()
         if serve_first and self.downstreams:
+            for conn in list(self.downstreams):  # their clients may move now, not at the close
+                conn.notify_drain()
             self.quiet_close = QUIET_CLOSE
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), drain / 2)

@@ -51,6 +51,10 @@ class Rebuilds:
         """Whether no rebuild waits for its turn."""
         return not self._waiting
 
+    def waiting(self, cluster: Cluster) -> bool:
+        """Whether ``cluster``'s rebuild waits for its turn."""
+        return cluster in self._waiting
+
     def request(self, cluster: Cluster) -> None:
         """Rebuild ``cluster``'s balancer now if the budget allows, else at its turn."""
         if not self._waiting and self._loop.time() >= self._next:

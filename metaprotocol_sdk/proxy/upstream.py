@@ -190,6 +190,7 @@ class UpstreamHost:
         "address",
         "connection_class",
         "conns",
+        "draining",
         "ejected",
         "ejections",
         "errors",
@@ -263,6 +264,9 @@ class UpstreamHost:
         self.local_errors = 0
         self.ejected = False
         self.ejections = 0
+        #: Its connections open that carried its drain notice (see
+        #: ``UpstreamConnection._drain_notice``): while there are any, the balancer avoids it.
+        self.draining = 0
         #: What its connections are: plain, or TLS (``tls.attach_cluster``), chosen per
         #: endpoint where istiod's automatic mutual TLS says so, once, when it is built.
         self.connection_class: type[UpstreamConnection] = UpstreamConnection
@@ -406,6 +410,10 @@ class Cluster:
             self.outlier = OutlierDetector(self, outlier, engine.loop, engine.stats)
             for host in hosts:
                 host.outlier = self.outlier
+        #: Its endpoints draining now (``UpstreamHost.draining``), and the drain notices its
+        #: upstreams sent (made on first use: most codecs have none).
+        self.draining = 0
+        self._notices: Counter | None = None
         self.build_balancer()
         stats = engine.stats
         self.connects = stats.counter("metaprotocol_upstream_connections_total", cluster=name)
@@ -442,22 +450,55 @@ class Cluster:
 
     def avoid_ejected(self) -> None:
         """Until its rebuild: the balancer's picks of endpoints ejected since it was built
-        pick again (see rebuilds.py)."""
-        if not isinstance(self.balancer, AvoidEjected):
-            self.balancer = AvoidEjected(self.balancer)
+        pick again (see rebuilds.py); so do picks of draining endpoints."""
+        if not isinstance(self.balancer, AvoidUnfit):
+            self.balancer = AvoidUnfit(self.balancer)
 
     def build_balancer(self) -> None:
-        """Build the balancer over the endpoints to use now."""
+        """Build the balancer over the endpoints to use now (avoiding the draining ones)."""
         self.engine.rebalances += 1
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
             self.balancer, self.priority_load = priority_balancer(
                 self.policy, self.hosts, panic, self.locality_weighted, self._hashed
             )
+        else:
+            hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
+            kept = self._hashed(self.hosts[0].priority, hosts, self.hosts) if self.hosts else None
+            self.balancer = (
+                kept if kept is not None else make_balancer(self.policy, hosts, self.hosts)
+            )
+        if self.draining:
+            self.balancer = AvoidUnfit(self.balancer)
+
+    def drain_noticed(self, host: UpstreamHost) -> None:
+        """One of ``host``'s connections carried its drain notice: counted, and the endpoint
+        avoided until :meth:`drain_ended` for each such connection."""
+        notices = self._notices
+        if notices is None:
+            notices = self._notices = self.engine.stats.counter(
+                "metaprotocol_drain_notices_total", cluster=self.name, side="upstream"
+            )
+        notices.value += 1
+        host.draining += 1
+        if host.draining == 1:
+            self.draining += 1
+            self.avoid_ejected()
+
+    def drain_ended(self, host: UpstreamHost) -> None:
+        """A connection that carried ``host``'s drain notice closed (or was held open as long
+        as ``timeouts.upstreamDrain`` allows): with none left, the endpoint is picked again."""
+        host.draining -= 1
+        if host.draining:
             return
-        hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
-        kept = self._hashed(self.hosts[0].priority, hosts, self.hosts) if self.hosts else None
-        self.balancer = kept if kept is not None else make_balancer(self.policy, hosts, self.hosts)
+        self.draining -= 1
+        balancer = self.balancer
+        if (
+            not self.draining
+            and isinstance(balancer, AvoidUnfit)
+            and not self.engine.rebuilds.waiting(self)
+        ):
+            self.balancer = balancer.built
 
     def _hashed(
         self, priority: int, hosts: Sequence[UpstreamHost], level: Sequence[UpstreamHost]
@@ -784,10 +825,12 @@ def stream_cap(pool: ConnectionPool | None, few_ids: int) -> int:
     return cap
 
 
-class AvoidEjected(Balancer[UpstreamHost]):
-    """A cluster's balancer waiting for its rebuild after a change of health (rebuilds.py):
-    a pick of an endpoint ejected since it was built picks again, as a retry's does
-    (:data:`RETRY_HOST_PICKS` times at most: then that one, as with every endpoint ejected)."""
+class AvoidUnfit(Balancer[UpstreamHost]):
+    """A cluster's balancer while it has endpoints to avoid that it was built with: ejected
+    since it was built (waiting for its rebuild after a change of health, rebuilds.py), or
+    draining (their upstream sent its codec's drain notice). A pick of one picks again, as
+    a retry's does (:data:`RETRY_HOST_PICKS` times at most: then that one, as when every
+    endpoint is to be avoided)."""
 
     def __init__(self, built: Balancer[UpstreamHost]) -> None:
         super().__init__(built.hosts)
@@ -797,7 +840,7 @@ class AvoidEjected(Balancer[UpstreamHost]):
         built = self.built
         host = built.pick(metadata, client)
         attempt = 0
-        while host is not None and host.ejected and attempt < RETRY_HOST_PICKS:
+        while host is not None and (host.ejected or host.draining) and attempt < RETRY_HOST_PICKS:
             attempt += 1
             host = built.pick_again(metadata, client, attempt)
         return host
@@ -808,7 +851,7 @@ class AvoidEjected(Balancer[UpstreamHost]):
         built = self.built
         host = built.pick_again(metadata, client, attempt)
         more = attempt + RETRY_HOST_PICKS
-        while host is not None and host.ejected and attempt < more:
+        while host is not None and (host.ejected or host.draining) and attempt < more:
             attempt += 1
             host = built.pick_again(metadata, client, attempt)
         return host
@@ -871,6 +914,7 @@ class UpstreamConnection(asyncio.Protocol):
         "need",
         "next_id",
         "next_seq",
+        "noticed",
         "order",
         "owner",
         "partial_since",
@@ -956,6 +1000,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.waiting: Queue | None = None
         #: Taking no new requests; closes once nothing is in flight.
         self.retiring = cluster.retired
+        #: The upstream sent its codec's drain notice: the end of the hold on the connection
+        #: (``timeouts.upstreamDrain``; ``None``: no notice, or the hold ended). Held open, it
+        #: keeps its endpoint avoided until the upstream closes it (see :meth:`_drain_notice`).
+        self.noticed: asyncio.TimerHandle | None = None
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
         #: When it was established, for ``maxConnectionDuration`` (0: not measured).
@@ -1298,11 +1346,14 @@ class UpstreamConnection(asyncio.Protocol):
             idle.move_to_end(self)
 
     def _close_if_idle(self) -> None:
-        # A stream's connection closes when its stream ends (retired, it takes no other).
+        # A stream's connection closes when its stream ends (retired, it takes no other); one
+        # that carried a drain notice is held open for the upstream to close (see
+        # _drain_notice).
         if (
             self.retiring
             and len(self.pending) + len(self.order) == self.stale
             and self.stream is None
+            and self.noticed is None
         ):
             self.close()
 
@@ -1574,6 +1625,29 @@ class UpstreamConnection(asyncio.Protocol):
         self.cluster.decode_errors.value += 1
         self.abort(ErrorType.BadResponse, f"bad frame from upstream: {exc}")
 
+    def _drain_notice(self) -> None:
+        """The upstream said it is closing the connection (its codec's drain notice, as a Dubbo
+        provider's read-only event when it shuts down): the connection takes no new
+        requests (they go to a fresh connection) and those in flight are answered on it. It
+        stays open, and its endpoint avoided by the balancer (picked only when every other
+        is avoided too), until the upstream closes it: a server that announced its drain may
+        refuse the next connections until then. At most ``timeouts.upstreamDrain``: then it
+        closes once nothing is in flight, and the endpoint is picked again."""
+        if self.noticed is not None or self.closed:
+            return
+        engine = self.engine
+        self.noticed = engine.loop.call_later(engine.upstream_drain_timeout, self._hold_over)
+        self.cluster.drain_noticed(self.host)
+        self.retire()
+
+    def _hold_over(self) -> None:
+        """``timeouts.upstreamDrain`` passed since the drain notice and the upstream did not
+        close the connection: the engine does, once nothing is in flight."""
+        self.noticed = None
+        self.cluster.drain_ended(self.host)
+        self.cluster.closed_by("drain_timeout")
+        self._close_if_idle()
+
     def _codec_failed(self, method: str, exc: Exception) -> CodecError:
         """The codec raised ``exc`` from ``method``, not a ``CodecError``: a bug in it (see
         ``codec_bugs``). Counted and logged; what to do with the connection is the
@@ -1595,7 +1669,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _heartbeat(self, message: Metadata) -> None:
         """Answer the upstream's heartbeat, unless it does not read what it was sent (its
-        write buffer is full): one reply per ping would then pile up without end."""
+        write buffer is full): one reply per ping would then pile up without end. A drain
+        notice is no heartbeat: see :meth:`_drain_notice`."""
+        codec = self.codec
+        if codec.active_capabilities.drain_notice:
+            try:
+                notice = codec.is_drain_notice(message)
+            except Exception as exc:  # a bug in the codec: taken as the heartbeat it is
+                self.engine.codec_bugs.report(codec, "is_drain_notice", exc, "taken as no notice")
+                notice = False
+            if notice:
+                self._drain_notice()
+                return
         self.cluster.heartbeats.value += 1
         if self.write_paused:
             return
@@ -2020,6 +2105,10 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish_close(self, error: ErrorType, message: str) -> None:
         if self in self.engine.upstreams:
             self.cluster.connections -= 1
+        if self.noticed is not None:
+            self.noticed.cancel()
+            self.noticed = None
+            self.cluster.drain_ended(self.host)
         self._opened()
         self.closed = True
         self.connecting = False

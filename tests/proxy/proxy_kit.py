@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -28,6 +29,7 @@ from metaprotocol_sdk.examples.kv import (
     HEADER_SIZE,
     ONEWAY,
     PING,
+    PONG,
     REQUEST,
     RESPONSE,
     KVCodec,
@@ -190,6 +192,26 @@ class StallingKVCodec(KVCodec):
         return message
 
 
+class NoticeKVCodec(KVCodec):
+    """The KV codec with a drain notice: a PONG frame with the header ``drain: 1``."""
+
+    protocol = "kvd"
+    capabilities = dataclasses.replace(KVCodec.capabilities, drain_notice=True)
+
+    def drain_notice(self) -> bytes:
+        return build_frame(PONG, 0, {"drain": "1"})
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return metadata.codec_state == PONG and metadata.attributes.get("drain") == "1"
+
+
+class NoticeDedicatedKVCodec(NoticeKVCodec):
+    """:class:`NoticeKVCodec` without id rewriting: each client has its own connections."""
+
+    protocol = "kvdd"
+    capabilities = dataclasses.replace(NoticeKVCodec.capabilities, rewrite_request_id=False)
+
+
 _mod = types.ModuleType("proxy_test_codecs")
 _mod.CountingKVCodec = CountingKVCodec  # type: ignore[attr-defined]
 _mod.CountingDedicatedKVCodec = CountingDedicatedKVCodec  # type: ignore[attr-defined]
@@ -197,6 +219,8 @@ _mod.PickyKVCodec = PickyKVCodec  # type: ignore[attr-defined]
 _mod.LenientKVCodec = LenientKVCodec  # type: ignore[attr-defined]
 _mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]
 _mod.FewIdsKVCodec = FewIdsKVCodec  # type: ignore[attr-defined]
+_mod.NoticeKVCodec = NoticeKVCodec  # type: ignore[attr-defined]
+_mod.NoticeDedicatedKVCodec = NoticeDedicatedKVCodec  # type: ignore[attr-defined]
 sys.modules["proxy_test_codecs"] = _mod
 
 
@@ -214,6 +238,9 @@ class KVServer(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.owner.connections.add(self)
         self.owner.accepted += 1
+        if self.owner.refusing:  # a server that announced its drain: new connections closed
+            self.transport.close()
+            return
         if self.owner.reading_paused:  # uvloop starts reading after connection_made returns
             asyncio.get_running_loop().call_soon(self.transport.pause_reading)
 
@@ -245,6 +272,8 @@ class Upstream:
         self.release = asyncio.Event()
         self.pongs: list[Metadata] = []
         self.reading_paused = False
+        #: New connections are closed at once (a server shutting down, as Dubbo's does).
+        self.refusing = False
         self.pong = asyncio.Event()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.server: asyncio.Server | None = None
@@ -330,6 +359,18 @@ class Upstream:
         for conn in self.connections:
             assert conn.transport is not None
             conn.transport.resume_reading()
+
+    def send_all(self, frame: bytes) -> None:
+        """Send ``frame`` from the server side on every connection (a drain notice, say)."""
+        for conn in self.connections:
+            assert conn.transport is not None
+            conn.transport.write(frame)
+
+    def close_connections(self) -> None:
+        """Close every connection (a server that finished its drain)."""
+        for conn in list(self.connections):
+            assert conn.transport is not None
+            conn.transport.close()
 
     def ping_all(self) -> None:
         """Send a PING from the server side on every connection."""

@@ -527,6 +527,7 @@ TIMEOUTS = fields(
     "upstreamWrite",
     "handshake",
     "streamIdle",
+    "upstreamDrain",
 )
 WATCHDOG = fields(
     "missTimeout",

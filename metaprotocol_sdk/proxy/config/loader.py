@@ -2940,7 +2940,11 @@ def _overload(doc: _Doc, spec: Mapping[str, Any]) -> Overload:
 
 
 #: ``spec.timeouts`` fields whose model attribute is not the field's own name.
-_TIMEOUT_ATTRIBUTES = {"upstreamWrite": "upstream_write", "streamIdle": "stream_idle"}
+_TIMEOUT_ATTRIBUTES = {
+    "upstreamWrite": "upstream_write",
+    "streamIdle": "stream_idle",
+    "upstreamDrain": "upstream_drain",
+}
 
 
 def _timeouts(doc: _Doc, spec: Mapping[str, Any]) -> Timeouts:

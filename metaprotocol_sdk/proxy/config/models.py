@@ -833,6 +833,10 @@ class Timeouts:
     #: A stream with no frame either way for this long is reset (``timeouts.streamIdle``;
     #: Envoy's ``stream_idle_timeout``).
     stream_idle: float = 300.0
+    #: An upstream connection that sent its codec's drain notice is kept open (its endpoint
+    #: avoided meanwhile) until its upstream closes it, at most this long
+    #: (``timeouts.upstreamDrain``).
+    upstream_drain: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,327 @@
+"""Drain notices (the codec's ``drain_notice`` capability), over real sockets.
+
+From an upstream: the connection that carried it takes no new requests, is held open until
+the upstream closes it (at most ``timeouts.upstreamDrain``), and its endpoint is avoided
+meanwhile, as a Dubbo consumer avoids a provider that sent its read-only event. To clients:
+the engine sends its codec's notice on the connections that stay open while it drains (a
+shutdown with requests in flight, a listener removed by a reload, a hot restart's serving
+half)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from proxy_kit import (
+    PONG,
+    Client,
+    NoticeKVCodec,
+    Upstream,
+    address,
+    engine_for,
+    error_type,
+    http_get,
+    mesh,
+    run,
+    until,
+)
+
+from metaprotocol_sdk import Metadata
+from metaprotocol_sdk.examples.kv import build_frame
+from metaprotocol_sdk.proxy import Engine, loads_config
+from metaprotocol_sdk.proxy.upstream import AvoidUnfit
+
+NOTICE = NoticeKVCodec().drain_notice()
+SHARED = {"protocol": "kvd", "codec": "proxy_test_codecs:NoticeKVCodec"}
+DEDICATED = {"protocol": "kvdd", "codec": "proxy_test_codecs:NoticeDedicatedKVCodec"}
+ROUND_ROBIN = "{loadBalancer: {simple: ROUND_ROBIN}}"
+NOTICES = "metaprotocol_drain_notices_total"
+
+
+def notices(engine: Engine, side: str) -> int:
+    return engine.stats.total(NOTICES, side=side)
+
+
+def is_notice(message: Metadata) -> bool:
+    return NoticeKVCodec().is_drain_notice(message)
+
+
+async def served_by(client: Client, n: int) -> list[str]:
+    """The servers that answered ``n`` calls, each answered without error."""
+    servers = []
+    for _ in range(n):
+        reply = await client.call()
+        assert error_type(reply) is None, reply.attributes
+        servers.append(reply.attributes["server"])
+    return servers
+
+
+@pytest.mark.parametrize("codec", [SHARED, DEDICATED], ids=["shared", "dedicated"])
+def test_an_upstream_notice_moves_new_requests_to_the_other_endpoints(
+    codec: dict[str, str],
+) -> None:
+    """An endpoint that sent its drain notice, then refuses new connections (as a Dubbo
+    provider shutting down does), gets no new request: its request in flight is answered on
+    the noticed connection, every new one goes to the other endpoint, none fails. Once the
+    upstream closes the connection the endpoint is picked again."""
+
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        config = mesh([(a.port, "v1"), (b.port, "v1")], traffic_policy=ROUND_ROBIN, **codec)
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            assert sorted(await served_by(c, 2)) == ["a", "b"]
+            slow = c.start("slow")  # in flight to one of them
+            await until(
+                lambda: any(m.operation_name == "slow" for m in a.received + b.received),
+                "slow sent",
+            )
+            draining, other = (a, b) if a.received[-1].operation_name == "slow" else (b, a)
+            draining.refusing = True
+            draining.send_all(NOTICE)
+            cluster = next(iter(engine.clusters.values()))
+            await until(lambda: cluster.draining == 1, "the endpoint draining")
+            assert notices(engine, "upstream") == 1
+            assert engine.stats.total("metaprotocol_heartbeats_total", side="upstream") == 0
+            assert set(await served_by(c, 6)) == {other.name}
+            assert draining.accepted == 1  # no new connection tried
+            assert engine.admin_address is not None
+            status, body = await http_get(engine.admin_address, "/config_dump")
+            assert status == 200
+            dumped = json.loads(body)["clusters"]
+            assert [f"127.0.0.1:{draining.port}"] in [d["draining"] for d in dumped]
+            draining.release.set()
+            assert error_type(await asyncio.wait_for(slow, 5)) is None
+            (noticed,) = [u for u in engine.upstreams if u.host.port == draining.port]
+            assert not noticed.closed  # held open for the upstream to close
+            draining.refusing = False
+            draining.close_connections()  # its drain is over
+            await until(lambda: cluster.draining == 0, "the endpoint picked again")
+            assert not isinstance(cluster.balancer, AvoidUnfit)
+            assert sorted(await served_by(c, 2)) == ["a", "b"]
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_the_hold_on_a_noticed_connection_is_bounded() -> None:
+    """An upstream that sent a notice but never closes: after ``timeouts.upstreamDrain`` the
+    engine closes the connection (nothing in flight), counted, and the endpoint is picked
+    again, on a new connection."""
+
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        config = mesh(
+            [(a.port, "v1"), (b.port, "v1")],
+            traffic_policy=ROUND_ROBIN,
+            proxy="timeouts: {upstreamDrain: 200ms}\n",
+            **SHARED,
+        )
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            await served_by(c, 2)
+            a.send_all(NOTICE)
+            cluster = next(iter(engine.clusters.values()))
+            await until(lambda: cluster.draining == 1, "the endpoint draining")
+            assert set(await served_by(c, 4)) == {"b"}
+            await until(lambda: cluster.draining == 0, "the hold over")
+            closed = "metaprotocol_upstream_connections_closed_total"
+            assert engine.stats.total(closed, reason="drain_timeout") == 1
+            await until(lambda: not a.connections, "the noticed connection closed")
+            assert sorted(await served_by(c, 2)) == ["a", "b"]
+            assert a.accepted == 2
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_with_every_endpoint_draining_requests_still_go_to_one() -> None:
+    """The only endpoint sent its notice: requests are not refused for it, they go to it on
+    a new connection (a notice is advice, not an ejection)."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        async with engine_for(mesh([(a.port, "v1")], **SHARED)) as engine:
+            c = await Client.connect(address(engine))
+            await served_by(c, 1)
+            a.send_all(NOTICE)
+            cluster = next(iter(engine.clusters.values()))
+            await until(lambda: cluster.draining == 1, "the endpoint draining")
+            assert await served_by(c, 3) == ["a"] * 3
+            assert a.accepted == 2
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+def test_a_heartbeat_is_no_notice_and_a_codec_without_notices_ignores_them() -> None:
+    """A PING is answered as before; the notice's bytes sent to a codec that declares no
+    drain notice are a heartbeat needing no reply, nothing more."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        async with engine_for(mesh([(a.port, "v1")])) as engine:  # the KV codec: no notice
+            c = await Client.connect(address(engine))
+            await served_by(c, 1)
+            a.send_all(NOTICE)
+            a.ping_all()
+            await until(lambda: a.pongs, "the ping answered")
+            assert engine.stats.total("metaprotocol_heartbeats_total", side="upstream") == 2
+            assert notices(engine, "upstream") == 0
+            (conn,) = engine.upstreams
+            assert not conn.retiring
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+class Watcher(Client):
+    """A client that keeps the drain notices it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notices: list[Metadata] = []
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        for message in [m for m in self.unmatched if is_notice(m)]:
+            self.unmatched.remove(message)
+            self.notices.append(message)
+
+
+async def watcher(engine: Engine) -> Watcher:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(Watcher, *address(engine))
+    return client
+
+
+def test_a_shutdown_sends_the_notice_on_connections_with_requests_in_flight() -> None:
+    """On ``stop``: a client with a request in flight gets the notice (before its reply, its
+    connection closing after it); an idle client's connection closes at once, with none."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        engine = Engine(loads_config(mesh([(a.port, "v1")], **SHARED), "t.yaml"))
+        await engine.start()
+        busy, idle = await watcher(engine), await watcher(engine)
+        await served_by(busy, 1)
+        await served_by(idle, 1)
+        slow = busy.start("slow")
+        await a.wait_received(3)
+        stopping = asyncio.ensure_future(engine.stop(drain=5.0))
+        await until(lambda: busy.notices, "the notice sent")
+        await asyncio.wait_for(idle.closed, 5)
+        assert idle.notices == []
+        a.release.set()
+        assert error_type(await asyncio.wait_for(slow, 5)) is None
+        await asyncio.wait_for(busy.closed, 5)
+        await stopping
+        assert len(busy.notices) == 1 and busy.unmatched == []
+        assert notices(engine, "downstream") == 1
+        await a.close()
+
+    run(main())
+
+
+def test_a_hot_restarts_serving_half_notices_every_connection_and_serves_on() -> None:
+    """``stop(serve_first=True)`` (a hot restart's predecessor): every open connection gets
+    the notice at once, and is still served meanwhile (no ``ShuttingDown``)."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        engine = Engine(loads_config(mesh([(a.port, "v1")], **SHARED), "t.yaml"))
+        await engine.start()
+        first, second = await watcher(engine), await watcher(engine)
+        await served_by(first, 1)
+        stopping = asyncio.ensure_future(engine.stop(drain=4.0, serve_first=True))
+        await until(lambda: first.notices and second.notices, "the notices sent")
+        assert await served_by(second, 2) == ["a", "a"]  # served, not ShuttingDown
+        assert notices(engine, "downstream") == 2
+        await asyncio.wait_for(first.closed, 5)  # closed once quiet
+        await asyncio.wait_for(second.closed, 5)
+        await stopping
+        await a.close()
+
+    run(main(), timeout=30)
+
+
+def test_a_reload_that_removes_the_listener_notices_its_busy_clients() -> None:
+    """A listener removed by a reload drains its connections as a shutdown does: the one
+    with a request in flight gets the notice, then its reply."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        text = mesh([(a.port, "v1")], **SHARED)
+        engine = Engine(loads_config(text, "t.yaml"))
+        await engine.start()
+        try:
+            busy = await watcher(engine)
+            slow = busy.start("slow")
+            await a.wait_received(1)
+            await engine.apply(loads_config(_rebound(text), "t.yaml"))
+            await until(lambda: busy.notices, "the notice sent")
+            a.release.set()
+            assert error_type(await asyncio.wait_for(slow, 5)) is None
+            await asyncio.wait_for(busy.closed, 5)
+        finally:
+            await engine.stop(drain=1.0)
+        await a.close()
+
+    run(main())
+
+
+def _rebound(text: str) -> str:
+    """``text`` with its listener on another address (the old one is removed)."""
+    return text.replace("bind: '127.0.0.1:0'}", "bind: '127.0.0.2:0'}", 1)
+
+
+class BrokenNoticeKVCodec(NoticeKVCodec):
+    def drain_notice(self) -> bytes:
+        raise RuntimeError("no notice today")
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        raise RuntimeError("cannot tell")
+
+
+def test_a_codec_whose_notice_methods_raise_is_reported_and_the_drain_goes_on(
+    monkeypatch: Any,
+) -> None:
+    """``drain_notice`` raising: logged as the codec's bug, the drain goes on without a
+    notice; ``is_drain_notice`` raising: the heartbeat is taken as one."""
+    import proxy_kit
+
+    monkeypatch.setattr(proxy_kit._mod, "BrokenNoticeKVCodec", BrokenNoticeKVCodec, raising=False)
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        codec = {"protocol": "kvd", "codec": "proxy_test_codecs:BrokenNoticeKVCodec"}
+        engine = Engine(loads_config(mesh([(a.port, "v1")], **codec), "t.yaml"))
+        await engine.start()
+        busy = await watcher(engine)
+        await served_by(busy, 1)
+        a.send_all(build_frame(PONG, 0, {"drain": "1"}))
+        bugs = "metaprotocol_codec_errors_total"
+        await until(
+            lambda: engine.stats.total(bugs, method="is_drain_notice") == 1, "is_drain_notice"
+        )
+        (conn,) = engine.upstreams
+        assert not conn.retiring
+        slow = busy.start("slow")
+        await a.wait_received(2)
+        stopping = asyncio.ensure_future(engine.stop(drain=5.0))
+        await until(lambda: engine.stats.total(bugs, method="drain_notice") == 1, "drain_notice")
+        a.release.set()
+        assert error_type(await asyncio.wait_for(slow, 5)) is None
+        await stopping
+        assert busy.notices == [] and notices(engine, "downstream") == 0
+        await a.close()
+
+    run(main())
