@@ -264,9 +264,9 @@ class UpstreamHost:
         self.local_errors = 0
         self.ejected = False
         self.ejections = 0
-        #: Its connections open that carried its drain notice (see
-        #: ``UpstreamConnection._drain_notice``): while there are any, the balancer avoids it.
-        self.draining = 0
+        #: One of its connections that carried its drain notice is held open (see
+        #: ``UpstreamConnection._drain_notice``): meanwhile the balancer avoids it.
+        self.draining = False
         #: What its connections are: plain, or TLS (``tls.attach_cluster``), chosen per
         #: endpoint where istiod's automatic mutual TLS says so, once, when it is built.
         self.connection_class: type[UpstreamConnection] = UpstreamConnection
@@ -471,26 +471,24 @@ class Cluster:
         if self.draining:
             self.balancer = AvoidUnfit(self.balancer)
 
-    def drain_noticed(self, host: UpstreamHost) -> None:
-        """One of ``host``'s connections carried its drain notice: counted, and the endpoint
-        avoided until :meth:`drain_ended` for each such connection."""
+    def drain_noticed(self, host: UpstreamHost, held: bool) -> None:
+        """One of ``host``'s connections carried its drain notice: counted, and, when the
+        connection is ``held`` open for it, the endpoint avoided until :meth:`drain_ended`."""
         notices = self._notices
         if notices is None:
             notices = self._notices = self.engine.stats.counter(
                 "metaprotocol_drain_notices_total", cluster=self.name, side="upstream"
             )
         notices.value += 1
-        host.draining += 1
-        if host.draining == 1:
+        if held:
+            host.draining = True
             self.draining += 1
             self.avoid_ejected()
 
     def drain_ended(self, host: UpstreamHost) -> None:
-        """A connection that carried ``host``'s drain notice closed (or was held open as long
-        as ``timeouts.upstreamDrain`` allows): with none left, the endpoint is picked again."""
-        host.draining -= 1
-        if host.draining:
-            return
+        """The connection held open for ``host``'s drain notice closed (or was held as long
+        as ``timeouts.upstreamDrain`` allows): the endpoint is picked again."""
+        host.draining = False
         self.draining -= 1
         balancer = self.balancer
         if (
@@ -914,6 +912,7 @@ class UpstreamConnection(asyncio.Protocol):
         "need",
         "next_id",
         "next_seq",
+        "notice_hold",
         "noticed",
         "order",
         "owner",
@@ -1000,10 +999,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.waiting: Queue | None = None
         #: Taking no new requests; closes once nothing is in flight.
         self.retiring = cluster.retired
-        #: The upstream sent its codec's drain notice: the end of the hold on the connection
-        #: (``timeouts.upstreamDrain``; ``None``: no notice, or the hold ended). Held open, it
-        #: keeps its endpoint avoided until the upstream closes it (see :meth:`_drain_notice`).
-        self.noticed: asyncio.TimerHandle | None = None
+        #: The upstream sent its codec's drain notice on it (later ones change nothing), and
+        #: the end of the hold on the connection that keeps its endpoint avoided until the
+        #: upstream closes it (``timeouts.upstreamDrain``; ``None``: not held, or no more;
+        #: see :meth:`_drain_notice`).
+        self.noticed = False
+        self.notice_hold: asyncio.TimerHandle | None = None
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
         #: When it was established, for ``maxConnectionDuration`` (0: not measured).
@@ -1353,7 +1354,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.retiring
             and len(self.pending) + len(self.order) == self.stale
             and self.stream is None
-            and self.noticed is None
+            and self.notice_hold is None
         ):
             self.close()
 
@@ -1632,18 +1633,28 @@ class UpstreamConnection(asyncio.Protocol):
         stays open, and its endpoint avoided by the balancer (picked only when every other
         is avoided too), until the upstream closes it: a server that announced its drain may
         refuse the next connections until then. At most ``timeouts.upstreamDrain``: then it
-        closes once nothing is in flight, and the endpoint is picked again."""
-        if self.noticed is not None or self.closed:
+        closes once nothing is in flight, and the endpoint is picked again.
+
+        One connection per endpoint is held: a notice on another connection to an endpoint
+        already draining retires it as usual (it closes once nothing is in flight), so that
+        an upstream that sends one on every connection it is offered holds one connection,
+        not one per request for the whole hold."""
+        if self.noticed or self.closed:
             return
-        engine = self.engine
-        self.noticed = engine.loop.call_later(engine.upstream_drain_timeout, self._hold_over)
-        self.cluster.drain_noticed(self.host)
+        self.noticed = True
+        host = self.host
+        if not host.draining:
+            engine = self.engine
+            self.notice_hold = engine.loop.call_later(
+                engine.upstream_drain_timeout, self._hold_over
+            )
+        self.cluster.drain_noticed(host, held=self.notice_hold is not None)
         self.retire()
 
     def _hold_over(self) -> None:
         """``timeouts.upstreamDrain`` passed since the drain notice and the upstream did not
         close the connection: the engine does, once nothing is in flight."""
-        self.noticed = None
+        self.notice_hold = None
         self.cluster.drain_ended(self.host)
         self.cluster.closed_by("drain_timeout")
         self._close_if_idle()
@@ -2105,9 +2116,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _finish_close(self, error: ErrorType, message: str) -> None:
         if self in self.engine.upstreams:
             self.cluster.connections -= 1
-        if self.noticed is not None:
-            self.noticed.cancel()
-            self.noticed = None
+        if self.notice_hold is not None:
+            self.notice_hold.cancel()
+            self.notice_hold = None
             self.cluster.drain_ended(self.host)
         self._opened()
         self.closed = True

@@ -241,6 +241,8 @@ class KVServer(asyncio.Protocol):
         if self.owner.refusing:  # a server that announced its drain: new connections closed
             self.transport.close()
             return
+        if self.owner.greeting:
+            self.transport.write(self.owner.greeting)
         if self.owner.reading_paused:  # uvloop starts reading after connection_made returns
             asyncio.get_running_loop().call_soon(self.transport.pause_reading)
 
@@ -274,6 +276,8 @@ class Upstream:
         self.reading_paused = False
         #: New connections are closed at once (a server shutting down, as Dubbo's does).
         self.refusing = False
+        #: Sent on each new connection as it is accepted (``b""``: nothing).
+        self.greeting = b""
         self.pong = asyncio.Event()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.server: asyncio.Server | None = None

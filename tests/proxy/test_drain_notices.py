@@ -161,6 +161,29 @@ def test_with_every_endpoint_draining_requests_still_go_to_one() -> None:
     run(main())
 
 
+def test_an_upstream_that_notices_every_connection_holds_one() -> None:
+    """An upstream that sends its notice on every connection it accepts (the only endpoint,
+    so it is still picked): every request is answered, each on a new connection, and only
+    one connection is held open for the drain; the others close once their request is
+    answered, rather than one per request held for ``timeouts.upstreamDrain``."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        a.greeting = NOTICE
+        async with engine_for(mesh([(a.port, "v1")], **SHARED)) as engine:
+            c = await Client.connect(address(engine))
+            assert await served_by(c, 20) == ["a"] * 20
+            assert a.accepted == 20
+            await until(lambda: len(engine.upstreams) == 1, "one connection held")
+            assert notices(engine, "upstream") == 20
+            (held,) = engine.upstreams
+            assert held.notice_hold is not None
+            c.close()
+        await a.close()
+
+    run(main())
+
+
 def test_a_heartbeat_is_no_notice_and_a_codec_without_notices_ignores_them() -> None:
     """A PING is answered as before; the notice's bytes sent to a codec that declares no
     drain notice are a heartbeat needing no reply, nothing more."""
