@@ -78,20 +78,27 @@ _RETRY_CONDITIONS = {
 #: Why a new connection is refused (closed at once, cleanly); ``rate_limited`` (a listener's
 #: ``connectionRateLimit``) has its series only where that is configured.
 REJECT_REASONS = ("max_connections", "overload", "draining", "codec_error")
-#: Why the engine closes an open client connection (``..._closed_total{reason}``):
-#: ``idle`` nothing in flight nor received for ``timeouts.idle``; ``frame_timeout`` a frame
-#: not complete within ``timeouts.frame``; ``write_timeout`` unsent replies above
-#: ``limits.connectionBufferBytes`` for ``timeouts.write``; ``write_overflow`` a reply would
-#: take them past ``limits.connectionBufferMaxBytes``; ``overload`` a partial frame growing
-#: past ``limits.connectionBufferBytes`` while the process is over its buffer budget;
-#: ``write_abandoned`` a close (for any reason, the client's half-close included) whose
-#: replies the client had not all taken ``timeouts.write`` later: reset (a close waits for
-#: what is unsent, which for a client that reads nothing is forever); ``unanswerable`` a frame
-#: the codec refused without its request id; ``codec_error`` the codec raised an exception
-#: other than ``CodecError`` (a bug in it, see ``codec_bugs``): both read nothing more and close
-#: once the requests in flight are answered.
+#: A client connection with nothing in flight that has been quiet this long (seconds) is
+#: closed, where the engine wants it gone but serves it meanwhile: the first half of a hot
+#: restart's drain (its client reconnects, to the successor), a listener's
+#: ``maxConnectionDuration`` (to another replica, maybe).
+QUIET_CLOSE = 1.0
+
+#: Why the engine closes an open client connection (``..._closed_total{reason}``): ``idle`` nothing
+#: in flight nor received for ``timeouts.idle``; ``max_connection_duration`` older than its
+#: listener's ``maxConnectionDuration``; ``frame_timeout`` a frame not complete within
+#: ``timeouts.frame``; ``write_timeout`` unsent replies above ``limits.connectionBufferBytes`` for
+#: ``timeouts.write``; ``write_overflow`` a reply would take them past
+#: ``limits.connectionBufferMaxBytes``; ``overload`` a partial frame growing past
+#: ``limits.connectionBufferBytes`` while the process is over its buffer budget; ``write_abandoned``
+#: a close (for any reason, the client's half-close included) whose replies the client had not all
+#: taken ``timeouts.write`` later: reset (a close waits for what is unsent, which for a client that
+#: reads nothing is forever); ``unanswerable`` a frame the codec refused without its request id;
+#: ``codec_error`` the codec raised an exception other than ``CodecError`` (a bug in it, see
+#: ``codec_bugs``): both read nothing more and close once the requests in flight are answered.
 CLOSE_REASONS = (
     "idle",
+    "max_connection_duration",
     "frame_timeout",
     "write_timeout",
     "write_overflow",
@@ -154,6 +161,8 @@ class ListenerRuntime:
         self._unrouted = Target("", None, 0, stats, name, "")
         #: Drain notices sent to its clients (made on first use: most codecs have none).
         self._notices: Counter | None = None
+        #: ``maxConnectionDuration`` in seconds (``None``: connections never age).
+        self.max_duration: float | None = None
         self._skipped: dict[str, Counter] = {}
         self._filter_errors: dict[str, Counter] = {}
         self._retries: dict[tuple[str, str], Counter] = {}
@@ -288,6 +297,7 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "_route",
         "_source_ip",
+        "aged",
         "authz",
         "blocked",
         "blocked_since",
@@ -319,6 +329,7 @@ class Downstream(asyncio.Protocol):
         "reading_paused",
         "reads",
         "seen",
+        "since",
         "streams",
         "streams_over",
         "transport",
@@ -376,6 +387,10 @@ class Downstream(asyncio.Protocol):
         # Clocks read by the engine's housekeeping sweep (no timer per connection).
         self.seen = False
         self.last_seen = 0.0
+        #: When it was accepted, and when it reached its listener's ``maxConnectionDuration``
+        #: (0: not yet; see :meth:`_age`).
+        self.since = 0.0
+        self.aged = 0.0
         self.partial_since = 0.0
         self.paused_since = 0.0
         #: Requests filters hold now (made on the first hold): cancelled if the client leaves.
@@ -438,7 +453,7 @@ class Downstream(asyncio.Protocol):
         engine.downstreams.add(self)
         listener.accepted.value += 1
         listener.active.value += 1
-        self.last_seen = engine.loop.time()
+        self.last_seen = self.since = engine.loop.time()
         if listener.authz is not None:
             self.authz = listener.authz.judge(transport)
         if engine.access_log is not None:
@@ -709,6 +724,8 @@ class Downstream(asyncio.Protocol):
                 self.shut("frame_timeout")
             elif not self.held and now - self.last_seen > engine.idle_timeout:
                 self.shut("idle")
+            elif self.listener.max_duration is not None:
+                self._age(now, self.listener.max_duration)
         elif (
             self.closing_since
             and now - self.closing_since > engine.write_timeout
@@ -722,6 +739,28 @@ class Downstream(asyncio.Protocol):
             sweep_streams(self, now)
         self._account_unsent()
         return self.held + self.unsent + self.inflight_bytes
+
+    def _age(self, now: float, max_duration: float) -> None:
+        """Its listener's ``maxConnectionDuration`` (sweep): once the connection is that old,
+        its client is sent the codec's drain notice, and it is served on until it has had
+        nothing in flight and been quiet for :data:`QUIET_CLOSE` seconds, then closed (its
+        client's next connection may reach another replica). A client that never pauses is
+        drained as on a shutdown ``timeouts.drain`` after the notice: its new requests get
+        ``ShuttingDown`` and the connection closes as soon as nothing is in flight (a request
+        it has on its way then is not read: the client sees the connection close)."""
+        if self.draining:
+            return
+        if not self.aged:
+            if now - self.since < max_duration:
+                return
+            self.aged = now
+            self.notify_drain()
+        if not self.inflight and not self.held and now - self.last_seen >= QUIET_CLOSE:
+            self.listener.closed_by["max_connection_duration"].value += 1
+            self.close()
+        elif now - self.aged >= self.engine.config.proxy.timeouts.drain:
+            self.listener.closed_by["max_connection_duration"].value += 1
+            self.start_drain()
 
     # -- the hot path --------------------------------------------------------------------------
 

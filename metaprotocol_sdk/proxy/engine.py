@@ -36,7 +36,7 @@ from .config.models import (
 )
 from .deadlines import Deadlines
 from .detection import Detecting, attach_detection, detecting
-from .downstream import Downstream, ListenerRuntime, Refused
+from .downstream import QUIET_CLOSE, Downstream, ListenerRuntime, Refused
 from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .hot_restart import Inherited
 from .identity import IdentityWatch, istio_sni, server_key
@@ -67,9 +67,6 @@ TRACING_FLUSH = 2.0
 #: Longest interval of the housekeeping sweep (idle, frame, write and upstream write
 #: timeouts; overload).
 SWEEP_MAX = 1.0
-#: In the first half of a hot restart's drain, a client connection with nothing in flight
-#: that has been quiet this long (seconds) is closed (its client reconnects, to the successor).
-QUIET_CLOSE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,6 +565,7 @@ class Engine:
                 listener.name,
                 logged=config.proxy.access_log is not None,
             )
+        runtime.max_duration = listener.max_connection_duration
         if listener.connection_rate_limit is not None:
             refused = self.stats.counter(
                 "metaprotocol_downstream_connections_rejected_total",
@@ -1049,6 +1047,7 @@ class Engine:
             current.local_uris = runtime.local_uris
             current.detect = runtime.detect
             current.authz = runtime.authz
+            current.max_duration = runtime.max_duration  # open connections age by it now
             # Each open connection is judged again by the new policies at its next request.
             verdict = None if runtime.authz is None else STALE
             kept = current.accept_limit
@@ -1269,6 +1268,9 @@ class Engine:
                 shortest = min(shortest, cluster.idle_timeout)
             if cluster.max_duration is not None:
                 shortest = min(shortest, cluster.max_duration)
+        for runtime in self.listeners.values():
+            if runtime.max_duration is not None:
+                shortest = min(shortest, runtime.max_duration)
         if self.identity is not None:
             shortest = min(shortest, self.identity.interval)
         interval = min(SWEEP_MAX, max(0.02, shortest / 4))

@@ -28,7 +28,7 @@ from proxy_kit import (
     until,
 )
 
-from metaprotocol_sdk import Metadata
+from metaprotocol_sdk import ConfigError, Metadata
 from metaprotocol_sdk.examples.kv import build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.upstream import AvoidUnfit
@@ -345,6 +345,96 @@ def test_a_codec_whose_notice_methods_raise_is_reported_and_the_drain_goes_on(
         assert error_type(await asyncio.wait_for(slow, 5)) is None
         await stopping
         assert busy.notices == [] and notices(engine, "downstream") == 0
+        await a.close()
+
+    run(main())
+
+
+def aged(text: str, duration: str) -> str:
+    """``text`` with its listener's ``maxConnectionDuration``."""
+    return text.replace(
+        "bind: '127.0.0.1:0'}", f"bind: '127.0.0.1:0', maxConnectionDuration: {duration}}}", 1
+    )
+
+
+def test_an_old_connection_is_noticed_then_closed_once_quiet() -> None:
+    """Past its listener's ``maxConnectionDuration`` a client is sent the drain notice, is
+    served on (a request after the notice is answered), and its connection closes once
+    quiet; counted. Its next connection is served as usual."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        async with engine_for(aged(mesh([(a.port, "v1")], **SHARED), "300ms")) as engine:
+            c = await watcher(engine)
+            await served_by(c, 1)
+            await until(lambda: c.notices, "the notice sent")
+            assert await served_by(c, 1) == ["a"]  # still served
+            await asyncio.wait_for(c.closed, 5)
+            closed = engine.stats.total(
+                "metaprotocol_downstream_connections_closed_total",
+                reason="max_connection_duration",
+            )
+            assert closed == 1 and notices(engine, "downstream") == 1
+            assert error_type(await (await Client.connect(address(engine))).call()) is None
+        await a.close()
+
+    run(main())
+
+
+def test_an_old_connection_that_never_pauses_drains_after_timeouts_drain() -> None:
+    """A client that sends without pause and ignores the notice: ``timeouts.drain`` after
+    the notice, its connection drains as on a shutdown and closes (the client sees
+    ``ShuttingDown``, or the close when it had a request on its way); every request the
+    engine read is answered and counted. A codec without a notice (KV) is closed the same
+    way, with none."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        for codec, noticed in ((SHARED, True), ({}, False)):
+            text = aged(
+                mesh([(a.port, "v1")], proxy="timeouts: {drain: 500ms}\n", **codec), "200ms"
+            )
+            async with engine_for(text) as engine:
+                c = await watcher(engine)
+                errors: list[str | None] = []
+                while not errors or errors[-1] is None:  # calls without pause
+                    try:
+                        errors.append(error_type(await c.call()))
+                    except ConnectionResetError:  # its next request was on its way
+                        break
+                await asyncio.wait_for(c.closed, 5)
+                assert errors[-1] in (None, "ShuttingDown"), errors
+                assert set(errors[:-1]) == {None}
+                assert bool(c.notices) is noticed
+                answered = engine.stats.total("metaprotocol_requests_total")
+                shut = engine.stats.total("metaprotocol_local_replies_total", type="ShuttingDown")
+                assert answered + shut == len(errors)  # the stats agree with the client
+        await a.close()
+
+    run(main())
+
+
+def test_max_connection_duration_is_read_and_a_reload_ages_open_connections() -> None:
+    """``maxConnectionDuration``: ``0s`` is off; a bad value names the field; a reload that
+    sets it applies to a connection already open (aged from its accept)."""
+    a_port = 9  # never connected to: only the configuration is read
+    text = mesh([(a_port, "v1")], **SHARED)
+    (listener,) = loads_config(aged(text, "0s"), "t.yaml").proxy.listeners
+    assert listener.max_connection_duration is None
+    (listener,) = loads_config(aged(text, "90s"), "t.yaml").proxy.listeners
+    assert listener.max_connection_duration == 90.0
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.maxConnectionDuration"):
+        loads_config(aged(text, "soon"), "t.yaml")
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        text = mesh([(a.port, "v1")], **SHARED)
+        async with engine_for(text) as engine:
+            c = await watcher(engine)
+            await served_by(c, 1)
+            await engine.apply(loads_config(aged(text, "200ms"), "t.yaml"))
+            await until(lambda: c.notices, "the open connection noticed")
+            await asyncio.wait_for(c.closed, 5)
         await a.close()
 
     run(main())

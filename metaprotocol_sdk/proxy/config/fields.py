@@ -484,7 +484,9 @@ WORKLOAD = fields(
     "labels",
     "locality",
 )
-LISTENER = fields("host", "port", "bind", "filters", "tls", "connectionRateLimit")
+LISTENER = fields(
+    "host", "port", "bind", "filters", "tls", "connectionRateLimit", "maxConnectionDuration"
+)
 #: A listener's ``connectionRateLimit``: Envoy's listener filter ``local_ratelimit``.
 CONNECTION_RATE_LIMIT = fields("tokenBucket")
 #: A listener's ``tls``: Istio Gateway ``ServerTLSSettings`` field names.

@@ -1455,9 +1455,9 @@ def _connection_pool(doc: _Doc, policy: Mapping[str, Any], path: str) -> Connect
 
 
 def _tcp_limit(doc: _Doc, tcp: Mapping[str, Any], key: str, path: str) -> float | None:
-    """``tcp.maxConnectionDuration`` or ``tcp.idleTimeout`` in seconds: ``0s`` (or absent) is
-    off (``None``), as in Istio; otherwise at least 1 ms (Istio's minimum) and at most
-    10 000 years (as any duration)."""
+    """``tcp.maxConnectionDuration`` or ``tcp.idleTimeout`` (or a listener's
+    ``maxConnectionDuration``) in seconds: ``0s`` (or absent) is off (``None``), as in Istio;
+    otherwise at least 1 ms (Istio's minimum) and at most 10 000 years (as any duration)."""
     value = doc.get(tcp, key, f"{path}.{key}")
     if value is None:
         return None
@@ -2365,6 +2365,7 @@ def _proxy(
                 tls,
                 _connection_rate_limit(doc, raw, path),
                 mode,
+                _tcp_limit(doc, raw, "maxConnectionDuration", path),  # 0s: off, as Envoy's
             )
         )
     if peer is not None and identity is not None:

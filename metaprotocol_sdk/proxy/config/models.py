@@ -755,6 +755,9 @@ class Listener:
     #: by the connection's first bytes; ``DISABLE``: plain text only). ``None``: not governed
     #: by one (its own ``tls``, or no identity: plain TCP as always).
     peer_mode: PeerMode | None = None
+    #: ``maxConnectionDuration``: a client connection this old is sent its codec's drain
+    #: notice and closed once quiet (Envoy's ``max_connection_duration``); ``None``: never.
+    max_connection_duration: float | None = None
 
     @property
     def name(self) -> str:
