@@ -81,6 +81,8 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 # The PeerAuthentication mode it follows (None: its own tls, or no identity).
                 "peerAuthentication": listener.peer_mode,
                 "connectionRateLimit": plain(listener.connection_rate_limit),
+                # Seconds after which a client connection is noticed and closed once quiet.
+                "maxConnectionDuration": listener.max_connection_duration,
                 "localRateLimit": plain(
                     getattr(engine.config.routers.get(listener.host), "local_rate_limit", None)
                 ),

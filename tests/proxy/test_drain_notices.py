@@ -433,6 +433,9 @@ def test_max_connection_duration_is_read_and_a_reload_ages_open_connections() ->
             c = await watcher(engine)
             await served_by(c, 1)
             await engine.apply(loads_config(aged(text, "200ms"), "t.yaml"))
+            assert engine.admin_address is not None
+            _, body = await http_get(engine.admin_address, "/config_dump")
+            assert json.loads(body)["listeners"][0]["maxConnectionDuration"] == 0.2
             await until(lambda: c.notices, "the open connection noticed")
             await asyncio.wait_for(c.closed, 5)
         await a.close()
