@@ -266,9 +266,11 @@ class KVCodec(Codec):
         return None
 
     def drain_notice(self) -> bytes:
+        """A pong with a ``goaway`` header: one heartbeat that needs no reply."""
         return _DRAIN_NOTICE
 
     def is_drain_notice(self, metadata: Metadata) -> bool:
+        """A pong with ``goaway`` only: never a ping or a plain pong (keep-alives)."""
         return metadata.codec_state == PONG and GOAWAY in metadata.attributes
 
 
