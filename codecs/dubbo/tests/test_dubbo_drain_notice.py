@@ -8,7 +8,7 @@ import json
 import subprocess
 
 import pytest
-from dubbo_harness import PEERS_DIR, TIMEOUT, PeerMissing, node_env
+from dubbo_harness import PEERS_DIR, TIMEOUT, LineProcess, PeerMissing, Relay, node_env
 from metaprotocol_dubbo import DubboCodec, heartbeat_request
 from metaprotocol_dubbo.codec import DRAIN_NOTICE, READONLY_BODY
 from metaprotocol_dubbo.frames import build_request, build_response
@@ -20,6 +20,7 @@ from metaprotocol_sdk import (
     LocalError,
     MessageType,
     Metadata,
+    ResponseStatus,
     UnsupportedError,
     join_encoded,
 )
@@ -166,3 +167,40 @@ def test_dubbo_remoting_s_read_only_event_is_recognised_as_a_notice() -> None:
     assert DubboCodec().heartbeat_reply(message) is None
     # The same bytes as ours but for the id.
     assert frame[:4] + frame[12:] == DRAIN_NOTICE[:4] + DRAIN_NOTICE[12:]
+
+
+# -- the notice written to real consumers over 127.0.0.1 (neither honours it) ------------------
+
+
+def _call_connection(relay: Relay, consumer: LineProcess, name: str) -> int:
+    """Call sayHello(name) through the relay; the relayed connection it went over."""
+    assert consumer.call(method="sayHello", args=[name]).get("result") == f"Hello {name}"
+    return relay.wait_for(
+        lambda s: s.direction == "down" and s.metadata.operation_name == "sayHello"
+    ).connection
+
+
+def test_dubbo_ssl_python_answers_the_notice_as_a_heartbeat_and_goes_on(
+    relay: Relay, python_consumer: LineProcess
+) -> None:
+    connection = _call_connection(relay, python_consumer, "before")
+    relay.write_downstream(DRAIN_NOTICE, connection)
+    reply = relay.wait_for(
+        lambda s: s.direction == "down" and s.metadata.message_type is MessageType.Heartbeat
+    ).metadata
+    # Any event request is a heartbeat request to it: a heartbeat response with the id (0).
+    assert reply.request_id == 0 and reply.response_status is ResponseStatus.Ok
+    assert not DubboCodec().is_drain_notice(reply) and DubboCodec().heartbeat_reply(reply) is None
+    assert _call_connection(relay, python_consumer, "after") == connection  # not drained
+    assert not relay.errors
+
+
+def test_sofa_rpc_node_ignores_the_notice(relay: Relay, node_consumer: LineProcess) -> None:
+    connection = _call_connection(relay, node_consumer, "before")
+    relay.write_downstream(DRAIN_NOTICE, connection)
+    # Its client connection listens for responses only: the notice is dropped unanswered and
+    # the next call goes over the same connection.
+    assert _call_connection(relay, node_consumer, "after") == connection
+    from_consumer = [s.metadata.message_type for s in relay.seen if s.direction == "down"]
+    assert MessageType.Heartbeat not in from_consumer
+    assert not relay.errors
