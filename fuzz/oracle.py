@@ -14,7 +14,8 @@ Every rule here is one the engine relies on (docs/fuzzing.md lists them). A brok
 * What the engine then does with a decoded message does not crash: ``encode`` with no change
   gives the frame back, a new request id or a header mutation gives a frame that decodes to
   it, ``peek_reply`` agrees with ``decode`` and never raises, ``relabel`` equals ``encode``,
-  ``on_error`` and ``heartbeat_reply`` answer.
+  ``on_error`` and ``heartbeat_reply`` answer, ``is_drain_notice`` answers for a heartbeat,
+  and a drain notice gets no heartbeat reply.
 """
 
 from __future__ import annotations
@@ -188,11 +189,13 @@ def _check_message(
             if not reply:
                 raise Violation("empty-error-reply", "on_error returned an empty reply")
         elif kind is MessageType.Heartbeat and caps.heartbeat:
-            codec.heartbeat_reply(md)
+            reply = codec.heartbeat_reply(md)
+            if caps.drain_notice and codec.is_drain_notice(md) and reply is not None:
+                raise Violation("notice-answered", "heartbeat_reply answers a drain notice")
     except Violation:
         raise
-    except Exception as exc:  # the engine calls both unguarded
-        raise crash("on_error/heartbeat_reply", exc) from None
+    except Exception as exc:  # the engine calls them unguarded
+        raise crash("on_error/heartbeat_reply/is_drain_notice", exc) from None
 
 
 def _reencode(

@@ -19,6 +19,10 @@ purpose, but it is a complete codec: it frames, refuses oversized lengths before
 writes mutations into the headers without touching the body, rewrites request ids and builds
 error replies.
 
+A pong whose headers carry ``goaway`` is the drain notice: the sender is closing the
+connection, and the receiver sends no new requests on it (those sent are still answered). It
+needs no reply, and a peer that does not know it reads an unsolicited pong and ignores it.
+
 Streams: a client opens one with a stream-open frame (routed by its headers, as a request),
 then either side sends stream-data frames with the same id; each side ends its half with a
 half-close, and either may end both halves at once with a close. An error frame with the
@@ -67,6 +71,8 @@ HEADER = compile_header(
 HEADER_SIZE = 16
 REQUEST, RESPONSE, ONEWAY, PING, PONG, ERROR = range(6)
 STREAM_OPEN, STREAM_DATA, STREAM_HALF_CLOSE, STREAM_CLOSE = range(6, 10)
+#: The header that makes a pong the drain notice (its value is free text, a reason).
+GOAWAY = "goaway"
 
 _KIND_TO_TYPE = {
     REQUEST: MessageType.Request,
@@ -147,6 +153,7 @@ class KVCodec(Codec):
         error_reply=True,
         peek_reply=True,
         streaming=True,
+        drain_notice=True,
     )
     max_request_id = 0xFFFFFFFF  # unsigned 32-bit id field
 
@@ -257,3 +264,15 @@ class KVCodec(Codec):
         if metadata.codec_state == PING:
             return build_frame(PONG, metadata.request_id)
         return None
+
+    def drain_notice(self) -> bytes:
+        """A pong with a ``goaway`` header: one heartbeat that needs no reply."""
+        return _DRAIN_NOTICE
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        """A pong with ``goaway`` only: never a ping or a plain pong (keep-alives)."""
+        return metadata.codec_state == PONG and GOAWAY in metadata.attributes
+
+
+#: A pong with a ``goaway`` header, id 0 (it answers no ping).
+_DRAIN_NOTICE = build_frame(PONG, 0, {GOAWAY: "draining"})

@@ -20,8 +20,10 @@ File format (YAML)::
 
 ``expect`` keys: ``message_type``, ``response_status``, ``stream_type`` (enum names),
 ``request_id``, ``stream_id``, ``header_size``, ``body_size``, ``size`` (integers),
-``operation_name`` (string), ``attributes`` (subset match, case-insensitive keys) and
-``error`` (a :class:`~metaprotocol_sdk.errors.CodecError` class name).
+``operation_name`` (string), ``attributes`` (subset match, case-insensitive keys),
+``drain_notice`` (true for the peer's drain notice, :meth:`Codec.is_drain_notice`; a message
+without it must not be one) and ``error`` (a :class:`~metaprotocol_sdk.errors.CodecError`
+class name).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ _ENUMS: dict[str, Any] = {
     "stream_type": StreamType,
 }
 _INTS = ("request_id", "stream_id", "header_size", "body_size", "size")
-EXPECT_KEYS = frozenset({*_ENUMS, *_INTS, "operation_name", "attributes", "error"})
+EXPECT_KEYS = frozenset({*_ENUMS, *_INTS, "operation_name", "attributes", "drain_notice", "error"})
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,12 @@ def parse_golden(document: Any, *, source: str = "<golden>") -> GoldenFile:
                     source=where,
                     field=f"expect.{key}",
                 )
+        if not isinstance(expect.get("drain_notice", False), bool):
+            raise ConfigError(
+                f"must be true or false, got {expect['drain_notice']!r}",
+                source=where,
+                field="expect.drain_notice",
+            )
         vector_options = raw.get("options") or {}
         vectors.append(
             Sample(

@@ -214,6 +214,18 @@ def test_heartbeat_and_oneway() -> None:
     assert kv(PONG, 1)  # builder covers every kind
 
 
+def test_drain_notice_is_a_pong_with_goaway_and_only_that_pong_is_one() -> None:
+    codec = KVCodec()
+    notice = codec.decode(bytearray(codec.drain_notice()))
+    assert isinstance(notice, Metadata) and notice.message_type is MessageType.Heartbeat
+    assert codec.heartbeat_reply(notice) is None  # never answered
+    assert codec.is_drain_notice(notice)
+    assert codec.is_drain_notice(codec.decode(bytearray(kv(PONG, 8, {"goaway": "bye"}))))
+    for frame in (kv(PING, 8), kv(PONG, 8), kv(PING, 8, {"goaway": "x"}), REQ, RESP):
+        message = codec.decode(bytearray(frame))
+        assert isinstance(message, Metadata) and not codec.is_drain_notice(message)
+
+
 def test_instances_do_not_share_state() -> None:
     a, b = KVCodec(max_frame_size=100), KVCodec()
     assert a.max_frame_size != b.max_frame_size

@@ -18,12 +18,13 @@ from fuzz.hessian_oracle import check_hessian
 from fuzz.minimize import kind_of, minimize
 from fuzz.oracle import Violation, check_codec
 from metaprotocol_sdk.codec import NEED_DATA, Codec, Encoded, NeedData
-from metaprotocol_sdk.examples.kv import REQUEST, RESPONSE, KVCodec, build_frame
+from metaprotocol_sdk.examples.kv import GOAWAY, PONG, REQUEST, RESPONSE, KVCodec, build_frame
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
 GET = build_frame(REQUEST, 1, {"method": "get", "key": "k"}, b"body")
 REPLY = build_frame(RESPONSE, 1, {"status": "ok"}, b"value")
 BAD_VERSION = b"KV\x09" + GET[3:]
+NOTICE = build_frame(PONG, 3, {GOAWAY: "bye", "x": "1"})
 
 
 class ConsumesOnError(KVCodec):
@@ -95,6 +96,16 @@ class PeekOffByOne(KVCodec):
         return None if head is None else (head[0], head[1] + 1, head[2])
 
 
+class NoticeKeyError(KVCodec):
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return bool(metadata.attributes.to_dict()["reason"])  # KeyError: no "reason"
+
+
+class AnswersNotice(KVCodec):
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        return build_frame(PONG, metadata.request_id)  # pongs, the notice among them, too
+
+
 class Hangs(KVCodec):
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         while buffer[:2] == b"ZZ":
@@ -129,6 +140,8 @@ def rule_of(codec: Callable[[], Codec], data: bytes, bounds: Bounds | None = Non
         (KeepsExistingKeys, GET, "reencode-lost-mutation"),
         (Reserialises, GET, "encode-not-identity"),
         (PeekOffByOne, REPLY, "peek-disagrees"),
+        (NoticeKeyError, NOTICE, "crash"),
+        (AnswersNotice, NOTICE, "notice-answered"),
     ],
 )
 def test_each_codec_rule_catches_its_planted_bug(

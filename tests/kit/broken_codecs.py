@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import struct
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from metaprotocol_sdk import (
@@ -363,6 +364,8 @@ class PongForPong(_Broken):
     catches = "heartbeat_reply"
 
     def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        if self.is_drain_notice(metadata):
+            return None  # (answering the drain notice, a pong too, is drain_notice_heartbeat's)
         return build_frame(kv.PONG, metadata.request_id)  # the fault: a pong gets one too
 
 
@@ -929,6 +932,71 @@ class TooLargeResetOfNoStream(ResetsStreams, _Broken):
             raise
 
 
+class NoticeNeedsReply(_Broken):
+    """Sends a ping carrying ``goaway`` as its drain notice: the peer answers it with a pong,
+    on a connection that is closing."""
+
+    catches = "drain_notice_heartbeat"
+
+    def drain_notice(self) -> bytes:
+        return build_frame(kv.PING, 0, {kv.GOAWAY: "draining"})  # the fault: a ping
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return metadata.codec_state in (kv.PING, kv.PONG) and kv.GOAWAY in metadata.attributes
+
+
+class NoticeWithLastId(_Broken):
+    """Builds its drain notice with the id of the last message it decoded: the notice
+    depends on parse state, so an engine that builds it on another instance sends other
+    bytes."""
+
+    catches = "drain_notice_stateless"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._last_id = 0
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata):
+            self._last_id = result.request_id  # the fault: state the notice reads
+        return result
+
+    def drain_notice(self) -> bytes:
+        return build_frame(kv.PONG, self._last_id, {kv.GOAWAY: "draining"})
+
+
+class EveryPongANotice(_Broken):
+    """Takes every pong for a drain notice: an engine retires each upstream connection at
+    the first answer to its keep-alive."""
+
+    catches = "drain_notice_only_notices"
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return bool(metadata.codec_state == kv.PONG)  # the fault: no look at the goaway header
+
+
+class NoticeWithoutHeartbeat(_Broken):
+    """Declares a drain notice but not heartbeats, which the notice is one of."""
+
+    catches = "drain_notice_needs_heartbeat"
+    capabilities = replace(KVCodec.capabilities, heartbeat=False)  # the fault
+
+
+class UndeclaredNotice(_Broken):
+    """Builds and recognises a drain notice (its own, a pong saying ``closing``) but does not
+    declare it: engines never send it and never honour a peer's."""
+
+    catches = "drain_notice_declared"
+    capabilities = replace(KVCodec.capabilities, drain_notice=False)  # the fault
+
+    def drain_notice(self) -> bytes:
+        return build_frame(kv.PONG, 0, {"closing": "1"})
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return metadata.codec_state == kv.PONG and "closing" in metadata.attributes
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -966,6 +1034,13 @@ ONLY_ONE: list[type[_Broken]] = [
     PeekBodyLength16,
     # Mutation keys are any text.
     KeyLengthInCharacters,
+    # The drain notice: built from no state, a heartbeat needing no reply, declared with
+    # heartbeats, recognised for itself only.
+    NoticeNeedsReply,
+    NoticeWithLastId,
+    EveryPongANotice,
+    NoticeWithoutHeartbeat,
+    UndeclaredNotice,
 ]
 
 BROKEN: list[type[_Broken]] = [

@@ -44,6 +44,7 @@ def test_golden_file_parses_hex_with_whitespace_and_options(tmp_path: Path) -> N
         (_golden("{message_type: Request}", "zz"), "not valid hex"),
         (_golden("{message_type: Requets}"), "is not one of"),
         (_golden("{method: get}"), "unknown keys ['method']"),
+        (_golden("{drain_notice: yes please}"), "expect.drain_notice: must be true or false"),
         ("codec: kv\nvectors:\n  - name: x\n", "hex"),
         ("- just a list", "a golden file is a mapping"),
         ("codec: [unclosed", "not valid YAML"),
@@ -54,6 +55,11 @@ def test_golden_file_errors_name_the_problem(text: str, complaint: str) -> None:
         load_golden_text(text, source="g.yaml")
     assert complaint in str(info.value)
     assert "g.yaml" in str(info.value)
+
+
+def test_golden_vectors_say_which_are_drain_notices() -> None:
+    golden = load_golden_text(_golden("{message_type: Request, drain_notice: false}"))
+    assert golden.vectors[0].expect["drain_notice"] is False
 
 
 def test_expectations_match_subset_of_attributes_case_insensitively() -> None:

@@ -32,6 +32,17 @@ def test_undeclared_capabilities_skip_with_a_written_reason() -> None:
     assert all(r.reason for r in report.results if r.outcome is Outcome.skipped)
 
 
+def test_a_drain_notice_switched_off_by_a_subclass_skips_with_a_reason() -> None:
+    # NoMutationKV's own capabilities leave out the notice KVCodec implements: switched off,
+    # not forgotten (UndeclaredNotice in broken_codecs is the forgotten flag, which fails).
+    result = run_check(CodecTarget.discover(NoMutationKV), "drain_notice_declared")
+    assert result.outcome is Outcome.skipped
+    assert "set in NoMutationKV, switch off the drain notice it inherits" in result.reason
+    assert "drain_notice (from KVCodec)" in result.reason
+    for name in ("drain_notice_heartbeat", "drain_notice_only_notices"):
+        assert run_check(CodecTarget.discover(NoMutationKV), name).outcome is Outcome.skipped
+
+
 def test_known_failure_that_still_fails_is_xfailed_and_run_passes() -> None:
     target = CodecTarget.discover(
         DropsRequestIdInErrorReply,

@@ -401,5 +401,9 @@ class Relay:
 
     def heartbeat_downstream(self, index: int = -1, request_id: int = 78) -> None:
         """Send a heartbeat request to the consumer on a relayed connection."""
+        self.write_downstream(heartbeat_request(request_id), index)
+
+    def write_downstream(self, data: bytes, index: int = -1) -> None:
+        """Write ``data`` to the consumer on a relayed connection, as the provider would."""
         with self._write_locks[index][0]:
-            self.downstreams[index].sendall(heartbeat_request(request_id))
+            self.downstreams[index].sendall(data)

@@ -81,6 +81,7 @@ def test_capabilities() -> None:
     caps = DubboCodec.capabilities
     assert caps.heartbeat and caps.oneway and caps.mutation and caps.response_mutation
     assert caps.rewrite_request_id and caps.error_reply and not caps.streaming
+    assert caps.drain_notice
     assert DubboCodec().max_frame_size == DEFAULT_MAX_FRAME_SIZE
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from metaprotocol_sdk.examples.kv import (
     ERROR,
+    GOAWAY,
     HEADER,
     ONEWAY,
     PING,
@@ -53,8 +54,11 @@ def _message(draw: st.DrawFn) -> Sample:
     headers = {k: v for k, v in headers.items() if k.lower() == k}
     if kind in (REQUEST, ONEWAY, STREAM_OPEN) and draw(st.booleans()):
         headers["method"] = draw(_keys)
+    if kind == PONG and draw(st.booleans()):
+        headers[GOAWAY] = draw(_values)  # the drain notice
     body = b"" if kind in (PING, PONG) else draw(st.binary(max_size=48))
     expect = {"message_type": _TYPES[kind], "request_id": request_id, "body_size": len(body)}
+    expect["drain_notice"] = kind == PONG and GOAWAY in headers
     if kind >= STREAM_OPEN:  # a stream's frames carry its id (never 0) in the id field
         request_id = max(request_id, 1)
         expect.update(request_id=request_id, stream_id=request_id, stream_type="BidiStream")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import bad_input, combined, framing, linear, perf, replies, roundtrip, state
+from . import bad_input, combined, drain, framing, linear, perf, replies, roundtrip, state
 from .base import REGISTRY, Check, CheckContext, CheckFailed, CheckSkipped
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "CheckSkipped",
     "bad_input",
     "combined",
+    "drain",
     "framing",
     "linear",
     "perf",

@@ -435,6 +435,7 @@ class DubboCodec(Codec):
         rewrite_request_id=True,
         error_reply=True,
         peek_reply=True,
+        drain_notice=True,
     )
     max_request_id = 0x7FFFFFFFFFFFFFFF  # Java long: Dubbo's 64-bit id is signed
     #: ``__init__``'s options (the compiled build has no signature to read them from).
@@ -574,7 +575,8 @@ class DubboCodec(Codec):
 
     def _event(self, frame: bytes, flag: int, status: int) -> _Parts:
         # Heartbeats carry a Hessian null; other events (Dubbo's read-only "R") a string.
-        # The body is not interpreted: any event is a Heartbeat for the engine.
+        # The body is not interpreted here: any event is a Heartbeat for the engine, and
+        # is_drain_notice looks at the body of a short one-way event only when asked.
         state: RequestState | ResponseState
         if flag & FLAG_REQUEST:
             response_status = _UNKNOWN
@@ -1069,6 +1071,55 @@ class DubboCodec(Codec):
             return None  # one-way events (Dubbo's read-only notice) expect no answer
         flag = FLAG_EVENT | (state.flag & SERIALIZATION_MASK)
         return build_header(flag, _OK, metadata.request_id, 1) + _NULL_BODY
+
+    # -- drain notice --------------------------------------------------------------------------
+
+    def drain_notice(self) -> bytes:
+        """Dubbo's read-only event, which a provider sends each consumer when it shuts down
+        gracefully: a one-way event request whose body is the Hessian string ``"R"``. Apache
+        Dubbo consumers mark the connection read-only and send new calls to other providers."""
+        return DRAIN_NOTICE
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        """True for a read-only event: a one-way event request whose body is the Hessian
+        string ``"R"`` (in any of Hessian's encodings of it). A heartbeat (a two-way event
+        with a null body) and an event response are not."""
+        state = metadata.codec_state
+        if metadata.message_type is not MessageType.Heartbeat or not isinstance(
+            state, RequestState
+        ):
+            return False
+        frame = metadata.frame
+        if state.flag & FLAG_TWOWAY or not HEADER_SIZE < len(frame) <= _NOTICE_SIZE_MAX:
+            return False
+        body = bytes(frame[HEADER_SIZE:])
+        if body == READONLY_BODY:  # as Java's Hessian2Output and hessian.js write it
+            return True
+        try:
+            value, end = read_string(body, 0)
+        except CodecError:
+            return False
+        except _PARSE_ERRORS:
+            return False
+        return end == len(body) and value == READONLY_EVENT
+
+
+#: ``Request.READONLY_EVENT``: the data of the event a provider sends when it shuts down.
+READONLY_EVENT = "R"
+#: The read-only event's body as Hessian 2 writes ``"R"``: a compact string of length 1.
+READONLY_BODY = encode_string(READONLY_EVENT)
+#: The longest read-only event :meth:`DubboCodec.is_drain_notice` reads the body of: room for
+#: ``"R"`` written in chunks; a longer event body is not parsed (any event body could be).
+_NOTICE_SIZE_MAX = HEADER_SIZE + 16
+#: :meth:`DubboCodec.drain_notice`, as ``HeaderExchangeServer.sendChannelReadOnlyEvent``
+#: writes it: flag 0xA2 (request, event, not two-way, Hessian 2). Request id 0: a one-way
+#: event gets no reply, so its id is never matched against anything (Apache Dubbo takes the
+#: next value of its request counter, and its consumers read any id alike); a fixed id keeps
+#: the notice free of parse state. dubbo-ssl-python answers every event request with a
+#: heartbeat response, which carries this id and needs no answer itself.
+DRAIN_NOTICE = build_header(FLAG_REQUEST | FLAG_EVENT | HESSIAN2, 0, 0, len(READONLY_BODY)) + (
+    READONLY_BODY
+)
 
 
 def heartbeat_request(request_id: int) -> bytes:

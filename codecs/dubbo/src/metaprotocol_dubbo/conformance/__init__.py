@@ -4,7 +4,8 @@
 dubbo-remoting, dubbo-ssl-python) and what the codec must decode from them;
 :mod:`.strategies` generates requests and responses; :data:`MUTATION` is what the kit's
 round-trip checks write; :func:`payload` names the bytes a mutation must not touch;
-:func:`messages` adds expectations to the generated frames.
+:func:`messages` adds expectations to the generated frames (which of them are drain notices,
+Dubbo's read-only event, too).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def _expect(frame: bytes) -> Sample:
     else:
         kind = "Response" if frame[3] == 20 else "Error"
     request_id = int.from_bytes(frame[4:12], "big")
-    return Sample(frame, expect={"message_type": kind, "request_id": request_id})
+    expect: dict[str, object] = {"message_type": kind, "request_id": request_id}
+    # Dubbo's read-only event: a one-way event request whose body is the string "R".
+    expect["drain_notice"] = flag & 0xE0 == 0xA0 and frame[16:] in strategies.READONLY_BODIES
+    return Sample(frame, expect=expect)
 
 
 def messages() -> st.SearchStrategy[Sample]:

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from ..codec import heartbeat_request
 from ..frames import build_request, build_response
-from ..header import build_header
+from ..header import FLAG_EVENT, FLAG_REQUEST, FLAG_TWOWAY, HESSIAN2, build_header
+from ..hessian2 import dumps
 from ..status import ResultFlag, Status
 
 _names = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=24)
@@ -70,12 +71,50 @@ def responses(draw: st.DrawFn) -> bytes:
     )
 
 
+#: Hessian 2 encodings of the string "R", the body of Dubbo's read-only event: compact (what
+#: Java and hessian.js write), the two-byte length form, the 'S' form, an empty chunk first.
+READONLY_BODIES = (b"\x01R", b"\x30\x01R", b"S\x00\x01R", b"R\x00\x00\x01R")
+
+#: Event bodies that are not the read-only marker: null, other strings (and "R" in a list).
+_other_event_bodies = st.one_of(
+    st.just(b"N"),
+    st.sampled_from([b"\x01S", b"\x01r", b"\x02RR", b"\x00", b"\x79\x01R"]),
+    _strings.filter(lambda text: text != "R").map(dumps),
+)
+
+
+@st.composite
+def events(draw: st.DrawFn) -> bytes:
+    """An event other than a plain heartbeat request: a heartbeat reply (event response), a
+    read-only event (one-way, body "R" in any of its Hessian encodings), or an event of
+    another kind (any body, one-way or two-way, "R" in a two-way one too)."""
+    request_id = draw(st.integers(min_value=0, max_value=2**63))
+    kind = draw(st.sampled_from(["reply", "readonly", "other"]))
+    if kind == "reply":
+        status = draw(st.sampled_from([Status.OK, Status.SERVER_ERROR]))
+        return build_header(FLAG_EVENT | HESSIAN2, status.value, request_id, 1) + b"N"
+    flag = FLAG_REQUEST | FLAG_EVENT | HESSIAN2
+    if kind == "readonly":
+        body = draw(st.sampled_from(READONLY_BODIES))
+    else:
+        two_way = draw(st.booleans())
+        flag |= FLAG_TWOWAY if two_way else 0
+        body = draw(
+            st.one_of(st.sampled_from(READONLY_BODIES), _other_event_bodies)
+            if two_way
+            else _other_event_bodies
+        )
+    return build_header(flag, 0, request_id, len(body)) + body
+
+
 def messages() -> st.SearchStrategy[bytes]:
-    """Any Dubbo frame this codec handles: requests, responses and heartbeat requests."""
+    """Any Dubbo frame this codec handles: requests, responses, heartbeat requests and the
+    other events (:func:`events`)."""
     return st.one_of(
         requests(),
         responses(),
         st.integers(min_value=0, max_value=2**63).map(heartbeat_request),
+        events(),
     )
 
 

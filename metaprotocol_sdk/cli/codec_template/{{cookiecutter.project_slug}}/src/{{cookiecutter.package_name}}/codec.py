@@ -199,4 +199,20 @@ class {{ cookiecutter.__codec_class }}(Codec):
         if metadata.codec_state == Kind.PING:
             return build_frame(Kind.PONG, metadata.request_id)
         return None
+
+    # Optional: a drain notice, the message telling the peer that this connection is closing
+    # (send no new requests on it; those sent are still answered). An engine writes it to its
+    # clients when it drains, and retires an upstream connection whose peer sent it. To have
+    # one, declare ``drain_notice=True`` in ``capabilities`` (it needs ``heartbeat``) and
+    # implement both methods; the kit's ``drain_notice_*`` checks test them (mark the notices
+    # your strategy generates with ``expect={"drain_notice": True}``). A PONG carrying a
+    # ``goaway`` key, say:
+    #
+    # def drain_notice(self) -> bytes:
+    #     """A PONG with ``goaway``: one heartbeat that needs no reply, built from no state."""
+    #     return build_frame(Kind.PONG, 0, {"goaway": "draining"})
+    #
+    # def is_drain_notice(self, metadata: Metadata) -> bool:
+    #     """That PONG only: true for every PONG would retire connections at each keep-alive."""
+    #     return metadata.codec_state == Kind.PONG and "goaway" in metadata.attributes
 {%- endif %}
