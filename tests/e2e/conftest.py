@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -22,6 +23,10 @@ from metaprotocol_sdk.demo.idl import HELLO_THRIFT
 from metaprotocol_sdk.proxy import Engine, loads_config
 
 T = TypeVar("T")
+
+# The shared helpers beside this file (dubbo_kit) are importable by the tests (pytest runs in
+# importlib mode).
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 class RunningEngine:

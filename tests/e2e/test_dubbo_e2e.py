@@ -8,7 +8,6 @@ flags 0/1/2 only, so an attachment added to a response cannot be observed by the
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -20,10 +19,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from dubbo_kit import INTERFACE, Consumer, dest, route, router, version_of
 
 from metaprotocol_sdk.demo.procs import Child, node_child
 
-INTERFACE = "org.apache.dubbo.samples.basic.api.DemoService"
 MAIN, HASH, ERR, DEAD, KILL = (
     ("demoservice.dubbo.e2e", 20880),
     ("hash.dubbo.e2e", 20881),
@@ -31,58 +30,6 @@ MAIN, HASH, ERR, DEAD, KILL = (
     ("dead.dubbo.e2e", 20883),
     ("kill.dubbo.e2e", 20884),
 )
-
-
-def dest(svc: tuple[str, int], subset: str | None = None, weight: int | None = None) -> str:
-    sub = f", subset: {subset}" if subset else ""
-    line = f"\n        - destination: {{host: {svc[0]}, port: {{number: {svc[1]}}}{sub}}}"
-    return line + (f"\n          weight: {weight}" if weight is not None else "")
-
-
-def route(name: str, dests: str, match: str = "", extra: str = "") -> str:
-    when = f"\n      match: {{attributes: {{{match}}}}}" if match else ""
-    return f"\n    - name: {name}{when}{extra}\n      route:{dests}"
-
-
-def router(name: str, svc: tuple[str, int], routes: str) -> str:
-    return f"""
-apiVersion: metaprotocol.aeraki.io/v1alpha1
-kind: MetaRouter
-metadata: {{name: {name}}}
-spec:
-  hosts: [{svc[0]}]
-  routes:{routes}
----"""
-
-
-class Consumer:
-    """The sofa-rpc-node consumer (``dubbo_peer.js consumer``): one call per JSON line."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, port: int, *, wait: bool = True) -> None:
-        self.child = node_child("dubbo-consumer", "consumer", f"127.0.0.1:{port}")
-        if wait:
-            self.child.wait_ready()
-
-    def send(self, method: str, args: list[Any] | None = None, **props: str) -> int:
-        call_id = next(self._ids)
-        msg = {"id": call_id, "method": method, "args": args or [], "props": props}
-        self.child.send(json.dumps(msg | {"timeout": 5000}))
-        return call_id
-
-    def results(self, ids: list[int], timeout: float = 15) -> dict[int, dict[str, Any]]:
-        """Replies for ``ids`` (they may arrive in any order)."""
-        got: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + timeout
-        while len(got) < len(ids):
-            reply = json.loads(self.child.readline(max(0.1, deadline - time.monotonic())))
-            got[reply["id"]] = reply
-        return got
-
-    def call(self, method: str, args: list[Any] | None = None, **props: str) -> dict[str, Any]:
-        call_id = self.send(method, args, **props)
-        return self.results([call_id])[call_id]
 
 
 class Peers:
@@ -165,11 +112,6 @@ def peers(harness: ModuleType, start_engine: Any) -> Iterator[Peers]:
     p = Peers(harness, start_engine)
     yield p
     p.close()
-
-
-def version_of(reply: dict[str, Any]) -> str:
-    assert reply["ok"], reply
-    return str(reply["result"]).split(":", 1)[0]
 
 
 def within(observed: int, n: int, p: float, sigmas: float = 4.5) -> bool:
