@@ -344,6 +344,11 @@ class _AdminServer:
                     writer.write(_TIMEOUT)
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # The loop's end cancels what is left (a drained process exiting under a scrape):
+            # ended, not raised, since Python 3.11's stream callback asks a cancelled task for
+            # its exception, which raises, and the loop logs that with a traceback.
+            pass
         except Exception as exc:  # a bug here must not print a traceback per request
             log.error("admin: %s: %s", type(exc).__name__, exc)
             if not answered:

@@ -14,7 +14,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from proxy_kit import WAIT, engine_for, http_get, mesh, run
+from proxy_kit import WAIT, engine_for, http_get, mesh, run, until
 
 from metaprotocol_sdk.errors import ConfigError
 from metaprotocol_sdk.proxy import loads_config
@@ -373,3 +373,33 @@ def test_config_version_and_dump_take_linear_memory_and_time_under_a_long_key() 
     small, large = _version_peak(2_500), _version_peak(10_000)
     # Four times the size: about 4 when linear, about 16 when quadratic.
     assert large / small < 8, f"four times the size took {large / small:.1f}x the memory"
+
+
+def test_an_admin_exchange_cancelled_by_the_process_end_logs_no_traceback() -> None:
+    """A connection's task cancelled mid-exchange (the loop's shutdown cancels what is left,
+    as when a drained worker exits under a scrape): it ends quietly. Python 3.11's stream
+    callback calls ``task.exception()``, which raises for a cancelled task: the loop then
+    logged ``Exception in callback`` with a traceback."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        async with engine_for(mesh([])) as engine:
+            assert engine.admin_address is not None
+            reader, writer = await asyncio.open_connection(*engine.admin_address)
+            writer.write(b"GET /stats HTTP/1.1\r\n")  # the request's head is not complete
+            await writer.drain()
+
+            def exchanges() -> list[asyncio.Task[object]]:
+                return [t for t in asyncio.all_tasks() if "serve" in repr(t.get_coro())]
+
+            (task,) = await until(exchanges, "the exchange started")
+            task.cancel()
+            assert await reader.read() == b""  # closed
+            writer.close()
+            for _ in range(5):  # the stream callback runs after the task is done
+                await asyncio.sleep(0)
+        assert errors == []
+
+    run(main())
