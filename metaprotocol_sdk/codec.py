@@ -79,6 +79,11 @@ class Capabilities:
     #: it drains and stops sending new requests on an upstream connection that sent it.
     #: Requires ``heartbeat``: a notice decodes as a ``Heartbeat`` that needs no reply.
     drain_notice: bool = False
+    #: Builds heartbeat requests (:meth:`Codec.heartbeat_request`), so an engine can ping its
+    #: peers: keep an idle connection open past the peer's idle check, and find a connection
+    #: whose peer is gone. Requires ``heartbeat``: the request decodes as a ``Heartbeat`` that
+    #: :meth:`Codec.heartbeat_reply` answers.
+    heartbeat_request: bool = False
 
     def names(self) -> list[str]:
         """The names of the declared capabilities."""
@@ -223,6 +228,19 @@ class Codec(ABC):
     def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
         """The reply to a heartbeat, or ``None`` if this heartbeat needs none (it is a reply)."""
         raise UnsupportedError(f"codec {self.protocol or type(self).__name__} has no heartbeats")
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        """A heartbeat request (a ping) with ``request_id``, which the peer answers.
+
+        Only for codecs declaring the ``heartbeat_request`` capability. It must decode (with
+        this codec) as one ``Heartbeat`` carrying ``request_id`` whose
+        :meth:`heartbeat_reply` is not ``None``, and that reply must decode as a
+        ``Heartbeat`` whose own ``heartbeat_reply`` is ``None``. Like :meth:`on_error` it
+        depends on no parse state.
+        """
+        raise UnsupportedError(
+            f"codec {self.protocol or type(self).__name__} builds no heartbeat requests"
+        )
 
     def drain_notice(self) -> bytes:
         """The message telling the peer that this connection is closing: send no new requests
