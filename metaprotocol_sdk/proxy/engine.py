@@ -1271,6 +1271,9 @@ class Engine:
         for runtime in self.listeners.values():
             if runtime.max_duration is not None:
                 shortest = min(shortest, runtime.max_duration)
+        heartbeat = self.config.proxy.upstream_heartbeat
+        if heartbeat.interval is not None:
+            shortest = min(shortest, heartbeat.interval, heartbeat.timeout)
         if self.identity is not None:
             shortest = min(shortest, self.identity.interval)
         interval = min(SWEEP_MAX, max(0.02, shortest / 4))
@@ -1304,8 +1307,14 @@ class Engine:
             elif upstream.stalled_since or upstream.expired or upstream.unlisted:
                 upstream.writes_caught_up()
         buffered = 0
+        heartbeat = self.config.proxy.upstream_heartbeat
+        interval = heartbeat.interval
         for upstream in list(self.upstreams):
             buffered += upstream.held + upstream.account_unsent()
+            if interval is not None and now >= upstream.ping_due:
+                upstream.heartbeat_sweep(now, interval, heartbeat.timeout)
+                if upstream.closed:
+                    continue
             cluster = upstream.cluster
             if cluster.max_duration is not None:
                 upstream.lifetime_sweep(now, cluster.max_duration)

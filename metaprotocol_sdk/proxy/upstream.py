@@ -26,6 +26,7 @@ from then on (:func:`unshare`).
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import sys
 from collections import OrderedDict, deque
@@ -414,6 +415,8 @@ class Cluster:
         #: upstreams sent (made on first use: most codecs have none).
         self.draining = 0
         self._notices: Counter | None = None
+        #: Pings sent to its endpoints (made on first use).
+        self._pings: Counter | None = None
         self.build_balancer()
         stats = engine.stats
         self.connects = stats.counter("metaprotocol_upstream_connections_total", cluster=name)
@@ -534,6 +537,15 @@ class Cluster:
         """Count a request refused by the circuit breaker ``limit``; the reply's message."""
         self._count(self._overflows, "metaprotocol_upstream_overflow_total", "limit", limit)
         return f"circuit breaker {limit} of {self.name} is open"
+
+    def count_ping(self) -> None:
+        """Count one ping sent to an endpoint (made on first use: most codecs send none)."""
+        pings = self._pings
+        if pings is None:
+            pings = self._pings = self.engine.stats.counter(
+                "metaprotocol_upstream_pings_total", cluster=self.name
+            )
+        pings.value += 1
 
     def closed_by(self, reason: str) -> None:
         """Count an upstream connection the engine closed for a limit (``reason``)."""
@@ -919,6 +931,8 @@ class UpstreamConnection(asyncio.Protocol):
         "partial_since",
         "peek",
         "pending",
+        "ping_due",
+        "ping_sent",
         "queued",
         "reads",
         "retiring",
@@ -1007,8 +1021,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.notice_hold: asyncio.TimerHandle | None = None
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
-        #: When it was established, for ``maxConnectionDuration`` (0: not measured).
+        #: When it was established (0: not yet), for ``maxConnectionDuration`` and pings.
         self.established = 0.0
+        #: Pings (``spec.upstream.heartbeat``, codecs with heartbeat requests): when the
+        #: sweep looks at the connection next (infinite: never, its codec builds none), and
+        #: when the ping waiting for its answer was sent (0: none waits).
+        self.ping_due = 0.0 if codec.active_capabilities.heartbeat_request else math.inf
+        self.ping_sent = 0.0
         # The write watch of the engine's sweep (see :meth:`write_sweep`): since when the
         # unsent bytes made no progress (0: none unsent, or progress at the last sweep), the
         # kernel's count of bytes the upstream acknowledged and the unsent bytes then, whether
@@ -1094,13 +1113,11 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tcp is not None:
             self.tcp.opened.value += 1
         pool = self.cluster.pool
-        if pool is not None:
-            if pool.keepalive is not None:
-                _keepalive(
-                    transport, pool.keepalive.probes, pool.keepalive.time, pool.keepalive.interval
-                )
-            if pool.max_connection_duration is not None:
-                self.established = self.engine.loop.time()
+        if pool is not None and pool.keepalive is not None:
+            _keepalive(
+                transport, pool.keepalive.probes, pool.keepalive.time, pool.keepalive.interval
+            )
+        self.established = self.engine.loop.time()
         self._active.value += 1
         if self.closed:  # closed while connecting
             transport.close()
@@ -1324,6 +1341,63 @@ class UpstreamConnection(asyncio.Protocol):
         self.stall_unsent = unsent
         self.drained = False
         return False
+
+    def heartbeat_sweep(self, now: float, interval: float, timeout: float) -> None:
+        """Pings (engine sweep, when :attr:`ping_due`): a connection that received nothing
+        for ``interval`` is sent its codec's heartbeat request, and one that then receives
+        nothing at all within ``timeout`` is aborted (its requests in flight get
+        ``UpstreamReset``), as Apache Dubbo's consumers ping their providers: an idle
+        connection stays open past the peer's idle check, and a peer that is gone is found
+        before a request waits for it. What was received is the kernel's count
+        (``TCP_INFO``) where the platform has one; elsewhere every ``interval`` gets its
+        ping. A stream's connection is left to ``timeouts.streamIdle``; one whose upstream
+        takes nothing of what it is sent, to ``timeouts.upstreamWrite``."""
+        transport = self.transport
+        if transport is None or not self.established or self.closed or self.stream is not None:
+            self.ping_due = now + interval  # not yet, or never again
+            return
+        quiet = _quiet_for(transport)
+        sent = self.ping_sent
+        if sent:
+            if quiet is not None and quiet < now - sent:  # something came after the ping
+                self.ping_sent = sent = 0.0
+            elif now - sent >= timeout:
+                self.give_up(
+                    "heartbeat_timeout",
+                    ErrorType.UpstreamReset,
+                    f"upstream {self.host.key} answered no heartbeat within {timeout:g}s",
+                )
+                return
+            else:
+                self.ping_due = sent + timeout
+                return
+        if quiet is None:  # not known: a ping every interval
+            quiet = interval
+        if quiet < interval:
+            self.ping_due = now + interval - quiet
+            return
+        if self.write_paused:  # it takes nothing: timeouts.upstreamWrite is for that
+            self.ping_due = now + interval
+            return
+        codec = self.codec
+        try:
+            wire_id = self._free_id()
+            ping = codec.heartbeat_request(wire_id)
+            if not ping:
+                raise ValueError("heartbeat_request() returned nothing")
+        except CodecError:  # every id in flight: they answer for it
+            self.ping_due = now + interval
+            return
+        except Exception as exc:  # a bug in the codec: no pings on this connection
+            self.engine.codec_bugs.report(codec, "heartbeat_request", exc, "no heartbeats sent")
+            self.ping_due = math.inf
+            return
+        if self.shared:
+            self.next_id = wire_id
+        self._queue(ping, len(ping))
+        self.cluster.count_ping()
+        self.ping_sent = now
+        self.ping_due = now + timeout
 
     def writes_caught_up(self) -> None:
         """Nothing is unsent (engine sweep): the write watch starts afresh, and a connection
@@ -1681,7 +1755,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _heartbeat(self, message: Metadata) -> None:
         """Answer the upstream's heartbeat, unless it does not read what it was sent (its
         write buffer is full): one reply per ping would then pile up without end. A drain
-        notice is no heartbeat: see :meth:`_drain_notice`."""
+        notice is no heartbeat: see :meth:`_drain_notice`. Anything heard answers a ping of
+        the engine's (see :meth:`heartbeat_sweep`)."""
+        self.ping_sent = 0.0
         codec = self.codec
         if codec.active_capabilities.drain_notice:
             try:
@@ -2179,6 +2255,28 @@ class UpstreamConnection(asyncio.Protocol):
 #: Offset of ``tcpi_bytes_acked`` in Linux's ``struct tcp_info`` (since Linux 4.1).
 _BYTES_ACKED = 120
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+
+
+#: Offset of ``tcpi_last_data_recv`` (milliseconds since data was last received) in Linux's
+#: ``struct tcp_info``.
+_LAST_DATA_RECV = 52
+
+
+def _quiet_for(transport: asyncio.Transport) -> float | None:
+    """Seconds since the peer last sent data on this connection (the kernel's count), or
+    ``None`` where the platform does not tell."""
+    if _TCP_INFO is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info: bytes = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(info) < _LAST_DATA_RECV + 4:
+        return None
+    return int.from_bytes(info[_LAST_DATA_RECV : _LAST_DATA_RECV + 4], sys.byteorder) / 1000
 
 
 def _acked_bytes(transport: asyncio.Transport) -> int | None:

@@ -205,6 +205,16 @@ class NoticeKVCodec(KVCodec):
         return metadata.codec_state == PONG and metadata.attributes.get("drain") == "1"
 
 
+class PingKVCodec(KVCodec):
+    """The KV codec with heartbeat requests (a PING frame with the id)."""
+
+    protocol = "kvp"
+    capabilities = dataclasses.replace(KVCodec.capabilities, heartbeat_request=True)
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return build_frame(PING, request_id)
+
+
 class NoticeDedicatedKVCodec(NoticeKVCodec):
     """:class:`NoticeKVCodec` without id rewriting: each client has its own connections."""
 
@@ -220,6 +230,7 @@ _mod.LenientKVCodec = LenientKVCodec  # type: ignore[attr-defined]
 _mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]
 _mod.FewIdsKVCodec = FewIdsKVCodec  # type: ignore[attr-defined]
 _mod.NoticeKVCodec = NoticeKVCodec  # type: ignore[attr-defined]
+_mod.PingKVCodec = PingKVCodec  # type: ignore[attr-defined]
 _mod.NoticeDedicatedKVCodec = NoticeDedicatedKVCodec  # type: ignore[attr-defined]
 sys.modules["proxy_test_codecs"] = _mod
 
@@ -278,6 +289,10 @@ class Upstream:
         self.refusing = False
         #: Sent on each new connection as it is accepted (``b""``: nothing).
         self.greeting = b""
+        #: Pings received, and whether they go unanswered (as every request, with ``hang``:
+        #: a peer that is gone).
+        self.pings = 0
+        self.mute = False
         self.pong = asyncio.Event()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.server: asyncio.Server | None = None
@@ -311,7 +326,9 @@ class Upstream:
         if msg.message_type is MessageType.Heartbeat:
             reply = conn.codec.heartbeat_reply(msg)
             if reply:
-                conn.transport.write(reply)
+                self.pings += 1
+                if not self.mute:
+                    conn.transport.write(reply)
             else:
                 self.pongs.append(msg)
                 self.pong.set()

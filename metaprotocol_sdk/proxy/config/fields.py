@@ -544,4 +544,6 @@ WATCHDOG = fields(
 )
 ACCESS_LOG = fields("path", "attributes", "maxValueLength", "filter")
 ACCESS_LOG_FILTER = fields("failures", "slowerThan")
-UPSTREAM = fields("connectionsPerEndpoint")
+UPSTREAM = fields("connectionsPerEndpoint", "heartbeat")
+#: ``spec.upstream.heartbeat``: pings on upstream connections (codecs with heartbeat requests).
+HEARTBEAT = fields("interval", "timeout")

@@ -105,6 +105,7 @@ from .models import (
     Tracing,
     TrafficPolicy,
     Tunnel,
+    UpstreamHeartbeat,
     UpstreamTls,
     UpstreamTlsMode,
     Warmup,
@@ -2381,6 +2382,7 @@ def _proxy(
     per_endpoint = doc.integer(
         up, "connectionsPerEndpoint", "spec.upstream.connectionsPerEndpoint", False, 1, 1024
     )
+    heartbeat = _upstream_heartbeat(doc, up)
     telemetry = telemetry or _telemetry(doc, spec)
     return ProxySettings(
         listeners=tuple(listeners),
@@ -2392,12 +2394,38 @@ def _proxy(
         watchdog=watchdog,
         access_log=access_log,
         connections_per_endpoint=per_endpoint or 1,
+        upstream_heartbeat=heartbeat,
         telemetry=telemetry,
         tracing=_tracing(doc, spec),
         xds=_xds(doc, spec, telemetry.workload.locality),
         mesh_identity=identity,
         peer_authentication=peer,
     )
+
+
+#: Shortest heartbeat ``interval`` and ``timeout``: each is looked at by the housekeeping
+#: sweep, which runs a quarter of the shortest timeout apart (at least 20 ms).
+HEARTBEAT_MIN = 0.1
+
+
+def _upstream_heartbeat(doc: _Doc, up: Mapping[str, Any]) -> UpstreamHeartbeat:
+    """``spec.upstream.heartbeat``: ``interval`` (``0s``: no pings) and ``timeout``, each at
+    least :data:`HEARTBEAT_MIN`."""
+    raw = doc.mapping(up, "heartbeat", "spec.upstream.heartbeat", required=False)
+    path = "spec.upstream.heartbeat"
+    doc.check(raw, path, schema.HEARTBEAT)
+    interval: float | None = UpstreamHeartbeat.interval
+    value = doc.get(raw, "interval", f"{path}.interval")
+    if value is not None:
+        try:
+            interval = parse_duration(value) or None  # 0s: off
+        except ValueError as exc:
+            doc.fail(f"{path}.interval", str(exc))
+    timeout = doc.duration(raw, "timeout", f"{path}.timeout") or UpstreamHeartbeat.timeout
+    for key, seconds in (("interval", interval), ("timeout", timeout)):
+        if seconds is not None and seconds < HEARTBEAT_MIN:
+            doc.fail(f"{path}.{key}", f"must be at least {HEARTBEAT_MIN * 1000:g}ms")
+    return UpstreamHeartbeat(interval, timeout)
 
 
 #: PeerAuthentication levels, lowest first (istiod's ``ComposePeerAuthentication``).

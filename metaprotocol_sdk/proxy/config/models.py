@@ -1015,6 +1015,19 @@ class AccessLogSettings:
 
 
 @dataclass(frozen=True)
+class UpstreamHeartbeat:
+    """``spec.upstream.heartbeat``: the pings the engine sends on its upstream connections
+    whose codec builds heartbeat requests, in seconds (Apache Dubbo's consumers ping every
+    60 s; its providers close a connection that read nothing for three times that)."""
+
+    #: A connection that received nothing for this long is sent a ping (``None``: never).
+    interval: float | None = 60.0
+    #: A ping not answered (nothing at all received) within this long: the connection is
+    #: aborted, its requests in flight answered ``UpstreamReset``.
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     """The ``ProxyConfig`` document: the engine's own settings."""
 
@@ -1027,6 +1040,8 @@ class ProxySettings:
     watchdog: Watchdog = Watchdog()
     access_log: AccessLogSettings | None = None
     connections_per_endpoint: int = 1
+    #: Pings on the upstream connections (``spec.upstream.heartbeat``).
+    upstream_heartbeat: UpstreamHeartbeat = UpstreamHeartbeat()
     telemetry: Telemetry = Telemetry()
     #: Tracing (``None``: off, and nothing of it in the data path).
     tracing: Tracing | None = None

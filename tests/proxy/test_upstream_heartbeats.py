@@ -1,0 +1,127 @@
+"""Pings on upstream connections (``spec.upstream.heartbeat``, codecs declaring
+``heartbeat_request``), over real sockets: a quiet connection is pinged and kept, a busy one is
+not pinged, a peer that answers nothing is found and its requests answered at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
+
+from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.proxy import loads_config
+
+PING = {"protocol": "kvp", "codec": "proxy_test_codecs:PingKVCodec"}
+NO_PINGS = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+PINGS = "metaprotocol_upstream_pings_total"
+CLOSED = "metaprotocol_upstream_connections_closed_total"
+
+
+def heartbeat(interval: str, timeout: str = "1s") -> str:
+    return f"upstream: {{heartbeat: {{interval: {interval}, timeout: {timeout}}}}}\n"
+
+
+def test_a_quiet_connection_is_pinged_and_kept() -> None:
+    """A connection that received nothing for ``interval`` is sent a ping; the upstream's
+    answers keep it (no timeout, no new connection); the pings are counted."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        config = mesh([(a.port, "v1")], proxy=heartbeat("200ms"), **PING)
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            await until(lambda: a.pings >= 3, "three pings", timeout=10)
+            assert engine.stats.total(PINGS) >= 3
+            assert error_type(await c.call()) is None
+            assert a.accepted == 1
+            assert engine.stats.total(CLOSED, reason="heartbeat_timeout") == 0
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+def test_a_busy_connection_is_not_pinged() -> None:
+    """Replies arriving more often than ``interval``: no ping is sent (what the connection
+    received is the kernel's count)."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        config = mesh([(a.port, "v1")], proxy=heartbeat("300ms"), **PING)
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while loop.time() - started < 1.2:  # four intervals, calls without pause
+                assert error_type(await c.call()) is None
+            assert a.pings == 0 and engine.stats.total(PINGS) == 0
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("codec", [PING, NO_PINGS], ids=["pings", "no-pings"])
+def test_a_peer_that_answers_nothing_is_found(codec: dict[str, str]) -> None:
+    """A peer that takes requests and pings and answers nothing (gone behind a NAT, say): its
+    connection is aborted ``interval + timeout`` after the last reply, and the request
+    waiting there gets ``UpstreamReset`` at once, not at its 30 s route timeout. Without
+    pings (a codec that builds none) it waits for its timeout."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        config = mesh([(a.port, "v1")], proxy=heartbeat("200ms", "300ms"), **codec)
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            a.mute = True
+            hung = c.start("hang")
+            if codec is PING:
+                reply = await asyncio.wait_for(hung, 5)
+                assert error_type(reply) == "UpstreamReset", reply.attributes
+                assert "answered no heartbeat within 0.3s" in reply.attributes["error-message"]
+                assert engine.stats.total(CLOSED, reason="heartbeat_timeout") == 1
+            else:
+                done, _ = await asyncio.wait([hung], timeout=1.5)
+                assert not done and a.pings == 0
+                assert engine.stats.total(CLOSED, reason="heartbeat_timeout") == 0
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+def test_heartbeat_settings_are_read_and_checked() -> None:
+    """``interval: 0s`` is off; the defaults are Apache Dubbo's 60 s; too short a value, or
+    an unknown field, names the field."""
+    text = mesh([(9, "v1")], **PING)
+    assert loads_config(text).proxy.upstream_heartbeat.interval == 60.0
+    off = loads_config(mesh([(9, "v1")], proxy=heartbeat("0s"), **PING))
+    assert off.proxy.upstream_heartbeat.interval is None
+    for proxy, field in (
+        (heartbeat("50ms"), "interval"),
+        (heartbeat("1s", "10ms"), "timeout"),
+        ("upstream: {heartbeat: {every: 1s}}\n", "every"),
+    ):
+        with pytest.raises(ConfigError, match=rf"spec\.upstream\.heartbeat\.{field}"):
+            loads_config(mesh([(9, "v1")], proxy=proxy, **PING))
+
+
+def test_a_reload_changes_the_interval_of_open_connections() -> None:
+    """Pings off at first; a reload turns them on for the connection already open."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        async with engine_for(mesh([(a.port, "v1")], proxy=heartbeat("0s"), **PING)) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            on = mesh([(a.port, "v1")], proxy=heartbeat("200ms"), **PING)
+            await engine.apply(loads_config(on))
+            await until(lambda: a.pings >= 1, "a ping after the reload")
+            assert a.accepted == 1
+            c.close()
+        await a.close()
+
+    run(main())
