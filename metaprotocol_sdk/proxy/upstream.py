@@ -459,8 +459,9 @@ class Cluster:
         self.engine.rebalances += 1
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
+            avoided = {h for h in self.hosts if h.draining} if self.draining else ()
             self.balancer, self.priority_load = priority_balancer(
-                self.policy, self.hosts, panic, self.locality_weighted, self._hashed
+                self.policy, self.hosts, panic, self.locality_weighted, self._hashed, avoided
             )
         else:
             hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
@@ -484,12 +485,19 @@ class Cluster:
             host.draining = True
             self.draining += 1
             self.avoid_ejected()
+            if self.prioritised or self.locality_weighted:
+                # Within its level a pick of it picks again (above); a level of draining
+                # endpoints fails over to the next, as one of ejected endpoints does.
+                self.rebalance()
 
     def drain_ended(self, host: UpstreamHost) -> None:
         """The connection held open for ``host``'s drain notice closed (or was held as long
         as ``timeouts.upstreamDrain`` allows): the endpoint is picked again."""
         host.draining = False
         self.draining -= 1
+        if self.prioritised or self.locality_weighted:
+            self.rebalance()  # its level's load back (unwrapped if none left)
+            return
         balancer = self.balancer
         if (
             not self.draining

@@ -441,3 +441,55 @@ def test_max_connection_duration_is_read_and_a_reload_ages_open_connections() ->
         await a.close()
 
     run(main())
+
+
+def located(endpoints: list[tuple[int, str]]) -> str:
+    """A mesh of the notice codec whose ``(port, locality)`` endpoints get locality failover
+    priorities (outlier detection ejecting at the first gateway error; the engine in
+    ``r1/z1/s1``)."""
+    detection = "{outlierDetection: {consecutiveGatewayErrors: 1, baseEjectionTime: 1h}}"
+    text = mesh(
+        [(port, "v1") for port, _ in endpoints],
+        traffic_policy=detection,
+        proxy="telemetry: {workload: {locality: r1/z1/s1}}\n",
+        **SHARED,
+    )
+    for port, locality in endpoints:
+        text = text.replace(
+            f": {port}}}, labels: {{version: v1}}}}",
+            f": {port}}}, labels: {{version: v1}}, locality: {locality}}}",
+        )
+    return text
+
+
+def test_a_draining_nearest_locality_fails_over_to_the_next() -> None:
+    """Locality failover: the nearest endpoint alone takes the traffic. Once it sent its
+    notice (and refuses new connections) its level counts it as unhealthy, as an ejected one:
+    every new request goes to the next locality, none fails (before, the level kept all the
+    load and the next request opened a connection to it and failed). Once its upstream
+    closes the connection, the traffic comes back."""
+
+    async def main() -> None:
+        near, far = await Upstream("near").start(), await Upstream("far").start()
+        async with engine_for(located([(near.port, "r1/z1/s1"), (far.port, "r1/z2/s1")])) as e:
+            (cluster,) = e.clusters.values()
+            assert cluster.priority_load == {0: 100, 1: 0}
+            c = await Client.connect(address(e))
+            assert await served_by(c, 2) == ["near", "near"]
+            near.refusing = True
+            near.send_all(NOTICE)
+            await until(lambda: cluster.draining == 1, "the endpoint draining")
+            assert await served_by(c, 4) == ["far"] * 4
+            assert cluster.priority_load == {0: 0, 1: 100}
+            assert near.accepted == 1
+            near.refusing = False
+            near.close_connections()
+            await until(lambda: cluster.draining == 0, "the drain over")
+            assert cluster.priority_load == {0: 100, 1: 0}
+            assert not isinstance(cluster.balancer, AvoidUnfit)
+            assert await served_by(c, 2) == ["near", "near"]
+            c.close()
+        await near.close()
+        await far.close()
+
+    run(main())
