@@ -493,3 +493,41 @@ def test_a_draining_nearest_locality_fails_over_to_the_next() -> None:
         await far.close()
 
     run(main())
+
+
+def test_a_reload_that_replaces_the_cluster_keeps_its_endpoint_draining() -> None:
+    """A reload that rebuilds the cluster (a new connection pool setting) while one endpoint
+    drains: the new cluster avoids it too (before, the drain ended at the reload and the
+    next request went to the endpoint, which refused it); once the upstream closes the held
+    connection (the old cluster's), both clusters count no endpoint draining and the new one
+    picks it again."""
+
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        endpoints = [(a.port, "v1"), (b.port, "v1")]
+        text = mesh(endpoints, traffic_policy=ROUND_ROBIN, **SHARED)
+        pooled = (
+            "{loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {tcp: {maxConnections: 50}}}"
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            assert sorted(await served_by(c, 2)) == ["a", "b"]
+            a.refusing = True
+            a.send_all(NOTICE)
+            (old,) = engine.clusters.values()
+            await until(lambda: old.draining == 1, "the endpoint draining")
+            await engine.apply(loads_config(mesh(endpoints, traffic_policy=pooled, **SHARED), "t"))
+            (new,) = engine.clusters.values()
+            assert new is not old and new.draining == 1 and old.draining == 0
+            assert set(await served_by(c, 4)) == {"b"}
+            assert a.accepted == 1
+            a.refusing = False
+            a.close_connections()
+            await until(lambda: new.draining == 0, "the drain over")
+            assert old.draining == 0 and not isinstance(new.balancer, AvoidUnfit)
+            assert sorted(await served_by(c, 2)) == ["a", "b"]
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
