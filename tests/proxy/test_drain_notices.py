@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import ConfigError, Metadata
-from metaprotocol_sdk.examples.kv import build_frame
+from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.upstream import AvoidUnfit
 
@@ -529,5 +530,37 @@ def test_a_reload_that_replaces_the_cluster_keeps_its_endpoint_draining() -> Non
             c.close()
         await a.close()
         await b.close()
+
+    run(main())
+
+
+def test_a_notice_a_client_too_far_behind_cannot_take_closes_it_once_counted() -> None:
+    """An old connection whose client reads nothing, far behind while the process is over
+    its buffer budget: the notice, as a reply would, closes it instead (``overload``). It is
+    counted once, for that, and no notice is counted (before, the notice was counted though
+    never sent, and the close twice: ``overload`` and ``max_connection_duration``)."""
+    proxy = (
+        "limits: {connectionBufferBytes: 1024, connectionBufferMaxBytes: 67108864}\n"
+        "overload: {maxBufferedBytes: 1048576}\ntimeouts: {write: 60s}\n"
+    )
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        text = aged(mesh([(a.port, "v1")], proxy=proxy, **SHARED), "1500ms")
+        async with engine_for(text) as engine:
+            deaf = socket.socket()
+            deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            deaf.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(deaf, address(engine))
+            big = build_frame(REQUEST, 1, {"method": "big", "size": str(6 << 20)})
+            await loop.sock_sendall(deaf, big)
+            await until(lambda: not engine.downstreams, "the client closed")
+            closed = "metaprotocol_downstream_connections_closed_total"
+            assert engine.stats.total(closed, reason="overload") == 1
+            assert engine.stats.total(closed) == 1
+            assert notices(engine, "downstream") == 0
+            deaf.close()
+        await a.close()
 
     run(main())
