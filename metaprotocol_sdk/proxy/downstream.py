@@ -673,8 +673,10 @@ class Downstream(asyncio.Protocol):
         except Exception as exc:  # a bug in the codec: the drain goes on without a notice
             self.engine.codec_bugs.report(codec, "drain_notice", exc, "no drain notice sent")
             return
-        self.listener.count_notice()
         self.queue_frame(notice)
+        if self.closed:  # a client too far behind to take it is closed instead, as for a reply
+            return
+        self.listener.count_notice()
         self.flush()
 
     # -- buffer accounting ---------------------------------------------------------------------
@@ -755,6 +757,8 @@ class Downstream(asyncio.Protocol):
                 return
             self.aged = now
             self.notify_drain()
+            if self.closed:  # too far behind to take it: closed (and counted) for that
+                return
         if not self.inflight and not self.held and now - self.last_seen >= QUIET_CLOSE:
             self.listener.closed_by["max_connection_duration"].value += 1
             self.close()

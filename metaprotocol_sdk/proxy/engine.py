@@ -1085,6 +1085,10 @@ class Engine:
         self.config_version = staged.version
         self.clusters = staged.build.clusters
         self._cluster_specs = staged.build.specs
+        for cluster in retired:
+            successor = self.clusters.get(cluster.name)
+            if cluster.draining and successor is not None:
+                successor.carry_drains(cluster)
         start_slow_starts(self.clusters.values(), retired)
         self.listeners = listeners
         self._servers.update(staged.servers)

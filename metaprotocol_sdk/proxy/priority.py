@@ -2,10 +2,11 @@
 endpoints have more than one priority (EDS ``LocalityLbEndpoints.priority``, which istiod
 writes for locality failover).
 
-A level's health is its healthy endpoints (those outlier detection has not ejected) over its
-endpoints, times the overprovisioning factor 1.4, capped at 100%, in whole percents. Level 0
-takes its health's share of requests, level 1 as much of the rest as its health, and so on;
-when the healths add up to less than 100% they are scaled up to 100%. Panic (fewer healthy
+A level's health is its healthy endpoints (those outlier detection has not ejected, and not
+draining after their upstream's drain notice) over its endpoints, times the overprovisioning
+factor 1.4, capped at 100%, in whole percents. Level 0 takes its health's share of requests,
+level 1 as much of the rest as its health, and so on; when the healths add up to less than
+100% they are scaled up to 100%. Panic (fewer healthy
 endpoints than the outlier detection's ``minHealthPercent``) is judged per level, and only
 when the levels together are short (their healths add up to less than 100%): a level in
 panic balances over all of its endpoints. When every level is in panic, or none has health,
@@ -26,7 +27,7 @@ writes weights without ``distribute``) is balanced as one, at the plain balancer
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol as TypingProtocol
@@ -116,6 +117,7 @@ def priority_balancer(
     panic_percent: int,
     by_locality: bool = False,
     hashed: Callable[[int, Sequence[P], Sequence[P]], Balancer[P] | None] | None = None,
+    avoided: Collection[P] = (),
 ) -> tuple[Balancer[P], dict[int, int]]:
     """The balancer for hosts at several priorities, for their health now, and each
     priority's load (percent): a :class:`~metaprotocol_sdk.proxy.balancer.PriorityBalancer`
@@ -123,13 +125,15 @@ def priority_balancer(
     of level 0 healthy enough, as most of the time: a request then costs what it costs
     without priorities). ``by_locality``: each level picks a locality by its weight first
     (:func:`locality_balancer`); ``hashed``: the hash balancer the caller keeps for a
-    level's priority, hosts to balance over and hosts (``None``: build it)."""
+    level's priority, hosts to balance over and hosts (``None``: build it); ``avoided``:
+    hosts counted as unhealthy although not ejected (draining: their upstream sent its drain
+    notice), so that a level of them fails over as one of ejected hosts does."""
     by_priority: dict[int, list[P]] = {}
     for host in hosts:
         by_priority.setdefault(host.priority, []).append(host)
     order = sorted(by_priority)
     groups = [by_priority[p] for p in order]
-    healthy = [[h for h in group if not h.ejected] for group in groups]
+    healthy = [[h for h in group if not (h.ejected or h in avoided)] for group in groups]
     load = priority_load(
         [(len(ok), len(group)) for ok, group in zip(healthy, groups, strict=True)], panic_percent
     )

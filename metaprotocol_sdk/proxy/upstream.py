@@ -462,8 +462,9 @@ class Cluster:
         self.engine.rebalances += 1
         if self.prioritised or self.locality_weighted:
             panic = 0 if self.outlier is None else self.outlier.spec.min_health_percent
+            avoided = {h for h in self.hosts if h.draining} if self.draining else ()
             self.balancer, self.priority_load = priority_balancer(
-                self.policy, self.hosts, panic, self.locality_weighted, self._hashed
+                self.policy, self.hosts, panic, self.locality_weighted, self._hashed, avoided
             )
         else:
             hosts = self.hosts if self.outlier is None else self.outlier.balanced_hosts()
@@ -484,15 +485,43 @@ class Cluster:
             )
         notices.value += 1
         if held:
-            host.draining = True
-            self.draining += 1
-            self.avoid_ejected()
+            self._drain_began(host)
+
+    def _drain_began(self, host: UpstreamHost) -> None:
+        host.draining = True
+        self.draining += 1
+        self.avoid_ejected()
+        if self.prioritised or self.locality_weighted:
+            # Within its level a pick of it picks again (above); a level of draining
+            # endpoints fails over to the next, as one of ejected endpoints does.
+            self.rebalance()
+
+    def carry_drains(self, replaced: Cluster) -> None:
+        """A reload swapped this cluster in for ``replaced`` (same name, new settings): its
+        endpoints draining now are avoided here too, until the connection held for each
+        closes (it stays ``replaced``'s, retired). Without this a drain would end at the
+        reload, and the next request to the endpoint would open a connection its upstream
+        may refuse."""
+        hosts = {h.key: h for h in self.hosts}
+        for conn in list(self.engine.upstreams):
+            held = conn.drain_held
+            if held is None or held[0] is not replaced:
+                continue
+            host = hosts.get(held[1].key)
+            if host is None or host.draining:  # not an endpoint of this one: nothing to avoid
+                continue
+            replaced.drain_ended(held[1])
+            conn.drain_held = (self, host)
+            self._drain_began(host)
 
     def drain_ended(self, host: UpstreamHost) -> None:
         """The connection held open for ``host``'s drain notice closed (or was held as long
         as ``timeouts.upstreamDrain`` allows): the endpoint is picked again."""
         host.draining = False
         self.draining -= 1
+        if self.prioritised or self.locality_weighted:
+            self.rebalance()  # its level's load back (unwrapped if none left)
+            return
         balancer = self.balancer
         if (
             not self.draining
@@ -909,6 +938,7 @@ class UpstreamConnection(asyncio.Protocol):
         "cluster",
         "codec",
         "connecting",
+        "drain_held",
         "drained",
         "engine",
         "established",
@@ -1019,6 +1049,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: see :meth:`_drain_notice`).
         self.noticed = False
         self.notice_hold: asyncio.TimerHandle | None = None
+        #: While held: the cluster and endpoint whose drain it keeps (its own, or after a
+        #: reload the same endpoint of the cluster that replaced its own: ``carry_drains``).
+        self.drain_held: tuple[Cluster, UpstreamHost] | None = None
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
         #: When it was established (0: not yet), for ``maxConnectionDuration`` and pings.
@@ -1722,14 +1755,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.notice_hold = engine.loop.call_later(
                 engine.upstream_drain_timeout, self._hold_over
             )
+            self.drain_held = (self.cluster, host)
         self.cluster.drain_noticed(host, held=self.notice_hold is not None)
         self.retire()
+
+    def _drain_over(self) -> None:
+        """The hold ended: the endpoint it kept avoided is picked again."""
+        held = self.drain_held
+        if held is not None:
+            self.drain_held = None
+            held[0].drain_ended(held[1])
 
     def _hold_over(self) -> None:
         """``timeouts.upstreamDrain`` passed since the drain notice and the upstream did not
         close the connection: the engine does, once nothing is in flight."""
         self.notice_hold = None
-        self.cluster.drain_ended(self.host)
+        self._drain_over()
         self.cluster.closed_by("drain_timeout")
         self._close_if_idle()
 
@@ -2195,7 +2236,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.notice_hold is not None:
             self.notice_hold.cancel()
             self.notice_hold = None
-            self.cluster.drain_ended(self.host)
+            self._drain_over()
         self._opened()
         self.closed = True
         self.connecting = False

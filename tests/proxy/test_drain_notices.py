@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ from proxy_kit import (
 )
 
 from metaprotocol_sdk import ConfigError, Metadata
-from metaprotocol_sdk.examples.kv import build_frame
+from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.upstream import AvoidUnfit
 
@@ -438,6 +439,128 @@ def test_max_connection_duration_is_read_and_a_reload_ages_open_connections() ->
             assert json.loads(body)["listeners"][0]["maxConnectionDuration"] == 0.2
             await until(lambda: c.notices, "the open connection noticed")
             await asyncio.wait_for(c.closed, 5)
+        await a.close()
+
+    run(main())
+
+
+def located(endpoints: list[tuple[int, str]]) -> str:
+    """A mesh of the notice codec whose ``(port, locality)`` endpoints get locality failover
+    priorities (outlier detection ejecting at the first gateway error; the engine in
+    ``r1/z1/s1``)."""
+    detection = "{outlierDetection: {consecutiveGatewayErrors: 1, baseEjectionTime: 1h}}"
+    text = mesh(
+        [(port, "v1") for port, _ in endpoints],
+        traffic_policy=detection,
+        proxy="telemetry: {workload: {locality: r1/z1/s1}}\n",
+        **SHARED,
+    )
+    for port, locality in endpoints:
+        text = text.replace(
+            f": {port}}}, labels: {{version: v1}}}}",
+            f": {port}}}, labels: {{version: v1}}, locality: {locality}}}",
+        )
+    return text
+
+
+def test_a_draining_nearest_locality_fails_over_to_the_next() -> None:
+    """Locality failover: the nearest endpoint alone takes the traffic. Once it sent its
+    notice (and refuses new connections) its level counts it as unhealthy, as an ejected one:
+    every new request goes to the next locality, none fails (before, the level kept all the
+    load and the next request opened a connection to it and failed). Once its upstream
+    closes the connection, the traffic comes back."""
+
+    async def main() -> None:
+        near, far = await Upstream("near").start(), await Upstream("far").start()
+        async with engine_for(located([(near.port, "r1/z1/s1"), (far.port, "r1/z2/s1")])) as e:
+            (cluster,) = e.clusters.values()
+            assert cluster.priority_load == {0: 100, 1: 0}
+            c = await Client.connect(address(e))
+            assert await served_by(c, 2) == ["near", "near"]
+            near.refusing = True
+            near.send_all(NOTICE)
+            await until(lambda: cluster.draining == 1, "the endpoint draining")
+            assert await served_by(c, 4) == ["far"] * 4
+            assert cluster.priority_load == {0: 0, 1: 100}
+            assert near.accepted == 1
+            near.refusing = False
+            near.close_connections()
+            await until(lambda: cluster.draining == 0, "the drain over")
+            assert cluster.priority_load == {0: 100, 1: 0}
+            assert not isinstance(cluster.balancer, AvoidUnfit)
+            assert await served_by(c, 2) == ["near", "near"]
+            c.close()
+        await near.close()
+        await far.close()
+
+    run(main())
+
+
+def test_a_reload_that_replaces_the_cluster_keeps_its_endpoint_draining() -> None:
+    """A reload that rebuilds the cluster (a new connection pool setting) while one endpoint
+    drains: the new cluster avoids it too (before, the drain ended at the reload and the
+    next request went to the endpoint, which refused it); once the upstream closes the held
+    connection (the old cluster's), both clusters count no endpoint draining and the new one
+    picks it again."""
+
+    async def main() -> None:
+        a, b = await Upstream("a").start(), await Upstream("b").start()
+        endpoints = [(a.port, "v1"), (b.port, "v1")]
+        text = mesh(endpoints, traffic_policy=ROUND_ROBIN, **SHARED)
+        pooled = (
+            "{loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {tcp: {maxConnections: 50}}}"
+        )
+        async with engine_for(text) as engine:
+            c = await Client.connect(address(engine))
+            assert sorted(await served_by(c, 2)) == ["a", "b"]
+            a.refusing = True
+            a.send_all(NOTICE)
+            (old,) = engine.clusters.values()
+            await until(lambda: old.draining == 1, "the endpoint draining")
+            await engine.apply(loads_config(mesh(endpoints, traffic_policy=pooled, **SHARED), "t"))
+            (new,) = engine.clusters.values()
+            assert new is not old and new.draining == 1 and old.draining == 0
+            assert set(await served_by(c, 4)) == {"b"}
+            assert a.accepted == 1
+            a.refusing = False
+            a.close_connections()
+            await until(lambda: new.draining == 0, "the drain over")
+            assert old.draining == 0 and not isinstance(new.balancer, AvoidUnfit)
+            assert sorted(await served_by(c, 2)) == ["a", "b"]
+            c.close()
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
+def test_a_notice_a_client_too_far_behind_cannot_take_closes_it_once_counted() -> None:
+    """An old connection whose client reads nothing, far behind while the process is over
+    its buffer budget: the notice, as a reply would, closes it instead (``overload``). It is
+    counted once, for that, and no notice is counted (before, the notice was counted though
+    never sent, and the close twice: ``overload`` and ``max_connection_duration``)."""
+    proxy = (
+        "limits: {connectionBufferBytes: 1024, connectionBufferMaxBytes: 67108864}\n"
+        "overload: {maxBufferedBytes: 1048576}\ntimeouts: {write: 60s}\n"
+    )
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        text = aged(mesh([(a.port, "v1")], proxy=proxy, **SHARED), "1500ms")
+        async with engine_for(text) as engine:
+            deaf = socket.socket()
+            deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            deaf.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(deaf, address(engine))
+            big = build_frame(REQUEST, 1, {"method": "big", "size": str(6 << 20)})
+            await loop.sock_sendall(deaf, big)
+            await until(lambda: not engine.downstreams, "the client closed")
+            closed = "metaprotocol_downstream_connections_closed_total"
+            assert engine.stats.total(closed, reason="overload") == 1
+            assert engine.stats.total(closed) == 1
+            assert notices(engine, "downstream") == 0
+            deaf.close()
         await a.close()
 
     run(main())
