@@ -196,7 +196,7 @@ def test_reload_changes_the_lifetime_and_config_dump_shows_it() -> None:
             assert error_type(await c.call()) is None
             (last,) = engine.upstreams
             assert up.accepted == 3 and last.cluster.max_duration is None
-            assert not last.established  # not measured: nothing to enforce
+            assert not last.retiring  # no lifetime to enforce
             c.close()
         await up.close()
 
