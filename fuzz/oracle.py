@@ -16,6 +16,9 @@ Every rule here is one the engine relies on (docs/fuzzing.md lists them). A brok
   it, ``peek_reply`` agrees with ``decode`` and never raises, ``relabel`` equals ``encode``,
   ``on_error`` and ``heartbeat_reply`` answer, ``is_drain_notice`` answers for a heartbeat,
   and a drain notice gets no heartbeat reply.
+* A ping built with the message's request id (when it is one an engine could allocate,
+  ``1..max_request_id``) decodes as one heartbeat carrying that id, which ``heartbeat_reply``
+  answers.
 """
 
 from __future__ import annotations
@@ -189,13 +192,46 @@ def _check_message(
             if not reply:
                 raise Violation("empty-error-reply", "on_error returned an empty reply")
         elif kind is MessageType.Heartbeat and caps.heartbeat:
-            reply = codec.heartbeat_reply(md)
-            if caps.drain_notice and codec.is_drain_notice(md) and reply is not None:
+            answer = codec.heartbeat_reply(md)
+            if caps.drain_notice and codec.is_drain_notice(md) and answer is not None:
                 raise Violation("notice-answered", "heartbeat_reply answers a drain notice")
     except Violation:
         raise
     except Exception as exc:  # the engine calls them unguarded
         raise crash("on_error/heartbeat_reply/is_drain_notice", exc) from None
+    if caps.heartbeat_request and 1 <= md.request_id <= type(codec).max_request_id:
+        _check_ping(factory, md.request_id)
+
+
+def _check_ping(factory: Callable[[], Codec], request_id: int) -> None:
+    """``heartbeat_request(request_id)`` decodes as one Heartbeat with that id, answered."""
+    try:
+        ping = bytes(factory().heartbeat_request(request_id))
+    except Exception as exc:  # the engine calls it unguarded, with any id it allocates
+        raise crash("heartbeat_request", exc) from None
+    buffer = bytearray(ping)
+    codec = factory()
+    try:
+        md = codec.decode(buffer)
+    except CodecError as exc:
+        raise Violation("ping-undecodable", f"heartbeat_request({request_id}): {exc}") from None
+    except Exception as exc:
+        raise crash("decode of a ping", exc) from None
+    if not isinstance(md, Metadata) or buffer or md.message_type is not MessageType.Heartbeat:
+        raise Violation(
+            "ping-undecodable",
+            f"heartbeat_request({request_id}) decodes to {md!r}, {len(buffer)} bytes left",
+        )
+    if md.request_id != request_id:
+        raise Violation(
+            "ping-wrong-id", f"heartbeat_request({request_id}) carries id {md.request_id}"
+        )
+    try:
+        reply = codec.heartbeat_reply(md)
+    except Exception as exc:
+        raise crash("heartbeat_reply to a ping", exc) from None
+    if reply is None:
+        raise Violation("ping-unanswered", f"heartbeat_reply does not answer the ping {request_id}")
 
 
 def _reencode(

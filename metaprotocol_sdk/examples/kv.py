@@ -154,6 +154,7 @@ class KVCodec(Codec):
         peek_reply=True,
         streaming=True,
         drain_notice=True,
+        heartbeat_request=True,
     )
     max_request_id = 0xFFFFFFFF  # unsigned 32-bit id field
 
@@ -264,6 +265,10 @@ class KVCodec(Codec):
         if metadata.codec_state == PING:
             return build_frame(PONG, metadata.request_id)
         return None
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        """A ping with ``request_id``, which the peer answers with a pong carrying it."""
+        return build_frame(PING, request_id)
 
     def drain_notice(self) -> bytes:
         """A pong with a ``goaway`` header: one heartbeat that needs no reply."""

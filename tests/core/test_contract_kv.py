@@ -226,6 +226,20 @@ def test_drain_notice_is_a_pong_with_goaway_and_only_that_pong_is_one() -> None:
         assert isinstance(message, Metadata) and not codec.is_drain_notice(message)
 
 
+def test_heartbeat_request_is_a_ping_with_the_id_answered_by_a_pong() -> None:
+    codec = KVCodec()
+    assert KVCodec.capabilities.heartbeat_request and KVCodec.capabilities.heartbeat
+    # Magic "KV", version 1, kind 3 (ping), id 0xFFFFFFFF, no headers, no body.
+    assert codec.heartbeat_request(0xFFFFFFFF) == bytes.fromhex("4b560103ffffffff" + "00" * 8)
+    ping = codec.decode(bytearray(codec.heartbeat_request(77)))
+    assert isinstance(ping, Metadata) and ping.message_type is MessageType.Heartbeat
+    assert ping.request_id == 77
+    reply = codec.heartbeat_reply(ping)
+    assert reply == kv(PONG, 77)
+    pong = codec.decode(bytearray(reply))
+    assert isinstance(pong, Metadata) and codec.heartbeat_reply(pong) is None
+
+
 def test_instances_do_not_share_state() -> None:
     a, b = KVCodec(max_frame_size=100), KVCodec()
     assert a.max_frame_size != b.max_frame_size

@@ -18,13 +18,22 @@ from fuzz.hessian_oracle import check_hessian
 from fuzz.minimize import kind_of, minimize
 from fuzz.oracle import Violation, check_codec
 from metaprotocol_sdk.codec import NEED_DATA, Codec, Encoded, NeedData
-from metaprotocol_sdk.examples.kv import GOAWAY, PONG, REQUEST, RESPONSE, KVCodec, build_frame
+from metaprotocol_sdk.examples.kv import (
+    GOAWAY,
+    PING,
+    PONG,
+    REQUEST,
+    RESPONSE,
+    KVCodec,
+    build_frame,
+)
 from metaprotocol_sdk.metadata import Metadata, Mutation
 
 GET = build_frame(REQUEST, 1, {"method": "get", "key": "k"}, b"body")
 REPLY = build_frame(RESPONSE, 1, {"status": "ok"}, b"value")
 BAD_VERSION = b"KV\x09" + GET[3:]
 NOTICE = build_frame(PONG, 3, {GOAWAY: "bye", "x": "1"})
+BIG_ID = build_frame(REQUEST, 0x9ABCDEF0, {"method": "get"})
 
 
 class ConsumesOnError(KVCodec):
@@ -106,6 +115,21 @@ class AnswersNotice(KVCodec):
         return build_frame(PONG, metadata.request_id)  # pongs, the notice among them, too
 
 
+class PingIdIn16Bits(KVCodec):
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return build_frame(PING, request_id & 0xFFFF)  # the id field written too narrow
+
+
+class PingOverflows(KVCodec):
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return build_frame(PING, request_id * 2)  # struct.error above 2^31
+
+
+class PingIsAPong(KVCodec):
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return build_frame(PONG, request_id)  # needs no answer
+
+
 class Hangs(KVCodec):
     def decode(self, buffer: bytearray) -> Metadata | NeedData:
         while buffer[:2] == b"ZZ":
@@ -142,6 +166,9 @@ def rule_of(codec: Callable[[], Codec], data: bytes, bounds: Bounds | None = Non
         (PeekOffByOne, REPLY, "peek-disagrees"),
         (NoticeKeyError, NOTICE, "crash"),
         (AnswersNotice, NOTICE, "notice-answered"),
+        (PingIdIn16Bits, BIG_ID, "ping-wrong-id"),
+        (PingOverflows, BIG_ID, "crash"),
+        (PingIsAPong, GET, "ping-unanswered"),
     ],
 )
 def test_each_codec_rule_catches_its_planted_bug(

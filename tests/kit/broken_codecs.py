@@ -362,6 +362,8 @@ class PongForPong(_Broken):
     upstream) send pongs back and forth forever."""
 
     catches = "heartbeat_reply"
+    # (Its reply to our own ping being answered again is heartbeat_request_answered's.)
+    capabilities = replace(KVCodec.capabilities, heartbeat_request=False)
 
     def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
         if self.is_drain_notice(metadata):
@@ -410,6 +412,8 @@ class WideMaxRequestId(_Broken):
 
     catches = "rewrite_request_id"
     max_request_id = 2**64 - 1  # the fault
+    # (A ping at that id, which the field cannot carry, is heartbeat_request_heartbeat's.)
+    capabilities = replace(KVCodec.capabilities, heartbeat_request=False)
 
 
 class AsciiErrorMessage(_Broken):
@@ -980,7 +984,8 @@ class NoticeWithoutHeartbeat(_Broken):
     """Declares a drain notice but not heartbeats, which the notice is one of."""
 
     catches = "drain_notice_needs_heartbeat"
-    capabilities = replace(KVCodec.capabilities, heartbeat=False)  # the fault
+    # The fault; (a ping without heartbeats is heartbeat_request_needs_heartbeat's).
+    capabilities = replace(KVCodec.capabilities, heartbeat=False, heartbeat_request=False)
 
 
 class UndeclaredNotice(_Broken):
@@ -995,6 +1000,66 @@ class UndeclaredNotice(_Broken):
 
     def is_drain_notice(self, metadata: Metadata) -> bool:
         return metadata.codec_state == kv.PONG and "closing" in metadata.attributes
+
+
+class PingIdIn16Bits(_Broken):
+    """Writes only the low 16 bits of its ping's id: the answer to a ping with a larger id
+    carries another id, which matches no ping an engine sent."""
+
+    catches = "heartbeat_request_heartbeat"
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return build_frame(kv.PING, request_id & 0xFFFF)  # the fault
+
+
+class PingIsAPong(_Broken):
+    """Sends a pong as its ping: a heartbeat that needs no answer, so the peer never answers
+    it."""
+
+    catches = "heartbeat_request_answered"
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return build_frame(kv.PONG, request_id)  # the fault
+
+
+class PingWithLastId(_Broken):
+    """Adds the id of the last message it decoded to its ping: the ping depends on parse
+    state, so it differs with the traffic the connection carried."""
+
+    catches = "heartbeat_request_stateless"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._last_id = 0
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        result = super().decode(buffer)
+        if isinstance(result, Metadata):
+            self._last_id = result.request_id  # the fault: state the ping reads
+        return result
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        headers = {"after": str(self._last_id)} if self._last_id else {}
+        return build_frame(kv.PING, request_id, headers)
+
+
+class PingWithoutHeartbeat(_Broken):
+    """Declares pings but not heartbeats, which a ping is one of."""
+
+    catches = "heartbeat_request_needs_heartbeat"
+    # The fault; (its drain notice, a heartbeat too, switched off: drain_notice_needs_heartbeat).
+    capabilities = replace(KVCodec.capabilities, heartbeat=False, drain_notice=False)
+
+
+class UndeclaredPing(_Broken):
+    """Builds a ping but does not declare it: engines never send it, and idle connections
+    close at the peer's idle check."""
+
+    catches = "heartbeat_request_declared"
+    capabilities = replace(KVCodec.capabilities, heartbeat_request=False)  # the fault
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return build_frame(kv.PING, request_id)
 
 
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
@@ -1041,6 +1106,13 @@ ONLY_ONE: list[type[_Broken]] = [
     EveryPongANotice,
     NoticeWithoutHeartbeat,
     UndeclaredNotice,
+    # The ping: any id the engine allocates, answered, built from no state, declared with
+    # heartbeats.
+    PingIdIn16Bits,
+    PingIsAPong,
+    PingWithLastId,
+    PingWithoutHeartbeat,
+    UndeclaredPing,
 ]
 
 BROKEN: list[type[_Broken]] = [

@@ -43,6 +43,18 @@ def test_a_drain_notice_switched_off_by_a_subclass_skips_with_a_reason() -> None
         assert run_check(CodecTarget.discover(NoMutationKV), name).outcome is Outcome.skipped
 
 
+def test_a_ping_switched_off_by_a_subclass_skips_with_a_reason() -> None:
+    # NoMutationKV's own capabilities leave out the ping KVCodec builds: switched off, not
+    # forgotten (UndeclaredPing in broken_codecs is the forgotten flag, which fails).
+    target = CodecTarget.discover(NoMutationKV)
+    result = run_check(target, "heartbeat_request_declared")
+    assert result.outcome is Outcome.skipped
+    assert "set in NoMutationKV, switch off the heartbeat_request it inherits" in result.reason
+    assert "(from KVCodec)" in result.reason
+    for name in ("heartbeat_request_heartbeat", "heartbeat_request_answered"):
+        assert run_check(target, name).outcome is Outcome.skipped
+
+
 def test_known_failure_that_still_fails_is_xfailed_and_run_passes() -> None:
     target = CodecTarget.discover(
         DropsRequestIdInErrorReply,

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from . import bad_input, combined, drain, framing, linear, perf, replies, roundtrip, state
+from . import (
+    bad_input,
+    combined,
+    drain,
+    framing,
+    linear,
+    perf,
+    pings,
+    replies,
+    roundtrip,
+    state,
+)
 from .base import REGISTRY, Check, CheckContext, CheckFailed, CheckSkipped
 
 __all__ = [
@@ -17,6 +28,7 @@ __all__ = [
     "framing",
     "linear",
     "perf",
+    "pings",
     "replies",
     "roundtrip",
     "state",

@@ -436,6 +436,7 @@ class DubboCodec(Codec):
         error_reply=True,
         peek_reply=True,
         drain_notice=True,
+        heartbeat_request=True,
     )
     max_request_id = 0x7FFFFFFFFFFFFFFF  # Java long: Dubbo's 64-bit id is signed
     #: ``__init__``'s options (the compiled build has no signature to read them from).
@@ -1072,6 +1073,14 @@ class DubboCodec(Codec):
         flag = FLAG_EVENT | (state.flag & SERIALIZATION_MASK)
         return build_header(flag, _OK, metadata.request_id, 1) + _NULL_BODY
 
+    def heartbeat_request(self, request_id: int) -> bytes:
+        """Dubbo's heartbeat request, as Apache Dubbo's ``HeartbeatTimerTask`` sends it on an
+        idle channel: a two-way event request (flag 0xE2: request, two-way, event, Hessian 2)
+        whose body is the Hessian null ``N`` (``HEARTBEAT_EVENT``). The peer answers with an
+        event response carrying ``request_id``; providers close a channel idle for three
+        heartbeat intervals (180 s by default)."""
+        return heartbeat_request(request_id)
+
     # -- drain notice --------------------------------------------------------------------------
 
     def drain_notice(self) -> bytes:
@@ -1123,7 +1132,8 @@ DRAIN_NOTICE = build_header(FLAG_REQUEST | FLAG_EVENT | HESSIAN2, 0, 0, len(READ
 
 
 def heartbeat_request(request_id: int) -> bytes:
-    """A two-way heartbeat request frame (what Dubbo consumers and providers send when idle)."""
+    """A two-way heartbeat request frame (what Dubbo consumers and providers send when idle):
+    :meth:`DubboCodec.heartbeat_request`."""
     return build_header(FLAG_REQUEST | FLAG_TWOWAY | FLAG_EVENT | HESSIAN2, 0, request_id, 1) + (
         _NULL_BODY
     )

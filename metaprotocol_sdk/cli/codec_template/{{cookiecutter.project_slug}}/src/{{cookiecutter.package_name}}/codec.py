@@ -215,4 +215,15 @@ class {{ cookiecutter.__codec_class }}(Codec):
     # def is_drain_notice(self, metadata: Metadata) -> bool:
     #     """That PONG only: true for every PONG would retire connections at each keep-alive."""
     #     return metadata.codec_state == Kind.PONG and "goaway" in metadata.attributes
+
+    # Optional: a heartbeat request (a ping), which an engine sends on idle connections to
+    # keep them open past the peer's idle check and to find a peer that is gone. To have one,
+    # declare ``heartbeat_request=True`` in ``capabilities`` (it needs ``heartbeat``); the
+    # kit's ``heartbeat_request_*`` checks test it (one Heartbeat with the id, for ids up to
+    # ``max_request_id``; answered by ``heartbeat_reply`` with a reply that needs none; built
+    # from no state). A PING, say:
+    #
+    # def heartbeat_request(self, request_id: int) -> bytes:
+    #     """A PING with ``request_id``, which the peer answers with a PONG carrying it."""
+    #     return build_frame(Kind.PING, request_id)
 {%- endif %}
