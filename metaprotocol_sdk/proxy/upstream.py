@@ -2303,9 +2303,9 @@ _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "li
 _LAST_DATA_RECV = 52
 
 
-def _quiet_for(transport: asyncio.Transport) -> float | None:
-    """Seconds since the peer last sent data on this connection (the kernel's count), or
-    ``None`` where the platform does not tell."""
+def _tcp_info(transport: asyncio.Transport, offset: int, size: int) -> int | None:
+    """The unsigned field of ``size`` bytes at ``offset`` of the connection's ``struct
+    tcp_info`` (Linux), or ``None`` where the platform or the kernel does not tell."""
     if _TCP_INFO is None:
         return None
     sock = transport.get_extra_info("socket")
@@ -2315,26 +2315,22 @@ def _quiet_for(transport: asyncio.Transport) -> float | None:
         info: bytes = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
     except OSError:
         return None
-    if len(info) < _LAST_DATA_RECV + 4:
+    if len(info) < offset + size:
         return None
-    return int.from_bytes(info[_LAST_DATA_RECV : _LAST_DATA_RECV + 4], sys.byteorder) / 1000
+    return int.from_bytes(info[offset : offset + size], sys.byteorder)
+
+
+def _quiet_for(transport: asyncio.Transport) -> float | None:
+    """Seconds since the peer last sent data on this connection (the kernel's count), or
+    ``None`` where the platform does not tell."""
+    ms = _tcp_info(transport, _LAST_DATA_RECV, 4)
+    return None if ms is None else ms / 1000
 
 
 def _acked_bytes(transport: asyncio.Transport) -> int | None:
     """The bytes of this connection the peer acknowledged so far (the kernel's count), or
     ``None`` where the platform does not tell."""
-    if _TCP_INFO is None:
-        return None
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        info: bytes = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 256)
-    except OSError:
-        return None
-    if len(info) < _BYTES_ACKED + 8:
-        return None
-    return int.from_bytes(info[_BYTES_ACKED : _BYTES_ACKED + 8], sys.byteorder)
+    return _tcp_info(transport, _BYTES_ACKED, 8)
 
 
 def _keepalive(

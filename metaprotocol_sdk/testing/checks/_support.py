@@ -435,3 +435,9 @@ __all__ = [
     "time_limit",
     "type_problems",
 ]
+
+
+def defining_class(codec_type: type[Codec], name: str) -> type:
+    """The class of ``codec_type``'s MRO that defines ``name`` (where a capability's method,
+    or the ``capabilities`` that declare it, are written)."""
+    return next(klass for klass in codec_type.__mro__ if name in vars(klass))

@@ -13,7 +13,7 @@ from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import hexdump
 
 from . import replies as _after_the_heartbeat_checks  # noqa: F401 - registered first
-from ._support import decode_whole, fail, for_each_sample, reference
+from ._support import decode_whole, defining_class, fail, for_each_sample, reference
 from .base import CheckContext, CheckSkipped, check
 
 #: What an engine does with a notice, for the failure messages.
@@ -209,11 +209,6 @@ def drain_notice_needs_heartbeat(ctx: CheckContext) -> None:
             )
 
 
-def _owner(codec_type: type[Codec], name: str) -> type:
-    """The class of ``codec_type``'s MRO that defines ``name``."""
-    return next(klass for klass in codec_type.__mro__ if name in vars(klass))
-
-
 @check("drain_notice_declared", "errors")
 def drain_notice_declared(ctx: CheckContext) -> None:
     """A codec that implements drain_notice or is_drain_notice declares the capability.
@@ -227,9 +222,9 @@ def drain_notice_declared(ctx: CheckContext) -> None:
     if codec_type.capabilities.drain_notice:
         ctx.details.update(summary="drain_notice declared")
         return
-    owners = {name: _owner(codec_type, name) for name in _METHODS}
+    owners = {name: defining_class(codec_type, name) for name in _METHODS}
     overridden = {name: owner for name, owner in owners.items() if owner is not Codec}
-    declared_in = _owner(codec_type, "capabilities")
+    declared_in = defining_class(codec_type, "capabilities")
     undeclared = (
         "codec does not declare the 'drain_notice' capability (Capabilities.drain_notice=False)"
     )

@@ -11,7 +11,7 @@ from metaprotocol_sdk.testing.golden import Sample
 from metaprotocol_sdk.testing.hexdump import hexdump
 
 from . import drain as _after_the_drain_checks  # noqa: F401 - registered first
-from ._support import decode_whole, fail, for_each_sample
+from ._support import decode_whole, defining_class, fail, for_each_sample
 from .base import CheckContext, CheckSkipped, check
 
 #: What an engine does with a ping, for the failure messages.
@@ -187,11 +187,6 @@ def heartbeat_request_needs_heartbeat(ctx: CheckContext) -> None:
             )
 
 
-def _owner(codec_type: type[Codec], name: str) -> type:
-    """The class of ``codec_type``'s MRO that defines ``name``."""
-    return next(klass for klass in codec_type.__mro__ if name in vars(klass))
-
-
 @check("heartbeat_request_declared", "errors")
 def heartbeat_request_declared(ctx: CheckContext) -> None:
     """A codec that implements heartbeat_request declares the capability.
@@ -205,8 +200,8 @@ def heartbeat_request_declared(ctx: CheckContext) -> None:
     if codec_type.capabilities.heartbeat_request:
         ctx.details.update(summary="heartbeat_request declared")
         return
-    owner = _owner(codec_type, "heartbeat_request")
-    declared_in = _owner(codec_type, "capabilities")
+    owner = defining_class(codec_type, "heartbeat_request")
+    declared_in = defining_class(codec_type, "capabilities")
     undeclared = (
         "codec does not declare the 'heartbeat_request' capability "
         "(Capabilities.heartbeat_request=False)"
