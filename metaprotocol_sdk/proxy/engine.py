@@ -1314,11 +1314,11 @@ class Engine:
         heartbeat = self.config.proxy.upstream_heartbeat
         interval = heartbeat.interval
         for upstream in list(self.upstreams):
-            buffered += upstream.held + upstream.account_unsent()
             if interval is not None and now >= upstream.ping_due:
                 upstream.heartbeat_sweep(now, interval, heartbeat.timeout)
                 if upstream.closed:
-                    continue
+                    continue  # aborted: it released what it held
+            buffered += upstream.held + upstream.account_unsent()  # with a ping queued now
             cluster = upstream.cluster
             if cluster.max_duration is not None:
                 upstream.lifetime_sweep(now, cluster.max_duration)
