@@ -1081,6 +1081,10 @@ class Engine:
             draining.extend(c for c in self.downstreams if c.listener is current)
             aborted.extend(c for c in self.handshaking if c.listener is current)
         self._retire_rate_limit_services(staged.build.rls)
+        if staged.config.proxy.upstream_heartbeat != self.config.proxy.upstream_heartbeat:
+            for upstream in self.upstreams:  # each looked at again by the settings of now
+                if upstream.ping_due != math.inf:
+                    upstream.ping_due = 0.0
         self.config = staged.config
         self.config_version = staged.version
         self.clusters = staged.build.clusters

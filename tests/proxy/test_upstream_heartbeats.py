@@ -190,3 +190,26 @@ def test_a_peer_answering_pings_but_no_requests_is_kept() -> None:
         await a.close()
 
     run(main())
+
+
+def test_a_reload_shortening_the_interval_applies_to_open_connections() -> None:
+    """Pings every 60 s at first; a reload to 200 ms pings the connection already open within
+    a few sweeps, not a minute after its last message."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        async with engine_for(mesh([(a.port, "v1")], proxy=heartbeat("60s"), **PING)) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            loop = asyncio.get_running_loop()
+            (conn,) = engine.upstreams
+            await until(lambda: conn.ping_due > loop.time() + 30, "its next look a minute on")
+            on = mesh([(a.port, "v1")], proxy=heartbeat("200ms"), **PING)
+            await engine.apply(loads_config(on))
+            dumped = engine.config_dump()["settings"]["upstreamHeartbeat"]
+            assert dumped == {"interval": 0.2, "timeout": 1.0}
+            await until(lambda: a.pings >= 1, "a ping after the reload", timeout=5)
+            c.close()
+        await a.close()
+
+    run(main())
