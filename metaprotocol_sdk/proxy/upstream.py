@@ -1431,6 +1431,10 @@ class UpstreamConnection(asyncio.Protocol):
             if not ping:
                 raise ValueError("heartbeat_request() returned nothing")
         except Exception as exc:  # a bug in the codec: no pings on this connection
+            if isinstance(exc, CodecError):  # a bug here too: every id in range has a ping
+                exc = ValueError(f"CodecError for id {wire_id}: {exc}").with_traceback(
+                    exc.__traceback__
+                )
             self.engine.codec_bugs.report(codec, "heartbeat_request", exc, "no heartbeats sent")
             self.ping_due = math.inf
             return

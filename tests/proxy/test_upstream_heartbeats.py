@@ -213,3 +213,32 @@ def test_a_reload_shortening_the_interval_applies_to_open_connections() -> None:
         await a.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("name", ["BrokenPingKVCodec", "EmptyPingKVCodec"])
+def test_a_codec_that_builds_no_ping_is_reported_and_serves_on(name: str) -> None:
+    """``heartbeat_request`` raising (a ``CodecError`` too: every id has a ping by the
+    contract) or returning nothing: counted once as a codec bug for the connection, which
+    sends no pings and serves on."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        protocol = "kvbp" if name == "BrokenPingKVCodec" else "kvep"
+        config = mesh(
+            [(a.port, "v1")],
+            proxy=heartbeat("100ms"),
+            protocol=protocol,
+            codec=f"proxy_test_codecs:{name}",
+        )
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            bugs = "metaprotocol_codec_errors_total"
+            await until(lambda: engine.stats.total(bugs, method="heartbeat_request"), "a report")
+            assert error_type(await c.call()) is None
+            assert a.pings == 0 and a.accepted == 1
+            assert engine.stats.total(bugs, method="heartbeat_request") == 1
+            c.close()
+        await a.close()
+
+    run(main())
