@@ -1430,12 +1430,10 @@ class UpstreamConnection(asyncio.Protocol):
             ping = codec.heartbeat_request(wire_id)
             if not ping:
                 raise ValueError("heartbeat_request() returned nothing")
-        except Exception as exc:  # a bug in the codec: no pings on this connection
-            if isinstance(exc, CodecError):  # a bug here too: every id in range has a ping
-                exc = ValueError(f"CodecError for id {wire_id}: {exc}").with_traceback(
-                    exc.__traceback__
-                )
-            self.engine.codec_bugs.report(codec, "heartbeat_request", exc, "no heartbeats sent")
+        except Exception as exc:  # a bug in the codec (every id has a ping): no more pings
+            self.engine.codec_bugs.report(
+                codec, "heartbeat_request", exc, "no heartbeats sent", strict=True
+            )
             self.ping_due = math.inf
             return
         if self.shared:
@@ -1817,7 +1815,9 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 notice = codec.is_drain_notice(message)
             except Exception as exc:  # a bug in the codec: taken as the heartbeat it is
-                self.engine.codec_bugs.report(codec, "is_drain_notice", exc, "taken as no notice")
+                self.engine.codec_bugs.report(
+                    codec, "is_drain_notice", exc, "taken as no notice", strict=True
+                )
                 notice = False
             if notice:
                 self._drain_notice()
