@@ -1318,7 +1318,7 @@ class Engine:
         heartbeat = self.config.proxy.upstream_heartbeat
         interval = heartbeat.interval
         for upstream in list(self.upstreams):
-            if interval is not None and now >= upstream.ping_due:
+            if interval is not None and now >= upstream.ping_due and not upstream.closed:
                 upstream.heartbeat_sweep(now, interval, heartbeat.timeout)
                 if upstream.closed:
                     continue  # aborted: it released what it held
