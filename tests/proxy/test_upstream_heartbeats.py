@@ -55,8 +55,8 @@ def test_a_quiet_connection_is_pinged_and_kept() -> None:
 
 
 def test_a_busy_connection_is_not_pinged() -> None:
-    """Replies arriving more often than ``interval``: no ping is sent (what the connection
-    received is the kernel's count)."""
+    """Replies arriving more often than ``interval``: no ping is sent (each reply is a
+    message; the sweep reads when the last came from the kernel)."""
 
     async def main() -> None:
         a = await Upstream("a").start()
