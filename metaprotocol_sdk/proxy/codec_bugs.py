@@ -185,13 +185,18 @@ class CodecBugs:
         self._logged, self._quiet = monotonic(), 0
         return more
 
-    def report(self, codec: object, method: str, exc: BaseException, outcome: str) -> str:
+    def report(
+        self, codec: object, method: str, exc: BaseException, outcome: str, strict: bool = False
+    ) -> str:
         """Count ``exc``, raised by ``codec``'s ``method`` (``codec`` a class for its
         ``__init__``), and log it (rate-limited) with
         ``outcome``: what the engine did about it. A ``CodecError`` (the contract's) is not
-        a bug: not counted, for callers that catch every exception at once. Returns what an
-        error reply may say of it (a bug's message is left out: it may quote wire bytes)."""
-        if isinstance(exc, CodecError):
+        a bug: not counted, for callers that catch every exception at once; unless
+        ``strict``: ``method`` may raise nothing (it builds a message, or answers a question,
+        that every input has: ``heartbeat_request``, ``drain_notice``, ``is_drain_notice``).
+        Returns what an error reply may say of it (a bug's message is left out: it may quote
+        wire bytes)."""
+        if isinstance(exc, CodecError) and not strict:
             return str(exc)
         self._count(codec, method)
         reason = f"the codec failed ({method} raised {type(exc).__name__})"
@@ -199,11 +204,12 @@ class CodecBugs:
             return reason
         more = self._more()
         log.error(
-            "codec %s: %s raised %s%s, a bug in the codec (it may raise only CodecError): %s%s",
+            "codec %s: %s raised %s%s, a bug in the codec (it may raise %s): %s%s",
             codec_name(codec),
             method,
             describe(exc),
             raised_at(exc, codec),
+            "nothing" if strict else "only CodecError",
             outcome,
             more,
         )

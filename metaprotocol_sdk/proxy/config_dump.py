@@ -209,6 +209,7 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 },
             },
             "connectionsPerEndpoint": settings.connections_per_endpoint,
+            "upstreamHeartbeat": vars(settings.upstream_heartbeat),
             "admin": None
             if admin is None
             else {

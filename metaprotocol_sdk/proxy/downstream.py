@@ -671,7 +671,9 @@ class Downstream(asyncio.Protocol):
             if not notice:
                 raise ValueError("drain_notice() returned nothing")
         except Exception as exc:  # a bug in the codec: the drain goes on without a notice
-            self.engine.codec_bugs.report(codec, "drain_notice", exc, "no drain notice sent")
+            self.engine.codec_bugs.report(
+                codec, "drain_notice", exc, "no drain notice sent", strict=True
+            )
             return
         self.queue_frame(notice)
         if self.closed:  # a client too far behind to take it is closed instead, as for a reply

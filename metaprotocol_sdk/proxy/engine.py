@@ -1081,6 +1081,10 @@ class Engine:
             draining.extend(c for c in self.downstreams if c.listener is current)
             aborted.extend(c for c in self.handshaking if c.listener is current)
         self._retire_rate_limit_services(staged.build.rls)
+        if staged.config.proxy.upstream_heartbeat != self.config.proxy.upstream_heartbeat:
+            for upstream in self.upstreams:  # each looked at again by the settings of now
+                if upstream.ping_due != math.inf:
+                    upstream.ping_due = 0.0
         self.config = staged.config
         self.config_version = staged.version
         self.clusters = staged.build.clusters
@@ -1314,11 +1318,11 @@ class Engine:
         heartbeat = self.config.proxy.upstream_heartbeat
         interval = heartbeat.interval
         for upstream in list(self.upstreams):
-            buffered += upstream.held + upstream.account_unsent()
-            if interval is not None and now >= upstream.ping_due:
+            if interval is not None and now >= upstream.ping_due and not upstream.closed:
                 upstream.heartbeat_sweep(now, interval, heartbeat.timeout)
                 if upstream.closed:
-                    continue
+                    continue  # aborted: it released what it held
+            buffered += upstream.held + upstream.account_unsent()  # with a ping queued now
             cluster = upstream.cluster
             if cluster.max_duration is not None:
                 upstream.lifetime_sweep(now, cluster.max_duration)

@@ -57,6 +57,8 @@ HELP = {
     "metaprotocol_stream_frames_dropped_total": "Client frames of ended streams, dropped.",
     "metaprotocol_local_replies_total": "Replies built by the engine, by listener and error type.",
     "metaprotocol_heartbeats_total": "Heartbeats answered locally, by listener/cluster and side.",
+    "metaprotocol_upstream_pings_total": "Heartbeat requests (pings) sent to upstreams, by "
+    "cluster.",
     "metaprotocol_drain_notices_total": "Drain notices (the codec's: a connection is closing) "
     "sent to clients (side=downstream, by listener) and received from upstreams "
     "(side=upstream, by cluster).",

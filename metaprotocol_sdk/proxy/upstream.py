@@ -943,6 +943,8 @@ class UpstreamConnection(asyncio.Protocol):
         "engine",
         "established",
         "expired",
+        "heard",
+        "heard_at",
         "held",
         "host",
         "id_checks",
@@ -1057,10 +1059,14 @@ class UpstreamConnection(asyncio.Protocol):
         #: When it was established (0: not yet), for ``maxConnectionDuration`` and pings.
         self.established = 0.0
         #: Pings (``spec.upstream.heartbeat``, codecs with heartbeat requests): when the
-        #: sweep looks at the connection next (infinite: never, its codec builds none), and
-        #: when the ping waiting for its answer was sent (0: none waits).
+        #: sweep looks at the connection next (infinite: never, its codec builds none), when
+        #: the ping waiting for its answer was sent (0: none waits), whether a message (any
+        #: reply, heartbeat or frame the codec refused) arrived since the sweep last looked,
+        #: and when the last one did as the sweep knows it (see :meth:`heartbeat_sweep`).
         self.ping_due = 0.0 if codec.active_capabilities.heartbeat_request else math.inf
         self.ping_sent = 0.0
+        self.heard = False
+        self.heard_at = 0.0
         # The write watch of the engine's sweep (see :meth:`write_sweep`): since when the
         # unsent bytes made no progress (0: none unsent, or progress at the last sweep), the
         # kernel's count of bytes the upstream acknowledged and the unsent bytes then, whether
@@ -1150,7 +1156,7 @@ class UpstreamConnection(asyncio.Protocol):
             _keepalive(
                 transport, pool.keepalive.probes, pool.keepalive.time, pool.keepalive.interval
             )
-        self.established = self.engine.loop.time()
+        self.established = self.heard_at = self.engine.loop.time()
         self._active.value += 1
         if self.closed:  # closed while connecting
             transport.close()
@@ -1376,53 +1382,58 @@ class UpstreamConnection(asyncio.Protocol):
         return False
 
     def heartbeat_sweep(self, now: float, interval: float, timeout: float) -> None:
-        """Pings (engine sweep, when :attr:`ping_due`): a connection that received nothing
-        for ``interval`` is sent its codec's heartbeat request, and one that then receives
-        nothing at all within ``timeout`` is aborted (its requests in flight get
+        """Pings (engine sweep, when :attr:`ping_due`): a connection on which no message
+        arrived for ``interval`` is sent its codec's heartbeat request, and one on which
+        none then arrives within ``timeout`` is aborted (its requests in flight get
         ``UpstreamReset``), as Apache Dubbo's consumers ping their providers: an idle
         connection stays open past the peer's idle check, and a peer that is gone is found
-        before a request waits for it. What was received is the kernel's count
-        (``TCP_INFO``) where the platform has one; elsewhere every ``interval`` gets its
-        ping. A stream's connection is left to ``timeouts.streamIdle``; one whose upstream
-        takes nothing of what it is sent, to ``timeouts.upstreamWrite``."""
+        before a request waits for it. A message is any the codec decoded (a reply, a
+        heartbeat, one it refused), as any HTTP/2 frame answers Envoy's keepalive: bytes
+        that make none (a peer trickling a frame, or TLS records without data) are no
+        answer. The data path only notes that one came (:attr:`heard`); when, the sweep
+        takes from the kernel (``TCP_INFO``: when data last arrived) where the platform
+        tells, else the time it looks. A stream's connection is left to
+        ``timeouts.streamIdle``; one whose upstream takes nothing of what it is sent, to
+        ``timeouts.upstreamWrite``."""
         transport = self.transport
         if transport is None or not self.established or self.closed or self.stream is not None:
             self.ping_due = now + interval  # not yet, or never again
             return
-        quiet = _quiet_for(transport)
-        sent = self.ping_sent
-        if sent:
-            if quiet is not None and quiet < now - sent:  # something came after the ping
-                self.ping_sent = sent = 0.0
-            elif now - sent >= timeout:
+        if self.heard:
+            self.heard = False
+            self.ping_sent = 0.0  # answered
+            quiet = _quiet_for(transport)
+            self.heard_at = now if quiet is None else now - min(quiet, now - self.heard_at)
+        elif self.ping_sent:
+            if now - self.ping_sent >= timeout:
                 self.give_up(
                     "heartbeat_timeout",
                     ErrorType.UpstreamReset,
                     f"upstream {self.host.key} answered no heartbeat within {timeout:g}s",
                 )
-                return
             else:
-                self.ping_due = sent + timeout
-                return
-        if quiet is None:  # not known: a ping every interval
-            quiet = interval
-        if quiet < interval:
-            self.ping_due = now + interval - quiet
+                self.ping_due = self.ping_sent + timeout
+            return
+        if now - self.heard_at < interval:
+            self.ping_due = self.heard_at + interval
             return
         if self.write_paused:  # it takes nothing: timeouts.upstreamWrite is for that
             self.ping_due = now + interval
             return
-        codec = self.codec
         try:
             wire_id = self._free_id()
+        except CodecError:  # every id in flight: their replies or timeouts decide
+            self.ping_due = now + interval
+            return
+        codec = self.codec
+        try:
             ping = codec.heartbeat_request(wire_id)
             if not ping:
                 raise ValueError("heartbeat_request() returned nothing")
-        except CodecError:  # every id in flight: they answer for it
-            self.ping_due = now + interval
-            return
-        except Exception as exc:  # a bug in the codec: no pings on this connection
-            self.engine.codec_bugs.report(codec, "heartbeat_request", exc, "no heartbeats sent")
+        except Exception as exc:  # a bug in the codec (every id has a ping): no more pings
+            self.engine.codec_bugs.report(
+                codec, "heartbeat_request", exc, "no heartbeats sent", strict=True
+            )
             self.ping_due = math.inf
             return
         if self.shared:
@@ -1658,6 +1669,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.cluster.unmatched_reply()
         else:
             self.need = 0
+        if len(buffer) != start:
+            self.heard = True  # a message came (for pings: see heartbeat_sweep)
         for downstream in batch:  # first: the replies read leave before any error
             downstream.flush()
         if self.cap:  # replies made room (see room.py)
@@ -1796,15 +1809,15 @@ class UpstreamConnection(asyncio.Protocol):
     def _heartbeat(self, message: Metadata) -> None:
         """Answer the upstream's heartbeat, unless it does not read what it was sent (its
         write buffer is full): one reply per ping would then pile up without end. A drain
-        notice is no heartbeat: see :meth:`_drain_notice`. Anything heard answers a ping of
-        the engine's (see :meth:`heartbeat_sweep`)."""
-        self.ping_sent = 0.0
+        notice is no heartbeat: see :meth:`_drain_notice`."""
         codec = self.codec
         if codec.active_capabilities.drain_notice:
             try:
                 notice = codec.is_drain_notice(message)
             except Exception as exc:  # a bug in the codec: taken as the heartbeat it is
-                self.engine.codec_bugs.report(codec, "is_drain_notice", exc, "taken as no notice")
+                self.engine.codec_bugs.report(
+                    codec, "is_drain_notice", exc, "taken as no notice", strict=True
+                )
                 notice = False
             if notice:
                 self._drain_notice()
@@ -1859,6 +1872,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._stream_frame(stream, message)
             stream.downstream.flush()
             return
+        self.heard = True  # for pings (see heartbeat_sweep)
         batch: list[Downstream] = []
         try:
             message = self.codec.decode_frame(frame)

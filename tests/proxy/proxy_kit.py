@@ -215,6 +215,25 @@ class PingKVCodec(KVCodec):
         return build_frame(PING, request_id)
 
 
+class BrokenPingKVCodec(PingKVCodec):
+    """:class:`PingKVCodec` whose ``heartbeat_request`` breaks the contract: it raises a
+    ``CodecError`` (every id in ``1..max_request_id`` must have a ping)."""
+
+    protocol = "kvbp"
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        raise CodecError(f"no ping for id {request_id}")
+
+
+class EmptyPingKVCodec(PingKVCodec):
+    """:class:`PingKVCodec` whose ``heartbeat_request`` returns ``b""`` (a bug)."""
+
+    protocol = "kvep"
+
+    def heartbeat_request(self, request_id: int) -> bytes:
+        return b""
+
+
 class NoticeDedicatedKVCodec(NoticeKVCodec):
     """:class:`NoticeKVCodec` without id rewriting: each client has its own connections."""
 
@@ -231,6 +250,8 @@ _mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]
 _mod.FewIdsKVCodec = FewIdsKVCodec  # type: ignore[attr-defined]
 _mod.NoticeKVCodec = NoticeKVCodec  # type: ignore[attr-defined]
 _mod.PingKVCodec = PingKVCodec  # type: ignore[attr-defined]
+_mod.BrokenPingKVCodec = BrokenPingKVCodec  # type: ignore[attr-defined]
+_mod.EmptyPingKVCodec = EmptyPingKVCodec  # type: ignore[attr-defined]
 _mod.NoticeDedicatedKVCodec = NoticeDedicatedKVCodec  # type: ignore[attr-defined]
 sys.modules["proxy_test_codecs"] = _mod
 

@@ -29,7 +29,7 @@ from proxy_kit import (
     until,
 )
 
-from metaprotocol_sdk import ConfigError, Metadata
+from metaprotocol_sdk import CodecError, ConfigError, Metadata
 from metaprotocol_sdk.examples.kv import REQUEST, build_frame
 from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.upstream import AvoidUnfit
@@ -315,14 +315,26 @@ class BrokenNoticeKVCodec(NoticeKVCodec):
         raise RuntimeError("cannot tell")
 
 
+class RefusingNoticeKVCodec(NoticeKVCodec):
+    """Its notice methods raise the contract's ``CodecError``, which they may not either: a
+    notice depends on nothing the peer sent, and every heartbeat is a notice or not."""
+
+    def drain_notice(self) -> bytes:
+        raise CodecError("no notice today")
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        raise CodecError("cannot tell")
+
+
+@pytest.mark.parametrize("broken", [BrokenNoticeKVCodec, RefusingNoticeKVCodec])
 def test_a_codec_whose_notice_methods_raise_is_reported_and_the_drain_goes_on(
-    monkeypatch: Any,
+    monkeypatch: Any, broken: type[NoticeKVCodec]
 ) -> None:
-    """``drain_notice`` raising: logged as the codec's bug, the drain goes on without a
-    notice; ``is_drain_notice`` raising: the heartbeat is taken as one."""
+    """``drain_notice`` raising (a ``CodecError`` too): logged as the codec's bug, the drain
+    goes on without a notice; ``is_drain_notice`` raising: the heartbeat is taken as one."""
     import proxy_kit
 
-    monkeypatch.setattr(proxy_kit._mod, "BrokenNoticeKVCodec", BrokenNoticeKVCodec, raising=False)
+    monkeypatch.setattr(proxy_kit._mod, "BrokenNoticeKVCodec", broken, raising=False)
 
     async def main() -> None:
         a = await Upstream("a").start()

@@ -7,7 +7,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
+from proxy_kit import (
+    RESPONSE,
+    Client,
+    Upstream,
+    address,
+    build_frame,
+    engine_for,
+    error_type,
+    mesh,
+    run,
+    until,
+)
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import loads_config
@@ -44,8 +55,8 @@ def test_a_quiet_connection_is_pinged_and_kept() -> None:
 
 
 def test_a_busy_connection_is_not_pinged() -> None:
-    """Replies arriving more often than ``interval``: no ping is sent (what the connection
-    received is the kernel's count)."""
+    """Replies arriving more often than ``interval``: no ping is sent (each reply is a
+    message; the sweep reads when the last came from the kernel)."""
 
     async def main() -> None:
         a = await Upstream("a").start()
@@ -121,6 +132,112 @@ def test_a_reload_changes_the_interval_of_open_connections() -> None:
             await engine.apply(loads_config(on))
             await until(lambda: a.pings >= 1, "a ping after the reload")
             assert a.accepted == 1
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+def test_bytes_that_make_no_message_answer_no_ping() -> None:
+    """A peer that trickles a reply a byte at a time, never finishing it (``timeouts.frame``
+    set long, so that only the pings are left to find it): it is never quiet, yet no message
+    arrives, so it is pinged and, answering nothing, aborted, as any HTTP/2 frame but no
+    lone byte answers Envoy's keepalive. Its request gets ``UpstreamReset``."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        proxy = heartbeat("200ms", "300ms") + "timeouts: {frame: 1h}\n"
+        config = mesh([(a.port, "v1")], proxy=proxy, **PING)
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            a.mute = True
+            hung = c.start("hang")
+            frame = build_frame(RESPONSE, 999, {"k": "v"}, bytes(200))
+
+            async def trickle() -> None:
+                for byte in frame[:-1]:
+                    a.send_all(bytes((byte,)))
+                    await asyncio.sleep(0.02)
+
+            trickling = asyncio.get_running_loop().create_task(trickle())
+            reply = await asyncio.wait_for(hung, 4)
+            assert error_type(reply) == "UpstreamReset", reply.attributes
+            assert not trickling.done()  # found while it still trickled
+            assert engine.stats.total(CLOSED, reason="heartbeat_timeout") == 1
+            trickling.cancel()
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+def test_a_peer_answering_pings_but_no_requests_is_kept() -> None:
+    """Its answers to the pings are messages: the connection stays, and a request it never
+    answers waits for its own (route) timeout."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        config = mesh([(a.port, "v1")], proxy=heartbeat("200ms", "300ms"), **PING)
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            hung = c.start("hang")
+            await until(lambda: a.pings >= 4, "four pings answered", timeout=10)
+            assert not hung.done()
+            assert engine.stats.total(CLOSED, reason="heartbeat_timeout") == 0
+            assert a.accepted == 1
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+def test_a_reload_shortening_the_interval_applies_to_open_connections() -> None:
+    """Pings every 60 s at first; a reload to 200 ms pings the connection already open within
+    a few sweeps, not a minute after its last message."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        async with engine_for(mesh([(a.port, "v1")], proxy=heartbeat("60s"), **PING)) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            loop = asyncio.get_running_loop()
+            (conn,) = engine.upstreams
+            await until(lambda: conn.ping_due > loop.time() + 30, "its next look a minute on")
+            on = mesh([(a.port, "v1")], proxy=heartbeat("200ms"), **PING)
+            await engine.apply(loads_config(on))
+            dumped = engine.config_dump()["settings"]["upstreamHeartbeat"]
+            assert dumped == {"interval": 0.2, "timeout": 1.0}
+            await until(lambda: a.pings >= 1, "a ping after the reload", timeout=5)
+            c.close()
+        await a.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", ["BrokenPingKVCodec", "EmptyPingKVCodec"])
+def test_a_codec_that_builds_no_ping_is_reported_and_serves_on(name: str) -> None:
+    """``heartbeat_request`` raising (a ``CodecError`` too: every id has a ping by the
+    contract) or returning nothing: counted once as a codec bug for the connection, which
+    sends no pings and serves on."""
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        protocol = "kvbp" if name == "BrokenPingKVCodec" else "kvep"
+        config = mesh(
+            [(a.port, "v1")],
+            proxy=heartbeat("100ms"),
+            protocol=protocol,
+            codec=f"proxy_test_codecs:{name}",
+        )
+        async with engine_for(config) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call()) is None
+            bugs = "metaprotocol_codec_errors_total"
+            await until(lambda: engine.stats.total(bugs, method="heartbeat_request"), "a report")
+            assert error_type(await c.call()) is None
+            assert a.pings == 0 and a.accepted == 1
+            assert engine.stats.total(bugs, method="heartbeat_request") == 1
             c.close()
         await a.close()
 
