@@ -11,7 +11,6 @@ into a working one on the same port (outlier readmission).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import socket
 import threading
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+import dubbo_kit
 import pytest
 
 from metaprotocol_sdk.demo.procs import Child, node_child
@@ -95,31 +95,11 @@ class Relay:
                 conn.close()
 
 
-class Consumer:
-    """The sofa-rpc-node consumer (``dubbo_peer.js consumer``): one call per JSON line."""
-
-    _ids = itertools.count(1)
+class Consumer(dubbo_kit.Consumer):
+    """The sofa-rpc-node consumer, telling which provider answered."""
 
     def __init__(self, port: int) -> None:
-        self.child = node_child("dubbo-consumer", "consumer", f"127.0.0.1:{port}")
-
-    def send(self, method: str, args: list[Any] | None = None) -> int:
-        call_id = next(self._ids)
-        msg = {"id": call_id, "method": method, "args": args or [], "timeout": 5000}
-        self.child.send(json.dumps(msg))
-        return call_id
-
-    def results(self, ids: list[int], timeout: float = 15) -> dict[int, dict[str, Any]]:
-        got: dict[int, dict[str, Any]] = {}
-        deadline = time.monotonic() + timeout
-        while len(got) < len(ids):
-            reply = json.loads(self.child.readline(max(0.1, deadline - time.monotonic())))
-            got[reply["id"]] = reply
-        return got
-
-    def call(self, method: str, args: list[Any] | None = None) -> dict[str, Any]:
-        call_id = self.send(method, args)
-        return self.results([call_id])[call_id]
+        super().__init__(port, wait=False)
 
     def outcome(self, method: str = "ping", args: list[Any] | None = None) -> str:
         """The replying provider's version, or ``"error: <message>"``."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from metaprotocol_dubbo import DubboCodec, heartbeat_request
 
 from metaprotocol_sdk import (
@@ -62,6 +63,25 @@ def node_env() -> dict[str, str]:
     env = dict(os.environ)
     env["NODE_PATH"] = str(NODE_MODULES)
     return env
+
+
+def run_node_script(script: str, *args: str) -> str:
+    """Run ``peers/<script>`` with ``args`` under node (the pinned modules); its stdout, the
+    test failing (never skipping) when node or a module is missing or the script fails."""
+    try:
+        env = node_env()
+    except PeerMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    proc = subprocess.run(
+        ["node", str(PEERS_DIR / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
 
 
 def python_peer_env() -> dict[str, str]:

@@ -5,10 +5,13 @@ codec and checked against dubbo-remoting 2.1.4's own encoder and decoder."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
-from dubbo_harness import PEERS_DIR, TIMEOUT, LineProcess, PeerMissing, Relay, node_env
+from dubbo_harness import (
+    LineProcess,
+    Relay,
+    run_node_script,
+)
 from metaprotocol_dubbo import DubboCodec, heartbeat_request
 from metaprotocol_dubbo.codec import DRAIN_NOTICE, READONLY_BODY
 from metaprotocol_dubbo.frames import build_request, build_response
@@ -133,20 +136,7 @@ def test_a_read_only_event_in_another_serialization_is_refused_as_any_frame_is()
 
 
 def _node(*args: str) -> str:
-    try:
-        env = node_env()
-    except PeerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    proc = subprocess.run(
-        ["node", str(PEERS_DIR / "readonly_event.js"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    return run_node_script("readonly_event.js", *args)
 
 
 def test_dubbo_remoting_decodes_our_notice_as_its_read_only_event() -> None:

@@ -5,10 +5,9 @@ encoder and answered by a real sofa-rpc-node provider over 127.0.0.1."""
 from __future__ import annotations
 
 import socket
-import subprocess
 
 import pytest
-from dubbo_harness import PEERS_DIR, TIMEOUT, LineProcess, PeerMissing, node_env
+from dubbo_harness import TIMEOUT, LineProcess, run_node_script
 from metaprotocol_dubbo import DubboCodec, heartbeat_request
 from metaprotocol_dubbo.frames import build_request, build_response
 
@@ -79,20 +78,7 @@ def test_the_ping_is_the_same_after_any_traffic() -> None:
 
 
 def _node(*args: str) -> str:
-    try:
-        env = node_env()
-    except PeerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    proc = subprocess.run(
-        ["node", str(PEERS_DIR / "heartbeat.js"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    return run_node_script("heartbeat.js", *args)
 
 
 @pytest.mark.parametrize("request_id", IDS)
