@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import socket
 import sys
 from collections import OrderedDict, deque
@@ -964,6 +965,7 @@ class UpstreamConnection(asyncio.Protocol):
         "peek",
         "pending",
         "ping_due",
+        "ping_jitter",
         "ping_sent",
         "queued",
         "reads",
@@ -1064,6 +1066,9 @@ class UpstreamConnection(asyncio.Protocol):
         #: reply, heartbeat or frame the codec refused) arrived since the sweep last looked,
         #: and when the last one did as the sweep knows it (see :meth:`heartbeat_sweep`).
         self.ping_due = 0.0 if codec.active_capabilities.heartbeat_request else math.inf
+        #: The share of ``interval`` added to this connection's (Envoy's keepalive
+        #: ``interval_jitter``): connections that went quiet together are due apart.
+        self.ping_jitter = 1.0 + PING_JITTER * random.random()
         self.ping_sent = 0.0
         self.heard = False
         self.heard_at = 0.0
@@ -1394,7 +1399,8 @@ class UpstreamConnection(asyncio.Protocol):
         takes from the kernel (``TCP_INFO``: when data last arrived) where the platform
         tells, else the time it looks. A stream's connection is left to
         ``timeouts.streamIdle``; one whose upstream takes nothing of what it is sent, to
-        ``timeouts.upstreamWrite``."""
+        ``timeouts.upstreamWrite``. The interval is this connection's (:attr:`ping_jitter`)."""
+        interval *= self.ping_jitter
         transport = self.transport
         if transport is None or not self.established or self.closed or self.stream is not None:
             self.ping_due = now + interval  # not yet, or never again
@@ -2311,6 +2317,11 @@ class UpstreamConnection(asyncio.Protocol):
 _BYTES_ACKED = 120
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 
+
+#: At most this share of ``spec.upstream.heartbeat.interval`` is added to each connection's
+#: (Envoy's HTTP/2 keepalive adds up to 15 % by default): the pings of connections that went
+#: quiet at once, and the sweep's work for them, are spread over that much time.
+PING_JITTER = 0.15
 
 #: Offset of ``tcpi_last_data_recv`` (milliseconds since data was last received) in Linux's
 #: ``struct tcp_info``.

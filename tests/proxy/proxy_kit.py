@@ -234,6 +234,13 @@ class EmptyPingKVCodec(PingKVCodec):
         return b""
 
 
+class PingDedicatedKVCodec(PingKVCodec):
+    """:class:`PingKVCodec` without id rewriting: each client has its own connections."""
+
+    protocol = "kvpd"
+    capabilities = dataclasses.replace(PingKVCodec.capabilities, rewrite_request_id=False)
+
+
 class NoticeDedicatedKVCodec(NoticeKVCodec):
     """:class:`NoticeKVCodec` without id rewriting: each client has its own connections."""
 
@@ -250,6 +257,7 @@ _mod.NoRewriteKVCodec = NoRewriteKVCodec  # type: ignore[attr-defined]
 _mod.FewIdsKVCodec = FewIdsKVCodec  # type: ignore[attr-defined]
 _mod.NoticeKVCodec = NoticeKVCodec  # type: ignore[attr-defined]
 _mod.PingKVCodec = PingKVCodec  # type: ignore[attr-defined]
+_mod.PingDedicatedKVCodec = PingDedicatedKVCodec  # type: ignore[attr-defined]
 _mod.BrokenPingKVCodec = BrokenPingKVCodec  # type: ignore[attr-defined]
 _mod.EmptyPingKVCodec = EmptyPingKVCodec  # type: ignore[attr-defined]
 _mod.NoticeDedicatedKVCodec = NoticeDedicatedKVCodec  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from metaprotocol_sdk.proxy import loads_config
 
 PING = {"protocol": "kvp", "codec": "proxy_test_codecs:PingKVCodec"}
 NO_PINGS = {"protocol": "kvnr", "codec": "proxy_test_codecs:NoRewriteKVCodec"}
+PER_CLIENT_PINGS = "proxy_test_codecs:PingDedicatedKVCodec"
 PINGS = "metaprotocol_upstream_pings_total"
 CLOSED = "metaprotocol_upstream_connections_closed_total"
 
@@ -239,6 +240,38 @@ def test_a_codec_that_builds_no_ping_is_reported_and_serves_on(name: str) -> Non
             assert a.pings == 0 and a.accepted == 1
             assert engine.stats.total(bugs, method="heartbeat_request") == 1
             c.close()
+        await a.close()
+
+    run(main())
+
+
+def test_connections_quiet_together_are_due_apart() -> None:
+    """Each connection's interval has up to 15 % added, drawn once for it (Envoy's keepalive
+    ``interval_jitter``): twenty connections that heard their last message together are
+    due over that span, not all in one sweep."""
+    from metaprotocol_sdk.proxy.upstream import PING_JITTER
+
+    async def main() -> None:
+        a = await Upstream("a").start()
+        config = mesh(
+            [(a.port, "v1")], proxy=heartbeat("30s"), protocol="kvpd", codec=PER_CLIENT_PINGS
+        )
+        async with engine_for(config) as engine:
+            clients = [await Client.connect(address(engine)) for _ in range(20)]
+            for c in clients:
+                assert error_type(await c.call()) is None
+            conns = list(engine.upstreams)
+            assert len(conns) == 20
+            heard = engine.loop.time()
+            for conn in conns:
+                conn.heard, conn.heard_at, conn.ping_due = False, heard, 0.0
+                conn.heartbeat_sweep(heard, 30.0, 1.0)  # not yet due: when it will be
+            dues = sorted(conn.ping_due - heard for conn in conns)
+            assert dues[0] >= 30.0 and dues[-1] <= 30.0 * (1 + PING_JITTER)
+            assert dues[-1] - dues[0] > 0.2 * 30.0 * PING_JITTER  # spread, not one instant
+            assert a.pings == 0
+            for c in clients:
+                c.close()
         await a.close()
 
     run(main())

@@ -1020,7 +1020,8 @@ class UpstreamHeartbeat:
     whose codec builds heartbeat requests, in seconds (Apache Dubbo's consumers ping every
     60 s; its providers close a connection that read nothing for three times that)."""
 
-    #: A connection that received nothing for this long is sent a ping (``None``: never).
+    #: A connection that received nothing for this long (plus up to 15 %, drawn once per
+    #: connection) is sent a ping (``None``: never).
     interval: float | None = 60.0
     #: A ping not answered (nothing at all received) within this long: the connection is
     #: aborted, its requests in flight answered ``UpstreamReset``.
