@@ -657,7 +657,7 @@ class Downstream(asyncio.Protocol):
 
     def notify_drain(self) -> None:
         """Tell the client that this connection is closing, once: the codec's drain notice
-        (as a Dubbo provider's read-only event), so that a client that knows it sends its
+        (HTTP/2's ``GOAWAY`` is one), so that a client that knows it sends its
         next requests elsewhere rather than on a connection about to close. Nothing for a
         codec without one."""
         if self.noticed or self.closed or self.transport is None:

@@ -1390,7 +1390,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Pings (engine sweep, when :attr:`ping_due`): a connection on which no message
         arrived for ``interval`` is sent its codec's heartbeat request, and one on which
         none then arrives within ``timeout`` is aborted (its requests in flight get
-        ``UpstreamReset``), as Apache Dubbo's consumers ping their providers: an idle
+        ``UpstreamReset``), as RPC clients ping their servers: an idle
         connection stays open past the peer's idle check, and a peer that is gone is found
         before a request waits for it. A message is any the codec decoded (a reply, a
         heartbeat, one it refused), as any HTTP/2 frame answers Envoy's keepalive: bytes
@@ -1753,8 +1753,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.abort(ErrorType.BadResponse, f"bad frame from upstream: {exc}")
 
     def _drain_notice(self) -> None:
-        """The upstream said it is closing the connection (its codec's drain notice, as a Dubbo
-        provider's read-only event when it shuts down): the connection takes no new
+        """The upstream said it is closing the connection (its codec's drain notice, as a
+        server sends when it shuts down): the connection takes no new
         requests (they go to a fresh connection) and those in flight are answered on it. It
         stays open, and its endpoint avoided by the balancer (picked only when every other
         is avoided too), until the upstream closes it: a server that announced its drain may

@@ -1017,8 +1017,8 @@ class AccessLogSettings:
 @dataclass(frozen=True)
 class UpstreamHeartbeat:
     """``spec.upstream.heartbeat``: the pings the engine sends on its upstream connections
-    whose codec builds heartbeat requests, in seconds (Apache Dubbo's consumers ping every
-    60 s; its providers close a connection that read nothing for three times that)."""
+    whose codec builds heartbeat requests, in seconds (the defaults are those of a common RPC
+    client: a ping every 60 s; see the connection pool page of the docs)."""
 
     #: A connection that received nothing for this long (plus up to 15 %, drawn once per
     #: connection) is sent a ping (``None``: never).
