@@ -260,6 +260,11 @@ class Facts:
     port: int | None = None
     destination_ip: IpAddress | None = None
     sni: str | None = None
+    #: Whether the connection is TLS (Envoy's ``authenticated`` needs it).
+    secure: bool = False
+    #: The client certificate as ``getpeercert()`` decodes it (``None``: none), for rules
+    #: from a control plane that match its SANs or subject as Envoy does.
+    peercert: Any = None
 
 
 def _address(extra: Any) -> tuple[IpAddress | None, int | None]:
@@ -325,7 +330,8 @@ def facts_of(transport: Any) -> Facts:
     PROXY protocol header nor ``X-Forwarded-For``: ``remote.ip`` is the peer's address."""
     source, _ = _address(transport.get_extra_info("peername"))
     destination, port = _address(transport.get_extra_info("sockname"))
-    principal = principal_of(transport.get_extra_info("peercert"))
+    peercert = transport.get_extra_info("peercert")
+    principal = principal_of(peercert)
     ssl_object = transport.get_extra_info("ssl_object")
     sni = getattr(ssl_object, "sni", None) if ssl_object is not None else None
     namespace, account = namespace_of(principal)
@@ -338,6 +344,8 @@ def facts_of(transport: Any) -> Facts:
         port,
         destination,
         sni if isinstance(sni, str) else None,
+        ssl_object is not None,
+        peercert if isinstance(peercert, dict) else None,
     )
 
 

@@ -80,6 +80,20 @@ def config_dump(engine: Engine) -> dict[str, Any]:
                 "tls": dump_listener(listener.tls),
                 # The PeerAuthentication mode it follows (None: its own tls, or no identity).
                 "peerAuthentication": listener.peer_mode,
+                # Its own policies, from the control plane's inbound listener (None: the
+                # ProxyConfig's, above), and the filter chains of it they were read from.
+                "authorizationPolicies": None
+                if listener.authorization is None
+                else {
+                    "DENY": [p.name for p in listener.authorization.deny],
+                    "ALLOW": [p.name for p in listener.authorization.allow],
+                    "AUDIT": [p.name for p in listener.authorization.audit],
+                    "dryRun": {
+                        "DENY": [p.name for p in listener.authorization.dry_deny],
+                        "ALLOW": [p.name for p in listener.authorization.dry_allow],
+                    },
+                    "inboundChains": list(listener.inbound_chains),
+                },
                 "connectionRateLimit": plain(listener.connection_rate_limit),
                 # Seconds after which a client connection is noticed and closed once quiet.
                 "maxConnectionDuration": listener.max_connection_duration,

@@ -558,9 +558,10 @@ class Engine:
         runtime._unrouted.telemetry = self.target_telemetry(listener.host, listener, config)
         attach_listener(runtime, listener.tls, build.identity)
         attach_detection(runtime, listener.peer_mode)
-        if config.proxy.authorization is not None:
+        policies = listener.authorization or config.proxy.authorization
+        if policies is not None and policies.names:
             runtime.authz = ListenerAuthorization(
-                config.proxy.authorization,
+                policies,
                 self.stats,
                 listener.name,
                 logged=config.proxy.access_log is not None,

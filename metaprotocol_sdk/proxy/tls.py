@@ -365,6 +365,20 @@ def san_mismatch(peercert: dict[str, Any] | None, names: Iterable[str]) -> str |
     )
 
 
+def san_prefix_mismatch(peercert: dict[str, Any] | None, prefixes: tuple[str, ...]) -> str | None:
+    """Why a verified certificate has no URI SAN starting with one of ``prefixes`` (Envoy's
+    ``match_subject_alt_names`` prefix matchers: istiod's trust domains); ``None``: it has."""
+    sans = tuple((peercert or {}).get("subjectAltName", ()))
+    for kind, value in sans:
+        if kind == "URI" and isinstance(value, str) and value.startswith(prefixes):
+            return None
+    present = ", ".join(f"{kind}:{value}" for kind, value in sans)[:200] or "none"
+    return (
+        f"certificate verify failed: its subject alt names ({present}) are in none of the "
+        f"trust domains {', '.join(prefixes)[:200]}"
+    )
+
+
 def _der_element(der: bytes, at: int, end: int) -> tuple[int, int, int]:
     """The DER element at ``at`` (before ``end``): its tag, where its content starts and
     where it ends. ``ValueError`` if it does not fit."""
@@ -409,10 +423,11 @@ class ClientCheck:
     ``verifyCertificateHash``, Envoy's validation context): one of the names, if any are
     set, and one of the pins of either kind, if any are set."""
 
-    __slots__ = ("hashes", "names", "spki")
+    __slots__ = ("hashes", "names", "prefixes", "spki")
 
     def __init__(self, tls: ListenerTls) -> None:
         self.names = tls.subject_alt_names
+        self.prefixes = tls.subject_alt_name_prefixes
         self.spki = frozenset(tls.verify_certificate_spki)
         self.hashes = frozenset(tls.verify_certificate_hash)
 
@@ -425,6 +440,10 @@ class ClientCheck:
             return None
         if self.names:
             why = san_mismatch(ssl_object.getpeercert(), self.names)
+            if why is not None:
+                return why
+        if self.prefixes:
+            why = san_prefix_mismatch(ssl_object.getpeercert(), self.prefixes)
             if why is not None:
                 return why
         if self.spki or self.hashes:
@@ -762,7 +781,12 @@ def attach_listener(
     runtime.tls_stats = TlsStats(runtime.engine.stats, "listener", runtime.name, tls.expiry)
     if runtime.engine.istio is not None and runtime.mesh_tls is None:
         runtime.local_uris = certificate_uris(tls.server_certificate)
-    if tls.subject_alt_names or tls.verify_certificate_spki or tls.verify_certificate_hash:
+    if (
+        tls.subject_alt_names
+        or tls.subject_alt_name_prefixes
+        or tls.verify_certificate_spki
+        or tls.verify_certificate_hash
+    ):
         runtime.tls_check = ClientCheck(tls)
 
 
@@ -1034,6 +1058,7 @@ def dump_listener(tls: ListenerTls | None) -> dict[str, Any] | None:
         "maxProtocolVersion": tls.max_protocol_version,
         "cipherSuites": list(tls.cipher_suites),
         "subjectAltNames": list(tls.subject_alt_names),
+        "subjectAltNamePrefixes": list(tls.subject_alt_name_prefixes),
         "verifyCertificateSpki": list(tls.verify_certificate_spki),
         "verifyCertificateHash": list(tls.verify_certificate_hash),
         "caCrl": tls.ca_crl,

@@ -462,12 +462,15 @@ XDS = fields(
     "backoff",
     "keepalive",
     "initialFetchTimeout",
+    "inboundListener",
 )
 XDS_NODE = fields("id", "cluster", "metadata")
 XDS_BACKOFF = fields("initial", "max")
 XDS_KEEPALIVE = fields("time", "timeout")
 #: Kinds a file may not hold when ``spec.xds`` is set: the control plane sends them.
 XDS_KINDS = ("MetaRouter", "DestinationRule")
+#: Kinds a file may not hold when ``spec.xds.inboundListener`` is set: istiod sends them.
+XDS_INBOUND_KINDS = ("PeerAuthentication", "AuthorizationPolicy")
 TRACING = fields(
     "endpoint", "randomSampling", "serviceName", "operation", "maxQueueSize", "exportTimeout"
 )

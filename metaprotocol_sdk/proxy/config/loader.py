@@ -458,6 +458,15 @@ def _build(
                     f"a {kind} cannot be given in a file when the ProxyConfig sets spec.xds: "
                     "routes and clusters come from the control plane",
                 )
+        if "inboundListener" in (proxy_doc.spec().get("xds") or {}):
+            for kind in schema.XDS_INBOUND_KINDS:
+                if by_kind[kind]:
+                    by_kind[kind][0].fail(
+                        "kind",
+                        f"a {kind} cannot be given in a file when the ProxyConfig sets "
+                        "spec.xds.inboundListener: the control plane's inbound listener "
+                        "carries the mutual TLS mode and the authorization policies",
+                    )
     codec_options = _codec_options(proxy_doc)
     # Codec options are the ProxyConfig's; a codec refusing one is reported there.
     options_source = proxy_doc.source if proxy_doc is not None else "ProxyConfig"
@@ -2717,6 +2726,15 @@ def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:
     fetch = doc.duration(raw, "initialFetchTimeout", "spec.xds.initialFetchTimeout")
     if fetch is not None and not 0.01 <= fetch <= 3600:
         doc.fail("spec.xds.initialFetchTimeout", "must be between 10ms and 1h")
+    inbound = doc.string(raw, "inboundListener", "spec.xds.inboundListener", required=False)
+    if inbound is not None and not 0 < len(inbound) <= MAX_NAME_LENGTH:
+        doc.fail("spec.xds.inboundListener", f"must be 1 to {MAX_NAME_LENGTH} characters")
+    if inbound is not None and "meshIdentity" not in spec:
+        doc.fail(
+            "spec.xds.inboundListener",
+            "needs spec.meshIdentity: the inbound listener's chains accept mutual TLS with "
+            "the workload's identity (Istio's PERMISSIVE and STRICT modes)",
+        )
     return Xds(
         address=address,
         rds_address=rds,
@@ -2733,6 +2751,7 @@ def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:
         keepalive_time=Xds.keepalive_time if every is None else every,
         keepalive_timeout=Xds.keepalive_timeout if wait is None else wait,
         initial_fetch_timeout=Xds.initial_fetch_timeout if fetch is None else fetch,
+        inbound_listener=inbound,
     )
 
 

@@ -456,6 +456,9 @@ class ListenerTls:
     verify_certificate_hash: tuple[str, ...] = ()
     #: Revocation lists for client certificates (a CRL of each CA of the chain).
     ca_crl: str | None = None
+    #: A client's certificate must have a URI SAN starting with one of these (istiod's
+    #: trust domains, ``spiffe://<trust domain>/``, from its inbound listener).
+    subject_alt_name_prefixes: tuple[str, ...] = ()
     digest: str = ""
     expiry: tuple[tuple[str, float], ...] = ()
     context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
@@ -758,6 +761,11 @@ class Listener:
     #: ``maxConnectionDuration``: a client connection this old is sent its codec's drain
     #: notice and closed once quiet (Envoy's ``max_connection_duration``); ``None``: never.
     max_connection_duration: float | None = None
+    #: The listener's own policies, from the control plane's inbound listener
+    #: (``spec.xds.inboundListener``), in place of the ProxySettings' (``None``: those).
+    authorization: Authorization | None = None
+    #: The names of the inbound listener's filter chains read for it (``()``: none read).
+    inbound_chains: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -962,6 +970,10 @@ class Xds:
     #: Longest a route update waits for the endpoints of a new cluster it sends to (Envoy's
     #: ``initial_fetch_timeout``): it applies when they arrive, or after this anyway.
     initial_fetch_timeout: float = 15.0
+    #: The name of the control plane's inbound listener (istiod's ``virtualInbound``): the
+    #: PeerAuthentication mode and AuthorizationPolicies of each listener come from its
+    #: filter chains (LDS). ``None``: from the files.
+    inbound_listener: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.route.v3 import rds_pb2_grpc
@@ -58,12 +59,14 @@ log = logging.getLogger("metaprotocol.xds")
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 #: Short names in ``/config_dump`` and logs.
-SHORT = {CLUSTER_TYPE: "cds", ENDPOINT_TYPE: "eds", ROUTE_TYPE: "rds"}
+SHORT = {CLUSTER_TYPE: "cds", ENDPOINT_TYPE: "eds", ROUTE_TYPE: "rds", LISTENER_TYPE: "lds"}
 _MESSAGES: dict[str, type[Message]] = {
     CLUSTER_TYPE: cluster_pb2.Cluster,
     ENDPOINT_TYPE: endpoint_pb2.ClusterLoadAssignment,
     ROUTE_TYPE: route_pb2.RouteConfiguration,
+    LISTENER_TYPE: listener_pb2.Listener,
 }
 #: ``google.rpc.Code.INVALID_ARGUMENT``: the code of every NACK's ``error_detail``.
 INVALID_ARGUMENT = 3
@@ -246,13 +249,18 @@ class XdsClient:
             ENDPOINT_TYPE: TypeState(ENDPOINT_TYPE, []),
             ROUTE_TYPE: TypeState(ROUTE_TYPE, route_config_names(base)),
         }
+        #: LDS: the inbound listener only (named: istiod sends every listener of a sidecar
+        #: whatever is named, and the others are dropped as they are read).
+        inbound = () if settings.inbound_listener is None else (LISTENER_TYPE,)
+        if settings.inbound_listener is not None:
+            self.types[LISTENER_TYPE] = TypeState(LISTENER_TYPE, [settings.inbound_listener])
         if settings.rds_address is None:
             self.streams = [
-                Stream("ads", settings.address, (CLUSTER_TYPE, ROUTE_TYPE, ENDPOINT_TYPE))
+                Stream("ads", settings.address, (CLUSTER_TYPE, *inbound, ROUTE_TYPE, ENDPOINT_TYPE))
             ]
         else:
             self.streams = [
-                Stream("ads", settings.address, (CLUSTER_TYPE, ENDPOINT_TYPE)),
+                Stream("ads", settings.address, (CLUSTER_TYPE, *inbound, ENDPOINT_TYPE)),
                 Stream("rds", settings.rds_address, (ROUTE_TYPE,)),
             ]
         self._carrier = {t: st for st in self.streams for t in st.types}
@@ -423,6 +431,7 @@ class XdsClient:
                 routes=self.types[ROUTE_TYPE].resources,
                 clusters=PackedClusters(self.clusters),
                 endpoints=self.types[ENDPOINT_TYPE].resources,
+                listeners=self._listeners(),
             )
             try:
                 if base.proxy.xds != self.settings:
@@ -686,7 +695,9 @@ class XdsClient:
         """``response``'s resources (:func:`_decode`), what would be held if it were accepted, and
         their sizes (:meth:`_held_sizes`). Reads the client's state only: it runs in a
         thread, under the update lock, while the loop serves requests."""
-        resources, sizes = _decode(response)
+        resources, sizes = _decode(
+            response, state.names if state.type_url == LISTENER_TYPE else None
+        )
         candidate = self._candidate(state, resources)
         return resources, candidate, self._held_sizes(state.type_url, candidate, resources, sizes)
 
@@ -710,7 +721,10 @@ class XdsClient:
             (CLUSTER_TYPE, candidate.clusters),
             (ENDPOINT_TYPE, candidate.endpoints),
             (ROUTE_TYPE, candidate.routes),
+            (LISTENER_TYPE, candidate.listeners),
         ):
+            if url not in self.types:
+                continue
             known = self._sizes[url]
             fresh = url == type_url
             # The names only: a cluster is decoded when read. A name of the fresh type that
@@ -748,6 +762,8 @@ class XdsClient:
         current = {url: dict(s.resources) for url, s in self.types.items()}
         if state.type_url == CLUSTER_TYPE:
             current[CLUSTER_TYPE] = received
+        elif state.type_url == LISTENER_TYPE:  # the state of the world: the one named, if sent
+            current[LISTENER_TYPE] = {k: v for k, v in received.items() if k in state.names}
         else:
             wanted = set(state.names)
             merged = current[state.type_url]
@@ -759,7 +775,13 @@ class XdsClient:
             routes=current[ROUTE_TYPE],
             clusters=clusters,
             endpoints={k: v for k, v in current[ENDPOINT_TYPE].items() if k in served},
+            listeners=current.get(LISTENER_TYPE, {}),
         )
+
+    def _listeners(self) -> dict[str, Message]:
+        """The inbound listener held (none: not subscribed to, or not received yet)."""
+        state = self.types.get(LISTENER_TYPE)
+        return {} if state is None else dict(state.resources)
 
     def _served(self, cds: dict[str, bytes], routes: dict[str, Message]) -> dict[str, bytes]:
         """CDS's clusters, and those served now that it dropped while ``routes`` still send
@@ -783,8 +805,11 @@ class XdsClient:
         """Whether clusters and routes have both been applied once (a route update waiting
         for its clusters' endpoints is not): Envoy's end of initialization."""
         types = self.types
-        return bool(types[CLUSTER_TYPE].version and types[ROUTE_TYPE].version) and (
-            self.held is None
+        inbound = types.get(LISTENER_TYPE)
+        return (
+            bool(types[CLUSTER_TYPE].version and types[ROUTE_TYPE].version)
+            and (inbound is None or bool(inbound.version))
+            and self.held is None
         )
 
     async def wait_for(self, predicate: Callable[[XdsClient], bool], timeout: float) -> None:
@@ -837,15 +862,18 @@ def _pick(resources: Resources, type_url: str) -> dict[str, Message]:
         return dict(resources.clusters)
     if type_url == ENDPOINT_TYPE:
         return dict(resources.endpoints)
+    if type_url == LISTENER_TYPE:
+        return dict(resources.listeners)
     return dict(resources.routes)
 
 
 def _decode(
-    response: discovery_pb2.DiscoveryResponse,
+    response: discovery_pb2.DiscoveryResponse, only: list[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The response's resources by name (decoded; CDS's clusters as encoded, see
     :class:`~.translate.PackedClusters`), and their encoded sizes; a resource of another
-    type or undecodable is refused."""
+    type or undecodable is refused. ``only``: the names kept (LDS: the others are dropped
+    as soon as they are read)."""
     cls = _MESSAGES[response.type_url]
     out: dict[str, Any] = {}
     sizes: dict[str, int] = {}
@@ -863,6 +891,8 @@ def _decode(
         name = message.cluster_name if response.type_url == ENDPOINT_TYPE else message.name
         if not name:
             raise XdsRefused(where, "", "has no name")
+        if only is not None and name not in only:
+            continue
         if name in out:
             raise XdsRefused(where, "", f"{name!r} is listed twice")
         # A cluster is held as it came: decoded, it took 10 to 50 times that.

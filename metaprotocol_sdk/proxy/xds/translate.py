@@ -225,6 +225,8 @@ class Resources:
     routes: Mapping[str, Message] = field(default_factory=dict)
     clusters: Mapping[str, Message] = field(default_factory=dict)
     endpoints: Mapping[str, Message] = field(default_factory=dict)
+    #: The inbound listener (``spec.xds.inboundListener``), if it came; no other.
+    listeners: Mapping[str, Message] = field(default_factory=dict)
 
 
 def route_config_name(host: str, port: int) -> str:
@@ -1934,7 +1936,13 @@ def translate(
     # The engine's own settings stay ``base``'s as given, not as its documents read: a worker
     # of --workers N serves them with the shared ports and a private admin endpoint, and
     # rebinding its listeners to the files' ``:0`` would take it out of the shared group.
-    return replace(config, proxy=base.proxy)
+    config = replace(config, proxy=base.proxy)
+    xds = base.proxy.xds
+    if xds is not None and xds.inbound_listener is not None:
+        from .inbound import apply_inbound  # it reads this module's TLS checks
+
+        config = apply_inbound(config, resources.listeners.get(xds.inbound_listener))
+    return config
 
 
 def _tls_error(

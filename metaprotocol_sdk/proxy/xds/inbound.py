@@ -1,0 +1,417 @@
+"""istiod's inbound listener (LDS ``virtualInbound``) as each engine listener's mutual TLS
+mode and authorization policies.
+
+istiod writes a sidecar's PeerAuthentications and AuthorizationPolicies into the filter
+chains of its inbound listener: for a TCP port P, chains matching ``destination_port: P``,
+one per transport it accepts (``tls`` with a ``DownstreamTlsContext``: mutual TLS;
+``raw_buffer``: plain text), each carrying the workload's RBAC network filters (AUDIT, DENY,
+ALLOW); ports it knows of no Service for fall to the passthrough chains (no
+``destination_port``). The engine picks for each of its listeners (by its ``bind`` port, the
+port a sidecar's chains match) the chains Envoy would pick for a Thrift or Dubbo client,
+plain or in Istio's mutual TLS, and reads:
+
+* the mode: a mutual TLS chain alone is STRICT, with a plain text one PERMISSIVE, a plain
+  text one alone DISABLE (istiod has applied the PeerAuthentications' precedence);
+* the TLS settings of the mutual TLS chain (versions, cipher suites, the trust domains a
+  client's SPIFFE id must be in), served with the ProxyConfig's ``meshIdentity``;
+* the RBAC filters (:mod:`.rbac`).
+
+HTTP chains (an HTTP connection manager, HTTP ALPNs) are not the engine's: its listeners
+speak their codec's protocol. Every field set elsewhere in the chains read is honoured,
+ignored for a reason, or refused (:class:`~.translate.XdsRefused`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from google.protobuf.message import DecodeError
+
+from metaprotocol_sdk.errors import ConfigError
+
+from ..authorization import Authorization, Policy
+from ..config.models import Config, Listener, ListenerTls, PeerMode
+from .rbac import ALLOW_NOTHING, NETWORK_RBAC_TYPE, chain_policies
+from .translate import _TLS_VERSIONS, XdsRefused, _check, _check_tls
+
+#: The RBAC network filter's name and the typed config of the others a chain may hold.
+RBAC_FILTER = "envoy.filters.network.rbac"
+#: Filters of istiod's TCP chains with nothing for the engine to do, and why.
+IGNORED_FILTERS = {
+    "istio.metadata_exchange": "Istio's peer metadata exchange, which the engine does not "
+    "speak (its peers' labels are not exchanged)",
+    "istio.stats": "Istio's standard metrics, which the engine writes itself",
+    "envoy.filters.network.tcp_proxy": "the sidecar's forwarding to the application: the "
+    "engine is the application",
+}
+#: Why other filters of a chain the engine reads are refused.
+REFUSED_FILTERS = {
+    "envoy.filters.network.ext_authz": "a CUSTOM AuthorizationPolicy (ext-authz), which this "
+    "engine does not call",
+    "envoy.filters.network.http_connection_manager": "istiod takes this port for HTTP: name "
+    "the Service's port tcp-... (or set appProtocol: tcp) for a MetaProtocol port",
+}
+#: ALPN values of istiod's mutual TLS chains for TCP; ``istio-http/*`` ones are HTTP's.
+MESH_ALPNS = frozenset({"istio", "istio-peer-exchange"})
+#: A listener the engine has had no inbound listener for yet: every request is denied, as
+#: a sidecar refuses inbound connections until its first listeners arrive.
+PENDING = "(inbound listener not received)"
+#: The policies in force until then (or when the chains for a port cannot be found).
+DENY_ALL = Authorization(allow=(Policy(PENDING, "ALLOW", ()),))
+
+
+@dataclass(frozen=True)
+class InboundPort:
+    """What the inbound listener says for one engine listener."""
+
+    mode: PeerMode
+    authorization: Authorization | None
+    #: The names of the chains read (``/config_dump``).
+    chains: tuple[str, ...]
+    #: The mutual TLS chain's TLS settings (``None``: DISABLE).
+    min_version: str = "TLSV1_2"
+    max_version: str | None = None
+    cipher_suites: tuple[str, ...] = ()
+    #: ``spiffe://<trust domain>/`` prefixes, one of which a client's URI SAN must start with.
+    san_prefixes: tuple[str, ...] = ()
+
+
+@dataclass
+class _Chain:
+    """One filter chain, classified."""
+
+    name: str
+    port: int | None
+    #: ``"mtls"``, ``"plain"``, or ``None`` for a chain the engine's clients never reach.
+    kind: str | None
+    chain: Any
+
+
+def _classify(res: str, chain: Any, path: str) -> _Chain:
+    """Which of the engine's connections Envoy would give ``chain``."""
+    match = chain.filter_chain_match
+    mpath = f"{path}.filter_chain_match"
+    _check(
+        res,
+        match,
+        mpath,
+        "FilterChainMatch",
+        {"destination_port", "transport_protocol", "application_protocols", "prefix_ranges"},
+    )
+    for i, prefix in enumerate(match.prefix_ranges):
+        if prefix.prefix_len.value != 0:  # istiod 1.22's 0.0.0.0/0 and ::/0 only
+            raise XdsRefused(
+                res,
+                f"{mpath}.prefix_ranges[{i}]",
+                "not supported by this engine: a chain per "
+                "destination address (the engine's listeners are picked by port)",
+            )
+    port = match.destination_port.value if match.HasField("destination_port") else None
+    transport = match.transport_protocol
+    alpns = set(match.application_protocols)
+    secured = chain.HasField("transport_socket")
+    kind: str | None = None
+    if transport == "tls" and secured and (not alpns or alpns & MESH_ALPNS):
+        kind = "mtls"
+    elif transport in ("raw_buffer", "") and not secured and not alpns:
+        kind = "plain"
+    # Others: the HTTP chains (HTTP ALPNs) and PERMISSIVE's TLS pass-through chain (the
+    # client's own TLS, handed to the application, which the engine is): an Istio client
+    # of the engine is neither.
+    return _Chain(chain.name, port, kind, chain)
+
+
+def _tls(
+    res: str, socket: Any, path: str
+) -> tuple[str, str | None, tuple[str, ...], tuple[str, ...]]:
+    """The mutual TLS chain's ``DownstreamTlsContext``, as istiod writes it
+    (``BuildInboundTLS``): the workload certificate (SDS ``default``) and mesh root
+    (``ROOTCA``), client certificates required. Returns the versions, cipher suites and
+    SAN prefixes."""
+    _check(res, socket, path, "TransportSocket", {"name", "typed_config"})
+    tpath = f"{path}.typed_config"
+    if socket.typed_config.type_url != (
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+    ):
+        raise XdsRefused(
+            res, tpath, f"not a DownstreamTlsContext: {socket.typed_config.type_url[:100]}"
+        )
+    ctx = tls_pb2.DownstreamTlsContext()
+    try:
+        ctx.ParseFromString(socket.typed_config.value)
+    except DecodeError as exc:
+        raise XdsRefused(res, tpath, f"undecodable: {exc}") from None
+    _check_tls(
+        res,
+        ctx,
+        tpath,
+        "DownstreamTlsContext",
+        {"common_tls_context", "require_client_certificate"},
+    )
+    if not ctx.require_client_certificate.value:
+        raise XdsRefused(
+            res,
+            f"{tpath}.require_client_certificate",
+            "must be true: the engine's mesh listeners require the client's certificate "
+            "(Istio's mutual TLS)",
+        )
+    cpath = f"{tpath}.common_tls_context"
+    common = ctx.common_tls_context
+    _check_tls(
+        res,
+        common,
+        cpath,
+        "CommonTlsContext",
+        {
+            "tls_params",
+            "tls_certificate_sds_secret_configs",
+            "combined_validation_context",
+            "alpn_protocols",
+        },
+    )
+    secrets = common.tls_certificate_sds_secret_configs
+    if len(secrets) != 1 or secrets[0].name != "default":
+        raise XdsRefused(
+            res,
+            f"{cpath}.tls_certificate_sds_secret_configs",
+            "expected one secret: 'default' (istio-agent's workload certificate, served from "
+            "spec.meshIdentity)",
+        )
+    _check_tls(
+        res,
+        secrets[0],
+        f"{cpath}.tls_certificate_sds_secret_configs[0]",
+        "SdsSecretConfig",
+        {"name"},
+    )
+    if common.alpn_protocols and "istio" not in common.alpn_protocols:
+        raise XdsRefused(
+            res,
+            f"{cpath}.alpn_protocols",
+            f"the engine selects ALPN 'istio', which {list(common.alpn_protocols)[:5]} lacks",
+        )
+    ccpath = f"{cpath}.combined_validation_context"
+    cvc = common.combined_validation_context
+    _check_tls(
+        res,
+        cvc,
+        ccpath,
+        "CombinedCertificateValidationContext",
+        {"default_validation_context", "validation_context_sds_secret_config"},
+    )
+    root = cvc.validation_context_sds_secret_config
+    if root.name != "ROOTCA":
+        raise XdsRefused(
+            res,
+            f"{ccpath}.validation_context_sds_secret_config.name",
+            f"expected 'ROOTCA' (the mesh root, from spec.meshIdentity), got {root.name[:100]!r}",
+        )
+    _check_tls(
+        res, root, f"{ccpath}.validation_context_sds_secret_config", "SdsSecretConfig", {"name"}
+    )
+    vpath = f"{ccpath}.default_validation_context"
+    vc = cvc.default_validation_context
+    _check(res, vc, vpath, "CertificateValidationContext", {"match_subject_alt_names"})
+    prefixes = []
+    for i, m in enumerate(vc.match_subject_alt_names):
+        mp = f"{vpath}.match_subject_alt_names[{i}]"
+        _check(res, m, mp, "StringMatcher", {"prefix"})
+        if not m.prefix.startswith("spiffe://"):
+            raise XdsRefused(
+                res, mp, "only istiod's trust domain prefixes (spiffe://<trust domain>/) are read"
+            )
+        prefixes.append(str(m.prefix))
+    low: str = "TLSV1_2"
+    high: str | None = None
+    suites: tuple[str, ...] = ()
+    if common.HasField("tls_params"):
+        ppath = f"{cpath}.tls_params"
+        p = common.tls_params
+        _check(
+            res,
+            p,
+            ppath,
+            "TlsParameters",
+            {"tls_minimum_protocol_version", "tls_maximum_protocol_version", "cipher_suites"},
+        )
+        versions = {0: None, 3: "TLSV1_2", 4: "TLSV1_3"}
+        for key in ("tls_minimum_protocol_version", "tls_maximum_protocol_version"):
+            value = getattr(p, key)
+            if value not in versions:
+                name = _TLS_VERSIONS.get(value, f"unknown TLS version {value}")
+                raise XdsRefused(
+                    res,
+                    f"{ppath}.{key}",
+                    f"not supported by this engine: {name} (TLS 1.0 and 1.1 are deprecated, "
+                    "RFC 8996)",
+                )
+        low = versions[p.tls_minimum_protocol_version] or "TLSV1_2"
+        high = versions[p.tls_maximum_protocol_version]
+        suites = tuple(str(s) for s in p.cipher_suites)
+    return low, high, suites, tuple(prefixes)
+
+
+def _filters(res: str, chain: _Chain, path: str) -> tuple[list[tuple[str, bytes]], bytes]:
+    """The chain's RBAC filters (path and config) and a key of them (to compare chains)."""
+    rbac: list[tuple[str, bytes]] = []
+    for i, f in enumerate(chain.chain.filters):
+        fpath = f"{path}.filters[{i}]"
+        _check(res, f, fpath, "Filter", {"name", "typed_config"})
+        if f.name == RBAC_FILTER:
+            if f.typed_config.type_url != NETWORK_RBAC_TYPE:
+                raise XdsRefused(
+                    res, f"{fpath}.typed_config", "not the RBAC network filter's config"
+                )
+            rbac.append((f"{fpath}.typed_config", f.typed_config.value))
+        elif f.name in REFUSED_FILTERS:
+            raise XdsRefused(res, fpath, f"not supported by this engine: {REFUSED_FILTERS[f.name]}")
+        elif f.name not in IGNORED_FILTERS:
+            raise XdsRefused(
+                res,
+                fpath,
+                f"not supported by this engine: network filter {f.name[:100]!r} (the engine "
+                "reads istiod's RBAC filters; it ignores "
+                + ", ".join(sorted(IGNORED_FILTERS))
+                + ")",
+            )
+    return rbac, b"\0".join(raw for _, raw in rbac)
+
+
+def inbound_ports(
+    message: listener_pb2.Listener, listeners: tuple[Listener, ...]
+) -> dict[str, InboundPort]:
+    """For each listener (by name), what the inbound listener ``message`` says. Raises
+    :class:`XdsRefused` for what the engine cannot honour."""
+    res = f"LDS {message.name[:100]}"
+    chains = [_classify(res, c, f"filter_chains[{i}]") for i, c in enumerate(message.filter_chains)]
+    paths = {id(c): f"filter_chains[{i}]" for i, c in enumerate(chains)}
+    out: dict[str, InboundPort] = {}
+    for listener in listeners:
+        port = listener.bind_port
+        mine = [c for c in chains if c.port == port]
+        if not mine:
+            mine = [c for c in chains if c.port is None]  # passthrough: ports of no Service
+        mtls = [c for c in mine if c.kind == "mtls"]
+        plain = [c for c in mine if c.kind == "plain"]
+        for found in (mtls, plain):
+            if len(found) > 1:
+                raise XdsRefused(
+                    res,
+                    paths[id(found[1])],
+                    f"a second chain for the engine's {found[1].kind} connections to port {port} "
+                    f"({paths[id(found[0])]} is one): Envoy would pick by fields the engine "
+                    "does not read",
+                )
+        if not mtls and not plain:
+            raise XdsRefused(
+                res,
+                "filter_chains",
+                f"no chain for Istio's mutual TLS or plain text connections to port {port} "
+                f"(listener {listener.name}); the engine's listeners bind the ports the "
+                "workload's Services target",
+            )
+        mode: PeerMode = "PERMISSIVE" if mtls and plain else ("STRICT" if mtls else "DISABLE")
+        read = [*mtls, *plain]
+        policies = [_filters(res, c, paths[id(c)]) for c in read]
+        if len({key for _, key in policies}) > 1:
+            raise XdsRefused(
+                res,
+                paths[id(read[1])],
+                f"its RBAC filters differ from {paths[id(read[0])]}'s for port {port}: the "
+                "engine judges a listener's connections by one set (istiod writes the same "
+                "on every chain)",
+            )
+        rbac, _ = policies[0]
+
+        def refuse(path: str, reason: str) -> XdsRefused:
+            return XdsRefused(res, path, reason)
+
+        authorization = chain_policies(rbac, refuse).authorization()
+        settings = InboundPort(mode, authorization, tuple(c.name for c in read))
+        if mtls:
+            c = mtls[0]
+            low, high, suites, prefixes = _tls(
+                res, c.chain.transport_socket, f"{paths[id(c)]}.transport_socket"
+            )
+            settings = dataclasses.replace(
+                settings,
+                min_version=low,
+                max_version=high,
+                cipher_suites=suites,
+                san_prefixes=prefixes,
+            )
+        out[listener.name] = settings
+    return out
+
+
+def apply_inbound(config: Config, message: listener_pb2.Listener | None) -> Config:
+    """``config`` with each listener's mode, TLS and policies from the inbound listener
+    (``None``: not received: every listener denies every request)."""
+    proxy = config.proxy
+    identity = proxy.mesh_identity
+    if message is None:
+        listeners = tuple(
+            dataclasses.replace(li, authorization=DENY_ALL, inbound_chains=())
+            for li in proxy.listeners
+        )
+        return dataclasses.replace(config, proxy=dataclasses.replace(proxy, listeners=listeners))
+    ports = inbound_ports(message, proxy.listeners)
+    listeners_out = []
+    for li in proxy.listeners:
+        port = ports[li.name]
+        changes: dict[str, Any] = {
+            "authorization": port.authorization or NO_POLICIES,
+            "inbound_chains": port.chains,
+        }
+        if li.peer_mode is not None:  # governed by the mesh (no tls of its own)
+            changes["peer_mode"] = port.mode
+            changes["tls"] = None if port.mode == "DISABLE" else _mesh_tls(li, port, identity)
+        listeners_out.append(dataclasses.replace(li, **changes))
+    return dataclasses.replace(
+        config, proxy=dataclasses.replace(proxy, listeners=tuple(listeners_out))
+    )
+
+
+#: A listener's policies when its chains carry no RBAC filter: nothing to judge.
+NO_POLICIES = Authorization()
+
+
+def _mesh_tls(li: Listener, port: InboundPort, identity: Any) -> ListenerTls:
+    """The listener's ``ISTIO_MUTUAL`` TLS with the chain's settings."""
+    tls = li.tls
+    if tls is None or identity is None:
+        raise ConfigError(
+            f"listener {li.name}: the inbound listener asks for mutual TLS, which needs "
+            "spec.meshIdentity",
+            source="xDS LDS",
+        )
+    key = (port.min_version, port.max_version, port.cipher_suites)
+    if (
+        tls.min_protocol_version,
+        tls.max_protocol_version,
+        tls.cipher_suites,
+        tls.subject_alt_name_prefixes,
+    ) == (
+        *key,
+        port.san_prefixes,
+    ):
+        return tls
+    try:
+        context = identity.material.server(key)
+    except Exception as exc:  # TlsSettingError: an unknown cipher suite...
+        raise XdsRefused(f"LDS listener {li.name}", "tls_params", str(exc)) from None
+    return dataclasses.replace(
+        tls,
+        min_protocol_version=port.min_version,
+        max_protocol_version=port.max_version,
+        cipher_suites=port.cipher_suites,
+        subject_alt_name_prefixes=port.san_prefixes,
+        context=context,
+    )
+
+
+__all__ = ["ALLOW_NOTHING", "DENY_ALL", "InboundPort", "apply_inbound", "inbound_ports"]
