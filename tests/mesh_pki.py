@@ -17,8 +17,8 @@ TRUST_DOMAIN = "cluster.local"
 ALPN_SIDECAR = ["istio-peer-exchange", "istio"]  # what an Istio sidecar offers and accepts
 
 
-def spiffe(sa: str, ns: str = "default") -> str:
-    return f"spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}"
+def spiffe(sa: str, ns: str = "default", trust_domain: str = TRUST_DOMAIN) -> str:
+    return f"spiffe://{trust_domain}/ns/{ns}/sa/{sa}"
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -54,11 +54,16 @@ class MeshCa:
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
     def workload(
-        self, sa: str, hours: float = 24, ns: str = "default", uris: tuple[str, ...] = ()
+        self,
+        sa: str,
+        hours: float = 24,
+        ns: str = "default",
+        uris: tuple[str, ...] = (),
+        trust_domain: str = TRUST_DOMAIN,
     ) -> tuple[bytes, bytes, int]:
-        """A workload certificate for ``spiffe(sa, ns)`` (no subject, the URI SAN only, as
-        istiod issues them; ``uris``: other URI SANs after it): its PEM, its key's PEM and
-        its serial number."""
+        """A workload certificate for ``spiffe(sa, ns, trust_domain)`` (no subject, the URI
+        SAN only, as istiod issues them; ``uris``: other URI SANs after it): its PEM, its
+        key's PEM and its serial number."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         serial = x509.random_serial_number()
@@ -72,7 +77,10 @@ class MeshCa:
             .not_valid_after(now + datetime.timedelta(hours=hours))
             .add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(u) for u in (spiffe(sa, ns), *uris)]
+                    [
+                        x509.UniformResourceIdentifier(u)
+                        for u in (spiffe(sa, ns, trust_domain), *uris)
+                    ]
                 ),
                 critical=True,
             )
@@ -100,11 +108,16 @@ class MeshCa:
         return serial
 
     def files(
-        self, directory: Path, sa: str, ns: str = "default", uris: tuple[str, ...] = ()
+        self,
+        directory: Path,
+        sa: str,
+        ns: str = "default",
+        uris: tuple[str, ...] = (),
+        trust_domain: str = TRUST_DOMAIN,
     ) -> tuple[str, str]:
         """A workload certificate and key as two files (for a peer), their paths."""
         directory.mkdir(parents=True, exist_ok=True)
-        chain, key, _ = self.workload(sa, ns=ns, uris=uris)
+        chain, key, _ = self.workload(sa, ns=ns, uris=uris, trust_domain=trust_domain)
         (directory / f"{sa}.pem").write_bytes(chain)
         (directory / f"{sa}.key").write_bytes(key)
         return str(directory / f"{sa}.pem"), str(directory / f"{sa}.key")

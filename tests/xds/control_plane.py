@@ -26,10 +26,11 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, SECRET_TYPE
+from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE
 
-#: The order a new snapshot is pushed in (secrets on the streams that asked for them: SDS).
-ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, SECRET_TYPE)
+#: The order a new snapshot is pushed in, the xDS protocol's (secrets on the streams that
+#: asked for them: SDS).
+ORDER = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE)
 
 
 @dataclass

@@ -93,6 +93,13 @@ class _Chain:
 
 def _classify(res: str, chain: Any, path: str) -> _Chain:
     """Which of the engine's connections Envoy would give ``chain``."""
+    _check(
+        res,
+        chain,
+        path,
+        "InboundFilterChain",
+        {"name", "filter_chain_match", "filters", "transport_socket"},
+    )
     match = chain.filter_chain_match
     mpath = f"{path}.filter_chain_match"
     _check(
@@ -188,12 +195,9 @@ def _tls(
         "SdsSecretConfig",
         {"name"},
     )
-    if common.alpn_protocols and "istio" not in common.alpn_protocols:
-        raise XdsRefused(
-            res,
-            f"{cpath}.alpn_protocols",
-            f"the engine selects ALPN 'istio', which {list(common.alpn_protocols)[:5]} lacks",
-        )
+    # alpn_protocols: istiod's [istio-peer-exchange, h2, http/1.1]; the engine selects
+    # "istio" when offered (it does not speak Istio's metadata exchange), and a sidecar's
+    # clients offer both: they then skip the exchange.
     ccpath = f"{cpath}.combined_validation_context"
     cvc = common.combined_validation_context
     _check_tls(
@@ -287,6 +291,7 @@ def inbound_ports(
     """For each listener (by name), what the inbound listener ``message`` says. Raises
     :class:`XdsRefused` for what the engine cannot honour."""
     res = f"LDS {message.name[:100]}"
+    _check(res, message, "", "InboundListener", {"name", "filter_chains"})
     chains = [_classify(res, c, f"filter_chains[{i}]") for i, c in enumerate(message.filter_chains)]
     paths = {id(c): f"filter_chains[{i}]" for i, c in enumerate(chains)}
     out: dict[str, InboundPort] = {}

@@ -132,6 +132,34 @@ IGNORED: dict[str, dict[str, str]] = {
         "envoy.transport_socket_match is read: it selects among transport_socket_matches)",
     },
     "TransportSocketMatch": {"name": "a name for Envoy's statistics"},
+    "InboundListener": {
+        "address": "the engine's listeners bind the addresses of the ProxyConfig; the inbound "
+        "listener is read for its filter chains",
+        "additional_addresses": "the engine's listeners bind the addresses of the ProxyConfig",
+        "listener_filters": "the sidecar's original destination and TLS and HTTP inspectors: "
+        "the engine's listeners accept their own port and tell TLS from plain text themselves",
+        "listener_filters_timeout": "the engine's timeouts.handshake bounds TLS detection",
+        "continue_on_listener_filters_timeout": "a connection that sends nothing is closed at "
+        "timeouts.handshake",
+        "traffic_direction": "always inbound",
+        "max_connections_to_accept_per_socket_event": "Envoy's accept loop",
+        "transparent": "the engine intercepts no traffic",
+        "freebind": "the engine intercepts no traffic",
+        "use_original_dst": "the engine intercepts no traffic",
+        "bind_to_port": "the engine's listeners bind their own ports",
+        "socket_options": "socket options of Envoy's listening socket",
+        "access_log": "the engine writes its own access log (spec.accessLog)",
+        "stat_prefix": "Envoy's statistics",
+        "metadata": "opaque to policies",
+        "per_connection_buffer_limit_bytes": "the engine's limits.connectionBufferBytes applies",
+        "tcp_backlog_size": "the engine's listen backlog",
+        "reuse_port": "the engine's listening sockets",
+        "enable_reuse_port": "the engine's listening sockets",
+    },
+    "InboundFilterChain": {
+        "metadata": "Istio's bookkeeping (the Sidecar resource a chain came from)",
+        "transport_socket_connect_timeout": "the engine's timeouts.handshake bounds the handshake",
+    },
     "ProxyProtocolConfig": {
         "pass_through_tlvs": "the TLVs of the client's own PROXY protocol header: the engine "
         "reads none from its clients, so there are none to pass (as in Envoy without one)",
