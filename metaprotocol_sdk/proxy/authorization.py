@@ -660,6 +660,11 @@ class ListenerAuthorization:
 
 #: The "policy" of a denial because no ALLOW rule matched.
 _NONE = Policy(NO_POLICY, "ALLOW", ())
+#: The policy of a listener whose policies come from the control plane's inbound listener
+#: (``spec.xds.inboundListener``) before it arrived: it allows nothing, as a sidecar refuses
+#: inbound connections until its first listeners arrive.
+INBOUND_PENDING = "(inbound listener not received)"
+DENY_UNTIL_RECEIVED = Authorization(allow=(Policy(INBOUND_PENDING, "ALLOW", ()),))
 
 
 def _matching(

@@ -29,11 +29,11 @@ from mesh_pki import MeshCa
 from snapshots import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, hello_snapshots
 
 from metaprotocol_sdk.errors import ConfigError
+from metaprotocol_sdk.proxy.authorization import INBOUND_PENDING as PENDING
 from metaprotocol_sdk.proxy.authorization import Facts, ListenerAuthorization
 from metaprotocol_sdk.proxy.config import loads_config
 from metaprotocol_sdk.proxy.config.models import Config, Listener
 from metaprotocol_sdk.proxy.stats import Stats
-from metaprotocol_sdk.proxy.xds.inbound import PENDING
 from metaprotocol_sdk.proxy.xds.translate import Resources, XdsRefused, translate
 
 PORT = 9000  # the listener's bind port: the port istiod's chains match

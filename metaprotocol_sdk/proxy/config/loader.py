@@ -31,6 +31,7 @@ from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecErro
 from metaprotocol_sdk.registry import Plugins
 
 from ..addresses import is_loopback
+from ..authorization import DENY_UNTIL_RECEIVED
 from ..balancer import MAX_MAGLEV_TABLE_SIZE, MAX_RING_SIZE, is_prime
 from ..identity import (
     DEFAULT_SERVER,
@@ -504,6 +505,14 @@ def _build(
         policy_scope=scope,
         policies_not_applied=tuple(not_applied),
     )
+    if proxy.xds is not None and proxy.xds.inbound_listener is not None:
+        # Nothing is allowed until the control plane's inbound listener says what is.
+        proxy = dataclasses.replace(
+            proxy,
+            listeners=tuple(
+                dataclasses.replace(li, authorization=DENY_UNTIL_RECEIVED) for li in proxy.listeners
+            ),
+        )
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
     return Config(

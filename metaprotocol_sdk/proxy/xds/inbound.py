@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from metaprotocol_sdk.errors import ConfigError
 
-from ..authorization import Authorization, Policy
+from ..authorization import DENY_UNTIL_RECEIVED, INBOUND_PENDING, Authorization
 from ..config.models import Config, Listener, ListenerTls, PeerMode
 from .rbac import ALLOW_NOTHING, NETWORK_RBAC_TYPE, chain_policies
 from .translate import _TLS_VERSIONS, XdsRefused, _check, _check_tls
@@ -57,11 +57,6 @@ REFUSED_FILTERS = {
 }
 #: ALPN values of istiod's mutual TLS chains for TCP; ``istio-http/*`` ones are HTTP's.
 MESH_ALPNS = frozenset({"istio", "istio-peer-exchange"})
-#: A listener the engine has had no inbound listener for yet: every request is denied, as
-#: a sidecar refuses inbound connections until its first listeners arrive.
-PENDING = "(inbound listener not received)"
-#: The policies in force until then (or when the chains for a port cannot be found).
-DENY_ALL = Authorization(allow=(Policy(PENDING, "ALLOW", ()),))
 
 
 @dataclass(frozen=True)
@@ -360,7 +355,7 @@ def apply_inbound(config: Config, message: listener_pb2.Listener | None) -> Conf
     identity = proxy.mesh_identity
     if message is None:
         listeners = tuple(
-            dataclasses.replace(li, authorization=DENY_ALL, inbound_chains=())
+            dataclasses.replace(li, authorization=DENY_UNTIL_RECEIVED, inbound_chains=())
             for li in proxy.listeners
         )
         return dataclasses.replace(config, proxy=dataclasses.replace(proxy, listeners=listeners))
@@ -419,4 +414,4 @@ def _mesh_tls(li: Listener, port: InboundPort, identity: Any) -> ListenerTls:
     )
 
 
-__all__ = ["ALLOW_NOTHING", "DENY_ALL", "InboundPort", "apply_inbound", "inbound_ports"]
+__all__ = ["ALLOW_NOTHING", "INBOUND_PENDING", "InboundPort", "apply_inbound", "inbound_ports"]
