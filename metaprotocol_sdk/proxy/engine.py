@@ -37,6 +37,7 @@ from .config.models import (
 from .deadlines import Deadlines
 from .detection import Detecting, attach_detection, detecting
 from .downstream import QUIET_CLOSE, Downstream, ListenerRuntime, Refused
+from .endpoint_drains import EndpointDrains
 from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .hot_restart import Inherited
 from .identity import IdentityWatch, istio_sni, server_key
@@ -332,6 +333,9 @@ class Engine:
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
         self.clusters: dict[str, Cluster] = {}
+        #: Which serving clusters hold each endpoint, and the endpoints draining after their
+        #: upstream's drain notice (see endpoint_drains.py).
+        self.drains = EndpointDrains()
         #: Endpoints of the clusters whose warm-up rebuilds are running (slow_start.py).
         self.warming_hosts = 0
         #: What each serving cluster was built from (a reload keeps the unchanged ones).
@@ -723,6 +727,8 @@ class Engine:
                     build, listener
                 )
             self.clusters, self._cluster_specs = build.clusters, build.specs
+            for cluster in self.clusters.values():
+                self.drains.add(cluster)
             self.rate_limit_services = build.rls
             self._adopt_identity(build.identity)
             self._show_expiry()
@@ -1088,12 +1094,16 @@ class Engine:
                     upstream.ping_due = 0.0
         self.config = staged.config
         self.config_version = staged.version
+        previous = self.clusters
         self.clusters = staged.build.clusters
         self._cluster_specs = staged.build.specs
+        # The index of endpoints follows (removed first: a replaced cluster's draining
+        # endpoints are then avoided by the one replacing it, until their drain ends).
         for cluster in retired:
-            successor = self.clusters.get(cluster.name)
-            if cluster.draining and successor is not None:
-                successor.carry_drains(cluster)
+            self.drains.remove(cluster)
+        for name, cluster in self.clusters.items():
+            if previous.get(name) is not cluster:
+                self.drains.add(cluster)
         start_slow_starts(self.clusters.values(), retired)
         self.listeners = listeners
         self._servers.update(staged.servers)
@@ -1169,12 +1179,17 @@ class Engine:
     def _end_drain(self, clusters: list[Cluster], downstreams: list[Downstream]) -> None:
         """A reload's drain deadline: close what is still open of what it retired. A stream
         (whose connection is its own, with no end foreseen) goes on while the cluster of its
-        name still has its endpoint, through this reload and those after it."""
+        name still has its endpoint, through this reload and those after it. A connection
+        held open for its endpoint's drain with nothing in flight is left to its hold (the
+        upstream's close, or ``timeouts.upstreamDrain``): the drain goes on for the clusters
+        of now."""
         gone = set(clusters)
         for upstream in list(self.upstreams):
             if upstream.stream is not None:
                 if upstream.cluster.retired and not self._endpoint_kept(upstream):
                     upstream.abort(ErrorType.UpstreamReset, "a reload removed its endpoint")
+            elif upstream.notice_hold is not None and not upstream.in_flight:
+                continue
             elif upstream.cluster in gone:
                 upstream.abort(ErrorType.UpstreamReset, "a reload changed or removed its cluster")
         for conn in downstreams:

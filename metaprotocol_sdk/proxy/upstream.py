@@ -50,6 +50,7 @@ from .config.models import (
     Protocol,
     codec_maker,
 )
+from .endpoint_drains import endpoint_identity
 from .outlier import OutlierDetector
 from .priority import priority_balancer
 from .proxy_protocol import client_header
@@ -190,11 +191,13 @@ class UpstreamHost:
     __slots__ = (
         "active",
         "address",
+        "cluster",
         "connection_class",
         "conns",
         "draining",
         "ejected",
         "ejections",
+        "endpoint",
         "errors",
         "gateway_errors",
         "istio",
@@ -206,8 +209,10 @@ class UpstreamHost:
         "locality",
         "locality_weight",
         "next_conn",
+        "next_holder",
         "outlier",
         "port",
+        "prev_holder",
         "priority",
         "roomy",
         "waiting",
@@ -225,6 +230,15 @@ class UpstreamHost:
         self.address = address
         self.port = port
         self.key = f"{address}:{port}"
+        #: The server it reaches, as the engine's drains know it (``endpoint_drains.py``;
+        #: set by its cluster, which knows whether its connections go through a tunnel), its
+        #: cluster, and the hosts of serving clusters with the same identity before and
+        #: after it (the engine's index of endpoints links them: no container is made per
+        #: endpoint, and one leaves in one step).
+        self.endpoint = self.key
+        self.cluster: Cluster | None = None
+        self.prev_holder: UpstreamHost | None = None
+        self.next_holder: UpstreamHost | None = None
         #: The ServiceEntry endpoint's labels (Istio's destination labels).
         self.labels = labels or {}
         #: The TLS identities its last connection presented, for Istio's series of the
@@ -266,8 +280,9 @@ class UpstreamHost:
         self.local_errors = 0
         self.ejected = False
         self.ejections = 0
-        #: One of its connections that carried its drain notice is held open (see
-        #: ``UpstreamConnection._drain_notice``): meanwhile the balancer avoids it.
+        #: Its endpoint drains: a connection to it (of any cluster's) that carried its drain
+        #: notice is held open (see ``UpstreamConnection._drain_notice``), and meanwhile the
+        #: balancer avoids it.
         self.draining = False
         #: What its connections are: plain, or TLS (``tls.attach_cluster``), chosen per
         #: endpoint where istiod's automatic mutual TLS says so, once, when it is built.
@@ -321,6 +336,9 @@ class Cluster:
             "upstream connection not opened",
         )
         self.hosts = hosts
+        for host in hosts:
+            host.endpoint = endpoint_identity(host.address, host.port, tunnel)
+            host.cluster = self
         self.policy = policy
         #: Whether the hosts have several failover priorities: then the balancer picks a
         #: level by Envoy's priority load first (see priority.py); decided once, here.
@@ -476,19 +494,19 @@ class Cluster:
         if self.draining:
             self.balancer = AvoidUnfit(self.balancer)
 
-    def drain_noticed(self, host: UpstreamHost, held: bool) -> None:
-        """One of ``host``'s connections carried its drain notice: counted, and, when the
-        connection is ``held`` open for it, the endpoint avoided until :meth:`drain_ended`."""
+    def drain_noticed(self) -> None:
+        """One of its connections carried its upstream's drain notice: counted (the drain
+        itself is the engine's, for every cluster with the endpoint: endpoint_drains.py)."""
         notices = self._notices
         if notices is None:
             notices = self._notices = self.engine.stats.counter(
                 "metaprotocol_drain_notices_total", cluster=self.name, side="upstream"
             )
         notices.value += 1
-        if held:
-            self._drain_began(host)
 
-    def _drain_began(self, host: UpstreamHost) -> None:
+    def drain_began(self, host: UpstreamHost) -> None:
+        """``host``'s endpoint drains (a connection to it, of this cluster or another, carried
+        its drain notice): avoided until :meth:`drain_ended`."""
         host.draining = True
         self.draining += 1
         self.avoid_ejected()
@@ -497,27 +515,10 @@ class Cluster:
             # endpoints fails over to the next, as one of ejected endpoints does.
             self.rebalance()
 
-    def carry_drains(self, replaced: Cluster) -> None:
-        """A reload swapped this cluster in for ``replaced`` (same name, new settings): its
-        endpoints draining now are avoided here too, until the connection held for each
-        closes (it stays ``replaced``'s, retired). Without this a drain would end at the
-        reload, and the next request to the endpoint would open a connection its upstream
-        may refuse."""
-        hosts = {h.key: h for h in self.hosts}
-        for conn in list(self.engine.upstreams):
-            held = conn.drain_held
-            if held is None or held[0] is not replaced:
-                continue
-            host = hosts.get(held[1].key)
-            if host is None or host.draining:  # not an endpoint of this one: nothing to avoid
-                continue
-            replaced.drain_ended(held[1])
-            conn.drain_held = (self, host)
-            self._drain_began(host)
-
     def drain_ended(self, host: UpstreamHost) -> None:
-        """The connection held open for ``host``'s drain notice closed (or was held as long
-        as ``timeouts.upstreamDrain`` allows): the endpoint is picked again."""
+        """The connection held open for the drain of ``host``'s endpoint closed (or was held
+        as long as ``timeouts.upstreamDrain`` allows), or this cluster no longer serves: the
+        endpoint is picked again."""
         host.draining = False
         self.draining -= 1
         if self.prioritised or self.locality_weighted:
@@ -873,7 +874,9 @@ class AvoidUnfit(Balancer[UpstreamHost]):
     endpoint is to be avoided)."""
 
     def __init__(self, built: Balancer[UpstreamHost]) -> None:
-        super().__init__(built.hosts)
+        # The built balancer's list, not a copy: made at each drain's start for every
+        # cluster with the endpoint, it costs the same with 3 or 3 000 endpoints.
+        self.hosts = built.hosts
         self.built = built
 
     def pick(self, metadata: Metadata, client: Client | None = None) -> UpstreamHost | None:
@@ -939,7 +942,7 @@ class UpstreamConnection(asyncio.Protocol):
         "cluster",
         "codec",
         "connecting",
-        "drain_held",
+        "drain_keys",
         "drained",
         "engine",
         "established",
@@ -1053,9 +1056,8 @@ class UpstreamConnection(asyncio.Protocol):
         #: see :meth:`_drain_notice`).
         self.noticed = False
         self.notice_hold: asyncio.TimerHandle | None = None
-        #: While held: the cluster and endpoint whose drain it keeps (its own, or after a
-        #: reload the same endpoint of the cluster that replaced its own: ``carry_drains``).
-        self.drain_held: tuple[Cluster, UpstreamHost] | None = None
+        #: While held: the endpoints whose drain it keeps (engine-wide, endpoint_drains.py).
+        self.drain_keys: tuple[str, ...] = ()
         #: When the connection last had nothing in flight (for ``idleTimeout``), 0: busy.
         self.idle_since = 0.0
         #: When it was established (0: not yet), for ``maxConnectionDuration`` and pings.
@@ -1470,6 +1472,11 @@ class UpstreamConnection(asyncio.Protocol):
             idle[self] = None
             idle.move_to_end(self)
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether requests wait for their replies on it (those timed out aside)."""
+        return len(self.pending) + len(self.order) != self.stale
+
     def _close_if_idle(self) -> None:
         # A stream's connection closes when its stream ends (retired, it takes no other); one
         # that carried a drain notice is held open for the upstream to close (see
@@ -1756,34 +1763,54 @@ class UpstreamConnection(asyncio.Protocol):
         """The upstream said it is closing the connection (its codec's drain notice, as a
         server sends when it shuts down): the connection takes no new
         requests (they go to a fresh connection) and those in flight are answered on it. It
-        stays open, and its endpoint avoided by the balancer (picked only when every other
-        is avoided too), until the upstream closes it: a server that announced its drain may
-        refuse the next connections until then. At most ``timeouts.upstreamDrain``: then it
-        closes once nothing is in flight, and the endpoint is picked again.
+        stays open, and its endpoint avoided by the balancer of every cluster with it
+        (picked only when every other is avoided too), until the upstream closes it: a
+        server that announced its drain may refuse the next connections until then. At most
+        ``timeouts.upstreamDrain``: then it closes once nothing is in flight, and the
+        endpoint is picked again.
 
-        One connection per endpoint is held: a notice on another connection to an endpoint
-        already draining retires it as usual (it closes once nothing is in flight), so that
-        an upstream that sends one on every connection it is offered holds one connection,
-        not one per request for the whole hold."""
+        One connection per endpoint is held, engine-wide: a notice on another connection to
+        an endpoint already draining (of any cluster) retires it as usual (it closes once
+        nothing is in flight), so that an upstream that sends one on every connection it is
+        offered holds one connection, not one per request for the whole hold, and each
+        later notice costs no walk over the clusters holding the endpoint."""
         if self.noticed or self.closed:
             return
         self.noticed = True
-        host = self.host
-        if not host.draining:
-            engine = self.engine
+        self.cluster.drain_noticed()
+        engine = self.engine
+        began = engine.drains.begin(self, self._endpoints())
+        if began:
+            self.drain_keys = began
             self.notice_hold = engine.loop.call_later(
                 engine.upstream_drain_timeout, self._hold_over
             )
-            self.drain_held = (self.cluster, host)
-        self.cluster.drain_noticed(host, held=self.notice_hold is not None)
+            engine.rebalances += 1  # /config_dump shows the endpoints draining
         self.retire()
 
+    def _endpoints(self) -> tuple[str, ...]:
+        """The identities of the server that sent the notice: its host's, and, without a
+        tunnel, the address the connection reached, where that differs (a host name's)."""
+        key = self.host.endpoint
+        transport = self.transport
+        if self.cluster.tunnel is not None or transport is None:
+            return (key,)
+        peer = transport.get_extra_info("peername")
+        if not isinstance(peer, tuple) or len(peer) < 2:
+            return (key,)
+        try:
+            reached = endpoint_identity(str(peer[0]), int(peer[1]))
+        except ValueError:  # not an IP address (another kind of socket)
+            return (key,)
+        return (key,) if reached == key else (key, reached)
+
     def _drain_over(self) -> None:
-        """The hold ended: the endpoint it kept avoided is picked again."""
-        held = self.drain_held
-        if held is not None:
-            self.drain_held = None
-            held[0].drain_ended(held[1])
+        """The hold ended: the endpoints it kept avoided are picked again."""
+        keys = self.drain_keys
+        if keys:
+            self.drain_keys = ()
+            self.engine.drains.end(self, keys)
+            self.engine.rebalances += 1
 
     def _hold_over(self) -> None:
         """``timeouts.upstreamDrain`` passed since the drain notice and the upstream did not
