@@ -563,6 +563,12 @@ def _policies_summary(config: Config) -> str:
     """Which PeerAuthentication and AuthorizationPolicies apply, for which workload (``""``:
     the files have none)."""
     settings = config.proxy
+    if settings.xds is not None and settings.xds.inbound_listener is not None:
+        return (
+            "policies: mutual TLS modes and AuthorizationPolicies from the control plane's "
+            f"inbound listener {settings.xds.inbound_listener!r} (every request is denied "
+            "until it arrives)"
+        )
     authz, peer, skipped = (
         settings.authorization,
         settings.peer_authentication,

@@ -377,6 +377,12 @@ def test_files_may_not_hold_the_policies_the_inbound_listener_carries(certs: Pat
             )
 
 
+def test_the_startup_line_says_where_the_policies_come_from(certs: Path) -> None:
+    from metaprotocol_sdk.cli.proxy import _policies_summary
+
+    assert "inbound listener 'virtualInbound'" in _policies_summary(base(certs))
+
+
 def test_the_inbound_listener_needs_the_mesh_identity() -> None:
     with pytest.raises(ConfigError, match=r"needs spec\.meshIdentity"):
         loads_config(f"""
