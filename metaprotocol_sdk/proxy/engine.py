@@ -241,6 +241,17 @@ class _Staged:
     addresses: dict[tuple[str, int], tuple[str, int]]
 
 
+def _accepts(runtime: ListenerRuntime, conn: Downstream) -> bool:
+    """Whether a listener's transport of now (``runtime``) takes an open connection's: TLS on
+    a TLS listener (own ``tls``, or STRICT), plain text on a plain one (or DISABLE), either on
+    a PERMISSIVE one."""
+    secure = isinstance(conn, TlsDownstream)
+    detect = runtime.detect
+    if detect is not None:
+        return detect.mode == "PERMISSIVE" or not secure
+    return secure == (runtime.tls is not None)
+
+
 class Engine:
     """A running proxy for one :class:`Config`.
 
@@ -1070,7 +1081,11 @@ class Engine:
                     conn.authz = verdict
                     if same_codec:
                         conn._route = match
-                    else:  # its codec cannot feed the new protocol's routes
+                    if not same_codec or not _accepts(runtime, conn):
+                        # Its codec cannot feed the new protocol's routes, or the listener
+                        # no longer takes its transport (a PeerAuthentication made STRICT:
+                        # a plain text client may not go on, as Envoy drains the
+                        # connections of a filter chain an update removed).
                         draining.append(conn)
             for shaking in self.handshaking:
                 if shaking.listener is current:

@@ -171,6 +171,8 @@ def test_policies_and_modes_from_the_inbound_listener_follow_each_update(setup: 
         {"ns[foo]-policy[only-client]-rule[0]": principal_policy([exact_principal(CLIENT)])}
     )
     push(cp, harness, base, "3", inbound(bind, "STRICT", [deny, allow]))
+    with pytest.raises(Exception):  # noqa: B017 (drained: no plain text on a STRICT port)
+        outcome(plain)
     assert outcome(good) == "served"
     assert outcome(evil) == DENIED
     assert outcome(clients.connect(clients.context("y", "bar"))) == DENIED
