@@ -508,10 +508,7 @@ def _build(
     if proxy.xds is not None and proxy.xds.inbound_listener is not None:
         # Nothing is allowed until the control plane's inbound listener says what is.
         proxy = dataclasses.replace(
-            proxy,
-            listeners=tuple(
-                dataclasses.replace(li, authorization=DENY_UNTIL_RECEIVED) for li in proxy.listeners
-            ),
+            proxy, listeners=tuple(awaiting_inbound(li) for li in proxy.listeners)
         )
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
@@ -523,6 +520,18 @@ def _build(
         proxy=proxy,
         documents=tuple(doc.body for doc in docs),
         sources=sources,
+    )
+
+
+def awaiting_inbound(listener: Listener) -> Listener:
+    """``listener`` until the control plane's inbound listener (``spec.xds.inboundListener``)
+    says what it accepts: every request denied and, when the mesh governs its mode, STRICT. A
+    sidecar has no inbound listener then; a plain connection accepted meanwhile would be
+    served once its policies arrive, even if they say STRICT (the mode of open connections
+    is not judged again)."""
+    mode: PeerMode | None = "STRICT" if listener.peer_mode is not None else None
+    return dataclasses.replace(
+        listener, authorization=DENY_UNTIL_RECEIVED, peer_mode=mode, inbound_chains=()
     )
 
 

@@ -33,7 +33,8 @@ from google.protobuf.message import DecodeError
 
 from metaprotocol_sdk.errors import ConfigError
 
-from ..authorization import DENY_UNTIL_RECEIVED, INBOUND_PENDING, Authorization
+from ..authorization import INBOUND_PENDING, Authorization
+from ..config.loader import awaiting_inbound
 from ..config.models import Config, Listener, ListenerTls, PeerMode
 from .rbac import ALLOW_NOTHING, NETWORK_RBAC_TYPE, chain_policies
 from .translate import _TLS_VERSIONS, XdsRefused, _check, _check_tls
@@ -354,10 +355,7 @@ def apply_inbound(config: Config, message: listener_pb2.Listener | None) -> Conf
     proxy = config.proxy
     identity = proxy.mesh_identity
     if message is None:
-        listeners = tuple(
-            dataclasses.replace(li, authorization=DENY_UNTIL_RECEIVED, inbound_chains=())
-            for li in proxy.listeners
-        )
+        listeners = tuple(awaiting_inbound(li) for li in proxy.listeners)
         return dataclasses.replace(config, proxy=dataclasses.replace(proxy, listeners=listeners))
     ports = inbound_ports(message, proxy.listeners)
     listeners_out = []
