@@ -83,6 +83,11 @@ def signature(settings: MeshIdentity) -> Signature:
 #: A listener's server context settings: minimum and maximum version, cipher suites.
 ServerKey = tuple[str, str | None, tuple[str, ...]]
 DEFAULT_SERVER: ServerKey = ("TLSV1_2", None, ())
+#: Server contexts an identity keeps, the most recently asked for (about 18 KB each, and each
+#: rebuilt at every rotation): a control plane giving the inbound listener other TLS settings
+#: at each update (``spec.xds.inboundListener``) made one more context each time, all kept
+#: (700 updates: 12 MiB, and each rotation then stalled the event loop 0.8 s rebuilding them).
+MAX_SERVER_CONTEXTS = 16
 
 
 def istio_sni(host: str, port: int, subset: str | None) -> str:
@@ -114,10 +119,14 @@ class IdentityMaterial:
     uris: tuple[str, ...] = ()
 
     def server(self, key: ServerKey) -> ssl.SSLContext:
-        """The server context for listener settings ``key`` (built on first use)."""
-        ctx = self.servers.get(key)
+        """The server context for listener settings ``key`` (built on first use; the
+        :data:`MAX_SERVER_CONTEXTS` most recently asked for are kept)."""
+        ctx = self.servers.pop(key, None)
         if ctx is None:
-            ctx = self.servers[key] = _server(self.settings, key)
+            ctx = _server(self.settings, key)
+        self.servers[key] = ctx  # the most recent last
+        while len(self.servers) > MAX_SERVER_CONTEXTS:
+            del self.servers[next(iter(self.servers))]
         return ctx
 
 

@@ -33,6 +33,7 @@ from metaprotocol_sdk.proxy.authorization import INBOUND_PENDING as PENDING
 from metaprotocol_sdk.proxy.authorization import Facts, ListenerAuthorization
 from metaprotocol_sdk.proxy.config import loads_config
 from metaprotocol_sdk.proxy.config.models import Config, Listener
+from metaprotocol_sdk.proxy.identity import MAX_SERVER_CONTEXTS
 from metaprotocol_sdk.proxy.stats import Stats
 from metaprotocol_sdk.proxy.xds.translate import Resources, XdsRefused, translate
 
@@ -221,6 +222,23 @@ def test_istiods_tls_settings_are_served(certs: Path) -> None:
     assert tls.cipher_suites == ("ECDHE-ECDSA-AES128-GCM-SHA256",)
     assert tls.subject_alt_name_prefixes == ("spiffe://cluster.local/", "spiffe://old.example/")
     assert tls.context is not None
+
+
+def test_tls_settings_changed_at_each_update_keep_a_bounded_number_of_contexts(
+    certs: Path,
+) -> None:
+    """Each distinct set of versions and cipher suites is a server context of the identity,
+    rebuilt at each rotation: a control plane sending another at each update made the
+    engine keep them all (700 updates: 12 MiB, a rotation 0.8 s of the event loop)."""
+    config = base(certs)
+    material = config.proxy.mesh_identity.material  # type: ignore[union-attr]
+    for i in range(3 * MAX_SERVER_CONTEXTS):
+        socket = downstream_tls(ciphers=("AES128-GCM-SHA256",) * (i + 1))
+        (listener,) = translate(
+            config, resources(inbound(PORT, "STRICT", socket=socket))
+        ).proxy.listeners
+        assert listener.tls is not None and listener.tls.context is not None
+    assert len(material.servers) <= MAX_SERVER_CONTEXTS
 
 
 def test_a_listener_with_its_own_tls_keeps_it_and_takes_the_policies(certs: Path) -> None:
