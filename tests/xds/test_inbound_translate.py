@@ -253,6 +253,36 @@ def test_a_listener_with_its_own_tls_keeps_it_and_takes_the_policies(certs: Path
     assert judge(listener, EVIL) == "demo/no-evil"
 
 
+def test_an_ip_range_without_a_length_is_every_address_as_in_envoy(certs: Path) -> None:
+    """Envoy reads an unset ``prefix_len`` as 0 (its ``CidrRange``: the wrapper's default),
+    so such a DENY denies every address of the family; it was read as one address. A length
+    above the address's bits is the whole address, as Envoy clamps it."""
+    deny = rbac(
+        {
+            "ns[demo]-policy[v4]-rule[0]": principal_policy(
+                [{"remote_ip": {"address_prefix": "10.1.2.3"}}]
+            ),
+            "ns[demo]-policy[one]-rule[0]": principal_policy([ip_principal("2001:db8::1", 100)]),
+        },
+        "DENY",
+    )
+    listener = listener_of(certs, inbound(PORT, "PERMISSIVE", [deny]))
+    assert judge(listener, CLIENT, ip="192.168.7.7") == "demo/v4"
+    assert judge(listener, CLIENT, ip="2001:db8::2") == "demo/one"  # /100
+    assert judge(listener, CLIENT, ip="2001:db9::1") is None
+    clamped = rbac({"p": principal_policy([ip_principal("10.0.0.1", 40)])}, "DENY")
+    listener = listener_of(certs, inbound(PORT, "PERMISSIVE", [clamped]))
+    assert judge(listener, CLIENT, ip="10.0.0.1") == "p"
+    assert judge(listener, CLIENT, ip="10.0.0.2") is None
+
+
+def _port_range(start: int, end: int) -> Any:
+    permission = {"destination_port_range": {"start": start, "end": end}}
+    return inbound(
+        PORT, "STRICT", [rbac({"p": {"permissions": [permission], "principals": [{"any": True}]}})]
+    )
+
+
 def _with(message: Any, chain: int, mutate: Any) -> Any:
     mutate(message.filter_chains[chain])
     return message
@@ -340,6 +370,31 @@ REFUSED = [
         ),
         "filter state",
         id="filter-state-principal",
+    ),
+    pytest.param(lambda: _port_range(9000, 9000), "0 <= start < end <= 65536", id="empty-range"),
+    pytest.param(lambda: _port_range(-1, 9000), "0 <= start < end <= 65536", id="negative-range"),
+    pytest.param(lambda: _port_range(1, 70000), "0 <= start < end <= 65536", id="range-too-far"),
+    pytest.param(
+        lambda: inbound(
+            PORT,
+            "STRICT",
+            [
+                rbac(
+                    {
+                        "p": principal_policy(
+                            [{"authenticated": {"principal_name": {"safe_regex": {"regex": ""}}}}]
+                        )
+                    }
+                )
+            ],
+        ),
+        "safe_regex.regex: must not be empty",
+        id="empty-regex",
+    ),
+    pytest.param(
+        lambda: inbound(PORT, "STRICT", [rbac({"p": principal_policy([ip_principal("::", 129)])})]),
+        "prefix_len: above 128",
+        id="prefix-len-129",
     ),
     pytest.param(
         lambda: _with(inbound(PORT, "PERMISSIVE", [rbac({})]), -1, lambda c: c.filters.pop(1)),

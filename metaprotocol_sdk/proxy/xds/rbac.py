@@ -210,6 +210,10 @@ class _Reader:
             raise self.refuse(path, "needs exact, prefix, suffix, contains or safe_regex")
         if kind == "safe_regex":
             self.check(m.safe_regex, f"{path}.safe_regex", "RegexMatcher", ("regex", "google_re2"))
+            if not m.safe_regex.regex:
+                raise self.refuse(
+                    f"{path}.safe_regex.regex", "must not be empty (Envoy's validation)"
+                )
             try:
                 return StringMatch(kind, m.safe_regex.regex, False)
             except ValueError as exc:
@@ -223,9 +227,13 @@ class _Reader:
 
     def cidr(self, c: address_pb2.CidrRange, path: str) -> IpNetwork:
         self.check(c, path, "CidrRange", ("address_prefix", "prefix_len"))
+        if c.prefix_len.value > 128:
+            raise self.refuse(f"{path}.prefix_len", "above 128 (Envoy's validation)")
         try:
             address = ipaddress.ip_address(c.address_prefix)
-            length = c.prefix_len.value if c.HasField("prefix_len") else address.max_prefixlen
+            # As Envoy's CidrRange: an unset prefix_len is 0 (every address of the family),
+            # one above the address's bits is all of them.
+            length = min(c.prefix_len.value, address.max_prefixlen)
             return ipaddress.ip_network(f"{address}/{length}", strict=False)
         except ValueError as exc:
             raise self.refuse(path, f"not an IP range: {exc}") from None
@@ -282,8 +290,10 @@ class _Reader:
         if kind == "destination_port_range":
             r = p.destination_port_range
             self.check(r, where, "Int32Range", ("start", "end"))
-            if r.start > r.end:
-                raise self.refuse(where, "start above end")
+            if not (0 <= r.start < r.end <= 65536):
+                raise self.refuse(
+                    where, "needs 0 <= start < end <= 65536 (Envoy refuses other ranges)"
+                )
             return Node("destination_port", low=r.start, high=r.end)  # end excluded
         if kind == "requested_server_name":
             return Node("requested_server_name", string=self.string(p.requested_server_name, where))
