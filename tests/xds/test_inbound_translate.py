@@ -35,6 +35,7 @@ from metaprotocol_sdk.proxy.config import loads_config
 from metaprotocol_sdk.proxy.config.models import Config, Listener
 from metaprotocol_sdk.proxy.identity import MAX_SERVER_CONTEXTS
 from metaprotocol_sdk.proxy.stats import Stats
+from metaprotocol_sdk.proxy.xds.rbac import StringMatch, chain_policies, subject_of
 from metaprotocol_sdk.proxy.xds.translate import Resources, XdsRefused, translate
 
 PORT = 9000  # the listener's bind port: the port istiod's chains match
@@ -274,6 +275,42 @@ def test_an_ip_range_without_a_length_is_every_address_as_in_envoy(certs: Path) 
     listener = listener_of(certs, inbound(PORT, "PERMISSIVE", [clamped]))
     assert judge(listener, CLIENT, ip="10.0.0.1") == "p"
     assert judge(listener, CLIENT, ip="10.0.0.2") is None
+
+
+def test_a_subject_is_matched_as_envoy_prints_it() -> None:
+    """Envoy matches ``principal_name`` against the subject as OpenSSL's RFC 2253 printer
+    writes it: short names (``SN``, ``GN``), each UTF-8 byte above ASCII and each control
+    character as ``\\XX``. Spelled as Python decodes it, a DENY written in Envoy's
+    spelling never matched."""
+    cert = {
+        "subject": (
+            (("commonName", "\u00e9vil\x01 "),),
+            (("surname", "#x"),),
+            (("givenName", "a,b"),),
+        )
+    }
+    assert subject_of(cert) == "GN=a\\,b,SN=\\#x,CN=\\C3\\A9vil\\01\\ "
+    deny = rbac(
+        {"p": principal_policy([exact_principal("GN=a\\,b,SN=\\#x,CN=\\C3\\A9vil\\01\\ ")])},
+        "DENY",
+    )
+    chain = [(f"f{i}", f.typed_config.value) for i, f in enumerate([deny])]
+    authorization = chain_policies(
+        chain, lambda path, why: XdsRefused("LDS", path, why)
+    ).authorization()
+    assert authorization is not None
+    owner = ListenerAuthorization(authorization, Stats(), "l")
+    verdict = owner._enforced(Facts(secure=True, peercert=cert))
+    assert verdict is not None and verdict.denied is not None and verdict.denied.name == "p"
+
+
+def test_ignore_case_folds_ascii_only_as_envoy() -> None:
+    """Envoy's ``ignore_case`` compares ASCII letters without case; ``str.lower`` also folds
+    the Kelvin sign to ``k``, so an ALLOW for ``.../sa/k`` admitted ``.../sa/\u212a``."""
+    match = StringMatch("exact", "spiffe://td/ns/a/sa/K", True)
+    assert match.matches("SPIFFE://TD/ns/A/sa/k")
+    assert not match.matches("spiffe://td/ns/a/sa/\u212a")
+    assert not StringMatch("prefix", "\u212a", True).matches("k")
 
 
 def _port_range(start: int, end: int) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,16 +41,21 @@ _ISTIO_NAME = re.compile(r"ns\[(?P<ns>[^\]]*)\]-policy\[(?P<name>[^\]]*)\]-rule\
 Refuse = Callable[[str, str], Exception]
 
 
+#: ASCII letters to lower case: Envoy's ``ignore_case`` folds ASCII only (``absl``'s
+#: ``EqualsIgnoreCase``), where ``str.lower`` folds ``K`` (Kelvin sign) to ``k`` too.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 class StringMatch:
     """Envoy's ``StringMatcher``: exact, prefix, suffix, contains or an RE2 full match;
-    ``ignore_case`` for all but the regex."""
+    ``ignore_case`` (ASCII) for all but the regex."""
 
     __slots__ = ("ignore_case", "kind", "test", "value")
 
     def __init__(self, kind: str, value: str, ignore_case: bool) -> None:
         self.kind = kind
         self.ignore_case = ignore_case and kind != "safe_regex"
-        self.value = value.lower() if self.ignore_case else value
+        self.value = value.translate(_ASCII_LOWER) if self.ignore_case else value
         self.test: Callable[[str], bool] | None = (
             compile_regex(value) if kind == "safe_regex" else None
         )
@@ -59,7 +65,7 @@ class StringMatch:
         if self.test is not None:
             return self.test(text)
         if self.ignore_case:
-            text = text.lower()
+            text = text.translate(_ASCII_LOWER)
         if self.kind == "exact":
             return text == self.value
         if self.kind == "prefix":
@@ -128,7 +134,8 @@ def _authenticated(name: StringMatch | None, facts: Facts) -> bool:
     return name.matches(subject_of(cert))
 
 
-#: OpenSSL's short names of the attributes ``getpeercert()`` spells out (RFC 2253 output).
+#: OpenSSL's short names of the attributes ``getpeercert()`` spells out by their long names
+#: (RFC 2253 output); the others' short names are their long ones.
 _SHORT = {
     "commonName": "CN",
     "countryName": "C",
@@ -139,6 +146,12 @@ _SHORT = {
     "streetAddress": "street",
     "domainComponent": "DC",
     "userId": "UID",
+    "surname": "SN",
+    "givenName": "GN",
+    "uniqueIdentifier": "uid",
+    "jurisdictionCountryName": "jurisdictionC",
+    "jurisdictionStateOrProvinceName": "jurisdictionST",
+    "jurisdictionLocalityName": "jurisdictionL",
 }
 
 
@@ -158,9 +171,16 @@ def subject_of(cert: dict[str, Any]) -> str:
 
 
 def _escaped(value: str) -> str:
+    """``value`` as OpenSSL's ``XN_FLAG_RFC2253`` prints it: UTF-8, each byte of a control
+    character or above ASCII as ``\\XX``, RFC 2253's special characters after a backslash."""
+    data = value.encode("utf-8", "surrogatepass")
+    last = len(data) - 1
     out = []
-    for i, char in enumerate(value):
-        if char in ',+"\\<>;' or (char in " #" and i == 0) or (char == " " and i == len(value) - 1):
+    for i, byte in enumerate(data):
+        char = chr(byte)
+        if byte < 0x20 or byte >= 0x7F:
+            out.append(f"\\{byte:02X}")
+        elif char in ',+"\\<>;' or (char in " #" and i == 0) or (char == " " and i == last):
             out.append("\\" + char)
         else:
             out.append(char)
