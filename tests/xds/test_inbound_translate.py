@@ -408,6 +408,13 @@ REFUSED = [
         "filter state",
         id="filter-state-principal",
     ),
+    pytest.param(
+        lambda: inbound(
+            PORT, "STRICT", [rbac({f"ns[demo]-policy[{'x' * 1_000_000}]-rule[0]": NEVER}, "DENY")]
+        ),
+        "a policy name of 1000025 characters, above 512",
+        id="huge-policy-name",
+    ),
     pytest.param(lambda: _port_range(9000, 9000), "0 <= start < end <= 65536", id="empty-range"),
     pytest.param(lambda: _port_range(-1, 9000), "0 <= start < end <= 65536", id="negative-range"),
     pytest.param(lambda: _port_range(1, 70000), "0 <= start < end <= 65536", id="range-too-far"),

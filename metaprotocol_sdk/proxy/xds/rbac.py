@@ -39,6 +39,11 @@ NETWORK_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.network.rbac.v
 _ISTIO_NAME = re.compile(r"ns\[(?P<ns>[^\]]*)\]-policy\[(?P<name>[^\]]*)\]-rule\[\d+\]")
 
 Refuse = Callable[[str, str], Exception]
+#: The longest RBAC policy name read: above istiod's longest (a 63-character namespace, a
+#: 253-character name, a rule's index). A name is a stats label and is written in the access
+#: log line of each request it denies: a control plane's megabyte-long name made each
+#: 30-byte denied request a megabyte of log.
+MAX_POLICY_NAME = 512
 
 
 #: ASCII letters to lower case: Envoy's ``ignore_case`` folds ASCII only (``absl``'s
@@ -342,6 +347,13 @@ class _Reader:
             raise self.refuse(f"{path}.action", "not supported by this engine")
         grouped: dict[str, list[Rule]] = {}
         for name in sorted(r.policies):  # Envoy judges them in name order
+            if len(name) > MAX_POLICY_NAME:
+                raise self.refuse(
+                    f"{path}.policies",
+                    f"a policy name of {len(name)} characters, above {MAX_POLICY_NAME} (istiod's "
+                    "are ns[<namespace>]-policy[<name>]-rule[<n>]): each denial writes it in "
+                    "the access log, each series of it in the stats",
+                )
             rule = self.policy(r.policies[name], f"{path}.policies[{name!r}]")
             found = _ISTIO_NAME.fullmatch(name)
             label = f"{found['ns']}/{found['name']}" if found else name
