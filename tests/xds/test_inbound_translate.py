@@ -415,6 +415,16 @@ REFUSED = [
         "a policy name of 1000025 characters, above 512",
         id="huge-policy-name",
     ),
+    pytest.param(
+        lambda: virtual_inbound([*port_chains(PORT, "STRICT"), *port_chains(0, "DISABLE")]),
+        "destination_port: not a port",
+        id="chain-port-0",
+    ),
+    pytest.param(
+        lambda: virtual_inbound([*port_chains(PORT, "STRICT"), *port_chains(65536, "DISABLE")]),
+        "destination_port: not a port",
+        id="chain-port-65536",
+    ),
     pytest.param(lambda: _port_range(9000, 9000), "0 <= start < end <= 65536", id="empty-range"),
     pytest.param(lambda: _port_range(-1, 9000), "0 <= start < end <= 65536", id="negative-range"),
     pytest.param(lambda: _port_range(1, 70000), "0 <= start < end <= 65536", id="range-too-far"),

@@ -114,6 +114,10 @@ def _classify(res: str, chain: Any, path: str) -> _Chain:
                 "destination address (the engine's listeners are picked by port)",
             )
     port = match.destination_port.value if match.HasField("destination_port") else None
+    if port is not None and not 1 <= port <= 65535:
+        raise XdsRefused(
+            res, f"{mpath}.destination_port", "not a port: 1 to 65535 (Envoy's validation)"
+        )
     transport = match.transport_protocol
     alpns = set(match.application_protocols)
     secured = chain.HasField("transport_socket")
