@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import ssl
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -117,16 +118,20 @@ class IdentityMaterial:
     servers: dict[ServerKey, ssl.SSLContext] = field(default_factory=dict)
     #: The URI SANs of the workload certificate (its SPIFFE id), for Istio's metrics.
     uris: tuple[str, ...] = ()
+    #: Guards :attr:`servers`: an xDS update is translated in a thread, rotations on the loop.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def server(self, key: ServerKey) -> ssl.SSLContext:
         """The server context for listener settings ``key`` (built on first use; the
         :data:`MAX_SERVER_CONTEXTS` most recently asked for are kept)."""
-        ctx = self.servers.pop(key, None)
+        with self._lock:
+            ctx = self.servers.pop(key, None)
         if ctx is None:
             ctx = _server(self.settings, key)
-        self.servers[key] = ctx  # the most recent last
-        while len(self.servers) > MAX_SERVER_CONTEXTS:
-            del self.servers[next(iter(self.servers))]
+        with self._lock:
+            self.servers[key] = ctx  # the most recent last
+            while len(self.servers) > MAX_SERVER_CONTEXTS:
+                del self.servers[next(iter(self.servers))]
         return ctx
 
 
