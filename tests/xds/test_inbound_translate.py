@@ -154,6 +154,28 @@ def test_a_port_no_service_targets_takes_the_passthrough_chains(certs: Path, mod
     assert judge(listener, CLIENT) is None
 
 
+def test_istiod_1_22_passthrough_chains_per_ip_family_are_read_once(certs: Path) -> None:
+    """istiod 1.22 wrote a dual-stack workload's passthrough chains once per IP family
+    (``0.0.0.0/0``, ``::/0``): alike but for that, they were refused as a second chain."""
+    deny = rbac(
+        {"ns[demo]-policy[no-evil]-rule[0]": principal_policy([namespace_principal("evil")])},
+        "DENY",
+    )
+    chains = []
+    for family in ("0.0.0.0", "::"):
+        for chain in passthrough_chains("PERMISSIVE", [deny])[1:]:
+            chain.filter_chain_match.prefix_ranges.add(address_prefix=family, prefix_len={})
+            chains.append(chain)
+    blackhole = passthrough_chains("PERMISSIVE")[0]
+    listener = listener_of(certs, virtual_inbound([blackhole, *chains]))
+    assert listener.peer_mode == "PERMISSIVE"
+    assert listener.inbound_chains == ("virtualInbound", "virtualInbound")
+    assert judge(listener, EVIL) == "demo/no-evil"
+    # Per family but saying different things: refused.
+    chains[-2].filters.pop(1)
+    assert "a second chain" in refusal(certs, virtual_inbound([blackhole, *chains]))
+
+
 def test_policies_are_grouped_by_authorization_policy_and_judged_as_envoy_does(certs: Path) -> None:
     deny = rbac(
         {

@@ -132,6 +132,24 @@ def _classify(res: str, chain: Any, path: str) -> _Chain:
     return _Chain(chain.name, port, kind, chain)
 
 
+def _per_family(chains: list[_Chain]) -> bool:
+    """Whether ``chains`` are one chain written once per IP family (istiod 1.22's passthrough
+    chains of a dual-stack workload: ``0.0.0.0/0`` and ``::/0``), alike but for that: Envoy
+    picks one by the connection's address, and either says the same."""
+    families = {
+        tuple(r.address_prefix for r in c.chain.filter_chain_match.prefix_ranges) for c in chains
+    }
+    if len(families) != len(chains):
+        return False
+    bodies = set()
+    for c in chains:
+        body = type(c.chain)()
+        body.CopyFrom(c.chain)
+        body.filter_chain_match.ClearField("prefix_ranges")
+        bodies.add(body.SerializeToString(deterministic=True))
+    return len(bodies) == 1
+
+
 def _tls(
     res: str, socket: Any, path: str
 ) -> tuple[str, str | None, tuple[str, ...], tuple[str, ...]]:
@@ -303,7 +321,7 @@ def inbound_ports(
         mtls = [c for c in mine if c.kind == "mtls"]
         plain = [c for c in mine if c.kind == "plain"]
         for found in (mtls, plain):
-            if len(found) > 1:
+            if len(found) > 1 and not _per_family(found):
                 raise XdsRefused(
                     res,
                     paths[id(found[1])],
@@ -320,7 +338,7 @@ def inbound_ports(
                 "workload's Services target",
             )
         mode: PeerMode = "PERMISSIVE" if mtls and plain else ("STRICT" if mtls else "DISABLE")
-        read = [*mtls, *plain]
+        read = [*mtls[:1], *plain[:1]]
         policies = [_filters(res, c, paths[id(c)]) for c in read]
         if len({key for _, key in policies}) > 1:
             raise XdsRefused(
