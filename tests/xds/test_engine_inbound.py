@@ -228,3 +228,27 @@ def test_a_plain_connection_made_before_the_inbound_listener_is_not_served_under
             outcome(early)
         early.close()
     assert outcome(clients.connect(clients.context("client", "bar"))) == "served"
+
+
+def test_a_connection_of_another_trust_domain_made_before_the_inbound_listener_is_not_served(
+    setup: Any,
+) -> None:
+    """Before the inbound listener arrives, a mutual TLS client is checked against the mesh
+    root: one of another trust domain (the same root), accepted then, was served once a
+    listener naming only cluster.local arrived (open connections keep their handshake)."""
+    cp, harness, clients, base = setup
+    harness.wait(lambda c: c.types[CLIENT_LISTENER_TYPE].names == [INBOUND])
+    try:
+        early: Any = clients.connect(clients.context("client", "bar", "other.example"))
+        assert outcome(early) == DENIED
+    except Exception:  # refused at the handshake: what a sidecar does
+        early = None
+    push(cp, harness, base, "2", inbound(clients.port, "STRICT"))
+    if early is not None:
+        try:
+            result = outcome(early)
+        except Exception:  # closed
+            result = "closed"
+        assert result != "served"
+        early.close()
+    assert outcome(clients.connect(clients.context("client", "bar"))) == "served"

@@ -508,7 +508,8 @@ def _build(
     if proxy.xds is not None and proxy.xds.inbound_listener is not None:
         # Nothing is allowed until the control plane's inbound listener says what is.
         proxy = dataclasses.replace(
-            proxy, listeners=tuple(awaiting_inbound(li) for li in proxy.listeners)
+            proxy,
+            listeners=tuple(awaiting_inbound(li, proxy.mesh_identity) for li in proxy.listeners),
         )
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
@@ -523,15 +524,32 @@ def _build(
     )
 
 
-def awaiting_inbound(listener: Listener) -> Listener:
+def awaiting_inbound(listener: Listener, identity: MeshIdentity | None) -> Listener:
     """``listener`` until the control plane's inbound listener (``spec.xds.inboundListener``)
-    says what it accepts: every request denied and, when the mesh governs its mode, STRICT. A
-    sidecar has no inbound listener then; a plain connection accepted meanwhile would be
-    served once its policies arrive, even if they say STRICT (the mode of open connections
-    is not judged again)."""
-    mode: PeerMode | None = "STRICT" if listener.peer_mode is not None else None
+    says what it accepts: every request denied and, when the mesh governs its mode, STRICT
+    for clients of the workload's own trust domain (which istiod's list holds). A sidecar
+    has no inbound listener then; a connection accepted meanwhile is judged by the policies
+    that arrive, not by their mode and trust domains (open connections keep those): a plain
+    one, or one of another trust domain, was served once a STRICT listener arrived."""
+    if listener.peer_mode is None:  # its own tls
+        return dataclasses.replace(listener, authorization=DENY_UNTIL_RECEIVED, inbound_chains=())
+    tls = listener.tls
+    if tls is not None and not tls.subject_alt_name_prefixes and identity is not None:
+        own = identity.material.uris if identity.material is not None else ()
+        prefixes = tuple(
+            dict.fromkeys(
+                "spiffe://" + uri[len("spiffe://") :].partition("/")[0] + "/"
+                for uri in own
+                if uri.startswith("spiffe://")
+            )
+        )
+        tls = dataclasses.replace(tls, subject_alt_name_prefixes=prefixes)
     return dataclasses.replace(
-        listener, authorization=DENY_UNTIL_RECEIVED, peer_mode=mode, inbound_chains=()
+        listener,
+        authorization=DENY_UNTIL_RECEIVED,
+        peer_mode="STRICT",
+        tls=tls,
+        inbound_chains=(),
     )
 
 

@@ -377,7 +377,7 @@ def apply_inbound(config: Config, message: listener_pb2.Listener | None) -> Conf
     proxy = config.proxy
     identity = proxy.mesh_identity
     if message is None:
-        listeners = tuple(awaiting_inbound(li) for li in proxy.listeners)
+        listeners = tuple(awaiting_inbound(li, identity) for li in proxy.listeners)
         return dataclasses.replace(config, proxy=dataclasses.replace(proxy, listeners=listeners))
     ports = inbound_ports(message, proxy.listeners)
     listeners_out = []
