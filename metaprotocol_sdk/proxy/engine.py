@@ -53,7 +53,14 @@ from .slow_start import attach_slow_start, start_slow_starts
 from .stats import Counter, Stats, Value
 from .stats_pruning import StatsPruner
 from .telemetry import IstioTelemetry, TargetTelemetry
-from .tls import TlsDownstream, attach_cluster, attach_listener, show_expiry, tls_accept
+from .tls import (
+    TlsDownstream,
+    TlsSettingError,
+    attach_cluster,
+    attach_listener,
+    show_expiry,
+    tls_accept,
+)
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 from .watchdog import GuardDog
 
@@ -1175,10 +1182,13 @@ class Engine:
             self._serve_identity(identity)
 
     def _serve_identity(self, identity: IdentityWatch) -> None:
-        servers = identity.material.servers
+        material = identity.material
         for runtime in self.listeners.values():
             if runtime.mesh_tls is not None:
-                runtime.tls = servers.get(server_key(runtime.mesh_tls), runtime.tls)
+                try:  # built again if the material no longer keeps it
+                    runtime.tls = material.server(server_key(runtime.mesh_tls))
+                except TlsSettingError as exc:
+                    log.warning("listener %s keeps its mesh identity: %s", runtime.name, exc)
 
     def _identity_rotated(self) -> None:
         """New files: the ``ISTIO_MUTUAL`` listeners' new connections shake hands with them

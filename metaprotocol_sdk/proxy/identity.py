@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import ssl
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -83,6 +84,11 @@ def signature(settings: MeshIdentity) -> Signature:
 #: A listener's server context settings: minimum and maximum version, cipher suites.
 ServerKey = tuple[str, str | None, tuple[str, ...]]
 DEFAULT_SERVER: ServerKey = ("TLSV1_2", None, ())
+#: Server contexts an identity keeps, the most recently asked for (about 18 KB each, and each
+#: rebuilt at every rotation): a control plane giving the inbound listener other TLS settings
+#: at each update (``spec.xds.inboundListener``) made one more context each time, all kept
+#: (700 updates: 12 MiB, and each rotation then stalled the event loop 0.8 s rebuilding them).
+MAX_SERVER_CONTEXTS = 16
 
 
 def istio_sni(host: str, port: int, subset: str | None) -> str:
@@ -112,12 +118,20 @@ class IdentityMaterial:
     servers: dict[ServerKey, ssl.SSLContext] = field(default_factory=dict)
     #: The URI SANs of the workload certificate (its SPIFFE id), for Istio's metrics.
     uris: tuple[str, ...] = ()
+    #: Guards :attr:`servers`: an xDS update is translated in a thread, rotations on the loop.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def server(self, key: ServerKey) -> ssl.SSLContext:
-        """The server context for listener settings ``key`` (built on first use)."""
-        ctx = self.servers.get(key)
+        """The server context for listener settings ``key`` (built on first use; the
+        :data:`MAX_SERVER_CONTEXTS` most recently asked for are kept)."""
+        with self._lock:
+            ctx = self.servers.pop(key, None)
         if ctx is None:
-            ctx = self.servers[key] = _server(self.settings, key)
+            ctx = _server(self.settings, key)
+        with self._lock:
+            self.servers[key] = ctx  # the most recent last
+            while len(self.servers) > MAX_SERVER_CONTEXTS:
+                del self.servers[next(iter(self.servers))]
         return ctx
 
 

@@ -20,6 +20,7 @@ from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, h
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy.identity import MAX_SERVER_CONTEXTS
 from metaprotocol_sdk.proxy.upstream import UpstreamConnection
 
 
@@ -463,6 +464,39 @@ def test_a_rotation_during_a_reload_is_served_by_the_reloaded_listeners(
             assert second != first
             conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
             assert conn.transport is not None and peer_serial(conn.transport) == second
+            conn.close()
+        await up.close()
+
+    run(main())
+
+
+def test_a_rotation_serves_the_new_files_on_a_listener_whose_context_was_not_kept(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """The identity keeps its most recently used server contexts only (a control plane can
+    ask for new TLS settings at each update); a listener whose context was let go is given
+    one built from the rotated files, not left with the old certificate."""
+    certs = tmp_path / "certs"
+    first = ca.write(certs, "engine")
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh(
+            [(up.port, "v1")],
+            listener_tls="{mode: ISTIO_MUTUAL, minProtocolVersion: TLSV1_3}",  # not the default
+            proxy=identity(certs),
+        )
+        async with engine_for(text) as engine:
+            assert engine.identity is not None
+            material = engine.identity.material
+            for i in range(MAX_SERVER_CONTEXTS + 1):  # other listeners' settings, newer
+                material.server(("TLSV1_2", None, ("AES128-GCM-SHA256",) * (i + 1)))
+            second = ca.write(certs, "engine", hours=48)
+            await until(lambda: rotations(engine, "ok") == 1)
+            conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
+            assert conn.transport is not None and peer_serial(conn.transport) == second != first
+            assert error_type(await conn.call("get")) is None
+            assert len(engine.identity.material.servers) <= MAX_SERVER_CONTEXTS
             conn.close()
         await up.close()
 

@@ -142,12 +142,13 @@ def push(
 def test_policies_and_modes_from_the_inbound_listener_follow_each_update(setup: Any) -> None:
     cp, harness, clients, base = setup
     bind = clients.port
-    # Until the inbound listener arrives, every request is denied.
+    # Until the inbound listener arrives, every request is denied (plain text is refused).
     harness.wait(lambda c: c.types[CLIENT_LISTENER_TYPE].names == [INBOUND])
-    plain = clients.connect()
-    assert outcome(plain) == DENIED
+    early = clients.connect(clients.context("client", "bar"))
+    assert outcome(early) == DENIED
     listener = harness.dump()["listeners"][0]
     assert listener["authorizationPolicies"]["ALLOW"] == [PENDING]
+    assert listener["peerAuthentication"] == "STRICT"
     assert not harness.client.initialized
     # PERMISSIVE, DENY namespace evil: plain text and good identities are served.
     deny = rbac(
@@ -157,7 +158,9 @@ def test_policies_and_modes_from_the_inbound_listener_follow_each_update(setup: 
     push(cp, harness, base, "2", inbound(bind, "PERMISSIVE", [deny]), other)
     assert harness.client.initialized
     assert set(harness.client.types[CLIENT_LISTENER_TYPE].resources) == {INBOUND}
-    assert outcome(plain) == "served"  # the open connection is judged again
+    assert outcome(early) == "served"  # the open connection is judged again
+    plain = clients.connect()
+    assert outcome(plain) == "served"
     good = clients.connect(clients.context("client", "bar"))
     evil = clients.connect(clients.context("x", "evil"))
     assert outcome(good) == "served"
@@ -204,5 +207,50 @@ def test_policies_and_modes_from_the_inbound_listener_follow_each_update(setup: 
         )
         >= 2
     )
-    for client in (plain, good, evil):
+    for client in (early, plain, good, evil):
         client.close()
+
+
+def test_a_plain_connection_made_before_the_inbound_listener_is_not_served_under_strict(
+    setup: Any,
+) -> None:
+    """Before the inbound listener arrives the engine cannot know the mode: a plain text
+    connection accepted then was served once a STRICT listener arrived (open connections
+    keep their mode), although a sidecar, which has no inbound listener yet, accepts none."""
+    cp, harness, clients, base = setup
+    harness.wait(lambda c: c.types[CLIENT_LISTENER_TYPE].names == [INBOUND])
+    try:
+        early: Any = clients.connect()
+    except Exception:  # refused at the handshake: what a sidecar does
+        early = None
+    push(cp, harness, base, "2", inbound(clients.port, "STRICT"))
+    assert harness.dump()["listeners"][0]["peerAuthentication"] == "STRICT"
+    if early is not None:
+        with pytest.raises(Exception):  # noqa: B017 (closed at the handshake)
+            outcome(early)
+        early.close()
+    assert outcome(clients.connect(clients.context("client", "bar"))) == "served"
+
+
+def test_a_connection_of_another_trust_domain_made_before_the_inbound_listener_is_not_served(
+    setup: Any,
+) -> None:
+    """Before the inbound listener arrives, a mutual TLS client is checked against the mesh
+    root: one of another trust domain (the same root), accepted then, was served once a
+    listener naming only cluster.local arrived (open connections keep their handshake)."""
+    cp, harness, clients, base = setup
+    harness.wait(lambda c: c.types[CLIENT_LISTENER_TYPE].names == [INBOUND])
+    try:
+        early: Any = clients.connect(clients.context("client", "bar", "other.example"))
+        assert outcome(early) == DENIED
+    except Exception:  # refused at the handshake: what a sidecar does
+        early = None
+    push(cp, harness, base, "2", inbound(clients.port, "STRICT"))
+    if early is not None:
+        try:
+            result = outcome(early)
+        except Exception:  # closed
+            result = "closed"
+        assert result != "served"
+        early.close()
+    assert outcome(clients.connect(clients.context("client", "bar"))) == "served"

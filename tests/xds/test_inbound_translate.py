@@ -33,7 +33,9 @@ from metaprotocol_sdk.proxy.authorization import INBOUND_PENDING as PENDING
 from metaprotocol_sdk.proxy.authorization import Facts, ListenerAuthorization
 from metaprotocol_sdk.proxy.config import loads_config
 from metaprotocol_sdk.proxy.config.models import Config, Listener
+from metaprotocol_sdk.proxy.identity import MAX_SERVER_CONTEXTS
 from metaprotocol_sdk.proxy.stats import Stats
+from metaprotocol_sdk.proxy.xds.rbac import StringMatch, chain_policies, subject_of
 from metaprotocol_sdk.proxy.xds.translate import Resources, XdsRefused, translate
 
 PORT = 9000  # the listener's bind port: the port istiod's chains match
@@ -152,6 +154,28 @@ def test_a_port_no_service_targets_takes_the_passthrough_chains(certs: Path, mod
     assert judge(listener, CLIENT) is None
 
 
+def test_istiod_1_22_passthrough_chains_per_ip_family_are_read_once(certs: Path) -> None:
+    """istiod 1.22 wrote a dual-stack workload's passthrough chains once per IP family
+    (``0.0.0.0/0``, ``::/0``): alike but for that, they were refused as a second chain."""
+    deny = rbac(
+        {"ns[demo]-policy[no-evil]-rule[0]": principal_policy([namespace_principal("evil")])},
+        "DENY",
+    )
+    chains = []
+    for family in ("0.0.0.0", "::"):
+        for chain in passthrough_chains("PERMISSIVE", [deny])[1:]:
+            chain.filter_chain_match.prefix_ranges.add(address_prefix=family, prefix_len={})
+            chains.append(chain)
+    blackhole = passthrough_chains("PERMISSIVE")[0]
+    listener = listener_of(certs, virtual_inbound([blackhole, *chains]))
+    assert listener.peer_mode == "PERMISSIVE"
+    assert listener.inbound_chains == ("virtualInbound", "virtualInbound")
+    assert judge(listener, EVIL) == "demo/no-evil"
+    # Per family but saying different things: refused.
+    chains[-2].filters.pop(1)
+    assert "a second chain" in refusal(certs, virtual_inbound([blackhole, *chains]))
+
+
 def test_policies_are_grouped_by_authorization_policy_and_judged_as_envoy_does(certs: Path) -> None:
     deny = rbac(
         {
@@ -223,6 +247,23 @@ def test_istiods_tls_settings_are_served(certs: Path) -> None:
     assert tls.context is not None
 
 
+def test_tls_settings_changed_at_each_update_keep_a_bounded_number_of_contexts(
+    certs: Path,
+) -> None:
+    """Each distinct set of versions and cipher suites is a server context of the identity,
+    rebuilt at each rotation: a control plane sending another at each update made the
+    engine keep them all (700 updates: 12 MiB, a rotation 0.8 s of the event loop)."""
+    config = base(certs)
+    material = config.proxy.mesh_identity.material  # type: ignore[union-attr]
+    for i in range(3 * MAX_SERVER_CONTEXTS):
+        socket = downstream_tls(ciphers=("AES128-GCM-SHA256",) * (i + 1))
+        (listener,) = translate(
+            config, resources(inbound(PORT, "STRICT", socket=socket))
+        ).proxy.listeners
+        assert listener.tls is not None and listener.tls.context is not None
+    assert len(material.servers) <= MAX_SERVER_CONTEXTS
+
+
 def test_a_listener_with_its_own_tls_keeps_it_and_takes_the_policies(certs: Path) -> None:
     deny = rbac(
         {"ns[demo]-policy[no-evil]-rule[0]": principal_policy([namespace_principal("evil")])},
@@ -233,6 +274,72 @@ def test_a_listener_with_its_own_tls_keeps_it_and_takes_the_policies(certs: Path
     )
     assert listener.peer_mode is None and listener.tls is not None
     assert judge(listener, EVIL) == "demo/no-evil"
+
+
+def test_an_ip_range_without_a_length_is_every_address_as_in_envoy(certs: Path) -> None:
+    """Envoy reads an unset ``prefix_len`` as 0 (its ``CidrRange``: the wrapper's default),
+    so such a DENY denies every address of the family; it was read as one address. A length
+    above the address's bits is the whole address, as Envoy clamps it."""
+    deny = rbac(
+        {
+            "ns[demo]-policy[v4]-rule[0]": principal_policy(
+                [{"remote_ip": {"address_prefix": "10.1.2.3"}}]
+            ),
+            "ns[demo]-policy[one]-rule[0]": principal_policy([ip_principal("2001:db8::1", 100)]),
+        },
+        "DENY",
+    )
+    listener = listener_of(certs, inbound(PORT, "PERMISSIVE", [deny]))
+    assert judge(listener, CLIENT, ip="192.168.7.7") == "demo/v4"
+    assert judge(listener, CLIENT, ip="2001:db8::2") == "demo/one"  # /100
+    assert judge(listener, CLIENT, ip="2001:db9::1") is None
+    clamped = rbac({"p": principal_policy([ip_principal("10.0.0.1", 40)])}, "DENY")
+    listener = listener_of(certs, inbound(PORT, "PERMISSIVE", [clamped]))
+    assert judge(listener, CLIENT, ip="10.0.0.1") == "p"
+    assert judge(listener, CLIENT, ip="10.0.0.2") is None
+
+
+def test_a_subject_is_matched_as_envoy_prints_it() -> None:
+    """Envoy matches ``principal_name`` against the subject as OpenSSL's RFC 2253 printer
+    writes it: short names (``SN``, ``GN``), each UTF-8 byte above ASCII and each control
+    character as ``\\XX``. Spelled as Python decodes it, a DENY written in Envoy's
+    spelling never matched."""
+    cert = {
+        "subject": (
+            (("commonName", "\u00e9vil\x01 "),),
+            (("surname", "#x"),),
+            (("givenName", "a,b"),),
+        )
+    }
+    assert subject_of(cert) == "GN=a\\,b,SN=\\#x,CN=\\C3\\A9vil\\01\\ "
+    deny = rbac(
+        {"p": principal_policy([exact_principal("GN=a\\,b,SN=\\#x,CN=\\C3\\A9vil\\01\\ ")])},
+        "DENY",
+    )
+    chain = [(f"f{i}", f.typed_config.value) for i, f in enumerate([deny])]
+    authorization = chain_policies(
+        chain, lambda path, why: XdsRefused("LDS", path, why)
+    ).authorization()
+    assert authorization is not None
+    owner = ListenerAuthorization(authorization, Stats(), "l")
+    verdict = owner._enforced(Facts(secure=True, peercert=cert))
+    assert verdict is not None and verdict.denied is not None and verdict.denied.name == "p"
+
+
+def test_ignore_case_folds_ascii_only_as_envoy() -> None:
+    """Envoy's ``ignore_case`` compares ASCII letters without case; ``str.lower`` also folds
+    the Kelvin sign to ``k``, so an ALLOW for ``.../sa/k`` admitted ``.../sa/\u212a``."""
+    match = StringMatch("exact", "spiffe://td/ns/a/sa/K", True)
+    assert match.matches("SPIFFE://TD/ns/A/sa/k")
+    assert not match.matches("spiffe://td/ns/a/sa/\u212a")
+    assert not StringMatch("prefix", "\u212a", True).matches("k")
+
+
+def _port_range(start: int, end: int) -> Any:
+    permission = {"destination_port_range": {"start": start, "end": end}}
+    return inbound(
+        PORT, "STRICT", [rbac({"p": {"permissions": [permission], "principals": [{"any": True}]}})]
+    )
 
 
 def _with(message: Any, chain: int, mutate: Any) -> Any:
@@ -322,6 +429,48 @@ REFUSED = [
         ),
         "filter state",
         id="filter-state-principal",
+    ),
+    pytest.param(
+        lambda: inbound(
+            PORT, "STRICT", [rbac({f"ns[demo]-policy[{'x' * 1_000_000}]-rule[0]": NEVER}, "DENY")]
+        ),
+        "a policy name of 1000025 characters, above 512",
+        id="huge-policy-name",
+    ),
+    pytest.param(
+        lambda: virtual_inbound([*port_chains(PORT, "STRICT"), *port_chains(0, "DISABLE")]),
+        "destination_port: not a port",
+        id="chain-port-0",
+    ),
+    pytest.param(
+        lambda: virtual_inbound([*port_chains(PORT, "STRICT"), *port_chains(65536, "DISABLE")]),
+        "destination_port: not a port",
+        id="chain-port-65536",
+    ),
+    pytest.param(lambda: _port_range(9000, 9000), "0 <= start < end <= 65536", id="empty-range"),
+    pytest.param(lambda: _port_range(-1, 9000), "0 <= start < end <= 65536", id="negative-range"),
+    pytest.param(lambda: _port_range(1, 70000), "0 <= start < end <= 65536", id="range-too-far"),
+    pytest.param(
+        lambda: inbound(
+            PORT,
+            "STRICT",
+            [
+                rbac(
+                    {
+                        "p": principal_policy(
+                            [{"authenticated": {"principal_name": {"safe_regex": {"regex": ""}}}}]
+                        )
+                    }
+                )
+            ],
+        ),
+        "safe_regex.regex: must not be empty",
+        id="empty-regex",
+    ),
+    pytest.param(
+        lambda: inbound(PORT, "STRICT", [rbac({"p": principal_policy([ip_principal("::", 129)])})]),
+        "prefix_len: above 128",
+        id="prefix-len-129",
     ),
     pytest.param(
         lambda: _with(inbound(PORT, "PERMISSIVE", [rbac({})]), -1, lambda c: c.filters.pop(1)),

@@ -509,9 +509,7 @@ def _build(
         # Nothing is allowed until the control plane's inbound listener says what is.
         proxy = dataclasses.replace(
             proxy,
-            listeners=tuple(
-                dataclasses.replace(li, authorization=DENY_UNTIL_RECEIVED) for li in proxy.listeners
-            ),
+            listeners=tuple(awaiting_inbound(li, proxy.mesh_identity) for li in proxy.listeners),
         )
     for listener in proxy.listeners:
         _check_router_ports(routers.get(listener.host), listener, services, proxy_doc)
@@ -523,6 +521,35 @@ def _build(
         proxy=proxy,
         documents=tuple(doc.body for doc in docs),
         sources=sources,
+    )
+
+
+def awaiting_inbound(listener: Listener, identity: MeshIdentity | None) -> Listener:
+    """``listener`` until the control plane's inbound listener (``spec.xds.inboundListener``)
+    says what it accepts: every request denied and, when the mesh governs its mode, STRICT
+    for clients of the workload's own trust domain (which istiod's list holds). A sidecar
+    has no inbound listener then; a connection accepted meanwhile is judged by the policies
+    that arrive, not by their mode and trust domains (open connections keep those): a plain
+    one, or one of another trust domain, was served once a STRICT listener arrived."""
+    if listener.peer_mode is None:  # its own tls
+        return dataclasses.replace(listener, authorization=DENY_UNTIL_RECEIVED, inbound_chains=())
+    tls = listener.tls
+    if tls is not None and not tls.subject_alt_name_prefixes and identity is not None:
+        own = identity.material.uris if identity.material is not None else ()
+        prefixes = tuple(
+            dict.fromkeys(
+                "spiffe://" + uri[len("spiffe://") :].partition("/")[0] + "/"
+                for uri in own
+                if uri.startswith("spiffe://")
+            )
+        )
+        tls = dataclasses.replace(tls, subject_alt_name_prefixes=prefixes)
+    return dataclasses.replace(
+        listener,
+        authorization=DENY_UNTIL_RECEIVED,
+        peer_mode="STRICT",
+        tls=tls,
+        inbound_chains=(),
     )
 
 

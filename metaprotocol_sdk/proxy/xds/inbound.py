@@ -33,7 +33,8 @@ from google.protobuf.message import DecodeError
 
 from metaprotocol_sdk.errors import ConfigError
 
-from ..authorization import DENY_UNTIL_RECEIVED, INBOUND_PENDING, Authorization
+from ..authorization import INBOUND_PENDING, Authorization
+from ..config.loader import awaiting_inbound
 from ..config.models import Config, Listener, ListenerTls, PeerMode
 from .rbac import ALLOW_NOTHING, NETWORK_RBAC_TYPE, chain_policies
 from .translate import _TLS_VERSIONS, XdsRefused, _check, _check_tls
@@ -113,6 +114,10 @@ def _classify(res: str, chain: Any, path: str) -> _Chain:
                 "destination address (the engine's listeners are picked by port)",
             )
     port = match.destination_port.value if match.HasField("destination_port") else None
+    if port is not None and not 1 <= port <= 65535:
+        raise XdsRefused(
+            res, f"{mpath}.destination_port", "not a port: 1 to 65535 (Envoy's validation)"
+        )
     transport = match.transport_protocol
     alpns = set(match.application_protocols)
     secured = chain.HasField("transport_socket")
@@ -125,6 +130,24 @@ def _classify(res: str, chain: Any, path: str) -> _Chain:
     # client's own TLS, handed to the application, which the engine is): an Istio client
     # of the engine is neither.
     return _Chain(chain.name, port, kind, chain)
+
+
+def _per_family(chains: list[_Chain]) -> bool:
+    """Whether ``chains`` are one chain written once per IP family (istiod 1.22's passthrough
+    chains of a dual-stack workload: ``0.0.0.0/0`` and ``::/0``), alike but for that: Envoy
+    picks one by the connection's address, and either says the same."""
+    families = {
+        tuple(r.address_prefix for r in c.chain.filter_chain_match.prefix_ranges) for c in chains
+    }
+    if len(families) != len(chains):
+        return False
+    bodies = set()
+    for c in chains:
+        body = type(c.chain)()
+        body.CopyFrom(c.chain)
+        body.filter_chain_match.ClearField("prefix_ranges")
+        bodies.add(body.SerializeToString(deterministic=True))
+    return len(bodies) == 1
 
 
 def _tls(
@@ -298,7 +321,7 @@ def inbound_ports(
         mtls = [c for c in mine if c.kind == "mtls"]
         plain = [c for c in mine if c.kind == "plain"]
         for found in (mtls, plain):
-            if len(found) > 1:
+            if len(found) > 1 and not _per_family(found):
                 raise XdsRefused(
                     res,
                     paths[id(found[1])],
@@ -315,7 +338,7 @@ def inbound_ports(
                 "workload's Services target",
             )
         mode: PeerMode = "PERMISSIVE" if mtls and plain else ("STRICT" if mtls else "DISABLE")
-        read = [*mtls, *plain]
+        read = [*mtls[:1], *plain[:1]]
         policies = [_filters(res, c, paths[id(c)]) for c in read]
         if len({key for _, key in policies}) > 1:
             raise XdsRefused(
@@ -354,10 +377,7 @@ def apply_inbound(config: Config, message: listener_pb2.Listener | None) -> Conf
     proxy = config.proxy
     identity = proxy.mesh_identity
     if message is None:
-        listeners = tuple(
-            dataclasses.replace(li, authorization=DENY_UNTIL_RECEIVED, inbound_chains=())
-            for li in proxy.listeners
-        )
+        listeners = tuple(awaiting_inbound(li, identity) for li in proxy.listeners)
         return dataclasses.replace(config, proxy=dataclasses.replace(proxy, listeners=listeners))
     ports = inbound_ports(message, proxy.listeners)
     listeners_out = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,18 +39,28 @@ NETWORK_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.network.rbac.v
 _ISTIO_NAME = re.compile(r"ns\[(?P<ns>[^\]]*)\]-policy\[(?P<name>[^\]]*)\]-rule\[\d+\]")
 
 Refuse = Callable[[str, str], Exception]
+#: The longest RBAC policy name read: above istiod's longest (a 63-character namespace, a
+#: 253-character name, a rule's index). A name is a stats label and is written in the access
+#: log line of each request it denies: a control plane's megabyte-long name made each
+#: 30-byte denied request a megabyte of log.
+MAX_POLICY_NAME = 512
+
+
+#: ASCII letters to lower case: Envoy's ``ignore_case`` folds ASCII only (``absl``'s
+#: ``EqualsIgnoreCase``), where ``str.lower`` folds ``K`` (Kelvin sign) to ``k`` too.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 class StringMatch:
     """Envoy's ``StringMatcher``: exact, prefix, suffix, contains or an RE2 full match;
-    ``ignore_case`` for all but the regex."""
+    ``ignore_case`` (ASCII) for all but the regex."""
 
     __slots__ = ("ignore_case", "kind", "test", "value")
 
     def __init__(self, kind: str, value: str, ignore_case: bool) -> None:
         self.kind = kind
         self.ignore_case = ignore_case and kind != "safe_regex"
-        self.value = value.lower() if self.ignore_case else value
+        self.value = value.translate(_ASCII_LOWER) if self.ignore_case else value
         self.test: Callable[[str], bool] | None = (
             compile_regex(value) if kind == "safe_regex" else None
         )
@@ -59,7 +70,7 @@ class StringMatch:
         if self.test is not None:
             return self.test(text)
         if self.ignore_case:
-            text = text.lower()
+            text = text.translate(_ASCII_LOWER)
         if self.kind == "exact":
             return text == self.value
         if self.kind == "prefix":
@@ -128,7 +139,8 @@ def _authenticated(name: StringMatch | None, facts: Facts) -> bool:
     return name.matches(subject_of(cert))
 
 
-#: OpenSSL's short names of the attributes ``getpeercert()`` spells out (RFC 2253 output).
+#: OpenSSL's short names of the attributes ``getpeercert()`` spells out by their long names
+#: (RFC 2253 output); the others' short names are their long ones.
 _SHORT = {
     "commonName": "CN",
     "countryName": "C",
@@ -139,6 +151,12 @@ _SHORT = {
     "streetAddress": "street",
     "domainComponent": "DC",
     "userId": "UID",
+    "surname": "SN",
+    "givenName": "GN",
+    "uniqueIdentifier": "uid",
+    "jurisdictionCountryName": "jurisdictionC",
+    "jurisdictionStateOrProvinceName": "jurisdictionST",
+    "jurisdictionLocalityName": "jurisdictionL",
 }
 
 
@@ -158,9 +176,16 @@ def subject_of(cert: dict[str, Any]) -> str:
 
 
 def _escaped(value: str) -> str:
+    """``value`` as OpenSSL's ``XN_FLAG_RFC2253`` prints it: UTF-8, each byte of a control
+    character or above ASCII as ``\\XX``, RFC 2253's special characters after a backslash."""
+    data = value.encode("utf-8", "surrogatepass")
+    last = len(data) - 1
     out = []
-    for i, char in enumerate(value):
-        if char in ',+"\\<>;' or (char in " #" and i == 0) or (char == " " and i == len(value) - 1):
+    for i, byte in enumerate(data):
+        char = chr(byte)
+        if byte < 0x20 or byte >= 0x7F:
+            out.append(f"\\{byte:02X}")
+        elif char in ',+"\\<>;' or (char in " #" and i == 0) or (char == " " and i == last):
             out.append("\\" + char)
         else:
             out.append(char)
@@ -210,6 +235,10 @@ class _Reader:
             raise self.refuse(path, "needs exact, prefix, suffix, contains or safe_regex")
         if kind == "safe_regex":
             self.check(m.safe_regex, f"{path}.safe_regex", "RegexMatcher", ("regex", "google_re2"))
+            if not m.safe_regex.regex:
+                raise self.refuse(
+                    f"{path}.safe_regex.regex", "must not be empty (Envoy's validation)"
+                )
             try:
                 return StringMatch(kind, m.safe_regex.regex, False)
             except ValueError as exc:
@@ -223,9 +252,13 @@ class _Reader:
 
     def cidr(self, c: address_pb2.CidrRange, path: str) -> IpNetwork:
         self.check(c, path, "CidrRange", ("address_prefix", "prefix_len"))
+        if c.prefix_len.value > 128:
+            raise self.refuse(f"{path}.prefix_len", "above 128 (Envoy's validation)")
         try:
             address = ipaddress.ip_address(c.address_prefix)
-            length = c.prefix_len.value if c.HasField("prefix_len") else address.max_prefixlen
+            # As Envoy's CidrRange: an unset prefix_len is 0 (every address of the family),
+            # one above the address's bits is all of them.
+            length = min(c.prefix_len.value, address.max_prefixlen)
             return ipaddress.ip_network(f"{address}/{length}", strict=False)
         except ValueError as exc:
             raise self.refuse(path, f"not an IP range: {exc}") from None
@@ -282,8 +315,10 @@ class _Reader:
         if kind == "destination_port_range":
             r = p.destination_port_range
             self.check(r, where, "Int32Range", ("start", "end"))
-            if r.start > r.end:
-                raise self.refuse(where, "start above end")
+            if not (0 <= r.start < r.end <= 65536):
+                raise self.refuse(
+                    where, "needs 0 <= start < end <= 65536 (Envoy refuses other ranges)"
+                )
             return Node("destination_port", low=r.start, high=r.end)  # end excluded
         if kind == "requested_server_name":
             return Node("requested_server_name", string=self.string(p.requested_server_name, where))
@@ -312,6 +347,13 @@ class _Reader:
             raise self.refuse(f"{path}.action", "not supported by this engine")
         grouped: dict[str, list[Rule]] = {}
         for name in sorted(r.policies):  # Envoy judges them in name order
+            if len(name) > MAX_POLICY_NAME:
+                raise self.refuse(
+                    f"{path}.policies",
+                    f"a policy name of {len(name)} characters, above {MAX_POLICY_NAME} (istiod's "
+                    "are ns[<namespace>]-policy[<name>]-rule[<n>]): each denial writes it in "
+                    "the access log, each series of it in the stats",
+                )
             rule = self.policy(r.policies[name], f"{path}.policies[{name!r}]")
             found = _ISTIO_NAME.fullmatch(name)
             label = f"{found['ns']}/{found['name']}" if found else name
