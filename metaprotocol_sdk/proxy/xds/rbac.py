@@ -21,7 +21,7 @@ import ipaddress
 import re
 import string
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from envoy.config.core.v3 import address_pb2
@@ -91,27 +91,60 @@ class Node:
     low: int = 0
     high: int = 0
 
-    def holds(self, facts: Facts) -> bool:
-        """Whether the connection described by ``facts`` matches (Envoy's semantics)."""
-        kind = self.kind
-        if kind == "any":
-            return True
+
+Test = Callable[[Facts], bool]
+
+
+def _always(facts: Facts) -> bool:
+    return True
+
+
+def _never(facts: Facts) -> bool:
+    return False
+
+
+def _compiled(node: Node) -> Test:
+    """The function judging ``node``."""
+    kind = node.kind
+    if kind == "any":
+        return _always
+    if kind in ("and", "or"):
+        tests = tuple(_compiled(child) for child in node.children)
+        if len(tests) == 1:
+            return tests[0]
         if kind == "and":
-            return all(child.holds(facts) for child in self.children)
-        if kind == "or":
-            return any(child.holds(facts) for child in self.children)
-        if kind == "not":
-            return not self.children[0].holds(facts)
-        if kind == "authenticated":
-            return _authenticated(self.string, facts)
-        if kind == "remote_ip":
-            return _in(self.network, facts.remote_ip)
-        if kind == "destination_ip":
-            return _in(self.network, facts.destination_ip)
-        if kind == "destination_port":
-            return facts.port is not None and self.low <= facts.port < self.high
-        assert kind == "requested_server_name" and self.string is not None
-        return self.string.matches(facts.sni or "")
+
+            def every(facts: Facts) -> bool:
+                for test in tests:  # noqa: SIM110 (a loop: no generator per call)
+                    if not test(facts):
+                        return False
+                return True
+
+            return every
+
+        def some(facts: Facts) -> bool:
+            for test in tests:  # noqa: SIM110
+                if test(facts):
+                    return True
+            return False
+
+        return some
+    if kind == "not":
+        inner = _compiled(node.children[0])
+        return lambda facts: not inner(facts)
+    if kind == "authenticated":
+        name = node.string
+        return lambda facts: _authenticated(name, facts)
+    if kind in ("remote_ip", "destination_ip"):
+        network = node.network
+        attribute = "remote_ip" if kind == "remote_ip" else "destination_ip"
+        return lambda facts: _in(network, getattr(facts, attribute))
+    if kind == "destination_port":
+        low, high = node.low, node.high
+        return lambda facts: facts.port is not None and low <= facts.port < high
+    string = node.string
+    assert kind == "requested_server_name" and string is not None
+    return lambda facts: string.matches(facts.sni or "")
 
 
 def _in(network: IpNetwork | None, address: Any) -> bool:
@@ -194,19 +227,29 @@ def _escaped(value: str) -> str:
 
 @dataclass(frozen=True)
 class RbacRule(Rule):
-    """One RBAC ``Policy``: one of ``permissions`` and one of ``principals`` match."""
+    """One RBAC ``Policy``: one of ``permissions`` and one of ``principals`` match. ``permit``
+    and ``admit`` judge them, made once from the trees: nested closures, with no dispatch on
+    a node's kind per connection (over istiod's policies, 0.5 us per policy against 1.1 us
+    walking the trees: ``tests/xds/bench_rbac.py``)."""
 
     permissions: tuple[Node, ...] = ()
     principals: tuple[Node, ...] = ()
+    permit: Test = field(default=_never, compare=False, repr=False)
+    admit: Test = field(default=_never, compare=False, repr=False)
 
     def connection_matches(self, facts: Facts) -> bool:
         """Whether the connection matches (RBAC rules read nothing of a request)."""
-        for permission in self.permissions:
-            if permission.holds(facts):
-                break
-        else:
-            return False
-        return any(principal.holds(facts) for principal in self.principals)
+        return self.permit(facts) and self.admit(facts)
+
+
+def rbac_rule(permissions: tuple[Node, ...], principals: tuple[Node, ...]) -> RbacRule:
+    """An :class:`RbacRule` with its judging functions."""
+    return RbacRule(
+        permissions=permissions,
+        principals=principals,
+        permit=_compiled(Node("or", permissions)),
+        admit=_compiled(Node("or", principals)),
+    )
 
 
 class _Reader:
@@ -330,13 +373,11 @@ class _Reader:
         self.check(p, path, "Policy", ("permissions", "principals"))
         if not p.permissions or not p.principals:
             raise self.refuse(path, "needs permissions and principals (Envoy's validation)")
-        return RbacRule(
-            permissions=tuple(
+        return rbac_rule(
+            tuple(
                 self.permission(x, f"{path}.permissions[{i}]") for i, x in enumerate(p.permissions)
             ),
-            principals=tuple(
-                self.principal(x, f"{path}.principals[{i}]") for i, x in enumerate(p.principals)
-            ),
+            tuple(self.principal(x, f"{path}.principals[{i}]") for i, x in enumerate(p.principals)),
         )
 
     def rules(self, r: rbac_pb2.RBAC, path: str) -> tuple[Action, tuple[Policy, ...]]:
