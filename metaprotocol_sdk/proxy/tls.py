@@ -365,12 +365,17 @@ def san_mismatch(peercert: dict[str, Any] | None, names: Iterable[str]) -> str |
     )
 
 
+#: The SAN kinds (as ``getpeercert()`` names them) Envoy's ``match_subject_alt_names`` reads.
+_PREFIX_SANS = frozenset({"DNS", "URI", "email", "IP Address"})
+
+
 def san_prefix_mismatch(peercert: dict[str, Any] | None, prefixes: tuple[str, ...]) -> str | None:
-    """Why a verified certificate has no URI SAN starting with one of ``prefixes`` (Envoy's
-    ``match_subject_alt_names`` prefix matchers: istiod's trust domains); ``None``: it has."""
+    """Why a verified certificate has no SAN starting with one of ``prefixes`` (Envoy's
+    ``match_subject_alt_names`` prefix matchers: istiod's trust domains; like Envoy, a DNS,
+    URI, email or IP address SAN may match); ``None``: it has."""
     sans = tuple((peercert or {}).get("subjectAltName", ()))
     for kind, value in sans:
-        if kind == "URI" and isinstance(value, str) and value.startswith(prefixes):
+        if kind in _PREFIX_SANS and isinstance(value, str) and value.startswith(prefixes):
             return None
     present = ", ".join(f"{kind}:{value}" for kind, value in sans)[:200] or "none"
     return (

@@ -547,3 +547,17 @@ spec:
   listeners: [{{host: hello.svc, port: 9090, bind: "127.0.0.1:{PORT}"}}]
   xds: {{address: "127.0.0.1:15010", inboundListener: {INBOUND}}}
 """)
+
+
+def test_a_trust_domain_prefix_matches_the_san_kinds_envoy_reads() -> None:
+    """``match_subject_alt_names`` (istiod's ``spiffe://<td>/`` prefixes) is matched by Envoy
+    against DNS, URI, email and IP address SANs alike."""
+    from metaprotocol_sdk.proxy.tls import san_prefix_mismatch
+
+    prefixes = ("spiffe://cluster.local/",)
+    for kind in ("URI", "DNS", "email"):
+        cert = {"subjectAltName": ((kind, "spiffe://cluster.local/ns/a/sa/b"),)}
+        assert san_prefix_mismatch(cert, prefixes) is None
+    other = {"subjectAltName": (("URI", "spiffe://other.example/ns/a/sa/b"),)}
+    assert "trust domains" in str(san_prefix_mismatch(other, prefixes))
+    assert san_prefix_mismatch({"subjectAltName": (("othername", "x"),)}, prefixes) is not None
