@@ -1236,23 +1236,31 @@ def test_audit_policies_in_dry_run_are_accepted(rig: Rig) -> None:
     check(rig, _ports([audit, DENY_NAMESPACE_B], rig.port))
 
 
-def test_a_port_range_envoy_refuses_is_refused(rig: Rig) -> None:
-    """Envoy refuses a ``destination_port_range`` whose start is not below its end ("range
-    start ... cannot be greater or equal than range end"); so must the engine (a NACK keeps
-    the listener in force), not judge it as a range of no port."""
-    empty = rbac(
+@pytest.mark.parametrize(
+    ("start", "end", "why"),
+    [
+        ({PORT_TOKEN: 0}, {PORT_TOKEN: 0}, "range start"),  # no port: start not below end
+        ({PORT_TOKEN: 1}, {PORT_TOKEN: 0}, "range start"),
+        (-1, {PORT_TOKEN: 1}, "range start -1 is out of bounds"),
+        ({PORT_TOKEN: 0}, 65537, "range end 65537 is out of bounds"),
+    ],
+    ids=["empty", "reversed", "negative start", "end above 65536"],
+)
+def test_a_port_range_envoy_refuses_is_refused(rig: Rig, start: Any, end: Any, why: str) -> None:
+    """Envoy refuses a ``destination_port_range`` whose start is not below its end, or either
+    outside 0-65536 (its ``PortRangeMatcher``); so must the engine (a NACK keeps the listener
+    in force), not judge it as a range of no port or of the ports that exist."""
+    bad = rbac(
         "DENY",
         {
-            "ns[foo]-policy[empty-range]-rule[0]": {
-                "permissions": [
-                    {"destination_port_range": {"start": {PORT_TOKEN: 0}, "end": {PORT_TOKEN: 0}}}
-                ],
+            "ns[foo]-policy[bad-range]-rule[0]": {
+                "permissions": [{"destination_port_range": {"start": start, "end": end}}],
                 "principals": [ANY_PRINCIPAL],
             }
         },
     )
-    rig.push(_ports([empty], rig.port))
+    rig.push(_ports([bad], rig.port))
     answers = rig.answers()
     envoy = answers[ENVOY_NODE]
-    assert envoy is not None and "range start" in envoy, answers
+    assert envoy is not None and why in envoy, answers
     assert answers[ENGINE_NODE] is not None, answers
