@@ -39,6 +39,9 @@ class Snapshot:
 
     version: str
     resources: dict[str, dict[str, Message]] = field(default_factory=dict)
+    #: Per node id, the resources of some types that node is served in place of
+    #: ``resources``' (istiod builds each proxy's listeners for it).
+    by_node: dict[str, dict[str, dict[str, Message]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,7 +73,8 @@ class _Stream:
         if not force and self.sent.get(type_url) == snap.version:
             return
         names = self.subscribed[type_url]
-        resources = snap.resources.get(type_url, {})
+        mine = snap.by_node.get(self.node_id, {})
+        resources = mine[type_url] if type_url in mine else snap.resources.get(type_url, {})
         chosen = [r for n, r in sorted(resources.items()) if not names or n in names]
         packed = []
         for r in chosen:
@@ -212,15 +216,25 @@ class ControlPlane:
     def _call(self, coro: Any) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def set_snapshot(self, version: str, resources: dict[str, Sequence[Message]]) -> None:
-        """Serve ``resources`` (by type) as ``version``, pushed to every stream now."""
-        by_name = {
-            url: {getattr(r, "cluster_name", "") or r.name: r for r in items}
-            for url, items in resources.items()
-        }
+    def set_snapshot(
+        self,
+        version: str,
+        resources: dict[str, Sequence[Message]],
+        by_node: dict[str, dict[str, Sequence[Message]]] | None = None,
+    ) -> None:
+        """Serve ``resources`` (by type) as ``version``, pushed to every stream now;
+        ``by_node``: the resources of some types served to one node (by id) instead."""
+
+        def named(resources: dict[str, Sequence[Message]]) -> dict[str, dict[str, Message]]:
+            return {
+                url: {getattr(r, "cluster_name", "") or r.name: r for r in items}
+                for url, items in resources.items()
+            }
+
+        nodes = {node: named(own) for node, own in (by_node or {}).items()}
 
         def apply() -> None:
-            self.snapshot = Snapshot(version, by_name)
+            self.snapshot = Snapshot(version, named(resources), nodes)
             for stream in self.streams:
                 for url in ORDER:
                     stream.push(url)
