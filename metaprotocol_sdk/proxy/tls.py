@@ -261,11 +261,16 @@ def client_context(
     return ctx, files.hash.hexdigest(), tuple(files.expiry)
 
 
+#: ASCII letters to lower case (Envoy's ``absl::AsciiStrToLower``; other characters kept).
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _keep_sni(ssl_object: Any, name: str | None, _context: ssl.SSLContext) -> None:
     """Keep the SNI a client sent on its TLS object (a server's ``server_hostname`` is
-    always ``None``): what ``connection.sni`` of an AuthorizationPolicy reads."""
+    always ``None``): what ``connection.sni`` of an AuthorizationPolicy reads, in lower case
+    as Envoy keeps it (``setRequestedServerName``: a host name's case is no part of it)."""
     if name is not None and isinstance(ssl_object, HalfClosing):
-        ssl_object.sni = name
+        ssl_object.sni = name.translate(_ASCII_LOWER)
 
 
 def server_context(

@@ -494,7 +494,7 @@ def chain_policies(filters: Iterable[tuple[str, bytes]], refuse: Refuse) -> Chai
         if config.HasField("shadow_rules"):
             action, policies = reader.rules(config.shadow_rules, f"{path}.shadow_rules")
             if action == "AUDIT":
-                raise refuse(f"{path}.shadow_rules.action", "LOG in shadow rules judges nothing")
+                continue  # AUDIT policies in dry run (istiod writes them): they only count
             shadow: list[Policy] = out.dry_deny if action == "DENY" else out.dry_allow
             if action == "ALLOW" and out.dry_allow:
                 raise refuse(f"{path}.shadow_rules", "a second ALLOW shadow rule set in one chain")
