@@ -95,9 +95,11 @@ QUIET_CLOSE = 1.0
 #: taken ``timeouts.write`` later: reset (a close waits for what is unsent, which for a client that
 #: reads nothing is forever); ``unanswerable`` a frame the codec refused without its request id;
 #: ``codec_error`` the codec raised an exception other than ``CodecError`` (a bug in it, see
-#: ``codec_bugs``): both read nothing more and close once the requests in flight are answered.
+#: ``codec_bugs``): both read nothing more and close once the requests in flight are answered;
+#: ``peer_exchange`` an Istio metadata exchange header above its bound (peer_exchange.py).
 CLOSE_REASONS = (
     "idle",
+    "peer_exchange",
     "max_connection_duration",
     "frame_timeout",
     "write_timeout",

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import resource
+import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,6 +46,7 @@ from .listening import ServerGroup, serve_on
 from .locality import cluster_localities, failover_priorities
 from .matcher import compile_match
 from .mirror import MirrorSink
+from .peer_exchange import exchange_header
 from .policies import ConnectionRateLimit, FaultAbort, FaultDelay, LocalRateLimiter
 from .rebuilds import Rebuilds
 from .reload import ClusterSpec, ReloadRecord, config_version, restart_needed
@@ -386,6 +388,13 @@ class Engine:
             IstioTelemetry(self.stats, telemetry.workload, telemetry.reporter)
             if telemetry.istio_metrics
             else None
+        )
+        #: What the mesh listeners send a client that speaks Istio's metadata exchange
+        #: (peer_exchange.py): this workload, its pod, its node id.
+        self.peer_header = exchange_header(
+            telemetry.workload,
+            os.environ.get("POD_NAME") or socket.gethostname(),
+            settings.xds.node.id if settings.xds is not None else "",
         )
         #: Watches the event loop for stalls (its thread runs between start and stop).
         self.watchdog = GuardDog(settings.watchdog, self.stats)

@@ -15,10 +15,10 @@ once they stay so for a whole interval (istio-agent replaces the files one by on
 between two of its writes is not a failure).
 
 ALPN: Istio sidecars offer ``istio-peer-exchange`` and ``istio``. The first makes a sidecar
-speak Istio's TCP metadata exchange (a header of its own before the application's bytes),
-which this engine does not: it offers and accepts ``istio`` only, on which an Istio inbound
-listener's mutual TLS filter chains match too, and a sidecar client offering both is
-answered ``istio`` (it then sends no such header).
+speak Istio's TCP metadata exchange (a header of its own before the application's bytes).
+The engine's listeners select it when offered and speak the exchange (peer_exchange.py);
+as a client the engine offers ``istio`` only, on which an Istio inbound listener's mutual
+TLS filter chains match too (a sidecar server then expects no such header).
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("metaprotocol.proxy")
 
-#: The ALPN protocol offered and accepted (see the module's docstring).
+#: The ALPN protocol offered (see the module's docstring).
 ALPN = ("istio",)
+#: The ALPN protocols accepted, the first a client offers (Istio's metadata exchange first,
+#: as an Istio inbound listener's: see peer_exchange.py).
+SERVER_ALPN = ("istio-peer-exchange", "istio")
 #: The settings' file fields, in the order they are read.
 FIELDS = ("certificateChain", "privateKey", "rootCertificates")
 #: ``metaprotocol_tls_identity_rotations_total{result}``.
@@ -146,8 +149,8 @@ def _renamed(exc: TlsSettingError) -> TlsSettingError:
 
 def _server(settings: MeshIdentity, key: ServerKey) -> ssl.SSLContext:
     """A listener's context: the workload certificate, client certificates required and
-    chained to the mesh root, ALPN ``istio`` selected when offered (a client offering none
-    or others is served without ALPN)."""
+    chained to the mesh root, ALPN ``istio-peer-exchange`` (then ``istio``) selected when
+    offered (a client offering none or others is served without ALPN)."""
     low, high, suites = key
     try:
         ctx, _, _ = server_context(
@@ -161,7 +164,7 @@ def _server(settings: MeshIdentity, key: ServerKey) -> ssl.SSLContext:
         )
     except TlsSettingError as exc:
         raise _renamed(exc) from None
-    ctx.set_alpn_protocols(list(ALPN))
+    ctx.set_alpn_protocols(list(SERVER_ALPN))
     return ctx
 
 

@@ -25,10 +25,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from metaprotocol_sdk.enums import ErrorType, ResponseStatus
 
 from .config.models import Workload
+
+if TYPE_CHECKING:
+    from .peer_exchange import PeerWorkload
 from .stats import (
     DURATION_BUCKETS_MS,
     OVERFLOW,
@@ -147,13 +151,17 @@ class Identities:
     principal) and ``connection_security_policy``. Shared by every connection with the same
     ones (see :meth:`IstioTelemetry.identities`), so that it keys the series caches."""
 
-    __slots__ = ("local", "namespace", "peer", "policy")
+    __slots__ = ("local", "namespace", "peer", "policy", "workload")
 
-    def __init__(self, peer: str, local: str, policy: str) -> None:
+    def __init__(
+        self, peer: str, local: str, policy: str, workload: PeerWorkload | None = None
+    ) -> None:
         self.peer = peer
         self.local = local
         self.namespace = namespace_in(peer)
         self.policy = policy
+        #: The peer's workload, as its Istio metadata exchange said (``None``: it said none).
+        self.workload = workload
 
 
 def _first(uris: Sequence[str], spiffe: bool) -> str:
@@ -246,6 +254,8 @@ class IstioTelemetry:
         #: Identities by (peer, local) principal, at most :attr:`max_identities` of them.
         self._identities: dict[tuple[str, str], Identities] = {}
         self.max_identities = max(1, stats.max_series // 4)
+        #: Identities with the peer's workload (its metadata exchange), as many at most.
+        self._workloads: dict[tuple[str, str, PeerWorkload], Identities] = {}
         #: Of a plain-text connection (and of a TLS one without URI SANs).
         self.plain = Identities("", "", "none" if self.inbound else "unknown")
         self._overflow: dict[str, Identities] = {}
@@ -288,6 +298,26 @@ class IstioTelemetry:
                     found.namespace = OVERFLOW
                 return found
             found = self._identities[key] = Identities(peer, local, policy)
+        return found
+
+    def with_workload(self, ids: Identities | None, workload: PeerWorkload) -> Identities:
+        """The shared :class:`Identities` of ``ids`` (a TLS connection's) whose peer's
+        metadata exchange said ``workload`` (peer_exchange.py). Bounded as
+        :meth:`identities` is: past :attr:`max_identities`, or once the stats are full, the
+        workload is not reported (a client saying a new one at each connection grows
+        neither the series nor their caches)."""
+        base = self.plain if ids is None else ids
+        key = (base.peer, base.local, workload)
+        found = self._workloads.get(key)
+        if found is None:
+            stats = self._stats
+            if (
+                len(self._workloads) >= self.max_identities
+                or stats.series_count >= stats.max_series
+            ):
+                return base
+            found = self._workloads[key] = Identities(base.peer, base.local, base.policy, workload)
+            found.namespace = base.namespace
         return found
 
     def series(
@@ -363,17 +393,33 @@ class IstioTelemetry:
         endpoint (its labels), its namespace its principal's, as in Istio, else the
         ServiceEntry's."""
         if self.inbound:
-            source = {
-                "reporter": self._source["reporter"],
-                "source_workload": "unknown",
-                "source_workload_namespace": ids.namespace or "unknown",
-                "source_principal": ids.peer or "unknown",
-                "source_app": "unknown",
-                "source_version": "unknown",
-                "source_canonical_service": "unknown",
-                "source_canonical_revision": "latest",
-                "source_cluster": "unknown",
-            }
+            peer = ids.workload
+            if peer is None:
+                source = {
+                    "reporter": self._source["reporter"],
+                    "source_workload": "unknown",
+                    "source_workload_namespace": ids.namespace or "unknown",
+                    "source_principal": ids.peer or "unknown",
+                    "source_app": "unknown",
+                    "source_version": "unknown",
+                    "source_canonical_service": "unknown",
+                    "source_canonical_revision": "latest",
+                    "source_cluster": "unknown",
+                }
+            else:  # as Istio's stats filter reads a peer's exchanged metadata
+                source = {
+                    "reporter": self._source["reporter"],
+                    "source_workload": peer.workload or "unknown",
+                    "source_workload_namespace": peer.namespace or ids.namespace or "unknown",
+                    "source_principal": ids.peer or "unknown",
+                    "source_app": peer.app or "unknown",
+                    "source_version": peer.version or "unknown",
+                    "source_canonical_service": peer.canonical_service
+                    or peer.workload
+                    or "unknown",
+                    "source_canonical_revision": peer.canonical_revision or "latest",
+                    "source_cluster": peer.cluster or "unknown",
+                }
             return {
                 **source,
                 **self._local,

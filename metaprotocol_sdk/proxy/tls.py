@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, cast
 from .authorization import uris_of
 from .downstream import Downstream, ListenerRuntime, Refused
 from .handshake import HalfClosing, handshake_class
+from .peer_exchange import ALPN as PEER_EXCHANGE
+from .peer_exchange import PeerExchange
 from .stats import Counter, Labels
 from .tunnel import TunnelRefused, connect_error, hand_over, open_tunnel
 from .upstream import UpstreamConnection
@@ -672,6 +674,9 @@ class TlsDownstream(Downstream):
         super().connection_made(transport)
         if isinstance(ssl_object, HalfClosing) and not self.closed:
             ssl_object.peer = self
+            if ssl_object.selected_alpn_protocol() == PEER_EXCHANGE:
+                # Istio's metadata exchange: its header is read before the codec's bytes.
+                PeerExchange(self, transport, self.engine.peer_header).start()
         raw = self.raw
         if raw is not None and not self.closed:
             # The TCP transport pauses and resumes at the connection's own marks: while it is

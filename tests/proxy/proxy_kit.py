@@ -432,7 +432,7 @@ class Upstream:
 class Client(asyncio.Protocol):
     """A KV client: pipelines requests and matches replies by id."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
         self.codec = KVCodec()
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
@@ -441,6 +441,11 @@ class Client(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
         self.write_paused = asyncio.Event()
         self.next_id = 0
+        #: Istio's metadata exchange (over TLS with ALPN istio-peer-exchange): what this
+        #: client says of itself, whether the server's header is still to come, and it.
+        self.metadata = metadata  # None: mesh_pki.SIDECAR_METADATA
+        self.exchanging = False
+        self.peer_metadata: dict[str, Any] | None = None
 
     @classmethod
     async def connect(
@@ -449,13 +454,19 @@ class Client(asyncio.Protocol):
         ssl: Any = None,
         server_hostname: str | None = None,
         local_host: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> Client:
         """Connect (over TLS when given an ``ssl.SSLContext``; from ``local_host``, such as
-        another loopback address, when given)."""
+        another loopback address, when given; ``metadata``: what it says of itself in Istio's
+        metadata exchange, when the server selects it)."""
         local = None if local_host is None else (local_host, 0)
         _, proto = await asyncio.wait_for(
             asyncio.get_running_loop().create_connection(
-                cls, *address, ssl=ssl, server_hostname=server_hostname, local_addr=local
+                lambda: cls(metadata),
+                *address,
+                ssl=ssl,
+                server_hostname=server_hostname,
+                local_addr=local,
             ),
             WAIT,
         )
@@ -464,6 +475,14 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "istio-peer-exchange":
+            # A sidecar client: Istio's metadata exchange before its first request, and the
+            # server's before its first reply.
+            from mesh_pki import SIDECAR_METADATA, exchange_header  # tests/ (TLS tests only)
+
+            self.exchanging = True
+            self.transport.write(exchange_header(self.metadata or SIDECAR_METADATA))
 
     def pause_writing(self) -> None:
         self.write_paused.set()
@@ -477,6 +496,8 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if self.exchanging and not self.exchanged():
+            return
         while True:
             msg = self.codec.decode(self.buffer)
             if not isinstance(msg, Metadata):
@@ -486,6 +507,17 @@ class Client(asyncio.Protocol):
                 self.unmatched.append(msg)
             else:
                 fut.set_result(msg)
+
+    def exchanged(self) -> bool:
+        """Whether the server's metadata exchange header is read (taken off the buffer)."""
+        from mesh_pki import read_exchange
+
+        peer = read_exchange(self.buffer)
+        if peer is None:
+            return False
+        self.exchanging = False
+        self.peer_metadata = peer
+        return True
 
     def expect(self, rid: int) -> asyncio.Future[Metadata]:
         fut: asyncio.Future[Metadata] = asyncio.get_running_loop().create_future()

@@ -210,8 +210,8 @@ def test_a_heartbeat_is_no_notice_and_a_codec_without_notices_ignores_them() -> 
 class Watcher(Client):
     """A client that keeps the drain notices it is sent."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(metadata)
         self.notices: list[Metadata] = []
 
     def data_received(self, data: bytes) -> None:

@@ -10,7 +10,7 @@ import ssl
 from pathlib import Path
 
 import pytest
-from mesh_pki import ALPN_SIDECAR, MeshCa, spiffe
+from mesh_pki import ALPN_SIDECAR, SIDECAR_METADATA, MeshCa, spiffe
 from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run
 from test_auto_mtls import in_mesh
 from test_mesh_identity import identity
@@ -39,12 +39,14 @@ def by_principal(engine: Engine, side: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def client_context(ca: MeshCa, tmp: Path, sa: str, ns: str) -> ssl.SSLContext:
+def client_context(
+    ca: MeshCa, tmp: Path, sa: str, ns: str, alpn: list[str] = ALPN_SIDECAR
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=ca.pem.decode())
     ctx.load_cert_chain(*ca.files(tmp / ns, sa, ns=ns))
-    ctx.set_alpn_protocols(ALPN_SIDECAR)
+    ctx.set_alpn_protocols(alpn)
     return ctx
 
 
@@ -53,11 +55,13 @@ def test_the_server_side_reports_each_clients_principal_and_mutual_tls(
     ca: MeshCa, tmp_path: Path, listener: str
 ) -> None:
     """Clients of two identities (and, PERMISSIVE, a plain one) on one listener: each
-    request is counted with its client's SPIFFE id as ``source_principal``, the id's
-    namespace as ``source_workload_namespace`` (Istio's fallback without metadata exchange:
-    the other source labels are ``unknown``), the engine's id as ``destination_principal``
-    and ``mutual_tls``; the plain client's with ``unknown`` and ``none``. A local reply
-    (no route) carries them too."""
+    request is counted with its client's SPIFFE id as ``source_principal``, the engine's id
+    as ``destination_principal`` and ``mutual_tls``; the plain client's with ``unknown`` and
+    ``none``. The first client speaks Istio's metadata exchange (a sidecar's ALPN): its
+    source labels are its workload's, as it said them; the second offers ALPN ``istio``
+    only: Istio's fallback without the exchange, the id's namespace as
+    ``source_workload_namespace`` and ``unknown`` for the others. A local reply (no route)
+    carries them too."""
     ca.write(tmp_path / "certs", "engine")
 
     async def main() -> None:
@@ -70,8 +74,13 @@ def test_the_server_side_reports_each_clients_principal_and_mutual_tls(
         )
         async with engine_for(text) as engine:
             clients = [
-                await Client.connect(address(engine), ssl=client_context(ca, tmp_path, sa, ns))
-                for sa, ns in (("frontend", "web"), ("batch", "jobs"))
+                await Client.connect(
+                    address(engine), ssl=client_context(ca, tmp_path, sa, ns, alpn)
+                )
+                for sa, ns, alpn in (
+                    ("frontend", "web", ALPN_SIDECAR),
+                    ("batch", "jobs", ["istio"]),
+                )
             ]
             if listener == "PERMISSIVE":
                 clients.append(await Client.connect(address(engine)))
@@ -84,12 +93,32 @@ def test_the_server_side_reports_each_clients_principal_and_mutual_tls(
             assert frontend["value"] == "1"
             assert frontend["destination_principal"] == spiffe("engine")
             assert frontend["connection_security_policy"] == "mutual_tls"
-            assert frontend["source_workload_namespace"] == "web"
             assert frontend["reporter"] == "destination"
-            for label in ("source_workload", "source_app", "source_version", "source_cluster"):
-                assert frontend[label] == "unknown", label
+            said = SIDECAR_METADATA["LABELS"]
+            assert {
+                label: frontend[f"source_{label}"]
+                for label in (
+                    "workload",
+                    "workload_namespace",
+                    "app",
+                    "version",
+                    "canonical_service",
+                    "canonical_revision",
+                    "cluster",
+                )
+            } == {
+                "workload": SIDECAR_METADATA["WORKLOAD_NAME"],
+                "workload_namespace": SIDECAR_METADATA["NAMESPACE"],
+                "app": said["app"],
+                "version": said["version"],
+                "canonical_service": said["service.istio.io/canonical-name"],
+                "canonical_revision": said["service.istio.io/canonical-revision"],
+                "cluster": SIDECAR_METADATA["CLUSTER_ID"],
+            }
             batch = series[spiffe("batch", "jobs")]
             assert batch["value"] == "2" and batch["source_workload_namespace"] == "jobs"
+            for label in ("source_workload", "source_app", "source_version", "source_cluster"):
+                assert batch[label] == "unknown", label
             assert batch["connection_security_policy"] == "mutual_tls"
             if listener == "PERMISSIVE":
                 plain = series["unknown"]

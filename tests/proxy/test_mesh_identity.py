@@ -224,7 +224,12 @@ def test_istio_mutual_listener_serves_mesh_clients_with_and_without_alpn(
     async def main() -> None:
         up = await Upstream("v1").start()
         async with engine_for(mesh_listener(ca, tmp_path, up.port)) as engine:
-            for alpn, selected in ((ALPN_SIDECAR, "istio"), (None, None), (["h2"], None)):
+            for alpn, selected in (
+                (ALPN_SIDECAR, "istio-peer-exchange"),  # then the metadata exchange
+                (["istio"], "istio"),
+                (None, None),
+                (["h2"], None),
+            ):
                 client = await Client.connect(
                     address(engine), ssl=ca.client_context(tmp_path, "frontend", alpn)
                 )
@@ -235,7 +240,7 @@ def test_istio_mutual_listener_serves_mesh_clients_with_and_without_alpn(
                 assert error_type(await client.call("get")) is None
                 client.close()
             listener = "svc.test:9000"
-            assert engine.stats.get("metaprotocol_tls_handshakes_total", listener=listener) == 3
+            assert engine.stats.get("metaprotocol_tls_handshakes_total", listener=listener) == 4
         await up.close()
 
     run(main())

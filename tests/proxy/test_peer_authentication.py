@@ -175,7 +175,8 @@ def test_permissive_serves_mutual_tls_and_plain_text_on_one_port(
                 address(engine), ssl=ca.client_context(tmp_path, "frontend")
             )
             assert mtls.transport is not None
-            assert mtls.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "istio"
+            alpn = mtls.transport.get_extra_info("ssl_object").selected_alpn_protocol()
+            assert alpn == "istio-peer-exchange" and mtls.peer_metadata is not None
             assert peer_uris(mtls.transport) == [spiffe("engine")]
             reply = await mtls.call("get", rid=6)
             assert reply.request_id == 6 and error_type(reply) is None
@@ -254,7 +255,7 @@ def test_a_client_hello_one_byte_at_a_time_is_mutual_tls(
     async def main() -> None:
         up = await Upstream("v1").start()
         async with engine_for(config(ca, tmp_path, up.port)) as engine:
-            client = TlsClient(ca.client_context(tmp_path, "frontend"))
+            client = TlsClient(ca.client_context(tmp_path, "frontend", ["istio"]))
             reader, writer = await asyncio.open_connection(*address(engine))
             await until(lambda: len(detecting(engine)) == 1)
             (det,) = detecting(engine)

@@ -179,13 +179,15 @@ class StreamServer:
 class StreamClient(Client):
     """A KV client that files the frames it gets by id (stream frames and replies alike)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(metadata)
         self.frames: dict[int, list[Metadata]] = defaultdict(list)
         self.event = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if self.exchanging and not self.exchanged():
+            return
         while True:
             msg = self.codec.decode(self.buffer)
             if not isinstance(msg, Metadata):

@@ -1,0 +1,318 @@
+"""Istio's TCP metadata exchange (ALPN ``istio-peer-exchange``) on the engine's mesh listeners.
+
+An Istio sidecar client offers ALPN ``istio-peer-exchange`` (and ``istio``). When the server
+selects it, each side starts what it sends with a header of its own workload's metadata,
+before the application's bytes (Istio's ``istio.metadata_exchange`` network filter, in
+Envoy's ``contrib/istio/filters/network/metadata_exchange``): a magic number
+(``0x3D230467``) and a length, both 32-bit big-endian, then a ``google.protobuf.Any`` of a
+``google.protobuf.Struct`` holding ``x-envoy-peer-metadata`` (the workload: ``NAME``,
+``NAMESPACE``, ``WORKLOAD_NAME``, ``CLUSTER_ID``, ``LABELS`` with the app, version and
+canonical service labels, ``OWNER``) and ``x-envoy-peer-metadata-id`` (the node id). Each
+side reports the other's workload in Istio's metrics (``source_workload``, ``source_app``...
+at the server side), which a peer known by its certificate alone leaves ``unknown``.
+
+The engine selects ``istio-peer-exchange`` when a client offers it, reads the client's
+header before handing the connection to its codec (:class:`PeerExchange`, in the TLS
+layer's place of the connection's protocol until then: nothing of it runs afterwards), and
+writes its own header before any reply. A client whose bytes do not start with the magic
+number is served as if it had sent none (as Envoy does). The protobuf messages are read and
+written here by hand (the engine does not depend on protobuf): only the fields above, every
+length checked, in time linear in the header; a header above :data:`MAX_HEADER` bytes ends
+the connection (the exchange's metadata is a few hundred bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config.models import Workload
+    from .downstream import Downstream
+
+log = logging.getLogger("metaprotocol.proxy")
+
+#: The ALPN protocol of the exchange.
+ALPN = "istio-peer-exchange"
+MAGIC = 0x3D230467
+_HEADER = struct.Struct(">II")
+_MAGIC_BYTES = struct.pack(">I", MAGIC)
+#: The largest exchange read (its Any): a client announcing more is a hostile one.
+MAX_HEADER = 64 * 1024
+#: The longest value of the peer's metadata reported: a longer one is ``unknown``.
+MAX_VALUE = 253
+STRUCT_TYPE = "type.googleapis.com/google.protobuf.Struct"
+METADATA_KEY = "x-envoy-peer-metadata"
+METADATA_ID_KEY = "x-envoy-peer-metadata-id"
+OWNER_PREFIX = "kubernetes://apis/apps/v1/namespaces/"
+CANONICAL_NAME = "service.istio.io/canonical-name"
+CANONICAL_REVISION = "service.istio.io/canonical-revision"
+
+
+@dataclass(frozen=True)
+class PeerWorkload:
+    """A peer's workload as its exchange says (``""``: not said)."""
+
+    instance: str = ""
+    namespace: str = ""
+    workload: str = ""
+    cluster: str = ""
+    canonical_service: str = ""
+    canonical_revision: str = ""
+    app: str = ""
+    version: str = ""
+
+
+# -- the protobuf wire format, for Any, Struct and Value only ---------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _string_value(text: str) -> bytes:
+    return _field(3, text.encode())  # Value.string_value
+
+
+def _struct(fields: dict[str, bytes]) -> bytes:
+    """A Struct of already encoded Values, its keys sorted (protobuf's deterministic order)."""
+    return b"".join(
+        _field(1, _field(1, key.encode()) + _field(2, value))  # fields: map entry key, value
+        for key, value in sorted(fields.items())
+    )
+
+
+def exchange_header(workload: Workload, instance: str, node_id: str = "") -> bytes:
+    """The header this engine sends: its workload as Istio's ``convertWorkloadMetadataToStruct``
+    writes it."""
+    labels = {
+        CANONICAL_NAME: workload.canonical_service,
+        CANONICAL_REVISION: workload.canonical_revision,
+        "app": workload.app,
+        "version": workload.version,
+    }
+    known = {k: v for k, v in labels.items() if v and v != "unknown"}
+    metadata: dict[str, bytes] = {
+        "LABELS": _field(5, _struct({k: _string_value(v) for k, v in known.items()})),
+        "OWNER": _string_value(
+            f"{OWNER_PREFIX}{_said(workload.namespace)}/deployments/{_said(workload.name)}"
+        ),
+    }
+    for key, value in (
+        ("NAME", instance),
+        ("NAMESPACE", _said(workload.namespace)),
+        ("WORKLOAD_NAME", _said(workload.name)),
+        ("CLUSTER_ID", workload.cluster),
+    ):
+        if value:
+            metadata[key] = _string_value(value)
+    top = {METADATA_KEY: _field(5, _struct(metadata))}
+    if node_id:
+        top[METADATA_ID_KEY] = _string_value(node_id)
+    any_message = _field(1, STRUCT_TYPE.encode()) + _field(2, _struct(top))
+    return _HEADER.pack(MAGIC, len(any_message)) + any_message
+
+
+def _said(value: str) -> str:
+    return "" if value == "unknown" else value
+
+
+class _Malformed(ValueError):
+    """Bytes that are not the message they should be."""
+
+
+def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """The fields of a message in ``data[start:end]``: (number, wire type, value start,
+    value end; a varint's value is its end's, read by :func:`_read_varint`)."""
+    out = []
+    at = start
+    while at < end:
+        key, at = _read_varint(data, at, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, stop = _read_varint(data, at, end)
+            out.append((number, wire, at, stop))
+            at = stop
+        elif wire == 1:
+            out.append((number, wire, at, at + 8))
+            at += 8
+        elif wire == 2:
+            size, at = _read_varint(data, at, end)
+            out.append((number, wire, at, at + size))
+            at += size
+        elif wire == 5:
+            out.append((number, wire, at, at + 4))
+            at += 4
+        else:
+            raise _Malformed(f"wire type {wire}")
+        if at > end:
+            raise _Malformed("truncated")
+    return out
+
+
+def _read_varint(data: bytes, at: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= end or shift > 63:
+            raise _Malformed("bad varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def _struct_fields(data: bytes, start: int, end: int) -> dict[str, tuple[int, int]]:
+    """A Struct's values by key (each a Value's span); the first of a repeated key wins."""
+    out: dict[str, tuple[int, int]] = {}
+    for number, wire, a, b in _fields(data, start, end):
+        if number != 1 or wire != 2:
+            continue
+        key = None
+        value = (b, b)
+        for n, w, c, d in _fields(data, a, b):
+            if n == 1 and w == 2:
+                key = data[c:d].decode("utf-8", "replace")
+            elif n == 2 and w == 2:
+                value = (c, d)
+        if key is not None and key not in out:
+            out[key] = value
+    return out
+
+
+def _value(data: bytes, span: tuple[int, int], kind: int) -> tuple[int, int] | None:
+    """The span of a Value's ``kind`` (3: string_value, 5: struct_value), if it is that."""
+    for number, wire, a, b in _fields(data, *span):
+        if number == kind and wire == 2:
+            return a, b
+    return None
+
+
+def _text(data: bytes, values: dict[str, tuple[int, int]], key: str) -> str:
+    span = values.get(key)
+    found = None if span is None else _value(data, span, 3)
+    if found is None or found[1] - found[0] > MAX_VALUE * 4:
+        return ""
+    text = data[found[0] : found[1]].decode("utf-8", "replace")
+    return text if len(text) <= MAX_VALUE else ""
+
+
+def read_exchange(data: bytes) -> PeerWorkload | None:
+    """The peer's workload from the exchange's Any (``None``: it says none, or is not one)."""
+    try:
+        end = len(data)
+        type_url, body = "", (0, 0)
+        for number, wire, a, b in _fields(data, 0, end):
+            if number == 1 and wire == 2:
+                type_url = data[a:b].decode("utf-8", "replace")
+            elif number == 2 and wire == 2:
+                body = (a, b)
+        if type_url != STRUCT_TYPE:
+            return None
+        top = _struct_fields(data, *body)
+        span = top.get(METADATA_KEY)
+        inner = None if span is None else _value(data, span, 5)
+        if inner is None:
+            return None
+        metadata = _struct_fields(data, *inner)
+        labels_span = metadata.get("LABELS")
+        labels_struct = None if labels_span is None else _value(data, labels_span, 5)
+        labels = {} if labels_struct is None else _struct_fields(data, *labels_struct)
+        return PeerWorkload(
+            instance=_text(data, metadata, "NAME"),
+            namespace=_text(data, metadata, "NAMESPACE"),
+            workload=_text(data, metadata, "WORKLOAD_NAME"),
+            cluster=_text(data, metadata, "CLUSTER_ID"),
+            canonical_service=_text(data, labels, CANONICAL_NAME),
+            canonical_revision=_text(data, labels, CANONICAL_REVISION),
+            app=_text(data, labels, "app"),
+            version=_text(data, labels, "version"),
+        )
+    except _Malformed:
+        return None
+
+
+# -- the connection's part ---------------------------------------------------------------------
+
+
+class PeerExchange(asyncio.Protocol):
+    """A TLS connection's protocol until the client's exchange header is read: then the
+    connection's own (``downstream``), handed what followed it."""
+
+    __slots__ = ("buffer", "downstream", "header", "transport")
+
+    def __init__(self, downstream: Downstream, transport: Any, header: bytes) -> None:
+        self.downstream = downstream
+        self.transport = transport
+        self.buffer = bytearray()
+        #: This engine's header, written before the connection's first reply.
+        self.header = header
+
+    def start(self) -> None:
+        """Take the connection's bytes from now on."""
+        self.transport.set_protocol(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Read the header; hand the rest, and the connection, back."""
+        buffer = self.buffer
+        buffer += data
+        if len(buffer) < _HEADER.size:
+            if not _MAGIC_BYTES.startswith(bytes(buffer[:4])):
+                self._done(None)
+            return
+        magic, size = _HEADER.unpack_from(buffer)
+        if magic != MAGIC:
+            self._done(None)  # no exchange: its bytes are the codec's (as Envoy's filter)
+            return
+        if size > MAX_HEADER:
+            log.debug("peer exchange: a header of %d bytes, above %d: closed", size, MAX_HEADER)
+            self.downstream.listener.closed_by["peer_exchange"].value += 1
+            self.transport.set_protocol(self.downstream)
+            self.downstream.abort()
+            return
+        if len(buffer) < _HEADER.size + size:
+            return
+        peer = read_exchange(bytes(buffer[_HEADER.size : _HEADER.size + size]))
+        del buffer[: _HEADER.size + size]
+        self._done(peer)
+
+    def _done(self, peer: PeerWorkload | None) -> None:
+        downstream = self.downstream
+        self.transport.write(self.header)  # before any reply: the client reads it first
+        self.transport.set_protocol(downstream)
+        istio = downstream.engine.istio
+        if peer is not None and istio is not None and istio.inbound:
+            downstream.istio = istio.with_workload(downstream.istio, peer)
+        rest, self.buffer = bytes(self.buffer), bytearray()
+        if rest:
+            downstream.data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        self.transport.set_protocol(self.downstream)
+        return self.downstream.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.downstream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.downstream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.downstream.resume_writing()
