@@ -16,7 +16,7 @@ from ._output import codec_bug, fail
 @click.option(
     "--golden",
     type=click.Path(exists=True, dir_okay=False),
-    help="Golden YAML file (default: the one the codec ships).",
+    help="Golden YAML file, in place of the golden*.yaml the codec ships.",
 )
 @click.option(
     "--known-failures",

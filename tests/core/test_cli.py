@@ -47,6 +47,11 @@ def test_help_everywhere() -> None:
         code, out, _ = run(*args, "--help")
         assert code == 0 and "Usage:" in out
         assert "``" not in out, out  # click prints reST markup as typed
+    # --golden replaces what the codec ships (it said "Golden YAML file." and nothing else).
+    check_help = " ".join(run("check", "--help")[1].split())
+    assert (
+        "--golden FILE Golden YAML file, in place of the golden*.yaml the codec ships" in check_help
+    )
 
 
 def test_the_cli_page_names_every_option_as_help_shows_it() -> None:
