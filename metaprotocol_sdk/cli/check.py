@@ -13,7 +13,11 @@ from ._output import codec_bug, fail
 @click.command("check")
 @click.argument("codec_name", metavar="CODEC")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
-@click.option("--golden", type=click.Path(exists=True, dir_okay=False), help="Golden YAML file.")
+@click.option(
+    "--golden",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Golden YAML file, in place of the golden*.yaml the codec ships.",
+)
 @click.option(
     "--known-failures",
     type=click.Path(exists=True, dir_okay=False),
@@ -21,7 +25,12 @@ from ._output import codec_bug, fail
 )
 @click.option("--only", "only", multiple=True, metavar="CHECK", help="Run only CHECK (repeatable).")
 @click.option(
-    "-o", "--option", "option_pairs", multiple=True, help="Codec option KEY=VALUE (repeatable)."
+    "-o",
+    "--option",
+    "option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Codec option (repeatable).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Show every reason in full.")
 def command(

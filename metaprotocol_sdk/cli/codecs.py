@@ -18,7 +18,7 @@ from ._output import table
 def command(as_json: bool) -> None:
     """List installed codecs: names, aliases, distribution, version and capabilities.
 
-    With ``--json``, also the modules of each codec and of the SDK that run compiled (mypyc).
+    With --json, also the modules of each codec and of the SDK that run compiled (mypyc).
     """
     rows = []
     for info in available():

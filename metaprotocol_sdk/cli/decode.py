@@ -67,7 +67,12 @@ def decode_stream(codec: Codec, data: bytes) -> tuple[list[tuple[int, Metadata]]
 @click.option("--hex", "as_hex", is_flag=True, help="Input is hex text (whitespace ignored).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
 @click.option(
-    "-o", "--option", "option_pairs", multiple=True, help="Codec option KEY=VALUE (repeatable)."
+    "-o",
+    "--option",
+    "option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Codec option (repeatable).",
 )
 def command(
     codec_name: str,

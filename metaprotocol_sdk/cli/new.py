@@ -95,6 +95,7 @@ def _suggested(name: str) -> str:
 @click.option(
     "--package",
     "package_name",
+    metavar="PACKAGE",
     help="Python package (default: metaprotocol_<NAME>, or metaprotocol_filter_<NAME>).",
 )
 @click.option(
@@ -122,7 +123,8 @@ def _suggested(name: str) -> str:
     "extra",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Any template variable (see cookiecutter.json), e.g. -x project_slug=acme-codec.",
+    help="Any template variable (a question's name: project_slug, description, version, ...), "
+    "e.g. -x project_slug=acme-codec.",
 )
 @click.option("--no-input", is_flag=True, help="Do not prompt; use the given values and defaults.")
 @click.option(
@@ -131,10 +133,12 @@ def _suggested(name: str) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("."),
     show_default=True,
+    metavar="DIR",
     help="Where to create the package directory.",
 )
 @click.option(
     "--template",
+    metavar="PATH",
     help=(
         f"Template path or git URL (default: ${TEMPLATE_ENV}, or ${FILTER_TEMPLATE_ENV} with "
         "--filter, else the SDK's own template)."

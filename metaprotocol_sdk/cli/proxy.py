@@ -619,7 +619,11 @@ def _policies_summary(config: Config) -> str:
     help="YAML file (multi-document); repeat for several files.",
 )
 @click.option(
-    "--drain", type=float, default=None, help="Drain deadline in seconds (default: config)."
+    "--drain",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Drain deadline in seconds (default: timeouts.drain).",
 )
 @click.option("--no-uvloop", is_flag=True, help="Use the default asyncio event loop.")
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary, exit.")
@@ -632,6 +636,7 @@ def _policies_summary(config: Config) -> str:
     "--workers",
     type=click.IntRange(1, 1024),
     default=1,
+    metavar="N",
     show_default=True,
     help="Serving processes sharing the listeners (SO_REUSEPORT) under one supervisor.",
 )

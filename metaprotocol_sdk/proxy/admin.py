@@ -322,7 +322,7 @@ class _AdminServer:
                 "/\n/paths\n/ready\n/config_dump\n/stats\n/stats?format=json\n/stats/prometheus\n"
                 "/stats/live\n",
             )
-        return _response(404, f"unknown path {path[:200]}\n")
+        return _response(404, f"unknown path {path[:200]}; /paths lists the paths\n")
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: at most one request, the whole exchange within the timeout."""

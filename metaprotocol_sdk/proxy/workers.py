@@ -1004,7 +1004,7 @@ class WorkersAdmin(_AdminServer):
             return self._page
         if path == "/stats/live":
             return await supervisor.shared((path, timeout), lambda: self._live(timeout))
-        return _response(404, f"unknown path {path[:200]}\n")
+        return _response(404, f"unknown path {path[:200]}; /paths lists the paths\n")
 
     async def _config_dump(self, timeout: float) -> bytes:
         text = json.dumps(await self.supervisor.config_dump(timeout), indent=2, default=str)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -35,10 +37,44 @@ def run(*args: str, stdin: bytes | str | None = None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+SUBCOMMANDS = ("check", "codecs", "decode", "demo", "new", "proxy")
+CLI_PAGE = Path(__file__).parents[2] / "docs" / "cli.md"
+
+
 def test_help_everywhere() -> None:
-    for args in ([], ["codecs"], ["decode"]):
+    assert main.list_commands(click.Context(main)) == list(SUBCOMMANDS)
+    for args in ([], *([name] for name in SUBCOMMANDS)):
         code, out, _ = run(*args, "--help")
         assert code == 0 and "Usage:" in out
+        assert "``" not in out, out  # click prints reST markup as typed
+    # --golden replaces what the codec ships (it said "Golden YAML file." and nothing else).
+    check_help = " ".join(run("check", "--help")[1].split())
+    assert (
+        "--golden FILE Golden YAML file, in place of the golden*.yaml the codec ships" in check_help
+    )
+
+
+def test_the_cli_page_names_every_option_as_help_shows_it() -> None:
+    """docs/cli.md's section of a subcommand names each option its ``--help`` lists, by each
+    of its names, with the same placeholder (``--drain SECONDS``, ``-o``'s ``KEY=VALUE``)."""
+    page = CLI_PAGE.read_text(encoding="utf-8")
+    sections = {
+        m[1]: m[0] for m in re.finditer(r"^## `metaprotocol (\w+).*\n(?:(?!## ).*\n)*", page, re.M)
+    }
+    assert "`metaprotocol --version`" in page
+    missing: list[str] = []
+    for name in SUBCOMMANDS:
+        command = main.get_command(click.Context(main), name)
+        assert command is not None
+        shown: list[str] = []
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            shown += param.opts + param.secondary_opts
+            if not param.is_flag and not isinstance(param.type, click.Choice):
+                shown.append(f"{param.opts[-1]} {param.make_metavar(click.Context(command))}")
+        missing += [f"{name} {text}" for text in shown if text not in sections[name]]
+    assert not missing, f"not in docs/cli.md as --help shows them: {missing}"
 
 
 def test_decode_hex_json_prints_one_object_per_message() -> None:

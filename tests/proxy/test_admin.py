@@ -79,7 +79,8 @@ def test_admin_ready_config_dump_and_stats() -> None:
             assert "# TYPE metaprotocol_downstream_connections_active gauge" in text
             _, js = await http_get(admin, "/stats?format=json")
             assert json.loads(js)["metaprotocol_requests_pending"] == 0
-            assert (await http_get(admin, "/nope"))[0] == 404
+            status, text = await http_get(admin, "/nope")
+            assert status == 404 and "/paths lists the paths" in text, text
             c.close()
             await c.closed
         await up.close()

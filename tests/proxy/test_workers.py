@@ -197,6 +197,8 @@ def test_connections_spread_over_both_workers_and_stats_are_summed(tmp_path: Pat
             assert sum(dest["buckets"]) == CONNECTIONS and route["p50"] is not None
             status, page = await http_get(sup.admin, "/")
             assert status == 200 and "<html" in page.lower()
+            status, text = await http_get(sup.admin, "/nope")
+            assert status == 404 and "/paths lists the paths" in text, text
         finally:
             code, _ = sup.stop()
             await up.close()

@@ -94,13 +94,31 @@ def test_named_metaprotocol_subcommands_exist(rendered: tuple[Path, str]) -> Non
     assert not unknown, unknown
 
 
+@pytest.fixture(scope="module")
+def rendered_filter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A package from ``metaprotocol new --filter`` and what the command printed."""
+    tmp = tmp_path_factory.mktemp("render-filter")
+    made = run(
+        [PYTHON, "-m", "metaprotocol_sdk", "new", "--filter", "acme", "--no-input", "-o", tmp],
+        env=isolated_env(tmp),
+    )
+    return tmp / "metaprotocol-filter-acme", made.stdout
+
+
 def test_serving_commands_are_said_to_run_side_by_side(rendered: tuple[Path, str]) -> None:
     """The example server and the engine serve until Ctrl-C: the README and the next steps say
     so right before the first of them, not after a user's first command never returns."""
-    found = texts(rendered)
+    _said_side_by_side(texts(rendered), PACKAGE)
+
+
+def test_a_filter_package_says_so_too(rendered_filter: tuple[Path, str]) -> None:
+    _said_side_by_side(texts(rendered_filter), "metaprotocol_filter_acme")
+
+
+def _said_side_by_side(found: dict[str, str], package: str) -> None:
     for where in ("README.md", "(printed by metaprotocol new)"):
         text = found[where]
-        first = text.index(f"{PACKAGE}.example_server --port 9100")
+        first = text.index(f"{package}.example_server --port 9100")
         assert "in three terminals" in text[max(0, first - 200) : first].lower(), where
 
 

@@ -141,3 +141,25 @@ def test_ci_sh_outside_the_environment_says_what_to_install(tmp_path: Path, kind
     nowhere = {**os.environ, "PYTHON": "no-such-python"}
     proc = run(["bash", project / "ci.sh"], env=nowhere, expect=2)
     assert "error: cannot run no-such-python: activate the environment" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["codec", "filter"])
+def test_the_example_client_says_when_nothing_listens(tmp_path: Path, kind: str) -> None:
+    # Started before the engine, the client printed only "ConnectionRefusedError: [Errno 111]
+    # Connect call failed ('127.0.0.1', 9000)".
+    name = {"codec": "protocol_name", "filter": "filter_name"}[kind]
+    template = REPO / "metaprotocol_sdk" / "cli" / f"{kind}_template"
+    out = tmp_path / "out"
+    run(
+        [BIN / "cookiecutter", "--no-input", "-o", out, template, f"{name}=tiny"],
+        env=isolated_env(tmp_path),
+    )
+    (project,) = out.iterdir()
+    package = "metaprotocol_tiny" if kind == "codec" else "metaprotocol_filter_tiny"
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        port = gone.getsockname()[1]
+    client = [PYTHON, "-m", f"{package}.example_client", "--port", port]
+    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    refused = run(client, cwd=project, env=env, expect=1)
+    assert f"nothing listens on 127.0.0.1:{port}: start the engine" in refused.stderr
+    assert refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1

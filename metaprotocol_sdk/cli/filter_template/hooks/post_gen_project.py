@@ -19,6 +19,7 @@ def main() -> int:
         f"  cd {root}\n"
         "  pip install -e '.[dev]'              # into an environment that has metaprotocol-sdk\n"
         "  ./ci.sh                              # ruff, mypy --strict, pytest, proxy --check\n"
+        "then, in three terminals (the server and the engine serve until Ctrl-C):\n"
         f"  python -m {PACKAGE}.example_server --port 9100\n"
         "  metaprotocol proxy -c deploy/mesh.yaml -c deploy/proxy.yaml\n"
         f"  python -m {PACKAGE}.example_client --port 9000 --header tenant=blue\n"

@@ -221,6 +221,11 @@ async def connect(
         return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     except TimeoutError:
         raise TimeoutError(f"no connection to {host}:{port} within {timeout:g} s") from None
+    except ConnectionRefusedError:
+        raise ConnectionRefusedError(
+            f"nothing listens on {host}:{port}: start the engine (or the example server, for"
+            " its own port) first"
+        ) from None
 
 
 async def exchange(

@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         reply = asyncio.run(call(args.host, args.port, dict(args.header)))
+    except ConnectionRefusedError:
+        where = f"{args.host}:{args.port}"
+        print(f"error: nothing listens on {where}: start the engine first", file=sys.stderr)
+        return 1
     except (OSError, TimeoutError) as exc:
         print(f"error: {args.host}:{args.port}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
