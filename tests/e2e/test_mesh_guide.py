@@ -164,8 +164,9 @@ class Mesh:
         self.admin: tuple[str, int] = admin
 
     def mesh_client_context(self) -> ssl.SSLContext:
-        """What a sidecar client presents: a workload certificate, ALPN istio."""
-        return self.ca.client_context(self.root / "peers", "frontend")
+        """What a sidecar client presents: a workload certificate, ALPN istio (thriftpy2
+        speaks no metadata exchange: a sidecar offering istio-peer-exchange does)."""
+        return self.ca.client_context(self.root / "peers", "frontend", ["istio"])
 
 
 @pytest.fixture(scope="module")

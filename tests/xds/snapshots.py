@@ -328,17 +328,21 @@ def tls_socket(
     return socket
 
 
-def istio_mutual_socket(sni: str, sans: Sequence[str] = ()) -> base_pb2.TransportSocket:
+def istio_mutual_socket(
+    sni: str, sans: Sequence[str] = (), alpn: Sequence[str] = ("istio-peer-exchange", "istio")
+) -> base_pb2.TransportSocket:
     """``ISTIO_MUTUAL`` as istiod's ``buildUpstreamClusterTLSContext`` writes it: TLS 1.2 to
     1.3, istio-agent's SDS secrets ``default`` (the workload certificate) and ``ROOTCA``
     (combined with the names, exact), ALPN ``istio-peer-exchange``/``istio`` and the SNI
-    ``outbound_.<port>_.<subset>_.<host>``."""
+    ``outbound_.<port>_.<subset>_.<host>``. ``alpn``: for a stock Envoy client, ``istio``
+    alone (it has no metadata exchange filter, which a sidecar offering
+    ``istio-peer-exchange`` has)."""
     common = tls_pb2.CommonTlsContext(
         tls_params=common_pb2.TlsParameters(
             tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2,
             tls_maximum_protocol_version=common_pb2.TlsParameters.TLSv1_3,
         ),
-        alpn_protocols=["istio-peer-exchange", "istio"],
+        alpn_protocols=list(alpn),
     )
     common.tls_certificate_sds_secret_configs.append(
         secret_pb2.SdsSecretConfig(name="default", sds_config=sds_config())

@@ -74,7 +74,7 @@ class Clients:
         self.ca, self.tmp, self.port = ca, tmp, port
 
     def context(self, sa: str, ns: str, trust_domain: str = "cluster.local") -> ssl.SSLContext:
-        ctx = self.ca.client_context(self.tmp, None)
+        ctx = self.ca.client_context(self.tmp, None, ["istio"])  # (no metadata exchange)
         ctx.load_cert_chain(
             *self.ca.files(self.tmp / ns / trust_domain, sa, ns, trust_domain=trust_domain)
         )

@@ -54,6 +54,9 @@ from metaprotocol_sdk.proxy import Engine, loads_config
 T = TypeVar("T")
 HOST, PORT = "hello.svc", 9090
 NODE = "sidecar~127.0.0.1~client.default~default.svc.cluster.local"
+#: A stock Envoy sidecar client's ALPN: istiod writes istio-peer-exchange first, which a
+#: sidecar offers because its metadata exchange filter speaks it; stock Envoy has none.
+STOCK = ("istio",)
 #: The ALPN protocols an Istio inbound listener's mutual TLS filter chains match on.
 INBOUND_ALPN = ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"]
 
@@ -284,9 +287,9 @@ def test_envoy_client_sidecar_to_the_engines_istio_mutual_listener(
     )
     try:
         sockets = {
-            MTLS: istio_mutual_socket(f"outbound_.{PORT}_._.{HOST}", [spiffe("hello")]),
+            MTLS: istio_mutual_socket(f"outbound_.{PORT}_._.{HOST}", [spiffe("hello")], STOCK),
             NO_CERT: no_certificate(
-                istio_mutual_socket(f"outbound_.{PORT}_.nocert_.{HOST}", [spiffe("hello")])
+                istio_mutual_socket(f"outbound_.{PORT}_.nocert_.{HOST}", [spiffe("hello")], STOCK)
             ),
         }
 
@@ -381,9 +384,9 @@ def test_envoy_client_sidecar_and_a_plain_client_on_one_permissive_port(
     )
     try:
         sockets = {
-            MTLS: istio_mutual_socket(f"outbound_.{PORT}_._.{HOST}", [spiffe("hello")]),
+            MTLS: istio_mutual_socket(f"outbound_.{PORT}_._.{HOST}", [spiffe("hello")], STOCK),
             NO_CERT: no_certificate(
-                istio_mutual_socket(f"outbound_.{PORT}_.nocert_.{HOST}", [spiffe("hello")])
+                istio_mutual_socket(f"outbound_.{PORT}_.nocert_.{HOST}", [spiffe("hello")], STOCK)
             ),
         }
         control_plane.set_snapshot(
