@@ -22,7 +22,7 @@ import re
 import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from envoy.config.core.v3 import address_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -495,11 +495,10 @@ def chain_policies(filters: Iterable[tuple[str, bytes]], refuse: Refuse) -> Chai
             action, policies = reader.rules(config.shadow_rules, f"{path}.shadow_rules")
             if action == "AUDIT":
                 continue  # AUDIT policies in dry run (istiod writes them): they only count
-            shadow: list[Policy] = out.dry_deny if action == "DENY" else out.dry_allow
-            if action == "ALLOW" and out.dry_allow:
+            if action == "DENY":
+                out.dry_deny.extend(policies)
+                continue
+            if out.dry_allow:
                 raise refuse(f"{path}.shadow_rules", "a second ALLOW shadow rule set in one chain")
-            shadow.extend(policies or (Policy(ALLOW_NOTHING, "ALLOW", ()),))
+            out.dry_allow.extend(policies or (Policy(ALLOW_NOTHING, "ALLOW", ()),))
     return out
-
-
-Mode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
