@@ -267,6 +267,17 @@ class Facts:
     peercert: Any = None
 
 
+#: ASCII letters to lower case (Envoy's ``absl::AsciiStrToLower``), other characters kept:
+#: ``str.lower`` folds more (the Kelvin sign ``K`` to ``k``).
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with its ASCII letters in lower case, as Envoy folds an SNI and compares
+    ``ignore_case`` strings."""
+    return text.translate(_ASCII_LOWER)
+
+
 def _address(extra: Any) -> tuple[IpAddress | None, int | None]:
     """The IP address and port of a ``peername`` or ``sockname``."""
     if not isinstance(extra, tuple) or len(extra) < 2:

@@ -250,12 +250,15 @@ class _Staged:
     addresses: dict[tuple[str, int], tuple[str, int]]
 
 
-def _accepts(runtime: ListenerRuntime, conn: Downstream) -> bool:
+def _accepts(runtime: ListenerRuntime, conn: Downstream | Detecting) -> bool:
     """Whether a listener's transport of now (``runtime``) takes an open connection's: TLS on
     a TLS listener (own ``tls``, or STRICT), plain text on a plain one (or DISABLE), either on
-    a PERMISSIVE one."""
-    secure = isinstance(conn, TlsDownstream)
+    a PERMISSIVE one; one still detecting (it may be plain text) on a detecting or plain
+    one."""
     detect = runtime.detect
+    if isinstance(conn, Detecting):
+        return detect is not None or runtime.tls is None
+    secure = isinstance(conn, TlsDownstream)
     if detect is not None:
         return detect.mode == "PERMISSIVE" or not secure
     return secure == (runtime.tls is not None)
@@ -1105,7 +1108,10 @@ class Engine:
                         draining.append(conn)
             for shaking in self.handshaking:
                 if shaking.listener is current:
-                    if not same_codec:
+                    if not same_codec or not _accepts(runtime, shaking):
+                        # Its handshake or first bytes may end in what the listener no
+                        # longer takes (plain text on a port made STRICT, TLS on one made
+                        # DISABLE): reset, as the open ones are drained.
                         aborted.append(shaking)
                     elif isinstance(shaking, TlsDownstream):
                         shaking._route = match  # (a Detecting one takes the runtime's later)

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from .authorization import uris_of
+from .authorization import ascii_lower, uris_of
 from .downstream import Downstream, ListenerRuntime, Refused
 from .handshake import HalfClosing, handshake_class
 from .peer_exchange import ALPN as PEER_EXCHANGE
@@ -263,16 +263,12 @@ def client_context(
     return ctx, files.hash.hexdigest(), tuple(files.expiry)
 
 
-#: ASCII letters to lower case (Envoy's ``absl::AsciiStrToLower``; other characters kept).
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
 def _keep_sni(ssl_object: Any, name: str | None, _context: ssl.SSLContext) -> None:
     """Keep the SNI a client sent on its TLS object (a server's ``server_hostname`` is
     always ``None``): what ``connection.sni`` of an AuthorizationPolicy reads, in lower case
     as Envoy keeps it (``setRequestedServerName``: a host name's case is no part of it)."""
     if name is not None and isinstance(ssl_object, HalfClosing):
-        ssl_object.sni = name.translate(_ASCII_LOWER)
+        ssl_object.sni = ascii_lower(name)
 
 
 def server_context(

@@ -472,6 +472,61 @@ def test_a_reload_changes_the_mode_for_new_connections(ca: MeshCa, tmp_path: Pat
     run(main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_reload_to_strict_aborts_a_connection_still_detecting(
+    ca: MeshCa, tmp_path: Path, loop: str
+) -> None:
+    """A connection accepted while PERMISSIVE that has sent nothing yet when a reload makes
+    the port STRICT is reset: its plain text, sent afterwards, is not served (it was: the
+    detection of then handed it to a plain connection of the STRICT listener)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port)) as engine:
+            reader, writer = await asyncio.open_connection(*address(engine))
+            await until(lambda: len(detecting(engine)) == 1)
+            await engine.apply(loads_config(config(ca, tmp_path, up.port, "STRICT"), "t.yaml"))
+            writer.write(build_frame(REQUEST, 9, {"method": "get"}))
+            try:
+                reply = await read_some(reader)
+            except ConnectionError:
+                reply = b""
+            assert reply == b""
+            assert not engine.downstreams
+            writer.close()
+        await up.close()
+        assert not up.received
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_reload_to_disable_aborts_a_tls_connection_still_shaking_hands(
+    ca: MeshCa, tmp_path: Path, loop: str
+) -> None:
+    """A STRICT port's connection whose handshake has not ended when a reload makes the port
+    DISABLE is reset: its handshake does not complete (it did, and its requests were served
+    over TLS on a port that takes plain text only)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, "STRICT")) as engine:
+            reader, writer = await asyncio.open_connection(*address(engine))
+            await until(lambda: len(engine.handshaking) == 1)
+            await engine.apply(loads_config(config(ca, tmp_path, up.port, "DISABLE"), "t.yaml"))
+            client = TlsClient(ca.client_context(tmp_path, "frontend"))
+            writer.write(client.hello)
+            with pytest.raises((ssl.SSLError, ConnectionError, EOFError, asyncio.TimeoutError)):
+                await client.finish(reader, writer)
+                if not await read_some(reader):
+                    raise EOFError
+            writer.close()
+        await up.close()
+        assert not up.received
+
+    run(main(), loop=loop)
+
+
 # -- detection ----------------------------------------------------------------------------------
 
 

@@ -223,6 +223,16 @@ def test_dry_run_policies_are_shadow_sets_that_never_deny(certs: Path) -> None:
     assert judge(listener, CLIENT) is None
 
 
+def test_a_dry_run_deny_set_without_policies_holds_none() -> None:
+    """A DENY shadow set without policies denies nothing in dry run: no placeholder (an
+    ALLOW policy "allows nothing" listed, counted and shown among the dry-run DENY ones)."""
+    dry = rbac(None, "DENY", shadow={})
+    read = chain_policies(
+        [("f", dry.typed_config.value)], lambda path, why: XdsRefused("LDS", path, why)
+    )
+    assert read.dry_deny == [] and read.authorization() is None
+
+
 def test_until_the_inbound_listener_arrives_every_request_is_denied(certs: Path) -> None:
     """As a sidecar refuses inbound connections until its first listeners arrive."""
     listener = listener_of(certs, None)

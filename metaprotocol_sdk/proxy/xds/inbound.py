@@ -37,14 +37,20 @@ from ..authorization import INBOUND_PENDING, Authorization
 from ..config.loader import awaiting_inbound
 from ..config.models import Config, Listener, ListenerTls, PeerMode
 from .rbac import ALLOW_NOTHING, NETWORK_RBAC_TYPE, chain_policies
-from .translate import _TLS_VERSIONS, XdsRefused, _check, _check_tls
+from .translate import (
+    TLS_VERSIONS,
+    XdsRefused,
+    check_fields,
+    check_tls_fields,
+    istio_agent_secrets,
+)
 
 #: The RBAC network filter's name and the typed config of the others a chain may hold.
 RBAC_FILTER = "envoy.filters.network.rbac"
 #: Filters of istiod's TCP chains with nothing for the engine to do, and why.
 IGNORED_FILTERS = {
-    "istio.metadata_exchange": "Istio's peer metadata exchange, which the engine does not "
-    "speak (its peers' labels are not exchanged)",
+    "istio.metadata_exchange": "Istio's peer metadata exchange, which the engine speaks on "
+    "every mesh listener whose client offers it (peer_exchange.py)",
     "istio.stats": "Istio's standard metrics, which the engine writes itself",
     "envoy.filters.network.tcp_proxy": "the sidecar's forwarding to the application: the "
     "engine is the application",
@@ -89,7 +95,7 @@ class _Chain:
 
 def _classify(res: str, chain: Any, path: str) -> _Chain:
     """Which of the engine's connections Envoy would give ``chain``."""
-    _check(
+    check_fields(
         res,
         chain,
         path,
@@ -98,7 +104,7 @@ def _classify(res: str, chain: Any, path: str) -> _Chain:
     )
     match = chain.filter_chain_match
     mpath = f"{path}.filter_chain_match"
-    _check(
+    check_fields(
         res,
         match,
         mpath,
@@ -157,7 +163,7 @@ def _tls(
     (``BuildInboundTLS``): the workload certificate (SDS ``default``) and mesh root
     (``ROOTCA``), client certificates required. Returns the versions, cipher suites and
     SAN prefixes."""
-    _check(res, socket, path, "TransportSocket", {"name", "typed_config"})
+    check_fields(res, socket, path, "TransportSocket", {"name", "typed_config"})
     tpath = f"{path}.typed_config"
     if socket.typed_config.type_url != (
         "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
@@ -170,7 +176,7 @@ def _tls(
         ctx.ParseFromString(socket.typed_config.value)
     except DecodeError as exc:
         raise XdsRefused(res, tpath, f"undecodable: {exc}") from None
-    _check_tls(
+    check_tls_fields(
         res,
         ctx,
         tpath,
@@ -186,7 +192,7 @@ def _tls(
         )
     cpath = f"{tpath}.common_tls_context"
     common = ctx.common_tls_context
-    _check_tls(
+    check_tls_fields(
         res,
         common,
         cpath,
@@ -198,50 +204,15 @@ def _tls(
             "alpn_protocols",
         },
     )
-    secrets = common.tls_certificate_sds_secret_configs
-    if len(secrets) != 1 or secrets[0].name != "default":
-        raise XdsRefused(
-            res,
-            f"{cpath}.tls_certificate_sds_secret_configs",
-            "expected one secret: 'default' (istio-agent's workload certificate, served from "
-            "spec.meshIdentity)",
-        )
-    _check_tls(
-        res,
-        secrets[0],
-        f"{cpath}.tls_certificate_sds_secret_configs[0]",
-        "SdsSecretConfig",
-        {"name"},
-    )
     # alpn_protocols: istiod's [istio-peer-exchange, h2, http/1.1]; the engine selects
-    # "istio" when offered (it does not speak Istio's metadata exchange), and a sidecar's
-    # clients offer both: they then skip the exchange.
-    ccpath = f"{cpath}.combined_validation_context"
-    cvc = common.combined_validation_context
-    _check_tls(
-        res,
-        cvc,
-        ccpath,
-        "CombinedCertificateValidationContext",
-        {"default_validation_context", "validation_context_sds_secret_config"},
-    )
-    root = cvc.validation_context_sds_secret_config
-    if root.name != "ROOTCA":
-        raise XdsRefused(
-            res,
-            f"{ccpath}.validation_context_sds_secret_config.name",
-            f"expected 'ROOTCA' (the mesh root, from spec.meshIdentity), got {root.name[:100]!r}",
-        )
-    _check_tls(
-        res, root, f"{ccpath}.validation_context_sds_secret_config", "SdsSecretConfig", {"name"}
-    )
-    vpath = f"{ccpath}.default_validation_context"
-    vc = cvc.default_validation_context
-    _check(res, vc, vpath, "CertificateValidationContext", {"match_subject_alt_names"})
+    # istio-peer-exchange (then istio) whichever the chain lists, and speaks the exchange
+    # on every mesh listener (peer_exchange.py).
+    vc, vpath = istio_agent_secrets(res, common, cpath)
+    check_fields(res, vc, vpath, "CertificateValidationContext", {"match_subject_alt_names"})
     prefixes = []
     for i, m in enumerate(vc.match_subject_alt_names):
         mp = f"{vpath}.match_subject_alt_names[{i}]"
-        _check(res, m, mp, "StringMatcher", {"prefix"})
+        check_fields(res, m, mp, "StringMatcher", {"prefix"})
         if not m.prefix.startswith("spiffe://"):
             raise XdsRefused(
                 res, mp, "only istiod's trust domain prefixes (spiffe://<trust domain>/) are read"
@@ -253,7 +224,7 @@ def _tls(
     if common.HasField("tls_params"):
         ppath = f"{cpath}.tls_params"
         p = common.tls_params
-        _check(
+        check_fields(
             res,
             p,
             ppath,
@@ -264,7 +235,7 @@ def _tls(
         for key in ("tls_minimum_protocol_version", "tls_maximum_protocol_version"):
             value = getattr(p, key)
             if value not in versions:
-                name = _TLS_VERSIONS.get(value, f"unknown TLS version {value}")
+                name = TLS_VERSIONS.get(value, f"unknown TLS version {value}")
                 raise XdsRefused(
                     res,
                     f"{ppath}.{key}",
@@ -282,7 +253,7 @@ def _filters(res: str, chain: _Chain, path: str) -> tuple[list[tuple[str, bytes]
     rbac: list[tuple[str, bytes]] = []
     for i, f in enumerate(chain.chain.filters):
         fpath = f"{path}.filters[{i}]"
-        _check(res, f, fpath, "Filter", {"name", "typed_config"})
+        check_fields(res, f, fpath, "Filter", {"name", "typed_config"})
         if f.name == RBAC_FILTER:
             if f.typed_config.type_url != NETWORK_RBAC_TYPE:
                 raise XdsRefused(
@@ -309,7 +280,7 @@ def inbound_ports(
     """For each listener (by name), what the inbound listener ``message`` says. Raises
     :class:`XdsRefused` for what the engine cannot honour."""
     res = f"LDS {message.name[:100]}"
-    _check(res, message, "", "InboundListener", {"name", "filter_chains"})
+    check_fields(res, message, "", "InboundListener", {"name", "filter_chains"})
     chains = [_classify(res, c, f"filter_chains[{i}]") for i, c in enumerate(message.filter_chains)]
     paths = {id(c): f"filter_chains[{i}]" for i, c in enumerate(chains)}
     out: dict[str, InboundPort] = {}

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from envoy.config.core.v3 import address_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -30,7 +29,7 @@ from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf.message import DecodeError, Message
 
-from ..authorization import Action, Authorization, Facts, IpNetwork, Policy, Rule
+from ..authorization import Action, Authorization, Facts, IpNetwork, Policy, Rule, ascii_lower
 from ..matcher import compile_regex
 
 #: The typed config of Envoy's RBAC network filter.
@@ -46,21 +45,17 @@ Refuse = Callable[[str, str], Exception]
 MAX_POLICY_NAME = 512
 
 
-#: ASCII letters to lower case: Envoy's ``ignore_case`` folds ASCII only (``absl``'s
-#: ``EqualsIgnoreCase``), where ``str.lower`` folds ``K`` (Kelvin sign) to ``k`` too.
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
 class StringMatch:
     """Envoy's ``StringMatcher``: exact, prefix, suffix, contains or an RE2 full match;
-    ``ignore_case`` (ASCII) for all but the regex."""
+    ``ignore_case`` for all but the regex, folding ASCII letters only (``absl``'s
+    ``EqualsIgnoreCase``)."""
 
     __slots__ = ("ignore_case", "kind", "test", "value")
 
     def __init__(self, kind: str, value: str, ignore_case: bool) -> None:
         self.kind = kind
         self.ignore_case = ignore_case and kind != "safe_regex"
-        self.value = value.translate(_ASCII_LOWER) if self.ignore_case else value
+        self.value = ascii_lower(value) if self.ignore_case else value
         self.test: Callable[[str], bool] | None = (
             compile_regex(value) if kind == "safe_regex" else None
         )
@@ -70,7 +65,7 @@ class StringMatch:
         if self.test is not None:
             return self.test(text)
         if self.ignore_case:
-            text = text.translate(_ASCII_LOWER)
+            text = ascii_lower(text)
         if self.kind == "exact":
             return text == self.value
         if self.kind == "prefix":
@@ -495,11 +490,10 @@ def chain_policies(filters: Iterable[tuple[str, bytes]], refuse: Refuse) -> Chai
             action, policies = reader.rules(config.shadow_rules, f"{path}.shadow_rules")
             if action == "AUDIT":
                 continue  # AUDIT policies in dry run (istiod writes them): they only count
-            shadow: list[Policy] = out.dry_deny if action == "DENY" else out.dry_allow
-            if action == "ALLOW" and out.dry_allow:
+            if action == "DENY":
+                out.dry_deny.extend(policies)
+                continue
+            if out.dry_allow:
                 raise refuse(f"{path}.shadow_rules", "a second ALLOW shadow rule set in one chain")
-            shadow.extend(policies or (Policy(ALLOW_NOTHING, "ALLOW", ()),))
+            out.dry_allow.extend(policies or (Policy(ALLOW_NOTHING, "ALLOW", ()),))
     return out
-
-
-Mode = Literal["STRICT", "PERMISSIVE", "DISABLE"]

@@ -324,7 +324,7 @@ def _retry_budget(res: str, budget: Any, path: str) -> dict[str, Any]:
     """A threshold's ``retry_budget`` as ``trafficPolicy.retryBudget``, with Envoy's defaults
     written and its ``0`` floor kept (the loader reads both as given from xDS). A
     ``budget_interval`` (field 3, newer than these protos) other than 0 s is refused."""
-    _check(res, budget, path, "RetryBudget", {"budget_percent", "min_retry_concurrency"})
+    check_fields(res, budget, path, "RetryBudget", {"budget_percent", "min_retry_concurrency"})
     for unknown in UnknownFieldSet(budget):
         if unknown.field_number != 3:
             raise XdsRefused(res, path, f"has field {unknown.field_number}, unknown to this engine")
@@ -361,7 +361,7 @@ def _unpack(resource: str, packed: Any, into: _M, path: str) -> _M:
     return into
 
 
-def _check(resource: str, msg: Message, path: str, kind: str, honoured: set[str]) -> None:
+def check_fields(resource: str, msg: Message, path: str, kind: str, honoured: set[str]) -> None:
     """Refuse any field set in ``msg`` that is neither honoured nor listed in IGNORED."""
     ignored = IGNORED.get(kind, {})
     for desc, _ in msg.ListFields():
@@ -411,7 +411,7 @@ class _RouteTable:
 
 
 def _header_match(res: str, m: Any, path: str) -> dict[str, str] | None:
-    _check(
+    check_fields(
         res,
         m,
         path,
@@ -432,7 +432,7 @@ def _header_match(res: str, m: Any, path: str) -> dict[str, str] | None:
     if which == "prefix_match":
         return {"prefix": m.prefix_match}
     if which == "safe_regex_match":
-        _check(res, m.safe_regex_match, f"{path}.safe_regex_match", "RegexMatcher", {"regex"})
+        check_fields(res, m.safe_regex_match, f"{path}.safe_regex_match", "RegexMatcher", {"regex"})
         return {"regex": m.safe_regex_match.regex}
     if which == "present_match":
         if not m.present_match:
@@ -441,10 +441,10 @@ def _header_match(res: str, m: Any, path: str) -> dict[str, str] | None:
     if which == "string_match":
         sm = m.string_match
         spath = f"{path}.string_match"
-        _check(res, sm, spath, "StringMatcher", {"exact", "prefix", "safe_regex"})
+        check_fields(res, sm, spath, "StringMatcher", {"exact", "prefix", "safe_regex"})
         kind = sm.WhichOneof("match_pattern")
         if kind == "safe_regex":
-            _check(res, sm.safe_regex, f"{spath}.safe_regex", "RegexMatcher", {"regex"})
+            check_fields(res, sm.safe_regex, f"{spath}.safe_regex", "RegexMatcher", {"regex"})
             return {"regex": sm.safe_regex.regex}
         if kind == "exact" and not sm.exact:
             return {"regex": "^$"}  # the empty value only (``exact: ""`` is "present")
@@ -458,8 +458,10 @@ def _mutation(res: str, options: Iterable[Any], path: str) -> list[dict[str, str
     out = []
     for i, opt in enumerate(options):
         ipath = f"{path}[{i}]"
-        _check(res, opt, ipath, "HeaderValueOption", {"header"})
-        _check(res, opt.header, f"{ipath}.header", "HeaderValue", {"key", "value", "raw_value"})
+        check_fields(res, opt, ipath, "HeaderValueOption", {"header"})
+        check_fields(
+            res, opt.header, f"{ipath}.header", "HeaderValue", {"key", "value", "raw_value"}
+        )
         value = opt.header.value
         if opt.header.raw_value:
             try:
@@ -488,7 +490,7 @@ _DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
 
 def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     path = f"virtual_hosts[0].routes[{i}]"
-    _check(
+    check_fields(
         res,
         r,
         path,
@@ -497,7 +499,7 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     )
     if r.WhichOneof("action") != "route":
         raise XdsRefused(res, path, "only a route action (to clusters) is supported")
-    _check(res, r.match, f"{path}.match", "RouteMatch", {"prefix", "headers"})
+    check_fields(res, r.match, f"{path}.match", "RouteMatch", {"prefix", "headers"})
     if r.match.prefix not in ("", "/"):
         raise XdsRefused(
             res, f"{path}.match.prefix", f"must be '/' (MetaRDS), got {r.match.prefix!r}"
@@ -511,7 +513,7 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     route: dict[str, Any] = {"name": r.name or f"route-{i}", "match": {"attributes": attributes}}
     action = r.route
     apath = f"{path}.route"
-    _check(
+    check_fields(
         res,
         action,
         apath,
@@ -525,13 +527,13 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
         targets.append(action.cluster)
     elif which == "weighted_clusters":
         wc = action.weighted_clusters
-        _check(
+        check_fields(
             res, wc, f"{apath}.weighted_clusters", "WeightedCluster", {"clusters", "total_weight"}
         )
         dests = []
         for c, cw in enumerate(wc.clusters):
             cpath = f"{apath}.weighted_clusters.clusters[{c}]"
-            _check(res, cw, cpath, "ClusterWeight", {"name", "weight"})
+            check_fields(res, cw, cpath, "ClusterWeight", {"name", "weight"})
             dests.append(
                 {
                     "destination": _destination(res, cw.name, f"{cpath}.name"),
@@ -561,12 +563,12 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
     if mirrors:
         mp = mirrors[0]
         mpath = f"{apath}.request_mirror_policies[0]"
-        _check(res, mp, mpath, "RequestMirrorPolicy", {"cluster", "runtime_fraction"})
+        check_fields(res, mp, mpath, "RequestMirrorPolicy", {"cluster", "runtime_fraction"})
         route["mirror"] = _destination(res, mp.cluster, f"{mpath}.cluster")
         table.clusters.add(mp.cluster)
         if mp.HasField("runtime_fraction"):
             rf = mp.runtime_fraction
-            _check(
+            check_fields(
                 res, rf, f"{mpath}.runtime_fraction", "RuntimeFractionalPercent", {"default_value"}
             )
             per = _DENOMINATORS.get(rf.default_value.denominator)
@@ -612,10 +614,10 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
 
 def _hash_key(res: str, hp: Any, path: str) -> HashKey:
     """A route's hash policy: a header (a metadata attribute) or the source IP."""
-    _check(res, hp, path, "HashPolicy", {"header", "connection_properties"})
+    check_fields(res, hp, path, "HashPolicy", {"header", "connection_properties"})
     if hp.HasField("connection_properties"):
         cpath = f"{path}.connection_properties"
-        _check(res, hp.connection_properties, cpath, "ConnectionProperties", {"source_ip"})
+        check_fields(res, hp.connection_properties, cpath, "ConnectionProperties", {"source_ip"})
         if not hp.connection_properties.source_ip:
             raise XdsRefused(res, f"{cpath}.source_ip", "false hashes nothing")
         return HashKey(None)
@@ -628,7 +630,7 @@ def _hash_key(res: str, hp: Any, path: str) -> HashKey:
 
 def _route_table(name: str, rc: Any, listeners: Mapping[str, tuple[str, int]]) -> _RouteTable:
     res = f"RDS {name}"
-    _check(res, rc, "", "RouteConfiguration", {"name", "virtual_hosts"})
+    check_fields(res, rc, "", "RouteConfiguration", {"name", "virtual_hosts"})
     host, port = listeners[name]
     if len(rc.virtual_hosts) != 1:
         raise XdsRefused(
@@ -637,7 +639,7 @@ def _route_table(name: str, rc: Any, listeners: Mapping[str, tuple[str, int]]) -
             f"expected one virtual host (MetaRDS), got {len(rc.virtual_hosts)}",
         )
     vh = rc.virtual_hosts[0]
-    _check(res, vh, "virtual_hosts[0]", "VirtualHost", {"name", "routes"})
+    check_fields(res, vh, "virtual_hosts[0]", "VirtualHost", {"name", "routes"})
     table = _RouteTable(host, port, {}, {}, set())
     routes = [_route(res, r, i, table) for i, r in enumerate(vh.routes)]
     table.doc = {
@@ -692,7 +694,7 @@ def _http_options(
 ) -> None:
     """A cluster's ``HttpProtocolOptions`` (``config.core.v3``): its connection lifetimes, as
     istiod writes a DestinationRule's (0 or unset: no limit)."""
-    _check(
+    check_fields(
         res,
         opts,
         path,
@@ -738,7 +740,7 @@ def _slow_start(res: str, c: Any) -> dict[str, Any] | None:
         return None
     path = f"{name}.slow_start_config"
     ss = getattr(c, name).slow_start_config
-    _check(
+    check_fields(
         res, ss, path, "SlowStartConfig", {"slow_start_window", "aggression", "min_weight_percent"}
     )
     millis = int(_seconds(ss.slow_start_window) * 1000)  # Envoy's window, in whole ms
@@ -746,10 +748,10 @@ def _slow_start(res: str, c: Any) -> dict[str, Any] | None:
         return None
     warmup: dict[str, Any] = {"duration": f"{millis}ms"}
     if ss.HasField("min_weight_percent"):
-        _check(res, ss.min_weight_percent, f"{path}.min_weight_percent", "Percent", {"value"})
+        check_fields(res, ss.min_weight_percent, f"{path}.min_weight_percent", "Percent", {"value"})
         warmup["minimumPercent"] = ss.min_weight_percent.value  # the loader checks 0-100
     if ss.HasField("aggression"):
-        _check(res, ss.aggression, f"{path}.aggression", "RuntimeDouble", {"default_value"})
+        check_fields(res, ss.aggression, f"{path}.aggression", "RuntimeDouble", {"default_value"})
         aggression = ss.aggression.default_value
         if aggression > 0:  # else (or NaN) Envoy uses 1.0, the default
             warmup["aggression"] = aggression
@@ -757,7 +759,7 @@ def _slow_start(res: str, c: Any) -> dict[str, Any] | None:
 
 
 def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    _check(
+    check_fields(
         res,
         c,
         "",
@@ -789,7 +791,7 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
         ("round_robin_lb_config", "RoundRobinLbConfig"),
     ):
         if c.HasField(name):
-            _check(res, getattr(c, name), name, kind, {"slow_start_config"})
+            check_fields(res, getattr(c, name), name, kind, {"slow_start_config"})
     policy: dict[str, Any] = {}
     hashing = _hashing(res, c)
     if hashing is None:
@@ -819,7 +821,7 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
             http_protocol_options_pb2.HttpProtocolOptions(),
             kpath,
         )
-        _check(
+        check_fields(
             res,
             options,
             kpath,
@@ -833,7 +835,7 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
             _concurrent_streams(options.explicit_http_config, http)
     if c.HasField("upstream_connection_options"):
         uco = c.upstream_connection_options
-        _check(
+        check_fields(
             res, uco, "upstream_connection_options", "UpstreamConnectionOptions", {"tcp_keepalive"}
         )
         if uco.HasField("tcp_keepalive"):  # istiod's tcp.tcpKeepalive (or the mesh's)
@@ -847,7 +849,7 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
             tcp["tcpKeepalive"] = alive
     for t, th in enumerate(c.circuit_breakers.thresholds):
         tpath = f"circuit_breakers.thresholds[{t}]"
-        _check(
+        check_fields(
             res,
             th,
             tpath,
@@ -878,7 +880,7 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
         policy["connectionPool"] = pool
     if c.HasField("outlier_detection"):
         od = c.outlier_detection
-        _check(
+        check_fields(
             res,
             od,
             "outlier_detection",
@@ -980,9 +982,11 @@ def _hashing(res: str, c: Any) -> dict[str, Any] | None:
     at least 1024 points, a table of 65537); ``None`` for other policies."""
     if c.HasField("ring_hash_lb_config"):
         honoured = {"minimum_ring_size", "maximum_ring_size"}
-        _check(res, c.ring_hash_lb_config, "ring_hash_lb_config", "RingHashLbConfig", honoured)
+        check_fields(
+            res, c.ring_hash_lb_config, "ring_hash_lb_config", "RingHashLbConfig", honoured
+        )
     if c.HasField("maglev_lb_config"):
-        _check(res, c.maglev_lb_config, "maglev_lb_config", "MaglevLbConfig", {"table_size"})
+        check_fields(res, c.maglev_lb_config, "maglev_lb_config", "MaglevLbConfig", {"table_size"})
     if c.lb_policy == 2:  # RING_HASH
         config = c.ring_hash_lb_config
         ring: dict[str, Any] = {}
@@ -1109,15 +1113,15 @@ _TLS_REFUSED: dict[str, dict[str, str]] = {
 }
 
 
-def _check_tls(res: str, msg: Message, path: str, kind: str, honoured: set[str]) -> None:
-    """:func:`_check`, with the reason of each TLS field the engine refuses."""
+def check_tls_fields(res: str, msg: Message, path: str, kind: str, honoured: set[str]) -> None:
+    """:func:`check_fields`, with the reason of each TLS field the engine refuses."""
     reasons = _TLS_REFUSED.get(kind, {})
     for desc, _ in msg.ListFields():
         if desc.name in reasons and desc.name not in honoured:
             raise XdsRefused(
                 res, f"{path}.{desc.name}", f"not supported by this engine: {reasons[desc.name]}"
             )
-    _check(res, msg, path, kind, honoured)
+    check_fields(res, msg, path, kind, honoured)
 
 
 @dataclass
@@ -1130,7 +1134,7 @@ class _Tls:
 
 
 def _tls_file(res: str, ds: Any, path: str) -> str:
-    _check_tls(res, ds, path, "DataSource", {"filename"})
+    check_tls_fields(res, ds, path, "DataSource", {"filename"})
     if not ds.filename:
         raise XdsRefused(res, path, "needs a filename")
     return str(ds.filename)
@@ -1138,7 +1142,7 @@ def _tls_file(res: str, ds: Any, path: str) -> str:
 
 def _sds_name(res: str, sds: Any, path: str, prefix: str) -> str:
     """The part after ``prefix`` of an SDS secret name (Istio's ``file-cert:``/``file-root:``)."""
-    _check_tls(res, sds, path, "SdsSecretConfig", {"name"})
+    check_tls_fields(res, sds, path, "SdsSecretConfig", {"name"})
     name = str(sds.name)
     if name in _ISTIO_SDS:  # with other names: one of them alone is not istiod's
         raise XdsRefused(
@@ -1159,21 +1163,21 @@ def _sds_name(res: str, sds: Any, path: str, prefix: str) -> str:
 
 
 def _san_matcher(res: str, m: Any, path: str) -> str:
-    _check_tls(res, m, path, "StringMatcher", {"exact"})
+    check_tls_fields(res, m, path, "StringMatcher", {"exact"})
     if not m.exact:
         raise XdsRefused(res, path, "needs an exact name")
     return str(m.exact)
 
 
 #: ``TlsParameters.TlsProtocol``: TLS_AUTO, TLSv1_0, TLSv1_1, TLSv1_2, TLSv1_3.
-_TLS_VERSIONS = {0: "TLS_AUTO", 1: "TLSv1_0", 2: "TLSv1_1", 3: "TLSv1_2", 4: "TLSv1_3"}
+TLS_VERSIONS = {0: "TLS_AUTO", 1: "TLSv1_0", 2: "TLSv1_1", 3: "TLSv1_2", 4: "TLSv1_3"}
 
 
 def _tls_params(res: str, p: Any, path: str) -> None:
     """Only what the engine's clusters do: TLS 1.2 at least, TLS 1.3 at most (istiod's
     values). ``TLS_AUTO`` as the maximum (Envoy's client then stops at TLS 1.2) lets the
     engine offer TLS 1.3 as well: never weaker."""
-    _check_tls(
+    check_tls_fields(
         res,
         p,
         path,
@@ -1187,7 +1191,7 @@ def _tls_params(res: str, p: Any, path: str) -> None:
         value = getattr(p, key)
         if value in fine:
             continue
-        name = _TLS_VERSIONS.get(value)
+        name = TLS_VERSIONS.get(value)
         if name is None:
             why = f"unknown TLS version {value}"
         elif value in (1, 2):
@@ -1199,7 +1203,7 @@ def _tls_params(res: str, p: Any, path: str) -> None:
 
 def _common_context(res: str, common: Any, cpath: str, honoured: set[str]) -> None:
     """Refuse a ``CommonTlsContext`` field outside ``honoured``, and check its ``tls_params``."""
-    _check_tls(res, common, cpath, "CommonTlsContext", honoured)
+    check_tls_fields(res, common, cpath, "CommonTlsContext", honoured)
     if common.HasField("tls_params"):
         _tls_params(res, common.tls_params, f"{cpath}.tls_params")
 
@@ -1213,6 +1217,43 @@ def _istio_names(common: Any) -> tuple[str, ...]:
     elif which == "combined_validation_context":
         names.append(common.combined_validation_context.validation_context_sds_secret_config.name)
     return tuple(names)
+
+
+def istio_agent_secrets(res: str, common: Any, cpath: str) -> tuple[Any, str]:
+    """Check that the ``CommonTlsContext`` ``common`` names istio-agent's SDS secrets as
+    istiod writes them for Istio's mutual TLS, either side: ``default`` (the workload
+    certificate) and, in a combined validation context, ``ROOTCA`` (the mesh root), both
+    served from ``spec.meshIdentity``. Returns the default validation context and its path."""
+    spath = f"{cpath}.tls_certificate_sds_secret_configs"
+    secrets = common.tls_certificate_sds_secret_configs
+    if len(secrets) != 1 or secrets[0].name != "default":
+        raise XdsRefused(
+            res,
+            spath,
+            "expected one secret: 'default' (istio-agent's workload certificate, served from "
+            "spec.meshIdentity)",
+        )
+    check_tls_fields(res, secrets[0], f"{spath}[0]", "SdsSecretConfig", {"name"})
+    ccpath = f"{cpath}.combined_validation_context"
+    cvc = common.combined_validation_context
+    check_tls_fields(
+        res,
+        cvc,
+        ccpath,
+        "CombinedCertificateValidationContext",
+        {"default_validation_context", "validation_context_sds_secret_config"},
+    )
+    root = cvc.validation_context_sds_secret_config
+    rpath = f"{ccpath}.validation_context_sds_secret_config"
+    if root.name != "ROOTCA":
+        raise XdsRefused(
+            res,
+            f"{rpath}.name",
+            f"expected 'ROOTCA' with 'default', got {root.name[:100]!r} (the mesh root, "
+            "served from spec.meshIdentity)",
+        )
+    check_tls_fields(res, root, rpath, "SdsSecretConfig", {"name"})
+    return cvc.default_validation_context, f"{ccpath}.default_validation_context"
 
 
 def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
@@ -1244,12 +1285,7 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
             "alpn_protocols",
         },
     )
-    secrets = common.tls_certificate_sds_secret_configs
-    if len(secrets) != 1 or secrets[0].name != "default":
-        raise XdsRefused(
-            res, f"{cpath}.tls_certificate_sds_secret_configs", "expected one secret: 'default'"
-        )
-    _check_tls(res, secrets[0], spath, "SdsSecretConfig", {"name"})
+    vc, vpath = istio_agent_secrets(res, common, cpath)
     if common.alpn_protocols and "istio" not in common.alpn_protocols:
         raise XdsRefused(
             res,
@@ -1257,25 +1293,7 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
             "the engine offers ALPN 'istio' (not Istio's metadata exchange, "
             f"'istio-peer-exchange'), which {list(common.alpn_protocols)} lacks",
         )
-    ccpath = f"{cpath}.combined_validation_context"
-    cvc = common.combined_validation_context
-    _check_tls(
-        res,
-        cvc,
-        ccpath,
-        "CombinedCertificateValidationContext",
-        {"default_validation_context", "validation_context_sds_secret_config"},
-    )
-    root = cvc.validation_context_sds_secret_config
-    rpath = f"{ccpath}.validation_context_sds_secret_config"
-    if root.name != "ROOTCA":
-        raise XdsRefused(
-            res, f"{rpath}.name", f"expected 'ROOTCA' with 'default', got {root.name!r}"
-        )
-    _check_tls(res, root, rpath, "SdsSecretConfig", {"name"})
-    vpath = f"{ccpath}.default_validation_context"
-    vc = cvc.default_validation_context
-    _check_tls(
+    check_tls_fields(
         res,
         vc,
         vpath,
@@ -1288,7 +1306,7 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
     ]
     for i, t in enumerate(vc.match_typed_subject_alt_names):
         tpath = f"{vpath}.match_typed_subject_alt_names[{i}]"
-        _check_tls(res, t, tpath, "SubjectAltNameMatcher", {"san_type", "matcher"})
+        check_tls_fields(res, t, tpath, "SubjectAltNameMatcher", {"san_type", "matcher"})
         if t.san_type not in (2, 3, 4):  # DNS, URI, IP_ADDRESS
             raise XdsRefused(
                 res, f"{tpath}.san_type", "only DNS, URI and IP_ADDRESS names are matched"
@@ -1367,19 +1385,19 @@ def _unwrap(res: str, ts: Any, path: str) -> tuple[Any, str, str | None]:
         if not url and ts.name == _PROXY_PROTOCOL_NAME:
             raise XdsRefused(res, path, "the upstream_proxy_protocol socket needs typed_config")
         return ts, path, None
-    _check(res, ts, path, "TransportSocket", {"name", "typed_config"})
+    check_fields(res, ts, path, "TransportSocket", {"name", "typed_config"})
     path = f"{path}.typed_config"
     wrapper = _unpack(
         res, ts.typed_config, upstream_proxy_protocol_pb2.ProxyProtocolUpstreamTransport(), path
     )
     honoured = {"config", "transport_socket"}
-    _check(res, wrapper, path, "ProxyProtocolUpstreamTransport", honoured)
+    check_fields(res, wrapper, path, "ProxyProtocolUpstreamTransport", honoured)
     for message, where in ((wrapper, path), (wrapper.config, f"{path}.config")):
         for unknown in UnknownFieldSet(message):
             raise XdsRefused(
                 res, where, f"has field {unknown.field_number}, unknown to this engine"
             )
-    _check(res, wrapper.config, f"{path}.config", "ProxyProtocolConfig", {"version"})
+    check_fields(res, wrapper.config, f"{path}.config", "ProxyProtocolConfig", {"version"})
     if not wrapper.HasField("transport_socket"):
         raise XdsRefused(res, f"{path}.transport_socket", "required (as in Envoy)")
     inner = wrapper.transport_socket
@@ -1417,7 +1435,7 @@ def _socket_matches(res: str, matches: Any, headers: list[str | None] | None = N
     seen_istio = False
     for i, m in enumerate(matches):
         path = f"transport_socket_matches[{i}]"
-        _check(res, m, path, "TransportSocketMatch", {"match", "transport_socket"})
+        check_fields(res, m, path, "TransportSocketMatch", {"match", "transport_socket"})
         if not m.HasField("transport_socket"):
             raise XdsRefused(res, f"{path}.transport_socket", "required (as in Envoy)")
         inner, spath, version = _unwrap(res, m.transport_socket, f"{path}.transport_socket")
@@ -1479,7 +1497,7 @@ def _socket_matches(res: str, matches: Any, headers: list[str | None] | None = N
 def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
     """One ``TransportSocket`` (of a cluster or of one of its matches) as a ``tls`` block
     (``None``: plain TCP); see :func:`_transport_socket`."""
-    _check(res, ts, path, "TransportSocket", {"name", "typed_config"})
+    check_fields(res, ts, path, "TransportSocket", {"name", "typed_config"})
     url = ts.typed_config.type_url if ts.HasField("typed_config") else ""
     if url == _RAW_BUFFER or (
         not url and ts.name in ("", "raw_buffer", "envoy.transport_sockets.raw_buffer")
@@ -1494,7 +1512,7 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
         )
     path = f"{path}.typed_config"
     ctx = _unpack(res, ts.typed_config, tls_pb2.UpstreamTlsContext(), path)
-    _check_tls(res, ctx, path, "UpstreamTlsContext", {"common_tls_context", "sni"})
+    check_tls_fields(res, ctx, path, "UpstreamTlsContext", {"common_tls_context", "sni"})
     if "default" in _istio_names(ctx.common_tls_context):
         return _istio_mutual(res, ctx, path, identity)
     doc: dict[str, Any] = {}
@@ -1520,7 +1538,9 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
         raise XdsRefused(res, cpath, "one client certificate at most (the engine sends one)")
     if certs:
         tpath = f"{cpath}.tls_certificates[0]"
-        _check_tls(res, certs[0], tpath, "TlsCertificate", {"certificate_chain", "private_key"})
+        check_tls_fields(
+            res, certs[0], tpath, "TlsCertificate", {"certificate_chain", "private_key"}
+        )
         for key, field_ in (
             ("clientCertificate", "certificate_chain"),
             ("privateKey", "private_key"),
@@ -1556,7 +1576,7 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
     elif which == "combined_validation_context":
         cvc = common.combined_validation_context
         ccpath = f"{cpath}.combined_validation_context"
-        _check_tls(
+        check_tls_fields(
             res,
             cvc,
             ccpath,
@@ -1571,7 +1591,7 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
     sans: list[str] = []
     crl = None
     if vc is not None:
-        _check_tls(
+        check_tls_fields(
             res,
             vc,
             vpath,
@@ -1595,13 +1615,13 @@ def _socket(res: str, ts: Any, path: str, identity: bool) -> _Tls | None:
                     trust = _tls_file(res, vc.trusted_ca, trust_at)
                     trust_at += ".filename"
                 else:
-                    _check(res, vc.system_root_certs, trust_at, "SystemRootCerts", set())
+                    check_fields(res, vc.system_root_certs, trust_at, "SystemRootCerts", set())
                     trust = _SYSTEM_ROOT
         for i, m in enumerate(vc.match_subject_alt_names):
             sans.append(_san_matcher(res, m, f"{vpath}.match_subject_alt_names[{i}]"))
         for i, t in enumerate(vc.match_typed_subject_alt_names):
             tpath = f"{vpath}.match_typed_subject_alt_names[{i}]"
-            _check_tls(res, t, tpath, "SubjectAltNameMatcher", {"san_type", "matcher"})
+            check_tls_fields(res, t, tpath, "SubjectAltNameMatcher", {"san_type", "matcher"})
             if t.san_type not in (2, 3, 4):  # DNS, URI, IP_ADDRESS
                 raise XdsRefused(
                     res, f"{tpath}.san_type", "only DNS, URI and IP_ADDRESS names are matched"
@@ -1654,21 +1674,21 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool, ring: bool) -> list[
     its locality and locality weight; ``ring``: the cluster hashes, and the weights must then
     be in proportion to the localities' endpoint weights (as istiod writes them without
     ``distribute``), which the ring's endpoint weights honour."""
-    _check(res, cla, "", "ClusterLoadAssignment", {"cluster_name", "endpoints"})
+    check_fields(res, cla, "", "ClusterLoadAssignment", {"cluster_name", "endpoints"})
     out = []
     # Per (priority, locality): its locality weight, and the sum of its endpoint weights.
     localities: dict[tuple[int, str], tuple[int, int]] = {}
     levels_seen: set[int] = set()
     for i, group in enumerate(cla.endpoints):
         gpath = f"endpoints[{i}]"
-        _check(res, group, gpath, "LocalityLbEndpoints", {"lb_endpoints", "priority"})
+        check_fields(res, group, gpath, "LocalityLbEndpoints", {"lb_endpoints", "priority"})
         priority = group.priority
         where = group.locality
         locality = f"{where.region}/{where.zone}/{where.sub_zone}"
         total = 0
         for j, lb in enumerate(group.lb_endpoints):
             lpath = f"{gpath}.lb_endpoints[{j}]"
-            _check(
+            check_fields(
                 res, lb, lpath, "LbEndpoint", {"endpoint", "health_status", "load_balancing_weight"}
             )
             weight = 1
@@ -1682,14 +1702,14 @@ def _endpoints(res: str, cla: Any, locality_weighted: bool, ring: bool) -> list[
             if lb.health_status in (2, 3, 4):  # UNHEALTHY, DRAINING, TIMEOUT: not routed to
                 continue
             ep = lb.endpoint
-            _check(res, ep, f"{lpath}.endpoint", "Endpoint", {"address"})
+            check_fields(res, ep, f"{lpath}.endpoint", "Endpoint", {"address"})
             kind = ep.address.WhichOneof("address")
             if kind == "envoy_internal_address":
                 raise XdsRefused(res, f"{lpath}.endpoint.address", INTERNAL_ADDRESS)
             if kind != "socket_address":
                 raise XdsRefused(res, f"{lpath}.endpoint.address", "needs a socket_address")
             sa = ep.address.socket_address
-            _check(
+            check_fields(
                 res,
                 sa,
                 f"{lpath}.endpoint.address.socket_address",
