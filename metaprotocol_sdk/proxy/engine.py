@@ -251,17 +251,13 @@ class _Staged:
 
 
 def _accepts(runtime: ListenerRuntime, conn: Downstream | Detecting) -> bool:
-    """Whether a listener's transport of now (``runtime``) takes an open connection's: TLS on
-    a TLS listener (own ``tls``, or STRICT), plain text on a plain one (or DISABLE), either on
-    a PERMISSIVE one; one still detecting (it may be plain text) on a detecting or plain
-    one."""
-    detect = runtime.detect
-    if isinstance(conn, Detecting):
-        return detect is not None or runtime.tls is None
-    secure = isinstance(conn, TlsDownstream)
-    if detect is not None:
-        return detect.mode == "PERMISSIVE" or not secure
-    return secure == (runtime.tls is not None)
+    """Whether a listener's transport of now (``runtime``) still takes an open connection:
+    plain text (or a connection still detecting, which may be plain text) only where plain
+    text is taken (a plain, PERMISSIVE or DISABLE listener); TLS everywhere (a listener
+    made plain keeps the TLS sessions begun on it: they are no weaker)."""
+    if isinstance(conn, TlsDownstream):
+        return True
+    return runtime.detect is not None or runtime.tls is None
 
 
 class Engine:
