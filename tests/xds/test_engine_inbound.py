@@ -150,6 +150,9 @@ def test_policies_and_modes_from_the_inbound_listener_follow_each_update(setup: 
     assert listener["authorizationPolicies"]["ALLOW"] == [PENDING]
     assert listener["peerAuthentication"] == "STRICT"
     assert not harness.client.initialized
+    # An LDS response without the inbound listener leaves it so (everything denied).
+    push(cp, harness, base, "1b", virtual_inbound(port_chains(9080, "STRICT"), name="0.0.0.0_9080"))
+    assert not harness.client.initialized
     # PERMISSIVE, DENY namespace evil: plain text and good identities are served.
     deny = rbac(
         {"ns[foo]-policy[no-evil]-rule[0]": principal_policy([namespace_principal("evil")])}, "DENY"

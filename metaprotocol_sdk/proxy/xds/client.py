@@ -808,7 +808,9 @@ class XdsClient:
         inbound = types.get(LISTENER_TYPE)
         return (
             bool(types[CLUSTER_TYPE].version and types[ROUTE_TYPE].version)
-            and (inbound is None or bool(inbound.version))
+            # The inbound listener itself, not an LDS response without it (then every
+            # request is still denied).
+            and (inbound is None or bool(inbound.resources))
             and self.held is None
         )
 

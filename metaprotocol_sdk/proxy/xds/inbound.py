@@ -36,6 +36,7 @@ from metaprotocol_sdk.errors import ConfigError
 from ..authorization import INBOUND_PENDING, Authorization
 from ..config.loader import awaiting_inbound
 from ..config.models import Config, Listener, ListenerTls, PeerMode
+from ..tls import TlsSettingError
 from .rbac import ALLOW_NOTHING, NETWORK_RBAC_TYPE, chain_policies
 from .translate import (
     TLS_VERSIONS,
@@ -350,7 +351,7 @@ def apply_inbound(config: Config, message: listener_pb2.Listener | None) -> Conf
     if message is None:
         listeners = tuple(awaiting_inbound(li, identity) for li in proxy.listeners)
         return dataclasses.replace(config, proxy=dataclasses.replace(proxy, listeners=listeners))
-    ports = inbound_ports(message, proxy.listeners)
+    ports = _read(message, proxy.listeners)
     listeners_out = []
     for li in proxy.listeners:
         port = ports[li.name]
@@ -365,6 +366,35 @@ def apply_inbound(config: Config, message: listener_pb2.Listener | None) -> Conf
     return dataclasses.replace(
         config, proxy=dataclasses.replace(proxy, listeners=tuple(listeners_out))
     )
+
+
+@dataclass
+class _Read:
+    """The last inbound listener read, and what it said for which listeners' ports."""
+
+    message: listener_pb2.Listener
+    ports: tuple[tuple[str, int], ...]
+    read: dict[str, InboundPort]
+
+
+#: Every xDS update (an EDS push of one cluster's endpoints too) translates the whole
+#: configuration; the inbound listener, the same message until LDS sends another, is read
+#: again only when it or the listeners' ports change: reading 20 000 of istiod's policies
+#: took 1.65 s of a translation thread. One entry: the listener in force.
+_last: list[_Read] = []
+
+
+def _read(
+    message: listener_pb2.Listener, listeners: tuple[Listener, ...]
+) -> dict[str, InboundPort]:
+    """:func:`inbound_ports`, kept for the message held (the client keeps the object it
+    decoded until LDS sends another)."""
+    ports = tuple((li.name, li.bind_port) for li in listeners)
+    if _last and _last[0].message is message and _last[0].ports == ports:
+        return _last[0].read
+    read = inbound_ports(message, listeners)
+    _last[:] = [_Read(message, ports, read)]
+    return read
 
 
 #: A listener's policies when its chains carry no RBAC filter: nothing to judge.
@@ -391,9 +421,13 @@ def _mesh_tls(li: Listener, port: InboundPort, identity: Any) -> ListenerTls:
         port.san_prefixes,
     ):
         return tls
+    if identity.material is None:
+        raise ConfigError(
+            f"listener {li.name}: the mesh identity's files are not loaded", source="xDS LDS"
+        )
     try:
         context = identity.material.server(key)
-    except Exception as exc:  # TlsSettingError: an unknown cipher suite...
+    except TlsSettingError as exc:  # an unknown cipher suite...
         raise XdsRefused(f"LDS listener {li.name}", "tls_params", str(exc)) from None
     return dataclasses.replace(
         tls,
