@@ -10,7 +10,8 @@ Envoy's semantics; the rules of one AuthorizationPolicy are grouped back into on
 a file is, so the stats series are the same whichever way the policy came. A policy matches
 if one of its rules does, as in Envoy, so grouping changes no decision.
 
-Every field set is honoured or refused (:class:`~.translate.XdsRefused`): a matcher the
+Every field set is honoured, ignored for a reason docs/xds.md gives (statistics, audit
+logs, enforcement timing), or refused (:class:`~.translate.XdsRefused`): a matcher the
 engine cannot judge on a TCP connection (HTTP headers and paths, dynamic metadata, CEL) is
 refused rather than guessed at, since a misread DENY rule lets traffic through.
 """
