@@ -270,12 +270,16 @@ class PeerExchange(asyncio.Protocol):
         self.transport.set_protocol(self)
 
     def data_received(self, data: bytes) -> None:
-        """Read the header; hand the rest, and the connection, back."""
+        """Read the header; hand the rest, and the connection, back. A header begun is held
+        as a partial frame is (:meth:`_hold`)."""
         buffer = self.buffer
         buffer += data
+        self.downstream.seen = True
         if len(buffer) < _HEADER.size:
             if not _MAGIC_BYTES.startswith(bytes(buffer[:4])):
                 self._done(None)
+            else:
+                self._hold()
             return
         magic, size = _HEADER.unpack_from(buffer)
         if magic != MAGIC:
@@ -288,13 +292,25 @@ class PeerExchange(asyncio.Protocol):
             self.downstream.abort()
             return
         if len(buffer) < _HEADER.size + size:
+            self._hold()
             return
         peer = read_exchange(bytes(buffer[_HEADER.size : _HEADER.size + size]))
         del buffer[: _HEADER.size + size]
         self._done(peer)
 
+    def _hold(self) -> None:
+        """Part of a header is held: as a partial frame's, its bytes count in the buffer
+        budget and it must be complete within ``timeouts.frame`` of its first byte (the
+        engine's sweep closes it then, ``frame_timeout``), not ``timeouts.idle``."""
+        downstream = self.downstream
+        if not downstream.partial_since:
+            downstream.partial_since = downstream.engine.loop.time()
+        downstream._account_held(len(self.buffer))
+
     def _done(self, peer: PeerWorkload | None) -> None:
         downstream = self.downstream
+        downstream._account_held(0)  # the codec's bytes, if any, are its own from here
+        downstream.partial_since = 0.0
         self.transport.write(self.header)  # before any reply: the client reads it first
         self.transport.set_protocol(downstream)
         istio = downstream.engine.istio

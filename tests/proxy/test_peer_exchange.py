@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mesh_pki import ALPN_SIDECAR, EXCHANGE_MAGIC, SIDECAR_METADATA, MeshCa, exchange_header
-from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, mesh, run
+from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, mesh, run, until
 from test_mesh_identity import identity
 from test_telemetry import ROUTER, istio_series
 
@@ -235,3 +235,31 @@ def test_reading_is_linear_in_the_header() -> None:
         return best
 
     assert cost(2000) / cost(500) < 8  # 4x the input: linear is 4x
+
+
+def test_a_header_begun_is_bounded_as_a_partial_frame(ca: MeshCa, tmp_path: Path) -> None:
+    """Hostile client: part of a header, then nothing. It is held as a partial frame is:
+    in the buffer budget, and closed at ``timeouts.frame`` (``frame_timeout``), not left
+    open until ``timeouts.idle``."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = config(ca, tmp_path, up.port).replace(
+            "  telemetry:", "  timeouts: {frame: 0.5s, idle: 60s}\n  telemetry:", 1
+        )
+        async with engine_for(text) as engine:
+            reader, writer = await raw(engine, sidecar(ca, tmp_path))
+            begun = exchange_header(SIDECAR_METADATA)[:20]
+            writer.write(begun)
+            await until(lambda: engine.buffered == len(begun), "the header's bytes held")
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""
+            closed = engine.stats.get(
+                "metaprotocol_downstream_connections_closed_total",
+                listener=LISTENER,
+                reason="frame_timeout",
+            )
+            assert closed == 1 and engine.buffered == 0
+            writer.close()
+        await up.close()
+
+    run(main())
