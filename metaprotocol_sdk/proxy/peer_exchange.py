@@ -50,6 +50,10 @@ METADATA_ID_KEY = "x-envoy-peer-metadata-id"
 OWNER_PREFIX = "kubernetes://apis/apps/v1/namespaces/"
 CANONICAL_NAME = "service.istio.io/canonical-name"
 CANONICAL_REVISION = "service.istio.io/canonical-revision"
+#: Read before ``app`` and ``version`` when a header has them (Istio's
+#: ``convertStructToWorkloadMetadata``).
+APP_NAME = "app.kubernetes.io/name"
+APP_VERSION = "app.kubernetes.io/version"
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,8 @@ def _read_varint(data: bytes, at: int, end: int) -> tuple[int, int]:
 
 
 def _struct_fields(data: bytes, start: int, end: int) -> dict[str, tuple[int, int]]:
-    """A Struct's values by key (each a Value's span); the first of a repeated key wins."""
+    """A Struct's values by key (each a Value's span); the last of a repeated key wins, as
+    protobuf parses a map (Istio's filter reads the header with it)."""
     out: dict[str, tuple[int, int]] = {}
     for number, wire, a, b in _fields(data, start, end):
         if number != 1 or wire != 2:
@@ -192,17 +197,19 @@ def _struct_fields(data: bytes, start: int, end: int) -> dict[str, tuple[int, in
                 key = data[c:d].decode("utf-8", "replace")
             elif n == 2 and w == 2:
                 value = (c, d)
-        if key is not None and key not in out:
+        if key is not None:
             out[key] = value
     return out
 
 
 def _value(data: bytes, span: tuple[int, int], kind: int) -> tuple[int, int] | None:
-    """The span of a Value's ``kind`` (3: string_value, 5: struct_value), if it is that."""
+    """The span of a Value's ``kind`` (3: string_value, 5: struct_value), if it is that: the
+    last of its one-of fields (1 to 6) decides, as protobuf parses one."""
+    found = None
     for number, wire, a, b in _fields(data, *span):
-        if number == kind and wire == 2:
-            return a, b
-    return None
+        if 1 <= number <= 6:
+            found = (a, b) if number == kind and wire == 2 else None
+    return found
 
 
 def _text(data: bytes, values: dict[str, tuple[int, int]], key: str) -> str:
@@ -242,8 +249,8 @@ def read_exchange(data: bytes) -> PeerWorkload | None:
             cluster=_text(data, metadata, "CLUSTER_ID"),
             canonical_service=_text(data, labels, CANONICAL_NAME),
             canonical_revision=_text(data, labels, CANONICAL_REVISION),
-            app=_text(data, labels, "app"),
-            version=_text(data, labels, "version"),
+            app=_text(data, labels, APP_NAME) or _text(data, labels, "app"),
+            version=_text(data, labels, APP_VERSION) or _text(data, labels, "version"),
         )
     except _Malformed:
         return None

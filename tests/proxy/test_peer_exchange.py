@@ -21,7 +21,7 @@ from test_telemetry import ROUTER, istio_series
 
 from metaprotocol_sdk.examples.kv import REQUEST, KVCodec, build_frame
 from metaprotocol_sdk.metadata import Metadata
-from metaprotocol_sdk.proxy.peer_exchange import MAX_HEADER, read_exchange
+from metaprotocol_sdk.proxy.peer_exchange import MAX_HEADER, STRUCT_TYPE, _varint, read_exchange
 
 LISTENER = "svc.test:9000"
 WORKLOAD = (
@@ -263,3 +263,69 @@ def test_a_header_begun_is_bounded_as_a_partial_frame(ca: MeshCa, tmp_path: Path
         await up.close()
 
     run(main())
+
+
+def test_the_labels_are_read_as_istios_stats_filter_reads_them(ca: MeshCa, tmp_path: Path) -> None:
+    """As Istio (its ``convertStructToWorkloadMetadata`` and stats filter): the namespace of
+    the client's certificate before the one it says; ``app.kubernetes.io/name`` and
+    ``/version`` before ``app`` and ``version``; no canonical-name label: ``unknown`` (not
+    the workload's name), no canonical-revision: ``latest``."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port)) as engine:
+            said = {
+                **SIDECAR_METADATA,
+                "NAMESPACE": "payments",  # the certificate says web
+                "LABELS": {
+                    "app": "frontend",
+                    "app.kubernetes.io/name": "shop",
+                    "version": "v3",
+                    "app.kubernetes.io/version": "v9",
+                },
+            }
+            client = await Client.connect(address(engine), ssl=sidecar(ca, tmp_path), metadata=said)
+            assert error_type(await client.call("get")) is None
+            (series,) = [s for s in istio_series(engine) if s["response_code"] == "200"]
+            assert series["source_workload_namespace"] == "web"
+            assert series["source_app"] == "shop" and series["source_version"] == "v9"
+            assert series["source_canonical_service"] == "unknown"
+            assert series["source_canonical_revision"] == "latest"
+            assert series["source_workload"] == "frontend"
+            client.close()
+        await up.close()
+
+    run(main())
+
+
+def test_repeated_keys_and_values_are_read_as_protobuf_parses_them() -> None:
+    """Protobuf (the library Istio's filter parses with) is the oracle: of a map key said
+    twice the last wins, and of a Value's one-of fields the last set."""
+    from google.protobuf import any_pb2, struct_pb2
+
+    def body(struct: bytes) -> bytes:
+        return any_pb2.Any(type_url=STRUCT_TYPE, value=struct).SerializeToString()
+
+    def top(workload: str) -> bytes:
+        data = struct_pb2.Struct()
+        data.fields["x-envoy-peer-metadata"].struct_value.update(
+            {**SIDECAR_METADATA, "WORKLOAD_NAME": workload}
+        )
+        return data.SerializeToString()
+
+    twice = top("first") + top("last")  # the map entry twice
+    parsed = struct_pb2.Struct.FromString(twice)
+    assert parsed.fields["x-envoy-peer-metadata"].struct_value["WORKLOAD_NAME"] == "last"
+    found = read_exchange(body(twice))
+    assert found is not None and found.workload == "last"
+
+    # A Value that is a Struct, then a string: protobuf says a string (no workload in it).
+    value = struct_pb2.Value()
+    value.struct_value.update(SIDECAR_METADATA)
+    both = value.SerializeToString() + struct_pb2.Value(string_value="x").SerializeToString()
+    assert struct_pb2.Value.FromString(both).WhichOneof("kind") == "string_value"
+    key = b"x-envoy-peer-metadata"
+    entry = b"\x0a" + bytes([len(key)]) + key + b"\x12" + _varint(len(both)) + both
+    struct = b"\x0a" + _varint(len(entry)) + entry
+    assert "x-envoy-peer-metadata" in struct_pb2.Struct.FromString(struct).fields
+    assert read_exchange(body(struct)) is None
