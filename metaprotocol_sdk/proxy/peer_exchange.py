@@ -114,10 +114,11 @@ def exchange_header(workload: Workload, instance: str, node_id: str = "") -> byt
     known = {k: v for k, v in labels.items() if v and v != "unknown"}
     metadata: dict[str, bytes] = {
         "LABELS": _field(5, _struct({k: _string_value(v) for k, v in known.items()})),
-        "OWNER": _string_value(
-            f"{OWNER_PREFIX}{_said(workload.namespace)}/deployments/{_said(workload.name)}"
-        ),
     }
+    if _said(workload.name):  # an owner naming no workload is none (Istio writes none then)
+        metadata["OWNER"] = _string_value(
+            f"{OWNER_PREFIX}{_said(workload.namespace)}/deployments/{workload.name}"
+        )
     for key, value in (
         ("NAME", instance),
         ("NAMESPACE", _said(workload.namespace)),

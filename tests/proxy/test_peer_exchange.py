@@ -329,3 +329,22 @@ def test_repeated_keys_and_values_are_read_as_protobuf_parses_them() -> None:
     struct = b"\x0a" + _varint(len(entry)) + entry
     assert "x-envoy-peer-metadata" in struct_pb2.Struct.FromString(struct).fields
     assert read_exchange(body(struct)) is None
+
+
+def test_an_engine_without_a_workload_name_says_no_owner() -> None:
+    """As Istio's ``convertWorkloadMetadataToStruct``: what is not known is not written (an
+    OWNER naming no deployment, ``.../namespaces//deployments/``, was); LABELS always is (the
+    canonical revision ``latest``, as the injector labels a pod without a version)."""
+    from mesh_pki import read_exchange as protobuf_read
+
+    from metaprotocol_sdk.proxy.config.models import Workload
+    from metaprotocol_sdk.proxy.peer_exchange import exchange_header as engine_header
+
+    said = protobuf_read(bytearray(engine_header(Workload(), "pod-1")))
+    assert said == {
+        "x-envoy-peer-metadata": {
+            "NAME": "pod-1",
+            "CLUSTER_ID": "Kubernetes",
+            "LABELS": {"service.istio.io/canonical-revision": "latest"},
+        }
+    }
