@@ -44,6 +44,11 @@ _MAGIC_BYTES = struct.pack(">I", MAGIC)
 MAX_HEADER = 64 * 1024
 #: The longest value of the peer's metadata reported: a longer one is ``unknown``.
 MAX_VALUE = 253
+#: The most protobuf fields read of a header (a sidecar's has about 60, one that sends its
+#: pod's every label a few hundred): past them it is malformed, served without its labels,
+#: so that reading one costs the event loop about a TLS handshake at most, whatever its
+#: 64 KiB say (tens of thousands of two-byte fields took about 30 ms).
+MAX_FIELDS = 1024
 STRUCT_TYPE = "type.googleapis.com/google.protobuf.Struct"
 METADATA_KEY = "x-envoy-peer-metadata"
 METADATA_ID_KEY = "x-envoy-peer-metadata-id"
@@ -142,33 +147,84 @@ class _Malformed(ValueError):
     """Bytes that are not the message they should be."""
 
 
-def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
-    """The fields of a message in ``data[start:end]``: (number, wire type, value start,
-    value end; a varint's value is its end's, read by :func:`_read_varint`)."""
-    out = []
-    at = start
-    while at < end:
-        key, at = _read_varint(data, at, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, stop = _read_varint(data, at, end)
-            out.append((number, wire, at, stop))
-            at = stop
-        elif wire == 1:
-            out.append((number, wire, at, at + 8))
-            at += 8
-        elif wire == 2:
-            size, at = _read_varint(data, at, end)
-            out.append((number, wire, at, at + size))
-            at += size
-        elif wire == 5:
-            out.append((number, wire, at, at + 4))
-            at += 4
-        else:
-            raise _Malformed(f"wire type {wire}")
-        if at > end:
-            raise _Malformed("truncated")
-    return out
+class _Reader:
+    """Reads one header's protobuf fields, at most :data:`MAX_FIELDS` of them."""
+
+    __slots__ = ("data", "left")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        #: Fields it may still look at.
+        self.left = MAX_FIELDS
+
+    def fields(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """The fields of a message in ``data[start:end]``: (number, wire type, value start,
+        value end; a varint's value is its end's, read by :func:`_read_varint`)."""
+        data = self.data
+        out = []
+        at = start
+        while at < end:
+            self.left -= 1
+            if self.left < 0:
+                raise _Malformed("too many fields")
+            key, at = _read_varint(data, at, end)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, stop = _read_varint(data, at, end)
+                out.append((number, wire, at, stop))
+                at = stop
+            elif wire == 1:
+                out.append((number, wire, at, at + 8))
+                at += 8
+            elif wire == 2:
+                size, at = _read_varint(data, at, end)
+                out.append((number, wire, at, at + size))
+                at += size
+            elif wire == 5:
+                out.append((number, wire, at, at + 4))
+                at += 4
+            else:
+                raise _Malformed(f"wire type {wire}")
+            if at > end:
+                raise _Malformed("truncated")
+        return out
+
+    def struct(self, start: int, end: int) -> dict[str, tuple[int, int]]:
+        """A Struct's values by key (each a Value's span); the last of a repeated key wins,
+        as protobuf parses a map (Istio's filter reads the header with it)."""
+        data = self.data
+        out: dict[str, tuple[int, int]] = {}
+        for number, wire, a, b in self.fields(start, end):
+            if number != 1 or wire != 2:
+                continue
+            key = None
+            value = (b, b)
+            for n, w, c, d in self.fields(a, b):
+                if n == 1 and w == 2:
+                    key = data[c:d].decode("utf-8", "replace")
+                elif n == 2 and w == 2:
+                    value = (c, d)
+            if key is not None:
+                out[key] = value
+        return out
+
+    def value(self, span: tuple[int, int] | None, kind: int) -> tuple[int, int] | None:
+        """The span of a Value's ``kind`` (3: string_value, 5: struct_value), if it is that:
+        the last of its one-of fields (1 to 6) decides, as protobuf parses one."""
+        if span is None:
+            return None
+        found = None
+        for number, wire, a, b in self.fields(*span):
+            if 1 <= number <= 6:
+                found = (a, b) if number == kind and wire == 2 else None
+        return found
+
+    def text(self, values: dict[str, tuple[int, int]], key: str) -> str:
+        found = self.value(values.get(key), 3)
+        if found is None or found[1] - found[0] > MAX_VALUE * 4:
+            return ""
+        text = self.data[found[0] : found[1]].decode("utf-8", "replace")
+        return text if len(text) <= MAX_VALUE else ""
 
 
 def _read_varint(data: bytes, at: int, end: int) -> tuple[int, int]:
@@ -184,74 +240,33 @@ def _read_varint(data: bytes, at: int, end: int) -> tuple[int, int]:
             return value, at
 
 
-def _struct_fields(data: bytes, start: int, end: int) -> dict[str, tuple[int, int]]:
-    """A Struct's values by key (each a Value's span); the last of a repeated key wins, as
-    protobuf parses a map (Istio's filter reads the header with it)."""
-    out: dict[str, tuple[int, int]] = {}
-    for number, wire, a, b in _fields(data, start, end):
-        if number != 1 or wire != 2:
-            continue
-        key = None
-        value = (b, b)
-        for n, w, c, d in _fields(data, a, b):
-            if n == 1 and w == 2:
-                key = data[c:d].decode("utf-8", "replace")
-            elif n == 2 and w == 2:
-                value = (c, d)
-        if key is not None:
-            out[key] = value
-    return out
-
-
-def _value(data: bytes, span: tuple[int, int], kind: int) -> tuple[int, int] | None:
-    """The span of a Value's ``kind`` (3: string_value, 5: struct_value), if it is that: the
-    last of its one-of fields (1 to 6) decides, as protobuf parses one."""
-    found = None
-    for number, wire, a, b in _fields(data, *span):
-        if 1 <= number <= 6:
-            found = (a, b) if number == kind and wire == 2 else None
-    return found
-
-
-def _text(data: bytes, values: dict[str, tuple[int, int]], key: str) -> str:
-    span = values.get(key)
-    found = None if span is None else _value(data, span, 3)
-    if found is None or found[1] - found[0] > MAX_VALUE * 4:
-        return ""
-    text = data[found[0] : found[1]].decode("utf-8", "replace")
-    return text if len(text) <= MAX_VALUE else ""
-
-
 def read_exchange(data: bytes) -> PeerWorkload | None:
     """The peer's workload from the exchange's Any (``None``: it says none, or is not one)."""
     try:
-        end = len(data)
+        read = _Reader(data)
         type_url, body = "", (0, 0)
-        for number, wire, a, b in _fields(data, 0, end):
+        for number, wire, a, b in read.fields(0, len(data)):
             if number == 1 and wire == 2:
                 type_url = data[a:b].decode("utf-8", "replace")
             elif number == 2 and wire == 2:
                 body = (a, b)
         if type_url != STRUCT_TYPE:
             return None
-        top = _struct_fields(data, *body)
-        span = top.get(METADATA_KEY)
-        inner = None if span is None else _value(data, span, 5)
+        inner = read.value(read.struct(*body).get(METADATA_KEY), 5)
         if inner is None:
             return None
-        metadata = _struct_fields(data, *inner)
-        labels_span = metadata.get("LABELS")
-        labels_struct = None if labels_span is None else _value(data, labels_span, 5)
-        labels = {} if labels_struct is None else _struct_fields(data, *labels_struct)
+        metadata = read.struct(*inner)
+        labels_struct = read.value(metadata.get("LABELS"), 5)
+        labels = {} if labels_struct is None else read.struct(*labels_struct)
         return PeerWorkload(
-            instance=_text(data, metadata, "NAME"),
-            namespace=_text(data, metadata, "NAMESPACE"),
-            workload=_text(data, metadata, "WORKLOAD_NAME"),
-            cluster=_text(data, metadata, "CLUSTER_ID"),
-            canonical_service=_text(data, labels, CANONICAL_NAME),
-            canonical_revision=_text(data, labels, CANONICAL_REVISION),
-            app=_text(data, labels, APP_NAME) or _text(data, labels, "app"),
-            version=_text(data, labels, APP_VERSION) or _text(data, labels, "version"),
+            instance=read.text(metadata, "NAME"),
+            namespace=read.text(metadata, "NAMESPACE"),
+            workload=read.text(metadata, "WORKLOAD_NAME"),
+            cluster=read.text(metadata, "CLUSTER_ID"),
+            canonical_service=read.text(labels, CANONICAL_NAME),
+            canonical_revision=read.text(labels, CANONICAL_REVISION),
+            app=read.text(labels, APP_NAME) or read.text(labels, "app"),
+            version=read.text(labels, APP_VERSION) or read.text(labels, "version"),
         )
     except _Malformed:
         return None
