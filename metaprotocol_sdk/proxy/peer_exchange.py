@@ -44,12 +44,21 @@ _MAGIC_BYTES = struct.pack(">I", MAGIC)
 MAX_HEADER = 64 * 1024
 #: The longest value of the peer's metadata reported: a longer one is ``unknown``.
 MAX_VALUE = 253
+#: The most protobuf fields read of a header (a sidecar's has about 60, one that sends its
+#: pod's every label a few hundred): past them it is malformed, served without its labels,
+#: so that reading one costs the event loop about a TLS handshake at most, whatever its
+#: 64 KiB say (tens of thousands of two-byte fields took about 30 ms).
+MAX_FIELDS = 1024
 STRUCT_TYPE = "type.googleapis.com/google.protobuf.Struct"
 METADATA_KEY = "x-envoy-peer-metadata"
 METADATA_ID_KEY = "x-envoy-peer-metadata-id"
 OWNER_PREFIX = "kubernetes://apis/apps/v1/namespaces/"
 CANONICAL_NAME = "service.istio.io/canonical-name"
 CANONICAL_REVISION = "service.istio.io/canonical-revision"
+#: Read before ``app`` and ``version`` when a header has them (Istio's
+#: ``convertStructToWorkloadMetadata``).
+APP_NAME = "app.kubernetes.io/name"
+APP_VERSION = "app.kubernetes.io/version"
 
 
 @dataclass(frozen=True)
@@ -110,10 +119,11 @@ def exchange_header(workload: Workload, instance: str, node_id: str = "") -> byt
     known = {k: v for k, v in labels.items() if v and v != "unknown"}
     metadata: dict[str, bytes] = {
         "LABELS": _field(5, _struct({k: _string_value(v) for k, v in known.items()})),
-        "OWNER": _string_value(
-            f"{OWNER_PREFIX}{_said(workload.namespace)}/deployments/{_said(workload.name)}"
-        ),
     }
+    if _said(workload.name):  # an owner naming no workload is none (Istio writes none then)
+        metadata["OWNER"] = _string_value(
+            f"{OWNER_PREFIX}{_said(workload.namespace)}/deployments/{workload.name}"
+        )
     for key, value in (
         ("NAME", instance),
         ("NAMESPACE", _said(workload.namespace)),
@@ -137,33 +147,84 @@ class _Malformed(ValueError):
     """Bytes that are not the message they should be."""
 
 
-def _fields(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
-    """The fields of a message in ``data[start:end]``: (number, wire type, value start,
-    value end; a varint's value is its end's, read by :func:`_read_varint`)."""
-    out = []
-    at = start
-    while at < end:
-        key, at = _read_varint(data, at, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, stop = _read_varint(data, at, end)
-            out.append((number, wire, at, stop))
-            at = stop
-        elif wire == 1:
-            out.append((number, wire, at, at + 8))
-            at += 8
-        elif wire == 2:
-            size, at = _read_varint(data, at, end)
-            out.append((number, wire, at, at + size))
-            at += size
-        elif wire == 5:
-            out.append((number, wire, at, at + 4))
-            at += 4
-        else:
-            raise _Malformed(f"wire type {wire}")
-        if at > end:
-            raise _Malformed("truncated")
-    return out
+class _Reader:
+    """Reads one header's protobuf fields, at most :data:`MAX_FIELDS` of them."""
+
+    __slots__ = ("data", "left")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        #: Fields it may still look at.
+        self.left = MAX_FIELDS
+
+    def fields(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """The fields of a message in ``data[start:end]``: (number, wire type, value start,
+        value end; a varint's value is its end's, read by :func:`_read_varint`)."""
+        data = self.data
+        out = []
+        at = start
+        while at < end:
+            self.left -= 1
+            if self.left < 0:
+                raise _Malformed("too many fields")
+            key, at = _read_varint(data, at, end)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, stop = _read_varint(data, at, end)
+                out.append((number, wire, at, stop))
+                at = stop
+            elif wire == 1:
+                out.append((number, wire, at, at + 8))
+                at += 8
+            elif wire == 2:
+                size, at = _read_varint(data, at, end)
+                out.append((number, wire, at, at + size))
+                at += size
+            elif wire == 5:
+                out.append((number, wire, at, at + 4))
+                at += 4
+            else:
+                raise _Malformed(f"wire type {wire}")
+            if at > end:
+                raise _Malformed("truncated")
+        return out
+
+    def struct(self, start: int, end: int) -> dict[str, tuple[int, int]]:
+        """A Struct's values by key (each a Value's span); the last of a repeated key wins,
+        as protobuf parses a map (Istio's filter reads the header with it)."""
+        data = self.data
+        out: dict[str, tuple[int, int]] = {}
+        for number, wire, a, b in self.fields(start, end):
+            if number != 1 or wire != 2:
+                continue
+            key = None
+            value = (b, b)
+            for n, w, c, d in self.fields(a, b):
+                if n == 1 and w == 2:
+                    key = data[c:d].decode("utf-8", "replace")
+                elif n == 2 and w == 2:
+                    value = (c, d)
+            if key is not None:
+                out[key] = value
+        return out
+
+    def value(self, span: tuple[int, int] | None, kind: int) -> tuple[int, int] | None:
+        """The span of a Value's ``kind`` (3: string_value, 5: struct_value), if it is that:
+        the last of its one-of fields (1 to 6) decides, as protobuf parses one."""
+        if span is None:
+            return None
+        found = None
+        for number, wire, a, b in self.fields(*span):
+            if 1 <= number <= 6:
+                found = (a, b) if number == kind and wire == 2 else None
+        return found
+
+    def text(self, values: dict[str, tuple[int, int]], key: str) -> str:
+        found = self.value(values.get(key), 3)
+        if found is None or found[1] - found[0] > MAX_VALUE * 4:
+            return ""
+        text = self.data[found[0] : found[1]].decode("utf-8", "replace")
+        return text if len(text) <= MAX_VALUE else ""
 
 
 def _read_varint(data: bytes, at: int, end: int) -> tuple[int, int]:
@@ -179,71 +240,33 @@ def _read_varint(data: bytes, at: int, end: int) -> tuple[int, int]:
             return value, at
 
 
-def _struct_fields(data: bytes, start: int, end: int) -> dict[str, tuple[int, int]]:
-    """A Struct's values by key (each a Value's span); the first of a repeated key wins."""
-    out: dict[str, tuple[int, int]] = {}
-    for number, wire, a, b in _fields(data, start, end):
-        if number != 1 or wire != 2:
-            continue
-        key = None
-        value = (b, b)
-        for n, w, c, d in _fields(data, a, b):
-            if n == 1 and w == 2:
-                key = data[c:d].decode("utf-8", "replace")
-            elif n == 2 and w == 2:
-                value = (c, d)
-        if key is not None and key not in out:
-            out[key] = value
-    return out
-
-
-def _value(data: bytes, span: tuple[int, int], kind: int) -> tuple[int, int] | None:
-    """The span of a Value's ``kind`` (3: string_value, 5: struct_value), if it is that."""
-    for number, wire, a, b in _fields(data, *span):
-        if number == kind and wire == 2:
-            return a, b
-    return None
-
-
-def _text(data: bytes, values: dict[str, tuple[int, int]], key: str) -> str:
-    span = values.get(key)
-    found = None if span is None else _value(data, span, 3)
-    if found is None or found[1] - found[0] > MAX_VALUE * 4:
-        return ""
-    text = data[found[0] : found[1]].decode("utf-8", "replace")
-    return text if len(text) <= MAX_VALUE else ""
-
-
 def read_exchange(data: bytes) -> PeerWorkload | None:
     """The peer's workload from the exchange's Any (``None``: it says none, or is not one)."""
     try:
-        end = len(data)
+        read = _Reader(data)
         type_url, body = "", (0, 0)
-        for number, wire, a, b in _fields(data, 0, end):
+        for number, wire, a, b in read.fields(0, len(data)):
             if number == 1 and wire == 2:
                 type_url = data[a:b].decode("utf-8", "replace")
             elif number == 2 and wire == 2:
                 body = (a, b)
         if type_url != STRUCT_TYPE:
             return None
-        top = _struct_fields(data, *body)
-        span = top.get(METADATA_KEY)
-        inner = None if span is None else _value(data, span, 5)
+        inner = read.value(read.struct(*body).get(METADATA_KEY), 5)
         if inner is None:
             return None
-        metadata = _struct_fields(data, *inner)
-        labels_span = metadata.get("LABELS")
-        labels_struct = None if labels_span is None else _value(data, labels_span, 5)
-        labels = {} if labels_struct is None else _struct_fields(data, *labels_struct)
+        metadata = read.struct(*inner)
+        labels_struct = read.value(metadata.get("LABELS"), 5)
+        labels = {} if labels_struct is None else read.struct(*labels_struct)
         return PeerWorkload(
-            instance=_text(data, metadata, "NAME"),
-            namespace=_text(data, metadata, "NAMESPACE"),
-            workload=_text(data, metadata, "WORKLOAD_NAME"),
-            cluster=_text(data, metadata, "CLUSTER_ID"),
-            canonical_service=_text(data, labels, CANONICAL_NAME),
-            canonical_revision=_text(data, labels, CANONICAL_REVISION),
-            app=_text(data, labels, "app"),
-            version=_text(data, labels, "version"),
+            instance=read.text(metadata, "NAME"),
+            namespace=read.text(metadata, "NAMESPACE"),
+            workload=read.text(metadata, "WORKLOAD_NAME"),
+            cluster=read.text(metadata, "CLUSTER_ID"),
+            canonical_service=read.text(labels, CANONICAL_NAME),
+            canonical_revision=read.text(labels, CANONICAL_REVISION),
+            app=read.text(labels, APP_NAME) or read.text(labels, "app"),
+            version=read.text(labels, APP_VERSION) or read.text(labels, "version"),
         )
     except _Malformed:
         return None
@@ -270,12 +293,16 @@ class PeerExchange(asyncio.Protocol):
         self.transport.set_protocol(self)
 
     def data_received(self, data: bytes) -> None:
-        """Read the header; hand the rest, and the connection, back."""
+        """Read the header; hand the rest, and the connection, back. A header begun is held
+        as a partial frame is (:meth:`_hold`)."""
         buffer = self.buffer
         buffer += data
+        self.downstream.seen = True
         if len(buffer) < _HEADER.size:
             if not _MAGIC_BYTES.startswith(bytes(buffer[:4])):
                 self._done(None)
+            else:
+                self._hold()
             return
         magic, size = _HEADER.unpack_from(buffer)
         if magic != MAGIC:
@@ -288,13 +315,25 @@ class PeerExchange(asyncio.Protocol):
             self.downstream.abort()
             return
         if len(buffer) < _HEADER.size + size:
+            self._hold()
             return
         peer = read_exchange(bytes(buffer[_HEADER.size : _HEADER.size + size]))
         del buffer[: _HEADER.size + size]
         self._done(peer)
 
+    def _hold(self) -> None:
+        """Part of a header is held: as a partial frame's, its bytes count in the buffer
+        budget and it must be complete within ``timeouts.frame`` of its first byte (the
+        engine's sweep closes it then, ``frame_timeout``), not ``timeouts.idle``."""
+        downstream = self.downstream
+        if not downstream.partial_since:
+            downstream.partial_since = downstream.engine.loop.time()
+        downstream._account_held(len(self.buffer))
+
     def _done(self, peer: PeerWorkload | None) -> None:
         downstream = self.downstream
+        downstream._account_held(0)  # the codec's bytes, if any, are its own from here
+        downstream.partial_since = 0.0
         self.transport.write(self.header)  # before any reply: the client reads it first
         self.transport.set_protocol(downstream)
         istio = downstream.engine.istio

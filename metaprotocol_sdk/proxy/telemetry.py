@@ -410,13 +410,12 @@ class IstioTelemetry:
                 source = {
                     "reporter": self._source["reporter"],
                     "source_workload": peer.workload or "unknown",
-                    "source_workload_namespace": peer.namespace or ids.namespace or "unknown",
+                    # The certificate's namespace first, then what the client says.
+                    "source_workload_namespace": ids.namespace or peer.namespace or "unknown",
                     "source_principal": ids.peer or "unknown",
                     "source_app": peer.app or "unknown",
                     "source_version": peer.version or "unknown",
-                    "source_canonical_service": peer.canonical_service
-                    or peer.workload
-                    or "unknown",
+                    "source_canonical_service": peer.canonical_service or "unknown",
                     "source_canonical_revision": peer.canonical_revision or "latest",
                     "source_cluster": peer.cluster or "unknown",
                 }
