@@ -1,4 +1,4 @@
-"""Parsing of repeated ``-o KEY=VALUE`` codec options, shared by every subcommand."""
+"""The repeated ``-o KEY=VALUE`` codec option and its parsing, shared by every subcommand."""
 
 from __future__ import annotations
 
@@ -14,3 +14,14 @@ def codec_options(pairs: tuple[str, ...]) -> dict[str, str | int]:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--option")
         options[key] = int(value) if value.isdigit() else value
     return options
+
+
+#: ``-o/--option KEY=VALUE`` (repeatable), into the command's ``option_pairs``.
+codec_option = click.option(
+    "-o",
+    "--option",
+    "option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Codec option (repeatable).",
+)

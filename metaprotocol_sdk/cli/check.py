@@ -6,7 +6,7 @@ import click
 
 from metaprotocol_sdk.errors import ConfigError, RegistryError
 
-from ._options import codec_options
+from ._options import codec_option, codec_options
 from ._output import codec_bug, fail
 
 
@@ -24,14 +24,7 @@ from ._output import codec_bug, fail
     help="Known-failures YAML file (default: the one the codec ships).",
 )
 @click.option("--only", "only", multiple=True, metavar="CHECK", help="Run only CHECK (repeatable).")
-@click.option(
-    "-o",
-    "--option",
-    "option_pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Codec option (repeatable).",
-)
+@codec_option
 @click.option("-v", "--verbose", is_flag=True, help="Show every reason in full.")
 def command(
     codec_name: str,

@@ -13,7 +13,7 @@ from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.registry import create_codec
 from metaprotocol_sdk.textfiles import decode_text, parse_hex_text, read_bytes
 
-from ._options import codec_options
+from ._options import codec_option, codec_options
 from ._output import codec_bug, fail, table
 
 #: Largest input read (a capture of many messages is still far below this).
@@ -66,14 +66,7 @@ def decode_stream(codec: Codec, data: bytes) -> tuple[list[tuple[int, Metadata]]
 @click.argument("source", metavar="[FILE]", default="-")
 @click.option("--hex", "as_hex", is_flag=True, help="Input is hex text (whitespace ignored).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
-@click.option(
-    "-o",
-    "--option",
-    "option_pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Codec option (repeatable).",
-)
+@codec_option
 def command(
     codec_name: str,
     source: str,

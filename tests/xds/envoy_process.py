@@ -19,6 +19,22 @@ ENVOY = (
     / "site-packages/envoy/_bin/envoy"
 )
 
+#: A static cluster of Envoy's bootstrap for a gRPC server on 127.0.0.1 (the test control
+#: plane: ADS, SDS), ``format(name=..., port=...)``.
+GRPC_CLUSTER = """
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address:
+        {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+"""
+
 
 @contextlib.contextmanager
 def envoy_process(

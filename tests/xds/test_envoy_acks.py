@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trustme
 from control_plane import ControlPlane
-from envoy_process import envoy_process
+from envoy_process import GRPC_CLUSTER, envoy_process
 from snapshots import (
     CLUSTER_TYPE,
     DUBBO_INTERFACE,
@@ -44,19 +44,6 @@ from snapshots import (
 
 NODE = "sidecar~127.0.0.1~envoy.default~default.svc.cluster.local"
 #: A gRPC control-plane cluster of the bootstrap (xDS needs HTTP/2).
-GRPC_CLUSTER = """
-  - name: {name}
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: {name}
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address:
-        {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
-"""
 #: RDS over the ADS stream (istiod alone).
 RDS_OVER_ADS = "{ads: {}, resource_api_version: V3}"
 #: RDS from Aeraki's RouteDiscoveryService, as Aeraki's EnvoyFilter configures the sidecar.

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import pytest
 from control_plane import ControlPlane
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
-from envoy_process import envoy_process
+from envoy_process import GRPC_CLUSTER, envoy_process
 from mesh_pki import MeshCa, spiffe
 from snapshots import (
     CLUSTER_TYPE,
@@ -226,19 +226,6 @@ static_resources:
 {clusters}
   listeners:
 {listeners}
-"""
-GRPC_CLUSTER = """
-  - name: {name}
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: {name}
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address:
-        {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
 """
 TCP_PROXY_LISTENER = """
   - name: {name}
