@@ -1105,12 +1105,15 @@ class Engine:
             for shaking in self.handshaking:
                 if shaking.listener is current:
                     if not same_codec or not _accepts(runtime, shaking):
-                        # Its handshake or first bytes may end in what the listener no
-                        # longer takes (plain text on a port made STRICT, TLS on one made
-                        # DISABLE): reset, as the open ones are drained.
+                        # Its first bytes may be plain text on a port made STRICT: reset,
+                        # as the open plain ones are drained.
                         aborted.append(shaking)
                     elif isinstance(shaking, TlsDownstream):
                         shaking._route = match  # (a Detecting one takes the runtime's later)
+                    elif runtime.detect is not None:
+                        # Its first bytes are judged by the mode of now (a TLS client on a
+                        # port made PERMISSIVE from DISABLE was refused).
+                        shaking.detection = runtime.detect
             listeners[key] = current
         for key, current in self.listeners.items():
             if key in listeners and listeners[key] is current:

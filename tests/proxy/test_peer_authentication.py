@@ -119,9 +119,12 @@ class TlsClient:
         self.hello = self.outgoing.read()
 
     async def finish(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The rest of the handshake."""
+        """The rest of the handshake (``EOFError``: the server closed the connection)."""
         while True:
-            self.incoming.write(await read_some(reader))
+            data = await read_some(reader)
+            if not data:
+                raise EOFError("closed by the server during the handshake")
+            self.incoming.write(data)
             try:
                 self.obj.do_handshake()
                 return
@@ -496,6 +499,32 @@ def test_a_reload_to_strict_aborts_a_connection_still_detecting(
             writer.close()
         await up.close()
         assert not up.received
+
+    run(main(), loop=loop)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_still_detecting_is_judged_by_the_mode_of_now(
+    ca: MeshCa, tmp_path: Path, loop: str
+) -> None:
+    """A connection accepted while DISABLE that has sent nothing yet when a reload makes the
+    port PERMISSIVE is judged by PERMISSIVE: its ClientHello is served over mutual TLS (the
+    detection of before the reload refused it)."""
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        async with engine_for(config(ca, tmp_path, up.port, "DISABLE")) as engine:
+            reader, writer = await asyncio.open_connection(*address(engine))
+            await until(lambda: len(detecting(engine)) == 1)
+            await engine.apply(loads_config(config(ca, tmp_path, up.port, "PERMISSIVE"), "t.yaml"))
+            client = TlsClient(ca.client_context(tmp_path, "frontend", ["istio"]))
+            writer.write(client.hello)
+            await client.finish(reader, writer)
+            reply = await client.call(reader, writer, build_frame(REQUEST, 4, {"method": "get"}))
+            assert reply[:2] == b"KV"
+            writer.close()
+        await up.close()
+        assert len(up.received) == 1
 
     run(main(), loop=loop)
 

@@ -68,6 +68,23 @@ MESH_ALPNS = frozenset({"istio", "istio-peer-exchange"})
 
 
 @dataclass(frozen=True)
+class ChainTls:
+    """The mutual TLS chain's settings, as a listener's ``ISTIO_MUTUAL`` TLS takes them."""
+
+    min_version: str = "TLSV1_2"
+    #: ``None``: the highest the TLS library has.
+    max_version: str | None = None
+    cipher_suites: tuple[str, ...] = ()
+    #: ``spiffe://<trust domain>/`` prefixes, one of which a client's SAN must start with.
+    san_prefixes: tuple[str, ...] = ()
+
+    @property
+    def server_key(self) -> tuple[str, str | None, tuple[str, ...]]:
+        """The settings a server context of the mesh identity is built for."""
+        return self.min_version, self.max_version, self.cipher_suites
+
+
+@dataclass(frozen=True)
 class InboundPort:
     """What the inbound listener says for one engine listener."""
 
@@ -75,12 +92,8 @@ class InboundPort:
     authorization: Authorization | None
     #: The names of the chains read (``/config_dump``).
     chains: tuple[str, ...]
-    #: The mutual TLS chain's TLS settings (``None``: DISABLE).
-    min_version: str = "TLSV1_2"
-    max_version: str | None = None
-    cipher_suites: tuple[str, ...] = ()
-    #: ``spiffe://<trust domain>/`` prefixes, one of which a client's URI SAN must start with.
-    san_prefixes: tuple[str, ...] = ()
+    #: The mutual TLS chain's settings (``None``: DISABLE).
+    tls: ChainTls | None = None
 
 
 @dataclass
@@ -157,13 +170,11 @@ def _per_family(chains: list[_Chain]) -> bool:
     return len(bodies) == 1
 
 
-def _tls(
-    res: str, socket: Any, path: str
-) -> tuple[str, str | None, tuple[str, ...], tuple[str, ...]]:
+def _tls(res: str, socket: Any, path: str) -> ChainTls:
     """The mutual TLS chain's ``DownstreamTlsContext``, as istiod writes it
     (``BuildInboundTLS``): the workload certificate (SDS ``default``) and mesh root
-    (``ROOTCA``), client certificates required. Returns the versions, cipher suites and
-    SAN prefixes."""
+    (``ROOTCA``), client certificates required; its versions, cipher suites and SAN
+    prefixes."""
     check_fields(res, socket, path, "TransportSocket", {"name", "typed_config"})
     tpath = f"{path}.typed_config"
     if socket.typed_config.type_url != (
@@ -246,7 +257,7 @@ def _tls(
         low = versions[p.tls_minimum_protocol_version] or "TLSV1_2"
         high = versions[p.tls_maximum_protocol_version]
         suites = tuple(str(s) for s in p.cipher_suites)
-    return low, high, suites, tuple(prefixes)
+    return ChainTls(low, high, suites, tuple(prefixes))
 
 
 def _filters(res: str, chain: _Chain, path: str) -> tuple[list[tuple[str, bytes]], bytes]:
@@ -326,20 +337,11 @@ def inbound_ports(
             return XdsRefused(res, path, reason)
 
         authorization = chain_policies(rbac, refuse).authorization()
-        settings = InboundPort(mode, authorization, tuple(c.name for c in read))
+        tls = None
         if mtls:
             c = mtls[0]
-            low, high, suites, prefixes = _tls(
-                res, c.chain.transport_socket, f"{paths[id(c)]}.transport_socket"
-            )
-            settings = dataclasses.replace(
-                settings,
-                min_version=low,
-                max_version=high,
-                cipher_suites=suites,
-                san_prefixes=prefixes,
-            )
-        out[listener.name] = settings
+            tls = _tls(res, c.chain.transport_socket, f"{paths[id(c)]}.transport_socket")
+        out[listener.name] = InboundPort(mode, authorization, tuple(c.name for c in read), tls)
     return out
 
 
@@ -403,38 +405,35 @@ NO_POLICIES = Authorization()
 
 def _mesh_tls(li: Listener, port: InboundPort, identity: Any) -> ListenerTls:
     """The listener's ``ISTIO_MUTUAL`` TLS with the chain's settings."""
-    tls = li.tls
-    if tls is None or identity is None:
+    tls, chain = li.tls, port.tls
+    if tls is None or identity is None or chain is None:
         raise ConfigError(
             f"listener {li.name}: the inbound listener asks for mutual TLS, which needs "
             "spec.meshIdentity",
             source="xDS LDS",
         )
-    key = (port.min_version, port.max_version, port.cipher_suites)
-    if (
+    served = ChainTls(
         tls.min_protocol_version,
         tls.max_protocol_version,
         tls.cipher_suites,
         tls.subject_alt_name_prefixes,
-    ) == (
-        *key,
-        port.san_prefixes,
-    ):
+    )
+    if served == chain:
         return tls
     if identity.material is None:
         raise ConfigError(
             f"listener {li.name}: the mesh identity's files are not loaded", source="xDS LDS"
         )
     try:
-        context = identity.material.server(key)
+        context = identity.material.server(chain.server_key)
     except TlsSettingError as exc:  # an unknown cipher suite...
         raise XdsRefused(f"LDS listener {li.name}", "tls_params", str(exc)) from None
     return dataclasses.replace(
         tls,
-        min_protocol_version=port.min_version,
-        max_protocol_version=port.max_version,
-        cipher_suites=port.cipher_suites,
-        subject_alt_name_prefixes=port.san_prefixes,
+        min_protocol_version=chain.min_version,
+        max_protocol_version=chain.max_version,
+        cipher_suites=chain.cipher_suites,
+        subject_alt_name_prefixes=chain.san_prefixes,
         context=context,
     )
 
