@@ -7,7 +7,7 @@ one per transport it accepts (``tls`` with a ``DownstreamTlsContext``: mutual TL
 ``raw_buffer``: plain text), each carrying the workload's RBAC network filters (AUDIT, DENY,
 ALLOW); ports it knows of no Service for fall to the passthrough chains (no
 ``destination_port``). The engine picks for each of its listeners (by its ``bind`` port, the
-port a sidecar's chains match) the chains Envoy would pick for a Thrift or Dubbo client,
+port a sidecar's chains match) the chains Envoy would pick for a client of its codec,
 plain or in Istio's mutual TLS, and reads:
 
 * the mode: a mutual TLS chain alone is STRICT, with a plain text one PERMISSIVE, a plain
