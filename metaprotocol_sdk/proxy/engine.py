@@ -13,7 +13,7 @@ import resource
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError
@@ -65,6 +65,9 @@ from .tls import (
 )
 from .upstream import Cluster, UpstreamConnection, UpstreamHost
 from .watchdog import GuardDog
+
+if TYPE_CHECKING:
+    from .sds import SdsWatch
 
 log = logging.getLogger("metaprotocol.proxy")
 
@@ -406,6 +409,10 @@ class Engine:
         self._rls_closing: set[asyncio.Task[None]] = set()
         #: The workload's Istio identity (``spec.meshIdentity``; ``None``: not configured).
         self.identity: IdentityWatch | None = None
+        #: The SDS stream the identity comes from (``spec.meshIdentity.sds``; ``None``: files).
+        self.sds: SdsWatch | None = None
+        #: Streams of identities a reload replaced, being ended (awaited by :meth:`stop`).
+        self._sds_closing: set[asyncio.Task[None]] = set()
         #: Extra ``/config_dump`` sections, by key, computed on each dump (the xDS client's).
         self.dump_sections: dict[str, Callable[[], Any]] = {}
         #: The event loop the engine runs on (set by :meth:`start`).
@@ -1192,8 +1199,45 @@ class Engine:
             self.identity = identity
             if identity is not None:
                 identity.on_rotate = self._identity_rotated
+            self._follow_sds(identity)
         if identity is not None:
             self._serve_identity(identity)
+
+    def _follow_sds(self, identity: IdentityWatch | None) -> None:
+        """Hold the SDS stream of ``identity``'s server (``spec.meshIdentity.sds``), ending
+        the one of an identity it replaced."""
+        source = None if identity is None else identity.settings.sds
+        watch = self.sds
+        if watch is not None and watch.source == source:
+            assert identity is not None
+            identity.source_dump = watch.dump
+            return
+        if watch is not None:
+            self.sds = None
+            task = self.loop.create_task(watch.stop())
+            self._sds_closing.add(task)
+            task.add_done_callback(self._sds_closing.discard)
+        if source is None:
+            return
+        from .sds import SdsWatch, existing_store
+
+        store = existing_store(source)
+        if store is None:  # not loaded by this process's loader: nothing to follow
+            log.warning("mesh identity: no secrets held from %s", source.address)
+            return
+        self.sds = SdsWatch(store, self._sds_pushed, self._sds_refused)
+        self.sds.start()
+        assert identity is not None
+        identity.source_dump = self.sds.dump
+
+    def _sds_pushed(self) -> None:
+        """New secrets written by the SDS stream: rotate them in now."""
+        if self.identity is not None:
+            self.identity.check(self.loop.time())
+
+    def _sds_refused(self, reason: str) -> None:
+        if self.identity is not None:
+            self.identity.refused(f"spec.meshIdentity.sds: {reason}")
 
     def _serve_identity(self, identity: IdentityWatch) -> None:
         material = identity.material
@@ -1558,6 +1602,11 @@ class Engine:
         self._retire_rate_limit_services({})
         if self._rls_closing:
             await asyncio.wait(self._rls_closing)
+        if self.sds is not None:
+            await self.sds.stop()
+            self.sds = None
+        if self._sds_closing:
+            await asyncio.wait(self._sds_closing)
         self.deadlines.close()
         self.rebuilds.close()
         if self._sweeper is not None:

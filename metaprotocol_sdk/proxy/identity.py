@@ -283,6 +283,8 @@ class IdentityWatch:
         self._failed = stats.counter("metaprotocol_tls_identity_rotations_total", result="failed")
         #: Called after a rotation (the engine gives its listeners the new contexts).
         self.on_rotate: Callable[[], None] | None = None
+        #: ``/config_dump``'s view of the SDS stream the identity comes from, if any.
+        self.source_dump: Callable[[], dict[str, object]] | None = None
 
     def check(self, now: float) -> None:
         """Look at the files (a ``stat`` of each); if they changed, read them and swap in
@@ -318,6 +320,12 @@ class IdentityWatch:
         if self.on_rotate is not None:
             self.on_rotate()
 
+    def refused(self, reason: str) -> None:
+        """An identity pushed (``spec.meshIdentity.sds``) that cannot be used: counted, shown,
+        the one in force kept."""
+        self.last_error = reason
+        self._failed.value += 1
+
     def _failed_with(self, files: Signature, exc: TlsSettingError) -> None:
         if files != self._suspect:
             self._suspect = files  # maybe between two of istio-agent's writes: look again
@@ -336,6 +344,13 @@ class IdentityWatch:
     def dump(self) -> dict[str, object]:
         """For ``/config_dump``: paths, never what the files hold."""
         settings = self.settings
+        if self.source_dump is not None:
+            return {
+                "sds": self.source_dump(),
+                "filesDigest": self.material.digest[:12],
+                "certificateExpiry": dict(self.material.expiry),
+                "lastRotationError": self.last_error,
+            }
         return {
             "certificateChain": settings.certificate_chain,
             "privateKey": settings.private_key,

@@ -451,8 +451,16 @@ PROXY_CONFIG = fields(
 MESH = fields("rootNamespace")
 #: ``spec.meshIdentity``: the workload identity's files, as istio-agent names them.
 MESH_IDENTITY = fields(
-    "directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval", "autoMtls"
+    "directory",
+    "certificateChain",
+    "privateKey",
+    "rootCertificates",
+    "checkInterval",
+    "autoMtls",
+    "sds",
 )
+#: ``spec.meshIdentity.sds``: the identity from an SDS server (istio-agent's socket).
+MESH_IDENTITY_SDS = fields("address", "certificate", "root", "initialFetchTimeout")
 XDS = fields(
     "address",
     "rdsAddress",

@@ -96,6 +96,7 @@ from .models import (
     Retries,
     RetryBudget,
     Route,
+    SdsSource,
     Service,
     ServicePort,
     Subset,
@@ -2667,6 +2668,11 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
     raw = doc.mapping(spec, "meshIdentity", "spec.meshIdentity")
     path = "spec.meshIdentity"
     doc.check(raw, path, schema.MESH_IDENTITY)
+    auto = doc.get(raw, "autoMtls", f"{path}.autoMtls")
+    if auto is not None and not isinstance(auto, bool):
+        doc.fail(f"{path}.autoMtls", f"must be true or false, got {auto!r}")
+    if raw.get("sds") is not None:
+        return _sds_identity(doc, raw, MeshIdentity(auto_mtls=auto is not False))
     directory = doc.string(raw, "directory", f"{path}.directory", required=False) or "/etc/certs"
     paths = {
         key: doc.string(raw, key, f"{path}.{key}", required=False) or os.path.join(directory, name)
@@ -2684,9 +2690,6 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
             f"{MAX_IDENTITY_CHECK / 60:g}m (istio-agent renews a certificate at about half "
             f"of its life, 12h by default), got {raw['checkInterval']!r}",
         )
-    auto = doc.get(raw, "autoMtls", f"{path}.autoMtls")
-    if auto is not None and not isinstance(auto, bool):
-        doc.fail(f"{path}.autoMtls", f"must be true or false, got {auto!r}")
     settings = MeshIdentity(
         paths["certificateChain"],
         paths["privateKey"],
@@ -2703,6 +2706,75 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
             continue
         return dataclasses.replace(settings, material=material)
     doc.fail(path, "the files kept changing while they were read (three times)")
+
+
+def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> MeshIdentity:
+    """``spec.meshIdentity.sds``: the identity from an SDS server (``address``, default
+    istio-agent's socket; the secrets ``certificate`` and ``root``, default ``default`` and
+    ``ROOTCA``; ``initialFetchTimeout``), fetched now unless this process holds it already
+    (its stream keeps it current), and checked as the files are."""
+    path = "spec.meshIdentity.sds"
+    for key in ("directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval"):
+        if key in raw:
+            doc.fail(
+                f"spec.meshIdentity.{key}",
+                "not with spec.meshIdentity.sds: the identity comes from the SDS server, which "
+                "pushes each rotation (one source; remove one of them)",
+            )
+    sds = doc.mapping(raw, "sds", path)
+    doc.check(sds, path, schema.MESH_IDENTITY_SDS)
+    address = doc.string(sds, "address", f"{path}.address", required=False)
+    if address is not None:
+        host, sep, port = address.rpartition(":")
+        local = address.startswith("unix:") and len(address) > len("unix:")
+        if not local and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
+            doc.fail(
+                f"{path}.address",
+                f"must be unix:<path> (istio-agent's socket) or host:port, got {address!r}",
+            )
+    names = {}
+    for key in ("certificate", "root"):
+        name = doc.string(sds, key, f"{path}.{key}", required=False)
+        if name is not None and not 0 < len(name) <= MAX_NAME_LENGTH:
+            doc.fail(f"{path}.{key}", f"must be 1 to {MAX_NAME_LENGTH} characters")
+        names[key] = name
+    if names["certificate"] is not None and names["certificate"] == names["root"]:
+        doc.fail(f"{path}.root", "must not be the certificate's secret")
+    wait = doc.duration(sds, "initialFetchTimeout", f"{path}.initialFetchTimeout")
+    if wait is not None and not 0.01 <= wait <= 600:
+        doc.fail(f"{path}.initialFetchTimeout", "must be between 10ms and 10m")
+    ip = os.environ.get("INSTANCE_IP", "127.0.0.1")
+    pod = os.environ.get("POD_NAME") or socket.gethostname() or "metaprotocol-proxy"
+    namespace = os.environ.get("POD_NAMESPACE", "default")
+    source = SdsSource(
+        address=address or SdsSource.address,
+        certificate=names["certificate"] or SdsSource.certificate,
+        root=names["root"] or SdsSource.root,
+        initial_fetch_timeout=SdsSource.initial_fetch_timeout if wait is None else wait,
+        node_id=f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local",
+    )
+    try:
+        from ..sds import SecretRefused, store_for
+    except ImportError as exc:
+        doc.fail(
+            path,
+            f"needs gRPC and Envoy's API ({exc.name} is not installed): "
+            "pip install 'metaprotocol-sdk[xds]'",
+        )
+    try:
+        store = store_for(source)
+    except SecretRefused as exc:
+        doc.fail(path, str(exc))
+    settings = store.identity(base)
+    for _ in range(3):  # the engine's stream may be replacing them right now
+        try:
+            material = load_identity(settings, (DEFAULT_SERVER,))
+        except TlsSettingError as exc:
+            doc.fail(path, f"{exc.key}: {exc}")
+        except (IdentityChanging, OSError):
+            continue
+        return dataclasses.replace(settings, material=material)
+    doc.fail(path, "the secrets kept changing while they were read (three times)")
 
 
 def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:

@@ -465,6 +465,24 @@ class ListenerTls:
 
 
 @dataclass(frozen=True)
+class SdsSource:
+    """``spec.meshIdentity.sds``: the workload identity from a Secret Discovery Service
+    server (istio-agent's socket, or SPIRE's agent), pushed at each rotation."""
+
+    #: The server, ``unix:<path>`` (istio-agent: its workload socket) or ``host:port``.
+    address: str = "unix:/var/run/secrets/workload-spiffe-uds/socket"
+    #: The secret of the workload certificate and key (istio-agent's ``default``).
+    certificate: str = "default"
+    #: The secret of the mesh root (istio-agent's ``ROOTCA``).
+    root: str = "ROOTCA"
+    #: How long the engine waits at start (or at a reload naming another server) for both
+    #: secrets before the configuration is refused.
+    initial_fetch_timeout: float = 30.0
+    #: ``Node.id`` sent (an Istio sidecar's form, from the pod's variables).
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
 class MeshIdentity:
     """``spec.meshIdentity``: the workload's Istio identity, from the files istio-agent writes
     (``OUTPUT_CERTS``, or file-mounted certificates), checked for changes every
@@ -481,6 +499,9 @@ class MeshIdentity:
     #: DestinationRule sets no ``tls`` sends ``ISTIO_MUTUAL`` to its endpoints labelled
     #: ``security.istio.io/tlsMode: istio`` (of a ``MESH_INTERNAL`` service).
     auto_mtls: bool = True
+    #: The SDS server the identity comes from (``None``: the files above, written by
+    #: istio-agent). With it, the paths above are the engine's own private copies.
+    sds: SdsSource | None = None
     material: Any = field(default=None, compare=False, repr=False)
 
 

@@ -1,0 +1,538 @@
+"""The workload identity from a Secret Discovery Service server (``spec.meshIdentity.sds``).
+
+istio-agent serves a workload's identity over SDS on a Unix socket
+(``/var/run/secrets/workload-spiffe-uds/socket``), as Envoy reads it: the secret ``default``
+(the workload certificate and its key) and ``ROOTCA`` (the mesh root), each pushed again when
+it rotates; SPIRE's agent serves the same names when set up for Istio. This module is the
+engine's client of it:
+
+* :func:`store_for` fetches both secrets once, synchronously, when the configuration is
+  loaded (at start, or at a reload naming another server), waiting up to
+  ``initialFetchTimeout`` for the server to come up; the loader then builds the identity as
+  from istio-agent's files. The secrets are written to a private directory (``0700``, under
+  ``/dev/shm`` when it exists, so a key stays in memory; removed at exit): Python's ``ssl``
+  loads a certificate and its key from files only.
+* :class:`SdsWatch` holds the stream open while the engine serves: each secret pushed is
+  checked with the other in force (certificate and key matching, chaining to the root, not
+  expired: what a peer would check) in a staging copy, then written in place and the engine's
+  identity rotated at once; one that cannot be used is NACKed with why, and the identity in
+  force kept. A broken stream is reopened with a capped, jittered backoff.
+
+Every byte from the server is bounded: messages of at most :data:`MAX_MESSAGE_BYTES`, secrets
+of at most :data:`~.tls.MAX_PEM_BYTES` each, and after each update the next waits as long as
+that one took (at least :data:`MIN_UPDATE_PAUSE`), so a server pushing without pause gets at
+most half of the engine's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import dataclasses
+import logging
+import os
+import queue
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
+
+from .config.models import MeshIdentity, SdsSource
+from .identity import FIELDS, IdentityChanging, load_identity
+from .tls import MAX_PEM_BYTES, TlsSettingError
+
+log = logging.getLogger("metaprotocol.proxy")
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+#: Largest response accepted: two secrets of at most ``MAX_PEM_BYTES`` each, and their wrapping.
+MAX_MESSAGE_BYTES = 4 * MAX_PEM_BYTES
+#: ``google.rpc.Code.INVALID_ARGUMENT``: the code of a NACK's ``error_detail``.
+INVALID_ARGUMENT = 3
+#: Longest ``error_detail`` sent and kept for ``/config_dump``.
+MAX_ERROR_DETAIL = 4096
+#: The shortest wait between two updates (see the module's docstring).
+MIN_UPDATE_PAUSE = 0.01
+#: Longest :meth:`SdsWatch.stop` waits for gRPC to finish with the call it cancelled.
+STOP_WAIT = 1.0
+#: Reconnect backoff: the first wait and the cap (doubling, times a random 50-100 %).
+BACKOFF_INITIAL, BACKOFF_MAX = 0.5, 30.0
+#: The identity's files, by field, as the private directory names them (istio-agent's names).
+FILE_NAMES = {
+    "certificateChain": "cert-chain.pem",
+    "privateKey": "key.pem",
+    "rootCertificates": "root-cert.pem",
+}
+#: Where a private directory is made when it exists (memory, not disk); else the system's.
+SHARED_MEMORY = "/dev/shm"
+
+
+class SecretRefused(Exception):
+    """A response, or a secret in it, that the engine cannot use (the reason is the NACK's)."""
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """gRPC channel arguments: bounded messages, and reconnects soon after the server comes
+    up (gRPC's own backoff reaches two minutes, longer than a start waits)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+def _request(
+    source: SdsSource, version: str = "", nonce: str = "", error: str | None = None
+) -> discovery_pb2.DiscoveryRequest:
+    req = discovery_pb2.DiscoveryRequest(
+        version_info=version,
+        resource_names=[source.certificate, source.root],
+        type_url=SECRET_TYPE,
+        response_nonce=nonce,
+        node=base_pb2.Node(id=source.node_id, user_agent_name="metaprotocol-sdk"),
+    )
+    if error is not None:
+        req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
+    return req
+
+
+def _only(message: Message, allowed: set[str], path: str) -> None:
+    """:class:`SecretRefused` naming the first field of ``message`` set outside ``allowed``:
+    each changes what a peer is shown or trusts, and the engine honours none of them."""
+    for descriptor, _ in message.ListFields():
+        if descriptor.name not in allowed:
+            raise SecretRefused(f"{path}.{descriptor.name}: not supported by this engine")
+
+
+def _data(source: Message, path: str) -> bytes:
+    """The bytes of a ``DataSource`` given inline (what istio-agent and SPIRE send)."""
+    which = source.WhichOneof("specifier")
+    if which == "inline_bytes":
+        data = bytes(source.inline_bytes)
+    elif which == "inline_string":
+        data = source.inline_string.encode("utf-8", "surrogateescape")
+    elif which is None:
+        raise SecretRefused(f"{path}: empty")
+    else:
+        raise SecretRefused(f"{path}.{which}: only inline_bytes and inline_string are read")
+    if len(data) > MAX_PEM_BYTES:
+        raise SecretRefused(f"{path}: {len(data)} bytes, above {MAX_PEM_BYTES}")
+    return data
+
+
+def read_secrets(response: discovery_pb2.DiscoveryResponse, source: SdsSource) -> dict[str, bytes]:
+    """The identity's files (by field of :data:`FILE_NAMES`) that ``response`` carries.
+
+    Secrets of other names are skipped (a server may send more than was asked for). Raises
+    :class:`SecretRefused` for anything the engine cannot take as it is.
+    """
+    if response.type_url != SECRET_TYPE:
+        raise SecretRefused(f"type_url {response.type_url[:100]!r}: expected {SECRET_TYPE}")
+    out: dict[str, bytes] = {}
+    for index, packed in enumerate(response.resources):
+        path = f"resources[{index}]"
+        if packed.type_url != SECRET_TYPE:
+            raise SecretRefused(f"{path}: type {packed.type_url[:100]!r}, expected {SECRET_TYPE}")
+        secret = secret_pb2.Secret()
+        try:
+            secret.ParseFromString(packed.value)
+        except DecodeError as exc:
+            raise SecretRefused(f"{path}: not a Secret ({exc})") from None
+        name = secret.name
+        if name == source.certificate:
+            path = f"Secret {name!r}"
+            _only(secret, {"name", "tls_certificate"}, path)
+            if not secret.HasField("tls_certificate"):
+                raise SecretRefused(f"{path}: no tls_certificate (the workload certificate)")
+            cert = secret.tls_certificate
+            _only(cert, {"certificate_chain", "private_key"}, f"{path}.tls_certificate")
+            out["certificateChain"] = _data(
+                cert.certificate_chain, f"{path}.tls_certificate.certificate_chain"
+            )
+            out["privateKey"] = _data(cert.private_key, f"{path}.tls_certificate.private_key")
+        elif name == source.root:
+            path = f"Secret {name!r}"
+            _only(secret, {"name", "validation_context"}, path)
+            if not secret.HasField("validation_context"):
+                raise SecretRefused(f"{path}: no validation_context (the mesh root)")
+            context = secret.validation_context
+            _only(context, {"trusted_ca"}, f"{path}.validation_context")
+            out["rootCertificates"] = _data(
+                context.trusted_ca, f"{path}.validation_context.trusted_ca"
+            )
+    return out
+
+
+def _secret_name(source: SdsSource, key: str) -> str:
+    return source.root if key == "rootCertificates" else source.certificate
+
+
+def _write(path: str, data: bytes) -> None:
+    """``data`` into ``path``, readable by the owner only, replacing it whole (a rename)."""
+    temporary = f"{path}.new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(temporary, path)
+
+
+@dataclass
+class SecretStore:
+    """The identity's secrets as last accepted, and the private directory holding them."""
+
+    source: SdsSource
+    directory: str
+    #: The accepted PEM bytes, by field of :data:`FILE_NAMES`.
+    pems: dict[str, bytes] = field(default_factory=dict)
+    #: The version of the last response accepted (``""``: none yet).
+    version: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def path(self, key: str, directory: str | None = None) -> str:
+        """Where the file of field ``key`` is (in ``directory``, else the store's)."""
+        return os.path.join(directory or self.directory, FILE_NAMES[key])
+
+    def identity(self, base: MeshIdentity, directory: str | None = None) -> MeshIdentity:
+        """``base`` with the store's files as its paths."""
+        return dataclasses.replace(
+            base,
+            certificate_chain=self.path("certificateChain", directory),
+            private_key=self.path("privateKey", directory),
+            root_certificates=self.path("rootCertificates", directory),
+            sds=self.source,
+        )
+
+    def check(self, pems: dict[str, bytes]) -> None:
+        """:class:`SecretRefused` unless ``pems`` make a usable identity, tried in a staging
+        copy (the files in force are untouched): each present, the key the certificate's,
+        the certificate chaining to the root and not expired."""
+        missing = [_secret_name(self.source, k) for k in FIELDS if k not in pems]
+        if missing:
+            raise SecretRefused(f"no secret {' or '.join(map(repr, sorted(set(missing))))} yet")
+        with self._lock:  # the loader (a thread) and the watch (the loop) may both check
+            staging = os.path.join(self.directory, "staging")
+            os.makedirs(staging, mode=0o700, exist_ok=True)
+            for key in FIELDS:
+                _write(self.path(key, staging), pems[key])
+            try:
+                load_identity(self.identity(MeshIdentity(), staging))
+            except TlsSettingError as exc:
+                name = _secret_name(self.source, exc.key)
+                text = str(exc).replace(staging + os.sep, "")
+                raise SecretRefused(f"Secret {name!r}: {text}") from None
+            except (IdentityChanging, OSError) as exc:  # not expected: the copy is ours
+                raise SecretRefused(f"the secrets could not be tried: {exc}") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def commit(self, pems: dict[str, bytes], version: str) -> bool:
+        """Write ``pems`` in place (checked before); whether any file changed."""
+        with self._lock:
+            changed = False
+            for key in FIELDS:
+                if self.pems.get(key) != pems[key]:
+                    _write(self.path(key), pems[key])
+                    changed = True
+            self.pems, self.version = dict(pems), version
+        return changed
+
+    def close(self) -> None:
+        """Remove the private directory (the key with it)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+#: The stores of this process, by source: one fetch and one directory per server and names,
+#: kept current by the engine's :class:`SdsWatch` (a reload of the same settings finds it).
+_stores: dict[SdsSource, SecretStore] = {}
+_stores_lock = threading.Lock()
+
+
+def _private_directory() -> str:
+    parent = (
+        SHARED_MEMORY
+        if os.path.isdir(SHARED_MEMORY) and os.access(SHARED_MEMORY, os.W_OK)
+        else None
+    )
+    directory = tempfile.mkdtemp(prefix="metaprotocol-identity-", dir=parent)
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
+
+
+def store_for(source: SdsSource) -> SecretStore:
+    """The store of ``source``, fetched now if this process has none (see :func:`fetch`)."""
+    with _stores_lock:
+        store = _stores.get(source)
+        if store is not None and store.pems:
+            return store
+    store = SecretStore(source, _private_directory())
+    try:
+        pems, version = fetch(source)
+        store.check(pems)
+    except BaseException:
+        store.close()
+        raise
+    store.commit(pems, version)
+    with _stores_lock:
+        old = _stores.get(source)
+        if old is not None and old.pems:  # another thread fetched it meanwhile
+            store.close()
+            return old
+        _stores[source] = store
+    return store
+
+
+def existing_store(source: SdsSource) -> SecretStore | None:
+    """The store :func:`store_for` made for ``source`` in this process, if any."""
+    with _stores_lock:
+        return _stores.get(source)
+
+
+def _why_unreachable(source: SdsSource) -> str:
+    """A hint for a server that never answered: a socket that is not there."""
+    if source.address.startswith("unix:"):
+        path = source.address[len("unix:") :]
+        path = "/" + path.lstrip("/") if path.startswith("//") else path
+        if not os.path.exists(path):
+            return f" ({path} does not exist: is istio-agent running, and its socket mounted?)"
+    return ""
+
+
+def fetch(source: SdsSource) -> tuple[dict[str, bytes], str]:
+    """Both secrets of ``source`` and the version they came with, waiting for the server up
+    to ``initial_fetch_timeout`` (it may start after the engine). Raises
+    :class:`SecretRefused` (the server's secrets cannot be used, or none came in time)."""
+    deadline = time.monotonic() + source.initial_fetch_timeout
+    done = threading.Event()
+
+    def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
+        yield _request(source)
+        done.wait()  # a half-closed stream may end before the server answers
+
+    got: dict[str, bytes] = {}
+    version = ""
+    channel = grpc.insecure_channel(source.address, options=channel_options())
+    try:
+        call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(
+            requests(), timeout=max(deadline - time.monotonic(), 0.001), wait_for_ready=True
+        )
+        try:
+            for response in call:
+                got.update(read_secrets(response, source))
+                version = response.version_info
+                if all(key in got for key in FIELDS):
+                    break
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            waited = f"{source.initial_fetch_timeout:g}s"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                missing = sorted({_secret_name(source, k) for k in FIELDS if k not in got})
+                raise SecretRefused(
+                    f"no secret {' or '.join(map(repr, missing))} from {source.address} "
+                    f"within {waited}{_why_unreachable(source)}"
+                ) from None
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise SecretRefused(
+                f"{source.address} ended the stream: {code.name if code else ''} {details}"
+            ) from None
+        finally:
+            call.cancel()
+    finally:
+        done.set()
+        channel.close()
+    if not all(key in got for key in FIELDS):
+        raise SecretRefused(f"{source.address} ended the stream before sending both secrets")
+    return got, version
+
+
+def backoff_delay(failures: int, fraction: float) -> float:
+    """Seconds before reconnecting after ``failures`` failed streams in a row."""
+    delay = min(BACKOFF_MAX, BACKOFF_INITIAL * float(2 ** min(failures - 1, 32)))
+    return delay * (0.5 + 0.5 * fraction)
+
+
+class SdsWatch:
+    """The SDS stream of an engine, in a thread of its own: each secret pushed is checked
+    there (off the event loop), then written and rotated in on the loop.
+
+    ``rotate`` is called on the loop after new secrets were written, ``refused`` with why a
+    pushed secret was not taken.
+    """
+
+    def __init__(
+        self,
+        store: SecretStore,
+        rotate: Callable[[], None],
+        refused: Callable[[str], None],
+        *,
+        random_fraction: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.source = store.source
+        self._rotate = rotate
+        self._refused = refused
+        self._random = random_fraction
+        self.connected = False
+        self.reconnects = 0
+        self.acks = 0
+        self.nacks = 0
+        self.last_error: str | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._call: Any = None
+        self._next_update = 0.0
+        #: The secrets last taken and their version (written on the loop soon after).
+        self._accepted = dict(store.pems)
+        self.version = store.version
+
+    def start(self) -> None:
+        """Open the stream, from a thread, for the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="metaprotocol sds", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """End the stream and its thread."""
+        self._stopping.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, STOP_WAIT)
+
+    def _run(self) -> None:
+        """Keep the stream open until stopped; back off between attempts."""
+        failures = 0
+        while not self._stopping.is_set():
+            answered = False
+            try:
+                answered = self._session()
+                error = "the server closed the stream"
+            except grpc.RpcError as exc:
+                if self._stopping.is_set():
+                    return
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                error = f"{code.name if code else 'error'}: {details}"
+            except Exception as exc:  # never let the watch die: log, back off, reconnect
+                log.exception("SDS stream to %s failed", self.source.address)
+                error = f"{type(exc).__name__}: {exc}"
+            self._call = None
+            self.connected = False
+            if self._stopping.is_set():
+                return
+            self.last_error = error[:MAX_ERROR_DETAIL]
+            failures = 1 if answered else failures + 1
+            delay = backoff_delay(failures, self._random())
+            log.warning(
+                "SDS stream to %s ended (%s); the identity in force is kept; retrying in %.2f s",
+                self.source.address,
+                self.last_error[:200],
+                delay,
+            )
+            if self._stopping.wait(delay):
+                return
+            self.reconnects += 1
+
+    def _session(self) -> bool:
+        """One stream: subscribe, then take responses until it ends. True if any came."""
+        outgoing: queue.SimpleQueue[discovery_pb2.DiscoveryRequest | None] = queue.SimpleQueue()
+
+        def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
+            while (request := outgoing.get()) is not None:
+                yield request
+
+        answered = False
+        channel = grpc.insecure_channel(self.source.address, options=channel_options())
+        try:
+            call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(requests())
+            self._call = call
+            if self._stopping.is_set():
+                return False
+            outgoing.put(_request(self.source, self.version))
+            for response in call:
+                if not answered:
+                    answered = True
+                    self.connected, self.last_error = True, None
+                pause = self._next_update - time.monotonic()
+                if pause > 0 and self._stopping.wait(pause):
+                    return answered
+                start = time.monotonic()
+                try:
+                    outgoing.put(self._handle(response))
+                finally:
+                    now = time.monotonic()
+                    self._next_update = now + max(now - start, MIN_UPDATE_PAUSE)
+            return answered
+        finally:
+            outgoing.put(None)
+            channel.close()
+
+    def _handle(self, response: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
+        """Take ``response``'s secrets, or refuse them: the ACK or the NACK to send."""
+        store = self.store
+        try:
+            pems = {**self._accepted, **read_secrets(response, self.source)}
+            if pems != self._accepted:
+                store.check(pems)  # files read, contexts built: here, not on the loop
+        except SecretRefused as exc:
+            error = str(exc)[:MAX_ERROR_DETAIL]
+            self.nacks += 1
+            self.last_error = error
+            log.warning(
+                "SDS: secrets from %s refused, the identity in force is kept: %s",
+                self.source.address,
+                error[:500],
+            )
+            self._on_loop(self._refused, error)
+            return _request(self.source, self.version, response.nonce, error)
+        self.acks += 1
+        if pems != self._accepted:
+            self._accepted = pems
+            self._on_loop(self._apply, pems, response.version_info)
+        self.version = response.version_info
+        return _request(self.source, self.version, response.nonce)
+
+    def _apply(self, pems: dict[str, bytes], version: str) -> None:
+        """On the loop: write the checked secrets in place and rotate them in (the loop's
+        identity check never sees some of the files new and others old)."""
+        if self._stopping.is_set():
+            return
+        if self.store.commit(pems, version):
+            self._rotate()
+
+    def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not self._stopping.is_set():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(callback, *args)
+
+    def dump(self) -> dict[str, Any]:
+        """For ``/config_dump``: where the secrets come from and the stream's state."""
+        source = self.source
+        return {
+            "address": source.address,
+            "secrets": [source.certificate, source.root],
+            "connected": self.connected,
+            "version": self.version,
+            "acks": self.acks,
+            "nacks": self.nacks,
+            "reconnects": self.reconnects,
+            "lastError": self.last_error,
+            "directory": self.store.directory,
+        }
