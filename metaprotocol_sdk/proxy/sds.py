@@ -20,8 +20,9 @@ engine's client of it:
 
 Every byte from the server is bounded: messages of at most :data:`MAX_MESSAGE_BYTES`, secrets
 of at most :data:`~.tls.MAX_PEM_BYTES` each, and after each update the next waits as long as
-that one took (at least :data:`MIN_UPDATE_PAUSE`), so a server pushing without pause gets at
-most half of the engine's time.
+that one took (at least :data:`MIN_UPDATE_PAUSE`, and :data:`MIN_ROTATION_GAP` after one that
+rotated the identity), so a server pushing without pause gets at most half of the SDS
+thread's time, and rotations at most one a second of the event loop's.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ INVALID_ARGUMENT = 3
 MAX_ERROR_DETAIL = 4096
 #: The shortest wait between two updates (see the module's docstring).
 MIN_UPDATE_PAUSE = 0.01
+#: The shortest wait after a rotation before the next response is taken: rotating in costs
+#: the event loop about 4 ms (the files read, contexts built, a handshake in memory), and a
+#: server pushing new secrets without pause must not make the engine do it all the time
+#: (istio-agent rotates every 12 hours by default).
+MIN_ROTATION_GAP = 1.0
 #: Longest :meth:`SdsWatch.stop` waits for gRPC to finish with the call it cancelled.
 STOP_WAIT = 1.0
 #: Reconnect backoff: the first wait and the cap (doubling, times a random 50-100 %).
@@ -473,18 +479,24 @@ class SdsWatch:
                 if pause > 0 and self._stopping.wait(pause):
                     return answered
                 start = time.monotonic()
+                gap = MIN_UPDATE_PAUSE
                 try:
-                    outgoing.put(self._handle(response))
+                    request, rotated = self._handle(response)
+                    gap = MIN_ROTATION_GAP if rotated else MIN_UPDATE_PAUSE
+                    outgoing.put(request)
                 finally:
                     now = time.monotonic()
-                    self._next_update = now + max(now - start, MIN_UPDATE_PAUSE)
+                    self._next_update = now + max(now - start, gap)
             return answered
         finally:
             outgoing.put(None)
             channel.close()
 
-    def _handle(self, response: discovery_pb2.DiscoveryResponse) -> discovery_pb2.DiscoveryRequest:
-        """Take ``response``'s secrets, or refuse them: the ACK or the NACK to send."""
+    def _handle(
+        self, response: discovery_pb2.DiscoveryResponse
+    ) -> tuple[discovery_pb2.DiscoveryRequest, bool]:
+        """Take ``response``'s secrets, or refuse them: the ACK or the NACK to send, and
+        whether new secrets are to be rotated in."""
         store = self.store
         try:
             pems = {**self._accepted, **read_secrets(response, self.source)}
@@ -500,13 +512,14 @@ class SdsWatch:
                 error[:500],
             )
             self._on_loop(self._refused, error)
-            return _request(self.source, self.version, response.nonce, error)
+            return _request(self.source, self.version, response.nonce, error), False
         self.acks += 1
-        if pems != self._accepted:
+        rotated = pems != self._accepted
+        if rotated:
             self._accepted = pems
             self._on_loop(self._apply, pems, response.version_info)
         self.version = response.version_info
-        return _request(self.source, self.version, response.nonce)
+        return _request(self.source, self.version, response.nonce), rotated
 
     def _apply(self, pems: dict[str, bytes], version: str) -> None:
         """On the loop: write the checked secrets in place and rotate them in (the loop's

@@ -14,6 +14,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from google.protobuf import any_pb2
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import Config, loads_config
-from metaprotocol_sdk.proxy.sds import existing_store
+from metaprotocol_sdk.proxy.sds import MIN_ROTATION_GAP, existing_store
 
 
 @pytest.fixture
@@ -396,3 +397,34 @@ def test_an_unusable_identity_at_load_is_an_error(ca: MeshCa, socket_dir: Path) 
 def test_the_sds_settings_are_checked(identity: str, field: str) -> None:
     exc = load_error(mesh([(1, "v1")], proxy=f"meshIdentity: {identity}\n"))
     assert exc.field == field, exc
+
+
+def test_a_server_pushing_without_pause_rotates_the_identity_at_most_once_a_second(
+    ca: MeshCa, tmp_path: Path, agent: tuple[SdsAgent, int]
+) -> None:
+    """Rotating in costs the event loop a few milliseconds: 40 new identities pushed in a
+    burst are rotated in no faster than one a second, the last one last, while requests are
+    served."""
+    server, _ = agent
+    burst = [ca.workload("engine") for _ in range(40)]
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
+        async with engine_for(text) as engine:
+            watch = engine.sds
+            assert watch is not None
+            await until(lambda: watch.connected, "the stream")
+            started = time.monotonic()
+            for chain, key, _ in burst:
+                server.push(certificate_secret("default", chain, key))
+            await until(lambda: rotations(engine, "ok") >= 2, "two rotations")
+            conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
+            assert error_type(await conn.call("get")) is None
+            conn.close()
+            elapsed = time.monotonic() - started
+            assert rotations(engine, "ok") <= elapsed / MIN_ROTATION_GAP + 1
+            assert rotations(engine, "failed") == 0
+        await up.close()
+
+    run(main())

@@ -1157,7 +1157,7 @@ def _sds_name(res: str, sds: Any, path: str, prefix: str) -> str:
             f"{path}.name",
             f"SDS secret {name!r}: only Istio's names for files on this machine "
             f"({_FILE_CERT}<certificate>~<key>, {_FILE_ROOT}<CA file>) are read here: this "
-            "engine has no SDS client",
+            "engine reads no secret over SDS but its own identity (spec.meshIdentity.sds)",
         )
     return name[len(prefix) :]
 
