@@ -140,6 +140,18 @@ def _data(source: Message, path: str) -> bytes:
     return data
 
 
+#: What each secret holds: its ``Secret`` field, what that is, and the identity's files (by
+#: field of :data:`FILE_NAMES`) from the fields in it, as istio-agent and SPIRE send them.
+_SHAPES = {
+    "certificate": (
+        "tls_certificate",
+        "the workload certificate",
+        {"certificateChain": "certificate_chain", "privateKey": "private_key"},
+    ),
+    "root": ("validation_context", "the mesh root", {"rootCertificates": "trusted_ca"}),
+}
+
+
 def read_secrets(response: discovery_pb2.DiscoveryResponse, source: SdsSource) -> dict[str, bytes]:
     """The identity's files (by field of :data:`FILE_NAMES`) that ``response`` carries.
 
@@ -159,27 +171,18 @@ def read_secrets(response: discovery_pb2.DiscoveryResponse, source: SdsSource) -
         except DecodeError as exc:
             raise SecretRefused(f"{path}: not a Secret ({exc})") from None
         name = secret.name
-        if name == source.certificate:
-            path = f"Secret {name!r}"
-            _only(secret, {"name", "tls_certificate"}, path)
-            if not secret.HasField("tls_certificate"):
-                raise SecretRefused(f"{path}: no tls_certificate (the workload certificate)")
-            cert = secret.tls_certificate
-            _only(cert, {"certificate_chain", "private_key"}, f"{path}.tls_certificate")
-            out["certificateChain"] = _data(
-                cert.certificate_chain, f"{path}.tls_certificate.certificate_chain"
-            )
-            out["privateKey"] = _data(cert.private_key, f"{path}.tls_certificate.private_key")
-        elif name == source.root:
-            path = f"Secret {name!r}"
-            _only(secret, {"name", "validation_context"}, path)
-            if not secret.HasField("validation_context"):
-                raise SecretRefused(f"{path}: no validation_context (the mesh root)")
-            context = secret.validation_context
-            _only(context, {"trusted_ca"}, f"{path}.validation_context")
-            out["rootCertificates"] = _data(
-                context.trusted_ca, f"{path}.validation_context.trusted_ca"
-            )
+        role = {source.certificate: "certificate", source.root: "root"}.get(name)
+        if role is None:
+            continue
+        kind, what, files = _SHAPES[role]
+        path = f"Secret {name!r}"
+        _only(secret, {"name", kind}, path)
+        if not secret.HasField(kind):
+            raise SecretRefused(f"{path}: no {kind} ({what})")
+        body = getattr(secret, kind)
+        _only(body, set(files.values()), f"{path}.{kind}")
+        for key, attr in files.items():
+            out[key] = _data(getattr(body, attr), f"{path}.{kind}.{attr}")
     return out
 
 

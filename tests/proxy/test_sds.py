@@ -8,6 +8,7 @@ server played on Envoy's official protos; Envoy reads it too, ``tests/xds/test_s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2
 
 from metaprotocol_sdk import ConfigError
-from metaprotocol_sdk.proxy import Config, loads_config
+from metaprotocol_sdk.proxy import Config, Engine, loads_config
 from metaprotocol_sdk.proxy.sds import MIN_ROTATION_GAP, existing_store
 
 
@@ -70,6 +71,20 @@ def agent(ca: MeshCa, socket_dir: Path) -> Iterator[tuple[SdsAgent, int]]:
 
 def sds(agent: SdsAgent, extra: str = "") -> str:
     return f"meshIdentity: {{sds: {{address: '{agent.address}'{extra}}}}}\n"
+
+
+@contextlib.asynccontextmanager
+async def serving(server: SdsAgent) -> AsyncIterator[tuple[Engine, str]]:
+    """An engine whose ``ISTIO_MUTUAL`` listener serves the identity ``server`` holds, once
+    its stream is answered; and its configuration's text."""
+    up = await Upstream("v1").start()
+    text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
+    try:
+        async with engine_for(text) as engine:
+            await until(lambda: engine.sds is not None and engine.sds.connected, "the stream")
+            yield engine, text
+    finally:
+        await up.close()
 
 
 def peer_serial(transport: Any) -> int:
@@ -196,10 +211,7 @@ def test_a_pushed_secret_that_cannot_be_used_is_nacked_and_the_identity_kept(
     server, first = agent
 
     async def main() -> None:
-        up = await Upstream("v1").start()
-        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
-        async with engine_for(text) as engine:
-            await until(lambda: engine.sds is not None and engine.sds.connected, "the stream")
+        async with serving(server) as (engine, _):
             chain, key, _ = ca.workload("engine")
             raw = None
             secrets: list[Any] = []
@@ -238,7 +250,6 @@ def test_a_pushed_secret_that_cannot_be_used_is_nacked_and_the_identity_kept(
             # A usable secret pushed next is taken.
             server.push(certificate_secret("default", chain, key))
             await until(lambda: rotations(engine, "ok") == 1, "the rotation")
-        await up.close()
 
     run(main())
 
@@ -251,12 +262,9 @@ def test_a_broken_stream_is_reopened_and_the_identity_kept(
     server, first = agent
 
     async def main() -> None:
-        up = await Upstream("v1").start()
-        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
-        async with engine_for(text) as engine:
+        async with serving(server) as (engine, _):
             watch = engine.sds
             assert watch is not None
-            await until(lambda: watch.connected, "the stream")
             streams = {r.stream for r in server.requests}
             held = watch.version
             server.drop_streams()
@@ -274,7 +282,6 @@ def test_a_broken_stream_is_reopened_and_the_identity_kept(
             conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
             assert conn.transport is not None and peer_serial(conn.transport) == second
             conn.close()
-        await up.close()
 
     run(main())
 
@@ -285,12 +292,9 @@ def test_a_reload_keeps_the_stream_and_the_rotations(
     server, _ = agent
 
     async def main() -> None:
-        up = await Upstream("v1").start()
-        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
-        async with engine_for(text) as engine:
+        async with serving(server) as (engine, text):
             watch = engine.sds
             assert watch is not None
-            await until(lambda: watch.connected, "the stream")
             chain, key, second = ca.workload("engine")
             server.push(certificate_secret("default", chain, key))
             await until(lambda: rotations(engine, "ok") == 1, "the rotation")
@@ -307,7 +311,6 @@ def test_a_reload_keeps_the_stream_and_the_rotations(
             conn.close()
             streams = {r.stream for r in server.requests}
             assert len(streams) == 2  # the load's fetch, and the engine's one stream
-        await up.close()
 
     run(main())
 
@@ -409,12 +412,9 @@ def test_a_server_pushing_without_pause_rotates_the_identity_at_most_once_a_seco
     burst = [ca.workload("engine") for _ in range(40)]
 
     async def main() -> None:
-        up = await Upstream("v1").start()
-        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
-        async with engine_for(text) as engine:
+        async with serving(server) as (engine, _):
             watch = engine.sds
             assert watch is not None
-            await until(lambda: watch.connected, "the stream")
             started = time.monotonic()
             for chain, key, _ in burst:
                 server.push(certificate_secret("default", chain, key))
@@ -425,6 +425,5 @@ def test_a_server_pushing_without_pause_rotates_the_identity_at_most_once_a_seco
             elapsed = time.monotonic() - started
             assert rotations(engine, "ok") <= elapsed / MIN_ROTATION_GAP + 1
             assert rotations(engine, "failed") == 0
-        await up.close()
 
     run(main())
