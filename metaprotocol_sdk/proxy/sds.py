@@ -21,8 +21,8 @@ engine's client of it:
 Every byte from the server is bounded: messages of at most :data:`MAX_MESSAGE_BYTES`, secrets
 of at most :data:`~.tls.MAX_PEM_BYTES` each, and after each update the next waits as long as
 that one took (at least :data:`MIN_UPDATE_PAUSE`, and :data:`MIN_ROTATION_GAP` after one that
-rotated the identity), so a server pushing without pause gets at most half of the SDS
-thread's time, and rotations at most one a second of the event loop's.
+rotated the identity or was refused), so a server pushing without pause gets at most half of
+the SDS thread's time, and at most one rotation or one logged refusal a second.
 """
 
 from __future__ import annotations
@@ -66,10 +66,11 @@ INVALID_ARGUMENT = 3
 MAX_ERROR_DETAIL = 4096
 #: The shortest wait between two updates (see the module's docstring).
 MIN_UPDATE_PAUSE = 0.01
-#: The shortest wait after a rotation before the next response is taken: rotating in costs
-#: the event loop about 4 ms (the files read, contexts built, a handshake in memory), and a
-#: server pushing new secrets without pause must not make the engine do it all the time
-#: (istio-agent rotates every 12 hours by default).
+#: The shortest wait after a response that rotated the identity, or was refused, before the
+#: next is taken: rotating in costs the event loop about 4 ms (the files read, contexts
+#: built, a handshake in memory), a refusal a warning in the log, and a server pushing
+#: without pause must not make the engine do either all the time (istio-agent rotates every
+#: 12 hours by default).
 MIN_ROTATION_GAP = 1.0
 #: Longest :meth:`SdsWatch.stop` waits for gRPC to finish with the call it cancelled.
 STOP_WAIT = 1.0
@@ -484,8 +485,8 @@ class SdsWatch:
                 start = time.monotonic()
                 gap = MIN_UPDATE_PAUSE
                 try:
-                    request, rotated = self._handle(response)
-                    gap = MIN_ROTATION_GAP if rotated else MIN_UPDATE_PAUSE
+                    request, eventful = self._handle(response)
+                    gap = MIN_ROTATION_GAP if eventful else MIN_UPDATE_PAUSE
                     outgoing.put(request)
                 finally:
                     now = time.monotonic()
@@ -499,7 +500,7 @@ class SdsWatch:
         self, response: discovery_pb2.DiscoveryResponse
     ) -> tuple[discovery_pb2.DiscoveryRequest, bool]:
         """Take ``response``'s secrets, or refuse them: the ACK or the NACK to send, and
-        whether new secrets are to be rotated in."""
+        whether it was eventful (new secrets to rotate in, or a refusal)."""
         store = self.store
         try:
             pems = {**self._accepted, **read_secrets(response, self.source)}
@@ -515,7 +516,7 @@ class SdsWatch:
                 error[:500],
             )
             self._on_loop(self._refused, error)
-            return _request(self.source, self.version, response.nonce, error), False
+            return _request(self.source, self.version, response.nonce, error), True
         self.acks += 1
         rotated = pems != self._accepted
         if rotated:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -425,5 +426,27 @@ def test_a_server_pushing_without_pause_rotates_the_identity_at_most_once_a_seco
             elapsed = time.monotonic() - started
             assert rotations(engine, "ok") <= elapsed / MIN_ROTATION_GAP + 1
             assert rotations(engine, "failed") == 0
+
+    run(main())
+
+
+def test_a_server_pushing_unusable_secrets_without_pause_is_refused_at_most_once_a_second(
+    ca: MeshCa, agent: tuple[SdsAgent, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refusal is a warning in the log: 40 broken secrets pushed in a burst are NACKed
+    no faster than one a second (the log is not the server's to fill)."""
+    server, _ = agent
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
+                for _ in range(40):
+                    server.push(secret_pb2.Secret(name="ROOTCA"))
+                await until(lambda: rotations(engine, "failed") >= 2, "two refusals")
+            elapsed = time.monotonic() - started
+            assert rotations(engine, "failed") <= elapsed / MIN_ROTATION_GAP + 1
+            refused = [r for r in caplog.records if "refused" in r.getMessage()]
+            assert len(refused) <= elapsed / MIN_ROTATION_GAP + 1
 
     run(main())
