@@ -1,4 +1,5 @@
-"""Structured access log: one JSON object per request, to stderr or a file. Off by default.
+"""Structured access log: one JSON object per request, to stderr or a file, and to an
+OpenTelemetry collector (:mod:`.otlp_logs`). Off by default.
 
 Lines are gathered in memory and handed to a writer thread once they reach
 :data:`FLUSH_BYTES`, and at least once a second (the engine's sweep calls
@@ -19,12 +20,15 @@ import sys
 import time
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
 from ..metadata import Attributes
 from .authorization import spiffe_uris_of
 from .writer import BackgroundWriter
+
+if TYPE_CHECKING:
+    from .config.models import OtlpLogs
 
 #: Gathered lines are handed to the writer once they reach this many bytes (and every sweep).
 FLUSH_BYTES = 64 * 1024
@@ -90,8 +94,24 @@ def _open(path: str) -> int:
     return fd
 
 
+class Sink(Protocol):
+    """Where gathered lines go, from a thread of its own: a file or a collector."""
+
+    failed_writes: int
+    failed_items: int
+
+    def submit(self, chunks: list[bytes], items: int) -> bool:
+        """Take ``chunks`` (``items`` lines), or refuse them all: never blocks."""
+        ...
+
+    def close(self, wait: float) -> bool:
+        """Finish what was taken, within ``wait`` seconds; whether the thread ended."""
+        ...
+
+
 class AccessLog:
-    """Writes one JSON line per finished request. ``path`` ``-`` means stderr;
+    """Writes one JSON line per finished request. ``path`` ``-`` means stderr, ``None`` no
+    file; ``otlp``: a collector the lines are exported to too;
     ``attributes``: the request attributes each line carries (when the request has them),
     each value cut to ``max_value_length`` characters; ``failures_only``, ``slower_than``:
     write only the requests that failed, or took at least that long (seconds), as
@@ -99,11 +119,12 @@ class AccessLog:
 
     def __init__(
         self,
-        path: str,
+        path: str | None,
         attributes: tuple[str, ...] = (),
         max_value_length: int = 256,
         failures_only: bool = False,
         slower_than: float | None = None,
+        otlp: OtlpLogs | None = None,
     ) -> None:
         self.path = path
         #: Every request is written (no filter).
@@ -114,27 +135,48 @@ class AccessLog:
         #: ``(key as configured, key folded)`` of each logged attribute.
         self._attributes = tuple((key, key.lower()) for key in attributes)
         self._longest = max_value_length
-        self._own = path not in STDERR_PATHS
-        if self._own:
-            self._fd = _open(path)
-        else:
-            sys.stderr.flush()
-            self._fd = sys.stderr.fileno()
+        self._own = path is not None and path not in STDERR_PATHS
+        self._fd = -1
+        self._writer: Sink | None = None
+        if path is not None:
+            if self._own:
+                self._fd = _open(path)
+            else:
+                sys.stderr.flush()
+                self._fd = sys.stderr.fileno()
+            self._writer = BackgroundWriter(self._fd, f"access log {path}", MAX_PENDING_BYTES)
+        self._otlp: Sink | None = None
+        if otlp is not None:
+            from .otlp_logs import OtlpLogSink
+
+            self._otlp = OtlpLogSink(otlp, MAX_PENDING_BYTES)
         self._lines: list[str] = []
         self._size = 0
-        self._writer = BackgroundWriter(self._fd, f"access log {path}", MAX_PENDING_BYTES)
-        #: Lines dropped because the writer was MAX_PENDING_BYTES behind.
+        #: Lines dropped because the file's writer was MAX_PENDING_BYTES behind.
         self.overflow_lines = 0
+        #: Lines dropped because the collector's exports were MAX_PENDING_BYTES behind.
+        self.otlp_overflow = 0
 
     @property
     def failed_writes(self) -> int:
-        """Writes that failed (their lines are dropped)."""
-        return self._writer.failed_writes
+        """Writes to the file that failed (their lines are dropped)."""
+        return 0 if self._writer is None else self._writer.failed_writes
 
     @property
     def dropped_lines(self) -> int:
-        """Lines never written: the writer too far behind, or a failed write."""
-        return self.overflow_lines + self._writer.failed_items
+        """Lines never written to the file: the writer too far behind, or a failed write."""
+        return self.overflow_lines + (0 if self._writer is None else self._writer.failed_items)
+
+    @property
+    def failed_exports(self) -> int:
+        """Exports to the collector that failed (their records are dropped)."""
+        return 0 if self._otlp is None else self._otlp.failed_writes
+
+    @property
+    def dropped_records(self) -> int:
+        """Lines the collector never took: the exports too far behind, an export that
+        failed, or records it rejected."""
+        return self.otlp_overflow + (0 if self._otlp is None else self._otlp.failed_items)
 
     def log(
         self,
@@ -207,8 +249,12 @@ class AccessLog:
             return
         self._lines = []
         self._size = 0
-        if not self._writer.submit(self._chunks(lines), len(lines)):
+        if self._writer is not None and not self._writer.submit(self._chunks(lines), len(lines)):
             self.overflow_lines += len(lines)
+        if self._otlp is not None and not self._otlp.submit(
+            ["".join(lines).encode("utf-8")], len(lines)
+        ):
+            self.otlp_overflow += len(lines)
 
     def _chunks(self, lines: list[str]) -> list[bytes]:
         """The bytes to write, one write each. A file opened in append mode takes any size
@@ -236,6 +282,8 @@ class AccessLog:
         them, and close the file if this log opened it (not while the writer may still use it:
         a writer stuck on a log nobody reads is left to the process's exit)."""
         self.flush()
-        if self._writer.close(CLOSE_WAIT) and self._own:
+        if self._otlp is not None:
+            self._otlp.close(CLOSE_WAIT)
+        if self._writer is not None and self._writer.close(CLOSE_WAIT) and self._own:
             os.close(self._fd)
             self._own = False

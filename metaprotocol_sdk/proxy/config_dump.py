@@ -215,6 +215,9 @@ def config_dump(engine: Engine) -> dict[str, Any]:
             if settings.access_log is None
             else {
                 "path": settings.access_log.path,
+                "otlp": None
+                if settings.access_log.otlp is None
+                else vars(settings.access_log.otlp),
                 "attributes": list(settings.access_log.attributes),
                 "maxValueLength": settings.access_log.max_value_length,
                 "filter": {

@@ -352,6 +352,7 @@ class Engine:
         self.access_log: AccessLog | None = None
         #: The access log's failed writes and dropped lines already in the counters.
         self._access_log_counted = (0, 0)
+        self._access_log_exported = (0, 0)
         self.listener_addresses: dict[tuple[str, int], tuple[str, int]] = {}
         self.admin_address: tuple[str, int] | None = None
         self.clusters: dict[str, Cluster] = {}
@@ -800,6 +801,7 @@ class Engine:
                     logged.max_value_length,
                     logged.failures_only,
                     logged.slower_than,
+                    logged.otlp,
                 )
         except BaseException:
             await self._close_servers()
@@ -1474,6 +1476,16 @@ class Engine:
         stats.counter("metaprotocol_access_log_write_failures_total").value += failed - was_failed
         stats.counter("metaprotocol_access_log_dropped_lines_total").value += dropped - was_dropped
         self._access_log_counted = (failed, dropped)
+        if self.config.proxy.access_log is not None and self.config.proxy.access_log.otlp:
+            exports, records = access_log.failed_exports, access_log.dropped_records
+            was_exports, was_records = self._access_log_exported
+            stats.counter("metaprotocol_access_log_export_failures_total").value += (
+                exports - was_exports
+            )
+            stats.counter("metaprotocol_access_log_dropped_records_total").value += (
+                records - was_records
+            )
+            self._access_log_exported = (exports, records)
 
     def prune_stats(self) -> int:
         """Drop the stats series of names that left the configuration, once nothing uses

@@ -86,6 +86,10 @@ HELP = {
     "metaprotocol_access_log_write_failures_total": "Access log writes that failed (the "
     "lines they carried were dropped).",
     "metaprotocol_access_log_dropped_lines_total": "Access log lines lost to failed writes.",
+    "metaprotocol_access_log_export_failures_total": "Access log exports to the OpenTelemetry "
+    "collector that failed (spec.accessLog.otlp; the records they carried were dropped).",
+    "metaprotocol_access_log_dropped_records_total": "Access log lines the OpenTelemetry "
+    "collector never took: exports too far behind, failed, or records it rejected.",
     "metaprotocol_buffered_bytes": "Bytes held in buffers (the overload budget's measure).",
     "metaprotocol_overloaded": "1 while new requests and connections are refused for overload.",
     "metaprotocol_request_duration_milliseconds": "Time from a request's arrival to its answer, "

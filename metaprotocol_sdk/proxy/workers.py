@@ -213,7 +213,7 @@ class WorkerSpec:
         shown = settings.admin or Admin(("127.0.0.1", 0))
         admin = replace(shown, bind=("127.0.0.1", 0), allow_remote=False)
         access_log = settings.access_log
-        if access_log is not None and access_log.path not in STDERR_NAMES:
+        if access_log is not None and access_log.path not in (None, *STDERR_NAMES):
             access_log = replace(access_log, path=f"{access_log.path}.worker{self.index}")
         xds = settings.xds
         if xds is not None:  # the same node id (see docs/workers.md); its streams told apart

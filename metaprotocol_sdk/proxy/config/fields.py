@@ -553,7 +553,9 @@ WATCHDOG = fields(
         "actions": "watchdog actions (extensions run on a stall)",
     },
 )
-ACCESS_LOG = fields("path", "attributes", "maxValueLength", "filter")
+ACCESS_LOG = fields("path", "attributes", "maxValueLength", "filter", "otlp")
+#: ``spec.accessLog.otlp``: the collector the access log is exported to.
+ACCESS_LOG_OTLP = fields("endpoint", "serviceName", "exportTimeout")
 ACCESS_LOG_FILTER = fields("failures", "slowerThan")
 UPSTREAM = fields("connectionsPerEndpoint", "heartbeat")
 #: ``spec.upstream.heartbeat``: pings on upstream connections (codecs with heartbeat requests).

@@ -83,6 +83,7 @@ from .models import (
     MeshIdentity,
     MetaRouter,
     Mirror,
+    OtlpLogs,
     OutlierDetection,
     Overload,
     PeerAuthentication,
@@ -2988,8 +2989,10 @@ def _access_log(doc: _Doc, spec: Mapping[str, Any]) -> AccessLogSettings | None:
     doc.check(log, "spec.accessLog", schema.ACCESS_LOG)
     if spec.get("accessLog") is None:
         return None  # (an empty mapping is an access log without its path: refused below)
-    path = doc.string(log, "path", "spec.accessLog.path")
-    assert path is not None
+    otlp = _otlp_logs(doc, log)
+    path = doc.string(log, "path", "spec.accessLog.path", required=otlp is None)
+    if path == "":
+        doc.fail("spec.accessLog.path", "must be a non-empty string (or left out with otlp)")
     where = "spec.accessLog.attributes"
     keys = doc.sequence(log, "attributes", where, required=False)
     if len(keys) > MAX_LOGGED_ATTRIBUTES:
@@ -3019,7 +3022,41 @@ def _access_log(doc: _Doc, spec: Mapping[str, Any]) -> AccessLogSettings | None:
     if log.get("filter") is not None and not failures and slower is None:
         doc.fail(where, "names no condition: set failures: true, slowerThan, or both")
     return AccessLogSettings(
-        path, tuple(keys), 256 if longest is None else longest, failures, slower
+        path, tuple(keys), 256 if longest is None else longest, failures, slower, otlp
+    )
+
+
+def _otlp_logs(doc: _Doc, log: Mapping[str, Any]) -> OtlpLogs | None:
+    """``spec.accessLog.otlp``: ``endpoint`` (``host:port``, required), ``serviceName``,
+    ``exportTimeout``; needs OpenTelemetry's protos and gRPC (the tracing extra)."""
+    if log.get("otlp") is None:
+        return None
+    where = "spec.accessLog.otlp"
+    raw = doc.mapping(log, "otlp", where)
+    doc.check(raw, where, schema.ACCESS_LOG_OTLP)
+    endpoint = cast(str, doc.string(raw, "endpoint", f"{where}.endpoint"))
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        doc.fail(f"{where}.endpoint", f"must be host:port (OTLP over gRPC), got {endpoint!r}")
+    name = doc.string(raw, "serviceName", f"{where}.serviceName", required=False)
+    if name is not None and not 0 < len(name) <= MAX_NAME_LENGTH:
+        doc.fail(f"{where}.serviceName", f"must be 1 to {MAX_NAME_LENGTH} characters")
+    timeout = doc.duration(raw, "exportTimeout", f"{where}.exportTimeout")
+    if timeout is not None and not 0.01 <= timeout <= 600:
+        doc.fail(f"{where}.exportTimeout", "must be between 10ms and 10m")
+    try:
+        import grpc  # noqa: F401
+        from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc  # noqa: F401
+    except ImportError as exc:
+        doc.fail(
+            where,
+            f"needs OpenTelemetry's protos and gRPC ({exc.name} is not installed): "
+            "pip install 'metaprotocol-sdk[tracing]'",
+        )
+    return OtlpLogs(
+        endpoint,
+        name or OtlpLogs.service_name,
+        OtlpLogs.export_timeout if timeout is None else timeout,
     )
 
 

@@ -1032,12 +1032,27 @@ class PeerAuthentication:
 
 
 @dataclass(frozen=True)
-class AccessLogSettings:
-    """``spec.accessLog``: where the access log goes, which request attributes it writes
-    (``attributes``, as configured; each value cut to ``max_value_length`` characters) and
-    which requests (``filter``: those that failed, or were slow)."""
+class OtlpLogs:
+    """``spec.accessLog.otlp``: the access log to an OpenTelemetry collector (OTLP logs over
+    gRPC, as Istio's ``envoyOtelAls`` provider)."""
 
-    path: str
+    #: The collector, ``host:port`` (plain-text gRPC, as a node-local collector's 4317).
+    endpoint: str
+    #: The ``service.name`` resource attribute of the records.
+    service_name: str = "metaprotocol-proxy"
+    #: Bound on one export call, in seconds.
+    export_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AccessLogSettings:
+    """``spec.accessLog``: where the access log goes (a file, standard error, a collector, or
+    a file and a collector), which request attributes it writes (``attributes``, as
+    configured; each value cut to ``max_value_length`` characters) and which requests
+    (``filter``: those that failed, or were slow)."""
+
+    #: The file (``-``: standard error; ``None``: no file, the collector only).
+    path: str | None
     attributes: tuple[str, ...] = ()
     max_value_length: int = 256
     #: Write only requests that failed (any status but ``Ok``) ...
@@ -1045,6 +1060,8 @@ class AccessLogSettings:
     #: ... or took at least this long, seconds (``None``: no such condition). With
     #: neither, every request is written.
     slower_than: float | None = None
+    #: The collector the lines are exported to too (``None``: none).
+    otlp: OtlpLogs | None = None
 
 
 @dataclass(frozen=True)
