@@ -155,7 +155,7 @@ class _Servicer(
 class ControlPlane:
     """The ADS server, started on 127.0.0.1 in a background thread."""
 
-    def __init__(self, port: int = 0, *, service: str = "ads") -> None:
+    def __init__(self, port: int = 0, *, service: str = "ads", unix: str | None = None) -> None:
         #: ``ads`` (istiod's AggregatedDiscoveryService) or ``rds`` (Aeraki's
         #: RouteDiscoveryService, the only one Aeraki registers).
         self.service = service
@@ -172,6 +172,8 @@ class ControlPlane:
         self._server: grpc.aio.Server | None = None
         self._port = port
         self.port = 0
+        #: A Unix socket to serve on instead of a port (as istio-agent's xDS proxy).
+        self.unix = unix
 
     def start(self) -> ControlPlane:
         """Bind and serve (``port`` 0: an ephemeral port; the same port again on restart)."""
@@ -198,7 +200,10 @@ class ControlPlane:
             sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_Servicer(self), self._server)
         else:
             rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(_Servicer(self), self._server)
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port or self._port}")
+        if self.unix is not None:
+            self._server.add_insecure_port(f"unix:{self.unix}")
+        else:
+            self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port or self._port}")
         await self._server.start()
 
     def stop(self) -> None:

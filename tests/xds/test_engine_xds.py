@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 import time
 import urllib.request
@@ -59,7 +61,10 @@ NODE = "sidecar~127.0.0.1~engine.default~default.svc.cluster.local"
 TYPES = (CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE)
 
 
-def config_yaml(xds_port: int, extra: str = "") -> str:
+def config_yaml(xds_port: int | str, extra: str = "") -> str:
+    """The engine's configuration under the test control plane on ``xds_port`` (a port of
+    127.0.0.1, or an address as it is)."""
+    address = xds_port if isinstance(xds_port, str) else f"127.0.0.1:{xds_port}"
     return f"""
 kind: ServiceEntry
 metadata: {{name: hello}}
@@ -72,7 +77,7 @@ metadata: {{name: proxy}}
 spec:
   listeners: [{{host: {HOST}, port: {PORT}, bind: "127.0.0.1:0"}}]
   xds:
-    address: "127.0.0.1:{xds_port}"
+    address: "{address}"
     node: {{id: "{NODE}"}}
     backoff: {{initial: 20ms, max: 200ms}}{extra}
 """
@@ -190,6 +195,28 @@ def acked(version: str) -> Callable[[XdsClient], bool]:
 def snapshots(servers: dict[str, HelloServer]) -> list[tuple[str, dict[str, list[Any]]]]:
     v1 = [("127.0.0.1", servers["v1a"].port), ("127.0.0.1", servers["v1b"].port)]
     return hello_snapshots(v1, [("127.0.0.1", servers["v2"].port)])
+
+
+def test_the_control_plane_through_a_unix_socket_as_istio_agents_xds_proxy(
+    servers: dict[str, HelloServer],
+) -> None:
+    """istio-agent serves an xDS proxy on /etc/istio/proxy/XDS (the grpc-agent template
+    mounts it into every container) and forwards each stream to istiod over mutual TLS: the
+    engine's ``spec.xds.address: unix:<path>`` takes its configuration there."""
+    directory = tempfile.mkdtemp(prefix="xds-", dir="/tmp")
+    control_plane = ControlPlane(unix=f"{directory}/XDS").start()
+    try:
+        control_plane.set_snapshot(*snapshots(servers)[1])
+        harness = Harness(config_yaml(f"unix:{directory}/XDS"))
+        try:
+            harness.wait(acked("2"))
+            assert Caller(harness.port).next(10) == {"v2": 10}
+            assert harness.dump()["xds"]["streams"]["ads"]["address"] == f"unix:{directory}/XDS"
+        finally:
+            harness.close()
+    finally:
+        control_plane.close()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_updates_take_effect_without_a_failed_request(

@@ -2793,10 +2793,17 @@ def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:
     rds = doc.string(raw, "rdsAddress", "spec.xds.rdsAddress", required=False)
     for key, value in (("address", address), ("rdsAddress", rds)):
         host, sep, port = (value or "").rpartition(":")
-        if value is not None and (
-            not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+        local = value is not None and value.startswith("unix:") and len(value) > len("unix:")
+        if (
+            value is not None
+            and not local
+            and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536)
         ):
-            doc.fail(f"spec.xds.{key}", f"must be host:port (xDS over gRPC), got {value!r}")
+            doc.fail(
+                f"spec.xds.{key}",
+                "must be host:port (xDS over gRPC) or unix:<path> (istio-agent's xDS proxy, "
+                f"/etc/istio/proxy/XDS), got {value!r}",
+            )
     node = doc.mapping(raw, "node", "spec.xds.node", required=False)
     doc.check(node, "spec.xds.node", schema.XDS_NODE)
     ip = os.environ.get("INSTANCE_IP", "127.0.0.1")
