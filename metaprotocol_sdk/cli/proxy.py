@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import click
@@ -128,6 +129,9 @@ class Reloader:
         self.seen: str | None = self.digest()
         #: With ``spec.xds``: reloads go through it, keeping the control plane's routes.
         self.control_plane: XdsClient | None = None
+        #: When the configuration in force began to be read (``time.time_ns()``): a TLS
+        #: file changed after it may not be what it read.
+        self.read_at = 0
 
     def digest(self) -> str | None:
         """A hash of the files' bytes (``None``: one cannot be read now).
@@ -180,6 +184,7 @@ class Reloader:
             return False  # the files' contents did not change
         self.seen = digest
         try:
+            read_at = time.time_ns()
             # Off the loop: parsing a large file must not stall the requests being served.
             config = await asyncio.to_thread(load_config, list(self.files))
             if self.prepare is not None:
@@ -196,6 +201,7 @@ class Reloader:
         except ConfigError as exc:
             reload_log.warning("reload refused (%s): %s", source, exc)
             return False
+        self.read_at = read_at
         reload_log.info("reload ok (%s): version %s", source, self.engine.config_version)
         return True
 
@@ -221,6 +227,34 @@ async def _watch(files: tuple[str, ...], reloader: Reloader, stop: asyncio.Event
         reload_log.warning("watch stopped: %s; SIGHUP still reloads", exc)
 
 
+async def _follow_tls_files(engine: Engine, reloader: Reloader, stop: asyncio.Event) -> None:
+    """Reload when a TLS file of the configuration in force changed (``spec.tlsFiles``; see
+    :mod:`metaprotocol_sdk.proxy.tls_files`): a certificate renewed on disk serves without a
+    ``SIGHUP``. Files caught half-written make a refused reload; the next change makes
+    another."""
+    from metaprotocol_sdk.proxy.tls_files import FileSignature, signatures, tls_paths
+
+    seen: tuple[tuple[str, ...], tuple[FileSignature, ...]] | None = None
+    while True:
+        interval = engine.config.proxy.tls_files_check
+        if interval is None:
+            seen = None
+        else:
+            paths = tls_paths(engine.config)
+            now = (paths, await asyncio.to_thread(signatures, paths))
+            if seen is None or paths != seen[0]:  # first look at these: changed since read?
+                changed = any(s is not None and s[3] > reloader.read_at for s in now[1])
+            else:
+                changed = now != seen
+            if changed:
+                reload_log.info("TLS files changed: reloading")
+                reloader.request("tls_files")
+            seen = now
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 5.0 if interval is None else interval)
+            return
+
+
 def _refuse_while_draining(engine: Engine) -> None:
     """A ``SIGHUP`` after ``SIGTERM``: nothing to reload into; counted and said, not fatal."""
     error = "the engine is draining (SIGTERM); nothing was changed"
@@ -236,6 +270,8 @@ async def _serve(
     worker: WorkerSpec | None = None,
     output: BackgroundOutput | None = None,
     hot_restart: str | None = None,
+    *,
+    read_at: int = 0,
 ) -> int:
     from metaprotocol_sdk.proxy import Engine
     from metaprotocol_sdk.proxy.hot_restart import HotRestartError
@@ -291,6 +327,7 @@ async def _serve(
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGUSR2, on_usr2)
     reloader = Reloader(engine, files, worker.apply if worker is not None else None)
+    reloader.read_at = read_at
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
     if EarlySighup.take():  # it came while the engine started
@@ -350,6 +387,7 @@ async def _serve(
     _tune_malloc()
     if watch:
         tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
+    tasks.append(asyncio.ensure_future(_follow_tls_files(engine, reloader, stop)))
     await stop.wait()
     taken = handover is not None and handover.successor is not None
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once (default action)
@@ -728,9 +766,12 @@ def command(
             factory = None
     if spec is not None and not spec.reports_config:  # worker 0 says it for every worker
         logging.getLogger("metaprotocol.config").addFilter(_said_by_worker_0)
+    read_at = time.time_ns()  # a TLS file changed after this may not be what was read
     config = _load(files, quiet=spec is not None and spec.quiet_config)
     if spec is not None:
         config = spec.apply(config)
     with background_output() as output, asyncio.Runner(loop_factory=factory) as runner:
-        code = runner.run(_serve(config, drain, files, watch, spec, output, hot_restart))
+        code = runner.run(
+            _serve(config, drain, files, watch, spec, output, hot_restart, read_at=read_at)
+        )
     sys.exit(code)

@@ -324,3 +324,82 @@ def test_the_watch_digest_reads_a_huge_file_in_bounded_memory(tmp_path: Path) ->
     finally:
         tracemalloc.stop()
     assert peak < MAX_CONFIG_BYTES, peak  # chunks of 64 KiB, not the 64 MiB file
+
+
+def _handshake_serial(port: int, ca: Any) -> int:
+    """The serial of the certificate the TLS listener on ``port`` presents now."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    ctx.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_a_renewed_tls_certificate_is_served_without_a_sighup(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    """cert-manager renewing a mounted Secret: the files change in place and the next
+    connections get the new certificate (a reload of source tls_files); a pair caught
+    half-written is refused, the one in force kept, and taken once whole."""
+    import trustme
+    from cryptography import x509
+
+    v1, v2 = servers
+    ca = trustme.CA()
+    certs = tmp_path / "certs"
+    certs.mkdir()
+
+    def issue() -> tuple[bytes, bytes, int]:
+        cert = ca.issue_cert("hello.test")
+        chain = cert.cert_chain_pems[0].bytes()
+        return (
+            chain,
+            cert.private_key_pem.bytes(),
+            x509.load_pem_x509_certificate(chain).serial_number,
+        )
+
+    def install(name: str, data: bytes) -> None:  # as a Secret's update: a new file renamed over
+        (certs / f".{name}").write_bytes(data)
+        os.replace(certs / f".{name}", certs / name)
+
+    chain, key, first = issue()
+    install("tls.crt", chain)
+    install("tls.key", key)
+    tls = f"{{mode: SIMPLE, serverCertificate: '{certs}/tls.crt', privateKey: '{certs}/tls.key'}}"
+    text = mesh(v1.port, v2.port, "v1").replace(
+        'bind: "127.0.0.1:0"}]',
+        f'bind: "127.0.0.1:0", tls: {tls}}}]\n  tlsFiles: {{checkInterval: 100ms}}',
+    )
+    config = tmp_path / "mesh.yaml"
+    config.write_text(text)
+    proxy = Proxy(config)
+    try:
+        assert _handshake_serial(proxy.port, ca) == first
+        chain, key, second = issue()
+        install("tls.key", key)
+        install("tls.crt", chain)
+        line = proxy.next_reload()
+        while "(tls_files)" not in line or "refused" in line:  # maybe between the two writes
+            line = proxy.next_reload()
+        assert "reload ok (tls_files)" in line
+        assert _handshake_serial(proxy.port, ca) == second
+        chain, key, third = issue()
+        install("tls.crt", chain)  # the key not yet
+        assert "reload refused (tls_files)" in proxy.next_reload()
+        assert _handshake_serial(proxy.port, ca) == second
+        install("tls.key", key)
+        assert "reload ok (tls_files)" in proxy.next_reload()
+        assert _handshake_serial(proxy.port, ca) == third
+        stats = proxy.get("/stats?format=json")
+        assert stats['metaprotocol_reloads_total{source="tls_files",result="refused"}'] == 1
+    finally:
+        proxy.stop()

@@ -446,7 +446,10 @@ PROXY_CONFIG = fields(
     "xds",
     "meshIdentity",
     "mesh",
+    "tlsFiles",
 )
+#: ``spec.tlsFiles``: following the listeners' and DestinationRules' TLS files.
+TLS_FILES = fields("follow", "checkInterval")
 #: ``spec.mesh``: what the engine needs of Istio's mesh configuration (``meshConfig``).
 MESH = fields("rootNamespace")
 #: ``spec.meshIdentity``: the workload identity's files, as istio-agent names them.

@@ -2446,8 +2446,28 @@ def _proxy(
         tracing=_tracing(doc, spec),
         xds=_xds(doc, spec, telemetry.workload.locality),
         mesh_identity=identity,
+        tls_files_check=_tls_files(doc, spec),
         peer_authentication=peer,
     )
+
+
+def _tls_files(doc: _Doc, spec: Mapping[str, Any]) -> float | None:
+    """``spec.tlsFiles``: ``follow`` (default true) and ``checkInterval`` (5s, 100ms-1h):
+    how often ``metaprotocol proxy`` looks at the TLS files (``None``: never)."""
+    raw = doc.mapping(spec, "tlsFiles", "spec.tlsFiles", required=False)
+    doc.check(raw, "spec.tlsFiles", schema.TLS_FILES)
+    follow = doc.get(raw, "follow", "spec.tlsFiles.follow")
+    if follow is not None and not isinstance(follow, bool):
+        doc.fail("spec.tlsFiles.follow", f"must be true or false, got {follow!r}")
+    interval = doc.duration(raw, "checkInterval", "spec.tlsFiles.checkInterval")
+    if interval is not None and not MIN_IDENTITY_CHECK <= interval <= MAX_IDENTITY_CHECK:
+        doc.fail(
+            "spec.tlsFiles.checkInterval",
+            f"must be between {MIN_IDENTITY_CHECK * 1000:g}ms and {MAX_IDENTITY_CHECK / 60:g}m",
+        )
+    if follow is False:
+        return None
+    return 5.0 if interval is None else interval
 
 
 #: Shortest heartbeat ``interval`` and ``timeout``: each is looked at by the housekeeping

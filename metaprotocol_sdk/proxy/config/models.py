@@ -1100,6 +1100,9 @@ class ProxySettings:
     xds: Xds | None = None
     #: The workload's Istio identity (``ISTIO_MUTUAL``; ``None``: not configured).
     mesh_identity: MeshIdentity | None = None
+    #: How often ``metaprotocol proxy`` looks at the listeners' and DestinationRules' TLS
+    #: files, reloading when one changed (``spec.tlsFiles``; ``None``: never).
+    tls_files_check: float | None = 5.0
     #: The PeerAuthentications read (``None``: none), applied to the listeners' ``peer_mode``.
     peer_authentication: PeerAuthentication | None = None
     #: The AuthorizationPolicies read, compiled (``None``: none, and nothing of them runs).
