@@ -403,3 +403,35 @@ def test_a_renewed_tls_certificate_is_served_without_a_sighup(
         assert stats['metaprotocol_reloads_total{source="tls_files",result="refused"}'] == 1
     finally:
         proxy.stop()
+
+
+def test_a_tls_file_changed_after_the_configuration_was_read_is_caught_at_the_first_look(
+    tmp_path: Path, servers: tuple[HelloServer, HelloServer]
+) -> None:
+    """A renewal between the engine's read of its files and its first look at them is not
+    left for the next renewal: a file changed after the read (here: its time set ahead)
+    makes a reload."""
+    import trustme
+
+    v1, v2 = servers
+    cert = trustme.CA().issue_cert("hello.test")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    cert.cert_chain_pems[0].write_to_path(str(certs / "tls.crt"))
+    cert.private_key_pem.write_to_path(str(certs / "tls.key"))
+    ahead = time.time() + 3600
+    os.utime(certs / "tls.crt", (ahead, ahead))
+    tls = f"{{mode: SIMPLE, serverCertificate: '{certs}/tls.crt', privateKey: '{certs}/tls.key'}}"
+    text = mesh(v1.port, v2.port, "v1").replace(
+        'bind: "127.0.0.1:0"}]',
+        f'bind: "127.0.0.1:0", tls: {tls}}}]\n  tlsFiles: {{checkInterval: 100ms}}',
+    )
+    config = tmp_path / "mesh.yaml"
+    config.write_text(text)
+    proxy = Proxy(config)
+    try:
+        assert "reload ok (tls_files)" in proxy.next_reload()
+        stats = proxy.get("/stats?format=json")
+        assert stats['metaprotocol_reloads_total{source="tls_files",result="ok"}'] >= 1
+    finally:
+        proxy.stop()
