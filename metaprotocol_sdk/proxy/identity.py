@@ -4,7 +4,7 @@ istio-agent writes a non-Envoy workload's identity as files (``OUTPUT_CERTS`` fo
 gRPC, or file-mounted certificates): ``cert-chain.pem``, ``key.pem`` and ``root-cert.pem``,
 renewed at about half of a certificate's life. :func:`load_identity` reads and checks them
 (bounded, regular files only: the readers of :mod:`.tls`) and builds the contexts of
-``ISTIO_MUTUAL``: the client one (the workload certificate, the mesh root, ALPN ``istio``)
+``ISTIO_MUTUAL``: the client one (the workload certificate, the mesh root, Istio's ALPN)
 and a server one per listener settings. :class:`IdentityWatch` is the engine's: its
 :meth:`~IdentityWatch.check`, from the engine's sweep every ``checkInterval``, stats the
 three files (no read unless one changed) and swaps in new contexts for new connections;
@@ -16,9 +16,9 @@ between two of its writes is not a failure).
 
 ALPN: Istio sidecars offer ``istio-peer-exchange`` and ``istio``. The first makes a sidecar
 speak Istio's TCP metadata exchange (a header of its own before the application's bytes).
-The engine's listeners select it when offered and speak the exchange (peer_exchange.py);
-as a client the engine offers ``istio`` only, on which an Istio inbound listener's mutual
-TLS filter chains match too (a sidecar server then expects no such header).
+The engine's listeners select it when offered, and as a client the engine offers both, as
+istiod's ``ISTIO_MUTUAL`` clusters do (``ALPNInMeshWithMxc``); either side speaks the
+exchange when it is selected (peer_exchange.py).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("metaprotocol.proxy")
 
-#: The ALPN protocol offered (see the module's docstring).
-ALPN = ("istio",)
+#: The ALPN protocols offered, in order (see the module's docstring).
+ALPN = ("istio-peer-exchange", "istio")
 #: The ALPN protocols accepted, the first a client offers (Istio's metadata exchange first,
 #: as an Istio inbound listener's: see peer_exchange.py).
 SERVER_ALPN = ("istio-peer-exchange", "istio")

@@ -1245,7 +1245,7 @@ def _pinned(ctx: Any) -> None:
 @pytest.mark.parametrize(
     ("edit", "detail"),
     [
-        (_no_istio_alpn, "alpn_protocols: the engine offers ALPN 'istio'"),
+        (_no_istio_alpn, "alpn_protocols: the engine offers ALPN 'istio-peer-exchange' then"),
         (_file_root, "expected 'ROOTCA' with 'default', got 'file-root:/ca.pem'"),
         (_pinned, "verify_certificate_spki: not supported by this engine"),
         (lambda c: setattr(c, "auto_host_sni", True), "auto_host_sni: not supported"),

@@ -1290,8 +1290,8 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
         raise XdsRefused(
             res,
             f"{cpath}.alpn_protocols",
-            "the engine offers ALPN 'istio' (not Istio's metadata exchange, "
-            f"'istio-peer-exchange'), which {list(common.alpn_protocols)} lacks",
+            "the engine offers ALPN 'istio-peer-exchange' then 'istio' (Istio's mutual TLS), "
+            f"and {list(common.alpn_protocols)} lacks 'istio'",
         )
     check_tls_fields(
         res,
