@@ -15,7 +15,6 @@ and the CPU of reading a sidecar's header (``read_exchange``), by itself.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import tempfile
@@ -24,8 +23,9 @@ from pathlib import Path
 
 import uvloop
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parents[1] / "bench")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import per_call_us
 from mesh_pki import ALPN_SIDECAR, SIDECAR_METADATA, MeshCa, exchange_header
