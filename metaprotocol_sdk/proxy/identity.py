@@ -51,6 +51,9 @@ log = logging.getLogger("metaprotocol.proxy")
 
 #: The ALPN protocols offered, in order (see the module's docstring).
 ALPN = ("istio-peer-exchange", "istio")
+#: Those of a cluster whose control plane turned the metadata exchange off (istiod's
+#: ``ALPNInMesh``: ``UpstreamTls.peer_exchange`` false).
+ALPN_WITHOUT_EXCHANGE = ("istio",)
 #: The ALPN protocols accepted, the first a client offers (Istio's metadata exchange first,
 #: as an Istio inbound listener's: see peer_exchange.py).
 SERVER_ALPN = ("istio-peer-exchange", "istio")
@@ -115,8 +118,10 @@ class IdentityMaterial:
     digest: str
     #: ``(path, notAfter)`` of the certificate chain and of the root.
     expiry: tuple[tuple[str, float], ...]
-    #: The client context of ``ISTIO_MUTUAL`` clusters.
+    #: The client context of ``ISTIO_MUTUAL`` clusters, and of those whose control plane
+    #: offers no metadata exchange (ALPN ``istio`` alone).
     client: ssl.SSLContext
+    client_without_exchange: ssl.SSLContext
     #: Server contexts of ``ISTIO_MUTUAL`` listeners, by their :data:`ServerKey`.
     servers: dict[ServerKey, ssl.SSLContext] = field(default_factory=dict)
     #: The URI SANs of the workload certificate (its SPIFFE id), for Istio's metrics.
@@ -168,7 +173,7 @@ def _server(settings: MeshIdentity, key: ServerKey) -> ssl.SSLContext:
     return ctx
 
 
-def _client(settings: MeshIdentity) -> ssl.SSLContext:
+def _client(settings: MeshIdentity, alpn: tuple[str, ...] = ALPN) -> ssl.SSLContext:
     """The context of ``ISTIO_MUTUAL`` clusters: the workload certificate, the server's
     chained to the mesh root. Its names are checked after the handshake (against
     ``subjectAltNames``), never against the SNI: Istio's SNI (``outbound_.<port>_...``) is
@@ -182,7 +187,7 @@ def _client(settings: MeshIdentity) -> ssl.SSLContext:
     _load_chain(
         ctx, "certificateChain", settings.certificate_chain, "privateKey", settings.private_key
     )
-    ctx.set_alpn_protocols(list(ALPN))
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -213,6 +218,7 @@ def load_identity(
             if (expires := certificate_expiry(path)) is not None
         ),
         _client(settings),
+        _client(settings, ALPN_WITHOUT_EXCHANGE),
         uris=certificate_uris(chain),
     )
     for server in servers:

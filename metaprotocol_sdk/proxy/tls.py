@@ -845,7 +845,8 @@ class TlsUpstreamConnection(UpstreamConnection):
                 self._connect_failed("TLS: no spec.meshIdentity is configured (ISTIO_MUTUAL)")
                 self.task = None
                 return
-            context = identity.material.client
+            material = identity.material
+            context = material.client if tls.peer_exchange else material.client_without_exchange
         loop = self.engine.loop
         waiter = loop.create_future()
         layer = handshake_class(loop)(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from test_auto_mtls import in_mesh
 from test_mesh_identity import identity, with_sans
 from test_telemetry import istio_series
 
-from metaprotocol_sdk.proxy import Engine
+from metaprotocol_sdk import ConfigError
+from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy.peer_exchange import MAX_HEADER
 
 CLUSTER = "outbound|9000|v1|svc.test"
@@ -324,3 +326,46 @@ def test_istio_metrics_off_still_say_the_engines_workload(ca: MeshCa, tmp_path: 
         await up.close()
 
     run(main())
+
+
+def test_a_cluster_whose_control_plane_turned_the_exchange_off_offers_istio_alone(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """istiod with its metadata exchange off writes ALPN ``istio`` alone on the cluster
+    (the translation's ``peer_exchange`` false): the engine offers that, and a sidecar
+    server selects ``istio``; no header either way."""
+
+    async def main() -> None:
+        up = await sidecar_server(ca, tmp_path, exchange_header(SERVER_METADATA))
+        text = client_config(ca, tmp_path, up.port, policy="{tls: {mode: ISTIO_MUTUAL}}")
+        config = loads_config(text, "test.yaml")
+        rule = config.destination_rules["svc.test"]
+        assert rule.policy.tls is not None and rule.policy.tls.peer_exchange
+        tls = replace(rule.policy.tls, peer_exchange=False)  # as the translation writes it
+        subsets = {
+            name: replace(subset, policy=replace(subset.policy, tls=tls))
+            for name, subset in rule.subsets.items()
+        }
+        rule = replace(rule, policy=replace(rule.policy, tls=tls), subsets=subsets)
+        engine = Engine(replace(config, destination_rules={"svc.test": rule}))
+        await engine.start()
+        try:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            assert selected_alpn(up) == {"istio"} and up.peers == []
+            assert ok_series(engine)["destination_version"] == "v1"
+            client.close()
+        finally:
+            await engine.stop(drain=1.0)
+        await up.close()
+
+    run(main())
+
+
+def test_the_translations_key_is_refused_in_a_file(ca: MeshCa, tmp_path: Path) -> None:
+    """The key the xDS translation turns the exchange off with is not a file's."""
+    ca.write(tmp_path / "certs", "orders", ns="shop")
+    policy = '{tls: {mode: ISTIO_MUTUAL, "xds.metaprotocol.io/peerExchange": false}}'
+    text = mesh([(1, "v1")], traffic_policy=policy, proxy=identity(tmp_path / "certs"))
+    with pytest.raises(ConfigError, match=r"xds\.metaprotocol\.io/peerExchange: unknown field"):
+        loads_config(text, "test.yaml")

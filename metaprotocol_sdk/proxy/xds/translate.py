@@ -39,6 +39,7 @@ from ..config.loader import MAX_NAME_LENGTH, PORT_PREFIX, build_config
 from ..config.models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
+    PEER_EXCHANGE_KEY,
     PORT_PROXY_PROTOCOL,
     PORT_RETRY_BUDGET,
     Config,
@@ -47,6 +48,7 @@ from ..config.models import (
     priority_label,
     tls_mode_label,
 )
+from ..peer_exchange import ALPN as PEER_EXCHANGE
 
 #: Fields read from each resource type and ignored, with why they cannot change traffic here.
 IGNORED: dict[str, dict[str, str]] = {
@@ -1313,6 +1315,8 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
             )
         sans.append(_san_matcher(res, t.matcher, f"{tpath}.matcher"))
     doc: dict[str, Any] = {"mode": "ISTIO_MUTUAL"}
+    if common.alpn_protocols and PEER_EXCHANGE not in common.alpn_protocols:
+        doc[PEER_EXCHANGE_KEY] = False  # istiod's metadata exchange is off (ALPNInMesh)
     if ctx.sni:
         doc["sni"] = ctx.sni
     if sans:
