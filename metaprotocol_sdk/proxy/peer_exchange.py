@@ -440,14 +440,16 @@ class UpstreamExchange(asyncio.Protocol):
         upstream.engine.buffered += held - upstream.held
         upstream.held = held
 
-    def hand_back(self, peer: PeerWorkload | None = None) -> None:
-        """The connection's own protocol again; what the header held released; the TCP
-        series of the server's workload (``peer``, if it said one) take the tally."""
+    def hand_back(self, peer: PeerWorkload | None = None, lost: bool = False) -> None:
+        """The connection's own protocol again (``lost``: the transport is gone, nothing to
+        set); what the header held released; the TCP series of the server's workload
+        (``peer``, if it said one) take the tally."""
         upstream = self.upstream
         upstream.engine.buffered -= upstream.held
         upstream.held = 0
         upstream.partial_since = 0.0
-        self.transport.set_protocol(upstream)
+        if not lost:
+            self.transport.set_protocol(upstream)
         istio = upstream.engine.istio
         if istio is None or istio.inbound:
             return
@@ -473,7 +475,7 @@ class UpstreamExchange(asyncio.Protocol):
         return self.upstream.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.hand_back()
+        self.hand_back(lost=True)
         self.upstream.connection_lost(exc)
 
     def pause_writing(self) -> None:

@@ -309,6 +309,29 @@ def test_a_partial_server_header_is_budgeted_and_closed_at_the_frame_timeout(
     run(main())
 
 
+def test_a_server_that_closes_within_its_header(ca: MeshCa, tmp_path: Path) -> None:
+    """Half a header, then the server closes: the request is answered ``UpstreamReset``,
+    what the header held released, and the connection counted (opened and closed) in the
+    TCP series of the endpoint's labels, the server having said no workload."""
+    half = exchange_header(SERVER_METADATA)[:40]
+
+    async def main() -> None:
+        up = await sidecar_server(ca, tmp_path, half)
+        async with engine_for(client_config(ca, tmp_path, up.port)) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("close")) == "UpstreamReset"
+            assert len(up.peers) == 1  # the exchange was selected: the engine's header read
+            await until(lambda: not engine.upstreams, "the connection's end")
+            assert engine.buffered == 0
+            for name in ("connections_opened", "connections_closed"):
+                ((key, value),) = tcp_series(engine, name).items()
+                assert value == 1 and 'destination_version="v1"' in key, key
+            client.close()
+        await up.close()
+
+    run(main())
+
+
 def test_istio_metrics_off_still_say_the_engines_workload(ca: MeshCa, tmp_path: Path) -> None:
     """Without Istio's metrics the engine still speaks the exchange (the server's sidecar
     reports the engine's workload, as istiod's clusters offer it whatever the telemetry);
