@@ -80,7 +80,8 @@ IGNORED: dict[str, dict[str, str]] = {
     "Cluster": {
         "metadata": "Istio's service bookkeeping (the name carries host, port and subset)",
         "alt_stat_name": "the engine names cluster statistics by the cluster name",
-        "filters": "Istio's metadata exchange for HTTP telemetry",
+        "filters": "Istio's TCP metadata exchange filter (istio.metadata_exchange): the engine "
+        "speaks the exchange itself on ISTIO_MUTUAL connections, as the socket's ALPN says",
         "common_lb_config": "its healthy_panic_threshold is read with outlier_detection (as "
         "minHealthPercent; without it no endpoint is ejected, so there is no panic); with "
         "locality_weighted_lb_config, the localities' weights are checked (see "
