@@ -200,6 +200,26 @@ def test_the_engine_as_client_and_as_server_exchange_workloads(ca: MeshCa, tmp_p
     run(main())
 
 
+def test_a_server_that_says_its_workload_before_reading_the_engines(
+    ca: MeshCa, tmp_path: Path
+) -> None:
+    """A server that writes its header as the connection is accepted, before any byte of
+    the engine's: read all the same."""
+
+    async def main() -> None:
+        up = await sidecar_server(ca, tmp_path, b"")
+        up.greeting = exchange_header(SERVER_METADATA)
+        async with engine_for(client_config(ca, tmp_path, up.port)) as engine:
+            client = await Client.connect(address(engine))
+            assert error_type(await client.call("get")) is None
+            assert len(up.peers) == 1
+            assert {k: ok_series(engine)[k] for k in DESTINATION} == DESTINATION
+            client.close()
+        await up.close()
+
+    run(main())
+
+
 def test_a_server_whose_replies_come_first_is_served_by_the_endpoints_labels(
     ca: MeshCa, tmp_path: Path
 ) -> None:
