@@ -1047,10 +1047,13 @@ def attach_cluster(
 
 def dump_upstream(tls: UpstreamTls | None, cluster: Cluster | None = None) -> dict[str, Any] | None:
     """A cluster's TLS settings for ``/config_dump``: paths, never what the files hold; with
-    automatic mutual TLS, the endpoints that get it."""
+    automatic mutual TLS, the endpoints that get it; with ``ISTIO_MUTUAL``, whether Istio's
+    metadata exchange is offered."""
     if tls is None:
         return None
     auto: dict[str, Any] = {}
+    if tls.mode == "ISTIO_MUTUAL":
+        auto["peerExchange"] = tls.peer_exchange
     if tls.auto and cluster is not None:
         settings = cluster.engine.config.proxy.mesh_identity
         auto["autoMtls"] = {

@@ -111,6 +111,7 @@ def test_istio_mutual_presents_the_identity_sends_istios_sni_and_alpn_and_checks
             dump = json.loads(body)
             tls = next(c for c in dump["clusters"] if c["name"] == cluster.name)["tls"]
             assert tls["mode"] == "ISTIO_MUTUAL" and tls["sni"] == "outbound_.9000_._.svc.test"
+            assert tls["peerExchange"] is True
             assert dump["meshIdentity"]["certificateChain"].endswith("cert-chain.pem")
             assert "BEGIN" not in body
             client.close()

@@ -9,6 +9,7 @@ engine's own mesh listener. Hostile servers too. Real sockets on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,17 @@ from typing import Any
 
 import pytest
 from mesh_pki import ALPN_SIDECAR, EXCHANGE_MAGIC, MeshCa, exchange_header, spiffe
-from proxy_kit import Client, Upstream, address, engine_for, error_type, mesh, run, until
+from proxy_kit import (
+    Client,
+    Upstream,
+    address,
+    engine_for,
+    error_type,
+    http_get,
+    mesh,
+    run,
+    until,
+)
 from test_auto_mtls import in_mesh
 from test_mesh_identity import identity, with_sans
 from test_telemetry import istio_series
@@ -397,6 +408,10 @@ def test_a_cluster_whose_control_plane_turned_the_exchange_off_offers_istio_alon
             assert error_type(await client.call("get")) is None
             assert selected_alpn(up) == {"istio"} and up.peers == []
             assert ok_series(engine)["destination_version"] == "v1"
+            assert engine.admin_address is not None
+            _, body = await http_get(engine.admin_address, "/config_dump")
+            (dumped,) = [c for c in json.loads(body)["clusters"] if c["name"] == CLUSTER]
+            assert dumped["tls"]["peerExchange"] is False
             client.close()
         finally:
             await engine.stop(drain=1.0)
