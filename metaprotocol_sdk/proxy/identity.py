@@ -4,7 +4,7 @@ istio-agent writes a non-Envoy workload's identity as files (``OUTPUT_CERTS`` fo
 gRPC, or file-mounted certificates): ``cert-chain.pem``, ``key.pem`` and ``root-cert.pem``,
 renewed at about half of a certificate's life. :func:`load_identity` reads and checks them
 (bounded, regular files only: the readers of :mod:`.tls`) and builds the contexts of
-``ISTIO_MUTUAL``: the client one (the workload certificate, the mesh root, ALPN ``istio``)
+``ISTIO_MUTUAL``: the client one (the workload certificate, the mesh root, Istio's ALPN)
 and a server one per listener settings. :class:`IdentityWatch` is the engine's: its
 :meth:`~IdentityWatch.check`, from the engine's sweep every ``checkInterval``, stats the
 three files (no read unless one changed) and swaps in new contexts for new connections;
@@ -16,9 +16,9 @@ between two of its writes is not a failure).
 
 ALPN: Istio sidecars offer ``istio-peer-exchange`` and ``istio``. The first makes a sidecar
 speak Istio's TCP metadata exchange (a header of its own before the application's bytes).
-The engine's listeners select it when offered and speak the exchange (peer_exchange.py);
-as a client the engine offers ``istio`` only, on which an Istio inbound listener's mutual
-TLS filter chains match too (a sidecar server then expects no such header).
+The engine's listeners select it when offered, and as a client the engine offers both, as
+istiod's ``ISTIO_MUTUAL`` clusters do (``ALPNInMeshWithMxc``); either side speaks the
+exchange when it is selected (peer_exchange.py).
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("metaprotocol.proxy")
 
-#: The ALPN protocol offered (see the module's docstring).
-ALPN = ("istio",)
+#: The ALPN protocols offered, in order (see the module's docstring).
+ALPN = ("istio-peer-exchange", "istio")
+#: Those of a cluster whose control plane turned the metadata exchange off (istiod's
+#: ``ALPNInMesh``: ``UpstreamTls.peer_exchange`` false).
+ALPN_WITHOUT_EXCHANGE = ("istio",)
 #: The ALPN protocols accepted, the first a client offers (Istio's metadata exchange first,
 #: as an Istio inbound listener's: see peer_exchange.py).
 SERVER_ALPN = ("istio-peer-exchange", "istio")
@@ -115,8 +118,10 @@ class IdentityMaterial:
     digest: str
     #: ``(path, notAfter)`` of the certificate chain and of the root.
     expiry: tuple[tuple[str, float], ...]
-    #: The client context of ``ISTIO_MUTUAL`` clusters.
+    #: The client context of ``ISTIO_MUTUAL`` clusters, and of those whose control plane
+    #: offers no metadata exchange (ALPN ``istio`` alone).
     client: ssl.SSLContext
+    client_without_exchange: ssl.SSLContext
     #: Server contexts of ``ISTIO_MUTUAL`` listeners, by their :data:`ServerKey`.
     servers: dict[ServerKey, ssl.SSLContext] = field(default_factory=dict)
     #: The URI SANs of the workload certificate (its SPIFFE id), for Istio's metrics.
@@ -168,7 +173,7 @@ def _server(settings: MeshIdentity, key: ServerKey) -> ssl.SSLContext:
     return ctx
 
 
-def _client(settings: MeshIdentity) -> ssl.SSLContext:
+def _client(settings: MeshIdentity, alpn: tuple[str, ...] = ALPN) -> ssl.SSLContext:
     """The context of ``ISTIO_MUTUAL`` clusters: the workload certificate, the server's
     chained to the mesh root. Its names are checked after the handshake (against
     ``subjectAltNames``), never against the SNI: Istio's SNI (``outbound_.<port>_...``) is
@@ -182,7 +187,7 @@ def _client(settings: MeshIdentity) -> ssl.SSLContext:
     _load_chain(
         ctx, "certificateChain", settings.certificate_chain, "privateKey", settings.private_key
     )
-    ctx.set_alpn_protocols(list(ALPN))
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -213,6 +218,7 @@ def load_identity(
             if (expires := certificate_expiry(path)) is not None
         ),
         _client(settings),
+        _client(settings, ALPN_WITHOUT_EXCHANGE),
         uris=certificate_uris(chain),
     )
     for server in servers:

@@ -19,6 +19,15 @@ number is served as if it had sent none (as Envoy does). The protobuf messages a
 written here by hand (the engine does not depend on protobuf): only the fields above, every
 length checked, in time linear in the header; a header above :data:`MAX_HEADER` bytes ends
 the connection (the exchange's metadata is a few hundred bytes).
+
+As a client (:class:`UpstreamExchange`), on ``ISTIO_MUTUAL`` connections (explicit or
+automatic), the engine offers ``istio-peer-exchange`` then ``istio`` (as istiod's
+``ALPNInMeshWithMxc``); when the server selects the first, it writes the same header before
+its first request and reads the server's as the first bytes of the connection, with the same
+bounds; a server whose bytes do not start with the magic number is served as if it had sent
+none. With ``reporter: source`` the server's workload fills the destination labels of
+Istio's metrics (telemetry.py). Either side hands the connection back to its own protocol
+once the header is read: the data path after it is the one of any connection.
 """
 
 from __future__ import annotations
@@ -29,9 +38,13 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from metaprotocol_sdk.enums import ErrorType
+
 if TYPE_CHECKING:
     from .config.models import Workload
     from .downstream import Downstream
+    from .telemetry import Identities, TcpSeries
+    from .upstream import UpstreamConnection
 
 log = logging.getLogger("metaprotocol.proxy")
 
@@ -355,3 +368,118 @@ class PeerExchange(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.downstream.resume_writing()
+
+
+class UpstreamExchange(asyncio.Protocol):
+    """An upstream TLS connection's protocol until the server's exchange header is read:
+    then the connection's own (``upstream``), handed what followed it.
+
+    The engine's own header was written before the connection's first request (by the
+    connection, as the handshake completed). At the client side of Istio's metrics, the
+    connection's TCP series wait for the server's workload: meanwhile they count in
+    :attr:`tally`, moved to the series of the workload the header says (or of none) once it
+    is read, or when the connection ends before."""
+
+    __slots__ = ("buffer", "tally", "transport", "upstream")
+
+    def __init__(self, upstream: UpstreamConnection, transport: Any) -> None:
+        self.upstream = upstream
+        self.transport = transport
+        self.buffer = bytearray()
+        #: The connection's TCP series while the exchange runs (``None``: Istio's
+        #: client-side metrics are off).
+        self.tally: TcpSeries | None = None
+
+    def start(self) -> None:
+        """Take the connection's bytes from now on."""
+        self.transport.set_protocol(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Read the header; hand the rest, and the connection, back. A header begun is held
+        as a partial reply is (:meth:`_hold`)."""
+        buffer = self.buffer
+        buffer += data
+        if len(buffer) < _HEADER.size:
+            if not _MAGIC_BYTES.startswith(bytes(buffer[:4])):
+                self._done(None)
+            else:
+                self._hold()
+            return
+        magic, size = _HEADER.unpack_from(buffer)
+        if magic != MAGIC:
+            self._done(None)  # no exchange: its bytes are the codec's (as Envoy's filter)
+            return
+        upstream = self.upstream
+        if size > MAX_HEADER:
+            self.hand_back()
+            upstream.give_up(
+                "peer_exchange",
+                ErrorType.BadResponse,
+                f"upstream {upstream.host.key} announced a metadata exchange header of "
+                f"{size} bytes, above {MAX_HEADER}",
+            )
+            return
+        if len(buffer) < _HEADER.size + size:
+            self._hold()
+            return
+        peer = None
+        istio = upstream.engine.istio
+        if istio is not None and not istio.inbound:  # else no series reads it: skipped
+            peer = read_exchange(bytes(buffer[_HEADER.size : _HEADER.size + size]))
+        del buffer[: _HEADER.size + size]
+        self._done(peer)
+
+    def _hold(self) -> None:
+        """Part of a header is held: as a partial reply's, its bytes count in the buffer
+        budget and it must be complete within ``timeouts.frame`` of its first byte (the
+        engine's sweep closes the connection then, ``frame_timeout``)."""
+        upstream = self.upstream
+        if not upstream.partial_since:
+            upstream.partial_since = upstream.engine.loop.time()
+        held = len(self.buffer)
+        upstream.engine.buffered += held - upstream.held
+        upstream.held = held
+
+    def hand_back(self, peer: PeerWorkload | None = None, lost: bool = False) -> None:
+        """The connection's own protocol again (``lost``: the transport is gone, nothing to
+        set); what the header held released; the TCP series of the server's workload
+        (``peer``, if it said one) take the tally."""
+        upstream = self.upstream
+        upstream.engine.buffered -= upstream.held
+        upstream.held = 0
+        upstream.partial_since = 0.0
+        if not lost:
+            self.transport.set_protocol(upstream)
+        istio = upstream.engine.istio
+        if istio is None or istio.inbound:
+            return
+        ids: Identities | None = upstream.istio
+        if peer is not None:
+            ids = upstream.istio = upstream.host.istio = istio.with_workload(ids, peer)
+        tally = self.tally
+        self.tally = None
+        if tally is not None and upstream.tcp is tally:
+            cluster = upstream.cluster
+            series = istio.tcp(cluster.service, cluster.namespace, upstream.host.labels, ids)
+            series.take(tally)
+            upstream.tcp = series
+
+    def _done(self, peer: PeerWorkload | None) -> None:
+        self.hand_back(peer)
+        rest, self.buffer = bytes(self.buffer), bytearray()
+        if rest:
+            self.upstream.data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        self.hand_back()
+        return self.upstream.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hand_back(lost=True)
+        self.upstream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.upstream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.upstream.resume_writing()

@@ -9,7 +9,8 @@ from its graph. Here every label has a value:
   default from the variables an Istio sidecar has: ``ISTIO_META_WORKLOAD_NAME``,
   ``POD_NAMESPACE``, ``ISTIO_META_CLUSTER_ID`` and the pod labels in ``ISTIO_METAJSON_LABELS``);
 * the destination side comes from the ServiceEntry (host, namespace) and, with ``reporter:
-  source``, the labels of the endpoint that served the request (``app``, ``version``, the
+  source``, the workload the server said in Istio's metadata exchange (peer_exchange.py),
+  else the labels of the endpoint that served the request (``app``, ``version``, the
   canonical-service labels); with ``reporter: destination`` the destination workload is this
   one, as an Istio inbound sidecar reports its own;
 * ``request_protocol`` is the ApplicationProtocol's name (``dubbo``); ``response_code`` maps
@@ -216,6 +217,27 @@ class TcpSeries:
         self.sent = stats.counter("istio_tcp_sent_bytes_total", **labels)
         self.received = stats.counter("istio_tcp_received_bytes_total", **labels)
 
+    @classmethod
+    def unlisted(cls) -> TcpSeries:
+        """Counters in no registry: a connection's while its labels are not yet known
+        (its server's workload, said by Istio's metadata exchange), moved by :meth:`take`."""
+        series = cls.__new__(cls)
+        for slot, name in (
+            ("opened", "istio_tcp_connections_opened_total"),
+            ("closed", "istio_tcp_connections_closed_total"),
+            ("sent", "istio_tcp_sent_bytes_total"),
+            ("received", "istio_tcp_received_bytes_total"),
+        ):
+            setattr(series, slot, Counter(name, ()))
+        return series
+
+    def take(self, other: TcpSeries) -> None:
+        """Add what ``other`` (:meth:`unlisted`) counted."""
+        self.opened.value += other.opened.value
+        self.closed.value += other.closed.value
+        self.sent.value += other.sent.value
+        self.received.value += other.received.value
+
 
 class IstioTelemetry:
     """Builds and caches the Istio series of an engine (one label set per destination
@@ -389,8 +411,9 @@ class IstioTelemetry:
         """The source and destination labels. At the server side the source is the client,
         known by its certificate alone (no metadata exchange): Istio's fallbacks then,
         ``unknown`` but for its principal and its principal's namespace; the destination
-        workload is this one. At the client side the destination workload is the serving
-        endpoint (its labels), its namespace its principal's, as in Istio, else the
+        workload is this one. At the client side the destination workload is the server's
+        as its metadata exchange said it, where it said it, else the serving endpoint's
+        labels; its namespace its principal's, as in Istio, else the exchange's, else the
         ServiceEntry's."""
         if self.inbound:
             peer = ids.workload
@@ -429,16 +452,22 @@ class IstioTelemetry:
                 "destination_cluster": self._cluster,
             }
         labels = endpoint or {}
+        server = ids.workload
+        if server is not None:  # its own word first, as Istio's: the endpoint's labels after
+            labels = {**labels, **_said(server)}
         app = labels.get("app", "unknown")
         version = labels.get("version", "unknown")
         source = self._source
         if ids.local:
             source = {**source, "source_principal": ids.local}
         namespace = ids.namespace or namespace
+        workload_namespace = namespace
+        if server is not None and not ids.namespace and server.namespace:
+            workload_namespace = server.namespace
         return {
             **source,
             "destination_workload": labels.get("workload", app),
-            "destination_workload_namespace": namespace,
+            "destination_workload_namespace": workload_namespace,
             "destination_principal": ids.peer or "unknown",
             "destination_app": app,
             "destination_version": version,
@@ -450,8 +479,23 @@ class IstioTelemetry:
                 "service.istio.io/canonical-revision",
                 version if version != "unknown" else "latest",
             ),
-            "destination_cluster": self._cluster,
+            "destination_cluster": server.cluster
+            if server is not None and server.cluster
+            else self._cluster,
         }
+
+
+def _said(peer: PeerWorkload) -> dict[str, str]:
+    """What a server's metadata exchange said of its workload, as endpoint labels (only
+    what it said)."""
+    said = {
+        "workload": peer.workload,
+        "app": peer.app,
+        "version": peer.version,
+        "service.istio.io/canonical-name": peer.canonical_service,
+        "service.istio.io/canonical-revision": peer.canonical_revision,
+    }
+    return {k: v for k, v in said.items() if v}
 
 
 class TargetTelemetry:

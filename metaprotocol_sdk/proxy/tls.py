@@ -35,8 +35,9 @@ from .authorization import ascii_lower, uris_of
 from .downstream import Downstream, ListenerRuntime, Refused
 from .handshake import HalfClosing, handshake_class
 from .peer_exchange import ALPN as PEER_EXCHANGE
-from .peer_exchange import PeerExchange
+from .peer_exchange import PeerExchange, UpstreamExchange
 from .stats import Counter, Labels
+from .telemetry import TcpSeries
 from .tunnel import TunnelRefused, connect_error, hand_over, open_tunnel
 from .upstream import UpstreamConnection
 
@@ -844,7 +845,8 @@ class TlsUpstreamConnection(UpstreamConnection):
                 self._connect_failed("TLS: no spec.meshIdentity is configured (ISTIO_MUTUAL)")
                 self.task = None
                 return
-            context = identity.material.client
+            material = identity.material
+            context = material.client if tls.peer_exchange else material.client_without_exchange
         loop = self.engine.loop
         waiter = loop.create_future()
         layer = handshake_class(loop)(
@@ -916,14 +918,30 @@ class TlsUpstreamConnection(UpstreamConnection):
                 cast(asyncio.Transport, transport).abort()
                 return  # _connect answers the requests waiting
         self.cluster.tls_stats.handshakes.value += 1
+        exchange = None
+        if tls.mode == "ISTIO_MUTUAL":
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == PEER_EXCHANGE:
+                # Istio's metadata exchange: the engine's header before its first request,
+                # the server's read before the codec's bytes (peer_exchange.py).
+                exchange = UpstreamExchange(self, transport)
+                cast(asyncio.Transport, transport).write(self.engine.peer_header)
         istio = self.engine.istio
         if istio is not None:
-            self._identify(istio, transport.get_extra_info("peercert"))
+            self._identify(istio, transport.get_extra_info("peercert"), exchange)
         super().connection_made(transport)
+        if exchange is not None:
+            if self.closed:  # closed while connecting: its series are the workload-less ones
+                exchange.hand_back()
+            else:
+                exchange.start()
 
-    def _identify(self, istio: IstioTelemetry, peercert: Any) -> None:
+    def _identify(
+        self, istio: IstioTelemetry, peercert: Any, exchange: UpstreamExchange | None
+    ) -> None:
         """The connection's identities in Istio's series, and at the client side its TCP
-        series (which count the requests sent while it connected)."""
+        series (which count the requests sent while it connected; while its metadata
+        ``exchange`` runs, in the exchange's tally, until the server said its workload)."""
         tls = self.cluster.tls
         identity = self.engine.identity
         local = self.cluster.local_uris
@@ -932,7 +950,12 @@ class TlsUpstreamConnection(UpstreamConnection):
         self.istio = self.host.istio = ids = istio.identities(uris_of(peercert), local)
         if not istio.inbound:
             cluster = self.cluster
-            tcp = self.tcp = istio.tcp(cluster.service, cluster.namespace, self.host.labels, ids)
+            if exchange is not None:
+                tcp = self.tcp = exchange.tally = TcpSeries.unlisted()
+            else:
+                tcp = self.tcp = istio.tcp(
+                    cluster.service, cluster.namespace, self.host.labels, ids
+                )
             tcp.sent.value += sum(len(b) for b in self.queued)
 
     def _preface(self, transport: asyncio.Transport) -> None:
@@ -1024,10 +1047,13 @@ def attach_cluster(
 
 def dump_upstream(tls: UpstreamTls | None, cluster: Cluster | None = None) -> dict[str, Any] | None:
     """A cluster's TLS settings for ``/config_dump``: paths, never what the files hold; with
-    automatic mutual TLS, the endpoints that get it."""
+    automatic mutual TLS, the endpoints that get it; with ``ISTIO_MUTUAL``, whether Istio's
+    metadata exchange is offered."""
     if tls is None:
         return None
     auto: dict[str, Any] = {}
+    if tls.mode == "ISTIO_MUTUAL":
+        auto["peerExchange"] = tls.peer_exchange
     if tls.auto and cluster is not None:
         settings = cluster.engine.config.proxy.mesh_identity
         auto["autoMtls"] = {

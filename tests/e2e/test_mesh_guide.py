@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
-from mesh_pki import ALPN_SIDECAR, MeshCa, spiffe
+from mesh_pki import MeshCa, spiffe
 
 from metaprotocol_sdk.demo.idl import hello, untyped
 from metaprotocol_sdk.demo.thrift_server import HelloHandler, HelloServer
@@ -89,7 +89,9 @@ class SidecarServer:
         ctx.load_cert_chain(*ca.files(tmp, sa, ns=NS))
         ctx.load_verify_locations(cadata=ca.pem.decode())
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.set_alpn_protocols(ALPN_SIDECAR)
+        # A sidecar selects istio-peer-exchange, then reads the client's metadata exchange
+        # header; thriftpy2 speaks none: istio alone (on which a sidecar's chains match too).
+        ctx.set_alpn_protocols(["istio"])
         self.sni: list[str | None] = []
         ctx.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
         self.handler = HelloHandler(version)

@@ -272,12 +272,21 @@ class KVServer(asyncio.Protocol):
         self.codec = KVCodec()
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        #: The client's metadata exchange header is still to be read (see Upstream.exchange).
+        self.exchanging = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
         self.owner.connections.add(self)
         self.owner.accepted += 1
+        ssl_object = transport.get_extra_info("ssl_object")
+        if (
+            self.owner.exchange is not None
+            and ssl_object is not None
+            and ssl_object.selected_alpn_protocol() == "istio-peer-exchange"
+        ):
+            self.exchanging = True
         if self.owner.refusing:  # a server that announced its drain: new connections closed
             self.transport.close()
             return
@@ -291,6 +300,17 @@ class KVServer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        if self.exchanging:  # a sidecar server: the client's header first, then its own
+            from mesh_pki import read_exchange  # tests/ (TLS tests only)
+
+            peer = read_exchange(self.buffer)
+            if peer is None:
+                return
+            self.exchanging = False
+            self.owner.peers.append(peer)
+            assert self.transport is not None and self.owner.exchange is not None
+            if self.owner.exchange:
+                self.transport.write(self.owner.exchange)
         while True:
             msg = self.codec.decode(self.buffer)
             if not isinstance(msg, Metadata):
@@ -318,6 +338,12 @@ class Upstream:
         self.refusing = False
         #: Sent on each new connection as it is accepted (``b""``: nothing).
         self.greeting = b""
+        #: Istio's metadata exchange, as a sidecar server speaks it when a TLS client selects
+        #: ALPN istio-peer-exchange: the header it writes once it read the client's (``b""``:
+        #: none, its replies come first; ``None``: it speaks no exchange), and the clients'
+        #: workloads it read (mesh_pki.read_exchange's dicts).
+        self.exchange: bytes | None = None
+        self.peers: list[dict[str, Any]] = []
         #: Pings received, and whether they go unanswered (as every request, with ``hang``:
         #: a peer that is gone).
         self.pings = 0

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from mesh_pki import ALPN_SIDECAR, MeshCa, spiffe
+from mesh_pki import ALPN_SIDECAR, SIDECAR_METADATA, MeshCa, exchange_header, spiffe
 from proxy_kit import Client, Upstream, address, engine_for, error_type, http_get, mesh, run
 from test_mesh_identity import Sni, identity, peer_uris
 
@@ -53,14 +53,17 @@ def test_labelled_endpoints_get_istio_mutual_and_the_others_plain_text(
 ) -> None:
     """Two endpoints of one cluster, round robin: the sidecar's (its server requires a mesh
     client certificate, as STRICT PeerAuthentication does) is reached over ISTIO_MUTUAL with
-    istiod's SNI and the engine's workload certificate, the other in plain text; both
+    istiod's SNI, the engine's workload certificate and Istio's metadata exchange, the
+    other in plain text; both
     answer every request, and /config_dump lists the endpoint that gets mutual TLS."""
     ca.write(tmp_path / "certs", "engine")
     server = ca.server_context(tmp_path, "greeter", alpn=ALPN_SIDECAR)
     sni = Sni(server)
 
     async def main() -> None:
-        strict = await Upstream("v1").start(ssl=server)
+        strict = Upstream("v1")
+        strict.exchange = exchange_header(SIDECAR_METADATA)  # a sidecar's metadata exchange
+        await strict.start(ssl=server)
         plain = await Upstream("v2").start()
         text = in_mesh(
             mesh([(strict.port, "v1"), (plain.port, "v2")], proxy=identity(tmp_path / "certs"))
@@ -76,7 +79,8 @@ def test_labelled_endpoints_get_istio_mutual_and_the_others_plain_text(
             assert tls_conn.transport is not None
             assert peer_uris(tls_conn.transport) == [spiffe("engine")]
             ssl_object = tls_conn.transport.get_extra_info("ssl_object")
-            assert ssl_object.selected_alpn_protocol() == "istio"
+            assert ssl_object.selected_alpn_protocol() == "istio-peer-exchange"
+            assert len(strict.peers) == 1  # the engine's workload, read by the sidecar
             (plain_conn,) = plain.connections
             assert plain_conn.transport is not None
             assert plain_conn.transport.get_extra_info("ssl_object") is None

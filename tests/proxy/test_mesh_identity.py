@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from mesh_pki import ALPN_SIDECAR, MeshCa, spiffe
+from mesh_pki import ALPN_SIDECAR, SIDECAR_METADATA, MeshCa, exchange_header, spiffe
 from proxy_kit import WAIT, Client, Upstream, address, engine_for, error_type, http_get, mesh, run
 
 from metaprotocol_sdk import ConfigError
@@ -79,14 +79,16 @@ def test_istio_mutual_presents_the_identity_sends_istios_sni_and_alpn_and_checks
 ) -> None:
     """The workload certificate is presented, the server's is checked against the mesh root
     and the ServiceEntry's names, the SNI is istiod's ``outbound_.<port>_.<subset>_.<host>``,
-    and of a sidecar's ALPN the engine offers ``istio`` only (so a sidecar never starts
-    Istio's metadata exchange on the connection)."""
+    and the engine offers a sidecar's ALPN, ``istio-peer-exchange`` first: a sidecar server
+    selects it and reads the engine's metadata exchange header (test_upstream_exchange.py)."""
     ca.write(tmp_path / "certs", "engine")
     server = ca.server_context(tmp_path, "greeter", alpn=ALPN_SIDECAR)
     sni = Sni(server)
 
     async def main() -> None:
-        up = await Upstream("v1").start(ssl=server)
+        up = Upstream("v1")
+        up.exchange = exchange_header(SIDECAR_METADATA)  # a sidecar's metadata exchange
+        await up.start(ssl=server)
         policy = "{tls: {mode: ISTIO_MUTUAL}}"
         text = with_sans(
             mesh([(up.port, "v1")], traffic_policy=policy, proxy=identity(tmp_path / "certs")),
@@ -99,7 +101,9 @@ def test_istio_mutual_presents_the_identity_sends_istios_sni_and_alpn_and_checks
             conn = next(iter(up.connections))
             assert conn.transport is not None
             assert peer_uris(conn.transport) == [spiffe("engine")]
-            assert conn.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "istio"
+            ssl_object = conn.transport.get_extra_info("ssl_object")
+            assert ssl_object.selected_alpn_protocol() == "istio-peer-exchange"
+            assert len(up.peers) == 1
             cluster = engine.clusters["outbound|9000||svc.test"]
             assert cluster.tls is not None and cluster.tls.subject_alt_names == (spiffe("greeter"),)
             assert engine.admin_address is not None
@@ -107,6 +111,7 @@ def test_istio_mutual_presents_the_identity_sends_istios_sni_and_alpn_and_checks
             dump = json.loads(body)
             tls = next(c for c in dump["clusters"] if c["name"] == cluster.name)["tls"]
             assert tls["mode"] == "ISTIO_MUTUAL" and tls["sni"] == "outbound_.9000_._.svc.test"
+            assert tls["peerExchange"] is True
             assert dump["meshIdentity"]["certificateChain"].endswith("cert-chain.pem")
             assert "BEGIN" not in body
             client.close()

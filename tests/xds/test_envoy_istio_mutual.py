@@ -449,7 +449,10 @@ static_resources:
             DownstreamTlsContext"
           require_client_certificate: true
           common_tls_context:
-            alpn_protocols: [istio-peer-exchange, h2, http/1.1]
+            # istiod writes [istio-peer-exchange, h2, http/1.1] for a sidecar, whose metadata
+            # exchange filter then reads the client's header; stock Envoy has no such
+            # filter, so it selects no exchange it would not speak (the engine offers it).
+            alpn_protocols: [h2, http/1.1]
             tls_params:
               tls_minimum_protocol_version: TLSv1_2
               tls_maximum_protocol_version: TLSv1_3

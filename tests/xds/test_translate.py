@@ -1177,6 +1177,22 @@ def test_istiods_istio_mutual_is_served_with_the_workload_identity(files: Files)
     assert rule.policy.tls is None and rule.subsets["v2"].policy.tls is None
 
 
+def test_istiods_alpn_says_whether_the_metadata_exchange_is_offered(files: Files) -> None:
+    """istiod writes ALPN ``istio-peer-exchange``/``istio`` on an ISTIO_MUTUAL cluster when
+    its metadata exchange is on (``ALPNInMeshWithMxc``, the default), ``istio`` alone when
+    it is off (``ALPNInMesh``): the engine offers what the cluster says, automatic mutual
+    TLS too."""
+    config = with_identity(files)
+    for alpn, offered in ((("istio-peer-exchange", "istio"), True), (("istio",), False)):
+        socket = istio_mutual_socket(ISTIO_SNI, [SA], alpn=alpn)
+        rule = translate(config, with_tls(socket)).destination_rules["hello.svc"]
+        tls = rule.subsets["v1"].policy.tls
+        assert tls is not None and tls.peer_exchange is offered, alpn
+        rule = translate(config, auto_mtls(socket)).destination_rules["hello.svc"]
+        tls = rule.subsets["v1"].policy.tls
+        assert tls is not None and tls.auto and tls.peer_exchange is offered, alpn
+
+
 def test_only_the_hosts_in_use_are_translated() -> None:
     """istiod sends every service of the mesh (without a Sidecar resource scoping it), and
     every one was translated at each update: 40 000 small clusters took 254 MiB and 4.9 s of
@@ -1245,7 +1261,7 @@ def _pinned(ctx: Any) -> None:
 @pytest.mark.parametrize(
     ("edit", "detail"),
     [
-        (_no_istio_alpn, "alpn_protocols: the engine offers ALPN 'istio'"),
+        (_no_istio_alpn, "alpn_protocols: the engine offers ALPN 'istio-peer-exchange' then"),
         (_file_root, "expected 'ROOTCA' with 'default', got 'file-root:/ca.pem'"),
         (_pinned, "verify_certificate_spki: not supported by this engine"),
         (lambda c: setattr(c, "auto_host_sni", True), "auto_host_sni: not supported"),

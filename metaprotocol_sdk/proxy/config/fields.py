@@ -242,8 +242,12 @@ TLS = fields(
     "caCrl",
     refused={"credentialName": _SECRETS},
 )
-#: A ``tls`` block translated from xDS: :data:`~.models.AUTO_MTLS_KEY` too.
-TLS_XDS = Fields(TLS.honoured | {"xds.metaprotocol.io/autoMtls"}, TLS.refused)
+#: A ``tls`` block translated from xDS: :data:`~.models.AUTO_MTLS_KEY` and
+#: :data:`~.models.PEER_EXCHANGE_KEY` too.
+TLS_XDS = Fields(
+    TLS.honoured | {"xds.metaprotocol.io/autoMtls", "xds.metaprotocol.io/peerExchange"},
+    TLS.refused,
+)
 #: What ``ISTIO_MUTUAL`` needs: the ProxyConfig's workload identity.
 NO_MESH_IDENTITY = (
     "ISTIO_MUTUAL uses the workload's Istio identity, and the ProxyConfig sets none: set "

@@ -56,6 +56,7 @@ from .durations import parse_duration
 from .models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
+    PEER_EXCHANGE_KEY,
     PORT_PROXY_PROTOCOL,
     PORT_RETRY_BUDGET,
     RETRY_ON,
@@ -1302,7 +1303,13 @@ def _upstream_tls(
                 )
         # The SNI (default outbound_.<port>_.<subset>_.<host>) and, without names here, the
         # ServiceEntry's are set per cluster by the engine.
-        return UpstreamTls("ISTIO_MUTUAL", sni=sni, subject_alt_names=tuple(sans), auto=auto)
+        return UpstreamTls(
+            "ISTIO_MUTUAL",
+            sni=sni,
+            subject_alt_names=tuple(sans),
+            auto=auto,
+            peer_exchange=raw.get(PEER_EXCHANGE_KEY) is not False,
+        )
     if mode == "DISABLE":
         for key in ("sni", "subjectAltNames", "insecureSkipVerify", *files):
             if raw.get(key) is not None:

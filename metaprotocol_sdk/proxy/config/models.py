@@ -100,6 +100,10 @@ TLS_MODE_XDS_LABEL = "xds.metaprotocol.io/tls-mode-"
 #: automatic mutual TLS (a cluster's ``transport_socket_matches``): read from the control
 #: plane only, never from a file.
 AUTO_MTLS_KEY = "xds.metaprotocol.io/autoMtls"
+#: The key of a translated ``tls`` block (``ISTIO_MUTUAL``) saying that istiod's ALPN for the
+#: cluster lacks ``istio-peer-exchange`` (its metadata exchange is off): read from the
+#: control plane only, never from a file.
+PEER_EXCHANGE_KEY = "xds.metaprotocol.io/peerExchange"
 
 #: The key of a translated ``ringHash`` block holding Envoy's ``maximum_ring_size`` (Istio has
 #: no such field): read from the control plane only, never from a file.
@@ -425,6 +429,10 @@ class UpstreamTls:
     #: istiod's automatic mutual TLS (``ISTIO_MUTUAL`` only): the endpoints whose
     #: ``tlsMode`` is ``istio`` (:meth:`Endpoint.mesh_tls_in`) get it, the others plain TCP.
     auto: bool = False
+    #: ``ISTIO_MUTUAL`` offers ALPN ``istio-peer-exchange`` (then ``istio``) and speaks Istio's
+    #: metadata exchange when the server selects it; ``False`` (a control plane's cluster
+    #: whose ALPN lacks it) offers ``istio`` alone.
+    peer_exchange: bool = True
 
     @property
     def enabled(self) -> bool:

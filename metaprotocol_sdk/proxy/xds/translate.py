@@ -39,6 +39,7 @@ from ..config.loader import MAX_NAME_LENGTH, PORT_PREFIX, build_config
 from ..config.models import (
     AUTO_MTLS_KEY,
     MAXIMUM_RING_SIZE,
+    PEER_EXCHANGE_KEY,
     PORT_PROXY_PROTOCOL,
     PORT_RETRY_BUDGET,
     Config,
@@ -47,6 +48,7 @@ from ..config.models import (
     priority_label,
     tls_mode_label,
 )
+from ..peer_exchange import ALPN as PEER_EXCHANGE
 
 #: Fields read from each resource type and ignored, with why they cannot change traffic here.
 IGNORED: dict[str, dict[str, str]] = {
@@ -78,7 +80,8 @@ IGNORED: dict[str, dict[str, str]] = {
     "Cluster": {
         "metadata": "Istio's service bookkeeping (the name carries host, port and subset)",
         "alt_stat_name": "the engine names cluster statistics by the cluster name",
-        "filters": "Istio's metadata exchange for HTTP telemetry",
+        "filters": "Istio's TCP metadata exchange filter (istio.metadata_exchange): the engine "
+        "speaks the exchange itself on ISTIO_MUTUAL connections, as the socket's ALPN says",
         "common_lb_config": "its healthy_panic_threshold is read with outlier_detection (as "
         "minHealthPercent; without it no endpoint is ejected, so there is no panic); with "
         "locality_weighted_lb_config, the localities' weights are checked (see "
@@ -1290,8 +1293,8 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
         raise XdsRefused(
             res,
             f"{cpath}.alpn_protocols",
-            "the engine offers ALPN 'istio' (not Istio's metadata exchange, "
-            f"'istio-peer-exchange'), which {list(common.alpn_protocols)} lacks",
+            "the engine offers ALPN 'istio-peer-exchange' then 'istio' (Istio's mutual TLS), "
+            f"and {list(common.alpn_protocols)} lacks 'istio'",
         )
     check_tls_fields(
         res,
@@ -1313,6 +1316,8 @@ def _istio_mutual(res: str, ctx: Any, path: str, identity: bool) -> _Tls:
             )
         sans.append(_san_matcher(res, t.matcher, f"{tpath}.matcher"))
     doc: dict[str, Any] = {"mode": "ISTIO_MUTUAL"}
+    if common.alpn_protocols and PEER_EXCHANGE not in common.alpn_protocols:
+        doc[PEER_EXCHANGE_KEY] = False  # istiod's metadata exchange is off (ALPNInMesh)
     if ctx.sni:
         doc["sni"] = ctx.sni
     if sans:
