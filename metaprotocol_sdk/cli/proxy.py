@@ -235,12 +235,16 @@ async def _follow_tls_files(engine: Engine, reloader: Reloader, stop: asyncio.Ev
     from metaprotocol_sdk.proxy.tls_files import FileSignature, signatures, tls_paths
 
     seen: tuple[tuple[str, ...], tuple[FileSignature, ...]] | None = None
+    read: tuple[Config, tuple[str, ...]] | None = None  # the paths of the configuration in force
     while True:
-        interval = engine.config.proxy.tls_files_check
+        config = engine.config
+        interval = config.proxy.tls_files_check
         if interval is None:
             seen = None
         else:
-            paths = tls_paths(engine.config)
+            if read is None or read[0] is not config:  # off the loop: xDS makes them many
+                read = (config, await asyncio.to_thread(tls_paths, config))
+            paths = read[1]
             now = (paths, await asyncio.to_thread(signatures, paths))
             if seen is None or paths != seen[0]:  # first look at these: changed since read?
                 changed = any(s is not None and s[3] > reloader.read_at for s in now[1])
