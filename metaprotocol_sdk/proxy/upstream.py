@@ -1127,7 +1127,11 @@ class UpstreamConnection(asyncio.Protocol):
         except (OSError, TimeoutError, TunnelRefused) as exc:
             if not self.connecting:
                 # Made just as the timeout fired: a connection (one outcome per attempt),
-                # which the cancelled connect closed; connection_lost answers what was sent.
+                # which the cancelled connect closed. asyncio's loop tells connection_lost;
+                # uvloop's closes the socket without a word (the connection stayed in the
+                # pool, dead: every request to the endpoint waited for its timeout), so
+                # connection_lost is called here, once for both.
+                self.connection_lost(None)
                 return
             self._connect_failed(connect_error(exc))
         finally:
@@ -2248,6 +2252,8 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:  # told already (see _connect)
+            return
         self._active.value -= 1
         if self.tcp is not None:
             self.tcp.closed.value += 1
