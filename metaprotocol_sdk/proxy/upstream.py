@@ -163,7 +163,8 @@ class Pending:
         self.done = False
         self.deadline = 0.0
         #: Retries before this try. ``seq`` (the position on a dedicated connection) is set
-        #: when sent there, ``mutation`` (what it was sent with) on routes with retries.
+        #: when sent there, ``mutation`` (what it was sent with) on routes with retries and
+        #: on shared connections.
         self.tries = 0
         self.seq: int
         self.mutation: Mutation | None
@@ -1234,6 +1235,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._check_id(encoded, wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id
+            p.mutation = mutation  # what it was sent with, should its id be questioned
             self.pending[wire_id] = p
         else:
             encoded = self.codec.encode(request, mutation)
@@ -2111,6 +2113,8 @@ class UpstreamConnection(asyncio.Protocol):
         for p in self.pending.values():
             request = p.request
             if request is not RELEASED and request.request_id == reply_id != p.wire_id:
+                if self._id_written(p):  # the upstream's own id: any upstream may send one
+                    return
                 self.id_checks = ID_CHECKS  # once per connection is enough to say it
                 unshare(
                     self.engine,
@@ -2121,6 +2125,22 @@ class UpstreamConnection(asyncio.Protocol):
                     "write: requests wait for their timeout, their replies are dropped",
                 )
                 return
+
+    def _id_written(self, p: Pending) -> bool:
+        """Whether the codec writes ``p``'s id on this connection when it encodes ``p``'s
+        request again as it was sent (a fresh codec of the connection's class, the same
+        mutation), decoded by another: then a reply carrying the client's id is the
+        upstream's doing (a hostile upstream may answer with any id), not the codec's bug,
+        and must not change how the engine pools every connection of the codec. A request
+        the fresh codecs cannot encode or read again is no verdict: ``False``, the reply
+        taken as the evidence it was."""
+        try:
+            encoded = self.cluster.new_codec().encode(p.request, p.mutation, request_id=p.wire_id)
+            frame = encoded if type(encoded) is bytes else join_encoded(encoded)
+            message = self.cluster.new_codec().decode(bytearray(frame))
+        except Exception:  # CodecUnavailable (counted as such), or the codec's: no verdict
+            return False
+        return isinstance(message, Metadata) and message.request_id == p.wire_id
 
     def _candidate(self, wire_id: int) -> Pending | None:
         """Dedicated mode: the request a reply with ``wire_id`` pairs with (the first with
