@@ -196,6 +196,8 @@ class UpstreamHost:
         "connection_class",
         "conns",
         "draining",
+        "echoed",
+        "echoes",
         "ejected",
         "ejections",
         "endpoint",
@@ -228,6 +230,11 @@ class UpstreamHost:
         weight: int = 1,
         priority: int = 0,
     ) -> None:
+        #: Clients' own connections: the first id a reply was paired by, and whether replies
+        #: have been paired by two ids (the upstream echoes them; see
+        #: ``UpstreamConnection._candidate``).
+        self.echoed: int | None = None
+        self.echoes = False
         self.address = address
         self.port = port
         self.key = f"{address}:{port}"
@@ -945,8 +952,6 @@ class UpstreamConnection(asyncio.Protocol):
         "connecting",
         "drain_keys",
         "drained",
-        "echoed",
-        "echoes",
         "engine",
         "established",
         "expired",
@@ -1026,10 +1031,6 @@ class UpstreamConnection(asyncio.Protocol):
         # reply pairs in O(1) with the first request of its id, else with the oldest.
         self.order: OrderedDict[int, Pending] = OrderedDict()
         self.by_id: dict[int, deque[Pending]] = {}
-        #: Dedicated mode: the first id a reply was paired by, and whether replies have been
-        #: paired by two ids (the upstream echoes ids; see :meth:`_candidate`).
-        self.echoed: int | None = None
-        self.echoes = False
         self.next_seq = 0
         #: Timed-out requests still holding their place in ``order``, or their id in
         #: ``pending`` (a shared connection with few ids; see :meth:`forget`).
@@ -2151,20 +2152,22 @@ class UpstreamConnection(asyncio.Protocol):
     def _candidate(self, wire_id: int) -> Pending | None:
         """Dedicated mode: the request a reply with ``wire_id`` pairs with (the first with
         this id, else the oldest, for upstreams that do not echo ids), left in place. Once
-        replies were paired by two different ids the upstream echoes them: a reply whose id
+        replies from its endpoint were paired by two different ids (on any connection of
+        any client) the upstream echoes them: a reply whose id
         no request has answers nobody (an extra or duplicated reply, or one with an id never
         sent), as on a shared connection. Paired with the oldest, it took that request's
         place and every later reply the next one's: the client got one reply twice (the
         real one and a ``Timeout``) and none for another that the stats counted ``Ok``."""
         same = self.by_id.get(wire_id)
+        host = self.host
         if same:
-            if not self.echoes:
-                if self.echoed is None:
-                    self.echoed = wire_id
-                elif wire_id != self.echoed:
-                    self.echoes = True
+            if not host.echoes:
+                if host.echoed is None:
+                    host.echoed = wire_id
+                elif wire_id != host.echoed:
+                    host.echoes = True
             return same[0]
-        if self.echoes:
+        if host.echoes:
             return None
         order = self.order
         return next(iter(order.values())) if order else None
