@@ -232,3 +232,121 @@ class WorkerFeed:
         samples[series] = samples.get(series, 0.0) + value
         if family.kind == "gauge":
             family.per_worker[with_label(series, WORKER_LABEL, self.worker)] = value
+
+
+class CounterFloor:
+    """Keeps the supervisor's summed counters and histograms from going down between scrapes.
+
+    A worker that does not answer a scrape (stuck, restarting) leaves its series out of the
+    sums, and one started again after a crash counts from 0: the sums went down, which
+    Prometheus takes for a counter reset, counting the whole new sum as an increase (a
+    spike as large as every request ever counted). Here each counter series and histogram
+    bucket is published at least at its last published value. A worker that did not answer
+    comes back with its own counts, so that floor holds for one scrape; the counts a crashed
+    worker took with it are added for good (an offset) at the first scrape every worker
+    answers after a restart, taken from how far the sums fell below their floor then (what
+    the other workers counted meanwhile is published one scrape late, or, in that scrape,
+    not at all: never twice). A series that no worker sends in such a scrape is dropped with
+    its floor (a reload removed it; see ``stats_pruning``). The floors are the last merge's
+    own counter and histogram families (nothing is copied), and an offset is kept per series
+    a crash lowered."""
+
+    def __init__(self) -> None:
+        #: The last published counter and histogram families, by name.
+        self.families: dict[str, Family] = {}
+        self.offsets: dict[str, dict[str, float]] = {}
+        self.histogram_offsets: dict[str, dict[tuple[str, str], Buckets]] = {}
+        #: Worker restarts already accounted for (see :meth:`apply`).
+        self.restarts = 0
+
+    def apply(self, merged: MergedStats, complete: bool, restarts: int) -> None:
+        """Raise ``merged``'s counters and histograms to their floors, and make them the
+        floors of the next scrape. ``complete``: every worker answered in full;
+        ``restarts``: the workers' restarts so far (a crash's lost counts become offsets at
+        the first complete scrape after it)."""
+        bake = complete and restarts != self.restarts
+        if bake:
+            self.restarts = restarts
+        floors: dict[str, Family] = {}
+        for name, family in merged.families.items():
+            if family.kind == "counter":
+                self._counters(family, bake)
+            elif family.kind == "histogram":
+                self._histograms(family, bake)
+            else:
+                continue
+            floors[name] = family
+        if complete:  # a series no worker sent is gone: so is its offset
+            for name, offsets in list(self.offsets.items()):
+                now = floors.get(name)
+                kept = {} if now is None else {k: v for k, v in offsets.items() if k in now.samples}
+                if kept:
+                    self.offsets[name] = kept
+                else:
+                    del self.offsets[name]
+            for name, lost in list(self.histogram_offsets.items()):
+                now = floors.get(name)
+                held = {} if now is None else now.histograms
+                left = {k: v for k, v in lost.items() if k in held}
+                if left:
+                    self.histogram_offsets[name] = left
+                else:
+                    del self.histogram_offsets[name]
+        else:  # the series of a worker that did not answer: published as before
+            for name, old in self.families.items():
+                now = floors.get(name)
+                if now is None:
+                    now = floors[name] = merged.families[name] = Family(name, old.kind, old.help)
+                for series, value in old.samples.items():
+                    now.samples.setdefault(series, value)
+                for key, buckets in old.histograms.items():
+                    now.histograms.setdefault(key, buckets)
+        self.families = floors
+
+    def _counters(self, family: Family, bake: bool) -> None:
+        old = self.families.get(family.name)
+        offsets = self.offsets.get(family.name)
+        if old is None and offsets is None:
+            return
+        floors = {} if old is None else old.samples
+        samples = family.samples
+        for series, value in samples.items():
+            if offsets is not None:
+                value += offsets.get(series, 0.0)
+            floor = floors.get(series)
+            if floor is not None and value < floor:
+                if bake:
+                    if offsets is None:
+                        offsets = self.offsets[family.name] = {}
+                    offsets[series] = offsets.get(series, 0.0) + floor - value
+                value = floor
+            samples[series] = value
+
+    def _histograms(self, family: Family, bake: bool) -> None:
+        old = self.families.get(family.name)
+        offsets = self.histogram_offsets.get(family.name)
+        if old is None and offsets is None:
+            return
+        floors = {} if old is None else old.histograms
+        for key, buckets in family.histograms.items():
+            offset = None if offsets is None else offsets.get(key)
+            if offset is not None:
+                buckets.add(offset.counts, offset.sum)
+            floor = floors.get(key)
+            if floor is None or (
+                buckets.sum >= floor.sum and not any(map(operator.lt, buckets.counts, floor.counts))
+            ):
+                continue
+            if bake:
+                lost = Buckets(
+                    [max(f - n, 0.0) for f, n in zip(floor.counts, buckets.counts, strict=True)],
+                    max(floor.sum - buckets.sum, 0.0),
+                )
+                if offsets is None:
+                    offsets = self.histogram_offsets[family.name] = {}
+                if offset is None:
+                    offsets[key] = lost
+                else:
+                    offset.add(lost.counts, lost.sum)
+            buckets.counts = list(map(max, buckets.counts, floor.counts))
+            buckets.sum = max(buckets.sum, floor.sum)

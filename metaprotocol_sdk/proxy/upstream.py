@@ -163,7 +163,8 @@ class Pending:
         self.done = False
         self.deadline = 0.0
         #: Retries before this try. ``seq`` (the position on a dedicated connection) is set
-        #: when sent there, ``mutation`` (what it was sent with) on routes with retries.
+        #: when sent there, ``mutation`` (what it was sent with) on routes with retries and
+        #: on shared connections.
         self.tries = 0
         self.seq: int
         self.mutation: Mutation | None
@@ -195,6 +196,8 @@ class UpstreamHost:
         "connection_class",
         "conns",
         "draining",
+        "echoed",
+        "echoes",
         "ejected",
         "ejections",
         "endpoint",
@@ -227,6 +230,11 @@ class UpstreamHost:
         weight: int = 1,
         priority: int = 0,
     ) -> None:
+        #: Clients' own connections: the first id a reply was paired by, and whether replies
+        #: have been paired by two ids (the upstream echoes them; see
+        #: ``UpstreamConnection._candidate``).
+        self.echoed: int | None = None
+        self.echoes = False
         self.address = address
         self.port = port
         self.key = f"{address}:{port}"
@@ -1127,7 +1135,11 @@ class UpstreamConnection(asyncio.Protocol):
         except (OSError, TimeoutError, TunnelRefused) as exc:
             if not self.connecting:
                 # Made just as the timeout fired: a connection (one outcome per attempt),
-                # which the cancelled connect closed; connection_lost answers what was sent.
+                # which the cancelled connect closed. asyncio's loop tells connection_lost;
+                # uvloop's closes the socket without a word (the connection stayed in the
+                # pool, dead: every request to the endpoint waited for its timeout), so
+                # connection_lost is called here, once for both.
+                self.connection_lost(None)
                 return
             self._connect_failed(connect_error(exc))
         finally:
@@ -1230,6 +1242,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._check_id(encoded, wire_id)
             self.next_id = wire_id
             p.wire_id = wire_id
+            p.mutation = mutation  # what it was sent with, should its id be questioned
             self.pending[wire_id] = p
         else:
             encoded = self.codec.encode(request, mutation)
@@ -2107,6 +2120,8 @@ class UpstreamConnection(asyncio.Protocol):
         for p in self.pending.values():
             request = p.request
             if request is not RELEASED and request.request_id == reply_id != p.wire_id:
+                if self._id_written(p):  # the upstream's own id: any upstream may send one
+                    return
                 self.id_checks = ID_CHECKS  # once per connection is enough to say it
                 unshare(
                     self.engine,
@@ -2118,12 +2133,42 @@ class UpstreamConnection(asyncio.Protocol):
                 )
                 return
 
+    def _id_written(self, p: Pending) -> bool:
+        """Whether the codec writes ``p``'s id on this connection when it encodes ``p``'s
+        request again as it was sent (a fresh codec of the connection's class, the same
+        mutation), decoded by another: then a reply carrying the client's id is the
+        upstream's doing (a hostile upstream may answer with any id), not the codec's bug,
+        and must not change how the engine pools every connection of the codec. A request
+        the fresh codecs cannot encode or read again is no verdict: ``False``, the reply
+        taken as the evidence it was."""
+        try:
+            encoded = self.cluster.new_codec().encode(p.request, p.mutation, request_id=p.wire_id)
+            frame = encoded if type(encoded) is bytes else join_encoded(encoded)
+            message = self.cluster.new_codec().decode(bytearray(frame))
+        except Exception:  # CodecUnavailable (counted as such), or the codec's: no verdict
+            return False
+        return isinstance(message, Metadata) and message.request_id == p.wire_id
+
     def _candidate(self, wire_id: int) -> Pending | None:
         """Dedicated mode: the request a reply with ``wire_id`` pairs with (the first with
-        this id, else the oldest), left in place."""
+        this id, else the oldest, for upstreams that do not echo ids), left in place. Once
+        replies from its endpoint were paired by two different ids (on any connection of
+        any client) the upstream echoes them: a reply whose id
+        no request has answers nobody (an extra or duplicated reply, or one with an id never
+        sent), as on a shared connection. Paired with the oldest, it took that request's
+        place and every later reply the next one's: the client got one reply twice (the
+        real one and a ``Timeout``) and none for another that the stats counted ``Ok``."""
         same = self.by_id.get(wire_id)
+        host = self.host
         if same:
+            if not host.echoes:
+                if host.echoed is None:
+                    host.echoed = wire_id
+                elif wire_id != host.echoed:
+                    host.echoes = True
             return same[0]
+        if host.echoes:
+            return None
         order = self.order
         return next(iter(order.values())) if order else None
 
@@ -2248,6 +2293,8 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:  # told already (see _connect)
+            return
         self._active.value -= 1
         if self.tcp is not None:
             self.tcp.closed.value += 1

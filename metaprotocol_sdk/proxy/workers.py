@@ -49,7 +49,7 @@ from .admin_page import merge_live, page_html
 from .config.models import Admin
 from .service_manager import notify
 from .stats import Stats
-from .stats_merge import WORKER_LABEL, MergedStats, WorkerFeed
+from .stats_merge import WORKER_LABEL, CounterFloor, MergedStats, WorkerFeed
 from .watchdog import KILL_STATUS
 from .writer import BackgroundWriter
 
@@ -359,6 +359,9 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(count)]
         self.drain = config.proxy.timeouts.drain if drain is None else drain
         self.stats = Stats()
+        #: The summed counters and histograms last published: none goes down (a worker
+        #: that did not answer, or started again after a crash; see CounterFloor).
+        self.floor = CounterFloor()
         self.ports: dict[str, int] = {}
         self.stopping = False
         self._held: list[socket.socket] = []
@@ -888,6 +891,8 @@ class Supervisor:
             )
             if outcome is not None:
                 log.warning("worker %d: stats: %s", worker.index, outcome)
+        complete = all(outcome is None for outcome in outcomes)
+        self.floor.apply(merged, complete, sum(w.restarts for w in self.workers))
         merged.add(self.stats.prometheus())  # the supervisor's admin counters
         return merged
 

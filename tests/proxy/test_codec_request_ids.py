@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from proxy_kit import (
     ONEWAY,
+    RESPONSE,
     Client,
     Upstream,
     address,
@@ -341,6 +342,58 @@ def test_a_late_reply_to_a_timed_out_request_does_not_name_a_correct_codec(
     with caplog.at_level(logging.INFO):
         run(main())
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+class LyingServer(asyncio.Protocol):
+    """An upstream that answers each request with the id its header ``answer-as`` names,
+    not the one it was sent (as a hostile upstream may, guessing the ids clients use)."""
+
+    def __init__(self) -> None:
+        self.codec = KVCodec()
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while isinstance(message := self.codec.decode(self.buffer), Metadata):
+            rid = int(message.attributes.get("answer-as") or message.request_id)
+            self.transport.write(build_frame(RESPONSE, rid, {"server": "liar"}))
+
+
+def test_an_upstream_answering_with_a_client_s_id_does_not_name_a_correct_codec(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hostile upstream answers the first request of a shared connection (engine id 1)
+    with id 5, the id its client gave it: taken as proof that the (correct) KV codec did not
+    write the id it was given, the codec was named in an error line and its class served
+    dedicated for the rest of the process, every cluster of it, whatever their upstreams:
+    one upstream's bytes changed how the whole engine pools its connections. The engine now
+    encodes that request again, as it was sent (a fresh codec, the same mutation and id), and
+    decodes it: the id is written, so the reply is only one nobody waits for."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(LyingServer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        router = ROUTER + "  requestMutation: [{key: x-added, value: '1'}]\n"
+        async with engine_for(mesh([(port, "v1")], router=router)) as engine:
+            c = await Client.connect(address(engine))
+            assert error_type(await c.call(rid=5, headers={"answer-as": "5"})) == "Timeout"
+            unmatched = "metaprotocol_upstream_unmatched_replies_total"
+            assert engine.stats.total(unmatched) == 1
+            assert engine.stats.total("metaprotocol_codec_errors_total", method="encode") == 0
+            (cluster,) = engine.config_dump()["clusters"]
+            assert cluster["pooling"] == "shared"
+            assert error_type(await c.call(rid=6)) is None
+            c.close()
+        server.close()
+        await server.wait_closed()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 class TinyIdKV(KVCodec):

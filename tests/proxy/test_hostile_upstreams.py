@@ -647,6 +647,49 @@ def test_replies_that_answer_nothing_are_dropped_and_counted(path: str) -> None:
     run(main())
 
 
+def test_an_extra_reply_on_a_client_s_own_connection_does_not_shift_the_others() -> None:
+    """A client's own connection (a codec without id rewriting) pairs a reply whose id no
+    request has with the oldest request, for upstreams that do not echo ids. An upstream
+    that does, sending one reply too many (an id never sent), shifted every later pairing:
+    request 3 was taken by the extra reply, its own reply by request 4, whose reply then
+    answered nobody; the client got a reply of an id it never sent and none for request 4,
+    which the stats counted ``Ok``. Once replies were paired by two ids, one of an id no
+    request has is dropped and counted, as on a shared connection."""
+
+    async def main() -> None:
+        up = await RawUpstream().start()
+        proxy = "timeouts: {route: 2s}\n"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy, **DEDICATED)) as engine:
+            c = await Client.connect(address(engine))
+            for rid in (1, 2):  # answered by their ids: the upstream echoes them
+                waiting = c.start(rid=rid)
+                (conn, message) = (await up.wait_received(rid))[-1]
+                conn.write(build_frame(RESPONSE, message.request_id, {"k": str(rid)}))
+                assert (await asyncio.wait_for(waiting, WAIT)).attributes.get("k") == str(rid)
+            third, fourth = c.start(rid=3), c.start(rid=4)
+            received = await up.wait_received(4)
+            conn = received[-1][0]
+            conn.write(
+                build_frame(RESPONSE, 9999, {"k": "extra"})
+                + b"".join(
+                    build_frame(RESPONSE, m.request_id, {"k": str(m.request_id)})
+                    for _, m in received[2:]
+                )
+            )
+            replies = [await asyncio.wait_for(f, WAIT) for f in (third, fourth)]
+            assert [(r.request_id, r.attributes.get("k")) for r in replies] == [
+                (3, "3"),
+                (4, "4"),
+            ]
+            unmatched = "metaprotocol_upstream_unmatched_replies_total"
+            await until(lambda: engine.stats.get(unmatched, cluster=CLUSTER) == 1, "1", WAIT)
+            assert c.unmatched == [] and requests(engine, "Ok") == 4
+            c.close()
+        await up.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("codec", ["kv", "whole"])
 def test_requests_and_one_way_messages_from_an_upstream_are_dropped_and_counted(
     codec: str,

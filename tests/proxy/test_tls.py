@@ -26,6 +26,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 from proxy_kit import (
+    PING,
     RESPONSE,
     WAIT,
     Client,
@@ -42,6 +43,7 @@ from proxy_kit import (
 from metaprotocol_sdk import ConfigError, Metadata
 from metaprotocol_sdk.examples.kv import REQUEST, KVCodec, build_frame
 from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy.assembly import DECODE_TURN
 from metaprotocol_sdk.proxy.downstream import Downstream
 from metaprotocol_sdk.proxy.tls import TlsDownstream, TlsUpstreamConnection
 from metaprotocol_sdk.proxy.upstream import UpstreamConnection
@@ -2157,6 +2159,50 @@ def test_a_plain_connect_done_as_its_timeout_fires_is_one_outcome() -> None:
         await up.close()
 
     run(main(), loop="asyncio")
+
+
+def test_a_plain_connect_made_as_its_timeout_fires_on_uvloop_leaves_no_dead_connection() -> None:
+    """The same window on uvloop (the CLI's loop): the connect completes, then the loop is
+    held past ``timeouts.connect`` (a codec's decode, at the next turn of a long read) before
+    it resumes the connect. The connection is made (the request written), then the timeout
+    cancels the connect, whose uvloop transport closes the socket without telling
+    ``connection_lost``: the dead connection stayed in the pool, every request to the
+    endpoint (these two, and each later one) waited for the route's timeout, and each write
+    to it was a traceback (``unable to perform operation ... the handler is closed``). Now it
+    is the one outcome asyncio gives: the requests get ``UpstreamReset`` and the next one a
+    fresh connection."""
+    stalling = {"protocol": "kvs", "codec": "proxy_kit:StallingKVCodec"}
+
+    async def main() -> None:
+        errors = record_loop_errors()
+        up = await Upstream("v1").start()
+        proxy = "timeouts: {connect: 50ms, route: 5s}"
+        async with engine_for(mesh([(up.port, "v1")], proxy=proxy, **stalling)) as engine:
+            client = await Client.connect(address(engine))
+            first, second = client.expect(1), client.expect(2)
+            # One read: the request that opens the connection, pings answered at once, and
+            # at the next turn of the read (after the connect began) a request whose decode
+            # holds the loop past the connect timeout.
+            frames = [build_frame(REQUEST, 1, {"method": "get"})]
+            frames += [build_frame(PING, 100 + i) for i in range(DECODE_TURN - 1)]
+            stall = {"method": "stall", "stall-ms": "300", "how": "sleep"}
+            frames.append(build_frame(REQUEST, 2, stall))
+            client.send(b"".join(frames))
+            answers = [await asyncio.wait_for(f, WAIT) for f in (first, second)]
+            assert [error_type(a) for a in answers] == ["UpstreamReset", "UpstreamReset"]
+            await until(lambda: not engine.upstreams)
+            cluster = "outbound|9000||svc.test"
+            assert (
+                engine.stats.get("metaprotocol_upstream_connections_total", cluster=cluster),
+                engine.stats.get("metaprotocol_upstream_connect_errors_total", cluster=cluster),
+                engine.stats.get("metaprotocol_upstream_connections_active", cluster=cluster),
+            ) == (1, 0, 0)
+            assert error_type(await client.call("get")) is None  # a fresh connection
+            client.close()
+        await up.close()
+        assert errors == []
+
+    run(main())
 
 
 def what_a_client_reads(addr: tuple[str, int], ctx: ssl.SSLContext, version: ssl.TLSVersion) -> str:

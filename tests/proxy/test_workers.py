@@ -31,7 +31,7 @@ from proxy_kit import (
     start_gate,
 )
 
-from metaprotocol_sdk.proxy import Stats, loads_config, workers
+from metaprotocol_sdk.proxy import Stats, loads_config, stats_merge, workers
 from metaprotocol_sdk.proxy.config.models import Admin
 from metaprotocol_sdk.proxy.stats_merge import MergedStats
 
@@ -297,6 +297,39 @@ def test_a_killed_worker_is_restarted_and_counted(tmp_path: Path) -> None:
     run(main(), timeout=90)
 
 
+def test_a_worker_started_again_keeps_the_counts_of_the_one_that_crashed(tmp_path: Path) -> None:
+    """The counts of a worker that crashed were gone with it: the summed counters went down
+    (64 requests counted, then 36 once worker 0 was started again), which Prometheus takes
+    for a counter reset (an increase as large as the whole new sum). They stay now, and go
+    on from there."""
+
+    async def main() -> None:
+        up = await Upstream("up").start()
+        sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        try:
+            first = await sup.workers()
+            await served_by_every_worker(sup, first)
+            name = "metaprotocol_requests_total"
+            assert total(await sup.stats(), name) == CONNECTIONS
+            os.kill(first[0]["pid"], signal.SIGKILL)
+
+            async def restarted() -> list[dict[str, Any]] | None:
+                now = await sup.workers()
+                return now if now[0]["up"] and now[0]["pid"] != first[0]["pid"] else None
+
+            now = await until(restarted, "worker 0 to be started again")
+            assert total(await sup.stats(), name) == CONNECTIONS
+            await served_by_every_worker(sup, now)
+            assert total(await sup.stats(), name) == 2 * CONNECTIONS
+            duration = "metaprotocol_request_duration_milliseconds_count"
+            assert total(await sup.stats(), duration) == 2 * CONNECTIONS
+        finally:
+            sup.stop()
+            await up.close()
+
+    run(main(), timeout=90)
+
+
 def test_a_worker_its_watchdog_ended_is_replaced_and_the_other_serves(tmp_path: Path) -> None:
     watchdog = "watchdog: {missTimeout: 50ms, megamissTimeout: 200ms, killTimeout: 500ms}\n"
 
@@ -338,17 +371,29 @@ def test_a_worker_its_watchdog_ended_is_replaced_and_the_other_serves(tmp_path: 
 
 
 def test_a_stuck_worker_does_not_hang_the_admin_endpoint(tmp_path: Path) -> None:
+    """A stuck worker does not answer: the scrape comes in time without it, and its counts
+    are published as they were (the sums fell by them, which Prometheus takes for a counter
+    reset: an increase as large as the whole sum), then go on once it answers again."""
+
     async def main() -> None:
         up = await Upstream("up").start()
         sup = Supervisor(tmp_path, mesh([(up.port, "v1")]))
+        await served_by_every_worker(sup, await sup.workers())
+        before = total(await sup.stats(), "metaprotocol_requests_total")
+        assert before == CONNECTIONS
         stuck = (await sup.workers())[1]["pid"]
         os.kill(stuck, signal.SIGSTOP)
         try:
             stats = await sup.stats()  # within http_get's WAIT despite the stopped worker
             assert stats['metaprotocol_worker_up{worker="0"}'] == 1
             assert stats['metaprotocol_worker_up{worker="1"}'] == 0
+            assert total(stats, "metaprotocol_requests_total") == before
             entry = (await sup.workers())[1]
             assert not entry["up"] and "no answer within" in entry["error"]
+            os.kill(stuck, signal.SIGCONT)
+            await served_by_every_worker(sup, await sup.workers())
+            stats = await sup.stats()
+            assert total(stats, "metaprotocol_requests_total") == 2 * CONNECTIONS
         finally:
             os.kill(stuck, signal.SIGCONT)
             code, _ = sup.stop()
@@ -900,6 +945,61 @@ def test_merged_worker_stats_equal_one_engine_that_counted_everything() -> None:
     assert snap["metaprotocol_requests_pending"] == 7
     assert snap['metaprotocol_requests_pending{worker="1"}'] == 4
     assert snap['h_ms_count{route="a\\"b"}'] == 5
+
+
+def test_summed_counters_and_histograms_never_go_down_and_gone_series_go() -> None:
+    """:class:`CounterFloor` over four scrapes of two workers: one misses a scrape (its
+    counts are published as before, then its own again), one crashed and starts again from
+    0 (what it had counted stays, added to its new counts), and a series no worker sends any
+    more in a scrape they all answered goes, floor and all."""
+
+    def scrape(*workers_stats: Stats | None) -> MergedStats:
+        merged = MergedStats()
+        for index, stats in enumerate(workers_stats):
+            if stats is not None:
+                feed = workers.WorkerFeed(merged, str(index))
+                for line in "".join(stats.worker_parts()).splitlines():
+                    feed.line(line)
+        return merged
+
+    def served(stats: Stats, n: int, route: str = "r") -> None:
+        for _ in range(n):
+            stats.counter("c_total", route=route).value += 1
+            stats.histogram("h_ms", (5, 100), route=route).observe(7)
+
+    floor = stats_merge.CounterFloor()
+
+    def published(merged: MergedStats, complete: bool, restarts: int) -> dict[str, float]:
+        floor.apply(merged, complete, restarts)
+        snap = merged.snapshot()
+        return {k: snap[k] for k in ('c_total{route="r"}', 'h_ms_count{route="r"}') if k in snap}
+
+    one, two = Stats(), Stats()
+    served(one, 3)
+    served(two, 4)
+    served(two, 1, "old")
+    assert published(scrape(one, two), True, 0) == {
+        'c_total{route="r"}': 7,
+        'h_ms_count{route="r"}': 7,
+    }
+    served(one, 1)
+    assert published(scrape(one, None), False, 0) == {  # two is stuck
+        'c_total{route="r"}': 7,
+        'h_ms_count{route="r"}': 7,
+    }
+    snap = scrape(one, two)
+    assert published(snap, True, 0)['c_total{route="r"}'] == 8  # two answers again
+    assert snap.snapshot()['c_total{route="old"}'] == 1
+    two = Stats()  # two crashed, started again: it counts from 0, without route "old"
+    served(two, 2)
+    assert published(scrape(one, two), True, 1) == {
+        'c_total{route="r"}': 8,
+        'h_ms_count{route="r"}': 8,
+    }
+    served(one, 5)
+    snap = scrape(one, two)
+    assert published(snap, True, 1) == {'c_total{route="r"}': 13, 'h_ms_count{route="r"}': 13}
+    assert 'c_total{route="old"}' not in snap.snapshot()  # gone from every worker
 
 
 def test_scrapes_at_once_share_one_merge_and_one_answer_from_each_worker() -> None:
