@@ -288,6 +288,21 @@ def read_exchange(data: bytes) -> PeerWorkload | None:
 # -- the connection's part ---------------------------------------------------------------------
 
 
+#: What :func:`announced` says of bytes that are not an exchange header (the codec's), and
+#: of too few to tell the header's size yet.
+NO_HEADER, PARTIAL = -1, -2
+
+
+def announced(buffer: bytearray) -> int:
+    """The size the exchange header at the start of ``buffer`` announces; :data:`PARTIAL`
+    while too few bytes tell it, :data:`NO_HEADER` when they do not start with the magic
+    number (a peer that selected the protocol and sent its own bytes first)."""
+    if len(buffer) < _HEADER.size:
+        return PARTIAL if _MAGIC_BYTES.startswith(bytes(buffer[:4])) else NO_HEADER
+    magic, size = _HEADER.unpack_from(buffer)
+    return int(size) if magic == MAGIC else NO_HEADER
+
+
 class PeerExchange(asyncio.Protocol):
     """A TLS connection's protocol until the client's exchange header is read: then the
     connection's own (``downstream``), handed what followed it."""
@@ -311,15 +326,12 @@ class PeerExchange(asyncio.Protocol):
         buffer = self.buffer
         buffer += data
         self.downstream.seen = True
-        if len(buffer) < _HEADER.size:
-            if not _MAGIC_BYTES.startswith(bytes(buffer[:4])):
-                self._done(None)
-            else:
-                self._hold()
-            return
-        magic, size = _HEADER.unpack_from(buffer)
-        if magic != MAGIC:
+        size = announced(buffer)
+        if size == NO_HEADER:
             self._done(None)  # no exchange: its bytes are the codec's (as Envoy's filter)
+            return
+        if size == PARTIAL:
+            self._hold()
             return
         if size > MAX_HEADER:
             log.debug("peer exchange: a header of %d bytes, above %d: closed", size, MAX_HEADER)
@@ -399,15 +411,12 @@ class UpstreamExchange(asyncio.Protocol):
         as a partial reply is (:meth:`_hold`)."""
         buffer = self.buffer
         buffer += data
-        if len(buffer) < _HEADER.size:
-            if not _MAGIC_BYTES.startswith(bytes(buffer[:4])):
-                self._done(None)
-            else:
-                self._hold()
-            return
-        magic, size = _HEADER.unpack_from(buffer)
-        if magic != MAGIC:
+        size = announced(buffer)
+        if size == NO_HEADER:
             self._done(None)  # no exchange: its bytes are the codec's (as Envoy's filter)
+            return
+        if size == PARTIAL:
+            self._hold()
             return
         upstream = self.upstream
         if size > MAX_HEADER:

@@ -326,6 +326,20 @@ def test_the_watch_digest_reads_a_huge_file_in_bounded_memory(tmp_path: Path) ->
     assert peak < MAX_CONFIG_BYTES, peak  # chunks of 64 KiB, not the 64 MiB file
 
 
+def tls_listener(tmp_path: Path, text: str, certs: Path) -> Path:
+    """``text``'s listener with TLS from ``certs``' ``tls.crt`` and ``tls.key``, looked at
+    every 100 ms, written as ``mesh.yaml``."""
+    tls = f"{{mode: SIMPLE, serverCertificate: '{certs}/tls.crt', privateKey: '{certs}/tls.key'}}"
+    config = tmp_path / "mesh.yaml"
+    config.write_text(
+        text.replace(
+            'bind: "127.0.0.1:0"}]',
+            f'bind: "127.0.0.1:0", tls: {tls}}}]\n  tlsFiles: {{checkInterval: 100ms}}',
+        )
+    )
+    return config
+
+
 def _handshake_serial(port: int, ca: Any) -> int:
     """The serial of the certificate the TLS listener on ``port`` presents now."""
     import socket
@@ -374,14 +388,7 @@ def test_a_renewed_tls_certificate_is_served_without_a_sighup(
     chain, key, first = issue()
     install("tls.crt", chain)
     install("tls.key", key)
-    tls = f"{{mode: SIMPLE, serverCertificate: '{certs}/tls.crt', privateKey: '{certs}/tls.key'}}"
-    text = mesh(v1.port, v2.port, "v1").replace(
-        'bind: "127.0.0.1:0"}]',
-        f'bind: "127.0.0.1:0", tls: {tls}}}]\n  tlsFiles: {{checkInterval: 100ms}}',
-    )
-    config = tmp_path / "mesh.yaml"
-    config.write_text(text)
-    proxy = Proxy(config)
+    proxy = Proxy(tls_listener(tmp_path, mesh(v1.port, v2.port, "v1"), certs))
     try:
         assert _handshake_serial(proxy.port, ca) == first
         chain, key, second = issue()
@@ -421,14 +428,7 @@ def test_a_tls_file_changed_after_the_configuration_was_read_is_caught_at_the_fi
     cert.private_key_pem.write_to_path(str(certs / "tls.key"))
     ahead = time.time() + 3600
     os.utime(certs / "tls.crt", (ahead, ahead))
-    tls = f"{{mode: SIMPLE, serverCertificate: '{certs}/tls.crt', privateKey: '{certs}/tls.key'}}"
-    text = mesh(v1.port, v2.port, "v1").replace(
-        'bind: "127.0.0.1:0"}]',
-        f'bind: "127.0.0.1:0", tls: {tls}}}]\n  tlsFiles: {{checkInterval: 100ms}}',
-    )
-    config = tmp_path / "mesh.yaml"
-    config.write_text(text)
-    proxy = Proxy(config)
+    proxy = Proxy(tls_listener(tmp_path, mesh(v1.port, v2.port, "v1"), certs))
     try:
         assert "reload ok (tls_files)" in proxy.next_reload()
         stats = proxy.get("/stats?format=json")
