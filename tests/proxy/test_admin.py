@@ -132,11 +132,12 @@ def test_a_scrape_of_many_series_lets_requests_through(path: str) -> None:
             else:
                 stats = json.loads(text)
                 assert sum(k.startswith("istio_requests_total{") for k in stats) == 2000
-            # Made in one go, a request waited for the whole scrape (seconds); in pieces, for a
-            # few. A quarter of the scrape, or 0.25 s when the whole is fast (the compiled
-            # engine's took 0.52 s, and one wait of 0.14 s, a collector's pause, failed the
-            # quarter alone: ci62).
-            bound = max(took / 4, 0.25)
+            # Made in one go, a request waited for the whole scrape (seconds: it then takes 9
+            # to 12 s); in pieces, for a few. Half the scrape, or 0.5 s when the whole is fast
+            # (the compiled engine's took 0.52 s, and one wait of 0.14 s, a collector's pause,
+            # failed a quarter alone: ci62; on a machine shared with other test runs a wait of
+            # 0.27 s of 0.55 s failed 0.25 s: ci66). A scrape made in one go still fails it.
+            bound = max(took / 2, 0.5)
             assert max(waits) < bound, f"a request waited {max(waits):.2f} s of {took:.2f} s"
         await up.close()
 
