@@ -264,7 +264,17 @@ class _Untouched:
         self.sized = 0
         self._new: Callable[[], Codec] = ctx.target.new_codec
 
-    def run(self, data: bytes, what: str, options: object = None, limit: int | None = None) -> None:
+    def run(
+        self,
+        data: bytes,
+        what: str,
+        options: object = None,
+        limit: int | None = None,
+        split: int = 0,
+    ) -> None:
+        """Decode ``data`` until an error, ``NeedData`` or its end; with ``split``, its first
+        ``split`` bytes arrive first and the rest once decode asks for more (an engine's next
+        read: a codec may keep what it learnt of the frame from the first)."""
         sample_options = options if isinstance(options, dict) else {}
         target = self.ctx.target
         self._new = lambda: target.new_codec(sample_options)
@@ -273,8 +283,9 @@ class _Untouched:
                 target.new_codec(sample_options, max_frame_size=limit)
                 self._new = lambda: target.new_codec(sample_options, max_frame_size=limit)
         codec = self._new()
-        buffer = bytearray(data)
-        for _ in range(len(data) + 1):
+        buffer = bytearray(data[:split] if split else data)
+        rest = data[split:] if split else b""
+        for _ in range(len(data) + 2):
             before = bytes(buffer)
             try:
                 result = call_decode(codec, buffer, limit=self.ctx.target.settings.time_limit)
@@ -282,7 +293,10 @@ class _Untouched:
                 self.errors += 1
                 self._check(exc, before, buffer, what)
                 return
-            if isinstance(result, NeedData) or result.size == 0:
+            if isinstance(result, NeedData) and rest:
+                buffer += rest
+                rest = b""
+            elif isinstance(result, NeedData) or result.size == 0:
                 return
 
     def _check(self, exc: CodecError, before: bytes, buffer: bytearray, what: str) -> None:
@@ -361,6 +375,11 @@ def _provoke(ctx: CheckContext, untouched: _Untouched) -> None:
         roomy = 4 * len(frame) + ctx.target.settings.small_limit
         for pos, data in corruptions(frame):
             untouched.run(data + frame, f"byte {pos} corrupted", options, limit=roomy)
+            # The same in two reads, split after the corrupted byte: the error comes on the
+            # call that completes the frame, from a codec that kept state from the first.
+            if pos + 1 < len(data):
+                what = f"byte {pos} corrupted, in two reads split at {pos + 1}"
+                untouched.run(data + frame, what, options, limit=roomy, split=pos + 1)
         original = reference(ctx, sample)
         for field in length_fields(frame, original):
             for name, data in _patches(frame, field):
@@ -386,8 +405,10 @@ def bad_input_consumes_nothing(ctx: CheckContext) -> None:
     """Every decode error the kit provokes leaves the buffer byte-for-byte unchanged.
 
     Inputs: bad-input golden vectors, fixed garbage, each message corrupted in its first 64
-    bytes or with a length set huge (each followed by the intact message, as a bad request
-    and a good one arrive in one read), over ``max_frame_size``, and random edits.
+    bytes (in one read, and in two split after the corrupted byte, where the error comes on
+    the call that completes the frame) or with a length set huge (each followed by the intact
+    message, as a bad request and a good one arrive in one read), over ``max_frame_size``,
+    and random edits.
     """
     untouched = _Untouched(ctx)
     _provoke(ctx, untouched)

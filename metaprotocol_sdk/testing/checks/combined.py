@@ -327,7 +327,8 @@ _EACH_CALL = (
 def mutation_each_call(ctx: CheckContext) -> None:
     """encode writes each call's own message and mutation: one codec encodes a message with
     a mutation, another message with the same mapping, the message with that mapping changed
-    in place, and with new mappings each built after the last was dropped.
+    in place, with new mappings each built after the last was dropped, and with a mapping of
+    other keys (none of the earlier keys may come along).
 
     A codec may remember what it encoded for a mutation (a route applies the same one to
     every request), but never by the mapping's identity alone, nor for another message.
@@ -335,6 +336,7 @@ def mutation_each_call(ctx: CheckContext) -> None:
     tally = _Tally()
     base = ctx.target.mutation
     other = f"{next(iter(base))}-other"
+    alone = f"{next(iter(base))}-alone"
 
     def fresh(tag: str) -> dict[str, str]:
         return {key: f"{value}-{tag}" for key, value in base.items()}
@@ -364,6 +366,8 @@ def mutation_each_call(ctx: CheckContext) -> None:
             del mutation
             for tag in ("b", "c", "d"):  # each built where the last was freed, most likely
                 encode(f"the message with a new mapping ({tag})", original, fresh(tag))
+            # Keys of its own only: none of the earlier mappings' keys may come along.
+            encode("the message with a mapping of other keys", original, {alone: "1"})
         except MutationError:
             return  # mutation_visible and capabilities_honored judge refusals
         except CodecError as exc:

@@ -23,6 +23,7 @@ from ._support import (
     for_each_sample,
     raised_at,
     reference,
+    same_metadata,
     split_points,
 )
 from .base import CheckContext, CheckSkipped, check
@@ -534,7 +535,8 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
                     fail("peek_reply gave a head for a frame above max_frame_size")
         _peek_corruptions(ctx, sample, codec)
         if rewrites:
-            _relabel_agrees(codec, frame, decoded, "frame")
+            fresh = ctx.target.new_codec(sample.options)
+            _relabel_agrees(codec, fresh, frame, decoded, "frame")
 
     for_each_sample(ctx, prop)
     if replies == 0:
@@ -650,13 +652,14 @@ def _peek_large(ctx: CheckContext, what: str, sample: Sample) -> bool:
         if _peek(small, frame, f"{what} above max_frame_size") is not None:
             fail(f"peek_reply gave a head for {what} with max_frame_size={len(frame) - 1}")
     if head is not None and ctx.target.codec.capabilities.rewrite_request_id:
-        _relabel_agrees(codec, frame, decoded, what)
+        _relabel_agrees(codec, _roomy(ctx, sample), frame, decoded, what)
     return head is not None
 
 
-def _relabel_agrees(codec: Codec, frame: bytes, decoded: Metadata, what: str) -> None:
+def _relabel_agrees(codec: Codec, fresh: Codec, frame: bytes, decoded: Metadata, what: str) -> None:
     """``relabel`` of a reply gives what ``encode(request_id=)`` of its decoded form does
-    (an id one off the reply's)."""
+    (an id one off the reply's), and that decodes (on ``fresh``) as the reply with the new id
+    and nothing else changed: a codec whose encode calls its relabel agrees with itself."""
     new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
     try:
         relabelled = join_encoded(codec.relabel(frame, new_id))
@@ -669,6 +672,15 @@ def _relabel_agrees(codec: Codec, frame: bytes, decoded: Metadata, what: str) ->
         fail(
             f"relabel({what}, {new_id}) differs from encode(request_id={new_id}): "
             + compare(wanted, relabelled)
+        )
+    again = decode_whole(fresh, relabelled, f"relabel({what}, {new_id})")
+    diff = same_metadata(decoded, again, ignore=("request_id",))
+    if again.request_id != new_id or diff:
+        got = diff or f"request id {again.request_id}"
+        fail(
+            f"relabel({what}, {new_id}) decodes otherwise than the reply with id {new_id}: "
+            f"{got} (an engine forwards what relabel returns as the reply, with the client's "
+            "id and nothing else changed)\n" + compare(frame, relabelled)
         )
 
 
