@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from broken_codecs import (
     BROKEN,
+    FROM_OUTSIDE,
     ONLY_ONE,
     BytesForBadUtf8,
     CachesMutationById,
@@ -103,6 +104,30 @@ def test_broken_codec_fails_only_its_named_check(codec: type[KVCodec]) -> None:
     report = run_kit(CodecTarget.discover(codec, settings=settings))
     failed = [r.check for r in report.results if r.outcome.is_failure]
     assert failed == [codec.catches], report.format_text()  # type: ignore[attr-defined]
+
+
+#: What each of :data:`FROM_OUTSIDE`'s failures says (the strengthened part of its check).
+_OUTSIDE_REASONS = {
+    "RelabelsLargeErrorsAtWrongOffset": "of relabel(a Error with one value of 20000 bytes",
+    "WholeFrameWithoutParsedHeaders": "encode(message, mutation) gives for decode_frame's",
+    "ConsumesAfterEarlierRead": "in two reads split at",
+    "AccumulatesMutations": "which neither the message nor the mutation",
+}
+
+
+@pytest.mark.parametrize("codec", cases(FROM_OUTSIDE))
+def test_codecs_broken_from_outside_fail_only_their_strengthened_check(
+    codec: type[KVCodec],
+) -> None:
+    # Each passed the whole kit before its check was strengthened (kit-teeth): relabel was
+    # compared only with encode(request_id=), which may call it; decode_frame's metadata only
+    # field by field; decode errors only in one read; mutations only with the same keys.
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(codec, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == [codec.catches], report.format_text()  # type: ignore[attr-defined]
+    assert _OUTSIDE_REASONS[codec.__name__] in failed[0].reason, failed[0].reason
+    assert "00000000  " in failed[0].reason, failed[0].reason
 
 
 def test_random_bytes_check_finds_the_garbage_fault_too() -> None:

@@ -376,12 +376,27 @@ def mutation_each_call(ctx: CheckContext) -> None:
             try:
                 again = decode_whole(ctx.target.new_codec(sample.options), data, what)
                 _visible(ctx, message, again, mutation, data)
+                _nothing_added(message, again, mutation, data)
             except CheckFailed as exc:
                 earlier = ", then ".join(w for w, *_ in done[:index]) or "nothing"
                 fail(f"on one codec, after {earlier}: {what} {mutation!r}: {exc}\n{_EACH_CALL}")
 
     for_each_sample(ctx, prop)
     tally.finish()
+
+
+def _nothing_added(
+    before: Metadata, after: Metadata, mutation: Mapping[str, str], data: bytes
+) -> None:
+    """Fail when ``after`` has a key neither ``before`` nor ``mutation`` had: an earlier call's
+    key that came along."""
+    known = {key.lower() for key in (*before.attributes, *mutation)}
+    added = [key for key in after.attributes if key.lower() not in known]
+    if added:
+        fail(
+            f"the encoded message carries {', '.join(map(repr, added))}, which neither the "
+            f"message nor the mutation {dict(mutation)!r} had\nencoded:\n{hexdump(data)}"
+        )
 
 
 def _replaces(ctx: CheckContext, sample: Sample, message: Metadata, key: str) -> bool:
