@@ -1178,6 +1178,67 @@ class AccumulatesMutations(_Broken):
         return super().encode(message, mutation, request_id=request_id)
 
 
+class CachesEncodedByMutation(_Broken):
+    """Caches what ``encode`` wrote for a mutated message in the message's ``codec_state`` (a
+    retry encodes the same request again), keyed by the mutation but not by the request id: a
+    retry on another upstream connection, with a new id, goes out with the first attempt's
+    id, and its reply answers no one. Each call alone is right, and gives the same bytes
+    twice."""
+
+    catches = "encode_leaves_message"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata):
+            message.codec_state = [message.codec_state, None]  # [kind, (mutation, bytes)]
+        return message
+
+    @staticmethod
+    def _plain(message: Metadata) -> Metadata:
+        """``message`` with KV's own ``codec_state`` (the kind)."""
+        state = message.codec_state
+        if not isinstance(state, list):
+            return message
+        plain = copy.copy(message)
+        plain.codec_state = state[0]
+        return plain
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        state = message.codec_state
+        plain = self._plain(message)
+        if not mutation or not isinstance(state, list):
+            return super().encode(plain, mutation, request_id=request_id)
+        key = tuple(sorted(mutation.items()))  # the fault: request_id is not in the key
+        if state[1] is None or state[1][0] != key:
+            encoded = super().encode(plain, mutation, request_id=request_id)
+            state[1] = (key, b"".join(encoded) if isinstance(encoded, list) else encoded)
+        return state[1][1]  # type: ignore[no-any-return]
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        return super().on_error(self._plain(metadata), error)
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        return super().heartbeat_reply(self._plain(metadata))
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return super().is_drain_notice(self._plain(metadata))
+
+
+class ErrorReplyIdIn24Bits(_Broken):
+    """Writes the request id of its error replies in 24 bits (its author's clients count ids
+    from 1): a client whose ids reach 2**24 gets its error replies under another id. Material
+    whose requests all have small ids shows nothing."""
+
+    catches = "error_reply_request_id"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        fault = copy.copy(metadata)
+        fault.request_id &= 0xFFFFFF  # the fault
+        return super().on_error(fault, error)
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -1239,6 +1300,7 @@ FROM_OUTSIDE: list[type[_Broken]] = [
     WholeFrameWithoutParsedHeaders,
     ConsumesAfterEarlierRead,
     AccumulatesMutations,
+    CachesEncodedByMutation,
 ]
 
 BROKEN: list[type[_Broken]] = [

@@ -10,6 +10,7 @@ from broken_codecs import (
     ONLY_ONE,
     BytesForBadUtf8,
     CachesMutationById,
+    ErrorReplyIdIn24Bits,
     FrameViewOfScratch,
     PeekCopiesWholeBuffer,
     ResetsStreams,
@@ -112,6 +113,7 @@ _OUTSIDE_REASONS = {
     "WholeFrameWithoutParsedHeaders": "encode(message, mutation) gives for decode_frame's",
     "ConsumesAfterEarlierRead": "in two reads split at",
     "AccumulatesMutations": "which neither the message nor the mutation",
+    "CachesEncodedByMutation": "gave other bytes than on a message fresh from decode",
 }
 
 
@@ -128,6 +130,29 @@ def test_codecs_broken_from_outside_fail_only_their_strengthened_check(
     assert [r.check for r in failed] == [codec.catches], report.format_text()  # type: ignore[attr-defined]
     assert _OUTSIDE_REASONS[codec.__name__] in failed[0].reason, failed[0].reason
     assert "00000000  " in failed[0].reason, failed[0].reason
+
+
+def test_error_reply_ids_are_checked_wide_whatever_ids_the_material_has() -> None:
+    # KV's material without its one large-id vector, and with generated ids below 2**24: an
+    # error reply that writes 24 bits of the id passed every check (kit-teeth, first seen as a
+    # Dubbo codec writing 32 of its 64 bits, caught only by a golden vector of the largest id).
+    from metaprotocol_sdk.examples import kv_conformance
+
+    def small(sample: Sample) -> bool:
+        return int.from_bytes(sample.frame[4:8], "big") < 2**24
+
+    codec = ErrorReplyIdIn24Bits
+    shipped = CodecTarget.discover(codec)
+    target = CodecTarget.discover(
+        codec,
+        golden=[s for s in shipped.golden if small(s)],
+        messages=kv_conformance.messages().filter(small),
+        settings=KitSettings(examples=8, random_examples=40, perf_seconds=0.01),
+    )
+    report = run_kit(target)
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["error_reply_request_id"], report.format_text()
+    assert "carries request id 131844, the request had 16909060" in failed[0].reason
 
 
 def test_random_bytes_check_finds_the_garbage_fault_too() -> None:

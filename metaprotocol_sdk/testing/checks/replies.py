@@ -97,7 +97,11 @@ _MESSAGES = (
 
 
 def _error_replies(
-    ctx: CheckContext, check_id: bool, check_status: bool = False, messages: tuple[str, ...] = ("",)
+    ctx: CheckContext,
+    check_id: bool,
+    check_status: bool = False,
+    messages: tuple[str, ...] = ("",),
+    wide_ids: bool = False,
 ) -> None:
     seen = 0
 
@@ -107,6 +111,12 @@ def _error_replies(
         if not _needs_reply(request):
             return
         seen += 1
+        answer(sample, request)
+        if wide_ids:  # the request again with the widest ids it may carry
+            for wide in _widest_ids(ctx, sample, request):
+                answer(sample, wide)
+
+    def answer(sample: Sample, request: Metadata) -> None:
         for kind in ErrorType:
             for message in messages:
                 reply = _error_reply(ctx, sample, request, kind, message)
@@ -139,6 +149,30 @@ def _error_replies(
         raise CheckSkipped("no request among golden vectors or generated messages")
 
 
+def _widest_ids(ctx: CheckContext, sample: Sample, request: Metadata) -> list[Metadata]:
+    """``request`` rewritten (``encode(request_id=)``, capability ``rewrite_request_id``) with
+    the codec's ``max_request_id`` and with an id of four distinct bytes, and decoded: a client
+    chooses its ids, and an error reply that writes too few of its bits answers another
+    request. Empty without the capability, or where the codec refuses the id."""
+    codec_type = ctx.target.codec
+    if not codec_type.capabilities.rewrite_request_id or request.message_type in STREAM_FRAMES:
+        return []
+    top = codec_type.max_request_id
+    found = []
+    for request_id in sorted({top, 0x01020304} - {request.request_id}):
+        if not 1 <= request_id <= top:
+            continue
+        encoder = ctx.target.new_codec(sample.options)
+        try:
+            data = join_encoded(encoder.encode(request, request_id=request_id))
+            wide = ctx.target.new_codec(sample.options).decode(bytearray(data))
+        except Exception:  # an id the codec cannot write is rewrite_request_id's to report
+            continue
+        if isinstance(wide, Metadata) and wide.request_id == request_id:
+            found.append(wide)
+    return found
+
+
 @check("error_reply_nonempty", "errors", requires="error_reply")
 def error_reply_nonempty(ctx: CheckContext) -> None:
     """on_error() for every ErrorType is a non-empty reply that decodes as Response or Error
@@ -148,8 +182,9 @@ def error_reply_nonempty(ctx: CheckContext) -> None:
 
 @check("error_reply_request_id", "errors", requires="error_reply")
 def error_reply_request_id(ctx: CheckContext) -> None:
-    """Every error reply carries the request's id (a stream's reset: the stream's id)."""
-    _error_replies(ctx, check_id=True)
+    """Every error reply carries the request's id (a stream's reset: the stream's id), also for
+    the request rewritten with ``max_request_id`` and with an id of four distinct bytes."""
+    _error_replies(ctx, check_id=True, wide_ids=True)
 
 
 @check("error_reply_status", "errors", requires="error_reply")
