@@ -1239,6 +1239,42 @@ class ErrorReplyIdIn24Bits(_Broken):
         return super().on_error(fault, error)
 
 
+class CachesHeadersBySize(_Broken):
+    """Caches parsed headers by the size of the headers block (its clients send the same
+    headers on every request): the next message whose headers differ but have the same size,
+    a client's other user or key, gets the first one's attributes and method."""
+
+    catches = "state_same_id"
+
+    def __init__(self, **options: int) -> None:
+        super().__init__(**options)
+        self._seen: dict[int, tuple[Attributes, str]] = {}
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata):
+            hit = self._seen.setdefault(
+                message.header_size, (message.attributes, message.operation_name)
+            )
+            message.attributes, message.operation_name = hit  # the fault
+        return message
+
+
+class RelabelClearsReserved(_Broken):
+    """Relabels a reply by writing its fixed header anew, with the reserved field 0, and
+    its ``encode(request_id=)`` calls ``relabel``: a reply whose peer set reserved bits
+    reaches the client without them. Its metadata says nothing of the reserved field."""
+
+    catches = "peek_reply_agrees"
+
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
+        return (
+            frame[:4]
+            + struct.pack(">IHH", request_id, len(frame) and frame[8] << 8 | frame[9], 0)
+            + frame[12:]
+        )  # the fault: reserved 0
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -1301,6 +1337,8 @@ FROM_OUTSIDE: list[type[_Broken]] = [
     ConsumesAfterEarlierRead,
     AccumulatesMutations,
     CachesEncodedByMutation,
+    CachesHeadersBySize,
+    RelabelClearsReserved,
 ]
 
 BROKEN: list[type[_Broken]] = [

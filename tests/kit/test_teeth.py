@@ -109,11 +109,13 @@ def test_broken_codec_fails_only_its_named_check(codec: type[KVCodec]) -> None:
 
 #: What each of :data:`FROM_OUTSIDE`'s failures says (the strengthened part of its check).
 _OUTSIDE_REASONS = {
-    "RelabelsLargeErrorsAtWrongOffset": "of relabel(a Error with one value of 20000 bytes",
+    "RelabelsLargeErrorsAtWrongOffset": "relabel(a Error with one value of 20000 bytes",
     "WholeFrameWithoutParsedHeaders": "encode(message, mutation) gives for decode_frame's",
     "ConsumesAfterEarlierRead": "in two reads split at",
     "AccumulatesMutations": "which neither the message nor the mutation",
     "CachesEncodedByMutation": "gave other bytes than on a message fresh from decode",
+    "CachesHeadersBySize": "the same codec decodes it otherwise than a fresh one",
+    "RelabelClearsReserved": "does not give the reply again",
 }
 
 

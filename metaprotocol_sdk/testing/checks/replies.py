@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+from hypothesis.errors import Unsatisfiable
+
 from metaprotocol_sdk.codec import Codec, LocalError, ReplyHead, join_encoded
 from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus, StreamType
 from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError, MutationError
@@ -21,8 +23,10 @@ from ._support import (
     encode_bytes,
     fail,
     for_each_sample,
+    labelled,
     raised_at,
     reference,
+    run_property,
     same_metadata,
     split_points,
 )
@@ -537,7 +541,8 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
     same with more bytes after the frame; for every truncation, for a frame above
     ``max_frame_size`` and for anything but a Response or Error it is ``None``; on each
     corruption of a frame's first 64 bytes it is ``None`` or what decode gives. With
-    ``rewrite_request_id``, ``relabel(frame, id)`` equals ``encode(decoded, request_id=id)``.
+    ``rewrite_request_id``, ``relabel(frame, id)`` equals ``encode(decoded, request_id=id)``,
+    and relabelled back gives the frame; the same on the unusual replies it peeks.
     """
     replies = peeked = 0
     rewrites = ctx.target.codec.capabilities.rewrite_request_id
@@ -576,6 +581,39 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
     for_each_sample(ctx, prop)
     if replies == 0:
         raise CheckSkipped("no Response or Error among golden vectors or generated messages")
+    unusual = ctx.target.unusual
+    if unusual is not None:
+        # A peer's unusual replies (reserved bits, non-canonical forms) are forwarded through
+        # peek_reply and relabel too, which must keep every byte but the id.
+        def unusual_prop(sample: Sample) -> None:
+            nonlocal peeked
+            decoded = reference(ctx, sample)
+            codec = ctx.target.new_codec(sample.options)
+            head = _peek(codec, sample.frame, "an unusual frame")
+            if head is None:
+                return
+            peeked += 1
+            expected = (decoded.request_id, decoded.size, decoded.response_status)
+            if decoded.message_type not in _REPLY_TYPES or tuple(head) != expected:
+                fail(f"peek_reply gave {head} for an unusual {decoded.message_type.name}")
+            if rewrites:
+                fresh = ctx.target.new_codec(sample.options)
+                _relabel_agrees(codec, fresh, sample.frame, decoded, "unusual frame")
+
+        def peeks(sample: Sample) -> bool:
+            buffer = bytearray(sample.frame)
+            with contextlib.suppress(Exception):  # unusual_prop reports what peek_reply raises
+                return ctx.target.new_codec(sample.options).peek_reply(buffer) is not None
+            return True
+
+        # Only the replies it peeks (a strategy of every kind may draw few replies), if any.
+        with contextlib.suppress(Unsatisfiable):
+            run_property(
+                ctx,
+                unusual.filter(peeks),
+                lambda sample: labelled(sample, unusual_prop),
+                ctx.target.settings.examples,
+            )
     ctx.details.update(replies=replies, peeked=peeked)
 
 
@@ -693,8 +731,9 @@ def _peek_large(ctx: CheckContext, what: str, sample: Sample) -> bool:
 
 def _relabel_agrees(codec: Codec, fresh: Codec, frame: bytes, decoded: Metadata, what: str) -> None:
     """``relabel`` of a reply gives what ``encode(request_id=)`` of its decoded form does
-    (an id one off the reply's), and that decodes (on ``fresh``) as the reply with the new id
-    and nothing else changed: a codec whose encode calls its relabel agrees with itself."""
+    (an id one off the reply's), which relabelled back to the reply's id gives the reply again
+    and decodes (on ``fresh``) as the reply with the new id and nothing else changed: a codec
+    whose encode calls its relabel agrees with itself."""
     new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
     try:
         relabelled = join_encoded(codec.relabel(frame, new_id))
@@ -707,6 +746,16 @@ def _relabel_agrees(codec: Codec, fresh: Codec, frame: bytes, decoded: Metadata,
         fail(
             f"relabel({what}, {new_id}) differs from encode(request_id={new_id}): "
             + compare(wanted, relabelled)
+        )
+    try:
+        back = join_encoded(codec.relabel(relabelled, decoded.request_id))
+    except Exception as exc:
+        fail(f"relabel of the relabelled {what} raised {type(exc).__name__}: {exc}")
+    if back != frame:
+        fail(
+            f"relabel({what}, {new_id}) and back to {decoded.request_id} does not give the reply "
+            "again: relabel changed bytes other than the id (it writes the id, and nothing "
+            "else)\n" + compare(frame, back)
         )
     again = decode_whole(fresh, relabelled, f"relabel({what}, {new_id})")
     diff = same_metadata(decoded, again, ignore=("request_id", "size", "header_size"))
