@@ -271,10 +271,11 @@ class _Untouched:
         options: object = None,
         limit: int | None = None,
         split: int = 0,
-    ) -> None:
+    ) -> bool:
         """Decode ``data`` until an error, ``NeedData`` or its end; with ``split``, its first
         ``split`` bytes arrive first and the rest once decode asks for more (an engine's next
-        read: a codec may keep what it learnt of the frame from the first)."""
+        read: a codec may keep what it learnt of the frame from the first). Whether decode
+        raised a CodecError."""
         sample_options = options if isinstance(options, dict) else {}
         target = self.ctx.target
         self._new = lambda: target.new_codec(sample_options)
@@ -292,12 +293,13 @@ class _Untouched:
             except CodecError as exc:
                 self.errors += 1
                 self._check(exc, before, buffer, what)
-                return
+                return True
             if isinstance(result, NeedData) and rest:
                 buffer += rest
                 rest = b""
             elif isinstance(result, NeedData) or result.size == 0:
-                return
+                return False
+        return False
 
     def _check(self, exc: CodecError, before: bytes, buffer: bytearray, what: str) -> None:
         if self.extent:
@@ -355,8 +357,10 @@ class _Untouched:
         )
 
 
-def _provoke(ctx: CheckContext, untouched: _Untouched) -> None:
-    """Drive ``untouched`` with every input the other checks provoke errors with."""
+def _provoke(ctx: CheckContext, untouched: _Untouched, *, in_two_reads: bool = False) -> None:
+    """Drive ``untouched`` with every input the other checks provoke errors with; with
+    ``in_two_reads``, also the first corruption at each offset that decode refuses, in two
+    reads split after the corrupted byte."""
     for vector in ctx.target.golden:
         if vector.is_bad_input:
             untouched.run(vector.frame, f"golden vector {vector.name!r}", dict(vector.options))
@@ -373,11 +377,13 @@ def _provoke(ctx: CheckContext, untouched: _Untouched) -> None:
             limit=max(1, len(frame) - 1),
         )
         roomy = 4 * len(frame) + ctx.target.settings.small_limit
+        split: set[int] = set()
         for pos, data in corruptions(frame):
-            untouched.run(data + frame, f"byte {pos} corrupted", options, limit=roomy)
+            refused = untouched.run(data + frame, f"byte {pos} corrupted", options, limit=roomy)
             # The same in two reads, split after the corrupted byte: the error comes on the
             # call that completes the frame, from a codec that kept state from the first.
-            if pos + 1 < len(data):
+            if in_two_reads and refused and pos not in split and pos + 1 < len(data):
+                split.add(pos)
                 what = f"byte {pos} corrupted, in two reads split at {pos + 1}"
                 untouched.run(data + frame, what, options, limit=roomy, split=pos + 1)
         original = reference(ctx, sample)
@@ -405,13 +411,14 @@ def bad_input_consumes_nothing(ctx: CheckContext) -> None:
     """Every decode error the kit provokes leaves the buffer byte-for-byte unchanged.
 
     Inputs: bad-input golden vectors, fixed garbage, each message corrupted in its first 64
-    bytes (in one read, and in two split after the corrupted byte, where the error comes on
-    the call that completes the frame) or with a length set huge (each followed by the intact
+    bytes (in one read, and the first refused corruption at each offset in two reads split
+    after the corrupted byte, where the error comes on the call that completes the frame)
+    or with a length set huge (each followed by the intact
     message, as a bad request and a good one arrive in one read), over ``max_frame_size``,
     and random edits.
     """
     untouched = _Untouched(ctx)
-    _provoke(ctx, untouched)
+    _provoke(ctx, untouched, in_two_reads=True)
     if untouched.errors == 0:
         raise CheckSkipped("no input the kit tried made decode raise a CodecError")
     ctx.details["errors"] = untouched.errors
