@@ -1275,6 +1275,22 @@ class RelabelClearsReserved(_Broken):
         )  # the fault: reserved 0
 
 
+class ErrorMetadataOfBytes(_Broken):
+    """Gives its decode errors' metadata the method it read as bytes (the frame is refused,
+    so why decode it?): an engine answers, counts and logs a refused frame by that metadata,
+    as it does a decoded message, and reads its fields as the contract types them."""
+
+    catches = "bad_input_error_id"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            if exc.metadata is not None:
+                exc.metadata.operation_name = b"put"  # type: ignore[assignment]  # the fault
+            raise
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -1339,6 +1355,7 @@ FROM_OUTSIDE: list[type[_Broken]] = [
     CachesEncodedByMutation,
     CachesHeadersBySize,
     RelabelClearsReserved,
+    ErrorMetadataOfBytes,
 ]
 
 BROKEN: list[type[_Broken]] = [

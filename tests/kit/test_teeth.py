@@ -10,6 +10,7 @@ from broken_codecs import (
     ONLY_ONE,
     BytesForBadUtf8,
     CachesMutationById,
+    ErrorMetadataOfBytes,
     ErrorReplyIdIn24Bits,
     FrameViewOfScratch,
     PeekCopiesWholeBuffer,
@@ -53,7 +54,7 @@ pure_metadata_only = pytest.mark.skipif(
     TYPED_METADATA, reason="the compiled Metadata refuses this fault when it is built"
 )
 #: The broken codecs whose fault is a field of the wrong type.
-UNTYPED_FAULTS = {WholeFrameView, FrameViewOfScratch, BytesForBadUtf8}
+UNTYPED_FAULTS = {WholeFrameView, FrameViewOfScratch, BytesForBadUtf8, ErrorMetadataOfBytes}
 
 #: Run alone (see ./dev): a quadratic codec's cost ratio is judged against a bound, and another
 #: test process's cache traffic can shrink it to the bound (ci12: 8.0x for a codec that shows
@@ -116,6 +117,7 @@ _OUTSIDE_REASONS = {
     "CachesEncodedByMutation": "gave other bytes than on a message fresh from decode",
     "CachesHeadersBySize": "the same codec decodes it otherwise than a fresh one",
     "RelabelClearsReserved": "does not give the reply again",
+    "ErrorMetadataOfBytes": "operation_name is bytes, not str",
 }
 
 

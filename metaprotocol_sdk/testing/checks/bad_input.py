@@ -29,6 +29,7 @@ from ._support import (
     reference,
     run_property,
     split_points,
+    type_problems,
 )
 from .base import CheckContext, CheckSkipped, check
 
@@ -487,7 +488,8 @@ def bad_input_error_id(ctx: CheckContext) -> None:
     ``max_frame_size`` with its header intact; where the id lies before a length field, that
     field set huge or one over the limit, whole and cut after the header (as a hostile header
     arrives in a first read): each ``FrameTooLargeError`` must carry the id. And each message
-    corrupted past its header (within its first 64 bytes): each ``CodecError`` must carry it.
+    corrupted past its header (within its first 64 bytes): each ``CodecError`` must carry it,
+    in metadata whose fields have the contract's types.
     """
     checked = 0
 
@@ -532,6 +534,14 @@ def bad_input_error_id(ctx: CheckContext) -> None:
                         f"{said}; the header gave request id {message.request_id}, and an "
                         f"engine answers the refused frame to the id in the error's metadata\n"
                         f"{hexdump(data, mark=exc.offset)}"
+                    )
+                wrong = type_problems(got)
+                if wrong:
+                    fail(
+                        f"{what}, max_frame_size={limit}: the metadata of {type(exc).__name__} "
+                        f"({exc}) does not have the contract's types: {'; '.join(wrong)} (an "
+                        "engine answers, counts and logs the refused frame by it, as a decoded "
+                        f"message)\n{hexdump(data, mark=exc.offset)}"
                     )
             except CodecError:
                 continue
