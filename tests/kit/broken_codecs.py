@@ -1062,6 +1062,235 @@ class UndeclaredPing(_Broken):
         return build_frame(kv.PING, request_id)
 
 
+class RelabelsLargeErrorsAtWrongOffset(_Broken):
+    """Relabels a large error reply (a 16 KiB fast path keeping the rest as a view) with the
+    new id written 4 bytes late, over the headers length, and the old id left in place; its
+    ``encode(request_id=)`` calls ``relabel``, as KV's does, so the two agree with each other.
+    Found by writing broken codecs from outside (kit-teeth): ``peek_reply_large`` compared
+    relabel only with encode."""
+
+    catches = "peek_reply_large"
+
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
+        if frame[3] == kv.ERROR and len(frame) > 0x4000:
+            return [frame[:8], kv._ID.pack(request_id), memoryview(frame)[12:]]  # the fault
+        return super().relabel(frame, request_id)
+
+
+class WholeFrameWithoutParsedHeaders(_Broken):
+    """Keeps each message's parsed headers in ``codec_state`` so that ``encode`` need not
+    parse them again, but its own ``decode_frame`` (which parses the frame it is given, sparing
+    the copy into a buffer) keeps only the kind: a large request, which an engine decodes with
+    ``decode_frame``, loses the client's headers to the route's mutation. Its metadata is
+    decode's in every field a filter reads."""
+
+    catches = "framing_decode_frame"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata):
+            message.codec_state = (message.codec_state, message.attributes.to_dict())
+        return message
+
+    def decode_frame(self, frame: bytes) -> Metadata:
+        return KVCodec.decode(self, bytearray(frame))  # type: ignore[return-value]  # the fault
+
+    @staticmethod
+    def _plain(message: Metadata) -> Metadata:
+        """``message`` with KV's own ``codec_state`` (the kind)."""
+        state = message.codec_state
+        if not isinstance(state, tuple):
+            return message
+        plain = copy.copy(message)
+        plain.codec_state = state[0]
+        return plain
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        state = message.codec_state
+        if not mutation:
+            return super().encode(self._plain(message), mutation, request_id=request_id)
+        headers = dict(state[1]) if isinstance(state, tuple) else {}  # none kept: none written
+        for key in list(headers):
+            if key.lower() in {k.lower() for k in mutation}:
+                del headers[key]
+        block = _block({**headers, **mutation})
+        head = bytearray(message.frame[:HEADER_SIZE])
+        struct.pack_into(">H", head, 8, len(block))
+        if request_id is not None:
+            struct.pack_into(">I", head, 4, request_id)
+        return [bytes(head), block, message.body]
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        return super().on_error(self._plain(metadata), error)
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        return super().heartbeat_reply(self._plain(metadata))
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return super().is_drain_notice(self._plain(metadata))
+
+
+class ConsumesAfterEarlierRead(_Broken):
+    """Remembers the size of the frame it waited for and, once the rest has come, takes the
+    frame out of the buffer before parsing its headers: a bad frame that arrived in two reads
+    raises with its bytes already gone (one that arrived whole is refused cleanly)."""
+
+    catches = "bad_input_consumes_nothing"
+
+    def __init__(self, **options: int) -> None:
+        super().__init__(**options)
+        self._waited = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self._waited = 0
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        waited, self._waited = self._waited, 0
+        if waited and len(buffer) >= waited:
+            frame = bytearray(take_frame(buffer, waited))  # the fault: taken, then parsed
+            return super().decode(frame)
+        result = super().decode(buffer)
+        if isinstance(result, NeedData):
+            self._waited = result.needed
+        return result
+
+
+class AccumulatesMutations(_Broken):
+    """Keeps the headers of every mutation it wrote in one dict on the instance (to spare a
+    dict per call), so each call writes all the keys of the earlier ones too: a route's
+    mutation lands in the next route's requests on the same upstream connection."""
+
+    catches = "mutation_each_call"
+
+    def __init__(self, **options: int) -> None:
+        super().__init__(**options)
+        self._written: dict[str, str] = {}
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        if mutation:
+            self._written.update(mutation)  # the fault: never cleared
+            mutation = dict(self._written)
+        return super().encode(message, mutation, request_id=request_id)
+
+
+class CachesEncodedByMutation(_Broken):
+    """Caches what ``encode`` wrote for a mutated message in the message's ``codec_state`` (a
+    retry encodes the same request again), keyed by the mutation but not by the request id: a
+    retry on another upstream connection, with a new id, goes out with the first attempt's
+    id, and its reply answers no one. Each call alone is right, and gives the same bytes
+    twice."""
+
+    catches = "encode_leaves_message"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata):
+            message.codec_state = [message.codec_state, None]  # [kind, (mutation, bytes)]
+        return message
+
+    @staticmethod
+    def _plain(message: Metadata) -> Metadata:
+        """``message`` with KV's own ``codec_state`` (the kind)."""
+        state = message.codec_state
+        if not isinstance(state, list):
+            return message
+        plain = copy.copy(message)
+        plain.codec_state = state[0]
+        return plain
+
+    def encode(
+        self, message: Metadata, mutation: Mutation | None = None, *, request_id: int | None = None
+    ) -> Encoded:
+        state = message.codec_state
+        plain = self._plain(message)
+        if not mutation or not isinstance(state, list):
+            return super().encode(plain, mutation, request_id=request_id)
+        key = tuple(sorted(mutation.items()))  # the fault: request_id is not in the key
+        if state[1] is None or state[1][0] != key:
+            encoded = super().encode(plain, mutation, request_id=request_id)
+            state[1] = (key, b"".join(encoded) if isinstance(encoded, list) else encoded)
+        return state[1][1]  # type: ignore[no-any-return]
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        return super().on_error(self._plain(metadata), error)
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes | None:
+        return super().heartbeat_reply(self._plain(metadata))
+
+    def is_drain_notice(self, metadata: Metadata) -> bool:
+        return super().is_drain_notice(self._plain(metadata))
+
+
+class ErrorReplyIdIn24Bits(_Broken):
+    """Writes the request id of its error replies in 24 bits (its author's clients count ids
+    from 1): a client whose ids reach 2**24 gets its error replies under another id. Material
+    whose requests all have small ids shows nothing."""
+
+    catches = "error_reply_request_id"
+
+    def on_error(self, metadata: Metadata, error: LocalError) -> bytes:
+        fault = copy.copy(metadata)
+        fault.request_id &= 0xFFFFFF  # the fault
+        return super().on_error(fault, error)
+
+
+class CachesHeadersBySize(_Broken):
+    """Caches parsed headers by the size of the headers block (its clients send the same
+    headers on every request): the next message whose headers differ but have the same size,
+    a client's other user or key, gets the first one's attributes and method."""
+
+    catches = "state_same_id"
+
+    def __init__(self, **options: int) -> None:
+        super().__init__(**options)
+        self._seen: dict[int, tuple[Attributes, str]] = {}
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        message = super().decode(buffer)
+        if isinstance(message, Metadata):
+            hit = self._seen.setdefault(
+                message.header_size, (message.attributes, message.operation_name)
+            )
+            message.attributes, message.operation_name = hit  # the fault
+        return message
+
+
+class RelabelClearsReserved(_Broken):
+    """Relabels a reply by writing its fixed header anew, with the reserved field 0, and
+    its ``encode(request_id=)`` calls ``relabel``: a reply whose peer set reserved bits
+    reaches the client without them. Its metadata says nothing of the reserved field."""
+
+    catches = "peek_reply_agrees"
+
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
+        return (
+            frame[:4]
+            + struct.pack(">IHH", request_id, len(frame) and frame[8] << 8 | frame[9], 0)
+            + frame[12:]
+        )  # the fault: reserved 0
+
+
+class ErrorMetadataOfBytes(_Broken):
+    """Gives its decode errors' metadata the method it read as bytes (the frame is refused,
+    so why decode it?): an engine answers, counts and logs a refused frame by that metadata,
+    as it does a decoded message, and reads its fields as the contract types them."""
+
+    catches = "bad_input_error_id"
+
+    def decode(self, buffer: bytearray) -> Metadata | NeedData:
+        try:
+            return super().decode(buffer)
+        except CodecError as exc:
+            if exc.metadata is not None:
+                exc.metadata.operation_name = b"put"  # type: ignore[assignment]  # the fault
+            raise
+
+
 # The rules the engine relies on in combination (issue 13): each of these codecs has one fault
 # that the older checks all missed, so it must fail its own check and pass every other one.
 ONLY_ONE: list[type[_Broken]] = [
@@ -1115,6 +1344,20 @@ ONLY_ONE: list[type[_Broken]] = [
     UndeclaredPing,
 ]
 
+# Written from outside, as careless authors would (derived from the Dubbo and Thrift codecs
+# first, then made of KV here): each passed every check until its check was strengthened, and
+# each targets a check another broken codec above targets too (test_teeth runs them apart).
+FROM_OUTSIDE: list[type[_Broken]] = [
+    RelabelsLargeErrorsAtWrongOffset,
+    WholeFrameWithoutParsedHeaders,
+    ConsumesAfterEarlierRead,
+    AccumulatesMutations,
+    CachesEncodedByMutation,
+    CachesHeadersBySize,
+    RelabelClearsReserved,
+    ErrorMetadataOfBytes,
+]
+
 BROKEN: list[type[_Broken]] = [
     IgnoresPartialFrames,
     ShortValueOnTruncation,
@@ -1133,4 +1376,4 @@ BROKEN: list[type[_Broken]] = [
     *ONLY_ONE,
 ]
 
-__all__ = ["BROKEN", "ONLY_ONE", "MessageType"]
+__all__ = ["BROKEN", "FROM_OUTSIDE", "ONLY_ONE", "MessageType"]

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 from broken_codecs import (
     BROKEN,
+    FROM_OUTSIDE,
     ONLY_ONE,
     BytesForBadUtf8,
     CachesMutationById,
+    ErrorMetadataOfBytes,
+    ErrorReplyIdIn24Bits,
     FrameViewOfScratch,
     PeekCopiesWholeBuffer,
     ResetsStreams,
@@ -51,7 +54,7 @@ pure_metadata_only = pytest.mark.skipif(
     TYPED_METADATA, reason="the compiled Metadata refuses this fault when it is built"
 )
 #: The broken codecs whose fault is a field of the wrong type.
-UNTYPED_FAULTS = {WholeFrameView, FrameViewOfScratch, BytesForBadUtf8}
+UNTYPED_FAULTS = {WholeFrameView, FrameViewOfScratch, BytesForBadUtf8, ErrorMetadataOfBytes}
 
 #: Run alone (see ./dev): a quadratic codec's cost ratio is judged against a bound, and another
 #: test process's cache traffic can shrink it to the bound (ci12: 8.0x for a codec that shows
@@ -103,6 +106,57 @@ def test_broken_codec_fails_only_its_named_check(codec: type[KVCodec]) -> None:
     report = run_kit(CodecTarget.discover(codec, settings=settings))
     failed = [r.check for r in report.results if r.outcome.is_failure]
     assert failed == [codec.catches], report.format_text()  # type: ignore[attr-defined]
+
+
+#: What each of :data:`FROM_OUTSIDE`'s failures says (the strengthened part of its check).
+_OUTSIDE_REASONS = {
+    "RelabelsLargeErrorsAtWrongOffset": "relabel(a Error with one value of 20000 bytes",
+    "WholeFrameWithoutParsedHeaders": "encode(message, mutation) gives for decode_frame's",
+    "ConsumesAfterEarlierRead": "in two reads split at",
+    "AccumulatesMutations": "which neither the message nor the mutation",
+    "CachesEncodedByMutation": "gave other bytes than on a message fresh from decode",
+    "CachesHeadersBySize": "the same codec decodes it otherwise than a fresh one",
+    "RelabelClearsReserved": "does not give the reply again",
+    "ErrorMetadataOfBytes": "operation_name is bytes, not str",
+}
+
+
+@pytest.mark.parametrize("codec", cases(FROM_OUTSIDE))
+def test_codecs_broken_from_outside_fail_only_their_strengthened_check(
+    codec: type[KVCodec],
+) -> None:
+    # Each passed the whole kit before its check was strengthened (kit-teeth): relabel was
+    # compared only with encode(request_id=), which may call it; decode_frame's metadata only
+    # field by field; decode errors only in one read; mutations only with the same keys.
+    settings = KitSettings(examples=8, random_examples=40, perf_seconds=0.01)
+    report = run_kit(CodecTarget.discover(codec, settings=settings))
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == [codec.catches], report.format_text()  # type: ignore[attr-defined]
+    assert _OUTSIDE_REASONS[codec.__name__] in failed[0].reason, failed[0].reason
+    assert "00000000  " in failed[0].reason, failed[0].reason
+
+
+def test_error_reply_ids_are_checked_wide_whatever_ids_the_material_has() -> None:
+    # KV's material without its one large-id vector, and with generated ids below 2**24: an
+    # error reply that writes 24 bits of the id passed every check (kit-teeth, first seen as a
+    # Dubbo codec writing 32 of its 64 bits, caught only by a golden vector of the largest id).
+    from metaprotocol_sdk.examples import kv_conformance
+
+    def small(sample: Sample) -> bool:
+        return int.from_bytes(sample.frame[4:8], "big") < 2**24
+
+    codec = ErrorReplyIdIn24Bits
+    shipped = CodecTarget.discover(codec)
+    target = CodecTarget.discover(
+        codec,
+        golden=[s for s in shipped.golden if small(s)],
+        messages=kv_conformance.messages().filter(small),
+        settings=KitSettings(examples=8, random_examples=40, perf_seconds=0.01),
+    )
+    report = run_kit(target)
+    failed = [r for r in report.results if r.outcome.is_failure]
+    assert [r.check for r in failed] == ["error_reply_request_id"], report.format_text()
+    assert "carries request id 131844, the request had 16909060" in failed[0].reason
 
 
 def test_random_bytes_check_finds_the_garbage_fault_too() -> None:

@@ -6,6 +6,9 @@ Golden vectors and message strategies come from ``metaprotocol_thrift.conformanc
 
 from __future__ import annotations
 
+from metaprotocol_thrift import ThriftCodec
+
+from metaprotocol_sdk import Encoded
 from metaprotocol_sdk.testing import CodecConformance, CodecTarget, Outcome, check_names, run_check
 
 
@@ -24,3 +27,22 @@ def test_thrift_has_no_ping_and_the_ping_checks_skip_with_a_reason() -> None:
         result = run_check(target, name)
         assert result.outcome is Outcome.skipped, (name, result.reason)
         assert "'heartbeat_request' capability" in result.reason
+
+
+class _OneByteNameLength(ThriftCodec):
+    """Relabels and peeks a reply with the method name's length read from its last byte only
+    (right for names below 256 bytes)."""
+
+    conformance = "metaprotocol_thrift.conformance"
+
+    def relabel(self, frame: bytes, request_id: int) -> Encoded:
+        at = 12 + frame[11]  # the fault: one byte of the 4-byte name length
+        return frame[:at] + request_id.to_bytes(4, "big") + frame[at + 4 :]
+
+
+def test_the_material_has_a_reply_with_a_long_method_name() -> None:
+    # grown(n)'s "framed reply name" has an n-byte name: before it, every reply of the material
+    # had a name below 22 bytes, and this relabel passed every check.
+    result = run_check(CodecTarget.discover(_OneByteNameLength), "peek_reply_large")
+    assert result.outcome is Outcome.failed, result.reason
+    assert "grown(256)['framed reply name']" in result.reason, result.reason

@@ -29,6 +29,7 @@ from ._support import (
     reference,
     run_property,
     split_points,
+    type_problems,
 )
 from .base import CheckContext, CheckSkipped, check
 
@@ -264,7 +265,18 @@ class _Untouched:
         self.sized = 0
         self._new: Callable[[], Codec] = ctx.target.new_codec
 
-    def run(self, data: bytes, what: str, options: object = None, limit: int | None = None) -> None:
+    def run(
+        self,
+        data: bytes,
+        what: str,
+        options: object = None,
+        limit: int | None = None,
+        split: int = 0,
+    ) -> bool:
+        """Decode ``data`` until an error, ``NeedData`` or its end; with ``split``, its first
+        ``split`` bytes arrive first and the rest once decode asks for more (an engine's next
+        read: a codec may keep what it learnt of the frame from the first). Whether decode
+        raised a CodecError."""
         sample_options = options if isinstance(options, dict) else {}
         target = self.ctx.target
         self._new = lambda: target.new_codec(sample_options)
@@ -273,17 +285,22 @@ class _Untouched:
                 target.new_codec(sample_options, max_frame_size=limit)
                 self._new = lambda: target.new_codec(sample_options, max_frame_size=limit)
         codec = self._new()
-        buffer = bytearray(data)
-        for _ in range(len(data) + 1):
+        buffer = bytearray(data[:split] if split else data)
+        rest = data[split:] if split else b""
+        for _ in range(len(data) + 2):
             before = bytes(buffer)
             try:
                 result = call_decode(codec, buffer, limit=self.ctx.target.settings.time_limit)
             except CodecError as exc:
                 self.errors += 1
                 self._check(exc, before, buffer, what)
-                return
-            if isinstance(result, NeedData) or result.size == 0:
-                return
+                return True
+            if isinstance(result, NeedData) and rest:
+                buffer += rest
+                rest = b""
+            elif isinstance(result, NeedData) or result.size == 0:
+                return False
+        return False
 
     def _check(self, exc: CodecError, before: bytes, buffer: bytearray, what: str) -> None:
         if self.extent:
@@ -341,8 +358,10 @@ class _Untouched:
         )
 
 
-def _provoke(ctx: CheckContext, untouched: _Untouched) -> None:
-    """Drive ``untouched`` with every input the other checks provoke errors with."""
+def _provoke(ctx: CheckContext, untouched: _Untouched, *, in_two_reads: bool = False) -> None:
+    """Drive ``untouched`` with every input the other checks provoke errors with; with
+    ``in_two_reads``, also the first corruption at each offset that decode refuses, in two
+    reads split after the corrupted byte."""
     for vector in ctx.target.golden:
         if vector.is_bad_input:
             untouched.run(vector.frame, f"golden vector {vector.name!r}", dict(vector.options))
@@ -359,8 +378,15 @@ def _provoke(ctx: CheckContext, untouched: _Untouched) -> None:
             limit=max(1, len(frame) - 1),
         )
         roomy = 4 * len(frame) + ctx.target.settings.small_limit
+        split: set[int] = set()
         for pos, data in corruptions(frame):
-            untouched.run(data + frame, f"byte {pos} corrupted", options, limit=roomy)
+            refused = untouched.run(data + frame, f"byte {pos} corrupted", options, limit=roomy)
+            # The same in two reads, split after the corrupted byte: the error comes on the
+            # call that completes the frame, from a codec that kept state from the first.
+            if in_two_reads and refused and pos not in split and pos + 1 < len(data):
+                split.add(pos)
+                what = f"byte {pos} corrupted, in two reads split at {pos + 1}"
+                untouched.run(data + frame, what, options, limit=roomy, split=pos + 1)
         original = reference(ctx, sample)
         for field in length_fields(frame, original):
             for name, data in _patches(frame, field):
@@ -386,11 +412,14 @@ def bad_input_consumes_nothing(ctx: CheckContext) -> None:
     """Every decode error the kit provokes leaves the buffer byte-for-byte unchanged.
 
     Inputs: bad-input golden vectors, fixed garbage, each message corrupted in its first 64
-    bytes or with a length set huge (each followed by the intact message, as a bad request
-    and a good one arrive in one read), over ``max_frame_size``, and random edits.
+    bytes (in one read, and the first refused corruption at each offset in two reads split
+    after the corrupted byte, where the error comes on the call that completes the frame)
+    or with a length set huge (each followed by the intact
+    message, as a bad request and a good one arrive in one read), over ``max_frame_size``,
+    and random edits.
     """
     untouched = _Untouched(ctx)
-    _provoke(ctx, untouched)
+    _provoke(ctx, untouched, in_two_reads=True)
     if untouched.errors == 0:
         raise CheckSkipped("no input the kit tried made decode raise a CodecError")
     ctx.details["errors"] = untouched.errors
@@ -459,7 +488,8 @@ def bad_input_error_id(ctx: CheckContext) -> None:
     ``max_frame_size`` with its header intact; where the id lies before a length field, that
     field set huge or one over the limit, whole and cut after the header (as a hostile header
     arrives in a first read): each ``FrameTooLargeError`` must carry the id. And each message
-    corrupted past its header (within its first 64 bytes): each ``CodecError`` must carry it.
+    corrupted past its header (within its first 64 bytes): each ``CodecError`` must carry it,
+    in metadata whose fields have the contract's types.
     """
     checked = 0
 
@@ -504,6 +534,14 @@ def bad_input_error_id(ctx: CheckContext) -> None:
                         f"{said}; the header gave request id {message.request_id}, and an "
                         f"engine answers the refused frame to the id in the error's metadata\n"
                         f"{hexdump(data, mark=exc.offset)}"
+                    )
+                wrong = type_problems(got)
+                if wrong:
+                    fail(
+                        f"{what}, max_frame_size={limit}: the metadata of {type(exc).__name__} "
+                        f"({exc}) does not have the contract's types: {'; '.join(wrong)} (an "
+                        "engine answers, counts and logs the refused frame by it, as a decoded "
+                        f"message)\n{hexdump(data, mark=exc.offset)}"
                     )
             except CodecError:
                 continue

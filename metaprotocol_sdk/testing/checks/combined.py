@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from metaprotocol_sdk.codec import Encoded, LocalError, join_encoded
+from metaprotocol_sdk.codec import Codec, Encoded, LocalError, join_encoded
 from metaprotocol_sdk.enums import ErrorType, MessageType
 from metaprotocol_sdk.errors import CodecError, MutationError
 from metaprotocol_sdk.metadata import Metadata
@@ -327,7 +327,8 @@ _EACH_CALL = (
 def mutation_each_call(ctx: CheckContext) -> None:
     """encode writes each call's own message and mutation: one codec encodes a message with
     a mutation, another message with the same mapping, the message with that mapping changed
-    in place, and with new mappings each built after the last was dropped.
+    in place, with new mappings each built after the last was dropped, and with a mapping of
+    other keys (none of the earlier keys may come along).
 
     A codec may remember what it encoded for a mutation (a route applies the same one to
     every request), but never by the mapping's identity alone, nor for another message.
@@ -335,6 +336,7 @@ def mutation_each_call(ctx: CheckContext) -> None:
     tally = _Tally()
     base = ctx.target.mutation
     other = f"{next(iter(base))}-other"
+    alone = f"{next(iter(base))}-alone"
 
     def fresh(tag: str) -> dict[str, str]:
         return {key: f"{value}-{tag}" for key, value in base.items()}
@@ -364,6 +366,8 @@ def mutation_each_call(ctx: CheckContext) -> None:
             del mutation
             for tag in ("b", "c", "d"):  # each built where the last was freed, most likely
                 encode(f"the message with a new mapping ({tag})", original, fresh(tag))
+            # Keys of its own only: none of the earlier mappings' keys may come along.
+            encode("the message with a mapping of other keys", original, {alone: "1"})
         except MutationError:
             return  # mutation_visible and capabilities_honored judge refusals
         except CodecError as exc:
@@ -372,12 +376,27 @@ def mutation_each_call(ctx: CheckContext) -> None:
             try:
                 again = decode_whole(ctx.target.new_codec(sample.options), data, what)
                 _visible(ctx, message, again, mutation, data)
+                _nothing_added(message, again, mutation, data)
             except CheckFailed as exc:
                 earlier = ", then ".join(w for w, *_ in done[:index]) or "nothing"
                 fail(f"on one codec, after {earlier}: {what} {mutation!r}: {exc}\n{_EACH_CALL}")
 
     for_each_sample(ctx, prop)
     tally.finish()
+
+
+def _nothing_added(
+    before: Metadata, after: Metadata, mutation: Mapping[str, str], data: bytes
+) -> None:
+    """Fail when ``after`` has a key neither ``before`` nor ``mutation`` had: an earlier call's
+    key that came along."""
+    known = {key.lower() for key in (*before.attributes, *mutation)}
+    added = [key for key in after.attributes if key.lower() not in known]
+    if added:
+        fail(
+            f"the encoded message carries {', '.join(map(repr, added))}, which neither the "
+            f"message nor the mutation {dict(mutation)!r} had\nencoded:\n{hexdump(data)}"
+        )
 
 
 def _replaces(ctx: CheckContext, sample: Sample, message: Metadata, key: str) -> bool:
@@ -401,14 +420,14 @@ def _snapshot(message: Metadata) -> tuple[dict[str, Any], bytes, dict[str, Any]]
 @check("encode_leaves_message", "roundtrip")
 def encode_leaves_message(ctx: CheckContext) -> None:
     """encode, on_error and heartbeat_reply leave the Metadata as it was, and encode again
-    gives the same bytes.
+    gives the same bytes; after all of them, each gives what it gives on a message fresh from
+    decode (a cache in the message keyed by less than all of encode's arguments does not).
 
     An engine keeps the request after encoding it: it matches the reply by the request's id
     (an upstream id goes only to the wire), encodes it again for a retry or a mirror, and logs
     it; replies are encoded once per downstream. Every call an engine makes: ``encode`` with
     no mutation, a mutation, a new request id and both, ``on_error`` and ``heartbeat_reply``.
     """
-    caps = ctx.target.codec.capabilities
     seen = 0
 
     def prop(sample: Sample) -> None:
@@ -416,27 +435,7 @@ def encode_leaves_message(ctx: CheckContext) -> None:
         message = reference(ctx, sample)
         before = _snapshot(message)
         codec = ctx.target.new_codec(sample.options)
-        new_id = message.request_id - 1 if message.request_id > 0 else message.request_id + 1
-        calls: dict[str, Callable[[], Encoded | None]] = {
-            "encode(message)": lambda: codec.encode(message)
-        }
-        beat = message.message_type is MessageType.Heartbeat
-        if caps.rewrite_request_id and not beat:
-            calls[f"encode(message, request_id={new_id})"] = lambda: codec.encode(
-                message, request_id=new_id
-            )
-        if caps.mutation and _mutable(ctx, message):
-            mutation = ctx.target.mutation
-            calls[f"encode(message, {dict(mutation)!r})"] = lambda: codec.encode(message, mutation)
-            if caps.rewrite_request_id:
-                calls[f"encode(message, {dict(mutation)!r}, request_id={new_id})"] = lambda: (
-                    codec.encode(message, mutation, request_id=new_id)
-                )
-        if caps.error_reply and message.message_type.is_request_side and not beat:
-            error = LocalError(ErrorType.Unspecified, "conformance kit")
-            calls["on_error(message)"] = lambda: codec.on_error(message, error)
-        if caps.heartbeat and beat:
-            calls["heartbeat_reply(message)"] = lambda: codec.heartbeat_reply(message)
+        calls = _engine_calls(ctx, codec, message)
         for what, call in calls.items():
             outputs = []
             for _ in range(2):
@@ -474,10 +473,61 @@ def encode_leaves_message(ctx: CheckContext) -> None:
                     f"{what} called twice on the same message gave different bytes: "
                     + compare(first or b"", second or b"")
                 )
+        # Each call once more, on a message and codec fresh from decode: what the calls made
+        # before it (a retry's new id, a mirror's mutation) must not show in its bytes.
+        for what, call in calls.items():
+            try:
+                again = join_encoded(call() or b"")
+            except MutationError:
+                continue
+            except Exception as exc:
+                fail(f"{what} raised {type(exc).__name__}: {exc}")
+            fresh_message = reference(ctx, sample)
+            fresh_call = _engine_calls(ctx, ctx.target.new_codec(sample.options), fresh_message)
+            wanted = join_encoded(fresh_call[what]() or b"")
+            if again != wanted:
+                fail(
+                    f"{what}, after the other calls on the same message, gave other bytes than "
+                    "on a message fresh from decode (an engine encodes a request again for a "
+                    "retry, with a new id on another connection, and for a mirror: a cache in "
+                    "the message must be keyed by all of encode's arguments): "
+                    + compare(wanted, again)
+                )
 
     for_each_sample(ctx, prop)
     if seen == 0:
         raise CheckSkipped("no message to encode")
+
+
+def _engine_calls(
+    ctx: CheckContext, codec: Codec, message: Metadata
+) -> dict[str, Callable[[], Encoded | None]]:
+    """Every call an engine makes with ``message`` on ``codec``, by name, in the order an engine
+    makes them: ``encode`` unchanged, with a new id, with the kit's mutation, with both;
+    ``on_error`` of a request, ``heartbeat_reply`` of a heartbeat."""
+    caps = ctx.target.codec.capabilities
+    new_id = message.request_id - 1 if message.request_id > 0 else message.request_id + 1
+    calls: dict[str, Callable[[], Encoded | None]] = {
+        "encode(message)": lambda: codec.encode(message)
+    }
+    beat = message.message_type is MessageType.Heartbeat
+    if caps.rewrite_request_id and not beat:
+        calls[f"encode(message, request_id={new_id})"] = lambda: codec.encode(
+            message, request_id=new_id
+        )
+    if caps.mutation and _mutable(ctx, message):
+        mutation = ctx.target.mutation
+        calls[f"encode(message, {dict(mutation)!r})"] = lambda: codec.encode(message, mutation)
+        if caps.rewrite_request_id:
+            calls[f"encode(message, {dict(mutation)!r}, request_id={new_id})"] = lambda: (
+                codec.encode(message, mutation, request_id=new_id)
+            )
+    if caps.error_reply and message.message_type.is_request_side and not beat:
+        error = LocalError(ErrorType.Unspecified, "conformance kit")
+        calls["on_error(message)"] = lambda: codec.on_error(message, error)
+    if caps.heartbeat and beat:
+        calls["heartbeat_reply(message)"] = lambda: codec.heartbeat_reply(message)
+    return calls
 
 
 def same_metadata_dicts(a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 from hypothesis import strategies as st
 
-from metaprotocol_sdk.codec import Codec, NeedData
+from metaprotocol_sdk.codec import Codec, Encoded, LocalError, NeedData, join_encoded
+from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import CodecError
 from metaprotocol_sdk.metadata import Metadata
 from metaprotocol_sdk.testing.golden import Sample, mismatches
@@ -371,7 +373,94 @@ def _whole_frame_prop(
     diff = same_metadata(expected, got)
     if diff:
         fail(f"{what}: decode_frame's metadata differs from decode's: {diff}")
+    if not _same_values(expected.values, got.values):
+        fail(
+            f"{what}: decode_frame's metadata.values differ from decode's: "
+            f"{_shown(expected.values)} != {_shown(got.values)} (filters read them)"
+        )
+    overrides = type(ctx.target.new_codec(options)).decode_frame is not Codec.decode_frame
+    if overrides and isinstance(got.frame, bytes):  # another type is framing_frame_owned's
+        _encodes_alike(ctx, options, expected, got, what)
     return got
+
+
+def _same_values(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # values a filter may want need not compare (arrays, ...)
+        return True
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _encodes_alike(
+    ctx: CheckContext,
+    options: dict[str, object],
+    by_decode: Metadata,
+    by_frame: Metadata,
+    what: str,
+) -> None:
+    """Each call an engine makes with a message (``encode`` unchanged, with the kit's mutation,
+    with a new request id, with both; ``on_error``; ``heartbeat_reply``) gives the same bytes,
+    or the same error, for decode_frame's message as for decode's: an engine encodes and
+    answers a large request or reply that decode_frame decoded, so what those read
+    (``codec_state``, ``values``) must be there too."""
+    codec = ctx.target.new_codec(options)
+    capabilities = codec.active_capabilities
+    mutates = capabilities.mutation or capabilities.response_mutation
+    mutation = dict(ctx.target.mutation) if mutates else None
+    new_id = None
+    if capabilities.rewrite_request_id:
+        new_id = by_decode.request_id - 1 if by_decode.request_id > 1 else by_decode.request_id + 1
+    calls: dict[str, tuple[dict[str, str] | None, int | None]] = {"encode(message)": (None, None)}
+    if mutation:
+        calls["encode(message, mutation)"] = (mutation, None)
+    if new_id is not None:
+        calls[f"encode(message, request_id={new_id})"] = (None, new_id)
+        if mutation:
+            calls[f"encode(message, mutation, request_id={new_id})"] = (mutation, new_id)
+    answers: dict[str, Callable[[Metadata], Encoded | None]] = {}
+    if capabilities.error_reply:
+        error = LocalError(ErrorType.Timeout, "conformance kit")
+        answers["on_error(message, Timeout)"] = lambda m: codec.on_error(m, error)
+    if capabilities.heartbeat:
+        answers["heartbeat_reply(message)"] = codec.heartbeat_reply
+    for call, (change, request_id) in calls.items():
+        answers[call] = functools.partial(_encode_call, codec, change, request_id)
+    for call, answer in answers.items():
+        outcomes = [_outcome(answer, m) for m in (by_decode, by_frame)]
+        if outcomes[0] != outcomes[1]:
+            shown = [o if isinstance(o, str) else f"{len(o)} bytes" for o in outcomes]
+            detail = (
+                compare(outcomes[0], outcomes[1])
+                if isinstance(outcomes[0], bytes) and isinstance(outcomes[1], bytes)
+                else f"decode's message: {shown[0]}; decode_frame's: {shown[1]}"
+            )
+            fail(
+                f"{what}: {call} gives for decode_frame's message what it does not for "
+                f"decode's ({detail}): an engine encodes a large message that decode_frame "
+                "decoded, with the route's mutation and a new request id, and answers it with "
+                "on_error, so its codec_state must hold what they need, as decode's does"
+            )
+
+
+def _encode_call(
+    codec: Codec, mutation: dict[str, str] | None, request_id: int | None, message: Metadata
+) -> Encoded:
+    return codec.encode(message, mutation, request_id=request_id)
+
+
+def _outcome(call: Callable[[Metadata], Encoded | None], message: Metadata) -> bytes | str:
+    """What ``call`` gives for ``message``: its bytes, ``"None"``, or the name of what it
+    raised (its text may name the message's own objects)."""
+    try:
+        result = call(message)
+        return "None" if result is None else join_encoded(result)
+    except Exception as exc:
+        return f"raised {type(exc).__name__}"
 
 
 def _engine_order_prop(ctx: CheckContext, first: Sample, *, second: Sample) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+from hypothesis import strategies as st
+
 from metaprotocol_sdk.codec import Codec, LocalError, ReplyHead, join_encoded
 from metaprotocol_sdk.enums import ErrorType, MessageType, ResponseStatus, StreamType
 from metaprotocol_sdk.errors import CodecError, ConfigError, FrameTooLargeError, MutationError
@@ -21,8 +23,11 @@ from ._support import (
     encode_bytes,
     fail,
     for_each_sample,
+    labelled,
     raised_at,
     reference,
+    run_property,
+    same_metadata,
     split_points,
 )
 from .base import CheckContext, CheckSkipped, check
@@ -96,7 +101,11 @@ _MESSAGES = (
 
 
 def _error_replies(
-    ctx: CheckContext, check_id: bool, check_status: bool = False, messages: tuple[str, ...] = ("",)
+    ctx: CheckContext,
+    check_id: bool,
+    check_status: bool = False,
+    messages: tuple[str, ...] = ("",),
+    wide_ids: bool = False,
 ) -> None:
     seen = 0
 
@@ -106,6 +115,12 @@ def _error_replies(
         if not _needs_reply(request):
             return
         seen += 1
+        answer(sample, request)
+        if wide_ids:  # the request again with the widest ids it may carry
+            for wide in _widest_ids(ctx, sample, request):
+                answer(sample, wide)
+
+    def answer(sample: Sample, request: Metadata) -> None:
         for kind in ErrorType:
             for message in messages:
                 reply = _error_reply(ctx, sample, request, kind, message)
@@ -138,6 +153,30 @@ def _error_replies(
         raise CheckSkipped("no request among golden vectors or generated messages")
 
 
+def _widest_ids(ctx: CheckContext, sample: Sample, request: Metadata) -> list[Metadata]:
+    """``request`` rewritten (``encode(request_id=)``, capability ``rewrite_request_id``) with
+    the codec's ``max_request_id`` and with an id of four distinct bytes, and decoded: a client
+    chooses its ids, and an error reply that writes too few of its bits answers another
+    request. Empty without the capability, or where the codec refuses the id."""
+    codec_type = ctx.target.codec
+    if not codec_type.capabilities.rewrite_request_id or request.message_type in STREAM_FRAMES:
+        return []
+    top = codec_type.max_request_id
+    found = []
+    for request_id in sorted({top, 0x01020304} - {request.request_id}):
+        if not 1 <= request_id <= top:
+            continue
+        encoder = ctx.target.new_codec(sample.options)
+        try:
+            data = join_encoded(encoder.encode(request, request_id=request_id))
+            wide = ctx.target.new_codec(sample.options).decode(bytearray(data))
+        except Exception:  # an id the codec cannot write is rewrite_request_id's to report
+            continue
+        if isinstance(wide, Metadata) and wide.request_id == request_id:
+            found.append(wide)
+    return found
+
+
 @check("error_reply_nonempty", "errors", requires="error_reply")
 def error_reply_nonempty(ctx: CheckContext) -> None:
     """on_error() for every ErrorType is a non-empty reply that decodes as Response or Error
@@ -147,8 +186,9 @@ def error_reply_nonempty(ctx: CheckContext) -> None:
 
 @check("error_reply_request_id", "errors", requires="error_reply")
 def error_reply_request_id(ctx: CheckContext) -> None:
-    """Every error reply carries the request's id (a stream's reset: the stream's id)."""
-    _error_replies(ctx, check_id=True)
+    """Every error reply carries the request's id (a stream's reset: the stream's id), also for
+    the request rewritten with ``max_request_id`` and with an id of four distinct bytes."""
+    _error_replies(ctx, check_id=True, wide_ids=True)
 
 
 @check("error_reply_status", "errors", requires="error_reply")
@@ -501,7 +541,8 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
     same with more bytes after the frame; for every truncation, for a frame above
     ``max_frame_size`` and for anything but a Response or Error it is ``None``; on each
     corruption of a frame's first 64 bytes it is ``None`` or what decode gives. With
-    ``rewrite_request_id``, ``relabel(frame, id)`` equals ``encode(decoded, request_id=id)``.
+    ``rewrite_request_id``, ``relabel(frame, id)`` equals ``encode(decoded, request_id=id)``,
+    and relabelled back gives the frame; the same on the unusual replies it peeks.
     """
     replies = peeked = 0
     rewrites = ctx.target.codec.capabilities.rewrite_request_id
@@ -534,11 +575,39 @@ def peek_reply_agrees(ctx: CheckContext) -> None:
                     fail("peek_reply gave a head for a frame above max_frame_size")
         _peek_corruptions(ctx, sample, codec)
         if rewrites:
-            _relabel_agrees(codec, frame, decoded, "frame")
+            fresh = ctx.target.new_codec(sample.options)
+            _relabel_agrees(codec, fresh, frame, decoded, "frame")
 
     for_each_sample(ctx, prop)
     if replies == 0:
         raise CheckSkipped("no Response or Error among golden vectors or generated messages")
+    unusual = ctx.target.unusual
+    if unusual is not None:
+        # A peer's unusual replies (reserved bits, non-canonical forms) are forwarded through
+        # peek_reply and relabel too, which must keep every byte but the id.
+        def unusual_prop(sample: Sample) -> None:
+            nonlocal peeked
+            decoded = reference(ctx, sample)
+            codec = ctx.target.new_codec(sample.options)
+            head = _peek(codec, sample.frame, "an unusual frame")
+            if head is None:
+                return
+            peeked += 1
+            expected = (decoded.request_id, decoded.size, decoded.response_status)
+            if decoded.message_type not in _REPLY_TYPES or tuple(head) != expected:
+                fail(f"peek_reply gave {head} for an unusual {decoded.message_type.name}")
+            if rewrites:
+                fresh = ctx.target.new_codec(sample.options)
+                _relabel_agrees(codec, fresh, sample.frame, decoded, "unusual frame")
+
+        # Four lists of as many frames as the examples: one frame per example drew long
+        # streaks of one kind (20 of KV's six kinds of frames were no reply at all), which
+        # the frames of one list do not.
+        count = ctx.target.settings.examples
+        drawn: list[Sample] = []
+        run_property(ctx, st.lists(unusual, min_size=count, max_size=count), drawn.extend, 4)
+        for sample in drawn:
+            labelled(sample, unusual_prop)
     ctx.details.update(replies=replies, peeked=peeked)
 
 
@@ -650,13 +719,15 @@ def _peek_large(ctx: CheckContext, what: str, sample: Sample) -> bool:
         if _peek(small, frame, f"{what} above max_frame_size") is not None:
             fail(f"peek_reply gave a head for {what} with max_frame_size={len(frame) - 1}")
     if head is not None and ctx.target.codec.capabilities.rewrite_request_id:
-        _relabel_agrees(codec, frame, decoded, what)
+        _relabel_agrees(codec, _roomy(ctx, sample), frame, decoded, what)
     return head is not None
 
 
-def _relabel_agrees(codec: Codec, frame: bytes, decoded: Metadata, what: str) -> None:
+def _relabel_agrees(codec: Codec, fresh: Codec, frame: bytes, decoded: Metadata, what: str) -> None:
     """``relabel`` of a reply gives what ``encode(request_id=)`` of its decoded form does
-    (an id one off the reply's)."""
+    (an id one off the reply's), which relabelled back to the reply's id gives the reply again
+    and decodes (on ``fresh``) as the reply with the new id and nothing else changed: a codec
+    whose encode calls its relabel agrees with itself."""
     new_id = decoded.request_id - 1 if decoded.request_id > 0 else decoded.request_id + 1
     try:
         relabelled = join_encoded(codec.relabel(frame, new_id))
@@ -669,6 +740,27 @@ def _relabel_agrees(codec: Codec, frame: bytes, decoded: Metadata, what: str) ->
         fail(
             f"relabel({what}, {new_id}) differs from encode(request_id={new_id}): "
             + compare(wanted, relabelled)
+        )
+    try:
+        back = join_encoded(codec.relabel(relabelled, decoded.request_id))
+    except Exception as exc:
+        fail(f"relabel of the relabelled {what} raised {type(exc).__name__}: {exc}")
+    if back != frame:
+        fail(
+            f"relabel({what}, {new_id}) and back to {decoded.request_id} does not give the reply "
+            "again: relabel changed bytes other than the id (it writes the id, and nothing "
+            "else)\n" + compare(frame, back)
+        )
+    again = decode_whole(fresh, relabelled, f"relabel({what}, {new_id})")
+    diff = same_metadata(decoded, again, ignore=("request_id", "size", "header_size"))
+    if not diff and bytes(again.body) != bytes(decoded.body):
+        diff = "the body changed"
+    if again.request_id != new_id or diff:
+        got = diff or f"request id {again.request_id}"
+        fail(
+            f"relabel({what}, {new_id}) decodes otherwise than the reply with id {new_id}: "
+            f"{got} (an engine forwards what relabel returns as the reply, with the client's "
+            "id and nothing else changed)\n" + compare(frame, relabelled)
         )
 
 

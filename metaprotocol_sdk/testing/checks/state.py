@@ -268,9 +268,32 @@ def _same_id_frames(ctx: CheckContext, first: Sample, second: Sample) -> list[by
     if mutable and message.message_type is not MessageType.Heartbeat:
         with contextlib.suppress(CodecError):
             out.append(join_encoded(encoder.encode(message, ctx.target.mutation)))
+        out.extend(_same_size_variant(ctx, first, message, base))
     wanted = message.request_id
     same = [f for f in out if f != base and _reference_id(ctx, first, f) == wanted]
     return [base, *same] if same else []
+
+
+def _same_size_variant(
+    ctx: CheckContext, sample: Sample, message: Metadata, base: bytes
+) -> list[bytes]:
+    """``base`` with the value of its first attribute that the codec replaces set to other
+    text of the same byte length, where that gives a frame of ``base``'s size: a message of
+    the same shape, id, size and key set, which a cache keyed by any of those hands the
+    first one's attributes."""
+    encoder = ctx.target.new_codec(sample.options)
+    for key, value in message.attributes.items():
+        size = len(value.encode())
+        if not size:
+            continue
+        other = ("y" if value.startswith("z") else "z") * size
+        try:
+            frame = join_encoded(encoder.encode(message, {key: other}))
+        except CodecError:
+            continue
+        if len(frame) == len(base) and frame != base:
+            return [frame]
+    return []
 
 
 def _reference_id(ctx: CheckContext, sample: Sample, frame: bytes) -> int | None:
@@ -315,8 +338,9 @@ def state_same_id(ctx: CheckContext) -> None:
     reuse them; a codec that caches what it decoded by id hands a later message the earlier
     one's metadata. Each message is followed, in one read on one codec, by the next message
     rewritten with its id (``encode(request_id=)``), by itself with the kit's mutation (same
-    id and operation, other attributes), and by itself again; each must decode as a fresh
-    codec decodes it.
+    id and operation, other attributes), by itself with one attribute's value changed to
+    another of the same length (same id, size and keys: a cache keyed by the frame's shape),
+    and by itself again; each must decode as a fresh codec decodes it.
     """
     samples = collect(ctx, ctx.target.settings.examples)
     runs = 0

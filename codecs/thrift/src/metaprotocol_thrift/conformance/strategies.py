@@ -132,7 +132,7 @@ def _call(fields: bytes, protocol: str = "binary") -> bytes:
 
 def grown(n: int) -> dict[str, Sample]:
     """Messages whose size grows in proportion to ``n``, for the kit's linear-time check (and
-    a framed reply, for ``peek_reply_large``).
+    framed replies, one with a long method name, for ``peek_reply_large``).
 
     Among them issue 13's shape: unframed messages (no length: decode walks the struct to find
     the end), which the kit also delivers in 256-byte reads.
@@ -146,6 +146,9 @@ def grown(n: int) -> dict[str, Sample]:
     value = b"r" * (64 * n)
     reply = binary.write_message_begin(b"grown", 2, 8, True)  # REPLY, its success a string
     reply += b"\x0b\x00\x00" + len(value).to_bytes(4, "big") + value + b"\x00"
+    # A reply whose method name is n bytes long: its length needs more than a byte, so a
+    # peek_reply or relabel that reads one finds the seqid in the name.
+    named = binary.write_message_begin(b"m" * n, 2, 9, True) + b"\x0b\x00\x00\x00\x00\x00\x01r\x00"
     info = [(f"key{i}".encode(), b"v" * 8) for i in range(n)]
     block = theader.THeaderBlock(0, 7, 0, b"\x00", info, b"", 0)
     return {
@@ -160,6 +163,7 @@ def grown(n: int) -> dict[str, Sample]:
             theader.build_frame(0, 7, theader.build_block(block, info), _call(strings))
         ),
         "framed reply string": Sample(len(reply).to_bytes(4, "big") + reply),
+        "framed reply name": Sample(len(named).to_bytes(4, "big") + named),
     }
 
 
