@@ -594,14 +594,16 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
                 f"hashes on {key} and {keys[0]}: one key per route (Envoy combines the "
                 "hashes of several)",
             )
-        for target in targets:
-            known = table.hashes.setdefault(target, key)
-            if known != key:
-                raise XdsRefused(
-                    res,
-                    f"{apath}.hash_policy[{h}]",
-                    f"cluster {target!r} is hashed on {known} by another route",
-                )
+    # One key, so each destination is checked once (per policy, it was quadratic: 16 000
+    # policies over 16 000 destinations, 627 KB, took 35 s of CPU).
+    for target in targets if keys else ():
+        known = table.hashes.setdefault(target, keys[0])
+        if known != keys[0]:
+            raise XdsRefused(
+                res,
+                f"{apath}.hash_policy[0]",
+                f"cluster {target!r} is hashed on {known} by another route",
+            )
     table.clusters.update(targets)
     request = _mutation(res, r.request_headers_to_add, f"{path}.request_headers_to_add")
     response = _mutation(res, r.response_headers_to_add, f"{path}.response_headers_to_add")
