@@ -27,6 +27,7 @@ from .codec_bugs import CodecBugs, CodecUnavailable
 from .config.models import (
     Config,
     Destination,
+    Endpoint,
     GlobalRateLimit,
     Listener,
     LoadBalancer,
@@ -54,6 +55,7 @@ from .router import CompiledRoute, MirrorTarget, RouteTable, Target
 from .slow_start import attach_slow_start, start_slow_starts
 from .stats import Counter, Stats, Value
 from .stats_pruning import StatsPruner
+from .subsets import SubsetIndex
 from .telemetry import IstioTelemetry, TargetTelemetry
 from .tls import (
     TlsDownstream,
@@ -235,6 +237,16 @@ class _Build:
     plain_auto: list[str] = dataclasses.field(default_factory=list)
     #: The hash ring points and Maglev table slots of the clusters so far (``maxHashSlots``).
     hash_slots: int = 0
+    #: Each service's endpoints by label, by host (made at its first cluster).
+    subsets: dict[str, SubsetIndex] = dataclasses.field(default_factory=dict)
+    #: Each endpoint's sorted labels, by the endpoint's ``id`` (the configuration holds it),
+    #: made once however many clusters it is in, and the same object for the same labels
+    #: (:meth:`Engine._label_key`).
+    label_keys: dict[int, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+    #: The label tuples of ``label_keys``, by value.
+    interned: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 @dataclasses.dataclass
@@ -359,6 +371,8 @@ class Engine:
         self.warming_hosts = 0
         #: What each serving cluster was built from (a reload keeps the unchanged ones).
         self._cluster_specs: dict[str, ClusterSpec] = {}
+        #: The serving build's endpoint label tuples, by value (:meth:`_label_key`).
+        self._label_keys: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
         self._servers: dict[tuple[str, int], asyncio.Server | ServerGroup] = {}
         #: The serving configuration's version (a content hash, or what :meth:`apply` got).
@@ -422,6 +436,19 @@ class Engine:
 
     # -- building ------------------------------------------------------------------------------
 
+    def _label_key(self, build: _Build, ep: Endpoint) -> tuple[tuple[str, str], ...]:
+        """``ep``'s labels, sorted, for its clusters' specs: sorted once per build, and the
+        serving build's object when its labels did not change, so that comparing a cluster's
+        spec with the serving one's takes one identity check per endpoint. (Each subset's
+        spec sorted them again, and a reload compared them in full: an endpoint in 4 000
+        subsets, labelled for each, took 2.3 s to build.)"""
+        key = build.label_keys.get(id(ep))
+        if key is None:
+            fresh = tuple(sorted(ep.labels.items()))
+            key = build.interned.setdefault(fresh, self._label_keys.get(fresh, fresh))
+            build.label_keys[id(ep)] = key
+        return key
+
     def _cluster(self, build: _Build, host: str, port: int, subset: str | None) -> Cluster:
         name = cluster_name(host, port, subset)
         cluster = build.clusters.get(name)
@@ -452,7 +479,10 @@ class Engine:
             )
         policy = traffic.load_balancer or LoadBalancer()
         labels = rule.subsets[subset].labels if subset is not None and rule is not None else {}
-        endpoints = [ep for ep in service.endpoints if labels.items() <= ep.labels.items()]
+        index = build.subsets.get(host)
+        if index is None:
+            index = build.subsets[host] = SubsetIndex(service.endpoints)
+        endpoints = index.select(labels)
         workload = config.proxy.telemetry.workload
         endpoints, localities = cluster_localities(
             workload.locality, endpoints, policy.locality, port, subset
@@ -479,7 +509,7 @@ class Engine:
                 (
                     ep.address,
                     ep.port_for(sport),
-                    tuple(sorted(ep.labels.items())),
+                    self._label_key(build, ep),
                     ep.weight,
                     priority,
                 )
@@ -753,6 +783,7 @@ class Engine:
                     build, listener
                 )
             self.clusters, self._cluster_specs = build.clusters, build.specs
+            self._label_keys = build.interned
             for cluster in self.clusters.values():
                 self.drains.add(cluster)
             self.rate_limit_services = build.rls
@@ -1133,6 +1164,7 @@ class Engine:
         previous = self.clusters
         self.clusters = staged.build.clusters
         self._cluster_specs = staged.build.specs
+        self._label_keys = staged.build.interned
         # The index of endpoints follows (removed first: a replaced cluster's draining
         # endpoints are then avoided by the one replacing it, until their drain ends).
         for cluster in retired:
