@@ -212,6 +212,20 @@ def _count_hash_slots(
         )
 
 
+def _count_endpoints(build: _Build, name: str, count: int) -> None:
+    """Add cluster ``name``'s endpoints to the build's, or raise ``ConfigError`` past
+    ``limits.maxClusterEndpoints``, before its hosts are made."""
+    build.endpoints += count
+    most = build.config.proxy.limits.max_cluster_endpoints
+    if build.endpoints > most:
+        raise ConfigError(
+            f"cluster {name}: its {count} endpoints make {build.endpoints} for the clusters "
+            f"so far, more than limits.maxClusterEndpoints ({most}); each subset and port "
+            "is a cluster with endpoints of its own, built on the engine's only thread: "
+            "select fewer endpoints per subset, or raise limits.maxClusterEndpoints"
+        )
+
+
 def cluster_name(host: str, port: int, subset: str | None) -> str:
     """Envoy-style cluster name: ``outbound|9000|v2|greeter.example``."""
     return f"outbound|{port}|{subset or ''}|{host}"
@@ -237,6 +251,8 @@ class _Build:
     plain_auto: list[str] = dataclasses.field(default_factory=list)
     #: The hash ring points and Maglev table slots of the clusters so far (``maxHashSlots``).
     hash_slots: int = 0
+    #: The endpoints of the clusters so far (``maxClusterEndpoints``).
+    endpoints: int = 0
     #: Each service's endpoints by label, by host (made at its first cluster).
     subsets: dict[str, SubsetIndex] = dataclasses.field(default_factory=dict)
     #: Each endpoint's sorted labels, by the endpoint's ``id`` (the configuration holds it),
@@ -483,6 +499,7 @@ class Engine:
         if index is None:
             index = build.subsets[host] = SubsetIndex(service.endpoints)
         endpoints = index.select(labels)
+        _count_endpoints(build, name, len(endpoints))
         workload = config.proxy.telemetry.workload
         endpoints, localities = cluster_localities(
             workload.locality, endpoints, policy.locality, port, subset

@@ -700,3 +700,33 @@ def test_many_subsets_build_in_linear_time(shared: bool) -> None:
     ratio = costs[4_000] / costs[500]
     # Eight times the subsets: about 8 when linear; 37 and 45 were measured when quadratic.
     assert ratio < 20, f"eight times the subsets cost {ratio:.1f}x the time"
+
+
+def _wide_subsets(subsets: int, endpoints: int, limits: str = "") -> str:
+    """``subsets`` subsets of one host that each select all of its ``endpoints``."""
+    text = _subsets(subsets, shared=False)
+    eps = ", ".join(
+        f"{{address: 10.0.{i >> 8}.{i & 255}, labels: {{x: y}}}}" for i in range(endpoints)
+    )
+    names = ", ".join(f"{{name: s{i}, labels: {{x: y}}}}" for i in range(subsets))
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("  endpoints: "):
+            lines[i] = f"  endpoints: [{eps}]"
+        elif line.startswith("spec: {host: svc.test, subsets: "):
+            lines[i] = f"spec: {{host: svc.test, subsets: [{names}]}}"
+    return "\n".join(lines) + "\n" + limits
+
+
+def test_subsets_that_multiply_endpoints_are_bounded_by_a_setting() -> None:
+    """Each subset is a cluster with endpoints of its own, so a few lines of subsets that
+    each select a large host's every endpoint multiply them: 1 000 of each (200 KB of YAML)
+    made a million upstream hosts, 765 MB and 5.6 s on the event loop at start, and twice
+    that many of each four times as much. ``limits.maxClusterEndpoints`` bounds them all
+    together: past it the configuration is refused, naming the cluster and the setting."""
+    _start(_wide_subsets(40, 40, "  limits: {maxClusterEndpoints: 1600}\n"))
+    with pytest.raises(ConfigError) as refused:
+        _start(_wide_subsets(40, 40, "  limits: {maxClusterEndpoints: 1599}\n"))
+    message = str(refused.value)
+    assert "cluster outbound|9000|s39|svc.test: its 40 endpoints make 1600" in message, message
+    assert "limits.maxClusterEndpoints (1599)" in message, message

@@ -2990,6 +2990,7 @@ _LIMIT_FIELDS = {
     "maxRateLimitCalls": ("max_rate_limit_calls", 1),
     "maxStreamsPerConnection": ("max_streams_per_connection", 1),
     "maxHashSlots": ("max_hash_slots", 1),
+    "maxClusterEndpoints": ("max_cluster_endpoints", 1),
 }
 
 

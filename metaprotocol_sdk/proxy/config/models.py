@@ -810,6 +810,10 @@ class Limits:
     #: together (each is built on the engine's only thread): a configuration needing more is
     #: refused. 64 Maglev tables of 65 537 slots, or 4096 rings of Istio's 1024 points.
     max_hash_slots: int = 2**22
+    #: The endpoints of every cluster together (each subset and port is a cluster with
+    #: endpoints of its own, built on the engine's only thread): a configuration needing more
+    #: is refused. A few subsets that select all of a large host's endpoints multiply them.
+    max_cluster_endpoints: int = 2**20
 
 
 @dataclass(frozen=True)
