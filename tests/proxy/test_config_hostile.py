@@ -111,6 +111,30 @@ def test_merge_keys_merge_once_per_mapping() -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
+        (
+            "kind: AuthorizationPolicy\nspec:\n  action: DENY\n  rules: [{}]\n  action: ALLOW\n",
+            "(line 5, column 3): mapping key 'action' already defined at line 3, column 3",
+        ),
+        ("m: {name: a, name: b}\n", "(line 1, column 14): mapping key 'name' already defined"),
+        ("m: {1: a, '1': b, 1: c}\n", "mapping key 1 already defined at line 1, column 5"),
+    ],
+)
+def test_a_key_given_twice_in_a_mapping_is_refused(text: str, reason: str) -> None:
+    """PyYAML keeps the last value silently: a reader of the file saw ``action: DENY``, the
+    engine read ``ALLOW``. Kubernetes refuses such a file (``mapping key "action" already
+    defined at line 3``); so does the loader, naming both places. An override of a key
+    merged in with ``<<`` is not a duplicate."""
+    with pytest.raises(ConfigError) as info:
+        parse_documents(text, "twice.yaml")
+    assert info.value.source == "twice.yaml"
+    assert reason in info.value.reason, info.value.reason
+    merged = "b: &b {x: 1, y: 2}\nm: {<<: *b, y: 9, z: 1}\n"
+    assert parse_documents(merged, "ok.yaml")[0]["m"] == {"x": 1, "y": 9, "z": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
         ("a: &a [1, *a]\n", "recursive alias *a: a node cannot contain itself (line 1"),
         ("a: 2001-13-01\n", "cannot read this timestamp: month must be in 1..12"),
         ("a: " + "1" * 5000 + "\n", "cannot read this int: Exceeds the limit"),
