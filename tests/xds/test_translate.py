@@ -675,6 +675,15 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     snap = snapshot()
     snap[CLUSTER_TYPE][0].lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
     assert "load balancer 6 is not supported" in refusal(resources(snap))
+    # Envoy refuses a connect timeout that is not above 0; it was ignored (5 s instead).
+    for seconds, nanos in ((-5, 0), (0, 0), (0, -1), (1, 2_000_000_000)):
+        snap = snapshot()
+        snap[CLUSTER_TYPE][0].connect_timeout.seconds = seconds
+        snap[CLUSTER_TYPE][0].connect_timeout.nanos = nanos
+        assert refusal(resources(snap)).startswith(f"CDS {ALL}: connect_timeout: "), (
+            seconds,
+            nanos,
+        )
 
 
 def test_an_internal_listener_endpoint_is_refused_naming_the_tunnel() -> None:

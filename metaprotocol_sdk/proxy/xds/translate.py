@@ -805,8 +805,17 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
             policy["loadBalancer"]["warmup"] = warmup
     tcp: dict[str, Any] = {}
     http: dict[str, Any] = {}
-    if c.HasField("connect_timeout") and _seconds(c.connect_timeout) > 0:
-        tcp["connectTimeout"] = _duration(c.connect_timeout)
+    if c.HasField("connect_timeout"):
+        # Envoy refuses one not above 0 (it was ignored: the engine's 5 s applied instead).
+        ct = c.connect_timeout
+        if not 0 <= ct.nanos < 1_000_000_000 or _seconds(ct) <= 0:
+            raise XdsRefused(
+                res,
+                "connect_timeout",
+                f"must be above 0 with nanos in [0, 1e9) (as in Envoy), got {ct.seconds} s "
+                f"{ct.nanos} ns",
+            )
+        tcp["connectTimeout"] = _duration(ct)
     if c.HasField("max_requests_per_connection"):
         http["maxRequestsPerConnection"] = c.max_requests_per_connection.value
     if c.HasField("common_http_protocol_options"):  # deprecated: istiod writes the one below
