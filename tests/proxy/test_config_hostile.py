@@ -754,3 +754,46 @@ def test_subsets_that_multiply_endpoints_are_bounded_by_a_setting() -> None:
     message = str(refused.value)
     assert "cluster outbound|9000|s39|svc.test: its 40 endpoints make 1600" in message, message
     assert "limits.maxClusterEndpoints (1599)" in message, message
+
+
+_PORTS_BASE = """\
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [svc.test]
+  ports: [{number: 9000, name: tcp-metaprotocol-thrift}]
+  endpoints: [{address: 10.0.0.1}]
+---
+kind: ProxyConfig
+metadata: {name: proxy}
+spec:
+  listeners: [{host: svc.test, port: 9000, bind: 'LISTENER'}]
+  admin: {bind: 'ADMIN'}
+"""
+
+
+@pytest.mark.parametrize(
+    "port",
+    ["9" * 5000, "\uff19\uff10\uff19\uff10", "\u0669\u0660"],
+    ids=["5000-digits", "fullwidth", "arabic"],
+)
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        ("LISTENER", "spec.listeners[0].bind"),
+        ("ADMIN", "spec.admin.bind"),
+        ("XDS", "spec.xds.address"),
+    ],
+)
+def test_a_port_that_is_not_ascii_digits_is_refused_naming_its_field(
+    port: str, where: str, field: str
+) -> None:
+    """A port of more than 4300 digits made ``int`` raise ``ValueError``, which the CLI
+    reported as an internal error ("this is a bug"); other scripts' digits (``str.isdigit``)
+    were read as a port (fullwidth 9090 bound 9090)."""
+    text = _PORTS_BASE + ("  xds: {address: 'XDS'}\n" if where == "XDS" else "")
+    text = text.replace(where, f"127.0.0.1:{port}")
+    text = text.replace("LISTENER", "127.0.0.1:0").replace("ADMIN", "127.0.0.1:0")
+    with pytest.raises(ConfigError) as info:
+        loads_config(text, "ports.yaml")
+    assert info.value.field == field or field in str(info.value), str(info.value)[:300]

@@ -30,7 +30,7 @@ from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecError
 from metaprotocol_sdk.registry import Plugins
 
-from ..addresses import is_loopback
+from ..addresses import is_loopback, port_number
 from ..authorization import DENY_UNTIL_RECEIVED
 from ..balancer import MAX_MAGLEV_TABLE_SIZE, MAX_RING_SIZE, is_prime
 from ..identity import (
@@ -2352,9 +2352,10 @@ def _bind(doc: _Doc, value: Any, path: str) -> tuple[str, int]:
         doc.fail(path, f"expected 'host:port', got {value!r}")
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    number = port_number(port)
+    if not host or number is None or not 0 <= number <= 65535:
         doc.fail(path, f"expected 'host:port' with a port in 0-65535, got {value!r}")
-    return host, int(port)
+    return host, number
 
 
 def _proxy(
@@ -2720,9 +2721,8 @@ def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:
     rds = doc.string(raw, "rdsAddress", "spec.xds.rdsAddress", required=False)
     for key, value in (("address", address), ("rdsAddress", rds)):
         host, sep, port = (value or "").rpartition(":")
-        if value is not None and (
-            not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
-        ):
+        number = port_number(port)
+        if value is not None and (not sep or not host or number is None or not 0 < number < 65536):
             doc.fail(f"spec.xds.{key}", f"must be host:port (xDS over gRPC), got {value!r}")
     node = doc.mapping(raw, "node", "spec.xds.node", required=False)
     doc.check(node, "spec.xds.node", schema.XDS_NODE)
@@ -2801,7 +2801,8 @@ def _tracing(doc: _Doc, spec: Mapping[str, Any]) -> Tracing | None:
     doc.check(raw, "spec.tracing", schema.TRACING)
     endpoint = cast(str, doc.string(raw, "endpoint", "spec.tracing.endpoint"))
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = port_number(port)
+    if not sep or not host or number is None or not 0 < number < 65536:
         doc.fail("spec.tracing.endpoint", f"must be host:port (OTLP over gRPC), got {endpoint!r}")
     path = "spec.tracing.randomSampling"
     sampling = doc.get(raw, "randomSampling", path)

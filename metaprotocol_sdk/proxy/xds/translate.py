@@ -28,6 +28,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from metaprotocol_sdk.errors import ConfigError
 
+from ..addresses import port_number
 from ..balancer import (
     MAGLEV_TABLE_SIZE,
     MAX_MAGLEV_TABLE_SIZE,
@@ -214,10 +215,11 @@ def parse_cluster_name(name: str) -> ClusterName | None:
     """The parts of an outbound cluster name, or ``None`` for any other name (``inbound|...``,
     ``BlackHoleCluster``, ``PassthroughCluster``...)."""
     parts = name.split("|")
-    if len(parts) != 4 or parts[0] != "outbound" or not parts[3] or not parts[1].isdigit():
+    if len(parts) != 4 or parts[0] != "outbound" or not parts[3]:
         return None
-    port = int(parts[1])
-    if not 0 < port < 65536:
+    port = port_number(parts[1])
+    # As istiod writes it (no leading zero): one name per cluster, which ``str`` gives back.
+    if port is None or not 0 < port < 65536 or str(port) != parts[1]:
         return None
     return ClusterName(parts[3], port, parts[2] or None)
 
