@@ -26,7 +26,11 @@ from metaprotocol_sdk.proxy.config.documents import (
     MAX_CONFIG_DEPTH,
     parse_documents,
 )
-from metaprotocol_sdk.proxy.config.models import Config
+from metaprotocol_sdk.proxy.config.models import (
+    LOCALITY_WEIGHT_LABEL,
+    PRIORITY_LABEL,
+    Config,
+)
 
 
 def _router(pattern: str) -> str:
@@ -797,3 +801,19 @@ def test_a_port_that_is_not_ascii_digits_is_refused_naming_its_field(
     with pytest.raises(ConfigError) as info:
         loads_config(text, "ports.yaml")
     assert info.value.field == field or field in str(info.value), str(info.value)[:300]
+
+
+def test_the_translations_number_labels_of_any_length_are_read_as_numbers_or_not() -> None:
+    """The labels the xDS translation writes numbers in (an endpoint's priority, its
+    locality's weight) may be written by a file too: one of 5000 digits made ``int`` raise,
+    and the engine refused to start with a ``ValueError`` quoted as the listener's error.
+    Now a value that is no uint32 is ignored, as one that is not digits was."""
+    huge = "9" * 5000
+    labels = f"{{'{PRIORITY_LABEL}9000': '{huge}', '{LOCALITY_WEIGHT_LABEL}9000': '{huge} r/z/s'}}"
+    text = _PORTS_BASE.replace("LISTENER", "127.0.0.1:0").replace("ADMIN", "127.0.0.1:0")
+    text = text.replace("{address: 10.0.0.1}", f"{{address: 10.0.0.1, labels: {labels}}}")
+    config = loads_config(text, "labels.yaml")
+    endpoint = config.services["svc.test"].endpoints[0]
+    assert endpoint.priority_in(9000, None) == 0
+    assert endpoint.locality_weight_in(9000, None) is None
+    _start(text)

@@ -121,6 +121,12 @@ def tls_mode_label(port: int, subset: str | None) -> str:
     )
 
 
+def _uint32_text(value: str) -> bool:
+    """Whether ``value`` is a number the xDS translation writes in a label (a uint32: ASCII
+    digits, at most ten; a file may write any label, and ``int`` of 5000 digits raised)."""
+    return 0 < len(value) <= 10 and value.isascii() and value.isdigit()
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One ``ServiceEntry`` endpoint."""
@@ -141,7 +147,7 @@ class Endpoint:
         """The endpoint's failover priority in the cluster of service port ``port`` and
         ``subset``: its :func:`priority_label`, 0 (the first level) without one."""
         value = self.labels.get(priority_label(port, subset))
-        return int(value) if value is not None and value.isascii() and value.isdigit() else 0
+        return int(value) if value is not None and _uint32_text(value) else 0
 
     def locality_weight_in(self, port: int, subset: str | None) -> tuple[str, int] | None:
         """The endpoint's locality and its locality's weight in the cluster of ``port`` and
@@ -150,7 +156,7 @@ class Endpoint:
         if value is None:
             return None
         weight, _, locality = value.partition(" ")
-        return (locality, int(weight)) if weight.isascii() and weight.isdigit() else None
+        return (locality, int(weight)) if _uint32_text(weight) else None
 
     def mesh_tls_in(self, port: int, subset: str | None) -> bool:
         """Whether automatic mutual TLS sends ``ISTIO_MUTUAL`` to this endpoint in the
