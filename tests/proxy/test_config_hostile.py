@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from proxy_kit import mesh, run
+from proxy_kit import Client, Upstream, address, engine_for, http_get, mesh, run
 
 from metaprotocol_sdk import registry
 from metaprotocol_sdk.errors import ConfigError
@@ -879,3 +879,31 @@ def test_the_own_listener_check_of_many_endpoints_leaves_the_loop_serving() -> N
         run(main(), timeout=60)
     finally:
         holder.close()
+
+
+def test_a_long_workload_label_is_not_repeated_on_every_series() -> None:
+    """An endpoint's (and this workload's) ``app``, ``version`` and canonical labels are
+    Istio's series labels, and a file may write them any length: one endpoint labelled
+    ``version`` with 1 MB of text made each ``/stats`` scrape 106 MB. Past 255 characters
+    such a value is reported as ``overflow``, as a principal is."""
+    long = "v" * 100_000
+
+    async def main() -> tuple[int, str]:
+        upstream = await Upstream("a").start()
+        proxy = f"telemetry: {{istioMetrics: true, workload: {{labels: {{app: {long}}}}}}}\n"
+        try:
+            async with engine_for(mesh([(upstream.port, long)], proxy=proxy)) as engine:
+                client = await Client.connect(address(engine))
+                await client.call()
+                assert engine.admin_address is not None
+                reply = await http_get(engine.admin_address, "/stats/prometheus")
+                client.close()
+                return reply
+        finally:
+            await upstream.close()
+
+    status, body = run(main())
+    assert status == 200
+    assert 'destination_version="overflow"' in body and 'source_app="overflow"' in body
+    assert long not in body
+    assert len(body) < 500_000, len(body)
