@@ -20,6 +20,16 @@ log = logging.getLogger("metaprotocol.proxy")
 RESOLVE_TIMEOUT = 2.0
 
 
+def port_number(text: str) -> int | None:
+    """The number a port written as text names: ASCII digits, at most five (``None`` for any
+    other text, whatever its value). ``str.isdigit`` also takes other scripts' digits
+    (fullwidth ones, Arabic-Indic ones), and ``int`` refuses more than 4300 digits with a
+    ``ValueError``."""
+    if not (0 < len(text) <= 5 and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 def _literal(address: str) -> str | None:
     """The canonical text of an IP literal (``::1`` for ``0::1``), ``None`` for a name."""
     try:

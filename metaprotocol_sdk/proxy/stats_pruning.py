@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .downstream import Downstream, ListenerRuntime
 from .router import CompiledRoute, Target
 from .stats import Labels
+from .steps import Steps, finish, paced
 from .streams import Stream
 from .upstream import Cluster, UpstreamConnection
 
@@ -77,10 +78,19 @@ class StatsPruner:
     def prune(self, engine: Engine, now: float | None) -> int:
         """Drop the series of ``engine`` whose names are neither served nor used; return how
         many went. ``now``: the loop's time (``None`` before the engine started)."""
+        return finish(self._prune(engine, now))
+
+    def _prune(self, engine: Engine, now: float | None) -> Steps[int]:
+        """:meth:`prune` in steps: the scopes served, a route at a time (a reload's serving
+        configuration, which only a reload changes, under its lock), then the rest at once."""
         serving: set[Labels] = set()
         runtimes = set(engine.listeners.values())
         for runtime in runtimes:
-            runtime_scopes(runtime, serving)
+            serving.add((("listener", runtime.name),))
+            target_scopes(runtime._unrouted, serving)
+            for route in runtime.table.routes:
+                route_scopes(route, serving)
+                yield
         for cluster in engine.clusters.values():
             cluster_scopes(cluster, serving)
         used: set[Labels] = set()
@@ -140,9 +150,20 @@ class StatsPruner:
         try:
             self.prune(engine, now)
         except Exception:
-            self.stale = True
-            self.holders = []
-            log.exception("dropping the stats series of removed names failed")
+            self._failed()
+
+    async def prune_paced(self, engine: Engine, now: float | None) -> None:
+        """:meth:`prune_safely`, the scopes served found in slices (:func:`.steps.paced`):
+        after a reload, under its lock (12 000 routes: 0.16 s in one piece)."""
+        try:
+            await paced(self._prune(engine, now))
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        self.stale = True
+        self.holders = []
+        log.exception("dropping the stats series of removed names failed")
 
 
 def target_scopes(target: Target, out: set[Labels]) -> None:

@@ -95,20 +95,24 @@ def workload_from_environment(
     env = os.environ if env is None else env
     if labels is None:
         labels, _ = environment_labels(env)
-    name = env.get("ISTIO_META_WORKLOAD_NAME") or "unknown"
-    app = str(labels.get("app") or "unknown")
-    version = str(labels.get("version") or "unknown")
+    name = bounded_label(env.get("ISTIO_META_WORKLOAD_NAME") or "unknown")
+    app = bounded_label(str(labels.get("app") or "unknown"))
+    version = bounded_label(str(labels.get("version") or "unknown"))
     return Workload(
         name=name,
-        namespace=env.get("POD_NAMESPACE") or "unknown",
+        namespace=bounded_label(env.get("POD_NAMESPACE") or "unknown"),
         app=app,
         version=version,
-        canonical_service=str(
-            labels.get("service.istio.io/canonical-name") or (app if app != "unknown" else name)
+        canonical_service=bounded_label(
+            str(
+                labels.get("service.istio.io/canonical-name") or (app if app != "unknown" else name)
+            )
         ),
-        canonical_revision=str(
-            labels.get("service.istio.io/canonical-revision")
-            or (version if version != "unknown" else "latest")
+        canonical_revision=bounded_label(
+            str(
+                labels.get("service.istio.io/canonical-revision")
+                or (version if version != "unknown" else "latest")
+            )
         ),
         cluster=env.get("ISTIO_META_CLUSTER_ID") or "Kubernetes",
         principal="unknown",
@@ -135,6 +139,17 @@ def environment_labels(env: Mapping[str, str]) -> tuple[dict[str, str], str | No
 
 #: The longest principal reported: a longer URI SAN counts as an identity past the bound.
 MAX_PRINCIPAL = 255
+#: The longest workload label value reported (``app``, ``version``, the canonical name and
+#: revision, ``workload``; Kubernetes allows 63): a longer one is reported as ``overflow``.
+MAX_LABEL_VALUE = 255
+
+
+def bounded_label(value: str) -> str:
+    """``value`` as the label of a series: itself, or ``overflow`` past
+    :data:`MAX_LABEL_VALUE` characters. Every series of an endpoint repeats its labels, and
+    every scrape each series: an endpoint labelled ``version`` with 1 MB of text (a 1 MB
+    configuration file) made each ``/stats`` scrape 106 MB."""
+    return value if len(value) <= MAX_LABEL_VALUE else OVERFLOW
 
 
 def namespace_in(principal: str) -> str:
@@ -455,8 +470,8 @@ class IstioTelemetry:
         server = ids.workload
         if server is not None:  # its own word first, as Istio's: the endpoint's labels after
             labels = {**labels, **_said(server)}
-        app = labels.get("app", "unknown")
-        version = labels.get("version", "unknown")
+        app = bounded_label(labels.get("app", "unknown"))
+        version = bounded_label(labels.get("version", "unknown"))
         source = self._source
         if ids.local:
             source = {**source, "source_principal": ids.local}
@@ -466,7 +481,7 @@ class IstioTelemetry:
             workload_namespace = server.namespace
         return {
             **source,
-            "destination_workload": labels.get("workload", app),
+            "destination_workload": bounded_label(labels.get("workload", app)),
             "destination_workload_namespace": workload_namespace,
             "destination_principal": ids.peer or "unknown",
             "destination_app": app,
@@ -474,10 +489,14 @@ class IstioTelemetry:
             "destination_service": service,
             "destination_service_name": service.split(".", 1)[0] or "unknown",
             "destination_service_namespace": namespace,
-            "destination_canonical_service": labels.get("service.istio.io/canonical-name", app),
-            "destination_canonical_revision": labels.get(
-                "service.istio.io/canonical-revision",
-                version if version != "unknown" else "latest",
+            "destination_canonical_service": bounded_label(
+                labels.get("service.istio.io/canonical-name", app)
+            ),
+            "destination_canonical_revision": bounded_label(
+                labels.get(
+                    "service.istio.io/canonical-revision",
+                    version if version != "unknown" else "latest",
+                )
             ),
             "destination_cluster": server.cluster
             if server is not None and server.cluster

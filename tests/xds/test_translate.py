@@ -132,6 +132,27 @@ def test_names() -> None:
     assert eds_names(snapshot()[CLUSTER_TYPE]) == sorted([ALL, V1, V2])
 
 
+@pytest.mark.parametrize(
+    "port",
+    ["9" * 5000, "\uff19\uff10\uff19\uff10", "09090"],
+    ids=["5000-digits", "fullwidth", "leading-zero"],
+)
+def test_a_cluster_name_whose_port_is_not_ascii_digits_is_no_istio_name(port: str) -> None:
+    """A port of more than 4300 digits made ``int`` raise ``ValueError``: no NACK, a
+    traceback and a reconnect per push; fullwidth digits and a leading zero read as 9090, a
+    second name for the cluster of port 9090. Now the name is not an Istio name: a route to
+    it is NACKed saying so, a cluster of it is held unused."""
+    name = f"outbound|{port}||{HOST}"
+    assert parse_cluster_name(name) is None
+    detail = refusal(with_routes(MetaRoute("odd", [(name, 100)])))
+    assert "is not an Istio name outbound|<port>|<subset>|<host>" in detail, detail
+    snap = snapshot()
+    snap[CLUSTER_TYPE].append(cluster(ALL))
+    snap[CLUSTER_TYPE][-1].name = name
+    unused: list[str] = []
+    translate(base(), resources(snap), unused=unused)
+
+
 def test_istiod_clusters_and_endpoints() -> None:
     config = translate(base(), resources(snapshot(3)))
     service = config.services["hello.svc"]
@@ -675,6 +696,15 @@ def test_refused_cluster_and_endpoint_fields() -> None:
     snap = snapshot()
     snap[CLUSTER_TYPE][0].lb_policy = cluster_pb2.Cluster.CLUSTER_PROVIDED
     assert "load balancer 6 is not supported" in refusal(resources(snap))
+    # Envoy refuses a connect timeout that is not above 0; it was ignored (5 s instead).
+    for seconds, nanos in ((-5, 0), (0, 0), (0, -1), (1, 2_000_000_000)):
+        snap = snapshot()
+        snap[CLUSTER_TYPE][0].connect_timeout.seconds = seconds
+        snap[CLUSTER_TYPE][0].connect_timeout.nanos = nanos
+        assert refusal(resources(snap)).startswith(f"CDS {ALL}: connect_timeout: "), (
+            seconds,
+            nanos,
+        )
 
 
 def test_an_internal_listener_endpoint_is_refused_naming_the_tunnel() -> None:

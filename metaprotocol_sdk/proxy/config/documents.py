@@ -56,7 +56,29 @@ class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
                 "(<<: [*a, *b]) with one",
                 merges[1].start_mark,
             )
+        self._refuse_duplicate_keys(node)
         super().flatten_mapping(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        """A key written twice in one mapping (PyYAML keeps the last silently, so a reader
+        of the file sees a value the engine does not use: ``action: DENY`` above, ``action:
+        ALLOW`` below). Kubernetes refuses such a resource too. A key merged in with ``<<``
+        and written again is an override, not a duplicate."""
+        seen: dict[tuple[type, Any], yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE or not isinstance(key_node, yaml.ScalarNode):
+                continue  # a collection as a key: the constructor refuses it
+            key = self.construct_object(key_node)
+            first = seen.setdefault((type(key), key), key_node)
+            if first is not key_node:
+                shown = repr(key) if len(repr(key)) <= 80 else f"{repr(key)[:77]}..."
+                raise ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"mapping key {shown} already defined at line {first.start_mark.line + 1}, "
+                    f"column {first.start_mark.column + 1}: keep one",
+                    key_node.start_mark,
+                )
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:

@@ -30,7 +30,7 @@ from metaprotocol_sdk.enums import ErrorType
 from metaprotocol_sdk.errors import ConfigError, RegistryError, UnknownCodecError
 from metaprotocol_sdk.registry import Plugins
 
-from ..addresses import is_loopback
+from ..addresses import is_loopback, port_number
 from ..authorization import DENY_UNTIL_RECEIVED
 from ..balancer import MAX_MAGLEV_TABLE_SIZE, MAX_RING_SIZE, is_prime
 from ..identity import (
@@ -2361,9 +2361,10 @@ def _bind(doc: _Doc, value: Any, path: str) -> tuple[str, int]:
         doc.fail(path, f"expected 'host:port', got {value!r}")
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    number = port_number(port)
+    if not host or number is None or not 0 <= number <= 65535:
         doc.fail(path, f"expected 'host:port' with a port in 0-65535, got {value!r}")
-    return host, int(port)
+    return host, number
 
 
 def _proxy(
@@ -2821,10 +2822,11 @@ def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:
     for key, value in (("address", address), ("rdsAddress", rds)):
         host, sep, port = (value or "").rpartition(":")
         local = value is not None and value.startswith("unix:") and len(value) > len("unix:")
+        number = port_number(port)
         if (
             value is not None
             and not local
-            and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536)
+            and (not sep or not host or number is None or not 0 < number < 65536)
         ):
             doc.fail(
                 f"spec.xds.{key}",
@@ -2908,7 +2910,8 @@ def _tracing(doc: _Doc, spec: Mapping[str, Any]) -> Tracing | None:
     doc.check(raw, "spec.tracing", schema.TRACING)
     endpoint = cast(str, doc.string(raw, "endpoint", "spec.tracing.endpoint"))
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = port_number(port)
+    if not sep or not host or number is None or not 0 < number < 65536:
         doc.fail("spec.tracing.endpoint", f"must be host:port (OTLP over gRPC), got {endpoint!r}")
     path = "spec.tracing.randomSampling"
     sampling = doc.get(raw, "randomSampling", path)
@@ -3133,6 +3136,7 @@ _LIMIT_FIELDS = {
     "maxRateLimitCalls": ("max_rate_limit_calls", 1),
     "maxStreamsPerConnection": ("max_streams_per_connection", 1),
     "maxHashSlots": ("max_hash_slots", 1),
+    "maxClusterEndpoints": ("max_cluster_endpoints", 1),
 }
 
 

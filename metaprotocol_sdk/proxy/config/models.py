@@ -125,6 +125,12 @@ def tls_mode_label(port: int, subset: str | None) -> str:
     )
 
 
+def _uint32_text(value: str) -> bool:
+    """Whether ``value`` is a number the xDS translation writes in a label (a uint32: ASCII
+    digits, at most ten; a file may write any label, and ``int`` of 5000 digits raised)."""
+    return 0 < len(value) <= 10 and value.isascii() and value.isdigit()
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One ``ServiceEntry`` endpoint."""
@@ -145,7 +151,7 @@ class Endpoint:
         """The endpoint's failover priority in the cluster of service port ``port`` and
         ``subset``: its :func:`priority_label`, 0 (the first level) without one."""
         value = self.labels.get(priority_label(port, subset))
-        return int(value) if value is not None and value.isascii() and value.isdigit() else 0
+        return int(value) if value is not None and _uint32_text(value) else 0
 
     def locality_weight_in(self, port: int, subset: str | None) -> tuple[str, int] | None:
         """The endpoint's locality and its locality's weight in the cluster of ``port`` and
@@ -154,7 +160,7 @@ class Endpoint:
         if value is None:
             return None
         weight, _, locality = value.partition(" ")
-        return (locality, int(weight)) if weight.isascii() and weight.isdigit() else None
+        return (locality, int(weight)) if _uint32_text(weight) else None
 
     def mesh_tls_in(self, port: int, subset: str | None) -> bool:
         """Whether automatic mutual TLS sends ``ISTIO_MUTUAL`` to this endpoint in the
@@ -839,6 +845,10 @@ class Limits:
     #: together (each is built on the engine's only thread): a configuration needing more is
     #: refused. 64 Maglev tables of 65 537 slots, or 4096 rings of Istio's 1024 points.
     max_hash_slots: int = 2**22
+    #: The endpoints of every cluster together (each subset and port is a cluster with
+    #: endpoints of its own, built on the engine's only thread): a configuration needing more
+    #: is refused. A few subsets that select all of a large host's endpoints multiply them.
+    max_cluster_endpoints: int = 2**20
 
 
 @dataclass(frozen=True)

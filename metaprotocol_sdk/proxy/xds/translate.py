@@ -28,6 +28,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from metaprotocol_sdk.errors import ConfigError
 
+from ..addresses import port_number
 from ..balancer import (
     MAGLEV_TABLE_SIZE,
     MAX_MAGLEV_TABLE_SIZE,
@@ -217,10 +218,11 @@ def parse_cluster_name(name: str) -> ClusterName | None:
     """The parts of an outbound cluster name, or ``None`` for any other name (``inbound|...``,
     ``BlackHoleCluster``, ``PassthroughCluster``...)."""
     parts = name.split("|")
-    if len(parts) != 4 or parts[0] != "outbound" or not parts[3] or not parts[1].isdigit():
+    if len(parts) != 4 or parts[0] != "outbound" or not parts[3]:
         return None
-    port = int(parts[1])
-    if not 0 < port < 65536:
+    port = port_number(parts[1])
+    # As istiod writes it (no leading zero): one name per cluster, which ``str`` gives back.
+    if port is None or not 0 < port < 65536 or str(port) != parts[1]:
         return None
     return ClusterName(parts[3], port, parts[2] or None)
 
@@ -597,14 +599,16 @@ def _route(res: str, r: Any, i: int, table: _RouteTable) -> dict[str, Any]:
                 f"hashes on {key} and {keys[0]}: one key per route (Envoy combines the "
                 "hashes of several)",
             )
-        for target in targets:
-            known = table.hashes.setdefault(target, key)
-            if known != key:
-                raise XdsRefused(
-                    res,
-                    f"{apath}.hash_policy[{h}]",
-                    f"cluster {target!r} is hashed on {known} by another route",
-                )
+    # One key, so each destination is checked once (per policy, it was quadratic: 16 000
+    # policies over 16 000 destinations, 627 KB, took 35 s of CPU).
+    for target in targets if keys else ():
+        known = table.hashes.setdefault(target, keys[0])
+        if known != keys[0]:
+            raise XdsRefused(
+                res,
+                f"{apath}.hash_policy[0]",
+                f"cluster {target!r} is hashed on {known} by another route",
+            )
     table.clusters.update(targets)
     request = _mutation(res, r.request_headers_to_add, f"{path}.request_headers_to_add")
     response = _mutation(res, r.response_headers_to_add, f"{path}.response_headers_to_add")
@@ -806,8 +810,17 @@ def _cluster_policy(res: str, c: Any) -> tuple[dict[str, Any], dict[str, Any] | 
             policy["loadBalancer"]["warmup"] = warmup
     tcp: dict[str, Any] = {}
     http: dict[str, Any] = {}
-    if c.HasField("connect_timeout") and _seconds(c.connect_timeout) > 0:
-        tcp["connectTimeout"] = _duration(c.connect_timeout)
+    if c.HasField("connect_timeout"):
+        # Envoy refuses one not above 0 (it was ignored: the engine's 5 s applied instead).
+        ct = c.connect_timeout
+        if not 0 <= ct.nanos < 1_000_000_000 or _seconds(ct) <= 0:
+            raise XdsRefused(
+                res,
+                "connect_timeout",
+                f"must be above 0 with nanos in [0, 1e9) (as in Envoy), got {ct.seconds} s "
+                f"{ct.nanos} ns",
+            )
+        tcp["connectTimeout"] = _duration(ct)
     if c.HasField("max_requests_per_connection"):
         http["maxRequestsPerConnection"] = c.max_requests_per_connection.value
     if c.HasField("common_http_protocol_options"):  # deprecated: istiod writes the one below
