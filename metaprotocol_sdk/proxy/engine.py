@@ -1214,6 +1214,7 @@ class Engine:
             return
         if watch is not None:
             self.sds = None
+            watch.halt()  # now: a load from here on fetches its server's secrets again
             task = self.loop.create_task(watch.stop())
             self._sds_closing.add(task)
             task.add_done_callback(self._sds_closing.discard)

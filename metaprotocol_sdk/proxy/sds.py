@@ -6,8 +6,8 @@ istio-agent serves a workload's identity over SDS on a Unix socket
 it rotates; SPIRE's agent serves the same names when set up for Istio. This module is the
 engine's client of it:
 
-* :func:`store_for` fetches both secrets once, synchronously, when the configuration is
-  loaded (at start, or at a reload naming another server), waiting up to
+* :func:`store_for` fetches both secrets, synchronously, when the configuration is loaded
+  (at start, or at a reload naming a server no stream of the engine follows), waiting up to
   ``initialFetchTimeout`` for the server to come up; the loader then builds the identity as
   from istio-agent's files. The secrets are written to a private directory (``0700``, under
   ``/dev/shm`` when it exists, so a key stays in memory; removed at exit): Python's ``ssl``
@@ -210,6 +210,9 @@ class SecretStore:
     pems: dict[str, bytes] = field(default_factory=dict)
     #: The version of the last response accepted (``""``: none yet).
     version: str = ""
+    #: The engines' streams keeping it current (:class:`SdsWatch`; under ``_stores_lock``):
+    #: none, and what it holds may be hours old, so a load fetches the secrets again.
+    followers: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def path(self, key: str, directory: str | None = None) -> str:
@@ -265,8 +268,9 @@ class SecretStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-#: The stores of this process, by source: one fetch and one directory per server and names,
-#: kept current by the engine's :class:`SdsWatch` (a reload of the same settings finds it).
+#: The stores of this process, by source: one directory per server and names. A load reads
+#: what one holds while an engine's :class:`SdsWatch` keeps it current (a reload of the same
+#: settings), and fetches both secrets again into it otherwise.
 _stores: dict[SdsSource, SecretStore] = {}
 _stores_lock = threading.Lock()
 
@@ -283,26 +287,26 @@ def _private_directory() -> str:
 
 
 def store_for(source: SdsSource) -> SecretStore:
-    """The store of ``source``, fetched now if this process has none (see :func:`fetch`)."""
+    """The store of ``source``: the one an engine's stream follows, else fetched now (see
+    :func:`fetch`; into the store held before, if any, whose paths stay the same)."""
     with _stores_lock:
-        store = _stores.get(source)
-        if store is not None and store.pems:
-            return store
-    store = SecretStore(source, _private_directory())
+        held = _stores.get(source)
+        if held is not None and held.followers:
+            return held
+    pems, version = fetch(source)
+    store = held or SecretStore(source, _private_directory())
     try:
-        pems, version = fetch(source)
         store.check(pems)
     except BaseException:
-        store.close()
+        if held is None:
+            store.close()
         raise
     store.commit(pems, version)
     with _stores_lock:
-        old = _stores.get(source)
-        if old is not None and old.pems:  # another thread fetched it meanwhile
-            store.close()
-            return old
-        _stores[source] = store
-    return store
+        current = _stores.setdefault(source, store)
+    if current is not store:  # another thread made one meanwhile, as fresh
+        store.close()
+    return current
 
 
 def existing_store(source: SdsSource) -> SecretStore | None:
@@ -404,23 +408,37 @@ class SdsWatch:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._call: Any = None
+        self._following = False
         self._next_update = 0.0
         #: The secrets last taken and their version (written on the loop soon after).
         self._accepted = dict(store.pems)
         self.version = store.version
 
     def start(self) -> None:
-        """Open the stream, from a thread, for the running loop."""
+        """Open the stream, from a thread, for the running loop (the store is followed: a
+        load reads it as it is)."""
         self._loop = asyncio.get_running_loop()
+        with _stores_lock:
+            self.store.followers += 1
+            self._following = True
         self._thread = threading.Thread(target=self._run, name="metaprotocol sds", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """End the stream and its thread."""
+    def halt(self) -> None:
+        """End the stream now, from the loop: nothing it takes after is written, and a load
+        no longer reads the store as current. :meth:`stop` then waits for the thread."""
         self._stopping.set()
         call = self._call
         if call is not None:
             call.cancel()
+        with _stores_lock:
+            if self._following:
+                self._following = False
+                self.store.followers -= 1
+
+    async def stop(self) -> None:
+        """End the stream and its thread."""
+        self.halt()
         thread, self._thread = self._thread, None
         if thread is not None:
             await asyncio.to_thread(thread.join, STOP_WAIT)

@@ -2711,8 +2711,9 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
 def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> MeshIdentity:
     """``spec.meshIdentity.sds``: the identity from an SDS server (``address``, default
     istio-agent's socket; the secrets ``certificate`` and ``root``, default ``default`` and
-    ``ROOTCA``; ``initialFetchTimeout``), fetched now unless this process holds it already
-    (its stream keeps it current), and checked as the files are."""
+    ``ROOTCA``; ``initialFetchTimeout``), fetched now unless an engine's stream in this
+    process follows that server (and keeps what it holds current), and checked as the files
+    are."""
     path = "spec.meshIdentity.sds"
     for key in ("directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval"):
         if key in raw:
