@@ -157,11 +157,13 @@ def read_secrets(response: discovery_pb2.DiscoveryResponse, source: SdsSource) -
     """The identity's files (by field of :data:`FILE_NAMES`) that ``response`` carries.
 
     Secrets of other names are skipped (a server may send more than was asked for). Raises
-    :class:`SecretRefused` for anything the engine cannot take as it is.
+    :class:`SecretRefused` for anything the engine cannot take as it is, and for one of its
+    secrets twice (which one the server means is not the engine's to guess).
     """
     if response.type_url != SECRET_TYPE:
         raise SecretRefused(f"type_url {response.type_url[:100]!r}: expected {SECRET_TYPE}")
     out: dict[str, bytes] = {}
+    seen: set[str] = set()
     for index, packed in enumerate(response.resources):
         path = f"resources[{index}]"
         if packed.type_url != SECRET_TYPE:
@@ -175,8 +177,11 @@ def read_secrets(response: discovery_pb2.DiscoveryResponse, source: SdsSource) -
         role = {source.certificate: "certificate", source.root: "root"}.get(name)
         if role is None:
             continue
-        kind, what, files = _SHAPES[role]
         path = f"Secret {name!r}"
+        if name in seen:
+            raise SecretRefused(f"{path}: twice in one response")
+        seen.add(name)
+        kind, what, files = _SHAPES[role]
         _only(secret, {"name", kind}, path)
         if not secret.HasField(kind):
             raise SecretRefused(f"{path}: no {kind} ({what})")

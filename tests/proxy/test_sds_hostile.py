@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from google.protobuf import any_pb2
 from mesh_pki import MeshCa
 from peer_check import missing
 from proxy_kit import Upstream, engine_for, mesh, run, until
@@ -19,7 +20,7 @@ except ImportError:
     missing("the xds extra (grpcio, xds-protos)", "pip install -e '.[xds]'")
 
 import test_sds
-from test_sds import identity_secrets, sds
+from test_sds import identity_secrets, rotations, sds, serving
 
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.sds import existing_store
@@ -70,3 +71,28 @@ def test_a_reload_back_to_a_server_fetches_its_secrets_again(ca: MeshCa, socket_
     finally:
         first.close()
         second.close()
+
+
+def test_the_same_secret_twice_in_one_response_is_nacked(
+    ca: MeshCa, agent: tuple[SdsAgent, int]
+) -> None:
+    """Two ``default`` secrets in one response, each usable: which one the server means is
+    not the engine's to guess (Envoy takes one secret per response). NACKed, naming it; the
+    identity in force is kept."""
+    server, _ = agent
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            raw = []
+            for _ in range(2):
+                chain, key, _ = ca.workload("engine")
+                packed = any_pb2.Any()
+                packed.Pack(certificate_secret("default", chain, key))
+                raw.append(packed)
+            server.push(raw=raw)
+            await until(lambda: any(r.error for r in server.requests), "the NACK")
+            nack = next(r for r in server.requests if r.error)
+            assert "Secret 'default': twice in one response" in (nack.error or "")
+            assert rotations(engine, "ok") == 0 and rotations(engine, "failed") == 1
+
+    run(main())
