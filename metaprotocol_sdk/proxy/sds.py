@@ -243,9 +243,16 @@ class SecretStore:
             raise SecretRefused(f"no secret {' or '.join(map(repr, sorted(set(missing))))} yet")
         with self._lock:  # the loader (a thread) and the watch (the loop) may both check
             staging = os.path.join(self.directory, "staging")
-            os.makedirs(staging, mode=0o700, exist_ok=True)
-            for key in FIELDS:
-                _write(self.path(key, staging), pems[key])
+            try:
+                self._private()
+                os.makedirs(staging, mode=0o700, exist_ok=True)
+                for key in FIELDS:
+                    _write(self.path(key, staging), pems[key])
+            except OSError as exc:  # the directory replaced by a file, its filesystem full
+                shutil.rmtree(staging, ignore_errors=True)
+                raise SecretRefused(
+                    f"the secrets could not be written to {self.directory}: {exc}"
+                ) from None
             try:
                 load_identity(self.identity(MeshIdentity(), staging))
             except TlsSettingError as exc:
@@ -258,15 +265,23 @@ class SecretStore:
                 shutil.rmtree(staging, ignore_errors=True)
 
     def commit(self, pems: dict[str, bytes], version: str) -> bool:
-        """Write ``pems`` in place (checked before); whether any file changed."""
+        """Write ``pems`` in place (checked before); whether any file changed. All three are
+        written if one is new or missing (the directory removed meanwhile)."""
         with self._lock:
-            changed = False
-            for key in FIELDS:
-                if self.pems.get(key) != pems[key]:
+            changed = any(
+                self.pems.get(key) != pems[key] or not os.path.exists(self.path(key))
+                for key in FIELDS
+            )
+            if changed:
+                self._private()
+                for key in FIELDS:
                     _write(self.path(key), pems[key])
-                    changed = True
             self.pems, self.version = dict(pems), version
         return changed
+
+    def _private(self) -> None:
+        """The directory, made again (``0700``) if it was removed (a cleaner of ``/tmp``)."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
 
     def close(self) -> None:
         """Remove the private directory (the key with it)."""

@@ -7,12 +7,15 @@ engine, a socket path that is no socket. The agent is the tests' (``tests/sds_ag
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import stat
 from pathlib import Path
 
 from google.protobuf import any_pb2
 from mesh_pki import MeshCa
 from peer_check import missing
-from proxy_kit import Upstream, engine_for, mesh, run, until
+from proxy_kit import Client, Upstream, address, engine_for, mesh, run, until
 
 try:
     from sds_agent import SdsAgent, certificate_secret
@@ -20,7 +23,7 @@ except ImportError:
     missing("the xds extra (grpcio, xds-protos)", "pip install -e '.[xds]'")
 
 import test_sds
-from test_sds import identity_secrets, rotations, sds, serving
+from test_sds import identity_secrets, peer_serial, rotations, sds, serving
 
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.sds import existing_store
@@ -94,5 +97,61 @@ def test_the_same_secret_twice_in_one_response_is_nacked(
             nack = next(r for r in server.requests if r.error)
             assert "Secret 'default': twice in one response" in (nack.error or "")
             assert rotations(engine, "ok") == 0 and rotations(engine, "failed") == 1
+
+    run(main())
+
+
+def test_a_private_directory_removed_under_the_engine_is_made_again_private(
+    ca: MeshCa, tmp_path: Path, agent: tuple[SdsAgent, int]
+) -> None:
+    """A cleaner of ``/tmp`` (where the directory is when ``/dev/shm`` is not) removes it:
+    the next rotation makes it again, ``0700`` (not with the umask's mode), and serves."""
+    server, _ = agent
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            assert engine.sds is not None
+            directory = engine.sds.store.directory
+            shutil.rmtree(directory)
+            chain, key, serial = ca.workload("engine", hours=48)
+            server.push(certificate_secret("default", chain, key))
+            await until(lambda: rotations(engine, "ok") == 1, "the rotation")
+            assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+            conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
+            assert conn.transport is not None and peer_serial(conn.transport) == serial
+            conn.close()
+
+    previous = os.umask(0o022)
+    try:
+        run(main())
+    finally:
+        os.umask(previous)
+
+
+def test_secrets_that_cannot_be_written_are_nacked_and_the_stream_kept(
+    ca: MeshCa, tmp_path: Path, agent: tuple[SdsAgent, int]
+) -> None:
+    """The private directory replaced by a file (or its filesystem full): the pushed secrets
+    are NACKed, saying why, on the stream held (not a traceback and a reconnect each time
+    the server sends them again), and the identity in force is kept."""
+    server, first = agent
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            watch = engine.sds
+            assert watch is not None
+            directory = watch.store.directory
+            shutil.rmtree(directory)
+            Path(directory).write_bytes(b"")
+            chain, key, _ = ca.workload("engine", hours=48)
+            server.push(certificate_secret("default", chain, key))
+            await until(lambda: any(r.error for r in server.requests), "the NACK")
+            nack = next(r for r in server.requests if r.error)
+            assert "could not be written" in (nack.error or ""), nack.error
+            assert watch.reconnects == 0 and watch.connected
+            assert rotations(engine, "failed") == 1 and rotations(engine, "ok") == 0
+            conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
+            assert conn.transport is not None and peer_serial(conn.transport) == first
+            conn.close()
 
     run(main())
