@@ -36,6 +36,7 @@ import os
 import queue
 import random
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -336,12 +337,17 @@ def existing_store(source: SdsSource) -> SecretStore | None:
 
 
 def _why_unreachable(source: SdsSource) -> str:
-    """A hint for a server that never answered: a socket that is not there."""
+    """A hint for a server that never answered: a socket that is not there, or not one."""
     if source.address.startswith("unix:"):
         path = source.address[len("unix:") :]
         path = "/" + path.lstrip("/") if path.startswith("//") else path
-        if not os.path.exists(path):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
             return f" ({path} does not exist: is istio-agent running, and its socket mounted?)"
+        if not stat.S_ISSOCK(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "file"
+            return f" ({path} is a {kind}, not a socket: is the socket's directory mounted?)"
     return ""
 
 

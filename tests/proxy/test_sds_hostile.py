@@ -12,6 +12,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
 from google.protobuf import any_pb2
 from mesh_pki import MeshCa
 from peer_check import missing
@@ -25,6 +26,7 @@ except ImportError:
 import test_sds
 from test_sds import identity_secrets, peer_serial, rotations, sds, serving
 
+from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import loads_config
 from metaprotocol_sdk.proxy.sds import existing_store
 
@@ -155,3 +157,19 @@ def test_secrets_that_cannot_be_written_are_nacked_and_the_stream_kept(
             conn.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_socket_path_that_is_no_socket_is_named_in_the_error(socket_dir: Path, kind: str) -> None:
+    """A mount gone wrong (a file or a directory where istio-agent's socket should be): the
+    load's error says so, not only that nothing came."""
+    path = socket_dir / "socket"
+    if kind == "file":
+        path.write_bytes(b"")
+    else:
+        path.mkdir()
+    identity = f"{{sds: {{address: 'unix:{path}', initialFetchTimeout: 100ms}}}}"
+    with pytest.raises(ConfigError) as caught:
+        loads_config(mesh([(1, "v1")], proxy=f"meshIdentity: {identity}\n"), "test.yaml")
+    assert caught.value.field == "spec.meshIdentity.sds"
+    assert f"{path} is a {kind}, not a socket" in str(caught.value), caught.value
