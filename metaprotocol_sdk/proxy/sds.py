@@ -31,6 +31,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import queue
@@ -85,6 +86,8 @@ FILE_NAMES = {
 }
 #: Where a private directory is made when it exists (memory, not disk); else the system's.
 SHARED_MEMORY = "/dev/shm"
+#: The start of a private directory's name.
+DIRECTORY_PREFIX = "metaprotocol-identity-"
 
 
 class SecretRefused(Exception):
@@ -287,6 +290,9 @@ class SecretStore:
     def close(self) -> None:
         """Remove the private directory (the key with it)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        fd = _owned.pop(self.directory, None)
+        if fd is not None:
+            os.close(fd)
 
 
 #: The stores of this process, by source: one directory per server and names. A load reads
@@ -296,15 +302,60 @@ _stores: dict[SdsSource, SecretStore] = {}
 _stores_lock = threading.Lock()
 
 
+#: The lock file in each private directory: held (``flock``) by the process owning it for
+#: its whole life, and let go by the kernel however it ends.
+LOCK_NAME = ".owner"
+#: The open lock files, by directory (closed when the directory is removed).
+_owned: dict[str, int] = {}
+
+
 def _private_directory() -> str:
+    """A new private directory, held by this process (:data:`LOCK_NAME`), after removing
+    those of processes gone without their exit handlers (a kill, ``os._exit``): a key left
+    in ``/dev/shm`` stays in memory until the machine restarts."""
     parent = (
         SHARED_MEMORY
         if os.path.isdir(SHARED_MEMORY) and os.access(SHARED_MEMORY, os.W_OK)
-        else None
+        else tempfile.gettempdir()
     )
-    directory = tempfile.mkdtemp(prefix="metaprotocol-identity-", dir=parent)
+    _remove_orphans(parent)
+    directory = tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir=parent)
+    # Locked before it has its name: another process never finds it unlocked.
+    temporary = os.path.join(directory, LOCK_NAME + ".new")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(temporary, os.path.join(directory, LOCK_NAME))
+    _owned[directory] = fd
     atexit.register(shutil.rmtree, directory, True)
     return directory
+
+
+def _remove_orphans(parent: str) -> None:
+    """Remove this user's private directories in ``parent`` whose owner is gone (their lock
+    is free); those without a lock (being made, or an older engine's) are left alone."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(DIRECTORY_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its process is alive
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by an engine that is gone", path)
+        finally:
+            os.close(fd)
 
 
 def store_for(source: SdsSource) -> SecretStore:

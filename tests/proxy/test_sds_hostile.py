@@ -10,6 +10,8 @@ import asyncio
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,7 @@ def test_secrets_that_cannot_be_written_are_nacked_and_the_stream_kept(
             conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
             assert conn.transport is not None and peer_serial(conn.transport) == first
             conn.close()
+            os.unlink(directory)  # not left in /dev/shm
 
     run(main())
 
@@ -173,3 +176,49 @@ def test_a_socket_path_that_is_no_socket_is_named_in_the_error(socket_dir: Path,
         loads_config(mesh([(1, "v1")], proxy=f"meshIdentity: {identity}\n"), "test.yaml")
     assert caught.value.field == "spec.meshIdentity.sds"
     assert f"{path} is a {kind}, not a socket" in str(caught.value), caught.value
+
+
+CHILD = """
+import os, sys
+from metaprotocol_sdk.proxy.config.models import SdsSource
+from metaprotocol_sdk.proxy.sds import store_for
+store = store_for(SdsSource(address=sys.argv[1], node_id="sidecar~x~child.default~d"))
+print(store.directory, flush=True)
+if sys.argv[2] == "crash":
+    os._exit(70)  # as the watchdog ends a stuck worker: no atexit, no finally
+sys.stdin.read()  # alive until the test closes its input
+"""
+
+
+def child(server: SdsAgent, how: str) -> tuple[subprocess.Popen[str], str]:
+    """A process holding ``server``'s secrets in its private directory; and the directory."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, server.address, how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_the_private_directory_of_a_process_that_crashed_is_removed_by_the_next(
+    ca: MeshCa, agent: tuple[SdsAgent, int]
+) -> None:
+    """A worker ended by its watchdog (``os._exit``), by ``SIGKILL`` or by the OOM killer
+    runs no exit handler: its directory (the key) would stay in ``/dev/shm``, one more at
+    each restart. The next process to make one removes those of processes gone, and leaves
+    those of processes alive."""
+    server, _ = agent
+    crashed, left = child(server, "crash")
+    assert crashed.wait(10) == 70
+    assert os.path.isdir(left)  # what the crash left
+    alive, kept = child(server, "wait")
+    try:
+        assert not os.path.exists(left)
+        config = loads_config(mesh([(1, "v1")], proxy=sds(server)), "t.yaml")
+        assert config.proxy.mesh_identity is not None
+        assert os.path.isdir(kept)  # another process's, alive: kept
+    finally:
+        alive.communicate("", timeout=10)
+    assert not os.path.exists(kept)  # it exited: removed its own
