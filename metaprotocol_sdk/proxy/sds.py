@@ -381,6 +381,17 @@ def store_for(source: SdsSource) -> SecretStore:
     return current
 
 
+def release_idle() -> None:
+    """Remove the stores no engine follows, their directories with them (a process that
+    loaded a configuration and serves none of it: the supervisor of ``--workers``)."""
+    with _stores_lock:
+        idle = [store for store in _stores.values() if not store.followers]
+        for store in idle:
+            del _stores[store.source]
+    for store in idle:
+        store.close()
+
+
 def existing_store(source: SdsSource) -> SecretStore | None:
     """The store :func:`store_for` made for ``source`` in this process, if any."""
     with _stores_lock:

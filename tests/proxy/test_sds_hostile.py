@@ -7,6 +7,7 @@ engine, a socket path that is no socket. The agent is the tests' (``tests/sds_ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import stat
@@ -27,10 +28,11 @@ except ImportError:
 
 import test_sds
 from test_sds import identity_secrets, peer_serial, rotations, sds, serving
+from test_workers import Supervisor
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import loads_config
-from metaprotocol_sdk.proxy.sds import existing_store
+from metaprotocol_sdk.proxy.sds import LOCK_NAME, existing_store
 
 ca, socket_dir, agent = test_sds.ca, test_sds.socket_dir, test_sds.agent  # the fixtures
 
@@ -222,3 +224,43 @@ def test_the_private_directory_of_a_process_that_crashed_is_removed_by_the_next(
     finally:
         alive.communicate("", timeout=10)
     assert not os.path.exists(kept)  # it exited: removed its own
+
+
+def private_directories(pid: int) -> set[str]:
+    """The private directories process ``pid`` holds (the lock file it keeps open in each)."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if os.path.basename(target) == LOCK_NAME:
+                held.add(os.path.dirname(target))
+    return held
+
+
+def test_with_workers_each_worker_holds_the_secrets_and_the_supervisor_none(
+    tmp_path: Path, ca: MeshCa, agent: tuple[SdsAgent, int]
+) -> None:
+    """``--workers 2``: the supervisor serves no traffic; it checks the configuration (the
+    fetch included, so an agent that never answers is one error, not a crash loop of
+    workers) and then keeps no copy of the key. Each worker holds its own, removed at exit."""
+    server, _ = agent
+
+    async def main() -> None:
+        up = await Upstream("v1").start()
+        text = mesh([(up.port, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
+        sup = Supervisor(tmp_path, text)
+        held: set[str] = set()
+        try:
+            workers = await sup.workers()
+            assert private_directories(sup.proc.pid) == set()
+            for worker in workers:
+                (mine,) = private_directories(worker["pid"])
+                held.add(mine)
+            assert len(held) == 2
+        finally:
+            code, _ = sup.stop()
+            await up.close()
+        assert code == 0
+        assert not any(os.path.exists(d) for d in held)
+
+    run(main(), timeout=60)
