@@ -351,6 +351,9 @@ async def _serve(
     if watch:
         tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
     await stop.wait()
+    sds = sys.modules.get("metaprotocol_sdk.proxy.sds")  # imported: an SDS identity was loaded
+    if sds is not None:  # a reload waiting for its server must not hold the exit
+        sds.cancel_fetches()
     taken = handover is not None and handover.successor is not None
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once (default action)
         with contextlib.suppress(NotImplementedError):

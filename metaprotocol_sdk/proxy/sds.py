@@ -413,6 +413,22 @@ def _why_unreachable(source: SdsSource) -> str:
     return ""
 
 
+#: The fetches in flight (their gRPC calls), and whether the process is exiting.
+_fetches: set[Any] = set()
+_exiting = threading.Event()
+
+
+def cancel_fetches() -> None:
+    """End the fetches in flight, and refuse those to come: the process is exiting, and a
+    load waiting for its server (a reload, in a thread) would hold the exit up to its
+    ``initialFetchTimeout``."""
+    with _stores_lock:
+        _exiting.set()
+        calls = list(_fetches)
+    for call in calls:
+        call.cancel()
+
+
 def fetch(source: SdsSource) -> tuple[dict[str, bytes], str]:
     """Both secrets of ``source`` and the version they came with, waiting for the server up
     to ``initial_fetch_timeout`` (it may start after the engine). Raises
@@ -431,6 +447,10 @@ def fetch(source: SdsSource) -> tuple[dict[str, bytes], str]:
         call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(
             requests(), timeout=max(deadline - time.monotonic(), 0.001), wait_for_ready=True
         )
+        with _stores_lock:
+            _fetches.add(call)
+            if _exiting.is_set():
+                call.cancel()
         try:
             for response in call:
                 got.update(read_secrets(response, source))
@@ -446,12 +466,16 @@ def fetch(source: SdsSource) -> tuple[dict[str, bytes], str]:
                     f"no secret {' or '.join(map(repr, missing))} from {source.address} "
                     f"within {waited}{_why_unreachable(source)}"
                 ) from None
+            if code == grpc.StatusCode.CANCELLED and _exiting.is_set():
+                raise SecretRefused(f"{source.address}: not waited for, exiting") from None
             details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             raise SecretRefused(
                 f"{source.address} ended the stream: {code.name if code else ''} {details}"
             ) from None
         finally:
             call.cancel()
+            with _stores_lock:
+                _fetches.discard(call)
     finally:
         done.set()
         channel.close()

@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -264,3 +266,45 @@ def test_with_workers_each_worker_holds_the_secrets_and_the_supervisor_none(
         assert not any(os.path.exists(d) for d in held)
 
     run(main(), timeout=60)
+
+
+def test_sigterm_during_a_reload_waiting_for_an_agent_exits_at_once(
+    tmp_path: Path, ca: MeshCa, agent: tuple[SdsAgent, int], socket_dir: Path
+) -> None:
+    """A ``SIGHUP`` reload naming an agent that holds no secrets yet waits for them (up to
+    ``initialFetchTimeout``, here a minute) in a thread: a ``SIGTERM`` meanwhile drains and
+    exits without waiting for that thread (Kubernetes kills a pod that takes longer than its
+    grace period, exit handlers and all)."""
+    server, _ = agent
+    empty = SdsAgent(str(socket_dir / "empty")).start()  # answers, with no secrets
+    config = tmp_path / "mesh.yaml"
+
+    def text(address: str, extra: str = "") -> str:
+        identity = f"meshIdentity: {{sds: {{address: '{address}'{extra}}}}}\n"
+        return mesh([(1, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=identity)
+
+    config.write_text(text(server.address))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metaprotocol_sdk", "proxy", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening"), proc.stderr
+        config.write_text(text(empty.address, ", initialFetchTimeout: 60s"))
+        proc.send_signal(signal.SIGHUP)
+        empty.wait(lambda requests: requests)  # the reload's fetch is waiting
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        empty.close()
+    assert proc.returncode == 0, err
+    assert took < 60 / 4, (took, err)
+    assert "Traceback" not in err, err
