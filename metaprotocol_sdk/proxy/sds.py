@@ -658,16 +658,20 @@ class SdsWatch:
     def _apply(self, pems: dict[str, bytes], version: str) -> None:
         """On the loop: write the checked secrets in place and rotate them in (the loop's
         identity check never sees some of the files new and others old)."""
-        if self._stopping.is_set():
-            return
         if self.store.commit(pems, version):
             self._rotate()
 
     def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback`` on the loop, unless the watch is halted before it runs (a reload
+        naming another server: the engine's identity is no longer this stream's)."""
         loop = self._loop
         if loop is not None and not self._stopping.is_set():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(callback, *args)
+                loop.call_soon_threadsafe(self._unless_halted, callback, *args)
+
+    def _unless_halted(self, callback: Callable[..., None], *args: Any) -> None:
+        if not self._stopping.is_set():
+            callback(*args)
 
     def dump(self) -> dict[str, Any]:
         """For ``/config_dump``: where the secrets come from and the stream's state."""

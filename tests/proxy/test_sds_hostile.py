@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2
 from mesh_pki import MeshCa
 from peer_check import missing
@@ -308,3 +309,28 @@ def test_sigterm_during_a_reload_waiting_for_an_agent_exits_at_once(
     assert proc.returncode == 0, err
     assert took < 60 / 4, (took, err)
     assert "Traceback" not in err, err
+
+
+def test_nothing_a_halted_stream_took_reaches_the_engine(
+    ca: MeshCa, agent: tuple[SdsAgent, int]
+) -> None:
+    """A refusal the stream's thread handed to the loop just before a reload named another
+    server (which halts the stream, on the loop) is not counted against the new identity:
+    the loop is held while the thread refuses a secret, then the stream is halted as a
+    reload does, then the loop runs what was handed to it."""
+    server, _ = agent
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            watch = engine.sds
+            assert watch is not None
+            server.push(secret_pb2.Secret(name="ROOTCA"))  # refused: no validation_context
+            server.wait(lambda requests: any(r.error for r in requests))  # the loop held
+            watch.halt()
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert watch.nacks == 1
+            assert rotations(engine, "failed") == 0
+            assert engine.identity is not None and engine.identity.last_error is None
+
+    run(main())
