@@ -59,6 +59,10 @@ class Request:
     node_id: str
 
 
+#: Put on a stream's queue: the stream is reset (see :meth:`SdsAgent.drop_streams`).
+_RESET: Any = object()
+
+
 class _Stream:
     def __init__(self, ident: int) -> None:
         self.ident = ident
@@ -115,11 +119,12 @@ class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 if raw is not None:
                     stream.out.put(self._response(stream, [], raw))
 
-    def drop_streams(self) -> None:
-        """End every open stream (istio-agent restarting)."""
+    def drop_streams(self, error: bool = False) -> None:
+        """End every open stream (istio-agent restarting): closed, or reset with
+        ``UNAVAILABLE`` (``error``: as a client sees a server that went away)."""
         with self._lock:
             for stream in self._streams.values():
-                stream.out.put(None)
+                stream.out.put(_RESET if error else None)
 
     def wait(self, predicate: Any, timeout: float = 10.0) -> None:
         """Wait until ``predicate(self.requests)`` holds."""
@@ -168,6 +173,8 @@ class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         try:
             while True:
                 response = stream.out.get()
+                if response is _RESET:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "the agent went away")
                 if response is None or not context.is_active():
                     return
                 yield response

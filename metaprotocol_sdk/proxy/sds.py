@@ -78,6 +78,9 @@ MIN_ROTATION_GAP = 1.0
 STOP_WAIT = 1.0
 #: Reconnect backoff: the first wait and the cap (doubling, times a random 50-100 %).
 BACKOFF_INITIAL, BACKOFF_MAX = 0.5, 30.0
+#: A stream that answered and lasted this long was healthy: the backoff starts again after
+#: it, however it ended (a server that ends each stream once it answered gets the backoff).
+STABLE_STREAM = 1.0
 #: The identity's files, by field, as the private directory names them (istio-agent's names).
 FILE_NAMES = {
     "certificateChain": "cert-chain.pem",
@@ -559,9 +562,9 @@ class SdsWatch:
         """Keep the stream open until stopped; back off between attempts."""
         failures = 0
         while not self._stopping.is_set():
-            answered = False
+            opened = time.monotonic()
             try:
-                answered = self._session()
+                self._session()
                 error = "the server closed the stream"
             except grpc.RpcError as exc:
                 if self._stopping.is_set():
@@ -573,11 +576,12 @@ class SdsWatch:
                 log.exception("SDS stream to %s failed", self.source.address)
                 error = f"{type(exc).__name__}: {exc}"
             self._call = None
+            healthy = self.connected and time.monotonic() - opened >= STABLE_STREAM
             self.connected = False
             if self._stopping.is_set():
                 return
             self.last_error = error[:MAX_ERROR_DETAIL]
-            failures = 1 if answered else failures + 1
+            failures = 1 if healthy else failures + 1
             delay = backoff_delay(failures, self._random())
             log.warning(
                 "SDS stream to %s ended (%s); the identity in force is kept; retrying in %.2f s",
@@ -589,29 +593,28 @@ class SdsWatch:
                 return
             self.reconnects += 1
 
-    def _session(self) -> bool:
-        """One stream: subscribe, then take responses until it ends. True if any came."""
+    def _session(self) -> None:
+        """One stream: subscribe, then take responses until it ends (:attr:`connected` once
+        the first came)."""
         outgoing: queue.SimpleQueue[discovery_pb2.DiscoveryRequest | None] = queue.SimpleQueue()
 
         def requests() -> Iterator[discovery_pb2.DiscoveryRequest]:
             while (request := outgoing.get()) is not None:
                 yield request
 
-        answered = False
         channel = grpc.insecure_channel(self.source.address, options=channel_options())
         try:
             call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(requests())
             self._call = call
             if self._stopping.is_set():
-                return False
+                return
             outgoing.put(_request(self.source, self.version))
             for response in call:
-                if not answered:
-                    answered = True
+                if not self.connected:
                     self.connected, self.last_error = True, None
                 pause = self._next_update - time.monotonic()
                 if pause > 0 and self._stopping.wait(pause):
-                    return answered
+                    return
                 start = time.monotonic()
                 gap = MIN_UPDATE_PAUSE
                 try:
@@ -621,7 +624,6 @@ class SdsWatch:
                 finally:
                     now = time.monotonic()
                     self._next_update = now + max(now - start, gap)
-            return answered
         finally:
             outgoing.put(None)
             channel.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
@@ -25,7 +27,7 @@ from peer_check import missing
 from proxy_kit import Client, Upstream, address, engine_for, mesh, run, until
 
 try:
-    from sds_agent import SdsAgent, certificate_secret
+    from sds_agent import SdsAgent, _Stream, certificate_secret
 except ImportError:
     missing("the xds extra (grpcio, xds-protos)", "pip install -e '.[xds]'")
 
@@ -35,7 +37,12 @@ from test_workers import Supervisor
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import loads_config
-from metaprotocol_sdk.proxy.sds import LOCK_NAME, existing_store
+from metaprotocol_sdk.proxy.sds import (
+    BACKOFF_INITIAL,
+    LOCK_NAME,
+    STABLE_STREAM,
+    existing_store,
+)
 
 ca, socket_dir, agent = test_sds.ca, test_sds.socket_dir, test_sds.agent  # the fixtures
 
@@ -334,3 +341,73 @@ def test_nothing_a_halted_stream_took_reaches_the_engine(
             assert engine.identity is not None and engine.identity.last_error is None
 
     run(main())
+
+
+class Closing(SdsAgent):
+    """Answers each stream once, then closes it."""
+
+    def StreamSecrets(self, request_iterator: Any, context: Any) -> Any:
+        request = next(request_iterator)
+        stream = _Stream(next(self._ids))
+        self._received(stream, request)
+        yield stream.out.get()
+
+
+def logged_waits(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The waits before reconnecting, as the warnings say them."""
+    return [
+        float(r.getMessage().rsplit("retrying in ", 1)[1].split()[0])
+        for r in caplog.records
+        if "retrying in" in r.getMessage()
+    ]
+
+
+def test_a_server_closing_each_stream_once_it_answered_gets_a_growing_backoff(
+    ca: MeshCa, socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream that answered and ended at once is no healthy one: the waits before the
+    next grow as for a server that does not answer (not the first wait each time: up to four
+    reconnects and four warnings a second, for good)."""
+    server = Closing(str(socket_dir / "socket"))
+    default, root, _ = identity_secrets(ca)
+    server.set(default, root)
+    server.start()
+
+    async def main() -> None:
+        text = mesh([(1, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
+        async with engine_for(text) as engine:
+            watch = engine.sds
+            assert watch is not None
+            with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
+                await until(lambda: watch.reconnects >= 3, "three reconnects", timeout=20)
+            waits = logged_waits(caplog)
+            assert len(waits) >= 3 and waits[2] >= 2 * BACKOFF_INITIAL, waits
+
+    try:
+        run(main(), timeout=30)
+    finally:
+        server.close()
+
+
+def test_a_healthy_stream_reset_by_the_agent_is_reopened_after_the_first_wait_each_time(
+    ca: MeshCa, agent: tuple[SdsAgent, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """istio-agent restarting now and then: each stream was healthy (it answered, and lasted
+    :data:`STABLE_STREAM`), so each reset is followed by the first wait, not by one that grew
+    with every restart since the engine started (up to 30 s without rotations)."""
+    server, _ = agent
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            watch = engine.sds
+            assert watch is not None
+            with caplog.at_level(logging.WARNING, logger="metaprotocol.proxy"):
+                for restarts in range(1, 4):
+                    await until(lambda: watch.connected, "the stream answered")
+                    await asyncio.sleep(STABLE_STREAM)  # the stream's age, not a sync
+                    server.drop_streams(error=True)
+                    await until(lambda r=restarts: watch.reconnects == r, "a new stream")
+            waits = logged_waits(caplog)
+            assert len(waits) == 3 and max(waits) <= BACKOFF_INITIAL, waits
+
+    run(main(), timeout=30)
