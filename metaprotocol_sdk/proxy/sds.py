@@ -31,6 +31,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -287,8 +288,17 @@ class SecretStore:
         return changed
 
     def _private(self) -> None:
-        """The directory, made again (``0700``) if it was removed (a cleaner of ``/tmp``)."""
+        """The directory, made again (``0700``) if it was removed (a cleaner of ``/tmp``);
+        ``OSError`` if what is there is not ours alone (a link, another user's: someone
+        took the name meanwhile)."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        info = os.lstat(self.directory)
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or info.st_uid != os.geteuid()
+            or stat.S_IMODE(info.st_mode) & 0o077
+        ):
+            raise OSError(errno.EPERM, "not a private directory of this user", self.directory)
 
     def close(self) -> None:
         """Remove the private directory (the key with it)."""

@@ -411,3 +411,34 @@ def test_a_healthy_stream_reset_by_the_agent_is_reopened_after_the_first_wait_ea
             assert len(waits) == 3 and max(waits) <= BACKOFF_INITIAL, waits
 
     run(main(), timeout=30)
+
+
+def test_a_private_directory_replaced_by_a_link_gets_no_secret(
+    ca: MeshCa, tmp_path: Path, agent: tuple[SdsAgent, int]
+) -> None:
+    """The directory removed and a link put in its place (another user racing for the name
+    in ``/dev/shm`` or ``/tmp``): nothing is written through it; the pushed secrets are
+    NACKed and the identity in force kept."""
+    server, _ = agent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            watch = engine.sds
+            assert watch is not None
+            directory = watch.store.directory
+            shutil.rmtree(directory)
+            os.symlink(elsewhere, directory)
+            try:
+                chain, key, _ = ca.workload("engine", hours=48)
+                server.push(certificate_secret("default", chain, key))
+                await until(lambda: any(r.error for r in server.requests), "the NACK")
+                nack = next(r for r in server.requests if r.error)
+                assert "not a private directory" in (nack.error or ""), nack.error
+                assert list(elsewhere.iterdir()) == []
+                assert rotations(engine, "ok") == 0 and rotations(engine, "failed") == 1
+            finally:
+                os.unlink(directory)
+
+    run(main())
