@@ -14,9 +14,10 @@ engine's client of it:
   loads a certificate and its key from files only.
 * :class:`SdsWatch` holds the stream open while the engine serves: each secret pushed is
   checked with the other in force (certificate and key matching, chaining to the root, not
-  expired: what a peer would check) in a staging copy, then written in place and the engine's
-  identity rotated at once; one that cannot be used is NACKed with why, and the identity in
-  force kept. A broken stream is reopened with a capped, jittered backoff.
+  expired: what a peer would check) in a staging copy, where the new identity's contexts are
+  built, then written in place and those contexts swapped in on the loop at once; one that
+  cannot be used is NACKed with why, and the identity in force kept. A broken stream is
+  reopened with a capped, jittered backoff.
 
 Every byte from the server is bounded: messages of at most :data:`MAX_MESSAGE_BYTES`, secrets
 of at most :data:`~.tls.MAX_PEM_BYTES` each, and after each update the next waits as long as
@@ -42,7 +43,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,14 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
 from .config.models import MeshIdentity, SdsSource
-from .identity import FIELDS, IdentityChanging, load_identity
+from .identity import (
+    DEFAULT_SERVER,
+    FIELDS,
+    IdentityChanging,
+    IdentityMaterial,
+    ServerKey,
+    load_identity,
+)
 from .tls import MAX_PEM_BYTES, TlsSettingError
 
 log = logging.getLogger("metaprotocol.proxy")
@@ -70,8 +78,8 @@ MAX_ERROR_DETAIL = 4096
 #: The shortest wait between two updates (see the module's docstring).
 MIN_UPDATE_PAUSE = 0.01
 #: The shortest wait after a response that rotated the identity, or was refused, before the
-#: next is taken: rotating in costs the event loop about 4 ms (the files read, contexts
-#: built, a handshake in memory), a refusal a warning in the log, and a server pushing
+#: next is taken: rotating in costs the event loop the files written in place (the new
+#: contexts are built in the thread), a refusal a warning in the log, and a server pushing
 #: without pause must not make the engine do either all the time (istio-agent rotates every
 #: 12 hours by default).
 MIN_ROTATION_GAP = 1.0
@@ -242,10 +250,13 @@ class SecretStore:
             sds=self.source,
         )
 
-    def check(self, pems: dict[str, bytes]) -> None:
-        """:class:`SecretRefused` unless ``pems`` make a usable identity, tried in a staging
-        copy (the files in force are untouched): each present, the key the certificate's,
-        the certificate chaining to the root and not expired."""
+    def check(
+        self, pems: dict[str, bytes], servers: Iterable[ServerKey] = (DEFAULT_SERVER,)
+    ) -> IdentityMaterial:
+        """The identity ``pems`` make (its client context, and a server one per key of
+        ``servers``), built from a staging copy (the files in force are untouched);
+        :class:`SecretRefused` unless each is present, the key the certificate's, the
+        certificate chaining to the root and not expired."""
         missing = [_secret_name(self.source, k) for k in FIELDS if k not in pems]
         if missing:
             raise SecretRefused(f"no secret {' or '.join(map(repr, sorted(set(missing))))} yet")
@@ -262,7 +273,7 @@ class SecretStore:
                     f"the secrets could not be written to {self.directory}: {exc}"
                 ) from None
             try:
-                load_identity(self.identity(MeshIdentity(), staging))
+                return load_identity(self.identity(MeshIdentity(), staging), servers)
             except TlsSettingError as exc:
                 name = _secret_name(self.source, exc.key)
                 text = str(exc).replace(staging + os.sep, "")
@@ -507,22 +518,26 @@ class SdsWatch:
     """The SDS stream of an engine, in a thread of its own: each secret pushed is checked
     there (off the event loop), then written and rotated in on the loop.
 
-    ``rotate`` is called on the loop after new secrets were written, ``refused`` with why a
-    pushed secret was not taken.
+    ``rotate`` is called on the loop with the identity built in the thread once the new
+    secrets are written in place (its contexts: the loop only swaps them in), ``refused``
+    with why a pushed secret was not taken; ``servers`` (asked from the thread) gives the
+    server contexts to build.
     """
 
     def __init__(
         self,
         store: SecretStore,
-        rotate: Callable[[], None],
+        rotate: Callable[[IdentityMaterial], None],
         refused: Callable[[str], None],
         *,
+        servers: Callable[[], Iterable[ServerKey]] = lambda: (DEFAULT_SERVER,),
         random_fraction: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
         self.source = store.source
         self._rotate = rotate
         self._refused = refused
+        self._servers = servers
         self._random = random_fraction
         self.connected = False
         self.reconnects = 0
@@ -644,10 +659,11 @@ class SdsWatch:
         """Take ``response``'s secrets, or refuse them: the ACK or the NACK to send, and
         whether it was eventful (new secrets to rotate in, or a refusal)."""
         store = self.store
+        material = None
         try:
             pems = {**self._accepted, **read_secrets(response, self.source)}
-            if pems != self._accepted:
-                store.check(pems)  # files read, contexts built: here, not on the loop
+            if pems != self._accepted:  # files read, contexts built: here, not on the loop
+                material = store.check(pems, self._servers())
         except SecretRefused as exc:
             error = str(exc)[:MAX_ERROR_DETAIL]
             self.nacks += 1
@@ -660,18 +676,19 @@ class SdsWatch:
             self._on_loop(self._refused, error)
             return _request(self.source, self.version, response.nonce, error), True
         self.acks += 1
-        rotated = pems != self._accepted
-        if rotated:
+        rotated = material is not None
+        if material is not None:
             self._accepted = pems
-            self._on_loop(self._apply, pems, response.version_info)
+            self._on_loop(self._apply, pems, response.version_info, material)
         self.version = response.version_info
         return _request(self.source, self.version, response.nonce), rotated
 
-    def _apply(self, pems: dict[str, bytes], version: str) -> None:
-        """On the loop: write the checked secrets in place and rotate them in (the loop's
-        identity check never sees some of the files new and others old)."""
+    def _apply(self, pems: dict[str, bytes], version: str, material: IdentityMaterial) -> None:
+        """On the loop: write the checked secrets in place and rotate in what the thread
+        built from them (the loop's identity check never sees some of the files new and
+        others old, and builds nothing)."""
         if self.store.commit(pems, version):
-            self._rotate()
+            self._rotate(material)
 
     def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback`` on the loop, unless the watch is halted before it runs (a reload

@@ -27,7 +27,7 @@ from peer_check import missing
 from proxy_kit import Client, Upstream, address, engine_for, mesh, run, until
 
 try:
-    from sds_agent import SdsAgent, _Stream, certificate_secret
+    from sds_agent import SdsAgent, _Stream, certificate_secret, root_secret
 except ImportError:
     missing("the xds extra (grpcio, xds-protos)", "pip install -e '.[xds]'")
 
@@ -37,9 +37,12 @@ from test_workers import Supervisor
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy.config.models import MeshIdentity
+from metaprotocol_sdk.proxy.identity import load_identity
 from metaprotocol_sdk.proxy.sds import (
     BACKOFF_INITIAL,
     LOCK_NAME,
+    MAX_PEM_BYTES,
     STABLE_STREAM,
     existing_store,
 )
@@ -442,3 +445,51 @@ def test_a_private_directory_replaced_by_a_link_gets_no_secret(
                 os.unlink(directory)
 
     run(main())
+
+
+def test_a_rotation_of_a_large_identity_is_built_off_the_event_loop(
+    ca: MeshCa, agent: tuple[SdsAgent, int], tmp_path: Path
+) -> None:
+    """A root of 1 MiB (the bound; the same CA a thousand times over, as a buggy server may
+    send it) takes a second to load: the stream's thread builds the new identity's contexts
+    once, and the loop only swaps them in (it built them all again: a one-second stall of
+    every request at each rotation, one a second)."""
+    server, _ = agent
+    chain, key, serial = ca.workload("engine", hours=48)
+    root = ca.pem * (MAX_PEM_BYTES // len(ca.pem))
+
+    def cost() -> float:  # of building this identity's contexts, measured here
+        for name, data in (("c.pem", chain), ("k.pem", key), ("r.pem", root)):
+            (tmp_path / name).write_bytes(data)
+        started = time.perf_counter()
+        load_identity(
+            MeshIdentity(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"), str(tmp_path / "r.pem"))
+        )
+        return time.perf_counter() - started
+
+    async def main() -> None:
+        build = await asyncio.to_thread(cost)
+        async with serving(server) as (engine, _):
+            lags: list[float] = []
+            rotated = asyncio.Event()
+
+            async def probe() -> None:
+                while not rotated.is_set():
+                    before = time.perf_counter()
+                    await asyncio.sleep(0)
+                    lags.append(time.perf_counter() - before)
+
+            task = asyncio.create_task(probe())
+            both = [any_pb2.Any(), any_pb2.Any()]  # one response, one rotation
+            both[0].Pack(certificate_secret("default", chain, key))
+            both[1].Pack(root_secret("ROOTCA", root))
+            server.push(raw=both)
+            await until(lambda: rotations(engine, "ok") == 1, "the rotation", timeout=30)
+            rotated.set()
+            await task
+            conn = await Client.connect(address(engine), ssl=ca.client_context(tmp_path, "x"))
+            assert conn.transport is not None and peer_serial(conn.transport) == serial
+            conn.close()
+            assert max(lags) < build / 4, (max(lags), build)
+
+    run(main(), timeout=60)
