@@ -491,5 +491,11 @@ def test_a_rotation_of_a_large_identity_is_built_off_the_event_loop(
             assert conn.transport is not None and peer_serial(conn.transport) == serial
             conn.close()
             assert max(lags) < build / 4, (max(lags), build)
+            # Shown by the files in force (not the staging copy it was built from).
+            identity, watch = engine.identity, engine.sds
+            assert identity is not None and watch is not None
+            paths = [path for path, _ in identity.material.expiry]
+            assert len(paths) == 2, paths
+            assert {os.path.dirname(path) for path in paths} == {watch.store.directory}
 
     run(main(), timeout=60)
