@@ -71,10 +71,13 @@ class _Stream:
 
 
 class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
-    """An SDS server on ``unix:<path>`` serving the secrets it holds (:attr:`secrets`)."""
+    """An SDS server on ``unix:<path>`` (or TCP) serving the secrets it holds
+    (:attr:`secrets`)."""
 
     def __init__(self, path: str) -> None:
-        self.address = f"unix:{path}"
+        """``path``: of the Unix socket, or ``127.0.0.1:0`` (TCP, :attr:`address` once
+        started)."""
+        self.address = path if path.startswith("127.0.0.1:") else f"unix:{path}"
         self.secrets: dict[str, Any] = {}
         self.requests: list[Request] = []
         self._streams: dict[int, _Stream] = {}
@@ -89,7 +92,9 @@ class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     def start(self) -> SdsAgent:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self, server)
-        server.add_insecure_port(self.address)
+        port = server.add_insecure_port(self.address)
+        if not self.address.startswith("unix:"):
+            self.address = f"127.0.0.1:{port}"
         server.start()
         self._server = server
         return self

@@ -106,15 +106,24 @@ class SecretRefused(Exception):
     """A response, or a secret in it, that the engine cannot use (the reason is the NACK's)."""
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """gRPC channel arguments: bounded messages, and reconnects soon after the server comes
-    up (gRPC's own backoff reaches two minutes, longer than a start waits)."""
+def channel_options(source: SdsSource) -> list[tuple[str, int]]:
+    """gRPC channel arguments: bounded messages, reconnects soon after the server comes up
+    (gRPC's own backoff reaches two minutes, longer than a start waits), and HTTP/2
+    keepalive, so that a server gone without closing the connection (a ``host:port`` one on
+    a node that vanished) is noticed and the stream reopened, not believed connected while
+    every rotation is missed until the certificate expires."""
+    patience = int(source.keepalive_timeout * 1000)
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", int(source.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", patience),
+        ("grpc.http2.ping_timeout_ms", patience),
+        ("grpc.http2.max_pings_without_data", 0),  # the stream is quiet for hours
+        ("grpc.http2.bdp_probe", 0),  # no other PINGs than the keepalive's
     ]
 
 
@@ -466,7 +475,7 @@ def fetch(source: SdsSource) -> tuple[dict[str, bytes], str]:
 
     got: dict[str, bytes] = {}
     version = ""
-    channel = grpc.insecure_channel(source.address, options=channel_options())
+    channel = grpc.insecure_channel(source.address, options=channel_options(source))
     try:
         call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(
             requests(), timeout=max(deadline - time.monotonic(), 0.001), wait_for_ready=True
@@ -627,7 +636,7 @@ class SdsWatch:
             while (request := outgoing.get()) is not None:
                 yield request
 
-        channel = grpc.insecure_channel(self.source.address, options=channel_options())
+        channel = grpc.insecure_channel(self.source.address, options=channel_options(self.source))
         try:
             call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(requests())
             self._call = call

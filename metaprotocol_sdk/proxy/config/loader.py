@@ -2744,6 +2744,14 @@ def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> Mesh
     wait = doc.duration(sds, "initialFetchTimeout", f"{path}.initialFetchTimeout")
     if wait is not None and not 0.01 <= wait <= 600:
         doc.fail(f"{path}.initialFetchTimeout", "must be between 10ms and 10m")
+    keepalive = doc.mapping(sds, "keepalive", f"{path}.keepalive", required=False)
+    doc.check(keepalive, f"{path}.keepalive", schema.XDS_KEEPALIVE)
+    every = doc.duration(keepalive, "time", f"{path}.keepalive.time")
+    patience = doc.duration(keepalive, "timeout", f"{path}.keepalive.timeout")
+    if every is not None and not 1 <= every <= 86400:
+        doc.fail(f"{path}.keepalive.time", "must be between 1s and 24h")
+    if patience is not None and not 1 <= patience <= 3600:
+        doc.fail(f"{path}.keepalive.timeout", "must be between 1s and 1h")
     ip = os.environ.get("INSTANCE_IP", "127.0.0.1")
     pod = os.environ.get("POD_NAME") or socket.gethostname() or "metaprotocol-proxy"
     namespace = os.environ.get("POD_NAMESPACE", "default")
@@ -2753,6 +2761,8 @@ def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> Mesh
         root=names["root"] or SdsSource.root,
         initial_fetch_timeout=SdsSource.initial_fetch_timeout if wait is None else wait,
         node_id=f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local",
+        keepalive_time=SdsSource.keepalive_time if every is None else every,
+        keepalive_timeout=SdsSource.keepalive_timeout if patience is None else patience,
     )
     try:
         from ..sds import SecretRefused, store_for
