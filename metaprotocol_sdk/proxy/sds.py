@@ -243,6 +243,8 @@ class SecretStore:
     #: The engines' streams keeping it current (:class:`SdsWatch`; under ``_stores_lock``):
     #: none, and what it holds may be hours old, so a load fetches the secrets again.
     followers: int = 0
+    #: Removed (:meth:`close`): nothing is written any more, whoever asks.
+    closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def path(self, key: str, directory: str | None = None) -> str:
@@ -270,6 +272,8 @@ class SecretStore:
         if missing:
             raise SecretRefused(f"no secret {' or '.join(map(repr, sorted(set(missing))))} yet")
         with self._lock:  # the loader (a thread) and the watch (the loop) may both check
+            if self.closed:
+                raise SecretRefused("not written: the engine is exiting")
             staging = os.path.join(self.directory, "staging")
             try:
                 self._private()
@@ -296,6 +300,8 @@ class SecretStore:
         """Write ``pems`` in place (checked before); whether any file changed. All three are
         written if one is new or missing (the directory removed meanwhile)."""
         with self._lock:
+            if self.closed:
+                return False
             changed = any(
                 self.pems.get(key) != pems[key] or not os.path.exists(self.path(key))
                 for key in FIELDS
@@ -321,11 +327,15 @@ class SecretStore:
             raise OSError(errno.EPERM, "not a private directory of this user", self.directory)
 
     def close(self) -> None:
-        """Remove the private directory (the key with it)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
-        fd = _owned.pop(self.directory, None)
-        if fd is not None:
-            os.close(fd)
+        """Remove the private directory (the key with it), once a check or a write under
+        way is done; nothing is written after (at exit, the stream's thread may still be
+        handling a secret)."""
+        with self._lock:
+            self.closed = True
+            shutil.rmtree(self.directory, ignore_errors=True)
+            fd = _owned.pop(self.directory, None)
+            if fd is not None:
+                os.close(fd)
 
 
 #: The stores of this process, by source: one directory per server and names. A load reads
@@ -399,7 +409,10 @@ def store_for(source: SdsSource) -> SecretStore:
         if held is not None and held.followers:
             return held
     pems, version = fetch(source)
-    store = held or SecretStore(source, _private_directory())
+    store = held
+    if store is None:
+        store = SecretStore(source, _private_directory())
+        atexit.register(store.close)  # before the directory's own removal (the last resort)
     try:
         store.check(pems)
     except BaseException:

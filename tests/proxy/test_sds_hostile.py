@@ -44,6 +44,7 @@ from metaprotocol_sdk.proxy.sds import (
     LOCK_NAME,
     MAX_PEM_BYTES,
     STABLE_STREAM,
+    SecretRefused,
     existing_store,
 )
 
@@ -499,3 +500,22 @@ def test_a_rotation_of_a_large_identity_is_built_off_the_event_loop(
             assert {os.path.dirname(path) for path in paths} == {watch.store.directory}
 
     run(main(), timeout=60)
+
+
+def test_a_store_closed_is_never_written_again(ca: MeshCa, agent: tuple[SdsAgent, int]) -> None:
+    """At exit the private directory is removed while the stream's thread (a daemon) may
+    still be checking or writing a pushed secret: what it writes after must not make the
+    directory again, with the key in it, after the process is gone."""
+    server, _ = agent
+    config = loads_config(mesh([(1, "v1")], proxy=sds(server)), "t.yaml")
+    settings = config.proxy.mesh_identity
+    assert settings is not None and settings.sds is not None
+    store = existing_store(settings.sds)
+    assert store is not None
+    chain, key, _ = ca.workload("engine", hours=48)
+    pems = {**store.pems, "certificateChain": chain, "privateKey": key}
+    store.close()
+    with pytest.raises(SecretRefused):
+        store.check(pems)
+    assert not store.commit(pems, "late")
+    assert not os.path.exists(store.directory)
