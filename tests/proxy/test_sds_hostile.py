@@ -519,3 +519,16 @@ def test_a_store_closed_is_never_written_again(ca: MeshCa, agent: tuple[SdsAgent
         store.check(pems)
     assert not store.commit(pems, "late")
     assert not os.path.exists(store.directory)
+
+
+def test_a_socket_path_too_long_for_a_unix_socket_is_refused_at_once() -> None:
+    """A Unix socket's path is at most 107 bytes: a longer one can never be reached, so the
+    load says so at once rather than waiting ``initialFetchTimeout`` for nothing."""
+    path = "/var/run/" + "x" * 120 + "/socket"
+    identity = f"{{sds: {{address: 'unix:{path}', initialFetchTimeout: 10m}}}}"
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        loads_config(mesh([(1, "v1")], proxy=f"meshIdentity: {identity}\n"), "test.yaml")
+    assert time.monotonic() - started < 60
+    assert caught.value.field == "spec.meshIdentity.sds.address", caught.value
+    assert "107 bytes" in str(caught.value)

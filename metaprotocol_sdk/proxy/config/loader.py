@@ -2708,6 +2708,10 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
     doc.fail(path, "the files kept changing while they were read (three times)")
 
 
+#: The longest path of a Unix socket (``sun_path`` on Linux, less its terminating zero).
+MAX_UNIX_PATH = 107
+
+
 def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> MeshIdentity:
     """``spec.meshIdentity.sds``: the identity from an SDS server (``address``, default
     istio-agent's socket; the secrets ``certificate`` and ``root``, default ``default`` and
@@ -2732,6 +2736,13 @@ def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> Mesh
             doc.fail(
                 f"{path}.address",
                 f"must be unix:<path> (istio-agent's socket) or host:port, got {address!r}",
+            )
+        socket_path = address[len("unix:") :].encode("utf-8", "surrogateescape")
+        if local and len(socket_path) > MAX_UNIX_PATH:
+            doc.fail(
+                f"{path}.address",
+                f"a Unix socket's path is at most {MAX_UNIX_PATH} bytes, this one "
+                f"{len(socket_path)}: it can never be reached",
             )
     names = {}
     for key in ("certificate", "root"):
