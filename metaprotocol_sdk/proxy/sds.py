@@ -75,6 +75,8 @@ MAX_MESSAGE_BYTES = 4 * MAX_PEM_BYTES
 INVALID_ARGUMENT = 3
 #: Longest ``error_detail`` sent and kept for ``/config_dump``.
 MAX_ERROR_DETAIL = 4096
+#: Longest ``version_info`` and ``nonce`` taken (istio-agent's are about 40 characters).
+MAX_VERSION_LENGTH = 1024
 #: The shortest wait between two updates (see the module's docstring).
 MIN_UPDATE_PAUSE = 0.01
 #: The shortest wait after a response that rotated the identity, or was refused, before the
@@ -187,6 +189,9 @@ def read_secrets(response: discovery_pb2.DiscoveryResponse, source: SdsSource) -
     """
     if response.type_url != SECRET_TYPE:
         raise SecretRefused(f"type_url {response.type_url[:100]!r}: expected {SECRET_TYPE}")
+    for name, value in (("version_info", response.version_info), ("nonce", response.nonce)):
+        if len(value) > MAX_VERSION_LENGTH:  # echoed in every ACK, shown in /config_dump
+            raise SecretRefused(f"{name} of {len(value)} characters, above {MAX_VERSION_LENGTH}")
     out: dict[str, bytes] = {}
     seen: set[str] = set()
     for index, packed in enumerate(response.resources):
@@ -696,7 +701,8 @@ class SdsWatch:
                 error[:500],
             )
             self._on_loop(self._refused, error)
-            return _request(self.source, self.version, response.nonce, error), True
+            nonce = response.nonce[:MAX_VERSION_LENGTH]  # not megabytes back
+            return _request(self.source, self.version, nonce, error), True
         self.acks += 1
         rotated = material is not None
         if material is not None:

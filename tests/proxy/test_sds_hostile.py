@@ -532,3 +532,44 @@ def test_a_socket_path_too_long_for_a_unix_socket_is_refused_at_once() -> None:
     assert time.monotonic() - started < 60
     assert caught.value.field == "spec.meshIdentity.sds.address", caught.value
     assert "107 bytes" in str(caught.value)
+
+
+class LongVersions(SdsAgent):
+    """Gives its responses a version of :attr:`length` characters once set."""
+
+    length = 0
+
+    def _response(self, stream: Any, secrets: list[Any], raw: Any = None) -> Any:
+        response = super()._response(stream, secrets, raw)
+        if self.length:
+            response.version_info = "v" * self.length
+        return response
+
+
+def test_a_response_with_an_endless_version_is_nacked_and_not_kept(
+    ca: MeshCa, socket_dir: Path
+) -> None:
+    """The version is echoed in every ACK and shown in ``/config_dump``: one of megabytes
+    (the message's bound) is refused, not kept and sent back at each response."""
+    server = LongVersions(str(socket_dir / "socket"))
+    default, root, _ = identity_secrets(ca)
+    server.set(default, root)
+    server.start()
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            watch = engine.sds
+            assert watch is not None
+            held = watch.version
+            server.length = 3 << 20
+            chain, key, _ = ca.workload("engine", hours=48)
+            server.push(certificate_secret("default", chain, key))
+            await until(lambda: any(r.error for r in server.requests), "the NACK")
+            nack = next(r for r in server.requests if r.error)
+            assert "version_info" in (nack.error or "") and len(nack.version) < 100
+            assert watch.version == held and rotations(engine, "ok") == 0
+
+    try:
+        run(main())
+    finally:
+        server.close()
