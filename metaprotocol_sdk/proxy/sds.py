@@ -579,6 +579,9 @@ class SdsWatch:
         self._next_update = 0.0
         #: The secrets last taken and their version (written on the loop soon after).
         self._accepted = dict(store.pems)
+        #: Secrets refused since, each the server's latest of its name: tried again with
+        #: the next one pushed (see :meth:`_check`).
+        self._pending: dict[str, bytes] = {}
         self.version = store.version
 
     def start(self) -> None:
@@ -685,13 +688,17 @@ class SdsWatch:
     ) -> tuple[discovery_pb2.DiscoveryRequest, bool]:
         """Take ``response``'s secrets, or refuse them: the ACK or the NACK to send, and
         whether it was eventful (new secrets to rotate in, or a refusal)."""
-        store = self.store
         material = None
+        new: dict[str, bytes] = {}
         try:
-            pems = {**self._accepted, **read_secrets(response, self.source)}
+            new = read_secrets(response, self.source)
+            for key in new:  # the server's latest word on that secret
+                self._pending.pop(key, None)
+            pems = {**self._accepted, **new}
             if pems != self._accepted:  # files read, contexts built: here, not on the loop
-                material = store.check(pems, self._servers())
+                material, pems = self._check(pems, new)
         except SecretRefused as exc:
+            self._pending.update(new)
             error = str(exc)[:MAX_ERROR_DETAIL]
             self.nacks += 1
             self.last_error = error
@@ -707,9 +714,28 @@ class SdsWatch:
         rotated = material is not None
         if material is not None:
             self._accepted = pems
+            self._pending.clear()
             self._on_loop(self._apply, pems, response.version_info, material)
         self.version = response.version_info
         return _request(self.source, self.version, response.nonce), rotated
+
+    def _check(
+        self, pems: dict[str, bytes], new: dict[str, bytes]
+    ) -> tuple[IdentityMaterial, dict[str, bytes]]:
+        """The identity ``pems`` make, and ``pems``; or, when they cannot be used, the one
+        they make with the secret refused last (a root, then a certificate of it, each
+        pushed alone: a move to another root), if that can."""
+        try:
+            return self.store.check(pems, self._servers()), pems
+        except SecretRefused:
+            paired = {**self._accepted, **self._pending, **new}
+            if not self._pending or paired == pems:
+                raise
+            try:
+                return self.store.check(paired, self._servers()), paired
+            except SecretRefused:
+                pass
+            raise
 
     def _apply(self, pems: dict[str, bytes], version: str, material: IdentityMaterial) -> None:
         """On the loop: write the checked secrets in place and rotate in what the thread

@@ -573,3 +573,57 @@ def test_a_response_with_an_endless_version_is_nacked_and_not_kept(
         run(main())
     finally:
         server.close()
+
+
+def test_a_new_root_then_a_certificate_of_it_pushed_one_at_a_time_are_taken(
+    ca: MeshCa, tmp_path: Path, agent: tuple[SdsAgent, int]
+) -> None:
+    """A mesh moved to another root at once, istio-agent pushing one secret per response:
+    the new root alone does not chain the certificate in force (refused), the new
+    certificate alone does not chain to the root in force, but the two together are
+    consistent: taken when the second comes (each checked only with the one in force, the
+    identity stayed refused until the stream was reopened)."""
+    server, _ = agent
+    other = MeshCa("other")
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            server.push(root_secret("ROOTCA", other.pem))
+            await until(lambda: rotations(engine, "failed") == 1, "the root refused")
+            chain, key, serial = other.workload("engine", hours=48)
+            server.push(certificate_secret("default", chain, key))
+            await until(lambda: rotations(engine, "ok") == 1, "the pair taken", timeout=15)
+            conn = await Client.connect(address(engine), ssl=other.client_context(tmp_path, "x"))
+            assert conn.transport is not None and peer_serial(conn.transport) == serial
+            conn.close()
+            await until(lambda: acks_of_last_push(server), "the ACK")
+
+    run(main())
+
+
+def acks_of_last_push(server: SdsAgent) -> bool:
+    version = server.sent[-1][1]
+    return any(r.version == version and r.nonce and r.error is None for r in server.requests)
+
+
+def test_a_refused_secret_the_server_took_back_is_not_paired_later(
+    ca: MeshCa, agent: tuple[SdsAgent, int]
+) -> None:
+    """A root refused, then the root in force pushed again (the server's latest word on it):
+    a certificate of the refused root pushed next is refused, not paired with it."""
+    server, _ = agent
+    other = MeshCa("other")
+
+    async def main() -> None:
+        async with serving(server) as (engine, _):
+            server.push(root_secret("ROOTCA", other.pem))
+            await until(lambda: rotations(engine, "failed") == 1, "the root refused")
+            server.push(root_secret("ROOTCA", ca.pem))
+            mark = len(server.sent)
+            await until(lambda: acks_of_last_push(server), "the root in force ACKed")
+            chain, key, _ = other.workload("engine", hours=48)
+            server.push(certificate_secret("default", chain, key))
+            await until(lambda: rotations(engine, "failed") == 2, "the certificate refused")
+            assert rotations(engine, "ok") == 0 and len(server.sent) == mark + 1
+
+    run(main())
