@@ -1244,7 +1244,7 @@ class Engine:
         """New secrets written by the SDS stream: rotate in the contexts its thread built
         from them (at the paths the identity reads)."""
         identity = self.identity
-        if identity is not None:
+        if identity is not None and identity.material.digest != material.digest:
             identity.adopt(material.moved(identity.settings))
 
     def _identity_servers(self) -> tuple[ServerKey, ...]:

@@ -318,6 +318,11 @@ class SecretStore:
             self.pems, self.version = dict(pems), version
         return changed
 
+    def holds(self, pems: dict[str, bytes]) -> bool:
+        """Whether the files in place are ``pems`` (not if the store is closed)."""
+        with self._lock:
+            return not self.closed and self.pems == pems
+
     def _private(self) -> None:
         """The directory, made again (``0700``) if it was removed (a cleaner of ``/tmp``);
         ``OSError`` if what is there is not ours alone (a link, another user's: someone
@@ -740,8 +745,10 @@ class SdsWatch:
     def _apply(self, pems: dict[str, bytes], version: str, material: IdentityMaterial) -> None:
         """On the loop: write the checked secrets in place and rotate in what the thread
         built from them (the loop's identity check never sees some of the files new and
-        others old, and builds nothing)."""
-        if self.store.commit(pems, version):
+        others old, and builds nothing). Another engine's stream on the same store may have
+        written them already: rotated in all the same."""
+        self.store.commit(pems, version)
+        if self.store.holds(pems):
             self._rotate(material)
 
     def _on_loop(self, callback: Callable[..., None], *args: Any) -> None:

@@ -627,3 +627,30 @@ def test_a_refused_secret_the_server_took_back_is_not_paired_later(
             assert rotations(engine, "ok") == 0 and len(server.sent) == mark + 1
 
     run(main())
+
+
+def test_two_engines_of_one_process_on_one_server_both_rotate_at_the_push(
+    ca: MeshCa, agent: tuple[SdsAgent, int]
+) -> None:
+    """Two engines in one process (an embedding, or tests) with the same SDS settings share
+    the private directory: the push rotates both at once, not the first at once and the
+    other at its next look at the files (the first had written them: "nothing changed")."""
+    server, _ = agent
+
+    async def main() -> None:
+        text = mesh([(1, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
+        async with engine_for(text) as first, engine_for(text) as second:
+            for engine in (first, second):
+                await until(lambda e=engine: e.sds is not None and e.sds.connected, "stream")
+            identity = second.identity
+            assert identity is not None
+            # Just after a look at the files: the next is seconds away.
+            await until(lambda: identity.next_check - second.loop.time() > 3, "a look")
+            before = identity.next_check
+            chain, key, _ = ca.workload("engine", hours=48)
+            server.push(certificate_secret("default", chain, key))
+            await until(lambda: rotations(first, "ok") == 1, "the first rotated")
+            await until(lambda: rotations(second, "ok") == 1, "the second rotated")
+            assert second.loop.time() < before  # by the push, not by a look at the files
+
+    run(main())
