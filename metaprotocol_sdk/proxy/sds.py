@@ -416,6 +416,9 @@ def store_for(source: SdsSource) -> SecretStore:
     :func:`fetch`; into the store held before, if any, whose paths stay the same)."""
     with _stores_lock:
         held = _stores.get(source)
+        if held is not None and held.closed:  # removed (at exit): a new one
+            del _stores[source]
+            held = None
         if held is not None and held.followers:
             return held
     pems, version = fetch(source)
@@ -432,6 +435,8 @@ def store_for(source: SdsSource) -> SecretStore:
     store.commit(pems, version)
     with _stores_lock:
         current = _stores.setdefault(source, store)
+        if current.closed:
+            current = _stores[source] = store
     if current is not store:  # another thread made one meanwhile, as fresh
         store.close()
     return current

@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from test_workers import Supervisor
 
 from metaprotocol_sdk import ConfigError
 from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy import sds as sds_module
 from metaprotocol_sdk.proxy.config.models import MeshIdentity
 from metaprotocol_sdk.proxy.identity import load_identity
 from metaprotocol_sdk.proxy.sds import (
@@ -654,3 +656,23 @@ def test_two_engines_of_one_process_on_one_server_both_rotate_at_the_push(
             assert second.loop.time() < before  # by the push, not by a look at the files
 
     run(main())
+
+
+def test_without_dev_shm_the_private_directory_is_made_in_the_temporary_one(
+    agent: tuple[SdsAgent, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ``/dev/shm`` (or not writable): the system's temporary directory, still private."""
+    server, _ = agent
+    monkeypatch.setattr(sds_module, "SHARED_MEMORY", "/nonexistent/shm")
+    config = loads_config(mesh([(1, "v1")], proxy=sds(server)), "t.yaml")
+    settings = config.proxy.mesh_identity
+    assert settings is not None and settings.sds is not None
+    store = existing_store(settings.sds)
+    assert store is not None
+    assert os.path.dirname(store.directory) == tempfile.gettempdir()
+    assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
+    store.close()  # as at exit: a load after it (an embedding's) makes a new one
+    again = loads_config(mesh([(1, "v1")], proxy=sds(server)), "t.yaml")
+    assert again.proxy.mesh_identity is not None
+    fresh = existing_store(settings.sds)
+    assert fresh is not None and fresh is not store and os.path.isdir(fresh.directory)
