@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from test_sds import identity_secrets, peer_serial, rotations, sds, serving
 from test_workers import Supervisor
 
 from metaprotocol_sdk import ConfigError
-from metaprotocol_sdk.proxy import loads_config
+from metaprotocol_sdk.proxy import Engine, loads_config
 from metaprotocol_sdk.proxy import sds as sds_module
 from metaprotocol_sdk.proxy.config.models import MeshIdentity
 from metaprotocol_sdk.proxy.identity import load_identity
@@ -46,6 +47,7 @@ from metaprotocol_sdk.proxy.sds import (
     LOCK_NAME,
     MAX_PEM_BYTES,
     STABLE_STREAM,
+    STOP_WAIT,
     SecretRefused,
     existing_store,
 )
@@ -676,3 +678,46 @@ def test_without_dev_shm_the_private_directory_is_made_in_the_temporary_one(
     assert again.proxy.mesh_identity is not None
     fresh = existing_store(settings.sds)
     assert fresh is not None and fresh is not store and os.path.isdir(fresh.directory)
+
+
+class Mute(SdsAgent):
+    """Answers the first stream (the load's fetch); every later one is accepted and never
+    answered."""
+
+    def StreamSecrets(self, request_iterator: Any, context: Any) -> Any:
+        with self._lock:
+            first = not self.requests
+        if first:
+            yield from super().StreamSecrets(request_iterator, context)
+            return
+        self._received(_Stream(next(self._ids)), next(request_iterator))
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        ended.wait()
+
+
+def test_stop_with_a_stream_never_answered_ends_it_and_its_thread(
+    ca: MeshCa, socket_dir: Path
+) -> None:
+    server = Mute(str(socket_dir / "socket"))
+    default, root, _ = identity_secrets(ca)
+    server.set(default, root)
+    server.start()
+
+    async def main() -> None:
+        text = mesh([(1, "v1")], listener_tls="{mode: ISTIO_MUTUAL}", proxy=sds(server))
+        engine = Engine(loads_config(text, "t.yaml"))
+        await engine.start()
+        watch = engine.sds
+        assert watch is not None
+        await asyncio.to_thread(server.wait, lambda requests: len(requests) >= 2)
+        assert not watch.connected
+        started = time.monotonic()
+        await engine.stop(drain=0)
+        assert time.monotonic() - started < 10 * STOP_WAIT
+        assert not any(t.name == "metaprotocol sds" for t in threading.enumerate())
+
+    try:
+        run(main())
+    finally:
+        server.close()
