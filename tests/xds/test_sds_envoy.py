@@ -5,7 +5,8 @@ Envoy's protos) over its Unix socket, each serving a mutual TLS listener with th
 
 Both must present the certificate the agent holds, both must move to the one it pushes, and
 both must refuse (NACK, keeping the one in force) the same broken secrets. Given the
-certificate's secret twice in one response, Envoy takes the first and the engine neither. The
+certificate's secret twice in one response, Envoy takes the first and the engine neither; a
+new root, then a certificate of it, each pushed alone, both end up serving. The
 engine refuses more than Envoy (an expired certificate, or one of another root: Envoy serves
 them, and every peer then refuses the handshake), which ``tests/proxy/test_sds.py`` covers.
 """
@@ -210,6 +211,18 @@ def test_envoy_and_the_engine_serve_rotate_and_refuse_the_same_secrets(
             agent.wait(lambda _: acked_by_envoy_and_nacked_by_the_engine(agent, mark))
             until_presented(envoy, client, one_serial)
             assert presented(mine, client) == second
+
+            # The mesh moved to another root at once, pushed one secret at a time (the root,
+            # then a certificate of it): Envoy takes each as it comes, the engine refuses the
+            # root alone (it does not chain the certificate in force) and takes the pair
+            # when the certificate comes; both then serve the new certificate.
+            other = MeshCa("other")
+            new_client = other.client_context(tmp_path, "frontend", None)
+            agent.push(root_secret("ROOTCA", other.pem))
+            chain, key, third = other.workload("engine", hours=48)
+            agent.push(certificate_secret("default", chain, key))
+            until_presented(envoy, new_client, third)
+            until_presented(mine, new_client, third)
     finally:
         if engine is not None:
             engine.call(engine.engine.stop(drain=0.5))
