@@ -59,6 +59,10 @@ class Request:
     node_id: str
 
 
+#: Put on a stream's queue: the stream is reset (see :meth:`SdsAgent.drop_streams`).
+_RESET: Any = object()
+
+
 class _Stream:
     def __init__(self, ident: int) -> None:
         self.ident = ident
@@ -67,10 +71,13 @@ class _Stream:
 
 
 class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
-    """An SDS server on ``unix:<path>`` serving the secrets it holds (:attr:`secrets`)."""
+    """An SDS server on ``unix:<path>`` (or TCP) serving the secrets it holds
+    (:attr:`secrets`)."""
 
     def __init__(self, path: str) -> None:
-        self.address = f"unix:{path}"
+        """``path``: of the Unix socket, or ``127.0.0.1:0`` (TCP, :attr:`address` once
+        started)."""
+        self.address = path if path.startswith("127.0.0.1:") else f"unix:{path}"
         self.secrets: dict[str, Any] = {}
         self.requests: list[Request] = []
         self._streams: dict[int, _Stream] = {}
@@ -85,7 +92,9 @@ class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     def start(self) -> SdsAgent:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self, server)
-        server.add_insecure_port(self.address)
+        port = server.add_insecure_port(self.address)
+        if not self.address.startswith("unix:"):
+            self.address = f"127.0.0.1:{port}"
         server.start()
         self._server = server
         return self
@@ -115,11 +124,12 @@ class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 if raw is not None:
                     stream.out.put(self._response(stream, [], raw))
 
-    def drop_streams(self) -> None:
-        """End every open stream (istio-agent restarting)."""
+    def drop_streams(self, error: bool = False) -> None:
+        """End every open stream (istio-agent restarting): closed, or reset with
+        ``UNAVAILABLE`` (``error``: as a client sees a server that went away)."""
         with self._lock:
             for stream in self._streams.values():
-                stream.out.put(None)
+                stream.out.put(_RESET if error else None)
 
     def wait(self, predicate: Any, timeout: float = 10.0) -> None:
         """Wait until ``predicate(self.requests)`` holds."""
@@ -168,6 +178,8 @@ class SdsAgent(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         try:
             while True:
                 response = stream.out.get()
+                if response is _RESET:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "the agent went away")
                 if response is None or not context.is_active():
                     return
                 yield response

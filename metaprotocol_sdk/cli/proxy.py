@@ -393,6 +393,9 @@ async def _serve(
         tasks.append(asyncio.ensure_future(_watch(files, reloader, stop)))
     tasks.append(asyncio.ensure_future(_follow_tls_files(engine, reloader, stop)))
     await stop.wait()
+    sds = sys.modules.get("metaprotocol_sdk.proxy.sds")  # imported: an SDS identity was loaded
+    if sds is not None:  # a reload waiting for its server must not hold the exit
+        sds.cancel_fetches()
     taken = handover is not None and handover.successor is not None
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once (default action)
         with contextlib.suppress(NotImplementedError):

@@ -42,7 +42,14 @@ from .downstream import QUIET_CLOSE, Downstream, ListenerRuntime, Refused
 from .endpoint_drains import EndpointDrains
 from .global_ratelimit import CallBudget, GlobalRateLimiter
 from .hot_restart import Inherited
-from .identity import IdentityWatch, istio_sni, server_key
+from .identity import (
+    DEFAULT_SERVER,
+    IdentityMaterial,
+    IdentityWatch,
+    ServerKey,
+    istio_sni,
+    server_key,
+)
 from .listening import ServerGroup, serve_on
 from .locality import cluster_localities, failover_priorities
 from .matcher import compile_match
@@ -1323,6 +1330,7 @@ class Engine:
             return
         if watch is not None:
             self.sds = None
+            watch.halt()  # now: a load from here on fetches its server's secrets again
             task = self.loop.create_task(watch.stop())
             self._sds_closing.add(task)
             task.add_done_callback(self._sds_closing.discard)
@@ -1334,15 +1342,24 @@ class Engine:
         if store is None:  # not loaded by this process's loader: nothing to follow
             log.warning("mesh identity: no secrets held from %s", source.address)
             return
-        self.sds = SdsWatch(store, self._sds_pushed, self._sds_refused)
+        self.sds = SdsWatch(
+            store, self._sds_pushed, self._sds_refused, servers=self._identity_servers
+        )
         self.sds.start()
         assert identity is not None
         identity.source_dump = self.sds.dump
 
-    def _sds_pushed(self) -> None:
-        """New secrets written by the SDS stream: rotate them in now."""
-        if self.identity is not None:
-            self.identity.check(self.loop.time())
+    def _sds_pushed(self, material: IdentityMaterial) -> None:
+        """New secrets written by the SDS stream: rotate in the contexts its thread built
+        from them (at the paths the identity reads)."""
+        identity = self.identity
+        if identity is not None and identity.material.digest != material.digest:
+            identity.adopt(material.moved(identity.settings))
+
+    def _identity_servers(self) -> tuple[ServerKey, ...]:
+        """The server contexts the identity keeps (asked from the SDS stream's thread)."""
+        identity = self.identity
+        return (DEFAULT_SERVER,) if identity is None else identity.material.server_keys()
 
     def _sds_refused(self, reason: str) -> None:
         if self.identity is not None:

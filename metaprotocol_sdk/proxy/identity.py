@@ -129,6 +129,27 @@ class IdentityMaterial:
     #: Guards :attr:`servers`: an xDS update is translated in a thread, rotations on the loop.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def server_keys(self) -> tuple[ServerKey, ...]:
+        """The keys of the server contexts kept (any thread may ask)."""
+        with self._lock:
+            return tuple(self.servers)
+
+    def moved(self, settings: MeshIdentity) -> IdentityMaterial:
+        """The same contexts, for the same files now at ``settings``' paths (built from a
+        staging copy off the event loop, then written in place: ``spec.meshIdentity.sds``)."""
+        paths = dict(zip(_paths(self.settings), _paths(settings), strict=True))
+        with self._lock:
+            servers = dict(self.servers)
+        return IdentityMaterial(
+            settings,
+            signature(settings),
+            self.digest,
+            tuple((paths.get(path, path), expires) for path, expires in self.expiry),
+            self.client,
+            servers,
+            self.uris,
+        )
+
     def server(self, key: ServerKey) -> ssl.SSLContext:
         """The server context for listener settings ``key`` (built on first use; the
         :data:`MAX_SERVER_CONTEXTS` most recently asked for are kept)."""
@@ -314,6 +335,11 @@ class IdentityWatch:
         except TlsSettingError as exc:
             self._failed_with(current, exc)
             return
+        self.adopt(material)
+
+    def adopt(self, material: IdentityMaterial) -> None:
+        """Serve ``material`` from now on (read by :meth:`check`, or built off the loop from
+        the files now in place: ``spec.meshIdentity.sds``)."""
         self.material = material
         self._suspect = self._reported = None
         self.last_error = None

@@ -1066,4 +1066,9 @@ def supervise(
 ) -> int:
     """Run the supervisor of ``count`` workers until it is stopped; the exit status.
     ``early_sighup``: whether a ``SIGHUP`` came before the supervisor's handler was set."""
+    identity = config.proxy.mesh_identity
+    if identity is not None and identity.sds is not None:  # each worker fetches its own
+        from .sds import release_idle
+
+        release_idle()
     return asyncio.run(Supervisor(config, command, count, drain).run(early_sighup))

@@ -4,9 +4,11 @@ Envoy's protos) over its Unix socket, each serving a mutual TLS listener with th
 ``default`` and ``ROOTCA``, as a sidecar's inbound listener does.
 
 Both must present the certificate the agent holds, both must move to the one it pushes, and
-both must refuse (NACK, keeping the one in force) the same broken secrets. The engine refuses
-more than Envoy (an expired certificate, or one of another root: Envoy serves them, and every
-peer then refuses the handshake), which ``tests/proxy/test_sds.py`` covers.
+both must refuse (NACK, keeping the one in force) the same broken secrets. Given the
+certificate's secret twice in one response, Envoy takes the first and the engine neither; a
+new root, then a certificate of it, each pushed alone, both end up serving. The
+engine refuses more than Envoy (an expired certificate, or one of another root: Envoy serves
+them, and every peer then refuses the handshake), which ``tests/proxy/test_sds.py`` covers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from envoy_process import GRPC_CLUSTER
+from google.protobuf import any_pb2
 from mesh_pki import MeshCa
 from sds_agent import SdsAgent, certificate_secret, root_secret
 from test_envoy_istio_mutual import EngineThread, listener_port, run_envoy
@@ -150,6 +153,23 @@ def _broken(ca: MeshCa, kind: str) -> Any:
     return certificate_secret("default", b"-----BEGIN CERTIFICATE-----\nbroken\n", key)
 
 
+def packed(ca: MeshCa) -> tuple[any_pb2.Any, int]:
+    """A new ``default`` secret, packed as a response's resource; its serial."""
+    chain, key, serial = ca.workload("engine")
+    out = any_pb2.Any()
+    out.Pack(certificate_secret("default", chain, key))
+    return out, serial
+
+
+def acked_by_envoy_and_nacked_by_the_engine(agent: SdsAgent, before: int) -> bool:
+    answers = {
+        (r.node_id.split("~")[2], r.error is None)
+        for r in agent.requests[before:]
+        if r.nonce and "default" in r.names
+    }
+    return {("envoy.default", True), ("engine.default", False)} <= answers
+
+
 def test_envoy_and_the_engine_serve_rotate_and_refuse_the_same_secrets(
     tmp_path: Path, socket_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,6 +201,28 @@ def test_envoy_and_the_engine_serve_rotate_and_refuse_the_same_secrets(
                 agent.wait(lambda _, mark=mark: nacked_by_both(agent, mark))
                 assert presented(envoy, client) == second, kind
                 assert presented(mine, client) == second, kind
+
+            # Two usable ``default`` secrets in one response: Envoy takes the first, the
+            # engine takes neither (which one the server means is not its to guess).
+            one, one_serial = packed(ca)
+            two, _ = packed(ca)
+            mark = len(agent.requests)
+            agent.push(raw=[one, two])
+            agent.wait(lambda _: acked_by_envoy_and_nacked_by_the_engine(agent, mark))
+            until_presented(envoy, client, one_serial)
+            assert presented(mine, client) == second
+
+            # The mesh moved to another root at once, pushed one secret at a time (the root,
+            # then a certificate of it): Envoy takes each as it comes, the engine refuses the
+            # root alone (it does not chain the certificate in force) and takes the pair
+            # when the certificate comes; both then serve the new certificate.
+            other = MeshCa("other")
+            new_client = other.client_context(tmp_path, "frontend", None)
+            agent.push(root_secret("ROOTCA", other.pem))
+            chain, key, third = other.workload("engine", hours=48)
+            agent.push(certificate_secret("default", chain, key))
+            until_presented(envoy, new_client, third)
+            until_presented(mine, new_client, third)
     finally:
         if engine is not None:
             engine.call(engine.engine.stop(drain=0.5))

@@ -467,7 +467,7 @@ MESH_IDENTITY = fields(
     "sds",
 )
 #: ``spec.meshIdentity.sds``: the identity from an SDS server (istio-agent's socket).
-MESH_IDENTITY_SDS = fields("address", "certificate", "root", "initialFetchTimeout")
+MESH_IDENTITY_SDS = fields("address", "certificate", "root", "initialFetchTimeout", "keepalive")
 XDS = fields(
     "address",
     "rdsAddress",

@@ -2737,11 +2737,16 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
     doc.fail(path, "the files kept changing while they were read (three times)")
 
 
+#: The longest path of a Unix socket (``sun_path`` on Linux, less its terminating zero).
+MAX_UNIX_PATH = 107
+
+
 def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> MeshIdentity:
     """``spec.meshIdentity.sds``: the identity from an SDS server (``address``, default
     istio-agent's socket; the secrets ``certificate`` and ``root``, default ``default`` and
-    ``ROOTCA``; ``initialFetchTimeout``), fetched now unless this process holds it already
-    (its stream keeps it current), and checked as the files are."""
+    ``ROOTCA``; ``initialFetchTimeout``), fetched now unless an engine's stream in this
+    process follows that server (and keeps what it holds current), and checked as the files
+    are."""
     path = "spec.meshIdentity.sds"
     for key in ("directory", "certificateChain", "privateKey", "rootCertificates", "checkInterval"):
         if key in raw:
@@ -2761,6 +2766,13 @@ def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> Mesh
                 f"{path}.address",
                 f"must be unix:<path> (istio-agent's socket) or host:port, got {address!r}",
             )
+        socket_path = address[len("unix:") :].encode("utf-8", "surrogateescape")
+        if local and len(socket_path) > MAX_UNIX_PATH:
+            doc.fail(
+                f"{path}.address",
+                f"a Unix socket's path is at most {MAX_UNIX_PATH} bytes, this one "
+                f"{len(socket_path)}: it can never be reached",
+            )
     names = {}
     for key in ("certificate", "root"):
         name = doc.string(sds, key, f"{path}.{key}", required=False)
@@ -2772,6 +2784,14 @@ def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> Mesh
     wait = doc.duration(sds, "initialFetchTimeout", f"{path}.initialFetchTimeout")
     if wait is not None and not 0.01 <= wait <= 600:
         doc.fail(f"{path}.initialFetchTimeout", "must be between 10ms and 10m")
+    keepalive = doc.mapping(sds, "keepalive", f"{path}.keepalive", required=False)
+    doc.check(keepalive, f"{path}.keepalive", schema.XDS_KEEPALIVE)
+    every = doc.duration(keepalive, "time", f"{path}.keepalive.time")
+    patience = doc.duration(keepalive, "timeout", f"{path}.keepalive.timeout")
+    if every is not None and not 1 <= every <= 86400:
+        doc.fail(f"{path}.keepalive.time", "must be between 1s and 24h")
+    if patience is not None and not 1 <= patience <= 3600:
+        doc.fail(f"{path}.keepalive.timeout", "must be between 1s and 1h")
     ip = os.environ.get("INSTANCE_IP", "127.0.0.1")
     pod = os.environ.get("POD_NAME") or socket.gethostname() or "metaprotocol-proxy"
     namespace = os.environ.get("POD_NAMESPACE", "default")
@@ -2781,6 +2801,8 @@ def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> Mesh
         root=names["root"] or SdsSource.root,
         initial_fetch_timeout=SdsSource.initial_fetch_timeout if wait is None else wait,
         node_id=f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local",
+        keepalive_time=SdsSource.keepalive_time if every is None else every,
+        keepalive_timeout=SdsSource.keepalive_timeout if patience is None else patience,
     )
     try:
         from ..sds import SecretRefused, store_for

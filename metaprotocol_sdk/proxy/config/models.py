@@ -494,6 +494,11 @@ class SdsSource:
     initial_fetch_timeout: float = 30.0
     #: ``Node.id`` sent (an Istio sidecar's form, from the pod's variables).
     node_id: str = ""
+    #: HTTP/2 keepalive on the stream's connection (as ``spec.xds.keepalive``): a PING after
+    #: this many seconds without traffic, the stream given up when none is answered within
+    #: ``keepalive_timeout`` (a server at ``host:port`` gone without closing the connection).
+    keepalive_time: float = 330.0
+    keepalive_timeout: float = 20.0
 
 
 @dataclass(frozen=True)
