@@ -146,8 +146,9 @@ class IdentityMaterial:
             self.digest,
             tuple((paths.get(path, path), expires) for path, expires in self.expiry),
             self.client,
-            servers,
-            self.uris,
+            self.client_without_exchange,
+            servers=servers,
+            uris=self.uris,
         )
 
     def server(self, key: ServerKey) -> ssl.SSLContext:
