@@ -782,6 +782,37 @@ async def rebuilt(engine: Engine) -> None:
     await until(lambda: engine.rebuilds.idle, "balancers rebuilt")
 
 
+async def loop_stood_during(action: Callable[[], Awaitable[Any]]) -> tuple[float, float]:
+    """Await ``action()`` while a task notes each turn of the event loop: the longest the loop
+    stood without one, and how long the action took. The collector is off meanwhile (its
+    full passes stall the loop whatever the engine does)."""
+    import gc
+    import itertools
+
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+    done = False
+
+    async def tick() -> None:
+        while not done:
+            ticks.append(loop.time())
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0)
+    gc.disable()
+    try:
+        start = loop.time()
+        await action()
+        end = loop.time()
+    finally:
+        gc.enable()
+        done = True
+        await ticker
+    stamps = [start, *(t for t in ticks if start < t < end), end]
+    return max(b - a for a, b in itertools.pairwise(stamps)), end - start
+
+
 async def gather(*aws: Awaitable[T]) -> list[T]:
     return list(await asyncio.wait_for(asyncio.gather(*aws), WAIT))
 

@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from proxy_kit import address, mesh, run, until
+from redteam_storm import Seen, outcome
 
 from metaprotocol_sdk import Metadata
 from metaprotocol_sdk.examples.kv import (
@@ -171,23 +172,6 @@ def config(ports: list[int], flip: bool) -> str:
     endpoints = [(ports[0], "v1"), (ports[1], "v1"), (ports[2], "v2")]
     kw = {"protocol": "kvx", "codec": "proxy_test_codecs:DedicatedKV"} if DEDICATED else {}
     return mesh(endpoints, router=router, traffic_policy=policy, proxy=proxy, **kw)
-
-
-def outcome(message: Metadata) -> str:
-    """A reply's status as the engine's stats name it."""
-    if message.codec_state == ERROR and message.attributes.get("error-type"):
-        return str(message.attributes.get("error-type"))
-    return "Ok" if message.codec_state == RESPONSE else "Error"
-
-
-class Seen:
-    """What one client sent and got."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.sent = 0
-        self.statuses: collections.Counter[str] = collections.Counter()
-        self.ids: collections.Counter[int] = collections.Counter()
 
 
 async def client(engine: Engine, kind: str, seen: Seen) -> None:

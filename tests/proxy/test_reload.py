@@ -20,6 +20,7 @@ from proxy_kit import (
     engine_for,
     error_type,
     http_get,
+    loop_stood_during,
     mesh,
     run,
 )
@@ -476,36 +477,13 @@ def test_a_large_cluster_is_built_while_the_loop_serves() -> None:
     in one piece, 0.5 s in which the loop served nothing (2.5 s with the collector's passes)."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         large = await asyncio.to_thread(loads_config, _one_large_cluster(40_000))
         engine = Engine(loads_config(_one_large_cluster(10)))
         await engine.start()
         try:
-            ticks: list[float] = []
-            done = False
-
-            async def tick() -> None:
-                while not done:
-                    ticks.append(loop.time())
-                    await asyncio.sleep(0)
-
-            ticker = asyncio.ensure_future(tick())
-            await asyncio.sleep(0)
-            gc.disable()  # its full passes stall the loop, whatever the engine does
-            try:
-                start = loop.time()
-                await engine.apply(large)
-                end = loop.time()
-            finally:
-                gc.enable()
-            done = True
-            await ticker
-            stamps = [start, *(t for t in ticks if start < t < end), end]
-            longest = max(b - a for a, b in itertools.pairwise(stamps))
+            longest, took = await loop_stood_during(lambda: engine.apply(large))
             # In steps, a few tens of ms at most; in one piece, about 40 % of the reload.
-            assert longest < (end - start) / 5, (
-                f"the loop stood {longest:.2f} s of the {end - start:.2f} s reload"
-            )
+            assert longest < took / 5, f"the loop stood {longest:.2f} s of the {took:.2f} s reload"
         finally:
             await engine.stop(drain=0.1)
 
