@@ -219,6 +219,43 @@ def test_the_control_plane_through_a_unix_socket_as_istio_agents_xds_proxy(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_an_internal_error_of_the_translation_is_nacked_and_the_stream_kept(
+    control_plane: ControlPlane, servers: dict[str, HelloServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the engine's own while translating an update (injected here: no response
+    is known to cause one) is NACKed as a refusal, on the same stream, and the configuration
+    in force keeps serving; it ended the stream, and each push of the same state ended the
+    next one, reconnecting for good."""
+    versions = snapshots(servers)
+    control_plane.set_snapshot(*versions[0])
+    harness = Harness(config_yaml(control_plane.port))
+    try:
+        harness.wait(acked("1"))
+        real = XdsClient._translate
+
+        def faulty(self: XdsClient, candidate: Any, left_out: Any, unused: Any) -> Any:
+            if control_plane.snapshot.version == "2":
+                raise AttributeError("'NoneType' object has no attribute 'port_value'")
+            return real(self, candidate, left_out, unused)
+
+        monkeypatch.setattr(XdsClient, "_translate", faulty)
+        control_plane.set_snapshot("2", versions[1][1])
+        control_plane.wait(lambda _r: bool(control_plane.nacks(CLUSTER_TYPE)))
+        (nack, *_) = control_plane.nacks(CLUSTER_TYPE)
+        assert nack.error is not None and "internal error: AttributeError" in nack.error
+        assert harness.client.reconnects == 0 and harness.client.connected
+        caller = Caller(harness.port)
+        try:
+            assert set(caller.next(10)) <= {"v1a", "v1b"}  # version 1 serves on
+        finally:
+            caller.close()
+        control_plane.set_snapshot(*versions[2])
+        harness.wait(acked("3"))
+        assert harness.client.reconnects == 0
+    finally:
+        harness.close()
+
+
 def test_updates_take_effect_without_a_failed_request(
     control_plane: ControlPlane, servers: dict[str, HelloServer]
 ) -> None:

@@ -530,8 +530,19 @@ class XdsClient:
                 raise
             await self.engine.apply(config, source="xds", version=version)
             self.left_out, self.unused = left_out, unused
-        except (XdsRefused, ConfigError) as exc:
-            detail = str(exc)[:MAX_ERROR_DETAIL]
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError):  # the stream broke: reopened by run()
+                raise
+            if isinstance(exc, XdsRefused | ConfigError):
+                detail = str(exc)[:MAX_ERROR_DETAIL]
+            else:
+                # A fault of the engine's own (a response shape its translation did not
+                # foresee): NACKed as any refusal, the configuration in force kept. Raised
+                # on, it ended the stream, and the control plane's next push of the same
+                # state ended the new one too, reconnecting for good.
+                log.exception("xDS: internal error on %s", SHORT[state.type_url])
+                detail = f"internal error: {type(exc).__name__}: {exc}"[:MAX_ERROR_DETAIL]
+                self.engine.refused("xds", detail, version)
             state.nacks += 1
             state.last_error = detail
             log.error(
