@@ -56,6 +56,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
 
 from .config.models import MeshIdentity, SdsSource
+from .control_stream import backoff_delay, keepalive_options
 from .identity import (
     DEFAULT_SERVER,
     FIELDS,
@@ -114,18 +115,13 @@ def channel_options(source: SdsSource) -> list[tuple[str, int]]:
     keepalive, so that a server gone without closing the connection (a ``host:port`` one on
     a node that vanished) is noticed and the stream reopened, not believed connected while
     every rotation is missed until the certificate expires."""
-    patience = int(source.keepalive_timeout * 1000)
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", int(source.keepalive_time * 1000)),
-        ("grpc.keepalive_timeout_ms", patience),
-        ("grpc.http2.ping_timeout_ms", patience),
-        ("grpc.http2.max_pings_without_data", 0),  # the stream is quiet for hours
-        ("grpc.http2.bdp_probe", 0),  # no other PINGs than the keepalive's
+        *keepalive_options(source.keepalive_time, source.keepalive_timeout),
     ]
 
 
@@ -545,12 +541,6 @@ def fetch(source: SdsSource) -> tuple[dict[str, bytes], str]:
     return got, version
 
 
-def backoff_delay(failures: int, fraction: float) -> float:
-    """Seconds before reconnecting after ``failures`` failed streams in a row."""
-    delay = min(BACKOFF_MAX, BACKOFF_INITIAL * float(2 ** min(failures - 1, 32)))
-    return delay * (0.5 + 0.5 * fraction)
-
-
 class SdsWatch:
     """The SDS stream of an engine, in a thread of its own: each secret pushed is checked
     there (off the event loop), then written and rotated in on the loop.
@@ -647,7 +637,7 @@ class SdsWatch:
                 return
             self.last_error = error[:MAX_ERROR_DETAIL]
             failures = 1 if healthy else failures + 1
-            delay = backoff_delay(failures, self._random())
+            delay = backoff_delay(failures, BACKOFF_INITIAL, BACKOFF_MAX, self._random())
             log.warning(
                 "SDS stream to %s ended (%s); the identity in force is kept; retrying in %.2f s",
                 self.source.address,

@@ -39,6 +39,7 @@ from google.rpc import status_pb2
 
 from metaprotocol_sdk.errors import ConfigError
 
+from .. import control_stream
 from ..config.models import Config, Xds
 from ..locality import locality_parts
 from .translate import (
@@ -148,31 +149,20 @@ class TypeState:
 
 
 def backoff_delay(failures: int, settings: Xds, fraction: float) -> float:
-    """Seconds to wait after ``failures`` failed streams in a row: doubling from
-    ``backoff.initial``, capped at ``backoff.max``, then scaled by a random 50-100 % (jitter,
-    so that replicas cut off together do not all come back in the same instant)."""
-    delay = min(settings.backoff_max, settings.backoff_initial * float(2 ** min(failures - 1, 32)))
-    return delay * (0.5 + 0.5 * fraction)
+    """Seconds to wait after ``failures`` failed streams in a row (``spec.xds.backoff``)."""
+    return control_stream.backoff_delay(
+        failures, settings.backoff_initial, settings.backoff_max, fraction
+    )
 
 
 def channel_options(settings: Xds) -> list[tuple[str, int]]:
-    """gRPC channel arguments for a control-plane connection: message size bounds, and HTTP/2
-    keepalive so that a control plane that vanished without closing the connection (a node
-    gone, a NAT entry expired) is noticed and the stream reopened, instead of serving its last
-    version forever while believing it connected."""
+    """gRPC channel arguments for a control-plane connection: message size bounds, and the
+    keepalive of ``spec.xds.keepalive``."""
     most = settings.max_message_bytes
     return [
         ("grpc.max_receive_message_length", most),
         ("grpc.max_send_message_length", most),
-        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
-        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
-        # What ends the stream when the PING goes unanswered (gRPC's own default is a minute).
-        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout * 1000)),
-        # xDS streams are quiet for long stretches: keep pinging without data frames.
-        ("grpc.http2.max_pings_without_data", 0),
-        # No bandwidth probes (PINGs sent on received data, for bulk transfers): the keepalive
-        # PINGs alone decide when a silent control plane is given up, at a known interval.
-        ("grpc.http2.bdp_probe", 0),
+        *control_stream.keepalive_options(settings.keepalive_time, settings.keepalive_timeout),
     ]
 
 
