@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..metadata import Attributes
@@ -29,6 +29,7 @@ from .writer import BackgroundWriter
 
 if TYPE_CHECKING:
     from .config.models import OtlpLogs
+    from .otlp_logs import OtlpLogSink
 
 #: Gathered lines are handed to the writer once they reach this many bytes (and every sweep).
 FLUSH_BYTES = 64 * 1024
@@ -94,21 +95,6 @@ def _open(path: str) -> int:
     return fd
 
 
-class Sink(Protocol):
-    """Where gathered lines go, from a thread of its own: a file or a collector."""
-
-    failed_writes: int
-    failed_items: int
-
-    def submit(self, chunks: list[bytes], items: int) -> bool:
-        """Take ``chunks`` (``items`` lines), or refuse them all: never blocks."""
-        ...
-
-    def close(self, wait: float) -> bool:
-        """Finish what was taken, within ``wait`` seconds; whether the thread ended."""
-        ...
-
-
 class AccessLog:
     """Writes one JSON line per finished request. ``path`` ``-`` means stderr, ``None`` no
     file; ``otlp``: a collector the lines are exported to too;
@@ -137,7 +123,7 @@ class AccessLog:
         self._longest = max_value_length
         self._own = path is not None and path not in STDERR_PATHS
         self._fd = -1
-        self._writer: Sink | None = None
+        self._writer: BackgroundWriter | None = None
         if path is not None:
             if self._own:
                 self._fd = _open(path)
@@ -145,7 +131,7 @@ class AccessLog:
                 sys.stderr.flush()
                 self._fd = sys.stderr.fileno()
             self._writer = BackgroundWriter(self._fd, f"access log {path}", MAX_PENDING_BYTES)
-        self._otlp: Sink | None = None
+        self._otlp: OtlpLogSink | None = None
         if otlp is not None:
             from .otlp_logs import OtlpLogSink
 
@@ -251,9 +237,7 @@ class AccessLog:
         self._size = 0
         if self._writer is not None and not self._writer.submit(self._chunks(lines), len(lines)):
             self.overflow_lines += len(lines)
-        if self._otlp is not None and not self._otlp.submit(
-            ["".join(lines).encode("utf-8")], len(lines)
-        ):
+        if self._otlp is not None and not self._otlp.submit(lines):
             self.otlp_overflow += len(lines)
 
     def _chunks(self, lines: list[str]) -> list[bytes]:

@@ -69,19 +69,12 @@ def fill_record(record: logs_pb2.LogRecord, line: str) -> None:
     record.observed_time_unix_nano = when
     record.severity_number = SEVERITY_INFO  # type: ignore[assignment]
     record.severity_text = "INFO"
-    record.body.string_value = line
+    record.body.string_value = line[:-1] if line.endswith("\n") else line
     attributes = record.attributes
     for key, value in fields.items():
         pair = attributes.add()
         pair.key = key
         _set(pair.value, value)
-
-
-def log_record(line: str) -> logs_pb2.LogRecord:
-    """The OTLP record of one access log line."""
-    record = logs_pb2.LogRecord()
-    fill_record(record, line)
-    return record
 
 
 def resource(settings: OtlpLogs) -> resource_pb2.Resource:
@@ -99,8 +92,8 @@ def resource(settings: OtlpLogs) -> resource_pb2.Resource:
 
 
 class OtlpLogSink:
-    """Exports the lines handed to it (:meth:`submit`, as a :class:`~.writer.BackgroundWriter`
-    takes chunks) from a thread of its own; at most ``max_pending`` bytes wait."""
+    """Exports the access log's lines handed to it (:meth:`submit`) from a thread of its
+    own; at most ``max_pending`` bytes wait."""
 
     def __init__(self, settings: OtlpLogs, max_pending: int) -> None:
         self.settings = settings
@@ -122,15 +115,14 @@ class OtlpLogSink:
         self._thread = threading.Thread(target=self._run, name="access log otlp", daemon=True)
         self._thread.start()
 
-    def submit(self, chunks: list[bytes], items: int) -> bool:
-        """Take the lines of ``chunks`` (``items`` of them); ``False``, and nothing taken,
-        when they would take the backlog above the bound or the sink is closing."""
-        size = sum(map(len, chunks))
+    def submit(self, lines: list[str]) -> bool:
+        """Take ``lines`` (the access log's, each ending in a newline); ``False``, and nothing
+        taken, when they would take the backlog above the bound or the sink is closing."""
+        size = sum(map(len, lines))
         with self._ready:
             if self._closing or self._pending + size > self.max_pending:
                 return False
-            for chunk in chunks:
-                self._lines.extend(chunk.decode("utf-8").splitlines())
+            self._lines.extend(lines)
             self._pending += size
             self._ready.notify()
         return True
@@ -157,7 +149,7 @@ class OtlpLogSink:
             batch = [
                 self._lines.popleft() for _ in range(min(len(self._lines), MAX_RECORDS_PER_EXPORT))
             ]
-            self._pending -= sum(len(line) + 1 for line in batch)
+            self._pending -= sum(map(len, batch))
             return batch
 
     def _run(self) -> None:
