@@ -247,7 +247,7 @@ async def _follow_tls_files(engine: Engine, reloader: Reloader, stop: asyncio.Ev
             paths = read[1]
             now = (paths, await asyncio.to_thread(signatures, paths))
             if seen is None or paths != seen[0]:  # first look at these: changed since read?
-                changed = any(s is not None and s[3] > reloader.read_at for s in now[1])
+                changed = any(s is not None and s.mtime_ns > reloader.read_at for s in now[1])
             else:
                 changed = now != seen
             if changed:

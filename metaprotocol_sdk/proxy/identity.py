@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import ssl
 import threading
 from collections.abc import Callable, Iterable
@@ -42,6 +41,7 @@ from .tls import (
     certificate_uris,
     server_context,
 )
+from .tls_files import Stat, stat_of
 
 if TYPE_CHECKING:
     from .config.models import ListenerTls, MeshIdentity
@@ -64,7 +64,7 @@ RESULTS = ("ok", "failed")
 
 #: A file's identity as ``stat`` gives it (device, inode, size, mtime): istio-agent replaces
 #: a file by a rename, Kubernetes a mounted secret by a symbolic link's.
-Signature = tuple[tuple[int, int, int, int], ...]
+Signature = tuple[Stat, ...]
 
 
 class IdentityChanging(Exception):
@@ -80,10 +80,9 @@ def signature(settings: MeshIdentity) -> Signature:
     out = []
     for key, path in zip(FIELDS, _paths(settings), strict=True):
         try:
-            st = os.stat(path)
+            out.append(stat_of(path))
         except OSError as exc:
             raise TlsSettingError(key, f"cannot read {path}: {exc.strerror or exc}") from None
-        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
 
 

@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from .config.models import Config, TrafficPolicy
 
-#: A file's identity as ``stat`` gives it (device, inode, size, mtime; ``None``: missing).
-FileSignature = tuple[int, int, int, int] | None
+
+class Stat(NamedTuple):
+    """A file's identity as ``stat`` gives it: a rename or a write changes it."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+#: A file's :class:`Stat` (``None``: missing).
+FileSignature = Stat | None
 
 
 def _policies(config: Config) -> Iterator[TrafficPolicy]:
@@ -53,9 +64,13 @@ def signatures(paths: tuple[str, ...]) -> tuple[FileSignature, ...]:
     out: list[FileSignature] = []
     for path in paths:
         try:
-            st = os.stat(path)
+            out.append(stat_of(path))
         except OSError:
             out.append(None)
-        else:
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def stat_of(path: str) -> Stat:
+    """``path``'s :class:`Stat` (``OSError`` when it cannot be had)."""
+    st = os.stat(path)
+    return Stat(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
