@@ -395,6 +395,9 @@ def test_an_unusable_identity_at_load_is_an_error(ca: MeshCa, socket_dir: Path) 
         ("{sds: {}, directory: /etc/certs}", "spec.meshIdentity.directory"),
         ("{sds: {}, checkInterval: 1s}", "spec.meshIdentity.checkInterval"),
         ("{sds: {address: 'nowhere'}}", "spec.meshIdentity.sds.address"),
+        # 5 000 digits: int() of them raised a ValueError (CPython's 4 300-digit limit).
+        ("{sds: {address: 'agent:" + "9" * 5000 + "'}}", "spec.meshIdentity.sds.address"),
+        ("{sds: {address: 'agent:\uff19\uff10'}}", "spec.meshIdentity.sds.address"),
         ("{sds: {certificate: x, root: x}}", "spec.meshIdentity.sds.root"),
         ("{sds: {initialFetchTimeout: 1h}}", "spec.meshIdentity.sds.initialFetchTimeout"),
         ("{sds: {secret: x}}", "spec.meshIdentity.sds.secret"),

@@ -865,6 +865,7 @@ def test_xds_settings_given() -> None:
         ('{address: "a:1", backoff: {initial: 2s, max: 1s}}', "spec.xds.backoff.max"),
         ('{address: "a:1", watch: true}', "spec.xds"),
         ('{address: "a:1", rdsAddress: aeraki}', "spec.xds.rdsAddress: must be host:port"),
+        ('{address: "unix:/' + "x" * 200 + '"}', "spec.xds.address: a Unix socket's path"),
     ],
 )
 def test_xds_settings_refused(xds: str, detail: str) -> None:

@@ -2741,6 +2741,26 @@ def _mesh_identity(doc: _Doc) -> MeshIdentity | None:
 MAX_UNIX_PATH = 107
 
 
+def _grpc_address(doc: _Doc, value: str | None, path: str, local: str) -> None:
+    """Refuse a gRPC server's address (``value``, at ``path``) that is neither ``host:port``
+    (ASCII digits) nor ``unix:<path>`` (``local`` says whose) of a path a socket can have."""
+    if value is None:
+        return
+    if value.startswith("unix:") and len(value) > len("unix:"):
+        socket_path = value[len("unix:") :].encode("utf-8", "surrogateescape")
+        if len(socket_path) > MAX_UNIX_PATH:
+            doc.fail(
+                path,
+                f"a Unix socket's path is at most {MAX_UNIX_PATH} bytes, this one "
+                f"{len(socket_path)}: it can never be reached",
+            )
+        return
+    host, sep, port = value.rpartition(":")
+    number = port_number(port)
+    if not sep or not host or number is None or not 0 < number < 65536:
+        doc.fail(path, f"must be host:port (gRPC) or unix:<path> ({local}), got {value!r}")
+
+
 def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> MeshIdentity:
     """``spec.meshIdentity.sds``: the identity from an SDS server (``address``, default
     istio-agent's socket; the secrets ``certificate`` and ``root``, default ``default`` and
@@ -2758,21 +2778,7 @@ def _sds_identity(doc: _Doc, raw: Mapping[str, Any], base: MeshIdentity) -> Mesh
     sds = doc.mapping(raw, "sds", path)
     doc.check(sds, path, schema.MESH_IDENTITY_SDS)
     address = doc.string(sds, "address", f"{path}.address", required=False)
-    if address is not None:
-        host, sep, port = address.rpartition(":")
-        local = address.startswith("unix:") and len(address) > len("unix:")
-        if not local and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
-            doc.fail(
-                f"{path}.address",
-                f"must be unix:<path> (istio-agent's socket) or host:port, got {address!r}",
-            )
-        socket_path = address[len("unix:") :].encode("utf-8", "surrogateescape")
-        if local and len(socket_path) > MAX_UNIX_PATH:
-            doc.fail(
-                f"{path}.address",
-                f"a Unix socket's path is at most {MAX_UNIX_PATH} bytes, this one "
-                f"{len(socket_path)}: it can never be reached",
-            )
+    _grpc_address(doc, address, f"{path}.address", "istio-agent's socket")
     names = {}
     for key in ("certificate", "root"):
         name = doc.string(sds, key, f"{path}.{key}", required=False)
@@ -2842,19 +2848,9 @@ def _xds(doc: _Doc, spec: Mapping[str, Any], locality: str = "") -> Xds | None:
     address = cast(str, doc.string(raw, "address", "spec.xds.address"))
     rds = doc.string(raw, "rdsAddress", "spec.xds.rdsAddress", required=False)
     for key, value in (("address", address), ("rdsAddress", rds)):
-        host, sep, port = (value or "").rpartition(":")
-        local = value is not None and value.startswith("unix:") and len(value) > len("unix:")
-        number = port_number(port)
-        if (
-            value is not None
-            and not local
-            and (not sep or not host or number is None or not 0 < number < 65536)
-        ):
-            doc.fail(
-                f"spec.xds.{key}",
-                "must be host:port (xDS over gRPC) or unix:<path> (istio-agent's xDS proxy, "
-                f"/etc/istio/proxy/XDS), got {value!r}",
-            )
+        _grpc_address(
+            doc, value, f"spec.xds.{key}", "istio-agent's xDS proxy, /etc/istio/proxy/XDS"
+        )
     node = doc.mapping(raw, "node", "spec.xds.node", required=False)
     doc.check(node, "spec.xds.node", schema.XDS_NODE)
     ip = os.environ.get("INSTANCE_IP", "127.0.0.1")
